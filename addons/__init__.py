@@ -1,0 +1,1 @@
+"""mitmproxy addons: thin adapters from mitmproxy hooks to the decisions of `proxy`."""

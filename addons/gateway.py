@@ -1,0 +1,439 @@
+"""The crawlwarden addon: mitmproxy hooks in, governor decisions out.
+
+It holds no policy logic: it reads the flow, asks the governor, and turns the Decision into a
+response; then it accounts for the fetch and writes its record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field
+
+import structlog
+from mitmproxy import connection
+from mitmproxy import http
+from mitmproxy.net import server_spec
+from mitmproxy.proxy import layer
+from mitmproxy.proxy import layers
+from mitmproxy.proxy.layers.http import HTTPMode
+
+from proxy import metrics
+from proxy.audit.record import FetchRecord
+from proxy.audit.record import utc_timestamp
+from proxy.blocklist import normalize_url
+from proxy.decision import Decision
+from proxy.decision import Outcome
+from proxy.decision import Reason
+from proxy.decision import refuse
+from proxy.decision import render_refusal
+from proxy.identity import Identity
+from proxy.runtime import Runtime
+from proxy.sites import normalize_host
+from proxy.ssrf import IPAddress
+
+log = structlog.get_logger("crawlwarden.decision")
+
+META = "crawlwarden"
+# Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees").
+_STRIPPED_PREFIX = "x-crawl-"
+_HOP_BY_HOP = ("proxy-authorization", "proxy-connection", "proxy-authenticate")
+_NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """A CONNECT tunnel: who opened it and where it goes; every request inside inherits it."""
+
+    identity: Identity
+    host: str
+    port: int
+    address: IPAddress
+
+
+@dataclass(slots=True)
+class FlowState:
+    """What we know of one request, carried in flow.metadata between hooks."""
+
+    id: str
+    started: float
+    identity: Identity | None
+    client_ip: str | None
+    method: str
+    url: str
+    site: str | None = None
+    project: str | None = None
+    account: str | None = None
+    decision: Decision | None = None
+    basis: str | None = None
+    upstream_proxy: str | None = None
+    signals: list[str] = field(default_factory=list)
+    forwarded: bool = False
+    recorded: bool = False
+    hasher: hashlib._Hash | None = None
+    streamed_bytes: int = 0
+
+
+class Gateway:
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._proxy_turn = 0
+        self._stream_threshold = 8 * 2**20
+
+    # -- connection layering ---------------------------------------------------------------
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """Only HTTP leaves the gateway: no raw TCP, UDP or DNS passthrough inside a tunnel."""
+        if isinstance(nextlayer.layer, _NO_UPSTREAM_LAYERS):
+            nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
+
+    # -- CONNECT ---------------------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        started = time.perf_counter()
+        gov = self.rt.governor
+        host = normalize_host(flow.request.host)
+        port = flow.request.port
+        state = self._new_state(flow, f"https://{host}:{port}", "CONNECT")
+        flow.metadata[META] = state
+        identity = gov.authenticate(flow.request.headers.get("proxy-authorization"))
+        state.identity = identity
+        if identity is None:
+            return self._refuse_connect(flow, state, _auth_required(), started)
+        site = gov.site_for(host)
+        state.site = site.key
+        decision = gov.check_host(host)
+        address = None
+        if decision.allowed:
+            address, decision = await gov.target_address(host, site.key)
+        if not decision.allowed or address is None:
+            return self._refuse_connect(flow, state, decision, started)
+        self.tunnels[flow.client_conn] = Tunnel(identity, host, port, address)
+        state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
+        # Pin the checked address: the tunnel connects there, and nowhere else.
+        flow.request.data.host = str(address)
+        if host != str(address):
+            flow.server_conn.sni = host
+        self._choose_upstream_proxy(flow, identity, state)
+
+    def _refuse_connect(
+        self, flow: http.HTTPFlow, state: FlowState, decision: Decision, started: float
+    ) -> None:
+        state.decision = decision
+        self._respond(flow, decision)
+        self._observe_governance(started)
+        self._record(flow, state)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        started = time.perf_counter()
+        req = flow.request
+        gov = self.rt.governor
+        tunnel = self.tunnels.get(flow.client_conn)
+        scheme = req.scheme
+        if tunnel is not None:
+            identity: Identity | None = tunnel.identity
+            host = normalize_host(_host_only(req.host_header) or tunnel.host)
+            port = tunnel.port
+        else:
+            identity = gov.authenticate(req.headers.get("proxy-authorization"))
+            host = normalize_host(req.host)
+            port = req.port
+        url = normalize_url(f"{scheme}://{_bracket(host)}:{port}{req.path}")
+        state = self._new_state(flow, url, req.method)
+        state.identity = identity
+        state.project = _header(req.headers, "x-crawl-project")
+        state.account = _header(req.headers, "x-crawl-account")
+        flow.metadata[META] = state
+        self._sanitize(req)
+
+        if identity is None:
+            return self._refuse(flow, state, _auth_required(), started)
+        if tunnel is not None and host != tunnel.host:
+            return self._refuse(
+                flow,
+                state,
+                refuse(
+                    Reason.MISDIRECTED,
+                    f"this tunnel was opened for {tunnel.host}; open one for {host}",
+                ),
+                started,
+            )
+        ctx = gov.context(
+            identity,
+            method=req.method,
+            scheme=scheme,
+            host=host,
+            port=port,
+            url=url,
+            path=req.path,
+            project=state.project,
+            account=state.account,
+        )
+        state.site = ctx.site.key
+        state.basis = f"{ctx.basis.kind}:{ctx.basis.ref}"
+        decision = gov.check_request(ctx)
+        if decision.allowed and tunnel is None:
+            address, decision = await gov.target_address(host, ctx.site.key)
+            if address is not None:
+                # Pin the checked address (no second lookup, no DNS rebinding window).
+                req.data.host = str(address)
+        if decision.allowed:
+            decision = await gov.check_prefetch(ctx)
+        if decision.allowed and not self.rt.fetch_log.available:
+            decision = refuse(
+                Reason.AUDIT_UNAVAILABLE,
+                "the fetch log cannot take more records; fetching resumes when it recovers",
+                site=ctx.site.key,
+                retry_after=30,
+            )
+        state.signals.extend(ctx.signals)
+        if not decision.allowed:
+            return self._refuse(flow, state, decision, started)
+
+        state.decision = decision
+        state.forwarded = True
+        crawler = self.rt.compiled.loaded.policy.crawler
+        req.headers["user-agent"] = crawler.user_agent
+        req.headers["from"] = crawler.contact
+        if tunnel is None:
+            self._choose_upstream_proxy(flow, identity, state)
+        self.rt.in_flight += 1
+        metrics.IN_FLIGHT.set(self.rt.in_flight)
+        self.rt.fetch_log.begin(self._build_record(flow, state))
+        self._observe_governance(started)
+
+    def _refuse(
+        self, flow: http.HTTPFlow, state: FlowState, decision: Decision, started: float
+    ) -> None:
+        state.decision = decision
+        self._respond(flow, decision)
+        self._observe_governance(started)
+
+    # -- responses -------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None or not state.forwarded or flow.response is None:
+            return
+        length = flow.response.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > self._stream_threshold:
+            # Unknown or large: stream it through, hashing as it goes, never buffering it all.
+            hasher = state.hasher = hashlib.sha256()
+
+            def tee(chunk: bytes) -> bytes:
+                hasher.update(chunk)
+                state.streamed_bytes += len(chunk)
+                return chunk
+
+            flow.response.stream = tee
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None or state.recorded or flow.request.method == "CONNECT":
+            return
+        if flow.response is not None:
+            flow.response.headers["x-crawlwarden-request-id"] = state.id
+        self._finish(flow, state)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None or state.recorded:
+            return
+        if state.forwarded and flow.response is None:
+            message = flow.error.msg if flow.error else "no response"
+            kind = _error_kind(message)
+            metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
+            reason = Reason.UPSTREAM_TIMEOUT if kind == "timeout" else Reason.UPSTREAM_ERROR
+            state.decision = refuse(reason, message, site=state.site)
+        self._finish(flow, state)
+
+    def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        if state.forwarded:
+            self.rt.in_flight -= 1
+            metrics.IN_FLIGHT.set(self.rt.in_flight)
+        self._record(flow, state)
+
+    # -- connection bookkeeping ------------------------------------------------------------
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.tunnels.pop(client, None)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _new_state(self, flow: http.HTTPFlow, url: str, method: str) -> FlowState:
+        peer = flow.client_conn.peername
+        return FlowState(
+            id=uuid.uuid4().hex,
+            started=flow.request.timestamp_start or time.time(),
+            identity=None,
+            client_ip=str(peer[0]) if peer else None,
+            method=method,
+            url=url,
+        )
+
+    def _sanitize(self, req: http.Request) -> None:
+        for name in list(req.headers.keys()):
+            lowered = name.lower()
+            if lowered.startswith(_STRIPPED_PREFIX) or lowered in _HOP_BY_HOP:
+                del req.headers[name]
+
+    def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        refusal = render_refusal(decision)
+        flow.response = http.Response.make(refusal.status, refusal.body, refusal.headers)
+        state: FlowState | None = flow.metadata.get(META)
+        if state is not None:
+            flow.response.headers["x-crawlwarden-request-id"] = state.id
+
+    def _choose_upstream_proxy(
+        self, flow: http.HTTPFlow, identity: Identity, state: FlowState
+    ) -> None:
+        pool = self.rt.compiled.loaded.policy.egress.upstream_proxies
+        if not pool:
+            return
+        if identity.upstream_proxy is not None:
+            chosen = next(p for p in pool if p.name == identity.upstream_proxy)
+        else:
+            # Spread over the pool per client connection, so keep-alive connections stay reused.
+            chosen = pool[self._proxy_turn % len(pool)]
+            self._proxy_turn += 1
+        flow.server_conn.via = server_spec.parse(chosen.url, "http")
+        state.upstream_proxy = chosen.name
+
+    def _observe_governance(self, started: float) -> None:
+        metrics.REQUEST_DURATION.labels(phase="governance").observe(time.perf_counter() - started)
+
+    def _build_record(self, flow: http.HTTPFlow, state: FlowState) -> FetchRecord:
+        decision = state.decision
+        policy = self.rt.compiled.loaded.policy
+        return FetchRecord(
+            id=state.id,
+            ts=utc_timestamp(state.started),
+            method=state.method,
+            url=state.url,
+            decision=str(Outcome.FORWARDED if state.forwarded else Outcome.REFUSED),
+            reason=str(decision.reason if decision else Reason.OK),
+            rule=decision.rule if decision else None,
+            team=state.identity.team if state.identity else None,
+            project=state.project,
+            account=state.account,
+            client_ip=state.client_ip,
+            egress_provider=policy.egress.provider,
+            upstream_proxy=state.upstream_proxy,
+            site=state.site,
+            signals=list(state.signals),
+            legal_basis=state.basis,
+            policy_version=self.rt.policy_version,
+            user_agent=policy.crawler.user_agent,
+        )
+
+    def _record(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        state.recorded = True
+        rec = self._build_record(flow, state)
+        resp = flow.response
+        now = time.time()
+        if state.forwarded:
+            server = flow.server_conn
+            if server.sockname:
+                rec.egress_ip = str(server.sockname[0])
+            rec.request_bytes = len(flow.request.raw_content or b"")
+            if resp is not None:
+                rec.status = resp.status_code
+                rec.content_type = resp.headers.get("content-type")
+                if state.hasher is not None and resp.stream:
+                    rec.response_bytes = state.streamed_bytes
+                    rec.content_sha256 = state.hasher.hexdigest()
+                else:
+                    body = resp.raw_content or b""
+                    rec.response_bytes = len(body)
+                    rec.content_sha256 = hashlib.sha256(body).hexdigest()
+                if resp.timestamp_end and flow.request.timestamp_end:
+                    metrics.REQUEST_DURATION.labels(phase="upstream").observe(
+                        max(0.0, resp.timestamp_end - flow.request.timestamp_end)
+                    )
+                now = resp.timestamp_end or now
+        elif resp is not None:
+            rec.status = resp.status_code
+        rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
+        metrics.REQUEST_DURATION.labels(phase="total").observe(rec.duration_ms / 1000)
+        data = self.rt.record(rec)
+        site_label = self.rt.site_labels.label(rec.site)
+        team_label = rec.team or "_none"
+        metrics.REQUESTS.labels(
+            site=site_label, team=team_label, decision=rec.decision, reason=rec.reason
+        ).inc()
+        if rec.response_bytes:
+            metrics.UPSTREAM_RESPONSE_BYTES.labels(site=site_label, team=team_label).inc(
+                rec.response_bytes
+            )
+        # One canonical line per decision, joinable with the fetch record by id/replica/seq.
+        log.info(
+            "decision",
+            id=rec.id,
+            replica=data["replica"],
+            seq=data["seq"],
+            team=rec.team,
+            project=rec.project,
+            client_ip=rec.client_ip,
+            method=rec.method,
+            url=rec.url,
+            site=rec.site,
+            decision=rec.decision,
+            reason=rec.reason,
+            rule=rec.rule,
+            status=rec.status,
+            response_bytes=rec.response_bytes,
+            duration_ms=rec.duration_ms,
+        )
+
+
+def _auth_required() -> Decision:
+    return refuse(
+        Reason.AUTH_REQUIRED,
+        "send Proxy-Authorization: Basic base64(team:token) with your team's token",
+        rule="teams",
+    )
+
+
+def _header(headers: http.Headers, name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _host_only(authority: str | None) -> str | None:
+    if not authority:
+        return None
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _error_kind(message: str) -> str:
+    text = message.lower()
+    for kind, needles in _ERROR_KINDS:
+        if any(n in text for n in needles):
+            return kind
+    return "other"
+
+
+_ERROR_KINDS: Iterable[tuple[str, tuple[str, ...]]] = (
+    ("timeout", ("timeout", "timed out")),
+    ("tls", ("tls", "ssl", "certificate")),
+    ("reset", ("reset", "broken pipe", "closed by peer", "eof")),
+    ("connect", ("connect", "refused", "unreachable", "no route")),
+)

@@ -1,0 +1,170 @@
+"""The admin API (aiohttp, on --admin): health, metrics, policy reload and, for auditors, records.
+
+Public: /healthz, /readyz, /metrics, /openapi.json. Everything under /v1 needs a bearer token
+whose role (from the policy's admin_tokens) the endpoint admits. An auditor can read, never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import generate_latest
+
+from proxy.runtime import Runtime
+
+type Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    roles: tuple[str, ...]  # empty: public
+    summary: str
+    responses: dict[str, str]
+    parameters: tuple[dict[str, Any], ...] = ()
+    request_body: dict[str, Any] | None = None
+
+
+def problem(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def authorize(request: web.Request, roles: tuple[str, ...]) -> web.Response | None:
+    """None when the caller may proceed, else the 401/403 answer."""
+    if not roles:
+        return None
+    rt = request.app[RUNTIME]
+    role = rt.compiled.admins.role_of(request.headers.get("Authorization"))
+    if role is None:
+        resp = problem(401, "send Authorization: Bearer <token> of an admin or auditor")
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="crawlwarden-admin"'
+        return resp
+    if role not in roles:
+        return problem(403, f"the {role} role may not do this; it needs: {', '.join(roles)}")
+    return None
+
+
+def guarded(route: Route) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        denied = authorize(request, route.roles)
+        if denied is not None:
+            return denied
+        return await route.handler(request)
+
+    return handler
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    body = {
+        "ready": rt.ready,
+        "draining": rt.draining,
+        "fetch_log_available": rt.fetch_log.available,
+        "fetch_log_store_ok": rt.fetch_log.store_ok,
+        "policy_version": rt.policy_version,
+        "replica": rt.replica,
+    }
+    return web.json_response(body, status=200 if rt.ready else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    resp = web.Response(body=generate_latest())
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    resp.charset = "utf-8"
+    return resp
+
+
+async def policy_reload(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    version, errors = rt.reload()
+    if version is None:
+        return web.json_response(
+            {
+                "error": "the new policy is invalid; the old policy stays in force",
+                "policy_version": rt.policy_version,
+                "errors": [{"path": e.path, "message": e.message, "line": e.line} for e in errors],
+            },
+            status=400,
+        )
+    return web.json_response({"policy_version": version})
+
+
+ROUTES: list[Route] = [
+    Route("GET", "/healthz", healthz, (), "Liveness", {"200": "alive"}),
+    Route(
+        "GET",
+        "/readyz",
+        readyz,
+        (),
+        "Readiness: not draining, fetch log accepting records",
+        {"200": "ready", "503": "not ready"},
+    ),
+    Route("GET", "/metrics", metrics_endpoint, (), "Prometheus metrics", {"200": "metrics"}),
+    Route(
+        "POST",
+        "/v1/policy/reload",
+        policy_reload,
+        ("admin",),
+        "Reload the policy file; an invalid one leaves the old policy in force",
+        {"200": "reloaded", "400": "invalid policy, errors listed", "401": "no token"},
+    ),
+]
+
+
+def openapi(routes: list[Route]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "responses": {code: {"description": text} for code, text in r.responses.items()},
+        }
+        if r.roles:
+            op["security"] = [{"bearer": []}]
+            op["description"] = "Roles: " + ", ".join(r.roles)
+            op["responses"].setdefault("401", {"description": "missing or unknown token"})
+            op["responses"].setdefault("403", {"description": "role not allowed"})
+        if r.parameters:
+            op["parameters"] = list(r.parameters)
+        if r.request_body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": r.request_body}},
+            }
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "crawlwarden admin API", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+
+
+def make_app(runtime: Runtime, extra_routes: list[Route] | None = None) -> web.Application:
+    app = web.Application(client_max_size=1 << 20)
+    app[RUNTIME] = runtime
+    routes = [*ROUTES, *(extra_routes or [])]
+    for r in routes:
+        app.router.add_route(r.method, r.path, guarded(r))
+    document = openapi(routes)
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/openapi.json", openapi_json)
+    return app

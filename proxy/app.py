@@ -1,0 +1,117 @@
+"""`crawlwarden run`: mitmproxy and the admin API on one event loop.
+
+The only module of `proxy/` that imports mitmproxy: it builds the master, sets the options every
+replica must have, and owns the process life cycle (SIGHUP reloads, SIGTERM drains).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+from aiohttp import web
+from mitmproxy import addons as mitm_addons
+from mitmproxy import options
+from mitmproxy.master import Master
+
+from addons.gateway import Gateway
+from proxy.admin import make_app
+from proxy.runtime import Runtime
+from proxy.runtime import Settings
+
+log = structlog.get_logger("crawlwarden")
+
+
+def mitmproxy_options(settings: Settings) -> dict[str, object]:
+    """The mitmproxy options of a gateway (the benchmark gives bare mitmdump the same)."""
+    opts: dict[str, object] = {
+        "mode": ["regular"],
+        "listen_host": settings.listen_host,
+        "listen_port": settings.listen_port,
+        # A refused request must not even open a TCP connection to the site.
+        "connection_strategy": "lazy",
+        "confdir": str(settings.data_dir.resolve()),
+        # Every request is authenticated by the gateway itself; clients come from anywhere the
+        # network policy lets them (Kubernetes pods, other hosts).
+        "block_global": False,
+        # Only HTTP(S) leaves the gateway: no raw TCP tunnels, no onboarding app without auth.
+        "rawtcp": False,
+        "onboarding": False,
+        # Larger bodies stream through (hashed on the way) instead of being buffered whole.
+        "stream_large_bodies": "8m",
+    }
+    if settings.upstream_trusted_ca is not None:
+        opts["ssl_verify_upstream_trusted_ca"] = str(settings.upstream_trusted_ca.resolve())
+    return opts
+
+
+async def serve(settings: Settings) -> int:
+    runtime = Runtime.from_settings(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await runtime.start()
+
+    master = Master(options.Options(), with_termlog=False)
+    master.addons.add(*mitm_addons.default_addons())
+    master.options.update(**mitmproxy_options(settings))
+    master.addons.add(Gateway(runtime))
+
+    admin = web.AppRunner(make_app(runtime), access_log=None, handle_signals=False)
+    await admin.setup()
+    try:
+        await web.TCPSite(admin, settings.admin_host, settings.admin_port).start()
+    except OSError as e:
+        await runtime.stop()
+        raise SystemExit(
+            f"crawlwarden: cannot listen on admin address "
+            f"{settings.admin_host}:{settings.admin_port}: {e.strerror}; pick another --admin"
+        ) from e
+
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_term() -> None:
+        if not stopping:
+            stopping.append(asyncio.create_task(drain(runtime, master, settings)))
+
+    def on_hup() -> None:
+        runtime.reload()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    log.info(
+        "started",
+        replica=runtime.replica,
+        proxy=f"{settings.listen_host}:{settings.listen_port}",
+        admin=f"{settings.admin_host}:{settings.admin_port}",
+        policy_version=runtime.policy_version,
+        shared_state=bool(settings.redis_url),
+        fetch_log="postgresql" if settings.audit_dsn else str(settings.sqlite_path),
+        ca_cert=str(settings.data_dir / "mitmproxy-ca-cert.pem"),
+    )
+    try:
+        await master.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in stopping:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await admin.cleanup()
+        await runtime.stop()
+    log.info("stopped", replica=runtime.replica, records=runtime.fetch_log.seq)
+    return 0
+
+
+async def drain(runtime: Runtime, master: Master, settings: Settings) -> None:
+    """Stop taking connections, let requests in flight finish, then stop (fetch log flushed)."""
+    runtime.draining = True
+    log.info("draining", in_flight=runtime.in_flight)
+    master.options.update(server=False)
+    left = await runtime.wait_idle(settings.drain_seconds)
+    if left:
+        log.warning("drain_timeout", in_flight=left)
+    master.shutdown()

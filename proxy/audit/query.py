@@ -1,0 +1,63 @@
+"""Filters over fetch records, shared by the CLI export, the admin API and the report."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+
+def parse_time(text: str) -> str:
+    """An ISO 8601 date or time (naive means UTC) as the record's RFC 3339 `ts` form."""
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            parsed = dt.datetime.combine(dt.date.fromisoformat(value), dt.time(), dt.UTC)
+        else:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+    except ValueError as e:
+        raise ValueError(
+            f"invalid time {text!r}: use e.g. 2026-11-28 or 2026-11-28T13:00:00Z"
+        ) from e
+    return parsed.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class RecordQuery:
+    since: str | None = None  # inclusive, RFC 3339 as in `ts`
+    until: str | None = None  # exclusive
+    site: str | None = None
+    team: str | None = None
+    project: str | None = None
+    decision: str | None = None
+    replica: str | None = None
+    after: tuple[str, int] | None = None  # cursor: (replica, seq) already seen
+
+    def sql_where(self, placeholder: str = "?") -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+
+        def p() -> str:
+            return placeholder if placeholder == "?" else f"${len(params)}"
+
+        for column, op, value in (
+            ("ts", ">=", self.since),
+            ("ts", "<", self.until),
+            ("site", "=", self.site),
+            ("team", "=", self.team),
+            ("project", "=", self.project),
+            ("decision", "=", self.decision),
+            ("replica", "=", self.replica),
+        ):
+            if value is not None:
+                params.append(value)
+                clauses.append(f"{column} {op} {p()}")
+        if self.after is not None:
+            marks = []
+            for cursor_part in (self.after[0], self.after[0], self.after[1]):
+                params.append(cursor_part)
+                marks.append(p())
+            clauses.append(f"(replica > {marks[0]} OR (replica = {marks[1]} AND seq > {marks[2]}))")
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", params

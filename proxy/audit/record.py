@@ -1,0 +1,84 @@
+"""The fetch record and its canonical, hashable form."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import fields
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+
+
+@dataclass(slots=True)
+class FetchRecord:
+    """One request through the gateway, refused ones included.
+
+    `status` is the site's answer for forwarded and withheld fetches, and the gateway's own
+    answer for refused ones. `content_sha256` is the SHA-256 of the response body as the site
+    sent it after removing its Content-Encoding, i.e. the bytes a client stores.
+    """
+
+    id: str
+    ts: str
+    method: str
+    url: str
+    decision: str
+    reason: str
+    kind: str = "fetch"
+    team: str | None = None
+    project: str | None = None
+    account: str | None = None
+    client_ip: str | None = None
+    egress_ip: str | None = None
+    egress_provider: str | None = None
+    upstream_proxy: str | None = None
+    site: str | None = None
+    status: int | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    content_type: str | None = None
+    content_sha256: str | None = None
+    rule: str | None = None
+    signals: list[str] = field(default_factory=list)
+    legal_basis: str | None = None
+    policy_version: str | None = None
+    user_agent: str | None = None
+    duration_ms: float = 0.0
+    note: str | None = None
+    # Chain fields, set by the fetch log when the record is appended.
+    replica: str | None = None
+    seq: int | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FetchRecord:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(FetchRecord))
+
+
+def utc_timestamp(t: float) -> str:
+    """RFC 3339 UTC with microseconds, e.g. 2026-11-28T01:02:03.456789Z."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_json(data: dict[str, Any]) -> bytes:
+    """The one serialisation that is hashed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_hash(data: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of every field but `hash` itself (prev_hash included)."""
+    body = {k: v for k, v in data.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()

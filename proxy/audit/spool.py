@@ -1,0 +1,166 @@
+"""The local append-only spool: every record is here before the request leaves the gateway.
+
+Segments are JSON-lines files written with O_APPEND through the page cache, so a `kill -9` of the
+gateway cannot lose a line that was written (a crash of the whole machine can lose the last
+moments; `fsync_interval` bounds that). Two kinds of line:
+
+    {"k":"b","rec":{...}}   a forwarded request is about to leave (its record as far as known)
+    {"k":"r","rec":{...}}   a finished record, chained (seq, prev_hash, hash)
+
+A segment is deleted once every record in it is in the store and every request it saw begin has
+finished. At start the spool is replayed: records the store lacks are shipped again, and requests
+that began but never finished become records that say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("crawlwarden.audit.spool")
+
+_SEGMENT = re.compile(r"^segment-(\d{10})\.jsonl$")
+
+
+@dataclass
+class Segment:
+    index: int
+    path: Path
+    size: int = 0
+    max_seq: int = 0
+    open_begins: int = 0
+
+
+@dataclass
+class Replayed:
+    """What a previous run left in the spool."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)  # chained, in seq order
+    unfinished: list[dict[str, Any]] = field(default_factory=list)  # began, never finished
+    damaged_lines: int = 0
+
+
+class Spool:
+    def __init__(self, directory: Path, segment_bytes: int = 16 * 2**20):
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.segments: list[Segment] = []
+        self._fd: int | None = None
+        self._begun: dict[str, Segment] = {}
+        self.unsynced = False
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def open(self) -> Replayed:
+        """Read what is left from earlier runs, then start a fresh segment for this run."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        replayed = Replayed()
+        begins: dict[str, dict[str, Any]] = {}
+        finished: set[str] = set()
+        records: dict[int, dict[str, Any]] = {}
+        for path in sorted(self.directory.iterdir()):
+            m = _SEGMENT.match(path.name)
+            if not m:
+                continue
+            seg = Segment(int(m.group(1)), path, path.stat().st_size)
+            self.segments.append(seg)
+            with path.open("rb") as f:
+                for raw in f:
+                    try:
+                        entry = json.loads(raw)
+                        kind, rec = entry["k"], entry["rec"]
+                    except (ValueError, KeyError, TypeError):
+                        # A torn last line from a kill mid-write, or damage: never fatal.
+                        replayed.damaged_lines += 1
+                        continue
+                    if kind == "b":
+                        begins[rec["id"]] = rec
+                    elif kind == "r":
+                        finished.add(rec["id"])
+                        records[rec["seq"]] = rec
+                        seg.max_seq = max(seg.max_seq, rec["seq"])
+        replayed.records = [records[s] for s in sorted(records)]
+        replayed.unfinished = [r for i, r in begins.items() if i not in finished]
+        if replayed.damaged_lines:
+            log.warning("spool_damaged_lines", count=replayed.damaged_lines)
+        self._start_segment()
+        return replayed
+
+    def _start_segment(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        index = self.segments[-1].index + 1 if self.segments else 1
+        path = self.directory / f"segment-{index:010d}.jsonl"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(path, flags, 0o600)
+        self.segments.append(Segment(index, path))
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @property
+    def current(self) -> Segment:
+        return self.segments[-1]
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def _write(self, line: bytes) -> None:
+        assert self._fd is not None, "spool is not open"
+        view = memoryview(line)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.current.size += len(line)
+        self.unsynced = True
+
+    def begin(self, rec: dict[str, Any]) -> None:
+        self._write(b'{"k":"b","rec":' + json.dumps(rec, separators=(",", ":")).encode() + b"}\n")
+        self.current.open_begins += 1
+        self._begun[rec["id"]] = self.current
+
+    def finish(self, rec_json: bytes, rec_id: str, seq: int) -> None:
+        """Write a chained record (already serialised) and close its begin, if any."""
+        self._write(b'{"k":"r","rec":' + rec_json + b"}\n")
+        self.current.max_seq = max(self.current.max_seq, seq)
+        seg = self._begun.pop(rec_id, None)
+        if seg is not None:
+            seg.open_begins -= 1
+        if self.current.size >= self.segment_bytes:
+            self._start_segment()
+
+    def sync(self) -> None:
+        fd = self._fd
+        if fd is not None and self.unsynced:
+            self.unsynced = False
+            with contextlib.suppress(OSError):  # the segment may have been rotated meanwhile
+                os.fsync(fd)
+
+    # -- retiring --------------------------------------------------------------------------
+
+    def retire(self, shipped_seq: int) -> int:
+        """Delete segments that are fully in the store; returns how many were deleted."""
+        if self.current.size > 0 and self.current.max_seq <= shipped_seq:
+            if self.current.open_begins == 0 and self.current.size >= 1 << 20:
+                self._start_segment()
+        removed = 0
+        for seg in list(self.segments[:-1]):
+            if seg.max_seq <= shipped_seq and seg.open_begins == 0:
+                seg.path.unlink(missing_ok=True)
+                self.segments.remove(seg)
+                removed += 1
+        return removed
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            self._fd = None

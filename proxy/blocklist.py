@@ -1,0 +1,103 @@
+"""The blocklist: sites and URLs we must not fetch, with the reason and its source.
+
+Entries come from the policy (terms of service that forbid automated collection: an opt-out from
+the DSM Art. 4 exception) and from takedowns filed by rights holders. An entry matches a domain
+with all its subdomains, a URL prefix, or one exact URL.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
+
+from proxy.decision import Reason
+from proxy.sites import HostPatterns
+from proxy.sites import normalize_host
+
+
+class Scope(enum.StrEnum):
+    DOMAIN = "domain"
+    PREFIX = "prefix"
+    URL = "url"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEntry:
+    id: str
+    scope: Scope
+    target: str  # a normalized host for DOMAIN, a normalized URL otherwise
+    reason: str
+    source: str
+    code: Reason = Reason.TOS_BLOCKLIST
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_url(url: str) -> str:
+    """Scheme and host lower-case, default port dropped, empty path as "/"; path kept as is."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = normalize_host(parts.hostname or "")
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+
+
+def entry_from_pattern(
+    entry_id: str, pattern: str, reason: str, source: str, code: Reason = Reason.TOS_BLOCKLIST
+) -> BlockEntry:
+    """A policy pattern: "http(s)://..." is a URL prefix, anything else a domain."""
+    if pattern.lower().startswith(("http://", "https://")):
+        return BlockEntry(entry_id, Scope.PREFIX, normalize_url(pattern), reason, source, code)
+    return BlockEntry(
+        entry_id, Scope.DOMAIN, normalize_host(pattern.removeprefix("*.")), reason, source, code
+    )
+
+
+def _origin(url: str) -> str:
+    """ "https://host:port" of a normalized URL."""
+    end = url.find("/", url.find("//") + 2)
+    return url if end < 0 else url[:end]
+
+
+class Blocklist:
+    """Immutable index of entries; build a new one to change it."""
+
+    def __init__(self, entries: list[BlockEntry]):
+        self.entries = tuple(entries)
+        self._domains = HostPatterns[BlockEntry]()
+        self._prefixes: dict[str, list[BlockEntry]] = {}  # by origin
+        self._urls: dict[str, BlockEntry] = {}
+        for e in self.entries:
+            if e.scope is Scope.DOMAIN:
+                self._domains.add("*." + e.target, e)
+            elif e.scope is Scope.PREFIX:
+                self._prefixes.setdefault(_origin(e.target), []).append(e)
+            else:
+                self._urls.setdefault(e.target, e)
+        for prefixes in self._prefixes.values():
+            # Longest prefix first, so the most specific entry names the refusal.
+            prefixes.sort(key=lambda e: len(e.target), reverse=True)
+
+    def match_host(self, host: str) -> BlockEntry | None:
+        """An entry that blocks every URL of this host (checked at CONNECT time)."""
+        return self._domains.lookup(host)
+
+    def match_url(self, host: str, url: str) -> BlockEntry | None:
+        """`host` normalized; `url` as built by normalize_url."""
+        if (hit := self._domains.lookup(host)) is not None:
+            return hit
+        if (hit := self._urls.get(url)) is not None:
+            return hit
+        for e in self._prefixes.get(_origin(url), ()):
+            if url.startswith(e.target):
+                return e
+        return None
+
+    def __len__(self) -> int:
+        return len(self.entries)

@@ -1,0 +1,185 @@
+"""The `crawlwarden` command line (DESIGN.md, "CLI").
+
+Every flag of `run` also reads from CRAWLWARDEN_<FLAG> (e.g. CRAWLWARDEN_REDIS_URL), so the Helm
+chart can configure a replica through its environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy.policy import InvalidPolicy
+from proxy.policy import load_policy
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _env(flag: str, default: str | None = None) -> str | None:
+    return os.environ.get("CRAWLWARDEN_" + flag.upper().replace("-", "_"), default)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit ":PORT"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crawlwarden",
+        description="An egress gateway that makes web collection lawful, polite and provable.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start the gateway")
+    run.add_argument(
+        "--policy",
+        type=Path,
+        default=_env("policy"),
+        required=_env("policy") is None,
+        help="policy file (YAML) [CRAWLWARDEN_POLICY]",
+    )
+    run.add_argument(
+        "--listen",
+        type=_hostport,
+        default=_env("listen", "127.0.0.1:8080"),
+        help="proxy address [127.0.0.1:8080, CRAWLWARDEN_LISTEN]",
+    )
+    run.add_argument(
+        "--admin",
+        type=_hostport,
+        default=_env("admin", "127.0.0.1:9090"),
+        help="admin API address [127.0.0.1:9090, CRAWLWARDEN_ADMIN]",
+    )
+    run.add_argument(
+        "--redis-url",
+        default=_env("redis_url"),
+        help="share budgets, pauses, blocklist and caches through Redis [CRAWLWARDEN_REDIS_URL]",
+    )
+    run.add_argument(
+        "--audit-dsn",
+        default=_env("audit_dsn"),
+        help="postgresql://... for the fetch log (default: SQLite in the data dir) "
+        "[CRAWLWARDEN_AUDIT_DSN]",
+    )
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("data_dir", ".crawlwarden") or ".crawlwarden"),
+        help="CA, spool, embedded fetch log [./.crawlwarden, CRAWLWARDEN_DATA_DIR]",
+    )
+    run.add_argument(
+        "--replica-id",
+        default=_env("replica_id", ""),
+        help="this replica's name in fetch records [hostname, CRAWLWARDEN_REPLICA_ID]",
+    )
+    run.add_argument(
+        "--upstream-trusted-ca",
+        type=Path,
+        default=_env("upstream_trusted_ca"),
+        help="PEM file of CAs trusted for sites' certificates, instead of the system store "
+        "[CRAWLWARDEN_UPSTREAM_TRUSTED_CA]",
+    )
+    run.add_argument(
+        "--log-level",
+        default=_env("log_level", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="[INFO, CRAWLWARDEN_LOG_LEVEL]",
+    )
+
+    policy = sub.add_parser("policy", help="work with policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = policy_sub.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+
+    audit = sub.add_parser("audit", help="fetch log export and verification")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    export = audit_sub.add_parser("export", help="write fetch records as JSONL or CSV")
+    _add_source_args(export)
+    export.add_argument("--since", help="from this time on (ISO 8601, UTC if no zone)")
+    export.add_argument("--until", help="before this time (ISO 8601)")
+    export.add_argument("--site", help="only this site key")
+    export.add_argument("--team", help="only this team")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("--output", type=Path, help="write here instead of stdout")
+    return parser
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="embedded fetch log in this data dir [./.crawlwarden]",
+    )
+    group.add_argument("--audit-dsn", default=None, help="postgresql://... fetch log")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "policy":
+        return cmd_policy_check(args.file)
+    if args.command == "audit" and args.audit_command == "export":
+        from proxy.audit.export import cmd_export
+
+        return cmd_export(args)
+    return EXIT_USAGE  # pragma: no cover - argparse rejects anything else
+
+
+def cmd_policy_check(path: Path) -> int:
+    try:
+        loaded = load_policy(path)
+    except InvalidPolicy as e:
+        for error in e.errors:
+            print(f"{error}", file=sys.stderr)
+        print(
+            f"{path}: {len(e.errors)} error(s); fix them and run the check again", file=sys.stderr
+        )
+        return EXIT_USAGE
+    print(f"{path}: valid, policy_version {loaded.version}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy import logs
+    from proxy.runtime import Settings
+
+    logs.configure(args.log_level)
+    settings = Settings(
+        policy_file=args.policy,
+        listen_host=args.listen[0],
+        listen_port=args.listen[1],
+        admin_host=args.admin[0],
+        admin_port=args.admin[1],
+        redis_url=args.redis_url,
+        audit_dsn=args.audit_dsn,
+        data_dir=args.data_dir,
+        replica_id=args.replica_id,
+        upstream_trusted_ca=args.upstream_trusted_ca,
+    )
+    try:
+        # mitmproxy is imported here only: `policy check` and `audit` stay light.
+        from proxy.app import serve
+
+        return asyncio.run(serve(settings))
+    except InvalidPolicy as e:
+        print(f"crawlwarden: the policy {e.source} is invalid:", file=sys.stderr)
+        for error in e.errors:
+            print(f"  {error}", file=sys.stderr)
+        print("nothing started; fix the policy (crawlwarden policy check FILE)", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The governor decides, per request, whether a fetch may leave the gateway.
+
+Checks run cheapest first and need no network until the site's own signals (DESIGN.md, "Request
+path", step 3): identity -> project -> blocklist/takedown -> target address (SSRF guard) ->
+opt-out files (robots.txt, TDMRep) -> pauses and budgets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+
+from proxy.blocklist import BlockEntry
+from proxy.blocklist import Blocklist
+from proxy.blocklist import entry_from_pattern
+from proxy.decision import ALLOW
+from proxy.decision import Decision
+from proxy.decision import Reason
+from proxy.decision import refuse
+from proxy.identity import AdminDirectory
+from proxy.identity import Identity
+from proxy.identity import TeamDirectory
+from proxy.policy import LegalBasis
+from proxy.policy import LoadedPolicy
+from proxy.policy import Respect
+from proxy.sites import Site
+from proxy.sites import SiteDirectory
+from proxy.ssrf import AddressGuard
+from proxy.ssrf import IPAddress
+from proxy.ssrf import ResolutionError
+from proxy.ssrf import Resolver
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """A loaded policy with its lookups built once, at load time."""
+
+    loaded: LoadedPolicy
+    sites: SiteDirectory
+    teams: TeamDirectory
+    admins: AdminDirectory
+    policy_blocklist: tuple[BlockEntry, ...]
+    guard: AddressGuard
+    resolver: Resolver
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+
+def compile_policy(loaded: LoadedPolicy, resolver: Resolver | None = None) -> CompiledPolicy:
+    policy = loaded.policy
+    entries = [
+        entry_from_pattern(b.id, pattern, b.reason, b.source)
+        for b in policy.blocklist
+        for pattern in b.match
+    ]
+    return CompiledPolicy(
+        loaded=loaded,
+        sites=SiteDirectory(policy),
+        teams=TeamDirectory(policy),
+        admins=AdminDirectory(policy),
+        policy_blocklist=tuple(entries),
+        guard=AddressGuard(policy.network.allow_private),
+        resolver=resolver or Resolver(dict(policy.network.static_hosts)),
+    )
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the governor knows of one request; filled in as the checks go."""
+
+    identity: Identity
+    method: str
+    scheme: str
+    host: str  # normalized
+    port: int
+    url: str  # normalized, see blocklist.normalize_url
+    path: str  # path and query as sent
+    site: Site
+    basis: LegalBasis
+    respect: Respect
+    project: str | None = None
+    account: str | None = None
+    signals: list[str] = field(default_factory=list)
+
+
+type PrefetchCheck = Callable[[RequestContext], Awaitable[Decision | None]]
+
+
+class Governor:
+    def __init__(self, compiled: CompiledPolicy):
+        self.compiled = compiled
+        self.extra_blocks: tuple[BlockEntry, ...] = ()  # takedowns and API blocklist entries
+        self.blocklist = Blocklist(list(compiled.policy_blocklist))
+        # Opt-out checks that may fetch (robots.txt, tdmrep.json), in order; see optout wiring.
+        self.prefetch_checks: list[PrefetchCheck] = []
+
+    # -- policy and blocklist --------------------------------------------------------------
+
+    def use_policy(self, compiled: CompiledPolicy) -> None:
+        self.compiled = compiled
+        self._rebuild_blocklist()
+
+    def set_extra_blocks(self, entries: list[BlockEntry]) -> None:
+        self.extra_blocks = tuple(entries)
+        self._rebuild_blocklist()
+
+    def _rebuild_blocklist(self) -> None:
+        self.blocklist = Blocklist([*self.compiled.policy_blocklist, *self.extra_blocks])
+
+    # -- the decisions ---------------------------------------------------------------------
+
+    def authenticate(self, proxy_authorization: str | None) -> Identity | None:
+        return self.compiled.teams.authenticate(proxy_authorization)
+
+    def site_for(self, host: str) -> Site:
+        return self.compiled.sites.site_for(host)
+
+    def context(
+        self,
+        identity: Identity,
+        *,
+        method: str,
+        scheme: str,
+        host: str,
+        port: int,
+        url: str,
+        path: str,
+        project: str | None,
+        account: str | None,
+        today: dt.date | None = None,
+    ) -> RequestContext:
+        site = self.site_for(host)
+        basis, respect = site.terms_on(today or dt.datetime.now(dt.UTC).date())
+        return RequestContext(
+            identity=identity,
+            method=method,
+            scheme=scheme,
+            host=host,
+            port=port,
+            url=url,
+            path=path,
+            site=site,
+            basis=basis,
+            respect=respect,
+            project=project,
+            account=account,
+        )
+
+    def check_host(self, host: str) -> Decision:
+        """Refusals decidable from the host alone: used at CONNECT, before any TLS."""
+        site = self.site_for(host)
+        entry = self.blocklist.match_host(host)
+        if entry is not None:
+            return _blocked(entry, site.key)
+        return ALLOW
+
+    async def target_address(self, host: str, site: str) -> tuple[IPAddress | None, Decision]:
+        """The one address to connect to, or the refusal: resolve once, check, pin."""
+        try:
+            addresses = await self.compiled.resolver.resolve(host)
+        except ResolutionError as e:
+            return None, refuse(Reason.UNRESOLVABLE, str(e), site=site)
+        verdict = self.compiled.guard.check(addresses[0])
+        if not verdict.allowed:
+            return None, refuse(
+                Reason.PRIVATE_ADDRESS,
+                f"{host} resolves to {verdict.address}, a {verdict.denied_class} address "
+                "that the policy's network.allow_private does not admit",
+                rule="network.allow_private",
+                site=site,
+            )
+        return verdict.address, ALLOW
+
+    def check_request(self, ctx: RequestContext) -> Decision:
+        """Refusals that need no network: project, blocklist and takedowns."""
+        if not ctx.identity.allows_project(ctx.project):
+            named = "no X-Crawl-Project header" if ctx.project is None else repr(ctx.project)
+            return refuse(
+                Reason.UNKNOWN_PROJECT,
+                f"team {ctx.identity.team} has {named}; its projects are "
+                + ", ".join(sorted(ctx.identity.projects)),
+                rule=f"teams.{ctx.identity.team}.projects",
+                site=ctx.site.key,
+            )
+        entry = self.blocklist.match_url(ctx.host, ctx.url)
+        if entry is not None:
+            return _blocked(entry, ctx.site.key)
+        return ALLOW
+
+    async def check_prefetch(self, ctx: RequestContext) -> Decision:
+        """The site's machine-readable opt-outs that can be read before fetching."""
+        for check in self.prefetch_checks:
+            decision = await check(ctx)
+            if decision is not None and not decision.allowed:
+                return decision
+        return ALLOW
+
+
+def _blocked(entry: BlockEntry, site: str) -> Decision:
+    return refuse(
+        entry.code,
+        f"{entry.reason} (source: {entry.source})",
+        rule=entry.id,
+        site=site,
+    )

@@ -1,0 +1,94 @@
+"""Who is asking: scraper teams (proxy Basic auth) and admin API callers (bearer tokens).
+
+Tokens are never kept in clear: the policy stores their SHA-256 (or names an environment variable,
+hashed at load), and a presented token is hashed and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from proxy.policy import Policy
+from proxy.policy import Team
+
+_NO_DIGEST = bytes(32)
+
+
+class BasicCredentials(NamedTuple):
+    user: str
+    password: str
+
+
+def parse_basic(header: str | None) -> BasicCredentials | None:
+    """`Basic base64(user:password)` -> credentials; anything else -> None."""
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return BasicCredentials(user, password)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    team: str
+    projects: frozenset[str]
+    upstream_proxy: str | None
+
+    def allows_project(self, project: str | None) -> bool:
+        """A team that lists projects must name one of them; an empty list admits any."""
+        if not self.projects:
+            return True
+        return project is not None and project in self.projects
+
+
+class TeamDirectory:
+    def __init__(self, policy: Policy):
+        self._teams: dict[str, tuple[bytes, Team]] = {
+            t.name: (t.token_digest(), t) for t in policy.teams
+        }
+
+    def authenticate(self, header: str | None) -> Identity | None:
+        creds = parse_basic(header)
+        if creds is None:
+            return None
+        entry = self._teams.get(creds.user)
+        digest = hashlib.sha256(creds.password.encode()).digest()
+        # Compare even for an unknown team, so timing does not tell which team names exist.
+        ok = hmac.compare_digest(digest, entry[0] if entry else _NO_DIGEST)
+        if not ok or entry is None:
+            return None
+        team = entry[1]
+        return Identity(team.name, frozenset(team.projects), team.upstream_proxy)
+
+
+class AdminDirectory:
+    """Bearer tokens of the admin API, each with a role (`admin` or `auditor`)."""
+
+    def __init__(self, policy: Policy):
+        self._tokens = [(t.token_digest(), t.role) for t in policy.admin_tokens]
+
+    def role_of(self, authorization: str | None) -> str | None:
+        if not authorization:
+            return None
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        role = None
+        for known, r in self._tokens:
+            if hmac.compare_digest(digest, known):
+                role = r
+        return role

@@ -1,0 +1,402 @@
+"""The policy file: its schema, validation with field-level errors, and its version.
+
+The keys are the contract of DESIGN.md ("Policy file"). Unknown keys are errors, so a typo never
+silently turns a limit off.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+from typing import Any
+from typing import Literal
+
+import yaml
+from pydantic import AfterValidator
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import ValidationError
+from pydantic import field_validator
+from pydantic import model_validator
+
+from proxy import units
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_HOST_PATTERN = re.compile(r"^(\*\.)?([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?)+$")
+
+
+def _rate(value: str) -> str:
+    units.parse_rate(value)
+    return value
+
+
+def _duration(value: str | int | float) -> str | int | float:
+    units.parse_duration(value)
+    return value
+
+
+def _size(value: str | int) -> str | int:
+    units.parse_size(value)
+    return value
+
+
+def _host_pattern(value: str) -> str:
+    value = value.strip().lower().rstrip(".")
+    try:
+        value = value.encode("idna").decode("ascii") if not value.isascii() else value
+    except UnicodeError as e:
+        raise ValueError(f"{value!r} is not a valid host name") from e
+    if not _HOST_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not a host name or '*.' plus a host name")
+    return value
+
+
+def _block_pattern(value: str) -> str:
+    """A blocklist entry: a domain (with its subdomains) or an http(s) URL prefix."""
+    if value.strip().lower().startswith(("http://", "https://")):
+        value = value.strip()
+        if not re.match(r"^https?://[^/\s?#]+", value):
+            raise ValueError(f"{value!r} is not a URL prefix")
+        return value
+    return _host_pattern(value)
+
+
+RateText = Annotated[str, AfterValidator(_rate)]
+DurationText = Annotated[str | int | float, AfterValidator(_duration)]
+SizeText = Annotated[str | int, AfterValidator(_size)]
+HostPattern = Annotated[str, AfterValidator(_host_pattern)]
+BlockPattern = Annotated[str, AfterValidator(_block_pattern)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Crawler(Model):
+    user_agent: NonEmpty
+    robots_tokens: list[NonEmpty] = Field(min_length=1)
+    contact: str
+
+    @field_validator("contact")
+    @classmethod
+    def _contact(cls, v: str) -> str:
+        if not _EMAIL.match(v):
+            raise ValueError("must be an e-mail address (sent upstream as From:)")
+        return v
+
+    @field_validator("user_agent")
+    @classmethod
+    def _user_agent(cls, v: str) -> str:
+        if any(c in v for c in "\r\n\0"):
+            raise ValueError("must be a single line")
+        return v
+
+
+class UpstreamProxy(Model):
+    name: NonEmpty
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+:\d+/?$", v):
+            raise ValueError("must be http://host:port or https://host:port")
+        return v
+
+
+class Egress(Model):
+    provider: NonEmpty
+    public_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    upstream_proxies: list[UpstreamProxy] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Egress:
+        names = [p.name for p in self.upstream_proxies]
+        if len(names) != len(set(names)):
+            raise ValueError("upstream_proxies: names must be unique")
+        return self
+
+
+class Secret(Model):
+    """A token given as its SHA-256 (hex) or as the name of an environment variable."""
+
+    token_sha256: str | None = None
+    token_env: str | None = None
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not _HEX64.match(v):
+            raise ValueError("must be 64 lower-case hex digits (sha256sum of the token)")
+        return v
+
+    @field_validator("token_env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError("must be an environment variable name")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Secret:
+        if (self.token_sha256 is None) == (self.token_env is None):
+            raise ValueError("give exactly one of token_sha256 or token_env")
+        if self.token_env is not None and not os.environ.get(self.token_env):
+            raise ValueError(f"environment variable {self.token_env} is not set or empty")
+        return self
+
+    def token_digest(self) -> bytes:
+        """The SHA-256 of the token, resolved from the environment when needed."""
+        if self.token_sha256 is not None:
+            return bytes.fromhex(self.token_sha256)
+        assert self.token_env is not None
+        return hashlib.sha256(os.environ[self.token_env].encode()).digest()
+
+
+class Team(Secret):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    projects: list[NonEmpty] = []
+    upstream_proxy: str | None = None
+
+
+class AdminToken(Secret):
+    role: Literal["admin", "auditor"]
+
+
+class Respect(Model):
+    robots: bool = True
+    tdmrep: bool = True
+    noai: bool = True
+    content_usage: bool = True
+    image_metadata: bool = True
+
+
+class RespectOverride(Model):
+    robots: bool | None = None
+    tdmrep: bool | None = None
+    noai: bool | None = None
+    content_usage: bool | None = None
+    image_metadata: bool | None = None
+
+
+class LegalBasis(Model):
+    kind: Literal["licence", "tdm_exception", "research_exception", "consent", "public_domain"]
+    ref: NonEmpty
+    expires: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _licence_ref(self) -> LegalBasis:
+        if self.expires is not None and self.kind not in ("licence", "consent"):
+            raise ValueError("expires applies to a licence or consent only")
+        return self
+
+
+class Defaults(Model):
+    rate: RateText = "1/s"
+    burst: Annotated[int, Field(ge=1)] = 1
+    max_concurrency: Annotated[int, Field(ge=1)] = 2
+    requests_per_day: Annotated[int, Field(ge=0)] | None = 5000
+    requests_per_month: Annotated[int, Field(ge=0)] | None = 50000
+    bytes_per_day: SizeText | None = "500MB"
+    on_exceed: Literal["reject", "delay"] = "reject"
+    max_delay: DurationText = "10s"
+    fail_mode: Literal["closed", "local"] = "closed"
+    respect: Respect = Respect()
+    legal_basis: LegalBasis = LegalBasis(kind="tdm_exception", ref="DSM Art. 4")
+
+
+class SiteRule(Model):
+    id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    match: list[HostPattern] = Field(min_length=1)
+    rate: RateText | None = None
+    burst: Annotated[int, Field(ge=1)] | None = None
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
+    requests_per_day: Annotated[int, Field(ge=0)] | None = None
+    requests_per_month: Annotated[int, Field(ge=0)] | None = None
+    bytes_per_day: SizeText | None = None
+    on_exceed: Literal["reject", "delay"] | None = None
+    max_delay: DurationText | None = None
+    fail_mode: Literal["closed", "local"] | None = None
+    respect: RespectOverride = RespectOverride()
+    legal_basis: LegalBasis | None = None
+
+
+class BlocklistEntry(Model):
+    id: Annotated[str, Field(min_length=1)]
+    match: list[BlockPattern] = Field(min_length=1)
+    reason: NonEmpty
+    source: NonEmpty
+
+
+class Network(Model):
+    allow_private: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    static_hosts: dict[HostPattern, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+
+
+class Retention(Model):
+    fetch_records_days: Annotated[int, Field(ge=1)] = 400
+
+
+class Audit(Model):
+    signing_key_file: str | None = None
+    checkpoint_every_records: Annotated[int, Field(ge=1)] = 1000
+    checkpoint_every_seconds: Annotated[float, Field(gt=0)] = 60
+    spool_max_bytes: SizeText = "1GB"
+
+
+class Policy(Model):
+    version: Literal[1]
+    crawler: Crawler
+    egress: Egress
+    teams: list[Team] = Field(min_length=1)
+    admin_tokens: list[AdminToken] = []
+    defaults: Defaults = Defaults()
+    sites: list[SiteRule] = []
+    blocklist: list[BlocklistEntry] = []
+    network: Network = Network()
+    retention: Retention = Retention()
+    audit: Audit = Audit()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Policy:
+        _unique("teams", [t.name for t in self.teams])
+        _unique("sites", [s.id for s in self.sites])
+        _unique("blocklist", [b.id for b in self.blocklist])
+        proxies = {p.name for p in self.egress.upstream_proxies}
+        for team in self.teams:
+            if team.upstream_proxy is not None and team.upstream_proxy not in proxies:
+                raise ValueError(
+                    f"team {team.name!r} is pinned to upstream proxy {team.upstream_proxy!r}, "
+                    "which egress.upstream_proxies does not define"
+                )
+        return self
+
+
+def _unique(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what}: {name!r} appears twice; ids must be unique")
+        seen.add(name)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyError:
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line else ""
+        return f"{self.path or '(policy)'}: {self.message}{where}"
+
+
+class InvalidPolicy(Exception):
+    def __init__(self, source: str, errors: list[PolicyError]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(map(str, errors)))
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    policy: Policy
+    version: str
+    source: str
+
+
+def canonical_version(policy: Policy) -> str:
+    """SHA-256 of the canonical form: sorted keys, no whitespace, defaults filled in."""
+    data = policy.model_dump(mode="json")
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_policy(path: str | Path) -> LoadedPolicy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidPolicy(str(path), [PolicyError("", f"cannot read file: {e.strerror}")]) from e
+    except UnicodeDecodeError as e:
+        raise InvalidPolicy(str(path), [PolicyError("", "file is not UTF-8")]) from e
+    return parse_policy(text, source=str(path))
+
+
+def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise InvalidPolicy(source, [PolicyError("", f"not valid YAML: {problem}", line)]) from e
+    if not isinstance(data, dict):
+        raise InvalidPolicy(source, [PolicyError("", "the policy must be a YAML mapping")])
+    lines = _line_index(node)
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as e:
+        raise InvalidPolicy(source, _errors(e, lines)) from e
+    return LoadedPolicy(policy=policy, version=canonical_version(policy), source=source)
+
+
+def _errors(exc: ValidationError, lines: dict[tuple[Any, ...], int]) -> list[PolicyError]:
+    errors = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
+    return errors
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic inserts the union member's type name into the location ("int", "str", ...).
+    return isinstance(part, str) and (
+        "[" in part or part in {"str", "int", "float", "bool", "IPv4Address", "IPv6Address"}
+    )
+
+
+def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:
+    """Map each key path of the YAML document to its 1-based line number."""
+    index: dict[tuple[Any, ...], int] = {}
+
+    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
+        index[path] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                child = (*path, key.value)
+                walk(value, child)
+                index[child] = key.start_mark.line + 1
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*path, i))
+
+    if node is not None:
+        walk(node, ())
+    return index

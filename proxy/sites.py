@@ -1,0 +1,148 @@
+"""Site keys: which budget, rules and legal basis a host belongs to.
+
+The key is the id of the first policy site rule that matches the host, else the registrable
+domain (eTLD+1, from the Public Suffix List shipped with `publicsuffixlist`, no network). Rotating
+subdomains therefore does not escape a site's budget (guideline "Necessity": traffic from one
+source stays insubstantial).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from functools import lru_cache
+
+from publicsuffixlist import PublicSuffixList
+
+from proxy.policy import Defaults
+from proxy.policy import LegalBasis
+from proxy.policy import Policy
+from proxy.policy import Respect
+from proxy.policy import SiteRule
+
+_PSL = PublicSuffixList()
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, no trailing dot, IDNA (punycode) for non-ASCII names, bare IPv6."""
+    host = host.strip().rstrip(".").lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host.isascii():
+        host = host.encode("idna").decode("ascii")
+    return host
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=65536)
+def registrable_domain(host: str) -> str:
+    """eTLD+1 of a normalized host; IP literals and bare public suffixes are their own site."""
+    if is_ip_literal(host):
+        return host
+    return _PSL.privatesuffix(host) or host
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """The resolved site of a request: its key and the settings that apply to it."""
+
+    key: str
+    rule: SiteRule | None
+    settings: Defaults
+    fallback: Defaults
+
+    def terms_on(self, day: dt.date) -> tuple[LegalBasis, Respect]:
+        """The legal basis in force on `day` and the opt-out signals it obliges us to respect.
+
+        An expired licence is no basis: the default basis, and the default signals, apply again.
+        """
+        basis = self.settings.legal_basis
+        if basis.expires is not None and basis.expires < day:
+            return self.fallback.legal_basis, self.fallback.respect
+        return basis, self.settings.respect
+
+
+class HostPatterns[T]:
+    """Host patterns of a policy: `name` matches that host, `*.name` matches name and below.
+
+    The most specific pattern wins; between equal patterns, the first one in the policy.
+    """
+
+    def __init__(self) -> None:
+        self._exact: dict[str, T] = {}
+        self._suffix: dict[str, T] = {}
+
+    def add(self, pattern: str, value: T) -> None:
+        if pattern.startswith("*."):
+            self._suffix.setdefault(pattern[2:], value)
+        else:
+            self._exact.setdefault(pattern, value)
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._suffix)
+
+    def lookup(self, host: str) -> T | None:
+        if (hit := self._exact.get(host)) is not None:
+            return hit
+        if not self._suffix:
+            return None
+        name = host
+        while True:
+            if (hit := self._suffix.get(name)) is not None:
+                return hit
+            _, dot, name = name.partition(".")
+            if not dot:
+                return None
+
+
+class SiteDirectory:
+    """Maps hosts to sites for one policy. Built once per policy load."""
+
+    def __init__(self, policy: Policy):
+        self.defaults = policy.defaults
+        self._rules = HostPatterns[SiteRule]()
+        for rule in policy.sites:
+            for pattern in rule.match:
+                self._rules.add(pattern, rule)
+        self._sites = {rule.id: self._site_for_rule(rule) for rule in policy.sites}
+        self._by_domain: dict[str, Site] = {}
+
+    def _site_for_rule(self, rule: SiteRule) -> Site:
+        overrides = {
+            name: value
+            for name, value in rule
+            if name not in ("id", "match", "respect") and value is not None
+        }
+        respect = self.defaults.respect.model_copy(
+            update={k: v for k, v in rule.respect if v is not None}
+        )
+        settings = self.defaults.model_copy(update={**overrides, "respect": respect})
+        return Site(key=rule.id, rule=rule, settings=settings, fallback=self.defaults)
+
+    def site_for(self, host: str) -> Site:
+        rule = self._rules.lookup(host)
+        if rule is not None:
+            return self._sites[rule.id]
+        domain = registrable_domain(host)
+        site = self._by_domain.get(domain)
+        if site is None:
+            if len(self._by_domain) > 100_000:
+                self._by_domain.clear()
+            site = Site(key=domain, rule=None, settings=self.defaults, fallback=self.defaults)
+            self._by_domain[domain] = site
+        return site
+
+    def by_key(self, key: str) -> Site:
+        """The site for a key: a rule id, or a domain that gets the defaults."""
+        return self._sites.get(key) or self.site_for(key)
+
+    def rule_ids(self) -> list[str]:
+        return list(self._sites)

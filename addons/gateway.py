@@ -202,8 +202,8 @@ class Gateway:
         state.decision = decision
         state.forwarded = True
         crawler = self.rt.compiled.loaded.policy.crawler
-        req.headers["user-agent"] = crawler.user_agent
-        req.headers["from"] = crawler.contact
+        req.headers["User-Agent"] = crawler.user_agent
+        req.headers["From"] = crawler.contact
         if tunnel is None:
             self._choose_upstream_proxy(flow, identity, state)
         self.rt.in_flight += 1

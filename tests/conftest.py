@@ -1,0 +1,33 @@
+"""Shared fixtures: a test CA, loopback sites and gateway processes (see tests/support.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import LocalCA
+from tests.support import Site
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+    return LocalCA(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    with Site() as s:
+        yield s
+
+
+@pytest.fixture
+def tls_site(test_ca: LocalCA) -> Iterator[Site]:
+    with Site(tls=test_ca) as s:
+        yield s
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

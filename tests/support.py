@@ -1,0 +1,591 @@
+"""Real parts for tests: loopback HTTP(S) sites, a test CA, gateway processes, curl.
+
+Everything listens on 127.0.0.1 only; sites are RFC 2606 names (site-a.test) that the policy's
+network.static_hosts maps to 127.0.0.1, so no test makes a DNS lookup.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CRAWLWARDEN = str(VENV_BIN / "crawlwarden")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+TEAM = "vision-data"
+TEAM_TOKEN = "vision-secret-token"
+OTHER_TEAM = "text-data"
+OTHER_TOKEN = "text-secret-token"
+ADMIN_TOKEN = "admin-secret-token"
+AUDITOR_TOKEN = "auditor-secret-token"
+PROJECT = "faces-v2"
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# -- policies --------------------------------------------------------------------------------
+
+
+def base_policy() -> dict[str, Any]:
+    """A permissive test policy: budgets far above what tests send, *.test on 127.0.0.1."""
+    return {
+        "version": 1,
+        "crawler": {
+            "user_agent": "TestBot/1.0 (+https://crawler.example/testbot)",
+            "robots_tokens": ["TestBot"],
+            "contact": "crawl-ops@crawler.example",
+        },
+        "egress": {"provider": "test-transit", "public_ips": ["203.0.113.7"]},
+        "teams": [
+            {"name": TEAM, "token_sha256": sha256_hex(TEAM_TOKEN), "projects": [PROJECT]},
+            {"name": OTHER_TEAM, "token_sha256": sha256_hex(OTHER_TOKEN), "projects": []},
+        ],
+        "admin_tokens": [
+            {"role": "admin", "token_sha256": sha256_hex(ADMIN_TOKEN)},
+            {"role": "auditor", "token_sha256": sha256_hex(AUDITOR_TOKEN)},
+        ],
+        "defaults": {
+            "rate": "1000/s",
+            "burst": 1000,
+            "max_concurrency": 200,
+            "requests_per_day": 1_000_000,
+            "requests_per_month": 10_000_000,
+            "bytes_per_day": "10GB",
+            "respect": {
+                "robots": False,
+                "tdmrep": False,
+                "noai": False,
+                "content_usage": False,
+                "image_metadata": False,
+            },
+        },
+        "sites": [],
+        "blocklist": [],
+        "network": {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}},
+        "audit": {"checkpoint_every_records": 1000, "checkpoint_every_seconds": 60},
+    }
+
+
+def policy_with(**changes: Any) -> dict[str, Any]:
+    """base_policy() with top-level keys replaced; `defaults` is merged, not replaced."""
+    policy = base_policy()
+    for key, value in changes.items():
+        if key == "defaults":
+            policy["defaults"] = {**policy["defaults"], **value}
+        else:
+            policy[key] = copy.deepcopy(value)
+    return policy
+
+
+def write_policy(path: Path, policy: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
+# -- a test certificate authority ------------------------------------------------------------
+
+
+@dataclass
+class LocalCA:
+    """A CA and a server certificate for *.test, 127.0.0.1 and localhost, written as PEM files."""
+
+    directory: Path
+    ca_cert: Path = field(init=False)
+    server_cert: Path = field(init=False)
+    server_key: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        now = dt.datetime.now(dt.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crawlwarden test CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site.test")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("*.test"),
+                        x509.DNSName("localhost"),
+                        *[x509.DNSName(f"site-{c}.test") for c in "abcdefgh"],
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.ca_cert = self.directory / "ca.pem"
+        self.server_cert = self.directory / "server.pem"
+        self.server_key = self.directory / "server.key"
+        self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        self.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.server_key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.server_cert, self.server_key)
+        return ctx
+
+
+# -- a loopback site -------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """One request as the site received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    host: str
+    body: bytes
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b"hello from the site\n"
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/plain"})
+    delay: float = 0.0
+
+
+class Site:
+    """A real HTTP(S) server on 127.0.0.1 that counts connections and echoes what it received.
+
+    Routes map a path to a Reply or a callable(Seen) -> Reply; unknown paths echo the request
+    as JSON (method, path, headers), so tests can see exactly what reached the site.
+    """
+
+    def __init__(self, tls: LocalCA | None = None):
+        self.tls = tls
+        self.routes: dict[str, Reply | Callable[[Seen], Reply]] = {}
+        self.seen: list[Seen] = []
+        self.connections = 0
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                seen = Seen(
+                    self.command,
+                    self.path,
+                    {k: v for k, v in self.headers.items()},
+                    self.headers.get("Host", ""),
+                    body,
+                )
+                with site._lock:
+                    site.seen.append(seen)
+                    site.active += 1
+                    site.max_active = max(site.max_active, site.active)
+                try:
+                    route = site.routes.get(self.path.split("?", 1)[0])
+                    if route is None:
+                        reply = Reply(
+                            body=json.dumps(
+                                {"method": seen.method, "path": seen.path, "headers": seen.headers}
+                            ).encode(),
+                            headers={"Content-Type": "application/json"},
+                        )
+                    elif callable(route):
+                        reply = route(seen)
+                    else:
+                        reply = route
+                    if reply.delay:
+                        time.sleep(reply.delay)
+                    self.send_response(reply.status)
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(reply.body)
+                finally:
+                    with site._lock:
+                        site.active -= 1
+
+            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = _handle
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+            def get_request(self) -> tuple[socket.socket, Any]:
+                sock, addr = super().get_request()
+                with site._lock:
+                    site.connections += 1
+                if site.tls is not None:
+                    sock = site._tls_context.wrap_socket(sock, server_side=True)
+                return sock, addr
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients that hang up are part of the tests
+
+        if tls is not None:
+            self._tls_context = tls.server_context()
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Site:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def url(self, host: str, path: str = "/") -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.port}{path}"
+
+    def count(self, path: str | None = None) -> int:
+        with self._lock:
+            if path is None:
+                return len(self.seen)
+            return sum(1 for s in self.seen if s.path == path)
+
+    def paths(self) -> Counter[str]:
+        with self._lock:
+            return Counter(s.path for s in self.seen)
+
+
+# -- a gateway process -----------------------------------------------------------------------
+
+
+class Gateway:
+    """`crawlwarden run` as a real process on free ports, with its stderr kept in a file."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        policy: dict[str, Any],
+        *,
+        name: str = "gw",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        trusted_ca: Path | None = None,
+        data_dir: Path | None = None,
+    ):
+        self.workdir = workdir
+        self.name = name
+        self.policy_file = write_policy(workdir / f"{name}-policy.yaml", policy)
+        self.data_dir = data_dir or workdir / f"{name}-data"
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.log_file = workdir / f"{name}.log"
+        self.args = [
+            CRAWLWARDEN,
+            "run",
+            "--policy",
+            str(self.policy_file),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--admin",
+            f"127.0.0.1:{self.admin_port}",
+            "--data-dir",
+            str(self.data_dir),
+            "--replica-id",
+            name,
+            *(["--upstream-trusted-ca", str(trusted_ca)] if trusted_ca else []),
+            *(extra_args or []),
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def proxy_url(self, user: str = TEAM, token: str = TEAM_TOKEN) -> str:
+        return f"http://{user}:{token}@127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "mitmproxy-ca-cert.pem"
+
+    def start(self, timeout: float = 30.0) -> Gateway:
+        log = self.log_file.open("ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                with urllib.request.urlopen(self.admin + "/readyz", timeout=1) as r:
+                    if r.status == 200 and self._proxy_listening():
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gateway not ready after {timeout}s:\n{self.logs()}")
+
+    def _proxy_listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def logs(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if event is None or entry.get("event") == event:
+                out.append(entry)
+        return out
+
+    def admin_request(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        body: Any = None,
+    ) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.admin + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            status = e.code
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def export(self, *args: str) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [CRAWLWARDEN, "audit", "export", "--data-dir", str(self.data_dir), *args],
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def fetch_records(self, timeout: float = 10.0, **filters: str) -> list[dict[str, Any]]:
+        """Fetch records as `audit export` shows them (waiting for the store to catch up)."""
+        args = [a for k, v in filters.items() for a in (f"--{k}", v)]
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [r for r in self.export(*args) if r.get("type", "record") == "record"]
+            if time.monotonic() > deadline or self.proc is None or self.proc.poll() is not None:
+                return records
+            time.sleep(0.3)
+            again = [r for r in self.export(*args) if r.get("type", "record") == "record"]
+            if len(again) == len(records):
+                return again
+
+
+# -- curl ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CurlResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    returncode: int
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def curl(
+    url: str,
+    *,
+    proxy: str | None = None,
+    headers: dict[str, str] | None = None,
+    cacert: Path | None = None,
+    method: str | None = None,
+    data: bytes | None = None,
+    timeout: float = 20,
+    extra: list[str] | None = None,
+) -> CurlResult:
+    """Run the real curl; returns the last response's status, headers and body."""
+    args = ["curl", "-sS", "--max-time", str(timeout), "-D", "-", "-o", "-"]
+    args += ["--noproxy", ""]
+    if proxy:
+        args += ["-x", proxy]
+    if cacert:
+        args += ["--cacert", str(cacert)]
+    if method:
+        args += ["-X", method]
+    if data is not None:
+        args += ["--data-binary", "@-"]
+    for k, v in (headers or {}).items():
+        args += ["-H", f"{k}: {v}"]
+    args += extra or []
+    args.append(url)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    proc = subprocess.run(args, input=data, capture_output=True, timeout=timeout + 10, env=env)
+    return _parse_curl(proc.stdout, proc.returncode, proc.stderr.decode(errors="replace"))
+
+
+def _parse_curl(raw: bytes, returncode: int, stderr: str) -> CurlResult:
+    status, headers, rest = 0, {}, raw
+    # With a proxy, curl prints the CONNECT response block first; keep the last block.
+    while rest.startswith(b"HTTP/"):
+        head, sep, body = rest.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        rest = body
+        if not rest.startswith(b"HTTP/"):
+            break
+    return CurlResult(status, headers, rest, returncode, stderr)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

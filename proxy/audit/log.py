@@ -1,4 +1,12 @@
-"""The fetch log of one replica: chain, spool, and shipping to the store in group commits."""
+"""The fetch log of one replica: chain, spool, signed checkpoints, shipping, retention.
+
+Life of a record: `begin()` writes a forwarded request to the spool before it leaves the gateway;
+`append()` chains the finished record (seq, prev_hash, hash) and writes it to the spool; the ship
+loop writes spool contents to the store in group commits; the spool segment is deleted once all it
+holds is stored. Every `checkpoint_every_records` records or `checkpoint_every_seconds` seconds
+(idle or not) the chain head is signed (proxy/audit/checkpoint.py); checkpoints travel in the same
+queue behind the records they cover, so the store never holds a checkpoint ahead of its records.
+"""
 
 from __future__ import annotations
 
@@ -11,34 +19,29 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from typing import Protocol
 
 import structlog
 
 from proxy import metrics
+from proxy.audit.checkpoint import Checkpoint
+from proxy.audit.checkpoint import checkpoint_line
+from proxy.audit.checkpoint import note_hash
+from proxy.audit.checkpoint import parse_text
+from proxy.audit.keys import Signer
 from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import record_hash
 from proxy.audit.record import utc_timestamp
 from proxy.audit.spool import Spool
+from proxy.audit.store import FetchStore
 from proxy.decision import Outcome
 from proxy.decision import Reason
 
+__all__ = ["FetchLog", "FetchStore"]
+
 log = structlog.get_logger("crawlwarden.audit")
 
-
-class FetchStore(Protocol):
-    """Where records end up (SQLite embedded, PostgreSQL shared). Writes are idempotent."""
-
-    async def open(self) -> None: ...
-
-    async def last(self, replica: str) -> tuple[int, str] | None:
-        """The highest (seq, hash) stored for a replica."""
-        ...
-
-    async def write(self, records: list[dict[str, Any]]) -> None: ...
-
-    async def close(self) -> None: ...
+DAY = 86400.0
 
 
 class FetchLog:
@@ -53,6 +56,12 @@ class FetchLog:
         ship_interval: float = 0.2,
         fsync_interval: float = 1.0,
         on_record: Callable[[dict[str, Any]], None] | None = None,
+        signer: Signer | None = None,
+        checkpoint_every_records: int = 1000,
+        checkpoint_every_seconds: float = 60.0,
+        retention_days: int | None = None,
+        purge_interval: float = 3600.0,
+        clock: Callable[[], float] = time.time,
     ):
         self.store = store
         self.replica = replica
@@ -62,29 +71,53 @@ class FetchLog:
         self.ship_interval = ship_interval
         self.fsync_interval = fsync_interval
         self.on_record = on_record
+        self.signer = signer
+        self.checkpoint_every_records = checkpoint_every_records
+        self.checkpoint_every_seconds = checkpoint_every_seconds
+        self.retention_days = retention_days
+        self.purge_interval = purge_interval
+        self.clock = clock
         self.seq = 0
         self.head = GENESIS_HASH
         self.shipped_seq = 0
+        # Checkpoint chain: the last one issued, and what retention has cut (the `base` line).
+        self.checkpoint_number = 0
+        self.checkpoint_prev = GENESIS_HASH
+        self.checkpoint_seq = 0
+        self.shipped_checkpoint = 0
+        self.base_seq = 0
+        self.base_hash = GENESIS_HASH
+        self.base_number = 0
+        self.base_prev = GENESIS_HASH
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = asyncio.Event()
+        self._checkpoint_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._spool_error: OSError | None = None
         self.store_ok = True
 
     # -- life cycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Connect the store, replay the spool, resume the chain where it stopped."""
         await self.store.open()
         replayed = self.spool.open()
         stored = await self.store.last(self.replica)
         if stored is not None:
             self.seq, self.head = stored
             self.shipped_seq = stored[0]
+        await self._resume_checkpoints()
+        gap_reported = False
         for rec in replayed.records:
-            if rec["seq"] > self.seq:
-                self.seq, self.head = rec["seq"], rec["hash"]
-            if rec["seq"] > self.shipped_seq:
-                self._queue.append(rec)
+            if rec["seq"] <= self.shipped_seq:
+                continue
+            if rec["seq"] != self.seq + 1 and not gap_reported:
+                # A damaged spool line: the chain has a hole that verify will report. Say so now.
+                log.error("spool_chain_gap", replica=self.replica, after=self.seq, next=rec["seq"])
+                gap_reported = True
+            self.seq, self.head = rec["seq"], rec["hash"]
+            self._queue.append(rec)
         for rec in replayed.unfinished:
             # Interrupted mid-flight (kill -9, crash): the request left, its answer is unknown.
             rec.update(
@@ -99,20 +132,46 @@ class FetchLog:
                 replica=self.replica,
                 to_ship=len(self._queue),
                 interrupted=len(replayed.unfinished),
+                damaged_lines=replayed.damaged_lines,
             )
+        if self.signer is None:
+            log.warning("fetchlog_unsigned", replica=self.replica, checkpoints=False)
         metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
+        self.spool.retire(self.shipped_seq)  # segments of earlier runs that are all stored
+        metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
         self._tasks = [
             asyncio.create_task(self._ship_loop(), name="fetchlog-ship"),
             asyncio.create_task(self._sync_loop(), name="fetchlog-fsync"),
         ]
+        if self.signer is not None:
+            self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="fetchlog-ckpt"))
+        if self.retention_days is not None:
+            self._tasks.append(asyncio.create_task(self._purge_loop(), name="fetchlog-purge"))
+
+    async def _resume_checkpoints(self) -> None:
+        last = await self.store.last_checkpoint(self.replica)
+        if last is None:
+            return
+        note = last["note"]
+        previous = parse_text(note[: note.rfind("\n\n") + 1])
+        self.checkpoint_number = previous.number
+        self.shipped_checkpoint = previous.number
+        self.checkpoint_prev = note_hash(note)
+        self.checkpoint_seq = previous.seq
+        self.base_seq, self.base_hash = previous.base_seq, previous.base_hash
+        self.base_number, self.base_prev = previous.base_number, previous.base_prev
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Ship everything still queued (waiting up to `timeout` for the store), then stop."""
+        """Sign the head, ship everything queued (waiting up to `timeout`), then stop."""
+        if self._closing:
+            return
         self._closing = True
+        if self.signer is not None and self._tasks:
+            self.checkpoint("shutdown")
         self._wake.set()
         deadline = time.monotonic() + timeout
         while self._queue and time.monotonic() < deadline and self._tasks:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -128,37 +187,60 @@ class FetchLog:
 
     @property
     def available(self) -> bool:
-        """False once the spool is past its limit: the gateway must then fail closed."""
-        return self.spool.size < self.spool_max_bytes
+        """False once the spool is past its limit or cannot be written: fail closed then."""
+        return self._spool_error is None and self.spool.size < self.spool_max_bytes
 
     def begin(self, rec: FetchRecord) -> None:
         """Note a request that is about to be forwarded, before it leaves the gateway."""
-        self.spool.begin(rec.to_dict())
+        try:
+            self.spool.begin(rec.to_dict())
+        except OSError as e:
+            self._spool_failed(e)
+            raise
 
     def append(self, rec: FetchRecord) -> dict[str, Any]:
         return self.append_dict(rec.to_dict())
 
     def append_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Chain the record and put it in the spool; it reaches the store shortly after."""
-        self.seq += 1
+        """Chain the record and put it in the spool; it reaches the store shortly after.
+
+        The chain state moves only once the spool has the line: a failed write (disk full)
+        raises and leaves no hole in the chain.
+        """
+        seq = self.seq + 1
         data["replica"] = self.replica
-        data["seq"] = self.seq
+        data["seq"] = seq
         data["prev_hash"] = self.head
         data["hash"] = None
-        data["hash"] = self.head = record_hash(data)
+        data["hash"] = record_hash(data)
         line = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-        self.spool.finish(line, data["id"], self.seq)
+        try:
+            self.spool.finish(line, data["id"], seq)
+        except OSError as e:
+            self._spool_failed(e)
+            raise
+        self.seq, self.head = seq, data["hash"]
         self._queue.append(data)
         metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
         if len(self._queue) >= self.batch_size:
             self._wake.set()
         if self.on_record is not None:
             self.on_record(data)
+        if (
+            self.signer is not None
+            and self.seq - self.checkpoint_seq >= self.checkpoint_every_records
+        ):
+            self.checkpoint()
         return data
+
+    def _spool_failed(self, error: OSError) -> None:
+        self._spool_error = error
+        metrics.AUDIT_RECORDS.labels(outcome="spool_error").inc()
+        log.error("fetchlog_spool_write_failed", error=repr(error), spool=str(self.spool.directory))
 
     def new_event(self, kind: str, note: str, **fields: Any) -> dict[str, Any]:
         """Append a record that is not a fetch: a takedown, a purge, a blocklist change."""
-        now = time.time()
+        now = self.clock()
         rec = FetchRecord(
             id=fields.pop("id", None) or _new_id(),
             ts=utc_timestamp(now),
@@ -172,6 +254,106 @@ class FetchLog:
         )
         return self.append(rec)
 
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self, kind: str = "periodic") -> dict[str, Any] | None:
+        """Sign the chain head now; the checkpoint is stored right after the records it covers."""
+        if self.signer is None:
+            return None
+        checkpoint = Checkpoint(
+            replica=self.replica,
+            number=self.checkpoint_number + 1,
+            seq=self.seq,
+            hash=self.head,
+            time=utc_timestamp(self.clock()),
+            prev=self.checkpoint_prev,
+            kind=kind,
+            base_seq=self.base_seq,
+            base_hash=self.base_hash,
+            base_number=self.base_number,
+            base_prev=self.base_prev,
+        )
+        note = checkpoint.sign(self.signer)
+        self.checkpoint_number = checkpoint.number
+        self.checkpoint_prev = note_hash(note)
+        self.checkpoint_seq = checkpoint.seq
+        item = checkpoint_line(checkpoint, note)
+        self._queue.append(item)
+        self._wake.set()
+        self._checkpoint_wake.set()  # restart the idle timer
+        return item
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            self._checkpoint_wake.clear()
+            try:
+                await asyncio.wait_for(self._checkpoint_wake.wait(), self.checkpoint_every_seconds)
+            except TimeoutError:
+                # T seconds without a checkpoint, idle or not: sign the head (even unchanged,
+                # so a later export shows the log was alive and had not grown).
+                self.checkpoint()
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def purge(
+        self, now: float | None = None, days: int | None = None
+    ) -> dict[str, Any] | None:
+        """Delete this replica's records older than the retention period (a chain prefix).
+
+        Order matters for crash safety: the purge record and a purge checkpoint whose `base`
+        line anchors the cut are stored first; only then are rows deleted. A crash in between
+        leaves rows that the next run deletes. Records are cut as a prefix of the chain: a
+        record stays while any record before it is younger than the cutoff (a long request
+        started earlier may finish later), so some records outlive the period by minutes.
+        """
+        days = days if days is not None else self.retention_days
+        if days is None:
+            return None
+        cutoff = utc_timestamp((now if now is not None else self.clock()) - days * DAY)
+        point = await self.store.purge_point(self.replica, cutoff)
+        if point is None:
+            return None
+        if point.seq <= self.base_seq:
+            # A purge checkpoint exists already; an earlier run stopped before deleting.
+            deleted = await self.store.purge(self.replica, self.base_seq, self.base_number or None)
+            return {"deleted": deleted, "through_seq": self.base_seq, "cutoff": cutoff}
+        self.base_seq, self.base_hash = point.seq, point.hash
+        if point.number is not None and point.number > self.base_number:
+            assert point.note_hash is not None
+            self.base_number, self.base_prev = point.number, point.note_hash
+        event = self.new_event(
+            "purge",
+            f"retention: records 1..{point.seq} of replica {self.replica} "
+            f"({point.records} still stored) are older than {cutoff} and are deleted; "
+            f"checkpoint base {point.seq} anchors the rest",
+            reason="retention",
+        )
+        checkpoint = self.checkpoint("purge")
+        shipped = await self.flushed(timeout=30.0)
+        if not shipped or (checkpoint and self.shipped_checkpoint < checkpoint["number"]):
+            log.warning("purge_deferred", replica=self.replica, reason="store unavailable")
+            return None
+        deleted = await self.store.purge(self.replica, point.seq, self.base_number or None)
+        log.info(
+            "purged",
+            replica=self.replica,
+            records=deleted,
+            through_seq=point.seq,
+            cutoff=cutoff,
+            event_seq=event["seq"],
+        )
+        return {"deleted": deleted, "through_seq": point.seq, "cutoff": cutoff}
+
+    async def _purge_loop(self) -> None:
+        await asyncio.sleep(min(60.0, self.purge_interval))
+        while True:
+            try:
+                await self.purge()
+            except Exception as e:  # retention retries next round; the gateway goes on
+                metrics.STORE_ERRORS.labels(store="audit").inc()
+                log.warning("purge_failed", error=repr(e))
+            await asyncio.sleep(self.purge_interval)
+
     # -- shipping --------------------------------------------------------------------------
 
     async def _ship_loop(self) -> None:
@@ -183,24 +365,29 @@ class FetchLog:
                 self._wake.clear()
                 continue
             batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
+            records = [item for item in batch if item.get("type") != "checkpoint"]
+            checkpoints = [item for item in batch if item.get("type") == "checkpoint"]
             try:
-                await self.store.write(batch)
+                await self.store.write(records, checkpoints)
             except Exception as e:  # any store failure: keep the spool, retry with backoff
                 self.store_ok = False
                 metrics.STORE_ERRORS.labels(store="audit").inc()
-                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(len(batch))
+                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(len(records))
                 log.warning("fetchlog_store_error", error=repr(e), queued=len(self._queue))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = self.ship_interval
             if not self.store_ok:
-                log.info("fetchlog_store_recovered")
+                log.info("fetchlog_store_recovered", queued=len(self._queue))
             self.store_ok = True
             for _ in batch:
                 self._queue.popleft()
-            self.shipped_seq = batch[-1]["seq"]
-            metrics.AUDIT_RECORDS.labels(outcome="stored").inc(len(batch))
+            if records:
+                self.shipped_seq = records[-1]["seq"]
+            if checkpoints:
+                self.shipped_checkpoint = checkpoints[-1]["number"]
+            metrics.AUDIT_RECORDS.labels(outcome="stored").inc(len(records))
             metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
             self.spool.retire(self.shipped_seq)
             metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
@@ -213,15 +400,18 @@ class FetchLog:
         while True:
             await asyncio.sleep(self.fsync_interval)
             await asyncio.to_thread(self.spool.sync)
+            metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
 
     async def flushed(self, timeout: float = 10.0) -> bool:
-        """Wait until everything appended so far is in the store (tests, export-after-write)."""
-        target = self.seq
+        """Wait until everything queued so far is in the store (tests, purge, export)."""
+        target_seq, target_checkpoint = self.seq, self.checkpoint_number
         deadline = time.monotonic() + timeout
         self._wake.set()
-        while self.shipped_seq < target and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if self.shipped_seq >= target_seq and self.shipped_checkpoint >= target_checkpoint:
+                return True
             await asyncio.sleep(0.02)
-        return self.shipped_seq >= target
+        return False
 
 
 def _new_id() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,29 @@ class RecordQuery:
     replica: str | None = None
     after: tuple[str, int] | None = None  # cursor: (replica, seq) already seen
 
-    def sql_where(self, placeholder: str = "?") -> tuple[str, list[Any]]:
+    @property
+    def content_filters(self) -> dict[str, str]:
+        """The filters that pick records by content (not by time): they break chain contiguity."""
+        pairs = (
+            ("site", self.site),
+            ("team", self.team),
+            ("project", self.project),
+            ("decision", self.decision),
+        )
+        return {k: v for k, v in pairs if v is not None}
+
+    def matches(self, rec: dict[str, Any]) -> bool:
+        """Whether a record passes the content filters (time is handled by the chain window)."""
+        return all(rec.get(k) == v for k, v in self.content_filters.items())
+
+    def describe(self) -> dict[str, str]:
+        pairs = (("since", self.since), ("until", self.until), *self.content_filters.items())
+        return {k: v for k, v in pairs if v is not None}
+
+    def sql_where(
+        self, placeholder: str = "?", time_param: Callable[[str], Any] = str
+    ) -> tuple[str, list[Any]]:
+        """`time_param` converts the `ts` bounds (PostgreSQL wants datetimes for timestamptz)."""
         clauses: list[str] = []
         params: list[Any] = []
 
@@ -43,8 +66,8 @@ class RecordQuery:
             return placeholder if placeholder == "?" else f"${len(params)}"
 
         for column, op, value in (
-            ("ts", ">=", self.since),
-            ("ts", "<", self.until),
+            ("ts", ">=", None if self.since is None else time_param(self.since)),
+            ("ts", "<", None if self.until is None else time_param(self.until)),
             ("site", "=", self.site),
             ("team", "=", self.team),
             ("project", "=", self.project),
@@ -61,3 +84,8 @@ class RecordQuery:
                 marks.append(p())
             clauses.append(f"(replica > {marks[0]} OR (replica = {marks[1]} AND seq > {marks[2]}))")
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def to_datetime(ts: str) -> dt.datetime:
+    """A record's RFC 3339 `ts` as an aware datetime (PostgreSQL timestamptz parameters)."""
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))

@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 GENESIS_HASH = "0" * 64
+CHAIN_LINK_FIELDS = frozenset({"prev_hash", "hash"})
 
 
 @dataclass(slots=True)
@@ -78,7 +79,25 @@ def canonical_json(data: dict[str, Any]) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def record_hash(data: dict[str, Any]) -> str:
-    """SHA-256 over the canonical JSON of every field but `hash` itself (prev_hash included)."""
-    body = {k: v for k, v in data.items() if k != "hash"}
+def body_sha256(data: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of every field but the links `prev_hash` and `hash`.
+
+    `replica` and `seq` are part of the body, so a record cannot be moved to another place in the
+    chain without changing its digest.
+    """
+    body = {k: v for k, v in data.items() if k not in CHAIN_LINK_FIELDS}
     return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def chain_hash(prev_hash: str, body_digest: str) -> str:
+    """hash = SHA-256(raw 32 bytes of prev_hash || raw 32 bytes of body_sha256), hex.
+
+    Two levels, so that an export can replace a record it must not show (another team's, another
+    site's) by its digest alone and the chain still verifies end to end (proxy/audit/FORMATS.md).
+    """
+    return hashlib.sha256(bytes.fromhex(prev_hash) + bytes.fromhex(body_digest)).hexdigest()
+
+
+def record_hash(data: dict[str, Any]) -> str:
+    """The chain hash of a record: its `prev_hash` and the digest of everything else."""
+    return chain_hash(data["prev_hash"], body_sha256(data))

@@ -96,6 +96,10 @@ class Spool:
 
     def _start_segment(self) -> None:
         if self._fd is not None:
+            # The sync loop only ever sees the newest segment: flush the old one before leaving
+            # it, or a machine crash could lose lines that `fsync_interval` promised to keep.
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
             os.close(self._fd)
         index = self.segments[-1].index + 1 if self.segments else 1
         path = self.directory / f"segment-{index:010d}.jsonl"

@@ -5,38 +5,58 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from collections.abc import Iterator
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
+from proxy.audit.store import PurgePoint
 
-# Each entry migrates the schema from version i to i+1; never edit one that has shipped.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE fetch_records (
-        replica TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        id TEXT NOT NULL,
-        ts TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        site TEXT,
-        team TEXT,
-        project TEXT,
-        decision TEXT NOT NULL,
-        reason TEXT,
-        url TEXT NOT NULL,
-        content_sha256 TEXT,
-        hash TEXT NOT NULL,
-        body TEXT NOT NULL,
-        PRIMARY KEY (replica, seq)
-    );
-    CREATE INDEX fetch_records_ts ON fetch_records (ts);
-    CREATE INDEX fetch_records_site_ts ON fetch_records (site, ts);
-    CREATE INDEX fetch_records_team_ts ON fetch_records (team, ts);
-    """,
+# Each entry migrates the schema from version i to i+1 (PRAGMA user_version is the schema
+# version); never edit one that has shipped. Statements run one by one inside one transaction.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE fetch_records (
+            replica TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            ts TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            site TEXT,
+            team TEXT,
+            project TEXT,
+            decision TEXT NOT NULL,
+            reason TEXT,
+            url TEXT NOT NULL,
+            content_sha256 TEXT,
+            hash TEXT NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (replica, seq)
+        )""",
+        "CREATE INDEX fetch_records_ts ON fetch_records (ts)",
+        "CREATE INDEX fetch_records_site_ts ON fetch_records (site, ts)",
+        "CREATE INDEX fetch_records_team_ts ON fetch_records (team, ts)",
+    ],
+    [
+        """CREATE TABLE fetch_checkpoints (
+            replica TEXT NOT NULL,
+            number INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            time TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            note TEXT NOT NULL,
+            PRIMARY KEY (replica, number)
+        )""",
+        "CREATE INDEX fetch_checkpoints_seq ON fetch_checkpoints (replica, seq)",
+        "CREATE INDEX fetch_records_replica_ts ON fetch_records (replica, ts)",
+        "CREATE INDEX fetch_records_project_ts ON fetch_records (project, ts)",
+    ],
 ]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 _INSERT = """
 INSERT OR IGNORE INTO fetch_records
@@ -44,11 +64,18 @@ INSERT OR IGNORE INTO fetch_records
      hash, body)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+_INSERT_CHECKPOINT = """
+INSERT OR IGNORE INTO fetch_checkpoints (replica, number, seq, time, kind, note)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+_BATCH = 1000
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -59,17 +86,25 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for i in range(version, len(MIGRATIONS)):
+    """Bring the schema to SCHEMA_VERSION; safe when several processes start at once.
+
+    The version is read inside BEGIN IMMEDIATE (the write lock), so a second process waits and
+    then sees the migrated version. executescript() is not used: it commits on its own.
+    """
+    while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executescript(MIGRATIONS[i].replace("\n    ", "\n"))
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= len(MIGRATIONS):
+                conn.execute("COMMIT")
+                return int(version)
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        # executescript commits implicitly; the version bump is its own statement.
-        conn.execute(f"PRAGMA user_version = {i + 1}")
-    return len(MIGRATIONS)
+        conn.execute("COMMIT")
 
 
 def _row(rec: dict[str, Any]) -> tuple[Any, ...]:
@@ -91,49 +126,46 @@ def _row(rec: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def _checkpoint_row(c: dict[str, Any]) -> tuple[Any, ...]:
+    return (c["replica"], c["number"], c["seq"], c["time"], c["kind"], c["note"])
+
+
+def _checkpoint(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {"number": int(row[0]), "seq": int(row[1]), "note": str(row[2])}
+
+
 class SQLiteStore:
-    def __init__(self, path: Path):
+    """The fetch log in one SQLite file; `readonly=True` for exports beside a running gateway."""
+
+    def __init__(self, path: Path, *, readonly: bool = False):
         self.path = path
+        self.readonly = readonly
         self._conn: sqlite3.Connection | None = None
-        # One thread owns the connection: writes never block the event loop.
+        # One thread owns the connection: reads and writes never block the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetchlog-sqlite")
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def _db(self) -> sqlite3.Connection:
+        assert self._conn is not None, "store is not open"
+        return self._conn
+
     async def open(self) -> None:
         def _open() -> None:
-            self._conn = connect(self.path)
-            migrate(self._conn)
+            if self.readonly:
+                if not self.path.exists():
+                    raise FileNotFoundError(
+                        f"no fetch log at {self.path}; pass the gateway's --data-dir or --audit-dsn"
+                    )
+                self._conn = connect(self.path, readonly=True)
+            else:
+                self._conn = connect(self.path)
+                migrate(self._conn)
 
         await self._run(_open)
-
-    async def last(self, replica: str) -> tuple[int, str] | None:
-        def _last() -> tuple[int, str] | None:
-            assert self._conn is not None
-            row = self._conn.execute(
-                "SELECT seq, hash FROM fetch_records WHERE replica = ? ORDER BY seq DESC LIMIT 1",
-                (replica,),
-            ).fetchone()
-            return None if row is None else (int(row[0]), str(row[1]))
-
-        result: tuple[int, str] | None = await self._run(_last)
-        return result
-
-    async def write(self, records: list[dict[str, Any]]) -> None:
-        rows = [_row(r) for r in records]
-
-        def _write() -> None:
-            assert self._conn is not None
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(_INSERT, rows)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-        await self._run(_write)
 
     async def close(self) -> None:
         def _close() -> None:
@@ -143,6 +175,190 @@ class SQLiteStore:
 
         await self._run(_close)
         self._executor.shutdown(wait=True)
+
+    async def _one(self, sql: str, *params: Any) -> Any:
+        return await self._run(lambda: self._db().execute(sql, params).fetchone())
+
+    # -- writing (FetchStore) ----------------------------------------------------------------
+
+    async def last(self, replica: str) -> tuple[int, str] | None:
+        row = await self._one(
+            "SELECT seq, hash FROM fetch_records WHERE replica = ? ORDER BY seq DESC LIMIT 1",
+            replica,
+        )
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
+        row = await self._one(
+            "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? "
+            "ORDER BY number DESC LIMIT 1",
+            replica,
+        )
+        return _checkpoint(row)
+
+    async def write(
+        self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        rows = [_row(r) for r in records]
+        checkpoint_rows = [_checkpoint_row(c) for c in checkpoints]
+
+        def _write() -> None:
+            db = self._db()
+            db.execute("BEGIN")
+            try:
+                db.executemany(_INSERT, rows)
+                db.executemany(_INSERT_CHECKPOINT, checkpoint_rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        await self._run(_write)
+
+    async def purge_point(self, replica: str, cutoff: str) -> PurgePoint | None:
+        def _point() -> PurgePoint | None:
+            db = self._db()
+            first, last = db.execute(
+                "SELECT MIN(seq), MAX(seq) FROM fetch_records WHERE replica = ?", (replica,)
+            ).fetchone()
+            if first is None:
+                return None
+            (young,) = db.execute(
+                "SELECT MIN(seq) FROM fetch_records WHERE replica = ? AND ts >= ?",
+                (replica, cutoff),
+            ).fetchone()
+            through = last if young is None else young - 1
+            if through < first:
+                return None
+            (hash_,) = db.execute(
+                "SELECT hash FROM fetch_records WHERE replica = ? AND seq = ?", (replica, through)
+            ).fetchone()
+            row = db.execute(
+                "SELECT number, note FROM fetch_checkpoints WHERE replica = ? AND seq <= ? "
+                "ORDER BY number DESC LIMIT 1",
+                (replica, through),
+            ).fetchone()
+            return PurgePoint(
+                seq=int(through),
+                hash=str(hash_),
+                records=int(through) - int(first) + 1,
+                number=None if row is None else int(row[0]),
+                note_hash=None if row is None else note_hash(row[1]),
+            )
+
+        result: PurgePoint | None = await self._run(_point)
+        return result
+
+    async def purge(self, replica: str, through_seq: int, through_number: int | None) -> int:
+        def _purge() -> int:
+            db = self._db()
+            db.execute("BEGIN")
+            try:
+                n = db.execute(
+                    "DELETE FROM fetch_records WHERE replica = ? AND seq <= ?",
+                    (replica, through_seq),
+                ).rowcount
+                if through_number is not None:
+                    db.execute(
+                        "DELETE FROM fetch_checkpoints WHERE replica = ? AND number <= ?",
+                        (replica, through_number),
+                    )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return int(n)
+
+        result: int = await self._run(_purge)
+        return result
+
+    # -- reading (ChainReader) ---------------------------------------------------------------
+
+    async def replicas(self) -> list[str]:
+        def _replicas() -> list[str]:
+            rows = self._db().execute(
+                "SELECT DISTINCT replica FROM fetch_records UNION "
+                "SELECT DISTINCT replica FROM fetch_checkpoints ORDER BY 1"
+            )
+            return [str(r[0]) for r in rows]
+
+        result: list[str] = await self._run(_replicas)
+        return result
+
+    async def seq_bounds(
+        self, replica: str, since: str | None, until: str | None
+    ) -> tuple[int, int] | None:
+        low = await self._one(
+            "SELECT MIN(seq) FROM fetch_records WHERE replica = ? AND ts >= ?",
+            replica,
+            since or "",
+        )
+        high = await self._one(
+            "SELECT MAX(seq) FROM fetch_records WHERE replica = ? AND ts < ?",
+            replica,
+            until or "\uffff",
+        )
+        if low[0] is None or high[0] is None or low[0] > high[0]:
+            return None
+        return int(low[0]), int(high[0])
+
+    async def checkpoint_below(self, replica: str, seq: int) -> dict[str, Any] | None:
+        row = await self._one(
+            "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? AND seq < ? "
+            "ORDER BY number DESC LIMIT 1",
+            replica,
+            seq,
+        )
+        return _checkpoint(row)
+
+    async def checkpoint_from(self, replica: str, seq: int) -> dict[str, Any] | None:
+        row = await self._one(
+            "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? AND seq >= ? "
+            "ORDER BY number LIMIT 1",
+            replica,
+            seq,
+        )
+        return _checkpoint(row)
+
+    async def first_seq(self, replica: str) -> int | None:
+        row = await self._one("SELECT MIN(seq) FROM fetch_records WHERE replica = ?", replica)
+        return None if row[0] is None else int(row[0])
+
+    async def last_seq(self, replica: str) -> int | None:
+        row = await self._one("SELECT MAX(seq) FROM fetch_records WHERE replica = ?", replica)
+        return None if row[0] is None else int(row[0])
+
+    async def records(self, replica: str, first: int, last: int) -> AsyncIterator[dict[str, Any]]:
+        after = first - 1
+        while after < last:
+            rows = await self._run(
+                lambda a=after: (
+                    self._db()
+                    .execute(
+                        "SELECT seq, body FROM fetch_records WHERE replica = ? AND seq > ? "
+                        "AND seq <= ? ORDER BY seq LIMIT ?",
+                        (replica, a, last, _BATCH),
+                    )
+                    .fetchall()
+                )
+            )
+            if not rows:
+                return
+            for _seq, body in rows:
+                yield json.loads(body)
+            after = int(rows[-1][0])
+
+    async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        def _checkpoints() -> list[dict[str, Any]]:
+            rows = self._db().execute(
+                "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? "
+                "AND seq >= ? AND seq <= ? ORDER BY number",
+                (replica, first, last),
+            )
+            return [c for c in map(_checkpoint, rows) if c is not None]
+
+        result: list[dict[str, Any]] = await self._run(_checkpoints)
+        return result
 
 
 def read_records(path: Path, query: RecordQuery) -> Iterator[dict[str, Any]]:

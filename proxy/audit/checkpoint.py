@@ -1,0 +1,206 @@
+"""Signed checkpoints of a replica's chain: the C2SP signed-note envelope, our own note text.
+
+A checkpoint says, under the gateway's Ed25519 key: "at `time`, the chain of `replica` had `seq`
+records and its last record's hash was `hash`; my previous checkpoint was `prev`". It is modelled on
+C2SP tlog-checkpoint (origin, size, root hash lines, then extension lines) and on AWS CloudTrail's
+digest files (each digest carries the hash of the previous one, so deleting a digest is seen). The
+root is the hash of the last record of a linear chain, not an RFC 6962 Merkle root, so the origin
+line names our own format and generic tlog tools must not read it as a Merkle tree head.
+
+Note text (every line ends in U+000A; base64 is RFC 4648 standard with padding):
+
+    crawlwarden.fetchlog/<replica>            origin; one chain per replica
+    <seq>                                     records 1..seq are covered (decimal, 0 if none)
+    <base64 of the 32-byte hash of record seq>  GENESIS (32 zero bytes) when seq is 0
+    checkpoint <number> <kind>                number counts this replica's checkpoints from 1;
+                                              kind: periodic | purge | shutdown
+    time <RFC 3339 UTC>
+    prev <base64 SHA-256 of the previous checkpoint's whole signed note>   zero bytes for #1
+    base <P> <base64 hash of record P> <K> <base64 SHA-256 of checkpoint K's signed note>
+
+`base` anchors what retention deleted: records 1..P and checkpoints 1..K are gone, so record P+1's
+prev_hash and checkpoint K+1's prev must equal these hashes (all zero until the first purge).
+
+Then, as in C2SP signed-note: an empty line and one signature line
+`— crawlwarden-fetchlog <base64(key ID || Ed25519 signature over the note text)>`, with
+key ID = SHA-256("crawlwarden-fetchlog" || 0x0A || 0x01 || 32-byte public key)[:4].
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.audit.keys import Signer
+from proxy.audit.keys import Verifier
+from proxy.audit.record import GENESIS_HASH
+
+ORIGIN_PREFIX = "crawlwarden.fetchlog/"
+KINDS = ("periodic", "purge", "shutdown")
+_DASH = "\u2014"
+_RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint note that is malformed or whose signature does not verify."""
+
+
+def origin_for(replica: str) -> str:
+    # Percent-encode anything that could break a note line or a C2SP origin (spaces, '+').
+    return ORIGIN_PREFIX + urllib.parse.quote(replica, safe="-._~:@")
+
+
+def replica_of(origin: str) -> str:
+    if not origin.startswith(ORIGIN_PREFIX):
+        raise CheckpointError(f"origin {origin!r} is not a crawlwarden fetch log")
+    return urllib.parse.unquote(origin[len(ORIGIN_PREFIX) :])
+
+
+def _b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def _hex(b64: str, what: str) -> str:
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise CheckpointError(f"{what} is not base64") from e
+    if len(raw) != 32:
+        raise CheckpointError(f"{what} is not a 32-byte hash")
+    return raw.hex()
+
+
+def note_hash(note: str) -> str:
+    """SHA-256 (hex) of a whole signed note: what the next checkpoint's `prev` holds."""
+    return hashlib.sha256(note.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    replica: str
+    number: int
+    seq: int
+    hash: str
+    time: str
+    prev: str = GENESIS_HASH
+    kind: str = "periodic"
+    base_seq: int = 0
+    base_hash: str = GENESIS_HASH
+    base_number: int = 0
+    base_prev: str = GENESIS_HASH
+
+    def text(self) -> str:
+        if self.kind not in KINDS:
+            raise CheckpointError(f"unknown checkpoint kind {self.kind!r}")
+        if not _RFC3339.match(self.time):
+            raise CheckpointError(f"checkpoint time {self.time!r} is not RFC 3339 UTC")
+        lines = [
+            origin_for(self.replica),
+            str(self.seq),
+            _b64(self.hash),
+            f"checkpoint {self.number} {self.kind}",
+            f"time {self.time}",
+            f"prev {_b64(self.prev)}",
+            f"base {self.base_seq} {_b64(self.base_hash)} {self.base_number} "
+            f"{_b64(self.base_prev)}",
+        ]
+        return "".join(line + "\n" for line in lines)
+
+    def sign(self, signer: Signer) -> str:
+        """The signed note (text, empty line, signature line)."""
+        text = self.text()
+        signature = signer.verifier.key_id + signer.sign(text.encode())
+        return f"{text}\n{_DASH} {signer.name} {base64.b64encode(signature).decode()}\n"
+
+
+def parse_text(text: str) -> Checkpoint:
+    lines = text.split("\n")
+    if lines[-1] != "" or len(lines) < 8:
+        raise CheckpointError("checkpoint text has too few lines")
+    origin, seq, root, head, time_line, prev_line, base_line = lines[:7]
+    if len(lines) != 8:
+        raise CheckpointError("checkpoint text has unexpected extra lines")
+    replica = replica_of(origin)
+    head_parts = head.split(" ")
+    if len(head_parts) != 3 or head_parts[0] != "checkpoint" or head_parts[2] not in KINDS:
+        raise CheckpointError("malformed 'checkpoint <number> <kind>' line")
+    base_parts = base_line.split(" ")
+    if len(base_parts) != 5 or base_parts[0] != "base":
+        raise CheckpointError("malformed 'base' line")
+    if not time_line.startswith("time ") or not _RFC3339.match(time_line[5:]):
+        raise CheckpointError("malformed 'time' line")
+    if not prev_line.startswith("prev "):
+        raise CheckpointError("malformed 'prev' line")
+    try:
+        return Checkpoint(
+            replica=replica,
+            number=_decimal(head_parts[1]),
+            seq=_decimal(seq),
+            hash=_hex(root, "the chain hash"),
+            time=time_line[5:],
+            prev=_hex(prev_line[5:], "prev"),
+            kind=head_parts[2],
+            base_seq=_decimal(base_parts[1]),
+            base_hash=_hex(base_parts[2], "the base record hash"),
+            base_number=_decimal(base_parts[3]),
+            base_prev=_hex(base_parts[4], "the base checkpoint hash"),
+        )
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _decimal(text: str) -> int:
+    if not text.isdigit() or (len(text) > 1 and text[0] == "0"):
+        raise CheckpointError(f"{text!r} is not a decimal number without leading zeros")
+    return int(text)
+
+
+def open_note(note: str, verifier: Verifier) -> Checkpoint:
+    """Verify a signed note with `verifier` and return its checkpoint; CheckpointError if not."""
+    cut = note.rfind("\n\n")
+    if cut < 0 or not note.endswith("\n"):
+        raise CheckpointError("not a signed note (no empty line before the signatures)")
+    text, sig_lines = note[: cut + 1], note[cut + 2 :].splitlines()
+    checkpoint = parse_text(text)
+    ids_seen = []
+    for line in sig_lines:
+        parts = line.split(" ")
+        if len(parts) != 3 or parts[0] != _DASH:
+            raise CheckpointError("malformed signature line")
+        try:
+            raw = base64.b64decode(parts[2], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise CheckpointError("signature is not base64") from e
+        if len(raw) < 5:
+            raise CheckpointError("signature too short")
+        ids_seen.append(f"{parts[1]}/{raw[:4].hex()}")
+        # signed-note: a signature from an unknown (name, key ID) is ignored; from the known key
+        # it must verify.
+        if parts[1] != verifier.name or raw[:4] != verifier.key_id:
+            continue
+        if not verifier.verify(text.encode(), raw[4:]):
+            raise CheckpointError("the signature does not verify: the checkpoint was altered")
+        return checkpoint
+    raise CheckpointError(
+        f"not signed by the given public key (key {verifier.name}/{verifier.key_id.hex()}); "
+        f"signed by {', '.join(ids_seen) or 'nobody'}: forged or signed with another key"
+    )
+
+
+def checkpoint_line(checkpoint: Checkpoint, note: str) -> dict[str, Any]:
+    """The export/queue form: readable fields beside the note, which alone is authoritative."""
+    return {
+        "type": "checkpoint",
+        "replica": checkpoint.replica,
+        "number": checkpoint.number,
+        "seq": checkpoint.seq,
+        "hash": checkpoint.hash,
+        "time": checkpoint.time,
+        "kind": checkpoint.kind,
+        "note": note,
+    }

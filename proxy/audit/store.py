@@ -1,0 +1,86 @@
+"""What every fetch-log store (SQLite embedded, PostgreSQL shared) offers the log and the export."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PurgePoint:
+    """Where retention may cut a replica's chain: records 1..seq, checkpoints 1..number."""
+
+    seq: int
+    hash: str  # of record `seq`: the next record's prev_hash
+    records: int  # how many records the cut removes
+    number: int | None  # last checkpoint whose seq <= `seq`, None when there is none
+    note_hash: str | None  # SHA-256 of that checkpoint's signed note
+
+
+class FetchStore(Protocol):
+    """Where records end up. Writes are idempotent: a replayed spool may send a record twice."""
+
+    async def open(self) -> None:
+        """Connect and migrate the schema (several replicas may start at once)."""
+        ...
+
+    async def last(self, replica: str) -> tuple[int, str] | None:
+        """The highest (seq, hash) stored for a replica."""
+        ...
+
+    async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
+        """The replica's checkpoint with the highest number: {"number", "seq", "note"}."""
+        ...
+
+    async def write(
+        self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """Store records and checkpoints in one transaction."""
+        ...
+
+    async def purge_point(self, replica: str, cutoff: str) -> PurgePoint | None:
+        """The longest prefix of the chain whose records are all older than `cutoff`."""
+        ...
+
+    async def purge(self, replica: str, through_seq: int, through_number: int | None) -> int:
+        """Delete records 1..through_seq and checkpoints 1..through_number; returns records."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ChainReader(Protocol):
+    """Read access for export and the admin API (chain order, keyset pagination)."""
+
+    async def replicas(self) -> list[str]: ...
+
+    async def seq_bounds(
+        self, replica: str, since: str | None, until: str | None
+    ) -> tuple[int, int] | None:
+        """Lowest seq with ts >= since and highest with ts < until (None: nothing in range)."""
+        ...
+
+    async def checkpoint_below(self, replica: str, seq: int) -> dict[str, Any] | None:
+        """The newest checkpoint whose seq is < `seq`."""
+        ...
+
+    async def checkpoint_from(self, replica: str, seq: int) -> dict[str, Any] | None:
+        """The oldest checkpoint whose seq is >= `seq`."""
+        ...
+
+    async def first_seq(self, replica: str) -> int | None: ...
+
+    async def last_seq(self, replica: str) -> int | None: ...
+
+    def records(self, replica: str, first: int, last: int) -> AsyncIterator[dict[str, Any]]:
+        """Records first..last in seq order."""
+        ...
+
+    async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        """Checkpoints whose seq is in first..last, by number: {"number", "seq", "note"}."""
+        ...
+
+    async def close(self) -> None: ...

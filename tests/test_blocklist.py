@@ -1,0 +1,70 @@
+"""Blocklist matching: domains with subdomains, URL prefixes, exact URLs."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.blocklist import BlockEntry
+from proxy.blocklist import Blocklist
+from proxy.blocklist import Scope
+from proxy.blocklist import entry_from_pattern
+from proxy.blocklist import normalize_url
+from proxy.decision import Reason
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("HTTP://Example.COM", "http://example.com/"),
+        ("https://example.com:443/a?b=1#frag", "https://example.com/a?b=1"),
+        ("http://example.com:8080/A", "http://example.com:8080/A"),
+        ("http://[::1]:80/x", "http://[::1]/x"),
+    ],
+)
+def test_normalize_url(raw: str, normal: str):
+    assert normalize_url(raw) == normal
+
+
+BLOCKLIST = Blocklist(
+    [
+        entry_from_pattern("tos", "stockco.example", "terms", "src"),
+        entry_from_pattern("members", "https://forum.example/members/", "terms", "src"),
+        entry_from_pattern("deep", "https://forum.example/members/vip/", "vip", "src"),
+        BlockEntry(
+            "td-1",
+            Scope.URL,
+            normalize_url("https://img.example/a.jpg"),
+            "rh",
+            "c",
+            Reason.TAKEDOWN,
+        ),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("https://stockco.example/", "tos"),
+        ("https://cdn.images.stockco.example/x.jpg", "tos"),
+        ("https://notstockco.example/", None),
+        ("https://forum.example/members/alice", "members"),
+        ("https://forum.example/members/vip/bob", "deep"),
+        ("https://forum.example/member", None),
+        ("http://forum.example/members/alice", None),  # the prefix names https
+        ("https://img.example/a.jpg", "td-1"),
+        ("https://img.example/a.jpg?x=1", None),
+    ],
+)
+def test_match_url(url: str, rule: str | None):
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    hit = BLOCKLIST.match_url(host, normalize_url(url))
+    assert (hit.id if hit else None) == rule
+
+
+def test_only_whole_domains_are_refused_at_connect_time():
+    assert BLOCKLIST.match_host("a.stockco.example") is not None
+    assert BLOCKLIST.match_host("forum.example") is None
+    assert BLOCKLIST.match_host("img.example") is None

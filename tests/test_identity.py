@@ -1,0 +1,59 @@
+"""Proxy credentials and admin bearer tokens."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from proxy.identity import AdminDirectory
+from proxy.identity import TeamDirectory
+from proxy.identity import parse_basic
+from proxy.policy import parse_policy
+from tests.support import ADMIN_TOKEN
+from tests.support import AUDITOR_TOKEN
+from tests.support import OTHER_TEAM
+from tests.support import OTHER_TOKEN
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
+from tests.support import base_policy
+from tests.support import basic
+
+POLICY = parse_policy(yaml.safe_dump(base_policy())).policy
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "Bearer abc", "Basic", "Basic !!!", "Basic " + "dGVhbQ==", basic("", "x")],
+)
+def test_malformed_basic_is_none(header: str | None):
+    assert parse_basic(header) is None
+
+
+def test_teams_authenticate_with_their_own_token_only():
+    teams = TeamDirectory(POLICY)
+    identity = teams.authenticate(basic(TEAM, TEAM_TOKEN))
+    assert identity is not None and identity.team == TEAM
+    assert identity.allows_project("faces-v2") and not identity.allows_project("other")
+    assert not identity.allows_project(None)
+    assert teams.authenticate(basic(TEAM, OTHER_TOKEN)) is None
+    assert teams.authenticate(basic("ghost", TEAM_TOKEN)) is None
+    other = teams.authenticate(basic(OTHER_TEAM, OTHER_TOKEN))
+    assert other is not None and other.allows_project(None) and other.allows_project("any")
+
+
+def test_token_from_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CW_TEAM_TOKEN", "from-env")
+    policy = base_policy()
+    policy["teams"] = [{"name": "envteam", "token_env": "CW_TEAM_TOKEN"}]
+    teams = TeamDirectory(parse_policy(yaml.safe_dump(policy)).policy)
+    assert teams.authenticate(basic("envteam", "from-env")) is not None
+    assert teams.authenticate(basic("envteam", "other")) is None
+
+
+def test_admin_roles():
+    admins = AdminDirectory(POLICY)
+    assert admins.role_of(f"Bearer {ADMIN_TOKEN}") == "admin"
+    assert admins.role_of(f"bearer {AUDITOR_TOKEN}") == "auditor"
+    assert admins.role_of("Bearer nope") is None
+    assert admins.role_of(basic("a", ADMIN_TOKEN)) is None
+    assert admins.role_of(None) is None

@@ -1,0 +1,373 @@
+"""The shared fetch-log store: PostgreSQL through asyncpg (`--audit-dsn postgresql://...`).
+
+Every replica writes its own chain (primary key replica, seq) into the same tables, so replicas
+never contend for a row. The schema migrates on start under a transaction-level advisory lock, so
+replicas starting at once run each migration exactly once. Record bodies are stored as the exact
+JSON text that was hashed (not jsonb, which would reorder keys and refuse U+0000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+
+from proxy.audit.checkpoint import note_hash
+from proxy.audit.query import RecordQuery
+from proxy.audit.query import to_datetime
+from proxy.audit.store import PurgePoint
+
+log = structlog.get_logger("crawlwarden.audit.postgres")
+
+# pg_advisory_xact_lock key for schema migrations ("cwfetchl" as a 64-bit integer).
+MIGRATION_LOCK = 0x637766657463686C
+COMPONENT = "fetchlog"
+
+# Each entry migrates the schema from version i to i+1; never edit one that has shipped.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE fetch_records (
+            replica text NOT NULL,
+            seq bigint NOT NULL,
+            id text NOT NULL,
+            ts timestamptz NOT NULL,
+            kind text NOT NULL,
+            site text,
+            team text,
+            project text,
+            decision text NOT NULL,
+            reason text,
+            url text NOT NULL,
+            content_sha256 text,
+            hash text NOT NULL,
+            body text NOT NULL,
+            PRIMARY KEY (replica, seq)
+        )""",
+        "CREATE INDEX fetch_records_ts ON fetch_records (ts)",
+        "CREATE INDEX fetch_records_replica_ts ON fetch_records (replica, ts)",
+        "CREATE INDEX fetch_records_site_ts ON fetch_records (site, ts)",
+        "CREATE INDEX fetch_records_team_ts ON fetch_records (team, ts)",
+        "CREATE INDEX fetch_records_project_ts ON fetch_records (project, ts)",
+        """CREATE TABLE fetch_checkpoints (
+            replica text NOT NULL,
+            number bigint NOT NULL,
+            seq bigint NOT NULL,
+            time timestamptz NOT NULL,
+            kind text NOT NULL,
+            note text NOT NULL,
+            PRIMARY KEY (replica, number)
+        )""",
+        "CREATE INDEX fetch_checkpoints_seq ON fetch_checkpoints (replica, seq)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_INSERT = """
+INSERT INTO fetch_records
+    (replica, seq, id, ts, kind, site, team, project, decision, reason, url, content_sha256,
+     hash, body)
+SELECT * FROM unnest(
+    $1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
+ON CONFLICT (replica, seq) DO NOTHING
+"""
+_INSERT_CHECKPOINT = """
+INSERT INTO fetch_checkpoints (replica, number, seq, time, kind, note)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[],
+                     $6::text[])
+ON CONFLICT (replica, number) DO NOTHING
+"""
+_BATCH = 1000
+_MIN_SEQ = "SELECT min(seq) FROM fetch_records WHERE replica = $1"
+_MAX_SEQ = "SELECT max(seq) FROM fetch_records WHERE replica = $1"
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION, one replica at a time (advisory lock)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS crawlwarden_schema_version "
+            "(component text PRIMARY KEY, version integer NOT NULL, "
+            "migrated_at timestamptz NOT NULL DEFAULT now())"
+        )
+        version = await conn.fetchval(
+            "SELECT version FROM crawlwarden_schema_version WHERE component = $1", COMPONENT
+        )
+        version = int(version or 0)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the fetch log schema is at version {version}, newer than this gateway "
+                f"({SCHEMA_VERSION}); upgrade crawlwarden"
+            )
+        for i in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[i]:
+                await conn.execute(statement)
+            log.info("fetchlog_schema_migrated", version=i + 1)
+        await conn.execute(
+            "INSERT INTO crawlwarden_schema_version (component, version) VALUES ($1, $2) "
+            "ON CONFLICT (component) DO UPDATE SET version = $2, migrated_at = now()",
+            COMPONENT,
+            SCHEMA_VERSION,
+        )
+    return SCHEMA_VERSION
+
+
+def _columns(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(14)]
+    for r in records:
+        values = (
+            r["replica"],
+            r["seq"],
+            r["id"],
+            to_datetime(r["ts"]),
+            r.get("kind", "fetch"),
+            r.get("site"),
+            r.get("team"),
+            r.get("project"),
+            r["decision"],
+            r.get("reason"),
+            r["url"],
+            r.get("content_sha256"),
+            r["hash"],
+            json.dumps(r, separators=(",", ":"), ensure_ascii=False),
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
+def _checkpoint(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {"number": int(row["number"]), "seq": int(row["seq"]), "note": str(row["note"])}
+
+
+class PostgresStore:
+    """FetchStore and ChainReader over one PostgreSQL database."""
+
+    def __init__(self, dsn: str, *, migrate_schema: bool = True, pool_size: int = 4):
+        self.dsn = dsn
+        self.migrate_schema = migrate_schema
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    def _db(self) -> asyncpg.Pool:
+        assert self._pool is not None, "store is not open"
+        return self._pool
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.pool_size, command_timeout=60
+        )
+        if self.migrate_schema:
+            async with self._pool.acquire() as conn:
+                await migrate(conn)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # -- writing (FetchStore) ----------------------------------------------------------------
+
+    async def last(self, replica: str) -> tuple[int, str] | None:
+        row = await self._db().fetchrow(
+            "SELECT seq, hash FROM fetch_records WHERE replica = $1 ORDER BY seq DESC LIMIT 1",
+            replica,
+        )
+        return None if row is None else (int(row["seq"]), str(row["hash"]))
+
+    async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
+        row = await self._db().fetchrow(
+            "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 "
+            "ORDER BY number DESC LIMIT 1",
+            replica,
+        )
+        return _checkpoint(row)
+
+    async def write(
+        self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        record_columns = _columns(records) if records else None
+        checkpoint_columns: list[list[Any]] = [[], [], [], [], [], []]
+        for c in checkpoints:
+            for column, value in zip(
+                checkpoint_columns,
+                (c["replica"], c["number"], c["seq"], to_datetime(c["time"]), c["kind"], c["note"]),
+                strict=True,
+            ):
+                column.append(value)
+        async with self._db().acquire() as conn, conn.transaction():
+            if record_columns is not None:
+                await conn.execute(_INSERT, *record_columns)
+            if checkpoints:
+                await conn.execute(_INSERT_CHECKPOINT, *checkpoint_columns)
+
+    async def purge_point(self, replica: str, cutoff: str) -> PurgePoint | None:
+        db = self._db()
+        bounds = await db.fetchrow(
+            "SELECT min(seq) AS first, max(seq) AS last FROM fetch_records WHERE replica = $1",
+            replica,
+        )
+        if bounds is None or bounds["first"] is None:
+            return None
+        young = await db.fetchval(
+            "SELECT min(seq) FROM fetch_records WHERE replica = $1 AND ts >= $2",
+            replica,
+            to_datetime(cutoff),
+        )
+        through = int(bounds["last"]) if young is None else int(young) - 1
+        if through < int(bounds["first"]):
+            return None
+        hash_ = await db.fetchval(
+            "SELECT hash FROM fetch_records WHERE replica = $1 AND seq = $2", replica, through
+        )
+        row = await db.fetchrow(
+            "SELECT number, note FROM fetch_checkpoints WHERE replica = $1 AND seq <= $2 "
+            "ORDER BY number DESC LIMIT 1",
+            replica,
+            through,
+        )
+        return PurgePoint(
+            seq=through,
+            hash=str(hash_),
+            records=through - int(bounds["first"]) + 1,
+            number=None if row is None else int(row["number"]),
+            note_hash=None if row is None else note_hash(row["note"]),
+        )
+
+    async def purge(self, replica: str, through_seq: int, through_number: int | None) -> int:
+        async with self._db().acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "DELETE FROM fetch_records WHERE replica = $1 AND seq <= $2", replica, through_seq
+            )
+            if through_number is not None:
+                await conn.execute(
+                    "DELETE FROM fetch_checkpoints WHERE replica = $1 AND number <= $2",
+                    replica,
+                    through_number,
+                )
+        return int(status.split()[-1])
+
+    # -- reading (ChainReader) ---------------------------------------------------------------
+
+    async def replicas(self) -> list[str]:
+        rows = await self._db().fetch(
+            "SELECT DISTINCT replica FROM fetch_records UNION "
+            "SELECT DISTINCT replica FROM fetch_checkpoints ORDER BY 1"
+        )
+        return [str(r[0]) for r in rows]
+
+    async def seq_bounds(
+        self, replica: str, since: str | None, until: str | None
+    ) -> tuple[int, int] | None:
+        db = self._db()
+        if since is None:
+            low = await db.fetchval(_MIN_SEQ, replica)
+        else:
+            low = await db.fetchval(
+                "SELECT min(seq) FROM fetch_records WHERE replica = $1 AND ts >= $2",
+                replica,
+                to_datetime(since),
+            )
+        if until is None:
+            high = await db.fetchval(_MAX_SEQ, replica)
+        else:
+            high = await db.fetchval(
+                "SELECT max(seq) FROM fetch_records WHERE replica = $1 AND ts < $2",
+                replica,
+                to_datetime(until),
+            )
+        if low is None or high is None or low > high:
+            return None
+        return int(low), int(high)
+
+    async def checkpoint_below(self, replica: str, seq: int) -> dict[str, Any] | None:
+        row = await self._db().fetchrow(
+            "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 AND seq < $2 "
+            "ORDER BY number DESC LIMIT 1",
+            replica,
+            seq,
+        )
+        return _checkpoint(row)
+
+    async def checkpoint_from(self, replica: str, seq: int) -> dict[str, Any] | None:
+        row = await self._db().fetchrow(
+            "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 AND seq >= $2 "
+            "ORDER BY number LIMIT 1",
+            replica,
+            seq,
+        )
+        return _checkpoint(row)
+
+    async def first_seq(self, replica: str) -> int | None:
+        v = await self._db().fetchval(_MIN_SEQ, replica)
+        return None if v is None else int(v)
+
+    async def last_seq(self, replica: str) -> int | None:
+        v = await self._db().fetchval(_MAX_SEQ, replica)
+        return None if v is None else int(v)
+
+    async def records(self, replica: str, first: int, last: int) -> AsyncIterator[dict[str, Any]]:
+        after = first - 1
+        while after < last:
+            rows = await self._db().fetch(
+                "SELECT seq, body FROM fetch_records WHERE replica = $1 AND seq > $2 "
+                "AND seq <= $3 ORDER BY seq LIMIT $4",
+                replica,
+                after,
+                last,
+                _BATCH,
+            )
+            if not rows:
+                return
+            for row in rows:
+                yield json.loads(row["body"])
+            after = int(rows[-1]["seq"])
+
+    async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        rows = await self._db().fetch(
+            "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 "
+            "AND seq >= $2 AND seq <= $3 ORDER BY number",
+            replica,
+            first,
+            last,
+        )
+        return [c for c in map(_checkpoint, rows) if c is not None]
+
+
+async def aread_records(dsn: str, query: RecordQuery) -> AsyncGenerator[dict[str, Any]]:
+    """Records matching `query` in chain order (replica, seq), streamed through a cursor."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        where, params = query.sql_where(placeholder="$", time_param=to_datetime)
+        sql = f"SELECT body FROM fetch_records {where} ORDER BY replica, seq"  # noqa: S608
+        async with conn.transaction():
+            async for row in conn.cursor(sql, *params, prefetch=_BATCH):
+                yield json.loads(row["body"])
+    finally:
+        await conn.close()
+
+
+def read_records(dsn: str, query: RecordQuery) -> Iterator[dict[str, Any]]:
+    """The synchronous form of `aread_records` (CLI commands; not inside a running loop)."""
+    loop = asyncio.new_event_loop()
+    agen = aread_records(dsn, query)
+    try:
+        while True:
+            try:
+                rec = loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                break
+            yield rec
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()

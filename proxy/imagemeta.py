@@ -1,0 +1,588 @@
+"""Opt-outs embedded in images: IPTC PLUS DataMining in XMP, and C2PA/CAWG training-mining.
+
+What is read, and where (only the metadata, never the image data):
+
+- JPEG: XMP in APP1 (`http://ns.adobe.com/xap/1.0/`, and extended XMP
+  `http://ns.adobe.com/xmp/extension/` reassembled), the C2PA manifest store in APP11 JUMBF
+  segments (ISO 19566-5, reassembled). Metadata precedes the image data: the scan stops at SOS.
+- PNG: XMP in an iTXt (or tEXt/zTXt) chunk with keyword `XML:com.adobe.xmp`, the C2PA store in
+  the `caBX` chunk. The scan stops at the first IDAT.
+- WebP: the `XMP ` and `C2PA` chunks of the extended format. The WebP container puts metadata
+  after the image data, so the scan walks every chunk header to the end of the RIFF, skipping
+  payloads without keeping them. A simple-format file (one VP8/VP8L chunk) has no metadata.
+
+IPTC PLUS DataMining (namespace `http://ns.useplus.org/ldf/xmp/1.0/`, property `DataMining`,
+values from the PLUS LDF vocabulary `http://ns.useplus.org/ldf/vocab/DMI-*`) is matched by
+namespace URI, whatever the prefix, in attribute form (`plus:DataMining="..."`) and element form
+(`<plus:DataMining>...</plus:DataMining>` or `rdf:resource`). Every `DMI-PROHIBITED*` value
+prohibits AI training, including "except search engine indexing" and the "see ..." values.
+
+C2PA manifests are read with c2pa-python from the extracted store alone (never the asset, and
+with remote manifest fetching off): `c2pa.training-mining` and `cawg.training-mining`
+assertions, where `notAllowed` and `constrained` for AI training, generative AI training or data
+mining both mean no. The signature need not be trusted: an opt-out binds whoever signed it, and
+an unsigned "allowed" would not be a licence anyway.
+
+Memory is bounded: the scanner keeps only metadata payloads, each capped, and gives up after
+`max_scan` bytes (`complete` is then False).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import io
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from xml.parsers import expat
+
+from proxy.optout import Kind
+from proxy.optout import OptOutSignal
+
+PLUS_NS = "http://ns.useplus.org/ldf/xmp/1.0/"
+PLUS_VOCAB = "http://ns.useplus.org/ldf/vocab/"
+RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+
+# The PLUS LDF DataMining vocabulary (IPTC Photo Metadata Standard 2023.1, PLUS LDF 1.2.x).
+DATA_MINING_VALUES: dict[str, str] = {
+    "DMI-UNSPECIFIED": "Unspecified - no prohibition defined",
+    "DMI-ALLOWED": "Allowed",
+    "DMI-PROHIBITED-AIMLTRAINING": "Prohibited for AI/ML training",
+    "DMI-PROHIBITED-GENAIMLTRAINING": "Prohibited for Generative AI/ML training",
+    "DMI-PROHIBITED-EXCEPTSEARCHENGINEINDEXING": "Prohibited except for search engine indexing",
+    "DMI-PROHIBITED": "Prohibited",
+    "DMI-PROHIBITED-SEECONSTRAINT": "Prohibited, see plus:OtherConstraints",
+    "DMI-PROHIBITED-SEEEMBEDDEDRIGHTSEXPR": "Prohibited, see iptcExt:EmbdEncRightsExpr",
+    "DMI-PROHIBITED-SEELINKEDRIGHTSEXPR": "Prohibited, see iptcExt:LinkedEncRightsExpr",
+}
+
+MAX_SCAN = 16 * 2**20  # bytes examined before giving up
+MAX_XMP = 2 * 2**20  # all XMP of one image, extended XMP included
+MAX_C2PA = 8 * 2**20  # the C2PA manifest store
+
+_XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_JPEG_EXT = b"http://ns.adobe.com/xmp/extension/\x00"
+_XMP_PNG_KEYWORD = b"XML:com.adobe.xmp"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageFormat(enum.StrEnum):
+    JPEG = "jpeg"
+    PNG = "png"
+    WEBP = "webp"
+    OTHER = "other"
+
+
+def sniff(prefix: bytes) -> ImageFormat | None:
+    """The format from the first bytes (12 suffice); None when more bytes are needed."""
+    for signature in (b"\xff\xd8", _PNG_SIGNATURE, b"RIFF"):
+        if len(prefix) < len(signature) and signature.startswith(prefix):
+            return None
+    if prefix.startswith(b"\xff\xd8"):
+        return ImageFormat.JPEG
+    if prefix.startswith(_PNG_SIGNATURE):
+        return ImageFormat.PNG
+    if prefix.startswith(b"RIFF"):
+        if len(prefix) < 12:
+            return None
+        if prefix[8:12] == b"WEBP":
+            return ImageFormat.WEBP
+    return ImageFormat.OTHER
+
+
+@dataclass(slots=True)
+class ImageMetadata:
+    """The metadata payloads of one image."""
+
+    format: ImageFormat | None = None
+    xmp: list[bytes] = field(default_factory=list)
+    c2pa_store: bytes | None = None
+    complete: bool = False  # the scan reached the end of the metadata
+    truncated: bool = False  # some payload exceeded its cap and was skipped
+    error: str | None = None
+
+
+# -- the incremental scanner ---------------------------------------------------------------
+
+
+class ImageMetadataScanner:
+    """Feed the decoded body in chunks; `feed()` returns True once the metadata is known.
+
+    Nothing of the image data is kept: at most the metadata payloads and one pending header.
+    """
+
+    def __init__(self, *, max_scan: int = MAX_SCAN):
+        self.meta = ImageMetadata()
+        self.seen = 0
+        self.done = False
+        self._max_scan = max_scan
+        self._buf = bytearray()
+        self._skip = 0
+        self._xmp_bytes = 0
+        self._extended: dict[bytes, dict[int, bytes]] = {}
+        self._jumbf: dict[int, dict[int, bytes]] = {}
+        self._riff_end = 0
+        self._consumed = 0
+        self._state = "sniff"
+
+    def feed(self, chunk: bytes) -> bool:
+        if self.done:
+            return True
+        self.seen += len(chunk)
+        if self._skip:
+            dropped = min(self._skip, len(chunk))
+            self._skip -= dropped
+            chunk = chunk[dropped:]
+        self._buf += chunk
+        try:
+            self._advance()
+        except _Corrupt as e:
+            self.meta.error = str(e)
+            self._finish(complete=False)
+        if not self.done and self.seen >= self._max_scan:
+            self.meta.error = f"metadata not found within the first {self._max_scan} bytes"
+            self._finish(complete=False)
+        return self.done
+
+    def finish(self) -> ImageMetadata:
+        """The result; call at the end of the body if `feed()` never returned True."""
+        if not self.done:
+            self.meta.error = self.meta.error or "the body ended inside the metadata"
+            self._finish(complete=False)
+        return self.meta
+
+    # -- machinery -------------------------------------------------------------------------
+
+    def _finish(self, *, complete: bool) -> None:
+        self.meta.complete = complete
+        for parts in self._extended.values():
+            packet = b"".join(parts[offset] for offset in sorted(parts))
+            self.meta.xmp.append(packet)
+        if self._jumbf:
+            # One manifest store: the box instance with the most data (there is one in practice).
+            segments = max(self._jumbf.values(), key=lambda s: sum(map(len, s.values())))
+            self.meta.c2pa_store = b"".join(segments[z] for z in sorted(segments))
+        self.done = True
+        self._buf = bytearray()
+        self._extended.clear()
+        self._jumbf.clear()
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._buf) < n:
+            return None
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _drop(self, n: int) -> None:
+        have = min(n, len(self._buf))
+        del self._buf[:have]
+        self._skip += n - have
+
+    def _advance(self) -> None:
+        while not self.done:
+            if self._skip:
+                return
+            step = getattr(self, f"_step_{self._state}")
+            if not step():
+                return
+
+    def _step_sniff(self) -> bool:
+        fmt = sniff(bytes(self._buf[:12]))
+        if fmt is None:
+            return False
+        self.meta.format = fmt
+        if fmt is ImageFormat.JPEG:
+            del self._buf[:2]
+            self._state = "jpeg_marker"
+        elif fmt is ImageFormat.PNG:
+            del self._buf[:8]
+            self._state = "png_chunk"
+        elif fmt is ImageFormat.WEBP:
+            (size,) = struct.unpack("<I", self._buf[4:8])
+            self._riff_end = 8 + size
+            del self._buf[:12]
+            self._consumed = 12
+            self._state = "chunk"
+        else:
+            self._finish(complete=True)  # a format without embedded opt-outs we read
+        return True
+
+    # JPEG ------------------------------------------------------------------------------------
+
+    def _step_jpeg_marker(self) -> bool:
+        while self._buf[:1] == b"\xff" and self._buf[1:2] == b"\xff":
+            del self._buf[:1]  # fill bytes (ITU T.81 B.1.1.2)
+        if len(self._buf) < 2:
+            return False
+        if self._buf[0] != 0xFF:
+            raise _Corrupt("JPEG: expected a marker")
+        marker = self._buf[1]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            del self._buf[:2]
+            return True
+        if marker in (0xDA, 0xD9):  # start of scan or end of image: no metadata after this
+            self._finish(complete=True)
+            return True
+        if len(self._buf) < 4:
+            return False
+        (length,) = struct.unpack(">H", self._buf[2:4])
+        if length < 2:
+            raise _Corrupt("JPEG: bad segment length")
+        if marker in (0xE1, 0xEB):
+            payload = self._take(2 + length)
+            if payload is None:
+                return False
+            self._jpeg_segment(marker, payload[4:])
+        else:
+            self._drop(2 + length)
+        return True
+
+    def _jpeg_segment(self, marker: int, payload: bytes) -> None:
+        if marker == 0xE1 and payload.startswith(_XMP_JPEG):
+            self._add_xmp(payload[len(_XMP_JPEG) :])
+        elif marker == 0xE1 and payload.startswith(_XMP_JPEG_EXT):
+            body = payload[len(_XMP_JPEG_EXT) :]
+            if len(body) < 40:
+                return
+            guid, offset = body[:32], struct.unpack(">I", body[36:40])[0]
+            if self._reserve_xmp(len(body) - 40):
+                self._extended.setdefault(guid, {})[offset] = body[40:]
+        elif marker == 0xEB and payload[:2] == b"JP" and len(payload) >= 16:
+            # ISO 19566-5 B.3: CI "JP", En (box instance), Z (sequence); every segment repeats
+            # the box header (LBox, TBox), which the first one keeps and the others drop.
+            instance, sequence = struct.unpack(">HI", payload[2:8])
+            box = payload[8:]
+            header = 16 if box[:4] == b"\x00\x00\x00\x01" else 8
+            data = box if sequence == 1 else box[header:]
+            self._add_c2pa_part(instance, sequence, data)
+
+    # PNG -------------------------------------------------------------------------------------
+
+    def _step_png_chunk(self) -> bool:
+        if len(self._buf) < 8:
+            return False
+        length, kind = struct.unpack(">I4s", self._buf[:8])
+        if kind in (b"IDAT", b"IEND"):
+            self._finish(complete=True)
+            return True
+        if kind in (b"iTXt", b"tEXt", b"zTXt", b"caBX"):
+            cap = MAX_C2PA if kind == b"caBX" else MAX_XMP
+            if length > cap:
+                self.meta.truncated = True
+                self._drop(12 + length)
+                return True
+            chunk = self._take(12 + length)
+            if chunk is None:
+                return False
+            data = chunk[8 : 8 + length]
+            if kind == b"caBX":
+                self._add_c2pa_part(0, 1, data)
+            else:
+                self._png_text(kind, data)
+        else:
+            self._drop(12 + length)
+        return True
+
+    def _png_text(self, kind: bytes, data: bytes) -> None:
+        keyword, _, rest = data.partition(b"\x00")
+        if keyword != _XMP_PNG_KEYWORD:
+            return
+        try:
+            if kind == b"iTXt":
+                compressed, method = rest[0], rest[1]
+                _lang, _, rest = rest[2:].partition(b"\x00")
+                _translated, _, text = rest.partition(b"\x00")
+                if compressed and method == 0:
+                    text = _inflate(text, MAX_XMP)
+            elif kind == b"zTXt":
+                text = _inflate(rest[1:], MAX_XMP)
+            else:
+                text = rest
+        except (IndexError, zlib.error, _Corrupt):
+            self.meta.truncated = True
+            return
+        self._add_xmp(text)
+
+    # WebP (RIFF) -------------------------------------------------------------------------
+
+    def _step_chunk(self) -> bool:
+        if self._consumed >= self._riff_end:
+            self._finish(complete=True)
+            return True
+        if len(self._buf) < 8:
+            return False
+        kind, size = struct.unpack("<4sI", self._buf[:8])
+        padded = size + (size & 1)
+        if kind in (b"VP8 ", b"VP8L") and self._consumed == 12:
+            # Simple format: one image chunk and nothing else (WebP container spec).
+            self._finish(complete=True)
+            return True
+        self._consumed += 8 + padded
+        wanted = {b"XMP ": MAX_XMP, b"C2PA": MAX_C2PA}.get(kind)
+        if wanted is None:
+            self._drop(8 + padded)
+            return True
+        if size > wanted:
+            self.meta.truncated = True
+            self._drop(8 + padded)
+            return True
+        chunk = self._take(8 + padded)
+        if chunk is None:
+            self._consumed -= 8 + padded
+            return False
+        data = chunk[8 : 8 + size]
+        if kind == b"XMP ":
+            self._add_xmp(data)
+        else:
+            self._add_c2pa_part(0, 1, data)
+        return True
+
+    # payloads ----------------------------------------------------------------------------
+
+    def _reserve_xmp(self, n: int) -> bool:
+        if self._xmp_bytes + n > MAX_XMP:
+            self.meta.truncated = True
+            return False
+        self._xmp_bytes += n
+        return True
+
+    def _add_xmp(self, packet: bytes) -> None:
+        if self._reserve_xmp(len(packet)):
+            self.meta.xmp.append(packet)
+
+    def _add_c2pa_part(self, instance: int, sequence: int, data: bytes) -> None:
+        parts = self._jumbf.setdefault(instance, {})
+        if sum(map(len, parts.values())) + len(data) > MAX_C2PA:
+            self.meta.truncated = True
+            return
+        parts[sequence] = data
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise _Corrupt("compressed XMP too large")
+    return out
+
+
+def scan_image(body: bytes, *, max_scan: int = MAX_SCAN) -> ImageMetadata:
+    """The metadata of a complete (or truncated) body in one call."""
+    scanner = ImageMetadataScanner(max_scan=max_scan)
+    scanner.feed(body)
+    return scanner.finish()
+
+
+# -- XMP: IPTC PLUS DataMining ---------------------------------------------------------------
+
+
+def normalize_data_mining(value: str) -> str:
+    value = value.strip()
+    if value.lower().startswith(PLUS_VOCAB.lower()):
+        value = value[len(PLUS_VOCAB) :]
+    return value.upper()
+
+
+def data_mining_values(packet: bytes) -> list[str]:
+    """The PLUS DataMining values in one XMP packet, normalized (`DMI-PROHIBITED`, ...).
+
+    XMP is attacker-supplied XML: expat with no DTDs, so no entity expansion. A packet that is
+    not well-formed is searched textually instead, so that a sloppy writer's opt-out counts.
+    """
+    start = packet.find(b"<")
+    if start < 0:
+        return []
+    reader = _XmpReader()
+    try:
+        reader.parse(packet[start:])
+    except (expat.ExpatError, _Corrupt, ValueError):
+        return _data_mining_fallback(packet)
+    return reader.values
+
+
+class _XmpReader:
+    _ATTR = f"{PLUS_NS} DataMining"
+    _RESOURCE = f"{RDF_NS} resource"
+
+    def __init__(self) -> None:
+        self.values: list[str] = []
+        self._depth = 0
+        self._text: list[str] = []
+
+    def parse(self, data: bytes) -> None:
+        parser = expat.ParserCreate(namespace_separator=" ")
+        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        parser.StartDoctypeDeclHandler = self._no_dtd
+        parser.EntityDeclHandler = self._no_dtd
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        parser.CharacterDataHandler = self._chars
+        parser.Parse(data, True)
+
+    def _no_dtd(self, *_args: Any) -> None:
+        raise _Corrupt("XMP must not carry a DTD")
+
+    def _start(self, name: str, attrs: dict[str, str]) -> None:
+        if self._ATTR in attrs:
+            self.values.append(normalize_data_mining(attrs[self._ATTR]))
+        if self._depth:
+            self._depth += 1
+        elif name == self._ATTR:
+            self._depth = 1
+            self._text = []
+            if self._RESOURCE in attrs:
+                self.values.append(normalize_data_mining(attrs[self._RESOURCE]))
+
+    def _end(self, name: str) -> None:
+        if not self._depth:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            text = "".join(self._text).strip()
+            if text:
+                self.values.append(normalize_data_mining(text))
+
+    def _chars(self, data: str) -> None:
+        if self._depth:
+            self._text.append(data)
+
+
+_FALLBACK = re.compile(
+    rb"DataMining[^<>]{0,200}?(?:=\s*[\"']|>)\s*(?:http://ns\.useplus\.org/ldf/vocab/)?"
+    rb"(DMI-[A-Za-z-]{1,60})",
+    re.IGNORECASE,
+)
+
+
+def _data_mining_fallback(packet: bytes) -> list[str]:
+    if PLUS_NS.encode() not in packet:
+        return []
+    return [m.group(1).decode().upper() for m in _FALLBACK.finditer(packet)]
+
+
+def prohibits_training(value: str) -> bool:
+    return value.startswith("DMI-PROHIBITED")
+
+
+# -- C2PA / CAWG training-mining -------------------------------------------------------------
+
+_TRAINING_LABELS = ("c2pa.training-mining", "cawg.training-mining")
+# Entries that concern training: AI training, generative AI training, and data mining (which
+# includes training). `ai_inference` is about use as model input, not training.
+_TRAINING_ENTRIES = ("ai_training", "ai_generative_training", "data_mining")
+_USE_RANK = {"allowed": 0, "constrained": 1, "notAllowed": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingMining:
+    """One training-mining assertion: its namespace ("c2pa" or "cawg") and its strictest
+    `use` among the entries about training."""
+
+    namespace: str
+    use: str
+
+    @property
+    def opts_out(self) -> bool:
+        return self.use in ("notAllowed", "constrained")
+
+
+@functools.cache
+def c2pa_context() -> Any:
+    """The c2pa-python context the gateway reads with: no network (remote manifests, OCSP)."""
+    import c2pa
+
+    settings = c2pa.Settings.from_dict(
+        {
+            "verify": {
+                "remote_manifest_fetch": False,
+                "ocsp_fetch": False,
+                "verify_trust": False,
+            },
+        }
+    )
+    return c2pa.Context(settings)
+
+
+def read_training_mining(store: bytes) -> list[TrainingMining]:
+    """The training-mining assertions of every manifest in a C2PA manifest store (ingredients'
+    manifests included: their content is in the asset too). Raises ValueError if the store
+    cannot be read."""
+    import c2pa
+
+    try:
+        reader = c2pa.Reader("application/c2pa", io.BytesIO(store), context=c2pa_context())
+        try:
+            data = json.loads(reader.json())
+        finally:
+            reader.close()
+    except (c2pa.C2paError, ValueError) as e:
+        raise ValueError(f"unreadable C2PA manifest store: {e}") from e
+    found: list[TrainingMining] = []
+    for manifest in (data.get("manifests") or {}).values():
+        for assertion in manifest.get("assertions") or []:
+            label = re.sub(r"(__\d+|\.v\d+)+$", "", str(assertion.get("label", "")))
+            if label not in _TRAINING_LABELS:
+                continue
+            entries = (assertion.get("data") or {}).get("entries") or {}
+            uses = [
+                str(entry.get("use"))
+                for key, entry in entries.items()
+                if isinstance(entry, dict) and key.rsplit(".", 1)[-1] in _TRAINING_ENTRIES
+            ]
+            ranked = [u for u in uses if u in _USE_RANK]
+            if ranked:
+                found.append(
+                    TrainingMining(label.split(".")[0], max(ranked, key=lambda u: _USE_RANK[u]))
+                )
+    return found
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+def image_signals(meta: ImageMetadata) -> list[OptOutSignal]:
+    """The opt-out signals of one image's metadata. Reads a C2PA store if there is one (a few
+    milliseconds of native code: call from a worker thread in the event loop)."""
+    signals: list[OptOutSignal] = []
+    for packet in meta.xmp:
+        for value in data_mining_values(packet):
+            known = value in DATA_MINING_VALUES
+            name = f"iptc-plus:{value}" if known else "iptc-plus:other"
+            opts_out = prohibits_training(value)
+            detail = f"the image's IPTC PLUS DataMining says {value}"
+            signals.append(OptOutSignal(Kind.IMAGE_METADATA, name, opts_out, detail))
+    if meta.c2pa_store is not None:
+        try:
+            assertions = read_training_mining(meta.c2pa_store)
+        except ValueError as e:
+            signals.append(OptOutSignal(Kind.IMAGE_METADATA, "c2pa:unreadable", False, str(e)))
+        else:
+            for a in assertions:
+                signals.append(
+                    OptOutSignal(
+                        Kind.IMAGE_METADATA,
+                        f"{a.namespace}:training-mining={a.use}",
+                        a.opts_out,
+                        f"the image's {a.namespace}.training-mining assertion says {a.use}",
+                    )
+                )
+    if meta.truncated or not meta.complete:
+        signals.append(
+            OptOutSignal(
+                Kind.IMAGE_METADATA,
+                "image-metadata:incomplete",
+                False,
+                meta.error or "some metadata exceeded the scan limits",
+            )
+        )
+    return list({s.name: s for s in signals}.values())

@@ -1,0 +1,311 @@
+"""Opt-out signals: what a site or a response says, and whether the site's terms make it bind us.
+
+A signal is a value (`OptOutSignal`): its kind (named like the policy's `respect` flags), a
+bounded name for fetch records and metrics (e.g. "x-robots-tag:noai"), and whether it opts out
+of AI training. `decide()` turns the signals of one request into a refusal, per the site's legal
+basis and respect flags (`Site.terms_on(day)`); every signal is reported either way, so a fetch
+record of a licensed site still lists the noai it was sent.
+
+Response-side signals read here, from headers and a bounded head of an HTML document:
+
+- `X-Robots-Tag` (any number of field lines, comma lists, an optional `name:` prefix that scopes
+  the directives after it to one crawler, matched against our product tokens) and
+  `<meta name="robots">` or `<meta name="<our token>">`: `noai` opts out for any content,
+  `noimageai` for images (the de-facto directives of DeviantArt, Spawning and others);
+- `Content-Usage` (draft-ietf-aipref-attach-05 section 2, vocabulary in `proxy.aipref`);
+- `tdm-reservation` / `tdm-policy` header fields and meta tags (TDMRep, `proxy.tdmrep`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+from proxy import aipref
+from proxy import tdmrep
+from proxy.decision import Decision
+from proxy.decision import Reason
+from proxy.decision import refuse
+from proxy.policy import LegalBasis
+from proxy.policy import Respect
+
+HTML_SCAN_LIMIT = 128 * 1024
+
+
+class Kind(enum.StrEnum):
+    """The kind of a signal; the values are the names of the policy's `respect` flags."""
+
+    ROBOTS = "robots"
+    TDMREP = "tdmrep"
+    NOAI = "noai"
+    CONTENT_USAGE = "content_usage"
+    IMAGE_METADATA = "image_metadata"
+
+
+REASONS: dict[Kind, Reason] = {
+    Kind.ROBOTS: Reason.ROBOTS_DISALLOWED,
+    Kind.TDMREP: Reason.TDM_RESERVED,
+    Kind.NOAI: Reason.NOAI_DIRECTIVE,
+    Kind.CONTENT_USAGE: Reason.CONTENT_USAGE,
+    Kind.IMAGE_METADATA: Reason.IMAGE_OPTOUT,
+}
+
+# A rights holder's licence or consent is the answer a TDM reservation asks for (TDMRep: the
+# tdm-policy says how to acquire one), so a reservation does not refuse on those bases.
+_PERMISSION_BASES = frozenset({"licence", "consent"})
+
+
+@dataclass(frozen=True, slots=True)
+class OptOutSignal:
+    kind: Kind
+    name: str  # bounded vocabulary: used as a metrics label and in fetch records
+    opts_out: bool
+    detail: str = ""
+
+
+def applies(kind: Kind, basis: LegalBasis, respect: Respect) -> bool:
+    """Whether a signal of this kind binds a fetch made on this basis with these flags."""
+    if not getattr(respect, kind.value):
+        return False
+    return not (kind is Kind.TDMREP and basis.kind in _PERMISSION_BASES)
+
+
+def decide(
+    signals: Iterable[OptOutSignal],
+    basis: LegalBasis,
+    respect: Respect,
+    *,
+    site: str | None = None,
+) -> Decision | None:
+    """The refusal for the first binding opt-out among `signals`, or None.
+
+    The refusal carries every signal's name, binding or not.
+    """
+    signals = list(signals)
+    names = tuple(dict.fromkeys(s.name for s in signals))
+    for signal in signals:
+        if signal.opts_out and applies(signal.kind, basis, respect):
+            return refuse(
+                REASONS[signal.kind],
+                signal.detail or f"the site opted out of AI training ({signal.name})",
+                rule=f"respect.{signal.kind.value}",
+                site=site,
+                signals=names,
+            )
+    return None
+
+
+# -- X-Robots-Tag and robots meta ----------------------------------------------------------
+
+_AI_DIRECTIVES = ("noai", "noimageai")
+# Directives that carry a value after a colon; their name is not a crawler scope.
+_VALUED_DIRECTIVES = frozenset(
+    {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+)
+
+
+def robots_directives(values: Iterable[str], tokens: Iterable[str]) -> set[str]:
+    """The directives (lower-case) of X-Robots-Tag field values that apply to our crawler.
+
+    `X-Robots-Tag: otherbot: noai, noimageai` scopes both directives to otherbot, until another
+    `name:` starts a new scope; directives with no scope apply to every crawler.
+    """
+    ours = {t.lower() for t in tokens}
+    found: set[str] = set()
+    for value in values:
+        scope: str | None = None
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, colon, rest = part.partition(":")
+            name = name.strip().lower()
+            if colon and name not in _VALUED_DIRECTIVES and " " not in name:
+                scope = name
+                part = rest.strip()
+                if not part:
+                    continue
+            if scope is None or scope in ours:
+                found.add(part.lower().split(":", 1)[0].strip())
+    return found
+
+
+def _meta_directives(content: str) -> set[str]:
+    return {p.strip().lower() for p in content.split(",") if p.strip()}
+
+
+# -- HTML head -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HtmlHead:
+    robots: frozenset[str]  # directives from <meta name="robots"> or <meta name="<our token>">
+    tdm: tdmrep.TdmDeclaration
+
+
+class HtmlHeadScanner:
+    """An incremental, bounded read of an HTML document's head.
+
+    Feed decoded body bytes (Content-Encoding removed) as they arrive; `feed()` returns True
+    once the answer is known: the head ended (`</head>` or `<body>`) or `limit` bytes were read.
+    """
+
+    def __init__(self, tokens: Iterable[str], limit: int = HTML_SCAN_LIMIT):
+        self._parser = _HeadParser({t.lower() for t in tokens})
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._limit = limit
+        self.seen = 0
+
+    @property
+    def done(self) -> bool:
+        return self._parser.finished or self.seen >= self._limit
+
+    def feed(self, chunk: bytes) -> bool:
+        if self.done:
+            return True
+        chunk = chunk[: self._limit - self.seen]
+        self.seen += len(chunk)
+        self._parser.feed(self._decoder.decode(chunk))
+        return self.done
+
+    def result(self) -> HtmlHead:
+        p = self._parser
+        reservation = max(p.reservations) if p.reservations else None
+        return HtmlHead(frozenset(p.robots), tdmrep.TdmDeclaration(reservation, p.policy))
+
+
+def scan_html_head(body_prefix: bytes, tokens: Iterable[str]) -> HtmlHead:
+    scanner = HtmlHeadScanner(tokens)
+    scanner.feed(body_prefix)
+    return scanner.result()
+
+
+class _HeadParser(HTMLParser):
+    def __init__(self, tokens: set[str]):
+        super().__init__(convert_charrefs=True)
+        self.tokens = tokens
+        self.finished = False
+        self.robots: set[str] = set()
+        self.reservations: list[int] = []
+        self.policy: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.finished:
+            return
+        if tag == "body":
+            self.finished = True
+            return
+        if tag != "meta":
+            return
+        values = {k.lower(): (v or "") for k, v in attrs}
+        name = values.get("name", "").strip().lower()
+        content = values.get("content", "")
+        if name == "robots" or name in self.tokens:
+            self.robots |= _meta_directives(content)
+        elif name == "tdm-reservation":
+            reservation = tdmrep.parse_reservation(content)
+            if reservation is not None:
+                self.reservations.append(reservation)
+        elif name == "tdm-policy" and self.policy is None:
+            self.policy = tdmrep.parse_policy(content)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "head":
+            self.finished = True
+
+
+# -- one response ----------------------------------------------------------------------------
+
+
+def is_html(content_type: str | None) -> bool:
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    return mime in ("text/html", "application/xhtml+xml")
+
+
+def is_image(content_type: str | None) -> bool:
+    return (content_type or "").split(";", 1)[0].strip().lower().startswith("image/")
+
+
+def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
+    name = name.lower()
+    return [v for k, v in headers if k.lower() == name]
+
+
+def tdm_signals(declaration: tdmrep.TdmDeclaration, source: str) -> list[OptOutSignal]:
+    """Signals of one TDMRep declaration; `source` is "tdmrep" (the file), "tdm-header" or
+    "tdm-meta"."""
+    signals: list[OptOutSignal] = []
+    if declaration.reservation == 1:
+        policy = f"; a licence may be offered at {declaration.policy}" if declaration.policy else ""
+        signals.append(
+            OptOutSignal(
+                Kind.TDMREP,
+                f"{source}:reserved",
+                True,
+                f"TDM rights are reserved (TDMRep {source}){policy}",
+            )
+        )
+    elif declaration.reservation == 0:
+        signals.append(OptOutSignal(Kind.TDMREP, f"{source}:not-reserved", False))
+    if declaration.policy and declaration.reservation == 1:
+        signals.append(OptOutSignal(Kind.TDMREP, f"{source}:policy", False))
+    return signals
+
+
+def usage_signals(prefs: aipref.UsagePreferences, source: str) -> list[OptOutSignal]:
+    """Signals of one Content-Usage statement, one per explicit preference; `source` is
+    "content-usage" (the header) or "robots:content-usage" (a robots.txt rule). A "n" for a
+    category that covers AI training opts out."""
+    signals = []
+    for label, allowed in prefs.explicit.items():
+        value = "y" if allowed else "n"
+        opts_out = not allowed and aipref.CATEGORIES[label].covers_training
+        detail = f"the site's usage preference forbids AI training ({source} {label}={value})"
+        signals.append(
+            OptOutSignal(Kind.CONTENT_USAGE, f"{source}:{label}={value}", opts_out, detail)
+        )
+    return signals
+
+
+def noai_signals(directives: set[str], source: str, image: bool) -> list[OptOutSignal]:
+    signals = []
+    for directive in _AI_DIRECTIVES:
+        if directive in directives:
+            binding = directive == "noai" or image
+            signals.append(
+                OptOutSignal(
+                    Kind.NOAI,
+                    f"{source}:{directive}",
+                    binding,
+                    f"the site opted out of AI use ({source}: {directive})",
+                )
+            )
+    return signals
+
+
+def response_signals(
+    headers: list[tuple[str, str]],
+    content_type: str | None,
+    tokens: Iterable[str],
+    html_head: HtmlHead | None = None,
+) -> list[OptOutSignal]:
+    """Signals in one response's header fields, and in its HTML head if one was scanned."""
+    tokens = list(tokens)
+    image = is_image(content_type)
+    signals: list[OptOutSignal] = []
+    signals += tdm_signals(tdmrep.from_headers(headers), "tdm-header")
+    if html_head is not None:
+        signals += tdm_signals(html_head.tdm, "tdm-meta")
+    directives = robots_directives(header_values(headers, "x-robots-tag"), tokens)
+    signals += noai_signals(directives, "x-robots-tag", image)
+    if html_head is not None:
+        signals += noai_signals(set(html_head.robots), "meta-robots", image)
+    usage = aipref.parse_header(header_values(headers, "content-usage"))
+    signals += usage_signals(usage, "content-usage")
+    return signals

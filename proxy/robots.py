@@ -1,0 +1,256 @@
+"""robots.txt (RFC 9309) for the crawler's product tokens, with IETF aipref Content-Usage rules.
+
+Group selection is ours, path matching is protego's:
+
+- RFC 9309 2.2.1: a group applies when one of its user-agent lines names one of our product
+  tokens (case-insensitive, the token being the value up to the first '/' or space); all such
+  groups are combined into one. Only when none names us does the `*` group apply; with neither,
+  nothing is disallowed. (protego itself would pick one group by substring score, so that
+  "User-agent: Example" matched "ExampleBot"; we hand it only the lines that apply.)
+- RFC 9309 2.2.2: the longest matching Allow/Disallow wins, Allow wins a tie, `*` and a trailing
+  `$` are wildcards, percent-encoding is normalized, /robots.txt is always allowed: protego.
+- draft-ietf-aipref-attach-05 section 3: `Content-Usage: <path> <expression>` rules in the same
+  groups, longest match by the same rules; rules with equally long matches combine (most
+  restrictive). They apply only to paths the group lets us crawl.
+- RFC 9309 2.5: only the first 500 KiB are parsed (`PARSE_LIMIT`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field
+from urllib.parse import quote
+from urllib.parse import urlsplit
+
+from protego import Protego
+
+from proxy import aipref
+
+PARSE_LIMIT = 500 * 1024
+
+# Misspellings that crawlers (and protego) have long accepted.
+_DISALLOW = {"disallow", "dissallow", "dissalow", "disalow", "diasllow", "disallaw"}
+_USER_AGENT = {"user-agent", "useragent", "user agent"}
+_SITE_WIDE = {"sitemap", "sitemaps", "site-map", "host"}  # do not end a run of user-agent lines
+_KNOWN = _DISALLOW | _USER_AGENT | _SITE_WIDE | {"allow", "crawl-delay", "content-usage"}
+
+
+# -- path patterns (shared with TDMRep, which reuses the robots.txt notation) ----------------
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def normalize_path(path: str, *, pattern: bool = False) -> str:
+    """Percent-encoding normalized for comparison (RFC 9309 2.2.2, RFC 3986 2.1):
+    escapes of unreserved characters are decoded, other escapes upper-cased, characters
+    outside US-ASCII (UTF-8) and spaces encoded. In a pattern, `*` and `$` stay as they are."""
+
+    def decode(m: re.Match[str]) -> str:
+        octet = int(m.group(1), 16)
+        return chr(octet) if octet in _UNRESERVED else f"%{m.group(1).upper()}"
+
+    path = _PERCENT.sub(decode, path)
+    safe = "/%:@!&'()+,;=?#[]-._~" + ("*$" if pattern else "$*")
+    return quote(path, safe=safe)
+
+
+class PathPattern:
+    """A robots.txt path pattern: a prefix, `*` for any run of characters, `$` at the end to
+    anchor. `length` is its specificity: the octets of the normalized pattern."""
+
+    __slots__ = ("_regex", "length", "text")
+
+    def __init__(self, text: str):
+        self.text = normalize_path(text, pattern=True)
+        self.length = len(self.text.encode())
+        body, anchored = self.text, False
+        if body.endswith("$"):
+            body, anchored = body[:-1], True
+        regex = ".*".join(re.escape(part) for part in re.split(r"\*+", body))
+        self._regex = re.compile(regex + ("$" if anchored else ""), re.DOTALL)
+
+    def matches(self, path: str) -> bool:
+        """`path` must already be normalized (see `normalize_path`)."""
+        return self._regex.match(path) is not None
+
+    def __repr__(self) -> str:
+        return f"PathPattern({self.text!r})"
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContentUsageRule:
+    pattern: PathPattern
+    preferences: aipref.UsagePreferences
+    expression: str
+
+
+@dataclass(frozen=True, slots=True)
+class RobotsVerdict:
+    """What robots.txt says about one path for our tokens."""
+
+    allowed: bool
+    group: str | None  # the token whose group applied, "*", or None (no group applied)
+    content_usage: aipref.UsagePreferences = aipref.NO_PREFERENCE
+
+
+@dataclass(slots=True)
+class _Group:
+    agents: list[str] = field(default_factory=list)
+    rules: list[tuple[str, str]] = field(default_factory=list)
+
+
+class RobotsRules:
+    """A parsed robots.txt, reduced to the groups that apply to our product tokens."""
+
+    def __init__(
+        self,
+        group: str | None,
+        access: list[tuple[str, str]],
+        content_usage: list[ContentUsageRule],
+        crawl_delay: float | None,
+    ):
+        self.group = group
+        self.crawl_delay = crawl_delay
+        self.content_usage = content_usage
+        self._access_lines = access
+        lines = ["User-agent: *", *(f"{field}: {value}" for field, value in access)]
+        self._protego = Protego.parse("\n".join(lines))
+
+    def verdict(self, path: str) -> RobotsVerdict:
+        """`path` is the path and query of the request as sent (an absolute URL works too)."""
+        if not path.startswith("/"):
+            parts = urlsplit(path)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        allowed = self._protego.can_fetch(path, "crawlwarden")
+        if not allowed:
+            return RobotsVerdict(False, self.group)
+        return RobotsVerdict(True, self.group, self._usage_for(normalize_path(path)))
+
+    def _usage_for(self, path: str) -> aipref.UsagePreferences:
+        best = -1
+        matched: list[aipref.UsagePreferences] = []
+        for rule in self.content_usage:
+            if rule.pattern.length < best or not rule.pattern.matches(path):
+                continue
+            if rule.pattern.length > best:
+                best, matched = rule.pattern.length, []
+            matched.append(rule.preferences)
+        return aipref.combine(matched)
+
+
+ALLOW_ALL = RobotsRules(None, [], [], None)
+DISALLOW_ALL = RobotsRules("*", [("Disallow", "/")], [], None)
+
+
+def product_token(user_agent_value: str) -> str:
+    """The product token a user-agent line names: up to the first '/' or whitespace."""
+    return re.split(r"[/\s]", user_agent_value.strip(), maxsplit=1)[0].lower()
+
+
+def parse_robots(content: str | bytes, tokens: Iterable[str]) -> RobotsRules:
+    """Parse robots.txt for a crawler with these product tokens (policy crawler.robots_tokens)."""
+    if isinstance(content, bytes):
+        content = content[:PARSE_LIMIT]
+        if len(content) == PARSE_LIMIT and b"\n" in content:
+            content = content[: content.rindex(b"\n")]  # never parse half a line
+        content = content.decode("utf-8", errors="replace")
+    content = content.removeprefix("\ufeff")
+    ours = {t.strip().lower() for t in tokens if t.strip()}
+    groups = _groups(content)
+    mine = [g for g in groups if any(product_token(a) in ours for a in g.agents)]
+    chosen = "token"
+    if not mine:
+        mine = [g for g in groups if any(a.strip().startswith("*") for a in g.agents)]
+        chosen = "*"
+    if not mine:
+        return ALLOW_ALL
+    if chosen == "token":
+        named = sorted({product_token(a) for g in mine for a in g.agents} & ours)
+        group = named[0]
+    else:
+        group = "*"
+    access: list[tuple[str, str]] = []
+    usage: list[ContentUsageRule] = []
+    delays: list[float] = []
+    for g in mine:
+        for key, value in g.rules:
+            if key == "allow":
+                access.append(("Allow", value))
+            elif key in _DISALLOW:
+                access.append(("Disallow", value))
+            elif key == "crawl-delay":
+                delay = _delay(value)
+                if delay is not None:
+                    delays.append(delay)
+            elif key == "content-usage":
+                usage.append(_content_usage(value))
+    # Several matching groups may each set a delay: the largest is the one that honours all.
+    return RobotsRules(group, access, usage, max(delays) if delays else None)
+
+
+def _groups(content: str) -> list[_Group]:
+    groups: list[_Group] = []
+    current: _Group | None = None
+    last_was_agent = False
+    for raw in content.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parsed = _directive(line)
+        if parsed is None:
+            continue
+        key, value = parsed
+        if key in _USER_AGENT:
+            if current is None or not last_was_agent:
+                current = _Group()
+                groups.append(current)
+            if value:
+                current.agents.append(value)
+            last_was_agent = True
+            continue
+        if key in _SITE_WIDE:
+            continue
+        last_was_agent = False
+        if current is not None and value:
+            current.rules.append((key, value))
+    return groups
+
+
+def _directive(line: str) -> tuple[str, str] | None:
+    """`key: value`, or `key value` for a known key (lenient, as crawlers long have been)."""
+    key, colon, value = line.partition(":")
+    key = key.strip().lower()
+    if colon and (key in _KNOWN or not value or value[:1].isspace()):
+        return key, value.strip()
+    words = line.split(None, 2)
+    for n in (2, 1):
+        candidate = " ".join(words[:n]).lower()
+        if candidate in _KNOWN and len(words) >= n:
+            return candidate, " ".join(words[n:]).strip()
+    return (key, value.strip()) if colon else None
+
+
+def _delay(value: str) -> float | None:
+    try:
+        delay = float(value)
+    except ValueError:
+        return None
+    return delay if math.isfinite(delay) and delay >= 0 else None
+
+
+def _content_usage(value: str) -> ContentUsageRule:
+    # attach-05 3.2: the path runs to the first SP or HTAB; the rest is the expression. A value
+    # without a path (seen in the wild, and in early drafts) applies to the whole site.
+    if value.startswith("/"):
+        parts = value.split(None, 1)
+        path, expression = parts[0], parts[1] if len(parts) > 1 else ""
+    else:
+        path, expression = "/", value
+    return ContentUsageRule(PathPattern(path), aipref.parse_usage(expression), expression)

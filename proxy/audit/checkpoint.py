@@ -9,17 +9,18 @@ line names our own format and generic tlog tools must not read it as a Merkle tr
 
 Note text (every line ends in U+000A; base64 is RFC 4648 standard with padding):
 
-    crawlwarden.fetchlog/<replica>            origin; one chain per replica
+    crawlwarden.fetchlog/<replica>            origin; one chain per replica (percent-encoded)
     <seq>                                     records 1..seq are covered (decimal, 0 if none)
-    <base64 of the 32-byte hash of record seq>  GENESIS (32 zero bytes) when seq is 0
+    <base64 of the 32-byte hash of record seq>  32 zero bytes when seq is 0
     checkpoint <number> <kind>                number counts this replica's checkpoints from 1;
-                                              kind: periodic | purge | shutdown
+                                              kind: periodic | shutdown
     time <RFC 3339 UTC>
     prev <base64 SHA-256 of the previous checkpoint's whole signed note>   zero bytes for #1
-    base <P> <base64 hash of record P> <K> <base64 SHA-256 of checkpoint K's signed note>
 
-`base` anchors what retention deleted: records 1..P and checkpoints 1..K are gone, so record P+1's
-prev_hash and checkpoint K+1's prev must equal these hashes (all zero until the first purge).
+A purge note (retention, see FetchLog.purge) has the same shape with `purge <K>` as the fourth
+line: records 1..seq and checkpoints 1..K were deleted; `hash` is record seq's hash (what record
+seq+1's prev_hash must be) and `prev` is the SHA-256 of checkpoint K's note (what checkpoint K+1's
+prev must be). Purge notes are not numbered checkpoints; they only anchor what remains.
 
 Then, as in C2SP signed-note: an empty line and one signature line
 `— crawlwarden-fetchlog <base64(key ID || Ed25519 signature over the note text)>`, with
@@ -41,7 +42,7 @@ from proxy.audit.keys import Verifier
 from proxy.audit.record import GENESIS_HASH
 
 ORIGIN_PREFIX = "crawlwarden.fetchlog/"
-KINDS = ("periodic", "purge", "shutdown")
+KINDS = ("periodic", "shutdown", "purge")
 _DASH = "\u2014"
 _RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -75,6 +76,11 @@ def _hex(b64: str, what: str) -> str:
     return raw.hex()
 
 
+def note_text(note: str) -> str:
+    """The signed text of a note (everything before the empty line and the signatures)."""
+    return note[: note.rfind("\n\n") + 1]
+
+
 def note_hash(note: str) -> str:
     """SHA-256 (hex) of a whole signed note: what the next checkpoint's `prev` holds."""
     return hashlib.sha256(note.encode()).hexdigest()
@@ -83,31 +89,30 @@ def note_hash(note: str) -> str:
 @dataclass(frozen=True)
 class Checkpoint:
     replica: str
-    number: int
+    number: int  # for a purge note: K, the last deleted checkpoint
     seq: int
     hash: str
     time: str
     prev: str = GENESIS_HASH
     kind: str = "periodic"
-    base_seq: int = 0
-    base_hash: str = GENESIS_HASH
-    base_number: int = 0
-    base_prev: str = GENESIS_HASH
 
     def text(self) -> str:
         if self.kind not in KINDS:
             raise CheckpointError(f"unknown checkpoint kind {self.kind!r}")
         if not _RFC3339.match(self.time):
             raise CheckpointError(f"checkpoint time {self.time!r} is not RFC 3339 UTC")
+        head = (
+            f"purge {self.number}"
+            if self.kind == "purge"
+            else f"checkpoint {self.number} {self.kind}"
+        )
         lines = [
             origin_for(self.replica),
             str(self.seq),
             _b64(self.hash),
-            f"checkpoint {self.number} {self.kind}",
+            head,
             f"time {self.time}",
             f"prev {_b64(self.prev)}",
-            f"base {self.base_seq} {_b64(self.base_hash)} {self.base_number} "
-            f"{_b64(self.base_prev)}",
         ]
         return "".join(line + "\n" for line in lines)
 
@@ -120,38 +125,32 @@ class Checkpoint:
 
 def parse_text(text: str) -> Checkpoint:
     lines = text.split("\n")
-    if lines[-1] != "" or len(lines) < 8:
-        raise CheckpointError("checkpoint text has too few lines")
-    origin, seq, root, head, time_line, prev_line, base_line = lines[:7]
-    if len(lines) != 8:
-        raise CheckpointError("checkpoint text has unexpected extra lines")
+    if len(lines) != 7 or lines[-1] != "":
+        raise CheckpointError("checkpoint text must have exactly six lines")
+    origin, seq, root, head, time_line, prev_line = lines[:6]
     replica = replica_of(origin)
     head_parts = head.split(" ")
-    if len(head_parts) != 3 or head_parts[0] != "checkpoint" or head_parts[2] not in KINDS:
+    if head_parts[0] == "purge" and len(head_parts) == 2:
+        kind = "purge"
+    elif len(head_parts) == 3 and head_parts[0] == "checkpoint" and head_parts[2] in KINDS:
+        kind = head_parts[2]
+        if kind == "purge":
+            raise CheckpointError("a purge note uses the 'purge <K>' line")
+    else:
         raise CheckpointError("malformed 'checkpoint <number> <kind>' line")
-    base_parts = base_line.split(" ")
-    if len(base_parts) != 5 or base_parts[0] != "base":
-        raise CheckpointError("malformed 'base' line")
     if not time_line.startswith("time ") or not _RFC3339.match(time_line[5:]):
         raise CheckpointError("malformed 'time' line")
     if not prev_line.startswith("prev "):
         raise CheckpointError("malformed 'prev' line")
-    try:
-        return Checkpoint(
-            replica=replica,
-            number=_decimal(head_parts[1]),
-            seq=_decimal(seq),
-            hash=_hex(root, "the chain hash"),
-            time=time_line[5:],
-            prev=_hex(prev_line[5:], "prev"),
-            kind=head_parts[2],
-            base_seq=_decimal(base_parts[1]),
-            base_hash=_hex(base_parts[2], "the base record hash"),
-            base_number=_decimal(base_parts[3]),
-            base_prev=_hex(base_parts[4], "the base checkpoint hash"),
-        )
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
+    return Checkpoint(
+        replica=replica,
+        number=_decimal(head_parts[1]),
+        seq=_decimal(seq),
+        hash=_hex(root, "the chain hash"),
+        time=time_line[5:],
+        prev=_hex(prev_line[5:], "prev"),
+        kind=kind,
+    )
 
 
 def _decimal(text: str) -> int:
@@ -195,7 +194,7 @@ def open_note(note: str, verifier: Verifier) -> Checkpoint:
 def checkpoint_line(checkpoint: Checkpoint, note: str) -> dict[str, Any]:
     """The export/queue form: readable fields beside the note, which alone is authoritative."""
     return {
-        "type": "checkpoint",
+        "type": "purge" if checkpoint.kind == "purge" else "checkpoint",
         "replica": checkpoint.replica,
         "number": checkpoint.number,
         "seq": checkpoint.seq,

@@ -1,44 +1,254 @@
-"""`crawlwarden audit export`: fetch records as JSON lines or CSV."""
+"""`crawlwarden audit export` and the line stream behind `GET /v1/fetches` (FORMATS.md).
+
+An export is JSON lines: a header, then per replica (sorted by name) its records in chain order,
+each checkpoint right after the record it covers, so one file is enough for `audit verify`.
+Time filters select a window of each chain, widened to the checkpoints around it; content
+filters (site, team, project, decision) keep the chain whole and replace each record they leave
+out by a redacted line that carries only its digest.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import binascii
 import csv
 import io
 import json
 import sys
+import time
+from collections.abc import AsyncIterator
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from typing import TextIO
 
+from proxy.audit.checkpoint import CheckpointError
+from proxy.audit.checkpoint import checkpoint_line
+from proxy.audit.checkpoint import note_text
+from proxy.audit.checkpoint import parse_text
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
 from proxy.audit.record import FIELD_NAMES
+from proxy.audit.record import body_sha256
+from proxy.audit.record import utc_timestamp
+from proxy.audit.store import ChainReader
 
 DEFAULT_DATA_DIR = Path(".crawlwarden")
+FORMAT = "crawlwarden-fetchlog-export/1"
+HASH_SCHEME = "sha256(prev_hash || sha256(canonical_json(record - prev_hash - hash)))"
 
 
-def to_jsonl(records: Iterable[dict[str, Any]]) -> Iterator[str]:
-    for rec in records:
-        yield json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
+@dataclass(frozen=True)
+class ReplicaSpan:
+    """The part of one replica's chain an export covers: records first..last."""
+
+    replica: str
+    first: int
+    last: int
+    anchored_by_purge: bool  # first-1 was cut by retention: the purge note anchors `first`
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
 
 
-def to_csv(records: Iterable[dict[str, Any]]) -> Iterator[str]:
-    """One column per record field; `signals` joined with ';'. Header first."""
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next page starts: this replica's record `seq` (the API's opaque `cursor`)."""
+
+    replica: str
+    seq: int
+
+    def encode(self) -> str:
+        raw = json.dumps([self.replica, self.seq], separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            replica, seq = json.loads(raw)
+            if not isinstance(replica, str) or not isinstance(seq, int):
+                raise TypeError
+        except (binascii.Error, ValueError, TypeError) as e:
+            raise ValueError(f"invalid cursor {text!r}: pass back the one a page returned") from e
+        return cls(replica, seq)
+
+
+async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
+    """Which records of each replica the export covers (decided before anything is streamed)."""
+    spans = []
+    for replica in await reader.replicas():
+        if query.replica is not None and replica != query.replica:
+            continue
+        stored_first = await reader.first_seq(replica)
+        if stored_first is None:
+            continue  # checkpoints only (an idle replica): nothing a verifier could check
+        bounds = await reader.seq_bounds(replica, query.since, query.until)
+        if bounds is None:
+            continue
+        low, high = bounds
+        if query.since is not None:
+            # Start right after the newest checkpoint below the window: the first record's
+            # prev_hash is then signed, and no record at the start can go missing unseen.
+            below = await reader.checkpoint_below(replica, low)
+            low = max(stored_first, below["seq"] + 1) if below else stored_first
+        if query.until is not None:
+            # End at the first checkpoint at or after the window, so the last record is signed.
+            after = await reader.checkpoint_from(replica, high)
+            if after is not None:
+                high = max(high, after["seq"])
+        spans.append(ReplicaSpan(replica, low, high, low == stored_first and low > 1))
+    return spans
+
+
+def page(
+    spans: list[ReplicaSpan], start: Cursor | None, limit: int | None
+) -> tuple[list[tuple[ReplicaSpan, int, int]], Cursor | None]:
+    """The (span, first seq, last seq) pieces of a page of `limit` records; the next cursor."""
+    pieces: list[tuple[ReplicaSpan, int, int]] = []
+    left = limit
+    for span in spans:
+        first = span.first
+        if start is not None:
+            if span.replica < start.replica:
+                continue
+            if span.replica == start.replica:
+                first = max(first, start.seq)
+            if first > span.last:
+                continue
+        if left is not None and left <= 0:
+            return pieces, Cursor(span.replica, first)
+        last = span.last if left is None else min(span.last, first + left - 1)
+        pieces.append((span, first, last))
+        if left is not None:
+            left -= last - first + 1
+            if last < span.last:
+                return pieces, Cursor(span.replica, last + 1)
+    return pieces, None
+
+
+def header(query: RecordQuery, spans: list[ReplicaSpan], source: str) -> dict[str, Any]:
+    return {
+        "type": "export",
+        "format": FORMAT,
+        "created": utc_timestamp(time.time()),
+        "source": source,
+        "filters": query.describe(),
+        "redacted": bool(query.content_filters),
+        "hash": HASH_SCHEME,
+        "replicas": [{"replica": s.replica, "first": s.first, "last": s.last} for s in spans],
+    }
+
+
+def redact(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record the filters leave out: its place in the chain and digest, nothing it says."""
+    return {
+        "type": "redacted",
+        "replica": rec["replica"],
+        "seq": rec["seq"],
+        "prev_hash": rec["prev_hash"],
+        "body_sha256": body_sha256(rec),
+        "hash": rec["hash"],
+    }
+
+
+def _checkpoint_item(stored: dict[str, Any]) -> dict[str, Any]:
+    note = stored["note"]
+    try:
+        return checkpoint_line(parse_text(note_text(note)), note)
+    except CheckpointError:
+        # Damaged in the store: export it as it is; verify will name it.
+        return {
+            "type": "checkpoint",
+            "number": stored["number"],
+            "seq": stored["seq"],
+            "note": note,
+        }
+
+
+async def lines(
+    reader: ChainReader,
+    query: RecordQuery,
+    pieces: list[tuple[ReplicaSpan, int, int]],
+) -> AsyncIterator[dict[str, Any]]:
+    """Records (or redacted lines) and checkpoints of the given pieces, in export order."""
+    filtered = bool(query.content_filters)
+    for span, first, last in pieces:
+        if first == span.first and span.anchored_by_purge:
+            purge = await reader.purge_note(span.replica, first - 1)
+            if purge is not None:
+                yield _checkpoint_item(purge)
+        # The checkpoint right below the span belongs to its first piece.
+        low = first - 1 if first == span.first else first
+        pending = [_checkpoint_item(c) for c in await reader.checkpoints(span.replica, low, last)]
+        pending.reverse()
+        while pending and pending[-1]["seq"] < first:
+            yield pending.pop()
+        async for rec in reader.records(span.replica, first, last):
+            if filtered and not query.matches(rec):
+                yield redact(rec)
+            else:
+                yield {"type": "record", **rec}
+            while pending and pending[-1]["seq"] <= rec["seq"]:
+                yield pending.pop()
+        while pending:  # only if records went missing from the store meanwhile
+            yield pending.pop()
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+CSV_COLUMNS = ["type", *FIELD_NAMES, "body_sha256", "checkpoint_note"]
+
+
+def to_jsonl(items: Iterable[dict[str, Any]]) -> Iterator[str]:
+    for item in items:
+        yield json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def csv_header() -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(FIELD_NAMES), extrasaction="ignore")
-    writer.writeheader()
-    yield buf.getvalue()
-    for rec in records:
-        buf.seek(0)
-        buf.truncate()
-        row = dict(rec)
-        if isinstance(row.get("signals"), list):
-            row["signals"] = ";".join(row["signals"])
-        writer.writerow(row)
-        yield buf.getvalue()
+    csv.DictWriter(buf, fieldnames=CSV_COLUMNS).writeheader()
+    return buf.getvalue()
+
+
+def csv_row(item: dict[str, Any]) -> str:
+    """One CSV row; `signals` joined with ';'. Export headers have no row."""
+    if item.get("type") == "export":
+        return ""
+    row = dict(item)
+    row.setdefault("type", "record")
+    if row["type"] in ("checkpoint", "purge"):
+        row = {
+            "type": row["type"],
+            "replica": row.get("replica"),
+            "seq": row.get("seq"),
+            "hash": row.get("hash"),
+            "ts": row.get("time"),
+            "checkpoint_note": row.get("note"),
+        }
+    if isinstance(row.get("signals"), list):
+        row["signals"] = ";".join(row["signals"])
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
+    return buf.getvalue()
+
+
+def to_csv(items: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """Records (plain dicts or export lines) as CSV, header first."""
+    yield csv_header()
+    for item in items:
+        text = csv_row(item)
+        if text:
+            yield text
+
+
+# -- the CLI -----------------------------------------------------------------------------
 
 
 def query_from_args(args: argparse.Namespace) -> RecordQuery:
@@ -47,52 +257,95 @@ def query_from_args(args: argparse.Namespace) -> RecordQuery:
         until=parse_time(args.until) if args.until else None,
         site=args.site,
         team=args.team,
+        project=getattr(args, "project", None),
+        decision=getattr(args, "decision", None),
     )
 
 
-def open_records(args: argparse.Namespace, query: RecordQuery) -> Iterator[dict[str, Any]]:
+def open_reader(args: argparse.Namespace) -> tuple[Any, str]:
+    """A ChainReader for --audit-dsn or --data-dir, and a description for the header."""
     if args.audit_dsn:
-        from proxy.audit.postgres_store import read_records as read_pg
+        from proxy.audit.postgres_store import PostgresStore
 
-        return read_pg(args.audit_dsn, query)
-    from proxy.audit.sqlite_store import read_records
+        return PostgresStore(args.audit_dsn, migrate_schema=False, pool_size=2), "postgresql"
+    from proxy.audit.sqlite_store import SQLiteStore
 
-    data_dir = args.data_dir or DEFAULT_DATA_DIR
-    path = data_dir / "fetchlog.sqlite3"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no fetch log at {path}; pass the gateway's --data-dir or --audit-dsn"
-        )
-    return read_records(path, query)
+    path = (args.data_dir or DEFAULT_DATA_DIR) / "fetchlog.sqlite3"
+    return SQLiteStore(path, readonly=True), f"sqlite:{path}"
+
+
+class Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr):
+        self.total = max(total, 1)
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.done = 0
+        self._shown = 0.0
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._shown > 0.1:
+            self._shown = now
+            self._draw()
+
+    def _draw(self) -> None:
+        share = min(1.0, self.done / self.total)
+        bar = "#" * int(share * 30)
+        self.stream.write(f"\rexporting [{bar:<30}] {self.done}/{self.total} records")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def run_export(
+    args: argparse.Namespace, out: TextIO, progress_stream: TextIO = sys.stderr
+) -> int:
+    query = query_from_args(args)
+    reader, source = open_reader(args)
+    await reader.open()
+    try:
+        spans = await plan(reader, query)
+        pieces, _ = page(spans, None, None)
+        progress = Progress(sum(s.size for s in spans), progress_stream)
+        write: Callable[[dict[str, Any]], str]
+        if args.format == "csv":
+            out.write(csv_header())
+            write = csv_row
+        else:
+            out.write(next(to_jsonl([header(query, spans, source)])))
+
+            def write(item: dict[str, Any]) -> str:
+                return json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+        count = 0
+        async for item in lines(reader, query, pieces):
+            out.write(write(item))
+            if item["type"] in ("record", "redacted"):
+                count += 1
+                progress.step()
+        progress.finish()
+        return count
+    finally:
+        await reader.close()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        query = query_from_args(args)
-        records = open_records(args, query)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"crawlwarden audit export: {e}", file=sys.stderr)
-        return 2
-    render = to_csv if args.format == "csv" else to_jsonl
-    counted = _Counter(records)
     out: TextIO = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
     try:
-        for chunk in render(counted):
-            out.write(chunk)
+        count = asyncio.run(run_export(args, out))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"crawlwarden audit export: {e}", file=sys.stderr)
+        return 2
     finally:
         if args.output:
             out.close()
     if args.output:
-        print(f"wrote {counted.count} records to {args.output}", file=sys.stderr)
+        print(f"wrote {count} records to {args.output}", file=sys.stderr)
     return 0
-
-
-class _Counter:
-    def __init__(self, records: Iterable[dict[str, Any]]):
-        self._records = records
-        self.count = 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for rec in self._records:
-            self.count += 1
-            yield rec

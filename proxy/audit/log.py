@@ -26,6 +26,7 @@ from proxy import metrics
 from proxy.audit.checkpoint import Checkpoint
 from proxy.audit.checkpoint import checkpoint_line
 from proxy.audit.checkpoint import note_hash
+from proxy.audit.checkpoint import note_text
 from proxy.audit.checkpoint import parse_text
 from proxy.audit.keys import Signer
 from proxy.audit.record import GENESIS_HASH
@@ -80,15 +81,13 @@ class FetchLog:
         self.seq = 0
         self.head = GENESIS_HASH
         self.shipped_seq = 0
-        # Checkpoint chain: the last one issued, and what retention has cut (the `base` line).
+        # Checkpoint chain: the last one issued; and how far retention has cut the chain.
         self.checkpoint_number = 0
         self.checkpoint_prev = GENESIS_HASH
         self.checkpoint_seq = 0
         self.shipped_checkpoint = 0
-        self.base_seq = 0
-        self.base_hash = GENESIS_HASH
-        self.base_number = 0
-        self.base_prev = GENESIS_HASH
+        self.purged_seq = 0
+        self.purged_number = 0
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = asyncio.Event()
         self._checkpoint_wake = asyncio.Event()
@@ -150,16 +149,14 @@ class FetchLog:
 
     async def _resume_checkpoints(self) -> None:
         last = await self.store.last_checkpoint(self.replica)
-        if last is None:
-            return
-        note = last["note"]
-        previous = parse_text(note[: note.rfind("\n\n") + 1])
-        self.checkpoint_number = previous.number
-        self.shipped_checkpoint = previous.number
-        self.checkpoint_prev = note_hash(note)
-        self.checkpoint_seq = previous.seq
-        self.base_seq, self.base_hash = previous.base_seq, previous.base_hash
-        self.base_number, self.base_prev = previous.base_number, previous.base_prev
+        if last is not None:
+            previous = parse_text(note_text(last["note"]))
+            self.checkpoint_number = self.shipped_checkpoint = previous.number
+            self.checkpoint_prev = note_hash(last["note"])
+            self.checkpoint_seq = previous.seq
+        purge = await self.store.last_purge(self.replica)
+        if purge is not None:
+            self.purged_seq, self.purged_number = purge["seq"], purge["number"]
 
     async def close(self, timeout: float = 30.0) -> None:
         """Sign the head, ship everything queued (waiting up to `timeout`), then stop."""
@@ -268,10 +265,6 @@ class FetchLog:
             time=utc_timestamp(self.clock()),
             prev=self.checkpoint_prev,
             kind=kind,
-            base_seq=self.base_seq,
-            base_hash=self.base_hash,
-            base_number=self.base_number,
-            base_prev=self.base_prev,
         )
         note = checkpoint.sign(self.signer)
         self.checkpoint_number = checkpoint.number
@@ -300,11 +293,12 @@ class FetchLog:
     ) -> dict[str, Any] | None:
         """Delete this replica's records older than the retention period (a chain prefix).
 
-        Order matters for crash safety: the purge record and a purge checkpoint whose `base`
-        line anchors the cut are stored first; only then are rows deleted. A crash in between
-        leaves rows that the next run deletes. Records are cut as a prefix of the chain: a
-        record stays while any record before it is younger than the cutoff (a long request
-        started earlier may finish later), so some records outlive the period by minutes.
+        Crash-safe order: the purge record and a signed purge note (records 1..P and
+        checkpoints 1..K deleted; record P's hash; checkpoint K's note hash) are stored first,
+        then the rows are deleted; a crash in between leaves rows that the next run deletes.
+        The cut is a prefix of the chain: a record stays while any record before it is younger
+        than the cutoff (a long request that started earlier finishes later), so a few records
+        may outlive the period by the length of a request.
         """
         days = days if days is not None else self.retention_days
         if days is None:
@@ -313,32 +307,52 @@ class FetchLog:
         point = await self.store.purge_point(self.replica, cutoff)
         if point is None:
             return None
-        if point.seq <= self.base_seq:
-            # A purge checkpoint exists already; an earlier run stopped before deleting.
-            deleted = await self.store.purge(self.replica, self.base_seq, self.base_number or None)
-            return {"deleted": deleted, "through_seq": self.base_seq, "cutoff": cutoff}
-        self.base_seq, self.base_hash = point.seq, point.hash
-        if point.number is not None and point.number > self.base_number:
-            assert point.note_hash is not None
-            self.base_number, self.base_prev = point.number, point.note_hash
+        if point.seq <= self.purged_seq:
+            # The purge note exists already; an earlier run stopped before deleting.
+            deleted = await self.store.purge(
+                self.replica, self.purged_seq, self.purged_number or None
+            )
+            return {"deleted": deleted, "through_seq": self.purged_seq, "cutoff": cutoff}
+        number = self.purged_number
+        checkpoint_prev = GENESIS_HASH if number == 0 else None
+        if point.number is not None and point.number >= number:
+            number, checkpoint_prev = point.number, point.note_hash
+        if checkpoint_prev is None:  # no checkpoint left at or below the cut: keep the old anchor
+            last = await self.store.last_purge(self.replica)
+            checkpoint_prev = parse_text(note_text(last["note"])).prev if last else GENESIS_HASH
+        item: dict[str, Any] | None = None
+        if self.signer is not None:
+            note = Checkpoint(
+                replica=self.replica,
+                number=number,
+                seq=point.seq,
+                hash=point.hash,
+                time=utc_timestamp(self.clock()),
+                prev=checkpoint_prev,
+                kind="purge",
+            )
+            item = checkpoint_line(note, note.sign(self.signer))
         event = self.new_event(
             "purge",
-            f"retention: records 1..{point.seq} of replica {self.replica} "
-            f"({point.records} still stored) are older than {cutoff} and are deleted; "
-            f"checkpoint base {point.seq} anchors the rest",
+            f"retention: records up to seq {point.seq} of replica {self.replica} "
+            f"({point.records} stored) are older than {cutoff} and are deleted, with "
+            f"checkpoints up to #{number}; a signed purge note anchors what remains",
             reason="retention",
         )
-        checkpoint = self.checkpoint("purge")
-        shipped = await self.flushed(timeout=30.0)
-        if not shipped or (checkpoint and self.shipped_checkpoint < checkpoint["number"]):
+        if item is not None:
+            self._queue.append(item)
+        self.checkpoint()  # sign the purge record itself
+        if not await self.flushed(timeout=30.0):
             log.warning("purge_deferred", replica=self.replica, reason="store unavailable")
             return None
-        deleted = await self.store.purge(self.replica, point.seq, self.base_number or None)
+        self.purged_seq, self.purged_number = point.seq, number
+        deleted = await self.store.purge(self.replica, point.seq, number or None)
         log.info(
             "purged",
             replica=self.replica,
             records=deleted,
             through_seq=point.seq,
+            checkpoints_through=number,
             cutoff=cutoff,
             event_seq=event["seq"],
         )
@@ -365,8 +379,8 @@ class FetchLog:
                 self._wake.clear()
                 continue
             batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
-            records = [item for item in batch if item.get("type") != "checkpoint"]
-            checkpoints = [item for item in batch if item.get("type") == "checkpoint"]
+            records = [item for item in batch if "type" not in item]
+            checkpoints = [item for item in batch if "type" in item]  # and purge notes
             try:
                 await self.store.write(records, checkpoints)
             except Exception as e:  # any store failure: keep the spool, retry with backoff
@@ -385,8 +399,9 @@ class FetchLog:
                 self._queue.popleft()
             if records:
                 self.shipped_seq = records[-1]["seq"]
-            if checkpoints:
-                self.shipped_checkpoint = checkpoints[-1]["number"]
+            numbered = [c["number"] for c in checkpoints if c["type"] == "checkpoint"]
+            if numbered:
+                self.shipped_checkpoint = numbered[-1]
             metrics.AUDIT_RECORDS.labels(outcome="stored").inc(len(records))
             metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
             self.spool.retire(self.shipped_seq)

@@ -65,6 +65,14 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (replica, number)
         )""",
         "CREATE INDEX fetch_checkpoints_seq ON fetch_checkpoints (replica, seq)",
+        """CREATE TABLE fetch_purges (
+            replica text NOT NULL,
+            seq bigint NOT NULL,
+            number bigint NOT NULL,
+            time timestamptz NOT NULL,
+            note text NOT NULL,
+            PRIMARY KEY (replica, seq)
+        )""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -83,6 +91,10 @@ INSERT INTO fetch_checkpoints (replica, number, seq, time, kind, note)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[],
                      $6::text[])
 ON CONFLICT (replica, number) DO NOTHING
+"""
+_INSERT_PURGE = """
+INSERT INTO fetch_purges (replica, seq, number, time, note) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (replica, seq) DO NOTHING
 """
 _BATCH = 1000
 _MIN_SEQ = "SELECT min(seq) FROM fetch_records WHERE replica = $1"
@@ -193,12 +205,31 @@ class PostgresStore:
         )
         return _checkpoint(row)
 
+    async def last_purge(self, replica: str) -> dict[str, Any] | None:
+        row = await self._db().fetchrow(
+            "SELECT number, seq, note FROM fetch_purges WHERE replica = $1 "
+            "ORDER BY seq DESC LIMIT 1",
+            replica,
+        )
+        return _checkpoint(row)
+
+    async def purge_note(self, replica: str, seq: int) -> dict[str, Any] | None:
+        row = await self._db().fetchrow(
+            "SELECT number, seq, note FROM fetch_purges WHERE replica = $1 AND seq = $2",
+            replica,
+            seq,
+        )
+        return _checkpoint(row)
+
     async def write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:
         record_columns = _columns(records) if records else None
         checkpoint_columns: list[list[Any]] = [[], [], [], [], [], []]
+        purges = [c for c in checkpoints if c["type"] == "purge"]
         for c in checkpoints:
+            if c["type"] != "checkpoint":
+                continue
             for column, value in zip(
                 checkpoint_columns,
                 (c["replica"], c["number"], c["seq"], to_datetime(c["time"]), c["kind"], c["note"]),
@@ -208,8 +239,17 @@ class PostgresStore:
         async with self._db().acquire() as conn, conn.transaction():
             if record_columns is not None:
                 await conn.execute(_INSERT, *record_columns)
-            if checkpoints:
+            if checkpoint_columns[0]:
                 await conn.execute(_INSERT_CHECKPOINT, *checkpoint_columns)
+            for c in purges:
+                await conn.execute(
+                    _INSERT_PURGE,
+                    c["replica"],
+                    c["seq"],
+                    c["number"],
+                    to_datetime(c["time"]),
+                    c["note"],
+                )
 
     async def purge_point(self, replica: str, cutoff: str) -> PurgePoint | None:
         db = self._db()
@@ -255,6 +295,10 @@ class PostgresStore:
                     replica,
                     through_number,
                 )
+            # Older purge notes anchor records that are gone now; the newest one stays.
+            await conn.execute(
+                "DELETE FROM fetch_purges WHERE replica = $1 AND seq < $2", replica, through_seq
+            )
         return int(status.split()[-1])
 
     # -- reading (ChainReader) ---------------------------------------------------------------

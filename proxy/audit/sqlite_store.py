@@ -52,6 +52,14 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (replica, number)
         )""",
         "CREATE INDEX fetch_checkpoints_seq ON fetch_checkpoints (replica, seq)",
+        """CREATE TABLE fetch_purges (
+            replica TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            number INTEGER NOT NULL,
+            time TEXT NOT NULL,
+            note TEXT NOT NULL,
+            PRIMARY KEY (replica, seq)
+        )""",
         "CREATE INDEX fetch_records_replica_ts ON fetch_records (replica, ts)",
         "CREATE INDEX fetch_records_project_ts ON fetch_records (project, ts)",
     ],
@@ -67,6 +75,9 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 _INSERT_CHECKPOINT = """
 INSERT OR IGNORE INTO fetch_checkpoints (replica, number, seq, time, kind, note)
 VALUES (?, ?, ?, ?, ?, ?)
+"""
+_INSERT_PURGE = """
+INSERT OR IGNORE INTO fetch_purges (replica, seq, number, time, note) VALUES (?, ?, ?, ?, ?)
 """
 _BATCH = 1000
 
@@ -196,11 +207,32 @@ class SQLiteStore:
         )
         return _checkpoint(row)
 
+    async def last_purge(self, replica: str) -> dict[str, Any] | None:
+        row = await self._one(
+            "SELECT number, seq, note FROM fetch_purges WHERE replica = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            replica,
+        )
+        return _checkpoint(row)
+
+    async def purge_note(self, replica: str, seq: int) -> dict[str, Any] | None:
+        row = await self._one(
+            "SELECT number, seq, note FROM fetch_purges WHERE replica = ? AND seq = ?",
+            replica,
+            seq,
+        )
+        return _checkpoint(row)
+
     async def write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:
         rows = [_row(r) for r in records]
-        checkpoint_rows = [_checkpoint_row(c) for c in checkpoints]
+        checkpoint_rows = [_checkpoint_row(c) for c in checkpoints if c["type"] == "checkpoint"]
+        purge_rows = [
+            (c["replica"], c["seq"], c["number"], c["time"], c["note"])
+            for c in checkpoints
+            if c["type"] == "purge"
+        ]
 
         def _write() -> None:
             db = self._db()
@@ -208,6 +240,7 @@ class SQLiteStore:
             try:
                 db.executemany(_INSERT, rows)
                 db.executemany(_INSERT_CHECKPOINT, checkpoint_rows)
+                db.executemany(_INSERT_PURGE, purge_rows)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -263,6 +296,11 @@ class SQLiteStore:
                         "DELETE FROM fetch_checkpoints WHERE replica = ? AND number <= ?",
                         (replica, through_number),
                     )
+                # Older purge notes anchor records that are gone now; the newest one stays.
+                db.execute(
+                    "DELETE FROM fetch_purges WHERE replica = ? AND seq < ?",
+                    (replica, through_seq),
+                )
             except BaseException:
                 db.execute("ROLLBACK")
                 raise

@@ -35,10 +35,14 @@ class FetchStore(Protocol):
         """The replica's checkpoint with the highest number: {"number", "seq", "note"}."""
         ...
 
+    async def last_purge(self, replica: str) -> dict[str, Any] | None:
+        """The replica's newest purge note: {"seq", "number", "note"}."""
+        ...
+
     async def write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:
-        """Store records and checkpoints in one transaction."""
+        """Store records, checkpoints and purge notes (type "purge") in one transaction."""
         ...
 
     async def purge_point(self, replica: str, cutoff: str) -> PurgePoint | None:
@@ -81,6 +85,10 @@ class ChainReader(Protocol):
 
     async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
         """Checkpoints whose seq is in first..last, by number: {"number", "seq", "note"}."""
+        ...
+
+    async def purge_note(self, replica: str, seq: int) -> dict[str, Any] | None:
+        """The purge note that cut the chain after record `seq`, if any."""
         ...
 
     async def close(self) -> None: ...

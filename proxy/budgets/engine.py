@@ -1,0 +1,734 @@
+"""The budget engine: one admission decision per request, against a shared or in-process store.
+
+What it adds to a store:
+- specs parsed once per site and policy version, with robots.txt Crawl-delay applied;
+- `on_exceed: delay`: wait (FIFO per site on this replica) until the store says a request fits,
+  sleeping exactly as long as the store reports, never polling faster, up to `max_delay`;
+- store failure: count it, answer from `fail_mode` (closed: 503 `store_unavailable`; local: a
+  per-replica share of each budget in process), probe with backoff, and go back by itself, handing
+  over what it counted meanwhile;
+- settlement (lease release, response bytes) batched off the request's critical path;
+- lease renewal, so only a dead replica's leases expire;
+- site pauses from 429/503 answers, and the budget gauges.
+
+It never raises to its caller: every failure becomes a `Decision`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+import structlog
+
+from proxy import metrics
+from proxy.budgets.gcra import burst_in_use
+from proxy.budgets.gcra import to_seconds
+from proxy.budgets.gcra import utc_day
+from proxy.budgets.gcra import utc_month
+from proxy.budgets.memory import MemoryBudgetStore
+from proxy.budgets.memory import wall_clock_us
+from proxy.budgets.pause import THROTTLE_STATUSES
+from proxy.budgets.pause import PausePolicy
+from proxy.budgets.pause import parse_retry_after
+from proxy.budgets.spec import Budget
+from proxy.budgets.spec import BudgetSpec
+from proxy.budgets.spec import spec_for
+from proxy.budgets.spec import used_ratio
+from proxy.budgets.store import BudgetStore
+from proxy.budgets.store import Carryover
+from proxy.budgets.store import Settlement
+from proxy.budgets.store import Snapshot
+from proxy.budgets.store import StoreVerdict
+from proxy.decision import Decision
+from proxy.decision import Reason
+from proxy.decision import refuse
+from proxy.sites import Site
+
+log = structlog.get_logger("crawlwarden.budgets")
+
+_REASONS = {
+    Budget.RATE: Reason.RATE_LIMITED,
+    Budget.CONCURRENCY: Reason.CONCURRENCY,
+    Budget.REQUESTS_PER_DAY: Reason.QUOTA_REQUESTS,
+    Budget.REQUESTS_PER_MONTH: Reason.QUOTA_REQUESTS,
+    Budget.BYTES_PER_DAY: Reason.QUOTA_BYTES,
+}
+_MAX_TRACKED_SITES = 100_000
+_SLOT_POLL_FIRST = 0.05  # delay mode: first look for a slot freed by another replica
+_SLOT_POLL_MAX = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An admitted request's hold on its site's budgets; give it back with `engine.finish`."""
+
+    site: str
+    id: str
+    local: bool = False  # issued by this replica's fallback while the shared store was down
+    store: BudgetStore | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    decision: Decision
+    lease: Lease | None = None
+    waited: float = 0.0  # seconds held back in delay mode
+
+
+@dataclass(slots=True)
+class _Try:
+    admission: Admission
+    wait: float = 0.0  # seconds until the refusing budget frees up
+    waitable: bool = False  # worth waiting for in delay mode
+    budget: Budget | None = None
+
+
+@dataclass(slots=True)
+class _SiteQueue:
+    """Delayed requests of one site on this replica take turns, first come first served."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    users: int = 0
+
+
+class BudgetEngine:
+    def __init__(
+        self,
+        store: BudgetStore,
+        *,
+        replicas: int = 1,
+        site_label: Callable[[str], str] = lambda key: key,
+        pause_policy: PausePolicy | None = None,
+        probe_max_interval: float = 5.0,
+    ):
+        """`store`: `MemoryBudgetStore()` (embedded) or `RedisBudgetStore(url)` (shared).
+
+        `replicas`: how many gateway replicas share the store. With `fail_mode: local`, each
+        replica enforces 1/replicas of every budget while the shared store is unreachable, so
+        all of them together stay within the policy. Give the deployment's replica count (the
+        Helm chart's `replicaCount`; with an autoscaler, its maximum).
+
+        `site_label`: maps a site key to its bounded `site` label for the gauges.
+        """
+        self._store = store
+        self.replicas = max(1, replicas)
+        self._site_label = site_label
+        self._pause_policy = pause_policy or PausePolicy()
+        self._probe_max = probe_max_interval
+        self._fallback: MemoryBudgetStore | None = (
+            MemoryBudgetStore(lease_ttl=store.lease_ttl) if store.shared else None
+        )
+        self._down = False
+        self._last_error = ""
+        self._probe_delay = 0.1
+
+        self._policy_version: str | None = None
+        self._specs: dict[str, tuple[object, BudgetSpec]] = {}
+        self._local_specs: dict[str, BudgetSpec] = {}
+        self._min_interval: dict[str, float] = {}
+        self._last_seen: dict[str, Snapshot] = {}
+        self._local_pause: dict[str, float] = {}  # site -> monotonic end, set synchronously
+
+        self._nonce = secrets.token_hex(6)
+        self._seq = itertools.count(1)
+        self._live: dict[str, Lease] = {}
+        self._pending: list[tuple[BudgetStore, Settlement]] = []
+        self._unsynced: list[Carryover] = []
+        self._wake = asyncio.Event()
+        self._settle_lock = asyncio.Lock()
+        self._queues: dict[str, _SiteQueue] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._gauges: dict[str, tuple[Any, ...]] = {}
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def store_available(self) -> bool:
+        """False while the shared store is unreachable (for `/readyz` or a dashboard)."""
+        return not self._down
+
+    async def start(self) -> None:
+        try:
+            await self._store.start()
+        except Exception as e:
+            self._store_failed(e)
+        self._loops = [
+            asyncio.create_task(self._settle_loop(), name="budgets-settle"),
+            asyncio.create_task(self._renew_loop(), name="budgets-renew"),
+        ]
+        self._started = True
+
+    async def close(self) -> None:
+        """Settle what is queued (best effort, bounded), stop the background work, close."""
+        try:
+            async with asyncio.timeout(2.0):
+                await self.flush()
+                if self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+        except TimeoutError:
+            log.warning("budget_close_timeout", pending=len(self._pending))
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        self._loops = []
+        try:
+            await self._store.close()
+        except Exception as e:
+            log.warning("budget_store_close_failed", error=str(e))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- specs -------------------------------------------------------------------------------
+
+    def use_policy_version(self, version: str) -> None:
+        """A new policy is in force: parse every site's budgets again on first use."""
+        if version != self._policy_version:
+            self._policy_version = version
+            self._specs.clear()
+            self._local_specs.clear()
+
+    def set_min_interval(self, site_key: str, seconds: float | None) -> None:
+        """robots.txt Crawl-delay for a site: the slower of it and the policy's rate applies.
+
+        None or 0 removes it.
+        """
+        if seconds and seconds > 0:
+            self._min_interval[site_key] = float(seconds)
+        else:
+            self._min_interval.pop(site_key, None)
+        self._specs.pop(site_key, None)
+        self._local_specs.pop(site_key, None)
+
+    def spec(self, site: Site) -> BudgetSpec:
+        cached = self._specs.get(site.key)
+        # Identity, not equality: a reloaded policy builds new settings objects, so a stale
+        # spec is never used even if use_policy_version was not called.
+        if cached is not None and cached[0] is site.settings:
+            return cached[1]
+        spec = spec_for(site).with_min_interval(self._min_interval.get(site.key))
+        if len(self._specs) >= _MAX_TRACKED_SITES:
+            self._specs.clear()
+        self._specs[site.key] = (site.settings, spec)
+        self._local_specs.pop(site.key, None)
+        return spec
+
+    def _local_spec(self, spec: BudgetSpec) -> BudgetSpec:
+        local = self._local_specs.get(spec.key)
+        if local is None:
+            seen = self._last_seen.get(spec.key)
+            now = wall_clock_us()
+            day_used = bytes_used = month_used = 0
+            if seen is not None:
+                if utc_day(seen.now_us).id == utc_day(now).id:
+                    day_used, bytes_used = seen.day_requests, seen.day_bytes
+                if utc_month(seen.now_us).id == utc_month(now).id:
+                    month_used = seen.month_requests
+            local = spec.share(
+                self.replicas, day_used=day_used, month_used=month_used, bytes_used=bytes_used
+            )
+            self._local_specs[spec.key] = local
+        return local
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def admit(self, site: Site) -> Admission:
+        """Check and consume every budget of the site, all or nothing.
+
+        Allowed: the decision carries Reason.OK and the Admission a lease, to hand back with
+        `finish` once the response is over (also when it failed). Refused: the reason, the
+        policy rule, and an accurate retry_after.
+        """
+        try:
+            spec = self.spec(site)
+            if spec.on_exceed == "delay":
+                return await self._admit_delayed(spec)
+            return (await self._attempt(spec)).admission
+        except Exception as e:  # a bug here must cost one request, not the gateway
+            log.exception("budget_admit_failed", site=site.key)
+            return Admission(
+                refuse(
+                    Reason.STORE_UNAVAILABLE,
+                    f"the budget check failed ({type(e).__name__}); try again shortly",
+                    retry_after=1.0,
+                    site=site.key,
+                )
+            )
+
+    async def _attempt(self, spec: BudgetSpec) -> _Try:
+        paused = self._local_pause_left(spec.key)
+        if paused > 0:
+            return self._paused(spec, paused)
+        lease_id = f"{self._nonce}-{next(self._seq)}"
+        if self._down:
+            return await self._attempt_fallback(spec, lease_id)
+        try:
+            verdict = await self._store.admit(spec, lease_id)
+        except Exception as e:
+            self._store_failed(e)
+            return await self._attempt_fallback(spec, lease_id)
+        if self._store.shared:
+            if len(self._last_seen) >= _MAX_TRACKED_SITES:
+                self._last_seen.clear()
+            self._last_seen[spec.key] = verdict.snapshot
+        return self._judge(spec, verdict, self._store, lease_id, local=False)
+
+    async def _attempt_fallback(self, spec: BudgetSpec, lease_id: str) -> _Try:
+        if self._fallback is None or spec.fail_mode == "closed":
+            return _Try(
+                Admission(
+                    refuse(
+                        Reason.STORE_UNAVAILABLE,
+                        f"the shared budget store is unreachable ({self._last_error}) and "
+                        f"{spec.key}'s policy fails closed",
+                        rule=spec.rule("fail_mode"),
+                        retry_after=max(1.0, self._probe_delay),
+                        site=spec.key,
+                    )
+                )
+            )
+        local = self._local_spec(spec)
+        verdict = await self._fallback.admit(local, lease_id)
+        return self._judge(local, verdict, self._fallback, lease_id, local=True)
+
+    def _judge(
+        self,
+        spec: BudgetSpec,
+        verdict: StoreVerdict,
+        store: BudgetStore,
+        lease_id: str,
+        *,
+        local: bool,
+    ) -> _Try:
+        self._observe(spec, verdict.snapshot)
+        if verdict.allowed:
+            lease = Lease(spec.key, lease_id, local, store)
+            self._live[lease_id] = lease
+            return _Try(Admission(Decision(allowed=True, site=spec.key), lease))
+        wait = to_seconds(verdict.wait_us)
+        if verdict.paused or verdict.budget is None:
+            return self._paused(spec, wait)
+        budget = verdict.budget
+        snap = verdict.snapshot
+        share = f" (this replica's 1/{self.replicas} share while Redis is down)" if local else ""
+        if budget is Budget.CONCURRENCY:
+            detail = (
+                f"{spec.key} already has {snap.in_flight} requests in flight; "
+                f"max_concurrency is {spec.max_concurrency}{share}"
+            )
+        elif budget is Budget.RATE:
+            detail = (
+                f"{spec.key} allows {spec.rate_text} with burst {spec.burst}{share}; "
+                f"the next request fits in {wait:.3f}s"
+            )
+        elif budget is Budget.REQUESTS_PER_DAY:
+            detail = (
+                f"{spec.key} had its {spec.requests_per_day} requests for "
+                f"{_date(snap.now_us)} (UTC){share}; the quota renews at 00:00 UTC"
+            )
+        elif budget is Budget.REQUESTS_PER_MONTH:
+            detail = (
+                f"{spec.key} had its {spec.requests_per_month} requests for "
+                f"{_date(snap.now_us)[:7]} (UTC){share}; the quota renews on the 1st, 00:00 UTC"
+            )
+        else:
+            detail = (
+                f"{spec.key} sent {snap.day_bytes} of its {spec.bytes_per_day} bytes for "
+                f"{_date(snap.now_us)} (UTC){share}; the quota renews at 00:00 UTC"
+            )
+        decision = refuse(
+            _REASONS[budget],
+            detail,
+            rule=spec.rule_for(budget),
+            retry_after=wait,
+            site=spec.key,
+        )
+        return _Try(Admission(decision), wait=wait, waitable=True, budget=budget)
+
+    def _paused(self, spec: BudgetSpec, wait: float) -> _Try:
+        decision = refuse(
+            Reason.SITE_PAUSED,
+            f"{spec.key} answered 429 or 503 recently; every replica leaves it alone for "
+            f"{wait:.1f}s more, as it asked (Retry-After) or by backoff",
+            retry_after=wait,
+            site=spec.key,
+        )
+        return _Try(Admission(decision), wait=wait, waitable=True)
+
+    # -- delay mode --------------------------------------------------------------------------
+
+    async def _admit_delayed(self, spec: BudgetSpec) -> Admission:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + spec.max_delay
+        queue = self._queues.get(spec.key)
+        if queue is None:
+            queue = self._queues[spec.key] = _SiteQueue()
+        queue.users += 1
+        try:
+            last: _Try | None = None
+            if not queue.lock.locked():
+                last = await self._attempt(spec)
+                if last.admission.decision.allowed or not last.waitable:
+                    return last.admission
+                if last.wait > spec.max_delay:
+                    return self._gave_up(spec, last, started)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await queue.lock.acquire()
+            except TimeoutError:
+                # Our turn never came; one last look, then that answer stands.
+                return self._held(await self._attempt(spec), started)
+            try:
+                polls = 0
+                while True:
+                    if last is not None:
+                        remaining = deadline - loop.time()
+                        if last.wait > remaining:
+                            return self._gave_up(spec, last, started)
+                        if last.budget is Budget.CONCURRENCY:
+                            # Woken by a release on this replica, or look again for one on
+                            # another replica, slowly.
+                            poll = min(_SLOT_POLL_FIRST * 2**polls, _SLOT_POLL_MAX, remaining)
+                            polls += 1
+                            queue.released.clear()
+                            try:
+                                async with asyncio.timeout(poll):
+                                    await queue.released.wait()
+                            except TimeoutError:
+                                pass
+                        else:
+                            await asyncio.sleep(max(0.001, last.wait))
+                    last = await self._attempt(spec)
+                    if last.admission.decision.allowed or not last.waitable:
+                        return self._held(last, started)
+            finally:
+                queue.lock.release()
+        finally:
+            queue.users -= 1
+            if queue.users == 0:
+                self._queues.pop(spec.key, None)
+
+    def _held(self, last: _Try, started: float) -> Admission:
+        waited = asyncio.get_running_loop().time() - started
+        return Admission(last.admission.decision, last.admission.lease, waited)
+
+    def _gave_up(self, spec: BudgetSpec, last: _Try, started: float) -> Admission:
+        waited = asyncio.get_running_loop().time() - started
+        d = last.admission.decision
+        detail = (
+            f"{d.detail}; on_exceed is delay, but that is longer than max_delay "
+            f"({spec.max_delay:g}s, {spec.rule('max_delay')})"
+        )
+        return Admission(
+            refuse(d.reason, detail, rule=d.rule, retry_after=d.retry_after, site=d.site),
+            None,
+            waited,
+        )
+
+    # -- after the response ------------------------------------------------------------------
+
+    def finish(self, lease: Lease | None, response_bytes: int = 0) -> None:
+        """The request is over: free its concurrency slot, count its response bytes.
+
+        Returns at once; the store hears of it in the next settlement batch. Call it exactly
+        once per admitted request, also when the upstream failed (with the bytes received, if
+        any); a second call is ignored, a missing one costs the slot until the lease expires.
+
+        Bytes are only known after the response, so the byte quota can be overshot by what is
+        in flight when it runs out: at most max_concurrency responses of the site per replica
+        holding the store's view (one response per slot), each of any size.
+        """
+        if lease is None or self._live.pop(lease.id, None) is None:
+            return
+        store = lease.store or self._store
+        self._pending.append((store, Settlement(lease.site, lease.id, max(0, response_bytes))))
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Settle everything `finish` queued so far (tests, shutdown)."""
+        async with self._settle_lock:
+            await self._settle_pending()
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            async with self._settle_lock:
+                await self._settle_pending()
+
+    async def _settle_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            by_store: dict[int, tuple[BudgetStore, list[Settlement]]] = {}
+            for store, item in batch:
+                by_store.setdefault(id(store), (store, []))[1].append(item)
+            for store, items in by_store.values():
+                await self._settle(store, items)
+            for _, item in batch:
+                queue = self._queues.get(item.site)
+                if queue is not None:
+                    queue.released.set()
+
+    async def _settle(self, store: BudgetStore, items: list[Settlement]) -> None:
+        if store is self._store and self._down:
+            self._keep_unsynced(items)
+            return
+        try:
+            await store.settle(items)
+        except Exception as e:
+            if store is self._store:
+                self._store_failed(e)
+                # The leases lapse by themselves; the bytes are handed over on recovery.
+                self._keep_unsynced(items)
+            else:
+                log.exception("budget_settle_failed", store=store.name)
+
+    def _keep_unsynced(self, items: list[Settlement]) -> None:
+        now = wall_clock_us()
+        day, month = utc_day(now).id, utc_month(now).id
+        for item in items:
+            if item.response_bytes > 0:
+                self._unsynced.append(Carryover(item.site, day, 0, item.response_bytes, month, 0))
+        del self._unsynced[:-_MAX_TRACKED_SITES]
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self._store.lease_ttl / 3))
+            by_store: dict[int, tuple[BudgetStore, list[tuple[str, str]]]] = {}
+            for lease in list(self._live.values()):
+                store = lease.store or self._store
+                if store is self._store and self._down:
+                    continue
+                by_store.setdefault(id(store), (store, []))[1].append((lease.site, lease.id))
+            for store, leases in by_store.values():
+                try:
+                    await store.renew(leases)
+                except Exception as e:
+                    if store is self._store:
+                        self._store_failed(e)
+                    else:
+                        log.exception("budget_renew_failed", store=store.name)
+
+    # -- site pauses -------------------------------------------------------------------------
+
+    def site_answered(self, site: Site, status: int, retry_after_header: str | None = None) -> None:
+        """Tell the engine how the site answered; a 429 or 503 pauses it on every replica.
+
+        Returns at once. The pause holds on this replica from now on and on the others once the
+        store has it (one round trip).
+        """
+        if status not in THROTTLE_STATUSES:
+            return
+        try:
+            label = self._site_label(site.key)
+            metrics.SITE_RESPONSES_THROTTLED.labels(site=label, status=str(status)).inc()
+            seconds = parse_retry_after(retry_after_header)
+            if seconds is not None:
+                seconds = self._pause_policy.clamp(seconds)
+            log.warning(
+                "site_throttled",
+                site=site.key,
+                status=status,
+                retry_after=retry_after_header,
+                pause=seconds if seconds is not None else "backoff",
+            )
+            now = time.monotonic()
+            # At least this long; the store may make it longer (backoff, an earlier pause).
+            guard = seconds if seconds is not None else self._pause_policy.base
+            self._local_pause[site.key] = max(self._local_pause.get(site.key, 0.0), now + guard)
+            self._spawn(self._pause(site.key, seconds))
+        except Exception:
+            log.exception("site_answered_failed", site=site.key)
+
+    def _local_pause_left(self, key: str) -> float:
+        if not self._local_pause:
+            return 0.0
+        end = self._local_pause.get(key)
+        if end is None:
+            return 0.0
+        left = end - time.monotonic()
+        if left <= 0:
+            del self._local_pause[key]
+        return left
+
+    async def _pause(self, key: str, seconds: float | None) -> None:
+        policy = self._pause_policy
+        if not self._down:
+            try:
+                left = await self._store.pause(key, seconds, policy)
+            except Exception as e:
+                self._store_failed(e)
+            else:
+                if self._fallback is not None:
+                    # Mirror it, so it holds here even if the shared store goes away.
+                    await self._fallback.pause(key, left, policy)
+                self._extend_local_pause(key, left)
+                return
+        if self._fallback is not None:
+            left = await self._fallback.pause(key, seconds, policy)
+            self._extend_local_pause(key, left)
+
+    def _extend_local_pause(self, key: str, left: float) -> None:
+        end = time.monotonic() + left
+        if end > self._local_pause.get(key, 0.0):
+            self._local_pause[key] = end
+
+    # -- store failure and recovery ----------------------------------------------------------
+
+    def _store_failed(self, exc: BaseException) -> None:
+        metrics.STORE_ERRORS.labels(store=self._store.name).inc()
+        self._last_error = str(exc) or type(exc).__name__
+        if not self._store.shared:
+            log.error("budget_store_error", store=self._store.name, error=self._last_error)
+            return
+        if self._down:
+            return
+        self._down = True
+        self._probe_delay = 0.1
+        log.warning("budget_store_unavailable", store=self._store.name, error=self._last_error)
+        self._spawn(self._probe())
+
+    async def _probe(self) -> None:
+        """Look for the shared store again, backing off; hand over local counts when it is back."""
+        while True:
+            await asyncio.sleep(self._probe_delay)
+            try:
+                await self._store.ping()
+            except Exception as e:
+                metrics.STORE_ERRORS.labels(store=self._store.name).inc()
+                self._last_error = str(e) or type(e).__name__
+                self._probe_delay = min(self._probe_delay * 2, self._probe_max)
+                continue
+            break
+        handover = list(self._unsynced)
+        self._unsynced.clear()
+        if self._fallback is not None:
+            handover.extend(self._fallback.usage_since_start())
+            # Counting starts over for the next outage; leases it issued stay with it.
+            self._fallback = MemoryBudgetStore(lease_ttl=self._store.lease_ttl)
+        self._local_specs.clear()
+        self._down = False
+        log.info("budget_store_recovered", store=self._store.name, handed_over=len(handover))
+        if handover:
+            try:
+                await self._store.carry_over(handover)
+            except Exception as e:
+                self._unsynced.extend(handover)
+                self._store_failed(e)
+
+    # -- visibility --------------------------------------------------------------------------
+
+    def _observe(self, spec: BudgetSpec, snap: Snapshot) -> None:
+        label = self._site_label(spec.key)
+        gauges = self._gauges.get(label)
+        if gauges is None:
+            gauges = self._gauges[label] = tuple(
+                metrics.BUDGET_USED_RATIO.labels(site=label, budget=str(b)) for b in Budget
+            )
+        rate, conc, day, month, size = gauges
+        rate.set(used_ratio(burst_in_use(snap.tat_us, snap.now_us, spec.interval_us), spec.burst))
+        conc.set(used_ratio(snap.in_flight, spec.max_concurrency))
+        day.set(used_ratio(snap.day_requests, spec.requests_per_day))
+        month.set(used_ratio(snap.month_requests, spec.requests_per_month))
+        size.set(used_ratio(snap.day_bytes, spec.bytes_per_day))
+
+    async def usage(self, site: Site) -> dict[str, Any]:
+        """Used, limit and remaining per budget of the site (for `GET /v1/budgets?site=`)."""
+        spec = self.spec(site)
+        source = self._store.name
+        snap: Snapshot | None = None
+        shown = spec
+        if not self._down:
+            try:
+                snap = await self._store.snapshot(spec.key)
+            except Exception as e:
+                self._store_failed(e)
+        if snap is None and self._fallback is not None and spec.fail_mode == "local":
+            shown = self._local_spec(spec)
+            snap = await self._fallback.snapshot(spec.key)
+            source = "local"
+        if snap is None:
+            return {
+                "site": spec.key,
+                "store": "unavailable",
+                "error": self._last_error,
+                "budgets": _describe(spec, None),
+            }
+        self._observe(shown, snap)
+        out: dict[str, Any] = {
+            "site": spec.key,
+            "store": source,
+            "at": _iso(snap.now_us),
+            "paused_until": _iso(snap.paused_until_us)
+            if snap.paused_until_us > snap.now_us
+            else None,
+            "budgets": _describe(shown, snap),
+        }
+        if source == "local":
+            out["share"] = f"1/{self.replicas}"
+        return out
+
+
+def _describe(spec: BudgetSpec, snap: Snapshot | None) -> dict[str, dict[str, Any]]:
+    def entry(budget: Budget, limit: int | None, used: int | None, **extra: Any) -> dict[str, Any]:
+        remaining = None if limit is None or used is None else max(0, limit - used)
+        ratio = None if used is None else used_ratio(used, limit)
+        return {
+            "limit": limit,
+            "used": used,
+            "remaining": remaining,
+            "used_ratio": ratio,
+            "rule": spec.rule_for(budget),
+            **extra,
+        }
+
+    if snap is None:
+        rate_used = conc = day = month = size = None
+        day_end = month_end = None
+    else:
+        rate_used = burst_in_use(snap.tat_us, snap.now_us, spec.interval_us)
+        conc, day, month, size = (
+            snap.in_flight,
+            snap.day_requests,
+            snap.month_requests,
+            snap.day_bytes,
+        )
+        day_end, month_end = _iso(utc_day(snap.now_us).end), _iso(utc_month(snap.now_us).end)
+    return {
+        str(Budget.RATE): entry(
+            Budget.RATE, spec.burst, rate_used, rate=spec.rate_text, unit="burst slots"
+        ),
+        str(Budget.CONCURRENCY): entry(Budget.CONCURRENCY, spec.max_concurrency, conc),
+        str(Budget.REQUESTS_PER_DAY): entry(
+            Budget.REQUESTS_PER_DAY, spec.requests_per_day, day, resets_at=day_end
+        ),
+        str(Budget.REQUESTS_PER_MONTH): entry(
+            Budget.REQUESTS_PER_MONTH, spec.requests_per_month, month, resets_at=month_end
+        ),
+        str(Budget.BYTES_PER_DAY): entry(
+            Budget.BYTES_PER_DAY, spec.bytes_per_day, size, resets_at=day_end, unit="bytes"
+        ),
+    }
+
+
+def _iso(us: int) -> str:
+    return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _date(us: int) -> str:
+    return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).date().isoformat()

@@ -1,0 +1,236 @@
+"""The in-process budget store: embedded mode, and each replica's fallback when Redis is down.
+
+Every method runs without an `await` in between its reads and writes, so each is atomic on the
+event loop, just as the Lua script is atomic in Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+
+from proxy.budgets.gcra import CONCURRENCY_WAIT_US
+from proxy.budgets.gcra import gcra
+from proxy.budgets.gcra import to_us
+from proxy.budgets.gcra import utc_day
+from proxy.budgets.gcra import utc_month
+from proxy.budgets.pause import PausePolicy
+from proxy.budgets.spec import Budget
+from proxy.budgets.spec import BudgetSpec
+from proxy.budgets.store import Carryover
+from proxy.budgets.store import Settlement
+from proxy.budgets.store import Snapshot
+from proxy.budgets.store import StoreVerdict
+
+_MAX_SITES = 100_000
+_MAX_BACKOFF_LEVEL = 40
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(slots=True)
+class _SiteState:
+    tat: int = 0
+    leases: dict[str, int] = field(default_factory=dict)  # lease id -> expiry (us)
+    day: int = -1
+    day_requests: int = 0
+    day_bytes: int = 0
+    month: int = -1
+    month_requests: int = 0
+    paused_until: int = 0
+    backoff_level: int = 0
+    backoff_expires: int = 0
+
+    def roll(self, now: int) -> None:
+        """Start new counters when a calendar day or month (UTC) has begun."""
+        day = utc_day(now).id
+        if day != self.day:
+            self.day, self.day_requests, self.day_bytes = day, 0, 0
+        month = utc_month(now).id
+        if month != self.month:
+            self.month, self.month_requests = month, 0
+
+    def expire_leases(self, now: int) -> None:
+        if self.leases:
+            for lease_id in [k for k, exp in self.leases.items() if exp <= now]:
+                del self.leases[lease_id]
+
+    def snapshot(self, now: int) -> Snapshot:
+        return Snapshot(
+            now_us=now,
+            tat_us=max(self.tat, now),
+            in_flight=sum(1 for exp in self.leases.values() if exp > now),
+            day_requests=self.day_requests,
+            day_bytes=self.day_bytes,
+            month_requests=self.month_requests,
+            paused_until_us=self.paused_until,
+        )
+
+
+class MemoryBudgetStore:
+    name = "memory"
+    shared = False
+
+    def __init__(self, *, lease_ttl: float = 30.0, clock: Callable[[], int] | None = None):
+        """`clock` returns microseconds since the epoch (tests pass a controllable one)."""
+        self.lease_ttl = lease_ttl
+        self._clock = clock or wall_clock_us
+        self._sites: dict[str, _SiteState] = {}
+
+    def _state(self, site: str) -> _SiteState:
+        state = self._sites.get(site)
+        if state is None:
+            if len(self._sites) >= _MAX_SITES:
+                self._evict_idle()
+            state = self._sites[site] = _SiteState()
+        return state
+
+    def _evict_idle(self) -> None:
+        # Sites with nothing in flight and no pause: dropping one only forgets a rate slot and
+        # today's counts of a site not seen among the last 100k. Bounded memory matters more.
+        now = self._clock()
+        for key in [k for k, s in self._sites.items() if not s.leases and s.paused_until < now]:
+            del self._sites[key]
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def admit(
+        self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None
+    ) -> StoreVerdict:
+        now = self._clock() if now_us is None else now_us
+        s = self._state(spec.key)
+        s.roll(now)
+        # Same order and tie-break as the Lua script: the budget that frees up last is reported.
+        refusal: tuple[Budget | None, int] | None = None
+
+        def fail(budget: Budget | None, wait: int) -> None:
+            nonlocal refusal
+            if refusal is None or wait > refusal[1]:
+                refusal = (budget, wait)
+
+        if s.paused_until > now:
+            fail(None, s.paused_until - now)
+        day_end = utc_day(now).end
+        if spec.requests_per_day is not None and s.day_requests >= spec.requests_per_day:
+            fail(Budget.REQUESTS_PER_DAY, day_end - now)
+        if spec.requests_per_month is not None and s.month_requests >= spec.requests_per_month:
+            fail(Budget.REQUESTS_PER_MONTH, utc_month(now).end - now)
+        if spec.bytes_per_day is not None and s.day_bytes >= spec.bytes_per_day:
+            fail(Budget.BYTES_PER_DAY, day_end - now)
+        rate = gcra(s.tat, now, spec.interval_us, spec.burst)
+        if not rate.allowed:
+            fail(Budget.RATE, rate.wait)
+        s.expire_leases(now)
+        if len(s.leases) >= spec.max_concurrency:
+            oldest = min(s.leases.values(), default=now + to_us(self.lease_ttl))
+            fail(Budget.CONCURRENCY, min(oldest - now, CONCURRENCY_WAIT_US))
+        if refusal is not None:
+            budget, wait = refusal
+            return StoreVerdict(False, budget, budget is None, wait, s.snapshot(now))
+        s.tat = rate.tat
+        s.leases[lease_id] = now + to_us(self.lease_ttl)
+        s.day_requests += 1
+        s.month_requests += 1
+        return StoreVerdict(True, None, False, 0, s.snapshot(now))
+
+    async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:
+        now = self._clock() if now_us is None else now_us
+        for item in batch:
+            s = self._sites.get(item.site)
+            if s is None:
+                if item.response_bytes <= 0:
+                    continue
+                s = self._state(item.site)
+            if item.lease_id is not None:
+                s.leases.pop(item.lease_id, None)
+            if item.response_bytes > 0:
+                s.roll(now)
+                s.day_bytes += item.response_bytes
+
+    async def renew(self, leases: Sequence[tuple[str, str]], *, now_us: int | None = None) -> None:
+        now = self._clock() if now_us is None else now_us
+        expiry = now + to_us(self.lease_ttl)
+        for site, lease_id in leases:
+            s = self._sites.get(site)
+            if s is not None and lease_id in s.leases and s.leases[lease_id] > now:
+                s.leases[lease_id] = expiry
+
+    async def pause(
+        self,
+        site: str,
+        seconds: float | None,
+        policy: PausePolicy,
+        *,
+        now_us: int | None = None,
+    ) -> float:
+        now = self._clock() if now_us is None else now_us
+        s = self._state(site)
+        if s.backoff_expires <= now:
+            s.backoff_level = 0
+        if seconds is None:
+            if s.paused_until > now:
+                # A late answer to a request sent before the pause began: no escalation.
+                return (s.paused_until - now) / 1e6
+            s.backoff_level = min(s.backoff_level + 1, _MAX_BACKOFF_LEVEL)
+            want = min(to_us(policy.cap), to_us(policy.base) * 2 ** (s.backoff_level - 1))
+            s.backoff_expires = now + want + to_us(policy.reset_after)
+        else:
+            want = to_us(seconds)
+        s.paused_until = max(s.paused_until, now + want)
+        return (s.paused_until - now) / 1e6
+
+    async def snapshot(self, site: str, *, now_us: int | None = None) -> Snapshot:
+        now = self._clock() if now_us is None else now_us
+        s = self._sites.get(site)
+        if s is None:
+            return Snapshot(now, now, 0, 0, 0, 0, 0)
+        s.roll(now)
+        return s.snapshot(now)
+
+    async def carry_over(self, items: Sequence[Carryover], *, now_us: int | None = None) -> None:
+        now = self._clock() if now_us is None else now_us
+        for item in items:
+            s = self._state(item.site)
+            s.roll(now)
+            if item.day == s.day:
+                s.day_requests += item.day_requests
+                s.day_bytes += item.day_bytes
+            if item.month == s.month:
+                s.month_requests += item.month_requests
+            if item.paused_for_us > 0:
+                s.paused_until = max(s.paused_until, now + item.paused_for_us)
+
+    # -- for the engine's hand-back to the shared store --------------------------------------
+
+    def usage_since_start(self, *, now_us: int | None = None) -> list[Carryover]:
+        """Everything this store counted in the current periods, and pauses still running."""
+        now = self._clock() if now_us is None else now_us
+        out = []
+        for key, s in self._sites.items():
+            s.roll(now)
+            paused_for = max(0, s.paused_until - now)
+            if s.day_requests or s.day_bytes or s.month_requests or paused_for:
+                out.append(
+                    Carryover(
+                        key,
+                        s.day,
+                        s.day_requests,
+                        s.day_bytes,
+                        s.month,
+                        s.month_requests,
+                        paused_for,
+                    )
+                )
+        return out

@@ -1,0 +1,288 @@
+"""The Redis budget store: budgets shared by every replica (`--redis-url`).
+
+Key layout, for site S under prefix P (default "cw:"); the `{S}` hash tag puts all keys of a
+site in one Redis Cluster slot:
+
+    P{S}:rate     string  GCRA theoretical arrival time (us)
+    P{S}:conc     zset    concurrency leases: member lease id, score expiry (us)
+    P{S}:day      hash    p = day id (days since epoch, UTC), n = requests, b = response bytes
+    P{S}:month    hash    p = month id (year * 12 + month - 1), n = requests
+    P{S}:pause    string  end of the site's pause (us)
+    P{S}:backoff  hash    level = backoff doublings so far, expires = when the level resets (us)
+
+Every request costs one EVALSHA (`scripts.ADMIT`). Settlements are batched into one pipeline,
+off the request's critical path. Scripts are sent by their SHA-1; on NOSCRIPT (a fresh or
+restarted Redis) the full script goes once with EVAL, which also caches it.
+
+Timeouts are short and there is no retry with backoff inside redis-py: a slow Redis must turn
+into a fast fallback decision (`BudgetEngine`), not a stalled request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import RedisError
+
+from proxy.budgets import scripts
+from proxy.budgets.gcra import CONCURRENCY_WAIT_US
+from proxy.budgets.gcra import to_us
+from proxy.budgets.pause import PausePolicy
+from proxy.budgets.scripts import Script
+from proxy.budgets.spec import Budget
+from proxy.budgets.spec import BudgetSpec
+from proxy.budgets.store import Carryover
+from proxy.budgets.store import Settlement
+from proxy.budgets.store import Snapshot
+from proxy.budgets.store import StoreUnavailable
+from proxy.budgets.store import StoreVerdict
+
+_CODES: dict[int, Budget | None] = {
+    1: None,  # paused
+    2: Budget.REQUESTS_PER_DAY,
+    3: Budget.REQUESTS_PER_MONTH,
+    4: Budget.BYTES_PER_DAY,
+    5: Budget.RATE,
+    6: Budget.CONCURRENCY,
+}
+_BATCH = 256
+_MAX_CACHED_KEYS = 100_000
+
+
+class SiteKeys(NamedTuple):
+    rate: str
+    conc: str
+    day: str
+    month: str
+    pause: str
+    backoff: str
+
+
+def site_keys(prefix: str, site: str) -> SiteKeys:
+    # A brace inside the tag would end it early and split the site over slots.
+    tag = site.replace("{", "%7B").replace("}", "%7D")
+    base = f"{prefix}{{{tag}}}:"
+    return SiteKeys(*(base + name for name in SiteKeys._fields))
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _now_arg(now_us: int | None) -> str:
+    return "" if now_us is None else str(now_us)
+
+
+class RedisBudgetStore:
+    name = "redis"
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "cw:",
+        lease_ttl: float = 30.0,
+        socket_timeout: float = 0.75,
+        connect_timeout: float = 0.5,
+        max_connections: int = 64,
+    ):
+        self.url = url
+        self.key_prefix = key_prefix
+        self.lease_ttl = lease_ttl
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=max(2.0, socket_timeout * 2),  # waiting for a free pooled connection
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            # One immediate retry on a broken connection (a pooled socket that died with a
+            # restarted Redis), none on a timeout: a timed-out EVALSHA may have run already.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._keys: dict[str, SiteKeys] = {}
+
+    def keys(self, site: str) -> SiteKeys:
+        keys = self._keys.get(site)
+        if keys is None:
+            if len(self._keys) >= _MAX_CACHED_KEYS:
+                self._keys.clear()
+            keys = self._keys[site] = site_keys(self.key_prefix, site)
+        return keys
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the scripts once; also proves Redis is there and the scripts compile."""
+        try:
+            for script in scripts.ALL:
+                sha = await self._redis.script_load(script.source)
+                assert sha == script.sha, f"{script.name}: Redis computed another SHA-1"
+        except (TimeoutError, RedisError, OSError) as e:
+            raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (TimeoutError, RedisError, OSError) as e:
+            raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
+
+    def _where(self) -> str:
+        kwargs = self._pool.connection_kwargs
+        if "path" in kwargs:
+            return str(kwargs["path"])
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            try:
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self._redis.eval(script.source, len(keys), *keys, *args)
+        except (TimeoutError, RedisError, OSError) as e:
+            raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
+
+    async def _pipeline(
+        self, script: Script, calls: Sequence[tuple[Sequence[str], list[Any]]]
+    ) -> None:
+        """Run many calls of one script in one round trip (per _BATCH calls)."""
+        try:
+            for start in range(0, len(calls), _BATCH):
+                chunk = calls[start : start + _BATCH]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for keys, args in chunk:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                missing = [
+                    c for c, r in zip(chunk, results, strict=True) if isinstance(r, NoScriptError)
+                ]
+                failed = [
+                    r
+                    for r in results
+                    if isinstance(r, Exception) and not isinstance(r, NoScriptError)
+                ]
+                if failed:
+                    raise failed[0]
+                if missing:
+                    # NOSCRIPT calls did not run; send the script once, then those calls again.
+                    await self._redis.script_load(script.source)
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for keys, args in missing:
+                            pipe.evalsha(script.sha, len(keys), *keys, *args)
+                        await pipe.execute()
+        except (TimeoutError, RedisError, OSError) as e:
+            raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    async def admit(
+        self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None
+    ) -> StoreVerdict:
+        k = self.keys(spec.key)
+        r = await self._eval(
+            scripts.ADMIT,
+            (k.rate, k.conc, k.day, k.month, k.pause),
+            [
+                spec.interval_us,
+                spec.burst,
+                spec.max_concurrency,
+                lease_id,
+                to_us(self.lease_ttl),
+                _limit(spec.requests_per_day),
+                _limit(spec.requests_per_month),
+                _limit(spec.bytes_per_day),
+                CONCURRENCY_WAIT_US,
+                _now_arg(now_us),
+            ],
+        )
+        code, wait, now, tat, cn, dn, db, mn, paused_until = (int(x) for x in r)
+        snap = Snapshot(now, tat, cn, dn, db, mn, paused_until)
+        if code == 0:
+            return StoreVerdict(True, None, False, 0, snap)
+        return StoreVerdict(False, _CODES[code], code == 1, wait, snap)
+
+    async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:
+        calls = []
+        for item in batch:
+            k = self.keys(item.site)
+            calls.append(
+                (
+                    (k.conc, k.day),
+                    [item.lease_id or "", max(0, item.response_bytes), _now_arg(now_us)],
+                )
+            )
+        if calls:
+            await self._pipeline(scripts.SETTLE, calls)
+
+    async def renew(self, leases: Sequence[tuple[str, str]], *, now_us: int | None = None) -> None:
+        by_site: dict[str, list[str]] = {}
+        for site, lease_id in leases:
+            by_site.setdefault(site, []).append(lease_id)
+        calls = [
+            ((self.keys(site).conc,), [to_us(self.lease_ttl), _now_arg(now_us), *ids])
+            for site, ids in by_site.items()
+        ]
+        if calls:
+            await self._pipeline(scripts.RENEW, calls)
+
+    async def pause(
+        self,
+        site: str,
+        seconds: float | None,
+        policy: PausePolicy,
+        *,
+        now_us: int | None = None,
+    ) -> float:
+        k = self.keys(site)
+        left = await self._eval(
+            scripts.PAUSE,
+            (k.pause, k.backoff),
+            [
+                -1 if seconds is None else to_us(seconds),
+                to_us(policy.base),
+                to_us(policy.cap),
+                to_us(policy.reset_after),
+                _now_arg(now_us),
+            ],
+        )
+        return int(left) / 1e6
+
+    async def snapshot(self, site: str, *, now_us: int | None = None) -> Snapshot:
+        k = self.keys(site)
+        r = await self._eval(
+            scripts.USAGE, (k.rate, k.conc, k.day, k.month, k.pause), [_now_arg(now_us)]
+        )
+        return Snapshot(*(int(x) for x in r))
+
+    async def carry_over(self, items: Sequence[Carryover], *, now_us: int | None = None) -> None:
+        calls = []
+        for item in items:
+            k = self.keys(item.site)
+            calls.append(
+                (
+                    (k.day, k.month, k.pause),
+                    [
+                        item.day,
+                        item.day_requests,
+                        item.day_bytes,
+                        item.month,
+                        item.month_requests,
+                        item.paused_for_us,
+                        _now_arg(now_us),
+                    ],
+                )
+            )
+        if calls:
+            await self._pipeline(scripts.CARRY_OVER, calls)

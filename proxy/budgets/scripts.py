@@ -1,0 +1,314 @@
+"""The Lua scripts of the Redis budget store.
+
+`ADMIT` is the one round trip of a request's budget decision: it checks the site's pause and
+every budget, then consumes all of them or none. Redis runs a script atomically, so replicas
+never race between the check and the consumption.
+
+Rules shared by all scripts:
+- The clock is Redis `TIME` (one clock for every replica). The last argument may override it with
+  a time in microseconds; only tests pass one, to drive the script through days and months.
+- Times are integer microseconds since the epoch. They stay below 2**53, where Lua's doubles are
+  exact, and numbers go back to Redis through `str` ("%.0f"), never Lua's lossy "%.14g".
+- A key's expiry only reclaims memory; every decision compares stored values with `now` (period
+  ids, lease scores, pause ends), so the scripts give the same answers under a test clock.
+- Every key a script touches is passed in KEYS, and all keys of a site share the `{site}` hash
+  tag: the scripts run unchanged on Redis Cluster.
+
+`gcra.py` is the same arithmetic in Python; the tests hold the two against each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+
+_PRELUDE = """
+local DAY = 86400000000
+local function clock(override)
+  if override and override ~= '' then return tonumber(override) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function int(v)
+  if v then return tonumber(v) or 0 end
+  return 0
+end
+local function str(x) return string.format('%.0f', x) end
+-- Howard Hinnant's algorithms: days since 1970-01-01 <-> proleptic Gregorian (y, m, d).
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+-- The calendar day and month (UTC) of `now`: an id, and when the next one starts.
+local function utc_day(now)
+  local day = math.floor(now / DAY)
+  return day, (day + 1) * DAY
+end
+local function utc_month(now)
+  local y, m = civil_from_days(math.floor(now / DAY))
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return y * 12 + m - 1, days_from_civil(ny, nm, 1) * DAY
+end
+local function expire_after(key, us)
+  redis.call('PEXPIRE', key, str(math.floor(us / 1000) + 1000))
+end
+"""
+
+# KEYS: rate, conc, day, month, pause
+# ARGV: interval_us, burst, max_concurrency, lease_id, lease_ttl_us,
+#       requests_per_day, requests_per_month, bytes_per_day (-1: unlimited),
+#       concurrency_wait_us (what to report when all slots are taken), [now_us]
+# Returns {code, wait_us, now, tat, in_flight, day_n, day_bytes, month_n, paused_until}.
+# code: 0 allowed, 1 paused, 2 requests_per_day, 3 requests_per_month, 4 bytes_per_day,
+# 5 rate, 6 concurrency. When several refuse, the one that frees up last is reported (ties: the
+# first in that order), so the Retry-After a scraper gets is the one that matters.
+ADMIT = Script(
+    "admit",
+    _PRELUDE
+    + """
+local rate_key, conc_key, day_key = KEYS[1], KEYS[2], KEYS[3]
+local month_key, pause_key = KEYS[4], KEYS[5]
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local max_conc = tonumber(ARGV[3])
+local lease = ARGV[4]
+local lease_ttl = tonumber(ARGV[5])
+local day_limit = tonumber(ARGV[6])
+local month_limit = tonumber(ARGV[7])
+local bytes_limit = tonumber(ARGV[8])
+local conc_wait = tonumber(ARGV[9])
+local now = clock(ARGV[10])
+
+local code, wait = 0, -1
+local function fail(c, w)
+  if w > wait then code, wait = c, w end
+end
+
+local paused_until = int(redis.call('GET', pause_key))
+if paused_until > now then fail(1, paused_until - now) end
+
+local day, day_end = utc_day(now)
+local d = redis.call('HMGET', day_key, 'p', 'n', 'b')
+local dn, db = 0, 0
+if d[1] and tonumber(d[1]) == day then dn, db = int(d[2]), int(d[3]) end
+local month, month_end = utc_month(now)
+local mo = redis.call('HMGET', month_key, 'p', 'n')
+local mn = 0
+if mo[1] and tonumber(mo[1]) == month then mn = int(mo[2]) end
+if day_limit >= 0 and dn >= day_limit then fail(2, day_end - now) end
+if month_limit >= 0 and mn >= month_limit then fail(3, month_end - now) end
+if bytes_limit >= 0 and db >= bytes_limit then fail(4, day_end - now) end
+
+-- GCRA, virtual scheduling: conforming when tat - now <= tau = (burst - 1) * interval.
+local tat = math.max(int(redis.call('GET', rate_key)), now)
+local tau = (burst - 1) * interval
+if tat - now > tau then fail(5, tat - tau - now) end
+
+-- Concurrency slots are leases scored by their expiry: a dead replica's slots lapse by themselves.
+redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', str(now))
+local cn = redis.call('ZCARD', conc_key)
+if cn >= max_conc then
+  local oldest = redis.call('ZRANGE', conc_key, 0, 0, 'WITHSCORES')
+  -- A slot frees when some response ends, which nobody can predict: report the sooner of the
+  -- oldest lease's expiry and a short estimate.
+  local frees = now + lease_ttl
+  if oldest[2] then frees = tonumber(oldest[2]) end
+  fail(6, math.min(frees - now, conc_wait))
+end
+
+if code ~= 0 then
+  return {code, wait, now, tat, cn, dn, db, mn, paused_until}
+end
+
+local new_tat = tat + interval
+redis.call('SET', rate_key, str(new_tat))
+expire_after(rate_key, new_tat - now)
+redis.call('ZADD', conc_key, str(now + lease_ttl), lease)
+expire_after(conc_key, lease_ttl)
+redis.call('HSET', day_key, 'p', str(day), 'n', str(dn + 1), 'b', str(db))
+expire_after(day_key, day_end - now + 3600000000)
+redis.call('HSET', month_key, 'p', str(month), 'n', str(mn + 1))
+expire_after(month_key, month_end - now + 3600000000)
+return {0, 0, now, new_tat, cn + 1, dn + 1, db, mn + 1, paused_until}
+""",
+)
+
+# KEYS: conc, day.  ARGV: lease_id ('' for none), response_bytes, [now_us]
+# Frees the lease and adds the bytes to today's count (the day the response ended, UTC).
+SETTLE = Script(
+    "settle",
+    _PRELUDE
+    + """
+local now = clock(ARGV[3])
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+local bytes = tonumber(ARGV[2])
+if bytes > 0 then
+  local day, day_end = utc_day(now)
+  local p = redis.call('HGET', KEYS[2], 'p')
+  if p and tonumber(p) == day then
+    redis.call('HINCRBY', KEYS[2], 'b', str(bytes))
+  else
+    redis.call('HSET', KEYS[2], 'p', str(day), 'n', '0', 'b', str(bytes))
+  end
+  expire_after(KEYS[2], day_end - now + 3600000000)
+end
+return 1
+""",
+)
+
+# KEYS: conc.  ARGV: lease_ttl_us, now_us ('' for TIME), lease_id...
+# Extends leases that are still live; a lapsed lease is not revived.
+RENEW = Script(
+    "renew",
+    _PRELUDE
+    + """
+local now = clock(ARGV[2])
+local ttl = tonumber(ARGV[1])
+local n = 0
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) > now then
+    redis.call('ZADD', KEYS[1], str(now + ttl), ARGV[i])
+    n = n + 1
+  end
+end
+if n > 0 then expire_after(KEYS[1], ttl) end
+return n
+""",
+)
+
+# KEYS: pause, backoff.  ARGV: pause_us (-1: back off), base_us, cap_us, reset_us, [now_us]
+# Returns the microseconds the site stays paused. A pause only ever grows. Backing off doubles
+# from `base` up to `cap` for each throttling answer after the previous pause ended (answers to
+# requests sent before it do not escalate), and starts over `reset` after a pause ends quietly.
+PAUSE = Script(
+    "pause",
+    _PRELUDE
+    + """
+local now = clock(ARGV[5])
+local want = tonumber(ARGV[1])
+local paused_until = int(redis.call('GET', KEYS[1]))
+if want < 0 then
+  if paused_until > now then return paused_until - now end
+  local b = redis.call('HMGET', KEYS[2], 'level', 'expires')
+  local level = 0
+  if int(b[2]) > now then level = int(b[1]) end
+  level = math.min(level + 1, 40)
+  want = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) * 2 ^ (level - 1))
+  local expires = now + want + tonumber(ARGV[4])
+  redis.call('HSET', KEYS[2], 'level', str(level), 'expires', str(expires))
+  expire_after(KEYS[2], expires - now)
+end
+paused_until = math.max(paused_until, now + want)
+redis.call('SET', KEYS[1], str(paused_until))
+expire_after(KEYS[1], paused_until - now)
+return paused_until - now
+""",
+)
+
+# KEYS: rate, conc, day, month, pause.  ARGV: [now_us]
+# Returns {now, tat, in_flight, day_n, day_bytes, month_n, paused_until}; reads only.
+USAGE = Script(
+    "usage",
+    _PRELUDE
+    + """
+local now = clock(ARGV[1])
+local tat = math.max(int(redis.call('GET', KEYS[1])), now)
+local cn = redis.call('ZCOUNT', KEYS[2], '(' .. str(now), '+inf')
+local day = utc_day(now)
+local d = redis.call('HMGET', KEYS[3], 'p', 'n', 'b')
+local dn, db = 0, 0
+if d[1] and tonumber(d[1]) == day then dn, db = int(d[2]), int(d[3]) end
+local month = utc_month(now)
+local mo = redis.call('HMGET', KEYS[4], 'p', 'n')
+local mn = 0
+if mo[1] and tonumber(mo[1]) == month then mn = int(mo[2]) end
+return {now, tat, cn, dn, db, mn, int(redis.call('GET', KEYS[5]))}
+""",
+)
+
+# KEYS: day, month, pause.
+# ARGV: day_id, day_n, day_bytes, month_id, month_n, paused_for_us, [now_us]
+# Adds usage counted while Redis was unreachable, for the periods that are still current.
+CARRY_OVER = Script(
+    "carry_over",
+    _PRELUDE
+    + """
+local now = clock(ARGV[7])
+local day, day_end = utc_day(now)
+local dn, db = tonumber(ARGV[2]), tonumber(ARGV[3])
+if tonumber(ARGV[1]) == day and (dn > 0 or db > 0) then
+  local p = redis.call('HGET', KEYS[1], 'p')
+  if p and tonumber(p) == day then
+    redis.call('HINCRBY', KEYS[1], 'n', str(dn))
+    redis.call('HINCRBY', KEYS[1], 'b', str(db))
+  else
+    redis.call('HSET', KEYS[1], 'p', str(day), 'n', str(dn), 'b', str(db))
+  end
+  expire_after(KEYS[1], day_end - now + 3600000000)
+end
+local month, month_end = utc_month(now)
+local mn = tonumber(ARGV[5])
+if tonumber(ARGV[4]) == month and mn > 0 then
+  local p = redis.call('HGET', KEYS[2], 'p')
+  if p and tonumber(p) == month then
+    redis.call('HINCRBY', KEYS[2], 'n', str(mn))
+  else
+    redis.call('HSET', KEYS[2], 'p', str(month), 'n', str(mn))
+  end
+  expire_after(KEYS[2], month_end - now + 3600000000)
+end
+local pf = tonumber(ARGV[6])
+if pf > 0 then
+  local paused_until = math.max(int(redis.call('GET', KEYS[3])), now + pf)
+  redis.call('SET', KEYS[3], str(paused_until))
+  expire_after(KEYS[3], paused_until - now)
+end
+return 1
+""",
+)
+
+# Test only: the calendar functions of the prelude, to hold them against Python's datetime.
+# ARGV: now_us.  Returns {day_id, day_end, month_id, month_end}.
+CALENDAR = Script(
+    "calendar",
+    _PRELUDE
+    + """
+local now = tonumber(ARGV[1])
+local day, day_end = utc_day(now)
+local month, month_end = utc_month(now)
+return {day, day_end, month, month_end}
+""",
+)
+
+ALL = (ADMIT, SETTLE, RENEW, PAUSE, USAGE, CARRY_OVER)

@@ -1,0 +1,112 @@
+"""The budget store protocol: one atomic check-and-consume per request, and its bookkeeping.
+
+Two implementations: `MemoryBudgetStore` (one process: embedded mode, and the fallback when the
+shared store is down) and `RedisBudgetStore` (shared by every replica). They follow the same
+rules (`gcra.py`) and the tests hold them against each other.
+
+`now_us` parameters exist for tests only: production callers leave them out, and each store uses
+its own clock (Redis: `TIME`, the one clock of all replicas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.budgets.pause import PausePolicy
+from proxy.budgets.spec import Budget
+from proxy.budgets.spec import BudgetSpec
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A site's state as the store saw it at `now_us` (after consumption, when allowed)."""
+
+    now_us: int
+    tat_us: int  # GCRA theoretical arrival time
+    in_flight: int  # live concurrency leases
+    day_requests: int
+    day_bytes: int
+    month_requests: int
+    paused_until_us: int  # 0: never paused
+
+
+@dataclass(frozen=True, slots=True)
+class StoreVerdict:
+    allowed: bool
+    # the budget that refused (the one that frees up last, when several do); None when allowed
+    # or when the site is paused
+    budget: Budget | None
+    paused: bool
+    wait_us: int  # until the refusing budget frees up (concurrency: an estimate, see gcra.py)
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to do once a response is over: free the lease, count the bytes."""
+
+    site: str
+    lease_id: str | None
+    response_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Carryover:
+    """Usage counted elsewhere (the local fallback, failed settlements) to add to a store."""
+
+    site: str
+    day: int  # the utc_day id the counts belong to
+    day_requests: int
+    day_bytes: int
+    month: int  # the utc_month id
+    month_requests: int
+    paused_for_us: int = 0  # a pause still running, to carry over too
+
+
+class BudgetStore(Protocol):
+    name: str  # the `store` label of crawlwarden_store_errors_total
+    shared: bool  # shared by replicas (may fail; the engine then falls back)
+    lease_ttl: float  # seconds a concurrency lease lives unless renewed
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def admit(
+        self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None
+    ) -> StoreVerdict:
+        """Check every budget of the site; consume all of them (and take a lease) or none."""
+        ...
+
+    async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:
+        """Release leases and add response bytes to today's count, as one batch."""
+        ...
+
+    async def renew(self, leases: Sequence[tuple[str, str]], *, now_us: int | None = None) -> None:
+        """Extend live (site, lease id) leases by `lease_ttl`, so only dead replicas' expire."""
+        ...
+
+    async def pause(
+        self,
+        site: str,
+        seconds: float | None,
+        policy: PausePolicy,
+        *,
+        now_us: int | None = None,
+    ) -> float:
+        """Pause the site for `seconds`, or by backoff when None; returns the pause left (s)."""
+        ...
+
+    async def snapshot(self, site: str, *, now_us: int | None = None) -> Snapshot: ...
+
+    async def carry_over(self, items: Sequence[Carryover], *, now_us: int | None = None) -> None:
+        """Add usage counted elsewhere, for the periods that are still current."""
+        ...

@@ -108,8 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--until", help="before this time (ISO 8601)")
     export.add_argument("--site", help="only this site key")
     export.add_argument("--team", help="only this team")
+    export.add_argument("--project", help="only this project")
+    export.add_argument("--decision", help="only this decision (forwarded, refused, withheld)")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("--output", type=Path, help="write here instead of stdout")
+    verify = audit_sub.add_parser("verify", help="check an export's chains and signatures")
+    verify.add_argument("file", type=Path, help="a JSONL export")
+    verify.add_argument("--public-key", type=Path, required=True, help="the Ed25519 public key")
+
+    keys = sub.add_parser("keys", help="audit signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    generate = keys_sub.add_parser("generate", help="write a new Ed25519 key pair (PEM)")
+    generate.add_argument("--private", type=Path, required=True, help="private key (mode 0600)")
+    generate.add_argument("--public", type=Path, required=True, help="public key")
     return parser
 
 
@@ -134,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.audit.export import cmd_export
 
         return cmd_export(args)
+    if args.command == "audit" and args.audit_command == "verify":
+        from proxy.audit.verify import cmd_verify
+
+        return cmd_verify(args)
+    if args.command == "keys":
+        from proxy.audit.keys import cmd_generate
+
+        return cmd_generate(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects anything else
 
 

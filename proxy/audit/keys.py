@@ -12,6 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidSignature
@@ -179,3 +180,26 @@ def load_signer(key_file: str | Path | None, data_dir: Path, *, shared_store: bo
         hint="set audit.signing_key_file in the policy to use a key you manage",
     )
     return signer
+
+
+def cmd_generate(args: Any) -> int:
+    """`crawlwarden keys generate --private FILE --public FILE`."""
+    import sys
+
+    try:
+        signer = generate_key_pair(args.private, args.public)
+    except FileExistsError:
+        print(
+            f"crawlwarden keys generate: {args.private} exists; it may have signed checkpoints "
+            "already, so it is never overwritten: choose another path",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as e:
+        print(f"crawlwarden keys generate: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.private} (private, mode 0600) and {args.public} (public); "
+        f"key ID {signer.verifier.key_id.hex()}; set audit.signing_key_file: {args.private}"
+    )
+    return 0

@@ -1,0 +1,484 @@
+"""`crawlwarden audit verify FILE --public-key KEY`: prove an export intact, offline.
+
+Two passes over the JSON-lines export (FORMATS.md): the first reads and verifies every signed
+checkpoint and purge note, the second walks each replica's records in file order, recomputing
+every hash and link and comparing the chain with the checkpoints. Exit 0 prints what was proven;
+exit 1 names the first bad record (replica, seq, id, what is wrong) and lists the other problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from proxy.audit.checkpoint import Checkpoint
+from proxy.audit.checkpoint import CheckpointError
+from proxy.audit.checkpoint import note_hash
+from proxy.audit.checkpoint import open_note
+from proxy.audit.export import FORMAT
+from proxy.audit.keys import SigningKeyError
+from proxy.audit.keys import Verifier
+from proxy.audit.keys import load_public_key
+from proxy.audit.record import GENESIS_HASH
+from proxy.audit.record import body_sha256
+from proxy.audit.record import chain_hash
+
+EXIT_OK = 0
+EXIT_TAMPERED = 1
+EXIT_USAGE = 2
+_HEX64 = frozenset("0123456789abcdef")
+
+
+@dataclass(order=True)
+class Problem:
+    line: int
+    replica: str | None = field(default=None, compare=False)
+    seq: int | None = field(default=None, compare=False)
+    id: str | None = field(default=None, compare=False)
+    message: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        where = []
+        if self.replica is not None:
+            where.append(f"replica {self.replica}")
+        if self.seq is not None:
+            where.append(f"seq {self.seq}")
+        if self.id:
+            where.append(f"id {self.id}")
+        return f"{' '.join(where) or 'export'}: {self.message} (line {self.line})"
+
+
+@dataclass
+class SignedPoint:
+    line: int
+    checkpoint: Checkpoint
+    note_hash: str
+
+
+@dataclass
+class Chain:
+    """What the verifier learns about one replica's chain."""
+
+    replica: str
+    checkpoints: list[SignedPoint] = field(default_factory=list)  # numbered, in file order
+    purges: list[SignedPoint] = field(default_factory=list)
+    by_seq: dict[int, list[SignedPoint]] = field(default_factory=dict)
+    first_seq: int | None = None
+    first_prev: str | None = None
+    first_line: int = 0
+    first_id: str | None = None
+    last_seq: int = 0
+    last_hash: str = GENESIS_HASH
+    last_id: str | None = None
+    full: int = 0
+    redacted: int = 0
+    earliest: str | None = None
+    latest: str | None = None
+    gaps: list[tuple[int, int, Problem]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    chains: dict[str, Chain] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    header: dict[str, Any] | None = None
+
+    def chain(self, replica: str) -> Chain:
+        if replica not in self.chains:
+            self.chains[replica] = Chain(replica)
+        return self.chains[replica]
+
+    def problem(
+        self, line: int, message: str, rec: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        rec = rec or {}
+        self.problems.append(
+            Problem(
+                line,
+                kw.get("replica", rec.get("replica")),
+                kw.get("seq", rec.get("seq")),
+                kw.get("id", rec.get("id")),
+                message,
+            )
+        )
+
+
+def _read(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    with path.open("r", encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            text = raw.strip()
+            if not text:
+                continue
+            try:
+                item = json.loads(text)
+            except ValueError:
+                yield number, None, "not JSON"
+                continue
+            if not isinstance(item, dict):
+                yield number, None, "not a JSON object"
+                continue
+            yield number, item, ""
+
+
+def _is_hash(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
+
+
+def verify_file(path: Path, verifier: Verifier) -> Report:
+    report = Report()
+    _pass_signed(path, verifier, report)
+    _pass_records(path, report)
+    for chain in report.chains.values():
+        _finish_chain(chain, report)
+    report.problems.sort()
+    return report
+
+
+def _pass_signed(path: Path, verifier: Verifier, report: Report) -> None:
+    for line, item, error in _read(path):
+        if item is None:
+            report.problem(line, f"unreadable line ({error})")
+            continue
+        kind = item.get("type")
+        if kind == "export":
+            if report.header is None:
+                report.header = item
+            continue
+        if kind not in ("checkpoint", "purge"):
+            continue
+        note = item.get("note")
+        if not isinstance(note, str):
+            report.problem(line, f"{kind} line without a signed note", item)
+            continue
+        try:
+            checkpoint = open_note(note, verifier)
+        except CheckpointError as e:
+            report.problem(line, f"{kind} #{item.get('number')}: {e}", item)
+            continue
+        if (checkpoint.kind == "purge" and kind != "purge") or (
+            kind == "purge" and checkpoint.kind != "purge"
+        ):
+            report.problem(line, f"line type {kind} holds a {checkpoint.kind} note", item)
+            continue
+        for name in ("replica", "seq", "number", "hash"):
+            if name in item and item[name] != getattr(checkpoint, name):
+                report.problem(
+                    line,
+                    f"{kind} #{checkpoint.number}: field {name} {item[name]!r} differs from its "
+                    f"signed note ({getattr(checkpoint, name)!r}): the line was edited",
+                    replica=checkpoint.replica,
+                    seq=checkpoint.seq,
+                )
+        point = SignedPoint(line, checkpoint, note_hash(note))
+        chain = report.chain(checkpoint.replica)
+        if checkpoint.kind == "purge":
+            chain.purges.append(point)
+        else:
+            chain.checkpoints.append(point)
+            chain.by_seq.setdefault(checkpoint.seq, []).append(point)
+
+
+def _pass_records(path: Path, report: Report) -> None:
+    for line, item, _ in _read(path):
+        if item is None:
+            continue
+        kind = item.get("type")
+        if kind in ("export", "checkpoint", "purge"):
+            continue
+        if kind not in ("record", "redacted"):
+            report.problem(line, f"unknown line type {kind!r}: inserted or damaged", item)
+            continue
+        _check_record(line, item, report)
+
+
+def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
+    rec = dict(item)
+    kind = rec.pop("type")
+    replica, seq = rec.get("replica"), rec.get("seq")
+    if not isinstance(replica, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        report.problem(line, "record without a replica and an integer seq", rec)
+        return
+    claimed, prev = rec.get("hash"), rec.get("prev_hash")
+    if not _is_hash(claimed) or not _is_hash(prev):
+        report.problem(line, "record without valid hash and prev_hash fields", rec)
+        return
+    chain = report.chain(replica)
+    if kind == "redacted":
+        digest = rec.get("body_sha256")
+        if not _is_hash(digest) or set(rec) != {
+            "replica",
+            "seq",
+            "prev_hash",
+            "body_sha256",
+            "hash",
+        }:
+            report.problem(line, "malformed redacted line", rec)
+            return
+        chain.redacted += 1
+    else:
+        digest = body_sha256(rec)
+        chain.full += 1
+        ts = rec.get("ts")
+        if isinstance(ts, str):
+            chain.earliest = ts if chain.earliest is None else min(chain.earliest, ts)
+            chain.latest = ts if chain.latest is None else max(chain.latest, ts)
+    if chain_hash(prev, digest) != claimed:
+        what = "its digest" if kind == "redacted" else "its content"
+        report.problem(line, f"modified: {what} does not match its hash", rec)
+
+    if chain.first_seq is None:
+        chain.first_seq, chain.first_prev, chain.first_line = seq, prev, line
+        chain.first_id = rec.get("id")
+    elif seq == chain.last_seq + 1:
+        if prev != chain.last_hash:
+            report.problem(
+                line,
+                f"prev_hash does not match the hash of seq {chain.last_seq} "
+                f"(id {chain.last_id}): a record was modified, replaced or inserted between them",
+                rec,
+            )
+    elif seq > chain.last_seq + 1:
+        gap = Problem(
+            line,
+            replica,
+            seq,
+            rec.get("id"),
+            f"records seq {chain.last_seq + 1}..{seq - 1} are missing before this one (deleted)",
+        )
+        chain.gaps.append((chain.last_seq + 1, seq - 1, gap))
+        report.problems.append(gap)
+    else:
+        for low, high, gap in chain.gaps:
+            if low <= seq <= high:
+                # The "missing" record is here after all, out of place: a reordering.
+                if gap in report.problems:
+                    report.problems.remove(gap)
+                report.problem(
+                    gap.line,
+                    f"reordered: seq {gap.seq} (id {gap.id}) appears before seq {seq} "
+                    f"(id {rec.get('id')}, line {line})",
+                    replica=replica,
+                    seq=gap.seq,
+                    id=gap.id,
+                )
+                break
+        else:
+            report.problem(
+                line,
+                f"seq {seq} appears again after seq {chain.last_seq}: inserted or duplicated",
+                rec,
+            )
+        return
+    chain.last_seq, chain.last_hash, chain.last_id = seq, claimed, rec.get("id")
+    for point in chain.by_seq.get(seq, []):
+        if point.checkpoint.hash != claimed:
+            report.problem(
+                line,
+                f"checkpoint #{point.checkpoint.number} (line {point.line}) signed another hash "
+                "for this seq: this record or one before it was altered, inserted or removed",
+                rec,
+            )
+
+
+def _finish_chain(chain: Chain, report: Report) -> None:
+    replica = chain.replica
+    purge_anchor = None
+    if chain.first_seq is None:
+        signed = [p for p in chain.checkpoints if p.checkpoint.seq > 0]
+        purged = max((p.checkpoint.seq for p in chain.purges), default=0)
+        for point in signed:
+            if point.checkpoint.seq > purged:
+                report.problem(
+                    point.line,
+                    f"checkpoint #{point.checkpoint.number} covers records up to seq "
+                    f"{point.checkpoint.seq} but the export has none of them (deleted)",
+                    replica=replica,
+                    seq=point.checkpoint.seq,
+                )
+                break
+        return
+    first, prev = chain.first_seq, chain.first_prev
+    # -- the start of the chain must be anchored: genesis, a checkpoint, or a purge note.
+    window = False
+    if first == 1:
+        if prev != GENESIS_HASH:
+            report.problem(
+                chain.first_line,
+                "the first record's prev_hash is not the genesis hash",
+                replica=replica,
+                seq=first,
+                id=chain.first_id,
+            )
+    else:
+        below = [p for p in chain.by_seq.get(first - 1, []) if p.checkpoint.hash == prev]
+        purges = [
+            p for p in chain.purges if p.checkpoint.seq == first - 1 and p.checkpoint.hash == prev
+        ]
+        if purges:
+            purge_anchor = purges[-1].checkpoint
+        elif below:
+            window = True
+        else:
+            report.problem(
+                chain.first_line,
+                f"records before seq {first} are missing: no checkpoint or purge note "
+                "anchors this first record's prev_hash (records deleted at the start)",
+                replica=replica,
+                seq=first,
+                id=chain.first_id,
+            )
+            window = True
+    # -- the numbered checkpoints form their own chain (CloudTrail-style previous digest).
+    previous: SignedPoint | None = None
+    for point in chain.checkpoints:
+        c = point.checkpoint
+        if previous is None:
+            if not window and c.number > 1:
+                expected = purge_anchor.number if purge_anchor is not None else 0
+                if c.number != expected + 1 or (purge_anchor and c.prev != purge_anchor.prev):
+                    report.problem(
+                        point.line,
+                        f"checkpoints #{expected + 1}..#{c.number - 1} are missing from the start",
+                        replica=replica,
+                        seq=c.seq,
+                    )
+            elif c.number == 1 and c.prev != GENESIS_HASH:
+                report.problem(point.line, "checkpoint #1 has a prev", replica=replica)
+        else:
+            p = previous.checkpoint
+            if c.number <= p.number:
+                report.problem(
+                    point.line,
+                    f"checkpoint #{c.number} comes after #{p.number}: reordered or duplicated",
+                    replica=replica,
+                    seq=c.seq,
+                )
+                continue
+            if c.number > p.number + 1:
+                report.problem(
+                    point.line,
+                    f"checkpoints #{p.number + 1}..#{c.number - 1} are missing (deleted)",
+                    replica=replica,
+                    seq=c.seq,
+                )
+            elif c.prev != previous.note_hash:
+                report.problem(
+                    point.line,
+                    f"checkpoint #{c.number} does not follow checkpoint #{p.number}",
+                    replica=replica,
+                    seq=c.seq,
+                )
+            if c.seq < p.seq:
+                report.problem(
+                    point.line,
+                    f"checkpoint #{c.number} covers fewer records than #{p.number}",
+                    replica=replica,
+                    seq=c.seq,
+                )
+        previous = point
+        # -- a signed checkpoint beyond the last record: the tail was cut off.
+        if c.seq > chain.last_seq:
+            report.problem(
+                point.line,
+                f"the export ends at seq {chain.last_seq} but checkpoint #{c.number} "
+                f"({c.time}) covers seq {c.seq}: records {chain.last_seq + 1}..{c.seq} are "
+                "missing (tail removed)",
+                replica=replica,
+                seq=chain.last_seq + 1,
+            )
+    signed_up_to = max((p.checkpoint.seq for p in chain.checkpoints), default=0)
+    if signed_up_to < chain.last_seq:
+        if not chain.checkpoints:
+            report.warnings.append(
+                f"replica {replica}: no checkpoint in the export; no record of it is signed"
+            )
+        else:
+            report.warnings.append(
+                f"replica {replica}: records {max(signed_up_to, first - 1) + 1}.."
+                f"{chain.last_seq} come after the last checkpoint: chained but not yet "
+                "signed (the next checkpoint, written every checkpoint_every_seconds, covers "
+                "them; export again later to prove them)"
+            )
+
+
+def summary(report: Report, path: Path, verifier: Verifier) -> list[str]:
+    out = [f"OK: {path} is intact (public key SHA-256 {verifier.fingerprint})"]
+    header = report.header or {}
+    filters = header.get("filters") or {}
+    if filters:
+        described = ", ".join(f"{k}={v}" for k, v in filters.items())
+        out.append(f"export filters: {described}")
+    total = redacted = 0
+    earliest: str | None = None
+    latest: str | None = None
+    for name in sorted(report.chains):
+        c = report.chains[name]
+        if c.first_seq is None:
+            out.append(f"replica {name}: no records, {len(c.checkpoints)} checkpoint(s)")
+            continue
+        total += c.full + c.redacted
+        redacted += c.redacted
+        if c.earliest:
+            earliest = c.earliest if earliest is None else min(earliest, c.earliest)
+        if c.latest:
+            latest = c.latest if latest is None else max(latest, c.latest)
+        last = c.checkpoints[-1].checkpoint if c.checkpoints else None
+        signed = (
+            f"last checkpoint #{last.number} at seq {last.seq}, {last.time}"
+            if last
+            else "no checkpoint"
+        )
+        part = f"replica {name}: records {c.first_seq}..{c.last_seq} ({c.full} in full"
+        part += f", {c.redacted} redacted)" if c.redacted else ")"
+        out.append(f"{part}, {c.earliest or '-'} .. {c.latest or '-'}; {signed}")
+    out.append(
+        f"verified {len(report.chains)} replica(s), {total} records"
+        + (f" ({redacted} redacted to digests by the export filters)" if redacted else "")
+        + (f", time span {earliest} .. {latest}" if earliest else "")
+    )
+    out.extend(f"warning: {w}" for w in report.warnings)
+    return out
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        verifier = load_public_key(args.public_key)
+    except SigningKeyError as e:
+        print(f"crawlwarden audit verify: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    path: Path = args.file
+    if not path.is_file():
+        print(f"crawlwarden audit verify: no file {path}", file=sys.stderr)
+        return EXIT_USAGE
+    report = verify_file(path, verifier)
+    header = report.header
+    if header is not None and header.get("format") != FORMAT:
+        print(
+            f"crawlwarden audit verify: {path} has format {header.get('format')!r}; "
+            f"this version reads {FORMAT}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not report.chains and not report.problems:
+        print(f"crawlwarden audit verify: {path} holds no records", file=sys.stderr)
+        return EXIT_USAGE
+    if report.problems:
+        first = report.problems[0]
+        print(f"FAILED: {first}")
+        if len(report.problems) > 1:
+            print(f"{len(report.problems)} problems in all:")
+            for problem in report.problems[:50]:
+                print(f"  {problem}")
+            if len(report.problems) > 50:
+                print(f"  ... and {len(report.problems) - 50} more")
+        return EXIT_TAMPERED
+    for text in summary(report, path, verifier):
+        print(text)
+    return EXIT_OK

@@ -206,19 +206,28 @@ def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
         report.problem(line, "record without a replica and an integer seq", rec)
         return
     claimed, prev = rec.get("hash"), rec.get("prev_hash")
-    if not _is_hash(claimed) or not _is_hash(prev):
+    if (
+        not isinstance(claimed, str)
+        or not isinstance(prev, str)
+        or not (_is_hash(claimed) and _is_hash(prev))
+    ):
         report.problem(line, "record without valid hash and prev_hash fields", rec)
         return
     chain = report.chain(replica)
     if kind == "redacted":
         digest = rec.get("body_sha256")
-        if not _is_hash(digest) or set(rec) != {
-            "replica",
-            "seq",
-            "prev_hash",
-            "body_sha256",
-            "hash",
-        }:
+        if (
+            not isinstance(digest, str)
+            or not _is_hash(digest)
+            or set(rec)
+            != {
+                "replica",
+                "seq",
+                "prev_hash",
+                "body_sha256",
+                "hash",
+            }
+        ):
             report.problem(line, "malformed redacted line", rec)
             return
         chain.redacted += 1

@@ -1,0 +1,327 @@
+"""Opt-out checks wired for the governor and the addon, free of mitmproxy.
+
+Before fetching (`Governor.prefetch_checks`): `robots` (RFC 9309 plus aipref Content-Usage rules)
+and `tdmrep` (the origin's /.well-known/tdmrep.json). After the response headers and a bounded
+head of the body: `assess_response` (TDMRep header and meta, noai/noimageai, Content-Usage header,
+image XMP and C2PA). Each appends or returns every signal seen, and refuses only when the site's
+legal basis and `respect` flags make the signal bind (`proxy.optout.decide`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy import imagemeta
+from proxy import optout
+from proxy import tdmrep
+from proxy.decision import Decision
+from proxy.governor import RequestContext
+from proxy.optout import Kind
+from proxy.optout import OptOutSignal
+from proxy.originfiles import DAY
+from proxy.originfiles import GuardedResolver
+from proxy.originfiles import OnFetch
+from proxy.originfiles import OriginFile
+from proxy.originfiles import OriginFileCache
+from proxy.originfiles import OriginFileFetcher
+from proxy.originfiles import origin_of
+from proxy.policy import Crawler
+from proxy.robots import ALLOW_ALL
+from proxy.robots import DISALLOW_ALL
+from proxy.robots import PARSE_LIMIT
+from proxy.robots import RobotsRules
+from proxy.robots import parse_robots
+from proxy.ssrf import AddressGuard
+from proxy.ssrf import Resolver
+
+ROBOTS_PATH = "/robots.txt"
+# The protocol files themselves are never content: no opt-out refuses them.
+_PROTOCOL_PATHS = frozenset({ROBOTS_PATH, tdmrep.WELL_KNOWN_PATH})
+
+# Served to a scraper asking for /robots.txt when the gateway could not read it: the gateway
+# treats the origin as disallowed, and says so in the scraper's own terms.
+UNREACHABLE_ROBOTS = (
+    b"# crawlwarden: this origin's robots.txt could not be fetched (server error or unreachable).\n"
+    b"# RFC 9309 2.3.1.4: the crawler assumes complete disallow until it can be fetched.\n"
+    b"User-agent: *\nDisallow: /\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RobotsEntry:
+    file: OriginFile
+    rules: RobotsRules
+
+    def served(self) -> tuple[int, bytes]:
+        """What a scraper's own request for /robots.txt is answered with."""
+        if self.file.outcome == "ok":
+            return 200, self.file.body
+        if self.file.outcome == "unavailable":
+            return self.file.status or 404, b""
+        return 200, UNREACHABLE_ROBOTS
+
+
+@dataclass(frozen=True, slots=True)
+class TdmEntry:
+    file: OriginFile
+    rules: tdmrep.TdmRules
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """The verdict on one response: `decision` is a refusal (withhold) or None; `signals` are the
+    names of every signal seen in it, binding or not."""
+
+    decision: Decision | None
+    signals: tuple[str, ...]
+
+
+class BodyScan:
+    """The bounded, incremental read of a response body that `assess_response` needs.
+
+    Feed decoded body chunks as they arrive and buffer them yourself; `feed()` returns True
+    once nothing more is needed: an HTML head was read, an image's metadata was found, or the
+    body is of a kind that carries no embedded opt-out. Call `finish()` at the end of the body.
+    """
+
+    def __init__(self, content_type: str | None, tokens: list[str]):
+        self._html = optout.HtmlHeadScanner(tokens) if optout.is_html(content_type) else None
+        self._image: imagemeta.ImageMetadataScanner | None = None
+        self._head = b""
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bool:
+        if self.done:
+            return True
+        if self._html is not None:
+            self.done = self._html.feed(chunk)
+            return self.done
+        if self._image is None:
+            # The bytes decide, not the Content-Type: octet-stream images are common.
+            self._head += chunk
+            fmt = imagemeta.sniff(self._head[:12])
+            if fmt is None:
+                return False
+            if fmt is imagemeta.ImageFormat.OTHER:
+                self.done = True
+                return True
+            self._image = imagemeta.ImageMetadataScanner()
+            chunk, self._head = self._head, b""
+        self.done = self._image.feed(chunk)
+        return self.done
+
+    def finish(self) -> None:
+        if self._image is not None:
+            self._image.finish()
+        self.done = True
+
+    @property
+    def html_head(self) -> optout.HtmlHead | None:
+        return self._html.result() if self._html is not None else None
+
+    @property
+    def image(self) -> imagemeta.ImageMetadata | None:
+        if self._image is None:
+            return None
+        return self._image.finish()
+
+
+class OptOutChecks:
+    """Per-replica state of the opt-out checks: the origin-file fetcher and parsed files."""
+
+    def __init__(
+        self,
+        crawler: Crawler,
+        resolver: Resolver,
+        guard: AddressGuard,
+        *,
+        cache: OriginFileCache | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        cafile: str | None = None,
+        on_fetch: OnFetch | None = None,
+        timeout: float = 10.0,
+        ttl: float = DAY,
+        error_ttl: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.crawler = crawler
+        self._resolver = GuardedResolver(resolver, guard)
+        self.fetcher = OriginFileFetcher(
+            self._resolver,
+            user_agent=crawler.user_agent,
+            contact=crawler.contact,
+            cache=cache,
+            ssl_context=ssl_context,
+            cafile=cafile,
+            on_fetch=on_fetch,
+            timeout=timeout,
+            limit=PARSE_LIMIT,
+            ttl=ttl,
+            error_ttl=error_ttl,
+            clock=clock,
+        )
+        self._clock = clock
+        self._robots: dict[str, RobotsEntry] = {}
+        self._tdm: dict[str, TdmEntry] = {}
+
+    @property
+    def tokens(self) -> list[str]:
+        return list(self.crawler.robots_tokens)
+
+    def use_policy(self, crawler: Crawler, resolver: Resolver, guard: AddressGuard) -> None:
+        """A reloaded policy: new tokens re-parse robots.txt, new network rules guard fetches."""
+        if list(crawler.robots_tokens) != list(self.crawler.robots_tokens):
+            self._robots.clear()
+        self.crawler = crawler
+        self.fetcher.user_agent = crawler.user_agent
+        self.fetcher.contact = crawler.contact
+        self._resolver.resolver = resolver
+        self._resolver.guard = guard
+
+    # -- per-origin files --------------------------------------------------------------------
+
+    async def robots_entry(self, origin: str) -> RobotsEntry:
+        entry = self._robots.get(origin)
+        if entry is not None and entry.file.expires_at > self._clock():
+            return entry
+        file = await self.fetcher.get(origin, ROBOTS_PATH)
+        entry = self._robots.get(origin)
+        if entry is None or entry.file is not file:
+            if file.outcome == "ok":
+                rules = parse_robots(file.body, self.tokens)
+            elif file.outcome == "unavailable":
+                rules = ALLOW_ALL  # RFC 9309 2.3.1.3
+            else:
+                rules = DISALLOW_ALL  # RFC 9309 2.3.1.4
+            entry = RobotsEntry(file, rules)
+            self._store(self._robots, origin, entry)
+        return entry
+
+    async def tdm_entry(self, origin: str) -> TdmEntry:
+        entry = self._tdm.get(origin)
+        if entry is not None and entry.file.expires_at > self._clock():
+            return entry
+        file = await self.fetcher.get(origin, tdmrep.WELL_KNOWN_PATH)
+        entry = self._tdm.get(origin)
+        if entry is None or entry.file is not file:
+            # Anything but a successful response means the origin does not use the protocol.
+            rules = tdmrep.parse_tdmrep(file.body) if file.outcome == "ok" else tdmrep.NO_RULES
+            entry = TdmEntry(file, rules)
+            self._store(self._tdm, origin, entry)
+        return entry
+
+    def _store[T](self, table: dict[str, T], origin: str, entry: T) -> None:
+        if len(table) >= 50_000:
+            now = self._clock()
+            for key in [k for k, v in table.items() if v.file.expires_at <= now]:  # type: ignore[attr-defined]
+                del table[key]
+            if len(table) >= 50_000:
+                table.clear()
+        table[origin] = entry
+
+    def cached_robots(self, origin: str) -> tuple[int, bytes] | None:
+        """The answer to a scraper's own GET /robots.txt, if this replica has the file."""
+        entry = self._robots.get(origin)
+        if entry is None or entry.file.expires_at <= self._clock():
+            return None
+        return entry.served()
+
+    def crawl_delay(self, origin: str) -> float | None:
+        """robots.txt Crawl-delay (seconds) for our tokens, if the file is loaded and has one."""
+        entry = self._robots.get(origin)
+        return entry.rules.crawl_delay if entry is not None else None
+
+    # -- prefetch checks (Governor.prefetch_checks) -----------------------------------------
+
+    async def robots(self, ctx: RequestContext) -> Decision | None:
+        origin = origin_of(ctx.scheme, ctx.host, ctx.port)
+        entry = await self.robots_entry(origin)
+        if _path_only(ctx.path) in _PROTOCOL_PATHS:
+            return None
+        signals: list[OptOutSignal] = []
+        if entry.file.outcome == "unreachable":
+            signals.append(
+                OptOutSignal(
+                    Kind.ROBOTS,
+                    "robots:unreachable",
+                    True,
+                    f"{origin}/robots.txt could not be fetched ({entry.file.error}); "
+                    "RFC 9309 2.3.1.4: complete disallow",
+                )
+            )
+        else:
+            verdict = entry.rules.verdict(ctx.path)
+            if not verdict.allowed:
+                signals.append(
+                    OptOutSignal(
+                        Kind.ROBOTS,
+                        "robots:disallow",
+                        True,
+                        f"{origin}/robots.txt disallows this path for user-agent "
+                        f"{verdict.group or '*'}",
+                    )
+                )
+            else:
+                signals += optout.usage_signals(verdict.content_usage, "robots:content-usage")
+        return self._conclude(ctx, signals)
+
+    async def tdmrep(self, ctx: RequestContext) -> Decision | None:
+        if _path_only(ctx.path) in _PROTOCOL_PATHS:
+            return None
+        origin = origin_of(ctx.scheme, ctx.host, ctx.port)
+        entry = await self.tdm_entry(origin)
+        declaration = entry.rules.lookup(ctx.path)
+        return self._conclude(ctx, optout.tdm_signals(declaration, "tdmrep"))
+
+    def _conclude(self, ctx: RequestContext, signals: list[OptOutSignal]) -> Decision | None:
+        for signal in signals:
+            if signal.name not in ctx.signals:
+                ctx.signals.append(signal.name)
+        return optout.decide(signals, ctx.basis, ctx.respect, site=ctx.site.key)
+
+    # -- after the response -----------------------------------------------------------------
+
+    def body_scan(self, content_type: str | None) -> BodyScan:
+        return BodyScan(content_type, self.tokens)
+
+    async def assess_response(
+        self,
+        ctx: RequestContext,
+        status: int,
+        headers: list[tuple[str, str]],
+        body_prefix: bytes,
+        content_type: str | None,
+        *,
+        scan: BodyScan | None = None,
+    ) -> Assessment:
+        """The signals of one response and whether to withhold it.
+
+        `body_prefix` is the decoded body as far as it was read (Content-Encoding removed); or
+        pass the `BodyScan` that was fed while reading and an empty prefix. `status` is
+        accepted for symmetry with the fetch record: header signals apply to any status.
+        """
+        if scan is None:
+            scan = self.body_scan(content_type)
+            scan.feed(body_prefix)
+            scan.finish()
+        signals = optout.response_signals(headers, content_type, self.tokens, scan.html_head)
+        image = scan.image
+        if image is not None:
+            if image.c2pa_store is not None:
+                # c2pa-python is native code that holds the thread: keep the loop free.
+                signals += await asyncio.to_thread(imagemeta.image_signals, image)
+            else:
+                signals += imagemeta.image_signals(image)
+        decision = optout.decide(signals, ctx.basis, ctx.respect, site=ctx.site.key)
+        return Assessment(decision, tuple(dict.fromkeys(s.name for s in signals)))
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+
+
+def _path_only(path: str) -> str:
+    return path.split("?", 1)[0].split("#", 1)[0]

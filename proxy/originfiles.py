@@ -1,0 +1,471 @@
+"""The gateway's own fetches of per-origin files: /robots.txt and /.well-known/tdmrep.json.
+
+- Fetched with aiohttp, with the crawler's User-Agent and From, through the same SSRF guard and
+  `network.static_hosts` resolution as scraper traffic (`GuardedResolver`); HTTPS trusts the CA
+  file the gateway is given for upstreams (or the system store).
+- One fetch per origin and file at a time in a replica, however many requests wait for it
+  (single flight); the result is cached in a shared `OriginFileCache` (memory, or Redis so that
+  replicas share it) for at most `ttl` (24 h, RFC 9309 2.4; less if Cache-Control max-age says
+  so), and failures for `error_ttl` only.
+- Redirects are followed up to 5 hops, across origins, each hop guarded (RFC 9309 2.3.1.2).
+- At most `limit` bytes of a body are read (RFC 9309 2.5: 500 KiB).
+- Every request the gateway makes is reported to `on_fetch(url, status, body_bytes, sha256,
+  error)`, so that it lands in the fetch log as the gateway's own.
+
+The outcome is classified as RFC 9309 2.3.1 does, and each file's parser reads it: "ok" (2xx),
+"unavailable" (4xx but 429: the file does not exist), "unreachable" (429, 5xx, network errors,
+refused addresses, too many redirects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ipaddress
+import json
+import re
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict
+from dataclasses import dataclass
+from typing import Literal
+from typing import Protocol
+
+import aiohttp
+import structlog
+from aiohttp.abc import AbstractResolver
+from aiohttp.abc import ResolveResult
+from yarl import URL
+
+from proxy import metrics
+from proxy.sites import normalize_host
+from proxy.ssrf import AddressGuard
+from proxy.ssrf import ResolutionError
+from proxy.ssrf import Resolver
+
+log = structlog.get_logger("crawlwarden.originfiles")
+
+type Outcome = Literal["ok", "unavailable", "unreachable"]
+type OnFetch = Callable[[str, int | None, int, str | None, str | None], None]
+
+DAY = 24 * 3600.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def origin_of(scheme: str, host: str, port: int) -> str:
+    """The origin key of a request: scheme, normalized host and explicit port."""
+    host = normalize_host(host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme.lower()}://{host}:{port}"
+
+
+# -- resolution through the SSRF guard -------------------------------------------------------
+
+
+class TargetRefused(OSError):
+    """The SSRF guard refused every address of a name."""
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp name resolution by `proxy.ssrf.Resolver` (static hosts, then cached DNS), keeping
+    only the addresses `AddressGuard` admits."""
+
+    def __init__(self, resolver: Resolver, guard: AddressGuard):
+        self.resolver = resolver
+        self.guard = guard
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        name = normalize_host(host)
+        try:
+            addresses = await self.resolver.resolve(name)
+        except ResolutionError as e:
+            raise OSError(str(e)) from e
+        results: list[ResolveResult] = []
+        refused: list[str] = []
+        for ip in addresses:
+            verdict = self.guard.check(ip)
+            if not verdict.allowed:
+                refused.append(f"{ip} ({verdict.denied_class})")
+                continue
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=str(ip),
+                    port=port,
+                    family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST,
+                )
+            )
+        if not results:
+            raise TargetRefused(
+                f"{host} resolves to {', '.join(refused)}, which the SSRF guard refuses"
+            )
+        return results
+
+    def check_literal(self, host: str) -> str | None:
+        """aiohttp connects to IP literals without asking the resolver: check them here."""
+        try:
+            ip = ipaddress.ip_address(normalize_host(host))
+        except ValueError:
+            return None
+        verdict = self.guard.check(ip)
+        if verdict.allowed:
+            return None
+        return f"{ip} is a {verdict.denied_class} address, which the SSRF guard refuses"
+
+    async def close(self) -> None:
+        return None
+
+
+# -- what is fetched and cached --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OriginFile:
+    """One fetched file as cached: the outcome, the (possibly truncated) body, when it expires."""
+
+    url: str
+    outcome: Outcome
+    status: int | None
+    body: bytes
+    fetched_at: float
+    expires_at: float
+    error: str | None = None
+    truncated: bool = False
+    final_url: str | None = None
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        data["body"] = base64.b64encode(self.body).decode("ascii")
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> OriginFile:
+        data = json.loads(raw)
+        data["body"] = base64.b64decode(data["body"])
+        return cls(**data)
+
+
+class OriginFileCache(Protocol):
+    """Where fetched origin files are kept until they expire; shared by replicas if remote."""
+
+    async def get(self, key: str) -> OriginFile | None: ...
+
+    async def put(self, key: str, file: OriginFile) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class CacheUnavailable(Exception):
+    pass
+
+
+class MemoryCache:
+    """An in-process cache, bounded in entries and body bytes (least recently used out)."""
+
+    def __init__(
+        self,
+        max_entries: int = 20_000,
+        max_bytes: int = 256 * 2**20,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._items: OrderedDict[str, OriginFile] = OrderedDict()
+        self._bytes = 0
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._clock = clock
+
+    async def get(self, key: str) -> OriginFile | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item.expires_at <= self._clock():
+            self._remove(key)
+            return None
+        self._items.move_to_end(key)
+        return item
+
+    async def put(self, key: str, file: OriginFile) -> None:
+        self._remove(key)
+        self._items[key] = file
+        self._bytes += len(file.body)
+        while self._items and (
+            len(self._items) > self._max_entries or self._bytes > self._max_bytes
+        ):
+            self._remove(next(iter(self._items)))
+
+    def _remove(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.body)
+
+    async def close(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+
+class RedisCache:
+    """Origin files in Redis, so that every replica reads the one fetch; keys expire with the
+    file (PEXPIREAT), so nothing outlives its 24 hours."""
+
+    def __init__(self, client: object, prefix: str = "crawlwarden:originfile:"):
+        self._client = client  # a redis.asyncio.Redis (or Cluster) client
+        self._prefix = prefix
+
+    async def get(self, key: str) -> OriginFile | None:
+        try:
+            raw = await self._client.get(self._prefix + key)  # type: ignore[attr-defined]
+        except Exception as e:  # any client error: the cache is down
+            raise CacheUnavailable(str(e)) from e
+        if raw is None:
+            return None
+        try:
+            return OriginFile.from_bytes(raw)
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    async def put(self, key: str, file: OriginFile) -> None:
+        try:
+            await self._client.set(  # type: ignore[attr-defined]
+                self._prefix + key, file.to_bytes(), pxat=int(file.expires_at * 1000)
+            )
+        except Exception as e:
+            raise CacheUnavailable(str(e)) from e
+
+    async def close(self) -> None:
+        return None  # the client belongs to the caller
+
+
+# -- the fetcher -----------------------------------------------------------------------------
+
+
+class OriginFileFetcher:
+    def __init__(
+        self,
+        resolver: GuardedResolver,
+        *,
+        user_agent: str,
+        contact: str | None = None,
+        cache: OriginFileCache | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        cafile: str | None = None,
+        on_fetch: OnFetch | None = None,
+        timeout: float = 10.0,
+        max_redirects: int = 5,
+        limit: int = 500 * 1024,
+        ttl: float = DAY,
+        error_ttl: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.resolver = resolver
+        self.user_agent = user_agent
+        self.contact = contact
+        self.cache: OriginFileCache = cache if cache is not None else MemoryCache(clock=clock)
+        if ssl_context is None:
+            ssl_context = ssl.create_default_context(cafile=cafile)
+        self._ssl = ssl_context
+        self._on_fetch = on_fetch
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._max_redirects = max_redirects
+        self._limit = limit
+        self._ttl = min(ttl, DAY)
+        self._error_ttl = error_ttl
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._flights: dict[str, asyncio.Task[OriginFile]] = {}
+
+    async def get(self, origin: str, path: str) -> OriginFile:
+        """The file at `path` on `origin`, from the cache or fetched once for all waiters."""
+        key = f"{origin}{path}"
+        task = self._flights.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(key, origin + path))
+            self._flights[key] = task
+            task.add_done_callback(lambda t: self._forget(key, t))
+        # A waiter that gives up (cancelled) must not cancel the fetch the others wait for.
+        return await asyncio.shield(task)
+
+    def _forget(self, key: str, task: asyncio.Task[OriginFile]) -> None:
+        if self._flights.get(key) is task:
+            del self._flights[key]
+
+    async def _load(self, key: str, url: str) -> OriginFile:
+        try:
+            cached = await self.cache.get(key)
+        except CacheUnavailable as e:
+            metrics.STORE_ERRORS.labels(store="originfiles").inc()
+            log.warning("origin file cache unavailable", error=str(e))
+            cached = None
+        if cached is not None and cached.expires_at > self._clock():
+            return cached
+        file = await self.fetch(url)
+        try:
+            await self.cache.put(key, file)
+        except CacheUnavailable as e:
+            metrics.STORE_ERRORS.labels(store="originfiles").inc()
+            log.warning("origin file cache unavailable", error=str(e))
+        return file
+
+    async def fetch(self, url: str) -> OriginFile:
+        """Fetch now, uncached, following redirects; never raises."""
+        started = self._clock()
+        current = URL(url)
+        for _hop in range(self._max_redirects + 1):
+            result = await self._request(current)
+            if isinstance(result, str):
+                return self._file(url, "unreachable", None, started, error=result, final=current)
+            status, headers, body, truncated = result
+            if status in _REDIRECTS:
+                location = headers.get("location")
+                if not location:
+                    return self._file(
+                        url, "unreachable", status, started, "redirect without Location", current
+                    )
+                nxt = current.join(URL(location))
+                if nxt.scheme not in ("http", "https") or not nxt.host:
+                    return self._file(
+                        url, "unreachable", status, started, f"redirect to {location}", current
+                    )
+                current = nxt
+                continue
+            if 200 <= status < 300:
+                return self._file(
+                    url,
+                    "ok",
+                    status,
+                    started,
+                    None,
+                    current,
+                    body=body,
+                    truncated=truncated,
+                    ttl=_max_age(headers.get("cache-control")),
+                )
+            if 400 <= status < 500 and status != 429:
+                return self._file(url, "unavailable", status, started, None, current, ttl=self._ttl)
+            # 429 and 5xx: the server could not answer (RFC 9309 2.3.1.4; 429 as Google does).
+            return self._file(url, "unreachable", status, started, f"status {status}", current)
+        return self._file(
+            url,
+            "unreachable",
+            None,
+            started,
+            f"more than {self._max_redirects} redirects",
+            current,
+        )
+
+    def _file(
+        self,
+        url: str,
+        outcome: Outcome,
+        status: int | None,
+        started: float,
+        error: str | None,
+        final: URL,
+        *,
+        body: bytes = b"",
+        truncated: bool = False,
+        ttl: float | None = None,
+    ) -> OriginFile:
+        if outcome == "unreachable":
+            lifetime = self._error_ttl
+        else:
+            lifetime = self._ttl if ttl is None else max(60.0, min(ttl, self._ttl))
+        return OriginFile(
+            url=url,
+            outcome=outcome,
+            status=status,
+            body=body,
+            fetched_at=started,
+            expires_at=started + lifetime,
+            error=error,
+            truncated=truncated,
+            final_url=str(final),
+        )
+
+    async def _request(self, url: URL) -> tuple[int, dict[str, str], bytes, bool] | str:
+        """One GET: (status, headers, body, truncated), or an error message."""
+        refused = self.resolver.check_literal(url.host or "")
+        if refused is not None:
+            self._report(str(url), None, b"", refused)
+            return refused
+        headers = {"User-Agent": self.user_agent, "Accept": "*/*"}
+        if self.contact:
+            headers["From"] = self.contact
+        try:
+            async with self._client().get(
+                url, headers=headers, allow_redirects=False, timeout=self._timeout
+            ) as resp:
+                status = resp.status
+                head = {k.lower(): v for k, v in resp.headers.items()}
+                body, truncated = b"", False
+                if 200 <= status < 300:
+                    body, truncated = await self._read(resp)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            message = _error_message(e)
+            self._report(str(url), None, b"", message)
+            return message
+        self._report(str(url), status, body, None)
+        return status, head, body, truncated
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= self._limit:
+            chunk = await resp.content.read(min(65536, self._limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        body = b"".join(chunks)
+        return body[: self._limit], len(body) > self._limit
+
+    def _report(self, url: str, status: int | None, body: bytes, error: str | None) -> None:
+        if self._on_fetch is None:
+            return
+        digest = hashlib.sha256(body).hexdigest() if status is not None else None
+        try:
+            self._on_fetch(url, status, len(body), digest, error)
+        except Exception:  # a broken recorder must not break the check
+            log.exception("on_fetch callback failed", url=url)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=self.resolver, use_dns_cache=False, ssl=self._ssl, limit=64
+            )
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._session
+
+    async def close(self) -> None:
+        for task in list(self._flights.values()):
+            task.cancel()
+        self._flights.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _max_age(cache_control: str | None) -> float | None:
+    if not cache_control:
+        return None
+    m = re.search(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)", cache_control, re.IGNORECASE)
+    return float(m.group(1)) if m else None
+
+
+def _error_message(e: BaseException) -> str:
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, TargetRefused):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(e).__name__}: {e}"

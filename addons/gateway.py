@@ -20,6 +20,7 @@ from mitmproxy import http
 from mitmproxy.net import server_spec
 from mitmproxy.proxy import layer
 from mitmproxy.proxy import layers
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from proxy import metrics
@@ -82,6 +83,11 @@ class Gateway:
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = (
+            weakref.WeakKeyDictionary()
+        )
+        # The local address of each client's latest upstream TCP connection: through an upstream
+        # proxy, the flow's server connection is a tunnel and has no socket of its own.
+        self.egress_ips: weakref.WeakKeyDictionary[connection.Client, str] = (
             weakref.WeakKeyDictionary()
         )
         self._proxy_turn = 0
@@ -267,6 +273,10 @@ class Gateway:
     def client_disconnected(self, client: connection.Client) -> None:
         self.tunnels.pop(client, None)
 
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.sockname:
+            self.egress_ips[data.client] = str(data.server.sockname[0])
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _new_state(self, flow: http.HTTPFlow, url: str, method: str) -> FlowState:
@@ -344,6 +354,8 @@ class Gateway:
             server = flow.server_conn
             if server.sockname:
                 rec.egress_ip = str(server.sockname[0])
+            else:
+                rec.egress_ip = self.egress_ips.get(flow.client_conn)
             rec.request_bytes = len(flow.request.raw_content or b"")
             if resp is not None:
                 rec.status = resp.status_code

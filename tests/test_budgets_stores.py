@@ -1,0 +1,420 @@
+"""The two budget stores, held to the same behaviour: in-process and a real redis-server.
+
+Store methods take a `now_us` for tests, so these run on a controlled clock: the Lua script is
+driven through midnights and month ends exactly like the Python store. A property-based test
+then runs random operation sequences on both and demands identical answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from proxy.budgets import MemoryBudgetStore
+from proxy.budgets import PausePolicy
+from proxy.budgets import RedisBudgetStore
+from proxy.budgets import scripts
+from proxy.budgets.gcra import utc_day
+from proxy.budgets.gcra import utc_month
+from proxy.budgets.redis_store import site_keys
+from proxy.budgets.spec import Budget
+from proxy.budgets.spec import BudgetSpec
+from proxy.budgets.store import BudgetStore
+from proxy.budgets.store import Carryover
+from proxy.budgets.store import Settlement
+from tests.budget_fixtures import RedisServer
+from tests.budget_fixtures import key_prefix  # noqa: F401
+from tests.budget_fixtures import redis_server  # noqa: F401
+
+S = 1_000_000
+
+
+def at(text: str) -> int:
+    return int(dt.datetime.fromisoformat(text).timestamp()) * S
+
+
+NOON = at("2026-06-15T12:00:00+00:00")
+
+
+def make_spec(**changes: Any) -> BudgetSpec:
+    spec = BudgetSpec(
+        key=f"{uuid.uuid4().hex[:8]}.test",
+        interval_us=S // 1000,  # 1000/s: out of the way unless a test sets it
+        burst=1000,
+        rate_text="1000/s",
+        max_concurrency=1000,
+        requests_per_day=None,
+        requests_per_month=None,
+        bytes_per_day=None,
+    )
+    return replace(spec, **changes)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[BudgetStore]:  # noqa: F811
+    s: BudgetStore
+    if request.param == "memory":
+        s = MemoryBudgetStore(lease_ttl=30.0)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s = RedisBudgetStore(server.url, key_prefix=key_prefix, lease_ttl=30.0)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def admit_n(store: BudgetStore, spec: BudgetSpec, n: int, now: int) -> list[bool]:
+    return [(await store.admit(spec, f"l{i}-{now}", now_us=now)).allowed for i in range(n)]
+
+
+# -- all or nothing --------------------------------------------------------------------------
+
+
+async def test_a_refused_request_consumes_nothing(store: BudgetStore):
+    spec = make_spec(interval_us=S, burst=5, requests_per_day=2, max_concurrency=10)
+    assert await admit_n(store, spec, 2, NOON) == [True, True]
+    refused = await store.admit(spec, "third", now_us=NOON)
+    assert (refused.allowed, refused.budget) == (False, Budget.REQUESTS_PER_DAY)
+    snap = await store.snapshot(spec.key, now_us=NOON)
+    # The rate (two slots), the concurrency (two leases) and the counts moved for two only.
+    assert snap.tat_us == NOON + 2 * S
+    assert (snap.in_flight, snap.day_requests, snap.month_requests) == (2, 2, 2)
+
+
+async def test_concurrency_refusal_consumes_no_rate_or_quota(store: BudgetStore):
+    spec = make_spec(interval_us=S, burst=5, max_concurrency=1, requests_per_day=10)
+    assert (await store.admit(spec, "a", now_us=NOON)).allowed
+    refused = await store.admit(spec, "b", now_us=NOON)
+    assert (refused.allowed, refused.budget) == (False, Budget.CONCURRENCY)
+    assert refused.wait_us == S  # the short estimate, not the lease's 30 s
+    snap = await store.snapshot(spec.key, now_us=NOON)
+    assert (snap.tat_us, snap.day_requests, snap.in_flight) == (NOON + S, 1, 1)
+
+
+async def test_refusal_names_the_budget_that_frees_up_last(store: BudgetStore):
+    evening = at("2026-06-15T23:00:00+00:00")
+    spec = make_spec(interval_us=10 * S, burst=1, requests_per_day=1)
+    assert (await store.admit(spec, "a", now_us=evening)).allowed
+    # Both the rate (10 s) and the day quota (1 h) refuse: the quota is what the scraper must
+    # wait for.
+    refused = await store.admit(spec, "b", now_us=evening + S)
+    assert refused.budget is Budget.REQUESTS_PER_DAY
+    assert refused.wait_us == 3600 * S - S
+
+
+async def test_ties_go_to_the_first_budget_in_check_order(store: BudgetStore):
+    """Day requests and day bytes both run out at midnight: the request quota is named."""
+    spec = make_spec(requests_per_day=0, bytes_per_day=0)
+    refused = await store.admit(spec, "a", now_us=NOON)
+    assert refused.budget is Budget.REQUESTS_PER_DAY
+
+
+# -- quotas ----------------------------------------------------------------------------------
+
+
+async def test_daily_quota_is_exact_and_renews_at_utc_midnight(store: BudgetStore):
+    late = at("2026-06-15T23:59:50+00:00")
+    spec = make_spec(requests_per_day=3)
+    assert await admit_n(store, spec, 4, late) == [True, True, True, False]
+    refused = await store.admit(spec, "x", now_us=late + 2 * S)
+    assert refused.budget is Budget.REQUESTS_PER_DAY
+    assert refused.wait_us == 8 * S  # to 00:00:00 UTC
+    assert (await store.admit(spec, "y", now_us=late + 10 * S - 1)).allowed is False
+    assert (await store.admit(spec, "z", now_us=late + 10 * S)).allowed is True
+    snap = await store.snapshot(spec.key, now_us=late + 10 * S)
+    assert (snap.day_requests, snap.month_requests) == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("now", "renews"),
+    [
+        ("2028-02-29T12:00:00+00:00", "2028-03-01T00:00:00+00:00"),
+        ("2026-12-31T23:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("2026-04-01T00:00:00+00:00", "2026-05-01T00:00:00+00:00"),
+    ],
+)
+async def test_monthly_quota_renews_on_the_first_of_the_next_month(
+    store: BudgetStore, now: str, renews: str
+):
+    spec = make_spec(requests_per_month=2)
+    assert await admit_n(store, spec, 2, at(now)) == [True, True]
+    refused = await store.admit(spec, "x", now_us=at(now) + S)
+    assert refused.budget is Budget.REQUESTS_PER_MONTH
+    assert refused.wait_us == at(renews) - at(now) - S
+    assert (await store.admit(spec, "y", now_us=at(renews))).allowed
+
+
+async def test_byte_quota_refuses_once_spent(store: BudgetStore):
+    spec = make_spec(bytes_per_day=1000)
+    assert (await store.admit(spec, "a", now_us=NOON)).allowed
+    assert (await store.admit(spec, "b", now_us=NOON)).allowed
+    await store.settle([Settlement(spec.key, "a", 600)], now_us=NOON + S)
+    assert (await store.admit(spec, "c", now_us=NOON + S)).allowed  # 600 < 1000
+    # The responses in flight overshoot the quota: bytes are only known afterwards.
+    await store.settle(
+        [Settlement(spec.key, "b", 600), Settlement(spec.key, "c", 600)], now_us=NOON + 2 * S
+    )
+    refused = await store.admit(spec, "d", now_us=NOON + 3 * S)
+    assert refused.budget is Budget.BYTES_PER_DAY
+    assert refused.wait_us == utc_day(NOON).end - NOON - 3 * S
+    snap = await store.snapshot(spec.key, now_us=NOON + 3 * S)
+    assert (snap.day_bytes, snap.in_flight) == (1800, 0)
+    assert (await store.admit(spec, "e", now_us=utc_day(NOON).end)).allowed
+
+
+async def test_carry_over_adds_to_current_periods_only(store: BudgetStore):
+    spec = make_spec(requests_per_day=10)
+    assert await admit_n(store, spec, 2, NOON) == [True, True]
+    day, month = utc_day(NOON).id, utc_month(NOON).id
+    await store.carry_over(
+        [
+            Carryover(spec.key, day, 7, 500, month, 7, paused_for_us=3 * S),
+            Carryover(spec.key, day - 1, 50, 50, month - 1, 50),  # periods that are over
+        ],
+        now_us=NOON,
+    )
+    snap = await store.snapshot(spec.key, now_us=NOON)
+    assert (snap.day_requests, snap.day_bytes, snap.month_requests) == (9, 500, 9)
+    assert snap.paused_until_us == NOON + 3 * S
+    assert await admit_n(store, spec, 1, NOON + 4 * S) == [True]
+    assert await admit_n(store, spec, 1, NOON + 4 * S) == [False]
+
+
+# -- concurrency leases ----------------------------------------------------------------------
+
+
+async def test_leases_are_released_and_expire(store: BudgetStore):
+    spec = make_spec(max_concurrency=2)
+    assert await admit_n(store, spec, 3, NOON) == [True, True, False]
+    await store.settle([Settlement(spec.key, f"l0-{NOON}", 0)], now_us=NOON)
+    assert (await store.admit(spec, "after-release", now_us=NOON)).allowed
+    assert (await store.admit(spec, "full", now_us=NOON)).allowed is False
+    # Nobody releases: the leases lapse after lease_ttl (30 s), as a dead replica's would.
+    assert (await store.admit(spec, "still-full", now_us=NOON + 30 * S - 1)).allowed is False
+    assert await admit_n(store, spec, 3, NOON + 30 * S) == [True, True, False]
+
+
+async def test_renewed_leases_do_not_lapse(store: BudgetStore):
+    spec = make_spec(max_concurrency=1)
+    assert (await store.admit(spec, "long", now_us=NOON)).allowed
+    await store.renew([(spec.key, "long")], now_us=NOON + 20 * S)
+    assert (await store.admit(spec, "x", now_us=NOON + 40 * S)).allowed is False
+    assert (await store.admit(spec, "y", now_us=NOON + 50 * S)).allowed is True
+    # A lapsed lease is not brought back by a late renewal.
+    await store.renew([(spec.key, "long")], now_us=NOON + 51 * S)
+    snap = await store.snapshot(spec.key, now_us=NOON + 51 * S)
+    assert snap.in_flight == 1
+
+
+# -- pauses ----------------------------------------------------------------------------------
+
+
+async def test_pause_with_retry_after(store: BudgetStore):
+    spec = make_spec()
+    policy = PausePolicy()
+    assert await store.pause(spec.key, 2.0, policy, now_us=NOON) == 2.0
+    refused = await store.admit(spec, "a", now_us=NOON + S)
+    assert (refused.allowed, refused.paused, refused.budget) == (False, True, None)
+    assert refused.wait_us == S
+    # A shorter pause never cuts a longer one short.
+    assert await store.pause(spec.key, 0.5, policy, now_us=NOON + S) == 1.0
+    assert (await store.admit(spec, "b", now_us=NOON + 2 * S)).allowed
+
+
+async def test_pause_backs_off_without_retry_after(store: BudgetStore):
+    spec = make_spec()
+    policy = PausePolicy(base=5.0, cap=20.0, reset_after=60.0)
+    now = NOON
+    lengths = []
+    for _ in range(5):
+        left = await store.pause(spec.key, None, policy, now_us=now)
+        lengths.append(left)
+        # Answers to requests sent before the pause began do not escalate it.
+        assert await store.pause(spec.key, None, policy, now_us=now + S) == left - 1
+        now += int(left * S)
+    assert lengths == [5.0, 10.0, 20.0, 20.0, 20.0]
+    # Quiet for reset_after after the last pause ended: back to base.
+    assert await store.pause(spec.key, None, policy, now_us=now + 60 * S) == 5.0
+
+
+# -- the two stores agree --------------------------------------------------------------------
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.integers(0, 3)),
+        st.tuples(st.just("settle"), st.integers(0, 2_000)),
+        st.tuples(st.just("pause"), st.sampled_from([None, 1.0, 4.0])),
+        st.tuples(st.just("renew"), st.just(0)),
+        st.tuples(st.just("wait"), st.integers(1, 3 * S)),
+        st.tuples(st.just("wait"), st.sampled_from([30 * S, 3600 * S, 86_400 * S])),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=_ops,
+    start=st.integers(at("2026-01-30T00:00:00+00:00"), at("2026-03-02T00:00:00+00:00")),
+    interval=st.integers(1_000, 2 * S),
+    burst=st.integers(1, 4),
+    max_concurrency=st.integers(1, 3),
+    day=st.one_of(st.none(), st.integers(0, 6)),
+    month=st.one_of(st.none(), st.integers(0, 10)),
+    size=st.one_of(st.none(), st.integers(0, 3000)),
+)
+def test_memory_and_redis_stores_agree(
+    redis_server: RedisServer,  # noqa: F811
+    ops: list[tuple[str, Any]],
+    start: int,
+    interval: int,
+    burst: int,
+    max_concurrency: int,
+    day: int | None,
+    month: int | None,
+    size: int | None,
+):
+    """Random sequences of admissions, settlements, pauses and time: identical answers."""
+    spec = make_spec(
+        interval_us=interval,
+        burst=burst,
+        max_concurrency=max_concurrency,
+        requests_per_day=day,
+        requests_per_month=month,
+        bytes_per_day=size,
+    )
+    policy = PausePolicy(base=1.0, cap=4.0, reset_after=10.0)
+
+    async def run() -> None:
+        memory = MemoryBudgetStore(lease_ttl=30.0)
+        redis = RedisBudgetStore(redis_server.url, key_prefix="agree:", lease_ttl=30.0)
+        live: list[str] = []
+        now = start
+        try:
+            for n, (op, arg) in enumerate(ops):
+                if op == "wait":
+                    now += arg
+                    continue
+                if op == "admit":
+                    for i in range(arg + 1):
+                        lease = f"{n}-{i}"
+                        a = await memory.admit(spec, lease, now_us=now)
+                        b = await redis.admit(spec, lease, now_us=now)
+                        assert a == b, (op, n)
+                        if a.allowed:
+                            live.append(lease)
+                elif op == "settle":
+                    item = [Settlement(spec.key, live.pop(0) if live else None, arg)]
+                    await memory.settle(item, now_us=now)
+                    await redis.settle(item, now_us=now)
+                elif op == "renew":
+                    leases = [(spec.key, lease) for lease in live]
+                    await memory.renew(leases, now_us=now)
+                    await redis.renew(leases, now_us=now)
+                elif op == "pause":
+                    a_left = await memory.pause(spec.key, arg, policy, now_us=now)
+                    b_left = await redis.pause(spec.key, arg, policy, now_us=now)
+                    assert a_left == b_left, (op, n)
+                assert await memory.snapshot(spec.key, now_us=now) == await redis.snapshot(
+                    spec.key, now_us=now
+                ), (op, n)
+        finally:
+            await redis.close()
+
+    asyncio.run(run())
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(
+        st.integers(0, 4_102_444_800 * S - 1)
+        | st.sampled_from(
+            [
+                at("2028-02-29T23:59:59+00:00") + S - 1,
+                at("2100-03-01T00:00:00+00:00"),
+                at("2000-02-29T00:00:00+00:00"),
+                at("2026-12-31T23:59:59+00:00"),
+                0,
+            ]
+        ),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_lua_calendar_matches_python(redis_server: RedisServer, moments: list[int]):  # noqa: F811
+    async def run() -> None:
+        redis = RedisBudgetStore(redis_server.url)
+        try:
+            for now in moments:
+                got = await redis._eval(scripts.CALENDAR, (), [now])
+                assert list(got) == [*utc_day(now), *utc_month(now)], now
+        finally:
+            await redis.close()
+
+    asyncio.run(run())
+
+
+# -- Redis specifics -------------------------------------------------------------------------
+
+
+def test_all_keys_of_a_site_share_one_hash_tag():
+    keys = site_keys("cw:", "images.example.com")
+    assert all(k.startswith("cw:{images.example.com}:") for k in keys)
+    # Braces in a key would end the tag early; they are escaped.
+    assert all("{a%7Db}" in k for k in site_keys("cw:", "a}b"))
+
+
+async def test_scripts_survive_a_flushed_script_cache(redis_server: RedisServer, key_prefix: str):  # noqa: F811
+    """NOSCRIPT (a restarted or failed-over Redis): the store sends the script again."""
+    store = RedisBudgetStore(redis_server.url, key_prefix=key_prefix)
+    await store.start()
+    try:
+        spec = make_spec(max_concurrency=1)
+        assert (await store.admit(spec, "a")).allowed
+        await store._redis.script_flush()
+        await store.settle([Settlement(spec.key, "a", 10)])  # pipelined path
+        await store._redis.script_flush()
+        assert (await store.admit(spec, "b")).allowed  # single-call path
+        snap = await store.snapshot(spec.key)
+        assert (snap.in_flight, snap.day_bytes, snap.day_requests) == (1, 10, 2)
+    finally:
+        await store.close()
+
+
+async def test_one_round_trip_per_admission(redis_server: RedisServer, key_prefix: str):  # noqa: F811
+    """What Redis receives from the store per admission: one EVALSHA, nothing else."""
+    store = RedisBudgetStore(redis_server.url, key_prefix=key_prefix)
+    watcher = RedisBudgetStore(redis_server.url)
+    await store.start()
+    try:
+        spec = make_spec(requests_per_day=1000, max_concurrency=5)
+        await store.admit(spec, "warm")
+        seen: list[str] = []
+        async with watcher._redis.monitor() as monitor:
+            for i in range(20):
+                await store.admit(spec, f"l{i}")
+            await store._redis.echo("done")
+            while True:
+                command = await asyncio.wait_for(monitor.next_command(), 5)
+                if command["client_type"] == "lua":
+                    continue  # the script's own calls, inside the one round trip
+                seen.append(command["command"].split()[0].upper())
+                if seen[-1] == "ECHO":
+                    break
+        assert seen == ["EVALSHA"] * 20 + ["ECHO"]
+    finally:
+        await store.close()
+        await watcher.close()

@@ -1,0 +1,240 @@
+"""Response-side opt-outs (X-Robots-Tag, robots and TDMRep meta, Content-Usage, TDMRep header
+fields), how a site's terms decide which bind, and the post-fetch assessment."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from proxy import optout
+from proxy.decision import Reason
+from proxy.optout import Kind
+from proxy.optout import OptOutSignal
+from proxy.optout_checks import BodyScan
+from proxy.policy import LegalBasis
+from proxy.policy import Respect
+from tests.optout_fixtures import TOKEN
+from tests.optout_fixtures import c2pa_sign
+from tests.optout_fixtures import jpeg
+from tests.optout_fixtures import jpeg_with_xmp
+from tests.optout_fixtures import make_checks
+from tests.optout_fixtures import make_policy
+from tests.optout_fixtures import png
+from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import request_context
+from tests.optout_fixtures import training_mining
+from tests.optout_fixtures import xmp_packet
+
+# -- X-Robots-Tag ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["noai"], {"noai"}),
+        (["noindex, noai, noimageai"], {"noindex", "noai", "noimageai"}),
+        (["noindex", "NoImageAI"], {"noindex", "noimageai"}),  # several field lines
+        (["examplebot: noai"], {"noai"}),  # scoped to our token
+        (["ExampleBot: noimageai, nofollow"], {"noimageai", "nofollow"}),
+        (["otherbot: noai"], set()),  # scoped to another crawler
+        (["otherbot: noai, noimageai"], set()),  # the scope runs to the next name
+        (["otherbot: noai, examplebot: noimageai"], {"noimageai"}),
+        (["unavailable_after: 25 Jun 2010 15:00:00 PST, noai"], {"unavailable_after", "noai"}),
+        (["max-image-preview: none"], {"max-image-preview"}),
+        ([""], set()),
+    ],
+)
+def test_x_robots_tag_directives_for_our_tokens(values: list[str], expected: set[str]) -> None:
+    assert optout.robots_directives(values, [TOKEN]) == expected
+
+
+# -- the HTML head ---------------------------------------------------------------------------
+
+PAGE = b"""<!doctype html><html><head>
+<meta charset="utf-8">
+<META NAME="Robots" CONTENT="noindex, NoAI">
+<meta name="ExampleBot" content="noimageai">
+<meta name="otherbot" content="nofollow">
+<meta name="tdm-reservation" content="1">
+<meta name="tdm-policy" content="https://site.test/tdm-policy.json">
+<title>t</title></head>
+<body><meta name="robots" content="none"><p>body</p></body></html>"""
+
+
+def test_html_head_meta_tags() -> None:
+    head = optout.scan_html_head(PAGE, [TOKEN])
+    assert head.robots == {"noindex", "noai", "noimageai"}  # not "none": that is in the body
+    assert head.tdm.reservation == 1
+    assert head.tdm.policy == "https://site.test/tdm-policy.json"
+
+
+def test_html_head_scan_is_incremental_and_stops_at_the_body() -> None:
+    scanner = optout.HtmlHeadScanner([TOKEN])
+    done_at = None
+    for i in range(0, len(PAGE), 7):
+        if scanner.feed(PAGE[i : i + 7]):
+            done_at = i + 7
+            break
+    assert done_at is not None and done_at < len(PAGE)
+    assert scanner.result().robots == {"noindex", "noai", "noimageai"}
+
+
+def test_html_head_scan_is_bounded() -> None:
+    page = b"<html><head>" + b"<!-- padding -->" * 20_000 + b'<meta name="robots" content="noai">'
+    scanner = optout.HtmlHeadScanner([TOKEN], limit=64 * 1024)
+    assert scanner.feed(page)
+    assert scanner.seen == 64 * 1024
+    assert scanner.result().robots == set()
+
+
+# -- deciding by the site's terms ------------------------------------------------------------
+
+TDM = LegalBasis(kind="tdm_exception", ref="DSM Art. 4")
+LICENCE = LegalBasis(kind="licence", ref="LIC-1", expires=dt.date(2999, 1, 1))
+RESEARCH = LegalBasis(kind="research_exception", ref="DSM Art. 3")
+NOAI = OptOutSignal(Kind.NOAI, "x-robots-tag:noai", True)
+RESERVED = OptOutSignal(Kind.TDMREP, "tdm-header:reserved", True)
+SEEN = OptOutSignal(Kind.CONTENT_USAGE, "content-usage:search=y", False)
+
+
+@pytest.mark.parametrize(
+    ("signals", "basis", "respect", "reason"),
+    [
+        ([SEEN, NOAI], TDM, Respect(), Reason.NOAI_DIRECTIVE),
+        ([SEEN], TDM, Respect(), None),
+        ([NOAI], TDM, Respect(noai=False), None),
+        ([RESERVED], TDM, Respect(), Reason.TDM_RESERVED),
+        ([RESERVED], RESEARCH, Respect(), Reason.TDM_RESERVED),
+        ([RESERVED], LICENCE, Respect(), None),  # a licence answers a reservation
+        ([RESERVED, NOAI], LICENCE, Respect(), Reason.NOAI_DIRECTIVE),
+        ([RESERVED, NOAI], LICENCE, Respect(noai=False), None),
+    ],
+)
+def test_signals_bind_per_basis_and_respect_flags(
+    signals: list[OptOutSignal], basis: LegalBasis, respect: Respect, reason: Reason | None
+) -> None:
+    decision = optout.decide(signals, basis, respect, site="s")
+    if reason is None:
+        assert decision is None
+    else:
+        assert decision is not None and decision.reason is reason and decision.status == 451
+        assert decision.signals == tuple(s.name for s in signals)
+        assert decision.rule in ("respect.noai", "respect.tdmrep")
+
+
+# -- one response ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "content_type", "names", "binding"),
+    [
+        ([("X-Robots-Tag", "noai")], "text/html", ["x-robots-tag:noai"], True),
+        ([("X-Robots-Tag", "noimageai")], "text/html", ["x-robots-tag:noimageai"], False),
+        ([("X-Robots-Tag", "noimageai")], "image/jpeg", ["x-robots-tag:noimageai"], True),
+        ([("Content-Usage", "train-ai=n, search=y")], "image/png",
+         ["content-usage:train-ai=n", "content-usage:search=y"], True),
+        ([("Content-Usage", "train-ai=y")], "image/png", ["content-usage:train-ai=y"], False),
+        ([("Content-Usage", "train-ai=N")], "image/png", [], False),
+        ([("tdm-reservation", "1"), ("tdm-policy", "https://p.test/x")], "image/png",
+         ["tdm-header:reserved", "tdm-header:policy"], True),
+        ([("tdm-reservation", "0")], "image/png", ["tdm-header:not-reserved"], False),
+        ([("Content-Type", "image/png")], "image/png", [], False),
+    ],
+)  # fmt: skip
+def test_response_header_signals(
+    headers: list[tuple[str, str]], content_type: str, names: list[str], binding: bool
+) -> None:
+    signals = optout.response_signals(headers, content_type, [TOKEN])
+    assert [s.name for s in signals] == names
+    assert any(s.opts_out for s in signals) is binding
+
+
+async def assess(headers, body, content_type, policy=None, url="https://site-a.test/a"):  # type: ignore[no-untyped-def]
+    policy = policy or make_policy()
+    checks = make_checks(policy)
+    try:
+        return await checks.assess_response(
+            request_context(policy, url), 200, headers, body, content_type
+        )
+    finally:
+        await checks.close()
+
+
+async def test_an_html_page_with_a_tdm_meta_reservation_is_withheld() -> None:
+    result = await assess([("Content-Type", "text/html")], PAGE, "text/html; charset=utf-8")
+    assert result.decision is not None and result.decision.reason is Reason.TDM_RESERVED
+    assert result.signals == (
+        "tdm-meta:reserved",
+        "tdm-meta:policy",
+        "meta-robots:noai",
+        "meta-robots:noimageai",
+    )
+
+
+async def test_a_licensed_site_is_collected_and_the_signals_recorded() -> None:
+    policy = make_policy(
+        sites=[
+            {
+                "id": "archive",
+                "match": ["site-a.test"],
+                "legal_basis": {"kind": "licence", "ref": "LIC-9", "expires": "2999-01-01"},
+                "respect": {"noai": False, "image_metadata": False},
+            }
+        ]
+    )
+    image = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED"))
+    headers = [("X-Robots-Tag", "noai"), ("tdm-reservation", "1")]
+    result = await assess(headers, image, "image/jpeg", policy)
+    assert result.decision is None
+    assert result.signals == (
+        "tdm-header:reserved",
+        "x-robots-tag:noai",
+        "iptc-plus:DMI-PROHIBITED",
+    )
+
+
+async def test_an_image_is_recognized_by_its_bytes_not_its_content_type() -> None:
+    image = png(before_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED-AIMLTRAINING"))])
+    result = await assess([], image, "application/octet-stream")
+    assert result.decision is not None and result.decision.reason is Reason.IMAGE_OPTOUT
+    assert result.signals == ("iptc-plus:DMI-PROHIBITED-AIMLTRAINING",)
+
+
+async def test_a_c2pa_training_mining_assertion_withholds() -> None:
+    image = c2pa_sign(jpeg(), "image/jpeg", [training_mining("cawg", "constrained")])
+    result = await assess([], image, "image/jpeg")
+    assert result.decision is not None and result.decision.reason is Reason.IMAGE_OPTOUT
+    assert result.signals == ("cawg:training-mining=constrained",)
+
+
+async def test_body_scan_decides_on_a_bounded_prefix_while_streaming() -> None:
+    packet = xmp_packet("DMI-PROHIBITED", form="element")
+    image = jpeg_with_xmp(packet) + b"\x00" * 5_000_000  # image data that is never needed
+    policy = make_policy()
+    checks = make_checks(policy)
+    scan = checks.body_scan("image/jpeg")
+    fed = 0
+    for i in range(0, len(image), 16 * 1024):
+        fed += 16 * 1024
+        if scan.feed(image[i : i + 16 * 1024]):
+            break
+    try:
+        result = await checks.assess_response(
+            request_context(policy, "https://site-a.test/x.jpg"),
+            200,
+            [],
+            b"",
+            "image/jpeg",
+            scan=scan,
+        )
+    finally:
+        await checks.close()
+    assert fed == 16 * 1024
+    assert result.decision is not None and result.signals == ("iptc-plus:DMI-PROHIBITED",)
+
+
+def test_body_scan_needs_nothing_for_other_content() -> None:
+    scan = BodyScan("application/json", [TOKEN])
+    assert scan.feed(b'{"a": 1, "padding": "..........."}')
+    assert scan.image is None and scan.html_head is None

@@ -1,0 +1,205 @@
+"""TDMRep: the origin's tdmrep.json (order, wildcards), header fields, and the prefetch check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp import web
+
+from proxy import tdmrep
+from proxy.decision import Reason
+from tests.optout_fixtures import make_checks
+from tests.optout_fixtures import make_policy
+from tests.optout_fixtures import origin_server
+from tests.optout_fixtures import request_context
+
+RULES = json.dumps(
+    [
+        {"location": "/directory-a/", "tdm-reservation": 1},
+        {
+            "location": "/directory-b/html/",
+            "tdm-reservation": 1,
+            "tdm-policy": "https://provider.test/policies/policy.json",
+        },
+        {"location": "/directory-b/images/*.jpg", "tdm-reservation": 0},
+        {"location": "/directory-b/", "tdm-reservation": 1},
+        {"location": "/exact$", "tdm-reservation": 1},
+        {"location": "/open/", "tdm-reservation": 0},
+        {"location": "/open/closed/", "tdm-reservation": 1},  # never reached: /open/ is first
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "reservation", "policy"),
+    [
+        ("/directory-a/doc.pdf", 1, None),
+        ("/directory-b/html/page.html", 1, "https://provider.test/policies/policy.json"),
+        ("/directory-b/images/cat.jpg", 0, None),  # first match, before /directory-b/
+        ("/directory-b/images/deep/cat.jpg", 0, None),  # * crosses "/"
+        ("/directory-b/images/cat.png", 1, None),
+        ("/directory-b/images/cat.jpg.txt", 0, None),  # no $: a prefix match
+        ("/exact", 1, None),
+        ("/exact/more", None, None),
+        ("/open/closed/x", 0, None),  # the first matching rule wins, not the longest
+        ("/Directory-a/doc.pdf", None, None),  # case-sensitive
+        ("/elsewhere", None, None),  # no rule: unset
+    ],
+)
+def test_first_matching_rule_in_array_order(
+    path: str, reservation: int | None, policy: str | None
+) -> None:
+    declaration = tdmrep.parse_tdmrep(RULES).lookup(path)
+    assert declaration.reservation == reservation
+    assert declaration.policy == policy
+
+
+def test_percent_encoded_unreserved_characters_match() -> None:
+    rules = tdmrep.parse_tdmrep('[{"location": "/~user/", "tdm-reservation": 1}]')
+    assert rules.lookup("/%7Euser/photo.jpg").reserved
+
+
+@pytest.mark.parametrize(
+    ("value", "reservation"),
+    [(1, 1), (0, 0), ("1", 1), (" 0 ", 0), (2, None), (True, None), (None, None), ("yes", None)],
+)
+def test_reservation_values(value: object, reservation: int | None) -> None:
+    # Other values are protocol errors: the reservation is unset, and the rule still matches.
+    content = json.dumps(
+        [{"location": "/", "tdm-reservation": value}, {"location": "/", "tdm-reservation": 1}]
+    )
+    assert tdmrep.parse_tdmrep(content).lookup("/x").reservation == reservation
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("not json", "not JSON"),
+        ('{"location": "/", "tdm-reservation": 1}', "not a JSON array of rules"),
+        (b"[" + b" " * tdmrep.PARSE_LIMIT + b"]", f"larger than {tdmrep.PARSE_LIMIT} bytes"),
+    ],
+)
+def test_unusable_files_are_ignored(content: str | bytes, error: str) -> None:
+    rules = tdmrep.parse_tdmrep(content)
+    assert rules.error == error and rules.lookup("/").reservation is None
+
+
+def test_rules_without_location_are_skipped() -> None:
+    content = '[{"tdm-reservation": 1}, "junk", {"location": "images/", "tdm-reservation": 1}]'
+    rules = tdmrep.parse_tdmrep(content)
+    assert len(rules.rules) == 1 and rules.lookup("/images/a.png").reserved
+
+
+@pytest.mark.parametrize(
+    ("headers", "reservation", "policy"),
+    [
+        ([("TDM-Reservation", "1")], 1, None),
+        (
+            [("tdm-reservation", "0"), ("tdm-policy", "https://p.test/p.json")],
+            0,
+            "https://p.test/p.json",
+        ),
+        ([("tdm-reservation", "0"), ("tdm-reservation", "1")], 1, None),
+        ([("tdm-reservation", "maybe")], None, None),
+        ([], None, None),
+    ],
+)
+def test_header_fields(
+    headers: list[tuple[str, str]], reservation: int | None, policy: str | None
+) -> None:
+    declaration = tdmrep.from_headers(headers)
+    assert (declaration.reservation, declaration.policy) == (reservation, policy)
+
+
+# -- the prefetch check --------------------------------------------------------------------
+
+LICENSED = [
+    {
+        "id": "licensed",
+        "match": ["site-a.test"],
+        "legal_basis": {"kind": "licence", "ref": "LIC-7", "expires": "2999-01-01"},
+    }
+]
+
+
+async def tdm_decision(checks, url: str, policy=None):  # type: ignore[no-untyped-def]
+    ctx = request_context(policy or make_policy(), url)
+    return await checks.tdmrep(ctx), ctx.signals
+
+
+async def test_a_reservation_in_the_file_refuses_before_fetching() -> None:
+    async with origin_server({tdmrep.WELL_KNOWN_PATH: RULES}) as site:
+        checks = make_checks()
+        try:
+            decision, signals = await tdm_decision(checks, site.origin() + "/directory-b/html/a")
+            assert decision is not None and decision.reason is Reason.TDM_RESERVED
+            assert decision.status == 451
+            assert signals == ["tdmrep:reserved", "tdmrep:policy"]
+            assert "https://provider.test/policies/policy.json" in decision.detail
+            decision, signals = await tdm_decision(
+                checks, site.origin() + "/directory-b/images/a.jpg"
+            )
+            assert decision is None and signals == ["tdmrep:not-reserved"]
+            decision, signals = await tdm_decision(checks, site.origin() + "/elsewhere")
+            assert decision is None and signals == []
+        finally:
+            await checks.close()
+        assert site.hits[tdmrep.WELL_KNOWN_PATH] == 1
+        assert site.hits["/directory-b/html/a"] == 0
+
+
+async def test_a_licence_is_the_answer_to_a_reservation() -> None:
+    policy = make_policy(sites=LICENSED)
+    async with origin_server({tdmrep.WELL_KNOWN_PATH: RULES}) as site:
+        checks = make_checks(policy)
+        try:
+            decision, signals = await tdm_decision(checks, site.origin() + "/directory-a/x", policy)
+        finally:
+            await checks.close()
+    assert decision is None and signals == ["tdmrep:reserved"]
+
+
+async def test_an_expired_licence_falls_back_to_the_default_basis() -> None:
+    sites = [
+        {**LICENSED[0], "legal_basis": {"kind": "licence", "ref": "LIC-7", "expires": "2020-01-01"}}
+    ]
+    policy = make_policy(sites=sites)
+    async with origin_server({tdmrep.WELL_KNOWN_PATH: RULES}) as site:
+        checks = make_checks(policy)
+        try:
+            decision, _ = await tdm_decision(checks, site.origin() + "/directory-a/x", policy)
+        finally:
+            await checks.close()
+    assert decision is not None and decision.reason is Reason.TDM_RESERVED
+
+
+async def test_respect_tdmrep_false_records_without_refusing() -> None:
+    policy = make_policy(respect={"tdmrep": False})
+    async with origin_server({tdmrep.WELL_KNOWN_PATH: RULES}) as site:
+        checks = make_checks(policy)
+        try:
+            decision, signals = await tdm_decision(checks, site.origin() + "/directory-a/x", policy)
+        finally:
+            await checks.close()
+    assert decision is None and signals == ["tdmrep:reserved"]
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        web.Response(status=404),
+        web.Response(status=500),
+        web.Response(status=200, text="<html>soft 404</html>"),
+    ],
+)
+async def test_no_usable_file_means_the_protocol_is_not_used(route: web.Response) -> None:
+    async with origin_server({tdmrep.WELL_KNOWN_PATH: route}) as site:
+        checks = make_checks()
+        try:
+            decision, signals = await tdm_decision(checks, site.origin() + "/a")
+            await tdm_decision(checks, site.origin() + "/b")
+        finally:
+            await checks.close()
+        assert site.hits[tdmrep.WELL_KNOWN_PATH] == 1  # cached like robots.txt, errors too
+    assert decision is None and signals == []

@@ -393,29 +393,41 @@ def normalize_data_mining(value: str) -> str:
     return value.upper()
 
 
-def data_mining_values(packet: bytes) -> list[str]:
-    """The PLUS DataMining values in one XMP packet, normalized (`DMI-PROHIBITED`, ...).
+@dataclass(frozen=True, slots=True)
+class XmpFacts:
+    data_mining: list[str]  # PLUS DataMining values, normalized (`DMI-PROHIBITED`, ...)
+    provenance: str | None  # dcterms:provenance: where a remote C2PA manifest would be
+
+
+def read_xmp(packet: bytes) -> XmpFacts:
+    """What one XMP packet says about data mining and C2PA provenance.
 
     XMP is attacker-supplied XML: expat with no DTDs, so no entity expansion. A packet that is
     not well-formed is searched textually instead, so that a sloppy writer's opt-out counts.
     """
     start = packet.find(b"<")
     if start < 0:
-        return []
+        return XmpFacts([], None)
     reader = _XmpReader()
     try:
         reader.parse(packet[start:])
     except (expat.ExpatError, _Corrupt, ValueError):
-        return _data_mining_fallback(packet)
-    return reader.values
+        return XmpFacts(_data_mining_fallback(packet), None)
+    return XmpFacts(reader.values, reader.provenance)
+
+
+def data_mining_values(packet: bytes) -> list[str]:
+    return read_xmp(packet).data_mining
 
 
 class _XmpReader:
     _ATTR = f"{PLUS_NS} DataMining"
     _RESOURCE = f"{RDF_NS} resource"
+    _PROVENANCE = "http://purl.org/dc/terms/ provenance"
 
     def __init__(self) -> None:
         self.values: list[str] = []
+        self.provenance: str | None = None
         self._depth = 0
         self._text: list[str] = []
 
@@ -433,6 +445,8 @@ class _XmpReader:
         raise _Corrupt("XMP must not carry a DTD")
 
     def _start(self, name: str, attrs: dict[str, str]) -> None:
+        if self._PROVENANCE in attrs:
+            self.provenance = attrs[self._PROVENANCE][:2048]
         if self._ATTR in attrs:
             self.values.append(normalize_data_mining(attrs[self._ATTR]))
         if self._depth:
@@ -554,8 +568,11 @@ def image_signals(meta: ImageMetadata) -> list[OptOutSignal]:
     """The opt-out signals of one image's metadata. Reads a C2PA store if there is one (a few
     milliseconds of native code: call from a worker thread in the event loop)."""
     signals: list[OptOutSignal] = []
+    remote: str | None = None
     for packet in meta.xmp:
-        for value in data_mining_values(packet):
+        facts = read_xmp(packet)
+        remote = remote or facts.provenance
+        for value in facts.data_mining:
             known = value in DATA_MINING_VALUES
             name = f"iptc-plus:{value}" if known else "iptc-plus:other"
             opts_out = prohibits_training(value)
@@ -576,6 +593,17 @@ def image_signals(meta: ImageMetadata) -> list[OptOutSignal]:
                         f"the image's {a.namespace}.training-mining assertion says {a.use}",
                     )
                 )
+    if remote is not None and meta.c2pa_store is None:
+        # The manifest lives elsewhere; the gateway never fetches it (no request to a URL an
+        # image names), but the record says that one exists.
+        signals.append(
+            OptOutSignal(
+                Kind.IMAGE_METADATA,
+                "c2pa:remote-manifest",
+                False,
+                f"the image refers to a remote C2PA manifest at {remote}, which is not fetched",
+            )
+        )
     if meta.truncated or not meta.complete:
         signals.append(
             OptOutSignal(

@@ -1,0 +1,302 @@
+"""Image metadata: IPTC PLUS DataMining in JPEG, PNG and WebP XMP, and C2PA/CAWG training-mining
+in images signed here with c2pa-python and a certificate chain made here."""
+
+from __future__ import annotations
+
+import io
+import threading
+import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+from proxy import imagemeta
+from proxy.imagemeta import ImageFormat
+from tests.optout_fixtures import PLUS_VOCAB
+from tests.optout_fixtures import c2pa_sign
+from tests.optout_fixtures import jpeg
+from tests.optout_fixtures import jpeg_with_extended_xmp
+from tests.optout_fixtures import jpeg_with_xmp
+from tests.optout_fixtures import png
+from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import training_mining
+from tests.optout_fixtures import webp
+from tests.optout_fixtures import xmp_packet
+
+PROHIBITING = [
+    "DMI-PROHIBITED",
+    "DMI-PROHIBITED-AIMLTRAINING",
+    "DMI-PROHIBITED-GENAIMLTRAINING",
+    "DMI-PROHIBITED-EXCEPTSEARCHENGINEINDEXING",
+    "DMI-PROHIBITED-SEECONSTRAINT",
+    "DMI-PROHIBITED-SEEEMBEDDEDRIGHTSEXPR",
+    "DMI-PROHIBITED-SEELINKEDRIGHTSEXPR",
+]
+PERMITTING = ["DMI-UNSPECIFIED", "DMI-ALLOWED"]
+
+
+def signals(body: bytes) -> dict[str, bool]:
+    return {s.name: s.opts_out for s in imagemeta.image_signals(imagemeta.scan_image(body))}
+
+
+# -- XMP: IPTC PLUS DataMining --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", PROHIBITING + PERMITTING)
+@pytest.mark.parametrize("form", ["attribute", "element", "resource"])
+def test_every_vocabulary_value_in_every_form(value: str, form: str) -> None:
+    image = jpeg_with_xmp(xmp_packet(value, form=form))
+    assert signals(image) == {f"iptc-plus:{value}": value in PROHIBITING}
+
+
+@pytest.mark.parametrize("prefix", ["plus", "p", "ldf"])
+def test_the_namespace_uri_matters_not_the_prefix(prefix: str) -> None:
+    packet = xmp_packet("DMI-PROHIBITED-AIMLTRAINING", prefix=prefix)
+    assert imagemeta.data_mining_values(packet) == ["DMI-PROHIBITED-AIMLTRAINING"]
+
+
+def test_a_datamining_property_of_another_namespace_is_not_plus() -> None:
+    packet = xmp_packet("DMI-PROHIBITED").replace(
+        b"http://ns.useplus.org/ldf/xmp/1.0/", b"http://example.test/not-plus/"
+    )
+    assert imagemeta.data_mining_values(packet) == []
+
+
+def test_bare_codes_and_case_are_normalized() -> None:
+    packet = xmp_packet(f"{PLUS_VOCAB}dmi-prohibited-genaimltraining", form="element")
+    assert imagemeta.data_mining_values(packet) == ["DMI-PROHIBITED-GENAIMLTRAINING"]
+    unknown = xmp_packet("DMI-PROHIBITED-SOMETHING-NEW")
+    assert signals(jpeg_with_xmp(unknown)) == {"iptc-plus:other": True}
+
+
+def test_a_malformed_packet_is_still_read() -> None:
+    packet = xmp_packet("DMI-PROHIBITED", form="element").replace(b"</rdf:RDF>", b"")
+    assert imagemeta.data_mining_values(packet) == ["DMI-PROHIBITED"]
+
+
+def test_entities_are_never_expanded() -> None:
+    # A billion-laughs packet: each entity doubles the last, 2**40 "a"s if expanded.
+    entities = "".join(f'<!ENTITY a{i} "&a{i - 1};&a{i - 1};">' for i in range(1, 41))
+    bomb = f'<!DOCTYPE x [<!ENTITY a0 "a">{entities}]><x>&a40;</x>'.encode()
+    assert imagemeta.data_mining_values(bomb) == []
+
+
+# -- where the XMP is ------------------------------------------------------------------------
+
+
+def test_jpeg_extended_xmp_is_reassembled() -> None:
+    main = xmp_packet(None)
+    extended = xmp_packet("DMI-PROHIBITED", form="element") + b" " * 150_000
+    image = jpeg_with_extended_xmp(main, extended)
+    meta = imagemeta.scan_image(image)
+    assert meta.complete and len(meta.xmp) == 2
+    assert signals(image) == {"iptc-plus:DMI-PROHIBITED": True}
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_png_itxt_before_the_image_data(compressed: bool) -> None:
+    image = png(before_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED"), compressed=compressed)])
+    assert signals(image) == {"iptc-plus:DMI-PROHIBITED": True}
+
+
+def test_png_scan_stops_at_the_image_data() -> None:
+    # The bounded scan reads nothing after the first IDAT (see the module docstring).
+    image = png(after_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED"))])
+    scanner = imagemeta.ImageMetadataScanner()
+    idat = image.index(b"IDAT") - 4
+    assert scanner.feed(image[: idat + 8])
+    assert scanner.finish().complete and signals(image) == {}
+
+
+def test_webp_xmp_after_the_image_data() -> None:
+    image = webp(xmp=xmp_packet("DMI-PROHIBITED-AIMLTRAINING", form="resource"))
+    meta = imagemeta.scan_image(image)
+    assert meta.format is ImageFormat.WEBP and meta.complete
+    assert signals(image) == {"iptc-plus:DMI-PROHIBITED-AIMLTRAINING": True}
+
+
+def test_simple_webp_has_no_metadata_to_wait_for() -> None:
+    scanner = imagemeta.ImageMetadataScanner()
+    assert scanner.feed(webp(simple=True)[:20])
+    assert scanner.finish().complete
+
+
+def feed_in_pieces(body: bytes, size: int) -> imagemeta.ImageMetadata:
+    scanner = imagemeta.ImageMetadataScanner()
+    for i in range(0, len(body), size):
+        if scanner.feed(body[i : i + size]):
+            break
+    return scanner.finish()
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, 4096])
+@pytest.mark.parametrize("kind", ["jpeg", "png", "webp"])
+def test_incremental_feeding_gives_the_same_answer(kind: str, size: int) -> None:
+    packet = xmp_packet("DMI-PROHIBITED")
+    body = {
+        "jpeg": jpeg_with_xmp(packet),
+        "png": png(before_idat=[png_xmp_chunk(packet, compressed=True)]),
+        "webp": webp(xmp=packet),
+    }[kind]
+    meta = feed_in_pieces(body, size)
+    assert meta.complete and [imagemeta.data_mining_values(p) for p in meta.xmp] == [
+        ["DMI-PROHIBITED"]
+    ]
+
+
+def test_jpeg_decision_needs_only_the_bytes_before_the_scan() -> None:
+    image = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED"))
+    sos = image.index(b"\xff\xda")
+    scanner = imagemeta.ImageMetadataScanner()
+    assert not scanner.feed(image[:sos])
+    assert scanner.feed(image[sos : sos + 2])
+
+
+def test_the_scan_gives_up_at_its_limit() -> None:
+    filler = b"".join(b"\xff\xe2\xff\xff" + b"\x00" * 65533 for _ in range(40))  # APP2 padding
+    image = jpeg()[:2] + filler + jpeg_with_xmp(xmp_packet("DMI-PROHIBITED"))[2:]
+    scanner = imagemeta.ImageMetadataScanner(max_scan=1_000_000)
+    for i in range(0, len(image), 65536):
+        if scanner.feed(image[i : i + 65536]):
+            break
+    meta = scanner.finish()
+    assert not meta.complete and scanner.seen <= 1_000_000 + 65536
+    names = {s.name for s in imagemeta.image_signals(meta)}
+    assert names == {"image-metadata:incomplete"}
+
+
+def test_an_oversized_xmp_chunk_is_skipped_not_buffered() -> None:
+    huge = b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + b" " * (imagemeta.MAX_XMP + 1)
+    chunk = (
+        len(huge).to_bytes(4, "big")
+        + b"iTXt"
+        + huge
+        + zlib.crc32(b"iTXt" + huge).to_bytes(4, "big")
+    )
+    meta = imagemeta.scan_image(png(before_idat=[chunk]))
+    assert meta.truncated and meta.xmp == []
+
+
+@pytest.mark.parametrize(
+    ("body", "fmt", "complete"),
+    [
+        (b"GIF89a\x01\x00\x01\x00", ImageFormat.OTHER, True),
+        (b"<html><head>", ImageFormat.OTHER, True),
+        (b"\xff", None, False),  # too short to know
+        (b"RIFF\x00\x00", None, False),
+    ],
+)
+def test_other_and_short_bodies(body: bytes, fmt: ImageFormat | None, complete: bool) -> None:
+    meta = imagemeta.scan_image(body)
+    assert (meta.format, meta.complete) == (fmt, complete)
+
+
+# -- C2PA / CAWG training-mining -------------------------------------------------------------
+
+SIGNED = [
+    ("c2pa", "notAllowed", True),
+    ("c2pa", "constrained", True),
+    ("c2pa", "allowed", False),
+    ("cawg", "notAllowed", True),
+    ("cawg", "constrained", True),
+    ("cawg", "allowed", False),
+]
+
+
+@pytest.mark.parametrize(("namespace", "use", "opts_out"), SIGNED)
+@pytest.mark.parametrize(("mime", "image"), [("image/jpeg", jpeg), ("image/png", png)])
+def test_training_mining_assertions(
+    namespace: str, use: str, opts_out: bool, mime: str, image: object
+) -> None:
+    signed = c2pa_sign(image(), mime, [training_mining(namespace, use)])  # type: ignore[operator]
+    meta = imagemeta.scan_image(signed)
+    assert meta.c2pa_store is not None and meta.complete
+    assert signals(signed) == {f"{namespace}:training-mining={use}": opts_out}
+
+
+@pytest.mark.parametrize(
+    ("entry", "opts_out"),
+    [("ai_generative_training", True), ("data_mining", True), ("ai_inference", False)],
+)
+def test_which_entries_concern_training(entry: str, opts_out: bool) -> None:
+    signed = c2pa_sign(jpeg(), "image/jpeg", [training_mining("cawg", "notAllowed", entry)])
+    names = signals(signed)
+    if opts_out:
+        assert names == {"cawg:training-mining=notAllowed": True}
+    else:
+        assert names == {}  # inference only: nothing about training
+
+
+def test_the_strictest_entry_and_both_assertions_count() -> None:
+    mixed = training_mining("c2pa", "allowed")
+    mixed["data"]["entries"]["c2pa.ai_generative_training"] = {"use": "notAllowed"}
+    signed = c2pa_sign(png(), "image/png", [mixed, training_mining("cawg", "allowed")])
+    assert signals(signed) == {
+        "c2pa:training-mining=notAllowed": True,
+        "cawg:training-mining=allowed": False,
+    }
+
+
+def test_a_manifest_spanning_several_jpeg_segments() -> None:
+    big = training_mining("cawg", "constrained")
+    big["data"]["entries"]["cawg.ai_training"]["constraint_info"] = "x" * 150_000
+    signed = c2pa_sign(jpeg(), "image/jpeg", [big])
+    assert signed.count(b"\xff\xeb") >= 3  # APP11 segments hold at most 64 KiB each
+    for size in (1, 1000):
+        meta = feed_in_pieces(signed, size) if size == 1000 else imagemeta.scan_image(signed)
+        assert [a.use for a in imagemeta.read_training_mining(meta.c2pa_store or b"")] == [
+            "constrained"
+        ]
+
+
+def test_a_damaged_store_is_reported_not_trusted() -> None:
+    signed = c2pa_sign(png(), "image/png", [training_mining("c2pa", "notAllowed")])
+    meta = imagemeta.scan_image(signed)
+    assert meta.c2pa_store is not None
+    meta.c2pa_store = meta.c2pa_store[:200]
+    assert {s.name for s in imagemeta.image_signals(meta)} == {"c2pa:unreadable"}
+
+
+@pytest.fixture
+def manifest_host() -> Iterator[tuple[str, list[str]]]:
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/manifest.c2pa", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_manifests_are_never_fetched(manifest_host: tuple[str, list[str]]) -> None:
+    import c2pa
+
+    url, hits = manifest_host
+    signed = c2pa_sign(
+        jpeg(), "image/jpeg", [training_mining("c2pa", "notAllowed")], remote_url=url
+    )
+    # The scan finds no embedded store, and records the reference without following it.
+    assert signals(signed) == {"c2pa:remote-manifest": False}
+    # Even given the whole asset, the gateway's c2pa context does not fetch...
+    with pytest.raises(c2pa.C2paError):
+        c2pa.Reader("image/jpeg", io.BytesIO(signed), context=imagemeta.c2pa_context())
+    assert hits == []
+    # ...where a context with remote fetching on would have (so the setting is the real one).
+    fetching = c2pa.Context(c2pa.Settings.from_dict({"verify": {"remote_manifest_fetch": True}}))
+    with pytest.raises(c2pa.C2paError):
+        c2pa.Reader("image/jpeg", io.BytesIO(signed), context=fetching)
+    assert hits == ["/manifest.c2pa"]

@@ -404,7 +404,7 @@ class FetchLog:
                 self.shipped_checkpoint = numbered[-1]
             metrics.AUDIT_RECORDS.labels(outcome="stored").inc(len(records))
             metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
-            self.spool.retire(self.shipped_seq)
+            self.spool.retire(self.shipped_seq, rotate_at=min(1 << 20, self.spool_max_bytes // 4))
             metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
             if not self._queue and not self._closing:
                 with contextlib.suppress(TimeoutError):

@@ -150,10 +150,15 @@ class Spool:
 
     # -- retiring --------------------------------------------------------------------------
 
-    def retire(self, shipped_seq: int) -> int:
-        """Delete segments that are fully in the store; returns how many were deleted."""
+    def retire(self, shipped_seq: int, rotate_at: int = 1 << 20) -> int:
+        """Delete segments that are fully in the store; returns how many were deleted.
+
+        The current segment is closed and deleted too once it is all stored and `rotate_at`
+        bytes long: otherwise a spool limit below one segment would stay reached after the store
+        came back, and the gateway would keep refusing.
+        """
         if self.current.size > 0 and self.current.max_seq <= shipped_seq:
-            if self.current.open_begins == 0 and self.current.size >= 1 << 20:
+            if self.current.open_begins == 0 and self.current.size >= rotate_at:
                 self._start_segment()
         removed = 0
         for seg in list(self.segments[:-1]):

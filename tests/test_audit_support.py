@@ -1,0 +1,74 @@
+"""Helpers shared by the fetch-log tests (test_audit_*.py); this module holds no tests itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from proxy.audit.keys import Signer
+from proxy.audit.keys import generate_key_pair
+from proxy.audit.log import FetchLog
+from proxy.audit.record import FetchRecord
+from proxy.audit.record import utc_timestamp
+from proxy.audit.store import FetchStore
+
+CRAWLWARDEN = str(Path(sys.executable).parent / "crawlwarden")
+SITES = ("a.example", "b.example", "c.example")
+TEAMS = ("vision-data", "text-data")
+
+
+def keys(directory: Path, name: str = "audit") -> tuple[Signer, Path]:
+    """A real Ed25519 key pair on disk: the signer and the public key file."""
+    public = directory / f"{name}.pub"
+    return generate_key_pair(directory / f"{name}.key", public), public
+
+
+def fetch(i: int, ts: float | None = None, **fields: Any) -> FetchRecord:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "ts": utc_timestamp(ts if ts is not None else time.time()),
+        "method": "GET",
+        "url": f"https://{SITES[i % 3]}/images/{i}.jpg",
+        "decision": "forwarded" if i % 4 else "refused",
+        "reason": "ok" if i % 4 else "rate_limited",
+        "site": SITES[i % 3],
+        "team": TEAMS[i % 2],
+        "project": "faces-v2",
+        "status": 200 if i % 4 else 429,
+        "response_bytes": 1000 + i,
+        "content_sha256": "ab" * 32,
+        "signals": ["x-robots-tag:noai"] if i % 7 == 0 else [],
+        "legal_basis": "tdm_exception:DSM Art. 4",
+        "duration_ms": 12.5,
+    }
+    values.update(fields)
+    return FetchRecord(**values)
+
+
+def fetch_log(
+    store: FetchStore, spool: Path, replica: str, signer: Signer | None, **kw: Any
+) -> FetchLog:
+    kw.setdefault("checkpoint_every_records", 10)
+    kw.setdefault("checkpoint_every_seconds", 3600.0)
+    kw.setdefault("ship_interval", 0.05)
+    return FetchLog(store, spool / replica, replica, signer=signer, **kw)
+
+
+def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CRAWLWARDEN, *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_lines(path: Path, items: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(i, separators=(",", ":")) + "\n" for i in items))
+    return path

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -331,8 +332,11 @@ class Origin:
 
 
 @asynccontextmanager
-async def origin_server(routes: dict[str, Handler | web.Response | str]) -> AsyncIterator[Origin]:
-    """Serve `routes` (path -> handler, prepared response or text body) on a free port."""
+async def origin_server(
+    routes: dict[str, Handler | web.Response | str], ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[Origin]:
+    """Serve `routes` (path -> handler, prepared response or text body) on a free port, over
+    TLS if `ssl_context` is given."""
     hits: Counter[str] = Counter()
     seen: list[web.Request] = []
 
@@ -358,7 +362,7 @@ async def origin_server(routes: dict[str, Handler | web.Response | str]) -> Asyn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    site = web.SockSite(runner, sock)
+    site = web.SockSite(runner, sock, ssl_context=ssl_context)
     await site.start()
     try:
         yield Origin(port, hits, seen)

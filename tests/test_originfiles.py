@@ -1,0 +1,224 @@
+"""The gateway's own fetches: SSRF guard and static hosts, TLS trust, the fetch-log callback,
+single flight under cancellation, and the caches."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import socket
+
+import pytest
+from aiohttp import web
+
+from proxy.originfiles import CacheUnavailable
+from proxy.originfiles import GuardedResolver
+from proxy.originfiles import MemoryCache
+from proxy.originfiles import OriginFile
+from proxy.originfiles import OriginFileFetcher
+from proxy.originfiles import RedisCache
+from proxy.originfiles import TargetRefused
+from proxy.originfiles import origin_of
+from proxy.ssrf import AddressGuard
+from proxy.ssrf import Resolver
+from tests.optout_fixtures import TOKEN
+from tests.optout_fixtures import USER_AGENT
+from tests.optout_fixtures import make_checks
+from tests.optout_fixtures import make_policy
+from tests.optout_fixtures import origin_server
+from tests.optout_fixtures import private_guard
+from tests.optout_fixtures import request_context
+from tests.optout_fixtures import static_resolver
+from tests.support import LocalCA
+
+
+def fetcher(**kwargs) -> OriginFileFetcher:  # type: ignore[no-untyped-def]
+    resolver = GuardedResolver(static_resolver(), kwargs.pop("guard", private_guard()))
+    return OriginFileFetcher(resolver, user_agent=USER_AGENT, **kwargs)
+
+
+def test_origin_keys() -> None:
+    assert origin_of("HTTPS", "Site-A.test.", 443) == "https://site-a.test:443"
+    assert origin_of("http", "[::1]", 8080) == "http://[::1]:8080"
+
+
+async def test_names_resolve_through_static_hosts_and_the_guard() -> None:
+    resolver = GuardedResolver(static_resolver(), private_guard())
+    results = await resolver.resolve("Site-A.test", 80)
+    assert [(r["host"], r["port"], r["family"]) for r in results] == [
+        ("127.0.0.1", 80, socket.AF_INET)
+    ]
+    closed = GuardedResolver(static_resolver(), AddressGuard())  # loopback not admitted
+    with pytest.raises(TargetRefused, match="loopback"):
+        await closed.resolve("site-a.test", 80)
+
+
+async def test_a_name_the_guard_refuses_is_never_connected_to() -> None:
+    fetched: list[tuple[str, int | None, str | None]] = []
+    async with origin_server({"/robots.txt": "User-agent: *\nDisallow: /\n"}) as site:
+        f = fetcher(guard=AddressGuard(), on_fetch=lambda u, s, n, h, e: fetched.append((u, s, e)))
+        try:
+            file = await f.fetch(site.origin() + "/robots.txt")
+        finally:
+            await f.close()
+        assert site.hits["/robots.txt"] == 0
+    assert file.outcome == "unreachable" and "SSRF guard" in (file.error or "")
+    assert fetched[0][1] is None and "loopback" in (fetched[0][2] or "")
+
+
+async def test_an_ip_literal_is_checked_too() -> None:
+    async with origin_server({"/robots.txt": "x"}) as site:
+        f = fetcher(guard=AddressGuard())
+        try:
+            file = await f.fetch(f"http://127.0.0.1:{site.port}/robots.txt")
+        finally:
+            await f.close()
+        assert site.hits["/robots.txt"] == 0
+    assert file.outcome == "unreachable" and "SSRF guard" in (file.error or "")
+
+
+async def test_unknown_names_go_to_the_lookup_only_when_not_static() -> None:
+    asked: list[str] = []
+
+    async def lookup(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        asked.append(host)
+        return [ipaddress.ip_address("10.0.0.7")]
+
+    resolver = GuardedResolver(Resolver({}, lookup=lookup), private_guard())
+    with pytest.raises(TargetRefused, match="private"):
+        await resolver.resolve("internal.example", 80)
+    assert asked == ["internal.example"]
+
+
+async def test_https_trusts_the_configured_ca(test_ca: LocalCA) -> None:
+    body = "User-agent: *\nDisallow: /x\n"
+    async with origin_server({"/robots.txt": body}, test_ca.server_context()) as site:
+        trusting = fetcher(cafile=str(test_ca.ca_cert))
+        default = fetcher()
+        try:
+            ok = await trusting.fetch(site.origin(scheme="https") + "/robots.txt")
+            refused = await default.fetch(site.origin(scheme="https") + "/robots.txt")
+        finally:
+            await trusting.close()
+            await default.close()
+    assert ok.outcome == "ok" and ok.body == body.encode()
+    assert refused.outcome == "unreachable" and "certificate" in (refused.error or "").lower()
+
+
+async def test_every_gateway_fetch_is_reported_for_the_fetch_log() -> None:
+    records: list[tuple[str, int | None, int, str | None, str | None]] = []
+    body = b"User-agent: *\nDisallow: /private\n"
+    routes = {
+        "/robots.txt": web.Response(status=301, headers={"Location": "/real-robots.txt"}),
+        "/real-robots.txt": web.Response(body=body),
+    }
+    async with origin_server(routes) as site:
+        f = fetcher(on_fetch=lambda *record: records.append(record))
+        try:
+            await f.fetch(site.origin() + "/robots.txt")
+        finally:
+            await f.close()
+    base = site.origin()
+    assert records == [
+        (base + "/robots.txt", 301, 0, hashlib.sha256(b"").hexdigest(), None),
+        (base + "/real-robots.txt", 200, len(body), hashlib.sha256(body).hexdigest(), None),
+    ]
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="User-agent: *\nDisallow: /\n")
+
+    async with origin_server({"/robots.txt": slow}) as site:
+        f = fetcher()
+        try:
+            first = asyncio.create_task(f.get(site.origin(), "/robots.txt"))
+            second = asyncio.create_task(f.get(site.origin(), "/robots.txt"))
+            await asyncio.sleep(0.1)
+            first.cancel()
+            release.set()
+            file = await second
+            assert first.cancelled() and file.outcome == "ok"
+        finally:
+            await f.close()
+        assert site.hits["/robots.txt"] == 1
+
+
+async def test_cache_control_max_age_shortens_the_day() -> None:
+    now = [0.0]
+    route = web.Response(text="User-agent: *\n", headers={"Cache-Control": "public, max-age=600"})
+    async with origin_server({"/robots.txt": route}) as site:
+        f = fetcher(clock=lambda: now[0])
+        try:
+            file = await f.get(site.origin(), "/robots.txt")
+            assert file.expires_at == 600
+            now[0] = 601
+            await f.get(site.origin(), "/robots.txt")
+        finally:
+            await f.close()
+        assert site.hits["/robots.txt"] == 2
+
+
+class BrokenRedis:
+    async def get(self, key: str) -> bytes:
+        raise ConnectionError("redis is down")
+
+    async def set(self, *args: object, **kwargs: object) -> None:
+        raise ConnectionError("redis is down")
+
+
+async def test_a_shared_cache_outage_falls_back_to_fetching() -> None:
+    cache = RedisCache(BrokenRedis())
+    with pytest.raises(CacheUnavailable):
+        await cache.get("k")
+    async with origin_server({"/robots.txt": "User-agent: *\nDisallow: /x\n"}) as site:
+        checks = make_checks(cache=cache)
+        try:
+            decision = await checks.robots(request_context(make_policy(), site.origin() + "/x"))
+        finally:
+            await checks.close()
+    assert decision is not None
+
+
+def sample(body: bytes = b"x", expires: float = 100.0) -> OriginFile:
+    return OriginFile("http://a.test:80/robots.txt", "ok", 200, body, 0.0, expires)
+
+
+def test_an_origin_file_survives_serialization() -> None:
+    file = OriginFile(
+        "http://a.test:80/robots.txt", "unreachable", 503, b"\x00\xff", 1.5, 301.5, "status 503"
+    )
+    assert OriginFile.from_bytes(file.to_bytes()) == file
+
+
+async def test_memory_cache_expires_and_stays_bounded() -> None:
+    now = [0.0]
+    cache = MemoryCache(max_entries=3, max_bytes=10, clock=lambda: now[0])
+    await cache.put("a", sample(expires=5))
+    assert await cache.get("a") is not None
+    now[0] = 5
+    assert await cache.get("a") is None
+    for key in "bcde":
+        await cache.put(key, sample())
+    assert await cache.get("b") is None and await cache.get("e") is not None
+    await cache.put("big", sample(b"y" * 9))
+    assert await cache.get("c") is None and await cache.get("big") is not None
+
+
+async def test_a_policy_reload_with_new_tokens_reparses() -> None:
+    robots = "User-agent: *\nDisallow: /\n\nUser-agent: NewBot\nAllow: /\n"
+    async with origin_server({"/robots.txt": robots}) as site:
+        policy = make_policy()
+        checks = make_checks(policy)
+        try:
+            url = site.origin() + "/page"
+            assert await checks.robots(request_context(policy, url)) is not None
+            crawler = policy.crawler.model_copy(update={"robots_tokens": ["NewBot", TOKEN]})
+            checks.use_policy(crawler, static_resolver(), private_guard())
+            assert await checks.robots(request_context(policy, url)) is None
+        finally:
+            await checks.close()
+        assert site.hits["/robots.txt"] == 1  # re-parsed from the cache, not re-fetched

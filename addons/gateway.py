@@ -273,6 +273,18 @@ class Gateway:
     def client_disconnected(self, client: connection.Client) -> None:
         self.tunnels.pop(client, None)
 
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Last line of the SSRF guard: only checked, pinned addresses are ever connected to.
+
+        Every request path pins the address it checked before mitmproxy connects, so a host name
+        here means a path we did not govern; refuse it rather than let mitmproxy resolve it.
+        """
+        if data.server.address is None:
+            return
+        reason = self.rt.governor.connect_refusal(data.server.address[0], data.server.address[1])
+        if reason is not None:
+            data.server.error = reason
+
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.sockname:
             self.egress_ips[data.client] = str(data.server.sockname[0])

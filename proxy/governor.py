@@ -8,6 +8,7 @@ opt-out files (robots.txt, TDMRep) -> pauses and budgets.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class CompiledPolicy:
     policy_blocklist: tuple[BlockEntry, ...]
     guard: AddressGuard
     resolver: Resolver
+    upstream_proxy_addresses: frozenset[tuple[str, int]]
 
     @property
     def version(self) -> str:
@@ -66,6 +68,7 @@ def compile_policy(loaded: LoadedPolicy, resolver: Resolver | None = None) -> Co
         policy_blocklist=tuple(entries),
         guard=AddressGuard(policy.network.allow_private),
         resolver=resolver or Resolver(dict(policy.network.static_hosts)),
+        upstream_proxy_addresses=frozenset(p.address for p in policy.egress.upstream_proxies),
     )
 
 
@@ -175,6 +178,22 @@ class Governor:
                 site=site,
             )
         return verdict.address, ALLOW
+
+    def connect_refusal(self, host: str, port: int) -> str | None:
+        """Why a TCP connection to (host, port) must not be opened, or None.
+
+        Allowed: a configured upstream proxy, or an IP literal the SSRF guard admits.
+        """
+        if (host, port) in self.compiled.upstream_proxy_addresses:
+            return None
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return f"unpinned connection to {host}: the gateway connects to checked addresses only"
+        verdict = self.compiled.guard.check(ip)
+        if not verdict.allowed:
+            return f"{ip} is a {verdict.denied_class} address"
+        return None
 
     def check_request(self, ctx: RequestContext) -> Decision:
         """Refusals that need no network: project, blocklist and takedowns."""

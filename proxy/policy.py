@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 from typing import Any
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator
@@ -113,6 +114,12 @@ class UpstreamProxy(Model):
         if not re.match(r"^https?://[^/\s]+:\d+/?$", v):
             raise ValueError("must be http://host:port or https://host:port")
         return v
+
+    @property
+    def address(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        assert parts.hostname is not None and parts.port is not None
+        return parts.hostname, parts.port
 
 
 class Egress(Model):

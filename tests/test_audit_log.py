@@ -1,0 +1,253 @@
+"""FetchLog on a real SQLite store: chain, checkpoints, spool replay after kill -9, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from proxy.audit.checkpoint import note_text
+from proxy.audit.checkpoint import open_note
+from proxy.audit.checkpoint import parse_text
+from proxy.audit.keys import SigningKeyError
+from proxy.audit.keys import load_signer
+from proxy.audit.query import RecordQuery
+from proxy.audit.record import GENESIS_HASH
+from proxy.audit.record import record_hash
+from proxy.audit.sqlite_store import SQLiteStore
+from proxy.audit.sqlite_store import read_records
+from tests.test_audit_support import cli
+from tests.test_audit_support import fetch
+from tests.test_audit_support import fetch_log
+from tests.test_audit_support import keys
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stored(data: Path, replica: str | None = None) -> list[dict]:
+    return list(read_records(data / "fetchlog.sqlite3", RecordQuery(replica=replica)))
+
+
+async def stored_checkpoints(data: Path, replica: str) -> list[dict]:
+    store = SQLiteStore(data / "fetchlog.sqlite3", readonly=True)
+    await store.open()
+    try:
+        return await store.checkpoints(replica, 0, 10**9)
+    finally:
+        await store.close()
+
+
+def export_and_verify(data: Path, public: Path, out: Path) -> str:
+    result = cli("audit", "export", "--data-dir", data, "--output", out)
+    assert result.returncode == 0, result.stderr
+    verified = cli("audit", "verify", out, "--public-key", public)
+    assert verified.returncode == 0, verified.stdout
+    return verified.stdout
+
+
+async def test_chain_and_a_signed_checkpoint_every_n_records(tmp_path: Path) -> None:
+    signer, public = keys(tmp_path)
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-1", signer)
+    await log.open()
+    for i in range(35):
+        log.append(fetch(i))
+    await log.close()
+    records = stored(tmp_path, "gw-1")
+    assert [r["seq"] for r in records] == list(range(1, 36))
+    assert records[0]["prev_hash"] == GENESIS_HASH
+    for before, rec in itertools.pairwise(records):
+        assert rec["prev_hash"] == before["hash"]
+        assert record_hash(rec) == rec["hash"]
+    checkpoints = await stored_checkpoints(tmp_path, "gw-1")
+    opened = [open_note(c["note"], signer.verifier) for c in checkpoints]
+    assert [(c.number, c.seq, c.kind) for c in opened] == [
+        (1, 10, "periodic"),
+        (2, 20, "periodic"),
+        (3, 30, "periodic"),
+        (4, 35, "shutdown"),
+    ]
+    assert opened[2].hash == records[29]["hash"]
+    assert "records 1..35" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
+
+
+async def test_idle_replica_still_checkpoints_every_t_seconds(tmp_path: Path) -> None:
+    signer, _ = keys(tmp_path)
+    log = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+        tmp_path / "spool",
+        "gw-idle",
+        signer,
+        checkpoint_every_seconds=0.2,
+    )
+    await log.open()
+    await asyncio.sleep(0.75)
+    log.append(fetch(1))
+    await asyncio.sleep(0.3)
+    assert await log.flushed()
+    checkpoints = [
+        parse_text(note_text(c["note"])) for c in await stored_checkpoints(tmp_path, "gw-idle")
+    ]
+    await log.close()
+    idle = [c for c in checkpoints if c.seq == 0]
+    assert len(idle) >= 3  # no record at all, and still signed every 0.2 s
+    assert any(c.seq == 1 for c in checkpoints)
+    assert [c.number for c in checkpoints] == list(range(1, len(checkpoints) + 1))
+
+
+_KILLED_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from proxy.audit.keys import load_private_key
+from proxy.audit.sqlite_store import SQLiteStore
+from tests.test_audit_support import fetch, fetch_log
+
+async def main():
+    data, key = Path(sys.argv[1]), Path(sys.argv[2])
+    log = fetch_log(SQLiteStore(data / "fetchlog.sqlite3"), data / "spool", "gw-k",
+                    load_private_key(key), checkpoint_every_records=1000, ship_interval=3600)
+    await log.open()
+    for i in range(25):
+        log.append(fetch(i))
+    log.checkpoint()
+    assert await log.flushed()
+    for i in range(25, 40):
+        log.append(fetch(i))       # in the spool only: the ship loop sleeps for an hour
+    for i in range(3):
+        log.begin(fetch(100 + i))  # requests that left and never came back
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_9_loses_nothing_and_in_flight_requests_become_interrupted(
+    tmp_path: Path,
+) -> None:
+    signer, public = keys(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_KILLED_WRITER), str(tmp_path), str(signer.source)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)  # reaps it and closes its pipes
+    assert len(stored(tmp_path, "gw-k")) == 25  # the other 15 were only in the spool
+
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-k", signer)
+    await log.open()
+    assert log.seq == 43  # 40 replayed + 3 interrupted, chained on
+    log.append(fetch(200))
+    await log.close()
+    records = stored(tmp_path, "gw-k")
+    assert [r["seq"] for r in records] == list(range(1, 45))
+    interrupted = [r for r in records if r["reason"] == "interrupted"]
+    assert [r["seq"] for r in interrupted] == [41, 42, 43]
+    assert all("response is unknown" in r["note"] for r in interrupted)
+    assert export_and_verify(tmp_path, public, tmp_path / "e.jsonl").count("records 1..44") == 1
+    # Everything is stored: the spool is down to the current (empty) segment.
+    assert log.spool.size == 0 or len(log.spool.segments) == 1
+
+
+async def test_spool_past_its_limit_fails_closed_until_shipped(tmp_path: Path) -> None:
+    signer, _ = keys(tmp_path)
+    log = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+        tmp_path / "spool",
+        "gw-full",
+        signer,
+        spool_max_bytes=8000,
+        ship_interval=3600,
+        batch_size=10**6,
+        checkpoint_every_records=10**6,
+    )
+    await log.open()
+    assert log.available
+    while log.available:
+        log.append(fetch(log.seq))
+    assert log.spool.size >= 8000
+    assert REGISTRY.get_sample_value("crawlwarden_audit_queue_depth") == log.seq
+    assert await log.flushed()
+    assert log.available  # stored, the segment retired: fetching resumes
+    assert REGISTRY.get_sample_value("crawlwarden_audit_queue_depth") == 0
+    await log.close()
+
+
+async def test_close_flushes_records_still_in_flight(tmp_path: Path) -> None:
+    signer, public = keys(tmp_path)
+    log = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+        tmp_path / "spool",
+        "gw-c",
+        signer,
+        ship_interval=3600,
+        batch_size=10**6,
+        checkpoint_every_records=10**6,
+    )
+    await log.open()
+    for i in range(50):
+        log.append(fetch(i))
+    await log.close()
+    assert len(stored(tmp_path, "gw-c")) == 50
+    assert "last checkpoint #1 at seq 50" in export_and_verify(
+        tmp_path, public, tmp_path / "e.jsonl"
+    )
+
+
+async def test_restart_continues_the_chain_and_the_checkpoint_chain(tmp_path: Path) -> None:
+    signer, public = keys(tmp_path)
+    for run in range(3):
+        log = fetch_log(
+            SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-r", signer
+        )
+        await log.open()
+        assert log.seq == run * 15
+        for i in range(15):
+            log.append(fetch(i))
+        await log.close()
+    out = export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
+    assert "records 1..45" in out
+    # Per run a checkpoint after 10 records and one at shutdown, numbered across restarts.
+    assert "last checkpoint #6 at seq 45" in out
+
+
+async def test_a_failed_spool_write_leaves_no_hole_in_the_chain(tmp_path: Path) -> None:
+    signer, _ = keys(tmp_path)
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-e", signer)
+    await log.open()
+    log.append(fetch(1))
+    fd = log.spool._fd
+    assert fd is not None
+    os.close(fd)  # the disk goes away under the spool
+    with pytest.raises(OSError):
+        log.append(fetch(2))
+    assert log.seq == 1
+    assert not log.available  # the gateway now answers 503 audit_unavailable
+    log.spool._fd = None
+    await log.close()
+
+
+def test_embedded_gateway_makes_its_own_key_and_a_shared_store_needs_one(tmp_path: Path) -> None:
+    signer = load_signer(None, tmp_path, shared_store=False)
+    key = tmp_path / "audit-signing.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "audit-signing.pub").exists()
+    again = load_signer(None, tmp_path, shared_store=False)
+    assert again.verifier.key_id == signer.verifier.key_id  # the same key on the next start
+    with pytest.raises(SigningKeyError, match=r"audit\.signing_key_file"):
+        load_signer(None, tmp_path, shared_store=True)
+    assert load_signer(key, tmp_path, shared_store=True).verifier.key_id == signer.verifier.key_id

@@ -294,10 +294,16 @@ def response_signals(
     content_type: str | None,
     tokens: Iterable[str],
     html_head: HtmlHead | None = None,
+    *,
+    image: bool | None = None,
 ) -> list[OptOutSignal]:
-    """Signals in one response's header fields, and in its HTML head if one was scanned."""
+    """Signals in one response's header fields, and in its HTML head if one was scanned.
+
+    `image` says whether the body is an image (for noimageai); by default the Content-Type says.
+    """
     tokens = list(tokens)
-    image = is_image(content_type)
+    if image is None:
+        image = is_image(content_type)
     signals: list[OptOutSignal] = []
     signals += tdm_signals(tdmrep.from_headers(headers), "tdm-header")
     if html_head is not None:

@@ -304,18 +304,53 @@ class OptOutChecks:
         pass the `BodyScan` that was fed while reading and an empty prefix. `status` is
         accepted for symmetry with the fetch record: header signals apply to any status.
         """
-        if scan is None:
-            scan = self.body_scan(content_type)
-            scan.feed(body_prefix)
-            scan.finish()
-        signals = optout.response_signals(headers, content_type, self.tokens, scan.html_head)
+        scan = self._scanned(scan, body_prefix, content_type)
         image = scan.image
+        signals = self._header_signals(scan, headers, content_type)
         if image is not None:
             if image.c2pa_store is not None:
                 # c2pa-python is native code that holds the thread: keep the loop free.
                 signals += await asyncio.to_thread(imagemeta.image_signals, image)
             else:
                 signals += imagemeta.image_signals(image)
+        return self._assessment(ctx, signals)
+
+    def assess_response_sync(
+        self,
+        ctx: RequestContext,
+        status: int,
+        headers: list[tuple[str, str]],
+        body_prefix: bytes,
+        content_type: str | None,
+        *,
+        scan: BodyScan | None = None,
+    ) -> Assessment:
+        """`assess_response` for synchronous callers (a mitmproxy stream callback): the same
+        answer, with a C2PA store read on the calling thread (about a millisecond)."""
+        scan = self._scanned(scan, body_prefix, content_type)
+        image = scan.image
+        signals = self._header_signals(scan, headers, content_type)
+        if image is not None:
+            signals += imagemeta.image_signals(image)
+        return self._assessment(ctx, signals)
+
+    def _header_signals(
+        self, scan: BodyScan, headers: list[tuple[str, str]], content_type: str | None
+    ) -> list[OptOutSignal]:
+        # An image is an image by its bytes too: noimageai binds an octet-stream JPEG.
+        image = optout.is_image(content_type) or scan.image is not None
+        return optout.response_signals(
+            headers, content_type, self.tokens, scan.html_head, image=image
+        )
+
+    def _scanned(self, scan: BodyScan | None, body: bytes, content_type: str | None) -> BodyScan:
+        if scan is None:
+            scan = self.body_scan(content_type)
+            scan.feed(body)
+            scan.finish()
+        return scan
+
+    def _assessment(self, ctx: RequestContext, signals: list[OptOutSignal]) -> Assessment:
         decision = optout.decide(signals, ctx.basis, ctx.respect, site=ctx.site.key)
         return Assessment(decision, tuple(dict.fromkeys(s.name for s in signals)))
 

@@ -238,3 +238,13 @@ def test_body_scan_needs_nothing_for_other_content() -> None:
     scan = BodyScan("application/json", [TOKEN])
     assert scan.feed(b'{"a": 1, "padding": "..........."}')
     assert scan.image is None and scan.html_head is None
+
+
+def test_the_synchronous_assessment_gives_the_same_answer() -> None:
+    policy = make_policy()
+    checks = make_checks(policy)
+    image = c2pa_sign(png(), "image/png", [training_mining("c2pa", "notAllowed")])
+    ctx = request_context(policy, "https://site-a.test/a.png")
+    result = checks.assess_response_sync(ctx, 200, [("X-Robots-Tag", "noimageai")], image, None)
+    assert result.decision is not None and result.decision.reason is Reason.NOAI_DIRECTIVE
+    assert result.signals == ("x-robots-tag:noimageai", "c2pa:training-mining=notAllowed")

@@ -64,7 +64,8 @@ _REASONS = {
 }
 _MAX_TRACKED_SITES = 100_000
 _SLOT_POLL_FIRST = 0.05  # delay mode: first look for a slot freed by another replica
-_SLOT_POLL_MAX = 0.5
+_SLOT_POLL_MAX = 0.2
+GAUGE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +149,11 @@ class BudgetEngine:
         self._settle_lock = asyncio.Lock()
         self._queues: dict[str, _SiteQueue] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pausing: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._gauges: dict[str, tuple[Any, ...]] = {}
-        self._started = False
+        self._unpublished: dict[str, tuple[BudgetSpec, Snapshot]] = {}
+        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -167,16 +170,21 @@ class BudgetEngine:
         self._loops = [
             asyncio.create_task(self._settle_loop(), name="budgets-settle"),
             asyncio.create_task(self._renew_loop(), name="budgets-renew"),
+            asyncio.create_task(self._gauge_loop(), name="budgets-gauges"),
         ]
-        self._started = True
 
     async def close(self) -> None:
-        """Settle what is queued (best effort, bounded), stop the background work, close."""
+        """Settle what is queued (best effort, bounded), stop the background work, close.
+
+        Leases still live are not released: their requests never finished, and the leases lapse
+        after the store's lease_ttl, as a crashed replica's would.
+        """
+        if self._closed:
+            return
+        self._closed = True
         try:
             async with asyncio.timeout(2.0):
                 await self.flush()
-                if self._tasks:
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
         except TimeoutError:
             log.warning("budget_close_timeout", pending=len(self._pending))
         for task in [*self._loops, *self._tasks]:
@@ -188,10 +196,11 @@ class BudgetEngine:
         except Exception as e:
             log.warning("budget_store_close_failed", error=str(e))
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- specs -------------------------------------------------------------------------------
 
@@ -314,7 +323,8 @@ class BudgetEngine:
         *,
         local: bool,
     ) -> _Try:
-        self._observe(spec, verdict.snapshot)
+        # The gauges are set once a second from the latest snapshot, not on every request.
+        self._unpublished[spec.key] = (spec, verdict.snapshot)
         if verdict.allowed:
             lease = Lease(spec.key, lease_id, local, store)
             self._live[lease_id] = lease
@@ -387,6 +397,8 @@ class BudgetEngine:
                     return last.admission
                 if last.wait > spec.max_delay:
                     return self._gave_up(spec, last, started)
+            if queue.lock.locked():
+                last = None  # by the time our turn comes, that answer is stale: ask again then
             try:
                 async with asyncio.timeout_at(deadline):
                     await queue.lock.acquire()
@@ -460,9 +472,11 @@ class BudgetEngine:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Settle everything `finish` queued so far (tests, shutdown)."""
+        """Settle everything `finish` queued so far and store the pauses asked for so far."""
         async with self._settle_lock:
             await self._settle_pending()
+        if self._pausing:
+            await asyncio.gather(*self._pausing, return_exceptions=True)
 
     async def _settle_loop(self) -> None:
         while True:
@@ -551,7 +565,9 @@ class BudgetEngine:
             # At least this long; the store may make it longer (backoff, an earlier pause).
             guard = seconds if seconds is not None else self._pause_policy.base
             self._local_pause[site.key] = max(self._local_pause.get(site.key, 0.0), now + guard)
-            self._spawn(self._pause(site.key, seconds))
+            task = self._spawn(self._pause(site.key, seconds))
+            self._pausing.add(task)
+            task.add_done_callback(self._pausing.discard)
         except Exception:
             log.exception("site_answered_failed", site=site.key)
 
@@ -633,6 +649,17 @@ class BudgetEngine:
 
     # -- visibility --------------------------------------------------------------------------
 
+    async def _gauge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(GAUGE_INTERVAL)
+            self.publish_gauges()
+
+    def publish_gauges(self) -> None:
+        """Set `crawlwarden_budget_used_ratio` from the latest state seen of each site."""
+        latest, self._unpublished = self._unpublished, {}
+        for spec, snap in latest.values():
+            self._observe(spec, snap)
+
     def _observe(self, spec: BudgetSpec, snap: Snapshot) -> None:
         label = self._site_label(spec.key)
         gauges = self._gauges.get(label)
@@ -669,6 +696,7 @@ class BudgetEngine:
                 "error": self._last_error,
                 "budgets": _describe(spec, None),
             }
+        self._unpublished.pop(spec.key, None)
         self._observe(shown, snap)
         out: dict[str, Any] = {
             "site": spec.key,

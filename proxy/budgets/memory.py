@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dataclasses import field
 
 from proxy.budgets.gcra import CONCURRENCY_WAIT_US
+from proxy.budgets.gcra import DAY_US
 from proxy.budgets.gcra import gcra
 from proxy.budgets.gcra import to_us
 from proxy.budgets.gcra import utc_day
@@ -38,9 +39,11 @@ class _SiteState:
     tat: int = 0
     leases: dict[str, int] = field(default_factory=dict)  # lease id -> expiry (us)
     day: int = -1
+    day_end: int = 0
     day_requests: int = 0
     day_bytes: int = 0
     month: int = -1
+    month_end: int = 0
     month_requests: int = 0
     paused_until: int = 0
     backoff_level: int = 0
@@ -48,23 +51,27 @@ class _SiteState:
 
     def roll(self, now: int) -> None:
         """Start new counters when a calendar day or month (UTC) has begun."""
-        day = utc_day(now).id
-        if day != self.day:
-            self.day, self.day_requests, self.day_bytes = day, 0, 0
-        month = utc_month(now).id
-        if month != self.month:
-            self.month, self.month_requests = month, 0
+        if self.day_end - DAY_US <= now < self.day_end:
+            return  # still the same day, hence the same month
+        day = utc_day(now)
+        if day.id != self.day:
+            self.day, self.day_end, self.day_requests, self.day_bytes = day.id, day.end, 0, 0
+        month = utc_month(now)
+        if month.id != self.month:
+            self.month, self.month_end, self.month_requests = month.id, month.end, 0
 
     def expire_leases(self, now: int) -> None:
         if self.leases:
             for lease_id in [k for k, exp in self.leases.items() if exp <= now]:
                 del self.leases[lease_id]
 
-    def snapshot(self, now: int) -> Snapshot:
+    def snapshot(self, now: int, *, expired: bool = False) -> Snapshot:
+        """`expired`: expire_leases(now) ran already, every lease left is live."""
+        live = len(self.leases) if expired else sum(1 for e in self.leases.values() if e > now)
         return Snapshot(
             now_us=now,
             tat_us=max(self.tat, now),
-            in_flight=sum(1 for exp in self.leases.values() if exp > now),
+            in_flight=live,
             day_requests=self.day_requests,
             day_bytes=self.day_bytes,
             month_requests=self.month_requests,
@@ -122,13 +129,12 @@ class MemoryBudgetStore:
 
         if s.paused_until > now:
             fail(None, s.paused_until - now)
-        day_end = utc_day(now).end
         if spec.requests_per_day is not None and s.day_requests >= spec.requests_per_day:
-            fail(Budget.REQUESTS_PER_DAY, day_end - now)
+            fail(Budget.REQUESTS_PER_DAY, s.day_end - now)
         if spec.requests_per_month is not None and s.month_requests >= spec.requests_per_month:
-            fail(Budget.REQUESTS_PER_MONTH, utc_month(now).end - now)
+            fail(Budget.REQUESTS_PER_MONTH, s.month_end - now)
         if spec.bytes_per_day is not None and s.day_bytes >= spec.bytes_per_day:
-            fail(Budget.BYTES_PER_DAY, day_end - now)
+            fail(Budget.BYTES_PER_DAY, s.day_end - now)
         rate = gcra(s.tat, now, spec.interval_us, spec.burst)
         if not rate.allowed:
             fail(Budget.RATE, rate.wait)
@@ -138,12 +144,12 @@ class MemoryBudgetStore:
             fail(Budget.CONCURRENCY, min(oldest - now, CONCURRENCY_WAIT_US))
         if refusal is not None:
             budget, wait = refusal
-            return StoreVerdict(False, budget, budget is None, wait, s.snapshot(now))
+            return StoreVerdict(False, budget, budget is None, wait, s.snapshot(now, expired=True))
         s.tat = rate.tat
         s.leases[lease_id] = now + to_us(self.lease_ttl)
         s.day_requests += 1
         s.month_requests += 1
-        return StoreVerdict(True, None, False, 0, s.snapshot(now))
+        return StoreVerdict(True, None, False, 0, s.snapshot(now, expired=True))
 
     async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:
         now = self._clock() if now_us is None else now_us

@@ -90,13 +90,16 @@ class RedisBudgetStore:
         *,
         key_prefix: str = "cw:",
         lease_ttl: float = 30.0,
-        socket_timeout: float = 0.75,
-        connect_timeout: float = 0.5,
-        max_connections: int = 64,
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 1.0,
+        max_connections: int = 16,
     ):
         self.url = url
         self.key_prefix = key_prefix
         self.lease_ttl = lease_ttl
+        # Few connections: Redis runs one script at a time anyway, and a burst of requests then
+        # queues for a pooled connection instead of opening dozens at once (on a busy event
+        # loop, that is what makes connects time out).
         self._pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,

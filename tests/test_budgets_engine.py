@@ -1,0 +1,567 @@
+"""The budget engine with real time, several replicas and a real redis-server.
+
+Each "replica" is a BudgetEngine with a store of its own: a Redis client of its own on one
+redis-server, or (the same behaviour tests, parametrized) engines sharing one in-process store.
+The gateway-level, multi-process versions of these tests live with the addon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from proxy.budgets import Admission
+from proxy.budgets import BudgetEngine
+from proxy.budgets import MemoryBudgetStore
+from proxy.budgets import PausePolicy
+from proxy.budgets import RedisBudgetStore
+from proxy.budgets.store import BudgetStore
+from proxy.decision import Reason
+from proxy.decision import render_refusal
+from proxy.policy import Defaults
+from proxy.sites import Site
+from tests.budget_fixtures import RedisServer
+from tests.budget_fixtures import key_prefix  # noqa: F401
+from tests.budget_fixtures import own_redis  # noqa: F401
+from tests.budget_fixtures import redis_server  # noqa: F401
+from tests.support import free_port
+
+type Cluster = Callable[..., Any]
+
+
+def make_site(**settings: Any) -> Site:
+    """A site with generous budgets except the ones a test sets."""
+    values: dict[str, Any] = {
+        "rate": "1000/s",
+        "burst": 1000,
+        "max_concurrency": 1000,
+        "requests_per_day": None,
+        "requests_per_month": None,
+        "bytes_per_day": None,
+    }
+    values.update(settings)
+    defaults = Defaults(**values)
+    return Site(
+        key=f"{uuid.uuid4().hex[:10]}.test", rule=None, settings=defaults, fallback=defaults
+    )
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def next_utc_midnight(now: float) -> float:
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    return dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), dt.UTC).timestamp()
+
+
+class CountingStore:
+    """A real store that counts admissions (to show delay mode does not poll the store)."""
+
+    def __init__(self, inner: BudgetStore):
+        self.inner = inner
+        self.admits = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Any:
+        self.admits += 1
+        return await self.inner.admit(*args, **kwargs)
+
+
+@asynccontextmanager
+async def _replicas(
+    backend: str,
+    url: str | None,
+    prefix: str,
+    n: int,
+    *,
+    lease_ttl: float = 30.0,
+    wrap: Callable[[BudgetStore], BudgetStore] = lambda s: s,
+    **engine_kw: Any,
+) -> AsyncIterator[list[BudgetEngine]]:
+    stores: list[BudgetStore]
+    if backend == "memory":
+        shared = MemoryBudgetStore(lease_ttl=lease_ttl)
+        stores = [shared] * n
+    else:
+        assert url is not None
+        stores = [RedisBudgetStore(url, key_prefix=prefix, lease_ttl=lease_ttl) for _ in range(n)]
+    engines = [BudgetEngine(wrap(s), **engine_kw) for s in stores]
+    for engine in engines:
+        await engine.start()
+    try:
+        yield engines
+    finally:
+        for engine in engines:
+            await engine.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cluster(request: pytest.FixtureRequest, key_prefix: str) -> Cluster:  # noqa: F811
+    """cluster(n, **kw): n replicas sharing one store, as an async context manager."""
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+
+    def make(n: int = 1, **kw: Any) -> Any:
+        return _replicas(request.param, url, key_prefix, n, **kw)
+
+    return make
+
+
+# -- quotas, rate, concurrency ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_daily_quota_is_exact_under_600_concurrent_admissions(cluster: Cluster):
+    site = make_site(requests_per_day=100)
+    if next_utc_midnight(time.time()) - time.time() < 5:
+        await asyncio.sleep(6)  # do not straddle midnight
+    async with cluster(3) as engines:
+        before = time.time()
+        results = await asyncio.gather(*(engines[i % 3].admit(site) for i in range(600)))
+        after = time.time()
+        for engine, r in zip(itertools_cycle(engines), results, strict=False):
+            engine.finish(r.lease)
+    allowed = [r for r in results if r.decision.allowed]
+    refused = [r.decision for r in results if not r.decision.allowed]
+    assert len(allowed) == 100
+    assert len(refused) == 500
+    midnight = next_utc_midnight(before)
+    for d in refused:
+        assert (d.reason, d.status, d.rule, d.site) == (
+            Reason.QUOTA_REQUESTS,
+            429,
+            "defaults.requests_per_day",
+            site.key,
+        )
+        assert d.retry_after is not None
+        assert midnight - after - 0.01 <= d.retry_after <= midnight - before + 0.01
+        header = int(render_refusal(d).headers["Retry-After"])
+        assert header == math.ceil(d.retry_after)
+
+
+def itertools_cycle(engines: list[BudgetEngine]) -> Any:
+    while True:
+        yield from engines
+
+
+@pytest.mark.timeout(60)
+async def test_rate_allowance_within_5_percent_from_several_clients(cluster: Cluster):
+    """20/s, burst 2, six clients on three replicas for 3 s: the GCRA allowance, within 5 %."""
+    site = make_site(rate="20/s", burst=2)
+    loop = asyncio.get_running_loop()
+    allowed_at: list[float] = []
+    async with cluster(3) as engines:
+        first = loop.time()
+        stop = first + 3.0
+
+        async def client(engine: BudgetEngine) -> None:
+            for _ in range(2000):  # bounded, whatever happens
+                if loop.time() >= stop:
+                    return
+                a = await engine.admit(site)
+                if a.decision.allowed:
+                    allowed_at.append(loop.time() - first)
+                    engine.finish(a.lease)
+                else:
+                    assert a.decision.reason is Reason.RATE_LIMITED
+                    assert a.decision.retry_after is not None
+                    assert 0 < a.decision.retry_after <= 0.05 + 1e-6
+                    await asyncio.sleep(a.decision.retry_after)
+
+        await asyncio.gather(*(client(engines[i % 3]) for i in range(6)))
+        elapsed = loop.time() - first
+    allowance = 2 + 20 * elapsed
+    assert abs(len(allowed_at) - allowance) <= 0.05 * allowance, (len(allowed_at), allowance)
+    # Never ahead of the GCRA schedule at any moment.
+    for i, t in enumerate(allowed_at):
+        assert i + 1 <= 2 + 20 * t + 1e-3
+
+
+@pytest.mark.timeout(60)
+async def test_concurrency_never_above_max_and_delay_waits_for_a_slot(cluster: Cluster):
+    site = make_site(max_concurrency=2, on_exceed="delay", max_delay="5s")
+    in_flight = peak = done = 0
+    async with cluster(3) as engines:
+
+        async def worker(engine: BudgetEngine) -> None:
+            nonlocal in_flight, peak, done
+            for _ in range(4):
+                a = await engine.admit(site)
+                assert a.decision.allowed, a.decision
+                in_flight += 1
+                peak = max(peak, in_flight)
+                await asyncio.sleep(0.03)  # a slow upstream
+                in_flight -= 1
+                done += 1
+                engine.finish(a.lease)
+
+        await asyncio.gather(*(worker(engines[i % 3]) for i in range(9)))
+    assert done == 36
+    assert peak == 2
+
+
+@pytest.mark.timeout(30)
+async def test_delay_mode_waits_for_the_next_slot_then_gives_up(cluster: Cluster):
+    site = make_site(rate="5/s", burst=1, on_exceed="delay", max_delay="500ms")
+    counted: list[CountingStore] = []
+
+    def wrap(store: BudgetStore) -> BudgetStore:
+        counted.append(CountingStore(store))
+        return counted[-1]
+
+    loop = asyncio.get_running_loop()
+    async with cluster(1, wrap=wrap) as (engine,):
+        assert (await engine.admit(site)).decision.allowed
+        second = await engine.admit(site)
+        assert second.decision.allowed
+        assert 0.15 <= second.waited <= 0.35
+        started = loop.time()
+        results: list[Admission] = await asyncio.gather(*(engine.admit(site) for _ in range(5)))
+        took = loop.time() - started
+    allowed = [r for r in results if r.decision.allowed]
+    refused = [r.decision for r in results if not r.decision.allowed]
+    # Slots at +0.2 s and +0.4 s fit in max_delay; the other three cannot and are told so.
+    assert len(allowed) == 2
+    assert all(r.reason is Reason.RATE_LIMITED and "max_delay" in r.detail for r in refused)
+    assert took < 0.7
+    # Waiting sleeps until the store's next slot; it does not poll.
+    assert counted[0].admits <= 16
+
+
+# -- pauses ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_pause_with_retry_after_seconds_holds_on_every_replica(cluster: Cluster):
+    site = make_site()
+    label = site.key
+    async with cluster(2) as (a, b):
+        assert (await b.admit(site)).decision.allowed
+        a.site_answered(site, 429, "1")
+        # The replica that saw the answer holds at once, before any round trip.
+        here = (await a.admit(site)).decision
+        assert (here.reason, here.status) == (Reason.SITE_PAUSED, 429)
+        await a.flush()
+        there = (await b.admit(site)).decision
+        assert there.reason is Reason.SITE_PAUSED
+        assert there.retry_after is not None and 0.8 < there.retry_after <= 1.0
+        await asyncio.sleep(there.retry_after + 0.05)
+        assert (await a.admit(site)).decision.allowed
+        assert (await b.admit(site)).decision.allowed
+    assert sample("crawlwarden_site_throttle_responses_total", site=label, status="429") == 1
+
+
+@pytest.mark.timeout(30)
+async def test_pause_with_retry_after_http_date(cluster: Cluster):
+    site = make_site()
+    async with cluster(2) as (a, b):
+        a.site_answered(site, 503, email.utils.formatdate(time.time() + 2, usegmt=True))
+        await a.flush()
+        d = (await b.admit(site)).decision
+        assert d.reason is Reason.SITE_PAUSED
+        # An HTTP-date has whole seconds: the pause is 1 to 2 s from now.
+        assert d.retry_after is not None and 0.9 < d.retry_after <= 2.0
+
+
+@pytest.mark.timeout(30)
+async def test_pause_backs_off_without_retry_after(cluster: Cluster):
+    site = make_site()
+    policy = PausePolicy(base=0.2, cap=0.4, reset_after=5.0)
+    async with cluster(2, pause_policy=policy) as (a, b):
+        a.site_answered(site, 200, None)
+        a.site_answered(site, 404, None)
+        assert (await b.admit(site)).decision.allowed  # only 429 and 503 pause
+        waits = []
+        for _ in range(3):
+            a.site_answered(site, 429, None)
+            await a.flush()
+            d = (await b.admit(site)).decision
+            assert d.reason is Reason.SITE_PAUSED
+            assert d.retry_after is not None
+            waits.append(d.retry_after)
+            await asyncio.sleep(d.retry_after + 0.03)
+            assert (await b.admit(site)).decision.allowed
+    assert waits[0] == pytest.approx(0.2, abs=0.05)
+    assert waits[1] == pytest.approx(0.4, abs=0.05)
+    assert waits[2] == pytest.approx(0.4, abs=0.05)  # capped
+
+
+# -- leases ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_a_dead_replicas_slots_lapse(cluster: Cluster):
+    site = make_site(max_concurrency=2)
+    async with cluster(2, lease_ttl=0.6) as (a, b):
+        assert all([(await a.admit(site)).decision.allowed for _ in range(2)])
+        await a.close()  # gone, with two requests never finished
+        d = (await b.admit(site)).decision
+        assert (d.reason, d.rule) == (Reason.CONCURRENCY, "defaults.max_concurrency")
+        await asyncio.sleep(0.7)
+        assert (await b.admit(site)).decision.allowed
+
+
+@pytest.mark.timeout(30)
+async def test_a_live_replicas_slots_are_renewed_and_released(cluster: Cluster):
+    site = make_site(max_concurrency=1)
+    async with cluster(2, lease_ttl=0.4) as (a, b):
+        held = await a.admit(site)
+        for _ in range(5):  # 1.25 s: three lease lifetimes
+            await asyncio.sleep(0.25)
+            assert (await b.admit(site)).decision.reason is Reason.CONCURRENCY
+        a.finish(held.lease, response_bytes=10)
+        a.finish(held.lease, response_bytes=10)  # a second finish is ignored
+        a.finish(None)
+        await a.flush()
+        assert (await b.admit(site)).decision.allowed
+        usage = await b.usage(site)
+        assert usage["budgets"]["bytes_per_day"]["used"] == 10
+
+
+# -- visibility and configuration ------------------------------------------------------------
+
+
+async def test_usage_and_gauges(cluster: Cluster):
+    site = make_site(
+        rate="1/s",
+        burst=4,
+        max_concurrency=3,
+        requests_per_day=10,
+        requests_per_month=100,
+        bytes_per_day=1000,
+    )
+    label = f"label-{site.key}"
+    async with cluster(1, site_label=lambda key: label) as (engine,):
+        first = await engine.admit(site)
+        await engine.admit(site)
+        engine.publish_gauges()  # what the engine does once a second
+        assert (
+            REGISTRY.get_sample_value(
+                "crawlwarden_budget_used_ratio", {"site": label, "budget": "requests_per_day"}
+            )
+            == 0.2
+        )
+        engine.finish(first.lease, response_bytes=250)
+        await engine.flush()
+        usage = await engine.usage(site)
+    assert usage["site"] == site.key
+    assert usage["store"] in ("memory", "redis")
+    assert usage["paused_until"] is None
+    b = usage["budgets"]
+    assert b["rate"] | {"used_ratio": None} == {
+        "limit": 4,
+        "used": 2,
+        "remaining": 2,
+        "used_ratio": None,
+        "rule": "defaults.rate",
+        "rate": "1/s",
+        "unit": "burst slots",
+    }
+    assert (b["concurrency"]["used"], b["concurrency"]["limit"]) == (1, 3)
+    day = b["requests_per_day"]
+    assert (day["used"], day["limit"], day["remaining"]) == (2, 10, 8)
+    midnight = dt.datetime.fromtimestamp(next_utc_midnight(time.time()), dt.UTC)
+    assert dt.datetime.fromisoformat(day["resets_at"]) == midnight
+    assert b["requests_per_month"]["used"] == 2
+    assert (b["bytes_per_day"]["used"], b["bytes_per_day"]["remaining"]) == (250, 750)
+
+    def gauge(budget: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "crawlwarden_budget_used_ratio", {"site": label, "budget": budget}
+        )
+
+    assert gauge("requests_per_day") == pytest.approx(0.2)
+    assert gauge("requests_per_month") == pytest.approx(0.02)
+    assert gauge("concurrency") == pytest.approx(1 / 3)
+    assert gauge("bytes_per_day") == pytest.approx(0.25)
+    assert gauge("rate") == pytest.approx(0.5)
+
+
+async def test_crawl_delay_and_policy_reload(cluster: Cluster):
+    site = make_site(rate="100/s", burst=10)
+    async with cluster(1) as (engine,):
+        engine.set_min_interval(site.key, 0.5)
+        assert (await engine.admit(site)).decision.allowed
+        d = (await engine.admit(site)).decision
+        assert (d.reason, d.rule) == (Reason.RATE_LIMITED, "robots.crawl_delay")
+        assert d.retry_after == pytest.approx(0.5, abs=0.05)
+        engine.set_min_interval(site.key, None)
+        # A reloaded policy: the same site key, new settings objects.
+        settings = site.settings.model_copy(update={"requests_per_day": 0})
+        reloaded = Site(site.key, None, settings, settings)
+        engine.use_policy_version("v2")
+        d = (await engine.admit(reloaded)).decision
+        assert (d.reason, d.rule) == (Reason.QUOTA_REQUESTS, "defaults.requests_per_day")
+
+
+# -- store failure ---------------------------------------------------------------------------
+
+
+def _errors() -> float:
+    return sample("crawlwarden_store_errors_total", store="redis")
+
+
+@pytest.mark.timeout(60)
+async def test_redis_killed_mid_load_fails_closed_then_recovers(
+    own_redis: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+):
+    site = make_site(fail_mode="closed")
+    engines = [
+        BudgetEngine(RedisBudgetStore(own_redis.url, key_prefix=key_prefix), replicas=2)
+        for _ in range(2)
+    ]
+    for engine in engines:
+        await engine.start()
+    loop = asyncio.get_running_loop()
+    outcomes: list[tuple[float, int, Reason]] = []
+    stop = asyncio.Event()
+
+    async def load(i: int, engine: BudgetEngine) -> None:
+        for _ in range(3000):  # bounded: 10 ms apart, so at most ~30 s
+            if stop.is_set():
+                return
+            t = loop.time()
+            a = await engine.admit(site)
+            outcomes.append((t, i, a.decision.reason))
+            assert loop.time() - t < 2.0  # never stuck on a dead Redis
+            engine.finish(a.lease)
+            await asyncio.sleep(0.01)
+
+    errors_before = _errors()
+    tasks = [asyncio.create_task(load(i, e)) for i, e in enumerate(engines)]
+    try:
+        await asyncio.sleep(0.3)
+        killed = loop.time()
+        own_redis.kill()
+        await asyncio.sleep(1.0)
+        assert not any(e.store_available for e in engines)
+        restarted = loop.time()
+        own_redis.start()  # empty, on the same port: no scripts, no keys
+        for _ in range(100):
+            if all(e.store_available for e in engines):
+                break
+            await asyncio.sleep(0.05)
+        recovered = loop.time()
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for engine in engines:
+            await engine.close()
+
+    assert _errors() > errors_before
+    for i in range(2):
+        mine = [(t, r) for t, j, r in outcomes if j == i]
+        before = {r for t, r in mine if t < killed}
+        during = [r for t, r in mine if killed + 0.1 < t < restarted]
+        after = [r for t, r in mine if t > recovered]
+        assert before == {Reason.OK}
+        assert during and set(during) == {Reason.STORE_UNAVAILABLE}
+        # Back on Redis by itself, without a restart of the engine.
+        assert len(after) >= 10 and set(after) == {Reason.OK}
+    assert recovered - restarted < 3.0
+
+
+@pytest.mark.timeout(60)
+async def test_redis_killed_local_mode_admits_within_its_share(
+    own_redis: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+):
+    quota = make_site(fail_mode="local", requests_per_day=100)
+    rate = make_site(fail_mode="local", rate="10/s", burst=2)
+    closed = make_site(fail_mode="closed")
+    a, b = (
+        BudgetEngine(RedisBudgetStore(own_redis.url, key_prefix=key_prefix), replicas=2)
+        for _ in range(2)
+    )
+    await a.start()
+    await b.start()
+    try:
+        for i in range(40):
+            engine = (a, b)[i % 2]
+            admission = await engine.admit(quota)
+            assert admission.decision.allowed
+            engine.finish(admission.lease)
+        await a.flush()
+        await b.flush()
+        own_redis.kill()
+
+        # Each replica gets half of what was left of the day quota when it last heard from
+        # Redis (a: 61 left, b: 60 left -> 30 each): together they stay within 100.
+        counts = []
+        for engine in (a, b):
+            allowed = 0
+            for _ in range(200):
+                d = (await engine.admit(quota)).decision
+                if not d.allowed:
+                    assert d.reason is Reason.QUOTA_REQUESTS
+                    assert "share" in d.detail
+                    break
+                allowed += 1
+            counts.append(allowed)
+        assert counts == [30, 30]
+
+        # Half the rate, and the burst halved: 10/s burst 2 -> 5/s burst 1 on each replica.
+        assert (await a.admit(rate)).decision.allowed
+        d = (await a.admit(rate)).decision
+        assert d.reason is Reason.RATE_LIMITED
+        assert d.retry_after == pytest.approx(0.2, abs=0.03)
+
+        # A site that fails closed is refused meanwhile, on the same replica.
+        d = (await a.admit(closed)).decision
+        assert (d.reason, d.status, d.rule) == (Reason.STORE_UNAVAILABLE, 503, "defaults.fail_mode")
+        assert (await a.usage(quota))["store"] == "local"
+
+        own_redis.start()
+        for _ in range(100):
+            if a.store_available and b.store_available:
+                break
+            await asyncio.sleep(0.1)
+        assert a.store_available and b.store_available
+        await asyncio.sleep(0.2)  # the hand-over follows recovery
+        # What the replicas counted meanwhile was handed over to the fresh Redis.
+        usage = await a.usage(quota)
+        assert usage["store"] == "redis"
+        assert usage["budgets"]["requests_per_day"]["used"] == 60
+        assert (await b.admit(closed)).decision.allowed
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_unreachable_store_at_start_never_raises():
+    engine = BudgetEngine(RedisBudgetStore(f"redis://127.0.0.1:{free_port()}/0"), replicas=1)
+    await engine.start()
+    try:
+        assert not engine.store_available
+        closed = (await engine.admit(make_site(fail_mode="closed"))).decision
+        assert (closed.reason, closed.status) == (Reason.STORE_UNAVAILABLE, 503)
+        assert closed.retry_after is not None and closed.retry_after >= 1
+        local_site = make_site(fail_mode="local", requests_per_day=3)
+        admissions = [await engine.admit(local_site) for _ in range(4)]
+        assert [x.decision.allowed for x in admissions] == [True, True, True, False]
+        for x in admissions:
+            engine.finish(x.lease, response_bytes=5)
+        engine.site_answered(local_site, 429, "2")
+        await engine.flush()
+        usage = await engine.usage(local_site)
+        assert usage["store"] == "local"
+        assert usage["budgets"]["requests_per_day"]["used"] == 3
+        assert usage["paused_until"] is not None
+        assert (await engine.usage(make_site()))["store"] == "unavailable"
+    finally:
+        await engine.close()

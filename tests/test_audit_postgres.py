@@ -1,0 +1,206 @@
+"""The PostgreSQL fetch log on a real server (a fresh database per test, tests/pg_fixtures.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.parse
+from pathlib import Path
+
+import asyncpg
+from prometheus_client import REGISTRY
+
+from proxy.audit.postgres_store import SCHEMA_VERSION
+from proxy.audit.postgres_store import PostgresStore
+from proxy.audit.postgres_store import aread_records
+from proxy.audit.postgres_store import read_records
+from proxy.audit.query import RecordQuery
+from tests import pg_fixtures
+from tests.test_audit_support import cli
+from tests.test_audit_support import fetch
+from tests.test_audit_support import fetch_log
+from tests.test_audit_support import keys
+
+# Fixtures of a fresh PostgreSQL database per test.
+pg_admin_dsn = pg_fixtures.pg_admin_dsn
+pg_dsn = pg_fixtures.pg_dsn
+
+
+def export_and_verify(dsn: str, public: Path, out: Path, *extra: str) -> str:
+    result = cli("audit", "export", "--audit-dsn", dsn, "--output", out, *extra)
+    assert result.returncode == 0, result.stderr
+    verified = cli("audit", "verify", out, "--public-key", public)
+    assert verified.returncode == 0, verified.stdout
+    return verified.stdout
+
+
+async def test_replicas_starting_at_once_migrate_the_schema_once(pg_dsn: str) -> None:
+    stores = [PostgresStore(pg_dsn) for _ in range(6)]
+    await asyncio.gather(*(s.open() for s in stores))
+    await asyncio.gather(*(s.close() for s in stores))
+    again = PostgresStore(pg_dsn)
+    await again.open()  # idempotent on an up-to-date schema
+    await again.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        version = await conn.fetchval(
+            "SELECT version FROM crawlwarden_schema_version WHERE component = 'fetchlog'"
+        )
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname='public'")
+        }
+    finally:
+        await conn.close()
+    assert version == SCHEMA_VERSION
+    assert {"fetch_records_ts", "fetch_records_site_ts", "fetch_records_team_ts"} <= indexes
+
+
+async def test_three_replicas_write_at_once_and_each_chain_verifies(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    signer, public = keys(tmp_path)
+    logs = [
+        fetch_log(
+            PostgresStore(pg_dsn),
+            tmp_path / "spool",
+            f"gw-{n}",
+            signer,
+            checkpoint_every_records=50,
+            batch_size=64,
+        )
+        for n in range(3)
+    ]
+    await asyncio.gather(*(log.open() for log in logs))
+
+    async def write(log_index: int) -> None:
+        for i in range(300):
+            logs[log_index].append(fetch(i))
+            if i % 7 == 0:
+                await asyncio.sleep(0)  # let the other replicas and the ship loops run
+
+    await asyncio.gather(*(write(n) for n in range(3)))
+    await asyncio.gather(*(log.close() for log in logs))
+    out = export_and_verify(pg_dsn, public, tmp_path / "all.jsonl")
+    assert "verified 3 replica(s), 900 records" in out
+    for n in range(3):
+        assert f"replica gw-{n}: records 1..300 (300 in full)" in out
+
+    # A restarted replica continues its own chain; the others are untouched.
+    log = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool", "gw-1", signer)
+    await log.open()
+    assert log.seq == 300
+    for i in range(5):
+        log.append(fetch(i))
+    await log.close()
+    out = export_and_verify(pg_dsn, public, tmp_path / "again.jsonl")
+    assert "replica gw-1: records 1..305" in out
+    # Filtered exports from PostgreSQL verify as well (other teams' records redacted).
+    out = export_and_verify(
+        pg_dsn, public, tmp_path / "team.jsonl", "--team", "vision-data", "--site", "a.example"
+    )
+    assert "redacted to digests" in out
+
+
+async def test_read_records_sync_and_async(pg_dsn: str, tmp_path: Path) -> None:
+    signer, _ = keys(tmp_path)
+    log = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool", "gw-r", signer)
+    await log.open()
+    for i in range(12):
+        log.append(fetch(i))
+    await log.close()
+    query = RecordQuery(site="a.example")
+    seen = [r["seq"] async for r in aread_records(pg_dsn, query)]
+    assert seen == [1, 4, 7, 10]
+    synced = await asyncio.to_thread(lambda: [r["seq"] for r in read_records(pg_dsn, query)])
+    assert synced == seen
+
+
+class Relay:
+    """A TCP relay in front of PostgreSQL that a test can cut and restore (a real outage)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.server: asyncio.Server | None = None
+        self.pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for a, b in list(self.pairs):
+            a.transport.abort()
+            b.transport.abort()
+        await self.server.wait_closed()
+        self.server = None
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer, up_writer)
+        self.pairs.add(pair)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.transport.abort()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self.pairs.discard(pair)
+
+
+async def test_store_down_spool_grows_fails_closed_and_recovery_ships_everything(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    signer, public = keys(tmp_path)
+    url = urllib.parse.urlsplit(pg_dsn)
+    relay = Relay((url.hostname or "127.0.0.1", url.port or 5432))
+    await relay.start()
+    relayed = urllib.parse.urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{relay.port}"))
+    log = fetch_log(
+        PostgresStore(relayed), tmp_path / "spool", "gw-down", signer, spool_max_bytes=40_000
+    )
+    await log.open()
+    for i in range(20):
+        log.append(fetch(i))
+    assert await log.flushed()
+    errors_before = (
+        REGISTRY.get_sample_value("crawlwarden_store_errors_total", {"store": "audit"}) or 0.0
+    )
+
+    await relay.stop()  # PostgreSQL unreachable from here on
+    while log.available:
+        log.append(fetch(log.seq))
+        await asyncio.sleep(0.001)
+    written = log.seq
+    await asyncio.sleep(0.5)
+    assert not log.store_ok
+    assert log.spool.size >= 40_000  # the spool took every record
+    assert REGISTRY.get_sample_value("crawlwarden_audit_queue_depth") >= written - 20
+    assert (
+        REGISTRY.get_sample_value("crawlwarden_store_errors_total", {"store": "audit"}) or 0.0
+    ) > errors_before
+
+    await relay.start()  # PostgreSQL is back
+    assert await log.flushed(timeout=60)
+    assert log.store_ok and log.available
+    assert REGISTRY.get_sample_value("crawlwarden_audit_queue_depth") == 0
+    await log.close()
+    await relay.stop()
+    out = export_and_verify(pg_dsn, public, tmp_path / "e.jsonl")
+    assert f"replica gw-down: records 1..{written} ({written} in full)" in out

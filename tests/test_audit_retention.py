@@ -1,0 +1,111 @@
+"""Retention: old records are purged under a signed purge note, and what remains verifies."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.audit.postgres_store import PostgresStore
+from proxy.audit.sqlite_store import SQLiteStore
+from tests import pg_fixtures
+from tests.test_audit_support import cli
+from tests.test_audit_support import fetch
+from tests.test_audit_support import fetch_log
+from tests.test_audit_support import keys
+from tests.test_audit_support import read_lines
+
+pg_admin_dsn = pg_fixtures.pg_admin_dsn
+pg_dsn = pg_fixtures.pg_dsn
+
+DAY = 86400.0
+NOW = 1_790_000_000.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def source(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {
+            "store": lambda: SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+            "args": ["--data-dir", str(tmp_path)],
+        }
+    dsn = request.getfixturevalue("pg_dsn")
+    return {"store": lambda: PostgresStore(dsn), "args": ["--audit-dsn", dsn]}
+
+
+def export_and_verify(source: dict[str, Any], public: Path, out: Path, *extra: str) -> str:
+    result = cli("audit", "export", *source["args"], "--output", out, *extra)
+    assert result.returncode == 0, result.stderr
+    verified = cli("audit", "verify", out, "--public-key", public)
+    assert verified.returncode == 0, verified.stdout
+    return verified.stdout
+
+
+def iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def test_purge_cuts_old_records_and_the_rest_still_verifies(
+    source: dict[str, Any], tmp_path: Path
+) -> None:
+    signer, public = keys(tmp_path)
+    log = fetch_log(source["store"](), tmp_path / "spool", "gw-p", signer, clock=lambda: NOW)
+    await log.open()
+    for i in range(30):
+        log.append(fetch(i, ts=NOW - 500 * DAY + i * 60))  # older than 400 days
+    for i in range(20):
+        log.append(fetch(i, ts=NOW - 10 * DAY + i * 60))
+    assert await log.flushed()
+
+    result = await log.purge(now=NOW, days=400)
+    assert result is not None
+    assert result["deleted"] == 30 and result["through_seq"] == 30
+    assert await log.purge(now=NOW, days=400) is None  # nothing old is left
+    await log.close()
+
+    out = export_and_verify(source, public, tmp_path / "after.jsonl")
+    assert "replica gw-p: records 31..51" in out  # 51 is the purge record itself
+    items = read_lines(tmp_path / "after.jsonl")
+    purge_notes = [x for x in items if x["type"] == "purge"]
+    assert len(purge_notes) == 1 and purge_notes[0]["seq"] == 30
+    assert "\npurge 3\n" in purge_notes[0]["note"]  # checkpoints #1..#3 (seq 10, 20, 30) gone
+    event = next(x for x in items if x["type"] == "record" and x["kind"] == "purge")
+    assert event["seq"] == 51 and "older than" in event["note"]
+    assert event["reason"] == "retention"
+
+    # Without its purge note, the first remaining record is anchored by nothing.
+    stripped = tmp_path / "stripped.jsonl"
+    stripped.write_text(
+        "".join(
+            line + "\n"
+            for line in (tmp_path / "after.jsonl").read_text().splitlines()
+            if '"type":"purge"' not in line
+        )
+    )
+    bad = cli("audit", "verify", stripped, "--public-key", public)
+    assert bad.returncode == 1
+    assert "records before seq 31 are missing" in bad.stdout
+
+    # An old window right after the cut is anchored by the purge note as well.
+    out = export_and_verify(
+        source,
+        public,
+        tmp_path / "window.jsonl",
+        "--since",
+        iso(NOW - 11 * DAY),
+        "--until",
+        iso(NOW - 10 * DAY + 150),
+    )
+    assert "replica gw-p: records 31..40" in out
+
+    # A restart resumes what was purged and keeps purging from there.
+    log = fetch_log(source["store"](), tmp_path / "spool", "gw-p", signer, clock=lambda: NOW)
+    await log.open()
+    assert log.purged_seq == 30 and log.purged_number == 3
+    result = await log.purge(now=NOW + 390 * DAY + 570, days=400)
+    assert result is not None and result["through_seq"] == 40
+    await log.close()
+    out = export_and_verify(source, public, tmp_path / "second.jsonl")
+    assert "replica gw-p: records 41..52" in out

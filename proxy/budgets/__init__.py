@@ -15,13 +15,18 @@ Modules: `spec` (a site's budgets, parsed once), `gcra` (the arithmetic, shared 
 `pause` (Retry-After and backoff), `engine` (delay mode, failure handling, settlement, gauges).
 
 Known bounds, by design:
-- Byte quota: bytes are counted when a response ends, so a site can overshoot `bytes_per_day` by
-  the responses in flight when the quota runs out: at most `max_concurrency` responses of it.
-- `fail_mode: local`: each replica gets 1/replicas of the rate and of the quotas left when it last
-  heard from Redis (rounded down); burst and concurrency are rounded down but at least 1, so with
-  more replicas than slots the replicas together may hold up to `replicas` slots. What a replica
-  counts meanwhile is added to Redis when Redis is back.
-- A lease outlives its replica by at most the store's `lease_ttl` (live leases are renewed).
+- Byte quota: bytes are counted when a response ends, so `bytes_per_day` is overshot by the
+  responses in flight when it runs out. A lease is freed by the same script that counts its
+  bytes, so that is at most `max_concurrency` responses of the site, each of any size.
+- `fail_mode: local` (Redis unreachable): each replica enforces 1/replicas of the rate and of
+  what was left of each quota when it last heard from Redis, rounded down. Together they can
+  exceed a quota only by what other replicas admitted after the stalest one last heard from
+  Redis. Burst and concurrency are rounded down but at least 1, so with more replicas than
+  slots the replicas together may hold up to `replicas` slots. What each replica counts
+  meanwhile (requests, bytes, pauses) is added to Redis when Redis is back.
+- A lease outlives a dead replica by at most the store's `lease_ttl` (30 s); live leases are
+  renewed every lease_ttl / 3, so a long download keeps its slot.
+- The gauges lag the store by at most a second (published once a second, and on `usage`).
 """
 
 from proxy.budgets.engine import Admission

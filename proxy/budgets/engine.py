@@ -417,7 +417,6 @@ class BudgetEngine:
                             # another replica, slowly.
                             poll = min(_SLOT_POLL_FIRST * 2**polls, _SLOT_POLL_MAX, remaining)
                             polls += 1
-                            queue.released.clear()
                             try:
                                 async with asyncio.timeout(poll):
                                     await queue.released.wait()
@@ -425,6 +424,7 @@ class BudgetEngine:
                                 pass
                         else:
                             await asyncio.sleep(max(0.001, last.wait))
+                    queue.released.clear()  # a release from here on wakes us up
                     last = await self._attempt(spec)
                     if last.admission.decision.allowed or not last.waitable:
                         return self._held(last, started)
@@ -457,13 +457,15 @@ class BudgetEngine:
     def finish(self, lease: Lease | None, response_bytes: int = 0) -> None:
         """The request is over: free its concurrency slot, count its response bytes.
 
-        Returns at once; the store hears of it in the next settlement batch. Call it exactly
-        once per admitted request, also when the upstream failed (with the bytes received, if
-        any); a second call is ignored, a missing one costs the slot until the lease expires.
+        Returns at once; the store hears of it in the next settlement batch (one pipeline).
+        Call it exactly once per admitted request, also when the upstream failed (with the
+        bytes received, if any); a second call is ignored, a missing one costs the slot until
+        the lease lapses.
 
-        Bytes are only known after the response, so the byte quota can be overshot by what is
-        in flight when it runs out: at most max_concurrency responses of the site per replica
-        holding the store's view (one response per slot), each of any size.
+        Bytes are only known after the response, so `bytes_per_day` is overshot by what is in
+        flight when it runs out. The slot is freed in the same script that counts the bytes,
+        so that is at most `max_concurrency` responses of the site (each of any size): the one
+        that crossed the limit and the others in flight with it.
         """
         if lease is None or self._live.pop(lease.id, None) is None:
             return

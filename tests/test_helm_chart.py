@@ -1082,3 +1082,17 @@ def test_chart_app_version_is_the_package_version():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint_finds_no_problem(name: str, chart_with_dashboards: Path):
+    report = helm.lint(
+        chart_for(name, chart_with_dashboards),
+        VALUE_SETS[name],
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version="v" + KUBE_VERSIONS[0],
+    )
+    # Severity 1 is information (Chart.yaml has no icon); 2 and 3 are warnings and errors.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    assert report["errors"] == []

@@ -23,16 +23,23 @@ from mitmproxy.proxy import layers
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from addons.streaming import ResponseStream
 from proxy import metrics
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.blocklist import normalize_url
+from proxy.budgets import Lease
 from proxy.decision import Decision
 from proxy.decision import Outcome
 from proxy.decision import Reason
 from proxy.decision import refuse
 from proxy.decision import render_refusal
+from proxy.governor import RequestContext
 from proxy.identity import Identity
+from proxy.optout_checks import ROBOTS_PATH
+from proxy.optout_checks import Assessment
+from proxy.optout_checks import BodyScan
+from proxy.originfiles import origin_of
 from proxy.runtime import Runtime
 from proxy.sites import normalize_host
 from proxy.ssrf import IPAddress
@@ -40,6 +47,9 @@ from proxy.ssrf import IPAddress
 log = structlog.get_logger("crawlwarden.decision")
 
 META = "crawlwarden"
+# Bodies up to this size are buffered whole, so an opt-out in them can still become a 451; larger
+# ones are streamed (see addons/streaming.py). mitmproxy's stream_large_bodies must be above it.
+BUFFER_LIMIT = 16 * 2**20
 # Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees").
 _STRIPPED_PREFIX = "x-crawl-"
 _HOP_BY_HOP = ("proxy-authorization", "proxy-connection", "proxy-authenticate")
@@ -73,10 +83,45 @@ class FlowState:
     basis: str | None = None
     upstream_proxy: str | None = None
     signals: list[str] = field(default_factory=list)
+    ctx: RequestContext | None = None
     forwarded: bool = False
     recorded: bool = False
-    hasher: hashlib._Hash | None = None
-    streamed_bytes: int = 0
+    lease: Lease | None = None
+    stream: ResponseStream | None = None
+    answer: SiteAnswer | None = None
+    withheld: Decision | None = None
+    cached_robots: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SiteAnswer:
+    """The site's response as received, before the gateway delivers or withholds it."""
+
+    status: int
+    content_type: str | None
+    body_bytes: int | None
+    sha256: str | None
+    finished: float
+    retry_after: str | None
+
+    @classmethod
+    def of(cls, resp: http.Response, stream: ResponseStream | None) -> SiteAnswer:
+        if stream is not None:
+            size: int | None = stream.received
+            digest: str | None = stream.sha256
+        elif resp.stream:
+            size = digest = None  # streamed by mitmproxy past its buffer limit: not seen by us
+        else:
+            body = resp.raw_content or b""
+            size, digest = len(body), hashlib.sha256(body).hexdigest()
+        return cls(
+            resp.status_code,
+            resp.headers.get("content-type"),
+            size,
+            digest,
+            resp.timestamp_end or time.time(),
+            resp.headers.get("retry-after"),
+        )
 
 
 class Gateway:
@@ -91,7 +136,6 @@ class Gateway:
             weakref.WeakKeyDictionary()
         )
         self._proxy_turn = 0
-        self._stream_threshold = 8 * 2**20
 
     # -- connection layering ---------------------------------------------------------------
 
@@ -195,26 +239,38 @@ class Gateway:
         if decision.allowed:
             decision = await gov.check_prefetch(ctx)
         if decision.allowed and not self.rt.fetch_log.available:
-            decision = refuse(
-                Reason.AUDIT_UNAVAILABLE,
-                "the fetch log cannot take more records; fetching resumes when it recovers",
-                site=ctx.site.key,
-                retry_after=30,
-            )
+            decision = _audit_unavailable(ctx.site.key)
         state.signals.extend(ctx.signals)
+        state.ctx = ctx
         if not decision.allowed:
             return self._refuse(flow, state, decision, started)
+        if req.method in ("GET", "HEAD") and req.path.split("?", 1)[0] == ROBOTS_PATH:
+            cached = self.rt.optouts.cached_robots(origin_of(scheme, host, port))
+            if cached is not None:
+                # The gateway has just read this file for the whole fleet: no second fetch.
+                return self._serve_cached_robots(flow, state, cached, started)
+        # Budgets last: what they count is exactly what is forwarded (DESIGN.md step 4).
+        admission = await self.rt.admit(ctx)
+        if not admission.decision.allowed:
+            return self._refuse(flow, state, admission.decision, started)
 
         state.decision = decision
-        state.forwarded = True
+        state.lease = admission.lease
         crawler = self.rt.compiled.loaded.policy.crawler
         req.headers["User-Agent"] = crawler.user_agent
         req.headers["From"] = crawler.contact
         if tunnel is None:
             self._choose_upstream_proxy(flow, identity, state)
+        try:
+            # In the spool before the request leaves: a kill -9 from here on cannot lose it.
+            self.rt.fetch_log.begin(self._build_record(flow, state, forwarded=True))
+        except OSError:
+            self.rt.budgets.finish(state.lease)
+            state.lease = None
+            return self._refuse(flow, state, _audit_unavailable(ctx.site.key), started)
+        state.forwarded = True
         self.rt.in_flight += 1
         metrics.IN_FLIGHT.set(self.rt.in_flight)
-        self.rt.fetch_log.begin(self._build_record(flow, state))
         self._observe_governance(started)
 
     def _refuse(
@@ -224,31 +280,93 @@ class Gateway:
         self._respond(flow, decision)
         self._observe_governance(started)
 
+    def _serve_cached_robots(
+        self, flow: http.HTTPFlow, state: FlowState, cached: tuple[int, bytes], started: float
+    ) -> None:
+        status, body = cached
+        state.decision = refuse(Reason.ROBOTS_CACHE, "answered from the gateway's robots.txt cache")
+        state.cached_robots = True
+        flow.response = http.Response.make(
+            status,
+            body,
+            {"Content-Type": "text/plain; charset=utf-8", "X-Crawlwarden-Reason": "robots_cache"},
+        )
+        flow.response.headers["x-crawlwarden-request-id"] = state.id
+        self._observe_governance(started)
+
     # -- responses -------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)
-        if state is None or not state.forwarded or flow.response is None:
+        resp = flow.response
+        if state is None or not state.forwarded or resp is None or state.ctx is None:
             return
-        length = flow.response.headers.get("content-length", "")
-        if not length.isdigit() or int(length) > self._stream_threshold:
-            # Unknown or large: stream it through, hashing as it goes, never buffering it all.
-            hasher = state.hasher = hashlib.sha256()
+        length = resp.headers.get("content-length", "")
+        if not length.isdigit() or int(length) <= BUFFER_LIMIT:
+            # Buffered whole and read in the response hook, where a 451 can still replace it.
+            # Bodies of unknown length too: mitmproxy buffers them up to stream_large_bodies.
+            return
+        # Large: stream it, hashing on the way, holding it back until its metadata is read.
+        ctx = state.ctx
+        headers = _header_list(resp.headers)
+        ctype = resp.headers.get("content-type")
+        optouts = self.rt.optouts
+        status = resp.status_code
 
-            def tee(chunk: bytes) -> bytes:
-                hasher.update(chunk)
-                state.streamed_bytes += len(chunk)
-                return chunk
+        def assess(scan: BodyScan) -> Assessment:
+            return optouts.assess_response_sync(ctx, status, headers, b"", ctype, scan=scan)
 
-            flow.response.stream = tee
+        state.stream = ResponseStream(
+            optouts.body_scan(ctype), resp.headers.get("content-encoding", ""), assess
+        )
+        resp.stream = state.stream
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.recorded or flow.request.method == "CONNECT":
             return
+        resp = flow.response
+        if resp is not None and state.forwarded and state.ctx is not None:
+            await self._assess(flow, state, resp)
         if flow.response is not None:
             flow.response.headers["x-crawlwarden-request-id"] = state.id
         self._finish(flow, state)
+
+    async def _assess(self, flow: http.HTTPFlow, state: FlowState, resp: http.Response) -> None:
+        """Read the opt-outs a response carries; withhold it when one binds (DESIGN.md step 6)."""
+        assert state.ctx is not None
+        state.answer = SiteAnswer.of(resp, state.stream)
+        if state.stream is not None:
+            assessment = state.stream.assessment
+            if assessment is None:  # a stream that ended before anything was decided
+                assessment = self.rt.optouts.assess_response_sync(
+                    state.ctx, resp.status_code, _header_list(resp.headers), b"", None
+                )
+        elif resp.stream:
+            # Streamed by mitmproxy itself past its buffer: neither read nor hashed by us.
+            assessment = await self.rt.optouts.assess_response(
+                state.ctx, resp.status_code, _header_list(resp.headers), b"", None
+            )
+        else:
+            assessment = await self.rt.optouts.assess_response(
+                state.ctx,
+                resp.status_code,
+                _header_list(resp.headers),
+                _decoded_body(resp),
+                resp.headers.get("content-type"),
+            )
+        for name in assessment.signals:
+            if name not in state.signals:
+                state.signals.append(name)
+        if assessment.decision is None:
+            return
+        state.withheld = assessment.decision
+        if state.stream is not None or resp.stream:
+            # The status line has gone out: deliver nothing more, break the transfer.
+            flow.kill()
+            return
+        refusal = render_refusal(assessment.decision, Outcome.WITHHELD)
+        flow.response = http.Response.make(refusal.status, refusal.body, refusal.headers)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)
@@ -266,6 +384,14 @@ class Gateway:
         if state.forwarded:
             self.rt.in_flight -= 1
             metrics.IN_FLIGHT.set(self.rt.in_flight)
+            answer = state.answer
+            if answer is not None and state.ctx is not None:
+                # A 429/503 from the site pauses it for every replica (its Retry-After honoured).
+                self.rt.budgets.site_answered(state.ctx.site, answer.status, answer.retry_after)
+            received = answer.body_bytes if answer is not None else None
+            if received is None and state.stream is not None:
+                received = state.stream.received
+            self.rt.budgets.finish(state.lease, response_bytes=received or 0)
         self._record(flow, state)
 
     # -- connection bookkeeping ------------------------------------------------------------
@@ -333,15 +459,18 @@ class Gateway:
     def _observe_governance(self, started: float) -> None:
         metrics.REQUEST_DURATION.labels(phase="governance").observe(time.perf_counter() - started)
 
-    def _build_record(self, flow: http.HTTPFlow, state: FlowState) -> FetchRecord:
+    def _build_record(
+        self, flow: http.HTTPFlow, state: FlowState, *, forwarded: bool | None = None
+    ) -> FetchRecord:
         decision = state.decision
         policy = self.rt.compiled.loaded.policy
+        forwarded = state.forwarded if forwarded is None else forwarded
         return FetchRecord(
             id=state.id,
             ts=utc_timestamp(state.started),
             method=state.method,
             url=state.url,
-            decision=str(Outcome.FORWARDED if state.forwarded else Outcome.REFUSED),
+            decision=str(Outcome.FORWARDED if forwarded else Outcome.REFUSED),
             reason=str(decision.reason if decision else Reason.OK),
             rule=decision.rule if decision else None,
             team=state.identity.team if state.identity else None,
@@ -360,32 +489,39 @@ class Gateway:
     def _record(self, flow: http.HTTPFlow, state: FlowState) -> None:
         state.recorded = True
         rec = self._build_record(flow, state)
-        resp = flow.response
         now = time.time()
+        answer = state.answer
         if state.forwarded:
             server = flow.server_conn
-            if server.sockname:
-                rec.egress_ip = str(server.sockname[0])
-            else:
-                rec.egress_ip = self.egress_ips.get(flow.client_conn)
+            rec.egress_ip = (
+                str(server.sockname[0])
+                if server.sockname
+                else self.egress_ips.get(flow.client_conn)
+            )
             rec.request_bytes = len(flow.request.raw_content or b"")
-            if resp is not None:
-                rec.status = resp.status_code
-                rec.content_type = resp.headers.get("content-type")
-                if state.hasher is not None and resp.stream:
-                    rec.response_bytes = state.streamed_bytes
-                    rec.content_sha256 = state.hasher.hexdigest()
-                else:
-                    body = resp.raw_content or b""
-                    rec.response_bytes = len(body)
-                    rec.content_sha256 = hashlib.sha256(body).hexdigest()
-                if resp.timestamp_end and flow.request.timestamp_end:
-                    metrics.REQUEST_DURATION.labels(phase="upstream").observe(
-                        max(0.0, resp.timestamp_end - flow.request.timestamp_end)
-                    )
-                now = resp.timestamp_end or now
-        elif resp is not None:
-            rec.status = resp.status_code
+        if answer is not None:
+            rec.status = answer.status
+            rec.content_type = answer.content_type
+            rec.response_bytes = answer.body_bytes or 0
+            rec.content_sha256 = answer.sha256
+            if answer.sha256 is None:
+                rec.note = "streamed past the buffer limit by mitmproxy: body not hashed"
+            if flow.request.timestamp_end:
+                metrics.REQUEST_DURATION.labels(phase="upstream").observe(
+                    max(0.0, answer.finished - flow.request.timestamp_end)
+                )
+            now = answer.finished
+        elif flow.response is not None:
+            rec.status = flow.response.status_code
+            if state.cached_robots:
+                body = flow.response.raw_content or b""
+                rec.content_sha256 = hashlib.sha256(body).hexdigest()
+                rec.note = "served from the gateway's robots.txt cache"
+        if state.withheld is not None:
+            rec.decision = str(Outcome.WITHHELD)
+            rec.reason = str(state.withheld.reason)
+            rec.rule = state.withheld.rule
+            rec.note = "withheld: the body was not delivered to the scraper"
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
         metrics.REQUEST_DURATION.labels(phase="total").observe(rec.duration_ms / 1000)
         data = self.rt.record(rec)
@@ -398,6 +534,8 @@ class Gateway:
             metrics.UPSTREAM_RESPONSE_BYTES.labels(site=site_label, team=team_label).inc(
                 rec.response_bytes
             )
+        for signal in rec.signals:
+            metrics.OPTOUT_SIGNALS.labels(site=site_label, signal=signal).inc()
         # One canonical line per decision, joinable with the fetch record by id/replica/seq.
         log.info(
             "decision",
@@ -414,9 +552,19 @@ class Gateway:
             reason=rec.reason,
             rule=rec.rule,
             status=rec.status,
+            signals=rec.signals,
             response_bytes=rec.response_bytes,
             duration_ms=rec.duration_ms,
         )
+
+
+def _audit_unavailable(site: str) -> Decision:
+    return refuse(
+        Reason.AUDIT_UNAVAILABLE,
+        "the fetch log cannot take more records; fetching resumes when it recovers",
+        site=site,
+        retry_after=30,
+    )
 
 
 def _auth_required() -> Decision:
@@ -433,6 +581,20 @@ def _header(headers: http.Headers, name: str) -> str | None:
         return None
     value = value.strip()
     return value or None
+
+
+def _header_list(headers: http.Headers) -> list[tuple[str, str]]:
+    return list(headers.items(multi=True))
+
+
+def _decoded_body(resp: http.Response) -> bytes:
+    """The body with its Content-Encoding removed (what the opt-out scanners read)."""
+    if not resp.headers.get("content-encoding"):
+        return resp.raw_content or b""
+    try:
+        return resp.get_content(strict=True) or b""
+    except ValueError:
+        return b""
 
 
 def _host_only(authority: str | None) -> str | None:

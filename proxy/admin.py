@@ -105,6 +105,14 @@ async def policy_reload(request: web.Request) -> web.Response:
     return web.json_response({"policy_version": version})
 
 
+async def budgets(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    key = request.query.get("site", "").strip().lower()
+    if not key:
+        return problem(400, "name a site: /v1/budgets?site=<policy site id or domain>")
+    return web.json_response(await rt.budgets.usage(rt.compiled.sites.by_key(key)))
+
+
 ROUTES: list[Route] = [
     Route("GET", "/healthz", healthz, (), "Liveness", {"200": "alive"}),
     Route(
@@ -123,6 +131,23 @@ ROUTES: list[Route] = [
         ("admin",),
         "Reload the policy file; an invalid one leaves the old policy in force",
         {"200": "reloaded", "400": "invalid policy, errors listed", "401": "no token"},
+    ),
+    Route(
+        "GET",
+        "/v1/budgets",
+        budgets,
+        ("auditor", "admin"),
+        "A site's budgets: limit, used and remaining for each",
+        {"200": "usage per budget", "400": "no site named"},
+        parameters=(
+            {
+                "name": "site",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "a policy site id or a registrable domain",
+            },
+        ),
     ),
 ]
 

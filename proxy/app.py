@@ -18,6 +18,7 @@ from mitmproxy.master import Master
 
 from addons.gateway import Gateway
 from proxy.admin import make_app
+from proxy.audit.api import ROUTES as AUDIT_ROUTES
 from proxy.runtime import Runtime
 from proxy.runtime import Settings
 
@@ -39,8 +40,9 @@ def mitmproxy_options(settings: Settings) -> dict[str, object]:
         # Only HTTP(S) leaves the gateway: no raw TCP tunnels, no onboarding app without auth.
         "rawtcp": False,
         "onboarding": False,
-        # Larger bodies stream through (hashed on the way) instead of being buffered whole.
-        "stream_large_bodies": "8m",
+        # Bodies of unknown length are buffered up to this size, then streamed; known lengths
+        # above addons.gateway.BUFFER_LIMIT are streamed by the addon itself.
+        "stream_large_bodies": "32m",
     }
     if settings.upstream_trusted_ca is not None:
         opts["ssl_verify_upstream_trusted_ca"] = str(settings.upstream_trusted_ca.resolve())
@@ -57,7 +59,9 @@ async def serve(settings: Settings) -> int:
     master.options.update(**mitmproxy_options(settings))
     master.addons.add(Gateway(runtime))
 
-    admin = web.AppRunner(make_app(runtime), access_log=None, handle_signals=False)
+    admin = web.AppRunner(
+        make_app(runtime, extra_routes=AUDIT_ROUTES), access_log=None, handle_signals=False
+    )
     await admin.setup()
     try:
         await web.TCPSite(admin, settings.admin_host, settings.admin_port).start()

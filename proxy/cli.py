@@ -172,6 +172,7 @@ def cmd_policy_check(path: Path) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy import logs
+    from proxy.audit.keys import SigningKeyError
     from proxy.runtime import Settings
 
     logs.configure(args.log_level)
@@ -197,6 +198,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for error in e.errors:
             print(f"  {error}", file=sys.stderr)
         print("nothing started; fix the policy (crawlwarden policy check FILE)", file=sys.stderr)
+        return EXIT_USAGE
+    except SigningKeyError as e:
+        print(f"crawlwarden: {e}", file=sys.stderr)
         return EXIT_USAGE
 
 

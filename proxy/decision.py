@@ -39,6 +39,8 @@ class Reason(enum.StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERRUPTED = "interrupted"
+    # A scraper's GET /robots.txt answered from the gateway's own copy.
+    ROBOTS_CACHE = "robots_cache"
 
 
 STATUS: dict[Reason, int] = {
@@ -66,6 +68,7 @@ STATUS: dict[Reason, int] = {
     Reason.UPSTREAM_ERROR: 502,
     Reason.UPSTREAM_TIMEOUT: 504,
     Reason.INTERRUPTED: 502,
+    Reason.ROBOTS_CACHE: 200,
 }
 
 

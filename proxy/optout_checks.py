@@ -238,6 +238,8 @@ class OptOutChecks:
     # -- prefetch checks (Governor.prefetch_checks) -----------------------------------------
 
     async def robots(self, ctx: RequestContext) -> Decision | None:
+        if not (ctx.respect.robots or ctx.respect.content_usage):
+            return None  # nothing in robots.txt binds this site: do not even ask for it
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
         entry = await self.robots_entry(origin)
         if _path_only(ctx.path) in _PROTOCOL_PATHS:
@@ -270,7 +272,7 @@ class OptOutChecks:
         return self._conclude(ctx, signals)
 
     async def tdmrep(self, ctx: RequestContext) -> Decision | None:
-        if _path_only(ctx.path) in _PROTOCOL_PATHS:
+        if not ctx.respect.tdmrep or _path_only(ctx.path) in _PROTOCOL_PATHS:
             return None
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
         entry = await self.tdm_entry(origin)

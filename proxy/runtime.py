@@ -9,24 +9,48 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
+from redis.asyncio import Redis
 
 from proxy import metrics
+from proxy.audit.keys import load_signer
 from proxy.audit.log import FetchLog
 from proxy.audit.log import FetchStore
 from proxy.audit.record import FetchRecord
+from proxy.audit.record import utc_timestamp
 from proxy.audit.sqlite_store import SQLiteStore
+from proxy.budgets import Admission
+from proxy.budgets import BudgetEngine
+from proxy.budgets import BudgetStore
+from proxy.budgets import MemoryBudgetStore
+from proxy.budgets import RedisBudgetStore
+from proxy.decision import Outcome
+from proxy.decision import Reason
 from proxy.governor import CompiledPolicy
 from proxy.governor import Governor
+from proxy.governor import RequestContext
 from proxy.governor import compile_policy
+from proxy.optout_checks import OptOutChecks
+from proxy.originfiles import OriginFileCache
+from proxy.originfiles import RedisCache
+from proxy.originfiles import origin_of
 from proxy.policy import InvalidPolicy
 from proxy.policy import PolicyError
 from proxy.policy import load_policy
+from proxy.replicas import ReplicaRegistry
+from proxy.sites import normalize_host
+from proxy.units import parse_size
 
 log = structlog.get_logger("crawlwarden")
+
+# Every key crawlwarden keeps in Redis starts with this; tests give each gateway fleet its own
+# Redis server, so the prefix need not vary.
+REDIS_PREFIX = "crawlwarden:"
 
 
 @dataclass(frozen=True)
@@ -63,17 +87,56 @@ class Runtime:
         self.settings = settings
         self.replica = settings.replica
         self.governor = Governor(compiled)
+        policy = compiled.loaded.policy
         self.fetch_log = FetchLog(
             self._make_store(),
             settings.spool_dir,
             self.replica,
             spool_max_bytes=_spool_limit(compiled),
+            signer=load_signer(
+                policy.audit.signing_key_file,
+                settings.data_dir,
+                shared_store=bool(settings.audit_dsn),
+            ),
+            checkpoint_every_records=policy.audit.checkpoint_every_records,
+            checkpoint_every_seconds=policy.audit.checkpoint_every_seconds,
+            retention_days=policy.retention.fetch_records_days,
         )
         self.site_labels = metrics.SiteLabels(compiled.sites.rule_ids())
+        # Shared state: one Redis client for the origin-file cache and the replica registry;
+        # the budget store keeps its own pool (its timeouts are short on purpose).
+        self.redis: Redis | None = None
+        cache: OriginFileCache | None = None
+        budget_store: BudgetStore
+        if settings.redis_url:
+            self.redis = Redis.from_url(
+                settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+            )
+            cache = RedisCache(self.redis, prefix=f"{REDIS_PREFIX}originfile:")
+            budget_store = RedisBudgetStore(settings.redis_url, key_prefix=f"{REDIS_PREFIX}b:")
+        else:
+            budget_store = MemoryBudgetStore()
+        self.budgets = BudgetEngine(
+            budget_store, site_label=lambda key: self.site_labels.label(key)
+        )
+        self.replicas = ReplicaRegistry(self.redis, self.replica, self.budgets, REDIS_PREFIX)
+        self.optouts = OptOutChecks(
+            policy.crawler,
+            compiled.resolver,
+            compiled.guard,
+            cache=cache,
+            cafile=str(settings.upstream_trusted_ca) if settings.upstream_trusted_ca else None,
+            on_fetch=self._record_gateway_fetch,
+        )
+        self.governor.prefetch_checks = [self.optouts.robots, self.optouts.tdmrep]
+        self._crawl_delays: dict[str, dict[str, float]] = {}
         self.in_flight = 0
         self.draining = False
         self.started_at = time.time()
         metrics.set_policy_version(compiled.version)
+
+    def _site_label(self, key: str) -> str:
+        return self.site_labels.label(key)  # site_labels is replaced on reload
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -96,9 +159,63 @@ class Runtime:
 
     async def start(self) -> None:
         await self.fetch_log.open()
+        await self.budgets.start()
+        await self.replicas.start()
 
     async def stop(self) -> None:
+        await self.replicas.close()
+        await self.optouts.close()
+        await self.budgets.close()  # settles bytes and releases leases still queued
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.fetch_log.close()
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    async def admit(self, ctx: RequestContext) -> Admission:
+        """Consume the site's budgets for one request (all or none), after the opt-out checks.
+
+        A robots.txt Crawl-delay for our tokens lowers the site's rate: the largest delay of
+        any of the site's origins wins, as the slower rate is the polite one.
+        """
+        if ctx.respect.robots:
+            origin = origin_of(ctx.scheme, ctx.host, ctx.port)
+            delay = self.optouts.crawl_delay(origin)
+            known = self._crawl_delays.setdefault(ctx.site.key, {})
+            if delay != known.get(origin) and (delay is not None or origin in known):
+                if delay:
+                    known[origin] = delay
+                else:
+                    known.pop(origin, None)
+                self.budgets.set_min_interval(ctx.site.key, max(known.values(), default=None))
+        return await self.budgets.admit(ctx.site)
+
+    def _record_gateway_fetch(
+        self, url: str, status: int | None, body_bytes: int, sha256: str | None, error: str | None
+    ) -> None:
+        """The gateway's own fetches (robots.txt, tdmrep.json) are fetch records too, as the
+        gateway's: no team, the crawler's User-Agent, kind `gateway_fetch`."""
+        host = normalize_host(urlsplit(url).hostname or "")
+        policy = self.compiled.loaded.policy
+        self.fetch_log.append(
+            FetchRecord(
+                id=uuid.uuid4().hex,
+                ts=utc_timestamp(time.time()),
+                method="GET",
+                url=url,
+                kind="gateway_fetch",
+                decision=str(Outcome.FORWARDED),
+                reason=str(Reason.OK if error is None else Reason.UPSTREAM_ERROR),
+                note=error,
+                site=self.governor.site_for(host).key if host else None,
+                status=status,
+                response_bytes=body_bytes,
+                content_sha256=sha256,
+                egress_provider=policy.egress.provider,
+                policy_version=self.policy_version,
+                user_agent=policy.crawler.user_agent,
+            )
+        )
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -114,8 +231,14 @@ class Runtime:
             )
             return None, e.errors
         old = self.policy_version
+        policy = compiled.loaded.policy
         self.governor.use_policy(compiled)
+        self.optouts.use_policy(policy.crawler, compiled.resolver, compiled.guard)
+        self.budgets.use_policy_version(compiled.version)
         self.fetch_log.spool_max_bytes = _spool_limit(compiled)
+        self.fetch_log.checkpoint_every_records = policy.audit.checkpoint_every_records
+        self.fetch_log.checkpoint_every_seconds = policy.audit.checkpoint_every_seconds
+        self.fetch_log.retention_days = policy.retention.fetch_records_days
         self.site_labels = metrics.SiteLabels(compiled.sites.rule_ids())
         metrics.set_policy_version(compiled.version)
         if compiled.version != old:
@@ -146,6 +269,4 @@ class Runtime:
 
 
 def _spool_limit(compiled: CompiledPolicy) -> int:
-    from proxy.units import parse_size
-
     return parse_size(compiled.loaded.policy.audit.spool_max_bytes)

@@ -1,0 +1,91 @@
+"""A streamed response body: hashed as it passes, held back until its opt-outs are read.
+
+Bodies above the buffering limit are streamed (never held whole in memory). mitmproxy has sent the
+status line by then, so an opt-out found in the body cannot turn into a 451: the body is then not
+delivered at all, and the addon kills the flow so the scraper sees a broken transfer, not content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable
+
+from proxy.optout_checks import Assessment
+from proxy.optout_checks import BodyScan
+
+# The most a body is held back while its metadata is read (the scanner's own bound is lower).
+HOLD_LIMIT = 16 * 2**20
+
+_DECODERS: dict[str, Callable[[], zlib._Decompress]] = {
+    "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "deflate": lambda: zlib.decompressobj(),
+}
+
+
+class ResponseStream:
+    """The `flow.response.stream` callable of one response."""
+
+    def __init__(
+        self,
+        scan: BodyScan | None,
+        content_encoding: str,
+        assess: Callable[[BodyScan], Assessment],
+    ):
+        self.hasher = hashlib.sha256()
+        self.received = 0
+        self.scan = scan
+        self._assess = assess
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._undecodable = False
+        self.assessment: Assessment | None = None
+        encoding = content_encoding.strip().lower()
+        self._decoder = None
+        if encoding in _DECODERS:
+            self._decoder = _DECODERS[encoding]()
+        elif encoding not in ("", "identity") and scan is not None:
+            # An encoding we cannot decode on the fly: only the headers' signals are read.
+            self.scan = None
+            self.assessment = assess(scan)
+
+    @property
+    def withheld(self) -> bool:
+        return self.assessment is not None and self.assessment.decision is not None
+
+    def __call__(self, chunk: bytes) -> bytes:
+        end = chunk == b""
+        self.hasher.update(chunk)
+        self.received += len(chunk)
+        if self.withheld:
+            return b""
+        if self.scan is None or self.assessment is not None:
+            return chunk
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+        decoded = self._decode(chunk, end)
+        done = self.scan.feed(decoded) if decoded else False
+        if not done and (end or self._undecodable or self._held_bytes >= HOLD_LIMIT):
+            # Nothing more can be learnt (or held): decide on what was read.
+            self.scan.finish()
+            done = True
+        if not done:
+            return b""
+        self.assessment = self._assess(self.scan)
+        held, self._held = b"".join(self._held), []
+        return b"" if self.withheld else held
+
+    def _decode(self, chunk: bytes, end: bool) -> bytes:
+        if self._decoder is None:
+            return chunk
+        try:
+            out = self._decoder.decompress(chunk)
+            return out + (self._decoder.flush() if end else b"")
+        except zlib.error:
+            self._undecodable = True
+            return b""
+
+    @property
+    def sha256(self) -> str:
+        return self.hasher.hexdigest()

@@ -1,0 +1,74 @@
+"""How many gateway replicas share the Redis store, for the `fail_mode: local` share.
+
+Each replica refreshes its entry in one sorted set every few seconds; entries older than the
+expiry belong to replicas that are gone. While Redis is down, the last count seen is kept: that is
+the number of replicas the budgets have to be split between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from proxy import metrics
+from proxy.budgets import BudgetEngine
+
+log = structlog.get_logger("crawlwarden.replicas")
+
+HEARTBEAT = 5.0
+EXPIRY = 20.0
+
+
+class ReplicaRegistry:
+    def __init__(self, redis: Redis | None, replica: str, budgets: BudgetEngine, prefix: str):
+        self._redis = redis
+        self._replica = replica
+        self._budgets = budgets
+        self._key = f"{prefix}replicas"
+        self._task: asyncio.Task[None] | None = None
+        self.count = 1
+
+    async def start(self) -> None:
+        if self._redis is None:
+            return
+        await self.beat()
+        self._task = asyncio.create_task(self._loop(), name="replica-heartbeat")
+
+    async def beat(self) -> int:
+        """Refresh our entry, drop stale ones, and hand the live count to the budget engine."""
+        assert self._redis is not None
+        now = time.time()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._key, {self._replica: now})
+                pipe.zremrangebyscore(self._key, "-inf", now - EXPIRY)
+                pipe.zcard(self._key)
+                *_, count = await pipe.execute()
+        except (RedisError, OSError) as e:
+            metrics.STORE_ERRORS.labels(store="redis").inc()
+            log.warning("replica_heartbeat_failed", error=repr(e), replicas=self.count)
+            return self.count
+        if int(count) != self.count:
+            log.info("replicas_changed", replicas=int(count), was=self.count)
+        self.count = max(1, int(count))
+        self._budgets.replicas = self.count
+        return self.count
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            await self.beat()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.zrem(self._key, self._replica)

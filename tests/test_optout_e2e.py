@@ -1,0 +1,315 @@
+"""Rights holders' opt-outs through a real gateway, with curl and a real Scrapy spider.
+
+The site is a real HTTP server on 127.0.0.1; it counts what reached it. A disallowed or reserved
+path must never reach it, an opted-out page or image must never be delivered, and a licensed site
+is collected where the policy says the signal does not apply.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.optout_fixtures import c2pa_sign
+from tests.optout_fixtures import jpeg_with_xmp
+from tests.optout_fixtures import png
+from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import training_mining
+from tests.optout_fixtures import webp
+from tests.optout_fixtures import xmp_packet
+from tests.support import PROJECT
+from tests.support import VENV_BIN
+from tests.support import Gateway
+from tests.support import Reply
+from tests.support import Site
+from tests.support import curl
+from tests.support import policy_with
+
+HEADERS = {"X-Crawl-Project": PROJECT}
+RESPECT_ALL = {
+    "robots": True,
+    "tdmrep": True,
+    "noai": True,
+    "content_usage": True,
+    "image_metadata": True,
+}
+# RFC 9309: TestBot obeys its own group only; the `*` group's /star-only/ does not bind it.
+ROBOTS = b"""\
+User-agent: *
+Disallow: /star-only/
+
+User-agent: TestBot
+Disallow: /private/
+Disallow: /no-testbot/
+Allow: /no-testbot/but-this/
+"""
+TDMREP = json.dumps(
+    [
+        {"location": "/reserved/*", "tdm-reservation": 1},
+        {"location": "/open/*", "tdm-reservation": 0},
+    ]
+).encode()
+
+
+@pytest.fixture
+def gateway(workdir: Path):
+    policy = policy_with(
+        defaults={"respect": RESPECT_ALL},
+        sites=[
+            {
+                "id": "licensed",
+                "match": ["*.licensed.test"],
+                "legal_basis": {"kind": "licence", "ref": "LIC-7", "expires": "2099-01-01"},
+                "respect": {"tdmrep": False, "noai": False, "image_metadata": False},
+            }
+        ],
+    )
+    with Gateway(workdir, policy) as gw:
+        yield gw
+
+
+def serve_optout_files(site: Site) -> None:
+    site.routes["/robots.txt"] = Reply(body=ROBOTS, headers={"Content-Type": "text/plain"})
+    site.routes["/.well-known/tdmrep.json"] = Reply(
+        body=TDMREP, headers={"Content-Type": "application/json"}
+    )
+
+
+def fetch(gw: Gateway, site: Site, host: str, path: str):
+    return curl(site.url(host, path), proxy=gw.proxy_url(), headers=HEADERS)
+
+
+def test_robots_and_tdmrep_refuse_before_the_site_is_asked(gateway: Gateway, site: Site):
+    serve_optout_files(site)
+    cases = [
+        ("/private/a.jpg", 451, "robots_disallowed"),
+        ("/no-testbot/x", 451, "robots_disallowed"),
+        ("/no-testbot/but-this/x", 200, None),
+        ("/reserved/photo.jpg", 451, "tdm_reserved"),
+        ("/open/photo.jpg", 200, None),
+        ("/elsewhere", 200, None),
+        ("/star-only/x", 200, None),
+    ]
+    for path, status, reason in cases:
+        result = fetch(gateway, site, "www.site-a.test", path)
+        assert result.status == status, (path, result.body)
+        assert result.headers.get("x-crawlwarden-reason") == reason, path
+    paths = site.paths()
+    for path, status, _ in cases:
+        assert paths[path] == (1 if status == 200 else 0), path
+    # robots.txt and tdmrep.json were each fetched once, by the gateway, for the whole run.
+    assert paths["/robots.txt"] == 1 and paths["/.well-known/tdmrep.json"] == 1
+    records = gateway.fetch_records()
+    own = [r for r in records if r["kind"] == "gateway_fetch"]
+    assert {r["url"].rsplit("/", 1)[1] for r in own} == {"robots.txt", "tdmrep.json"}
+    assert all(r["team"] is None and r["site"] == "site-a.test" for r in own)
+    refused = {r["url"].split(str(site.port), 1)[1]: r for r in records if r["decision"] == "refused"}
+    assert "robots:disallow" in refused["/private/a.jpg"]["signals"]
+    assert "tdmrep:reserved" in refused["/reserved/photo.jpg"]["signals"]
+
+
+def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site: Site):
+    serve_optout_files(site)
+    first = fetch(gateway, site, "site-a.test", "/robots.txt")
+    second = fetch(gateway, site, "site-a.test", "/robots.txt")
+    assert first.status == second.status == 200
+    assert first.body == second.body == ROBOTS
+    assert first.headers["x-crawlwarden-reason"] == "robots_cache"
+    assert site.count("/robots.txt") == 1
+
+
+def test_a_cold_site_under_200_concurrent_requests_is_asked_for_robots_txt_once(
+    gateway: Gateway, site: Site
+):
+    serve_optout_files(site)
+    site.routes["/robots.txt"] = Reply(body=ROBOTS, delay=0.5)  # slow: all requests pile up
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        session = requests.Session()
+        for i in range(n):
+            r = session.get(
+                site.url("site-a.test", f"/cold/{threading.get_ident()}/{i}"),
+                proxies={"http": gateway.proxy_url()},
+                headers=HEADERS,
+                timeout=60,
+            )
+            with lock:
+                statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=worker, args=(10,)) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(statuses) == 200 and set(statuses) == {200}
+    assert site.count("/robots.txt") == 1
+    assert site.count("/.well-known/tdmrep.json") == 1
+
+
+def test_unreachable_robots_txt_disallows_everything(gateway: Gateway, site: Site):
+    site.routes["/robots.txt"] = Reply(status=503, body=b"down")
+    result = fetch(gateway, site, "site-b.test", "/anything")
+    assert result.status == 451
+    assert result.json()["reason"] == "robots_disallowed"
+    assert site.count("/anything") == 0
+
+
+PAGE_NOAI = b"""<!doctype html><html><head><meta name="robots" content="noai, noimageai">
+<title>x</title></head><body>secret words</body></html>"""
+PAGE_TDM = b"""<html><head><meta name="tdm-reservation" content="1"></head><body>text</body></html>"""
+
+
+def _image_cases() -> dict[str, Reply]:
+    base_png = png()
+    return {
+        "/xmp.jpg": Reply(
+            body=jpeg_with_xmp(xmp_packet("DMI-PROHIBITED-AIMLTRAINING")),
+            headers={"Content-Type": "image/jpeg"},
+        ),
+        "/xmp-element.png": Reply(
+            body=png(before_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED", form="element"))]),
+            headers={"Content-Type": "image/png"},
+        ),
+        "/xmp.webp": Reply(
+            body=webp(xmp=xmp_packet("DMI-PROHIBITED-GENAIMLTRAINING")),
+            headers={"Content-Type": "application/octet-stream"},
+        ),
+        "/c2pa.png": Reply(
+            body=c2pa_sign(base_png, "image/png", [training_mining("c2pa", "notAllowed")]),
+            headers={"Content-Type": "image/png"},
+        ),
+        "/noai-header.jpg": Reply(
+            body=jpeg_with_xmp(xmp_packet(None)),
+            headers={"Content-Type": "image/jpeg", "X-Robots-Tag": "noimageai"},
+        ),
+        "/page.html": Reply(body=PAGE_NOAI, headers={"Content-Type": "text/html"}),
+        "/tdm.html": Reply(body=PAGE_TDM, headers={"Content-Type": "text/html; charset=utf-8"}),
+        "/usage.txt": Reply(
+            body=b"no training", headers={"Content-Type": "text/plain", "Content-Usage": "train-ai=n"}
+        ),
+        "/allowed.png": Reply(
+            body=c2pa_sign(base_png, "image/png", [training_mining("c2pa", "allowed")]),
+            headers={"Content-Type": "image/png"},
+        ),
+        "/plain.jpg": Reply(
+            body=jpeg_with_xmp(xmp_packet("DMI-ALLOWED")), headers={"Content-Type": "image/jpeg"}
+        ),
+    }
+
+
+WITHHELD = {
+    "/xmp.jpg": "image_optout",
+    "/xmp-element.png": "image_optout",
+    "/xmp.webp": "image_optout",
+    "/c2pa.png": "image_optout",
+    "/noai-header.jpg": "noai_directive",
+    "/page.html": "noai_directive",
+    "/tdm.html": "tdm_reserved",
+    "/usage.txt": "content_usage",
+}
+
+
+def test_opted_out_pages_and_images_are_never_delivered(gateway: Gateway, site: Site):
+    cases = _image_cases()
+    site.routes.update(cases)
+    for path, reply in cases.items():
+        result = fetch(gateway, site, "img.site-c.test", path)
+        if path in WITHHELD:
+            assert result.status == 451, path
+            body = result.json()
+            assert body["decision"] == "withheld" and body["reason"] == WITHHELD[path], path
+            assert reply.body not in result.body
+        else:
+            assert result.status == 200, path
+            assert result.body == reply.body
+    records = {
+        r["url"].split(str(site.port), 1)[1]: r
+        for r in gateway.fetch_records()
+        if r["kind"] == "fetch"
+    }
+    import hashlib
+
+    for path, reason in WITHHELD.items():
+        rec = records[path]
+        assert rec["decision"] == "withheld" and rec["reason"] == reason
+        # Seen and discarded: the content hash of what the site sent is kept.
+        assert rec["content_sha256"] == hashlib.sha256(cases[path].body).hexdigest()
+        assert rec["status"] == 200 and rec["signals"]
+    assert "c2pa:training-mining=allowed" in records["/allowed.png"]["signals"]
+
+
+def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Gateway, site: Site):
+    cases = _image_cases()
+    site.routes.update(cases)
+    site.routes["/.well-known/tdmrep.json"] = Reply(
+        body=json.dumps([{"location": "/*", "tdm-reservation": 1}]).encode()
+    )
+    for path in ("/xmp.jpg", "/c2pa.png", "/page.html", "/noai-header.jpg", "/tdm.html"):
+        result = fetch(gateway, site, "cdn.licensed.test", path)
+        assert result.status == 200, path
+        assert result.body == cases[path].body
+    # Content-Usage still binds: the licence's respect flags keep it.
+    assert fetch(gateway, site, "cdn.licensed.test", "/usage.txt").status == 451
+    records = [r for r in gateway.fetch_records() if r["kind"] == "fetch" and r["site"] == "licensed"]
+    delivered = [r for r in records if r["decision"] == "forwarded"]
+    assert len(delivered) == 5
+    assert all(r["legal_basis"] == "licence:LIC-7" for r in records)
+    # Every signal seen is on the record even though the fetch was allowed.
+    by_path = {r["url"].split(str(site.port), 1)[1]: r for r in delivered}
+    assert any(s.startswith("iptc-plus:DMI-PROHIBITED") for s in by_path["/xmp.jpg"]["signals"])
+    assert "meta-robots:noai" in by_path["/page.html"]["signals"]
+    assert site.count("/.well-known/tdmrep.json") == 0  # tdmrep does not apply: not even asked
+
+
+def test_a_scrapy_spider_gets_neither_disallowed_nor_opted_out_content(
+    gateway: Gateway, site: Site, workdir: Path
+):
+    serve_optout_files(site)
+    site.routes.update(_image_cases())
+    urls = [
+        site.url("site-d.test", p)
+        for p in ("/private/x", "/reserved/y.jpg", "/xmp.jpg", "/plain.jpg", "/page.html", "/open/z.jpg")
+    ]
+    spider = workdir / "spider.py"
+    spider.write_text(
+        f"""
+import scrapy
+
+class S(scrapy.Spider):
+    name = "s"
+    custom_settings = {{"HTTPERROR_ALLOWED_CODES": [451], "RETRY_ENABLED": False,
+                        "ROBOTSTXT_OBEY": False, "LOG_LEVEL": "WARNING"}}
+
+    async def start(self):
+        for url in {urls!r}:
+            yield scrapy.Request(url, meta={{"proxy": {gateway.proxy_url()!r}}},
+                                 headers={{"X-Crawl-Project": {PROJECT!r}}})
+
+    def parse(self, response):
+        yield {{"url": response.url, "status": response.status, "size": len(response.body),
+               "reason": response.headers.get("X-Crawlwarden-Reason", b"").decode()}}
+"""
+    )
+    out = workdir / "items.json"
+    subprocess.run(
+        [str(VENV_BIN / "scrapy"), "runspider", str(spider), "-O", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd=workdir,
+    )
+    items = {i["url"].split(str(site.port), 1)[1]: i for i in json.loads(out.read_text())}
+    assert items["/private/x"]["status"] == 451
+    assert items["/reserved/y.jpg"]["reason"] == "tdm_reserved"
+    assert items["/xmp.jpg"]["reason"] == "image_optout"
+    assert items["/page.html"]["reason"] == "noai_directive"
+    assert items["/plain.jpg"]["status"] == 200 and items["/open/z.jpg"]["status"] == 200
+    paths = site.paths()
+    assert paths["/private/x"] == 0 and paths["/reserved/y.jpg"] == 0

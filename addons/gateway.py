@@ -478,6 +478,7 @@ class Gateway:
             account=state.account,
             client_ip=state.client_ip,
             egress_provider=policy.egress.provider,
+            egress_public_ips=[str(ip) for ip in policy.egress.public_ips],
             upstream_proxy=state.upstream_proxy,
             site=state.site,
             signals=list(state.signals),

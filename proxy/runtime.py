@@ -212,6 +212,7 @@ class Runtime:
                 response_bytes=body_bytes,
                 content_sha256=sha256,
                 egress_provider=policy.egress.provider,
+                egress_public_ips=[str(ip) for ip in policy.egress.public_ips],
                 policy_version=self.policy_version,
                 user_agent=policy.crawler.user_agent,
             )

@@ -119,6 +119,7 @@ def test_plain_http_fetch_is_forwarded_and_recorded_with_every_field(gateway: Ga
     assert rec["client_ip"] == "127.0.0.1"
     assert rec["egress_ip"] == "127.0.0.1"
     assert rec["egress_provider"] == "test-transit"
+    assert rec["egress_public_ips"] == ["203.0.113.7"]
     assert rec["upstream_proxy"] is None
     assert rec["method"] == "GET"
     assert rec["url"] == f"http://img.site-a.test:{site.port}/img.jpg"

@@ -218,7 +218,8 @@ def csv_header() -> str:
 
 
 def csv_row(item: dict[str, Any]) -> str:
-    """One CSV row; `signals` joined with ';'. Export headers have no row."""
+    """One CSV row; list fields (`signals`, `egress_public_ips`) joined with ';'. Export
+    headers have no row."""
     if item.get("type") == "export":
         return ""
     row = dict(item)
@@ -232,8 +233,9 @@ def csv_row(item: dict[str, Any]) -> str:
             "ts": row.get("time"),
             "checkpoint_note": row.get("note"),
         }
-    if isinstance(row.get("signals"), list):
-        row["signals"] = ";".join(row["signals"])
+    for name in ("signals", "egress_public_ips"):
+        if isinstance(row.get(name), list):
+            row[name] = ";".join(row[name])
     buf = io.StringIO()
     csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
     return buf.getvalue()

@@ -20,8 +20,10 @@ class FetchRecord:
     """One request through the gateway, refused ones included.
 
     `status` is the site's answer for forwarded and withheld fetches, and the gateway's own
-    answer for refused ones. `content_sha256` is the SHA-256 of the response body as the site
-    sent it after removing its Content-Encoding, i.e. the bytes a client stores.
+    answer for refused ones. `content_sha256` is the SHA-256 of the response body bytes exactly
+    as the site sent them (Content-Encoding, if any, not removed). `egress_public_ips` are the
+    provider's public addresses the policy declares; `egress_ip` is the local address the
+    connection left from.
     """
 
     id: str
@@ -37,6 +39,7 @@ class FetchRecord:
     client_ip: str | None = None
     egress_ip: str | None = None
     egress_provider: str | None = None
+    egress_public_ips: list[str] = field(default_factory=list)
     upstream_proxy: str | None = None
     site: str | None = None
     status: int | None = None

@@ -10,11 +10,13 @@ laid out as the kubelet would, to show that it starts and presents the chart's C
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import tomllib
@@ -686,6 +688,10 @@ def test_crawlwarden_run_accepts_the_rendered_pod(
         ({"networkPolicy": {"enabled": True}}, "name the scraper namespaces"),
         ({"egressLockdown": {"enabled": True}}, "list the scraper namespaces"),
         (
+            {"egressLockdown": {"enabled": True, "namespaces": ["scrapers", NAMESPACE]}},
+            "the gateway's own namespace",
+        ),
+        (
             {
                 "replicaCount": 2,
                 "redis": {"url": "redis://r/0"},
@@ -978,6 +984,19 @@ def pods() -> Iterator[list[Pod]]:
         pod.stop()
 
 
+def strict_python_fetch(proxy_port: int, target: str, ca_cert: Path) -> int:
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    conn = http.client.HTTPSConnection("127.0.0.1", proxy_port, context=context, timeout=20)
+    credentials = base64.b64encode(f"{TEAM}:{TEAM_TOKEN}".encode()).decode()
+    conn.set_tunnel(target, headers={"Proxy-Authorization": f"Basic {credentials}"})
+    try:
+        conn.request("GET", "/", headers={"X-Crawl-Project": PROJECT})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def test_replicas_of_the_rendered_pod_present_the_charts_ca(
     tmp_path: Path, tls_site: Site, test_ca: LocalCA, pods: list[Pod]
 ):
@@ -1008,9 +1027,11 @@ def test_replicas_of_the_rendered_pod_present_the_charts_ca(
             cacert=ca_cert,
         )
         assert (result.returncode, result.status) == (0, 200), result.stderr + pod.logs()
+        # Python clients too, with the strict X.509 checks Python 3.13 turns on by default.
+        assert strict_python_fetch(pod.port, f"site-a.test:{tls_site.port}", ca_cert) == 200
         started = [json.loads(line) for line in pod.logs().splitlines() if '"started"' in line]
         assert started and started[0]["replica"] == name
-    assert tls_site.count() == 2
+    assert tls_site.count() == 4
 
 
 # -- the container image ---------------------------------------------------------------------

@@ -201,6 +201,9 @@ Values that would deploy a gateway that cannot start, or that breaks a promise o
 {{- if and .Values.egressLockdown.enabled (not .Values.egressLockdown.namespaces) -}}
 {{- fail "egressLockdown.enabled: list the scraper namespaces in egressLockdown.namespaces" -}}
 {{- end -}}
+{{- if and .Values.egressLockdown.enabled (has .Release.Namespace .Values.egressLockdown.namespaces) (not .Values.egressLockdown.podSelector) -}}
+{{- fail (printf "egressLockdown.namespaces includes %s, the gateway's own namespace: its pods would lose their way to the web; deploy the gateway in a namespace of its own or set egressLockdown.podSelector" .Release.Namespace) -}}
+{{- end -}}
 {{- if and .Values.mitmCA.publish.namespaces (not (include "crawlwarden.chartCA" .)) -}}
 {{- fail "mitmCA.publish: the chart knows the CA certificate only when it is inline or generated; with mitmCA.existingSecret, copy its certificate into the scraper namespaces yourself (docs/kubernetes.md)" -}}
 {{- end -}}

@@ -230,6 +230,7 @@ class Seen:
     headers: dict[str, str]
     host: str
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -408,9 +409,17 @@ class Gateway:
         return self.data_dir / "mitmproxy-ca-cert.pem"
 
     def start(self, timeout: float = 30.0) -> Gateway:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> Gateway:
+        """Start the process without waiting (start several, then wait_ready each)."""
         log = self.log_file.open("ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.env)
         log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> Gateway:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,231 @@
+"""Faults under load against real gateway processes: Redis killed, PostgreSQL stopped, kill -9.
+
+After each, the gateway serves again without a restart (or after its own restart for kill -9),
+budgets are still exact, and no fetch record is missing (counted against the site's own count).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.budget_fixtures import RedisServer
+from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
+from tests.pg_server import TempPostgres
+from tests.support import CRAWLWARDEN
+from tests.support import PROJECT
+from tests.support import Gateway
+from tests.support import Reply
+from tests.support import Site
+from tests.support import policy_with
+from tests.support import wait_for
+from tests.test_fleet import export_and_verify
+from tests.test_fleet import signing_keys
+
+HEADERS = {"X-Crawl-Project": PROJECT}
+
+
+class Load:
+    """Clients sending unique URLs through one gateway until stopped; every answer is kept."""
+
+    def __init__(self, gateway: Gateway, url_of, threads: int = 4):
+        self.gateway = gateway
+        self.url_of = url_of
+        self.answers: list[tuple[str, int, str | None]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._n = 0
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _next(self) -> str:
+        with self._lock:
+            self._n += 1
+            return self.url_of(self._n)
+
+    def _run(self) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            url = self._next()
+            try:
+                r = session.get(
+                    url, proxies={"http": self.gateway.proxy_url()}, headers=HEADERS, timeout=10
+                )
+            except requests.RequestException:
+                with self._lock:
+                    self.errors += 1
+                session = requests.Session()
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                self.answers.append((url, r.status_code, r.headers.get("X-Crawlwarden-Reason")))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def since(self, index: int) -> list[tuple[str, int, str | None]]:
+        with self._lock:
+            return list(self.answers[index:])
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+
+# -- Redis -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_fleet(workdir: Path, own_redis: RedisServer) -> Iterator[tuple[Gateway, RedisServer]]:  # noqa: F811
+    policy = policy_with(
+        sites=[
+            {"id": "closed", "match": ["closed.test"], "fail_mode": "closed"},
+            {
+                "id": "local",
+                "match": ["local.test"],
+                "fail_mode": "local",
+                "requests_per_day": 400,
+            },
+        ]
+    )
+    with Gateway(workdir, policy, extra_args=["--redis-url", own_redis.url]) as gw:
+        yield gw, own_redis
+
+
+def test_redis_killed_mid_load_fails_closed_then_recovers_without_restart(
+    redis_fleet: tuple[Gateway, RedisServer], site: Site
+):
+    gw, redis = redis_fleet
+    with Load(gw, lambda n: site.url("closed.test", f"/c/{n}")) as load:
+        assert wait_for(lambda: load.count() >= 20, timeout=20)
+        redis.kill()
+        mark = load.count()
+        assert wait_for(lambda: any(s == 503 for _, s, _ in load.since(mark)), timeout=20)
+        during = load.since(mark)
+        refused = [r for _, s, r in during if s == 503]
+        assert refused and set(refused) == {"store_unavailable"}
+        redis.start()
+        mark = load.count()
+        assert wait_for(
+            lambda: sum(1 for _, s, _ in load.since(mark) if s == 200) >= 10, timeout=30
+        ), "the gateway did not go back to Redis by itself"
+    assert gw.proc is not None and gw.proc.poll() is None  # never crashed
+    # No fetch record is missing: every request the site saw is recorded as forwarded.
+    records = [r for r in gw.fetch_records() if r["kind"] == "fetch"]
+    forwarded = [r for r in records if r["decision"] == "forwarded"]
+    assert len(forwarded) == site.count()
+    assert len(records) == len(load.answers)
+    metrics = requests.get(gw.admin + "/metrics", timeout=5).text
+    assert 'crawlwarden_store_errors_total{store="redis"}' in metrics
+
+
+def test_redis_killed_mid_load_local_mode_keeps_serving_within_its_share(
+    redis_fleet: tuple[Gateway, RedisServer], site: Site
+):
+    gw, redis = redis_fleet
+    with Load(gw, lambda n: site.url("local.test", f"/l/{n}"), threads=3) as load:
+        assert wait_for(lambda: load.count() >= 30, timeout=20)
+        redis.kill()
+        mark = load.count()
+        time.sleep(2)
+        during = load.since(mark)
+        assert sum(1 for _, s, _ in during if s == 200) > 0, "local mode stopped serving"
+        assert not any(s == 503 for _, s, _ in during)
+        redis.start()
+        time.sleep(2)
+    # The quota held overall: the site never saw more than its daily 400.
+    assert site.count() <= 400
+    answers = Counter(s for _, s, _ in load.answers)
+    assert answers[200] == site.count()
+
+
+# -- kill -9 ---------------------------------------------------------------------------------
+
+
+def test_kill_9_under_load_loses_no_record(workdir: Path, site: Site, tmp_path: Path):
+    site.routes["/slowish"] = Reply(body=b"z" * 512, delay=0.2)
+    private, public = signing_keys(workdir)
+    pg = TempPostgres()
+    pg.start()
+    try:
+        policy = policy_with(
+            audit={"signing_key_file": str(private), "checkpoint_every_records": 50}
+        )
+        gw = Gateway(workdir, policy, name="victim", extra_args=["--audit-dsn", pg.dsn]).start(60)
+        with Load(gw, lambda n: site.url("site-a.test", f"/k/{n}"), threads=6) as load:
+            assert wait_for(lambda: site.count() >= 40, timeout=30)
+            gw.kill()  # SIGKILL: no drain, no flush
+            time.sleep(0.5)
+        seen = {s.path for s in site.seen}
+        # Restart the same replica on the same data dir: its spool is replayed.
+        gw.start(60)
+        try:
+            assert wait_for(lambda: len(_records(pg.dsn)) >= len(seen), timeout=30)
+        finally:
+            gw.stop()
+        records = export_and_verify(pg.dsn, public, tmp_path / "after-kill.jsonl")
+        fetches = {r["url"].split(str(site.port), 1)[1]: r for r in records if r["kind"] == "fetch"}
+        missing = seen - set(fetches)
+        assert not missing, f"{len(missing)} requests the site served have no record"
+        interrupted = [r for r in fetches.values() if r["reason"] == "interrupted"]
+        for rec in interrupted:
+            assert rec["decision"] == "forwarded" and "stopped" in rec["note"]
+        assert load.answers  # the clients did get answers before the kill
+    finally:
+        pg.destroy()
+
+
+def _records(dsn: str) -> list[dict]:
+    out = subprocess.run(
+        [CRAWLWARDEN, "audit", "export", "--audit-dsn", dsn], capture_output=True, text=True
+    )
+    return [r for r in map(json.loads, out.stdout.splitlines()) if r.get("type") == "record"]
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def test_postgresql_stopped_mid_load_loses_no_record(workdir: Path, site: Site, tmp_path: Path):
+    private, public = signing_keys(workdir)
+    pg = TempPostgres()
+    pg.start()
+    try:
+        policy = policy_with(audit={"signing_key_file": str(private)})
+        with Gateway(workdir, policy, extra_args=["--audit-dsn", pg.dsn]) as gw:
+            with Load(gw, lambda n: site.url("site-a.test", f"/pg/{n}"), threads=4) as load:
+                assert wait_for(lambda: load.count() >= 30, timeout=20)
+                pg.stop()
+                mark = load.count()
+                assert wait_for(lambda: load.count() >= mark + 50, timeout=30)
+                # The spool takes the records: scrapers are still served.
+                assert all(s == 200 for _, s, _ in load.since(mark))
+                _, ready = gw.admin_request("GET", "/readyz")
+                assert ready["fetch_log_store_ok"] is False
+                pg.start()
+                mark = load.count()
+                assert wait_for(lambda: load.count() >= mark + 30, timeout=30)
+            assert wait_for(lambda: gw.admin_request("GET", "/readyz")[1]["fetch_log_store_ok"])
+            gw.signal(signal.SIGTERM)
+            assert gw.proc is not None and gw.proc.wait(60) == 0
+        records = export_and_verify(pg.dsn, public, tmp_path / "after-outage.jsonl")
+        fetches = [r for r in records if r["kind"] == "fetch"]
+        assert len(fetches) == len(load.answers) == site.count()
+    finally:
+        pg.destroy()

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "[CRAWLWARDEN_UPSTREAM_TRUSTED_CA]",
     )
     run.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(_env("drain_seconds", "30") or 30),
+        help="on SIGTERM, how long requests in flight may take to finish "
+        "[30, CRAWLWARDEN_DRAIN_SECONDS]",
+    )
+    run.add_argument(
         "--log-level",
         default=_env("log_level", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -187,6 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         replica_id=args.replica_id,
         upstream_trusted_ca=args.upstream_trusted_ca,
+        drain_seconds=args.drain_seconds,
     )
     try:
         # mitmproxy is imported here only: `policy check` and `audit` stay light.

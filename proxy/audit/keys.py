@@ -123,7 +123,8 @@ def load_private_key(path: Path) -> Signer:
         ) from e
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} holds a {type(key).__name__}; checkpoints need Ed25519")
-    mode = path.stat().st_mode & 0o077
+    # Only "other" bits warn: a Kubernetes Secret mounted with fsGroup is 0440 on purpose.
+    mode = path.stat().st_mode & 0o007
     if mode:
         log.warning("signing_key_readable_by_others", path=str(path), mode=oct(mode))
     return Signer(key, source=str(path))

@@ -21,8 +21,12 @@ from proxy.admin import make_app
 from proxy.audit.api import ROUTES as AUDIT_ROUTES
 from proxy.runtime import Runtime
 from proxy.runtime import Settings
+from proxy.takedowns_api import ROUTES as TAKEDOWN_ROUTES
 
 log = structlog.get_logger("crawlwarden")
+
+# The admin API's routes beyond proxy/admin.py's own.
+ADMIN_ROUTES = [*AUDIT_ROUTES, *TAKEDOWN_ROUTES]
 
 
 def mitmproxy_options(settings: Settings) -> dict[str, object]:
@@ -60,7 +64,7 @@ async def serve(settings: Settings) -> int:
     master.addons.add(Gateway(runtime))
 
     admin = web.AppRunner(
-        make_app(runtime, extra_routes=AUDIT_ROUTES), access_log=None, handle_signals=False
+        make_app(runtime, extra_routes=ADMIN_ROUTES), access_log=None, handle_signals=False
     )
     await admin.setup()
     try:

@@ -44,6 +44,7 @@ from proxy.policy import PolicyError
 from proxy.policy import load_policy
 from proxy.replicas import ReplicaRegistry
 from proxy.sites import normalize_host
+from proxy.takedowns import TakedownRegistry
 from proxy.units import parse_size
 
 log = structlog.get_logger("crawlwarden")
@@ -120,6 +121,14 @@ class Runtime:
             budget_store, site_label=lambda key: self.site_labels.label(key)
         )
         self.replicas = ReplicaRegistry(self.redis, self.replica, self.budgets, REDIS_PREFIX)
+        # Takedowns and API blocklist entries, shared through Redis (proxy/takedowns.py).
+        self.takedowns = TakedownRegistry(
+            settings.data_dir,
+            redis=self.redis,
+            prefix=REDIS_PREFIX,
+            events=self.fetch_log.new_event,
+            on_change=self.governor.set_extra_blocks,
+        )
         self.optouts = OptOutChecks(
             policy.crawler,
             compiled.resolver,
@@ -161,8 +170,10 @@ class Runtime:
         await self.fetch_log.open()
         await self.budgets.start()
         await self.replicas.start()
+        await self.takedowns.start()
 
     async def stop(self) -> None:
+        await self.takedowns.close()
         await self.replicas.close()
         await self.optouts.close()
         await self.budgets.close()  # settles bytes and releases leases still queued

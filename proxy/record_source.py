@@ -1,0 +1,66 @@
+"""Where takedown manifests and the report read fetch records: the `read_records` path of the
+fetch-log stores, the same rows `crawlwarden audit export` writes out, from SQLite (a data dir)
+or PostgreSQL (an audit DSN)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.audit.query import RecordQuery
+
+SQLITE_NAME = "fetchlog.sqlite3"
+
+type Visit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RecordSource:
+    data_dir: Path
+    audit_dsn: str | None = None
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / SQLITE_NAME
+
+    def describe(self) -> str:
+        return "postgresql" if self.audit_dsn else f"sqlite:{self.sqlite_path}"
+
+    async def scan(self, query: RecordQuery, visit: Visit) -> None:
+        """Call `visit` with every record `query` selects, in chain order (replica, seq).
+
+        SQLite is read in a worker thread (`visit` runs there; it must only touch its own
+        state), PostgreSQL through a server-side cursor.
+        """
+        if self.audit_dsn:
+            from proxy.audit.postgres_store import aread_records
+
+            async for rec in aread_records(self.audit_dsn, query):
+                visit(rec)
+            return
+        from proxy.audit.sqlite_store import read_records
+
+        path = self.sqlite_path
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no fetch log at {path}; pass the gateway's --data-dir or --audit-dsn"
+            )
+
+        def run() -> None:
+            for rec in read_records(path, query):
+                visit(rec)
+
+        await asyncio.to_thread(run)
+
+    def chain_reader(self) -> Any:
+        """A read-only store for checkpoints (open() it, close() it)."""
+        if self.audit_dsn:
+            from proxy.audit.postgres_store import PostgresStore
+
+            return PostgresStore(self.audit_dsn, migrate_schema=False, pool_size=2)
+        from proxy.audit.sqlite_store import SQLiteStore
+
+        return SQLiteStore(self.sqlite_path, readonly=True)

@@ -10,7 +10,6 @@ import hashlib
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -372,12 +371,14 @@ class Gateway:
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.recorded:
             return
-        if state.forwarded and flow.response is None:
+        if state.forwarded:
             message = flow.error.msg if flow.error else "no response"
-            kind = _error_kind(message)
-            metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
-            reason = Reason.UPSTREAM_TIMEOUT if kind == "timeout" else Reason.UPSTREAM_ERROR
-            state.decision = refuse(reason, message, site=state.site)
+            kind = metrics.upstream_error_kind(message)
+            if kind is not None:  # also a body cut short after the response headers
+                metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
+            if flow.response is None:
+                reason = Reason.UPSTREAM_TIMEOUT if kind == "timeout" else Reason.UPSTREAM_ERROR
+                state.decision = refuse(reason, message, site=state.site)
         self._finish(flow, state)
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
@@ -526,7 +527,7 @@ class Gateway:
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
         metrics.REQUEST_DURATION.labels(phase="total").observe(rec.duration_ms / 1000)
         data = self.rt.record(rec)
-        site_label = self.rt.site_labels.label(rec.site)
+        site_label = self.rt.site_labels.observe(rec.site)
         team_label = rec.team or "_none"
         metrics.REQUESTS.labels(
             site=site_label, team=team_label, decision=rec.decision, reason=rec.reason
@@ -608,19 +609,3 @@ def _host_only(authority: str | None) -> str | None:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _error_kind(message: str) -> str:
-    text = message.lower()
-    for kind, needles in _ERROR_KINDS:
-        if any(n in text for n in needles):
-            return kind
-    return "other"
-
-
-_ERROR_KINDS: Iterable[tuple[str, tuple[str, ...]]] = (
-    ("timeout", ("timeout", "timed out")),
-    ("tls", ("tls", "ssl", "certificate")),
-    ("reset", ("reset", "broken pipe", "closed by peer", "eof")),
-    ("connect", ("connect", "refused", "unreachable", "no route")),
-)

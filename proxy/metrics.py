@@ -1,11 +1,17 @@
 """Prometheus metrics (prefix `crawlwarden_`), the names of DESIGN.md's contract.
 
-Label values are bounded: `site` is a policy site id or one of the first `top_n` domains seen,
-everything else `_other`; no per-URL or per-account labels.
+Label values are bounded: `site` is a policy site id or one of at most `top_n` domains (see
+`SiteLabels`), everything else `_other`; `team` is a policy team or `_none`; every other label
+takes values from a fixed set. No per-URL or per-account labels.
+
+Label sets that dashboards and alerts read are created at import with value 0 (upstream error
+kinds, store errors, fetch-log outcomes, origin-file cache results): `increase()` then sees the
+first error, and a panel shows 0 rather than "No data" on a healthy gateway.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from importlib import metadata
 
 from prometheus_client import Counter
@@ -81,7 +87,8 @@ POLICY_INFO = Gauge("crawlwarden_policy_info", "The policy version in force (val
 IN_FLIGHT = Gauge("crawlwarden_requests_in_flight", "Requests forwarded and not yet answered")
 UPSTREAM_ERRORS = Counter(
     "crawlwarden_upstream_errors_total",
-    "Forwarded requests that got no response, by kind (connect, tls, timeout, reset, other)",
+    "Forwarded requests the site failed: no response, or a body cut short; by kind (connect,"
+    " tls, timeout, reset, other)",
     ["kind"],
 )
 SITE_RESPONSES_THROTTLED = Counter(
@@ -90,6 +97,46 @@ SITE_RESPONSES_THROTTLED = Counter(
     ["site", "status"],
 )
 BUILD_INFO = Info("crawlwarden_build", "Build information")
+
+# -- shared state and the fetch log (SRE additions to DESIGN.md's list) -----------------------
+
+REDIS_DURATION = Histogram(
+    "crawlwarden_redis_duration_seconds",
+    "Round trip of one Redis call, by operation (budget scripts, origin-file cache)",
+    ["op"],
+    buckets=_LATENCY_BUCKETS,
+)
+AUDIT_LAG = Gauge(
+    "crawlwarden_audit_lag_seconds",
+    "Age of the oldest fetch record not yet in the store (0: everything is stored)",
+)
+AUDIT_SPOOL_LIMIT_BYTES = Gauge(
+    "crawlwarden_audit_spool_limit_bytes",
+    "spool_max_bytes: past it the fetch log refuses records and the gateway fails closed",
+)
+AUDIT_AVAILABLE = Gauge(
+    "crawlwarden_audit_available",
+    "1 while the fetch log accepts records; 0 when its spool is full or cannot be written",
+)
+ORIGIN_FILE_CACHE = Counter(
+    "crawlwarden_origin_file_cache_total",
+    "robots.txt and tdmrep.json lookups behind each replica's parsed copies: hit (in the cache,"
+    " shared by replicas with Redis), miss (fetched from the origin), coalesced (waited for a"
+    " fetch already under way)",
+    ["file", "result"],
+)
+
+UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "other")
+ORIGIN_FILES = {"/robots.txt": "robots", "/.well-known/tdmrep.json": "tdmrep"}
+for _kind in UPSTREAM_ERROR_KINDS:
+    UPSTREAM_ERRORS.labels(kind=_kind)
+for _store in ("redis", "originfiles", "audit"):
+    STORE_ERRORS.labels(store=_store)
+for _outcome in ("stored", "retry", "spool_error"):
+    AUDIT_RECORDS.labels(outcome=_outcome)
+for _file in ORIGIN_FILES.values():
+    for _result in ("hit", "miss", "coalesced"):
+        ORIGIN_FILE_CACHE.labels(file=_file, result=_result)
 
 try:
     _VERSION = metadata.version("crawlwarden")
@@ -103,20 +150,142 @@ def set_policy_version(version: str) -> None:
     POLICY_INFO.labels(version=version).set(1)
 
 
-class SiteLabels:
-    """Bounded `site` label values."""
+def origin_file(path: str) -> str:
+    """The `file` label of an origin-file path."""
+    return ORIGIN_FILES.get(path, "other")
 
-    def __init__(self, policy_sites: list[str], top_n: int = 50):
+
+def upstream_error_kind(message: str) -> str | None:
+    """The `kind` of an upstream error from mitmproxy's flow error message; None when the error
+    is not the site's (the scraper hung up, or the gateway killed the flow itself).
+
+    The messages are mitmproxy's own (12.x), e.g. "[Errno 111] Connect call failed (...)",
+    "server closed connection", "Certificate verify failed: ...", "The remote server does not
+    speak TLS.", "HTTP/1 protocol error: peer closed connection without sending complete message
+    body"; OS errors keep their errno text ("[Errno 110] ...": ETIMEDOUT).
+    """
+    text = message.lower()
+    if text.startswith("client disconnected") or text == "connection killed.":
+        return None
+    for kind, needles in _ERROR_KINDS:
+        if any(n in text for n in needles):
+            return kind
+    return "other"
+
+
+# Order matters: "connect" would match "connection" in a reset's message, so it comes last and
+# looks for whole phrases.
+_ERROR_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("timeout", ("timeout", "timed out", "[errno 110]")),
+    ("tls", ("tls", "ssl", "certificate", "handshake")),
+    (
+        "reset",
+        (
+            "reset",
+            "broken pipe",
+            "server closed connection",
+            "peer closed",
+            "closed by peer",
+            "connection closed",
+            "eof",
+            "[errno 104]",
+            "[errno 32]",
+        ),
+    ),
+    (
+        "connect",
+        (
+            "connect call failed",
+            "connection refused",
+            "unreachable",
+            "no route",
+            "cannot open connection",
+            "connection killed:",
+            "refused http connect",
+            "name or service not known",
+        ),
+    ),
+)
+
+
+class DomainSlots:
+    """The domains of this process that have a `site` label of their own (at most `top_n`).
+
+    Half the slots go to the first domains seen, so a small deployment sees every site by name
+    at once. The other half are earned: a domain gets one after `admit_after` requests while it
+    is among the `window` most recently seen unlabelled domains, so the one-off domains of a
+    broad crawl cannot take every slot before the sites that carry the traffic show up.
+
+    A slot is never taken back. A true top-N that re-ranks would move series between a domain
+    and `_other` (counter resets, gauges left behind, dashboards that flap), and each replica
+    would rank differently anyway; a site that must always be shown by name gets a policy site
+    rule, whose id is always a label. The slots belong to the process, not to a policy: the
+    series of a label live as long as the process, so a reload must not grant N more.
+    """
+
+    def __init__(self, top_n: int = 50, *, admit_after: int = 3, window: int | None = None):
+        self.top_n = top_n
+        self.open_slots = top_n // 2
+        self.admit_after = admit_after
+        self.window = window if window is not None else 10 * top_n
+        self.granted: set[str] = set()
+        self._candidates: OrderedDict[str, int] = OrderedDict()
+
+    def label(self, domain: str) -> str:
+        if domain in self.granted:
+            return domain
+        if len(self.granted) < self.open_slots:
+            self.granted.add(domain)
+            return domain
+        return OTHER
+
+    def observe(self, domain: str) -> str:
+        label = self.label(domain)
+        if label != OTHER or len(self.granted) >= self.top_n:
+            return label
+        seen = self._candidates.pop(domain, 0) + 1
+        if seen >= self.admit_after:
+            self.granted.add(domain)
+            return domain
+        self._candidates[domain] = seen
+        if len(self._candidates) > self.window:
+            self._candidates.popitem(last=False)
+        return OTHER
+
+
+_PROCESS_SLOTS: dict[int, DomainSlots] = {}
+
+
+def process_slots(top_n: int) -> DomainSlots:
+    slots = _PROCESS_SLOTS.get(top_n)
+    if slots is None:
+        slots = _PROCESS_SLOTS[top_n] = DomainSlots(top_n)
+    return slots
+
+
+class SiteLabels:
+    """Bounded `site` label values: a policy site id, a domain with a slot, or `_other`.
+
+    `observe()` is for a request (it counts towards earning a slot); `label()` only looks up,
+    for gauges and other per-site updates that are not requests.
+    """
+
+    def __init__(
+        self, policy_sites: list[str], top_n: int = 50, *, slots: DomainSlots | None = None
+    ):
         self._known = set(policy_sites)
-        self._top_n = top_n
-        self._seen: set[str] = set()
+        self._slots = slots if slots is not None else process_slots(top_n)
 
     def label(self, site: str | None) -> str:
         if site is None:
             return OTHER
-        if site in self._known or site in self._seen:
+        if site in self._known:
             return site
-        if len(self._seen) < self._top_n:
-            self._seen.add(site)
+        return self._slots.label(site)
+
+    def observe(self, site: str | None) -> str:
+        if site is None:
+            return OTHER
+        if site in self._known:
             return site
-        return OTHER
+        return self._slots.observe(site)

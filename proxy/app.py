@@ -19,6 +19,8 @@ from mitmproxy.master import Master
 from addons.gateway import Gateway
 from proxy.admin import make_app
 from proxy.audit.api import ROUTES as AUDIT_ROUTES
+from proxy.policy_page import ROUTES as POLICY_PAGE_ROUTES
+from proxy.report_api import ROUTES as REPORT_ROUTES
 from proxy.runtime import Runtime
 from proxy.runtime import Settings
 from proxy.takedowns_api import ROUTES as TAKEDOWN_ROUTES
@@ -26,7 +28,7 @@ from proxy.takedowns_api import ROUTES as TAKEDOWN_ROUTES
 log = structlog.get_logger("crawlwarden")
 
 # The admin API's routes beyond proxy/admin.py's own.
-ADMIN_ROUTES = [*AUDIT_ROUTES, *TAKEDOWN_ROUTES]
+ADMIN_ROUTES = [*AUDIT_ROUTES, *TAKEDOWN_ROUTES, *REPORT_ROUTES, *POLICY_PAGE_ROUTES]
 
 
 def mitmproxy_options(settings: Settings) -> dict[str, object]:

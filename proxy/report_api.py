@@ -1,0 +1,79 @@
+"""`GET /v1/reports/sites`: the insubstantiality report (proxy/report.py) from the admin API."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.admin import RUNTIME
+from proxy.admin import Route
+from proxy.admin import problem
+from proxy.audit.query import parse_time
+from proxy.record_source import RecordSource
+from proxy.report import MEDIA_TYPES
+from proxy.report import RENDERERS
+from proxy.report import build_report
+
+# This replica's records still on their way to the store are waited for, this long at most.
+FLUSH_TIMEOUT = 10.0
+
+
+async def sites_report(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    q = request.query
+    fmt = q.get("format", "json")
+    if fmt not in RENDERERS:
+        return problem(400, "format must be html, csv or json")
+    try:
+        since = parse_time(q["since"]) if q.get("since") else None
+        until = parse_time(q["until"]) if q.get("until") else None
+    except ValueError as e:
+        return problem(400, str(e))
+    await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
+    try:
+        report = await build_report(
+            RecordSource(rt.settings.data_dir, rt.settings.audit_dsn),
+            since=since,
+            until=until,
+            policy=rt.compiled.loaded.policy,
+            policy_version=rt.policy_version,
+            policy_source=str(rt.settings.policy_file),
+        )
+    except OSError as e:
+        return problem(503, f"the fetch log store cannot be read: {e}")
+    return web.Response(
+        text=RENDERERS[fmt](report),
+        content_type=MEDIA_TYPES[fmt],
+        charset="utf-8",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _param(name: str, description: str, **schema: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
+ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/v1/reports/sites",
+        sites_report,
+        ("auditor",),
+        "The insubstantiality report: per site, traffic against its budgets, from the fetch log",
+        {
+            "200": "the report (JSON, CSV or HTML)",
+            "400": "a bad time or format",
+            "503": "the fetch log store cannot be read",
+        },
+        parameters=(
+            _param("since", "records from this time on (ISO 8601, UTC if no zone)"),
+            _param("until", "records before this time (ISO 8601)"),
+            _param("format", "json (default), csv or html", enum=["json", "csv", "html"]),
+        ),
+    ),
+]

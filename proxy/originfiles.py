@@ -221,10 +221,13 @@ class RedisCache:
         self._prefix = prefix
 
     async def get(self, key: str) -> OriginFile | None:
+        started = time.perf_counter()
         try:
             raw = await self._client.get(self._prefix + key)  # type: ignore[attr-defined]
         except Exception as e:  # any client error: the cache is down
             raise CacheUnavailable(str(e)) from e
+        finally:
+            _observe_redis("originfile_get", started)
         if raw is None:
             return None
         try:
@@ -233,15 +236,22 @@ class RedisCache:
             return None
 
     async def put(self, key: str, file: OriginFile) -> None:
+        started = time.perf_counter()
         try:
             await self._client.set(  # type: ignore[attr-defined]
                 self._prefix + key, file.to_bytes(), pxat=int(file.expires_at * 1000)
             )
         except Exception as e:
             raise CacheUnavailable(str(e)) from e
+        finally:
+            _observe_redis("originfile_put", started)
 
     async def close(self) -> None:
         return None  # the client belongs to the caller
+
+
+def _observe_redis(op: str, started: float) -> None:
+    metrics.REDIS_DURATION.labels(op=op).observe(time.perf_counter() - started)
 
 
 # -- the fetcher -----------------------------------------------------------------------------
@@ -287,9 +297,13 @@ class OriginFileFetcher:
         key = f"{origin}{path}"
         task = self._flights.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(key, origin + path))
+            task = asyncio.create_task(self._load(key, origin + path, metrics.origin_file(path)))
             self._flights[key] = task
             task.add_done_callback(lambda t: self._forget(key, t))
+        else:
+            metrics.ORIGIN_FILE_CACHE.labels(
+                file=metrics.origin_file(path), result="coalesced"
+            ).inc()
         # A waiter that gives up (cancelled) must not cancel the fetch the others wait for.
         return await asyncio.shield(task)
 
@@ -297,7 +311,7 @@ class OriginFileFetcher:
         if self._flights.get(key) is task:
             del self._flights[key]
 
-    async def _load(self, key: str, url: str) -> OriginFile:
+    async def _load(self, key: str, url: str, file_label: str = "other") -> OriginFile:
         try:
             cached = await self.cache.get(key)
         except CacheUnavailable as e:
@@ -305,7 +319,9 @@ class OriginFileFetcher:
             log.warning("origin file cache unavailable", error=str(e))
             cached = None
         if cached is not None and cached.expires_at > self._clock():
+            metrics.ORIGIN_FILE_CACHE.labels(file=file_label, result="hit").inc()
             return cached
+        metrics.ORIGIN_FILE_CACHE.labels(file=file_label, result="miss").inc()
         file = await self.fetch(url)
         try:
             await self.cache.put(key, file)

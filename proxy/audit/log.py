@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import time
 import uuid
@@ -67,6 +68,7 @@ class FetchLog:
         self.store = store
         self.replica = replica
         self.spool = Spool(spool_dir)
+        self._spool_max_bytes = 0
         self.spool_max_bytes = spool_max_bytes
         self.batch_size = batch_size
         self.ship_interval = ship_interval
@@ -89,6 +91,8 @@ class FetchLog:
         self.purged_seq = 0
         self.purged_number = 0
         self._queue: deque[dict[str, Any]] = deque()
+        # (seq, when it entered the spool) of each queued record: the fetch log lag metric.
+        self._pending: deque[tuple[int, float]] = deque()
         self._wake = asyncio.Event()
         self._checkpoint_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -117,6 +121,7 @@ class FetchLog:
                 gap_reported = True
             self.seq, self.head = rec["seq"], rec["hash"]
             self._queue.append(rec)
+            self._pending.append((rec["seq"], _parse_ts(rec.get("ts")) or self.clock()))
         for rec in replayed.unfinished:
             # Interrupted mid-flight (kill -9, crash): the request left, its answer is unknown.
             rec.update(
@@ -138,6 +143,9 @@ class FetchLog:
         metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
         self.spool.retire(self.shipped_seq)  # segments of earlier runs that are all stored
         metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
+        # Read at scrape time: a stuck store shows as a lag that grows between ship attempts.
+        metrics.AUDIT_LAG.set_function(self.lag_seconds)
+        metrics.AUDIT_AVAILABLE.set_function(lambda: 1.0 if self.available else 0.0)
         self._tasks = [
             asyncio.create_task(self._ship_loop(), name="fetchlog-ship"),
             asyncio.create_task(self._sync_loop(), name="fetchlog-fsync"),
@@ -183,6 +191,21 @@ class FetchLog:
     # -- writing ---------------------------------------------------------------------------
 
     @property
+    def spool_max_bytes(self) -> int:
+        return self._spool_max_bytes
+
+    @spool_max_bytes.setter
+    def spool_max_bytes(self, value: int) -> None:
+        self._spool_max_bytes = value
+        metrics.AUDIT_SPOOL_LIMIT_BYTES.set(value)
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest record not yet in the store; 0 when all are stored."""
+        if not self._pending:
+            return 0.0
+        return max(0.0, self.clock() - self._pending[0][1])
+
+    @property
     def available(self) -> bool:
         """False once the spool is past its limit or cannot be written: fail closed then."""
         return self._spool_error is None and self.spool.size < self.spool_max_bytes
@@ -218,6 +241,7 @@ class FetchLog:
             raise
         self.seq, self.head = seq, data["hash"]
         self._queue.append(data)
+        self._pending.append((seq, self.clock()))
         metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
         if len(self._queue) >= self.batch_size:
             self._wake.set()
@@ -399,6 +423,8 @@ class FetchLog:
                 self._queue.popleft()
             if records:
                 self.shipped_seq = records[-1]["seq"]
+                while self._pending and self._pending[0][0] <= self.shipped_seq:
+                    self._pending.popleft()
             numbered = [c["number"] for c in checkpoints if c["type"] == "checkpoint"]
             if numbered:
                 self.shipped_checkpoint = numbered[-1]
@@ -431,3 +457,13 @@ class FetchLog:
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _parse_ts(value: Any) -> float | None:
+    """A record's `ts` (utc_timestamp's form) as a Unix time, if it reads."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None

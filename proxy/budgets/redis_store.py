@@ -20,6 +20,7 @@ into a fast fallback decision (`BudgetEngine`), not a stalled request.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -31,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import RedisError
 
+from proxy import metrics
 from proxy.budgets import scripts
 from proxy.budgets.gcra import CONCURRENCY_WAIT_US
 from proxy.budgets.gcra import to_us
@@ -127,7 +129,11 @@ class RedisBudgetStore:
         """Load the scripts once; also proves Redis is there and the scripts compile."""
         try:
             for script in scripts.ALL:
-                sha = await self._redis.script_load(script.source)
+                started = time.perf_counter()
+                try:
+                    sha = await self._redis.script_load(script.source)
+                finally:
+                    _observe("script_load", started)
                 assert sha == script.sha, f"{script.name}: Redis computed another SHA-1"
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
@@ -137,10 +143,13 @@ class RedisBudgetStore:
         await self._pool.disconnect()
 
     async def ping(self) -> None:
+        started = time.perf_counter()
         try:
             await self._redis.ping()
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
+        finally:
+            _observe("ping", started)
 
     def _where(self) -> str:
         kwargs = self._pool.connection_kwargs
@@ -149,6 +158,7 @@ class RedisBudgetStore:
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        started = time.perf_counter()
         try:
             try:
                 return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
@@ -156,6 +166,9 @@ class RedisBudgetStore:
                 return await self._redis.eval(script.source, len(keys), *keys, *args)
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
+        finally:
+            # Failed calls too: a timeout is the round trip an SRE most needs to see.
+            _observe(script.name, started)
 
     async def _pipeline(
         self, script: Script, calls: Sequence[tuple[Sequence[str], list[Any]]]
@@ -164,10 +177,14 @@ class RedisBudgetStore:
         try:
             for start in range(0, len(calls), _BATCH):
                 chunk = calls[start : start + _BATCH]
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for keys, args in chunk:
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
+                started = time.perf_counter()
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for keys, args in chunk:
+                            pipe.evalsha(script.sha, len(keys), *keys, *args)
+                        results = await pipe.execute(raise_on_error=False)
+                finally:
+                    _observe(script.name, started)
                 missing = [
                     c for c, r in zip(chunk, results, strict=True) if isinstance(r, NoScriptError)
                 ]
@@ -289,3 +306,7 @@ class RedisBudgetStore:
             )
         if calls:
             await self._pipeline(scripts.CARRY_OVER, calls)
+
+
+def _observe(op: str, started: float) -> None:
+    metrics.REDIS_DURATION.labels(op=op).observe(time.perf_counter() - started)

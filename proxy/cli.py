@@ -123,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file", type=Path, help="a JSONL export")
     verify.add_argument("--public-key", type=Path, required=True, help="the Ed25519 public key")
 
+    report = sub.add_parser("report", help="the insubstantiality report, per site and period")
+    _add_source_args(report)
+    report.add_argument("--since", help="from this time on (ISO 8601, UTC if no zone)")
+    report.add_argument("--until", help="before this time (ISO 8601)")
+    report.add_argument("--format", choices=["html", "csv", "json"], default="html")
+    report.add_argument(
+        "--policy",
+        type=Path,
+        default=_env("policy"),
+        help="the policy whose budgets the figures are set against [CRAWLWARDEN_POLICY]",
+    )
+    report.add_argument("--output", type=Path, help="write here instead of stdout")
+
+    from proxy.takedowns_cli import add_parser as add_takedown_parser
+
+    add_takedown_parser(sub)
+
     keys = sub.add_parser("keys", help="audit signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     generate = keys_sub.add_parser("generate", help="write a new Ed25519 key pair (PEM)")
@@ -156,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.audit.verify import cmd_verify
 
         return cmd_verify(args)
+    if args.command == "report":
+        from proxy.report import cmd_report
+
+        return cmd_report(args)
+    if args.command == "takedown":
+        from proxy.takedowns_cli import cmd_takedown
+
+        return cmd_takedown(args)
     if args.command == "keys":
         from proxy.audit.keys import cmd_generate
 

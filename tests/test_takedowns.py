@@ -1,0 +1,376 @@
+"""Takedowns and API blocklist changes on a real admin app, a real Runtime and a real SQLite log.
+
+The fleet behaviour (two gateway processes on one Redis, restarts, the manifest against an
+export, the CLI) is in tests/test_takedowns_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestServer
+
+from proxy.admin import make_app
+from proxy.app import ADMIN_ROUTES
+from proxy.audit.query import RecordQuery
+from proxy.audit.sqlite_store import read_records
+from proxy.blocklist import Scope
+from proxy.decision import Reason
+from proxy.identity import Identity
+from proxy.runtime import Runtime
+from proxy.runtime import Settings
+from proxy.takedowns import STATE_FILE
+from proxy.takedowns import Actor
+from proxy.takedowns import InvalidRequest
+from proxy.takedowns import Takedown
+from proxy.takedowns import covers
+from proxy.takedowns import expand_schemes
+from proxy.takedowns import normalize_target
+from tests.support import ADMIN_TOKEN
+from tests.support import AUDITOR_TOKEN
+from tests.support import base_policy
+from tests.support import sha256_hex
+from tests.support import write_policy
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
+TAKEDOWN = {
+    "rights_holder": "Example Pictures Ltd",
+    "contact": "legal@pictures.example",
+    "scope": "prefix",
+    "targets": ["https://Photos.Example.com/gallery/"],
+    "reason": "copyright: unlicensed reproduction of our catalogue",
+}
+
+
+# -- values --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scope", "target", "normalized"),
+    [
+        (Scope.DOMAIN, "Example.COM", "example.com"),
+        (Scope.DOMAIN, "*.example.com.", "example.com"),
+        (Scope.URL, "HTTPS://Example.com:443/a/b.jpg?x=1", "https://example.com/a/b.jpg?x=1"),
+        (Scope.PREFIX, "http://example.com:8080", "http://example.com:8080/"),
+    ],
+)
+def test_targets_are_normalized_like_the_blocklist(scope: Scope, target: str, normalized: str):
+    assert normalize_target(scope, target) == normalized
+
+
+@pytest.mark.parametrize(
+    ("scope", "target"),
+    [
+        (Scope.DOMAIN, "https://example.com/"),
+        (Scope.DOMAIN, "localhost"),
+        (Scope.DOMAIN, "exa mple.com"),
+        (Scope.URL, "ftp://example.com/a"),
+        (Scope.PREFIX, "example.com/a"),
+    ],
+)
+def test_invalid_targets_are_refused(scope: Scope, target: str):
+    with pytest.raises(InvalidRequest, match="targets"):
+        normalize_target(scope, target)
+
+
+def test_a_url_or_prefix_covers_http_and_https():
+    assert expand_schemes(Scope.PREFIX, ["https://a.example/x/"]) == [
+        "https://a.example/x/",
+        "http://a.example/x/",
+    ]
+    assert expand_schemes(Scope.URL, ["http://a.example:8080/x"]) == [
+        "http://a.example:8080/x",
+        "https://a.example:8080/x",
+    ]
+    assert expand_schemes(Scope.DOMAIN, ["a.example"]) == ["a.example"]
+
+
+def _takedown(scope: Scope, *targets: str, filed: str = "2026-06-01T00:00:00.000000Z") -> Takedown:
+    return Takedown(
+        id="td-1",
+        filed=filed,
+        rights_holder="RH",
+        contact="c@example",
+        scope=scope,
+        targets=targets,
+        reason="r",
+        filed_by=Actor("admin", "sha256:0"),
+    )
+
+
+def _rec(url: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "kind": "fetch",
+        "decision": "forwarded",
+        "ts": "2026-05-01T00:00:00.000000Z",
+        "url": url,
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    ("takedown", "record", "covered"),
+    [
+        (_takedown(Scope.DOMAIN, "example.com"), _rec("https://cdn.example.com/a.jpg"), True),
+        (_takedown(Scope.DOMAIN, "example.com"), _rec("https://notexample.com/a.jpg"), False),
+        (_takedown(Scope.PREFIX, "https://example.com/g/"), _rec("http://example.com/g/1"), True),
+        (_takedown(Scope.PREFIX, "https://example.com/g/"), _rec("https://example.com/h/1"), False),
+        (
+            _takedown(Scope.URL, "https://example.com/a.jpg"),
+            _rec("https://example.com/a.jpg"),
+            True,
+        ),
+        (
+            _takedown(Scope.URL, "https://example.com/a.jpg"),
+            _rec("https://example.com/a.jpg?size=2"),
+            False,
+        ),
+        # withheld fetches reached the site too; refused ones, events and later ones do not count
+        (
+            _takedown(Scope.DOMAIN, "example.com"),
+            _rec("https://example.com/a", decision="withheld"),
+            True,
+        ),
+        (
+            _takedown(Scope.DOMAIN, "example.com"),
+            _rec("https://example.com/a", decision="refused"),
+            False,
+        ),
+        (
+            _takedown(Scope.DOMAIN, "example.com"),
+            _rec("https://example.com/a", kind="gateway_fetch"),
+            False,
+        ),
+        (
+            _takedown(Scope.DOMAIN, "example.com"),
+            _rec("https://example.com/a", ts="2026-06-01T00:00:00.000000Z"),
+            False,
+        ),
+    ],
+)
+def test_the_manifest_covers_earlier_fetches_that_reached_the_site(
+    takedown: Takedown, record: dict[str, Any], covered: bool
+):
+    assert covers(takedown)(record) is covered
+
+
+# -- the API on one embedded replica -------------------------------------------------------
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(
+        policy_file=write_policy(tmp_path / "policy.yaml", base_policy()),
+        data_dir=tmp_path / "data",
+        replica_id="gw-td",
+    )
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    rt = Runtime.from_settings(_settings(tmp_path))
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.stop()
+
+
+@pytest.fixture
+async def client(runtime: Runtime) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(make_app(runtime, ADMIN_ROUTES))) as c:
+        yield c
+
+
+def _decision(rt: Runtime, url: str) -> Reason:
+    from urllib.parse import urlsplit
+
+    from proxy.blocklist import normalize_url
+
+    parts = urlsplit(url)
+    ctx = rt.governor.context(
+        Identity("vision-data", frozenset(), None),
+        method="GET",
+        scheme=parts.scheme,
+        host=parts.hostname or "",
+        port=parts.port or 443,
+        url=normalize_url(url),
+        path=parts.path,
+        project=None,
+        account=None,
+    )
+    return rt.governor.check_request(ctx).reason
+
+
+def _events(rt: Runtime) -> list[dict[str, Any]]:
+    query = RecordQuery()
+    return [r for r in read_records(rt.settings.sqlite_path, query) if r["decision"] == "event"]
+
+
+async def test_a_takedown_is_in_force_at_once_and_recorded_with_who_filed_it(
+    runtime: Runtime, client: TestClient
+):
+    url = "https://photos.example.com/gallery/cat.jpg"
+    assert _decision(runtime, url) is Reason.OK
+    resp = await client.post("/v1/takedowns", json=TAKEDOWN, headers=ADMIN)
+    assert resp.status == 201
+    filed = await resp.json()
+    assert resp.headers["Location"] == f"/v1/takedowns/{filed['id']}"
+    assert filed["targets"] == ["https://photos.example.com/gallery/"]
+    assert filed["filed_by"] == {
+        "role": "admin",
+        "token_fingerprint": "sha256:" + sha256_hex(ADMIN_TOKEN)[:12],
+    }
+    assert _decision(runtime, url) is Reason.TAKEDOWN
+    assert _decision(runtime, "http://photos.example.com/gallery/cat.jpg") is Reason.TAKEDOWN
+    assert _decision(runtime, "https://photos.example.com/other/cat.jpg") is Reason.OK
+
+    assert await runtime.fetch_log.flushed()
+    [event] = _events(runtime)
+    assert event["kind"] == "takedown" and event["rule"] == filed["id"]
+    note = json.loads(event["note"])
+    assert note["takedown"]["rights_holder"] == "Example Pictures Ltd"
+    assert note["takedown"]["filed_by"]["role"] == "admin"
+    text = json.dumps(event)
+    assert ADMIN_TOKEN not in text and sha256_hex(ADMIN_TOKEN) not in text
+
+    listed = await (await client.get("/v1/takedowns", headers=AUDITOR)).json()
+    assert [t["id"] for t in listed["takedowns"]] == [filed["id"]]
+    shown = await client.get(f"/v1/takedowns/{filed['id']}", headers=AUDITOR)
+    assert shown.status == 200
+    assert (await shown.json())["status"] == "complete"  # nothing was fetched before it
+
+
+async def test_takedowns_survive_a_restart(tmp_path: Path):
+    settings = _settings(tmp_path)
+    rt = Runtime.from_settings(settings)
+    await rt.start()
+    td = await rt.takedowns.file_takedown(
+        {**TAKEDOWN, "scope": "domain", "targets": ["pictures.example"]}, Actor("admin", "x")
+    )
+    await rt.stop()
+    assert (settings.data_dir / STATE_FILE).exists()
+
+    again = Runtime.from_settings(settings)
+    await again.start()
+    try:
+        assert td.id in again.takedowns.state.takedowns
+        assert _decision(again, "https://img.pictures.example/a.jpg") is Reason.TAKEDOWN
+    finally:
+        await again.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scope": "everything"}, "scope"),
+        ({"targets": []}, "targets"),
+        ({"targets": ["not a url"], "scope": "url"}, "targets"),
+        ({"rights_holder": ""}, "rights_holder"),
+        ({"reason": None}, "reason"),
+    ],
+)
+async def test_an_invalid_takedown_is_refused_and_changes_nothing(
+    runtime: Runtime, client: TestClient, change: dict[str, Any], message: str
+):
+    resp = await client.post("/v1/takedowns", json={**TAKEDOWN, **change}, headers=ADMIN)
+    assert resp.status == 400
+    assert (await resp.json())["error"].startswith(message)
+    assert runtime.takedowns.state.takedowns == {}
+
+
+async def test_roles(client: TestClient):
+    assert (await client.post("/v1/takedowns", json=TAKEDOWN)).status == 401
+    assert (await client.post("/v1/takedowns", json=TAKEDOWN, headers=AUDITOR)).status == 403
+    filed = await (await client.post("/v1/takedowns", json=TAKEDOWN, headers=ADMIN)).json()
+    confirm = f"/v1/takedowns/{filed['id']}/confirmations"
+    body = {"team": "vision-data", "deleted": 1}
+    assert (await client.post(confirm, json=body, headers=AUDITOR)).status == 403
+    assert (
+        await client.get(f"/v1/takedowns/{filed['id']}/manifest", headers=AUDITOR)
+    ).status == 200
+    assert (await client.get("/v1/blocklist", headers=AUDITOR)).status == 200
+    block = {"scope": "domain", "targets": ["a.example"], "reason": "r", "source": "s"}
+    assert (await client.post("/v1/blocklist", json=block, headers=AUDITOR)).status == 403
+    assert (await client.get("/v1/takedowns/td-nope", headers=AUDITOR)).status == 404
+    document = await (await client.get("/openapi.json")).json()
+    for path in ("/v1/takedowns", "/v1/takedowns/{id}/manifest", "/v1/blocklist/{id}"):
+        assert path in document["paths"]
+
+
+async def test_confirmations_are_recorded_per_team(runtime: Runtime, client: TestClient):
+    filed = await (await client.post("/v1/takedowns", json=TAKEDOWN, headers=ADMIN)).json()
+    path = f"/v1/takedowns/{filed['id']}/confirmations"
+    assert (await client.post(path, json={"team": "x", "deleted": -1}, headers=ADMIN)).status == 400
+    resp = await client.post(path, json={"team": "vision-data", "deleted": 12}, headers=ADMIN)
+    assert resp.status == 201
+    shown = await (await client.get(f"/v1/takedowns/{filed['id']}", headers=ADMIN)).json()
+    assert shown["teams_confirmed"] == ["vision-data"]
+    assert shown["confirmations"][0]["deleted"] == 12
+    assert await runtime.fetch_log.flushed()
+    kinds = [(e["kind"], e["team"]) for e in _events(runtime)]
+    assert kinds == [("takedown", None), ("takedown_confirmation", "vision-data")]
+    missing = await client.post(
+        "/v1/takedowns/td-nope/confirmations", json={"team": "a", "deleted": 1}, headers=ADMIN
+    )
+    assert missing.status == 404
+
+
+async def test_blocklist_entries_are_added_removed_and_recorded(
+    runtime: Runtime, client: TestClient
+):
+    body = {
+        "scope": "domain",
+        "targets": ["stock.example"],
+        "reason": "Terms section 4 forbid automated collection",
+        "source": "https://stock.example/terms, read 2026-11-01",
+    }
+    resp = await client.post("/v1/blocklist", json=body, headers=ADMIN)
+    assert resp.status == 201
+    entry = await resp.json()
+    assert _decision(runtime, "https://www.stock.example/a.jpg") is Reason.TOS_BLOCKLIST
+    listed = await (await client.get("/v1/blocklist", headers=AUDITOR)).json()
+    assert [e["id"] for e in listed["entries"]] == [entry["id"]]
+
+    removed = await client.delete(f"/v1/blocklist/{entry['id']}", headers=ADMIN)
+    assert removed.status == 200
+    assert (await removed.json())["active"] is False
+    assert _decision(runtime, "https://www.stock.example/a.jpg") is Reason.OK
+    assert (await client.delete(f"/v1/blocklist/{entry['id']}", headers=ADMIN)).status == 409
+    assert (await client.delete("/v1/blocklist/bl-nope", headers=ADMIN)).status == 404
+
+    assert await runtime.fetch_log.flushed()
+    events = _events(runtime)
+    assert [e["kind"] for e in events] == ["blocklist_add", "blocklist_remove"]
+    for event in events:
+        note = json.loads(event["note"])
+        assert event["rule"] == entry["id"]
+        assert note["entry"]["added_by"]["role"] == "admin"
+        assert ADMIN_TOKEN not in event["note"]
+    assert json.loads(events[1]["note"])["entry"]["removed_by"]["role"] == "admin"
+
+
+async def test_a_policy_entry_cannot_be_deleted_through_the_api(tmp_path: Path):
+    policy = base_policy()
+    policy["blocklist"] = [
+        {"id": "tos-x", "match": ["x.example"], "reason": "terms", "source": "https://x/terms"}
+    ]
+    settings = Settings(
+        policy_file=write_policy(tmp_path / "policy.yaml", policy),
+        data_dir=tmp_path / "data",
+        replica_id="gw-td",
+    )
+    rt = Runtime.from_settings(settings)
+    await rt.start()
+    try:
+        async with TestClient(TestServer(make_app(rt, ADMIN_ROUTES))) as c:
+            assert (await c.delete("/v1/blocklist/tos-x", headers=ADMIN)).status == 409
+            listed = await (await c.get("/v1/blocklist", headers=ADMIN)).json()
+            assert listed["entries"][0]["origin"] == "policy"
+    finally:
+        await rt.stop()

@@ -24,6 +24,8 @@ from prometheus_client import disable_created_metrics
 disable_created_metrics()
 
 OTHER = "_other"
+# Domains (besides policy site ids) that may have a `site` label of their own, per process.
+DEFAULT_TOP_SITES = 50
 
 _LATENCY_BUCKETS = (
     0.0001,
@@ -223,7 +225,9 @@ class DomainSlots:
     series of a label live as long as the process, so a reload must not grant N more.
     """
 
-    def __init__(self, top_n: int = 50, *, admit_after: int = 3, window: int | None = None):
+    def __init__(
+        self, top_n: int = DEFAULT_TOP_SITES, *, admit_after: int = 3, window: int | None = None
+    ):
         self.top_n = top_n
         self.open_slots = top_n // 2
         self.admit_after = admit_after
@@ -266,12 +270,17 @@ def process_slots(top_n: int) -> DomainSlots:
 class SiteLabels:
     """Bounded `site` label values: a policy site id, a domain with a slot, or `_other`.
 
-    `observe()` is for a request (it counts towards earning a slot); `label()` only looks up,
-    for gauges and other per-site updates that are not requests.
+    `observe()` is for a request: it counts towards earning a slot. `label()` is for gauges and
+    other per-site updates that are not requests: it does not count (an open slot is still
+    taken at once).
     """
 
     def __init__(
-        self, policy_sites: list[str], top_n: int = 50, *, slots: DomainSlots | None = None
+        self,
+        policy_sites: list[str],
+        top_n: int = DEFAULT_TOP_SITES,
+        *,
+        slots: DomainSlots | None = None,
     ):
         self._known = set(policy_sites)
         self._slots = slots if slots is not None else process_slots(top_n)

@@ -1,0 +1,337 @@
+"""Takedowns as a rights holder and the teams meet them: real gateway processes, a real
+redis-server of the test's own, real sites on 127.0.0.1, curl and the `crawlwarden` CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+
+from tests.budget_fixtures import RedisServer
+from tests.budget_fixtures import own_redis  # noqa: F401 - a pytest fixture
+from tests.support import ADMIN_TOKEN
+from tests.support import AUDITOR_TOKEN
+from tests.support import CRAWLWARDEN
+from tests.support import OTHER_TEAM
+from tests.support import OTHER_TOKEN
+from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import Gateway
+from tests.support import Reply
+from tests.support import Site
+from tests.support import base_policy
+from tests.support import curl
+from tests.support import policy_with
+from tests.support import wait_for
+
+HEADERS = {"X-Crawl-Project": PROJECT}
+PROPAGATION_LIMIT = 1.0  # seconds: DESIGN.md, "takedown requests: cluster-wide within a second"
+REDIS_PREFIX = "crawlwarden:blockstate:"
+
+
+def fetch(gw: Gateway, url: str, team: str = TEAM, token: str | None = None, **headers: str):
+    proxy = gw.proxy_url() if token is None else gw.proxy_url(team, token)
+    return curl(url, proxy=proxy, headers={**HEADERS, **headers}, timeout=10)
+
+
+def takedown_body(scope: str, *targets: str) -> dict[str, Any]:
+    return {
+        "rights_holder": "Example Pictures Ltd",
+        "contact": "legal@pictures.example",
+        "scope": scope,
+        "targets": list(targets),
+        "reason": "copyright: our catalogue, never licensed for AI training",
+    }
+
+
+def poll_until(gw: Gateway, url: str, status: int, started: float, limit: float = 10.0):
+    """curl `url` through `gw` until it answers `status`; returns (result, seconds since
+    `started`)."""
+    while True:
+        result = fetch(gw, url)
+        elapsed = time.monotonic() - started
+        if result.status == status or elapsed > limit:
+            return result, elapsed
+        time.sleep(0.01)
+
+
+def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CRAWLWARDEN, *map(str, args)], capture_output=True, text=True, check=check, timeout=120
+    )
+
+
+# -- two replicas on one Redis -------------------------------------------------------------
+
+
+def test_a_takedown_filed_on_one_replica_binds_the_other_within_a_second_and_after_restart(
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
+):
+    shared = ["--redis-url", own_redis.url]
+    policy = base_policy()
+    target = site.url("site-a.test", "/gallery/cat.jpg")
+    with (
+        Gateway(workdir, policy, name="gw1", extra_args=shared) as gw1,
+        Gateway(workdir, policy, name="gw2", extra_args=shared) as gw2,
+    ):
+        assert fetch(gw2, target).status == 200
+        started = time.monotonic()
+        status, filed = gw1.admin_request(
+            "POST",
+            "/v1/takedowns",
+            ADMIN_TOKEN,
+            takedown_body("prefix", site.url("site-a.test", "/gallery/")),
+        )
+        assert status == 201, filed
+        refused, elapsed = poll_until(gw2, target, 451, started)
+        assert refused.status == 451
+        assert refused.headers["x-crawlwarden-reason"] == "takedown"
+        body = refused.json()
+        assert body["reason"] == "takedown" and body["rule"] == filed["id"]
+        assert "Example Pictures Ltd" in body["detail"]
+        print(f"takedown filed on gw1, enforced by gw2 after {elapsed:.3f} s")
+        assert elapsed < PROPAGATION_LIMIT, f"gw2 enforced the takedown after {elapsed:.3f}s"
+        reached = site.count("/gallery/cat.jpg")
+        assert fetch(gw1, target).status == 451
+        assert fetch(gw2, site.url("site-a.test", "/elsewhere/cat.jpg")).status == 200
+        assert site.count("/gallery/cat.jpg") == reached  # refused before the site is asked
+
+        # gw2 restarts; meanwhile a second takedown is filed that only Redis can tell it about.
+        gw2.stop()
+        status, second = gw1.admin_request(
+            "POST", "/v1/takedowns", ADMIN_TOKEN, takedown_body("domain", "site-b.test")
+        )
+        assert status == 201
+        gw2.start()
+        assert fetch(gw2, target).json()["rule"] == filed["id"]
+        other = fetch(gw2, site.url("img.site-b.test", "/a.jpg"))
+        assert other.status == 451 and other.json()["rule"] == second["id"]
+        status, listed = gw2.admin_request("GET", "/v1/takedowns", AUDITOR_TOKEN)
+        assert status == 200
+        assert [t["id"] for t in listed["takedowns"]] == [filed["id"], second["id"]]
+
+    # Every change is a record in the fetch log of the replica that made it.
+    events = [r for r in gw1.export() if r.get("kind") == "takedown"]
+    assert [e["rule"] for e in events] == [filed["id"], second["id"]]
+
+
+def test_blocklist_changes_propagate_and_a_replica_catches_up_after_missed_messages(
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
+):
+    shared = ["--redis-url", own_redis.url]
+    policy = base_policy()
+    url = site.url("www.stock.test", "/photo.jpg")
+    with (
+        Gateway(workdir, policy, name="gw1", extra_args=shared) as gw1,
+        Gateway(workdir, policy, name="gw2", extra_args=shared) as gw2,
+    ):
+        started = time.monotonic()
+        status, entry = gw1.admin_request(
+            "POST",
+            "/v1/blocklist",
+            ADMIN_TOKEN,
+            {
+                "scope": "domain",
+                "targets": ["stock.test"],
+                "reason": "Terms section 4 forbid automated collection",
+                "source": "https://stock.test/terms, read 2026-11-01",
+            },
+        )
+        assert status == 201, entry
+        refused, elapsed = poll_until(gw2, url, 451, started)
+        assert refused.json()["reason"] == "tos_blocklist"
+        assert refused.json()["rule"] == entry["id"]
+        assert elapsed < PROPAGATION_LIMIT
+
+        started = time.monotonic()
+        status, _ = gw1.admin_request("DELETE", f"/v1/blocklist/{entry['id']}", ADMIN_TOKEN)
+        assert status == 200
+        allowed, elapsed = poll_until(gw2, url, 200, started)
+        assert allowed.status == 200 and elapsed < PROPAGATION_LIMIT
+        status, listed = gw2.admin_request("GET", "/v1/blocklist", AUDITOR_TOKEN)
+        assert listed["entries"][0]["active"] is False
+
+        # A change whose message nobody heard (written straight into Redis, no PUBLISH) is
+        # picked up at the next resync.
+        client = redis.Redis.from_url(own_redis.url)
+        missed = {
+            "id": "td-missed",
+            "filed": "2026-11-28T00:00:00.000000Z",
+            "rights_holder": "Quiet Archive",
+            "contact": "quiet@archive.example",
+            "scope": "domain",
+            "targets": ["quiet.test"],
+            "reason": "copyright",
+            "filed_by": {"role": "admin", "token_fingerprint": "sha256:000000000000"},
+        }
+        client.hset(REDIS_PREFIX + "takedowns", "td-missed", json.dumps(missed))
+        client.incr(REDIS_PREFIX + "version")
+        started = time.monotonic()
+        refused, elapsed = poll_until(gw2, site.url("quiet.test", "/"), 451, started, limit=15)
+        assert refused.status == 451 and refused.json()["rule"] == "td-missed"
+        assert elapsed < 5.0 + 2.0  # the resync interval, and some slack for a busy machine
+
+        # Redis restarted without persistence: the replicas write their copy back, and a new
+        # replica with an empty data dir learns every takedown from Redis.
+        own_redis.restart()
+        client = redis.Redis.from_url(own_redis.url)
+        assert wait_for(lambda: client.get(REDIS_PREFIX + "version") is not None, timeout=15)
+        with Gateway(workdir, policy, name="gw3", extra_args=shared) as gw3:
+            refused = fetch(gw3, site.url("quiet.test", "/"))
+            assert refused.status == 451 and refused.json()["rule"] == "td-missed"
+            assert fetch(gw3, url).status == 200  # the removal survived too (a tombstone)
+        client.close()
+
+    kinds = [(r["kind"], r["rule"]) for r in gw1.export() if r.get("decision") == "event"]
+    assert ("blocklist_add", entry["id"]) in kinds and ("blocklist_remove", entry["id"]) in kinds
+
+
+# -- the manifest against an export --------------------------------------------------------
+
+
+def test_the_manifest_lists_exactly_the_earlier_fetches_an_export_shows_for_the_scope(
+    workdir: Path, site: Site
+):
+    policy = policy_with(
+        defaults={
+            "respect": {
+                "robots": False,
+                "tdmrep": False,
+                "noai": True,
+                "content_usage": False,
+                "image_metadata": False,
+            }
+        }
+    )
+    site.routes["/gallery/secret.jpg"] = Reply(
+        body=b"opted-out bytes", headers={"Content-Type": "image/jpeg", "X-Robots-Tag": "noai"}
+    )
+    for name in ("1.jpg", "2.jpg", "4.jpg"):
+        site.routes[f"/gallery/{name}"] = Reply(
+            body=f"image {name}".encode(), headers={"Content-Type": "image/jpeg"}
+        )
+    prefix = site.url("site-a.test", "/gallery/")
+    with Gateway(workdir, policy) as gw:
+        a = site.url("site-a.test", "/gallery/")
+        assert fetch(gw, a + "1.jpg", **{"X-Crawl-Account": "acct-1"}).status == 200
+        assert fetch(gw, a + "2.jpg").status == 200
+        assert fetch(gw, a + "secret.jpg").status == 451  # withheld: it reached the site
+        assert fetch(gw, site.url("site-a.test", "/other/3.jpg")).status == 200
+        assert fetch(gw, site.url("img.site-a.test", "/gallery/5.jpg")).status == 200
+        other = {"team": OTHER_TEAM, "token": OTHER_TOKEN}
+        assert fetch(gw, a + "1.jpg", **other).status == 200
+        assert fetch(gw, a + "4.jpg?size=big", **other, **{"X-Crawl-Project": "p9"}).status == 200
+        refused = fetch(gw, a + "2.jpg", **{"X-Crawl-Project": "not-ours"})
+        assert refused.status == 403  # refused: never fetched, nothing to delete
+
+        filed = json.loads(
+            cli(
+                "takedown",
+                "file",
+                "--admin",
+                gw.admin,
+                "--token",
+                ADMIN_TOKEN,
+                "--rights-holder",
+                "Example Pictures Ltd",
+                "--contact",
+                "legal@pictures.example",
+                "--scope",
+                "prefix",
+                "--target",
+                prefix,
+                "--reason",
+                "copyright",
+            ).stdout
+        )
+        assert fetch(gw, a + "1.jpg").json()["reason"] == "takedown"  # later: not in it
+
+        manifest = json.loads(
+            cli(
+                "takedown", "manifest", filed["id"], "--admin", gw.admin, "--token", AUDITOR_TOKEN
+            ).stdout
+        )["records"]
+        status, raw_csv = gw.admin_request(
+            "GET", f"/v1/takedowns/{filed['id']}/manifest?format=csv", AUDITOR_TOKEN
+        )
+        assert status == 200
+        records = gw.fetch_records()
+
+    def in_scope(rec: dict[str, Any]) -> bool:
+        parts = urlsplit(rec["url"])
+        return (
+            rec["kind"] == "fetch"
+            and rec["decision"] in ("forwarded", "withheld")
+            and rec["ts"] < filed["filed"]
+            and parts.hostname == "site-a.test"
+            and parts.port == site.port
+            and parts.path.startswith("/gallery/")
+        )
+
+    fields = ("id", "replica", "seq", "ts", "team", "project", "account", "url", "content_sha256")
+    expected = [{k: r[k] for k in fields} for r in records if in_scope(r)]
+    assert [{k: m[k] for k in fields} for m in manifest] == expected
+    assert len(expected) == 5
+    assert {(m["team"], m["decision"]) for m in manifest} == {
+        (TEAM, "forwarded"),
+        (TEAM, "withheld"),
+        (OTHER_TEAM, "forwarded"),
+    }
+    withheld = next(m for m in manifest if m["decision"] == "withheld")
+    assert withheld["content_sha256"] == hashlib.sha256(b"opted-out bytes").hexdigest()
+    rows = list(csv.DictReader(io.StringIO(raw_csv)))
+    assert [r["id"] for r in rows] == [m["id"] for m in manifest]
+    assert rows[0]["content_sha256"] == manifest[0]["content_sha256"]
+
+
+def test_teams_confirm_deletion_until_none_is_outstanding(workdir: Path, site: Site):
+    with Gateway(workdir, base_policy()) as gw:
+        url = site.url("site-a.test", "/gallery/1.jpg")
+        assert fetch(gw, url).status == 200
+        assert fetch(gw, url, team=OTHER_TEAM, token=OTHER_TOKEN).status == 200
+        auth = ("--admin", gw.admin, "--token", ADMIN_TOKEN)
+        status, filed = gw.admin_request(
+            "POST", "/v1/takedowns", ADMIN_TOKEN, takedown_body("url", url)
+        )
+        assert status == 201
+        shown = json.loads(cli("takedown", "show", filed["id"], *auth).stdout)
+        assert shown["teams_outstanding"] == sorted([TEAM, OTHER_TEAM])
+        assert shown["manifest"]["teams"] == {OTHER_TEAM: 1, TEAM: 1}
+
+        confirmed = cli("takedown", "confirm", filed["id"], "--team", TEAM, "--deleted", "1", *auth)
+        assert json.loads(confirmed.stdout)["team"] == TEAM
+        shown = json.loads(cli("takedown", "show", filed["id"], *auth).stdout)
+        assert shown["teams_outstanding"] == [OTHER_TEAM] and shown["status"] == "outstanding"
+        cli("takedown", "confirm", filed["id"], "--team", OTHER_TEAM, "--deleted", "1", *auth)
+        [listed] = json.loads(cli("takedown", "list", *auth).stdout)["takedowns"]
+        assert listed["teams_outstanding"] == [] and listed["status"] == "complete"
+
+        # The CLI's errors say what went wrong.
+        refused = cli("takedown", "show", "td-nope", *auth, check=False)
+        assert refused.returncode == 1 and "404" in refused.stderr
+        no_token = cli("takedown", "list", "--admin", gw.admin, check=False)
+        assert no_token.returncode == 2 and "CRAWLWARDEN_ADMIN_TOKEN" in no_token.stderr
+        auditor = cli(
+            "takedown",
+            *("confirm", filed["id"], "--team", TEAM, "--deleted", "1"),
+            *("--admin", gw.admin, "--token", AUDITOR_TOKEN),
+            check=False,
+        )
+        assert auditor.returncode == 1 and "403" in auditor.stderr
+        records = gw.fetch_records()
+    confirmations = [r for r in records if r["kind"] == "takedown_confirmation"]
+    assert sorted(r["team"] for r in confirmations) == sorted([TEAM, OTHER_TEAM])
+    assert all(r["rule"] == filed["id"] for r in confirmations)

@@ -23,6 +23,8 @@ from proxy.policy import Respect
 from proxy.runtime import Runtime
 
 FORMAT = "crawlwarden-policy/1"
+# The HTML needs no script and may run none: readable as it is, and nothing to inject into.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 def _basis(b: LegalBasis) -> dict[str, Any]:
@@ -219,6 +221,7 @@ def policy_html(doc: dict[str, Any]) -> str:
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         f"<title>{_e(c['robots_tokens'][0])} crawler policy</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>The {_e(c['robots_tokens'][0])} crawler and its compliance policy</h1>",
@@ -336,7 +339,11 @@ async def policy_page(request: web.Request) -> web.Response:
     if fmt not in (None, "json", "html"):
         return problem(400, "format must be html or json")
     doc = policy_document(request.app[RUNTIME])
-    headers = {"Vary": "Accept", "Cache-Control": "public, max-age=60"}
+    headers = {
+        "Vary": "Accept",
+        "Cache-Control": "public, max-age=60",
+        "Content-Security-Policy": CSP,
+    }
     if wants_json(request):
         return web.json_response(doc, headers=headers)
     return web.Response(

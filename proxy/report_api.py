@@ -9,6 +9,7 @@ from proxy.admin import Route
 from proxy.admin import problem
 from proxy.audit.query import parse_time
 from proxy.record_source import RecordSource
+from proxy.report import CSP
 from proxy.report import MEDIA_TYPES
 from proxy.report import RENDERERS
 from proxy.report import build_report
@@ -44,7 +45,7 @@ async def sites_report(request: web.Request) -> web.Response:
         text=RENDERERS[fmt](report),
         content_type=MEDIA_TYPES[fmt],
         charset="utf-8",
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP},
     )
 
 

@@ -44,8 +44,9 @@ def opt_outs(tokens: list[str], respect: Respect) -> list[dict[str, Any]]:
             "respect_flag": "robots",
             "honoured_by_default": respect.robots,
             "reason_code": "robots_disallowed",
-            "how": f"A group for one of our product tokens ({', '.join(tokens)}) or for *, e.g. "
-            f"'User-agent: {token}' then 'Disallow: /'. Crawl-delay is honoured. A robots.txt "
+            "how": f"A group for one of our product tokens ({', '.join(tokens)}), e.g. "
+            f"'User-agent: {token}' then 'Disallow: /'; without such a group, the * group "
+            "applies (RFC 9309). Crawl-delay is honoured. A robots.txt "
             "that answers 5xx or cannot be reached disallows everything (RFC 9309).",
             "example": f"User-agent: {token}\nDisallow: /",
         },

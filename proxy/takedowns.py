@@ -67,6 +67,7 @@ log = structlog.get_logger("crawlwarden.takedowns")
 STATE_FILE = "takedowns.json"
 MAX_TARGETS = 1000
 MAX_TEXT = 2000
+FULL_RESYNC_EVERY = 12  # resyncs: with the default interval, everything is re-read every minute
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOST = re.compile(rf"^(?:{_LABEL}\.)+{_LABEL}$")
 _TEAM = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -446,7 +447,7 @@ class TakedownRegistry:
             return
         try:
             await asyncio.wait_for(self.sync(), timeout=5.0)
-        except (RedisError, OSError, TimeoutError) as e:
+        except (RedisError, OSError, TimeoutError, ValueError) as e:
             metrics.STORE_ERRORS.labels(store="redis").inc()
             log.error(
                 "takedowns_shared_state_unavailable",
@@ -471,7 +472,8 @@ class TakedownRegistry:
 
     async def _follow(self) -> None:
         """Subscribe, then read the state (so no change between the two is missed); re-read on
-        every message, and every `resync_interval` seconds when the version moved."""
+        every message; every `resync_interval` seconds compare the version (a missed message),
+        and every FULL_RESYNC_EVERY of those re-read everything regardless."""
         assert self.redis is not None
         backoff = 0.5
         while True:
@@ -481,14 +483,18 @@ class TakedownRegistry:
                 await self.sync()
                 backoff = 0.5
                 next_resync = time.monotonic() + self.resync_interval
+                rounds = 0
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None or time.monotonic() >= next_resync:
+                    if message is not None:
                         await self.sync()
+                    elif time.monotonic() >= next_resync:
+                        rounds += 1
+                        await self.sync(full=rounds % FULL_RESYNC_EVERY == 0)
                         next_resync = time.monotonic() + self.resync_interval
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as e:
+            except Exception as e:  # whatever happens (Redis, bad data), keep following
                 metrics.STORE_ERRORS.labels(store="redis").inc()
                 self.shared_ok = False
                 log.warning("takedowns_follow_failed", error=repr(e), retry_in=backoff)
@@ -507,21 +513,24 @@ class TakedownRegistry:
             pipe.hgetall(self._k_blocks)
             version, takedowns, confirmations, blocks = await pipe.execute()
 
-        def parse(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
-            return {k.decode(): json.loads(v) for k, v in raw.items()}
-
-        state = BlockState.from_json(
-            {
-                "version": int(version or 0),
-                "takedowns": parse(takedowns),
-                "confirmations": parse(confirmations),
-                "blocklist": parse(blocks),
-            }
+        state = BlockState(
+            version=int(version or 0),
+            takedowns=_parse_items(takedowns, Takedown.from_dict),
+            confirmations=_parse_items(confirmations, Confirmation.from_dict),
+            blocks=_parse_items(blocks, ApiBlock.from_dict),
         )
         return (None if version is None else int(version)), state
 
-    async def sync(self) -> None:
-        """Make the local state Redis's; write our copy back if Redis has lost everything."""
+    async def sync(self, *, full: bool = True) -> None:
+        """Make the local state Redis's; write our copy back if Redis has lost everything.
+
+        `full=False` first compares the version alone and stops there when it is ours."""
+        assert self.redis is not None
+        if not full:
+            current = await self.redis.get(self._k_version)
+            self.shared_ok = True
+            if current is not None and int(current) == self.state.version:
+                return
         version, shared = await self._read_shared()
         self.shared_ok = True
         if version is None and self.state.version > 0:
@@ -555,33 +564,51 @@ class TakedownRegistry:
 
     # -- changes ---------------------------------------------------------------------------
 
-    async def _commit(self, key: str, field_name: str, value: dict[str, Any]) -> None:
-        """Write one item: to Redis (then everyone re-reads), or to the local file."""
-        if self.redis is not None:
-            try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(key, field_name, json.dumps(value))
-                    pipe.incr(self._k_version)
-                    _, version = await pipe.execute()
-                await self.redis.publish(self.channel, str(version))
-                await self.sync()
-            except (RedisError, OSError, TimeoutError) as e:
-                metrics.STORE_ERRORS.labels(store="redis").inc()
-                raise StateUnavailable(f"the shared store (Redis) cannot be written: {e}") from e
-            return
+    def _with(self, key: str, field_name: str, value: dict[str, Any], version: int) -> BlockState:
+        """The current state with one item written and the version set."""
         state = BlockState.from_json(self.state.to_json())
-        state.version += 1
+        state.version = version
         if key == self._k_takedowns:
             state.takedowns[field_name] = Takedown.from_dict(value)
         elif key == self._k_confirmations:
             state.confirmations[field_name] = Confirmation.from_dict(value)
         else:
             state.blocks[field_name] = ApiBlock.from_dict(value)
+        return state
+
+    async def _commit(self, key: str, field_name: str, value: dict[str, Any]) -> None:
+        """Write one item: to Redis (then everyone re-reads), or to the local file.
+
+        StateUnavailable means nothing was written. Once Redis has the item it is in force for
+        the fleet: failures after that (publish, re-read) only delay other replicas until their
+        next resync, and this replica applies the item itself.
+        """
+        if self.redis is None:
+            state = self._with(key, field_name, value, self.state.version + 1)
+            try:
+                await asyncio.to_thread(save_state_file, self.path, state)
+            except OSError as e:
+                raise StateUnavailable(f"{self.path} cannot be written: {e}") from e
+            self._apply(state)
+            return
         try:
-            await asyncio.to_thread(save_state_file, self.path, state)
-        except OSError as e:
-            raise StateUnavailable(f"{self.path} cannot be written: {e}") from e
-        self._apply(state)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, field_name, json.dumps(value))
+                pipe.incr(self._k_version)
+                _, version = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as e:
+            metrics.STORE_ERRORS.labels(store="redis").inc()
+            raise StateUnavailable(f"the shared store (Redis) cannot be written: {e}") from e
+        try:
+            await self.redis.publish(self.channel, str(version))
+            await self.sync()
+        except (RedisError, OSError, TimeoutError) as e:
+            metrics.STORE_ERRORS.labels(store="redis").inc()
+            log.warning("takedowns_publish_failed", error=repr(e), version=int(version))
+            state = self._with(key, field_name, value, int(version))
+            self._apply(state)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(save_state_file, self.path, state)
 
     async def file_takedown(self, body: dict[str, Any], by: Actor) -> Takedown:
         scope, targets = _scope_and_targets(body)
@@ -676,6 +703,18 @@ class TakedownRegistry:
                 rule=removed.id,
             )
         return removed
+
+
+def _parse_items[T](raw: dict[bytes, bytes], parse: Callable[[dict[str, Any]], T]) -> dict[str, T]:
+    """Items of a Redis hash; one that does not parse is left out and logged, not fatal."""
+    out: dict[str, T] = {}
+    for key, value in raw.items():
+        name = key.decode(errors="replace")
+        try:
+            out[name] = parse(json.loads(value))
+        except (ValueError, KeyError, TypeError) as e:
+            log.error("takedowns_item_unreadable", item=name, error=repr(e))
+    return out
 
 
 def _note(what: str, data: dict[str, Any]) -> str:

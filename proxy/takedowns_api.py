@@ -269,6 +269,7 @@ async def list_blocks(request: web.Request) -> web.Response:
             "entries": policy_entries + api_entries,
             "takedowns_in_force": len(registry.state.takedowns),
             "shared_state": registry.redis is not None,
+            "shared_state_reachable": registry.shared_ok,
             "version": registry.state.version,
         }
     )

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 POLICY ?= examples/policy.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench soak services clean
+.PHONY: run test lint bench bench-deps soak services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), "crawlwarden needs Python 3.12+, found " + sys.version'
@@ -28,6 +28,22 @@ lint: $(STAMP)
 
 test: $(STAMP) services lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The benchmark (bench/README.md): bounded, loopback only, not part of `make test`. Its upstream is
+# Debian's nginx-light, installed here when missing. BENCH_ARGS/SOAK_ARGS pass options through,
+# e.g. `make bench BENCH_ARGS=--quick` or `make soak SOAK_ARGS="--rate 150"`.
+BENCH_ARGS ?=
+SOAK_ARGS ?=
+NGINX_OK := command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx
+
+bench-deps:
+	@$(NGINX_OK) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light)
+
+bench: $(STAMP) bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+soak: $(STAMP) bench-deps
+	$(BIN)/python bench/run.py --soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .crawlwarden .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1182 @@
+"""crawlwarden's benchmark: the gateway against bare mitmdump, on this machine, in one run.
+
+    make bench                                   the full matrix (about 10 minutes)
+    .venv/bin/python bench/run.py --quick        a smoke test (two targets, two cells, ~30 s)
+    .venv/bin/python bench/run.py --soak [--rate N] [--soak-requests 100000]
+    .venv/bin/python bench/run.py --replicas     one vs two gateway replicas sharing Redis
+
+Everything listens on 127.0.0.1 and every loop is bounded in requests and in time. What runs:
+
+- upstream: nginx (Debian's nginx-light; `make bench` installs it when missing), one worker,
+  HTTP and HTTPS (a test CA made here), static JPEG-shaped bodies of 1 KiB and 100 KiB,
+  /robots.txt allowing everything and an empty /.well-known/tdmrep.json.
+- targets, all running at once and measured one after the other for each cell, so each ratio
+  compares numbers taken a minute apart at most:
+    bare        `mitmdump -q` with the gateway's mitmproxy options (proxy.app.mitmproxy_options)
+                and mitmproxy's default addons; -q only silences the per-flow terminal output.
+    core        mitmproxy as the gateway builds it (the curated addons of
+                proxy.app.gateway_addons), without the crawlwarden addon (bench/mitm_core.py).
+    embedded    `crawlwarden run`: budgets in process, fetch log in SQLite.
+    embedded-pg embedded, but the fetch log in PostgreSQL (fetch-log cost vs SQLite).
+    shared      `crawlwarden run --redis-url --audit-dsn`: its own throwaway redis-server and a
+                fresh database on 127.0.0.1:5432 (user postgres).
+  Every gateway runs a policy with every opt-out check on (robots, TDMRep, noai, Content-Usage,
+  image metadata), signed checkpoints every 1000 records, 8 sites s1..s8.bench.test as policy site
+  rules (network.static_hosts -> 127.0.0.1) and budgets high enough that nothing is refused; the
+  run checks that nothing was.
+- cells: plain HTTP and HTTPS through CONNECT x 1 KiB and 100 KiB x 8 and 64 keep-alive
+  connections, driven by bench/loadgen.py (a separate process; its own CPU is reported).
+
+Per cell and target: requests/s, p50/p99 latency, the proxy's CPU seconds per 1000 requests and
+peak RSS (from /proc), Redis commands per request (INFO commandstats), the gateway's own
+governance p99 (crawlwarden_request_duration_seconds{phase="governance"}), and ratios to bare.
+Results: bench/results/<timestamp>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy.app import mitmproxy_options  # noqa: E402
+from proxy.runtime import Settings  # noqa: E402
+
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+PY = sys.executable
+VENV_BIN = Path(sys.executable).parent
+TEAM, TOKEN, PROJECT = "bench", "bench-token", "bench"
+SITES = 8
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+GATEWAYS = ("embedded", "embedded-pg", "shared")
+ALL_TARGETS = ("bare", "core", *GATEWAYS)
+BODIES = {"1k": 1024, "100k": 100 * 1024}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+# -- /proc ----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads), from /proc/PID/stat."""
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM (Linux clear_refs 5), so each cell reports its own peak."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class RssSampler(threading.Thread):
+    """RSS of some processes every `interval` seconds, until stopped (bounded by `limit`)."""
+
+    def __init__(self, pids: dict[str, int], interval: float, limit: int = 100_000):
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.interval = interval
+        self.limit = limit
+        self.samples: list[dict[str, Any]] = []
+        self._halt = threading.Event()
+        self.t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self._halt.is_set() and len(self.samples) < self.limit:
+            row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 2)}
+            for name, pid in self.pids.items():
+                with contextlib.suppress(OSError):
+                    row[name] = rss_bytes(pid)
+            self.samples.append(row)
+            self._halt.wait(self.interval)
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._halt.set()
+        self.join(5)
+        return self.samples
+
+
+# -- certificates, files, policy --------------------------------------------------------------
+
+
+def make_certs(directory: Path) -> dict[str, Path]:
+    """A test CA and a server certificate for *.bench.test, localhost and 127.0.0.1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crawlwarden bench CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench.test")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=7))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("*.bench.test"),
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {"ca": directory / "ca.pem", "cert": directory / "server.pem"}
+    out["key"] = directory / "server.key"
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return out
+
+
+def jpeg_body(size: int) -> bytes:
+    """A JPEG-shaped body of exactly `size` bytes: SOI, APP0 JFIF, a comment, SOS, data, EOI.
+
+    The gateway's image-metadata scanner walks its segments as it would a real photo's (and finds
+    no XMP, IPTC or C2PA: nothing is withheld).
+    """
+    app0 = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    comment = b"crawlwarden benchmark body"
+    com = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
+    sos = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
+    head = b"\xff\xd8" + app0 + com + sos
+    filler = size - len(head) - 2
+    assert filler > 0
+    data = bytes((i * 7 + 13) % 255 for i in range(filler))  # never 0xff: no marker inside
+    return head + data + b"\xff\xd9"
+
+
+def policy(key_file: Path) -> dict[str, Any]:
+    import hashlib
+
+    on = {"robots": True, "tdmrep": True, "noai": True, "content_usage": True}
+    return {
+        "version": 1,
+        "crawler": {
+            "user_agent": "BenchBot/1.0 (+https://crawler.example/benchbot)",
+            "robots_tokens": ["BenchBot"],
+            "contact": "crawl-ops@crawler.example",
+        },
+        "egress": {"provider": "bench-transit", "public_ips": ["203.0.113.7"]},
+        "teams": [
+            {
+                "name": TEAM,
+                "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+                "projects": [PROJECT],
+            }
+        ],
+        "admin_tokens": [
+            {"role": "admin", "token_sha256": hashlib.sha256(b"bench-admin").hexdigest()}
+        ],
+        "defaults": {
+            "rate": "100000/s",
+            "burst": 100000,
+            "max_concurrency": 10000,
+            "requests_per_day": 1_000_000_000,
+            "requests_per_month": 10_000_000_000,
+            "bytes_per_day": "10TB",
+            "on_exceed": "reject",
+            "respect": {**on, "image_metadata": True},
+        },
+        "sites": [{"id": f"site-{n}", "match": [f"s{n}.bench.test"]} for n in range(1, SITES + 1)],
+        "blocklist": [
+            {
+                "id": "tos-stockco",
+                "match": ["stockco.example"],
+                "reason": "Terms of service section 7 prohibit automated collection",
+                "source": "https://stockco.example/terms",
+            }
+        ],
+        "network": {
+            "allow_private": ["127.0.0.0/8"],
+            "static_hosts": {"*.bench.test": "127.0.0.1"},
+        },
+        "audit": {
+            "signing_key_file": str(key_file),
+            "checkpoint_every_records": 1000,
+            "checkpoint_every_seconds": 60,
+            "spool_max_bytes": "4GB",
+        },
+    }
+
+
+# -- services -------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    cafile: Path | None = None
+    admin_port: int | None = None
+    connect_to_address: bool = False  # bare/core: send 127.0.0.1, keep the name in Host/SNI
+    log_file: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 40.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    work: Path
+    procs: list[Proc] = field(default_factory=list)
+    upstream: dict[str, Any] = field(default_factory=dict)
+    redis_port: int | None = None
+    pg_db: str | None = None
+    certs: dict[str, Path] = field(default_factory=dict)
+
+    # upstream ---------------------------------------------------------------------------
+
+    def start_upstream(self) -> None:
+        root = self.work / "www"
+        (root / ".well-known").mkdir(parents=True, exist_ok=True)
+        for name, size in BODIES.items():
+            (root / f"{name}.jpg").write_bytes(jpeg_body(size))
+        (root / "robots.txt").write_text("User-agent: *\nAllow: /\n")
+        (root / ".well-known" / "tdmrep.json").write_text("[]\n")
+        http_port, https_port = free_port(), free_port()
+        nginx = shutil.which("nginx") or (
+            "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+        )
+        if nginx is None:
+            raise SystemExit(
+                "bench: nginx is not installed; `make bench` installs it (apt-get install "
+                "nginx-light), or install it yourself"
+            )
+        conf = self.work / "nginx.conf"
+        conf.write_text(
+            f"""
+worker_processes 1;
+daemon off;
+pid {self.work}/nginx.pid;
+error_log {self.work}/nginx-error.log warn;
+{"user root;" if os.geteuid() == 0 else ""}
+events {{ worker_connections 4096; }}
+http {{
+    types {{ image/jpeg jpg; text/plain txt; application/json json; }}
+    default_type application/octet-stream;
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {self.work}/nginx-tmp;
+    server {{
+        listen 127.0.0.1:{http_port};
+        listen 127.0.0.1:{https_port} ssl;
+        ssl_certificate {self.certs["cert"]};
+        ssl_certificate_key {self.certs["key"]};
+        root {root};
+        location = /robots.txt {{ default_type text/plain; }}
+    }}
+}}
+"""
+        )
+        proc = subprocess.Popen(
+            [nginx, "-p", str(self.work), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.work / "nginx.out").open("wb"),
+        )
+        wait_port(http_port, proc)
+        wait_port(https_port, proc)
+        self.procs.append(Proc("nginx", proc, http_port))
+        self.upstream = {
+            "server": "nginx",
+            "version": _version([nginx, "-v"]),
+            "http_port": http_port,
+            "https_port": https_port,
+            "pid": proc.pid,
+        }
+        log(f"upstream nginx on :{http_port} (http) and :{https_port} (https)")
+
+    # shared state -------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        port = free_port()
+        rdir = self.work / "redis"
+        rdir.mkdir()
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(rdir),
+            ],
+            stdout=(rdir / "redis.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_port(port, proc)
+        self.procs.append(Proc("redis", proc, port))
+        self.redis_port = port
+        log(f"redis-server on :{port}")
+
+    def create_database(self) -> str:
+        name = f"crawlwarden_bench_{os.getpid()}_{int(time.time())}"
+        _psql(f'CREATE DATABASE "{name}"')
+        self.pg_db = name
+        log(f"PostgreSQL database {name}")
+        return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+    def drop_database(self) -> None:
+        if self.pg_db:
+            with contextlib.suppress(Exception):
+                _psql(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+
+    def redis_commands(self) -> dict[str, int]:
+        """calls per command from INFO commandstats (the INFO call itself excluded)."""
+        if self.redis_port is None:
+            return {}
+        import redis
+
+        r = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        try:
+            stats = r.info("commandstats")
+        finally:
+            r.close()
+        out = {}
+        for key, value in stats.items():
+            name = key.removeprefix("cmdstat_")
+            if name in ("info",):
+                continue
+            out[name] = int(value["calls"])
+        return out
+
+    # proxies ------------------------------------------------------------------------------
+
+    def start_bare(self) -> Proc:
+        port = free_port()
+        confdir = self.work / "bare-conf"
+        settings = Settings(
+            policy_file=Path("unused"),
+            listen_port=port,
+            data_dir=confdir,
+            upstream_trusted_ca=self.certs["ca"],
+        )
+        confdir.mkdir()
+        sets: list[str] = []
+        for key, value in mitmproxy_options(settings).items():
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            sets += ["--set", f"{key}={value}"]
+        logf = self.work / "bare.log"
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "mitmdump"), "-q", *sets],
+            stdout=logf.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_port(port, proc)
+        p = Proc("bare", proc, port, confdir / "mitmproxy-ca-cert.pem", None, True, logf)
+        self.procs.append(p)
+        return p
+
+    def start_core(self) -> Proc:
+        port = free_port()
+        confdir = self.work / "core-conf"
+        logf = self.work / "core.log"
+        proc = subprocess.Popen(
+            [
+                PY,
+                str(BENCH / "mitm_core.py"),
+                "--port",
+                str(port),
+                "--confdir",
+                str(confdir),
+                "--trusted-ca",
+                str(self.certs["ca"]),
+            ],
+            stdout=logf.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        wait_port(port, proc)
+        p = Proc("core", proc, port, confdir / "mitmproxy-ca-cert.pem", None, True, logf)
+        self.procs.append(p)
+        return p
+
+    def start_gateway(
+        self, name: str, *, redis: bool, pg_dsn: str | None, policy_file: Path
+    ) -> Proc:
+        port, admin = free_port(), free_port()
+        data = self.work / f"{name}-data"
+        logf = self.work / f"{name}.log"
+        cmd = [
+            str(VENV_BIN / "crawlwarden"),
+            "run",
+            "--policy",
+            str(policy_file),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin",
+            f"127.0.0.1:{admin}",
+            "--data-dir",
+            str(data),
+            "--replica-id",
+            name,
+            "--upstream-trusted-ca",
+            str(self.certs["ca"]),
+        ]
+        if redis:
+            cmd += ["--redis-url", f"redis://127.0.0.1:{self.redis_port}/0"]
+        if pg_dsn:
+            cmd += ["--audit-dsn", pg_dsn]
+        # The decision log line stays on: it is part of the cost, written to a file as a
+        # container runtime would take it from stderr.
+        proc = subprocess.Popen(cmd, stdout=logf.open("wb"), stderr=subprocess.STDOUT)
+        p = Proc(name, proc, port, data / "mitmproxy-ca-cert.pem", admin, False, logf)
+        self.procs.append(p)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n{logf.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        wait_port(port, proc)
+                        return p
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} not ready after 60s:\n{logf.read_text()[-3000:]}")
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+        self.drop_database()
+
+
+def _psql(sql: str) -> None:
+    subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d", "postgres", "-qAtc", sql],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) else "?"
+
+
+# -- the gateway's own metrics --------------------------------------------------------------
+
+
+def scrape(p: Proc) -> dict[str, Any]:
+    """The governance histogram's buckets and request counts by decision, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if p.admin_port is None:
+        return {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    buckets: dict[float, float] = {}
+    decisions: dict[str, float] = {}
+    redis_ops: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if (
+                s.name == "crawlwarden_request_duration_seconds_bucket"
+                and s.labels.get("phase") == "governance"
+            ):
+                buckets[float(s.labels["le"])] = s.value
+            elif s.name == "crawlwarden_requests_total":
+                key = f"{s.labels['decision']}:{s.labels['reason']}"
+                decisions[key] = decisions.get(key, 0) + s.value
+            elif s.name == "crawlwarden_redis_duration_seconds_count":
+                redis_ops[s.labels["op"]] = s.value
+    return {"buckets": buckets, "decisions": decisions, "redis_ops": redis_ops}
+
+
+def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> Any:
+    """Prometheus' histogram_quantile over the difference of two scrapes (seconds)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    prev_bound, prev_count = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return prev_bound
+            return prev_bound + (bound - prev_bound) * (rank - prev_count) / max(
+                count - prev_count, 1e-9
+            )
+        prev_bound, prev_count = bound, count
+    return None
+
+
+def share_below(bound: float, before: dict[float, float], after: dict[float, float]) -> Any:
+    total = after.get(float("inf"), 0.0) - before.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    return (after.get(bound, 0.0) - before.get(bound, 0.0)) / total
+
+
+# -- one measured cell ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    scheme: str
+    body: str
+    conns: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.scheme}-{self.body}-c{self.conns}"
+
+
+def run_load(
+    bench: Bench,
+    targets: list[Proc],
+    cell: Cell,
+    *,
+    warmup: float,
+    duration: float,
+    max_requests: int = 0,
+    rate: float | None = None,
+    rss_interval: float = 0.5,
+    cafile: Path | None = None,
+) -> dict[str, Any]:
+    """Drive one cell through one proxy (or spread over several replicas) and measure it."""
+    up = bench.upstream
+    port = up["https_port"] if cell.scheme == "https" else up["http_port"]
+    first = targets[0]
+    cmd = [
+        PY,
+        str(BENCH / "loadgen.py"),
+        "--proxy",
+        ",".join(f"127.0.0.1:{t.port}" for t in targets),
+        "--scheme",
+        cell.scheme,
+        "--target",
+        f"s{{n}}.bench.test:{port}",
+        "--path",
+        f"/{cell.body}.jpg",
+        "--conns",
+        str(cell.conns),
+        "--sites",
+        str(SITES),
+        "--warmup",
+        str(warmup),
+        "--duration",
+        str(duration),
+        "--max-requests",
+        str(max_requests),
+        "--cafile",
+        str(cafile or first.cafile),
+        "--user",
+        TEAM,
+        "--token",
+        TOKEN,
+        "--project",
+        PROJECT,
+        "--sample-every",
+        str(max(1.0, min(5.0, duration / 20))),
+    ]
+    if first.connect_to_address:
+        cmd += ["--connect-to", f"127.0.0.1:{port}"]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert gen.stdout is not None
+    line = gen.stdout.readline()
+    if line.strip() != "warm":
+        gen.wait(30)
+        raise RuntimeError(f"loadgen failed: {line}{gen.stderr.read() if gen.stderr else ''}")
+    pids = {t.name: t.pid for t in targets}
+    load0 = os.getloadavg()
+    cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    for pid in pids.values():
+        reset_peak_rss(pid)
+    rss0 = {n: rss_bytes(pid) for n, pid in pids.items()}
+    redis0 = bench.redis_commands()
+    metrics0 = [scrape(t) for t in targets]
+    other0 = {p.name: cpu_seconds(p.pid) for p in bench.procs if p.name in ("nginx", "redis")}
+    sampler = RssSampler(pids, rss_interval)
+    sampler.start()
+    out, err = gen.communicate(timeout=warmup + duration + 120)
+    samples = sampler.stop()
+    cpu1 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    peaks = {n: peak_rss_bytes(pid) for n, pid in pids.items()}
+    redis1 = bench.redis_commands()
+    metrics1 = [scrape(t) for t in targets]
+    other1 = {p.name: cpu_seconds(p.pid) for p in bench.procs if p.name in ("nginx", "redis")}
+    load1 = os.getloadavg()
+    if gen.returncode != 0:
+        raise RuntimeError(f"loadgen exited {gen.returncode}: {err[-2000:]}")
+    res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    n = max(res["requests"], 1)
+    cpu = sum(cpu1[k] - cpu0[k] for k in cpu1)
+    res["proxy_cpu_s"] = round(cpu, 3)
+    res["cpu_s_per_1000"] = round(cpu / n * 1000, 4)
+    res["proxy_cpu_share"] = round(cpu / res["seconds"], 3) if res["seconds"] else None
+    res["peak_rss_mb"] = round(max(peaks.values()) / 2**20, 1)
+    res["rss_start_mb"] = round(sum(rss0.values()) / 2**20, 1)
+    res["rss_samples"] = samples
+    res["loadavg"] = [round(x, 2) for x in (*load0, *load1)]
+    res["other_cpu_s"] = {k: round(other1[k] - other0.get(k, 0.0), 3) for k in other1}
+    res["non_200"] = sum(v for k, v in res["statuses"].items() if k != "200")
+    if redis0 or redis1:
+        delta = {k: v - redis0.get(k, 0) for k, v in redis1.items() if v - redis0.get(k, 0) > 0}
+        res["redis_commands"] = delta
+        res["redis_commands_per_request"] = round(sum(delta.values()) / n, 3)
+    if any(metrics1):
+        buckets0: dict[float, float] = {}
+        buckets1: dict[float, float] = {}
+        refused = 0.0
+        forwarded = 0.0
+        redis_ops: dict[str, float] = {}
+        for m0, m1 in zip(metrics0, metrics1, strict=True):
+            for b, v in m0["buckets"].items():
+                buckets0[b] = buckets0.get(b, 0.0) + v
+            for b, v in m1["buckets"].items():
+                buckets1[b] = buckets1.get(b, 0.0) + v
+            for key, v in m1["decisions"].items():
+                d = v - m0["decisions"].get(key, 0.0)
+                if key.startswith("refused") or key.startswith("withheld"):
+                    refused += d
+                elif key.startswith("forwarded"):
+                    forwarded += d
+            for op, v in m1["redis_ops"].items():
+                redis_ops[op] = redis_ops.get(op, 0.0) + v - m0["redis_ops"].get(op, 0.0)
+        p99 = histogram_quantile(0.99, buckets0, buckets1)
+        p50 = histogram_quantile(0.50, buckets0, buckets1)
+        res["governance_p50_ms"] = None if p50 is None else round(p50 * 1000, 3)
+        res["governance_p99_ms"] = None if p99 is None else round(p99 * 1000, 3)
+        below = share_below(0.002, buckets0, buckets1)
+        res["governance_share_under_2ms"] = None if below is None else round(below, 5)
+        res["gateway_refused_or_withheld"] = int(refused)
+        res["gateway_forwarded"] = int(forwarded)
+        res["redis_round_trips"] = {k: int(v) for k, v in redis_ops.items() if v}
+    return res
+
+
+# -- the matrix -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    def read(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+        except OSError:
+            return ""
+
+    lscpu = {}
+    for line in read(["lscpu"]).splitlines():
+        k, _, v = line.partition(":")
+        if k.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Hypervisor vendor"):
+            lscpu[k.strip()] = v.strip()
+    mem = ""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = f"{int(line.split()[1]) // 1024} MiB"
+    from importlib import metadata
+
+    return {
+        "cpu": lscpu,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mitmproxy": metadata.version("mitmproxy"),
+        "redis_server": _version(["redis-server", "--version"]),
+        "postgresql": _version(["psql", "--version"]),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def cells_for(args: argparse.Namespace) -> list[Cell]:
+    if args.quick:
+        return [Cell("http", "1k", 8), Cell("https", "1k", 8)]
+    cells = [
+        Cell(s, b, c)
+        for s in args.schemes.split(",")
+        for b in args.bodies.split(",")
+        for c in (int(x) for x in args.conns.split(","))
+    ]
+    return cells
+
+
+def ratio(a: Any, b: Any) -> Any:
+    if a is None or b in (None, 0):
+        return None
+    return round(a / b, 3)
+
+
+def add_ratios(table: dict[str, dict[str, Any]]) -> None:
+    """Each target's figures as a ratio to bare mitmdump of the same cell and repeat."""
+    bare = table.get("bare")
+    if bare is None:
+        return
+    for name, res in table.items():
+        if name == "bare":
+            continue
+        res["vs_bare"] = {
+            "rps": ratio(res["rps"], bare["rps"]),
+            "p50": ratio(res["p50_ms"], bare["p50_ms"]),
+            "p99": ratio(res["p99_ms"], bare["p99_ms"]),
+            "cpu_per_1000": ratio(res["cpu_s_per_1000"], bare["cpu_s_per_1000"]),
+            "peak_rss": ratio(res["peak_rss_mb"], bare["peak_rss_mb"]),
+        }
+
+
+def run_matrix(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dict[str, Any]:
+    targets_wanted = ["bare", "embedded"] if args.quick else args.targets.split(",")
+    need_pg = any(t in ("embedded-pg", "shared") for t in targets_wanted)
+    pg_dsn = bench.create_database() if need_pg else None
+    if "shared" in targets_wanted:
+        bench.start_redis()
+    procs: dict[str, Proc] = {}
+    for name in targets_wanted:
+        log(f"starting {name}")
+        if name == "bare":
+            procs[name] = bench.start_bare()
+        elif name == "core":
+            procs[name] = bench.start_core()
+        elif name == "embedded":
+            procs[name] = bench.start_gateway(
+                name, redis=False, pg_dsn=None, policy_file=policy_file
+            )
+        elif name == "embedded-pg":
+            procs[name] = bench.start_gateway(
+                name, redis=False, pg_dsn=pg_dsn, policy_file=policy_file
+            )
+        elif name == "shared":
+            procs[name] = bench.start_gateway(
+                name, redis=True, pg_dsn=pg_dsn, policy_file=policy_file
+            )
+        else:
+            raise SystemExit(f"bench: unknown target {name!r}; known: {', '.join(ALL_TARGETS)}")
+    cells = cells_for(args)
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeat):
+        for cell in cells:
+            table: dict[str, dict[str, Any]] = {}
+            for name, p in procs.items():
+                res = run_load(bench, [p], cell, warmup=args.warmup, duration=args.duration)
+                table[name] = res
+                log(
+                    f"rep {rep + 1} {cell.name:16} {name:12} {res['rps']:8.1f} req/s "
+                    f"p50 {res['p50_ms']} p99 {res['p99_ms']} ms cpu/1k "
+                    f"{res['cpu_s_per_1000']} s rss {res['peak_rss_mb']} MB non-200 "
+                    f"{res['non_200']} err {res['error_count']} load {res['loadavg'][0]}"
+                )
+            add_ratios(table)
+            runs.append({"repeat": rep + 1, "cell": cell.name, "targets": table})
+    return {"runs": runs, "summary": summarize(runs)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median (and range) over repeats of each cell and target."""
+    out: dict[str, Any] = {}
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        for name, res in run["targets"].items():
+            by.setdefault((run["cell"], name), []).append(res)
+    keys = (
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "cpu_s_per_1000",
+        "peak_rss_mb",
+        "redis_commands_per_request",
+        "governance_p99_ms",
+        "governance_share_under_2ms",
+        "client_cpu_share",
+        "proxy_cpu_share",
+    )
+    for (cell, name), results in by.items():
+        entry: dict[str, Any] = {"n": len(results)}
+        for k in keys:
+            values = [r[k] for r in results if r.get(k) is not None]
+            if values:
+                entry[k] = round(statistics.median(values), 4)
+                if len(values) > 1:
+                    entry[k + "_range"] = [min(values), max(values)]
+        ratios = [r["vs_bare"]["rps"] for r in results if r.get("vs_bare", {}).get("rps")]
+        if ratios:
+            entry["rps_vs_bare"] = round(statistics.median(ratios), 3)
+            if len(ratios) > 1:
+                entry["rps_vs_bare_range"] = [min(ratios), max(ratios)]
+        cpu_ratios = [
+            r["vs_bare"]["cpu_per_1000"]
+            for r in results
+            if r.get("vs_bare", {}).get("cpu_per_1000")
+        ]
+        if cpu_ratios:
+            entry["cpu_vs_bare"] = round(statistics.median(cpu_ratios), 3)
+        entry["non_200"] = sum(r["non_200"] for r in results)
+        entry["errors"] = sum(r["error_count"] for r in results)
+        entry["refused_or_withheld"] = sum(r.get("gateway_refused_or_withheld", 0) for r in results)
+        out.setdefault(cell, {})[name] = entry
+    return out
+
+
+# -- replicas -------------------------------------------------------------------------------
+
+
+def run_replicas(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dict[str, Any]:
+    """One shared-mode gateway vs two sharing Redis and PostgreSQL, same load split over both."""
+    if bench.redis_port is None:
+        bench.start_redis()
+    dsn = (
+        f"postgresql://postgres@127.0.0.1:5432/{bench.pg_db}"
+        if bench.pg_db
+        else bench.create_database()
+    )
+    a = bench.start_gateway("replica-a", redis=True, pg_dsn=dsn, policy_file=policy_file)
+    b = bench.start_gateway("replica-b", redis=True, pg_dsn=dsn, policy_file=policy_file)
+    bundle = bench.work / "replicas-ca.pem"
+    bundle.write_bytes(a.cafile.read_bytes() + b.cafile.read_bytes())  # type: ignore[union-attr]
+    out: list[dict[str, Any]] = []
+    cells = [Cell("http", "1k", 64), Cell("https", "1k", 64)]
+    if args.quick:
+        cells = cells[:1]
+    for rep in range(args.repeat):
+        for cell in cells:
+            one = run_load(
+                bench, [a], cell, warmup=args.warmup, duration=args.duration, cafile=bundle
+            )
+            two = run_load(
+                bench, [a, b], cell, warmup=args.warmup, duration=args.duration, cafile=bundle
+            )
+            log(
+                f"replicas {cell.name}: one {one['rps']} req/s, two {two['rps']} req/s "
+                f"({ratio(two['rps'], one['rps'])}x), non-200 {one['non_200'] + two['non_200']}"
+            )
+            out.append(
+                {
+                    "repeat": rep + 1,
+                    "cell": cell.name,
+                    "one": one,
+                    "two": two,
+                    "speedup": ratio(two["rps"], one["rps"]),
+                }
+            )
+    return {"runs": out}
+
+
+# -- soak -----------------------------------------------------------------------------------
+
+
+def run_soak(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dict[str, Any]:
+    """`--soak-requests` requests through one gateway, RSS sampled every `--rss-every` s."""
+    target = args.soak_target
+    redis = target == "shared"
+    dsn = bench.create_database() if target in ("shared", "embedded-pg") else None
+    if redis:
+        bench.start_redis()
+    gw = bench.start_gateway(target, redis=redis, pg_dsn=dsn, policy_file=policy_file)
+    scheme, body, conns = args.soak_cell.split("-")
+    cell = Cell(scheme, body, int(conns.removeprefix("c")))
+    # Bounded in time too: at most --soak-max-seconds, however slow the machine.
+    res = run_load(
+        bench,
+        [gw],
+        cell,
+        warmup=args.warmup,
+        duration=args.soak_max_seconds,
+        max_requests=args.soak_requests,
+        rate=args.rate,
+        rss_interval=args.rss_every,
+    )
+    samples = [s[target] for s in res["rss_samples"] if target in s]
+    first, last = samples[0], samples[-1]
+    tenth = samples[len(samples) // 10] if len(samples) >= 10 else first
+    res["soak"] = {
+        "target": target,
+        "cell": cell.name,
+        "requests": res["requests"],
+        "rate_asked": args.rate,
+        "errors": res["error_count"],
+        "non_200": res["non_200"],
+        "rss_first_mb": round(first / 2**20, 1),
+        "rss_last_mb": round(last / 2**20, 1),
+        "rss_max_mb": round(max(samples) / 2**20, 1),
+        "rss_growth_mb": round((last - first) / 2**20, 1),
+        "rss_growth_after_first_tenth_mb": round((last - tenth) / 2**20, 1),
+        "samples": len(samples),
+    }
+    log(f"soak: {json.dumps(res['soak'])}")
+    return res
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"## {result['started']} ({result['mode']})", ""]
+    m = result["machine"]
+    lines.append(
+        f"Machine: {m['cpu'].get('Model name', '?')}, {m['cpu'].get('CPU(s)', '?')} CPUs, "
+        f"{m['memory']}, kernel {m['kernel']}, Python {m['python']}, mitmproxy {m['mitmproxy']}; "
+        f"load average at start {m['loadavg_at_start']}."
+    )
+    lines.append("")
+    matrix = result.get("matrix")
+    if matrix:
+        lines += [
+            "| cell | target | req/s | x bare | p50 ms | p99 ms | CPU s/1000 req | x bare | "
+            "peak RSS MB | Redis cmd/req | gov. p99 ms | non-200 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for cell, targets in matrix["summary"].items():
+            for name, e in targets.items():
+                lines.append(
+                    f"| {cell} | {name} | {e.get('rps', '')} | {e.get('rps_vs_bare', '')} | "
+                    f"{e.get('p50_ms', '')} | {e.get('p99_ms', '')} | "
+                    f"{e.get('cpu_s_per_1000', '')} | {e.get('cpu_vs_bare', '')} | "
+                    f"{e.get('peak_rss_mb', '')} | {e.get('redis_commands_per_request', '')} | "
+                    f"{e.get('governance_p99_ms', '')} | {e['non_200'] + e['errors']} |"
+                )
+        lines.append("")
+    reps = result.get("replicas")
+    if reps:
+        lines += ["| replicas cell | one req/s | two req/s | speedup |", "|---|---:|---:|---:|"]
+        for r in reps["runs"]:
+            lines.append(
+                f"| {r['cell']} | {r['one']['rps']} | {r['two']['rps']} | {r['speedup']} |"
+            )
+        lines.append("")
+    soak = result.get("soak")
+    if soak:
+        lines.append("Soak: " + json.dumps(soak["soak"]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 targets, 2 short cells")
+    p.add_argument("--soak", action="store_true", help="only the soak (bounded, not for CI)")
+    p.add_argument("--replicas", action="store_true", help="only one vs two replicas")
+    p.add_argument("--no-replicas", action="store_true", help="skip the replica comparison")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS))
+    p.add_argument("--schemes", default="http,https")
+    p.add_argument("--bodies", default="1k,100k")
+    p.add_argument("--conns", default="8,64")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds per cell before measuring")
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell")
+    p.add_argument("--repeat", type=int, default=1, help="run the whole matrix N times")
+    p.add_argument("--rate", type=float, default=None, help="soak: pace to N requests/s")
+    p.add_argument("--soak-requests", type=int, default=100_000)
+    p.add_argument("--soak-max-seconds", type=float, default=1800.0)
+    p.add_argument("--soak-target", default="shared", choices=GATEWAYS)
+    p.add_argument("--soak-cell", default="http-1k-c8", help="SCHEME-BODY-cCONNS")
+    p.add_argument("--rss-every", type=float, default=2.0, help="soak: RSS sample interval (s)")
+    p.add_argument("--output", type=Path, default=None, help="results JSON (default: results/)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.warmup, args.duration = min(args.warmup, 1.0), min(args.duration, 2.0)
+        args.repeat = 1
+
+    started = dt.datetime.now(dt.UTC)
+    work = Path(tempfile.mkdtemp(prefix="crawlwarden-bench-"))
+    work.chmod(0o755)  # nginx workers read the bodies
+    bench = Bench(args, work)
+    mode = (
+        "soak" if args.soak else "replicas" if args.replicas else "quick" if args.quick else "full"
+    )
+    result: dict[str, Any] = {
+        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mode": mode,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+    }
+    log(f"work dir {work}; load average {os.getloadavg()}")
+    try:
+        bench.certs = make_certs(work / "certs")
+        key = work / "audit.key"
+        subprocess.run(
+            [
+                str(VENV_BIN / "crawlwarden"),
+                "keys",
+                "generate",
+                "--private",
+                str(key),
+                "--public",
+                str(work / "audit.pub"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        policy_file = work / "policy.yaml"
+        policy_file.write_text(yaml.safe_dump(policy(key), sort_keys=False))
+        bench.start_upstream()
+        if args.soak:
+            result["soak"] = run_soak(bench, args, policy_file)
+        elif args.replicas:
+            result["replicas"] = run_replicas(bench, args, policy_file)
+        else:
+            result["matrix"] = run_matrix(bench, args, policy_file)
+            if not args.quick and not args.no_replicas:
+                result["replicas"] = run_replicas(bench, args, policy_file)
+    finally:
+        bench.stop_all()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out = args.output or RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}-{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    log(f"results in {out}")
+    bad = _failures(result)
+    for b in bad:
+        log(f"FAILED: {b}")
+    return 1 if bad else 0
+
+
+def _failures(result: dict[str, Any]) -> list[str]:
+    """Refusals, errors or non-200 answers make the run invalid (budgets must never refuse)."""
+    bad = []
+    for cell, targets in result.get("matrix", {}).get("summary", {}).items():
+        for name, e in targets.items():
+            if e["non_200"] or e["errors"] or e["refused_or_withheld"]:
+                bad.append(
+                    f"{cell} {name}: {e['non_200']} non-200, {e['errors']} errors, "
+                    f"{e['refused_or_withheld']} refused/withheld"
+                )
+    for r in result.get("replicas", {}).get("runs", []):
+        for k in ("one", "two"):
+            if r[k]["non_200"] or r[k]["error_count"]:
+                bad.append(f"replicas {r['cell']} {k}: {r[k]['non_200']} non-200")
+    soak = result.get("soak")
+    if soak and (soak["non_200"] or soak["error_count"]):
+        bad.append(f"soak: {soak['non_200']} non-200, {soak['error_count']} errors")
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main())

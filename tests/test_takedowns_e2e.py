@@ -26,6 +26,7 @@ from tests.support import OTHER_TOKEN
 from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import Gateway
+from tests.support import LocalCA
 from tests.support import Reply
 from tests.support import Site
 from tests.support import base_policy
@@ -335,3 +336,27 @@ def test_teams_confirm_deletion_until_none_is_outstanding(workdir: Path, site: S
     confirmations = [r for r in records if r["kind"] == "takedown_confirmation"]
     assert sorted(r["team"] for r in confirmations) == sorted([TEAM, OTHER_TEAM])
     assert all(r["rule"] == filed["id"] for r in confirmations)
+
+
+def test_takedowns_bind_inside_tls_tunnels_and_at_connect(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    with Gateway(workdir, base_policy(), trusted_ca=test_ca.ca_cert) as gw:
+        for body in (
+            takedown_body("prefix", tls_site.url("site-a.test", "/gallery/")),
+            takedown_body("domain", "site-b.test"),
+        ):
+            assert gw.admin_request("POST", "/v1/takedowns", ADMIN_TOKEN, body)[0] == 201
+
+        def get(url: str):
+            return curl(url, proxy=gw.proxy_url(), cacert=gw.ca_cert, headers=HEADERS)
+
+        inside = get(tls_site.url("site-a.test", "/gallery/cat.jpg"))
+        assert inside.status == 451 and inside.json()["reason"] == "takedown"
+        assert tls_site.connections == 0  # refused inside the tunnel, before any upstream TLS
+        assert get(tls_site.url("site-a.test", "/about")).status == 200
+        at_connect = get(tls_site.url("www.site-b.test", "/"))
+        # Refused at CONNECT: curl never gets to TLS.
+        assert at_connect.returncode != 0 and "451" in at_connect.stderr + str(at_connect.status)
+        reasons = [r["reason"] for r in gw.fetch_records() if r["kind"] == "fetch"]
+    assert reasons == ["takedown", "ok", "takedown"]

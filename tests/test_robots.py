@@ -504,13 +504,14 @@ async def test_content_usage_in_robots_refuses_before_fetching() -> None:
 
 
 async def test_signals_are_recorded_where_the_policy_does_not_respect_them() -> None:
+    # robots.txt is still read for its Content-Usage rules (content_usage respected) ...
     policy = make_policy(
         sites=[
             {
                 "id": "licensed",
                 "match": ["site-a.test"],
                 "legal_basis": {"kind": "licence", "ref": "LIC-1", "expires": "2999-01-01"},
-                "respect": {"robots": False, "content_usage": False},
+                "respect": {"robots": False},
             }
         ]
     )
@@ -523,7 +524,19 @@ async def test_signals_are_recorded_where_the_policy_does_not_respect_them() -> 
         finally:
             await checks.close()
     assert d1 is None and s1 == ["robots:disallow"]
-    assert d2 is None and s2 == ["robots:content-usage:train-ai=n"]
+    assert d2 is not None and s2 == ["robots:content-usage:train-ai=n"]
+
+
+async def test_robots_txt_is_not_fetched_when_nothing_in_it_binds_the_site() -> None:
+    policy = make_policy(respect={"robots": False, "content_usage": False})
+    async with origin_server({"/robots.txt": "User-agent: *\nDisallow: /\n"}) as site:
+        checks = make_checks(policy)
+        try:
+            decision, signals = await robots_decision(checks, site.origin() + "/x", policy)
+        finally:
+            await checks.close()
+        assert site.hits["/robots.txt"] == 0
+    assert decision is None and signals == []
 
 
 async def test_replicas_share_one_fetch_through_redis() -> None:

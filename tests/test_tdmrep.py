@@ -174,7 +174,9 @@ async def test_an_expired_licence_falls_back_to_the_default_basis() -> None:
     assert decision is not None and decision.reason is Reason.TDM_RESERVED
 
 
-async def test_respect_tdmrep_false_records_without_refusing() -> None:
+async def test_respect_tdmrep_false_does_not_even_ask_for_the_file() -> None:
+    """A site whose policy does not respect TDMRep gets no tdmrep.json request from us: the
+    file could not change the decision (politeness: no traffic for nothing)."""
     policy = make_policy(respect={"tdmrep": False})
     async with origin_server({tdmrep.WELL_KNOWN_PATH: RULES}) as site:
         checks = make_checks(policy)
@@ -182,7 +184,8 @@ async def test_respect_tdmrep_false_records_without_refusing() -> None:
             decision, signals = await tdm_decision(checks, site.origin() + "/directory-a/x", policy)
         finally:
             await checks.close()
-    assert decision is None and signals == ["tdmrep:reserved"]
+        assert site.hits[tdmrep.WELL_KNOWN_PATH] == 0
+    assert decision is None and signals == []
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import binascii
 import csv
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -342,6 +343,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     out: TextIO = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
     try:
         count = asyncio.run(run_export(args, out))
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of ours. Point stdout at /dev/null so
+        # the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"crawlwarden audit export: {e}", file=sys.stderr)
         return 2

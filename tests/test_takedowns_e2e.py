@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -65,9 +66,16 @@ def poll_until(gw: Gateway, url: str, status: int, started: float, limit: float 
         time.sleep(0.01)
 
 
-def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str | Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [CRAWLWARDEN, *map(str, args)], capture_output=True, text=True, check=check, timeout=120
+        [CRAWLWARDEN, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=120,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -121,6 +129,14 @@ def test_a_takedown_filed_on_one_replica_binds_the_other_within_a_second_and_aft
         status, listed = gw2.admin_request("GET", "/v1/takedowns", AUDITOR_TOKEN)
         assert status == 200
         assert [t["id"] for t in listed["takedowns"]] == [filed["id"], second["id"]]
+
+        # A replica that starts while Redis is down enforces its local copy.
+        gw2.stop()
+        own_redis.kill()
+        gw2.start()
+        assert fetch(gw2, target).json()["rule"] == filed["id"]
+        assert fetch(gw2, site.url("site-b.test", "/")).json()["rule"] == second["id"]
+        own_redis.start()
 
     # Every change is a record in the fetch log of the replica that made it.
     events = [r for r in gw1.export() if r.get("kind") == "takedown"]
@@ -317,7 +333,12 @@ def test_teams_confirm_deletion_until_none_is_outstanding(workdir: Path, site: S
         shown = json.loads(cli("takedown", "show", filed["id"], *auth).stdout)
         assert shown["teams_outstanding"] == [OTHER_TEAM] and shown["status"] == "outstanding"
         cli("takedown", "confirm", filed["id"], "--team", OTHER_TEAM, "--deleted", "1", *auth)
-        [listed] = json.loads(cli("takedown", "list", *auth).stdout)["takedowns"]
+        from_env = cli(
+            "takedown",
+            *("list", "--admin", gw.admin),
+            env={"CRAWLWARDEN_ADMIN_TOKEN": ADMIN_TOKEN},
+        )
+        [listed] = json.loads(from_env.stdout)["takedowns"]
         assert listed["teams_outstanding"] == [] and listed["status"] == "complete"
 
         # The CLI's errors say what went wrong.

@@ -32,6 +32,7 @@ from proxy.audit.checkpoint import parse_text
 from proxy.audit.keys import Signer
 from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import FetchRecord
+from proxy.audit.record import SerializedRecord
 from proxy.audit.record import record_hash
 from proxy.audit.record import utc_timestamp
 from proxy.audit.spool import Spool
@@ -233,12 +234,14 @@ class FetchLog:
         data["prev_hash"] = self.head
         data["hash"] = None
         data["hash"] = record_hash(data)
-        line = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
         try:
-            self.spool.finish(line, data["id"], seq)
+            self.spool.finish(text.encode(), data["id"], seq)
         except OSError as e:
             self._spool_failed(e)
             raise
+        # The store writes the same text as its body column: serialised once, not twice.
+        data = SerializedRecord(data, text)
         self.seq, self.head = seq, data["hash"]
         self._queue.append(data)
         self._pending.append((seq, self.clock()))

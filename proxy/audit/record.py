@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-from dataclasses import asdict
+import math
+import time
 from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import fields
@@ -61,7 +61,42 @@ class FetchRecord:
     hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # What dataclasses.asdict gives (field order, lists copied), without its generic deep
+        # copy: this runs twice for every forwarded request.
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "method": self.method,
+            "url": self.url,
+            "decision": self.decision,
+            "reason": self.reason,
+            "kind": self.kind,
+            "team": self.team,
+            "project": self.project,
+            "account": self.account,
+            "client_ip": self.client_ip,
+            "egress_ip": self.egress_ip,
+            "egress_provider": self.egress_provider,
+            "egress_public_ips": list(self.egress_public_ips),
+            "upstream_proxy": self.upstream_proxy,
+            "site": self.site,
+            "status": self.status,
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "content_type": self.content_type,
+            "content_sha256": self.content_sha256,
+            "rule": self.rule,
+            "signals": list(self.signals),
+            "legal_basis": self.legal_basis,
+            "policy_version": self.policy_version,
+            "user_agent": self.user_agent,
+            "duration_ms": self.duration_ms,
+            "note": self.note,
+            "replica": self.replica,
+            "seq": self.seq,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FetchRecord:
@@ -70,11 +105,56 @@ class FetchRecord:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(FetchRecord))
+if tuple(FetchRecord("", "", "", "", "", "").to_dict()) != FIELD_NAMES:  # checked once, at import
+    raise AssertionError("FetchRecord.to_dict() is out of step with the dataclass fields")
+
+
+class SerializedRecord(dict[str, Any]):
+    """A chained record (a plain dict to every reader) that keeps the JSON text the spool got.
+
+    The spool line and a store's `body` column are the same serialisation (compact separators,
+    ensure_ascii=False); a store reuses `json_text` instead of encoding the record a second time.
+    """
+
+    __slots__ = ("json_text",)
+
+    def __init__(self, data: dict[str, Any], json_text: str):
+        super().__init__(data)
+        self.json_text = json_text
+
+
+def record_json(rec: dict[str, Any]) -> str:
+    """The JSON text of a record as the spool and the stores' `body` column hold it."""
+    text = getattr(rec, "json_text", None)
+    if text is None:
+        text = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
+    return str(text)
+
+
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
 
 def utc_timestamp(t: float) -> str:
-    """RFC 3339 UTC with microseconds, e.g. 2026-11-28T01:02:03.456789Z."""
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds, e.g. 2026-11-28T01:02:03.456789Z.
+
+    The same text as datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), whose
+    microseconds are rounded half to even, but the date and time of day are formatted once per
+    second rather than once per call (several calls per request).
+    """
+    frac, whole = math.modf(t)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:  # before 1970
+        whole -= 1.0
+        micros += 1_000_000
+    second = int(whole)
+    cached = _second
+    if cached[0] != second:
+        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cached[0] = second
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 def canonical_json(data: dict[str, Any]) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
+from proxy.audit.record import record_json
 from proxy.audit.store import PurgePoint
 
 # Each entry migrates the schema from version i to i+1 (PRAGMA user_version is the schema
@@ -133,7 +134,7 @@ def _row(rec: dict[str, Any]) -> tuple[Any, ...]:
         rec["url"],
         rec.get("content_sha256"),
         rec["hash"],
-        json.dumps(rec, separators=(",", ":"), ensure_ascii=False),
+        record_json(rec),
     )
 
 

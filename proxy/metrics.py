@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from importlib import metadata
+from typing import Any
 
 from prometheus_client import Counter
 from prometheus_client import Gauge
@@ -145,6 +146,41 @@ try:
 except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
     _VERSION = "0+unknown"
 BUILD_INFO.info({"version": _VERSION})
+
+
+# Children of the per-request series, resolved once: `labels()` validates and locks on every call,
+# and these are touched several times per request. The label sets are bounded (see above), so
+# the caches are too; the cap only guards against a bug.
+GOVERNANCE_SECONDS = REQUEST_DURATION.labels(phase="governance")
+UPSTREAM_SECONDS = REQUEST_DURATION.labels(phase="upstream")
+TOTAL_SECONDS = REQUEST_DURATION.labels(phase="total")
+_CHILD_CACHE_MAX = 50_000
+_requests_children: dict[tuple[str, str, str, str], Any] = {}
+_bytes_children: dict[tuple[str, str], Any] = {}
+
+
+def count_request(site: str, team: str, decision: str, reason: str) -> None:
+    """crawlwarden_requests_total{site,team,decision,reason} += 1."""
+    key = (site, team, decision, reason)
+    child = _requests_children.get(key)
+    if child is None:
+        if len(_requests_children) >= _CHILD_CACHE_MAX:
+            _requests_children.clear()
+        child = _requests_children[key] = REQUESTS.labels(
+            site=site, team=team, decision=decision, reason=reason
+        )
+    child.inc()
+
+
+def count_response_bytes(site: str, team: str, n: int) -> None:
+    """crawlwarden_upstream_response_bytes_total{site,team} += n."""
+    key = (site, team)
+    child = _bytes_children.get(key)
+    if child is None:
+        if len(_bytes_children) >= _CHILD_CACHE_MAX:
+            _bytes_children.clear()
+        child = _bytes_children[key] = UPSTREAM_RESPONSE_BYTES.labels(site=site, team=team)
+    child.inc(n)
 
 
 def set_policy_version(version: str) -> None:

@@ -662,6 +662,7 @@ def run_load(
     rate: float | None = None,
     rss_interval: float = 0.5,
     cafile: Path | None = None,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Drive one cell through one proxy (or spread over several replicas) and measure it."""
     up = bench.upstream
@@ -720,7 +721,32 @@ def run_load(
     other0 = {p.name: cpu_seconds(p.pid) for p in bench.procs if p.name in ("nginx", "redis")}
     sampler = RssSampler(pids, rss_interval)
     sampler.start()
+    spy = None
+    if profile_dir is not None and len(targets) == 1:
+        # Collapsed stacks of the measured window (py-spy samples without stopping the process).
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        spy = subprocess.Popen(
+            [
+                str(VENV_BIN / "py-spy"),
+                "record",
+                "--pid",
+                str(first.pid),
+                "--duration",
+                str(max(1, int(duration))),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(profile_dir / f"{first.name}-{cell.name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     out, err = gen.communicate(timeout=warmup + duration + 120)
+    if spy is not None:
+        spy.wait(60)
     samples = sampler.stop()
     cpu1 = {n: cpu_seconds(pid) for n, pid in pids.items()}
     peaks = {n: peak_rss_bytes(pid) for n, pid in pids.items()}
@@ -878,7 +904,14 @@ def run_matrix(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dic
         for cell in cells:
             table: dict[str, dict[str, Any]] = {}
             for name, p in procs.items():
-                res = run_load(bench, [p], cell, warmup=args.warmup, duration=args.duration)
+                res = run_load(
+                    bench,
+                    [p],
+                    cell,
+                    warmup=args.warmup,
+                    duration=args.duration,
+                    profile_dir=args.profile,
+                )
                 table[name] = res
                 log(
                     f"rep {rep + 1} {cell.name:16} {name:12} {res['rps']:8.1f} req/s "
@@ -1093,6 +1126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-every", type=float, default=2.0, help="soak: RSS sample interval (s)")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: results/)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--profile", type=Path, default=None, help="py-spy collapsed stacks of each cell to DIR"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.duration = min(args.warmup, 1.0), min(args.duration, 2.0)

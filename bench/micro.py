@@ -1,0 +1,183 @@
+"""CPU per request of crawlwarden's own layer, without mitmproxy's I/O: a steadier measure than
+end-to-end throughput on a shared two-core machine, for before/after comparisons.
+
+    .venv/bin/python bench/micro.py [--requests 5000] [--repeat 5]
+    PYTHONPATH=/path/to/old/checkout .venv/bin/python bench/micro.py     (the same, older code)
+
+A real Runtime (embedded: budgets in process, SQLite fetch log, signed checkpoints, every opt-out
+check on) and the real Gateway addon; mitmproxy test flows are passed through its hooks as
+mitmproxy would (requestheaders, responseheaders, response) with a 1 KiB JPEG-shaped answer, so
+each request costs what the gateway adds: authentication, site key, checks, budgets, the spool
+begin line, opt-out reading, the fetch record, metrics and the decision log line (written to
+/dev/null). Shipping to SQLite runs as it does in the gateway, and is waited for inside the
+measured window. Also times the hot helper functions one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # after PYTHONPATH: an older checkout given there wins
+
+from bench.run import jpeg_body  # noqa: E402
+from bench.run import policy  # noqa: E402
+from tests.support import Reply  # noqa: E402
+from tests.support import Site  # noqa: E402
+
+AUTH = "Basic " + base64.b64encode(b"bench:bench-token").decode()
+
+
+async def governance_loop(n: int, repeat: int, workdir: Path, port: int) -> list[float]:
+    from mitmproxy.test import tflow
+    from mitmproxy.test import tutils
+
+    from addons.gateway import Gateway
+    from proxy.runtime import Runtime
+    from proxy.runtime import Settings
+
+    key = workdir / "audit.key"
+    from proxy.audit.keys import generate_key_pair
+
+    generate_key_pair(key, workdir / "audit.pub")
+    pol = policy(key)
+    policy_file = workdir / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(pol, sort_keys=False))
+    settings = Settings(policy_file=policy_file, data_dir=workdir / "data", replica_id="micro")
+    settings.data_dir.mkdir()
+    rt = Runtime.from_settings(settings)
+    await rt.start()
+    gw = Gateway(rt)
+    body = jpeg_body(1024)
+
+    def make(i: int) -> tuple[Any, Any]:
+        """A flow as mitmproxy hands it to requestheaders, and the site's answer for it."""
+        site = i % 8 + 1
+        req = tutils.treq(
+            host=f"s{site}.bench.test",
+            port=port,
+            scheme=b"http",
+            authority=b"",
+            path=b"/1k.jpg",
+            headers=((b"proxy-authorization", AUTH.encode()), (b"x-crawl-project", b"bench")),
+            content=b"",
+        )
+        flow = tflow.tflow(req=req)
+        flow.response = None
+        flow.client_conn.peername = ("127.0.0.1", 40000 + i % 1000)
+        resp = tutils.tresp(
+            status_code=200,
+            headers=((b"content-type", b"image/jpeg"), (b"content-length", b"1024")),
+            content=body,
+        )
+        return flow, resp
+
+    async def one(flow: Any, resp: Any) -> None:
+        await gw.requestheaders(flow)
+        if flow.response is not None:
+            raise RuntimeError(f"refused: {flow.response.status_code} {flow.response.content!r}")
+        now = time.time()
+        flow.request.timestamp_end = now
+        resp.timestamp_start = resp.timestamp_end = now
+        flow.response = resp
+        gw.responseheaders(flow)
+        await gw.response(flow)
+
+    for i in range(300):  # warm-up: robots.txt and tdmrep.json fetched, caches filled
+        await one(*make(i))
+    await rt.fetch_log.flushed()
+    per_request: list[float] = []
+    for _ in range(repeat):
+        flows = [make(i) for i in range(n)]  # built outside the measured window
+        cpu0 = time.process_time()
+        for i, (flow, resp) in enumerate(flows):
+            await one(flow, resp)
+            if i % 16 == 0:
+                await asyncio.sleep(0)  # let the ship loop and the settle loop run
+        await rt.fetch_log.flushed(timeout=60)
+        per_request.append((time.process_time() - cpu0) / n * 1e6)
+        del flows
+    await rt.stop()
+    return per_request
+
+
+def helpers() -> dict[str, float]:
+    """Microseconds per call of the helpers on the hot path."""
+    from proxy.audit.record import FetchRecord
+    from proxy.audit.record import record_hash
+    from proxy.audit.record import utc_timestamp
+    from proxy.blocklist import normalize_url
+    from proxy.originfiles import origin_of
+
+    rec = FetchRecord(
+        id="0" * 32,
+        ts=utc_timestamp(time.time()),
+        method="GET",
+        url="https://s1.bench.test/1k.jpg",
+        decision="forwarded",
+        reason="ok",
+        team="bench",
+        signals=[],
+        egress_public_ips=["203.0.113.7"],
+        policy_version=hashlib.sha256(b"p").hexdigest(),
+    )
+    data = rec.to_dict()
+    data.update(replica="r", seq=1, prev_hash="0" * 64, hash=None)
+    cases = {
+        "FetchRecord.to_dict": lambda: rec.to_dict(),
+        "utc_timestamp": lambda: utc_timestamp(1764292923.123456),
+        "record_hash": lambda: record_hash(data),
+        "origin_of": lambda: origin_of("https", "s1.bench.test", 443),
+        "normalize_url": lambda: normalize_url("https://s1.bench.test:443/a/b.jpg?x=1"),
+    }
+    out = {}
+    for name, fn in cases.items():
+        runs = timeit.repeat(fn, number=20000, repeat=5)
+        out[name] = round(min(runs) / 20000 * 1e6, 3)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args()
+    import proxy
+
+    print(f"code under test: {Path(proxy.__file__).parent.parent}")
+    for name, us in helpers().items():
+        print(f"  {name:22} {us:8.3f} us/call")
+    devnull = open(os.devnull, "w")  # the decision lines go here
+    sys.stderr = devnull
+    from proxy import logs
+
+    logs.configure()
+    with tempfile.TemporaryDirectory(prefix="crawlwarden-micro-") as tmp, Site() as site:
+        site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n")
+        site.routes["/.well-known/tdmrep.json"] = Reply(
+            body=b"[]", headers={"Content-Type": "application/json"}
+        )
+        runs = asyncio.run(governance_loop(args.requests, args.repeat, Path(tmp), site.port))
+    sys.stderr = sys.__stderr__
+    print(
+        f"  gateway hooks, per request: median {statistics.median(runs):.1f} us CPU "
+        f"(min {min(runs):.1f}, max {max(runs):.1f}; {args.repeat} x {args.requests})"
+    )
+
+
+if __name__ == "__main__":
+    main()

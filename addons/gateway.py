@@ -458,7 +458,7 @@ class Gateway:
         state.upstream_proxy = chosen.name
 
     def _observe_governance(self, started: float) -> None:
-        metrics.REQUEST_DURATION.labels(phase="governance").observe(time.perf_counter() - started)
+        metrics.GOVERNANCE_SECONDS.observe(time.perf_counter() - started)
 
     def _build_record(
         self, flow: http.HTTPFlow, state: FlowState, *, forwarded: bool | None = None
@@ -509,7 +509,7 @@ class Gateway:
             if answer.sha256 is None:
                 rec.note = "streamed past the buffer limit by mitmproxy: body not hashed"
             if flow.request.timestamp_end:
-                metrics.REQUEST_DURATION.labels(phase="upstream").observe(
+                metrics.UPSTREAM_SECONDS.observe(
                     max(0.0, answer.finished - flow.request.timestamp_end)
                 )
             now = answer.finished
@@ -525,17 +525,13 @@ class Gateway:
             rec.rule = state.withheld.rule
             rec.note = "withheld: the body was not delivered to the scraper"
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
-        metrics.REQUEST_DURATION.labels(phase="total").observe(rec.duration_ms / 1000)
+        metrics.TOTAL_SECONDS.observe(rec.duration_ms / 1000)
         data = self.rt.record(rec)
         site_label = self.rt.site_labels.observe(rec.site)
         team_label = rec.team or "_none"
-        metrics.REQUESTS.labels(
-            site=site_label, team=team_label, decision=rec.decision, reason=rec.reason
-        ).inc()
+        metrics.count_request(site_label, team_label, rec.decision, rec.reason)
         if rec.response_bytes:
-            metrics.UPSTREAM_RESPONSE_BYTES.labels(site=site_label, team=team_label).inc(
-                rec.response_bytes
-            )
+            metrics.count_response_bytes(site_label, team_label, rec.response_bytes)
         for signal in rec.signals:
             metrics.OPTOUT_SIGNALS.labels(site=site_label, signal=signal).inc()
         # One canonical line per decision, joinable with the fetch record by id/replica/seq.

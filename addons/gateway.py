@@ -6,15 +6,20 @@ response; then it accounts for the fetch and writes its record.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import time
 import uuid
 import weakref
+from collections.abc import Awaitable
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 
 import structlog
 from mitmproxy import connection
+from mitmproxy import ctx
 from mitmproxy import http
 from mitmproxy.net import server_spec
 from mitmproxy.proxy import layer
@@ -22,10 +27,17 @@ from mitmproxy.proxy import layers
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from addons.http_guard import ANSWER_NOW
+from addons.http_guard import FORWARDED
+from addons.http_guard import TIMEOUT
+from addons.http_guard import Limits
+from addons.http_guard import guard_http_layers
 from addons.streaming import ResponseStream
+from proxy import inputs
 from proxy import metrics
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
+from proxy.auth_throttle import AuthThrottle
 from proxy.blocklist import normalize_url
 from proxy.budgets import Lease
 from proxy.decision import Decision
@@ -40,8 +52,8 @@ from proxy.optout_checks import Assessment
 from proxy.optout_checks import BodyScan
 from proxy.originfiles import origin_of
 from proxy.runtime import Runtime
-from proxy.sites import normalize_host
 from proxy.ssrf import IPAddress
+from proxy.units import parse_size
 
 log = structlog.get_logger("crawlwarden.decision")
 
@@ -90,6 +102,7 @@ class FlowState:
     answer: SiteAnswer | None = None
     withheld: Decision | None = None
     cached_robots: bool = False
+    settled: bool = False  # in-flight count and budget lease released
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +126,10 @@ class SiteAnswer:
         else:
             body = resp.raw_content or b""
             size, digest = len(body), hashlib.sha256(body).hexdigest()
+        ctype = resp.headers.get("content-type")
         return cls(
             resp.status_code,
-            resp.headers.get("content-type"),
+            None if ctype is None else _loggable(ctype),  # the site's bytes, maybe not UTF-8
             size,
             digest,
             resp.timestamp_end or time.time(),
@@ -123,8 +137,26 @@ class SiteAnswer:
         )
 
 
+def _fail_closed(
+    hook: Callable[[Gateway, http.HTTPFlow], Awaitable[None]],
+) -> Callable[[Gateway, http.HTTPFlow], Awaitable[None]]:
+    """mitmproxy logs an exception in an addon hook and carries on with the flow as if the hook
+    had returned: a request hook that fails would forward an ungoverned request. Fail closed:
+    the flow is killed (nothing more leaves, nothing more is delivered) and still recorded."""
+
+    @functools.wraps(hook)
+    async def run(self: Gateway, flow: http.HTTPFlow) -> None:
+        try:
+            await hook(self, flow)
+        except Exception as e:
+            log.exception("hook_failed", hook=hook.__name__, url=_loggable(flow.request.url))
+            self._fail(flow, e)
+
+    return run
+
+
 class Gateway:
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, throttle: AuthThrottle | None = None):
         self.rt = runtime
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = (
             weakref.WeakKeyDictionary()
@@ -135,27 +167,47 @@ class Gateway:
             weakref.WeakKeyDictionary()
         )
         self._proxy_turn = 0
+        self.throttle = throttle or AuthThrottle()
+        self._limits: tuple[str, Limits] | None = None
 
     # -- connection layering ---------------------------------------------------------------
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """Only HTTP leaves the gateway: no raw TCP, UDP or DNS passthrough inside a tunnel."""
+        """Only HTTP leaves the gateway: no raw TCP, UDP or DNS passthrough inside a tunnel.
+        Every HTTP layer runs under an HttpGuard (timeouts, head size, slow clients)."""
         if isinstance(nextlayer.layer, _NO_UPSTREAM_LAYERS):
             nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
+        if nextlayer.layer is not None:
+            nextlayer.layer = guard_http_layers(nextlayer.layer, self.limits)
+
+    def limits(self) -> Limits:
+        """The policy's network limits, parsed once per policy version."""
+        version = self.rt.policy_version
+        if self._limits is None or self._limits[0] != version:
+            limits = Limits.of(self.rt.compiled.loaded.policy.network)
+            self._limits = (version, limits)
+            options = getattr(ctx, "options", None)
+            if options is not None and options.tcp_timeout != limits.watchdog:
+                options.update(tcp_timeout=limits.watchdog)
+        return self._limits[1]
 
     # -- CONNECT ---------------------------------------------------------------------------
 
+    @_fail_closed
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         started = time.perf_counter()
         gov = self.rt.governor
-        host = normalize_host(flow.request.host)
+        checked = inputs.check_host(flow.request.host)
+        host = checked.host or flow.request.host
         port = flow.request.port
-        state = self._new_state(flow, f"https://{host}:{port}", "CONNECT")
+        state = self._new_state(flow, f"https://{_loggable(_bracket(host))}:{port}", "CONNECT")
         flow.metadata[META] = state
-        identity = gov.authenticate(flow.request.headers.get("proxy-authorization"))
-        state.identity = identity
+        credentials = flow.request.headers.get("proxy-authorization")
+        identity = await self._authenticate(flow, state, credentials)
         if identity is None:
             return self._refuse_connect(flow, state, _auth_required(), started)
+        if checked.problem is not None or checked.host is None:
+            return self._refuse_connect(flow, state, _bad_request(checked.problem), started)
         site = gov.site_for(host)
         state.site = site.key
         decision = gov.check_host(host)
@@ -180,8 +232,32 @@ class Gateway:
         self._observe_governance(started)
         self._record(flow, state)
 
+    async def _authenticate(
+        self, flow: http.HTTPFlow, state: FlowState, header: str | None
+    ) -> Identity | None:
+        """The team of a Proxy-Authorization header, or None after the throttle's delay.
+
+        Wrong credentials (not missing ones) are answered later the more an address has sent
+        recently (proxy/auth_throttle.py); past its bound the flow is dropped unanswered."""
+        identity = self.rt.governor.authenticate(header)
+        state.identity = identity
+        if identity is not None or header is None:
+            return identity
+        penalty = self.throttle.failed(state.client_ip)
+        if penalty.drop:
+            state.decision = _auth_required()
+            flow.kill()
+            return None
+        try:
+            if penalty.delay > 0:
+                await asyncio.sleep(penalty.delay)
+        finally:
+            self.throttle.answered(state.client_ip)
+        return None
+
     # -- requests --------------------------------------------------------------------------
 
+    @_fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         started = time.perf_counter()
         req = flow.request
@@ -189,23 +265,42 @@ class Gateway:
         tunnel = self.tunnels.get(flow.client_conn)
         scheme = req.scheme
         if tunnel is not None:
-            identity: Identity | None = tunnel.identity
-            host = normalize_host(_host_only(req.host_header) or tunnel.host)
+            raw_host = _host_only(req.host_header) or tunnel.host
             port = tunnel.port
         else:
-            identity = gov.authenticate(req.headers.get("proxy-authorization"))
-            host = normalize_host(req.host)
+            raw_host = req.host
             port = req.port
-        url = normalize_url(f"{scheme}://{_bracket(host)}:{port}{req.path}")
+        checked = inputs.check_host(raw_host)
+        if checked.host is not None:
+            host = checked.host
+            url = normalize_url(f"{scheme}://{_bracket(host)}:{port}{_loggable(req.path)}")
+        else:  # refused below; recorded as it came
+            host = _loggable(raw_host)
+            url = f"{scheme}://{host}:{port}{_loggable(req.path)}"
         state = self._new_state(flow, url, req.method)
-        state.identity = identity
-        state.project = _header(req.headers, "x-crawl-project")
-        state.account = _header(req.headers, "x-crawl-account")
+        project = inputs.check_recorded_value("X-Crawl-Project", req.headers.get("x-crawl-project"))
+        account = inputs.check_recorded_value("X-Crawl-Account", req.headers.get("x-crawl-account"))
+        state.project, state.account = project.value, account.value
         flow.metadata[META] = state
+        problem = (
+            checked.problem or inputs.target_problem(req.path) or project.problem or account.problem
+        )
+        credentials = req.headers.get("proxy-authorization")
         self._sanitize(req)
 
+        if tunnel is not None:
+            identity: Identity | None = tunnel.identity
+            state.identity = identity
+        else:
+            identity = await self._authenticate(flow, state, credentials)
+            if flow.error is not None:
+                return None  # dropped by the throttle
         if identity is None:
             return self._refuse(flow, state, _auth_required(), started)
+        if problem is not None:
+            return self._refuse(flow, state, _bad_request(problem), started)
+        if (refused := self._framing_refusal(req)) is not None:
+            return self._refuse(flow, state, refused, started)
         if tunnel is not None and host != tunnel.host:
             return self._refuse(
                 flow,
@@ -268,9 +363,33 @@ class Gateway:
             state.lease = None
             return self._refuse(flow, state, _audit_unavailable(ctx.site.key), started)
         state.forwarded = True
+        flow.metadata[FORWARDED] = state.id
         self.rt.in_flight += 1
         metrics.IN_FLIGHT.set(self.rt.in_flight)
         self._observe_governance(started)
+
+    def _framing_refusal(self, req: http.Request) -> Decision | None:
+        """A head past the limit (one that arrived whole; partial ones are HttpGuard's), or a
+        body the gateway will not take (proxy/inputs.py)."""
+        network = self.rt.compiled.loaded.policy.network
+        limit = parse_size(network.max_request_header_bytes)
+        head = len(req.method) + len(req.path) + len(req.host_header or "") + 16
+        head += sum(len(k) + len(v) + 4 for k, v in req.headers.fields)
+        if head > limit:
+            return refuse(
+                Reason.HEADERS_TOO_LARGE,
+                f"the request head is larger than {limit} bytes (network.max_request_header_bytes)",
+            )
+        framing = inputs.check_body_framing(
+            req.headers.get("content-length"),
+            req.headers.get("transfer-encoding"),
+            parse_size(network.max_request_body_bytes),
+        )
+        if framing.length_required is not None:
+            return refuse(Reason.LENGTH_REQUIRED, framing.length_required)
+        if framing.too_large is not None:
+            return refuse(Reason.REQUEST_TOO_LARGE, framing.too_large)
+        return None
 
     def _refuse(
         self, flow: http.HTTPFlow, state: FlowState, decision: Decision, started: float
@@ -278,6 +397,19 @@ class Gateway:
         state.decision = decision
         self._respond(flow, decision)
         self._observe_governance(started)
+        req = flow.request
+        # mitmproxy switches to streaming for a body past its buffer before this hook; a flow
+        # with an answer cannot stream (it would raise), and must not read the body anyway.
+        req.stream = False
+        req.headers.pop("expect", None)  # no "100 Continue" for a body that is not wanted
+        if req.http_version.startswith("HTTP/1") and (
+            req.headers.get("transfer-encoding") or req.headers.get("content-length", "0") != "0"
+        ):
+            flow.metadata[ANSWER_NOW] = True  # HttpGuard answers before the body, then closes
+        elif not req.http_version.startswith("HTTP/1") and _declared_length(req) > _H2_BODY_READ:
+            # An HTTP/2 stream cannot be answered before its body here, and mitmproxy would
+            # buffer all of it first: reset the stream instead.
+            flow.kill()
 
     def _serve_cached_robots(
         self, flow: http.HTTPFlow, state: FlowState, cached: tuple[int, bytes], started: float
@@ -374,15 +506,21 @@ class Gateway:
         if state.forwarded:
             message = flow.error.msg if flow.error else "no response"
             kind = metrics.upstream_error_kind(message)
+            timeout = flow.metadata.get(TIMEOUT)
+            if timeout is not None:
+                # HttpGuard closed the connection at one of the policy's network timeouts.
+                kind = "timeout"
+                message = f"{timeout[1]} (network.{timeout[0]}_timeout)"
             if kind is not None:  # also a body cut short after the response headers
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
-            if flow.response is None:
+            if flow.response is None or timeout is not None:
                 reason = Reason.UPSTREAM_TIMEOUT if kind == "timeout" else Reason.UPSTREAM_ERROR
                 state.decision = refuse(reason, message, site=state.site)
         self._finish(flow, state)
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
-        if state.forwarded:
+        if state.forwarded and not state.settled:
+            state.settled = True
             self.rt.in_flight -= 1
             metrics.IN_FLIGHT.set(self.rt.in_flight)
             answer = state.answer
@@ -394,6 +532,24 @@ class Gateway:
                 received = state.stream.received
             self.rt.budgets.finish(state.lease, response_bytes=received or 0)
         self._record(flow, state)
+
+    def _fail(self, flow: http.HTTPFlow, error: Exception) -> None:
+        """After a hook raised: nothing more leaves or is delivered; the fetch is still
+        recorded and its budget lease released, if the hook got that far."""
+        if flow.killable:
+            flow.kill()
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None or state.recorded:
+            return
+        state.decision = refuse(
+            Reason.INTERRUPTED,
+            f"the gateway failed on this request ({type(error).__name__}) and stopped it",
+            site=state.site,
+        )
+        try:
+            self._finish(flow, state)
+        except Exception:
+            log.exception("record_failed", id=state.id)
 
     # -- connection bookkeeping ------------------------------------------------------------
 
@@ -524,6 +680,8 @@ class Gateway:
             rec.reason = str(state.withheld.reason)
             rec.rule = state.withheld.rule
             rec.note = "withheld: the body was not delivered to the scraper"
+        elif state.decision is not None and state.decision.reason in _NOTED_REASONS:
+            rec.note = _loggable(state.decision.detail)  # what went wrong, for the auditor
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
         metrics.TOTAL_SECONDS.observe(rec.duration_ms / 1000)
         data = self.rt.record(rec)
@@ -573,12 +731,27 @@ def _auth_required() -> Decision:
     )
 
 
-def _header(headers: http.Headers, name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    value = value.strip()
-    return value or None
+def _bad_request(problem: str | None) -> Decision:
+    return refuse(Reason.BAD_REQUEST, problem or "the request could not be understood")
+
+
+def _loggable(text: str) -> str:
+    """Text from the wire as the fetch log can hold it: bytes that were not UTF-8 (which
+    mitmproxy hands over as lone surrogates) written as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# Refusals whose detail the fetch record keeps as its note.
+_NOTED_REASONS = frozenset(
+    {Reason.UPSTREAM_TIMEOUT, Reason.UPSTREAM_ERROR, Reason.INTERRUPTED, Reason.BAD_REQUEST}
+)
+# The most of an HTTP/2 request body read before a refusal is answered (see Gateway._refuse).
+_H2_BODY_READ = 1 << 20
+
+
+def _declared_length(req: http.Request) -> int:
+    length = req.headers.get("content-length", "").strip()
+    return int(length) if length.isdigit() else 0
 
 
 def _header_list(headers: http.Headers) -> list[tuple[str, str]]:

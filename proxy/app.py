@@ -22,6 +22,7 @@ from mitmproxy.addons import tlsconfig
 from mitmproxy.master import Master
 
 from addons.gateway import Gateway
+from addons.http_guard import Limits
 from proxy.admin import make_app
 from proxy.audit.api import ROUTES as AUDIT_ROUTES
 from proxy.policy_page import ROUTES as POLICY_PAGE_ROUTES
@@ -36,8 +37,13 @@ log = structlog.get_logger("crawlwarden")
 ADMIN_ROUTES = [*AUDIT_ROUTES, *TAKEDOWN_ROUTES, *REPORT_ROUTES, *POLICY_PAGE_ROUTES]
 
 
-def mitmproxy_options(settings: Settings) -> dict[str, object]:
-    """The mitmproxy options of a gateway (the benchmark gives bare mitmdump the same)."""
+def mitmproxy_options(settings: Settings, limits: Limits | None = None) -> dict[str, object]:
+    """The mitmproxy options of a gateway (the benchmark gives bare mitmdump the same).
+
+    `limits` are the policy's network limits (addons/http_guard.py): mitmproxy's inactivity
+    timeout becomes a backstop just above them, so a connection that never sends a byte is
+    closed too.
+    """
     opts: dict[str, object] = {
         "mode": ["regular"],
         "listen_host": settings.listen_host,
@@ -51,6 +57,8 @@ def mitmproxy_options(settings: Settings) -> dict[str, object]:
         # above addons.gateway.BUFFER_LIMIT are streamed by the addon itself.
         "stream_large_bodies": "32m",
     }
+    if limits is not None:
+        opts["tcp_timeout"] = limits.watchdog
     if settings.upstream_trusted_ca is not None:
         opts["ssl_verify_upstream_trusted_ca"] = str(settings.upstream_trusted_ca.resolve())
     return opts
@@ -82,7 +90,8 @@ async def serve(settings: Settings) -> int:
 
     master = Master(options.Options(), with_termlog=False)
     master.addons.add(*gateway_addons())
-    master.options.update(**mitmproxy_options(settings))
+    limits = Limits.of(runtime.compiled.loaded.policy.network)
+    master.options.update(**mitmproxy_options(settings, limits))
     master.addons.add(Gateway(runtime))
 
     admin = web.AppRunner(

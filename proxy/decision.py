@@ -18,6 +18,10 @@ class Reason(enum.StrEnum):
     AUTH_REQUIRED = "auth_required"
     UNKNOWN_PROJECT = "unknown_project"
     BAD_REQUEST = "bad_request"
+    # Request framing the gateway does not take (proxy/inputs.py, addons/http_guard.py).
+    LENGTH_REQUIRED = "length_required"
+    REQUEST_TOO_LARGE = "request_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
     MISDIRECTED = "misdirected"
     TOS_BLOCKLIST = "tos_blocklist"
     TAKEDOWN = "takedown"
@@ -47,6 +51,9 @@ STATUS: dict[Reason, int] = {
     Reason.AUTH_REQUIRED: 407,
     Reason.UNKNOWN_PROJECT: 403,
     Reason.BAD_REQUEST: 400,
+    Reason.LENGTH_REQUIRED: 411,
+    Reason.REQUEST_TOO_LARGE: 413,
+    Reason.HEADERS_TOO_LARGE: 431,  # RFC 6585 section 5
     # RFC 9110 15.5.20: a request inside a CONNECT tunnel for another host than the tunnel's.
     Reason.MISDIRECTED: 421,
     Reason.TOS_BLOCKLIST: 451,

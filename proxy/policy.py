@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from proxy import units
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_MIN_HEADER_BYTES = 4096
 _HOST_PATTERN = re.compile(r"^(\*\.)?([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?)+$")
 
 
@@ -48,6 +50,19 @@ def _duration(value: str | int | float) -> str | int | float:
 
 def _size(value: str | int) -> str | int:
     units.parse_size(value)
+    return value
+
+
+def _timeout(value: str | int | float) -> str | int | float:
+    seconds = units.parse_duration(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"invalid timeout {value!r}: must be above 0, e.g. '30s'")
+    return value
+
+
+def _header_limit(value: str | int) -> str | int:
+    if units.parse_size(value) < _MIN_HEADER_BYTES:
+        raise ValueError(f"{value!r} is too small: ordinary requests need at least 4KiB")
     return value
 
 
@@ -75,6 +90,8 @@ def _block_pattern(value: str) -> str:
 RateText = Annotated[str, AfterValidator(_rate)]
 DurationText = Annotated[str | int | float, AfterValidator(_duration)]
 SizeText = Annotated[str | int, AfterValidator(_size)]
+TimeoutText = Annotated[str | int | float, AfterValidator(_timeout)]
+HeaderLimitText = Annotated[str | int, AfterValidator(_header_limit)]
 HostPattern = Annotated[str, AfterValidator(_host_pattern)]
 BlockPattern = Annotated[str, AfterValidator(_block_pattern)]
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -249,6 +266,13 @@ class BlocklistEntry(Model):
 class Network(Model):
     allow_private: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     static_hosts: dict[HostPattern, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+    # mitmproxy has no per-request timeouts; addons/http_guard.py imposes these.
+    connect_timeout: TimeoutText = "10s"  # TCP connect to a site or upstream proxy
+    response_timeout: TimeoutText = "30s"  # the longest a site may stay silent mid-exchange
+    transfer_timeout: TimeoutText = "5m"  # request complete to response complete
+    idle_client_timeout: TimeoutText = "60s"  # a client with no request in flight is closed
+    max_request_header_bytes: HeaderLimitText = "64KiB"
+    max_request_body_bytes: SizeText = "1MiB"
 
 
 class Retention(Model):

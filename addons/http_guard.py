@@ -1,0 +1,390 @@
+"""HttpGuard: a mitmproxy layer above every HTTP layer, for what mitmproxy itself leaves unbounded.
+
+mitmproxy 12 has no per-request timeouts (and a flow in transit cannot be killed, mitmproxy#4711),
+buffers a request head of any size (a FIXME in its HTTP/1 reader), and reads the whole body of a
+request before sending the answer an addon set for it, refusals included. A layer sees every event
+of one client connection and every command its HTTP layer issues, in mitmproxy's own sans-IO
+model, so it can bound all of that without reaching into sockets:
+
+- `idle_client_timeout`: a client connection with no request in flight (nothing sent yet, a
+  request head or body trickling in, an idle keep-alive) is closed after this long. Against
+  slow-loris; a connection that never sends a byte is left to mitmproxy's `tcp_timeout`, which
+  `Limits.watchdog` sets just above every other timeout.
+- `max_request_header_bytes`: an HTTP/1 request head larger than this is answered 431 and the
+  connection closed, before mitmproxy buffers more of it.
+- answer now: a request the gateway refused in `requestheaders` whose body is still on its way
+  (the addon sets `ANSWER_NOW`) is answered at once, the connection half-closed and the body
+  drained and discarded for a moment (a "lingering close", so the client reads the answer).
+- `connect_timeout`, `response_timeout` (the longest a site may stay silent mid-exchange) and
+  `transfer_timeout` (request complete to response complete): the upstream connection is closed
+  and the flow tagged with `TIMEOUT`, so the gateway records `upstream_timeout`. An HTTP/1 client
+  that has not had the response head yet gets the gateway's 504 (else mitmproxy's 502 page, or a
+  cut-off body).
+
+All timers of a connection share one mitmproxy wakeup for the earliest deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import structlog
+from mitmproxy import connection
+from mitmproxy import http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands
+from mitmproxy.proxy import events
+from mitmproxy.proxy import layer
+from mitmproxy.proxy.layers import HttpLayer
+from mitmproxy.proxy.layers.http import HttpConnectHook
+from mitmproxy.proxy.layers.http import HttpErrorHook
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
+from mitmproxy.proxy.layers.http import HttpRequestHook
+from mitmproxy.proxy.layers.http import HttpResponseHook
+from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.websocket import WebsocketEndHook
+
+from proxy import units
+from proxy.decision import Outcome
+from proxy.decision import Reason
+from proxy.decision import refuse
+from proxy.decision import render_refusal
+from proxy.policy import Network
+
+log = structlog.get_logger("crawlwarden.guard")
+
+# flow.metadata keys shared with addons/gateway.py.
+FORWARDED = "crawlwarden.forwarded"  # request id of a flow the gateway forwards: deadlines apply
+ANSWER_NOW = "crawlwarden.answer_now"  # refused with its body still to come: answer, then close
+TIMEOUT = "crawlwarden.timeout"  # set here: which deadline closed the upstream connection
+
+# How long a refused request's body is read and discarded after the answer went out.
+LINGER_SECONDS = 2.0
+
+# Client connections whose tunnel has an HttpGuard of its own (see _expire, "tunnel").
+_guarded_tunnels: weakref.WeakSet[connection.Client] = weakref.WeakSet()
+
+
+class Limits(NamedTuple):
+    connect: float
+    response: float
+    transfer: float
+    idle_client: float
+    max_header_bytes: int
+
+    @classmethod
+    def of(cls, network: Network) -> Limits:
+        return cls(
+            connect=units.parse_duration(network.connect_timeout),
+            response=units.parse_duration(network.response_timeout),
+            transfer=units.parse_duration(network.transfer_timeout),
+            idle_client=units.parse_duration(network.idle_client_timeout),
+            max_header_bytes=units.parse_size(network.max_request_header_bytes),
+        )
+
+    @property
+    def watchdog(self) -> int:
+        """mitmproxy's `tcp_timeout` (no event at all on a connection): a backstop just above
+        the deadlines this layer enforces, so they always fire first."""
+        return math.ceil(max(self.connect, self.response, self.idle_client)) + 1
+
+
+def guard_http_layers(top: layer.Layer, limits: Callable[[], Limits]) -> layer.Layer:
+    """`top` (a layer chosen in next_layer) with its HTTP layer, if any, under an HttpGuard."""
+    if isinstance(top, HttpLayer):
+        return HttpGuard(top, limits)
+    parent: Any = top
+    while (child := getattr(parent, "child_layer", None)) is not None:
+        if isinstance(child, HttpLayer):
+            parent.child_layer = HttpGuard(child, limits)
+            break
+        parent = child
+    return top
+
+
+class HttpGuard(layer.Layer):
+    def __init__(self, child: HttpLayer, limits: Callable[[], Limits]):
+        super().__init__(child.context)
+        # Invisible in the layer stack: mitmproxy reads it (HttpStream.mode, next_layer matching).
+        self.context.layers.remove(self)
+        self.child = child
+        self.limits = limits
+        self.client = child.context.client
+        self._deadlines: list[tuple[float, int, str, Any]] = []
+        self._order = itertools.count()
+        self._wakeups: dict[commands.RequestWakeup, float] = {}
+        self._in_flight: dict[str, http.HTTPFlow] = {}
+        self._forwarded: dict[str, tuple[http.HTTPFlow, float]] = {}
+        self._opening: set[connection.Server] = set()
+        self._upstreams: dict[connection.Server, float] = {}  # transport -> last data received
+        self._idle_round = 0
+        self._tunnel = False  # a CONNECT was accepted: the tunnel's own guard takes over
+        self._draining = False  # answered now; the rest of the request is discarded
+        if child.context.layers and _is_tunnel(child):
+            _guarded_tunnels.add(self.client)
+
+    def __repr__(self) -> str:
+        return f"HttpGuard({self.child!r})"
+
+    # -- events in, commands out -----------------------------------------------------------
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup) and event.command in self._wakeups:
+            del self._wakeups[event.command]
+            yield from self._expire()
+            yield from self._arm()
+            return
+        if self._draining and isinstance(event, events.DataReceived):
+            if event.connection is self.client:
+                return  # a refused request's body, or bytes after a refused head: dropped
+        if self._tunnel:
+            yield from self.child.handle_event(event)
+            return
+        if isinstance(event, events.Start):
+            self._idle()
+        for command in self.child.handle_event(event):
+            self._observe_command(command)
+            yield command
+        yield from self._observe_event(event)
+        yield from self._arm()
+
+    def _observe_command(self, command: commands.Command) -> None:
+        if isinstance(command, commands.OpenConnection) and isinstance(
+            command.connection, connection.Server
+        ):
+            server = command.connection
+            self._opening.add(server)
+            self._upstreams[server] = time.monotonic()
+            self._add(self.limits().connect, "connect", server)
+        elif isinstance(command, HttpRequestHeadersHook | HttpConnectHook):
+            self._in_flight[command.flow.id] = command.flow
+
+    def _observe_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection is self.client:
+                yield from self._check_head()
+            elif event.connection in self._upstreams:
+                self._upstreams[event.connection] = time.monotonic()  # type: ignore[index]
+        elif isinstance(event, events.OpenConnectionCompleted):
+            server = event.command.connection
+            if isinstance(server, connection.Server) and server in self._opening:
+                self._opening.discard(server)
+                self._upstreams[server] = time.monotonic()
+        elif isinstance(event, events.ConnectionClosed):
+            self._upstreams.pop(event.connection, None)  # type: ignore[call-overload]
+        elif isinstance(event, events.HookCompleted):
+            yield from self._hook_completed(event.command)
+
+    def _hook_completed(self, hook: commands.StartHook) -> layer.CommandGenerator[None]:
+        limits = self.limits()
+        if isinstance(hook, HttpRequestHeadersHook):
+            flow = hook.flow
+            if flow.request.timestamp_end is not None:
+                return  # the whole request is in: mitmproxy answers it the usual way
+            if flow.metadata.get(ANSWER_NOW) and flow.response is not None:
+                yield from self._answer_now(flow.response)
+            else:
+                self._add(limits.idle_client, "body", flow)
+        elif isinstance(hook, HttpRequestHook):
+            flow = hook.flow
+            if flow.metadata.get(FORWARDED) and flow.response is None:
+                self._forwarded[flow.id] = (flow, time.monotonic())
+                self._add(limits.response, "silence", flow)
+                self._add(limits.transfer, "transfer", flow)
+        elif isinstance(hook, HttpConnectHook):
+            if hook.flow.response is None:
+                self._tunnel = True
+                self._add(limits.idle_client, "tunnel", None)
+            else:
+                self._done(hook.flow)
+        elif isinstance(hook, HttpResponseHook):
+            if hook.flow.websocket is None:
+                self._done(hook.flow)
+        elif isinstance(hook, HttpErrorHook | WebsocketEndHook):
+            self._done(hook.flow)
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        self._forwarded.pop(flow.id, None)
+        if self._in_flight.pop(flow.id, None) is not None and not self._in_flight:
+            self._idle()
+
+    def _idle(self) -> None:
+        self._idle_round += 1
+        self._add(self.limits().idle_client, "idle", self._idle_round)
+
+    # -- the client side -------------------------------------------------------------------
+
+    def _check_head(self) -> layer.CommandGenerator[None]:
+        """An HTTP/1 request head, or bytes pipelined behind a request, past the limit."""
+        conn = self.child.connections.get(self.client)
+        if not isinstance(conn, Http1Server):
+            return  # HTTP/2: the HPACK decoder bounds header lists itself
+        limit = self.limits().max_header_bytes
+        if len(conn.buf) <= limit:
+            return
+        if conn.state == conn.read_headers:
+            log.warning(
+                "request_refused",
+                reason=str(Reason.HEADERS_TOO_LARGE),
+                client_ip=_peer(self.client),
+                limit=limit,
+            )
+            refusal = render_refusal(
+                refuse(
+                    Reason.HEADERS_TOO_LARGE,
+                    f"the request head is larger than {limit} bytes "
+                    "(network.max_request_header_bytes)",
+                )
+            )
+            answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
+            answer.headers["Connection"] = "close"
+            yield commands.SendData(self.client, http1.assemble_response(answer))
+        if conn.state in (conn.read_headers, conn.wait):
+            conn.buf = type(conn.buf)()  # drop what was held, then the connection
+            self._draining = True
+            yield commands.CloseConnection(self.client)
+
+    def _answer_now(self, answer: http.Response) -> layer.CommandGenerator[None]:
+        conn = self.child.connections.get(self.client)
+        if not isinstance(conn, Http1Server):
+            return
+        answer.headers["Connection"] = "close"
+        self._draining = True
+        yield commands.SendData(self.client, http1.assemble_response(answer))
+        yield commands.CloseTcpConnection(self.client, half_close=True)
+        self._add(LINGER_SECONDS, "linger", None)
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def _add(self, delay: float, kind: str, subject: Any) -> None:
+        heapq.heappush(
+            self._deadlines, (time.monotonic() + delay, next(self._order), kind, subject)
+        )
+
+    def _arm(self) -> layer.CommandGenerator[None]:
+        """One wakeup for the earliest deadline, unless one is already due no later."""
+        if not self._deadlines:
+            return
+        when = self._deadlines[0][0]
+        if self._wakeups and min(self._wakeups.values()) <= when + 0.001:
+            return
+        wakeup = commands.RequestWakeup(max(0.0, when - time.monotonic()))
+        self._wakeups[wakeup] = when
+        yield wakeup
+
+    def _expire(self) -> layer.CommandGenerator[None]:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now + 0.001:
+            _, _, kind, subject = heapq.heappop(self._deadlines)
+            yield from getattr(self, f"_expire_{kind}")(subject, now)
+
+    def _expire_idle(self, round_: int, now: float) -> layer.CommandGenerator[None]:
+        if round_ == self._idle_round and not self._in_flight and not self._tunnel:
+            yield commands.CloseConnection(self.client)
+
+    def _expire_tunnel(self, _: None, now: float) -> layer.CommandGenerator[None]:
+        if self.client not in _guarded_tunnels:  # no request inside the tunnel yet
+            yield commands.CloseConnection(self.client)
+
+    def _expire_linger(self, _: None, now: float) -> layer.CommandGenerator[None]:
+        yield commands.CloseConnection(self.client)
+
+    def _expire_body(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
+        if flow.id in self._in_flight and flow.request.timestamp_end is None:
+            log.warning(
+                "slow_client_closed",
+                client_ip=_peer(self.client),
+                detail="the request body did not arrive within network.idle_client_timeout",
+            )
+            yield commands.CloseConnection(self.client)
+
+    def _expire_connect(
+        self, server: connection.Server, now: float
+    ) -> layer.CommandGenerator[None]:
+        if server not in self._opening:
+            return
+        for flow, _ in list(self._forwarded.values()):
+            if flow.response is None and server.address in _targets(flow):
+                detail = f"no connection to the site within {self.limits().connect:g}s"
+                yield from self._give_up(flow, "connect", detail)
+        self._opening.discard(server)
+        yield commands.CloseConnection(server)
+
+    def _expire_silence(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
+        entry = self._forwarded.get(flow.id)
+        if entry is None or (flow.response is not None and flow.response.timestamp_end):
+            return
+        limit = self.limits().response
+        heard = max([entry[1], *(self._upstreams.get(s, 0.0) for s in self._transports(flow))])
+        if now - heard + 0.001 < limit:
+            heapq.heappush(self._deadlines, (heard + limit, next(self._order), "silence", flow))
+            return
+        waited = "response headers" if flow.response is None else "more of the response body"
+        yield from self._give_up(flow, "response", f"the site sent no {waited} for {limit:g}s")
+        yield from self._close_upstream(flow)
+
+    def _expire_transfer(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
+        if flow.id not in self._forwarded:
+            return
+        if flow.response is not None and flow.response.timestamp_end:
+            return
+        detail = f"the exchange with the site took longer than {self.limits().transfer:g}s"
+        yield from self._give_up(flow, "transfer", detail)
+        yield from self._close_upstream(flow)
+
+    def _give_up(self, flow: http.HTTPFlow, kind: str, detail: str) -> layer.CommandGenerator[None]:
+        """Tag the flow for the record; answer an HTTP/1 client that has no response head yet."""
+        flow.metadata.setdefault(TIMEOUT, (kind, detail))
+        conn = self.child.connections.get(self.client)
+        head_sent = flow.response is not None and bool(flow.response.stream)
+        if not isinstance(conn, Http1Server) or head_sent or self._draining:
+            return
+        refusal = render_refusal(
+            refuse(Reason.UPSTREAM_TIMEOUT, detail, rule=f"network.{kind}_timeout"),
+            Outcome.FORWARDED,  # it was: the site did not answer in time
+        )
+        answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
+        answer.headers["Connection"] = "close"
+        answer.headers["x-crawlwarden-request-id"] = str(flow.metadata.get(FORWARDED))
+        self._draining = True
+        yield commands.SendData(self.client, http1.assemble_response(answer))
+        yield commands.CloseConnection(self.client)
+
+    def _transports(self, flow: http.HTTPFlow) -> list[connection.Server]:
+        """The TCP connections carrying a flow: its server connection, or the connections to
+        its upstream proxy (the flow's own connection is then a tunnel inside one of those)."""
+        if flow.server_conn in self._upstreams:
+            return [flow.server_conn]
+        targets = _targets(flow)
+        return [s for s in self._upstreams if s.address in targets]
+
+    def _close_upstream(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
+        self._forwarded.pop(flow.id, None)
+        for server in self._transports(flow):
+            self._opening.discard(server)
+            yield commands.CloseConnection(server)
+
+
+def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:
+    """Addresses a flow's upstream TCP connection may have: the site's or its proxy's."""
+    out = {(flow.request.host, flow.request.port)}
+    via = flow.server_conn.via
+    if via is not None:
+        out.add((via[1][0], via[1][1]))
+    return out
+
+
+def _is_tunnel(child: HttpLayer) -> bool:
+    """An HTTP layer inside a CONNECT tunnel (its stack holds the outer HTTP layer's stream)."""
+    return any(isinstance(lay, HttpLayer) for lay in child.context.layers if lay is not child)
+
+
+def _peer(client: connection.Client) -> str | None:
+    return str(client.peername[0]) if client.peername else None

@@ -1,0 +1,167 @@
+"""What a scraper sends, checked before any decision is taken on it.
+
+mitmproxy parses HTTP and refuses what it cannot parse; what it accepts can still be hostile to the
+gateway: a host written as a bare number (`2130706433`, `0x7f.1`, `0177.0.0.1`) that the system
+resolver turns into 127.0.0.1 and that would be a site of its own for the budgets; an
+`X-Crawl-Account` with control characters or bytes that are not UTF-8, which is written into the
+signed fetch log; a request body the gateway would have to hold in memory. Each check here is a
+pure function whose answer is a problem sentence (the scraper reads it in the 4xx) or None.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from typing import NamedTuple
+
+# Header values the fetch log records (DESIGN.md "What a scraper sees").
+RECORDED_HEADERS = ("x-crawl-project", "x-crawl-account")
+MAX_RECORDED_VALUE = 256
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]*)$")
+# Control, format (bidi overrides, zero-width), surrogate (bytes that were not UTF-8) and
+# line/paragraph separators: nothing an auditor should read in a recorded name.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+class HostCheck(NamedTuple):
+    """A request's host, canonical (lower-case, punycode, bare IPv6), or why it is refused."""
+
+    host: str | None
+    problem: str | None
+
+
+def check_host(raw: str) -> HostCheck:
+    """Canonical form of a host from a request line, CONNECT target or Host header.
+
+    Numeric hosts must be canonical IP literals. WHATWG URL parsing (and every browser) reads a
+    host whose last label is a number as an IPv4 address, and so does the system resolver
+    (inet_aton): `2130706433`, `0x7f.1`, `127.1` and `0177.0.0.1` are all 127.0.0.1. Admitting them
+    would give one address many site keys (many budgets) and hide loopback from a reader of the
+    fetch log, so they are refused, not resolved.
+    """
+    host = raw.strip()
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return HostCheck(None, f"{_quote(raw)} is not a valid IPv6 address")
+        return _check_ipv6(host[1:-1])
+    if ":" in host:
+        return _check_ipv6(host)
+    host = host.rstrip(".").lower()
+    if not host:
+        return HostCheck(None, "the request names no host")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return HostCheck(None, f"{_quote(raw)} is not a valid internationalized host name")
+    labels = host.split(".")
+    if _NUMERIC_LABEL.match(labels[-1]):
+        try:
+            canonical = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            canonical = None
+        if canonical != host:
+            return HostCheck(
+                None,
+                f"{_quote(raw)} is a numeric host that is not a dotted-quad IPv4 address; "
+                "write the address as a.b.c.d in decimal",
+            )
+        return HostCheck(host, None)
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        return HostCheck(None, f"{_quote(raw)} is not a valid host name")
+    for label in labels:
+        if label.startswith("xn--"):
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                return HostCheck(None, f"{_quote(raw)} has a label that is not valid punycode")
+    return HostCheck(host, None)
+
+
+def _check_ipv6(text: str) -> HostCheck:
+    if "%" in text:
+        return HostCheck(None, "IPv6 zone identifiers name a local interface, not a site")
+    try:
+        return HostCheck(str(ipaddress.IPv6Address(text)), None)
+    except ValueError:
+        return HostCheck(None, f"{_quote(text)} is not a valid IPv6 address")
+
+
+class RecordedValue(NamedTuple):
+    """An X-Crawl-* value as the fetch log will record it (None: absent), or why it is refused."""
+
+    value: str | None
+    problem: str | None
+
+
+def check_recorded_value(name: str, raw: str | None) -> RecordedValue:
+    """`X-Crawl-Project` and `X-Crawl-Account` go into the signed fetch log as sent: they must be
+    printable UTF-8 of at most 256 characters. Refused rather than cleaned, because a record
+    must say what the scraper sent, not a guess of what it meant."""
+    if raw is None:
+        return RecordedValue(None, None)
+    value = raw.strip()
+    if not value:
+        return RecordedValue(None, None)
+    if len(value) > MAX_RECORDED_VALUE:
+        return RecordedValue(None, f"{name} is longer than {MAX_RECORDED_VALUE} characters")
+    if any(unicodedata.category(c) in _UNPRINTABLE for c in value):
+        return RecordedValue(
+            None,
+            f"{name} must be printable UTF-8: no control characters, no bytes that are not UTF-8",
+        )
+    return RecordedValue(value, None)
+
+
+def target_problem(path: str) -> str | None:
+    """A request target the fetch log cannot record faithfully: control characters, or bytes
+    that are not UTF-8 (mitmproxy hands those over as lone surrogates). RFC 3986 wants them
+    percent-encoded anyway."""
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in path):
+        return (
+            "the request target has control characters or bytes that are not UTF-8; "
+            "percent-encode them (RFC 3986)"
+        )
+    return None
+
+
+class BodyFraming(NamedTuple):
+    """Whether a request's body can be taken: `too_large` and `length_required` as problems."""
+
+    too_large: str | None
+    length_required: str | None
+
+
+def check_body_framing(
+    content_length: str | None, transfer_encoding: str | None, max_body: int
+) -> BodyFraming:
+    """Request bodies must declare their length and stay within `network.max_request_body_bytes`.
+
+    mitmproxy holds a body in memory until it is complete (up to its streaming threshold), for
+    every request, refused ones included; a declared length lets the gateway refuse before
+    reading any of it (RFC 9110 15.5.12 and 15.5.14). Content-Length syntax and conflicts with
+    Transfer-Encoding are mitmproxy's to refuse (request smuggling); this sees valid framing only.
+    """
+    if transfer_encoding is not None and content_length is None:
+        return BodyFraming(
+            None,
+            "request bodies need a Content-Length: the gateway does not take chunked uploads",
+        )
+    if content_length is not None:
+        length = content_length.strip()
+        if length.isdigit() and int(length) > max_body:
+            return BodyFraming(
+                f"the request body is {int(length)} bytes; the policy's "
+                f"network.max_request_body_bytes is {max_body}",
+                None,
+            )
+    return BodyFraming(None, None)
+
+
+def _quote(text: str) -> str:
+    """A host for a message: printable, short, and never a raw control character."""
+    shown = text.encode("ascii", "backslashreplace").decode("ascii")
+    return repr(shown[:80] + ("..." if len(shown) > 80 else ""))

@@ -1,0 +1,138 @@
+"""proxy/inputs.py: the gateway's own checks on hosts, X-Crawl-* values and body framing."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.inputs import check_body_framing
+from proxy.inputs import check_host
+from proxy.inputs import check_recorded_value
+from proxy.inputs import target_problem
+
+
+@pytest.mark.parametrize(
+    ("raw", "host"),
+    [
+        ("Site-A.Test", "site-a.test"),
+        ("site-a.test.", "site-a.test"),
+        ("bücher.test", "xn--bcher-kva.test"),
+        ("xn--bcher-kva.test", "xn--bcher-kva.test"),
+        ("_dmarc.example.org", "_dmarc.example.org"),
+        ("93.184.216.34", "93.184.216.34"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[::1]", "::1"),
+        ("[2001:DB8::1]", "2001:db8::1"),
+        ("::ffff:127.0.0.1", "::ffff:7f00:1"),
+        ("123.example", "123.example"),
+    ],
+)
+def test_hosts_are_canonical(raw: str, host: str) -> None:
+    assert check_host(raw) == (host, None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "2130706433",  # 127.0.0.1 as one decimal number
+        "0x7f.1",  # hex and a short form
+        "0x7f000001",
+        "0177.0.0.1",  # octal
+        "127.1",
+        "127.0.1",
+        "017700000001",
+        "1.2.3.4.5",
+        "example.0x10",  # WHATWG: ends in a number, so an IPv4 address
+        "256.0.0.1",
+    ],
+)
+def test_numeric_hosts_that_are_not_dotted_quads_are_refused(raw: str) -> None:
+    host, problem = check_host(raw)
+    assert host is None
+    assert problem is not None and "numeric host" in problem
+
+
+@pytest.mark.parametrize(
+    ("raw", "phrase"),
+    [
+        ("", "no host"),
+        ("a..b", "not a valid host name"),
+        ("-a.test", "not a valid host name"),
+        ("a b.test", "not a valid host name"),
+        ("a\x00b.test", "not a valid host name"),
+        ("a" * 64 + ".test", "not a valid host name"),
+        ("xn--zz.test", "not valid punycode"),
+        ("[fe80::1%eth0]", "zone identifiers"),
+        ("[::1", "not a valid IPv6 address"),
+        ("[1:2:3:4:5:6:7:8:9]", "not a valid IPv6 address"),
+        ("\udcff.test", "not a valid internationalized host name"),
+    ],
+)
+def test_malformed_hosts_are_refused_with_a_reason(raw: str, phrase: str) -> None:
+    host, problem = check_host(raw)
+    assert host is None and problem is not None
+    assert phrase in problem
+    problem.encode("ascii")  # safe to put in a header, a log line and a record
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        (None, None),
+        ("", None),
+        ("  faces-v2  ", "faces-v2"),
+        ("Konto-Zürich 7", "Konto-Zürich 7"),
+        ("a" * 256, "a" * 256),
+    ],
+)
+def test_recorded_values_are_kept_as_sent(raw: str | None, value: str | None) -> None:
+    assert check_recorded_value("X-Crawl-Account", raw) == (value, None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a\x00b",
+        "a\x01b",
+        "a\rb",
+        "a\r\n b",  # obs-fold, which mitmproxy's parser keeps
+        "a\x7fb",
+        "\udcff\udcfe",  # bytes that were not UTF-8
+        "a\u202eb",  # right-to-left override: a spoofed name in an auditor's report
+        "a\u2028b",
+        "a" * 257,
+    ],
+)
+def test_unprintable_or_long_recorded_values_are_refused(raw: str) -> None:
+    value, problem = check_recorded_value("X-Crawl-Account", raw)
+    assert value is None
+    assert problem is not None and problem.startswith("X-Crawl-Account")
+
+
+def test_request_targets_with_control_characters_or_broken_utf8_are_refused() -> None:
+    assert target_problem("/images/a%20b.jpg?q=1") is None
+    assert target_problem("/bilder/straße.jpg") is None  # valid UTF-8 is recorded as sent
+    assert target_problem("/a\x01b") is not None
+    assert target_problem("/a\udcffb") is not None
+
+
+@pytest.mark.parametrize(
+    ("content_length", "transfer_encoding", "too_large", "length_required"),
+    [
+        (None, None, False, False),
+        ("0", None, False, False),
+        ("1000", None, False, False),
+        ("1001", None, True, False),
+        ("100000000000000000000", None, True, False),
+        (None, "chunked", False, True),
+        ("10", "chunked", False, False),  # conflicting framing is mitmproxy's to refuse
+    ],
+)
+def test_body_framing(
+    content_length: str | None,
+    transfer_encoding: str | None,
+    too_large: bool,
+    length_required: bool,
+) -> None:
+    framing = check_body_framing(content_length, transfer_encoding, 1000)
+    assert (framing.too_large is not None) is too_large
+    assert (framing.length_required is not None) is length_required

@@ -75,7 +75,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 GATEWAYS = ("embedded", "embedded-pg", "shared")
 ALL_TARGETS = ("bare", "core", *GATEWAYS)
-BODIES = {"1k": 1024, "100k": 100 * 1024}
+BODIES = {"1k": 1024, "100k": 100 * 1024, "500k": 500 * 1024}
+# A refused cell asks for a blocklisted site: the gateway answers 451 itself, nothing leaves.
+REFUSED_HOST = "www.stockco.example"
 
 
 def log(msg: str) -> None:
@@ -516,7 +518,13 @@ http {{
         return p
 
     def start_gateway(
-        self, name: str, *, redis: bool, pg_dsn: str | None, policy_file: Path
+        self,
+        name: str,
+        *,
+        redis: bool,
+        pg_dsn: str | None,
+        policy_file: Path,
+        source_tree: Path | None = None,
     ) -> Proc:
         port, admin = free_port(), free_port()
         data = self.work / f"{name}-data"
@@ -543,7 +551,11 @@ http {{
             cmd += ["--audit-dsn", pg_dsn]
         # The decision log line stays on: it is part of the cost, written to a file as a
         # container runtime would take it from stderr.
-        proc = subprocess.Popen(cmd, stdout=logf.open("wb"), stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        if source_tree is not None:
+            # Another checkout's proxy/ and addons/ (e.g. before an optimisation), same venv.
+            env["PYTHONPATH"] = str(source_tree)
+        proc = subprocess.Popen(cmd, stdout=logf.open("wb"), stderr=subprocess.STDOUT, env=env)
         p = Proc(name, proc, port, data / "mitmproxy-ca-cert.pem", admin, False, logf)
         self.procs.append(p)
         deadline = time.monotonic() + 60
@@ -645,10 +657,12 @@ class Cell:
     scheme: str
     body: str
     conns: int
+    rate: float | None = None  # paced to this many requests/s (None: as fast as it goes)
 
     @property
     def name(self) -> str:
-        return f"{self.scheme}-{self.body}-c{self.conns}"
+        paced = f"-r{self.rate:g}" if self.rate else ""
+        return f"{self.scheme}-{self.body}-c{self.conns}{paced}"
 
 
 def run_load(
@@ -667,6 +681,7 @@ def run_load(
     """Drive one cell through one proxy (or spread over several replicas) and measure it."""
     up = bench.upstream
     port = up["https_port"] if cell.scheme == "https" else up["http_port"]
+    refused = cell.scheme == "refused"
     first = targets[0]
     cmd = [
         PY,
@@ -674,9 +689,9 @@ def run_load(
         "--proxy",
         ",".join(f"127.0.0.1:{t.port}" for t in targets),
         "--scheme",
-        cell.scheme,
+        "http" if refused else cell.scheme,
         "--target",
-        f"s{{n}}.bench.test:{port}",
+        f"{REFUSED_HOST}:80" if refused else f"s{{n}}.bench.test:{port}",
         "--path",
         f"/{cell.body}.jpg",
         "--conns",
@@ -700,8 +715,9 @@ def run_load(
         "--sample-every",
         str(max(1.0, min(5.0, duration / 20))),
     ]
-    if first.connect_to_address:
+    if first.connect_to_address and not refused:
         cmd += ["--connect-to", f"127.0.0.1:{port}"]
+    rate = rate or cell.rate
     if rate:
         cmd += ["--rate", str(rate)]
     gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -767,11 +783,15 @@ def run_load(
     res["rss_samples"] = samples
     res["loadavg"] = [round(x, 2) for x in (*load0, *load1)]
     res["other_cpu_s"] = {k: round(other1[k] - other0.get(k, 0.0), 3) for k in other1}
-    res["non_200"] = sum(v for k, v in res["statuses"].items() if k != "200")
+    expected = "451" if refused else "200"
+    res["non_200"] = sum(v for k, v in res["statuses"].items() if k != expected)
     if redis0 or redis1:
         delta = {k: v - redis0.get(k, 0) for k, v in redis1.items() if v - redis0.get(k, 0) > 0}
         res["redis_commands"] = delta
+        # commandstats counts the commands a script runs too: all of them, and the script calls.
         res["redis_commands_per_request"] = round(sum(delta.values()) / n, 3)
+        scripts = delta.get("evalsha", 0) + delta.get("eval", 0)
+        res["redis_script_calls_per_request"] = round(scripts / n, 3)
     if any(metrics1):
         buckets0: dict[float, float] = {}
         buckets1: dict[float, float] = {}
@@ -785,7 +805,9 @@ def run_load(
                 buckets1[b] = buckets1.get(b, 0.0) + v
             for key, v in m1["decisions"].items():
                 d = v - m0["decisions"].get(key, 0.0)
-                if key.startswith("refused") or key.startswith("withheld"):
+                if refused and key.startswith("refused:tos_blocklist"):
+                    forwarded += d  # the expected outcome of this cell
+                elif key.startswith("refused") or key.startswith("withheld"):
                     refused += d
                 elif key.startswith("forwarded"):
                     forwarded += d
@@ -800,6 +822,13 @@ def run_load(
         res["gateway_refused_or_withheld"] = int(refused)
         res["gateway_forwarded"] = int(forwarded)
         res["redis_round_trips"] = {k: int(v) for k, v in redis_ops.items() if v}
+        if redis_ops:
+            # The gateway's own count of round trips (crawlwarden_redis_duration_seconds):
+            # `admit` is the decision's; settlements are batched off the request path.
+            res["redis_round_trips_per_request"] = round(sum(redis_ops.values()) / n, 3)
+            res["redis_decision_round_trips_per_request"] = round(
+                redis_ops.get("admit", 0.0) / n, 3
+            )
     return res
 
 
@@ -833,6 +862,11 @@ def machine() -> dict[str, Any]:
         "redis_server": _version(["redis-server", "--version"]),
         "postgresql": _version(["psql", "--version"]),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "git_commit": read(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).strip(),
+        # Others' uncommitted edits of the code under test, if any (a shared work tree).
+        "uncommitted": read(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "proxy", "addons"]
+        ).split("\n")[:-1],
     }
 
 
@@ -845,6 +879,10 @@ def cells_for(args: argparse.Namespace) -> list[Cell]:
         for b in args.bodies.split(",")
         for c in (int(x) for x in args.conns.split(","))
     ]
+    # Paced cells: latency and governance p99 below saturation (a closed loop at full speed
+    # measures queueing in the event loop as much as the work).
+    for r in (float(x) for x in args.paced.split(",") if x):
+        cells += [Cell("http", "1k", 8, r), Cell("https", "1k", 8, r)]
     return cells
 
 
@@ -873,28 +911,28 @@ def add_ratios(table: dict[str, dict[str, Any]]) -> None:
 
 def run_matrix(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dict[str, Any]:
     targets_wanted = ["bare", "embedded"] if args.quick else args.targets.split(",")
-    need_pg = any(t in ("embedded-pg", "shared") for t in targets_wanted)
-    pg_dsn = bench.create_database() if need_pg else None
-    if "shared" in targets_wanted:
+    modes = {t.partition("@")[0] for t in targets_wanted}
+    pg_dsn = bench.create_database() if modes & {"embedded-pg", "shared"} else None
+    if "shared" in modes:
         bench.start_redis()
     procs: dict[str, Proc] = {}
+    trees = dict(t.split("=", 1) for t in args.trees.split(",") if t)
     for name in targets_wanted:
         log(f"starting {name}")
+        mode, _, tree = name.partition("@")
+        if tree and (mode not in GATEWAYS or tree not in trees):
+            raise SystemExit(f"bench: {name!r}: give --trees {tree}=DIR and a gateway mode")
         if name == "bare":
             procs[name] = bench.start_bare()
         elif name == "core":
             procs[name] = bench.start_core()
-        elif name == "embedded":
+        elif mode in GATEWAYS:
             procs[name] = bench.start_gateway(
-                name, redis=False, pg_dsn=None, policy_file=policy_file
-            )
-        elif name == "embedded-pg":
-            procs[name] = bench.start_gateway(
-                name, redis=False, pg_dsn=pg_dsn, policy_file=policy_file
-            )
-        elif name == "shared":
-            procs[name] = bench.start_gateway(
-                name, redis=True, pg_dsn=pg_dsn, policy_file=policy_file
+                name.replace("@", "-at-"),
+                redis=mode == "shared",
+                pg_dsn=pg_dsn if mode in ("embedded-pg", "shared") else None,
+                policy_file=policy_file,
+                source_tree=Path(trees[tree]) if tree else None,
             )
         else:
             raise SystemExit(f"bench: unknown target {name!r}; known: {', '.join(ALL_TARGETS)}")
@@ -904,6 +942,8 @@ def run_matrix(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dic
         for cell in cells:
             table: dict[str, dict[str, Any]] = {}
             for name, p in procs.items():
+                if cell.scheme == "refused" and p.admin_port is None:
+                    continue  # mitmdump has no blocklist: nothing to compare
                 res = run_load(
                     bench,
                     [p],
@@ -938,6 +978,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_s_per_1000",
         "peak_rss_mb",
         "redis_commands_per_request",
+        "redis_script_calls_per_request",
+        "redis_round_trips_per_request",
+        "redis_decision_round_trips_per_request",
+        "governance_p50_ms",
         "governance_p99_ms",
         "governance_share_under_2ms",
         "client_cpu_share",
@@ -1075,8 +1119,9 @@ def markdown(result: dict[str, Any]) -> str:
     if matrix:
         lines += [
             "| cell | target | req/s | x bare | p50 ms | p99 ms | CPU s/1000 req | x bare | "
-            "peak RSS MB | Redis cmd/req | gov. p99 ms | non-200 |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "peak RSS MB | Redis cmd/req (scripts; decision round trips) | gov. p99 ms | "
+            "errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         ]
         for cell, targets in matrix["summary"].items():
             for name, e in targets.items():
@@ -1084,7 +1129,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| {cell} | {name} | {e.get('rps', '')} | {e.get('rps_vs_bare', '')} | "
                     f"{e.get('p50_ms', '')} | {e.get('p99_ms', '')} | "
                     f"{e.get('cpu_s_per_1000', '')} | {e.get('cpu_vs_bare', '')} | "
-                    f"{e.get('peak_rss_mb', '')} | {e.get('redis_commands_per_request', '')} | "
+                    f"{e.get('peak_rss_mb', '')} | {_redis_cell(e)} | "
                     f"{e.get('governance_p99_ms', '')} | {e['non_200'] + e['errors']} |"
                 )
         lines.append("")
@@ -1103,6 +1148,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _redis_cell(e: dict[str, Any]) -> str:
+    if "redis_commands_per_request" not in e:
+        return ""
+    return (
+        f"{e['redis_commands_per_request']} ({e.get('redis_script_calls_per_request', '')}; "
+        f"{e.get('redis_decision_round_trips_per_request', '')})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1111,10 +1165,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", action="store_true", help="only the soak (bounded, not for CI)")
     p.add_argument("--replicas", action="store_true", help="only one vs two replicas")
     p.add_argument("--no-replicas", action="store_true", help="skip the replica comparison")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS))
-    p.add_argument("--schemes", default="http,https")
+    p.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help="comma list of bare, core, embedded, embedded-pg, shared; MODE@NAME runs a gateway "
+        "mode from the checkout --trees names NAME",
+    )
+    p.add_argument("--trees", default="", help="NAME=DIR,...: other checkouts to compare")
+    p.add_argument("--schemes", default="http,https", help="http, https, refused (451s)")
     p.add_argument("--bodies", default="1k,100k")
     p.add_argument("--conns", default="8,64")
+    p.add_argument("--paced", default="", help="N,...: also http/https 1k c8 paced to N requests/s")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per cell before measuring")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell")
     p.add_argument("--repeat", type=int, default=1, help="run the whole matrix N times")
@@ -1131,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.warmup, args.duration = min(args.warmup, 1.0), min(args.duration, 2.0)
+        args.warmup, args.duration = min(args.warmup, 0.5), min(args.duration, 1.5)
         args.repeat = 1
 
     started = dt.datetime.now(dt.UTC)

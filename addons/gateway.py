@@ -513,7 +513,20 @@ class Gateway:
                 message = f"{timeout[1]} (network.{timeout[0]}_timeout)"
             if kind is not None:  # also a body cut short after the response headers
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
-            if flow.response is None or timeout is not None:
+            if flow.request.timestamp_end is None:
+                # Gone (or closed as too slow) before its request was complete: nothing left.
+                state.decision = refuse(
+                    Reason.INTERRUPTED,
+                    "the client did not finish sending its request",
+                    site=state.site,
+                )
+            elif kind is None and flow.response is None:
+                state.decision = refuse(
+                    Reason.INTERRUPTED,
+                    "the client hung up before the site answered",
+                    site=state.site,
+                )
+            elif flow.response is None or timeout is not None:
                 reason = Reason.UPSTREAM_TIMEOUT if kind == "timeout" else Reason.UPSTREAM_ERROR
                 state.decision = refuse(reason, message, site=state.site)
         self._finish(flow, state)

@@ -199,7 +199,8 @@ class HttpGuard(layer.Layer):
                 self._add(limits.response, "silence", flow)
                 self._add(limits.transfer, "transfer", flow)
         elif isinstance(hook, HttpConnectHook):
-            if hook.flow.response is None:
+            answer = hook.flow.response  # mitmproxy has set its 200 by now, unless refused
+            if hook.flow.error is None and (answer is None or answer.status_code == 200):
                 self._tunnel = True
                 self._add(limits.idle_client, "tunnel", None)
             else:

@@ -1,0 +1,381 @@
+"""Sites that hang, reset or trickle, and clients that hold connections without asking anything,
+against a real gateway (addons/http_guard.py enforces the policy's network timeouts).
+
+After each fault the gateway serves again, the site's budgets are exact (every admitted request
+counted once, every concurrency slot given back) and no fetch record is missing: each request a
+misbehaving site received has its record, counted against the site's own count.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.policy import InvalidPolicy
+from proxy.policy import parse_policy
+from tests.support import AUDITOR_TOKEN
+from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
+from tests.support import Gateway
+from tests.support import LocalCA
+from tests.support import Reply
+from tests.support import Site
+from tests.support import basic
+from tests.support import policy_with
+
+HEADERS = {"X-Crawl-Project": PROJECT}
+CONNECT_TIMEOUT = 1.0
+RESPONSE_TIMEOUT = 1.5
+TRANSFER_TIMEOUT = 3.0
+IDLE_CLIENT_TIMEOUT = 1.5
+# mitmproxy's own inactivity timeout, just above every deadline (Limits.watchdog).
+WATCHDOG = 3.0
+SLACK = 1.5  # a busy CI machine
+
+
+class Upstream:
+    """A TCP server on 127.0.0.1 that misbehaves after reading a request, counting requests."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.requests = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if not conn.recv(65536):
+                return
+            with self._lock:
+                self.requests += 1
+            if self.mode == "hang":
+                time.sleep(30)
+            elif self.mode == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            elif self.mode == "trickle_head":
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 100:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            elif self.mode == "trickle_body":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                for _ in range(1000):
+                    conn.sendall(b"x")
+                    time.sleep(0.3)
+            elif self.mode == "stall_body":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc")
+                time.sleep(30)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._conns:
+            conn.close()
+
+
+class Blackhole:
+    """A listener whose accept queue is full: the kernel drops further SYNs, connect() hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = int(self.sock.getsockname()[1])
+        self.requests = 0
+        self._fill = []
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self._fill.append(s)
+        time.sleep(0.2)
+
+    def close(self) -> None:
+        for s in self._fill:
+            s.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, test_ca: LocalCA) -> Iterator[Gateway]:
+    network = {
+        "allow_private": ["127.0.0.0/8"],
+        "static_hosts": {"*.test": "127.0.0.1"},
+        "connect_timeout": f"{CONNECT_TIMEOUT}s",
+        "response_timeout": f"{RESPONSE_TIMEOUT}s",
+        "transfer_timeout": f"{TRANSFER_TIMEOUT}s",
+        "idle_client_timeout": f"{IDLE_CLIENT_TIMEOUT}s",
+    }
+    policy = policy_with(
+        network=network,
+        sites=[
+            *({"id": f"fault-{i}", "match": [f"fault-{i}.test"]} for i in range(6)),
+            # A name the test certificate carries, for the TLS case.
+            {"id": "fault-tls", "match": ["site-d.test"]},
+        ],
+    )
+    workdir = tmp_path_factory.mktemp("timeouts")
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        yield gw
+
+
+def upstream_errors(gw: Gateway) -> dict[str, float]:
+    text = requests.get(gw.admin + "/metrics", timeout=5).text
+    return {
+        s.labels["kind"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "crawlwarden_upstream_errors"
+        for s in f.samples
+    }
+
+
+def budgets(gw: Gateway, site: str) -> dict[str, dict]:
+    status, body = gw.admin_request("GET", f"/v1/budgets?site={site}", token=AUDITOR_TOKEN)
+    assert status == 200, body
+    return body["budgets"]
+
+
+# mode, site, expected status, reason, the timeout named in the note, the seconds it takes
+FAULTS = [
+    ("hang", "fault-0", 504, "upstream_timeout", "response_timeout", RESPONSE_TIMEOUT),
+    ("stall_body", "fault-1", 504, "upstream_timeout", "response_timeout", RESPONSE_TIMEOUT),
+    ("trickle_head", "fault-2", 504, "upstream_timeout", "transfer_timeout", TRANSFER_TIMEOUT),
+    ("trickle_body", "fault-3", 504, "upstream_timeout", "transfer_timeout", TRANSFER_TIMEOUT),
+    ("connect", "fault-4", 504, "upstream_timeout", "connect_timeout", CONNECT_TIMEOUT),
+    ("reset", "fault-5", 502, "upstream_error", None, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("mode", "site_id", "status", "reason", "timeout", "takes"),
+    FAULTS,
+    ids=[f[0] for f in FAULTS],
+)
+def test_a_misbehaving_site_times_out_is_recorded_and_the_gateway_serves_on(
+    gateway: Gateway,
+    site: Site,
+    mode: str,
+    site_id: str,
+    status: int,
+    reason: str,
+    timeout: str | None,
+    takes: float,
+):
+    upstream = Blackhole() if mode == "connect" else Upstream(mode)
+    kind = "timeout" if timeout else "reset"
+    before = upstream_errors(gateway)[kind]
+    try:
+        url = f"http://{site_id}.test:{upstream.port}/{mode}"
+        started = time.monotonic()
+        r = requests.get(url, proxies={"http": gateway.proxy_url()}, headers=HEADERS, timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        upstream.close()
+    assert r.status_code == status
+    assert takes - 0.1 <= elapsed <= takes + SLACK, elapsed
+    if timeout is not None:
+        # The gateway's own answer: the scraper can tell a slow site from a broken one.
+        assert r.headers["X-Crawlwarden-Reason"] == "upstream_timeout"
+        assert r.json()["rule"] == f"network.{timeout}"
+    # No record missing: one per request the site received (a connect that never was: one).
+    records = gateway.fetch_records(site=site_id)
+    assert len(records) == max(upstream.requests, 1) == 1
+    # Recorded as such, and counted by kind.
+    [rec] = records
+    assert rec["decision"] == "forwarded" and rec["reason"] == reason
+    if timeout is not None:
+        assert f"network.{timeout}" in rec["note"]
+        assert rec["id"] == r.headers["x-crawlwarden-request-id"]
+    assert upstream_errors(gateway)[kind] == before + 1
+    # Budgets exact: the request counted once, its concurrency slot given back.
+    used = budgets(gateway, site_id)
+    assert used["requests_per_day"]["used"] == 1
+    assert used["concurrency"]["used"] == 0
+    # And the gateway serves again.
+    ok = requests.get(
+        site.url("site-a.test"), proxies={"http": gateway.proxy_url()}, headers=HEADERS, timeout=10
+    )
+    assert ok.status_code == 200
+
+
+def test_a_site_that_hangs_inside_a_tls_tunnel_times_out(gateway: Gateway, tls_site: Site):
+    tls_site.routes["/slow"] = Reply(body=b"late", delay=RESPONSE_TIMEOUT + 2)
+    tls_site.routes["/fast"] = Reply(body=b"fast")
+    session = requests.Session()
+    session.proxies = {"https": gateway.proxy_url()}
+    started = time.monotonic()
+    r = session.get(
+        tls_site.url("site-d.test", "/slow"),
+        headers=HEADERS,
+        verify=str(gateway.ca_cert),
+        timeout=30,
+    )
+    assert r.status_code == 504
+    assert time.monotonic() - started <= RESPONSE_TIMEOUT + SLACK
+    assert r.headers["X-Crawlwarden-Reason"] == "upstream_timeout"
+    again = session.get(
+        tls_site.url("site-d.test", "/fast"), headers=HEADERS, verify=str(gateway.ca_cert)
+    )
+    assert again.status_code == 200 and again.content == b"fast"
+    records = gateway.fetch_records(site="fault-tls")
+    assert [r["reason"] for r in records] == ["upstream_timeout", "ok"]
+    assert len(records) == tls_site.count()
+
+
+# -- clients that hold connections -----------------------------------------------------------
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the gateway closed `sock` (EOF or reset), None if it stayed open."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    except OSError:
+        pass
+    return time.monotonic() - started
+
+
+def test_slow_loris_clients_are_closed_and_do_not_block_others(gateway: Gateway, site: Site):
+    auth = basic(TEAM, TEAM_TOKEN)
+    silent = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(20)]
+    trickling = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(20)]
+    slow_bodies = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(5)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for s in trickling:
+            s.sendall(b"GET http://site-a.test/ HTTP/1.1\r\n")
+        for s in slow_bodies:
+            s.sendall(
+                f"POST {site.url('site-a.test', '/upload')} HTTP/1.1\r\n"
+                f"Proxy-Authorization: {auth}\r\nX-Crawl-Project: {PROJECT}\r\n"
+                "Content-Length: 1000\r\n\r\n".encode()
+            )
+        while not stop.is_set():
+            for s in trickling + slow_bodies:
+                try:
+                    s.sendall(b"X-A: b\r\n" if s in trickling else b"x")
+                except OSError:
+                    pass
+            time.sleep(0.2)
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    try:
+        # Other clients are served at full speed meanwhile.
+        session = requests.Session()
+        session.proxies = {"http": gateway.proxy_url()}
+        for i in range(20):
+            started = time.monotonic()
+            r = session.get(site.url("site-a.test", f"/ok/{i}"), headers=HEADERS, timeout=10)
+            assert r.status_code == 200
+            assert time.monotonic() - started < 1.0
+        closed = [_closed_within(s, IDLE_CLIENT_TIMEOUT + SLACK) for s in trickling + slow_bodies]
+        assert all(t is not None for t in closed), closed
+        closed = [_closed_within(s, WATCHDOG + SLACK) for s in silent]
+        assert all(t is not None for t in closed), closed
+    finally:
+        stop.set()
+        for s in silent + trickling + slow_bodies:
+            s.close()
+    assert site.count("/upload") == 0  # an upload that never completed never left
+    uploads = [r for r in gateway.fetch_records() if r["url"].endswith("/upload")]
+    assert len(uploads) == 5
+    assert {(r["reason"], r["note"]) for r in uploads} == {
+        ("interrupted", "the client did not finish sending its request")
+    }
+    assert any(e["event"] == "slow_client_closed" for e in gateway.log_events())
+
+
+def test_an_idle_keep_alive_connection_is_closed(gateway: Gateway, site: Site):
+    auth = basic(TEAM, TEAM_TOKEN)
+    with socket.create_connection(("127.0.0.1", gateway.port)) as s:
+        s.sendall(
+            f"GET {site.url('site-a.test', '/keep')} HTTP/1.1\r\nHost: site-a.test\r\n"
+            f"Proxy-Authorization: {auth}\r\nX-Crawl-Project: {PROJECT}\r\n\r\n".encode()
+        )
+        s.settimeout(5)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        waited = _closed_within(s, IDLE_CLIENT_TIMEOUT + SLACK)
+    assert waited is not None and waited >= IDLE_CLIENT_TIMEOUT - 0.2
+
+
+def test_a_tunnel_that_never_speaks_tls_is_closed(gateway: Gateway, tls_site: Site):
+    auth = basic(TEAM, TEAM_TOKEN)
+    with socket.create_connection(("127.0.0.1", gateway.port)) as s:
+        s.sendall(
+            f"CONNECT site-c.test:{tls_site.port} HTTP/1.1\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
+        s.settimeout(5)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _closed_within(s, IDLE_CLIENT_TIMEOUT + SLACK) is not None
+    # ...and one that completed TLS but sends no request, likewise.
+    with socket.create_connection(("127.0.0.1", gateway.port)) as raw:
+        raw.sendall(
+            f"CONNECT site-c.test:{tls_site.port} HTTP/1.1\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
+        raw.settimeout(5)
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        context = ssl.create_default_context(cafile=str(gateway.ca_cert))
+        with context.wrap_socket(raw, server_hostname="site-c.test") as tls:
+            assert _closed_within(tls, IDLE_CLIENT_TIMEOUT + WATCHDOG + SLACK) is not None
+    assert tls_site.count() == 0
+
+
+# -- the policy keys -------------------------------------------------------------------------
+
+
+def test_timeouts_have_defaults_and_nonsense_is_a_field_error():
+    policy = policy_with()
+    policy["network"] = {}
+    network = parse_policy(yaml.safe_dump(policy)).policy.network
+    assert (network.connect_timeout, network.response_timeout) == ("10s", "30s")
+    assert (network.transfer_timeout, network.idle_client_timeout) == ("5m", "60s")
+    assert network.max_request_header_bytes == "64KiB"
+    assert network.max_request_body_bytes == "1MiB"
+    for key, value in [
+        ("connect_timeout", "0s"),
+        ("response_timeout", -1),
+        ("transfer_timeout", "soon"),
+        ("idle_client_timeout", ".inf"),
+        ("max_request_header_bytes", "1KB"),
+        ("max_request_body_bytes", "lots"),
+    ]:
+        policy["network"] = {key: value}
+        with pytest.raises(InvalidPolicy) as e:
+            parse_policy(yaml.safe_dump(policy).replace("'.inf'", ".inf"))
+        assert [err.path for err in e.value.errors] == [f"network.{key}"]

@@ -287,6 +287,11 @@ class Gateway:
         )
         credentials = req.headers.get("proxy-authorization")
         self._sanitize(req)
+        if flow.error is not None:
+            # mitmproxy has refused it already (request smuggling, invalid headers) and answers
+            # 400 itself; the error hook records this refusal. Nothing is admitted.
+            state.decision = _bad_request(flow.error.msg)
+            return None
 
         if tunnel is not None:
             identity: Identity | None = tunnel.identity

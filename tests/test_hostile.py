@@ -1,0 +1,396 @@
+"""Hostile and malformed requests against a real gateway, table-driven (Smokescreen's style).
+
+Each row is raw bytes on a socket, the status expected, the `X-Crawlwarden-Reason` (None: an
+answer of mitmproxy's own, for what it cannot parse) and the reason of the fetch record and of
+its canonical decision line (None: no request was parsed, so there is no fetch to record). While
+the table runs, another client is served throughout; afterwards the fetch log exports and
+verifies with its signatures, every record valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support import CRAWLWARDEN
+from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
+from tests.support import Gateway
+from tests.support import Site
+from tests.support import basic
+from tests.support import policy_with
+
+AUTH = basic(TEAM, TEAM_TOKEN)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    request: str | bytes  # "{port}" is the site's port, "{auth}" valid credentials
+    status: int
+    reason: str | None  # X-Crawlwarden-Reason; None: mitmproxy's own error page
+    recorded: str | None  # the fetch record's reason; None: no record
+    reaches_site: bool = False
+    body: bytes = b""
+
+    def bytes(self, port: int) -> bytes:
+        raw = self.request if isinstance(self.request, bytes) else self.request.encode("latin-1")
+        return raw.replace(b"{port}", str(port).encode()).replace(b"{auth}", AUTH.encode())
+
+
+def get(target: str, *headers: str, host: str | None = None) -> str:
+    """An authenticated GET with extra header lines."""
+    lines = [f"GET {target} HTTP/1.1"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    lines += ["Proxy-Authorization: {auth}", f"X-Crawl-Project: {PROJECT}", *headers]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+SITE = "http://site-a.test:{port}"
+CASES = [
+    # Request lines mitmproxy cannot parse: its own 400, before any hook.
+    Case("garbage", "GARBAGE\r\n\r\n", 400, None, None),
+    Case("nul in request line", "GET / HTTP/1.1\x00\r\n\r\n", 400, None, None),
+    Case("no version", "GET " + SITE + "/\r\n\r\n", 400, None, None),
+    Case("header without colon", "GET " + SITE + "/ HTTP/1.1\r\nNoColon\r\n\r\n", 400, None, None),
+    Case(
+        "request smuggling: Content-Length and Transfer-Encoding",
+        "POST " + SITE + "/ HTTP/1.1\r\nProxy-Authorization: {auth}\r\n"
+        "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        None,
+        "bad_request",
+    ),
+    # Heads and bodies the gateway will not hold.
+    Case(
+        "head past the limit, still coming",
+        b"GET http://site-a.test/ HTTP/1.1\r\nX-A: " + b"a" * 300_000,
+        431,
+        "headers_too_large",
+        None,
+    ),
+    Case(
+        "head past the limit, whole",
+        get(SITE + "/", "X-A: " + "a" * 70_000),
+        431,
+        "headers_too_large",
+        "headers_too_large",
+    ),
+    Case(
+        "declared body too large",
+        "POST " + SITE + "/up HTTP/1.1\r\nProxy-Authorization: {auth}\r\n"
+        f"X-Crawl-Project: {PROJECT}\r\nContent-Length: 100000000\r\n\r\n",
+        413,
+        "request_too_large",
+        "request_too_large",
+        body=b"x" * 200_000,
+    ),
+    Case(
+        "large body without credentials",
+        "POST " + SITE + "/up HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n",
+        407,
+        "auth_required",
+        "auth_required",
+        body=b"x" * 200_000,
+    ),
+    Case(
+        "chunked upload",
+        "POST " + SITE + "/up HTTP/1.1\r\nProxy-Authorization: {auth}\r\n"
+        f"X-Crawl-Project: {PROJECT}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        411,
+        "length_required",
+        "length_required",
+    ),
+    # CONNECT targets.
+    Case("CONNECT without a port", "CONNECT nonsense HTTP/1.1\r\n\r\n", 400, None, None),
+    Case("CONNECT to port 0", "CONNECT site-a.test:0 HTTP/1.1\r\n\r\n", 400, None, None),
+    Case("CONNECT to port 99999", "CONNECT site-a.test:99999 HTTP/1.1\r\n\r\n", 400, None, None),
+    Case("CONNECT to an empty label", "CONNECT a..test:443 HTTP/1.1\r\n\r\n", 400, None, None),
+    Case(
+        "CONNECT to a decimal IPv4",
+        "CONNECT 2130706433:443 HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n",
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    Case(
+        "CONNECT to an IPv6 zone",
+        "CONNECT [fe80::1%eth0]:443 HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n",
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    Case(
+        "CONNECT to loopback IPv6",
+        "CONNECT [::1]:443 HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n",
+        403,
+        "private_address",
+        "private_address",
+    ),
+    # Numeric IPv4 forms: never resolved, never a site of their own.
+    Case("decimal IPv4", get("http://2130706433:{port}/"), 400, "bad_request", "bad_request"),
+    Case("hex IPv4", get("http://0x7f.1:{port}/"), 400, "bad_request", "bad_request"),
+    Case(
+        "hex IPv4, one number", get("http://0x7f000001:{port}/"), 400, "bad_request", "bad_request"
+    ),
+    Case("octal IPv4", get("http://0177.0.0.1:{port}/"), 400, "bad_request", "bad_request"),
+    Case("short IPv4", get("http://127.1:{port}/"), 400, "bad_request", "bad_request"),
+    Case(
+        "numeric Host, origin-form",
+        get("/", host="2130706433:{port}"),
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    # IPv6 literals go through the SSRF guard (allow_private admits 127.0.0.0/8 only).
+    Case("IPv6 loopback", get("http://[::1]:{port}/"), 403, "private_address", "private_address"),
+    Case(
+        "IPv4-mapped IPv6 loopback",
+        get("http://[::ffff:127.0.0.1]:{port}/"),
+        403,
+        "private_address",
+        "private_address",
+    ),
+    Case(
+        "NAT64 IPv6 of loopback",
+        get("http://[64:ff9b::7f00:1]:{port}/"),
+        403,
+        "private_address",
+        "private_address",
+    ),
+    # Internationalized names.
+    Case(
+        "raw UTF-8 host in the request line",
+        get("http://bücher.test:{port}/").encode(),
+        400,
+        None,
+        None,
+    ),
+    Case("invalid punycode", get("http://xn--zz.test:{port}/"), 400, None, None),
+    Case(
+        "punycode host",
+        get("http://xn--bcher-kva.test:{port}/idn"),
+        200,
+        None,
+        "ok",
+        reaches_site=True,
+    ),
+    Case(
+        "UTF-8 Host header, origin-form",
+        get("/idn-host", host="bücher.test:{port}").encode(),
+        200,
+        None,
+        "ok",
+        reaches_site=True,
+    ),
+    # X-Crawl-* values are recorded: printable UTF-8 or a clean refusal.
+    Case(
+        "NUL in X-Crawl-Account",
+        get(SITE + "/", "X-Crawl-Account: a\x00b"),
+        400,
+        *["bad_request"] * 2,
+    ),
+    Case(
+        "CTL in X-Crawl-Account",
+        get(SITE + "/", "X-Crawl-Account: a\x01b\x7f"),
+        400,
+        *["bad_request"] * 2,
+    ),
+    Case(
+        "bare CR in X-Crawl-Account",
+        get(SITE + "/", "X-Crawl-Account: a\rb"),
+        400,
+        *["bad_request"] * 2,
+    ),
+    Case(
+        "obs-fold in X-Crawl-Account",
+        get(SITE + "/", "X-Crawl-Account: a", " b"),
+        400,
+        *["bad_request"] * 2,
+    ),
+    Case(
+        "non-UTF-8 X-Crawl-Account",
+        get(SITE + "/", "X-Crawl-Account: \xff\xfe"),
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    Case(
+        "non-UTF-8 X-Crawl-Project",
+        get(SITE + "/").replace(PROJECT, "faces-\xff"),
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    Case(
+        "bidi override in X-Crawl-Account",
+        get(SITE + "/", "X-Crawl-Account: acct\u202e").encode(),
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    Case(
+        "long X-Crawl-Account",
+        get(SITE + "/", "X-Crawl-Account: " + "a" * 300),
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    Case(
+        "non-UTF-8 path, origin-form",
+        get("/a\xffb", host="site-a.test:{port}"),
+        400,
+        "bad_request",
+        "bad_request",
+    ),
+    Case(
+        "UTF-8 X-Crawl-Account",
+        get(SITE + "/utf8", "X-Crawl-Account: Zürich-7").encode(),
+        200,
+        None,
+        "ok",
+        reaches_site=True,
+    ),
+]
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def send_raw(port: int, data: bytes, body: bytes = b"", timeout: float = 10) -> Answer:
+    """Send raw bytes, read one response (to its Content-Length, or to the close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            if body:
+                s.sendall(body)
+        except OSError:
+            pass  # answered and closed before we finished sending: the answer is there
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    return Answer(status, headers, rest)
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    with Site() as s:
+        yield s
+
+
+def test_hostile_requests_get_a_clean_answer_and_a_valid_fetch_log(
+    workdir: Path, site: Site
+) -> None:
+    gw = Gateway(workdir, policy_with()).start()
+    served: list[int] = []
+    stop = threading.Event()
+
+    def other_client() -> None:
+        session = requests.Session()
+        session.proxies = {"http": gw.proxy_url()}
+        while not stop.is_set():
+            r = session.get(
+                site.url("site-b.test", "/other"), headers={"X-Crawl-Project": PROJECT}, timeout=5
+            )
+            served.append(r.status_code)
+            time.sleep(0.02)
+
+    other = threading.Thread(target=other_client)
+    other.start()
+    expected_ids: dict[str, Case] = {}
+    try:
+        for case in CASES:
+            before = site.count() - site.count("/other")
+            started = time.monotonic()
+            answer = send_raw(gw.port, case.bytes(site.port), case.body)
+            assert answer.status == case.status, (case.name, answer.status, answer.body[:300])
+            assert answer.headers.get("x-crawlwarden-reason") == case.reason, case.name
+            assert time.monotonic() - started < 5, f"{case.name}: answered late"
+            if case.reason is not None and case.status != 200:
+                refusal = json.loads(answer.body)
+                assert refusal["reason"] == case.reason and refusal["detail"], case.name
+            reached = site.count() - site.count("/other") - before
+            assert reached == (1 if case.reaches_site else 0), case.name
+            if case.recorded is not None:
+                expected_ids[answer.headers.get("x-crawlwarden-request-id", case.name)] = case
+    finally:
+        stop.set()
+        other.join(10)
+    assert served and set(served) == {200}, "another client was not served throughout"
+    assert gw.proc is not None and gw.proc.poll() is None
+
+    # Every request that was parsed has one record and one decision line; nothing else does.
+    records = [r for r in gw.fetch_records() if not r["url"].endswith("/other")]
+    assert len(records) == sum(1 for c in CASES if c.recorded is not None)
+    by_id = {r["id"]: r for r in records}
+    decisions = {e["id"]: e for e in gw.log_events("decision")}
+    for request_id, case in expected_ids.items():
+        if request_id == case.name:  # mitmproxy answered; matched by reason below
+            continue
+        rec = by_id[request_id]
+        assert rec["reason"] == case.recorded, case.name
+        assert decisions[request_id]["reason"] == case.recorded, case.name
+    smuggled = [r for r in records if r["method"] == "POST" and r["reason"] == "bad_request"]
+    assert len(smuggled) == 1 and smuggled[0]["decision"] == "refused"
+    # Refused values were not recorded; accepted UTF-8 was, as sent.
+    assert {r["account"] for r in records if r["reason"] == "bad_request"} == {None}
+    assert "Zürich-7" in {r["account"] for r in records}
+    idn = [r for r in records if "/idn" in r["url"]]
+    assert {r["site"] for r in idn} == {"xn--bcher-kva.test"}
+
+    # The fetch log as an auditor gets it: exported, every line JSON, signatures intact.
+    gw.signal(signal.SIGTERM)
+    assert gw.proc.wait(40) == 0
+    export = workdir / "hostile-export.jsonl"
+    subprocess.run(
+        [CRAWLWARDEN, "audit", "export", "--data-dir", str(gw.data_dir), "--output", str(export)],
+        check=True,
+        capture_output=True,
+    )
+    lines = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
+    assert sum(1 for line in lines if line.get("type") == "record") >= len(records)
+    verify = subprocess.run(
+        [
+            CRAWLWARDEN,
+            "audit",
+            "verify",
+            str(export),
+            "--public-key",
+            str(gw.data_dir / "audit-signing.pub"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -222,6 +222,8 @@ def chart_with_dashboards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The chart with two dashboards and a rule file, as helm/sync-dashboards.sh leaves it."""
     chart = tmp_path_factory.mktemp("chart") / "crawlwarden"
     shutil.copytree(CHART, chart)
+    # The real chart carries the real dashboards now; the samples replace them entirely.
+    shutil.rmtree(chart / "dashboards", ignore_errors=True)
     write_sample_dashboards(chart / "dashboards")
     return chart
 

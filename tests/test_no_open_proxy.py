@@ -1,0 +1,378 @@
+"""No open proxy: every way into the gateway needs a team's token, wrong tokens get slower answers,
+tokens leave no trace, and the keys the gateway writes are private. Against real gateways.
+
+Each case connects from its own loopback address (127.0.0.0/8 is all loopback on Linux): the
+wrong-credentials throttle counts per client address, and these cases are about the 407.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import requests
+
+from tests.support import ADMIN_TOKEN
+from tests.support import AUDITOR_TOKEN
+from tests.support import CRAWLWARDEN
+from tests.support import OTHER_TEAM
+from tests.support import OTHER_TOKEN
+from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
+from tests.support import Gateway
+from tests.support import LocalCA
+from tests.support import Site
+from tests.support import basic
+from tests.support import policy_with
+
+_addresses = (f"127.0.{i // 250}.{i % 250 + 2}" for i in itertools.count())
+
+
+def fresh_address() -> str:
+    """A loopback source address no earlier case used."""
+    return next(_addresses)
+
+
+def connect(port: int, source: str | None = None) -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=(source or fresh_address(), 0)
+    )
+    return sock
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """Bytes until the end of one response head and its Content-Length body, or the close."""
+    raw = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        raw += chunk
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            if len(body) >= length:
+                break
+    return raw
+
+
+def status_of(raw: bytes) -> int | None:
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/") else None
+
+
+def h2_get(sock: socket.socket, authority: str, path: str, *headers: tuple[str, str]) -> dict:
+    """One HTTP/2 GET on an open connection: the response headers, or how the stream ended."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(
+        stream,
+        [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", authority),
+            (":path", path),
+            *headers,
+        ],
+        end_stream=True,
+    )
+    sock.sendall(conn.data_to_send())
+    out: dict = {}
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            out["closed"] = True
+            return out
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                out.update({k.decode(): v.decode() for k, v in event.headers})
+            elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                return out
+        sock.sendall(conn.data_to_send())
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with Gateway(tmp_path_factory.mktemp("open-proxy"), policy_with()) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Site]:
+    with Site() as s:
+        yield s
+
+
+CREDENTIALS = {
+    "none": None,
+    "wrong token": basic(TEAM, "not-the-token"),
+    "unknown team": basic("nobody", TEAM_TOKEN),
+    "other team's token": basic(TEAM, OTHER_TOKEN),
+    "not basic": f"Bearer {TEAM_TOKEN}",
+    "not base64": "Basic !!!",
+    "no colon": "Basic " + base64.b64encode(TEAM_TOKEN.encode()).decode(),
+}
+
+
+def _header(credentials: str | None) -> str:
+    return "" if credentials is None else f"Proxy-Authorization: {credentials}\r\n"
+
+
+@pytest.mark.parametrize("credentials", list(CREDENTIALS.values()), ids=list(CREDENTIALS))
+def test_every_http1_form_without_valid_credentials_is_407(
+    gateway: Gateway, target: Site, credentials: str | None
+):
+    authority = f"site-a.test:{target.port}"
+    auth = _header(credentials)
+    forms = {
+        "absolute-form": f"GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n",
+        "origin-form": f"GET / HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n",
+        "CONNECT": f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n",
+        "websocket upgrade": f"GET http://{authority}/ws HTTP/1.1\r\nHost: {authority}\r\n"
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n",
+        "h2c upgrade": f"GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n"
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        f"HTTP2-Settings: AAMAAABkAAQAAP__\r\n{auth}\r\n",
+        "HTTP/1.0": f"GET http://{authority}/ HTTP/1.0\r\n{auth}\r\n",
+    }
+    for form, request in forms.items():
+        with connect(gateway.port) as sock:
+            sock.sendall(request.encode())
+            answer = read_answer(sock)
+        assert status_of(answer) == 407, (form, answer[:200])
+        assert b"Proxy-Authenticate: Basic" in answer, form
+        assert b"X-Crawlwarden-Reason: auth_required" in answer, form
+    assert target.connections == 0
+
+
+def test_http2_without_credentials_is_407_or_refused(gateway: Gateway, target: Site):
+    authority = f"site-a.test:{target.port}"
+    # HTTP/2 over TLS to the proxy itself (an HTTPS proxy, ALPN h2): a 407 on the stream.
+    context = ssl.create_default_context(cafile=str(gateway.ca_cert))
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(connect(gateway.port), server_hostname="127.0.0.1") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        answer = h2_get(tls, authority, "/")
+    assert answer[":status"] == "407"
+    assert answer["x-crawlwarden-reason"] == "auth_required"
+    # ...and with wrong credentials on the stream, likewise.
+    with context.wrap_socket(connect(gateway.port), server_hostname="127.0.0.1") as tls:
+        answer = h2_get(tls, authority, "/", ("proxy-authorization", basic(TEAM, "wrong")))
+    assert answer[":status"] == "407"
+    # h2c with prior knowledge: the proxy port does not speak cleartext HTTP/2, so there is no
+    # stream to carry a 407; the preface is refused as HTTP/1 and the connection closed.
+    with connect(gateway.port) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+        answer_raw = read_answer(sock)
+    assert status_of(answer_raw) == 400
+    # HTTP/2 inside a CONNECT tunnel: the CONNECT itself needs the credentials, so no tunnel
+    # (and no TLS, no ALPN) ever starts without them.
+    with connect(gateway.port) as sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        assert status_of(read_answer(sock)) == 407
+    assert target.connections == 0
+
+
+def test_with_valid_credentials_every_form_is_served(gateway: Gateway, target: Site):
+    """The other side of the same coin: the forms above do work for a team."""
+    authority = f"site-a.test:{target.port}"
+    auth = f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\nX-Crawl-Project: {PROJECT}\r\n"
+    for request in (
+        f"GET http://{authority}/abs HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n",
+        f"GET /origin HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n",
+    ):
+        with connect(gateway.port) as sock:
+            sock.sendall(request.encode())
+            assert status_of(read_answer(sock)) == 200
+    assert target.count("/abs") == target.count("/origin") == 1
+
+
+# -- wrong credentials are slowed down ---------------------------------------------------------
+
+
+def _timed(port: int, source: str, credentials: str | None, url: str) -> tuple[int | None, float]:
+    started = time.monotonic()
+    with connect(port, source) as sock:
+        sock.sendall(
+            f"GET {url} HTTP/1.1\r\nHost: x\r\n{_header(credentials)}"
+            f"X-Crawl-Project: {PROJECT}\r\n\r\n".encode()
+        )
+        answer = read_answer(sock)
+    return status_of(answer), time.monotonic() - started
+
+
+def test_repeated_wrong_credentials_from_one_address_are_slowed_down(
+    gateway: Gateway, target: Site
+):
+    url = target.url("site-a.test", "/throttle")
+    attacker = fresh_address()
+    wrong = basic(TEAM, "guess")
+    timings = []
+    for _ in range(7):
+        status, took = _timed(gateway.port, attacker, wrong, url)
+        assert status == 407
+        # A legitimate client on the same address is never held back, before or after.
+        ok, quick = _timed(gateway.port, attacker, basic(TEAM, TEAM_TOKEN), url)
+        assert ok == 200 and quick < 0.5, quick
+        timings.append(took)
+    # Three answered at once, then about 0.25 s, 0.5 s, 1 s, 2 s (proxy/auth_throttle.py; a
+    # little less, as the count decays while the client waits).
+    assert all(t < 0.2 for t in timings[:3]), timings
+    for took, nominal in zip(timings[3:], (0.25, 0.5, 1.0, 2.0), strict=True):
+        assert 0.85 * nominal <= took < nominal + 1.0, timings
+    # Missing credentials are no guess: answered at once even now.
+    status, took = _timed(gateway.port, attacker, None, url)
+    assert status == 407 and took < 0.2
+    # Another address is not affected.
+    status, took = _timed(gateway.port, fresh_address(), wrong, url)
+    assert status == 407 and took < 0.2
+    # Parallel guesses do not multiply the rate: past 8 held answers, connections are dropped.
+    results: list[int | None] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(_timed(gateway.port, attacker, wrong, url)[0])
+        )
+        for _ in range(12)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results.count(407) <= 8 and results.count(None) >= 4, results
+    assert gateway.proc is not None and gateway.proc.poll() is None
+
+
+# -- tokens leave no trace -------------------------------------------------------------------
+
+
+def test_tokens_never_appear_in_logs_records_or_metrics(
+    workdir: Path, target: Site, test_ca: LocalCA
+):
+    guesses = ["guess-one-7f3a", "guess-two-91bc"]
+    with Site(tls=test_ca) as tls_site:
+        gw = Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert).start()
+        try:
+            proxies_ok = {"http": gw.proxy_url(), "https": gw.proxy_url()}
+            for i in range(3):
+                requests.get(
+                    target.url("site-a.test", f"/ok/{i}"),
+                    proxies=proxies_ok,
+                    headers={"X-Crawl-Project": PROJECT},
+                    timeout=10,
+                )
+            requests.get(
+                tls_site.url("site-c.test", "/tls"),
+                proxies=proxies_ok,
+                headers={"X-Crawl-Project": PROJECT},
+                verify=str(gw.ca_cert),
+                timeout=10,
+            )
+            requests.get(
+                target.url("site-a.test", "/other"),
+                proxies={"http": gw.proxy_url(OTHER_TEAM, OTHER_TOKEN)},
+                timeout=10,
+            )
+            for guess in guesses:
+                for request in (
+                    f"GET {target.url('site-a.test', '/bad')} HTTP/1.1\r\n"
+                    f"Proxy-Authorization: {basic(TEAM, guess)}\r\n\r\n",
+                    f"CONNECT site-c.test:{tls_site.port} HTTP/1.1\r\n"
+                    f"Proxy-Authorization: {basic(guess, TEAM_TOKEN)}\r\n\r\n",
+                    # Tokens in places they do not belong, and in a request mitmproxy refuses.
+                    f"GET {target.url('site-a.test', '/hdr')} HTTP/1.1\r\n"
+                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
+                    f"X-Crawl-Project: {PROJECT}\r\nAuthorization: Bearer {guess}\r\n\r\n",
+                    f"GET {target.url('site-a.test', '/bad')} HTTP/1.1\r\n"
+                    f"Proxy-Authorization {basic(TEAM, guess)}\r\n\r\n",
+                ):
+                    with connect(gw.port) as sock:
+                        sock.sendall(request.encode())
+                        read_answer(sock)
+            for token in (ADMIN_TOKEN, AUDITOR_TOKEN, *guesses):
+                gw.admin_request("POST", "/v1/policy/reload", token=token)
+                gw.admin_request("GET", "/v1/fetches?limit=5", token=token)
+            metrics = requests.get(gw.admin + "/metrics", timeout=5).text
+        finally:
+            gw.stop()
+        export = subprocess.run(
+            [CRAWLWARDEN, "audit", "export", "--data-dir", str(gw.data_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    secrets = [TEAM_TOKEN, OTHER_TOKEN, ADMIN_TOKEN, AUDITOR_TOKEN, *guesses]
+    forms = set(secrets)
+    for secret in secrets:
+        forms.add(base64.b64encode(secret.encode()).decode())
+        for team in (TEAM, OTHER_TEAM, "nobody"):
+            forms.add(base64.b64encode(f"{team}:{secret}".encode()).decode())
+            forms.add(base64.b64encode(f"{secret}:{TEAM_TOKEN}".encode()).decode())
+    places = {"gateway log": gw.logs(), "fetch log export": export, "metrics": metrics}
+    assert "decision" in places["gateway log"] and "vision-data" in export  # not empty
+    leaks = [(place, form) for place, text in places.items() for form in forms if form in text]
+    assert not leaks
+
+
+# -- private keys ----------------------------------------------------------------------------
+
+
+def test_private_keys_are_written_0600_whatever_the_umask(workdir: Path):
+    gw = Gateway(workdir, policy_with())
+    gw.args = ["sh", "-c", 'umask 000; exec "$0" "$@"', *gw.args]
+    with gw:
+        pass
+    private = {
+        "MITM CA key (PEM)": gw.data_dir / "mitmproxy-ca.pem",
+        "MITM CA key (PKCS#12)": gw.data_dir / "mitmproxy-ca.p12",
+        "fetch-log signing key": gw.data_dir / "audit-signing.key",
+    }
+    for what, path in private.items():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, what
+    # The public halves may be read by anyone.
+    assert stat.S_IMODE((gw.data_dir / "audit-signing.pub").stat().st_mode) & 0o044
+    # A key pair from the CLI, likewise.
+    key, pub = workdir / "k" / "audit.key", workdir / "k" / "audit.pub"
+    key.parent.mkdir()
+    subprocess.run(
+        [
+            "sh",
+            "-c",
+            'umask 000; exec "$0" "$@"',
+            CRAWLWARDEN,
+            "keys",
+            "generate",
+            "--private",
+            str(key),
+            "--public",
+            str(pub),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ},
+    )
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -565,3 +565,33 @@ async def test_unreachable_store_at_start_never_raises():
         assert (await engine.usage(make_site()))["store"] == "unavailable"
     finally:
         await engine.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_quiet_sites_gauges_follow_its_state_not_its_last_admission(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    """Gauges are set from admissions; a site that then goes quiet is re-read from the store,
+    so its rate and concurrency gauges fall back (and a spent quota resets with the UTC day)."""
+    from proxy.budgets import engine as engine_module
+
+    site = make_site(rate="10/s", burst=2, max_concurrency=2)
+    label = f"quiet-{site.key}"
+
+    def gauge(budget: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "crawlwarden_budget_used_ratio", {"site": label, "budget": budget}
+        )
+
+    async with cluster(1, site_label=lambda key: label) as (engine,):
+        leases = [(await engine.admit(site)).lease for _ in range(2)]
+        engine.publish_gauges()
+        assert gauge("concurrency") == 1.0 and gauge("rate") == 1.0
+        for lease in leases:
+            engine.finish(lease)
+        await engine.flush()
+        await asyncio.sleep(0.3)  # the GCRA allowance refills at 10/s
+        monkeypatch.setattr(engine_module, "GAUGE_REFRESH", 0.0)
+        await engine._refresh_quiet_gauges()
+        assert gauge("concurrency") == 0.0
+        assert gauge("rate") == 0.0

@@ -66,6 +66,11 @@ _MAX_TRACKED_SITES = 100_000
 _SLOT_POLL_FIRST = 0.05  # delay mode: first look for a slot freed by another replica
 _SLOT_POLL_MAX = 0.2
 GAUGE_INTERVAL = 1.0
+# A site's gauges come from the snapshot of its latest admission. A site that gets no traffic
+# would keep its last values (a spent quota stays at 1.0 after the UTC day renews; a rate at its
+# peak), so its state is read again from the store at this interval while it stays quiet.
+GAUGE_REFRESH = 15.0
+_MAX_REFRESHED = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +157,7 @@ class BudgetEngine:
         self._pausing: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._gauges: dict[str, tuple[Any, ...]] = {}
+        self._observed: dict[str, tuple[BudgetSpec, float]] = {}
         self._unpublished: dict[str, tuple[BudgetSpec, Snapshot]] = {}
         self._closed = False
 
@@ -652,9 +658,31 @@ class BudgetEngine:
     # -- visibility --------------------------------------------------------------------------
 
     async def _gauge_loop(self) -> None:
+        last_refresh = time.monotonic()
         while True:
             await asyncio.sleep(GAUGE_INTERVAL)
             self.publish_gauges()
+            if time.monotonic() - last_refresh >= GAUGE_REFRESH:
+                last_refresh = time.monotonic()
+                await self._refresh_quiet_gauges()
+
+    async def _refresh_quiet_gauges(self) -> None:
+        """Re-read the sites whose gauges were not set for GAUGE_REFRESH seconds."""
+        cutoff = time.monotonic() - GAUGE_REFRESH
+        quiet = [spec for spec, at in self._observed.values() if at < cutoff][:_MAX_REFRESHED]
+        for spec in quiet:
+            store: BudgetStore | None = self._store
+            if self._down:
+                store = self._fallback if spec.fail_mode == "local" else None
+            if store is None:
+                continue
+            try:
+                snap = await store.snapshot(spec.key)
+            except Exception as e:
+                if store is self._store:
+                    self._store_failed(e)
+                return
+            self._observe(self._local_spec(spec) if store is self._fallback else spec, snap)
 
     def publish_gauges(self) -> None:
         """Set `crawlwarden_budget_used_ratio` from the latest state seen of each site."""
@@ -664,6 +692,10 @@ class BudgetEngine:
 
     def _observe(self, spec: BudgetSpec, snap: Snapshot) -> None:
         label = self._site_label(spec.key)
+        if label != metrics.OTHER:  # `_other` sites share one gauge: no single state to refresh
+            if len(self._observed) >= _MAX_TRACKED_SITES:
+                self._observed.clear()
+            self._observed[spec.key] = (spec, time.monotonic())
         gauges = self._gauges.get(label)
         if gauges is None:
             gauges = self._gauges[label] = tuple(

@@ -559,6 +559,9 @@ class Gateway:
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.recorded:
             return
+        if state.lease is not None and not state.forwarded:
+            self.rt.budgets.finish(state.lease)  # admitted, but it never left
+            state.lease = None
         state.decision = refuse(
             Reason.INTERRUPTED,
             f"the gateway failed on this request ({type(error).__name__}) and stopped it",

@@ -27,6 +27,8 @@ from proxy.ssrf import Resolver
 from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
+from tests.support import Reply
+from tests.support import Site
 from tests.support import base_policy
 from tests.support import basic
 
@@ -47,11 +49,20 @@ class ChangingDNS:
 async def make_gateway(tmp_path: Path) -> AsyncIterator:
     runtimes: list[Runtime] = []
 
-    async def make(dns: ChangingDNS, **network: object) -> Gateway:
+    async def make(
+        dns: ChangingDNS,
+        *,
+        egress: dict | None = None,
+        respect: dict | None = None,
+        **network: object,
+    ) -> Gateway:
         policy = base_policy()
         policy["network"] = {"allow_private": [], "static_hosts": {}, **network}
+        policy["egress"] = {**policy["egress"], **(egress or {})}
+        policy["defaults"]["respect"] = {**policy["defaults"]["respect"], **(respect or {})}
         loaded = parse_policy(yaml.safe_dump(policy))
-        compiled = compile_policy(loaded, resolver=Resolver(lookup=dns, ttl=0))
+        static = dict(loaded.policy.network.static_hosts)
+        compiled = compile_policy(loaded, resolver=Resolver(static, lookup=dns, ttl=0))
         rt = Runtime(Settings(policy_file=tmp_path / "p.yaml", data_dir=tmp_path), compiled)
         await rt.start()
         runtimes.append(rt)
@@ -134,3 +145,162 @@ async def test_unpinned_connections_are_refused_at_connect_time(make_gateway):
             )
             gw.server_connect(data)
             assert (data.server.error is not None) is refused, address
+
+
+# -- every path to a site checks the address it connects to -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "denied_class"),
+    [
+        ("10.0.0.7", "private"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "metadata"),
+        ("64:ff9b::a9fe:a9fe", "metadata"),  # NAT64 form of 169.254.169.254
+        ("fd00:ec2::254", "metadata"),
+        ("100.64.1.1", "cgnat"),
+        ("0.0.0.0", "unspecified"),
+    ],
+)
+async def test_connect_to_a_name_resolving_to_a_private_address_is_refused(
+    make_gateway, answer, denied_class
+):
+    gw = await make_gateway(ChangingDNS({"inside.example": [answer]}))
+    with taddons.context(gw):
+        flow = request_flow("inside.example", 443, "https")
+        flow.request.method = "CONNECT"
+        await gw.http_connect(flow)
+        assert flow.response is not None and flow.response.status_code == 403
+        assert flow.response.headers["X-Crawlwarden-Reason"] == "private_address"
+        assert denied_class in flow.response.get_text()
+        assert flow.client_conn not in gw.tunnels  # no tunnel, nothing to connect to
+
+
+async def test_requests_inside_a_tunnel_go_to_the_address_checked_at_connect(make_gateway):
+    dns = ChangingDNS({"img.example": ["93.184.216.34", "127.0.0.1"]})
+    gw = await make_gateway(dns)
+    with taddons.context(gw):
+        connect = request_flow("img.example", 443, "https")
+        connect.request.method = "CONNECT"
+        await gw.http_connect(connect)
+        assert connect.response is None
+        inner = request_flow("img.example", 443, "https")
+        inner.client_conn = connect.client_conn
+        inner.request.host = "93.184.216.34"  # what mitmproxy carries into the tunnel
+        inner.request.headers["Host"] = "img.example"
+        await gw.requestheaders(inner)
+        assert inner.response is None
+        assert dns.lookups == ["img.example"]  # the second answer (127.0.0.1) is never asked for
+        data = server_hooks.ServerConnectionHookData(
+            client=inner.client_conn, server=connection.Server(address=("93.184.216.34", 443))
+        )
+        gw.server_connect(data)
+        assert data.server.error is None
+
+
+async def test_through_an_upstream_proxy_the_checked_address_is_what_the_proxy_is_given(
+    make_gateway,
+):
+    pool = {"upstream_proxies": [{"name": "pool-a", "url": "http://10.9.9.9:3128"}]}
+    dns = ChangingDNS(
+        {"img.example": ["93.184.216.34", "10.0.0.1"], "inside.example": ["192.168.1.5"]}
+    )
+    gw = await make_gateway(dns, egress=pool)
+    with taddons.context(gw):
+        flow = request_flow("img.example")
+        await gw.requestheaders(flow)
+        assert flow.response is None
+        # The proxy is asked for the pinned address, so it cannot resolve the name differently.
+        assert flow.request.host == "93.184.216.34"
+        assert flow.server_conn.via is not None and flow.server_conn.via[1] == ("10.9.9.9", 3128)
+        # A name resolving to a private address is refused before the proxy is contacted.
+        private = request_flow("inside.example")
+        await gw.requestheaders(private)
+        assert private.response is not None and private.response.status_code == 403
+        # The proxy itself is the one private address the gateway may connect to.
+        for address, refused in [(("10.9.9.9", 3128), False), (("10.9.9.9", 80), True)]:
+            data = server_hooks.ServerConnectionHookData(
+                client=flow.client_conn, server=connection.Server(address=address)
+            )
+            gw.server_connect(data)
+            assert (data.server.error is not None) is refused, address
+        assert dns.lookups == ["img.example", "inside.example"]
+
+
+async def test_the_gateways_own_robots_fetch_checks_its_own_answer(make_gateway):
+    """robots.txt is fetched by the gateway (proxy/originfiles.py GuardedResolver): a name that
+    answers a public address for the request check and a private one for the robots fetch gets
+    no robots fetch at all, and so, by RFC 9309 2.3.1.4, no request either."""
+    dns = ChangingDNS({"rebind.example": ["93.184.216.34", "10.0.0.9"]})
+    gw = await make_gateway(dns, respect={"robots": True})
+    fetches: list[tuple[str, str | None]] = []
+    gw.rt.optouts.fetcher._on_fetch = lambda url, status, n, digest, error: fetches.append(
+        (url, error)
+    )
+    with taddons.context(gw):
+        flow = request_flow("rebind.example")
+        await gw.requestheaders(flow)
+    assert dns.lookups == ["rebind.example", "rebind.example"]
+    assert flow.response is not None and flow.response.status_code == 451
+    assert flow.response.headers["X-Crawlwarden-Reason"] == "robots_disallowed"
+    [(url, error)] = fetches
+    assert url == "http://rebind.example/robots.txt"
+    assert error is not None and "10.0.0.9" in error and "SSRF guard" in error
+
+
+async def test_a_robots_redirect_to_a_metadata_address_is_not_followed(make_gateway):
+    with Site() as site:
+        site.routes["/robots.txt"] = Reply(
+            status=301,
+            body=b"",
+            headers={"Location": "http://169.254.169.254/latest/meta-data/"},
+        )
+        gw = await make_gateway(
+            ChangingDNS({}),
+            respect={"robots": True},
+            allow_private=["127.0.0.0/8"],
+            static_hosts={"*.test": "127.0.0.1"},
+        )
+        fetches: list[tuple[str, str | None]] = []
+        gw.rt.optouts.fetcher._on_fetch = lambda url, status, n, digest, error: fetches.append(
+            (url, error)
+        )
+        with taddons.context(gw):
+            flow = request_flow("site-a.test", site.port)
+            await gw.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 451
+        assert site.count("/robots.txt") == 1
+        refused = [e for u, e in fetches if "169.254.169.254" in u]
+        assert refused and "metadata" in (refused[0] or "")
+
+
+# -- hooks fail closed -------------------------------------------------------------------------
+
+
+async def test_a_hook_that_raises_kills_the_flow_and_still_records_it(make_gateway):
+    """mitmproxy carries on with a flow whose hook raised, as if the hook had passed: the
+    gateway kills it instead (nothing leaves) and records it, its budget lease released."""
+    gw = await make_gateway(ChangingDNS({"img.example": ["93.184.216.34"]}))
+
+    def broken(ctx):
+        raise RuntimeError("a bug")
+
+    with taddons.context(gw):
+        flow = request_flow("img.example")
+        gw.rt.governor.check_request = broken
+        seq = gw.rt.fetch_log.seq
+        await gw.requestheaders(flow)
+        assert flow.error is not None and flow.error.msg == "Connection killed."
+        assert flow.response is None or flow.response.status_code != 200
+        assert gw.rt.fetch_log.seq == seq + 1
+        assert gw.rt.in_flight == 0
+        # And after admission (a lease held): the lease comes back.
+        flow = request_flow("img.example")
+        del gw.rt.governor.check_request
+        gw.rt.fetch_log.begin = broken
+        await gw.requestheaders(flow)
+        assert flow.error is not None
+        assert gw.rt.in_flight == 0
+        await gw.rt.budgets.flush()  # settlements are batched
+        usage = await gw.rt.budgets.usage(gw.rt.governor.site_for("img.example"))
+        assert usage["budgets"]["concurrency"]["used"] == 0

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator
 from pydantic import BaseModel
+from pydantic import BeforeValidator
 from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import ValidationError
@@ -50,6 +51,14 @@ def _duration(value: str | int | float) -> str | int | float:
 
 def _size(value: str | int) -> str | int:
     units.parse_size(value)
+    return value
+
+
+def _address_text(value: Any) -> Any:
+    """Addresses and networks as text only: YAML would otherwise hand over `false` or
+    `2130706433`, which the ipaddress constructors take as integers (0.0.0.0, 127.0.0.1)."""
+    if not isinstance(value, str):
+        raise ValueError("write the address as text, e.g. '10.0.0.0/8' or '192.0.2.7'")
     return value
 
 
@@ -92,6 +101,12 @@ DurationText = Annotated[str | int | float, AfterValidator(_duration)]
 SizeText = Annotated[str | int, AfterValidator(_size)]
 TimeoutText = Annotated[str | int | float, AfterValidator(_timeout)]
 HeaderLimitText = Annotated[str | int, AfterValidator(_header_limit)]
+NetworkText = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_address_text)
+]
+AddressText = Annotated[
+    ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_address_text)
+]
 HostPattern = Annotated[str, AfterValidator(_host_pattern)]
 BlockPattern = Annotated[str, AfterValidator(_block_pattern)]
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -264,8 +279,8 @@ class BlocklistEntry(Model):
 
 
 class Network(Model):
-    allow_private: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    static_hosts: dict[HostPattern, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+    allow_private: list[NetworkText] = []
+    static_hosts: dict[HostPattern, AddressText] = {}
     # mitmproxy has no per-request timeouts; addons/http_guard.py imposes these.
     connect_timeout: TimeoutText = "10s"  # TCP connect to a site or upstream proxy
     response_timeout: TimeoutText = "30s"  # the longest a site may stay silent mid-exchange
@@ -376,7 +391,14 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e)
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+            line = text.count("\n", 0, e.position) + 1
+            char = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "?")
+            problem = f"character U+{char:04X} is not allowed"
+        problem = " ".join(str(problem).split())  # one line per error (`policy check`)
         raise InvalidPolicy(source, [PolicyError("", f"not valid YAML: {problem}", line)]) from e
+    except RecursionError as e:  # PyYAML composes recursively: "[[[[..." runs out of stack
+        raise InvalidPolicy(source, [PolicyError("", "not valid YAML: nested too deeply")]) from e
     if not isinstance(data, dict):
         raise InvalidPolicy(source, [PolicyError("", "the policy must be a YAML mapping")])
     lines = _line_index(node)

@@ -1,0 +1,138 @@
+"""The admin API under schemathesis: requests generated from the gateway's own /openapi.json,
+against a real gateway process.
+
+Without a token (or with a wrong one) every operation that declares a role is refused with 401,
+an auditor's token never gets a write through, and afterwards nothing has changed: no takedown,
+no blocklist entry, no event in the fetch log. With the admin token no generated request, however
+odd, gets a 5xx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterator
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from tests.support import ADMIN_TOKEN
+from tests.support import AUDITOR_TOKEN
+from tests.support import PROJECT
+from tests.support import Gateway
+from tests.support import Site
+from tests.support import policy_with
+
+EXAMPLES = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+@pytest.fixture(scope="module")
+def admin_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with Site() as site, Gateway(tmp_path_factory.mktemp("admin"), policy_with()) as gw:
+        # A little history, so that reads have records to page through.
+        for i in range(5):
+            requests.get(
+                site.url("site-a.test", f"/seed/{i}"),
+                proxies={"http": gw.proxy_url()},
+                headers={"X-Crawl-Project": PROJECT},
+                timeout=10,
+            )
+        yield gw
+
+
+def _state(gw: Gateway) -> dict:
+    takedowns = gw.admin_request("GET", "/v1/takedowns", token=ADMIN_TOKEN)
+    blocks = gw.admin_request("GET", "/v1/blocklist", token=ADMIN_TOKEN)
+    events = [r for r in gw.export() if r.get("kind") not in (None, "fetch", "gateway_fetch")]
+    return {"takedowns": takedowns, "blocklist": blocks, "events": len(events)}
+
+
+def operations(gw: Gateway) -> list[schemathesis.APIOperation]:
+    schema = schemathesis.openapi.from_url(gw.admin + "/openapi.json")
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+def run_generated(
+    operation: schemathesis.APIOperation, check: Callable[[schemathesis.Case], None]
+) -> None:
+    """`check` on requests hypothesis generates for one operation (schemathesis strategies;
+    its pytest plugin is not used)."""
+
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @EXAMPLES
+        def run(case: schemathesis.Case) -> None:
+            check(case)
+
+        try:
+            run()
+        except Unsatisfiable:
+            assert mode is GenerationMode.NEGATIVE  # nothing to get wrong: no parameters
+
+
+def _secured(case: schemathesis.Case) -> bool:
+    return bool(case.operation.definition.raw.get("security"))
+
+
+def send(gw: Gateway, case: schemathesis.Case, authorization: str | None) -> requests.Response:
+    """The generated request as is, with exactly the credentials given (none: none)."""
+    kwargs = case.as_transport_kwargs(base_url=gw.admin)
+    headers = {
+        k: v for k, v in (kwargs.get("headers") or {}).items() if k.lower() != "authorization"
+    }
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    kwargs["headers"] = headers
+    kwargs.pop("timeout", None)
+    return requests.request(**kwargs, timeout=15)
+
+
+def test_without_the_right_token_nothing_is_done(admin_gateway: Gateway) -> None:
+    before = _state(admin_gateway)
+
+    def check(case: schemathesis.Case) -> None:
+        for authorization in (None, "Bearer not-a-token"):
+            response = send(admin_gateway, case, authorization)
+            assert response.status_code < 500, (case.as_curl_command(), response.text)
+            if _secured(case):
+                assert response.status_code == 401, (authorization, response.text)
+                assert "WWW-Authenticate" in response.headers
+            else:
+                assert case.method.upper() not in WRITES
+        if case.method.upper() in WRITES:
+            # An auditor reads; it never writes.
+            response = send(admin_gateway, case, f"Bearer {AUDITOR_TOKEN}")
+            assert response.status_code == 403, response.text
+
+    for operation in operations(admin_gateway):
+        run_generated(operation, check)
+    assert _state(admin_gateway) == before, "a request without the admin role changed state"
+
+
+def test_no_request_makes_the_admin_api_fail(admin_gateway: Gateway) -> None:
+    def check(case: schemathesis.Case) -> None:
+        response = send(admin_gateway, case, f"Bearer {ADMIN_TOKEN}")
+        assert response.status_code < 500, (case.as_curl_command(), response.text)
+
+    for operation in operations(admin_gateway):
+        run_generated(operation, check)
+
+
+def test_every_write_declares_a_role(admin_gateway: Gateway) -> None:
+    document = requests.get(admin_gateway.admin + "/openapi.json", timeout=5).json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if method.upper() in WRITES:
+                assert operation.get("security"), f"{method.upper()} {path} is public"

@@ -26,8 +26,6 @@ All timers of a connection share one mitmproxy wakeup for the earliest deadline.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import time
 import weakref
@@ -117,8 +115,9 @@ class HttpGuard(layer.Layer):
         self.child = child
         self.limits = limits
         self.client = child.context.client
-        self._deadlines: list[tuple[float, int, str, Any]] = []
-        self._order = itertools.count()
+        # (kind, key) -> (when, subject): one deadline per kind and flow or connection, dropped
+        # as soon as it no longer applies, so a finished flow is not kept alive by its timers.
+        self._deadlines: dict[tuple[str, Any], tuple[float, Any]] = {}
         self._wakeups: dict[commands.RequestWakeup, float] = {}
         self._in_flight: dict[str, http.HTTPFlow] = {}
         self._forwarded: dict[str, tuple[http.HTTPFlow, float]] = {}
@@ -162,7 +161,7 @@ class HttpGuard(layer.Layer):
             server = command.connection
             self._opening.add(server)
             self._upstreams[server] = time.monotonic()
-            self._add(self.limits().connect, "connect", server)
+            self._add(self.limits().connect, "connect", server, server)
         elif isinstance(command, HttpRequestHeadersHook | HttpConnectHook):
             self._in_flight[command.flow.id] = command.flow
 
@@ -176,9 +175,13 @@ class HttpGuard(layer.Layer):
             server = event.command.connection
             if isinstance(server, connection.Server) and server in self._opening:
                 self._opening.discard(server)
+                self._deadlines.pop(("connect", server), None)
                 self._upstreams[server] = time.monotonic()
         elif isinstance(event, events.ConnectionClosed):
-            self._upstreams.pop(event.connection, None)  # type: ignore[call-overload]
+            if isinstance(event.connection, connection.Server):
+                self._upstreams.pop(event.connection, None)
+                self._opening.discard(event.connection)
+                self._deadlines.pop(("connect", event.connection), None)
         elif isinstance(event, events.HookCompleted):
             yield from self._hook_completed(event.command)
 
@@ -191,18 +194,18 @@ class HttpGuard(layer.Layer):
             if flow.metadata.get(ANSWER_NOW) and flow.response is not None:
                 yield from self._answer_now(flow.response)
             else:
-                self._add(limits.idle_client, "body", flow)
+                self._add(limits.idle_client, "body", flow.id, flow)
         elif isinstance(hook, HttpRequestHook):
             flow = hook.flow
             if flow.metadata.get(FORWARDED) and flow.response is None:
                 self._forwarded[flow.id] = (flow, time.monotonic())
-                self._add(limits.response, "silence", flow)
-                self._add(limits.transfer, "transfer", flow)
+                self._add(limits.response, "silence", flow.id, flow)
+                self._add(limits.transfer, "transfer", flow.id, flow)
         elif isinstance(hook, HttpConnectHook):
             answer = hook.flow.response  # mitmproxy has set its 200 by now, unless refused
             if hook.flow.error is None and (answer is None or answer.status_code == 200):
                 self._tunnel = True
-                self._add(limits.idle_client, "tunnel", None)
+                self._add(limits.idle_client, "tunnel", None, None)
             else:
                 self._done(hook.flow)
         elif isinstance(hook, HttpResponseHook):
@@ -213,12 +216,14 @@ class HttpGuard(layer.Layer):
 
     def _done(self, flow: http.HTTPFlow) -> None:
         self._forwarded.pop(flow.id, None)
+        for kind in ("body", "silence", "transfer"):
+            self._deadlines.pop((kind, flow.id), None)
         if self._in_flight.pop(flow.id, None) is not None and not self._in_flight:
             self._idle()
 
     def _idle(self) -> None:
         self._idle_round += 1
-        self._add(self.limits().idle_client, "idle", self._idle_round)
+        self._add(self.limits().idle_client, "idle", None, self._idle_round)
 
     # -- the client side -------------------------------------------------------------------
 
@@ -260,20 +265,18 @@ class HttpGuard(layer.Layer):
         self._draining = True
         yield commands.SendData(self.client, http1.assemble_response(answer))
         yield commands.CloseTcpConnection(self.client, half_close=True)
-        self._add(LINGER_SECONDS, "linger", None)
+        self._add(LINGER_SECONDS, "linger", None, None)
 
     # -- deadlines -------------------------------------------------------------------------
 
-    def _add(self, delay: float, kind: str, subject: Any) -> None:
-        heapq.heappush(
-            self._deadlines, (time.monotonic() + delay, next(self._order), kind, subject)
-        )
+    def _add(self, delay: float, kind: str, key: Any, subject: Any) -> None:
+        self._deadlines[(kind, key)] = (time.monotonic() + delay, subject)
 
     def _arm(self) -> layer.CommandGenerator[None]:
         """One wakeup for the earliest deadline, unless one is already due no later."""
         if not self._deadlines:
             return
-        when = self._deadlines[0][0]
+        when = min(when for when, _ in self._deadlines.values())
         if self._wakeups and min(self._wakeups.values()) <= when + 0.001:
             return
         wakeup = commands.RequestWakeup(max(0.0, when - time.monotonic()))
@@ -282,9 +285,16 @@ class HttpGuard(layer.Layer):
 
     def _expire(self) -> layer.CommandGenerator[None]:
         now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now + 0.001:
-            _, _, kind, subject = heapq.heappop(self._deadlines)
-            yield from getattr(self, f"_expire_{kind}")(subject, now)
+        due = sorted(
+            ((when, kind, key) for (kind, key), (when, _) in self._deadlines.items()),
+            key=lambda item: item[0],
+        )
+        for when, kind, key in due:
+            if when > now + 0.001:
+                break
+            entry = self._deadlines.pop((kind, key), None)
+            if entry is not None:  # an earlier expiry in this round may have dropped it
+                yield from getattr(self, f"_expire_{kind}")(entry[1], now)
 
     def _expire_idle(self, round_: int, now: float) -> layer.CommandGenerator[None]:
         if round_ == self._idle_round and not self._in_flight and not self._tunnel:
@@ -325,7 +335,7 @@ class HttpGuard(layer.Layer):
         limit = self.limits().response
         heard = max([entry[1], *(self._upstreams.get(s, 0.0) for s in self._transports(flow))])
         if now - heard + 0.001 < limit:
-            heapq.heappush(self._deadlines, (heard + limit, next(self._order), "silence", flow))
+            self._deadlines[("silence", flow.id)] = (heard + limit, flow)
             return
         waited = "response headers" if flow.response is None else "more of the response body"
         yield from self._give_up(flow, "response", f"the site sent no {waited} for {limit:g}s")
@@ -368,6 +378,8 @@ class HttpGuard(layer.Layer):
 
     def _close_upstream(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
         self._forwarded.pop(flow.id, None)
+        for kind in ("silence", "transfer"):
+            self._deadlines.pop((kind, flow.id), None)
         for server in self._transports(flow):
             self._opening.discard(server)
             yield commands.CloseConnection(server)

@@ -57,7 +57,25 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest("the body must be a JSON object") from e
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
+    if not _is_unicode(body):
+        # JSON may escape a lone surrogate ("\udcff"): no text, and nothing a file, Redis or
+        # the fetch log can store (it failed with a 500 after the change had begun).
+        raise InvalidRequest("the body has a string that is not valid Unicode")
     return body
+
+
+def _is_unicode(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_unicode(k) and _is_unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_unicode(v) for v in value)
+    return True
 
 
 def _cannot_record(rt: Runtime) -> web.Response | None:

@@ -136,3 +136,38 @@ def test_every_write_declares_a_role(admin_gateway: Gateway) -> None:
         for method, operation in operations.items():
             if method.upper() in WRITES:
                 assert operation.get("security"), f"{method.upper()} {path} is public"
+
+
+def test_text_that_is_not_unicode_is_a_400_not_a_500(admin_gateway: Gateway) -> None:
+    """JSON can escape a lone surrogate; generators do not produce one, attackers do. It once
+    reached the state file and the fetch log and failed there, with a 500."""
+    status, filed = admin_gateway.admin_request(
+        "POST",
+        "/v1/takedowns",
+        token=ADMIN_TOKEN,
+        body={
+            "rights_holder": "R",
+            "contact": "r@example.org",
+            "scope": "domain",
+            "targets": ["surrogate.test"],
+            "reason": "r",
+        },
+    )
+    assert status == 201, filed
+    before = _state(admin_gateway)
+    bodies = {
+        "/v1/takedowns": '{"rights_holder": "\\udcff", "contact": "a@b.example", '
+        '"scope": "domain", "targets": ["x.test"], "reason": "r"}',
+        "/v1/blocklist": '{"scope": "url", "targets": ["http://y.test/\\ud800"], '
+        '"reason": "r", "source": "s"}',
+        f"/v1/takedowns/{filed['id']}/confirmations": '{"team": "\\udfff", "deleted": 1}',
+    }
+    for path, body in bodies.items():
+        r = requests.post(
+            admin_gateway.admin + path,
+            data=body.encode(),
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert r.status_code == 400, (path, r.text)
+    assert _state(admin_gateway) == before

@@ -552,6 +552,9 @@ http {{
         # The decision log line stays on: it is part of the cost, written to a file as a
         # container runtime would take it from stderr.
         env = dict(os.environ)
+        wrapper = os.environ.get("BENCH_GATEWAY_WRAPPER")  # diagnostics: a script that runs
+        if wrapper:  # proxy.cli.main() with the same arguments (e.g. under tracemalloc)
+            cmd = [PY, wrapper, *cmd[1:]]
         if source_tree is not None:
             # Another checkout's proxy/ and addons/ (e.g. before an optimisation), same venv.
             env["PYTHONPATH"] = str(source_tree)
@@ -873,11 +876,13 @@ def machine() -> dict[str, Any]:
 def cells_for(args: argparse.Namespace) -> list[Cell]:
     if args.quick:
         return [Cell("http", "1k", 8), Cell("https", "1k", 8)]
+    bodies = args.bodies.split(",")
     cells = [
         Cell(s, b, c)
         for s in args.schemes.split(",")
-        for b in args.bodies.split(",")
+        for b in bodies
         for c in (int(x) for x in args.conns.split(","))
+        if s != "refused" or b == bodies[0]  # a refusal has no body from the site
     ]
     # Paced cells: latency and governance p99 below saturation (a closed loop at full speed
     # measures queueing in the event loop as much as the work).
@@ -1068,7 +1073,12 @@ def run_soak(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dict[
     dsn = bench.create_database() if target in ("shared", "embedded-pg") else None
     if redis:
         bench.start_redis()
-    gw = bench.start_gateway(target, redis=redis, pg_dsn=dsn, policy_file=policy_file)
+    if target == "bare":
+        gw = bench.start_bare()
+    elif target == "core":
+        gw = bench.start_core()
+    else:
+        gw = bench.start_gateway(target, redis=redis, pg_dsn=dsn, policy_file=policy_file)
     scheme, body, conns = args.soak_cell.split("-")
     cell = Cell(scheme, body, int(conns.removeprefix("c")))
     # Bounded in time too: at most --soak-max-seconds, however slow the machine.
@@ -1182,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=None, help="soak: pace to N requests/s")
     p.add_argument("--soak-requests", type=int, default=100_000)
     p.add_argument("--soak-max-seconds", type=float, default=1800.0)
-    p.add_argument("--soak-target", default="shared", choices=GATEWAYS)
+    p.add_argument("--soak-target", default="shared", choices=ALL_TARGETS)
     p.add_argument("--soak-cell", default="http-1k-c8", help="SCHEME-BODY-cCONNS")
     p.add_argument("--rss-every", type=float, default=2.0, help="soak: RSS sample interval (s)")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: results/)")

@@ -179,16 +179,17 @@ class Gateway:
             nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
         if nextlayer.layer is not None:
             nextlayer.layer = guard_http_layers(nextlayer.layer, self.limits)
+            # A reload may have changed the timeouts: mitmproxy's backstop follows, for the
+            # connections accepted from now on.
+            watchdog = self.limits().watchdog
+            if ctx.options.tcp_timeout != watchdog:
+                ctx.options.update(tcp_timeout=watchdog)
 
     def limits(self) -> Limits:
         """The policy's network limits, parsed once per policy version."""
         version = self.rt.policy_version
         if self._limits is None or self._limits[0] != version:
-            limits = Limits.of(self.rt.compiled.loaded.policy.network)
-            self._limits = (version, limits)
-            options = getattr(ctx, "options", None)
-            if options is not None and options.tcp_timeout != limits.watchdog:
-                options.update(tcp_timeout=limits.watchdog)
+            self._limits = (version, Limits.of(self.rt.compiled.loaded.policy.network))
         return self._limits[1]
 
     # -- CONNECT ---------------------------------------------------------------------------

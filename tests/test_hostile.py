@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -394,3 +395,35 @@ def test_hostile_requests_get_a_clean_answer_and_a_valid_fetch_log(
         text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_refused_upload_inside_a_tls_tunnel_is_answered_before_its_body(
+    workdir: Path, site: Site
+) -> None:
+    """HttpGuard answers through the tunnel's TLS layer, then stops reading the body."""
+    with (
+        Gateway(workdir, policy_with()) as gw,
+        socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw,
+    ):
+        raw.sendall(
+            f"CONNECT site-c.test:{site.port} HTTP/1.1\r\n"
+            f"Proxy-Authorization: {AUTH}\r\n\r\n".encode()
+        )
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        context = ssl.create_default_context(cafile=str(gw.ca_cert))
+        context.set_alpn_protocols(["http/1.1"])
+        with context.wrap_socket(raw, server_hostname="site-c.test") as tls:
+            tls.sendall(
+                f"POST /upload HTTP/1.1\r\nHost: site-c.test:{site.port}\r\n"
+                f"X-Crawl-Project: {PROJECT}\r\nContent-Length: 100000000\r\n\r\n".encode()
+            )
+            started = time.monotonic()
+            answer = tls.recv(65536)
+            while b"\r\n\r\n" not in answer:
+                answer += tls.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"X-Crawlwarden-Reason: request_too_large" in answer
+        assert time.monotonic() - started < 3
+        [rec] = gw.fetch_records()
+        assert rec["reason"] == "request_too_large" and rec["decision"] == "refused"
+    assert site.count() == 0

@@ -84,7 +84,13 @@ def status_of(raw: bytes) -> int | None:
     return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/") else None
 
 
-def h2_get(sock: socket.socket, authority: str, path: str, *headers: tuple[str, str]) -> dict:
+def h2_get(
+    sock: socket.socket,
+    authority: str,
+    path: str,
+    *headers: tuple[str, str],
+    scheme: str = "http",
+) -> dict:
     """One HTTP/2 GET on an open connection: the response headers, or how the stream ended."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
@@ -93,7 +99,7 @@ def h2_get(sock: socket.socket, authority: str, path: str, *headers: tuple[str, 
         stream,
         [
             (":method", "GET"),
-            (":scheme", "http"),
+            (":scheme", scheme),
             (":authority", authority),
             (":path", path),
             *headers,
@@ -116,8 +122,9 @@ def h2_get(sock: socket.socket, authority: str, path: str, *headers: tuple[str, 
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with Gateway(tmp_path_factory.mktemp("open-proxy"), policy_with()) as gw:
+def gateway(tmp_path_factory: pytest.TempPathFactory, test_ca: LocalCA) -> Iterator[Gateway]:
+    workdir = tmp_path_factory.mktemp("open-proxy")
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
         yield gw
 
 
@@ -210,6 +217,24 @@ def test_with_valid_credentials_every_form_is_served(gateway: Gateway, target: S
             sock.sendall(request.encode())
             assert status_of(read_answer(sock)) == 200
     assert target.count("/abs") == target.count("/origin") == 1
+
+
+def test_http2_inside_a_tunnel_is_served_with_credentials(gateway: Gateway, test_ca: LocalCA):
+    with Site(tls=test_ca) as tls_site:
+        authority = f"site-c.test:{tls_site.port}"
+        sock = connect(gateway.port)
+        sock.sendall(
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n\r\n".encode()
+        )
+        assert status_of(read_answer(sock)) == 200
+        context = ssl.create_default_context(cafile=str(gateway.ca_cert))
+        context.set_alpn_protocols(["h2"])
+        with context.wrap_socket(sock, server_hostname="site-c.test") as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+            answer = h2_get(tls, authority, "/h2", ("x-crawl-project", PROJECT), scheme="https")
+        assert answer[":status"] == "200"
+        assert tls_site.count("/h2") == 1
 
 
 # -- wrong credentials are slowed down ---------------------------------------------------------

@@ -29,7 +29,7 @@ from tests.support import Site
 from tests.support import policy_with
 
 EXAMPLES = settings(
-    max_examples=25,
+    max_examples=20,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,

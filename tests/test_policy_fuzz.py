@@ -154,7 +154,7 @@ def assert_clean_outcome(text: str) -> LoadedPolicy | InvalidPolicy:
 
 
 @settings(
-    max_examples=400,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

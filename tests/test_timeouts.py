@@ -379,3 +379,31 @@ def test_timeouts_have_defaults_and_nonsense_is_a_field_error():
         with pytest.raises(InvalidPolicy) as e:
             parse_policy(yaml.safe_dump(policy).replace("'.inf'", ".inf"))
         assert [err.path for err in e.value.errors] == [f"network.{key}"]
+
+
+def test_a_reload_changes_the_timeouts_of_the_next_requests(gateway: Gateway):
+    """The timeouts are policy: a reload applies them to the exchanges that start after it."""
+    original = gateway.policy_file.read_text()
+    policy = yaml.safe_load(original)
+    policy["network"]["response_timeout"] = "0.5s"
+    gateway.policy_file.write_text(yaml.safe_dump(policy))
+    upstream = Upstream("hang")
+    try:
+        status, body = gateway.admin_request(
+            "POST", "/v1/policy/reload", token="admin-secret-token"
+        )
+        assert status == 200, body
+        started = time.monotonic()
+        r = requests.get(
+            f"http://fault-0.test:{upstream.port}/after-reload",
+            proxies={"http": gateway.proxy_url()},
+            headers=HEADERS,
+            timeout=30,
+        )
+        assert r.status_code == 504
+        assert time.monotonic() - started < RESPONSE_TIMEOUT
+    finally:
+        upstream.close()
+        gateway.policy_file.write_text(original)
+        status, _ = gateway.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+        assert status == 200

@@ -108,7 +108,9 @@ def test_robots_and_tdmrep_refuse_before_the_site_is_asked(gateway: Gateway, sit
     own = [r for r in records if r["kind"] == "gateway_fetch"]
     assert {r["url"].rsplit("/", 1)[1] for r in own} == {"robots.txt", "tdmrep.json"}
     assert all(r["team"] is None and r["site"] == "site-a.test" for r in own)
-    refused = {r["url"].split(str(site.port), 1)[1]: r for r in records if r["decision"] == "refused"}
+    refused = {
+        r["url"].split(str(site.port), 1)[1]: r for r in records if r["decision"] == "refused"
+    }
     assert "robots:disallow" in refused["/private/a.jpg"]["signals"]
     assert "tdmrep:reserved" in refused["/reserved/photo.jpg"]["signals"]
 
@@ -163,7 +165,9 @@ def test_unreachable_robots_txt_disallows_everything(gateway: Gateway, site: Sit
 
 PAGE_NOAI = b"""<!doctype html><html><head><meta name="robots" content="noai, noimageai">
 <title>x</title></head><body>secret words</body></html>"""
-PAGE_TDM = b"""<html><head><meta name="tdm-reservation" content="1"></head><body>text</body></html>"""
+PAGE_TDM = (
+    b"""<html><head><meta name="tdm-reservation" content="1"></head><body>text</body></html>"""
+)
 
 
 def _image_cases() -> dict[str, Reply]:
@@ -192,7 +196,8 @@ def _image_cases() -> dict[str, Reply]:
         "/page.html": Reply(body=PAGE_NOAI, headers={"Content-Type": "text/html"}),
         "/tdm.html": Reply(body=PAGE_TDM, headers={"Content-Type": "text/html; charset=utf-8"}),
         "/usage.txt": Reply(
-            body=b"no training", headers={"Content-Type": "text/plain", "Content-Usage": "train-ai=n"}
+            body=b"no training",
+            headers={"Content-Type": "text/plain", "Content-Usage": "train-ai=n"},
         ),
         "/allowed.png": Reply(
             body=c2pa_sign(base_png, "image/png", [training_mining("c2pa", "allowed")]),
@@ -257,7 +262,9 @@ def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Ga
         assert result.body == cases[path].body
     # Content-Usage still binds: the licence's respect flags keep it.
     assert fetch(gateway, site, "cdn.licensed.test", "/usage.txt").status == 451
-    records = [r for r in gateway.fetch_records() if r["kind"] == "fetch" and r["site"] == "licensed"]
+    records = [
+        r for r in gateway.fetch_records() if r["kind"] == "fetch" and r["site"] == "licensed"
+    ]
     delivered = [r for r in records if r["decision"] == "forwarded"]
     assert len(delivered) == 5
     assert all(r["legal_basis"] == "licence:LIC-7" for r in records)
@@ -275,7 +282,14 @@ def test_a_scrapy_spider_gets_neither_disallowed_nor_opted_out_content(
     site.routes.update(_image_cases())
     urls = [
         site.url("site-d.test", p)
-        for p in ("/private/x", "/reserved/y.jpg", "/xmp.jpg", "/plain.jpg", "/page.html", "/open/z.jpg")
+        for p in (
+            "/private/x",
+            "/reserved/y.jpg",
+            "/xmp.jpg",
+            "/plain.jpg",
+            "/page.html",
+            "/open/z.jpg",
+        )
     ]
     spider = workdir / "spider.py"
     spider.write_text(

@@ -251,3 +251,16 @@ def test_embedded_gateway_makes_its_own_key_and_a_shared_store_needs_one(tmp_pat
     with pytest.raises(SigningKeyError, match=r"audit\.signing_key_file"):
         load_signer(None, tmp_path, shared_store=True)
     assert load_signer(key, tmp_path, shared_store=True).verifier.key_id == signer.verifier.key_id
+
+
+async def test_a_record_with_bytes_that_were_not_utf8_is_kept_not_lost(tmp_path):
+    """mitmproxy hands over non-UTF-8 bytes as lone surrogates; the record must survive."""
+    log = fetch_log(SQLiteStore(tmp_path / "log.sqlite3"), tmp_path, "r1", None)
+    await log.open()
+    try:
+        rec = log.append(fetch(1, url="http://site-a.test/\udcff\udcfe", account="acc\udc80"))
+        assert rec["url"] == "http://site-a.test/\\xff\\xfe"
+        assert rec["account"] == "acc\\x80"
+        assert await log.flushed()
+    finally:
+        await log.close()

@@ -233,7 +233,14 @@ class FetchLog:
         data["seq"] = seq
         data["prev_hash"] = self.head
         data["hash"] = None
-        data["hash"] = record_hash(data)
+        try:
+            data["hash"] = record_hash(data)
+        except UnicodeEncodeError:
+            # Bytes that were not UTF-8 reach us as lone surrogates, which no UTF-8 JSON can
+            # carry. Callers refuse such input; should one slip through, the record is kept
+            # with those bytes written out as \xNN rather than lost.
+            _make_utf8(data)
+            data["hash"] = record_hash(data)
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
         try:
             self.spool.finish(text.encode(), data["id"], seq)
@@ -470,3 +477,15 @@ def _parse_ts(value: Any) -> float | None:
         return dt.datetime.fromisoformat(value).timestamp()
     except ValueError:
         return None
+
+
+def _make_utf8(data: dict[str, Any]) -> None:
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    for key, value in data.items():
+        data[key] = clean(value)

@@ -97,8 +97,17 @@ def _block_pattern(value: str) -> str:
 
 
 RateText = Annotated[str, AfterValidator(_rate)]
-DurationText = Annotated[str | int | float, AfterValidator(_duration)]
-SizeText = Annotated[str | int, AfterValidator(_size)]
+
+
+def _not_bool(value: Any) -> Any:
+    # YAML `true` would pass as the number 1 (a 1-byte quota, a 1-second delay): refuse it.
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a quantity: write e.g. '10s' or '500MB'")
+    return value
+
+
+DurationText = Annotated[str | int | float, BeforeValidator(_not_bool), AfterValidator(_duration)]
+SizeText = Annotated[str | int, BeforeValidator(_not_bool), AfterValidator(_size)]
 TimeoutText = Annotated[str | int | float, AfterValidator(_timeout)]
 HeaderLimitText = Annotated[str | int, AfterValidator(_header_limit)]
 NetworkText = Annotated[
@@ -402,6 +411,10 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
     if not isinstance(data, dict):
         raise InvalidPolicy(source, [PolicyError("", "the policy must be a YAML mapping")])
     lines = _line_index(node)
+    duplicates = _duplicate_keys(node)
+    if duplicates:
+        # YAML would silently keep the last one: a limit written twice is a mistake to show.
+        raise InvalidPolicy(source, duplicates)
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
@@ -433,6 +446,31 @@ def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | N
             return lines[loc]
         loc = loc[:-1]
     return None
+
+
+def _duplicate_keys(node: yaml.Node | None) -> list[PolicyError]:
+    errors: list[PolicyError] = []
+
+    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
+        if isinstance(n, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key, value in n.value:
+                if key.value in seen:
+                    where = ".".join(map(str, (*path, key.value)))
+                    errors.append(
+                        PolicyError(
+                            where, "key appears twice in its mapping", key.start_mark.line + 1
+                        )
+                    )
+                seen.add(key.value)
+                walk(value, (*path, key.value))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*path, i))
+
+    if node is not None:
+        walk(node, ())
+    return errors
 
 
 def _line_index(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:

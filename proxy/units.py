@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
@@ -55,6 +56,8 @@ def parse_rate(text: str) -> Rate:
 
 def parse_duration(text: str | int | float) -> float:
     """Seconds from "10s", "500ms", "2m", "1h" or a bare number of seconds."""
+    if isinstance(text, bool):
+        raise ValueError(f"invalid duration {text!r}: write e.g. '500ms', '10s', '2m' or '1h'")
     if isinstance(text, int | float):
         value = float(text)
     else:
@@ -62,13 +65,15 @@ def parse_duration(text: str | int | float) -> float:
         if not m:
             raise ValueError(f"invalid duration {text!r}: write e.g. '500ms', '10s', '2m' or '1h'")
         value = float(m.group(1)) * _DURATION_SECONDS[m.group(2) or "s"]
-    if value < 0:
-        raise ValueError(f"invalid duration {text!r}: must not be negative")
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"invalid duration {text!r}: must be a finite, non-negative time")
     return value
 
 
 def parse_size(text: str | int) -> int:
     """Bytes from "500MB" (decimal), "1GiB" (binary) or a bare number of bytes."""
+    if isinstance(text, bool):  # YAML `true` is no size, though Python counts it as 1
+        raise ValueError(f"invalid size {text!r}: write e.g. '500MB', '1GiB' or a byte count")
     if isinstance(text, int):
         value = text
     else:

@@ -120,3 +120,19 @@ def test_the_example_policy_is_valid():
 
     loaded = load_policy(Path(__file__).resolve().parent.parent / "examples" / "policy.yaml")
     assert loaded.policy.sites[0].id == "licensed-archive"
+
+
+def test_a_key_written_twice_is_an_error_not_the_last_one_wins():
+    text = dump(base_policy()).replace("defaults:\n", "defaults:\n  rate: 9000/s\n", 1)
+    errors = errors_of(text)
+    assert len(errors) == 1 and errors[0].startswith("defaults.rate: key appears twice")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_delay", float("inf")), ("max_delay", True), ("bytes_per_day", True)],
+)
+def test_infinite_or_boolean_units_are_errors(key: str, value: object):
+    policy = base_policy()
+    policy["defaults"][key] = value
+    assert any(e.startswith(f"defaults.{key}:") for e in errors_of(dump(policy)))

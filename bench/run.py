@@ -110,6 +110,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields_[11]) + int(fields_[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its direct children (nginx: the master and its worker)."""
+    total = cpu_seconds(pid)
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(int(child))
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
@@ -737,7 +747,7 @@ def run_load(
     rss0 = {n: rss_bytes(pid) for n, pid in pids.items()}
     redis0 = bench.redis_commands()
     metrics0 = [scrape(t) for t in targets]
-    other0 = {p.name: cpu_seconds(p.pid) for p in bench.procs if p.name in ("nginx", "redis")}
+    other0 = {p.name: tree_cpu_seconds(p.pid) for p in bench.procs if p.name in ("nginx", "redis")}
     sampler = RssSampler(pids, rss_interval)
     sampler.start()
     spy = None
@@ -771,7 +781,7 @@ def run_load(
     peaks = {n: peak_rss_bytes(pid) for n, pid in pids.items()}
     redis1 = bench.redis_commands()
     metrics1 = [scrape(t) for t in targets]
-    other1 = {p.name: cpu_seconds(p.pid) for p in bench.procs if p.name in ("nginx", "redis")}
+    other1 = {p.name: tree_cpu_seconds(p.pid) for p in bench.procs if p.name in ("nginx", "redis")}
     load1 = os.getloadavg()
     if gen.returncode != 0:
         raise RuntimeError(f"loadgen exited {gen.returncode}: {err[-2000:]}")

@@ -1,0 +1,81 @@
+"""The lean pipelined Redis connection of the admission path, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from proxy.budgets.resp import FastRedis
+from proxy.budgets.resp import ReplyError
+from proxy.budgets.resp import pack
+from tests.budget_fixtures import RedisServer
+from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
+
+
+def test_pack_is_resp():
+    assert (
+        pack(("EVALSHA", b"ab", 2, "k"))
+        == b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n2\r\n$1\r\nk\r\n"
+    )
+
+
+async def test_concurrent_calls_each_get_their_own_reply(own_redis: RedisServer):  # noqa: F811
+    fast = FastRedis(own_redis.url, timeout=2, connect_timeout=2)
+    try:
+        replies = await asyncio.gather(*(fast.call("ECHO", f"m{i}") for i in range(500)))
+        assert replies == [f"m{i}".encode() for i in range(500)]
+        with pytest.raises(ReplyError, match="NOSCRIPT"):
+            await fast.call("EVALSHA", "0" * 40, 0)
+        # An error reply leaves the connection usable.
+        assert await fast.call("PING") == b"PONG"
+    finally:
+        await fast.close()
+
+
+async def test_it_selects_the_database_of_the_url(own_redis: RedisServer):  # noqa: F811
+    fast = FastRedis(own_redis.url.rsplit("/", 1)[0] + "/3", timeout=2, connect_timeout=2)
+    try:
+        await fast.call("SET", "cw-resp-db", "x")
+    finally:
+        await fast.close()
+    out = subprocess.run(
+        ["redis-cli", "-p", str(own_redis.port), "-n", "3", "GET", "cw-resp-db"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "x"
+
+
+async def test_a_timeout_fails_the_call_and_the_next_call_reconnects(own_redis: RedisServer):  # noqa: F811
+    fast = FastRedis(own_redis.url, timeout=0.3, connect_timeout=2)
+    try:
+        assert await fast.call("PING") == b"PONG"
+        # A command that answers late: its reply must not be handed to the next caller.
+        with pytest.raises(TimeoutError):
+            await fast.call("BLPOP", "cw-resp-nothing", "0.6")
+        await asyncio.sleep(0.5)
+        assert await fast.call("ECHO", "after") == b"after"
+    finally:
+        await fast.close()
+
+
+async def test_redis_restarted_between_calls(own_redis: RedisServer):  # noqa: F811
+    fast = FastRedis(own_redis.url, timeout=1, connect_timeout=1)
+    try:
+        assert await fast.call("PING") == b"PONG"
+        own_redis.kill()
+        with pytest.raises(OSError):
+            await fast.call("PING")
+        own_redis.start()
+        assert await fast.call("PING") == b"PONG"
+    finally:
+        await fast.close()
+
+
+def test_urls_it_does_not_handle_are_left_to_redis_py():
+    for url in ("rediss://h:6380/0", "unix:///tmp/redis.sock"):
+        with pytest.raises(ValueError):
+            FastRedis(url, timeout=1, connect_timeout=1)

@@ -22,6 +22,7 @@ import structlog
 from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import to_datetime
+from proxy.audit.record import record_json
 from proxy.audit.store import PurgePoint
 
 log = structlog.get_logger("crawlwarden.audit.postgres")
@@ -149,7 +150,7 @@ def _columns(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
             r["url"],
             r.get("content_sha256"),
             r["hash"],
-            json.dumps(r, separators=(",", ":"), ensure_ascii=False),
+            record_json(r),  # the spool line's text: not encoded a second time
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)

@@ -34,6 +34,19 @@ class Route:
     request_body: dict[str, Any] | None = None
 
 
+def query_param(
+    name: str, description: str, *, required: bool = False, **schema: Any
+) -> dict[str, Any]:
+    """An OpenAPI query parameter (strings unless `schema` says otherwise)."""
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
 def problem(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -140,13 +153,7 @@ ROUTES: list[Route] = [
         "A site's budgets: limit, used and remaining for each",
         {"200": "usage per budget", "400": "no site named"},
         parameters=(
-            {
-                "name": "site",
-                "in": "query",
-                "required": True,
-                "schema": {"type": "string"},
-                "description": "a policy site id or a registrable domain",
-            },
+            query_param("site", "a policy site id or a registrable domain", required=True),
         ),
     ),
 ]

@@ -7,6 +7,7 @@ from aiohttp import web
 from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
+from proxy.admin import query_param
 from proxy.audit.query import parse_time
 from proxy.record_source import RecordSource
 from proxy.report import CSP
@@ -49,16 +50,6 @@ async def sites_report(request: web.Request) -> web.Response:
     )
 
 
-def _param(name: str, description: str, **schema: object) -> dict[str, object]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": {"type": "string", **schema},
-    }
-
-
 ROUTES: list[Route] = [
     Route(
         "GET",
@@ -72,9 +63,9 @@ ROUTES: list[Route] = [
             "503": "the fetch log store cannot be read",
         },
         parameters=(
-            _param("since", "records from this time on (ISO 8601, UTC if no zone)"),
-            _param("until", "records before this time (ISO 8601)"),
-            _param("format", "json (default), csv or html", enum=["json", "csv", "html"]),
+            query_param("since", "records from this time on (ISO 8601, UTC if no zone)"),
+            query_param("until", "records before this time (ISO 8601)"),
+            query_param("format", "json (default), csv or html", enum=["json", "csv", "html"]),
         ),
     ),
 ]

@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
+from proxy.admin import query_param
 from proxy.audit.export import Cursor
 from proxy.audit.export import csv_header
 from proxy.audit.export import csv_row
@@ -122,16 +123,6 @@ async def public_key(request: web.Request) -> web.Response:
     )
 
 
-def _param(name: str, description: str, **schema: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": {"type": "string", **schema},
-    }
-
-
 ROUTES: list[Route] = [
     Route(
         "GET",
@@ -145,18 +136,18 @@ ROUTES: list[Route] = [
             "503": "the fetch log store cannot be read",
         },
         parameters=(
-            _param("since", "records from this time on (ISO 8601, UTC if no zone)"),
-            _param("until", "records before this time (ISO 8601)"),
-            _param("site", "only this site key; other records become redacted lines"),
-            _param("team", "only this team; other records become redacted lines"),
-            _param("project", "only this project; other records become redacted lines"),
-            _param(
+            query_param("since", "records from this time on (ISO 8601, UTC if no zone)"),
+            query_param("until", "records before this time (ISO 8601)"),
+            query_param("site", "only this site key; other records become redacted lines"),
+            query_param("team", "only this team; other records become redacted lines"),
+            query_param("project", "only this project; other records become redacted lines"),
+            query_param(
                 "decision",
                 "only this decision; other records become redacted lines",
                 enum=["forwarded", "refused", "withheld", "event"],
             ),
-            _param("replica", "only this replica's chain"),
-            _param("format", "ndjson (default) or csv", enum=["ndjson", "csv"]),
+            query_param("replica", "only this replica's chain"),
+            query_param("format", "ndjson (default) or csv", enum=["ndjson", "csv"]),
             {
                 "name": "limit",
                 "in": "query",
@@ -164,7 +155,7 @@ ROUTES: list[Route] = [
                 "description": f"records and redacted lines per page (default {DEFAULT_LIMIT})",
                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
             },
-            _param("cursor", "the X-Next-Cursor of the previous page"),
+            query_param("cursor", "the X-Next-Cursor of the previous page"),
         ),
     ),
     Route(

@@ -43,6 +43,17 @@ class _Protocol(asyncio.Protocol):
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        # Commands of this loop turn, written together by one flush (see FastRedis._send).
+        self.outbox: list[bytes] = []
+        self.flush_scheduled = False
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        data, self.outbox = b"".join(self.outbox), []
+        if self.closed or self.transport is None:
+            self.fail(ConnectionError("connection to Redis lost"))
+            return
+        self.transport.write(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -93,20 +104,27 @@ class FastRedis:
         self.connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
-        self._outbox: list[bytes] = []
-        self._flush_scheduled = False
 
     async def call(self, *args: bytes | str | int) -> Any:
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            protocol = await self._connect()
+            return await self._send(await self._connect(), args)
+        try:
+            return await self._send(protocol, args)
+        except ConnectionError:
+            # A connection that died with a restarted Redis is only found out by using it: one
+            # more try on a fresh connection, as redis-py does (never after a timeout, which may
+            # mean the script ran).
+            return await self._send(await self._connect(), args)
+
+    async def _send(self, protocol: _Protocol, args: tuple[bytes | str | int, ...]) -> Any:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         protocol.waiters.append(waiter)
-        self._outbox.append(pack(args))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush, protocol)
+        protocol.outbox.append(pack(args))
+        if not protocol.flush_scheduled:
+            protocol.flush_scheduled = True
+            loop.call_soon(protocol.flush)
         timer = loop.call_later(self.timeout, self._timed_out, protocol, waiter)
         try:
             reply = await waiter
@@ -115,14 +133,6 @@ class FastRedis:
         if isinstance(reply, hiredis.ReplyError):
             raise ReplyError(str(reply))
         return reply
-
-    def _flush(self, protocol: _Protocol) -> None:
-        self._flush_scheduled = False
-        data, self._outbox = b"".join(self._outbox), []
-        if protocol.closed or protocol.transport is None:
-            protocol.fail(ConnectionError("connection to Redis lost"))
-            return
-        protocol.transport.write(data)
 
     def _timed_out(self, protocol: _Protocol, waiter: asyncio.Future[Any]) -> None:
         if not waiter.done():
@@ -142,7 +152,6 @@ class FastRedis:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout):
             _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
-        self._outbox = []  # written for a connection that is gone: its callers have failed
         try:
             async with asyncio.timeout(self.timeout):
                 if self.password is not None:

@@ -143,6 +143,8 @@ class Prometheus:
     def value(self, expr: str) -> float:
         """The one value of an expression, NaN when it returns nothing."""
         result = self.query(expr)
+        if len(result) > 1:
+            raise AssertionError(f"{expr} returned {len(result)} series; sum it or pick one")
         return result[0][1] if result else math.nan
 
 

@@ -53,7 +53,6 @@ from proxy.optout_checks import BodyScan
 from proxy.originfiles import origin_of
 from proxy.runtime import Runtime
 from proxy.ssrf import IPAddress
-from proxy.units import parse_size
 
 log = structlog.get_logger("crawlwarden.decision")
 
@@ -377,8 +376,8 @@ class Gateway:
     def _framing_refusal(self, req: http.Request) -> Decision | None:
         """A head past the limit (one that arrived whole; partial ones are HttpGuard's), or a
         body the gateway will not take (proxy/inputs.py)."""
-        network = self.rt.compiled.loaded.policy.network
-        limit = parse_size(network.max_request_header_bytes)
+        limits = self.limits()
+        limit = limits.max_header_bytes
         head = len(req.method) + len(req.path) + len(req.host_header or "") + 16
         head += sum(len(k) + len(v) + 4 for k, v in req.headers.fields)
         if head > limit:
@@ -389,7 +388,7 @@ class Gateway:
         framing = inputs.check_body_framing(
             req.headers.get("content-length"),
             req.headers.get("transfer-encoding"),
-            parse_size(network.max_request_body_bytes),
+            limits.max_body_bytes,
         )
         if framing.length_required is not None:
             return refuse(Reason.LENGTH_REQUIRED, framing.length_required)

@@ -76,6 +76,7 @@ class Limits(NamedTuple):
     transfer: float
     idle_client: float
     max_header_bytes: int
+    max_body_bytes: int
 
     @classmethod
     def of(cls, network: Network) -> Limits:
@@ -85,6 +86,7 @@ class Limits(NamedTuple):
             transfer=units.parse_duration(network.transfer_timeout),
             idle_client=units.parse_duration(network.idle_client_timeout),
             max_header_bytes=units.parse_size(network.max_request_header_bytes),
+            max_body_bytes=units.parse_size(network.max_request_body_bytes),
         )
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 
 import structlog
@@ -83,6 +84,20 @@ def gateway_addons() -> list[object]:
     ]
 
 
+def settle_heap() -> int:
+    """Take what start-up built (imports, policy, mitmproxy's and aiohttp's objects: ~130 000
+    objects) out of the cyclic garbage collector's sight before traffic starts.
+
+    They live as long as the process, yet every full collection walked them all: ~70 ms with
+    the event loop stopped, a latency spike for every request in flight. Frozen, a full
+    collection walks only what was made since (~3 ms in the benchmark). Frozen objects are still
+    freed by reference counting; a cycle among them is not, and none of them is garbage.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(settings: Settings) -> int:
     runtime = Runtime.from_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +136,7 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
+    frozen = settle_heap()
     log.info(
         "started",
         replica=runtime.replica,
@@ -130,6 +146,7 @@ async def serve(settings: Settings) -> int:
         shared_state=bool(settings.redis_url),
         fetch_log="postgresql" if settings.audit_dsn else str(settings.sqlite_path),
         ca_cert=str(settings.data_dir / "mitmproxy-ca-cert.pem"),
+        gc_frozen_objects=frozen,
     )
     try:
         await master.run()

@@ -423,6 +423,13 @@ def test_metrics_count_decisions_and_durations(gateway: Gateway, site: Site):
         assert f'crawlwarden_request_duration_seconds_count{{phase="{phase}"}}' in text
 
 
+def test_start_up_objects_are_kept_out_of_the_garbage_collectors_walks(gateway: Gateway):
+    # What start-up built lives as long as the process; a full collection walking it all stops
+    # the event loop (and every request in flight) for ~70 ms. The gateway freezes it first.
+    started = [json.loads(line) for line in gateway.logs().splitlines() if '"started"' in line]
+    assert started and started[0]["gc_frozen_objects"] > 50_000
+
+
 # -- shutdown ------------------------------------------------------------------------------
 
 

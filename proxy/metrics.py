@@ -79,7 +79,7 @@ AUDIT_QUEUE_DEPTH = Gauge(
 )
 AUDIT_RECORDS = Counter(
     "crawlwarden_audit_records_total",
-    "Fetch records by outcome (stored, retry, refused_full)",
+    "Fetch records by outcome (stored, retry, spool_error, lost)",
     ["outcome"],
 )
 AUDIT_SPOOL_BYTES = Gauge("crawlwarden_audit_spool_bytes", "Size of the local fetch-log spool")

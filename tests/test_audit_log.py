@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from proxy.audit.keys import load_signer
 from proxy.audit.query import RecordQuery
 from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import record_hash
+from proxy.audit.spool import Spooled
+from proxy.audit.spool import SpoolReadError
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.sqlite_store import read_records
 from tests.test_audit_support import cli
@@ -264,3 +267,136 @@ async def test_a_record_with_bytes_that_were_not_utf8_is_kept_not_lost(tmp_path)
         assert await log.flushed()
     finally:
         await log.close()
+
+
+# -- memory during a store outage --------------------------------------------------------------
+
+
+class OutageStore(SQLiteStore):
+    """A real SQLite store whose writes fail while `down` (the database unreachable)."""
+
+    down = False
+
+    async def write(self, records, checkpoints=()):  # type: ignore[no-untyped-def]
+        if self.down:
+            raise ConnectionRefusedError("fetch-log database unreachable")
+        await super().write(records, checkpoints)
+
+
+def bulky(i: int):  # a record the size of a real one with signals, headers and a note (~3 KB)
+    return fetch(i, note="n" * 2500)
+
+
+async def test_a_store_outage_costs_spool_disk_not_memory(tmp_path: Path) -> None:
+    signer, public = keys(tmp_path)
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    log = fetch_log(store, tmp_path / "spool", "gw-o", signer, memory_records=20)
+    await log.open()
+    store.down = True
+    for i in range(50):  # the first ones are held whole
+        log.append(bulky(i))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(50, 1050):
+            last = log.append(bulky(i))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert log.held_in_memory == 20
+    assert len(last.json_text) > 2500
+    # Each record held back costs its place in the spool and its age (~360 bytes with the
+    # checkpoints signed meanwhile), not its ~3 KB of JSON.
+    assert grown / 1000 < 600, f"{grown / 1000:.0f} bytes of memory per record held back"
+    assert stored(tmp_path, "gw-o") == []
+
+    store.down = False  # the database is back: everything is shipped, read back from the spool
+    assert await log.flushed(timeout=30)
+    assert log.held_in_memory == 0
+    await log.close()
+    records = stored(tmp_path, "gw-o")
+    assert [r["seq"] for r in records] == list(range(1, 1051))
+    assert records[-1] == dict(last)
+    assert "records 1..1050" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
+
+
+async def test_a_replayed_spool_is_read_back_a_bounded_batch_at_a_time(tmp_path: Path) -> None:
+    signer, public = keys(tmp_path)
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    first = fetch_log(store, tmp_path / "spool", "gw-p", signer, memory_records=5)
+    await first.open()
+    store.down = True
+    for i in range(300):
+        first.append(bulky(i))
+    await first.close(timeout=0.2)  # stopped during the outage: all 300 wait in the spool
+    assert stored(tmp_path, "gw-p") == []
+
+    second = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+        tmp_path / "spool",
+        "gw-p",
+        signer,
+        memory_records=5,
+        batch_size=64,
+    )
+    await second.open()
+    assert second.seq == 300
+    assert second.held_in_memory == 0  # the replay holds places, not records
+    second.append(bulky(300))
+    await second.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-p")] == list(range(1, 302))
+    assert "records 1..301" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
+
+
+async def test_a_record_damaged_in_the_spool_is_reported_as_a_hole_and_the_rest_shipped(
+    tmp_path: Path,
+) -> None:
+    signer, public = keys(tmp_path)
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    log = fetch_log(store, tmp_path / "spool", "gw-d", signer, memory_records=2)
+    await log.open()
+    store.down = True
+    for i in range(6):
+        log.append(bulky(i))
+    place = log._queue[3]  # record 4, held as its place in the spool
+    assert isinstance(place, Spooled) and place.seq == 4
+    with log.spool._path(place.segment).open("r+b") as f:  # the disk damages it
+        f.seek(place.offset + 10)
+        f.write(b"\x00\x00")
+    assert log.spool.read([place]) == [None]
+    lost = REGISTRY.get_sample_value("crawlwarden_audit_records_total", {"outcome": "lost"}) or 0
+    store.down = False
+    assert await log.flushed(timeout=10)
+    await log.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-d")] == [1, 2, 3, 5, 6]
+    assert REGISTRY.get_sample_value("crawlwarden_audit_records_total", {"outcome": "lost"}) == (
+        lost + 1
+    )
+    # An auditor sees the hole: verification fails at record 5, whose predecessor is missing.
+    result = cli("audit", "export", "--data-dir", tmp_path, "--output", tmp_path / "e.jsonl")
+    assert result.returncode == 0, result.stderr
+    verified = cli("audit", "verify", tmp_path / "e.jsonl", "--public-key", public)
+    assert verified.returncode != 0
+    assert "records seq 4..4 are missing" in verified.stdout
+
+
+async def test_a_spool_segment_that_cannot_be_read_is_retried_not_skipped(tmp_path: Path) -> None:
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    log = fetch_log(store, tmp_path / "spool", "gw-m", None, memory_records=1)
+    await log.open()
+    store.down = True
+    for i in range(3):
+        log.append(bulky(i))
+    place = log._queue[1]
+    assert isinstance(place, Spooled)
+    segment = log.spool._path(place.segment)
+    hidden = segment.rename(segment.with_suffix(".hidden"))  # the volume goes away
+    with pytest.raises(SpoolReadError, match="cannot read record 2"):
+        log.spool.read([place])
+    store.down = False
+    assert not await log.flushed(timeout=1.0)
+    assert stored(tmp_path, "gw-m") == []  # nothing skipped while the segment is unreadable
+    hidden.rename(segment)  # back
+    assert await log.flushed(timeout=15)
+    await log.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-m")] == [1, 2, 3]

@@ -6,6 +6,10 @@ loop writes spool contents to the store in group commits; the spool segment is d
 holds is stored. Every `checkpoint_every_records` records or `checkpoint_every_seconds` seconds
 (idle or not) the chain head is signed (proxy/audit/checkpoint.py); checkpoints travel in the same
 queue behind the records they cover, so the store never holds a checkpoint ahead of its records.
+
+Up to `memory_records` records not yet stored wait in memory whole; past that (a store outage,
+a replayed spool) the queue holds only their places in the spool, and the ship loop reads them
+back from it: an outage costs spool disk up to `spool_max_bytes`, not memory.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from proxy.audit.record import SerializedRecord
 from proxy.audit.record import record_hash
 from proxy.audit.record import utc_timestamp
 from proxy.audit.spool import Spool
+from proxy.audit.spool import Spooled
+from proxy.audit.spool import SpoolReadError
 from proxy.audit.store import FetchStore
 from proxy.decision import Outcome
 from proxy.decision import Reason
@@ -56,6 +62,7 @@ class FetchLog:
         *,
         spool_max_bytes: int = 10**9,
         batch_size: int = 1000,
+        memory_records: int = 10_000,
         ship_interval: float = 0.2,
         fsync_interval: float = 1.0,
         on_record: Callable[[dict[str, Any]], None] | None = None,
@@ -72,6 +79,7 @@ class FetchLog:
         self._spool_max_bytes = 0
         self.spool_max_bytes = spool_max_bytes
         self.batch_size = batch_size
+        self.memory_records = memory_records
         self.ship_interval = ship_interval
         self.fsync_interval = fsync_interval
         self.on_record = on_record
@@ -91,7 +99,10 @@ class FetchLog:
         self.shipped_checkpoint = 0
         self.purged_seq = 0
         self.purged_number = 0
-        self._queue: deque[dict[str, Any]] = deque()
+        # What the store still lacks, in order: records (in memory, or their places in the
+        # spool past `memory_records`), checkpoints and purge notes.
+        self._queue: deque[dict[str, Any] | Spooled] = deque()
+        self.held_in_memory = 0  # records of the queue held whole
         # (seq, when it entered the spool) of each queued record: the fetch log lag metric.
         self._pending: deque[tuple[int, float]] = deque()
         self._wake = asyncio.Event()
@@ -114,23 +125,24 @@ class FetchLog:
         await self._resume_checkpoints()
         gap_reported = False
         for rec in replayed.records:
-            if rec["seq"] <= self.shipped_seq:
+            seq = rec.spooled.seq
+            if seq <= self.shipped_seq:
                 continue
-            if rec["seq"] != self.seq + 1 and not gap_reported:
+            if seq != self.seq + 1 and not gap_reported:
                 # A damaged spool line: the chain has a hole that verify will report. Say so now.
-                log.error("spool_chain_gap", replica=self.replica, after=self.seq, next=rec["seq"])
+                log.error("spool_chain_gap", replica=self.replica, after=self.seq, next=seq)
                 gap_reported = True
-            self.seq, self.head = rec["seq"], rec["hash"]
-            self._queue.append(rec)
-            self._pending.append((rec["seq"], _parse_ts(rec.get("ts")) or self.clock()))
-        for rec in replayed.unfinished:
+            self.seq, self.head = seq, rec.hash
+            self._queue.append(rec.spooled)  # read back from the spool when shipped
+            self._pending.append((seq, _parse_ts(rec.ts) or self.clock()))
+        for began in replayed.unfinished:
             # Interrupted mid-flight (kill -9, crash): the request left, its answer is unknown.
-            rec.update(
+            began.update(
                 decision=str(Outcome.FORWARDED),
                 reason=str(Reason.INTERRUPTED),
                 note="the gateway stopped before this request finished; its response is unknown",
             )
-            self.append_dict(rec)
+            self.append_dict(began)
         if replayed.records or replayed.unfinished:
             log.info(
                 "spool_replayed",
@@ -243,14 +255,18 @@ class FetchLog:
             data["hash"] = record_hash(data)
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
         try:
-            self.spool.finish(text.encode(), data["id"], seq)
+            place = self.spool.finish(text.encode(), data["id"], seq)
         except OSError as e:
             self._spool_failed(e)
             raise
         # The store writes the same text as its body column: serialised once, not twice.
         data = SerializedRecord(data, text)
         self.seq, self.head = seq, data["hash"]
-        self._queue.append(data)
+        if self.held_in_memory < self.memory_records:
+            self._queue.append(data)
+            self.held_in_memory += 1
+        else:
+            self._queue.append(place)  # the store is behind: memory stays bounded
         self._pending.append((seq, self.clock()))
         metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
         if len(self._queue) >= self.batch_size:
@@ -413,15 +429,21 @@ class FetchLog:
                 self._wake.clear()
                 continue
             batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
-            records = [item for item in batch if "type" not in item]
-            checkpoints = [item for item in batch if "type" in item]  # and purge notes
             try:
+                items = await self._read_back(batch)
+                records = [item for item in items if "type" not in item]
+                checkpoints = [item for item in items if "type" in item]  # and purge notes
                 await self.store.write(records, checkpoints)
             except Exception as e:  # any store failure: keep the spool, retry with backoff
                 self.store_ok = False
                 metrics.STORE_ERRORS.labels(store="audit").inc()
-                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(len(records))
-                log.warning("fetchlog_store_error", error=repr(e), queued=len(self._queue))
+                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(
+                    sum(1 for item in batch if isinstance(item, Spooled) or "type" not in item)
+                )
+                if isinstance(e, SpoolReadError):  # nothing is skipped: the chain has no holes
+                    log.error("fetchlog_spool_read_failed", error=str(e), queued=len(self._queue))
+                else:
+                    log.warning("fetchlog_store_error", error=repr(e), queued=len(self._queue))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -429,8 +451,10 @@ class FetchLog:
             if not self.store_ok:
                 log.info("fetchlog_store_recovered", queued=len(self._queue))
             self.store_ok = True
-            for _ in batch:
+            for item in batch:
                 self._queue.popleft()
+                if isinstance(item, SerializedRecord):
+                    self.held_in_memory -= 1
             if records:
                 self.shipped_seq = records[-1]["seq"]
                 while self._pending and self._pending[0][0] <= self.shipped_seq:
@@ -446,6 +470,25 @@ class FetchLog:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.ship_interval)
                 self._wake.clear()
+
+    async def _read_back(self, batch: list[dict[str, Any] | Spooled]) -> list[dict[str, Any]]:
+        """The batch with the records held as spool places read back (off the event loop)."""
+        places = [item for item in batch if isinstance(item, Spooled)]
+        if not places:
+            return batch  # type: ignore[return-value]  # no Spooled in it
+        found = iter(await asyncio.to_thread(self.spool.read, places))
+        out: list[dict[str, Any]] = []
+        for item in batch:
+            if not isinstance(item, Spooled):
+                out.append(item)
+            elif (read := next(found)) is not None:
+                out.append(SerializedRecord(*read))
+            else:
+                # Damaged on disk since it was written: as replay after a restart would, go on
+                # without it. The chain has a hole there that `audit verify` reports.
+                metrics.AUDIT_RECORDS.labels(outcome="lost").inc()
+                log.error("spool_chain_gap", replica=self.replica, lost=item.seq, damaged=True)
+        return out
 
     async def _sync_loop(self) -> None:
         while True:

@@ -10,6 +10,11 @@ moments; `fsync_interval` bounds that). Two kinds of line:
 A segment is deleted once every record in it is in the store and every request it saw begin has
 finished. At start the spool is replayed: records the store lacks are shipped again, and requests
 that began but never finished become records that say so.
+
+A record not yet stored need not stay in memory: its `Spooled` place (segment, offset, length of
+its JSON text) is enough to read it back when it is shipped (`read`). The fetch log holds the
+newest records in memory up to a bound and the rest as places, so a long store outage costs disk
+(up to the spool limit), not RAM; the replay works the same way.
 """
 
 from __future__ import annotations
@@ -22,12 +27,36 @@ from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import Any
+from typing import NamedTuple
 
 import structlog
 
 log = structlog.get_logger("crawlwarden.audit.spool")
 
 _SEGMENT = re.compile(r"^segment-(\d{10})\.jsonl$")
+
+
+_RECORD = b'{"k":"r","rec":'  # a chained record's line: this, its JSON text, then b"}\n"
+_RECORD_END = b"}\n"
+
+
+class SpoolReadError(Exception):
+    """The spool could not be read (a lost segment, an I/O error)."""
+
+
+class Spooled(NamedTuple):
+    """Where a chained record's JSON text is in the spool: enough to read it back."""
+
+    seq: int
+    segment: int
+    offset: int
+    length: int
+
+
+class ReplayedRecord(NamedTuple):
+    spooled: Spooled
+    hash: str
+    ts: str | None
 
 
 @dataclass
@@ -43,7 +72,7 @@ class Segment:
 class Replayed:
     """What a previous run left in the spool."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)  # chained, in seq order
+    records: list[ReplayedRecord] = field(default_factory=list)  # chained, in seq order
     unfinished: list[dict[str, Any]] = field(default_factory=list)  # began, never finished
     damaged_lines: int = 0
 
@@ -63,32 +92,44 @@ class Spool:
         """Read what is left from earlier runs, then start a fresh segment for this run."""
         self.directory.mkdir(parents=True, exist_ok=True)
         replayed = Replayed()
+        # Memory stays bounded by the requests in flight at the stop, not by the spool's size:
+        # a finished request's begin is dropped, a record is kept as its place.
         begins: dict[str, dict[str, Any]] = {}
-        finished: set[str] = set()
-        records: dict[int, dict[str, Any]] = {}
+        records: dict[int, ReplayedRecord] = {}
         for path in sorted(self.directory.iterdir()):
             m = _SEGMENT.match(path.name)
             if not m:
                 continue
             seg = Segment(int(m.group(1)), path, path.stat().st_size)
             self.segments.append(seg)
+            offset = 0
             with path.open("rb") as f:
                 for raw in f:
+                    start, offset = offset, offset + len(raw)
                     try:
                         entry = json.loads(raw)
                         kind, rec = entry["k"], entry["rec"]
+                        ident = str(rec["id"])
+                        if kind == "r":
+                            seq, hash_, ts = int(rec["seq"]), str(rec["hash"]), rec.get("ts")
                     except (ValueError, KeyError, TypeError):
                         # A torn last line from a kill mid-write, or damage: never fatal.
                         replayed.damaged_lines += 1
                         continue
                     if kind == "b":
-                        begins[rec["id"]] = rec
+                        begins[ident] = rec
                     elif kind == "r":
-                        finished.add(rec["id"])
-                        records[rec["seq"]] = rec
-                        seg.max_seq = max(seg.max_seq, rec["seq"])
+                        begins.pop(ident, None)
+                        if not (raw.startswith(_RECORD) and raw.endswith(_RECORD_END)):
+                            replayed.damaged_lines += 1  # parses, but not as `finish` writes
+                            continue
+                        place = Spooled(
+                            seq, seg.index, start + len(_RECORD), len(raw) - len(_RECORD) - 2
+                        )
+                        records[seq] = ReplayedRecord(place, hash_, ts)
+                        seg.max_seq = max(seg.max_seq, seq)
         replayed.records = [records[s] for s in sorted(records)]
-        replayed.unfinished = [r for i, r in begins.items() if i not in finished]
+        replayed.unfinished = list(begins.values())
         if replayed.damaged_lines:
             log.warning("spool_damaged_lines", count=replayed.damaged_lines)
         self._start_segment()
@@ -102,10 +143,13 @@ class Spool:
                 os.fsync(self._fd)
             os.close(self._fd)
         index = self.segments[-1].index + 1 if self.segments else 1
-        path = self.directory / f"segment-{index:010d}.jsonl"
+        path = self._path(index)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(path, flags, 0o600)
         self.segments.append(Segment(index, path))
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"segment-{index:010d}.jsonl"
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -131,15 +175,49 @@ class Spool:
         self.current.open_begins += 1
         self._begun[rec["id"]] = self.current
 
-    def finish(self, rec_json: bytes, rec_id: str, seq: int) -> None:
-        """Write a chained record (already serialised) and close its begin, if any."""
-        self._write(b'{"k":"r","rec":' + rec_json + b"}\n")
-        self.current.max_seq = max(self.current.max_seq, seq)
+    def finish(self, rec_json: bytes, rec_id: str, seq: int) -> Spooled:
+        """Write a chained record (already serialised) and close its begin, if any; returns
+        where its JSON text is, to read it back with `read`."""
+        segment = self.current
+        place = Spooled(seq, segment.index, segment.size + len(_RECORD), len(rec_json))
+        self._write(_RECORD + rec_json + _RECORD_END)
+        segment.max_seq = max(segment.max_seq, seq)
         seg = self._begun.pop(rec_id, None)
         if seg is not None:
             seg.open_begins -= 1
         if self.current.size >= self.segment_bytes:
             self._start_segment()
+        return place
+
+    # -- reading back ----------------------------------------------------------------------
+
+    def read(self, places: list[Spooled]) -> list[tuple[dict[str, Any], str] | None]:
+        """The records at `places` (each record and its JSON text), in order; None for a place
+        whose line is damaged (what replay would skip too). Raises SpoolReadError when a
+        segment cannot be read at all (worth retrying).
+
+        Safe beside the writer (in a thread): a place is handed out only after its line is
+        written, and a segment is deleted only once all its records are stored."""
+        out: list[tuple[dict[str, Any], str] | None] = []
+        fds: dict[int, int] = {}
+        try:
+            for place in places:
+                fd = fds.get(place.segment)
+                if fd is None:
+                    fd = fds[place.segment] = os.open(self._path(place.segment), os.O_RDONLY)
+                raw = os.pread(fd, place.length, place.offset)
+                try:
+                    rec = json.loads(raw)
+                    ok = isinstance(rec, dict) and rec.get("seq") == place.seq
+                except ValueError:
+                    ok = False
+                out.append((rec, raw.decode()) if ok else None)
+        except OSError as e:
+            raise SpoolReadError(f"cannot read record {place.seq} back from the spool: {e}") from e
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out
 
     def sync(self) -> None:
         fd = self._fd

@@ -106,16 +106,28 @@ class Verdict:
 
 
 class AddressGuard:
+    # Verdicts remembered per address (asked on every request; the same few addresses recur).
+    # One guard per compiled policy, so a reload that changes allow_private starts afresh.
+    VERDICTS_KEPT = 4096
+
     def __init__(self, allow_private: Iterable[IPNetwork] = ()):
         self.allow_private = tuple(allow_private)
+        self._verdicts: dict[IPAddress, Verdict] = {}
 
     def check(self, ip: IPAddress) -> Verdict:
+        verdict = self._verdicts.get(ip)
+        if verdict is not None:  # (an IPv6 address with a zone is a key of its own)
+            return verdict
         cls = classify(ip)
         if cls is not None and any(
             ip in net for net in self.allow_private if net.version == ip.version
         ):
             cls = None
-        return Verdict(ip, cls)
+        verdict = Verdict(ip, cls)
+        if len(self._verdicts) >= self.VERDICTS_KEPT:
+            self._verdicts.clear()
+        self._verdicts[ip] = verdict
+        return verdict
 
 
 type Lookup = Callable[[str], Awaitable[list[IPAddress]]]

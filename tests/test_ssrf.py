@@ -113,3 +113,17 @@ async def test_unresolvable_names_raise():
 
     with pytest.raises(ResolutionError):
         await Resolver(lookup=nx).resolve("nx.example")
+
+
+def test_remembered_verdicts_are_the_same_verdicts_and_stay_bounded():
+    guard = AddressGuard([ipaddress.ip_network("10.1.0.0/16")])
+    for text, allowed in [("10.1.2.3", True), ("10.2.0.1", False), ("8.8.8.8", True)]:
+        ip = ipaddress.ip_address(text)
+        assert guard.check(ip) == guard.check(ip) == AddressGuard(guard.allow_private).check(ip)
+        assert guard.check(ip).allowed is allowed
+    zoned = ipaddress.ip_address("fe80::1%eth0")
+    assert not guard.check(ipaddress.ip_address("fe80::1")).allowed
+    assert guard.check(zoned).address == zoned
+    for i in range(AddressGuard.VERDICTS_KEPT + 10):
+        guard.check(ipaddress.ip_address(i))
+    assert len(guard._verdicts) <= AddressGuard.VERDICTS_KEPT

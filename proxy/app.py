@@ -28,6 +28,7 @@ from proxy.admin import make_app
 from proxy.audit.api import ROUTES as AUDIT_ROUTES
 from proxy.policy_page import ROUTES as POLICY_PAGE_ROUTES
 from proxy.report_api import ROUTES as REPORT_ROUTES
+from proxy.runtime import FetchLogUnavailable
 from proxy.runtime import Runtime
 from proxy.runtime import Settings
 from proxy.takedowns_api import ROUTES as TAKEDOWN_ROUTES
@@ -101,7 +102,11 @@ def settle_heap() -> int:
 async def serve(settings: Settings) -> int:
     runtime = Runtime.from_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    await runtime.start()
+    try:
+        await runtime.start()
+    except FetchLogUnavailable as e:
+        await runtime.stop()
+        raise SystemExit(f"crawlwarden: {e}") from e
 
     master = Master(options.Options(), with_termlog=False)
     master.addons.add(*gateway_addons())

@@ -83,6 +83,10 @@ class Settings:
         return self.data_dir / "spool" / self.replica
 
 
+class FetchLogUnavailable(Exception):
+    """The fetch log's store cannot be opened at start-up."""
+
+
 class Runtime:
     def __init__(self, settings: Settings, compiled: CompiledPolicy):
         self.settings = settings
@@ -167,10 +171,27 @@ class Runtime:
         return self.compiled.version
 
     async def start(self) -> None:
-        await self.fetch_log.open()
+        try:
+            await self.fetch_log.open()
+        except Exception as e:  # whatever the store's driver raises: say where, and why it matters
+            reason = str(e) or type(e).__name__
+            raise FetchLogUnavailable(
+                f"cannot open the fetch log in {self.fetch_log_location()}: {reason}. A replica"
+                " resumes its hash chain from the stored log before it records anything, so it"
+                " does not start without it"
+            ) from e
         await self.budgets.start()
         await self.replicas.start()
         await self.takedowns.start()
+
+    def fetch_log_location(self) -> str:
+        """Where the fetch log is stored, for messages (never a password)."""
+        dsn = self.settings.audit_dsn
+        if not dsn:
+            return f"SQLite at {self.settings.sqlite_path}"
+        parts = urlsplit(dsn)
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+        return f"PostgreSQL at {where}" + (f" as {parts.username}" if parts.username else "")
 
     async def stop(self) -> None:
         await self.takedowns.close()

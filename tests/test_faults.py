@@ -26,8 +26,10 @@ from tests.support import PROJECT
 from tests.support import Gateway
 from tests.support import Reply
 from tests.support import Site
+from tests.support import free_port
 from tests.support import policy_with
 from tests.support import wait_for
+from tests.support import write_policy
 from tests.test_fleet import export_and_verify
 from tests.test_fleet import signing_keys
 
@@ -229,3 +231,39 @@ def test_postgresql_stopped_mid_load_loses_no_record(workdir: Path, site: Site, 
         assert len(fetches) == len(load.answers) == site.count()
     finally:
         pg.destroy()
+
+
+def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(workdir: Path):
+    private, _ = signing_keys(workdir)
+    policy = write_policy(
+        workdir / "policy.yaml", policy_with(audit={"signing_key_file": str(private)})
+    )
+    closed = free_port()  # nothing listens there
+    result = subprocess.run(
+        [
+            CRAWLWARDEN,
+            "run",
+            "--policy",
+            str(policy),
+            "--data-dir",
+            str(workdir / "data"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--admin",
+            f"127.0.0.1:{free_port()}",
+            "--audit-dsn",
+            f"postgresql://crawler:s3cret@127.0.0.1:{closed}/fetchlog",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"crawlwarden: cannot open the fetch log in PostgreSQL at 127.0.0.1:{closed}/fetchlog"
+        " as crawler: "
+    ), last
+    assert "does not start without it" in last
+    assert "s3cret" not in result.stderr + result.stdout

@@ -24,6 +24,7 @@ from proxy.audit.log import FetchStore
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.audit.sqlite_store import SQLiteStore
+from proxy.audit.store import ReplicaInUse
 from proxy.budgets import Admission
 from proxy.budgets import BudgetEngine
 from proxy.budgets import BudgetStore
@@ -173,6 +174,8 @@ class Runtime:
     async def start(self) -> None:
         try:
             await self.fetch_log.open()
+        except ReplicaInUse as e:
+            raise FetchLogUnavailable(str(e)) from e
         except Exception as e:  # whatever the store's driver raises: say where, and why it matters
             reason = str(e) or type(e).__name__
             raise FetchLogUnavailable(

@@ -27,6 +27,7 @@ from proxy.audit.spool import Spooled
 from proxy.audit.spool import SpoolReadError
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.sqlite_store import read_records
+from proxy.audit.store import ReplicaInUse
 from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
@@ -400,3 +401,20 @@ async def test_a_spool_segment_that_cannot_be_read_is_retried_not_skipped(tmp_pa
     assert await log.flushed(timeout=15)
     await log.close()
     assert [r["seq"] for r in stored(tmp_path, "gw-m")] == [1, 2, 3]
+
+
+async def test_two_gateways_on_one_data_dir_and_replica_id_cannot_share_its_spool(
+    tmp_path: Path,
+) -> None:
+    first = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-1", None)
+    await first.open()
+    second = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-1", None)
+    with pytest.raises(ReplicaInUse, match="is in use by another running gateway"):
+        await second.open()
+    await second.close()
+    first.append(fetch(1))
+    await first.close()
+    third = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-1", None)
+    await third.open()  # the lock went with the first one
+    assert third.seq == 1
+    await third.close()

@@ -8,6 +8,7 @@ import urllib.parse
 from pathlib import Path
 
 import asyncpg
+import pytest
 from prometheus_client import REGISTRY
 
 from proxy.audit.postgres_store import SCHEMA_VERSION
@@ -15,6 +16,7 @@ from proxy.audit.postgres_store import PostgresStore
 from proxy.audit.postgres_store import aread_records
 from proxy.audit.postgres_store import read_records
 from proxy.audit.query import RecordQuery
+from proxy.audit.store import ReplicaInUse
 from tests import pg_fixtures
 from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
@@ -204,3 +206,32 @@ async def test_store_down_spool_grows_fails_closed_and_recovery_ships_everything
     await relay.stop()
     out = export_and_verify(pg_dsn, public, tmp_path / "e.jsonl")
     assert f"replica gw-down: records 1..{written} ({written} in full)" in out
+
+
+async def test_a_second_process_with_the_same_replica_id_is_refused(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    signer, public = keys(tmp_path)
+    first = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-a", "gw-same", signer)
+    await first.open()
+    first.append(fetch(1))
+    # Another host (its own data dir) started with the same --replica-id by mistake: were it
+    # let in, both would continue the chain from seq 1 and the store would keep one of each
+    # pair of records with the same seq.
+    second = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-b", "gw-same", signer)
+    with pytest.raises(ReplicaInUse, match="replica id 'gw-same' is in use"):
+        await second.open()
+    await second.close()
+    other = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-c", "gw-other", signer)
+    await other.open()  # another id is not held up
+    other.append(fetch(2))
+    await other.close()
+    first.append(fetch(3))
+    await first.close()
+
+    # Its lock went with its session: the id can be taken again, and the chain continues.
+    again = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-b", "gw-same", signer)
+    await again.open()
+    assert again.seq == 2
+    await again.close()
+    assert "records 1..2" in export_and_verify(pg_dsn, public, tmp_path / "e.jsonl")

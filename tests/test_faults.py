@@ -267,3 +267,36 @@ def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(wo
     ), last
     assert "does not start without it" in last
     assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_a_second_gateway_with_the_same_replica_id_and_data_dir_refuses_to_start(
+    workdir: Path, site: Site
+):
+    with Gateway(workdir, policy_with(), name="gw-twin") as first:
+        twin = subprocess.run(
+            [
+                CRAWLWARDEN,
+                "run",
+                "--policy",
+                str(first.policy_file),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--admin",
+                f"127.0.0.1:{free_port()}",
+                "--data-dir",
+                str(first.data_dir),
+                "--replica-id",
+                "gw-twin",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert twin.returncode == 1
+        last = twin.stderr.strip().splitlines()[-1]
+        assert last.startswith("crawlwarden: the spool ") and "is in use by another" in last, last
+        # The first one is untouched and still records.
+        result = requests.get(
+            site.url("site-a.test", "/twin"), proxies={"http": first.proxy_url()}, headers=HEADERS
+        )
+        assert result.status_code == 200

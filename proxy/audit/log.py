@@ -117,6 +117,7 @@ class FetchLog:
     async def open(self) -> None:
         """Connect the store, replay the spool, resume the chain where it stopped."""
         await self.store.open()
+        await self.store.claim(self.replica)
         replayed = self.spool.open()
         stored = await self.store.last(self.replica)
         if stored is not None:

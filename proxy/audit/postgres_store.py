@@ -9,6 +9,8 @@ JSON text that was hashed (not jsonb, which would reorder keys and refuse U+0000
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 from collections.abc import AsyncGenerator
 from collections.abc import AsyncIterator
@@ -24,6 +26,7 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.query import to_datetime
 from proxy.audit.record import record_json
 from proxy.audit.store import PurgePoint
+from proxy.audit.store import ReplicaInUse
 
 log = structlog.get_logger("crawlwarden.audit.postgres")
 
@@ -171,6 +174,7 @@ class PostgresStore:
         self.migrate_schema = migrate_schema
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        self._claim: asyncpg.Connection | None = None
 
     def _db(self) -> asyncpg.Pool:
         assert self._pool is not None, "store is not open"
@@ -184,7 +188,31 @@ class PostgresStore:
             async with self._pool.acquire() as conn:
                 await migrate(conn)
 
+    async def claim(self, replica: str) -> None:
+        """A session advisory lock on the replica id, held on a connection of its own for as
+        long as the process runs (PostgreSQL drops it when the process or its connection dies).
+
+        A connection lost later (a PostgreSQL restart) loses the lock: a second process
+        started with the same id after that is not stopped."""
+        key = int.from_bytes(
+            hashlib.sha256(f"crawlwarden-replica:{replica}".encode()).digest()[:8],
+            "big",
+            signed=True,
+        )
+        conn = await asyncpg.connect(self.dsn)
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            await conn.close()
+            raise ReplicaInUse(
+                f"replica id {replica!r} is in use by another running gateway on this fetch log;"
+                " give each replica its own --replica-id"
+            )
+        self._claim = conn
+
     async def close(self) -> None:
+        if self._claim is not None:
+            with contextlib.suppress(Exception):
+                await self._claim.close()
+            self._claim = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

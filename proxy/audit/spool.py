@@ -20,6 +20,7 @@ newest records in memory up to a bound and the rest as places, so a long store o
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -30,6 +31,8 @@ from typing import Any
 from typing import NamedTuple
 
 import structlog
+
+from proxy.audit.store import ReplicaInUse
 
 log = structlog.get_logger("crawlwarden.audit.spool")
 
@@ -85,12 +88,15 @@ class Spool:
         self._fd: int | None = None
         self._begun: dict[str, Segment] = {}
         self.unsynced = False
+        self._lock_fd: int | None = None
 
     # -- start-up --------------------------------------------------------------------------
 
     def open(self) -> Replayed:
-        """Read what is left from earlier runs, then start a fresh segment for this run."""
+        """Lock the spool for this process, read what is left from earlier runs, then start a
+        fresh segment for this run."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
         replayed = Replayed()
         # Memory stays bounded by the requests in flight at the stop, not by the spool's size:
         # a finished request's begin is dropped, a record is kept as its place.
@@ -134,6 +140,20 @@ class Spool:
             log.warning("spool_damaged_lines", count=replayed.damaged_lines)
         self._start_segment()
         return replayed
+
+    def _lock(self) -> None:
+        """One writer per spool: a second gateway on the same data dir and replica id would
+        interleave two chains in one spool. The lock dies with the process (kill -9 too)."""
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ReplicaInUse(
+                f"the spool {self.directory} is in use by another running gateway (same data dir"
+                " and replica id); give each replica its own --data-dir or --replica-id"
+            ) from None
+        self._lock_fd = fd
 
     def _start_segment(self) -> None:
         if self._fd is not None:
@@ -251,3 +271,6 @@ class Spool:
             self.sync()
             os.close(self._fd)
             self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # and the lock with it
+            self._lock_fd = None

@@ -193,6 +193,10 @@ class SQLiteStore:
 
     # -- writing (FetchStore) ----------------------------------------------------------------
 
+    async def claim(self, replica: str) -> None:
+        """Nothing to do: this file belongs to one data dir, and the replica's spool in that
+        data dir is locked by the process that writes it (proxy/audit/spool.py)."""
+
     async def last(self, replica: str) -> tuple[int, str] | None:
         row = await self._one(
             "SELECT seq, hash FROM fetch_records WHERE replica = ? ORDER BY seq DESC LIMIT 1",

@@ -20,11 +20,22 @@ class PurgePoint:
     note_hash: str | None  # SHA-256 of that checkpoint's signed note
 
 
+class ReplicaInUse(Exception):
+    """Another running gateway writes the same replica's chain (the same replica id)."""
+
+
 class FetchStore(Protocol):
     """Where records end up. Writes are idempotent: a replayed spool may send a record twice."""
 
     async def open(self) -> None:
         """Connect and migrate the schema (several replicas may start at once)."""
+        ...
+
+    async def claim(self, replica: str) -> None:
+        """Hold the replica's chain for this process until close(), or raise ReplicaInUse.
+
+        Two processes with one replica id would both continue the chain from the same head:
+        the store keeps one of each pair of records with the same seq and drops the other."""
         ...
 
     async def last(self, replica: str) -> tuple[int, str] | None:

@@ -212,9 +212,13 @@ async def test_a_second_process_with_the_same_replica_id_is_refused(
     pg_dsn: str, tmp_path: Path
 ) -> None:
     signer, public = keys(tmp_path)
-    first = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-a", "gw-same", signer)
+    store = PostgresStore(pg_dsn)
+    first = fetch_log(store, tmp_path / "spool-a", "gw-same", signer)
     await first.open()
     first.append(fetch(1))
+    # Should its machine vanish, PostgreSQL notices within a minute and frees the id.
+    assert store._claim is not None
+    assert await store._claim.fetchval("SHOW tcp_keepalives_idle") == "30"
     # Another host (its own data dir) started with the same --replica-id by mistake: were it
     # let in, both would continue the chain from seq 1 and the store would keep one of each
     # pair of records with the same seq.

@@ -166,6 +166,13 @@ def _checkpoint(row: Any) -> dict[str, Any] | None:
     return {"number": int(row["number"]), "seq": int(row["seq"]), "note": str(row["note"])}
 
 
+_CLAIM_KEEPALIVES = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+}
+
+
 class PostgresStore:
     """FetchStore and ChainReader over one PostgreSQL database."""
 
@@ -199,12 +206,16 @@ class PostgresStore:
             "big",
             signed=True,
         )
-        conn = await asyncpg.connect(self.dsn)
+        # Keepalives on this session: should the holder's node vanish (no FIN, no RST),
+        # PostgreSQL ends the session and frees the id within about a minute, not the OS's
+        # default two hours, so that the replica's replacement can start.
+        conn = await asyncpg.connect(self.dsn, server_settings=_CLAIM_KEEPALIVES)
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
             await conn.close()
             raise ReplicaInUse(
                 f"replica id {replica!r} is in use by another running gateway on this fetch log;"
-                " give each replica its own --replica-id"
+                " give each replica its own --replica-id (if that gateway's machine is gone,"
+                " PostgreSQL frees the id within about a minute)"
             )
         self._claim = conn
 

@@ -762,9 +762,10 @@ def run_load(
                 str(first.pid),
                 "--duration",
                 str(max(1, int(duration))),
+                # Blocking samples (the process pauses ~0.1 ms per sample): --nonblocking lost
+                # most of the event loop's stacks here, which left the profile unreadable.
                 "--rate",
-                "200",
-                "--nonblocking",
+                "100",
                 "--format",
                 "raw",
                 "--output",
@@ -1209,9 +1210,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: results/)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(
-        "--profile", type=Path, default=None, help="py-spy collapsed stacks of each cell to DIR"
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy collapsed stacks of each cell to DIR (one target at a time; needs py-spy: "
+        ".venv/bin/pip install py-spy)",
     )
     args = p.parse_args(argv)
+    if args.profile is not None and not (VENV_BIN / "py-spy").exists():
+        p.error(f"--profile needs py-spy in {VENV_BIN}: {VENV_BIN / 'pip'} install py-spy")
     if args.quick:
         args.warmup, args.duration = min(args.warmup, 0.5), min(args.duration, 1.5)
         args.repeat = 1

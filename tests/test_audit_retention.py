@@ -109,3 +109,49 @@ async def test_purge_cuts_old_records_and_the_rest_still_verifies(
     await log.close()
     out = export_and_verify(source, public, tmp_path / "second.jsonl")
     assert "replica gw-p: records 41..52" in out
+
+
+async def test_retention_reaches_the_chains_of_replicas_that_no_longer_run(
+    source: dict[str, Any], tmp_path: Path
+) -> None:
+    signer, public = keys(tmp_path)
+    spool = tmp_path / "spool"
+    # A replica that ran 500 days ago and is gone (a Deployment's old pod): nobody else would
+    # ever purge its chain.
+    gone = fetch_log(source["store"](), spool, "gw-gone", signer, clock=lambda: NOW - 500 * DAY)
+    await gone.open()
+    for i in range(25):
+        gone.append(fetch(i, ts=NOW - 500 * DAY + i))
+    await gone.close()
+    # One that still runs, with old records of its own: its own purge is its business.
+    live = fetch_log(source["store"](), spool, "gw-live", signer, clock=lambda: NOW)
+    await live.open()
+    for i in range(5):
+        live.append(fetch(i, ts=NOW - 500 * DAY + i))
+    assert await live.flushed()
+
+    new = fetch_log(source["store"](), spool, "gw-new", signer, clock=lambda: NOW)
+    await new.open()
+    new.append(fetch(1, ts=NOW))
+    purged = await new.purge_orphans(now=NOW, days=400)
+    assert [(p["replica"], p["deleted"], p["through_seq"]) for p in purged] == [("gw-gone", 25, 25)]
+    assert await new.purge_orphans(now=NOW, days=400) == []  # nothing old left, live one held
+    await new.close()
+    await live.close()
+
+    out = export_and_verify(source, public, tmp_path / "after.jsonl")
+    assert "replica gw-live: records 1..5" in out  # untouched while it ran
+    assert "gw-gone: records" not in out  # all of it was older than the period
+    items = read_lines(tmp_path / "after.jsonl")
+    event = next(x for x in items if x["type"] == "record" and x["kind"] == "purge")
+    assert event["replica"] == "gw-new"
+    assert "records up to seq 25 of replica gw-gone (that replica no longer runs)" in event["note"]
+
+    # Once gw-live has stopped, the next round reaches its old records too.
+    again = fetch_log(source["store"](), spool, "gw-new", signer, clock=lambda: NOW)
+    await again.open()
+    purged = await again.purge_orphans(now=NOW, days=400)
+    assert [(p["replica"], p["deleted"]) for p in purged] == [("gw-live", 5)]
+    await again.close()
+    out = export_and_verify(source, public, tmp_path / "later.jsonl")
+    assert "gw-live: records" not in out

@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from proxy.audit.record import utc_timestamp
 from proxy.audit.spool import Spool
 from proxy.audit.spool import Spooled
 from proxy.audit.spool import SpoolReadError
+from proxy.audit.spool import hold_spool
 from proxy.audit.store import FetchStore
 from proxy.decision import Outcome
 from proxy.decision import Reason
@@ -351,30 +354,92 @@ class FetchLog:
         than the cutoff (a long request that started earlier finishes later), so a few records
         may outlive the period by the length of a request.
         """
+        cutoff = self._cutoff(now, days)
+        if cutoff is None:
+            return None
+        result = await self._purge_chain(
+            self.replica, cutoff, self.purged_seq, self.purged_number, ""
+        )
+        if result is not None:
+            self.purged_seq, self.purged_number = result["through_seq"], result["through_number"]
+        return result
+
+    async def purge_orphans(
+        self, now: float | None = None, days: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Apply retention to the chains of replicas that no longer run.
+
+        Each replica purges its own chain; a replica that is gone (a Deployment's old pod, a
+        renamed host) never will. A chain is taken over only while no running gateway holds its
+        replica id (the store's lock, and the spool's lock on this data dir), and is held for
+        the purge. Its purge note is signed for its chain, the purge record goes in ours.
+        """
+        cutoff = self._cutoff(now, days)
+        if cutoff is None:
+            return []
+        done = []
+        for replica in await self.store.replicas():
+            if replica == self.replica:
+                continue
+            async with self._hold_chain(replica) as held:
+                if not held:
+                    continue
+                last = await self.store.last_purge(replica)
+                seq, number = (last["seq"], last["number"]) if last else (0, 0)
+                result = await self._purge_chain(
+                    replica, cutoff, seq, number, " (that replica no longer runs)"
+                )
+            if result is not None:
+                done.append(result)
+        return done
+
+    @contextlib.asynccontextmanager
+    async def _hold_chain(self, replica: str) -> AsyncIterator[bool]:
+        directory = self.spool.directory.parent / replica  # its spool, if it ran here
+        spool_lock = hold_spool(directory) if directory.is_dir() else None
+        if spool_lock is None and directory.is_dir():
+            yield False  # it runs on this data dir
+            return
+        try:
+            async with self.store.hold(replica) as held:
+                yield held
+        finally:
+            if spool_lock is not None:
+                os.close(spool_lock)
+
+    def _cutoff(self, now: float | None, days: int | None) -> str | None:
         days = days if days is not None else self.retention_days
         if days is None:
             return None
-        cutoff = utc_timestamp((now if now is not None else self.clock()) - days * DAY)
-        point = await self.store.purge_point(self.replica, cutoff)
+        return utc_timestamp((now if now is not None else self.clock()) - days * DAY)
+
+    async def _purge_chain(
+        self, replica: str, cutoff: str, purged_seq: int, purged_number: int, why: str
+    ) -> dict[str, Any] | None:
+        point = await self.store.purge_point(replica, cutoff)
         if point is None:
             return None
-        if point.seq <= self.purged_seq:
+        if point.seq <= purged_seq:
             # The purge note exists already; an earlier run stopped before deleting.
-            deleted = await self.store.purge(
-                self.replica, self.purged_seq, self.purged_number or None
-            )
-            return {"deleted": deleted, "through_seq": self.purged_seq, "cutoff": cutoff}
-        number = self.purged_number
+            deleted = await self.store.purge(replica, purged_seq, purged_number or None)
+            return {
+                "replica": replica,
+                "deleted": deleted,
+                "through_seq": purged_seq,
+                "through_number": purged_number,
+                "cutoff": cutoff,
+            }
+        number = purged_number
         checkpoint_prev = GENESIS_HASH if number == 0 else None
         if point.number is not None and point.number >= number:
             number, checkpoint_prev = point.number, point.note_hash
         if checkpoint_prev is None:  # no checkpoint left at or below the cut: keep the old anchor
-            last = await self.store.last_purge(self.replica)
+            last = await self.store.last_purge(replica)
             checkpoint_prev = parse_text(note_text(last["note"])).prev if last else GENESIS_HASH
         item: dict[str, Any] | None = None
         if self.signer is not None:
             note = Checkpoint(
-                replica=self.replica,
+                replica=replica,
                 number=number,
                 seq=point.seq,
                 hash=point.hash,
@@ -385,7 +450,7 @@ class FetchLog:
             item = checkpoint_line(note, note.sign(self.signer))
         event = self.new_event(
             "purge",
-            f"retention: records up to seq {point.seq} of replica {self.replica} "
+            f"retention: records up to seq {point.seq} of replica {replica}{why} "
             f"({point.records} stored) are older than {cutoff} and are deleted, with "
             f"checkpoints up to #{number}; a signed purge note anchors what remains",
             reason="retention",
@@ -394,26 +459,33 @@ class FetchLog:
             self._queue.append(item)
         self.checkpoint()  # sign the purge record itself
         if not await self.flushed(timeout=30.0):
-            log.warning("purge_deferred", replica=self.replica, reason="store unavailable")
+            log.warning("purge_deferred", replica=replica, reason="store unavailable")
             return None
-        self.purged_seq, self.purged_number = point.seq, number
-        deleted = await self.store.purge(self.replica, point.seq, number or None)
+        deleted = await self.store.purge(replica, point.seq, number or None)
         log.info(
             "purged",
-            replica=self.replica,
+            replica=replica,
+            by=self.replica,
             records=deleted,
             through_seq=point.seq,
             checkpoints_through=number,
             cutoff=cutoff,
             event_seq=event["seq"],
         )
-        return {"deleted": deleted, "through_seq": point.seq, "cutoff": cutoff}
+        return {
+            "replica": replica,
+            "deleted": deleted,
+            "through_seq": point.seq,
+            "through_number": number,
+            "cutoff": cutoff,
+        }
 
     async def _purge_loop(self) -> None:
         await asyncio.sleep(min(60.0, self.purge_interval))
         while True:
             try:
                 await self.purge()
+                await self.purge_orphans()
             except Exception as e:  # retention retries next round; the gateway goes on
                 metrics.STORE_ERRORS.labels(store="audit").inc()
                 log.warning("purge_failed", error=repr(e))

@@ -166,6 +166,13 @@ def _checkpoint(row: Any) -> dict[str, Any] | None:
     return {"number": int(row["number"]), "seq": int(row["seq"]), "note": str(row["note"])}
 
 
+def _replica_key(replica: str) -> int:
+    """The advisory lock key of a replica id (64 bits of a hash; ids never collide in practice)."""
+    return int.from_bytes(
+        hashlib.sha256(f"crawlwarden-replica:{replica}".encode()).digest()[:8], "big", signed=True
+    )
+
+
 _CLAIM_KEEPALIVES = {
     "tcp_keepalives_idle": "30",
     "tcp_keepalives_interval": "10",
@@ -201,11 +208,7 @@ class PostgresStore:
 
         A connection lost later (a PostgreSQL restart) loses the lock: a second process
         started with the same id after that is not stopped."""
-        key = int.from_bytes(
-            hashlib.sha256(f"crawlwarden-replica:{replica}".encode()).digest()[:8],
-            "big",
-            signed=True,
-        )
+        key = _replica_key(replica)
         # Keepalives on this session: should the holder's node vanish (no FIN, no RST),
         # PostgreSQL ends the session and frees the id within about a minute, not the OS's
         # default two hours, so that the replica's replacement can start.
@@ -218,6 +221,17 @@ class PostgresStore:
                 " PostgreSQL frees the id within about a minute)"
             )
         self._claim = conn
+
+    @contextlib.asynccontextmanager
+    async def hold(self, replica: str) -> AsyncIterator[bool]:
+        key = _replica_key(replica)
+        async with self._db().acquire() as conn:
+            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.fetchval("SELECT pg_advisory_unlock($1)", key)
 
     async def close(self) -> None:
         if self._claim is not None:

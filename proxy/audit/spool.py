@@ -62,6 +62,18 @@ class ReplayedRecord(NamedTuple):
     ts: str | None
 
 
+def hold_spool(directory: Path) -> int | None:
+    """Lock a replica's spool directory: the lock's file descriptor (close it to let go), or
+    None while a running gateway holds it."""
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @dataclass
 class Segment:
     index: int
@@ -144,15 +156,12 @@ class Spool:
     def _lock(self) -> None:
         """One writer per spool: a second gateway on the same data dir and replica id would
         interleave two chains in one spool. The lock dies with the process (kill -9 too)."""
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = hold_spool(self.directory)
+        if fd is None:
             raise ReplicaInUse(
                 f"the spool {self.directory} is in use by another running gateway (same data dir"
                 " and replica id); give each replica its own --data-dir or --replica-id"
-            ) from None
+            )
         self._lock_fd = fd
 
     def _start_segment(self) -> None:

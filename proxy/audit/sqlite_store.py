@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -196,6 +197,10 @@ class SQLiteStore:
     async def claim(self, replica: str) -> None:
         """Nothing to do: this file belongs to one data dir, and the replica's spool in that
         data dir is locked by the process that writes it (proxy/audit/spool.py)."""
+
+    @contextlib.asynccontextmanager
+    async def hold(self, replica: str) -> AsyncIterator[bool]:
+        yield True  # as for claim(): the spool's lock on this data dir decides
 
     async def last(self, replica: str) -> tuple[int, str] | None:
         row = await self._one(

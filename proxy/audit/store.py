@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol
@@ -36,6 +37,15 @@ class FetchStore(Protocol):
 
         Two processes with one replica id would both continue the chain from the same head:
         the store keeps one of each pair of records with the same seq and drops the other."""
+        ...
+
+    def hold(self, replica: str) -> AbstractAsyncContextManager[bool]:
+        """Hold another replica's chain for a while (retention of a replica that is gone):
+        True while held, False when a running gateway claims it."""
+        ...
+
+    async def replicas(self) -> list[str]:
+        """Every replica with records or checkpoints."""
         ...
 
     async def last(self, replica: str) -> tuple[int, str] | None:

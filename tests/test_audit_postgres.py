@@ -239,3 +239,44 @@ async def test_a_second_process_with_the_same_replica_id_is_refused(
     assert again.seq == 2
     await again.close()
     assert "records 1..2" in export_and_verify(pg_dsn, public, tmp_path / "e.jsonl")
+
+
+async def test_a_replica_id_lock_lost_with_its_session_is_taken_again_before_the_next_write(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    signer, _ = keys(tmp_path)
+    store = PostgresStore(pg_dsn)
+    log = fetch_log(store, tmp_path / "spool-a", "gw-lost", signer, ship_interval=0.05)
+    await log.open()
+    log.append(fetch(1))
+    assert await log.flushed()
+
+    async def end_claim_session() -> None:
+        assert store._claim is not None
+        pid = store._claim.get_server_pid()
+        admin = await asyncpg.connect(pg_dsn)
+        try:  # what a PostgreSQL restart does to the session
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        for _ in range(100):
+            if store._claim.is_closed():
+                return
+            await asyncio.sleep(0.02)
+
+    await end_claim_session()
+    log.append(fetch(2))
+    assert await log.flushed()  # the lock was taken again, then the record written
+    assert store._claim is not None and not store._claim.is_closed()
+
+    # Lost again, and meanwhile a second gateway started with the same id: this one stops
+    # storing (its records stay in its spool) rather than fork the chain.
+    await end_claim_session()
+    twin = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-b", "gw-lost", signer)
+    await twin.open()
+    log.append(fetch(3))
+    assert not await log.flushed(timeout=1.0)
+    assert not log.store_ok
+    await twin.close()
+    assert await log.flushed(timeout=15)  # the twin is gone: the lock is ours again
+    await log.close()

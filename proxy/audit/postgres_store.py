@@ -189,6 +189,7 @@ class PostgresStore:
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._claim: asyncpg.Connection | None = None
+        self._claimed: str | None = None
 
     def _db(self) -> asyncpg.Pool:
         assert self._pool is not None, "store is not open"
@@ -206,8 +207,9 @@ class PostgresStore:
         """A session advisory lock on the replica id, held on a connection of its own for as
         long as the process runs (PostgreSQL drops it when the process or its connection dies).
 
-        A connection lost later (a PostgreSQL restart) loses the lock: a second process
-        started with the same id after that is not stopped."""
+        A connection lost later (a PostgreSQL restart) loses the lock; the next write takes it
+        again first, and fails (the records stay in the spool) if another gateway took it."""
+        self._claimed = replica
         key = _replica_key(replica)
         # Keepalives on this session: should the holder's node vanish (no FIN, no RST),
         # PostgreSQL ends the session and frees the id within about a minute, not the OS's
@@ -234,6 +236,7 @@ class PostgresStore:
                     await conn.fetchval("SELECT pg_advisory_unlock($1)", key)
 
     async def close(self) -> None:
+        self._claimed = None
         if self._claim is not None:
             with contextlib.suppress(Exception):
                 await self._claim.close()
@@ -278,6 +281,9 @@ class PostgresStore:
     async def write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:
+        if self._claimed is not None and (self._claim is None or self._claim.is_closed()):
+            self._claim = None
+            await self.claim(self._claimed)  # lost with its connection: take it again first
         record_columns = _columns(records) if records else None
         checkpoint_columns: list[list[Any]] = [[], [], [], [], [], []]
         purges = [c for c in checkpoints if c["type"] == "purge"]

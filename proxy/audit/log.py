@@ -357,12 +357,13 @@ class FetchLog:
         cutoff = self._cutoff(now, days)
         if cutoff is None:
             return None
-        result = await self._purge_chain(
-            self.replica, cutoff, self.purged_seq, self.purged_number, ""
+
+        def noted(seq: int, number: int) -> None:  # the purge note is stored: never cut twice
+            self.purged_seq, self.purged_number = seq, number
+
+        return await self._purge_chain(
+            self.replica, cutoff, self.purged_seq, self.purged_number, "", noted
         )
-        if result is not None:
-            self.purged_seq, self.purged_number = result["through_seq"], result["through_number"]
-        return result
 
     async def purge_orphans(
         self, now: float | None = None, days: int | None = None
@@ -414,7 +415,13 @@ class FetchLog:
         return utc_timestamp((now if now is not None else self.clock()) - days * DAY)
 
     async def _purge_chain(
-        self, replica: str, cutoff: str, purged_seq: int, purged_number: int, why: str
+        self,
+        replica: str,
+        cutoff: str,
+        purged_seq: int,
+        purged_number: int,
+        why: str,
+        noted: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any] | None:
         point = await self.store.purge_point(replica, cutoff)
         if point is None:
@@ -461,6 +468,8 @@ class FetchLog:
         if not await self.flushed(timeout=30.0):
             log.warning("purge_deferred", replica=replica, reason="store unavailable")
             return None
+        if noted is not None:
+            noted(point.seq, number)
         deleted = await self.store.purge(replica, point.seq, number or None)
         log.info(
             "purged",

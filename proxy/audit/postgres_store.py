@@ -214,8 +214,13 @@ class PostgresStore:
         # Keepalives on this session: should the holder's node vanish (no FIN, no RST),
         # PostgreSQL ends the session and frees the id within about a minute, not the OS's
         # default two hours, so that the replica's replacement can start.
-        conn = await asyncpg.connect(self.dsn, server_settings=_CLAIM_KEEPALIVES)
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+        conn = await asyncpg.connect(self.dsn, server_settings=_CLAIM_KEEPALIVES, timeout=10)
+        try:
+            held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
+        except BaseException:
+            conn.terminate()
+            raise
+        if not held:
             await conn.close()
             raise ReplicaInUse(
                 f"replica id {replica!r} is in use by another running gateway on this fetch log;"

@@ -20,6 +20,7 @@ from proxy.audit.checkpoint import open_note
 from proxy.audit.checkpoint import parse_text
 from proxy.audit.keys import SigningKeyError
 from proxy.audit.keys import load_signer
+from proxy.audit.log import FetchLog
 from proxy.audit.query import RecordQuery
 from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import record_hash
@@ -288,14 +289,22 @@ def bulky(i: int):  # a record the size of a real one with signals, headers and 
     return fetch(i, note="n" * 2500)
 
 
-async def test_a_store_outage_costs_spool_disk_not_memory(tmp_path: Path) -> None:
-    signer, public = keys(tmp_path)
+async def log_in_an_outage(
+    tmp_path: Path, replica: str, signer, records: int, memory_records: int
+) -> tuple[FetchLog, OutageStore]:
+    """An open fetch log whose store has gone down, with `records` appended meanwhile."""
     store = OutageStore(tmp_path / "fetchlog.sqlite3")
-    log = fetch_log(store, tmp_path / "spool", "gw-o", signer, memory_records=20)
+    log = fetch_log(store, tmp_path / "spool", replica, signer, memory_records=memory_records)
     await log.open()
     store.down = True
-    for i in range(50):  # the first ones are held whole
+    for i in range(records):
         log.append(bulky(i))
+    return log, store
+
+
+async def test_a_store_outage_costs_spool_disk_not_memory(tmp_path: Path) -> None:
+    signer, public = keys(tmp_path)
+    log, store = await log_in_an_outage(tmp_path, "gw-o", signer, 50, memory_records=20)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -323,12 +332,7 @@ async def test_a_store_outage_costs_spool_disk_not_memory(tmp_path: Path) -> Non
 
 async def test_a_replayed_spool_is_read_back_a_bounded_batch_at_a_time(tmp_path: Path) -> None:
     signer, public = keys(tmp_path)
-    store = OutageStore(tmp_path / "fetchlog.sqlite3")
-    first = fetch_log(store, tmp_path / "spool", "gw-p", signer, memory_records=5)
-    await first.open()
-    store.down = True
-    for i in range(300):
-        first.append(bulky(i))
+    first, _ = await log_in_an_outage(tmp_path, "gw-p", signer, 300, memory_records=5)
     await first.close(timeout=0.2)  # stopped during the outage: all 300 wait in the spool
     assert stored(tmp_path, "gw-p") == []
 
@@ -353,12 +357,7 @@ async def test_a_record_damaged_in_the_spool_is_reported_as_a_hole_and_the_rest_
     tmp_path: Path,
 ) -> None:
     signer, public = keys(tmp_path)
-    store = OutageStore(tmp_path / "fetchlog.sqlite3")
-    log = fetch_log(store, tmp_path / "spool", "gw-d", signer, memory_records=2)
-    await log.open()
-    store.down = True
-    for i in range(6):
-        log.append(bulky(i))
+    log, store = await log_in_an_outage(tmp_path, "gw-d", signer, 6, memory_records=2)
     place = log._queue[3]  # record 4, held as its place in the spool
     assert isinstance(place, Spooled) and place.seq == 4
     with log.spool._path(place.segment).open("r+b") as f:  # the disk damages it
@@ -382,12 +381,7 @@ async def test_a_record_damaged_in_the_spool_is_reported_as_a_hole_and_the_rest_
 
 
 async def test_a_spool_segment_that_cannot_be_read_is_retried_not_skipped(tmp_path: Path) -> None:
-    store = OutageStore(tmp_path / "fetchlog.sqlite3")
-    log = fetch_log(store, tmp_path / "spool", "gw-m", None, memory_records=1)
-    await log.open()
-    store.down = True
-    for i in range(3):
-        log.append(bulky(i))
+    log, store = await log_in_an_outage(tmp_path, "gw-m", None, 3, memory_records=1)
     place = log._queue[1]
     assert isinstance(place, Spooled)
     segment = log.spool._path(place.segment)

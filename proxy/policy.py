@@ -410,10 +410,9 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
         raise InvalidPolicy(source, [PolicyError("", "not valid YAML: nested too deeply")]) from e
     if not isinstance(data, dict):
         raise InvalidPolicy(source, [PolicyError("", "the policy must be a YAML mapping")])
-    lines = _line_index(node)
-    duplicates = _duplicate_keys(node)
+    lines, duplicates = _map_document(node)
     if duplicates:
-        # YAML would silently keep the last one: a limit written twice is a mistake to show.
+        # A limit written twice is a mistake to show, not one to resolve silently.
         raise InvalidPolicy(source, duplicates)
     try:
         policy = Policy.model_validate(data)
@@ -448,46 +447,35 @@ def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | N
     return None
 
 
-def _duplicate_keys(node: yaml.Node | None) -> list[PolicyError]:
-    errors: list[PolicyError] = []
+def _map_document(
+    node: yaml.Node | None,
+) -> tuple[dict[tuple[Any, ...], int], list[PolicyError]]:
+    """One walk of the YAML document: the 1-based line of each key path, and every key that
+    appears twice in its mapping (YAML would silently keep the last one)."""
+    lines: dict[tuple[Any, ...], int] = {}
+    duplicates: list[PolicyError] = []
 
     def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
+        lines[path] = n.start_mark.line + 1
         if isinstance(n, yaml.MappingNode):
             seen: set[Any] = set()
             for key, value in n.value:
+                child = (*path, key.value)
                 if key.value in seen:
-                    where = ".".join(map(str, (*path, key.value)))
-                    errors.append(
+                    duplicates.append(
                         PolicyError(
-                            where, "key appears twice in its mapping", key.start_mark.line + 1
+                            ".".join(map(str, child)),
+                            "key appears twice in its mapping",
+                            key.start_mark.line + 1,
                         )
                     )
                 seen.add(key.value)
-                walk(value, (*path, key.value))
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*path, i))
-
-    if node is not None:
-        walk(node, ())
-    return errors
-
-
-def _line_index(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:
-    """Map each key path of the YAML document to its 1-based line number."""
-    index: dict[tuple[Any, ...], int] = {}
-
-    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
-        index[path] = n.start_mark.line + 1
-        if isinstance(n, yaml.MappingNode):
-            for key, value in n.value:
-                child = (*path, key.value)
                 walk(value, child)
-                index[child] = key.start_mark.line + 1
+                lines[child] = key.start_mark.line + 1
         elif isinstance(n, yaml.SequenceNode):
             for i, item in enumerate(n.value):
                 walk(item, (*path, i))
 
     if node is not None:
         walk(node, ())
-    return index
+    return lines, duplicates

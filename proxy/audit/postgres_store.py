@@ -25,6 +25,7 @@ from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import to_datetime
 from proxy.audit.record import record_json
+from proxy.audit.store import REPLICAS_SQL
 from proxy.audit.store import PurgePoint
 from proxy.audit.store import ReplicaInUse
 
@@ -369,10 +370,7 @@ class PostgresStore:
     # -- reading (ChainReader) ---------------------------------------------------------------
 
     async def replicas(self) -> list[str]:
-        rows = await self._db().fetch(
-            "SELECT DISTINCT replica FROM fetch_records UNION "
-            "SELECT DISTINCT replica FROM fetch_checkpoints ORDER BY 1"
-        )
+        rows = await self._db().fetch(REPLICAS_SQL)
         return [str(r[0]) for r in rows]
 
     async def seq_bounds(

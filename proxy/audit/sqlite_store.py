@@ -16,6 +16,7 @@ from typing import Any
 from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
 from proxy.audit.record import record_json
+from proxy.audit.store import REPLICAS_SQL
 from proxy.audit.store import PurgePoint
 
 # Each entry migrates the schema from version i to i+1 (PRAGMA user_version is the schema
@@ -324,10 +325,7 @@ class SQLiteStore:
 
     async def replicas(self) -> list[str]:
         def _replicas() -> list[str]:
-            rows = self._db().execute(
-                "SELECT DISTINCT replica FROM fetch_records UNION "
-                "SELECT DISTINCT replica FROM fetch_checkpoints ORDER BY 1"
-            )
+            rows = self._db().execute(REPLICAS_SQL)
             return [str(r[0]) for r in rows]
 
         result: list[str] = await self._run(_replicas)

@@ -9,6 +9,29 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol
 
+# Every replica with records or checkpoints, in SQL both stores speak: one index probe per
+# replica on the (replica, ...) primary keys instead of reading every row (retention asks
+# every hour, on every replica, of a table that holds years of records).
+REPLICAS_SQL = """
+WITH RECURSIVE
+    r(replica) AS (
+        SELECT min(replica) FROM fetch_records
+        UNION ALL
+        SELECT (SELECT min(replica) FROM fetch_records WHERE replica > r.replica)
+        FROM r WHERE r.replica IS NOT NULL
+    ),
+    c(replica) AS (
+        SELECT min(replica) FROM fetch_checkpoints
+        UNION ALL
+        SELECT (SELECT min(replica) FROM fetch_checkpoints WHERE replica > c.replica)
+        FROM c WHERE c.replica IS NOT NULL
+    )
+SELECT replica FROM r WHERE replica IS NOT NULL
+UNION
+SELECT replica FROM c WHERE replica IS NOT NULL
+ORDER BY 1
+"""
+
 
 @dataclass(frozen=True)
 class PurgePoint:

@@ -60,7 +60,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    # Appended, not put first: bench/micro.py imports this module, and a checkout given in
+    # PYTHONPATH (an older version to compare with) must stay the one imported.
+    sys.path.append(str(ROOT))
 
 from proxy.app import mitmproxy_options  # noqa: E402
 from proxy.runtime import Settings  # noqa: E402

@@ -79,3 +79,49 @@ def test_urls_it_does_not_handle_are_left_to_redis_py():
     for url in ("rediss://h:6380/0", "unix:///tmp/redis.sock"):
         with pytest.raises(ValueError):
             FastRedis(url, timeout=1, connect_timeout=1)
+
+
+async def test_many_calls_go_out_together_and_error_replies_come_back_as_values(
+    own_redis: RedisServer,  # noqa: F811
+):
+    fast = FastRedis(own_redis.url, timeout=2, connect_timeout=2)
+    try:
+        replies = await fast.call_many(
+            [("ECHO", "a"), ("EVALSHA", "0" * 40, 0), ("INCR", "cw-resp-many"), ("ECHO", "b")]
+        )
+        assert replies[0] == b"a" and replies[2] == 1 and replies[3] == b"b"
+        assert isinstance(replies[1], ReplyError) and "NOSCRIPT" in str(replies[1])
+        # Interleaved with single calls of the same loop turn, each reply reaches its caller.
+        single, many = await asyncio.gather(
+            fast.call("ECHO", "one"), fast.call_many([("ECHO", f"m{i}") for i in range(50)])
+        )
+        assert single == b"one" and many == [f"m{i}".encode() for i in range(50)]
+    finally:
+        await fast.close()
+
+
+async def test_many_calls_after_a_restart_are_sent_again_once(own_redis: RedisServer):  # noqa: F811
+    fast = FastRedis(own_redis.url, timeout=1, connect_timeout=1)
+    try:
+        assert await fast.call("PING") == b"PONG"
+        own_redis.kill()
+        own_redis.start()
+        # The old connection is dead, which only using it shows: nothing ran on it, so the
+        # calls go again on a fresh connection, and each runs once.
+        assert await fast.call_many([("INCR", "cw-resp-restart")] * 3) == [1, 2, 3]
+        own_redis.kill()
+        with pytest.raises(OSError):
+            await fast.call_many([("PING",)] * 2)
+    finally:
+        await fast.close()
+
+
+async def test_many_calls_time_out_together(own_redis: RedisServer):  # noqa: F811
+    fast = FastRedis(own_redis.url, timeout=0.3, connect_timeout=2)
+    try:
+        with pytest.raises(TimeoutError):
+            await fast.call_many([("PING",), ("BLPOP", "cw-resp-nothing", "0.6"), ("PING",)])
+        await asyncio.sleep(0.5)
+        assert await fast.call_many([("ECHO", "after")]) == [b"after"]
+    finally:
+        await fast.close()

@@ -10,9 +10,10 @@ site in one Redis Cluster slot:
     P{S}:pause    string  end of the site's pause (us)
     P{S}:backoff  hash    level = backoff doublings so far, expires = when the level resets (us)
 
-Every request costs one EVALSHA (`scripts.ADMIT`). Settlements are batched into one pipeline,
-off the request's critical path. Scripts are sent by their SHA-1; on NOSCRIPT (a fresh or
-restarted Redis) the full script goes once with EVAL, which also caches it.
+Every request costs one EVALSHA (`scripts.ADMIT`). Settlements are batched, off the request's
+critical path, and written with the admissions of the same event-loop turn (resp.py). Scripts
+are sent by their SHA-1; on NOSCRIPT (a fresh or restarted Redis) the full script goes once
+with EVAL, which also caches it.
 
 Timeouts are short and there is no retry with backoff inside redis-py: a slow Redis must turn
 into a fast fallback decision (`BudgetEngine`), not a stalled request.
@@ -115,8 +116,9 @@ class RedisBudgetStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
-        # The admission on every request's path takes a lean pipelined connection (see resp.py);
-        # everything else, and any URL it does not handle (rediss://, unix sockets), redis-py.
+        # The admission on every request's path and the settlement after it take a lean
+        # pipelined connection (see resp.py); everything else, and any URL it does not handle
+        # (rediss://, unix sockets), redis-py.
         self._fast: FastRedis | None
         try:
             self._fast = FastRedis(url, timeout=socket_timeout, connect_timeout=connect_timeout)
@@ -232,6 +234,32 @@ class RedisBudgetStore:
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
 
+    async def _pipeline_fast(
+        self, script: Script, calls: Sequence[tuple[Sequence[str], list[Any]]]
+    ) -> None:
+        """`_pipeline` over the lean connection: the calls go out with the admissions of the same
+        loop turn. Calls answered NOSCRIPT (a fresh Redis) go the redis-py way, which loads it."""
+        if self._fast is None:
+            return await self._pipeline(script, calls)
+        started = time.perf_counter()
+        try:
+            replies = await self._fast.call_many(
+                [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
+            )
+        except (TimeoutError, OSError) as e:
+            raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
+        finally:
+            _observe(script.name, started)
+        missing = []
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, ReplyError):
+                if not str(reply).startswith("NOSCRIPT"):
+                    raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {reply}")
+                missing.append(call)
+        if missing:
+            await self._pipeline(script, missing)
+        return None
+
     # -- the protocol ------------------------------------------------------------------------
 
     async def admit(
@@ -271,7 +299,7 @@ class RedisBudgetStore:
                 )
             )
         if calls:
-            await self._pipeline(scripts.SETTLE, calls)
+            await self._pipeline_fast(scripts.SETTLE, calls)
 
     async def renew(self, leases: Sequence[tuple[str, str]], *, now_us: int | None = None) -> None:
         by_site: dict[str, list[str]] = {}

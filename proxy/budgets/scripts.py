@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from dataclasses import field
 
 
 @dataclass(frozen=True)
 class Script:
     name: str
     source: str
+    sha: str = field(init=False)  # what EVALSHA names it by; computed once, asked per call
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+    def __post_init__(self) -> None:
+        sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        object.__setattr__(self, "sha", sha)
 
 
 _PRELUDE = """

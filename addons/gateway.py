@@ -61,8 +61,8 @@ META = "crawlwarden"
 # ones are streamed (see addons/streaming.py). mitmproxy's stream_large_bodies must be above it.
 BUFFER_LIMIT = 16 * 2**20
 # Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees").
-_STRIPPED_PREFIX = "x-crawl-"
-_HOP_BY_HOP = ("proxy-authorization", "proxy-connection", "proxy-authenticate")
+_STRIPPED_PREFIX = b"x-crawl-"
+_HOP_BY_HOP = frozenset((b"proxy-authorization", b"proxy-connection", b"proxy-authenticate"))
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
 
 
@@ -607,10 +607,16 @@ class Gateway:
         )
 
     def _sanitize(self, req: http.Request) -> None:
-        for name in list(req.headers.keys()):
-            lowered = name.lower()
-            if lowered.startswith(_STRIPPED_PREFIX) or lowered in _HOP_BY_HOP:
-                del req.headers[name]
+        # One pass over the raw fields (names compared as ASCII, as HTTP does), not a deletion
+        # per header: this runs on every request.
+        fields = req.headers.fields
+        kept = tuple(
+            field
+            for field in fields
+            if not ((name := field[0].lower()).startswith(_STRIPPED_PREFIX) or name in _HOP_BY_HOP)
+        )
+        if len(kept) != len(fields):
+            req.headers.fields = kept
 
     def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
         refusal = render_refusal(decision)

@@ -171,10 +171,11 @@ class Resolver:
 
     async def resolve(self, host: str) -> list[IPAddress]:
         """All addresses of a normalized host name, in the order to try them."""
-        try:
-            return [ipaddress.ip_address(host)]
-        except ValueError:
-            pass
+        if host[:1].isdigit() or ":" in host:  # only these can be IP literals
+            try:
+                return [ipaddress.ip_address(host)]
+            except ValueError:
+                pass
         if (ip := self._static.lookup(host)) is not None:
             return [ip]
         now = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import itertools
 import os
 import signal
@@ -23,6 +24,7 @@ from proxy.audit.keys import load_signer
 from proxy.audit.log import FetchLog
 from proxy.audit.query import RecordQuery
 from proxy.audit.record import GENESIS_HASH
+from proxy.audit.record import chain_record
 from proxy.audit.record import record_hash
 from proxy.audit.spool import Spooled
 from proxy.audit.spool import SpoolReadError
@@ -412,3 +414,25 @@ async def test_two_gateways_on_one_data_dir_and_replica_id_cannot_share_its_spoo
     await third.open()  # the lock went with the first one
     assert third.seq == 1
     await third.close()
+
+
+def test_the_record_text_is_its_hashed_canonical_json_with_the_links_after():
+    """One serialisation for the hash and the spool line: the text reads back to the record,
+    and the hash of what is read back is the hash the record got."""
+    data = {
+        "replica": "r1",
+        "seq": 7,
+        "url": 'https://site-a.test/caf\u00e9?q="x"\\',
+        "signals": ["noai", "tdm-reservation"],
+        "status": None,
+        "prev_hash": GENESIS_HASH,
+        "hash": None,
+    }
+    text = chain_record(data)
+    assert json.loads(text) == data
+    assert data["hash"] == record_hash(json.loads(text)) != GENESIS_HASH
+    body_keys = sorted(k for k in data if k not in ("prev_hash", "hash"))
+    assert list(json.loads(text)) == [*body_keys, "prev_hash", "hash"]
+    data["prev_hash"] = "not hex"
+    with pytest.raises(ValueError):
+        chain_record(data)  # a link that is not hex is never written unescaped

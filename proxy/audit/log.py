@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import time
 import uuid
@@ -39,7 +38,7 @@ from proxy.audit.keys import Signer
 from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import SerializedRecord
-from proxy.audit.record import record_hash
+from proxy.audit.record import chain_record
 from proxy.audit.record import utc_timestamp
 from proxy.audit.spool import Spool
 from proxy.audit.spool import Spooled
@@ -250,14 +249,13 @@ class FetchLog:
         data["prev_hash"] = self.head
         data["hash"] = None
         try:
-            data["hash"] = record_hash(data)
+            text = chain_record(data)
         except UnicodeEncodeError:
             # Bytes that were not UTF-8 reach us as lone surrogates, which no UTF-8 JSON can
             # carry. Callers refuse such input; should one slip through, the record is kept
             # with those bytes written out as \xNN rather than lost.
             _make_utf8(data)
-            data["hash"] = record_hash(data)
-        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+            text = chain_record(data)
         try:
             place = self.spool.finish(text.encode(), data["id"], seq)
         except OSError as e:

@@ -184,3 +184,18 @@ def chain_hash(prev_hash: str, body_digest: str) -> str:
 def record_hash(data: dict[str, Any]) -> str:
     """The chain hash of a record: its `prev_hash` and the digest of everything else."""
     return chain_hash(data["prev_hash"], body_sha256(data))
+
+
+def chain_record(data: dict[str, Any]) -> str:
+    """Set the record's `hash` from its `prev_hash` and body; return its JSON text.
+
+    The text is the canonical JSON that is hashed with the two links after it: the record is
+    serialised once for both (any JSON reader takes it; the key order is not part of the format).
+    Raises UnicodeEncodeError for text that is not UTF-8 (lone surrogates), as canonical_json.
+    """
+    body = {k: v for k, v in data.items() if k not in CHAIN_LINK_FIELDS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    prev = data["prev_hash"]
+    data["hash"] = digest = chain_hash(prev, hashlib.sha256(text.encode()).hexdigest())
+    # Both links are hex (chain_hash has parsed them): nothing in them needs escaping.
+    return f'{text[:-1]},"prev_hash":"{prev}","hash":"{digest}"}}'

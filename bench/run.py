@@ -1210,7 +1210,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-target", default="shared", choices=ALL_TARGETS)
     p.add_argument("--soak-cell", default="http-1k-c8", help="SCHEME-BODY-cCONNS")
     p.add_argument("--rss-every", type=float, default=2.0, help="soak: RSS sample interval (s)")
-    p.add_argument("--output", type=Path, default=None, help="results JSON (default: results/)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="results JSON file, or a directory for it (default: bench/results/)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(
         "--profile",
@@ -1273,7 +1278,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     result["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = args.output or RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}-{mode}.json"
+    out = args.output or RESULTS
+    if out.is_dir():  # a directory: the usual file name in it (not an error after the run)
+        out = out / f"{started.strftime('%Y%m%dT%H%M%SZ')}-{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)

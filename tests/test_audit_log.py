@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -436,3 +436,26 @@ def test_the_record_text_is_its_hashed_canonical_json_with_the_links_after():
     data["prev_hash"] = "not hex"
     with pytest.raises(ValueError):
         chain_record(data)  # a link that is not hex is never written unescaped
+
+
+async def test_sqlite_store_writes_batches_larger_than_one_insert(tmp_path: Path) -> None:
+    """A batch spans several multi-row INSERTs (one per 256 rows); a record written again (a
+    replay after a crash) is ignored, whichever INSERT of the batch carries it."""
+    store = SQLiteStore(tmp_path / "fetchlog.sqlite3")
+    await store.open()
+
+    def record(seq: int, note: str) -> dict[str, object]:
+        rec = fetch(seq).to_dict()
+        rec.update(replica="r1", seq=seq, prev_hash=GENESIS_HASH, hash=f"{seq:064x}", note=note)
+        return rec
+
+    try:
+        await store.write([record(seq, "first") for seq in range(1, 601)])
+        await store.write([record(seq, "again") for seq in range(500, 801)])
+        assert await store.last("r1") == (800, f"{800:064x}")
+    finally:
+        await store.close()
+    rows = list(read_records(tmp_path / "fetchlog.sqlite3", RecordQuery(replica="r1")))
+    assert [r["seq"] for r in rows] == list(range(1, 801))
+    assert {r["note"] for r in rows[:600]} == {"first"}
+    assert {r["note"] for r in rows[600:]} == {"again"}

@@ -126,14 +126,15 @@ class FastRedis:
         As `call`, a connection found dead before any reply came is retried once on a fresh
         one; one that breaks part way raises (some of the commands may have run)."""
         protocol = self._protocol
-        fresh = protocol is None or protocol.closed
+        stale = protocol is not None and not protocol.closed  # may have died unnoticed
         if protocol is None or protocol.closed:
             protocol = await self._connect()
         waiters = [self._enqueue(protocol, args) for args in calls]
         try:
             replies = await self._wait(protocol, waiters)
         except ConnectionError:
-            if fresh or any(not w.cancelled() and w.exception() is None for w in waiters):
+            answered = any(not w.cancelled() and w.exception() is None for w in waiters)
+            if not stale or answered:
                 raise
             protocol = await self._connect()
             replies = await self._wait(protocol, [self._enqueue(protocol, a) for a in calls])

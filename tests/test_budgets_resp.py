@@ -1,9 +1,11 @@
-"""The lean pipelined Redis connection of the admission path, against a real redis-server."""
+"""The lean pipelined Redis connection of admissions and settlements, against real Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,6 +16,15 @@ from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
 
 
+@contextlib.asynccontextmanager
+async def lean(url: str, *, timeout: float, connect_timeout: float) -> AsyncIterator[FastRedis]:
+    fast = FastRedis(url, timeout=timeout, connect_timeout=connect_timeout)
+    try:
+        yield fast
+    finally:
+        await fast.close()
+
+
 def test_pack_is_resp():
     assert (
         pack(("EVALSHA", b"ab", 2, "k"))
@@ -22,24 +33,18 @@ def test_pack_is_resp():
 
 
 async def test_concurrent_calls_each_get_their_own_reply(own_redis: RedisServer):  # noqa: F811
-    fast = FastRedis(own_redis.url, timeout=2, connect_timeout=2)
-    try:
+    async with lean(own_redis.url, timeout=2, connect_timeout=2) as fast:
         replies = await asyncio.gather(*(fast.call("ECHO", f"m{i}") for i in range(500)))
         assert replies == [f"m{i}".encode() for i in range(500)]
         with pytest.raises(ReplyError, match="NOSCRIPT"):
             await fast.call("EVALSHA", "0" * 40, 0)
         # An error reply leaves the connection usable.
         assert await fast.call("PING") == b"PONG"
-    finally:
-        await fast.close()
 
 
 async def test_it_selects_the_database_of_the_url(own_redis: RedisServer):  # noqa: F811
-    fast = FastRedis(own_redis.url.rsplit("/", 1)[0] + "/3", timeout=2, connect_timeout=2)
-    try:
+    async with lean(own_redis.url.rsplit("/", 1)[0] + "/3", timeout=2, connect_timeout=2) as fast:
         await fast.call("SET", "cw-resp-db", "x")
-    finally:
-        await fast.close()
     out = subprocess.run(
         ["redis-cli", "-p", str(own_redis.port), "-n", "3", "GET", "cw-resp-db"],
         capture_output=True,
@@ -50,29 +55,23 @@ async def test_it_selects_the_database_of_the_url(own_redis: RedisServer):  # no
 
 
 async def test_a_timeout_fails_the_call_and_the_next_call_reconnects(own_redis: RedisServer):  # noqa: F811
-    fast = FastRedis(own_redis.url, timeout=0.3, connect_timeout=2)
-    try:
+    async with lean(own_redis.url, timeout=0.3, connect_timeout=2) as fast:
         assert await fast.call("PING") == b"PONG"
         # A command that answers late: its reply must not be handed to the next caller.
         with pytest.raises(TimeoutError):
             await fast.call("BLPOP", "cw-resp-nothing", "0.6")
         await asyncio.sleep(0.5)
         assert await fast.call("ECHO", "after") == b"after"
-    finally:
-        await fast.close()
 
 
 async def test_redis_restarted_between_calls(own_redis: RedisServer):  # noqa: F811
-    fast = FastRedis(own_redis.url, timeout=1, connect_timeout=1)
-    try:
+    async with lean(own_redis.url, timeout=1, connect_timeout=1) as fast:
         assert await fast.call("PING") == b"PONG"
         own_redis.kill()
         with pytest.raises(OSError):
             await fast.call("PING")
         own_redis.start()
         assert await fast.call("PING") == b"PONG"
-    finally:
-        await fast.close()
 
 
 def test_urls_it_does_not_handle_are_left_to_redis_py():
@@ -84,8 +83,7 @@ def test_urls_it_does_not_handle_are_left_to_redis_py():
 async def test_many_calls_go_out_together_and_error_replies_come_back_as_values(
     own_redis: RedisServer,  # noqa: F811
 ):
-    fast = FastRedis(own_redis.url, timeout=2, connect_timeout=2)
-    try:
+    async with lean(own_redis.url, timeout=2, connect_timeout=2) as fast:
         replies = await fast.call_many(
             [("ECHO", "a"), ("EVALSHA", "0" * 40, 0), ("INCR", "cw-resp-many"), ("ECHO", "b")]
         )
@@ -96,13 +94,10 @@ async def test_many_calls_go_out_together_and_error_replies_come_back_as_values(
             fast.call("ECHO", "one"), fast.call_many([("ECHO", f"m{i}") for i in range(50)])
         )
         assert single == b"one" and many == [f"m{i}".encode() for i in range(50)]
-    finally:
-        await fast.close()
 
 
 async def test_many_calls_after_a_restart_are_sent_again_once(own_redis: RedisServer):  # noqa: F811
-    fast = FastRedis(own_redis.url, timeout=1, connect_timeout=1)
-    try:
+    async with lean(own_redis.url, timeout=1, connect_timeout=1) as fast:
         assert await fast.call("PING") == b"PONG"
         own_redis.kill()
         own_redis.start()
@@ -112,16 +107,11 @@ async def test_many_calls_after_a_restart_are_sent_again_once(own_redis: RedisSe
         own_redis.kill()
         with pytest.raises(OSError):
             await fast.call_many([("PING",)] * 2)
-    finally:
-        await fast.close()
 
 
 async def test_many_calls_time_out_together(own_redis: RedisServer):  # noqa: F811
-    fast = FastRedis(own_redis.url, timeout=0.3, connect_timeout=2)
-    try:
+    async with lean(own_redis.url, timeout=0.3, connect_timeout=2) as fast:
         with pytest.raises(TimeoutError):
             await fast.call_many([("PING",), ("BLPOP", "cw-resp-nothing", "0.6"), ("PING",)])
         await asyncio.sleep(0.5)
         assert await fast.call_many([("ECHO", "after")]) == [b"after"]
-    finally:
-        await fast.close()

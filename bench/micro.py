@@ -3,7 +3,7 @@ end-to-end throughput on a shared two-core machine, for before/after comparisons
 
     .venv/bin/python bench/micro.py [--requests 5000] [--repeat 5]
     PYTHONPATH=/path/to/old/checkout .venv/bin/python bench/micro.py     (the same, older code)
-    .venv/bin/python bench/micro.py --instructions       (instructions per request, ~4 min)
+    .venv/bin/python bench/micro.py --instructions       (instructions per request, ~3 min)
 
 A real Runtime (embedded: budgets in process, SQLite fetch log, signed checkpoints, every opt-out
 check on) and the real Gateway addon; mitmproxy test flows are passed through its hooks as
@@ -16,8 +16,8 @@ measured window. Also times the hot helper functions one by one.
 `--instructions` counts instead of timing: the same loop runs under valgrind's callgrind twice,
 with 300 and 2300 measured requests, and the difference of the two instruction totals over
 2000 is the instructions per request (all threads, start-up and warm-up cancelled out). It
-repeats to about 0.3 % whatever else the machine is doing, where CPU time varies by ±10 % on
-this shared machine: the measure for a before/after of a few percent.
+repeats to about 0.3 % whatever else the machine is doing, where CPU time varies by 10 to 40 %
+between runs on this shared machine: the measure for a before/after of a few percent.
 """
 
 from __future__ import annotations

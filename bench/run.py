@@ -1279,7 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
     result["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = args.output or RESULTS
-    if out.is_dir():  # a directory: the usual file name in it (not an error after the run)
+    if args.output is None or out.is_dir():  # a directory: the usual file name in it
         out = out / f"{started.strftime('%Y%m%dT%H%M%SZ')}-{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -459,3 +459,18 @@ async def test_sqlite_store_writes_batches_larger_than_one_insert(tmp_path: Path
     assert [r["seq"] for r in rows] == list(range(1, 801))
     assert {r["note"] for r in rows[:600]} == {"first"}
     assert {r["note"] for r in rows[600:]} == {"again"}
+
+
+async def test_a_damaged_last_record_does_not_hold_the_log_back(tmp_path: Path) -> None:
+    """The newest record lost on disk: nothing later will be stored past it, yet the log is done
+    with it (a hole verify reports), so flushing and closing do not wait for it forever."""
+    log, store = await log_in_an_outage(tmp_path, "gw-l", None, 3, memory_records=1)
+    place = log._queue[-1]
+    assert isinstance(place, Spooled) and place.seq == 3
+    with log.spool._path(place.segment).open("r+b") as f:
+        f.seek(place.offset + 10)
+        f.write(b"\x00\x00")
+    store.down = False
+    assert await log.flushed(timeout=5)
+    await log.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-l")] == [1, 2]

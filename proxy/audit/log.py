@@ -517,9 +517,7 @@ class FetchLog:
             except Exception as e:  # any store failure: keep the spool, retry with backoff
                 self.store_ok = False
                 metrics.STORE_ERRORS.labels(store="audit").inc()
-                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(
-                    sum(1 for item in batch if isinstance(item, Spooled) or "type" not in item)
-                )
+                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(sum(map(_is_record, batch)))
                 if isinstance(e, SpoolReadError):  # nothing is skipped: the chain has no holes
                     log.error("fetchlog_spool_read_failed", error=str(e), queued=len(self._queue))
                 else:
@@ -535,8 +533,10 @@ class FetchLog:
                 self._queue.popleft()
                 if isinstance(item, SerializedRecord):
                     self.held_in_memory -= 1
-            if records:
-                self.shipped_seq = records[-1]["seq"]
+            # Done with every record of the batch: stored, or lost on disk (`_read_back`).
+            done = [i.seq if isinstance(i, Spooled) else i["seq"] for i in batch if _is_record(i)]
+            if done:
+                self.shipped_seq = done[-1]
                 while self._pending and self._pending[0][0] <= self.shipped_seq:
                     self._pending.popleft()
             numbered = [c["number"] for c in checkpoints if c["type"] == "checkpoint"]
@@ -586,6 +586,11 @@ class FetchLog:
                 return True
             await asyncio.sleep(0.02)
         return False
+
+
+def _is_record(item: dict[str, Any] | Spooled) -> bool:
+    """A queued record (whole or as its spool place), not a checkpoint or purge note."""
+    return isinstance(item, Spooled) or "type" not in item
 
 
 def _new_id() -> str:

@@ -83,6 +83,7 @@ async def test_static_hosts_answer_without_dns():
     assert await resolver.resolve("a.b.test") == [ipaddress.ip_address("127.0.0.1")]
     assert await resolver.resolve("exact.example") == [ipaddress.ip_address("::1")]
     assert await resolver.resolve("10.0.0.1") == [ipaddress.ip_address("10.0.0.1")]
+    assert await resolver.resolve("2001:db8::7") == [ipaddress.ip_address("2001:db8::7")]
 
 
 async def test_a_name_resolving_to_a_private_address_is_caught_by_the_guard():

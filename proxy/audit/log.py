@@ -395,10 +395,12 @@ class FetchLog:
     @contextlib.asynccontextmanager
     async def _hold_chain(self, replica: str) -> AsyncIterator[bool]:
         directory = self.spool.directory.parent / replica  # its spool, if it ran here
-        spool_lock = hold_spool(directory) if directory.is_dir() else None
-        if spool_lock is None and directory.is_dir():
-            yield False  # it runs on this data dir
-            return
+        spool_lock = None
+        if directory.is_dir():
+            spool_lock = hold_spool(directory)
+            if spool_lock is None:
+                yield False  # it runs on this data dir
+                return
         try:
             async with self.store.hold(replica) as held:
                 yield held

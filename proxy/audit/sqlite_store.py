@@ -75,6 +75,7 @@ INSERT OR IGNORE INTO fetch_records
      hash, body)
 VALUES """
 _ROW_PLACES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ROW_FIELDS = _ROW_PLACES.count("?")
 # Rows per INSERT statement. One statement for many rows, not executemany(): the sqlite3 module
 # lets go of the GIL around every statement it steps, and the writer thread then waits for the
 # event loop to hand it back once per row (thousands of thread switches a second under load).
@@ -253,7 +254,7 @@ class SQLiteStore:
             db = self._db()
             # (bounded by the library's limit on parameters per statement: 999 before 3.32)
             per_insert = min(
-                _ROWS_PER_INSERT, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 14
+                _ROWS_PER_INSERT, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _ROW_FIELDS
             )
             db.execute("BEGIN")
             try:

@@ -123,6 +123,18 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of all a process's threads, so far. A thread
+    that waits for the GIL, and the event loop that wakes it at every system call, show here."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    total += int(line.split()[1])
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
@@ -745,6 +757,7 @@ def run_load(
     pids = {t.name: t.pid for t in targets}
     load0 = os.getloadavg()
     cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    switches0 = {n: context_switches(pid) for n, pid in pids.items()}
     for pid in pids.values():
         reset_peak_rss(pid)
     rss0 = {n: rss_bytes(pid) for n, pid in pids.items()}
@@ -782,6 +795,7 @@ def run_load(
         spy.wait(60)
     samples = sampler.stop()
     cpu1 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    switches1 = {n: context_switches(pid) for n, pid in pids.items()}
     peaks = {n: peak_rss_bytes(pid) for n, pid in pids.items()}
     redis1 = bench.redis_commands()
     metrics1 = [scrape(t) for t in targets]
@@ -794,6 +808,7 @@ def run_load(
     cpu = sum(cpu1[k] - cpu0[k] for k in cpu1)
     res["proxy_cpu_s"] = round(cpu, 3)
     res["cpu_s_per_1000"] = round(cpu / n * 1000, 4)
+    res["switches_per_request"] = round(sum(switches1[k] - switches0[k] for k in switches1) / n, 3)
     res["proxy_cpu_share"] = round(cpu / res["seconds"], 3) if res["seconds"] else None
     res["peak_rss_mb"] = round(max(peaks.values()) / 2**20, 1)
     res["rss_start_mb"] = round(sum(rss0.values()) / 2**20, 1)

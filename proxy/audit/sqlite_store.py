@@ -264,8 +264,11 @@ class SQLiteStore:
                         _INSERT + ",".join([_ROW_PLACES] * len(chunk)),
                         [value for row in chunk for value in row],
                     )
-                db.executemany(_INSERT_CHECKPOINT, checkpoint_rows)
-                db.executemany(_INSERT_PURGE, purge_rows)
+                # (only when there is something: each statement is one more GIL hand-over)
+                if checkpoint_rows:
+                    db.executemany(_INSERT_CHECKPOINT, checkpoint_rows)
+                if purge_rows:
+                    db.executemany(_INSERT_PURGE, purge_rows)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise

@@ -110,7 +110,7 @@ def settle_heap() -> int:
 GIL_SWITCH_SECONDS = 0.0001
 
 
-def share_gil() -> float:
+def set_gil_switch_interval() -> float:
     """Shorten the GIL switch interval for the gateway process (see GIL_SWITCH_SECONDS)."""
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     return sys.getswitchinterval()
@@ -159,7 +159,7 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     frozen = settle_heap()
-    switch_interval = share_gil()
+    switch_interval = set_gil_switch_interval()
     log.info(
         "started",
         replica=runtime.replica,

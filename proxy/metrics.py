@@ -11,6 +11,7 @@ first error, and a panel shows 0 rather than "No data" on a healthy gateway.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from importlib import metadata
 from typing import Any
@@ -181,6 +182,18 @@ def count_response_bytes(site: str, team: str, n: int) -> None:
             _bytes_children.clear()
         child = _bytes_children[key] = UPSTREAM_RESPONSE_BYTES.labels(site=site, team=team)
     child.inc(n)
+
+
+_redis_children: dict[str, Any] = {}
+
+
+def observe_redis(op: str, started: float) -> None:
+    """crawlwarden_redis_duration_seconds{op} of a call begun at `started` (perf_counter); the
+    operations are a fixed set (script names, ping, script_load, the origin-file cache's)."""
+    child = _redis_children.get(op)
+    if child is None:
+        child = _redis_children[op] = REDIS_DURATION.labels(op=op)
+    child.observe(time.perf_counter() - started)
 
 
 def set_policy_version(version: str) -> None:

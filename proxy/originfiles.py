@@ -232,7 +232,7 @@ class RedisCache:
         except Exception as e:  # any client error: the cache is down
             raise CacheUnavailable(str(e)) from e
         finally:
-            _observe_redis("originfile_get", started)
+            metrics.observe_redis("originfile_get", started)
         if raw is None:
             return None
         try:
@@ -249,14 +249,10 @@ class RedisCache:
         except Exception as e:
             raise CacheUnavailable(str(e)) from e
         finally:
-            _observe_redis("originfile_put", started)
+            metrics.observe_redis("originfile_put", started)
 
     async def close(self) -> None:
         return None  # the client belongs to the caller
-
-
-def _observe_redis(op: str, started: float) -> None:
-    metrics.REDIS_DURATION.labels(op=op).observe(time.perf_counter() - started)
 
 
 # -- the fetcher -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import subprocess
 from collections.abc import AsyncIterator
 
@@ -115,3 +116,22 @@ async def test_many_calls_time_out_together(own_redis: RedisServer):  # noqa: F8
             await fast.call_many([("PING",), ("BLPOP", "cw-resp-nothing", "0.6"), ("PING",)])
         await asyncio.sleep(0.5)
         assert await fast.call_many([("ECHO", "after")]) == [b"after"]
+
+
+async def test_calls_that_fail_together_leave_no_error_unretrieved(
+    own_redis: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+):
+    # Only the last reply of a batch is awaited (the others are in by then); when the batch
+    # fails, the other replies' errors must be taken too, or asyncio logs each one at collection.
+    async with lean(own_redis.url, timeout=0.3, connect_timeout=2) as fast:
+        with pytest.raises(TimeoutError):
+            await fast.call_many([("PING",), ("BLPOP", "cw-resp-lost", "0.6"), ("PING",)])
+        task = asyncio.ensure_future(fast.call_many([("BLPOP", "cw-resp-lost", "1"), ("PING",)]))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "exception was never retrieved" not in caplog.text

@@ -144,7 +144,7 @@ class RedisBudgetStore:
                 try:
                     sha = await self._redis.script_load(script.source)
                 finally:
-                    _observe("script_load", started)
+                    metrics.observe_redis("script_load", started)
                 assert sha == script.sha, f"{script.name}: Redis computed another SHA-1"
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
@@ -162,7 +162,7 @@ class RedisBudgetStore:
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
         finally:
-            _observe("ping", started)
+            metrics.observe_redis("ping", started)
 
     def _where(self) -> str:
         kwargs = self._pool.connection_kwargs
@@ -181,7 +181,7 @@ class RedisBudgetStore:
             raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
         finally:
             # Failed calls too: a timeout is the round trip an SRE most needs to see.
-            _observe(script.name, started)
+            metrics.observe_redis(script.name, started)
 
     async def _eval_fast(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """`_eval` over the lean connection; a NOSCRIPT (fresh Redis) goes the redis-py way."""
@@ -196,7 +196,7 @@ class RedisBudgetStore:
         except (TimeoutError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
         finally:
-            _observe(script.name, started)
+            metrics.observe_redis(script.name, started)
         return await self._eval(script, keys, args)
 
     async def _pipeline(
@@ -213,7 +213,7 @@ class RedisBudgetStore:
                             pipe.evalsha(script.sha, len(keys), *keys, *args)
                         results = await pipe.execute(raise_on_error=False)
                 finally:
-                    _observe(script.name, started)
+                    metrics.observe_redis(script.name, started)
                 missing = [
                     c for c, r in zip(chunk, results, strict=True) if isinstance(r, NoScriptError)
                 ]
@@ -249,7 +249,7 @@ class RedisBudgetStore:
         except (TimeoutError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {script.name}: {e}") from e
         finally:
-            _observe(script.name, started)
+            metrics.observe_redis(script.name, started)
         missing = []
         for call, reply in zip(calls, replies, strict=True):
             if isinstance(reply, ReplyError):
@@ -361,7 +361,3 @@ class RedisBudgetStore:
             )
         if calls:
             await self._pipeline(scripts.CARRY_OVER, calls)
-
-
-def _observe(op: str, started: float) -> None:
-    metrics.REDIS_DURATION.labels(op=op).observe(time.perf_counter() - started)

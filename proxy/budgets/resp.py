@@ -152,20 +152,23 @@ class FastRedis:
         return waiter
 
     async def _wait(self, protocol: _Protocol, waiters: list[asyncio.Future[Any]]) -> list[Any]:
-        # Replies come in order: when the last is in, so are the others.
+        # Replies come in order: when the last is in, so are the others (no gather needed). A
+        # failure fails the connection and so every waiter still pending, the last one too; an
+        # error *reply* is a value (hiredis hands it over as a ReplyError instance).
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.timeout, self._timed_out, protocol, waiters[-1])
         try:
-            if len(waiters) == 1:
-                return [await waiters[0]]
-            replies = await asyncio.gather(*waiters, return_exceptions=True)
+            last = await waiters[-1]
+        except BaseException:
+            for w in waiters[:-1]:  # as gather would: none left pending, no error unretrieved
+                if not w.done():
+                    w.cancel()
+                elif not w.cancelled():
+                    w.exception()
+            raise
         finally:
             timer.cancel()
-        for reply in replies:  # one failure fails the connection, and so every later reply
-            # (an error *reply* is a value: hiredis hands it over as a ReplyError instance)
-            if isinstance(reply, BaseException) and not isinstance(reply, hiredis.ReplyError):
-                raise reply
-        return replies
+        return [w.result() for w in waiters[:-1]] + [last]
 
     async def _send(self, protocol: _Protocol, args: tuple[bytes | str | int, ...]) -> Any:
         (reply,) = await self._wait(protocol, [self._enqueue(protocol, args)])

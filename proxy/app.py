@@ -105,8 +105,8 @@ def settle_heap() -> int:
 # thread waiting for it (the SQLite writer between two statements, a to_thread call) is woken
 # each time, loses the race to the loop, and sleeps again until its wait runs out. Each of those
 # wake-ups costs the loop a futex call and, on a virtual machine, an inter-processor interrupt.
-# Measured (bench/README.md, embedded, http-1k-c8): with 5 ms, 2-3 context switches and 8 % more
-# CPU per request than with 0.1 ms; 5 us was worse again in bench/micro.py (forced switches).
+# Measured (bench/README.md, embedded, http-1k-c8): with 0.1 ms, 8 % less CPU per request and
+# 0.3-0.6 instead of 2-3 context switches; 5 us was worse again in bench/micro.py.
 GIL_SWITCH_SECONDS = 0.0001
 
 

@@ -430,7 +430,7 @@ def test_start_up_objects_are_kept_out_of_the_garbage_collectors_walks(gateway: 
     assert started and started[0]["gc_frozen_objects"] > 50_000
 
 
-def test_threads_get_the_gil_without_stalling_the_event_loop(gateway: Gateway):
+def test_the_gateway_shortens_the_gil_switch_interval(gateway: Gateway):
     # CPython's default 5 ms switch interval let a waiting thread (the SQLite writer) be woken
     # and lose the race at every system call of the loop for up to 5 ms (bench/README.md).
     started = [json.loads(line) for line in gateway.logs().splitlines() if '"started"' in line]

@@ -157,9 +157,18 @@ def utc_timestamp(t: float) -> str:
     return f"{cached[1]}.{micros:06d}Z"
 
 
+def _canonical_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(data: dict[str, Any]) -> bytes:
     """The one serialisation that is hashed: sorted keys, no spaces, UTF-8."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _canonical_text(data).encode()
+
+
+def _body(data: dict[str, Any]) -> dict[str, Any]:
+    """Every field but the links `prev_hash` and `hash`: what `body_sha256` digests."""
+    return {k: v for k, v in data.items() if k not in CHAIN_LINK_FIELDS}
 
 
 def body_sha256(data: dict[str, Any]) -> str:
@@ -168,8 +177,7 @@ def body_sha256(data: dict[str, Any]) -> str:
     `replica` and `seq` are part of the body, so a record cannot be moved to another place in the
     chain without changing its digest.
     """
-    body = {k: v for k, v in data.items() if k not in CHAIN_LINK_FIELDS}
-    return hashlib.sha256(canonical_json(body)).hexdigest()
+    return hashlib.sha256(canonical_json(_body(data))).hexdigest()
 
 
 def chain_hash(prev_hash: str, body_digest: str) -> str:
@@ -193,8 +201,7 @@ def chain_record(data: dict[str, Any]) -> str:
     serialised once for both (any JSON reader takes it; the key order is not part of the format).
     Raises UnicodeEncodeError for text that is not UTF-8 (lone surrogates), as canonical_json.
     """
-    body = {k: v for k, v in data.items() if k not in CHAIN_LINK_FIELDS}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = _canonical_text(_body(data))  # canonical_json's text, kept to write it out too
     prev = data["prev_hash"]
     data["hash"] = digest = chain_hash(prev, hashlib.sha256(text.encode()).hexdigest())
     # Both links are hex (chain_hash has parsed them): nothing in them needs escaping.

@@ -18,6 +18,9 @@ COPY addons ./addons
 # The package without its dev extras (pip also compiles the bytecode: the root file system is
 # read-only in the chart).
 RUN /opt/crawlwarden/bin/pip install .
+# `crawlwarden run` restarts itself under python -O (proxy/cli.py), which reads other bytecode
+# files (*.opt-1.pyc): compiled here too, or every start would compile everything again.
+RUN /opt/crawlwarden/bin/python -O -m compileall -q /opt/crawlwarden/lib
 
 # -- run ---------------------------------------------------------------------------------------
 FROM python:3.12-slim

@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# `crawlwarden run` restarts itself under python -O (proxy/cli.py): its bytecode too.
+	$(BIN)/python -O -m compileall -q -j 0 $(VENV)/lib proxy addons >/dev/null
 	touch $(STAMP)
 
 run: $(STAMP)

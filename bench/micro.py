@@ -13,6 +13,8 @@ begin line, opt-out reading, the fetch record, metrics and the decision log line
 /dev/null). Shipping to SQLite runs as it does in the gateway, and is waited for inside the
 measured window. Also times the hot helper functions one by one.
 
+Runs under python -O (it restarts itself so), as `crawlwarden run` does.
+
 `--instructions` counts instead of timing: the same loop runs under valgrind's callgrind twice,
 with 300 and 2300 measured requests, and the difference of the two instruction totals over
 2000 is the instructions per request (all threads, start-up and warm-up cancelled out). It
@@ -175,6 +177,7 @@ def instructions_per_request() -> float:
                 "--tool=callgrind",
                 "--callgrind-out-file=/dev/null",
                 sys.executable,
+                "-O",
                 __file__,
                 "--loop-only",
                 "--requests",
@@ -199,6 +202,9 @@ def instructions_per_request() -> float:
 
 
 def main() -> None:
+    if not sys.flags.optimize:
+        # Measured as `crawlwarden run` runs: under python -O (proxy/cli.py, run_optimized).
+        os.execv(sys.executable, [sys.executable, "-O", *sys.orig_argv[1:]])
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=5)

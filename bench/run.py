@@ -14,9 +14,13 @@ Everything listens on 127.0.0.1 and every loop is bounded in requests and in tim
   compares numbers taken a minute apart at most:
     bare        `mitmdump -q` with the gateway's mitmproxy options (proxy.app.mitmproxy_options)
                 and mitmproxy's default addons; -q only silences the per-flow terminal output.
+    bare-O      the same under python -O (PYTHONOPTIMIZE=1), as `crawlwarden run` runs: -O
+                compiles out mitmproxy's debug-only checks, so this is the like-for-like floor.
     core        mitmproxy as the gateway builds it (the curated addons of
-                proxy.app.gateway_addons), without the crawlwarden addon (bench/mitm_core.py).
-    embedded    `crawlwarden run`: budgets in process, fetch log in SQLite.
+                proxy.app.gateway_addons), without the crawlwarden addon (bench/mitm_core.py),
+                under -O too.
+    embedded    `crawlwarden run` (which restarts itself under -O, proxy/cli.py): budgets in
+                process, fetch log in SQLite.
     embedded-pg embedded, but the fetch log in PostgreSQL (fetch-log cost vs SQLite).
     shared      `crawlwarden run --redis-url --audit-dsn`: its own throwaway redis-server and a
                 fresh database on 127.0.0.1:5432 (user postgres).
@@ -29,7 +33,8 @@ Everything listens on 127.0.0.1 and every loop is bounded in requests and in tim
 
 Per cell and target: requests/s, p50/p99 latency, the proxy's CPU seconds per 1000 requests and
 peak RSS (from /proc), Redis commands per request (INFO commandstats), the gateway's own
-governance p99 (crawlwarden_request_duration_seconds{phase="governance"}), and ratios to bare.
+governance p99 (crawlwarden_request_duration_seconds{phase="governance"}), and ratios to bare
+(and to bare-O when it ran).
 Results: bench/results/<timestamp>.json and .md.
 """
 
@@ -77,7 +82,7 @@ SITES = 8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 GATEWAYS = ("embedded", "embedded-pg", "shared")
-ALL_TARGETS = ("bare", "core", *GATEWAYS)
+ALL_TARGETS = ("bare", "bare-O", "core", *GATEWAYS)
 BODIES = {"1k": 1024, "100k": 100 * 1024, "500k": 500 * 1024}
 # A refused cell asks for a blocklisted site: the gateway answers 451 itself, nothing leaves.
 REFUSED_HOST = "www.stockco.example"
@@ -489,9 +494,11 @@ http {{
 
     # proxies ------------------------------------------------------------------------------
 
-    def start_bare(self) -> Proc:
+    def start_bare(self, *, optimized: bool = False) -> Proc:
+        """mitmdump as installed; `optimized`: under python -O, as `crawlwarden run` runs."""
+        name = "bare-O" if optimized else "bare"
         port = free_port()
-        confdir = self.work / "bare-conf"
+        confdir = self.work / f"{name}-conf"
         settings = Settings(
             policy_file=Path("unused"),
             listen_port=port,
@@ -506,14 +513,16 @@ http {{
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             sets += ["--set", f"{key}={value}"]
-        logf = self.work / "bare.log"
+        logf = self.work / f"{name}.log"
+        env = {**os.environ, "PYTHONOPTIMIZE": "1" if optimized else ""}
         proc = subprocess.Popen(
             [str(VENV_BIN / "mitmdump"), "-q", *sets],
             stdout=logf.open("wb"),
             stderr=subprocess.STDOUT,
+            env=env,
         )
         wait_port(port, proc)
-        p = Proc("bare", proc, port, confdir / "mitmproxy-ca-cert.pem", None, True, logf)
+        p = Proc(name, proc, port, confdir / "mitmproxy-ca-cert.pem", None, True, logf)
         self.procs.append(p)
         return p
 
@@ -535,7 +544,8 @@ http {{
             stdout=logf.open("wb"),
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            # Under -O as `crawlwarden run` is (proxy/cli.py): core -> gateway is governance alone.
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONOPTIMIZE": "1"},
         )
         wait_port(port, proc)
         p = Proc("core", proc, port, confdir / "mitmproxy-ca-cert.pem", None, True, logf)
@@ -927,7 +937,16 @@ def ratio(a: Any, b: Any) -> Any:
 
 
 def add_ratios(table: dict[str, dict[str, Any]]) -> None:
-    """Each target's figures as a ratio to bare mitmdump of the same cell and repeat."""
+    """Each target's figures as a ratio to bare mitmdump of the same cell and repeat, and to
+    bare mitmdump under python -O (as the gateway runs) when it was measured too."""
+    bare_o = table.get("bare-O")
+    if bare_o is not None:
+        for name, res in table.items():
+            if name != "bare-O":
+                res["vs_bare_o"] = {
+                    "rps": ratio(res["rps"], bare_o["rps"]),
+                    "cpu_per_1000": ratio(res["cpu_s_per_1000"], bare_o["cpu_s_per_1000"]),
+                }
     bare = table.get("bare")
     if bare is None:
         return
@@ -956,8 +975,8 @@ def run_matrix(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dic
         mode, _, tree = name.partition("@")
         if tree and (mode not in GATEWAYS or tree not in trees):
             raise SystemExit(f"bench: {name!r}: give --trees {tree}=DIR and a gateway mode")
-        if name == "bare":
-            procs[name] = bench.start_bare()
+        if name in ("bare", "bare-O"):
+            procs[name] = bench.start_bare(optimized=name == "bare-O")
         elif name == "core":
             procs[name] = bench.start_core()
         elif mode in GATEWAYS:
@@ -1041,6 +1060,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ]
         if cpu_ratios:
             entry["cpu_vs_bare"] = round(statistics.median(cpu_ratios), 3)
+        for key, field_ in (("rps_vs_bare_o", "rps"), ("cpu_vs_bare_o", "cpu_per_1000")):
+            values = [r["vs_bare_o"][field_] for r in results if r.get("vs_bare_o", {}).get(field_)]
+            if values:
+                entry[key] = round(statistics.median(values), 3)
         entry["non_200"] = sum(r["non_200"] for r in results)
         entry["errors"] = sum(r["error_count"] for r in results)
         entry["refused_or_withheld"] = sum(r.get("gateway_refused_or_withheld", 0) for r in results)
@@ -1102,8 +1125,8 @@ def run_soak(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dict[
     dsn = bench.create_database() if target in ("shared", "embedded-pg") else None
     if redis:
         bench.start_redis()
-    if target == "bare":
-        gw = bench.start_bare()
+    if target in ("bare", "bare-O"):
+        gw = bench.start_bare(optimized=target == "bare-O")
     elif target == "core":
         gw = bench.start_core()
     else:
@@ -1157,16 +1180,17 @@ def markdown(result: dict[str, Any]) -> str:
     matrix = result.get("matrix")
     if matrix:
         lines += [
-            "| cell | target | req/s | x bare | p50 ms | p99 ms | CPU s/1000 req | x bare | "
-            "peak RSS MB | Redis cmd/req (scripts; decision round trips) | gov. p99 ms | "
+            "| cell | target | req/s | x bare | x bare-O | p50 ms | p99 ms | CPU s/1000 req | "
+            "x bare | peak RSS MB | Redis cmd/req (scripts; decision round trips) | gov. p99 ms | "
             "errors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         ]
         for cell, targets in matrix["summary"].items():
             for name, e in targets.items():
                 lines.append(
                     f"| {cell} | {name} | {e.get('rps', '')} | {e.get('rps_vs_bare', '')} | "
-                    f"{e.get('p50_ms', '')} | {e.get('p99_ms', '')} | "
+                    f"{e.get('rps_vs_bare_o', '')} | {e.get('p50_ms', '')} | "
+                    f"{e.get('p99_ms', '')} | "
                     f"{e.get('cpu_s_per_1000', '')} | {e.get('cpu_vs_bare', '')} | "
                     f"{e.get('peak_rss_mb', '')} | {_redis_cell(e)} | "
                     f"{e.get('governance_p99_ms', '')} | {e['non_200'] + e['errors']} |"
@@ -1208,7 +1232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--targets",
         default=",".join(ALL_TARGETS),
-        help="comma list of bare, core, embedded, embedded-pg, shared; MODE@NAME runs a gateway "
+        help="comma list of bare, bare-O, core, embedded, embedded-pg, shared; MODE@NAME runs a "
+        "gateway "
         "mode from the checkout --trees names NAME",
     )
     p.add_argument("--trees", default="", help="NAME=DIR,...: other checkouts to compare")

@@ -171,6 +171,7 @@ async def serve(settings: Settings) -> int:
         ca_cert=str(settings.data_dir / "mitmproxy-ca-cert.pem"),
         gc_frozen_objects=frozen,
         gil_switch_interval_us=round(switch_interval * 1e6),
+        python_optimize=sys.flags.optimize,
     )
     try:
         await master.run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -435,6 +436,54 @@ def test_the_gateway_shortens_the_gil_switch_interval(gateway: Gateway):
     # and lose the race at every system call of the loop for up to 5 ms (bench/README.md).
     started = [json.loads(line) for line in gateway.logs().splitlines() if '"started"' in line]
     assert started and started[0]["gil_switch_interval_us"] == 100
+
+
+def test_the_gateway_restarts_itself_under_python_optimize(gateway: Gateway):
+    # mitmproxy's `if __debug__:` checks (a type check of every field of every HTTP message)
+    # cost ~10 % of the CPU per request (bench/README.md); -O compiles them out. The same
+    # process carries on (exec): the pid a supervisor started is the gateway's.
+    started = [json.loads(line) for line in gateway.logs().splitlines() if '"started"' in line]
+    assert len(started) == 1 and started[0]["python_optimize"] == 1
+    assert gateway.proc is not None
+    argv = Path(f"/proc/{gateway.proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[1] == b"-O" and argv[3:5] == [b"run", b"--policy"], argv
+
+
+def test_debug_checks_keep_pythons_checks(workdir: Path, site: Site):
+    with Gateway(
+        workdir, base_policy(), extra_args=["--debug-checks"], env={"PYTHONOPTIMIZE": ""}
+    ) as gw:
+        r = requests.get(
+            site.url("site-a.test", "/"),
+            proxies={"http": gw.proxy_url()},
+            headers=PROJECT_HEADERS,
+            timeout=10,
+        )
+        assert r.status_code == 200
+        logs = gw.logs()
+    started = [json.loads(line) for line in logs.splitlines() if '"started"' in line]
+    assert len(started) == 1 and started[0]["python_optimize"] == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"CRAWLWARDEN_DEBUG_CHECKS": "maybe"}, [], "CRAWLWARDEN_DEBUG_CHECKS='maybe'"),
+        ({"PYTHONOPTIMIZE": "1"}, ["--debug-checks"], "--debug-checks: this Python runs with -O"),
+    ],
+)
+def test_debug_checks_that_cannot_be_had_are_a_usage_error(
+    workdir: Path, env: dict[str, str], args: list[str], message: str
+):
+    policy = write_policy(workdir / "policy.yaml", base_policy())
+    result = subprocess.run(
+        [CRAWLWARDEN, "run", "--policy", str(policy), "--data-dir", str(workdir / "d"), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 # -- shutdown ------------------------------------------------------------------------------

@@ -1082,6 +1082,8 @@ def test_dockerfile_runs_crawlwarden_as_a_non_root_user():
     # Only what runs: the package without its dev extras, no tests.
     runs = " ".join(rest for k, rest in instructions if k == "RUN")
     assert "pip install" in runs and "[dev]" not in runs and "-e " not in runs
+    # `crawlwarden run` restarts under python -O: its bytecode is built too (read-only root).
+    assert "python -O -m compileall" in runs
     copied = [rest.split()[:-1] for k, rest in instructions if k == "COPY" and "--from" not in rest]
     sources = {s for c in copied for s in c}
     assert sources <= {"pyproject.toml", "README.md", "proxy", "addons", "proxy/", "addons/"}, (

@@ -145,7 +145,11 @@ class RedisBudgetStore:
                     sha = await self._redis.script_load(script.source)
                 finally:
                     metrics.observe_redis("script_load", started)
-                assert sha == script.sha, f"{script.name}: Redis computed another SHA-1"
+                if sha != script.sha:  # a check, not an assert: the gateway runs under -O
+                    raise StoreUnavailable(
+                        f"redis at {self._where()}: {script.name}: Redis computed the SHA-1 "
+                        f"{sha}, not {script.sha}"
+                    )
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
 

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--debug-checks",
         action="store_true",
-        default=_env_flag("debug_checks"),
+        default=None,  # then CRAWLWARDEN_DEBUG_CHECKS, read by `run` only (main)
         help="keep Python's assert statements and mitmproxy's debug-only checks (the gateway "
         "otherwise restarts itself under python -O; ~10%% more CPU per request) "
         "[CRAWLWARDEN_DEBUG_CHECKS=1]",
@@ -212,6 +212,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
+        args.debug_checks = args.debug_checks or _env_flag("debug_checks")
         if argv is None:  # the command itself, not a call from Python (tests)
             run_optimized(args.debug_checks)
         return cmd_run(args)

@@ -486,6 +486,18 @@ def test_debug_checks_that_cannot_be_had_are_a_usage_error(
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
+def test_a_bad_debug_checks_value_concerns_run_only(workdir: Path):
+    policy = write_policy(workdir / "policy.yaml", base_policy())
+    result = subprocess.run(
+        [CRAWLWARDEN, "policy", "check", str(policy)],
+        env={**os.environ, "CRAWLWARDEN_DEBUG_CHECKS": "maybe"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 # -- shutdown ------------------------------------------------------------------------------
 
 

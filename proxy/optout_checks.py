@@ -13,6 +13,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proxy import imagemeta
@@ -28,6 +29,7 @@ from proxy.originfiles import OnFetch
 from proxy.originfiles import OriginFile
 from proxy.originfiles import OriginFileCache
 from proxy.originfiles import OriginFileFetcher
+from proxy.originfiles import ProxyRoute
 from proxy.originfiles import origin_of
 from proxy.policy import Crawler
 from proxy.robots import ALLOW_ALL
@@ -147,6 +149,7 @@ class OptOutChecks:
         ttl: float = DAY,
         error_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
+        upstream_proxies: Sequence[ProxyRoute] = (),
     ):
         self.crawler = crawler
         self._resolver = GuardedResolver(resolver, guard)
@@ -163,6 +166,7 @@ class OptOutChecks:
             ttl=ttl,
             error_ttl=error_ttl,
             clock=clock,
+            upstream_proxies=upstream_proxies,
         )
         self._clock = clock
         self._robots: dict[str, RobotsEntry] = {}
@@ -172,8 +176,15 @@ class OptOutChecks:
     def tokens(self) -> list[str]:
         return list(self.crawler.robots_tokens)
 
-    def use_policy(self, crawler: Crawler, resolver: Resolver, guard: AddressGuard) -> None:
-        """A reloaded policy: new tokens re-parse robots.txt, new network rules guard fetches."""
+    def use_policy(
+        self,
+        crawler: Crawler,
+        resolver: Resolver,
+        guard: AddressGuard,
+        upstream_proxies: Sequence[ProxyRoute] = (),
+    ) -> None:
+        """A reloaded policy: new tokens re-parse robots.txt, new network rules guard fetches,
+        the egress pool they leave through follows the policy's."""
         if list(crawler.robots_tokens) != list(self.crawler.robots_tokens):
             self._robots.clear()
         self.crawler = crawler
@@ -181,6 +192,7 @@ class OptOutChecks:
         self.fetcher.contact = crawler.contact
         self._resolver.resolver = resolver
         self._resolver.guard = guard
+        self.fetcher.upstream_proxies = list(upstream_proxies)
 
     # -- per-origin files --------------------------------------------------------------------
 

@@ -9,8 +9,12 @@
   so), and failures for `error_ttl` only.
 - Redirects are followed up to 5 hops, across origins, each hop guarded (RFC 9309 2.3.1.2).
 - At most `limit` bytes of a body are read (RFC 9309 2.5: 500 KiB).
+- With `egress.upstream_proxies`, the files are fetched through that pool (one proxy per fetch,
+  in turn), as scraper traffic leaves: the site sees the egress the fetch log names. The target
+  is resolved and guarded here and the proxy is given the checked address (Host and TLS name
+  stay the site's), as the gateway pins scraper requests.
 - Every request the gateway makes is reported to `on_fetch(url, status, body_bytes, sha256,
-  error)`, so that it lands in the fetch log as the gateway's own.
+  error, upstream_proxy)`, so that it lands in the fetch log as the gateway's own.
 
 The outcome is classified as RFC 9309 2.3.1 does, and each file's parser reads it: "ok" (2xx),
 "unavailable" (4xx but 429: the file does not exist), "unreachable" (429, 5xx, network errors,
@@ -31,6 +35,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict
 from dataclasses import dataclass
 from typing import Literal
@@ -51,7 +56,15 @@ from proxy.ssrf import Resolver
 log = structlog.get_logger("crawlwarden.originfiles")
 
 type Outcome = Literal["ok", "unavailable", "unreachable"]
-type OnFetch = Callable[[str, int | None, int, str | None, str | None], None]
+type OnFetch = Callable[[str, int | None, int, str | None, str | None, str | None], None]
+
+
+class ProxyRoute(Protocol):
+    """An upstream proxy of the policy's pool (proxy.policy.UpstreamProxy)."""
+
+    name: str
+    url: str
+
 
 DAY = 24 * 3600.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -275,8 +288,11 @@ class OriginFileFetcher:
         ttl: float = DAY,
         error_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
+        upstream_proxies: Sequence[ProxyRoute] = (),
     ):
         self.resolver = resolver
+        self.upstream_proxies = list(upstream_proxies)
+        self._proxy_turn = 0
         self.user_agent = user_agent
         self.contact = contact
         self.cache: OriginFileCache = cache if cache is not None else MemoryCache(clock=clock)
@@ -291,6 +307,7 @@ class OriginFileFetcher:
         self._error_ttl = error_ttl
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._proxied_session: aiohttp.ClientSession | None = None
         self._flights: dict[str, asyncio.Task[OriginFile]] = {}
 
     async def get(self, origin: str, path: str) -> OriginFile:
@@ -409,16 +426,35 @@ class OriginFileFetcher:
 
     async def _request(self, url: URL) -> tuple[int, dict[str, str], bytes, bool] | str:
         """One GET: (status, headers, body, truncated), or an error message."""
+        proxy = self._next_proxy()
+        via = proxy.name if proxy is not None else None
         refused = self.resolver.check_literal(url.host or "")
         if refused is not None:
-            self._report(str(url), None, b"", refused)
+            self._report(str(url), None, b"", refused, via)
             return refused
         headers = {"User-Agent": self.user_agent, "Accept": "*/*"}
         if self.contact:
             headers["From"] = self.contact
+        target, session = url, self._client()
+        tls_name: str | None = None
         try:
-            async with self._client().get(
-                url, headers=headers, allow_redirects=False, timeout=self._timeout
+            if proxy is not None:
+                # The proxy connects where it is told: tell it the address the guard admitted.
+                host = url.raw_host or ""
+                (first, *_) = await self.resolver.resolve(host, url.port or 0)
+                target = url.with_host(first["host"])
+                name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+                headers["Host"] = name if url.is_default_port() else f"{name}:{url.port}"
+                if url.scheme == "https":
+                    tls_name = host
+                session = self._proxied_client()
+            async with session.get(
+                target,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+                proxy=proxy.url if proxy is not None else None,
+                server_hostname=tls_name,
             ) as resp:
                 status = resp.status
                 head = {k.lower(): v for k, v in resp.headers.items()}
@@ -427,10 +463,17 @@ class OriginFileFetcher:
                     body, truncated = await self._read(resp)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             message = _error_message(e)
-            self._report(str(url), None, b"", message)
+            self._report(str(url), None, b"", message, via)
             return message
-        self._report(str(url), status, body, None)
+        self._report(str(url), status, body, None, via)
         return status, head, body, truncated
+
+    def _next_proxy(self) -> ProxyRoute | None:
+        pool = self.upstream_proxies
+        if not pool:
+            return None
+        self._proxy_turn += 1
+        return pool[self._proxy_turn % len(pool)]
 
     async def _read(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         chunks: list[bytes] = []
@@ -444,12 +487,14 @@ class OriginFileFetcher:
         body = b"".join(chunks)
         return body[: self._limit], len(body) > self._limit
 
-    def _report(self, url: str, status: int | None, body: bytes, error: str | None) -> None:
+    def _report(
+        self, url: str, status: int | None, body: bytes, error: str | None, via: str | None
+    ) -> None:
         if self._on_fetch is None:
             return
         digest = hashlib.sha256(body).hexdigest() if status is not None else None
         try:
-            self._on_fetch(url, status, len(body), digest, error)
+            self._on_fetch(url, status, len(body), digest, error, via)
         except Exception:  # a broken recorder must not break the check
             log.exception("on_fetch callback failed", url=url)
 
@@ -461,13 +506,22 @@ class OriginFileFetcher:
             self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self._session
 
+    def _proxied_client(self) -> aiohttp.ClientSession:
+        """For fetches through an upstream proxy: the proxy's own address (the operator's, often
+        private) is not the SSRF guard's business; the target was guarded in `_request`."""
+        if self._proxied_session is None or self._proxied_session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
+            self._proxied_session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._proxied_session
+
     async def close(self) -> None:
         for task in list(self._flights.values()):
             task.cancel()
         self._flights.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._proxied_session):
+            if session is not None:
+                await session.close()
+        self._session = self._proxied_session = None
 
 
 def _max_age(cache_control: str | None) -> float | None:

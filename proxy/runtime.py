@@ -141,6 +141,7 @@ class Runtime:
             cache=cache,
             cafile=str(settings.upstream_trusted_ca) if settings.upstream_trusted_ca else None,
             on_fetch=self._record_gateway_fetch,
+            upstream_proxies=policy.egress.upstream_proxies,
         )
         self.governor.prefetch_checks = [self.optouts.robots, self.optouts.tdmrep]
         self._crawl_delays: dict[str, dict[str, float]] = {}
@@ -226,10 +227,17 @@ class Runtime:
         return await self.budgets.admit(ctx.site)
 
     def _record_gateway_fetch(
-        self, url: str, status: int | None, body_bytes: int, sha256: str | None, error: str | None
+        self,
+        url: str,
+        status: int | None,
+        body_bytes: int,
+        sha256: str | None,
+        error: str | None,
+        upstream_proxy: str | None,
     ) -> None:
         """The gateway's own fetches (robots.txt, tdmrep.json) are fetch records too, as the
-        gateway's: no team, the crawler's User-Agent, kind `gateway_fetch`."""
+        gateway's: no team, the crawler's User-Agent, kind `gateway_fetch`, and the upstream
+        proxy they left through."""
         host = normalize_host(urlsplit(url).hostname or "")
         policy = self.compiled.loaded.policy
         self.fetch_log.append(
@@ -248,6 +256,7 @@ class Runtime:
                 content_sha256=sha256,
                 egress_provider=policy.egress.provider,
                 egress_public_ips=[str(ip) for ip in policy.egress.public_ips],
+                upstream_proxy=upstream_proxy,
                 policy_version=self.policy_version,
                 user_agent=policy.crawler.user_agent,
             )
@@ -269,7 +278,9 @@ class Runtime:
         old = self.policy_version
         policy = compiled.loaded.policy
         self.governor.use_policy(compiled)
-        self.optouts.use_policy(policy.crawler, compiled.resolver, compiled.guard)
+        self.optouts.use_policy(
+            policy.crawler, compiled.resolver, compiled.guard, policy.egress.upstream_proxies
+        )
         self.budgets.use_policy_version(compiled.version)
         self.fetch_log.spool_max_bytes = _spool_limit(compiled)
         self.fetch_log.checkpoint_every_records = policy.audit.checkpoint_every_records

@@ -19,6 +19,7 @@ from proxy.originfiles import OriginFileFetcher
 from proxy.originfiles import RedisCache
 from proxy.originfiles import TargetRefused
 from proxy.originfiles import origin_of
+from proxy.policy import UpstreamProxy
 from proxy.ssrf import AddressGuard
 from proxy.ssrf import Resolver
 from tests.optout_fixtures import TOKEN
@@ -30,6 +31,7 @@ from tests.optout_fixtures import private_guard
 from tests.optout_fixtures import request_context
 from tests.optout_fixtures import static_resolver
 from tests.support import LocalCA
+from tests.support import free_port
 
 
 def fetcher(**kwargs) -> OriginFileFetcher:  # type: ignore[no-untyped-def]
@@ -56,7 +58,9 @@ async def test_names_resolve_through_static_hosts_and_the_guard() -> None:
 async def test_a_name_the_guard_refuses_is_never_connected_to() -> None:
     fetched: list[tuple[str, int | None, str | None]] = []
     async with origin_server({"/robots.txt": "User-agent: *\nDisallow: /\n"}) as site:
-        f = fetcher(guard=AddressGuard(), on_fetch=lambda u, s, n, h, e: fetched.append((u, s, e)))
+        f = fetcher(
+            guard=AddressGuard(), on_fetch=lambda u, s, n, h, e, _: fetched.append((u, s, e))
+        )
         try:
             file = await f.fetch(site.origin() + "/robots.txt")
         finally:
@@ -120,8 +124,8 @@ async def test_every_gateway_fetch_is_reported_for_the_fetch_log() -> None:
             await f.close()
     base = site.origin()
     assert records == [
-        (base + "/robots.txt", 301, 0, hashlib.sha256(b"").hexdigest(), None),
-        (base + "/real-robots.txt", 200, len(body), hashlib.sha256(body).hexdigest(), None),
+        (base + "/robots.txt", 301, 0, hashlib.sha256(b"").hexdigest(), None, None),
+        (base + "/real-robots.txt", 200, len(body), hashlib.sha256(body).hexdigest(), None, None),
     ]
 
 
@@ -222,3 +226,44 @@ async def test_a_policy_reload_with_new_tokens_reparses() -> None:
         finally:
             await checks.close()
         assert site.hits["/robots.txt"] == 1  # re-parsed from the cache, not re-fetched
+
+
+async def test_through_an_upstream_proxy_the_guard_still_decides_and_the_proxy_is_named() -> None:
+    fetched: list[tuple[str | None, str | None]] = []
+    down = UpstreamProxy(name="pool-a", url=f"http://127.0.0.1:{free_port()}")  # nothing there
+
+    def record(url: str, status: int | None, n: int, h: str | None, e: str | None, via: str | None):
+        fetched.append((e, via))
+
+    async with origin_server({"/robots.txt": "User-agent: *\nAllow: /\n"}) as site:
+        f = fetcher(guard=AddressGuard(), upstream_proxies=[down], on_fetch=record)
+        try:
+            refused = await f.fetch(site.origin() + "/robots.txt")  # the guard refuses loopback
+        finally:
+            await f.close()
+        f = fetcher(upstream_proxies=[down], on_fetch=record)
+        try:
+            unreachable = await f.fetch(site.origin() + "/robots.txt")  # the proxy is down
+        finally:
+            await f.close()
+        assert site.hits["/robots.txt"] == 0  # never fetched around the proxy
+    assert refused.outcome == "unreachable" and "SSRF guard" in (refused.error or "")
+    assert unreachable.outcome == "unreachable" and unreachable.error
+    assert [via for _, via in fetched] == ["pool-a", "pool-a"]
+
+
+async def test_a_policy_reload_moves_the_fetches_to_its_egress_pool() -> None:
+    down = UpstreamProxy(name="pool-a", url=f"http://127.0.0.1:{free_port()}")  # nothing there
+    async with origin_server({"/robots.txt": "User-agent: *\nAllow: /\n"}) as site:
+        policy = make_policy()
+        checks = make_checks(policy)
+        try:
+            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [down])
+            # RFC 9309 2.3.1.4: robots.txt unreachable (through the pool): nothing allowed.
+            assert await checks.robots(request_context(policy, site.origin() + "/a")) is not None
+            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [])
+            other = site.origin("site-b.test") + "/a"
+            assert await checks.robots(request_context(policy, other)) is None
+        finally:
+            await checks.close()
+        assert site.hits["/robots.txt"] == 1  # the direct fetch only

@@ -384,7 +384,7 @@ async def test_a_redirect_to_a_private_address_is_refused_by_the_ssrf_guard() ->
     fetched: list[tuple[str, str | None]] = []
     routes = {"/robots.txt": web.Response(status=302, headers={"Location": "http://10.1.2.3/x"})}
     async with origin_server(routes) as site:
-        checks = make_checks(on_fetch=lambda url, s, n, h, error: fetched.append((url, error)))
+        checks = make_checks(on_fetch=lambda url, s, n, h, error, via: fetched.append((url, error)))
         try:
             _decision, signals = await robots_decision(checks, site.origin() + "/x")
         finally:

@@ -16,6 +16,8 @@ from tests.support import OTHER_TOKEN
 from tests.support import PROJECT
 from tests.support import VENV_BIN
 from tests.support import Gateway
+from tests.support import LocalCA
+from tests.support import Reply
 from tests.support import Site
 from tests.support import free_port
 from tests.support import policy_with
@@ -118,3 +120,54 @@ def test_requests_leave_through_the_pool_and_a_team_can_be_pinned(
     assert site.connections == 7
     log_b = pool["pool-b"].flows()
     assert "127.0.0.1" in log_b
+
+
+def test_the_gateways_own_fetches_leave_through_the_pool(
+    workdir: Path, site: Site, tls_site: Site, test_ca: LocalCA, pool: dict[str, UpstreamProxy]
+):
+    # robots.txt is read through the same egress as the requests it decides on, and its fetch
+    # record names the proxy: the log's egress is the one the site saw.
+    site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nDisallow: /private/\n")
+    tls_site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n")
+    policy = policy_with(
+        defaults={"respect": {"robots": True}},
+        egress={
+            "provider": "test-transit",
+            "public_ips": ["203.0.113.7"],
+            "upstream_proxies": [
+                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
+            ],
+        },
+    )
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        refused = requests.get(
+            site.url("site-a.test", "/private/x"),
+            proxies={"http": gw.proxy_url()},
+            headers={"X-Crawl-Project": PROJECT},
+            timeout=10,
+        )
+        allowed = requests.get(
+            tls_site.url("site-b.test", "/open"),
+            proxies={"https": gw.proxy_url()},
+            headers={"X-Crawl-Project": PROJECT},
+            verify=str(gw.ca_cert),
+            timeout=10,
+        )
+        records = gw.fetch_records()
+    assert refused.status_code == 451
+    assert refused.headers["X-Crawlwarden-Reason"] == "robots_disallowed"
+    assert allowed.status_code == 200
+    own = {r["url"]: r for r in records if r["kind"] == "gateway_fetch"}
+    assert set(own) == {
+        f"http://site-a.test:{site.port}/robots.txt",
+        f"https://site-b.test:{tls_site.port}/robots.txt",
+        f"https://site-b.test:{tls_site.port}/.well-known/tdmrep.json",  # TDMRep: on (default)
+    }
+    assert all(r["upstream_proxy"] in pool and r["status"] == 200 for r in own.values()), own
+    # Each robots.txt reached its site once, through a proxy of the pool: plain HTTP as a
+    # request the proxy forwarded, HTTPS as a tunnel (TLS checked against the site's name).
+    assert site.count("/robots.txt") == 1 and tls_site.count("/robots.txt") == 1
+    proxied = "".join(p.flows() for p in pool.values())
+    # (the proxy is given the address the SSRF guard admitted, as for scraper requests)
+    assert f"GET http://127.0.0.1:{site.port}/robots.txt" in proxied, proxied
+    assert f"127.0.0.1:{tls_site.port}" in proxied, proxied

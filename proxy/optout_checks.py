@@ -181,7 +181,7 @@ class OptOutChecks:
         crawler: Crawler,
         resolver: Resolver,
         guard: AddressGuard,
-        upstream_proxies: Sequence[ProxyRoute] = (),
+        upstream_proxies: Sequence[ProxyRoute],
     ) -> None:
         """A reloaded policy: new tokens re-parse robots.txt, new network rules guard fetches,
         the egress pool they leave through follows the policy's."""

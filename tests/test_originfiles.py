@@ -221,7 +221,7 @@ async def test_a_policy_reload_with_new_tokens_reparses() -> None:
             url = site.origin() + "/page"
             assert await checks.robots(request_context(policy, url)) is not None
             crawler = policy.crawler.model_copy(update={"robots_tokens": ["NewBot", TOKEN]})
-            checks.use_policy(crawler, static_resolver(), private_guard())
+            checks.use_policy(crawler, static_resolver(), private_guard(), [])
             assert await checks.robots(request_context(policy, url)) is None
         finally:
             await checks.close()

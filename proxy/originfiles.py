@@ -13,8 +13,8 @@
   in turn), as scraper traffic leaves: the site sees the egress the fetch log names. The target
   is resolved and guarded here and the proxy is given the checked address (Host and TLS name
   stay the site's), as the gateway pins scraper requests.
-- Every request the gateway makes is reported to `on_fetch(url, status, body_bytes, sha256,
-  error, upstream_proxy)`, so that it lands in the fetch log as the gateway's own.
+- Every request the gateway makes is reported to `on_fetch` (an `OriginFetch`: what was asked,
+  what came back, and the way it left), so that it lands in the fetch log as the gateway's own.
 
 The outcome is classified as RFC 9309 2.3.1 does, and each file's parser reads it: "ok" (2xx),
 "unavailable" (4xx but 429: the file does not exist), "unreachable" (429, 5xx, network errors,
@@ -56,7 +56,22 @@ from proxy.ssrf import Resolver
 log = structlog.get_logger("crawlwarden.originfiles")
 
 type Outcome = Literal["ok", "unavailable", "unreachable"]
-type OnFetch = Callable[[str, int | None, int, str | None, str | None, str | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class OriginFetch:
+    """One request the gateway made for a per-origin file, as the fetch log records it."""
+
+    url: str
+    status: int | None  # None: no answer (refused by the guard, network error)
+    body_bytes: int
+    sha256: str | None  # of the body read; None without an answer
+    error: str | None
+    upstream_proxy: str | None  # the pool's proxy it left through
+    egress_ip: str | None  # the local address of the connection (to the site or the proxy)
+
+
+type OnFetch = Callable[[OriginFetch], None]
 
 
 class ProxyRoute(Protocol):
@@ -430,13 +445,14 @@ class OriginFileFetcher:
         via = proxy.name if proxy is not None else None
         refused = self.resolver.check_literal(url.host or "")
         if refused is not None:
-            self._report(str(url), None, b"", refused, via)
+            self._report(str(url), None, b"", refused, via, None)
             return refused
         headers = {"User-Agent": self.user_agent, "Accept": "*/*"}
         if self.contact:
             headers["From"] = self.contact
         target, session = url, self._client()
         tls_name: str | None = None
+        egress_ip: str | None = None
         try:
             if proxy is not None:
                 # The proxy connects where it is told: tell it the address the guard admitted.
@@ -456,6 +472,7 @@ class OriginFileFetcher:
                 proxy=proxy.url if proxy is not None else None,
                 server_hostname=tls_name,
             ) as resp:
+                egress_ip = _local_address(resp)
                 status = resp.status
                 head = {k.lower(): v for k, v in resp.headers.items()}
                 body, truncated = b"", False
@@ -463,9 +480,9 @@ class OriginFileFetcher:
                     body, truncated = await self._read(resp)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             message = _error_message(e)
-            self._report(str(url), None, b"", message, via)
+            self._report(str(url), None, b"", message, via, egress_ip)
             return message
-        self._report(str(url), status, body, None, via)
+        self._report(str(url), status, body, None, via, egress_ip)
         return status, head, body, truncated
 
     def _next_proxy(self) -> ProxyRoute | None:
@@ -488,13 +505,19 @@ class OriginFileFetcher:
         return body[: self._limit], len(body) > self._limit
 
     def _report(
-        self, url: str, status: int | None, body: bytes, error: str | None, via: str | None
+        self,
+        url: str,
+        status: int | None,
+        body: bytes,
+        error: str | None,
+        via: str | None,
+        egress_ip: str | None,
     ) -> None:
         if self._on_fetch is None:
             return
         digest = hashlib.sha256(body).hexdigest() if status is not None else None
         try:
-            self._on_fetch(url, status, len(body), digest, error, via)
+            self._on_fetch(OriginFetch(url, status, len(body), digest, error, via, egress_ip))
         except Exception:  # a broken recorder must not break the check
             log.exception("on_fetch callback failed", url=url)
 
@@ -522,6 +545,20 @@ class OriginFileFetcher:
             if session is not None:
                 await session.close()
         self._session = self._proxied_session = None
+
+
+def _local_address(resp: aiohttp.ClientResponse) -> str | None:
+    """The local address of the connection an answer came on (to the site, or to the proxy).
+
+    aiohttp hands the connection back to its pool as soon as an answer's body is complete (an
+    empty one: before the caller sees the response), so `resp.connection` can be None already;
+    the protocol it came on (`_protocol`, not public) still knows its transport then. None when
+    neither says."""
+    connection = resp.connection
+    protocol = connection.protocol if connection is not None else getattr(resp, "_protocol", None)
+    transport = getattr(protocol, "transport", None)
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    return str(sockname[0]) if sockname else None
 
 
 def _max_age(cache_control: str | None) -> float | None:

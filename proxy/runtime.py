@@ -37,6 +37,7 @@ from proxy.governor import Governor
 from proxy.governor import RequestContext
 from proxy.governor import compile_policy
 from proxy.optout_checks import OptOutChecks
+from proxy.originfiles import OriginFetch
 from proxy.originfiles import OriginFileCache
 from proxy.originfiles import RedisCache
 from proxy.originfiles import origin_of
@@ -226,18 +227,11 @@ class Runtime:
                 self.budgets.set_min_interval(ctx.site.key, max(known.values(), default=None))
         return await self.budgets.admit(ctx.site)
 
-    def _record_gateway_fetch(
-        self,
-        url: str,
-        status: int | None,
-        body_bytes: int,
-        sha256: str | None,
-        error: str | None,
-        upstream_proxy: str | None,
-    ) -> None:
+    def _record_gateway_fetch(self, fetch: OriginFetch) -> None:
         """The gateway's own fetches (robots.txt, tdmrep.json) are fetch records too, as the
-        gateway's: no team, the crawler's User-Agent, kind `gateway_fetch`, and the upstream
-        proxy they left through."""
+        gateway's: no team, the crawler's User-Agent, kind `gateway_fetch`, and the way they
+        left (upstream proxy, local address)."""
+        url, status, error = fetch.url, fetch.status, fetch.error
         host = normalize_host(urlsplit(url).hostname or "")
         policy = self.compiled.loaded.policy
         self.fetch_log.append(
@@ -252,11 +246,12 @@ class Runtime:
                 note=error,
                 site=self.governor.site_for(host).key if host else None,
                 status=status,
-                response_bytes=body_bytes,
-                content_sha256=sha256,
+                response_bytes=fetch.body_bytes,
+                content_sha256=fetch.sha256,
+                egress_ip=fetch.egress_ip,
                 egress_provider=policy.egress.provider,
                 egress_public_ips=[str(ip) for ip in policy.egress.public_ips],
-                upstream_proxy=upstream_proxy,
+                upstream_proxy=fetch.upstream_proxy,
                 policy_version=self.policy_version,
                 user_agent=policy.crawler.user_agent,
             )

@@ -234,9 +234,7 @@ async def test_the_gateways_own_robots_fetch_checks_its_own_answer(make_gateway)
     dns = ChangingDNS({"rebind.example": ["93.184.216.34", "10.0.0.9"]})
     gw = await make_gateway(dns, respect={"robots": True})
     fetches: list[tuple[str, str | None]] = []
-    gw.rt.optouts.fetcher._on_fetch = lambda url, status, n, digest, error, _: fetches.append(
-        (url, error)
-    )
+    gw.rt.optouts.fetcher._on_fetch = lambda f: fetches.append((f.url, f.error))
     with taddons.context(gw):
         flow = request_flow("rebind.example")
         await gw.requestheaders(flow)
@@ -262,9 +260,7 @@ async def test_a_robots_redirect_to_a_metadata_address_is_not_followed(make_gate
             static_hosts={"*.test": "127.0.0.1"},
         )
         fetches: list[tuple[str, str | None]] = []
-        gw.rt.optouts.fetcher._on_fetch = lambda url, status, n, digest, error, _: fetches.append(
-            (url, error)
-        )
+        gw.rt.optouts.fetcher._on_fetch = lambda f: fetches.append((f.url, f.error))
         with taddons.context(gw):
             flow = request_flow("site-a.test", site.port)
             await gw.requestheaders(flow)

@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.originfiles import CacheUnavailable
 from proxy.originfiles import GuardedResolver
 from proxy.originfiles import MemoryCache
+from proxy.originfiles import OriginFetch
 from proxy.originfiles import OriginFile
 from proxy.originfiles import OriginFileFetcher
 from proxy.originfiles import RedisCache
@@ -59,7 +60,7 @@ async def test_a_name_the_guard_refuses_is_never_connected_to() -> None:
     fetched: list[tuple[str, int | None, str | None]] = []
     async with origin_server({"/robots.txt": "User-agent: *\nDisallow: /\n"}) as site:
         f = fetcher(
-            guard=AddressGuard(), on_fetch=lambda u, s, n, h, e, _: fetched.append((u, s, e))
+            guard=AddressGuard(), on_fetch=lambda f: fetched.append((f.url, f.status, f.error))
         )
         try:
             file = await f.fetch(site.origin() + "/robots.txt")
@@ -110,22 +111,32 @@ async def test_https_trusts_the_configured_ca(test_ca: LocalCA) -> None:
 
 
 async def test_every_gateway_fetch_is_reported_for_the_fetch_log() -> None:
-    records: list[tuple[str, int | None, int, str | None, str | None]] = []
+    records: list[OriginFetch] = []
     body = b"User-agent: *\nDisallow: /private\n"
     routes = {
         "/robots.txt": web.Response(status=301, headers={"Location": "/real-robots.txt"}),
         "/real-robots.txt": web.Response(body=body),
     }
     async with origin_server(routes) as site:
-        f = fetcher(on_fetch=lambda *record: records.append(record))
+        f = fetcher(on_fetch=records.append)
         try:
             await f.fetch(site.origin() + "/robots.txt")
         finally:
             await f.close()
     base = site.origin()
     assert records == [
-        (base + "/robots.txt", 301, 0, hashlib.sha256(b"").hexdigest(), None, None),
-        (base + "/real-robots.txt", 200, len(body), hashlib.sha256(body).hexdigest(), None, None),
+        OriginFetch(
+            base + "/robots.txt", 301, 0, hashlib.sha256(b"").hexdigest(), None, None, "127.0.0.1"
+        ),
+        OriginFetch(
+            base + "/real-robots.txt",
+            200,
+            len(body),
+            hashlib.sha256(body).hexdigest(),
+            None,
+            None,
+            "127.0.0.1",  # the local address of the connection the answer came on
+        ),
     ]
 
 
@@ -232,8 +243,8 @@ async def test_through_an_upstream_proxy_the_guard_still_decides_and_the_proxy_i
     fetched: list[tuple[str | None, str | None]] = []
     down = UpstreamProxy(name="pool-a", url=f"http://127.0.0.1:{free_port()}")  # nothing there
 
-    def record(url: str, status: int | None, n: int, h: str | None, e: str | None, via: str | None):
-        fetched.append((e, via))
+    def record(fetch: OriginFetch) -> None:
+        fetched.append((fetch.error, fetch.upstream_proxy))
 
     async with origin_server({"/robots.txt": "User-agent: *\nAllow: /\n"}) as site:
         f = fetcher(guard=AddressGuard(), upstream_proxies=[down], on_fetch=record)

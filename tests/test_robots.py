@@ -343,7 +343,7 @@ async def test_five_redirects_are_followed() -> None:
     fetched: list[tuple[str, int | None]] = []
     routes = redirect_chain(5, "User-agent: *\nDisallow: /\n")
     async with origin_server(routes) as site:
-        checks = make_checks(on_fetch=lambda url, status, *_: fetched.append((url, status)))
+        checks = make_checks(on_fetch=lambda f: fetched.append((f.url, f.status)))
         try:
             _decision, signals = await robots_decision(checks, site.origin() + "/x")
         finally:
@@ -384,7 +384,7 @@ async def test_a_redirect_to_a_private_address_is_refused_by_the_ssrf_guard() ->
     fetched: list[tuple[str, str | None]] = []
     routes = {"/robots.txt": web.Response(status=302, headers={"Location": "http://10.1.2.3/x"})}
     async with origin_server(routes) as site:
-        checks = make_checks(on_fetch=lambda url, s, n, h, error, via: fetched.append((url, error)))
+        checks = make_checks(on_fetch=lambda f: fetched.append((f.url, f.error)))
         try:
             _decision, signals = await robots_decision(checks, site.origin() + "/x")
         finally:
@@ -398,7 +398,7 @@ async def test_an_oversized_file_is_read_up_to_the_limit() -> None:
     fetched: list[int] = []
     body = "User-agent: *\nDisallow: /early\n" + ("#" * 999 + "\n") * 600 + "Disallow: /late\n"
     async with origin_server({"/robots.txt": body}) as site:
-        checks = make_checks(on_fetch=lambda url, status, size, *_: fetched.append(size))
+        checks = make_checks(on_fetch=lambda f: fetched.append(f.body_bytes))
         try:
             early, _ = await robots_decision(checks, site.origin() + "/early")
             late, _ = await robots_decision(checks, site.origin() + "/late")

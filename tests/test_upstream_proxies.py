@@ -164,6 +164,7 @@ def test_the_gateways_own_fetches_leave_through_the_pool(
         f"https://site-b.test:{tls_site.port}/.well-known/tdmrep.json",  # TDMRep: on (default)
     }
     assert all(r["upstream_proxy"] in pool and r["status"] == 200 for r in own.values()), own
+    assert all(r["egress_ip"] == "127.0.0.1" for r in own.values()), own  # to the proxy
     # Each robots.txt reached its site once, through a proxy of the pool: plain HTTP as a
     # request the proxy forwarded, HTTPS as a tunnel (TLS checked against the site's name).
     assert site.count("/robots.txt") == 1 and tls_site.count("/robots.txt") == 1

@@ -39,7 +39,7 @@ def _env_flag(flag: str) -> bool:
 # `run` restarts itself under `python -O`: mitmproxy type-checks every field of every HTTP message
 # and every event its layers receive inside `if __debug__:` blocks, debug aids that validate
 # nothing a client or site sends, and -O compiles them (and every `assert`) out. Measured in
-# bench/README.md: ~10 % less CPU per request. `--debug-checks` keeps them, e.g. to chase a
+# bench/README.md: 11-13 % less CPU per request. `--debug-checks` keeps them, e.g. to chase a
 # mitmproxy bug.
 def run_optimized(debug_checks: bool) -> None:
     """Replace this process with the same command under `python -O`, unless it already runs so
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,  # then CRAWLWARDEN_DEBUG_CHECKS, read by `run` only (main)
         help="keep Python's assert statements and mitmproxy's debug-only checks (the gateway "
-        "otherwise restarts itself under python -O; ~10%% more CPU per request) "
+        "otherwise restarts itself under python -O; ~13%% more CPU per request) "
         "[CRAWLWARDEN_DEBUG_CHECKS=1]",
     )
 

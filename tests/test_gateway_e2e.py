@@ -440,7 +440,7 @@ def test_the_gateway_shortens_the_gil_switch_interval(gateway: Gateway):
 
 def test_the_gateway_restarts_itself_under_python_optimize(gateway: Gateway):
     # mitmproxy's `if __debug__:` checks (a type check of every field of every HTTP message)
-    # cost ~10 % of the CPU per request (bench/README.md); -O compiles them out. The same
+    # cost 11-13 % of the CPU per request (bench/README.md); -O compiles them out. The same
     # process carries on (exec): the pid a supervisor started is the gateway's.
     started = [json.loads(line) for line in gateway.logs().splitlines() if '"started"' in line]
     assert len(started) == 1 and started[0]["python_optimize"] == 1

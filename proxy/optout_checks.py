@@ -29,9 +29,9 @@ from proxy.originfiles import OnFetch
 from proxy.originfiles import OriginFile
 from proxy.originfiles import OriginFileCache
 from proxy.originfiles import OriginFileFetcher
-from proxy.originfiles import ProxyRoute
 from proxy.originfiles import origin_of
 from proxy.policy import Crawler
+from proxy.policy import UpstreamProxy
 from proxy.robots import ALLOW_ALL
 from proxy.robots import DISALLOW_ALL
 from proxy.robots import PARSE_LIMIT
@@ -149,7 +149,7 @@ class OptOutChecks:
         ttl: float = DAY,
         error_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
-        upstream_proxies: Sequence[ProxyRoute] = (),
+        upstream_proxies: Sequence[UpstreamProxy] = (),
     ):
         self.crawler = crawler
         self._resolver = GuardedResolver(resolver, guard)
@@ -181,7 +181,7 @@ class OptOutChecks:
         crawler: Crawler,
         resolver: Resolver,
         guard: AddressGuard,
-        upstream_proxies: Sequence[ProxyRoute],
+        upstream_proxies: Sequence[UpstreamProxy],
     ) -> None:
         """A reloaded policy: new tokens re-parse robots.txt, new network rules guard fetches,
         the egress pool they leave through follows the policy's."""

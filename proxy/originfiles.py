@@ -48,6 +48,7 @@ from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from proxy import metrics
+from proxy.policy import UpstreamProxy
 from proxy.sites import normalize_host
 from proxy.ssrf import AddressGuard
 from proxy.ssrf import ResolutionError
@@ -72,13 +73,6 @@ class OriginFetch:
 
 
 type OnFetch = Callable[[OriginFetch], None]
-
-
-class ProxyRoute(Protocol):
-    """An upstream proxy of the policy's pool (proxy.policy.UpstreamProxy)."""
-
-    name: str
-    url: str
 
 
 DAY = 24 * 3600.0
@@ -303,7 +297,7 @@ class OriginFileFetcher:
         ttl: float = DAY,
         error_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
-        upstream_proxies: Sequence[ProxyRoute] = (),
+        upstream_proxies: Sequence[UpstreamProxy] = (),
     ):
         self.resolver = resolver
         self.upstream_proxies = list(upstream_proxies)
@@ -485,7 +479,7 @@ class OriginFileFetcher:
         self._report(str(url), status, body, None, via, egress_ip)
         return status, head, body, truncated
 
-    def _next_proxy(self) -> ProxyRoute | None:
+    def _next_proxy(self) -> UpstreamProxy | None:
         pool = self.upstream_proxies
         if not pool:
             return None

@@ -1,7 +1,8 @@
 """mitmproxy as the gateway runs it, minus the gateway: the floor that governance adds to.
 
-The same Master, the same curated addon list (`proxy.app.gateway_addons()`) and the same options
-(`proxy.app.mitmproxy_options()`) as `crawlwarden run`, without the crawlwarden addon. The
+The same Master, the same curated addon list (`proxy.app.gateway_addons()`), the same options
+(`proxy.app.mitmproxy_options()`) and the same change to mitmproxy's streams
+(`addons/stream_release.py`) as `crawlwarden run`, without the crawlwarden addon. The
 benchmark reports it beside bare `mitmdump` so that the cost of governance (this -> crawlwarden)
 is told apart from the saving of the curated addon list (mitmdump -> this).
 
@@ -33,6 +34,12 @@ async def serve(args: argparse.Namespace) -> None:
         upstream_trusted_ca=Path(args.trusted_ca) if args.trusted_ca else None,
     )
     Path(args.confdir).mkdir(parents=True, exist_ok=True)
+    try:
+        from addons import stream_release
+    except ImportError:  # an older checkout (--trees) that does not have it
+        pass
+    else:
+        stream_release.install()
     master = Master(options.Options(), with_termlog=False)
     master.addons.add(*gateway_addons())
     master.options.update(**mitmproxy_options(settings))

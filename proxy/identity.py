@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from proxy.policy import Policy
-from proxy.policy import Team
 
 _NO_DIGEST = bytes(32)
 
@@ -56,8 +55,10 @@ class Identity:
 
 class TeamDirectory:
     def __init__(self, policy: Policy):
-        self._teams: dict[str, tuple[bytes, Team]] = {
-            t.name: (t.token_digest(), t) for t in policy.teams
+        # Each team's identity made once per policy, not per request.
+        self._teams: dict[str, tuple[bytes, Identity]] = {
+            t.name: (t.token_digest(), Identity(t.name, frozenset(t.projects), t.upstream_proxy))
+            for t in policy.teams
         }
 
     def authenticate(self, header: str | None) -> Identity | None:
@@ -70,8 +71,7 @@ class TeamDirectory:
         ok = hmac.compare_digest(digest, entry[0] if entry else _NO_DIGEST)
         if not ok or entry is None:
             return None
-        team = entry[1]
-        return Identity(team.name, frozenset(team.projects), team.upstream_proxy)
+        return entry[1]
 
 
 class AdminDirectory:

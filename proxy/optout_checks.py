@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from proxy import imagemeta
 from proxy import optout
 from proxy import tdmrep
+from proxy import units
 from proxy.decision import Decision
 from proxy.governor import RequestContext
 from proxy.optout import Kind
@@ -31,6 +32,7 @@ from proxy.originfiles import OriginFileCache
 from proxy.originfiles import OriginFileFetcher
 from proxy.originfiles import origin_of
 from proxy.policy import Crawler
+from proxy.policy import Network
 from proxy.policy import UpstreamProxy
 from proxy.robots import ALLOW_ALL
 from proxy.robots import DISALLOW_ALL
@@ -150,6 +152,7 @@ class OptOutChecks:
         error_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
         upstream_proxies: Sequence[UpstreamProxy] = (),
+        network: Network | None = None,
     ):
         self.crawler = crawler
         self._resolver = GuardedResolver(resolver, guard)
@@ -168,6 +171,8 @@ class OptOutChecks:
             clock=clock,
             upstream_proxies=upstream_proxies,
         )
+        if network is not None:
+            self._use_network(network)
         self._clock = clock
         self._robots: dict[str, RobotsEntry] = {}
         self._tdm: dict[str, TdmEntry] = {}
@@ -182,9 +187,10 @@ class OptOutChecks:
         resolver: Resolver,
         guard: AddressGuard,
         upstream_proxies: Sequence[UpstreamProxy],
+        network: Network,
     ) -> None:
         """A reloaded policy: new tokens re-parse robots.txt, new network rules guard fetches,
-        the egress pool they leave through follows the policy's."""
+        the egress pool they leave through and their timeouts follow the policy's."""
         if list(crawler.robots_tokens) != list(self.crawler.robots_tokens):
             self._robots.clear()
         self.crawler = crawler
@@ -193,6 +199,13 @@ class OptOutChecks:
         self._resolver.resolver = resolver
         self._resolver.guard = guard
         self.fetcher.upstream_proxies = list(upstream_proxies)
+        self._use_network(network)
+
+    def _use_network(self, network: Network) -> None:
+        self.fetcher.use_timeouts(
+            connect=units.parse_duration(network.connect_timeout),
+            read=units.parse_duration(network.response_timeout),
+        )
 
     # -- per-origin files --------------------------------------------------------------------
 

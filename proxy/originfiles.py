@@ -309,6 +309,7 @@ class OriginFileFetcher:
             ssl_context = ssl.create_default_context(cafile=cafile)
         self._ssl = ssl_context
         self._on_fetch = on_fetch
+        self._total_timeout = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_redirects = max_redirects
         self._limit = limit
@@ -318,6 +319,26 @@ class OriginFileFetcher:
         self._session: aiohttp.ClientSession | None = None
         self._proxied_session: aiohttp.ClientSession | None = None
         self._flights: dict[str, asyncio.Task[OriginFile]] = {}
+
+    def use_timeouts(self, *, connect: float, read: float) -> None:
+        """The policy's `network.connect_timeout` and `network.response_timeout` for these
+        fetches too, each within the fetch's own total (a request that needs the file waits
+        for it: never longer than the total, whatever the policy allows a site)."""
+        total = self._total_timeout
+        self._timeout = aiohttp.ClientTimeout(
+            total=total, sock_connect=min(connect, total), sock_read=min(read, total)
+        )
+
+    def _timeout_message(self, e: TimeoutError) -> str:
+        """Which limit a timed-out fetch ran into, named as the policy names it."""
+        t = self._timeout
+        if isinstance(e, aiohttp.ConnectionTimeoutError) and t.sock_connect is not None:
+            return f"timed out: no connection within {t.sock_connect:g}s (network.connect_timeout)"
+        if isinstance(e, aiohttp.SocketTimeoutError) and t.sock_read is not None:
+            return (
+                f"timed out: the site sent nothing for {t.sock_read:g}s (network.response_timeout)"
+            )
+        return f"timed out: not complete within {t.total:g}s"
 
     async def get(self, origin: str, path: str) -> OriginFile:
         """The file at `path` on `origin`, from the cache or fetched once for all waiters."""
@@ -473,7 +494,8 @@ class OriginFileFetcher:
                 if 200 <= status < 300:
                     body, truncated = await self._read(resp)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            message = _error_message(e)
+            message = self._timeout_message(e) if isinstance(e, TimeoutError) else None
+            message = message or _error_message(e)
             self._report(str(url), None, b"", message, via, egress_ip)
             return message
         self._report(str(url), status, body, None, via, egress_ip)

@@ -143,6 +143,7 @@ class Runtime:
             cafile=str(settings.upstream_trusted_ca) if settings.upstream_trusted_ca else None,
             on_fetch=self._record_gateway_fetch,
             upstream_proxies=policy.egress.upstream_proxies,
+            network=policy.network,
         )
         self.governor.prefetch_checks = [self.optouts.robots, self.optouts.tdmrep]
         self._crawl_delays: dict[str, dict[str, float]] = {}
@@ -274,7 +275,11 @@ class Runtime:
         policy = compiled.loaded.policy
         self.governor.use_policy(compiled)
         self.optouts.use_policy(
-            policy.crawler, compiled.resolver, compiled.guard, policy.egress.upstream_proxies
+            policy.crawler,
+            compiled.resolver,
+            compiled.guard,
+            policy.egress.upstream_proxies,
+            policy.network,
         )
         self.budgets.use_policy_version(compiled.version)
         self.fetch_log.spool_max_bytes = _spool_limit(compiled)

@@ -135,6 +135,8 @@ class LocalCA:
     ca_cert: Path = field(init=False)
     server_cert: Path = field(init=False)
     server_key: Path = field(init=False)
+    _ca_key: ec.EllipticCurvePrivateKey = field(init=False, repr=False)
+    _ca_name: x509.Name = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -169,36 +171,9 @@ class LocalCA:
             )
             .sign(ca_key, hashes.SHA256())
         )
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site.test")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("*.test"),
-                        x509.DNSName("localhost"),
-                        *[x509.DNSName(f"site-{c}.test") for c in "abcdefgh"],
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    ]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        self._ca_key, self._ca_name = ca_key, ca_name
+        names = ["*.test", "localhost", *[f"site-{c}.test" for c in "abcdefgh"]]
+        cert, key = self._leaf(names, with_loopback_ip=True)
         self.ca_cert = self.directory / "ca.pem"
         self.server_cert = self.directory / "server.pem"
         self.server_key = self.directory / "server.key"
@@ -216,6 +191,52 @@ class LocalCA:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.server_cert, self.server_key)
         return ctx
+
+    def server_context_for(self, *names: str) -> ssl.SSLContext:
+        """A server context whose certificate (from this CA) names `names` and no address: a
+        client that checked the address it connected to instead of the name would refuse it."""
+        cert, key = self._leaf(list(names), with_loopback_ip=False)
+        stem = self.directory / ("leaf-" + "-".join(n.replace("*", "star") for n in names))
+        stem.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        stem.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(stem.with_suffix(".pem"), stem.with_suffix(".key"))
+        return ctx
+
+    def _leaf(
+        self, names: list[str], *, with_loopback_ip: bool
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        now = dt.datetime.now(dt.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+        if with_loopback_ip:
+            alt.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self._ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
+                critical=False,
+            )
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        return cert, key
 
 
 # -- a loopback site -------------------------------------------------------------------------
@@ -248,7 +269,9 @@ class Site:
     as JSON (method, path, headers), so tests can see exactly what reached the site.
     """
 
-    def __init__(self, tls: LocalCA | None = None):
+    def __init__(self, tls: LocalCA | None = None, *, names: tuple[str, ...] = ()):
+        """`names`: serve a certificate for these names only (no address) instead of the CA's
+        usual one for every test name and 127.0.0.1."""
         self.tls = tls
         self.routes: dict[str, Reply | Callable[[Seen], Reply]] = {}
         self.seen: list[Seen] = []
@@ -322,7 +345,7 @@ class Site:
                 pass  # clients that hang up are part of the tests
 
         if tls is not None:
-            self._tls_context = tls.server_context()
+            self._tls_context = tls.server_context_for(*names) if names else tls.server_context()
         self.server = Server(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

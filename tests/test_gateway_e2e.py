@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -162,6 +164,63 @@ def test_https_fetch_through_connect_is_recorded(gateway: Gateway, tls_site: Sit
     assert rec["content_sha256"] == hashlib.sha256(b"\x89PNG..").hexdigest()
     assert rec["status"] == 200 and rec["decision"] == "forwarded"
     assert tls_site.seen[0].host == f"site-c.test:{tls_site.port}"
+
+
+def _get_through_tunnel_without_sni(gateway: Gateway, host: str, port: int, path: str) -> bytes:
+    """GET https://host:port/path through a CONNECT tunnel, TLS to the gateway without SNI (and
+    without checking the gateway's certificate: only the gateway's side is under test)."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+        auth = base64.b64encode(f"{TEAM}:{TEAM_TOKEN}".encode()).decode()
+        raw.sendall(
+            f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+        )
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE
+        with client.wrap_socket(raw, server_hostname=None) as tls:
+            tls.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nX-Crawl-Project: {PROJECT}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            return answer
+
+
+def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_address(
+    gateway: Gateway, test_ca: LocalCA
+):
+    # The gateway connects to the address it checked (127.0.0.1 here) and must still verify the
+    # site's certificate against the site's name. These certificates carry no address, so one
+    # checked against the address would fail for site-c.test and pass for nothing.
+    with Site(tls=test_ca, names=("site-c.test",)) as named:
+        right = curl(
+            named.url("site-c.test", "/a"),
+            proxy=gateway.proxy_url(),
+            cacert=gateway.ca_cert,
+            headers=PROJECT_HEADERS,
+        )
+        wrong = curl(
+            named.url("site-d.test", "/a"),
+            proxy=gateway.proxy_url(),
+            cacert=gateway.ca_cert,
+            headers=PROJECT_HEADERS,
+        )
+        # A client that sends no SNI at all: the gateway still names the site to it.
+        without_sni = _get_through_tunnel_without_sni(gateway, "site-c.test", named.port, "/b")
+        assert right.status == 200, right.stderr
+        assert wrong.status == 502, wrong.stderr
+        assert without_sni.startswith(b"HTTP/1.1 200"), without_sni[:200]
+        assert [s.path for s in named.seen] == ["/a", "/b"]  # the wrong one never got through
+    [ok, refused, ok_without_sni] = [r for r in gateway.fetch_records() if r["kind"] == "fetch"]
+    assert ok_without_sni["decision"] == "forwarded" and ok_without_sni["status"] == 200
+    assert ok["url"].startswith("https://site-c.test:") and ok["decision"] == "forwarded"
+    assert refused["url"].startswith("https://site-d.test:") and refused["status"] is None
+    assert refused["reason"] == "upstream_error", refused
+    assert "certificate" in refused["note"].lower(), refused
 
 
 def test_identity_of_a_connect_holds_for_every_request_in_the_tunnel(

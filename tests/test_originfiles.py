@@ -4,9 +4,12 @@ single flight under cancellation, and the caches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import socket
+import time
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -20,7 +23,9 @@ from proxy.originfiles import OriginFileFetcher
 from proxy.originfiles import RedisCache
 from proxy.originfiles import TargetRefused
 from proxy.originfiles import origin_of
+from proxy.policy import Network
 from proxy.policy import UpstreamProxy
+from proxy.robots import DISALLOW_ALL
 from proxy.ssrf import AddressGuard
 from proxy.ssrf import Resolver
 from tests.optout_fixtures import TOKEN
@@ -232,7 +237,7 @@ async def test_a_policy_reload_with_new_tokens_reparses() -> None:
             url = site.origin() + "/page"
             assert await checks.robots(request_context(policy, url)) is not None
             crawler = policy.crawler.model_copy(update={"robots_tokens": ["NewBot", TOKEN]})
-            checks.use_policy(crawler, static_resolver(), private_guard(), [])
+            checks.use_policy(crawler, static_resolver(), private_guard(), [], Network())
             assert await checks.robots(request_context(policy, url)) is None
         finally:
             await checks.close()
@@ -269,12 +274,108 @@ async def test_a_policy_reload_moves_the_fetches_to_its_egress_pool() -> None:
         policy = make_policy()
         checks = make_checks(policy)
         try:
-            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [down])
+            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [down], Network())
             # RFC 9309 2.3.1.4: robots.txt unreachable (through the pool): nothing allowed.
             assert await checks.robots(request_context(policy, site.origin() + "/a")) is not None
-            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [])
+            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [], Network())
             other = site.origin("site-b.test") + "/a"
             assert await checks.robots(request_context(policy, other)) is None
         finally:
             await checks.close()
         assert site.hits["/robots.txt"] == 1  # the direct fetch only
+
+
+@contextlib.asynccontextmanager
+async def connect_proxy() -> AsyncIterator[tuple[UpstreamProxy, list[str]]]:
+    """A minimal HTTP CONNECT proxy on loopback (tunnels only); the targets asked for."""
+    targets: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        assert method == "CONNECT", head
+        targets.append(target)
+        host, _, port = target.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield UpstreamProxy(name="tunnel", url=f"http://127.0.0.1:{port}"), targets
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "through-proxy"])
+async def test_https_checks_the_sites_name_not_the_address_connected_to(
+    test_ca: LocalCA, through_proxy: bool
+) -> None:
+    # The fetch connects to the address the guard checked (127.0.0.1, through the proxy's tunnel
+    # or not) and must still verify the certificate against the site's name. These certificates
+    # carry no address: one for the site's name is accepted, one for another name is not.
+    body = "User-agent: *\nDisallow: /x\n"
+    results = {}
+    async with connect_proxy() as (proxy, targets):
+        pool = [proxy] if through_proxy else []
+        for name in ("site-a.test", "other.test"):
+            tls = test_ca.server_context_for(name)
+            async with origin_server({"/robots.txt": body}, tls) as site:
+                f = fetcher(cafile=str(test_ca.ca_cert), upstream_proxies=pool)
+                try:
+                    results[name] = await f.fetch(site.origin(scheme="https") + "/robots.txt")
+                finally:
+                    await f.close()
+    right, wrong = results["site-a.test"], results["other.test"]
+    assert right.outcome == "ok" and right.body == body.encode(), right.error
+    assert wrong.outcome == "unreachable"
+    assert "site-a.test" in (wrong.error or "") and "certificate" in (wrong.error or "").lower()
+    if through_proxy:  # both went through the tunnel, to the checked address
+        assert len(targets) == 2 and all(t.startswith("127.0.0.1:") for t in targets), targets
+    else:
+        assert targets == []
+
+
+@pytest.mark.parametrize("given_by", ["start", "reload"])
+async def test_the_policys_network_timeouts_bound_the_gateways_own_fetches(given_by: str) -> None:
+    # A site that accepts and then says nothing: the fetch gives up after the policy's
+    # network.response_timeout, not after the fetch's own 10 s total.
+    released = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.Response(text="too late")
+
+    fetched: list[OriginFetch] = []
+    quick = Network(response_timeout="0.3s", connect_timeout="0.3s")
+    async with origin_server({"/robots.txt": silent}) as site:
+        policy = make_policy()
+        if given_by == "start":
+            checks = make_checks(policy, network=quick, on_fetch=fetched.append)
+        else:
+            checks = make_checks(policy, on_fetch=fetched.append)
+            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [], quick)
+        try:
+            started = time.monotonic()
+            entry = await checks.robots_entry(site.origin())
+            waited = time.monotonic() - started
+        finally:
+            released.set()
+            await checks.close()
+    assert entry.file.outcome == "unreachable"  # RFC 9309 2.3.1.4: nothing allowed
+    assert entry.rules is DISALLOW_ALL
+    assert waited < 5, waited
+    [fetch] = fetched
+    assert fetch.status is None
+    assert fetch.error == "timed out: the site sent nothing for 0.3s (network.response_timeout)"

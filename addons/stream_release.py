@@ -78,8 +78,11 @@ def _leave_context(stream: http_layers.HttpStream) -> None:
 
 def _looks_as_expected() -> bool:
     """mitmproxy's classes are as this module assumes (checked, not trusted, on an upgrade)."""
-    stream_init = inspect.getsource(http_layers.HttpStream.__init__)
-    layer_init = inspect.getsource(http_layers.HttpLayer.__init__)
+    try:
+        stream_init = inspect.getsource(http_layers.HttpStream.__init__)
+        layer_init = inspect.getsource(http_layers.HttpLayer.__init__)
+    except (OSError, TypeError):  # installed without its sources: cannot tell, change nothing
+        return False
     return (
         "self.client_state = self.state_uninitialized" in stream_init
         and "self.server_state = self.state_uninitialized" in stream_init

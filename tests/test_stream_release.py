@@ -12,6 +12,7 @@ import asyncio
 import gc
 import weakref
 
+import pytest
 from mitmproxy import options
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
@@ -78,3 +79,11 @@ def test_without_an_event_loop_a_finished_stream_is_left_to_the_collector():
     layer.streams[1] = stream
     assert layer.streams.pop(1) is stream
     assert stream.context.layers[-1] is stream
+
+
+def test_a_mitmproxy_without_its_sources_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch):
+    def no_source(obj: object) -> str:
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(stream_release.inspect, "getsource", no_source)
+    assert stream_release._looks_as_expected() is False

@@ -27,6 +27,7 @@ Breaking the cycle belongs in mitmproxy; this is the gateway's copy until it doe
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import types
 from typing import Any
@@ -80,14 +81,15 @@ def _looks_as_expected() -> bool:
     """mitmproxy's classes are as this module assumes (checked, not trusted, on an upgrade)."""
     try:
         stream_init = inspect.getsource(http_layers.HttpStream.__init__)
-        layer_init = inspect.getsource(http_layers.HttpLayer.__init__)
+        layer_init = inspect.getsource(inspect.unwrap(http_layers.HttpLayer.__init__))
     except (OSError, TypeError):  # installed without its sources: cannot tell, change nothing
         return False
+    ours_or_nothing = vars(http_layers.HttpStream).get("client_state")  # no class attribute
     return (
         "self.client_state = self.state_uninitialized" in stream_init
         and "self.server_state = self.state_uninitialized" in stream_init
         and "self.streams = {}" in layer_init
-        and "client_state" not in vars(http_layers.HttpStream)
+        and (ours_or_nothing is None or isinstance(ours_or_nothing, _StateSlot))
     )
 
 
@@ -102,6 +104,7 @@ def install() -> bool:
     http_layers.HttpStream.server_state = _StateSlot("server_state")
     original_init = http_layers.HttpLayer.__init__
 
+    @functools.wraps(original_init)
     def __init__(self: http_layers.HttpLayer, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         self.streams = _Streams(self.streams)

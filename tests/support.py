@@ -196,9 +196,10 @@ class LocalCA:
         """A server context whose certificate (from this CA) names `names` and no address: a
         client that checked the address it connected to instead of the name would refuse it."""
         cert, key = self._leaf(list(names), with_loopback_ip=False)
-        stem = self.directory / ("leaf-" + "-".join(n.replace("*", "star") for n in names))
-        stem.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        stem.with_suffix(".key").write_bytes(
+        stem = "leaf-" + "-".join(n.replace("*", "star") for n in names)
+        cert_file, key_file = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
             key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
@@ -206,7 +207,7 @@ class LocalCA:
             )
         )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(stem.with_suffix(".pem"), stem.with_suffix(".key"))
+        ctx.load_cert_chain(cert_file, key_file)
         return ctx
 
     def _leaf(

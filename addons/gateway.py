@@ -28,6 +28,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from addons.http_guard import ANSWER_NOW
+from addons.http_guard import ERROR_ANSWER
 from addons.http_guard import FORWARDED
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
@@ -534,6 +535,13 @@ class Gateway:
             elif flow.response is None or timeout is not None:
                 reason = Reason.UPSTREAM_TIMEOUT if kind == "timeout" else Reason.UPSTREAM_ERROR
                 state.decision = refuse(reason, message, site=state.site)
+                if flow.response is None and timeout is None:
+                    # HttpGuard answers a timeout itself; for the rest it sends this rather
+                    # than mitmproxy's HTML page: the reason and request id, as for refusals.
+                    refusal = render_refusal(state.decision, Outcome.FORWARDED)
+                    answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
+                    answer.headers["x-crawlwarden-request-id"] = state.id
+                    flow.metadata[ERROR_ANSWER] = answer
         self._finish(flow, state)
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:

@@ -20,6 +20,10 @@ model, so it can bound all of that without reaching into sockets:
   and the flow tagged with `TIMEOUT`, so the gateway records `upstream_timeout`. An HTTP/1 client
   that has not had the response head yet gets the gateway's 504 (else mitmproxy's 502 page, or a
   cut-off body).
+- a forwarded request that fails before the site's response head (refused, reset, TLS): an
+  HTTP/1 client gets the answer the gateway's error hook left in `ERROR_ANSWER` (its reason and
+  request id) instead of mitmproxy's HTML page. HTTP/2 clients still get mitmproxy's page: it
+  is written straight into the stream's frames, where this layer sees only bytes.
 
 All timers of a connection share one mitmproxy wakeup for the earliest deadline.
 """
@@ -62,6 +66,9 @@ log = structlog.get_logger("crawlwarden.guard")
 FORWARDED = "crawlwarden.forwarded"  # request id of a flow the gateway forwards: deadlines apply
 ANSWER_NOW = "crawlwarden.answer_now"  # refused with its body still to come: answer, then close
 TIMEOUT = "crawlwarden.timeout"  # set here: which deadline closed the upstream connection
+# The gateway's answer (an http.Response) for a forwarded flow that failed before the site's
+# response head: sent to an HTTP/1 client instead of mitmproxy's own HTML error page.
+ERROR_ANSWER = "crawlwarden.error_answer"
 
 # How long a refused request's body is read and discarded after the answer went out.
 LINGER_SECONDS = 2.0
@@ -96,6 +103,14 @@ class Limits(NamedTuple):
         return math.ceil(max(self.connect, self.response, self.idle_client)) + 1
 
 
+def _to(command: commands.Command, client: connection.Client) -> bool:
+    """A command that writes to or closes the client connection."""
+    return (
+        isinstance(command, commands.SendData | commands.CloseConnection)
+        and command.connection is client
+    )
+
+
 def guard_http_layers(top: layer.Layer, limits: Callable[[], Limits]) -> layer.Layer:
     """`top` (a layer chosen in next_layer) with its HTTP layer, if any, under an HttpGuard."""
     if isinstance(top, HttpLayer):
@@ -128,6 +143,7 @@ class HttpGuard(layer.Layer):
         self._idle_round = 0
         self._tunnel = False  # a CONNECT was accepted: the tunnel's own guard takes over
         self._draining = False  # answered now; the rest of the request is discarded
+        self._failing: http.HTTPFlow | None = None  # its error hook ran: mitmproxy's page next
         if child.context.layers and _is_tunnel(child):
             _guarded_tunnels.add(self.client)
 
@@ -151,6 +167,8 @@ class HttpGuard(layer.Layer):
         if isinstance(event, events.Start):
             self._idle()
         for command in self.child.handle_event(event):
+            if self._failing is not None and _to(command, self.client):
+                command = self._error_answer(command)
             self._observe_command(command)
             yield command
         yield from self._observe_event(event)
@@ -166,6 +184,8 @@ class HttpGuard(layer.Layer):
             self._add(self.limits().connect, "connect", server, server)
         elif isinstance(command, HttpRequestHeadersHook | HttpConnectHook):
             self._in_flight[command.flow.id] = command.flow
+        elif isinstance(command, HttpErrorHook):
+            self._failing = command.flow
 
     def _observe_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
@@ -258,6 +278,22 @@ class HttpGuard(layer.Layer):
             conn.buf = type(conn.buf)()  # drop what was held, then the connection
             self._draining = True
             yield commands.CloseConnection(self.client)
+
+    def _error_answer(self, command: commands.Command) -> commands.Command:
+        """What mitmproxy sends the client after a flow's error hook (its HTML error page when
+        the response head had not gone out, else it closes the connection): the gateway's
+        answer instead, with its reason and request id, when the gateway left one."""
+        flow, self._failing = self._failing, None
+        answer = flow.metadata.pop(ERROR_ANSWER, None) if flow is not None else None
+        conn = self.child.connections.get(self.client)
+        if (
+            answer is None
+            or not isinstance(command, commands.SendData)
+            or not isinstance(conn, Http1Server)
+        ):
+            return command
+        answer.headers["Connection"] = "close"  # mitmproxy closes it next, as after its page
+        return commands.SendData(self.client, http1.assemble_response(answer))
 
     def _answer_now(self, answer: http.Response) -> layer.CommandGenerator[None]:
         conn = self.child.connections.get(self.client)

@@ -208,18 +208,31 @@ def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_addres
             proxy=gateway.proxy_url(),
             cacert=gateway.ca_cert,
             headers=PROJECT_HEADERS,
+            extra=["--http1.1"],  # the gateway's own answer; over HTTP/2 it is mitmproxy's page
+        )
+        wrong_h2 = curl(
+            named.url("site-d.test", "/a"),
+            proxy=gateway.proxy_url(),
+            cacert=gateway.ca_cert,
+            headers=PROJECT_HEADERS,
         )
         # A client that sends no SNI at all: the gateway still names the site to it.
         without_sni = _get_through_tunnel_without_sni(gateway, "site-c.test", named.port, "/b")
         assert right.status == 200, right.stderr
         assert wrong.status == 502, wrong.stderr
+        assert wrong.headers["x-crawlwarden-reason"] == "upstream_error"
+        assert "certificate" in wrong.json()["detail"].lower()
+        assert wrong_h2.status == 502, wrong_h2.stderr
         assert without_sni.startswith(b"HTTP/1.1 200"), without_sni[:200]
         assert [s.path for s in named.seen] == ["/a", "/b"]  # the wrong one never got through
-    [ok, refused, ok_without_sni] = [r for r in gateway.fetch_records() if r["kind"] == "fetch"]
+    fetches = [r for r in gateway.fetch_records() if r["kind"] == "fetch"]
+    [ok, refused, refused_h2, ok_without_sni] = fetches
     assert ok_without_sni["decision"] == "forwarded" and ok_without_sni["status"] == 200
     assert ok["url"].startswith("https://site-c.test:") and ok["decision"] == "forwarded"
     assert refused["url"].startswith("https://site-d.test:") and refused["status"] is None
     assert refused["reason"] == "upstream_error", refused
+    assert refused["id"] == wrong.headers["x-crawlwarden-request-id"]
+    assert refused_h2["reason"] == "upstream_error" and refused_h2["status"] is None
     assert "certificate" in refused["note"].lower(), refused
 
 

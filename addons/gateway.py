@@ -33,6 +33,7 @@ from addons.http_guard import FORWARDED
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
 from addons.http_guard import guard_http_layers
+from addons.http_guard import refusal_response
 from addons.streaming import ResponseStream
 from proxy import inputs
 from proxy import metrics
@@ -45,7 +46,6 @@ from proxy.decision import Decision
 from proxy.decision import Outcome
 from proxy.decision import Reason
 from proxy.decision import refuse
-from proxy.decision import render_refusal
 from proxy.governor import RequestContext
 from proxy.identity import Identity
 from proxy.optout_checks import ROBOTS_PATH
@@ -502,8 +502,7 @@ class Gateway:
             # The status line has gone out: deliver nothing more, break the transfer.
             flow.kill()
             return
-        refusal = render_refusal(assessment.decision, Outcome.WITHHELD)
-        flow.response = http.Response.make(refusal.status, refusal.body, refusal.headers)
+        flow.response = refusal_response(assessment.decision, Outcome.WITHHELD)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)
@@ -538,10 +537,9 @@ class Gateway:
                 if flow.response is None and timeout is None:
                     # HttpGuard answers a timeout itself; for the rest it sends this rather
                     # than mitmproxy's HTML page: the reason and request id, as for refusals.
-                    refusal = render_refusal(state.decision, Outcome.FORWARDED)
-                    answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
-                    answer.headers["x-crawlwarden-request-id"] = state.id
-                    flow.metadata[ERROR_ANSWER] = answer
+                    flow.metadata[ERROR_ANSWER] = refusal_response(
+                        state.decision, Outcome.FORWARDED, state.id
+                    )
         self._finish(flow, state)
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
@@ -627,11 +625,8 @@ class Gateway:
             req.headers.fields = kept
 
     def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
-        refusal = render_refusal(decision)
-        flow.response = http.Response.make(refusal.status, refusal.body, refusal.headers)
         state: FlowState | None = flow.metadata.get(META)
-        if state is not None:
-            flow.response.headers["x-crawlwarden-request-id"] = state.id
+        flow.response = refusal_response(decision, request_id=state.id if state else None)
 
     def _choose_upstream_proxy(
         self, flow: http.HTTPFlow, identity: Identity, state: FlowState

@@ -54,6 +54,7 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
 from proxy import units
+from proxy.decision import Decision
 from proxy.decision import Outcome
 from proxy.decision import Reason
 from proxy.decision import refuse
@@ -101,6 +102,17 @@ class Limits(NamedTuple):
         """mitmproxy's `tcp_timeout` (no event at all on a connection): a backstop just above
         the deadlines this layer enforces, so they always fire first."""
         return math.ceil(max(self.connect, self.response, self.idle_client)) + 1
+
+
+def refusal_response(
+    decision: Decision, outcome: Outcome = Outcome.REFUSED, request_id: str | None = None
+) -> http.Response:
+    """The gateway's own answer for a decision (proxy.decision.render_refusal) as a response."""
+    refusal = render_refusal(decision, outcome)
+    answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
+    if request_id is not None:
+        answer.headers["x-crawlwarden-request-id"] = request_id
+    return answer
 
 
 def _to(command: commands.Command, client: connection.Client) -> bool:
@@ -264,14 +276,13 @@ class HttpGuard(layer.Layer):
                 client_ip=_peer(self.client),
                 limit=limit,
             )
-            refusal = render_refusal(
+            answer = refusal_response(
                 refuse(
                     Reason.HEADERS_TOO_LARGE,
                     f"the request head is larger than {limit} bytes "
                     "(network.max_request_header_bytes)",
                 )
             )
-            answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
             answer.headers["Connection"] = "close"
             yield commands.SendData(self.client, http1.assemble_response(answer))
         if conn.state in (conn.read_headers, conn.wait):
@@ -395,13 +406,12 @@ class HttpGuard(layer.Layer):
         head_sent = flow.response is not None and bool(flow.response.stream)
         if not isinstance(conn, Http1Server) or head_sent or self._draining:
             return
-        refusal = render_refusal(
+        answer = refusal_response(
             refuse(Reason.UPSTREAM_TIMEOUT, detail, rule=f"network.{kind}_timeout"),
             Outcome.FORWARDED,  # it was: the site did not answer in time
+            str(flow.metadata.get(FORWARDED)),
         )
-        answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
         answer.headers["Connection"] = "close"
-        answer.headers["x-crawlwarden-request-id"] = str(flow.metadata.get(FORWARDED))
         self._draining = True
         yield commands.SendData(self.client, http1.assemble_response(answer))
         yield commands.CloseConnection(self.client)

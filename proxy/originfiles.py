@@ -494,8 +494,7 @@ class OriginFileFetcher:
                 if 200 <= status < 300:
                     body, truncated = await self._read(resp)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            message = self._timeout_message(e) if isinstance(e, TimeoutError) else None
-            message = message or _error_message(e)
+            message = self._timeout_message(e) if isinstance(e, TimeoutError) else _error_message(e)
             self._report(str(url), None, b"", message, via, egress_ip)
             return message
         self._report(str(url), status, body, None, via, egress_ip)
@@ -590,6 +589,4 @@ def _error_message(e: BaseException) -> str:
         if isinstance(cause, TargetRefused):
             return str(cause)
         cause = cause.__cause__ or cause.__context__
-    if isinstance(e, TimeoutError | asyncio.TimeoutError):
-        return "timed out"
     return f"{type(e).__name__}: {e}"

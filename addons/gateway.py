@@ -532,14 +532,16 @@ class Gateway:
                     site=state.site,
                 )
             elif flow.response is None or timeout is not None:
-                reason = Reason.UPSTREAM_TIMEOUT if kind == "timeout" else Reason.UPSTREAM_ERROR
-                state.decision = refuse(reason, message, site=state.site)
-                if flow.response is None and timeout is None:
-                    # HttpGuard answers a timeout itself; for the rest it sends this rather
-                    # than mitmproxy's HTML page: the reason and request id, as for refusals.
-                    flow.metadata[ERROR_ANSWER] = refusal_response(
-                        state.decision, Outcome.FORWARDED, state.id
-                    )
+                if timeout is not None:
+                    reason, rule = Reason.UPSTREAM_TIMEOUT, f"network.{timeout[0]}_timeout"
+                else:
+                    reason, rule = Reason.UPSTREAM_ERROR, None
+                state.decision = refuse(reason, message, rule=rule, site=state.site)
+                # HttpGuard sends this where mitmproxy would send its HTML error page (no
+                # response head has gone out): the reason and request id, as for refusals.
+                flow.metadata[ERROR_ANSWER] = refusal_response(
+                    state.decision, Outcome.FORWARDED, state.id
+                )
         self._finish(flow, state)
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:

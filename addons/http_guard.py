@@ -17,19 +17,20 @@ model, so it can bound all of that without reaching into sockets:
   drained and discarded for a moment (a "lingering close", so the client reads the answer).
 - `connect_timeout`, `response_timeout` (the longest a site may stay silent mid-exchange) and
   `transfer_timeout` (request complete to response complete): the upstream connection is closed
-  and the flow tagged with `TIMEOUT`, so the gateway records `upstream_timeout`. An HTTP/1 client
-  that has not had the response head yet gets the gateway's 504 (else mitmproxy's 502 page, or a
-  cut-off body).
-- a forwarded request that fails before the site's response head (refused, reset, TLS): an
-  HTTP/1 client gets the answer the gateway's error hook left in `ERROR_ANSWER` (its reason and
-  request id) instead of mitmproxy's HTML page. HTTP/2 clients still get mitmproxy's page: it
-  is written straight into the stream's frames, where this layer sees only bytes.
+  and the flow tagged with `TIMEOUT`, so the gateway records and answers `upstream_timeout` (a
+  client that already has the response head gets a cut-off body).
+- a forwarded request that fails before its response head went out to the client (refused,
+  reset, TLS, or closed at one of the deadlines above): the client gets the answer the
+  gateway's error hook left in `ERROR_ANSWER` (502 `upstream_error` or 504 `upstream_timeout`,
+  with the reason and request id) where mitmproxy would send its HTML error page, over HTTP/1
+  (then the connection is closed, as after mitmproxy's page) and HTTP/2 (on that stream only).
 
 All timers of a connection share one mitmproxy wakeup for the earliest deadline.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
@@ -40,6 +41,7 @@ from typing import NamedTuple
 import structlog
 from mitmproxy import connection
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
@@ -50,7 +52,12 @@ from mitmproxy.proxy.layers.http import HttpErrorHook
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.proxy.layers.http import HttpResponseHook
+from mitmproxy.proxy.layers.http import ResponseData
+from mitmproxy.proxy.layers.http import ResponseEndOfMessage
+from mitmproxy.proxy.layers.http import ResponseHeaders
+from mitmproxy.proxy.layers.http import ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
 from proxy import units
@@ -67,8 +74,8 @@ log = structlog.get_logger("crawlwarden.guard")
 FORWARDED = "crawlwarden.forwarded"  # request id of a flow the gateway forwards: deadlines apply
 ANSWER_NOW = "crawlwarden.answer_now"  # refused with its body still to come: answer, then close
 TIMEOUT = "crawlwarden.timeout"  # set here: which deadline closed the upstream connection
-# The gateway's answer (an http.Response) for a forwarded flow that failed before the site's
-# response head: sent to an HTTP/1 client instead of mitmproxy's own HTML error page.
+# The gateway's answer (an http.Response) for a forwarded flow that failed (upstream_error or
+# upstream_timeout): sent instead of mitmproxy's own HTML error page (see _answer_errors).
 ERROR_ANSWER = "crawlwarden.error_answer"
 
 # How long a refused request's body is read and discarded after the answer went out.
@@ -115,14 +122,6 @@ def refusal_response(
     return answer
 
 
-def _to(command: commands.Command, client: connection.Client) -> bool:
-    """A command that writes to or closes the client connection."""
-    return (
-        isinstance(command, commands.SendData | commands.CloseConnection)
-        and command.connection is client
-    )
-
-
 def guard_http_layers(top: layer.Layer, limits: Callable[[], Limits]) -> layer.Layer:
     """`top` (a layer chosen in next_layer) with its HTTP layer, if any, under an HttpGuard."""
     if isinstance(top, HttpLayer):
@@ -155,7 +154,6 @@ class HttpGuard(layer.Layer):
         self._idle_round = 0
         self._tunnel = False  # a CONNECT was accepted: the tunnel's own guard takes over
         self._draining = False  # answered now; the rest of the request is discarded
-        self._failing: http.HTTPFlow | None = None  # its error hook ran: mitmproxy's page next
         if child.context.layers and _is_tunnel(child):
             _guarded_tunnels.add(self.client)
 
@@ -179,10 +177,10 @@ class HttpGuard(layer.Layer):
         if isinstance(event, events.Start):
             self._idle()
         for command in self.child.handle_event(event):
-            if self._failing is not None and _to(command, self.client):
-                command = self._error_answer(command)
             self._observe_command(command)
             yield command
+        if isinstance(event, events.Start):
+            _answer_errors(self.child)
         yield from self._observe_event(event)
         yield from self._arm()
 
@@ -196,8 +194,6 @@ class HttpGuard(layer.Layer):
             self._add(self.limits().connect, "connect", server, server)
         elif isinstance(command, HttpRequestHeadersHook | HttpConnectHook):
             self._in_flight[command.flow.id] = command.flow
-        elif isinstance(command, HttpErrorHook):
-            self._failing = command.flow
 
     def _observe_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
@@ -290,22 +286,6 @@ class HttpGuard(layer.Layer):
             self._draining = True
             yield commands.CloseConnection(self.client)
 
-    def _error_answer(self, command: commands.Command) -> commands.Command:
-        """What mitmproxy sends the client after a flow's error hook (its HTML error page when
-        the response head had not gone out, else it closes the connection): the gateway's
-        answer instead, with its reason and request id, when the gateway left one."""
-        flow, self._failing = self._failing, None
-        answer = flow.metadata.pop(ERROR_ANSWER, None) if flow is not None else None
-        conn = self.child.connections.get(self.client)
-        if (
-            answer is None
-            or not isinstance(command, commands.SendData)
-            or not isinstance(conn, Http1Server)
-        ):
-            return command
-        answer.headers["Connection"] = "close"  # mitmproxy closes it next, as after its page
-        return commands.SendData(self.client, http1.assemble_response(answer))
-
     def _answer_now(self, answer: http.Response) -> layer.CommandGenerator[None]:
         conn = self.child.connections.get(self.client)
         if not isinstance(conn, Http1Server):
@@ -373,7 +353,7 @@ class HttpGuard(layer.Layer):
         for flow, _ in list(self._forwarded.values()):
             if flow.response is None and server.address in _targets(flow):
                 detail = f"no connection to the site within {self.limits().connect:g}s"
-                yield from self._give_up(flow, "connect", detail)
+                self._give_up(flow, "connect", detail)
         self._opening.discard(server)
         yield commands.CloseConnection(server)
 
@@ -387,7 +367,7 @@ class HttpGuard(layer.Layer):
             self._deadlines[("silence", flow.id)] = (heard + limit, flow)
             return
         waited = "response headers" if flow.response is None else "more of the response body"
-        yield from self._give_up(flow, "response", f"the site sent no {waited} for {limit:g}s")
+        self._give_up(flow, "response", f"the site sent no {waited} for {limit:g}s")
         yield from self._close_upstream(flow)
 
     def _expire_transfer(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
@@ -396,25 +376,14 @@ class HttpGuard(layer.Layer):
         if flow.response is not None and flow.response.timestamp_end:
             return
         detail = f"the exchange with the site took longer than {self.limits().transfer:g}s"
-        yield from self._give_up(flow, "transfer", detail)
+        self._give_up(flow, "transfer", detail)
         yield from self._close_upstream(flow)
 
-    def _give_up(self, flow: http.HTTPFlow, kind: str, detail: str) -> layer.CommandGenerator[None]:
-        """Tag the flow for the record; answer an HTTP/1 client that has no response head yet."""
+    @staticmethod
+    def _give_up(flow: http.HTTPFlow, kind: str, detail: str) -> None:
+        """Tag the flow: closing its upstream connection next ends it in the gateway's error
+        hook, which records and answers `upstream_timeout` with this."""
         flow.metadata.setdefault(TIMEOUT, (kind, detail))
-        conn = self.child.connections.get(self.client)
-        head_sent = flow.response is not None and bool(flow.response.stream)
-        if not isinstance(conn, Http1Server) or head_sent or self._draining:
-            return
-        answer = refusal_response(
-            refuse(Reason.UPSTREAM_TIMEOUT, detail, rule=f"network.{kind}_timeout"),
-            Outcome.FORWARDED,  # it was: the site did not answer in time
-            str(flow.metadata.get(FORWARDED)),
-        )
-        answer.headers["Connection"] = "close"
-        self._draining = True
-        yield commands.SendData(self.client, http1.assemble_response(answer))
-        yield commands.CloseConnection(self.client)
 
     def _transports(self, flow: http.HTTPFlow) -> list[connection.Server]:
         """The TCP connections carrying a flow: its server connection, or the connections to
@@ -431,6 +400,67 @@ class HttpGuard(layer.Layer):
         for server in self._transports(flow):
             self._opening.discard(server)
             yield commands.CloseConnection(server)
+
+
+# -- the gateway's answer instead of mitmproxy's error page -----------------------------------
+
+
+def _answer_errors(http_layer: HttpLayer) -> None:
+    """Have the client connection's handler (Http1Server or Http2Server, made by the HTTP
+    layer's Start) send a failed flow's `ERROR_ANSWER` where mitmproxy sends its own page.
+
+    A stream that fails tells the handler with a ResponseProtocolError, from which it writes an
+    HTML page straight into the connection (HTTP/1) or the stream's frames (HTTP/2): this layer
+    would see only bytes. The handler's `handle_event` is shadowed on the instance; it holds the
+    layer and itself weakly, so no reference cycle outlives the connection.
+    """
+    handler = http_layer.connections.get(http_layer.context.client)
+    if isinstance(handler, Http1Server | Http2Server):
+        handler.handle_event = functools.partial(  # type: ignore[method-assign]
+            _answering, weakref.ref(http_layer), weakref.ref(handler)
+        )
+
+
+def _answering(
+    http_layer: weakref.ref[HttpLayer],
+    handler: weakref.ref[Http1Server | Http2Server],
+    event: events.Event,
+) -> layer.CommandGenerator[None]:
+    conn, stack = handler(), http_layer()
+    assert conn is not None  # it is the one calling
+    if isinstance(event, ResponseProtocolError) and stack is not None:
+        stream = stack.streams.get(event.stream_id)
+        answer = stream.flow.metadata.pop(ERROR_ANSWER, None) if stream is not None else None
+        if answer is not None and _head_not_sent(conn, event.stream_id):
+            return _answer(conn, event.stream_id, answer)
+    return type(conn).handle_event(conn, event)
+
+
+def _head_not_sent(conn: Http1Server | Http2Server, stream_id: int) -> bool:
+    """Where mitmproxy would send its error page: the client can be written to and has had no
+    response head on this stream."""
+    if isinstance(conn, Http1Server):
+        return conn.response is None and bool(conn.conn.state & ConnectionState.CAN_WRITE)
+    h2_stream = conn.h2_conn.streams.get(stream_id)
+    return (
+        h2_stream is not None
+        and conn.is_open_for_us(stream_id)
+        and not h2_stream.state_machine.headers_sent
+    )
+
+
+def _answer(
+    conn: Http1Server | Http2Server, stream_id: int, answer: http.Response
+) -> layer.CommandGenerator[None]:
+    if isinstance(conn, Http1Server):
+        answer.headers["Connection"] = "close"  # closed next, as mitmproxy does after its page
+        yield commands.SendData(conn.conn, http1.assemble_response(answer))
+        yield commands.CloseConnection(conn.conn)
+        return
+    handle = type(conn).handle_event
+    yield from handle(conn, ResponseHeaders(stream_id, answer, end_stream=False))
+    yield from handle(conn, ResponseData(stream_id, answer.content or b""))
+    yield from handle(conn, ResponseEndOfMessage(stream_id))
 
 
 def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:

@@ -30,6 +30,9 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -560,6 +563,7 @@ class CurlResult:
     body: bytes
     returncode: int
     stderr: str
+    version: str = ""  # of the last response: "HTTP/1.1", "HTTP/2"
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -597,14 +601,14 @@ def curl(
 
 
 def _parse_curl(raw: bytes, returncode: int, stderr: str) -> CurlResult:
-    status, headers, rest = 0, {}, raw
+    status, headers, rest, version = 0, {}, raw, ""
     # With a proxy, curl prints the CONNECT response block first; keep the last block.
     while rest.startswith(b"HTTP/"):
         head, sep, body = rest.partition(b"\r\n\r\n")
         if not sep:
             break
         lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
+        version, status = lines[0].split()[0], int(lines[0].split()[1])
         headers = {}
         for line in lines[1:]:
             k, _, v = line.partition(":")
@@ -612,7 +616,81 @@ def _parse_curl(raw: bytes, returncode: int, stderr: str) -> CurlResult:
         rest = body
         if not rest.startswith(b"HTTP/"):
             break
-    return CurlResult(status, headers, rest, returncode, stderr)
+    return CurlResult(status, headers, rest, returncode, stderr, version)
+
+
+def tls_tunnel(
+    gateway: Gateway, authority: str, *, alpn: str, timeout: float = 30
+) -> ssl.SSLSocket:
+    """A CONNECT tunnel through the gateway to `authority` (the test team's credentials), with
+    TLS inside it: the gateway's certificate checked for the host, `alpn` offered alone."""
+    raw = socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout)
+    try:
+        raw.sendall(
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n\r\n".encode()
+        )
+        head = raw.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        context = ssl.create_default_context(cafile=str(gateway.ca_cert))
+        context.set_alpn_protocols([alpn])
+        tls = context.wrap_socket(raw, server_hostname=authority.rsplit(":", 1)[0])
+    except BaseException:
+        raw.close()
+        raise
+    assert tls.selected_alpn_protocol() == alpn
+    return tls
+
+
+# -- HTTP/2 ----------------------------------------------------------------------------------
+
+
+@dataclass
+class H2Answer:
+    headers: dict[str, str]
+    body: bytes = b""
+    end: str = ""  # how the stream ended: "ended", "reset", or "closed" (the connection)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class H2Client:
+    """HTTP/2 on an open connection (TLS with ALPN h2, or h2c): requests one after another, all
+    on that one connection, so a test can show it still serves after a stream failed."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+
+    def get(
+        self, authority: str, path: str, *headers: tuple[str, str], scheme: str = "https"
+    ) -> H2Answer:
+        stream = self.conn.get_next_available_stream_id()
+        pseudo = [(":method", "GET"), (":scheme", scheme), (":authority", authority)]
+        self.conn.send_headers(stream, [*pseudo, (":path", path), *headers], end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        answer = H2Answer({})
+        while not answer.end:
+            data = self.sock.recv(65536)
+            if not data:
+                answer.end = "closed"
+                break
+            for event in self.conn.receive_data(data):
+                if getattr(event, "stream_id", None) != stream:
+                    continue
+                if isinstance(event, h2.events.ResponseReceived):
+                    answer.headers.update({k.decode(): v.decode() for k, v in event.headers})
+                elif isinstance(event, h2.events.DataReceived):
+                    answer.body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded):
+                    answer.end = "ended"
+                elif isinstance(event, h2.events.StreamReset):
+                    answer.end = "reset"
+            self.sock.sendall(self.conn.data_to_send())
+        return answer
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:

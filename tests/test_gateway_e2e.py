@@ -208,13 +208,14 @@ def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_addres
             proxy=gateway.proxy_url(),
             cacert=gateway.ca_cert,
             headers=PROJECT_HEADERS,
-            extra=["--http1.1"],  # the gateway's own answer; over HTTP/2 it is mitmproxy's page
+            extra=["--http1.1"],
         )
         wrong_h2 = curl(
             named.url("site-d.test", "/a"),
             proxy=gateway.proxy_url(),
             cacert=gateway.ca_cert,
             headers=PROJECT_HEADERS,
+            extra=["--http2"],
         )
         # A client that sends no SNI at all: the gateway still names the site to it.
         without_sni = _get_through_tunnel_without_sni(gateway, "site-c.test", named.port, "/b")
@@ -222,7 +223,12 @@ def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_addres
         assert wrong.status == 502, wrong.stderr
         assert wrong.headers["x-crawlwarden-reason"] == "upstream_error"
         assert "certificate" in wrong.json()["detail"].lower()
+        # The gateway's own answer over either protocol, not mitmproxy's HTML error page.
+        assert (wrong.version, wrong_h2.version) == ("HTTP/1.1", "HTTP/2")
         assert wrong_h2.status == 502, wrong_h2.stderr
+        assert wrong_h2.headers["x-crawlwarden-reason"] == "upstream_error"
+        assert wrong_h2.headers["content-type"].startswith("application/json")
+        assert "certificate" in wrong_h2.json()["detail"].lower()
         assert without_sni.startswith(b"HTTP/1.1 200"), without_sni[:200]
         assert [s.path for s in named.seen] == ["/a", "/b"]  # the wrong one never got through
     fetches = [r for r in gateway.fetch_records() if r["kind"] == "fetch"]
@@ -233,6 +239,7 @@ def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_addres
     assert refused["reason"] == "upstream_error", refused
     assert refused["id"] == wrong.headers["x-crawlwarden-request-id"]
     assert refused_h2["reason"] == "upstream_error" and refused_h2["status"] is None
+    assert refused_h2["id"] == wrong_h2.headers["x-crawlwarden-request-id"]
     assert "certificate" in refused["note"].lower(), refused
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -31,6 +30,7 @@ from tests.support import Gateway
 from tests.support import Site
 from tests.support import basic
 from tests.support import policy_with
+from tests.support import tls_tunnel
 
 AUTH = basic(TEAM, TEAM_TOKEN)
 
@@ -402,18 +402,8 @@ def test_a_refused_upload_inside_a_tls_tunnel_is_answered_before_its_body(
 ) -> None:
     """HttpGuard answers through the tunnel's TLS layer, then stops reading the body."""
     seen = site.count()  # the site is the module's
-    with (
-        Gateway(workdir, policy_with()) as gw,
-        socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw,
-    ):
-        raw.sendall(
-            f"CONNECT site-c.test:{site.port} HTTP/1.1\r\n"
-            f"Proxy-Authorization: {AUTH}\r\n\r\n".encode()
-        )
-        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
-        context = ssl.create_default_context(cafile=str(gw.ca_cert))
-        context.set_alpn_protocols(["http/1.1"])
-        with context.wrap_socket(raw, server_hostname="site-c.test") as tls:
+    with Gateway(workdir, policy_with()) as gw:
+        with tls_tunnel(gw, f"site-c.test:{site.port}", alpn="http/1.1", timeout=10) as tls:
             tls.sendall(
                 f"POST /upload HTTP/1.1\r\nHost: site-c.test:{site.port}\r\n"
                 f"X-Crawl-Project: {PROJECT}\r\nContent-Length: 100000000\r\n\r\n".encode()

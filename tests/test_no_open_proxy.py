@@ -19,9 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 import requests
 
@@ -34,6 +31,7 @@ from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
 from tests.support import Gateway
+from tests.support import H2Client
 from tests.support import LocalCA
 from tests.support import Site
 from tests.support import basic
@@ -92,33 +90,8 @@ def h2_get(
     scheme: str = "http",
 ) -> dict:
     """One HTTP/2 GET on an open connection: the response headers, or how the stream ended."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    stream = conn.get_next_available_stream_id()
-    conn.send_headers(
-        stream,
-        [
-            (":method", "GET"),
-            (":scheme", scheme),
-            (":authority", authority),
-            (":path", path),
-            *headers,
-        ],
-        end_stream=True,
-    )
-    sock.sendall(conn.data_to_send())
-    out: dict = {}
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            out["closed"] = True
-            return out
-        for event in conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                out.update({k.decode(): v.decode() for k, v in event.headers})
-            elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                return out
-        sock.sendall(conn.data_to_send())
+    answer = H2Client(sock).get(authority, path, *headers, scheme=scheme)
+    return {**answer.headers, **({"closed": True} if answer.end == "closed" else {})}
 
 
 @pytest.fixture(scope="module")

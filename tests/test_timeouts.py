@@ -27,11 +27,13 @@ from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
 from tests.support import Gateway
+from tests.support import H2Client
 from tests.support import LocalCA
 from tests.support import Reply
 from tests.support import Site
 from tests.support import basic
 from tests.support import policy_with
+from tests.support import tls_tunnel
 
 HEADERS = {"X-Crawl-Project": PROJECT}
 CONNECT_TIMEOUT = 1.0
@@ -215,7 +217,7 @@ def test_a_misbehaving_site_times_out_is_recorded_and_the_gateway_serves_on(
     assert rec["decision"] == "forwarded" and rec["reason"] == reason
     assert rec["id"] == r.headers["x-crawlwarden-request-id"]
     if timeout is not None:
-        assert f"network.{timeout}" in rec["note"]
+        assert f"network.{timeout}" in rec["note"] and rec["rule"] == f"network.{timeout}"
     assert upstream_errors(gateway)[kind] == before + 1
     # Budgets exact: the request counted once, its concurrency slot given back.
     used = budgets(gateway, site_id)
@@ -250,6 +252,32 @@ def test_a_site_that_hangs_inside_a_tls_tunnel_times_out(gateway: Gateway, tls_s
     records = gateway.fetch_records(site="fault-tls")
     assert [r["reason"] for r in records] == ["upstream_timeout", "ok"]
     assert len(records) == tls_site.count()
+
+
+def test_over_http2_a_stream_that_times_out_gets_the_gateways_answer_and_the_rest_go_on(
+    gateway: Gateway, tls_site: Site
+):
+    # A browser speaks HTTP/2 in its tunnels: the site's failure ends that one stream, with the
+    # gateway's answer (not mitmproxy's HTML page), and the connection serves the next request.
+    tls_site.routes["/slow-h2"] = Reply(body=b"late", delay=RESPONSE_TIMEOUT + 2)
+    tls_site.routes["/fast-h2"] = Reply(body=b"fast")
+    authority = f"site-d.test:{tls_site.port}"
+    with tls_tunnel(gateway, authority, alpn="h2") as tls:
+        client = H2Client(tls)
+        project = ("x-crawl-project", PROJECT)
+        started = time.monotonic()
+        slow = client.get(authority, "/slow-h2", project)
+        elapsed = time.monotonic() - started
+        fast = client.get(authority, "/fast-h2", project)
+    assert slow.end == "ended" and slow.headers[":status"] == "504", slow
+    assert elapsed <= RESPONSE_TIMEOUT + SLACK, elapsed
+    assert slow.headers["x-crawlwarden-reason"] == "upstream_timeout"
+    assert slow.json()["rule"] == "network.response_timeout"
+    assert (fast.end, fast.headers[":status"], fast.body) == ("ended", "200", b"fast")
+    records = {r["url"].rsplit("/", 1)[1]: r for r in gateway.fetch_records(site="fault-tls")}
+    assert records["slow-h2"]["reason"] == "upstream_timeout"
+    assert records["slow-h2"]["id"] == slow.headers["x-crawlwarden-request-id"]
+    assert records["fast-h2"]["reason"] == "ok"
 
 
 # -- clients that hold connections -----------------------------------------------------------

@@ -27,8 +27,9 @@ from mitmproxy.proxy import layers
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from addons.client_events import ERROR_ANSWER
+from addons.client_events import LATE_STREAM
 from addons.http_guard import ANSWER_NOW
-from addons.http_guard import ERROR_ANSWER
 from addons.http_guard import FORWARDED
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
@@ -122,7 +123,7 @@ class SiteAnswer:
             size: int | None = stream.received
             digest: str | None = stream.sha256
         elif resp.stream:
-            size = digest = None  # streamed by mitmproxy past its buffer limit: not seen by us
+            size = digest = None  # streamed by mitmproxy without the gateway's stream (_assess)
         else:
             body = resp.raw_content or b""
             size, digest = len(body), hashlib.sha256(body).hexdigest()
@@ -439,11 +440,17 @@ class Gateway:
         if state is None or not state.forwarded or resp is None or state.ctx is None:
             return
         length = resp.headers.get("content-length", "")
-        if not length.isdigit() or int(length) <= BUFFER_LIMIT:
-            # Buffered whole and read in the response hook, where a 451 can still replace it.
-            # Bodies of unknown length too: mitmproxy buffers them up to stream_large_bodies.
-            return
-        # Large: stream it, hashing on the way, holding it back until its metadata is read.
+        if not length.isdigit():
+            # Buffered whole by mitmproxy up to stream_large_bodies, then streamed: by this
+            # gateway's stream from there on (addons/client_events.py).
+            flow.metadata[LATE_STREAM] = functools.partial(self._stream, state, resp)
+        elif int(length) > BUFFER_LIMIT:
+            resp.stream = self._stream(state, resp)
+        # Else buffered whole and read in the response hook, where a 451 can still replace it.
+
+    def _stream(self, state: FlowState, resp: http.Response) -> ResponseStream:
+        """A large body streamed, hashed on the way, held back until its metadata is read."""
+        assert state.ctx is not None
         ctx = state.ctx
         headers = _header_list(resp.headers)
         ctype = resp.headers.get("content-type")
@@ -456,7 +463,7 @@ class Gateway:
         state.stream = ResponseStream(
             optouts.body_scan(ctype), resp.headers.get("content-encoding", ""), assess
         )
-        resp.stream = state.stream
+        return state.stream
 
     async def response(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)
@@ -480,7 +487,8 @@ class Gateway:
                     state.ctx, resp.status_code, _header_list(resp.headers), b"", None
                 )
         elif resp.stream:
-            # Streamed by mitmproxy itself past its buffer: neither read nor hashed by us.
+            # Streamed by mitmproxy without the gateway's stream (a client connection handler
+            # that addons/client_events.py does not know: none so far): neither read nor hashed.
             assessment = await self.rt.optouts.assess_response(
                 state.ctx, resp.status_code, _header_list(resp.headers), b"", None
             )

@@ -19,18 +19,15 @@ model, so it can bound all of that without reaching into sockets:
   `transfer_timeout` (request complete to response complete): the upstream connection is closed
   and the flow tagged with `TIMEOUT`, so the gateway records and answers `upstream_timeout` (a
   client that already has the response head gets a cut-off body).
-- a forwarded request that fails before its response head went out to the client (refused,
-  reset, TLS, or closed at one of the deadlines above): the client gets the answer the
-  gateway's error hook left in `ERROR_ANSWER` (502 `upstream_error` or 504 `upstream_timeout`,
-  with the reason and request id) where mitmproxy would send its HTML error page, over HTTP/1
-  (then the connection is closed, as after mitmproxy's page) and HTTP/2 (on that stream only).
+
+It also has `addons/client_events.py` watch what the HTTP layer tells the client connection's
+handler (the gateway's answer instead of mitmproxy's error page, and more).
 
 All timers of a connection share one mitmproxy wakeup for the earliest deadline.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import weakref
@@ -41,7 +38,6 @@ from typing import NamedTuple
 import structlog
 from mitmproxy import connection
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
@@ -52,14 +48,10 @@ from mitmproxy.proxy.layers.http import HttpErrorHook
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.proxy.layers.http import HttpResponseHook
-from mitmproxy.proxy.layers.http import ResponseData
-from mitmproxy.proxy.layers.http import ResponseEndOfMessage
-from mitmproxy.proxy.layers.http import ResponseHeaders
-from mitmproxy.proxy.layers.http import ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
-from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
+from addons import client_events
 from proxy import units
 from proxy.decision import Decision
 from proxy.decision import Outcome
@@ -74,9 +66,6 @@ log = structlog.get_logger("crawlwarden.guard")
 FORWARDED = "crawlwarden.forwarded"  # request id of a flow the gateway forwards: deadlines apply
 ANSWER_NOW = "crawlwarden.answer_now"  # refused with its body still to come: answer, then close
 TIMEOUT = "crawlwarden.timeout"  # set here: which deadline closed the upstream connection
-# The gateway's answer (an http.Response) for a forwarded flow that failed (upstream_error or
-# upstream_timeout): sent instead of mitmproxy's own HTML error page (see _answer_errors).
-ERROR_ANSWER = "crawlwarden.error_answer"
 
 # How long a refused request's body is read and discarded after the answer went out.
 LINGER_SECONDS = 2.0
@@ -180,7 +169,7 @@ class HttpGuard(layer.Layer):
             self._observe_command(command)
             yield command
         if isinstance(event, events.Start):
-            _answer_errors(self.child)
+            client_events.watch(self.child)
         yield from self._observe_event(event)
         yield from self._arm()
 
@@ -400,67 +389,6 @@ class HttpGuard(layer.Layer):
         for server in self._transports(flow):
             self._opening.discard(server)
             yield commands.CloseConnection(server)
-
-
-# -- the gateway's answer instead of mitmproxy's error page -----------------------------------
-
-
-def _answer_errors(http_layer: HttpLayer) -> None:
-    """Have the client connection's handler (Http1Server or Http2Server, made by the HTTP
-    layer's Start) send a failed flow's `ERROR_ANSWER` where mitmproxy sends its own page.
-
-    A stream that fails tells the handler with a ResponseProtocolError, from which it writes an
-    HTML page straight into the connection (HTTP/1) or the stream's frames (HTTP/2): this layer
-    would see only bytes. The handler's `handle_event` is shadowed on the instance; it holds the
-    layer and itself weakly, so no reference cycle outlives the connection.
-    """
-    handler = http_layer.connections.get(http_layer.context.client)
-    if isinstance(handler, Http1Server | Http2Server):
-        handler.handle_event = functools.partial(  # type: ignore[method-assign]
-            _answering, weakref.ref(http_layer), weakref.ref(handler)
-        )
-
-
-def _answering(
-    http_layer: weakref.ref[HttpLayer],
-    handler: weakref.ref[Http1Server | Http2Server],
-    event: events.Event,
-) -> layer.CommandGenerator[None]:
-    conn, stack = handler(), http_layer()
-    assert conn is not None  # it is the one calling
-    if isinstance(event, ResponseProtocolError) and stack is not None:
-        stream = stack.streams.get(event.stream_id)
-        answer = stream.flow.metadata.pop(ERROR_ANSWER, None) if stream is not None else None
-        if answer is not None and _head_not_sent(conn, event.stream_id):
-            return _answer(conn, event.stream_id, answer)
-    return type(conn).handle_event(conn, event)
-
-
-def _head_not_sent(conn: Http1Server | Http2Server, stream_id: int) -> bool:
-    """Where mitmproxy would send its error page: the client can be written to and has had no
-    response head on this stream."""
-    if isinstance(conn, Http1Server):
-        return conn.response is None and bool(conn.conn.state & ConnectionState.CAN_WRITE)
-    h2_stream = conn.h2_conn.streams.get(stream_id)
-    return (
-        h2_stream is not None
-        and conn.is_open_for_us(stream_id)
-        and not h2_stream.state_machine.headers_sent
-    )
-
-
-def _answer(
-    conn: Http1Server | Http2Server, stream_id: int, answer: http.Response
-) -> layer.CommandGenerator[None]:
-    if isinstance(conn, Http1Server):
-        answer.headers["Connection"] = "close"  # closed next, as mitmproxy does after its page
-        yield commands.SendData(conn.conn, http1.assemble_response(answer))
-        yield commands.CloseConnection(conn.conn)
-        return
-    handle = type(conn).handle_event
-    yield from handle(conn, ResponseHeaders(stream_id, answer, end_stream=False))
-    yield from handle(conn, ResponseData(stream_id, answer.content or b""))
-    yield from handle(conn, ResponseEndOfMessage(stream_id))
 
 
 def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:

@@ -16,6 +16,9 @@ from proxy.optout_checks import BodyScan
 
 # The most a body is held back while its metadata is read (the scanner's own bound is lower).
 HOLD_LIMIT = 16 * 2**20
+# What passes on while the body is held or withheld. Not b"": mitmproxy sends each chunk it is
+# given as it is, and an empty chunk of a chunked HTTP/1 body is its end.
+NOTHING: tuple[bytes, ...] = ()
 
 _DECODERS: dict[str, Callable[[], zlib._Decompress]] = {
     "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
@@ -54,14 +57,15 @@ class ResponseStream:
     def withheld(self) -> bool:
         return self.assessment is not None and self.assessment.decision is not None
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> tuple[bytes, ...]:
+        """The chunks to send on for one chunk received (b"" at the end of the body)."""
         end = chunk == b""
         self.hasher.update(chunk)
         self.received += len(chunk)
         if self.withheld:
-            return b""
+            return NOTHING
         if self.scan is None or self.assessment is not None:
-            return chunk
+            return (chunk,) if chunk else NOTHING
         self._held.append(chunk)
         self._held_bytes += len(chunk)
         decoded = self._decode(chunk, end)
@@ -71,10 +75,10 @@ class ResponseStream:
             self.scan.finish()
             done = True
         if not done:
-            return b""
+            return NOTHING
         self.assessment = self._assess(self.scan)
         held, self._held = b"".join(self._held), []
-        return b"" if self.withheld else held
+        return NOTHING if self.withheld or not held else (held,)
 
     def _decode(self, chunk: bytes, end: bool) -> bytes:
         if self._decoder is None:

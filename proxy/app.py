@@ -57,8 +57,9 @@ def mitmproxy_options(settings: Settings, limits: Limits | None = None) -> dict[
         "confdir": str(settings.data_dir.resolve()),
         # Only HTTP(S) leaves the gateway: no raw TCP tunnels.
         "rawtcp": False,
-        # Bodies of unknown length are buffered up to this size, then streamed; known lengths
-        # above addons.gateway.BUFFER_LIMIT are streamed by the addon itself.
+        # Bodies of unknown length are buffered up to this size, then streamed (through the
+        # gateway's stream: addons/client_events.py); known lengths above
+        # addons.gateway.BUFFER_LIMIT are streamed by the addon itself.
         "stream_large_bodies": "32m",
     }
     if limits is not None:

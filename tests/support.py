@@ -264,6 +264,7 @@ class Reply:
     body: bytes = b"hello from the site\n"
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/plain"})
     delay: float = 0.0
+    chunked: bool = False  # Transfer-Encoding: chunked (1 MiB chunks), no Content-Length
 
 
 class Site:
@@ -323,9 +324,19 @@ class Site:
                     self.send_response(reply.status)
                     for k, v in reply.headers.items():
                         self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(reply.body)))
+                    if reply.chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                    else:
+                        self.send_header("Content-Length", str(len(reply.body)))
                     self.end_headers()
-                    if self.command != "HEAD":
+                    if self.command == "HEAD":
+                        pass
+                    elif reply.chunked:
+                        for at in range(0, len(reply.body), 2**20):
+                            chunk = reply.body[at : at + 2**20]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
                         self.wfile.write(reply.body)
                 finally:
                     with site._lock:

@@ -7,6 +7,7 @@ is collected where the policy says the signal does not apply.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import threading
@@ -24,7 +25,9 @@ from tests.optout_fixtures import webp
 from tests.optout_fixtures import xmp_packet
 from tests.support import PROJECT
 from tests.support import VENV_BIN
+from tests.support import CurlResult
 from tests.support import Gateway
+from tests.support import LocalCA
 from tests.support import Reply
 from tests.support import Site
 from tests.support import curl
@@ -57,7 +60,7 @@ TDMREP = json.dumps(
 
 
 @pytest.fixture
-def gateway(workdir: Path):
+def gateway(workdir: Path, test_ca: LocalCA):
     policy = policy_with(
         defaults={"respect": RESPECT_ALL},
         sites=[
@@ -69,7 +72,7 @@ def gateway(workdir: Path):
             }
         ],
     )
-    with Gateway(workdir, policy) as gw:
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
         yield gw
 
 
@@ -239,8 +242,6 @@ def test_opted_out_pages_and_images_are_never_delivered(gateway: Gateway, site: 
         for r in gateway.fetch_records()
         if r["kind"] == "fetch"
     }
-    import hashlib
-
     for path, reason in WITHHELD.items():
         rec = records[path]
         assert rec["decision"] == "withheld" and rec["reason"] == reason
@@ -248,6 +249,57 @@ def test_opted_out_pages_and_images_are_never_delivered(gateway: Gateway, site: 
         assert rec["content_sha256"] == hashlib.sha256(cases[path].body).hexdigest()
         assert rec["status"] == 200 and rec["signals"]
     assert "c2pa:training-mining=allowed" in records["/allowed.png"]["signals"]
+
+
+# Over what the gateway holds whole (16 MiB, so an opt-out can still become a 451) and over
+# what mitmproxy buffers of a body of unknown length (32 MiB) before it streams it itself.
+LARGE = 40 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("chunked", "http2"),
+    [(False, False), (True, False), (True, True)],
+    ids=["content-length", "chunked", "chunked-http2"],
+)
+def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bind(
+    gateway: Gateway, site: Site, tls_site: Site, chunked: bool, http2: bool
+):
+    # Streamed: the status line goes out before the body is read, so an opt-out found in it
+    # breaks the transfer instead of becoming a 451. Nothing of the image is delivered, and the
+    # record carries the hash of every byte the site sent, as for a body held whole.
+    padding = bytes(range(256)) * (LARGE // 256)
+    free = jpeg_with_xmp(xmp_packet("DMI-ALLOWED")) + padding
+    opted_out = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED-AIMLTRAINING")) + padding
+    origin = tls_site if http2 else site  # HTTP/2 from the scraper: inside a CONNECT tunnel
+    origin.routes["/free.jpg"] = Reply(
+        body=free, headers={"Content-Type": "image/jpeg"}, chunked=chunked
+    )
+    origin.routes["/opted-out.jpg"] = Reply(
+        body=opted_out, headers={"Content-Type": "image/jpeg"}, chunked=chunked
+    )
+
+    def get(path: str) -> CurlResult:
+        url = origin.url("site-c.test", path)
+        extra = ["--http2"] if http2 else ["--http1.1"]
+        return curl(
+            url, proxy=gateway.proxy_url(), headers=HEADERS, cacert=gateway.ca_cert, extra=extra
+        )
+
+    delivered = get("/free.jpg")
+    assert (delivered.status, delivered.returncode) == (200, 0), delivered.stderr
+    assert delivered.version == ("HTTP/2" if http2 else "HTTP/1.1")
+    assert delivered.body == free
+    broken = get("/opted-out.jpg")
+    assert broken.returncode != 0  # a broken transfer: curl says so
+    assert opted_out[:1024] not in broken.body and len(broken.body) < 2**20, len(broken.body)
+    records = {r["url"].rsplit("/", 1)[1]: r for r in gateway.fetch_records()}
+    assert records["free.jpg"]["decision"] == "forwarded"
+    assert records["free.jpg"]["content_sha256"] == hashlib.sha256(free).hexdigest()
+    assert records["free.jpg"]["response_bytes"] == len(free)
+    withheld = records["opted-out.jpg"]
+    assert (withheld["decision"], withheld["reason"]) == ("withheld", "image_optout")
+    assert withheld["content_sha256"] == hashlib.sha256(opted_out).hexdigest()
+    assert withheld["response_bytes"] == len(opted_out)
 
 
 def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Gateway, site: Site):

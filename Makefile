@@ -32,14 +32,13 @@ test: $(STAMP) services lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The benchmark (bench/README.md): bounded, loopback only, not part of `make test`. Its upstream is
-# Debian's nginx-light, installed here when missing. BENCH_ARGS/SOAK_ARGS pass options through,
-# e.g. `make bench BENCH_ARGS=--quick` or `make soak SOAK_ARGS="--rate 150"`.
+# Debian's nginx-light, installed by .ci/nginx when missing. BENCH_ARGS/SOAK_ARGS pass options
+# through, e.g. `make bench BENCH_ARGS=--quick` or `make soak SOAK_ARGS="--rate 150"`.
 BENCH_ARGS ?=
 SOAK_ARGS ?=
-NGINX_OK := command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx
 
 bench-deps:
-	@$(NGINX_OK) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light)
+	CI=true .ci/nginx
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

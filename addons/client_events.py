@@ -4,11 +4,13 @@ Each stream of an HTTP layer hands what goes to the client to the handler of the
 connection (`Http1Server`, `Http2Server`) as events, and the handler turns them into bytes. Two of
 those events are decided by mitmproxy alone, and no addon hook sees them:
 
-- a `ResponseProtocolError`: the site failed (refused, reset, TLS) or HttpGuard closed it at a
-  deadline. mitmproxy writes its own HTML page. Where it would, the client gets the answer the
-  gateway's error hook left in `ERROR_ANSWER` instead (502 `upstream_error` or 504
-  `upstream_timeout`, with the reason and request id): over HTTP/1 the connection is then closed,
-  as after mitmproxy's page; over HTTP/2 only that stream ends.
+- a `ResponseProtocolError`: the site failed (refused, reset, TLS), HttpGuard closed it at a
+  deadline, or HttpGuard stopped a request body of no declared length at the policy's limit.
+  mitmproxy writes its own HTML page. Where it would, the client gets the answer the gateway's
+  error hook left in `ERROR_ANSWER` instead (502 `upstream_error`, 504 `upstream_timeout`, 413
+  `request_too_large`, with the reason and request id): over HTTP/1 the connection is then
+  closed, as after mitmproxy's page; over HTTP/2 only that stream ends (and is reset with
+  NO_ERROR if the client is still sending its request).
 - the `ResponseHeaders` of a body of unknown length that mitmproxy began to stream itself, having
   buffered `stream_large_bodies` of it (it sets `response.stream = True`): the gateway's stream
   (a callable the gateway left in `LATE_STREAM`) takes over before the first byte passes, so the
@@ -24,6 +26,7 @@ import functools
 import weakref
 from collections.abc import Callable
 
+import h2.errors
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
@@ -98,3 +101,8 @@ def _answer(conn: Handler, stream_id: int, answer: http.Response) -> layer.Comma
     yield from handle(conn, ResponseHeaders(stream_id, answer, end_stream=False))
     yield from handle(conn, ResponseData(stream_id, answer.content or b""))
     yield from handle(conn, ResponseEndOfMessage(stream_id))
+    if not conn.is_closed(stream_id) and not conn.h2_conn.stream_buffers.get(stream_id):
+        # The client is still sending its request (one refused before its end): the answer is
+        # complete, so ask it to stop, without an error (RFC 9113 section 8.1).
+        conn.h2_conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+        yield commands.SendData(conn.conn, conn.h2_conn.data_to_send())

@@ -30,6 +30,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from addons.client_events import ERROR_ANSWER
 from addons.client_events import LATE_STREAM
 from addons.http_guard import ANSWER_NOW
+from addons.http_guard import BODY_TOO_LARGE
 from addons.http_guard import FORWARDED
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
@@ -516,6 +517,23 @@ class Gateway:
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.recorded:
             return
+        too_large = flow.metadata.get(BODY_TOO_LARGE)
+        if state.forwarded and too_large is not None:
+            # HttpGuard stopped a body of no declared length at the limit: the site never saw
+            # the request, so it is refused, as one that declared such a length is.
+            state.decision = refuse(
+                Reason.REQUEST_TOO_LARGE,
+                too_large,
+                rule="network.max_request_body_bytes",
+                site=state.site,
+            )
+            flow.metadata[ERROR_ANSWER] = refusal_response(
+                state.decision, Outcome.REFUSED, state.id
+            )
+            self._settle(state)
+            state.forwarded = False
+            self._record(flow, state)
+            return
         if state.forwarded:
             message = flow.error.msg if flow.error else "no response"
             kind = metrics.upstream_error_kind(message)
@@ -553,6 +571,11 @@ class Gateway:
         self._finish(flow, state)
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        self._settle(state)
+        self._record(flow, state)
+
+    def _settle(self, state: FlowState) -> None:
+        """A forwarded request's in-flight count and budget lease given back (once)."""
         if state.forwarded and not state.settled:
             state.settled = True
             self.rt.in_flight -= 1
@@ -565,7 +588,6 @@ class Gateway:
             if received is None and state.stream is not None:
                 received = state.stream.received
             self.rt.budgets.finish(state.lease, response_bytes=received or 0)
-        self._record(flow, state)
 
     def _fail(self, flow: http.HTTPFlow, error: Exception) -> None:
         """After a hook raised: nothing more leaves or is delivered; the fetch is still

@@ -12,6 +12,11 @@ model, so it can bound all of that without reaching into sockets:
   `Limits.watchdog` sets just above every other timeout.
 - `max_request_header_bytes`: an HTTP/1 request head larger than this is answered 431 and the
   connection closed, before mitmproxy buffers more of it.
+- `max_request_body_bytes` for a body that declared no length (HTTP/2 without `Content-Length`;
+  HTTP/1 chunked bodies are refused from their head): once mitmproxy has buffered more than this,
+  the flow fails as if the site had (`BODY_TOO_LARGE`), so the gateway records and answers
+  `request_too_large`. The site never sees it: past its own threshold mitmproxy would stream the
+  request body on to the site, unbounded.
 - answer now: a request the gateway refused in `requestheaders` whose body is still on its way
   (the addon sets `ANSWER_NOW`) is answered at once, the connection half-closed and the body
   drained and discarded for a moment (a "lingering close", so the client reads the answer).
@@ -48,6 +53,8 @@ from mitmproxy.proxy.layers.http import HttpErrorHook
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.proxy.layers.http import HttpResponseHook
+from mitmproxy.proxy.layers.http import ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
@@ -66,6 +73,7 @@ log = structlog.get_logger("crawlwarden.guard")
 FORWARDED = "crawlwarden.forwarded"  # request id of a flow the gateway forwards: deadlines apply
 ANSWER_NOW = "crawlwarden.answer_now"  # refused with its body still to come: answer, then close
 TIMEOUT = "crawlwarden.timeout"  # set here: which deadline closed the upstream connection
+BODY_TOO_LARGE = "crawlwarden.body_too_large"  # set here: a body of no declared length, too long
 
 # How long a refused request's body is read and discarded after the answer went out.
 LINGER_SECONDS = 2.0
@@ -140,6 +148,7 @@ class HttpGuard(layer.Layer):
         self._forwarded: dict[str, tuple[http.HTTPFlow, float]] = {}
         self._opening: set[connection.Server] = set()
         self._upstreams: dict[connection.Server, float] = {}  # transport -> last data received
+        self._unsized: dict[int, http.HTTPFlow] = {}  # stream id -> flow, its body of no length
         self._idle_round = 0
         self._tunnel = False  # a CONNECT was accepted: the tunnel's own guard takes over
         self._draining = False  # answered now; the rest of the request is discarded
@@ -183,11 +192,15 @@ class HttpGuard(layer.Layer):
             self._add(self.limits().connect, "connect", server, server)
         elif isinstance(command, HttpRequestHeadersHook | HttpConnectHook):
             self._in_flight[command.flow.id] = command.flow
+        elif isinstance(command, HttpRequestHook):
+            self._check_complete_body(command.flow)
 
     def _observe_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
             if event.connection is self.client:
                 yield from self._check_head()
+                if self._unsized:
+                    yield from self._check_unsized_bodies()
             elif event.connection in self._upstreams:
                 self._upstreams[event.connection] = time.monotonic()  # type: ignore[index]
         elif isinstance(event, events.OpenConnectionCompleted):
@@ -214,6 +227,10 @@ class HttpGuard(layer.Layer):
                 yield from self._answer_now(flow.response)
             else:
                 self._add(limits.idle_client, "body", flow.id, flow)
+                if flow.metadata.get(FORWARDED) and "content-length" not in flow.request.headers:
+                    for stream_id, stream in self.child.streams.items():
+                        if stream.flow is flow:
+                            self._unsized[stream_id] = flow
         elif isinstance(hook, HttpRequestHook):
             flow = hook.flow
             if flow.metadata.get(FORWARDED) and flow.response is None:
@@ -235,6 +252,8 @@ class HttpGuard(layer.Layer):
 
     def _done(self, flow: http.HTTPFlow) -> None:
         self._forwarded.pop(flow.id, None)
+        if self._unsized:
+            self._unsized = {k: f for k, f in self._unsized.items() if f is not flow}
         for kind in ("body", "silence", "transfer"):
             self._deadlines.pop((kind, flow.id), None)
         if self._in_flight.pop(flow.id, None) is not None and not self._in_flight:
@@ -274,6 +293,34 @@ class HttpGuard(layer.Layer):
             conn.buf = type(conn.buf)()  # drop what was held, then the connection
             self._draining = True
             yield commands.CloseConnection(self.client)
+
+    def _check_unsized_bodies(self) -> layer.CommandGenerator[None]:
+        """A body of no declared length that mitmproxy is buffering, past the policy's limit:
+        the flow fails now (past mitmproxy's threshold it would stream it to the site)."""
+        limit = self.limits().max_body_bytes
+        for stream_id, flow in list(self._unsized.items()):
+            stream = self.child.streams.get(stream_id)
+            if stream is None or stream.flow is not flow or flow.request.timestamp_end:
+                del self._unsized[stream_id]  # complete: _check_complete_body has it
+            elif len(stream.request_body_buf) > limit:
+                del self._unsized[stream_id]
+                flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
+                failed = ResponseProtocolError(
+                    stream_id, "request body too large", ErrorCode.REQUEST_TOO_LARGE
+                )
+                for command in self.child.event_to_child(stream, failed):
+                    self._observe_command(command)
+                    yield command
+
+    def _check_complete_body(self, flow: http.HTTPFlow) -> None:
+        """A body of no declared length that came whole past the limit before it was checked
+        (with its head, or in one read): killed before the request hook, so mitmproxy ends the
+        flow in the error hook. A declared length over the limit was refused from the head."""
+        body = flow.request.raw_content
+        if body and len(body) > self.limits().max_body_bytes and flow.metadata.get(FORWARDED):
+            if flow.killable:
+                flow.metadata[BODY_TOO_LARGE] = _too_large(self.limits().max_body_bytes)
+                flow.kill()
 
     def _answer_now(self, answer: http.Response) -> layer.CommandGenerator[None]:
         conn = self.child.connections.get(self.client)
@@ -389,6 +436,13 @@ class HttpGuard(layer.Layer):
         for server in self._transports(flow):
             self._opening.discard(server)
             yield commands.CloseConnection(server)
+
+
+def _too_large(limit: int) -> str:
+    return (
+        f"the request body, of no declared length, is over {limit} bytes "
+        "(network.max_request_body_bytes)"
+    )
 
 
 def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:

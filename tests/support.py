@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import select
 import signal
 import socket
 import ssl
@@ -661,6 +662,7 @@ class H2Answer:
     headers: dict[str, str]
     body: bytes = b""
     end: str = ""  # how the stream ended: "ended", "reset", or "closed" (the connection)
+    reset: bool = False  # RST_STREAM came (after the answer, or instead of it)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -678,30 +680,77 @@ class H2Client:
     def get(
         self, authority: str, path: str, *headers: tuple[str, str], scheme: str = "https"
     ) -> H2Answer:
-        stream = self.conn.get_next_available_stream_id()
-        pseudo = [(":method", "GET"), (":scheme", scheme), (":authority", authority)]
-        self.conn.send_headers(stream, [*pseudo, (":path", path), *headers], end_stream=True)
-        self.sock.sendall(self.conn.data_to_send())
+        stream = self._start("GET", authority, path, headers, scheme, end_stream=True)
         answer = H2Answer({})
         while not answer.end:
-            data = self.sock.recv(65536)
-            if not data:
-                answer.end = "closed"
-                break
-            for event in self.conn.receive_data(data):
-                if getattr(event, "stream_id", None) != stream:
-                    continue
-                if isinstance(event, h2.events.ResponseReceived):
-                    answer.headers.update({k.decode(): v.decode() for k, v in event.headers})
-                elif isinstance(event, h2.events.DataReceived):
-                    answer.body += event.data
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
-                elif isinstance(event, h2.events.StreamEnded):
-                    answer.end = "ended"
-                elif isinstance(event, h2.events.StreamReset):
-                    answer.end = "reset"
-            self.sock.sendall(self.conn.data_to_send())
+            self._receive(stream, answer, timeout=None)
         return answer
+
+    def post_without_length(
+        self, authority: str, path: str, body: bytes, *headers: tuple[str, str]
+    ) -> tuple[H2Answer, int]:
+        """A POST whose body declares no length (no content-length), sent as flow control
+        allows, on after an early answer too, until all is sent or the stream is reset: the
+        answer, and how much was sent."""
+        stream = self._start("POST", authority, path, headers, "https", end_stream=False)
+        answer, sent = H2Answer({}), 0
+        while not (answer.reset or answer.end == "closed" or (answer.end and sent == len(body))):
+            if sent < len(body):
+                window = min(
+                    self.conn.local_flow_control_window(stream), self.conn.max_outbound_frame_size
+                )
+                if window > 0:
+                    self.conn.send_data(stream, body[sent : sent + window])
+                    sent += min(window, len(body) - sent)
+                    if sent == len(body):
+                        self.conn.end_stream(stream)
+                    self.sock.sendall(self.conn.data_to_send())
+                    self._receive(stream, answer, timeout=0)
+                    continue
+            self._receive(stream, answer, timeout=None)
+        return answer, sent
+
+    def _start(
+        self,
+        method: str,
+        authority: str,
+        path: str,
+        headers: tuple[tuple[str, str], ...],
+        scheme: str,
+        *,
+        end_stream: bool,
+    ) -> int:
+        stream = self.conn.get_next_available_stream_id()
+        pseudo = [(":method", method), (":scheme", scheme), (":authority", authority)]
+        self.conn.send_headers(stream, [*pseudo, (":path", path), *headers], end_stream=end_stream)
+        self.sock.sendall(self.conn.data_to_send())
+        return stream
+
+    def _receive(self, stream: int, answer: H2Answer, *, timeout: float | None) -> None:
+        """Read what is there (waiting for it unless `timeout` is 0) into `answer`."""
+        if timeout == 0:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
+            if not ready and not pending:
+                return
+        data = self.sock.recv(65536)
+        if not data:
+            answer.end = "closed"
+            return
+        for event in self.conn.receive_data(data):
+            if getattr(event, "stream_id", None) != stream:
+                continue
+            if isinstance(event, h2.events.ResponseReceived):
+                answer.headers.update({k.decode(): v.decode() for k, v in event.headers})
+            elif isinstance(event, h2.events.DataReceived):
+                answer.body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
+            elif isinstance(event, h2.events.StreamEnded):
+                answer.end = "ended"
+            elif isinstance(event, h2.events.StreamReset):
+                answer.end = answer.end or "reset"
+                answer.reset = True
+        self.sock.sendall(self.conn.data_to_send())
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:

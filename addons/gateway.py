@@ -542,7 +542,7 @@ class Gateway:
                 # HttpGuard closed the connection at one of the policy's network timeouts.
                 kind = "timeout"
                 message = f"{timeout[1]} (network.{timeout[0]}_timeout)"
-            if kind is not None:  # also a body cut short after the response headers
+            if kind is not None:
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
             if flow.request.timestamp_end is None:
                 # Gone (or closed as too slow) before its request was complete: nothing left.
@@ -557,14 +557,14 @@ class Gateway:
                     "the client hung up before the site answered",
                     site=state.site,
                 )
-            elif flow.response is None or timeout is not None:
+            elif kind is not None:  # the site's failure, before its answer or mid-body
                 if timeout is not None:
                     reason, rule = Reason.UPSTREAM_TIMEOUT, f"network.{timeout[0]}_timeout"
                 else:
                     reason, rule = Reason.UPSTREAM_ERROR, None
                 state.decision = refuse(reason, message, rule=rule, site=state.site)
-                # HttpGuard sends this where mitmproxy would send its HTML error page (no
-                # response head has gone out): the reason and request id, as for refusals.
+                # Sent where mitmproxy would send its HTML error page (no response head has
+                # gone out; addons/client_events.py): the reason and request id, as for refusals.
                 flow.metadata[ERROR_ANSWER] = refusal_response(
                     state.decision, Outcome.FORWARDED, state.id
                 )

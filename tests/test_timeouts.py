@@ -91,6 +91,11 @@ class Upstream:
             elif self.mode == "stall_body":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc")
                 time.sleep(30)
+            elif self.mode == "cut_body":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc")
+                time.sleep(0.2)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
         except OSError:
             pass
 
@@ -139,7 +144,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, test_ca: LocalCA) -> Itera
     policy = policy_with(
         network=network,
         sites=[
-            *({"id": f"fault-{i}", "match": [f"fault-{i}.test"]} for i in range(6)),
+            *({"id": f"fault-{i}", "match": [f"fault-{i}.test"]} for i in range(7)),
             # A name the test certificate carries, for the TLS case.
             {"id": "fault-tls", "match": ["site-d.test"]},
         ],
@@ -173,6 +178,8 @@ FAULTS = [
     ("trickle_body", "fault-3", 504, "upstream_timeout", "transfer_timeout", TRANSFER_TIMEOUT),
     ("connect", "fault-4", 504, "upstream_timeout", "connect_timeout", CONNECT_TIMEOUT),
     ("reset", "fault-5", 502, "upstream_error", None, 0.0),
+    # The head came, then the site hung up mid-body: nothing of it has gone to the client yet.
+    ("cut_body", "fault-6", 502, "upstream_error", None, 0.2),
 ]
 
 

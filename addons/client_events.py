@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
+from collections.abc import Iterable
 
 import h2.errors
 from mitmproxy import http
@@ -72,7 +73,9 @@ def _handle_event(
             if answer is not None and _head_not_sent(conn, event.stream_id):
                 return _answer(conn, event.stream_id, answer)
         elif event.response.stream is True:
-            late: Callable[[], Callable[[bytes], bytes]] | None = metadata.pop(LATE_STREAM, None)
+            late: Callable[[], Callable[[bytes], Iterable[bytes]]] | None = metadata.pop(
+                LATE_STREAM, None
+            )
             if late is not None:
                 event.response.stream = late()
     return type(conn).handle_event(conn, event)

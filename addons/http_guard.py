@@ -48,13 +48,13 @@ from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers import HttpLayer
+from mitmproxy.proxy.layers.http import ErrorCode
 from mitmproxy.proxy.layers.http import HttpConnectHook
 from mitmproxy.proxy.layers.http import HttpErrorHook
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.proxy.layers.http import HttpResponseHook
 from mitmproxy.proxy.layers.http import ResponseProtocolError
-from mitmproxy.proxy.layers.http._events import ErrorCode
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 

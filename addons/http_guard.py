@@ -15,8 +15,9 @@ model, so it can bound all of that without reaching into sockets:
 - `max_request_body_bytes` for a body that declared no length (HTTP/2 without `Content-Length`;
   HTTP/1 chunked bodies are refused from their head): once mitmproxy has buffered more than this,
   the flow fails as if the site had (`BODY_TOO_LARGE`), so the gateway records and answers
-  `request_too_large`. The site never sees it: past its own threshold mitmproxy would stream the
-  request body on to the site, unbounded.
+  `request_too_large`; a request already refused gets its refusal then. The site never sees it:
+  past its own threshold mitmproxy would stream the request body on to the site, unbounded (and
+  crash on a refused one).
 - answer now: a request the gateway refused in `requestheaders` whose body is still on its way
   (the addon sets `ANSWER_NOW`) is answered at once, the connection half-closed and the body
   drained and discarded for a moment (a "lingering close", so the client reads the answer).
@@ -227,7 +228,7 @@ class HttpGuard(layer.Layer):
                 yield from self._answer_now(flow.response)
             else:
                 self._add(limits.idle_client, "body", flow.id, flow)
-                if flow.metadata.get(FORWARDED) and "content-length" not in flow.request.headers:
+                if "content-length" not in flow.request.headers:
                     for stream_id, stream in self.child.streams.items():
                         if stream.flow is flow:
                             self._unsized[stream_id] = flow
@@ -296,7 +297,9 @@ class HttpGuard(layer.Layer):
 
     def _check_unsized_bodies(self) -> layer.CommandGenerator[None]:
         """A body of no declared length that mitmproxy is buffering, past the policy's limit:
-        the flow fails now (past mitmproxy's threshold it would stream it to the site)."""
+        the flow fails now (past mitmproxy's threshold it would stream it to the site, or, for a
+        request already refused, crash on the answer it has). A refused request's answer goes
+        out then; a forwarded one's is `request_too_large`."""
         limit = self.limits().max_body_bytes
         for stream_id, flow in list(self._unsized.items()):
             stream = self.child.streams.get(stream_id)
@@ -304,7 +307,10 @@ class HttpGuard(layer.Layer):
                 del self._unsized[stream_id]  # complete: _check_complete_body has it
             elif len(stream.request_body_buf) > limit:
                 del self._unsized[stream_id]
-                flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
+                if flow.response is not None:
+                    flow.metadata[client_events.ERROR_ANSWER] = flow.response
+                else:
+                    flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
                 failed = ResponseProtocolError(
                     stream_id, "request body too large", ErrorCode.REQUEST_TOO_LARGE
                 )

@@ -484,6 +484,18 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if exc[0] is None:
+            self.assert_nothing_crashed()
+
+    def assert_nothing_crashed(self) -> None:
+        """No mitmproxy layer and no addon hook raised in this gateway's life: a crash there
+        drops the connection (and maybe the record) while the test may still pass."""
+        crashes = [
+            e
+            for e in self.log_events()
+            if str(e.get("event", "")).startswith(("mitmproxy has crashed", "Addon error"))
+        ]
+        assert not crashes, json.dumps(crashes[:3], indent=1)[-4000:]
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

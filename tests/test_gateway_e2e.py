@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -14,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 import requests
+from aiohttp import web
 
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
@@ -241,6 +244,66 @@ def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_addres
     assert refused_h2["reason"] == "upstream_error" and refused_h2["status"] is None
     assert refused_h2["id"] == wrong_h2.headers["x-crawlwarden-request-id"]
     assert "certificate" in refused["note"].lower(), refused
+
+
+class EchoWebSocket:
+    """A WebSocket server on 127.0.0.1 (aiohttp, in its own thread): echoes text messages."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.runner: web.AppRunner | None = None
+        self.port = self.loop.run_until_complete(self._start())
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _start(self) -> int:
+        async def echo(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str(f"echo: {message.data}")
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/ws", echo)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return int(self.runner.addresses[0][1])
+
+    def __enter__(self) -> EchoWebSocket:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_a_websocket_through_the_gateway_works_and_is_one_fetch_record(gateway: Gateway):
+    # Headless browsers open WebSockets: allowed for a team (SECURITY.md), one record each.
+    async def talk(port: int) -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(
+                f"http://site-c.test:{port}/ws",
+                proxy=gateway.proxy_url(),
+                headers=PROJECT_HEADERS,
+            ) as ws:
+                answers = []
+                for text in ("one", "two"):
+                    await ws.send_str(text)
+                    answers.append((await asyncio.wait_for(ws.receive(), 10)).data)
+                return answers
+
+    with EchoWebSocket() as server:
+        assert asyncio.run(talk(server.port)) == ["echo: one", "echo: two"]
+    [rec] = gateway.fetch_records()
+    assert rec["url"] == f"http://site-c.test:{server.port}/ws"
+    assert (rec["decision"], rec["reason"], rec["status"]) == ("forwarded", "ok", 101)
+    assert rec["team"] == TEAM and rec["project"] == PROJECT
 
 
 def test_identity_of_a_connect_holds_for_every_request_in_the_tunnel(

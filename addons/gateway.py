@@ -36,6 +36,7 @@ from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
 from addons.http_guard import guard_http_layers
 from addons.http_guard import refusal_response
+from addons.streaming import HOLD_LIMIT
 from addons.streaming import ResponseStream
 from proxy import inputs
 from proxy import metrics
@@ -44,6 +45,7 @@ from proxy.audit.record import utc_timestamp
 from proxy.auth_throttle import AuthThrottle
 from proxy.blocklist import normalize_url
 from proxy.budgets import Lease
+from proxy.content_coding import BodyDecoder
 from proxy.decision import Decision
 from proxy.decision import Outcome
 from proxy.decision import Reason
@@ -821,11 +823,14 @@ def _header_list(headers: http.Headers) -> list[tuple[str, str]]:
 
 
 def _decoded_body(resp: http.Response) -> bytes:
-    """The body with its Content-Encoding removed (what the opt-out scanners read)."""
-    if not resp.headers.get("content-encoding"):
-        return resp.raw_content or b""
+    """The body with its Content-Encoding removed, as far as the opt-out scanners read
+    (HOLD_LIMIT: a small compressed body may decode to gigabytes); b"" if it cannot be."""
+    raw = resp.raw_content or b""
+    decoder = BodyDecoder.of(resp.headers.get("content-encoding", ""), HOLD_LIMIT)
+    if decoder is None:
+        return b""
     try:
-        return resp.get_content(strict=True) or b""
+        return decoder.feed(raw)
     except ValueError:
         return b""
 

@@ -8,9 +8,9 @@ delivered at all, and the addon kills the flow so the scraper sees a broken tran
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Callable
 
+from proxy.content_coding import BodyDecoder
 from proxy.optout_checks import Assessment
 from proxy.optout_checks import BodyScan
 
@@ -19,12 +19,6 @@ HOLD_LIMIT = 16 * 2**20
 # What passes on while the body is held or withheld. Not b"": mitmproxy sends each chunk it is
 # given as it is, and an empty chunk of a chunked HTTP/1 body is its end.
 NOTHING: tuple[bytes, ...] = ()
-
-_DECODERS: dict[str, Callable[[], zlib._Decompress]] = {
-    "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
-    "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
-    "deflate": lambda: zlib.decompressobj(),
-}
 
 
 class ResponseStream:
@@ -44,12 +38,9 @@ class ResponseStream:
         self._held_bytes = 0
         self._undecodable = False
         self.assessment: Assessment | None = None
-        encoding = content_encoding.strip().lower()
-        self._decoder = None
-        if encoding in _DECODERS:
-            self._decoder = _DECODERS[encoding]()
-        elif encoding not in ("", "identity") and scan is not None:
-            # An encoding we cannot decode on the fly: only the headers' signals are read.
+        self._decoder = BodyDecoder.of(content_encoding, HOLD_LIMIT)
+        if self._decoder is None and scan is not None:
+            # An encoding we cannot decode: only the headers' signals are read.
             self.scan = None
             self.assessment = assess(scan)
 
@@ -68,9 +59,12 @@ class ResponseStream:
             return (chunk,) if chunk else NOTHING
         self._held.append(chunk)
         self._held_bytes += len(chunk)
-        decoded = self._decode(chunk, end)
+        decoded = self._decode(chunk)
         done = self.scan.feed(decoded) if decoded else False
-        if not done and (end or self._undecodable or self._held_bytes >= HOLD_LIMIT):
+        decoder_full = self._decoder is not None and self._decoder.full
+        if not done and (
+            end or self._undecodable or decoder_full or self._held_bytes >= HOLD_LIMIT
+        ):
             # Nothing more can be learnt (or held): decide on what was read.
             self.scan.finish()
             done = True
@@ -80,13 +74,13 @@ class ResponseStream:
         held, self._held = b"".join(self._held), []
         return NOTHING if self.withheld or not held else (held,)
 
-    def _decode(self, chunk: bytes, end: bool) -> bytes:
+    def _decode(self, chunk: bytes) -> bytes:
+        """At most HOLD_LIMIT decoded bytes in all: a compression bomb decodes no further."""
         if self._decoder is None:
             return chunk
         try:
-            out = self._decoder.decompress(chunk)
-            return out + (self._decoder.flush() if end else b"")
-        except zlib.error:
+            return self._decoder.feed(chunk)
+        except ValueError:
             self._undecodable = True
             return b""
 

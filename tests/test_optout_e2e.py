@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,30 @@ def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bi
     assert (withheld["decision"], withheld["reason"]) == ("withheld", "image_optout")
     assert withheld["content_sha256"] == hashlib.sha256(opted_out).hexdigest()
     assert withheld["response_bytes"] == len(opted_out)
+
+
+def _peak_rss(gw: Gateway) -> int:
+    assert gw.proc is not None
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if "VmHWM" in line)
+
+
+def test_a_compression_bomb_is_read_as_far_as_its_head_and_no_further(gateway: Gateway, site: Site):
+    # 256 MiB of zeros behind a noai page head, gzipped to ~250 KiB: a site can send that. The
+    # gateway reads the head (and withholds the page) without decoding the rest into memory.
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    bomb = packer.compress(PAGE_NOAI + bytes(256 * 2**20)) + packer.flush()
+    site.routes["/bomb.html"] = Reply(
+        body=bomb, headers={"Content-Type": "text/html", "Content-Encoding": "gzip"}
+    )
+    fetch(gateway, site, "site-c.test", "/warm-up")
+    before = _peak_rss(gateway)
+    result = fetch(gateway, site, "site-c.test", "/bomb.html")
+    grown = _peak_rss(gateway) - before
+    assert result.status == 451 and result.json()["reason"] == "noai_directive"
+    assert grown < 64 * 2**20, f"peak RSS grew {grown / 2**20:.0f} MiB"
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/bomb.html")]
+    assert rec["content_sha256"] == hashlib.sha256(bomb).hexdigest()  # as sent, not decoded
 
 
 def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Gateway, site: Site):

@@ -1,0 +1,79 @@
+"""proxy/content_coding.py: bodies decoded as far as the scanners read, never further."""
+
+from __future__ import annotations
+
+import sys
+import tracemalloc
+import zlib
+
+import brotli
+import pytest
+
+from proxy.content_coding import BodyDecoder
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
+TEXT = b"<html><head><meta name='robots' content='noai'></head>" + b"x" * 5000
+
+
+def _gzip(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return c.compress(data) + c.flush()
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+ENCODERS = {
+    "identity": lambda data: data,
+    "gzip": _gzip,
+    "x-gzip": _gzip,
+    "deflate": zlib.compress,
+    "deflate-raw": _raw_deflate,
+    "br": lambda data: brotli.compress(data, quality=1),
+    "zstd": lambda data: zstd.compress(data, level=1),
+}
+
+
+def _encoding(name: str) -> str:
+    return "deflate" if name == "deflate-raw" else name
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_a_body_decodes_whole_in_pieces_of_any_size(name: str) -> None:
+    encoded = ENCODERS[name](TEXT)
+    for size in (1, 7, len(encoded)):
+        decoder = BodyDecoder.of(_encoding(name), limit=1 << 20)
+        assert decoder is not None
+        out = b"".join(decoder.feed(encoded[i : i + size]) for i in range(0, len(encoded), size))
+        assert out == TEXT and not decoder.full
+
+
+@pytest.mark.parametrize("name", ["gzip", "deflate", "br", "zstd"])
+def test_a_compression_bomb_decodes_to_the_limit_and_no_further(name: str) -> None:
+    bomb = ENCODERS[name](TEXT + bytes(256 * 2**20))  # 256 MiB of zeros, a few hundred KiB
+    assert len(bomb) < 2**20
+    decoder = BodyDecoder.of(name, limit=2**20)
+    assert decoder is not None
+    tracemalloc.start()
+    try:
+        out = b"".join(decoder.feed(bomb[i : i + 65536]) for i in range(0, len(bomb), 65536))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out[: len(TEXT)] == TEXT and len(out) == 2**20 and decoder.full
+    assert peak < 16 * 2**20, peak  # decoding all of it would take 256 MiB
+
+
+def test_what_it_does_not_know_and_what_is_broken() -> None:
+    assert BodyDecoder.of("compress", limit=100) is None
+    assert BodyDecoder.of("gzip, br", limit=100) is None
+    decoder = BodyDecoder.of(" GZIP ", limit=100)
+    assert decoder is not None
+    with pytest.raises(ValueError, match="Content-Encoding"):
+        decoder.feed(b"this is not gzip at all")

@@ -323,10 +323,12 @@ class HttpGuard(layer.Layer):
         (with its head, or in one read): killed before the request hook, so mitmproxy ends the
         flow in the error hook. A declared length over the limit was refused from the head."""
         body = flow.request.raw_content
-        if body and len(body) > self.limits().max_body_bytes and flow.metadata.get(FORWARDED):
-            if flow.killable:
-                flow.metadata[BODY_TOO_LARGE] = _too_large(self.limits().max_body_bytes)
-                flow.kill()
+        if not body or not flow.metadata.get(FORWARDED) or not flow.killable:
+            return
+        limit = self.limits().max_body_bytes
+        if len(body) > limit:
+            flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
+            flow.kill()
 
     def _answer_now(self, answer: http.Response) -> layer.CommandGenerator[None]:
         conn = self.child.connections.get(self.client)

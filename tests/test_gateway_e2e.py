@@ -24,6 +24,7 @@ from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
+from tests.support import CurlResult
 from tests.support import Gateway
 from tests.support import LocalCA
 from tests.support import Reply
@@ -200,26 +201,19 @@ def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_addres
     # site's certificate against the site's name. These certificates carry no address, so one
     # checked against the address would fail for site-c.test and pass for nothing.
     with Site(tls=test_ca, names=("site-c.test",)) as named:
-        right = curl(
-            named.url("site-c.test", "/a"),
-            proxy=gateway.proxy_url(),
-            cacert=gateway.ca_cert,
-            headers=PROJECT_HEADERS,
-        )
-        wrong = curl(
-            named.url("site-d.test", "/a"),
-            proxy=gateway.proxy_url(),
-            cacert=gateway.ca_cert,
-            headers=PROJECT_HEADERS,
-            extra=["--http1.1"],
-        )
-        wrong_h2 = curl(
-            named.url("site-d.test", "/a"),
-            proxy=gateway.proxy_url(),
-            cacert=gateway.ca_cert,
-            headers=PROJECT_HEADERS,
-            extra=["--http2"],
-        )
+
+        def get(host: str, *extra: str) -> CurlResult:
+            return curl(
+                named.url(host, "/a"),
+                proxy=gateway.proxy_url(),
+                cacert=gateway.ca_cert,
+                headers=PROJECT_HEADERS,
+                extra=list(extra),
+            )
+
+        right = get("site-c.test")
+        wrong = get("site-d.test", "--http1.1")
+        wrong_h2 = get("site-d.test", "--http2")
         # A client that sends no SNI at all: the gateway still names the site to it.
         without_sni = _get_through_tunnel_without_sni(gateway, "site-c.test", named.port, "/b")
         assert right.status == 200, right.stderr

@@ -365,13 +365,20 @@ class Gateway:
         req.headers["From"] = crawler.contact
         if tunnel is None:
             self._choose_upstream_proxy(flow, identity, state)
-        try:
-            # In the spool before the request leaves: a kill -9 from here on cannot lose it.
-            self.rt.fetch_log.begin(self._build_record(flow, state, forwarded=True))
-        except OSError:
-            self.rt.budgets.finish(state.lease)
+        refusal: Decision | None = None
+        if self.rt.stopping:
+            # The drain is over: a request forwarded now might outlive the fetch log.
+            refusal = _draining(ctx.site.key)
+        else:
+            try:
+                # In the spool before the request leaves: a kill -9 from here on cannot lose it.
+                self.rt.fetch_log.begin(self._build_record(flow, state, forwarded=True))
+            except OSError:
+                refusal = _audit_unavailable(ctx.site.key)
+        if refusal is not None:
+            self.rt.budgets.finish(state.lease)  # admitted, but it never leaves
             state.lease = None
-            return self._refuse(flow, state, _audit_unavailable(ctx.site.key), started)
+            return self._refuse(flow, state, refusal, started)
         state.forwarded = True
         flow.metadata[FORWARDED] = state.id
         self.rt.in_flight += 1
@@ -438,6 +445,7 @@ class Gateway:
     # -- responses -------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._close_if_draining(flow)  # before a streamed head goes out
         state: FlowState | None = flow.metadata.get(META)
         resp = flow.response
         if state is None or not state.forwarded or resp is None or state.ctx is None:
@@ -469,6 +477,7 @@ class Gateway:
         return state.stream
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        self._close_if_draining(flow)  # refusals too
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.recorded or flow.request.method == "CONNECT":
             return
@@ -478,6 +487,19 @@ class Gateway:
         if flow.response is not None:
             flow.response.headers["x-crawlwarden-request-id"] = state.id
         self._finish(flow, state)
+
+    def _close_if_draining(self, flow: http.HTTPFlow) -> None:
+        """While the replica drains, an HTTP/1 answer closes its connection: the scraper's
+        next request opens a new one, to a replica that is not stopping."""
+        resp = flow.response
+        if (
+            self.rt.draining
+            and resp is not None
+            and resp.status_code != 101
+            and flow.request.method != "CONNECT"
+            and flow.request.http_version.startswith("HTTP/1")
+        ):
+            resp.headers["connection"] = "close"
 
     async def _assess(self, flow: http.HTTPFlow, state: FlowState, resp: http.Response) -> None:
         """Read the opt-outs a response carries; withhold it when one binds (DESIGN.md step 6)."""
@@ -784,6 +806,15 @@ def _audit_unavailable(site: str) -> Decision:
         "the fetch log cannot take more records; fetching resumes when it recovers",
         site=site,
         retry_after=30,
+    )
+
+
+def _draining(site: str) -> Decision:
+    return refuse(
+        Reason.DRAINING,
+        "this gateway replica is stopping; retry on a new connection",
+        retry_after=1,
+        site=site,
     )
 
 

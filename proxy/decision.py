@@ -39,6 +39,7 @@ class Reason(enum.StrEnum):
     SITE_PAUSED = "site_paused"
     STORE_UNAVAILABLE = "store_unavailable"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    DRAINING = "draining"  # the replica is stopping: retry, on another one
     # Outcomes of forwarded requests that did not get a response from the site.
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -72,6 +73,7 @@ STATUS: dict[Reason, int] = {
     Reason.SITE_PAUSED: 429,
     Reason.STORE_UNAVAILABLE: 503,
     Reason.AUDIT_UNAVAILABLE: 503,
+    Reason.DRAINING: 503,
     Reason.UPSTREAM_ERROR: 502,
     Reason.UPSTREAM_TIMEOUT: 504,
     Reason.INTERRUPTED: 502,

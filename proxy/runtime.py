@@ -148,7 +148,10 @@ class Runtime:
         self.governor.prefetch_checks = [self.optouts.robots, self.optouts.tdmrep]
         self._crawl_delays: dict[str, dict[str, float]] = {}
         self.in_flight = 0
+        # SIGTERM: draining (no new connections; HTTP/1 answers close theirs), then stopping
+        # (nothing more is forwarded) once nothing is in flight or the drain time is up.
         self.draining = False
+        self.stopping = False
         self.started_at = time.time()
         metrics.set_policy_version(compiled.version)
 

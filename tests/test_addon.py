@@ -300,3 +300,44 @@ async def test_a_hook_that_raises_kills_the_flow_and_still_records_it(make_gatew
         await gw.rt.budgets.flush()  # settlements are batched
         usage = await gw.rt.budgets.usage(gw.rt.governor.site_for("img.example"))
         assert usage["budgets"]["concurrency"]["used"] == 0
+
+
+async def test_once_the_drain_is_over_nothing_more_is_forwarded(make_gateway):
+    """A request that gets to the forwarding step after the drain's wait ended (its Redis
+    admission was still under way) is refused, its lease given back: the site never sees a
+    request the stopping gateway might not record."""
+    gw = await make_gateway(ChangingDNS({"img.example": ["93.184.216.34"]}))
+    with taddons.context(gw):
+        gw.rt.draining = gw.rt.stopping = True
+        flow = request_flow("img.example")
+        seq = gw.rt.fetch_log.seq
+        await gw.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 503
+        assert flow.response.headers["X-Crawlwarden-Reason"] == "draining"
+        assert flow.response.headers["Retry-After"] == "1"
+        assert gw.rt.in_flight == 0
+        assert gw.rt.fetch_log.spool.unfinished() == []  # nothing begun
+        await gw.response(flow)
+        assert flow.response.headers["connection"] == "close"
+        assert gw.rt.fetch_log.seq == seq + 1  # the refusal is recorded
+        await gw.rt.budgets.flush()
+        usage = await gw.rt.budgets.usage(gw.rt.governor.site_for("img.example"))
+        assert usage["budgets"]["concurrency"]["used"] == 0
+
+
+async def test_while_draining_http1_answers_close_their_connection(make_gateway):
+    gw = await make_gateway(ChangingDNS({"img.example": ["93.184.216.34"] * 3}))
+    with taddons.context(gw):
+        gw.rt.draining = True  # still forwarding
+        answers = {}
+        for version in ("HTTP/1.1", "HTTP/2.0"):
+            flow = request_flow("img.example")
+            flow.request.http_version = version
+            await gw.requestheaders(flow)
+            assert flow.response is None  # forwarded
+            flow.response = tutils.tresp(http_version=version.encode())
+            gw.responseheaders(flow)
+            await gw.response(flow)
+            answers[version] = flow.response.headers.get("connection")
+        # HTTP/2 has no Connection header (RFC 9113 8.2.2): its connection ends at the stop.
+        assert answers == {"HTTP/1.1": "close", "HTTP/2.0": None}

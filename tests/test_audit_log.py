@@ -215,6 +215,34 @@ async def test_close_flushes_records_still_in_flight(tmp_path: Path) -> None:
     )
 
 
+async def test_close_records_what_is_still_in_flight_as_interrupted(tmp_path: Path) -> None:
+    """Requests still in flight at a stop (the drain ran out) are recorded when the log closes,
+    once: the next run of the replica does not replay them again."""
+    signer, public = keys(tmp_path)
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-u", signer)
+    await log.open()
+    sent = [fetch(i) for i in (1, 2, 3)]
+    for rec in sent:
+        log.begin(rec)
+    log.append(sent[1])  # answered; the others are still out
+    await log.close()
+    records = stored(tmp_path, "gw-u")
+    assert [(r["id"], r["decision"], r["reason"]) for r in records] == [
+        (sent[1].id, "forwarded", "ok"),
+        (sent[0].id, "forwarded", "interrupted"),
+        (sent[2].id, "forwarded", "interrupted"),
+    ]
+    assert all("response is unknown" in r["note"] for r in records[1:])
+    assert "records 1..3" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
+    again = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-u", signer
+    )
+    await again.open()
+    assert again.seq == 3
+    await again.close()
+    assert len(stored(tmp_path, "gw-u")) == 3
+
+
 async def test_restart_continues_the_chain_and_the_checkpoint_chain(tmp_path: Path) -> None:
     signer, public = keys(tmp_path)
     for run in range(3):

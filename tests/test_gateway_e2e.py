@@ -34,6 +34,7 @@ from tests.support import curl
 from tests.support import policy_with
 from tests.support import wait_for
 from tests.support import write_policy
+from tests.test_fleet import signing_keys
 
 PROJECT_HEADERS = {"X-Crawl-Project": PROJECT}
 
@@ -679,23 +680,32 @@ def test_a_bad_debug_checks_value_concerns_run_only(workdir: Path):
 
 
 def test_sigterm_under_load_loses_no_record(workdir: Path, site: Site):
+    """Keep-alive clients go on sending while the gateway drains: what the site saw is
+    recorded whole, every answer a client got has its record, and answers sent while draining
+    close their connection (the scraper's next one goes to another replica)."""
     site.routes["/slow"] = Reply(body=b"x" * 2048, delay=0.3)
     gw = Gateway(workdir, base_policy()).start()
-    answers: list[int] = []
-    lock = threading.Lock()
+    answers: list[list[tuple[int, str, str]]] = []  # per client: status, request id, Connection
 
     def client(n: int) -> None:
         session = requests.Session()
         session.proxies = {"http": gw.proxy_url()}
+        got: list[tuple[int, str, str]] = []
+        answers.append(got)
         for _ in range(n):
             try:
                 r = session.get(
                     site.url("site-a.test", "/slow"), headers=PROJECT_HEADERS, timeout=10
                 )
-                with lock:
-                    answers.append(r.status_code)
             except requests.RequestException:
-                return
+                return  # the listener is closed: a scraper goes to another replica
+            got.append(
+                (
+                    r.status_code,
+                    r.headers.get("x-crawlwarden-request-id", ""),
+                    r.headers.get("connection", ""),
+                )
+            )
 
     threads = [threading.Thread(target=client, args=(20,)) for _ in range(8)]
     for t in threads:
@@ -706,13 +716,72 @@ def test_sigterm_under_load_loses_no_record(workdir: Path, site: Site):
         t.join(30)
     assert gw.proc is not None
     assert gw.proc.wait(40) == 0
-    records = [r for r in gw.export() if r.get("kind") == "fetch"]
-    forwarded = [r for r in records if r["decision"] == "forwarded"]
-    # Every request the site answered has a complete record, and every answer a client got too.
+    records = {r["id"]: r for r in gw.export() if r.get("kind") == "fetch"}
+    forwarded = [r for r in records.values() if r["decision"] == "forwarded"]
+    # Every request the site answered has a complete record.
     assert len(forwarded) == site.count("/slow")
-    assert sum(1 for r in forwarded if r["status"] == 200) >= answers.count(200)
-    assert all(r["reason"] == "ok" for r in forwarded)
-    assert any(e["event"] == "draining" for e in gw.log_events())
+    assert all((r["reason"], r["status"]) == ("ok", 200) for r in forwarded), forwarded
+    # Every answer a client got has its record, saying what the client got.
+    for status, rid, _ in (a for got in answers for a in got):
+        rec = records[rid]
+        if status == 200:
+            assert rec["decision"] == "forwarded"
+        else:  # forwarding stopped at the end of the drain: the site never saw it
+            assert (status, rec["decision"], rec["reason"]) == (503, "refused", "draining")
+    assert len(records) == sum(map(len, answers))
+    # The clients were sent away: each one's last answer closed its connection (HTTP/1), and
+    # its next request found the listener closed.
+    assert all(len(got) < 20 and got[-1][2].lower() == "close" for got in answers), answers
+    assert gw.log_events("draining") and not gw.log_events("drain_timeout")
+    gw.assert_nothing_crashed()
+
+
+def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site: Site):
+    """A request still in flight when --drain-seconds runs out is in the fetch log as soon
+    as the gateway has stopped (not only when that replica runs again)."""
+    site.routes["/long"] = Reply(body=b"late", delay=6)
+    private, public = signing_keys(workdir)
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    gw = Gateway(workdir, policy, extra_args=["--drain-seconds", "1"]).start()
+    failures: list[Exception] = []
+
+    def fetch() -> None:
+        try:
+            requests.get(
+                site.url("site-a.test", "/long"),
+                headers=PROJECT_HEADERS,
+                proxies={"http": gw.proxy_url()},
+                timeout=15,
+            )
+        except requests.RequestException as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    assert wait_for(lambda: site.count("/long") == 1, timeout=10)
+    gw.signal(signal.SIGTERM)
+    assert gw.proc is not None
+    assert gw.proc.wait(20) == 0
+    thread.join(15)
+    assert failures  # the connection closed under it: no answer
+    [rec] = [r for r in gw.export() if r.get("kind") == "fetch"]
+    assert (rec["decision"], rec["reason"], rec["url"]) == (
+        "forwarded",
+        "interrupted",
+        site.url("site-a.test", "/long"),
+    )
+    assert "response is unknown" in rec["note"]
+    assert gw.log_events("drain_timeout")[0]["in_flight"] == 1
+    assert gw.log_events("fetchlog_unfinished_at_exit")[0]["records"] == 1
+    exported = workdir / "export.jsonl"
+    gw.export("--output", str(exported))
+    result = subprocess.run(
+        [CRAWLWARDEN, "audit", "verify", str(exported), "--public-key", str(public)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_policy_check_accepts_the_example_policy():

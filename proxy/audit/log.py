@@ -140,12 +140,7 @@ class FetchLog:
             self._pending.append((seq, _parse_ts(rec.ts) or self.clock()))
         for began in replayed.unfinished:
             # Interrupted mid-flight (kill -9, crash): the request left, its answer is unknown.
-            began.update(
-                decision=str(Outcome.FORWARDED),
-                reason=str(Reason.INTERRUPTED),
-                note="the gateway stopped before this request finished; its response is unknown",
-            )
-            self.append_dict(began)
+            self._append_interrupted(began)
         if replayed.records or replayed.unfinished:
             log.info(
                 "spool_replayed",
@@ -187,6 +182,16 @@ class FetchLog:
         if self._closing:
             return
         self._closing = True
+        unfinished = self.spool.unfinished()
+        if unfinished:
+            # Still in flight when the gateway stopped (its drain ran out): recorded now, not
+            # left in the spool for a next run of this replica that may never come.
+            log.warning("fetchlog_unfinished_at_exit", records=len(unfinished))
+            try:
+                for began in unfinished:
+                    self._append_interrupted(began)
+            except OSError:
+                pass  # logged by _spool_failed; the begins stay in the spool for the next run
         if self.signer is not None and self._tasks:
             self.checkpoint("shutdown")
         self._wake.set()
@@ -281,6 +286,15 @@ class FetchLog:
         ):
             self.checkpoint()
         return data
+
+    def _append_interrupted(self, began: dict[str, Any]) -> None:
+        """A forwarded request's begin, recorded as interrupted: it left, its answer is unknown."""
+        began.update(
+            decision=str(Outcome.FORWARDED),
+            reason=str(Reason.INTERRUPTED),
+            note="the gateway stopped before this request finished; its response is unknown",
+        )
+        self.append_dict(began)
 
     def _spool_failed(self, error: OSError) -> None:
         self._spool_error = error

@@ -98,7 +98,8 @@ class Spool:
         self.segment_bytes = segment_bytes
         self.segments: list[Segment] = []
         self._fd: int | None = None
-        self._begun: dict[str, Segment] = {}
+        # Requests begun and not finished in this run: their begin line's segment and record.
+        self._begun: dict[str, tuple[Segment, dict[str, Any]]] = {}
         self.unsynced = False
         self._lock_fd: int | None = None
 
@@ -202,7 +203,11 @@ class Spool:
     def begin(self, rec: dict[str, Any]) -> None:
         self._write(b'{"k":"b","rec":' + json.dumps(rec, separators=(",", ":")).encode() + b"}\n")
         self.current.open_begins += 1
-        self._begun[rec["id"]] = self.current
+        self._begun[rec["id"]] = (self.current, rec)
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """The records of requests begun in this run and not finished (yet)."""
+        return [rec for _, rec in self._begun.values()]
 
     def finish(self, rec_json: bytes, rec_id: str, seq: int) -> Spooled:
         """Write a chained record (already serialised) and close its begin, if any; returns
@@ -211,9 +216,9 @@ class Spool:
         place = Spooled(seq, segment.index, segment.size + len(_RECORD), len(rec_json))
         self._write(_RECORD + rec_json + _RECORD_END)
         segment.max_seq = max(segment.max_seq, seq)
-        seg = self._begun.pop(rec_id, None)
-        if seg is not None:
-            seg.open_begins -= 1
+        begun = self._begun.pop(rec_id, None)
+        if begun is not None:
+            begun[0].open_begins -= 1
         if self.current.size >= self.segment_bytes:
             self._start_segment()
         return place

@@ -419,14 +419,13 @@ class Gateway:
         # with an answer cannot stream (it would raise), and must not read the body anyway.
         req.stream = False
         req.headers.pop("expect", None)  # no "100 Continue" for a body that is not wanted
-        if req.http_version.startswith("HTTP/1") and (
-            req.headers.get("transfer-encoding") or req.headers.get("content-length", "0") != "0"
-        ):
-            flow.metadata[ANSWER_NOW] = True  # HttpGuard answers before the body, then closes
-        elif not req.http_version.startswith("HTTP/1") and _declared_length(req) > _H2_BODY_READ:
-            # An HTTP/2 stream cannot be answered before its body here, and mitmproxy would
-            # buffer all of it first: reset the stream instead.
-            flow.kill()
+        if req.http_version.startswith("HTTP/1"):
+            if req.headers.get("transfer-encoding") or _declared_length(req) > 0:
+                flow.metadata[ANSWER_NOW] = True  # HttpGuard answers before the body, then closes
+        elif _declared_length(req) > 0:
+            # HttpGuard answers on the stream before the body and asks the client to stop
+            # sending it. One of no declared length is answered once past the body limit.
+            flow.metadata[ANSWER_NOW] = True
 
     def _serve_cached_robots(
         self, flow: http.HTTPFlow, state: FlowState, cached: tuple[int, bytes], started: float
@@ -840,8 +839,6 @@ def _loggable(text: str) -> str:
 _NOTED_REASONS = frozenset(
     {Reason.UPSTREAM_TIMEOUT, Reason.UPSTREAM_ERROR, Reason.INTERRUPTED, Reason.BAD_REQUEST}
 )
-# The most of an HTTP/2 request body read before a refusal is answered (see Gateway._refuse).
-_H2_BODY_READ = 1 << 20
 
 
 def _declared_length(req: http.Request) -> int:

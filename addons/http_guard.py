@@ -19,8 +19,9 @@ model, so it can bound all of that without reaching into sockets:
   past its own threshold mitmproxy would stream the request body on to the site, unbounded (and
   crash on a refused one).
 - answer now: a request the gateway refused in `requestheaders` whose body is still on its way
-  (the addon sets `ANSWER_NOW`) is answered at once, the connection half-closed and the body
-  drained and discarded for a moment (a "lingering close", so the client reads the answer).
+  (the addon sets `ANSWER_NOW`) is answered at once. HTTP/1: the connection half-closed and the
+  body drained and discarded for a moment (a "lingering close", so the client reads the answer).
+  HTTP/2: the answer on its stream, then RST_STREAM NO_ERROR if the client is still sending.
 - `connect_timeout`, `response_timeout` (the longest a site may stay silent mid-exchange) and
   `transfer_timeout` (request complete to response complete): the upstream connection is closed
   and the flow tagged with `TIMEOUT`, so the gateway records and answers `upstream_timeout` (a
@@ -225,7 +226,7 @@ class HttpGuard(layer.Layer):
             if flow.request.timestamp_end is not None:
                 return  # the whole request is in: mitmproxy answers it the usual way
             if flow.metadata.get(ANSWER_NOW) and flow.response is not None:
-                yield from self._answer_now(flow.response)
+                yield from self._answer_now(flow)
             else:
                 self._add(limits.idle_client, "body", flow.id, flow)
                 if "content-length" not in flow.request.headers:
@@ -311,12 +312,18 @@ class HttpGuard(layer.Layer):
                     flow.metadata[client_events.ERROR_ANSWER] = flow.response
                 else:
                     flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
-                failed = ResponseProtocolError(
-                    stream_id, "request body too large", ErrorCode.REQUEST_TOO_LARGE
-                )
-                for command in self.child.event_to_child(stream, failed):
-                    self._observe_command(command)
-                    yield command
+                yield from self._fail_stream(stream_id, stream, "request body too large")
+
+    def _fail_stream(
+        self, stream_id: int, stream: Any, message: str
+    ) -> layer.CommandGenerator[None]:
+        """End an HTTP/2 stream as if its site had failed: mitmproxy calls the error hook, and
+        the client gets the flow's ERROR_ANSWER, if it has one (addons/client_events.py), then
+        RST_STREAM NO_ERROR if it is still sending."""
+        failed = ResponseProtocolError(stream_id, message, ErrorCode.REQUEST_TOO_LARGE)
+        for command in self.child.event_to_child(stream, failed):
+            self._observe_command(command)
+            yield command
 
     def _check_complete_body(self, flow: http.HTTPFlow) -> None:
         """A body of no declared length that came whole past the limit before it was checked
@@ -330,8 +337,17 @@ class HttpGuard(layer.Layer):
             flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
             flow.kill()
 
-    def _answer_now(self, answer: http.Response) -> layer.CommandGenerator[None]:
+    def _answer_now(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
+        answer = flow.response
+        assert answer is not None
         conn = self.child.connections.get(self.client)
+        if flow.request.is_http2:
+            # On its stream, before the body (which mitmproxy would read whole first).
+            for stream_id, stream in self.child.streams.items():
+                if stream.flow is flow:
+                    flow.metadata[client_events.ERROR_ANSWER] = answer
+                    yield from self._fail_stream(stream_id, stream, "refused before its body")
+            return
         if not isinstance(conn, Http1Server):
             return
         answer.headers["Connection"] = "close"

@@ -453,6 +453,62 @@ def test_an_http2_body_of_no_declared_length_is_held_to_the_limit(
         assert code == 200 and body["budgets"]["concurrency"]["used"] == 0, body
 
 
+# body size (declared), the upload's project and path, then what it gets: status, reason
+DECLARED = {
+    "over-the-limit-40MiB": (40 * 2**20, PROJECT, "/upload", 413, "request_too_large"),
+    "unknown-project-512KiB": (2**19, "no-such-project", "/upload", 403, "unknown_project"),
+    "members-only-40MiB": (40 * 2**20, PROJECT, "/members/upload", 451, "tos_blocklist"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECLARED))
+def test_a_refused_http2_upload_is_answered_before_its_body(
+    workdir: Path, test_ca: LocalCA, case: str
+) -> None:
+    """An HTTP/2 request refused from its head while its declared body is still coming gets
+    its refusal on that stream at once, then RST_STREAM NO_ERROR if it is still sending (RFC
+    9113 section 8.1), not a bare reset; the body is not read, the connection serves on."""
+    size, project, path, status, reason = DECLARED[case]
+    with Site(tls=test_ca) as tls_site:
+        authority = f"site-c.test:{tls_site.port}"
+        policy = policy_with(
+            blocklist=[
+                {
+                    "id": "members-only",
+                    "match": [f"https://{authority}/members/"],
+                    "reason": "Member pages excluded by the terms",
+                    "source": "https://site-c.test/terms, read 2026-10-01",
+                }
+            ]
+        )
+        if reason != "request_too_large":
+            policy["network"]["max_request_body_bytes"] = 64 * 2**20
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, authority, alpn="h2") as tls:
+                client = H2Client(tls)
+                upload = (("x-crawl-project", project), ("content-length", str(size)))
+                answer, sent = client.post_without_length(authority, path, b"u" * size, *upload)
+                after = client.get(authority, "/after", ("x-crawl-project", PROJECT))
+            assert answer.end == "ended" and answer.headers[":status"] == str(status), answer
+            assert answer.headers["x-crawlwarden-reason"] == reason
+            if size > 2**20:
+                assert answer.reset and sent < size / 2, sent  # asked to stop, and it did
+            assert (after.end, after.headers[":status"]) == ("ended", "200")
+            assert [s.path for s in tls_site.seen] == ["/after"]
+            records = {r["url"].rsplit("/", 1)[1]: r for r in gw.fetch_records()}
+            refused = records["upload"]
+            assert (refused["decision"], refused["reason"], refused["status"]) == (
+                "refused",
+                reason,
+                status,
+            )
+            assert refused["id"] == answer.headers["x-crawlwarden-request-id"]
+            code, body = gw.admin_request(
+                "GET", "/v1/budgets?site=site-c.test", token=AUDITOR_TOKEN
+            )
+            assert code == 200 and body["budgets"]["concurrency"]["used"] == 0, body
+
+
 def test_a_refused_upload_inside_a_tls_tunnel_is_answered_before_its_body(
     workdir: Path, site: Site
 ) -> None:

@@ -107,6 +107,7 @@ class FlowState:
     withheld: Decision | None = None
     cached_robots: bool = False
     settled: bool = False  # in-flight count and budget lease released
+    deciding: bool = True  # counted in Runtime.deciding until forwarded or recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +207,6 @@ class Gateway:
         host = checked.host or flow.request.host
         port = flow.request.port
         state = self._new_state(flow, f"https://{_loggable(_bracket(host))}:{port}", "CONNECT")
-        flow.metadata[META] = state
         credentials = flow.request.headers.get("proxy-authorization")
         identity = await self._authenticate(flow, state, credentials)
         if identity is None:
@@ -223,6 +223,7 @@ class Gateway:
             return self._refuse_connect(flow, state, decision, started)
         self.tunnels[flow.client_conn] = Tunnel(identity, host, port, address)
         state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
+        self._decided(state)
         # Pin the checked address: the tunnel connects there, and nowhere else.
         flow.request.data.host = str(address)
         if host != str(address):
@@ -286,7 +287,6 @@ class Gateway:
         project = inputs.check_recorded_value("X-Crawl-Project", req.headers.get("x-crawl-project"))
         account = inputs.check_recorded_value("X-Crawl-Account", req.headers.get("x-crawl-account"))
         state.project, state.account = project.value, account.value
-        flow.metadata[META] = state
         problem = (
             checked.problem or inputs.target_problem(req.path) or project.problem or account.problem
         )
@@ -381,6 +381,7 @@ class Gateway:
             return self._refuse(flow, state, refusal, started)
         state.forwarded = True
         flow.metadata[FORWARDED] = state.id
+        self._decided(state)
         self.rt.in_flight += 1
         metrics.IN_FLIGHT.set(self.rt.in_flight)
         self._observe_governance(started)
@@ -656,9 +657,16 @@ class Gateway:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _decided(self, state: FlowState) -> None:
+        """No longer being decided: forwarded (counted in flight from here), or recorded."""
+        if state.deciding:
+            state.deciding = False
+            self.rt.deciding -= 1
+
     def _new_state(self, flow: http.HTTPFlow, url: str, method: str) -> FlowState:
+        """The flow's state, on the flow from the start (a hook that fails still records it)."""
         peer = flow.client_conn.peername
-        return FlowState(
+        state = FlowState(
             id=uuid.uuid4().hex,
             started=flow.request.timestamp_start or time.time(),
             identity=None,
@@ -666,6 +674,9 @@ class Gateway:
             method=method,
             url=url,
         )
+        flow.metadata[META] = state
+        self.rt.deciding += 1
+        return state
 
     def _sanitize(self, req: http.Request) -> None:
         # One pass over the raw fields (names compared as ASCII, as HTTP does), not a deletion
@@ -731,6 +742,7 @@ class Gateway:
 
     def _record(self, flow: http.HTTPFlow, state: FlowState) -> None:
         state.recorded = True
+        self._decided(state)
         rec = self._build_record(flow, state)
         now = time.time()
         answer = state.answer

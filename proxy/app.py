@@ -202,11 +202,12 @@ async def serve(settings: Settings) -> int:
 async def drain(runtime: Runtime, master: Master, settings: Settings) -> None:
     """Stop taking connections, let requests in flight finish, then stop (fetch log flushed).
 
-    Connections already open may still bring requests: while nothing else is done they are
+    Connections already open may still bring requests: while others are under way they are
     forwarded, each HTTP/1 answer closing its connection, so scrapers reconnect (to another
-    replica). Once nothing is in flight, or the drain time is up, nothing more is forwarded
-    (503 `draining`) and what already was is waited for: the site never sees a request whose
-    record the stop would lose. What is still in flight at the end is recorded as interrupted.
+    replica). Once nothing is in flight or being decided, or the drain time is up, nothing more
+    is forwarded (503 `draining`), and what is still under way is waited for: the site never
+    sees a request whose record the stop would lose, and refusals are recorded before the fetch
+    log closes. What is still in flight at the end is recorded as interrupted.
     """
     runtime.draining = True
     log.info("draining", in_flight=runtime.in_flight)
@@ -214,7 +215,6 @@ async def drain(runtime: Runtime, master: Master, settings: Settings) -> None:
     deadline = time.monotonic() + settings.drain_seconds
     await runtime.wait_idle(settings.drain_seconds)
     runtime.stopping = True
-    left = await runtime.wait_idle(max(0.0, deadline - time.monotonic()))
-    if left:
-        log.warning("drain_timeout", in_flight=left)
+    if await runtime.wait_idle(max(0.0, deadline - time.monotonic())):
+        log.warning("drain_timeout", in_flight=runtime.in_flight, deciding=runtime.deciding)
     master.shutdown()

@@ -147,7 +147,8 @@ class Runtime:
         )
         self.governor.prefetch_checks = [self.optouts.robots, self.optouts.tdmrep]
         self._crawl_delays: dict[str, dict[str, float]] = {}
-        self.in_flight = 0
+        self.in_flight = 0  # forwarded, not yet answered
+        self.deciding = 0  # come in, neither forwarded nor recorded yet (refusals included)
         # SIGTERM: draining (no new connections; HTTP/1 answers close theirs), then stopping
         # (nothing more is forwarded) once nothing is in flight or the drain time is up.
         self.draining = False
@@ -311,11 +312,11 @@ class Runtime:
         return self.fetch_log.append(rec)
 
     async def wait_idle(self, timeout: float) -> int:
-        """Wait until no forwarded request is in flight; returns how many still are."""
+        """Wait until no request is in flight or being decided; returns how many still are."""
         deadline = time.monotonic() + timeout
-        while self.in_flight > 0 and time.monotonic() < deadline:
+        while self.in_flight + self.deciding > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return self.in_flight
+        return self.in_flight + self.deciding
 
 
 def _spool_limit(compiled: CompiledPolicy) -> int:

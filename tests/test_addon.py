@@ -341,3 +341,48 @@ async def test_while_draining_http1_answers_close_their_connection(make_gateway)
             answers[version] = flow.response.headers.get("connection")
         # HTTP/2 has no Connection header (RFC 9113 8.2.2): its connection ends at the stop.
         assert answers == {"HTTP/1.1": "close", "HTTP/2.0": None}
+
+
+async def test_every_request_leaves_the_deciding_count(make_gateway):
+    """The drain waits for requests being decided as well as those in flight (so refusals are
+    recorded before the fetch log closes): each way out of the hooks leaves the count, or every
+    stop would wait out its whole drain time."""
+    gw = await make_gateway(ChangingDNS({"img.example": ["93.184.216.34"] * 4}))
+    rt = gw.rt
+    with taddons.context(gw):
+        # Forwarded, then answered.
+        flow = request_flow("img.example")
+        await gw.requestheaders(flow)
+        assert (rt.deciding, rt.in_flight) == (0, 1)
+        flow.response = tutils.tresp()
+        gw.responseheaders(flow)
+        await gw.response(flow)
+        assert (rt.deciding, rt.in_flight) == (0, 0)
+        # Refused, counted until its answer is recorded (response hook, or error hook).
+        for end in ("response", "error"):
+            flow = request_flow("img.example")
+            flow.request.headers["X-Crawl-Project"] = "no-such-project"
+            await gw.requestheaders(flow)
+            assert flow.response is not None and rt.deciding == 1
+            if end == "response":
+                await gw.response(flow)
+            else:
+                flow.error = tflow.terr()  # the client went away first
+                gw.error(flow)
+            assert rt.deciding == 0
+        # No credentials.
+        flow = request_flow("img.example")
+        del flow.request.headers["Proxy-Authorization"]
+        await gw.requestheaders(flow)
+        await gw.response(flow)
+        assert rt.deciding == 0
+        # A tunnel accepted (its requests are counted one by one), and one refused.
+        for host in ("img.example", "10.0.0.1"):
+            connect = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=host, port=443))
+            connect.request.headers["Proxy-Authorization"] = basic(TEAM, TEAM_TOKEN)
+            await gw.http_connect(connect)
+            assert rt.deciding == 0
+        # A hook that raised: recorded on the way out.
+        gw.rt.governor.check_request = lambda ctx: 1 / 0
+        await gw.requestheaders(request_flow("img.example"))
+        assert (rt.deciding, rt.in_flight) == (0, 0)

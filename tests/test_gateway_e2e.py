@@ -679,23 +679,32 @@ def test_a_bad_debug_checks_value_concerns_run_only(workdir: Path):
 # -- shutdown ------------------------------------------------------------------------------
 
 
-def test_sigterm_under_load_loses_no_record(workdir: Path, site: Site):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_sigterm_under_load_loses_no_record(
+    workdir: Path, site: Site, tls_site: Site, test_ca: LocalCA, scheme: str
+):
     """Keep-alive clients go on sending while the gateway drains: what the site saw is
     recorded whole, every answer a client got has its record, and answers sent while draining
-    close their connection (the scraper's next one goes to another replica)."""
+    close their connection (the scraper's next one goes to another replica). Over HTTPS the
+    answer inside the CONNECT tunnel closes the tunnel."""
+    site = tls_site if scheme == "https" else site
+    host = "site-c.test" if scheme == "https" else "site-a.test"
     site.routes["/slow"] = Reply(body=b"x" * 2048, delay=0.3)
-    gw = Gateway(workdir, base_policy()).start()
+    gw = Gateway(workdir, base_policy(), trusted_ca=test_ca.ca_cert).start()
     answers: list[list[tuple[int, str, str]]] = []  # per client: status, request id, Connection
 
     def client(n: int) -> None:
         session = requests.Session()
-        session.proxies = {"http": gw.proxy_url()}
+        session.proxies = {scheme: gw.proxy_url()}
         got: list[tuple[int, str, str]] = []
         answers.append(got)
         for _ in range(n):
             try:
                 r = session.get(
-                    site.url("site-a.test", "/slow"), headers=PROJECT_HEADERS, timeout=10
+                    site.url(host, "/slow"),
+                    headers=PROJECT_HEADERS,
+                    timeout=10,
+                    verify=str(gw.ca_cert),
                 )
             except requests.RequestException:
                 return  # the listener is closed: a scraper goes to another replica

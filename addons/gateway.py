@@ -40,6 +40,7 @@ from addons.streaming import HOLD_LIMIT
 from addons.streaming import ResponseStream
 from proxy import inputs
 from proxy import metrics
+from proxy.audit.log import FetchLogClosed
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.auth_throttle import AuthThrottle
@@ -781,7 +782,13 @@ class Gateway:
             rec.note = _loggable(state.decision.detail)  # what went wrong, for the auditor
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
         metrics.TOTAL_SECONDS.observe(rec.duration_ms / 1000)
-        data = self.rt.record(rec)
+        try:
+            data = self.rt.record(rec)
+        except FetchLogClosed:
+            # Still under way when the gateway stopped: if it was forwarded, the fetch log
+            # recorded it as interrupted when it closed.
+            log.info("record_after_stop", id=rec.id, decision=rec.decision, reason=rec.reason)
+            return
         site_label = self.rt.site_labels.observe(rec.site)
         team_label = rec.team or "_none"
         metrics.count_request(site_label, team_label, rec.decision, rec.reason)

@@ -782,6 +782,10 @@ def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site:
     assert "response is unknown" in rec["note"]
     assert gw.log_events("drain_timeout")[0]["in_flight"] == 1
     assert gw.log_events("fetchlog_unfinished_at_exit")[0]["records"] == 1
+    # The flow ends after the fetch log closed (mitmproxy's error hook at exit): no second
+    # record, and no hook error either.
+    assert all(e["id"] == rec["id"] for e in gw.log_events("record_after_stop"))
+    gw.assert_nothing_crashed()
     exported = workdir / "export.jsonl"
     gw.export("--output", str(exported))
     result = subprocess.run(

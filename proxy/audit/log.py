@@ -48,11 +48,15 @@ from proxy.audit.store import FetchStore
 from proxy.decision import Outcome
 from proxy.decision import Reason
 
-__all__ = ["FetchLog", "FetchStore"]
+__all__ = ["FetchLog", "FetchLogClosed", "FetchStore"]
 
 log = structlog.get_logger("crawlwarden.audit")
 
 DAY = 86400.0
+
+
+class FetchLogClosed(Exception):
+    """A record offered after the fetch log closed (a flow that outlived the gateway's stop)."""
 
 
 class FetchLog:
@@ -111,6 +115,7 @@ class FetchLog:
         self._checkpoint_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self.closed = False
         self._spool_error: OSError | None = None
         self.store_ok = True
 
@@ -207,6 +212,7 @@ class FetchLog:
         if self._queue:
             log.error("fetchlog_unshipped_at_exit", records=len(self._queue), kept_in="spool")
         self.spool.close()
+        self.closed = True
         await self.store.close()
 
     # -- writing ---------------------------------------------------------------------------
@@ -248,6 +254,8 @@ class FetchLog:
         The chain state moves only once the spool has the line: a failed write (disk full)
         raises and leaves no hole in the chain.
         """
+        if self.closed:
+            raise FetchLogClosed(f"the fetch log is closed; record {data.get('id')} not written")
         seq = self.seq + 1
         data["replica"] = self.replica
         data["seq"] = seq

@@ -717,14 +717,17 @@ def test_sigterm_under_load_loses_no_record(
             )
 
     threads = [threading.Thread(target=client, args=(20,)) for _ in range(8)]
-    for t in threads:
-        t.start()
-    assert wait_for(lambda: site.count("/slow") >= 16, timeout=20)
-    gw.signal(signal.SIGTERM)
-    for t in threads:
-        t.join(30)
-    assert gw.proc is not None
-    assert gw.proc.wait(40) == 0
+    try:
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: site.count("/slow") >= 16, timeout=20)
+        gw.signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert gw.proc is not None
+        assert gw.proc.wait(40) == 0
+    finally:
+        gw.stop()  # (only if a step above failed)
     records = {r["id"]: r for r in gw.export() if r.get("kind") == "fetch"}
     forwarded = [r for r in records.values() if r["decision"] == "forwarded"]
     # Every request the site answered has a complete record.
@@ -766,11 +769,14 @@ def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site:
             failures.append(e)
 
     thread = threading.Thread(target=fetch)
-    thread.start()
-    assert wait_for(lambda: site.count("/long") == 1, timeout=10)
-    gw.signal(signal.SIGTERM)
-    assert gw.proc is not None
-    assert gw.proc.wait(20) == 0
+    try:
+        thread.start()
+        assert wait_for(lambda: site.count("/long") == 1, timeout=10)
+        gw.signal(signal.SIGTERM)
+        assert gw.proc is not None
+        assert gw.proc.wait(20) == 0
+    finally:
+        gw.stop()  # (only if a step above failed)
     thread.join(15)
     assert failures  # the connection closed under it: no answer
     [rec] = [r for r in gw.export() if r.get("kind") == "fetch"]

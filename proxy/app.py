@@ -210,11 +210,15 @@ async def drain(runtime: Runtime, master: Master, settings: Settings) -> None:
     log closes. What is still in flight at the end is recorded as interrupted.
     """
     runtime.draining = True
-    log.info("draining", in_flight=runtime.in_flight)
+    log.info("draining", in_flight=runtime.in_flight, deciding=runtime.deciding)
     master.options.update(server=False)
-    deadline = time.monotonic() + settings.drain_seconds
+    began = time.monotonic()
+    deadline = began + settings.drain_seconds
     await runtime.wait_idle(settings.drain_seconds)
     runtime.stopping = True
     if await runtime.wait_idle(max(0.0, deadline - time.monotonic())):
         log.warning("drain_timeout", in_flight=runtime.in_flight, deciding=runtime.deciding)
+    else:
+        # How long a drain takes, for terminationGracePeriodSeconds (docs/kubernetes.md).
+        log.info("drained", seconds=round(time.monotonic() - began, 3))
     master.shutdown()

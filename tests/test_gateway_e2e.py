@@ -745,6 +745,8 @@ def test_sigterm_under_load_loses_no_record(
     # its next request found the listener closed.
     assert all(len(got) < 20 and got[-1][2].lower() == "close" for got in answers), answers
     assert gw.log_events("draining") and not gw.log_events("drain_timeout")
+    [drained] = gw.log_events("drained")
+    assert 0 < drained["seconds"] < 30
     gw.assert_nothing_crashed()
 
 
@@ -787,6 +789,7 @@ def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site:
     )
     assert "response is unknown" in rec["note"]
     assert gw.log_events("drain_timeout")[0]["in_flight"] == 1
+    assert not gw.log_events("drained")
     assert gw.log_events("fetchlog_unfinished_at_exit")[0]["records"] == 1
     # The flow ends after the fetch log closed (mitmproxy's error hook at exit): no second
     # record, and no hook error either.

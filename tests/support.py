@@ -486,6 +486,13 @@ class Gateway:
         self.stop()
         if exc[0] is None:
             self.assert_nothing_crashed()
+            self.assert_nothing_left_undecided()
+
+    def assert_nothing_left_undecided(self) -> None:
+        """Every request that came in was forwarded or recorded by the stop: one the gateway
+        lost count of would hold every drain for its whole --drain-seconds."""
+        stuck = [e for e in self.log_events("drain_timeout") if e.get("deciding")]
+        assert not stuck, stuck
 
     def assert_nothing_crashed(self) -> None:
         """No mitmproxy layer and no addon hook raised in this gateway's life: a crash there

@@ -80,6 +80,25 @@ def test_html_head_scan_is_incremental_and_stops_at_the_body() -> None:
     assert scanner.result().robots == {"noindex", "noai", "noimageai"}
 
 
+def test_html_head_scan_parses_nothing_after_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A page is mostly body: parsing it to the scan limit cost ~80 ms per page on the event loop.
+    tags: list[str] = []
+    original = optout._HeadParser.handle_starttag
+    monkeypatch.setattr(
+        optout._HeadParser,
+        "handle_starttag",
+        lambda self, tag, attrs: (tags.append(tag), original(self, tag, attrs)),
+    )
+    for end_of_head in (b"</head>", b"<body>"):
+        tags.clear()
+        page = b'<html><head><meta name="robots" content="noai">' + end_of_head
+        scanner = optout.HtmlHeadScanner([TOKEN])
+        assert scanner.feed(page + b"<p>text</p>" * 10_000)
+        assert scanner.result().robots == {"noai"}
+        assert tags == ["html", "head", "meta"] + (["body"] if end_of_head == b"<body>" else [])
+        assert scanner.feed(b"<p>more</p>") and len(tags) <= 4
+
+
 def test_html_head_scan_is_bounded() -> None:
     page = b"<html><head>" + b"<!-- padding -->" * 20_000 + b'<meta name="robots" content="noai">'
     scanner = optout.HtmlHeadScanner([TOKEN], limit=64 * 1024)

@@ -519,12 +519,16 @@ class Gateway:
                 state.ctx, resp.status_code, _header_list(resp.headers), b"", None
             )
         else:
+            content_type = resp.headers.get("content-type")
+            scan = self.rt.optouts.body_scan(content_type)
+            _read_body(scan, resp)
             assessment = await self.rt.optouts.assess_response(
                 state.ctx,
                 resp.status_code,
                 _header_list(resp.headers),
-                _decoded_body(resp),
-                resp.headers.get("content-type"),
+                b"",
+                content_type,
+                scan=scan,
             )
         for name in assessment.signals:
             if name not in state.signals:
@@ -869,17 +873,17 @@ def _header_list(headers: http.Headers) -> list[tuple[str, str]]:
     return list(headers.items(multi=True))
 
 
-def _decoded_body(resp: http.Response) -> bytes:
-    """The body with its Content-Encoding removed, as far as the opt-out scanners read
-    (HOLD_LIMIT: a small compressed body may decode to gigabytes); b"" if it cannot be."""
-    raw = resp.raw_content or b""
+def _read_body(scan: BodyScan, resp: http.Response) -> None:
+    """Scan a buffered body, decoded no further than the scan reads (a page's head, an image's
+    metadata; HOLD_LIMIT at most: a small compressed body may decode to gigabytes). A body that
+    cannot be decoded is not read: only its headers' signals count."""
     decoder = BodyDecoder.of(resp.headers.get("content-encoding", ""), HOLD_LIMIT)
-    if decoder is None:
-        return b""
-    try:
-        return decoder.feed(raw)
-    except ValueError:
-        return b""
+    if decoder is not None:
+        try:
+            scan.read(resp.raw_content or b"", decoder)
+        except ValueError:
+            pass
+    scan.finish()
 
 
 def _host_only(authority: str | None) -> str | None:

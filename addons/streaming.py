@@ -59,8 +59,7 @@ class ResponseStream:
             return (chunk,) if chunk else NOTHING
         self._held.append(chunk)
         self._held_bytes += len(chunk)
-        decoded = self._decode(chunk)
-        done = self.scan.feed(decoded) if decoded else False
+        done = self._read(chunk)
         decoder_full = self._decoder is not None and self._decoder.full
         if not done and (
             end or self._undecodable or decoder_full or self._held_bytes >= HOLD_LIMIT
@@ -74,15 +73,15 @@ class ResponseStream:
         held, self._held = b"".join(self._held), []
         return NOTHING if self.withheld or not held else (held,)
 
-    def _decode(self, chunk: bytes) -> bytes:
-        """At most HOLD_LIMIT decoded bytes in all: a compression bomb decodes no further."""
-        if self._decoder is None:
-            return chunk
+    def _read(self, chunk: bytes) -> bool:
+        """Scan the chunk, decoded no further than the scan reads: a compression bomb stops at
+        HOLD_LIMIT decoded bytes in all, a page at its head."""
+        assert self.scan is not None and self._decoder is not None
         try:
-            return self._decoder.feed(chunk)
+            return self.scan.read(chunk, self._decoder)
         except ValueError:
             self._undecodable = True
-            return b""
+            return False
 
     @property
     def sha256(self) -> str:

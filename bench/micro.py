@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after PYTHONPATH: an older checkout given there wins
 
 from bench.run import jpeg_body  # noqa: E402
+from bench.run import page_body  # noqa: E402
 from bench.run import policy  # noqa: E402
 from tests.support import Reply  # noqa: E402
 from tests.support import Site  # noqa: E402
@@ -54,7 +55,15 @@ from tests.support import Site  # noqa: E402
 AUTH = "Basic " + base64.b64encode(b"bench:bench-token").decode()
 
 
-async def governance_loop(n: int, repeat: int, workdir: Path, port: int) -> list[float]:
+ANSWERS = {  # --answer: what the site sends, as (path, content type, Content-Encoding, body)
+    "jpeg": ("/1k.jpg", b"image/jpeg", b"", jpeg_body(1024)),
+    "page": ("/page.html", b"text/html; charset=utf-8", b"gzip", page_body()),
+}
+
+
+async def governance_loop(
+    n: int, repeat: int, workdir: Path, port: int, answer: str = "jpeg"
+) -> list[float]:
     from mitmproxy.test import tflow
     from mitmproxy.test import tutils
 
@@ -74,7 +83,10 @@ async def governance_loop(n: int, repeat: int, workdir: Path, port: int) -> list
     rt = Runtime.from_settings(settings)
     await rt.start()
     gw = Gateway(rt)
-    body = jpeg_body(1024)
+    path, content_type, encoding, body = ANSWERS[answer]
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if encoding:
+        headers.append((b"content-encoding", encoding))
 
     def make(i: int) -> tuple[Any, Any]:
         """A flow as mitmproxy hands it to requestheaders, and the site's answer for it."""
@@ -84,7 +96,7 @@ async def governance_loop(n: int, repeat: int, workdir: Path, port: int) -> list
             port=port,
             scheme=b"http",
             authority=b"",
-            path=b"/1k.jpg",
+            path=path.encode(),
             headers=((b"proxy-authorization", AUTH.encode()), (b"x-crawl-project", b"bench")),
             content=b"",
         )
@@ -93,8 +105,8 @@ async def governance_loop(n: int, repeat: int, workdir: Path, port: int) -> list
         flow.client_conn.peername = ("127.0.0.1", 40000 + i % 1000)
         resp = tutils.tresp(
             status_code=200,
-            headers=((b"content-type", b"image/jpeg"), (b"content-length", b"1024")),
-            content=body,
+            headers=tuple(headers),
+            content=body,  # as sent: raw_content
         )
         return flow, resp
 
@@ -166,7 +178,7 @@ def helpers() -> dict[str, float]:
 INSTRUCTION_RUNS = (300, 2300)  # measured requests per callgrind run; the difference counts
 
 
-def instructions_per_request() -> float:
+def instructions_per_request(answer: str) -> float:
     """Instructions per request: two callgrind runs of the loop alone, in parallel."""
     if shutil.which("valgrind") is None:
         sys.exit("--instructions needs valgrind (Debian: apt-get install valgrind)")
@@ -184,6 +196,8 @@ def instructions_per_request() -> float:
                 str(n),
                 "--repeat",
                 "1",
+                "--answer",
+                answer,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -208,6 +222,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--answer", choices=ANSWERS, default="jpeg", help="what the site sends")
     p.add_argument("--instructions", action="store_true", help="count, under callgrind")
     p.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -216,7 +231,7 @@ def main() -> None:
     code = Path(proxy.__file__).parent.parent
     if args.instructions:
         print(f"code under test: {code}")
-        per_request = instructions_per_request()
+        per_request = instructions_per_request(args.answer)
         print(f"  gateway hooks, per request: {per_request / 1e6:.3f} M instructions")
         return
     if not args.loop_only:
@@ -233,7 +248,8 @@ def main() -> None:
         site.routes["/.well-known/tdmrep.json"] = Reply(
             body=b"[]", headers={"Content-Type": "application/json"}
         )
-        runs = asyncio.run(governance_loop(args.requests, args.repeat, Path(tmp), site.port))
+        loop = governance_loop(args.requests, args.repeat, Path(tmp), site.port, args.answer)
+        runs = asyncio.run(loop)
     sys.stderr = sys.__stderr__
     if args.loop_only:
         return

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import gzip
 import ipaddress
 import json
 import os
@@ -262,6 +263,25 @@ def make_certs(directory: Path) -> dict[str, Path]:
     return out
 
 
+def page_body() -> bytes:
+    """An HTML page as sites send them: a 3 KiB head, ~100 KiB of body markup, gzipped (the
+    `page` body: the opt-out scan reads its head, decoded)."""
+    head = (
+        b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>A page</title>'
+        + b'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        + b'<link rel="stylesheet" href="/static/site.css">' * 40
+        + b'<script src="/static/app.js" defer></script></head>'
+    )
+    item = b'<li class="item"><a href="/item/%d"><img src="/img/%d.jpg" alt="item %d"></a>'
+    items = b"".join(item % (i, i, i) + b"<p>A line of text about it.</p></li>" for i in range(900))
+    body = b"<body><main><ul>" + items + b"</ul></main></body></html>"
+    return gzip.compress(head + body, mtime=0)
+
+
+def body_path(body: str) -> str:
+    return "/page.html" if body == "page" else f"/{body}.jpg"
+
+
 def jpeg_body(size: int) -> bytes:
     """A JPEG-shaped body of exactly `size` bytes: SOI, APP0 JFIF, a comment, SOS, data, EOI.
 
@@ -378,6 +398,7 @@ class Bench:
         (root / ".well-known").mkdir(parents=True, exist_ok=True)
         for name, size in BODIES.items():
             (root / f"{name}.jpg").write_bytes(jpeg_body(size))
+        (root / "page.html").write_bytes(page_body())
         (root / "robots.txt").write_text("User-agent: *\nAllow: /\n")
         (root / ".well-known" / "tdmrep.json").write_text("[]\n")
         http_port, https_port = free_port(), free_port()
@@ -412,6 +433,10 @@ http {{
         ssl_certificate_key {self.certs["key"]};
         root {root};
         location = /robots.txt {{ default_type text/plain; }}
+        location = /page.html {{
+            default_type "text/html; charset=utf-8";
+            add_header Content-Encoding gzip;
+        }}
     }}
 }}
 """
@@ -731,7 +756,7 @@ def run_load(
         "--target",
         f"{REFUSED_HOST}:80" if refusal_cell else f"s{{n}}.bench.test:{port}",
         "--path",
-        f"/{cell.body}.jpg",
+        body_path(cell.body),
         "--conns",
         str(cell.conns),
         "--sites",
@@ -1238,7 +1263,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--trees", default="", help="NAME=DIR,...: other checkouts to compare")
     p.add_argument("--schemes", default="http,https", help="http, https, refused (451s)")
-    p.add_argument("--bodies", default="1k,100k")
+    p.add_argument(
+        "--bodies", default="1k,100k", help="1k, 100k, 500k (JPEG-shaped), page (gzipped HTML)"
+    )
     p.add_argument("--conns", default="8,64")
     p.add_argument("--paced", default="", help="N,...: also http/https 1k c8 paced to N requests/s")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per cell before measuring")

@@ -8,9 +8,11 @@ and never past `limit` bytes of output, whatever the encoding.
 
 from __future__ import annotations
 
+import collections
 import sys
 import zlib
 from collections.abc import Callable
+from collections.abc import Iterator
 
 import brotli
 
@@ -22,17 +24,24 @@ else:
 # Decoding errors of the supported codings, reported as ValueError.
 _ERRORS = (zlib.error, brotli.error, zstd.ZstdError, EOFError)
 
-Step = Callable[[bytes, int], bytes]  # (input, most output wanted) -> output
+# (input, most output wanted) -> output. What is not decoded yet stays in the step: a call with
+# b"" goes on decoding it, and b"" comes back once all input given so far is decoded.
+Step = Callable[[bytes, int], bytes]
+
+PIECE = 64 * 2**10  # the most a piece holds: what the scanners read at a time
 
 
 class BodyDecoder:
-    """Feed a body's bytes as they come; get back decoded bytes, `limit` of them at most."""
+    """Give a body's bytes as they come; get back decoded bytes, `limit` of them at most, in
+    pieces, so that a reader which needs only the start decodes no more than that."""
 
     def __init__(self, step: Step, limit: int):
         self._step = step
         self.limit = limit
         self.produced = 0
         self.full = False  # the limit is reached: nothing more will be decoded
+        self._input: collections.deque[bytes] = collections.deque()
+        self._spill = b""  # decoded past the last piece (brotli's output bound is loose)
 
     @classmethod
     def of(cls, content_encoding: str, limit: int) -> BodyDecoder | None:
@@ -40,9 +49,9 @@ class BodyDecoder:
         several: not seen from real sites, and not decoded)."""
         encoding = content_encoding.strip().lower()
         if encoding in ("", "identity"):
-            return cls(_identity, limit)
+            return cls(_Identity(), limit)
         if encoding in ("gzip", "x-gzip"):
-            return cls(_zlib(zlib.decompressobj(47)), limit)  # gzip or zlib header, as mitmproxy
+            return cls(_Zlib(47), limit)  # gzip or zlib header, as mitmproxy
         if encoding == "deflate":
             return cls(_Deflate(), limit)
         if encoding == "br":
@@ -51,27 +60,61 @@ class BodyDecoder:
             return cls(_zstd(zstd.ZstdDecompressor()), limit)
         return None
 
+    def pieces(self, data: bytes, size: int = PIECE) -> Iterator[bytes]:
+        """The decoded bytes `data` adds, in pieces of at most `size`. A reader may stop early:
+        what it did not take is decoded by the next call. ValueError: not in its encoding."""
+        if data:
+            self._input.append(data)
+        return self._decoded(size)
+
     def feed(self, data: bytes) -> bytes:
-        """The decoded bytes `data` adds, up to the limit. ValueError: not in its encoding."""
-        if self.full:
-            return b""
-        wanted = self.limit - self.produced
+        """All the decoded bytes `data` adds, up to the limit."""
+        return b"".join(self.pieces(data, self.limit))
+
+    def _decoded(self, size: int) -> Iterator[bytes]:
+        while not self.full:
+            wanted = min(size, self.limit - self.produced)
+            out = self._spill or self._decode(b"", wanted)
+            while not out and self._input:
+                out = self._decode(self._input.popleft(), wanted)
+            if not out:
+                return
+            out, self._spill = out[:wanted], out[wanted:]
+            self.produced += len(out)
+            self.full = self.produced >= self.limit
+            yield out
+
+    def _decode(self, data: bytes, wanted: int) -> bytes:
         try:
-            out = self._step(data, wanted)[:wanted]
+            return self._step(data, wanted)
         except _ERRORS as e:
             raise ValueError(f"the body is not valid in its Content-Encoding: {e}") from e
-        self.produced += len(out)
-        self.full = self.produced >= self.limit
+
+
+class _Identity:
+    """No coding: the body's own bytes, in slices (a whole chunk is passed on, not copied)."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._at = 0
+
+    def __call__(self, data: bytes, wanted: int) -> bytes:
+        if data:
+            self._rest, self._at = data, 0
+        start, self._at = self._at, min(self._at + wanted, len(self._rest))
+        out = self._rest[start : self._at]
+        if self._at == len(self._rest):
+            self._rest, self._at = b"", 0
         return out
 
 
-def _identity(data: bytes, wanted: int) -> bytes:
-    return data[:wanted]
+class _Zlib:
+    def __init__(self, wbits: int) -> None:
+        self._decompressor = zlib.decompressobj(wbits)
 
-
-def _zlib(decompressor: zlib._Decompress) -> Step:
-    # max_length bounds the output; input past it stays unconsumed (and is never needed).
-    return lambda data, wanted: decompressor.decompress(data, wanted)
+    def __call__(self, data: bytes, wanted: int) -> bytes:
+        tail = self._decompressor.unconsumed_tail  # input held back by the last output bound
+        return self._decompressor.decompress(tail + data if tail else data, wanted)
 
 
 def _brotli(decompressor: brotli.Decompressor) -> Step:
@@ -92,15 +135,15 @@ class _Deflate:
     header or not) decide."""
 
     def __init__(self) -> None:
-        self._decompressor: zlib._Decompress | None = None
+        self._zlib: _Zlib | None = None
         self._head = b""
 
     def __call__(self, data: bytes, wanted: int) -> bytes:
-        if self._decompressor is None:
+        if self._zlib is None:
             self._head += data
             if len(self._head) < 2:
                 return b""
             data, self._head = self._head, b""
             zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            self._decompressor = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -15)
-        return self._decompressor.decompress(data, wanted)
+            self._zlib = _Zlib(zlib.MAX_WBITS if zlib_header else -15)
+        return self._zlib(data, wanted)

@@ -20,6 +20,7 @@ from proxy import imagemeta
 from proxy import optout
 from proxy import tdmrep
 from proxy import units
+from proxy.content_coding import BodyDecoder
 from proxy.decision import Decision
 from proxy.governor import RequestContext
 from proxy.optout import Kind
@@ -116,6 +117,14 @@ class BodyScan:
             self._image = imagemeta.ImageMetadataScanner()
             chunk, self._head = self._head, b""
         self.done = self._image.feed(chunk)
+        return self.done
+
+    def read(self, body: bytes, decoder: BodyDecoder) -> bool:
+        """`feed` the body's bytes as sent, decoded a piece at a time: no further than the
+        scan needs (a page's head, an image's metadata). ValueError: not in its encoding."""
+        for piece in decoder.pieces(body):
+            if self.feed(piece):
+                return True
         return self.done
 
     def finish(self) -> None:

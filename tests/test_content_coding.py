@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import tracemalloc
 import zlib
@@ -77,3 +78,33 @@ def test_what_it_does_not_know_and_what_is_broken() -> None:
     assert decoder is not None
     with pytest.raises(ValueError, match="Content-Encoding"):
         decoder.feed(b"this is not gzip at all")
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_a_body_read_in_pieces_comes_whole_and_a_reader_may_stop_at_any_piece(name: str) -> None:
+    body = bytes(range(256)) * 1024 + TEXT  # 256 KiB: brotli overshoots small output bounds
+    encoded = ENCODERS[name](body)
+    half = len(encoded) // 2
+    decoder = BodyDecoder.of(_encoding(name), limit=1 << 20)
+    assert decoder is not None
+    # The reader stops after one piece (if the first half gives any): the rest of it waits.
+    taken = list(itertools.islice(decoder.pieces(encoded[:half], size=1000), 1))
+    taken += decoder.pieces(encoded[half:], size=1000)
+    taken += decoder.pieces(b"", size=1000)
+    assert b"".join(taken) == body
+    assert max(map(len, taken)) <= 1000 and decoder.produced == len(body)
+
+
+@pytest.mark.parametrize("name", ["gzip", "deflate", "br", "zstd"])
+def test_a_reader_that_needs_the_start_of_a_bomb_decodes_only_that(name: str) -> None:
+    bomb = ENCODERS[name](TEXT + bytes(256 * 2**20))
+    decoder = BodyDecoder.of(name, limit=16 * 2**20)
+    assert decoder is not None
+    tracemalloc.start()
+    try:
+        first = next(decoder.pieces(bomb))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.startswith(TEXT) and len(first) == 64 * 1024 and decoder.produced == len(first)
+    assert peak < 2 * 2**20, peak  # feed() would decode to the 16 MiB limit

@@ -408,12 +408,25 @@ def read_xmp(packet: bytes) -> XmpFacts:
     start = packet.find(b"<")
     if start < 0:
         return XmpFacts([], None)
+    if start and packet[start - 1] == 0:
+        start -= 1  # UTF-16BE: the "<" is "\0<"
+    elif b"\0" not in packet and not _names_read(packet):
+        # Most photos' XMP (keywords, rights, camera: often many KiB) names neither: parsing
+        # it would cost ~0.1 ms per KiB for nothing. UTF-16 packets (NULs) are parsed anyway.
+        return XmpFacts([], None)
     reader = _XmpReader()
     try:
         reader.parse(packet[start:])
     except (expat.ExpatError, _Corrupt, ValueError):
         return XmpFacts(_data_mining_fallback(packet), None)
     return XmpFacts(reader.values, reader.provenance)
+
+
+def _names_read(packet: bytes) -> bool:
+    """Whether the packet (in an 8-bit encoding) names what `_XmpReader` or the fallback reads.
+    Lower-cased, then searched: a case-insensitive regex takes ~30 us per KiB."""
+    lower = packet.lower()
+    return b"datamining" in lower or b"provenance" in lower
 
 
 def data_mining_values(packet: bytes) -> list[str]:

@@ -76,6 +76,38 @@ def test_a_malformed_packet_is_still_read() -> None:
     assert imagemeta.data_mining_values(packet) == ["DMI-PROHIBITED"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-16"])
+def test_a_packet_in_utf16_is_read(encoding: str) -> None:
+    packet = xmp_packet("DMI-PROHIBITED").decode().encode(encoding)
+    assert imagemeta.data_mining_values(packet) == ["DMI-PROHIBITED"]
+
+
+def test_a_packet_that_names_neither_data_mining_nor_provenance_is_not_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Photos carry many KiB of XMP (keywords, rights, camera); parsing it cost ~0.1 ms per KiB.
+    parsed: list[bytes] = []
+    original = imagemeta._XmpReader.parse
+    monkeypatch.setattr(
+        imagemeta._XmpReader,
+        "parse",
+        lambda self, data: (parsed.append(data), original(self, data)),
+    )
+    keywords = b"<dc:subject><rdf:Bag>" + b"<rdf:li>a keyword</rdf:li>" * 300 + b"</rdf:Bag>"
+    plain = xmp_packet(None).replace(
+        b"</rdf:Description>", keywords + b"</dc:subject></rdf:Description>"
+    )
+    assert imagemeta.read_xmp(plain) == imagemeta.XmpFacts([], None) and parsed == []
+    assert imagemeta.read_xmp(plain.decode().encode("utf-16")) == imagemeta.XmpFacts([], None)
+    assert len(parsed) == 1  # UTF-16 is not searched as bytes: parsed
+    remote = b' xmlns:dcterms="http://purl.org/dc/terms/" dcterms:provenance="https://cr.test/m"'
+    with_provenance = plain.replace(b' rdf:about=""', b' rdf:about=""' + remote)
+    assert imagemeta.read_xmp(with_provenance).provenance == "https://cr.test/m"
+    lower = xmp_packet("DMI-PROHIBITED", form="element").replace(b"DataMining", b"datamining")
+    assert imagemeta.read_xmp(lower).data_mining == []  # parsed: XML names are case-sensitive
+    assert len(parsed) == 3
+
+
 def test_entities_are_never_expanded() -> None:
     # A billion-laughs packet: each entity doubles the last, 2**40 "a"s if expanded.
     entities = "".join(f'<!ENTITY a{i} "&a{i - 1};&a{i - 1};">' for i in range(1, 41))

@@ -171,6 +171,19 @@ def test_https_fetch_through_connect_is_recorded(gateway: Gateway, tls_site: Sit
     assert tls_site.seen[0].host == f"site-c.test:{tls_site.port}"
 
 
+def test_a_buffered_body_of_several_mib_is_delivered_whole_and_hashed(gateway: Gateway, site: Site):
+    # Over 1 MiB a buffered body is hashed on a worker thread (addons/gateway.py, HASH_OFF_LOOP).
+    photo = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * (3 * 4096) + b"\xff\xd9"
+    site.routes["/big.jpg"] = Reply(body=photo, headers={"Content-Type": "image/jpeg"})
+    result = curl(
+        site.url("img.site-a.test", "/big.jpg"), proxy=gateway.proxy_url(), headers=PROJECT_HEADERS
+    )
+    assert result.status == 200 and result.body == photo
+    [rec] = gateway.fetch_records()
+    assert rec["response_bytes"] == len(photo) > 2**20
+    assert rec["content_sha256"] == hashlib.sha256(photo).hexdigest()
+
+
 def _get_through_tunnel_without_sni(gateway: Gateway, host: str, port: int, path: str) -> bytes:
     """GET https://host:port/path through a CONNECT tunnel, TLS to the gateway without SNI (and
     without checking the gateway's certificate: only the gateway's side is under test)."""

@@ -28,7 +28,7 @@ _ERRORS = (zlib.error, brotli.error, zstd.ZstdError, EOFError)
 # b"" goes on decoding it, and b"" comes back once all input given so far is decoded.
 Step = Callable[[bytes, int], bytes]
 
-PIECE = 64 * 2**10  # the most a piece holds: what the scanners read at a time
+PIECE = 16 * 2**10  # the most a piece holds: a page head fits in one or two
 
 
 class BodyDecoder:

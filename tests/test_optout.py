@@ -99,6 +99,39 @@ def test_html_head_scan_parses_nothing_after_the_head(monkeypatch: pytest.Monkey
         assert scanner.feed(b"<p>more</p>") and len(tags) <= 4
 
 
+TRICKY_HEADS = [
+    b'<link href="a>b"><meta name="robots" content="noai">',
+    b'<link title="x>y<meta name=robots content=noai>">',  # no meta: all one <link>
+    b"<link href='x'/><LINK REL=x><meta name=robots content=noimageai>",
+    b'<div title=">"><meta name="robots" content="noai"></div>',
+    b'<a <meta name="robots" content="noai">',  # a broken tag swallows the next
+    b'<!-- <link> --><link rel="x" <!-- --> ><meta name="robots" content="noai">',
+    b'<script><meta name="robots" content="noai"></script><link><title><meta name=robots '
+    b'content=noai></title><meta name="tdm-reservation" content="1">',
+    b'<style><link></style><textarea><meta name="robots" content="noai"></textarea>',
+    b'<p><img src="a.jpg" alt="<meta name=robots content=noai>"><meta content="noai" '
+    b'name="robots">',
+    b'<svg><link/></svg><span></span><meta name="robots" content="noindex">',
+    b"<link",  # cut off inside a tag
+]
+
+
+@pytest.mark.parametrize("head", TRICKY_HEADS)
+def test_tags_stepped_over_leave_the_answer_as_the_full_parse_gives_it(
+    head: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def scan(chunk: int) -> optout.HtmlHead:
+        scanner = optout.HtmlHeadScanner([TOKEN])
+        page = b"<html><head>" + head + b"</head><body>x</body></html>"
+        for i in range(0, len(page), chunk):
+            scanner.feed(page[i : i + chunk])
+        return scanner.result()
+
+    fast = [scan(n) for n in (1, 5, 4096)]
+    monkeypatch.setattr(optout, "_STEPPED_OVER", frozenset())  # every tag parsed in full
+    assert fast == [scan(n) for n in (1, 5, 4096)]
+
+
 def test_html_head_scan_is_bounded() -> None:
     page = b"<html><head>" + b"<!-- padding -->" * 20_000 + b'<meta name="robots" content="noai">'
     scanner = optout.HtmlHeadScanner([TOKEN], limit=64 * 1024)

@@ -408,9 +408,9 @@ def read_xmp(packet: bytes) -> XmpFacts:
     start = packet.find(b"<")
     if start < 0:
         return XmpFacts([], None)
-    if start and packet[start - 1] == 0:
-        start -= 1  # UTF-16BE: the "<" is "\0<"
-    elif b"\0" not in packet and not _names_read(packet):
+    if b"\0" in packet:
+        start -= start % 2  # UTF-16: cut at a character ("\0<" in big-endian order)
+    elif not _names_read(packet):
         # Most photos' XMP (keywords, rights, camera: often many KiB) names neither: parsing
         # it would cost ~0.1 ms per KiB for nothing. UTF-16 packets (NULs) are parsed anyway.
         return XmpFacts([], None)

@@ -76,9 +76,10 @@ def test_a_malformed_packet_is_still_read() -> None:
     assert imagemeta.data_mining_values(packet) == ["DMI-PROHIBITED"]
 
 
+@pytest.mark.parametrize("lead", ["", "\n "])
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-16"])
-def test_a_packet_in_utf16_is_read(encoding: str) -> None:
-    packet = xmp_packet("DMI-PROHIBITED").decode().encode(encoding)
+def test_a_packet_in_utf16_is_read(encoding: str, lead: str) -> None:
+    packet = (lead + xmp_packet("DMI-PROHIBITED").decode()).encode(encoding)
     assert imagemeta.data_mining_values(packet) == ["DMI-PROHIBITED"]
 
 

@@ -67,10 +67,6 @@ class BodyDecoder:
             self._input.append(data)
         return self._decoded(size)
 
-    def feed(self, data: bytes) -> bytes:
-        """All the decoded bytes `data` adds, up to the limit."""
-        return b"".join(self.pieces(data, self.limit))
-
     def _decoded(self, size: int) -> Iterator[bytes]:
         while not self.full:
             wanted = min(size, self.limit - self.produced)
@@ -92,7 +88,7 @@ class BodyDecoder:
 
 
 class _Identity:
-    """No coding: the body's own bytes, in slices (a whole chunk is passed on, not copied)."""
+    """No coding: the body's own bytes, in slices (a chunk that fits a piece goes on uncopied)."""
 
     def __init__(self) -> None:
         self._rest = b""

@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
 
 from bench.run import jpeg_body  # noqa: E402
 from bench.run import page_body  # noqa: E402
+from bench.run import photo_body  # noqa: E402
 from bench.run import policy  # noqa: E402
 from tests.support import Reply  # noqa: E402
 from tests.support import Site  # noqa: E402
@@ -58,6 +59,7 @@ AUTH = "Basic " + base64.b64encode(b"bench:bench-token").decode()
 ANSWERS = {  # --answer: what the site sends, as (path, content type, Content-Encoding, body)
     "jpeg": ("/1k.jpg", b"image/jpeg", b"", jpeg_body(1024)),
     "page": ("/page.html", b"text/html; charset=utf-8", b"gzip", page_body()),
+    "photo": ("/photo.jpg", b"image/jpeg", b"", photo_body()),
 }
 
 

@@ -278,6 +278,26 @@ def page_body() -> bytes:
     return gzip.compress(head + body, mtime=0)
 
 
+def photo_body(size: int = 2 * 2**20) -> bytes:
+    """A photo as stock sites send them (the `photo` body): a JPEG of `size` bytes whose APP1
+    XMP packet carries ~8 KiB of keywords and rights, and no DataMining (nothing is withheld)."""
+    keywords = b"".join(b"<rdf:li>keyword %d</rdf:li>" % i for i in range(300))
+    xmp = (
+        b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:dc="http://purl.org/dc/elements/1.1/" '
+        b'xmlns:xmpRights="http://ns.adobe.com/xap/1.0/rights/" xmpRights:Marked="True">'
+        b"<dc:subject><rdf:Bag>" + keywords + b"</rdf:Bag></dc:subject>"
+        b'<dc:rights><rdf:Alt><rdf:li xml:lang="x-default">(c) A Photographer</rdf:li>'
+        b'</rdf:Alt></dc:rights></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
+    )
+    app1 = b"http://ns.adobe.com/xap/1.0/\x00" + xmp
+    segment = b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+    jpeg = jpeg_body(size - len(segment))
+    return jpeg[:2] + segment + jpeg[2:]  # after SOI
+
+
 def body_path(body: str) -> str:
     return "/page.html" if body == "page" else f"/{body}.jpg"
 
@@ -399,6 +419,7 @@ class Bench:
         for name, size in BODIES.items():
             (root / f"{name}.jpg").write_bytes(jpeg_body(size))
         (root / "page.html").write_bytes(page_body())
+        (root / "photo.jpg").write_bytes(photo_body())
         (root / "robots.txt").write_text("User-agent: *\nAllow: /\n")
         (root / ".well-known" / "tdmrep.json").write_text("[]\n")
         http_port, https_port = free_port(), free_port()
@@ -1264,7 +1285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trees", default="", help="NAME=DIR,...: other checkouts to compare")
     p.add_argument("--schemes", default="http,https", help="http, https, refused (451s)")
     p.add_argument(
-        "--bodies", default="1k,100k", help="1k, 100k, 500k (JPEG-shaped), page (gzipped HTML)"
+        "--bodies",
+        default="1k,100k",
+        help="1k, 100k, 500k (JPEG-shaped), photo (2 MiB JPEG with XMP), page (gzipped HTML)",
     )
     p.add_argument("--conns", default="8,64")
     p.add_argument("--paced", default="", help="N,...: also http/https 1k c8 paced to N requests/s")

@@ -57,9 +57,9 @@ AUTH = "Basic " + base64.b64encode(b"bench:bench-token").decode()
 
 
 ANSWERS = {  # --answer: what the site sends, as (path, content type, Content-Encoding, body)
-    "jpeg": ("/1k.jpg", b"image/jpeg", b"", jpeg_body(1024)),
-    "page": ("/page.html", b"text/html; charset=utf-8", b"gzip", page_body()),
-    "photo": ("/photo.jpg", b"image/jpeg", b"", photo_body()),
+    "jpeg": ("/1k.jpg", b"image/jpeg", b"", lambda: jpeg_body(1024)),
+    "page": ("/page.html", b"text/html; charset=utf-8", b"gzip", page_body),
+    "photo": ("/photo.jpg", b"image/jpeg", b"", photo_body),
 }
 
 
@@ -85,7 +85,8 @@ async def governance_loop(
     rt = Runtime.from_settings(settings)
     await rt.start()
     gw = Gateway(rt)
-    path, content_type, encoding, body = ANSWERS[answer]
+    path, content_type, encoding, make_body = ANSWERS[answer]
+    body = make_body()
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     if encoding:
         headers.append((b"content-encoding", encoding))

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -47,8 +48,6 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after PYTHONPATH: an older checkout given there wins
 
 from bench.run import jpeg_body  # noqa: E402
-from bench.run import page_body  # noqa: E402
-from bench.run import photo_body  # noqa: E402
 from bench.run import policy  # noqa: E402
 from tests.support import Reply  # noqa: E402
 from tests.support import Site  # noqa: E402
@@ -56,10 +55,22 @@ from tests.support import Site  # noqa: E402
 AUTH = "Basic " + base64.b64encode(b"bench:bench-token").decode()
 
 
+def this_bench() -> Any:
+    """This checkout's bench/run.py, for its bodies: `bench.run` above is the one PYTHONPATH puts
+    first, and an older checkout's has only the JPEG."""
+    here = Path(__file__).parent / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run_here", here)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 ANSWERS = {  # --answer: what the site sends, as (path, content type, Content-Encoding, body)
     "jpeg": ("/1k.jpg", b"image/jpeg", b"", lambda: jpeg_body(1024)),
-    "page": ("/page.html", b"text/html; charset=utf-8", b"gzip", page_body),
-    "photo": ("/photo.jpg", b"image/jpeg", b"", photo_body),
+    "page": ("/page.html", b"text/html; charset=utf-8", b"gzip", lambda: this_bench().page_body()),
+    "photo": ("/photo.jpg", b"image/jpeg", b"", lambda: this_bench().photo_body()),
 }
 
 

@@ -207,6 +207,7 @@ class _HeadParser(HTMLParser):
     def __init__(self, tokens: set[str]):
         super().__init__(convert_charrefs=True)
         self.tokens = tokens
+        self._read_names = ("robots", "tdm-", *tokens)
         self.finished = False
         self.robots: set[str] = set()
         self.reservations: list[int] = []
@@ -214,11 +215,23 @@ class _HeadParser(HTMLParser):
 
     def parse_starttag(self, i: int) -> int:
         # HTMLParser reads every attribute of every tag in Python (~13 us a tag), and a head is
-        # mostly <link>s (a page without </head>, its body's tags): those are only stepped over.
+        # mostly <link>s and <meta>s for others (og:, twitter:, viewport...), and a page without
+        # </head> has its body's tags: those are only stepped over.
         name = _TAG_NAME.match(self.rawdata, i + 1)
-        if name is not None and name.group().lower() in _STEPPED_OVER:
+        tag = name.group().lower() if name is not None else ""
+        if tag in _STEPPED_OVER:
             return self.check_for_whole_start_tag(i)  # where the tag ends; -1: not all here yet
+        if tag == "meta":
+            end = self.check_for_whole_start_tag(i)
+            if end < 0 or not self._may_be_read(self.rawdata[i:end]):
+                return end
         return super().parse_starttag(i)
+
+    def _may_be_read(self, tag_text: str) -> bool:
+        """Whether a <meta> could be one `handle_starttag` reads: its text names robots, TDMRep
+        or one of our tokens, or holds a character reference (which the full parse resolves)."""
+        text = tag_text.lower()
+        return "&" in text or any(name in text for name in self._read_names)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "body":

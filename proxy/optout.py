@@ -67,6 +67,17 @@ class OptOutSignal:
     detail: str = ""
 
 
+# Seen, never binding: the page's head went on past HTML_SCAN_LIMIT (inline scripts and styles),
+# and a <meta> after that point (robots, noai, tdm-reservation) was not read. The record says so.
+HEAD_CUT_SHORT = OptOutSignal(
+    Kind.NOAI,
+    "html-head:incomplete",
+    False,
+    f"the page's head did not end within its first {HTML_SCAN_LIMIT} bytes; "
+    "meta tags after those were not read",
+)
+
+
 def applies(kind: Kind, basis: LegalBasis, respect: Respect) -> bool:
     """Whether a signal of this kind binds a fetch made on this basis with these flags."""
     if not getattr(respect, kind.value):
@@ -145,6 +156,8 @@ def _meta_directives(content: str) -> set[str]:
 class HtmlHead:
     robots: frozenset[str]  # directives from <meta name="robots"> or <meta name="<our token>">
     tdm: tdmrep.TdmDeclaration
+    # False: the head did not end within the scan limit, so a <meta> after it was not read.
+    complete: bool = True
 
 
 class HtmlHeadScanner:
@@ -175,10 +188,17 @@ class HtmlHeadScanner:
             pass  # the rest of the chunk is the body: not parsed (pages are mostly body)
         return self.done
 
+    @property
+    def cut_short(self) -> bool:
+        """Whether the scan stopped at its limit inside the head (a body that ended before the
+        limit was read whole, head or no head)."""
+        return not self._parser.finished and self.seen >= self._limit
+
     def result(self) -> HtmlHead:
         p = self._parser
         reservation = max(p.reservations) if p.reservations else None
-        return HtmlHead(frozenset(p.robots), tdmrep.TdmDeclaration(reservation, p.policy))
+        declaration = tdmrep.TdmDeclaration(reservation, p.policy)
+        return HtmlHead(frozenset(p.robots), declaration, complete=not self.cut_short)
 
 
 def scan_html_head(body_prefix: bytes, tokens: Iterable[str]) -> HtmlHead:
@@ -354,6 +374,8 @@ def response_signals(
     signals += noai_signals(directives, "x-robots-tag", image)
     if html_head is not None:
         signals += noai_signals(set(html_head.robots), "meta-robots", image)
+        if not html_head.complete:
+            signals.append(HEAD_CUT_SHORT)
     usage = aipref.parse_header(header_values(headers, "content-usage"))
     signals += usage_signals(usage, "content-usage")
     return signals

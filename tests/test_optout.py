@@ -144,6 +144,34 @@ def test_html_head_scan_is_bounded() -> None:
     assert scanner.feed(page)
     assert scanner.seen == 64 * 1024
     assert scanner.result().robots == set()
+    assert not scanner.result().complete
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        b"<html><head><title>t</title></head>" + b"<p>x</p>" * 20_000,  # the head ended
+        b"<html><head><title>t</title>" + b"<!-- padding -->" * 100,  # the body ended first
+        b"",
+    ],
+)
+def test_a_head_read_to_its_end_or_the_bodys_is_complete(page: bytes) -> None:
+    scanner = optout.HtmlHeadScanner([TOKEN], limit=64 * 1024)
+    scanner.feed(page)
+    assert scanner.result().complete
+
+
+def test_a_head_cut_short_by_the_scan_limit_is_a_signal_on_the_record() -> None:
+    # A meta past the limit is not read: the record must not look as if the page had none.
+    script = b"<script>" + b"var x = 1;\n" * 15_000 + b"</script>"  # ~160 KiB of inline script
+    page = b"<html><head>" + script + b'<meta name="robots" content="noai"></head><body>x'
+    head = optout.scan_html_head(page, [TOKEN])
+    assert not head.complete and head.robots == set()
+    signals = optout.response_signals([], "text/html", [TOKEN], head)
+    assert signals == [optout.HEAD_CUT_SHORT] and not signals[0].opts_out
+    assert str(optout.HTML_SCAN_LIMIT) in signals[0].detail
+    whole = optout.scan_html_head(b"<html><head></head>" + script, [TOKEN])
+    assert optout.response_signals([], "text/html", [TOKEN], whole) == []
 
 
 # -- deciding by the site's terms ------------------------------------------------------------

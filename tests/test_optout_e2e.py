@@ -327,6 +327,18 @@ def test_a_compression_bomb_is_read_as_far_as_its_head_and_no_further(gateway: G
     assert rec["content_sha256"] == hashlib.sha256(bomb).hexdigest()  # as sent, not decoded
 
 
+def test_a_page_whose_head_outruns_the_scan_says_so_on_its_record(gateway: Gateway, site: Site):
+    # 200 KiB of inline script before the noai meta: the gateway reads 128 KiB of the head, so it
+    # cannot see the meta; it delivers the page, and the record says what was not read.
+    script = b"<script>" + b"var x = 1;\n" * 20_000 + b"</script>"
+    page = b"<html><head>" + script + b'<meta name="robots" content="noai"></head><body>x'
+    site.routes["/long-head.html"] = Reply(body=page, headers={"Content-Type": "text/html"})
+    result = fetch(gateway, site, "site-c.test", "/long-head.html")
+    assert result.status == 200 and result.body == page
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/long-head.html")]
+    assert (rec["decision"], rec["signals"]) == ("forwarded", ["html-head:incomplete"])
+
+
 def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Gateway, site: Site):
     cases = _image_cases()
     site.routes.update(cases)

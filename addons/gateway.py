@@ -40,6 +40,7 @@ from addons.streaming import HOLD_LIMIT
 from addons.streaming import ResponseStream
 from proxy import inputs
 from proxy import metrics
+from proxy import optout
 from proxy.audit.log import FetchLogClosed
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
@@ -365,6 +366,11 @@ class Gateway:
         crawler = self.rt.compiled.loaded.policy.crawler
         req.headers["User-Agent"] = crawler.user_agent
         req.headers["From"] = crawler.contact
+        if "range" in req.headers and optout.body_signals_bind(ctx.basis, ctx.respect):
+            # The site sends the whole body, read and hashed as any other; the scraper gets it
+            # whole (200) or not at all (451). RFC 9110 14.2: a server may ignore Range.
+            del req.headers["range"]
+            req.headers.pop("if-range", None)
         if tunnel is None:
             self._choose_upstream_proxy(flow, identity, state)
         refusal: Decision | None = None

@@ -176,6 +176,24 @@ def test_a_head_cut_short_by_the_scan_limit_is_a_signal_on_the_record() -> None:
 
 # -- deciding by the site's terms ------------------------------------------------------------
 
+
+@pytest.mark.parametrize(
+    ("basis", "respect", "binds"),
+    [
+        ("tdm", {}, True),
+        ("tdm", {"noai": False, "image_metadata": False}, True),  # a tdm-reservation meta
+        ("tdm", {"noai": False, "image_metadata": False, "tdmrep": False}, False),
+        ("licence", {"noai": False, "image_metadata": False}, False),  # TDMRep never binds it
+        ("licence", {"noai": False}, True),
+        ("tdm", {"noai": False, "tdmrep": False, "robots": True, "content_usage": True}, True),
+    ],
+)
+def test_whether_a_bodys_signals_bind(basis: str, respect: dict[str, bool], binds: bool) -> None:
+    # Only signals in the body count: robots.txt and header fields are read whatever the range.
+    legal = {"tdm": TDM, "licence": LICENCE}[basis]
+    assert optout.body_signals_bind(legal, Respect(**respect)) is binds
+
+
 TDM = LegalBasis(kind="tdm_exception", ref="DSM Art. 4")
 LICENCE = LegalBasis(kind="licence", ref="LIC-1", expires=dt.date(2999, 1, 1))
 RESEARCH = LegalBasis(kind="research_exception", ref="DSM Art. 3")

@@ -12,6 +12,7 @@ import json
 import subprocess
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from tests.support import CurlResult
 from tests.support import Gateway
 from tests.support import LocalCA
 from tests.support import Reply
+from tests.support import Seen
 from tests.support import Site
 from tests.support import curl
 from tests.support import policy_with
@@ -337,6 +339,62 @@ def test_a_page_whose_head_outruns_the_scan_says_so_on_its_record(gateway: Gatew
     assert result.status == 200 and result.body == page
     [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/long-head.html")]
     assert (rec["decision"], rec["signals"]) == ("forwarded", ["html-head:incomplete"])
+
+
+def _ranged(body: bytes, content_type: str) -> Callable[[Seen], Reply]:
+    """A site that honours `Range: bytes=FIRST-[LAST]` (206), as most static file servers do."""
+
+    def reply(seen: Seen) -> Reply:
+        wanted = {k.lower(): v for k, v in seen.headers.items()}.get("range")
+        if wanted is None:
+            return Reply(body=body, headers={"Content-Type": content_type})
+        first, _, last = wanted.removeprefix("bytes=").partition("-")
+        end = int(last) + 1 if last else len(body)
+        headers = {
+            "Content-Type": content_type,
+            "Content-Range": f"bytes {first}-{end - 1}/{len(body)}",
+        }
+        return Reply(status=206, body=body[int(first) : end], headers=headers)
+
+    return reply
+
+
+def test_a_range_request_cannot_take_around_a_bodys_opt_out(gateway: Gateway, site: Site):
+    # The opt-outs of a page's head and of an image's metadata are in a body's first bytes: a
+    # range past them would carry none (and its first bytes, only part of the metadata). Where
+    # those signals bind, the gateway asks the site for the whole body, reads and hashes it;
+    # the scraper gets 200 or 451 for the whole (RFC 9110 14.2: Range may be ignored).
+    image = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED-AIMLTRAINING"))
+    plain = jpeg_with_xmp(xmp_packet("DMI-ALLOWED"))
+    site.routes["/ranged/opted-out.jpg"] = _ranged(image, "image/jpeg")
+    site.routes["/ranged/plain.jpg"] = _ranged(plain, "image/jpeg")
+    site.routes["/ranged/page.html"] = _ranged(PAGE_NOAI, "text/html")
+    for host, path, wanted in [
+        ("img.site-c.test", "/ranged/opted-out.jpg", f"bytes={len(image) // 2}-"),
+        ("img.site-c.test", "/ranged/opted-out.jpg", "bytes=0-99"),
+        ("img.site-c.test", "/ranged/page.html", f"bytes={len(PAGE_NOAI) - 20}-"),
+    ]:
+        result = curl(
+            site.url(host, path), proxy=gateway.proxy_url(), headers={**HEADERS, "Range": wanted}
+        )
+        assert result.status == 451, (path, wanted, result.status)
+        assert result.json()["decision"] == "withheld", (path, wanted)
+    result = curl(
+        site.url("img.site-c.test", "/ranged/plain.jpg"),
+        proxy=gateway.proxy_url(),
+        headers={**HEADERS, "Range": "bytes=10-"},
+    )
+    assert (result.status, result.body) == (200, plain)
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/ranged/plain.jpg")]
+    assert rec["content_sha256"] == hashlib.sha256(plain).hexdigest()
+    assert rec["response_bytes"] == len(plain)
+    # Where no signal in a body binds (a licence), a range goes to the site as asked.
+    result = curl(
+        site.url("www.licensed.test", "/ranged/opted-out.jpg"),
+        proxy=gateway.proxy_url(),
+        headers={**HEADERS, "Range": "bytes=10-"},
+    )
+    assert (result.status, result.body) == (206, image[10:])
 
 
 def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Gateway, site: Site):

@@ -8,6 +8,7 @@ with all its subdomains, a URL prefix, or one exact URL.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
@@ -88,15 +89,18 @@ class Blocklist:
         """An entry that blocks every URL of this host (checked at CONNECT time)."""
         return self._domains.lookup(host)
 
-    def match_url(self, host: str, url: str) -> BlockEntry | None:
-        """`host` normalized; `url` as built by normalize_url."""
+    def match_url(self, host: str, url: str, readings: Sequence[str] = ()) -> BlockEntry | None:
+        """`host` normalized; `url` as built by normalize_url; `readings`, other paths (and
+        queries) the site may serve for the URL's (`inputs.other_readings`), matched too."""
         if (hit := self._domains.lookup(host)) is not None:
             return hit
-        if (hit := self._urls.get(url)) is not None:
-            return hit
-        for e in self._prefixes.get(_origin(url), ()):
-            if url.startswith(e.target):
-                return e
+        origin = _origin(url)
+        for candidate in (url, *(origin + reading for reading in readings)):
+            if (hit := self._urls.get(candidate)) is not None:
+                return hit
+            for e in self._prefixes.get(origin, ()):
+                if candidate.startswith(e.target):
+                    return e
         return None
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 
+from proxy import inputs
 from proxy.blocklist import BlockEntry
 from proxy.blocklist import Blocklist
 from proxy.blocklist import entry_from_pattern
@@ -82,13 +83,15 @@ class RequestContext:
     host: str  # normalized
     port: int
     url: str  # normalized, see blocklist.normalize_url
-    path: str  # path and query as sent
+    path: str  # path and query as forwarded (dot segments resolved, inputs.resolve_dot_segments)
     site: Site
     basis: LegalBasis
     respect: Respect
     project: str | None = None
     account: str | None = None
     signals: list[str] = field(default_factory=list)
+    # Other paths the site may serve for `path` (inputs.other_readings): checked as well.
+    readings: tuple[str, ...] = ()
 
 
 type PrefetchCheck = Callable[[RequestContext], Awaitable[Decision | None]]
@@ -152,6 +155,7 @@ class Governor:
             respect=respect,
             project=project,
             account=account,
+            readings=inputs.other_readings(path),
         )
 
     def check_host(self, host: str) -> Decision:
@@ -206,7 +210,7 @@ class Governor:
                 rule=f"teams.{ctx.identity.team}.projects",
                 site=ctx.site.key,
             )
-        entry = self.blocklist.match_url(ctx.host, ctx.url)
+        entry = self.blocklist.match_url(ctx.host, ctx.url, ctx.readings)
         if entry is not None:
             return _blocked(entry, ctx.site.key)
         return ALLOW

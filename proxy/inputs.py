@@ -128,6 +128,54 @@ def target_problem(path: str) -> str | None:
     return None
 
 
+# "." and ".." path segments, "%2e" read as "." (as WHATWG URL parsing reads it).
+_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?=/|$)", re.IGNORECASE)
+_ONE_DOT = frozenset({".", "%2e"})
+_TWO_DOTS = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
+_SEPARATOR_SPELLINGS = re.compile(r"%2f|%5c|\\", re.IGNORECASE)
+_SLASH_RUN = re.compile(r"//+")
+
+
+def resolve_dot_segments(target: str) -> str:
+    """`target` (path and query) with its "." and ".." segments resolved (RFC 3986 5.2.4).
+
+    curl, browsers, requests and Scrapy send paths so resolved; one that is not (`/x/../private/a`,
+    `/open/%2e%2e/private/a`) is served by the site's server as the resolved path, and the gateway
+    must decide on, record and forward what the site will serve. The query is left as it is.
+    """
+    path, sep, query = target.partition("?")
+    if not path.startswith("/") or _DOT_SEGMENT.search(path) is None:
+        return target
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        dots = segment.lower()
+        if dots in _TWO_DOTS:
+            if kept:
+                kept.pop()
+        elif dots not in _ONE_DOT:
+            kept.append(segment)
+            continue
+        if last:
+            kept.append("")  # "/a/b/.." is "/a/", not "/a"
+    return "/" + "/".join(kept) + sep + query
+
+
+def other_readings(target: str) -> tuple[str, ...]:
+    """Other paths a site's server may take `target` (dot segments resolved) for: with `%2F`,
+    `%5C` and `\\` read as "/" and runs of "/" merged (nginx's default `merge_slashes`, IIS,
+    Python's http.server for a leading "//"), dot segments then resolved again. Such a target is
+    checked under each reading (robots.txt, TDMRep, the blocklist) and refused if any is
+    refused, but forwarded as sent: "//" and "%2F" are also in URLs that mean them."""
+    path, sep, query = target.partition("?")
+    if "//" not in path and _SEPARATOR_SPELLINGS.search(path) is None:
+        return ()
+    merged = _SLASH_RUN.sub("/", _SEPARATOR_SPELLINGS.sub("/", path))
+    reading = resolve_dot_segments(merged) + sep + query
+    return (reading,) if reading != target else ()
+
+
 class BodyFraming(NamedTuple):
     """Whether a request's body can be taken: `too_large` and `length_required` as problems."""
 

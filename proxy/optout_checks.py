@@ -291,6 +291,9 @@ class OptOutChecks:
             )
         else:
             verdict = entry.rules.verdict(ctx.path)
+            for reading in ctx.readings if verdict.allowed else ():
+                other = entry.rules.verdict(reading)
+                verdict = other if not other.allowed else verdict
             if not verdict.allowed:
                 signals.append(
                     OptOutSignal(
@@ -311,6 +314,10 @@ class OptOutChecks:
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
         entry = await self.tdm_entry(origin)
         declaration = entry.rules.lookup(ctx.path)
+        for reading in ctx.readings:
+            other = entry.rules.lookup(reading)
+            if other.reservation == 1 and declaration.reservation != 1:
+                declaration = other  # reserved under one reading of the path: reserved
         return self._conclude(ctx, optout.tdm_signals(declaration, "tdmrep"))
 
     def _conclude(self, ctx: RequestContext, signals: list[OptOutSignal]) -> Decision | None:

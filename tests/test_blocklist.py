@@ -68,3 +68,21 @@ def test_only_whole_domains_are_refused_at_connect_time():
     assert BLOCKLIST.match_host("a.stockco.example") is not None
     assert BLOCKLIST.match_host("forum.example") is None
     assert BLOCKLIST.match_host("img.example") is None
+
+
+@pytest.mark.parametrize(
+    ("url", "readings", "rule"),
+    [
+        ("https://forum.example//members/x", ("/members/x",), "members"),
+        ("https://img.example/a%2Fb", ("/a.jpg",), "td-1"),  # an exact URL under one reading
+        ("https://forum.example//about", ("/about",), None),
+    ],
+)
+def test_urls_are_matched_under_every_reading_of_their_path(
+    url: str, readings: tuple[str, ...], rule: str | None
+):
+    host = url.split("/")[2]
+    hit = BLOCKLIST.match_url(host, url, readings)
+    assert (hit.id if hit else None) == rule
+    if rule is not None:
+        assert BLOCKLIST.match_url(host, url) is None  # as sent, the URL alone escapes

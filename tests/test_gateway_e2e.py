@@ -450,6 +450,15 @@ def test_blocklisted_url_prefix_is_refused_and_the_rest_of_the_site_is_not(
         headers=PROJECT_HEADERS,
     )
     assert refused.status == 451 and refused.json()["rule"] == "members-only"
+    # Other spellings of the same path, as the site's server would read them:
+    for path in ("/about/../members/alice", "//members/alice", "/members%2falice"):
+        spelled = curl(
+            site.url("site-b.test", path),
+            proxy=gateway.proxy_url(),
+            headers=PROJECT_HEADERS,
+            extra=["--path-as-is"],
+        )
+        assert spelled.status == 451 and spelled.json()["rule"] == "members-only", path
     assert site.connections == connections_before
     refused_tls = curl(
         tls_site.url("site-b.test", "/members/bob"),

@@ -7,6 +7,8 @@ import pytest
 from proxy.inputs import check_body_framing
 from proxy.inputs import check_host
 from proxy.inputs import check_recorded_value
+from proxy.inputs import other_readings
+from proxy.inputs import resolve_dot_segments
 from proxy.inputs import target_problem
 
 
@@ -136,3 +138,42 @@ def test_body_framing(
     framing = check_body_framing(content_length, transfer_encoding, 1000)
     assert (framing.too_large is not None) is too_large
     assert (framing.length_required is not None) is length_required
+
+
+@pytest.mark.parametrize(
+    ("target", "resolved"),
+    [
+        ("/a/b", "/a/b"),
+        ("/a/./b", "/a/b"),
+        ("/x/../private/a.jpg", "/private/a.jpg"),
+        ("/robots.txt/../private/a.jpg", "/private/a.jpg"),
+        ("/open/%2E%2e/private/a", "/private/a"),  # %2e is "." (WHATWG)
+        ("/x/.%2E/y", "/y"),
+        ("/a/b/../c/./d/..", "/a/c/"),  # a last dot segment leaves its slash
+        ("/..", "/"),
+        ("/../../etc", "/etc"),  # nothing above the root
+        ("/a/..b/c.", "/a/..b/c."),  # dots inside names are names
+        ("/x/../a?next=/../b", "/a?next=/../b"),  # the query is not a path
+        ("//private/../x", "//x"),
+        ("*", "*"),
+    ],
+)
+def test_dot_segments_are_resolved_as_the_site_will(target: str, resolved: str) -> None:
+    assert resolve_dot_segments(target) == resolved
+
+
+@pytest.mark.parametrize(
+    ("target", "readings"),
+    [
+        ("/private/a.jpg", ()),
+        ("//private/a.jpg", ("/private/a.jpg",)),  # nginx merge_slashes, http.server's "//"
+        ("/private%2Fa.jpg", ("/private/a.jpg",)),
+        ("/private%5ca.jpg", ("/private/a.jpg",)),  # IIS
+        ("/private\\a.jpg", ("/private/a.jpg",)),
+        ("/open%2F..%2Fprivate/a", ("/private/a",)),
+        ("/a//b/?q=1", ("/a/b/?q=1",)),
+        ("/search?u=http://x//y", ()),  # only the path is read
+    ],
+)
+def test_other_readings_of_a_path(target: str, readings: tuple[str, ...]) -> None:
+    assert other_readings(target) == readings

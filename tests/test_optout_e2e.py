@@ -121,6 +121,49 @@ def test_robots_and_tdmrep_refuse_before_the_site_is_asked(gateway: Gateway, sit
     assert "tdmrep:reserved" in refused["/reserved/photo.jpg"]["signals"]
 
 
+def test_no_spelling_of_a_disallowed_path_reaches_the_site(gateway: Gateway, site: Site):
+    # Servers read "/x/../private/", "//private/" and "/private%2F" as /private/ (http.server
+    # here merges a leading "//"; nginx merges every run and decodes %2F): so must the gateway.
+    serve_optout_files(site)
+    site.routes["/private/a.jpg"] = Reply(
+        body=b"DISALLOWED", headers={"Content-Type": "image/jpeg"}
+    )
+    for path in [
+        "/x/../private/a.jpg",
+        "/robots.txt/../private/a.jpg",
+        "/open/%2e%2e/private/a.jpg",
+        "/./private/a.jpg",
+        "//private/a.jpg",
+        "/private%2Fa.jpg",
+        "/open%2F..%2Fprivate/a.jpg",
+    ]:
+        result = curl(
+            site.url("www.site-a.test", path),
+            proxy=gateway.proxy_url(),
+            headers=HEADERS,
+            extra=["--path-as-is"],  # curl would resolve dot segments itself
+        )
+        assert result.status == 451, (path, result.status, result.body[:80])
+        assert result.headers.get("x-crawlwarden-reason") == "robots_disallowed", path
+    for path in ["//reserved/photo.jpg", "/open/..%2freserved/photo.jpg"]:  # TDMRep likewise
+        result = curl(site.url("www.site-a.test", path), proxy=gateway.proxy_url(), headers=HEADERS)
+        assert result.headers.get("x-crawlwarden-reason") == "tdm_reserved", path
+    assert [s.path for s in site.seen if "private" in s.path or "reserved" in s.path] == []
+    # A resolved path is what the site is asked for and what the record says;
+    # "//" that resolves to an allowed path is forwarded as sent.
+    for path, forwarded in [("/x/../open/a.jpg", "/open/a.jpg"), ("/ok//b.jpg", "/ok//b.jpg")]:
+        result = curl(
+            site.url("www.site-a.test", path),
+            proxy=gateway.proxy_url(),
+            headers=HEADERS,
+            extra=["--path-as-is"],
+        )
+        assert result.status == 200, path
+        assert site.seen[-1].path == forwarded
+        [rec] = [r for r in gateway.fetch_records() if r["url"].endswith(forwarded)]
+        assert rec["decision"] == "forwarded"
+
+
 def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site: Site):
     serve_optout_files(site)
     first = fetch(gateway, site, "site-a.test", "/robots.txt")

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Callable
 
 from proxy.content_coding import BodyDecoder
+from proxy.content_coding import undecodable
 from proxy.optout_checks import Assessment
 from proxy.optout_checks import BodyScan
 
@@ -36,11 +37,11 @@ class ResponseStream:
         self._assess = assess
         self._held: list[bytes] = []
         self._held_bytes = 0
-        self._undecodable = False
         self.assessment: Assessment | None = None
         self._decoder = BodyDecoder.of(content_encoding, HOLD_LIMIT)
         if self._decoder is None and scan is not None:
             # An encoding we cannot decode: only the headers' signals are read.
+            scan.cannot_decode(undecodable(content_encoding))
             self.scan = None
             self.assessment = assess(scan)
 
@@ -61,9 +62,7 @@ class ResponseStream:
         self._held_bytes += len(chunk)
         done = self._read(chunk)
         decoder_full = self._decoder is not None and self._decoder.full
-        if not done and (
-            end or self._undecodable or decoder_full or self._held_bytes >= HOLD_LIMIT
-        ):
+        if not done and (end or decoder_full or self._held_bytes >= HOLD_LIMIT):
             # Nothing more can be learnt (or held): decide on what was read.
             self.scan.finish()
             done = True
@@ -79,9 +78,9 @@ class ResponseStream:
         assert self.scan is not None and self._decoder is not None
         try:
             return self.scan.read(chunk, self._decoder)
-        except ValueError:
-            self._undecodable = True
-            return False
+        except ValueError as e:
+            self.scan.cannot_decode(str(e))
+            return True
 
     @property
     def sha256(self) -> str:

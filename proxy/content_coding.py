@@ -9,6 +9,7 @@ and never past `limit` bytes of output, whatever the encoding.
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 import zlib
 from collections.abc import Callable
@@ -23,6 +24,29 @@ else:
 
 # Decoding errors of the supported codings, reported as ValueError.
 _ERRORS = (zlib.error, brotli.error, zstd.ZstdError, EOFError)
+
+# The Content-Encodings `BodyDecoder.of` decodes, as a request's Accept-Encoding names them.
+DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "identity"})
+
+
+@functools.lru_cache(maxsize=64)  # a scraper sends the same value with every request
+def decodable_only(accept_encoding: str) -> str:
+    """A request's Accept-Encoding with only the codings the gateway decodes, q-values kept, so
+    that the site answers in one of them. Left out: `*`, and codings such as Chrome's `dcb`/`dcz`
+    (compressed against a dictionary the gateway does not hold), in which a page's head or an
+    image's metadata could not be read. Nothing left: `identity`."""
+    kept = [
+        item.strip()
+        for item in accept_encoding.split(",")
+        if item.split(";", 1)[0].strip().lower() in DECODED_CODINGS
+    ]
+    return ", ".join(kept) or "identity"
+
+
+def undecodable(content_encoding: str) -> str:
+    """Why a body in this Content-Encoding is not read (one `BodyDecoder.of` gives no decoder)."""
+    return f"its Content-Encoding {content_encoding.strip()!r} is not one the gateway decodes"
+
 
 # (input, most output wanted) -> output. What is not decoded yet stays in the step: a call with
 # b"" goes on decoding it, and b"" comes back once all input given so far is decoded.

@@ -143,6 +143,8 @@ def resolve_dot_segments(target: str) -> str:
     `/open/%2e%2e/private/a`) is served by the site's server as the resolved path, and the gateway
     must decide on, record and forward what the site will serve. The query is left as it is.
     """
+    if "/." not in target and "/%2" not in target:  # no dot segment can be in it
+        return target
     path, sep, query = target.partition("?")
     if not path.startswith("/") or _DOT_SEGMENT.search(path) is None:
         return target
@@ -168,6 +170,8 @@ def other_readings(target: str) -> tuple[str, ...]:
     Python's http.server for a leading "//"), dot segments then resolved again. Such a target is
     checked under each reading (robots.txt, TDMRep, the blocklist) and refused if any is
     refused, but forwarded as sent: "//" and "%2F" are also in URLs that mean them."""
+    if "//" not in target and "%" not in target and "\\" not in target:
+        return ()
     path, sep, query = target.partition("?")
     if "//" not in path and _SEPARATOR_SPELLINGS.search(path) is None:
         return ()

@@ -85,14 +85,15 @@ def applies(kind: Kind, basis: LegalBasis, respect: Respect) -> bool:
     return not (kind is Kind.TDMREP and basis.kind in _PERMISSION_BASES)
 
 
-# Signals a body carries in its first bytes: a page's <meta>s, an image's metadata.
-_BODY_KINDS = (Kind.NOAI, Kind.TDMREP, Kind.IMAGE_METADATA)
-
-
 def body_signals_bind(basis: LegalBasis, respect: Respect) -> bool:
-    """Whether an opt-out in a response body would bind this fetch. Then only the whole body
-    will do: a range past its first bytes carries none of those signals (`Range` is dropped)."""
-    return any(applies(kind, basis, respect) for kind in _BODY_KINDS)
+    """Whether an opt-out carried in a response body (a page's <meta>s, an image's metadata)
+    would bind this fetch. Then only the whole body will do: a range past its first bytes
+    carries none of those signals (`Range` is dropped)."""
+    return (
+        applies(Kind.NOAI, basis, respect)
+        or applies(Kind.IMAGE_METADATA, basis, respect)
+        or applies(Kind.TDMREP, basis, respect)
+    )
 
 
 def decide(

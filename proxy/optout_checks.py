@@ -98,6 +98,7 @@ class BodyScan:
         self._image: imagemeta.ImageMetadataScanner | None = None
         self._head = b""
         self.done = False
+        self.undecodable: str | None = None  # why the body could not be read, if it could not
 
     def feed(self, chunk: bytes) -> bool:
         if self.done:
@@ -126,6 +127,12 @@ class BodyScan:
             if self.feed(piece):
                 return True
         return self.done
+
+    def cannot_decode(self, why: str) -> None:
+        """The body is in an encoding the gateway does not decode, or not valid in it: what it
+        carries went unread, and the record says so (`body:undecodable`, never binding)."""
+        self.undecodable = why
+        self.finish()
 
     def finish(self) -> None:
         if self._image is not None:
@@ -382,9 +389,19 @@ class OptOutChecks:
     ) -> list[OptOutSignal]:
         # An image is an image by its bytes too: noimageai binds an octet-stream JPEG.
         image = optout.is_image(content_type) or scan.image is not None
-        return optout.response_signals(
+        signals = optout.response_signals(
             headers, content_type, self.tokens, scan.html_head, image=image
         )
+        if scan.undecodable is not None:
+            signals.append(
+                OptOutSignal(
+                    Kind.NOAI,
+                    "body:undecodable",
+                    False,
+                    f"the body's opt-outs were not read: {scan.undecodable}",
+                )
+            )
+        return signals
 
     def _scanned(self, scan: BodyScan | None, body: bytes, content_type: str | None) -> BodyScan:
         if scan is None:

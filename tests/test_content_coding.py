@@ -10,8 +10,10 @@ import zlib
 import brotli
 import pytest
 
+from proxy.content_coding import DECODED_CODINGS
 from proxy.content_coding import PIECE
 from proxy.content_coding import BodyDecoder
+from proxy.content_coding import decodable_only
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -114,3 +116,24 @@ def test_a_reader_that_needs_the_start_of_a_bomb_decodes_only_that(name: str) ->
         tracemalloc.stop()
     assert first.startswith(TEXT) and len(first) == PIECE and decoder.produced == len(first)
     assert peak < 2 * 2**20, peak  # decoding it all would go on to the 16 MiB limit
+
+
+@pytest.mark.parametrize(
+    ("asked", "sent_on"),
+    [
+        ("gzip, deflate, br, zstd", "gzip, deflate, br, zstd"),
+        ("gzip, deflate, br, zstd, dcb, dcz", "gzip, deflate, br, zstd"),  # Chrome, dictionary
+        ("br;q=1.0, gzip;q=0.8, *;q=0.1", "br;q=1.0, gzip;q=0.8"),
+        ("compress, x-gzip", "x-gzip"),
+        ("dcz", "identity"),
+        ("*", "identity"),
+        ("", "identity"),
+    ],
+)
+def test_a_site_is_asked_only_for_codings_the_gateway_decodes(asked: str, sent_on: str) -> None:
+    assert decodable_only(asked) == sent_on
+
+
+def test_every_coding_asked_for_is_one_there_is_a_decoder_for() -> None:
+    for coding in DECODED_CODINGS:
+        assert BodyDecoder.of(coding, limit=100) is not None, coding

@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+from addons.streaming import ResponseStream
 from proxy import optout
 from proxy.decision import Reason
 from proxy.optout import Kind
@@ -342,6 +343,29 @@ def test_body_scan_needs_nothing_for_other_content() -> None:
     scan = BodyScan("application/json", [TOKEN])
     assert scan.feed(b'{"a": 1, "padding": "..........."}')
     assert scan.image is None and scan.html_head is None
+
+
+@pytest.mark.parametrize(
+    ("coding", "chunks"),
+    [
+        ("compress", [b"\x1f\x9d\x90" + b"\x00" * 100_000, b""]),
+        ("gzip", [b"\x1f\x8b\x09", b"\x00" * 100_000, b""]),  # method 9: no such method
+    ],
+)
+def test_a_streamed_body_it_cannot_decode_passes_on_with_its_record_saying_so(
+    coding: str, chunks: list[bytes]
+) -> None:
+    policy = make_policy()
+    checks = make_checks(policy)
+    ctx = request_context(policy, "https://site-a.test/big.html")
+    stream = ResponseStream(
+        checks.body_scan("text/html"),
+        coding,
+        lambda scan: checks.assess_response_sync(ctx, 200, [], b"", "text/html", scan=scan),
+    )
+    delivered = b"".join(b"".join(stream(chunk)) for chunk in chunks)
+    assert delivered == b"".join(chunks) and not stream.withheld
+    assert stream.assessment is not None and stream.assessment.signals == ("body:undecodable",)
 
 
 def test_the_synchronous_assessment_gives_the_same_answer() -> None:

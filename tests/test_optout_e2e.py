@@ -440,6 +440,47 @@ def test_a_range_request_cannot_take_around_a_bodys_opt_out(gateway: Gateway, si
     assert (result.status, result.body) == (206, image[10:])
 
 
+def test_a_page_is_asked_for_in_a_coding_the_gateway_can_read(gateway: Gateway, site: Site):
+    # Chrome asks for dcb/dcz (compressed against a dictionary it holds) where a site offers
+    # them; the gateway could not read the page's head in those. The site is asked only for
+    # codings the gateway decodes, and answers in one of them.
+    def page(seen: Seen) -> Reply:
+        asked = {k.lower(): v for k, v in seen.headers.items()}.get("accept-encoding", "")
+        if "dcb" in asked:
+            body, coding = b"\xff\xd8 not readable without the dictionary", "dcb"
+        else:
+            body, coding = zlib.compress(PAGE_NOAI, wbits=31), "gzip"
+        return Reply(body=body, headers={"Content-Type": "text/html", "Content-Encoding": coding})
+
+    site.routes["/dictionary.html"] = page
+    chrome = "gzip, deflate, br, zstd, dcb, dcz"
+    result = curl(
+        site.url("img.site-c.test", "/dictionary.html"),
+        proxy=gateway.proxy_url(),
+        headers={**HEADERS, "Accept-Encoding": chrome, "Available-Dictionary": ":abc=:"},
+    )
+    assert result.status == 451 and result.json()["reason"] == "noai_directive"
+    assert site.seen[-1].headers["Accept-Encoding"] == "gzip, deflate, br, zstd"
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"),
+    [("compress", b"\x1f\x9d\x90 LZW bytes"), ("gzip", b"\x1f\x8b\x08 broken gzip")],
+)
+def test_a_body_the_gateway_cannot_decode_is_delivered_and_its_record_says_so(
+    gateway: Gateway, site: Site, coding: str, body: bytes
+):
+    # Sent unasked (or broken): the body's opt-outs cannot be read. Its header signals still
+    # count; the record must not read as if the body had been read and found clean.
+    site.routes["/undecodable.html"] = Reply(
+        body=body, headers={"Content-Type": "text/html", "Content-Encoding": coding}
+    )
+    result = fetch(gateway, site, "img.site-c.test", "/undecodable.html")
+    assert (result.status, result.body) == (200, body)
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/undecodable.html")]
+    assert (rec["decision"], rec["signals"]) == ("forwarded", ["body:undecodable"])
+
+
 def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Gateway, site: Site):
     cases = _image_cases()
     site.routes.update(cases)

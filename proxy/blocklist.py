@@ -95,12 +95,19 @@ class Blocklist:
         if (hit := self._domains.lookup(host)) is not None:
             return hit
         origin = _origin(url)
-        for candidate in (url, *(origin + reading for reading in readings)):
-            if (hit := self._urls.get(candidate)) is not None:
+        if (hit := self._match_path(origin, url)) is not None or not readings:
+            return hit
+        for reading in readings:
+            if (hit := self._match_path(origin, origin + reading)) is not None:
                 return hit
-            for e in self._prefixes.get(origin, ()):
-                if candidate.startswith(e.target):
-                    return e
+        return None
+
+    def _match_path(self, origin: str, url: str) -> BlockEntry | None:
+        if (hit := self._urls.get(url)) is not None:
+            return hit
+        for e in self._prefixes.get(origin, ()):
+            if url.startswith(e.target):
+                return e
         return None
 
     def __len__(self) -> int:

@@ -10,6 +10,11 @@ What is read, and where (only the metadata, never the image data):
 - WebP: the `XMP ` and `C2PA` chunks of the extended format. The WebP container puts metadata
   after the image data, so the scan walks every chunk header to the end of the RIFF, skipping
   payloads without keeping them. A simple-format file (one VP8/VP8L chunk) has no metadata.
+- GIF, TIFF, AVIF/HEIF (ISO BMFF image brands) and the JPEG XL container: XMP by packet
+  scanning (XMP Part 3, 1.1.3: the packet is stored as text, between `<?xpacket begin=` or
+  `<x:xmpmeta` and their ends), to the end of the body, as such metadata may come after the
+  image data. Their C2PA store is only noticed (`c2pa_unread`: its JUMBF description box), not
+  read. A JPEG XL container's XMP compressed in a `brob` box is not seen.
 
 IPTC PLUS DataMining (namespace `http://ns.useplus.org/ldf/xmp/1.0/`, property `DataMining`,
 values from the PLUS LDF vocabulary `http://ns.useplus.org/ldf/vocab/DMI-*`) is matched by
@@ -75,24 +80,57 @@ class ImageFormat(enum.StrEnum):
     JPEG = "jpeg"
     PNG = "png"
     WEBP = "webp"
+    # Formats whose metadata boxes, extensions or tags are not walked: their XMP is found by
+    # packet scanning (XMP Part 3, 1.1.3), their C2PA store only noticed.
+    GIF = "gif"
+    TIFF = "tiff"
+    HEIF = "heif"  # AVIF, HEIC and the other image brands of the ISO base media file format
+    JXL = "jxl"  # the JPEG XL container (a bare codestream carries no metadata)
     OTHER = "other"
+
+
+_SIGNATURES = (
+    (b"\xff\xd8", ImageFormat.JPEG),
+    (_PNG_SIGNATURE, ImageFormat.PNG),
+    (b"GIF87a", ImageFormat.GIF),
+    (b"GIF89a", ImageFormat.GIF),
+    (b"II*\x00", ImageFormat.TIFF),
+    (b"MM\x00*", ImageFormat.TIFF),
+    (b"II+\x00", ImageFormat.TIFF),  # BigTIFF
+    (b"MM\x00+", ImageFormat.TIFF),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", ImageFormat.JXL),
+)
+_HEIF_BRANDS = frozenset(b"avif avis heic heix heim heis hevc hevx mif1 msf1 mif2 miaf".split())
 
 
 def sniff(prefix: bytes) -> ImageFormat | None:
     """The format from the first bytes (12 suffice); None when more bytes are needed."""
-    for signature in (b"\xff\xd8", _PNG_SIGNATURE, b"RIFF"):
+    for signature, fmt in _SIGNATURES:
+        if prefix.startswith(signature):
+            return fmt
         if len(prefix) < len(signature) and signature.startswith(prefix):
             return None
-    if prefix.startswith(b"\xff\xd8"):
-        return ImageFormat.JPEG
-    if prefix.startswith(_PNG_SIGNATURE):
-        return ImageFormat.PNG
-    if prefix.startswith(b"RIFF"):
+    if prefix.startswith(b"RIFF") or (len(prefix) < 4 and b"RIFF".startswith(prefix)):
         if len(prefix) < 12:
             return None
         if prefix[8:12] == b"WEBP":
             return ImageFormat.WEBP
+        return ImageFormat.OTHER
+    # ISO BMFF: a box size, then "ftyp" and the major brand.
+    if len(prefix) < 12 and (len(prefix) <= 4 or b"ftyp".startswith(prefix[4:8])):
+        return None
+    if prefix[4:8] == b"ftyp" and prefix[8:12] in _HEIF_BRANDS:
+        return ImageFormat.HEIF
     return ImageFormat.OTHER
+
+
+_PACKET_SCANNED = frozenset({ImageFormat.GIF, ImageFormat.TIFF, ImageFormat.HEIF, ImageFormat.JXL})
+# Where an XMP packet begins and ends (the wrapper, or the x:xmpmeta element, which is optional).
+_PACKET_STARTS = (b"<?xpacket begin=", b"<x:xmpmeta")
+_PACKET_ENDS = (b"</x:xmpmeta>", b"<?xpacket end=")
+# A C2PA manifest store's JUMBF description box: its type, then the label's UUID.
+_C2PA_STORE_MARK = b"jumdc2pa"
+_OVERLAP = max(map(len, (*_PACKET_STARTS, _C2PA_STORE_MARK))) - 1
 
 
 @dataclass(slots=True)
@@ -105,6 +143,7 @@ class ImageMetadata:
     complete: bool = False  # the scan reached the end of the metadata
     truncated: bool = False  # some payload exceeded its cap and was skipped
     error: str | None = None
+    c2pa_unread: bool = False  # a C2PA store is there, in a format whose store is not extracted
 
 
 # -- the incremental scanner ---------------------------------------------------------------
@@ -128,6 +167,7 @@ class ImageMetadataScanner:
         self._jumbf: dict[int, dict[int, bytes]] = {}
         self._riff_end = 0
         self._consumed = 0
+        self._searched = 0  # in a packet being read: where its end was looked for up to
         self._state = "sniff"
 
     def feed(self, chunk: bytes) -> bool:
@@ -152,8 +192,11 @@ class ImageMetadataScanner:
     def finish(self) -> ImageMetadata:
         """The result; call at the end of the body if `feed()` never returned True."""
         if not self.done:
-            self.meta.error = self.meta.error or "the body ended inside the metadata"
-            self._finish(complete=False)
+            if self._state == "packet_search":
+                self._finish(complete=True)  # scanned to the end, no packet left open
+            else:
+                self.meta.error = self.meta.error or "the body ended inside the metadata"
+                self._finish(complete=False)
         return self.meta
 
     # -- machinery -------------------------------------------------------------------------
@@ -209,8 +252,49 @@ class ImageMetadataScanner:
             del self._buf[:12]
             self._consumed = 12
             self._state = "chunk"
+        elif fmt in _PACKET_SCANNED:
+            self._state = "packet_search"  # to the end of the body: metadata may be anywhere
         else:
             self._finish(complete=True)  # a format without embedded opt-outs we read
+        return True
+
+    # XMP packets, by scanning (GIF, TIFF, HEIF, JPEG XL) -----------------------------------
+
+    def _step_packet_search(self) -> bool:
+        buf = self._buf
+        if not self.meta.c2pa_unread and buf.find(_C2PA_STORE_MARK) >= 0:
+            self.meta.c2pa_unread = True
+        found = [i for i in (buf.find(start) for start in _PACKET_STARTS) if i >= 0]
+        if not found:
+            del buf[: max(0, len(buf) - _OVERLAP)]  # a marker may straddle two chunks
+            return False
+        del buf[: min(found)]
+        self._searched = 0
+        self._state = "packet"
+        return True
+
+    def _step_packet(self) -> bool:
+        buf = self._buf
+        ends = []
+        for end in _PACKET_ENDS:
+            at = buf.find(end, self._searched)
+            if at >= 0:
+                # The wrapper's end is a processing instruction: up to its "?>".
+                close = at + len(end) if end.startswith(b"</") else buf.find(b"?>", at) + 2
+                if close >= 2:
+                    ends.append(close)
+        if not ends and len(buf) <= MAX_XMP:
+            self._searched = max(0, len(buf) - max(map(len, _PACKET_ENDS)) - 2)
+            return False  # its end is still to come
+        if min(ends, default=len(buf)) > MAX_XMP:
+            self.meta.truncated = True  # too long to be read: skipped
+            self._state = "packet_search"  # a C2PA store, or another packet, may follow
+            del buf[:1]
+            return True
+        packet = self._take(min(ends))
+        assert packet is not None
+        self._add_xmp(packet)
+        self._state = "packet_search"
         return True
 
     # JPEG ------------------------------------------------------------------------------------
@@ -606,6 +690,16 @@ def image_signals(meta: ImageMetadata) -> list[OptOutSignal]:
                         f"the image's {a.namespace}.training-mining assertion says {a.use}",
                     )
                 )
+    if meta.c2pa_unread:
+        signals.append(
+            OptOutSignal(
+                Kind.IMAGE_METADATA,
+                "c2pa:unread",
+                False,
+                f"the image carries a C2PA manifest store, which the gateway does not read in "
+                f"{meta.format} images",
+            )
+        )
     if remote is not None and meta.c2pa_store is None:
         # The manifest lives elsewhere; the gateway never fetches it (no request to a URL an
         # image names), but the record says that one exists.

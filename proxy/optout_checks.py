@@ -96,6 +96,9 @@ class BodyScan:
     def __init__(self, content_type: str | None, tokens: list[str]):
         self._html = optout.HtmlHeadScanner(tokens) if optout.is_html(content_type) else None
         self._image: imagemeta.ImageMetadataScanner | None = None
+        self._content_type = content_type
+        # An image (by its Content-Type) in a format whose metadata is not read (SVG, BMP...).
+        self.image_unread = False
         self._head = b""
         self.done = False
         self.undecodable: str | None = None  # why the body could not be read, if it could not
@@ -113,6 +116,7 @@ class BodyScan:
             if fmt is None:
                 return False
             if fmt is imagemeta.ImageFormat.OTHER:
+                self.image_unread = optout.is_image(self._content_type)
                 self.done = True
                 return True
             self._image = imagemeta.ImageMetadataScanner()
@@ -392,6 +396,15 @@ class OptOutChecks:
         signals = optout.response_signals(
             headers, content_type, self.tokens, scan.html_head, image=image
         )
+        if scan.image_unread:
+            signals.append(
+                OptOutSignal(
+                    Kind.IMAGE_METADATA,
+                    "image-metadata:unread",
+                    False,
+                    f"the gateway reads no metadata in images of this format ({content_type})",
+                )
+            )
         if scan.undecodable is not None:
             signals.append(
                 OptOutSignal(

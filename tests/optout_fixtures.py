@@ -140,6 +140,40 @@ def webp(*, xmp: bytes | None = None, simple: bool = False) -> bytes:
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WEBP" + chunks
 
 
+def avif(xmp: bytes | None = None) -> bytes:
+    """A real 16x16 AVIF from libavif (Pillow), its XMP in a metadata item as libavif writes it."""
+    from PIL import Image
+    from PIL import features
+
+    assert features.check("avif"), "this Pillow has no AVIF encoder"
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(out, "AVIF", **({"xmp": xmp} if xmp else {}))
+    return out.getvalue()
+
+
+def tiff(xmp: bytes | None = None) -> bytes:
+    """A real 16x16 TIFF (Pillow), its XMP in tag 700 (XMP Part 3, 1.1.6)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(out, "TIFF", tiffinfo={700: xmp} if xmp else {})
+    return out.getvalue()
+
+
+def gif(xmp: bytes | None = None) -> bytes:
+    """A 1x1 GIF89a, its XMP in the `XMP DataXMP` application extension: the packet as it is,
+    then the 258-byte "magic trailer" that makes it read as sub-blocks (XMP Part 3, 1.1.2)."""
+    extension = b""
+    if xmp is not None:
+        trailer = b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
+        extension = b"\x21\xff\x0bXMP DataXMP" + xmp + trailer
+    return (
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+        + extension
+        + b"\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b"
+    )
+
+
 def xmp_packet(value: str | None, *, form: str = "attribute", prefix: str = "plus") -> bytes:
     """An XMP packet with PLUS DataMining in attribute, element or rdf:resource form, under
     any namespace prefix. `value` is a vocabulary code (DMI-...) or a full URI."""

@@ -13,14 +13,18 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 from proxy import imagemeta
+from proxy.imagemeta import RDF_NS
 from proxy.imagemeta import ImageFormat
 from tests.optout_fixtures import PLUS_VOCAB
+from tests.optout_fixtures import avif
 from tests.optout_fixtures import c2pa_sign
+from tests.optout_fixtures import gif
 from tests.optout_fixtures import jpeg
 from tests.optout_fixtures import jpeg_with_extended_xmp
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import tiff
 from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import webp
 from tests.optout_fixtures import xmp_packet
@@ -215,7 +219,9 @@ def test_an_oversized_xmp_chunk_is_skipped_not_buffered() -> None:
 @pytest.mark.parametrize(
     ("body", "fmt", "complete"),
     [
-        (b"GIF89a\x01\x00\x01\x00", ImageFormat.OTHER, True),
+        (b"GIF89a\x01\x00\x01\x00", ImageFormat.GIF, True),  # scanned to its end
+        (b"\x00\x00\x00\x1cftypmp42", ImageFormat.OTHER, True),  # a video, not an image
+        (b"\x00\x00\x00\x1cfty", None, False),
         (b"<html><head>", ImageFormat.OTHER, True),
         (b"\xff", None, False),  # too short to know
         (b"RIFF\x00\x00", None, False),
@@ -333,3 +339,57 @@ def test_remote_manifests_are_never_fetched(manifest_host: tuple[str, list[str]]
     with pytest.raises(c2pa.C2paError):
         c2pa.Reader("image/jpeg", io.BytesIO(signed), context=fetching)
     assert hits == ["/manifest.c2pa"]
+
+
+# -- formats read by packet scanning -----------------------------------------------------------
+
+PACKET_SCANNED = {"avif": avif, "tiff": tiff, "gif": gif}
+
+
+@pytest.mark.parametrize("name", PACKET_SCANNED)
+@pytest.mark.parametrize("chunk", [1, 7, 4096, None])
+def test_xmp_in_avif_tiff_and_gif_is_found_by_packet_scanning(name: str, chunk: int | None) -> None:
+    body = PACKET_SCANNED[name](xmp_packet("DMI-PROHIBITED-AIMLTRAINING"))
+    scanner = imagemeta.ImageMetadataScanner()
+    for at in range(0, len(body), chunk or len(body)):
+        assert not scanner.feed(body[at : at + (chunk or len(body))])  # to the body's end
+    meta = scanner.finish()
+    assert meta.complete and not meta.truncated and len(meta.xmp) == 1
+    names = [s.name for s in imagemeta.image_signals(meta)]
+    assert names == ["iptc-plus:DMI-PROHIBITED-AIMLTRAINING"]
+    assert [
+        s.name for s in imagemeta.image_signals(imagemeta.scan_image(PACKET_SCANNED[name]()))
+    ] == []
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        # No x:xmpmeta (it is optional), only the wrapper:
+        b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><rdf:RDF xmlns:rdf="'
+        + RDF_NS.encode()
+        + b'"><rdf:Description xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/" '
+        b'plus:DataMining="http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED"/></rdf:RDF>'
+        b'<?xpacket end="w"?>',
+        # No wrapper:
+        xmp_packet("DMI-PROHIBITED").split(b"?>", 1)[1].rsplit(b"<?xpacket", 1)[0],
+    ],
+)
+def test_a_packet_is_found_by_either_of_its_ends(packet: bytes) -> None:
+    meta = imagemeta.scan_image(gif(packet))
+    assert [s.name for s in imagemeta.image_signals(meta)] == ["iptc-plus:DMI-PROHIBITED"]
+
+
+def test_a_packet_that_never_ends_is_bounded() -> None:
+    body = gif(b"<x:xmpmeta>" + b"x" * (imagemeta.MAX_XMP + 10)) + gif(xmp_packet("DMI-PROHIBITED"))
+    meta = imagemeta.scan_image(body)
+    assert meta.truncated and len(meta.xmp) == 1  # the next packet is still found
+    assert imagemeta.scan_image(gif(b"<x:xmpmeta>" + b"x" * 100)).complete is False
+
+
+def test_a_c2pa_store_in_an_avif_is_noticed_not_read() -> None:
+    signed = c2pa_sign(avif(), "image/avif", [training_mining("c2pa", "notAllowed")])
+    meta = imagemeta.scan_image(signed)
+    assert meta.format is ImageFormat.HEIF and meta.c2pa_unread and meta.c2pa_store is None
+    [signal] = imagemeta.image_signals(meta)
+    assert (signal.name, signal.opts_out) == ("c2pa:unread", False)

@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.optout_fixtures import avif
 from tests.optout_fixtures import c2pa_sign
+from tests.optout_fixtures import gif
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import tiff
 from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import webp
 from tests.optout_fixtures import xmp_packet
@@ -242,6 +245,25 @@ def _image_cases() -> dict[str, Reply]:
             body=jpeg_with_xmp(xmp_packet(None)),
             headers={"Content-Type": "image/jpeg", "X-Robots-Tag": "noimageai"},
         ),
+        "/xmp.avif": Reply(
+            body=avif(xmp_packet("DMI-PROHIBITED-GENAIMLTRAINING")),
+            headers={"Content-Type": "image/avif"},
+        ),
+        "/xmp.tiff": Reply(
+            body=tiff(xmp_packet("DMI-PROHIBITED")), headers={"Content-Type": "image/tiff"}
+        ),
+        "/xmp.gif": Reply(
+            body=gif(xmp_packet("DMI-PROHIBITED-AIMLTRAINING")),
+            headers={"Content-Type": "image/gif"},
+        ),
+        "/c2pa.avif": Reply(
+            body=c2pa_sign(avif(), "image/avif", [training_mining("c2pa", "notAllowed")]),
+            headers={"Content-Type": "image/avif"},
+        ),
+        "/logo.svg": Reply(
+            body=b'<svg xmlns="http://www.w3.org/2000/svg"><metadata>...</metadata></svg>',
+            headers={"Content-Type": "image/svg+xml"},
+        ),
         "/page.html": Reply(body=PAGE_NOAI, headers={"Content-Type": "text/html"}),
         "/tdm.html": Reply(body=PAGE_TDM, headers={"Content-Type": "text/html; charset=utf-8"}),
         "/usage.txt": Reply(
@@ -262,6 +284,9 @@ WITHHELD = {
     "/xmp.jpg": "image_optout",
     "/xmp-element.png": "image_optout",
     "/xmp.webp": "image_optout",
+    "/xmp.avif": "image_optout",
+    "/xmp.tiff": "image_optout",
+    "/xmp.gif": "image_optout",
     "/c2pa.png": "image_optout",
     "/noai-header.jpg": "noai_directive",
     "/page.html": "noai_directive",
@@ -295,6 +320,9 @@ def test_opted_out_pages_and_images_are_never_delivered(gateway: Gateway, site: 
         assert rec["content_sha256"] == hashlib.sha256(cases[path].body).hexdigest()
         assert rec["status"] == 200 and rec["signals"]
     assert "c2pa:training-mining=allowed" in records["/allowed.png"]["signals"]
+    # What the gateway does not read is on the record, not passed over in silence:
+    assert records["/c2pa.avif"]["signals"] == ["c2pa:unread"]
+    assert records["/logo.svg"]["signals"] == ["image-metadata:unread"]
 
 
 # Over what the gateway holds whole (16 MiB, so an opt-out can still become a 451) and over

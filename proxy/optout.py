@@ -178,9 +178,13 @@ class HtmlHeadScanner:
     once the answer is known: the head ended (`</head>` or `<body>`) or `limit` bytes were read.
     """
 
-    def __init__(self, tokens: Iterable[str], limit: int = HTML_SCAN_LIMIT):
+    def __init__(
+        self, tokens: Iterable[str], limit: int = HTML_SCAN_LIMIT, content_type: str | None = None
+    ):
         self._parser = _HeadParser({t.lower() for t in tokens})
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decoder: codecs.IncrementalDecoder | None = None  # chosen by the first bytes
+        self._declared = _utf16_declared(content_type)
+        self._first = b""
         self._limit = limit
         self.seen = 0
 
@@ -193,6 +197,12 @@ class HtmlHeadScanner:
             return True
         chunk = chunk[: self._limit - self.seen]
         self.seen += len(chunk)
+        if self._decoder is None:
+            self._first += chunk
+            if len(self._first) < 3 and self.seen < self._limit:
+                return False  # not enough to see a byte order mark (a body this short has no head)
+            self._decoder = _head_decoder(self._first, self._declared)
+            chunk, self._first = self._first, b""
         try:
             self._parser.feed(self._decoder.decode(chunk))
         except _HeadEnded:
@@ -210,6 +220,30 @@ class HtmlHeadScanner:
         reservation = max(p.reservations) if p.reservations else None
         declaration = tdmrep.TdmDeclaration(reservation, p.policy)
         return HtmlHead(frozenset(p.robots), declaration, complete=not self.cut_short)
+
+
+def _utf16_declared(content_type: str | None) -> str | None:
+    """The Content-Type's charset if it is a UTF-16 one: the only charsets on the web whose
+    markup is not ASCII bytes (the others read as UTF-8 here, tags and attributes intact)."""
+    for param in (content_type or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip("\"'").lower()
+            if charset in ("utf-16", "utf-16le", "utf-16be"):
+                return charset
+    return None
+
+
+def _head_decoder(first: bytes, declared: str | None) -> codecs.IncrementalDecoder:
+    """By the byte order mark if there is one (it wins over the Content-Type, as WHATWG's
+    encoding sniffing says), else by a declared UTF-16 charset, else UTF-8."""
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"  # reads the mark and drops it
+    elif first.startswith(b"\xef\xbb\xbf"):
+        encoding = "utf-8-sig"
+    else:
+        encoding = declared or "utf-8"
+    return codecs.getincrementaldecoder(encoding)(errors="replace")
 
 
 def scan_html_head(body_prefix: bytes, tokens: Iterable[str]) -> HtmlHead:

@@ -94,7 +94,11 @@ class BodyScan:
     """
 
     def __init__(self, content_type: str | None, tokens: list[str]):
-        self._html = optout.HtmlHeadScanner(tokens) if optout.is_html(content_type) else None
+        self._html = (
+            optout.HtmlHeadScanner(tokens, content_type=content_type)
+            if optout.is_html(content_type)
+            else None
+        )
         self._image: imagemeta.ImageMetadataScanner | None = None
         self._content_type = content_type
         # An image (by its Content-Type) in a format whose metadata is not read (SVG, BMP...).

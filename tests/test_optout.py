@@ -139,6 +139,26 @@ def test_tags_stepped_over_leave_the_answer_as_the_full_parse_gives_it(
     assert fast == [scan(n) for n in (1, 5, 4096)]
 
 
+@pytest.mark.parametrize(
+    ("encoding", "content_type"),
+    [
+        ("utf-16", "text/html"),  # a byte order mark, little-endian here
+        ("utf-16-be", "text/html; charset=UTF-16BE"),
+        ("utf-16-le", 'text/html;charset="utf-16le"'),
+        ("utf-8-sig", "text/html"),
+        ("shift_jis", "text/html; charset=Shift_JIS"),  # ASCII-compatible: read as UTF-8
+    ],
+)
+@pytest.mark.parametrize("chunk", [1, 2, 4096])
+def test_a_head_in_utf16_is_read(encoding: str, content_type: str, chunk: int) -> None:
+    page = '<html><head><title>日本</title><meta name="robots" content="noai"></head><body>x'
+    body = page.encode(encoding)
+    scanner = optout.HtmlHeadScanner([TOKEN], content_type=content_type)
+    for at in range(0, len(body), chunk):
+        scanner.feed(body[at : at + chunk])
+    assert scanner.result().robots == {"noai"}
+
+
 def test_html_head_scan_is_bounded() -> None:
     page = b"<html><head>" + b"<!-- padding -->" * 20_000 + b'<meta name="robots" content="noai">'
     scanner = optout.HtmlHeadScanner([TOKEN], limit=64 * 1024)

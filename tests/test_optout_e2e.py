@@ -265,6 +265,9 @@ def _image_cases() -> dict[str, Reply]:
             headers={"Content-Type": "image/svg+xml"},
         ),
         "/page.html": Reply(body=PAGE_NOAI, headers={"Content-Type": "text/html"}),
+        "/utf16.html": Reply(
+            body=PAGE_NOAI.decode().encode("utf-16"), headers={"Content-Type": "text/html"}
+        ),
         "/tdm.html": Reply(body=PAGE_TDM, headers={"Content-Type": "text/html; charset=utf-8"}),
         "/usage.txt": Reply(
             body=b"no training",
@@ -290,6 +293,7 @@ WITHHELD = {
     "/c2pa.png": "image_optout",
     "/noai-header.jpg": "noai_directive",
     "/page.html": "noai_directive",
+    "/utf16.html": "noai_directive",
     "/tdm.html": "tdm_reserved",
     "/usage.txt": "content_usage",
 }

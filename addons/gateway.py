@@ -374,6 +374,7 @@ class Gateway:
         if optout.body_signals_bind(ctx.basis, ctx.respect):
             _ask_for_a_readable_body(req)
         if tunnel is None:
+            _name_the_checked_host(req, scheme, host, port)
             self._choose_upstream_proxy(flow, identity, state)
         refusal: Decision | None = None
         if self.rt.stopping:
@@ -888,6 +889,21 @@ def _declared_length(req: http.Request) -> int:
 
 def _header_list(headers: http.Headers) -> list[tuple[str, str]]:
     return list(headers.items(multi=True))
+
+
+def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int) -> None:
+    """The site is told the host the gateway checked. A plain request names its target twice,
+    in its URL and in its Host header, and a site's server (one address serves many sites on
+    shared hosting and CDNs) answers for the Host header: `GET http://allowed.test/` with
+    `Host: blocked.test` would fetch the blocked site under the allowed one's checks, budget and
+    record. RFC 9112 3.2.2: a proxy replaces the Host header with the request target's host."""
+    default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
+    authority = _bracket(host) if default else f"{_bracket(host)}:{port}"
+    sent = [value for name, value in req.headers.fields if name.lower() == b"host"]
+    if sent == [authority.encode()]:
+        return
+    if sent or not (req.is_http2 or req.is_http3):  # HTTP/2 and 3 name it in :authority
+        req.headers["host"] = authority
 
 
 def _ask_for_a_readable_body(req: http.Request) -> None:

@@ -417,6 +417,27 @@ def test_blocklisted_domain_is_refused_at_connect_and_for_plain_http(
     assert reasons == ["tos_blocklist", "tos_blocklist"]
 
 
+def test_a_host_header_cannot_name_another_site_than_the_one_checked(gateway: Gateway, site: Site):
+    # One address serves many sites (shared hosting, CDNs), and a server answers for the Host
+    # header: checked as site-a, fetched as blocked.test, it would escape the blocklist, take
+    # another site's content under site-a's budget, and be recorded as site-a's. The site is
+    # told the host the gateway checked (RFC 9112 3.2.2), whatever the scraper wrote.
+    for extra in (
+        ["-H", "Host: www.blocked.test"],
+        ["-H", f"Host: www.blocked.test:{site.port}"],
+        ["--http1.0", "-H", "Host:"],  # none at all
+    ):
+        result = curl(
+            site.url("site-a.test", "/page"),
+            proxy=gateway.proxy_url(),
+            headers=PROJECT_HEADERS,
+            extra=extra,
+        )
+        assert result.status == 200, extra
+        assert site.seen[-1].host == f"site-a.test:{site.port}", extra
+    assert [r["url"] for r in gateway.fetch_records()] == [site.url("site-a.test", "/page")] * 3
+
+
 def test_blocklisted_url_prefix_is_refused_and_the_rest_of_the_site_is_not(
     gateway: Gateway, site: Site, tls_site: Site
 ):

@@ -124,6 +124,11 @@ def sniff(prefix: bytes) -> ImageFormat | None:
     return ImageFormat.OTHER
 
 
+def is_image_format(prefix: bytes) -> bool:
+    """Whether these first bytes are those of an image format whose metadata is read."""
+    return sniff(prefix) not in (None, ImageFormat.OTHER)
+
+
 _PACKET_SCANNED = frozenset({ImageFormat.GIF, ImageFormat.TIFF, ImageFormat.HEIF, ImageFormat.JXL})
 # Where an XMP packet begins and ends (the wrapper, or the x:xmpmeta element, which is optional).
 _PACKET_STARTS = (b"<?xpacket begin=", b"<x:xmpmeta")

@@ -111,8 +111,11 @@ class BodyScan:
         if self.done:
             return True
         if self._html is not None:
-            self.done = self._html.feed(chunk)
-            return self.done
+            if self._html.seen == 0 and imagemeta.is_image_format(chunk[:12]):
+                self._html = None  # an image sent as text/html: read as the image it is
+            else:
+                self.done = self._html.feed(chunk)
+                return self.done
         if self._image is None:
             # The bytes decide, not the Content-Type: octet-stream images are common.
             self._head += chunk

@@ -359,6 +359,14 @@ async def test_body_scan_decides_on_a_bounded_prefix_while_streaming() -> None:
     assert result.decision is not None and result.signals == ("iptc-plus:DMI-PROHIBITED",)
 
 
+async def test_an_image_sent_as_html_is_read_as_an_image() -> None:
+    image = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED"))
+    result = await assess([], image, "text/html; charset=utf-8")
+    assert result.decision is not None and result.decision.reason is Reason.IMAGE_OPTOUT
+    page = await assess([], PAGE, "text/html")
+    assert page.decision is not None and page.decision.reason is Reason.TDM_RESERVED
+
+
 def test_body_scan_needs_nothing_for_other_content() -> None:
     scan = BodyScan("application/json", [TOKEN])
     assert scan.feed(b'{"a": 1, "padding": "..........."}')

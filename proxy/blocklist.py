@@ -2,7 +2,7 @@
 
 Entries come from the policy (terms of service that forbid automated collection: an opt-out from
 the DSM Art. 4 exception) and from takedowns filed by rights holders. An entry matches a domain
-with all its subdomains, a URL prefix, or one exact URL.
+with all its subdomains, a URL prefix, or one URL (without a query: with any query).
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ class Blocklist:
 
     def _match_path(self, origin: str, url: str) -> BlockEntry | None:
         if (hit := self._urls.get(url)) is not None:
+            return hit
+        query = url.find("?")
+        if query >= 0 and (hit := self._urls.get(url[:query])) is not None:
+            # A URL entry without a query covers its path with any query: `photo.jpg?w=800`
+            # or `?v=2` is the same file on most sites. One with a query covers that query.
             return hit
         for e in self._prefixes.get(origin, ()):
             if url.startswith(e.target):

@@ -161,7 +161,8 @@ def policy_document(rt: Runtime) -> dict[str, Any]:
         "takedowns": {
             "contact": crawler.contact,
             "how": "Write to the contact address with: who you are (the rights holder) and how "
-            "to reach you; the scope (one URL, a URL prefix, or a whole domain) and the "
+            "to reach you; the scope (one URL, with any query if it has none; a URL prefix; "
+            "or a whole domain) and the "
             "targets; and the reason. Once filed, the gateway refuses the targets on every "
             "replica within a second (HTTP 451, reason takedown), lists every earlier fetch "
             "of them for the teams that made it, and records each team's deletion.",

@@ -60,6 +60,8 @@ from proxy.blocklist import Blocklist
 from proxy.blocklist import Scope
 from proxy.blocklist import normalize_url
 from proxy.decision import Reason
+from proxy.inputs import other_readings
+from proxy.inputs import resolve_dot_segments
 from proxy.sites import normalize_host
 
 log = structlog.get_logger("crawlwarden.takedowns")
@@ -743,7 +745,8 @@ MANIFEST_FIELDS = (
 def covers(takedown: Takedown) -> Callable[[dict[str, Any]], bool]:
     """Whether a fetch record is in a takedown's manifest: a scraper's fetch (kind `fetch`)
     that reached the site (forwarded or withheld), made before the takedown was filed, whose
-    URL the takedown blocks now (the same Blocklist matching as enforcement)."""
+    URL the takedown blocks now (the same Blocklist matching as enforcement, every reading of
+    its path included)."""
     index = Blocklist(takedown.entries())
     filed = takedown.filed
 
@@ -753,11 +756,17 @@ def covers(takedown: Takedown) -> Callable[[dict[str, Any]], bool]:
         if not rec.get("ts") or rec["ts"] >= filed:
             return False
         url = rec.get("url") or ""
-        host = urlsplit(url).hostname
-        if not host:
+        parts = urlsplit(url)
+        if not parts.hostname:
             return False
+        target = resolve_dot_segments(
+            (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        )
         try:
-            return index.match_url(normalize_host(host), normalize_url(url)) is not None
+            origin = normalize_url(urlunsplit((parts.scheme, parts.netloc, "", "", "")))
+            url = origin.removesuffix("/") + target
+            host = normalize_host(parts.hostname)
+            return index.match_url(host, url, other_readings(target)) is not None
         except (ValueError, UnicodeError):
             return False
 

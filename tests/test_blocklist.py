@@ -38,6 +38,14 @@ BLOCKLIST = Blocklist(
             "c",
             Reason.TAKEDOWN,
         ),
+        BlockEntry(
+            "td-2",
+            Scope.URL,
+            normalize_url("https://img.example/view?id=1"),
+            "rh",
+            "c",
+            Reason.TAKEDOWN,
+        ),
     ]
 )
 
@@ -53,7 +61,11 @@ BLOCKLIST = Blocklist(
         ("https://forum.example/member", None),
         ("http://forum.example/members/alice", None),  # the prefix names https
         ("https://img.example/a.jpg", "td-1"),
-        ("https://img.example/a.jpg?x=1", None),
+        ("https://img.example/a.jpg?w=800", "td-1"),  # the same file, resized or cache-busted
+        ("https://img.example/a.jpg2", None),
+        ("https://img.example/view?id=1", "td-2"),
+        ("https://img.example/view?id=2", None),  # an entry with a query covers that query
+        ("https://img.example/view", None),
     ],
 )
 def test_match_url(url: str, rule: str | None):

@@ -128,8 +128,23 @@ def _rec(url: str, **fields: Any) -> dict[str, Any]:
         ),
         (
             _takedown(Scope.URL, "https://example.com/a.jpg"),
-            _rec("https://example.com/a.jpg?size=2"),
+            _rec("https://example.com/a.jpg?size=2"),  # the same file with any query
+            True,
+        ),
+        (
+            _takedown(Scope.URL, "https://example.com/view?id=1"),
+            _rec("https://example.com/view?id=2"),
             False,
+        ),
+        (
+            _takedown(Scope.URL, "https://example.com/a.jpg"),
+            _rec("https://example.com//a.jpg"),  # as enforcement reads it
+            True,
+        ),
+        (
+            _takedown(Scope.URL, "https://example.com/a.jpg"),
+            _rec("https://example.com/x/../a.jpg"),
+            True,
         ),
         # withheld fetches reached the site too; refused ones, events and later ones do not count
         (

@@ -10,11 +10,15 @@ What is read, and where (only the metadata, never the image data):
 - WebP: the `XMP ` and `C2PA` chunks of the extended format. The WebP container puts metadata
   after the image data, so the scan walks every chunk header to the end of the RIFF, skipping
   payloads without keeping them. A simple-format file (one VP8/VP8L chunk) has no metadata.
-- GIF, TIFF, AVIF/HEIF (ISO BMFF image brands) and the JPEG XL container: XMP by packet
-  scanning (XMP Part 3, 1.1.3: the packet is stored as text, between `<?xpacket begin=` or
-  `<x:xmpmeta` and their ends), to the end of the body, as such metadata may come after the
-  image data. Their C2PA store is only noticed (`c2pa_unread`: its JUMBF description box), not
-  read. A JPEG XL container's XMP compressed in a `brob` box is not seen.
+- GIF, TIFF, AVIF/HEIF (ISO BMFF image brands), the JPEG XL container, and PDF documents
+  (not images, but TDMRep puts a PDF's reservation in its XMP): XMP by packet scanning (XMP
+  Part 3, 1.1.3: the packet is stored as text, between `<?xpacket begin=` or `<x:xmpmeta` and
+  their ends), to the end of the body, as such metadata may come after the image data. Their
+  C2PA store is only noticed (`c2pa_unread`: its JUMBF description box), not read. XMP stored
+  compressed (a JPEG XL `brob` box, a PDF metadata stream with a filter) is not seen.
+
+TDMRep's XMP properties (`tdm:reservation`, `tdm:policy`, namespace
+`http://www.w3.org/ns/tdmrep/`) are read from any packet: signals `tdm-xmp:*`.
 
 IPTC PLUS DataMining (namespace `http://ns.useplus.org/ldf/xmp/1.0/`, property `DataMining`,
 values from the PLUS LDF vocabulary `http://ns.useplus.org/ldf/vocab/DMI-*`) is matched by
@@ -46,12 +50,15 @@ from dataclasses import field
 from typing import Any
 from xml.parsers import expat
 
+from proxy import optout
+from proxy import tdmrep
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
 
 PLUS_NS = "http://ns.useplus.org/ldf/xmp/1.0/"
 PLUS_VOCAB = "http://ns.useplus.org/ldf/vocab/"
 RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+TDM_NS = "http://www.w3.org/ns/tdmrep/"  # TDMRep's XMP properties (TDMRep, "PDF documents")
 
 # The PLUS LDF DataMining vocabulary (IPTC Photo Metadata Standard 2023.1, PLUS LDF 1.2.x).
 DATA_MINING_VALUES: dict[str, str] = {
@@ -86,6 +93,7 @@ class ImageFormat(enum.StrEnum):
     TIFF = "tiff"
     HEIF = "heif"  # AVIF, HEIC and the other image brands of the ISO base media file format
     JXL = "jxl"  # the JPEG XL container (a bare codestream carries no metadata)
+    PDF = "pdf"  # no image, but its XMP (TDMRep's "PDF documents") is found the same way
     OTHER = "other"
 
 
@@ -99,6 +107,7 @@ _SIGNATURES = (
     (b"II+\x00", ImageFormat.TIFF),  # BigTIFF
     (b"MM\x00+", ImageFormat.TIFF),
     (b"\x00\x00\x00\x0cJXL \r\n\x87\n", ImageFormat.JXL),
+    (b"%PDF-", ImageFormat.PDF),
 )
 _HEIF_BRANDS = frozenset(b"avif avis heic heix heim heis hevc hevx mif1 msf1 mif2 miaf".split())
 
@@ -129,7 +138,9 @@ def is_image_format(prefix: bytes) -> bool:
     return sniff(prefix) not in (None, ImageFormat.OTHER)
 
 
-_PACKET_SCANNED = frozenset({ImageFormat.GIF, ImageFormat.TIFF, ImageFormat.HEIF, ImageFormat.JXL})
+_PACKET_SCANNED = frozenset(
+    {ImageFormat.GIF, ImageFormat.TIFF, ImageFormat.HEIF, ImageFormat.JXL, ImageFormat.PDF}
+)
 # Where an XMP packet begins and ends (the wrapper, or the x:xmpmeta element, which is optional).
 _PACKET_STARTS = (b"<?xpacket begin=", b"<x:xmpmeta")
 _PACKET_ENDS = (b"</x:xmpmeta>", b"<?xpacket end=")
@@ -486,6 +497,8 @@ def normalize_data_mining(value: str) -> str:
 class XmpFacts:
     data_mining: list[str]  # PLUS DataMining values, normalized (`DMI-PROHIBITED`, ...)
     provenance: str | None  # dcterms:provenance: where a remote C2PA manifest would be
+    # TDMRep's XMP properties (tdm:reservation, tdm:policy), as PDFs carry them
+    tdm: tdmrep.TdmDeclaration = tdmrep.UNSET
 
 
 def read_xmp(packet: bytes) -> XmpFacts:
@@ -507,15 +520,18 @@ def read_xmp(packet: bytes) -> XmpFacts:
     try:
         reader.parse(packet[start:])
     except (expat.ExpatError, _Corrupt, ValueError):
-        return XmpFacts(_data_mining_fallback(packet), None)
-    return XmpFacts(reader.values, reader.provenance)
+        return XmpFacts(_data_mining_fallback(packet), None, _tdm_fallback(packet))
+    declaration = tdmrep.TdmDeclaration(
+        max(reader.reservations) if reader.reservations else None, reader.tdm_policy
+    )
+    return XmpFacts(reader.values, reader.provenance, declaration)
 
 
 def _names_read(packet: bytes) -> bool:
     """Whether the packet (in an 8-bit encoding) names what `_XmpReader` or the fallback reads.
     Lower-cased, then searched: a case-insensitive regex takes ~30 us per KiB."""
     lower = packet.lower()
-    return b"datamining" in lower or b"provenance" in lower
+    return b"datamining" in lower or b"provenance" in lower or b"/ns/tdmrep/" in lower
 
 
 def data_mining_values(packet: bytes) -> list[str]:
@@ -526,11 +542,17 @@ class _XmpReader:
     _ATTR = f"{PLUS_NS} DataMining"
     _RESOURCE = f"{RDF_NS} resource"
     _PROVENANCE = "http://purl.org/dc/terms/ provenance"
+    _RESERVATION = f"{TDM_NS} reservation"
+    _POLICY = f"{TDM_NS} policy"
+    _PROPERTIES = (_ATTR, _RESERVATION, _POLICY)  # read as attributes or as elements
 
     def __init__(self) -> None:
         self.values: list[str] = []
         self.provenance: str | None = None
+        self.reservations: list[int] = []
+        self.tdm_policy: str | None = None
         self._depth = 0
+        self._property = ""  # the element whose text is being read
         self._text: list[str] = []
 
     def parse(self, data: bytes) -> None:
@@ -549,15 +571,17 @@ class _XmpReader:
     def _start(self, name: str, attrs: dict[str, str]) -> None:
         if self._PROVENANCE in attrs:
             self.provenance = attrs[self._PROVENANCE][:2048]
-        if self._ATTR in attrs:
-            self.values.append(normalize_data_mining(attrs[self._ATTR]))
+        for prop in self._PROPERTIES:
+            if prop in attrs:
+                self._value(prop, attrs[prop])
         if self._depth:
             self._depth += 1
-        elif name == self._ATTR:
+        elif name in self._PROPERTIES:
             self._depth = 1
+            self._property = name
             self._text = []
             if self._RESOURCE in attrs:
-                self.values.append(normalize_data_mining(attrs[self._RESOURCE]))
+                self._value(name, attrs[self._RESOURCE])
 
     def _end(self, name: str) -> None:
         if not self._depth:
@@ -566,7 +590,16 @@ class _XmpReader:
         if self._depth == 0:
             text = "".join(self._text).strip()
             if text:
-                self.values.append(normalize_data_mining(text))
+                self._value(self._property, text)
+
+    def _value(self, prop: str, value: str) -> None:
+        if prop == self._ATTR:
+            self.values.append(normalize_data_mining(value))
+        elif prop == self._RESERVATION:
+            if (reservation := tdmrep.parse_reservation(value)) is not None:
+                self.reservations.append(reservation)
+        elif self.tdm_policy is None:
+            self.tdm_policy = tdmrep.parse_policy(value)
 
     def _chars(self, data: str) -> None:
         if self._depth:
@@ -584,6 +617,17 @@ def _data_mining_fallback(packet: bytes) -> list[str]:
     if PLUS_NS.encode() not in packet:
         return []
     return [m.group(1).decode().upper() for m in _FALLBACK.finditer(packet)]
+
+
+_TDM_FALLBACK = re.compile(rb"tdm:reservation\s*(?:=\s*[\"']|>)\s*([01])\b")
+
+
+def _tdm_fallback(packet: bytes) -> tdmrep.TdmDeclaration:
+    """A reservation in a packet that is not well-formed XML, found as text."""
+    if TDM_NS.encode() not in packet:
+        return tdmrep.UNSET
+    found = [int(m.group(1)) for m in _TDM_FALLBACK.finditer(packet)]
+    return tdmrep.TdmDeclaration(max(found) if found else None)
 
 
 def prohibits_training(value: str) -> bool:
@@ -671,15 +715,23 @@ def image_signals(meta: ImageMetadata) -> list[OptOutSignal]:
     milliseconds of native code: call from a worker thread in the event loop)."""
     signals: list[OptOutSignal] = []
     remote: str | None = None
+    reservations: list[int] = []
+    tdm_policy: str | None = None
     for packet in meta.xmp:
         facts = read_xmp(packet)
         remote = remote or facts.provenance
+        if facts.tdm.reservation is not None:
+            reservations.append(facts.tdm.reservation)
+        tdm_policy = tdm_policy or facts.tdm.policy
         for value in facts.data_mining:
             known = value in DATA_MINING_VALUES
             name = f"iptc-plus:{value}" if known else "iptc-plus:other"
             opts_out = prohibits_training(value)
             detail = f"the image's IPTC PLUS DataMining says {value}"
             signals.append(OptOutSignal(Kind.IMAGE_METADATA, name, opts_out, detail))
+    if reservations or tdm_policy:
+        declaration = tdmrep.TdmDeclaration(max(reservations, default=None), tdm_policy)
+        signals += optout.tdm_signals(declaration, "tdm-xmp")
     if meta.c2pa_store is not None:
         try:
             assertions = read_training_mining(meta.c2pa_store)

@@ -399,7 +399,10 @@ class OptOutChecks:
         self, scan: BodyScan, headers: list[tuple[str, str]], content_type: str | None
     ) -> list[OptOutSignal]:
         # An image is an image by its bytes too: noimageai binds an octet-stream JPEG.
-        image = optout.is_image(content_type) or scan.image is not None
+        read = scan.image
+        image = optout.is_image(content_type) or (
+            read is not None and read.format is not imagemeta.ImageFormat.PDF
+        )
         signals = optout.response_signals(
             headers, content_type, self.tokens, scan.html_head, image=image
         )

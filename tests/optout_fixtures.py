@@ -174,6 +174,55 @@ def gif(xmp: bytes | None = None) -> bytes:
     )
 
 
+def pdf(xmp: bytes | None = None) -> bytes:
+    """A one-page PDF 1.7 whose catalog has an uncompressed XMP metadata stream (ISO 32000-1
+    14.3.2, where TDMRep puts a document's tdm:reservation), with a correct xref table."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R" + (b" /Metadata 4 0 R" if xmp else b"") + b" >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
+    ]
+    if xmp:
+        objects.append(
+            b"<< /Type /Metadata /Subtype /XML /Length %d >>\nstream\n%s\nendstream"
+            % (len(xmp), xmp)
+        )
+    out = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    return bytes(out)
+
+
+def tdm_xmp_packet(
+    reservation: str, policy: str | None = None, *, form: str = "attribute"
+) -> bytes:
+    """An XMP packet with TDMRep's properties, as TDMRep says a PDF carries them."""
+    ns = 'xmlns:tdm="http://www.w3.org/ns/tdmrep/"'
+    if form == "attribute":
+        props = f'tdm:reservation="{reservation}"' + (f' tdm:policy="{policy}"' if policy else "")
+        description = f'<rdf:Description rdf:about="" {ns} {props}/>'
+    else:
+        inner = f"<tdm:reservation>{reservation}</tdm:reservation>"
+        inner += f"<tdm:policy>{policy}</tdm:policy>" if policy else ""
+        description = f'<rdf:Description rdf:about="" {ns}>{inner}</rdf:Description>'
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+        '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f"{description}</rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
+    ).encode()
+
+
 def xmp_packet(value: str | None, *, form: str = "attribute", prefix: str = "plus") -> bytes:
     """An XMP packet with PLUS DataMining in attribute, element or rdf:resource form, under
     any namespace prefix. `value` is a vocabulary code (DMI-...) or a full URI."""

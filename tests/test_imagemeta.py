@@ -22,8 +22,10 @@ from tests.optout_fixtures import gif
 from tests.optout_fixtures import jpeg
 from tests.optout_fixtures import jpeg_with_extended_xmp
 from tests.optout_fixtures import jpeg_with_xmp
+from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import tdm_xmp_packet
 from tests.optout_fixtures import tiff
 from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import webp
@@ -393,3 +395,33 @@ def test_a_c2pa_store_in_an_avif_is_noticed_not_read() -> None:
     assert meta.format is ImageFormat.HEIF and meta.c2pa_unread and meta.c2pa_store is None
     [signal] = imagemeta.image_signals(meta)
     assert (signal.name, signal.opts_out) == ("c2pa:unread", False)
+
+
+# -- TDMRep in XMP (PDF documents, and any image) ---------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["attribute", "element"])
+def test_a_tdm_reservation_in_xmp_is_read(form: str) -> None:
+    facts = imagemeta.read_xmp(tdm_xmp_packet("1", "https://rights.test/tdm.json", form=form))
+    assert (facts.tdm.reservation, facts.tdm.policy) == (1, "https://rights.test/tdm.json")
+    assert imagemeta.read_xmp(tdm_xmp_packet("0", form=form)).tdm.reservation == 0
+    assert imagemeta.read_xmp(tdm_xmp_packet("yes", form=form)).tdm.reservation is None
+    broken = tdm_xmp_packet("1", form=form).replace(b"</rdf:RDF>", b"")  # not well-formed
+    assert imagemeta.read_xmp(broken).tdm.reservation == 1
+
+
+def test_a_pdf_with_a_tdm_reservation_is_reserved() -> None:
+    reserved = pdf(tdm_xmp_packet("1", "https://rights.test/tdm.json"))
+    meta = imagemeta.scan_image(reserved)
+    assert meta.format is ImageFormat.PDF and meta.complete
+    signals = {s.name: s.opts_out for s in imagemeta.image_signals(meta)}
+    assert signals == {"tdm-xmp:reserved": True, "tdm-xmp:policy": False}
+    [signal] = [s for s in imagemeta.image_signals(meta) if s.opts_out]
+    assert signal.kind is imagemeta.Kind.TDMREP  # so it binds as TDMRep does, by basis
+    assert imagemeta.image_signals(imagemeta.scan_image(pdf(tdm_xmp_packet("0")))) != []
+    assert imagemeta.image_signals(imagemeta.scan_image(pdf())) == []
+
+
+def test_a_tdm_reservation_in_an_images_xmp_counts_too() -> None:
+    meta = imagemeta.scan_image(jpeg_with_xmp(tdm_xmp_packet("1")))
+    assert [s.name for s in imagemeta.image_signals(meta)] == ["tdm-xmp:reserved"]

@@ -22,9 +22,11 @@ from tests.optout_fixtures import jpeg
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import make_checks
 from tests.optout_fixtures import make_policy
+from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
 from tests.optout_fixtures import request_context
+from tests.optout_fixtures import tdm_xmp_packet
 from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import xmp_packet
 
@@ -365,6 +367,14 @@ async def test_an_image_sent_as_html_is_read_as_an_image() -> None:
     assert result.decision is not None and result.decision.reason is Reason.IMAGE_OPTOUT
     page = await assess([], PAGE, "text/html")
     assert page.decision is not None and page.decision.reason is Reason.TDM_RESERVED
+
+
+async def test_a_pdfs_tdm_reservation_withholds_it_and_noimageai_does_not() -> None:
+    reserved = pdf(tdm_xmp_packet("1"))
+    result = await assess([], reserved, "application/pdf")
+    assert result.decision is not None and result.decision.reason is Reason.TDM_RESERVED
+    plain = await assess([("X-Robots-Tag", "noimageai")], pdf(), "application/octet-stream")
+    assert plain.decision is None and plain.signals == ("x-robots-tag:noimageai",)
 
 
 def test_body_scan_needs_nothing_for_other_content() -> None:

@@ -22,8 +22,10 @@ from tests.optout_fixtures import avif
 from tests.optout_fixtures import c2pa_sign
 from tests.optout_fixtures import gif
 from tests.optout_fixtures import jpeg_with_xmp
+from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import tdm_xmp_packet
 from tests.optout_fixtures import tiff
 from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import webp
@@ -260,6 +262,10 @@ def _image_cases() -> dict[str, Reply]:
             body=c2pa_sign(avif(), "image/avif", [training_mining("c2pa", "notAllowed")]),
             headers={"Content-Type": "image/avif"},
         ),
+        "/reserved.pdf": Reply(
+            body=pdf(tdm_xmp_packet("1", "https://rights.test/tdm.json")),
+            headers={"Content-Type": "application/pdf"},
+        ),
         "/logo.svg": Reply(
             body=b'<svg xmlns="http://www.w3.org/2000/svg"><metadata>...</metadata></svg>',
             headers={"Content-Type": "image/svg+xml"},
@@ -295,6 +301,7 @@ WITHHELD = {
     "/page.html": "noai_directive",
     "/utf16.html": "noai_directive",
     "/tdm.html": "tdm_reserved",
+    "/reserved.pdf": "tdm_reserved",
     "/usage.txt": "content_usage",
 }
 

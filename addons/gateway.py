@@ -373,8 +373,8 @@ class Gateway:
         req.headers["From"] = crawler.contact
         if optout.body_signals_bind(ctx.basis, ctx.respect):
             _ask_for_a_readable_body(req)
+        _name_the_checked_host(req, scheme, host, port)
         if tunnel is None:
-            _name_the_checked_host(req, scheme, host, port)
             self._choose_upstream_proxy(flow, identity, state)
         refusal: Decision | None = None
         if self.rt.stopping:
@@ -896,7 +896,9 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
     in its URL and in its Host header, and a site's server (one address serves many sites on
     shared hosting and CDNs) answers for the Host header: `GET http://allowed.test/` with
     `Host: blocked.test` would fetch the blocked site under the allowed one's checks, budget and
-    record. RFC 9112 3.2.2: a proxy replaces the Host header with the request target's host."""
+    record. RFC 9112 3.2.2: a proxy replaces the Host header with the request target's host.
+    Inside a tunnel (where a Host naming another host is refused 421) it gives an HTTP/1.0
+    request without one the tunnel's, not the server's default site."""
     default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
     authority = _bracket(host) if default else f"{_bracket(host)}:{port}"
     sent = [value for name, value in req.headers.fields if name.lower() == b"host"]

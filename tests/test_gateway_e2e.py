@@ -417,7 +417,9 @@ def test_blocklisted_domain_is_refused_at_connect_and_for_plain_http(
     assert reasons == ["tos_blocklist", "tos_blocklist"]
 
 
-def test_a_host_header_cannot_name_another_site_than_the_one_checked(gateway: Gateway, site: Site):
+def test_a_host_header_cannot_name_another_site_than_the_one_checked(
+    gateway: Gateway, site: Site, tls_site: Site
+):
     # One address serves many sites (shared hosting, CDNs), and a server answers for the Host
     # header: checked as site-a, fetched as blocked.test, it would escape the blocklist, take
     # another site's content under site-a's budget, and be recorded as site-a's. The site is
@@ -436,6 +438,17 @@ def test_a_host_header_cannot_name_another_site_than_the_one_checked(gateway: Ga
         assert result.status == 200, extra
         assert site.seen[-1].host == f"site-a.test:{site.port}", extra
     assert [r["url"] for r in gateway.fetch_records()] == [site.url("site-a.test", "/page")] * 3
+    # Inside a tunnel, a request without a Host header is given the tunnel's (a server would
+    # answer it for its default site):
+    result = curl(
+        tls_site.url("site-a.test", "/page"),
+        proxy=gateway.proxy_url(),
+        cacert=gateway.ca_cert,
+        headers=PROJECT_HEADERS,
+        extra=["--http1.0", "-H", "Host:"],
+    )
+    assert result.status == 200
+    assert tls_site.seen[-1].host == f"site-a.test:{tls_site.port}"
 
 
 def test_blocklisted_url_prefix_is_refused_and_the_rest_of_the_site_is_not(

@@ -111,7 +111,11 @@ async def governance_loop(
             scheme=b"http",
             authority=b"",
             path=path.encode(),
-            headers=((b"proxy-authorization", AUTH.encode()), (b"x-crawl-project", b"bench")),
+            headers=(
+                (b"host", f"s{site}.bench.test:{port}".encode()),  # as every HTTP/1.1 client
+                (b"proxy-authorization", AUTH.encode()),
+                (b"x-crawl-project", b"bench"),
+            ),
             content=b"",
         )
         flow = tflow.tflow(req=req)

@@ -195,14 +195,16 @@ class HtmlHeadScanner:
     def feed(self, chunk: bytes) -> bool:
         if self.done:
             return True
-        chunk = chunk[: self._limit - self.seen]
+        if self.seen + len(chunk) > self._limit:
+            chunk = chunk[: self._limit - self.seen]  # (a slice copies: only when needed)
         self.seen += len(chunk)
         if self._decoder is None:
-            self._first += chunk
-            if len(self._first) < 3 and self.seen < self._limit:
-                return False  # not enough to see a byte order mark (a body this short has no head)
-            self._decoder = _head_decoder(self._first, self._declared)
-            chunk, self._first = self._first, b""
+            if self._first or len(chunk) < 3:
+                chunk = self._first = self._first + chunk
+                if len(chunk) < 3 and self.seen < self._limit:
+                    return False  # too little to see a byte order mark (or any head) in
+                self._first = b""
+            self._decoder = _head_decoder(chunk, self._declared)
         try:
             self._parser.feed(self._decoder.decode(chunk))
         except _HeadEnded:

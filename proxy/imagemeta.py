@@ -112,8 +112,17 @@ _SIGNATURES = (
 _HEIF_BRANDS = frozenset(b"avif avis heic heix heim heis hevc hevx mif1 msf1 mif2 miaf".split())
 
 
+# The first byte of every format sniffed: the signatures above, RIFF's "R", and an ISO BMFF
+# file's ftyp box size (a few dozen bytes: its first byte is 0).
+_FIRST_BYTES = frozenset({signature[0] for signature, _ in _SIGNATURES} | {ord("R"), 0})
+
+
 def sniff(prefix: bytes) -> ImageFormat | None:
     """The format from the first bytes (12 suffice); None when more bytes are needed."""
+    if not prefix:
+        return None
+    if prefix[0] not in _FIRST_BYTES:
+        return ImageFormat.OTHER  # text, HTML, JSON...: at once
     for signature, fmt in _SIGNATURES:
         if prefix.startswith(signature):
             return fmt

@@ -309,8 +309,10 @@ class ImageMetadataScanner:
                 if close >= 2:
                     ends.append(close)
         if not ends and len(buf) <= MAX_XMP:
-            self._searched = max(0, len(buf) - max(map(len, _PACKET_ENDS)) - 2)
-            return False  # its end is still to come
+            # Its end is still to come; one may have begun at the buffer's end (the wrapper's
+            # end runs to "?>", `<?xpacket end="w"?>` being the usual one: 64 bytes of slack).
+            self._searched = max(0, len(buf) - 64)
+            return False
         if min(ends, default=len(buf)) > MAX_XMP:
             self.meta.truncated = True  # too long to be read: skipped
             self._state = "packet_search"  # a C2PA store, or another packet, may follow
@@ -762,8 +764,8 @@ def image_signals(meta: ImageMetadata) -> list[OptOutSignal]:
                 Kind.IMAGE_METADATA,
                 "c2pa:unread",
                 False,
-                f"the image carries a C2PA manifest store, which the gateway does not read in "
-                f"{meta.format} images",
+                f"the file carries a C2PA manifest store, which the gateway does not read in "
+                f"{meta.format} files",
             )
         )
     if remote is not None and meta.c2pa_store is None:

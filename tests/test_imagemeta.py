@@ -377,9 +377,15 @@ def test_xmp_in_avif_tiff_and_gif_is_found_by_packet_scanning(name: str, chunk: 
         xmp_packet("DMI-PROHIBITED").split(b"?>", 1)[1].rsplit(b"<?xpacket", 1)[0],
     ],
 )
-def test_a_packet_is_found_by_either_of_its_ends(packet: bytes) -> None:
-    meta = imagemeta.scan_image(gif(packet))
+@pytest.mark.parametrize("chunk", [1, 7, 16, None])
+def test_a_packet_is_found_by_either_of_its_ends(packet: bytes, chunk: int | None) -> None:
+    body = gif(packet)
+    scanner = imagemeta.ImageMetadataScanner()
+    for at in range(0, len(body), chunk or len(body)):
+        scanner.feed(body[at : at + (chunk or len(body))])
+    meta = scanner.finish()
     assert [s.name for s in imagemeta.image_signals(meta)] == ["iptc-plus:DMI-PROHIBITED"]
+    assert not meta.truncated
 
 
 def test_a_packet_that_never_ends_is_bounded() -> None:

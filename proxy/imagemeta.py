@@ -14,8 +14,10 @@ What is read, and where (only the metadata, never the image data):
   (not images, but TDMRep puts a PDF's reservation in its XMP): XMP by packet scanning (XMP
   Part 3, 1.1.3: the packet is stored as text, between `<?xpacket begin=` or `<x:xmpmeta` and
   their ends), to the end of the body, as such metadata may come after the image data. Their
-  C2PA store is only noticed (`c2pa_unread`: its JUMBF description box), not read. XMP stored
-  compressed (a JPEG XL `brob` box, a PDF metadata stream with a filter) is not seen.
+  C2PA store is found the same way, by its JUMBF description box, and read whole from the
+  superbox around it (in a GIF, from the data sub-blocks it is spread over); one not laid out
+  so is only noticed (`c2pa_unread`). XMP or a store kept compressed (a JPEG XL `brob` box, a
+  PDF stream with a filter) is not seen.
 
 TDMRep's XMP properties (`tdm:reservation`, `tdm:policy`, namespace
 `http://www.w3.org/ns/tdmrep/`) are read from any packet: signals `tdm-xmp:*`.
@@ -88,7 +90,7 @@ class ImageFormat(enum.StrEnum):
     PNG = "png"
     WEBP = "webp"
     # Formats whose metadata boxes, extensions or tags are not walked: their XMP is found by
-    # packet scanning (XMP Part 3, 1.1.3), their C2PA store only noticed.
+    # packet scanning (XMP Part 3, 1.1.3), their C2PA store by its JUMBF description box.
     GIF = "gif"
     TIFF = "tiff"
     HEIF = "heif"  # AVIF, HEIC and the other image brands of the ISO base media file format
@@ -155,7 +157,10 @@ _PACKET_STARTS = (b"<?xpacket begin=", b"<x:xmpmeta")
 _PACKET_ENDS = (b"</x:xmpmeta>", b"<?xpacket end=")
 # A C2PA manifest store's JUMBF description box: its type, then the label's UUID.
 _C2PA_STORE_MARK = b"jumdc2pa"
-_OVERLAP = max(map(len, (*_PACKET_STARTS, _C2PA_STORE_MARK))) - 1
+# Kept between chunks: enough for a marker cut in two, and for the 12 bytes that come before a
+# store's description box (the superbox's size and type, and the description box's size; 13 in
+# a GIF, with the sub-block's length byte).
+_OVERLAP = max(*map(len, _PACKET_STARTS), 13 + len(_C2PA_STORE_MARK)) - 1
 
 
 @dataclass(slots=True)
@@ -168,7 +173,7 @@ class ImageMetadata:
     complete: bool = False  # the scan reached the end of the metadata
     truncated: bool = False  # some payload exceeded its cap and was skipped
     error: str | None = None
-    c2pa_unread: bool = False  # a C2PA store is there, in a format whose store is not extracted
+    c2pa_unread: bool = False  # a C2PA store was seen, but not laid out as one that is read
 
 
 # -- the incremental scanner ---------------------------------------------------------------
@@ -193,6 +198,9 @@ class ImageMetadataScanner:
         self._riff_end = 0
         self._consumed = 0
         self._searched = 0  # in a packet being read: where its end was looked for up to
+        self._store_seen = False  # a C2PA store was found by scanning (read, or noticed)
+        self._store_parts: list[bytes] = []  # a GIF's store, sub-block by sub-block
+        self._store_size = 0
         self._state = "sniff"
 
     def feed(self, chunk: bytes) -> bool:
@@ -283,19 +291,79 @@ class ImageMetadataScanner:
             self._finish(complete=True)  # a format without embedded opt-outs we read
         return True
 
-    # XMP packets, by scanning (GIF, TIFF, HEIF, JPEG XL) -----------------------------------
+    # XMP packets and C2PA stores, by scanning (GIF, TIFF, HEIF, JPEG XL, PDF) ----------------
 
     def _step_packet_search(self) -> bool:
         buf = self._buf
-        if not self.meta.c2pa_unread and buf.find(_C2PA_STORE_MARK) >= 0:
-            self.meta.c2pa_unread = True
         found = [i for i in (buf.find(start) for start in _PACKET_STARTS) if i >= 0]
+        store = self._store_start()
+        if store >= 0 and (not found or store < min(found)):
+            del buf[:store]
+            self._state = "c2pa_store"
+            return True
         if not found:
             del buf[: max(0, len(buf) - _OVERLAP)]  # a marker may straddle two chunks
             return False
         del buf[: min(found)]
         self._searched = 0
         self._state = "packet"
+        return True
+
+    def _store_start(self) -> int:
+        """Where the C2PA store (a JUMBF superbox) in the buffer begins: at its size, or at the
+        length byte of a GIF's first data sub-block. -1: none (or one already seen)."""
+        if self._store_seen:
+            return -1
+        buf = self._buf
+        at = buf.find(_C2PA_STORE_MARK)
+        if at < 0:
+            return -1
+        start = at - 12 - (self.meta.format is ImageFormat.GIF)
+        if start < 0 or buf[at - 8 : at - 4] != b"jumb":
+            self._store_seen = self.meta.c2pa_unread = True  # not laid out as expected
+            return -1
+        return start
+
+    def _step_c2pa_store(self) -> bool:
+        """The store, whole: in a GIF spread over data sub-blocks (C2PA 2.1, A.3.4), elsewhere
+        (a BMFF `uuid` box, a TIFF tag, a PDF stream) in one piece."""
+        buf = self._buf
+        store: bytes | None
+        if self.meta.format is ImageFormat.GIF:
+            at, parts = 0, self._store_parts
+            while at < len(buf) and buf[at] and self._store_size <= MAX_C2PA:
+                size = buf[at]
+                if at + 1 + size > len(buf):
+                    break  # the rest of this sub-block is still to come
+                parts.append(bytes(buf[at + 1 : at + 1 + size]))
+                self._store_size += size
+                at += 1 + size
+            ended = at < len(buf) and not buf[at]
+            del buf[: at + ended]  # once per call: sub-blocks are small, chunks are not
+            if self._store_size > MAX_C2PA:
+                store = None
+            elif ended:
+                store = b"".join(parts)
+            else:
+                return False
+            parts.clear()
+        else:
+            if len(buf) < 4:
+                return False
+            (size,) = struct.unpack(">I", buf[:4])
+            if size > MAX_C2PA:
+                store = None
+            else:
+                store = self._take(size)
+                if store is None:
+                    return False
+        self._store_seen = True
+        if store is None:
+            self.meta.truncated = True
+            del buf[:1]  # (GIF: past what was read of it) looking on for XMP
+        else:
+            self.meta.c2pa_store = store
+        self._state = "packet_search"
         return True
 
     def _step_packet(self) -> bool:
@@ -764,8 +832,8 @@ def image_signals(meta: ImageMetadata) -> list[OptOutSignal]:
                 Kind.IMAGE_METADATA,
                 "c2pa:unread",
                 False,
-                f"the file carries a C2PA manifest store, which the gateway does not read in "
-                f"{meta.format} files",
+                f"the {meta.format} file carries a C2PA manifest store that is not laid out "
+                "as the gateway reads one (a JUMBF superbox around its description box)",
             )
         )
     if remote is not None and meta.c2pa_store is None:

@@ -395,10 +395,27 @@ def test_a_packet_that_never_ends_is_bounded() -> None:
     assert imagemeta.scan_image(gif(b"<x:xmpmeta>" + b"x" * 100)).complete is False
 
 
-def test_a_c2pa_store_in_an_avif_is_noticed_not_read() -> None:
-    signed = c2pa_sign(avif(), "image/avif", [training_mining("c2pa", "notAllowed")])
-    meta = imagemeta.scan_image(signed)
-    assert meta.format is ImageFormat.HEIF and meta.c2pa_unread and meta.c2pa_store is None
+@pytest.mark.parametrize(
+    ("name", "mime"), [("avif", "image/avif"), ("tiff", "image/tiff"), ("gif", "image/gif")]
+)
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_a_c2pa_store_in_avif_tiff_and_gif_is_found_and_read(
+    name: str, mime: str, chunk: int | None
+) -> None:
+    base = PACKET_SCANNED[name](xmp_packet("DMI-ALLOWED"))
+    signed = c2pa_sign(base, mime, [training_mining("c2pa", "notAllowed")])
+    scanner = imagemeta.ImageMetadataScanner()
+    for at in range(0, len(signed), chunk or len(signed)):
+        scanner.feed(signed[at : at + (chunk or len(signed))])
+    meta = scanner.finish()
+    assert meta.c2pa_store is not None and not meta.c2pa_unread and not meta.truncated
+    signals = {s.name: s.opts_out for s in imagemeta.image_signals(meta)}
+    assert signals == {"c2pa:training-mining=notAllowed": True, "iptc-plus:DMI-ALLOWED": False}
+
+
+def test_a_c2pa_store_not_laid_out_as_expected_is_noticed() -> None:
+    meta = imagemeta.scan_image(gif(b"no superbox before it: jumdc2pa\x00\x11\x00\x10"))
+    assert meta.c2pa_unread and meta.c2pa_store is None
     [signal] = imagemeta.image_signals(meta)
     assert (signal.name, signal.opts_out) == ("c2pa:unread", False)
 

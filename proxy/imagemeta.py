@@ -351,6 +351,11 @@ class ImageMetadataScanner:
             if len(buf) < 4:
                 return False
             (size,) = struct.unpack(">I", buf[:4])
+            if size < 8:  # no box (or a 64-bit size, which no store needs): not read
+                self._store_seen = self.meta.c2pa_unread = True
+                del buf[:1]
+                self._state = "packet_search"
+                return True
             if size > MAX_C2PA:
                 store = None
             else:

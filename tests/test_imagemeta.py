@@ -413,9 +413,16 @@ def test_a_c2pa_store_in_avif_tiff_and_gif_is_found_and_read(
     assert signals == {"c2pa:training-mining=notAllowed": True, "iptc-plus:DMI-ALLOWED": False}
 
 
-def test_a_c2pa_store_not_laid_out_as_expected_is_noticed() -> None:
-    meta = imagemeta.scan_image(gif(b"no superbox before it: jumdc2pa\x00\x11\x00\x10"))
-    assert meta.c2pa_unread and meta.c2pa_store is None
+@pytest.mark.parametrize(
+    "body",
+    [
+        gif(b"no superbox before it: jumdc2pa\x00\x11\x00\x10"),
+        tiff() + b"\x00\x00\x00\x01jumb\x00\x00\x00\x20jumdc2pa\x00\x11\x00\x10",  # 64-bit size
+    ],
+)
+def test_a_c2pa_store_not_laid_out_as_expected_is_noticed(body: bytes) -> None:
+    meta = imagemeta.scan_image(body)
+    assert meta.c2pa_unread and meta.c2pa_store is None and not meta.truncated
     [signal] = imagemeta.image_signals(meta)
     assert (signal.name, signal.opts_out) == ("c2pa:unread", False)
 

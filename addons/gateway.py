@@ -898,15 +898,44 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
     `Host: blocked.test` would fetch the blocked site under the allowed one's checks, budget and
     record. RFC 9112 3.2.2: a proxy replaces the Host header with the request target's host.
     Inside a tunnel (where a Host naming another host is refused 421) it gives an HTTP/1.0
-    request without one the tunnel's, not the server's default site."""
+    request without one the tunnel's, not the server's default site. Fields that would name
+    another host or path to the site's framework are dropped (`_TARGET_OVERRIDES`)."""
     default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
     authority = _bracket(host) if default else f"{_bracket(host)}:{port}"
-    # (A name's length first: lower-casing every field name costs more than the check.)
-    sent = [v for name, v in req.headers.fields if len(name) == 4 and name.lower() == b"host"]
+    sent: list[bytes] = []
+    overrides: list[str] = []
+    for name, value in req.headers.fields:
+        if len(name) not in _TARGET_NAME_LENGTHS:
+            continue  # (lower-casing every field name costs more than this check)
+        lowered = name.lower()
+        if lowered == b"host":
+            sent.append(value)
+        elif lowered in _TARGET_OVERRIDES:
+            overrides.append(lowered.decode())
+    for override in overrides:
+        req.headers.pop(override, None)
     if sent == [authority.encode()]:
         return
     if sent or not (req.is_http2 or req.is_http3):  # HTTP/2 and 3 name it in :authority
         req.headers["host"] = authority
+
+
+# Fields that frameworks and servers behind proxies take as the request's host or path instead
+# of its own (Symfony, IIS URL Rewrite, Rails, Django with their forwarded-host settings):
+# `X-Original-URL: /private/a.jpg` on a request for `/open/` would be served the disallowed
+# path. A scraper has no use for them on the way to a site; they are dropped.
+_TARGET_OVERRIDES = frozenset(
+    {
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-forwarded-host",
+        b"x-forwarded-server",
+        b"x-host",
+        b"x-http-host-override",
+        b"forwarded",
+    }
+)
+_TARGET_NAME_LENGTHS = frozenset({4, *map(len, _TARGET_OVERRIDES)})
 
 
 def _ask_for_a_readable_body(req: http.Request) -> None:

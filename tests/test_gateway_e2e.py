@@ -438,6 +438,25 @@ def test_a_host_header_cannot_name_another_site_than_the_one_checked(
         assert result.status == 200, extra
         assert site.seen[-1].host == f"site-a.test:{site.port}", extra
     assert [r["url"] for r in gateway.fetch_records()] == [site.url("site-a.test", "/page")] * 3
+    # Nor can a field that frameworks behind proxies read as the host or path instead:
+    overrides = {
+        "X-Original-URL": "/private/a.jpg",
+        "X-Rewrite-URL": "/private/a.jpg",
+        "X-Forwarded-Host": "www.blocked.test",
+        "X-Forwarded-Server": "www.blocked.test",
+        "X-Host": "www.blocked.test",
+        "X-HTTP-Host-Override": "www.blocked.test",
+        "Forwarded": "host=www.blocked.test",
+    }
+    result = curl(
+        site.url("site-a.test", "/page"),
+        proxy=gateway.proxy_url(),
+        headers={**PROJECT_HEADERS, **overrides, "X-Forwarded-For": "198.51.100.7"},
+    )
+    assert result.status == 200
+    received = {k.lower() for k in site.seen[-1].headers}
+    assert received.isdisjoint(k.lower() for k in overrides), received
+    assert "x-forwarded-for" in received  # not a target: left as the scraper sent it
     # Inside a tunnel, a request without a Host header is given the tunnel's (a server would
     # answer it for its default site):
     result = curl(

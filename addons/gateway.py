@@ -281,9 +281,9 @@ class Gateway:
         else:
             raw_host = req.host
             port = req.port
-        resolved = inputs.resolve_dot_segments(req.path)
-        if resolved != req.path:
-            req.path = resolved  # what the site will serve: decided on, recorded, forwarded
+        canonical = inputs.canonical_target(req.path)
+        if canonical != req.path:
+            req.path = canonical  # what the site will serve: decided on, recorded, forwarded
         checked = inputs.check_host(raw_host)
         if checked.host is not None:
             host = checked.host

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
 
 from proxy.decision import Reason
+from proxy.inputs import canonical_target
 from proxy.sites import HostPatterns
 from proxy.sites import normalize_host
 
@@ -66,24 +67,33 @@ def _origin(url: str) -> str:
     return url if end < 0 else url[:end]
 
 
+def _canonical(url: str) -> str:
+    origin = _origin(url)
+    return origin + canonical_target(url[len(origin) :]) if len(url) > len(origin) else url
+
+
 class Blocklist:
     """Immutable index of entries; build a new one to change it."""
 
     def __init__(self, entries: list[BlockEntry]):
         self.entries = tuple(entries)
         self._domains = HostPatterns[BlockEntry]()
-        self._prefixes: dict[str, list[BlockEntry]] = {}  # by origin
+        # URLs and prefixes by their canonical form, as requests are matched (the gateway
+        # forwards `inputs.canonical_target` paths): `/%7Euser/` blocks `/~user/` too.
+        self._prefixes: dict[str, list[tuple[str, BlockEntry]]] = {}  # by origin
         self._urls: dict[str, BlockEntry] = {}
         for e in self.entries:
             if e.scope is Scope.DOMAIN:
                 self._domains.add("*." + e.target, e)
-            elif e.scope is Scope.PREFIX:
-                self._prefixes.setdefault(_origin(e.target), []).append(e)
+                continue
+            target = _canonical(e.target)
+            if e.scope is Scope.PREFIX:
+                self._prefixes.setdefault(_origin(target), []).append((target, e))
             else:
-                self._urls.setdefault(e.target, e)
+                self._urls.setdefault(target, e)
         for prefixes in self._prefixes.values():
             # Longest prefix first, so the most specific entry names the refusal.
-            prefixes.sort(key=lambda e: len(e.target), reverse=True)
+            prefixes.sort(key=lambda p: len(p[0]), reverse=True)
 
     def match_host(self, host: str) -> BlockEntry | None:
         """An entry that blocks every URL of this host (checked at CONNECT time)."""
@@ -110,8 +120,8 @@ class Blocklist:
             # A URL entry without a query covers its path with any query: `photo.jpg?w=800`
             # or `?v=2` is the same file on most sites. One with a query covers that query.
             return hit
-        for e in self._prefixes.get(origin, ()):
-            if url.startswith(e.target):
+        for target, e in self._prefixes.get(origin, ()):
+            if url.startswith(target):
                 return e
         return None
 

@@ -83,7 +83,7 @@ class RequestContext:
     host: str  # normalized
     port: int
     url: str  # normalized, see blocklist.normalize_url
-    path: str  # path and query as forwarded (dot segments resolved, inputs.resolve_dot_segments)
+    path: str  # path and query as forwarded (inputs.canonical_target)
     site: Site
     basis: LegalBasis
     respect: Respect

@@ -128,44 +128,63 @@ def target_problem(path: str) -> str | None:
     return None
 
 
-# "." and ".." path segments, "%2e" read as "." (as WHATWG URL parsing reads it).
-_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?=/|$)", re.IGNORECASE)
-_ONE_DOT = frozenset({".", "%2e"})
-_TWO_DOTS = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
-_SEPARATOR_SPELLINGS = re.compile(r"%2f|%5c|\\", re.IGNORECASE)
+# RFC 3986 2.3: escapes of these are the characters themselves (6.2.2.2).
+UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_SEPARATOR_SPELLINGS = re.compile(r"%2F|%5C|\\", re.IGNORECASE)
 _SLASH_RUN = re.compile(r"//+")
 
 
-def resolve_dot_segments(target: str) -> str:
-    """`target` (path and query) with its "." and ".." segments resolved (RFC 3986 5.2.4).
+def normalize_escapes(path: str) -> str:
+    """Percent-escapes as RFC 3986 6.2.2 normalizes them: those of unreserved characters
+    decoded (`%7E` is `~`, `%6D` is `m`), the others upper-cased (`%2f` is `%2F`)."""
 
-    curl, browsers, requests and Scrapy send paths so resolved; one that is not (`/x/../private/a`,
-    `/open/%2e%2e/private/a`) is served by the site's server as the resolved path, and the gateway
-    must decide on, record and forward what the site will serve. The query is left as it is.
+    def normal(escape: re.Match[str]) -> str:
+        octet = int(escape.group(1), 16)
+        return chr(octet) if octet in UNRESERVED else escape.group().upper()
+
+    return _ESCAPE.sub(normal, path)
+
+
+def canonical_target(target: str) -> str:
+    """`target` (path and query) as the site's server will read its path: escapes normalized
+    (`normalize_escapes`), then "." and ".." segments resolved (RFC 3986 5.2.4).
+
+    curl, browsers, requests and Scrapy send paths with dot segments resolved; one that is not
+    (`/x/../private/a`, `/open/%2e%2e/private/a`), or one that spells a character as an escape
+    (`/%70rivate/a`), is served by the site as the canonical path, and the gateway must decide
+    on, record and forward what the site will serve. The query is left as it is.
     """
-    if "/." not in target and "/%2" not in target:  # no dot segment can be in it
+    if "%" not in target and "/." not in target:  # the usual path: nothing to do
         return target
     path, sep, query = target.partition("?")
-    if not path.startswith("/") or _DOT_SEGMENT.search(path) is None:
+    if not path.startswith("/"):
         return target
+    if "%" in path:
+        path = normalize_escapes(path)
+    if "/." in path:
+        path = _resolve_dot_segments(path)
+    return path + sep + query
+
+
+def _resolve_dot_segments(path: str) -> str:
     segments = path.split("/")[1:]
     kept: list[str] = []
     for i, segment in enumerate(segments):
         last = i == len(segments) - 1
-        dots = segment.lower()
-        if dots in _TWO_DOTS:
+        if segment == "..":
             if kept:
                 kept.pop()
-        elif dots not in _ONE_DOT:
+        elif segment != ".":
             kept.append(segment)
             continue
         if last:
             kept.append("")  # "/a/b/.." is "/a/", not "/a"
-    return "/" + "/".join(kept) + sep + query
+    return "/" + "/".join(kept)
 
 
 def other_readings(target: str) -> tuple[str, ...]:
-    """Other paths a site's server may take `target` (dot segments resolved) for: with `%2F`,
+    """Other paths a site's server may take `target` (a `canonical_target`) for: with `%2F`,
     `%5C` and `\\` read as "/" and runs of "/" merged (nginx's default `merge_slashes`, IIS,
     Python's http.server for a leading "//"), dot segments then resolved again. Such a target is
     checked under each reading (robots.txt, TDMRep, the blocklist) and refused if any is
@@ -176,7 +195,7 @@ def other_readings(target: str) -> tuple[str, ...]:
     if "//" not in path and _SEPARATOR_SPELLINGS.search(path) is None:
         return ()
     merged = _SLASH_RUN.sub("/", _SEPARATOR_SPELLINGS.sub("/", path))
-    reading = resolve_dot_segments(merged) + sep + query
+    reading = canonical_target(merged) + sep + query
     return (reading,) if reading != target else ()
 
 

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from protego import Protego
 
 from proxy import aipref
+from proxy.inputs import normalize_escapes
 
 PARSE_LIMIT = 500 * 1024
 
@@ -40,20 +41,12 @@ _KNOWN = _DISALLOW | _USER_AGENT | _SITE_WIDE | {"allow", "crawl-delay", "conten
 
 # -- path patterns (shared with TDMRep, which reuses the robots.txt notation) ----------------
 
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
-
 
 def normalize_path(path: str, *, pattern: bool = False) -> str:
     """Percent-encoding normalized for comparison (RFC 9309 2.2.2, RFC 3986 2.1):
     escapes of unreserved characters are decoded, other escapes upper-cased, characters
     outside US-ASCII (UTF-8) and spaces encoded. In a pattern, `*` and `$` stay as they are."""
-
-    def decode(m: re.Match[str]) -> str:
-        octet = int(m.group(1), 16)
-        return chr(octet) if octet in _UNRESERVED else f"%{m.group(1).upper()}"
-
-    path = _PERCENT.sub(decode, path)
+    path = normalize_escapes(path)
     safe = "/%:@!&'()+,;=?#[]-._~" + ("*$" if pattern else "$*")
     return quote(path, safe=safe)
 

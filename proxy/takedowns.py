@@ -60,8 +60,8 @@ from proxy.blocklist import Blocklist
 from proxy.blocklist import Scope
 from proxy.blocklist import normalize_url
 from proxy.decision import Reason
+from proxy.inputs import canonical_target
 from proxy.inputs import other_readings
-from proxy.inputs import resolve_dot_segments
 from proxy.sites import normalize_host
 
 log = structlog.get_logger("crawlwarden.takedowns")
@@ -759,9 +759,7 @@ def covers(takedown: Takedown) -> Callable[[dict[str, Any]], bool]:
         parts = urlsplit(url)
         if not parts.hostname:
             return False
-        target = resolve_dot_segments(
-            (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        )
+        target = canonical_target((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
         try:
             origin = normalize_url(urlunsplit((parts.scheme, parts.netloc, "", "", "")))
             url = origin.removesuffix("/") + target

@@ -38,6 +38,7 @@ BLOCKLIST = Blocklist(
             "c",
             Reason.TAKEDOWN,
         ),
+        entry_from_pattern("tilde", "https://forum.example/%7euser/", "terms", "src"),
         BlockEntry(
             "td-2",
             Scope.URL,
@@ -66,6 +67,7 @@ BLOCKLIST = Blocklist(
         ("https://img.example/view?id=1", "td-2"),
         ("https://img.example/view?id=2", None),  # an entry with a query covers that query
         ("https://img.example/view", None),
+        ("https://forum.example/~user/x", "tilde"),  # the entry spells it %7e
     ],
 )
 def test_match_url(url: str, rule: str | None):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.inputs import canonical_target
 from proxy.inputs import check_body_framing
 from proxy.inputs import check_host
 from proxy.inputs import check_recorded_value
 from proxy.inputs import other_readings
-from proxy.inputs import resolve_dot_segments
 from proxy.inputs import target_problem
 
 
@@ -156,10 +156,16 @@ def test_body_framing(
         ("/x/../a?next=/../b", "/a?next=/../b"),  # the query is not a path
         ("//private/../x", "//x"),
         ("*", "*"),
+        ("/%70rivate/a.jpg", "/private/a.jpg"),  # escapes of unreserved characters decoded
+        ("/%7Euser/%6d", "/~user/m"),
+        ("/a%2fb%3a", "/a%2Fb%3A"),  # the others upper-cased, kept
+        ("/a%2e%2E/b/%2e%2e/c", "/a../c"),
+        ("/a?q=%7E&r=/../", "/a?q=%7E&r=/../"),
+        ("/100%", "/100%"),  # not an escape
     ],
 )
-def test_dot_segments_are_resolved_as_the_site_will(target: str, resolved: str) -> None:
-    assert resolve_dot_segments(target) == resolved
+def test_a_target_is_read_as_the_site_will(target: str, resolved: str) -> None:
+    assert canonical_target(target) == resolved
 
 
 @pytest.mark.parametrize(

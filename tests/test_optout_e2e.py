@@ -156,7 +156,11 @@ def test_no_spelling_of_a_disallowed_path_reaches_the_site(gateway: Gateway, sit
     assert [s.path for s in site.seen if "private" in s.path or "reserved" in s.path] == []
     # A resolved path is what the site is asked for and what the record says;
     # "//" that resolves to an allowed path is forwarded as sent.
-    for path, forwarded in [("/x/../open/a.jpg", "/open/a.jpg"), ("/ok//b.jpg", "/ok//b.jpg")]:
+    for path, forwarded in [
+        ("/x/../open/a.jpg", "/open/a.jpg"),
+        ("/open/%61%2e%6a%70%67", "/open/a.jpg"),  # escapes of unreserved characters decoded
+        ("/ok//b.jpg", "/ok//b.jpg"),
+    ]:
         result = curl(
             site.url("www.site-a.test", path),
             proxy=gateway.proxy_url(),
@@ -165,8 +169,8 @@ def test_no_spelling_of_a_disallowed_path_reaches_the_site(gateway: Gateway, sit
         )
         assert result.status == 200, path
         assert site.seen[-1].path == forwarded
-        [rec] = [r for r in gateway.fetch_records() if r["url"].endswith(forwarded)]
-        assert rec["decision"] == "forwarded"
+        records = [r for r in gateway.fetch_records() if r["url"].endswith(forwarded)]
+        assert records and all(r["decision"] == "forwarded" for r in records)
 
 
 def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site: Site):

@@ -25,9 +25,6 @@ else:
 # Decoding errors of the supported codings, reported as ValueError.
 _ERRORS = (zlib.error, brotli.error, zstd.ZstdError, EOFError)
 
-# The Content-Encodings `BodyDecoder.of` decodes, as a request's Accept-Encoding names them.
-DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "identity"})
-
 
 @functools.lru_cache(maxsize=64)  # a scraper sends the same value with every request
 def decodable_only(accept_encoding: str) -> str:
@@ -71,18 +68,8 @@ class BodyDecoder:
     def of(cls, content_encoding: str, limit: int) -> BodyDecoder | None:
         """A decoder for this Content-Encoding; None for one it does not know (or a list of
         several: not seen from real sites, and not decoded)."""
-        encoding = content_encoding.strip().lower()
-        if encoding in ("", "identity"):
-            return cls(_Identity(), limit)
-        if encoding in ("gzip", "x-gzip"):
-            return cls(_Zlib(47), limit)  # gzip or zlib header, as mitmproxy
-        if encoding == "deflate":
-            return cls(_Deflate(), limit)
-        if encoding == "br":
-            return cls(_brotli(brotli.Decompressor()), limit)
-        if encoding == "zstd":
-            return cls(_zstd(zstd.ZstdDecompressor()), limit)
-        return None
+        step = _STEPS.get(content_encoding.strip().lower() or "identity")
+        return None if step is None else cls(step(), limit)
 
     def pieces(self, data: bytes, size: int = PIECE) -> Iterator[bytes]:
         """The decoded bytes `data` adds, in pieces of at most `size`. A reader may stop early:
@@ -167,3 +154,16 @@ class _Deflate:
             zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
             self._zlib = _Zlib(zlib.MAX_WBITS if zlib_header else -15)
         return self._zlib(data, wanted)
+
+
+# Each Content-Encoding decoded, and how to make its step for one body.
+_STEPS: dict[str, Callable[[], Step]] = {
+    "identity": _Identity,
+    "gzip": lambda: _Zlib(47),  # gzip or zlib header, as mitmproxy
+    "x-gzip": lambda: _Zlib(47),
+    "deflate": _Deflate,
+    "br": lambda: _brotli(brotli.Decompressor()),
+    "zstd": lambda: _zstd(zstd.ZstdDecompressor()),
+}
+# The same, as a request's Accept-Encoding names them (`decodable_only`).
+DECODED_CODINGS = frozenset(_STEPS)

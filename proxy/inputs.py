@@ -129,7 +129,7 @@ def target_problem(path: str) -> str | None:
 
 
 # RFC 3986 2.3: escapes of these are the characters themselves (6.2.2.2).
-UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _SEPARATOR_SPELLINGS = re.compile(r"%2F|%5C|\\", re.IGNORECASE)
 _SLASH_RUN = re.compile(r"//+")
@@ -141,7 +141,7 @@ def normalize_escapes(path: str) -> str:
 
     def normal(escape: re.Match[str]) -> str:
         octet = int(escape.group(1), 16)
-        return chr(octet) if octet in UNRESERVED else escape.group().upper()
+        return chr(octet) if octet in _UNRESERVED else escape.group().upper()
 
     return _ESCAPE.sub(normal, path)
 

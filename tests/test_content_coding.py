@@ -10,7 +10,6 @@ import zlib
 import brotli
 import pytest
 
-from proxy.content_coding import DECODED_CODINGS
 from proxy.content_coding import PIECE
 from proxy.content_coding import BodyDecoder
 from proxy.content_coding import decodable_only
@@ -132,8 +131,3 @@ def test_a_reader_that_needs_the_start_of_a_bomb_decodes_only_that(name: str) ->
 )
 def test_a_site_is_asked_only_for_codings_the_gateway_decodes(asked: str, sent_on: str) -> None:
     assert decodable_only(asked) == sent_on
-
-
-def test_every_coding_asked_for_is_one_there_is_a_decoder_for() -> None:
-    for coding in DECODED_CODINGS:
-        assert BodyDecoder.of(coding, limit=100) is not None, coding

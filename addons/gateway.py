@@ -45,6 +45,7 @@ from proxy.audit.log import FetchLogClosed
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.auth_throttle import AuthThrottle
+from proxy.blocklist import authority
 from proxy.blocklist import normalize_url
 from proxy.budgets import Lease
 from proxy.content_coding import BodyDecoder
@@ -900,8 +901,7 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
     Inside a tunnel (where a Host naming another host is refused 421) it gives an HTTP/1.0
     request without one the tunnel's, not the server's default site. Fields that would name
     another host or path to the site's framework are dropped (`_TARGET_OVERRIDES`)."""
-    default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
-    authority = _bracket(host) if default else f"{_bracket(host)}:{port}"
+    named = authority(scheme, host, port)
     sent: list[bytes] = []
     overrides: list[str] = []
     for name, value in req.headers.fields:
@@ -914,10 +914,10 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
             overrides.append(lowered.decode())
     for override in overrides:
         req.headers.pop(override, None)
-    if sent == [authority.encode()]:
+    if sent == [named.encode()]:
         return
     if sent or not (req.is_http2 or req.is_http3):  # HTTP/2 and 3 name it in :authority
-        req.headers["host"] = authority
+        req.headers["host"] = named
 
 
 # Fields that frameworks and servers behind proxies take as the request's host or path instead

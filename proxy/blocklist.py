@@ -38,15 +38,19 @@ class BlockEntry:
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def authority(scheme: str, host: str, port: int | None) -> str:
+    """`host[:port]` as a URL and a Host header write it: an IPv6 address bracketed, the
+    scheme's default port left out. `host` normalized."""
+    if ":" in host:
+        host = f"[{host}]"
+    return host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+
+
 def normalize_url(url: str) -> str:
     """Scheme and host lower-case, default port dropped, empty path as "/"; path kept as is."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
-    host = normalize_host(parts.hostname or "")
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port
-    netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+    netloc = authority(scheme, normalize_host(parts.hostname or ""), parts.port)
     return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
 
 

@@ -174,6 +174,22 @@ def gif(xmp: bytes | None = None) -> bytes:
     )
 
 
+def jxl(xmp: bytes | None = None) -> bytes:
+    """A JPEG XL container (ISO/IEC 18181-2): its signature box, `ftyp`, the XMP in an `xml `
+    box as the container stores it uncompressed, then a codestream box (a placeholder here:
+    the scan reads boxes, not the image)."""
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    return (
+        b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+        + box(b"ftyp", b"jxl \x00\x00\x00\x00jxl ")
+        + (box(b"xml ", xmp) if xmp is not None else b"")
+        + box(b"jxlc", b"\xff\x0a" + bytes(32))
+    )
+
+
 def pdf(xmp: bytes | None = None) -> bytes:
     """A one-page PDF 1.7 whose catalog has an uncompressed XMP metadata stream (ISO 32000-1
     14.3.2, where TDMRep puts a document's tdm:reservation), with a correct xref table."""

@@ -22,6 +22,7 @@ from tests.optout_fixtures import gif
 from tests.optout_fixtures import jpeg
 from tests.optout_fixtures import jpeg_with_extended_xmp
 from tests.optout_fixtures import jpeg_with_xmp
+from tests.optout_fixtures import jxl
 from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
@@ -345,7 +346,7 @@ def test_remote_manifests_are_never_fetched(manifest_host: tuple[str, list[str]]
 
 # -- formats read by packet scanning -----------------------------------------------------------
 
-PACKET_SCANNED = {"avif": avif, "tiff": tiff, "gif": gif}
+PACKET_SCANNED = {"avif": avif, "tiff": tiff, "gif": gif, "jxl": jxl}
 
 
 @pytest.mark.parametrize("name", PACKET_SCANNED)

@@ -56,6 +56,7 @@ from proxy.decision import Outcome
 from proxy.decision import Reason
 from proxy.decision import refuse
 from proxy.governor import RequestContext
+from proxy.identity import Caller
 from proxy.identity import Identity
 from proxy.optout_checks import ROBOTS_PATH
 from proxy.optout_checks import Assessment
@@ -74,6 +75,7 @@ HASH_OFF_LOOP = 2**20  # a buffered body this large is hashed off the event loop
 # Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees").
 _STRIPPED_PREFIX = b"x-crawl-"
 _HOP_BY_HOP = frozenset((b"proxy-authorization", b"proxy-connection", b"proxy-authenticate"))
+_ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
 
 
@@ -81,7 +83,7 @@ _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers
 class Tunnel:
     """A CONNECT tunnel: who opened it and where it goes; every request inside inherits it."""
 
-    identity: Identity
+    caller: Caller
     host: str
     port: int
     address: IPAddress
@@ -112,6 +114,8 @@ class FlowState:
     answer: SiteAnswer | None = None
     withheld: Decision | None = None
     cached_robots: bool = False
+    # A CORS preflight's X-Crawl-* header names, kept from the site and allowed in its answer.
+    cors_own_headers: tuple[str, ...] = ()
     settled: bool = False  # in-flight count and budget lease released
     deciding: bool = True  # counted in Runtime.deciding until forwarded or recorded
 
@@ -214,11 +218,15 @@ class Gateway:
         port = flow.request.port
         state = self._new_state(flow, f"https://{_loggable(_bracket(host))}:{port}", "CONNECT")
         credentials = flow.request.headers.get("proxy-authorization")
-        identity = await self._authenticate(flow, state, credentials)
-        if identity is None:
+        caller = await self._authenticate(flow, state, credentials)
+        if caller is None:
             return self._refuse_connect(flow, state, _auth_required(), started)
-        if checked.problem is not None or checked.host is None:
-            return self._refuse_connect(flow, state, _bad_request(checked.problem), started)
+        project = inputs.agreed_value(_ABSENT, "project", caller.project)
+        account = inputs.agreed_value(_ABSENT, "account", caller.account)
+        state.project, state.account = project.value, account.value
+        problem = checked.problem or project.problem or account.problem
+        if problem is not None or checked.host is None:
+            return self._refuse_connect(flow, state, _bad_request(problem), started)
         site = gov.site_for(host)
         state.site = site.key
         decision = gov.check_host(host)
@@ -227,14 +235,14 @@ class Gateway:
             address, decision = await gov.target_address(host, site.key)
         if not decision.allowed or address is None:
             return self._refuse_connect(flow, state, decision, started)
-        self.tunnels[flow.client_conn] = Tunnel(identity, host, port, address)
+        self.tunnels[flow.client_conn] = Tunnel(caller, host, port, address)
         state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
         self._decided(state)
         # Pin the checked address: the tunnel connects there, and nowhere else.
         flow.request.data.host = str(address)
         if host != str(address):
             flow.server_conn.sni = host
-        self._choose_upstream_proxy(flow, identity, state)
+        self._choose_upstream_proxy(flow, caller.identity, state)
 
     def _refuse_connect(
         self, flow: http.HTTPFlow, state: FlowState, decision: Decision, started: float
@@ -246,15 +254,15 @@ class Gateway:
 
     async def _authenticate(
         self, flow: http.HTTPFlow, state: FlowState, header: str | None
-    ) -> Identity | None:
-        """The team of a Proxy-Authorization header, or None after the throttle's delay.
+    ) -> Caller | None:
+        """The caller of a Proxy-Authorization header, or None after the throttle's delay.
 
         Wrong credentials (not missing ones) are answered later the more an address has sent
         recently (proxy/auth_throttle.py); past its bound the flow is dropped unanswered."""
-        identity = self.rt.governor.authenticate(header)
-        state.identity = identity
-        if identity is not None or header is None:
-            return identity
+        caller = self.rt.governor.authenticate(header)
+        state.identity = None if caller is None else caller.identity
+        if caller is not None or header is None:
+            return caller
         penalty = self.throttle.failed(state.client_ip)
         if penalty.drop:
             state.decision = _auth_required()
@@ -296,11 +304,10 @@ class Gateway:
         project = inputs.check_recorded_value("X-Crawl-Project", req.headers.get("x-crawl-project"))
         account = inputs.check_recorded_value("X-Crawl-Account", req.headers.get("x-crawl-account"))
         state.project, state.account = project.value, account.value
-        problem = (
-            checked.problem or inputs.target_problem(req.path) or project.problem or account.problem
-        )
         credentials = req.headers.get("proxy-authorization")
         self._sanitize(req)
+        if req.method == "OPTIONS":
+            state.cors_own_headers = _hide_own_headers(req)
         if flow.error is not None:
             # mitmproxy has refused it already (request smuggling, invalid headers) and answers
             # 400 itself; the error hook records this refusal. Nothing is admitted.
@@ -308,14 +315,21 @@ class Gateway:
             return None
 
         if tunnel is not None:
-            identity: Identity | None = tunnel.identity
-            state.identity = identity
+            caller: Caller | None = tunnel.caller
+            state.identity = tunnel.caller.identity
         else:
-            identity = await self._authenticate(flow, state, credentials)
+            caller = await self._authenticate(flow, state, credentials)
             if flow.error is not None:
                 return None  # dropped by the throttle
-        if identity is None:
+        if caller is None:
             return self._refuse(flow, state, _auth_required(), started)
+        identity = caller.identity
+        project = inputs.agreed_value(project, "project", caller.project)
+        account = inputs.agreed_value(account, "account", caller.account)
+        state.project, state.account = project.value, account.value
+        problem = (
+            checked.problem or inputs.target_problem(req.path) or project.problem or account.problem
+        )
         if problem is not None:
             return self._refuse(flow, state, _bad_request(problem), started)
         if (refused := self._framing_refusal(req)) is not None:
@@ -470,6 +484,8 @@ class Gateway:
         elif int(length) > BUFFER_LIMIT:
             resp.stream = self._stream(state, resp)
         # Else buffered whole and read in the response hook, where a 451 can still replace it.
+        if state.cors_own_headers:
+            _allow_own_headers(resp, state.cors_own_headers)
 
     def _stream(self, state: FlowState, resp: http.Response) -> ResponseStream:
         """A large body streamed, hashed on the way, held back until its metadata is read."""
@@ -881,6 +897,39 @@ async def _sha256(body: bytes) -> str:
     if len(body) < HASH_OFF_LOOP:
         return hashlib.sha256(body).hexdigest()
     return await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
+
+
+def _hide_own_headers(req: http.Request) -> tuple[str, ...]:
+    """A CORS preflight asks the site whether the real request may carry its headers
+    (`Access-Control-Request-Headers`). X-Crawl-* are the gateway's and never reach the site:
+    their names are taken out of the question, and returned for `_allow_own_headers`."""
+    asked = req.headers.get("access-control-request-headers")
+    if asked is None:
+        return ()
+    names = [name.strip() for name in asked.split(",") if name.strip()]
+    own = tuple(name for name in names if name.lower().startswith("x-crawl-"))
+    if own:
+        rest = [name for name in names if name not in own]
+        if rest:
+            req.headers["access-control-request-headers"] = ",".join(rest)
+        else:
+            del req.headers["access-control-request-headers"]
+    return own
+
+
+def _allow_own_headers(resp: http.Response, own: tuple[str, ...]) -> None:
+    """The site's answer to a preflight, with the gateway's own header names allowed where the
+    site allowed the request's origin: a browser would otherwise refuse to send the real request
+    because of headers the site never sees."""
+    if resp.headers.get("access-control-allow-origin") is None:
+        return  # the site refused the origin: nothing of ours would change that
+    allowed = resp.headers.get("access-control-allow-headers", "")
+    present = {name.strip().lower() for name in allowed.split(",")}
+    missing = [name for name in own if name.lower() not in present]
+    if missing:
+        resp.headers["access-control-allow-headers"] = ", ".join(
+            [*(name.strip() for name in allowed.split(",") if name.strip()), *missing]
+        )
 
 
 def _declared_length(req: http.Request) -> int:

@@ -23,6 +23,7 @@ from proxy.decision import Decision
 from proxy.decision import Reason
 from proxy.decision import refuse
 from proxy.identity import AdminDirectory
+from proxy.identity import Caller
 from proxy.identity import Identity
 from proxy.identity import TeamDirectory
 from proxy.policy import LegalBasis
@@ -120,7 +121,7 @@ class Governor:
 
     # -- the decisions ---------------------------------------------------------------------
 
-    def authenticate(self, proxy_authorization: str | None) -> Identity | None:
+    def authenticate(self, proxy_authorization: str | None) -> Caller | None:
         return self.compiled.teams.authenticate(proxy_authorization)
 
     def site_for(self, host: str) -> Site:
@@ -202,10 +203,14 @@ class Governor:
     def check_request(self, ctx: RequestContext) -> Decision:
         """Refusals that need no network: project, blocklist and takedowns."""
         if not ctx.identity.allows_project(ctx.project):
-            named = "no X-Crawl-Project header" if ctx.project is None else repr(ctx.project)
+            named = (
+                "named no project (X-Crawl-Project, or TEAM+PROJECT as the proxy user name)"
+                if ctx.project is None
+                else f"named the project {ctx.project!r}"
+            )
             return refuse(
                 Reason.UNKNOWN_PROJECT,
-                f"team {ctx.identity.team} has {named}; its projects are "
+                f"team {ctx.identity.team} {named}; its projects are "
                 + ", ".join(sorted(ctx.identity.projects)),
                 rule=f"teams.{ctx.identity.team}.projects",
                 site=ctx.site.key,

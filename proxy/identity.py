@@ -40,6 +40,25 @@ def parse_basic(header: str | None) -> BasicCredentials | None:
     return BasicCredentials(user, password)
 
 
+class ProxyUser(NamedTuple):
+    """A proxy user name: `TEAM`, `TEAM+PROJECT` or `TEAM+PROJECT+ACCOUNT`.
+
+    A browser adds headers to its cross-origin requests only after a CORS preflight that
+    carries none of them, and a site refuses headers it does not know: a headless browser names
+    its project (and site account) here instead of in X-Crawl-Project/-Account. Team names have
+    no `+`; a project named here cannot have one either; the account is the rest."""
+
+    team: str
+    project: str | None
+    account: str | None
+
+    @classmethod
+    def of(cls, user: str) -> ProxyUser:
+        team, _, rest = user.partition("+")
+        project, _, account = rest.partition("+")
+        return cls(team, project or None, account or None)
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     team: str
@@ -53,25 +72,41 @@ class Identity:
         return project is not None and project in self.projects
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated proxy client: its team, and the project and account its user name names."""
+
+    identity: Identity
+    project: str | None = None
+    account: str | None = None
+
+
 class TeamDirectory:
     def __init__(self, policy: Policy):
         # Each team's identity made once per policy, not per request.
-        self._teams: dict[str, tuple[bytes, Identity]] = {
-            t.name: (t.token_digest(), Identity(t.name, frozenset(t.projects), t.upstream_proxy))
+        self._teams: dict[str, tuple[bytes, Caller]] = {
+            t.name: (
+                t.token_digest(),
+                Caller(Identity(t.name, frozenset(t.projects), t.upstream_proxy)),
+            )
             for t in policy.teams
         }
 
-    def authenticate(self, header: str | None) -> Identity | None:
+    def authenticate(self, header: str | None) -> Caller | None:
         creds = parse_basic(header)
         if creds is None:
             return None
-        entry = self._teams.get(creds.user)
+        user = ProxyUser.of(creds.user)
+        entry = self._teams.get(user.team)
         digest = hashlib.sha256(creds.password.encode()).digest()
         # Compare even for an unknown team, so timing does not tell which team names exist.
         ok = hmac.compare_digest(digest, entry[0] if entry else _NO_DIGEST)
         if not ok or entry is None:
             return None
-        return entry[1]
+        caller = entry[1]
+        if user.project is None and user.account is None:
+            return caller
+        return Caller(caller.identity, user.project, user.account)
 
 
 class AdminDirectory:

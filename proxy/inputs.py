@@ -116,6 +116,23 @@ def check_recorded_value(name: str, raw: str | None) -> RecordedValue:
     return RecordedValue(value, None)
 
 
+def agreed_value(header: RecordedValue, name: str, named: str | None) -> RecordedValue:
+    """The project (or account) of a request: header `name`'s checked value, the proxy user
+    name's (`named`, TEAM+PROJECT+ACCOUNT), or both if they are the same. Two different values
+    are refused, not ranked: the record would otherwise name one the scraper may not have
+    meant."""
+    if named is None or header.problem is not None:
+        return header
+    from_user = check_recorded_value(f"the proxy user name's {name}", named)
+    if from_user.problem is not None or header.value is None or header.value == from_user.value:
+        return from_user
+    return RecordedValue(
+        None,
+        f"X-Crawl-{name.capitalize()} says {_quote(header.value)} and the proxy user name "
+        f"says {_quote(named)}; name the {name} in one of them",
+    )
+
+
 def target_problem(path: str) -> str | None:
     """A request target the fetch log cannot record faithfully: control characters, or bytes
     that are not UTF-8 (mitmproxy hands those over as lone surrogates). RFC 3986 wants them

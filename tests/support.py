@@ -343,7 +343,7 @@ class Site:
                     with site._lock:
                         site.active -= 1
 
-            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = _handle
+            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_OPTIONS = _handle
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True

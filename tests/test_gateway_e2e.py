@@ -28,6 +28,7 @@ from tests.support import CurlResult
 from tests.support import Gateway
 from tests.support import LocalCA
 from tests.support import Reply
+from tests.support import Seen
 from tests.support import Site
 from tests.support import base_policy
 from tests.support import curl
@@ -382,6 +383,83 @@ def test_unknown_project_is_refused(gateway: Gateway, site: Site, project: str |
     assert body["reason"] == "unknown_project"
     assert PROJECT in body["detail"]
     assert site.connections == 0
+
+
+def test_the_proxy_user_name_names_the_project_and_account(
+    gateway: Gateway, site: Site, tls_site: Site
+):
+    """TEAM+PROJECT+ACCOUNT as the proxy user: what a headless browser, which cannot add a
+    header to a CORS preflight, sends instead of X-Crawl-Project/-Account."""
+    proxy = gateway.proxy_url(f"{TEAM}+{PROJECT}+shop+reader-7")
+    plain = curl(site.url("site-a.test", "/a"), proxy=proxy)
+    tunneled = curl(tls_site.url("site-c.test", "/b"), proxy=proxy, cacert=gateway.ca_cert)
+    agreeing = curl(site.url("site-a.test", "/c"), proxy=proxy, headers=PROJECT_HEADERS)
+    assert (plain.status, tunneled.status, agreeing.status) == (200, 200, 200)
+    records = {r["url"].rsplit("/", 1)[1]: r for r in gateway.fetch_records()}
+    for path in ("a", "b", "c"):
+        record = records[path]
+        assert (record["team"], record["project"], record["account"]) == (
+            TEAM,
+            PROJECT,
+            "shop+reader-7",
+        ), path
+
+
+def test_a_project_in_the_user_name_is_checked_like_the_headers(gateway: Gateway, site: Site):
+    other = curl(site.url("site-a.test", "/x"), proxy=gateway.proxy_url(f"{TEAM}+not-ours"))
+    assert (other.status, other.json()["reason"]) == (403, "unknown_project")
+    both = curl(
+        site.url("site-a.test", "/y"),
+        proxy=gateway.proxy_url(f"{TEAM}+{PROJECT}"),
+        headers={"X-Crawl-Project": "landscapes"},
+    )
+    assert (both.status, both.json()["reason"]) == (400, "bad_request")
+    assert "X-Crawl-Project says 'landscapes'" in both.json()["detail"]
+    wrong = curl(site.url("site-a.test", "/z"), proxy=gateway.proxy_url(f"{TEAM}+{PROJECT}", "x"))
+    assert wrong.status == 407
+    assert site.connections == 0
+
+
+def test_a_cors_preflight_never_asks_the_site_about_the_gateways_headers(
+    gateway: Gateway, site: Site
+):
+    """A browser that adds X-Crawl-Project to a cross-origin request first asks the site (CORS
+    preflight) whether it may: the site is not told of the header, and its yes includes it."""
+
+    def api(seen: Seen) -> Reply:
+        allow = {"Access-Control-Allow-Headers": "Content-Type"}
+        if seen.path.startswith("/open"):
+            allow["Access-Control-Allow-Origin"] = "https://app.example"
+        return Reply(status=204, body=b"", headers=allow)
+
+    site.routes["/open"] = site.routes["/closed"] = api
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-crawl-project",
+    }
+    proxy = gateway.proxy_url(f"{TEAM}+{PROJECT}")
+    opened = curl(
+        site.url("site-a.test", "/open"), proxy=proxy, method="OPTIONS", headers=preflight
+    )
+    closed = curl(
+        site.url("site-a.test", "/closed"), proxy=proxy, method="OPTIONS", headers=preflight
+    )
+    alone = curl(
+        site.url("site-a.test", "/open"),
+        proxy=proxy,
+        method="OPTIONS",
+        headers={**preflight, "Access-Control-Request-Headers": "X-Crawl-Project"},
+    )
+    asked = [
+        {k.lower(): v for k, v in seen.headers.items()}.get("access-control-request-headers")
+        for seen in site.seen
+    ]
+    assert asked == ["content-type", "content-type", None]
+    assert opened.headers["access-control-allow-headers"] == "Content-Type, x-crawl-project"
+    assert alone.headers["access-control-allow-headers"] == "Content-Type, X-Crawl-Project"
+    # The site said no to the origin: the gateway adds nothing that would look like a yes.
+    assert closed.headers["access-control-allow-headers"] == "Content-Type"
 
 
 # -- blocklist -----------------------------------------------------------------------------

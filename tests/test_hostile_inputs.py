@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.inputs import RecordedValue
+from proxy.inputs import agreed_value
 from proxy.inputs import canonical_target
 from proxy.inputs import check_body_framing
 from proxy.inputs import check_host
@@ -108,6 +110,38 @@ def test_unprintable_or_long_recorded_values_are_refused(raw: str) -> None:
     value, problem = check_recorded_value("X-Crawl-Account", raw)
     assert value is None
     assert problem is not None and problem.startswith("X-Crawl-Account")
+
+
+@pytest.mark.parametrize(
+    ("header", "named", "value"),
+    [
+        (None, None, None),
+        ("faces-v2", None, "faces-v2"),
+        (None, "faces-v2", "faces-v2"),
+        ("faces-v2", "faces-v2", "faces-v2"),
+        (" faces-v2 ", "faces-v2", "faces-v2"),
+    ],
+)
+def test_a_project_from_the_header_or_the_user_name(
+    header: str | None, named: str | None, value: str | None
+) -> None:
+    from_header = check_recorded_value("X-Crawl-Project", header)
+    assert agreed_value(from_header, "project", named) == (value, None)
+
+
+def test_two_different_projects_are_refused_not_ranked() -> None:
+    from_header = check_recorded_value("X-Crawl-Project", "faces-v2")
+    value, problem = agreed_value(from_header, "project", "landscapes")
+    assert value is None
+    assert problem is not None
+    assert "X-Crawl-Project says 'faces-v2'" in problem and "'landscapes'" in problem
+
+
+@pytest.mark.parametrize("named", ["a\x00b", "x" * 300])
+def test_a_user_names_project_is_checked_as_the_headers_is(named: str) -> None:
+    value, problem = agreed_value(RecordedValue(None, None), "account", named)
+    assert value is None and problem is not None
+    assert problem.startswith("the proxy user name's account")
 
 
 def test_request_targets_with_control_characters_or_broken_utf8_are_refused() -> None:

@@ -31,14 +31,42 @@ def test_malformed_basic_is_none(header: str | None):
 
 def test_teams_authenticate_with_their_own_token_only():
     teams = TeamDirectory(POLICY)
-    identity = teams.authenticate(basic(TEAM, TEAM_TOKEN))
-    assert identity is not None and identity.team == TEAM
+    caller = teams.authenticate(basic(TEAM, TEAM_TOKEN))
+    assert caller is not None and (caller.project, caller.account) == (None, None)
+    identity = caller.identity
+    assert identity.team == TEAM
     assert identity.allows_project("faces-v2") and not identity.allows_project("other")
     assert not identity.allows_project(None)
     assert teams.authenticate(basic(TEAM, OTHER_TOKEN)) is None
     assert teams.authenticate(basic("ghost", TEAM_TOKEN)) is None
     other = teams.authenticate(basic(OTHER_TEAM, OTHER_TOKEN))
-    assert other is not None and other.allows_project(None) and other.allows_project("any")
+    assert other is not None
+    assert other.identity.allows_project(None) and other.identity.allows_project("any")
+
+
+@pytest.mark.parametrize(
+    ("user", "project", "account"),
+    [
+        (TEAM, None, None),
+        (f"{TEAM}+faces-v2", "faces-v2", None),
+        (f"{TEAM}+faces-v2+shop+reader@example.test", "faces-v2", "shop+reader@example.test"),
+        (f"{TEAM}++reader-7", None, "reader-7"),
+        (f"{TEAM}+", None, None),
+    ],
+)
+def test_the_proxy_user_name_may_name_the_project_and_account(
+    user: str, project: str | None, account: str | None
+):
+    caller = TeamDirectory(POLICY).authenticate(basic(user, TEAM_TOKEN))
+    assert caller is not None and caller.identity.team == TEAM
+    assert (caller.project, caller.account) == (project, account)
+
+
+def test_a_project_in_the_user_name_does_not_open_another_teams_door():
+    teams = TeamDirectory(POLICY)
+    assert teams.authenticate(basic(f"{TEAM}+faces-v2", OTHER_TOKEN)) is None
+    assert teams.authenticate(basic(f"{OTHER_TEAM}+faces-v2", TEAM_TOKEN)) is None
+    assert teams.authenticate(basic(f"{TEAM}-x+faces-v2", TEAM_TOKEN)) is None
 
 
 def test_token_from_environment(monkeypatch: pytest.MonkeyPatch):

@@ -72,8 +72,10 @@ META = "crawlwarden"
 # ones are streamed (see addons/streaming.py). mitmproxy's stream_large_bodies must be above it.
 BUFFER_LIMIT = 16 * 2**20
 HASH_OFF_LOOP = 2**20  # a buffered body this large is hashed off the event loop
-# Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees").
-_STRIPPED_PREFIX = b"x-crawl-"
+# Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees"):
+# ours, and a browser's User-Agent Client Hints (`Sec-CH-UA`, `-Platform`, `-Full-Version-List`...),
+# which name the browser where the site must see the crawler's one User-Agent.
+_STRIPPED_PREFIXES = (b"x-crawl-", b"sec-ch-ua")
 _HOP_BY_HOP = frozenset((b"proxy-authorization", b"proxy-connection", b"proxy-authenticate"))
 _ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
@@ -717,7 +719,9 @@ class Gateway:
         kept = tuple(
             field
             for field in fields
-            if not ((name := field[0].lower()).startswith(_STRIPPED_PREFIX) or name in _HOP_BY_HOP)
+            if not (
+                (name := field[0].lower()).startswith(_STRIPPED_PREFIXES) or name in _HOP_BY_HOP
+            )
         )
         if len(kept) != len(fields):
             req.headers.fields = kept

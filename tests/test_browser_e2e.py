@@ -140,8 +140,11 @@ def test_a_headless_browser_gets_a_page_and_only_the_images_it_may_take(
     }
     assert tls_site.paths()["/private/p.png"] == site.paths()["/private/p.png"] == 0
     for seen in [*tls_site.seen, *site.seen]:
-        assert not any(name.lower().startswith("x-crawl-") for name in seen.headers)
-        assert "proxy-authorization" not in {name.lower() for name in seen.headers}
+        received = {name.lower(): value for name, value in seen.headers.items()}
+        # Chromium's Sec-CH-UA would name it beside the crawler's User-Agent.
+        assert not any(name.startswith(("x-crawl-", "sec-ch-ua")) for name in received)
+        assert "proxy-authorization" not in received
+        assert received["user-agent"] == "TestBot/1.0 (+https://crawler.example/testbot)"
 
     records = _records(gateway, tls_site)
     plain = records["/img/plain.png"]

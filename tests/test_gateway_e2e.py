@@ -354,6 +354,11 @@ def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_
         "X-Crawl-Account": "acct-1",
         "X-Crawl-Anything": "secret",
         "User-Agent": "python-scraper/0.1",
+        # A browser's User-Agent Client Hints: they would name Chromium beside the crawler's UA.
+        "Sec-CH-UA": '"Chromium";v="156", "Not:A-Brand";v="8"',
+        "Sec-CH-UA-Platform": '"Linux"',
+        "Sec-CH-UA-Full-Version-List": '"Chromium";v="156.0.8078.108"',
+        "Sec-CH-Prefers-Color-Scheme": "dark",  # not the browser's identity: kept
     }
     curl(site.url("site-a.test", "/echo"), proxy=gateway.proxy_url(), headers=headers)
     curl(
@@ -366,7 +371,8 @@ def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_
     for seen in (site.seen[0], tls_site.seen[0]):
         received = {k.lower(): v for k, v in seen.headers.items()}  # names are case-insensitive
         assert "proxy-authorization" not in received
-        assert not any(n.startswith("x-crawl-") for n in received)
+        assert not any(n.startswith(("x-crawl-", "sec-ch-ua")) for n in received)
+        assert received["sec-ch-prefers-color-scheme"] == "dark"
         assert received["user-agent"] == "TestBot/1.0 (+https://crawler.example/testbot)"
         assert received["from"] == "crawl-ops@crawler.example"
 

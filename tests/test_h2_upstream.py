@@ -1,0 +1,189 @@
+"""Sites that speak HTTP/2: a real nginx over TLS with h2, behind a real gateway.
+
+Most sites a crawl meets answer in HTTP/2. mitmproxy then speaks HTTP/2 to the site (and to a
+client that offers it): headers arrive lower-case, bodies without a Content-Length, and a
+withheld stream is reset rather than a connection closed. The tests' own loopback sites speak
+HTTP/1.1 only; this one is Debian's nginx (`.ci/nginx` installs it; without it these tests
+skip, except under CI=true, where they fail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.optout_fixtures import jpeg_with_xmp
+from tests.optout_fixtures import xmp_packet
+from tests.support import IN_CI
+from tests.support import PROJECT
+from tests.support import Gateway
+from tests.support import LocalCA
+from tests.support import curl
+from tests.support import free_port
+from tests.support import policy_with
+
+HEADERS = {"X-Crawl-Project": PROJECT}
+OPTED_OUT = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED"))
+PLAIN = jpeg_with_xmp(xmp_packet(None))
+LARGE = bytes(range(256)) * (20 * 2**20 // 256)  # over the 16 MiB buffer: streamed
+LARGE_OPTED_OUT = OPTED_OUT + b"\x00" * (20 * 2**20)  # streamed, its metadata at the front
+
+
+def _nginx() -> str:
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found is None:
+        message = "nginx is not installed (.ci/nginx installs Debian's nginx-light)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@dataclass
+class H2Site:
+    port: int
+    access_log: Path
+
+    def url(self, host: str, path: str) -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def requests(self) -> list[tuple[str, str, str]]:
+        """(protocol, method, path) of each request nginx answered."""
+        lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
+        return [tuple(line.split(" ", 2)) for line in lines]  # type: ignore[misc]
+
+
+@pytest.fixture
+def h2_site(tmp_path: Path, test_ca: LocalCA) -> Iterator[H2Site]:
+    nginx = _nginx()
+    root = tmp_path / "www"
+    (root / "img").mkdir(parents=True)
+    (root / "private").mkdir()
+    (root / "robots.txt").write_bytes(b"User-agent: *\nDisallow: /private/\n")
+    (root / "img" / "plain.jpg").write_bytes(PLAIN)
+    (root / "img" / "opted-out.jpg").write_bytes(OPTED_OUT)
+    (root / "img" / "large.bin").write_bytes(LARGE)
+    (root / "img" / "large-opted-out.jpg").write_bytes(LARGE_OPTED_OUT)
+    (root / "private" / "p.jpg").write_bytes(PLAIN)
+    (root / "page.html").write_bytes(
+        b'<!doctype html><html><head><meta name="robots" content="noai"></head><body></body></html>'
+    )
+    port = free_port()
+    log = tmp_path / "access.log"
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/nginx-error.log warn;
+{"user root;" if os.geteuid() == 0 else ""}
+events {{ worker_connections 64; }}
+http {{
+    types {{ image/jpeg jpg; text/html html; text/plain txt; application/octet-stream bin; }}
+    log_format proto '$server_protocol $request_method $request_uri';
+    access_log {log} proto;
+    client_body_temp_path {tmp_path}/tmp;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {test_ca.server_cert};
+        ssl_certificate_key {test_ca.server_key};
+        root {root};
+    }}
+}}
+"""
+    )
+    with (tmp_path / "nginx.out").open("wb") as out:
+        proc = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "nginx.out").read_text()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+        yield H2Site(port, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def gateway(workdir: Path, test_ca: LocalCA) -> Iterator[Gateway]:
+    respect = {"robots": True, "tdmrep": True, "noai": True, "image_metadata": True}
+    policy = policy_with(defaults={"respect": respect})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize("client", ["--http2", "--http1.1"])
+def test_an_http2_site_is_checked_recorded_and_withheld_as_any_other(
+    gateway: Gateway, h2_site: H2Site, client: str
+):
+    def get(path: str):
+        return curl(
+            h2_site.url("site-c.test", path),
+            proxy=gateway.proxy_url(),
+            cacert=gateway.ca_cert,
+            headers=HEADERS,
+            extra=[client],
+            timeout=30,
+        )
+
+    plain = get("/img/plain.jpg")
+    assert (plain.status, plain.body) == (200, PLAIN)
+    assert plain.version == ("HTTP/2" if client == "--http2" else "HTTP/1.1")
+    withheld = get("/img/opted-out.jpg")
+    assert (withheld.status, withheld.headers["x-crawlwarden-reason"]) == (451, "image_optout")
+    page = get("/page.html")
+    assert (page.status, page.headers["x-crawlwarden-reason"]) == (451, "noai_directive")
+    disallowed = get("/private/p.jpg")
+    assert (disallowed.status, disallowed.headers["x-crawlwarden-reason"]) == (
+        451,
+        "robots_disallowed",
+    )
+    large = get("/img/large.bin")
+    assert large.status == 200 and len(large.body) == len(LARGE)
+    assert hashlib.sha256(large.body).digest() == hashlib.sha256(LARGE).digest()
+    broken = get("/img/large-opted-out.jpg")  # streamed: the opt-out breaks the transfer
+    assert len(broken.body) < len(LARGE_OPTED_OUT)
+
+    answered = h2_site.requests()
+    # The scraper's requests went on in the HTTP version it spoke (mitmproxy offers the site
+    # what the client offered it); the gateway's own fetches (aiohttp) in HTTP/1.1.
+    own = {"/robots.txt", "/.well-known/tdmrep.json"}
+    spoken = "HTTP/2.0" if client == "--http2" else "HTTP/1.1"
+    assert {proto for proto, _, path in answered if path not in own} == {spoken}, answered
+    assert "/private/p.jpg" not in {path for _, _, path in answered}
+    records = {
+        r["url"].rsplit("/", 1)[1]: r
+        for r in gateway.fetch_records()
+        if r["kind"] == "fetch" and "/" in r["url"].split("//", 1)[1]
+    }
+    assert records["plain.jpg"]["content_sha256"] == hashlib.sha256(PLAIN).hexdigest()
+    assert records["large.bin"]["content_sha256"] == hashlib.sha256(LARGE).hexdigest()
+    assert (records["opted-out.jpg"]["decision"], records["opted-out.jpg"]["reason"]) == (
+        "withheld",
+        "image_optout",
+    )
+    assert (
+        records["large-opted-out.jpg"]["decision"],
+        records["large-opted-out.jpg"]["reason"],
+    ) == ("withheld", "image_optout")
+    assert records["p.jpg"]["reason"] == "robots_disallowed"

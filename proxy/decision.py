@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     CONTENT_USAGE = "content_usage"
     IMAGE_OPTOUT = "image_optout"
     PRIVATE_ADDRESS = "private_address"
+    IP_LITERAL = "ip_literal"  # a target named by its address, outside network.allow_ip_literals
     UNRESOLVABLE = "unresolvable"
     RATE_LIMITED = "rate_limited"
     CONCURRENCY = "concurrency"
@@ -65,6 +66,7 @@ STATUS: dict[Reason, int] = {
     Reason.CONTENT_USAGE: 451,
     Reason.IMAGE_OPTOUT: 451,
     Reason.PRIVATE_ADDRESS: 403,
+    Reason.IP_LITERAL: 403,
     Reason.UNRESOLVABLE: 502,
     Reason.RATE_LIMITED: 429,
     Reason.CONCURRENCY: 429,

@@ -31,8 +31,10 @@ from proxy.policy import LoadedPolicy
 from proxy.policy import Respect
 from proxy.sites import Site
 from proxy.sites import SiteDirectory
+from proxy.sites import is_ip_literal
 from proxy.ssrf import AddressGuard
 from proxy.ssrf import IPAddress
+from proxy.ssrf import IPNetwork
 from proxy.ssrf import ResolutionError
 from proxy.ssrf import Resolver
 
@@ -47,6 +49,7 @@ class CompiledPolicy:
     admins: AdminDirectory
     policy_blocklist: tuple[BlockEntry, ...]
     guard: AddressGuard
+    ip_literals: tuple[IPNetwork, ...]  # network.allow_ip_literals
     resolver: Resolver
     upstream_proxy_addresses: frozenset[tuple[str, int]]
 
@@ -69,6 +72,7 @@ def compile_policy(loaded: LoadedPolicy, resolver: Resolver | None = None) -> Co
         admins=AdminDirectory(policy),
         policy_blocklist=tuple(entries),
         guard=AddressGuard(policy.network.allow_private),
+        ip_literals=tuple(policy.network.allow_ip_literals),
         resolver=resolver or Resolver(dict(policy.network.static_hosts)),
         upstream_proxy_addresses=frozenset(p.address for p in policy.egress.upstream_proxies),
     )
@@ -180,6 +184,19 @@ class Governor:
                 f"{host} resolves to {verdict.address}, a {verdict.denied_class} address "
                 "that the policy's network.allow_private does not admit",
                 rule="network.allow_private",
+                site=site,
+            )
+        if is_ip_literal(host) and not any(
+            verdict.address in net
+            for net in self.compiled.ip_literals
+            if net.version == verdict.address.version
+        ):
+            return None, refuse(
+                Reason.IP_LITERAL,
+                f"{host} is an IP address: name the site by its domain name (its budget, "
+                "blocklist entries and takedowns are kept by name), or admit the address in "
+                "the policy's network.allow_ip_literals",
+                rule="network.allow_ip_literals",
                 site=site,
             )
         return verdict.address, ALLOW

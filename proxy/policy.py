@@ -289,6 +289,10 @@ class BlocklistEntry(Model):
 
 class Network(Model):
     allow_private: list[NetworkText] = []
+    # Targets named by an IP address (`http://203.0.113.5/a.jpg`) are refused unless in one of
+    # these networks: a site's budget, blocklist entries and takedowns are kept by its name, and
+    # its server usually answers for it under its address too.
+    allow_ip_literals: list[NetworkText] = []
     static_hosts: dict[HostPattern, AddressText] = {}
     # mitmproxy has no per-request timeouts; addons/http_guard.py imposes these.
     connect_timeout: TimeoutText = "10s"  # TCP connect to a site or upstream proxy

@@ -21,6 +21,7 @@ CONTRACT = {
     "content_usage": 451,
     "image_optout": 451,
     "private_address": 403,
+    "ip_literal": 403,  # an extension of DESIGN.md's list (README)
     "rate_limited": 429,
     "concurrency": 429,
     "quota_requests": 429,

@@ -631,6 +631,47 @@ def test_private_targets_are_refused_unless_allowed(workdir: Path, site: Site):
         assert site.connections == 0
 
 
+def test_a_site_named_by_its_address_is_refused_unless_allowed(
+    workdir: Path, site: Site, tls_site: Site, test_ca: LocalCA
+):
+    """`http://127.0.0.1/...` reaches the server of site-a.test without its name: its own site
+    key, so its own budget, and no domain blocklist entry or takedown would cover it."""
+
+    def fetch_all(gw: Gateway) -> list[CurlResult]:
+        return [
+            curl(f"http://127.0.0.1:{site.port}/a", proxy=gw.proxy_url(), headers=PROJECT_HEADERS),
+            curl(
+                f"https://127.0.0.1:{tls_site.port}/b",
+                proxy=gw.proxy_url(),
+                cacert=gw.ca_cert,
+                headers=PROJECT_HEADERS,
+            ),
+            curl(site.url("site-a.test", "/c"), proxy=gw.proxy_url(), headers=PROJECT_HEADERS),
+        ]
+
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert, name="refusing") as gw:
+        plain, tunnel, named = fetch_all(gw)
+        assert (plain.status, plain.json()["reason"]) == (403, "ip_literal")
+        assert "network.allow_ip_literals" in plain.json()["detail"]
+        assert tunnel.returncode != 0 and "403" in tunnel.stderr + str(tunnel.status)  # CONNECT
+        assert named.status == 200
+        assert site.paths() == {"/c": 1} and tls_site.connections == 0
+        refused = [r for r in gw.fetch_records() if r["reason"] == "ip_literal"]
+        assert {(r["method"], r["rule"]) for r in refused} == {
+            ("GET", "network.allow_ip_literals"),
+            ("CONNECT", "network.allow_ip_literals"),
+        }
+    network = {
+        "allow_private": ["127.0.0.0/8"],
+        "allow_ip_literals": ["127.0.0.1/32"],
+        "static_hosts": {"*.test": "127.0.0.1"},
+    }
+    with Gateway(workdir, policy_with(network=network), trusted_ca=test_ca.ca_cert) as gw:
+        assert [r.status for r in fetch_all(gw)] == [200, 200, 200]
+        sites = {r["url"].rsplit("/", 1)[1]: r["site"] for r in gw.fetch_records()}
+        assert sites == {"a": "127.0.0.1", "b": "127.0.0.1", "c": "site-a.test"}
+
+
 # -- policy --------------------------------------------------------------------------------
 
 

@@ -35,6 +35,8 @@ def normalize_host(host: str) -> str:
 
 
 def is_ip_literal(host: str) -> bool:
+    if not host or not (host[-1].isdigit() or ":" in host):
+        return False  # asked per request: a name's last label mostly ends in a letter
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -9,6 +9,7 @@ import yaml
 
 from proxy.policy import parse_policy
 from proxy.sites import SiteDirectory
+from proxy.sites import is_ip_literal
 from proxy.sites import normalize_host
 from proxy.sites import registrable_domain
 from tests.support import base_policy
@@ -89,3 +90,20 @@ def test_an_expired_licence_falls_back_to_the_default_basis_and_signals():
     basis, respect = site.terms_on(dt.date(2027, 1, 2))
     assert basis.kind == "tdm_exception"
     assert respect == site.fallback.respect
+
+
+@pytest.mark.parametrize(
+    ("host", "literal"),
+    [
+        ("127.0.0.1", True),
+        ("203.0.113.5", True),
+        ("::1", True),
+        ("2001:db8::", True),  # ends in a colon
+        ("::ffff:127.0.0.1", True),
+        ("site-a.test", False),
+        ("cdn.example1", False),  # a name ending in a digit
+        ("", False),
+    ],
+)
+def test_ip_literals_are_told_from_names(host: str, literal: bool):
+    assert is_ip_literal(host) is literal

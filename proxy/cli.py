@@ -13,9 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.policy import InvalidPolicy
-from proxy.policy import load_policy
-
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -242,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_policy_check(path: Path) -> int:
+    from proxy.policy import InvalidPolicy
+    from proxy.policy import load_policy
+
     try:
         loaded = load_policy(path)
     except InvalidPolicy as e:
@@ -258,6 +258,7 @@ def cmd_policy_check(path: Path) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy import logs
     from proxy.audit.keys import SigningKeyError
+    from proxy.policy import InvalidPolicy
     from proxy.runtime import Settings
 
     logs.configure(args.log_level)

@@ -6,7 +6,8 @@
 Needs `make run` in another terminal and a Chromium: Debian's `chromium` package here
 (`--browser /usr/bin/chromium`, the default), or `playwright install chromium` where the
 browser download is reachable. Prints, per page, its status, the gateway's reason for a refusal,
-and which of its images the browser received.
+which of its images the browser received, and the gateway's reason for each of the page's
+requests it refused or withheld.
 
 Three things differ from curl or requests:
 
@@ -67,7 +68,9 @@ def crawl(
     browser: str | None = "/usr/bin/chromium",
     timeout_ms: float = 30_000,
 ) -> list[dict[str, Any]]:
-    """Load each URL in a page; what the browser got, per page and per image."""
+    """Load each URL in a page; what the browser got, per page and per image, and which of the
+    page's own requests the gateway refused or withheld, with its reason (seen here even where
+    CORS hides the answer from the page's scripts)."""
     from playwright.sync_api import sync_playwright
 
     user = f"{team}+{project}" + (f"+{account}" if account else "")
@@ -82,6 +85,14 @@ def crawl(
             context = chromium.new_context()
             for url in urls:
                 page = context.new_page()
+                refused: dict[str, str] = {}
+
+                def note(answer: Any, refused: dict[str, str] = refused) -> None:
+                    reason = answer.headers.get("x-crawlwarden-reason")
+                    if reason is not None:
+                        refused[answer.url] = reason
+
+                page.on("response", note)
                 response = page.goto(url, wait_until="load", timeout=timeout_ms)
                 assert response is not None  # None only for same-document navigations
                 results.append(
@@ -91,6 +102,7 @@ def crawl(
                         "reason": response.headers.get("x-crawlwarden-reason"),
                         "request_id": response.headers.get("x-crawlwarden-request-id"),
                         "images": dict(page.eval_on_selector_all("img", _IMAGES)),
+                        "refused": {u: r for u, r in refused.items() if u != url},
                     }
                 )
                 page.close()

@@ -132,6 +132,10 @@ def test_a_headless_browser_gets_a_page_and_only_the_images_it_may_take(
         tls_site.url("site-c.test", "/private/p.png"): False,  # refused: robots.txt
         tls_site.url("site-c.test", "/img/opted-out.png"): False,  # withheld: its XMP
     }
+    assert by_url[gallery]["refused"] == {
+        tls_site.url("site-c.test", "/private/p.png"): "robots_disallowed",
+        tls_site.url("site-c.test", "/img/opted-out.png"): "image_optout",
+    }
     assert (by_url[noai]["status"], by_url[noai]["reason"]) == (451, "noai_directive")
     assert by_url[plain_http]["images"] == {
         site.url("site-a.test", "/img/plain.png"): True,

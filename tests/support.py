@@ -53,6 +53,30 @@ OTHER_TOKEN = "text-secret-token"
 ADMIN_TOKEN = "admin-secret-token"
 AUDITOR_TOKEN = "auditor-secret-token"
 PROJECT = "faces-v2"
+# `defaults.respect` with every opt-out signal respected.
+RESPECT_ALL = {
+    "robots": True,
+    "tdmrep": True,
+    "noai": True,
+    "content_usage": True,
+    "image_metadata": True,
+}
+
+
+def installed(name: str, how: str, *elsewhere: str) -> str:
+    """The path of a program a test needs (on PATH, or one of `elsewhere`), or a skip saying
+    `how` to get it; under CI=true a failure, never a silent skip."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which(name) or next((p for p in elsewhere if Path(p).exists()), None)
+    if found is None:
+        message = f"{name} is not installed ({how})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 def sha256_hex(text: str) -> str:

@@ -8,27 +8,20 @@ figures, never how fast anything was (timings belong to bench/README.md, not to 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import IN_CI
 from tests.support import ROOT
-
-HAVE_NGINX = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+from tests.support import installed
 
 
 @pytest.mark.timeout(120)
 def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
-    if not HAVE_NGINX:
-        # .ci/services installs it (make test); in CI a missing nginx is a failure, not a skip.
-        message = "the benchmark's upstream is nginx: .ci/nginx installs Debian's nginx-light"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    # The benchmark's upstream; .ci/services installs it (make test).
+    installed("nginx", ".ci/nginx installs Debian's nginx-light", "/usr/sbin/nginx")
     out = tmp_path / "quick.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(out)],

@@ -24,6 +24,7 @@ from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
 from tests.optout_fixtures import xmp_packet
 from tests.support import PROJECT
+from tests.support import RESPECT_ALL
 from tests.support import ROOT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
@@ -35,13 +36,6 @@ from tests.support import Site
 from tests.support import policy_with
 from tests.test_report_support import chromium
 
-RESPECT_ALL = {
-    "robots": True,
-    "tdmrep": True,
-    "noai": True,
-    "content_usage": True,
-    "image_metadata": True,
-}
 ROBOTS = b"User-agent: *\nDisallow: /private/\n"
 PLAIN = png()
 OPTED_OUT = png(before_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED"))])

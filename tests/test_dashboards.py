@@ -36,6 +36,7 @@ from tests.support import ADMIN_TOKEN
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
 from tests.support import PROJECT
+from tests.support import RESPECT_ALL
 from tests.support import ROOT
 from tests.support import TEAM
 from tests.support import Gateway
@@ -62,13 +63,6 @@ VARIABLES = {
     "__rate_interval": "2m",
     "__interval": "15s",
     "__range": "10m",
-}
-RESPECT_ALL = {
-    "robots": True,
-    "tdmrep": True,
-    "noai": True,
-    "content_usage": True,
-    "image_metadata": True,
 }
 RESPECT_NONE = dict.fromkeys(RESPECT_ALL, False)
 ROBOTS = b"User-agent: TestBot\nDisallow: /private/\n"

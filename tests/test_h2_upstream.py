@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -23,12 +22,12 @@ import pytest
 
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import xmp_packet
-from tests.support import IN_CI
 from tests.support import PROJECT
 from tests.support import Gateway
 from tests.support import LocalCA
 from tests.support import curl
 from tests.support import free_port
+from tests.support import installed
 from tests.support import policy_with
 
 HEADERS = {"X-Crawl-Project": PROJECT}
@@ -39,15 +38,7 @@ LARGE_OPTED_OUT = OPTED_OUT + b"\x00" * (20 * 2**20)  # streamed, its metadata a
 
 
 def _nginx() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    if found is None:
-        message = "nginx is not installed (.ci/nginx installs Debian's nginx-light)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return installed("nginx", ".ci/nginx installs Debian's nginx-light", "/usr/sbin/nginx")
 
 
 @dataclass

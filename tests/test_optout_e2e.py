@@ -31,6 +31,7 @@ from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import webp
 from tests.optout_fixtures import xmp_packet
 from tests.support import PROJECT
+from tests.support import RESPECT_ALL
 from tests.support import VENV_BIN
 from tests.support import CurlResult
 from tests.support import Gateway
@@ -42,13 +43,6 @@ from tests.support import curl
 from tests.support import policy_with
 
 HEADERS = {"X-Crawl-Project": PROJECT}
-RESPECT_ALL = {
-    "robots": True,
-    "tdmrep": True,
-    "noai": True,
-    "content_usage": True,
-    "image_metadata": True,
-}
 # RFC 9309: TestBot obeys its own group only; the `*` group's /star-only/ does not bind it.
 ROBOTS = b"""\
 User-agent: *

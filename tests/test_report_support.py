@@ -16,9 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.support import IN_CI
+from tests.support import installed
 
 WINDOW = (1200, 1600)
 OPTOUT_REASONS = {
@@ -31,13 +29,8 @@ OPTOUT_REASONS = {
 
 
 def chromium() -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        message = "chromium is not installed (.ci/chromium installs Debian's package)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    found = shutil.which("chromium-browser")  # Ubuntu's name
+    return found or installed("chromium", ".ci/chromium installs Debian's package")
 
 
 def _browser(profile: Path, *args: str) -> subprocess.CompletedProcess[bytes]:

@@ -47,9 +47,9 @@ _IMAGES = """images => images.map(img => [img.currentSrc || img.src,
                                          img.complete && img.naturalWidth > 0])"""
 
 
-def spki_pin(ca_file: Path) -> str:
+def spki_pin(ca_file: str | Path) -> str:
     """Chromium's form of a public key pin: base64 of the SHA-256 of the SubjectPublicKeyInfo."""
-    cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    cert = x509.load_pem_x509_certificate(Path(ca_file).read_bytes())
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -259,3 +260,16 @@ def test_a_browser_that_names_its_project_only_in_a_header_loses_cross_origin_re
     assert not [s for s in tls_site.seen if s.path == "/data.json"]
     refused = [r for r in gateway.fetch_records() if r["url"].endswith("/data.json")]
     assert {(r["method"], r["reason"]) for r in refused} == {("OPTIONS", "unknown_project")}
+
+
+def test_the_ca_pin_is_chromiums_own_recipe(test_ca: LocalCA):
+    """Chromium's documented way to get the value for --ignore-certificate-errors-spki-list, with
+    openssl; the example accepts the CA file's path as a string (as the README calls it) too."""
+    pipeline = (
+        f"openssl x509 -pubkey -noout -in {test_ca.ca_cert} | openssl pkey -pubin -outform der"
+        " | openssl dgst -sha256 -binary | base64"
+    )
+    expected = subprocess.run(
+        ["sh", "-c", pipeline], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert _example().spki_pin(str(test_ca.ca_cert)) == expected

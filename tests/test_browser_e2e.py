@@ -65,6 +65,7 @@ def _example() -> ModuleType:
 def gateway(workdir: Path, test_ca: LocalCA) -> Iterator[Gateway]:
     chromium()  # skip (fail in CI) before starting anything
     policy = policy_with(defaults={"respect": RESPECT_ALL})
+    policy["teams"][0]["projects"] = [PROJECT, "landscapes"]
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
         yield gw
 
@@ -273,3 +274,35 @@ def test_the_ca_pin_is_chromiums_own_recipe(test_ca: LocalCA):
         ["sh", "-c", pipeline], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert _example().spki_pin(str(test_ca.ca_cert)) == expected
+
+
+def test_each_browser_context_names_its_own_project(gateway: Gateway, tls_site: Site):
+    """One browser, two contexts, each with its proxy user (README: one context per project)."""
+    from playwright.sync_api import sync_playwright
+
+    tls_site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n")
+    pin = _example().spki_pin(gateway.ca_cert)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium(), args=[f"--ignore-certificate-errors-spki-list={pin}"]
+        )
+        try:
+            for project, account in ((PROJECT, "reader-1"), ("landscapes", "reader-2")):
+                user = f"{TEAM}+{project}+{account}"
+                context = browser.new_context(
+                    proxy={"server": gateway.proxy, "username": user, "password": TEAM_TOKEN}
+                )
+                answer = context.new_page().goto(tls_site.url("site-c.test", f"/{account}"))
+                assert answer is not None and answer.status == 200
+                context.close()
+        finally:
+            browser.close()
+    records = _records(gateway, tls_site)
+    assert (records["/reader-1"]["project"], records["/reader-1"]["account"]) == (
+        PROJECT,
+        "reader-1",
+    )
+    assert (records["/reader-2"]["project"], records["/reader-2"]["account"]) == (
+        "landscapes",
+        "reader-2",
+    )

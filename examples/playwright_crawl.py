@@ -1,7 +1,8 @@
 """Render pages through crawlwarden in headless Chromium, driven by Playwright.
 
-    .venv/bin/pip install playwright
     .venv/bin/python examples/playwright_crawl.py https://example.com/ [URL...]
+
+(Playwright's Python package comes with the dev extra that `make run` installs.)
 
 Needs `make run` in another terminal and a Chromium: Debian's `chromium` package here
 (`--browser /usr/bin/chromium`, the default), or `playwright install chromium` where the

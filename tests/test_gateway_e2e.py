@@ -31,6 +31,7 @@ from tests.support import Reply
 from tests.support import Seen
 from tests.support import Site
 from tests.support import base_policy
+from tests.support import basic
 from tests.support import curl
 from tests.support import policy_with
 from tests.support import wait_for
@@ -424,6 +425,23 @@ def test_a_project_in_the_user_name_is_checked_like_the_headers(gateway: Gateway
     wrong = curl(site.url("site-a.test", "/z"), proxy=gateway.proxy_url(f"{TEAM}+{PROJECT}", "x"))
     assert wrong.status == 407
     assert site.connections == 0
+
+
+def test_a_tunnel_whose_user_name_names_an_unprintable_project_is_refused(
+    gateway: Gateway, tls_site: Site
+):
+    target = f"site-c.test:{tls_site.port}"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(
+            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+            f"Proxy-Authorization: {basic(f'{TEAM}+faces\x01v2', TEAM_TOKEN)}\r\n\r\n".encode()
+        )
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert tls_site.connections == 0
+    [record] = gateway.fetch_records()
+    assert (record["method"], record["reason"]) == ("CONNECT", "bad_request")
+    assert record["note"].startswith("the proxy user name's project must be printable")
 
 
 def test_a_cors_preflight_never_asks_the_site_about_the_gateways_headers(

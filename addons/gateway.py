@@ -75,7 +75,8 @@ HASH_OFF_LOOP = 2**20  # a buffered body this large is hashed off the event loop
 # Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees"):
 # ours, and a browser's User-Agent Client Hints (`Sec-CH-UA`, `-Platform`, `-Full-Version-List`...),
 # which name the browser where the site must see the crawler's one User-Agent.
-_STRIPPED_PREFIXES = (b"x-crawl-", b"sec-ch-ua")
+_OWN_PREFIX = b"x-crawl-"  # X-Crawl-Project, X-Crawl-Account: for the gateway only
+_STRIPPED_PREFIXES = (_OWN_PREFIX, b"sec-ch-ua")
 _HOP_BY_HOP = frozenset((b"proxy-authorization", b"proxy-connection", b"proxy-authenticate"))
 _ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
@@ -910,8 +911,8 @@ def _hide_own_headers(req: http.Request) -> tuple[str, ...]:
     asked = req.headers.get("access-control-request-headers")
     if asked is None:
         return ()
-    names = [name.strip() for name in asked.split(",") if name.strip()]
-    own = tuple(name for name in names if name.lower().startswith("x-crawl-"))
+    names = _field_names(asked)
+    own = tuple(name for name in names if name.lower().encode().startswith(_OWN_PREFIX))
     if own:
         rest = [name for name in names if name not in own]
         if rest:
@@ -927,13 +928,16 @@ def _allow_own_headers(resp: http.Response, own: tuple[str, ...]) -> None:
     because of headers the site never sees."""
     if resp.headers.get("access-control-allow-origin") is None:
         return  # the site refused the origin: nothing of ours would change that
-    allowed = resp.headers.get("access-control-allow-headers", "")
-    present = {name.strip().lower() for name in allowed.split(",")}
+    allowed = _field_names(resp.headers.get("access-control-allow-headers", ""))
+    present = {name.lower() for name in allowed}
     missing = [name for name in own if name.lower() not in present]
     if missing:
-        resp.headers["access-control-allow-headers"] = ", ".join(
-            [*(name.strip() for name in allowed.split(",") if name.strip()), *missing]
-        )
+        resp.headers["access-control-allow-headers"] = ", ".join([*allowed, *missing])
+
+
+def _field_names(value: str) -> list[str]:
+    """The names of a comma-separated list of header names (CORS's), empty items left out."""
+    return [name for item in value.split(",") if (name := item.strip())]
 
 
 def _declared_length(req: http.Request) -> int:

@@ -3,8 +3,9 @@
 Before fetching (`Governor.prefetch_checks`): `robots` (RFC 9309 plus aipref Content-Usage rules)
 and `tdmrep` (the origin's /.well-known/tdmrep.json). After the response headers and a bounded
 head of the body: `assess_response` (TDMRep header and meta, noai/noimageai, Content-Usage header,
-image XMP and C2PA). Each appends or returns every signal seen, and refuses only when the site's
-legal basis and `respect` flags make the signal bind (`proxy.optout.decide`).
+image XMP and C2PA, an EPUB's package document). Each appends or returns every signal seen, and
+refuses only when the site's legal basis and `respect` flags make the signal bind
+(`proxy.optout.decide`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from proxy import epub
 from proxy import imagemeta
 from proxy import optout
 from proxy import tdmrep
@@ -89,8 +91,9 @@ class BodyScan:
     """The bounded, incremental read of a response body that `assess_response` needs.
 
     Feed decoded body chunks as they arrive and buffer them yourself; `feed()` returns True
-    once nothing more is needed: an HTML head was read, an image's metadata was found, or the
-    body is of a kind that carries no embedded opt-out. Call `finish()` at the end of the body.
+    once nothing more is needed: an HTML head was read, an image's metadata or an EPUB's
+    package document was found, or the body is of a kind that carries no embedded opt-out.
+    Call `finish()` at the end of the body.
     """
 
     def __init__(self, content_type: str | None, tokens: list[str]):
@@ -100,6 +103,7 @@ class BodyScan:
             else None
         )
         self._image: imagemeta.ImageMetadataScanner | None = None
+        self._epub: epub.EpubScanner | None = None
         self._content_type = content_type
         # An image (by its Content-Type) in a format whose metadata is not read (SVG, BMP...).
         self.image_unread = False
@@ -116,9 +120,22 @@ class BodyScan:
             else:
                 self.done = self._html.feed(chunk)
                 return self.done
+        if self._epub is not None:
+            self.done = self._epub.feed(chunk)
+            return self.done
         if self._image is None:
             # The bytes decide, not the Content-Type: octet-stream images are common.
             self._head += chunk
+            if epub.maybe_epub(self._head[:4]):
+                found = epub.is_epub(self._head[: epub.SNIFF_BYTES])
+                if found is None:
+                    return False
+                self.done = not found  # another kind of ZIP file: nothing read in it
+                if found:
+                    self._epub = epub.EpubScanner()
+                    self.done = self._epub.feed(self._head)
+                    self._head = b""
+                return self.done
             fmt = imagemeta.sniff(self._head[:12])
             if fmt is None:
                 return False
@@ -148,6 +165,8 @@ class BodyScan:
     def finish(self) -> None:
         if self._image is not None:
             self._image.finish()
+        if self._epub is not None:
+            self._epub.finish()
         self.done = True
 
     @property
@@ -159,6 +178,10 @@ class BodyScan:
         if self._image is None:
             return None
         return self._image.finish()
+
+    @property
+    def epub_package(self) -> epub.EpubPackage | None:
+        return self._epub.finish() if self._epub is not None else None
 
 
 class OptOutChecks:
@@ -415,6 +438,9 @@ class OptOutChecks:
                     f"the gateway reads no metadata in images of this format ({content_type})",
                 )
             )
+        package = scan.epub_package
+        if package is not None:
+            signals += epub.epub_signals(package)
         if scan.undecodable is not None:
             signals.append(
                 OptOutSignal(

@@ -57,8 +57,10 @@ def opt_outs(tokens: list[str], respect: Respect) -> list[dict[str, Any]]:
             "reason_code": "tdm_reserved",
             "how": "A TDM reservation (W3C TDMRep): the file /.well-known/tdmrep.json, the "
             "response header 'tdm-reservation: 1' (with 'tdm-policy' for a licence offer), or "
-            '<meta name="tdm-reservation" content="1"> in HTML. A licence or consent for the '
-            "site is the answer a reservation asks for.",
+            '<meta name="tdm-reservation" content="1"> in HTML, tdm:reservation in the XMP of a '
+            "PDF or an image (namespace http://www.w3.org/ns/tdmrep/), or "
+            '<meta property="tdm:reservation">1</meta> in an EPUB\'s package document. A '
+            "licence or consent for the site is the answer a reservation asks for.",
             "example": "tdm-reservation: 1\ntdm-policy: https://example.com/tdm-licence.json",
         },
         {
@@ -87,7 +89,8 @@ def opt_outs(tokens: list[str], respect: Respect) -> list[dict[str, Any]]:
             "reason_code": "image_optout",
             "how": "XMP property plus:DataMining (namespace http://ns.useplus.org/ldf/xmp/1.0/) "
             "with any DMI-PROHIBITED value, e.g. "
-            "http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING, in JPEG, PNG or WebP.",
+            "http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING, in JPEG, PNG, WebP, "
+            "AVIF/HEIF, TIFF, GIF or JPEG XL.",
             "example": "plus:DataMining=http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING",
         },
         {

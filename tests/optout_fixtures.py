@@ -14,6 +14,7 @@ import ssl
 import struct
 import subprocess
 import tempfile
+import zipfile
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -237,6 +238,83 @@ def tdm_xmp_packet(
         f"{description}</rdf:RDF></x:xmpmeta>"
         '<?xpacket end="w"?>'
     ).encode()
+
+
+CONTAINER_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
+<container version="1.0" xmlns="urn:oasis:names:tc:opendocument:xmlns:container">
+  <rootfiles>%s</rootfiles>
+</container>"""
+
+
+def opf(metadata: str = "", *, prefix: str | None = "tdm: http://www.w3.org/ns/tdmrep#") -> bytes:
+    """An EPUB 3 package document with these `<metadata>` children, and the `prefix` attribute
+    TDMRep says declares `tdm:` (None: no prefix attribute)."""
+    declared = f' prefix="{prefix}"' if prefix is not None else ""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<package xmlns="http://www.idpf.org/2007/opf" version="3.0" unique-identifier="id"{declared}>
+  <metadata xmlns:dc="http://purl.org/dc/elements/1.1/">
+    <dc:identifier id="id">urn:isbn:9780000000001</dc:identifier>
+    <dc:title>A Test Book</dc:title>
+    <dc:language>en</dc:language>
+    {metadata}
+  </metadata>
+  <manifest><item id="c1" href="c1.xhtml" media-type="application/xhtml+xml"/></manifest>
+  <spine><itemref idref="c1"/></spine>
+</package>""".encode()
+
+
+def epub_reservation(reservation: str, policy: str | None = None) -> bytes:
+    """An EPUB 3 package document saying TDMRep's reservation (and policy), as TDMRep says."""
+    meta = f'<meta property="tdm:reservation">{reservation}</meta>'
+    if policy:
+        meta += f'<meta property="tdm:policy">{policy}</meta>'
+    return opf(meta)
+
+
+class _Unseekable(io.RawIOBase):
+    """Where zipfile writes as it must to a pipe: each entry's sizes in a data descriptor
+    after it (flag bit 3), as streaming EPUB writers do."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.data += b
+        return len(b)
+
+
+def epub(
+    *packages: bytes,
+    names: tuple[str, ...] = (),
+    before: tuple[tuple[str, bytes], ...] = (),
+    after: tuple[tuple[str, bytes], ...] = (),
+    descriptors: bool = False,
+    package_first: bool = False,
+    stored: bool = False,
+) -> bytes:
+    """An EPUB (OCF ZIP): `mimetype` first and stored, `META-INF/container.xml` naming the
+    package documents, `before` entries between them and the packages, `after` entries behind.
+    `descriptors`: sizes after each entry's data, as a writer to a pipe puts them;
+    `package_first`: the package documents before container.xml (legal, if unusual);
+    `stored`: every entry stored, none deflated."""
+    names = names or tuple(f"OEBPS/content{i or ''}.opf" for i in range(len(packages)))
+    container = CONTAINER_XML % b"".join(
+        b'<rootfile full-path="%s" media-type="application/oebps-package+xml"/>' % n.encode()
+        for n in names
+    )
+    sink: Any = _Unseekable() if descriptors else io.BytesIO()
+    method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(sink, "w", method) as book:
+        book.writestr(zipfile.ZipInfo("mimetype"), b"application/epub+zip", zipfile.ZIP_STORED)
+        entries = [("META-INF/container.xml", container), *before]
+        packaged = list(zip(names, packages, strict=True))
+        entries = packaged + entries if package_first else entries + packaged
+        for name, data in [*entries, *after]:
+            book.writestr(name, data)
+    return bytes(sink.data if descriptors else sink.getvalue())
 
 
 def xmp_packet(value: str | None, *, form: str = "attribute", prefix: str = "plus") -> bytes:

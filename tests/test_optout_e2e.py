@@ -20,6 +20,8 @@ import requests
 
 from tests.optout_fixtures import avif
 from tests.optout_fixtures import c2pa_sign
+from tests.optout_fixtures import epub
+from tests.optout_fixtures import epub_reservation
 from tests.optout_fixtures import gif
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import pdf
@@ -264,6 +266,13 @@ def _image_cases() -> dict[str, Reply]:
             body=pdf(tdm_xmp_packet("1", "https://rights.test/tdm.json")),
             headers={"Content-Type": "application/pdf"},
         ),
+        "/reserved.epub": Reply(
+            body=epub(epub_reservation("1", "https://rights.test/tdm.json"), descriptors=True),
+            headers={"Content-Type": "application/epub+zip"},
+        ),
+        "/open.epub": Reply(
+            body=epub(epub_reservation("0")), headers={"Content-Type": "application/epub+zip"}
+        ),
         "/logo.svg": Reply(
             body=b'<svg xmlns="http://www.w3.org/2000/svg"><metadata>...</metadata></svg>',
             headers={"Content-Type": "image/svg+xml"},
@@ -301,6 +310,7 @@ WITHHELD = {
     "/utf16.html": "noai_directive",
     "/tdm.html": "tdm_reserved",
     "/reserved.pdf": "tdm_reserved",
+    "/reserved.epub": "tdm_reserved",
     "/usage.txt": "content_usage",
 }
 
@@ -330,6 +340,8 @@ def test_opted_out_pages_and_images_are_never_delivered(gateway: Gateway, site: 
         assert rec["content_sha256"] == hashlib.sha256(cases[path].body).hexdigest()
         assert rec["status"] == 200 and rec["signals"]
     assert "c2pa:training-mining=allowed" in records["/allowed.png"]["signals"]
+    assert records["/reserved.epub"]["signals"] == ["tdm-epub:reserved", "tdm-epub:policy"]
+    assert records["/open.epub"]["signals"] == ["tdm-epub:not-reserved"]
     # What the gateway does not read is on the record, not passed over in silence:
     assert records["/logo.svg"]["signals"] == ["image-metadata:unread"]
 
@@ -383,6 +395,31 @@ def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bi
     assert (withheld["decision"], withheld["reason"]) == ("withheld", "image_optout")
     assert withheld["content_sha256"] == hashlib.sha256(opted_out).hexdigest()
     assert withheld["response_bytes"] == len(opted_out)
+
+
+def test_a_book_too_large_to_hold_is_cut_off_by_its_package_documents_reservation(
+    gateway: Gateway, site: Site
+):
+    # An EPUB is mostly images, after its package document: the reservation is read from the
+    # first kilobytes, and the rest of the book is never delivered.
+    images = (("OEBPS/images/plates.bin", bytes(range(256)) * (LARGE // 256)),)
+    free = epub(epub_reservation("0"), after=images, stored=True)
+    reserved = epub(epub_reservation("1"), after=images, stored=True)
+    assert len(reserved) > LARGE
+    site.routes["/free.epub"] = Reply(body=free, headers={"Content-Type": "application/epub+zip"})
+    site.routes["/reserved.epub"] = Reply(
+        body=reserved, headers={"Content-Type": "application/epub+zip"}
+    )
+    delivered = fetch(gateway, site, "books.site-c.test", "/free.epub")
+    assert (delivered.status, delivered.returncode) == (200, 0) and delivered.body == free
+    broken = fetch(gateway, site, "books.site-c.test", "/reserved.epub")
+    assert broken.returncode != 0 and len(broken.body) < 2**20, len(broken.body)
+    records = {r["url"].rsplit("/", 1)[1]: r for r in gateway.fetch_records()}
+    assert records["free.epub"]["decision"] == "forwarded"
+    withheld = records["reserved.epub"]
+    assert (withheld["decision"], withheld["reason"]) == ("withheld", "tdm_reserved")
+    assert withheld["content_sha256"] == hashlib.sha256(reserved).hexdigest()
+    assert withheld["signals"] == ["tdm-epub:reserved"]
 
 
 def _peak_rss(gw: Gateway) -> int:

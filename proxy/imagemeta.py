@@ -10,10 +10,12 @@ What is read, and where (only the metadata, never the image data):
 - WebP: the `XMP ` and `C2PA` chunks of the extended format. The WebP container puts metadata
   after the image data, so the scan walks every chunk header to the end of the RIFF, skipping
   payloads without keeping them. A simple-format file (one VP8/VP8L chunk) has no metadata.
-- GIF, TIFF, AVIF/HEIF (ISO BMFF image brands), the JPEG XL container, and PDF documents
-  (not images, but TDMRep puts a PDF's reservation in its XMP): XMP by packet scanning (XMP
-  Part 3, 1.1.3: the packet is stored as text, between `<?xpacket begin=` or `<x:xmpmeta` and
-  their ends), to the end of the body, as such metadata may come after the image data. Their
+- GIF, TIFF, AVIF/HEIF (ISO BMFF image brands), the JPEG XL container, SVG (XMP in its
+  `<metadata>` element; an SVG is known by its Content-Type, `image/svg+xml`, and its text), and
+  PDF documents (not images, but TDMRep puts a PDF's reservation in its XMP): XMP by packet
+  scanning (XMP Part 3, 1.1.3: the packet is stored as text, between `<?xpacket begin=` or
+  `<x:xmpmeta` and their ends), to the end of the body, as such metadata may come after the
+  image data. A C2PA manifest in an SVG (base64 text) is not read. Their
   C2PA store is found the same way, by its JUMBF description box, and read whole from the
   superbox around it (in a GIF, from the data sub-blocks it is spread over); one not laid out
   so is only noticed (`c2pa_unread`). XMP or a store kept compressed (a JPEG XL `brob` box, a
@@ -96,6 +98,7 @@ class ImageFormat(enum.StrEnum):
     HEIF = "heif"  # AVIF, HEIC and the other image brands of the ISO base media file format
     JXL = "jxl"  # the JPEG XL container (a bare codestream carries no metadata)
     PDF = "pdf"  # no image, but its XMP (TDMRep's "PDF documents") is found the same way
+    SVG = "svg"  # XMP in its <metadata> element: text, found the same way (by Content-Type)
     OTHER = "other"
 
 
@@ -150,7 +153,14 @@ def is_image_format(prefix: bytes) -> bool:
 
 
 _PACKET_SCANNED = frozenset(
-    {ImageFormat.GIF, ImageFormat.TIFF, ImageFormat.HEIF, ImageFormat.JXL, ImageFormat.PDF}
+    {
+        ImageFormat.GIF,
+        ImageFormat.TIFF,
+        ImageFormat.HEIF,
+        ImageFormat.JXL,
+        ImageFormat.PDF,
+        ImageFormat.SVG,
+    }
 )
 # Where an XMP packet begins and ends (the wrapper, or the x:xmpmeta element, which is optional).
 _PACKET_STARTS = (b"<?xpacket begin=", b"<x:xmpmeta")
@@ -185,7 +195,8 @@ class ImageMetadataScanner:
     Nothing of the image data is kept: at most the metadata payloads and one pending header.
     """
 
-    def __init__(self, *, max_scan: int = MAX_SCAN):
+    def __init__(self, *, max_scan: int = MAX_SCAN, svg: bool = False):
+        """`svg`: the body is an SVG image (known by its Content-Type: text is not sniffed)."""
         self.meta = ImageMetadata()
         self.seen = 0
         self.done = False
@@ -202,6 +213,9 @@ class ImageMetadataScanner:
         self._store_parts: list[bytes] = []  # a GIF's store, sub-block by sub-block
         self._store_size = 0
         self._state = "sniff"
+        if svg:
+            self.meta.format = ImageFormat.SVG
+            self._state = "packet_search"
 
     def feed(self, chunk: bytes) -> bool:
         if self.done:

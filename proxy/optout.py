@@ -341,6 +341,10 @@ def is_image(content_type: str | None) -> bool:
     return (content_type or "").split(";", 1)[0].strip().lower().startswith("image/")
 
 
+def is_svg(content_type: str | None) -> bool:
+    return (content_type or "").split(";", 1)[0].strip().lower() == "image/svg+xml"
+
+
 def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
     name = name.lower()
     return [v for k, v in headers if k.lower() == name]

@@ -139,11 +139,18 @@ class BodyScan:
             fmt = imagemeta.sniff(self._head[:12])
             if fmt is None:
                 return False
-            if fmt is imagemeta.ImageFormat.OTHER:
+            svg = False
+            if fmt is imagemeta.ImageFormat.OTHER and optout.is_svg(self._content_type):
+                text = self._head.removeprefix(b"\xef\xbb\xbf").lstrip()
+                if not text and len(self._head) < 4096:
+                    return False  # white space so far
+                # As text (UTF-8 or ASCII): one gzipped (.svgz) or in UTF-16 is not read.
+                svg = text[:1] == b"<"
+            if fmt is imagemeta.ImageFormat.OTHER and not svg:
                 self.image_unread = optout.is_image(self._content_type)
                 self.done = True
                 return True
-            self._image = imagemeta.ImageMetadataScanner()
+            self._image = imagemeta.ImageMetadataScanner(svg=svg)
             chunk, self._head = self._head, b""
         self.done = self._image.feed(chunk)
         return self.done

@@ -90,7 +90,7 @@ def opt_outs(tokens: list[str], respect: Respect) -> list[dict[str, Any]]:
             "how": "XMP property plus:DataMining (namespace http://ns.useplus.org/ldf/xmp/1.0/) "
             "with any DMI-PROHIBITED value, e.g. "
             "http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING, in JPEG, PNG, WebP, "
-            "AVIF/HEIF, TIFF, GIF or JPEG XL.",
+            "AVIF/HEIF, TIFF, GIF, JPEG XL or SVG.",
             "example": "plus:DataMining=http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING",
         },
         {

@@ -191,6 +191,18 @@ def jxl(xmp: bytes | None = None) -> bytes:
     )
 
 
+def svg(xmp: bytes | None = None, *, shapes: int = 200) -> bytes:
+    """An SVG image with its XMP packet in `<metadata>`, where XMP's SVG handler puts it (after
+    the drawing's `<defs>`, before or among its shapes)."""
+    metadata = b"<metadata>" + xmp + b"</metadata>" if xmp is not None else b""
+    drawing = b'<circle cx="10" cy="10" r="5" fill="#c33"/>' * shapes
+    return (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n'
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100">'
+        b"<title>test</title>" + drawing + metadata + drawing + b"</svg>"
+    )
+
+
 def pdf(xmp: bytes | None = None) -> bytes:
     """A one-page PDF 1.7 whose catalog has an uncompressed XMP metadata stream (ISO 32000-1
     14.3.2, where TDMRep puts a document's tdm:reservation), with a correct xref table."""

@@ -26,6 +26,7 @@ from tests.optout_fixtures import jxl
 from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import svg
 from tests.optout_fixtures import tdm_xmp_packet
 from tests.optout_fixtures import tiff
 from tests.optout_fixtures import training_mining
@@ -451,6 +452,22 @@ def test_a_pdf_with_a_tdm_reservation_is_reserved() -> None:
     assert signal.kind is imagemeta.Kind.TDMREP  # so it binds as TDMRep does, by basis
     assert imagemeta.image_signals(imagemeta.scan_image(pdf(tdm_xmp_packet("0")))) != []
     assert imagemeta.image_signals(imagemeta.scan_image(pdf())) == []
+
+
+def test_an_svgs_xmp_is_read_as_its_text_goes_by() -> None:
+    prohibited = svg(xmp_packet("DMI-PROHIBITED-AIMLTRAINING", form="element"))
+    meta = imagemeta.scan_image(prohibited)
+    assert meta.format is ImageFormat.OTHER  # not by its bytes: by its Content-Type
+    scanner = imagemeta.ImageMetadataScanner(svg=True)
+    for at in range(0, len(prohibited), 1000):
+        scanner.feed(prohibited[at : at + 1000])
+    meta = scanner.finish()
+    assert meta.format is ImageFormat.SVG and meta.complete
+    names = [s.name for s in imagemeta.image_signals(meta) if s.opts_out]
+    assert names == ["iptc-plus:DMI-PROHIBITED-AIMLTRAINING"]
+    plain = imagemeta.ImageMetadataScanner(svg=True)
+    plain.feed(svg())
+    assert imagemeta.image_signals(plain.finish()) == []
 
 
 def test_a_tdm_reservation_in_an_images_xmp_counts_too() -> None:

@@ -4,6 +4,7 @@ fields), how a site's terms decide which bind, and the post-fetch assessment."""
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 from html.parser import HTMLParser
 
 import pytest
@@ -26,6 +27,7 @@ from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
 from tests.optout_fixtures import request_context
+from tests.optout_fixtures import svg
 from tests.optout_fixtures import tdm_xmp_packet
 from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import xmp_packet
@@ -375,6 +377,38 @@ async def test_a_pdfs_tdm_reservation_withholds_it_and_noimageai_does_not() -> N
     assert result.decision is not None and result.decision.reason is Reason.TDM_RESERVED
     plain = await assess([("X-Robots-Tag", "noimageai")], pdf(), "application/octet-stream")
     assert plain.decision is None and plain.signals == ("x-robots-tag:noimageai",)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason", "signals"),
+    [
+        (svg(xmp_packet("DMI-PROHIBITED")), "image/svg+xml", Reason.IMAGE_OPTOUT, None),
+        (
+            b"\xef\xbb\xbf\n  " + svg(xmp_packet("DMI-PROHIBITED")),
+            "image/svg+xml",
+            Reason.IMAGE_OPTOUT,
+            None,
+        ),
+        (svg(), "image/svg+xml; charset=utf-8", None, ()),
+        # Gzipped with no Content-Encoding (a .svgz as it lies on disk): not read, and said so.
+        (
+            gzip.compress(svg(xmp_packet("DMI-PROHIBITED"))),
+            "image/svg+xml",
+            None,
+            ("image-metadata:unread",),
+        ),
+        # Not an SVG by its Content-Type: text is not sniffed.
+        (svg(xmp_packet("DMI-PROHIBITED")), "text/plain", None, ()),
+    ],
+    ids=["svg", "bom-and-space", "plain", "svgz", "text"],
+)
+async def test_an_svgs_xmp_binds_as_any_images(body, content_type, reason, signals) -> None:  # type: ignore[no-untyped-def]
+    result = await assess([], body, content_type)
+    if reason is None:
+        assert result.decision is None and result.signals == signals
+    else:
+        assert result.decision is not None and result.decision.reason is reason
+        assert result.signals == ("iptc-plus:DMI-PROHIBITED",)
 
 
 def test_body_scan_needs_nothing_for_other_content() -> None:

@@ -27,6 +27,7 @@ from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
 from tests.optout_fixtures import png_xmp_chunk
+from tests.optout_fixtures import svg
 from tests.optout_fixtures import tdm_xmp_packet
 from tests.optout_fixtures import tiff
 from tests.optout_fixtures import training_mining
@@ -277,6 +278,11 @@ def _image_cases() -> dict[str, Reply]:
             body=b'<svg xmlns="http://www.w3.org/2000/svg"><metadata>...</metadata></svg>',
             headers={"Content-Type": "image/svg+xml"},
         ),
+        "/xmp.svg": Reply(
+            body=svg(xmp_packet("DMI-PROHIBITED-GENAIMLTRAINING")),
+            headers={"Content-Type": "image/svg+xml"},
+        ),
+        "/icon.bmp": Reply(body=b"BM" + bytes(64), headers={"Content-Type": "image/bmp"}),
         "/page.html": Reply(body=PAGE_NOAI, headers={"Content-Type": "text/html"}),
         "/utf16.html": Reply(
             body=PAGE_NOAI.decode().encode("utf-16"), headers={"Content-Type": "text/html"}
@@ -303,6 +309,7 @@ WITHHELD = {
     "/xmp.avif": "image_optout",
     "/xmp.tiff": "image_optout",
     "/xmp.gif": "image_optout",
+    "/xmp.svg": "image_optout",
     "/c2pa.avif": "image_optout",
     "/c2pa.png": "image_optout",
     "/noai-header.jpg": "noai_directive",
@@ -343,7 +350,8 @@ def test_opted_out_pages_and_images_are_never_delivered(gateway: Gateway, site: 
     assert records["/reserved.epub"]["signals"] == ["tdm-epub:reserved", "tdm-epub:policy"]
     assert records["/open.epub"]["signals"] == ["tdm-epub:not-reserved"]
     # What the gateway does not read is on the record, not passed over in silence:
-    assert records["/logo.svg"]["signals"] == ["image-metadata:unread"]
+    assert records["/icon.bmp"]["signals"] == ["image-metadata:unread"]
+    assert records["/logo.svg"]["signals"] == []  # read: it carries no XMP
 
 
 # Over what the gateway holds whole (16 MiB, so an opt-out can still become a 451) and over

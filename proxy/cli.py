@@ -1,7 +1,8 @@
 """The `crawlwarden` command line (DESIGN.md, "CLI").
 
 Every flag of `run` also reads from CRAWLWARDEN_<FLAG> (e.g. CRAWLWARDEN_REDIS_URL), so the Helm
-chart can configure a replica through its environment.
+chart can configure a replica through its environment; `audit export` and `report` read the
+fetch log that environment names (CRAWLWARDEN_AUDIT_DSN, CRAWLWARDEN_DATA_DIR) unless told.
 """
 
 from __future__ import annotations
@@ -163,12 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--site", help="only this site key")
     export.add_argument("--team", help="only this team")
     export.add_argument("--project", help="only this project")
-    export.add_argument("--decision", help="only this decision (forwarded, refused, withheld)")
+    export.add_argument(
+        "--decision", choices=["forwarded", "refused", "withheld"], help="only this decision"
+    )
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("--output", type=Path, help="write here instead of stdout")
     verify = audit_sub.add_parser("verify", help="check an export's chains and signatures")
     verify.add_argument("file", type=Path, help="a JSONL export")
     verify.add_argument("--public-key", type=Path, required=True, help="the Ed25519 public key")
+    verify.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="accept records no checkpoint covers (warned about, not proven); without it "
+        "they fail the check",
+    )
 
     report = sub.add_parser("report", help="the insubstantiality report, per site and period")
     _add_source_args(report)
@@ -201,9 +210,21 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help="embedded fetch log in this data dir [./.crawlwarden]",
+        help="embedded fetch log in this data dir [./.crawlwarden, CRAWLWARDEN_DATA_DIR]",
     )
-    group.add_argument("--audit-dsn", default=None, help="postgresql://... fetch log")
+    group.add_argument(
+        "--audit-dsn", default=None, help="postgresql://... fetch log [CRAWLWARDEN_AUDIT_DSN]"
+    )
+
+
+def _source_from_env(args: argparse.Namespace) -> None:
+    """The fetch log a command reads, as `run` would find it: a flag given wins; else
+    CRAWLWARDEN_AUDIT_DSN (PostgreSQL), else CRAWLWARDEN_DATA_DIR (what a replica's pod has
+    in its environment, so `kubectl exec ... crawlwarden report` reads the replica's log)."""
+    if args.audit_dsn is None and args.data_dir is None:
+        args.audit_dsn = _env("audit_dsn") or None
+        if args.audit_dsn is None and _env("data_dir"):
+            args.data_dir = Path(_env("data_dir") or "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit" and args.audit_command == "export":
         from proxy.audit.export import cmd_export
 
+        _source_from_env(args)
         return cmd_export(args)
     if args.command == "audit" and args.audit_command == "verify":
         from proxy.audit.verify import cmd_verify
@@ -226,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         from proxy.report import cmd_report
 
+        _source_from_env(args)
         return cmd_report(args)
     if args.command == "takedown":
         from proxy.takedowns_cli import cmd_takedown

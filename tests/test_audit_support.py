@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,9 +60,26 @@ def fetch_log(
     return FetchLog(store, spool / replica, replica, signer=signer, **kw)
 
 
-def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str | Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`crawlwarden ARGS`; `env` adds to (or, as "", removes from) the environment."""
+    environ = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value:
+            environ[name] = value
+        else:
+            environ.pop(name, None)
     return subprocess.run(
-        [CRAWLWARDEN, *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [CRAWLWARDEN, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environ,
+        cwd=cwd,
     )
 
 

@@ -227,6 +227,44 @@ def test_missing_checkpoint(fetchlog: dict[str, Path]) -> None:
     assert_detected(result, "replica gw-b", "checkpoints #3..#3 are missing")
 
 
+def test_an_export_stripped_of_its_checkpoints_proves_nothing(fetchlog: dict[str, Path]) -> None:
+    # Without checkpoints nothing is signed: a record rewritten and the chain recomputed from it
+    # links as well as the original. Such a file fails, unless unsigned records are accepted.
+    items = [x for x in read_lines(fetchlog["export"]) if x["type"] != "checkpoint"]
+    stripped = tampered(fetchlog, "no-checkpoints", items)
+    first = assert_detected(verify(stripped, fetchlog["public"]), "replica gw-a", "seq 1")
+    assert "none of its records is signed" in first
+    accepted = cli(
+        "audit", "verify", stripped, "--public-key", fetchlog["public"], "--allow-unsigned"
+    )
+    assert accepted.returncode == 0, accepted.stdout
+    assert "warning: replica gw-b: no checkpoint in the export" in accepted.stdout
+    forged: list[dict[str, Any]] = []
+    prev = "0" * 64
+    for x in items:
+        if x["type"] == "record" and x["replica"] == "gw-a":
+            if x["seq"] == 5:
+                x["status"] = 404
+            x["prev_hash"] = prev
+            x["hash"] = prev = record_hash({k: v for k, v in x.items() if k != "type"})
+        forged.append(x)
+    rewritten = tampered(fetchlog, "rewritten-unsigned", forged)
+    assert_detected(verify(rewritten, fetchlog["public"]), "none of its records is signed")
+
+
+def test_records_after_the_last_checkpoint_are_not_proven(fetchlog: dict[str, Path]) -> None:
+    items = read_lines(fetchlog["export"])
+    # gw-a's checkpoints at seq 60 (#6, and #7 written at shutdown) dropped: 51..60 unsigned.
+    items = [
+        x
+        for x in items
+        if not (x["type"] == "checkpoint" and x["replica"] == "gw-a" and x["seq"] == 60)
+    ]
+    result = verify(tampered(fetchlog, "unsigned-tail", items), fetchlog["public"])
+    first = assert_detected(result, "replica gw-a", "seq 51")
+    assert "records 51..60 come after the last checkpoint" in first
+
+
 def test_whole_replica_records_removed_but_checkpoints_left(fetchlog: dict[str, Path]) -> None:
     items = [
         x
@@ -401,6 +439,29 @@ def test_export_of_a_missing_data_dir_says_what_to_do(tmp_path: Path) -> None:
     result = cli("audit", "export", "--data-dir", tmp_path / "nothing")
     assert result.returncode == 2
     assert "pass the gateway's --data-dir or --audit-dsn" in result.stderr
+
+
+def test_export_reads_the_fetch_log_its_environment_names(
+    fetchlog: dict[str, Path], tmp_path: Path
+) -> None:
+    # As in a replica's pod: `kubectl exec ... crawlwarden audit export`, no flags, from a
+    # directory without a .crawlwarden of its own.
+    env = {"CRAWLWARDEN_DATA_DIR": str(fetchlog["data"]), "CRAWLWARDEN_AUDIT_DSN": ""}
+    out = tmp_path / "env.jsonl"
+    result = cli("audit", "export", "--output", out, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_lines(out)[1:] == read_lines(fetchlog["export"])[1:]  # (the header has times)
+    # A flag given wins over the environment.
+    elsewhere = cli("audit", "export", "--data-dir", tmp_path / "none", env=env, cwd=tmp_path)
+    assert elsewhere.returncode == 2 and "no fetch log" in elsewhere.stderr
+    report = cli("report", "--format", "json", env=env, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["sites"]
+
+
+def test_an_unknown_decision_filter_is_refused(fetchlog: dict[str, Path]) -> None:
+    result = cli("audit", "export", "--data-dir", fetchlog["data"], "--decision", "bogus")
+    assert result.returncode == 2 and "invalid choice: 'bogus'" in result.stderr
 
 
 def test_keys_generate_writes_a_0600_private_key(tmp_path: Path) -> None:

@@ -81,12 +81,17 @@ class Chain:
     earliest: str | None = None
     latest: str | None = None
     gaps: list[tuple[int, int, Problem]] = field(default_factory=list)
+    signed_up_to: int = 0  # the highest seq a checkpoint in the export covers
+    unsigned: Problem | None = None  # the first record no checkpoint covers
 
 
 @dataclass
 class Report:
     chains: dict[str, Chain] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # Records no checkpoint covers: after every other problem (a forged checkpoint, say, is the
+    # news; that the records it claimed to cover are then unsigned follows from it).
+    unsigned: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     header: dict[str, Any] | None = None
 
@@ -131,13 +136,18 @@ def _is_hash(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
 
 
-def verify_file(path: Path, verifier: Verifier) -> Report:
+def verify_file(path: Path, verifier: Verifier, *, allow_unsigned: bool = False) -> Report:
+    """`allow_unsigned`: records no checkpoint covers are a warning, not a problem (they are
+    chained, but nothing proves that the chain itself was not rewritten)."""
     report = Report()
     _pass_signed(path, verifier, report)
+    for chain in report.chains.values():
+        chain.signed_up_to = max((p.checkpoint.seq for p in chain.checkpoints), default=0)
     _pass_records(path, report)
     for chain in report.chains.values():
-        _finish_chain(chain, report)
+        _finish_chain(chain, report, allow_unsigned=allow_unsigned)
     report.problems.sort()
+    report.problems += sorted(report.unsigned)
     return report
 
 
@@ -286,6 +296,8 @@ def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
             )
         return
     chain.last_seq, chain.last_hash, chain.last_id = seq, claimed, rec.get("id")
+    if chain.unsigned is None and seq > chain.signed_up_to:
+        chain.unsigned = Problem(line, replica, seq, rec.get("id"))
     for point in chain.by_seq.get(seq, []):
         if point.checkpoint.hash != claimed:
             report.problem(
@@ -296,7 +308,7 @@ def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
             )
 
 
-def _finish_chain(chain: Chain, report: Report) -> None:
+def _finish_chain(chain: Chain, report: Report, *, allow_unsigned: bool = False) -> None:
     replica = chain.replica
     purge_anchor = None
     if chain.first_seq is None:
@@ -402,23 +414,33 @@ def _finish_chain(chain: Chain, report: Report) -> None:
                 replica=replica,
                 seq=chain.last_seq + 1,
             )
-    signed_up_to = max((p.checkpoint.seq for p in chain.checkpoints), default=0)
-    if signed_up_to < chain.last_seq:
-        if not chain.checkpoints:
-            report.warnings.append(
-                f"replica {replica}: no checkpoint in the export; no record of it is signed"
-            )
-        else:
-            report.warnings.append(
-                f"replica {replica}: records {max(signed_up_to, first - 1) + 1}.."
-                f"{chain.last_seq} come after the last checkpoint: chained but not yet "
-                "signed (the next checkpoint, written every checkpoint_every_seconds, covers "
-                "them; export again later to prove them)"
-            )
+    unsigned = chain.unsigned
+    if unsigned is None:
+        return
+    # A chain is only as good as the signature over it: records past the last checkpoint can
+    # be rewritten, their hashes recomputed, and still link.
+    if not chain.checkpoints:
+        what = "no checkpoint in the export: none of its records is signed"
+    else:
+        what = (
+            f"records {unsigned.seq}..{chain.last_seq} come after the last checkpoint: "
+            "chained but not yet signed (a gateway signs every checkpoint_every_seconds; "
+            "export again later, or up to an --until in the past, to prove them)"
+        )
+    if allow_unsigned:
+        report.warnings.append(f"replica {replica}: {what}")
+    else:
+        unsigned.message = (
+            f"{what}; nothing proves them untouched (--allow-unsigned accepts them as unproven)"
+        )
+        report.unsigned.append(unsigned)
 
 
 def summary(report: Report, path: Path, verifier: Verifier) -> list[str]:
-    out = [f"OK: {path} is intact (public key SHA-256 {verifier.fingerprint})"]
+    out = [
+        f"OK: {path} is intact (public key ID {verifier.key_id.hex()}, "
+        f"SHA-256 {verifier.fingerprint})"
+    ]
     header = report.header or {}
     filters = header.get("filters") or {}
     if filters:
@@ -466,7 +488,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"crawlwarden audit verify: no file {path}", file=sys.stderr)
         return EXIT_USAGE
-    report = verify_file(path, verifier)
+    report = verify_file(path, verifier, allow_unsigned=args.allow_unsigned)
     header = report.header
     if header is not None and header.get("format") != FORMAT:
         print(

@@ -84,12 +84,18 @@ _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers
 
 @dataclass(slots=True)
 class Tunnel:
-    """A CONNECT tunnel: who opened it and where it goes; every request inside inherits it."""
+    """A CONNECT tunnel: who opened it and where it goes; every request inside inherits it.
+
+    A tunnel to a host the policy refuses (a whole-domain blocklist entry or takedown, a private
+    or unresolvable address, an IP literal) is opened all the same, to nowhere (`address` None,
+    `refusal` set): each request inside it is answered with the refusal and its JSON, which a
+    browser or Scrapy shows, where a refused CONNECT is only "tunnel connection failed"."""
 
     caller: Caller
     host: str
     port: int
-    address: IPAddress
+    address: IPAddress | None
+    refusal: Decision | None = None
 
 
 @dataclass(slots=True)
@@ -117,6 +123,7 @@ class FlowState:
     answer: SiteAnswer | None = None
     withheld: Decision | None = None
     cached_robots: bool = False
+    refused_tunnel: bool = False  # a CONNECT opened to answer its requests with a refusal
     # A CORS preflight's X-Crawl-* header names, kept from the site and allowed in its answer.
     cors_own_headers: tuple[str, ...] = ()
     settled: bool = False  # in-flight count and budget lease released
@@ -237,7 +244,13 @@ class Gateway:
         if decision.allowed:
             address, decision = await gov.target_address(host, site.key)
         if not decision.allowed or address is None:
-            return self._refuse_connect(flow, state, decision, started)
+            # Recorded as the attempt it is; mitmproxy answers 200 and connects nowhere (lazy
+            # strategy; server_connect refuses a name that was never pinned to an address).
+            self.tunnels[flow.client_conn] = Tunnel(caller, host, port, None, decision)
+            state.decision = decision
+            state.refused_tunnel = True
+            self._observe_governance(started)
+            return self._record(flow, state)
         self.tunnels[flow.client_conn] = Tunnel(caller, host, port, address)
         state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
         self._decided(state)
@@ -360,6 +373,8 @@ class Gateway:
         )
         state.site = ctx.site.key
         state.basis = f"{ctx.basis.kind}:{ctx.basis.ref}"
+        if tunnel is not None and tunnel.refusal is not None:
+            return self._refuse(flow, state, tunnel.refusal, started)
         decision = gov.check_request(ctx)
         if decision.allowed and tunnel is None:
             address, decision = await gov.target_address(host, ctx.site.key)
@@ -803,6 +818,12 @@ class Gateway:
                     max(0.0, answer.finished - flow.request.timestamp_end)
                 )
             now = answer.finished
+        elif state.refused_tunnel:
+            rec.status = 200
+            rec.note = (
+                "tunnel opened to nowhere: each request in it is answered with this refusal "
+                "and recorded"
+            )
         elif flow.response is not None:
             rec.status = flow.response.status_code
             if state.cached_robots:

@@ -71,7 +71,7 @@ def crawl(
 ) -> list[dict[str, Any]]:
     """Load each URL in a page; what the browser got, per page and per image, and which of the
     page's own requests the gateway refused or withheld, with its reason (seen here even where
-    CORS hides the answer from the page's scripts)."""
+    CORS hides the answer from the page's scripts, or ORB from the page itself)."""
     from playwright.sync_api import sync_playwright
 
     user = f"{team}+{project}" + (f"+{account}" if account else "")
@@ -86,14 +86,7 @@ def crawl(
             context = chromium.new_context()
             for url in urls:
                 page = context.new_page()
-                refused: dict[str, str] = {}
-
-                def note(answer: Any, refused: dict[str, str] = refused) -> None:
-                    reason = answer.headers.get("x-crawlwarden-reason")
-                    if reason is not None:
-                        refused[answer.url] = reason
-
-                page.on("response", note)
+                refused = _gateway_refusals(context, page)
                 response = page.goto(url, wait_until="load", timeout=timeout_ms)
                 assert response is not None  # None only for same-document navigations
                 results.append(
@@ -110,6 +103,30 @@ def crawl(
         finally:
             chromium.close()
     return results
+
+
+def _gateway_refusals(context: Any, page: Any) -> dict[str, str]:
+    """The page's requests the gateway refused or withheld, URL -> reason, filled in as the page
+    loads. Read from the DevTools protocol's raw response headers: Playwright's `response`
+    event never fires for a refusal of another host's image, whose JSON answer Chromium's
+    opaque response blocking (ORB) turns into `net::ERR_BLOCKED_BY_ORB`."""
+    refused: dict[str, str] = {}
+    urls: dict[str, str] = {}  # DevTools request id -> the URL it asks for now (redirects)
+    cdp = context.new_cdp_session(page)
+
+    def sent(event: dict[str, Any]) -> None:
+        urls[event["requestId"]] = event["request"]["url"]
+
+    def answered(event: dict[str, Any]) -> None:
+        headers = {name.lower(): value for name, value in event["headers"].items()}
+        reason = headers.get("x-crawlwarden-reason")
+        if reason is not None and event["requestId"] in urls:
+            refused[urls[event["requestId"]]] = reason
+
+    cdp.on("Network.requestWillBeSent", sent)
+    cdp.on("Network.responseReceivedExtraInfo", answered)
+    cdp.send("Network.enable")
+    return refused
 
 
 def main() -> int:

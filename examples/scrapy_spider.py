@@ -1,11 +1,14 @@
 """A Scrapy spider that crawls through crawlwarden.
 
     .venv/bin/scrapy runspider examples/scrapy_spider.py -a url=http://demo.test:8000/
+        [-a url=URL,URL...] [-a proxy=http://TEAM:TOKEN@HOST:PORT] [-a project=PROJECT]
 
 Scrapy's HttpProxyMiddleware turns the credentials of the `proxy` meta key into a
 Proxy-Authorization header (also on CONNECT for https:// URLs). Scrapy does not verify TLS
 certificates by default, so the gateway's CA needs no setup here; refusals arrive as normal
-responses with the X-Crawlwarden-Reason header, so let them through to the callback.
+responses with the X-Crawlwarden-Reason header, so let them through to the callback. (Over
+https, only wrong credentials are refused at CONNECT, which Scrapy raises as a TunnelError; a
+host the policy refuses gets its tunnel, and each request in it the refusal.)
 """
 
 from __future__ import annotations
@@ -26,16 +29,26 @@ class GatewaySpider(scrapy.Spider):
         "HTTPERROR_ALLOWED_CODES": [403, 407, 429, 451, 503],
         "RETRY_ENABLED": False,
         "ROBOTSTXT_OBEY": False,  # the gateway reads robots.txt for the whole fleet
-        "DEFAULT_REQUEST_HEADERS": {"X-Crawl-Project": "faces-v2"},
         "LOG_LEVEL": "INFO",
     }
 
-    def __init__(self, url: str = "http://demo.test:8000/", **kwargs: Any):
+    def __init__(
+        self,
+        url: str = "http://demo.test:8000/",
+        proxy: str = PROXY,
+        project: str = "faces-v2",
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.url = url
+        self.proxy = proxy
+        self.project = project
 
     async def start(self) -> AsyncIterator[scrapy.Request]:
-        yield scrapy.Request(self.url, meta={"proxy": PROXY})
+        for url in self.url.split(","):
+            yield scrapy.Request(
+                url, meta={"proxy": self.proxy}, headers={"X-Crawl-Project": self.project}
+            )
 
     def parse(self, response: scrapy.http.Response) -> Iterator[dict[str, Any]]:
         yield {

@@ -170,10 +170,21 @@ async def test_connect_to_a_name_resolving_to_a_private_address_is_refused(
         flow = request_flow("inside.example", 443, "https")
         flow.request.method = "CONNECT"
         await gw.http_connect(flow)
-        assert flow.response is not None and flow.response.status_code == 403
-        assert flow.response.headers["X-Crawlwarden-Reason"] == "private_address"
-        assert denied_class in flow.response.get_text()
-        assert flow.client_conn not in gw.tunnels  # no tunnel, nothing to connect to
+        # The tunnel opens to nowhere, so that its requests are answered with the refusal.
+        assert flow.response is None and flow.request.host == "inside.example"  # not pinned
+        tunnel = gw.tunnels[flow.client_conn]
+        assert tunnel.address is None and tunnel.refusal is not None
+        inner = request_flow("inside.example", 443, "https")
+        inner.client_conn = flow.client_conn
+        await gw.requestheaders(inner)
+        assert inner.response is not None and inner.response.status_code == 403
+        assert inner.response.headers["X-Crawlwarden-Reason"] == "private_address"
+        assert denied_class in inner.response.get_text()
+        data = server_hooks.ServerConnectionHookData(
+            client=flow.client_conn, server=connection.Server(address=("inside.example", 443))
+        )
+        gw.server_connect(data)
+        assert data.server.error is not None  # nothing to connect to
 
 
 async def test_requests_inside_a_tunnel_go_to_the_address_checked_at_connect(make_gateway):

@@ -170,6 +170,50 @@ def test_a_headless_browser_gets_a_page_and_only_the_images_it_may_take(
     _only_test_sites_were_fetched(gateway)
 
 
+def test_refusals_of_another_hosts_images_and_of_whole_domains_reach_the_scraper(
+    workdir: Path, test_ca: LocalCA, tls_site: Site
+):
+    # Another host's image refused or withheld: Chromium blocks the gateway's JSON answer to an
+    # <img> from another origin (ORB) before any `response` event; the example reads the reason
+    # from the raw headers. A whole domain on the blocklist is refused at CONNECT, and its tunnel
+    # opened to nowhere, so that the browser gets the 451 page rather than a failed tunnel.
+    chromium()
+    blocklist = [
+        {"id": "tos-blocked", "match": ["blocked.test"], "reason": "Terms", "source": "its terms"}
+    ]
+    policy = policy_with(defaults={"respect": RESPECT_ALL}, blocklist=blocklist)
+    _serve_gallery(tls_site)
+    other = tls_site.url("site-d.test", "")
+    cdn = tls_site.url("cdn.blocked.test", "")
+    tls_site.routes["/mixed.html"] = Reply(
+        body=f"""<!doctype html><html><body>
+<img src="{other}/private/p.png"><img src="{other}/img/opted-out.png">
+<img src="{other}/img/plain.png"><img src="{cdn}/img/plain.png"></body></html>""".encode(),
+        headers=HTML,
+    )
+    mixed = tls_site.url("site-c.test", "/mixed.html")
+    blocked = tls_site.url("blocked.test", "/gallery.html")
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        pages = _example().crawl(
+            [mixed, blocked],
+            proxy=gw.proxy,
+            team=TEAM,
+            token=TEAM_TOKEN,
+            project=PROJECT,
+            gateway_ca=gw.ca_cert,
+            browser=chromium(),
+        )
+    by_url = {p["url"]: p for p in pages}
+    assert by_url[mixed]["refused"] == {
+        f"{other}/private/p.png": "robots_disallowed",
+        f"{other}/img/opted-out.png": "image_optout",
+        f"{cdn}/img/plain.png": "tos_blocklist",
+    }
+    assert by_url[mixed]["images"][f"{other}/img/plain.png"] is True
+    assert (by_url[blocked]["status"], by_url[blocked]["reason"]) == (451, "tos_blocklist")
+    assert all("blocked.test" not in seen.headers.get("Host", "") for seen in tls_site.seen)
+
+
 # -- a page whose scripts ask another origin (an API, a CDN) --------------------------------
 
 

@@ -22,8 +22,10 @@ from aiohttp import web
 
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
+from tests.support import ROOT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
+from tests.support import VENV_BIN
 from tests.support import CurlResult
 from tests.support import Gateway
 from tests.support import LocalCA
@@ -489,7 +491,7 @@ def test_a_cors_preflight_never_asks_the_site_about_the_gateways_headers(
 # -- blocklist -----------------------------------------------------------------------------
 
 
-def test_blocklisted_domain_is_refused_at_connect_and_for_plain_http(
+def test_blocklisted_domain_is_refused_inside_its_tunnel_and_for_plain_http(
     gateway: Gateway, site: Site, tls_site: Site
 ):
     plain = curl(site.url("www.blocked.test"), proxy=gateway.proxy_url(), headers=PROJECT_HEADERS)
@@ -512,11 +514,49 @@ def test_blocklisted_domain_is_refused_at_connect_and_for_plain_http(
         headers=PROJECT_HEADERS,
         extra=["--proxy-header", f"X-Crawl-Project: {PROJECT}"],
     )
-    # Refused at CONNECT: curl never gets to TLS.
-    assert tunnel.returncode != 0 and "451" in tunnel.stderr + str(tunnel.status)
+    # Refused at CONNECT, and the tunnel opened to nowhere: the request in it gets the same
+    # answer as over plain HTTP (a browser shows nothing of a refused CONNECT).
+    assert (tunnel.returncode, tunnel.status) == (0, 451), tunnel.stderr
+    assert tunnel.json() == {**body, "site": "blocked.test"}
     assert site.connections == 0 and tls_site.connections == 0
-    reasons = [r["reason"] for r in gateway.fetch_records()]
-    assert reasons == ["tos_blocklist", "tos_blocklist"]
+    records = [(r["method"], r["reason"], r["status"]) for r in gateway.fetch_records()]
+    assert records == [
+        ("GET", "tos_blocklist", 451),
+        ("CONNECT", "tos_blocklist", 200),
+        ("GET", "tos_blocklist", 451),
+    ]
+
+
+def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_callback(
+    gateway: Gateway, tls_site: Site, workdir: Path
+):
+    # Before, a refused CONNECT surfaced in Scrapy as a TunnelError, never reaching the spider.
+    urls = [tls_site.url("blocked.test", "/"), tls_site.url("site-a.test", "/fine")]
+    out = workdir / "items.json"
+    spider = subprocess.run(
+        [
+            str(VENV_BIN / "scrapy"),
+            "runspider",
+            str(ROOT / "examples" / "scrapy_spider.py"),
+            "-a",
+            f"url={','.join(urls)}",
+            "-a",
+            f"proxy={gateway.proxy_url()}",
+            "-a",
+            f"project={PROJECT}",
+            "-O",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=workdir,
+    )
+    assert spider.returncode == 0, spider.stderr[-2000:]
+    items = {i["url"]: i for i in json.loads(out.read_text())}
+    assert (items[urls[0]]["status"], items[urls[0]]["refused"]) == (451, "tos_blocklist")
+    assert (items[urls[1]]["status"], items[urls[1]]["refused"]) == (200, None)
+    assert tls_site.paths() == {"/fine": 1}
 
 
 def test_a_host_header_cannot_name_another_site_than_the_one_checked(
@@ -671,14 +711,16 @@ def test_a_site_named_by_its_address_is_refused_unless_allowed(
         plain, tunnel, named = fetch_all(gw)
         assert (plain.status, plain.json()["reason"]) == (403, "ip_literal")
         assert "network.allow_ip_literals" in plain.json()["detail"]
-        assert tunnel.returncode != 0 and "403" in tunnel.stderr + str(tunnel.status)  # CONNECT
+        assert (tunnel.status, tunnel.json()["reason"]) == (403, "ip_literal")  # in its tunnel
         assert named.status == 200
         assert site.paths() == {"/c": 1} and tls_site.connections == 0
         refused = [r for r in gw.fetch_records() if r["reason"] == "ip_literal"]
-        assert {(r["method"], r["rule"]) for r in refused} == {
-            ("GET", "network.allow_ip_literals"),
-            ("CONNECT", "network.allow_ip_literals"),
-        }
+        assert [(r["method"], r["url"].rsplit("/", 1)[1]) for r in refused] == [
+            ("GET", "a"),
+            ("CONNECT", f"127.0.0.1:{tls_site.port}"),
+            ("GET", "b"),
+        ]
+        assert {r["rule"] for r in refused} == {"network.allow_ip_literals"}
     network = {
         "allow_private": ["127.0.0.0/8"],
         "allow_ip_literals": ["127.0.0.1/32"],

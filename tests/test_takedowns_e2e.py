@@ -359,7 +359,7 @@ def test_teams_confirm_deletion_until_none_is_outstanding(workdir: Path, site: S
     assert all(r["rule"] == filed["id"] for r in confirmations)
 
 
-def test_takedowns_bind_inside_tls_tunnels_and_at_connect(
+def test_takedowns_bind_inside_tls_tunnels_and_for_whole_domains(
     workdir: Path, tls_site: Site, test_ca: LocalCA
 ):
     with Gateway(workdir, base_policy(), trusted_ca=test_ca.ca_cert) as gw:
@@ -376,8 +376,18 @@ def test_takedowns_bind_inside_tls_tunnels_and_at_connect(
         assert inside.status == 451 and inside.json()["reason"] == "takedown"
         assert tls_site.connections == 0  # refused inside the tunnel, before any upstream TLS
         assert get(tls_site.url("site-a.test", "/about")).status == 200
-        at_connect = get(tls_site.url("www.site-b.test", "/"))
-        # Refused at CONNECT: curl never gets to TLS.
-        assert at_connect.returncode != 0 and "451" in at_connect.stderr + str(at_connect.status)
-        reasons = [r["reason"] for r in gw.fetch_records() if r["kind"] == "fetch"]
-    assert reasons == ["takedown", "ok", "takedown"]
+        connections = tls_site.connections
+        # A whole domain is refused at CONNECT, and the tunnel opened to nowhere so that the
+        # request in it is answered: the scraper sees the 451 and why, as over plain HTTP.
+        whole = get(tls_site.url("www.site-b.test", "/"))
+        assert (whole.returncode, whole.status) == (0, 451), whole.stderr
+        assert whole.json()["reason"] == "takedown" and whole.json()["site"] == "site-b.test"
+        assert tls_site.connections == connections  # the site was never connected to
+        records = [r for r in gw.fetch_records() if r["kind"] == "fetch"]
+    assert [(r["method"], r["reason"], r["status"]) for r in records] == [
+        ("GET", "takedown", 451),
+        ("GET", "ok", 200),
+        ("CONNECT", "takedown", 200),  # the attempt, recorded even if no request follows
+        ("GET", "takedown", 451),
+    ]
+    assert "tunnel opened to nowhere" in records[2]["note"]

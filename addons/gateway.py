@@ -242,7 +242,7 @@ class Gateway:
         decision = gov.check_host(host)
         address = None
         if decision.allowed:
-            address, decision = await gov.target_address(host, site.key)
+            address, decision = await gov.target_address(host, port, site.key)
         if not decision.allowed or address is None:
             # Recorded as the attempt it is; mitmproxy answers 200 and connects nowhere (lazy
             # strategy; server_connect refuses a name that was never pinned to an address).
@@ -377,7 +377,7 @@ class Gateway:
             return self._refuse(flow, state, tunnel.refusal, started)
         decision = gov.check_request(ctx)
         if decision.allowed and tunnel is None:
-            address, decision = await gov.target_address(host, ctx.site.key)
+            address, decision = await gov.target_address(host, port, ctx.site.key)
             if address is not None:
                 # Pin the checked address (no second lookup, no DNS rebinding window).
                 req.data.host = str(address)

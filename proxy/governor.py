@@ -35,6 +35,7 @@ from proxy.sites import is_ip_literal
 from proxy.ssrf import AddressGuard
 from proxy.ssrf import IPAddress
 from proxy.ssrf import IPNetwork
+from proxy.ssrf import OwnListeners
 from proxy.ssrf import ResolutionError
 from proxy.ssrf import Resolver
 
@@ -109,6 +110,7 @@ class Governor:
         self.blocklist = Blocklist(list(compiled.policy_blocklist))
         # Opt-out checks that may fetch (robots.txt, tdmrep.json), in order; see optout wiring.
         self.prefetch_checks: list[PrefetchCheck] = []
+        self.own_listeners = OwnListeners()  # the runtime's: set when it knows its addresses
 
     # -- policy and blocklist --------------------------------------------------------------
 
@@ -171,7 +173,9 @@ class Governor:
             return _blocked(entry, site.key)
         return ALLOW
 
-    async def target_address(self, host: str, site: str) -> tuple[IPAddress | None, Decision]:
+    async def target_address(
+        self, host: str, port: int, site: str
+    ) -> tuple[IPAddress | None, Decision]:
         """The one address to connect to, or the refusal: resolve once, check, pin."""
         try:
             addresses = await self.compiled.resolver.resolve(host)
@@ -184,6 +188,13 @@ class Governor:
                 f"{host} resolves to {verdict.address}, a {verdict.denied_class} address "
                 "that the policy's network.allow_private does not admit",
                 rule="network.allow_private",
+                site=site,
+            )
+        if (own := self.own_listeners.listener_at(verdict.address, port)) is not None:
+            return None, refuse(
+                Reason.PRIVATE_ADDRESS,
+                f"{host}:{port} is this gateway's own {own}, never a site "
+                "(whatever network.allow_private admits)",
                 site=site,
             )
         if is_ip_literal(host) and not any(
@@ -215,6 +226,8 @@ class Governor:
         verdict = self.compiled.guard.check(ip)
         if not verdict.allowed:
             return f"{ip} is a {verdict.denied_class} address"
+        if (own := self.own_listeners.listener_at(verdict.address, port)) is not None:
+            return f"{ip}:{port} is this gateway's own {own}"
         return None
 
     def check_request(self, ctx: RequestContext) -> Decision:

@@ -46,6 +46,7 @@ from proxy.policy import PolicyError
 from proxy.policy import load_policy
 from proxy.replicas import ReplicaRegistry
 from proxy.sites import normalize_host
+from proxy.ssrf import OwnListeners
 from proxy.takedowns import TakedownRegistry
 from proxy.units import parse_size
 
@@ -94,6 +95,12 @@ class Runtime:
         self.settings = settings
         self.replica = settings.replica
         self.governor = Governor(compiled)
+        self.governor.own_listeners = OwnListeners(
+            [
+                (settings.listen_host, settings.listen_port, "proxy port"),
+                (settings.admin_host, settings.admin_port, "admin API port"),
+            ]
+        )
         policy = compiled.loaded.policy
         self.fetch_log = FetchLog(
             self._make_store(),

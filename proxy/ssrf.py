@@ -133,6 +133,52 @@ class AddressGuard:
 type Lookup = Callable[[str], Awaitable[list[IPAddress]]]
 
 
+class OwnListeners:
+    """The gateway's own sockets (its proxy and admin ports): never a target, whatever
+    `network.allow_private` admits. A policy that lets the guard through to 127.0.0.1 (tests,
+    the demo) or to the pods' network would otherwise let any scraper reach the admin API
+    (`/metrics`, and its token-guarded endpoints to guess at) or send a request round the
+    gateway again."""
+
+    def __init__(self, listeners: Iterable[tuple[str, int, str]] = ()):
+        """`listeners`: (host as given to --listen/--admin, port, what it is)."""
+        self._by_port: dict[int, list[tuple[frozenset[IPAddress] | None, str]]] = {}
+        for host, port, name in listeners:
+            self._by_port.setdefault(port, []).append((_bound_addresses(host), name))
+
+    def listener_at(self, address: IPAddress, port: int) -> str | None:
+        """Which of the gateway's listeners (address, port) reaches, or None."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a socket to ::ffff:a.b.c.d reaches a.b.c.d
+        for bound, name in self._by_port.get(port, ()):
+            if (address in bound) if bound is not None else _is_local(address):
+                return name
+        return None
+
+
+def _bound_addresses(host: str) -> frozenset[IPAddress] | None:
+    """The addresses a listener bound to HOST accepts on; None: every local address."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return frozenset()
+    found = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+    if any(ip.is_unspecified for ip in found):
+        return None
+    return frozenset(found)
+
+
+def _is_local(address: IPAddress) -> bool:
+    """Whether the address is one of this host's own (binding to it succeeds only then)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
 class ResolutionError(Exception):
     pass
 

@@ -559,6 +559,22 @@ def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_call
     assert tls_site.paths() == {"/fine": 1}
 
 
+def test_the_gateways_own_ports_are_never_a_target(gateway: Gateway):
+    # The test policy admits 127.0.0.0/8 (network.allow_private), where the gateway listens too.
+    cases = {
+        f"http://site-a.test:{gateway.admin_port}/metrics": "admin API port",
+        f"http://localhost:{gateway.admin_port}/healthz": "admin API port",
+        f"http://site-b.test:{gateway.port}/": "proxy port",
+        f"https://site-a.test:{gateway.admin_port}/metrics": "admin API port",  # in its tunnel
+    }
+    for url, listener in cases.items():
+        answer = curl(
+            url, proxy=gateway.proxy_url(), cacert=gateway.ca_cert, headers=PROJECT_HEADERS
+        )
+        assert (answer.status, answer.json()["reason"]) == (403, "private_address"), url
+        assert f"this gateway's own {listener}" in answer.json()["detail"], url
+
+
 def test_a_host_header_cannot_name_another_site_than_the_one_checked(
     gateway: Gateway, site: Site, tls_site: Site
 ):

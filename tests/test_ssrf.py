@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 
 from proxy.ssrf import AddressGuard
+from proxy.ssrf import OwnListeners
 from proxy.ssrf import ResolutionError
 from proxy.ssrf import Resolver
 from proxy.ssrf import classify
@@ -128,3 +130,18 @@ def test_remembered_verdicts_are_the_same_verdicts_and_stay_bounded():
     for i in range(AddressGuard.VERDICTS_KEPT + 10):
         guard.check(ipaddress.ip_address(i))
     assert len(guard._verdicts) <= AddressGuard.VERDICTS_KEPT
+
+
+def test_the_gateways_own_listeners_are_known_whatever_they_are_bound_to():
+    own = OwnListeners([("127.0.0.1", 8080, "proxy port"), ("0.0.0.0", 9090, "admin API port")])
+    ip = ipaddress.ip_address
+    assert own.listener_at(ip("127.0.0.1"), 8080) == "proxy port"
+    assert own.listener_at(ip("::ffff:127.0.0.1"), 8080) == "proxy port"
+    assert own.listener_at(ip("127.0.0.2"), 8080) is None  # another address than the bound one
+    assert own.listener_at(ip("127.0.0.1"), 8081) is None
+    # Bound to every address: any of this host's own, loopback or not, and no other host's.
+    assert own.listener_at(ip("127.0.0.9"), 9090) == "admin API port"
+    local = socket.gethostbyname(socket.gethostname())
+    assert own.listener_at(ip(local), 9090) == "admin API port"
+    assert own.listener_at(ip("192.0.2.1"), 9090) is None  # TEST-NET-1: never this host's
+    assert OwnListeners([("localhost", 8080, "proxy port")]).listener_at(ip("127.0.0.1"), 8080)

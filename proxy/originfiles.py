@@ -70,6 +70,9 @@ class OriginFetch:
     error: str | None
     upstream_proxy: str | None  # the pool's proxy it left through
     egress_ip: str | None  # the local address of the connection (to the site or the proxy)
+    started: float = 0.0  # wall-clock time the request began
+    duration: float = 0.0  # seconds, to the end of the body read
+    truncated: bool = False  # the body went on past the read limit: size and hash are of less
 
 
 type OnFetch = Callable[[OriginFetch], None]
@@ -458,9 +461,10 @@ class OriginFileFetcher:
         """One GET: (status, headers, body, truncated), or an error message."""
         proxy = self._next_proxy()
         via = proxy.name if proxy is not None else None
+        began = (time.time(), time.monotonic())
         refused = self.resolver.check_literal(url.host or "")
         if refused is not None:
-            self._report(str(url), None, b"", refused, via, None)
+            self._report(str(url), None, b"", refused, via, None, began)
             return refused
         headers = {"User-Agent": self.user_agent, "Accept": "*/*"}
         if self.contact:
@@ -490,14 +494,14 @@ class OriginFileFetcher:
                 egress_ip = _local_address(resp)
                 status = resp.status
                 head = {k.lower(): v for k, v in resp.headers.items()}
-                body, truncated = b"", False
-                if 200 <= status < 300:
-                    body, truncated = await self._read(resp)
+                # Every answer's body, an error page's too: the fetch record's size and hash
+                # are of what the site sent (only a 2xx body is parsed).
+                body, truncated = await self._read(resp)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             message = self._timeout_message(e) if isinstance(e, TimeoutError) else _error_message(e)
-            self._report(str(url), None, b"", message, via, egress_ip)
+            self._report(str(url), None, b"", message, via, egress_ip, began)
             return message
-        self._report(str(url), status, body, None, via, egress_ip)
+        self._report(str(url), status, body, None, via, egress_ip, began, truncated)
         return status, head, body, truncated
 
     def _next_proxy(self) -> UpstreamProxy | None:
@@ -527,12 +531,19 @@ class OriginFileFetcher:
         error: str | None,
         via: str | None,
         egress_ip: str | None,
+        began: tuple[float, float],
+        truncated: bool = False,
     ) -> None:
+        """`began`: the request's start, wall clock and monotonic."""
         if self._on_fetch is None:
             return
         digest = hashlib.sha256(body).hexdigest() if status is not None else None
+        duration = max(0.0, time.monotonic() - began[1])
+        fetch = OriginFetch(
+            url, status, len(body), digest, error, via, egress_ip, began[0], duration, truncated
+        )
         try:
-            self._on_fetch(OriginFetch(url, status, len(body), digest, error, via, egress_ip))
+            self._on_fetch(fetch)
         except Exception:  # a broken recorder must not break the check
             log.exception("on_fetch callback failed", url=url)
 

@@ -47,7 +47,7 @@ def opt_outs(tokens: list[str], respect: Respect) -> list[dict[str, Any]]:
             "how": f"A group for one of our product tokens ({', '.join(tokens)}), e.g. "
             f"'User-agent: {token}' then 'Disallow: /'; without such a group, the * group "
             "applies (RFC 9309). Crawl-delay is honoured. A robots.txt "
-            "that answers 5xx or cannot be reached disallows everything (RFC 9309).",
+            "that answers 429 or 5xx or cannot be reached disallows everything (RFC 9309).",
             "example": f"User-agent: {token}\nDisallow: /",
         },
         {

@@ -246,16 +246,20 @@ class Runtime:
         url, status, error = fetch.url, fetch.status, fetch.error
         host = normalize_host(urlsplit(url).hostname or "")
         policy = self.compiled.loaded.policy
+        note = error
+        if fetch.truncated:
+            note = f"read up to the limit of {fetch.body_bytes} bytes: size and hash are of those"
         self.fetch_log.append(
             FetchRecord(
                 id=uuid.uuid4().hex,
-                ts=utc_timestamp(time.time()),
+                ts=utc_timestamp(fetch.started or time.time()),
+                duration_ms=round(fetch.duration * 1000, 3),
                 method="GET",
                 url=url,
                 kind="gateway_fetch",
                 decision=str(Outcome.FORWARDED),
                 reason=str(Reason.OK if error is None else Reason.UPSTREAM_ERROR),
-                note=error,
+                note=note,
                 site=self.governor.site_for(host).key if host else None,
                 status=status,
                 response_bytes=fetch.body_bytes,

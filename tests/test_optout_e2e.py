@@ -116,6 +116,7 @@ def test_robots_and_tdmrep_refuse_before_the_site_is_asked(gateway: Gateway, sit
     own = [r for r in records if r["kind"] == "gateway_fetch"]
     assert {r["url"].rsplit("/", 1)[1] for r in own} == {"robots.txt", "tdmrep.json"}
     assert all(r["team"] is None and r["site"] == "site-a.test" for r in own)
+    assert all(r["duration_ms"] > 0 and r["content_sha256"] for r in own)
     refused = {
         r["url"].split(str(site.port), 1)[1]: r for r in records if r["decision"] == "refused"
     }

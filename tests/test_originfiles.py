@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import socket
@@ -122,14 +123,18 @@ async def test_every_gateway_fetch_is_reported_for_the_fetch_log() -> None:
         "/robots.txt": web.Response(status=301, headers={"Location": "/real-robots.txt"}),
         "/real-robots.txt": web.Response(body=body),
     }
+    not_found = b"<html><body>No such file</body></html>"
+    routes["/.well-known/tdmrep.json"] = web.Response(status=404, body=not_found)
+    began = time.time()
     async with origin_server(routes) as site:
         f = fetcher(on_fetch=records.append)
         try:
             await f.fetch(site.origin() + "/robots.txt")
+            await f.fetch(site.origin() + "/.well-known/tdmrep.json")
         finally:
             await f.close()
     base = site.origin()
-    assert records == [
+    assert [dataclasses.replace(r, started=0.0, duration=0.0) for r in records] == [
         OriginFetch(
             base + "/robots.txt", 301, 0, hashlib.sha256(b"").hexdigest(), None, None, "127.0.0.1"
         ),
@@ -142,7 +147,18 @@ async def test_every_gateway_fetch_is_reported_for_the_fetch_log() -> None:
             None,
             "127.0.0.1",  # the local address of the connection the answer came on
         ),
+        # An error page is what the site sent too: its size and hash, not an empty body's.
+        OriginFetch(
+            base + "/.well-known/tdmrep.json",
+            404,
+            len(not_found),
+            hashlib.sha256(not_found).hexdigest(),
+            None,
+            None,
+            "127.0.0.1",
+        ),
     ]
+    assert all(began <= r.started <= time.time() and r.duration > 0 for r in records)
 
 
 async def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:

@@ -106,7 +106,7 @@ class EpubScanner:
         self._max_scan = max_scan
         self._buf = bytearray()
         self._skip = 0
-        self._state = "header"
+        self._state = "header"  # header, sized, inflate, stored, descriptor: the next _step_
         self._entry: _Entry | None = None  # the entry being (or last) read or skipped
         self._inflater: Any = None  # zlib's decompressobj, for an entry of unknown size
         self._inflated = 0  # bytes inflated only to find entries' ends
@@ -168,14 +168,7 @@ class EpubScanner:
 
     def _advance(self) -> None:
         while not self.done and not self._skip:
-            step = {
-                "header": self._step_header,
-                "sized": self._step_sized,
-                "inflate": self._step_inflate,
-                "stored": self._step_stored,
-                "descriptor": self._step_descriptor,
-            }[self._state]
-            if not step():
+            if not getattr(self, f"_step_{self._state}")():
                 return
 
     def _step_header(self) -> bool:

@@ -374,7 +374,13 @@ class Gateway:
         state.site = ctx.site.key
         state.basis = f"{ctx.basis.kind}:{ctx.basis.ref}"
         if tunnel is not None and tunnel.refusal is not None:
-            return self._refuse(flow, state, tunnel.refusal, started)
+            self._refuse(flow, state, tunnel.refusal, started)
+            if req.http_version.startswith("HTTP/1") and flow.response is not None:
+                # The scraper's next request opens a new tunnel, decided anew: a name that
+                # did not resolve, or a blocklist entry since lifted, is not stuck to the
+                # connection. (HTTP/2 has no such header: its tunnel ends with the connection.)
+                flow.response.headers["connection"] = "close"
+            return None
         decision = gov.check_request(ctx)
         if decision.allowed and tunnel is None:
             address, decision = await gov.target_address(host, port, ctx.site.key)

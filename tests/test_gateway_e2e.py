@@ -518,9 +518,20 @@ def test_blocklisted_domain_is_refused_inside_its_tunnel_and_for_plain_http(
     # answer as over plain HTTP (a browser shows nothing of a refused CONNECT).
     assert (tunnel.returncode, tunnel.status) == (0, 451), tunnel.stderr
     assert tunnel.json() == {**body, "site": "blocked.test"}
+    # HTTP/1 in the tunnel: closed after the answer, the next request decided on a new CONNECT.
+    again = curl(
+        tls_site.url("blocked.test", "/again"),
+        proxy=gateway.proxy_url(),
+        cacert=gateway.ca_cert,
+        headers=PROJECT_HEADERS,
+        extra=["--http1.1"],
+    )
+    assert (again.version, again.status, again.headers["connection"]) == ("HTTP/1.1", 451, "close")
     assert site.connections == 0 and tls_site.connections == 0
     records = [(r["method"], r["reason"], r["status"]) for r in gateway.fetch_records()]
     assert records == [
+        ("GET", "tos_blocklist", 451),
+        ("CONNECT", "tos_blocklist", 200),
         ("GET", "tos_blocklist", 451),
         ("CONNECT", "tos_blocklist", 200),
         ("GET", "tos_blocklist", 451),

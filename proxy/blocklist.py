@@ -8,8 +8,10 @@ with all its subdomains, a URL prefix, or one URL (without a query: with any que
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import quote
 from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
 
@@ -47,11 +49,27 @@ def authority(scheme: str, host: str, port: int | None) -> str:
 
 
 def normalize_url(url: str) -> str:
-    """Scheme and host lower-case, default port dropped, empty path as "/"; path kept as is."""
+    """Scheme and host lower-case, default port dropped, empty path as "/"; path and query as
+    a client sends them: what clients always percent-encode encoded (`encoded_as_sent`), the
+    rest kept as is."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     netloc = authority(scheme, normalize_host(parts.hostname or ""), parts.port)
-    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    path = encoded_as_sent(parts.path, _PATH_ENCODED) or "/"
+    return urlunsplit((scheme, netloc, path, encoded_as_sent(parts.query, _QUERY_ENCODED), ""))
+
+
+# What clients never send as is (WHATWG URL's path and query percent-encode sets but for `{}`,
+# which curl sends as typed, and every character beyond ASCII, as UTF-8): a URL copied from a browser's address bar or a web page
+# (`/café.jpg`, `/my photo.jpg`) names the same file as the request for `/caf%C3%A9.jpg`.
+_PATH_ENCODED = re.compile(r'[^\x21-\x7e]|["<>`]')
+_QUERY_ENCODED = re.compile(r'[^\x21-\x7e]|["<>]')
+
+
+def encoded_as_sent(part: str, unsafe: re.Pattern[str]) -> str:
+    if unsafe.search(part) is None:
+        return part
+    return unsafe.sub(lambda m: quote(m.group(), safe=""), part)
 
 
 def entry_from_pattern(

@@ -19,6 +19,10 @@ from proxy.decision import Reason
         ("https://example.com:443/a?b=1#frag", "https://example.com/a?b=1"),
         ("http://example.com:8080/A", "http://example.com:8080/A"),
         ("http://[::1]:80/x", "http://[::1]/x"),
+        # As a browser shows it: encoded as every client sends it.
+        ("http://example.com/g/café.jpg", "http://example.com/g/caf%C3%A9.jpg"),
+        ("http://example.com/my photo.jpg?q=a b", "http://example.com/my%20photo.jpg?q=a%20b"),
+        ("http://example.com/caf%c3%a9.jpg", "http://example.com/caf%c3%a9.jpg"),  # kept
     ],
 )
 def test_normalize_url(raw: str, normal: str):
@@ -39,6 +43,14 @@ BLOCKLIST = Blocklist(
             Reason.TAKEDOWN,
         ),
         entry_from_pattern("tilde", "https://forum.example/%7euser/", "terms", "src"),
+        BlockEntry(
+            "td-3",
+            Scope.URL,
+            normalize_url("https://img.example/g/café au lait.jpg"),
+            "rh",
+            "c",
+            Reason.TAKEDOWN,
+        ),
         BlockEntry(
             "td-2",
             Scope.URL,
@@ -68,6 +80,7 @@ BLOCKLIST = Blocklist(
         ("https://img.example/view?id=2", None),  # an entry with a query covers that query
         ("https://img.example/view", None),
         ("https://forum.example/~user/x", "tilde"),  # the entry spells it %7e
+        ("https://img.example/g/caf%C3%A9%20au%20lait.jpg", "td-3"),  # written as shown
     ],
 )
 def test_match_url(url: str, rule: str | None):

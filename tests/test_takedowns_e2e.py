@@ -219,6 +219,31 @@ def test_blocklist_changes_propagate_and_a_replica_catches_up_after_missed_messa
 # -- the manifest against an export --------------------------------------------------------
 
 
+def test_a_target_written_as_a_browser_shows_it_binds_and_finds_the_earlier_fetches(
+    workdir: Path, site: Site
+):
+    # A rights holder copies the address bar: `café au lait.jpg`; clients send it encoded.
+    site.routes["/g/caf%C3%A9%20au%20lait.jpg"] = Reply(
+        body=b"a photo", headers={"Content-Type": "image/jpeg"}
+    )
+    sent = site.url("site-a.test", "/g/caf%C3%A9%20au%20lait.jpg")
+    with Gateway(workdir, base_policy()) as gw:
+        assert fetch(gw, sent).status == 200
+        shown = site.url("site-a.test", "/g/café au lait.jpg")
+        status, filed = gw.admin_request(
+            "POST", "/v1/takedowns", ADMIN_TOKEN, takedown_body("url", shown)
+        )
+        assert status == 201, filed
+        for spelling in (sent, sent.replace("%C3%A9", "%c3%a9")):
+            answer = fetch(gw, spelling)
+            assert (answer.status, answer.json()["reason"]) == (451, "takedown"), spelling
+        status, manifest = gw.admin_request(
+            "GET", f"/v1/takedowns/{filed['id']}/manifest", AUDITOR_TOKEN
+        )
+    assert status == 200 and [r["url"] for r in manifest["records"]] == [sent]
+    assert site.paths()["/g/caf%C3%A9%20au%20lait.jpg"] == 1
+
+
 def test_the_manifest_lists_exactly_the_earlier_fetches_an_export_shows_for_the_scope(
     workdir: Path, site: Site
 ):

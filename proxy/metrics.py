@@ -138,7 +138,7 @@ for _kind in UPSTREAM_ERROR_KINDS:
     UPSTREAM_ERRORS.labels(kind=_kind)
 for _store in ("redis", "originfiles", "audit"):
     STORE_ERRORS.labels(store=_store)
-for _outcome in ("stored", "retry", "spool_error"):
+for _outcome in ("stored", "retry", "spool_error", "lost"):
     AUDIT_RECORDS.labels(outcome=_outcome)
 for _file in ORIGIN_FILES.values():
     for _result in ("hit", "miss", "coalesced"):

@@ -47,6 +47,7 @@ from tests.optout_fixtures import static_resolver
 from tests.support import ADMIN_TOKEN
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
+from tests.support import ROOT
 from tests.support import Gateway
 from tests.support import LocalCA
 from tests.support import Reply
@@ -543,3 +544,46 @@ def test_governance_latency_is_resolved_around_its_2_ms_target():
         if s.name.endswith("_bucket") and s.labels.get("phase") == "governance"
     }
     assert {"0.002", "0.003", "0.004", "0.005"} <= bounds
+
+
+def test_every_counter_series_an_alert_counts_up_from_is_exported_at_zero_from_the_start():
+    # increase() of a series that first appears at 1 is 0: an alert on the first lost record,
+    # the first store error, would never fire. A fresh gateway process exports them at 0.
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+    expressions = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    # Counters read with fixed label values (a site's or a team's series cannot be known ahead).
+    wanted = {
+        (name, tuple(sorted(re.findall(r'(\w+)="([^"]*)"', matchers))))
+        for expr in expressions
+        for name, matchers in re.findall(r"(?:increase|rate)\((crawlwarden_\w+)\{([^}]*)\}", expr)
+        if name.endswith("_total") and re.search(r'\w+="', matchers)
+    }
+    assert ("crawlwarden_audit_records_total", (("outcome", "lost"),)) in wanted
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import prometheus_client, proxy.metrics; "
+            "print(prometheus_client.generate_latest().decode())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    exported = {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(fresh)
+        for sample in family.samples
+        if sample.value == 0
+    }
+    for name, labels in wanted:
+        assert any(n == name and set(labels) <= set(have) for n, have in exported), (
+            f"{name}{dict(labels)} is not exported at 0 from the start"
+        )

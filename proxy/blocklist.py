@@ -60,8 +60,9 @@ def normalize_url(url: str) -> str:
 
 
 # What clients never send as is (WHATWG URL's path and query percent-encode sets but for `{}`,
-# which curl sends as typed, and every character beyond ASCII, as UTF-8): a URL copied from a browser's address bar or a web page
-# (`/café.jpg`, `/my photo.jpg`) names the same file as the request for `/caf%C3%A9.jpg`.
+# which curl sends as typed, and every character beyond ASCII, as UTF-8): a URL copied from a
+# browser's address bar or a web page (`/café.jpg`, `/my photo.jpg`) names the same file as the
+# request for `/caf%C3%A9.jpg`.
 _PATH_ENCODED = re.compile(r'[^\x21-\x7e]|["<>`]')
 _QUERY_ENCODED = re.compile(r'[^\x21-\x7e]|["<>]')
 

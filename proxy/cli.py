@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from proxy.audit.query import DECISIONS
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--team", help="only this team")
     export.add_argument("--project", help="only this project")
     export.add_argument(
-        "--decision", choices=["forwarded", "refused", "withheld"], help="only this decision"
+        "--decision", choices=DECISIONS, help="only this decision (others redacted)"
     )
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("--output", type=Path, help="write here instead of stdout")
@@ -229,6 +231,17 @@ def _source_from_env(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args, argv)
+    except BrokenPipeError:
+        # The reader went away (`crawlwarden audit verify ... | head`): what it did not read
+        # is not wanted. Point stdout at /dev/null, so that flushing it at exit fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.command == "run":
         args.debug_checks = args.debug_checks or _env_flag("debug_checks")
         if argv is None:  # the command itself, not a call from Python (tests)

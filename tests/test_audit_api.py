@@ -92,7 +92,9 @@ async def test_filters_csv_and_roles(client: TestClient) -> None:
     assert (await client.get("/v1/fetches")).status == 401
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     assert (await client.get("/v1/fetches", headers=admin)).status == 403
-    for bad in ("limit=0", "format=xml", "since=yesterday", "cursor=%%%"):
+    resp = await client.get("/v1/fetches?replica=gw-api", headers=AUDITOR)
+    assert '"filters":{"replica":"gw-api"}' in await resp.text()  # the header says so
+    for bad in ("limit=0", "format=xml", "since=yesterday", "cursor=%%%", "decision=bogus"):
         resp = await client.get(f"/v1/fetches?{bad}", headers=AUDITOR)
         assert resp.status == 400, bad
 

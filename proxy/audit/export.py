@@ -307,9 +307,23 @@ class Progress:
             self.stream.flush()
 
 
+@dataclass
+class Counted:
+    """Records written: in full, and redacted to their digests by the content filters."""
+
+    full: int = 0
+    redacted: int = 0
+
+    def __str__(self) -> str:
+        total = self.full + self.redacted
+        if not self.redacted:
+            return f"{total} records"
+        return f"{total} records ({self.full} in full, {self.redacted} redacted by the filters)"
+
+
 async def run_export(
     args: argparse.Namespace, out: TextIO, progress_stream: TextIO = sys.stderr
-) -> int:
+) -> Counted:
     query = query_from_args(args)
     reader, source = open_reader(args)
     await reader.open()
@@ -327,11 +341,14 @@ async def run_export(
             def write(item: dict[str, Any]) -> str:
                 return json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n"
 
-        count = 0
+        count = Counted()
         async for item in lines(reader, query, pieces):
             out.write(write(item))
-            if item["type"] in ("record", "redacted"):
-                count += 1
+            if item["type"] == "record":
+                count.full += 1
+                progress.step()
+            elif item["type"] == "redacted":
+                count.redacted += 1
                 progress.step()
         progress.finish()
         return count
@@ -355,5 +372,5 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.output:
             out.close()
     if args.output:
-        print(f"wrote {count} records to {args.output}", file=sys.stderr)
+        print(f"wrote {count} to {args.output}", file=sys.stderr)
     return 0

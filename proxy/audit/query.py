@@ -25,6 +25,9 @@ def parse_time(text: str) -> str:
     return parsed.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+DECISIONS = ("forwarded", "refused", "withheld")
+
+
 @dataclass(frozen=True)
 class RecordQuery:
     since: str | None = None  # inclusive, RFC 3339 as in `ts`
@@ -35,6 +38,11 @@ class RecordQuery:
     decision: str | None = None
     replica: str | None = None
     after: tuple[str, int] | None = None  # cursor: (replica, seq) already seen
+
+    def __post_init__(self) -> None:
+        if self.decision is not None and self.decision not in DECISIONS:
+            # Else every record would be redacted, as if none had been made.
+            raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
 
     @property
     def content_filters(self) -> dict[str, str]:
@@ -52,7 +60,12 @@ class RecordQuery:
         return all(rec.get(k) == v for k, v in self.content_filters.items())
 
     def describe(self) -> dict[str, str]:
-        pairs = (("since", self.since), ("until", self.until), *self.content_filters.items())
+        pairs = (
+            ("since", self.since),
+            ("until", self.until),
+            ("replica", self.replica),
+            *self.content_filters.items(),
+        )
         return {k: v for k, v in pairs if v is not None}
 
     def sql_where(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,6 +116,23 @@ class Report:
         )
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose every key is once: with a key twice, a reader that keeps the first
+    value sees another record than the one hashed (which kept the last)."""
+    item = dict(pairs)
+    if len(item) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"the key {key!r} appears twice")
+            seen.add(key)
+    return item
+
+
 def _read(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     with path.open("r", encoding="utf-8") as f:
         for number, raw in enumerate(f, start=1):
@@ -122,7 +140,10 @@ def _read(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
             if not text:
                 continue
             try:
-                item = json.loads(text)
+                item = json.loads(text, object_pairs_hook=_no_duplicates)
+            except _DuplicateKey as e:
+                yield number, None, f"modified: {e}"
+                continue
             except ValueError:
                 yield number, None, "not JSON"
                 continue
@@ -488,6 +509,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"crawlwarden audit verify: no file {path}", file=sys.stderr)
         return EXIT_USAGE
+    with path.open("rb") as f:
+        opening = f.readline(4096)
+    if opening.startswith(b"type,"):
+        print(
+            f"crawlwarden audit verify: {path} is a CSV export, which cannot be verified (CSV "
+            "loses JSON types, so hashes cannot be recomputed); export with --format jsonl",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     report = verify_file(path, verifier, allow_unsigned=args.allow_unsigned)
     header = report.header
     if header is not None and header.get("format") != FORMAT:
@@ -501,15 +531,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"crawlwarden audit verify: {path} holds no records", file=sys.stderr)
         return EXIT_USAGE
     if report.problems:
-        first = report.problems[0]
-        print(f"FAILED: {first}")
+        lines = [f"FAILED: {report.problems[0]}"]
         if len(report.problems) > 1:
-            print(f"{len(report.problems)} problems in all:")
-            for problem in report.problems[:50]:
-                print(f"  {problem}")
+            lines.append(f"{len(report.problems)} problems in all:")
+            lines += [f"  {problem}" for problem in report.problems[:50]]
             if len(report.problems) > 50:
-                print(f"  ... and {len(report.problems) - 50} more")
-        return EXIT_TAMPERED
-    for text in summary(report, path, verifier):
-        print(text)
-    return EXIT_OK
+                lines.append(f"  ... and {len(report.problems) - 50} more")
+        return _say(lines, EXIT_TAMPERED)
+    return _say(summary(report, path, verifier), EXIT_OK)
+
+
+def _say(lines: list[str], verdict: int) -> int:
+    """Print the lines; the verdict is the exit status even if the reader went away before
+    reading them all (`| head -3`)."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return verdict

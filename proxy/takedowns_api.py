@@ -215,9 +215,10 @@ async def confirm_deletion(request: web.Request) -> web.Response:
     if (refused := _cannot_record(rt)) is not None:
         return refused
     try:
-        confirmation = await _registry(request).confirm(
-            request.match_info["id"], await _body(request), _actor(request)
-        )
+        body = await _body(request)
+        registry = _registry(request)
+        await _check_confirming_team(rt, registry, request.match_info["id"], body.get("team"))
+        confirmation = await registry.confirm(request.match_info["id"], body, _actor(request))
     except NotFound as e:
         return problem(404, str(e))
     except InvalidRequest as e:
@@ -225,6 +226,27 @@ async def confirm_deletion(request: web.Request) -> web.Response:
     except StateUnavailable as e:
         return problem(503, f"{e}; the confirmation is not recorded, retry")
     return web.json_response(confirmation.to_dict(), status=201)
+
+
+async def _check_confirming_team(
+    rt: Runtime, registry: TakedownRegistry, takedown_id: str, team: Any
+) -> None:
+    """A team of the policy, or one the takedown's manifest names (a team since removed from
+    the policy still owes its confirmation): a misspelt name would be taken as a confirmation
+    while the real team stays outstanding."""
+    names = {t.name for t in rt.compiled.loaded.policy.teams}
+    if not isinstance(team, str) or team in names:
+        return  # (the registry says what is wrong with a name that is not text)
+    takedown = registry.state.takedowns.get(takedown_id)
+    if takedown is None:
+        return  # the registry answers 404
+    rows = (await manifests(rt, [takedown]))[takedown_id]
+    if team not in {r.get("team") for r in rows}:
+        known = ", ".join(sorted(names))
+        raise InvalidRequest(
+            f"team: {team!r} is no team of the policy ({known}) and has no fetch in the "
+            "takedown's manifest"
+        )
 
 
 async def add_block(request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ from tests.support import AUDITOR_TOKEN
 from tests.support import base_policy
 from tests.support import sha256_hex
 from tests.support import write_policy
+from tests.test_audit_support import fetch
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
@@ -334,6 +335,21 @@ async def test_confirmations_are_recorded_per_team(runtime: Runtime, client: Tes
         "/v1/takedowns/td-nope/confirmations", json={"team": "a", "deleted": 1}, headers=ADMIN
     )
     assert missing.status == 404
+
+
+async def test_a_confirmation_names_a_team_that_owes_one(runtime: Runtime, client: TestClient):
+    # A team since removed from the policy, with a fetch the takedown covers, still owes one.
+    runtime.record(fetch(1, url="https://photos.example.com/gallery/a.jpg", team="departed-team"))
+    assert await runtime.fetch_log.flushed()
+    filed = await (await client.post("/v1/takedowns", json=TAKEDOWN, headers=ADMIN)).json()
+    path = f"/v1/takedowns/{filed['id']}/confirmations"
+    misspelt = await client.post(path, json={"team": "vision-dta", "deleted": 0}, headers=ADMIN)
+    assert misspelt.status == 400
+    assert "'vision-dta' is no team of the policy" in (await misspelt.json())["error"]
+    departed = await client.post(path, json={"team": "departed-team", "deleted": 1}, headers=ADMIN)
+    assert departed.status == 201
+    shown = await (await client.get(f"/v1/takedowns/{filed['id']}", headers=ADMIN)).json()
+    assert shown["teams_confirmed"] == ["departed-team"]
 
 
 async def test_blocklist_entries_are_added_removed_and_recorded(

@@ -660,7 +660,9 @@ def test_crawlwarden_run_accepts_the_rendered_pod(
     # preStop, then SIGTERM and the gateway's drain, all inside the grace period.
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace > sleep + Settings(policy_file=Path("p")).drain_seconds
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert float(env["CRAWLWARDEN_DRAIN_SECONDS"]) == Settings(policy_file=Path("p")).drain_seconds
+    assert grace > sleep + float(env["CRAWLWARDEN_DRAIN_SECONDS"])
 
 
 # -- values that would break the gateway fail before anything is deployed --------------------
@@ -687,6 +689,15 @@ def test_crawlwarden_run_accepts_the_rendered_pod(
         ({"policy": "teams: [unclosed"}, "policy: not valid YAML"),
         ({"policy": ""}, "give the policy inline"),
         ({"preStopSleepSeconds": 40}, "must exceed preStopSleepSeconds"),
+        ({"drainSeconds": 90}, "drainSeconds (90)"),
+        (
+            {"terminationGracePeriodSeconds": 20},
+            "must exceed preStopSleepSeconds (5) + drainSeconds",
+        ),
+        (
+            {"extraEnv": [{"name": "CRAWLWARDEN_DRAIN_SECONDS", "value": "90"}]},
+            "set the drain with drainSeconds",
+        ),
         ({"networkPolicy": {"enabled": True}}, "name the scraper namespaces"),
         ({"egressLockdown": {"enabled": True}}, "list the scraper namespaces"),
         (
@@ -737,7 +748,8 @@ def test_render_refuses_values_that_break_a_promise(
         {"teamTokens": {"tokens": {"VISION-DATA": "t"}}},
         {"teamTokens": {"tokens": {"VISION_DATA_TOKEN": ""}}},
         {"containerPorts": {"proxy": 70000, "admin": 9090}},
-        {"terminationGracePeriodSeconds": 20},
+        {"terminationGracePeriodSeconds": 1},
+        {"drainSeconds": 0},
         {"image": {"repository": "crawlwarden", "digest": "latest"}},
         {"persistence": {"retentionPolicy": {"whenScaled": "Keep"}}},
         {"egressLockdown": {"namespaces": ["Scrapers_A"]}},

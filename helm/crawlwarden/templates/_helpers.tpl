@@ -191,9 +191,14 @@ Values that would deploy a gateway that cannot start, or that breaks a promise o
 {{- if and (include "crawlwarden.hasAuditDSN" .) (not (include "crawlwarden.hasSigningKey" .)) -}}
 {{- fail "a PostgreSQL fetch log needs one checkpoint signing key for every replica: set signingKey.existingSecret or signingKey.privateKey (crawlwarden keys generate)" -}}
 {{- end -}}
-{{- $drain := 30 -}}
+{{- $drain := int .Values.drainSeconds -}}
+{{- range .Values.extraEnv -}}
+{{- if eq .name "CRAWLWARDEN_DRAIN_SECONDS" -}}
+{{- fail "extraEnv: set the drain with drainSeconds (the chart checks it against terminationGracePeriodSeconds), not CRAWLWARDEN_DRAIN_SECONDS" -}}
+{{- end -}}
+{{- end -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) $drain) -}}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + the gateway's %d s drain, or the kubelet kills it before the fetch log is flushed" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) $drain) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + drainSeconds (%d), or the kubelet kills the gateway before the fetch log is flushed" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) $drain) -}}
 {{- end -}}
 {{- if and .Values.networkPolicy.enabled (not (or .Values.networkPolicy.scraperNamespaces.names .Values.networkPolicy.scraperNamespaces.matchLabels (and .Values.egressLockdown.enabled .Values.egressLockdown.namespaces))) -}}
 {{- fail "networkPolicy.enabled: name the scraper namespaces (networkPolicy.scraperNamespaces.names or .matchLabels), or no scraper can reach the gateway" -}}

@@ -120,6 +120,8 @@ spec:
           value: {{ .Values.dataDir | quote }}
         - name: CRAWLWARDEN_LOG_LEVEL
           value: {{ .Values.logLevel | quote }}
+        - name: CRAWLWARDEN_DRAIN_SECONDS
+          value: {{ int .Values.drainSeconds | quote }}
         # The pod's name is the replica's name in fetch records (its own hash chain).
         - name: CRAWLWARDEN_REPLICA_ID
           valueFrom:

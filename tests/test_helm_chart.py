@@ -1133,3 +1133,24 @@ def test_helm_lint_finds_no_problem(name: str, chart_with_dashboards: Path):
     # Severity 1 is information (Chart.yaml has no icon); 2 and 3 are warnings and errors.
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
     assert report["errors"] == []
+
+
+def test_the_rules_select_the_job_the_servicemonitor_gives_under_any_name():
+    # With nameOverride, the Service's app.kubernetes.io/name (the ServiceMonitor's jobLabel)
+    # changes, so job="crawlwarden" in the rules would select nothing: no alert would fire.
+    values = {
+        "nameOverride": "egress",
+        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    }
+    if "alerts.yaml" not in embedded_files(CHART / "dashboards"):
+        pytest.skip("the chart has no copy of dashboards/ (helm/sync-dashboards.sh)")
+    objects = render(values)
+    monitor = one(objects, "ServiceMonitor")
+    service = next(o for o in objects if o["kind"] == "Service" and "proxy" in str(o["spec"]))
+    job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    assert job == "egress"
+    exprs = [
+        r["expr"] for g in one(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"]
+    ]
+    jobs = {m for e in exprs for m in re.findall(r'job="([^"]*)"', e)}
+    assert jobs == {"egress"}

@@ -68,7 +68,9 @@ BUDGET_USED_RATIO = Gauge(
 )
 OPTOUT_SIGNALS = Counter(
     "crawlwarden_optout_signals_total",
-    "Opt-out signals seen, by site and signal",
+    "Signals the opt-out checks recorded, by site and signal: opt-outs (binding or not), "
+    "their absence (e.g. tdm-header:not-reserved) and what could not be read (...:unread, "
+    "...:incomplete, body:undecodable)",
     ["site", "signal"],
 )
 REQUEST_DURATION = Histogram(

@@ -32,6 +32,8 @@ from proxy import optout
 from proxy import tdmrep
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
+from proxy.stepscan import ScanError
+from proxy.stepscan import StepScanner
 
 MEDIA_TYPE = "application/epub+zip"
 # OCF: the first entry is `mimetype`, stored, no extra field, its content the media type: the
@@ -92,21 +94,18 @@ class _Entry:
     descriptor: bool  # a data descriptor follows the data
 
 
-class _Unreadable(Exception):
+class _Unreadable(ScanError):
     pass
 
 
-class EpubScanner:
-    """Feed the decoded body in chunks; `feed()` returns True once the package is known."""
+class EpubScanner(StepScanner):
+    """Feed the decoded body in chunks; `feed()` returns True once the package is known.
+
+    States: header, sized, inflate, stored, descriptor."""
 
     def __init__(self, *, max_scan: int = MAX_SCAN):
+        super().__init__("header", max_scan=max_scan)
         self.result = EpubPackage()
-        self.seen = 0
-        self.done = False
-        self._max_scan = max_scan
-        self._buf = bytearray()
-        self._skip = 0
-        self._state = "header"  # header, sized, inflate, stored, descriptor: the next _step_
         self._entry: _Entry | None = None  # the entry being (or last) read or skipped
         self._inflater: Any = None  # zlib's decompressobj, for an entry of unknown size
         self._inflated = 0  # bytes inflated only to find entries' ends
@@ -117,23 +116,6 @@ class EpubScanner:
         self._rootfiles: list[str] | None = None  # from container.xml, once read
         self._documents: dict[str, bytes] = {}  # package documents read, by entry name
 
-    def feed(self, chunk: bytes) -> bool:
-        if self.done:
-            return True
-        self.seen += len(chunk)
-        if self._skip:
-            dropped = min(self._skip, len(chunk))
-            self._skip -= dropped
-            chunk = chunk[dropped:]
-        self._buf += chunk
-        try:
-            self._advance()
-        except _Unreadable as e:
-            self._finish(str(e))
-        if not self.done and self.seen >= self._max_scan:
-            self._finish(f"the package document was not found within {self._max_scan} bytes")
-        return self.done
-
     def finish(self) -> EpubPackage:
         """The result; call at the end of the body if `feed()` never returned True."""
         if not self.done:
@@ -143,6 +125,12 @@ class EpubScanner:
         return self.result
 
     # -- machinery -------------------------------------------------------------------------
+
+    def _stop(self, error: str) -> None:
+        self._finish(error)
+
+    def _not_found(self, limit: int) -> str:
+        return f"the package document was not found within {limit} bytes"
 
     def _finish(self, error: str | None) -> None:
         """Done: the package documents container.xml names (every one read, if it was), else
@@ -165,11 +153,6 @@ class EpubScanner:
         self._buf = bytearray()
         self._inflater = None
         self._out = []
-
-    def _advance(self) -> None:
-        while not self.done and not self._skip:
-            if not getattr(self, f"_step_{self._state}")():
-                return
 
     def _step_header(self) -> bool:
         buf = self._buf
@@ -226,10 +209,9 @@ class EpubScanner:
         assert entry is not None and entry.size is not None
         if entry.size > MAX_DOCUMENT:
             raise _Unreadable(f"{entry.name} is larger than {MAX_DOCUMENT} bytes")
-        if len(self._buf) < entry.size:
+        data = self._take(entry.size)
+        if data is None:
             return False
-        data = bytes(self._buf[: entry.size])
-        del self._buf[: entry.size]
         if entry.method == _DEFLATED:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             try:
@@ -344,11 +326,6 @@ class EpubScanner:
             self._documents[name] = data
         if self._rootfiles is not None and all(n in self._documents for n in self._rootfiles):
             self._finish(None)
-
-    def _drop(self, n: int) -> None:
-        have = min(n, len(self._buf))
-        del self._buf[:have]
-        self._skip += n - have
 
 
 def _zip64_compressed_size(extra: bytes) -> int | None:

@@ -58,6 +58,8 @@ from proxy import optout
 from proxy import tdmrep
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
+from proxy.stepscan import ScanError
+from proxy.stepscan import StepScanner
 
 PLUS_NS = "http://ns.useplus.org/ldf/xmp/1.0/"
 PLUS_VOCAB = "http://ns.useplus.org/ldf/vocab/"
@@ -189,7 +191,7 @@ class ImageMetadata:
 # -- the incremental scanner ---------------------------------------------------------------
 
 
-class ImageMetadataScanner:
+class ImageMetadataScanner(StepScanner):
     """Feed the decoded body in chunks; `feed()` returns True once the metadata is known.
 
     Nothing of the image data is kept: at most the metadata payloads and one pending header.
@@ -197,12 +199,8 @@ class ImageMetadataScanner:
 
     def __init__(self, *, max_scan: int = MAX_SCAN, svg: bool = False):
         """`svg`: the body is an SVG image (known by its Content-Type: text is not sniffed)."""
+        super().__init__("sniff", max_scan=max_scan)
         self.meta = ImageMetadata()
-        self.seen = 0
-        self.done = False
-        self._max_scan = max_scan
-        self._buf = bytearray()
-        self._skip = 0
         self._xmp_bytes = 0
         self._extended: dict[bytes, dict[int, bytes]] = {}
         self._jumbf: dict[int, dict[int, bytes]] = {}
@@ -212,29 +210,9 @@ class ImageMetadataScanner:
         self._store_seen = False  # a C2PA store was found by scanning (read, or noticed)
         self._store_parts: list[bytes] = []  # a GIF's store, sub-block by sub-block
         self._store_size = 0
-        self._state = "sniff"
         if svg:
             self.meta.format = ImageFormat.SVG
             self._state = "packet_search"
-
-    def feed(self, chunk: bytes) -> bool:
-        if self.done:
-            return True
-        self.seen += len(chunk)
-        if self._skip:
-            dropped = min(self._skip, len(chunk))
-            self._skip -= dropped
-            chunk = chunk[dropped:]
-        self._buf += chunk
-        try:
-            self._advance()
-        except _Corrupt as e:
-            self.meta.error = str(e)
-            self._finish(complete=False)
-        if not self.done and self.seen >= self._max_scan:
-            self.meta.error = f"metadata not found within the first {self._max_scan} bytes"
-            self._finish(complete=False)
-        return self.done
 
     def finish(self) -> ImageMetadata:
         """The result; call at the end of the body if `feed()` never returned True."""
@@ -247,6 +225,13 @@ class ImageMetadataScanner:
         return self.meta
 
     # -- machinery -------------------------------------------------------------------------
+
+    def _stop(self, error: str) -> None:
+        self.meta.error = error
+        self._finish(complete=False)
+
+    def _not_found(self, limit: int) -> str:
+        return f"metadata not found within the first {limit} bytes"
 
     def _finish(self, *, complete: bool) -> None:
         self.meta.complete = complete
@@ -261,26 +246,6 @@ class ImageMetadataScanner:
         self._buf = bytearray()
         self._extended.clear()
         self._jumbf.clear()
-
-    def _take(self, n: int) -> bytes | None:
-        if len(self._buf) < n:
-            return None
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def _drop(self, n: int) -> None:
-        have = min(n, len(self._buf))
-        del self._buf[:have]
-        self._skip += n - have
-
-    def _advance(self) -> None:
-        while not self.done:
-            if self._skip:
-                return
-            step = getattr(self, f"_step_{self._state}")
-            if not step():
-                return
 
     def _step_sniff(self) -> bool:
         fmt = sniff(bytes(self._buf[:12]))
@@ -562,7 +527,7 @@ class ImageMetadataScanner:
         parts[sequence] = data
 
 
-class _Corrupt(Exception):
+class _Corrupt(ScanError):
     pass
 
 

@@ -47,6 +47,7 @@ from proxy.audit.record import utc_timestamp
 from proxy.auth_throttle import AuthThrottle
 from proxy.blocklist import authority
 from proxy.blocklist import normalize_url
+from proxy.budgets import Admission
 from proxy.budgets import Lease
 from proxy.content_coding import BodyDecoder
 from proxy.content_coding import decodable_only
@@ -193,6 +194,10 @@ class Gateway:
         )
         self._proxy_turn = 0
         self.throttle = throttle or AuthThrottle()
+        # Delay-mode admissions under way, per client: given up when the client goes away.
+        self._held: weakref.WeakKeyDictionary[connection.Client, set[asyncio.Future[Admission]]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._limits: tuple[str, Limits] | None = None
 
     # -- connection layering ---------------------------------------------------------------
@@ -401,7 +406,19 @@ class Gateway:
                 # The gateway has just read this file for the whole fleet: no second fetch.
                 return self._serve_cached_robots(flow, state, cached, started)
         # Budgets last: what they count is exactly what is forwarded (DESIGN.md step 4).
-        admission = await self.rt.admit(ctx)
+        if ctx.site.settings.on_exceed == "delay":
+            admission = await self._admit_held(flow, ctx)
+            if admission is None:  # its client went away while it was held
+                state.decision = refuse(
+                    Reason.INTERRUPTED,
+                    "the client went away while the request was held for the site's budget",
+                    site=ctx.site.key,
+                )
+                if flow.killable:
+                    flow.kill()  # nothing leaves for it
+                return self._record(flow, state)
+        else:
+            admission = await self.rt.admit(ctx)
         if not admission.decision.allowed:
             return self._refuse(flow, state, admission.decision, started)
 
@@ -694,6 +711,24 @@ class Gateway:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.tunnels.pop(client, None)
+        for waiting in self._held.pop(client, ()):
+            waiting.cancel()
+
+    async def _admit_held(self, flow: http.HTTPFlow, ctx: RequestContext) -> Admission | None:
+        """A delay-mode admission, given up (None, nothing consumed) if the client goes away
+        while its request is held: a dead request must neither take the budget nor make live
+        ones wait behind it."""
+        waiting = asyncio.ensure_future(self.rt.admit(ctx))
+        held = self._held.setdefault(flow.client_conn, set())
+        held.add(waiting)
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            if waiting.cancelled() and not flow.client_conn.connected:
+                return None  # cancelled by client_disconnected, not this hook's own cancel
+            raise
+        finally:
+            held.discard(waiting)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Last line of the SSRF guard: only checked, pinned addresses are ever connected to.

@@ -11,6 +11,7 @@ refuses only when the site's legal basis and `respect` flags make the signal bin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from proxy.governor import RequestContext
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
 from proxy.originfiles import DAY
+from proxy.originfiles import FetchGate
+from proxy.originfiles import FetchRefused
 from proxy.originfiles import GuardedResolver
 from proxy.originfiles import OnFetch
 from proxy.originfiles import OriginFile
@@ -204,6 +207,7 @@ class OptOutChecks:
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
         on_fetch: OnFetch | None = None,
+        gate: FetchGate | None = None,
         timeout: float = 10.0,
         ttl: float = DAY,
         error_ttl: float = 300.0,
@@ -221,6 +225,7 @@ class OptOutChecks:
             ssl_context=ssl_context,
             cafile=cafile,
             on_fetch=on_fetch,
+            gate=gate,
             timeout=timeout,
             limit=PARSE_LIMIT,
             ttl=ttl,
@@ -323,7 +328,10 @@ class OptOutChecks:
         if not (ctx.respect.robots or ctx.respect.content_usage):
             return None  # nothing in robots.txt binds this site: do not even ask for it
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
-        entry = await self.robots_entry(origin)
+        try:
+            entry = await self.robots_entry(origin)
+        except FetchRefused as e:
+            return _must_read_first(origin, ROBOTS_PATH, e.refusal)
         if _path_only(ctx.path) in _PROTOCOL_PATHS:
             return None
         signals: list[OptOutSignal] = []
@@ -360,7 +368,10 @@ class OptOutChecks:
         if not ctx.respect.tdmrep or _path_only(ctx.path) in _PROTOCOL_PATHS:
             return None
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
-        entry = await self.tdm_entry(origin)
+        try:
+            entry = await self.tdm_entry(origin)
+        except FetchRefused as e:
+            return _must_read_first(origin, tdmrep.WELL_KNOWN_PATH, e.refusal)
         declaration = entry.rules.lookup(ctx.path)
         for reading in ctx.readings:
             other = entry.rules.lookup(reading)
@@ -472,6 +483,16 @@ class OptOutChecks:
 
     async def close(self) -> None:
         await self.fetcher.close()
+
+
+def _must_read_first(origin: str, path: str, refusal: Decision) -> Decision:
+    """The budget's refusal of the gateway's own fetch of a file the request needs read first,
+    as the request's refusal: the same reason and Retry-After, and what it was for."""
+    return dataclasses.replace(
+        refusal,
+        detail=f"{origin}{path} must be read before this request, and the site's budget has "
+        f"no room for that request now: {refusal.detail}",
+    )
 
 
 def _path_only(path: str) -> str:

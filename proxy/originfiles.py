@@ -15,6 +15,11 @@
   stay the site's), as the gateway pins scraper requests.
 - Every request the gateway makes is reported to `on_fetch` (an `OriginFetch`: what was asked,
   what came back, and the way it left), so that it lands in the fetch log as the gateway's own.
+- Every request the gateway makes first passes `gate` (the site's budgets, where the runtime
+  wires them): the site sees these requests as it sees the scraper's, and a scraper rotating
+  through subdomains, each with its own robots.txt, must not make them a way around the site's
+  rate. The gate raises `FetchRefused` when the budget has no room: nothing is fetched, nothing
+  cached, and the request that needed the file is refused with the budget's answer.
 
 The outcome is classified as RFC 9309 2.3.1 does, and each file's parser reads it: "ok" (2xx),
 "unavailable" (4xx but 429: the file does not exist), "unreachable" (429, 5xx, network errors,
@@ -34,10 +39,12 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import asdict
 from dataclasses import dataclass
+from typing import Any
 from typing import Literal
 from typing import Protocol
 
@@ -76,6 +83,18 @@ class OriginFetch:
 
 
 type OnFetch = Callable[[OriginFetch], None]
+# Called with the URL of each request the gateway is about to make; returns what to call with
+# the response's body size when it is over, or raises FetchRefused.
+type FetchGate = Callable[[str], Awaitable[Callable[[int], None]]]
+
+
+class FetchRefused(Exception):
+    """The gateway may not make this request now (the site's budget is spent): `refusal` is the
+    decision to answer the request that needed the file with."""
+
+    def __init__(self, refusal: Any):
+        super().__init__(str(getattr(refusal, "detail", refusal)))
+        self.refusal = refusal
 
 
 DAY = 24 * 3600.0
@@ -294,6 +313,7 @@ class OriginFileFetcher:
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
         on_fetch: OnFetch | None = None,
+        gate: FetchGate | None = None,
         timeout: float = 10.0,
         max_redirects: int = 5,
         limit: int = 500 * 1024,
@@ -312,6 +332,7 @@ class OriginFileFetcher:
             ssl_context = ssl.create_default_context(cafile=cafile)
         self._ssl = ssl_context
         self._on_fetch = on_fetch
+        self.gate = gate
         self._total_timeout = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_redirects = max_redirects
@@ -382,7 +403,7 @@ class OriginFileFetcher:
         return file
 
     async def fetch(self, url: str) -> OriginFile:
-        """Fetch now, uncached, following redirects; never raises."""
+        """Fetch now, uncached, following redirects; raises only FetchRefused (the gate)."""
         started = self._clock()
         current = URL(url)
         for _hop in range(self._max_redirects + 1):
@@ -472,6 +493,8 @@ class OriginFileFetcher:
         target, session = url, self._client()
         tls_name: str | None = None
         egress_ip: str | None = None
+        release = await self.gate(str(url)) if self.gate is not None else None
+        body = b""
         try:
             if proxy is not None:
                 # The proxy connects where it is told: tell it the address the guard admitted.
@@ -501,6 +524,9 @@ class OriginFileFetcher:
             message = self._timeout_message(e) if isinstance(e, TimeoutError) else _error_message(e)
             self._report(str(url), None, b"", message, via, egress_ip, began)
             return message
+        finally:
+            if release is not None:
+                release(len(body))
         self._report(str(url), status, body, None, via, egress_ip, began, truncated)
         return status, head, body, truncated
 

@@ -10,6 +10,7 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,6 +38,7 @@ from proxy.governor import Governor
 from proxy.governor import RequestContext
 from proxy.governor import compile_policy
 from proxy.optout_checks import OptOutChecks
+from proxy.originfiles import FetchRefused
 from proxy.originfiles import OriginFetch
 from proxy.originfiles import OriginFileCache
 from proxy.originfiles import RedisCache
@@ -149,6 +151,7 @@ class Runtime:
             cache=cache,
             cafile=str(settings.upstream_trusted_ca) if settings.upstream_trusted_ca else None,
             on_fetch=self._record_gateway_fetch,
+            gate=self._admit_gateway_fetch,
             upstream_proxies=policy.egress.upstream_proxies,
             network=policy.network,
         )
@@ -238,6 +241,19 @@ class Runtime:
                     known.pop(origin, None)
                 self.budgets.set_min_interval(ctx.site.key, max(known.values(), default=None))
         return await self.budgets.admit(ctx.site)
+
+    async def _admit_gateway_fetch(self, url: str) -> Callable[[int], None]:
+        """The site's budgets for one of the gateway's own requests (robots.txt, tdmrep.json):
+        they reach the site as a scraper's do. Returns what settles it; FetchRefused when the
+        budget has no room (a site's every subdomain has its own robots.txt: without this, a
+        scraper rotating through them had the gateway send two requests per name, whatever the
+        site's rate)."""
+        site = self.governor.site_for(normalize_host(urlsplit(url).hostname or ""))
+        admission = await self.budgets.admit(site)
+        if not admission.decision.allowed:
+            raise FetchRefused(admission.decision)
+        lease = admission.lease
+        return lambda received: self.budgets.finish(lease, response_bytes=received)
 
     def _record_gateway_fetch(self, fetch: OriginFetch) -> None:
         """The gateway's own fetches (robots.txt, tdmrep.json) are fetch records too, as the

@@ -214,6 +214,31 @@ async def test_concurrency_never_above_max_and_delay_waits_for_a_slot(cluster: C
 
 
 @pytest.mark.timeout(30)
+async def test_delay_mode_waits_for_a_slot_to_the_end_of_max_delay(cluster: Cluster):
+    # When a concurrency slot frees is not known ahead: a held request looks for one until its
+    # max_delay is up (it gave up early on a guess of the wait).
+    site = make_site(max_concurrency=1, on_exceed="delay", max_delay="800ms")
+    loop = asyncio.get_running_loop()
+    async with cluster(1) as (engine,):
+        first = await engine.admit(site)
+        assert first.decision.allowed
+        loop.call_later(0.6, engine.finish, first.lease)
+        started = loop.time()
+        second = await engine.admit(site)
+        assert second.decision.allowed, second.decision
+        assert 0.55 <= loop.time() - started <= 0.8
+        engine.finish(second.lease)
+        held = await engine.admit(site)
+        started = loop.time()
+        refused = await engine.admit(site)  # the slot is never freed in time
+        waited = loop.time() - started
+        engine.finish(held.lease)
+    assert not refused.decision.allowed and refused.decision.reason is Reason.CONCURRENCY
+    assert 0.75 <= waited <= 1.3
+    assert "beyond max_delay (held 0." in refused.decision.detail
+
+
+@pytest.mark.timeout(30)
 async def test_delay_mode_waits_for_the_next_slot_then_gives_up(cluster: Cluster):
     site = make_site(rate="5/s", burst=1, on_exceed="delay", max_delay="500ms")
     counted: list[CountingStore] = []

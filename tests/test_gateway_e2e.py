@@ -570,6 +570,50 @@ def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_call
     assert tls_site.paths() == {"/fine": 1}
 
 
+def test_a_request_held_for_the_budget_is_let_go_when_its_client_goes_away(
+    workdir: Path, site: Site
+):
+    # Delay mode: scrapers that give up while held must not take the site's budget, nor make
+    # the live request wait behind them.
+    policy = policy_with(
+        sites=[
+            {
+                "id": "slow",
+                "match": ["slow.test"],
+                "rate": "2/s",
+                "burst": 1,
+                "on_exceed": "delay",
+                "max_delay": "5s",
+            }
+        ]
+    )
+    with Gateway(workdir, policy) as gw:
+
+        def get(path: str, timeout: float = 10) -> CurlResult:
+            return curl(
+                site.url("slow.test", path),
+                proxy=gw.proxy_url(),
+                headers=PROJECT_HEADERS,
+                timeout=timeout,
+            )
+
+        assert get("/first").status == 200  # the burst: the next slot is half a second away
+        quitters = [threading.Thread(target=get, args=("/quit", 0.3)) for _ in range(4)]
+        for t in quitters:
+            t.start()
+        time.sleep(0.1)
+        started = time.monotonic()
+        live = get("/live")
+        waited = time.monotonic() - started
+        for t in quitters:
+            t.join()
+        records = gw.fetch_records()
+    assert live.status == 200 and waited < 1.2, waited  # not behind four dead requests
+    assert site.paths().get("/quit", 0) == 0
+    gone = [r for r in records if r["url"].endswith("/quit")]
+    assert [(r["decision"], r["reason"]) for r in gone] == [("refused", "interrupted")] * 4
+
+
 def test_the_gateways_own_ports_are_never_a_target(gateway: Gateway):
     # The test policy admits 127.0.0.0/8 (network.allow_private), where the gateway listens too.
     cases = {

@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -179,6 +180,34 @@ def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site
     assert first.body == second.body == ROBOTS
     assert first.headers["x-crawlwarden-reason"] == "robots_cache"
     assert site.count("/robots.txt") == 1
+
+
+def test_rotating_subdomains_do_not_make_the_gateways_own_fetches_a_way_around_the_rate(
+    workdir: Path, site: Site
+):
+    # Each subdomain is an origin with its own robots.txt and tdmrep.json, and the gateway reads
+    # both before a request: those are requests to the site too, under its budget. Before, 60
+    # names in 3 s had the site asked 126 times against a rate of 2/s.
+    serve_optout_files(site)
+    policy = policy_with(
+        defaults={"respect": RESPECT_ALL},
+        sites=[{"id": "rotated", "match": ["*.rot.test"], "rate": "2/s", "burst": 1}],
+    )
+    started = time.monotonic()
+    with Gateway(workdir, policy) as gw:
+        answers = [fetch(gw, site, f"n{k}.rot.test", "/elsewhere") for k in range(30)]
+        elapsed = time.monotonic() - started
+        records = gw.fetch_records()
+    asked = site.count()  # the gateway's own requests and the scraper's that were forwarded
+    assert asked <= 1 + 2 * elapsed + 1, (asked, elapsed)
+    assert asked == sum(1 for r in records if r["decision"] == "forwarded"), records
+    refused = [a for a in answers if a.status == 429]
+    assert refused and all(a.json()["reason"] == "rate_limited" for a in refused)
+    assert all(a.headers["retry-after"] for a in refused)
+    waited_for_a_file = [
+        a.json()["detail"] for a in refused if "must be read" in a.json()["detail"]
+    ]
+    assert waited_for_a_file, [a.json()["detail"] for a in refused]
 
 
 def test_a_cold_site_under_200_concurrent_requests_is_asked_for_robots_txt_once(

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from proxy.originfiles import CacheUnavailable
+from proxy.originfiles import FetchRefused
 from proxy.originfiles import GuardedResolver
 from proxy.originfiles import MemoryCache
 from proxy.originfiles import OriginFetch
@@ -395,3 +396,31 @@ async def test_the_policys_network_timeouts_bound_the_gateways_own_fetches(given
     [fetch] = fetched
     assert fetch.status is None
     assert fetch.error == "timed out: the site sent nothing for 0.3s (network.response_timeout)"
+
+
+async def test_a_request_the_gate_refuses_is_not_made_and_nothing_is_cached() -> None:
+    asked: list[str] = []
+    settled: list[int] = []
+    body = b"User-agent: *\nDisallow: /private\n"
+    room = False
+
+    async def gate(url: str):  # type: ignore[no-untyped-def]
+        asked.append(url)
+        if not room:
+            raise FetchRefused("no room in the site's budget")
+        return settled.append
+
+    routes = {"/robots.txt": web.Response(body=body)}
+    async with origin_server(routes) as site:
+        f = fetcher(gate=gate)
+        try:
+            with pytest.raises(FetchRefused):
+                await f.get(site.origin(), "/robots.txt")
+            assert site.requests == []  # the site was not asked
+            room = True
+            file = await f.get(site.origin(), "/robots.txt")  # not a cached refusal
+        finally:
+            await f.close()
+    assert file.outcome == "ok" and file.body == body
+    assert asked == [site.origin() + "/robots.txt"] * 2
+    assert settled == [len(body)]  # the size of what came back, to settle the budget

@@ -65,6 +65,15 @@ _REASONS = {
 _MAX_TRACKED_SITES = 100_000
 _SLOT_POLL_FIRST = 0.05  # delay mode: first look for a slot freed by another replica
 _SLOT_POLL_MAX = 0.2
+
+
+def _beyond(last: _Try, remaining: float) -> bool:
+    """Whether a delayed request can no longer be admitted in the `remaining` seconds. A rate
+    or quota says when it has room; a concurrency slot frees whenever a response ends, which no
+    estimate knows: that one is looked for until the time is up."""
+    if last.budget is Budget.CONCURRENCY:
+        return remaining <= 0
+    return last.wait > remaining
 GAUGE_INTERVAL = 1.0
 # A site's gauges come from the snapshot of its latest admission. A site that gets no traffic
 # would keep its last values (a spent quota stays at 1.0 after the UTC day renews; a rate at its
@@ -401,7 +410,7 @@ class BudgetEngine:
                 last = await self._attempt(spec)
                 if last.admission.decision.allowed or not last.waitable:
                     return last.admission
-                if last.wait > spec.max_delay:
+                if _beyond(last, spec.max_delay):
                     return self._gave_up(spec, last, started)
             if queue.lock.locked():
                 last = None  # by the time our turn comes, that answer is stale: ask again then
@@ -416,7 +425,7 @@ class BudgetEngine:
                 while True:
                     if last is not None:
                         remaining = deadline - loop.time()
-                        if last.wait > remaining:
+                        if _beyond(last, remaining):
                             return self._gave_up(spec, last, started)
                         if last.budget is Budget.CONCURRENCY:
                             # Woken by a release on this replica, or look again for one on
@@ -448,9 +457,10 @@ class BudgetEngine:
     def _gave_up(self, spec: BudgetSpec, last: _Try, started: float) -> Admission:
         waited = asyncio.get_running_loop().time() - started
         d = last.admission.decision
+        held = f"held {waited:.3g}s, " if waited >= 0.001 else ""
         detail = (
-            f"{d.detail}; on_exceed is delay, but that is longer than max_delay "
-            f"({spec.max_delay:g}s, {spec.rule('max_delay')})"
+            f"{d.detail}; on_exceed is delay, but that is beyond max_delay "
+            f"({held}{spec.max_delay:g}s in all, {spec.rule('max_delay')})"
         )
         return Admission(
             refuse(d.reason, detail, rule=d.rule, retry_after=d.retry_after, site=d.site),

@@ -263,18 +263,43 @@ class MemoryCache:
 
 class RedisCache:
     """Origin files in Redis, so that every replica reads the one fetch; keys expire with the
-    file (PEXPIREAT), so nothing outlives its 24 hours."""
+    file (PEXPIREAT), so nothing outlives its 24 hours.
 
-    def __init__(self, client: object, prefix: str = "crawlwarden:originfile:"):
+    After a failure the cache is not asked for `pause` seconds: a Redis that hangs (rather than
+    refusing connections) would otherwise cost each request for a new origin its client timeout
+    twice per file, a get and a put."""
+
+    def __init__(
+        self,
+        client: object,
+        prefix: str = "crawlwarden:originfile:",
+        *,
+        pause: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._client = client  # a redis.asyncio.Redis (or Cluster) client
         self._prefix = prefix
+        self._pause = pause
+        self._clock = clock
+        self._down_until = 0.0
+        self._down_reason = ""
+
+    def _check_up(self) -> None:
+        if self._clock() < self._down_until:
+            raise CacheUnavailable(f"not asked again yet after: {self._down_reason}")
+
+    def _went_down(self, e: Exception) -> CacheUnavailable:
+        self._down_until = self._clock() + self._pause
+        self._down_reason = str(e) or type(e).__name__
+        return CacheUnavailable(self._down_reason)
 
     async def get(self, key: str) -> OriginFile | None:
+        self._check_up()
         started = time.perf_counter()
         try:
             raw = await self._client.get(self._prefix + key)  # type: ignore[attr-defined]
         except Exception as e:  # any client error: the cache is down
-            raise CacheUnavailable(str(e)) from e
+            raise self._went_down(e) from e
         finally:
             metrics.observe_redis("originfile_get", started)
         if raw is None:
@@ -285,13 +310,14 @@ class RedisCache:
             return None
 
     async def put(self, key: str, file: OriginFile) -> None:
+        self._check_up()
         started = time.perf_counter()
         try:
             await self._client.set(  # type: ignore[attr-defined]
                 self._prefix + key, file.to_bytes(), pxat=int(file.expires_at * 1000)
             )
         except Exception as e:
-            raise CacheUnavailable(str(e)) from e
+            raise self._went_down(e) from e
         finally:
             metrics.observe_redis("originfile_put", started)
 

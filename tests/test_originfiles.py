@@ -220,6 +220,30 @@ async def test_a_shared_cache_outage_falls_back_to_fetching() -> None:
     assert decision is not None
 
 
+async def test_after_a_failure_the_shared_cache_is_left_alone_for_a_while() -> None:
+    # A hung Redis costs its client timeout on every call: not on each request for a new origin.
+    calls = 0
+    now = [0.0]
+
+    class Hung(BrokenRedis):
+        async def get(self, key: str) -> bytes:
+            nonlocal calls
+            calls += 1
+            raise TimeoutError("timed out")
+
+    cache = RedisCache(Hung(), pause=5.0, clock=lambda: now[0])
+    for _ in range(3):
+        with pytest.raises(CacheUnavailable):
+            await cache.get("k")
+    with pytest.raises(CacheUnavailable):
+        await cache.put("k", sample())
+    assert calls == 1
+    now[0] = 5.0
+    with pytest.raises(CacheUnavailable):
+        await cache.get("k")
+    assert calls == 2  # asked again once the pause is over
+
+
 def sample(body: bytes = b"x", expires: float = 100.0) -> OriginFile:
     return OriginFile("http://a.test:80/robots.txt", "ok", 200, body, 0.0, expires)
 

@@ -74,6 +74,8 @@ def _beyond(last: _Try, remaining: float) -> bool:
     if last.budget is Budget.CONCURRENCY:
         return remaining <= 0
     return last.wait > remaining
+
+
 GAUGE_INTERVAL = 1.0
 # A site's gauges come from the snapshot of its latest admission. A site that gets no traffic
 # would keep its last values (a spent quota stays at 1.0 after the UTC day renews; a rate at its

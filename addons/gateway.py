@@ -330,9 +330,12 @@ class Gateway:
         if req.method == "OPTIONS":
             state.cors_own_headers = _hide_own_headers(req)
         if flow.error is not None:
-            # mitmproxy has refused it already (request smuggling, invalid headers) and answers
-            # 400 itself; the error hook records this refusal. Nothing is admitted.
+            # mitmproxy has refused it already (request smuggling, invalid headers, a host it
+            # cannot encode); the error hook records this refusal. Nothing is admitted. Where
+            # mitmproxy would send its HTML page, the client gets the gateway's answer: the
+            # reason header, the request id and the JSON body (addons/client_events.py).
             state.decision = _bad_request(flow.error.msg)
+            flow.metadata[ERROR_ANSWER] = refusal_response(state.decision, request_id=state.id)
             return None
 
         if tunnel is not None:

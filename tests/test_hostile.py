@@ -74,7 +74,7 @@ CASES = [
         "POST " + SITE + "/ HTTP/1.1\r\nProxy-Authorization: {auth}\r\n"
         "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         400,
-        None,
+        "bad_request",
         "bad_request",
     ),
     # Heads and bodies the gateway will not hold.

@@ -14,13 +14,13 @@ from proxy.robots import parse_robots
 from tests.optout_fixtures import CONTACT
 from tests.optout_fixtures import TOKEN
 from tests.optout_fixtures import USER_AGENT
-from tests.optout_fixtures import free_port
 from tests.optout_fixtures import make_checks
 from tests.optout_fixtures import make_policy
 from tests.optout_fixtures import origin_server
 from tests.optout_fixtures import request_context
 from tests.optout_fixtures import short_tmp
 from tests.optout_fixtures import start_redis
+from tests.support import free_port
 
 # -- matching (RFC 9309 2.2) ---------------------------------------------------------------
 

@@ -608,6 +608,7 @@ class _XmpReader:
     _RESERVATION = f"{TDM_NS} reservation"
     _POLICY = f"{TDM_NS} policy"
     _PROPERTIES = (_ATTR, _RESERVATION, _POLICY)  # read as attributes or as elements
+    _ITEM = f"{RDF_NS} li"
 
     def __init__(self) -> None:
         self.values: list[str] = []
@@ -617,6 +618,11 @@ class _XmpReader:
         self._depth = 0
         self._property = ""  # the element whose text is being read
         self._text: list[str] = []
+        # The property as an RDF container (rdf:Bag, Seq, Alt): each rdf:li one value, its text
+        # or its rdf:resource (not all their texts run together into one).
+        self._item_at = 0  # the depth of the rdf:li being read, 0: none
+        self._item_text: list[str] = []
+        self._itemized = False
 
     def parse(self, data: bytes) -> None:
         parser = expat.ParserCreate(namespace_separator=" ")
@@ -639,18 +645,30 @@ class _XmpReader:
                 self._value(prop, attrs[prop])
         if self._depth:
             self._depth += 1
+            if name == self._ITEM and not self._item_at:
+                self._itemized = True
+                if self._RESOURCE in attrs:
+                    self._value(self._property, attrs[self._RESOURCE])
+                else:
+                    self._item_at, self._item_text = self._depth, []
         elif name in self._PROPERTIES:
             self._depth = 1
             self._property = name
             self._text = []
+            self._itemized = False
             if self._RESOURCE in attrs:
                 self._value(name, attrs[self._RESOURCE])
 
     def _end(self, name: str) -> None:
         if not self._depth:
             return
+        if self._depth == self._item_at:
+            text = "".join(self._item_text).strip()
+            if text:
+                self._value(self._property, text)
+            self._item_at = 0
         self._depth -= 1
-        if self._depth == 0:
+        if self._depth == 0 and not self._itemized:
             text = "".join(self._text).strip()
             if text:
                 self._value(self._property, text)
@@ -667,6 +685,8 @@ class _XmpReader:
     def _chars(self, data: str) -> None:
         if self._depth:
             self._text.append(data)
+            if self._item_at:
+                self._item_text.append(data)
 
 
 _FALLBACK = re.compile(

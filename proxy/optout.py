@@ -270,12 +270,23 @@ _STEPPED_OVER = frozenset(
 _TAG_NAME = re.compile(r"[a-zA-Z][^\t\n\r\f />\x00]*")  # as HTMLParser reads a tag's name
 
 
+# <title> and <textarea> hold text only (RCDATA, HTML 13.2.6.4.4): `<title>Using the <body>
+# element</title>` names no body. Python 3.12's parser reads only script and style so.
+_RCDATA = frozenset({"title", "textarea"})
+# What the "after head" insertion mode still puts in the head (HTML 13.2.6.4.6): a <meta> between
+# </head> and <body> (templates and plugins write them there) is a meta tag of the head.
+_AFTER_HEAD_KEPT = frozenset(
+    "base basefont bgsound link meta noframes script style template title".split()
+)
+
+
 class _HeadParser(HTMLParser):
     def __init__(self, tokens: set[str]):
         super().__init__(convert_charrefs=True)
         self.tokens = tokens
         self._read_names = ("robots", "tdm-", *tokens)
         self.finished = False
+        self._after_head = False  # </head> was seen: the head ends at the next body content
         self.robots: set[str] = set()
         self.reservations: list[int] = []
         self.policy: str | None = None
@@ -286,6 +297,8 @@ class _HeadParser(HTMLParser):
         # </head> has its body's tags: those are only stepped over.
         name = _TAG_NAME.match(self.rawdata, i + 1)
         tag = name.group().lower() if name is not None else ""
+        if self._after_head and tag not in _AFTER_HEAD_KEPT:
+            self._end()
         if tag in _STEPPED_OVER:
             return self.check_for_whole_start_tag(i)  # where the tag ends; -1: not all here yet
         if tag == "meta":
@@ -303,6 +316,8 @@ class _HeadParser(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "body":
             self._end()
+        if tag in _RCDATA:
+            self.set_cdata_mode(tag)  # (`<title/>` too: the flag means nothing on a title)
         if tag != "meta":
             return
         values = {k.lower(): (v or "") for k, v in attrs}
@@ -322,6 +337,11 @@ class _HeadParser(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "head":
+            self._after_head = True
+
+    def handle_data(self, data: str) -> None:
+        # Text after </head> (not a script's or style's) is the body's.
+        if self._after_head and self.cdata_elem is None and not data.isspace():
             self._end()
 
     def _end(self) -> None:
@@ -335,6 +355,32 @@ class _HeadParser(HTMLParser):
 def is_html(content_type: str | None) -> bool:
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     return mime in ("text/html", "application/xhtml+xml")
+
+
+# WHATWG MIME Sniffing 7.1 ("identify an unknown MIME type"): a body served without a
+# Content-Type that begins so, after white space, is HTML to a browser.
+_HTML_SNIFFED = tuple(
+    p.encode()
+    for p in (
+        "<!doctype html", "<html", "<head", "<script", "<iframe", "<h1", "<div", "<font",
+        "<table", "<a", "<style", "<title", "<b", "<body", "<br", "<p", "<!--",
+    )
+)  # fmt: skip
+_SNIFF_WHITESPACE = b"\t\n\x0c\r "
+
+
+def sniffs_as_html(prefix: bytes) -> bool | None:
+    """Whether a body without a Content-Type begins as HTML does (WHATWG MIME Sniffing 7.1);
+    None: too few bytes yet to tell."""
+    text = prefix.removeprefix(b"\xef\xbb\xbf").lstrip(_SNIFF_WHITESPACE)[:16].lower()
+    for pattern in _HTML_SNIFFED:
+        if len(text) <= len(pattern):
+            if pattern.startswith(text) and len(prefix) < 512:
+                return None  # it may still be this one
+            continue
+        if text.startswith(pattern) and text[len(pattern)] in b" >":
+            return True
+    return False
 
 
 def is_image(content_type: str | None) -> bool:

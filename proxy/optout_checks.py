@@ -108,6 +108,7 @@ class BodyScan:
         self._image: imagemeta.ImageMetadataScanner | None = None
         self._epub: epub.EpubScanner | None = None
         self._content_type = content_type
+        self._tokens = tokens
         # An image (by its Content-Type) in a format whose metadata is not read (SVG, BMP...).
         self.image_unread = False
         self._head = b""
@@ -142,6 +143,16 @@ class BodyScan:
             fmt = imagemeta.sniff(self._head[:12])
             if fmt is None:
                 return False
+            if fmt is imagemeta.ImageFormat.OTHER and not self._content_type:
+                # No Content-Type: a browser sniffs it, and a page may be read as one.
+                html = optout.sniffs_as_html(self._head)
+                if html is None:
+                    return False
+                if html:
+                    self._html = optout.HtmlHeadScanner(self._tokens)
+                    self.done = self._html.feed(self._head)
+                    self._head = b""
+                    return self.done
             svg = False
             if fmt is imagemeta.ImageFormat.OTHER and optout.is_svg(self._content_type):
                 text = self._head.removeprefix(b"\xef\xbb\xbf").lstrip()

@@ -454,6 +454,36 @@ def test_a_pdf_with_a_tdm_reservation_is_reserved() -> None:
     assert imagemeta.image_signals(imagemeta.scan_image(pdf())) == []
 
 
+@pytest.mark.parametrize(
+    ("inner", "values"),
+    [
+        ('<rdf:Bag><rdf:li rdf:resource="{v}DMI-PROHIBITED"/></rdf:Bag>', ["DMI-PROHIBITED"]),
+        (
+            "<rdf:Bag><rdf:li>{v}DMI-UNSPECIFIED</rdf:li><rdf:li>{v}DMI-PROHIBITED</rdf:li></rdf:Bag>",
+            ["DMI-UNSPECIFIED", "DMI-PROHIBITED"],
+        ),
+        (
+            '<rdf:Alt><rdf:li xml:lang="x-default">{v}DMI-PROHIBITED</rdf:li></rdf:Alt>',
+            ["DMI-PROHIBITED"],
+        ),
+    ],
+    ids=["bag-resource", "bag-of-two", "alt"],
+)
+def test_data_mining_as_an_rdf_container_is_read_item_by_item(
+    inner: str, values: list[str]
+) -> None:
+    # The property holds one URI, but writers put it in a container: each item is a value.
+    packet = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="' + RDF_NS + '">'
+        '<rdf:Description rdf:about="" xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/">'
+        "<plus:DataMining>" + inner.format(v=PLUS_VOCAB) + "</plus:DataMining>"
+        "</rdf:Description></rdf:RDF></x:xmpmeta>"
+    ).encode()
+    assert imagemeta.read_xmp(packet).data_mining == values
+    meta = imagemeta.scan_image(jpeg_with_xmp(packet))
+    assert any(s.opts_out for s in imagemeta.image_signals(meta))
+
+
 def test_an_svgs_xmp_is_read_as_its_text_goes_by() -> None:
     prohibited = svg(xmp_packet("DMI-PROHIBITED-AIMLTRAINING", form="element"))
     meta = imagemeta.scan_image(prohibited)

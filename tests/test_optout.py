@@ -126,6 +126,26 @@ TRICKY_HEADS = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("page", "robots"),
+    [
+        # A title's text is text (RCDATA, HTML 13.2.6.4.4), whatever tags it spells.
+        (b'<html><head><title>Using <body></title><meta name="robots" content="noai">', {"noai"}),
+        (b'<head><title>a</head>b</title><meta name="robots" content="noai"></head>', {"noai"}),
+        (b'<head><title/>x<meta name="robots" content="noai"></title><meta name=robots '
+         b'content=noimageai>', {"noimageai"}),  # the flag means nothing on a title
+        # "after head" (13.2.6.4.6): a meta before the body is the head's.
+        (b'<head></head>\n<!-- x --><meta name="robots" content="noai"><body>', {"noai"}),
+        (b'<head></head><link rel=x><meta name="robots" content="noai">x', {"noai"}),
+        # Body content ends the head: a meta after it is the body's.
+        (b'<head></head>text<meta name="robots" content="noai">', set()),
+        (b'<head></head><div></div><meta name="robots" content="noai">', set()),
+    ],
+)  # fmt: skip
+def test_the_head_ends_where_a_browser_ends_it(page: bytes, robots: set[str]) -> None:
+    assert optout.scan_html_head(page, [TOKEN]).robots == robots
+
+
 @pytest.mark.parametrize("head", TRICKY_HEADS)
 def test_tags_stepped_over_leave_the_answer_as_the_full_parse_gives_it(
     head: bytes, monkeypatch: pytest.MonkeyPatch
@@ -195,7 +215,7 @@ def test_a_head_cut_short_by_the_scan_limit_is_a_signal_on_the_record() -> None:
     signals = optout.response_signals([], "text/html", [TOKEN], head)
     assert signals == [optout.HEAD_CUT_SHORT] and not signals[0].opts_out
     assert str(optout.HTML_SCAN_LIMIT) in signals[0].detail
-    whole = optout.scan_html_head(b"<html><head></head>" + script, [TOKEN])
+    whole = optout.scan_html_head(b"<html><head></head><body>" + script, [TOKEN])
     assert optout.response_signals([], "text/html", [TOKEN], whole) == []
 
 
@@ -409,6 +429,31 @@ async def test_an_svgs_xmp_binds_as_any_images(body, content_type, reason, signa
     else:
         assert result.decision is not None and result.decision.reason is reason
         assert result.signals == ("iptc-plus:DMI-PROHIBITED",)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "html"),
+    [
+        (b"  <!DOCTYPE html><html>", True),
+        (b"\xef\xbb\xbf<HTML lang=en>", True),
+        (b"<a href=x>", True),
+        (b"<!-- a comment -->", True),
+        (b"<abbr>", False),  # not one of the patterns: a tag must end where the pattern does
+        (b'{"a": 1}', False),
+        (b"<ht", None),  # more bytes needed
+    ],
+)
+def test_a_body_without_a_content_type_is_sniffed_as_html_as_browsers_do(
+    prefix: bytes, html: bool | None
+) -> None:
+    assert optout.sniffs_as_html(prefix) is html
+
+
+async def test_an_untyped_page_is_read_and_a_typed_text_is_not() -> None:
+    page = b'\n<html><head><meta name="robots" content="noai"></head><body>x</body></html>'
+    untyped = await assess([], page, None)
+    assert untyped.decision is not None and untyped.signals == ("meta-robots:noai",)
+    assert (await assess([], page, "text/plain")).decision is None  # a declared type stands
 
 
 def test_body_scan_needs_nothing_for_other_content() -> None:

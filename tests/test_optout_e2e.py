@@ -318,6 +318,20 @@ def _image_cases() -> dict[str, Reply]:
             body=PAGE_NOAI.decode().encode("utf-16"), headers={"Content-Type": "text/html"}
         ),
         "/tdm.html": Reply(body=PAGE_TDM, headers={"Content-Type": "text/html; charset=utf-8"}),
+        # A title's text is text (RCDATA): its "<body>" ends nothing.
+        "/title.html": Reply(
+            body=b"<!DOCTYPE html><html><head><title>Using the <body> element</title>"
+            b'<meta name="tdm-reservation" content="1"></head><body>x</body></html>',
+            headers={"Content-Type": "text/html"},
+        ),
+        # Between </head> and <body>, a meta tag is still the head's (HTML "after head" mode).
+        "/after-head.html": Reply(
+            body=b'<html><head><title>t</title></head>\n<meta name="robots" content="noai">'
+            b"\n<body>x</body></html>",
+            headers={"Content-Type": "text/html"},
+        ),
+        # No Content-Type: a browser sniffs a page, and so does the gateway.
+        "/untyped": Reply(body=PAGE_NOAI, headers={}),
         "/usage.txt": Reply(
             body=b"no training",
             headers={"Content-Type": "text/plain", "Content-Usage": "train-ai=n"},
@@ -346,6 +360,9 @@ WITHHELD = {
     "/page.html": "noai_directive",
     "/utf16.html": "noai_directive",
     "/tdm.html": "tdm_reserved",
+    "/title.html": "tdm_reserved",
+    "/after-head.html": "noai_directive",
+    "/untyped": "noai_directive",
     "/reserved.pdf": "tdm_reserved",
     "/reserved.epub": "tdm_reserved",
     "/usage.txt": "content_usage",

@@ -109,7 +109,7 @@ class BodyScan:
         self._epub: epub.EpubScanner | None = None
         self._content_type = content_type
         self._tokens = tokens
-        # An image (by its Content-Type) in a format whose metadata is not read (SVG, BMP...).
+        # An image (by its Content-Type) in a format whose metadata is not read (BMP, ICO...).
         self.image_unread = False
         self._head = b""
         self.done = False

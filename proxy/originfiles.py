@@ -520,6 +520,7 @@ class OriginFileFetcher:
         tls_name: str | None = None
         egress_ip: str | None = None
         release = await self.gate(str(url)) if self.gate is not None else None
+        began = (time.time(), time.monotonic())  # (after a wait for the budget, if any)
         body = b""
         try:
             if proxy is not None:

@@ -145,38 +145,41 @@ class OwnListeners:
         self._by_port: dict[int, list[tuple[frozenset[IPAddress] | None, str]]] = {}
         for host, port, name in listeners:
             self._by_port.setdefault(port, []).append((_bound_addresses(host), name))
+        self._own = _own_addresses()
 
     def listener_at(self, address: IPAddress, port: int) -> str | None:
         """Which of the gateway's listeners (address, port) reaches, or None."""
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped  # a socket to ::ffff:a.b.c.d reaches a.b.c.d
         for bound, name in self._by_port.get(port, ()):
-            if (address in bound) if bound is not None else _is_local(address):
-                return name
+            if bound is not None:
+                if address in bound:
+                    return name
+            elif address.is_loopback or address in self._own:
+                return name  # bound to every address: any of this host's
         return None
 
 
 def _bound_addresses(host: str) -> frozenset[IPAddress] | None:
-    """The addresses a listener bound to HOST accepts on; None: every local address."""
-    try:
-        infos = socket.getaddrinfo(host or None, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return frozenset()
-    found = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+    """The addresses a listener bound to HOST accepts on; None: every address of the host."""
+    found = _addresses_of(host)
     if any(ip.is_unspecified for ip in found):
         return None
     return frozenset(found)
 
 
-def _is_local(address: IPAddress) -> bool:
-    """Whether the address is one of this host's own (binding to it succeeds only then)."""
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+def _own_addresses() -> frozenset[IPAddress]:
+    """This host's addresses beside loopback, as its name resolves (a pod's IP, in
+    Kubernetes): once, at start-up."""
+    return frozenset(_addresses_of(socket.gethostname()))
+
+
+def _addresses_of(host: str) -> set[IPAddress]:
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((str(address), 0))
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
-        return False
-    return True
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
 
 
 class ResolutionError(Exception):

@@ -24,6 +24,7 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.addons import tlsconfig
 from mitmproxy.master import Master
 
+from addons import interim
 from addons import stream_release
 from addons.gateway import Gateway
 from addons.http_guard import Limits
@@ -128,6 +129,12 @@ async def serve(settings: Settings) -> int:
         await runtime.stop()
         raise SystemExit(f"crawlwarden: {e}") from e
 
+    if not interim.install():
+        log.warning(
+            "interim_not_installed",
+            note="this mitmproxy's HTTP/1 client differs from what addons/interim.py expects: "
+            "a site's interim (1xx) answer before its final one ends the exchange",
+        )
     streams_released = stream_release.install()
     if not streams_released:
         log.warning(

@@ -614,6 +614,45 @@ def test_a_request_held_for_the_budget_is_let_go_when_its_client_goes_away(
     assert [(r["decision"], r["reason"]) for r in gone] == [("refused", "interrupted")] * 4
 
 
+def test_a_sites_interim_answers_are_skipped_and_its_final_answer_delivered(gateway: Gateway):
+    # 103 Early Hints (and 102) before the answer: a client must parse them (RFC 9110 15.2).
+    # mitmproxy read the first head as the answer: the scraper got the 103 and a closed
+    # connection, and the record said status 103, nothing hashed.
+    body = b"after hints"
+    answer = (
+        b"HTTP/1.1 102 Processing\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n" + body
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            conn.sendall(answer[:40])  # the interim heads split across reads, too
+            time.sleep(0.05)
+            conn.sendall(answer[40:])
+            time.sleep(0.2)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        got = curl(
+            f"http://site-a.test:{port}/hinted", proxy=gateway.proxy_url(), headers=PROJECT_HEADERS
+        )
+    finally:
+        server.join(10)
+        listener.close()
+    assert (got.returncode, got.status, got.body) == (0, 200, body), got.stderr
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/hinted")]
+    assert (rec["status"], rec["response_bytes"]) == (200, len(body))
+    assert rec["content_sha256"] == hashlib.sha256(body).hexdigest()
+
+
 def test_the_gateways_own_ports_are_never_a_target(gateway: Gateway):
     # The test policy admits 127.0.0.0/8 (network.allow_private), where the gateway listens too.
     cases = {

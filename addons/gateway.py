@@ -356,7 +356,8 @@ class Gateway:
         )
         if problem is not None:
             return self._refuse(flow, state, _bad_request(problem), started)
-        if (refused := self._framing_refusal(req)) is not None:
+        if (refused := self._framing_refusal(req, gov.site_for(host).key)) is not None:
+            state.site = refused.site  # on the record, and in the site's report
             return self._refuse(flow, state, refused, started)
         if tunnel is not None and host != tunnel.host:
             return self._refuse(
@@ -456,9 +457,9 @@ class Gateway:
         metrics.IN_FLIGHT.set(self.rt.in_flight)
         self._observe_governance(started)
 
-    def _framing_refusal(self, req: http.Request) -> Decision | None:
+    def _framing_refusal(self, req: http.Request, site: str | None) -> Decision | None:
         """A head past the limit (one that arrived whole; partial ones are HttpGuard's), or a
-        body the gateway will not take (proxy/inputs.py)."""
+        body the gateway will not take (proxy/inputs.py). `site`: the target's site key."""
         limits = self.limits()
         limit = limits.max_header_bytes
         head = len(req.method) + len(req.path) + len(req.host_header or "") + 16
@@ -467,6 +468,8 @@ class Gateway:
             return refuse(
                 Reason.HEADERS_TOO_LARGE,
                 f"the request head is larger than {limit} bytes (network.max_request_header_bytes)",
+                rule="network.max_request_header_bytes",
+                site=site,
             )
         framing = inputs.check_body_framing(
             req.headers.get("content-length"),
@@ -474,9 +477,14 @@ class Gateway:
             limits.max_body_bytes,
         )
         if framing.length_required is not None:
-            return refuse(Reason.LENGTH_REQUIRED, framing.length_required)
+            return refuse(Reason.LENGTH_REQUIRED, framing.length_required, site=site)
         if framing.too_large is not None:
-            return refuse(Reason.REQUEST_TOO_LARGE, framing.too_large)
+            return refuse(
+                Reason.REQUEST_TOO_LARGE,
+                framing.too_large,
+                rule="network.max_request_body_bytes",
+                site=site,
+            )
         return None
 
     def _refuse(

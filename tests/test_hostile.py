@@ -38,6 +38,13 @@ from tests.support import tls_tunnel
 AUTH = basic(TEAM, TEAM_TOKEN)
 
 
+_FRAMING_RULES = {
+    "headers_too_large": "network.max_request_header_bytes",
+    "request_too_large": "network.max_request_body_bytes",
+    "length_required": None,
+}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -367,6 +374,11 @@ def test_hostile_requests_get_a_clean_answer_and_a_valid_fetch_log(
         rec = by_id[request_id]
         assert rec["reason"] == case.recorded, case.name
         assert decisions[request_id]["reason"] == case.recorded, case.name
+    # Refused for their framing, but on the record as their site's, with the rule that refused.
+    framed = {r["reason"]: r for r in records if r["reason"] in _FRAMING_RULES}
+    assert set(framed) == set(_FRAMING_RULES)
+    for reason, rule in _FRAMING_RULES.items():
+        assert (framed[reason]["site"], framed[reason]["rule"]) == ("site-a.test", rule), reason
     smuggled = [r for r in records if r["method"] == "POST" and r["reason"] == "bad_request"]
     assert len(smuggled) == 1 and smuggled[0]["decision"] == "refused"
     # Refused values were not recorded; accepted UTF-8 was, as sent.

@@ -28,11 +28,12 @@ import structlog
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers.http import _http1
 
+from addons.patches import install_once
+
 log = structlog.get_logger("crawlwarden.interim")
 
 # An interim status line: HTTP/1.x 1xx, but not 101 (the last answer before another protocol).
 _INTERIM = re.compile(rb"HTTP/1\.[01] 1(?!01)\d\d\b")
-_installed = False
 
 
 def _looks_as_expected() -> bool:
@@ -61,13 +62,9 @@ def skip_interim(data: bytes) -> tuple[bytes, list[bytes]]:
     return data, skipped
 
 
-def install() -> bool:
+@install_once(_looks_as_expected)
+def install() -> None:
     """Wrap mitmproxy's HTTP/1 client (once per process); False if it differs from expected."""
-    global _installed
-    if _installed:
-        return True
-    if not _looks_as_expected():
-        return False
     original = _http1.Http1Client.read_headers
 
     @functools.wraps(original)
@@ -86,5 +83,3 @@ def install() -> bool:
         yield from original(self, event)
 
     _http1.Http1Client.read_headers = read_headers  # type: ignore[method-assign]
-    _installed = True
-    return True

@@ -34,7 +34,7 @@ from typing import Any
 
 from mitmproxy.proxy.layers import http as http_layers
 
-_installed = False
+from addons.patches import install_once
 
 
 class _StateSlot:
@@ -93,13 +93,9 @@ def _looks_as_expected() -> bool:
     )
 
 
-def install() -> bool:
+@install_once(_looks_as_expected)
+def install() -> None:
     """Apply both changes (once per process); False if this mitmproxy does not look as expected."""
-    global _installed
-    if _installed:
-        return True
-    if not _looks_as_expected():
-        return False
     http_layers.HttpStream.client_state = _StateSlot("client_state")
     http_layers.HttpStream.server_state = _StateSlot("server_state")
     original_init = http_layers.HttpLayer.__init__
@@ -110,5 +106,3 @@ def install() -> bool:
         self.streams = _Streams(self.streams)
 
     http_layers.HttpLayer.__init__ = __init__  # type: ignore[method-assign]
-    _installed = True
-    return True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import LAUNCHED
 from tests.support import LocalCA
 from tests.support import Site
 
@@ -29,5 +30,9 @@ def tls_site(test_ca: LocalCA) -> Iterator[Site]:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    # A test that failed before stopping its gateways leaves no process behind.
+    for gw in [g for g in LAUNCHED if g.workdir == tmp_path]:
+        if gw.proc is not None and gw.proc.poll() is None:
+            gw.kill()

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -425,6 +426,11 @@ class Site:
 # -- a gateway process -----------------------------------------------------------------------
 
 
+# Every Gateway launched, so that a test's own are stopped after it even when it failed
+# before stopping them (conftest.py's `workdir` fixture).
+LAUNCHED: weakref.WeakSet[Gateway] = weakref.WeakSet()
+
+
 class Gateway:
     """`crawlwarden run` as a real process on free ports, with its stderr kept in a file."""
 
@@ -488,6 +494,7 @@ class Gateway:
         log = self.log_file.open("ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.env)
         log.close()
+        LAUNCHED.add(self)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> Gateway:

@@ -749,6 +749,12 @@ class Gateway:
         """
         if data.server.address is None:
             return
+        tunnel = self.tunnels.get(data.client)
+        if tunnel is not None and tunnel.refusal is not None:
+            # A tunnel to nowhere: whatever asks for a connection in it (an IP literal the
+            # SSRF guard would admit, say) gets none.
+            data.server.error = f"the tunnel to {tunnel.host} was refused: {tunnel.refusal.reason}"
+            return
         reason = self.rt.governor.connect_refusal(data.server.address[0], data.server.address[1])
         if reason is not None:
             data.server.error = reason

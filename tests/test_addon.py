@@ -180,11 +180,12 @@ async def test_connect_to_a_name_resolving_to_a_private_address_is_refused(
         assert inner.response is not None and inner.response.status_code == 403
         assert inner.response.headers["X-Crawlwarden-Reason"] == "private_address"
         assert denied_class in inner.response.get_text()
-        data = server_hooks.ServerConnectionHookData(
-            client=flow.client_conn, server=connection.Server(address=("inside.example", 443))
-        )
-        gw.server_connect(data)
-        assert data.server.error is not None  # nothing to connect to
+        for address in (("inside.example", 443), ("93.184.216.34", 443)):
+            data = server_hooks.ServerConnectionHookData(
+                client=flow.client_conn, server=connection.Server(address=address)
+            )
+            gw.server_connect(data)
+            assert data.server.error is not None, address  # nothing to connect to
 
 
 async def test_requests_inside_a_tunnel_go_to_the_address_checked_at_connect(make_gateway):

@@ -14,8 +14,9 @@ full-path`, usually one). The body is read as it arrives, local file header by l
 and the package document comes near the start). Only `container.xml` and package documents
 (`*.opf`) are kept, each capped; other entries are skipped, a deflated one of unknown size
 (a data descriptor follows it) by inflating it to its end, its output counted and thrown away.
-What cannot be read (an encrypted package, an unknown compression method, a stored entry of unknown
-size before the package) ends the scan, and the record says so (`epub:unread`).
+A stored entry of unknown size ends where a data descriptor gives the size and CRC of what came
+before it. What cannot be read (an encrypted package, an unknown compression method, a limit
+passed) ends the scan, and the record says so (`epub:unread`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from xml.parsers import expat
 
 from proxy import optout
 from proxy import tdmrep
+from proxy import untrusted_xml
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
 from proxy.stepscan import ScanError
@@ -349,19 +351,6 @@ def scan_epub(body: bytes, *, max_scan: int = MAX_SCAN) -> EpubPackage:
 # -- the XML -----------------------------------------------------------------------------------
 
 
-def _parser() -> Any:
-    """expat, namespaces resolved, no DTDs (attacker-supplied XML: no entity expansion)."""
-    parser = expat.ParserCreate(namespace_separator=" ")
-    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-
-    def no_dtd(*_args: Any) -> None:
-        raise ValueError("a DTD is not allowed here")
-
-    parser.StartDoctypeDeclHandler = no_dtd
-    parser.EntityDeclHandler = no_dtd
-    return parser
-
-
 def _local(name: str) -> str:
     return name.rsplit(" ", 1)[-1]
 
@@ -374,7 +363,7 @@ def rootfiles(container: bytes) -> list[str]:
         if _local(name) == "rootfile" and attrs.get("full-path"):
             found.append(attrs["full-path"].lstrip("/"))
 
-    parser = _parser()
+    parser = untrusted_xml.parser()
     parser.StartElementHandler = start
     try:
         parser.Parse(container, True)
@@ -433,7 +422,7 @@ class _PackageReader:
             self.policy = tdmrep.parse_policy(value)
 
     def read(self, document: bytes) -> None:
-        parser = _parser()
+        parser = untrusted_xml.parser()
         parser.StartElementHandler = self._start
         parser.EndElementHandler = self._end
         parser.CharacterDataHandler = self._chars

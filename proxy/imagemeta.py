@@ -56,6 +56,7 @@ from xml.parsers import expat
 
 from proxy import optout
 from proxy import tdmrep
+from proxy import untrusted_xml
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
 from proxy.stepscan import ScanError
@@ -582,7 +583,7 @@ def read_xmp(packet: bytes) -> XmpFacts:
     reader = _XmpReader()
     try:
         reader.parse(packet[start:])
-    except (expat.ExpatError, _Corrupt, ValueError):
+    except (expat.ExpatError, ValueError):  # not well-formed, or a DTD
         return XmpFacts(_data_mining_fallback(packet), None, _tdm_fallback(packet))
     declaration = tdmrep.TdmDeclaration(
         max(reader.reservations) if reader.reservations else None, reader.tdm_policy
@@ -625,17 +626,11 @@ class _XmpReader:
         self._itemized = False
 
     def parse(self, data: bytes) -> None:
-        parser = expat.ParserCreate(namespace_separator=" ")
-        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-        parser.StartDoctypeDeclHandler = self._no_dtd
-        parser.EntityDeclHandler = self._no_dtd
+        parser = untrusted_xml.parser()
         parser.StartElementHandler = self._start
         parser.EndElementHandler = self._end
         parser.CharacterDataHandler = self._chars
         parser.Parse(data, True)
-
-    def _no_dtd(self, *_args: Any) -> None:
-        raise _Corrupt("XMP must not carry a DTD")
 
     def _start(self, name: str, attrs: dict[str, str]) -> None:
         if self._PROVENANCE in attrs:

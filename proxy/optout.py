@@ -352,8 +352,13 @@ class _HeadParser(HTMLParser):
 # -- one response ----------------------------------------------------------------------------
 
 
+def mime_type(content_type: str | None) -> str:
+    """`text/html` of `Text/HTML; charset=utf-8`; "" for none."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def is_html(content_type: str | None) -> bool:
-    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    mime = mime_type(content_type)
     return mime in ("text/html", "application/xhtml+xml")
 
 
@@ -384,11 +389,11 @@ def sniffs_as_html(prefix: bytes) -> bool | None:
 
 
 def is_image(content_type: str | None) -> bool:
-    return (content_type or "").split(";", 1)[0].strip().lower().startswith("image/")
+    return mime_type(content_type).startswith("image/")
 
 
 def is_svg(content_type: str | None) -> bool:
-    return (content_type or "").split(";", 1)[0].strip().lower() == "image/svg+xml"
+    return mime_type(content_type) == "image/svg+xml"
 
 
 def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:

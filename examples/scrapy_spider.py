@@ -1,7 +1,7 @@
 """A Scrapy spider that crawls through crawlwarden.
 
     .venv/bin/scrapy runspider examples/scrapy_spider.py -a url=http://demo.test:8000/
-        [-a url=URL,URL...] [-a proxy=http://TEAM:TOKEN@HOST:PORT] [-a project=PROJECT]
+        [-a "url=URL URL..."] [-a proxy=http://TEAM:TOKEN@HOST:PORT] [-a project=PROJECT]
 
 Scrapy's HttpProxyMiddleware turns the credentials of the `proxy` meta key into a
 Proxy-Authorization header (also on CONNECT for https:// URLs). Scrapy does not verify TLS
@@ -45,7 +45,7 @@ class GatewaySpider(scrapy.Spider):
         self.project = project
 
     async def start(self) -> AsyncIterator[scrapy.Request]:
-        for url in self.url.split(","):
+        for url in self.url.split():  # (a URL may hold a comma, never white space)
             yield scrapy.Request(
                 url, meta={"proxy": self.proxy}, headers={"X-Crawl-Project": self.project}
             )

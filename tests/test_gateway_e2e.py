@@ -550,7 +550,7 @@ def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_call
             "runspider",
             str(ROOT / "examples" / "scrapy_spider.py"),
             "-a",
-            f"url={','.join(urls)}",
+            f"url={' '.join(urls)}",
             "-a",
             f"proxy={gateway.proxy_url()}",
             "-a",

@@ -64,7 +64,6 @@ from proxy.optout_checks import Assessment
 from proxy.optout_checks import BodyScan
 from proxy.originfiles import origin_of
 from proxy.runtime import Runtime
-from proxy.ssrf import IPAddress
 
 log = structlog.get_logger("crawlwarden.decision")
 
@@ -88,14 +87,14 @@ class Tunnel:
     """A CONNECT tunnel: who opened it and where it goes; every request inside inherits it.
 
     A tunnel to a host the policy refuses (a whole-domain blocklist entry or takedown, a private
-    or unresolvable address, an IP literal) is opened all the same, to nowhere (`address` None,
-    `refusal` set): each request inside it is answered with the refusal and its JSON, which a
-    browser or Scrapy shows, where a refused CONNECT is only "tunnel connection failed"."""
+    or unresolvable address, an IP literal) is opened all the same, to nowhere (`refusal` set,
+    nothing pinned, no connection allowed): each request inside it is answered with the refusal
+    and its JSON, which a browser or Scrapy shows, where a refused CONNECT is only "tunnel
+    connection failed". (The address a tunnel goes to is pinned on its CONNECT's request.)"""
 
     caller: Caller
     host: str
     port: int
-    address: IPAddress | None
     refusal: Decision | None = None
 
 
@@ -251,12 +250,12 @@ class Gateway:
         if not decision.allowed or address is None:
             # Recorded as the attempt it is; mitmproxy answers 200 and connects nowhere (lazy
             # strategy; server_connect refuses a name that was never pinned to an address).
-            self.tunnels[flow.client_conn] = Tunnel(caller, host, port, None, decision)
+            self.tunnels[flow.client_conn] = Tunnel(caller, host, port, decision)
             state.decision = decision
             state.refused_tunnel = True
             self._observe_governance(started)
             return self._record(flow, state)
-        self.tunnels[flow.client_conn] = Tunnel(caller, host, port, address)
+        self.tunnels[flow.client_conn] = Tunnel(caller, host, port)
         state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
         self._decided(state)
         # Pin the checked address: the tunnel connects there, and nowhere else.

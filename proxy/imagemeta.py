@@ -6,7 +6,9 @@ What is read, and where (only the metadata, never the image data):
   `http://ns.adobe.com/xmp/extension/` reassembled), the C2PA manifest store in APP11 JUMBF
   segments (ISO 19566-5, reassembled). Metadata precedes the image data: the scan stops at SOS.
 - PNG: XMP in an iTXt (or tEXt/zTXt) chunk with keyword `XML:com.adobe.xmp`, the C2PA store in
-  the `caBX` chunk. The scan stops at the first IDAT.
+  the `caBX` chunk. PNG puts no order on text chunks, and writers put XMP after the image data
+  (ImageMagick, ExifTool before 11.63), so the scan walks every chunk header to IEND, skipping
+  the image data without keeping it.
 - WebP: the `XMP ` and `C2PA` chunks of the extended format. The WebP container puts metadata
   after the image data, so the scan walks every chunk header to the end of the RIFF, skipping
   payloads without keeping them. A simple-format file (one VP8/VP8L chunk) has no metadata.
@@ -432,7 +434,7 @@ class ImageMetadataScanner(StepScanner):
         if len(self._buf) < 8:
             return False
         length, kind = struct.unpack(">I4s", self._buf[:8])
-        if kind in (b"IDAT", b"IEND"):
+        if kind == b"IEND":
             self._finish(complete=True)
             return True
         if kind in (b"iTXt", b"tEXt", b"zTXt", b"caBX"):

@@ -91,28 +91,28 @@ def jpeg_with_extended_xmp(main: bytes, extended: bytes, parts: int = 3) -> byte
     return jpeg(*segments)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png(*, before_idat: list[bytes] = (), after_idat: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
     """A valid 1x1 grey PNG with extra chunks (already framed) before and after IDAT."""
-    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
-    idat = _png_chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+    idat = png_chunk(b"IDAT", zlib.compress(b"\x00\x80"))
     return (
         b"\x89PNG\r\n\x1a\n"
         + ihdr
         + b"".join(before_idat)
         + idat
         + b"".join(after_idat)
-        + _png_chunk(b"IEND", b"")
+        + png_chunk(b"IEND", b"")
     )
 
 
 def png_xmp_chunk(packet: bytes, *, compressed: bool = False) -> bytes:
     text = zlib.compress(packet) if compressed else packet
     flag = b"\x01\x00" if compressed else b"\x00\x00"
-    return _png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00" + flag + b"\x00\x00" + text)
+    return png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00" + flag + b"\x00\x00" + text)
 
 
 def _riff_chunk(kind: bytes, data: bytes) -> bytes:

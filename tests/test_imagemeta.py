@@ -4,6 +4,7 @@ in images signed here with c2pa-python and a certificate chain made here."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 import zlib
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import jxl
 from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
+from tests.optout_fixtures import png_chunk
 from tests.optout_fixtures import png_xmp_chunk
 from tests.optout_fixtures import svg
 from tests.optout_fixtures import tdm_xmp_packet
@@ -142,13 +144,23 @@ def test_png_itxt_before_the_image_data(compressed: bool) -> None:
     assert signals(image) == {"iptc-plus:DMI-PROHIBITED": True}
 
 
-def test_png_scan_stops_at_the_image_data() -> None:
-    # The bounded scan reads nothing after the first IDAT (see the module docstring).
-    image = png(after_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED"))])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_png_xmp_after_the_image_data_is_read(compressed: bool) -> None:
+    # PNG puts no order on text chunks; ImageMagick and ExifTool before 11.63 write XMP after
+    # IDAT. The image data is walked over, not kept.
+    xmp = png_xmp_chunk(xmp_packet("DMI-PROHIBITED"), compressed=compressed)
+    image = png(after_idat=[png_chunk(b"IDAT", os.urandom(3 * 2**20)), xmp])
     scanner = imagemeta.ImageMetadataScanner()
-    idat = image.index(b"IDAT") - 4
-    assert scanner.feed(image[: idat + 8])
-    assert scanner.finish().complete and signals(image) == {}
+    head = image[: image.index(xmp)]
+    assert not any(scanner.feed(head[i : i + 65536]) for i in range(0, len(head), 65536))
+    assert len(scanner._buf) <= 65536  # the image data passed over, not kept
+    assert signals(image) == {"iptc-plus:DMI-PROHIBITED": True}
+
+
+def test_a_png_cut_off_before_iend_is_incomplete() -> None:
+    image = png(after_idat=[png_xmp_chunk(xmp_packet(None))])
+    meta = imagemeta.scan_image(image[: image.index(b"IEND") - 4])
+    assert not meta.complete and meta.format is ImageFormat.PNG
 
 
 def test_webp_xmp_after_the_image_data() -> None:

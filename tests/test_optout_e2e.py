@@ -266,6 +266,11 @@ def _image_cases() -> dict[str, Reply]:
             body=png(before_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED", form="element"))]),
             headers={"Content-Type": "image/png"},
         ),
+        # ImageMagick (and ExifTool before 11.63) put a PNG's XMP after its image data.
+        "/xmp-late.png": Reply(
+            body=png(after_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED-AIMLTRAINING"))]),
+            headers={"Content-Type": "image/png"},
+        ),
         "/xmp.webp": Reply(
             body=webp(xmp=xmp_packet("DMI-PROHIBITED-GENAIMLTRAINING")),
             headers={"Content-Type": "application/octet-stream"},
@@ -349,6 +354,7 @@ def _image_cases() -> dict[str, Reply]:
 WITHHELD = {
     "/xmp.jpg": "image_optout",
     "/xmp-element.png": "image_optout",
+    "/xmp-late.png": "image_optout",
     "/xmp.webp": "image_optout",
     "/xmp.avif": "image_optout",
     "/xmp.tiff": "image_optout",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import itertools
 import math
 import time
 import uuid
@@ -430,6 +431,44 @@ async def test_crawl_delay_and_policy_reload(cluster: Cluster):
         engine.use_policy_version("v2")
         d = (await engine.admit(reloaded)).decision
         assert (d.reason, d.rule) == (Reason.QUOTA_REQUESTS, "defaults.requests_per_day")
+
+
+@pytest.mark.timeout(60)
+async def test_a_crawl_delay_holds_on_the_replica_that_knows_it_whatever_the_others_admit(
+    cluster: Cluster,
+):
+    # Replica A has read the origin's robots.txt (Crawl-delay 0.3 s) and admits that origin's
+    # requests; replica B has not, and admits the site's other origins at the policy's rate
+    # (100/s, burst 10). The shared rate state means A's requests still come 0.3 s apart at least.
+    site = make_site(rate="100/s", burst=10)
+    async with cluster(2) as (a, b):
+        a.set_min_interval(site.key, 0.3)
+        admitted_by_a: list[float] = []
+        admitted_by_b = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
+
+        async def knows_the_delay() -> None:
+            while loop.time() < deadline:
+                admission = await a.admit(site)
+                if admission.decision.allowed:
+                    admitted_by_a.append(loop.time())
+                    a.finish(admission.lease)
+                await asyncio.sleep(0.005)
+
+        async def does_not() -> None:
+            nonlocal admitted_by_b
+            while loop.time() < deadline:
+                admission = await b.admit(site)
+                if admission.decision.allowed:
+                    admitted_by_b += 1
+                    b.finish(admission.lease)
+                await asyncio.sleep(0.05)  # below the policy's rate: A finds room between
+
+        await asyncio.gather(knows_the_delay(), does_not())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(admitted_by_a)]
+    assert len(admitted_by_a) >= 3 and admitted_by_b >= 8, (admitted_by_a, admitted_by_b)
+    assert min(gaps) >= 0.3 - 0.02, gaps
 
 
 # -- store failure ---------------------------------------------------------------------------

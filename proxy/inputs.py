@@ -150,6 +150,8 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _SEPARATOR_SPELLINGS = re.compile(r"%2F|%5C|\\", re.IGNORECASE)
 _SLASH_RUN = re.compile(r"//+")
+# A path segment's parameters (RFC 2396 3.3), which servlet containers drop before routing.
+_PATH_PARAMETERS = re.compile(r";[^/]*")
 
 
 def normalize_escapes(path: str) -> str:
@@ -201,19 +203,26 @@ def _resolve_dot_segments(path: str) -> str:
 
 
 def other_readings(target: str) -> tuple[str, ...]:
-    """Other paths a site's server may take `target` (a `canonical_target`) for: with `%2F`,
-    `%5C` and `\\` read as "/" and runs of "/" merged (nginx's default `merge_slashes`, IIS,
-    Python's http.server for a leading "//"), dot segments then resolved again. Such a target is
-    checked under each reading (robots.txt, TDMRep, the blocklist) and refused if any is
-    refused, but forwarded as sent: "//" and "%2F" are also in URLs that mean them."""
-    if "//" not in target and "%" not in target and "\\" not in target:
+    """Other paths a site's server may take `target` (a `canonical_target`) for, dot segments
+    then resolved again: with `%2F`, `%5C` and `\\` read as "/" and runs of "/" merged
+    (nginx's default `merge_slashes`, IIS, Python's http.server for a leading "//"); and with
+    each segment's `;` parameters dropped (servlet containers, Tomcat and Jetty: `/private;x/a`
+    is `/private/a`, and `/x/..;/private/a` is `/private/a`). Such a target is checked under
+    each reading (robots.txt, TDMRep, the blocklist) and refused if any is refused, but
+    forwarded as sent: "//", "%2F" and ";" are also in URLs that mean them."""
+    if "//" not in target and "%" not in target and "\\" not in target and ";" not in target:
         return ()
     path, sep, query = target.partition("?")
-    if "//" not in path and _SEPARATOR_SPELLINGS.search(path) is None:
-        return ()
-    merged = _SLASH_RUN.sub("/", _SEPARATOR_SPELLINGS.sub("/", path))
-    reading = canonical_target(merged) + sep + query
-    return (reading,) if reading != target else ()
+    paths: list[str] = []
+    if "//" in path or _SEPARATOR_SPELLINGS.search(path) is not None:
+        paths.append(_SLASH_RUN.sub("/", _SEPARATOR_SPELLINGS.sub("/", path)))
+    if ";" in path:
+        paths += [_PATH_PARAMETERS.sub("", p) for p in (path, *paths)]
+    readings: list[str] = []
+    for reading in (canonical_target(p) + sep + query for p in paths):
+        if reading != target and reading not in readings:
+            readings.append(reading)
+    return tuple(readings)
 
 
 class BodyFraming(NamedTuple):

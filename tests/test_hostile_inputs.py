@@ -213,6 +213,14 @@ def test_a_target_is_read_as_the_site_will(target: str, resolved: str) -> None:
         ("/open%2F..%2Fprivate/a", ("/private/a",)),
         ("/a//b/?q=1", ("/a/b/?q=1",)),
         ("/search?u=http://x//y", ()),  # only the path is read
+        # Servlet containers (Tomcat, Jetty) drop each segment's ";" parameters.
+        ("/private;x/a.jpg", ("/private/a.jpg",)),
+        ("/private;/a.jpg", ("/private/a.jpg",)),
+        ("/x/..;/private/a.jpg", ("/private/a.jpg",)),
+        ("/x;/..;/private/a.jpg", ("/private/a.jpg",)),
+        ("/img.gif;", ("/img.gif",)),
+        ("/a;jsessionid=1?q=;x", ("/a?q=;x",)),  # only the path is read
+        ("//private;x/a.jpg", ("/private;x/a.jpg", "//private/a.jpg", "/private/a.jpg")),
     ],
 )
 def test_other_readings_of_a_path(target: str, readings: tuple[str, ...]) -> None:

@@ -126,8 +126,9 @@ def test_robots_and_tdmrep_refuse_before_the_site_is_asked(gateway: Gateway, sit
 
 
 def test_no_spelling_of_a_disallowed_path_reaches_the_site(gateway: Gateway, site: Site):
-    # Servers read "/x/../private/", "//private/" and "/private%2F" as /private/ (http.server
-    # here merges a leading "//"; nginx merges every run and decodes %2F): so must the gateway.
+    # Servers read "/x/../private/", "//private/", "/private%2F" and "/private;x/" as /private/
+    # (http.server here merges a leading "//"; nginx merges every run and decodes %2F; servlet
+    # containers drop path parameters): so must the gateway.
     serve_optout_files(site)
     site.routes["/private/a.jpg"] = Reply(
         body=b"DISALLOWED", headers={"Content-Type": "image/jpeg"}
@@ -140,6 +141,9 @@ def test_no_spelling_of_a_disallowed_path_reaches_the_site(gateway: Gateway, sit
         "//private/a.jpg",
         "/private%2Fa.jpg",
         "/open%2F..%2Fprivate/a.jpg",
+        # Tomcat and Jetty drop a segment's ";" parameters, "..;" included.
+        "/private;x/a.jpg",
+        "/x/..;/private/a.jpg",
     ]:
         result = curl(
             site.url("www.site-a.test", path),

@@ -305,8 +305,13 @@ class Gateway:
         tunnel = self.tunnels.get(flow.client_conn)
         scheme = req.scheme
         if tunnel is not None:
-            raw_host = _host_only(req.host_header) or tunnel.host
+            # The host a request in a tunnel names: its absolute-form target's over its Host
+            # header (RFC 9112 3.2.2), as the site's server reads it, and as mitmproxy, which
+            # leaves such a target as sent inside a tunnel, would forward it.
+            raw_host = _host_only(req.authority or req.host_header) or tunnel.host
             port = tunnel.port
+            if req.authority and not (req.is_http2 or req.is_http3):
+                req.authority = ""  # forwarded in origin-form, its host in the Host header
         else:
             raw_host = req.host
             port = req.port

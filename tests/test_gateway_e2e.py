@@ -36,6 +36,7 @@ from tests.support import base_policy
 from tests.support import basic
 from tests.support import curl
 from tests.support import policy_with
+from tests.support import tls_tunnel
 from tests.support import wait_for
 from tests.support import write_policy
 from tests.test_fleet import signing_keys
@@ -349,6 +350,38 @@ def test_a_request_for_another_host_inside_a_tunnel_is_misdirected(
     assert result.status == 421
     assert result.json()["reason"] == "misdirected"
     assert tls_site.count() == 0
+
+
+def test_an_absolute_form_target_inside_a_tunnel_is_the_host_it_names(
+    gateway: Gateway, tls_site: Site
+):
+    # A server reads an absolute-form target's host over the Host header (RFC 9112 3.2.2):
+    # `GET https://blocked.test/...` with `Host: site-c.test` in a tunnel to site-c.test is a
+    # request for blocked.test on a shared address, and refused as such. One for the tunnel's
+    # own host goes on, in origin-form.
+    port = tls_site.port
+    tls_site.routes["/photos/1.jpg"] = Reply(body=b"PHOTO", headers={"Content-Type": "image/jpeg"})
+    answers = []
+    for target in (
+        f"https://blocked.test:{port}/photos/1.jpg",
+        f"https://site-c.test:{port}/photos/1.jpg",
+    ):
+        with tls_tunnel(gateway, f"site-c.test:{port}", alpn="http/1.1") as tls:
+            tls.sendall(
+                f"GET {target} HTTP/1.1\r\nHost: site-c.test:{port}\r\n"
+                f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            answers.append(answer)
+    assert answers[0].startswith(b"HTTP/1.1 421"), answers[0][:300]
+    assert b'"misdirected"' in answers[0] and b"PHOTO" not in answers[0]
+    assert answers[1].startswith(b"HTTP/1.1 200") and answers[1].endswith(b"PHOTO")
+    assert [s.path for s in tls_site.seen] == ["/photos/1.jpg"]  # origin-form, once
+    records = gateway.fetch_records()
+    refused = [r for r in records if r["decision"] == "refused"]
+    assert [r["url"] for r in refused] == [f"https://blocked.test:{port}/photos/1.jpg"]
 
 
 def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_site: Site):

@@ -36,6 +36,7 @@ from proxy.originfiles import OnFetch
 from proxy.originfiles import OriginFile
 from proxy.originfiles import OriginFileCache
 from proxy.originfiles import OriginFileFetcher
+from proxy.originfiles import TargetCheck
 from proxy.originfiles import origin_of
 from proxy.policy import Crawler
 from proxy.policy import Network
@@ -46,6 +47,7 @@ from proxy.robots import PARSE_LIMIT
 from proxy.robots import RobotsRules
 from proxy.robots import parse_robots
 from proxy.ssrf import AddressGuard
+from proxy.ssrf import OwnListeners
 from proxy.ssrf import Resolver
 
 ROBOTS_PATH = "/robots.txt"
@@ -66,8 +68,15 @@ class RobotsEntry:
     file: OriginFile
     rules: RobotsRules
 
-    def served(self) -> tuple[int, bytes]:
-        """What a scraper's own request for /robots.txt is answered with."""
+    def served(self) -> tuple[int, bytes] | None:
+        """What a scraper's own request for /robots.txt is answered with; None: it is not
+        answered from here. A file reached through a redirect to another origin is the rules of
+        this one (RFC 9309 2.3.1.2), but its body is that other origin's content: served as
+        this origin's robots.txt it would hand a scraper, unchecked and unbudgeted, whatever a
+        redirect points at. The scraper's request goes to the site then, and the redirect it
+        gets is followed through the gateway, checked like any request."""
+        if not self.file.same_origin:
+            return None
         if self.file.outcome == "ok":
             return 200, self.file.body
         if self.file.outcome == "unavailable":
@@ -219,6 +228,8 @@ class OptOutChecks:
         cafile: str | None = None,
         on_fetch: OnFetch | None = None,
         gate: FetchGate | None = None,
+        target_check: TargetCheck | None = None,
+        own_listeners: OwnListeners | None = None,
         timeout: float = 10.0,
         ttl: float = DAY,
         error_ttl: float = 300.0,
@@ -227,7 +238,7 @@ class OptOutChecks:
         network: Network | None = None,
     ):
         self.crawler = crawler
-        self._resolver = GuardedResolver(resolver, guard)
+        self._resolver = GuardedResolver(resolver, guard, own_listeners)
         self.fetcher = OriginFileFetcher(
             self._resolver,
             user_agent=crawler.user_agent,
@@ -237,6 +248,7 @@ class OptOutChecks:
             cafile=cafile,
             on_fetch=on_fetch,
             gate=gate,
+            target_check=target_check,
             timeout=timeout,
             limit=PARSE_LIMIT,
             ttl=ttl,

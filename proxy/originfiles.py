@@ -7,7 +7,9 @@
   (single flight); the result is cached in a shared `OriginFileCache` (memory, or Redis so that
   replicas share it) for at most `ttl` (24 h, RFC 9309 2.4; less if Cache-Control max-age says
   so), and failures for `error_ttl` only.
-- Redirects are followed up to 5 hops, across origins, each hop guarded (RFC 9309 2.3.1.2).
+- Redirects are followed up to 5 hops, across origins (RFC 9309 2.3.1.2), each hop guarded:
+  the SSRF guard, the gateway's own listeners, and `target_check` (the blocklist and takedowns,
+  where the runtime wires them). A hop refused makes the file unreachable.
 - At most `limit` bytes of a body are read (RFC 9309 2.5: 500 KiB).
 - With `egress.upstream_proxies`, the files are fetched through that pool (one proxy per fetch,
   in turn), as scraper traffic leaves: the site sees the egress the fetch log names. The target
@@ -58,6 +60,7 @@ from proxy import metrics
 from proxy.policy import UpstreamProxy
 from proxy.sites import normalize_host
 from proxy.ssrf import AddressGuard
+from proxy.ssrf import OwnListeners
 from proxy.ssrf import ResolutionError
 from proxy.ssrf import Resolver
 
@@ -86,6 +89,10 @@ type OnFetch = Callable[[OriginFetch], None]
 # Called with the URL of each request the gateway is about to make; returns what to call with
 # the response's body size when it is over, or raises FetchRefused.
 type FetchGate = Callable[[str], Awaitable[Callable[[int], None]]]
+# Called with the URL of each request the gateway is about to make, redirect hops included:
+# why the policy forbids it (a blocklist entry, a takedown), or None. A refused hop makes the
+# file unreachable, as a refused address does.
+type TargetCheck = Callable[[str], str | None]
 
 
 class FetchRefused(Exception):
@@ -122,11 +129,13 @@ class TargetRefused(OSError):
 
 class GuardedResolver(AbstractResolver):
     """aiohttp name resolution by `proxy.ssrf.Resolver` (static hosts, then cached DNS), keeping
-    only the addresses `AddressGuard` admits."""
+    only the addresses `AddressGuard` admits, and never one of the gateway's own listeners (a
+    redirect to its admin port would have read /metrics through the robots.txt cache)."""
 
-    def __init__(self, resolver: Resolver, guard: AddressGuard):
+    def __init__(self, resolver: Resolver, guard: AddressGuard, own: OwnListeners | None = None):
         self.resolver = resolver
         self.guard = guard
+        self.own = own if own is not None else OwnListeners()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -142,6 +151,9 @@ class GuardedResolver(AbstractResolver):
             verdict = self.guard.check(ip)
             if not verdict.allowed:
                 refused.append(f"{ip} ({verdict.denied_class})")
+                continue
+            if (listener := self.own.listener_at(ip, port)) is not None:
+                refused.append(f"{ip}:{port} (this gateway's own {listener})")
                 continue
             results.append(
                 ResolveResult(
@@ -159,16 +171,18 @@ class GuardedResolver(AbstractResolver):
             )
         return results
 
-    def check_literal(self, host: str) -> str | None:
+    def check_literal(self, host: str, port: int) -> str | None:
         """aiohttp connects to IP literals without asking the resolver: check them here."""
         try:
             ip = ipaddress.ip_address(normalize_host(host))
         except ValueError:
             return None
         verdict = self.guard.check(ip)
-        if verdict.allowed:
-            return None
-        return f"{ip} is a {verdict.denied_class} address, which the SSRF guard refuses"
+        if not verdict.allowed:
+            return f"{ip} is a {verdict.denied_class} address, which the SSRF guard refuses"
+        if (listener := self.own.listener_at(ip, port)) is not None:
+            return f"{ip}:{port} is this gateway's own {listener}, never a site"
+        return None
 
     async def close(self) -> None:
         return None
@@ -190,6 +204,14 @@ class OriginFile:
     error: str | None = None
     truncated: bool = False
     final_url: str | None = None
+
+    @property
+    def same_origin(self) -> bool:
+        """The body came from the origin it was asked of (no redirect led to another)."""
+        if self.final_url is None or self.final_url == self.url:
+            return True
+        asked, final = URL(self.url), URL(self.final_url)
+        return (asked.scheme, asked.host, asked.port) == (final.scheme, final.host, final.port)
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -340,6 +362,7 @@ class OriginFileFetcher:
         cafile: str | None = None,
         on_fetch: OnFetch | None = None,
         gate: FetchGate | None = None,
+        target_check: TargetCheck | None = None,
         timeout: float = 10.0,
         max_redirects: int = 5,
         limit: int = 500 * 1024,
@@ -359,6 +382,7 @@ class OriginFileFetcher:
         self._ssl = ssl_context
         self._on_fetch = on_fetch
         self.gate = gate
+        self.target_check = target_check
         self._total_timeout = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_redirects = max_redirects
@@ -509,7 +533,9 @@ class OriginFileFetcher:
         proxy = self._next_proxy()
         via = proxy.name if proxy is not None else None
         began = (time.time(), time.monotonic())
-        refused = self.resolver.check_literal(url.host or "")
+        refused = self.resolver.check_literal(url.host or "", url.port or 0)
+        if refused is None and self.target_check is not None:
+            refused = self.target_check(str(url))
         if refused is not None:
             self._report(str(url), None, b"", refused, via, None, began)
             return refused

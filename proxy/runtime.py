@@ -26,6 +26,7 @@ from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.store import ReplicaInUse
+from proxy.blocklist import normalize_url
 from proxy.budgets import Admission
 from proxy.budgets import BudgetEngine
 from proxy.budgets import BudgetStore
@@ -152,6 +153,8 @@ class Runtime:
             cafile=str(settings.upstream_trusted_ca) if settings.upstream_trusted_ca else None,
             on_fetch=self._record_gateway_fetch,
             gate=self._admit_gateway_fetch,
+            target_check=self._gateway_fetch_refusal,
+            own_listeners=self.governor.own_listeners,
             upstream_proxies=policy.egress.upstream_proxies,
             network=policy.network,
         )
@@ -254,6 +257,16 @@ class Runtime:
             raise FetchRefused(admission.decision)
         lease = admission.lease
         return lambda received: self.budgets.finish(lease, response_bytes=received)
+
+    def _gateway_fetch_refusal(self, url: str) -> str | None:
+        """Why the policy forbids one of the gateway's own requests (a redirect hop to a
+        blocklisted or taken-down site, say), or None: it asks no site the scrapers may not."""
+        parts = urlsplit(url)
+        host = normalize_host(parts.hostname or "")
+        entry = self.governor.blocklist.match_url(host, normalize_url(url))
+        if entry is None:
+            return None
+        return f"{url} is refused: {entry.reason} (source: {entry.source}; {entry.id})"
 
     def _record_gateway_fetch(self, fetch: OriginFetch) -> None:
         """The gateway's own fetches (robots.txt, tdmrep.json) are fetch records too, as the

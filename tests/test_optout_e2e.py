@@ -186,6 +186,62 @@ def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site
     assert site.count("/robots.txt") == 1
 
 
+def test_a_robots_txt_redirect_is_no_way_to_fetch_what_the_gateway_refuses(
+    workdir: Path, site: Site
+):
+    # A team controlling a domain answered its /robots.txt with a redirect: the gateway read
+    # the target as the rules (RFC 9309 2.3.1.2) and then served its body to the team's own
+    # GET /robots.txt from its cache: a blocklisted page, a page withheld for noai, the
+    # gateway's own /metrics. Each hop is now checked, and only a file read from its own
+    # origin is served from the cache.
+    port = site.port
+    policy = policy_with(
+        defaults={"respect": RESPECT_ALL},
+        blocklist=[
+            {
+                "id": "tos-blocked",
+                "match": ["blocked.test"],
+                "reason": "Terms forbid automated collection",
+                "source": "https://blocked.test/terms",
+            }
+        ],
+    )
+    with Gateway(workdir, policy) as gw:
+        targets = {
+            "attacker1.test": f"http://blocked.test:{port}/photos/1.jpg",
+            "attacker2.test": f"http://site-b.test:{port}/noai",
+            "attacker3.test": f"http://site-a.test:{gw.admin_port}/metrics",
+            "moved.test": f"http://moved.test:{port}/rules.txt",  # its own origin: served
+        }
+
+        def robots(seen: Seen) -> Reply:
+            target = targets.get(seen.host.rsplit(":", 1)[0])
+            if target is None:
+                return Reply(body=b"User-agent: *\nAllow: /\n")
+            return Reply(status=302, body=b"", headers={"Location": target})
+
+        site.routes["/robots.txt"] = robots
+        site.routes["/rules.txt"] = Reply(body=b"User-agent: *\nDisallow: /private/\n")
+        site.routes["/photos/1.jpg"] = Reply(body=b"BLOCKED-SITE PHOTO")
+        site.routes["/noai"] = Reply(body=b"NOAI PAGE", headers={"X-Robots-Tag": "noai"})
+        answers = {}
+        for name in targets:
+            fetch(gw, site, f"{name}", "/")  # the gateway reads the origin's robots.txt
+            answers[name] = fetch(gw, site, name, "/robots.txt")
+        records = gw.fetch_records()
+    for name in ("attacker1.test", "attacker2.test", "attacker3.test"):
+        answer = answers[name]
+        assert (answer.status, answer.headers.get("location")) == (302, targets[name]), name
+        assert answer.headers.get("x-crawlwarden-reason") is None, name  # the site's answer
+    assert answers["moved.test"].headers["x-crawlwarden-reason"] == "robots_cache"
+    assert answers["moved.test"].body == b"User-agent: *\nDisallow: /private/\n"
+    assert site.count("/photos/1.jpg") == 0  # the blocklisted site was never asked
+    own = {r["url"]: r for r in records if r["kind"] == "gateway_fetch"}
+    assert f"http://site-a.test:{gw.admin_port}/metrics" not in {
+        u for u, r in own.items() if r["status"] is not None
+    }
+
+
 def test_rotating_subdomains_do_not_make_the_gateways_own_fetches_a_way_around_the_rate(
     workdir: Path, site: Site
 ):

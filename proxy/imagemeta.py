@@ -9,9 +9,11 @@ What is read, and where (only the metadata, never the image data):
   the `caBX` chunk. PNG puts no order on text chunks, and writers put XMP after the image data
   (ImageMagick, ExifTool before 11.63), so the scan walks every chunk header to IEND, skipping
   the image data without keeping it.
-- WebP: the `XMP ` and `C2PA` chunks of the extended format. The WebP container puts metadata
-  after the image data, so the scan walks every chunk header to the end of the RIFF, skipping
-  payloads without keeping them. A simple-format file (one VP8/VP8L chunk) has no metadata.
+- WebP: the `XMP ` and `C2PA` chunks. The WebP container puts metadata after the image data,
+  so the scan walks every chunk header to the end of the RIFF, skipping payloads without
+  keeping them. A simple-format file (one VP8/VP8L chunk) has no metadata by the container
+  spec, but the C2PA SDK signs one by appending a `C2PA` chunk, without VP8X: so it is walked
+  to its end too.
 - GIF, TIFF, AVIF/HEIF (ISO BMFF image brands), the JPEG XL container, SVG (XMP in its
   `<metadata>` element; an SVG is known by its Content-Type, `image/svg+xml`, and its text), and
   PDF documents (not images, but TDMRep puts a PDF's reservation in its XMP): XMP by packet
@@ -485,10 +487,6 @@ class ImageMetadataScanner(StepScanner):
             return False
         kind, size = struct.unpack("<4sI", self._buf[:8])
         padded = size + (size & 1)
-        if kind in (b"VP8 ", b"VP8L") and self._consumed == 12:
-            # Simple format: one image chunk and nothing else (WebP container spec).
-            self._finish(complete=True)
-            return True
         self._consumed += 8 + padded
         wanted = {b"XMP ": MAX_XMP, b"C2PA": MAX_C2PA}.get(kind)
         if wanted is None:

@@ -339,6 +339,13 @@ def _image_cases() -> dict[str, Reply]:
             body=c2pa_sign(base_png, "image/png", [training_mining("c2pa", "notAllowed")]),
             headers={"Content-Type": "image/png"},
         ),
+        # The C2PA SDK signs a simple-format WebP by appending a C2PA chunk (no VP8X).
+        "/c2pa-simple.webp": Reply(
+            body=c2pa_sign(
+                webp(simple=True), "image/webp", [training_mining("c2pa", "notAllowed")]
+            ),
+            headers={"Content-Type": "image/webp"},
+        ),
         "/noai-header.jpg": Reply(
             body=jpeg_with_xmp(xmp_packet(None)),
             headers={"Content-Type": "image/jpeg", "X-Robots-Tag": "noimageai"},
@@ -422,6 +429,7 @@ WITHHELD = {
     "/xmp.svg": "image_optout",
     "/c2pa.avif": "image_optout",
     "/c2pa.png": "image_optout",
+    "/c2pa-simple.webp": "image_optout",
     "/noai-header.jpg": "noai_directive",
     "/page.html": "noai_directive",
     "/utf16.html": "noai_directive",

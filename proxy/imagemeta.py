@@ -154,11 +154,6 @@ def sniff(prefix: bytes) -> ImageFormat | None:
     return ImageFormat.OTHER
 
 
-def is_image_format(prefix: bytes) -> bool:
-    """Whether these first bytes are those of an image format whose metadata is read."""
-    return sniff(prefix) not in (None, ImageFormat.OTHER)
-
-
 _PACKET_SCANNED = frozenset(
     {
         ImageFormat.GIF,

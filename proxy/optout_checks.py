@@ -128,9 +128,17 @@ class BodyScan:
         if self.done:
             return True
         if self._html is not None:
-            if self._html.seen == 0 and imagemeta.is_image_format(chunk[:12]):
-                self._html = None  # an image sent as text/html: read as the image it is
-            else:
+            if self._html.seen == 0:
+                # An image sent as text/html is read as the image it is: its signature decides,
+                # however few bytes the first chunk holds (a page's "<" decides at once).
+                self._head += chunk
+                fmt = imagemeta.sniff(self._head[:12])
+                if fmt is None:
+                    return False
+                chunk, self._head = self._head, b""
+                if fmt is not imagemeta.ImageFormat.OTHER:
+                    self._html = None
+            if self._html is not None:
                 self.done = self._html.feed(chunk)
                 return self.done
         if self._epub is not None:
@@ -193,6 +201,9 @@ class BodyScan:
         self.finish()
 
     def finish(self) -> None:
+        if self._html is not None and self._head:
+            self._html.feed(self._head)  # a body too short to tell an image by
+            self._head = b""
         if self._image is not None:
             self._image.finish()
         if self._epub is not None:

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from addons.streaming import ResponseStream
+from proxy import imagemeta
 from proxy import optout
 from proxy.decision import Reason
 from proxy.optout import Kind
@@ -389,6 +390,26 @@ async def test_an_image_sent_as_html_is_read_as_an_image() -> None:
     assert result.decision is not None and result.decision.reason is Reason.IMAGE_OPTOUT
     page = await assess([], PAGE, "text/html")
     assert page.decision is not None and page.decision.reason is Reason.TDM_RESERVED
+
+
+@pytest.mark.parametrize("first", [1, 2, 4, 11])
+def test_an_image_sent_as_html_is_known_by_its_signature_however_it_is_split(first: int) -> None:
+    # A first write shorter than the signature read the image as HTML (a streamed body's
+    # first chunk is what the site's first write held).
+    image = png(before_idat=[png_xmp_chunk(xmp_packet("DMI-PROHIBITED"))])
+    scan = BodyScan("text/html", [TOKEN])
+    assert not scan.feed(image[:first])
+    scan.feed(image[first:])
+    scan.finish()
+    assert scan.html_head is None and scan.image is not None
+    assert [imagemeta.data_mining_values(p) for p in scan.image.xmp] == [["DMI-PROHIBITED"]]
+
+
+def test_a_page_too_short_to_tell_is_still_read_as_html() -> None:
+    scan = BodyScan("text/html", [TOKEN])
+    assert not scan.feed(b"\x89PN")  # could still be a PNG
+    scan.finish()
+    assert scan.image is None and scan.html_head is not None
 
 
 async def test_a_pdfs_tdm_reservation_withholds_it_and_noimageai_does_not() -> None:

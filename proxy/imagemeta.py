@@ -15,7 +15,8 @@ What is read, and where (only the metadata, never the image data):
   spec, but the C2PA SDK signs one by appending a `C2PA` chunk, without VP8X: so it is walked
   to its end too.
 - GIF, TIFF, AVIF/HEIF (ISO BMFF image brands), the JPEG XL container, SVG (XMP in its
-  `<metadata>` element; an SVG is known by its Content-Type, `image/svg+xml`, and its text), and
+  `<metadata>` element, also a bare `rdf:RDF` as Inkscape writes it, read with the namespaces
+  its root declares; an SVG is known by its Content-Type, `image/svg+xml`, and its text), and
   PDF documents (not images, but TDMRep puts a PDF's reservation in its XMP): XMP by packet
   scanning (XMP Part 3, 1.1.3: the packet is stored as text, between `<?xpacket begin=` or
   `<x:xmpmeta` and their ends), to the end of the body, as such metadata may come after the
@@ -167,6 +168,14 @@ _PACKET_SCANNED = frozenset(
 # Where an XMP packet begins and ends (the wrapper, or the x:xmpmeta element, which is optional).
 _PACKET_STARTS = (b"<?xpacket begin=", b"<x:xmpmeta")
 _PACKET_ENDS = (b"</x:xmpmeta>", b"<?xpacket end=")
+# In an SVG, also a bare rdf:RDF in <metadata>, as Inkscape writes it (both wrappers are
+# optional); its namespaces are often declared on the root <svg> element, whose declarations
+# are read first (within the first _SVG_ROOT_LIMIT bytes) and given to it.
+_BARE_RDF = b"<rdf:RDF"
+_BARE_RDF_END = b"</rdf:RDF>"
+_SVG_PACKET_STARTS = (*_PACKET_STARTS, _BARE_RDF)
+_SVG_ROOT_LIMIT = 64 * 1024
+_XMLNS = re.compile(rb"""\sxmlns(?::[\w.-]+)?\s*=\s*(?:"[^"<]*"|'[^'<]*')""")
 # A C2PA manifest store's JUMBF description box: its type, then the label's UUID.
 _C2PA_STORE_MARK = b"jumdc2pa"
 # Kept between chunks: enough for a marker cut in two, and for the 12 bytes that come before a
@@ -210,6 +219,8 @@ class ImageMetadataScanner(StepScanner):
         self._store_seen = False  # a C2PA store was found by scanning (read, or noticed)
         self._store_parts: list[bytes] = []  # a GIF's store, sub-block by sub-block
         self._store_size = 0
+        self._svg = svg
+        self._svg_namespaces: bytes | None = None  # the root's declarations, once read
         if svg:
             self.meta.format = ImageFormat.SVG
             self._state = "packet_search"
@@ -274,7 +285,10 @@ class ImageMetadataScanner(StepScanner):
 
     def _step_packet_search(self) -> bool:
         buf = self._buf
-        found = [i for i in (buf.find(start) for start in _PACKET_STARTS) if i >= 0]
+        if self._svg and self._svg_namespaces is None and not self._read_svg_root():
+            return False
+        starts = _SVG_PACKET_STARTS if self._svg else _PACKET_STARTS
+        found = [i for i in (buf.find(start) for start in starts) if i >= 0]
         store = self._store_start()
         if store >= 0 and (not found or store < min(found)):
             del buf[:store]
@@ -286,6 +300,19 @@ class ImageMetadataScanner(StepScanner):
         del buf[: min(found)]
         self._searched = 0
         self._state = "packet"
+        return True
+
+    def _read_svg_root(self) -> bool:
+        """The namespace declarations of the root <svg> start tag; False: not all here yet."""
+        buf = self._buf
+        at = buf.find(b"<svg")
+        end = buf.find(b">", at) if at >= 0 else -1
+        if end < 0:
+            if len(buf) < _SVG_ROOT_LIMIT:
+                return False
+            self._svg_namespaces = b""  # not found where it should be: read packets as they are
+            return True
+        self._svg_namespaces = b"".join(_XMLNS.findall(bytes(buf[at:end])))
         return True
 
     def _store_start(self) -> int:
@@ -352,8 +379,9 @@ class ImageMetadataScanner(StepScanner):
 
     def _step_packet(self) -> bool:
         buf = self._buf
+        bare = buf.startswith(_BARE_RDF)
         ends = []
-        for end in _PACKET_ENDS:
+        for end in (_BARE_RDF_END,) if bare else _PACKET_ENDS:
             at = buf.find(end, self._searched)
             if at >= 0:
                 # The wrapper's end is a processing instruction: up to its "?>".
@@ -372,6 +400,8 @@ class ImageMetadataScanner(StepScanner):
             return True
         packet = self._take(min(ends))
         assert packet is not None
+        if bare:  # given the namespaces it was declared in
+            packet = b"<svg-metadata%s>%s</svg-metadata>" % (self._svg_namespaces or b"", packet)
         self._add_xmp(packet)
         self._state = "packet_search"
         return True

@@ -203,6 +203,31 @@ def svg(xmp: bytes | None = None, *, shapes: int = 200) -> bytes:
     )
 
 
+def inkscape_svg(value: str, *, namespaces_on_root: bool = True) -> bytes:
+    """An SVG as Inkscape writes one: a bare rdf:RDF in <metadata> (neither x:xmpmeta nor
+    xpacket), its namespaces declared on the root <svg> element (or on rdf:RDF)."""
+    declarations = (
+        b' xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"'
+        b' xmlns:cc="http://creativecommons.org/ns#"'
+        b" xmlns:plus='http://ns.useplus.org/ldf/xmp/1.0/'"
+    )
+    root, rdf = (declarations, b"") if namespaces_on_root else (b"", declarations)
+    drawing = b'<circle cx="10" cy="10" r="5" fill="#c33"/>' * 200
+    return (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg"'
+        + root
+        + b' width="100" height="100">'
+        + drawing
+        + b'<metadata id="metadata5"><rdf:RDF'
+        + rdf
+        + b'><cc:Work rdf:about=""><plus:DataMining rdf:resource="'
+        + (PLUS_VOCAB + value).encode()
+        + b'"/></cc:Work></rdf:RDF></metadata>'
+        + drawing
+        + b"</svg>"
+    )
+
+
 def pdf(xmp: bytes | None = None) -> bytes:
     """A one-page PDF 1.7 whose catalog has an uncompressed XMP metadata stream (ISO 32000-1
     14.3.2, where TDMRep puts a document's tdm:reservation), with a correct xref table."""

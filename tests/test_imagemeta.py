@@ -20,6 +20,7 @@ from tests.optout_fixtures import PLUS_VOCAB
 from tests.optout_fixtures import avif
 from tests.optout_fixtures import c2pa_sign
 from tests.optout_fixtures import gif
+from tests.optout_fixtures import inkscape_svg
 from tests.optout_fixtures import jpeg
 from tests.optout_fixtures import jpeg_with_extended_xmp
 from tests.optout_fixtures import jpeg_with_xmp
@@ -514,6 +515,31 @@ def test_an_svgs_xmp_is_read_as_its_text_goes_by() -> None:
     plain = imagemeta.ImageMetadataScanner(svg=True)
     plain.feed(svg())
     assert imagemeta.image_signals(plain.finish()) == []
+
+
+@pytest.mark.parametrize("on_root", [True, False])
+@pytest.mark.parametrize("chunk", [7, 1000, 10**6])
+def test_an_svgs_bare_rdf_is_read_with_its_roots_namespaces(on_root: bool, chunk: int) -> None:
+    image = inkscape_svg("DMI-PROHIBITED-GENAIMLTRAINING", namespaces_on_root=on_root)
+    scanner = imagemeta.ImageMetadataScanner(svg=True)
+    for at in range(0, len(image), chunk):
+        scanner.feed(image[at : at + chunk])
+    meta = scanner.finish()
+    names = [s.name for s in imagemeta.image_signals(meta) if s.opts_out]
+    assert names == ["iptc-plus:DMI-PROHIBITED-GENAIMLTRAINING"]
+    allowed = imagemeta.ImageMetadataScanner(svg=True)
+    allowed.feed(inkscape_svg("DMI-ALLOWED"))
+    assert not any(s.opts_out for s in imagemeta.image_signals(allowed.finish()))
+
+
+def test_an_svg_root_past_the_limit_leaves_packets_to_be_read_as_they_are() -> None:
+    image = b"<!--" + b"x" * (80 * 1024) + b"-->" + svg(xmp_packet("DMI-PROHIBITED"))
+    scanner = imagemeta.ImageMetadataScanner(svg=True)
+    for at in range(0, len(image), 4096):
+        scanner.feed(image[at : at + 4096])
+        assert len(scanner._buf) <= 64 * 1024 + 4096  # held while the root is looked for
+    names = [s.name for s in imagemeta.image_signals(scanner.finish()) if s.opts_out]
+    assert names == ["iptc-plus:DMI-PROHIBITED"]
 
 
 def test_a_tdm_reservation_in_an_images_xmp_counts_too() -> None:

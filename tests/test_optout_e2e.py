@@ -24,6 +24,7 @@ from tests.optout_fixtures import c2pa_sign
 from tests.optout_fixtures import epub
 from tests.optout_fixtures import epub_reservation
 from tests.optout_fixtures import gif
+from tests.optout_fixtures import inkscape_svg
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
@@ -384,6 +385,10 @@ def _image_cases() -> dict[str, Reply]:
             body=svg(xmp_packet("DMI-PROHIBITED-GENAIMLTRAINING")),
             headers={"Content-Type": "image/svg+xml"},
         ),
+        "/inkscape.svg": Reply(
+            body=inkscape_svg("DMI-PROHIBITED-AIMLTRAINING"),
+            headers={"Content-Type": "image/svg+xml"},
+        ),
         "/icon.bmp": Reply(body=b"BM" + bytes(64), headers={"Content-Type": "image/bmp"}),
         "/page.html": Reply(body=PAGE_NOAI, headers={"Content-Type": "text/html"}),
         "/utf16.html": Reply(
@@ -427,6 +432,7 @@ WITHHELD = {
     "/xmp.tiff": "image_optout",
     "/xmp.gif": "image_optout",
     "/xmp.svg": "image_optout",
+    "/inkscape.svg": "image_optout",
     "/c2pa.avif": "image_optout",
     "/c2pa.png": "image_optout",
     "/c2pa-simple.webp": "image_optout",

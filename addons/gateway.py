@@ -144,13 +144,22 @@ class SiteAnswer:
     @classmethod
     async def of(cls, resp: http.Response, stream: ResponseStream | None) -> SiteAnswer:
         if stream is not None:
-            size: int | None = stream.received
-            digest: str | None = stream.sha256
-        elif resp.stream:
+            return cls.streamed(resp, stream)
+        if resp.stream:
             size = digest = None  # streamed by mitmproxy without the gateway's stream (_assess)
         else:
             body = resp.raw_content or b""
             size, digest = len(body), await _sha256(body)
+        return cls._of(resp, size, digest)
+
+    @classmethod
+    def streamed(cls, resp: http.Response, stream: ResponseStream) -> SiteAnswer:
+        """What the gateway's stream received: the whole body, or what came before the site
+        broke it off."""
+        return cls._of(resp, stream.received, stream.sha256)
+
+    @classmethod
+    def _of(cls, resp: http.Response, size: int | None, digest: str | None) -> SiteAnswer:
         ctype = resp.headers.get("content-type")
         return cls(
             resp.status_code,
@@ -680,7 +689,23 @@ class Gateway:
                 flow.metadata[ERROR_ANSWER] = refusal_response(
                     state.decision, Outcome.FORWARDED, state.id
                 )
+            if state.stream is not None and flow.response is not None and state.answer is None:
+                self._cut_short(state, flow.response, state.stream)  # mid-body, either side
         self._finish(flow, state)
+
+    def _cut_short(self, state: FlowState, resp: http.Response, stream: ResponseStream) -> None:
+        """A streamed body the site broke off: the record has the bytes that came and their
+        hash, and what the scan found in them (an opt-out found makes it withheld: nothing of
+        the body was delivered)."""
+        state.answer = SiteAnswer.streamed(resp, stream)
+        assessment = stream.cut_short()
+        if assessment is None:
+            return
+        for name in assessment.signals:
+            if name not in state.signals:
+                state.signals.append(name)
+        if assessment.decision is not None:
+            state.withheld = assessment.decision
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         self._settle(state)
@@ -897,6 +922,8 @@ class Gateway:
             rec.reason = str(state.withheld.reason)
             rec.rule = state.withheld.rule
             rec.note = "withheld: the body was not delivered to the scraper"
+            if state.decision is not None and state.decision.reason in _NOTED_REASONS:
+                rec.note += f"; then {_loggable(state.decision.detail)}"  # broken off, say
         elif state.decision is not None and state.decision.reason in _NOTED_REASONS:
             rec.note = _loggable(state.decision.detail)  # what went wrong, for the auditor
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)

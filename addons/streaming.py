@@ -82,6 +82,15 @@ class ResponseStream:
             self.scan.cannot_decode(str(e))
             return True
 
+    def cut_short(self) -> Assessment | None:
+        """The site broke off the body: the assessment of what was read of it (the held part,
+        never delivered, included). None: nothing was to be read."""
+        if self.assessment is None and self.scan is not None:
+            self.scan.finish()
+            self.assessment = self._assess(self.scan)
+            self._held = []
+        return self.assessment
+
     @property
     def sha256(self) -> str:
         return self.hasher.hexdigest()

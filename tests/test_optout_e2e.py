@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -28,6 +29,7 @@ from tests.optout_fixtures import inkscape_svg
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import pdf
 from tests.optout_fixtures import png
+from tests.optout_fixtures import png_chunk
 from tests.optout_fixtures import png_xmp_chunk
 from tests.optout_fixtures import svg
 from tests.optout_fixtures import tdm_xmp_packet
@@ -530,6 +532,87 @@ def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bi
     assert (withheld["decision"], withheld["reason"]) == ("withheld", "image_optout")
     assert withheld["content_sha256"] == hashlib.sha256(opted_out).hexdigest()
     assert withheld["response_bytes"] == len(opted_out)
+
+
+class CutOffSite:
+    """A site that declares a body of LARGE bytes, sends `bodies[path]` and closes (one
+    request per connection)."""
+
+    def __init__(self, bodies: dict[str, bytes]):
+        self.bodies = bodies
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                head += data
+            body = self.bodies.get(head.split(b" ", 2)[1].decode())
+            if body is None:  # robots.txt, tdmrep.json: none
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            kind = b"image/png" if body.startswith(b"\x89PNG") else b"image/jpeg"
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (kind, LARGE)
+            )
+            conn.sendall(body)
+            conn.shutdown(socket.SHUT_WR)  # every byte sent goes out, then the end
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_body_the_site_breaks_off_is_recorded_with_what_came_and_what_it_carried(
+    gateway: Gateway,
+):
+    # The record had no size, no hash and no signals for a streamed body the site broke off,
+    # and one whose opt-out the gateway had found (and delivered nothing of) said forwarded.
+    padding = bytes(range(256)) * (20 * 2**20 // 256)
+    bodies = {
+        "/clean.jpg": jpeg_with_xmp(xmp_packet(None)) + padding,
+        "/opted-out.jpg": jpeg_with_xmp(xmp_packet("DMI-PROHIBITED")) + padding,
+        # Broken off before the scan could end (a PNG is read to IEND): held, never delivered.
+        "/held.png": png(after_idat=[png_chunk(b"IDAT", bytes(2 * 2**20))])[:-12],
+    }
+    site = CutOffSite(bodies)
+    try:
+        answers = {
+            path: curl(
+                f"http://site-c.test:{site.port}{path}", proxy=gateway.proxy_url(), headers=HEADERS
+            )
+            for path in bodies
+        }
+    finally:
+        site.close()
+    records = {r["url"].rsplit("/", 1)[1]: r for r in gateway.fetch_records()}
+    for path, body in bodies.items():
+        rec = records[path.lstrip("/")]
+        assert answers[path].returncode != 0, path  # a broken transfer
+        assert rec["response_bytes"] == len(body), path
+        assert rec["content_sha256"] == hashlib.sha256(body).hexdigest(), path
+        assert rec["status"] == 200
+    assert answers["/clean.jpg"].body == bodies["/clean.jpg"]  # delivered as it came
+    clean = records["clean.jpg"]
+    assert (clean["decision"], clean["reason"]) == ("forwarded", "upstream_error")
+    opted_out = records["opted-out.jpg"]
+    assert (opted_out["decision"], opted_out["reason"]) == ("withheld", "image_optout")
+    assert "iptc-plus:DMI-PROHIBITED" in opted_out["signals"]
+    assert answers["/opted-out.jpg"].body == b""  # nothing of it delivered
+    held = records["held.png"]
+    assert (held["decision"], held["reason"]) == ("forwarded", "upstream_error")
+    assert held["signals"] == ["image-metadata:incomplete"]
+    assert answers["/held.png"].body == b""
 
 
 def test_a_book_too_large_to_hold_is_cut_off_by_its_package_documents_reservation(

@@ -541,6 +541,9 @@ class Gateway:
         resp = flow.response
         if state is None or not state.forwarded or resp is None or state.ctx is None:
             return
+        # On every answer, also one streamed (its head goes out before the response hook):
+        # the scraper links what it saved to its record.
+        resp.headers["x-crawlwarden-request-id"] = state.id
         length = resp.headers.get("content-length", "")
         if not length.isdigit():
             # Buffered whole by mitmproxy up to stream_large_bodies, then streamed: by this

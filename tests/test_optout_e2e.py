@@ -526,6 +526,7 @@ def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bi
     assert opted_out[:1024] not in broken.body and len(broken.body) < 2**20, len(broken.body)
     records = {r["url"].rsplit("/", 1)[1]: r for r in gateway.fetch_records()}
     assert records["free.jpg"]["decision"] == "forwarded"
+    assert delivered.headers["x-crawlwarden-request-id"] == records["free.jpg"]["id"]
     assert records["free.jpg"]["content_sha256"] == hashlib.sha256(free).hexdigest()
     assert records["free.jpg"]["response_bytes"] == len(free)
     withheld = records["opted-out.jpg"]

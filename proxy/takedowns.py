@@ -17,9 +17,11 @@ Where the state lives (the source of truth):
   change is published on `crawlwarden:blockstate:changed`; each replica re-reads the state when
   a message arrives (milliseconds) and, in case one was missed, whenever `version` differs at a
   resync every `resync_interval` seconds. Each replica mirrors the last state it saw in its
-  `takedowns.json`: a replica that starts while Redis is unreachable enforces the mirror, and if
-  Redis comes back empty (a Redis without persistence was restarted) the first replica to notice
-  writes its mirror back (HSETNX, tombstones included: the union errs on the side of blocking).
+  `takedowns.json`: a replica that starts while Redis is unreachable enforces the mirror, and
+  whenever Redis lacks an item a replica has seen (nothing is ever deleted: Redis was restarted
+  without persistence, flushed, or evicted keys, maybe with a change written since) that
+  replica writes its mirror back (HSETNX, tombstones included: the union errs on the side of
+  blocking) and logs `takedowns_shared_state_lost`.
 - The fetch log is the signed history, not the state: every change is an event record (kind
   `takedown`, `takedown_confirmation`, `blocklist_add`, `blocklist_remove`; `rule` is the
   takedown or entry id, `note` the change as JSON, with who made it). Retention purges old
@@ -506,7 +508,7 @@ class TakedownRegistry:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await pubsub.aclose()
 
-    async def _read_shared(self) -> tuple[int | None, BlockState]:
+    async def _read_shared(self) -> BlockState:
         assert self.redis is not None
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(self._k_version)
@@ -514,17 +516,15 @@ class TakedownRegistry:
             pipe.hgetall(self._k_confirmations)
             pipe.hgetall(self._k_blocks)
             version, takedowns, confirmations, blocks = await pipe.execute()
-
-        state = BlockState(
+        return BlockState(
             version=int(version or 0),
             takedowns=_parse_items(takedowns, Takedown.from_dict),
             confirmations=_parse_items(confirmations, Confirmation.from_dict),
             blocks=_parse_items(blocks, ApiBlock.from_dict),
         )
-        return (None if version is None else int(version)), state
 
     async def sync(self, *, full: bool = True) -> None:
-        """Make the local state Redis's; write our copy back if Redis has lost everything.
+        """Make the local state Redis's; first write back what Redis lost of our copy.
 
         `full=False` first compares the version alone and stops there when it is ours."""
         assert self.redis is not None
@@ -533,11 +533,11 @@ class TakedownRegistry:
             self.shared_ok = True
             if current is not None and int(current) == self.state.version:
                 return
-        version, shared = await self._read_shared()
+        shared = await self._read_shared()
         self.shared_ok = True
-        if version is None and self.state.version > 0:
-            await self._reseed()
-            version, shared = await self._read_shared()
+        if self._missing_from(shared):
+            await self._write_back(shared)
+            shared = await self._read_shared()
         if shared.to_json() == self.state.to_json():
             return
         self._apply(shared)
@@ -549,10 +549,32 @@ class TakedownRegistry:
             blocklist=sum(b.active for b in shared.blocks.values()),
         )
 
-    async def _reseed(self) -> None:
+    def _missing_from(self, shared: BlockState) -> bool:
+        """Whether Redis lacks an item this replica has seen. Nothing is ever deleted (a
+        takedown stays, a removed blocklist entry is a tombstone, confirmations accumulate),
+        so a missing item means Redis lost data: restarted without persistence, flushed, or
+        evicting keys, also when a change has been written to it since (its version then says
+        nothing of what it lost)."""
+        local = self.state
+        return (
+            not local.takedowns.keys() <= shared.takedowns.keys()
+            or not local.confirmations.keys() <= shared.confirmations.keys()
+            or not local.blocks.keys() <= shared.blocks.keys()
+        )
+
+    async def _write_back(self, shared: BlockState) -> None:
+        """Write the items Redis lost back from this replica's copy (HSETNX: an item Redis has,
+        a tombstone say, stays as it is; the union errs on the side of blocking), and raise the
+        version so that every replica re-reads."""
         assert self.redis is not None
         local = self.state
-        log.warning("takedowns_reseeded", version=local.version, takedowns=len(local.takedowns))
+        lost = {
+            "takedowns": sorted(local.takedowns.keys() - shared.takedowns.keys()),
+            "confirmations": len(local.confirmations.keys() - shared.confirmations.keys()),
+            "blocklist": sorted(local.blocks.keys() - shared.blocks.keys()),
+        }
+        metrics.STORE_ERRORS.labels(store="redis").inc()
+        log.error("takedowns_shared_state_lost", written_back=lost, version=local.version)
         async with self.redis.pipeline(transaction=True) as pipe:
             for td in local.takedowns.values():
                 pipe.hsetnx(self._k_takedowns, td.id, json.dumps(td.to_dict()))
@@ -561,8 +583,9 @@ class TakedownRegistry:
             for b in local.blocks.values():
                 pipe.hsetnx(self._k_blocks, b.id, json.dumps(b.to_dict()))
             pipe.set(self._k_version, local.version, nx=True)
-            await pipe.execute()
-        await self.redis.publish(self.channel, str(local.version))
+            pipe.incr(self._k_version)
+            *_, version = await pipe.execute()
+        await self.redis.publish(self.channel, str(version))
 
     # -- changes ---------------------------------------------------------------------------
 

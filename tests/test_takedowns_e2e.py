@@ -143,6 +143,43 @@ def test_a_takedown_filed_on_one_replica_binds_the_other_within_a_second_and_aft
     assert [e["rule"] for e in events] == [filed["id"], second["id"]]
 
 
+def test_a_takedown_filed_just_after_redis_lost_its_data_loses_no_other(
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
+):
+    # Filing B on an emptied Redis created its version counter again: the replicas took
+    # Redis's state (B alone) for the fleet's, and takedown A was gone everywhere, mirrors too.
+    shared = ["--redis-url", own_redis.url]
+    policy = base_policy()
+    old, new = site.url("old.test", "/a.jpg"), site.url("new.test", "/b.jpg")
+    with (
+        Gateway(workdir, policy, name="gw1", extra_args=shared) as gw1,
+        Gateway(workdir, policy, name="gw2", extra_args=shared) as gw2,
+    ):
+        status, first = gw1.admin_request(
+            "POST", "/v1/takedowns", ADMIN_TOKEN, takedown_body("domain", "old.test")
+        )
+        assert status == 201
+        assert poll_until(gw2, old, 451, time.monotonic())[0].status == 451
+        client = redis.Redis.from_url(own_redis.url)
+        client.flushall()
+        client.close()
+        status, second = gw1.admin_request(
+            "POST", "/v1/takedowns", ADMIN_TOKEN, takedown_body("domain", "new.test")
+        )
+        assert status == 201
+        time.sleep(1.0)
+        for gw in (gw1, gw2):
+            for url, filed in ((old, first), (new, second)):
+                refused, _ = poll_until(gw, url, 451, time.monotonic(), limit=5.0)
+                assert refused.status == 451 and refused.json()["rule"] == filed["id"], gw.name
+            status, listed = gw.admin_request("GET", "/v1/takedowns", AUDITOR_TOKEN)
+            assert [t["id"] for t in listed["takedowns"]] == [first["id"], second["id"]]
+        lost = [e for gw in (gw1, gw2) for e in gw.log_events("takedowns_shared_state_lost")]
+        assert lost and first["id"] in lost[0]["written_back"]["takedowns"]
+
+
 def test_blocklist_changes_propagate_and_a_replica_catches_up_after_missed_messages(
     workdir: Path,
     site: Site,

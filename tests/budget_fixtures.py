@@ -57,6 +57,8 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                "--enable-debug-command",  # DEBUG SLEEP: a Redis that stalls
+                "local",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

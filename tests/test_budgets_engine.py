@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from redis import asyncio as redis_asyncio
 
 from proxy.budgets import Admission
 from proxy.budgets import BudgetEngine
@@ -476,6 +477,40 @@ async def test_a_crawl_delay_holds_on_the_replica_that_knows_it_whatever_the_oth
 
 def _errors() -> float:
     return sample("crawlwarden_store_errors_total", store="redis")
+
+
+@pytest.mark.timeout(60)
+async def test_admissions_a_stalled_redis_ran_late_hold_no_slot_after_it_recovers(
+    own_redis: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+):
+    # A stalled Redis runs the admissions it had read once it goes on, after the gateway gave
+    # up on them: their slots were held by no request until the leases lapsed (30 s), and the
+    # site was refused "4 requests in flight" with none.
+    site = make_site(max_concurrency=4, fail_mode="closed")
+    engine = BudgetEngine(
+        RedisBudgetStore(own_redis.url, key_prefix=key_prefix, socket_timeout=0.3)
+    )
+    await engine.start()
+    pauser = redis_asyncio.Redis.from_url(own_redis.url)
+    try:
+        stall = asyncio.create_task(pauser.execute_command("DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.1)
+        during = await asyncio.gather(*(engine.admit(site) for _ in range(3)))
+        assert [a.decision.reason for a in during] == [Reason.STORE_UNAVAILABLE] * 3
+        await stall
+        for _ in range(100):  # bounded: ~10 s
+            await asyncio.sleep(0.1)
+            if not engine._down:
+                break
+        await engine.flush()
+        after = [await engine.admit(site) for _ in range(4)]
+        assert [a.decision.reason for a in after] == [Reason.OK] * 4, [
+            a.decision.detail for a in after
+        ]
+    finally:
+        await pauser.aclose()
+        await engine.close()
 
 
 @pytest.mark.timeout(60)

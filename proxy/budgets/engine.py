@@ -63,6 +63,7 @@ _REASONS = {
     Budget.BYTES_PER_DAY: Reason.QUOTA_BYTES,
 }
 _MAX_TRACKED_SITES = 100_000
+_MAX_ORPHANS = 100_000  # leases of unanswered admissions kept to give back
 _SLOT_POLL_FIRST = 0.05  # delay mode: first look for a slot freed by another replica
 _SLOT_POLL_MAX = 0.2
 
@@ -161,6 +162,7 @@ class BudgetEngine:
         self._live: dict[str, Lease] = {}
         self._pending: list[tuple[BudgetStore, Settlement]] = []
         self._unsynced: list[Carryover] = []
+        self._orphans: list[Settlement] = []  # leases of admissions whose answer never came
         self._wake = asyncio.Event()
         self._settle_lock = asyncio.Lock()
         self._queues: dict[str, _SiteQueue] = {}
@@ -305,6 +307,12 @@ class BudgetEngine:
         try:
             verdict = await self._store.admit(spec, lease_id)
         except Exception as e:
+            if self._store.shared:
+                # A call that timed out may still run when the store answers again (a stalled
+                # Redis runs what it had read): its slot would be held, by no request, until the
+                # lease lapses. Given back on recovery; releasing a lease never taken is a no-op.
+                self._orphans.append(Settlement(spec.key, lease_id, 0))
+                del self._orphans[:-_MAX_ORPHANS]
             self._store_failed(e)
             return await self._attempt_fallback(spec, lease_id)
         if self._store.shared:
@@ -643,13 +651,18 @@ class BudgetEngine:
         """Look for the shared store again, backing off; hand over local counts when it is back."""
         while True:
             await asyncio.sleep(self._probe_delay)
+            orphans, self._orphans = self._orphans, []
             try:
                 await self._store.ping()
+                # Before any admission goes to the store again (none does while it is down).
+                await self._store.settle(orphans)
             except Exception as e:
+                self._orphans = orphans
                 metrics.STORE_ERRORS.labels(store=self._store.name).inc()
                 self._last_error = str(e) or type(e).__name__
                 self._probe_delay = min(self._probe_delay * 2, self._probe_max)
                 continue
+            released = len(orphans)
             break
         handover = list(self._unsynced)
         self._unsynced.clear()
@@ -659,7 +672,12 @@ class BudgetEngine:
             self._fallback = MemoryBudgetStore(lease_ttl=self._store.lease_ttl)
         self._local_specs.clear()
         self._down = False
-        log.info("budget_store_recovered", store=self._store.name, handed_over=len(handover))
+        log.info(
+            "budget_store_recovered",
+            store=self._store.name,
+            handed_over=len(handover),
+            leases_released=released,
+        )
         if handover:
             try:
                 await self._store.carry_over(handover)

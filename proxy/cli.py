@@ -74,6 +74,12 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit ":PORT"
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crawlwarden",
@@ -136,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("drain_seconds", "30") or 30),
         help="on SIGTERM, how long requests in flight may take to finish "
         "[30, CRAWLWARDEN_DRAIN_SECONDS]",
+    )
+    run.add_argument(
+        "--fleet-size",
+        type=_positive_int,
+        default=_env("fleet_size", "1"),  # a string: argparse checks it with `type`
+        help="the fewest replicas the fleet is taken to have while Redis is down, for "
+        "`fail_mode: local` shares (a replica that starts without Redis has seen none) "
+        "[1, CRAWLWARDEN_FLEET_SIZE]",
     )
     run.add_argument(
         "--log-level",
@@ -310,6 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         replica_id=args.replica_id,
         upstream_trusted_ca=args.upstream_trusted_ca,
         drain_seconds=args.drain_seconds,
+        fleet_size=args.fleet_size,
     )
     try:
         # mitmproxy is imported here only: `policy check` and `audit` stay light.

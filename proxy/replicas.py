@@ -2,7 +2,9 @@
 
 Each replica refreshes its entry in one sorted set every few seconds; entries older than the
 expiry belong to replicas that are gone. While Redis is down, the last count seen is kept: that is
-the number of replicas the budgets have to be split between.
+the number of replicas the budgets have to be split between. The count is never below the
+operator's `--fleet-size` (the chart passes its replica count): a replica that starts while
+Redis is down has seen no other.
 """
 
 from __future__ import annotations
@@ -25,13 +27,26 @@ EXPIRY = 20.0
 
 
 class ReplicaRegistry:
-    def __init__(self, redis: Redis | None, replica: str, budgets: BudgetEngine, prefix: str):
+    def __init__(
+        self,
+        redis: Redis | None,
+        replica: str,
+        budgets: BudgetEngine,
+        prefix: str,
+        *,
+        fleet_size: int = 1,
+    ):
+        """`fleet_size`: the fewest replicas there are taken to be (the operator's count: a
+        replica that starts while Redis is down has seen no other, and would take the whole
+        budget for its share)."""
         self._redis = redis
         self._replica = replica
         self._budgets = budgets
         self._key = f"{prefix}replicas"
         self._task: asyncio.Task[None] | None = None
-        self.count = 1
+        self.fleet_size = max(1, fleet_size)
+        self.count = self.fleet_size
+        budgets.replicas = max(budgets.replicas, self.count)
 
     async def start(self) -> None:
         if self._redis is None:
@@ -53,9 +68,10 @@ class ReplicaRegistry:
             metrics.STORE_ERRORS.labels(store="redis").inc()
             log.warning("replica_heartbeat_failed", error=repr(e), replicas=self.count)
             return self.count
-        if int(count) != self.count:
-            log.info("replicas_changed", replicas=int(count), was=self.count)
-        self.count = max(1, int(count))
+        counted = max(self.fleet_size, int(count))
+        if counted != self.count:
+            log.info("replicas_changed", replicas=counted, seen=int(count), was=self.count)
+        self.count = counted
         self._budgets.replicas = self.count
         return self.count
 

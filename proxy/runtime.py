@@ -75,6 +75,7 @@ class Settings:
     replica_id: str = ""
     upstream_trusted_ca: Path | None = None
     drain_seconds: float = 30.0
+    fleet_size: int = 1  # the fewest replicas assumed for `fail_mode: local` shares
 
     @property
     def replica(self) -> str:
@@ -136,7 +137,9 @@ class Runtime:
         self.budgets = BudgetEngine(
             budget_store, site_label=lambda key: self.site_labels.label(key)
         )
-        self.replicas = ReplicaRegistry(self.redis, self.replica, self.budgets, REDIS_PREFIX)
+        self.replicas = ReplicaRegistry(
+            self.redis, self.replica, self.budgets, REDIS_PREFIX, fleet_size=settings.fleet_size
+        )
         # Takedowns and API blocklist entries, shared through Redis (proxy/takedowns.py).
         self.takedowns = TakedownRegistry(
             settings.data_dir,

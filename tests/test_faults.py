@@ -158,6 +158,32 @@ def test_redis_killed_mid_load_local_mode_keeps_serving_within_its_share(
     assert answers[200] == site.count()
 
 
+def test_a_replica_that_starts_while_redis_is_down_takes_its_share_of_the_fleet_size(
+    workdir: Path, site: Site, own_redis: RedisServer  # noqa: F811
+):
+    # It has seen no other replica: it used to count itself alone and take the whole quota,
+    # and so did every replica started in the outage (3 replicas: 3x the site's quota).
+    policy = policy_with(
+        sites=[
+            {"id": "local", "match": ["local.test"], "fail_mode": "local", "requests_per_day": 30}
+        ]
+    )
+    own_redis.kill()  # not there when the gateway starts
+    shared = ["--redis-url", own_redis.url, "--fleet-size", "3"]
+    with Gateway(workdir, policy, extra_args=shared) as gw:
+        statuses = Counter(
+            requests.get(
+                site.url("local.test", f"/s/{n}"),
+                proxies={"http": gw.proxy_url()},
+                headers=HEADERS,
+                timeout=10,
+            ).status_code
+            for n in range(20)
+        )
+    assert statuses == {200: 10, 429: 10}, statuses  # 30 / 3 replicas
+    assert site.count() == 10
+
+
 # -- kill -9 ---------------------------------------------------------------------------------
 
 

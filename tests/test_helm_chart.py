@@ -642,6 +642,13 @@ def test_crawlwarden_run_accepts_the_rendered_pod(
     if name == "ha":
         assert args.redis_url == values["redis"]["url"]
         assert args.audit_dsn == values["audit"]["dsn"]
+    # A pod that starts while Redis is down takes 1/N of a `fail_mode: local` budget: N is the
+    # most replicas that may run.
+    autoscaling = values.get("autoscaling", {})
+    most = (
+        autoscaling["maxReplicas"] if autoscaling.get("enabled") else values.get("replicaCount", 1)
+    )
+    assert args.fleet_size == most
     if name == "default":
         assert args.redis_url is None and args.audit_dsn is None
 

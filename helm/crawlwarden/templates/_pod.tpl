@@ -122,6 +122,11 @@ spec:
           value: {{ .Values.logLevel | quote }}
         - name: CRAWLWARDEN_DRAIN_SECONDS
           value: {{ int .Values.drainSeconds | quote }}
+        # While Redis is down, each replica enforces 1/N of a `fail_mode: local` site's budgets:
+        # N is never below the most replicas that may run (a pod that starts in the outage has
+        # seen no other).
+        - name: CRAWLWARDEN_FLEET_SIZE
+          value: {{ include "crawlwarden.maxReplicas" . | quote }}
         # The pod's name is the replica's name in fetch records (its own hash chain).
         - name: CRAWLWARDEN_REPLICA_ID
           valueFrom:

@@ -5,6 +5,11 @@ expiry belong to replicas that are gone. While Redis is down, the last count see
 the number of replicas the budgets have to be split between. The count is never below the
 operator's `--fleet-size` (the chart passes its replica count): a replica that starts while
 Redis is down has seen no other.
+
+The heartbeat also watches a marker key the first replica sets: when it is gone, or another has
+been set since, Redis has lost its data (restarted without persistence, flushed, evicting), and
+the replica writes back the budgets it last saw (`BudgetEngine.restore_shared_state`), logs
+`redis_data_lost` and counts a Redis store error.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 
 import structlog
 from redis.asyncio import Redis
@@ -43,6 +49,9 @@ class ReplicaRegistry:
         self._replica = replica
         self._budgets = budgets
         self._key = f"{prefix}replicas"
+        # Set once by the first replica; another value (or none) means Redis lost its data.
+        self._marker_key = f"{prefix}fleet"
+        self._marker: bytes | None = None
         self._task: asyncio.Task[None] | None = None
         self.fleet_size = max(1, fleet_size)
         self.count = self.fleet_size
@@ -63,17 +72,38 @@ class ReplicaRegistry:
                 pipe.zadd(self._key, {self._replica: now})
                 pipe.zremrangebyscore(self._key, "-inf", now - EXPIRY)
                 pipe.zcard(self._key)
-                *_, count = await pipe.execute()
+                pipe.set(self._marker_key, uuid.uuid4().hex, nx=True)
+                pipe.get(self._marker_key)
+                _, _, count, _, marker = await pipe.execute()
         except (RedisError, OSError) as e:
             metrics.STORE_ERRORS.labels(store="redis").inc()
             log.warning("replica_heartbeat_failed", error=repr(e), replicas=self.count)
             return self.count
+        if self._marker is not None and marker != self._marker:
+            await self._data_lost()
+        self._marker = marker
         counted = max(self.fleet_size, int(count))
         if counted != self.count:
             log.info("replicas_changed", replicas=counted, seen=int(count), was=self.count)
         self.count = counted
         self._budgets.replicas = self.count
         return self.count
+
+    async def _data_lost(self) -> None:
+        """The fleet's marker is gone (another was set since): Redis lost its data. The budgets
+        this replica last saw are written back as a floor; the takedowns check their own."""
+        metrics.STORE_ERRORS.labels(store="redis").inc()
+        try:
+            restored = await self._budgets.restore_shared_state()
+        except Exception as e:  # the store's own errors; the next beat goes on
+            log.error("redis_data_lost", restored_sites=0, error=repr(e))
+            return
+        log.error(
+            "redis_data_lost",
+            restored_sites=restored,
+            detail="Redis lost its data (restarted without persistence, flushed, or evicting): "
+            "budgets were written back from what this replica last saw",
+        )
 
     async def _loop(self) -> None:
         while True:

@@ -191,6 +191,19 @@ async def test_carry_over_adds_to_current_periods_only(store: BudgetStore):
     assert await admit_n(store, spec, 1, NOON + 4 * S) == [False]
 
 
+async def test_carry_over_at_least_raises_the_counts_and_never_lowers_them(store: BudgetStore):
+    # What replicas write back after Redis lost its data: each its last view, the largest wins.
+    spec = make_spec(requests_per_day=10)
+    assert await admit_n(store, spec, 4, NOON) == [True] * 4
+    day, month = utc_day(NOON).id, utc_month(NOON).id
+    for seen in (7, 3):  # two replicas' views, in either order
+        await store.carry_over(
+            [Carryover(spec.key, day, seen, 100 * seen, month, seen)], now_us=NOON, at_least=True
+        )
+    snap = await store.snapshot(spec.key, now_us=NOON)
+    assert (snap.day_requests, snap.day_bytes, snap.month_requests) == (7, 700, 7)
+
+
 # -- concurrency leases ----------------------------------------------------------------------
 
 

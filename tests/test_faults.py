@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 from tests.budget_fixtures import RedisServer
@@ -159,7 +160,9 @@ def test_redis_killed_mid_load_local_mode_keeps_serving_within_its_share(
 
 
 def test_a_replica_that_starts_while_redis_is_down_takes_its_share_of_the_fleet_size(
-    workdir: Path, site: Site, own_redis: RedisServer  # noqa: F811
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
 ):
     # It has seen no other replica: it used to count itself alone and take the whole quota,
     # and so did every replica started in the outage (3 replicas: 3x the site's quota).
@@ -182,6 +185,38 @@ def test_a_replica_that_starts_while_redis_is_down_takes_its_share_of_the_fleet_
         )
     assert statuses == {200: 10, 429: 10}, statuses  # 30 / 3 replicas
     assert site.count() == 10
+
+
+def test_budgets_survive_redis_losing_its_data(
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
+):
+    # A Redis restarted without persistence (or flushed) used to start every quota over,
+    # silently: a site got its daily quota twice. The replicas write back what they last saw.
+    policy = policy_with(sites=[{"id": "quota", "match": ["quota.test"], "requests_per_day": 20}])
+
+    def ask(n: int) -> Counter[int]:
+        return Counter(
+            requests.get(
+                site.url("quota.test", f"/q/{k}"),
+                proxies={"http": gw.proxy_url()},
+                headers=HEADERS,
+                timeout=10,
+            ).status_code
+            for k in range(n)
+        )
+
+    with Gateway(workdir, policy, extra_args=["--redis-url", own_redis.url]) as gw:
+        assert ask(12) == {200: 12}
+        client = redis.Redis.from_url(own_redis.url)
+        client.flushall()
+        client.close()
+        assert wait_for(lambda: gw.log_events("redis_data_lost"), timeout=15)
+        assert ask(12) == {200: 8, 429: 4}
+        [lost] = gw.log_events("redis_data_lost")
+        assert lost["restored_sites"] >= 1
+    assert site.count("/q/0") >= 1 and sum(site.paths().values()) == 20
 
 
 # -- kill -9 ---------------------------------------------------------------------------------

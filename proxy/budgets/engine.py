@@ -685,6 +685,30 @@ class BudgetEngine:
                 self._unsynced.extend(handover)
                 self._store_failed(e)
 
+    async def restore_shared_state(self) -> int:
+        """The shared store lost its data (Redis restarted without persistence, flushed): write
+        back the usage this replica last saw of each site, as a floor (the largest of the
+        replicas' wins), so that a quota does not start over. What no replica saw since it last
+        asked (at most the admissions of one heartbeat) is lost, and so is the rate's state
+        (a burst may follow). Returns how many sites were written back."""
+        if not self._store.shared or not self._last_seen:
+            return 0
+        now = wall_clock_us()
+        items = [
+            Carryover(
+                site,
+                utc_day(seen.now_us).id,
+                seen.day_requests,
+                seen.day_bytes,
+                utc_month(seen.now_us).id,
+                seen.month_requests,
+                max(0, seen.paused_until_us - now),
+            )
+            for site, seen in self._last_seen.items()
+        ]
+        await self._store.carry_over(items, at_least=True)
+        return len(items)
+
     # -- visibility --------------------------------------------------------------------------
 
     async def _gauge_loop(self) -> None:

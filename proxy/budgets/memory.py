@@ -6,6 +6,7 @@ event loop, just as the Lua script is atomic in Redis.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -205,16 +206,19 @@ class MemoryBudgetStore:
         s.roll(now)
         return s.snapshot(now)
 
-    async def carry_over(self, items: Sequence[Carryover], *, now_us: int | None = None) -> None:
+    async def carry_over(
+        self, items: Sequence[Carryover], *, now_us: int | None = None, at_least: bool = False
+    ) -> None:
         now = self._clock() if now_us is None else now_us
+        merge = max if at_least else operator.add
         for item in items:
             s = self._state(item.site)
             s.roll(now)
             if item.day == s.day:
-                s.day_requests += item.day_requests
-                s.day_bytes += item.day_bytes
+                s.day_requests = merge(s.day_requests, item.day_requests)
+                s.day_bytes = merge(s.day_bytes, item.day_bytes)
             if item.month == s.month:
-                s.month_requests += item.month_requests
+                s.month_requests = merge(s.month_requests, item.month_requests)
             if item.paused_for_us > 0:
                 s.paused_until = max(s.paused_until, now + item.paused_for_us)
 

@@ -345,7 +345,9 @@ class RedisBudgetStore:
         )
         return Snapshot(*(int(x) for x in r))
 
-    async def carry_over(self, items: Sequence[Carryover], *, now_us: int | None = None) -> None:
+    async def carry_over(
+        self, items: Sequence[Carryover], *, now_us: int | None = None, at_least: bool = False
+    ) -> None:
         calls = []
         for item in items:
             k = self.keys(item.site)
@@ -360,6 +362,7 @@ class RedisBudgetStore:
                         item.month_requests,
                         item.paused_for_us,
                         _now_arg(now_us),
+                        "max" if at_least else "add",
                     ],
                 )
             )

@@ -260,34 +260,36 @@ return {now, tat, cn, dn, db, mn, int(redis.call('GET', KEYS[5]))}
 )
 
 # KEYS: day, month, pause.
-# ARGV: day_id, day_n, day_bytes, month_id, month_n, paused_for_us, [now_us]
-# Adds usage counted while Redis was unreachable, for the periods that are still current.
+# ARGV: day_id, day_n, day_bytes, month_id, month_n, paused_for_us, now_us ('' for Redis's), mode
+# Usage counted elsewhere, for the periods that are still current: added to the stored counts
+# (mode 'add': counted while Redis was unreachable), or raising them to at least these (mode
+# 'max': what a replica last saw, written back after Redis lost it).
 CARRY_OVER = Script(
     "carry_over",
     _PRELUDE
     + """
 local now = clock(ARGV[7])
+local at_least = ARGV[8] == 'max'
+local function merge(stored, given)
+  if at_least then return math.max(stored, given) end
+  return stored + given
+end
 local day, day_end = utc_day(now)
 local dn, db = tonumber(ARGV[2]), tonumber(ARGV[3])
 if tonumber(ARGV[1]) == day and (dn > 0 or db > 0) then
-  local p = redis.call('HGET', KEYS[1], 'p')
-  if p and tonumber(p) == day then
-    redis.call('HINCRBY', KEYS[1], 'n', str(dn))
-    redis.call('HINCRBY', KEYS[1], 'b', str(db))
-  else
-    redis.call('HSET', KEYS[1], 'p', str(day), 'n', str(dn), 'b', str(db))
-  end
+  local d = redis.call('HMGET', KEYS[1], 'p', 'n', 'b')
+  local sn, sb = 0, 0
+  if d[1] and tonumber(d[1]) == day then sn, sb = int(d[2]), int(d[3]) end
+  redis.call('HSET', KEYS[1], 'p', str(day), 'n', str(merge(sn, dn)), 'b', str(merge(sb, db)))
   expire_after(KEYS[1], day_end - now + 3600000000)
 end
 local month, month_end = utc_month(now)
 local mn = tonumber(ARGV[5])
 if tonumber(ARGV[4]) == month and mn > 0 then
-  local p = redis.call('HGET', KEYS[2], 'p')
-  if p and tonumber(p) == month then
-    redis.call('HINCRBY', KEYS[2], 'n', str(mn))
-  else
-    redis.call('HSET', KEYS[2], 'p', str(month), 'n', str(mn))
-  end
+  local mo = redis.call('HMGET', KEYS[2], 'p', 'n')
+  local sm = 0
+  if mo[1] and tonumber(mo[1]) == month then sm = int(mo[2]) end
+  redis.call('HSET', KEYS[2], 'p', str(month), 'n', str(merge(sm, mn)))
   expire_after(KEYS[2], month_end - now + 3600000000)
 end
 local pf = tonumber(ARGV[6])

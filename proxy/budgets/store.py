@@ -107,6 +107,9 @@ class BudgetStore(Protocol):
 
     async def snapshot(self, site: str, *, now_us: int | None = None) -> Snapshot: ...
 
-    async def carry_over(self, items: Sequence[Carryover], *, now_us: int | None = None) -> None:
-        """Add usage counted elsewhere, for the periods that are still current."""
+    async def carry_over(
+        self, items: Sequence[Carryover], *, now_us: int | None = None, at_least: bool = False
+    ) -> None:
+        """Add usage counted elsewhere, for the periods that are still current; `at_least`:
+        raise the counts to at least these instead (usage seen before the store lost it)."""
         ...

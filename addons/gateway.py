@@ -163,7 +163,9 @@ class SiteAnswer:
         ctype = resp.headers.get("content-type")
         return cls(
             resp.status_code,
-            None if ctype is None else _loggable(ctype),  # the site's bytes, maybe not UTF-8
+            None
+            if ctype is None
+            else inputs.recordable(ctype),  # the site's bytes, maybe not UTF-8
             size,
             digest,
             resp.timestamp_end or time.time(),
@@ -183,7 +185,9 @@ def _fail_closed(
         try:
             await hook(self, flow)
         except Exception as e:
-            log.exception("hook_failed", hook=hook.__name__, url=_loggable(flow.request.url))
+            log.exception(
+                "hook_failed", hook=hook.__name__, url=inputs.recordable(flow.request.url)
+            )
             self._fail(flow, e)
 
     return run
@@ -239,7 +243,9 @@ class Gateway:
         checked = inputs.check_host(flow.request.host)
         host = checked.host or flow.request.host
         port = flow.request.port
-        state = self._new_state(flow, f"https://{_loggable(_bracket(host))}:{port}", "CONNECT")
+        state = self._new_state(
+            flow, f"https://{inputs.recordable(_bracket(host))}:{port}", "CONNECT"
+        )
         credentials = flow.request.headers.get("proxy-authorization")
         caller = await self._authenticate(flow, state, credentials)
         if caller is None:
@@ -330,10 +336,10 @@ class Gateway:
         checked = inputs.check_host(raw_host)
         if checked.host is not None:
             host = checked.host
-            url = normalize_url(f"{scheme}://{_bracket(host)}:{port}{_loggable(req.path)}")
+            url = normalize_url(f"{scheme}://{_bracket(host)}:{port}{inputs.recordable(req.path)}")
         else:  # refused below; recorded as it came
-            host = _loggable(raw_host)
-            url = f"{scheme}://{host}:{port}{_loggable(req.path)}"
+            host = inputs.recordable(raw_host)
+            url = f"{scheme}://{host}:{port}{inputs.recordable(req.path)}"
         state = self._new_state(flow, url, req.method)
         project = inputs.check_recorded_value("X-Crawl-Project", req.headers.get("x-crawl-project"))
         account = inputs.check_recorded_value("X-Crawl-Account", req.headers.get("x-crawl-account"))
@@ -926,9 +932,9 @@ class Gateway:
             rec.rule = state.withheld.rule
             rec.note = "withheld: the body was not delivered to the scraper"
             if state.decision is not None and state.decision.reason in _NOTED_REASONS:
-                rec.note += f"; then {_loggable(state.decision.detail)}"  # broken off, say
+                rec.note += f"; then {inputs.recordable(state.decision.detail)}"  # broken off, say
         elif state.decision is not None and state.decision.reason in _NOTED_REASONS:
-            rec.note = _loggable(state.decision.detail)  # what went wrong, for the auditor
+            rec.note = inputs.recordable(state.decision.detail)  # what went wrong, for the auditor
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
         metrics.TOTAL_SECONDS.observe(rec.duration_ms / 1000)
         try:
@@ -995,12 +1001,6 @@ def _auth_required() -> Decision:
 
 def _bad_request(problem: str | None) -> Decision:
     return refuse(Reason.BAD_REQUEST, problem or "the request could not be understood")
-
-
-def _loggable(text: str) -> str:
-    """Text from the wire as the fetch log can hold it: bytes that were not UTF-8 (which
-    mitmproxy hands over as lone surrogates) written as backslash escapes."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # Refusals whose detail the fetch record keeps as its note.

@@ -116,6 +116,18 @@ def check_recorded_value(name: str, raw: str | None) -> RecordedValue:
     return RecordedValue(value, None)
 
 
+def recordable(text: str) -> str:
+    """Text from the wire as a record or a log line holds it when the request is recorded
+    anyway (refused for it, say): every character that is not printable (control characters,
+    which a terminal would act on when an auditor views an export; bytes that were not UTF-8,
+    which mitmproxy hands over as lone surrogates) written as a backslash escape."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def agreed_value(header: RecordedValue, name: str, named: str | None) -> RecordedValue:
     """The project (or account) of a request: header `name`'s checked value, the proxy user
     name's (`named`, TEAM+PROJECT+ACCOUNT), or both if they are the same. Two different values

@@ -384,6 +384,29 @@ def test_an_absolute_form_target_inside_a_tunnel_is_the_host_it_names(
     assert [r["url"] for r in refused] == [f"https://blocked.test:{port}/photos/1.jpg"]
 
 
+def test_a_refused_host_with_control_characters_is_recorded_escaped(
+    gateway: Gateway, tls_site: Site
+):
+    # Refused (400), but its record kept the raw ESC and BEL: an auditor viewing a CSV export
+    # in a terminal ran the escape sequences.
+    forged = "site-c.test\x1b]0;pwned\x07\x1b[2J"
+    with tls_tunnel(gateway, f"site-c.test:{tls_site.port}", alpn="http/1.1") as tls:
+        tls.sendall(f"GET /x HTTP/1.1\r\nHost: {forged}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    [refused] = [r for r in gateway.fetch_records() if r["reason"] == "bad_request"]
+    assert refused["url"].isprintable() and "\\x1b]0;pwned\\x07" in refused["url"]
+    csv_export = subprocess.run(
+        [CRAWLWARDEN, "audit", "export", "--data-dir", str(gateway.data_dir), "--format", "csv"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert b"pwned" in csv_export and b"\x1b" not in csv_export and b"\x07" not in csv_export
+
+
 def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_site: Site):
     headers = {
         **PROJECT_HEADERS,

@@ -11,6 +11,7 @@ from proxy.inputs import check_body_framing
 from proxy.inputs import check_host
 from proxy.inputs import check_recorded_value
 from proxy.inputs import other_readings
+from proxy.inputs import recordable
 from proxy.inputs import target_problem
 
 
@@ -225,3 +226,17 @@ def test_a_target_is_read_as_the_site_will(target: str, resolved: str) -> None:
 )
 def test_other_readings_of_a_path(target: str, readings: tuple[str, ...]) -> None:
     assert other_readings(target) == readings
+
+
+@pytest.mark.parametrize(
+    ("raw", "recorded"),
+    [
+        ("https://site-a.test/caf\u00e9.jpg", "https://site-a.test/caf\u00e9.jpg"),  # printable
+        ("site-a.test\x1b]0;pwned\x07\x1b[2J", "site-a.test\\x1b]0;pwned\\x07\\x1b[2J"),
+        ("a\tb\x7fc\u2028", "a\\tb\\x7fc\\u2028"),
+        ("bad-\udc80-byte", "bad-\\udc80-byte"),  # not UTF-8, as mitmproxy hands it over
+    ],
+)
+def test_what_is_recorded_from_the_wire_has_no_control_character(raw: str, recorded: str) -> None:
+    assert recordable(raw) == recorded
+    assert recordable(raw).isprintable()

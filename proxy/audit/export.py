@@ -38,6 +38,7 @@ from proxy.audit.record import FIELD_NAMES
 from proxy.audit.record import body_sha256
 from proxy.audit.record import utc_timestamp
 from proxy.audit.store import ChainReader
+from proxy.inputs import recordable
 
 DEFAULT_DATA_DIR = Path(".crawlwarden")
 FORMAT = "crawlwarden-fetchlog-export/1"
@@ -237,6 +238,11 @@ def csv_row(item: dict[str, Any]) -> str:
     for name in ("signals", "egress_public_ips"):
         if isinstance(row.get(name), list):
             row[name] = ";".join(row[name])
+    for name, value in row.items():
+        if isinstance(value, str):
+            # A CSV is read in terminals and spreadsheets: no control character from the wire
+            # (an escape sequence in a URL) reaches them as is.
+            row[name] = recordable(value)
     buf = io.StringIO()
     csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
     return buf.getvalue()

@@ -211,6 +211,8 @@ class Gateway:
             weakref.WeakKeyDictionary()
         )
         self._limits: tuple[str, Limits] | None = None
+        # Forwarded and not yet settled, by request id: what a drain that runs out records.
+        self._under_way: dict[str, tuple[http.HTTPFlow, FlowState]] = {}
 
     # -- connection layering ---------------------------------------------------------------
 
@@ -471,6 +473,7 @@ class Gateway:
             return self._refuse(flow, state, refusal, started)
         state.forwarded = True
         flow.metadata[FORWARDED] = state.id
+        self._under_way[state.id] = (flow, state)
         self._decided(state)
         self.rt.in_flight += 1
         metrics.IN_FLIGHT.set(self.rt.in_flight)
@@ -702,6 +705,31 @@ class Gateway:
                 self._cut_short(state, flow.response, state.stream)  # mid-body, either side
         self._finish(flow, state)
 
+    def record_unfinished(self) -> int:
+        """The drain ran out: every request still under way is stopped and recorded now, as
+        interrupted, with what had come of its response (status, bytes, hash, signals), and its
+        budget settled with those bytes. Returns how many."""
+        unfinished = list(self._under_way.values())
+        for flow, state in unfinished:
+            if state.recorded:
+                continue
+            state.decision = refuse(
+                Reason.INTERRUPTED,
+                "the gateway stopped: its drain time (--drain-seconds) ran out while this "
+                "response was under way",
+                site=state.site,
+            )
+            resp = flow.response
+            if resp is not None and state.answer is None:
+                if state.stream is not None:
+                    self._cut_short(state, resp, state.stream)
+                else:  # buffered: what came of its body is mitmproxy's, not counted here
+                    state.answer = SiteAnswer._of(resp, None, None)
+            self._finish(flow, state)
+            if flow.killable:
+                flow.kill()
+        return len(unfinished)
+
     def _cut_short(self, state: FlowState, resp: http.Response, stream: ResponseStream) -> None:
         """A streamed body the site broke off: the record has the bytes that came and their
         hash, and what the scan found in them (an opt-out found makes it withheld: nothing of
@@ -724,6 +752,7 @@ class Gateway:
         """A forwarded request's in-flight count and budget lease given back (once)."""
         if state.forwarded and not state.settled:
             state.settled = True
+            self._under_way.pop(state.id, None)
             self.rt.in_flight -= 1
             metrics.IN_FLIGHT.set(self.rt.in_flight)
             answer = state.answer

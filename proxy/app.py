@@ -147,7 +147,8 @@ async def serve(settings: Settings) -> int:
     master.addons.add(*gateway_addons())
     limits = Limits.of(runtime.compiled.loaded.policy.network)
     master.options.update(**mitmproxy_options(settings, limits))
-    master.addons.add(Gateway(runtime))
+    gateway = Gateway(runtime)
+    master.addons.add(gateway)
 
     admin = web.AppRunner(
         make_app(runtime, extra_routes=ADMIN_ROUTES), access_log=None, handle_signals=False
@@ -167,7 +168,7 @@ async def serve(settings: Settings) -> int:
 
     def on_term() -> None:
         if not stopping:
-            stopping.append(asyncio.create_task(drain(runtime, master, settings)))
+            stopping.append(asyncio.create_task(drain(runtime, master, settings, gateway)))
 
     def on_hup() -> None:
         runtime.reload()
@@ -206,7 +207,7 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-async def drain(runtime: Runtime, master: Master, settings: Settings) -> None:
+async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: Gateway) -> None:
     """Stop taking connections, let requests in flight finish, then stop (fetch log flushed).
 
     Connections already open may still bring requests: while others are under way they are
@@ -225,6 +226,8 @@ async def drain(runtime: Runtime, master: Master, settings: Settings) -> None:
     runtime.stopping = True
     if await runtime.wait_idle(max(0.0, deadline - time.monotonic())):
         log.warning("drain_timeout", in_flight=runtime.in_flight, deciding=runtime.deciding)
+        # Recorded with what came of their responses, before the fetch log closes.
+        gateway.record_unfinished()
     else:
         # How long a drain takes, for terminationGracePeriodSeconds (docs/kubernetes.md).
         log.info("drained", seconds=round(time.monotonic() - began, 3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -1213,12 +1214,13 @@ def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site:
         "interrupted",
         site.url("site-a.test", "/long"),
     )
-    assert "response is unknown" in rec["note"]
+    assert "drain time (--drain-seconds) ran out" in rec["note"]
+    assert rec["status"] is None  # the site had not answered yet
     assert gw.log_events("drain_timeout")[0]["in_flight"] == 1
     assert not gw.log_events("drained")
-    assert gw.log_events("fetchlog_unfinished_at_exit")[0]["records"] == 1
-    # The flow ends after the fetch log closed (mitmproxy's error hook at exit): no second
-    # record, and no hook error either.
+    assert not gw.log_events("fetchlog_unfinished_at_exit")  # recorded before it closed
+    # The flow ends after that (mitmproxy's error hook at exit): no second record, and no
+    # hook error either.
     assert all(e["id"] == rec["id"] for e in gw.log_events("record_after_stop"))
     gw.assert_nothing_crashed()
     exported = workdir / "export.jsonl"
@@ -1230,6 +1232,57 @@ def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_download_the_drain_cuts_off_is_recorded_with_what_came(workdir: Path):
+    # The record said status null, 0 bytes, no hash ("its response is unknown") for a 20 MiB
+    # download the scraper had received most of, and the byte quota never counted it.
+    sent = b"\xff\xd8\xff\xda" + bytes(range(256)) * (18 * 2**20 // 256)  # a JPEG: streamed
+    server = socket.create_server(("127.0.0.1", 0))
+    port = int(server.getsockname()[1])
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n")
+            conn.sendall(b"Content-Length: %d\r\n\r\n" % (40 * 2**20) + sent)
+            time.sleep(10)  # the rest never comes in time
+
+    threading.Thread(target=serve, daemon=True).start()
+    policy = base_policy()
+    policy["defaults"]["respect"]["image_metadata"] = True  # the body is read, so streamed
+    gw = Gateway(workdir, policy, extra_args=["--drain-seconds", "1"]).start()
+    received: list[int] = []
+
+    def fetch() -> None:
+        with contextlib.suppress(requests.RequestException):
+            with requests.get(
+                f"http://site-a.test:{port}/big.jpg",
+                headers=PROJECT_HEADERS,
+                proxies={"http": gw.proxy_url()},
+                stream=True,
+                timeout=15,
+            ) as r:
+                for chunk in r.iter_content(2**20):
+                    received.append(len(chunk))
+
+    thread = threading.Thread(target=fetch)
+    try:
+        thread.start()
+        assert wait_for(lambda: sum(received) >= len(sent) - 2**20, timeout=20), sum(received)
+        gw.signal(signal.SIGTERM)
+        assert gw.proc is not None and gw.proc.wait(20) == 0
+    finally:
+        gw.stop()
+        server.close()
+    thread.join(15)
+    [rec] = [r for r in gw.export() if r.get("kind") == "fetch"]
+    assert (rec["decision"], rec["reason"], rec["status"]) == ("forwarded", "interrupted", 200)
+    assert rec["response_bytes"] == len(sent)
+    assert rec["content_sha256"] == hashlib.sha256(sent).hexdigest()
+    assert "drain time (--drain-seconds) ran out" in rec["note"]
+    gw.assert_nothing_crashed()
 
 
 def test_policy_check_accepts_the_example_policy():

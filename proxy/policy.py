@@ -21,6 +21,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
+from publicsuffixlist import PublicSuffixList
 from pydantic import AfterValidator
 from pydantic import BaseModel
 from pydantic import BeforeValidator
@@ -31,6 +32,8 @@ from pydantic import field_validator
 from pydantic import model_validator
 
 from proxy import units
+
+_PSL = PublicSuffixList()
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -83,6 +86,27 @@ def _host_pattern(value: str) -> str:
         raise ValueError(f"{value!r} is not a valid host name") from e
     if not _HOST_PATTERN.match(value):
         raise ValueError(f"{value!r} is not a host name or '*.' plus a host name")
+    if value.rpartition(".")[2].isdigit() and not _is_ipv4(value):
+        # The gateway refuses such hosts (`2130706433`, `127.1`: other spellings of an address).
+        raise ValueError(f"{value!r} is neither a host name nor an IPv4 address a.b.c.d")
+    return value
+
+
+def _is_ipv4(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _site_pattern(value: str) -> str:
+    """A site rule's pattern: a host pattern that does not span a public suffix."""
+    if value.startswith("*.") and _PSL.is_public(value[2:]):
+        raise ValueError(
+            f"{value!r} covers every domain under the public suffix {value[2:]!r}: they would "
+            "all be one site, one budget; name the domains"
+        )
     return value
 
 
@@ -106,6 +130,15 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
+def _not_bool_count(value: Any) -> Any:
+    # YAML `true`/`yes` would pass as the number 1 (a quota of one, records kept one day).
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number: write e.g. 1000")
+    return value
+
+
+Positive = Annotated[int, BeforeValidator(_not_bool_count), Field(ge=1)]
+Count = Annotated[int, BeforeValidator(_not_bool_count), Field(ge=0)]
 DurationText = Annotated[str | int | float, BeforeValidator(_not_bool), AfterValidator(_duration)]
 SizeText = Annotated[str | int, BeforeValidator(_not_bool), AfterValidator(_size)]
 TimeoutText = Annotated[str | int | float, AfterValidator(_timeout)]
@@ -117,6 +150,7 @@ AddressText = Annotated[
     ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_address_text)
 ]
 HostPattern = Annotated[str, AfterValidator(_host_pattern)]
+SitePattern = Annotated[str, AfterValidator(_host_pattern), AfterValidator(_site_pattern)]
 BlockPattern = Annotated[str, AfterValidator(_block_pattern)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
@@ -252,10 +286,10 @@ class LegalBasis(Model):
 
 class Defaults(Model):
     rate: RateText = "1/s"
-    burst: Annotated[int, Field(ge=1)] = 1
-    max_concurrency: Annotated[int, Field(ge=1)] = 2
-    requests_per_day: Annotated[int, Field(ge=0)] | None = 5000
-    requests_per_month: Annotated[int, Field(ge=0)] | None = 50000
+    burst: Positive = 1
+    max_concurrency: Positive = 2
+    requests_per_day: Count | None = 5000
+    requests_per_month: Count | None = 50000
     bytes_per_day: SizeText | None = "500MB"
     on_exceed: Literal["reject", "delay"] = "reject"
     max_delay: DurationText = "10s"
@@ -264,20 +298,54 @@ class Defaults(Model):
     legal_basis: LegalBasis = LegalBasis(kind="tdm_exception", ref="DSM Art. 4")
 
 
+# The basis when the policy's own has expired (a `defaults` licence past its date): the text and
+# data mining exception, under which every opt-out binds.
+STATUTORY_BASIS = LegalBasis(kind="tdm_exception", ref="DSM Art. 4")
+
+
+def _site_id(value: str) -> str:
+    if "." in value:
+        raise ValueError(
+            f"{value!r} has a dot: a site id is a budget and record key, and one with a dot "
+            "could be a domain's own (a request to that domain would share this rule's budget); "
+            f"write e.g. {value.replace('.', '-')!r}"
+        )
+    return value
+
+
 class SiteRule(Model):
-    id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
-    match: list[HostPattern] = Field(min_length=1)
+    id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_site_id)]
+    match: list[SitePattern] = Field(min_length=1)
     rate: RateText | None = None
-    burst: Annotated[int, Field(ge=1)] | None = None
-    max_concurrency: Annotated[int, Field(ge=1)] | None = None
-    requests_per_day: Annotated[int, Field(ge=0)] | None = None
-    requests_per_month: Annotated[int, Field(ge=0)] | None = None
+    burst: Positive | None = None
+    max_concurrency: Positive | None = None
+    requests_per_day: Count | None = None
+    requests_per_month: Count | None = None
     bytes_per_day: SizeText | None = None
     on_exceed: Literal["reject", "delay"] | None = None
     max_delay: DurationText | None = None
     fail_mode: Literal["closed", "local"] | None = None
     respect: RespectOverride = RespectOverride()
     legal_basis: LegalBasis | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        """`null` means unlimited for a quota, as in `defaults`; anywhere else it would mean
+        nothing (the default applies): an error, not a silent no-op."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if value is None and key not in UNLIMITED_WHEN_NULL:
+                    raise ValueError(
+                        f"{key}: null is not a value here; write one, or leave the key out for "
+                        "the default's"
+                    )
+        return data
+
+
+# Site rule keys whose `null` means "no limit" (each a quota): given explicitly, they override
+# the default's limit; any other key left out (or absent) takes the default's value.
+UNLIMITED_WHEN_NULL = frozenset({"requests_per_day", "requests_per_month", "bytes_per_day"})
 
 
 class BlocklistEntry(Model):
@@ -304,13 +372,13 @@ class Network(Model):
 
 
 class Retention(Model):
-    fetch_records_days: Annotated[int, Field(ge=1)] = 400
+    fetch_records_days: Positive = 400
 
 
 class Audit(Model):
     signing_key_file: str | None = None
-    checkpoint_every_records: Annotated[int, Field(ge=1)] = 1000
-    checkpoint_every_seconds: Annotated[float, Field(gt=0)] = 60
+    checkpoint_every_records: Positive = 1000
+    checkpoint_every_seconds: Annotated[float, BeforeValidator(_not_bool_count), Field(gt=0)] = 60
     spool_max_bytes: SizeText = "1GB"
 
 
@@ -327,27 +395,130 @@ class Policy(Model):
     retention: Retention = Retention()
     audit: Audit = Audit()
 
-    @model_validator(mode="after")
-    def _cross_references(self) -> Policy:
-        _unique("teams", [t.name for t in self.teams])
-        _unique("sites", [s.id for s in self.sites])
-        _unique("blocklist", [b.id for b in self.blocklist])
-        proxies = {p.name for p in self.egress.upstream_proxies}
-        for team in self.teams:
-            if team.upstream_proxy is not None and team.upstream_proxy not in proxies:
-                raise ValueError(
-                    f"team {team.name!r} is pinned to upstream proxy {team.upstream_proxy!r}, "
-                    "which egress.upstream_proxies does not define"
+
+def cross_section_errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """What no single field shows, each at the path it is about: ids and names given twice,
+    a token that would authenticate as two callers, a site pattern another rule already takes,
+    a proxy nobody defines, a static host written twice. Reads the raw document, tolerating
+    what field validation refuses, so that every error is reported in one run."""
+    errors: list[tuple[tuple[Any, ...], str]] = []
+
+    def items(key: str) -> list[tuple[int, dict[str, Any]]]:
+        value = data.get(key)
+        if not isinstance(value, list):
+            return []
+        return [(i, v) for i, v in enumerate(value) if isinstance(v, dict)]
+
+    def unique(key: str, field: str, what: str) -> None:
+        first: dict[Any, int] = {}
+        for i, item in items(key):
+            value = item.get(field)
+            if not isinstance(value, str):
+                continue
+            if value in first:
+                errors.append(((key, i, field), f"{what} {value!r} is also {key}.{first[value]}'s"))
+            else:
+                first[value] = i
+
+    unique("teams", "name", "the name")
+    unique("sites", "id", "the id")
+    unique("blocklist", "id", "the id")
+
+    # A token is who the caller is: one that is two callers' would record one as the other.
+    holders: dict[str, tuple[Any, ...]] = {}
+    for key in ("teams", "admin_tokens"):
+        for i, item in items(key):
+            for field in ("token_sha256", "token_env"):
+                value = item.get(field)
+                if not isinstance(value, str):
+                    continue
+                digest = _token_identity(field, value)
+                if digest is None:
+                    continue
+                if digest in holders:
+                    other = ".".join(map(str, holders[digest]))
+                    errors.append(
+                        (
+                            (key, i, field),
+                            f"the same token as {other}: a token must name one caller "
+                            "(its fetches would be recorded under either)",
+                        )
+                    )
+                else:
+                    holders[digest] = (key, i)
+
+    taken: dict[str, tuple[int, Any]] = {}
+    for i, rule in items("sites"):
+        patterns = rule.get("match")
+        for k, raw in enumerate(patterns if isinstance(patterns, list) else []):
+            if not isinstance(raw, str):
+                continue
+            try:
+                pattern = _host_pattern(raw)
+            except ValueError:
+                continue  # the field's own error
+            if pattern in taken and taken[pattern][0] != i:
+                j, rid = taken[pattern]
+                errors.append(
+                    (
+                        ("sites", i, "match", k),
+                        f"{pattern!r} is also sites.{j} ({rid})'s, which takes it: this "
+                        "pattern never applies here",
+                    )
                 )
-        return self
+            else:
+                taken.setdefault(pattern, (i, rule.get("id")))
+
+    egress = data.get("egress")
+    proxies = egress.get("upstream_proxies") if isinstance(egress, dict) else None
+    names = {
+        p["name"]
+        for p in (proxies if isinstance(proxies, list) else [])
+        if isinstance(p, dict) and isinstance(p.get("name"), str)
+    }
+    for i, team in items("teams"):
+        pinned = team.get("upstream_proxy")
+        if isinstance(pinned, str) and pinned not in names:
+            errors.append(
+                (
+                    ("teams", i, "upstream_proxy"),
+                    f"team {team.get('name')!r} is pinned to upstream proxy {pinned!r}, which "
+                    "egress.upstream_proxies does not define",
+                )
+            )
+
+    network = data.get("network")
+    hosts = network.get("static_hosts") if isinstance(network, dict) else None
+    if isinstance(hosts, dict):
+        seen: dict[str, str] = {}
+        for raw in hosts:
+            if not isinstance(raw, str):
+                continue
+            try:
+                name = _host_pattern(raw)
+            except ValueError:
+                continue
+            if name in seen:
+                errors.append(
+                    (
+                        ("network", "static_hosts", raw),
+                        f"the same host as {seen[name]!r} (names are case-insensitive)",
+                    )
+                )
+            else:
+                seen[name] = raw
+    return errors
 
 
-def _unique(what: str, names: list[str]) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"{what}: {name!r} appears twice; ids must be unique")
-        seen.add(name)
+def _token_identity(field: str, value: str) -> str | None:
+    """What makes two token entries the same token: their SHA-256 (from the environment for
+    token_env, or the variable's name if it is not set: that is the field's own error)."""
+    if field == "token_sha256":
+        return value.lower()
+    secret = os.environ.get(value)
+    if not secret:
+        return f"env:{value}"
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -414,14 +585,19 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
         raise InvalidPolicy(source, [PolicyError("", "not valid YAML: nested too deeply")]) from e
     if not isinstance(data, dict):
         raise InvalidPolicy(source, [PolicyError("", "the policy must be a YAML mapping")])
-    lines, duplicates = _map_document(node)
-    if duplicates:
-        # A limit written twice is a mistake to show, not one to resolve silently.
-        raise InvalidPolicy(source, duplicates)
+    # Every error in one run: keys written twice (a limit written twice is a mistake to show,
+    # not one to resolve silently), the fields', and those across sections; by line.
+    lines, errors = _map_document(node)
+    policy: Policy | None = None
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
-        raise InvalidPolicy(source, _errors(e, lines)) from e
+        errors += _errors(e, lines)
+    for loc, message in cross_section_errors(data):
+        errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
+    if errors or policy is None:
+        errors.sort(key=lambda e: (e.line is None, e.line or 0))
+        raise InvalidPolicy(source, errors)
     return LoadedPolicy(policy=policy, version=canonical_version(policy), source=source)
 
 

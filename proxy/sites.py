@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
+from proxy.policy import STATUTORY_BASIS
 from proxy.policy import Defaults
 from proxy.policy import LegalBasis
 from proxy.policy import Policy
@@ -64,12 +65,20 @@ class Site:
     def terms_on(self, day: dt.date) -> tuple[LegalBasis, Respect]:
         """The legal basis in force on `day` and the opt-out signals it obliges us to respect.
 
-        An expired licence is no basis: the default basis, and the default signals, apply again.
+        An expired licence is no basis: the default basis, and the default signals, apply again;
+        if that one has expired too (a `defaults` licence), the statutory TDM exception does,
+        with every signal respected.
         """
         basis = self.settings.legal_basis
-        if basis.expires is not None and basis.expires < day:
+        if not _expired(basis, day):
+            return basis, self.settings.respect
+        if not _expired(self.fallback.legal_basis, day):
             return self.fallback.legal_basis, self.fallback.respect
-        return basis, self.settings.respect
+        return STATUTORY_BASIS, Respect()
+
+
+def _expired(basis: LegalBasis, day: dt.date) -> bool:
+    return basis.expires is not None and basis.expires < day
 
 
 class HostPatterns[T]:
@@ -118,10 +127,12 @@ class SiteDirectory:
         self._by_domain: dict[str, Site] = {}
 
     def _site_for_rule(self, rule: SiteRule) -> Site:
+        # A key the rule gives overrides the default's; `null` only for a quota (no limit).
         overrides = {
             name: value
             for name, value in rule
-            if name not in ("id", "match", "respect") and value is not None
+            if name not in ("id", "match", "respect")
+            and (value is not None or name in rule.model_fields_set)
         }
         respect = self.defaults.respect.model_copy(
             update={k: v for k, v in rule.respect if v is not None}

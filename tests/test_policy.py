@@ -10,6 +10,8 @@ import yaml
 
 from proxy.policy import InvalidPolicy
 from proxy.policy import parse_policy
+from tests.support import ADMIN_TOKEN
+from tests.support import TEAM_TOKEN
 from tests.support import base_policy
 
 
@@ -87,10 +89,110 @@ def test_token_needs_exactly_one_source(monkeypatch: pytest.MonkeyPatch):
 def test_duplicate_ids_and_dangling_proxy_pins_are_errors():
     policy = base_policy()
     policy["sites"] = [{"id": "a", "match": ["a.test"]}, {"id": "a", "match": ["b.test"]}]
-    assert any("'a' appears twice" in e for e in errors_of(dump(policy)))
+    assert any(
+        e.startswith("sites.1.id: the id 'a' is also sites.0's (line ")
+        for e in errors_of(dump(policy))
+    )
     policy = base_policy()
     policy["teams"][0]["upstream_proxy"] = "pool-z"
-    assert any("pool-z" in e for e in errors_of(dump(policy)))
+    assert any(
+        e.startswith("teams.0.upstream_proxy:") and "pool-z" in e for e in errors_of(dump(policy))
+    )
+
+
+def test_every_error_is_reported_in_one_run_by_line():
+    # A key written twice, a field error and errors across sections: each stage used to hide
+    # the next, and those across sections had no path or line.
+    policy = base_policy()
+    policy["teams"].append(dict(policy["teams"][0]))  # the same name and token
+    policy["sites"] = [
+        {"id": "a", "match": ["a.test"], "burst": 0},
+        {"id": "a", "match": ["a.test"]},
+    ]
+    text = (
+        dump(policy)
+        + "retention:\n  fetch_records_days: 10\nretention:\n  fetch_records_days: 20\n"
+    )
+    errors = errors_of(text)
+    expected = [
+        "teams.2.name: the name",
+        "teams.2.token_sha256: the same token as teams.0",
+        "sites.0.burst:",
+        "sites.1.id: the id 'a' is also sites.0's",
+        "sites.1.match.0: 'a.test' is also sites.0 (a)'s",
+        "retention: key appears twice",
+    ]
+    for start in expected:
+        assert any(e.startswith(start) and "(line " in e for e in errors), (start, errors)
+    lines = [int(e.rsplit("(line ", 1)[1].rstrip(")")) for e in errors]
+    assert lines == sorted(lines)
+
+
+@pytest.mark.parametrize(
+    ("where", "other"),
+    [("teams", "teams"), ("admin_tokens", "admin_tokens"), ("admin_tokens", "teams")],
+)
+def test_a_token_names_one_caller(where: str, other: str, monkeypatch: pytest.MonkeyPatch):
+    # Two teams with one token: either name authenticates with it, and fetches are recorded
+    # under whichever comes first; an admin token listed twice took the last role.
+    policy = base_policy()
+    if where == "teams":
+        entry: dict = {"name": "twin", "token_sha256": policy[other][0]["token_sha256"]}
+    else:
+        entry = {"role": "auditor", "token_sha256": policy[other][0]["token_sha256"]}
+    policy[where].append(entry)
+    index = len(policy[where]) - 1
+    same = f"{where}.{index}.token_sha256: the same token as {other}.0"
+    assert any(e.startswith(same) for e in errors_of(dump(policy)))
+    # Given through the environment, it is the same token too.
+    monkeypatch.setenv("CW_TWIN_TOKEN", {"teams": TEAM_TOKEN, "admin_tokens": ADMIN_TOKEN}[other])
+    del entry["token_sha256"]
+    entry["token_env"] = "CW_TWIN_TOKEN"
+    same = f"{where}.{index}.token_env: the same token as {other}.0"
+    assert any(e.startswith(same) for e in errors_of(dump(policy)))
+
+
+@pytest.mark.parametrize(
+    ("site", "message"),
+    [
+        ({"id": "other.test", "match": ["mirror.test"]}, "sites.0.id: 'other.test' has a dot"),
+        ({"id": "all", "match": ["*.com"]}, "sites.0.match.0: '*.com' covers every domain"),
+        ({"id": "num", "match": ["2130706433"]}, "sites.0.match.0: '2130706433' is neither"),
+        ({"id": "n", "match": ["a.test"], "burst": True}, "sites.0.burst: True is not a number"),
+        ({"id": "n", "match": ["a.test"], "rate": None}, "sites.0: rate: null is not a value"),
+    ],
+)
+def test_site_rules_that_would_not_do_what_they_say(site: dict, message: str):
+    policy = base_policy()
+    policy["sites"] = [site]
+    errors = errors_of(dump(policy))
+    assert any(e.startswith(message) for e in errors), errors
+
+
+def test_ip_patterns_and_null_quotas_are_still_fine():
+    policy = base_policy()
+    policy["sites"] = [
+        {"id": "lab", "match": ["10.1.2.3", "*.lab.test"], "requests_per_day": None},
+    ]
+    parse_policy(dump(policy))
+
+
+def test_yaml_true_is_no_count():
+    policy = base_policy()
+    policy["retention"] = {"fetch_records_days": True}
+    policy["defaults"]["requests_per_day"] = "yes"
+    errors = errors_of(dump(policy).replace("'yes'", "yes"))
+    assert any(e.startswith("retention.fetch_records_days: True is not a number") for e in errors)
+    assert any(e.startswith("defaults.requests_per_day: True is not a number") for e in errors)
+
+
+def test_static_hosts_written_twice_in_other_cases_are_an_error():
+    policy = base_policy()
+    policy["network"]["static_hosts"] = {"Demo.test": "127.0.0.1", "demo.test": "127.0.0.2"}
+    assert any(
+        e.startswith("network.static_hosts.demo.test: the same host as 'Demo.test'")
+        for e in errors_of(dump(policy))
+    )
 
 
 def test_not_yaml_and_not_a_mapping():

@@ -66,7 +66,7 @@ def test_site_rules_match_before_the_registrable_domain():
     assert d.site_for("www.example.org").key == "example.org"
     assert d.site_for("archive-cdn.example").key == "archive"
     assert d.site_for("x.y.archive-cdn.example").key == "archive"
-    # The most specific pattern wins.
+    # The most specific pattern wins, whatever the order of the rules.
     assert d.site_for("a.img.archive-cdn.example").key == "deep"
     assert d.site_for("archive.example.org").settings.rate == "5/s"
     # Overrides are per key; the rest comes from defaults.
@@ -90,6 +90,40 @@ def test_an_expired_licence_falls_back_to_the_default_basis_and_signals():
     basis, respect = site.terms_on(dt.date(2027, 1, 2))
     assert basis.kind == "tdm_exception"
     assert respect == site.fallback.respect
+
+
+def test_an_expired_defaults_licence_leaves_the_statutory_exception_with_every_signal():
+    # It fell back to itself: the expired blanket licence was the basis forever, and a TDM
+    # reservation never bound.
+    policy = base_policy()
+    policy["defaults"]["legal_basis"] = {
+        "kind": "licence",
+        "ref": "BLANKET-2019",
+        "expires": "2020-01-01",
+    }
+    policy["defaults"]["respect"] = {"tdmrep": False, "noai": False}
+    policy["sites"] = [
+        {
+            "id": "old",
+            "match": ["old.example"],
+            "legal_basis": {"kind": "licence", "ref": "LIC-OLD", "expires": "2020-06-01"},
+        }
+    ]
+    d = SiteDirectory(parse_policy(yaml.safe_dump(policy)).policy)
+    for host in ("plain.example", "old.example"):
+        basis, respect = d.site_for(host).terms_on(dt.date(2026, 11, 29))
+        assert (basis.kind, basis.ref) == ("tdm_exception", "DSM Art. 4"), host
+        assert respect.tdmrep and respect.noai and respect.robots, host
+    basis, _ = d.site_for("plain.example").terms_on(dt.date(2019, 12, 31))
+    assert basis.ref == "BLANKET-2019"
+
+
+def test_a_quota_a_site_rule_sets_to_null_is_unlimited_as_in_the_defaults():
+    d = directory([{"id": "bulk", "match": ["bulk.example"], "requests_per_day": None}])
+    assert d.site_for("bulk.example").settings.requests_per_day is None
+    assert d.site_for("bulk.example").settings.bytes_per_day == base_policy()["defaults"].get(
+        "bytes_per_day", "500MB"
+    )
 
 
 @pytest.mark.parametrize(

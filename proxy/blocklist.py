@@ -17,6 +17,7 @@ from urllib.parse import urlunsplit
 
 from proxy.decision import Reason
 from proxy.inputs import canonical_target
+from proxy.inputs import normalize_escapes
 from proxy.sites import HostPatterns
 from proxy.sites import normalize_host
 
@@ -91,8 +92,13 @@ def _origin(url: str) -> str:
 
 
 def _canonical(url: str) -> str:
+    """An entry's URL as the site reads it: its path canonical, and the escapes of unreserved
+    characters in its query decoded (a request's are matched both ways, `other_readings`)."""
     origin = _origin(url)
-    return origin + canonical_target(url[len(origin) :]) if len(url) > len(origin) else url
+    if len(url) <= len(origin):
+        return url
+    path, sep, query = canonical_target(url[len(origin) :]).partition("?")
+    return origin + path + sep + (normalize_escapes(query) if "%" in query else query)
 
 
 class Blocklist:

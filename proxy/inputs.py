@@ -221,19 +221,26 @@ def other_readings(target: str) -> tuple[str, ...]:
     each segment's `;` parameters dropped (servlet containers, Tomcat and Jetty: `/private;x/a`
     is `/private/a`, and `/x/..;/private/a` is `/private/a`). Such a target is checked under
     each reading (robots.txt, TDMRep, the blocklist) and refused if any is refused, but
-    forwarded as sent: "//", "%2F" and ";" are also in URLs that mean them."""
+    forwarded as sent: "//", "%2F" and ";" are also in URLs that mean them. The query is read
+    with its escapes of unreserved characters decoded too (`?q=%73ecret` is `?q=secret` to
+    every framework that parses it)."""
     if "//" not in target and "%" not in target and "\\" not in target and ";" not in target:
         return ()
     path, sep, query = target.partition("?")
-    paths: list[str] = []
+    paths: list[str] = [path]
     if "//" in path or _SEPARATOR_SPELLINGS.search(path) is not None:
         paths.append(_SLASH_RUN.sub("/", _SEPARATOR_SPELLINGS.sub("/", path)))
     if ";" in path:
-        paths += [_PATH_PARAMETERS.sub("", p) for p in (path, *paths)]
+        paths += [_PATH_PARAMETERS.sub("", p) for p in paths]
+    queries = [query]
+    if "%" in query and (decoded := normalize_escapes(query)) != query:
+        queries.append(decoded)
     readings: list[str] = []
-    for reading in (canonical_target(p) + sep + query for p in paths):
-        if reading != target and reading not in readings:
-            readings.append(reading)
+    for i, p in enumerate(paths):
+        for j, q in enumerate(queries):
+            reading = canonical_target(p) + sep + q
+            if (i or j) and reading != target and reading not in readings:
+                readings.append(reading)
     return tuple(readings)
 
 

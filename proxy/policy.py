@@ -114,7 +114,7 @@ def _block_pattern(value: str) -> str:
     """A blocklist entry: a domain (with its subdomains) or an http(s) URL prefix."""
     if value.strip().lower().startswith(("http://", "https://")):
         value = value.strip()
-        if not re.match(r"^https?://[^/\s?#]+", value):
+        if not re.match(r"^https?://[^/\s?#]+", value, re.IGNORECASE):
             raise ValueError(f"{value!r} is not a URL prefix")
         return value
     return _host_pattern(value)

@@ -10,6 +10,7 @@ from proxy.blocklist import Scope
 from proxy.blocklist import entry_from_pattern
 from proxy.blocklist import normalize_url
 from proxy.decision import Reason
+from proxy.inputs import other_readings
 
 
 @pytest.mark.parametrize(
@@ -113,3 +114,22 @@ def test_urls_are_matched_under_every_reading_of_their_path(
     assert (hit.id if hit else None) == rule
     if rule is not None:
         assert BLOCKLIST.match_url(host, url) is None  # as sent, the URL alone escapes
+
+
+@pytest.mark.parametrize(
+    "entry", ["http://forum.test/search?q=secret", "http://forum.test/search?q=%73ecret"]
+)
+@pytest.mark.parametrize(
+    "target", ["/search?q=secret", "/search?q=%73ecret", "/search?q=%73%65cret"]
+)
+def test_an_entry_with_a_query_matches_however_its_unreserved_characters_are_spelled(
+    entry: str, target: str
+):
+    # `?q=%73ecret` is `?q=secret` to the site: it got past an entry for the latter.
+    blocklist = Blocklist([entry_from_pattern("q", entry, "r", "s")])
+    url = normalize_url("http://forum.test" + target)
+    hit = blocklist.match_url("forum.test", url, other_readings(target))
+    assert hit is not None and hit.id == "q"
+    assert (
+        blocklist.match_url("forum.test", normalize_url("http://forum.test/search?q=open")) is None
+    )

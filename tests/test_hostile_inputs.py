@@ -221,6 +221,9 @@ def test_a_target_is_read_as_the_site_will(target: str, resolved: str) -> None:
         ("/x;/..;/private/a.jpg", ("/private/a.jpg",)),
         ("/img.gif;", ("/img.gif",)),
         ("/a;jsessionid=1?q=;x", ("/a?q=;x",)),  # only the path is read
+        ("/search?q=%73ecret", ("/search?q=secret",)),  # unreserved escapes in the query
+        ("/search?q=%2Fx%3D", ()),  # reserved ones stay escaped
+        ("//s?q=%73", ("//s?q=s", "/s?q=%73", "/s?q=s")),
         ("//private;x/a.jpg", ("/private;x/a.jpg", "//private/a.jpg", "/private/a.jpg")),
     ],
 )

@@ -212,6 +212,8 @@ def test_blocklist_accepts_domains_and_url_prefixes_only():
     ]
     loaded = parse_policy(dump(policy))
     assert loaded.policy.blocklist[0].match == ["stock.example", "https://f.example/m/"]
+    policy["blocklist"][0]["match"].append("HTTP://Forum.TEST:80/members/")  # any letter case
+    parse_policy(dump(policy))
     bad = copy.deepcopy(policy)
     bad["blocklist"][0]["match"] = ["not a host"]
     assert any(e.startswith("blocklist.0.match.0:") for e in errors_of(dump(bad)))

@@ -8,19 +8,23 @@ programs. Public: no token, and nothing secret on it (no token hashes, no team n
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 from typing import Any
 
 from aiohttp import web
 
+from proxy import optout
 from proxy import units
 from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
+from proxy.optout import Kind
 from proxy.policy import LegalBasis
 from proxy.policy import Policy
 from proxy.policy import Respect
 from proxy.runtime import Runtime
+from proxy.sites import Site
 
 FORMAT = "crawlwarden-policy/1"
 # The HTML needs no script and may run none: readable as it is, and nothing to inject into.
@@ -120,9 +124,23 @@ def _budgets(settings: Any) -> dict[str, Any]:
     }
 
 
+def _terms(site: Site, today: dt.date) -> dict[str, Any]:
+    """The terms in force today, as the gateway applies them: an expired licence's fallback,
+    and the opt-outs that bind under that basis (a TDM reservation never binds a licence)."""
+    basis, respect = site.terms_on(today)
+    terms: dict[str, Any] = {
+        "legal_basis": _basis(basis),
+        "opt_outs_honoured": {kind.value: optout.applies(kind, basis, respect) for kind in Kind},
+    }
+    if basis != site.settings.legal_basis:
+        terms["expired_legal_basis"] = _basis(site.settings.legal_basis)
+    return terms
+
+
 def policy_document(rt: Runtime) -> dict[str, Any]:
     policy: Policy = rt.compiled.loaded.policy
     crawler, defaults = policy.crawler, policy.defaults
+    today = dt.datetime.now(dt.UTC).date()
     sites = []
     for rule in policy.sites:
         site = rt.compiled.sites.by_key(rule.id)
@@ -130,11 +148,11 @@ def policy_document(rt: Runtime) -> dict[str, Any]:
             {
                 "site": rule.id,
                 "match": list(rule.match),
-                "legal_basis": _basis(site.settings.legal_basis),
-                "opt_outs_honoured": site.settings.respect.model_dump(),
+                **_terms(site, today),
                 "budgets": _budgets(site.settings),
             }
         )
+    default_terms = _terms(Site("", None, defaults, defaults), today)
     signer = rt.fetch_log.signer
     return {
         "format": FORMAT,
@@ -150,12 +168,13 @@ def policy_document(rt: Runtime) -> dict[str, Any]:
             "public_ips": [str(ip) for ip in policy.egress.public_ips],
         },
         "opt_outs": opt_outs(list(crawler.robots_tokens), defaults.respect),
-        "legal_bases": {"default": _basis(defaults.legal_basis), "sites": sites},
+        "legal_bases": {"default": default_terms["legal_basis"], "sites": sites},
         "budgets": {
             "defaults": _budgets(defaults),
             "pause": "a site that answers 429 or 503 is paused for every replica, for its "
             "Retry-After when it sends one",
-            "site_key": "the registrable domain (eTLD+1) of the host, unless a site rule matches",
+            "site_key": "the registrable domain (eTLD+1) of the host, unless a site rule "
+            "matches it (the rule whose pattern matches most closely)",
         },
         "blocklist": [
             {"id": b.id, "match": list(b.match), "reason": b.reason, "source": b.source}
@@ -271,9 +290,12 @@ def policy_html(doc: dict[str, Any]) -> str:
         )
         for s in bases["sites"]:
             honoured = ", ".join(k for k, v in s["opt_outs_honoured"].items() if v) or "none"
+            basis = _basis_text(s["legal_basis"])
+            if "expired_legal_basis" in s:
+                basis += f" ({_basis_text(s['expired_legal_basis'])}: expired)"
             out.append(
                 f"<tr><td>{_e(s['site'])}</td><td>{_e(', '.join(s['match']))}</td>"
-                f"<td>{_basis_text(s['legal_basis'])}</td><td>{_e(honoured)}</td></tr>"
+                f"<td>{basis}</td><td>{_e(honoured)}</td></tr>"
             )
         out.append("</tbody></table>")
     budgets = doc["budgets"]

@@ -51,8 +51,14 @@ def page_policy() -> dict[str, Any]:
                 "match": ["archive.example.org", "*.archive-cdn.example"],
                 "legal_basis": {"kind": "licence", "ref": "LIC-2024-017", "expires": "2027-01-01"},
                 "rate": "5/s",
-                "respect": {"tdmrep": False, "noai": False},
-            }
+                "respect": {"noai": False},  # tdmrep left on: a licence is not bound by it
+            },
+            {
+                "id": "old-archive",
+                "match": ["old.example"],
+                "legal_basis": {"kind": "licence", "ref": "LIC-2019-002", "expires": "2020-01-01"},
+                "respect": {"noai": False},
+            },
         ],
         blocklist=[
             {
@@ -158,9 +164,21 @@ async def test_json_by_accept_header_or_format(runtime: Runtime, client: TestCli
         "ref": "DSM Art. 4",
         "expires": None,
     }
-    [site] = doc["legal_bases"]["sites"]
+    site, old = doc["legal_bases"]["sites"]
     assert site["site"] == "licensed-archive" and site["legal_basis"]["ref"] == "LIC-2024-017"
     assert site["opt_outs_honoured"]["noai"] is False and site["budgets"]["rate"] == "5/s"
+    # What is enforced today, not what is written: a licence is no TDM exception (a reservation
+    # does not bind it), and an expired one has fallen back to the default basis and signals.
+    assert site["opt_outs_honoured"]["tdmrep"] is False and "expired_legal_basis" not in site
+    assert old["legal_basis"] == doc["legal_bases"]["default"]
+    assert old["expired_legal_basis"]["ref"] == "LIC-2019-002"
+    assert old["opt_outs_honoured"] == {
+        "robots": True,
+        "tdmrep": True,
+        "noai": True,
+        "content_usage": False,
+        "image_metadata": True,
+    }
     assert doc["budgets"]["defaults"]["requests_per_day"] == 1_000_000
     assert doc["takedowns"]["contact"] == CONTACT
     assert doc["audit"]["public_key_pem"] == runtime.fetch_log.signer.public_pem().decode()

@@ -58,6 +58,34 @@ async def test_replicas_starting_at_once_migrate_the_schema_once(pg_dsn: str) ->
     assert {"fetch_records_ts", "fetch_records_site_ts", "fetch_records_team_ts"} <= indexes
 
 
+async def test_a_database_dropped_and_made_again_gets_its_schema_back_without_a_restart(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    # Migrations ran at start only: the gateway retried "relation does not exist" forever
+    # while its spool grew, until restarted.
+    signer, _ = keys(tmp_path)
+    log = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool", "gw-d", signer)
+    await log.open()
+    try:
+        log.append(fetch(1))
+        assert await log.flushed(timeout=10)
+        conn = await asyncpg.connect(pg_dsn)
+        try:  # what DROP DATABASE and CREATE DATABASE leave: nothing
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        finally:
+            await conn.close()
+        log.append(fetch(2))
+        assert await log.flushed(timeout=20)
+    finally:
+        await log.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        stored = await conn.fetchval("SELECT count(*) FROM fetch_records WHERE replica = 'gw-d'")
+    finally:
+        await conn.close()
+    assert stored >= 1  # what came after the drop (and the shutdown checkpoint's record)
+
+
 async def test_three_replicas_write_at_once_and_each_chain_verifies(
     pg_dsn: str, tmp_path: Path
 ) -> None:

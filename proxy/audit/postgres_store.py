@@ -302,6 +302,23 @@ class PostgresStore:
                 strict=True,
             ):
                 column.append(value)
+        try:
+            await self._insert(record_columns, checkpoint_columns, purges)
+        except asyncpg.UndefinedTableError:
+            # The database was dropped and created again under the running fleet: its schema
+            # is made again (the batch is retried from the spool), no restart needed.
+            log.error("fetchlog_schema_missing", action="migrating again")
+            if self.migrate_schema:
+                async with self._db().acquire() as conn:
+                    await migrate(conn)
+            raise
+
+    async def _insert(
+        self,
+        record_columns: list[list[Any]] | None,
+        checkpoint_columns: list[list[Any]],
+        purges: list[dict[str, Any]],
+    ) -> None:
         async with self._db().acquire() as conn, conn.transaction():
             if record_columns is not None:
                 await conn.execute(_INSERT, *record_columns)

@@ -498,6 +498,18 @@ def test_ha_values(chart_with_dashboards: Path):
         assert "PRIVATE KEY" not in json.dumps(cm)
 
 
+def test_the_service_monitor_scrapes_each_pod_once_with_a_statefulset_too():
+    # Both Services of a StatefulSet matched its selector: Prometheus Operator made a target
+    # per Service and pod, and every sum() on the dashboards read double.
+    values = {**EXISTING, "metrics": {"serviceMonitor": {"enabled": True}}}
+    objects = render(values)
+    selector = one(objects, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert len(services) == 2  # the gateway's and the governing headless one
+    scraped = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in scraped] == [FULLNAME]
+
+
 def test_existing_secrets_and_config_maps_are_referenced_not_created():
     objects = render(EXISTING)
     assert "Secret" not in kinds(objects)

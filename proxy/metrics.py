@@ -84,7 +84,8 @@ AUDIT_QUEUE_DEPTH = Gauge(
 )
 AUDIT_RECORDS = Counter(
     "crawlwarden_audit_records_total",
-    "Fetch records by outcome (stored, retry, spool_error, lost)",
+    "Fetch records by outcome (stored; retry: had to wait for the store, each counted once; "
+    "spool_error, lost)",
     ["outcome"],
 )
 AUDIT_SPOOL_BYTES = Gauge("crawlwarden_audit_spool_bytes", "Size of the local fetch-log spool")

@@ -328,6 +328,16 @@ class SiteRule(Model):
     respect: RespectOverride = RespectOverride()
     legal_basis: LegalBasis | None = None
 
+    def overrides(self) -> dict[str, Any]:
+        """The settings this rule gives (besides id, match and respect), each overriding the
+        default's: every key it sets, a quota's `null` (no limit) included."""
+        return {
+            name: value
+            for name, value in self
+            if name not in ("id", "match", "respect")
+            and (value is not None or name in self.model_fields_set)
+        }
+
     @model_validator(mode="before")
     @classmethod
     def _nulls(cls, data: Any) -> Any:

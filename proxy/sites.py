@@ -127,13 +127,7 @@ class SiteDirectory:
         self._by_domain: dict[str, Site] = {}
 
     def _site_for_rule(self, rule: SiteRule) -> Site:
-        # A key the rule gives overrides the default's; `null` only for a quota (no limit).
-        overrides = {
-            name: value
-            for name, value in rule
-            if name not in ("id", "match", "respect")
-            and (value is not None or name in rule.model_fields_set)
-        }
+        overrides = rule.overrides()
         respect = self.defaults.respect.model_copy(
             update={k: v for k, v in rule.respect if v is not None}
         )

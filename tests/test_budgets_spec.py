@@ -65,8 +65,10 @@ def test_spec_names_the_site_rule_that_set_a_budget():
     # Not overridden by the rule: the defaults' value and rule.
     assert spec.rule_for(Budget.CONCURRENCY) == "defaults.max_concurrency"
     assert spec.rule_for(Budget.REQUESTS_PER_MONTH) == "defaults.requests_per_month"
-    # A null in a site rule means "not overridden" (the policy has no way to unset a default).
-    assert spec.bytes_per_day == 5_000_000
+    # A quota a site rule sets to null has no limit, as in `defaults` (it used to mean "not
+    # overridden": the default's limit applied, silently).
+    assert spec.bytes_per_day is None
+    assert spec.rule_for(Budget.BYTES_PER_DAY) == "sites.archive.bytes_per_day"
 
 
 def test_unlimited_quotas():

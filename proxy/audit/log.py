@@ -115,6 +115,7 @@ class FetchLog:
         # (seq, when it entered the spool) of each queued record: the fetch log lag metric.
         self._pending: deque[tuple[int, float]] = deque()
         self._wake = asyncio.Event()
+        self._retry_counted = 0  # records at the head of the queue counted as retry already
         self._checkpoint_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -627,7 +628,12 @@ class FetchLog:
             except Exception as e:  # any store failure: keep the spool, retry with backoff
                 self.store_ok = False
                 metrics.STORE_ERRORS.labels(store="audit").inc()
-                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(sum(map(_is_record, batch)))
+                # Each record that has to wait for a retry counts once, however many it takes.
+                waiting = sum(map(_is_record, batch))
+                metrics.AUDIT_RECORDS.labels(outcome="retry").inc(
+                    max(0, waiting - self._retry_counted)
+                )
+                self._retry_counted = max(self._retry_counted, waiting)
                 if isinstance(e, SpoolReadError):  # nothing is skipped: the chain has no holes
                     log.error("fetchlog_spool_read_failed", error=str(e), queued=len(self._queue))
                 else:
@@ -639,6 +645,7 @@ class FetchLog:
             if not self.store_ok:
                 log.info("fetchlog_store_recovered", queued=len(self._queue))
             self.store_ok = True
+            self._retry_counted = max(0, self._retry_counted - sum(map(_is_record, batch)))
             for item in batch:
                 self._queue.popleft()
                 if isinstance(item, SerializedRecord):

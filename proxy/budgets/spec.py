@@ -120,11 +120,7 @@ def spec_for(site: Site) -> BudgetSpec:
     """Parse a site's settings once. The policy was validated at load, so this cannot fail."""
     s = site.settings
     rate = units.parse_rate(s.rate)
-    overridden = {
-        name
-        for name, value in (site.rule or ())
-        if value is not None and name not in ("id", "match")
-    }
+    overridden = set(site.rule.overrides()) if site.rule is not None else set()
     prefix = f"sites.{site.rule.id}" if site.rule is not None else "defaults"
     rules = tuple(
         (name, f"{prefix}.{name}" if name in overridden else f"defaults.{name}")

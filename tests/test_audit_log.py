@@ -360,6 +360,27 @@ async def test_a_store_outage_costs_spool_disk_not_memory(tmp_path: Path) -> Non
     assert "records 1..1050" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
 
 
+async def test_a_record_waiting_out_an_outage_counts_once_as_retry(tmp_path: Path) -> None:
+    # Every failed attempt counted the same waiting records again: the dashboard showed records
+    # retried by the second with nearly nothing waiting.
+    def retried() -> float:
+        return REGISTRY.get_sample_value("crawlwarden_audit_records_total", {"outcome": "retry"})
+
+    signer, _ = keys(tmp_path)
+    before = retried()
+    log, store = await log_in_an_outage(tmp_path, "gw-r", signer, 20, memory_records=100)
+    try:
+        await asyncio.sleep(2.0)  # several attempts, backing off
+        assert retried() - before == 20
+        store.down = False
+        assert await log.flushed(timeout=30)
+        log.append(fetch(99))
+        assert await log.flushed(timeout=10)
+        assert retried() - before == 20  # a record stored at once is no retry
+    finally:
+        await log.close()
+
+
 async def test_a_replayed_spool_is_read_back_a_bounded_batch_at_a_time(tmp_path: Path) -> None:
     signer, public = keys(tmp_path)
     first, _ = await log_in_an_outage(tmp_path, "gw-p", signer, 300, memory_records=5)

@@ -973,7 +973,10 @@ class Gateway:
             # recorded it as interrupted when it closed.
             log.info("record_after_stop", id=rec.id, decision=rec.decision, reason=rec.reason)
             return
-        site_label = self.rt.site_labels.observe(rec.site)
+        labels = self.rt.site_labels
+        site_label = (
+            labels.peek(rec.site) if rec.decision == "refused" else labels.observe(rec.site)
+        )
         team_label = rec.team or "_none"
         metrics.count_request(site_label, team_label, rec.decision, rec.reason)
         if rec.response_bytes:

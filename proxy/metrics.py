@@ -297,6 +297,10 @@ class DomainSlots:
             return domain
         return OTHER
 
+    def peek(self, domain: str) -> str:
+        """The domain's label if it has a slot, else `_other`: takes and earns nothing."""
+        return domain if domain in self.granted else OTHER
+
     def observe(self, domain: str) -> str:
         label = self.label(domain)
         if label != OTHER or len(self.granted) >= self.top_n:
@@ -324,9 +328,9 @@ def process_slots(top_n: int) -> DomainSlots:
 class SiteLabels:
     """Bounded `site` label values: a policy site id, a domain with a slot, or `_other`.
 
-    `observe()` is for a request: it counts towards earning a slot. `label()` is for gauges and
-    other per-site updates that are not requests: it does not count (an open slot is still
-    taken at once).
+    `observe()` is for a request that reached the site: it counts towards earning a slot.
+    `peek()` is for a refused one: it takes no slot. `label()` is for gauges and other per-site
+    updates that are not requests: it does not count (an open slot is still taken at once).
     """
 
     def __init__(
@@ -352,3 +356,13 @@ class SiteLabels:
         if site in self._known:
             return site
         return self._slots.observe(site)
+
+    def peek(self, site: str | None) -> str:
+        """For a refused request: the label the site has, never a slot for it (a crawl's
+        refusals, blocklisted domains say, would otherwise take the slots of the sites that
+        carry its traffic)."""
+        if site is None:
+            return OTHER
+        if site in self._known:
+            return site
+        return self._slots.peek(site)

@@ -281,6 +281,16 @@ class Runtime:
         note = error
         if fetch.truncated:
             note = f"read up to the limit of {fetch.body_bytes} bytes: size and hash are of those"
+        site = self.governor.site_for(host).key if host else None
+        reason = str(Reason.OK if error is None else Reason.UPSTREAM_ERROR)
+        # In the request and byte counters as every request a site gets (team `_none`: no
+        # team's), so that a site's panels show the load the gateway put on it.
+        site_label = self.site_labels.observe(site)
+        metrics.count_request(site_label, "_none", str(Outcome.FORWARDED), reason)
+        if fetch.body_bytes:
+            metrics.count_response_bytes(site_label, "_none", fetch.body_bytes)
+        if error is not None and (kind := metrics.upstream_error_kind(error)) is not None:
+            metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
         self.fetch_log.append(
             FetchRecord(
                 id=uuid.uuid4().hex,
@@ -290,9 +300,9 @@ class Runtime:
                 url=url,
                 kind="gateway_fetch",
                 decision=str(Outcome.FORWARDED),
-                reason=str(Reason.OK if error is None else Reason.UPSTREAM_ERROR),
+                reason=reason,
                 note=note,
-                site=self.governor.site_for(host).key if host else None,
+                site=site,
                 status=status,
                 response_bytes=fetch.body_bytes,
                 content_sha256=fetch.sha256,

@@ -417,6 +417,25 @@ async def test_usage_and_gauges(cluster: Cluster):
     assert gauge("rate") == pytest.approx(0.5)
 
 
+async def test_the_other_gauge_shows_the_most_used_unlabelled_site():
+    # It showed whichever unlabelled site was admitted last: a spent quota hid behind a quiet
+    # site, and the quota alert could not fire for any site without a label.
+    engine = BudgetEngine(MemoryBudgetStore(), site_label=lambda key: "_other")
+    await engine.start()
+    try:
+        spent, quiet = make_site(requests_per_day=2), make_site(requests_per_day=100)
+        for _ in range(3):
+            await engine.admit(spent)
+        await engine.admit(quiet)
+        engine.publish_gauges()
+    finally:
+        await engine.close()
+    ratio = REGISTRY.get_sample_value(
+        "crawlwarden_budget_used_ratio", {"site": "_other", "budget": "requests_per_day"}
+    )
+    assert ratio == 1.0
+
+
 async def test_crawl_delay_and_policy_reload(cluster: Cluster):
     site = make_site(rate="100/s", burst=10)
     async with cluster(1) as (engine,):

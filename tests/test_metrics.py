@@ -187,6 +187,19 @@ def test_one_off_domains_never_earn_a_slot_repeated_ones_do() -> None:
     assert len(slots.granted) == 10
 
 
+def test_refused_requests_take_no_slot() -> None:
+    # Blocklisted domains, refused three times each, took every slot: the sites that carried
+    # the traffic were `_other` for the life of the process.
+    slots = DomainSlots(4, admit_after=3, window=50)
+    labels = SiteLabels([], slots=slots)
+    for i in range(10):
+        for _ in range(3):
+            assert labels.peek(f"blocked{i}.test") == OTHER
+    assert not slots.granted
+    assert labels.observe("busy.test") == "busy.test"
+    assert labels.peek("busy.test") == "busy.test"  # a refusal of a labelled site keeps it
+
+
 def test_repeats_spread_wider_than_the_window_do_not_earn_a_slot() -> None:
     slots = DomainSlots(4, admit_after=3, window=20)
     labels = SiteLabels([], slots=slots)

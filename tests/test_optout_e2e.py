@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.optout_fixtures import avif
 from tests.optout_fixtures import c2pa_sign
@@ -126,6 +127,20 @@ def test_robots_and_tdmrep_refuse_before_the_site_is_asked(gateway: Gateway, sit
     }
     assert "robots:disallow" in refused["/private/a.jpg"]["signals"]
     assert "tdmrep:reserved" in refused["/reserved/photo.jpg"]["signals"]
+    # The gateway's own requests are in the site's request and byte counters (team `_none`).
+    text = requests.get(gateway.admin + "/metrics", timeout=5).text
+    own_requests = own_bytes = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("team") != "_none" or labels.get("site") != "site-a.test":
+                continue
+            if sample.name == "crawlwarden_requests_total":
+                own_requests += sample.value
+            elif sample.name == "crawlwarden_upstream_response_bytes_total":
+                own_bytes += sample.value
+    assert own_requests == 2
+    assert own_bytes == sum(r["response_bytes"] for r in own)
 
 
 def test_no_spelling_of_a_disallowed_path_reaches_the_site(gateway: Gateway, site: Site):

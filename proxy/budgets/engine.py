@@ -119,6 +119,17 @@ class _SiteQueue:
     users: int = 0
 
 
+def _ratios(spec: BudgetSpec, snap: Snapshot) -> list[float]:
+    """How used each budget is, in `Budget` order (rate, concurrency, day, month, bytes)."""
+    return [
+        used_ratio(burst_in_use(snap.tat_us, snap.now_us, spec.interval_us), spec.burst),
+        used_ratio(snap.in_flight, spec.max_concurrency),
+        used_ratio(snap.day_requests, spec.requests_per_day),
+        used_ratio(snap.month_requests, spec.requests_per_month),
+        used_ratio(snap.day_bytes, spec.bytes_per_day),
+    ]
+
+
 class BudgetEngine:
     def __init__(
         self,
@@ -739,10 +750,22 @@ class BudgetEngine:
             self._observe(self._local_spec(spec) if store is self._fallback else spec, snap)
 
     def publish_gauges(self) -> None:
-        """Set `crawlwarden_budget_used_ratio` from the latest state seen of each site."""
+        """Set `crawlwarden_budget_used_ratio` from the latest state seen of each site. The
+        sites without a label of their own share `_other`: it shows, per budget, the most used
+        of those seen since the last publication (the last one seen would hide a spent quota
+        behind a quiet site)."""
         latest, self._unpublished = self._unpublished, {}
+        other: list[float] | None = None
         for spec, snap in latest.values():
-            self._observe(spec, snap)
+            if self._site_label(spec.key) != metrics.OTHER:
+                self._observe(spec, snap)
+                continue
+            ratios = _ratios(spec, snap)
+            other = (
+                ratios if other is None else [max(a, b) for a, b in zip(other, ratios, strict=True)]
+            )
+        if other is not None:
+            self._set_gauges(metrics.OTHER, other)
 
     def _observe(self, spec: BudgetSpec, snap: Snapshot) -> None:
         label = self._site_label(spec.key)
@@ -750,17 +773,16 @@ class BudgetEngine:
             if len(self._observed) >= _MAX_TRACKED_SITES:
                 self._observed.clear()
             self._observed[spec.key] = (spec, time.monotonic())
+        self._set_gauges(label, _ratios(spec, snap))
+
+    def _set_gauges(self, label: str, ratios: list[float]) -> None:
         gauges = self._gauges.get(label)
         if gauges is None:
             gauges = self._gauges[label] = tuple(
                 metrics.BUDGET_USED_RATIO.labels(site=label, budget=str(b)) for b in Budget
             )
-        rate, conc, day, month, size = gauges
-        rate.set(used_ratio(burst_in_use(snap.tat_us, snap.now_us, spec.interval_us), spec.burst))
-        conc.set(used_ratio(snap.in_flight, spec.max_concurrency))
-        day.set(used_ratio(snap.day_requests, spec.requests_per_day))
-        month.set(used_ratio(snap.month_requests, spec.requests_per_month))
-        size.set(used_ratio(snap.day_bytes, spec.bytes_per_day))
+        for gauge, ratio in zip(gauges, ratios, strict=True):
+            gauge.set(ratio)
 
     async def usage(self, site: Site) -> dict[str, Any]:
         """Used, limit and remaining per budget of the site (for `GET /v1/budgets?site=`)."""

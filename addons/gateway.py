@@ -433,6 +433,8 @@ class Gateway:
         # Budgets last: what they count is exactly what is forwarded (DESIGN.md step 4).
         if ctx.site.settings.on_exceed == "delay":
             admission = await self._admit_held(flow, ctx)
+            if admission is not None:
+                ctx.waited += admission.waited
             if admission is None:  # its client went away while it was held
                 state.decision = refuse(
                     Reason.INTERRUPTED,
@@ -477,7 +479,7 @@ class Gateway:
         self._decided(state)
         self.rt.in_flight += 1
         metrics.IN_FLIGHT.set(self.rt.in_flight)
-        self._observe_governance(started)
+        self._observe_governance(started, ctx)
 
     def _framing_refusal(self, req: http.Request, site: str | None) -> Decision | None:
         """A head past the limit (one that arrived whole; partial ones are HttpGuard's), or a
@@ -514,7 +516,7 @@ class Gateway:
     ) -> None:
         state.decision = decision
         self._respond(flow, decision)
-        self._observe_governance(started)
+        self._observe_governance(started, state.ctx)
         req = flow.request
         # mitmproxy switches to streaming for a body past its buffer before this hook; a flow
         # with an answer cannot stream (it would raise), and must not read the body anyway.
@@ -886,8 +888,11 @@ class Gateway:
         flow.server_conn.via = server_spec.parse(chosen.url, "http")
         state.upstream_proxy = chosen.name
 
-    def _observe_governance(self, started: float) -> None:
-        metrics.GOVERNANCE_SECONDS.observe(time.perf_counter() - started)
+    def _observe_governance(self, started: float, ctx: RequestContext | None = None) -> None:
+        """The gateway's decision time: not what the request waited for the site's files or,
+        in delay mode, for its budget (`ctx.waited`)."""
+        waited = ctx.waited if ctx is not None else 0.0
+        metrics.GOVERNANCE_SECONDS.observe(max(0.0, time.perf_counter() - started - waited))
 
     def _build_record(
         self, flow: http.HTTPFlow, state: FlowState, *, forwarded: bool | None = None

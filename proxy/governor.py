@@ -98,6 +98,9 @@ class RequestContext:
     signals: list[str] = field(default_factory=list)
     # Other paths the site may serve for `path` (inputs.other_readings): checked as well.
     readings: tuple[str, ...] = ()
+    # Seconds spent waiting for the site (its robots.txt, tdmrep.json) or for its budget
+    # (delay mode): not the gateway's decision time (`request_duration_seconds{governance}`).
+    waited: float = 0.0
 
 
 type PrefetchCheck = Callable[[RequestContext], Awaitable[Decision | None]]

@@ -305,11 +305,21 @@ class OptOutChecks:
 
     # -- per-origin files --------------------------------------------------------------------
 
-    async def robots_entry(self, origin: str) -> RobotsEntry:
+    async def _fetch(self, origin: str, path: str, ctx: RequestContext | None) -> OriginFile:
+        """The file, from the shared cache or the site; the time the request waited for it is
+        its `waited` (the site's time, not the gateway's decision)."""
+        started = time.perf_counter()
+        try:
+            return await self.fetcher.get(origin, path)
+        finally:
+            if ctx is not None:
+                ctx.waited += time.perf_counter() - started
+
+    async def robots_entry(self, origin: str, ctx: RequestContext | None = None) -> RobotsEntry:
         entry = self._robots.get(origin)
         if entry is not None and entry.file.expires_at > self._clock():
             return entry
-        file = await self.fetcher.get(origin, ROBOTS_PATH)
+        file = await self._fetch(origin, ROBOTS_PATH, ctx)
         entry = self._robots.get(origin)
         if entry is None or entry.file is not file:
             if file.outcome == "ok":
@@ -322,11 +332,11 @@ class OptOutChecks:
             self._store(self._robots, origin, entry)
         return entry
 
-    async def tdm_entry(self, origin: str) -> TdmEntry:
+    async def tdm_entry(self, origin: str, ctx: RequestContext | None = None) -> TdmEntry:
         entry = self._tdm.get(origin)
         if entry is not None and entry.file.expires_at > self._clock():
             return entry
-        file = await self.fetcher.get(origin, tdmrep.WELL_KNOWN_PATH)
+        file = await self._fetch(origin, tdmrep.WELL_KNOWN_PATH, ctx)
         entry = self._tdm.get(origin)
         if entry is None or entry.file is not file:
             # Anything but a successful response means the origin does not use the protocol.
@@ -363,7 +373,7 @@ class OptOutChecks:
             return None  # nothing in robots.txt binds this site: do not even ask for it
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
         try:
-            entry = await self.robots_entry(origin)
+            entry = await self.robots_entry(origin, ctx)
         except FetchRefused as e:
             return _must_read_first(origin, ROBOTS_PATH, e.refusal)
         if _path_only(ctx.path) in _PROTOCOL_PATHS:
@@ -403,7 +413,7 @@ class OptOutChecks:
             return None
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
         try:
-            entry = await self.tdm_entry(origin)
+            entry = await self.tdm_entry(origin, ctx)
         except FetchRefused as e:
             return _must_read_first(origin, tdmrep.WELL_KNOWN_PATH, e.refusal)
         declaration = entry.rules.lookup(ctx.path)

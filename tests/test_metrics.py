@@ -47,6 +47,8 @@ from tests.optout_fixtures import static_resolver
 from tests.support import ADMIN_TOKEN
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
+from tests.support import PROJECT
+from tests.support import RESPECT_ALL
 from tests.support import ROOT
 from tests.support import Gateway
 from tests.support import LocalCA
@@ -544,6 +546,46 @@ def test_metrics_endpoint_shows_the_sre_families_on_a_fresh_gateway(workdir: Pat
         assert name in names, name
     assert 'crawlwarden_store_errors_total{store="redis"} 0.0' in text
     assert "crawlwarden_audit_available 1.0" in text
+
+
+def test_governance_time_is_the_gateways_not_the_wait_for_a_sites_files_or_budget(
+    workdir: Path,
+) -> None:
+    # A robots.txt that took 1 s, or a request held 1 s for its budget, showed as 1 s of
+    # "governance": the panel read a slow site (or a polite hold) as a slow gateway.
+    def sums(gw: Gateway) -> dict[str, float]:
+        text = requests.get(gw.admin + "/metrics", timeout=5).text
+        return {
+            s.labels["phase"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "crawlwarden_request_duration_seconds_sum"
+        }
+
+    policy = policy_with(
+        defaults={"respect": {**RESPECT_ALL}},
+        sites=[{"id": "held", "match": ["held.test"], "rate": "1/s", "on_exceed": "delay"}],
+    )
+    with Site() as site, Gateway(workdir, policy) as gw:
+        site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n", delay=1.0)
+        before = sums(gw)
+        for url in (
+            site.url("slow.test", "/a"),
+            site.url("held.test", "/1"),
+            site.url("held.test", "/2"),
+        ):
+            r = requests.get(
+                url,
+                proxies={"http": gw.proxy_url()},
+                headers={"X-Crawl-Project": PROJECT},
+                timeout=30,
+            )
+            assert r.status_code == 200
+        after = sums(gw)
+    total = after["total"] - before["total"]
+    governance = after["governance"] - before["governance"]
+    assert total >= 2.0  # 1 s for slow.test's robots.txt, ~1 s for the held request
+    assert governance < 0.5, governance
 
 
 def test_governance_latency_is_resolved_around_its_2_ms_target():

@@ -90,6 +90,39 @@ class TdmEntry:
     rules: tdmrep.TdmRules
 
 
+class OriginEntries[T: (RobotsEntry, TdmEntry)]:
+    """Parsed origin files by origin, in the order they came; the oldest go past `max_entries`
+    or past `max_bytes` of file bodies. A broad crawl meets many origins, and a robots.txt may
+    be 500 KiB: without the byte bound, this replica's memory grew with every origin until the
+    entry bound (50 000 of them). One dropped is read again from the shared cache when needed."""
+
+    def __init__(self, max_entries: int = 50_000, max_bytes: int = 64 * 2**20):
+        self._items: dict[str, T] = {}
+        self.bytes = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+
+    def get(self, origin: str) -> T | None:
+        return self._items.get(origin)
+
+    def put(self, origin: str, entry: T) -> None:
+        old = self._items.pop(origin, None)
+        if old is not None:
+            self.bytes -= len(old.file.body)
+        self._items[origin] = entry
+        self.bytes += len(entry.file.body)
+        while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
+            oldest = next(iter(self._items))
+            self.bytes -= len(self._items.pop(oldest).file.body)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass(frozen=True, slots=True)
 class Assessment:
     """The verdict on one response: `decision` is a refusal (withhold) or None; `signals` are the
@@ -270,8 +303,8 @@ class OptOutChecks:
         if network is not None:
             self._use_network(network)
         self._clock = clock
-        self._robots: dict[str, RobotsEntry] = {}
-        self._tdm: dict[str, TdmEntry] = {}
+        self._robots = OriginEntries[RobotsEntry]()
+        self._tdm = OriginEntries[TdmEntry]()
 
     @property
     def tokens(self) -> list[str]:
@@ -329,7 +362,7 @@ class OptOutChecks:
             else:
                 rules = DISALLOW_ALL  # RFC 9309 2.3.1.4
             entry = RobotsEntry(file, rules)
-            self._store(self._robots, origin, entry)
+            self._robots.put(origin, entry)
         return entry
 
     async def tdm_entry(self, origin: str, ctx: RequestContext | None = None) -> TdmEntry:
@@ -342,17 +375,8 @@ class OptOutChecks:
             # Anything but a successful response means the origin does not use the protocol.
             rules = tdmrep.parse_tdmrep(file.body) if file.outcome == "ok" else tdmrep.NO_RULES
             entry = TdmEntry(file, rules)
-            self._store(self._tdm, origin, entry)
+            self._tdm.put(origin, entry)
         return entry
-
-    def _store[T](self, table: dict[str, T], origin: str, entry: T) -> None:
-        if len(table) >= 50_000:
-            now = self._clock()
-            for key in [k for k, v in table.items() if v.file.expires_at <= now]:  # type: ignore[attr-defined]
-                del table[key]
-            if len(table) >= 50_000:
-                table.clear()
-        table[origin] = entry
 
     def cached_robots(self, origin: str) -> tuple[int, bytes] | None:
         """The answer to a scraper's own GET /robots.txt, if this replica has the file."""

@@ -141,7 +141,7 @@ class SiteDirectory:
         domain = registrable_domain(host)
         site = self._by_domain.get(domain)
         if site is None:
-            if len(self._by_domain) > 100_000:
+            if len(self._by_domain) > 50_000:
                 self._by_domain.clear()
             site = Site(key=domain, rule=None, settings=self.defaults, fallback=self.defaults)
             self._by_domain[domain] = site

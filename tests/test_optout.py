@@ -16,8 +16,12 @@ from proxy.decision import Reason
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
 from proxy.optout_checks import BodyScan
+from proxy.optout_checks import OriginEntries
+from proxy.optout_checks import RobotsEntry
+from proxy.originfiles import OriginFile
 from proxy.policy import LegalBasis
 from proxy.policy import Respect
+from proxy.robots import ALLOW_ALL
 from tests.optout_fixtures import TOKEN
 from tests.optout_fixtures import c2pa_sign
 from tests.optout_fixtures import jpeg
@@ -514,3 +518,19 @@ def test_the_synchronous_assessment_gives_the_same_answer() -> None:
     result = checks.assess_response_sync(ctx, 200, [("X-Robots-Tag", "noimageai")], image, None)
     assert result.decision is not None and result.decision.reason is Reason.NOAI_DIRECTIVE
     assert result.signals == ("x-robots-tag:noimageai", "c2pa:training-mining=notAllowed")
+
+
+def test_parsed_origin_files_are_bounded_by_their_bodies_bytes() -> None:
+    # 50 000 robots.txt of up to 500 KiB each were kept in memory (25 GB at worst).
+    entries = OriginEntries[RobotsEntry](max_entries=50_000, max_bytes=8 * 2**20)
+    body = b"# padding\n" * (500 * 1024 // 10)
+    for i in range(100):
+        file = OriginFile(f"https://o{i}.test:443/robots.txt", "ok", 200, body, 0.0, 1e12)
+        entries.put(f"https://o{i}.test:443", RobotsEntry(file, ALLOW_ALL))
+    assert entries.bytes <= 8 * 2**20 and len(entries) == 8 * 2**20 // len(body)
+    assert entries.get("https://o99.test:443") is not None  # the newest stay
+    assert entries.get("https://o0.test:443") is None
+    entries.put(
+        "https://o99.test:443", RobotsEntry(OriginFile("u", "ok", 200, b"", 0, 1e12), ALLOW_ALL)
+    )
+    assert entries.bytes == (len(entries) - 1) * len(body)  # a replaced entry's bytes given back

@@ -62,7 +62,7 @@ _REASONS = {
     Budget.REQUESTS_PER_MONTH: Reason.QUOTA_REQUESTS,
     Budget.BYTES_PER_DAY: Reason.QUOTA_BYTES,
 }
-_MAX_TRACKED_SITES = 100_000
+_MAX_TRACKED_SITES = 50_000  # per-site tables (specs, last views, gauges): ~2 KB a site
 _MAX_ORPHANS = 100_000  # leases of unanswered admissions kept to give back
 _SLOT_POLL_FIRST = 0.05  # delay mode: first look for a slot freed by another replica
 _SLOT_POLL_MAX = 0.2

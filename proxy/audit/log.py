@@ -162,8 +162,9 @@ class FetchLog:
             log.warning("fetchlog_unsigned", replica=self.replica, checkpoints=False)
         metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
         self.spool.retire(self.shipped_seq)  # segments of earlier runs that are all stored
-        metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
-        # Read at scrape time: a stuck store shows as a lag that grows between ship attempts.
+        # Read at scrape time: a stuck store shows as a lag that grows between ship attempts,
+        # and the spool as it is (it trailed the refusals of a full spool by a second).
+        metrics.AUDIT_SPOOL_BYTES.set_function(lambda: float(self.spool.size))
         metrics.AUDIT_LAG.set_function(self.lag_seconds)
         metrics.AUDIT_AVAILABLE.set_function(lambda: 1.0 if self.available else 0.0)
         self._tasks = [
@@ -662,7 +663,6 @@ class FetchLog:
             metrics.AUDIT_RECORDS.labels(outcome="stored").inc(len(records))
             metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
             self.spool.retire(self.shipped_seq, rotate_at=min(1 << 20, self.spool_max_bytes // 4))
-            metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
             if not self._queue and not self._closing:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.ship_interval)
@@ -691,7 +691,6 @@ class FetchLog:
         while True:
             await asyncio.sleep(self.fsync_interval)
             await asyncio.to_thread(self.spool.sync)
-            metrics.AUDIT_SPOOL_BYTES.set(self.spool.size)
 
     async def flushed(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is in the store (tests, purge, export)."""

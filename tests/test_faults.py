@@ -21,8 +21,6 @@ import requests
 
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
-from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
-from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.pg_server import TempPostgres
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
@@ -255,58 +253,6 @@ def test_kill_9_under_load_loses_no_record(workdir: Path, site: Site, tmp_path: 
         assert load.answers  # the clients did get answers before the kill
     finally:
         pg.destroy()
-
-
-def test_a_replica_lost_before_it_signed_its_records_is_witnessed_by_another(
-    workdir: Path,
-    site: Site,
-    tmp_path: Path,
-    pg_dsn: str,  # noqa: F811
-):
-    # A pod lost (kill -9, its emptyDir gone, never to run again under its id) left records no
-    # checkpoint covers: `audit verify` failed on the fleet's log for as long as they were kept.
-    private, public = signing_keys(workdir)
-    audit = {"signing_key_file": str(private), "checkpoint_every_records": 100_000}
-    survivor = Gateway(
-        workdir,
-        policy_with(audit={**audit, "checkpoint_every_seconds": 1}),
-        name="g1",
-        extra_args=["--audit-dsn", pg_dsn],
-    ).start(60)
-    lost = Gateway(
-        workdir,
-        policy_with(audit={**audit, "checkpoint_every_seconds": 600}),  # it signs nothing
-        name="g2",
-        extra_args=["--audit-dsn", pg_dsn],
-    ).start(60)
-    try:
-        for n in range(5):
-            r = requests.get(
-                site.url("site-a.test", f"/lost/{n}"),
-                proxies={"http": lost.proxy_url()},
-                headers=HEADERS,
-                timeout=10,
-            )
-            assert r.status_code == 200
-        assert wait_for(lambda: len([r for r in _records(pg_dsn) if r["replica"] == "g2"]) >= 5)
-        lost.kill()
-        assert wait_for(lambda: survivor.log_events("fetchlog_witnessed"), timeout=20)
-    finally:
-        survivor.stop()
-        lost.stop()
-    [witnessed] = survivor.log_events("fetchlog_witnessed")
-    assert (witnessed["replica"], witnessed["records"]) == ("g2", "1..5")
-    out = tmp_path / "fleet.jsonl"
-    records = export_and_verify(pg_dsn, public, out)
-    assert len([r for r in records if r["replica"] == "g2" and r["kind"] == "fetch"]) == 5
-    verify = subprocess.run(
-        [CRAWLWARDEN, "audit", "verify", str(out), "--public-key", str(public)],
-        capture_output=True,
-        text=True,
-    )
-    assert verify.returncode == 0 and "is a witness" in verify.stdout, verify.stdout
-    events = [r for r in records if r["kind"] == "witness"]
-    assert events and events[0]["replica"] == "g1" and "replica g2" in events[0]["note"]
 
 
 def _records(dsn: str) -> list[dict]:

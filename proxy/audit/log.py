@@ -53,9 +53,6 @@ __all__ = ["FetchLog", "FetchLogClosed", "FetchStore"]
 log = structlog.get_logger("crawlwarden.audit")
 
 DAY = 86400.0
-# A chain whose replica has not signed it for this many checkpoint intervals, and whose id no
-# running gateway holds, is witnessed by another replica (FetchLog.witness_orphans).
-WITNESS_AFTER = 3
 
 
 class FetchLogClosed(Exception):
@@ -173,7 +170,6 @@ class FetchLog:
         ]
         if self.signer is not None:
             self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="fetchlog-ckpt"))
-            self._tasks.append(asyncio.create_task(self._witness_loop(), name="fetchlog-witness"))
         if self.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._purge_loop(), name="fetchlog-purge"))
 
@@ -516,88 +512,6 @@ class FetchLog:
             "through_number": number,
             "cutoff": cutoff,
         }
-
-    # -- chains left unsigned ----------------------------------------------------------------
-
-    async def witness_orphans(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Sign the heads of chains their replicas left unsigned: a replica killed (or its node
-        lost) signs no last checkpoint, and what it stored after its last one would never be
-        covered: `audit verify` would fail on that chain for as long as it is kept.
-
-        A chain is witnessed when no running gateway holds its replica id (the store's lock, as
-        for retention), and its last checkpoint is older than WITNESS_AFTER checkpoint intervals
-        (a running replica signs its head every interval, idle or not; so a replica that only
-        lost its lock for a moment is left alone). The checkpoint continues that replica's own
-        sequence, kind `witness`, signed with the deployment's key over the chain as stored;
-        the event record goes in ours."""
-        if self.signer is None:
-            return []
-        now = self.clock() if now is None else now
-        stale_before = utc_timestamp(now - WITNESS_AFTER * self.checkpoint_every_seconds)
-        done = []
-        for replica in await self.store.replicas():
-            if replica == self.replica:
-                continue
-            async with self._hold_chain(replica) as held:
-                if not held:
-                    continue
-                item = await self._witness(replica, now, stale_before)
-            if item is not None:
-                done.append(item)
-        return done
-
-    async def _witness(self, replica: str, now: float, stale_before: str) -> dict[str, Any] | None:
-        head = await self.store.last(replica)
-        if head is None:
-            return None
-        seq, head_hash = head
-        last = await self.store.last_checkpoint(replica)
-        signed_up_to = last["seq"] if last else 0
-        if signed_up_to >= seq:
-            return None
-        if last is not None:
-            if parse_text(note_text(last["note"])).time >= stale_before:
-                return None  # it signed lately: it may be running
-        else:
-            [newest] = [r async for r in self.store.records(replica, seq, seq)]
-            if newest["ts"] >= stale_before:
-                return None
-        assert self.signer is not None
-        checkpoint = Checkpoint(
-            replica=replica,
-            number=(last["number"] if last else 0) + 1,
-            seq=seq,
-            hash=head_hash,
-            time=utc_timestamp(now),
-            prev=note_hash(last["note"]) if last else GENESIS_HASH,
-            kind="witness",
-        )
-        item = checkpoint_line(checkpoint, checkpoint.sign(self.signer))
-        await self.store.write([], [item])
-        self.new_event(
-            "witness",
-            f"replica {replica} stopped without signing records {signed_up_to + 1}..{seq} of "
-            f"its chain; this replica signed them as stored (checkpoint #{checkpoint.number}, "
-            "kind witness)",
-            reason="witness",
-        )
-        log.warning(
-            "fetchlog_witnessed",
-            replica=replica,
-            by=self.replica,
-            records=f"{signed_up_to + 1}..{seq}",
-            checkpoint=checkpoint.number,
-        )
-        return item
-
-    async def _witness_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.checkpoint_every_seconds)
-            try:
-                await self.witness_orphans()
-            except Exception as e:  # tried again next round; the gateway goes on
-                metrics.STORE_ERRORS.labels(store="audit").inc()
-                log.warning("witness_failed", error=repr(e))
 
     async def _purge_loop(self) -> None:
         await asyncio.sleep(min(60.0, self.purge_interval))

@@ -79,10 +79,6 @@ class FetchStore(Protocol):
         """The replica's checkpoint with the highest number: {"number", "seq", "note"}."""
         ...
 
-    def records(self, replica: str, first: int, last: int) -> AsyncIterator[dict[str, Any]]:
-        """Records first..last in seq order."""
-        ...
-
     async def last_purge(self, replica: str) -> dict[str, Any] | None:
         """The replica's newest purge note: {"seq", "number", "note"}."""
         ...

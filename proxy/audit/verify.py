@@ -214,14 +214,6 @@ def _pass_signed(path: Path, verifier: Verifier, report: Report) -> None:
         else:
             chain.checkpoints.append(point)
             chain.by_seq.setdefault(checkpoint.seq, []).append(point)
-        if checkpoint.kind == "witness":
-            report.warnings.append(
-                f"replica {checkpoint.replica}: checkpoint #{checkpoint.number} (seq "
-                f"{checkpoint.seq}, {checkpoint.time}) is a witness: that replica stopped without "
-                "signing its last records, and another replica of the deployment signed them as "
-                "stored (proof they were not changed after that time, not that they were as "
-                "first written)"
-            )
 
 
 def _pass_records(path: Path, report: Report) -> None:
@@ -453,10 +445,8 @@ def _finish_chain(chain: Chain, report: Report, *, allow_unsigned: bool = False)
     else:
         what = (
             f"records {unsigned.seq}..{chain.last_seq} come after the last checkpoint: "
-            "chained but not yet signed (a gateway signs every checkpoint_every_seconds, and "
-            "another replica signs a chain left unsigned by one that stopped, kind witness, "
-            "after three of those; export again later, or up to an --until in the past, to "
-            "prove them)"
+            "chained but not yet signed (a gateway signs every checkpoint_every_seconds; "
+            "export again later, or up to an --until in the past, to prove them)"
         )
     if allow_unsigned:
         report.warnings.append(f"replica {replica}: {what}")

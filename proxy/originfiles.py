@@ -83,6 +83,15 @@ class OriginFetch:
     started: float = 0.0  # wall-clock time the request began
     duration: float = 0.0  # seconds, to the end of the body read
     truncated: bool = False  # the body went on past the read limit: size and hash are of less
+    refused: str | None = None  # the gateway's reason for not making it (a redirect hop's target)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetRefusal:
+    """Why the gateway does not make one of its own requests: a reason code, and the detail."""
+
+    reason: str
+    detail: str
 
 
 type OnFetch = Callable[[OriginFetch], None]
@@ -92,7 +101,8 @@ type FetchGate = Callable[[str], Awaitable[Callable[[int], None]]]
 # Called with the URL of each request the gateway is about to make, redirect hops included:
 # why the policy forbids it (a blocklist entry, a takedown), or None. A refused hop makes the
 # file unreachable, as a refused address does.
-type TargetCheck = Callable[[str], str | None]
+type TargetCheck = Callable[[str], TargetRefusal | None]
+_PRIVATE_ADDRESS = "private_address"  # the reason of a target the SSRF guard or own ports refuse
 
 
 class FetchRefused(Exception):
@@ -533,12 +543,13 @@ class OriginFileFetcher:
         proxy = self._next_proxy()
         via = proxy.name if proxy is not None else None
         began = (time.time(), time.monotonic())
-        refused = self.resolver.check_literal(url.host or "", url.port or 0)
+        literal = self.resolver.check_literal(url.host or "", url.port or 0)
+        refused = None if literal is None else TargetRefusal(_PRIVATE_ADDRESS, literal)
         if refused is None and self.target_check is not None:
             refused = self.target_check(str(url))
         if refused is not None:
-            self._report(str(url), None, b"", refused, via, None, began)
-            return refused
+            self._report(str(url), None, b"", refused.detail, via, None, began, refused=refused)
+            return refused.detail
         headers = {"User-Agent": self.user_agent, "Accept": "*/*"}
         if self.contact:
             headers["From"] = self.contact
@@ -575,7 +586,9 @@ class OriginFileFetcher:
                 body, truncated = await self._read(resp)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             message = self._timeout_message(e) if isinstance(e, TimeoutError) else _error_message(e)
-            self._report(str(url), None, b"", message, via, egress_ip, began)
+            guarded = _guard_refusal(e)
+            refusal = None if guarded is None else TargetRefusal(_PRIVATE_ADDRESS, guarded)
+            self._report(str(url), None, b"", message, via, egress_ip, began, refused=refusal)
             return message
         finally:
             if release is not None:
@@ -612,14 +625,26 @@ class OriginFileFetcher:
         egress_ip: str | None,
         began: tuple[float, float],
         truncated: bool = False,
+        *,
+        refused: TargetRefusal | None = None,
     ) -> None:
-        """`began`: the request's start, wall clock and monotonic."""
+        """`began`: the request's start, wall clock and monotonic. `refused`: it was not made."""
         if self._on_fetch is None:
             return
         digest = hashlib.sha256(body).hexdigest() if status is not None else None
         duration = max(0.0, time.monotonic() - began[1])
         fetch = OriginFetch(
-            url, status, len(body), digest, error, via, egress_ip, began[0], duration, truncated
+            url,
+            status,
+            len(body),
+            digest,
+            error,
+            via,
+            egress_ip,
+            began[0],
+            duration,
+            truncated,
+            None if refused is None else refused.reason,
         )
         try:
             self._on_fetch(fetch)
@@ -671,6 +696,16 @@ def _max_age(cache_control: str | None) -> float | None:
         return None
     m = re.search(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)", cache_control, re.IGNORECASE)
     return float(m.group(1)) if m else None
+
+
+def _guard_refusal(e: BaseException) -> str | None:
+    """The SSRF guard's (or own-ports') refusal inside a connection error, if it was one."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, TargetRefused):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _error_message(e: BaseException) -> str:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import structlog
 from redis.asyncio import Redis
 
+from proxy import inputs
 from proxy import metrics
 from proxy.audit.keys import load_signer
 from proxy.audit.log import FetchLog
@@ -43,6 +44,7 @@ from proxy.originfiles import FetchRefused
 from proxy.originfiles import OriginFetch
 from proxy.originfiles import OriginFileCache
 from proxy.originfiles import RedisCache
+from proxy.originfiles import TargetRefusal
 from proxy.originfiles import origin_of
 from proxy.policy import InvalidPolicy
 from proxy.policy import PolicyError
@@ -261,15 +263,25 @@ class Runtime:
         lease = admission.lease
         return lambda received: self.budgets.finish(lease, response_bytes=received)
 
-    def _gateway_fetch_refusal(self, url: str) -> str | None:
+    def _gateway_fetch_refusal(self, url: str) -> TargetRefusal | None:
         """Why the policy forbids one of the gateway's own requests (a redirect hop to a
-        blocklisted or taken-down site, say), or None: it asks no site the scrapers may not."""
+        blocklisted or taken-down URL, say), or None: it asks no site what scrapers may not
+        have, under every reading of the target a scraper's request is checked by."""
         parts = urlsplit(url)
         host = normalize_host(parts.hostname or "")
-        entry = self.governor.blocklist.match_url(host, normalize_url(url))
+        origin = f"{parts.scheme}://{parts.netloc}"
+        target = inputs.canonical_target(
+            (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        )
+        entry = self.governor.blocklist.match_url(
+            host, normalize_url(origin + target), inputs.other_readings(target)
+        )
         if entry is None:
             return None
-        return f"{url} is refused: {entry.reason} (source: {entry.source}; {entry.id})"
+        return TargetRefusal(
+            str(entry.code),
+            f"{url} is refused: {entry.reason} (source: {entry.source}; {entry.id})",
+        )
 
     def _record_gateway_fetch(self, fetch: OriginFetch) -> None:
         """The gateway's own fetches (robots.txt, tdmrep.json) are fetch records too, as the
@@ -282,15 +294,21 @@ class Runtime:
         if fetch.truncated:
             note = f"read up to the limit of {fetch.body_bytes} bytes: size and hash are of those"
         site = self.governor.site_for(host).key if host else None
-        reason = str(Reason.OK if error is None else Reason.UPSTREAM_ERROR)
+        if fetch.refused is not None:  # not made: a redirect hop the policy forbids
+            decision, reason = str(Outcome.REFUSED), fetch.refused
+        else:
+            decision = str(Outcome.FORWARDED)
+            reason = str(Reason.OK if error is None else Reason.UPSTREAM_ERROR)
         # In the request and byte counters as every request a site gets (team `_none`: no
         # team's), so that a site's panels show the load the gateway put on it.
-        site_label = self.site_labels.observe(site)
-        metrics.count_request(site_label, "_none", str(Outcome.FORWARDED), reason)
+        labels = self.site_labels
+        site_label = labels.peek(site) if fetch.refused else labels.observe(site)
+        metrics.count_request(site_label, "_none", decision, reason)
         if fetch.body_bytes:
             metrics.count_response_bytes(site_label, "_none", fetch.body_bytes)
-        if error is not None and (kind := metrics.upstream_error_kind(error)) is not None:
-            metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
+        if error is not None and fetch.refused is None:
+            if (kind := metrics.upstream_error_kind(error)) is not None:
+                metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
         self.fetch_log.append(
             FetchRecord(
                 id=uuid.uuid4().hex,
@@ -299,7 +317,7 @@ class Runtime:
                 method="GET",
                 url=url,
                 kind="gateway_fetch",
-                decision=str(Outcome.FORWARDED),
+                decision=decision,
                 reason=reason,
                 note=note,
                 site=site,

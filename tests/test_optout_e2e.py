@@ -221,7 +221,13 @@ def test_a_robots_txt_redirect_is_no_way_to_fetch_what_the_gateway_refuses(
                 "match": ["blocked.test"],
                 "reason": "Terms forbid automated collection",
                 "source": "https://blocked.test/terms",
-            }
+            },
+            {
+                "id": "members",
+                "match": [f"http://victim.test:{site.port}/private/"],
+                "reason": "Members only",
+                "source": "https://victim.test/terms",
+            },
         ],
     )
     with Gateway(workdir, policy) as gw:
@@ -229,6 +235,9 @@ def test_a_robots_txt_redirect_is_no_way_to_fetch_what_the_gateway_refuses(
             "attacker1.test": f"http://blocked.test:{port}/photos/1.jpg",
             "attacker2.test": f"http://site-b.test:{port}/noai",
             "attacker3.test": f"http://site-a.test:{gw.admin_port}/metrics",
+            # Every reading a scraper's request is checked by holds for a hop too.
+            "attacker4.test": f"http://victim.test:{port}/x/..;/private/a.jpg",
+            "attacker5.test": f"http://victim.test:{port}//private/a.jpg",
             "moved.test": f"http://moved.test:{port}/rules.txt",  # its own origin: served
         }
 
@@ -247,17 +256,25 @@ def test_a_robots_txt_redirect_is_no_way_to_fetch_what_the_gateway_refuses(
             fetch(gw, site, f"{name}", "/")  # the gateway reads the origin's robots.txt
             answers[name] = fetch(gw, site, name, "/robots.txt")
         records = gw.fetch_records()
-    for name in ("attacker1.test", "attacker2.test", "attacker3.test"):
+    for name in [t for t in targets if t.startswith("attacker")]:
         answer = answers[name]
         assert (answer.status, answer.headers.get("location")) == (302, targets[name]), name
         assert answer.headers.get("x-crawlwarden-reason") is None, name  # the site's answer
     assert answers["moved.test"].headers["x-crawlwarden-reason"] == "robots_cache"
     assert answers["moved.test"].body == b"User-agent: *\nDisallow: /private/\n"
     assert site.count("/photos/1.jpg") == 0  # the blocklisted site was never asked
+    assert not [s.path for s in site.seen if "private" in s.path]
+    # The hops not made are recorded as refused (not as fetches that failed), with the reason.
     own = {r["url"]: r for r in records if r["kind"] == "gateway_fetch"}
-    assert f"http://site-a.test:{gw.admin_port}/metrics" not in {
-        u for u, r in own.items() if r["status"] is not None
+    refused = {
+        u: (r["decision"], r["reason"]) for u, r in own.items() if r["decision"] != "forwarded"
     }
+    assert refused == {
+        targets["attacker1.test"]: ("refused", "tos_blocklist"),
+        targets["attacker3.test"]: ("refused", "private_address"),
+        targets["attacker4.test"]: ("refused", "tos_blocklist"),
+        targets["attacker5.test"]: ("refused", "tos_blocklist"),
+    }, refused
 
 
 def test_rotating_subdomains_do_not_make_the_gateways_own_fetches_a_way_around_the_rate(

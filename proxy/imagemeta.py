@@ -175,6 +175,7 @@ _BARE_RDF = b"<rdf:RDF"
 _BARE_RDF_END = b"</rdf:RDF>"
 _SVG_PACKET_STARTS = (*_PACKET_STARTS, _BARE_RDF)
 _SVG_ROOT_LIMIT = 64 * 1024
+_SVG_ROOT = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?svg[\s>/]")
 _XMLNS = re.compile(rb"""\sxmlns(?::[\w.-]+)?\s*=\s*(?:"[^"<]*"|'[^'<]*')""")
 # A C2PA manifest store's JUMBF description box: its type, then the label's UUID.
 _C2PA_STORE_MARK = b"jumdc2pa"
@@ -285,8 +286,9 @@ class ImageMetadataScanner(StepScanner):
 
     def _step_packet_search(self) -> bool:
         buf = self._buf
-        if self._svg and self._svg_namespaces is None and not self._read_svg_root():
-            return False
+        keep_from = len(buf)
+        if self._svg and self._svg_namespaces is None:
+            keep_from = self._read_svg_root()
         starts = _SVG_PACKET_STARTS if self._svg else _PACKET_STARTS
         found = [i for i in (buf.find(start) for start in starts) if i >= 0]
         store = self._store_start()
@@ -295,25 +297,31 @@ class ImageMetadataScanner(StepScanner):
             self._state = "c2pa_store"
             return True
         if not found:
-            del buf[: max(0, len(buf) - _OVERLAP)]  # a marker may straddle two chunks
+            # A marker may straddle two chunks; an SVG root tag still arriving is kept whole.
+            del buf[: max(0, min(len(buf) - _OVERLAP, keep_from))]
             return False
         del buf[: min(found)]
         self._searched = 0
         self._state = "packet"
         return True
 
-    def _read_svg_root(self) -> bool:
-        """The namespace declarations of the root <svg> start tag; False: not all here yet."""
+    def _read_svg_root(self) -> int:
+        """Read the namespace declarations of the root `<svg>` start tag (any prefix) once it
+        is all here. Returns where the buffer must be kept from until then (the tag's start),
+        else its length. Packets are looked for meanwhile: an SVG whose root is not found has
+        its wrapped packets read as they are, and a bare rdf:RDF with no declarations."""
         buf = self._buf
-        at = buf.find(b"<svg")
-        end = buf.find(b">", at) if at >= 0 else -1
-        if end < 0:
-            if len(buf) < _SVG_ROOT_LIMIT:
-                return False
-            self._svg_namespaces = b""  # not found where it should be: read packets as they are
-            return True
-        self._svg_namespaces = b"".join(_XMLNS.findall(bytes(buf[at:end])))
-        return True
+        root = _SVG_ROOT.search(buf)
+        if root is None:
+            return len(buf)
+        end = buf.find(b">", root.start())
+        if end >= 0:
+            self._svg_namespaces = b"".join(_XMLNS.findall(bytes(buf[root.start() : end])))
+            return len(buf)
+        if len(buf) - root.start() >= _SVG_ROOT_LIMIT:
+            self._svg_namespaces = b""  # a start tag that long: read packets as they are
+            return len(buf)
+        return root.start()
 
     def _store_start(self) -> int:
         """Where the C2PA store (a JUMBF superbox) in the buffer begins: at its size, or at the

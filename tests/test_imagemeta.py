@@ -532,6 +532,26 @@ def test_an_svgs_bare_rdf_is_read_with_its_roots_namespaces(on_root: bool, chunk
     assert not any(s.opts_out for s in imagemeta.image_signals(allowed.finish()))
 
 
+@pytest.mark.parametrize("chunk", [5, 10**6])
+def test_an_svg_with_a_prefixed_root_is_read(chunk: int) -> None:
+    # The scan waited for "<svg" before looking for packets: a short SVG whose root is
+    # `<s:svg>` ended with its packet unread (found in review).
+    packet = xmp_packet("DMI-PROHIBITED")
+    for image in (
+        b'<s:svg xmlns:s="http://www.w3.org/2000/svg"><s:metadata>'
+        + packet
+        + b"</s:metadata></s:svg>",
+        inkscape_svg("DMI-PROHIBITED")
+        .replace(b"<svg ", b"<s:svg ")
+        .replace(b"</svg>", b"</s:svg>"),
+    ):
+        scanner = imagemeta.ImageMetadataScanner(svg=True)
+        for at in range(0, len(image), chunk):
+            scanner.feed(image[at : at + chunk])
+        names = [s.name for s in imagemeta.image_signals(scanner.finish()) if s.opts_out]
+        assert names == ["iptc-plus:DMI-PROHIBITED"], image[:60]
+
+
 def test_an_svg_root_past_the_limit_leaves_packets_to_be_read_as_they_are() -> None:
     image = b"<!--" + b"x" * (80 * 1024) + b"-->" + svg(xmp_packet("DMI-PROHIBITED"))
     scanner = imagemeta.ImageMetadataScanner(svg=True)

@@ -338,7 +338,9 @@ class Gateway:
         checked = inputs.check_host(raw_host)
         if checked.host is not None:
             host = checked.host
-            url = normalize_url(f"{scheme}://{_bracket(host)}:{port}{inputs.recordable(req.path)}")
+            url = normalize_url(
+                f"{scheme}://{_bracket(host)}:{port}{inputs.without_surrogates(req.path)}"
+            )
         else:  # refused below; recorded as it came
             host = inputs.recordable(raw_host)
             url = f"{scheme}://{host}:{port}{inputs.recordable(req.path)}"

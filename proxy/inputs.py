@@ -116,6 +116,14 @@ def check_recorded_value(name: str, raw: str | None) -> RecordedValue:
     return RecordedValue(value, None)
 
 
+def without_surrogates(text: str) -> str:
+    """A target as a URL can be built from it: bytes that were not UTF-8 (mitmproxy hands them
+    over as lone surrogates) as backslash escapes, the rest as it is (`normalize_url` then
+    percent-encodes what a URL does not hold as is, as clients send it: a blocklist entry
+    with a soft hyphen matches the request that has one)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def recordable(text: str) -> str:
     """Text from the wire as a record or a log line holds it when the request is recorded
     anyway (refused for it, say): every character that is not printable (control characters,

@@ -544,7 +544,7 @@ class Gateway:
             {"Content-Type": "text/plain; charset=utf-8", "X-Crawlwarden-Reason": "robots_cache"},
         )
         flow.response.headers["x-crawlwarden-request-id"] = state.id
-        self._observe_governance(started)
+        self._observe_governance(started, state.ctx)
 
     # -- responses -------------------------------------------------------------------------
 
@@ -593,6 +593,8 @@ class Gateway:
         resp = flow.response
         if resp is not None and state.forwarded and state.ctx is not None:
             await self._assess(flow, state, resp)
+            if state.recorded:
+                return  # a drain that ran out recorded it meanwhile (record_unfinished)
         if flow.response is not None:
             flow.response.headers["x-crawlwarden-request-id"] = state.id
         self._finish(flow, state)
@@ -925,6 +927,8 @@ class Gateway:
         )
 
     def _record(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        if state.recorded:
+            return  # one record per request, whoever gets there first
         state.recorded = True
         self._decided(state)
         rec = self._build_record(flow, state)

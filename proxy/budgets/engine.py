@@ -668,7 +668,7 @@ class BudgetEngine:
                 # Before any admission goes to the store again (none does while it is down).
                 await self._store.settle(orphans)
             except Exception as e:
-                self._orphans = orphans
+                self._orphans = orphans + self._orphans  # and those that timed out meanwhile
                 metrics.STORE_ERRORS.labels(store=self._store.name).inc()
                 self._last_error = str(e) or type(e).__name__
                 self._probe_delay = min(self._probe_delay * 2, self._probe_max)

@@ -1176,19 +1176,18 @@ def _ask_for_a_readable_body(req: http.Request) -> None:
 
 def _read_body(scan: BodyScan, resp: http.Response) -> None:
     """Scan a buffered body, decoded no further than the scan reads (a page's head, an image's
-    metadata; HOLD_LIMIT at most: a small compressed body may decode to gigabytes). A body that
-    cannot be decoded is not read: its headers' signals count, and the record says so."""
+    metadata; HOLD_LIMIT at most: a small compressed body may decode to gigabytes). A body in a
+    coding the gateway does not know is read as sent, as a browser renders it; one that is not
+    valid in its coding is not read: its headers' signals count. The record says either."""
     body = resp.raw_content or b""
     encoding = resp.headers.get("content-encoding", "")
     decoder = BodyDecoder.of(encoding, HOLD_LIMIT)
-    if decoder is None:
-        if body:
-            scan.cannot_decode(undecodable(encoding))
-    else:
-        try:
-            scan.read(body, decoder)
-        except ValueError as e:
-            scan.cannot_decode(str(e))
+    if decoder.skipped and body:
+        scan.read_as_sent(undecodable(encoding))
+    try:
+        scan.read(body, decoder)
+    except ValueError as e:
+        scan.cannot_decode(str(e))
     scan.finish()
 
 

@@ -39,11 +39,8 @@ class ResponseStream:
         self._held_bytes = 0
         self.assessment: Assessment | None = None
         self._decoder = BodyDecoder.of(content_encoding, HOLD_LIMIT)
-        if self._decoder is None and scan is not None:
-            # An encoding we cannot decode: only the headers' signals are read.
-            scan.cannot_decode(undecodable(content_encoding))
-            self.scan = None
-            self.assessment = assess(scan)
+        if self._decoder.skipped and scan is not None:
+            scan.read_as_sent(undecodable(content_encoding))
 
     @property
     def withheld(self) -> bool:
@@ -61,7 +58,7 @@ class ResponseStream:
         self._held.append(chunk)
         self._held_bytes += len(chunk)
         done = self._read(chunk)
-        decoder_full = self._decoder is not None and self._decoder.full
+        decoder_full = self._decoder.full
         if not done and (end or decoder_full or self._held_bytes >= HOLD_LIMIT):
             # Nothing more can be learnt (or held): decide on what was read.
             self.scan.finish()
@@ -75,7 +72,7 @@ class ResponseStream:
     def _read(self, chunk: bytes) -> bool:
         """Scan the chunk, decoded no further than the scan reads: a compression bomb stops at
         HOLD_LIMIT decoded bytes in all, a page at its head."""
-        assert self.scan is not None and self._decoder is not None
+        assert self.scan is not None
         try:
             return self.scan.read(chunk, self._decoder)
         except ValueError as e:

@@ -41,8 +41,12 @@ def decodable_only(accept_encoding: str) -> str:
 
 
 def undecodable(content_encoding: str) -> str:
-    """Why a body in this Content-Encoding is not read (one `BodyDecoder.of` gives no decoder)."""
-    return f"its Content-Encoding {content_encoding.strip()!r} is not one the gateway decodes"
+    """What a body in this Content-Encoding is read as: a coding the gateway does not know is
+    taken as none (`BodyDecoder.skipped`), as browsers take it."""
+    return (
+        f"its Content-Encoding {content_encoding.strip()!r} is not one the gateway decodes; "
+        "the body was read as sent (as a browser reads it)"
+    )
 
 
 # (input, most output wanted) -> output. What is not decoded yet stays in the step: a call with
@@ -56,8 +60,9 @@ class BodyDecoder:
     """Give a body's bytes as they come; get back decoded bytes, `limit` of them at most, in
     pieces, so that a reader which needs only the start decodes no more than that."""
 
-    def __init__(self, step: Step, limit: int):
+    def __init__(self, step: Step, limit: int, skipped: tuple[str, ...] = ()):
         self._step = step
+        self.skipped = skipped  # codings named but not known: read past, as browsers do
         self.limit = limit
         self.produced = 0
         self.full = False  # the limit is reached: nothing more will be decoded
@@ -65,11 +70,19 @@ class BodyDecoder:
         self._spill = b""  # decoded past the last piece (brotli's output bound is loose)
 
     @classmethod
-    def of(cls, content_encoding: str, limit: int) -> BodyDecoder | None:
-        """A decoder for this Content-Encoding; None for one it does not know (or a list of
-        several: not seen from real sites, and not decoded)."""
-        step = _STEPS.get(content_encoding.strip().lower() or "identity")
-        return None if step is None else cls(step(), limit)
+    def of(cls, content_encoding: str, limit: int) -> BodyDecoder:
+        """A decoder for this Content-Encoding: each coding it lists undone, the last applied
+        first (RFC 9110 8.4: `gzip, gzip` is gzipped twice). A coding it does not know
+        (`none`, `binary`, `utf-8` from misconfigured servers, `dcb`...) is taken as none and
+        named in `skipped`: a browser does the same, and renders what the bytes hold."""
+        codings = [c.strip().lower() for c in content_encoding.split(",")]
+        known = [c for c in codings if c in _STEPS and c != "identity"]
+        skipped = tuple(c for c in codings if c and c not in _STEPS)
+        if not known:
+            return cls(_Identity(), limit, skipped)
+        if len(known) == 1:
+            return cls(_STEPS[known[0]](), limit, skipped)
+        return cls(_Chain([_STEPS[c]() for c in reversed(known)]), limit, skipped)
 
     def pieces(self, data: bytes, size: int = PIECE) -> Iterator[bytes]:
         """The decoded bytes `data` adds, in pieces of at most `size`. A reader may stop early:
@@ -113,6 +126,18 @@ class _Identity:
         if self._at == len(self._rest):
             self._rest, self._at = b"", 0
         return out
+
+
+class _Chain:
+    """Several codings, undone in turn: each step's output is the next one's input."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self._steps = steps
+
+    def __call__(self, data: bytes, wanted: int) -> bytes:
+        for step in self._steps:
+            data = step(data, wanted)
+        return data
 
 
 class _Zlib:

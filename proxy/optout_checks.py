@@ -227,6 +227,11 @@ class BodyScan:
                 return True
         return self.done
 
+    def read_as_sent(self, why: str) -> None:
+        """The body's Content-Encoding names a coding the gateway does not know: it is read as
+        sent (as a browser renders it), and the record says so (`body:undecodable`)."""
+        self.undecodable = why
+
     def cannot_decode(self, why: str) -> None:
         """The body is in an encoding the gateway does not decode, or not valid in it: what it
         carries went unread, and the record says so (`body:undecodable`, never binding)."""

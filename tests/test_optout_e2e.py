@@ -7,6 +7,7 @@ is collected where the policy says the signal does not apply.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import socket
@@ -423,6 +424,16 @@ def _image_cases() -> dict[str, Reply]:
             body=inkscape_svg("DMI-PROHIBITED-AIMLTRAINING"),
             headers={"Content-Type": "image/svg+xml"},
         ),
+        # Codings a browser reads past (an unknown one) or undoes in turn (a list): Chromium
+        # rendered these opted-out images.
+        "/misnamed-coding.jpg": Reply(
+            body=jpeg_with_xmp(xmp_packet("DMI-PROHIBITED")),
+            headers={"Content-Type": "image/jpeg", "Content-Encoding": "none"},
+        ),
+        "/gzipped-twice.jpg": Reply(
+            body=gzip.compress(gzip.compress(jpeg_with_xmp(xmp_packet("DMI-PROHIBITED")))),
+            headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip, gzip"},
+        ),
         "/icon.bmp": Reply(body=b"BM" + bytes(64), headers={"Content-Type": "image/bmp"}),
         "/page.html": Reply(body=PAGE_NOAI, headers={"Content-Type": "text/html"}),
         "/utf16.html": Reply(
@@ -459,6 +470,8 @@ def _image_cases() -> dict[str, Reply]:
 
 WITHHELD = {
     "/xmp.jpg": "image_optout",
+    "/misnamed-coding.jpg": "image_optout",
+    "/gzipped-twice.jpg": "image_optout",
     "/xmp-element.png": "image_optout",
     "/xmp-late.png": "image_optout",
     "/xmp.webp": "image_optout",

@@ -193,6 +193,11 @@ def _fail_closed(
     return run
 
 
+# Seconds after its scraper's connection closed that a request mitmproxy has not ended is
+# let go by the gateway (recorded interrupted, its budget settled).
+ABANDON_AFTER = 2.0
+
+
 class Gateway:
     def __init__(self, runtime: Runtime, throttle: AuthThrottle | None = None):
         self.rt = runtime
@@ -797,6 +802,29 @@ class Gateway:
         self.tunnels.pop(client, None)
         for waiting in self._held.pop(client, ()):
             waiting.cancel()
+        gone = [
+            (flow, state) for flow, state in self._under_way.values() if flow.client_conn is client
+        ]
+        if gone:
+            # mitmproxy ends most of them itself (their error hook); not an HTTP/2 stream still
+            # waiting for its connection to the site when the browser closed: no hook ever came,
+            # and its concurrency slot was renewed for good. What is left then is let go here.
+            asyncio.get_running_loop().call_later(ABANDON_AFTER, self._abandon, gone)
+
+    def _abandon(self, gone: list[tuple[http.HTTPFlow, FlowState]]) -> None:
+        for flow, state in gone:
+            if state.settled or state.recorded:
+                continue
+            state.decision = refuse(
+                Reason.INTERRUPTED,
+                "the scraper went away while the request was under way",
+                site=state.site,
+            )
+            if flow.response is not None and state.stream is not None and state.answer is None:
+                self._cut_short(state, flow.response, state.stream)
+            self._finish(flow, state)
+            if flow.killable:
+                flow.kill()
 
     async def _admit_held(self, flow: http.HTTPFlow, ctx: RequestContext) -> Admission | None:
         """A delay-mode admission, given up (None, nothing consumed) if the client goes away

@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 
 import aiohttp
+import h2.config
+import h2.connection
 import pytest
 import requests
 from aiohttp import web
 
+from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
 from tests.support import ROOT
@@ -432,6 +435,46 @@ def test_a_blocklisted_url_with_an_invisible_character_matches_the_raw_request(
             answer = client.get(authority, "/docs/a\u00adb", ("x-crawl-project", PROJECT))
     assert answer.headers[":status"] == "451", answer.headers
     assert tls_site.count() == 0
+
+
+def test_a_browser_closed_mid_load_over_http2_leaves_no_slot_taken(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # Streams still waiting for a connection to the site when the browser closed never got a
+    # hook from mitmproxy: their slots were renewed for good (25 of 30 here), and the site was
+    # locked out until the gateway restarted.
+    authority = f"site-c.test:{tls_site.port}"
+    for i in range(30):
+        tls_site.routes[f"/img{i}"] = Reply(body=b"x" * 100, delay=5)
+    policy = policy_with(sites=[{"id": "slow", "match": ["site-c.test"], "max_concurrency": 50}])
+
+    def used() -> int:
+        _, body = gw.admin_request("GET", "/v1/budgets?site=slow", token=AUDITOR_TOKEN)
+        return body["budgets"]["concurrency"]["used"]
+
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        tls = tls_tunnel(gw, authority, alpn="h2")
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for i in range(30):
+            conn.send_headers(
+                conn.get_next_available_stream_id(),
+                [
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", authority),
+                    (":path", f"/img{i}"),
+                    ("x-crawl-project", PROJECT),
+                ],
+                end_stream=True,
+            )
+        tls.sendall(conn.data_to_send())
+        assert wait_for(lambda: used() == 30, timeout=10)
+        tls.close()  # the browser is closed
+        assert wait_for(lambda: used() == 0, timeout=15), used()
+        records = [r for r in gw.fetch_records() if r["kind"] == "fetch"]
+    assert len(records) == 30
+    assert {r["reason"] for r in records} <= {"interrupted", "upstream_error", "ok"}
 
 
 def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_site: Site):

@@ -681,6 +681,11 @@ class Gateway:
         if state.forwarded:
             message = flow.error.msg if flow.error else "no response"
             kind = metrics.upstream_error_kind(message)
+            if message.startswith("stream reset by client") and flow.server_conn.alpn != b"h2":
+                # mitmproxy words a reset the same from either side; a site spoken to over
+                # HTTP/1 resets no HTTP/2 stream: the scraper cancelled it (a browser leaving
+                # a page), which is no error of the site's.
+                kind = None
             timeout = flow.metadata.get(TIMEOUT)
             if timeout is not None:
                 # HttpGuard closed the connection at one of the policy's network timeouts.

@@ -19,9 +19,11 @@ from pathlib import Path
 import aiohttp
 import h2.config
 import h2.connection
+import h2.errors
 import pytest
 import requests
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
@@ -475,6 +477,49 @@ def test_a_browser_closed_mid_load_over_http2_leaves_no_slot_taken(
         records = [r for r in gw.fetch_records() if r["kind"] == "fetch"]
     assert len(records) == 30
     assert {r["reason"] for r in records} <= {"interrupted", "upstream_error", "ok"}
+
+
+def test_a_stream_the_browser_cancels_is_interrupted_not_the_sites_error(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # A browser leaving a page cancels its HTTP/2 streams: they were recorded upstream_error and
+    # counted as resets by the site (mitmproxy words a reset the same from either side).
+    authority = f"site-c.test:{tls_site.port}"
+    tls_site.routes["/slow"] = Reply(body=b"late", delay=2)
+
+    def resets() -> float:
+        text = requests.get(gw.admin + "/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "crawlwarden_upstream_errors_total":
+                    if sample.labels.get("kind") == "reset":
+                        return sample.value
+        return 0.0
+
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+        before = resets()
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(
+                stream,
+                [
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", authority),
+                    (":path", "/slow"),
+                    ("x-crawl-project", PROJECT),
+                ],
+                end_stream=True,
+            )
+            tls.sendall(conn.data_to_send())
+            assert wait_for(lambda: tls_site.count("/slow") == 1, timeout=10)
+            conn.reset_stream(stream, error_code=h2.errors.ErrorCodes.CANCEL)
+            tls.sendall(conn.data_to_send())
+            [rec] = gw.fetch_records(timeout=10)
+        assert (rec["decision"], rec["reason"]) == ("forwarded", "interrupted"), rec
+        assert resets() == before
 
 
 def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_site: Site):

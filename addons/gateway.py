@@ -600,8 +600,8 @@ class Gateway:
             await self._assess(flow, state, resp)
             if state.recorded:
                 return  # a drain that ran out recorded it meanwhile (record_unfinished)
-        if flow.response is not None:
-            flow.response.headers["x-crawlwarden-request-id"] = state.id
+        # Every answer has its request id already: the site's since responseheaders, the
+        # gateway's own since it was made (refusal_response, the robots.txt cache).
         self._finish(flow, state)
 
     def _close_if_draining(self, flow: http.HTTPFlow) -> None:

@@ -706,6 +706,12 @@ class Gateway:
                     "the client hung up before the site answered",
                     site=state.site,
                 )
+            elif kind is None:  # (the gateway's own kills are recorded before this hook)
+                state.decision = refuse(
+                    Reason.INTERRUPTED,
+                    "the client hung up while the answer was being delivered",
+                    site=state.site,
+                )
             elif kind is not None:  # the site's failure, before its answer or mid-body
                 if timeout is not None:
                     reason, rule = Reason.UPSTREAM_TIMEOUT, f"network.{timeout[0]}_timeout"

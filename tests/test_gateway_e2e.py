@@ -1399,6 +1399,33 @@ def test_a_download_the_drain_cuts_off_is_recorded_with_what_came(workdir: Path)
     gw.assert_nothing_crashed()
 
 
+def test_a_download_its_scraper_abandons_is_recorded_interrupted_with_what_came(
+    workdir: Path, site: Site
+):
+    # It was recorded forwarded/ok, as if the scraper had got the whole body.
+    body = b"\xff\xd8\xff\xda" + bytes(range(256)) * (24 * 2**20 // 256)  # streamed
+    site.routes["/big.jpg"] = Reply(body=body, headers={"Content-Type": "image/jpeg"})
+    policy = base_policy()
+    policy["defaults"]["respect"]["image_metadata"] = True
+    with Gateway(workdir, policy) as gw:
+        with requests.get(
+            site.url("site-a.test", "/big.jpg"),
+            headers=PROJECT_HEADERS,
+            proxies={"http": gw.proxy_url()},
+            stream=True,
+            timeout=15,
+        ) as r:
+            got = 0
+            for chunk in r.iter_content(2**20):
+                got += len(chunk)
+                if got >= 17 * 2**20:
+                    break  # the scraper gives up, past what the gateway held back
+        [rec] = gw.fetch_records(timeout=15)
+    assert (rec["decision"], rec["reason"], rec["status"]) == ("forwarded", "interrupted", 200)
+    assert 0 < rec["response_bytes"] <= len(body)
+    assert "hung up while the answer was being delivered" in rec["note"]
+
+
 def test_policy_check_accepts_the_example_policy():
     out = subprocess.run(
         [CRAWLWARDEN, "policy", "check", "examples/policy.yaml"],

@@ -159,6 +159,11 @@ class SiteAnswer:
         return cls._of(resp, stream.received, stream.sha256)
 
     @classmethod
+    def head_only(cls, resp: http.Response) -> SiteAnswer:
+        """A response whose body mitmproxy was still buffering: its head, no size, no hash."""
+        return cls._of(resp, None, None)
+
+    @classmethod
     def _of(cls, resp: http.Response, size: int | None, digest: str | None) -> SiteAnswer:
         ctype = resp.headers.get("content-type")
         return cls(
@@ -732,25 +737,30 @@ class Gateway:
         interrupted, with what had come of its response (status, bytes, hash, signals), and its
         budget settled with those bytes. Returns how many."""
         unfinished = list(self._under_way.values())
-        for flow, state in unfinished:
-            if state.recorded:
+        self._let_go(
+            unfinished,
+            "the gateway stopped: its drain time (--drain-seconds) ran out while this "
+            "response was under way",
+        )
+        return len(unfinished)
+
+    def _let_go(self, flows: list[tuple[http.HTTPFlow, FlowState]], why: str) -> None:
+        """Stop requests the gateway gives up on, each recorded interrupted (`why`) with what
+        had come of its response, its budget settled with those bytes (once: one mitmproxy
+        ended meanwhile is left as it was recorded)."""
+        for flow, state in flows:
+            if state.settled or state.recorded:
                 continue
-            state.decision = refuse(
-                Reason.INTERRUPTED,
-                "the gateway stopped: its drain time (--drain-seconds) ran out while this "
-                "response was under way",
-                site=state.site,
-            )
+            state.decision = refuse(Reason.INTERRUPTED, why, site=state.site)
             resp = flow.response
             if resp is not None and state.answer is None:
                 if state.stream is not None:
                     self._cut_short(state, resp, state.stream)
                 else:  # buffered: what came of its body is mitmproxy's, not counted here
-                    state.answer = SiteAnswer._of(resp, None, None)
+                    state.answer = SiteAnswer.head_only(resp)
             self._finish(flow, state)
             if flow.killable:
                 flow.kill()
-        return len(unfinished)
 
     def _cut_short(self, state: FlowState, resp: http.Response, stream: ResponseStream) -> None:
         """A streamed body the site broke off: the record has the bytes that came and their
@@ -820,22 +830,12 @@ class Gateway:
             # mitmproxy ends most of them itself (their error hook); not an HTTP/2 stream still
             # waiting for its connection to the site when the browser closed: no hook ever came,
             # and its concurrency slot was renewed for good. What is left then is let go here.
-            asyncio.get_running_loop().call_later(ABANDON_AFTER, self._abandon, gone)
-
-    def _abandon(self, gone: list[tuple[http.HTTPFlow, FlowState]]) -> None:
-        for flow, state in gone:
-            if state.settled or state.recorded:
-                continue
-            state.decision = refuse(
-                Reason.INTERRUPTED,
+            asyncio.get_running_loop().call_later(
+                ABANDON_AFTER,
+                self._let_go,
+                gone,
                 "the scraper went away while the request was under way",
-                site=state.site,
             )
-            if flow.response is not None and state.stream is not None and state.answer is None:
-                self._cut_short(state, flow.response, state.stream)
-            self._finish(flow, state)
-            if flow.killable:
-                flow.kill()
 
     async def _admit_held(self, flow: http.HTTPFlow, ctx: RequestContext) -> Admission | None:
         """A delay-mode admission, given up (None, nothing consumed) if the client goes away

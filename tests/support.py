@@ -423,6 +423,34 @@ class Site:
             return Counter(s.path for s in self.seen)
 
 
+class RawSite:
+    """A TCP server on 127.0.0.1 that answers each connection with `serve(conn)` in a thread of
+    its own: for sites that misbehave below HTTP (cut bodies, stalls, resets)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=16)
+        self.port = int(self.sock.getsockname()[1])
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._conns:
+            conn.close()
+
+
 # -- a gateway process -----------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ from tests.support import VENV_BIN
 from tests.support import CurlResult
 from tests.support import Gateway
 from tests.support import LocalCA
+from tests.support import RawSite
 from tests.support import Reply
 from tests.support import Seen
 from tests.support import Site
@@ -580,25 +581,15 @@ def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bi
     assert withheld["response_bytes"] == len(opted_out)
 
 
-class CutOffSite:
+class CutOffSite(RawSite):
     """A site that declares a body of LARGE bytes, sends `bodies[path]` and closes (one
     request per connection)."""
 
     def __init__(self, bodies: dict[str, bytes]):
         self.bodies = bodies
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
             head = b""
             while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
@@ -614,9 +605,6 @@ class CutOffSite:
             conn.sendall(body)
             conn.shutdown(socket.SHUT_WR)  # every byte sent goes out, then the end
             time.sleep(0.5)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_a_body_the_site_breaks_off_is_recorded_with_what_came_and_what_it_carried(

@@ -29,6 +29,7 @@ from tests.support import TEAM_TOKEN
 from tests.support import Gateway
 from tests.support import H2Client
 from tests.support import LocalCA
+from tests.support import RawSite
 from tests.support import Reply
 from tests.support import Site
 from tests.support import basic
@@ -45,30 +46,16 @@ WATCHDOG = 3.0
 SLACK = 1.5  # a busy CI machine
 
 
-class Upstream:
+class Upstream(RawSite):
     """A TCP server on 127.0.0.1 that misbehaves after reading a request, counting requests."""
 
     def __init__(self, mode: str):
         self.mode = mode
         self.requests = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = int(self.sock.getsockname()[1])
-        self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         try:
             if not conn.recv(65536):
                 return
@@ -98,11 +85,6 @@ class Upstream:
                 conn.close()
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self._conns:
-            conn.close()
 
 
 class Blackhole:

@@ -303,7 +303,7 @@ async def test_a_replica_id_lock_lost_with_its_session_is_taken_again_before_the
     twin = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-b", "gw-lost", signer)
     await twin.open()
     log.append(fetch(3))
-    assert not await log.flushed(timeout=1.0)
+    assert not await log.flushed(timeout=4.0)
     assert not log.store_ok
     await twin.close()
     assert await log.flushed(timeout=15)  # the twin is gone: the lock is ours again

@@ -21,6 +21,8 @@ import requests
 
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
+from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
+from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.pg_server import TempPostgres
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
@@ -245,6 +247,58 @@ def test_kill_9_under_load_loses_no_record(workdir: Path, site: Site, tmp_path: 
         assert load.answers  # the clients did get answers before the kill
     finally:
         pg.destroy()
+
+
+def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
+    workdir: Path,
+    site: Site,
+    tmp_path: Path,
+    pg_dsn: str,  # noqa: F811
+):
+    # A Deployment's pod killed (its node lost) between two checkpoints never runs again under
+    # its id: its last records stayed unsigned for good, and `verify` of the fleet's log failed.
+    private, public = signing_keys(workdir)
+    signing = {"signing_key_file": str(private), "checkpoint_every_records": 1000}
+    victim = Gateway(
+        workdir,
+        policy_with(audit={**signing, "checkpoint_every_seconds": 3600}),
+        name="victim",
+        extra_args=["--audit-dsn", pg_dsn],
+    )
+    witness = Gateway(
+        workdir,
+        policy_with(audit={**signing, "checkpoint_every_seconds": 1}),  # looks every 5 s
+        name="witness",
+        extra_args=["--audit-dsn", pg_dsn],
+    )
+    victim.start(60)
+    witness.start(60)
+    try:
+        urls = [site.url("site-a.test", f"/lost/{n}") for n in range(8)]
+        assert statuses_of(victim, urls) == {200: 8}
+
+        def stored() -> list[dict]:
+            return [r for r in _records(pg_dsn) if r["replica"] == "victim"]
+
+        assert wait_for(lambda: len(stored()) == 8, timeout=20)
+        time.sleep(6)  # a witness pass while the victim runs: its chain is not taken
+        assert not witness.log_events("witnessed")
+        victim.kill()  # SIGKILL: no shutdown checkpoint
+        assert wait_for(lambda: witness.log_events("witnessed"), timeout=30)
+        [event] = witness.log_events("witnessed")
+        assert (event["replica"], event["through_seq"]) == ("victim", 8)
+    finally:
+        witness.stop()
+    out = tmp_path / "fleet.jsonl"
+    records = export_and_verify(pg_dsn, public, out)  # exit 0, no --allow-unsigned
+    assert {r["url"] for r in records if r["replica"] == "victim"} == set(urls)
+    assert [r for r in records if r["replica"] == "witness" and r["kind"] == "witness"]
+    verified = subprocess.run(
+        [CRAWLWARDEN, "audit", "verify", str(out), "--public-key", str(public)],
+        capture_output=True,
+        text=True,
+    )
+    assert "records 1..8 signed as stored by replica witness" in verified.stdout
 
 
 def _records(dsn: str) -> list[dict]:

@@ -22,6 +22,12 @@ line: records 1..seq and checkpoints 1..K were deleted; `hash` is record seq's h
 seq+1's prev_hash must be) and `prev` is the SHA-256 of checkpoint K's note (what checkpoint K+1's
 prev must be). Purge notes are not numbered checkpoints; they only anchor what remains.
 
+A witness note (FetchLog.witness_orphans) has `witness <by>` as the fourth line: a replica that
+stopped without signing its last records (killed, its node lost) left records ..seq stored, and
+replica `by` (percent-encoded) read them, found them linked to what had been signed, and signed
+`hash` for them. `prev` is the SHA-256 of the stopped replica's last checkpoint note. Witness
+notes are not numbered either: they cover a prefix of that chain and never take its numbering.
+
 Then, as in C2SP signed-note: an empty line and one signature line
 `— crawlwarden-fetchlog <base64(key ID || Ed25519 signature over the note text)>`, with
 key ID = SHA-256("crawlwarden-fetchlog" || 0x0A || 0x01 || 32-byte public key)[:4].
@@ -42,7 +48,8 @@ from proxy.audit.keys import Verifier
 from proxy.audit.record import GENESIS_HASH
 
 ORIGIN_PREFIX = "crawlwarden.fetchlog/"
-KINDS = ("periodic", "shutdown", "purge")
+KINDS = ("periodic", "shutdown", "purge", "witness")
+UNNUMBERED = ("purge", "witness")  # their fourth line is "<kind> <value>"
 _DASH = "\u2014"
 _RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -51,9 +58,13 @@ class CheckpointError(ValueError):
     """A checkpoint note that is malformed or whose signature does not verify."""
 
 
-def origin_for(replica: str) -> str:
+def _encoded(replica: str) -> str:
     # Percent-encode anything that could break a note line or a C2SP origin (spaces, '+').
-    return ORIGIN_PREFIX + urllib.parse.quote(replica, safe="-._~:@")
+    return urllib.parse.quote(replica, safe="-._~:@")
+
+
+def origin_for(replica: str) -> str:
+    return ORIGIN_PREFIX + _encoded(replica)
 
 
 def replica_of(origin: str) -> str:
@@ -95,17 +106,19 @@ class Checkpoint:
     time: str
     prev: str = GENESIS_HASH
     kind: str = "periodic"
+    by: str = ""  # a witness note: the replica that signed it
 
     def text(self) -> str:
         if self.kind not in KINDS:
             raise CheckpointError(f"unknown checkpoint kind {self.kind!r}")
         if not _RFC3339.match(self.time):
             raise CheckpointError(f"checkpoint time {self.time!r} is not RFC 3339 UTC")
-        head = (
-            f"purge {self.number}"
-            if self.kind == "purge"
-            else f"checkpoint {self.number} {self.kind}"
-        )
+        if self.kind == "purge":
+            head = f"purge {self.number}"
+        elif self.kind == "witness":
+            head = f"witness {_encoded(self.by)}"
+        else:
+            head = f"checkpoint {self.number} {self.kind}"
         lines = [
             origin_for(self.replica),
             str(self.seq),
@@ -130,12 +143,15 @@ def parse_text(text: str) -> Checkpoint:
     origin, seq, root, head, time_line, prev_line = lines[:6]
     replica = replica_of(origin)
     head_parts = head.split(" ")
-    if head_parts[0] == "purge" and len(head_parts) == 2:
+    by = ""
+    if head_parts[0] == "witness" and len(head_parts) == 2 and head_parts[1]:
+        kind, by = "witness", urllib.parse.unquote(head_parts[1])
+    elif head_parts[0] == "purge" and len(head_parts) == 2:
         kind = "purge"
     elif len(head_parts) == 3 and head_parts[0] == "checkpoint" and head_parts[2] in KINDS:
         kind = head_parts[2]
-        if kind == "purge":
-            raise CheckpointError("a purge note uses the 'purge <K>' line")
+        if kind in UNNUMBERED:
+            raise CheckpointError(f"a {kind} note uses the '{kind} <...>' line")
     else:
         raise CheckpointError("malformed 'checkpoint <number> <kind>' line")
     if not time_line.startswith("time ") or not _RFC3339.match(time_line[5:]):
@@ -144,12 +160,13 @@ def parse_text(text: str) -> Checkpoint:
         raise CheckpointError("malformed 'prev' line")
     return Checkpoint(
         replica=replica,
-        number=_decimal(head_parts[1]),
+        number=0 if kind == "witness" else _decimal(head_parts[1]),
         seq=_decimal(seq),
         hash=_hex(root, "the chain hash"),
         time=time_line[5:],
         prev=_hex(prev_line[5:], "prev"),
         kind=kind,
+        by=by,
     )
 
 
@@ -193,8 +210,8 @@ def open_note(note: str, verifier: Verifier) -> Checkpoint:
 
 def checkpoint_line(checkpoint: Checkpoint, note: str) -> dict[str, Any]:
     """The export/queue form: readable fields beside the note, which alone is authoritative."""
-    return {
-        "type": "purge" if checkpoint.kind == "purge" else "checkpoint",
+    line: dict[str, Any] = {
+        "type": checkpoint.kind if checkpoint.kind in UNNUMBERED else "checkpoint",
         "replica": checkpoint.replica,
         "number": checkpoint.number,
         "seq": checkpoint.seq,
@@ -203,3 +220,7 @@ def checkpoint_line(checkpoint: Checkpoint, note: str) -> dict[str, Any]:
         "kind": checkpoint.kind,
         "note": note,
     }
+    if checkpoint.kind == "witness":
+        del line["number"]
+        line["by"] = checkpoint.by
+    return line

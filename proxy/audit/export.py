@@ -82,6 +82,9 @@ class Cursor:
         return cls(replica, seq)
 
 
+_NO_END = 2**63 - 1  # the highest seq a store holds (PostgreSQL bigint)
+
+
 async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
     """Which records of each replica the export covers (decided before anything is streamed)."""
     spans = []
@@ -101,8 +104,12 @@ async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
             below = await reader.checkpoint_below(replica, low)
             low = max(stored_first, below["seq"] + 1) if below else stored_first
         if query.until is not None:
-            # End at the first checkpoint at or after the window, so the last record is signed.
+            # End at the first checkpoint at or after the window, so the last record is signed
+            # (or at a witness note, for the last records of a replica that stopped unsigned).
             after = await reader.checkpoint_from(replica, high)
+            if after is None:
+                witnessed = await reader.witnesses(replica, high, _NO_END)
+                after = witnessed[0] if witnessed else None
             if after is not None:
                 high = max(high, after["seq"])
         spans.append(ReplicaSpan(replica, low, high, low == stored_first and low > 1))
@@ -160,18 +167,13 @@ def redact(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _checkpoint_item(stored: dict[str, Any]) -> dict[str, Any]:
+def _checkpoint_item(stored: dict[str, Any], kind: str = "checkpoint") -> dict[str, Any]:
     note = stored["note"]
     try:
         return checkpoint_line(parse_text(note_text(note)), note)
     except CheckpointError:
         # Damaged in the store: export it as it is; verify will name it.
-        return {
-            "type": "checkpoint",
-            "number": stored["number"],
-            "seq": stored["seq"],
-            "note": note,
-        }
+        return {"type": kind, **stored}
 
 
 async def lines(
@@ -189,6 +191,10 @@ async def lines(
         # The checkpoint right below the span belongs to its first piece.
         low = first - 1 if first == span.first else first
         pending = [_checkpoint_item(c) for c in await reader.checkpoints(span.replica, low, last)]
+        witnesses = await reader.witnesses(span.replica, first, last)
+        pending += [_checkpoint_item(w, "witness") for w in witnesses]
+        # In seq order; at one seq, checkpoints by number (an idle log signs one head often).
+        pending.sort(key=lambda item: (item["seq"], item["type"], item.get("number", 0)))
         pending.reverse()
         while pending and pending[-1]["seq"] < first:
             yield pending.pop()
@@ -226,7 +232,7 @@ def csv_row(item: dict[str, Any]) -> str:
         return ""
     row = dict(item)
     row.setdefault("type", "record")
-    if row["type"] in ("checkpoint", "purge"):
+    if row["type"] in ("checkpoint", "purge", "witness"):
         row = {
             "type": row["type"],
             "replica": row.get("replica"),

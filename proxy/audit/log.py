@@ -39,6 +39,7 @@ from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import SerializedRecord
 from proxy.audit.record import chain_record
+from proxy.audit.record import record_hash
 from proxy.audit.record import utc_timestamp
 from proxy.audit.spool import Spool
 from proxy.audit.spool import Spooled
@@ -77,6 +78,7 @@ class FetchLog:
         checkpoint_every_seconds: float = 60.0,
         retention_days: int | None = None,
         purge_interval: float = 3600.0,
+        witness_interval: float | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
@@ -94,6 +96,11 @@ class FetchLog:
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.retention_days = retention_days
         self.purge_interval = purge_interval
+        # How often the chains of replicas that no longer run are looked at for records their
+        # replica never signed (witness_orphans): a few index probes per replica.
+        self.witness_interval = (
+            witness_interval if witness_interval is not None else 5 * checkpoint_every_seconds
+        )
         self.clock = clock
         self.seq = 0
         self.head = GENESIS_HASH
@@ -170,6 +177,7 @@ class FetchLog:
         ]
         if self.signer is not None:
             self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="fetchlog-ckpt"))
+            self._tasks.append(asyncio.create_task(self._witness_loop(), name="fetchlog-witness"))
         if self.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._purge_loop(), name="fetchlog-purge"))
 
@@ -415,6 +423,111 @@ class FetchLog:
             if result is not None:
                 done.append(result)
         return done
+
+    # -- witnesses ---------------------------------------------------------------------------
+
+    async def witness_orphans(self) -> list[dict[str, Any]]:
+        """Sign the stored records that replicas which no longer run never signed.
+
+        A replica killed, or lost with its node, before its next checkpoint leaves its last
+        records unsigned for good when it never runs again under its id (a Deployment's pod
+        names). A running replica that can hold that chain (no gateway claims it) reads them,
+        checks that they link to what was signed, and signs a witness note for them: not a
+        numbered checkpoint of that chain, so it never forks the replica's own should it come
+        back (it covers a prefix that replica's later checkpoints extend). The witness record
+        goes in our chain. Records that do not link are not signed (logged, a store error).
+        """
+        if self.signer is None:
+            return []
+        done = []
+        for replica in await self.store.replicas():
+            if replica == self.replica:
+                continue
+            async with self._hold_chain(replica) as held:
+                if not held:
+                    continue
+                item = await self._witness(replica)
+            if item is not None:
+                done.append(item)
+        if done:
+            self.checkpoint()  # sign the witness records themselves
+            if not await self.flushed(timeout=30.0):
+                log.warning("witness_deferred", reason="store unavailable")
+        return done
+
+    async def _witness(self, replica: str) -> dict[str, Any] | None:
+        assert self.signer is not None
+        stored = await self.store.last(replica)
+        if stored is None:
+            return None
+        seq, head = stored
+        signed_seq, signed_hash, prev = 0, GENESIS_HASH, GENESIS_HASH
+        last = await self.store.last_checkpoint(replica)
+        if last is not None:
+            checkpoint = parse_text(note_text(last["note"]))
+            signed_seq, signed_hash, prev = checkpoint.seq, checkpoint.hash, note_hash(last["note"])
+        purge = await self.store.last_purge(replica)
+        if purge is not None and purge["seq"] > signed_seq:
+            signed_seq, signed_hash = purge["seq"], parse_text(note_text(purge["note"])).hash
+        witnessed = await self.store.witnesses(replica, signed_seq + 1, seq)
+        if witnessed:
+            signed_seq, signed_hash = (
+                witnessed[-1]["seq"],
+                parse_text(note_text(witnessed[-1]["note"])).hash,
+            )
+        if seq <= signed_seq:
+            return None
+        expected, link = signed_seq + 1, signed_hash
+        async for rec in self.store.records(replica, signed_seq + 1, seq):
+            if (
+                rec.get("seq") != expected
+                or rec.get("prev_hash") != link
+                or (record_hash(rec) != rec.get("hash"))
+            ):
+                metrics.STORE_ERRORS.labels(store="audit").inc()
+                log.error(
+                    "witness_refused",
+                    replica=replica,
+                    seq=rec.get("seq"),
+                    expected_seq=expected,
+                    reason="the stored records do not link to what that replica signed",
+                )
+                return None
+            expected, link = expected + 1, rec["hash"]
+        if expected != seq + 1 or link != head:
+            return None  # the store changed while it was read; the next pass looks again
+        note = Checkpoint(
+            replica=replica,
+            number=0,
+            seq=seq,
+            hash=head,
+            time=utc_timestamp(self.clock()),
+            prev=prev,
+            kind="witness",
+            by=self.replica,
+        )
+        item = checkpoint_line(note, note.sign(self.signer))
+        self._queue.append(item)
+        self.new_event(
+            "witness",
+            f"replica {replica} no longer runs and never signed its records "
+            f"{signed_seq + 1}..{seq}; they link to what it signed and are signed as stored "
+            "(witness note)",
+            reason="witness",
+        )
+        log.warning(
+            "witnessed", replica=replica, by=self.replica, records=seq - signed_seq, through_seq=seq
+        )
+        return {"replica": replica, "from_seq": signed_seq + 1, "through_seq": seq}
+
+    async def _witness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.witness_interval)
+            try:
+                await self.witness_orphans()
+            except Exception as e:  # the next round tries again; the gateway goes on
+                metrics.STORE_ERRORS.labels(store="audit").inc()
+                log.warning("witness_failed", error=repr(e))
 
     @contextlib.asynccontextmanager
     async def _hold_chain(self, replica: str) -> AsyncIterator[bool]:

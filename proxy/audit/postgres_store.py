@@ -79,6 +79,15 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (replica, seq)
         )""",
     ],
+    [
+        """CREATE TABLE fetch_witnesses (
+            replica text NOT NULL,
+            seq bigint NOT NULL,
+            time timestamptz NOT NULL,
+            note text NOT NULL,
+            PRIMARY KEY (replica, seq)
+        )""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -99,6 +108,10 @@ ON CONFLICT (replica, number) DO NOTHING
 """
 _INSERT_PURGE = """
 INSERT INTO fetch_purges (replica, seq, number, time, note) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (replica, seq) DO NOTHING
+"""
+_INSERT_WITNESS = """
+INSERT INTO fetch_witnesses (replica, seq, time, note) VALUES ($1, $2, $3, $4)
 ON CONFLICT (replica, seq) DO NOTHING
 """
 _BATCH = 1000
@@ -174,6 +187,8 @@ def _replica_key(replica: str) -> int:
     )
 
 
+_CLAIM_TRIES, _CLAIM_PAUSE = 6, 0.5  # seconds
+
 _CLAIM_KEEPALIVES = {
     "tcp_keepalives_idle": "30",
     "tcp_keepalives_interval": "10",
@@ -217,7 +232,13 @@ class PostgresStore:
         # default two hours, so that the replica's replacement can start.
         conn = await asyncpg.connect(self.dsn, server_settings=_CLAIM_KEEPALIVES, timeout=10)
         try:
-            held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
+            # A running replica holds a gone one's chain for a moment (retention, a witness
+            # note): should that one be coming back just then, it waits the moment out.
+            for attempt in range(1, _CLAIM_TRIES + 1):
+                held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
+                if held or attempt == _CLAIM_TRIES:
+                    break
+                await asyncio.sleep(_CLAIM_PAUSE)
         except BaseException:
             conn.terminate()
             raise
@@ -292,7 +313,7 @@ class PostgresStore:
             await self.claim(self._claimed)  # lost with its connection: take it again first
         record_columns = _columns(records) if records else None
         checkpoint_columns: list[list[Any]] = [[], [], [], [], [], []]
-        purges = [c for c in checkpoints if c["type"] == "purge"]
+        notes = [c for c in checkpoints if c["type"] in ("purge", "witness")]
         for c in checkpoints:
             if c["type"] != "checkpoint":
                 continue
@@ -303,7 +324,7 @@ class PostgresStore:
             ):
                 column.append(value)
         try:
-            await self._insert(record_columns, checkpoint_columns, purges)
+            await self._insert(record_columns, checkpoint_columns, notes)
         except asyncpg.UndefinedTableError:
             # The database was dropped and created again under the running fleet: its schema
             # is made again (the batch is retried from the spool), no restart needed.
@@ -317,14 +338,19 @@ class PostgresStore:
         self,
         record_columns: list[list[Any]] | None,
         checkpoint_columns: list[list[Any]],
-        purges: list[dict[str, Any]],
+        notes: list[dict[str, Any]],
     ) -> None:
         async with self._db().acquire() as conn, conn.transaction():
             if record_columns is not None:
                 await conn.execute(_INSERT, *record_columns)
             if checkpoint_columns[0]:
                 await conn.execute(_INSERT_CHECKPOINT, *checkpoint_columns)
-            for c in purges:
+            for c in notes:  # purge and witness notes: a few a day
+                if c["type"] == "witness":
+                    await conn.execute(
+                        _INSERT_WITNESS, c["replica"], c["seq"], to_datetime(c["time"]), c["note"]
+                    )
+                    continue
                 await conn.execute(
                     _INSERT_PURGE,
                     c["replica"],
@@ -381,6 +407,9 @@ class PostgresStore:
             # Older purge notes anchor records that are gone now; the newest one stays.
             await conn.execute(
                 "DELETE FROM fetch_purges WHERE replica = $1 AND seq < $2", replica, through_seq
+            )
+            await conn.execute(
+                "DELETE FROM fetch_witnesses WHERE replica = $1 AND seq <= $2", replica, through_seq
             )
         return int(status.split()[-1])
 
@@ -466,6 +495,16 @@ class PostgresStore:
             last,
         )
         return [c for c in map(_checkpoint, rows) if c is not None]
+
+    async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        rows = await self._db().fetch(
+            "SELECT seq, note FROM fetch_witnesses WHERE replica = $1 "
+            "AND seq >= $2 AND seq <= $3 ORDER BY seq",
+            replica,
+            first,
+            last,
+        )
+        return [{"seq": int(r["seq"]), "note": str(r["note"])} for r in rows]
 
 
 async def aread_records(dsn: str, query: RecordQuery) -> AsyncGenerator[dict[str, Any]]:

@@ -66,6 +66,15 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX fetch_records_replica_ts ON fetch_records (replica, ts)",
         "CREATE INDEX fetch_records_project_ts ON fetch_records (project, ts)",
     ],
+    [
+        """CREATE TABLE fetch_witnesses (
+            replica TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            time TEXT NOT NULL,
+            note TEXT NOT NULL,
+            PRIMARY KEY (replica, seq)
+        )""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -86,6 +95,9 @@ VALUES (?, ?, ?, ?, ?, ?)
 """
 _INSERT_PURGE = """
 INSERT OR IGNORE INTO fetch_purges (replica, seq, number, time, note) VALUES (?, ?, ?, ?, ?)
+"""
+_INSERT_WITNESS = """
+INSERT OR IGNORE INTO fetch_witnesses (replica, seq, time, note) VALUES (?, ?, ?, ?)
 """
 _BATCH = 1000
 
@@ -249,6 +261,11 @@ class SQLiteStore:
             for c in checkpoints
             if c["type"] == "purge"
         ]
+        witness_rows = [
+            (c["replica"], c["seq"], c["time"], c["note"])
+            for c in checkpoints
+            if c["type"] == "witness"
+        ]
 
         def _write() -> None:
             db = self._db()
@@ -269,6 +286,8 @@ class SQLiteStore:
                     db.executemany(_INSERT_CHECKPOINT, checkpoint_rows)
                 if purge_rows:
                     db.executemany(_INSERT_PURGE, purge_rows)
+                if witness_rows:
+                    db.executemany(_INSERT_WITNESS, witness_rows)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -327,6 +346,10 @@ class SQLiteStore:
                 # Older purge notes anchor records that are gone now; the newest one stays.
                 db.execute(
                     "DELETE FROM fetch_purges WHERE replica = ? AND seq < ?",
+                    (replica, through_seq),
+                )
+                db.execute(
+                    "DELETE FROM fetch_witnesses WHERE replica = ? AND seq <= ?",
                     (replica, through_seq),
                 )
             except BaseException:
@@ -421,6 +444,18 @@ class SQLiteStore:
             return [c for c in map(_checkpoint, rows) if c is not None]
 
         result: list[dict[str, Any]] = await self._run(_checkpoints)
+        return result
+
+    async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        def _witnesses() -> list[dict[str, Any]]:
+            rows = self._db().execute(
+                "SELECT seq, note FROM fetch_witnesses WHERE replica = ? "
+                "AND seq >= ? AND seq <= ? ORDER BY seq",
+                (replica, first, last),
+            )
+            return [{"seq": int(seq), "note": str(note)} for seq, note in rows]
+
+        result: list[dict[str, Any]] = await self._run(_witnesses)
         return result
 
 

@@ -86,7 +86,16 @@ class FetchStore(Protocol):
     async def write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:
-        """Store records, checkpoints and purge notes (type "purge") in one transaction."""
+        """Store records, checkpoints, purge notes (type "purge") and witness notes (type
+        "witness") in one transaction."""
+        ...
+
+    async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        """Witness notes of the replica whose seq is in first..last, by seq: {"seq", "note"}."""
+        ...
+
+    def records(self, replica: str, first: int, last: int) -> AsyncIterator[dict[str, Any]]:
+        """Records first..last in seq order."""
         ...
 
     async def purge_point(self, replica: str, cutoff: str) -> PurgePoint | None:
@@ -94,7 +103,8 @@ class FetchStore(Protocol):
         ...
 
     async def purge(self, replica: str, through_seq: int, through_number: int | None) -> int:
-        """Delete records 1..through_seq and checkpoints 1..through_number; returns records."""
+        """Delete records 1..through_seq, checkpoints 1..through_number and the witness notes
+        of those records; returns how many records."""
         ...
 
     async def close(self) -> None: ...
@@ -129,6 +139,10 @@ class ChainReader(Protocol):
 
     async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
         """Checkpoints whose seq is in first..last, by number: {"number", "seq", "note"}."""
+        ...
+
+    async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        """Witness notes whose seq is in first..last, by seq: {"seq", "note"}."""
         ...
 
     async def purge_note(self, replica: str, seq: int) -> dict[str, Any] | None:

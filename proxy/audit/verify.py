@@ -18,6 +18,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from proxy.audit.checkpoint import UNNUMBERED
 from proxy.audit.checkpoint import Checkpoint
 from proxy.audit.checkpoint import CheckpointError
 from proxy.audit.checkpoint import note_hash
@@ -34,6 +35,7 @@ EXIT_OK = 0
 EXIT_TAMPERED = 1
 EXIT_USAGE = 2
 _HEX64 = frozenset("0123456789abcdef")
+_SIGNED_LINES = ("checkpoint", "purge", "witness")
 
 
 @dataclass(order=True)
@@ -61,6 +63,13 @@ class SignedPoint:
     checkpoint: Checkpoint
     note_hash: str
 
+    @property
+    def name(self) -> str:
+        c = self.checkpoint
+        if c.kind == "witness":
+            return f"the witness note of replica {c.by}"
+        return f"checkpoint #{c.number}"
+
 
 @dataclass
 class Chain:
@@ -69,6 +78,8 @@ class Chain:
     replica: str
     checkpoints: list[SignedPoint] = field(default_factory=list)  # numbered, in file order
     purges: list[SignedPoint] = field(default_factory=list)
+    # Signed by another replica for records this one stored and never signed (it stopped).
+    witnesses: list[SignedPoint] = field(default_factory=list)
     by_seq: dict[int, list[SignedPoint]] = field(default_factory=dict)
     first_seq: int | None = None
     first_prev: str | None = None
@@ -82,7 +93,7 @@ class Chain:
     earliest: str | None = None
     latest: str | None = None
     gaps: list[tuple[int, int, Problem]] = field(default_factory=list)
-    signed_up_to: int = 0  # the highest seq a checkpoint in the export covers
+    signed_up_to: int = 0  # the highest seq a checkpoint (or witness note) in the file covers
     unsigned: Problem | None = None  # the first record no checkpoint covers
 
 
@@ -163,7 +174,9 @@ def verify_file(path: Path, verifier: Verifier, *, allow_unsigned: bool = False)
     report = Report()
     _pass_signed(path, verifier, report)
     for chain in report.chains.values():
-        chain.signed_up_to = max((p.checkpoint.seq for p in chain.checkpoints), default=0)
+        chain.signed_up_to = max(
+            (p.checkpoint.seq for p in chain.checkpoints + chain.witnesses), default=0
+        )
     _pass_records(path, report)
     for chain in report.chains.values():
         _finish_chain(chain, report, allow_unsigned=allow_unsigned)
@@ -182,7 +195,7 @@ def _pass_signed(path: Path, verifier: Verifier, report: Report) -> None:
             if report.header is None:
                 report.header = item
             continue
-        if kind not in ("checkpoint", "purge"):
+        if kind not in _SIGNED_LINES:
             continue
         note = item.get("note")
         if not isinstance(note, str):
@@ -193,24 +206,25 @@ def _pass_signed(path: Path, verifier: Verifier, report: Report) -> None:
         except CheckpointError as e:
             report.problem(line, f"{kind} #{item.get('number')}: {e}", item)
             continue
-        if (checkpoint.kind == "purge" and kind != "purge") or (
-            kind == "purge" and checkpoint.kind != "purge"
-        ):
+        if kind != (checkpoint.kind if checkpoint.kind in UNNUMBERED else "checkpoint"):
             report.problem(line, f"line type {kind} holds a {checkpoint.kind} note", item)
             continue
-        for name in ("replica", "seq", "number", "hash"):
+        point = SignedPoint(line, checkpoint, note_hash(note))
+        for name in ("replica", "seq", "number", "hash", "by"):
             if name in item and item[name] != getattr(checkpoint, name):
                 report.problem(
                     line,
-                    f"{kind} #{checkpoint.number}: field {name} {item[name]!r} differs from its "
+                    f"{point.name}: field {name} {item[name]!r} differs from its "
                     f"signed note ({getattr(checkpoint, name)!r}): the line was edited",
                     replica=checkpoint.replica,
                     seq=checkpoint.seq,
                 )
-        point = SignedPoint(line, checkpoint, note_hash(note))
         chain = report.chain(checkpoint.replica)
         if checkpoint.kind == "purge":
             chain.purges.append(point)
+        elif checkpoint.kind == "witness":
+            chain.witnesses.append(point)
+            chain.by_seq.setdefault(checkpoint.seq, []).append(point)
         else:
             chain.checkpoints.append(point)
             chain.by_seq.setdefault(checkpoint.seq, []).append(point)
@@ -221,7 +235,7 @@ def _pass_records(path: Path, report: Report) -> None:
         if item is None:
             continue
         kind = item.get("type")
-        if kind in ("export", "checkpoint", "purge"):
+        if kind == "export" or kind in _SIGNED_LINES:
             continue
         if kind not in ("record", "redacted"):
             report.problem(line, f"unknown line type {kind!r}: inserted or damaged", item)
@@ -323,8 +337,8 @@ def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
         if point.checkpoint.hash != claimed:
             report.problem(
                 line,
-                f"checkpoint #{point.checkpoint.number} (line {point.line}) signed another hash "
-                "for this seq: this record or one before it was altered, inserted or removed",
+                f"{point.name} (line {point.line}) signed another hash for this seq: this "
+                "record or one before it was altered, inserted or removed",
                 rec,
             )
 
@@ -333,13 +347,13 @@ def _finish_chain(chain: Chain, report: Report, *, allow_unsigned: bool = False)
     replica = chain.replica
     purge_anchor = None
     if chain.first_seq is None:
-        signed = [p for p in chain.checkpoints if p.checkpoint.seq > 0]
+        signed = [p for p in chain.checkpoints + chain.witnesses if p.checkpoint.seq > 0]
         purged = max((p.checkpoint.seq for p in chain.purges), default=0)
         for point in signed:
             if point.checkpoint.seq > purged:
                 report.problem(
                     point.line,
-                    f"checkpoint #{point.checkpoint.number} covers records up to seq "
+                    f"{point.name} covers records up to seq "
                     f"{point.checkpoint.seq} but the export has none of them (deleted)",
                     replica=replica,
                     seq=point.checkpoint.seq,
@@ -435,6 +449,16 @@ def _finish_chain(chain: Chain, report: Report, *, allow_unsigned: bool = False)
                 replica=replica,
                 seq=chain.last_seq + 1,
             )
+    for point in chain.witnesses:
+        if point.checkpoint.seq > chain.last_seq:
+            report.problem(
+                point.line,
+                f"the export ends at seq {chain.last_seq} but {point.name} covers seq "
+                f"{point.checkpoint.seq}: records {chain.last_seq + 1}..{point.checkpoint.seq} "
+                "are missing (tail removed)",
+                replica=replica,
+                seq=chain.last_seq + 1,
+            )
     unsigned = chain.unsigned
     if unsigned is None:
         return
@@ -487,6 +511,13 @@ def summary(report: Report, path: Path, verifier: Verifier) -> list[str]:
             if last
             else "no checkpoint"
         )
+        witness = max(c.witnesses, key=lambda p: p.checkpoint.seq, default=None)
+        if witness is not None and witness.checkpoint.seq > (last.seq if last else 0):
+            w = witness.checkpoint
+            signed += (
+                f"; records {(last.seq if last else 0) + 1}..{w.seq} signed as stored by "
+                f"replica {w.by} at {w.time} (this replica stopped without signing them)"
+            )
         part = f"replica {name}: records {c.first_seq}..{c.last_seq} ({c.full} in full"
         part += f", {c.redacted} redacted)" if c.redacted else ")"
         out.append(f"{part}, {c.earliest or '-'} .. {c.latest or '-'}; {signed}")

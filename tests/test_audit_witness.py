@@ -1,0 +1,213 @@
+"""Witness notes: the stored records a killed replica never signed, signed by one still running.
+
+The lost replica is a real process killed with SIGKILL after its records reached the store and
+before its next checkpoint (a Deployment's pod killed, its node lost); it never runs again under
+its id unless a test starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.audit.keys import Signer
+from proxy.audit.record import body_sha256
+from proxy.audit.record import chain_hash
+from proxy.audit.sqlite_store import SQLiteStore
+from tests.test_audit_log import stored
+from tests.test_audit_support import cli
+from tests.test_audit_support import fetch
+from tests.test_audit_support import fetch_log
+from tests.test_audit_support import keys
+
+REPO = Path(__file__).resolve().parent.parent
+
+_LOST_REPLICA = """
+import asyncio, sys
+from pathlib import Path
+from proxy.audit.keys import load_private_key
+from proxy.audit.sqlite_store import SQLiteStore
+from tests.test_audit_support import fetch, fetch_log
+
+async def main():
+    data, key = Path(sys.argv[1]), Path(sys.argv[2])
+    log = fetch_log(SQLiteStore(data / "fetchlog.sqlite3"), data / "spool", "gw-lost",
+                    load_private_key(key), checkpoint_every_records=10)
+    await log.open()
+    for i in range(15):
+        log.append(fetch(i))  # signed at 10; 11..15 stored, not signed
+    assert await log.flushed()
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def lose_a_replica(data: Path, signer: Signer) -> subprocess.Popen[str]:
+    """Start the replica that will be lost; returns it running, its 15 records stored."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_LOST_REPLICA), str(data), str(signer.source)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+
+
+def export_and_verify(data: Path, public: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    result = cli("audit", "export", "--data-dir", data, "--output", out)
+    assert result.returncode == 0, result.stderr
+    return cli("audit", "verify", out, "--public-key", public)
+
+
+@pytest.fixture
+async def lost(tmp_path: Path) -> AsyncIterator[tuple[Signer, Path]]:
+    """gw-lost killed with records 11..15 stored and unsigned."""
+    signer, public = keys(tmp_path)
+    kill(await lose_a_replica(tmp_path, signer))
+    before = export_and_verify(tmp_path, public, tmp_path / "before.jsonl")
+    assert before.returncode == 1
+    assert "replica gw-lost seq 11" in before.stdout
+    assert "come after the last checkpoint" in before.stdout
+    yield signer, public
+
+
+async def test_a_killed_replicas_unsigned_records_are_signed_by_a_witness(
+    tmp_path: Path, lost: tuple[Signer, Path]
+) -> None:
+    signer, public = lost
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+    )
+    await witness.open()
+    try:
+        assert await witness.witness_orphans() == [
+            {"replica": "gw-lost", "from_seq": 11, "through_seq": 15}
+        ]
+        assert await witness.witness_orphans() == []  # signed once
+    finally:
+        await witness.close()
+
+    after = export_and_verify(tmp_path, public, tmp_path / "after.jsonl")
+    assert after.returncode == 0, after.stdout
+    assert "replica gw-lost: records 1..15" in after.stdout
+    assert "records 11..15 signed as stored by replica gw-w" in after.stdout
+    [event] = [r for r in stored(tmp_path, "gw-w") if r["kind"] == "witness"]
+    assert "gw-lost" in event["note"] and "11..15" in event["note"]
+
+    # The lost replica comes back under its id after all: its own checkpoints go on from its
+    # own last one, and the witness note (not one of them) forks nothing.
+    back = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-lost", signer
+    )
+    await back.open()
+    for i in range(3):
+        back.append(fetch(100 + i))
+    await back.close()
+    again = export_and_verify(tmp_path, public, tmp_path / "again.jsonl")
+    assert again.returncode == 0, again.stdout
+    assert "replica gw-lost: records 1..18" in again.stdout
+
+
+async def test_witnessed_records_rewritten_afterwards_fail_verify(
+    tmp_path: Path, lost: tuple[Signer, Path]
+) -> None:
+    signer, public = lost
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+    )
+    await witness.open()
+    assert await witness.witness_orphans()
+    await witness.close()
+    # Rewrite record 13 and relink 13..15 (every hash recomputed): the chain links again, but
+    # the witness signed the old head.
+    rewrite_from(tmp_path / "fetchlog.sqlite3", "gw-lost", 13, url="https://a.example/other")
+    result = export_and_verify(tmp_path, public, tmp_path / "rewritten.jsonl")
+    assert result.returncode == 1
+    assert "the witness note of replica gw-w" in result.stdout
+    assert "signed another hash" in result.stdout
+
+
+async def test_records_that_do_not_link_are_not_witnessed(
+    tmp_path: Path, lost: tuple[Signer, Path]
+) -> None:
+    signer, public = lost
+    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
+    db.execute(
+        "UPDATE fetch_records SET body = replace(body, 'faces-v2', 'faces-v3') "
+        "WHERE replica = 'gw-lost' AND seq = 14"
+    )
+    db.commit()
+    db.close()
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+    )
+    await witness.open()
+    try:
+        assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+    result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "come after the last checkpoint" in result.stdout  # still unproven, not signed
+
+
+async def test_a_running_replica_is_never_witnessed(tmp_path: Path) -> None:
+    signer, _ = keys(tmp_path)
+    running = await lose_a_replica(tmp_path, signer)  # alive: it holds its spool's lock
+    try:
+        witness = fetch_log(
+            SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+        )
+        await witness.open()
+        try:
+            assert await witness.witness_orphans() == []
+        finally:
+            await witness.close()
+    finally:
+        kill(running)
+
+
+def rewrite_from(path: Path, replica: str, seq: int, **changes: str) -> None:
+    """Change record `seq` and recompute every hash from it on, as a forger with the database
+    would: the chain links again."""
+    import json
+
+    db = sqlite3.connect(path)
+    rows = db.execute(
+        "SELECT seq, body FROM fetch_records WHERE replica = ? AND seq >= ? ORDER BY seq",
+        (replica, seq - 1),
+    ).fetchall()
+    prev = json.loads(rows[0][1])["hash"]
+    for number, body in rows[1:]:
+        rec = json.loads(body)
+        if number == seq:
+            rec.update(changes)
+        rec["prev_hash"] = prev
+        rec["hash"] = prev = chain_hash(prev, body_sha256(rec))
+        db.execute(
+            "UPDATE fetch_records SET body = ?, hash = ? WHERE replica = ? AND seq = ?",
+            (json.dumps(rec), rec["hash"], replica, number),
+        )
+    db.commit()
+    db.close()

@@ -211,3 +211,73 @@ def rewrite_from(path: Path, replica: str, seq: int, **changes: str) -> None:
         )
     db.commit()
     db.close()
+
+
+async def test_rows_no_gateway_signed_or_held_are_not_witnessed(
+    tmp_path: Path, lost: tuple[Signer, Path]
+) -> None:
+    # Its checkpoints gone, nothing says a gateway wrote gw-lost's chain (rows put in the
+    # store by hand look the same): a witness that never saw it held leaves it unsigned.
+    signer, _ = lost
+    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
+    db.execute("DELETE FROM fetch_checkpoints WHERE replica = 'gw-lost'")
+    db.commit()
+    db.close()
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+    )
+    await witness.open()
+    try:
+        assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+
+
+async def test_records_added_to_a_witnessed_chain_are_not_witnessed_again(
+    tmp_path: Path, lost: tuple[Signer, Path]
+) -> None:
+    signer, public = lost
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+    )
+    await witness.open()
+    try:
+        assert await witness.witness_orphans()
+        append_linked(tmp_path / "fetchlog.sqlite3", "gw-lost", url="https://a.example/forged")
+        assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+    result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "replica gw-lost seq 16" in result.stdout
+    assert "come after the last checkpoint" in result.stdout
+
+
+def append_linked(path: Path, replica: str, **fields: str) -> None:
+    """One more record at the end of a chain, linked as a forger with the database would."""
+    import json
+
+    db = sqlite3.connect(path)
+    seq, body = db.execute(
+        "SELECT seq, body FROM fetch_records WHERE replica = ? ORDER BY seq DESC LIMIT 1",
+        (replica,),
+    ).fetchone()
+    rec = {**json.loads(body), **fields, "seq": seq + 1, "prev_hash": json.loads(body)["hash"]}
+    rec["hash"] = chain_hash(rec["prev_hash"], body_sha256(rec))
+    db.execute(
+        "INSERT INTO fetch_records (replica, seq, id, ts, kind, decision, url, hash, body) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            replica,
+            seq + 1,
+            rec["id"],
+            rec["ts"],
+            "fetch",
+            rec["decision"],
+            rec["url"],
+            rec["hash"],
+            json.dumps(rec),
+        ),
+    )
+    db.commit()
+    db.close()

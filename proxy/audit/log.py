@@ -122,6 +122,7 @@ class FetchLog:
         self._retry_counted = 0  # records at the head of the queue counted as retry already
         self._checkpoint_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._seen_running: set[str] = set()  # other replicas' chains found held (witnesses)
         self._closing = False
         self.closed = False
         self._spool_error: OSError | None = None
@@ -436,6 +437,11 @@ class FetchLog:
         numbered checkpoint of that chain, so it never forks the replica's own should it come
         back (it covers a prefix that replica's later checkpoints extend). The witness record
         goes in our chain. Records that do not link are not signed (logged, a store error).
+
+        What a witness signs is what the store held, so the rule is narrow: only a chain its
+        gateway signed at least once or that this replica saw a running gateway hold, and
+        only once after that replica's own last signature; records appended to a dead chain
+        later stay unsigned.
         """
         if self.signer is None:
             return []
@@ -445,8 +451,10 @@ class FetchLog:
                 continue
             async with self._hold_chain(replica) as held:
                 if not held:
+                    self._seen_running.add(replica)
                     continue
-                item = await self._witness(replica)
+                item = await self._witness(replica, replica in self._seen_running)
+                self._seen_running.discard(replica)
             if item is not None:
                 done.append(item)
         if done:
@@ -455,7 +463,7 @@ class FetchLog:
                 log.warning("witness_deferred", reason="store unavailable")
         return done
 
-    async def _witness(self, replica: str) -> dict[str, Any] | None:
+    async def _witness(self, replica: str, seen_running: bool) -> dict[str, Any] | None:
         assert self.signer is not None
         stored = await self.store.last(replica)
         if stored is None:
@@ -469,13 +477,15 @@ class FetchLog:
         purge = await self.store.last_purge(replica)
         if purge is not None and purge["seq"] > signed_seq:
             signed_seq, signed_hash = purge["seq"], parse_text(note_text(purge["note"])).hash
-        witnessed = await self.store.witnesses(replica, signed_seq + 1, seq)
-        if witnessed:
-            signed_seq, signed_hash = (
-                witnessed[-1]["seq"],
-                parse_text(note_text(witnessed[-1]["note"])).hash,
-            )
         if seq <= signed_seq:
+            return None
+        if last is None and purge is None and not seen_running:
+            # Never signed, and not seen held by a running gateway: nothing says a gateway
+            # wrote it (rows put in the store by hand would be signed otherwise).
+            return None
+        if await self.store.witnesses(replica, signed_seq + 1, seq):
+            # Witnessed once since its own last signature: records stored after that are not
+            # its own (it would have signed them on coming back), and are left unsigned.
             return None
         expected, link = signed_seq + 1, signed_hash
         async for rec in self.store.records(replica, signed_seq + 1, seq):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import urllib.parse
+import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from proxy.audit.export import lines
+from proxy.audit.export import page
+from proxy.audit.export import plan
 from proxy.audit.postgres_store import SCHEMA_VERSION
 from proxy.audit.postgres_store import PostgresStore
 from proxy.audit.postgres_store import aread_records
@@ -308,3 +312,52 @@ async def test_a_replica_id_lock_lost_with_its_session_is_taken_again_before_the
     await twin.close()
     assert await log.flushed(timeout=15)  # the twin is gone: the lock is ours again
     await log.close()
+
+
+async def test_pages_cover_every_replica_whatever_the_databases_collation(
+    pg_admin_dsn: str, tmp_path: Path
+) -> None:
+    # With an ICU collation (cloud and container images), the store listed "gw-a" before
+    # "Gw-b" while the cursor compared names by code point: pages skipped "Gw-b" entirely.
+    name = f"crawlwarden_icu_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+            "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+    finally:
+        await admin.close()
+    dsn = pg_fixtures.dsn_for(name)
+    try:
+        signer, _ = keys(tmp_path)
+        for replica in ("gw-a", "Gw-b"):
+            log = fetch_log(PostgresStore(dsn), tmp_path / "spool", replica, signer)
+            await log.open()
+            for i in range(3):
+                log.append(fetch(i))
+            await log.close()
+        reader = PostgresStore(dsn, migrate_schema=False)
+        await reader.open()
+        try:
+            spans = await plan(reader, RecordQuery())
+            seen: list[tuple[str, int]] = []
+            cursor = None
+            for _ in range(20):
+                pieces, cursor = page(spans, cursor, 2)
+                seen += [
+                    (item["replica"], item["seq"])
+                    async for item in lines(reader, RecordQuery(), pieces)
+                    if item["type"] == "record"
+                ]
+                if cursor is None:
+                    break
+        finally:
+            await reader.close()
+        assert sorted(seen) == sorted((r, s) for r in ("gw-a", "Gw-b") for s in (1, 2, 3))
+    finally:
+        admin = await asyncpg.connect(pg_admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()

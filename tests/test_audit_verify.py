@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import pty
+import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -273,6 +275,32 @@ def test_whole_replica_records_removed_but_checkpoints_left(fetchlog: dict[str, 
     ]
     result = verify(tampered(fetchlog, "no-records", items), fetchlog["public"])
     assert_detected(result, "replica gw-b", "has none of them")
+
+
+@pytest.mark.parametrize(
+    ("deleted", "words"),
+    [
+        ("replica = 'gw-a' AND seq > 52", ("replica gw-a", "tail removed")),
+        ("replica = 'gw-b'", ("replica gw-b", "has none of them (deleted)")),
+    ],
+    ids=["tail", "whole-replica"],
+)
+def test_records_deleted_in_the_store_are_seen_in_a_new_export(
+    fetchlog: dict[str, Path], tmp_path: Path, deleted: str, words: tuple[str, ...]
+) -> None:
+    # Deleted from the database, not from an export: the export stopped at the last stored
+    # record (and left out a replica with none), dropping the checkpoints that signed the rest,
+    # and verified.
+    data = tmp_path / "data"
+    shutil.copytree(fetchlog["data"], data)
+    db = sqlite3.connect(data / "fetchlog.sqlite3")
+    db.execute(f"DELETE FROM fetch_records WHERE {deleted}")  # noqa: S608 - test input
+    db.commit()
+    db.close()
+    out = tmp_path / "after-delete.jsonl"
+    result = cli("audit", "export", "--data-dir", data, "--output", out)
+    assert result.returncode == 0, result.stderr
+    assert_detected(verify(out, fetchlog["public"]), *words)
 
 
 def test_wrong_public_key_is_a_usage_error_not_ok(

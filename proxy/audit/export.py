@@ -86,14 +86,24 @@ _NO_END = 2**63 - 1  # the highest seq a store holds (PostgreSQL bigint)
 
 
 async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
-    """Which records of each replica the export covers (decided before anything is streamed)."""
+    """Which records of each replica the export covers (decided before anything is streamed).
+
+    Replicas in name order (code point order: the store's collation may sort otherwise, and
+    the API's cursors compare names). Without `until`, a span reaches the newest checkpoint or
+    witness note of its chain even where the store has no records that far (or none at all):
+    records deleted from the store then show in `verify` as a removed tail, not as a shorter
+    log that verifies."""
     spans = []
-    for replica in await reader.replicas():
+    for replica in sorted(await reader.replicas()):
         if query.replica is not None and replica != query.replica:
             continue
         stored_first = await reader.first_seq(replica)
         if stored_first is None:
-            continue  # checkpoints only (an idle replica): nothing a verifier could check
+            if query.since is None and query.until is None:
+                gone = await _signed_without_records(reader, replica)
+                if gone is not None:
+                    spans.append(gone)
+            continue  # otherwise checkpoints only (an idle replica): nothing to check
         bounds = await reader.seq_bounds(replica, query.since, query.until)
         if bounds is None:
             continue
@@ -112,8 +122,29 @@ async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
                 after = witnessed[0] if witnessed else None
             if after is not None:
                 high = max(high, after["seq"])
+        else:
+            high = max(high, await _signed_to(reader, replica))
         spans.append(ReplicaSpan(replica, low, high, low == stored_first and low > 1))
     return spans
+
+
+async def _signed_to(reader: ChainReader, replica: str) -> int:
+    """The highest seq a checkpoint or witness note of the chain signs (0: none)."""
+    newest = await reader.last_checkpoint(replica)
+    signed = newest["seq"] if newest is not None else 0
+    witnessed = await reader.witnesses(replica, signed + 1, _NO_END)
+    return witnessed[-1]["seq"] if witnessed else signed
+
+
+async def _signed_without_records(reader: ChainReader, replica: str) -> ReplicaSpan | None:
+    """A chain whose records are all gone from the store though a checkpoint signs some that
+    retention did not delete: a span of no records that `verify` reports as deleted."""
+    signed = await _signed_to(reader, replica)
+    purge = await reader.last_purge(replica)
+    purged = purge["seq"] if purge is not None else 0
+    if signed <= purged:
+        return None  # idle, or every record cut by retention
+    return ReplicaSpan(replica, purged + 1, signed, purge is not None)
 
 
 def page(

@@ -121,6 +121,14 @@ class ChainReader(Protocol):
         """Lowest seq with ts >= since and highest with ts < until (None: nothing in range)."""
         ...
 
+    async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
+        """The replica's checkpoint with the highest number: {"number", "seq", "note"}."""
+        ...
+
+    async def last_purge(self, replica: str) -> dict[str, Any] | None:
+        """The replica's newest purge note: {"seq", "number", "note"}."""
+        ...
+
     async def checkpoint_below(self, replica: str, seq: int) -> dict[str, Any] | None:
         """The newest checkpoint whose seq is < `seq`."""
         ...

@@ -178,11 +178,31 @@ def verify_file(path: Path, verifier: Verifier, *, allow_unsigned: bool = False)
             (p.checkpoint.seq for p in chain.checkpoints + chain.witnesses), default=0
         )
     _pass_records(path, report)
+    _check_header_replicas(report)
     for chain in report.chains.values():
         _finish_chain(chain, report, allow_unsigned=allow_unsigned)
     report.problems.sort()
     report.problems += sorted(report.unsigned)
     return report
+
+
+def _check_header_replicas(report: Report) -> None:
+    """Every replica the export line lists has lines in the file. The header is not signed, so
+    this catches a file cut short or pages lost on the way, not a forger (who would edit it)."""
+    listed = (report.header or {}).get("replicas")
+    if not isinstance(listed, list):
+        return
+    for span in listed:
+        if not isinstance(span, dict) or not isinstance(span.get("replica"), str):
+            continue
+        if span["replica"] not in report.chains:
+            report.problem(
+                1,
+                f"the export lists replica {span['replica']} (seq {span.get('first')}.."
+                f"{span.get('last')}) but the file has none of its lines: lines were removed "
+                "or pages lost",
+                replica=span["replica"],
+            )
 
 
 def _pass_signed(path: Path, verifier: Verifier, report: Report) -> None:

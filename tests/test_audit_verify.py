@@ -294,7 +294,7 @@ def test_records_deleted_in_the_store_are_seen_in_a_new_export(
     data = tmp_path / "data"
     shutil.copytree(fetchlog["data"], data)
     db = sqlite3.connect(data / "fetchlog.sqlite3")
-    db.execute(f"DELETE FROM fetch_records WHERE {deleted}")  # noqa: S608 - test input
+    db.execute(f"DELETE FROM fetch_records WHERE {deleted}")
     db.commit()
     db.close()
     out = tmp_path / "after-delete.jsonl"

@@ -96,6 +96,10 @@ class Tunnel:
     host: str
     port: int
     refusal: Decision | None = None
+    # The CONNECT's credentials and the policy they were checked under: after a reload, the
+    # next request inside is checked again (a team removed or its token changed is cut off).
+    credentials: str | None = None
+    policy_version: str = ""
 
 
 @dataclass(slots=True)
@@ -277,12 +281,16 @@ class Gateway:
         if not decision.allowed or address is None:
             # Recorded as the attempt it is; mitmproxy answers 200 and connects nowhere (lazy
             # strategy; server_connect refuses a name that was never pinned to an address).
-            self.tunnels[flow.client_conn] = Tunnel(caller, host, port, decision)
+            self.tunnels[flow.client_conn] = Tunnel(
+                caller, host, port, decision, credentials, self.rt.policy_version
+            )
             state.decision = decision
             state.refused_tunnel = True
             self._observe_governance(started)
             return self._record(flow, state)
-        self.tunnels[flow.client_conn] = Tunnel(caller, host, port)
+        self.tunnels[flow.client_conn] = Tunnel(
+            caller, host, port, None, credentials, self.rt.policy_version
+        )
         state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
         self._decided(state)
         # Pin the checked address: the tunnel connects there, and nowhere else.
@@ -298,6 +306,18 @@ class Gateway:
         self._respond(flow, decision)
         self._observe_governance(started)
         self._record(flow, state)
+
+    def _tunnel_caller(self, tunnel: Tunnel) -> Caller | None:
+        """The tunnel's caller under the policy in force: checked again after a reload."""
+        version = self.rt.policy_version
+        if tunnel.policy_version == version:
+            return tunnel.caller
+        caller = self.rt.governor.authenticate(tunnel.credentials)
+        if caller is not None and caller.identity.upstream_proxy == (
+            tunnel.caller.identity.upstream_proxy
+        ):
+            tunnel.caller, tunnel.policy_version = caller, version  # its projects may differ
+        return caller
 
     async def _authenticate(
         self, flow: http.HTTPFlow, state: FlowState, header: str | None
@@ -372,8 +392,25 @@ class Gateway:
             return None
 
         if tunnel is not None:
-            caller: Caller | None = tunnel.caller
-            state.identity = tunnel.caller.identity
+            caller = self._tunnel_caller(tunnel)
+            state.identity = None if caller is None else caller.identity
+            if caller is not None and caller is not tunnel.caller:
+                # Not taken on by the tunnel: the team's egress changed with the policy, and
+                # this tunnel's connection was made the old way. 421: clients retry on a new
+                # connection.
+                return self._refuse(
+                    flow,
+                    state,
+                    refuse(
+                        Reason.MISDIRECTED,
+                        "the policy changed this team's egress since this tunnel was opened; "
+                        "open a new one",
+                    ),
+                    started,
+                    close=True,
+                )
+            if caller is None:
+                return self._refuse(flow, state, _auth_required(), started, close=True)
         else:
             caller = await self._authenticate(flow, state, credentials)
             if flow.error is not None:
@@ -416,13 +453,10 @@ class Gateway:
         state.site = ctx.site.key
         state.basis = f"{ctx.basis.kind}:{ctx.basis.ref}"
         if tunnel is not None and tunnel.refusal is not None:
-            self._refuse(flow, state, tunnel.refusal, started)
-            if req.http_version.startswith("HTTP/1") and flow.response is not None:
-                # The scraper's next request opens a new tunnel, decided anew: a name that
-                # did not resolve, or a blocklist entry since lifted, is not stuck to the
-                # connection. (HTTP/2 has no such header: its tunnel ends with the connection.)
-                flow.response.headers["connection"] = "close"
-            return None
+            # The scraper's next request opens a new tunnel, decided anew: a name that did not
+            # resolve, or a blocklist entry since lifted, is not stuck to the connection.
+            # (HTTP/2 has no such header: its tunnel ends with the connection.)
+            return self._refuse(flow, state, tunnel.refusal, started, close=True)
         decision = gov.check_request(ctx)
         if decision.allowed and tunnel is None:
             address, decision = await gov.target_address(host, port, ctx.site.key)
@@ -524,12 +558,22 @@ class Gateway:
         return None
 
     def _refuse(
-        self, flow: http.HTTPFlow, state: FlowState, decision: Decision, started: float
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        decision: Decision,
+        started: float,
+        *,
+        close: bool = False,
     ) -> None:
+        """Answer with the refusal; `close`: and end an HTTP/1 connection after it (a tunnel
+        whose every next request would be refused the same: the scraper opens a new one)."""
         state.decision = decision
         self._respond(flow, decision)
         self._observe_governance(started, state.ctx)
         req = flow.request
+        if close and req.http_version.startswith("HTTP/1") and flow.response is not None:
+            flow.response.headers["connection"] = "close"
         # mitmproxy switches to streaming for a body past its buffer before this hook; a flow
         # with an answer cannot stream (it would raise), and must not read the body anyway.
         req.stream = False

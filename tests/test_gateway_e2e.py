@@ -22,6 +22,7 @@ import h2.connection
 import h2.errors
 import pytest
 import requests
+import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -43,6 +44,7 @@ from tests.support import base_policy
 from tests.support import basic
 from tests.support import curl
 from tests.support import policy_with
+from tests.support import sha256_hex
 from tests.support import tls_tunnel
 from tests.support import wait_for
 from tests.support import write_policy
@@ -343,6 +345,42 @@ def test_identity_of_a_connect_holds_for_every_request_in_the_tunnel(
     assert {r["team"] for r in records} == {TEAM}
     # keep-alive: one tunnel, one upstream connection
     assert tls_site.connections == 1
+
+
+def test_a_team_whose_token_a_reload_changed_is_cut_off_inside_its_open_tunnel(
+    gateway: Gateway, tls_site: Site
+):
+    # A leaked token revoked by a reload: the tunnels opened with it went on being served for
+    # as long as they were used, under a policy that no longer had that token.
+    session = requests.Session()
+    session.proxies = {"https": gateway.proxy_url()}
+    session.headers.update(PROJECT_HEADERS)
+    url = tls_site.url("site-c.test", "/page/0")
+    assert session.get(url, verify=str(gateway.ca_cert), timeout=10).status_code == 200
+    policy = yaml.safe_load(gateway.policy_file.read_text())
+    [team] = [t for t in policy["teams"] if t["name"] == TEAM]
+    team["token_sha256"] = sha256_hex("a-new-token")
+    gateway.policy_file.write_text(yaml.safe_dump(policy))
+    status, _ = gateway.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+    assert status == 200
+    r = session.get(url, verify=str(gateway.ca_cert), timeout=10)  # in the same tunnel
+    assert r.status_code == 407
+    assert r.headers["X-Crawlwarden-Reason"] == "auth_required"
+    assert r.headers["Connection"] == "close"
+    assert tls_site.count("/page/0") == 1
+    # A new tunnel with the new token works; one with the old token is refused at CONNECT.
+    fresh = requests.Session()
+    fresh.proxies = {"https": gateway.proxy_url(token="a-new-token")}
+    fresh.headers.update(PROJECT_HEADERS)
+    assert fresh.get(url, verify=str(gateway.ca_cert), timeout=10).status_code == 200
+    with pytest.raises(requests.exceptions.ProxyError):
+        requests.get(
+            url,
+            proxies={"https": gateway.proxy_url()},
+            headers=PROJECT_HEADERS,
+            verify=str(gateway.ca_cert),
+            timeout=10,
+        )
 
 
 def test_a_request_for_another_host_inside_a_tunnel_is_misdirected(

@@ -56,6 +56,7 @@ from proxy.decision import Decision
 from proxy.decision import Outcome
 from proxy.decision import Reason
 from proxy.decision import refuse
+from proxy.governor import CompiledPolicy
 from proxy.governor import RequestContext
 from proxy.identity import Caller
 from proxy.identity import Identity
@@ -112,6 +113,9 @@ class FlowState:
     client_ip: str | None
     method: str
     url: str
+    # The policy the request came under: what it is decided, sent and recorded by, though a
+    # reload come while it is under way.
+    compiled: CompiledPolicy
     site: str | None = None
     project: str | None = None
     account: str | None = None
@@ -497,7 +501,7 @@ class Gateway:
 
         state.decision = decision
         state.lease = admission.lease
-        crawler = self.rt.compiled.loaded.policy.crawler
+        crawler = state.compiled.loaded.policy.crawler
         req.headers["User-Agent"] = crawler.user_agent
         req.headers["From"] = crawler.contact
         if optout.body_signals_bind(ctx.basis, ctx.respect):
@@ -937,6 +941,7 @@ class Gateway:
             client_ip=str(peer[0]) if peer else None,
             method=method,
             url=url,
+            compiled=self.rt.compiled,
         )
         flow.metadata[META] = state
         self.rt.deciding += 1
@@ -963,7 +968,7 @@ class Gateway:
     def _choose_upstream_proxy(
         self, flow: http.HTTPFlow, identity: Identity, state: FlowState
     ) -> None:
-        pool = self.rt.compiled.loaded.policy.egress.upstream_proxies
+        pool = state.compiled.loaded.policy.egress.upstream_proxies
         if not pool:
             return
         if identity.upstream_proxy is not None:
@@ -985,7 +990,7 @@ class Gateway:
         self, flow: http.HTTPFlow, state: FlowState, *, forwarded: bool | None = None
     ) -> FetchRecord:
         decision = state.decision
-        policy = self.rt.compiled.loaded.policy
+        policy = state.compiled.loaded.policy
         forwarded = state.forwarded if forwarded is None else forwarded
         return FetchRecord(
             id=state.id,
@@ -1005,7 +1010,7 @@ class Gateway:
             site=state.site,
             signals=list(state.signals),
             legal_basis=state.basis,
-            policy_version=self.rt.policy_version,
+            policy_version=state.compiled.version,
             user_agent=policy.crawler.user_agent,
         )
 

@@ -1126,6 +1126,42 @@ def test_a_bad_reload_keeps_the_old_policy(gateway: Gateway, site: Site):
     assert [r["policy_version"] for r in fetches] == [old_version, body["policy_version"]]
 
 
+def test_a_request_under_way_across_a_reload_is_recorded_under_the_policy_it_came_under(
+    gateway: Gateway, site: Site
+):
+    # Its record named the new policy's version, User-Agent and egress provider, though the
+    # site had been sent the old User-Agent.
+    site.routes["/slow"] = Reply(body=b"slow", delay=2.0)
+    old_version = _policy_version(gateway.policy_file)
+    answers: list[CurlResult] = []
+    under_way = threading.Thread(
+        target=lambda: answers.append(
+            curl(
+                site.url("site-a.test", "/slow"), proxy=gateway.proxy_url(), headers=PROJECT_HEADERS
+            )
+        )
+    )
+    under_way.start()
+    assert wait_for(lambda: site.count("/slow") == 1, timeout=10)
+    policy = yaml.safe_load(gateway.policy_file.read_text())
+    policy["crawler"]["user_agent"] = "NewBot/2.0 (+https://crawler.example/newbot)"
+    policy["egress"] = {**policy.get("egress", {}), "provider": "new-transit"}
+    gateway.policy_file.write_text(yaml.safe_dump(policy))
+    status, body = gateway.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+    assert status == 200 and body["policy_version"] != old_version
+    under_way.join(20)
+    assert answers and answers[0].status == 200
+    [seen] = [s for s in site.seen if s.path == "/slow"]
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/slow")]
+    assert (
+        rec["user_agent"]
+        == seen.headers["User-Agent"]
+        == "TestBot/1.0 (+https://crawler.example/testbot)"
+    )
+    assert rec["policy_version"] == old_version
+    assert rec["egress_provider"] != "new-transit"
+
+
 # -- metrics -------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import hashlib
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Awaitable
@@ -370,14 +371,18 @@ class Gateway:
         if canonical != req.path:
             req.path = canonical  # what the site will serve: decided on, recorded, forwarded
         checked = inputs.check_host(raw_host)
-        if checked.host is not None:
+        bad_target = inputs.target_problem(req.path)
+        if checked.host is not None and bad_target is None:
             host = checked.host
             url = normalize_url(
                 f"{scheme}://{_bracket(host)}:{port}{inputs.without_surrogates(req.path)}"
             )
-        else:  # refused below; recorded as it came
-            host = inputs.recordable(raw_host)
-            url = f"{scheme}://{host}:{port}{inputs.recordable(req.path)}"
+        else:  # refused below; recorded as it came (a target that is no path: one segment)
+            host = checked.host or inputs.recordable(raw_host)
+            target = inputs.recordable(req.path)
+            if bad_target is not None:
+                target = "/" + urllib.parse.quote(target, safe="")
+            url = f"{scheme}://{host}:{port}{target}"
         state = self._new_state(flow, url, req.method)
         project = inputs.check_recorded_value("X-Crawl-Project", req.headers.get("x-crawl-project"))
         account = inputs.check_recorded_value("X-Crawl-Account", req.headers.get("x-crawl-account"))
@@ -425,9 +430,7 @@ class Gateway:
         project = inputs.agreed_value(project, "project", caller.project)
         account = inputs.agreed_value(account, "account", caller.account)
         state.project, state.account = project.value, account.value
-        problem = (
-            checked.problem or inputs.target_problem(req.path) or project.problem or account.problem
-        )
+        problem = checked.problem or bad_target or project.problem or account.problem
         if problem is not None:
             return self._refuse(flow, state, _bad_request(problem), started)
         if (refused := self._framing_refusal(req, gov.site_for(host).key)) is not None:
@@ -549,7 +552,10 @@ class Gateway:
             req.headers.get("content-length"),
             req.headers.get("transfer-encoding"),
             limits.max_body_bytes,
+            req.method,
         )
+        if framing.unexpected is not None:
+            return refuse(Reason.BAD_REQUEST, framing.unexpected, site=site)
         if framing.length_required is not None:
             return refuse(Reason.LENGTH_REQUIRED, framing.length_required, site=site)
         if framing.too_large is not None:

@@ -157,6 +157,13 @@ def target_problem(path: str) -> str | None:
     """A request target the fetch log cannot record faithfully: control characters, or bytes
     that are not UTF-8 (mitmproxy hands those over as lone surrogates). RFC 3986 wants them
     percent-encoded anyway."""
+    if path and not path.startswith("/"):
+        # `*` (OPTIONS *), or an HTTP/2 :path such as `@other.test/x`, which a URL built from
+        # it would read as another host.
+        return (
+            f"the request target {_quote(path)} is not a path starting with '/' (origin-form, "
+            "RFC 9112 3.2.1); the gateway fetches paths of a site, nothing else"
+        )
     if any(unicodedata.category(c) in ("Cc", "Cs") for c in path):
         return (
             "the request target has control characters or bytes that are not UTF-8; "
@@ -253,14 +260,22 @@ def other_readings(target: str) -> tuple[str, ...]:
 
 
 class BodyFraming(NamedTuple):
-    """Whether a request's body can be taken: `too_large` and `length_required` as problems."""
+    """Whether a request's body can be taken: `too_large`, `length_required` and `unexpected`
+    (a body on a method that has none) as problems."""
 
     too_large: str | None
     length_required: str | None
+    unexpected: str | None = None
+
+
+# Methods whose content has no meaning (RFC 9110 9.3.1, 9.3.2, 9.3.8): a site that never reads
+# it takes the body for the next request on the connection (a "CL.0" desync), one the gateway
+# never checked, budgeted or recorded.
+BODILESS_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 
 
 def check_body_framing(
-    content_length: str | None, transfer_encoding: str | None, max_body: int
+    content_length: str | None, transfer_encoding: str | None, max_body: int, method: str = ""
 ) -> BodyFraming:
     """Request bodies must declare their length and stay within `network.max_request_body_bytes`.
 
@@ -268,7 +283,19 @@ def check_body_framing(
     every request, refused ones included; a declared length lets the gateway refuse before
     reading any of it (RFC 9110 15.5.12 and 15.5.14). Content-Length syntax and conflicts with
     Transfer-Encoding are mitmproxy's to refuse (request smuggling); this sees valid framing only.
+    A GET, HEAD or TRACE with a body is refused: it is how a request is smuggled past the gateway
+    to a site that ignores such bodies.
     """
+    if method in BODILESS_METHODS and (
+        transfer_encoding is not None
+        or (content_length is not None and content_length.strip() not in ("", "0"))
+    ):
+        return BodyFraming(
+            None,
+            None,
+            f"a {method} request with a body: a site that ignores it would read the body as "
+            "another request; send data with POST",
+        )
     if transfer_encoding is not None and content_length is None:
         return BodyFraming(
             None,

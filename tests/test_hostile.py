@@ -543,3 +543,45 @@ def test_a_refused_upload_inside_a_tls_tunnel_is_answered_before_its_body(
         [rec] = gw.fetch_records()
         assert rec["reason"] == "request_too_large" and rec["decision"] == "refused"
     assert site.count() == seen
+
+
+SMUGGLED = b"GET /private/secret.jpg HTTP/1.1\r\nHost: site-c.test\r\n\r\n"
+
+
+def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunnel(
+    workdir: Path, test_ca: LocalCA
+) -> None:
+    # A GET whose body is a request: a site that does not read GET bodies (most) took it for
+    # the next request on the connection, one never checked, budgeted or recorded. `*` and an
+    # HTTP/2 :path without its '/' (`@site-b.test/photo.jpg`) crashed the hook (no answer, no
+    # record) or were recorded as a fetch of another host.
+    with (
+        Site(tls=test_ca) as tls_site,
+        Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw,
+    ):
+        authority = f"site-c.test:{tls_site.port}"
+        answers = []
+        for request, body in [
+            (
+                f"GET /public HTTP/1.1\r\nHost: {authority}\r\nX-Crawl-Project: {PROJECT}\r\n"
+                f"Content-Length: {len(SMUGGLED)}\r\n\r\n",
+                SMUGGLED,
+            ),
+            (f"OPTIONS * HTTP/1.1\r\nHost: {authority}\r\nX-Crawl-Project: {PROJECT}\r\n\r\n", b""),
+        ]:
+            with tls_tunnel(gw, authority, alpn="http/1.1") as tls:
+                tls.sendall(request.encode() + body)
+                answers.append(tls.recv(65536).split(b"\r\n", 1)[0])
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            forged = H2Client(tls).get(
+                authority, "@site-b.test/photo.jpg", ("x-crawl-project", PROJECT)
+            )
+        assert answers == [b"HTTP/1.1 400 Bad Request"] * 2
+        assert forged.headers[":status"] == "400", forged
+        time.sleep(0.5)
+        assert tls_site.seen == []  # nothing reached the site, smuggled or not
+        records = gw.fetch_records()
+        assert len(records) == 3
+        assert {(r["decision"], r["reason"]) for r in records} == {("refused", "bad_request")}
+        assert not [r for r in records if "site-b.test" in r["url"].split("/")[2]]
+        assert "hook_failed" not in gw.logs()

@@ -75,11 +75,27 @@ META = "crawlwarden"
 BUFFER_LIMIT = 16 * 2**20
 HASH_OFF_LOOP = 2**20  # a buffered body this large is hashed off the event loop
 # Headers the scraper sends us that must never reach a site (DESIGN.md, "What a scraper sees"):
-# ours, and a browser's User-Agent Client Hints (`Sec-CH-UA`, `-Platform`, `-Full-Version-List`...),
-# which name the browser where the site must see the crawler's one User-Agent.
+# ours (X-Crawl-Project, X-Crawl-Account, and our answers' X-Crawlwarden-*), a browser's
+# User-Agent Client Hints (`Sec-CH-UA`, `-Platform`, `-Full-Version-List`...), which name the
+# browser where the site must see the crawler's one User-Agent, and claims of another client
+# address (`X-Forwarded-For: 1.2.3.4`): the site is spoken to by the gateway, from its egress.
 _OWN_PREFIX = b"x-crawl-"  # X-Crawl-Project, X-Crawl-Account: for the gateway only
-_STRIPPED_PREFIXES = (_OWN_PREFIX, b"sec-ch-ua")
-_HOP_BY_HOP = frozenset((b"proxy-authorization", b"proxy-connection", b"proxy-authenticate"))
+_STRIPPED_PREFIXES = (_OWN_PREFIX, b"x-crawlwarden-", b"sec-ch-ua", b"x-forwarded-")
+_HOP_BY_HOP = frozenset(
+    (
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+    )
+)
+# Connection options the gateway passes on; a field the scraper's Connection header names is
+# hop-by-hop (RFC 9110 7.6.1): removed, or the next hop would drop it (`Connection: User-Agent`
+# took the crawler's User-Agent and From away before the site).
+_CONNECTION_OPTIONS = frozenset(("close", "keep-alive", "upgrade"))
 _ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
 
@@ -957,15 +973,26 @@ class Gateway:
         # One pass over the raw fields (names compared as ASCII, as HTTP does), not a deletion
         # per header: this runs on every request.
         fields = req.headers.fields
+        named = _connection_named(req.headers.get("connection"))
         kept = tuple(
             field
             for field in fields
             if not (
-                (name := field[0].lower()).startswith(_STRIPPED_PREFIXES) or name in _HOP_BY_HOP
+                (name := field[0].lower()).startswith(_STRIPPED_PREFIXES)
+                or name in _HOP_BY_HOP
+                or name in named
             )
         )
         if len(kept) != len(fields):
             req.headers.fields = kept
+        if named:
+            options = [
+                t for t in _tokens(req.headers.get("connection")) if t in _CONNECTION_OPTIONS
+            ]
+            if options:
+                req.headers["connection"] = ", ".join(options)
+            else:
+                req.headers.pop("connection", None)
 
     def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
         state: FlowState | None = flow.metadata.get(META)
@@ -1283,6 +1310,19 @@ def _read_body(scan: BodyScan, resp: http.Response) -> None:
     except ValueError as e:
         scan.cannot_decode(str(e))
     scan.finish()
+
+
+def _tokens(value: str | None) -> list[str]:
+    return [t.strip().lower() for t in value.split(",") if t.strip()] if value else []
+
+
+def _connection_named(value: str | None) -> frozenset[bytes]:
+    """The fields a Connection header names beyond the options passed on (usually none)."""
+    if not value:
+        return frozenset()
+    return frozenset(
+        t.encode("latin-1", "replace") for t in _tokens(value) if t not in _CONNECTION_OPTIONS
+    )
 
 
 def _host_only(authority: str | None) -> str | None:

@@ -571,6 +571,15 @@ def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_
         "Sec-CH-UA-Platform": '"Linux"',
         "Sec-CH-UA-Full-Version-List": '"Chromium";v="156.0.8078.108"',
         "Sec-CH-Prefers-Color-Scheme": "dark",  # not the browser's identity: kept
+        # The next hop after the gateway (a CDN) would drop the fields Connection names: the
+        # crawler's User-Agent and From were taken away so.
+        "Connection": "keep-alive, From, User-Agent, X-Hop",
+        "X-Hop": "1",
+        # Claims of another client address, and our own answer's headers.
+        "X-Forwarded-For": "198.51.100.7",
+        "Forwarded": "for=198.51.100.7",
+        "X-Real-IP": "198.51.100.7",
+        "X-Crawlwarden-Reason": "ok",
     }
     curl(site.url("site-a.test", "/echo"), proxy=gateway.proxy_url(), headers=headers)
     curl(
@@ -587,6 +596,12 @@ def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_
         assert received["sec-ch-prefers-color-scheme"] == "dark"
         assert received["user-agent"] == "TestBot/1.0 (+https://crawler.example/testbot)"
         assert received["from"] == "crawl-ops@crawler.example"
+        assert received.get("connection", "keep-alive").lower() == "keep-alive"
+        for claim in ("x-forwarded-for", "forwarded", "x-real-ip"):
+            assert claim not in received, claim
+        assert not any(n.startswith("x-crawlwarden") for n in received)
+    # (curl speaks HTTP/2 in the tunnel, which has no Connection header: X-Hop is end to end)
+    assert "X-Hop" not in site.seen[0].headers
 
 
 # -- projects ------------------------------------------------------------------------------

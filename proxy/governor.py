@@ -17,6 +17,7 @@ from dataclasses import field
 from proxy import inputs
 from proxy.blocklist import BlockEntry
 from proxy.blocklist import Blocklist
+from proxy.blocklist import Scope
 from proxy.blocklist import entry_from_pattern
 from proxy.decision import ALLOW
 from proxy.decision import Decision
@@ -28,6 +29,7 @@ from proxy.identity import Identity
 from proxy.identity import TeamDirectory
 from proxy.policy import LegalBasis
 from proxy.policy import LoadedPolicy
+from proxy.policy import Policy
 from proxy.policy import Respect
 from proxy.sites import Site
 from proxy.sites import SiteDirectory
@@ -38,6 +40,7 @@ from proxy.ssrf import IPNetwork
 from proxy.ssrf import OwnListeners
 from proxy.ssrf import ResolutionError
 from proxy.ssrf import Resolver
+from proxy.takedowns import expand_schemes
 
 
 @dataclass(frozen=True)
@@ -59,19 +62,27 @@ class CompiledPolicy:
         return self.loaded.version
 
 
+def _blocklist_entries(policy: Policy) -> tuple[BlockEntry, ...]:
+    """The policy's blocklist; a URL prefix covers the same content over http and https, as a
+    takedown's does (an entry written for https only let the http URL through)."""
+    entries: dict[tuple[Scope, str], BlockEntry] = {}
+    for b in policy.blocklist:
+        for pattern in b.match:
+            is_url = pattern.lower().startswith(("http://", "https://"))
+            for variant in expand_schemes(Scope.PREFIX if is_url else Scope.DOMAIN, [pattern]):
+                entry = entry_from_pattern(b.id, variant, b.reason, b.source)
+                entries.setdefault((entry.scope, entry.target), entry)
+    return tuple(entries.values())
+
+
 def compile_policy(loaded: LoadedPolicy, resolver: Resolver | None = None) -> CompiledPolicy:
     policy = loaded.policy
-    entries = [
-        entry_from_pattern(b.id, pattern, b.reason, b.source)
-        for b in policy.blocklist
-        for pattern in b.match
-    ]
     return CompiledPolicy(
         loaded=loaded,
         sites=SiteDirectory(policy),
         teams=TeamDirectory(policy),
         admins=AdminDirectory(policy),
-        policy_blocklist=tuple(entries),
+        policy_blocklist=_blocklist_entries(policy),
         guard=AddressGuard(policy.network.allow_private),
         ip_literals=tuple(policy.network.allow_ip_literals),
         resolver=resolver or Resolver(dict(policy.network.static_hosts)),

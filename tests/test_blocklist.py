@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import urlsplit
+
 import pytest
 
 from proxy.blocklist import BlockEntry
@@ -10,7 +13,11 @@ from proxy.blocklist import Scope
 from proxy.blocklist import entry_from_pattern
 from proxy.blocklist import normalize_url
 from proxy.decision import Reason
+from proxy.governor import compile_policy
 from proxy.inputs import other_readings
+from proxy.policy import load_policy
+from tests.support import base_policy
+from tests.support import write_policy
 
 
 @pytest.mark.parametrize(
@@ -133,3 +140,27 @@ def test_an_entry_with_a_query_matches_however_its_unreserved_characters_are_spe
     assert (
         blocklist.match_url("forum.test", normalize_url("http://forum.test/search?q=open")) is None
     )
+
+
+def test_a_policy_url_prefix_covers_both_schemes(tmp_path: Path):
+    # An entry written for https let the same content through over http (a takedown's did not).
+    policy = base_policy()
+    policy["blocklist"] = [
+        {
+            "id": "members-only",
+            "match": ["https://site-a.test/members/", "http://site-b.test/members/"],
+            "reason": "Member pages excluded by the terms",
+            "source": "https://site-a.test/tos",
+        }
+    ]
+    compiled = compile_policy(load_policy(write_policy(tmp_path / "p.yaml", policy)))
+    blocklist = Blocklist(list(compiled.policy_blocklist))
+    for url in (
+        "https://site-a.test/members/x",
+        "http://site-a.test/members/x",
+        "http://site-b.test/members/x",
+        "https://site-b.test/members/x",
+    ):
+        hit = blocklist.match_url(urlsplit(url).hostname or "", normalize_url(url))
+        assert hit is not None and hit.id == "members-only", url
+    assert blocklist.match_url("site-a.test", normalize_url("http://site-a.test/about")) is None

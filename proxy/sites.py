@@ -1,6 +1,7 @@
 """Site keys: which budget, rules and legal basis a host belongs to.
 
-The key is the id of the first policy site rule that matches the host, else the registrable
+The key is the id of the policy site rule that matches the host most closely (a rule naming a
+host covers the subdomains beneath it too, where no other pattern gives them), else the registrable
 domain (eTLD+1, from the Public Suffix List shipped with `publicsuffixlist`, no network). Rotating
 subdomains therefore does not escape a site's budget (guideline "Necessity": traffic from one
 source stays insubstantial).
@@ -100,14 +101,19 @@ class HostPatterns[T]:
     def __bool__(self) -> bool:
         return bool(self._exact or self._suffix)
 
-    def lookup(self, host: str) -> T | None:
+    def lookup(self, host: str, *, names_cover_below: bool = False) -> T | None:
+        """The value of the most specific pattern for `host`. `names_cover_below`: a `name`
+        pattern also covers the subdomains beneath it that no `*.` pattern of the same name or
+        a longer one gives (site rules: rotating subdomains must not escape a named site)."""
         if (hit := self._exact.get(host)) is not None:
             return hit
-        if not self._suffix:
+        if not self._suffix and not names_cover_below:
             return None
         name = host
         while True:
             if (hit := self._suffix.get(name)) is not None:
+                return hit
+            if names_cover_below and name != host and (hit := self._exact.get(name)) is not None:
                 return hit
             _, dot, name = name.partition(".")
             if not dot:
@@ -135,7 +141,7 @@ class SiteDirectory:
         return Site(key=rule.id, rule=rule, settings=settings, fallback=self.defaults)
 
     def site_for(self, host: str) -> Site:
-        rule = self._rules.lookup(host)
+        rule = self._rules.lookup(host, names_cover_below=True)
         if rule is not None:
             return self._sites[rule.id]
         domain = registrable_domain(host)

@@ -73,6 +73,25 @@ def test_site_rules_match_before_the_registrable_domain():
     assert d.site_for("archive.example.org").settings.burst == base_policy()["defaults"]["burst"]
 
 
+def test_subdomains_beneath_a_named_host_are_that_site():
+    # `www.`, `x1.`... of a host a rule names fell back to the registrable domain and the
+    # defaults: rotating subdomains escaped the rule's budget (1 a day: 8 served).
+    d = directory(
+        [
+            {"id": "museum", "match": ["site-a.test"], "requests_per_day": 1},
+            {"id": "archive", "match": ["archive.example.org"]},
+            {"id": "cdn", "match": ["*.cdn.archive.example.org"]},
+            {"id": "img", "match": ["img.archive.example.org"]},
+        ]
+    )
+    for host in ("site-a.test", "www.site-a.test", "x1.site-a.test", "a.b.site-a.test"):
+        assert d.site_for(host).key == "museum", host
+    assert d.site_for("www.archive.example.org").key == "archive"
+    assert d.site_for("x.cdn.archive.example.org").key == "cdn"  # a `*.` pattern beneath it
+    assert d.site_for("x.img.archive.example.org").key == "img"  # a nearer name
+    assert d.site_for("www.example.org").key == "example.org"  # not beneath the named host
+
+
 def test_an_expired_licence_falls_back_to_the_default_basis_and_signals():
     d = directory(
         [

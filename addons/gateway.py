@@ -248,6 +248,8 @@ class Gateway:
         self._limits: tuple[str, Limits] | None = None
         # Forwarded and not yet settled, by request id: what a drain that runs out records.
         self._under_way: dict[str, tuple[http.HTTPFlow, FlowState]] = {}
+        # Requests come in and not yet forwarded or recorded (held for a budget, say), by id.
+        self._deciding: dict[str, tuple[http.HTTPFlow, FlowState]] = {}
 
     # -- connection layering ---------------------------------------------------------------
 
@@ -504,6 +506,8 @@ class Gateway:
             admission = await self._admit_held(flow, ctx)
             if admission is not None:
                 ctx.waited += admission.waited
+            if admission is None and self.rt.stopping:
+                return self._refuse(flow, state, _draining(ctx.site.key), started, close=True)
             if admission is None:  # its client went away while it was held
                 state.decision = refuse(
                     Reason.INTERRUPTED,
@@ -802,17 +806,41 @@ class Gateway:
                 self._cut_short(state, flow.response, state.stream)  # mid-body, either side
         self._finish(flow, state)
 
+    def release_held(self) -> int:
+        """The drain ran out: requests held for a budget (`on_exceed: delay`) are answered
+        503 draining now, by their own hooks, not dropped by the stop. Returns how many."""
+        held = [waiting for waiting_set in self._held.values() for waiting in waiting_set]
+        for waiting in held:
+            waiting.cancel()
+        return len(held)
+
     def record_unfinished(self) -> int:
         """The drain ran out: every request still under way is stopped and recorded now, as
         interrupted, with what had come of its response (status, bytes, hash, signals), and its
-        budget settled with those bytes. Returns how many."""
+        budget settled with those bytes; one still being decided (nothing of it left) is
+        recorded refused `draining`. Returns how many."""
         unfinished = list(self._under_way.values())
         self._let_go(
             unfinished,
             "the gateway stopped: its drain time (--drain-seconds) ran out while this "
             "response was under way",
         )
-        return len(unfinished)
+        undecided = list(self._deciding.values())
+        for flow, state in undecided:
+            if state.lease is not None and not state.forwarded:
+                self.rt.budgets.finish(state.lease)  # admitted, but it never left
+                state.lease = None
+            if state.decision is None or state.decision.allowed:  # else: refused, unsent
+                state.decision = refuse(
+                    Reason.DRAINING,
+                    "the gateway stopped: its drain time (--drain-seconds) ran out while this "
+                    "request was being decided; nothing of it was forwarded",
+                    site=state.site,
+                )
+            self._record(flow, state)
+            if flow.killable:
+                flow.kill()
+        return len(unfinished) + len(undecided)
 
     def _let_go(self, flows: list[tuple[http.HTTPFlow, FlowState]], why: str) -> None:
         """Stop requests the gateway gives up on, each recorded interrupted (`why`) with what
@@ -917,8 +945,10 @@ class Gateway:
         try:
             return await waiting
         except asyncio.CancelledError:
-            if waiting.cancelled() and not flow.client_conn.connected:
-                return None  # cancelled by client_disconnected, not this hook's own cancel
+            if waiting.cancelled() and (self.rt.stopping or not flow.client_conn.connected):
+                # Let go by client_disconnected or the end of the drain (release_held), not
+                # this hook's own cancel.
+                return None
             raise
         finally:
             held.discard(waiting)
@@ -952,6 +982,7 @@ class Gateway:
         if state.deciding:
             state.deciding = False
             self.rt.deciding -= 1
+            self._deciding.pop(state.id, None)
 
     def _new_state(self, flow: http.HTTPFlow, url: str, method: str) -> FlowState:
         """The flow's state, on the flow from the start (a hook that fails still records it)."""
@@ -967,6 +998,7 @@ class Gateway:
         )
         flow.metadata[META] = state
         self.rt.deciding += 1
+        self._deciding[state.id] = (flow, state)
         return state
 
     def _sanitize(self, req: http.Request) -> None:

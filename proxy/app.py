@@ -207,6 +207,9 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
+_HELD_ANSWER_SECONDS = 1.0
+
+
 async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: Gateway) -> None:
     """Stop taking connections, let requests in flight finish, then stop (fetch log flushed).
 
@@ -226,6 +229,9 @@ async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: G
     runtime.stopping = True
     if await runtime.wait_idle(max(0.0, deadline - time.monotonic())):
         log.warning("drain_timeout", in_flight=runtime.in_flight, deciding=runtime.deciding)
+        if gateway.release_held():
+            # Their hooks answer 503 draining: a moment for those answers to go out.
+            await runtime.wait_idle(_HELD_ANSWER_SECONDS)
         # Recorded with what came of their responses, before the fetch log closes.
         gateway.record_unfinished()
     else:

@@ -1437,6 +1437,48 @@ def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_request_held_for_its_budget_when_the_drain_runs_out_is_answered_and_recorded(
+    workdir: Path, site: Site
+):
+    # It got no answer (an empty reply) and no record: the stop dropped it unseen.
+    policy = policy_with(
+        defaults={"rate": "1/min", "burst": 1, "on_exceed": "delay", "max_delay": "60s"}
+    )
+    gw = Gateway(workdir, policy, extra_args=["--drain-seconds", "2"]).start()
+    answers: list[requests.Response] = []
+    try:
+        first = requests.get(
+            site.url("site-a.test", "/first"),
+            headers=PROJECT_HEADERS,
+            proxies={"http": gw.proxy_url()},
+            timeout=10,
+        )
+        assert first.status_code == 200
+        held = threading.Thread(
+            target=lambda: answers.append(
+                requests.get(
+                    site.url("site-a.test", "/held"),
+                    headers=PROJECT_HEADERS,
+                    proxies={"http": gw.proxy_url()},
+                    timeout=30,
+                )
+            )
+        )
+        held.start()
+        assert wait_for(lambda: gw.admin_request("GET", "/readyz")[0] == 200, timeout=5)
+        time.sleep(1)  # held by the rate (1/min)
+        gw.signal(signal.SIGTERM)
+        assert gw.proc is not None and gw.proc.wait(20) == 0
+        held.join(15)
+    finally:
+        gw.stop()  # (only if a step above failed)
+    assert [a.status_code for a in answers] == [503]
+    assert answers[0].headers["X-Crawlwarden-Reason"] == "draining"
+    assert site.count("/held") == 0
+    [rec] = [r for r in gw.export() if r.get("url", "").endswith("/held")]
+    assert (rec["decision"], rec["reason"]) == ("refused", "draining")
+
+
 def test_a_download_the_drain_cuts_off_is_recorded_with_what_came(workdir: Path):
     # The record said status null, 0 bytes, no hash ("its response is unknown") for a 20 MiB
     # download the scraper had received most of, and the byte quota never counted it.

@@ -687,6 +687,31 @@ async def test_unreachable_store_at_start_never_raises():
 
 
 @pytest.mark.timeout(60)
+async def test_the_other_gauge_falls_back_when_its_sites_go_quiet(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    # `_other` kept the last value it was given: a budget alert on it fired on an idle gateway.
+    from proxy.budgets import engine as engine_module
+
+    busy, idle = make_site(rate="10/s", burst=1), make_site(rate="10/s", burst=1)
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value(
+            "crawlwarden_budget_used_ratio", {"site": "_other", "budget": "rate"}
+        )
+
+    async with cluster(1, site_label=lambda key: "_other") as (engine,):
+        await engine.admit(idle)
+        engine.publish_gauges()
+        await engine.admit(busy)
+        engine.publish_gauges()
+        assert gauge() == 1.0
+        await asyncio.sleep(0.3)  # both allowances refill at 10/s
+        monkeypatch.setattr(engine_module, "GAUGE_REFRESH", 0.0)
+        await engine._refresh_quiet_gauges()
+        assert gauge() == 0.0
+
+
 async def test_a_quiet_sites_gauges_follow_its_state_not_its_last_admission(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ):

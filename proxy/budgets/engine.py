@@ -85,6 +85,10 @@ GAUGE_REFRESH = 15.0
 _MAX_REFRESHED = 200
 
 
+class _StoreFailed(Exception):
+    """The shared store failed while gauges were read again (counted where it was seen)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """An admitted request's hold on its site's budgets; give it back with `engine.finish`."""
@@ -182,6 +186,10 @@ class BudgetEngine:
         self._loops: list[asyncio.Task[Any]] = []
         self._gauges: dict[str, tuple[Any, ...]] = {}
         self._observed: dict[str, tuple[BudgetSpec, float]] = {}
+        # Unlabelled sites seen with some budget in use, for `_other` to be read again when
+        # they go quiet (it kept its last value: a budget alert firing on an idle gateway).
+        self._other_seen: dict[str, BudgetSpec] = {}
+        self._other_published = 0.0
         self._unpublished: dict[str, tuple[BudgetSpec, Snapshot]] = {}
         self._closed = False
 
@@ -736,18 +744,47 @@ class BudgetEngine:
         cutoff = time.monotonic() - GAUGE_REFRESH
         quiet = [spec for spec, at in self._observed.values() if at < cutoff][:_MAX_REFRESHED]
         for spec in quiet:
-            store: BudgetStore | None = self._store
-            if self._down:
-                store = self._fallback if spec.fail_mode == "local" else None
-            if store is None:
-                continue
             try:
-                snap = await store.snapshot(spec.key)
-            except Exception as e:
-                if store is self._store:
-                    self._store_failed(e)
+                seen = await self._read_again(spec)
+            except _StoreFailed:
                 return
-            self._observe(self._local_spec(spec) if store is self._fallback else spec, snap)
+            if seen is not None:
+                self._observe(*seen)
+        if self._other_seen and self._other_published < cutoff:
+            await self._refresh_other()
+
+    async def _read_again(self, spec: BudgetSpec) -> tuple[BudgetSpec, Snapshot] | None:
+        """The site's state now, from the store that decides for it (None: none does)."""
+        store: BudgetStore | None = self._store
+        if self._down:
+            store = self._fallback if spec.fail_mode == "local" else None
+        if store is None:
+            return None
+        try:
+            snap = await store.snapshot(spec.key)
+        except Exception as e:
+            if store is self._store:
+                self._store_failed(e)
+            raise _StoreFailed from e
+        return (self._local_spec(spec) if store is self._fallback else spec), snap
+
+    async def _refresh_other(self) -> None:
+        """`_other` read again from the unlabelled sites last seen in use: the most used of
+        them now, 0 once none is (a site no longer in use is no longer followed)."""
+        other = [0.0] * len(Budget)
+        for spec in list(self._other_seen.values())[:_MAX_REFRESHED]:
+            try:
+                seen = await self._read_again(spec)
+            except _StoreFailed:
+                return
+            if seen is None:
+                continue
+            ratios = _ratios(*seen)
+            if not any(ratios):
+                del self._other_seen[spec.key]
+            other = [max(a, b) for a, b in zip(other, ratios, strict=True)]
+        self._set_gauges(metrics.OTHER, other)
+        self._other_published = time.monotonic()
 
     def publish_gauges(self) -> None:
         """Set `crawlwarden_budget_used_ratio` from the latest state seen of each site. The
@@ -764,8 +801,14 @@ class BudgetEngine:
             other = (
                 ratios if other is None else [max(a, b) for a, b in zip(other, ratios, strict=True)]
             )
+            if any(ratios):
+                self._other_seen.pop(spec.key, None)  # (last seen last)
+                if len(self._other_seen) >= _MAX_REFRESHED:
+                    del self._other_seen[next(iter(self._other_seen))]
+                self._other_seen[spec.key] = spec
         if other is not None:
             self._set_gauges(metrics.OTHER, other)
+            self._other_published = time.monotonic()
 
     def _observe(self, spec: BudgetSpec, snap: Snapshot) -> None:
         label = self._site_label(spec.key)

@@ -40,6 +40,7 @@ import json
 import os
 import re
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -63,6 +64,7 @@ from proxy.blocklist import Scope
 from proxy.blocklist import normalize_url
 from proxy.decision import Reason
 from proxy.inputs import canonical_target
+from proxy.inputs import check_host
 from proxy.inputs import other_readings
 from proxy.sites import normalize_host
 
@@ -286,13 +288,25 @@ def normalize_target(scope: Scope, target: str) -> str:
         if not _HOST.match(host):
             raise InvalidRequest(f"targets: {target!r} is not a domain such as example.com")
         return host
-    parts = urlsplit(text)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(f"targets: {target!r} is not an http(s) URL")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        # urlsplit drops tabs and line breaks (WHATWG URL): `/a.jpg\nfoo` would be stored as
+        # `/a.jpgfoo`, a URL nobody asked to block.
+        raise InvalidRequest(
+            f"targets: {target!r} has a control character; percent-encode it (RFC 3986)"
+        )
     try:
-        return normalize_url(text)
-    except (ValueError, UnicodeError) as e:
+        parts = urlsplit(text)
+        hostname = parts.hostname
+        url = normalize_url(text) if parts.scheme.lower() in ("http", "https") and hostname else ""
+    except (ValueError, UnicodeError) as e:  # `http://[::1/x`, `http://[a.test]/`, port 99999
         raise InvalidRequest(f"targets: {target!r} is not a valid URL: {e}") from e
+    if not url or hostname is None:
+        raise InvalidRequest(f"targets: {target!r} is not an http(s) URL")
+    # The host as the gateway reads a request's (inputs.check_host): a target whose host no
+    # request can have (`exa mple.test`, `0x7f.1`) would block nothing.
+    if (problem := check_host(hostname).problem) is not None:
+        raise InvalidRequest(f"targets: {target!r} is not a valid URL: {problem}")
+    return url
 
 
 def _scope_and_targets(body: dict[str, Any]) -> tuple[Scope, tuple[str, ...]]:

@@ -73,6 +73,13 @@ def test_targets_are_normalized_like_the_blocklist(scope: Scope, target: str, no
         (Scope.DOMAIN, "exa mple.com"),
         (Scope.URL, "ftp://example.com/a"),
         (Scope.PREFIX, "example.com/a"),
+        (Scope.URL, "http://[::1/x.jpg"),
+        (Scope.URL, "http://[example.com]/x.jpg"),
+        (Scope.URL, "http://exa mple.com/x.jpg"),
+        (Scope.URL, "http://example.com/x.jpg\nfoo"),
+        (Scope.URL, "http://example.com\t/x.jpg"),
+        (Scope.PREFIX, "http://example.com:99999/x/"),
+        (Scope.PREFIX, "http://0x7f.1/x/"),  # 127.0.0.1 to a resolver: the gateway refuses it
     ],
 )
 def test_invalid_targets_are_refused(scope: Scope, target: str):

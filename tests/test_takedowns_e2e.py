@@ -253,6 +253,42 @@ def test_blocklist_changes_propagate_and_a_replica_catches_up_after_missed_messa
     assert ("blocklist_add", entry["id"]) in kinds and ("blocklist_remove", entry["id"]) in kinds
 
 
+# -- what a rights holder may send --------------------------------------------------------
+
+MALFORMED_TARGETS = (
+    "http://[::1/x.jpg",  # an IPv6 address not closed
+    "http://[site-a.test]/x.jpg",  # a name in brackets
+    "http://exa mple.test/x.jpg",  # no host has a space
+    "http://site-a.test/x.jpg\nfoo",  # a line break a URL parser drops: it would be /x.jpgfoo
+)
+
+
+def test_a_malformed_target_is_refused_with_a_400_naming_it_and_nothing_is_filed(
+    workdir: Path, site: Site
+):
+    with Gateway(workdir, base_policy()) as gw:
+        for target in MALFORMED_TARGETS:
+            for path, body in (
+                ("/v1/takedowns", takedown_body("url", target)),
+                ("/v1/blocklist", {**takedown_body("prefix", target), "source": "their terms"}),
+            ):
+                status, answer = gw.admin_request("POST", path, ADMIN_TOKEN, body)
+                assert status == 400, (path, target, answer)
+                assert answer["error"].startswith(f"targets: {target!r}"), answer
+        refused = cli(
+            *("takedown", "file", "--admin", gw.admin, "--token", ADMIN_TOKEN),
+            *("--rights-holder", "Example Pictures Ltd", "--contact", "legal@pictures.example"),
+            *("--scope", "prefix", "--target", "http://[::1/gallery/", "--reason", "copyright"),
+            check=False,
+        )
+        assert refused.returncode == 1
+        assert "answered 400: targets: 'http://[::1/gallery/'" in refused.stderr
+        status, listed = gw.admin_request("GET", "/v1/takedowns", AUDITOR_TOKEN)
+        assert (status, listed["takedowns"]) == (200, [])
+        status, blocks = gw.admin_request("GET", "/v1/blocklist", AUDITOR_TOKEN)
+        assert (status, blocks["entries"]) == (200, [])
+
+
 # -- the manifest against an export --------------------------------------------------------
 
 

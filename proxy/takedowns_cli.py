@@ -54,7 +54,7 @@ def add_parser(sub: Any) -> None:
     common(commands.add_parser("list", help="every takedown, with teams still to confirm"))
     show = common(commands.add_parser("show", help="one takedown"))
     show.add_argument("id")
-    manifest = common(commands.add_parser("manifest", help="the earlier fetches it covers"))
+    manifest = common(commands.add_parser("manifest", help="the fetches it covers: what to delete"))
     manifest.add_argument("id")
     manifest.add_argument("--format", choices=["json", "csv"], default="json")
     manifest.add_argument("--output", type=Path, help="write here instead of stdout")

@@ -154,7 +154,7 @@ def _rec(url: str, **fields: Any) -> dict[str, Any]:
             _rec("https://example.com/x/../a.jpg"),
             True,
         ),
-        # withheld fetches reached the site too; refused ones, events and later ones do not count
+        # withheld fetches reached the site too; refused ones and events do not count
         (
             _takedown(Scope.DOMAIN, "example.com"),
             _rec("https://example.com/a", decision="withheld"),
@@ -170,9 +170,25 @@ def _rec(url: str, **fields: Any) -> dict[str, Any]:
             _rec("https://example.com/a", kind="gateway_fetch"),
             False,
         ),
+        # After the filing, on a replica the takedown had not reached yet: taken all the same.
         (
             _takedown(Scope.DOMAIN, "example.com"),
             _rec("https://example.com/a", ts="2026-06-01T00:00:00.000000Z"),
+            True,
+        ),
+        (
+            _takedown(Scope.DOMAIN, "example.com"),
+            _rec("https://example.com/a", ts="2026-06-01T00:00:00.500000Z", decision="withheld"),
+            True,
+        ),
+        (
+            _takedown(Scope.DOMAIN, "example.com"),
+            _rec("https://example.com/a", ts="2026-06-01T00:00:00.500000Z", decision="refused"),
+            False,
+        ),
+        (
+            _takedown(Scope.PREFIX, "https://example.com/g/"),
+            _rec("https://example.com/h/1", ts="2026-06-01T00:00:00.500000Z"),
             False,
         ),
     ],

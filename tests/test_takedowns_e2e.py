@@ -17,8 +17,11 @@ from urllib.parse import urlsplit
 
 import redis
 
+from proxy.audit.record import utc_timestamp
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - a pytest fixture
+from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - a pytest fixture
+from tests.pg_fixtures import pg_dsn  # noqa: F401 - a pytest fixture
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
@@ -251,6 +254,66 @@ def test_blocklist_changes_propagate_and_a_replica_catches_up_after_missed_messa
 
     kinds = [(r["kind"], r["rule"]) for r in gw1.export() if r.get("decision") == "event"]
     assert ("blocklist_add", entry["id"]) in kinds and ("blocklist_remove", entry["id"]) in kinds
+
+
+def test_a_fetch_a_replica_forwarded_while_the_takedown_was_reaching_it_is_in_the_manifest(
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
+    pg_dsn: str,  # noqa: F811
+):
+    # Filed, but not yet announced (no version change, no message): each replica still enforces
+    # what it had, as a replica does for up to a second, or longer when it missed the message.
+    # What it forwarded meanwhile reached the site: its team must be told to delete it.
+    private = workdir / "audit.key"
+    cli("keys", "generate", "--private", private, "--public", workdir / "audit.pub")
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    shared = ["--redis-url", own_redis.url, "--audit-dsn", pg_dsn]
+    url = site.url("site-a.test", "/gallery/cat.jpg")
+    with (
+        Gateway(workdir, policy, name="gw1", extra_args=shared) as gw1,
+        Gateway(workdir, policy, name="gw2", extra_args=shared) as gw2,
+    ):
+        before = fetch(gw2, url, **{"X-Crawl-Account": "before"})
+        assert before.status == 200
+        time.sleep(0.01)  # record timestamps are microseconds: "before" is before the filing
+        takedown = {
+            "id": "td-propagating",
+            "filed": utc_timestamp(time.time()),
+            "rights_holder": "Example Pictures Ltd",
+            "contact": "legal@pictures.example",
+            "scope": "url",
+            "targets": [url],
+            "reason": "copyright",
+            "filed_by": {"role": "admin", "token_fingerprint": "sha256:000000000000"},
+        }
+        client = redis.Redis.from_url(own_redis.url)
+        client.hset(REDIS_PREFIX + "takedowns", takedown["id"], json.dumps(takedown))
+        during = fetch(gw2, url, **{"X-Crawl-Account": "during"})
+        assert during.status == 200  # gw2 has not heard of it: the site was reached
+
+        client.publish(REDIS_PREFIX + "changed", str(client.incr(REDIS_PREFIX + "version")))
+        client.close()
+        refused, _ = poll_until(gw2, url, 451, time.monotonic())
+        assert refused.json()["rule"] == takedown["id"]  # after that: refused, nothing taken
+        assert site.count("/gallery/cat.jpg") == 2
+
+        def manifest_of_gw1() -> dict[str, Any]:
+            status, manifest = gw1.admin_request(
+                "GET", f"/v1/takedowns/{takedown['id']}/manifest", AUDITOR_TOKEN
+            )
+            assert status == 200
+            return manifest
+
+        # gw2's records reach the shared log within a moment (its spool is written through).
+        wait_for(lambda: len(manifest_of_gw1()["records"]) >= 2)
+        manifest = manifest_of_gw1()
+        status, shown = gw1.admin_request("GET", f"/v1/takedowns/{takedown['id']}", AUDITOR_TOKEN)
+        assert status == 200
+    rows = [(r["replica"], r["account"], r["decision"]) for r in manifest["records"]]
+    assert rows == [("gw2", "before", "forwarded"), ("gw2", "during", "forwarded")]
+    assert manifest["records"][1]["ts"] > takedown["filed"]
+    assert shown["manifest"]["records"] == 2 and shown["teams_outstanding"] == [TEAM]
 
 
 # -- what a rights holder may send --------------------------------------------------------

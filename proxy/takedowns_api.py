@@ -32,7 +32,7 @@ from proxy.takedowns import covers
 from proxy.takedowns import manifest_row
 
 # Records of this replica still on their way to the store are waited for, this long at most,
-# before a manifest is read: a fetch made just before (or as) the takedown was filed must be in it.
+# before a manifest is read: a fetch made just before the takedown was filed must be in it.
 FLUSH_TIMEOUT = 10.0
 
 

@@ -186,8 +186,9 @@ def policy_document(rt: Runtime) -> dict[str, Any]:
             "to reach you; the scope (one URL, with any query if it has none; a URL prefix; "
             "or a whole domain) and the "
             "targets; and the reason. Once filed, the gateway refuses the targets on every "
-            "replica within a second (HTTP 451, reason takedown), lists every earlier fetch "
-            "of them for the teams that made it, and records each team's deletion.",
+            "replica within a second (HTTP 451, reason takedown), lists every fetch of them "
+            "that reached the site (before the filing, or while it was reaching every "
+            "replica) for the teams that made it, and records each team's deletion.",
             "in_force": len(rt.takedowns.state.takedowns),
         },
         "retention": {"fetch_records_days": policy.retention.fetch_records_days},

@@ -69,6 +69,7 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
 from proxy.audit.record import utc_timestamp
 from proxy.decision import Reason
+from proxy.inputs import csv_cell
 from proxy.policy import Policy
 from proxy.record_source import RecordSource
 from proxy.sites import SiteDirectory
@@ -397,6 +398,10 @@ def to_csv(report: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
+
+    def write(row: dict[str, Any]) -> None:  # every cell as a spreadsheet may show it
+        writer.writerow({k: csv_cell(v) if isinstance(v, str) else v for k, v in row.items()})
+
     for site in report["sites"]:
         row = {"type": "site", **site}
         for name in (
@@ -407,10 +412,10 @@ def to_csv(report: dict[str, Any]) -> str:
             "policy_versions",
         ):
             row[name] = _joined(site[name])
-        writer.writerow(row)
+        write(row)
     for c in report["checkpoints"]:
         cp = c["checkpoint"] or {}
-        writer.writerow(
+        write(
             {
                 "type": "checkpoint",
                 "replica": c["replica"],

@@ -187,7 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, help="write here instead of stdout")
     verify = audit_sub.add_parser("verify", help="check an export's chains and signatures")
     verify.add_argument("file", type=Path, help="a JSONL export")
-    verify.add_argument("--public-key", type=Path, required=True, help="the Ed25519 public key")
+    verify.add_argument(
+        "--public-key",
+        type=Path,
+        required=True,
+        action="append",
+        help="the Ed25519 public key; give it again for each key the log was signed with "
+        "(a key changed: the gateway records a signing_key event)",
+    )
     verify.add_argument(
         "--allow-unsigned",
         action="store_true",

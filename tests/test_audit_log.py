@@ -523,3 +523,30 @@ async def test_a_damaged_last_record_does_not_hold_the_log_back(tmp_path: Path) 
     assert await log.flushed(timeout=5)
     await log.close()
     assert [r["seq"] for r in stored(tmp_path, "gw-l")] == [1, 2]
+
+
+async def test_a_changed_signing_key_is_recorded_and_both_keys_verify_the_log(
+    tmp_path: Path,
+) -> None:
+    # An embedded gateway given audit.signing_key_file later (as a fleet needs) went on under the
+    # new key silently, and no single key verified its log again.
+    old, old_public = keys(tmp_path, "old")
+    new, new_public = keys(tmp_path, "new")
+    for signer, first in ((old, 0), (new, 3)):
+        log = fetch_log(
+            SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-k", signer
+        )
+        await log.open()
+        for i in range(first, first + 3):
+            log.append(fetch(i))
+        await log.close()
+    [event] = [r for r in stored(tmp_path, "gw-k") if r["kind"] == "signing_key"]
+    assert "--public-key OLD --public-key NEW" in event["note"]
+    out = tmp_path / "e.jsonl"
+    assert cli("audit", "export", "--data-dir", tmp_path, "--output", out).returncode == 0
+    for only in (old_public, new_public):
+        result = cli("audit", "verify", out, "--public-key", only)
+        assert result.returncode == 1 and "signed with another key" in result.stdout
+    both = cli("audit", "verify", out, "--public-key", old_public, "--public-key", new_public)
+    assert both.returncode == 0, both.stdout
+    assert "replica gw-k: records 1..7" in both.stdout  # 6 fetches and the key change

@@ -40,6 +40,7 @@ import binascii
 import hashlib
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,8 +177,10 @@ def _decimal(text: str) -> int:
     return int(text)
 
 
-def open_note(note: str, verifier: Verifier) -> Checkpoint:
-    """Verify a signed note with `verifier` and return its checkpoint; CheckpointError if not."""
+def open_note(note: str, verifier: Verifier | Sequence[Verifier]) -> Checkpoint:
+    """Verify a signed note with `verifier` (or any of several: keys rotated) and return its
+    checkpoint; CheckpointError if not."""
+    verifiers = [verifier] if isinstance(verifier, Verifier) else list(verifier)
     cut = note.rfind("\n\n")
     if cut < 0 or not note.endswith("\n"):
         raise CheckpointError("not a signed note (no empty line before the signatures)")
@@ -195,15 +198,17 @@ def open_note(note: str, verifier: Verifier) -> Checkpoint:
         if len(raw) < 5:
             raise CheckpointError("signature too short")
         ids_seen.append(f"{parts[1]}/{raw[:4].hex()}")
-        # signed-note: a signature from an unknown (name, key ID) is ignored; from the known key
+        # signed-note: a signature from an unknown (name, key ID) is ignored; from a known key
         # it must verify.
-        if parts[1] != verifier.name or raw[:4] != verifier.key_id:
+        known = next((v for v in verifiers if parts[1] == v.name and raw[:4] == v.key_id), None)
+        if known is None:
             continue
-        if not verifier.verify(text.encode(), raw[4:]):
+        if not known.verify(text.encode(), raw[4:]):
             raise CheckpointError("the signature does not verify: the checkpoint was altered")
         return checkpoint
+    given = ", ".join(f"{v.name}/{v.key_id.hex()}" for v in verifiers)
     raise CheckpointError(
-        f"not signed by the given public key (key {verifier.name}/{verifier.key_id.hex()}); "
+        f"not signed by the given public key{'s' if len(verifiers) > 1 else ''} (key {given}); "
         f"signed by {', '.join(ids_seen) or 'nobody'}: forged or signed with another key"
     )
 

@@ -30,9 +30,11 @@ import structlog
 
 from proxy import metrics
 from proxy.audit.checkpoint import Checkpoint
+from proxy.audit.checkpoint import CheckpointError
 from proxy.audit.checkpoint import checkpoint_line
 from proxy.audit.checkpoint import note_hash
 from proxy.audit.checkpoint import note_text
+from proxy.audit.checkpoint import open_note
 from proxy.audit.checkpoint import parse_text
 from proxy.audit.keys import Signer
 from proxy.audit.record import GENESIS_HASH
@@ -139,7 +141,7 @@ class FetchLog:
         if stored is not None:
             self.seq, self.head = stored
             self.shipped_seq = stored[0]
-        await self._resume_checkpoints()
+        key_changed = await self._resume_checkpoints()
         gap_reported = False
         for rec in replayed.records:
             seq = rec.spooled.seq
@@ -155,6 +157,8 @@ class FetchLog:
         for began in replayed.unfinished:
             # Interrupted mid-flight (kill -9, crash): the request left, its answer is unknown.
             self._append_interrupted(began)
+        if key_changed is not None:
+            self.new_event("signing_key", key_changed, reason="signing_key_changed")
         if replayed.records or replayed.unfinished:
             log.info(
                 "spool_replayed",
@@ -182,16 +186,41 @@ class FetchLog:
         if self.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._purge_loop(), name="fetchlog-purge"))
 
-    async def _resume_checkpoints(self) -> None:
+    async def _resume_checkpoints(self) -> str | None:
+        """Pick the checkpoint chain up where it stopped; returns what to record if the
+        signing key is no longer the one that signed it."""
         last = await self.store.last_checkpoint(self.replica)
+        changed = None
         if last is not None:
             previous = parse_text(note_text(last["note"]))
             self.checkpoint_number = self.shipped_checkpoint = previous.number
             self.checkpoint_prev = note_hash(last["note"])
             self.checkpoint_seq = previous.seq
+            changed = self._key_change(last["note"], previous.number)
         purge = await self.store.last_purge(self.replica)
         if purge is not None:
             self.purged_seq, self.purged_number = purge["seq"], purge["number"]
+        return changed
+
+    def _key_change(self, note: str, number: int) -> str | None:
+        """A note the current key did not sign: the key was changed (an embedded gateway given
+        `audit.signing_key_file`, a rotated fleet key). The chain goes on under the new key;
+        an auditor then verifies with both public keys, and the change is on the record."""
+        if self.signer is None:
+            return None
+        try:
+            open_note(note, self.signer.verifier)
+        except CheckpointError as e:
+            now = self.signer.verifier.key_id.hex()
+            log.warning(
+                "signing_key_changed", replica=self.replica, checkpoint=number, now=now, why=str(e)
+            )
+            return (
+                f"the signing key changed: checkpoints up to #{number} of this replica are not "
+                f"signed by the key now in use (key ID {now}); verify the log with every public "
+                f"key it was signed with (audit verify --public-key OLD --public-key NEW) ({e})"
+            )
+        return None
 
     async def close(self, timeout: float = 30.0) -> None:
         """Sign the head, ship everything queued (waiting up to `timeout`), then stop."""

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -168,7 +169,9 @@ def _is_hash(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
 
 
-def verify_file(path: Path, verifier: Verifier, *, allow_unsigned: bool = False) -> Report:
+def verify_file(
+    path: Path, verifier: Verifier | Sequence[Verifier], *, allow_unsigned: bool = False
+) -> Report:
     """`allow_unsigned`: records no checkpoint covers are a warning, not a problem (they are
     chained, but nothing proves that the chain itself was not rewritten)."""
     report = Report()
@@ -205,7 +208,7 @@ def _check_header_replicas(report: Report) -> None:
             )
 
 
-def _pass_signed(path: Path, verifier: Verifier, report: Report) -> None:
+def _pass_signed(path: Path, verifier: Verifier | Sequence[Verifier], report: Report) -> None:
     for line, item, error in _read(path):
         if item is None:
             report.problem(line, f"unreadable line ({error})")
@@ -501,11 +504,9 @@ def _finish_chain(chain: Chain, report: Report, *, allow_unsigned: bool = False)
         report.unsigned.append(unsigned)
 
 
-def summary(report: Report, path: Path, verifier: Verifier) -> list[str]:
-    out = [
-        f"OK: {path} is intact (public key ID {verifier.key_id.hex()}, "
-        f"SHA-256 {verifier.fingerprint})"
-    ]
+def summary(report: Report, path: Path, verifiers: Sequence[Verifier]) -> list[str]:
+    keys = "; ".join(f"public key ID {v.key_id.hex()}, SHA-256 {v.fingerprint}" for v in verifiers)
+    out = [f"OK: {path} is intact ({keys})"]
     header = report.header or {}
     filters = header.get("filters") or {}
     if filters:
@@ -552,7 +553,7 @@ def summary(report: Report, path: Path, verifier: Verifier) -> list[str]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
-        verifier = load_public_key(args.public_key)
+        verifiers = [load_public_key(key) for key in args.public_key]
     except SigningKeyError as e:
         print(f"crawlwarden audit verify: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -569,7 +570,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    report = verify_file(path, verifier, allow_unsigned=args.allow_unsigned)
+    report = verify_file(path, verifiers, allow_unsigned=args.allow_unsigned)
     header = report.header
     if header is not None and header.get("format") != FORMAT:
         print(
@@ -589,7 +590,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if len(report.problems) > 50:
                 lines.append(f"  ... and {len(report.problems) - 50} more")
         return _say(lines, EXIT_TAMPERED)
-    return _say(summary(report, path, verifier), EXIT_OK)
+    return _say(summary(report, path, verifiers), EXIT_OK)
 
 
 def _say(lines: list[str], verdict: int) -> int:

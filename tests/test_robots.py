@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from proxy.aipref import Preference
 from proxy.decision import Reason
 from proxy.robots import PARSE_LIMIT
+from proxy.robots import PathPattern
 from proxy.robots import parse_robots
 from tests.optout_fixtures import CONTACT
 from tests.optout_fixtures import TOKEN
@@ -220,6 +225,80 @@ def test_a_line_cut_by_the_limit_is_not_parsed_as_a_shorter_rule() -> None:
     # The limit falls inside "/private-area": "Disallow: /" must not be what we parse.
     assert len(body) > PARSE_LIMIT
     assert parse_robots(body, [TOKEN]).verdict("/public").allowed
+
+
+# -- path patterns (robots.txt Content-Usage lines and TDMRep locations) ---------------------
+
+
+def regex_semantics(pattern: str, path: str) -> bool:
+    """What a pattern meant when it was a regex: each `*` a `.*`, a final `$` the end."""
+    body, anchored = (pattern[:-1], True) if pattern.endswith("$") else (pattern, False)
+    regex = ".*".join(re.escape(run) for run in re.split(r"\*+", body))
+    return re.match(regex + (r"\Z" if anchored else ""), path, re.DOTALL) is not None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("/a", "/a/b", True),  # a prefix
+        ("/a$", "/a", True),
+        ("/a$", "/a/b", False),
+        ("/a$b", "/a$b/c", True),  # `$` anchors only at the end; elsewhere it is a character
+        ("/a$$", "/a$", True),
+        ("/a$$", "/a$b", False),
+        ("/*", "/", True),
+        ("/*$", "/anything", True),
+        ("*", "/x", True),
+        ("/a**b", "/a/x/b", True),
+        ("/*.jpg$", "/x.jpg.jpg", True),  # the last run is found at the end, not first
+        ("/*.jpg$", "/x.jpg?s=1", False),
+        ("/a*b*c", "/a-c-b", False),  # runs in order
+        ("/a*b*c", "/ab-bc", True),
+        ("/*ab*ab$", "/abab", True),  # runs do not overlap
+        ("/*ab*ab$", "/aba", False),
+        ("/*aa*aa$", "/aaa", False),
+        ("/x*yz", "/xyyz", True),
+        ("/*b$", "/b", True),
+    ],
+)
+def test_path_patterns(pattern: str, path: str, expected: bool) -> None:
+    assert PathPattern(pattern).matches(path) is expected
+    assert regex_semantics(pattern, path) is expected
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    pattern=st.text(alphabet="/ab*$", max_size=8).map(lambda p: "/" + p),
+    path=st.text(alphabet="/ab$*", max_size=12).map(lambda p: "/" + p),
+)
+def test_path_patterns_mean_what_the_regex_meant(pattern: str, path: str) -> None:
+    # Matching in one pass changed how long a match takes, not what matches.
+    assert PathPattern(pattern).matches(path) is regex_semantics(pattern, path)
+
+
+# A pattern with k stars and a long near-miss path: a backtracking regex takes ~n^(k+1) steps
+# (/*a*a*a*b against 600 `a`s blocked the gateway 4-7 s; these, years). The timeout is only a
+# backstop: the matcher makes one pass.
+NEAR_MISSES = [
+    ("/*a*a*a*a*a*b", "/" + "a" * 20_000),
+    ("/*a*a*a*a*a*b$", "/" + "a" * 20_000 + "b/"),
+    ("/" + "*a" * 50 + "*b", "/" + "a" * 20_000),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("pattern", "path"), NEAR_MISSES)
+def test_a_pattern_of_many_stars_fails_a_long_path_in_one_pass(pattern: str, path: str) -> None:
+    assert not PathPattern(pattern).matches(path)
+    assert PathPattern(pattern.removesuffix("$")).matches(path + "b")
+
+
+@pytest.mark.timeout(30)
+def test_content_usage_with_many_stars_is_answered_for_a_long_path() -> None:
+    robots = "User-agent: *\nContent-Usage: /*a*a*a*a*a*b train-ai=n\n"
+    rules, path = parse_robots(robots, [TOKEN]), "/" + "a" * 20_000
+    assert rules.verdict(path).content_usage.training() is Preference.UNKNOWN
+    assert rules.verdict(path + "b").content_usage.training() is Preference.DISALLOW
 
 
 # -- Content-Usage rules (draft-ietf-aipref-attach-05 section 3) ---------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import sys
 import zlib
 from collections.abc import Callable
@@ -150,21 +151,147 @@ class _Zlib:
 
 
 def _brotli(decompressor: brotli.Decompressor) -> Step:
+    # One stream: bytes after its end are an error (brotli.error), as in curl and brotli.decompress.
     return lambda data, wanted: decompressor.process(data, output_buffer_limit=wanted)
 
 
-def _zstd(decompressor: zstd.ZstdDecompressor) -> Step:
-    def step(data: bytes, wanted: int) -> bytes:
-        if decompressor.eof:
-            return b""  # a second frame: the first one is what is read
-        return decompressor.decompress(data, wanted)
+MAX_STREAMS = 1000  # gzip members or zstd frames read in one body (`_Streams`)
 
-    return step
+
+class _Streams:
+    """A body that is a series of streams, each decoded after the one before: gzip members
+    (RFC 1952 2.2) or zstd frames (RFC 8878 3). Clients decode them all (Python's gzip and zstd
+    modules, urllib3, Scrapy; curl the zstd frames): an opt-out in a second member is on the
+    page they read, so the gateway reads it too.
+
+    The output bound holds across streams: a call gives `wanted` bytes at most, whichever
+    streams they come from. The work is bounded too. A stream that decodes to nothing still
+    costs a decompressor (a microsecond for zlib, ten for zstd): 16 MiB of empty zstd frames
+    would hold the event loop for seconds, hence `MAX_STREAMS`, far past what a page is sent
+    in. And a decompressor copies the input that follows its stream: the input goes to it a
+    `PIECE` at a time, so that each stream's end copies that much, not the rest of the body."""
+
+    name = "stream"
+
+    def __init__(self) -> None:
+        self._input: collections.deque[memoryview] = collections.deque()  # not decoded yet
+        self._between = False  # a stream has ended, the next has not begun
+        self._streams = 1
+        self._ignored = False  # what follows the last stream is not one: left unread
+        self._start()
+
+    def __call__(self, data: bytes, wanted: int) -> bytes:
+        if data and not self._ignored:
+            self._input.append(memoryview(data))
+        while True:
+            if self._between:
+                if not self._next_begins():
+                    return b""
+                if self._streams == MAX_STREAMS:
+                    raise ValueError(
+                        f"the body is sent in more than {MAX_STREAMS} {self.name}s: "
+                        "those after them were not read"
+                    )
+                self._streams += 1
+                self._start()
+                self._between = False
+            out = self._decode(b"", wanted)  # what the stream holds back first
+            if not out and self._input and self._rest() is None:
+                out = self._decode(self._take(), wanted)
+            rest = self._rest()
+            if rest is not None:
+                if rest:
+                    self._input.appendleft(memoryview(rest))
+                self._between = True
+            if out:
+                return out
+            if not self._between and not self._input:
+                return b""
+
+    def _take(self) -> memoryview:
+        first = self._input.popleft()
+        if len(first) > PIECE:
+            self._input.appendleft(first[PIECE:])
+            first = first[:PIECE]
+        return first
+
+    def _next_begins(self) -> bool:
+        """Whether the input after a stream begins another (False: not yet known, or never)."""
+        return bool(self._input)
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _decode(self, data: memoryview | bytes, wanted: int) -> bytes:
+        """The stream's output for more input (b"": for what it holds)."""
+        raise NotImplementedError
+
+    def _rest(self) -> bytes | None:
+        """None while the stream has not ended; then the input it was given past its end."""
+        raise NotImplementedError
+
+
+class _Gzip(_Streams):
+    """gzip members. Between them NUL bytes are padding, skipped (as gzip(1) and Python's gzip
+    do); after the last, bytes that do not begin a member are left unread, as urllib3 and Scrapy
+    leave them (and as the gateway always has)."""
+
+    name = "gzip member"
+
+    def _start(self) -> None:
+        self._member = zlib.decompressobj(47)  # gzip or zlib header, as mitmproxy
+
+    def _decode(self, data: memoryview | bytes, wanted: int) -> bytes:
+        out = self._member.decompress(data, wanted)
+        tail = self._member.unconsumed_tail  # held back by the output bound: input again
+        if tail:
+            self._input.appendleft(memoryview(tail))
+        return out
+
+    def _rest(self) -> bytes | None:
+        return self._member.unused_data if self._member.eof else None
+
+    def _next_begins(self) -> bool:
+        while self._input:  # a PIECE at a time: a lot of padding is a lot of bytes
+            head = bytes(self._input[0][:PIECE])
+            padding = len(head) - len(head.lstrip(b"\0"))
+            rest = self._input.popleft()[padding:]
+            if rest:
+                self._input.appendleft(rest)
+            if padding < len(head):
+                break
+        magic = b"".join(bytes(piece[:2]) for piece in itertools.islice(self._input, 2))[:2]
+        if magic in (b"", b"\x1f"):
+            return False  # not known yet
+        if magic == b"\x1f\x8b":
+            return True
+        self._input.clear()
+        self._ignored = True
+        return False
+
+
+class _Zstd(_Streams):
+    """zstd frames (skippable ones decode to nothing). Bytes after a frame that do not begin
+    another are an error, as in every zstd decoder."""
+
+    name = "zstd frame"
+
+    def _start(self) -> None:
+        self._frame = zstd.ZstdDecompressor()
+
+    def _decode(self, data: memoryview | bytes, wanted: int) -> bytes:
+        if not data and self._frame.needs_input:
+            return b""
+        return self._frame.decompress(data, wanted)
+
+    def _rest(self) -> bytes | None:
+        return self._frame.unused_data if self._frame.eof else None
 
 
 class _Deflate:
     """Deflate is zlib-wrapped by the RFC, raw from some servers: the first two bytes (a zlib
-    header or not) decide."""
+    header or not) decide. One stream (RFC 9110 8.4.1.2): what follows it is left unread, as
+    zlib.decompress, urllib3 and curl leave it."""
 
     def __init__(self) -> None:
         self._zlib: _Zlib | None = None
@@ -184,11 +311,11 @@ class _Deflate:
 # Each Content-Encoding decoded, and how to make its step for one body.
 _STEPS: dict[str, Callable[[], Step]] = {
     "identity": _Identity,
-    "gzip": lambda: _Zlib(47),  # gzip or zlib header, as mitmproxy
-    "x-gzip": lambda: _Zlib(47),
+    "gzip": _Gzip,
+    "x-gzip": _Gzip,
     "deflate": _Deflate,
     "br": lambda: _brotli(brotli.Decompressor()),
-    "zstd": lambda: _zstd(zstd.ZstdDecompressor()),
+    "zstd": _Zstd,
 }
 # The same, as a request's Accept-Encoding names them (`decodable_only`).
 DECODED_CODINGS = frozenset(_STEPS)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -51,6 +52,11 @@ from tests.support import Seen
 from tests.support import Site
 from tests.support import curl
 from tests.support import policy_with
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 HEADERS = {"X-Crawl-Project": PROJECT}
 # RFC 9309: TestBot obeys its own group only; the `*` group's /star-only/ does not bind it.
@@ -696,6 +702,34 @@ def test_a_compression_bomb_is_read_as_far_as_its_head_and_no_further(gateway: G
     assert grown < 64 * 2**20, f"peak RSS grew {grown / 2**20:.0f} MiB"
     [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/bomb.html")]
     assert rec["content_sha256"] == hashlib.sha256(bomb).hexdigest()  # as sent, not decoded
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [("gzip", gzip.compress), ("zstd", zstd.compress)],
+    ids=["gzip-members", "zstd-frames"],
+)
+def test_a_page_sent_in_two_members_is_read_in_both(
+    gateway: Gateway, site: Site, coding: str, compress: Callable[[bytes], bytes]
+):
+    # RFC 1952 2.2 (RFC 8878 3): a body may be several gzip members (zstd frames), and clients
+    # decode them all. The page's noai meta is in the second: the gateway read only the first
+    # and delivered the page.
+    head, rest = PAGE_NOAI[:15], PAGE_NOAI[15:]
+    body = compress(head) + compress(rest)
+    site.routes["/two.html"] = Reply(
+        body=body, headers={"Content-Type": "text/html", "Content-Encoding": coding}
+    )
+    result = curl(
+        site.url("site-c.test", "/two.html"),
+        proxy=gateway.proxy_url(),
+        headers={**HEADERS, "Accept-Encoding": coding},
+    )
+    assert result.status == 451 and result.json()["reason"] == "noai_directive"
+    assert body not in result.body and b"secret words" not in result.body
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/two.html")]
+    assert (rec["decision"], rec["reason"]) == ("withheld", "noai_directive")
+    assert rec["content_sha256"] == hashlib.sha256(body).hexdigest()
 
 
 def test_a_page_whose_head_outruns_the_scan_says_so_on_its_record(gateway: Gateway, site: Site):

@@ -547,6 +547,11 @@ def summary(report: Report, path: Path, verifiers: Sequence[Verifier]) -> list[s
         + (f" ({redacted} redacted to digests by the export filters)" if redacted else "")
         + (f", time span {earliest} .. {latest}" if earliest else "")
     )
+    if redacted:
+        out.append(
+            f"note: {redacted} redacted record(s) are proven in the chain, but that they did not "
+            "match the export's filters is the exporter's word (their content is not in the file)"
+        )
     out.extend(f"warning: {w}" for w in report.warnings)
     return out
 

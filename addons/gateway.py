@@ -96,6 +96,7 @@ _HOP_BY_HOP = frozenset(
 # hop-by-hop (RFC 9110 7.6.1): removed, or the next hop would drop it (`Connection: User-Agent`
 # took the crawler's User-Agent and From away before the site).
 _CONNECTION_OPTIONS = frozenset(("close", "keep-alive", "upgrade"))
+_NO_CONTENT = frozenset((204, 304))  # answers that never carry content
 _ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
 
@@ -1099,9 +1100,13 @@ class Gateway:
             rec.status = answer.status
             rec.content_type = answer.content_type
             rec.response_bytes = answer.body_bytes or 0
-            rec.content_sha256 = answer.sha256
-            if answer.sha256 is None:
-                rec.note = "streamed past the buffer limit by mitmproxy: body not hashed"
+            if state.method == "HEAD" or answer.status in _NO_CONTENT:
+                # No content came (RFC 9110 6.4.1): no content ID, not the empty body's hash.
+                rec.content_sha256 = None
+            else:
+                rec.content_sha256 = answer.sha256
+                if answer.sha256 is None:
+                    rec.note = "streamed past the buffer limit by mitmproxy: body not hashed"
             if flow.request.timestamp_end:
                 metrics.UPSTREAM_SECONDS.observe(
                     max(0.0, answer.finished - flow.request.timestamp_end)

@@ -84,6 +84,7 @@ class OriginFetch:
     duration: float = 0.0  # seconds, to the end of the body read
     truncated: bool = False  # the body went on past the read limit: size and hash are of less
     refused: str | None = None  # the gateway's reason for not making it (a redirect hop's target)
+    content_type: str | None = None  # the answer's Content-Type, as sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,7 +594,17 @@ class OriginFileFetcher:
         finally:
             if release is not None:
                 release(len(body))
-        self._report(str(url), status, body, None, via, egress_ip, began, truncated)
+        self._report(
+            str(url),
+            status,
+            body,
+            None,
+            via,
+            egress_ip,
+            began,
+            truncated,
+            content_type=head.get("content-type"),
+        )
         return status, head, body, truncated
 
     def _next_proxy(self) -> UpstreamProxy | None:
@@ -627,6 +638,7 @@ class OriginFileFetcher:
         truncated: bool = False,
         *,
         refused: TargetRefusal | None = None,
+        content_type: str | None = None,
     ) -> None:
         """`began`: the request's start, wall clock and monotonic. `refused`: it was not made."""
         if self._on_fetch is None:
@@ -645,6 +657,7 @@ class OriginFileFetcher:
             duration,
             truncated,
             None if refused is None else refused.reason,
+            content_type,
         )
         try:
             self._on_fetch(fetch)

@@ -7,6 +7,7 @@ settings from the command line. Knows nothing of mitmproxy.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import socket
 import time
 import uuid
@@ -293,7 +294,14 @@ class Runtime:
         note = error
         if fetch.truncated:
             note = f"read up to the limit of {fetch.body_bytes} bytes: size and hash are of those"
-        site = self.governor.site_for(host).key if host else None
+        resolved = self.governor.site_for(host) if host else None
+        site = resolved.key if resolved is not None else None
+        basis = None
+        if resolved is not None:  # read for the site's terms: under the site's basis
+            terms, _ = resolved.terms_on(
+                dt.datetime.fromtimestamp(fetch.started or time.time(), dt.UTC).date()
+            )
+            basis = f"{terms.kind}:{terms.ref}"
         if fetch.refused is not None:  # not made: a redirect hop the policy forbids
             decision, reason = str(Outcome.REFUSED), fetch.refused
         else:
@@ -323,7 +331,9 @@ class Runtime:
                 site=site,
                 status=status,
                 response_bytes=fetch.body_bytes,
+                content_type=fetch.content_type,
                 content_sha256=fetch.sha256,
+                legal_basis=basis,
                 egress_ip=fetch.egress_ip,
                 egress_provider=policy.egress.provider,
                 egress_public_ips=[str(ip) for ip in policy.egress.public_ips],

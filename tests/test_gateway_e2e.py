@@ -166,6 +166,30 @@ def test_plain_http_fetch_is_forwarded_and_recorded_with_every_field(gateway: Ga
     assert decisions and decisions[0]["decision"] == "forwarded"
 
 
+def test_an_answer_without_content_is_recorded_without_a_content_hash(gateway: Gateway, site: Site):
+    # HEAD and 304 records carried the SHA-256 of the empty body as their content ID, as if
+    # an empty file had been fetched.
+    site.routes["/unchanged"] = Reply(status=304, body=b"", headers={})
+    head = curl(
+        site.url("site-a.test", "/page"),
+        proxy=gateway.proxy_url(),
+        headers=PROJECT_HEADERS,
+        extra=["-I"],
+    )
+    unchanged = curl(
+        site.url("site-a.test", "/unchanged"), proxy=gateway.proxy_url(), headers=PROJECT_HEADERS
+    )
+    assert (head.status, unchanged.status) == (200, 304)
+    records = {r["url"].rsplit("/", 1)[1]: r for r in gateway.fetch_records()}
+    for name in ("page", "unchanged"):
+        rec = records[name]
+        assert (rec["decision"], rec["content_sha256"], rec["response_bytes"]) == (
+            "forwarded",
+            None,
+            0,
+        ), name
+
+
 def test_https_fetch_through_connect_is_recorded(gateway: Gateway, tls_site: Site):
     tls_site.routes["/photo.png"] = Reply(body=b"\x89PNG..", headers={"Content-Type": "image/png"})
     result = curl(

@@ -130,6 +130,8 @@ def test_robots_and_tdmrep_refuse_before_the_site_is_asked(gateway: Gateway, sit
     assert {r["url"].rsplit("/", 1)[1] for r in own} == {"robots.txt", "tdmrep.json"}
     assert all(r["team"] is None and r["site"] == "site-a.test" for r in own)
     assert all(r["duration_ms"] > 0 and r["content_sha256"] for r in own)
+    # What the site sent, and the basis it was read under (they were null).
+    assert all(r["content_type"] and r["legal_basis"] for r in own), own
     refused = {
         r["url"].split(str(site.port), 1)[1]: r for r in records if r["decision"] == "refused"
     }

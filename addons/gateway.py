@@ -31,7 +31,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from addons.client_events import ERROR_ANSWER
 from addons.client_events import LATE_STREAM
 from addons.http_guard import ANSWER_NOW
-from addons.http_guard import BODY_TOO_LARGE
+from addons.http_guard import BODY_REFUSED
 from addons.http_guard import FORWARDED
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
@@ -741,14 +741,17 @@ class Gateway:
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.recorded:
             return
-        too_large = flow.metadata.get(BODY_TOO_LARGE)
-        if state.forwarded and too_large is not None:
-            # HttpGuard stopped a body of no declared length at the limit: the site never saw
-            # the request, so it is refused, as one that declared such a length is.
+        refused_body = flow.metadata.get(BODY_REFUSED)
+        if state.forwarded and refused_body is not None:
+            # HttpGuard stopped a body of no declared length at the limit, or one on a GET: the
+            # site never saw the request, so it is refused, as one that declared it is.
+            reason, detail = refused_body
             state.decision = refuse(
-                Reason.REQUEST_TOO_LARGE,
-                too_large,
-                rule="network.max_request_body_bytes",
+                reason,
+                detail,
+                rule="network.max_request_body_bytes"
+                if reason is Reason.REQUEST_TOO_LARGE
+                else None,
                 site=state.site,
             )
             flow.metadata[ERROR_ANSWER] = refusal_response(

@@ -14,7 +14,7 @@ model, so it can bound all of that without reaching into sockets:
   connection closed, before mitmproxy buffers more of it.
 - `max_request_body_bytes` for a body that declared no length (HTTP/2 without `Content-Length`;
   HTTP/1 chunked bodies are refused from their head): once mitmproxy has buffered more than this,
-  the flow fails as if the site had (`BODY_TOO_LARGE`), so the gateway records and answers
+  the flow fails as if the site had (`BODY_REFUSED`), so the gateway records and answers
   `request_too_large`; a request already refused gets its refusal then. The site never sees it:
   past its own threshold mitmproxy would stream the request body on to the site, unbounded (and
   crash on a refused one).
@@ -61,6 +61,7 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
 from addons import client_events
+from proxy import inputs
 from proxy import units
 from proxy.decision import Decision
 from proxy.decision import Outcome
@@ -75,7 +76,9 @@ log = structlog.get_logger("crawlwarden.guard")
 FORWARDED = "crawlwarden.forwarded"  # request id of a flow the gateway forwards: deadlines apply
 ANSWER_NOW = "crawlwarden.answer_now"  # refused with its body still to come: answer, then close
 TIMEOUT = "crawlwarden.timeout"  # set here: which deadline closed the upstream connection
-BODY_TOO_LARGE = "crawlwarden.body_too_large"  # set here: a body of no declared length, too long
+# Set here: (reason, detail) of a body refused once it came (no declared length and too long, or
+# on a method that has none).
+BODY_REFUSED = "crawlwarden.body_refused"
 
 # How long a refused request's body is read and discarded after the answer went out.
 LINGER_SECONDS = 2.0
@@ -311,7 +314,7 @@ class HttpGuard(layer.Layer):
                 if flow.response is not None:
                     flow.metadata[client_events.ERROR_ANSWER] = flow.response
                 else:
-                    flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
+                    flow.metadata[BODY_REFUSED] = (Reason.REQUEST_TOO_LARGE, _too_large(limit))
                 yield from self._fail_stream(stream_id, stream, "request body too large")
 
     def _fail_stream(
@@ -327,14 +330,19 @@ class HttpGuard(layer.Layer):
 
     def _check_complete_body(self, flow: http.HTTPFlow) -> None:
         """A body of no declared length that came whole past the limit before it was checked
-        (with its head, or in one read): killed before the request hook, so mitmproxy ends the
-        flow in the error hook. A declared length over the limit was refused from the head."""
+        (with its head, or in one read), or that a GET, HEAD or TRACE has (HTTP/2 DATA frames:
+        forwarded to an HTTP/1 site, it would be read there as another request): killed before
+        the request hook, so mitmproxy ends the flow in the error hook. A declared length over
+        the limit, or on such a method, was refused from the head."""
         body = flow.request.raw_content
         if not body or not flow.metadata.get(FORWARDED) or not flow.killable:
             return
         limit = self.limits().max_body_bytes
         if len(body) > limit:
-            flow.metadata[BODY_TOO_LARGE] = _too_large(limit)
+            flow.metadata[BODY_REFUSED] = (Reason.REQUEST_TOO_LARGE, _too_large(limit))
+            flow.kill()
+        elif (unexpected := inputs.unexpected_body(flow.request.method)) is not None:
+            flow.metadata[BODY_REFUSED] = (Reason.BAD_REQUEST, unexpected)
             flow.kill()
 
     def _answer_now(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:

@@ -287,6 +287,16 @@ class BodyFraming(NamedTuple):
 BODILESS_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 
 
+def unexpected_body(method: str) -> str | None:
+    """Why a body on `method` is refused, if it is (one of BODILESS_METHODS)."""
+    if method not in BODILESS_METHODS:
+        return None
+    return (
+        f"a {method} request with a body: a site that ignores it would read the body as another "
+        "request; send data with POST"
+    )
+
+
 def check_body_framing(
     content_length: str | None, transfer_encoding: str | None, max_body: int, method: str = ""
 ) -> BodyFraming:
@@ -299,16 +309,11 @@ def check_body_framing(
     A GET, HEAD or TRACE with a body is refused: it is how a request is smuggled past the gateway
     to a site that ignores such bodies.
     """
-    if method in BODILESS_METHODS and (
+    if (
         transfer_encoding is not None
         or (content_length is not None and content_length.strip() not in ("", "0"))
-    ):
-        return BodyFraming(
-            None,
-            None,
-            f"a {method} request with a body: a site that ignores it would read the body as "
-            "another request; send data with POST",
-        )
+    ) and (unexpected := unexpected_body(method)) is not None:
+        return BodyFraming(None, None, unexpected)
     if transfer_encoding is not None and content_length is None:
         return BodyFraming(
             None,

@@ -774,12 +774,17 @@ class H2Client:
         return answer
 
     def post_without_length(
-        self, authority: str, path: str, body: bytes, *headers: tuple[str, str]
+        self,
+        authority: str,
+        path: str,
+        body: bytes,
+        *headers: tuple[str, str],
+        method: str = "POST",
     ) -> tuple[H2Answer, int]:
-        """A POST whose body declares no length (no content-length), sent as flow control
-        allows, on after an early answer too, until all is sent or the stream is reset: the
-        answer, and how much was sent."""
-        stream = self._start("POST", authority, path, headers, "https", end_stream=False)
+        """A POST (or `method`) whose body declares no length (no content-length), sent as flow
+        control allows, on after an early answer too, until all is sent or the stream is reset:
+        the answer, and how much was sent."""
+        stream = self._start(method, authority, path, headers, "https", end_stream=False)
         answer, sent = H2Answer({}), 0
         while not (answer.reset or answer.end == "closed" or (answer.end and sent == len(body))):
             if sent < len(body):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import inspect
 import json
 import os
 import re
@@ -33,6 +34,7 @@ import pytest
 import yaml
 
 from proxy.admin import ROUTES
+from proxy.audit.log import FetchLog
 from proxy.cli import build_parser
 from proxy.policy import parse_policy
 from proxy.runtime import Settings
@@ -63,6 +65,8 @@ SIGNING_KEY = (
     "-----END PRIVATE KEY-----\n"
 )
 KEY_PATH = "/var/run/secrets/crawlwarden/audit.key"
+# What the gateway waits for the fetch log's store after its drain, at most (SIGTERM).
+FLUSH_SECONDS = inspect.signature(FetchLog.close).parameters["timeout"].default
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -676,15 +680,35 @@ def test_crawlwarden_run_accepts_the_rendered_pod(
     for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
         assert container[probe]["httpGet"] == {"path": path, "port": "admin"}
         assert path in paths
-    # preStop, then SIGTERM and the gateway's drain, all inside the grace period.
+    # preStop, then SIGTERM, the gateway's drain and its fetch-log flush, all inside the grace
+    # period.
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     grace = pod["terminationGracePeriodSeconds"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert float(env["CRAWLWARDEN_DRAIN_SECONDS"]) == Settings(policy_file=Path("p")).drain_seconds
-    assert grace > sleep + float(env["CRAWLWARDEN_DRAIN_SECONDS"])
+    assert grace > sleep + float(env["CRAWLWARDEN_DRAIN_SECONDS"]) + FLUSH_SECONDS
 
 
 # -- values that would break the gateway fail before anything is deployed --------------------
+
+
+def test_the_grace_period_check_counts_the_fetch_log_flush():
+    # After its drain the gateway waits up to FetchLog.close's timeout for the store (all of it
+    # with PostgreSQL unreachable): a grace period of preStop + drain only lets the kubelet kill
+    # it mid-flush. The chart's figure is the code's.
+    chart_flush = re.search(
+        r'define "crawlwarden.flushSeconds" -}}(\d+)\{\{',
+        (CHART / "templates" / "_helpers.tpl").read_text(),
+    )
+    assert chart_flush and int(chart_flush.group(1)) == FLUSH_SECONDS
+    stop = {"preStopSleepSeconds": 5, "drainSeconds": 12}
+    worst = 5 + 12 + FLUSH_SECONDS
+    assert "must exceed" in render_error({**stop, "terminationGracePeriodSeconds": worst})
+    pod = workload(render({**stop, "terminationGracePeriodSeconds": worst + 1}))["spec"]
+    assert pod["template"]["spec"]["terminationGracePeriodSeconds"] == worst + 1
+    # The defaults leave room beyond the worst case for the rest of the stop.
+    defaults = workload(render({}))["spec"]["template"]["spec"]
+    assert defaults["terminationGracePeriodSeconds"] >= 5 + 30 + FLUSH_SECONDS + 5
 
 
 @pytest.mark.parametrize(
@@ -712,6 +736,11 @@ def test_crawlwarden_run_accepts_the_rendered_pod(
         (
             {"terminationGracePeriodSeconds": 20},
             "must exceed preStopSleepSeconds (5) + drainSeconds",
+        ),
+        (
+            # Covers the sleep and the drain, not the flush after them.
+            {"terminationGracePeriodSeconds": 36},
+            "+ drainSeconds (30) + the fetch log's flush wait (30) = 65",
         ),
         (
             {"extraEnv": [{"name": "CRAWLWARDEN_DRAIN_SECONDS", "value": "90"}]},

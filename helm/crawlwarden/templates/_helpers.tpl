@@ -103,6 +103,12 @@ app.kubernetes.io/component: gateway
 {{- printf "%s-redis" (include "crawlwarden.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* How long the gateway waits, after the drain, for the fetch log's store to take the records
+still queued before it exits (proxy/audit/log.py, FetchLog.close; not configurable). With the
+store reachable that is well under a second; with PostgreSQL unreachable it is all of it, and
+what is still queued then stays in the spool. tests/test_helm_chart.py checks it against the code. */}}
+{{- define "crawlwarden.flushSeconds" -}}30{{- end -}}
+
 {{/* The MITM CA -------------------------------------------------------------------------------- */}}
 
 {{- define "crawlwarden.mitmCASecret" -}}
@@ -197,8 +203,10 @@ Values that would deploy a gateway that cannot start, or that breaks a promise o
 {{- fail "extraEnv: set the drain with drainSeconds (the chart checks it against terminationGracePeriodSeconds), not CRAWLWARDEN_DRAIN_SECONDS" -}}
 {{- end -}}
 {{- end -}}
-{{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) $drain) -}}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + drainSeconds (%d), or the kubelet kills the gateway before the fetch log is flushed" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) $drain) -}}
+{{- $flush := int (include "crawlwarden.flushSeconds" .) -}}
+{{- $stop := add (int .Values.preStopSleepSeconds) $drain $flush -}}
+{{- if le (int .Values.terminationGracePeriodSeconds) $stop -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + drainSeconds (%d) + the fetch log's flush wait (%d) = %d, or the kubelet kills the gateway before the fetch log is flushed (with PostgreSQL unreachable the flush waits all of it)" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) $drain $flush $stop) -}}
 {{- end -}}
 {{- if and .Values.networkPolicy.enabled (not (or .Values.networkPolicy.scraperNamespaces.names .Values.networkPolicy.scraperNamespaces.matchLabels (and .Values.egressLockdown.enabled .Values.egressLockdown.namespaces))) -}}
 {{- fail "networkPolicy.enabled: name the scraper namespaces (networkPolicy.scraperNamespaces.names or .matchLabels), or no scraper can reach the gateway" -}}

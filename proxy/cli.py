@@ -300,7 +300,8 @@ def cmd_policy_check(path: Path) -> int:
     from proxy.policy import load_policy
 
     try:
-        loaded = load_policy(path)
+        # The files it names too (the signing key): a start with a key it cannot read exits 2.
+        loaded = load_policy(path, check_files=True)
     except InvalidPolicy as e:
         for error in e.errors:
             print(f"{error}", file=sys.stderr)

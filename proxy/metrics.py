@@ -93,6 +93,16 @@ STORE_ERRORS = Counter(
     "crawlwarden_store_errors_total", "Errors talking to a backing store", ["store"]
 )
 POLICY_INFO = Gauge("crawlwarden_policy_info", "The policy version in force (value 1)", ["version"])
+POLICY_RELOAD_FAILURES = Counter(
+    "crawlwarden_policy_reload_failures_total",
+    "Policy reloads (SIGHUP, POST /v1/policy/reload) refused: invalid file, a signing key that"
+    " cannot be read, or a change only a restart applies; the policy in force stayed",
+)
+POLICY_LAST_RELOAD_SUCCESS = Gauge(
+    "crawlwarden_policy_last_reload_success",
+    "1 if the last policy reload was applied (or none was asked since start); 0 if it was"
+    " refused: the policy file is not what runs, and a restart with it may fail",
+)
 IN_FLIGHT = Gauge("crawlwarden_requests_in_flight", "Requests forwarded and not yet answered")
 UPSTREAM_ERRORS = Counter(
     "crawlwarden_upstream_errors_total",
@@ -143,6 +153,8 @@ for _store in ("redis", "originfiles", "audit"):
     STORE_ERRORS.labels(store=_store)
 for _outcome in ("stored", "retry", "spool_error", "lost"):
     AUDIT_RECORDS.labels(outcome=_outcome)
+# A running process has loaded its policy at start (it does not start without one).
+POLICY_LAST_RELOAD_SUCCESS.set(1)
 for _file in ORIGIN_FILES.values():
     for _result in ("hit", "miss", "coalesced"):
         ORIGIN_FILE_CACHE.labels(file=_file, result=_result)
@@ -204,6 +216,15 @@ def observe_redis(op: str, started: float) -> None:
 def set_policy_version(version: str) -> None:
     POLICY_INFO.clear()
     POLICY_INFO.labels(version=version).set(1)
+
+
+def policy_reload_succeeded() -> None:
+    POLICY_LAST_RELOAD_SUCCESS.set(1)
+
+
+def policy_reload_failed() -> None:
+    POLICY_RELOAD_FAILURES.inc()
+    POLICY_LAST_RELOAD_SUCCESS.set(0)
 
 
 def origin_file(path: str) -> str:

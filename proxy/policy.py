@@ -566,7 +566,9 @@ def canonical_version(policy: Policy) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def load_policy(path: str | Path) -> LoadedPolicy:
+def load_policy(path: str | Path, *, check_files: bool = False) -> LoadedPolicy:
+    """The policy in `path`, or InvalidPolicy with every error. `check_files` also reads the files
+    it names, as this machine sees them (see `file_errors`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -574,10 +576,28 @@ def load_policy(path: str | Path) -> LoadedPolicy:
         raise InvalidPolicy(str(path), [PolicyError("", f"cannot read file: {e.strerror}")]) from e
     except UnicodeDecodeError as e:
         raise InvalidPolicy(str(path), [PolicyError("", "file is not UTF-8")]) from e
-    return parse_policy(text, source=str(path))
+    return parse_policy(text, source=str(path), check_files=check_files)
 
 
-def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
+def file_errors(policy: Policy) -> list[tuple[tuple[Any, ...], str]]:
+    """What is wrong with the files the policy names, here and now: the signing key a gateway
+    reads at start. `policy check` and a reload report it, since the same policy makes the next
+    start exit 2 (in Kubernetes, the next pod restart crash-loops). Relative paths are taken from
+    the working directory, as the gateway takes them."""
+    from proxy.audit.keys import SigningKeyError
+    from proxy.audit.keys import read_private_key
+
+    key_file = policy.audit.signing_key_file
+    if not key_file:
+        return []
+    try:
+        read_private_key(Path(key_file))
+    except SigningKeyError as e:
+        return [(("audit", "signing_key_file"), str(e))]
+    return []
+
+
+def parse_policy(text: str, source: str = "<policy>", *, check_files: bool = False) -> LoadedPolicy:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -605,6 +625,9 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
         errors += _errors(e, lines)
     for loc, message in cross_section_errors(data):
         errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
+    if check_files and policy is not None:
+        for loc, message in file_errors(policy):
+            errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
     if errors or policy is None:
         errors.sort(key=lambda e: (e.line is None, e.line or 0))
         raise InvalidPolicy(source, errors)

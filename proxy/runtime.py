@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from proxy import inputs
 from proxy import metrics
 from proxy.audit.keys import load_signer
+from proxy.audit.keys import read_private_key
 from proxy.audit.log import FetchLog
 from proxy.audit.log import FetchStore
 from proxy.audit.record import FetchRecord
@@ -346,16 +347,15 @@ class Runtime:
     # -- reload ----------------------------------------------------------------------------
 
     def reload(self) -> tuple[str | None, list[PolicyError]]:
-        """Load the policy file again. On any error the policy in force stays, unchanged."""
+        """Load the policy file again. On any error the policy in force stays, unchanged: an
+        invalid file, a file it names that the next start could not read (the signing key), or
+        a change that only a restart applies (`restart_only_changes`)."""
         try:
-            compiled = compile_policy(load_policy(self.settings.policy_file))
+            compiled = compile_policy(load_policy(self.settings.policy_file, check_files=True))
         except InvalidPolicy as e:
-            log.error(
-                "policy_reload_failed",
-                errors=[str(x) for x in e.errors],
-                kept=self.policy_version,
-            )
-            return None, e.errors
+            return self._reload_refused(e.errors, restart_needed=False)
+        if changes := self.restart_only_changes(compiled):
+            return self._reload_refused(changes, restart_needed=True)
         old = self.policy_version
         policy = compiled.loaded.policy
         self.governor.use_policy(compiled)
@@ -381,7 +381,55 @@ class Runtime:
                 policy_version=compiled.version,
             )
         log.info("policy_reloaded", version=compiled.version, previous=old)
+        metrics.policy_reload_succeeded()
         return compiled.version, []
+
+    def _reload_refused(
+        self, errors: list[PolicyError], *, restart_needed: bool
+    ) -> tuple[str | None, list[PolicyError]]:
+        log.error(
+            "policy_reload_failed",
+            errors=[str(x) for x in errors],
+            kept=self.policy_version,
+            restart_needed=restart_needed,
+        )
+        metrics.policy_reload_failed()
+        return None, errors
+
+    def restart_only_changes(self, new: CompiledPolicy) -> list[PolicyError]:
+        """What the new policy changes that the gateway reads at start only, each as an error
+        saying so. Only the signing key is: the fetch log signs with the key it loaded at start,
+        so a reload that took a new `audit.signing_key_file` (or a new key in the same file, a
+        rotated Kubernetes Secret) would go on signing with the old one while reporting the new
+        policy. Everything else a policy says is applied by `reload`."""
+        path = ("audit", "signing_key_file")
+        field = ".".join(path)
+        current = self.compiled.loaded.policy.audit.signing_key_file
+        wanted = new.loaded.policy.audit.signing_key_file
+        restart = "restart the gateway to apply it (the policy in force stays until then)"
+        if (wanted or None) != (current or None):
+            before = current or f"the key made in the data dir ({self.settings.data_dir})"
+            return [
+                PolicyError(
+                    field,
+                    f"changed from {before} to {wanted or 'none'}: the gateway reads the signing "
+                    f"key at start only, so it would go on signing with the old key; {restart}",
+                )
+            ]
+        signer = self.fetch_log.signer
+        if wanted and signer is not None:
+            # check_files has read it already: readable, an Ed25519 key.
+            key_id = read_private_key(Path(wanted)).verifier.key_id
+            if key_id != signer.verifier.key_id:
+                return [
+                    PolicyError(
+                        field,
+                        f"{wanted} holds another key (key ID {key_id.hex()}) than the one the "
+                        f"gateway read at start and signs with ({signer.verifier.key_id.hex()}); "
+                        f"{restart}",
+                    )
+                ]
+        return []
 
     # -- health ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -26,6 +27,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
@@ -1199,6 +1201,142 @@ def test_a_request_under_way_across_a_reload_is_recorded_under_the_policy_it_cam
     )
     assert rec["policy_version"] == old_version
     assert rec["egress_provider"] != "new-transit"
+
+
+def _reload_metrics(gateway: Gateway) -> dict[str, float]:
+    text = requests.get(gateway.admin + "/metrics", timeout=5).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name
+        in ("crawlwarden_policy_reload_failures_total", "crawlwarden_policy_last_reload_success")
+    }
+
+
+def test_a_refused_reload_shows_in_the_metrics_until_a_reload_succeeds(
+    gateway: Gateway, site: Site
+):
+    # Every replica of a fleet mounting one ConfigMap refuses the same file: no version skew,
+    # yet the next pod to restart exits 2. The metrics say so (CrawlwardenPolicyReloadFailing).
+    assert _reload_metrics(gateway) == {
+        "crawlwarden_policy_reload_failures_total": 0,
+        "crawlwarden_policy_last_reload_success": 1,
+    }
+    good = gateway.policy_file.read_text()
+    gateway.policy_file.write_text("version: 1\ncrawler: {user_agent: 3\n")
+    assert gateway.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)[0] == 400
+    gateway.signal(signal.SIGHUP)
+    assert wait_for(
+        lambda: _reload_metrics(gateway)["crawlwarden_policy_reload_failures_total"] == 2
+    )
+    assert _reload_metrics(gateway)["crawlwarden_policy_last_reload_success"] == 0
+    gateway.policy_file.write_text(good.replace("1000/s", "999/s"))
+    gateway.signal(signal.SIGHUP)
+    assert wait_for(lambda: _reload_metrics(gateway)["crawlwarden_policy_last_reload_success"] == 1)
+    assert _reload_metrics(gateway)["crawlwarden_policy_reload_failures_total"] == 2
+
+
+def _public_key(gateway: Gateway) -> str:
+    return requests.get(gateway.admin + "/v1/audit/public-key", timeout=5).text.strip()
+
+
+def test_a_reload_that_changes_the_signing_key_is_refused_until_a_restart(workdir: Path):
+    # The fetch log signs with the key it read at start. A reload that took another key file
+    # (or another key in the same file) would report the new policy and go on signing with the
+    # old key: refused, saying a restart applies it.
+    keys = workdir / "keys"
+    keys.mkdir()
+    old_private, old_public = signing_keys(keys)
+    new_private, new_public = keys / "new.key", keys / "new.pub"
+    subprocess.run(
+        [
+            CRAWLWARDEN,
+            "keys",
+            "generate",
+            "--private",
+            str(new_private),
+            "--public",
+            str(new_public),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    gw = Gateway(workdir, policy_with(audit={"signing_key_file": str(old_private)}), name="rekey")
+    with gw:
+        version = gw.admin_request("GET", "/readyz")[1]["policy_version"]
+        write_policy(gw.policy_file, policy_with(audit={"signing_key_file": str(new_private)}))
+        status, body = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
+        assert status == 400 and body["policy_version"] == version
+        [error] = body["errors"]
+        assert error["path"] == "audit.signing_key_file"
+        assert f"changed from {old_private} to {new_private}" in error["message"]
+        assert "restart the gateway to apply it" in error["message"]
+        assert gw.admin_request("GET", "/readyz")[1]["policy_version"] == version
+        assert _public_key(gw) == old_public.read_text().strip()
+        # SIGHUP: the same, in the log.
+        gw.signal(signal.SIGHUP)
+        assert wait_for(lambda: len(gw.log_events("policy_reload_failed")) == 2)
+        logged = gw.log_events("policy_reload_failed")[-1]
+        assert logged["restart_needed"] is True and logged["kept"] == version
+        assert "restart the gateway" in logged["errors"][0]
+
+        # The same file name with another key in it (a rotated Secret): refused too.
+        write_policy(gw.policy_file, policy_with(audit={"signing_key_file": str(old_private)}))
+        rotated = old_private.read_bytes()
+        old_private.unlink()
+        old_private.write_bytes(new_private.read_bytes())
+        old_private.chmod(0o600)
+        status, body = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
+        assert status == 400
+        assert "holds another key" in body["errors"][0]["message"], body
+        assert _public_key(gw) == old_public.read_text().strip()
+        old_private.write_bytes(rotated)
+        # Back to the key it runs with: the reload goes through.
+        assert gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)[0] == 200
+    # A restart applies the new key.
+    write_policy(gw.policy_file, policy_with(audit={"signing_key_file": str(new_private)}))
+    with Gateway(
+        workdir, policy_with(audit={"signing_key_file": str(new_private)}), name="rekey"
+    ) as again:
+        assert _public_key(again) == new_public.read_text().strip()
+
+
+def test_a_signing_key_file_the_next_start_could_not_read_fails_check_and_reload(
+    workdir: Path,
+):
+    private, _ = signing_keys(workdir)
+    missing = workdir / "missing.key"
+    not_a_key = workdir / "not-a-key.pem"
+    not_a_key.write_text("hello\n")
+    gw = Gateway(workdir, policy_with(audit={"signing_key_file": str(private)}), name="nokey")
+    with gw:
+        for bad, says in [
+            (missing, f"cannot read the audit signing key {missing}: No such file or directory"),
+            (not_a_key, f"{not_a_key} is not an unencrypted PEM private key"),
+        ]:
+            write_policy(gw.policy_file, policy_with(audit={"signing_key_file": str(bad)}))
+            check = subprocess.run(
+                [CRAWLWARDEN, "policy", "check", str(gw.policy_file)],
+                capture_output=True,
+                text=True,
+            )
+            assert check.returncode == 2, check.stdout
+            first = check.stderr.splitlines()[0]
+            assert first.startswith(f"audit.signing_key_file: {says}"), first
+            assert re.search(r"\(line \d+\)$", first), first
+            status, body = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
+            assert status == 400
+            assert body["errors"][0]["path"] == "audit.signing_key_file"
+            assert says in body["errors"][0]["message"]
+    # What the check and the reload spare: a start with that policy exits 2.
+    run = subprocess.run(
+        [CRAWLWARDEN, "run", "--policy", str(gw.policy_file), "--data-dir", str(workdir / "d")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and str(not_a_key) in run.stderr
 
 
 # -- metrics -------------------------------------------------------------------------------

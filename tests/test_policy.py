@@ -240,3 +240,31 @@ def test_infinite_or_boolean_units_are_errors(key: str, value: object):
     policy = base_policy()
     policy["defaults"][key] = value
     assert any(e.startswith(f"defaults.{key}:") for e in errors_of(dump(policy)))
+
+
+def test_check_files_reads_the_signing_key_the_next_start_would_read(tmp_path: Path):
+    from proxy.audit.keys import generate_key_pair
+
+    key = tmp_path / "audit.key"
+    generate_key_pair(key)
+    unreadable = tmp_path / "a-directory.key"
+    unreadable.mkdir()
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key\n")
+
+    def policy(key_file: Path) -> str:
+        return dump({**base_policy(), "audit": {"signing_key_file": str(key_file)}})
+
+    assert parse_policy(policy(key), check_files=True).policy.audit.signing_key_file == str(key)
+    # Without check_files (a policy read on another machine) the file is not looked at.
+    parse_policy(policy(tmp_path / "nowhere.key"))
+    for bad, says in [
+        (tmp_path / "nowhere.key", "No such file or directory"),
+        (unreadable, "Is a directory"),
+        (garbage, "is not an unencrypted PEM private key"),
+    ]:
+        with pytest.raises(InvalidPolicy) as e:
+            parse_policy(policy(bad), check_files=True)
+        [error] = e.value.errors
+        assert error.path == "audit.signing_key_file" and error.line is not None
+        assert str(bad) in error.message and says in error.message

@@ -107,6 +107,17 @@ def generate_key_pair(private_path: Path, public_path: Path | None = None) -> Si
 
 
 def load_private_key(path: Path) -> Signer:
+    signer = read_private_key(path)
+    # Only "other" bits warn: a Kubernetes Secret mounted with fsGroup is 0440 on purpose.
+    mode = path.stat().st_mode & 0o007
+    if mode:
+        log.warning("signing_key_readable_by_others", path=str(path), mode=oct(mode))
+    return signer
+
+
+def read_private_key(path: Path) -> Signer:
+    """The Ed25519 private key in `path`, or SigningKeyError saying what is wrong with it (what
+    `policy check` and a reload report, and what would stop the next start)."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -123,10 +134,6 @@ def load_private_key(path: Path) -> Signer:
         ) from e
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} holds a {type(key).__name__}; checkpoints need Ed25519")
-    # Only "other" bits warn: a Kubernetes Secret mounted with fsGroup is 0440 on purpose.
-    mode = path.stat().st_mode & 0o007
-    if mode:
-        log.warning("signing_key_readable_by_others", path=str(path), mode=oct(mode))
     return Signer(key, source=str(path))
 
 

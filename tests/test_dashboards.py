@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import socket
 import threading
 import time
@@ -162,6 +163,7 @@ def test_the_panels_the_issue_asks_for_are_there():
         "sum(up{",
         "crawlwarden_build_info",
         "crawlwarden_policy_info",
+        "crawlwarden_policy_last_reload_success",
     ):
         assert needle in ops, needle
 
@@ -488,11 +490,19 @@ def test_alert_rules_evaluate_and_this_traffic_raises_the_expected_alerts(fleet:
     assert len(rules) >= 15
     for rule in rules:
         assert rule["health"] == "ok", rule
+    # A policy file the replica refuses: it keeps its policy, and the refusal alerts.
+    refusing = fleet.gateways[1]
+    good = refusing.policy_file.read_text()
+    refusing.policy_file.write_text("version: 1\ncrawler: {user_agent: 3\n")
+    refusing.signal(signal.SIGHUP)
+    assert wait_for(lambda: bool(refusing.log_events("policy_reload_failed")))
+    refusing.policy_file.write_text(good)
     expected = {
         ("CrawlwardenSiteThrottling", "site", "busy.test"),
         ("CrawlwardenQuotaNearlySpent", "site", "quota"),
         ("CrawlwardenBudgetSaturated", "site", "tight"),
         ("CrawlwardenReplicaDown", "instance", fleet.dead_target),
+        ("CrawlwardenPolicyReloadFailing", "instance", f"127.0.0.1:{refusing.admin_port}"),
     }
 
     def active() -> set[tuple[str, str, str]]:

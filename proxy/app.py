@@ -12,6 +12,7 @@ import gc
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
@@ -120,7 +121,9 @@ def set_gil_switch_interval() -> float:
     return sys.getswitchinterval()
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, start_reloads: Callable[[], int] | None = None) -> int:
+    """Run a gateway until it is stopped. `start_reloads` says how many SIGHUPs came while it
+    started (proxy/cli.py StartReloads): it reloads once for them when it has started."""
     runtime = Runtime.from_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -193,6 +196,10 @@ async def serve(settings: Settings) -> int:
         python_optimize=sys.flags.optimize,
         streams_released=streams_released,
     )
+    # SIGHUPs from before the handler above: the file may have changed after it was read.
+    if start_reloads is not None and (received := start_reloads()):
+        log.info("policy_reload_requested_during_start", signals=received)
+        runtime.reload()
     try:
         await master.run()
     finally:

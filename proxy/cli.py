@@ -8,8 +8,8 @@ fetch log that environment names (CRAWLWARDEN_AUDIT_DSN, CRAWLWARDEN_DATA_DIR) u
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -262,12 +262,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+class StartReloads:
+    """SIGHUPs that come while `run` starts, before the gateway's own handler takes over
+    (proxy/app.py serve, once the fetch log is open and the admin API listens: 2-3 s in).
+
+    SIGHUP ends a process by default, and a reload signal may come at any time (a config
+    reloader, an operator's `kill -HUP`): from here on it never does. What comes is counted,
+    and the gateway reloads once for them as soon as it has started, so a policy file changed
+    after start-up read it still takes effect. Across the exec into `python -O` the signal is
+    ignored (a handler does not survive exec, SIG_IGN does): that is before the policy is read.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def ignore_across_exec(self) -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def install(self) -> None:
+        signal.signal(signal.SIGHUP, self._received)
+
+    def _received(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    def pending(self) -> int:
+        return self.count
+
+
 def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.command == "run":
+        reloads = StartReloads()
+        reloads.ignore_across_exec()
         args.debug_checks = args.debug_checks or _env_flag("debug_checks")
         if argv is None:  # the command itself, not a call from Python (tests)
             run_optimized(args.debug_checks)
-        return cmd_run(args)
+        reloads.install()
+        return cmd_run(args, reloads)
     if args.command == "policy":
         return cmd_policy_check(args.file)
     if args.command == "audit" and args.audit_command == "export":
@@ -313,7 +343,9 @@ def cmd_policy_check(path: Path) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, reloads: StartReloads | None = None) -> int:
+    import asyncio
+
     from proxy import logs
     from proxy.audit.keys import SigningKeyError
     from proxy.policy import InvalidPolicy
@@ -338,7 +370,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # mitmproxy is imported here only: `policy check` and `audit` stay light.
         from proxy.app import serve
 
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, reloads.pending if reloads else None))
     except InvalidPolicy as e:
         print(f"crawlwarden: the policy {e.source} is invalid:", file=sys.stderr)
         for error in e.errors:

@@ -1419,6 +1419,52 @@ def test_the_gateway_restarts_itself_under_python_optimize(gateway: Gateway):
     assert argv[1] == b"-O" and argv[3:5] == [b"run", b"--policy"], argv
 
 
+def _handles_sighup(pid: int) -> bool:
+    """Whether the process ignores or catches SIGHUP (/proc: SigIgn, SigCgt bit 0)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    return bool((int(masks["SigIgn"], 16) | int(masks["SigCgt"], 16)) & 1)
+
+
+def test_sighup_while_the_gateway_starts_is_applied_once_it_has_started(workdir: Path):
+    # The documented reload signal used to kill a starting gateway (Python's default for SIGHUP)
+    # until serve() installed its handler, 2-3 s in. Now it is counted from the first moments
+    # of the command and one reload follows the start, so a policy changed meanwhile applies.
+    private, _ = signing_keys(workdir)
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    gw = Gateway(workdir, policy, name="hup-start")
+    changed = policy_with(
+        audit={"signing_key_file": str(private)}, defaults={**policy["defaults"], "burst": 7}
+    )
+    gw.launch()
+    assert gw.proc is not None
+    pid = gw.proc.pid
+    # Well before the policy is read (the imports alone take 1-2 s).
+    assert wait_for(lambda: _handles_sighup(pid), timeout=1.0), "SIGHUP still ends the gateway"
+    sent, changed_file = 0, False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and gw.proc.poll() is None:
+        if not changed_file and gw.log_events("signing_key_loaded"):
+            # The policy has been read: a change now needs the reload the signals asked for.
+            write_policy(gw.policy_file, changed)
+            changed_file = True
+        gw.signal(signal.SIGHUP)
+        sent += 1
+        if gw.log_events("started"):
+            break
+        time.sleep(0.02)
+    assert gw.proc.poll() is None, f"exit {gw.proc.returncode} after {sent} SIGHUPs:\n{gw.logs()}"
+    assert changed_file
+    gw.wait_ready()
+    try:
+        [queued] = gw.log_events("policy_reload_requested_during_start")
+        assert queued["signals"] >= 1
+        version = _policy_version(gw.policy_file)
+        assert gw.admin_request("GET", "/readyz")[1]["policy_version"] == version
+    finally:
+        gw.stop()
+
+
 def test_debug_checks_keep_pythons_checks(workdir: Path, site: Site):
     with Gateway(
         workdir, base_policy(), extra_args=["--debug-checks"], env={"PYTHONOPTIMIZE": ""}

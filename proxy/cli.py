@@ -13,8 +13,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.audit.query import DECISIONS
+
+if TYPE_CHECKING:
+    from proxy.runtime import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -343,6 +347,47 @@ def cmd_policy_check(path: Path) -> int:
     return EXIT_OK
 
 
+def data_dir_problem(settings: Settings) -> str | None:
+    """Why the gateway could not write its data dir (the CA, the signing key it makes, the
+    fetch-log spool, the SQLite fetch log), as one line saying what to do; None if it can.
+
+    Checked by writing, not by mode bits: root ignores those, while a read-only mount or an
+    immutable directory stops root too. A PersistentVolume whose ownership fsGroup did not
+    change is the usual case.
+    """
+    import tempfile
+
+    who = f"the user the gateway runs as (uid {os.geteuid()})"
+    fix = (
+        f"give {who} write access (in Kubernetes: podSecurityContext.fsGroup, or an init "
+        "container that chowns the volume) or choose another --data-dir"
+    )
+    directories = [settings.data_dir, settings.data_dir / "spool", settings.spool_dir]
+    for directory in directories:
+        if directory != settings.data_dir and not directory.is_dir():
+            continue  # made by the gateway, in a directory checked above
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".crawlwarden-write-check-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            what = "the data dir" if directory == settings.data_dir else "the spool directory"
+            return f"cannot write to {what} {directory} ({e.strerror}): {fix}"
+    if not settings.audit_dsn:  # the embedded fetch log: SQLite opens these read-write
+        for name in ("", "-wal", "-shm"):
+            path = settings.sqlite_path.with_name(settings.sqlite_path.name + name)
+            if not path.exists():
+                continue
+            try:
+                os.close(os.open(path, os.O_RDWR))
+            except OSError as e:
+                return (
+                    f"cannot open the SQLite fetch log file {path} to write ({e.strerror}): {fix}"
+                )
+    return None
+
+
 def cmd_run(args: argparse.Namespace, reloads: StartReloads | None = None) -> int:
     import asyncio
 
@@ -366,6 +411,9 @@ def cmd_run(args: argparse.Namespace, reloads: StartReloads | None = None) -> in
         drain_seconds=args.drain_seconds,
         fleet_size=args.fleet_size,
     )
+    if (problem := data_dir_problem(settings)) is not None:
+        print(f"crawlwarden: {problem}", file=sys.stderr)
+        return EXIT_FAILED  # as the other things a start cannot do without (store, ports)
     try:
         # mitmproxy is imported here only: `policy check` and `audit` stay light.
         from proxy.app import serve

@@ -31,6 +31,7 @@ from proxy.audit.spool import SpoolReadError
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.sqlite_store import read_records
 from proxy.audit.store import ReplicaInUse
+from tests.support import unwritable
 from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
@@ -286,6 +287,18 @@ def test_embedded_gateway_makes_its_own_key_and_a_shared_store_needs_one(tmp_pat
     with pytest.raises(SigningKeyError, match=r"audit\.signing_key_file"):
         load_signer(None, tmp_path, shared_store=True)
     assert load_signer(key, tmp_path, shared_store=True).verifier.key_id == signer.verifier.key_id
+
+
+def test_a_key_the_gateway_cannot_write_in_its_data_dir_says_where_and_what_to_do(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with unwritable(data), pytest.raises(SigningKeyError) as caught:
+        load_signer(None, data, shared_store=False)
+    message = str(caught.value)
+    assert f"{data / 'audit-signing.key'}" in message
+    assert "audit.signing_key_file" in message and str(data) in message
 
 
 async def test_a_record_with_bytes_that_were_not_utf8_is_kept_not_lost(tmp_path):

@@ -31,6 +31,7 @@ from tests.support import Reply
 from tests.support import Site
 from tests.support import free_port
 from tests.support import policy_with
+from tests.support import unwritable
 from tests.support import wait_for
 from tests.support import write_policy
 from tests.test_fleet import export_and_verify
@@ -374,6 +375,63 @@ def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(wo
     ), last
     assert "does not start without it" in last
     assert "s3cret" not in result.stderr + result.stdout
+
+
+def _run_briefly(policy: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            CRAWLWARDEN,
+            "run",
+            "--policy",
+            str(policy),
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--admin",
+            f"127.0.0.1:{free_port()}",
+            "--replica-id",
+            "unwritable",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("signing_key", [False, True], ids=["key-made-in-data-dir", "key-given"])
+def test_a_data_dir_the_gateway_cannot_write_is_one_line_naming_it(
+    workdir: Path, signing_key: bool
+):
+    # A PersistentVolume whose ownership fsGroup did not fix: a 38-line traceback from the
+    # key generation, or SQLite's bare "unable to open database file", was all one got.
+    audit = {"signing_key_file": str(signing_keys(workdir)[0])} if signing_key else {}
+    policy = write_policy(workdir / "policy.yaml", policy_with(audit=audit))
+    data = workdir / "data"
+    data.mkdir()
+    with unwritable(data):
+        result = _run_briefly(policy, data)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crawlwarden: cannot write to the data dir {data} ("), last
+    assert "write access" in last and "fsGroup" in last and "--data-dir" in last
+
+
+def test_a_sqlite_fetch_log_the_gateway_cannot_write_is_named(workdir: Path):
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    data = workdir / "data"
+    with Gateway(workdir, policy_with(), name="unwritable", data_dir=data):
+        pass  # a fetch log of its own, then stopped
+    sqlite = data / "fetchlog.sqlite3"
+    assert sqlite.exists()
+    with unwritable(sqlite):
+        result = _run_briefly(policy, data)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crawlwarden: cannot open the SQLite fetch log file {sqlite} "), last
+    assert "write access" in last
 
 
 def test_a_second_gateway_with_the_same_replica_id_and_data_dir_refuses_to_start(

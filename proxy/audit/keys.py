@@ -179,7 +179,14 @@ def load_signer(key_file: str | Path | None, data_dir: Path, *, shared_store: bo
     path = data_dir / GENERATED_KEY_NAME
     if path.exists():
         return load_private_key(path)
-    signer = generate_key_pair(path, data_dir / "audit-signing.pub")
+    try:
+        signer = generate_key_pair(path, data_dir / "audit-signing.pub")
+    except OSError as e:
+        raise SigningKeyError(
+            f"cannot write the signing key the gateway makes for itself, {e.filename or path}: "
+            f"{e.strerror}; let the user it runs as write to the data dir {data_dir}, or set "
+            "audit.signing_key_file in the policy to a key made with `crawlwarden keys generate`"
+        ) from e
     log.warning(
         "signing_key_generated",
         path=str(path),

@@ -93,6 +93,8 @@ STORE_ERRORS = Counter(
     "crawlwarden_store_errors_total", "Errors talking to a backing store", ["store"]
 )
 POLICY_INFO = Gauge("crawlwarden_policy_info", "The policy version in force (value 1)", ["version"])
+# Refused reloads (SRE additions to DESIGN.md's list): every replica mounting one ConfigMap
+# refuses the same file, so policy_info shows no skew while a restart with that file may fail.
 POLICY_RELOAD_FAILURES = Counter(
     "crawlwarden_policy_reload_failures_total",
     "Policy reloads (SIGHUP, POST /v1/policy/reload) refused: invalid file, a signing key that"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import socket
 import time
 import uuid
@@ -407,7 +408,7 @@ class Runtime:
         current = self.compiled.loaded.policy.audit.signing_key_file
         wanted = new.loaded.policy.audit.signing_key_file
         restart = "restart the gateway to apply it (the policy in force stays until then)"
-        if (wanted or None) != (current or None):
+        if not _same_file(current, wanted):
             before = current or f"the key made in the data dir ({self.settings.data_dir})"
             return [
                 PolicyError(
@@ -446,6 +447,13 @@ class Runtime:
         while self.in_flight + self.deciding > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return self.in_flight + self.deciding
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    """Whether two `signing_key_file` values name one file (`audit.key`, `./audit.key`)."""
+    if not a or not b:
+        return not a and not b
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _spool_limit(compiled: CompiledPolicy) -> int:

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from proxy import inputs
 from proxy import metrics
+from proxy.audit.keys import SigningKeyError
 from proxy.audit.keys import load_signer
 from proxy.audit.keys import read_private_key
 from proxy.audit.log import FetchLog
@@ -403,8 +404,7 @@ class Runtime:
         so a reload that took a new `audit.signing_key_file` (or a new key in the same file, a
         rotated Kubernetes Secret) would go on signing with the old one while reporting the new
         policy. Everything else a policy says is applied by `reload`."""
-        path = ("audit", "signing_key_file")
-        field = ".".join(path)
+        field = "audit.signing_key_file"
         current = self.compiled.loaded.policy.audit.signing_key_file
         wanted = new.loaded.policy.audit.signing_key_file
         restart = "restart the gateway to apply it (the policy in force stays until then)"
@@ -419,8 +419,10 @@ class Runtime:
             ]
         signer = self.fetch_log.signer
         if wanted and signer is not None:
-            # check_files has read it already: readable, an Ed25519 key.
-            key_id = read_private_key(Path(wanted)).verifier.key_id
+            try:  # check_files has just read it: readable, an Ed25519 key, unless it changed
+                key_id = read_private_key(Path(wanted)).verifier.key_id
+            except SigningKeyError as e:
+                return [PolicyError(field, str(e))]
             if key_id != signer.verifier.key_id:
                 return [
                     PolicyError(

@@ -6,6 +6,7 @@ budgets are still exact, and no fetch record is missing (counted against the sit
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import subprocess
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+import yaml
 
+from proxy.audit.log import FetchLog
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
@@ -26,6 +29,7 @@ from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.pg_server import TempPostgres
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
+from tests.support import ROOT
 from tests.support import Gateway
 from tests.support import Reply
 from tests.support import Site
@@ -337,6 +341,54 @@ def test_postgresql_stopped_mid_load_loses_no_record(workdir: Path, site: Site, 
         records = export_and_verify(pg.dsn, public, tmp_path / "after-outage.jsonl")
         fetches = [r for r in records if r["kind"] == "fetch"]
         assert len(fetches) == len(load.answers) == site.count()
+    finally:
+        pg.destroy()
+
+
+def test_a_stop_while_postgresql_is_unreachable_fits_the_charts_grace_period(
+    workdir: Path, site: Site
+):
+    # SIGTERM during an outage: after the drain, the flush waits its whole timeout for the store
+    # (FetchLog.close), then the gateway exits leaving the records in the spool. The chart's
+    # default grace period must leave room for that after its preStop sleep and drain (it left
+    # 25 s for a 30 s wait), and the spool ships at the next start on the same data dir.
+    values = yaml.safe_load((ROOT / "helm" / "crawlwarden" / "values.yaml").read_text())
+    after_drain = (
+        values["terminationGracePeriodSeconds"]
+        - values["preStopSleepSeconds"]
+        - values["drainSeconds"]
+    )
+    flush = inspect.signature(FetchLog.close).parameters["timeout"].default
+    drain = 1.0
+    private, _ = signing_keys(workdir)
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    pg = TempPostgres()
+    pg.start()
+    try:
+        args = ["--audit-dsn", pg.dsn, "--drain-seconds", str(drain)]
+        gw = Gateway(workdir, policy, name="pg-outage-stop", extra_args=args).start()
+        proxies = {"http": gw.proxy_url()}
+        for n in range(2):
+            url = site.url("site-a.test", f"/before/{n}")
+            assert requests.get(url, proxies=proxies, headers=HEADERS, timeout=10).ok
+        pg.stop()
+        during = [site.url("site-a.test", f"/during/{n}") for n in range(3)]
+        for url in during:
+            assert requests.get(url, proxies=proxies, headers=HEADERS, timeout=10).ok
+        began = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        assert gw.proc is not None and gw.proc.wait(flush + 60) == 0
+        took = time.monotonic() - began
+        assert took >= flush - 1, f"{took:.1f} s: the store was not waited for"
+        assert took - drain < after_drain, (
+            f"the stop took {took:.1f} s, {took - drain:.1f} s after a {drain} s drain; the "
+            f"chart's defaults leave {after_drain} s after theirs before the kubelet kills"
+        )
+        [unshipped] = gw.log_events("fetchlog_unshipped_at_exit")
+        assert unshipped["records"] >= len(during) and unshipped["kept_in"] == "spool"
+        pg.start()
+        with Gateway(workdir, policy, name="pg-outage-stop", extra_args=args):
+            assert wait_for(lambda: set(during) <= {r["url"] for r in _records(pg.dsn)}, timeout=30)
     finally:
         pg.destroy()
 

@@ -1327,6 +1327,13 @@ def test_a_signing_key_file_the_next_start_could_not_read_fails_check_and_reload
             first = check.stderr.splitlines()[0]
             assert first.startswith(f"audit.signing_key_file: {says}"), first
             assert re.search(r"\(line \d+\)$", first), first
+            # Checked away from the gateway (a policy repository's CI): files left out.
+            away = subprocess.run(
+                [CRAWLWARDEN, "policy", "check", "--no-file-checks", str(gw.policy_file)],
+                capture_output=True,
+                text=True,
+            )
+            assert away.returncode == 0, away.stderr
             status, body = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
             assert status == 400
             assert body["errors"][0]["path"] == "audit.signing_key_file"

@@ -205,6 +205,9 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        # Stopping (the fetch log's flush may take 30 s): a reload has nothing left to apply
+        # to, and SIGHUP's default would end the process before the flush.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for task in stopping:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -377,6 +377,8 @@ def test_a_stop_while_postgresql_is_unreachable_fits_the_charts_grace_period(
             assert requests.get(url, proxies=proxies, headers=HEADERS, timeout=10).ok
         began = time.monotonic()
         gw.signal(signal.SIGTERM)
+        time.sleep(drain + 2)
+        gw.signal(signal.SIGHUP)  # during the flush: it used to end the process there
         assert gw.proc is not None and gw.proc.wait(flush + 60) == 0
         took = time.monotonic() - began
         assert took >= flush - 1, f"{took:.1f} s: the store was not waited for"

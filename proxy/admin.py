@@ -109,7 +109,8 @@ async def policy_reload(request: web.Request) -> web.Response:
     if version is None:
         return web.json_response(
             {
-                "error": "the new policy is invalid; the old policy stays in force",
+                "error": "the new policy is not applied (invalid, or a change only a restart "
+                "applies: see errors); the old policy stays in force",
                 "policy_version": rt.policy_version,
                 "errors": [{"path": e.path, "message": e.message, "line": e.line} for e in errors],
             },

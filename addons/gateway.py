@@ -407,6 +407,8 @@ class Gateway:
         account = inputs.check_recorded_value("X-Crawl-Account", req.headers.get("x-crawl-account"))
         state.project, state.account = project.value, account.value
         credentials = req.headers.get("proxy-authorization")
+        # Before _sanitize, which takes out what Connection names: never the framing.
+        framing_named = inputs.connection_problem(req.headers.get("connection"))
         self._sanitize(req)
         if req.method == "OPTIONS":
             state.cors_own_headers = _hide_own_headers(req)
@@ -449,7 +451,9 @@ class Gateway:
         project = inputs.agreed_value(project, "project", caller.project)
         account = inputs.agreed_value(account, "account", caller.account)
         state.project, state.account = project.value, account.value
-        problem = checked.problem or bad_target or project.problem or account.problem
+        problem = (
+            checked.problem or bad_target or framing_named or project.problem or account.problem
+        )
         if problem is not None:
             return self._refuse(flow, state, _bad_request(problem), started)
         if (refused := self._framing_refusal(req, gov.site_for(host).key)) is not None:
@@ -1361,7 +1365,9 @@ def _connection_named(value: str | None) -> frozenset[bytes]:
     if not value:
         return frozenset()
     return frozenset(
-        t.encode("latin-1", "replace") for t in _tokens(value) if t not in _CONNECTION_OPTIONS
+        t.encode("latin-1", "replace")
+        for t in _tokens(value)
+        if t not in _CONNECTION_OPTIONS and t not in inputs.NEVER_HOP_BY_HOP
     )
 
 

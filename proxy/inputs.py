@@ -287,6 +287,25 @@ class BodyFraming(NamedTuple):
 BODILESS_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 
 
+# Fields a Connection header must not name: taking them out as hop-by-hop would change how the
+# site frames the request (`Connection: Content-Length` sent a body the gateway had read as one
+# request to the site as another) or which site it is.
+NEVER_HOP_BY_HOP = frozenset(("content-length", "transfer-encoding", "host"))
+
+
+def connection_problem(value: str | None) -> str | None:
+    """A Connection header naming a field that frames or routes the request (refused, 400)."""
+    if not value:
+        return None
+    named = {t.strip().lower() for t in value.split(",")} & NEVER_HOP_BY_HOP
+    if not named:
+        return None
+    return (
+        f"the Connection header names {', '.join(sorted(named))}: a request's framing and host "
+        "are not hop-by-hop (RFC 9110 7.6.1)"
+    )
+
+
 def unexpected_body(method: str) -> str | None:
     """Why a body on `method` is refused, if it is (one of BODILESS_METHODS)."""
     if method not in BODILESS_METHODS:

@@ -568,6 +568,13 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
                 SMUGGLED,
             ),
             (f"OPTIONS * HTTP/1.1\r\nHost: {authority}\r\nX-Crawl-Project: {PROJECT}\r\n\r\n", b""),
+            # Content-Length named hop-by-hop: taken out, the body went on as another request.
+            (
+                f"POST /public HTTP/1.1\r\nHost: {authority}\r\nX-Crawl-Project: {PROJECT}\r\n"
+                f"Connection: keep-alive, Content-Length\r\n"
+                f"Content-Length: {len(SMUGGLED)}\r\n\r\n",
+                SMUGGLED,
+            ),
         ]:
             with tls_tunnel(gw, authority, alpn="http/1.1") as tls:
                 tls.sendall(request.encode() + body)
@@ -580,13 +587,13 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
             smuggled, _ = client.post_without_length(
                 authority, "/public", SMUGGLED, ("x-crawl-project", PROJECT), method="GET"
             )
-        assert answers == [b"HTTP/1.1 400 Bad Request"] * 2
+        assert answers == [b"HTTP/1.1 400 Bad Request"] * 3
         assert forged.headers[":status"] == "400", forged
         assert smuggled.headers[":status"] == "400", smuggled
         time.sleep(0.5)
         assert tls_site.seen == []  # nothing reached the site, smuggled or not
         records = gw.fetch_records()
-        assert len(records) == 4
+        assert len(records) == 5
         assert {(r["decision"], r["reason"]) for r in records} == {("refused", "bad_request")}
         assert not [r for r in records if "site-b.test" in r["url"].split("/")[2]]
         assert "hook_failed" not in gw.logs()

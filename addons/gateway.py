@@ -115,8 +115,9 @@ class Tunnel:
     host: str
     port: int
     refusal: Decision | None = None
-    # The CONNECT's credentials and the policy they were checked under: after a reload, the
-    # next request inside is checked again (a team removed or its token changed is cut off).
+    # The CONNECT's credentials and the policy they were checked under (the CONNECT's own, not
+    # the one in force once its lookup is done): after a reload, the next request inside is
+    # checked again (a team removed or its token changed is cut off).
     credentials: str | None = None
     policy_version: str = ""
 
@@ -306,14 +307,14 @@ class Gateway:
             # Recorded as the attempt it is; mitmproxy answers 200 and connects nowhere (lazy
             # strategy; server_connect refuses a name that was never pinned to an address).
             self.tunnels[flow.client_conn] = Tunnel(
-                caller, host, port, decision, credentials, self.rt.policy_version
+                caller, host, port, decision, credentials, state.compiled.version
             )
             state.decision = decision
             state.refused_tunnel = True
             self._observe_governance(started)
             return self._record(flow, state)
         self.tunnels[flow.client_conn] = Tunnel(
-            caller, host, port, None, credentials, self.rt.policy_version
+            caller, host, port, None, credentials, state.compiled.version
         )
         state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
         self._decided(state)

@@ -15,11 +15,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from proxy.audit.keys import Signer
+from proxy.audit.log import FetchLog
 from proxy.audit.record import body_sha256
 from proxy.audit.record import chain_hash
 from proxy.audit.sqlite_store import SQLiteStore
@@ -80,35 +82,46 @@ def export_and_verify(data: Path, public: Path, out: Path) -> subprocess.Complet
     return cli("audit", "verify", out, "--public-key", public)
 
 
+@dataclass
+class Lost:
+    signer: Signer
+    public: Path
+    witness: FetchLog  # open, and it saw gw-lost running before the kill
+
+
 @pytest.fixture
-async def lost(tmp_path: Path) -> AsyncIterator[tuple[Signer, Path]]:
-    """gw-lost killed with records 11..15 stored and unsigned."""
+async def lost(tmp_path: Path) -> AsyncIterator[Lost]:
+    """gw-lost killed with records 11..15 stored and unsigned, seen running by gw-w first."""
     signer, public = keys(tmp_path)
-    kill(await lose_a_replica(tmp_path, signer))
-    before = export_and_verify(tmp_path, public, tmp_path / "before.jsonl")
-    assert before.returncode == 1
-    assert "replica gw-lost seq 11" in before.stdout
-    assert "come after the last checkpoint" in before.stdout
-    yield signer, public
-
-
-async def test_a_killed_replicas_unsigned_records_are_signed_by_a_witness(
-    tmp_path: Path, lost: tuple[Signer, Path]
-) -> None:
-    signer, public = lost
+    running = await lose_a_replica(tmp_path, signer)
     witness = fetch_log(
         SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
     )
     await witness.open()
     try:
-        assert await witness.witness_orphans() == [
-            {"replica": "gw-lost", "from_seq": 11, "through_seq": 15}
-        ]
-        assert await witness.witness_orphans() == []  # signed once
+        try:
+            assert await witness.witness_orphans() == []  # running: its spool is locked
+        finally:
+            kill(running)
+        before = export_and_verify(tmp_path, public, tmp_path / "before.jsonl")
+        assert before.returncode == 1
+        assert "replica gw-lost seq 11" in before.stdout
+        assert "come after the last checkpoint" in before.stdout
+        yield Lost(signer, public, witness)
     finally:
         await witness.close()
 
-    after = export_and_verify(tmp_path, public, tmp_path / "after.jsonl")
+
+async def test_a_killed_replicas_unsigned_records_are_signed_by_a_witness(
+    tmp_path: Path, lost: Lost
+) -> None:
+    assert await lost.witness.witness_orphans() == [
+        {"replica": "gw-lost", "from_seq": 11, "through_seq": 15}
+    ]
+    assert await lost.witness.witness_orphans() == []  # signed once
+    await lost.witness.close()
+
+    after = export_and_verify(tmp_path, lost.public, tmp_path / "after.jsonl")
     assert after.returncode == 0, after.stdout
     assert "replica gw-lost: records 1..15" in after.stdout
     assert "records 11..15 signed as stored by replica gw-w" in after.stdout
@@ -118,40 +131,32 @@ async def test_a_killed_replicas_unsigned_records_are_signed_by_a_witness(
     # The lost replica comes back under its id after all: its own checkpoints go on from its
     # own last one, and the witness note (not one of them) forks nothing.
     back = fetch_log(
-        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-lost", signer
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-lost", lost.signer
     )
     await back.open()
     for i in range(3):
         back.append(fetch(100 + i))
     await back.close()
-    again = export_and_verify(tmp_path, public, tmp_path / "again.jsonl")
+    again = export_and_verify(tmp_path, lost.public, tmp_path / "again.jsonl")
     assert again.returncode == 0, again.stdout
     assert "replica gw-lost: records 1..18" in again.stdout
 
 
 async def test_witnessed_records_rewritten_afterwards_fail_verify(
-    tmp_path: Path, lost: tuple[Signer, Path]
+    tmp_path: Path, lost: Lost
 ) -> None:
-    signer, public = lost
-    witness = fetch_log(
-        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
-    )
-    await witness.open()
-    assert await witness.witness_orphans()
-    await witness.close()
+    assert await lost.witness.witness_orphans()
+    await lost.witness.close()
     # Rewrite record 13 and relink 13..15 (every hash recomputed): the chain links again, but
     # the witness signed the old head.
     rewrite_from(tmp_path / "fetchlog.sqlite3", "gw-lost", 13, url="https://a.example/other")
-    result = export_and_verify(tmp_path, public, tmp_path / "rewritten.jsonl")
+    result = export_and_verify(tmp_path, lost.public, tmp_path / "rewritten.jsonl")
     assert result.returncode == 1
     assert "the witness note of replica gw-w" in result.stdout
     assert "signed another hash" in result.stdout
 
 
-async def test_records_that_do_not_link_are_not_witnessed(
-    tmp_path: Path, lost: tuple[Signer, Path]
-) -> None:
-    signer, public = lost
+async def test_records_that_do_not_link_are_not_witnessed(tmp_path: Path, lost: Lost) -> None:
     db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
     db.execute(
         "UPDATE fetch_records SET body = replace(body, 'faces-v2', 'faces-v3') "
@@ -159,33 +164,65 @@ async def test_records_that_do_not_link_are_not_witnessed(
     )
     db.commit()
     db.close()
+    assert await lost.witness.witness_orphans() == []
+    await lost.witness.close()
+    result = export_and_verify(tmp_path, lost.public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "come after the last checkpoint" in result.stdout  # still unproven, not signed
+
+
+async def test_a_chain_no_running_gateway_was_seen_holding_is_not_witnessed(
+    tmp_path: Path, lost: Lost
+) -> None:
+    # A witness started after the replica was gone cannot tell its rows from rows put in the
+    # store by hand under a name no gateway ran: it signs nothing.
+    late = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-late", lost.signer
+    )
+    await late.open()
+    try:
+        assert await late.witness_orphans() == []
+    finally:
+        await late.close()
+
+
+async def test_records_added_to_a_witnessed_chain_are_not_witnessed_again(
+    tmp_path: Path, lost: Lost
+) -> None:
+    assert await lost.witness.witness_orphans()
+    append_linked(tmp_path / "fetchlog.sqlite3", "gw-lost", url="https://a.example/forged")
+    assert await lost.witness.witness_orphans() == []
+    await lost.witness.close()
+    result = export_and_verify(tmp_path, lost.public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "replica gw-lost seq 16" in result.stdout
+    assert "come after the last checkpoint" in result.stdout
+
+
+async def test_rows_after_a_shutdown_checkpoint_are_not_witnessed(tmp_path: Path) -> None:
+    # A replica that stopped cleanly signed everything it wrote (the end of every pod of a
+    # rolled Deployment): rows after its shutdown checkpoint were signed by the next witness.
+    signer, public = keys(tmp_path)
     witness = fetch_log(
         SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
     )
     await witness.open()
     try:
+        gone = fetch_log(
+            SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-a", signer
+        )
+        await gone.open()
+        for i in range(5):
+            gone.append(fetch(i))
+        assert await witness.witness_orphans() == []  # running
+        await gone.close()  # a shutdown checkpoint at seq 5
+        append_linked(tmp_path / "fetchlog.sqlite3", "gw-a", url="https://a.example/forged")
         assert await witness.witness_orphans() == []
     finally:
         await witness.close()
     result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
     assert result.returncode == 1
-    assert "come after the last checkpoint" in result.stdout  # still unproven, not signed
-
-
-async def test_a_running_replica_is_never_witnessed(tmp_path: Path) -> None:
-    signer, _ = keys(tmp_path)
-    running = await lose_a_replica(tmp_path, signer)  # alive: it holds its spool's lock
-    try:
-        witness = fetch_log(
-            SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
-        )
-        await witness.open()
-        try:
-            assert await witness.witness_orphans() == []
-        finally:
-            await witness.close()
-    finally:
-        kill(running)
+    assert "replica gw-a seq 6" in result.stdout
 
 
 def rewrite_from(path: Path, replica: str, seq: int, **changes: str) -> None:
@@ -211,46 +248,6 @@ def rewrite_from(path: Path, replica: str, seq: int, **changes: str) -> None:
         )
     db.commit()
     db.close()
-
-
-async def test_rows_no_gateway_signed_or_held_are_not_witnessed(
-    tmp_path: Path, lost: tuple[Signer, Path]
-) -> None:
-    # Its checkpoints gone, nothing says a gateway wrote gw-lost's chain (rows put in the
-    # store by hand look the same): a witness that never saw it held leaves it unsigned.
-    signer, _ = lost
-    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
-    db.execute("DELETE FROM fetch_checkpoints WHERE replica = 'gw-lost'")
-    db.commit()
-    db.close()
-    witness = fetch_log(
-        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
-    )
-    await witness.open()
-    try:
-        assert await witness.witness_orphans() == []
-    finally:
-        await witness.close()
-
-
-async def test_records_added_to_a_witnessed_chain_are_not_witnessed_again(
-    tmp_path: Path, lost: tuple[Signer, Path]
-) -> None:
-    signer, public = lost
-    witness = fetch_log(
-        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
-    )
-    await witness.open()
-    try:
-        assert await witness.witness_orphans()
-        append_linked(tmp_path / "fetchlog.sqlite3", "gw-lost", url="https://a.example/forged")
-        assert await witness.witness_orphans() == []
-    finally:
-        await witness.close()
-    result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
-    assert result.returncode == 1
-    assert "replica gw-lost seq 16" in result.stdout
-    assert "come after the last checkpoint" in result.stdout
 
 
 def append_linked(path: Path, replica: str, **fields: str) -> None:

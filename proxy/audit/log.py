@@ -467,10 +467,11 @@ class FetchLog:
         back (it covers a prefix that replica's later checkpoints extend). The witness record
         goes in our chain. Records that do not link are not signed (logged, a store error).
 
-        What a witness signs is what the store held, so the rule is narrow: only a chain its
-        gateway signed at least once or that this replica saw a running gateway hold, and
-        only once after that replica's own last signature; records appended to a dead chain
-        later stay unsigned.
+        What a witness signs is what the store held, so the rule is narrow: only a chain this
+        replica saw a running gateway hold (rows put in the store by hand under a name no
+        gateway ran are not signed), not after a shutdown checkpoint (that replica signed all
+        it wrote), and only once after that replica's own last signature: rows appended to a
+        dead chain later stay unsigned.
         """
         if self.signer is None:
             return []
@@ -482,17 +483,26 @@ class FetchLog:
                 if not held:
                     self._seen_running.add(replica)
                     continue
-                item = await self._witness(replica, replica in self._seen_running)
+                if replica not in self._seen_running:
+                    continue  # not seen running since this replica started: not its to sign
                 self._seen_running.discard(replica)
-            if item is not None:
+                try:
+                    item = await self._witness(replica)
+                except Exception as e:  # a damaged note: that chain, not every other one
+                    metrics.STORE_ERRORS.labels(store="audit").inc()
+                    log.error("witness_failed", replica=replica, error=repr(e))
+                    continue
+                if item is None:
+                    continue
                 done.append(item)
-        if done:
-            self.checkpoint()  # sign the witness records themselves
-            if not await self.flushed(timeout=30.0):
-                log.warning("witness_deferred", reason="store unavailable")
+                self.checkpoint()  # sign the witness record itself
+                # Stored before the chain is let go: another replica holding it next sees the
+                # note, and signs no second one.
+                if not await self.flushed(timeout=30.0):
+                    log.warning("witness_deferred", reason="store unavailable")
         return done
 
-    async def _witness(self, replica: str, seen_running: bool) -> dict[str, Any] | None:
+    async def _witness(self, replica: str) -> dict[str, Any] | None:
         assert self.signer is not None
         stored = await self.store.last(replica)
         if stored is None:
@@ -502,15 +512,13 @@ class FetchLog:
         last = await self.store.last_checkpoint(replica)
         if last is not None:
             checkpoint = parse_text(note_text(last["note"]))
+            if checkpoint.kind == "shutdown":
+                return None  # it stopped and signed all it wrote: rows after that are not its
             signed_seq, signed_hash, prev = checkpoint.seq, checkpoint.hash, note_hash(last["note"])
         purge = await self.store.last_purge(replica)
         if purge is not None and purge["seq"] > signed_seq:
             signed_seq, signed_hash = purge["seq"], parse_text(note_text(purge["note"])).hash
         if seq <= signed_seq:
-            return None
-        if last is None and purge is None and not seen_running:
-            # Never signed, and not seen held by a running gateway: nothing says a gateway
-            # wrote it (rows put in the store by hand would be signed otherwise).
             return None
         if await self.store.witnesses(replica, signed_seq + 1, seq):
             # Witnessed once since its own last signature: records stored after that are not

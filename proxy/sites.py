@@ -1,10 +1,10 @@
 """Site keys: which budget, rules and legal basis a host belongs to.
 
-The key is the id of the policy site rule that matches the host most closely (a rule naming a
-host covers the subdomains beneath it too, where no other pattern gives them), else the registrable
-domain (eTLD+1, from the Public Suffix List shipped with `publicsuffixlist`, no network). Rotating
-subdomains therefore does not escape a site's budget (guideline "Necessity": traffic from one
-source stays insubstantial).
+The key is the id of the policy site rule that matches the host most closely, else that of a
+rule naming a host above it within its registrable domain (its budget, with the default terms),
+else the registrable domain (eTLD+1, from the Public Suffix List shipped with `publicsuffixlist`,
+no network). Rotating subdomains therefore does not escape a site's budget (guideline
+"Necessity": traffic from one source stays insubstantial).
 """
 
 from __future__ import annotations
@@ -101,23 +101,30 @@ class HostPatterns[T]:
     def __bool__(self) -> bool:
         return bool(self._exact or self._suffix)
 
-    def lookup(self, host: str, *, names_cover_below: bool = False) -> T | None:
-        """The value of the most specific pattern for `host`. `names_cover_below`: a `name`
-        pattern also covers the subdomains beneath it that no `*.` pattern of the same name or
-        a longer one gives (site rules: rotating subdomains must not escape a named site)."""
+    def lookup(self, host: str) -> T | None:
         if (hit := self._exact.get(host)) is not None:
             return hit
-        if not self._suffix and not names_cover_below:
+        if not self._suffix:
             return None
         name = host
         while True:
             if (hit := self._suffix.get(name)) is not None:
                 return hit
-            if names_cover_below and name != host and (hit := self._exact.get(name)) is not None:
-                return hit
             _, dot, name = name.partition(".")
             if not dot:
                 return None
+
+    def named_above(self, host: str, within: str) -> T | None:
+        """The value of the nearest `name` pattern above `host` and not above `within` (its
+        registrable domain): `site-a.test` for `www.site-a.test`."""
+        if not self._exact or host == within or not host.endswith("." + within):
+            return None
+        name = host
+        while name != within:
+            name = name.partition(".")[2]
+            if (hit := self._exact.get(name)) is not None:
+                return hit
+        return None
 
 
 class SiteDirectory:
@@ -130,6 +137,22 @@ class SiteDirectory:
             for pattern in rule.match:
                 self._rules.add(pattern, rule)
         self._sites = {rule.id: self._site_for_rule(rule) for rule in policy.sites}
+        # A host beneath one a rule names: that site's budget, not its terms (a licence or
+        # an exemption for one host is not one for the hosts beneath it).
+        self._beneath = {
+            key: Site(
+                key=key,
+                rule=site.rule,
+                settings=site.settings.model_copy(
+                    update={
+                        "legal_basis": self.defaults.legal_basis,
+                        "respect": self.defaults.respect,
+                    }
+                ),
+                fallback=self.defaults,
+            )
+            for key, site in self._sites.items()
+        }
         self._by_domain: dict[str, Site] = {}
 
     def _site_for_rule(self, rule: SiteRule) -> Site:
@@ -141,10 +164,13 @@ class SiteDirectory:
         return Site(key=rule.id, rule=rule, settings=settings, fallback=self.defaults)
 
     def site_for(self, host: str) -> Site:
-        rule = self._rules.lookup(host, names_cover_below=True)
+        rule = self._rules.lookup(host)
         if rule is not None:
             return self._sites[rule.id]
         domain = registrable_domain(host)
+        # Rotating subdomains of a named site (`www.`, `x1.`) does not escape its budget.
+        if (above := self._rules.named_above(host, domain)) is not None:
+            return self._beneath[above.id]
         site = self._by_domain.get(domain)
         if site is None:
             if len(self._by_domain) > 50_000:

@@ -73,24 +73,42 @@ def test_site_rules_match_before_the_registrable_domain():
     assert d.site_for("archive.example.org").settings.burst == base_policy()["defaults"]["burst"]
 
 
-def test_subdomains_beneath_a_named_host_are_that_site():
-    # `www.`, `x1.`... of a host a rule names fell back to the registrable domain and the
+def test_subdomains_beneath_a_named_host_share_its_budget_not_its_terms():
+    # `www.`, `x1.` of a host a rule names fell back to the registrable domain and the
     # defaults: rotating subdomains escaped the rule's budget (1 a day: 8 served).
+    licence = {"kind": "licence", "ref": "LIC-7"}
     d = directory(
         [
-            {"id": "museum", "match": ["site-a.test"], "requests_per_day": 1},
+            {
+                "id": "museum",
+                "match": ["site-a.test"],
+                "requests_per_day": 1,
+                "legal_basis": licence,
+                "respect": {"noai": True},
+            },
             {"id": "archive", "match": ["archive.example.org"]},
             {"id": "cdn", "match": ["*.cdn.archive.example.org"]},
             {"id": "img", "match": ["img.archive.example.org"]},
+            {"id": "bucket", "match": ["s3.amazonaws.com"], "legal_basis": licence},
         ]
     )
-    for host in ("site-a.test", "www.site-a.test", "x1.site-a.test", "a.b.site-a.test"):
-        assert d.site_for(host).key == "museum", host
+    named = d.site_for("site-a.test")
+    for host in ("www.site-a.test", "x1.site-a.test", "a.b.site-a.test"):
+        beneath = d.site_for(host)
+        assert beneath.key == "museum" and beneath.settings.requests_per_day == 1, host
+        # The named host's terms (a licence, its own signals) are not those beneath it: the
+        # defaults' are.
+        assert beneath.settings.legal_basis != named.settings.legal_basis
+        assert beneath.settings.respect != named.settings.respect
+        assert beneath.settings.legal_basis == beneath.fallback.legal_basis
+        assert beneath.settings.respect == beneath.fallback.respect
     assert d.site_for("www.archive.example.org").key == "archive"
     assert d.site_for("x.cdn.archive.example.org").key == "cdn"  # a `*.` pattern beneath it
     assert d.site_for("x.img.archive.example.org").key == "img"  # a nearer name
     assert d.site_for("www.example.org").key == "example.org"  # not beneath the named host
-
+    # Never past the registrable domain: another owner's bucket is its own site.
+    other = d.site_for("someone-elses.s3.amazonaws.com")
+    assert other.key == "someone-elses.s3.amazonaws.com" and other.rule is None
 
 def test_an_expired_licence_falls_back_to_the_default_basis_and_signals():
     d = directory(

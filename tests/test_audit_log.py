@@ -563,3 +563,19 @@ async def test_a_changed_signing_key_is_recorded_and_both_keys_verify_the_log(
     both = cli("audit", "verify", out, "--public-key", old_public, "--public-key", new_public)
     assert both.returncode == 0, both.stdout
     assert "replica gw-k: records 1..7" in both.stdout  # 6 fetches and the key change
+    # The keys in the order they were used: a leaked old key cannot sign past the rotation.
+    swapped = cli("audit", "verify", out, "--public-key", new_public, "--public-key", old_public)
+    assert swapped.returncode == 1 and "in the order they were used" in swapped.stdout
+    # Each key must sign something: a log (re-)signed with the old key alone does not pass as
+    # one signed with both.
+    items = [json.loads(line) for line in out.read_text().splitlines()]
+    only_old = tmp_path / "only-old.jsonl"
+    only_old.write_text(
+        "".join(
+            json.dumps(item) + "\n" for item in items if item.get("seq", 0) <= 3
+        )  # the old key's part: records 1..3 and their checkpoints
+    )
+    result = cli(
+        "audit", "verify", only_old, "--public-key", old_public, "--public-key", new_public
+    )
+    assert result.returncode == 1 and "signs nothing in the file" in result.stdout

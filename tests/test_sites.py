@@ -110,6 +110,7 @@ def test_subdomains_beneath_a_named_host_share_its_budget_not_its_terms():
     other = d.site_for("someone-elses.s3.amazonaws.com")
     assert other.key == "someone-elses.s3.amazonaws.com" and other.rule is None
 
+
 def test_an_expired_licence_falls_back_to_the_default_basis_and_signals():
     d = directory(
         [

@@ -180,7 +180,11 @@ def _decimal(text: str) -> int:
 def open_note(note: str, verifier: Verifier | Sequence[Verifier]) -> Checkpoint:
     """Verify a signed note with `verifier` (or any of several: keys rotated) and return its
     checkpoint; CheckpointError if not."""
-    verifiers = [verifier] if isinstance(verifier, Verifier) else list(verifier)
+    return open_note_by(note, [verifier] if isinstance(verifier, Verifier) else verifier)[0]
+
+
+def open_note_by(note: str, verifiers: Sequence[Verifier]) -> tuple[Checkpoint, int]:
+    """`open_note` with several keys: the checkpoint, and the index of the key that signed it."""
     cut = note.rfind("\n\n")
     if cut < 0 or not note.endswith("\n"):
         raise CheckpointError("not a signed note (no empty line before the signatures)")
@@ -200,12 +204,15 @@ def open_note(note: str, verifier: Verifier | Sequence[Verifier]) -> Checkpoint:
         ids_seen.append(f"{parts[1]}/{raw[:4].hex()}")
         # signed-note: a signature from an unknown (name, key ID) is ignored; from a known key
         # it must verify.
-        known = next((v for v in verifiers if parts[1] == v.name and raw[:4] == v.key_id), None)
+        known = next(
+            (i for i, v in enumerate(verifiers) if parts[1] == v.name and raw[:4] == v.key_id),
+            None,
+        )
         if known is None:
             continue
-        if not known.verify(text.encode(), raw[4:]):
+        if not verifiers[known].verify(text.encode(), raw[4:]):
             raise CheckpointError("the signature does not verify: the checkpoint was altered")
-        return checkpoint
+        return checkpoint, known
     given = ", ".join(f"{v.name}/{v.key_id.hex()}" for v in verifiers)
     raise CheckpointError(
         f"not signed by the given public key{'s' if len(verifiers) > 1 else ''} (key {given}); "

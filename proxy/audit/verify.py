@@ -23,7 +23,7 @@ from proxy.audit.checkpoint import UNNUMBERED
 from proxy.audit.checkpoint import Checkpoint
 from proxy.audit.checkpoint import CheckpointError
 from proxy.audit.checkpoint import note_hash
-from proxy.audit.checkpoint import open_note
+from proxy.audit.checkpoint import open_note_by
 from proxy.audit.export import FORMAT
 from proxy.audit.keys import SigningKeyError
 from proxy.audit.keys import Verifier
@@ -63,6 +63,7 @@ class SignedPoint:
     line: int
     checkpoint: Checkpoint
     note_hash: str
+    key: int = 0  # which of the given public keys signed it (in the order given)
 
     @property
     def name(self) -> str:
@@ -107,6 +108,7 @@ class Report:
     unsigned: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     header: dict[str, Any] | None = None
+    keys_used: set[int] = field(default_factory=set)
 
     def chain(self, replica: str) -> Chain:
         if replica not in self.chains:
@@ -175,7 +177,8 @@ def verify_file(
     """`allow_unsigned`: records no checkpoint covers are a warning, not a problem (they are
     chained, but nothing proves that the chain itself was not rewritten)."""
     report = Report()
-    _pass_signed(path, verifier, report)
+    verifiers = [verifier] if isinstance(verifier, Verifier) else list(verifier)
+    _pass_signed(path, verifiers, report)
     for chain in report.chains.values():
         chain.signed_up_to = max(
             (p.checkpoint.seq for p in chain.checkpoints + chain.witnesses), default=0
@@ -184,6 +187,7 @@ def verify_file(
     _check_header_replicas(report)
     for chain in report.chains.values():
         _finish_chain(chain, report, allow_unsigned=allow_unsigned)
+    _check_keys(verifiers, report)
     report.problems.sort()
     report.problems += sorted(report.unsigned)
     return report
@@ -208,7 +212,38 @@ def _check_header_replicas(report: Report) -> None:
             )
 
 
-def _pass_signed(path: Path, verifier: Verifier | Sequence[Verifier], report: Report) -> None:
+def _check_keys(verifiers: list[Verifier], report: Report) -> None:
+    """Several keys (rotated) are given in the order they were used, and each signs something:
+    in a chain, no checkpoint signed by an earlier key follows one signed by a later key (a
+    leaked old key cannot sign past the rotation), and a key that signs nothing proves nothing
+    (a log re-signed with the old key alone would pass otherwise)."""
+    if len(verifiers) < 2:
+        return
+    for chain in report.chains.values():
+        latest: SignedPoint | None = None
+        for point in chain.checkpoints:
+            if latest is not None and point.key < latest.key:
+                report.problem(
+                    point.line,
+                    f"checkpoint #{point.checkpoint.number} is signed by public key "
+                    f"{point.key + 1} after checkpoint #{latest.checkpoint.number} was signed by "
+                    f"key {latest.key + 1}: give the keys in the order they were used; an old "
+                    "key signing after the new one is a forgery",
+                    replica=chain.replica,
+                    seq=point.checkpoint.seq,
+                )
+            if latest is None or point.key > latest.key:
+                latest = point
+    for index, v in enumerate(verifiers):
+        if index not in report.keys_used:
+            report.problem(
+                1,
+                f"public key {index + 1} (key ID {v.key_id.hex()}) signs nothing in the file: "
+                "give only the keys the log was signed with",
+            )
+
+
+def _pass_signed(path: Path, verifiers: list[Verifier], report: Report) -> None:
     for line, item, error in _read(path):
         if item is None:
             report.problem(line, f"unreadable line ({error})")
@@ -225,14 +260,15 @@ def _pass_signed(path: Path, verifier: Verifier | Sequence[Verifier], report: Re
             report.problem(line, f"{kind} line without a signed note", item)
             continue
         try:
-            checkpoint = open_note(note, verifier)
+            checkpoint, key = open_note_by(note, verifiers)
         except CheckpointError as e:
             report.problem(line, f"{kind} #{item.get('number')}: {e}", item)
             continue
         if kind != (checkpoint.kind if checkpoint.kind in UNNUMBERED else "checkpoint"):
             report.problem(line, f"line type {kind} holds a {checkpoint.kind} note", item)
             continue
-        point = SignedPoint(line, checkpoint, note_hash(note))
+        point = SignedPoint(line, checkpoint, note_hash(note), key)
+        report.keys_used.add(key)
         for name in ("replica", "seq", "number", "hash", "by"):
             if name in item and item[name] != getattr(checkpoint, name):
                 report.problem(

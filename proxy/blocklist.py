@@ -158,11 +158,12 @@ class Blocklist:
         # A URL entry without a query covers its path with any query: `photo.jpg?w=800` or
         # `?v=2` is the same file on most sites. One with a query covers that query, its
         # parameters in any order (`sorted_parameters`).
-        hit = (
-            self._urls.get(url)
-            if query < 0
-            else self._urls.get(sorted_parameters(url)) or self._urls.get(url[:query])
-        )
+        if not self._urls:
+            hit = None
+        elif query < 0:
+            hit = self._urls.get(url)
+        else:
+            hit = self._urls.get(sorted_parameters(url)) or self._urls.get(url[:query])
         if hit is not None:
             return hit
         for target, e in self._prefixes.get(origin, ()):

@@ -772,17 +772,21 @@ class BudgetEngine:
         """`_other` read again from the unlabelled sites last seen in use: the most used of
         them now, 0 once none is (a site no longer in use is no longer followed)."""
         other = [0.0] * len(Budget)
+        read = False
         for spec in list(self._other_seen.values())[:_MAX_REFRESHED]:
             try:
                 seen = await self._read_again(spec)
             except _StoreFailed:
                 return
             if seen is None:
-                continue
+                continue  # no store decides for it now (an outage): not known to be quiet
+            read = True
             ratios = _ratios(*seen)
             if not any(ratios):
                 del self._other_seen[spec.key]
             other = [max(a, b) for a, b in zip(other, ratios, strict=True)]
+        if not read:
+            return  # kept, as the labelled sites' gauges are
         self._set_gauges(metrics.OTHER, other)
         self._other_published = time.monotonic()
 

@@ -7,9 +7,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import tracemalloc
 from pathlib import Path
 
@@ -36,8 +33,7 @@ from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.test_audit_support import start_writer
 
 
 def stored(data: Path, replica: str | None = None) -> list[dict]:
@@ -141,17 +137,7 @@ async def test_kill_9_loses_nothing_and_in_flight_requests_become_interrupted(
     tmp_path: Path,
 ) -> None:
     signer, public = keys(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(_KILLED_WRITER), str(tmp_path), str(signer.source)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = await asyncio.to_thread(proc.stdout.readline)
-    assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    proc = await start_writer(_KILLED_WRITER, tmp_path, signer)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)  # reaps it and closes its pipes
     assert len(stored(tmp_path, "gw-k")) == 25  # the other 15 were only in the spool

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -90,3 +92,23 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 def write_lines(path: Path, items: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(i, separators=(",", ":")) + "\n" for i in items))
     return path
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def start_writer(script: str, data: Path, signer: Signer) -> subprocess.Popen[str]:
+    """`script` (a fetch log writer, tests' own code importable) as a real process, given the
+    data dir and the key file; returns it once it has printed "ready"."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), str(data), str(signer.source)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    return proc

@@ -7,13 +7,9 @@ its id unless a test starts it again.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
-import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +26,7 @@ from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.test_audit_support import start_writer
 
 _LOST_REPLICA = """
 import asyncio, sys
@@ -57,18 +52,7 @@ asyncio.run(main())
 
 async def lose_a_replica(data: Path, signer: Signer) -> subprocess.Popen[str]:
     """Start the replica that will be lost; returns it running, its 15 records stored."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(_LOST_REPLICA), str(data), str(signer.source)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = await asyncio.to_thread(proc.stdout.readline)
-    assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
-    return proc
+    return await start_writer(_LOST_REPLICA, data, signer)
 
 
 def kill(proc: subprocess.Popen[str]) -> None:

@@ -349,6 +349,8 @@ def cmd_policy_check(path: Path, *, check_files: bool = True) -> int:
             f"{path}: {len(e.errors)} error(s); fix them and run the check again", file=sys.stderr
         )
         return EXIT_USAGE
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: valid, policy_version {loaded.version}")
     return EXIT_OK
 

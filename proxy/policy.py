@@ -557,6 +557,9 @@ class LoadedPolicy:
     policy: Policy
     version: str
     source: str
+    # What is valid but likely not what was meant (`policy check` prints them, a start or a
+    # reload logs them): an expired licence, a quota of 0.
+    warnings: tuple[PolicyError, ...] = ()
 
 
 def canonical_version(policy: Policy) -> str:
@@ -631,7 +634,52 @@ def parse_policy(text: str, source: str = "<policy>", *, check_files: bool = Fal
     if errors or policy is None:
         errors.sort(key=lambda e: (e.line is None, e.line or 0))
         raise InvalidPolicy(source, errors)
-    return LoadedPolicy(policy=policy, version=canonical_version(policy), source=source)
+    warnings = [
+        PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines))
+        for loc, message in policy_warnings(policy)
+    ]
+    return LoadedPolicy(
+        policy=policy, version=canonical_version(policy), source=source, warnings=tuple(warnings)
+    )
+
+
+def policy_warnings(
+    policy: Policy, today: dt.date | None = None
+) -> list[tuple[tuple[Any, ...], str]]:
+    """Valid settings that likely do not do what was meant, as of `today` (UTC)."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    out: list[tuple[tuple[Any, ...], str]] = []
+    where: list[tuple[tuple[Any, ...], Defaults | SiteRule]] = [(("defaults",), policy.defaults)]
+    where += [(("sites", i), rule) for i, rule in enumerate(policy.sites)]
+    for loc, terms in where:
+        basis = terms.legal_basis
+        if basis is not None and basis.expires is not None and basis.expires < today:
+            fallback = (
+                "the statutory TDM exception, every signal respected"
+                if loc == ("defaults",)
+                else "the defaults' basis and signals"
+            )
+            out.append(
+                (
+                    (*loc, "legal_basis", "expires"),
+                    f"the {basis.kind} {basis.ref!r} expired on {basis.expires}: {fallback} "
+                    "apply instead",
+                )
+            )
+        for quota in ("requests_per_day", "requests_per_month", "bytes_per_day"):
+            value = getattr(terms, quota)
+            if (
+                value is not None
+                and (units.parse_size(value) if quota == "bytes_per_day" else value) == 0
+            ):
+                out.append(
+                    (
+                        (*loc, quota),
+                        "0 refuses every request (429); to refuse a site for good, use the "
+                        "blocklist, which records why",
+                    )
+                )
+    return out
 
 
 def _errors(exc: ValidationError, lines: dict[tuple[Any, ...], int]) -> list[PolicyError]:

@@ -51,6 +51,7 @@ from proxy.originfiles import RedisCache
 from proxy.originfiles import TargetRefusal
 from proxy.originfiles import origin_of
 from proxy.policy import InvalidPolicy
+from proxy.policy import LoadedPolicy
 from proxy.policy import PolicyError
 from proxy.policy import load_policy
 from proxy.replicas import ReplicaRegistry
@@ -183,7 +184,9 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        return cls(settings, compile_policy(load_policy(settings.policy_file)))
+        loaded = load_policy(settings.policy_file)
+        _log_warnings(loaded)
+        return cls(settings, compile_policy(loaded))
 
     def _make_store(self) -> FetchStore:
         if self.settings.audit_dsn:
@@ -383,6 +386,7 @@ class Runtime:
                 policy_version=compiled.version,
             )
         log.info("policy_reloaded", version=compiled.version, previous=old)
+        _log_warnings(compiled.loaded)
         metrics.policy_reload_succeeded()
         return compiled.version, []
 
@@ -460,3 +464,9 @@ def _same_file(a: str | None, b: str | None) -> bool:
 
 def _spool_limit(compiled: CompiledPolicy) -> int:
     return parse_size(compiled.loaded.policy.audit.spool_max_bytes)
+
+
+def _log_warnings(loaded: LoadedPolicy) -> None:
+    """What `policy check` warns about, in the log of a start or a reload."""
+    for warning in loaded.warnings:
+        log.warning("policy_warning", path=warning.path, message=warning.message, line=warning.line)

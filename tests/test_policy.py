@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from proxy.policy import InvalidPolicy
 from proxy.policy import parse_policy
 from tests.support import ADMIN_TOKEN
+from tests.support import CRAWLWARDEN
 from tests.support import TEAM_TOKEN
 from tests.support import base_policy
 
@@ -268,3 +270,25 @@ def test_check_files_reads_the_signing_key_the_next_start_would_read(tmp_path: P
         [error] = e.value.errors
         assert error.path == "audit.signing_key_file" and error.line is not None
         assert str(bad) in error.message and says in error.message
+
+
+def test_an_expired_licence_and_a_quota_of_zero_are_warned_about(tmp_path: Path):
+    # Valid, and not what was meant: the check said nothing (the licence had silently fallen
+    # back; a quota of 0 refuses every request).
+    data = base_policy()
+    data["defaults"]["legal_basis"] = {"kind": "licence", "ref": "LIC-1", "expires": "2020-01-01"}
+    data["sites"] = [{"id": "museum", "match": ["museum.test"], "requests_per_day": 0}]
+    loaded = parse_policy(dump(data))
+    warned = {w.path: w for w in loaded.warnings}
+    assert set(warned) == {"defaults.legal_basis.expires", "sites.0.requests_per_day"}
+    assert "expired on 2020-01-01" in warned["defaults.legal_basis.expires"].message
+    assert all(w.line for w in loaded.warnings)
+    path = tmp_path / "policy.yaml"
+    path.write_text(dump(data))
+
+    check = subprocess.run(
+        [CRAWLWARDEN, "policy", "check", str(path)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    assert check.stderr.count("warning: ") == 2
+    assert not parse_policy(dump(base_policy())).warnings

@@ -338,12 +338,17 @@ class HttpGuard(layer.Layer):
         if not body or not flow.metadata.get(FORWARDED) or not flow.killable:
             return
         limit = self.limits().max_body_bytes
+        headers = flow.request.headers
         if len(body) > limit:
             flow.metadata[BODY_REFUSED] = (Reason.REQUEST_TOO_LARGE, _too_large(limit))
             flow.kill()
         elif (unexpected := inputs.unexpected_body(flow.request.method)) is not None:
             flow.metadata[BODY_REFUSED] = (Reason.BAD_REQUEST, unexpected)
             flow.kill()
+        elif "content-length" not in headers and "transfer-encoding" not in headers:
+            # An HTTP/2 body of no declared length: mitmproxy would send it to an HTTP/1 site
+            # after a head without one, and the site would read it as another request.
+            headers["content-length"] = str(len(body))
 
     def _answer_now(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
         answer = flow.response

@@ -114,17 +114,25 @@ class HostPatterns[T]:
             if not dot:
                 return None
 
-    def named_above(self, host: str, within: str) -> T | None:
-        """The value of the nearest `name` pattern above `host` and not above `within` (its
-        registrable domain): `site-a.test` for `www.site-a.test`."""
-        if not self._exact or host == within or not host.endswith("." + within):
-            return None
+    def covering(self, host: str, within: str) -> tuple[T, bool] | None:
+        """The nearest pattern for `host`, with `name` patterns covering the hosts beneath
+        them down from `within` (its registrable domain): at each level up, the host itself,
+        then a `*.` pattern, then a name above the host. The flag: covered from above by a
+        name (`site-a.test` for `www.site-a.test`)."""
+        if (hit := self._exact.get(host)) is not None:
+            return hit, False
+        below_within = host != within and host.endswith("." + within)
         name = host
-        while name != within:
-            name = name.partition(".")[2]
-            if (hit := self._exact.get(name)) is not None:
-                return hit
-        return None
+        while True:
+            if (hit := self._suffix.get(name)) is not None:
+                return hit, False
+            if name != host and below_within and (hit := self._exact.get(name)) is not None:
+                return hit, True
+            if name == within:
+                below_within = False  # no name above the registrable domain covers below it
+            _, dot, name = name.partition(".")
+            if not dot:
+                return None
 
 
 class SiteDirectory:
@@ -164,13 +172,11 @@ class SiteDirectory:
         return Site(key=rule.id, rule=rule, settings=settings, fallback=self.defaults)
 
     def site_for(self, host: str) -> Site:
-        rule = self._rules.lookup(host)
-        if rule is not None:
-            return self._sites[rule.id]
         domain = registrable_domain(host)
         # Rotating subdomains of a named site (`www.`, `x1.`) does not escape its budget.
-        if (above := self._rules.named_above(host, domain)) is not None:
-            return self._beneath[above.id]
+        if (hit := self._rules.covering(host, domain)) is not None:
+            rule, beneath = hit
+            return (self._beneath if beneath else self._sites)[rule.id]
         site = self._by_domain.get(domain)
         if site is None:
             if len(self._by_domain) > 50_000:

@@ -106,6 +106,15 @@ def test_subdomains_beneath_a_named_host_share_its_budget_not_its_terms():
     assert d.site_for("x.cdn.archive.example.org").key == "cdn"  # a `*.` pattern beneath it
     assert d.site_for("x.img.archive.example.org").key == "img"  # a nearer name
     assert d.site_for("www.example.org").key == "example.org"  # not beneath the named host
+    # The nearest pattern wins on the way up: a name beneath a broader `*.` rule.
+    d2 = directory(
+        [
+            {"id": "cdn-wide", "match": ["*.archive-cdn.example"], "rate": "50/s"},
+            {"id": "fragile", "match": ["slow.archive-cdn.example"], "rate": "1/min"},
+        ]
+    )
+    assert d2.site_for("x1.slow.archive-cdn.example").key == "fragile"
+    assert d2.site_for("x1.archive-cdn.example").key == "cdn-wide"
     # Never past the registrable domain: another owner's bucket is its own site.
     other = d.site_for("someone-elses.s3.amazonaws.com")
     assert other.key == "someone-elses.s3.amazonaws.com" and other.rule is None

@@ -263,10 +263,12 @@ def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
     # A Deployment's pod killed (its node lost) between two checkpoints never runs again under
     # its id: its last records stayed unsigned for good, and `verify` of the fleet's log failed.
     private, public = signing_keys(workdir)
-    signing = {"signing_key_file": str(private), "checkpoint_every_records": 1000}
-    victim = Gateway(
+    signing = {"signing_key_file": str(private)}
+    victim = Gateway(  # signs at 4 and 8 records: 9 and 10 are left unsigned
         workdir,
-        policy_with(audit={**signing, "checkpoint_every_seconds": 3600}),
+        policy_with(
+            audit={**signing, "checkpoint_every_records": 4, "checkpoint_every_seconds": 3600}
+        ),
         name="victim",
         extra_args=["--audit-dsn", pg_dsn],
     )
@@ -279,19 +281,19 @@ def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
     victim.start(60)
     witness.start(60)
     try:
-        urls = [site.url("site-a.test", f"/lost/{n}") for n in range(8)]
-        assert statuses_of(victim, urls) == {200: 8}
+        urls = [site.url("site-a.test", f"/lost/{n}") for n in range(10)]
+        assert statuses_of(victim, urls) == {200: 10}
 
         def stored() -> list[dict]:
             return [r for r in _records(pg_dsn) if r["replica"] == "victim"]
 
-        assert wait_for(lambda: len(stored()) == 8, timeout=20)
+        assert wait_for(lambda: len(stored()) == 10, timeout=20)
         time.sleep(6)  # a witness pass while the victim runs: its chain is not taken
         assert not witness.log_events("witnessed")
         victim.kill()  # SIGKILL: no shutdown checkpoint
         assert wait_for(lambda: witness.log_events("witnessed"), timeout=30)
         [event] = witness.log_events("witnessed")
-        assert (event["replica"], event["through_seq"]) == ("victim", 8)
+        assert (event["replica"], event["through_seq"]) == ("victim", 10)
     finally:
         witness.stop()
     out = tmp_path / "fleet.jsonl"
@@ -303,7 +305,7 @@ def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
         capture_output=True,
         text=True,
     )
-    assert "records 1..8 signed as stored by replica witness" in verified.stdout
+    assert "records 9..10 signed as stored by replica witness" in verified.stdout
 
 
 def _records(dsn: str) -> list[dict]:

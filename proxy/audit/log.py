@@ -124,7 +124,6 @@ class FetchLog:
         self._retry_counted = 0  # records at the head of the queue counted as retry already
         self._checkpoint_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._seen_running: set[str] = set()  # other replicas' chains found held (witnesses)
         self._closing = False
         self.closed = False
         self._spool_error: OSError | None = None
@@ -467,11 +466,11 @@ class FetchLog:
         back (it covers a prefix that replica's later checkpoints extend). The witness record
         goes in our chain. Records that do not link are not signed (logged, a store error).
 
-        What a witness signs is what the store held, so the rule is narrow: only a chain this
-        replica saw a running gateway hold (rows put in the store by hand under a name no
-        gateway ran are not signed), not after a shutdown checkpoint (that replica signed all
-        it wrote), and only once after that replica's own last signature: rows appended to a
-        dead chain later stay unsigned.
+        What a witness signs is what the store held, so the rule is narrow: only a chain whose
+        last checkpoint is a periodic one of its own (never signed: rows put in the store by
+        hand; a shutdown checkpoint: that replica signed all it wrote), and only once after it:
+        rows appended to a dead chain later stay unsigned. A run killed before its first
+        checkpoint is not witnessed (nothing signed says it ran).
         """
         if self.signer is None:
             return []
@@ -481,11 +480,7 @@ class FetchLog:
                 continue
             async with self._hold_chain(replica) as held:
                 if not held:
-                    self._seen_running.add(replica)
-                    continue
-                if replica not in self._seen_running:
-                    continue  # not seen running since this replica started: not its to sign
-                self._seen_running.discard(replica)
+                    continue  # a running gateway writes it
                 try:
                     item = await self._witness(replica)
                 except Exception as e:  # a damaged note: that chain, not every other one
@@ -508,13 +503,13 @@ class FetchLog:
         if stored is None:
             return None
         seq, head = stored
-        signed_seq, signed_hash, prev = 0, GENESIS_HASH, GENESIS_HASH
         last = await self.store.last_checkpoint(replica)
-        if last is not None:
-            checkpoint = parse_text(note_text(last["note"]))
-            if checkpoint.kind == "shutdown":
-                return None  # it stopped and signed all it wrote: rows after that are not its
-            signed_seq, signed_hash, prev = checkpoint.seq, checkpoint.hash, note_hash(last["note"])
+        if last is None:
+            return None  # never signed: nothing says a gateway wrote it (rows put in by hand)
+        checkpoint = parse_text(note_text(last["note"]))
+        if checkpoint.kind != "periodic":
+            return None  # it stopped and signed all it wrote: rows after that are not its
+        signed_seq, signed_hash, prev = checkpoint.seq, checkpoint.hash, note_hash(last["note"])
         purge = await self.store.last_purge(replica)
         if purge is not None and purge["seq"] > signed_seq:
             signed_seq, signed_hash = purge["seq"], parse_text(note_text(purge["note"])).hash

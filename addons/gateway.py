@@ -1038,6 +1038,10 @@ class Gateway:
     def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
         state: FlowState | None = flow.metadata.get(META)
         flow.response = refusal_response(decision, request_id=state.id if state else None)
+        if flow.request.method == "HEAD":
+            # No content in an answer to HEAD (RFC 9110 9.3.2): an HTTP/2 client takes DATA on
+            # one for a protocol error, and never sees the reason. The headers still say it.
+            flow.response.content = b""
 
     def _choose_upstream_proxy(
         self, flow: http.HTTPFlow, identity: Identity, state: FlowState

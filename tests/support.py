@@ -767,9 +767,15 @@ class H2Client:
         self.conn.initiate_connection()
 
     def get(
-        self, authority: str, path: str, *headers: tuple[str, str], scheme: str = "https"
+        self,
+        authority: str,
+        path: str,
+        *headers: tuple[str, str],
+        scheme: str = "https",
+        method: str = "GET",
     ) -> H2Answer:
-        stream = self._start("GET", authority, path, headers, scheme, end_stream=True)
+        """A GET (or another `method` without a body) and its whole answer."""
+        stream = self._start(method, authority, path, headers, scheme, end_stream=True)
         answer = H2Answer({})
         while not answer.end:
             self._receive(stream, answer, timeout=None)

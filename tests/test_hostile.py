@@ -582,6 +582,9 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
         with tls_tunnel(gw, authority, alpn="h2") as tls:
             client = H2Client(tls)
             forged = client.get(authority, "@site-b.test/photo.jpg", ("x-crawl-project", PROJECT))
+            # A refused HEAD's answer had the refusal's JSON as DATA: a protocol error for an
+            # HTTP/2 client (h2 raised), which never saw the reason.
+            head = client.get(authority, "/x", ("x-crawl-project", "nope"), method="HEAD")
             # HTTP/2 DATA on a GET (no content-length): mitmproxy sent it to the HTTP/1 site
             # after the head, where it was read as the next request.
             smuggled, _ = client.post_without_length(
@@ -594,6 +597,8 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
             )
         assert answers == [b"HTTP/1.1 400 Bad Request"] * 3
         assert forged.headers[":status"] == "400", forged
+        assert (head.headers[":status"], head.body) == ("403", b""), head
+        assert head.headers["x-crawlwarden-reason"] == "unknown_project"
         assert smuggled.headers[":status"] == "400", smuggled
         assert posted.headers[":status"] == "200", posted
         time.sleep(0.5)
@@ -602,9 +607,10 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
             ("POST", "/upload", SMUGGLED)
         ]
         records = gw.fetch_records()
-        assert len(records) == 6
+        assert len(records) == 7
         decided = [(r["decision"], r["reason"]) for r in records]
         assert decided.count(("refused", "bad_request")) == 5, decided
+        assert decided.count(("refused", "unknown_project")) == 1  # the HEAD
         assert decided.count(("forwarded", "ok")) == 1  # the POST
         assert not [r for r in records if "site-b.test" in r["url"].split("/")[2]]
         assert "hook_failed" not in gw.logs()

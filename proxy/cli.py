@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept records no checkpoint covers (warned about, not proven); without it "
         "they fail the check",
     )
+    verify.add_argument(
+        "--rotation-grace",
+        type=float,
+        metavar="SECONDS",
+        help="with several --public-key: how long an earlier key may still sign after a later "
+        "one first did (a fleet's rolling restart onto the new key; default 3600)",
+    )
 
     report = sub.add_parser("report", help="the insubstantiality report, per site and period")
     _add_source_args(report)

@@ -9,6 +9,7 @@ exit 1 names the first bad record (replica, seq, id, what is wrong) and lists th
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -37,6 +38,13 @@ EXIT_TAMPERED = 1
 EXIT_USAGE = 2
 _HEX64 = frozenset("0123456789abcdef")
 _SIGNED_LINES = ("checkpoint", "purge", "witness")
+# How long after a later key first signs a note the earlier one may still sign (a rolling
+# restart of a fleet onto the new key): `audit verify --rotation-grace`.
+ROTATION_GRACE = 3600.0
+
+
+def _time(rfc3339: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
 
 
 @dataclass(order=True)
@@ -172,7 +180,11 @@ def _is_hash(value: Any) -> bool:
 
 
 def verify_file(
-    path: Path, verifier: Verifier | Sequence[Verifier], *, allow_unsigned: bool = False
+    path: Path,
+    verifier: Verifier | Sequence[Verifier],
+    *,
+    allow_unsigned: bool = False,
+    rotation_grace: float = ROTATION_GRACE,
 ) -> Report:
     """`allow_unsigned`: records no checkpoint covers are a warning, not a problem (they are
     chained, but nothing proves that the chain itself was not rewritten)."""
@@ -187,7 +199,7 @@ def verify_file(
     _check_header_replicas(report)
     for chain in report.chains.values():
         _finish_chain(chain, report, allow_unsigned=allow_unsigned)
-    _check_keys(verifiers, report)
+    _check_keys(verifiers, report, rotation_grace)
     report.problems.sort()
     report.problems += sorted(report.unsigned)
     return report
@@ -212,13 +224,40 @@ def _check_header_replicas(report: Report) -> None:
             )
 
 
-def _check_keys(verifiers: list[Verifier], report: Report) -> None:
+def _check_keys(verifiers: list[Verifier], report: Report, grace: float) -> None:
     """Several keys (rotated) are given in the order they were used, and each signs something:
-    in a chain, no checkpoint signed by an earlier key follows one signed by a later key (a
-    leaked old key cannot sign past the rotation), and a key that signs nothing proves nothing
-    (a log re-signed with the old key alone would pass otherwise)."""
+    in a chain, no checkpoint signed by an earlier key follows one signed by a later key; no
+    note is signed by a key later than `grace` seconds after a later key first signed one (a
+    leaked old key cannot vouch for what came after the rotation, in any chain); and a key that
+    signs nothing proves nothing (a log re-signed with the old key alone would pass otherwise).
+    A forger with an old key can still date what it signs before the rotation."""
     if len(verifiers) < 2:
         return
+    notes = [
+        point
+        for chain in report.chains.values()
+        for point in chain.checkpoints + chain.purges + chain.witnesses
+    ]
+    first: dict[int, dt.datetime] = {}
+    for point in notes:
+        at = _time(point.checkpoint.time)
+        if point.key not in first or at < first[point.key]:
+            first[point.key] = at
+    for point in notes:
+        later = [first[k] for k in first if k > point.key]
+        if not later:
+            continue
+        ended = min(later) + dt.timedelta(seconds=grace)
+        if _time(point.checkpoint.time) > ended:
+            report.problem(
+                point.line,
+                f"{point.name} is signed by public key {point.key + 1} at "
+                f"{point.checkpoint.time}, after a later key had taken over ({min(later)} "
+                f"+ {grace:g} s): an old key signing after the rotation is a forgery "
+                "(--rotation-grace for a longer rollout)",
+                replica=point.checkpoint.replica,
+                seq=point.checkpoint.seq,
+            )
     for chain in report.chains.values():
         latest: SignedPoint | None = None
         for point in chain.checkpoints:
@@ -611,7 +650,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    report = verify_file(path, verifiers, allow_unsigned=args.allow_unsigned)
+    report = verify_file(
+        path,
+        verifiers,
+        allow_unsigned=args.allow_unsigned,
+        rotation_grace=ROTATION_GRACE if args.rotation_grace is None else args.rotation_grace,
+    )
     header = report.header
     if header is not None and header.get("format") != FORMAT:
         print(

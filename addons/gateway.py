@@ -1028,7 +1028,9 @@ class Gateway:
             req.headers.fields = kept
         if named:
             options = [
-                t for t in _tokens(req.headers.get("connection")) if t in _CONNECTION_OPTIONS
+                t
+                for t in inputs.header_tokens(req.headers.get("connection"))
+                if t in _CONNECTION_OPTIONS
             ]
             if options:
                 req.headers["connection"] = ", ".join(options)
@@ -1361,17 +1363,13 @@ def _read_body(scan: BodyScan, resp: http.Response) -> None:
     scan.finish()
 
 
-def _tokens(value: str | None) -> list[str]:
-    return [t.strip().lower() for t in value.split(",") if t.strip()] if value else []
-
-
 def _connection_named(value: str | None) -> frozenset[bytes]:
     """The fields a Connection header names beyond the options passed on (usually none)."""
     if not value:
         return frozenset()
     return frozenset(
         t.encode("latin-1", "replace")
-        for t in _tokens(value)
+        for t in inputs.header_tokens(value)
         if t not in _CONNECTION_OPTIONS and t not in inputs.NEVER_HOP_BY_HOP
     )
 

@@ -293,11 +293,14 @@ BODILESS_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 NEVER_HOP_BY_HOP = frozenset(("content-length", "transfer-encoding", "host"))
 
 
+def header_tokens(value: str | None) -> list[str]:
+    """The comma-separated tokens of a header such as Connection, lower-cased."""
+    return [t.strip().lower() for t in value.split(",") if t.strip()] if value else []
+
+
 def connection_problem(value: str | None) -> str | None:
     """A Connection header naming a field that frames or routes the request (refused, 400)."""
-    if not value:
-        return None
-    named = {t.strip().lower() for t in value.split(",")} & NEVER_HOP_BY_HOP
+    named = set(header_tokens(value)) & NEVER_HOP_BY_HOP
     if not named:
         return None
     return (

@@ -419,7 +419,9 @@ class Gateway:
             # mitmproxy would send its HTML page, the client gets the gateway's answer: the
             # reason header, the request id and the JSON body (addons/client_events.py).
             state.decision = _bad_request(flow.error.msg)
-            flow.metadata[ERROR_ANSWER] = refusal_response(state.decision, request_id=state.id)
+            flow.metadata[ERROR_ANSWER] = refusal_response(
+                state.decision, request_id=state.id, method=req.method
+            )
             return None
 
         if tunnel is not None:
@@ -740,7 +742,9 @@ class Gateway:
             # The status line has gone out: deliver nothing more, break the transfer.
             flow.kill()
             return
-        flow.response = refusal_response(assessment.decision, Outcome.WITHHELD)
+        flow.response = refusal_response(
+            assessment.decision, Outcome.WITHHELD, method=flow.request.method
+        )
 
     def error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)
@@ -760,7 +764,7 @@ class Gateway:
                 site=state.site,
             )
             flow.metadata[ERROR_ANSWER] = refusal_response(
-                state.decision, Outcome.REFUSED, state.id
+                state.decision, Outcome.REFUSED, state.id, flow.request.method
             )
             self._settle(state)
             state.forwarded = False
@@ -809,7 +813,7 @@ class Gateway:
                 # Sent where mitmproxy would send its HTML error page (no response head has
                 # gone out; addons/client_events.py): the reason and request id, as for refusals.
                 flow.metadata[ERROR_ANSWER] = refusal_response(
-                    state.decision, Outcome.FORWARDED, state.id
+                    state.decision, Outcome.FORWARDED, state.id, flow.request.method
                 )
             if state.stream is not None and flow.response is not None and state.answer is None:
                 self._cut_short(state, flow.response, state.stream)  # mid-body, either side
@@ -1039,11 +1043,9 @@ class Gateway:
 
     def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
         state: FlowState | None = flow.metadata.get(META)
-        flow.response = refusal_response(decision, request_id=state.id if state else None)
-        if flow.request.method == "HEAD":
-            # No content in an answer to HEAD (RFC 9110 9.3.2): an HTTP/2 client takes DATA on
-            # one for a protocol error, and never sees the reason. The headers still say it.
-            flow.response.content = b""
+        flow.response = refusal_response(
+            decision, request_id=state.id if state else None, method=flow.request.method
+        )
 
     def _choose_upstream_proxy(
         self, flow: http.HTTPFlow, identity: Identity, state: FlowState
@@ -1138,6 +1140,8 @@ class Gateway:
                 body = flow.response.raw_content or b""
                 rec.content_sha256 = hashlib.sha256(body).hexdigest()
                 rec.note = "served from the gateway's robots.txt cache"
+        elif not state.forwarded and (refused := flow.metadata.get(ERROR_ANSWER)) is not None:
+            rec.status = refused.status_code  # a refusal sent where mitmproxy's error page goes
         if state.withheld is not None:
             rec.decision = str(Outcome.WITHHELD)
             rec.reason = str(state.withheld.reason)

@@ -114,11 +114,17 @@ class Limits(NamedTuple):
 
 
 def refusal_response(
-    decision: Decision, outcome: Outcome = Outcome.REFUSED, request_id: str | None = None
+    decision: Decision,
+    outcome: Outcome = Outcome.REFUSED,
+    request_id: str | None = None,
+    method: str = "",
 ) -> http.Response:
-    """The gateway's own answer for a decision (proxy.decision.render_refusal) as a response."""
+    """The gateway's own answer for a decision (proxy.decision.render_refusal) as a response;
+    to a HEAD (`method`) without content (RFC 9110 9.3.2: an HTTP/2 client takes DATA on one for
+    a protocol error, and never sees the reason, which the headers still give)."""
     refusal = render_refusal(decision, outcome)
-    answer = http.Response.make(refusal.status, refusal.body, refusal.headers)
+    body = b"" if method == "HEAD" else refusal.body
+    answer = http.Response.make(refusal.status, body, refusal.headers)
     if request_id is not None:
         answer.headers["x-crawlwarden-request-id"] = request_id
     return answer

@@ -585,6 +585,10 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
             # A refused HEAD's answer had the refusal's JSON as DATA: a protocol error for an
             # HTTP/2 client (h2 raised), which never saw the reason.
             head = client.get(authority, "/x", ("x-crawl-project", "nope"), method="HEAD")
+            # A HEAD refused for the body it brought: no content in that answer either.
+            head_with_body, _ = client.post_without_length(
+                authority, "/x", b"body", ("x-crawl-project", PROJECT), method="HEAD"
+            )
             # HTTP/2 DATA on a GET (no content-length): mitmproxy sent it to the HTTP/1 site
             # after the head, where it was read as the next request.
             smuggled, _ = client.post_without_length(
@@ -599,6 +603,7 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
         assert forged.headers[":status"] == "400", forged
         assert (head.headers[":status"], head.body) == ("403", b""), head
         assert head.headers["x-crawlwarden-reason"] == "unknown_project"
+        assert (head_with_body.headers[":status"], head_with_body.body) == ("400", b"")
         assert smuggled.headers[":status"] == "400", smuggled
         assert posted.headers[":status"] == "200", posted
         time.sleep(0.5)
@@ -607,9 +612,12 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
             ("POST", "/upload", SMUGGLED)
         ]
         records = gw.fetch_records()
-        assert len(records) == 7
+        assert len(records) == 8
         decided = [(r["decision"], r["reason"]) for r in records]
-        assert decided.count(("refused", "bad_request")) == 5, decided
+        assert decided.count(("refused", "bad_request")) == 6, decided
+        # Each refusal with the status it was answered with (one sent in place of mitmproxy's
+        # error page had none).
+        assert all(r["status"] for r in records if r["decision"] == "refused"), records
         assert decided.count(("refused", "unknown_project")) == 1  # the HEAD
         assert decided.count(("forwarded", "ok")) == 1  # the POST
         assert not [r for r in records if "site-b.test" in r["url"].split("/")[2]]

@@ -123,6 +123,11 @@ class _SiteQueue:
     users: int = 0
 
 
+def _most_used(a: list[float], b: list[float]) -> list[float]:
+    """Per budget, the larger ratio of two sites: what `_other` shows of the sites it stands for."""
+    return [max(x, y) for x, y in zip(a, b, strict=True)]
+
+
 def _ratios(spec: BudgetSpec, snap: Snapshot) -> list[float]:
     """How used each budget is, in `Budget` order (rate, concurrency, day, month, bytes)."""
     return [
@@ -784,7 +789,7 @@ class BudgetEngine:
             ratios = _ratios(*seen)
             if not any(ratios):
                 del self._other_seen[spec.key]
-            other = [max(a, b) for a, b in zip(other, ratios, strict=True)]
+            other = _most_used(other, ratios)
         if not read:
             return  # kept, as the labelled sites' gauges are
         self._set_gauges(metrics.OTHER, other)
@@ -802,9 +807,7 @@ class BudgetEngine:
                 self._observe(spec, snap)
                 continue
             ratios = _ratios(spec, snap)
-            other = (
-                ratios if other is None else [max(a, b) for a, b in zip(other, ratios, strict=True)]
-            )
+            other = ratios if other is None else _most_used(other, ratios)
             if any(ratios):
                 self._other_seen.pop(spec.key, None)  # (last seen last)
                 if len(self._other_seen) >= _MAX_REFRESHED:

@@ -102,17 +102,9 @@ class HostPatterns[T]:
         return bool(self._exact or self._suffix)
 
     def lookup(self, host: str) -> T | None:
-        if (hit := self._exact.get(host)) is not None:
-            return hit
-        if not self._suffix:
-            return None
-        name = host
-        while True:
-            if (hit := self._suffix.get(name)) is not None:
-                return hit
-            _, dot, name = name.partition(".")
-            if not dot:
-                return None
+        """The value of the most specific pattern for `host`."""
+        hit = self.covering(host, host)
+        return None if hit is None else hit[0]
 
     def covering(self, host: str, within: str) -> tuple[T, bool] | None:
         """The nearest pattern for `host`, with `name` patterns covering the hosts beneath
@@ -122,6 +114,8 @@ class HostPatterns[T]:
         if (hit := self._exact.get(host)) is not None:
             return hit, False
         below_within = host != within and host.endswith("." + within)
+        if not self._suffix and not below_within:
+            return None
         name = host
         while True:
             if (hit := self._suffix.get(name)) is not None:

@@ -154,7 +154,6 @@ class FlowState:
     # A CORS preflight's X-Crawl-* header names, kept from the site and allowed in its answer.
     cors_own_headers: tuple[str, ...] = ()
     settled: bool = False  # in-flight count and budget lease released
-    deciding: bool = True  # counted in Runtime.deciding until forwarded or recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +249,8 @@ class Gateway:
         self._limits: tuple[str, Limits] | None = None
         # Forwarded and not yet settled, by request id: what a drain that runs out records.
         self._under_way: dict[str, tuple[http.HTTPFlow, FlowState]] = {}
-        # Requests come in and not yet forwarded or recorded (held for a budget, say), by id.
+        # Requests come in and not yet forwarded or recorded (held for a budget, say), by id:
+        # Runtime.deciding is how many (what a drain waits for).
         self._deciding: dict[str, tuple[http.HTTPFlow, FlowState]] = {}
 
     # -- connection layering ---------------------------------------------------------------
@@ -992,10 +992,8 @@ class Gateway:
 
     def _decided(self, state: FlowState) -> None:
         """No longer being decided: forwarded (counted in flight from here), or recorded."""
-        if state.deciding:
-            state.deciding = False
-            self.rt.deciding -= 1
-            self._deciding.pop(state.id, None)
+        if self._deciding.pop(state.id, None) is not None:
+            self.rt.deciding = len(self._deciding)
 
     def _new_state(self, flow: http.HTTPFlow, url: str, method: str) -> FlowState:
         """The flow's state, on the flow from the start (a hook that fails still records it)."""
@@ -1010,8 +1008,8 @@ class Gateway:
             compiled=self.rt.compiled,
         )
         flow.metadata[META] = state
-        self.rt.deciding += 1
         self._deciding[state.id] = (flow, state)
+        self.rt.deciding = len(self._deciding)
         return state
 
     def _sanitize(self, req: http.Request) -> None:

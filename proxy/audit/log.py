@@ -56,6 +56,9 @@ __all__ = ["FetchLog", "FetchLogClosed", "FetchStore"]
 log = structlog.get_logger("crawlwarden.audit")
 
 DAY = 86400.0
+# The chains of replicas that no longer run are looked at every WITNESS_EVERY checkpoint
+# intervals for records their replica never signed (witness_orphans): a few index probes each.
+WITNESS_EVERY = 5
 
 
 class FetchLogClosed(Exception):
@@ -80,7 +83,6 @@ class FetchLog:
         checkpoint_every_seconds: float = 60.0,
         retention_days: int | None = None,
         purge_interval: float = 3600.0,
-        witness_interval: float | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
@@ -98,11 +100,6 @@ class FetchLog:
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.retention_days = retention_days
         self.purge_interval = purge_interval
-        # How often the chains of replicas that no longer run are looked at for records their
-        # replica never signed (witness_orphans): a few index probes per replica.
-        self.witness_interval = (
-            witness_interval if witness_interval is not None else 5 * checkpoint_every_seconds
-        )
         self.clock = clock
         self.seq = 0
         self.head = GENESIS_HASH
@@ -564,7 +561,8 @@ class FetchLog:
 
     async def _witness_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.witness_interval)
+            # (read each round: a reload may change checkpoint_every_seconds)
+            await asyncio.sleep(WITNESS_EVERY * self.checkpoint_every_seconds)
             try:
                 await self.witness_orphans()
             except Exception as e:  # the next round tries again; the gateway goes on

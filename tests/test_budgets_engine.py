@@ -254,7 +254,9 @@ async def test_delay_mode_waits_for_the_next_slot_then_gives_up(cluster: Cluster
         assert (await engine.admit(site)).decision.allowed
         second = await engine.admit(site)
         assert second.decision.allowed
-        assert 0.15 <= second.waited <= 0.35
+        # It waited for the slot at +0.2 s (not admitted at once); the upper bound is loose
+        # because a loaded CI host wakes sleepers late.
+        assert 0.15 <= second.waited < 0.75
         started = loop.time()
         results: list[Admission] = await asyncio.gather(*(engine.admit(site) for _ in range(5)))
         took = loop.time() - started

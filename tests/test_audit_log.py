@@ -74,12 +74,14 @@ async def test_chain_and_a_signed_checkpoint_every_n_records(tmp_path: Path) -> 
     checkpoints = await stored_checkpoints(tmp_path, "gw-1")
     opened = [open_note(c["note"], signer.verifier) for c in checkpoints]
     assert [(c.number, c.seq, c.kind) for c in opened] == [
-        (1, 10, "periodic"),
-        (2, 20, "periodic"),
-        (3, 30, "periodic"),
-        (4, 35, "shutdown"),
+        (1, 0, "start"),
+        (2, 10, "periodic"),
+        (3, 20, "periodic"),
+        (4, 30, "periodic"),
+        (5, 35, "shutdown"),
     ]
-    assert opened[2].hash == records[29]["hash"]
+    assert opened[0].hash == GENESIS_HASH
+    assert opened[3].hash == records[29]["hash"]
     assert "records 1..35" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
 
 
@@ -175,7 +177,8 @@ async def test_spool_past_its_limit_fails_closed_until_shipped(tmp_path: Path) -
     while log.available:
         log.append(fetch(log.seq))
     assert log.spool.size >= 8000
-    assert REGISTRY.get_sample_value("crawlwarden_audit_queue_depth") == log.seq
+    # Every record and the run's start checkpoint wait to be stored.
+    assert REGISTRY.get_sample_value("crawlwarden_audit_queue_depth") == log.seq + 1
     assert await log.flushed()
     assert log.available  # stored, the segment retired: fetching resumes
     assert REGISTRY.get_sample_value("crawlwarden_audit_queue_depth") == 0
@@ -198,7 +201,7 @@ async def test_close_flushes_records_still_in_flight(tmp_path: Path) -> None:
         log.append(fetch(i))
     await log.close()
     assert len(stored(tmp_path, "gw-c")) == 50
-    assert "last checkpoint #1 at seq 50" in export_and_verify(
+    assert "last checkpoint #2 at seq 50" in export_and_verify(
         tmp_path, public, tmp_path / "e.jsonl"
     )
 
@@ -244,8 +247,9 @@ async def test_restart_continues_the_chain_and_the_checkpoint_chain(tmp_path: Pa
         await log.close()
     out = export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
     assert "records 1..45" in out
-    # Per run a checkpoint after 10 records and one at shutdown, numbered across restarts.
-    assert "last checkpoint #6 at seq 45" in out
+    # Per run a start checkpoint, one after 10 records and one at shutdown, numbered across
+    # restarts.
+    assert "last checkpoint #9 at seq 45" in out
 
 
 async def test_a_failed_spool_write_leaves_no_hole_in_the_chain(tmp_path: Path) -> None:
@@ -409,7 +413,8 @@ async def test_a_record_damaged_in_the_spool_is_reported_as_a_hole_and_the_rest_
 ) -> None:
     signer, public = keys(tmp_path)
     log, store = await log_in_an_outage(tmp_path, "gw-d", signer, 6, memory_records=2)
-    place = log._queue[3]  # record 4, held as its place in the spool
+    # Record 4, held as its place in the spool (after the start checkpoint and records 1..3).
+    place = log._queue[4]
     assert isinstance(place, Spooled) and place.seq == 4
     with log.spool._path(place.segment).open("r+b") as f:  # the disk damages it
         f.seek(place.offset + 10)

@@ -70,7 +70,8 @@ async def test_purge_cuts_old_records_and_the_rest_still_verifies(
     items = read_lines(tmp_path / "after.jsonl")
     purge_notes = [x for x in items if x["type"] == "purge"]
     assert len(purge_notes) == 1 and purge_notes[0]["seq"] == 30
-    assert "\npurge 3\n" in purge_notes[0]["note"]  # checkpoints #1..#3 (seq 10, 20, 30) gone
+    # Checkpoints #1..#4 (the start one at seq 0, then seq 10, 20, 30) are gone.
+    assert "\npurge 4\n" in purge_notes[0]["note"]
     event = next(x for x in items if x["type"] == "record" and x["kind"] == "purge")
     assert event["seq"] == 51 and "older than" in event["note"]
     assert event["reason"] == "retention"
@@ -103,7 +104,7 @@ async def test_purge_cuts_old_records_and_the_rest_still_verifies(
     # A restart resumes what was purged and keeps purging from there.
     log = fetch_log(source["store"](), tmp_path / "spool", "gw-p", signer, clock=lambda: NOW)
     await log.open()
-    assert log.purged_seq == 30 and log.purged_number == 3
+    assert log.purged_seq == 30 and log.purged_number == 4
     result = await log.purge(now=NOW + 390 * DAY + 570, days=400)
     assert result is not None and result["through_seq"] == 40
     await log.close()

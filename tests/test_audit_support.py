@@ -110,5 +110,8 @@ async def start_writer(script: str, data: Path, signer: Signer) -> subprocess.Po
     )
     assert proc.stdout is not None
     line = await asyncio.to_thread(proc.stdout.readline)
-    assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    if line.strip() != "ready":
+        proc.kill()  # before reading its stderr to the end: it would sleep on for an hour
+        out, err = proc.communicate(timeout=10)
+        raise AssertionError(f"the writer did not get ready: {line}{out}{err}")
     return proc

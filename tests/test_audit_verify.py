@@ -93,8 +93,8 @@ def test_intact_export_verifies_and_says_what_it_proved(fetchlog: dict[str, Path
     assert "OK:" in out
     assert "replica gw-a: records 1..60 (60 in full)" in out
     assert "replica gw-b: records 1..60 (60 in full)" in out
-    # Six checkpoints every ten records plus the one written at shutdown.
-    assert "last checkpoint #7 at seq 60" in out
+    # The one written at start, six every ten records and the one written at shutdown.
+    assert "last checkpoint #8 at seq 60" in out
     assert "verified 2 replica(s), 120 records" in out
     assert "time span 2026-09-21T" in out
     assert "warning" not in out  # everything is signed: close() wrote a final checkpoint
@@ -106,15 +106,19 @@ def test_export_layout(fetchlog: dict[str, Path]) -> None:
     assert items[0]["format"] == "crawlwarden-fetchlog-export/1"
     kinds = [x["type"] for x in items[1:]]
     assert kinds.count("record") == 120
-    assert kinds.count("checkpoint") == 14
+    assert kinds.count("checkpoint") == 16
     # Each checkpoint comes right after the record it covers.
     for i, x in enumerate(items):
         if x["type"] == "checkpoint" and x["seq"] > 0:
             previous = items[i - 1]
             assert previous["seq"] == x["seq"] and previous["replica"] == x["replica"]
-    text = note_text(items[11]["note"])
+    # The run's start checkpoint comes first (nothing written yet), then records 1..10.
+    text = note_text(items[1]["note"])
+    assert text.startswith("crawlwarden.fetchlog/gw-a\n0\n")
+    assert "\ncheckpoint 1 start\n" in text
+    text = note_text(items[12]["note"])
     assert text.startswith("crawlwarden.fetchlog/gw-a\n10\n")
-    assert "\ncheckpoint 1 periodic\n" in text
+    assert "\ncheckpoint 2 periodic\n" in text
 
 
 def test_edited_field_is_named(fetchlog: dict[str, Path]) -> None:
@@ -214,7 +218,7 @@ def test_forged_checkpoint_text(fetchlog: dict[str, Path]) -> None:
     i = next(i for i, x in enumerate(items) if x["type"] == "checkpoint" and x["seq"] == 30)
     items[i]["note"] = items[i]["note"].replace("\n30\n", "\n29\n", 1)
     result = verify(tampered(fetchlog, "forged-checkpoint", items), fetchlog["public"])
-    assert_detected(result, "replica gw-a", "checkpoint #3", "signature does not verify")
+    assert_detected(result, "replica gw-a", "checkpoint #4", "signature does not verify")
 
 
 def test_missing_checkpoint(fetchlog: dict[str, Path]) -> None:
@@ -423,7 +427,7 @@ def test_csv_export_has_a_header_and_a_row_per_line(fetchlog: dict[str, Path]) -
     rows = result.stdout.splitlines()
     assert rows[0].startswith("type,id,ts,method,url")
     assert sum(1 for r in rows if r.startswith("record,")) == 60
-    assert sum(1 for r in rows if r.startswith("checkpoint,")) == 14
+    assert sum(1 for r in rows if r.startswith("checkpoint,")) == 16
 
 
 def test_progress_bar_only_on_a_terminal(fetchlog: dict[str, Path], tmp_path: Path) -> None:

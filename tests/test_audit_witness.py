@@ -204,6 +204,62 @@ async def test_rows_after_a_shutdown_checkpoint_are_not_witnessed(tmp_path: Path
     assert "replica gw-a seq 6" in result.stdout
 
 
+_RESTARTED_THEN_KILLED = """
+import asyncio, sys
+from pathlib import Path
+import structlog
+from proxy.audit.keys import load_private_key
+from proxy.audit.sqlite_store import SQLiteStore
+from tests.test_audit_support import fetch, fetch_log
+
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: "ready"
+
+async def main():
+    data, key = Path(sys.argv[1]), Path(sys.argv[2])
+    def run():
+        return fetch_log(SQLiteStore(data / "fetchlog.sqlite3"), data / "spool", "gw-k",
+                         load_private_key(key), checkpoint_every_records=1000)
+    first = run()
+    await first.open()
+    for i in range(3):
+        first.append(fetch(i))
+    await first.close()  # a clean stop: signed through seq 3
+    log = run()  # the pod restarted under its id, killed before its first periodic checkpoint
+    await log.open()
+    for i in range(4):
+        log.append(fetch(10 + i))
+    assert await log.flushed()
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_run_killed_before_its_first_periodic_checkpoint_is_witnessed(
+    tmp_path: Path,
+) -> None:
+    # Every run signs a start checkpoint: the records of one killed at once (here: after a
+    # clean stop and a restart under the same id) follow a checkpoint of its own.
+    signer, public = keys(tmp_path)
+    killed = await start_writer(_RESTARTED_THEN_KILLED, tmp_path, signer)
+    kill(killed)
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+    )
+    await witness.open()
+    try:
+        assert await witness.witness_orphans() == [
+            {"replica": "gw-k", "from_seq": 4, "through_seq": 7}
+        ]
+    finally:
+        await witness.close()
+    result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
+    assert result.returncode == 0, result.stdout
+    assert "replica gw-k: records 1..7" in result.stdout
+    assert "records 4..7 signed as stored by replica gw-w" in result.stdout
+
+
 def rewrite_from(path: Path, replica: str, seq: int, **changes: str) -> None:
     """Change record `seq` and recompute every hash from it on, as a forger with the database
     would: the chain links again."""

@@ -13,7 +13,7 @@ Note text (every line ends in U+000A; base64 is RFC 4648 standard with padding):
     <seq>                                     records 1..seq are covered (decimal, 0 if none)
     <base64 of the 32-byte hash of record seq>  32 zero bytes when seq is 0
     checkpoint <number> <kind>                number counts this replica's checkpoints from 1;
-                                              kind: periodic | shutdown
+                                              kind: start | periodic | shutdown
     time <RFC 3339 UTC>
     prev <base64 SHA-256 of the previous checkpoint's whole signed note>   zero bytes for #1
 
@@ -49,7 +49,7 @@ from proxy.audit.keys import Verifier
 from proxy.audit.record import GENESIS_HASH
 
 ORIGIN_PREFIX = "crawlwarden.fetchlog/"
-KINDS = ("periodic", "shutdown", "purge", "witness")
+KINDS = ("start", "periodic", "shutdown", "purge", "witness")
 UNNUMBERED = ("purge", "witness")  # their fourth line is "<kind> <value>"
 _DASH = "\u2014"
 _RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")

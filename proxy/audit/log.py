@@ -181,6 +181,11 @@ class FetchLog:
             self._tasks.append(asyncio.create_task(self._witness_loop(), name="fetchlog-witness"))
         if self.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._purge_loop(), name="fetchlog-purge"))
+        if self.signer is not None:
+            # Signed at once: this run's records are then after a checkpoint of its own, so a
+            # run killed before its first periodic one (or restarted after a clean stop) is
+            # witnessed like any other (witness_orphans).
+            self.checkpoint("start")
 
     async def _resume_checkpoints(self) -> str | None:
         """Pick the checkpoint chain up where it stopped; returns what to record if the
@@ -464,10 +469,10 @@ class FetchLog:
         goes in our chain. Records that do not link are not signed (logged, a store error).
 
         What a witness signs is what the store held, so the rule is narrow: only a chain whose
-        last checkpoint is a periodic one of its own (never signed: rows put in the store by
-        hand; a shutdown checkpoint: that replica signed all it wrote), and only once after it:
-        rows appended to a dead chain later stay unsigned. A run killed before its first
-        checkpoint is not witnessed (nothing signed says it ran).
+        last checkpoint is a start or periodic one of its own (never signed: rows put in the
+        store by hand; a shutdown checkpoint: that replica signed all it wrote), and only once
+        after it: rows appended to a dead chain later stay unsigned. Every run signs a start
+        checkpoint when it opens the log, so a run killed at once is witnessed too.
         """
         if self.signer is None:
             return []
@@ -504,7 +509,7 @@ class FetchLog:
         if last is None:
             return None  # never signed: nothing says a gateway wrote it (rows put in by hand)
         checkpoint = parse_text(note_text(last["note"]))
-        if checkpoint.kind != "periodic":
+        if checkpoint.kind not in ("start", "periodic"):
             return None  # it stopped and signed all it wrote: rows after that are not its
         signed_seq, signed_hash, prev = checkpoint.seq, checkpoint.hash, note_hash(last["note"])
         purge = await self.store.last_purge(replica)

@@ -121,6 +121,19 @@ def set_gil_switch_interval() -> float:
     return sys.getswitchinterval()
 
 
+async def listen_problem(host: str, port: int) -> str | None:
+    """Why the proxy could not listen there (the port taken, the address not this host's), or
+    None. Tried before mitmproxy binds: its own error names its `--mode regular@PORT` option,
+    not ours, and comes after the gateway has said it started."""
+    try:
+        server = await asyncio.start_server(lambda r, w: None, host or None, port)
+    except OSError as e:
+        return e.strerror or str(e)
+    server.close()
+    await server.wait_closed()
+    return None
+
+
 async def serve(settings: Settings, start_reloads: Callable[[], int] | None = None) -> int:
     """Run a gateway until it is stopped. `start_reloads` says how many SIGHUPs came while it
     started (proxy/cli.py StartReloads): it reloads once for them when it has started."""
@@ -153,6 +166,12 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
     gateway = Gateway(runtime)
     master.addons.add(gateway)
 
+    if (problem := await listen_problem(settings.listen_host, settings.listen_port)) is not None:
+        await runtime.stop()
+        raise SystemExit(
+            f"crawlwarden: cannot listen on proxy address "
+            f"{settings.listen_host}:{settings.listen_port}: {problem}; pick another --listen"
+        )
     admin = web.AppRunner(
         make_app(runtime, extra_routes=ADMIN_ROUTES), access_log=None, handle_signals=False
     )

@@ -8,12 +8,15 @@ fetch log that environment names (CRAWLWARDEN_AUDIT_DSN, CRAWLWARDEN_DATA_DIR) u
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Any
 
 from proxy.audit.query import DECISIONS
 
@@ -84,6 +87,47 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    if text.strip().upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.strip().upper()
+
+
+# The typed flags of `run` whose value may come from the environment: read once `run` is the
+# command (a bad value there must not break `policy check` or `--help`), checked as the flag is.
+_RUN_FROM_ENV: dict[str, tuple[Callable[[str], Any], Any]] = {
+    "drain_seconds": (_seconds, 30.0),
+    "fleet_size": (_positive_int, 1),
+    "log_level": (_log_level, "INFO"),
+}
+
+
+def _run_flags_from_env(args: argparse.Namespace) -> None:
+    for flag, (parse, default) in _RUN_FROM_ENV.items():
+        if getattr(args, flag) is not None:
+            continue
+        name = "CRAWLWARDEN_" + flag.upper()
+        raw = os.environ.get(name)
+        try:
+            setattr(args, flag, default if raw is None else parse(raw))
+        except argparse.ArgumentTypeError as e:
+            print(f"crawlwarden: {name}: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crawlwarden",
@@ -142,23 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--drain-seconds",
-        type=float,
-        default=float(_env("drain_seconds", "30") or 30),
+        type=_seconds,
         help="on SIGTERM, how long requests in flight may take to finish "
         "[30, CRAWLWARDEN_DRAIN_SECONDS]",
     )
     run.add_argument(
         "--fleet-size",
         type=_positive_int,
-        default=_env("fleet_size", "1"),  # a string: argparse checks it with `type`
         help="the fewest replicas the fleet is taken to have while Redis is down, for "
         "`fail_mode: local` shares (a replica that starts without Redis has seen none) "
         "[1, CRAWLWARDEN_FLEET_SIZE]",
     )
     run.add_argument(
         "--log-level",
-        default=_env("log_level", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=_log_level,
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
         help="[INFO, CRAWLWARDEN_LOG_LEVEL]",
     )
     run.add_argument(
@@ -267,8 +309,15 @@ def _source_from_env(args: argparse.Namespace) -> None:
             args.data_dir = Path(_env("data_dir") or "")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        _run_flags_from_env(args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return _dispatch(args, argv)
     except BrokenPipeError:
@@ -381,6 +430,8 @@ def data_dir_problem(settings: Settings) -> str | None:
     for directory in directories:
         if directory != settings.data_dir and not directory.is_dir():
             continue  # made by the gateway, in a directory checked above
+        if directory.exists() and not directory.is_dir():
+            return f"the data dir {directory} is not a directory: choose another --data-dir"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".crawlwarden-write-check-", dir=directory)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -22,6 +24,7 @@ import requests
 import yaml
 
 from proxy.audit.log import FetchLog
+from proxy.cli import parse_args
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
@@ -472,6 +475,87 @@ def test_a_data_dir_the_gateway_cannot_write_is_one_line_naming_it(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"crawlwarden: cannot write to the data dir {data} ("), last
     assert "write access" in last and "fsGroup" in last and "--data-dir" in last
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_not_a_directory(workdir: Path):
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    data = workdir / "data"
+    data.write_text("")
+    result = _run_briefly(policy, data)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"crawlwarden: the data dir {data} is not a directory: choose another --data-dir"
+    )
+
+
+def test_a_proxy_port_in_use_is_one_line_naming_the_flag(workdir: Path):
+    # mitmproxy's own error came after the gateway had logged "started", and named its
+    # `--mode regular@PORT` option, which crawlwarden does not have.
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                CRAWLWARDEN,
+                "run",
+                "--policy",
+                str(policy),
+                "--data-dir",
+                str(workdir / "data"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{free_port()}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert '"started"' not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crawlwarden: cannot listen on proxy address 127.0.0.1:{port}: "), last
+    assert last.endswith("pick another --listen") and "in use" in last
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("CRAWLWARDEN_DRAIN_SECONDS", "abc", "'abc' is not a number of seconds (0 or more)"),
+        ("CRAWLWARDEN_DRAIN_SECONDS", "-1", "'-1' is not a number of seconds (0 or more)"),
+        ("CRAWLWARDEN_LOG_LEVEL", "TRACE", "'TRACE' is not one of DEBUG, INFO, WARNING, ERROR"),
+        ("CRAWLWARDEN_FLEET_SIZE", "0", "'0' is not a whole number of at least 1"),
+    ],
+)
+def test_a_bad_value_in_the_environment_is_a_usage_error_naming_it(
+    workdir: Path, variable: str, value: str, says: str
+):
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    env = {**os.environ, variable: value}
+    result = subprocess.run(
+        [CRAWLWARDEN, "run", "--policy", str(policy), "--data-dir", str(workdir / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"crawlwarden: {variable}: {says}"
+    # Only `run` reads it: `policy check` (kubectl exec into that pod) and --help still work.
+    check = subprocess.run(
+        [CRAWLWARDEN, "policy", "check", str(policy)], capture_output=True, text=True, env=env
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CRAWLWARDEN_LOG_LEVEL", "debug")
+    assert parse_args(["run", "--policy", "p.yaml"]).log_level == "DEBUG"
+    assert (
+        parse_args(["run", "--policy", "p.yaml", "--log-level", "warning"]).log_level == "WARNING"
+    )
+    monkeypatch.delenv("CRAWLWARDEN_LOG_LEVEL")
+    assert parse_args(["run", "--policy", "p.yaml"]).log_level == "INFO"
 
 
 def test_a_sqlite_fetch_log_the_gateway_cannot_write_is_named(workdir: Path):

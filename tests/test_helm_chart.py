@@ -36,6 +36,7 @@ import yaml
 from proxy.admin import ROUTES
 from proxy.audit.log import FetchLog
 from proxy.cli import build_parser
+from proxy.cli import parse_args
 from proxy.policy import parse_policy
 from proxy.runtime import Settings
 from tests.support import CRAWLWARDEN
@@ -638,13 +639,13 @@ def test_crawlwarden_run_accepts_the_rendered_pod(
     # Service links would add CRAWLWARDEN_PORT and friends for a Service named crawlwarden.
     assert pod["enableServiceLinks"] is False
 
-    # The parser reads its env defaults when it is built.
+    # The parser reads its env defaults when it is built, typed ones once the command is run.
     for key in [k for k in os.environ if k.startswith("CRAWLWARDEN_")]:
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert container["command"] == ["crawlwarden"]
-    args = build_parser().parse_args(container["args"])
+    args = parse_args(container["args"])
 
     assert args.command == "run"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}

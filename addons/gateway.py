@@ -1194,6 +1194,7 @@ def _audit_unavailable(site: str) -> Decision:
     return refuse(
         Reason.AUDIT_UNAVAILABLE,
         "the fetch log cannot take more records; fetching resumes when it recovers",
+        rule="audit.spool_max_bytes",  # the bound its spool reached (or a spool it cannot write)
         site=site,
         retry_after=30,
     )

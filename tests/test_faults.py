@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -556,6 +557,55 @@ def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch):
     )
     monkeypatch.delenv("CRAWLWARDEN_LOG_LEVEL")
     assert parse_args(["run", "--policy", "p.yaml"]).log_level == "INFO"
+
+
+def test_a_full_fetch_log_spool_fails_closed_naming_its_key_and_loses_nothing(
+    workdir: Path, site: Site
+):
+    # The store held by another writer (a long backup, a stuck PostgreSQL): records wait in
+    # the spool, and past audit.spool_max_bytes nothing more is fetched until it drains.
+    policy = policy_with(audit={"spool_max_bytes": "16KB"})
+    with Gateway(workdir, policy, name="spoolfull") as gw:
+        locker = sqlite3.connect(gw.data_dir / "fetchlog.sqlite3", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            refused = None
+            for n in range(200):
+                answer = requests.get(
+                    site.url("spool.test", f"/s/{n}"),
+                    proxies={"http": gw.proxy_url()},
+                    headers=HEADERS,
+                    timeout=10,
+                )
+                if answer.status_code != 200:
+                    refused = answer
+                    break
+            assert refused is not None, "the spool never filled"
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["x-crawlwarden-reason"] == "audit_unavailable"
+            assert refused.headers["retry-after"] == "30"
+            assert refused.json()["rule"] == "audit.spool_max_bytes"
+            forwarded = site.count()
+            assert forwarded == n  # the refused one never reached the site
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert wait_for(
+            lambda: (
+                requests.get(
+                    site.url("spool.test", "/after"),
+                    proxies={"http": gw.proxy_url()},
+                    headers=HEADERS,
+                    timeout=10,
+                ).status_code
+                == 200
+            ),
+            timeout=30,
+        )
+        records = gw.fetch_records(site="spool.test")
+    forwarded_paths = {r["url"].rsplit("/", 1)[1] for r in records if r["decision"] == "forwarded"}
+    assert {str(k) for k in range(n)} <= forwarded_paths  # every fetch before it was kept
+    assert any(r["reason"] == "audit_unavailable" for r in records)
 
 
 def test_a_sqlite_fetch_log_the_gateway_cannot_write_is_named(workdir: Path):

@@ -97,6 +97,8 @@ _HOP_BY_HOP = frozenset(
 # took the crawler's User-Agent and From away before the site).
 _CONNECTION_OPTIONS = frozenset(("close", "keep-alive", "upgrade"))
 _NO_CONTENT = frozenset((204, 304))  # answers that never carry content
+# Records of requests that reached the site: they may take one of the bounded site labels.
+_REACHED = frozenset((str(Outcome.FORWARDED), str(Outcome.WITHHELD)))
 _ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
 
@@ -1136,7 +1138,9 @@ class Gateway:
             rec.status = flow.response.status_code
             if state.cached_robots:
                 body = flow.response.raw_content or b""
+                rec.decision = str(Outcome.SERVED)
                 rec.content_sha256 = hashlib.sha256(body).hexdigest()
+                rec.response_bytes = len(body)
                 rec.note = "served from the gateway's robots.txt cache"
         elif not state.forwarded and (refused := flow.metadata.get(ERROR_ANSWER)) is not None:
             rec.status = refused.status_code  # a refusal sent where mitmproxy's error page goes
@@ -1159,9 +1163,7 @@ class Gateway:
             log.info("record_after_stop", id=rec.id, decision=rec.decision, reason=rec.reason)
             return
         labels = self.rt.site_labels
-        site_label = (
-            labels.peek(rec.site) if rec.decision == "refused" else labels.observe(rec.site)
-        )
+        site_label = labels.observe(rec.site) if rec.decision in _REACHED else labels.peek(rec.site)
         team_label = rec.team or "_none"
         metrics.count_request(site_label, team_label, rec.decision, rec.reason)
         if rec.response_bytes:

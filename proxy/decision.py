@@ -89,6 +89,9 @@ class Outcome(enum.StrEnum):
     FORWARDED = "forwarded"
     REFUSED = "refused"
     WITHHELD = "withheld"
+    # Answered by the gateway from its own copy (a scraper's GET /robots.txt): the site saw
+    # no request, and the scraper was not refused.
+    SERVED = "served"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,9 @@ from an export of the same period. Definitions (one site = one value of the reco
 "reached the site" = a record of kind `fetch` whose decision is `forwarded` or `withheld`):
 
 - `requests`: records of kind `fetch` of the site, any decision.
-- `forwarded`, `withheld`, `refused`: those records by decision; `refused_by_reason`: refused
-  records counted by `reason`.
+- `forwarded`, `withheld`, `refused`, `served`: those records by decision (`served`: a
+  scraper's robots.txt answered from the gateway's copy, the site not asked);
+  `refused_by_reason`: refused records counted by `reason`.
 - `sent_to_site`: forwarded + withheld, the scrapers' requests the site received.
 - `gateway_fetches`, `gateway_bytes`: records of kind `gateway_fetch` (the gateway's own
   robots.txt and tdmrep.json reads) and the sum of their `response_bytes`.
@@ -217,6 +218,7 @@ def site_figures(key: str, t: SiteTally, directory: SiteDirectory | None) -> dic
         "forwarded": t.decisions["forwarded"],
         "withheld": t.decisions["withheld"],
         "refused": t.decisions["refused"],
+        "served": t.decisions["served"],
         "refused_by_reason": dict(sorted(t.refused_by_reason.items())),
         "sent_to_site": t.decisions["forwarded"] + t.decisions["withheld"],
         "gateway_fetches": t.gateway_fetches,
@@ -304,6 +306,7 @@ async def build_report(
             "forwarded",
             "withheld",
             "refused",
+            "served",
             "sent_to_site",
             "gateway_fetches",
             "bytes_received",
@@ -348,6 +351,7 @@ CSV_COLUMNS = [
     "forwarded",
     "withheld",
     "refused",
+    "served",
     "refused_by_reason",
     "sent_to_site",
     "gateway_fetches",
@@ -598,6 +602,7 @@ def to_html(report: dict[str, Any]) -> str:
             ("forwarded", s["forwarded"]),
             ("withheld (opt-out in the response)", s["withheld"]),
             ("refused", f"{s['refused']} ({_counts(s['refused_by_reason'])})"),
+            ("served from the gateway's robots.txt copy", s["served"]),
             ("bytes received", s["bytes_received"]),
             ("distinct URLs", s["distinct_urls"]),
             ("active days", s["active_days"]),

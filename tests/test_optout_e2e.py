@@ -212,6 +212,17 @@ def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site
     assert first.body == second.body == ROBOTS
     assert first.headers["x-crawlwarden-reason"] == "robots_cache"
     assert site.count("/robots.txt") == 1
+    # Served, not refused (dashboards' refusals, the report) and not forwarded (the site was
+    # not asked): with the hash and size of what the scraper got.
+    ids = {first.headers["x-crawlwarden-request-id"], second.headers["x-crawlwarden-request-id"]}
+    served = [r for r in gateway.fetch_records() if r["id"] in ids]
+    assert [r["decision"] for r in served] == ["served", "served"]
+    assert all(r["reason"] == "robots_cache" and r["status"] == 200 for r in served)
+    assert all(r["response_bytes"] == len(ROBOTS) for r in served)
+    assert all(r["content_sha256"] == hashlib.sha256(ROBOTS).hexdigest() for r in served)
+    metrics = requests.get(f"{gateway.admin}/metrics", timeout=10).text
+    assert 'decision="served",reason="robots_cache"' in metrics
+    assert 'decision="refused",reason="robots_cache"' not in metrics
 
 
 def test_a_robots_txt_redirect_is_no_way_to_fetch_what_the_gateway_refuses(

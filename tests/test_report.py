@@ -42,6 +42,7 @@ SHARED_FIGURES = (
     "forwarded",
     "withheld",
     "refused",
+    "served",
     "refused_by_reason",
     "sent_to_site",
     "gateway_fetches",
@@ -120,6 +121,7 @@ def drive_traffic(gw: Gateway, site: Site) -> None:
     assert get("site-a.test", "/img/9.jpg", **{"X-Crawl-Project": "not-ours"}) == 403
     assert get("site-b.test", "/private/x.jpg") == 451
     assert get("site-b.test", "/ok.jpg") == 200
+    assert get("site-b.test", "/robots.txt") == 200  # served from the gateway's copy
     assert get("site-b.test", "/noai.jpg") == 451
     assert get("site-c.test", "/busy") == 429
     assert get("site-c.test", "/later") == 429  # paused by the site's own 429
@@ -170,6 +172,7 @@ def test_report_figures_equal_counts_from_an_export(traffic):
     b = next(s for s in report["sites"] if s["site"] == "site-b")
     assert b["optouts_by_reason"] == {"noai_directive": 1, "robots_disallowed": 1}
     assert b["withheld"] == 1 and b["gateway_fetches"] >= 1
+    assert b["served"] == 1 and "robots_cache" not in b["refused_by_reason"]
     c = next(s for s in report["sites"] if s["site"] == "site-c.test")
     assert (c["site_429"], c["site_503"]) == (1, 1)
     assert c["refused_by_reason"] == {"site_paused": 1}

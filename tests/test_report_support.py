@@ -116,6 +116,7 @@ def figures_from_export(records: list[dict[str, Any]], site: str) -> dict[str, A
         "forwarded": sum(r["decision"] == "forwarded" for r in fetches),
         "withheld": sum(r["decision"] == "withheld" for r in fetches),
         "refused": len(refused),
+        "served": sum(r["decision"] == "served" for r in fetches),
         "refused_by_reason": dict(sorted(Counter(r["reason"] for r in refused).items())),
         "sent_to_site": len(reached),
         "gateway_fetches": len(gateway),

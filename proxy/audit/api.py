@@ -25,6 +25,7 @@ from proxy.audit.export import lines
 from proxy.audit.export import page
 from proxy.audit.export import plan
 from proxy.audit.export import to_jsonl
+from proxy.audit.query import DECISIONS
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
 
@@ -144,7 +145,7 @@ ROUTES: list[Route] = [
             query_param(
                 "decision",
                 "only this decision; other records become redacted lines",
-                enum=["forwarded", "refused", "withheld", "event"],
+                enum=list(DECISIONS),
             ),
             query_param("replica", "only this replica's chain"),
             query_param("format", "ndjson (default) or csv", enum=["ndjson", "csv"]),

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.decision import Outcome
+
 
 def parse_time(text: str) -> str:
     """An ISO 8601 date or time (naive means UTC) as the record's RFC 3339 `ts` form."""
@@ -25,7 +27,9 @@ def parse_time(text: str) -> str:
     return parsed.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-DECISIONS = ("forwarded", "refused", "withheld")
+# What a record's `decision` may be: an outcome of a request, or "event" (the gateway's own
+# records: a purge, a witness, a signing key change).
+DECISIONS = (*(str(o) for o in Outcome), "event")
 
 
 @dataclass(frozen=True)

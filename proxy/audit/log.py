@@ -59,6 +59,8 @@ DAY = 86400.0
 # The chains of replicas that no longer run are looked at every WITNESS_EVERY checkpoint
 # intervals for records their replica never signed (witness_orphans): a few index probes each.
 WITNESS_EVERY = 5
+# After a failed spool write (disk full), how often the spool is tried for room again.
+SPOOL_RETRY_SECONDS = 1.0
 
 
 class FetchLogClosed(Exception):
@@ -124,6 +126,7 @@ class FetchLog:
         self._closing = False
         self.closed = False
         self._spool_error: OSError | None = None
+        self._spool_failed_at = 0.0  # monotonic: when a write last failed, or room was looked for
         self.store_ok = True
 
     # -- life cycle ------------------------------------------------------------------------
@@ -275,8 +278,22 @@ class FetchLog:
 
     @property
     def available(self) -> bool:
-        """False once the spool is past its limit or cannot be written: fail closed then."""
-        return self._spool_error is None and self.spool.size < self.spool_max_bytes
+        """False while the spool is past its limit or cannot be written: fail closed then.
+        After a failed write (disk full) it looks for room again every SPOOL_RETRY_SECONDS."""
+        if self._spool_error is not None and not self._spool_writable_again():
+            return False
+        return self.spool.size < self.spool_max_bytes
+
+    def _spool_writable_again(self) -> bool:
+        now = time.monotonic()
+        if now - self._spool_failed_at < SPOOL_RETRY_SECONDS:
+            return False
+        self._spool_failed_at = now
+        if not self.spool.has_room():
+            return False
+        log.warning("fetchlog_spool_writable_again", error=repr(self._spool_error))
+        self._spool_error = None
+        return True
 
     def begin(self, rec: FetchRecord) -> None:
         """Note a request that is about to be forwarded, before it leaves the gateway."""
@@ -347,6 +364,7 @@ class FetchLog:
 
     def _spool_failed(self, error: OSError) -> None:
         self._spool_error = error
+        self._spool_failed_at = time.monotonic()
         metrics.AUDIT_RECORDS.labels(outcome="spool_error").inc()
         log.error("fetchlog_spool_write_failed", error=repr(error), spool=str(self.spool.directory))
 

@@ -20,6 +20,7 @@ newest records in memory up to a bound and the rest as places, so a long store o
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -102,6 +103,9 @@ class Spool:
         self._begun: dict[str, tuple[Segment, dict[str, Any]]] = {}
         self.unsynced = False
         self._lock_fd: int | None = None
+        # A write that failed part-way could not be taken back: the segment's sizes, and the
+        # places handed out after it, would be wrong. Nothing more is written then.
+        self.broken = False
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -166,16 +170,17 @@ class Spool:
         self._lock_fd = fd
 
     def _start_segment(self) -> None:
+        index = self.segments[-1].index + 1 if self.segments else 1
+        path = self._path(index)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o600)  # first: if it fails, the current segment goes on
         if self._fd is not None:
             # The sync loop only ever sees the newest segment: flush the old one before leaving
             # it, or a machine crash could lose lines that `fsync_interval` promised to keep.
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)
             os.close(self._fd)
-        index = self.segments[-1].index + 1 if self.segments else 1
-        path = self._path(index)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        self._fd = os.open(path, flags, 0o600)
+        self._fd = fd
         self.segments.append(Segment(index, path))
 
     def _path(self, index: int) -> Path:
@@ -192,13 +197,44 @@ class Spool:
         return sum(s.size for s in self.segments)
 
     def _write(self, line: bytes) -> None:
+        """Write a whole line or nothing: a write that fails part-way (disk full) is cut off
+        again, so the segment holds whole lines and the next write goes where it is counted."""
         assert self._fd is not None, "spool is not open"
+        if self.broken:
+            raise OSError(errno.EIO, "the spool could not take back a failed write; restart")
         view = memoryview(line)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            if len(view) < len(line):
+                try:
+                    os.ftruncate(self._fd, self.current.size)
+                except OSError:
+                    self.broken = True
+            raise
         self.current.size += len(line)
         self.unsynced = True
+
+    def has_room(self, probe_bytes: int = 64 * 1024) -> bool:
+        """Whether the spool can be written again after a failed write: a probe file of
+        `probe_bytes` (a few records) is written and removed beside the segments."""
+        if self.broken:
+            return False
+        path = self.directory / ".room-probe"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(bytes(probe_bytes))
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+        except OSError:
+            return False
+        return True
 
     def begin(self, rec: dict[str, Any]) -> None:
         self._write(b'{"k":"b","rec":' + json.dumps(rec, separators=(",", ":")).encode() + b"}\n")
@@ -220,7 +256,10 @@ class Spool:
         if begun is not None:
             begun[0].open_begins -= 1
         if self.current.size >= self.segment_bytes:
-            self._start_segment()
+            # The line is written: a new segment that cannot be made now is tried again at the
+            # next line (this one must not be reported as unwritten: its seq is taken).
+            with contextlib.suppress(OSError):
+                self._start_segment()
         return place
 
     # -- reading back ----------------------------------------------------------------------

@@ -505,7 +505,10 @@ class Gateway:
         state.signals.extend(ctx.signals)
         state.ctx = ctx
         if not decision.allowed:
-            return self._refuse(flow, state, decision, started)
+            # This replica is not ready while its fetch log takes nothing: an HTTP/1 scraper's
+            # next connection goes to another one.
+            closing = decision.reason is Reason.AUDIT_UNAVAILABLE
+            return self._refuse(flow, state, decision, started, close=closing)
         if req.method in ("GET", "HEAD") and req.path.split("?", 1)[0] == ROBOTS_PATH:
             cached = self.rt.optouts.cached_robots(origin_of(scheme, host, port))
             if cached is not None:
@@ -1174,8 +1177,8 @@ class Gateway:
         log.info(
             "decision",
             id=rec.id,
-            replica=data["replica"],
-            seq=data["seq"],
+            replica=self.rt.replica,
+            seq=data["seq"] if data is not None else None,  # None: counted, not kept
             team=rec.team,
             project=rec.project,
             client_ip=rec.client_ip,

@@ -85,7 +85,7 @@ AUDIT_QUEUE_DEPTH = Gauge(
 AUDIT_RECORDS = Counter(
     "crawlwarden_audit_records_total",
     "Fetch records by outcome (stored; retry: had to wait for the store, each counted once; "
-    "spool_error, lost)",
+    "spool_error, lost; not_kept: a refusal counted, not recorded, the spool past its headroom)",
     ["outcome"],
 )
 AUDIT_SPOOL_BYTES = Gauge("crawlwarden_audit_spool_bytes", "Size of the local fetch-log spool")
@@ -153,7 +153,7 @@ for _kind in UPSTREAM_ERROR_KINDS:
     UPSTREAM_ERRORS.labels(kind=_kind)
 for _store in ("redis", "originfiles", "audit"):
     STORE_ERRORS.labels(store=_store)
-for _outcome in ("stored", "retry", "spool_error", "lost"):
+for _outcome in ("stored", "retry", "spool_error", "lost", "not_kept"):
     AUDIT_RECORDS.labels(outcome=_outcome)
 # A running process has loaded its policy at start (it does not start without one).
 POLICY_LAST_RELOAD_SUCCESS.set(1)

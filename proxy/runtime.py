@@ -444,7 +444,8 @@ class Runtime:
     def ready(self) -> bool:
         return not self.draining and self.fetch_log.available
 
-    def record(self, rec: FetchRecord) -> dict[str, object]:
+    def record(self, rec: FetchRecord) -> dict[str, object] | None:
+        """The record as chained; None for a refusal only counted (FetchLog.append)."""
         return self.fetch_log.append(rec)
 
     async def wait_idle(self, timeout: float) -> int:

@@ -632,6 +632,18 @@ class Gateway:
         except ValueError:
             return status, raw.decode(errors="replace")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the gateway's /metrics (0 if it has none with those labels)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    return sample.value
+        return 0.0
+
     def export(self, *args: str) -> list[dict[str, Any]]:
         out = subprocess.run(
             [CRAWLWARDEN, "audit", "export", "--data-dir", str(self.data_dir), *args],

@@ -34,6 +34,7 @@ from tests.pg_server import TempPostgres
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
 from tests.support import ROOT
+from tests.support import TEAM
 from tests.support import Gateway
 from tests.support import Reply
 from tests.support import Site
@@ -585,27 +586,64 @@ def test_a_full_fetch_log_spool_fails_closed_naming_its_key_and_loses_nothing(
             assert refused.headers["x-crawlwarden-reason"] == "audit_unavailable"
             assert refused.headers["retry-after"] == "30"
             assert refused.json()["rule"] == "audit.spool_max_bytes"
+            # The replica is not ready: the scraper's next connection goes to another one.
+            assert refused.headers["connection"] == "close"
             forwarded = site.count()
             assert forwarded == n  # the refused one never reached the site
+            # A flood of refusals (with and without credentials) while it is full: recorded
+            # one by one up to 10 % past the limit, then only counted; the spool stays bounded.
+            flood = 150
+            for k in range(flood):
+                requests.get(
+                    site.url("spool.test", f"/flood/{k}"),
+                    proxies={"http": gw.proxy_url() if k % 2 else gw.proxy},
+                    headers=HEADERS,
+                    timeout=10,
+                )
+            spool_bytes = gw.metric("crawlwarden_audit_spool_bytes")
+            assert 16_000 <= spool_bytes <= 16_000 * 1.1 + 2_000, spool_bytes
+            not_kept = gw.metric("crawlwarden_audit_records_total", outcome="not_kept")
+            assert not_kept > 0
+            assert site.count() == forwarded
         finally:
             locker.execute("ROLLBACK")
             locker.close()
-        assert wait_for(
-            lambda: (
-                requests.get(
-                    site.url("spool.test", "/after"),
-                    proxies={"http": gw.proxy_url()},
-                    headers=HEADERS,
-                    timeout=10,
-                ).status_code
-                == 200
-            ),
-            timeout=30,
-        )
+        refused_after: list[int] = []
+
+        def fetches_again() -> bool:
+            status = requests.get(
+                site.url("spool.test", "/after"),
+                proxies={"http": gw.proxy_url()},
+                headers=HEADERS,
+                timeout=10,
+            ).status_code
+            if status != 200:
+                refused_after.append(status)
+            return status == 200
+
+        assert wait_for(fetches_again, timeout=30)
         records = gw.fetch_records(site="spool.test")
+        not_kept = gw.metric("crawlwarden_audit_records_total", outcome="not_kept")
     forwarded_paths = {r["url"].rsplit("/", 1)[1] for r in records if r["decision"] == "forwarded"}
     assert {str(k) for k in range(n)} <= forwarded_paths  # every fetch before it was kept
     assert any(r["reason"] == "audit_unavailable" for r in records)
+    # What was only counted is on the record once the spool had room: every refusal is
+    # either a record of its own or in the count.
+    [summary] = [r for r in gw.export() if r.get("kind") == "refusals_not_kept"]
+    counted = json.loads(summary["note"])
+    assert counted["refused"] == not_kept
+    # (the refusals without credentials have no site: not in `records`)
+    kept = [
+        r
+        for r in gw.export()
+        if r.get("type") == "record"
+        and r["decision"] == "refused"
+        and r["url"].split("/")[3] in ("flood", "after")
+    ]
+    assert len(kept) + not_kept == flood + len(refused_after)
+    reasons = {(c["team"], c["reason"]) for c in counted["by_team_site_reason"]}
+    assert reasons <= {(TEAM, "audit_unavailable"), ("-", "auth_required")}
+    assert summary["reason"] == "spool_full" and summary["decision"] == "event"
 
 
 def test_a_sqlite_fetch_log_the_gateway_cannot_write_is_named(workdir: Path):

@@ -17,12 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import os
 import time
 import uuid
+from collections import Counter
 from collections import deque
 from collections.abc import AsyncIterator
 from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,41 @@ DAY = 86400.0
 WITNESS_EVERY = 5
 # After a failed spool write (disk full), how often the spool is tried for room again.
 SPOOL_RETRY_SECONDS = 1.0
+# Past spool_max_bytes nothing more is forwarded, but refusals are still recorded one by one
+# up to this share of it more; past that they are counted (RefusalsNotKept), so the spool's
+# size stays bounded whatever a flood of refused requests brings.
+REFUSALS_HEADROOM = 0.10
+
+
+@dataclass
+class RefusalsNotKept:
+    """Refusals past the spool's headroom: counted by team, site and reason, recorded as one
+    `refusals_not_kept` event once the spool has room (or when the log closes)."""
+
+    counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    first_ts: str | None = None
+    last_ts: str | None = None
+
+    def add(self, rec: FetchRecord) -> None:
+        self.counts[(rec.team or "-", rec.site or "-", rec.reason)] += 1
+        self.first_ts = self.first_ts or rec.ts
+        self.last_ts = rec.ts
+
+    def note(self) -> str:
+        return json.dumps(
+            {
+                "why": "the spool was past audit.spool_max_bytes and its headroom: these "
+                "refused requests were counted, not recorded one by one",
+                "refused": sum(self.counts.values()),
+                "first_ts": self.first_ts,
+                "last_ts": self.last_ts,
+                "by_team_site_reason": [
+                    {"team": t, "site": s, "reason": r, "count": n}
+                    for (t, s, r), n in sorted(self.counts.items())
+                ],
+            },
+            sort_keys=True,
+        )
 
 
 class FetchLogClosed(Exception):
@@ -127,6 +166,7 @@ class FetchLog:
         self.closed = False
         self._spool_error: OSError | None = None
         self._spool_failed_at = 0.0  # monotonic: when a write last failed, or room was looked for
+        self._not_kept: RefusalsNotKept | None = None
         self.store_ok = True
 
     # -- life cycle ------------------------------------------------------------------------
@@ -231,6 +271,9 @@ class FetchLog:
         if self._closing:
             return
         self._closing = True
+        if self._not_kept is not None:
+            with contextlib.suppress(OSError):  # logged by _spool_failed
+                self._record_not_kept()
         unfinished = self.spool.unfinished()
         if unfinished:
             # Still in flight when the gateway stopped (its drain ran out): recorded now, not
@@ -303,8 +346,32 @@ class FetchLog:
             self._spool_failed(e)
             raise
 
-    def append(self, rec: FetchRecord) -> dict[str, Any]:
+    def append(self, rec: FetchRecord) -> dict[str, Any] | None:
+        """Chain and spool the record; None for a refusal only counted (the spool is past its
+        limit and its headroom: RefusalsNotKept)."""
+        if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
+            self._record_not_kept()
+        if (
+            rec.decision == Outcome.REFUSED
+            and rec.kind == "fetch"
+            and self.spool.size >= self.spool_max_bytes * (1 + REFUSALS_HEADROOM)
+        ):
+            if self._not_kept is None:
+                self._not_kept = RefusalsNotKept()
+                log.error(
+                    "fetchlog_refusals_not_kept",
+                    spool_bytes=self.spool.size,
+                    note="refusals are counted, not recorded one by one, until the spool has room",
+                )
+            self._not_kept.add(rec)
+            metrics.AUDIT_RECORDS.labels(outcome="not_kept").inc()
+            return None
         return self.append_dict(rec.to_dict())
+
+    def _record_not_kept(self) -> None:
+        assert self._not_kept is not None
+        not_kept, self._not_kept = self._not_kept, None
+        self.new_event("refusals_not_kept", not_kept.note(), reason="spool_full")
 
     def append_dict(self, data: dict[str, Any]) -> dict[str, Any]:
         """Chain the record and put it in the spool; it reaches the store shortly after.
@@ -382,7 +449,7 @@ class FetchLog:
             note=note,
             **fields,
         )
-        return self.append(rec)
+        return self.append_dict(rec.to_dict())  # events are always kept
 
     # -- checkpoints -----------------------------------------------------------------------
 

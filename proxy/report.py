@@ -69,6 +69,7 @@ from proxy.audit.checkpoint import parse_text
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
 from proxy.audit.record import utc_timestamp
+from proxy.audit.schema import SchemaTooNew
 from proxy.decision import Reason
 from proxy.inputs import csv_cell
 from proxy.policy import Policy
@@ -703,6 +704,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                 policy_source=policy_source,
             )
         )
+    except SchemaTooNew as e:
+        print(f"crawlwarden report: {e}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as e:
         print(f"crawlwarden report: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from proxy.admin import Route
 from proxy.admin import problem
 from proxy.admin import query_param
 from proxy.audit.query import parse_time
+from proxy.audit.schema import SchemaTooNew
 from proxy.record_source import RecordSource
 from proxy.report import CSP
 from proxy.report import MEDIA_TYPES
@@ -40,7 +41,7 @@ async def sites_report(request: web.Request) -> web.Response:
             policy_version=rt.policy_version,
             policy_source=str(rt.settings.policy_file),
         )
-    except OSError as e:
+    except (OSError, SchemaTooNew) as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     return web.Response(
         text=RENDERERS[fmt](report),

@@ -17,6 +17,7 @@ from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
 from proxy.audit.query import RecordQuery
+from proxy.audit.schema import SchemaTooNew
 from proxy.inputs import csv_cell
 from proxy.record_source import RecordSource
 from proxy.runtime import Runtime
@@ -154,7 +155,7 @@ async def list_takedowns(request: web.Request) -> web.Response:
     takedowns = sorted(registry.state.takedowns.values(), key=lambda t: (t.filed, t.id))
     try:
         rows = await manifests(rt, takedowns)
-    except (OSError, FileNotFoundError) as e:
+    except (OSError, FileNotFoundError, SchemaTooNew) as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     return web.json_response(
         {"takedowns": [describe(registry, td, rows[td.id]) for td in takedowns]}
@@ -175,7 +176,7 @@ async def show_takedown(request: web.Request) -> web.Response:
         return td
     try:
         rows = await manifests(request.app[RUNTIME], [td])
-    except (OSError, FileNotFoundError) as e:
+    except (OSError, FileNotFoundError, SchemaTooNew) as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     return web.json_response(describe(_registry(request), td, rows[td.id]))
 
@@ -189,7 +190,7 @@ async def takedown_manifest(request: web.Request) -> web.Response:
         return problem(400, "format must be json or csv")
     try:
         rows = (await manifests(request.app[RUNTIME], [td]))[td.id]
-    except (OSError, FileNotFoundError) as e:
+    except (OSError, FileNotFoundError, SchemaTooNew) as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     if fmt == "csv":
         buf = io.StringIO()

@@ -28,6 +28,7 @@ from proxy.audit.export import to_jsonl
 from proxy.audit.query import DECISIONS
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
+from proxy.audit.schema import SchemaTooNew
 
 DEFAULT_LIMIT = 10_000
 MAX_LIMIT = 100_000
@@ -75,7 +76,7 @@ async def list_fetches(request: web.Request) -> web.StreamResponse:
     reader, source = _reader(request)
     try:
         await reader.open()
-    except (OSError, FileNotFoundError) as e:
+    except (OSError, FileNotFoundError, SchemaTooNew) as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     try:
         spans = await plan(reader, query)

@@ -37,6 +37,7 @@ from proxy.audit.query import parse_time
 from proxy.audit.record import FIELD_NAMES
 from proxy.audit.record import body_sha256
 from proxy.audit.record import utc_timestamp
+from proxy.audit.schema import SchemaTooNew
 from proxy.audit.store import ChainReader
 from proxy.inputs import csv_cell
 
@@ -408,6 +409,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         # the interpreter's final flush does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except SchemaTooNew as e:
+        print(f"crawlwarden audit export: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"crawlwarden audit export: {e}", file=sys.stderr)
         return 2

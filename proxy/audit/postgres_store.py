@@ -25,9 +25,11 @@ from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import to_datetime
 from proxy.audit.record import record_json
-from proxy.audit.store import REPLICAS_SQL
+from proxy.audit.schema import Schema
+from proxy.audit.schema import SchemaTooNew
 from proxy.audit.store import PurgePoint
 from proxy.audit.store import ReplicaInUse
+from proxy.audit.store import replicas_sql
 
 log = structlog.get_logger("crawlwarden.audit.postgres")
 
@@ -119,6 +121,17 @@ _MIN_SEQ = "SELECT min(seq) FROM fetch_records WHERE replica = $1"
 _MAX_SEQ = "SELECT max(seq) FROM fetch_records WHERE replica = $1"
 
 
+async def read_schema(db: asyncpg.Connection | asyncpg.Pool) -> Schema:
+    """The schema the database is at, as it is (a reader does not migrate it; no version
+    table: no gateway has opened it yet); SchemaTooNew when a newer crawlwarden migrated it."""
+    if await db.fetchval("SELECT to_regclass('crawlwarden_schema_version')") is None:
+        return Schema.at(0, MIGRATIONS)
+    version = await db.fetchval(
+        "SELECT version FROM crawlwarden_schema_version WHERE component = $1", COMPONENT
+    )
+    return Schema.at(int(version or 0), MIGRATIONS)
+
+
 async def migrate(conn: asyncpg.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, one replica at a time (advisory lock)."""
     async with conn.transaction():
@@ -133,10 +146,7 @@ async def migrate(conn: asyncpg.Connection) -> int:
         )
         version = int(version or 0)
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"the fetch log schema is at version {version}, newer than this gateway "
-                f"({SCHEMA_VERSION}); upgrade crawlwarden"
-            )
+            raise SchemaTooNew(version, SCHEMA_VERSION)
         for i in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[i]:
                 await conn.execute(statement)
@@ -206,18 +216,32 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._claim: asyncpg.Connection | None = None
         self._claimed: str | None = None
+        self.schema: Schema | None = None  # known once open
 
     def _db(self) -> asyncpg.Pool:
         assert self._pool is not None, "store is not open"
         return self._pool
 
+    def _has(self, table: str) -> bool:
+        """Whether the database has the table (without migrate_schema, an older gateway's
+        database may not)."""
+        assert self.schema is not None, "store is not open"
+        return self.schema.has(table)
+
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=1, max_size=self.pool_size, command_timeout=60
         )
-        if self.migrate_schema:
-            async with self._pool.acquire() as conn:
-                await migrate(conn)
+        if not self.migrate_schema:
+            try:
+                self.schema = await read_schema(self._pool)
+            except BaseException:
+                await self._pool.close()
+                self._pool = None
+                raise
+            return
+        async with self._pool.acquire() as conn:
+            self.schema = Schema.at(await migrate(conn), MIGRATIONS)
 
     async def claim(self, replica: str) -> None:
         """A session advisory lock on the replica id, held on a connection of its own for as
@@ -282,6 +306,8 @@ class PostgresStore:
         return None if row is None else (int(row["seq"]), str(row["hash"]))
 
     async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
+        if not self._has("fetch_checkpoints"):
+            return None
         row = await self._db().fetchrow(
             "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 "
             "ORDER BY number DESC LIMIT 1",
@@ -290,6 +316,8 @@ class PostgresStore:
         return _checkpoint(row)
 
     async def last_purge(self, replica: str) -> dict[str, Any] | None:
+        if not self._has("fetch_purges"):
+            return None
         row = await self._db().fetchrow(
             "SELECT number, seq, note FROM fetch_purges WHERE replica = $1 "
             "ORDER BY seq DESC LIMIT 1",
@@ -298,6 +326,8 @@ class PostgresStore:
         return _checkpoint(row)
 
     async def purge_note(self, replica: str, seq: int) -> dict[str, Any] | None:
+        if not self._has("fetch_purges"):
+            return None
         row = await self._db().fetchrow(
             "SELECT number, seq, note FROM fetch_purges WHERE replica = $1 AND seq = $2",
             replica,
@@ -416,7 +446,11 @@ class PostgresStore:
     # -- reading (ChainReader) ---------------------------------------------------------------
 
     async def replicas(self) -> list[str]:
-        rows = await self._db().fetch(REPLICAS_SQL)
+        assert self.schema is not None, "store is not open"
+        sql = replicas_sql(self.schema)
+        if sql is None:
+            return []
+        rows = await self._db().fetch(sql)
         return [str(r[0]) for r in rows]
 
     async def seq_bounds(
@@ -444,6 +478,8 @@ class PostgresStore:
         return int(low), int(high)
 
     async def checkpoint_below(self, replica: str, seq: int) -> dict[str, Any] | None:
+        if not self._has("fetch_checkpoints"):
+            return None
         row = await self._db().fetchrow(
             "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 AND seq < $2 "
             "ORDER BY number DESC LIMIT 1",
@@ -453,6 +489,8 @@ class PostgresStore:
         return _checkpoint(row)
 
     async def checkpoint_from(self, replica: str, seq: int) -> dict[str, Any] | None:
+        if not self._has("fetch_checkpoints"):
+            return None
         row = await self._db().fetchrow(
             "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 AND seq >= $2 "
             "ORDER BY number LIMIT 1",
@@ -487,6 +525,8 @@ class PostgresStore:
             after = int(rows[-1]["seq"])
 
     async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        if not self._has("fetch_checkpoints"):
+            return []
         rows = await self._db().fetch(
             "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = $1 "
             "AND seq >= $2 AND seq <= $3 ORDER BY number",
@@ -497,6 +537,8 @@ class PostgresStore:
         return [c for c in map(_checkpoint, rows) if c is not None]
 
     async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        if not self._has("fetch_witnesses"):
+            return []
         rows = await self._db().fetch(
             "SELECT seq, note FROM fetch_witnesses WHERE replica = $1 "
             "AND seq >= $2 AND seq <= $3 ORDER BY seq",
@@ -511,6 +553,8 @@ async def aread_records(dsn: str, query: RecordQuery) -> AsyncGenerator[dict[str
     """Records matching `query` in chain order (replica, seq), streamed through a cursor."""
     conn = await asyncpg.connect(dsn)
     try:
+        if not (await read_schema(conn)).has("fetch_records"):
+            return
         where, params = query.sql_where(placeholder="$", time_param=to_datetime)
         sql = f"SELECT body FROM fetch_records {where} ORDER BY replica, seq"  # noqa: S608
         async with conn.transaction():

@@ -16,8 +16,9 @@ from typing import Any
 from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
 from proxy.audit.record import record_json
-from proxy.audit.store import REPLICAS_SQL
+from proxy.audit.schema import Schema
 from proxy.audit.store import PurgePoint
+from proxy.audit.store import replicas_sql
 
 # Each entry migrates the schema from version i to i+1 (PRAGMA user_version is the schema
 # version); never edit one that has shipped. Statements run one by one inside one transaction.
@@ -116,6 +117,12 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def read_schema(conn: sqlite3.Connection) -> Schema:
+    """The schema the file is at, as it is (a reader does not migrate it); SchemaTooNew when
+    a newer crawlwarden migrated it."""
+    return Schema.at(int(conn.execute("PRAGMA user_version").fetchone()[0]), MIGRATIONS)
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION; safe when several processes start at once.
 
@@ -174,6 +181,7 @@ class SQLiteStore:
         self.path = path
         self.readonly = readonly
         self._conn: sqlite3.Connection | None = None
+        self.schema: Schema | None = None  # known once open
         # One thread owns the connection: reads and writes never block the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetchlog-sqlite")
 
@@ -184,6 +192,11 @@ class SQLiteStore:
         assert self._conn is not None, "store is not open"
         return self._conn
 
+    def _has(self, table: str) -> bool:
+        """Whether the file has the table (read-only, an older gateway's file may not)."""
+        assert self.schema is not None, "store is not open"
+        return self.schema.has(table)
+
     async def open(self) -> None:
         def _open() -> None:
             if self.readonly:
@@ -192,9 +205,17 @@ class SQLiteStore:
                         f"no fetch log at {self.path}; pass the gateway's --data-dir or --audit-dsn"
                     )
                 self._conn = connect(self.path, readonly=True)
+                try:
+                    self.schema = read_schema(self._conn)
+                except BaseException:
+                    self._conn.close()
+                    self._conn = None
+                    raise
             else:
                 self._conn = connect(self.path)
-                migrate(self._conn)
+                version = migrate(self._conn)
+                # (a file a newer gateway migrated: written as before, see migrate())
+                self.schema = Schema.at(min(version, SCHEMA_VERSION), MIGRATIONS)
 
         await self._run(_open)
 
@@ -228,6 +249,8 @@ class SQLiteStore:
         return None if row is None else (int(row[0]), str(row[1]))
 
     async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
+        if not self._has("fetch_checkpoints"):
+            return None
         row = await self._one(
             "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? "
             "ORDER BY number DESC LIMIT 1",
@@ -236,6 +259,8 @@ class SQLiteStore:
         return _checkpoint(row)
 
     async def last_purge(self, replica: str) -> dict[str, Any] | None:
+        if not self._has("fetch_purges"):
+            return None
         row = await self._one(
             "SELECT number, seq, note FROM fetch_purges WHERE replica = ? "
             "ORDER BY seq DESC LIMIT 1",
@@ -244,6 +269,8 @@ class SQLiteStore:
         return _checkpoint(row)
 
     async def purge_note(self, replica: str, seq: int) -> dict[str, Any] | None:
+        if not self._has("fetch_purges"):
+            return None
         row = await self._one(
             "SELECT number, seq, note FROM fetch_purges WHERE replica = ? AND seq = ?",
             replica,
@@ -364,8 +391,13 @@ class SQLiteStore:
     # -- reading (ChainReader) ---------------------------------------------------------------
 
     async def replicas(self) -> list[str]:
+        assert self.schema is not None, "store is not open"
+        sql = replicas_sql(self.schema)
+        if sql is None:
+            return []
+
         def _replicas() -> list[str]:
-            rows = self._db().execute(REPLICAS_SQL)
+            rows = self._db().execute(sql)
             return [str(r[0]) for r in rows]
 
         result: list[str] = await self._run(_replicas)
@@ -389,6 +421,8 @@ class SQLiteStore:
         return int(low[0]), int(high[0])
 
     async def checkpoint_below(self, replica: str, seq: int) -> dict[str, Any] | None:
+        if not self._has("fetch_checkpoints"):
+            return None
         row = await self._one(
             "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? AND seq < ? "
             "ORDER BY number DESC LIMIT 1",
@@ -398,6 +432,8 @@ class SQLiteStore:
         return _checkpoint(row)
 
     async def checkpoint_from(self, replica: str, seq: int) -> dict[str, Any] | None:
+        if not self._has("fetch_checkpoints"):
+            return None
         row = await self._one(
             "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? AND seq >= ? "
             "ORDER BY number LIMIT 1",
@@ -435,6 +471,9 @@ class SQLiteStore:
             after = int(rows[-1][0])
 
     async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        if not self._has("fetch_checkpoints"):
+            return []
+
         def _checkpoints() -> list[dict[str, Any]]:
             rows = self._db().execute(
                 "SELECT number, seq, note FROM fetch_checkpoints WHERE replica = ? "
@@ -447,6 +486,9 @@ class SQLiteStore:
         return result
 
     async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        if not self._has("fetch_witnesses"):
+            return []
+
         def _witnesses() -> list[dict[str, Any]]:
             rows = self._db().execute(
                 "SELECT seq, note FROM fetch_witnesses WHERE replica = ? "
@@ -463,6 +505,8 @@ def read_records(path: Path, query: RecordQuery) -> Iterator[dict[str, Any]]:
     """Records matching `query` in chain order (replica, seq), straight from the database file."""
     conn = connect(path, readonly=True)
     try:
+        if not read_schema(conn).has("fetch_records"):
+            return
         where, params = query.sql_where(placeholder="?")
         sql = f"SELECT body FROM fetch_records {where} ORDER BY replica, seq"  # noqa: S608
         for (body,) in conn.execute(sql, params):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol
 
+from proxy.audit.schema import Schema
+
 # Every replica with records or checkpoints, in SQL both stores speak: one index probe per
 # replica on the (replica, ...) primary keys instead of reading every row (retention asks
 # every hour, on every replica, of a table that holds years of records).
@@ -31,6 +33,25 @@ UNION
 SELECT replica FROM c WHERE replica IS NOT NULL
 ORDER BY 1
 """
+# The same of a store from before checkpoints (SQLite schema version 1).
+RECORD_REPLICAS_SQL = """
+WITH RECURSIVE
+    r(replica) AS (
+        SELECT min(replica) FROM fetch_records
+        UNION ALL
+        SELECT (SELECT min(replica) FROM fetch_records WHERE replica > r.replica)
+        FROM r WHERE r.replica IS NOT NULL
+    )
+SELECT replica FROM r WHERE replica IS NOT NULL
+ORDER BY 1
+"""
+
+
+def replicas_sql(schema: Schema) -> str | None:
+    """The replicas query for the tables the store's schema has (None: no tables yet)."""
+    if not schema.has("fetch_records"):
+        return None
+    return REPLICAS_SQL if schema.has("fetch_checkpoints") else RECORD_REPLICAS_SQL
 
 
 @dataclass(frozen=True)

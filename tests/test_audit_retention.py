@@ -156,3 +156,20 @@ async def test_retention_reaches_the_chains_of_replicas_that_no_longer_run(
     await again.close()
     out = export_and_verify(source, public, tmp_path / "later.jsonl")
     assert "gw-live: records" not in out
+
+    # gw-gone runs again under its id after all (a StatefulSet scaled back up), its spool
+    # still on the volume: its chain goes on after the purge note. It used to ship the purged
+    # records again from its spool, or start over at seq 1 without it, and to number its
+    # checkpoints from #1 again: a second, different checkpoint #1 of the same chain.
+    back = fetch_log(source["store"](), spool, "gw-gone", signer, clock=lambda: NOW)
+    await back.open()
+    for i in range(3):
+        back.append(fetch(100 + i, ts=NOW))
+    await back.close()
+    out = export_and_verify(source, public, tmp_path / "back.jsonl")
+    assert "replica gw-gone: records 26..28" in out
+    items = [x for x in read_lines(tmp_path / "back.jsonl") if x.get("replica") == "gw-gone"]
+    [purge_line] = [x for x in items if x["type"] == "purge"]  # what anchors record 26
+    assert purge_line["seq"] == 25
+    numbers = [x["number"] for x in items if x["type"] == "checkpoint"]
+    assert numbers and min(numbers) == purge_line["number"] + 1

@@ -152,6 +152,7 @@ class FetchLog:
         self.shipped_checkpoint = 0
         self.purged_seq = 0
         self.purged_number = 0
+        self._purged_hash = GENESIS_HASH  # record purged_seq's hash (the purge note's)
         # What the store still lacks, in order: records (in memory, or their places in the
         # spool past `memory_records`), checkpoints and purge notes.
         self._queue: deque[dict[str, Any] | Spooled] = deque()
@@ -181,6 +182,12 @@ class FetchLog:
             self.seq, self.head = stored
             self.shipped_seq = stored[0]
         key_changed = await self._resume_checkpoints()
+        if self.purged_seq > self.seq:
+            # Every stored record of this chain was purged (retention, by another replica while
+            # this one did not run): it goes on after the purge note, never from genesis again,
+            # and records of its spool at or below it were stored (and purged) already.
+            self.seq = self.shipped_seq = self.purged_seq
+            self.head = self._purged_hash
         gap_reported = False
         for rec in replayed.records:
             seq = rec.spooled.seq
@@ -244,6 +251,15 @@ class FetchLog:
         purge = await self.store.last_purge(self.replica)
         if purge is not None:
             self.purged_seq, self.purged_number = purge["seq"], purge["number"]
+            anchor = parse_text(note_text(purge["note"]))
+            self._purged_hash = anchor.hash
+            if purge["number"] > self.checkpoint_number:
+                # Its checkpoints were all purged too: number on from the purge note, whose
+                # `prev` is what the next checkpoint's must be.
+                self.checkpoint_number = self.shipped_checkpoint = purge["number"]
+                self.checkpoint_prev = anchor.prev
+                self.checkpoint_seq = purge["seq"]
+                changed = changed or self._key_change(purge["note"], purge["number"])
         return changed
 
     def _key_change(self, note: str, number: int) -> str | None:

@@ -18,6 +18,7 @@ import pytest
 from proxy.audit import postgres_store
 from proxy.audit import sqlite_store
 from proxy.audit.postgres_store import PostgresStore
+from proxy.audit.schema import SchemaTooNew
 from proxy.audit.schema import table_versions
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.store import FetchStore
@@ -185,6 +186,10 @@ async def test_a_store_newer_than_this_code_is_one_line_not_a_traceback(
     reported = cli("report", *source, "--format", "json", "--output", tmp_path / "r.json")
     assert reported.returncode == 1, reported.stderr
     assert reported.stderr.splitlines() == [f"crawlwarden report: {message}"]
+    # Nor does a gateway of this version write it (SQLite used to, as if it were its own).
+    writer = SQLiteStore(data / "fetchlog.sqlite3") if backend == "sqlite" else PostgresStore(dsn)
+    with pytest.raises(SchemaTooNew, match="newer than this crawlwarden"):
+        await writer.open()
 
 
 async def test_a_table_an_older_schema_lacks_reads_as_empty(tmp_path: Path) -> None:

@@ -240,8 +240,13 @@ class PostgresStore:
                 self._pool = None
                 raise
             return
-        async with self._pool.acquire() as conn:
-            self.schema = Schema.at(await migrate(conn), MIGRATIONS)
+        try:
+            async with self._pool.acquire() as conn:
+                self.schema = Schema.at(await migrate(conn), MIGRATIONS)
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
 
     async def claim(self, replica: str) -> None:
         """A session advisory lock on the replica id, held on a connection of its own for as

@@ -17,6 +17,7 @@ from proxy.audit.checkpoint import note_hash
 from proxy.audit.query import RecordQuery
 from proxy.audit.record import record_json
 from proxy.audit.schema import Schema
+from proxy.audit.schema import SchemaTooNew
 from proxy.audit.store import PurgePoint
 from proxy.audit.store import replicas_sql
 
@@ -127,13 +128,17 @@ def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION; safe when several processes start at once.
 
     The version is read inside BEGIN IMMEDIATE (the write lock), so a second process waits and
-    then sees the migrated version. executescript() is not used: it commits on its own.
+    then sees the migrated version. executescript() is not used: it commits on its own. A file
+    a newer crawlwarden migrated is not written (SchemaTooNew), as in PostgreSQL: this code
+    does not know what its newer tables and columns must hold.
     """
     while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version >= len(MIGRATIONS):
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(int(version), len(MIGRATIONS))
+            if version == len(MIGRATIONS):
                 conn.execute("COMMIT")
                 return int(version)
             for statement in MIGRATIONS[version]:
@@ -213,9 +218,12 @@ class SQLiteStore:
                     raise
             else:
                 self._conn = connect(self.path)
-                version = migrate(self._conn)
-                # (a file a newer gateway migrated: written as before, see migrate())
-                self.schema = Schema.at(min(version, SCHEMA_VERSION), MIGRATIONS)
+                try:
+                    self.schema = Schema.at(migrate(self._conn), MIGRATIONS)
+                except BaseException:
+                    self._conn.close()
+                    self._conn = None
+                    raise
 
         await self._run(_open)
 

@@ -11,47 +11,31 @@ from typing import Protocol
 
 from proxy.audit.schema import Schema
 
-# Every replica with records or checkpoints, in SQL both stores speak: one index probe per
-# replica on the (replica, ...) primary keys instead of reading every row (retention asks
-# every hour, on every replica, of a table that holds years of records).
-REPLICAS_SQL = """
-WITH RECURSIVE
-    r(replica) AS (
-        SELECT min(replica) FROM fetch_records
-        UNION ALL
-        SELECT (SELECT min(replica) FROM fetch_records WHERE replica > r.replica)
-        FROM r WHERE r.replica IS NOT NULL
-    ),
-    c(replica) AS (
-        SELECT min(replica) FROM fetch_checkpoints
-        UNION ALL
-        SELECT (SELECT min(replica) FROM fetch_checkpoints WHERE replica > c.replica)
-        FROM c WHERE c.replica IS NOT NULL
+# The tables whose rows name a replica (a chain may have checkpoints and no records left).
+_REPLICA_TABLES = ("fetch_records", "fetch_checkpoints")
+
+
+def _distinct_replicas(tables: Sequence[str]) -> str:
+    """Every replica in `tables`, in SQL both stores speak: one index probe per replica on the
+    (replica, ...) primary keys instead of reading every row (retention asks every hour, on
+    every replica, of a table that holds years of records)."""
+    walks = ",\n".join(
+        f"t{i}(replica) AS (SELECT min(replica) FROM {table} UNION ALL "  # noqa: S608 (constants)
+        f"SELECT (SELECT min(replica) FROM {table} WHERE replica > t{i}.replica) "
+        f"FROM t{i} WHERE t{i}.replica IS NOT NULL)"
+        for i, table in enumerate(tables)
     )
-SELECT replica FROM r WHERE replica IS NOT NULL
-UNION
-SELECT replica FROM c WHERE replica IS NOT NULL
-ORDER BY 1
-"""
-# The same of a store from before checkpoints (SQLite schema version 1).
-RECORD_REPLICAS_SQL = """
-WITH RECURSIVE
-    r(replica) AS (
-        SELECT min(replica) FROM fetch_records
-        UNION ALL
-        SELECT (SELECT min(replica) FROM fetch_records WHERE replica > r.replica)
-        FROM r WHERE r.replica IS NOT NULL
+    found = "\nUNION\n".join(
+        f"SELECT replica FROM t{i} WHERE replica IS NOT NULL"  # noqa: S608 (constants)
+        for i in range(len(tables))
     )
-SELECT replica FROM r WHERE replica IS NOT NULL
-ORDER BY 1
-"""
+    return f"WITH RECURSIVE\n{walks}\n{found}\nORDER BY 1"
 
 
 def replicas_sql(schema: Schema) -> str | None:
     """The replicas query for the tables the store's schema has (None: no tables yet)."""
-    if not schema.has("fetch_records"):
-        return None
-    return REPLICAS_SQL if schema.has("fetch_checkpoints") else RECORD_REPLICAS_SQL
+    tables = [t for t in _REPLICA_TABLES if schema.has(t)]
+    return _distinct_replicas(tables) if tables else None
 
 
 @dataclass(frozen=True)

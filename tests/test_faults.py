@@ -438,7 +438,10 @@ def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(wo
     assert "s3cret" not in result.stderr + result.stdout
 
 
-def _run_briefly(policy: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+def _run_briefly(
+    policy: Path, data_dir: Path, listen_port: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A start that is expected to stop at once (exit 1, one line on stderr)."""
     return subprocess.run(
         [
             CRAWLWARDEN,
@@ -448,7 +451,7 @@ def _run_briefly(policy: Path, data_dir: Path) -> subprocess.CompletedProcess[st
             "--data-dir",
             str(data_dir),
             "--listen",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{listen_port or free_port()}",
             "--admin",
             f"127.0.0.1:{free_port()}",
             "--replica-id",
@@ -496,23 +499,7 @@ def test_a_proxy_port_in_use_is_one_line_naming_the_flag(workdir: Path):
     policy = write_policy(workdir / "policy.yaml", policy_with())
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [
-                CRAWLWARDEN,
-                "run",
-                "--policy",
-                str(policy),
-                "--data-dir",
-                str(workdir / "data"),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--admin",
-                f"127.0.0.1:{free_port()}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _run_briefly(policy, workdir / "data", listen_port=port)
     assert result.returncode == 1, result.stderr
     assert '"started"' not in result.stderr + result.stdout
     last = result.stderr.strip().splitlines()[-1]

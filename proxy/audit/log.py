@@ -386,8 +386,10 @@ class FetchLog:
 
     def _record_not_kept(self) -> None:
         assert self._not_kept is not None
-        not_kept, self._not_kept = self._not_kept, None
-        self.new_event("refusals_not_kept", not_kept.note(), reason="spool_full")
+        # A failed write (logged by _spool_failed) raises before the counts are let go: they
+        # stay for the next try.
+        self.new_event("refusals_not_kept", self._not_kept.note(), reason="spool_full")
+        self._not_kept = None
 
     def append_dict(self, data: dict[str, Any]) -> dict[str, Any]:
         """Chain the record and put it in the spool; it reaches the store shortly after.

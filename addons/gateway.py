@@ -748,7 +748,7 @@ class Gateway:
             flow.kill()
             return
         flow.response = refusal_response(
-            assessment.decision, Outcome.WITHHELD, method=flow.request.method
+            assessment.decision, Outcome.WITHHELD, state.id, flow.request.method
         )
 
     def error(self, flow: http.HTTPFlow) -> None:

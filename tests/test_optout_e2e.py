@@ -742,6 +742,8 @@ def test_a_page_sent_in_two_members_is_read_in_both(
     assert body not in result.body and b"secret words" not in result.body
     [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/two.html")]
     assert (rec["decision"], rec["reason"]) == ("withheld", "noai_directive")
+    # The 451 names its record, as every answer through the gateway does.
+    assert result.headers["x-crawlwarden-request-id"] == rec["id"]
     assert rec["content_sha256"] == hashlib.sha256(body).hexdigest()
 
 

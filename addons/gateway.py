@@ -778,10 +778,11 @@ class Gateway:
         if state.forwarded:
             message = flow.error.msg if flow.error else "no response"
             kind = metrics.upstream_error_kind(message)
-            if message.startswith("stream reset by client") and flow.server_conn.alpn != b"h2":
-                # mitmproxy words a reset the same from either side; a site spoken to over
-                # HTTP/1 resets no HTTP/2 stream: the scraper cancelled it (a browser leaving
-                # a page), which is no error of the site's.
+            if _h2_words(message) and flow.server_conn.alpn != b"h2":
+                # mitmproxy words a reset, and an HTTP/2 connection's close, the same from
+                # either side; a site spoken to over HTTP/1 has no HTTP/2 stream or connection:
+                # the scraper cancelled the stream (a browser leaving a page) or closed its
+                # connection (gave up), which is no error of the site's.
                 kind = None
             timeout = flow.metadata.get(TIMEOUT)
             if timeout is not None:
@@ -1193,6 +1194,11 @@ class Gateway:
             response_bytes=rec.response_bytes,
             duration_ms=rec.duration_ms,
         )
+
+
+def _h2_words(message: str) -> bool:
+    """Whether mitmproxy's flow error is one its HTTP/2 layer gives for either side."""
+    return message.startswith("stream reset by client") or message == "peer closed connection"
 
 
 def _audit_unavailable(site: str) -> Decision:

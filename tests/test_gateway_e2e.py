@@ -543,11 +543,13 @@ def test_a_browser_closed_mid_load_over_http2_leaves_no_slot_taken(
     assert {r["reason"] for r in records} <= {"interrupted", "upstream_error", "ok"}
 
 
+@pytest.mark.parametrize("gives_up", ["reset", "close"])
 def test_a_stream_the_browser_cancels_is_interrupted_not_the_sites_error(
-    workdir: Path, tls_site: Site, test_ca: LocalCA
+    workdir: Path, tls_site: Site, test_ca: LocalCA, gives_up: str
 ):
-    # A browser leaving a page cancels its HTTP/2 streams: they were recorded upstream_error and
-    # counted as resets by the site (mitmproxy words a reset the same from either side).
+    # A browser leaving a page cancels its HTTP/2 streams, a scraper that gives up closes its
+    # connection: they were recorded upstream_error and counted as resets by the site
+    # (mitmproxy words a reset, and an HTTP/2 connection's close, the same from either side).
     authority = f"site-c.test:{tls_site.port}"
     tls_site.routes["/slow"] = Reply(body=b"late", delay=2)
 
@@ -579,8 +581,11 @@ def test_a_stream_the_browser_cancels_is_interrupted_not_the_sites_error(
             )
             tls.sendall(conn.data_to_send())
             assert wait_for(lambda: tls_site.count("/slow") == 1, timeout=10)
-            conn.reset_stream(stream, error_code=h2.errors.ErrorCodes.CANCEL)
-            tls.sendall(conn.data_to_send())
+            if gives_up == "reset":
+                conn.reset_stream(stream, error_code=h2.errors.ErrorCodes.CANCEL)
+                tls.sendall(conn.data_to_send())
+            else:
+                tls.close()
             [rec] = gw.fetch_records(timeout=10)
         assert (rec["decision"], rec["reason"]) == ("forwarded", "interrupted"), rec
         assert resets() == before

@@ -261,10 +261,15 @@ async def test_delay_mode_waits_for_the_next_slot_then_gives_up(cluster: Cluster
         results: list[Admission] = await asyncio.gather(*(engine.admit(site) for _ in range(5)))
         took = loop.time() - started
     allowed = [r for r in results if r.decision.allowed]
-    refused = [r.decision for r in results if not r.decision.allowed]
-    # Slots at +0.2 s and +0.4 s fit in max_delay; the other three cannot and are told so.
+    refused = [r for r in results if not r.decision.allowed]
+    # Slots at +0.2 s and +0.4 s fit in max_delay; the other three cannot and are told so at
+    # once, not after being held for max_delay (the two ahead of them say when their turns are).
     assert len(allowed) == 2
-    assert all(r.reason is Reason.RATE_LIMITED and "max_delay" in r.detail for r in refused)
+    assert all(
+        r.decision.reason is Reason.RATE_LIMITED and "max_delay" in r.decision.detail
+        for r in refused
+    )
+    assert all(r.waited < 0.3 for r in refused), [r.waited for r in refused]
     assert took < 1.0
     # Waiting sleeps until the store's next slot; it does not poll.
     assert counted[0].admits <= 16

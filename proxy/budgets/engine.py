@@ -121,6 +121,10 @@ class _SiteQueue:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     users: int = 0
+    # The first in line waits for the rate's next slot: the loop time the store named for it
+    # (0: not known, or it waits for something else). Each one behind it comes one emission
+    # interval later at the soonest (other replicas only make it later).
+    rate_turn: float = 0.0
 
 
 def _most_used(a: list[float], b: list[float]) -> list[float]:
@@ -448,6 +452,8 @@ class BudgetEngine:
                     return self._gave_up(spec, last, started)
             if queue.lock.locked():
                 last = None  # by the time our turn comes, that answer is stale: ask again then
+                if (refused := self._turn_too_far(spec, queue, deadline, started)) is not None:
+                    return refused
             try:
                 async with asyncio.timeout_at(deadline):
                     await queue.lock.acquire()
@@ -455,6 +461,8 @@ class BudgetEngine:
                 # Our turn never came; one last look, then that answer stands.
                 return self._held(await self._attempt(spec), started)
             try:
+                if last is not None:  # (asked before taking the lock)
+                    queue.rate_turn = loop.time() + last.wait if last.budget is Budget.RATE else 0.0
                 polls = 0
                 while True:
                     if last is not None:
@@ -477,12 +485,44 @@ class BudgetEngine:
                     last = await self._attempt(spec)
                     if last.admission.decision.allowed or not last.waitable:
                         return self._held(last, started)
+                    queue.rate_turn = loop.time() + last.wait if last.budget is Budget.RATE else 0.0
             finally:
+                queue.rate_turn = 0.0
                 queue.lock.release()
         finally:
             queue.users -= 1
             if queue.users == 0:
                 self._queues.pop(spec.key, None)
+
+    def _turn_too_far(
+        self, spec: BudgetSpec, queue: _SiteQueue, deadline: float, started: float
+    ) -> Admission | None:
+        """A refusal at once for a request queued behind others whose turn cannot come before
+        its deadline (the soonest: one emission interval after each one ahead of it); None
+        when it may, or when nothing says when."""
+        if not queue.rate_turn:
+            return None
+        ahead = queue.users - 1  # the first in line and those waiting before this one
+        soonest = queue.rate_turn + ahead * spec.interval_us / 1e6
+        now = asyncio.get_running_loop().time()
+        if soonest <= deadline:
+            return None
+        head = _Try(
+            Admission(
+                refuse(
+                    Reason.RATE_LIMITED,
+                    f"{ahead} request(s) of this site wait ahead of this one for the rate "
+                    f"({spec.rate_text})",
+                    rule=spec.rule("rate"),
+                    retry_after=soonest - now,
+                    site=spec.key,
+                )
+            ),
+            wait=soonest - now,
+            waitable=True,
+            budget=Budget.RATE,
+        )
+        return self._gave_up(spec, head, started)
 
     def _held(self, last: _Try, started: float) -> Admission:
         waited = asyncio.get_running_loop().time() - started

@@ -85,6 +85,7 @@ class OriginFetch:
     truncated: bool = False  # the body went on past the read limit: size and hash are of less
     refused: str | None = None  # the gateway's reason for not making it (a redirect hop's target)
     content_type: str | None = None  # the answer's Content-Type, as sent
+    retry_after: str | None = None  # the answer's Retry-After, as sent (a 429/503 pauses the site)
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,6 +605,7 @@ class OriginFileFetcher:
             began,
             truncated,
             content_type=head.get("content-type"),
+            retry_after=head.get("retry-after"),
         )
         return status, head, body, truncated
 
@@ -639,6 +641,7 @@ class OriginFileFetcher:
         *,
         refused: TargetRefusal | None = None,
         content_type: str | None = None,
+        retry_after: str | None = None,
     ) -> None:
         """`began`: the request's start, wall clock and monotonic. `refused`: it was not made."""
         if self._on_fetch is None:
@@ -658,6 +661,7 @@ class OriginFileFetcher:
             truncated,
             None if refused is None else refused.reason,
             content_type,
+            retry_after,
         )
         try:
             self._on_fetch(fetch)

@@ -302,6 +302,10 @@ class Runtime:
             note = f"read up to the limit of {fetch.body_bytes} bytes: size and hash are of those"
         resolved = self.governor.site_for(host) if host else None
         site = resolved.key if resolved is not None else None
+        if resolved is not None and status is not None:
+            # A 429/503 to the gateway's own read asks the same as one to a scraper's request:
+            # every replica pauses the site.
+            self.budgets.site_answered(resolved, status, fetch.retry_after)
         basis = None
         if resolved is not None:  # read for the site's terms: under the site's basis
             terms, _ = resolved.terms_on(

@@ -18,6 +18,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -40,6 +41,7 @@ from tests.optout_fixtures import tiff
 from tests.optout_fixtures import training_mining
 from tests.optout_fixtures import webp
 from tests.optout_fixtures import xmp_packet
+from tests.support import AUDITOR_TOKEN
 from tests.support import PROJECT
 from tests.support import RESPECT_ALL
 from tests.support import VENV_BIN
@@ -52,6 +54,7 @@ from tests.support import Seen
 from tests.support import Site
 from tests.support import curl
 from tests.support import policy_with
+from tests.support import wait_for
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -362,6 +365,23 @@ def test_unreachable_robots_txt_disallows_everything(gateway: Gateway, site: Sit
     assert result.status == 451
     assert result.json()["reason"] == "robots_disallowed"
     assert site.count("/anything") == 0
+
+
+def test_a_429_to_the_gateways_own_robots_read_pauses_the_site(gateway: Gateway, site: Site):
+    # The site asked the gateway itself to slow down: its other hosts went on being fetched
+    # (51 requests in the 30 s it asked for, in the politeness probe).
+    site.routes["/robots.txt"] = Reply(status=429, body=b"slow down", headers={"Retry-After": "30"})
+    result = fetch(gateway, site, "site-b.test", "/anything")
+    assert result.json()["reason"] == "robots_disallowed"  # unreachable: disallowed (RFC 9309)
+
+    def paused_until() -> Any:
+        _, body = gateway.admin_request("GET", "/v1/budgets?site=site-b.test", token=AUDITOR_TOKEN)
+        return body["paused_until"]
+
+    assert wait_for(lambda: paused_until() is not None, timeout=10)
+    later = fetch(gateway, site, "img.site-b.test", "/x.jpg")
+    assert (later.status, later.json()["reason"]) == (429, "site_paused")
+    assert site.count("/x.jpg") == 0
 
 
 PAGE_NOAI = b"""<!doctype html><html><head><meta name="robots" content="noai, noimageai">

@@ -540,6 +540,39 @@ async def test_admissions_a_stalled_redis_ran_late_hold_no_slot_after_it_recover
 
 
 @pytest.mark.timeout(60)
+async def test_a_pause_the_site_asked_for_is_written_back_after_redis_loses_its_data(
+    own_redis: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+):
+    # The site's 429 came to replica a after it last asked the store: its view of the site
+    # had no pause, and the write-back left the fleet unpaused (42 requests in the 40 s the
+    # site asked for, in the politeness probe).
+    site = make_site()
+    a, b = (
+        BudgetEngine(RedisBudgetStore(own_redis.url, key_prefix=key_prefix), replicas=2)
+        for _ in range(2)
+    )
+    for engine in (a, b):
+        await engine.start()
+    try:
+        for engine in (a, b):
+            admitted = await engine.admit(site)
+            assert admitted.decision.allowed
+            engine.finish(admitted.lease)
+        a.site_answered(site, 429, "40")
+        await a.flush()
+        client = redis_asyncio.Redis.from_url(own_redis.url)
+        await client.flushall()
+        await client.aclose()
+        assert await a.restore_shared_state() == 1
+        there = (await b.admit(site)).decision
+        assert there.reason is Reason.SITE_PAUSED
+        assert there.retry_after is not None and 35 < there.retry_after <= 40
+    finally:
+        for engine in (a, b):
+            await engine.close()
+
+
 async def test_redis_killed_mid_load_fails_closed_then_recovers(
     own_redis: RedisServer,  # noqa: F811
     key_prefix: str,  # noqa: F811

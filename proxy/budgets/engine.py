@@ -754,10 +754,17 @@ class BudgetEngine:
         back the usage this replica last saw of each site, as a floor (the largest of the
         replicas' wins), so that a quota does not start over. What no replica saw since it last
         asked (at most the admissions of one heartbeat) is lost, and so is the rate's state
-        (a burst may follow). Returns how many sites were written back."""
-        if not self._store.shared or not self._last_seen:
+        (a burst may follow). A pause this replica holds goes back too, also one the site asked
+        for after the replica last asked the store (its answer came here). Returns how many
+        sites were written back."""
+        if not self._store.shared or not (self._last_seen or self._local_pause):
             return 0
         now = wall_clock_us()
+
+        def pause_us(site: str, seen_until_us: int = 0) -> int:
+            here = int(self._local_pause_left(site) * 1e6)
+            return max(0, seen_until_us - now, here)
+
         items = [
             Carryover(
                 site,
@@ -766,9 +773,15 @@ class BudgetEngine:
                 seen.day_bytes,
                 utc_month(seen.now_us).id,
                 seen.month_requests,
-                max(0, seen.paused_until_us - now),
+                pause_us(site, seen.paused_until_us),
             )
             for site, seen in self._last_seen.items()
+        ]
+        day, month = utc_day(now).id, utc_month(now).id
+        items += [
+            Carryover(site, day, 0, 0, month, 0, paused)
+            for site in list(self._local_pause)
+            if site not in self._last_seen and (paused := pause_us(site)) > 0
         ]
         await self._store.carry_over(items, at_least=True)
         return len(items)

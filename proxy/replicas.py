@@ -56,6 +56,10 @@ class ReplicaRegistry:
         self.fleet_size = max(1, fleet_size)
         self.count = self.fleet_size
         budgets.replicas = max(budgets.replicas, self.count)
+        if redis is not None:
+            # The marker is looked at before an outage's counts are handed over, not up to a
+            # heartbeat after: a floor written back then would be taken over them (max).
+            budgets.before_handover = self.look_for_data_loss
 
     async def start(self) -> None:
         if self._redis is None:
@@ -65,6 +69,19 @@ class ReplicaRegistry:
 
     async def beat(self) -> int:
         """Refresh our entry, drop stale ones, and hand the live count to the budget engine."""
+        await self._beat()
+        return self.count
+
+    async def look_for_data_loss(self) -> None:
+        """Redis is back after an outage: look at the marker now (a first command on a
+        connection of before the restart may fail: a few tries)."""
+        for _ in range(3):
+            if await self._beat():
+                return
+            await asyncio.sleep(0.1)
+
+    async def _beat(self) -> bool:
+        """One heartbeat; False if Redis did not answer it."""
         assert self._redis is not None
         now = time.time()
         try:
@@ -78,7 +95,7 @@ class ReplicaRegistry:
         except (RedisError, OSError) as e:
             metrics.STORE_ERRORS.labels(store="redis").inc()
             log.warning("replica_heartbeat_failed", error=repr(e), replicas=self.count)
-            return self.count
+            return False
         if self._marker is not None and marker != self._marker:
             await self._data_lost()
         self._marker = marker
@@ -87,7 +104,7 @@ class ReplicaRegistry:
             log.info("replicas_changed", replicas=counted, seen=int(count), was=self.count)
         self.count = counted
         self._budgets.replicas = self.count
-        return self.count
+        return True
 
     async def _data_lost(self) -> None:
         """The fleet's marker is gone (another was set since): Redis lost its data. The budgets

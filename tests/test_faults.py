@@ -223,6 +223,40 @@ def test_budgets_survive_redis_losing_its_data(
     assert site.count() == 20
 
 
+RECOVERY_EVENTS = ("redis_data_lost", "budget_store_recovered")
+
+
+def test_a_quota_counts_before_and_during_an_outage_that_lost_redis_data(
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
+):
+    # Redis restarted empty while a `fail_mode: local` replica counted on its own: the outage's
+    # counts were added to the empty store first, then the floor of what the replica saw
+    # before was written back with max(): the requests before the outage were forgotten (86
+    # requests on a quota of 60 in the politeness probe).
+    policy = policy_with(
+        sites=[{"id": "lq", "match": ["lq.test"], "fail_mode": "local", "requests_per_day": 20}]
+    )
+
+    def ask(first: int, n: int) -> Counter[int]:
+        return statuses_of(gw, [site.url("lq.test", f"/q/{k}") for k in range(first, first + n)])
+
+    with Gateway(workdir, policy, extra_args=["--redis-url", own_redis.url]) as gw:
+        assert ask(0, 8) == {200: 8}
+        time.sleep(6)  # a heartbeat has seen the fleet's marker
+        own_redis.kill()
+        assert ask(8, 6) == {200: 6}  # counted here, on the replica's own share
+        own_redis.start()  # empty: no marker, no counts
+        assert wait_for(lambda: gw.log_events("budget_store_recovered"), timeout=20)
+        assert wait_for(lambda: gw.log_events("redis_data_lost"), timeout=20)
+        # The floor went back before the outage's counts were added on top of it.
+        order = [e["event"] for e in gw.log_events() if e["event"] in RECOVERY_EVENTS]
+        assert order.index("redis_data_lost") < order.index("budget_store_recovered"), order
+        assert ask(14, 10) == {200: 6, 429: 4}
+    assert site.count() == 20
+
+
 # -- kill -9 ---------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import datetime as dt
 import itertools
 import secrets
 import time
+from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -173,6 +174,10 @@ class BudgetEngine:
         self._down = False
         self._last_error = ""
         self._probe_delay = 0.1
+        # Run when the shared store is back, before the counts of the outage are added to it:
+        # a store that lost its data meanwhile gets its floor back first (ReplicaRegistry),
+        # and the outage's counts then go on top of it, not under it.
+        self.before_handover: Callable[[], Awaitable[object]] | None = None
 
         self._policy_version: str | None = None
         self._specs: dict[str, tuple[object, BudgetSpec]] = {}
@@ -728,6 +733,11 @@ class BudgetEngine:
                 continue
             released = len(orphans)
             break
+        if self.before_handover is not None:
+            try:
+                await self.before_handover()
+            except Exception:
+                log.exception("budget_store_recovery_check_failed", store=self._store.name)
         handover = list(self._unsynced)
         self._unsynced.clear()
         if self._fallback is not None:

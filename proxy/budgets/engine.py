@@ -122,6 +122,7 @@ class _SiteQueue:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     users: int = 0
+    waiting: int = 0  # blocked on the lock, in the order they came (behind its holder)
     # The first in line waits for the rate's next slot: the loop time the store named for it
     # (0: not known, or it waits for something else). Each one behind it comes one emission
     # interval later at the soonest (other replicas only make it later).
@@ -459,9 +460,13 @@ class BudgetEngine:
                 last = None  # by the time our turn comes, that answer is stale: ask again then
                 if (refused := self._turn_too_far(spec, queue, deadline, started)) is not None:
                     return refused
+            queue.waiting += 1
             try:
-                async with asyncio.timeout_at(deadline):
-                    await queue.lock.acquire()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await queue.lock.acquire()
+                finally:
+                    queue.waiting -= 1
             except TimeoutError:
                 # Our turn never came; one last look, then that answer stands.
                 return self._held(await self._attempt(spec), started)
@@ -507,7 +512,9 @@ class BudgetEngine:
         when it may, or when nothing says when."""
         if not queue.rate_turn:
             return None
-        ahead = queue.users - 1  # the first in line and those waiting before this one
+        # The lock's holder and those already waiting for it (not those still asking the
+        # store before they queue: they may have come after this one).
+        ahead = 1 + queue.waiting
         soonest = queue.rate_turn + ahead * spec.interval_us / 1e6
         now = asyncio.get_running_loop().time()
         if soonest <= deadline:

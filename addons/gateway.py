@@ -558,7 +558,8 @@ class Gateway:
         if refusal is not None:
             self.rt.budgets.finish(state.lease)  # admitted, but it never leaves
             state.lease = None
-            return self._refuse(flow, state, refusal, started)
+            closing = refusal.reason is Reason.AUDIT_UNAVAILABLE  # as at _audit_unavailable above
+            return self._refuse(flow, state, refusal, started, close=closing)
         state.forwarded = True
         flow.metadata[FORWARDED] = state.id
         self._under_way[state.id] = (flow, state)

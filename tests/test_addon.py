@@ -6,7 +6,9 @@ is exercised here, at the hook level: the address checked is the address connect
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
 from addons.gateway import Gateway
+from proxy.audit import spool as spool_module
 from proxy.governor import compile_policy
 from proxy.policy import parse_policy
 from proxy.runtime import Runtime
@@ -399,3 +402,29 @@ async def test_every_request_leaves_the_deciding_count(make_gateway):
         gw.rt.governor.check_request = lambda ctx: 1 / 0
         await gw.requestheaders(request_flow("img.example"))
         assert (rt.deciding, rt.in_flight) == (0, 0)
+
+
+async def test_begin_line_fails_answer_is_503_with_connection_close(make_gateway, monkeypatch):
+    gw = await make_gateway(ChangingDNS({"img.example": ["93.184.216.34"] * 3}))
+    real_write = os.write
+    full = {"on": False}
+
+    def write(fd, data):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(spool_module.os, "write", write)
+    with taddons.context(gw):
+        flow = request_flow("img.example")
+        flow.request.http_version = "HTTP/1.1"
+        full["on"] = True  # the disk fills: the begin line cannot be written
+        await gw.requestheaders(flow)
+        got = (
+            flow.response.status_code if flow.response else None,
+            flow.response.headers.get("x-crawlwarden-reason") if flow.response else None,
+            flow.response.headers.get("connection") if flow.response else None,
+        )
+        assert got[:2] == (503, "audit_unavailable"), got
+        # As the governance path's: the scraper's next connection goes to a ready replica.
+        assert got[2] == "close", got

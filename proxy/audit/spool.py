@@ -310,11 +310,17 @@ class Spool:
         """
         if self.current.size > 0 and self.current.max_seq <= shipped_seq:
             if self.current.open_begins == 0 and self.current.size >= rotate_at:
-                self._start_segment()
+                # A new segment that cannot be made now (no file descriptors, no inodes) is
+                # tried again at the next round; shipping must not stop for it.
+                with contextlib.suppress(OSError):
+                    self._start_segment()
         removed = 0
         for seg in list(self.segments[:-1]):
             if seg.max_seq <= shipped_seq and seg.open_begins == 0:
-                seg.path.unlink(missing_ok=True)
+                try:
+                    seg.path.unlink(missing_ok=True)
+                except OSError:
+                    continue  # deleted at a next round
                 self.segments.remove(seg)
                 removed += 1
         return removed

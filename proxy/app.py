@@ -250,20 +250,25 @@ async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: G
     log closes. What is still in flight at the end is recorded as interrupted.
     """
     runtime.draining = True
-    log.info("draining", in_flight=runtime.in_flight, deciding=runtime.deciding)
-    master.options.update(server=False)
-    began = time.monotonic()
-    deadline = began + settings.drain_seconds
-    await runtime.wait_idle(settings.drain_seconds)
-    runtime.stopping = True
-    if await runtime.wait_idle(max(0.0, deadline - time.monotonic())):
-        log.warning("drain_timeout", in_flight=runtime.in_flight, deciding=runtime.deciding)
-        if gateway.release_held():
-            # Their hooks answer 503 draining: a moment for those answers to go out.
-            await runtime.wait_idle(_HELD_ANSWER_SECONDS)
-        # Recorded with what came of their responses, before the fetch log closes.
-        gateway.record_unfinished()
-    else:
-        # How long a drain takes, for terminationGracePeriodSeconds (docs/kubernetes.md).
-        log.info("drained", seconds=round(time.monotonic() - began, 3))
-    master.shutdown()
+    try:
+        log.info("draining", in_flight=runtime.in_flight, deciding=runtime.deciding)
+        master.options.update(server=False)
+        began = time.monotonic()
+        deadline = began + settings.drain_seconds
+        await runtime.wait_idle(settings.drain_seconds)
+        runtime.stopping = True
+        if await runtime.wait_idle(max(0.0, deadline - time.monotonic())):
+            log.warning("drain_timeout", in_flight=runtime.in_flight, deciding=runtime.deciding)
+            if gateway.release_held():
+                # Their hooks answer 503 draining: a moment for those answers to go out.
+                await runtime.wait_idle(_HELD_ANSWER_SECONDS)
+            # Recorded with what came of their responses, before the fetch log closes.
+            gateway.record_unfinished()
+        else:
+            # How long a drain takes, for terminationGracePeriodSeconds (docs/kubernetes.md).
+            log.info("drained", seconds=round(time.monotonic() - began, 3))
+    finally:
+        # Whatever went wrong in the drain, the stop that was asked for happens (a drain that
+        # raised used to leave the gateway running, deaf to every later SIGTERM).
+        runtime.stopping = True
+        master.shutdown()

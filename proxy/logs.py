@@ -50,15 +50,40 @@ _SHARED: list[structlog.typing.Processor] = [
 ]
 
 
+class LogStream:
+    """stderr for log lines: a line that cannot be written (its reader went away: a closed
+    pipe, a log shipper that died; a full disk) is dropped and counted, never raised into the
+    code that logged it. A drain whose first log line raised BrokenPipeError used to end there,
+    and the gateway then ignored every SIGTERM."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.dropped += 1
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def configure(level: str = "INFO") -> None:
     renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+    stream = LogStream(sys.stderr)
     structlog.configure(
         processors=[*_SHARED, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

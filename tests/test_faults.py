@@ -667,6 +667,49 @@ def test_a_full_fetch_log_spool_fails_closed_naming_its_key_and_loses_nothing(
     assert summary["reason"] == "spool_full" and summary["decision"] == "event"
 
 
+def test_a_gateway_whose_log_reader_went_away_still_stops_on_sigterm(workdir: Path, site: Site):
+    # `crawlwarden run | tee`, a log shipper that died: the drain's first log line raised
+    # BrokenPipeError, the drain ended there, and every later SIGTERM was ignored (the gateway
+    # went on serving). Log lines that cannot be written are dropped now.
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    admin = free_port()
+    proc = subprocess.Popen(
+        [
+            CRAWLWARDEN,
+            "run",
+            "--policy",
+            str(policy),
+            "--data-dir",
+            str(workdir / "data"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--admin",
+            f"127.0.0.1:{admin}",
+            "--drain-seconds",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_for(lambda: _healthy(admin), timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader goes away
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(admin_port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{admin_port}/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
 def test_a_sqlite_fetch_log_the_gateway_cannot_write_is_named(workdir: Path):
     policy = write_policy(workdir / "policy.yaml", policy_with())
     data = workdir / "data"

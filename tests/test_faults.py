@@ -472,28 +472,31 @@ def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(wo
     assert "s3cret" not in result.stderr + result.stdout
 
 
+def _run_command(
+    policy: Path, data_dir: Path, listen_port: int | None = None, admin_port: int | None = None
+) -> list[str]:
+    return [
+        CRAWLWARDEN,
+        "run",
+        "--policy",
+        str(policy),
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        f"127.0.0.1:{listen_port or free_port()}",
+        "--admin",
+        f"127.0.0.1:{admin_port or free_port()}",
+        "--replica-id",
+        "unwritable",
+    ]
+
+
 def _run_briefly(
     policy: Path, data_dir: Path, listen_port: int | None = None
 ) -> subprocess.CompletedProcess[str]:
     """A start that is expected to stop at once (exit 1, one line on stderr)."""
     return subprocess.run(
-        [
-            CRAWLWARDEN,
-            "run",
-            "--policy",
-            str(policy),
-            "--data-dir",
-            str(data_dir),
-            "--listen",
-            f"127.0.0.1:{listen_port or free_port()}",
-            "--admin",
-            f"127.0.0.1:{free_port()}",
-            "--replica-id",
-            "unwritable",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        _run_command(policy, data_dir, listen_port), capture_output=True, text=True, timeout=60
     )
 
 
@@ -674,20 +677,7 @@ def test_a_gateway_whose_log_reader_went_away_still_stops_on_sigterm(workdir: Pa
     policy = write_policy(workdir / "policy.yaml", policy_with())
     admin = free_port()
     proc = subprocess.Popen(
-        [
-            CRAWLWARDEN,
-            "run",
-            "--policy",
-            str(policy),
-            "--data-dir",
-            str(workdir / "data"),
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--admin",
-            f"127.0.0.1:{admin}",
-            "--drain-seconds",
-            "2",
-        ],
+        [*_run_command(policy, workdir / "data", admin_port=admin), "--drain-seconds", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

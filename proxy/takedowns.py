@@ -764,7 +764,7 @@ def _note(what: str, data: dict[str, Any]) -> str:
 
 # -- the manifest --------------------------------------------------------------------------
 
-MANIFEST_DECISIONS = frozenset({"forwarded", "withheld", "served"})
+MANIFEST_DECISIONS = frozenset({"forwarded", "withheld"})
 MANIFEST_FIELDS = (
     "id",
     "replica",
@@ -782,8 +782,8 @@ MANIFEST_FIELDS = (
 
 def covers(takedown: Takedown) -> Callable[[dict[str, Any]], bool]:
     """Whether a fetch record is in a takedown's manifest: a scraper's fetch (kind `fetch`)
-    that reached the site (forwarded or withheld) or was served from the gateway's copy (a
-    robots.txt) whose URL the takedown blocks (the same
+    that reached the site (forwarded or withheld; not a robots.txt served from the gateway's
+    copy) whose URL the takedown blocks (the same
     Blocklist matching as enforcement, every reading of its path included), whenever it was
     made. Before the takedown was filed, or after it while the takedown was still on its way to
     the replica that forwarded it (or that replica could not reach the shared state): either

@@ -4,7 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 POLICY ?= examples/policy.yaml
-PYTEST_ARGS ?=
+# Two workers, each taking whole test files (module fixtures stay in one process; every test
+# isolates its own state): the suite runs in about half the time (PYTEST_ARGS= for one process).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: run test lint bench bench-deps soak services clean
 

@@ -52,19 +52,17 @@ _SHARED: list[structlog.typing.Processor] = [
 
 class LogStream:
     """stderr for log lines: a line that cannot be written (its reader went away: a closed
-    pipe, a log shipper that died; a full disk) is dropped and counted, never raised into the
+    pipe, a log shipper that died; a full disk) is dropped, never raised into the
     code that logged it. A drain whose first log line raised BrokenPipeError used to end there,
     and the gateway then ignored every SIGTERM."""
 
     def __init__(self, stream: Any):
         self._stream = stream
-        self.dropped = 0
 
     def write(self, text: str) -> int:
         try:
             return int(self._stream.write(text))
         except (OSError, ValueError):  # ValueError: the stream was closed
-            self.dropped += 1
             return 0
 
     def flush(self) -> None:

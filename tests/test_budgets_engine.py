@@ -779,3 +779,26 @@ async def test_a_quiet_sites_gauges_follow_its_state_not_its_last_admission(
         await engine._refresh_quiet_gauges()
         assert gauge("concurrency") == 0.0
         assert gauge("rate") == 0.0
+
+
+async def test_embedded_store_full_refuses_a_new_site_and_keeps_the_others_counts():
+    engine = BudgetEngine(MemoryBudgetStore(max_sites=3))
+    await engine.start()
+    try:
+        victim = make_site(requests_per_day=2)
+        for _ in range(2):
+            admission = await engine.admit(victim)
+            assert admission.decision.allowed
+            engine.finish(admission.lease)
+        others = [make_site() for _ in range(2)]
+        for site in others:
+            assert (await engine.admit(site)).decision.allowed
+        full = await engine.admit(make_site())
+        assert full.decision.reason is Reason.STORE_UNAVAILABLE
+        assert "in-process budget store is full" in full.decision.detail
+        assert full.decision.retry_after == 60.0
+        # The victim's day quota is still spent: nothing was forgotten to make room.
+        again = await engine.admit(victim)
+        assert again.decision.reason is Reason.QUOTA_REQUESTS
+    finally:
+        await engine.close()

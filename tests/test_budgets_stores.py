@@ -431,3 +431,55 @@ async def test_one_round_trip_per_admission(redis_server: RedisServer, key_prefi
     finally:
         await store.close()
         await watcher.close()
+
+
+# -- the in-process store's bound -------------------------------------------------------------
+
+
+async def test_the_in_process_store_never_forgets_counts_that_still_decide():
+    # A scraper that went through as many other sites as the store holds reset every idle
+    # site's quota in embedded mode (5 a day, then 5 more). Only spent sites are forgotten; a
+    # store full of sites that matter refuses the new one instead.
+    from proxy.budgets.memory import BudgetStoreFull
+
+    store = MemoryBudgetStore(max_sites=50)
+    victim = make_spec(requests_per_day=5)
+    assert await admit_n(store, victim, 6, NOON) == [True] * 5 + [False]
+    await store.settle([Settlement(victim.key, f"l{i}-{NOON}", 0) for i in range(5)], now_us=NOON)
+    later = NOON + 60 * S
+    for i in range(49):
+        other = make_spec(requests_per_day=5)
+        assert (await store.admit(other, f"o{i}", now_us=later)).allowed
+    with pytest.raises(BudgetStoreFull, match="in-process budget store is full"):
+        await store.admit(make_spec(), "one-too-many", now_us=later)
+    assert not (await store.admit(victim, "again", now_us=later)).allowed
+    # Within the 10 s after a full look, no new look; after it, still none spent today.
+    with pytest.raises(BudgetStoreFull):
+        await store.admit(make_spec(), "n2", now_us=later + 11 * S)
+    # The next day the day counts are spent, not the month's: still full.
+    tomorrow = NOON + 24 * 3600 * S
+    with pytest.raises(BudgetStoreFull):
+        await store.admit(make_spec(), "n3", now_us=tomorrow)
+    snap = await store.snapshot(victim.key, now_us=tomorrow)
+    assert (snap.day_requests, snap.month_requests) == (0, 5)
+    # A new month: every count is spent, room again.
+    next_month = at("2026-07-01T00:00:01+00:00")
+    assert (await store.admit(make_spec(), "n4", now_us=next_month)).allowed
+
+
+async def test_the_in_process_store_forgets_spent_sites_to_make_room():
+    store = MemoryBudgetStore(max_sites=10)
+    last_month = at("2026-05-20T12:00:00+00:00")
+    for i in range(10):
+        spec = make_spec(requests_per_day=5)
+        assert (await store.admit(spec, f"a{i}", now_us=last_month)).allowed
+        await store.settle([Settlement(spec.key, f"a{i}", 10)], now_us=last_month)
+    # Last month's counts decide nothing now: every one of them goes for the new site.
+    assert (await store.admit(make_spec(), "new", now_us=NOON)).allowed
+    assert len(store._sites) == 1
+    # A site whose lease is still held is not spent, whatever its counts.
+    held = make_spec()
+    assert (await store.admit(held, "held", now_us=last_month)).allowed
+    store.max_sites = 2
+    with pytest.raises(Exception, match="full"):
+        await store.admit(make_spec(), "x", now_us=last_month + S)

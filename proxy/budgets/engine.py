@@ -35,6 +35,7 @@ from proxy.budgets.gcra import burst_in_use
 from proxy.budgets.gcra import to_seconds
 from proxy.budgets.gcra import utc_day
 from proxy.budgets.gcra import utc_month
+from proxy.budgets.memory import BudgetStoreFull
 from proxy.budgets.memory import MemoryBudgetStore
 from proxy.budgets.memory import wall_clock_us
 from proxy.budgets.pause import THROTTLE_STATUSES
@@ -320,6 +321,11 @@ class BudgetEngine:
             if spec.on_exceed == "delay":
                 return await self._admit_delayed(spec)
             return (await self._attempt(spec)).admission
+        except BudgetStoreFull as e:
+            log.warning("budget_store_full", site=site.key, error=str(e))
+            return Admission(
+                refuse(Reason.STORE_UNAVAILABLE, str(e), retry_after=60.0, site=site.key)
+            )
         except Exception as e:  # a bug here must cost one request, not the gateway
             log.exception("budget_admit_failed", site=site.key)
             return Admission(
@@ -340,6 +346,8 @@ class BudgetEngine:
             return await self._attempt_fallback(spec, lease_id)
         try:
             verdict = await self._store.admit(spec, lease_id)
+        except BudgetStoreFull:
+            raise  # the in-process store works, and says no (embedded mode)
         except Exception as e:
             if self._store.shared:
                 # A call that timed out may still run when the store answers again (a stalled

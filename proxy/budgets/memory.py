@@ -27,8 +27,18 @@ from proxy.budgets.store import Settlement
 from proxy.budgets.store import Snapshot
 from proxy.budgets.store import StoreVerdict
 
-_MAX_SITES = 100_000
+# About 500 bytes a site: ~500 MB at the bound, reached only by a million sites whose counts still
+# matter (used this month). Shared mode (Redis) keeps them without a bound of its own.
+MAX_SITES = 1_000_000
 _MAX_BACKOFF_LEVEL = 40
+# While the store is full of sites whose counts matter, a new site waits this long for the next
+# look for spent ones (a look reads every site).
+_FULL_RECHECK_US = 10_000_000
+
+
+class BudgetStoreFull(Exception):
+    """The in-process store holds MAX_SITES sites whose counts still decide admissions: a new
+    site is refused rather than one of theirs forgotten."""
 
 
 def wall_clock_us() -> int:
@@ -66,6 +76,19 @@ class _SiteState:
             for lease_id in [k for k, exp in self.leases.items() if exp <= now]:
                 del self.leases[lease_id]
 
+    def spent(self, now: int) -> bool:
+        """Nothing here changes a later admission or hand-back to the shared store: forgetting
+        it is the same as keeping it (no lease, pause or back-off running, the rate slot past,
+        no count of the current day or month)."""
+        return (
+            self.tat <= now
+            and self.paused_until <= now
+            and self.backoff_expires <= now
+            and all(expiry <= now for expiry in self.leases.values())
+            and (self.day_end <= now or not (self.day_requests or self.day_bytes))
+            and (self.month_end <= now or not self.month_requests)
+        )
+
     def snapshot(self, now: int, *, expired: bool = False) -> Snapshot:
         """`expired`: expire_leases(now) ran already, every lease left is live."""
         live = len(self.leases) if expired else sum(1 for e in self.leases.values() if e > now)
@@ -84,26 +107,48 @@ class MemoryBudgetStore:
     name = "memory"
     shared = False
 
-    def __init__(self, *, lease_ttl: float = 30.0, clock: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        *,
+        lease_ttl: float = 30.0,
+        clock: Callable[[], int] | None = None,
+        max_sites: int = MAX_SITES,
+    ):
         """`clock` returns microseconds since the epoch (tests pass a controllable one)."""
         self.lease_ttl = lease_ttl
+        self.max_sites = max_sites
         self._clock = clock or wall_clock_us
         self._sites: dict[str, _SiteState] = {}
+        self._full_until = 0
 
-    def _state(self, site: str) -> _SiteState:
+    def _state(self, site: str, now: int, *, admitting: bool = False) -> _SiteState:
+        """The site's state, made when it is new. The store is bounded by forgetting spent
+        sites, never counts that still decide (a scraper going through as many other sites
+        used to reset every idle site's quota). Full of sites that matter, it refuses a new
+        site's admission (`admitting`); settling, pausing or carrying over what was already
+        admitted still get a state."""
         state = self._sites.get(site)
         if state is None:
-            if len(self._sites) >= _MAX_SITES:
-                self._evict_idle()
+            if admitting and len(self._sites) >= self.max_sites and not self._forget_spent(now):
+                raise BudgetStoreFull(
+                    f"the gateway's in-process budget store is full: it keeps the counts of "
+                    f"{len(self._sites)} sites used this month, and forgetting one would reset "
+                    "its quotas; a new site waits until counts expire (at the end of the UTC day "
+                    "or month), or use shared mode (Redis)"
+                )
             state = self._sites[site] = _SiteState()
         return state
 
-    def _evict_idle(self) -> None:
-        # Sites with nothing in flight and no pause: dropping one only forgets a rate slot and
-        # today's counts of a site not seen among the last 100k. Bounded memory matters more.
-        now = self._clock()
-        for key in [k for k, s in self._sites.items() if not s.leases and s.paused_until < now]:
+    def _forget_spent(self, now: int) -> bool:
+        """Drop every spent site; whether that made room (looked for at most every 10 s)."""
+        if now < self._full_until:
+            return False
+        for key in [k for k, s in self._sites.items() if s.spent(now)]:
             del self._sites[key]
+        if len(self._sites) < self.max_sites:
+            return True
+        self._full_until = now + _FULL_RECHECK_US
+        return False
 
     async def start(self) -> None:
         return None
@@ -118,7 +163,7 @@ class MemoryBudgetStore:
         self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None
     ) -> StoreVerdict:
         now = self._clock() if now_us is None else now_us
-        s = self._state(spec.key)
+        s = self._state(spec.key, now, admitting=True)
         s.roll(now)
         # Same order and tie-break as the Lua script: the budget that frees up last is reported.
         refusal: tuple[Budget | None, int] | None = None
@@ -159,7 +204,7 @@ class MemoryBudgetStore:
             if s is None:
                 if item.response_bytes <= 0:
                     continue
-                s = self._state(item.site)
+                s = self._state(item.site, now)
             if item.lease_id is not None:
                 s.leases.pop(item.lease_id, None)
             if item.response_bytes > 0:
@@ -183,7 +228,7 @@ class MemoryBudgetStore:
         now_us: int | None = None,
     ) -> float:
         now = self._clock() if now_us is None else now_us
-        s = self._state(site)
+        s = self._state(site, now)
         if s.backoff_expires <= now:
             s.backoff_level = 0
         if seconds is None:
@@ -212,7 +257,7 @@ class MemoryBudgetStore:
         now = self._clock() if now_us is None else now_us
         merge = max if at_least else operator.add
         for item in items:
-            s = self._state(item.site)
+            s = self._state(item.site, now)
             s.roll(now)
             if item.day == s.day:
                 s.day_requests = merge(s.day_requests, item.day_requests)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from proxy import aipref
 from proxy import epub
 from proxy import imagemeta
 from proxy import optout
@@ -419,10 +420,17 @@ class OptOutChecks:
                 )
             )
         else:
+            # Every path the site may serve for this one (ctx.readings) is checked: a Disallow
+            # of any refuses, and its Content-Usage rules combine, most restrictive first
+            # ("//gallery/a.jpg" is /gallery/a.jpg to a site that merges slashes).
             verdict = entry.rules.verdict(ctx.path)
+            usages = [verdict.content_usage]
             for reading in ctx.readings if verdict.allowed else ():
                 other = entry.rules.verdict(reading)
-                verdict = other if not other.allowed else verdict
+                if not other.allowed:
+                    verdict = other
+                    break
+                usages.append(other.content_usage)
             if not verdict.allowed:
                 signals.append(
                     OptOutSignal(
@@ -434,7 +442,7 @@ class OptOutChecks:
                     )
                 )
             else:
-                signals += optout.usage_signals(verdict.content_usage, "robots:content-usage")
+                signals += optout.usage_signals(aipref.combine(usages), "robots:content-usage")
         return self._conclude(ctx, signals)
 
     async def tdmrep(self, ctx: RequestContext) -> Decision | None:

@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.governor import RequestContext
 from proxy.identity import Identity
+from proxy.inputs import other_readings
 from proxy.optout_checks import OptOutChecks
 from proxy.policy import Policy
 from proxy.policy import parse_policy
@@ -655,6 +656,7 @@ def request_context(
         site=site,
         basis=basis,
         respect=respect,
+        readings=other_readings(path),  # as the governor does
     )
 
 

@@ -578,6 +578,13 @@ async def test_content_usage_in_robots_refuses_before_fetching() -> None:
             assert signals == ["robots:content-usage:train-ai=n"]
             decision, signals = await robots_decision(checks, site.origin() + "/blog/1")
             assert decision is None and signals == []
+            # Other spellings of the path the site may serve as /gallery/1.jpg: the same rule
+            # (they were forwarded, the rule read against the path as spelled only).
+            for spelling in ["//gallery/1.jpg", "/gallery;x/1.jpg", "/gallery%2F1.jpg"]:
+                decision, signals = await robots_decision(checks, site.origin() + spelling)
+                assert decision is not None, spelling
+                assert decision.reason is Reason.CONTENT_USAGE, spelling
+                assert signals == ["robots:content-usage:train-ai=n"], spelling
         finally:
             await checks.close()
 

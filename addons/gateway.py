@@ -78,18 +78,37 @@ HASH_OFF_LOOP = 2**20  # a buffered body this large is hashed off the event loop
 # ours (X-Crawl-Project, X-Crawl-Account, and our answers' X-Crawlwarden-*), a browser's
 # User-Agent Client Hints (`Sec-CH-UA`, `-Platform`, `-Full-Version-List`...), which name the
 # browser where the site must see the crawler's one User-Agent, and claims of another client
-# address (`X-Forwarded-For: 1.2.3.4`): the site is spoken to by the gateway, from its egress.
+# address (`X-Forwarded-For: 1.2.3.4`, and the other names site stacks read one from) or of
+# another device's User-Agent (`Device-Stock-UA`, what device detection reads before the
+# User-Agent): the site is spoken to by the gateway, from its egress, as the crawler.
 _OWN_PREFIX = b"x-crawl-"  # X-Crawl-Project, X-Crawl-Account: for the gateway only
-_STRIPPED_PREFIXES = (_OWN_PREFIX, b"x-crawlwarden-", b"sec-ch-ua", b"x-forwarded-")
+_STRIPPED_PREFIXES = (_OWN_PREFIX, b"x-crawlwarden-", b"sec-ch-ua", b"x-forwarded")
 _HOP_BY_HOP = frozenset(
     (
         b"proxy-authorization",
         b"proxy-connection",
         b"proxy-authenticate",
         b"forwarded",
+        # another client address
         b"x-real-ip",
         b"true-client-ip",
         b"x-client-ip",
+        b"client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-originating-ip",
+        b"x-remote-addr",
+        b"x-remote-ip",
+        b"x-proxyuser-ip",
+        # another device's User-Agent
+        b"x-original-user-agent",
+        b"x-device-user-agent",
+        b"device-stock-ua",
+        b"x-operamini-phone-ua",
+        b"x-ucbrowser-device-ua",
+        b"x-skyfire-phone",
+        b"x-bolt-phone-ua",
     )
 )
 # Connection options the gateway passes on; a field the scraper's Connection header names is

@@ -610,6 +610,13 @@ def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_
         "X-Forwarded-For": "198.51.100.7",
         "Forwarded": "for=198.51.100.7",
         "X-Real-IP": "198.51.100.7",
+        "Client-IP": "198.51.100.7",
+        "X-Cluster-Client-IP": "198.51.100.7",
+        "CF-Connecting-IP": "198.51.100.7",
+        "X-Forwarded": "for=198.51.100.7",
+        # Another device's User-Agent, read by device detection before the User-Agent.
+        "Device-Stock-UA": "Mozilla/5.0 (Linux; Android 14; Pixel 8)",
+        "X-Original-User-Agent": "Mozilla/5.0 (iPhone)",
         "X-Crawlwarden-Reason": "ok",
     }
     curl(site.url("site-a.test", "/echo"), proxy=gateway.proxy_url(), headers=headers)
@@ -628,7 +635,17 @@ def test_scraper_headers_never_reach_the_site(gateway: Gateway, site: Site, tls_
         assert received["user-agent"] == "TestBot/1.0 (+https://crawler.example/testbot)"
         assert received["from"] == "crawl-ops@crawler.example"
         assert received.get("connection", "keep-alive").lower() == "keep-alive"
-        for claim in ("x-forwarded-for", "forwarded", "x-real-ip"):
+        for claim in (
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+            "client-ip",
+            "x-cluster-client-ip",
+            "cf-connecting-ip",
+            "x-forwarded",
+            "device-stock-ua",
+            "x-original-user-agent",
+        ):
             assert claim not in received, claim
         assert not any(n.startswith("x-crawlwarden") for n in received)
     # (curl speaks HTTP/2 in the tunnel, which has no Connection header: X-Hop is end to end)

@@ -427,7 +427,8 @@ class Gateway:
         state = self._new_state(flow, url, req.method)
         project = inputs.check_recorded_value("X-Crawl-Project", req.headers.get("x-crawl-project"))
         account = inputs.check_recorded_value("X-Crawl-Account", req.headers.get("x-crawl-account"))
-        state.project, state.account = project.value, account.value
+        # Recorded once the caller is known (below): a request without valid credentials is no
+        # team's, and its project and account are claims of no one the gateway knows.
         credentials = req.headers.get("proxy-authorization")
         # Before _sanitize, which takes out what Connection names: never the framing.
         framing_named = inputs.connection_problem(req.headers.get("connection"))

@@ -91,8 +91,9 @@ def test_every_request_form_needs_credentials(
     proxy = (
         gateway.proxy if credentials is None else f"http://{credentials}@127.0.0.1:{gateway.port}"
     )
-    # absolute-form (plain HTTP through the proxy)
-    plain = curl(site.url("site-a.test"), proxy=proxy)
+    # absolute-form (plain HTTP through the proxy), with claims of a project and an account
+    claims = {"X-Crawl-Project": "faces-v2", "X-Crawl-Account": "licensed under LIC-2024-017"}
+    plain = curl(site.url("site-a.test"), proxy=proxy, headers=claims)
     assert plain.status == 407
     assert plain.headers["proxy-authenticate"].startswith("Basic")
     assert plain.json()["reason"] == "auth_required"
@@ -113,6 +114,9 @@ def test_every_request_form_needs_credentials(
     assert len(records) == 3
     assert {r["reason"] for r in records} == {"auth_required"}
     assert all(r["decision"] == "refused" and r["team"] is None for r in records)
+    # Anyone who reaches the port could write their own text into signed records: a caller the
+    # gateway does not know has no project or account on the record.
+    assert all(r["project"] is None and r["account"] is None for r in records)
 
 
 def _basic(credentials: str) -> str:

@@ -32,7 +32,9 @@ from addons.client_events import ERROR_ANSWER
 from addons.client_events import LATE_STREAM
 from addons.http_guard import ANSWER_NOW
 from addons.http_guard import BODY_REFUSED
+from addons.http_guard import CLIENT_RESET
 from addons.http_guard import FORWARDED
+from addons.http_guard import HELD
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
 from addons.http_guard import guard_http_layers
@@ -541,10 +543,11 @@ class Gateway:
                 ctx.waited += admission.waited
             if admission is None and self.rt.stopping:
                 return self._refuse(flow, state, _draining(ctx.site.key), started, close=True)
-            if admission is None:  # its client went away while it was held
+            if admission is None:  # its client went away (or cancelled it) while it was held
                 state.decision = refuse(
                     Reason.INTERRUPTED,
-                    "the client went away while the request was held for the site's budget",
+                    "the client went away or cancelled the request while it was held for the "
+                    "site's budget",
                     site=ctx.site.key,
                 )
                 if flow.killable:
@@ -799,11 +802,14 @@ class Gateway:
         if state.forwarded:
             message = flow.error.msg if flow.error else "no response"
             kind = metrics.upstream_error_kind(message)
-            if _h2_words(message) and flow.server_conn.alpn != b"h2":
+            if _h2_words(message) and (
+                flow.server_conn.alpn != b"h2" or flow.metadata.get(CLIENT_RESET)
+            ):
                 # mitmproxy words a reset, and an HTTP/2 connection's close, the same from
-                # either side; a site spoken to over HTTP/1 has no HTTP/2 stream or connection:
-                # the scraper cancelled the stream (a browser leaving a page) or closed its
-                # connection (gave up), which is no error of the site's.
+                # either side; a site spoken to over HTTP/1 has no HTTP/2 stream or connection,
+                # and HttpGuard saw the scraper's own resets: the scraper cancelled the stream
+                # (a browser leaving a page) or closed its connection (gave up), which is no
+                # error of the site's.
                 kind = None
             timeout = flow.metadata.get(TIMEOUT)
             if timeout is not None:
@@ -812,8 +818,23 @@ class Gateway:
                 message = f"{timeout[1]} (network.{timeout[0]}_timeout)"
             if kind is not None:
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
-            if flow.request.timestamp_end is None:
-                # Gone (or closed as too slow) before its request was complete: nothing left.
+            if flow.request.timestamp_end is None and not flow.request.stream:
+                # Gone, cancelled (or closed as too slow) before its request was complete:
+                # mitmproxy sends a request on only once it has all of it (unless it streams
+                # it), so the site never saw this one. Refused: taken nothing but the admission.
+                self._settle(state)
+                state.forwarded = False
+                state.decision = refuse(
+                    Reason.INTERRUPTED,
+                    "the client cancelled its request (an HTTP/2 stream reset) before it was "
+                    "sent to the site"
+                    if flow.metadata.get(CLIENT_RESET)
+                    else "the client did not finish sending its request; nothing of it was sent "
+                    "to the site",
+                    site=state.site,
+                )
+            elif flow.request.timestamp_end is None:
+                # A streamed body: the site had the start of it.
                 state.decision = refuse(
                     Reason.INTERRUPTED,
                     "the client did not finish sending its request",
@@ -979,19 +1000,27 @@ class Gateway:
         """A delay-mode admission, given up (None, nothing consumed) if the client goes away
         while its request is held: a dead request must neither take the budget nor make live
         ones wait behind it."""
+        if flow.metadata.get(CLIENT_RESET):
+            return None  # cancelled (an HTTP/2 stream reset) before its turn came
         waiting = asyncio.ensure_future(self.rt.admit(ctx))
         held = self._held.setdefault(flow.client_conn, set())
         held.add(waiting)
+        flow.metadata[HELD] = waiting  # HttpGuard cancels it when the scraper resets the stream
         try:
             return await waiting
         except asyncio.CancelledError:
-            if waiting.cancelled() and (self.rt.stopping or not flow.client_conn.connected):
-                # Let go by client_disconnected or the end of the drain (release_held), not
-                # this hook's own cancel.
+            if waiting.cancelled() and (
+                self.rt.stopping
+                or not flow.client_conn.connected
+                or flow.metadata.get(CLIENT_RESET)
+            ):
+                # Let go by client_disconnected, HttpGuard or the end of the drain
+                # (release_held), not this hook's own cancel.
                 return None
             raise
         finally:
             held.discard(waiting)
+            flow.metadata.pop(HELD, None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Last line of the SSRF guard: only checked, pinned addresses are ever connected to.

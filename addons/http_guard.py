@@ -43,6 +43,7 @@ from typing import Any
 from typing import NamedTuple
 
 import structlog
+from h2.stream import StreamClosedBy
 from mitmproxy import connection
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -58,6 +59,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.proxy.layers.http import HttpResponseHook
 from mitmproxy.proxy.layers.http import ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
 from addons import client_events
@@ -79,6 +81,13 @@ TIMEOUT = "crawlwarden.timeout"  # set here: which deadline closed the upstream 
 # Set here: (reason, detail) of a body refused once it came (no declared length and too long, or
 # on a method that has none).
 BODY_REFUSED = "crawlwarden.body_refused"
+# Set here: the scraper reset this flow's HTTP/2 stream (RST_STREAM, a browser leaving a page
+# keeps its connection). mitmproxy words a reset from either side the same, and holds it back
+# from a flow whose hook is under way: the gateway lets a held request go at once, and records
+# a cancelled one as the scraper's doing, not the site's.
+CLIENT_RESET = "crawlwarden.client_reset"
+# Set by the gateway while a request is held for its budget: what to cancel on CLIENT_RESET.
+HELD = "crawlwarden.held"
 
 # How long a refused request's body is read and discarded after the answer went out.
 LINGER_SECONDS = 2.0
@@ -185,13 +194,43 @@ class HttpGuard(layer.Layer):
             return
         if isinstance(event, events.Start):
             self._idle()
+        streams = self._h2_streams(event)
         for command in self.child.handle_event(event):
             self._observe_command(command)
+            if streams and isinstance(command, HttpErrorHook):
+                # Before the hook runs: a blocking hook pauses this generator until it is done.
+                self._note_resets(streams)
             yield command
+        if streams:
+            self._note_resets(streams)
         if isinstance(event, events.Start):
             client_events.watch(self.child)
         yield from self._observe_event(event)
         yield from self._arm()
+
+    def _h2_streams(self, event: events.Event) -> dict[int, http.HTTPFlow] | None:
+        """The flows of the scraper's HTTP/2 streams, before its data is read (a stream it
+        resets may be gone from the layer after)."""
+        if not (
+            isinstance(event, events.DataReceived)
+            and event.connection is self.client
+            and self.child.streams
+            and isinstance(self.child.connections.get(self.client), Http2Server)
+        ):
+            return None
+        return {sid: stream.flow for sid, stream in self.child.streams.items()}
+
+    def _note_resets(self, streams: dict[int, http.HTTPFlow]) -> None:
+        server = self.child.connections.get(self.client)
+        if not isinstance(server, Http2Server):
+            return
+        for stream_id, flow in streams.items():
+            if flow.metadata.get(CLIENT_RESET) or not _reset_by_peer(server, stream_id):
+                continue
+            flow.metadata[CLIENT_RESET] = True
+            held = flow.metadata.get(HELD)
+            if held is not None:
+                held.cancel()
 
     def _observe_command(self, command: commands.Command) -> None:
         if isinstance(command, commands.OpenConnection) and isinstance(
@@ -495,6 +534,13 @@ def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:
     if via is not None:
         out.add((via[1][0], via[1][1]))
     return out
+
+
+def _reset_by_peer(server: Http2Server, stream_id: int) -> bool:
+    """Whether the scraper's RST_STREAM closed this stream (h2 keeps how each stream closed;
+    mitmproxy's own message cannot tell a reset by the scraper from one by the site)."""
+    closed_by = server.h2_conn._stream_closed_by(stream_id)
+    return closed_by is StreamClosedBy.RECV_RST_STREAM
 
 
 def _is_tunnel(child: HttpLayer) -> bool:

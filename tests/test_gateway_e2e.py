@@ -890,6 +890,52 @@ def test_a_request_held_for_the_budget_is_let_go_when_its_client_goes_away(
     assert [(r["decision"], r["reason"]) for r in gone] == [("refused", "interrupted")] * 4
 
 
+def test_http2_streams_cancelled_while_held_are_let_go_and_take_nothing(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # A browser leaving a page resets its image streams (RST_STREAM CANCEL) and keeps the
+    # connection: mitmproxy holds a reset back from a flow whose hook is under way, so each
+    # held request was admitted in its turn (a rate slot and a request of the quota each),
+    # recorded forwarded, and the next page's requests waited behind them (9.5 s at 1/s).
+    authority = f"site-c.test:{tls_site.port}"
+    policy = policy_with(
+        sites=[
+            {
+                "id": "held",
+                "match": ["site-c.test"],
+                "rate": "1/s",
+                "burst": 1,
+                "on_exceed": "delay",
+                "max_delay": "60s",
+            }
+        ]
+    )
+    project = ("x-crawl-project", PROJECT)
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            client = H2Client(tls)
+            assert client.get(authority, "/first", project).headers[":status"] == "200"
+            streams = [
+                client._start("GET", authority, f"/left/{i}", (project,), "https", end_stream=True)
+                for i in range(8)
+            ]
+            time.sleep(0.5)  # held: the next slot is a second after /first
+            for stream in streams:
+                client.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+            tls.sendall(client.conn.data_to_send())
+            started = time.monotonic()
+            live = client.get(authority, "/live", project)
+            waited = time.monotonic() - started
+        time.sleep(0.5)
+        records = gw.fetch_records()
+    assert live.headers[":status"] == "200"
+    assert waited < 3, waited  # its own turn, not behind eight cancelled requests
+    assert not [p for p in tls_site.paths() if p.startswith("/left/")]
+    left = [r for r in records if "/left/" in r["url"]]
+    assert len(left) == 8
+    assert {(r["decision"], r["reason"]) for r in left} == {("refused", "interrupted")}
+
+
 def test_a_sites_interim_answers_are_skipped_and_its_final_answer_delivered(gateway: Gateway):
     # 103 Early Hints (and 102) before the answer: a client must parse them (RFC 9110 15.2).
     # mitmproxy read the first head as the answer: the scraper got the 103 and a closed

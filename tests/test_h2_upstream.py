@@ -18,17 +18,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.errors
 import pytest
 
 from tests.optout_fixtures import jpeg_with_xmp
 from tests.optout_fixtures import xmp_packet
 from tests.support import PROJECT
 from tests.support import Gateway
+from tests.support import H2Answer
+from tests.support import H2Client
 from tests.support import LocalCA
 from tests.support import curl
 from tests.support import free_port
 from tests.support import installed
 from tests.support import policy_with
+from tests.support import tls_tunnel
 
 HEADERS = {"X-Crawl-Project": PROJECT}
 OPTED_OUT = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED"))
@@ -178,3 +182,35 @@ def test_an_http2_site_is_checked_recorded_and_withheld_as_any_other(
         records["large-opted-out.jpg"]["reason"],
     ) == ("withheld", "image_optout")
     assert records["p.jpg"]["reason"] == "robots_disallowed"
+
+
+def test_a_stream_the_scraper_cancels_is_its_doing_not_the_sites(gateway: Gateway, h2_site: H2Site):
+    # mitmproxy words a reset from either side "stream reset by client": with the site on
+    # HTTP/2 too, every image a browser gave up on (lazy loading, a page left) was recorded as
+    # the site's upstream_error and counted in crawlwarden_upstream_errors_total.
+    authority = f"site-a.test:{h2_site.port}"
+    with tls_tunnel(gateway, authority, alpn="h2") as tls:
+        client = H2Client(tls)
+        stream = client._start(
+            "GET",
+            authority,
+            "/img/large.bin",
+            (("x-crawl-project", PROJECT),),
+            "https",
+            end_stream=True,
+        )
+        answer = H2Answer({})
+        while not answer.body and not answer.end:
+            client._receive(stream, answer, timeout=None)  # the head and the first bytes
+        assert answer.headers[":status"] == "200"
+        client.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+        tls.sendall(client.conn.data_to_send())
+        assert client.get(authority, "/img/plain.jpg", ("x-crawl-project", PROJECT)).body == PLAIN
+    deadline = time.monotonic() + 10
+    while True:
+        records = [r for r in gateway.fetch_records() if r["url"].endswith("/img/large.bin")]
+        if records or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [(r["decision"], r["reason"]) for r in records] == [("forwarded", "interrupted")]
+    assert gateway.metric("crawlwarden_upstream_errors_total") == 0

@@ -332,8 +332,12 @@ def test_slow_loris_clients_are_closed_and_do_not_block_others(gateway: Gateway,
     assert site.count("/upload") == 0  # an upload that never completed never left
     uploads = [r for r in gateway.fetch_records() if r["url"].endswith("/upload")]
     assert len(uploads) == 5
-    assert {(r["reason"], r["note"]) for r in uploads} == {
-        ("interrupted", "the client did not finish sending its request")
+    assert {(r["decision"], r["reason"], r["note"]) for r in uploads} == {
+        (
+            "refused",
+            "interrupted",
+            "the client did not finish sending its request; nothing of it was sent to the site",
+        )
     }
     assert any(e["event"] == "slow_client_closed" for e in gateway.log_events())
 

@@ -188,6 +188,18 @@ class UpstreamProxy(Model):
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+:\d+/?$", v):
             raise ValueError("must be http://host:port or https://host:port")
+        try:
+            host = urlsplit(v).hostname
+        except ValueError:
+            host = None  # a bracket left open: urllib refuses it
+        if not host:
+            raise ValueError("must be http://host:port or https://host:port")
+        try:
+            port = urlsplit(v).port
+        except ValueError:
+            port = None  # out of range: urllib refuses it
+        if not port:
+            raise ValueError("the port must be 1 to 65535")
         return v
 
     @property

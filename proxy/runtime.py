@@ -363,6 +363,10 @@ class Runtime:
             compiled = compile_policy(load_policy(self.settings.policy_file, check_files=True))
         except InvalidPolicy as e:
             return self._reload_refused(e.errors, restart_needed=False)
+        except Exception as e:  # a file validation let through: refused and counted, not a 500
+            log.exception("policy_compile_failed")
+            error = PolicyError("", f"the policy could not be applied ({type(e).__name__}: {e})")
+            return self._reload_refused([error], restart_needed=False)
         if changes := self.restart_only_changes(compiled):
             return self._reload_refused(changes, restart_needed=True)
         old = self.policy_version

@@ -292,3 +292,22 @@ def test_an_expired_licence_and_a_quota_of_zero_are_warned_about(tmp_path: Path)
     assert check.returncode == 0, check.stderr
     assert check.stderr.count("warning: ") == 2
     assert not parse_policy(dump(base_policy())).warnings
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:99999", "the port must be 1 to 65535"),
+        ("http://127.0.0.1:0", "the port must be 1 to 65535"),
+        ("http://[::1:3128", "must be http://host:port"),
+    ],
+)
+def test_an_upstream_proxy_url_the_gateway_cannot_use_is_refused(url: str, message: str):
+    # `policy check` said valid; `run` then crashed with a traceback and a reload answered 500,
+    # uncounted by the reload-failure metrics (found by a policy author's probe).
+    policy = base_policy()
+    policy["egress"] = {"upstream_proxies": [{"name": "pool", "url": url}]}
+    assert any(
+        e.startswith("egress.upstream_proxies.0.url:") and message in e
+        for e in errors_of(dump(policy))
+    ), errors_of(dump(policy))

@@ -121,7 +121,7 @@ async def policy_reload(request: web.Request) -> web.Response:
 
 async def budgets(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    key = request.query.get("site", "").strip().lower()
+    key = request.query.get("site", "").strip()  # a rule id as written (ids may have capitals)
     if not key:
         return problem(400, "name a site: /v1/budgets?site=<policy site id or domain>")
     return web.json_response(await rt.budgets.usage(rt.compiled.sites.by_key(key)))

@@ -283,6 +283,19 @@ class RespectOverride(Model):
     content_usage: bool | None = None
     image_metadata: bool | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        """A flag left out takes the default's; `null` would say the same, silently."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if value is None:
+                    raise ValueError(
+                        f"{key}: null is not a value here; write true or false, or leave the "
+                        "key out for the default's"
+                    )
+        return data
+
 
 class LegalBasis(Model):
     kind: Literal["licence", "tdm_exception", "research_exception", "consent", "public_domain"]

@@ -379,12 +379,12 @@ class Runtime:
             policy.egress.upstream_proxies,
             policy.network,
         )
-        self.budgets.use_policy_version(compiled.version)
+        self.site_labels = metrics.SiteLabels(compiled.sites.rule_ids())
+        self.budgets.use_policy_version(compiled.version, compiled.sites.in_use)
         self.fetch_log.spool_max_bytes = _spool_limit(compiled)
         self.fetch_log.checkpoint_every_records = policy.audit.checkpoint_every_records
         self.fetch_log.checkpoint_every_seconds = policy.audit.checkpoint_every_seconds
         self.fetch_log.retention_days = policy.retention.fetch_records_days
-        self.site_labels = metrics.SiteLabels(compiled.sites.rule_ids())
         metrics.set_policy_version(compiled.version)
         if compiled.version != old:
             self.fetch_log.new_event(

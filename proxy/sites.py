@@ -181,7 +181,19 @@ class SiteDirectory:
 
     def by_key(self, key: str) -> Site:
         """The site for a key: a rule id, or a domain that gets the defaults."""
-        return self._sites.get(key) or self.site_for(key)
+        return self._sites.get(key) or self.site_for(key.lower())  # ids keep their case
+
+    def in_use(self, key: str) -> Site | None:
+        """The site a budget key names under this policy, or None for a key no longer in use:
+        a rule id gone (renamed, removed), or a domain a rule takes now. (A key without a dot
+        that is no rule id is taken for a rule id gone: the rare single-label host's gauges
+        come back with its next request.)"""
+        if (rule := self._sites.get(key)) is not None:
+            return rule
+        if "." not in key:
+            return None
+        site = self.site_for(key)
+        return site if site.key == key else None
 
     def rule_ids(self) -> list[str]:
         return list(self._sites)

@@ -802,3 +802,37 @@ async def test_embedded_store_full_refuses_a_new_site_and_keeps_the_others_count
         assert again.decision.reason is Reason.QUOTA_REQUESTS
     finally:
         await engine.close()
+
+
+async def test_a_reload_puts_the_gauges_under_the_new_budgets_and_drops_a_renamed_sites():
+    # Raising a quota from 10 to 1000 with 9 used left the gauge at 0.9 (the quota alert kept
+    # firing after the fix), and a renamed site's series stayed at its last ratio for good.
+    kept, renamed = make_site(requests_per_day=10), make_site(requests_per_day=10)
+    labels = {kept.key: f"kept-{kept.key}", renamed.key: f"renamed-{renamed.key}"}
+
+    def gauge(site: Site) -> float | None:
+        return REGISTRY.get_sample_value(
+            "crawlwarden_budget_used_ratio",
+            {"site": labels[site.key], "budget": "requests_per_day"},
+        )
+
+    engine = BudgetEngine(MemoryBudgetStore(), site_label=lambda key: labels[key])
+    await engine.start()
+    try:
+        for site in (kept, renamed):
+            for _ in range(9):
+                engine.finish((await engine.admit(site)).lease)
+        engine.publish_gauges()
+        assert gauge(kept) == gauge(renamed) == 0.9
+        raised = Site(
+            key=kept.key,
+            rule=None,
+            settings=kept.settings.model_copy(update={"requests_per_day": 1000}),
+            fallback=kept.fallback,
+        )
+        engine.use_policy_version("v2", lambda key: raised if key == kept.key else None)
+        await engine._refresh_quiet_gauges()
+        assert gauge(kept) == 0.009
+        assert gauge(renamed) is None
+    finally:
+        await engine.close()

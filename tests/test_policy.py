@@ -311,3 +311,12 @@ def test_an_upstream_proxy_url_the_gateway_cannot_use_is_refused(url: str, messa
         e.startswith("egress.upstream_proxies.0.url:") and message in e
         for e in errors_of(dump(policy))
     ), errors_of(dump(policy))
+
+
+def test_null_in_a_sites_respect_is_an_error_not_the_default():
+    # README: null in a site rule is refused except for a quota; inside `respect` it passed and
+    # meant "the default's", with the same policy_version as the key left out.
+    policy = base_policy()
+    policy["sites"] = [{"id": "s", "match": ["s.test"], "respect": {"robots": None}}]
+    errors = errors_of(dump(policy))
+    assert any(e.startswith("sites.0.respect:") and "robots: null" in e for e in errors), errors

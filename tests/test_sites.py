@@ -188,3 +188,12 @@ def test_a_quota_a_site_rule_sets_to_null_is_unlimited_as_in_the_defaults():
 )
 def test_ip_literals_are_told_from_names(host: str, literal: bool):
     assert is_ip_literal(host) is literal
+
+
+def test_a_site_is_found_by_its_id_as_written():
+    # GET /v1/budgets?site=Archive looked up "archive": the defaults, 0 used, where the rule
+    # had used its whole quota (site ids may have capitals).
+    d = directory([{"id": "Archive", "match": ["archive.example"], "requests_per_day": 7}])
+    assert d.by_key("Archive").key == "Archive"
+    assert d.by_key("Archive").settings.requests_per_day == 7
+    assert d.by_key("Other.Example").key == "other.example"  # a domain, in any case

@@ -258,12 +258,36 @@ class BudgetEngine:
 
     # -- specs -------------------------------------------------------------------------------
 
-    def use_policy_version(self, version: str) -> None:
-        """A new policy is in force: parse every site's budgets again on first use."""
-        if version != self._policy_version:
-            self._policy_version = version
-            self._specs.clear()
-            self._local_specs.clear()
+    def use_policy_version(
+        self, version: str, in_use: Callable[[str], Site | None] | None = None
+    ) -> None:
+        """A new policy is in force: parse every site's budgets again on first use. The sites
+        whose gauges are followed are followed under their new budgets (`in_use`: the site a
+        key names now), read again at the next refresh; a key no longer in use (a rule renamed
+        or removed) loses its gauges, which would otherwise show its last ratio for good."""
+        if version == self._policy_version:
+            return
+        self._policy_version = version
+        self._specs.clear()
+        self._local_specs.clear()
+        if in_use is None:
+            return
+        observed: dict[str, tuple[BudgetSpec, float]] = {}
+        for key in self._observed:
+            if (site := in_use(key)) is not None:
+                observed[key] = (self.spec(site), 0.0)  # 0: read again at the next refresh
+        self._observed = observed
+        self._other_seen = {
+            key: self.spec(site) for key in self._other_seen if (site := in_use(key)) is not None
+        }
+        self._other_published = 0.0
+        followed = {self._site_label(key) for key in observed}
+        for label in [label for label in self._gauges if label not in followed]:
+            if label == metrics.OTHER:
+                continue
+            del self._gauges[label]
+            for budget in Budget:
+                metrics.BUDGET_USED_RATIO.remove(label, str(budget))
 
     def set_min_interval(self, site_key: str, seconds: float | None) -> None:
         """robots.txt Crawl-delay for a site: the slower of it and the policy's rate applies.

@@ -68,6 +68,7 @@ from proxy.optout_checks import Assessment
 from proxy.optout_checks import BodyScan
 from proxy.originfiles import origin_of
 from proxy.runtime import Runtime
+from proxy.ssrf import IPAddress
 
 log = structlog.get_logger("crawlwarden.decision")
 
@@ -143,6 +144,12 @@ class Tunnel:
     # checked again (a team removed or its token changed is cut off).
     credentials: str | None = None
     policy_version: str = ""
+    # Where it goes: the address pinned at its CONNECT, the one `network.static_hosts` gave its
+    # host then, and the policy version that address (or `refusal`) was last checked under: after
+    # a reload, the next request inside checks it again.
+    address: IPAddress | None = None
+    static: IPAddress | None = None
+    address_version: str = ""
 
 
 @dataclass(slots=True)
@@ -330,14 +337,28 @@ class Gateway:
             # Recorded as the attempt it is; mitmproxy answers 200 and connects nowhere (lazy
             # strategy; server_connect refuses a name that was never pinned to an address).
             self.tunnels[flow.client_conn] = Tunnel(
-                caller, host, port, decision, credentials, state.compiled.version
+                caller,
+                host,
+                port,
+                decision,
+                credentials,
+                state.compiled.version,
+                address_version=state.compiled.version,
             )
             state.decision = decision
             state.refused_tunnel = True
             self._observe_governance(started)
             return self._record(flow, state)
         self.tunnels[flow.client_conn] = Tunnel(
-            caller, host, port, None, credentials, state.compiled.version
+            caller,
+            host,
+            port,
+            None,
+            credentials,
+            state.compiled.version,
+            address=address,
+            static=state.compiled.resolver.static_address(host),
+            address_version=state.compiled.version,
         )
         state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
         self._decided(state)
@@ -354,6 +375,18 @@ class Gateway:
         self._respond(flow, decision)
         self._observe_governance(started)
         self._record(flow, state)
+
+    async def _tunnel_refusal_now(self, tunnel: Tunnel, site: str) -> Decision | None:
+        """A refused tunnel's host decided again under the policy in force: the refusal, or
+        None if it is admitted now."""
+        gov = self.rt.governor
+        decision = gov.check_host(tunnel.host)
+        if decision.allowed:
+            decision = (await gov.target_address(tunnel.host, tunnel.port, site))[1]
+        if decision.allowed:
+            return None
+        tunnel.refusal, tunnel.address_version = decision, self.rt.policy_version
+        return decision
 
     def _tunnel_caller(self, tunnel: Tunnel) -> Caller | None:
         """The tunnel's caller under the policy in force: checked again after a reload."""
@@ -512,14 +545,37 @@ class Gateway:
         if tunnel is not None and tunnel.refusal is not None:
             # The scraper's next request opens a new tunnel, decided anew: a name that did not
             # resolve, or a blocklist entry since lifted, is not stuck to the connection.
-            # (HTTP/2 has no such header: its tunnel ends with the connection.)
-            return self._refuse(flow, state, tunnel.refusal, started, close=True)
+            # (HTTP/2 has no such header: its tunnel ends with the connection, and a reload
+            # since it was opened decides its host again: refused as it now is, or, admitted,
+            # 421 for a new connection, as a tunnel opened to nowhere cannot carry it.)
+            refused = tunnel.refusal
+            if tunnel.address_version != state.compiled.version:
+                refused = await self._tunnel_refusal_now(tunnel, ctx.site.key) or refuse(
+                    Reason.MISDIRECTED,
+                    f"the policy no longer refuses {host}, but this tunnel was opened to "
+                    "nowhere; open a new one",
+                    site=ctx.site.key,
+                )
+            return self._refuse(flow, state, refused, started, close=True)
         decision = gov.check_request(ctx)
         if decision.allowed and tunnel is None:
             address, decision = await gov.target_address(host, port, ctx.site.key)
             if address is not None:
                 # Pin the checked address (no second lookup, no DNS rebinding window).
                 req.data.host = str(address)
+        elif (
+            decision.allowed
+            and tunnel is not None
+            and tunnel.address is not None
+            and tunnel.address_version != state.compiled.version
+        ):
+            # A reload applies to open tunnels too: the address pinned at CONNECT, under the
+            # policy now in force (network.allow_private narrowed, static_hosts moved).
+            decision = gov.still_pinned(host, port, ctx.site.key, tunnel.address, tunnel.static)
+            if decision.allowed:
+                tunnel.address_version = state.compiled.version
+            else:
+                return self._refuse(flow, state, decision, started, close=True)
         if decision.allowed:
             decision = await gov.check_prefetch(ctx)
         if decision.allowed and not self.rt.fetch_log.available:
@@ -816,9 +872,24 @@ class Gateway:
                 # HttpGuard closed the connection at one of the policy's network timeouts.
                 kind = "timeout"
                 message = f"{timeout[1]} (network.{timeout[0]}_timeout)"
+            elif kind is not None and flow.response is None and not flow.client_conn.connected:
+                # The scraper left first (its connection is closed before this hook, which
+                # precedes any answer to it): mitmproxy then ends the connection to the site
+                # it was still making ("connection closed"), no failure of the site's.
+                kind = None
             if kind is not None:
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
-            if flow.request.timestamp_end is None and not flow.request.stream:
+            if kind is None and flow.response is None and not _reached(flow):
+                # The connection to the site was not made yet: nothing was sent to it.
+                self._settle(state)
+                state.forwarded = False
+                state.decision = refuse(
+                    Reason.INTERRUPTED,
+                    "the client went away before the gateway's connection to the site was "
+                    "made; nothing was sent to the site",
+                    site=state.site,
+                )
+            elif flow.request.timestamp_end is None and not flow.request.stream:
                 # Gone, cancelled (or closed as too slow) before its request was complete:
                 # mitmproxy sends a request on only once it has all of it (unless it streams
                 # it), so the site never saw this one. Refused: taken nothing but the admission.
@@ -1244,6 +1315,14 @@ class Gateway:
             response_bytes=rec.response_bytes,
             duration_ms=rec.duration_ms,
         )
+
+
+def _reached(flow: http.HTTPFlow) -> bool:
+    """Whether the connection to the site (its TLS too, for https) was made for this flow."""
+    server = flow.server_conn
+    if server.timestamp_tcp_setup is None:
+        return False
+    return server.tls is False or server.timestamp_tls_setup is not None
 
 
 def _h2_words(message: str) -> bool:

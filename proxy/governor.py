@@ -195,7 +195,28 @@ class Governor:
             addresses = await self.compiled.resolver.resolve(host)
         except ResolutionError as e:
             return None, refuse(Reason.UNRESOLVABLE, str(e), site=site)
-        verdict = self.compiled.guard.check(addresses[0])
+        return self.check_address(host, port, site, addresses[0])
+
+    def still_pinned(
+        self, host: str, port: int, site: str, address: IPAddress, static: IPAddress | None
+    ) -> Decision:
+        """A tunnel's pinned address under this policy (it was pinned under an earlier one):
+        still admitted, and still where `network.static_hosts` sends the host (`static`: where
+        it sent it then). A reload applies to open tunnels too."""
+        if self.compiled.resolver.static_address(host) != static:
+            return refuse(
+                Reason.MISDIRECTED,
+                f"the policy's network.static_hosts changed where {host} goes since this tunnel "
+                "was opened; open a new one",
+                site=site,
+            )
+        return self.check_address(host, port, site, address)[1]
+
+    def check_address(
+        self, host: str, port: int, site: str, address: IPAddress
+    ) -> tuple[IPAddress | None, Decision]:
+        """The address to connect to for `host` (as the guard reads it), or the refusal."""
+        verdict = self.compiled.guard.check(address)
         if not verdict.allowed:
             return None, refuse(
                 Reason.PRIVATE_ADDRESS,

@@ -218,6 +218,10 @@ class Resolver:
         self._cache_size = cache_size
         self._cache: OrderedDict[str, tuple[float, list[IPAddress]]] = OrderedDict()
 
+    def static_address(self, host: str) -> IPAddress | None:
+        """The address `network.static_hosts` gives a normalized host name, if any."""
+        return self._static.lookup(host)
+
     async def resolve(self, host: str) -> list[IPAddress]:
         """All addresses of a normalized host name, in the order to try them."""
         if host[:1].isdigit() or ":" in host:  # only these can be IP literals

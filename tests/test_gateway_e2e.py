@@ -413,6 +413,62 @@ def test_a_team_whose_token_a_reload_changed_is_cut_off_inside_its_open_tunnel(
         )
 
 
+@pytest.mark.parametrize("change", ["allow_private", "static_hosts"])
+def test_a_reload_applies_to_the_address_of_an_open_tunnel(
+    gateway: Gateway, tls_site: Site, change: str
+):
+    # A reload that took 127.0.0.0/8 out of network.allow_private (or sent the host elsewhere)
+    # left tunnels opened before it reaching the old address, under the new policy's version.
+    session = requests.Session()
+    session.proxies = {"https": gateway.proxy_url()}
+    session.headers.update(PROJECT_HEADERS)
+    url = tls_site.url("site-c.test", "/page/0")
+    assert session.get(url, verify=str(gateway.ca_cert), timeout=10).status_code == 200
+    policy = yaml.safe_load(gateway.policy_file.read_text())
+    if change == "allow_private":
+        policy["network"]["allow_private"] = []
+        expected = (403, "private_address")
+    else:
+        policy["network"]["static_hosts"] = {"site-c.test": "127.0.0.2", "*.test": "127.0.0.1"}
+        expected = (421, "misdirected")
+    gateway.policy_file.write_text(yaml.safe_dump(policy))
+    status, _ = gateway.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+    assert status == 200
+    r = session.get(url, verify=str(gateway.ca_cert), timeout=10)  # in the same tunnel
+    assert (r.status_code, r.headers["X-Crawlwarden-Reason"]) == expected
+    assert r.headers["Connection"] == "close"
+    assert tls_site.count("/page/0") == 1
+    [record] = [r for r in gateway.fetch_records() if r["reason"] == expected[1]]
+    assert record["decision"] == "refused"
+
+
+def test_a_tunnel_refused_before_a_reload_is_decided_again_after_it(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # An HTTP/2 tunnel (one connection, many requests) refused at CONNECT for a blocklist
+    # entry stayed refused with that entry's rule after the reload that lifted it, recorded
+    # under the new policy version, which has no such rule.
+    authority = f"site-c.test:{tls_site.port}"
+    entry = {"id": "blk", "match": ["site-c.test"], "reason": "r", "source": "s"}
+    with Gateway(workdir, policy_with(blocklist=[entry]), trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            client = H2Client(tls)
+            first = client.get(authority, "/a", ("x-crawl-project", PROJECT))
+            assert (first.headers[":status"], first.json()["rule"]) == ("451", "blk")
+            policy = yaml.safe_load(gw.policy_file.read_text())
+            policy["blocklist"] = []
+            gw.policy_file.write_text(yaml.safe_dump(policy))
+            status, _ = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+            assert status == 200
+            after = client.get(authority, "/b", ("x-crawl-project", PROJECT))
+        assert (after.headers[":status"], after.json()["reason"]) == ("421", "misdirected")
+        records = {
+            r["url"].rsplit("/", 1)[1]: r for r in gw.fetch_records() if r["kind"] == "fetch"
+        }
+    assert records["b"]["rule"] is None and records["b"]["reason"] == "misdirected"
+    assert tls_site.count() == 0
+
+
 def test_a_request_for_another_host_inside_a_tunnel_is_misdirected(
     gateway: Gateway, tls_site: Site
 ):
@@ -516,10 +572,11 @@ def test_a_browser_closed_mid_load_over_http2_leaves_no_slot_taken(
     authority = f"site-c.test:{tls_site.port}"
     for i in range(30):
         tls_site.routes[f"/img{i}"] = Reply(body=b"x" * 100, delay=5)
-    policy = policy_with(sites=[{"id": "slow", "match": ["site-c.test"], "max_concurrency": 50}])
+    # (An id with a capital: /v1/budgets looked it up lower-cased, and showed the defaults.)
+    policy = policy_with(sites=[{"id": "Slow", "match": ["site-c.test"], "max_concurrency": 50}])
 
     def used() -> int:
-        _, body = gw.admin_request("GET", "/v1/budgets?site=slow", token=AUDITOR_TOKEN)
+        _, body = gw.admin_request("GET", "/v1/budgets?site=Slow", token=AUDITOR_TOKEN)
         return body["budgets"]["concurrency"]["used"]
 
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
@@ -934,6 +991,46 @@ def test_http2_streams_cancelled_while_held_are_let_go_and_take_nothing(
     left = [r for r in records if "/left/" in r["url"]]
     assert len(left) == 8
     assert {(r["decision"], r["reason"]) for r in left} == {("refused", "interrupted")}
+
+
+def test_a_scraper_gone_while_the_gateway_connects_to_the_site_is_not_the_sites_error(
+    workdir: Path, test_ca: LocalCA
+):
+    # A browser closing its tab while the gateway was still in its TLS handshake with the site
+    # had its request recorded forwarded/upstream_error ("connection closed"): the site blamed
+    # for the client's hang-up, and counted as having received what it never saw.
+    context = test_ca.server_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1, socket.MSG_PEEK)
+                time.sleep(2)  # a slow handshake
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    received.append(tls.recv(4096))
+
+    threading.Thread(target=serve, daemon=True).start()
+    authority = f"site-c.test:{listener.getsockname()[1]}"
+    try:
+        with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+            tls = tls_tunnel(gw, authority, alpn="http/1.1")
+            tls.sendall(
+                f"GET /gone HTTP/1.1\r\nHost: {authority}\r\nX-Crawl-Project: {PROJECT}"
+                "\r\n\r\n".encode()
+            )
+            time.sleep(0.5)
+            tls.close()  # the browser closed
+            assert wait_for(lambda: bool(gw.fetch_records()), timeout=10)
+            [record] = [r for r in gw.fetch_records() if r["url"].endswith("/gone")]
+            assert gw.metric("crawlwarden_upstream_errors_total") == 0
+    finally:
+        listener.close()
+    assert (record["decision"], record["reason"]) == ("refused", "interrupted")
+    assert "nothing was sent to the site" in record["note"]
+    assert not any(received)
 
 
 def test_a_sites_interim_answers_are_skipped_and_its_final_answer_delivered(gateway: Gateway):

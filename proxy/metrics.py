@@ -139,6 +139,12 @@ AUDIT_AVAILABLE = Gauge(
     "crawlwarden_audit_available",
     "1 while the fetch log accepts records; 0 when its spool is full or cannot be written",
 )
+AUDIT_CHAIN_FORKED = Gauge(
+    "crawlwarden_audit_chain_forked",
+    "1 when the store holds records or checkpoints of this replica's chain that another gateway"
+    " wrote under the same replica id: this one ships nothing more and refuses (its own records"
+    " stay in its spool); 0 otherwise",
+)
 ORIGIN_FILE_CACHE = Counter(
     "crawlwarden_origin_file_cache_total",
     "robots.txt and tdmrep.json lookups behind each replica's parsed copies: hit (in the cache,"

@@ -26,10 +26,12 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import chain_record
 from proxy.audit.record import record_hash
+from proxy.audit.spool import Spool
 from proxy.audit.spool import Spooled
 from proxy.audit.spool import SpoolReadError
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.sqlite_store import read_records
+from proxy.audit.store import ChainForked
 from proxy.audit.store import ReplicaInUse
 from tests.support import unwritable
 from tests.test_audit_support import REPO
@@ -38,6 +40,7 @@ from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
 from tests.test_audit_support import start_writer
+from tests.test_audit_support import stored_row
 
 
 def stored(data: Path, replica: str | None = None) -> list[dict]:
@@ -536,6 +539,73 @@ async def test_two_gateways_on_one_data_dir_and_replica_id_cannot_share_its_spoo
     await third.open()  # the lock went with the first one
     assert third.seq == 1
     await third.close()
+
+
+async def test_a_sqlite_record_stored_with_another_hash_fails_the_write_and_a_retry_does_not(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "fetchlog.sqlite3")
+    await store.open()
+    try:
+        batch = [stored_row("gw-x", seq, "ours") for seq in range(1, 6)]
+        await store.write(batch)
+        await store.write(batch)  # replayed from the spool after a crash: nothing to do
+        theirs = [stored_row("gw-x", seq, "theirs") for seq in range(4, 9)]
+        with pytest.raises(ChainForked, match=r"records 4\.\.5 of replica 'gw-x'"):
+            await store.write(theirs)
+        assert await store.last("gw-x") == (5, batch[-1]["hash"])  # 6..8 not stored either
+        checkpoint = {
+            "type": "checkpoint",
+            "replica": "gw-x",
+            "number": 1,
+            "seq": 5,
+            "time": "2026-01-01T00:00:00Z",
+            "kind": "periodic",
+            "note": "ours",
+        }
+        await store.write([], [checkpoint])
+        await store.write([], [checkpoint])
+        with pytest.raises(ChainForked, match=r"checkpoints #1\.\.#1"):
+            await store.write([], [{**checkpoint, "note": "theirs"}])
+        assert (await store.last_checkpoint("gw-x") or {})["note"] == "ours"
+    finally:
+        await store.close()
+    assert [r["note"] for r in stored(tmp_path, "gw-x")] == ["ours"] * 5
+
+
+async def test_a_log_whose_chain_another_writer_continued_keeps_its_records_and_stops(
+    tmp_path: Path,
+) -> None:
+    """Two logs of one replica id on one store (two data dirs' spools, one fetch log file):
+    the second continued the chain from the same head. The first one's records of those seqs
+    were dropped by INSERT OR IGNORE; now it stops shipping, keeps them, and says so."""
+    signer, public = keys(tmp_path)
+    a = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool-a", "gw-t", signer)
+    await a.open()
+    for i in range(3):
+        a.append(fetch(i))
+    assert await a.flushed()
+    b = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool-b", "gw-t", signer)
+    await b.open()
+    for i in range(3):
+        b.append(fetch(10 + i))
+    await b.close()
+    theirs = stored(tmp_path, "gw-t")
+    for i in range(3):
+        a.append(fetch(20 + i))
+    assert not await a.flushed(timeout=2.0)
+    assert a.chain_forked is not None and a.chain_forked.records == (4, 6)
+    assert not a.store_ok and not a.available
+    a_seq = a.seq
+    await a.close()
+    assert stored(tmp_path, "gw-t") == theirs
+    assert "records 1..6" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
+    spool = Spool(tmp_path / "spool-a" / "gw-t")
+    try:
+        kept = [r.spooled.seq for r in spool.open().records]
+    finally:
+        spool.close()
+    assert set(range(4, a_seq + 1)) <= set(kept)
 
 
 def test_the_record_text_is_its_hashed_canonical_json_with_the_links_after():

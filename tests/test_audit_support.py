@@ -53,6 +53,13 @@ def fetch(i: int, ts: float | None = None, **fields: Any) -> FetchRecord:
     return FetchRecord(**values)
 
 
+def stored_row(replica: str, seq: int, note: str) -> dict[str, Any]:
+    """A record as a store takes it, linked to the one before; its hash differs by `note`."""
+    rec = fetch(seq, note=note).to_dict()
+    rec.update(replica=replica, seq=seq, prev_hash=f"{note}{seq - 1}", hash=f"{note}{seq}")
+    return rec
+
+
 def fetch_log(
     store: FetchStore, spool: Path, replica: str, signer: Signer | None, **kw: Any
 ) -> FetchLog:

@@ -51,6 +51,7 @@ from proxy.audit.spool import Spool
 from proxy.audit.spool import Spooled
 from proxy.audit.spool import SpoolReadError
 from proxy.audit.spool import hold_spool
+from proxy.audit.store import ChainForked
 from proxy.audit.store import FetchStore
 from proxy.decision import Outcome
 from proxy.decision import Reason
@@ -169,6 +170,9 @@ class FetchLog:
         self._spool_failed_at = 0.0  # monotonic: when a write last failed, or room was looked for
         self._not_kept: RefusalsNotKept | None = None
         self.store_ok = True
+        # Another gateway wrote this replica's chain in the store: nothing more is shipped
+        # (the records stay in the spool) and the log takes no more records (unready).
+        self.chain_forked: ChainForked | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -304,7 +308,7 @@ class FetchLog:
             self.checkpoint("shutdown")
         self._wake.set()
         deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline and self._tasks:
+        while self._queue and time.monotonic() < deadline and self._tasks and not self.chain_forked:
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
@@ -338,7 +342,10 @@ class FetchLog:
     @property
     def available(self) -> bool:
         """False while the spool is past its limit or cannot be written: fail closed then.
-        After a failed write (disk full) it looks for room again every SPOOL_RETRY_SECONDS."""
+        After a failed write (disk full) it looks for room again every SPOOL_RETRY_SECONDS.
+        False for good once the store holds another gateway's rows of this chain."""
+        if self.chain_forked is not None:
+            return False
         if self._spool_error is not None and not self._spool_writable_again():
             return False
         return self.spool.size < self.spool_max_bytes
@@ -801,6 +808,9 @@ class FetchLog:
                 records = [item for item in items if "type" not in item]
                 checkpoints = [item for item in items if "type" in item]  # and purge notes
                 await self.store.write(records, checkpoints)
+            except ChainForked as e:
+                self._forked(e)
+                return  # a retry would be refused again, or break the chain after their rows
             except Exception as e:  # any store failure: keep the spool, retry with backoff
                 self.store_ok = False
                 metrics.STORE_ERRORS.labels(store="audit").inc()
@@ -842,6 +852,25 @@ class FetchLog:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.ship_interval)
                 self._wake.clear()
+
+    def _forked(self, error: ChainForked) -> None:
+        """Stop shipping: the store holds rows of this chain another gateway wrote under this
+        replica id. What this one has from there on stays in its spool (bounded by
+        spool_max_bytes: the log takes nothing more), for an operator to keep."""
+        self.chain_forked = error
+        self.store_ok = False
+        metrics.STORE_ERRORS.labels(store="audit").inc()
+        metrics.AUDIT_CHAIN_FORKED.set(1)
+        log.error(
+            "fetchlog_chain_forked",
+            replica=self.replica,
+            other_records=error.records,
+            other_checkpoints=error.checkpoints,
+            unshipped_from_seq=self.shipped_seq + 1,
+            unshipped_through_seq=self.seq,
+            kept_in=str(self.spool.directory),
+            error=str(error),
+        )
 
     async def _read_back(self, batch: list[dict[str, Any] | Spooled]) -> list[dict[str, Any]]:
         """The batch with the records held as spool places read back (off the event loop)."""

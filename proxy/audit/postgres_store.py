@@ -27,6 +27,7 @@ from proxy.audit.query import to_datetime
 from proxy.audit.record import record_json
 from proxy.audit.schema import Schema
 from proxy.audit.schema import SchemaTooNew
+from proxy.audit.store import ChainForked
 from proxy.audit.store import PurgePoint
 from proxy.audit.store import ReplicaInUse
 from proxy.audit.store import replicas_sql
@@ -116,6 +117,19 @@ _INSERT_WITNESS = """
 INSERT INTO fetch_witnesses (replica, seq, time, note) VALUES ($1, $2, $3, $4)
 ON CONFLICT (replica, seq) DO NOTHING
 """
+# Rows of a batch stored already with another hash (note): another writer's, not a retry's.
+_OTHER_RECORDS = """
+SELECT s.replica, s.seq FROM fetch_records s
+JOIN unnest($1::text[], $2::bigint[], $3::text[]) AS w(replica, seq, hash)
+    ON s.replica = w.replica AND s.seq = w.seq
+WHERE s.hash <> w.hash ORDER BY s.replica, s.seq
+"""
+_OTHER_CHECKPOINTS = """
+SELECT s.replica, s.number FROM fetch_checkpoints s
+JOIN unnest($1::text[], $2::bigint[], $3::text[]) AS w(replica, number, note)
+    ON s.replica = w.replica AND s.number = w.number
+WHERE s.note <> w.note ORDER BY s.replica, s.number
+"""
 _BATCH = 1000
 _MIN_SEQ = "SELECT min(seq) FROM fetch_records WHERE replica = $1"
 _MAX_SEQ = "SELECT max(seq) FROM fetch_records WHERE replica = $1"
@@ -188,6 +202,17 @@ def _checkpoint(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
     return {"number": int(row["number"]), "seq": int(row["seq"]), "note": str(row["note"])}
+
+
+def _rows(status: str) -> int:
+    """Rows an INSERT wrote, from its command tag ("INSERT 0 n")."""
+    return int(status.split()[-1])
+
+
+def _span(rows: Sequence[Any], replica: str, key: str) -> tuple[int, int]:
+    """First and last `key` of the rows of the first replica among them."""
+    keys = [int(r[key]) for r in rows if r[replica] == rows[0][replica]]
+    return keys[0], keys[-1]
 
 
 def _replica_key(replica: str) -> int:
@@ -280,6 +305,15 @@ class PostgresStore:
             )
         self._claim = conn
 
+    async def _let_go(self) -> None:
+        """Give the replica id up: this process stops writing the chain (ChainForked), and the
+        gateway that wrote it meanwhile may start again."""
+        self._claimed = None
+        if self._claim is not None:
+            with contextlib.suppress(Exception):
+                await self._claim.close()
+            self._claim = None
+
     @contextlib.asynccontextmanager
     async def hold(self, replica: str) -> AsyncIterator[bool]:
         key = _replica_key(replica)
@@ -343,9 +377,18 @@ class PostgresStore:
     async def write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:
-        if self._claimed is not None and (self._claim is None or self._claim.is_closed()):
-            self._claim = None
-            await self.claim(self._claimed)  # lost with its connection: take it again first
+        try:
+            if self._claimed is not None and (self._claim is None or self._claim.is_closed()):
+                self._claim = None
+                await self.claim(self._claimed)  # lost with its connection: take it again first
+            await self._write(records, checkpoints)
+        except ChainForked:
+            await self._let_go()
+            raise
+
+    async def _write(
+        self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]
+    ) -> None:
         record_columns = _columns(records) if records else None
         checkpoint_columns: list[list[Any]] = [[], [], [], [], [], []]
         notes = [c for c in checkpoints if c["type"] in ("purge", "witness")]
@@ -376,10 +419,31 @@ class PostgresStore:
         notes: list[dict[str, Any]],
     ) -> None:
         async with self._db().acquire() as conn, conn.transaction():
+            # A row already there is skipped: a retry's (the same hash: nothing to do) or
+            # another writer's (another hash: ChainForked, and the transaction rolls back).
             if record_columns is not None:
-                await conn.execute(_INSERT, *record_columns)
+                status = await conn.execute(_INSERT, *record_columns)
+                if _rows(status) < len(record_columns[0]):
+                    other = await conn.fetch(
+                        _OTHER_RECORDS, record_columns[0], record_columns[1], record_columns[12]
+                    )
+                    if other:
+                        raise ChainForked(
+                            other[0]["replica"], records=_span(other, "replica", "seq")
+                        )
             if checkpoint_columns[0]:
-                await conn.execute(_INSERT_CHECKPOINT, *checkpoint_columns)
+                status = await conn.execute(_INSERT_CHECKPOINT, *checkpoint_columns)
+                if _rows(status) < len(checkpoint_columns[0]):
+                    other = await conn.fetch(
+                        _OTHER_CHECKPOINTS,
+                        checkpoint_columns[0],
+                        checkpoint_columns[1],
+                        checkpoint_columns[5],
+                    )
+                    if other:
+                        raise ChainForked(
+                            other[0]["replica"], checkpoints=_span(other, "replica", "number")
+                        )
             for c in notes:  # purge and witness notes: a few a day
                 if c["type"] == "witness":
                     await conn.execute(

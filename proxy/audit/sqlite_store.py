@@ -18,6 +18,7 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.record import record_json
 from proxy.audit.schema import Schema
 from proxy.audit.schema import SchemaTooNew
+from proxy.audit.store import ChainForked
 from proxy.audit.store import PurgePoint
 from proxy.audit.store import replicas_sql
 
@@ -173,6 +174,34 @@ def _checkpoint_row(c: dict[str, Any]) -> tuple[Any, ...]:
     return (c["replica"], c["number"], c["seq"], c["time"], c["kind"], c["note"])
 
 
+def _check_stored(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """ChainForked if a record of `rows` (`_row`s) is stored with another hash."""
+    other = []
+    for replica, seq, *_, hash_, _body in rows:
+        found = db.execute(
+            "SELECT hash FROM fetch_records WHERE replica = ? AND seq = ?", (replica, seq)
+        ).fetchone()
+        if found is not None and found[0] != hash_:
+            other.append((replica, seq))
+    if other:
+        seqs = [seq for replica, seq in other if replica == other[0][0]]
+        raise ChainForked(other[0][0], records=(seqs[0], seqs[-1]))
+
+
+def _check_stored_checkpoints(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """ChainForked if a checkpoint of `rows` (`_checkpoint_row`s) is stored with another note."""
+    other = []
+    for replica, number, _seq, _time, _kind, note in rows:
+        found = db.execute(
+            "SELECT note FROM fetch_checkpoints WHERE replica = ? AND number = ?", (replica, number)
+        ).fetchone()
+        if found is not None and found[0] != note:
+            other.append((replica, number))
+    if other:
+        numbers = [n for replica, n in other if replica == other[0][0]]
+        raise ChainForked(other[0][0], checkpoints=(numbers[0], numbers[-1]))
+
+
 def _checkpoint(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
@@ -310,15 +339,23 @@ class SQLiteStore:
             )
             db.execute("BEGIN")
             try:
+                # A row already there is skipped: a retry's (the same hash: nothing to do) or
+                # another writer's (another hash: ChainForked, and the transaction rolls back).
+                inserted = 0
                 for start in range(0, len(rows), per_insert):
                     chunk = rows[start : start + per_insert]
-                    db.execute(
+                    inserted += db.execute(
                         _INSERT + ",".join([_ROW_PLACES] * len(chunk)),
                         [value for row in chunk for value in row],
-                    )
+                    ).rowcount
+                if inserted < len(rows):
+                    _check_stored(db, rows)
                 # (only when there is something: each statement is one more GIL hand-over)
                 if checkpoint_rows:
-                    db.executemany(_INSERT_CHECKPOINT, checkpoint_rows)
+                    if db.executemany(_INSERT_CHECKPOINT, checkpoint_rows).rowcount < len(
+                        checkpoint_rows
+                    ):
+                        _check_stored_checkpoints(db, checkpoint_rows)
                 if purge_rows:
                     db.executemany(_INSERT_PURGE, purge_rows)
                 if witness_rows:

@@ -53,8 +53,40 @@ class ReplicaInUse(Exception):
     """Another running gateway writes the same replica's chain (the same replica id)."""
 
 
+class ChainForked(Exception):
+    """The store holds rows of this replica's chain that this gateway did not write: another
+    gateway ran under the same replica id (while this one had lost its claim, or on another
+    store) and continued the chain from the same head. What this gateway has from that point
+    on cannot follow those rows; writing it would drop it, or break the chain after it."""
+
+    def __init__(
+        self,
+        replica: str,
+        *,
+        records: tuple[int, int] | None = None,
+        checkpoints: tuple[int, int] | None = None,
+    ):
+        self.replica = replica
+        self.records = records  # first and last seq of the other writer's records
+        self.checkpoints = checkpoints  # first and last number of its checkpoints
+        found = []
+        if records is not None:
+            found.append(f"records {records[0]}..{records[1]}")
+        if checkpoints is not None:
+            found.append(f"checkpoints #{checkpoints[0]}..#{checkpoints[1]}")
+        super().__init__(
+            f"the store holds {' and '.join(found) or 'rows'} of replica {replica!r} that this "
+            "gateway did not write: another gateway ran under the same replica id; this one "
+            "keeps its own records from there in its spool and ships nothing more (stop the "
+            "duplicate, then see docs/kubernetes.md, 'Two gateways under one replica id')"
+        )
+
+
 class FetchStore(Protocol):
-    """Where records end up. Writes are idempotent: a replayed spool may send a record twice."""
+    """Where records end up. Writes are idempotent: a replayed spool, or a batch retried after
+    its commit's acknowledgement was lost, may send a record twice. A row stored already with
+    another hash (or a checkpoint with another note) is not this gateway's: the whole write
+    fails with ChainForked, and nothing of it is stored."""
 
     async def open(self) -> None:
         """Connect and migrate the schema (several replicas may start at once)."""
@@ -63,8 +95,8 @@ class FetchStore(Protocol):
     async def claim(self, replica: str) -> None:
         """Hold the replica's chain for this process until close(), or raise ReplicaInUse.
 
-        Two processes with one replica id would both continue the chain from the same head:
-        the store keeps one of each pair of records with the same seq and drops the other."""
+        Two processes with one replica id would both continue the chain from the same head;
+        the second one's writes then fail with ChainForked (never dropped in silence)."""
         ...
 
     def hold(self, replica: str) -> AbstractAsyncContextManager[bool]:
@@ -92,7 +124,8 @@ class FetchStore(Protocol):
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:
         """Store records, checkpoints, purge notes (type "purge") and witness notes (type
-        "witness") in one transaction."""
+        "witness") in one transaction; ChainForked (nothing stored) when a record or checkpoint
+        of the batch is stored already with another hash or note."""
         ...
 
     async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from proxy.audit.export import lines
 from proxy.audit.export import page
@@ -20,6 +21,7 @@ from proxy.audit.postgres_store import PostgresStore
 from proxy.audit.postgres_store import aread_records
 from proxy.audit.postgres_store import read_records
 from proxy.audit.query import RecordQuery
+from proxy.audit.spool import Spool
 from proxy.audit.store import ChainForked
 from proxy.audit.store import ReplicaInUse
 from tests import pg_fixtures
@@ -312,8 +314,115 @@ async def test_a_replica_id_lock_lost_with_its_session_is_taken_again_before_the
     assert not await log.flushed(timeout=4.0)
     assert not log.store_ok
     await twin.close()
-    assert await log.flushed(timeout=15)  # the twin is gone: the lock is ours again
+    # The twin is gone and the lock could be ours again, but the twin signed checkpoints of
+    # this chain (its start and its shutdown) under the numbers this one's would take: they
+    # were dropped in silence before. Now this one ships nothing more and says so.
+    assert not await log.flushed(timeout=4.0)
+    assert log.chain_forked is not None and log.chain_forked.records is None
+    assert log.chain_forked.checkpoints is not None
+    assert not log.store_ok and not log.available
     await log.close()
+
+
+async def _stored_chain(dsn: str, replica: str) -> list[tuple[int, str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, hash, body FROM fetch_records WHERE replica = $1 ORDER BY seq", replica
+        )
+    finally:
+        await conn.close()
+    return [(int(r["seq"]), str(r["hash"]), str(r["body"])) for r in rows]
+
+
+async def test_a_gateway_that_lost_its_claim_to_a_twin_keeps_its_records_and_stops(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """Gateway A loses PostgreSQL (and its claim) in an outage; B starts under the same replica
+    id meanwhile, writes seq 6..10 and stops. A's own 6..10 (fetches its clients got) were
+    dropped by ON CONFLICT DO NOTHING and its later records broke the chain. Now A finds the
+    chain moved when it takes the claim back: it ships nothing more, keeps its records in its
+    spool, turns unready and logs which rows are the other writer's."""
+    signer, public = keys(tmp_path)
+    url = urllib.parse.urlsplit(pg_dsn)
+    relay = Relay((url.hostname or "127.0.0.1", url.port or 5432))
+    await relay.start()
+    relayed = urllib.parse.urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{relay.port}"))
+    a = fetch_log(PostgresStore(relayed), tmp_path / "spool-a", "gw-twin", signer)
+    await a.open()
+    for i in range(5):
+        a.append(fetch(i))
+    assert await a.flushed()
+
+    await relay.stop()  # A's sessions, its claim's among them, are gone
+    for i in range(5, 10):
+        a.append(fetch(i))
+    b = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool-b", "gw-twin", signer)
+    await b.open()
+    assert b.seq == 5
+    for i in range(100, 105):
+        b.append(fetch(i))
+    await b.close()
+    b_chain = await _stored_chain(pg_dsn, "gw-twin")
+    assert [seq for seq, _, _ in b_chain] == list(range(1, 11))
+
+    await relay.start()  # A reaches PostgreSQL again and takes its claim back
+    with capture_logs() as logs:
+        for i in range(10, 15):
+            a.append(fetch(i))
+        assert not await a.flushed(timeout=4.0)
+    assert a.chain_forked is not None and a.chain_forked.records == (6, 10)
+    assert not a.store_ok and not a.available  # /readyz: 503
+    assert REGISTRY.get_sample_value("crawlwarden_audit_chain_forked") == 1
+    forked = [e for e in logs if e["event"] == "fetchlog_chain_forked"]
+    assert forked and forked[0]["log_level"] == "error"
+    assert forked[0]["other_records"] == (6, 10) and forked[0]["unshipped_from_seq"] == 6
+    assert "records 6..10 and checkpoints #2..#3 of replica 'gw-twin'" in forked[0]["error"]
+    a_seq = a.seq
+    await a.close()
+    await relay.stop()
+
+    # Nothing of A's reached the store: B's chain stands as B left it, and verifies.
+    assert await _stored_chain(pg_dsn, "gw-twin") == b_chain
+    assert "records 1..10" in export_and_verify(pg_dsn, public, tmp_path / "e.jsonl")
+    # A's records from seq 6 on are in its spool, for an operator to keep.
+    spool = Spool(tmp_path / "spool-a" / "gw-twin")
+    try:
+        kept = [r.spooled.seq for r in spool.open().records]
+    finally:
+        spool.close()
+    assert set(range(6, a_seq + 1)) <= set(kept)
+
+
+async def test_a_claim_taken_back_after_a_commit_whose_answer_was_lost_goes_on(
+    pg_dsn: str,
+) -> None:
+    """The head moved only by this gateway's own batch (committed, the acknowledgement lost
+    with the connection): taking the claim back finds its own rows, and the retry goes on."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.claim("gw-ack")
+    try:
+        ours = [stored_row("gw-ack", seq, "ours") for seq in range(1, 7)]
+        await store.write(ours[:3])
+        committed = PostgresStore(pg_dsn)  # what the lost commit left in the table
+        await committed.open()
+        await committed.write(ours[3:5])
+        await committed.close()
+        assert store._claim is not None
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            await admin.fetchval("SELECT pg_terminate_backend($1)", store._claim.get_server_pid())
+        finally:
+            await admin.close()
+        for _ in range(100):
+            if store._claim.is_closed():
+                break
+            await asyncio.sleep(0.02)
+        await store.write(ours[3:])  # the batch again, grown by one record since
+        assert await store.last("gw-ack") == (6, ours[-1]["hash"])
+    finally:
+        await store.close()
 
 
 async def test_a_record_stored_with_another_hash_fails_the_write_and_a_retry_does_not(

@@ -204,6 +204,13 @@ def _checkpoint(row: Any) -> dict[str, Any] | None:
     return {"number": int(row["number"]), "seq": int(row["seq"]), "note": str(row["note"])}
 
 
+def _moved(before: tuple[int, str] | None, now: tuple[int, str] | None) -> bool:
+    """Whether a chain's head went past where it was (a purge may take it back, or away)."""
+    if now is None:
+        return False
+    return before is None or now[0] > before[0] or (now[0] == before[0] and now[1] != before[1])
+
+
 def _rows(status: str) -> int:
     """Rows an INSERT wrote, from its command tag ("INSERT 0 n")."""
     return int(status.split()[-1])
@@ -241,6 +248,10 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._claim: asyncpg.Connection | None = None
         self._claimed: str | None = None
+        # The claimed chain's newest record (seq, hash) and checkpoint (number, note) as this
+        # process saw or wrote them: a claim taken again must find them where they were.
+        self._head: tuple[int, str] | None = None
+        self._checkpoint_head: tuple[int, str] | None = None
         self.schema: Schema | None = None  # known once open
 
     def _db(self) -> asyncpg.Pool:
@@ -303,7 +314,90 @@ class PostgresStore:
                 " give each replica its own --replica-id (if that gateway's machine is gone,"
                 " PostgreSQL frees the id within about a minute)"
             )
+        try:  # where the chain stands as it is taken (see _claim_again)
+            head = await self.last(replica)
+            last = await self.last_checkpoint(replica)
+        except BaseException:
+            conn.terminate()  # taken again, and looked at again, by the next write
+            raise
+        self._head = head
+        self._checkpoint_head = None if last is None else (last["number"], last["note"])
         self._claim = conn
+
+    async def _claim_again(
+        self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]
+    ) -> None:
+        """Take back a claim lost with its connection, and make sure nobody wrote the chain
+        meanwhile: another gateway may have started under this replica id while this one could
+        not reach PostgreSQL (docs/kubernetes.md), and continued the chain from the same head.
+        The head may have moved only by this batch (its commit went through, its
+        acknowledgement was lost with the connection)."""
+        replica = self._claimed
+        assert replica is not None
+        head, checkpoint_head = self._head, self._checkpoint_head
+        self._claim = None
+        await self.claim(replica)  # ReplicaInUse while the other one runs
+        try:
+            await self._check_head(replica, head, checkpoint_head, records, checkpoints)
+        except ChainForked:
+            raise
+        except BaseException:
+            # Not looked at: the next write takes the claim, and looks, again.
+            self._head, self._checkpoint_head = head, checkpoint_head
+            if self._claim is not None:
+                self._claim.terminate()
+                self._claim = None
+            raise
+
+    async def _check_head(
+        self,
+        replica: str,
+        head: tuple[int, str] | None,
+        checkpoint_head: tuple[int, str] | None,
+        records: Sequence[dict[str, Any]],
+        checkpoints: Sequence[dict[str, Any]],
+    ) -> None:
+        """ChainForked if the chain's head (`self._head`, `self._checkpoint_head`, as claim()
+        found them) is past `head` (`checkpoint_head`) and not a row of this batch."""
+        ours = {r["seq"]: r["hash"] for r in records if r["replica"] == replica}
+        notes = {
+            c["number"]: c["note"]
+            for c in checkpoints
+            if c["type"] == "checkpoint" and c["replica"] == replica
+        }
+        other_records = other_checkpoints = None
+        now = self._head
+        if _moved(head, now) and now is not None and ours.get(now[0]) != now[1]:
+            after = 0 if head is None else head[0]
+            rows = await self._db().fetch(
+                "SELECT seq, hash FROM fetch_records WHERE replica = $1 AND seq > $2 "
+                "ORDER BY seq LIMIT $3",
+                replica,
+                after,
+                len(ours) + 1,
+            )
+            first = next((int(r["seq"]) for r in rows if ours.get(r["seq"]) != r["hash"]), now[0])
+            other_records = (first, now[0])
+        ck = self._checkpoint_head
+        if _moved(checkpoint_head, ck) and ck is not None and notes.get(ck[0]) != ck[1]:
+            other_checkpoints = (1 if checkpoint_head is None else checkpoint_head[0] + 1, ck[0])
+        if other_records is not None or other_checkpoints is not None:
+            raise ChainForked(replica, records=other_records, checkpoints=other_checkpoints)
+
+    def _written(
+        self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]
+    ) -> None:
+        """Move the claimed chain's known head past a batch that is stored."""
+        for r in records:
+            if r["replica"] == self._claimed and (self._head is None or r["seq"] > self._head[0]):
+                self._head = (r["seq"], r["hash"])
+        for c in checkpoints:
+            if (
+                c["type"] == "checkpoint"
+                and c["replica"] == self._claimed
+                and (self._checkpoint_head is None or c["number"] > self._checkpoint_head[0])
+            ):
+                self._checkpoint_head = (c["number"], c["note"])
 
     async def _let_go(self) -> None:
         """Give the replica id up: this process stops writing the chain (ChainForked), and the
@@ -379,12 +473,12 @@ class PostgresStore:
     ) -> None:
         try:
             if self._claimed is not None and (self._claim is None or self._claim.is_closed()):
-                self._claim = None
-                await self.claim(self._claimed)  # lost with its connection: take it again first
+                await self._claim_again(records, checkpoints)  # lost with its connection
             await self._write(records, checkpoints)
         except ChainForked:
             await self._let_go()
             raise
+        self._written(records, checkpoints)
 
     async def _write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]

@@ -96,7 +96,9 @@ class FetchStore(Protocol):
         """Hold the replica's chain for this process until close(), or raise ReplicaInUse.
 
         Two processes with one replica id would both continue the chain from the same head;
-        the second one's writes then fail with ChainForked (never dropped in silence)."""
+        the second one's writes then fail with ChainForked (never dropped in silence). A claim
+        lost with its connection is taken again before the next write, which fails with
+        ChainForked if another writer moved the chain's head meanwhile."""
         ...
 
     def hold(self, replica: str) -> AbstractAsyncContextManager[bool]:

@@ -573,6 +573,26 @@ async def test_a_sqlite_record_stored_with_another_hash_fails_the_write_and_a_re
     assert [r["note"] for r in stored(tmp_path, "gw-x")] == ["ours"] * 5
 
 
+async def test_a_batch_that_does_not_follow_the_stored_chain_is_not_stored(
+    tmp_path: Path,
+) -> None:
+    """No stored row at its seqs, yet its first record follows another record than the one
+    stored before it (a gateway restarted after another one wrote its chain: it continues
+    its own head): stored, it would break the chain for good."""
+    store = SQLiteStore(tmp_path / "fetchlog.sqlite3")
+    await store.open()
+    try:
+        await store.write([stored_row("gw-x", seq, "theirs") for seq in range(1, 6)])
+        ours = [stored_row("gw-x", seq, "ours") for seq in range(6, 9)]
+        with pytest.raises(ChainForked, match=r"record 5 that this gateway's record 6 does not"):
+            await store.write(ours)
+        assert await store.last("gw-x") == (5, "theirs5")
+        await store.write([stored_row("gw-x", 1, "theirs")])  # a retry of an earlier batch
+        await store.write([{**stored_row("gw-x", 6, "ours"), "prev_hash": "theirs5"}])
+    finally:
+        await store.close()
+
+
 async def test_a_log_whose_chain_another_writer_continued_keeps_its_records_and_stops(
     tmp_path: Path,
 ) -> None:
@@ -638,7 +658,8 @@ async def test_sqlite_store_writes_batches_larger_than_one_insert(tmp_path: Path
 
     def record(seq: int, note: str) -> dict[str, object]:
         rec = fetch(seq).to_dict()
-        rec.update(replica="r1", seq=seq, prev_hash=GENESIS_HASH, hash=f"{seq:064x}", note=note)
+        prev_hash = f"{seq - 1:064x}" if seq > 1 else GENESIS_HASH
+        rec.update(replica="r1", seq=seq, prev_hash=prev_hash, hash=f"{seq:064x}", note=note)
         return rec
 
     try:

@@ -459,6 +459,21 @@ async def test_a_record_stored_with_another_hash_fails_the_write_and_a_retry_doe
         await store.close()
 
 
+async def test_a_batch_that_does_not_follow_the_stored_chain_is_not_stored(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        await store.write([stored_row("gw-x", seq, "theirs") for seq in range(1, 6)])
+        ours = [stored_row("gw-x", seq, "ours") for seq in range(6, 9)]
+        with pytest.raises(ChainForked, match=r"record 5 that this gateway's record 6 does not"):
+            await store.write(ours)
+        assert await store.last("gw-x") == (5, "theirs5")
+        await store.write([stored_row("gw-x", 1, "theirs")])  # a retry of an earlier batch
+        await store.write([{**stored_row("gw-x", 6, "ours"), "prev_hash": "theirs5"}])
+    finally:
+        await store.close()
+
+
 async def test_pages_cover_every_replica_whatever_the_databases_collation(
     pg_admin_dsn: str, tmp_path: Path
 ) -> None:

@@ -866,6 +866,7 @@ class FetchLog:
             replica=self.replica,
             other_records=error.records,
             other_checkpoints=error.checkpoints,
+            unlinked_seq=error.unlinked,
             unshipped_from_seq=self.shipped_seq + 1,
             unshipped_through_seq=self.seq,
             kept_in=str(self.spool.directory),

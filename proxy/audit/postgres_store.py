@@ -495,8 +495,13 @@ class PostgresStore:
                 strict=True,
             ):
                 column.append(value)
+        first = (
+            None
+            if not records
+            else (records[0]["replica"], records[0]["seq"], records[0]["prev_hash"])
+        )
         try:
-            await self._insert(record_columns, checkpoint_columns, notes)
+            await self._insert(record_columns, checkpoint_columns, notes, first)
         except asyncpg.UndefinedTableError:
             # The database was dropped and created again under the running fleet: its schema
             # is made again (the batch is retried from the spool), no restart needed.
@@ -511,6 +516,7 @@ class PostgresStore:
         record_columns: list[list[Any]] | None,
         checkpoint_columns: list[list[Any]],
         notes: list[dict[str, Any]],
+        first: tuple[str, int, str] | None = None,
     ) -> None:
         async with self._db().acquire() as conn, conn.transaction():
             # A row already there is skipped: a retry's (the same hash: nothing to do) or
@@ -525,6 +531,17 @@ class PostgresStore:
                         raise ChainForked(
                             other[0]["replica"], records=_span(other, "replica", "seq")
                         )
+            if first is not None:
+                replica, seq, prev_hash = first
+                before = await conn.fetchval(
+                    "SELECT hash FROM fetch_records WHERE replica = $1 AND seq = $2",
+                    replica,
+                    seq - 1,
+                )
+                # (none: the chain starts here, was purged up to here, or has a hole that
+                # verify reports)
+                if before is not None and before != prev_hash:
+                    raise ChainForked(replica, unlinked=seq)
             if checkpoint_columns[0]:
                 status = await conn.execute(_INSERT_CHECKPOINT, *checkpoint_columns)
                 if _rows(status) < len(checkpoint_columns[0]):

@@ -188,6 +188,17 @@ def _check_stored(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> No
         raise ChainForked(other[0][0], records=(seqs[0], seqs[-1]))
 
 
+def _check_link(db: sqlite3.Connection, first: dict[str, Any]) -> None:
+    """ChainForked if the record before `first` is stored and is not the one it follows."""
+    before = db.execute(
+        "SELECT hash FROM fetch_records WHERE replica = ? AND seq = ?",
+        (first["replica"], first["seq"] - 1),
+    ).fetchone()
+    # (none: the chain starts here, was purged up to here, or has a hole that verify reports)
+    if before is not None and before[0] != first["prev_hash"]:
+        raise ChainForked(first["replica"], unlinked=first["seq"])
+
+
 def _check_stored_checkpoints(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """ChainForked if a checkpoint of `rows` (`_checkpoint_row`s) is stored with another note."""
     other = []
@@ -350,6 +361,8 @@ class SQLiteStore:
                     ).rowcount
                 if inserted < len(rows):
                     _check_stored(db, rows)
+                if records:
+                    _check_link(db, records[0])
                 # (only when there is something: each statement is one more GIL hand-over)
                 if checkpoint_rows:
                     if db.executemany(_INSERT_CHECKPOINT, checkpoint_rows).rowcount < len(

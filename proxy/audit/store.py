@@ -65,15 +65,21 @@ class ChainForked(Exception):
         *,
         records: tuple[int, int] | None = None,
         checkpoints: tuple[int, int] | None = None,
+        unlinked: int | None = None,
     ):
         self.replica = replica
         self.records = records  # first and last seq of the other writer's records
         self.checkpoints = checkpoints  # first and last number of its checkpoints
+        self.unlinked = unlinked  # a seq whose stored predecessor is not the one ours follows
         found = []
         if records is not None:
             found.append(f"records {records[0]}..{records[1]}")
         if checkpoints is not None:
             found.append(f"checkpoints #{checkpoints[0]}..#{checkpoints[1]}")
+        if unlinked is not None:
+            found.append(
+                f"a record {unlinked - 1} that this gateway's record {unlinked} does not follow"
+            )
         super().__init__(
             f"the store holds {' and '.join(found) or 'rows'} of replica {replica!r} that this "
             "gateway did not write: another gateway ran under the same replica id; this one "
@@ -85,8 +91,9 @@ class ChainForked(Exception):
 class FetchStore(Protocol):
     """Where records end up. Writes are idempotent: a replayed spool, or a batch retried after
     its commit's acknowledgement was lost, may send a record twice. A row stored already with
-    another hash (or a checkpoint with another note) is not this gateway's: the whole write
-    fails with ChainForked, and nothing of it is stored."""
+    another hash (or a checkpoint with another note) is not this gateway's, nor is a stored
+    record the batch's first record does not follow: the whole write fails with ChainForked,
+    and nothing of it is stored."""
 
     async def open(self) -> None:
         """Connect and migrate the schema (several replicas may start at once)."""
@@ -127,7 +134,8 @@ class FetchStore(Protocol):
     ) -> None:
         """Store records, checkpoints, purge notes (type "purge") and witness notes (type
         "witness") in one transaction; ChainForked (nothing stored) when a record or checkpoint
-        of the batch is stored already with another hash or note."""
+        of the batch is stored already with another hash or note, or when the record before the
+        batch's first is stored and is not the one it follows (its prev_hash)."""
         ...
 
     async def witnesses(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:

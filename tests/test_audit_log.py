@@ -620,12 +620,42 @@ async def test_a_log_whose_chain_another_writer_continued_keeps_its_records_and_
     await a.close()
     assert stored(tmp_path, "gw-t") == theirs
     assert "records 1..6" in export_and_verify(tmp_path, public, tmp_path / "e.jsonl")
+    # Restarted as it is, it would skip its records 4..6 as stored, retire them, and go on
+    # from the other writer's head: it refuses to start instead, its spool untouched.
+    again = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool-a", "gw-t", signer
+    )
+    with pytest.raises(ChainForked, match=r"records 4\.\.6 of replica 'gw-t'"):
+        await again.open()
+    assert stored(tmp_path, "gw-t") == theirs
     spool = Spool(tmp_path / "spool-a" / "gw-t")
     try:
         kept = [r.spooled.seq for r in spool.open().records]
     finally:
         spool.close()
     assert set(range(4, a_seq + 1)) <= set(kept)
+
+
+async def test_a_damaged_spool_line_of_a_stored_record_is_no_other_writers(
+    tmp_path: Path,
+) -> None:
+    """Its hash no longer the stored one's because the disk damaged it, not because another
+    gateway wrote that seq: the gateway starts as before."""
+    signer, _ = keys(tmp_path)
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-d", signer)
+    await log.open()
+    for i in range(3):
+        log.append(fetch(i))
+    await log.close()
+    head = stored(tmp_path, "gw-d")[-1]["hash"]
+    (segment,) = [p for p in (tmp_path / "spool" / "gw-d").iterdir() if head in p.read_text()]
+    segment.write_text(segment.read_text().replace(head, "0" * 64))
+    again = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-d", signer
+    )
+    await again.open()
+    assert (again.seq, again.head) == (3, head)
+    await again.close()
 
 
 def test_the_record_text_is_its_hashed_canonical_json_with_the_links_after():

@@ -47,6 +47,7 @@ from proxy.audit.record import SerializedRecord
 from proxy.audit.record import chain_record
 from proxy.audit.record import record_hash
 from proxy.audit.record import utc_timestamp
+from proxy.audit.spool import Replayed
 from proxy.audit.spool import Spool
 from proxy.audit.spool import Spooled
 from proxy.audit.spool import SpoolReadError
@@ -182,6 +183,20 @@ class FetchLog:
         await self.store.claim(self.replica)
         replayed = self.spool.open()
         stored = await self.store.last(self.replica)
+        try:
+            await self._check_replayed(replayed, stored)
+        except ChainForked as e:
+            # Before any of it is skipped as stored, or retired: the spool stays as it is.
+            log.error(
+                "fetchlog_chain_forked",
+                replica=self.replica,
+                other_records=e.records,
+                kept_in=str(self.spool.directory),
+                error=str(e),
+            )
+            self.spool.close()
+            await self.store.close()
+            raise
         if stored is not None:
             self.seq, self.head = stored
             self.shipped_seq = stored[0]
@@ -240,6 +255,35 @@ class FetchLog:
             # run killed before its first periodic one (or restarted after a clean stop) is
             # witnessed like any other (witness_orphans).
             self.checkpoint("start")
+
+    async def _check_replayed(self, replayed: Replayed, stored: tuple[int, str] | None) -> None:
+        """ChainForked if the spool holds records the store has other ones at: another gateway
+        wrote this replica's chain while this one's records waited in its spool (it lost its
+        claim, then stopped). Replay would skip them as stored and retire them."""
+        if stored is None:
+            return
+        mine = {r.spooled.seq: r for r in replayed.records if r.spooled.seq <= stored[0]}
+        if not mine:
+            return
+        theirs: dict[int, str] = {}
+        top = max(mine)
+        # The chain links each record to the one before: the newest one agreeing is enough.
+        async for rec in self.store.records(self.replica, top, top):
+            theirs[rec["seq"]] = rec["hash"]
+        if theirs.get(top, mine[top].hash) == mine[top].hash:
+            return
+        async for rec in self.store.records(self.replica, min(mine), top):
+            theirs[rec["seq"]] = rec["hash"]
+        differ = [r for seq, r in sorted(mine.items()) if theirs.get(seq, r.hash) != r.hash]
+        # A spool line damaged on disk (its hash no longer its record's) is no other writer's.
+        lines = await asyncio.to_thread(self.spool.read, [r.spooled for r in differ])
+        forked = [
+            r.spooled.seq
+            for r, line in zip(differ, lines, strict=True)
+            if line is not None and record_hash(line[0]) == line[0].get("hash") == r.hash
+        ]
+        if forked:
+            raise ChainForked(self.replica, records=(forked[0], stored[0]))
 
     async def _resume_checkpoints(self) -> str | None:
         """Pick the checkpoint chain up where it stopped; returns what to record if the

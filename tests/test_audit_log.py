@@ -627,6 +627,7 @@ async def test_a_log_whose_chain_another_writer_continued_keeps_its_records_and_
     )
     with pytest.raises(ChainForked, match=r"records 4\.\.6 of replica 'gw-t'"):
         await again.open()
+    await again.close()  # what the gateway's stop does next: nothing more
     assert stored(tmp_path, "gw-t") == theirs
     spool = Spool(tmp_path / "spool-a" / "gw-t")
     try:

@@ -194,6 +194,9 @@ class FetchLog:
                 kept_in=str(self.spool.directory),
                 error=str(e),
             )
+            # Closed here, before close() could record the spool's unfinished requests as
+            # interrupted on top of a chain it never resumed.
+            self._closing = self.closed = True
             self.spool.close()
             await self.store.close()
             raise
@@ -352,7 +355,12 @@ class FetchLog:
             self.checkpoint("shutdown")
         self._wake.set()
         deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline and self._tasks and not self.chain_forked:
+        while (
+            self._queue
+            and time.monotonic() < deadline
+            and self._tasks
+            and self.chain_forked is None
+        ):
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()

@@ -2,18 +2,26 @@
 
 One failed open of a new segment when a stored one is retired (no file descriptors left, no
 inodes) ended the ship loop: nothing more reached the store until a restart (found by the
-review of the change that made `finish` tolerate the same failure).
+review of the change that made `finish` tolerate the same failure). A line damaged so that it
+still parses held every later record out of the store (see below).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from proxy.audit import spool as spool_module
+from proxy.audit.query import RecordQuery
+from proxy.audit.spool import Spooled
 from proxy.audit.sqlite_store import SQLiteStore
+from proxy.audit.sqlite_store import read_records
+from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
@@ -55,3 +63,103 @@ async def test_one_failed_segment_open_does_not_stop_shipping(tmp_path: Path, mo
         )
     finally:
         await log.close(timeout=2)
+
+
+# -- a damaged line that still parses ----------------------------------------------------------
+#
+# One changed byte in a key name ("ts" became "tz") while the gateway was down: the line parsed
+# and carried the right seq, so replay and read-back took it; every ship attempt then failed on
+# it (KeyError) and nothing after it reached the store, restart after restart. A record is
+# checked by its hash (proxy/audit/FORMATS.md) and such a line is damaged like a torn one.
+
+
+class OutageStore(SQLiteStore):
+    """A real SQLite store whose writes fail while `down` (the database unreachable)."""
+
+    down = False
+
+    async def write(self, records, checkpoints=()):  # type: ignore[no-untyped-def]
+        if self.down:
+            raise ConnectionRefusedError("fetch-log database unreachable")
+        await super().write(records, checkpoints)
+
+
+def damage_record_line(spool: Path, seq: int, old: bytes, new: bytes) -> None:
+    """Change `old` to `new` once in the spool line of record `seq` (same length or not)."""
+    for segment in sorted(spool.glob("segment-*.jsonl")):
+        lines = segment.read_bytes().split(b"\n")
+        for i, line in enumerate(lines):
+            if line.startswith(b'{"k":"r"') and json.loads(line)["rec"]["seq"] == seq:
+                assert old in line
+                lines[i] = line.replace(old, new, 1)
+                segment.write_bytes(b"\n".join(lines))
+                return
+    raise AssertionError(f"record {seq} is not in the spool")
+
+
+def lost_count() -> float:
+    return REGISTRY.get_sample_value("crawlwarden_audit_records_total", {"outcome": "lost"}) or 0
+
+
+def stored(data: Path, replica: str) -> list[dict]:
+    return list(read_records(data / "fetchlog.sqlite3", RecordQuery(replica=replica)))
+
+
+async def test_a_replayed_line_that_parses_but_fails_its_hash_is_a_hole_not_a_stop(
+    tmp_path: Path,
+) -> None:
+    signer, public = keys(tmp_path)
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    log = fetch_log(store, tmp_path / "spool", "gw-h", signer)
+    await log.open()
+    store.down = True
+    sent = [fetch(i) for i in range(6)]
+    for rec in sent:
+        log.begin(rec)  # forwarded: each has its begin line before its record
+        log.append(rec)
+    await log.close(timeout=0.2)  # stopped during the outage: all 6 wait in the spool
+    damage_record_line(tmp_path / "spool" / "gw-h", 3, b'"ts":', b'"tz":')
+
+    lost = lost_count()
+    again = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-h", signer
+    )
+    await again.open()
+    try:
+        assert await again.flushed(timeout=10), f"stuck at shipped_seq={again.shipped_seq}"
+    finally:
+        await again.close()
+    records = stored(tmp_path, "gw-h")
+    # Record 3 is gone; its request, begun and never finished as far as the spool can tell, is
+    # recorded as interrupted rather than not at all.
+    assert [r["seq"] for r in records] == [1, 2, 4, 5, 6, 7]
+    assert (records[-1]["id"], records[-1]["reason"]) == (sent[2].id, "interrupted")
+    assert lost_count() == lost + 1
+    result = cli("audit", "export", "--data-dir", tmp_path, "--output", tmp_path / "e.jsonl")
+    assert result.returncode == 0, result.stderr
+    verified = cli("audit", "verify", tmp_path / "e.jsonl", "--public-key", public)
+    assert verified.returncode == 1
+    assert "records seq 3..3 are missing" in verified.stdout
+
+
+async def test_a_record_read_back_that_parses_but_fails_its_hash_is_a_hole_not_a_stop(
+    tmp_path: Path,
+) -> None:
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    log = fetch_log(store, tmp_path / "spool", "gw-b", None, memory_records=1)
+    await log.open()
+    store.down = True
+    for i in range(5):
+        log.append(fetch(i))
+    place = log._queue[2]  # record 1 is held in memory, the others as their places
+    assert isinstance(place, Spooled) and place.seq == 3
+    damage_record_line(tmp_path / "spool" / "gw-b", 3, b'"ts":', b'"tz":')  # while it waits
+    assert log.spool.read([place]) == [None]
+    lost = lost_count()
+    store.down = False
+    try:
+        assert await log.flushed(timeout=10), f"stuck at shipped_seq={log.shipped_seq}"
+    finally:
+        await log.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-b")] == [1, 2, 4, 5]
+    assert lost_count() == lost + 1

@@ -215,10 +215,12 @@ class FetchLog:
             seq = rec.spooled.seq
             if seq <= self.shipped_seq:
                 continue
-            if seq != self.seq + 1 and not gap_reported:
+            if seq != self.seq + 1:
                 # A damaged spool line: the chain has a hole that verify will report. Say so now.
-                log.error("spool_chain_gap", replica=self.replica, after=self.seq, next=seq)
-                gap_reported = True
+                metrics.AUDIT_RECORDS.labels(outcome="lost").inc(seq - self.seq - 1)
+                if not gap_reported:
+                    log.error("spool_chain_gap", replica=self.replica, after=self.seq, next=seq)
+                    gap_reported = True
             self.seq, self.head = seq, rec.hash
             self._queue.append(rec.spooled)  # read back from the spool when shipped
             self._pending.append((seq, _parse_ts(rec.ts) or self.clock()))

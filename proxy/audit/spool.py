@@ -9,7 +9,9 @@ moments; `fsync_interval` bounds that). Two kinds of line:
 
 A segment is deleted once every record in it is in the store and every request it saw begin has
 finished. At start the spool is replayed: records the store lacks are shipped again, and requests
-that began but never finished become records that say so.
+that began but never finished become records that say so. A record line counts only when its
+record's hash checks out (proxy/audit/FORMATS.md), at replay and when read back: a damaged line,
+torn or still parseable, is skipped, and the chain has a hole there that `audit verify` reports.
 
 A record not yet stored need not stay in memory: its `Spooled` place (segment, offset, length of
 its JSON text) is enough to read it back when it is shipped (`read`). The fetch log holds the
@@ -33,6 +35,7 @@ from typing import NamedTuple
 
 import structlog
 
+from proxy.audit.record import record_hash
 from proxy.audit.store import ReplicaInUse
 
 log = structlog.get_logger("crawlwarden.audit.spool")
@@ -42,6 +45,19 @@ _SEGMENT = re.compile(r"^segment-(\d{10})\.jsonl$")
 
 _RECORD = b'{"k":"r","rec":'  # a chained record's line: this, its JSON text, then b"}\n"
 _RECORD_END = b"}\n"
+
+
+def intact(rec: Any) -> bool:
+    """Whether a record read from the spool is the one that was chained: its hash recomputed
+    from its body and `prev_hash` (proxy/audit/FORMATS.md) is the `hash` it carries. A line
+    can be damaged and still parse (one changed byte in a key or a value): checking its shape
+    alone lets a record through that no store or verifier accepts."""
+    if not isinstance(rec, dict):
+        return False
+    try:
+        return record_hash(rec) == rec.get("hash")
+    except (KeyError, ValueError, TypeError):  # no prev_hash, or one that is not hex
+        return False
 
 
 class SpoolReadError(Exception):
@@ -91,6 +107,7 @@ class Replayed:
     records: list[ReplayedRecord] = field(default_factory=list)  # chained, in seq order
     unfinished: list[dict[str, Any]] = field(default_factory=list)  # began, never finished
     damaged_lines: int = 0
+    damaged_records: int = 0  # of those, whole record lines that fail their hash
 
 
 class Spool:
@@ -142,10 +159,17 @@ class Spool:
                     if kind == "b":
                         begins[ident] = rec
                     elif kind == "r":
-                        begins.pop(ident, None)
                         if not (raw.startswith(_RECORD) and raw.endswith(_RECORD_END)):
                             replayed.damaged_lines += 1  # parses, but not as `finish` writes
                             continue
+                        if not intact(rec):
+                            # Parses, but is not the record that was chained (a changed byte,
+                            # a renamed key): skipped as a torn line is. Its begin, if any, stays
+                            # unfinished: the request is then recorded as interrupted.
+                            replayed.damaged_lines += 1
+                            replayed.damaged_records += 1
+                            continue
+                        begins.pop(ident, None)
                         place = Spooled(
                             seq, seg.index, start + len(_RECORD), len(raw) - len(_RECORD) - 2
                         )
@@ -154,7 +178,11 @@ class Spool:
         replayed.records = [records[s] for s in sorted(records)]
         replayed.unfinished = list(begins.values())
         if replayed.damaged_lines:
-            log.warning("spool_damaged_lines", count=replayed.damaged_lines)
+            log.warning(
+                "spool_damaged_lines",
+                count=replayed.damaged_lines,
+                records=replayed.damaged_records,
+            )
         self._start_segment()
         return replayed
 
@@ -266,8 +294,8 @@ class Spool:
 
     def read(self, places: list[Spooled]) -> list[tuple[dict[str, Any], str] | None]:
         """The records at `places` (each record and its JSON text), in order; None for a place
-        whose line is damaged (what replay would skip too). Raises SpoolReadError when a
-        segment cannot be read at all (worth retrying).
+        whose line is damaged: it does not parse, or fails its hash (what replay skips too).
+        Raises SpoolReadError when a segment cannot be read at all (worth retrying).
 
         Safe beside the writer (in a thread): a place is handed out only after its line is
         written, and a segment is deleted only once all its records are stored."""
@@ -281,8 +309,8 @@ class Spool:
                 raw = os.pread(fd, place.length, place.offset)
                 try:
                     rec = json.loads(raw)
-                    ok = isinstance(rec, dict) and rec.get("seq") == place.seq
-                except ValueError:
+                    ok = rec.get("seq") == place.seq and intact(rec)
+                except (ValueError, AttributeError):
                     ok = False
                 out.append((rec, raw.decode()) if ok else None)
         except OSError as e:

@@ -29,6 +29,7 @@ from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
+from tests.test_audit_support import replay_over_a_damaged_stored_line
 from tests.test_audit_support import stored_row
 
 # Fixtures of a fresh PostgreSQL database per test.
@@ -521,3 +522,15 @@ async def test_pages_cover_every_replica_whatever_the_databases_collation(
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def test_a_stored_fetch_whose_spool_line_is_damaged_is_not_recorded_again(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    # The replay looks the request up in the store (its id at its start time) before recording
+    # it as interrupted: ts is a timestamptz here, and must match the record's.
+    rec_id = await replay_over_a_damaged_stored_line(
+        lambda: PostgresStore(pg_dsn), tmp_path / "spool", "gw-s"
+    )
+    records = [r async for r in aread_records(pg_dsn, RecordQuery(replica="gw-s"))]
+    assert [(r["seq"], r["id"], r["reason"]) for r in records] == [(1, rec_id, "ok")]

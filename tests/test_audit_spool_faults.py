@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 from pathlib import Path
 
@@ -22,9 +21,11 @@ from proxy.audit.spool import Spooled
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.sqlite_store import read_records
 from tests.test_audit_support import cli
+from tests.test_audit_support import damage_record_line
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
+from tests.test_audit_support import replay_over_a_damaged_stored_line
 
 
 async def test_one_failed_segment_open_does_not_stop_shipping(tmp_path: Path, monkeypatch) -> None:
@@ -82,19 +83,6 @@ class OutageStore(SQLiteStore):
         if self.down:
             raise ConnectionRefusedError("fetch-log database unreachable")
         await super().write(records, checkpoints)
-
-
-def damage_record_line(spool: Path, seq: int, old: bytes, new: bytes) -> None:
-    """Change `old` to `new` once in the spool line of record `seq` (same length or not)."""
-    for segment in sorted(spool.glob("segment-*.jsonl")):
-        lines = segment.read_bytes().split(b"\n")
-        for i, line in enumerate(lines):
-            if line.startswith(b'{"k":"r"') and json.loads(line)["rec"]["seq"] == seq:
-                assert old in line
-                lines[i] = line.replace(old, new, 1)
-                segment.write_bytes(b"\n".join(lines))
-                return
-    raise AssertionError(f"record {seq} is not in the spool")
 
 
 def lost_count() -> float:
@@ -163,3 +151,15 @@ async def test_a_record_read_back_that_parses_but_fails_its_hash_is_a_hole_not_a
         await log.close()
     assert [r["seq"] for r in stored(tmp_path, "gw-b")] == [1, 2, 4, 5]
     assert lost_count() == lost + 1
+
+
+async def test_a_stored_fetch_whose_spool_line_is_damaged_is_not_recorded_again(
+    tmp_path: Path,
+) -> None:
+    # The replay found its begin and no readable record, and recorded the fetch a second time,
+    # as interrupted (same id, next seq): reports counted it twice and verify passed.
+    rec_id = await replay_over_a_damaged_stored_line(
+        lambda: SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-s"
+    )
+    records = stored(tmp_path, "gw-s")
+    assert [(r["seq"], r["id"], r["reason"]) for r in records] == [(1, rec_id, "ok")]

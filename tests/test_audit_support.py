@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,39 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 def write_lines(path: Path, items: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(i, separators=(",", ":")) + "\n" for i in items))
     return path
+
+
+def damage_record_line(spool: Path, seq: int, old: bytes, new: bytes) -> None:
+    """Change `old` to `new` once in the spool line of record `seq` (the disk, or a hand)."""
+    for segment in sorted(spool.glob("segment-*.jsonl")):
+        lines = segment.read_bytes().split(b"\n")
+        for i, line in enumerate(lines):
+            if line.startswith(b'{"k":"r"') and json.loads(line)["rec"]["seq"] == seq:
+                assert old in line
+                lines[i] = line.replace(old, new, 1)
+                segment.write_bytes(b"\n".join(lines))
+                return
+    raise AssertionError(f"record {seq} is not in the spool")
+
+
+async def replay_over_a_damaged_stored_line(
+    make_store: Callable[[], FetchStore], spool: Path, replica: str
+) -> str:
+    """A forwarded fetch is stored; its spool line (still there: the segment is current) is
+    damaged while the gateway is down; the log is opened on that spool and closed again.
+    Returns the fetch's id."""
+    log = fetch_log(make_store(), spool, replica, None)
+    await log.open()
+    rec = fetch(1)  # forwarded
+    log.begin(rec)
+    log.append(rec)
+    assert await log.flushed()
+    await log.close()
+    damage_record_line(spool / replica, 1, b'"ts":', b'"tz":')
+    again = fetch_log(make_store(), spool, replica, None)
+    await again.open()
+    await again.close()
+    return rec.id
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -224,9 +224,13 @@ class FetchLog:
             self.seq, self.head = seq, rec.hash
             self._queue.append(rec.spooled)  # read back from the spool when shipped
             self._pending.append((seq, _parse_ts(rec.ts) or self.clock()))
+        interrupted = 0
         for began in replayed.unfinished:
+            if await self._stored_already(began):
+                continue
             # Interrupted mid-flight (kill -9, crash): the request left, its answer is unknown.
             self._append_interrupted(began)
+            interrupted += 1
         if key_changed is not None:
             self.new_event("signing_key", key_changed, reason="signing_key_changed")
         if replayed.records or replayed.unfinished:
@@ -234,7 +238,7 @@ class FetchLog:
                 "spool_replayed",
                 replica=self.replica,
                 to_ship=len(self._queue),
-                interrupted=len(replayed.unfinished),
+                interrupted=interrupted,
                 damaged_lines=replayed.damaged_lines,
             )
         if self.signer is None:
@@ -314,6 +318,19 @@ class FetchLog:
                 self.checkpoint_seq = purge["seq"]
                 changed = changed or self._key_change(purge["note"], purge["number"])
         return changed
+
+    async def _stored_already(self, began: dict[str, Any]) -> bool:
+        """Whether the store holds a record of a request whose begin the replay found
+        unfinished. Its record line may be damaged, or in a segment retired before the begin's
+        (another request kept that one open): recording it again as interrupted would count one
+        fetch twice, under one id."""
+        try:
+            held = await self.store.holds(self.replica, str(began["id"]), str(began["ts"]))
+        except (KeyError, ValueError):  # a begin without a readable time: not looked up
+            return False
+        if held:
+            log.warning("spool_begin_already_stored", replica=self.replica, id=began["id"])
+        return held
 
     def _key_change(self, note: str, number: int) -> str | None:
         """A note the current key did not sign: the key was changed (an embedded gateway given

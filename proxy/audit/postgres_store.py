@@ -438,6 +438,15 @@ class PostgresStore:
         )
         return None if row is None else (int(row["seq"]), str(row["hash"]))
 
+    async def holds(self, replica: str, record_id: str, ts: str) -> bool:
+        row = await self._db().fetchrow(
+            "SELECT 1 FROM fetch_records WHERE replica = $1 AND ts = $2 AND id = $3 LIMIT 1",
+            replica,
+            to_datetime(ts),
+            record_id,
+        )
+        return row is not None
+
     async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
         if not self._has("fetch_checkpoints"):
             return None

@@ -296,6 +296,15 @@ class SQLiteStore:
         )
         return None if row is None else (int(row[0]), str(row[1]))
 
+    async def holds(self, replica: str, record_id: str, ts: str) -> bool:
+        row = await self._one(
+            "SELECT 1 FROM fetch_records WHERE replica = ? AND ts = ? AND id = ? LIMIT 1",
+            replica,
+            ts,
+            record_id,
+        )
+        return row is not None
+
     async def last_checkpoint(self, replica: str) -> dict[str, Any] | None:
         if not self._has("fetch_checkpoints"):
             return None

@@ -129,6 +129,12 @@ class FetchStore(Protocol):
         """The replica's newest purge note: {"seq", "number", "note"}."""
         ...
 
+    async def holds(self, replica: str, record_id: str, ts: str) -> bool:
+        """Whether the replica's chain has a record with this id and `ts` (a request's records
+        all carry its start time): one probe of the (replica, ts) index. Raises ValueError for
+        a `ts` that is not a record's timestamp."""
+        ...
+
     async def write(
         self, records: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any]] = ()
     ) -> None:

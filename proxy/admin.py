@@ -90,6 +90,7 @@ async def readyz(request: web.Request) -> web.Response:
         "draining": rt.draining,
         "fetch_log_available": rt.fetch_log.available,
         "fetch_log_store_ok": rt.fetch_log.store_ok,
+        "fetch_log_set_aside": rt.fetch_log.set_aside,
         "policy_version": rt.policy_version,
         "replica": rt.replica,
     }

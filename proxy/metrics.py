@@ -85,7 +85,8 @@ AUDIT_QUEUE_DEPTH = Gauge(
 AUDIT_RECORDS = Counter(
     "crawlwarden_audit_records_total",
     "Fetch records by outcome (stored; retry: had to wait for the store, each counted once; "
-    "spool_error, lost; not_kept: a refusal counted, not recorded, the spool past its headroom)",
+    "spool_error, lost; not_kept: a refusal counted, not recorded, the spool past its headroom; "
+    "set_aside: refused by the store for what it holds, logged whole and left out of it)",
     ["outcome"],
 )
 AUDIT_SPOOL_BYTES = Gauge("crawlwarden_audit_spool_bytes", "Size of the local fetch-log spool")
@@ -159,7 +160,7 @@ for _kind in UPSTREAM_ERROR_KINDS:
     UPSTREAM_ERRORS.labels(kind=_kind)
 for _store in ("redis", "originfiles", "audit"):
     STORE_ERRORS.labels(store=_store)
-for _outcome in ("stored", "retry", "spool_error", "lost", "not_kept"):
+for _outcome in ("stored", "retry", "spool_error", "lost", "not_kept", "set_aside"):
     AUDIT_RECORDS.labels(outcome=_outcome)
 # A running process has loaded its policy at start (it does not start without one).
 POLICY_LAST_RELOAD_SUCCESS.set(1)

@@ -534,3 +534,22 @@ async def test_a_stored_fetch_whose_spool_line_is_damaged_is_not_recorded_again(
     )
     records = [r async for r in aread_records(pg_dsn, RecordQuery(replica="gw-s"))]
     assert [(r["seq"], r["id"], r["reason"]) for r in records] == [(1, rec_id, "ok")]
+
+
+async def test_a_record_postgresql_cannot_hold_is_set_aside_and_the_rest_stored(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    # PostgreSQL text cannot hold a NUL (SQLite's can): the write of that record is refused
+    # for good. It was retried forever with every later record behind it.
+    log = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool", "gw-n", None)
+    await log.open()
+    try:
+        log.append(fetch(1))
+        log.append(fetch(2, url="https://a.example/a\x00b"))
+        log.append(fetch(3))
+        assert await log.flushed(timeout=30), f"stuck at shipped_seq={log.shipped_seq}"
+    finally:
+        await log.close()
+    records = [r async for r in aread_records(pg_dsn, RecordQuery(replica="gw-n"))]
+    assert [r["seq"] for r in records] == [1, 3]
+    assert log.set_aside == 1

@@ -163,3 +163,58 @@ async def test_a_stored_fetch_whose_spool_line_is_damaged_is_not_recorded_again(
     )
     records = stored(tmp_path, "gw-s")
     assert [(r["seq"], r["id"], r["reason"]) for r in records] == [(1, rec_id, "ok")]
+
+
+# -- an item the store refuses -------------------------------------------------------------------
+#
+# Any store error retried the same batch forever: one item the store cannot take (a field
+# missing, a value PostgreSQL text cannot hold) held every later record out of it while
+# /readyz said ready. Such an item is set aside after a few tries alone, visibly.
+
+
+def set_aside_count() -> float:
+    return (
+        REGISTRY.get_sample_value("crawlwarden_audit_records_total", {"outcome": "set_aside"}) or 0
+    )
+
+
+async def test_a_record_the_store_refuses_is_set_aside_and_the_rest_stored(
+    tmp_path: Path, capsys
+) -> None:
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-x", None)
+    await log.open()
+    before = set_aside_count()
+    try:
+        log.append(fetch(1))
+        bad = fetch(2).to_dict()
+        del bad["decision"]  # a column the store requires
+        log.append_dict(bad)
+        for i in range(3, 8):
+            log.append(fetch(i))
+        assert await log.flushed(timeout=30), f"stuck at shipped_seq={log.shipped_seq}"
+        log.append(fetch(8))
+        assert await log.flushed(timeout=5)  # and shipping goes on as usual
+    finally:
+        await log.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-x")] == [1, 3, 4, 5, 6, 7, 8]
+    assert log.set_aside == 1
+    assert set_aside_count() == before + 1
+    logged = capsys.readouterr().out
+    assert "fetchlog_item_set_aside" in logged and bad["id"] in logged  # kept, in the log
+
+
+async def test_a_store_that_is_down_sets_nothing_aside(tmp_path: Path) -> None:
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    log = fetch_log(store, tmp_path / "spool", "gw-y", None)
+    await log.open()
+    store.down = True
+    try:
+        for i in range(5):
+            log.append(fetch(i))
+        await asyncio.sleep(4)  # well past SET_ASIDE_AFTER attempts
+        assert log.set_aside == 0 and len(log._queue) == 5
+        store.down = False
+        assert await log.flushed(timeout=15)
+    finally:
+        await log.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-y")] == [1, 2, 3, 4, 5]

@@ -54,6 +54,7 @@ from proxy.audit.spool import SpoolReadError
 from proxy.audit.spool import hold_spool
 from proxy.audit.store import ChainForked
 from proxy.audit.store import FetchStore
+from proxy.audit.store import refuses_item
 from proxy.decision import Outcome
 from proxy.decision import Reason
 
@@ -71,6 +72,9 @@ SPOOL_RETRY_SECONDS = 1.0
 # up to this share of it more; past that they are counted (RefusalsNotKept), so the spool's
 # size stays bounded whatever a flood of refused requests brings.
 REFUSALS_HEADROOM = 0.10
+# A queued item the store refuses for what it holds (refuses_item) is retried alone this many
+# times, then set aside: logged whole, counted, and shipping goes on past it.
+SET_ASIDE_AFTER = 5
 
 
 @dataclass
@@ -174,6 +178,7 @@ class FetchLog:
         # Another gateway wrote this replica's chain in the store: nothing more is shipped
         # (the records stay in the spool) and the log takes no more records (unready).
         self.chain_forked: ChainForked | None = None
+        self.set_aside = 0  # items the store refused, left out of it (see _set_aside)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -867,13 +872,19 @@ class FetchLog:
 
     async def _ship_loop(self) -> None:
         backoff = self.ship_interval
+        # A batch the store refuses for an item in it is halved until that item is alone: the
+        # items before it are stored, and the item itself is set aside after SET_ASIDE_AFTER
+        # refusals. A store that is down refuses nothing for its items: everything waits.
+        limit = self.batch_size
+        refused = 0
         while True:
             if not self._queue:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.ship_interval)
                 self._wake.clear()
                 continue
-            batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
+            size = min(limit, self.batch_size, len(self._queue))
+            batch = [self._queue[i] for i in range(size)]
             try:
                 items = await self._read_back(batch)
                 records = [item for item in items if "type" not in item]
@@ -895,10 +906,20 @@ class FetchLog:
                     log.error("fetchlog_spool_read_failed", error=str(e), queued=len(self._queue))
                 else:
                     log.warning("fetchlog_store_error", error=repr(e), queued=len(self._queue))
+                    if refuses_item(e):
+                        if len(batch) > 1:
+                            limit = max(1, len(batch) // 2)
+                        else:
+                            refused += 1
+                            if refused >= SET_ASIDE_AFTER:
+                                await self._set_aside(batch[0], e)
+                                refused, limit = 0, self.batch_size
+                                continue
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = self.ship_interval
+            limit, refused = min(self.batch_size, limit * 2), 0
             if not self.store_ok:
                 log.info("fetchlog_store_recovered", queued=len(self._queue))
             self.store_ok = True
@@ -910,9 +931,7 @@ class FetchLog:
             # Done with every record of the batch: stored, or lost on disk (`_read_back`).
             done = [i.seq if isinstance(i, Spooled) else i["seq"] for i in batch if _is_record(i)]
             if done:
-                self.shipped_seq = done[-1]
-                while self._pending and self._pending[0][0] <= self.shipped_seq:
-                    self._pending.popleft()
+                self._shipped(done[-1])
             numbered = [c["number"] for c in checkpoints if c["type"] == "checkpoint"]
             if numbered:
                 self.shipped_checkpoint = numbered[-1]
@@ -942,6 +961,47 @@ class FetchLog:
             unshipped_through_seq=self.seq,
             kept_in=str(self.spool.directory),
             error=str(error),
+        )
+
+    def _shipped(self, seq: int) -> None:
+        self.shipped_seq = seq
+        while self._pending and self._pending[0][0] <= seq:
+            self._pending.popleft()
+
+    async def _set_aside(self, item: dict[str, Any] | Spooled, error: Exception) -> None:
+        """Leave out of the store the item at the head of the queue, which it refused
+        SET_ASIDE_AFTER times for what it holds: one bad item must not hold every later record
+        back for good. Not silent: its whole text goes to the error log (to put it in by hand
+        once the cause is known), `crawlwarden_audit_records_total{outcome="set_aside"}` and
+        /readyz count it, and a record set aside is a hole that `audit verify` reports."""
+        self._queue.popleft()
+        text: str | None = None
+        if isinstance(item, Spooled):
+            with contextlib.suppress(SpoolReadError):  # it was read a moment ago
+                read = (await asyncio.to_thread(self.spool.read, [item]))[0]
+                text = read[1] if read is not None else None
+        else:
+            if isinstance(item, SerializedRecord):
+                self.held_in_memory -= 1
+            text = json.dumps(item, separators=(",", ":"), ensure_ascii=False, default=str)
+        self.set_aside += 1
+        metrics.AUDIT_RECORDS.labels(outcome="set_aside").inc()
+        metrics.AUDIT_QUEUE_DEPTH.set(len(self._queue))
+        if _is_record(item):
+            seq = item.seq if isinstance(item, Spooled) else item.get("seq")
+            self._retry_counted = max(0, self._retry_counted - 1)
+            if isinstance(seq, int):
+                self._shipped(seq)
+        elif not isinstance(item, Spooled) and item.get("type") == "checkpoint":
+            self.shipped_checkpoint = item["number"]  # or flushed() waits for it forever
+        log.error(
+            "fetchlog_item_set_aside",
+            replica=self.replica,
+            seq=item.seq if isinstance(item, Spooled) else item.get("seq"),
+            type=None if isinstance(item, Spooled) else item.get("type", "record"),
+            error=repr(error),
+            item=text,
+            refused=SET_ASIDE_AFTER,
         )
 
     async def _read_back(self, batch: list[dict[str, Any] | Spooled]) -> list[dict[str, Any]]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol
+
+import asyncpg
 
 from proxy.audit.schema import Schema
 
@@ -47,6 +50,27 @@ class PurgePoint:
     records: int  # how many records the cut removes
     number: int | None  # last checkpoint whose seq <= `seq`, None when there is none
     note_hash: str | None  # SHA-256 of that checkpoint's signed note
+
+
+# Errors of a store write that say what was written is wrong, not that the store is down,
+# locked or slow: a value one store cannot take (PostgreSQL text cannot hold a NUL), a field
+# missing. Writing the same item again fails the same way.
+_REFUSED_ITEM_ERRORS: tuple[type[BaseException], ...] = (
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+
+
+def refuses_item(error: BaseException) -> bool:
+    """Whether a failed write was refused for what it wrote (retrying it cannot help), rather
+    than for the store's state (unreachable, locked, timing out: retrying will)."""
+    return isinstance(error, _REFUSED_ITEM_ERRORS)
 
 
 class ReplicaInUse(Exception):

@@ -218,3 +218,38 @@ async def test_a_store_that_is_down_sets_nothing_aside(tmp_path: Path) -> None:
     finally:
         await log.close()
     assert [r["seq"] for r in stored(tmp_path, "gw-y")] == [1, 2, 3, 4, 5]
+
+
+async def test_a_damaged_last_record_line_keeps_its_seq_a_hole_verify_reports(
+    tmp_path: Path,
+) -> None:
+    # A whole line was written, so its seq was handed out (and named in the decision log line):
+    # the next record taking that seq again would hide that a record is missing.
+    signer, public = keys(tmp_path)
+    store = OutageStore(tmp_path / "fetchlog.sqlite3")
+    log = fetch_log(store, tmp_path / "spool", "gw-t", signer)
+    await log.open()
+    store.down = True
+    for i in range(5):
+        log.append(fetch(i))
+    await log.close(timeout=0.2)
+    damage_record_line(tmp_path / "spool" / "gw-t", 5, b'"ts":', b'"tz":')
+
+    lost = lost_count()
+    again = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-t", signer
+    )
+    await again.open()
+    try:
+        assert again.seq == 5
+        again.append(fetch(6))
+        assert await again.flushed(timeout=10), f"stuck at shipped_seq={again.shipped_seq}"
+    finally:
+        await again.close()
+    assert [r["seq"] for r in stored(tmp_path, "gw-t")] == [1, 2, 3, 4, 6]
+    assert lost_count() == lost + 1
+    result = cli("audit", "export", "--data-dir", tmp_path, "--output", tmp_path / "e.jsonl")
+    assert result.returncode == 0, result.stderr
+    verified = cli("audit", "verify", tmp_path / "e.jsonl", "--public-key", public)
+    assert verified.returncode == 1
+    assert "records seq 5..5 are missing" in verified.stdout

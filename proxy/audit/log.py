@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -48,6 +49,7 @@ from proxy.audit.record import chain_record
 from proxy.audit.record import record_hash
 from proxy.audit.record import utc_timestamp
 from proxy.audit.spool import Replayed
+from proxy.audit.spool import ReplayedRecord
 from proxy.audit.spool import Spool
 from proxy.audit.spool import Spooled
 from proxy.audit.spool import SpoolReadError
@@ -63,6 +65,7 @@ __all__ = ["FetchLog", "FetchLogClosed", "FetchStore"]
 log = structlog.get_logger("crawlwarden.audit")
 
 DAY = 86400.0
+_HASH = re.compile(r"[0-9a-f]{64}")
 # The chains of replicas that no longer run are looked at every WITNESS_EVERY checkpoint
 # intervals for records their replica never signed (witness_orphans): a few index probes each.
 WITNESS_EVERY = 5
@@ -216,7 +219,7 @@ class FetchLog:
             self.seq = self.shipped_seq = self.purged_seq
             self.head = self._purged_hash
         gap_reported = False
-        for rec in replayed.records:
+        for rec in self._with_damaged_places(replayed):
             seq = rec.spooled.seq
             if seq <= self.shipped_seq:
                 continue
@@ -323,6 +326,20 @@ class FetchLog:
                 self.checkpoint_seq = purge["seq"]
                 changed = changed or self._key_change(purge["note"], purge["number"])
         return changed
+
+    def _with_damaged_places(self, replayed: Replayed) -> list[ReplayedRecord]:
+        """The replayed records, with the places of whole lines that fail their hash where no
+        intact line has their seq. Such a line was written in full, so its seq was handed out
+        (the decision log line names it): the chain keeps it, and reading it back reports it
+        lost, a hole verify reports, rather than a later record taking its seq. A seq it claims
+        is believed only where damage cannot have made it up: a hash that is a hash, and no
+        further than one seq per damaged line past the replay's last record."""
+        records = {rec.spooled.seq: rec for rec in replayed.records}
+        reach = max([self.shipped_seq, *records]) + len(replayed.damaged)
+        for seq, rec in replayed.damaged.items():
+            if seq not in records and seq <= reach and _HASH.fullmatch(rec.hash):
+                records[seq] = rec
+        return [records[seq] for seq in sorted(records)]
 
     async def _stored_already(self, began: dict[str, Any]) -> bool:
         """Whether the store holds a record of a request whose begin the replay found

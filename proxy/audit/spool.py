@@ -10,8 +10,9 @@ moments; `fsync_interval` bounds that). Two kinds of line:
 A segment is deleted once every record in it is in the store and every request it saw begin has
 finished. At start the spool is replayed: records the store lacks are shipped again, and requests
 that began but never finished become records that say so. A record line counts only when its
-record's hash checks out (proxy/audit/FORMATS.md), at replay and when read back: a damaged line,
-torn or still parseable, is skipped, and the chain has a hole there that `audit verify` reports.
+record's hash checks out (proxy/audit/FORMATS.md), at replay and when read back: a damaged line
+is never shipped. A whole one keeps its seq (it was handed out), a hole that `audit verify`
+reports; a torn last line (a kill mid-write) never finished, and its seq goes to the next record.
 
 A record not yet stored need not stay in memory: its `Spooled` place (segment, offset, length of
 its JSON text) is enough to read it back when it is shipped (`read`). The fetch log holds the
@@ -107,7 +108,9 @@ class Replayed:
     records: list[ReplayedRecord] = field(default_factory=list)  # chained, in seq order
     unfinished: list[dict[str, Any]] = field(default_factory=list)  # began, never finished
     damaged_lines: int = 0
-    damaged_records: int = 0  # of those, whole record lines that fail their hash
+    # Of those, whole record lines that fail their hash, by the seq they claim: such a line was
+    # written in full, so its seq was handed out (a torn line's never was).
+    damaged: dict[int, ReplayedRecord] = field(default_factory=dict)
 
 
 class Spool:
@@ -162,17 +165,17 @@ class Spool:
                         if not (raw.startswith(_RECORD) and raw.endswith(_RECORD_END)):
                             replayed.damaged_lines += 1  # parses, but not as `finish` writes
                             continue
-                        if not intact(rec):
-                            # Parses, but is not the record that was chained (a changed byte,
-                            # a renamed key): skipped as a torn line is. Its begin, if any, stays
-                            # unfinished: the request is then recorded as interrupted.
-                            replayed.damaged_lines += 1
-                            replayed.damaged_records += 1
-                            continue
-                        begins.pop(ident, None)
                         place = Spooled(
                             seq, seg.index, start + len(_RECORD), len(raw) - len(_RECORD) - 2
                         )
+                        if not intact(rec):
+                            # Parses, but is not the record that was chained (a changed byte,
+                            # a renamed key): never shipped. Its begin, if any, stays
+                            # unfinished: the request is then recorded as interrupted.
+                            replayed.damaged_lines += 1
+                            replayed.damaged[seq] = ReplayedRecord(place, hash_, ts)
+                            continue
+                        begins.pop(ident, None)
                         records[seq] = ReplayedRecord(place, hash_, ts)
                         seg.max_seq = max(seg.max_seq, seq)
         replayed.records = [records[s] for s in sorted(records)]
@@ -181,7 +184,7 @@ class Spool:
             log.warning(
                 "spool_damaged_lines",
                 count=replayed.damaged_lines,
-                records=replayed.damaged_records,
+                records=len(replayed.damaged),
             )
         self._start_segment()
         return replayed

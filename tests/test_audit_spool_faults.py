@@ -253,3 +253,39 @@ async def test_a_damaged_last_record_line_keeps_its_seq_a_hole_verify_reports(
     verified = cli("audit", "verify", tmp_path / "e.jsonl", "--public-key", public)
     assert verified.returncode == 1
     assert "records seq 5..5 are missing" in verified.stdout
+
+
+async def test_a_begin_whose_record_was_stored_from_a_retired_segment_is_not_recorded_again(
+    tmp_path: Path,
+) -> None:
+    # No damage at all: a request's record line in a later segment, stored and retired, while
+    # its begin's segment stays (another request in it never finished); then kill -9. The
+    # replay found the begin alone and recorded that fetch a second time, as interrupted.
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-r", None)
+    await log.open()
+    log.spool.segment_bytes = 2048
+    done, hanging = fetch(1), fetch(2)
+    log.begin(hanging)  # never finishes: keeps segment 1
+    log.begin(done)
+    filler = iter(range(10, 100))
+    while len(log.spool.segments) == 1:
+        log.append(fetch(next(filler)))
+    log.append(done)  # in segment 2
+    while len(log.spool.segments) == 2:
+        log.append(fetch(next(filler)))
+    assert await log.flushed(timeout=10)
+    assert [s.index for s in log.spool.segments] == [1, 3]  # segment 2 was all stored
+    # kill -9: nothing more is shipped or recorded, the spool stays as it is
+    for task in log._tasks:
+        task.cancel()
+    await asyncio.gather(*log._tasks, return_exceptions=True)
+    log.spool.close()
+    await log.store.close()
+
+    again = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-r", None)
+    await again.open()
+    await again.close()
+    mine = [
+        (r["id"], r["reason"]) for r in stored(tmp_path, "gw-r") if r["id"] in (done.id, hanging.id)
+    ]
+    assert sorted(mine) == sorted([(done.id, "ok"), (hanging.id, "interrupted")])

@@ -339,6 +339,7 @@ class FetchLog:
         for seq, rec in replayed.damaged.items():
             if seq not in records and seq <= reach and _HASH.fullmatch(rec.hash):
                 records[seq] = rec
+                self.spool.keep(rec.spooled)
         return [records[seq] for seq in sorted(records)]
 
     async def _stored_already(self, began: dict[str, Any]) -> bool:

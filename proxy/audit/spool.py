@@ -189,6 +189,14 @@ class Spool:
         self._start_segment()
         return replayed
 
+    def keep(self, place: Spooled) -> None:
+        """Keep the segment of a replayed place until its seq is shipped. A damaged line's seq
+        is not counted in its segment's at replay (damage may have made it up): once the fetch
+        log takes it, its segment must not be deleted before it is read back."""
+        for seg in self.segments:
+            if seg.index == place.segment:
+                seg.max_seq = max(seg.max_seq, place.seq)
+
     def _lock(self) -> None:
         """One writer per spool: a second gateway on the same data dir and replica id would
         interleave two chains in one spool. The lock dies with the process (kill -9 too)."""

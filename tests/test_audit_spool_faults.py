@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 
 from proxy.audit import spool as spool_module
-from proxy.audit.query import RecordQuery
+from proxy.audit.log import SPOOL_RETRY_SECONDS
 from proxy.audit.spool import Spooled
 from proxy.audit.sqlite_store import SQLiteStore
-from proxy.audit.sqlite_store import read_records
+from tests.test_audit_log import stored
 from tests.test_audit_support import cli
 from tests.test_audit_support import damage_record_line
 from tests.test_audit_support import fetch
@@ -87,10 +89,6 @@ class OutageStore(SQLiteStore):
 
 def lost_count() -> float:
     return REGISTRY.get_sample_value("crawlwarden_audit_records_total", {"outcome": "lost"}) or 0
-
-
-def stored(data: Path, replica: str) -> list[dict]:
-    return list(read_records(data / "fetchlog.sqlite3", RecordQuery(replica=replica)))
 
 
 async def test_a_replayed_line_that_parses_but_fails_its_hash_is_a_hole_not_a_stop(
@@ -293,3 +291,47 @@ async def test_a_begin_whose_record_was_stored_from_a_retired_segment_is_not_rec
         (r["id"], r["reason"]) for r in stored(tmp_path, "gw-r") if r["id"] in (done.id, hanging.id)
     ]
     assert sorted(mine) == sorted([(done.id, "ok"), (hanging.id, "interrupted")])
+
+
+class DiskFull:
+    """The spool's disk fills up and frees again: while `full`, every write to a file in the
+    spool directory fails with ENOSPC (the segments, the room probe), as on a full disk."""
+
+    def __init__(self, monkeypatch, spool: Path) -> None:
+        self.full = False
+        real_write = os.write
+
+        def write(fd: int, data) -> int:
+            if self.full and os.readlink(f"/proc/self/fd/{fd}").startswith(str(spool)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(spool_module.os, "write", write)
+
+
+async def test_refusals_the_full_spool_cannot_take_are_counted_and_recorded_later(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # They left no trace at all, unlike refusals past audit.spool_max_bytes.
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw", None)
+    disk = DiskFull(monkeypatch, tmp_path / "spool")
+    await log.open()
+    try:
+        log.append(fetch(1))
+        disk.full = True
+        with pytest.raises(OSError):
+            log.append(fetch(2))  # a forwarded request's record: the caller keeps it
+        refusals = [fetch(4 * k, reason="audit_unavailable") for k in range(1, 6)]
+        assert [log.append(r) for r in refusals] == [None] * 5  # counted, nothing raised
+        disk.full = False
+        await asyncio.sleep(SPOOL_RETRY_SECONDS + 0.1)
+        assert log.available
+        assert await log.flushed(timeout=5)
+    finally:
+        await log.close(timeout=2)
+    [event] = [r for r in stored(tmp_path, "gw") if r["kind"] == "refusals_not_kept"]
+    note = json.loads(event["note"])
+    assert note["refused"] == 5
+    assert {(c["reason"], c["count"]) for c in note["by_team_site_reason"]} <= {
+        ("audit_unavailable", n) for n in range(1, 6)
+    }

@@ -97,8 +97,9 @@ class RefusalsNotKept:
     def note(self) -> str:
         return json.dumps(
             {
-                "why": "the spool was past audit.spool_max_bytes and its headroom: these "
-                "refused requests were counted, not recorded one by one",
+                "why": "the spool was past audit.spool_max_bytes and its headroom, or could "
+                "not be written (no room on its disk): these refused requests were counted, "
+                "not recorded one by one",
                 "refused": sum(self.counts.values()),
                 "first_ts": self.first_ts,
                 "last_ts": self.last_ts,
@@ -440,7 +441,7 @@ class FetchLog:
         False for good once the store holds another gateway's rows of this chain."""
         if self.chain_forked is not None:
             return False
-        if self._spool_error is not None and not self._spool_writable_again():
+        if self._spool_unwritable():
             return False
         return self.spool.size < self.spool_max_bytes
 
@@ -455,6 +456,10 @@ class FetchLog:
         self._spool_error = None
         return True
 
+    def _spool_unwritable(self) -> bool:
+        """A write failed and the spool has not had room since: no line is tried meanwhile."""
+        return self._spool_error is not None and not self._spool_writable_again()
+
     def begin(self, rec: FetchRecord) -> None:
         """Note a request that is about to be forwarded, before it leaves the gateway."""
         try:
@@ -464,26 +469,35 @@ class FetchLog:
             raise
 
     def append(self, rec: FetchRecord) -> dict[str, Any] | None:
-        """Chain and spool the record; None for a refusal only counted (the spool is past its
-        limit and its headroom: RefusalsNotKept)."""
-        if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
-            self._record_not_kept()
-        if (
-            rec.decision == Outcome.REFUSED
-            and rec.kind == "fetch"
-            and self.spool.size >= self.spool_max_bytes * (1 + REFUSALS_HEADROOM)
-        ):
-            if self._not_kept is None:
-                self._not_kept = RefusalsNotKept()
-                log.error(
-                    "fetchlog_refusals_not_kept",
-                    spool_bytes=self.spool.size,
-                    note="refusals are counted, not recorded one by one, until the spool has room",
-                )
-            self._not_kept.add(rec)
-            metrics.AUDIT_RECORDS.labels(outcome="not_kept").inc()
-            return None
-        return self.append_dict(rec.to_dict())
+        """Chain and spool the record; None for a refusal only counted (RefusalsNotKept): the
+        spool is past its limit and its headroom, or cannot be written (its disk is full).
+        Raises OSError for any other record the spool cannot take."""
+        if rec.decision != Outcome.REFUSED or rec.kind != "fetch":
+            if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
+                self._record_not_kept()
+            return self.append_dict(rec.to_dict())
+        if not self._spool_unwritable():
+            # A failed write (logged by _spool_failed) counts the refusal, as past the headroom.
+            with contextlib.suppress(OSError):
+                if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
+                    self._record_not_kept()
+                if self.spool.size < self.spool_max_bytes * (1 + REFUSALS_HEADROOM):
+                    return self.append_dict(rec.to_dict())
+        self._count_not_kept(rec)
+        return None
+
+    def _count_not_kept(self, rec: FetchRecord) -> None:
+        """A refusal counted, not recorded on its own (recorded in one `refusals_not_kept`)."""
+        if self._not_kept is None:
+            self._not_kept = RefusalsNotKept()
+            log.error(
+                "fetchlog_refusals_not_kept",
+                spool_bytes=self.spool.size,
+                spool_error=repr(self._spool_error) if self._spool_error else None,
+                note="refusals are counted, not recorded one by one, until the spool has room",
+            )
+        self._not_kept.add(rec)
+        metrics.AUDIT_RECORDS.labels(outcome="not_kept").inc()
 
     def _record_not_kept(self) -> None:
         assert self._not_kept is not None

@@ -762,6 +762,7 @@ class Gateway:
         )
         return state.stream
 
+    @_fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
         self._close_if_draining(flow)  # refusals too
         state: FlowState | None = flow.metadata.get(META)
@@ -774,7 +775,10 @@ class Gateway:
                 return  # a drain that ran out recorded it meanwhile (record_unfinished)
         # Every answer has its request id already: the site's since responseheaders, the
         # gateway's own since it was made (refusal_response, the robots.txt cache).
-        self._finish(flow, state)
+        self._settle(state)
+        # A streamed answer has gone out by now; a buffered one is still the gateway's to give.
+        buffered = resp is not None and not resp.stream and state.stream is None
+        self._record(flow, state, deliverable=buffered)
 
     def _close_if_draining(self, flow: http.HTTPFlow) -> None:
         """While the replica drains, an HTTP/1 answer closes its connection: the scraper's
@@ -1221,11 +1225,54 @@ class Gateway:
             user_agent=policy.crawler.user_agent,
         )
 
-    def _record(self, flow: http.HTTPFlow, state: FlowState) -> None:
+    def _record(self, flow: http.HTTPFlow, state: FlowState, *, deliverable: bool = False) -> None:
+        """Write the request's record (once). `deliverable`: its answer has not gone out yet
+        (the response hook, a buffered answer), so it is not delivered if its record cannot be
+        written."""
         if state.recorded:
             return  # one record per request, whoever gets there first
         state.recorded = True
         self._decided(state)
+        rec = self._finished_record(flow, state)
+        try:
+            data = self.rt.record(rec)
+        except FetchLogClosed:
+            # Still under way when the gateway stopped: if it was forwarded, the fetch log
+            # recorded it as interrupted when it closed.
+            log.info("record_after_stop", id=rec.id, decision=rec.decision, reason=rec.reason)
+            return
+        except OSError:  # no room in the spool (a full disk): logged by the fetch log
+            rec, data = self._record_when_room(flow, state, deliverable=deliverable), None
+        self._count(flow, state, rec, data)
+
+    def _record_when_room(
+        self, flow: http.HTTPFlow, state: FlowState, *, deliverable: bool
+    ) -> FetchRecord:
+        """A record the spool had no room for. An answer not yet delivered is replaced with
+        503 audit_unavailable, as the request hooks refuse while the fetch log takes nothing: a
+        scraper never has an answer whose record could be lost (a crash before the spool has
+        room would leave only its begin: "interrupted, response unknown"). A forwarded
+        request's record (its begin is in the spool) is kept and written once the spool has
+        room; any other is then a refusal, counted like those past the spool's limit."""
+        if deliverable:
+            refusal = _audit_unavailable(state.site)
+            if state.forwarded:
+                state.withheld = state.withheld or refusal
+            else:  # the robots.txt cache's answer
+                state.decision, state.cached_robots = refusal, False
+            outcome = Outcome.WITHHELD if state.forwarded else Outcome.REFUSED
+            flow.response = refusal_response(refusal, outcome, state.id, flow.request.method)
+            if flow.request.http_version.startswith("HTTP/1"):
+                flow.response.headers["connection"] = "close"  # as _refuse does for it
+        rec = self._finished_record(flow, state)
+        if state.forwarded:
+            self.rt.fetch_log.keep_until_room(rec)
+        else:
+            self.rt.record(rec)  # a refusal: counted, not raised (FetchLog.append)
+        return rec
+
+    def _finished_record(self, flow: http.HTTPFlow, state: FlowState) -> FetchRecord:
+        """The request's record as it ended: its answer, or why there was none."""
         rec = self._build_record(flow, state)
         now = time.time()
         answer = state.answer
@@ -1248,10 +1295,6 @@ class Gateway:
                 rec.content_sha256 = answer.sha256
                 if answer.sha256 is None:
                     rec.note = "streamed past the buffer limit by mitmproxy: body not hashed"
-            if flow.request.timestamp_end:
-                metrics.UPSTREAM_SECONDS.observe(
-                    max(0.0, answer.finished - flow.request.timestamp_end)
-                )
             now = answer.finished
         elif state.refused_tunnel:
             rec.status = 200
@@ -1274,19 +1317,31 @@ class Gateway:
             rec.reason = str(state.withheld.reason)
             rec.rule = state.withheld.rule
             rec.note = "withheld: the body was not delivered to the scraper"
+            if state.withheld.reason is Reason.AUDIT_UNAVAILABLE:
+                rec.note += (
+                    " (the fetch log's spool had no room for this record when the answer "
+                    "came: the scraper was answered 503 audit_unavailable; written once it had)"
+                )
             if state.decision is not None and state.decision.reason in _NOTED_REASONS:
                 rec.note += f"; then {inputs.recordable(state.decision.detail)}"  # broken off, say
         elif state.decision is not None and state.decision.reason in _NOTED_REASONS:
             rec.note = inputs.recordable(state.decision.detail)  # what went wrong, for the auditor
         rec.duration_ms = round(max(0.0, now - state.started) * 1000, 3)
+        return rec
+
+    def _count(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        rec: FetchRecord,
+        data: dict[str, object] | None,
+    ) -> None:
+        """A recorded decision's metrics and its canonical log line."""
+        if state.answer is not None and flow.request.timestamp_end:
+            metrics.UPSTREAM_SECONDS.observe(
+                max(0.0, state.answer.finished - flow.request.timestamp_end)
+            )
         metrics.TOTAL_SECONDS.observe(rec.duration_ms / 1000)
-        try:
-            data = self.rt.record(rec)
-        except FetchLogClosed:
-            # Still under way when the gateway stopped: if it was forwarded, the fetch log
-            # recorded it as interrupted when it closed.
-            log.info("record_after_stop", id=rec.id, decision=rec.decision, reason=rec.reason)
-            return
         labels = self.rt.site_labels
         site_label = labels.observe(rec.site) if rec.decision in _REACHED else labels.peek(rec.site)
         team_label = rec.team or "_none"
@@ -1300,7 +1355,8 @@ class Gateway:
             "decision",
             id=rec.id,
             replica=self.rt.replica,
-            seq=data["seq"] if data is not None else None,  # None: counted, not kept
+            # None: counted, not kept (a refusal), or kept until the spool has room
+            seq=data["seq"] if data is not None else None,
             team=rec.team,
             project=rec.project,
             client_ip=rec.client_ip,
@@ -1330,7 +1386,7 @@ def _h2_words(message: str) -> bool:
     return message.startswith("stream reset by client") or message == "peer closed connection"
 
 
-def _audit_unavailable(site: str) -> Decision:
+def _audit_unavailable(site: str | None) -> Decision:
     return refuse(
         Reason.AUDIT_UNAVAILABLE,
         "the fetch log cannot take more records; fetching resumes when it recovers",

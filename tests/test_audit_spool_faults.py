@@ -309,6 +309,57 @@ class DiskFull:
         monkeypatch.setattr(spool_module.os, "write", write)
 
 
+async def test_a_record_the_full_spool_could_not_take_is_written_once_it_has_room(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # A response finished while the disk was full: its record was lost and its begin stayed
+    # open for the life of the process (recorded "interrupted, response unknown" at the stop),
+    # which kept its segment from ever being retired: with a small spool limit, 503 to every
+    # request until a restart.
+    signer, _ = keys(tmp_path)
+    log = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+        tmp_path / "spool",
+        "gw",
+        signer,
+        spool_max_bytes=16 * 1024,  # rotate_at = 4 KB
+        fsync_interval=0.1,
+    )
+    disk = DiskFull(monkeypatch, tmp_path / "spool")
+    await log.open()
+    try:
+        slow = fetch(1)
+        log.begin(slow)
+        disk.full = True
+        finished = fetch(1, id=slow.id, status=200, response_bytes=5000)
+        with pytest.raises(OSError):
+            log.append(finished)
+        log.keep_until_room(finished)
+        assert not log.available
+        seq = log.seq
+        disk.full = False
+        # Nothing asks (no request, no readiness probe): the fetch log looks for room itself.
+        for _ in range(50):
+            if log.seq > seq:
+                break
+            await asyncio.sleep(0.1)
+        assert log.seq == seq + 1, "the record that waited for room was never written"
+        assert log.spool.unfinished() == []
+        assert log.available
+        for i in range(2, 40):  # several times the limit, shipped as it goes
+            log.append(fetch(i))
+            await asyncio.sleep(0.01)
+        assert await log.flushed(timeout=5)
+        log.append(fetch(40))
+        assert await log.flushed(timeout=5)
+        assert log.spool.size < log.spool_max_bytes, "the segment of the blip was never retired"
+        assert log.available
+    finally:
+        await log.close(timeout=2)
+    [kept] = [r for r in stored(tmp_path, "gw") if r["id"] == slow.id]
+    assert (kept["reason"], kept["status"], kept["response_bytes"]) == ("ok", 200, 5000)
+
+
 async def test_refusals_the_full_spool_cannot_take_are_counted_and_recorded_later(
     tmp_path: Path, monkeypatch
 ) -> None:

@@ -10,6 +10,10 @@ queue behind the records they cover, so the store never holds a checkpoint ahead
 Up to `memory_records` records not yet stored wait in memory whole; past that (a store outage,
 a replayed spool) the queue holds only their places in the spool, and the ship loop reads them
 back from it: an outage costs spool disk up to `spool_max_bytes`, not memory.
+
+A spool that cannot be written (its disk is full) loses no finished fetch: the record of a
+forwarded request is kept (`keep_until_room`, its begin stays open meanwhile) and written before
+anything else once the spool has room; a refusal is counted (RefusalsNotKept), as past the limit.
 """
 
 from __future__ import annotations
@@ -178,6 +182,10 @@ class FetchLog:
         self._spool_error: OSError | None = None
         self._spool_failed_at = 0.0  # monotonic: when a write last failed, or room was looked for
         self._not_kept: RefusalsNotKept | None = None
+        # Finished records of forwarded requests the spool had no room for, in order: written
+        # first once it has room. At most one per begin still open in the spool, and no begin is
+        # written while any waits (`begin`): bounded by the requests under way at the failure.
+        self._unwritten: deque[dict[str, Any]] = deque()
         self.store_ok = True
         # Another gateway wrote this replica's chain in the store: nothing more is shipped
         # (the records stay in the spool) and the log takes no more records (unready).
@@ -381,9 +389,12 @@ class FetchLog:
         if self._closing:
             return
         self._closing = True
-        if self._not_kept is not None:
-            with contextlib.suppress(OSError):  # logged by _spool_failed
-                self._record_not_kept()
+        with contextlib.suppress(OSError):  # logged by _spool_failed
+            self._catch_up()
+        if self._unwritten:
+            # The disk had no room until the end: their begins stay in the spool, and the next
+            # run of this replica records them interrupted.
+            log.error("fetchlog_unwritten_at_exit", records=len(self._unwritten), kept_in="spool")
         unfinished = self.spool.unfinished()
         if unfinished:
             # Still in flight when the gateway stopped (its drain ran out): recorded now, not
@@ -446,22 +457,41 @@ class FetchLog:
         return self.spool.size < self.spool_max_bytes
 
     def _spool_writable_again(self) -> bool:
+        """Whether the spool has room again (looked for every SPOOL_RETRY_SECONDS); if so, what
+        waited for it is written first (`_catch_up`)."""
         now = time.monotonic()
-        if now - self._spool_failed_at < SPOOL_RETRY_SECONDS:
+        if self.closed or now - self._spool_failed_at < SPOOL_RETRY_SECONDS:
             return False
         self._spool_failed_at = now
         if not self.spool.has_room():
             return False
-        log.warning("fetchlog_spool_writable_again", error=repr(self._spool_error))
-        self._spool_error = None
+        error, self._spool_error = self._spool_error, None
+        waited = len(self._unwritten)
+        try:
+            self._catch_up()
+        except OSError:
+            return False  # filled up again (logged by _spool_failed)
+        log.warning("fetchlog_spool_writable_again", error=repr(error), records_written=waited)
         return True
 
     def _spool_unwritable(self) -> bool:
         """A write failed and the spool has not had room since: no line is tried meanwhile."""
         return self._spool_error is not None and not self._spool_writable_again()
 
+    def _catch_up(self) -> None:
+        """Write what waited for the spool to have room: the finished records it could not
+        take, then the refusals only counted (once the spool is below its limit). A failed
+        write raises (logged by _spool_failed); what is not written yet waits on."""
+        while self._unwritten:
+            self.append_dict(self._unwritten[0])
+            self._unwritten.popleft()
+        if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
+            self._record_not_kept()
+
     def begin(self, rec: FetchRecord) -> None:
-        """Note a request that is about to be forwarded, before it leaves the gateway."""
+        """Note a request that is about to be forwarded, before it leaves the gateway. Raises
+        OSError while the spool cannot be written, or cannot write the records that wait."""
+        self._catch_up()  # (so nothing is forwarded while they wait: they stay bounded)
         try:
             self.spool.begin(rec.to_dict())
         except OSError as e:
@@ -471,7 +501,7 @@ class FetchLog:
     def append(self, rec: FetchRecord) -> dict[str, Any] | None:
         """Chain and spool the record; None for a refusal only counted (RefusalsNotKept): the
         spool is past its limit and its headroom, or cannot be written (its disk is full).
-        Raises OSError for any other record the spool cannot take."""
+        Raises OSError for any other record the spool cannot take (`keep_until_room`)."""
         if rec.decision != Outcome.REFUSED or rec.kind != "fetch":
             if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
                 self._record_not_kept()
@@ -485,6 +515,15 @@ class FetchLog:
                     return self.append_dict(rec.to_dict())
         self._count_not_kept(rec)
         return None
+
+    def keep_until_room(self, rec: FetchRecord) -> None:
+        """Keep the finished record of a forwarded request that the spool had no room for (a
+        failed `append`): it is written before anything else once the spool has room, and its
+        begin stays open until then (a stop before that records it interrupted)."""
+        if self.closed:
+            raise FetchLogClosed(f"the fetch log is closed; record {rec.id} not written")
+        self._unwritten.append(rec.to_dict())
+        log.warning("fetchlog_record_waits_for_room", id=rec.id, waiting=len(self._unwritten))
 
     def _count_not_kept(self, rec: FetchRecord) -> None:
         """A refusal counted, not recorded on its own (recorded in one `refusals_not_kept`)."""
@@ -1059,6 +1098,9 @@ class FetchLog:
         while True:
             await asyncio.sleep(self.fsync_interval)
             await asyncio.to_thread(self.spool.sync)
+            if self._spool_error is not None:
+                # What waits for room is written once there is, without waiting for a request.
+                self._spool_writable_again()
 
     async def flushed(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is in the store (tests, purge, export)."""

@@ -1267,8 +1267,13 @@ class Gateway:
         rec = self._finished_record(flow, state)
         if state.forwarded:
             self.rt.fetch_log.keep_until_room(rec)
-        else:
+            return rec
+        try:
             self.rt.record(rec)  # a refusal: counted, not raised (FetchLog.append)
+        except OSError:
+            # A robots.txt cache answer that went out before the spool filled (its client gone
+            # while it was delivered): nothing left the gateway for it.
+            log.error("record_not_written", id=rec.id, decision=rec.decision, reason=rec.reason)
         return rec
 
     def _finished_record(self, flow: http.HTTPFlow, state: FlowState) -> FetchRecord:

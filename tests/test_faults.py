@@ -34,6 +34,7 @@ from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.pg_server import TempPostgres
 from tests.support import CRAWLWARDEN
+from tests.support import IN_CI
 from tests.support import PROJECT
 from tests.support import ROOT
 from tests.support import TEAM
@@ -754,8 +755,10 @@ def test_a_second_gateway_with_the_same_replica_id_and_data_dir_refuses_to_start
 @contextlib.contextmanager
 def small_disk(path: Path, size: str = "8m") -> Iterator[Path]:
     """A tmpfs of `size` at `path`, to fill up for real (root only: mount needs it)."""
+    # Under CI=true a failure, never a silent skip (CI runs as root on this kind of machine).
+    cannot = pytest.fail if IN_CI else pytest.skip
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+        cannot("mounting a small tmpfs needs root")
     path.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
@@ -763,7 +766,7 @@ def small_disk(path: Path, size: str = "8m") -> Iterator[Path]:
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        cannot(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         yield path
     finally:

@@ -1265,7 +1265,8 @@ class Gateway:
             if flow.request.http_version.startswith("HTTP/1"):
                 flow.response.headers["connection"] = "close"  # as _refuse does for it
         rec = self._finished_record(flow, state)
-        if state.forwarded:
+        if state.forwarded or self.rt.fetch_log.has_begun(rec.id):
+            # (begun and refused before it left: its begin closes only with its record)
             self.rt.fetch_log.keep_until_room(rec)
             return rec
         try:

@@ -386,3 +386,33 @@ async def test_refusals_the_full_spool_cannot_take_are_counted_and_recorded_late
     assert {(c["reason"], c["count"]) for c in note["by_team_site_reason"]} <= {
         ("audit_unavailable", n) for n in range(1, 6)
     }
+
+
+async def test_a_forwarded_request_that_ends_refused_on_a_full_disk_is_recorded_not_counted(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Begun (about to be forwarded), then refused before it left (its scraper gone before the
+    # connection to the site was made) while the disk was full: the refusal was counted, its
+    # begin stayed open, and the stop recorded the same request again as forwarded,
+    # interrupted, response unknown (found in review).
+    log = fetch_log(SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw", None)
+    disk = DiskFull(monkeypatch, tmp_path / "spool")
+    await log.open()
+    try:
+        begun = fetch(1)
+        log.begin(begun)
+        disk.full = True
+        refused = fetch(1, id=begun.id, decision="refused", reason="interrupted", status=None)
+        with pytest.raises(OSError):
+            log.append(refused)  # not counted: the caller keeps it until the spool has room
+        log.keep_until_room(refused)
+        disk.full = False
+        await asyncio.sleep(SPOOL_RETRY_SECONDS + 0.1)
+        assert log.available
+        assert log.spool.unfinished() == []
+        assert await log.flushed(timeout=5)
+    finally:
+        await log.close(timeout=2)
+    records = [r for r in stored(tmp_path, "gw") if r["id"] == begun.id]
+    assert [(r["decision"], r["reason"]) for r in records] == [("refused", "interrupted")]
+    assert not [r for r in stored(tmp_path, "gw") if r["kind"] == "refusals_not_kept"]

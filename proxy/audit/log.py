@@ -502,7 +502,12 @@ class FetchLog:
         """Chain and spool the record; None for a refusal only counted (RefusalsNotKept): the
         spool is past its limit and its headroom, or cannot be written (its disk is full).
         Raises OSError for any other record the spool cannot take (`keep_until_room`)."""
-        if rec.decision != Outcome.REFUSED or rec.kind != "fetch":
+        if rec.decision != Outcome.REFUSED or rec.kind != "fetch" or self.has_begun(rec.id):
+            # A record that must be written: a fetch that reached the site, an event, or a
+            # request begun (forwarded) that ended refused before it left (its begin closes
+            # only with its record, or a stop would record it forwarded, response unknown).
+            # Those that waited for room go first.
+            self._catch_up()
             if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
                 self._record_not_kept()
             return self.append_dict(rec.to_dict())
@@ -515,6 +520,10 @@ class FetchLog:
                     return self.append_dict(rec.to_dict())
         self._count_not_kept(rec)
         return None
+
+    def has_begun(self, rec_id: str) -> bool:
+        """Whether the request's begin is in the spool, waiting for its record."""
+        return self.spool.has_begun(rec_id)
 
     def keep_until_room(self, rec: FetchRecord) -> None:
         """Keep the finished record of a forwarded request that the spool had no room for (a
@@ -982,7 +991,9 @@ class FetchLog:
                             limit = max(1, len(batch) // 2)
                         else:
                             refused += 1
-                            if refused >= SET_ASIDE_AFTER:
+                            # Never a purge note: the purge deletes the records it stands
+                            # for only once it is stored.
+                            if refused >= SET_ASIDE_AFTER and not _is_purge(batch[0]):
                                 await self._set_aside(batch[0], e)
                                 refused, limit = 0, self.batch_size
                                 continue
@@ -1112,6 +1123,10 @@ class FetchLog:
                 return True
             await asyncio.sleep(0.02)
         return False
+
+
+def _is_purge(item: dict[str, Any] | Spooled) -> bool:
+    return not isinstance(item, Spooled) and item.get("type") == "purge"
 
 
 def _is_record(item: dict[str, Any] | Spooled) -> bool:

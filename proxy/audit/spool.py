@@ -280,6 +280,10 @@ class Spool:
         self.current.open_begins += 1
         self._begun[rec["id"]] = (self.current, rec)
 
+    def has_begun(self, rec_id: str) -> bool:
+        """Whether a request of this id was begun in this run and is not finished yet."""
+        return rec_id in self._begun
+
     def unfinished(self) -> list[dict[str, Any]]:
         """The records of requests begun in this run and not finished (yet)."""
         return [rec for _, rec in self._begun.values()]

@@ -35,6 +35,7 @@ from proxy.audit.store import ChainForked
 from proxy.audit.store import ReplicaInUse
 from tests.support import unwritable
 from tests.test_audit_support import REPO
+from tests.test_audit_support import another_hash_fails_the_write_and_a_retry_does_not
 from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
@@ -547,27 +548,7 @@ async def test_a_sqlite_record_stored_with_another_hash_fails_the_write_and_a_re
     store = SQLiteStore(tmp_path / "fetchlog.sqlite3")
     await store.open()
     try:
-        batch = [stored_row("gw-x", seq, "ours") for seq in range(1, 6)]
-        await store.write(batch)
-        await store.write(batch)  # replayed from the spool after a crash: nothing to do
-        theirs = [stored_row("gw-x", seq, "theirs") for seq in range(4, 9)]
-        with pytest.raises(ChainForked, match=r"records 4\.\.5 of replica 'gw-x'"):
-            await store.write(theirs)
-        assert await store.last("gw-x") == (5, batch[-1]["hash"])  # 6..8 not stored either
-        checkpoint = {
-            "type": "checkpoint",
-            "replica": "gw-x",
-            "number": 1,
-            "seq": 5,
-            "time": "2026-01-01T00:00:00Z",
-            "kind": "periodic",
-            "note": "ours",
-        }
-        await store.write([], [checkpoint])
-        await store.write([], [checkpoint])
-        with pytest.raises(ChainForked, match=r"checkpoints #1\.\.#1"):
-            await store.write([], [{**checkpoint, "note": "theirs"}])
-        assert (await store.last_checkpoint("gw-x") or {})["note"] == "ours"
+        await another_hash_fails_the_write_and_a_retry_does_not(store)
     finally:
         await store.close()
     assert [r["note"] for r in stored(tmp_path, "gw-x")] == ["ours"] * 5

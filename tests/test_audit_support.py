@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from proxy.audit.keys import Signer
 from proxy.audit.keys import generate_key_pair
 from proxy.audit.log import FetchLog
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
+from proxy.audit.store import ChainForked
 from proxy.audit.store import FetchStore
 
 CRAWLWARDEN = str(Path(sys.executable).parent / "crawlwarden")
@@ -156,3 +159,32 @@ async def start_writer(script: str, data: Path, signer: Signer) -> subprocess.Po
         out, err = proc.communicate(timeout=10)
         raise AssertionError(f"the writer did not get ready: {line}{out}{err}")
     return proc
+
+
+async def another_hash_fails_the_write_and_a_retry_does_not(store: FetchStore) -> None:
+    """Either store: a row already stored is a retry's (the same hash: nothing to do) or
+    another writer's (another hash: ChainForked, and nothing of the batch is stored)."""
+    batch = [stored_row("gw-x", seq, "ours") for seq in range(1, 6)]
+    await store.write(batch)
+    await store.write(batch)  # a retry (replayed from the spool, a lost acknowledgement)
+    assert await store.last("gw-x") == (5, batch[-1]["hash"])
+    theirs = [stored_row("gw-x", seq, "theirs") for seq in range(4, 9)]
+    with pytest.raises(ChainForked, match=r"records 4\.\.5 of replica 'gw-x'"):
+        await store.write(theirs)
+    assert await store.last("gw-x") == (5, batch[-1]["hash"])  # 6..8 not stored either
+    rows = [r async for r in store.records("gw-x", 1, 5)]
+    assert [r["note"] for r in rows] == ["ours"] * 5
+    checkpoint = {
+        "type": "checkpoint",
+        "replica": "gw-x",
+        "number": 1,
+        "seq": 5,
+        "time": "2026-01-01T00:00:00Z",
+        "kind": "periodic",
+        "note": "ours",
+    }
+    await store.write([], [checkpoint])
+    await store.write([], [checkpoint])
+    with pytest.raises(ChainForked, match=r"checkpoints #1\.\.#1"):
+        await store.write([], [{**checkpoint, "note": "theirs"}])
+    assert (await store.last_checkpoint("gw-x") or {})["note"] == "ours"

@@ -416,3 +416,33 @@ async def test_a_forwarded_request_that_ends_refused_on_a_full_disk_is_recorded_
     records = [r for r in stored(tmp_path, "gw") if r["id"] == begun.id]
     assert [(r["decision"], r["reason"]) for r in records] == [("refused", "interrupted")]
     assert not [r for r in stored(tmp_path, "gw") if r["kind"] == "refusals_not_kept"]
+
+
+async def test_a_small_spool_rotates_under_steady_load_with_requests_always_under_way(
+    tmp_path: Path,
+) -> None:
+    # With audit.spool_max_bytes under one segment, the current segment was rotated only when
+    # no request begun in it was under way, which under steady load it rarely is: the spool
+    # grew to its limit and the gateway answered 503 with a healthy store (fault probe r7).
+    log = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+        tmp_path / "spool",
+        "gw",
+        None,
+        spool_max_bytes=16 * 1024,  # rotate_at = 4 KB
+    )
+    await log.open()
+    try:
+        under_way = fetch(1)
+        log.begin(under_way)  # one request always under way in the current segment
+        for i in range(2, 120):
+            if i % 10 == 0:  # the one under way ends, another begins
+                log.append(fetch(i, id=under_way.id))
+                under_way = fetch(i + 1000)
+                log.begin(under_way)
+            else:
+                log.append(fetch(i))
+            assert await log.flushed(timeout=5)
+            assert log.available, f"refusing at record {i}: spool {log.spool.size} bytes"
+    finally:
+        await log.close(timeout=2)

@@ -347,12 +347,14 @@ class Spool:
     def retire(self, shipped_seq: int, rotate_at: int = 1 << 20) -> int:
         """Delete segments that are fully in the store; returns how many were deleted.
 
-        The current segment is closed and deleted too once it is all stored and `rotate_at`
-        bytes long: otherwise a spool limit below one segment would stay reached after the store
-        came back, and the gateway would keep refusing.
+        The current segment is closed once it is all stored and `rotate_at` bytes long, and
+        deleted once the requests begun in it are over too: otherwise a spool limit below one
+        segment would stay reached after the store came back, and the gateway would keep
+        refusing. (Waiting for no request to be under way in it as well kept it from ever
+        rotating under steady load: 503s with a healthy store and a limit under ~16 MB.)
         """
         if self.current.size > 0 and self.current.max_seq <= shipped_seq:
-            if self.current.open_begins == 0 and self.current.size >= rotate_at:
+            if self.current.size >= rotate_at:
                 # A new segment that cannot be made now (no file descriptors, no inodes) is
                 # tried again at the next round; shipping must not stop for it.
                 with contextlib.suppress(OSError):

@@ -947,6 +947,44 @@ def test_a_request_held_for_the_budget_is_let_go_when_its_client_goes_away(
     assert [(r["decision"], r["reason"]) for r in gone] == [("refused", "interrupted")] * 4
 
 
+def test_a_request_held_across_a_reload_that_revoked_its_team_is_not_forwarded(
+    workdir: Path, site: Site
+):
+    # Held for its budget (delay mode), it was forwarded in its turn after a reload had taken
+    # its team's token away, recorded under the old policy (found by a policy author's probe).
+    policy = policy_with(
+        sites=[
+            {
+                "id": "held",
+                "match": ["slow.test"],
+                "rate": "20/min",
+                "burst": 1,
+                "on_exceed": "delay",
+                "max_delay": "10s",
+            }
+        ]
+    )
+    with Gateway(workdir, policy) as gw:
+
+        def get(path: str) -> CurlResult:
+            return curl(site.url("slow.test", path), proxy=gw.proxy_url(), headers=PROJECT_HEADERS)
+
+        assert get("/first").status == 200  # the next turn is 3 s away
+        held: list[CurlResult] = []
+        waiting = threading.Thread(target=lambda: held.append(get("/held")))
+        waiting.start()
+        time.sleep(0.5)
+        revoked = yaml.safe_load(gw.policy_file.read_text())
+        [team] = [t for t in revoked["teams"] if t["name"] == TEAM]
+        team["token_sha256"] = sha256_hex("a-new-token")
+        gw.policy_file.write_text(yaml.safe_dump(revoked))
+        status, _ = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+        assert status == 200
+        waiting.join(timeout=15)
+    assert held and held[0].status == 407
+    assert site.paths().get("/held", 0) == 0
+
+
 def test_http2_streams_cancelled_while_held_are_let_go_and_take_nothing(
     workdir: Path, tls_site: Site, test_ca: LocalCA
 ):

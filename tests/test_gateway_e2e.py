@@ -356,6 +356,9 @@ def test_a_websocket_through_the_gateway_works_and_is_one_fetch_record(gateway: 
     assert rec["url"] == f"http://site-c.test:{server.port}/ws"
     assert (rec["decision"], rec["reason"], rec["status"]) == ("forwarded", "ok", 101)
     assert rec["team"] == TEAM and rec["project"] == PROJECT
+    # No content ID for an answer with no content (the messages after it are not the fetch's);
+    # it was the empty body's hash.
+    assert rec["content_sha256"] is None
 
 
 def test_identity_of_a_connect_holds_for_every_request_in_the_tunnel(

@@ -118,9 +118,8 @@ _HOP_BY_HOP = frozenset(
 # hop-by-hop (RFC 9110 7.6.1): removed, or the next hop would drop it (`Connection: User-Agent`
 # took the crawler's User-Agent and From away before the site).
 _CONNECTION_OPTIONS = frozenset(("close", "keep-alive", "upgrade"))
-_NO_CONTENT = frozenset(
-    (101, 204, 304)
-)  # answers that never carry content (101: what follows is another protocol)
+# Answers that never carry content (101: what follows it is another protocol's).
+_NO_CONTENT = frozenset((101, 204, 304))
 # Records of requests that reached the site: they may take one of the bounded site labels.
 _REACHED = frozenset((str(Outcome.FORWARDED), str(Outcome.WITHHELD)))
 _ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header

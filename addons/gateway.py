@@ -892,17 +892,7 @@ class Gateway:
                 kind = None
             if kind is not None:
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
-            if kind is None and flow.response is None and not _reached(flow):
-                # The connection to the site was not made yet: nothing was sent to it.
-                self._settle(state)
-                state.forwarded = False
-                state.decision = refuse(
-                    Reason.INTERRUPTED,
-                    "the client went away before the gateway's connection to the site was "
-                    "made; nothing was sent to the site",
-                    site=state.site,
-                )
-            elif flow.request.timestamp_end is None and not flow.request.stream:
+            if flow.request.timestamp_end is None and not flow.request.stream:
                 # Gone, cancelled (or closed as too slow) before its request was complete:
                 # mitmproxy sends a request on only once it has all of it (unless it streams
                 # it), so the site never saw this one. Refused: taken nothing but the admission.
@@ -915,6 +905,16 @@ class Gateway:
                     if flow.metadata.get(CLIENT_RESET)
                     else "the client did not finish sending its request; nothing of it was sent "
                     "to the site",
+                    site=state.site,
+                )
+            elif kind is None and flow.response is None and not _reached(flow):
+                # The connection to the site was not made yet: nothing was sent to it.
+                self._settle(state)
+                state.forwarded = False
+                state.decision = refuse(
+                    Reason.INTERRUPTED,
+                    "the client went away before the gateway's connection to the site was "
+                    "made; nothing was sent to the site",
                     site=state.site,
                 )
             elif flow.request.timestamp_end is None:

@@ -181,7 +181,7 @@ class SiteDirectory:
 
     def by_key(self, key: str) -> Site:
         """The site for a key: a rule id, or a domain that gets the defaults."""
-        return self._sites.get(key) or self.site_for(key.lower())  # ids keep their case
+        return self._sites.get(key) or self.site_for(key)
 
     def in_use(self, key: str) -> Site | None:
         """The site a budget key names under this policy, or None for a key no longer in use:

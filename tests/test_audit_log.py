@@ -35,13 +35,13 @@ from proxy.audit.store import ChainForked
 from proxy.audit.store import ReplicaInUse
 from tests.support import unwritable
 from tests.test_audit_support import REPO
+from tests.test_audit_support import a_batch_that_does_not_follow_the_stored_chain_is_refused
 from tests.test_audit_support import another_hash_fails_the_write_and_a_retry_does_not
 from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
 from tests.test_audit_support import start_writer
-from tests.test_audit_support import stored_row
 
 
 def stored(data: Path, replica: str | None = None) -> list[dict]:
@@ -57,11 +57,12 @@ async def stored_checkpoints(data: Path, replica: str) -> list[dict]:
         await store.close()
 
 
-def export_and_verify(data: Path, public: Path, out: Path) -> str:
+def export_and_verify(data: Path, public: Path, out: Path, *, exit_code: int = 0) -> str:
+    """Export the data dir's fetch log, verify it (exiting `exit_code`); verify's output."""
     result = cli("audit", "export", "--data-dir", data, "--output", out)
     assert result.returncode == 0, result.stderr
     verified = cli("audit", "verify", out, "--public-key", public)
-    assert verified.returncode == 0, verified.stdout
+    assert verified.returncode == exit_code, verified.stdout
     return verified.stdout
 
 
@@ -501,11 +502,8 @@ async def test_a_record_damaged_in_the_spool_is_reported_as_a_hole_and_the_rest_
         lost + 1
     )
     # An auditor sees the hole: verification fails at record 5, whose predecessor is missing.
-    result = cli("audit", "export", "--data-dir", tmp_path, "--output", tmp_path / "e.jsonl")
-    assert result.returncode == 0, result.stderr
-    verified = cli("audit", "verify", tmp_path / "e.jsonl", "--public-key", public)
-    assert verified.returncode != 0
-    assert "records seq 4..4 are missing" in verified.stdout
+    verified = export_and_verify(tmp_path, public, tmp_path / "e.jsonl", exit_code=1)
+    assert "records seq 4..4 are missing" in verified
 
 
 async def test_a_spool_segment_that_cannot_be_read_is_retried_not_skipped(tmp_path: Path) -> None:
@@ -563,13 +561,7 @@ async def test_a_batch_that_does_not_follow_the_stored_chain_is_not_stored(
     store = SQLiteStore(tmp_path / "fetchlog.sqlite3")
     await store.open()
     try:
-        await store.write([stored_row("gw-x", seq, "theirs") for seq in range(1, 6)])
-        ours = [stored_row("gw-x", seq, "ours") for seq in range(6, 9)]
-        with pytest.raises(ChainForked, match=r"record 5 that this gateway's record 6 does not"):
-            await store.write(ours)
-        assert await store.last("gw-x") == (5, "theirs5")
-        await store.write([stored_row("gw-x", 1, "theirs")])  # a retry of an earlier batch
-        await store.write([{**stored_row("gw-x", 6, "ours"), "prev_hash": "theirs5"}])
+        await a_batch_that_does_not_follow_the_stored_chain_is_refused(store)
     finally:
         await store.close()
 

@@ -22,9 +22,9 @@ from proxy.audit.postgres_store import aread_records
 from proxy.audit.postgres_store import read_records
 from proxy.audit.query import RecordQuery
 from proxy.audit.spool import Spool
-from proxy.audit.store import ChainForked
 from proxy.audit.store import ReplicaInUse
 from tests import pg_fixtures
+from tests.test_audit_support import a_batch_that_does_not_follow_the_stored_chain_is_refused
 from tests.test_audit_support import another_hash_fails_the_write_and_a_retry_does_not
 from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
@@ -442,13 +442,7 @@ async def test_a_batch_that_does_not_follow_the_stored_chain_is_not_stored(pg_ds
     store = PostgresStore(pg_dsn)
     await store.open()
     try:
-        await store.write([stored_row("gw-x", seq, "theirs") for seq in range(1, 6)])
-        ours = [stored_row("gw-x", seq, "ours") for seq in range(6, 9)]
-        with pytest.raises(ChainForked, match=r"record 5 that this gateway's record 6 does not"):
-            await store.write(ours)
-        assert await store.last("gw-x") == (5, "theirs5")
-        await store.write([stored_row("gw-x", 1, "theirs")])  # a retry of an earlier batch
-        await store.write([{**stored_row("gw-x", 6, "ours"), "prev_hash": "theirs5"}])
+        await a_batch_that_does_not_follow_the_stored_chain_is_refused(store)
     finally:
         await store.close()
 

@@ -21,8 +21,9 @@ from proxy.audit import spool as spool_module
 from proxy.audit.log import SPOOL_RETRY_SECONDS
 from proxy.audit.spool import Spooled
 from proxy.audit.sqlite_store import SQLiteStore
+from tests.test_audit_log import OutageStore
+from tests.test_audit_log import export_and_verify
 from tests.test_audit_log import stored
-from tests.test_audit_support import cli
 from tests.test_audit_support import damage_record_line
 from tests.test_audit_support import fetch
 from tests.test_audit_support import fetch_log
@@ -76,17 +77,6 @@ async def test_one_failed_segment_open_does_not_stop_shipping(tmp_path: Path, mo
 # checked by its hash (proxy/audit/FORMATS.md) and such a line is damaged like a torn one.
 
 
-class OutageStore(SQLiteStore):
-    """A real SQLite store whose writes fail while `down` (the database unreachable)."""
-
-    down = False
-
-    async def write(self, records, checkpoints=()):  # type: ignore[no-untyped-def]
-        if self.down:
-            raise ConnectionRefusedError("fetch-log database unreachable")
-        await super().write(records, checkpoints)
-
-
 def lost_count() -> float:
     return REGISTRY.get_sample_value("crawlwarden_audit_records_total", {"outcome": "lost"}) or 0
 
@@ -121,11 +111,8 @@ async def test_a_replayed_line_that_parses_but_fails_its_hash_is_a_hole_not_a_st
     assert [r["seq"] for r in records] == [1, 2, 4, 5, 6, 7]
     assert (records[-1]["id"], records[-1]["reason"]) == (sent[2].id, "interrupted")
     assert lost_count() == lost + 1
-    result = cli("audit", "export", "--data-dir", tmp_path, "--output", tmp_path / "e.jsonl")
-    assert result.returncode == 0, result.stderr
-    verified = cli("audit", "verify", tmp_path / "e.jsonl", "--public-key", public)
-    assert verified.returncode == 1
-    assert "records seq 3..3 are missing" in verified.stdout
+    verified = export_and_verify(tmp_path, public, tmp_path / "e.jsonl", exit_code=1)
+    assert "records seq 3..3 are missing" in verified
 
 
 async def test_a_record_read_back_that_parses_but_fails_its_hash_is_a_hole_not_a_stop(
@@ -250,11 +237,8 @@ async def test_a_damaged_last_record_line_keeps_its_seq_a_hole_verify_reports(
         await again.close()
     assert [r["seq"] for r in stored(tmp_path, "gw-t")] == [1, 2, 3, 4, 6]
     assert lost_count() == lost + 1
-    result = cli("audit", "export", "--data-dir", tmp_path, "--output", tmp_path / "e.jsonl")
-    assert result.returncode == 0, result.stderr
-    verified = cli("audit", "verify", tmp_path / "e.jsonl", "--public-key", public)
-    assert verified.returncode == 1
-    assert "records seq 5..5 are missing" in verified.stdout
+    verified = export_and_verify(tmp_path, public, tmp_path / "e.jsonl", exit_code=1)
+    assert "records seq 5..5 are missing" in verified
 
 
 async def test_a_begin_whose_record_was_stored_from_a_retired_segment_is_not_recorded_again(

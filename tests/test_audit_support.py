@@ -188,3 +188,15 @@ async def another_hash_fails_the_write_and_a_retry_does_not(store: FetchStore) -
     with pytest.raises(ChainForked, match=r"checkpoints #1\.\.#1"):
         await store.write([], [{**checkpoint, "note": "theirs"}])
     assert (await store.last_checkpoint("gw-x") or {})["note"] == "ours"
+
+
+async def a_batch_that_does_not_follow_the_stored_chain_is_refused(store: FetchStore) -> None:
+    """Either store: no stored row at the batch's seqs, yet its first record follows another
+    record than the one stored before it: ChainForked, nothing stored; retries still pass."""
+    await store.write([stored_row("gw-x", seq, "theirs") for seq in range(1, 6)])
+    ours = [stored_row("gw-x", seq, "ours") for seq in range(6, 9)]
+    with pytest.raises(ChainForked, match=r"record 5 that this gateway's record 6 does not"):
+        await store.write(ours)
+    assert await store.last("gw-x") == (5, "theirs5")
+    await store.write([stored_row("gw-x", 1, "theirs")])  # a retry of an earlier batch
+    await store.write([{**stored_row("gw-x", 6, "ours"), "prev_hash": "theirs5"}])

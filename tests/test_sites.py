@@ -190,10 +190,10 @@ def test_ip_literals_are_told_from_names(host: str, literal: bool):
     assert is_ip_literal(host) is literal
 
 
-def test_a_site_is_found_by_its_id_as_written():
-    # GET /v1/budgets?site=Archive looked up "archive": the defaults, 0 used, where the rule
-    # had used its whole quota (site ids may have capitals).
-    d = directory([{"id": "Archive", "match": ["archive.example"], "requests_per_day": 7}])
-    assert d.by_key("Archive").key == "Archive"
-    assert d.by_key("Archive").settings.requests_per_day == 7
-    assert d.by_key("Other.Example").key == "other.example"  # a domain, in any case
+def test_a_budget_key_in_use_under_a_new_policy():
+    # After a reload, the budget gauges follow the keys still in use (engine.use_policy_version).
+    d = directory([{"id": "Archive", "match": ["archive.example"]}])
+    assert d.in_use("Archive") is d.by_key("Archive")
+    assert d.in_use("renamed") is None  # a rule id gone
+    assert d.in_use("archive.example") is None  # a domain a rule takes now
+    assert d.in_use("other.example") is d.site_for("other.example")

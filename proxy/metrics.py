@@ -86,7 +86,9 @@ AUDIT_RECORDS = Counter(
     "crawlwarden_audit_records_total",
     "Fetch records by outcome (stored; retry: had to wait for the store, each counted once; "
     "spool_error, lost; not_kept: a refusal counted, not recorded, the spool past its headroom; "
-    "set_aside: refused by the store for what it holds, logged whole and left out of it)",
+    "set_aside: refused by the store for what it holds, logged whole and left out of it; "
+    "counted_unauthenticated: a refusal of no team's past its client address's share, counted "
+    "into an unauthenticated_refusals event)",
     ["outcome"],
 )
 AUDIT_SPOOL_BYTES = Gauge("crawlwarden_audit_spool_bytes", "Size of the local fetch-log spool")
@@ -160,7 +162,15 @@ for _kind in UPSTREAM_ERROR_KINDS:
     UPSTREAM_ERRORS.labels(kind=_kind)
 for _store in ("redis", "originfiles", "audit"):
     STORE_ERRORS.labels(store=_store)
-for _outcome in ("stored", "retry", "spool_error", "lost", "not_kept", "set_aside"):
+for _outcome in (
+    "stored",
+    "retry",
+    "spool_error",
+    "lost",
+    "not_kept",
+    "set_aside",
+    "counted_unauthenticated",
+):
     AUDIT_RECORDS.labels(outcome=_outcome)
 # A running process has loaded its policy at start (it does not start without one).
 POLICY_LAST_RELOAD_SUCCESS.set(1)

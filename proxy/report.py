@@ -33,6 +33,9 @@ from an export of the same period. Definitions (one site = one value of the reco
   whose `status` (the site's answer) is 429 or 503.
 - `legal_bases`: `legal_basis` of the records that reached the site, counted.
 - `policy_versions`: `policy_version` of every record of the site (both kinds), counted.
+- `refused_without_site` (totals only): records with no `site` (requests
+  refused before a site was known: no valid credentials), plus the refusals that
+  `unauthenticated_refusals` events counted (their note's `refused`).
 
 The limits come from the policy given (the gateway's own for `GET /v1/reports/sites`, `--policy`
 for the CLI); `policy_versions` shows which versions were in force when the records were made.
@@ -70,6 +73,7 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
 from proxy.audit.record import utc_timestamp
 from proxy.audit.schema import SchemaTooNew
+from proxy.audit.unauthenticated import EVENT_KIND as UNAUTHENTICATED_REFUSALS
 from proxy.decision import Reason
 from proxy.inputs import csv_cell
 from proxy.policy import Policy
@@ -162,7 +166,11 @@ class Tally:
         if isinstance(replica, str) and isinstance(seq, int):
             span = self.replicas.setdefault(replica, [seq, seq])
             span[0], span[1] = min(span[0], seq), max(span[1], seq)
-        if rec.get("kind", "fetch") not in RECORD_KINDS:
+        kind = rec.get("kind", "fetch")
+        if kind == UNAUTHENTICATED_REFUSALS:
+            self.without_site += _counted(rec)
+            return
+        if kind not in RECORD_KINDS:
             return
         ts = rec["ts"]
         self.first_ts = ts if self.first_ts is None or ts < self.first_ts else self.first_ts
@@ -172,6 +180,23 @@ class Tally:
             self.without_site += 1
             return
         self.sites[site].add(rec)
+
+
+def _counted(event: dict[str, Any]) -> int:
+    """The refusals an `unauthenticated_refusals` event counted (its note says how many)."""
+    try:
+        refused = json.loads(event.get("note") or "")["refused"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(
+            f"record {event.get('replica')}/{event.get('seq')}: an unauthenticated_refusals "
+            f"event whose note does not say how many were refused ({e!r}); run audit verify"
+        ) from e
+    if not isinstance(refused, int) or isinstance(refused, bool) or refused < 0:
+        raise ValueError(
+            f"record {event.get('replica')}/{event.get('seq')}: an unauthenticated_refusals "
+            f"event whose note's refused is {refused!r}; run audit verify"
+        )
+    return refused
 
 
 def _peak(counts: Counter[str]) -> tuple[str | None, int]:

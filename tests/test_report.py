@@ -141,6 +141,8 @@ def check_against_export(report: dict[str, Any], records: list[dict[str, Any]]) 
         assert actual == {name: expected[name] for name in SHARED_FIGURES}, key
     assert report["totals"]["refused_without_site"] == sum(
         1 for r in records if r["kind"] == "fetch" and not r["site"]
+    ) + sum(
+        json.loads(r["note"])["refused"] for r in records if r["kind"] == "unauthenticated_refusals"
     )
 
 

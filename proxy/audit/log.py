@@ -61,6 +61,8 @@ from proxy.audit.spool import hold_spool
 from proxy.audit.store import ChainForked
 from proxy.audit.store import FetchStore
 from proxy.audit.store import refuses_item
+from proxy.audit.unauthenticated import EVENT_KIND as UNAUTHENTICATED_REFUSALS
+from proxy.audit.unauthenticated import UnauthenticatedRefusals
 from proxy.decision import Outcome
 from proxy.decision import Reason
 
@@ -182,6 +184,7 @@ class FetchLog:
         self._spool_error: OSError | None = None
         self._spool_failed_at = 0.0  # monotonic: when a write last failed, or room was looked for
         self._not_kept: RefusalsNotKept | None = None
+        self.unauthenticated = UnauthenticatedRefusals()
         # Finished records of forwarded requests the spool had no room for, in order: written
         # first once it has room. At most one per begin still open in the spool, and no begin is
         # written while any waits (`begin`): bounded by the requests under way at the failure.
@@ -405,6 +408,12 @@ class FetchLog:
                     self._append_interrupted(began)
             except OSError:
                 pass  # logged by _spool_failed; the begins stay in the spool for the next run
+        with contextlib.suppress(OSError):  # logged by _spool_failed; lost then (logged)
+            self._record_unauthenticated(self.clock(), closing=True)
+        if self.unauthenticated.total:
+            log.error(
+                "fetchlog_unauthenticated_refusals_not_recorded", refused=self.unauthenticated.total
+            )
         if self.signer is not None and self._tasks:
             self.checkpoint("shutdown")
         self._wake.set()
@@ -511,6 +520,8 @@ class FetchLog:
             if self._not_kept is not None and self.spool.size < self.spool_max_bytes:
                 self._record_not_kept()
             return self.append_dict(rec.to_dict())
+        if rec.team is None and not self._admit_unauthenticated(rec):
+            return None
         if not self._spool_unwritable():
             # A failed write (logged by _spool_failed) counts the refusal, as past the headroom.
             with contextlib.suppress(OSError):
@@ -520,6 +531,27 @@ class FetchLog:
                     return self.append_dict(rec.to_dict())
         self._count_not_kept(rec)
         return None
+
+    def _admit_unauthenticated(self, rec: FetchRecord) -> bool:
+        """Whether a refusal of no team's is recorded on its own, not counted (past its client
+        address's share of the window: proxy/audit/unauthenticated.py)."""
+        now = self.clock()
+        with contextlib.suppress(OSError):  # logged by _spool_failed; the counts wait
+            self._record_unauthenticated(now)  # the window that ended
+        if self.unauthenticated.admit(rec, now):
+            return True
+        metrics.AUDIT_RECORDS.labels(outcome="counted_unauthenticated").inc()
+        return False
+
+    def _record_unauthenticated(self, now: float, *, closing: bool = False) -> None:
+        """Record the unauthenticated refusals counted, once due (or closing). While the spool
+        cannot be written they wait (and go on being counted); a failed write raises."""
+        counts = self.unauthenticated
+        if not (closing or counts.due(now)) or self._spool_unwritable():
+            return
+        if counts.total:
+            self.new_event(UNAUTHENTICATED_REFUSALS, counts.note())
+        counts.recorded_event(now)
 
     def has_begun(self, rec_id: str) -> bool:
         """Whether the request's begin is in the spool, waiting for its record."""
@@ -1112,6 +1144,8 @@ class FetchLog:
             if self._spool_error is not None:
                 # What waits for room is written once there is, without waiting for a request.
                 self._spool_writable_again()
+            with contextlib.suppress(OSError):  # logged by _spool_failed; the counts wait
+                self._record_unauthenticated(self.clock())  # a window that ended in quiet
 
     async def flushed(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is in the store (tests, purge, export)."""

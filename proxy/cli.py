@@ -109,6 +109,8 @@ def _log_level(text: str) -> str:
 # The typed flags of `run` whose value may come from the environment: read once `run` is the
 # command (a bad value there must not break `policy check` or `--help`), checked as the flag is.
 _RUN_FROM_ENV: dict[str, tuple[Callable[[str], Any], Any]] = {
+    "listen": (_hostport, _hostport("127.0.0.1:8080")),
+    "admin": (_hostport, _hostport("127.0.0.1:9090")),
     "drain_seconds": (_seconds, 30.0),
     "fleet_size": (_positive_int, 1),
     "log_level": (_log_level, "INFO"),
@@ -146,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--listen",
         type=_hostport,
-        default=_env("listen", "127.0.0.1:8080"),
+        default=None,  # then CRAWLWARDEN_LISTEN (_run_flags_from_env)
         help="proxy address [127.0.0.1:8080, CRAWLWARDEN_LISTEN]",
     )
     run.add_argument(
         "--admin",
         type=_hostport,
-        default=_env("admin", "127.0.0.1:9090"),
+        default=None,  # then CRAWLWARDEN_ADMIN
         help="admin API address [127.0.0.1:9090, CRAWLWARDEN_ADMIN]",
     )
     run.add_argument(

@@ -554,6 +554,9 @@ def test_a_proxy_port_in_use_is_one_line_naming_the_flag(workdir: Path):
         ("CRAWLWARDEN_DRAIN_SECONDS", "-1", "'-1' is not a number of seconds (0 or more)"),
         ("CRAWLWARDEN_LOG_LEVEL", "TRACE", "'TRACE' is not one of DEBUG, INFO, WARNING, ERROR"),
         ("CRAWLWARDEN_FLEET_SIZE", "0", "'0' is not a whole number of at least 1"),
+        # (was "argument --listen: ..." from argparse, naming a flag the user never gave)
+        ("CRAWLWARDEN_LISTEN", "8080", "'8080' is not HOST:PORT (e.g. 127.0.0.1:8080)"),
+        ("CRAWLWARDEN_ADMIN", "x:0", "'x:0' is not HOST:PORT (e.g. 127.0.0.1:8080)"),
     ],
 )
 def test_a_bad_value_in_the_environment_is_a_usage_error_naming_it(

@@ -413,7 +413,9 @@ class Retention(Model):
 class Audit(Model):
     signing_key_file: str | None = None
     checkpoint_every_records: Positive = 1000
-    checkpoint_every_seconds: Annotated[float, BeforeValidator(_not_bool_count), Field(gt=0)] = 60
+    checkpoint_every_seconds: Annotated[
+        float, BeforeValidator(_not_bool_count), Field(gt=0, allow_inf_nan=False)
+    ] = 60
     spool_max_bytes: SizeText = "1GB"
 
 

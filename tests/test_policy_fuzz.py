@@ -240,6 +240,8 @@ def test_the_base_of_the_mutations_is_valid() -> None:
         (("teams", 0, "token_sha256"), "abc", "teams.0.token_sha256"),
         (("blocklist", 0, "match", 1), "http://", "blocklist.0.match.1"),
         (("audit", "checkpoint_every_records"), 0, "audit.checkpoint_every_records"),
+        # .inf is a YAML float: a checkpoint never signed.
+        (("audit", "checkpoint_every_seconds"), float("inf"), "audit.checkpoint_every_seconds"),
     ],
 )
 def test_errors_name_the_mutated_field_and_its_line(path: Path, value: Any, expected: str) -> None:

@@ -92,6 +92,9 @@ _HOP_BY_HOP = frozenset(
         b"proxy-connection",
         b"proxy-authenticate",
         b"forwarded",
+        # Hop-by-hop whether Connection names it or not (RFC 9110 10.1.4): `TE: gzip` would let
+        # a site answer in a transfer coding.
+        b"te",
         # another client address
         b"x-real-ip",
         b"true-client-ip",
@@ -724,11 +727,14 @@ class Gateway:
         status, body = cached
         state.decision = refuse(Reason.ROBOTS_CACHE, "answered from the gateway's robots.txt cache")
         state.cached_robots = True
+        head = flow.request.method == "HEAD"
         flow.response = http.Response.make(
             status,
-            body,
+            b"" if head else body,  # RFC 9110 9.3.2: the GET's head, no content
             {"Content-Type": "text/plain; charset=utf-8", "X-Crawlwarden-Reason": "robots_cache"},
         )
+        if head:
+            flow.response.headers["content-length"] = str(len(body))
         flow.response.headers["x-crawlwarden-request-id"] = state.id
         self._observe_governance(started, state.ctx)
 
@@ -747,14 +753,14 @@ class Gateway:
         if not length.isdigit():
             # Buffered whole by mitmproxy up to stream_large_bodies, then streamed: by this
             # gateway's stream from there on (addons/client_events.py).
-            flow.metadata[LATE_STREAM] = functools.partial(self._stream, state, resp)
+            flow.metadata[LATE_STREAM] = functools.partial(self._stream, state, flow.request, resp)
         elif int(length) > BUFFER_LIMIT:
-            resp.stream = self._stream(state, resp)
+            resp.stream = self._stream(state, flow.request, resp)
         # Else buffered whole and read in the response hook, where a 451 can still replace it.
         if state.cors_own_headers:
             _allow_own_headers(resp, state.cors_own_headers)
 
-    def _stream(self, state: FlowState, resp: http.Response) -> ResponseStream:
+    def _stream(self, state: FlowState, req: http.Request, resp: http.Response) -> ResponseStream:
         """A large body streamed, hashed on the way, held back until its metadata is read."""
         assert state.ctx is not None
         ctx = state.ctx
@@ -766,9 +772,9 @@ class Gateway:
         def assess(scan: BodyScan) -> Assessment:
             return optouts.assess_response_sync(ctx, status, headers, b"", ctype, scan=scan)
 
-        state.stream = ResponseStream(
-            optouts.body_scan(ctype), resp.headers.get("content-encoding", ""), assess
-        )
+        scan = optouts.body_scan(ctype)
+        _note_a_part(scan, req, resp)
+        state.stream = ResponseStream(scan, _body_codings(resp.headers), assess)
         return state.stream
 
     @_fail_closed
@@ -821,6 +827,7 @@ class Gateway:
         else:
             content_type = resp.headers.get("content-type")
             scan = self.rt.optouts.body_scan(content_type)
+            _note_a_part(scan, flow.request, resp)
             _read_body(scan, resp)
             assessment = await self.rt.optouts.assess_response(
                 state.ctx,
@@ -1322,7 +1329,8 @@ class Gateway:
             if state.cached_robots:
                 body = flow.response.raw_content or b""
                 rec.decision = str(Outcome.SERVED)
-                rec.content_sha256 = hashlib.sha256(body).hexdigest()
+                if state.method != "HEAD":
+                    rec.content_sha256 = hashlib.sha256(body).hexdigest()
                 rec.response_bytes = len(body)
                 rec.note = "served from the gateway's robots.txt cache"
         elif not state.forwarded and (refused := flow.metadata.get(ERROR_ANSWER)) is not None:
@@ -1540,19 +1548,22 @@ _TARGET_NAME_LENGTHS = frozenset({4, *map(len, _TARGET_OVERRIDES)})
 def _ask_for_a_readable_body(req: http.Request) -> None:
     """For a site where opt-outs in a body bind: a body the scan can read. The whole body, not a
     range (one past its first bytes carries none of them; RFC 9110 14.2 lets a server ignore
-    Range): the scraper gets it whole (200) or not at all (451). In a coding the gateway
+    Range): the scraper gets it whole (200) or not at all (451). Nor Netscape's
+    `Request-Range`, which Apache httpd still honours without a Range. In a coding the gateway
     decodes: not Chrome's dictionary-compressed `dcb`/`dcz`, say."""
     ranged = False
     accepted: list[bytes] = []
     for name, value in req.headers.fields:  # one pass: a Headers lookup costs ~1.5 us
         size = len(name)
-        if size == 5 and name.lower() == b"range":
+        if (size == 5 and name.lower() == b"range") or (
+            size == 13 and name.lower() == b"request-range"  # Apache still reads it
+        ):
             ranged = True
         elif size == 15 and name.lower() == b"accept-encoding":
             accepted.append(value)
     if ranged:
-        del req.headers["range"]
-        req.headers.pop("if-range", None)
+        for ranging in ("range", "request-range", "if-range"):
+            req.headers.pop(ranging, None)
     if accepted:
         asked = b", ".join(accepted).decode("latin-1")
         readable = decodable_only(asked)
@@ -1566,7 +1577,7 @@ def _read_body(scan: BodyScan, resp: http.Response) -> None:
     coding the gateway does not know is read as sent, as a browser renders it; one that is not
     valid in its coding is not read: its headers' signals count. The record says either."""
     body = resp.raw_content or b""
-    encoding = resp.headers.get("content-encoding", "")
+    encoding = _body_codings(resp.headers)
     decoder = BodyDecoder.of(encoding, HOLD_LIMIT)
     if decoder.skipped and body:
         scan.read_as_sent(undecodable(encoding))
@@ -1575,6 +1586,31 @@ def _read_body(scan: BodyScan, resp: http.Response) -> None:
     except ValueError as e:
         scan.cannot_decode(str(e))
     scan.finish()
+
+
+def _body_codings(headers: http.Headers) -> str:
+    """The codings a body is in as mitmproxy hands it over: its Content-Encoding, then any
+    transfer coding but chunked, applied after it (RFC 9112 6.1). The gateway never asks for
+    one (it does not pass TE on), but a site may send one all the same (`gzip, chunked`), and
+    mitmproxy undoes only chunked."""
+    encoding = headers.get("content-encoding", "")
+    transfer = headers.get("transfer-encoding")
+    if not transfer or transfer.strip().lower() == "chunked":
+        return encoding
+    codings = [c.strip() for c in transfer.split(",")]
+    applied = [c for c in codings if c and c.lower() not in ("chunked", "identity")]
+    return ", ".join([encoding, *applied] if encoding.strip() else applied)
+
+
+def _note_a_part(scan: BodyScan, req: http.Request, resp: http.Response) -> None:
+    """A 206 to a request that went without a range (the gateway takes a scraper's out where
+    opt-outs in a body bind): a part of the body, maybe without its metadata or head. What the
+    scan reads in it counts; the record says the rest went unread (`body:partial`)."""
+    if resp.status_code == 206 and "range" not in req.headers:
+        scan.partial = (
+            f"the site answered 206 ({resp.headers.get('content-range', 'no Content-Range')}) "
+            "to a request without a range: only a part of the body was read"
+        )
 
 
 def _connection_named(value: str | None) -> frozenset[bytes]:

@@ -157,6 +157,7 @@ class BodyScan:
         self._head = b""
         self.done = False
         self.undecodable: str | None = None  # why the body could not be read, if it could not
+        self.partial: str | None = None  # why only a part of the body was there to read
 
     def feed(self, chunk: bytes) -> bool:
         if self.done:
@@ -549,6 +550,8 @@ class OptOutChecks:
                     f"the body's opt-outs were not read: {scan.undecodable}",
                 )
             )
+        if scan.partial is not None:
+            signals.append(OptOutSignal(Kind.NOAI, "body:partial", False, scan.partial))
         return signals
 
     def _scanned(self, scan: BodyScan | None, body: bytes, content_type: str | None) -> BodyScan:

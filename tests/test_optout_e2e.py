@@ -7,6 +7,7 @@ is collected where the policy says the signal does not apply.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -44,6 +45,8 @@ from tests.optout_fixtures import xmp_packet
 from tests.support import AUDITOR_TOKEN
 from tests.support import PROJECT
 from tests.support import RESPECT_ALL
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
 from tests.support import VENV_BIN
 from tests.support import CurlResult
 from tests.support import Gateway
@@ -226,6 +229,35 @@ def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site
     metrics = requests.get(f"{gateway.admin}/metrics", timeout=10).text
     assert 'decision="served",reason="robots_cache"' in metrics
     assert 'decision="refused",reason="robots_cache"' not in metrics
+
+
+def test_a_head_of_robots_txt_from_the_cache_has_no_content(gateway: Gateway, site: Site):
+    # It had the file as content: over HTTP/1 the scraper read those bytes as its next answer
+    # on the connection (a robots.txt written as an HTTP response forged the next site's page),
+    # and an HTTP/2 client takes DATA on a HEAD for a protocol error (probe h2).
+    serve_optout_files(site)
+    fetch(gateway, site, "site-a.test", "/robots.txt")  # in the cache
+    auth = "Basic " + base64.b64encode(f"{TEAM}:{TEAM_TOKEN}".encode()).decode()
+    authority = f"site-a.test:{site.port}"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(
+            f"HEAD http://{authority}/robots.txt HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Proxy-Authorization: {auth}\r\nX-Crawl-Project: {PROJECT}\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        head, _, extra = head.partition(b"\r\n\r\n")
+        sock.settimeout(0.5)
+        try:
+            extra += sock.recv(4096)
+        except TimeoutError:
+            pass
+        assert head.startswith(b"HTTP/1.1 200") and b"robots_cache" in head, head
+        assert f"content-length: {len(ROBOTS)}".encode() in head.lower()  # the GET's
+        assert extra == b""
+    [rec] = [r for r in gateway.fetch_records() if r["method"] == "HEAD"]
+    assert (rec["decision"], rec["content_sha256"], rec["response_bytes"]) == ("served", None, 0)
 
 
 def test_a_robots_txt_redirect_is_no_way_to_fetch_what_the_gateway_refuses(
@@ -780,10 +812,12 @@ def test_a_page_whose_head_outruns_the_scan_says_so_on_its_record(gateway: Gatew
 
 
 def _ranged(body: bytes, content_type: str) -> Callable[[Seen], Reply]:
-    """A site that honours `Range: bytes=FIRST-[LAST]` (206), as most static file servers do."""
+    """A site that honours `Range: bytes=FIRST-[LAST]` (206), as most static file servers do,
+    and Netscape's `Request-Range` without one, as Apache httpd does."""
 
     def reply(seen: Seen) -> Reply:
-        wanted = {k.lower(): v for k, v in seen.headers.items()}.get("range")
+        asked = {k.lower(): v for k, v in seen.headers.items()}
+        wanted = asked.get("range", asked.get("request-range"))  # as Apache httpd reads them
         if wanted is None:
             return Reply(body=body, headers={"Content-Type": content_type})
         first, _, last = wanted.removeprefix("bytes=").partition("-")
@@ -807,16 +841,19 @@ def test_a_range_request_cannot_take_around_a_bodys_opt_out(gateway: Gateway, si
     site.routes["/ranged/opted-out.jpg"] = _ranged(image, "image/jpeg")
     site.routes["/ranged/plain.jpg"] = _ranged(plain, "image/jpeg")
     site.routes["/ranged/page.html"] = _ranged(PAGE_NOAI, "text/html")
-    for host, path, wanted in [
-        ("img.site-c.test", "/ranged/opted-out.jpg", f"bytes={len(image) // 2}-"),
-        ("img.site-c.test", "/ranged/opted-out.jpg", "bytes=0-99"),
-        ("img.site-c.test", "/ranged/page.html", f"bytes={len(PAGE_NOAI) - 20}-"),
+    for host, path, wanted, header in [
+        ("img.site-c.test", "/ranged/opted-out.jpg", f"bytes={len(image) // 2}-", "Range"),
+        ("img.site-c.test", "/ranged/opted-out.jpg", "bytes=0-99", "Range"),
+        ("img.site-c.test", "/ranged/page.html", f"bytes={len(PAGE_NOAI) - 20}-", "Range"),
+        # (the tail past the metadata or the head was delivered: probe h1)
+        ("img.site-c.test", "/ranged/opted-out.jpg", f"bytes={len(image) // 2}-", "Request-Range"),
+        ("img.site-c.test", "/ranged/page.html", f"bytes={len(PAGE_NOAI) - 20}-", "Request-Range"),
     ]:
         result = curl(
-            site.url(host, path), proxy=gateway.proxy_url(), headers={**HEADERS, "Range": wanted}
+            site.url(host, path), proxy=gateway.proxy_url(), headers={**HEADERS, header: wanted}
         )
-        assert result.status == 451, (path, wanted, result.status)
-        assert result.json()["decision"] == "withheld", (path, wanted)
+        assert result.status == 451, (path, wanted, header, result.status)
+        assert result.json()["decision"] == "withheld", (path, wanted, header)
     result = curl(
         site.url("img.site-c.test", "/ranged/plain.jpg"),
         proxy=gateway.proxy_url(),
@@ -833,6 +870,75 @@ def test_a_range_request_cannot_take_around_a_bodys_opt_out(gateway: Gateway, si
         headers={**HEADERS, "Range": "bytes=10-"},
     )
     assert (result.status, result.body) == (206, image[10:])
+
+
+def test_a_part_of_a_body_the_gateway_did_not_ask_for_is_on_the_record(
+    gateway: Gateway, site: Site
+):
+    # A 206 to a request without a range (a site answering some other way of asking for a
+    # part): what the scan read in it counts, and the record says the rest went unread.
+    plain = jpeg_with_xmp(xmp_packet("DMI-ALLOWED"))
+    tail = {
+        "Content-Type": "image/jpeg",
+        "Content-Range": f"bytes 10-{len(plain) - 1}/{len(plain)}",
+    }
+    site.routes["/part/plain.jpg"] = Reply(status=206, body=plain[10:], headers=tail)
+    result = fetch(gateway, site, "img.site-c.test", "/part/plain.jpg")
+    assert (result.status, result.body) == (206, plain[10:])
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/part/plain.jpg")]
+    assert rec["decision"] == "forwarded" and "body:partial" in rec["signals"]
+    # A range the scraper asked for where no signal in a body binds: no such note.
+    site.routes["/part/licensed.jpg"] = _ranged(plain, "image/jpeg")
+    result = curl(
+        site.url("www.licensed.test", "/part/licensed.jpg"),
+        proxy=gateway.proxy_url(),
+        headers={**HEADERS, "Range": "bytes=10-"},
+    )
+    assert result.status == 206
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/part/licensed.jpg")]
+    assert "body:partial" not in rec["signals"]
+
+
+class TransferCodedSite(RawSite):
+    """A site that answers every page in gzip transfer coding, asked for or not (one request
+    per connection), and keeps the request heads it got."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                head += data
+            if not head.startswith(b"GET /page"):  # robots.txt, tdmrep.json: none
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            self.heads.append(head)
+            body = gzip.compress(PAGE_NOAI)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                b"Transfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+            )
+
+
+def test_a_transfer_coding_is_neither_asked_for_nor_left_unread(gateway: Gateway):
+    # `TE: gzip` reached the site, and a page in gzip transfer coding (`Transfer-Encoding:
+    # gzip, chunked`) was scanned still compressed: its noai meta unseen, the page delivered
+    # (probe h3). TE is not passed on now, and a site that uses one unasked is read decoded.
+    site = TransferCodedSite()
+    try:
+        result = curl(
+            f"http://img.site-c.test:{site.port}/page.html",
+            proxy=gateway.proxy_url(),
+            headers={**HEADERS, "TE": "gzip"},
+        )
+        assert result.status == 451 and result.json()["reason"] == "noai_directive"
+        [head] = site.heads
+        assert b"\r\nte:" not in head.lower()
+    finally:
+        site.close()
 
 
 def test_a_page_is_asked_for_in_a_coding_the_gateway_can_read(gateway: Gateway, site: Site):

@@ -15,6 +15,9 @@ import re
 import unicodedata
 from typing import NamedTuple
 
+from proxy.idn import ascii_host
+from proxy.idn import valid_a_label
+
 # Header values the fetch log records (DESIGN.md "What a scraper sees").
 RECORDED_HEADERS = ("x-crawl-project", "x-crawl-account")
 MAX_RECORDED_VALUE = 256
@@ -54,7 +57,7 @@ def check_host(raw: str) -> HostCheck:
         return HostCheck(None, "the request names no host")
     if not host.isascii():
         try:
-            host = host.encode("idna").decode("ascii")
+            host = ascii_host(host)
         except UnicodeError:
             return HostCheck(None, f"{_quote(raw)} is not a valid internationalized host name")
     labels = host.split(".")
@@ -73,11 +76,8 @@ def check_host(raw: str) -> HostCheck:
     if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
         return HostCheck(None, f"{_quote(raw)} is not a valid host name")
     for label in labels:
-        if label.startswith("xn--"):
-            try:
-                label.encode("ascii").decode("idna")
-            except UnicodeError:
-                return HostCheck(None, f"{_quote(raw)} has a label that is not valid punycode")
+        if label.startswith("xn--") and not valid_a_label(label):
+            return HostCheck(None, f"{_quote(raw)} has a label that is not valid punycode")
     return HostCheck(host, None)
 
 

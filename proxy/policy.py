@@ -32,6 +32,7 @@ from pydantic import field_validator
 from pydantic import model_validator
 
 from proxy import units
+from proxy.idn import ascii_host
 
 _PSL = PublicSuffixList()
 
@@ -80,10 +81,12 @@ def _header_limit(value: str | int) -> str | int:
 
 def _host_pattern(value: str) -> str:
     value = value.strip().lower().rstrip(".")
-    try:
-        value = value.encode("idna").decode("ascii") if not value.isascii() else value
-    except UnicodeError as e:
-        raise ValueError(f"{value!r} is not a valid host name") from e
+    if not value.isascii():
+        wildcard, name = ("*.", value[2:]) if value.startswith("*.") else ("", value)
+        try:
+            value = wildcard + ascii_host(name)
+        except UnicodeError as e:
+            raise ValueError(f"{value!r} is not a valid host name") from e
     if not _HOST_PATTERN.match(value):
         raise ValueError(f"{value!r} is not a host name or '*.' plus a host name")
     if value.rpartition(".")[2].isdigit() and not _is_ipv4(value):

@@ -16,6 +16,7 @@ from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
+from proxy.idn import ascii_host
 from proxy.policy import STATUTORY_BASIS
 from proxy.policy import Defaults
 from proxy.policy import LegalBasis
@@ -27,12 +28,12 @@ _PSL = PublicSuffixList()
 
 
 def normalize_host(host: str) -> str:
-    """Lower-case, no trailing dot, IDNA (punycode) for non-ASCII names, bare IPv6."""
+    """Lower-case, no trailing dot, IDNA 2008 A-labels for non-ASCII names, bare IPv6."""
     host = host.strip().rstrip(".").lower()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host.isascii():
-        host = host.encode("idna").decode("ascii")
+        host = ascii_host(host)
     return host
 
 

@@ -530,8 +530,13 @@ class Gateway:
     def wait_ready(self, timeout: float = 30.0) -> Gateway:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
+        port_tries = 3
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if port_tries and self._lost_a_port_race():
+                    port_tries -= 1
+                    self.launch()
+                    continue
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
             try:
                 with urllib.request.urlopen(self.admin + "/readyz", timeout=1) as r:
@@ -541,6 +546,17 @@ class Gateway:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"gateway not ready after {timeout}s:\n{self.logs()}")
+
+    def _lost_a_port_race(self) -> bool:
+        """Whether the gateway exited because another process took a port free_port gave
+        (something else on the machine bound it in between): if so, it gets new ones."""
+        lines = self.logs().strip().splitlines()
+        if not lines or "address already in use" not in lines[-1]:
+            return False
+        self.port, self.admin_port = free_port(), free_port()
+        for flag, port in (("--listen", self.port), ("--admin", self.admin_port)):
+            self.args[self.args.index(flag) + 1] = f"127.0.0.1:{port}"
+        return True
 
     def _proxy_listening(self) -> bool:
         try:

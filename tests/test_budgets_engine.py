@@ -539,6 +539,48 @@ async def test_admissions_a_stalled_redis_ran_late_hold_no_slot_after_it_recover
         await engine.close()
 
 
+async def _admitted(engine: BudgetEngine, site: Site, n: int) -> list[Reason]:
+    reasons = []
+    for _ in range(n):
+        admission = await engine.admit(site)
+        reasons.append(admission.decision.reason)
+        engine.finish(admission.lease)
+    return reasons
+
+
+@pytest.mark.parametrize("loss", ["flushed", "older snapshot"])
+async def test_a_quota_goes_on_from_what_a_replica_saw_before_any_heartbeat_notices_a_loss(
+    own_redis: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+    loss: str,
+):
+    # Redis flushed (or restarted empty) under load: until a heartbeat saw the marker gone (up
+    # to 5 s), admissions started the quota over, and what the replica then wrote back was
+    # that new count: 100 requests on a quota of 60 (SRE probe F1). Loaded from an older
+    # snapshot, the marker came back with it and nothing noticed at all (F2: 80 on 60).
+    site = make_site(requests_per_day=20, requests_per_month=30)
+    store = RedisBudgetStore(own_redis.url, key_prefix=key_prefix)
+    engine = BudgetEngine(store, replicas=2)
+    await engine.start()
+    client = redis_asyncio.Redis.from_url(own_redis.url)
+    try:
+        assert await _admitted(engine, site, 12) == [Reason.OK] * 12
+        await engine.flush()
+        keys = store.keys(site.key)
+        if loss == "flushed":
+            await client.flushall()
+        else:  # as a snapshot taken after the fifth
+            await client.hset(keys.day, "n", 5)
+            await client.hset(keys.month, "n", 5)
+        reasons = await _admitted(engine, site, 12)
+        assert reasons == [Reason.OK] * 8 + [Reason.QUOTA_REQUESTS] * 4
+        assert int(await client.hget(keys.day, "n")) == 20
+        assert int(await client.hget(keys.month, "n")) == 20
+    finally:
+        await client.aclose()
+        await engine.close()
+
+
 @pytest.mark.timeout(60)
 async def test_a_pause_the_site_asked_for_is_written_back_after_redis_loses_its_data(
     own_redis: RedisServer,  # noqa: F811

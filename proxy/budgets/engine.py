@@ -369,7 +369,8 @@ class BudgetEngine:
         if self._down:
             return await self._attempt_fallback(spec, lease_id)
         try:
-            verdict = await self._store.admit(spec, lease_id)
+            seen = self._last_seen.get(spec.key) if self._store.shared else None
+            verdict = await self._store.admit(spec, lease_id, seen=seen)
         except BudgetStoreFull:
             raise  # the in-process store works, and says no (embedded mode)
         except Exception as e:

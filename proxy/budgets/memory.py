@@ -160,7 +160,12 @@ class MemoryBudgetStore:
         return None
 
     async def admit(
-        self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None
+        self,
+        spec: BudgetSpec,
+        lease_id: str,
+        *,
+        now_us: int | None = None,
+        seen: Snapshot | None = None,  # nothing here is lost (store.py)
     ) -> StoreVerdict:
         now = self._clock() if now_us is None else now_us
         s = self._state(spec.key, now, admitting=True)

@@ -85,6 +85,20 @@ def _now_arg(now_us: int | None) -> str:
     return "" if now_us is None else str(now_us)
 
 
+# ADMIT's last arguments: the site as this replica last saw it (scripts.ADMIT), or never.
+_NOT_SEEN = ("",)
+
+
+def _seen_args(seen: Snapshot) -> tuple[int, ...]:
+    return (
+        seen.now_us,
+        seen.day_requests,
+        seen.day_bytes,
+        seen.month_requests,
+        seen.paused_until_us,
+    )
+
+
 class RedisBudgetStore:
     name = "redis"
     shared = True
@@ -267,9 +281,15 @@ class RedisBudgetStore:
     # -- the protocol ------------------------------------------------------------------------
 
     async def admit(
-        self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None
+        self,
+        spec: BudgetSpec,
+        lease_id: str,
+        *,
+        now_us: int | None = None,
+        seen: Snapshot | None = None,
     ) -> StoreVerdict:
         k = self.keys(spec.key)
+        floor = _NOT_SEEN if seen is None else _seen_args(seen)
         r = await self._eval_fast(
             scripts.ADMIT,
             (k.rate, k.conc, k.day, k.month, k.pause),
@@ -284,6 +304,7 @@ class RedisBudgetStore:
                 _limit(spec.bytes_per_day),
                 CONCURRENCY_WAIT_US,
                 _now_arg(now_us),
+                *floor,
             ],
         )
         code, wait, now, tat, cn, dn, db, mn, paused_until = (int(x) for x in r)

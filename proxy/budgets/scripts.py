@@ -89,7 +89,13 @@ end
 # KEYS: rate, conc, day, month, pause
 # ARGV: interval_us, burst, max_concurrency, lease_id, lease_ttl_us,
 #       requests_per_day, requests_per_month, bytes_per_day (-1: unlimited),
-#       concurrency_wait_us (what to report when all slots are taken), [now_us]
+#       concurrency_wait_us (what to report when all slots are taken), now_us ('' for Redis's),
+#       and the site as this replica last saw it ('' for never): seen_at_us, day_n, day_bytes,
+#       month_n, paused_until. Counts only grow within their day and month, so a stored one
+#       below what a replica saw was lost (Redis restarted empty, flushed, or loaded an older
+#       snapshot): it is raised to that first, written back, and the decision taken on it. A
+#       heartbeat may notice the loss only seconds later (proxy/replicas.py); admissions in
+#       between would have started the quota over.
 # Returns {code, wait_us, now, tat, in_flight, day_n, day_bytes, month_n, paused_until}.
 # code: 0 allowed, 1 paused, 2 requests_per_day, 3 requests_per_month, 4 bytes_per_day,
 # 5 rate, 6 concurrency. When several refuse, the one that frees up last is reported (ties: the
@@ -110,6 +116,7 @@ local month_limit = tonumber(ARGV[7])
 local bytes_limit = tonumber(ARGV[8])
 local conc_wait = tonumber(ARGV[9])
 local now = clock(ARGV[10])
+local seen_at = ARGV[11] ~= nil and ARGV[11] ~= '' and tonumber(ARGV[11]) or nil
 
 local code, wait = 0, -1
 local function fail(c, w)
@@ -117,16 +124,31 @@ local function fail(c, w)
 end
 
 local paused_until = int(redis.call('GET', pause_key))
+if seen_at and int(ARGV[15]) > math.max(paused_until, now) then
+  paused_until = int(ARGV[15])
+  redis.call('SET', pause_key, str(paused_until))
+  expire_after(pause_key, paused_until - now)
+end
 if paused_until > now then fail(1, paused_until - now) end
 
 local day, day_end = utc_day(now)
 local d = redis.call('HMGET', day_key, 'p', 'n', 'b')
 local dn, db = 0, 0
 if d[1] and tonumber(d[1]) == day then dn, db = int(d[2]), int(d[3]) end
+if seen_at and utc_day(seen_at) == day and (int(ARGV[12]) > dn or int(ARGV[13]) > db) then
+  dn, db = math.max(dn, int(ARGV[12])), math.max(db, int(ARGV[13]))
+  redis.call('HSET', day_key, 'p', str(day), 'n', str(dn), 'b', str(db))
+  expire_after(day_key, day_end - now + 3600000000)
+end
 local month, month_end = utc_month(now)
 local mo = redis.call('HMGET', month_key, 'p', 'n')
 local mn = 0
 if mo[1] and tonumber(mo[1]) == month then mn = int(mo[2]) end
+if seen_at and utc_month(seen_at) == month and int(ARGV[14]) > mn then
+  mn = int(ARGV[14])
+  redis.call('HSET', month_key, 'p', str(month), 'n', str(mn))
+  expire_after(month_key, month_end - now + 3600000000)
+end
 if day_limit >= 0 and dn >= day_limit then fail(2, day_end - now) end
 if month_limit >= 0 and mn >= month_limit then fail(3, month_end - now) end
 if bytes_limit >= 0 and db >= bytes_limit then fail(4, day_end - now) end

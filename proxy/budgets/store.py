@@ -81,9 +81,16 @@ class BudgetStore(Protocol):
     async def ping(self) -> None: ...
 
     async def admit(
-        self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None
+        self,
+        spec: BudgetSpec,
+        lease_id: str,
+        *,
+        now_us: int | None = None,
+        seen: Snapshot | None = None,
     ) -> StoreVerdict:
-        """Check every budget of the site; consume all of them (and take a lease) or none."""
+        """Check every budget of the site; consume all of them (and take a lease) or none.
+        `seen`: the site as this replica last saw it in a shared store, which raises counts the
+        store has lost (scripts.ADMIT); an in-process store loses none."""
         ...
 
     async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:

@@ -29,6 +29,8 @@ REQUIRED = {
         "CrawlwardenFetchLogFailing",
     },
     "Redis errors": {"CrawlwardenRedisErrors"},
+    # (probe: Redis down 40 s refused every request and paged no one)
+    "requests refused for want of Redis": {"CrawlwardenRefusingForBudgetStore"},
     "a replica down": {"CrawlwardenReplicaDown"},
 }
 

@@ -561,6 +561,7 @@ class Gateway:
                     site=ctx.site.key,
                 )
             return self._refuse(flow, state, refused, started, close=True)
+        checked_against = gov.blocklist
         decision = gov.check_request(ctx)
         if decision.allowed and tunnel is None:
             address, decision = await gov.target_address(host, port, ctx.site.key)
@@ -625,6 +626,13 @@ class Gateway:
             admission = await self.rt.admit(ctx)
         if not admission.decision.allowed:
             return self._refuse(flow, state, admission.decision, started)
+        if gov.blocklist is not checked_against:
+            # A takedown or blocklist change while it waited (for its turn, for the site's
+            # robots.txt): "in force at once" covers requests already under way.
+            blocked = gov.check_blocked(ctx)
+            if not blocked.allowed:
+                self.rt.budgets.finish(admission.lease)
+                return self._refuse(flow, state, blocked, started)
 
         state.decision = decision
         state.lease = admission.lease

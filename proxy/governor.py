@@ -280,6 +280,11 @@ class Governor:
                 rule=f"teams.{ctx.identity.team}.projects",
                 site=ctx.site.key,
             )
+        return self.check_blocked(ctx)
+
+    def check_blocked(self, ctx: RequestContext) -> Decision:
+        """The blocklist and takedowns in force now (also again for a request that waited for
+        its budget or a robots.txt while one was filed: `blocklist` is a new object then)."""
         entry = self.blocklist.match_url(ctx.host, ctx.url, ctx.readings)
         if entry is not None:
             return _blocked(entry, ctx.site.key)

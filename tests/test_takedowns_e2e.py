@@ -10,6 +10,7 @@ import io
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tests.support import CRAWLWARDEN
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
 from tests.support import PROJECT
+from tests.support import RESPECT_ALL
 from tests.support import TEAM
 from tests.support import Gateway
 from tests.support import LocalCA
@@ -625,3 +627,53 @@ def test_takedowns_bind_inside_tls_tunnels_and_for_whole_domains(
         ("GET", "takedown", 451),
     ]
     assert "tunnel opened to nowhere" in records[2]["note"]
+
+
+def test_a_request_waiting_when_a_takedown_is_filed_is_refused_in_its_turn(
+    workdir: Path, site: Site
+):
+    # A request held for its budget (delay mode), or waiting while the gateway read the site's
+    # robots.txt, was forwarded after a takedown of its URL was filed meanwhile: checked once,
+    # before the wait (auditor probe 3). "In force at once" covers it.
+    policy = policy_with(
+        defaults={"respect": RESPECT_ALL},  # robots.txt read before the first fetch
+        sites=[
+            {
+                "id": "held",
+                "match": ["held.test"],
+                "rate": "15/min",
+                "burst": 1,
+                "on_exceed": "delay",
+                "max_delay": "10s",
+            }
+        ]
+    )
+    site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n", delay=3.0)
+    with Gateway(workdir, policy) as gw:
+        assert fetch(gw, site.url("held.test", "/first.jpg")).status == 200  # reads its robots
+        answers: dict[str, Any] = {}
+        waiting = [
+            ("held", site.url("held.test", "/gallery/a.jpg")),  # held 4 s for its turn
+            ("robots", site.url("slow-robots.test", "/gallery/a.jpg")),  # robots.txt takes 3 s
+        ]
+        threads = [
+            threading.Thread(target=lambda n=name, u=url: answers.__setitem__(n, fetch(gw, u)))
+            for name, url in waiting
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        for host in ("held.test", "slow-robots.test"):
+            status, _ = gw.admin_request(
+                "POST",
+                "/v1/takedowns",
+                ADMIN_TOKEN,
+                takedown_body("prefix", site.url(host, "/gallery/")),
+            )
+            assert status == 201
+        for t in threads:
+            t.join(30)
+        for name in ("held", "robots"):
+            assert answers[name].status == 451, (name, answers[name].status)
+            assert answers[name].headers["x-crawlwarden-reason"] == "takedown"
+    assert site.count("/gallery/a.jpg") == 0

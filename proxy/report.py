@@ -33,6 +33,8 @@ from an export of the same period. Definitions (one site = one value of the reco
   whose `status` (the site's answer) is 429 or 503.
 - `legal_bases`: `legal_basis` of the records that reached the site, counted.
 - `policy_versions`: `policy_version` of every record of the site (both kinds), counted.
+- A refused `CONNECT` answered 200 (a tunnel opened to nowhere: each request in it is refused
+  and recorded on its own) is in no figure; the requests in it are.
 - `refused_without_site` (totals only): records with no `site` (requests
   refused before a site was known: no valid credentials), plus the refusals that
   `unauthenticated_refusals` events counted (their note's `refused`).
@@ -170,7 +172,7 @@ class Tally:
         if kind == UNAUTHENTICATED_REFUSALS:
             self.without_site += _counted(rec)
             return
-        if kind not in RECORD_KINDS:
+        if kind not in RECORD_KINDS or _tunnel_to_nowhere(rec):
             return
         ts = rec["ts"]
         self.first_ts = ts if self.first_ts is None or ts < self.first_ts else self.first_ts
@@ -180,6 +182,16 @@ class Tally:
             self.without_site += 1
             return
         self.sites[site].add(rec)
+
+
+def _tunnel_to_nowhere(rec: dict[str, Any]) -> bool:
+    """A refused CONNECT the gateway answered 200: a tunnel opened to nowhere, each request in
+    it refused and recorded on its own (an HTTPS fetch would count twice)."""
+    return (
+        rec.get("method") == "CONNECT"
+        and rec.get("decision") == "refused"
+        and (rec.get("status") == 200)
+    )
 
 
 def _counted(event: dict[str, Any]) -> int:

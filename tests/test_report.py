@@ -128,6 +128,14 @@ def drive_traffic(gw: Gateway, site: Site) -> None:
     time.sleep(1.3)
     assert get("site-c.test", "/down") == 503
     assert get("site-d.test", "/x") == 451
+    # Over HTTPS: a tunnel opened to nowhere, its request refused (one fetch, two records).
+    https = curl(
+        f"https://site-d.test:{site.port}/y",
+        proxy=gw.proxy_url(),
+        headers=HEADERS,
+        cacert=gw.ca_cert,
+    )
+    assert https.status == 451
     assert curl(site.url("site-a.test", "/"), proxy=gw.proxy).status == 407
 
 
@@ -179,7 +187,9 @@ def test_report_figures_equal_counts_from_an_export(traffic):
     assert (c["site_429"], c["site_503"]) == (1, 1)
     assert c["refused_by_reason"] == {"site_paused": 1}
     d = next(s for s in report["sites"] if s["site"] == "site-d.test")
-    assert d["refused_by_reason"] == {"tos_blocklist": 1} and d["sent_to_site"] == 0
+    # (the HTTPS fetch counted once: auditor probe 4 found its tunnel's record counted too)
+    assert d["refused_by_reason"] == {"tos_blocklist": 2} and d["sent_to_site"] == 0
+    assert d["requests"] == 2
     assert report["policy"]["version"] in a["policy_versions"]
 
     # A window: only the records from the site's 429 on.

@@ -90,7 +90,13 @@ def _peak(counts: Counter[str]) -> tuple[str | None, int]:
 
 def figures_from_export(records: list[dict[str, Any]], site: str) -> dict[str, Any]:
     """The report's definitions (proxy/report.py docstring), applied to an export's records."""
-    mine = [r for r in records if r.get("site") == site]
+    mine = [
+        r
+        for r in records
+        if r.get("site") == site
+        # a tunnel opened to nowhere: the requests in it have records of their own
+        and not (r["method"] == "CONNECT" and r["decision"] == "refused" and r["status"] == 200)
+    ]
     fetches = [r for r in mine if r["kind"] == "fetch"]
     gateway = [r for r in mine if r["kind"] == "gateway_fetch"]
     reached = [r for r in fetches if r["decision"] in ("forwarded", "withheld")]

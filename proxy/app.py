@@ -42,6 +42,9 @@ log = structlog.get_logger("crawlwarden")
 
 # The admin API's routes beyond proxy/admin.py's own.
 ADMIN_ROUTES = [*AUDIT_ROUTES, *TAKEDOWN_ROUTES, *REPORT_ROUTES, *POLICY_PAGE_ROUTES]
+# How long an admin API connection may go without a whole request (idle, or a head sent a
+# line at a time) before it is closed.
+ADMIN_IDLE_SECONDS = 10.0
 
 
 def mitmproxy_options(settings: Settings, limits: Limits | None = None) -> dict[str, object]:
@@ -173,7 +176,13 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
             f"{settings.listen_host}:{settings.listen_port}: {problem}; pick another --listen"
         )
     admin = web.AppRunner(
-        make_app(runtime, extra_routes=ADMIN_ROUTES), access_log=None, handle_signals=False
+        make_app(runtime, extra_routes=ADMIN_ROUTES),
+        access_log=None,
+        handle_signals=False,
+        # aiohttp's default keeps a connection that sends nothing, or a request head a line
+        # at a time, for an hour: enough of them exhaust the process's file descriptors, the
+        # proxy's included. This bounds the wait for a whole request head (a first one too).
+        keepalive_timeout=ADMIN_IDLE_SECONDS,
     )
     await admin.setup()
     try:

@@ -121,7 +121,9 @@ class AdminDirectory:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        # surrogateescape: aiohttp hands a header's non-UTF-8 bytes over as surrogates (a 401, not
+        # a 500 with a traceback for each such request)
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
         role = None
         for known, r in self._tokens:
             if hmac.compare_digest(digest, known):

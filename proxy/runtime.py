@@ -142,7 +142,9 @@ class Runtime:
         else:
             budget_store = MemoryBudgetStore()
         self.budgets = BudgetEngine(
-            budget_store, site_label=lambda key: self.site_labels.label(key)
+            budget_store,
+            site_label=lambda key: self.site_labels.label(key),
+            site_label_held=lambda key: self.site_labels.peek(key),
         )
         self.replicas = ReplicaRegistry(
             self.redis, self.replica, self.budgets, REDIS_PREFIX, fleet_size=settings.fleet_size

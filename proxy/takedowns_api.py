@@ -55,11 +55,14 @@ def _source(rt: Runtime) -> RecordSource:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
+        unicode = _is_unicode(body)
     except ValueError as e:
         raise InvalidRequest("the body must be a JSON object") from e
+    except RecursionError as e:  # (arrays nested tens of thousands deep)
+        raise InvalidRequest("the body is nested too deeply") from e
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
-    if not _is_unicode(body):
+    if not unicode:
         # JSON may escape a lone surrogate ("\udcff"): no text, and nothing a file, Redis or
         # the fetch log can store (it failed with a 500 after the change had begun).
         raise InvalidRequest("the body has a string that is not valid Unicode")
@@ -108,16 +111,26 @@ async def manifests(rt: Runtime, takedowns: list[Takedown]) -> dict[str, list[di
 def describe(
     registry: TakedownRegistry, td: Takedown, rows: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """A takedown with its confirmations and which teams still owe one."""
+    """A takedown with its confirmations and which teams still owe one: a team is done once
+    its confirmations account for as many deleted items as the manifest lists distinct URLs of
+    its (a confirmation of `deleted: 0` for fetched content does not close it)."""
     per_team = Counter(r["team"] for r in rows if r.get("team"))
+    urls: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get("team"):
+            urls.setdefault(r["team"], set()).add(r.get("url") or "")
     confirmations = registry.state.confirmations_of(td.id)
+    deleted = Counter[str]()
+    for c in confirmations:
+        deleted[c.team] += c.deleted
     confirmed = sorted({c.team for c in confirmations})
-    outstanding = sorted(set(per_team) - set(confirmed))
+    outstanding = sorted(team for team in per_team if deleted[team] < len(urls[team]))
     return {
         **td.to_dict(),
         "manifest": {
             "records": len(rows),
             "teams": dict(sorted(per_team.items())),
+            "urls": {team: len(urls[team]) for team in sorted(urls)},
             "href": f"/v1/takedowns/{td.id}/manifest",
         },
         "confirmations": [c.to_dict() for c in confirmations],

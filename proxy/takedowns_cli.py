@@ -70,6 +70,16 @@ class ApiError(Exception):
         self.status = status
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx is an error: the token goes to the admin API and nowhere else
+
+
+# No proxy from the environment (a scraper's pod sets http_proxy to the gateway, or to one
+# that logs headers) and no redirect: either would hand the admin token to someone else.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+
+
 def call(
     admin: str, token: str, method: str, path: str, body: Any = None
 ) -> tuple[int, bytes, str]:
@@ -85,7 +95,7 @@ def call(
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+        with _OPENER.open(req, timeout=60) as resp:
             return resp.status, resp.read(), resp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as e:
         raw = e.read()

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
@@ -622,3 +623,60 @@ def test_targets_that_would_carry_or_name_another_request_are_refused_in_a_tunne
         assert decided.count(("forwarded", "ok")) == 1  # the POST
         assert not [r for r in records if "site-b.test" in r["url"].split("/")[2]]
         assert "hook_failed" not in gw.logs()
+
+
+# -- the admin port --------------------------------------------------------------------------
+
+
+def test_the_admin_port_gives_hostile_clients_4xx_answers_and_no_lasting_hold(workdir: Path):
+    # Admin probe: connections that sent nothing, or a request head a line at a time, were kept
+    # an hour (300 of them took the proxy down with the process's file descriptors); a
+    # non-UTF-8 byte in Authorization, JSON nested 30 000 deep, a time past year 9999 were
+    # 500s with tracebacks; an auditor's GET /v1/budgets?site=<any name> took a metric label.
+    with Gateway(workdir, policy_with()) as gw:
+        silent = socket.create_connection(("127.0.0.1", gw.admin_port), timeout=30)
+        trickling = socket.create_connection(("127.0.0.1", gw.admin_port), timeout=1)
+        trickling.sendall(b"GET /metrics HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed_after = None
+        while time.monotonic() - started < 25:
+            try:
+                trickling.sendall(b"X-Slow: 1\r\n")
+                if trickling.recv(100) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+        assert closed_after is not None and closed_after < 15, closed_after
+        assert silent.recv(100) == b""  # closed long before its 30 s timeout
+        silent.close()
+        trickling.close()
+
+        def status(method: str, path: str, headers: bytes, body: bytes = b"") -> int:
+            with socket.create_connection(("127.0.0.1", gw.admin_port), timeout=10) as sock:
+                sock.sendall(
+                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                    + headers
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                return int(sock.recv(100).split(b" ", 2)[1])
+
+        assert status("GET", "/v1/takedowns", b"Authorization: Bearer \xff\r\n") == 401
+        admin = f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n"
+        nested = b"[" * 30_000 + b"]" * 30_000
+        assert status("POST", "/v1/takedowns", admin.encode(), nested) == 400
+        auditor = f"Authorization: Bearer {AUDITOR_TOKEN}\r\n".encode()
+        for query in ("since=9999-12-31T23:59:59-01:00", "until=0001-01-01T00:00:00%2B01:00"):
+            assert status("GET", f"/v1/fetches?{query}", auditor) == 400, query
+            assert status("GET", f"/v1/reports/sites?{query}", auditor) == 400, query
+        names = [f"made-up-{i}.example" for i in range(5)]
+        for name in names:
+            assert status("GET", f"/v1/budgets?site={name}", auditor) == 200
+        metrics = requests.get(gw.admin + "/metrics", timeout=10).text
+        assert not any(name in metrics for name in names)
+    traces = [line for line in gw.logs().splitlines() if "Traceback" in line]
+    assert traces == []

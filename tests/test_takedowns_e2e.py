@@ -564,6 +564,11 @@ def test_teams_confirm_deletion_until_none_is_outstanding(workdir: Path, site: S
         assert shown["teams_outstanding"] == sorted([TEAM, OTHER_TEAM])
         assert shown["manifest"]["teams"] == {OTHER_TEAM: 1, TEAM: 1}
 
+        # Confirming nothing deleted closes nothing (auditor probe 6: "complete").
+        cli("takedown", "confirm", filed["id"], "--team", TEAM, "--deleted", "0", *auth)
+        shown = json.loads(cli("takedown", "show", filed["id"], *auth).stdout)
+        assert shown["teams_outstanding"] == sorted([TEAM, OTHER_TEAM])
+        assert shown["manifest"]["urls"] == {OTHER_TEAM: 1, TEAM: 1}
         confirmed = cli("takedown", "confirm", filed["id"], "--team", TEAM, "--deleted", "1", *auth)
         assert json.loads(confirmed.stdout)["team"] == TEAM
         shown = json.loads(cli("takedown", "show", filed["id"], *auth).stdout)
@@ -591,7 +596,7 @@ def test_teams_confirm_deletion_until_none_is_outstanding(workdir: Path, site: S
         assert auditor.returncode == 1 and "403" in auditor.stderr
         records = gw.fetch_records()
     confirmations = [r for r in records if r["kind"] == "takedown_confirmation"]
-    assert sorted(r["team"] for r in confirmations) == sorted([TEAM, OTHER_TEAM])
+    assert sorted(r["team"] for r in confirmations) == sorted([TEAM, TEAM, OTHER_TEAM])
     assert all(r["rule"] == filed["id"] for r in confirmations)
 
 
@@ -646,7 +651,7 @@ def test_a_request_waiting_when_a_takedown_is_filed_is_refused_in_its_turn(
                 "on_exceed": "delay",
                 "max_delay": "10s",
             }
-        ]
+        ],
     )
     site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n", delay=3.0)
     with Gateway(workdir, policy) as gw:
@@ -677,3 +682,25 @@ def test_a_request_waiting_when_a_takedown_is_filed_is_refused_in_its_turn(
             assert answers[name].status == 451, (name, answers[name].status)
             assert answers[name].headers["x-crawlwarden-reason"] == "takedown"
     assert site.count("/gallery/a.jpg") == 0
+
+
+def test_the_takedown_cli_sends_its_token_to_the_admin_api_only(workdir: Path):
+    # Admin probe 6: with http_proxy set (a scraper's environment), or an admin URL that
+    # redirects, the CLI sent `Authorization: Bearer <admin token>` there.
+    # `capture` keeps every request it gets: the token must reach it neither way.
+    with Site() as capture, Site() as redirecting, Gateway(workdir, base_policy()) as gw:
+        redirecting.routes["/v1/takedowns"] = Reply(
+            status=307, headers={"Location": capture.url("127.0.0.1", "/v1/takedowns")}
+        )
+        proxied = cli(
+            *("takedown", "list", "--admin", gw.admin, "--token", ADMIN_TOKEN),
+            env={"http_proxy": capture.url("127.0.0.1", ""), "no_proxy": "", "NO_PROXY": ""},
+        )
+        assert json.loads(proxied.stdout)["takedowns"] == []
+        redirected = cli(
+            *("takedown", "list", "--admin", redirecting.url("127.0.0.1", "")),
+            *("--token", ADMIN_TOKEN),
+            check=False,
+        )
+        assert redirected.returncode == 1 and "307" in redirected.stderr, redirected.stderr
+        assert capture.seen == []

@@ -20,11 +20,12 @@ def parse_time(text: str) -> str:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=dt.UTC)
-    except ValueError as e:
+        utc = parsed.astimezone(dt.UTC)
+    except (ValueError, OverflowError) as e:  # (9999-12-31T23:59-01:00 is past year 9999)
         raise ValueError(
             f"invalid time {text!r}: use e.g. 2026-11-28 or 2026-11-28T13:00:00Z"
         ) from e
-    return parsed.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # What a record's `decision` may be: an outcome of a request, or "event" (the gateway's own

@@ -153,6 +153,7 @@ class BudgetEngine:
         *,
         replicas: int = 1,
         site_label: Callable[[str], str] = lambda key: key,
+        site_label_held: Callable[[str], str] | None = None,
         pause_policy: PausePolicy | None = None,
         probe_max_interval: float = 5.0,
     ):
@@ -164,10 +165,13 @@ class BudgetEngine:
         Helm chart's `replicaCount`; with an autoscaler, its maximum).
 
         `site_label`: maps a site key to its bounded `site` label for the gauges.
+        `site_label_held`: the label a site has already, taking none (`_other` if it has
+        none): a read of the admin API must not take a label slot for the name asked about.
         """
         self._store = store
         self.replicas = max(1, replicas)
         self._site_label = site_label
+        self._site_label_held = site_label_held or site_label
         self._pause_policy = pause_policy or PausePolicy()
         self._probe_max = probe_max_interval
         self._fallback: MemoryBudgetStore | None = (
@@ -959,8 +963,9 @@ class BudgetEngine:
                 "error": self._last_error,
                 "budgets": _describe(spec, None),
             }
-        self._unpublished.pop(spec.key, None)
-        self._observe(shown, snap)
+        if self._site_label_held(spec.key) != metrics.OTHER:
+            self._unpublished.pop(spec.key, None)
+            self._observe(shown, snap)
         out: dict[str, Any] = {
             "site": spec.key,
             "store": source,

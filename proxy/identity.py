@@ -113,9 +113,18 @@ class AdminDirectory:
     """Bearer tokens of the admin API, each with a role (`admin` or `auditor`)."""
 
     def __init__(self, policy: Policy):
-        self._tokens = [(t.token_digest(), t.role) for t in policy.admin_tokens]
+        self._tokens = [
+            (t.token_digest(), t.role, t.name or f"admin_tokens[{i}]")
+            for i, t in enumerate(policy.admin_tokens)
+        ]
 
     def role_of(self, authorization: str | None) -> str | None:
+        holder = self.holder_of(authorization)
+        return None if holder is None else holder[0]
+
+    def holder_of(self, authorization: str | None) -> tuple[str, str] | None:
+        """The role of a bearer token and which of the policy's `admin_tokens` it is (its
+        `name`, else `admin_tokens[i]`); None for a token that is none of them."""
         if not authorization:
             return None
         scheme, _, token = authorization.strip().partition(" ")
@@ -124,8 +133,8 @@ class AdminDirectory:
         # surrogateescape: aiohttp hands a header's non-UTF-8 bytes over as surrogates (a 401, not
         # a 500 with a traceback for each such request)
         digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-        role = None
-        for known, r in self._tokens:
+        holder = None
+        for known, role, label in self._tokens:  # every one compared: timing tells nothing
             if hmac.compare_digest(digest, known):
-                role = r
-        return role
+                holder = (role, label)
+        return holder

@@ -43,9 +43,8 @@ def _registry(request: web.Request) -> TakedownRegistry:
 
 def _actor(request: web.Request) -> Actor:
     rt = request.app[RUNTIME]
-    authorization = request.headers.get("Authorization")
-    role = rt.compiled.admins.role_of(authorization) or "unknown"
-    return Actor.of(role, authorization)
+    holder = rt.compiled.admins.holder_of(request.headers.get("Authorization"))
+    return Actor(*holder) if holder is not None else Actor("unknown", "unknown")
 
 
 def _source(rt: Runtime) -> RecordSource:

@@ -85,3 +85,12 @@ def test_admin_roles():
     assert admins.role_of("Bearer nope") is None
     assert admins.role_of(basic("a", ADMIN_TOKEN)) is None
     assert admins.role_of(None) is None
+
+
+def test_an_admin_token_is_named_by_its_policy_entry_never_by_its_hash():
+    policy = base_policy()
+    policy["admin_tokens"][1]["name"] = "audit-team@example"
+    admins = AdminDirectory(parse_policy(yaml.safe_dump(policy)).policy)
+    assert admins.holder_of(f"Bearer {ADMIN_TOKEN}") == ("admin", "admin_tokens[0]")
+    assert admins.holder_of(f"Bearer {AUDITOR_TOKEN}") == ("auditor", "audit-team@example")
+    assert admins.holder_of("Bearer \udcff") is None  # non-UTF-8 bytes: no token, no error

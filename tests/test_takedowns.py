@@ -261,10 +261,9 @@ async def test_a_takedown_is_in_force_at_once_and_recorded_with_who_filed_it(
     filed = await resp.json()
     assert resp.headers["Location"] == f"/v1/takedowns/{filed['id']}"
     assert filed["targets"] == ["https://photos.example.com/gallery/"]
-    assert filed["filed_by"] == {
-        "role": "admin",
-        "token_fingerprint": "sha256:" + sha256_hex(ADMIN_TOKEN)[:12],
-    }
+    # Which of the policy's admin_tokens filed it; nothing derived from the token (a cut
+    # SHA-256 of it let auditors test guesses offline: admin probe 4).
+    assert filed["filed_by"] == {"role": "admin", "token": "admin_tokens[0]"}
     assert _decision(runtime, url) is Reason.TAKEDOWN
     assert _decision(runtime, "http://photos.example.com/gallery/cat.jpg") is Reason.TAKEDOWN
     assert _decision(runtime, "https://photos.example.com/other/cat.jpg") is Reason.OK
@@ -276,7 +275,7 @@ async def test_a_takedown_is_in_force_at_once_and_recorded_with_who_filed_it(
     assert note["takedown"]["rights_holder"] == "Example Pictures Ltd"
     assert note["takedown"]["filed_by"]["role"] == "admin"
     text = json.dumps(event)
-    assert ADMIN_TOKEN not in text and sha256_hex(ADMIN_TOKEN) not in text
+    assert ADMIN_TOKEN not in text and sha256_hex(ADMIN_TOKEN)[:8] not in text
 
     listed = await (await client.get("/v1/takedowns", headers=AUDITOR)).json()
     assert [t["id"] for t in listed["takedowns"]] == [filed["id"]]

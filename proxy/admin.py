@@ -6,6 +6,7 @@ whose role (from the policy's admin_tokens) the endpoint admits. An auditor can 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +16,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client import generate_latest
 
+from proxy.auth_throttle import AuthThrottle
 from proxy.runtime import Runtime
 
 type Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME = web.AppKey("runtime", Runtime)
+# Wrong bearer tokens are answered later the more an address has sent (the proxy port's rule:
+# proxy/auth_throttle.py), so guessing one is not cheap either.
+TOKEN_GUESSES = web.AppKey("token_guesses", AuthThrottle)
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,29 @@ def guarded(route: Route) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         denied = authorize(request, route.roles)
         if denied is not None:
+            if denied.status == 401 and request.headers.get("Authorization"):
+                return await _wrong_token(request, denied)
             return denied
         return await route.handler(request)
 
     return handler
+
+
+async def _wrong_token(request: web.Request, denied: web.Response) -> web.Response:
+    """A wrong token's 401, later the more its address has sent; past the bound of answers
+    held for it, a 429 at once."""
+    guesses = request.app[TOKEN_GUESSES]
+    penalty = guesses.failed(request.remote)
+    if penalty.drop:
+        resp = problem(429, "too many wrong tokens from this address; wait a minute")
+        resp.headers["Retry-After"] = "60"
+        return resp
+    try:
+        if penalty.delay > 0:
+            await asyncio.sleep(penalty.delay)
+    finally:
+        guesses.answered(request.remote)
+    return denied
 
 
 # -- handlers ------------------------------------------------------------------------------
@@ -192,6 +216,7 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
 def make_app(runtime: Runtime, extra_routes: list[Route] | None = None) -> web.Application:
     app = web.Application(client_max_size=1 << 20)
     app[RUNTIME] = runtime
+    app[TOKEN_GUESSES] = AuthThrottle()
     routes = [*ROUTES, *(extra_routes or [])]
     for r in routes:
         app.router.add_route(r.method, r.path, guarded(r))

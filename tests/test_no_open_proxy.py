@@ -265,6 +265,45 @@ def test_repeated_wrong_credentials_from_one_address_are_slowed_down(
     assert gateway.proc is not None and gateway.proc.poll() is None
 
 
+def _admin_timed(gateway: Gateway, source: str, token: str) -> tuple[int | None, float]:
+    started = time.monotonic()
+    with connect(gateway.admin_port, source) as sock:
+        sock.sendall(
+            f"GET /v1/takedowns HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        answer = read_answer(sock)
+    return status_of(answer), time.monotonic() - started
+
+
+def test_repeated_wrong_admin_tokens_from_one_address_are_slowed_down(gateway: Gateway):
+    # Admin probe 4: 300 wrong bearer tokens took 0.07 s; the admin API now answers them as
+    # the proxy port answers wrong credentials.
+    attacker = fresh_address()
+    timings = []
+    for _ in range(6):
+        status, took = _admin_timed(gateway, attacker, "guess")
+        assert status == 401
+        ok, quick = _admin_timed(gateway, attacker, AUDITOR_TOKEN)  # never held back
+        assert ok == 200 and quick < 0.5, quick
+        timings.append(took)
+    assert all(t < 0.2 for t in timings[:3]), timings
+    for took, nominal in zip(timings[3:], (0.25, 0.5, 1.0), strict=True):
+        assert 0.85 * nominal <= took < nominal + 1.0, timings
+    status, took = _admin_timed(gateway, fresh_address(), "guess")  # another address
+    assert status == 401 and took < 0.2
+    results: list[int | None] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_admin_timed(gateway, attacker, "g")[0]))
+        for _ in range(12)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results.count(401) <= 8 and results.count(429) >= 4, results
+
+
 # -- tokens leave no trace -------------------------------------------------------------------
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from proxy.audit.postgres_store import PostgresStore
@@ -27,12 +29,32 @@ NOW = 1_790_000_000.0
 @pytest.fixture(params=["sqlite", "postgresql"])
 def source(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     if request.param == "sqlite":
+
+        async def sqlite_execute(sql: str) -> None:
+            db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
+            db.execute(sql)
+            db.commit()
+            db.close()
+
         return {
             "store": lambda: SQLiteStore(tmp_path / "fetchlog.sqlite3"),
             "args": ["--data-dir", str(tmp_path)],
+            "execute": sqlite_execute,
         }
     dsn = request.getfixturevalue("pg_dsn")
-    return {"store": lambda: PostgresStore(dsn), "args": ["--audit-dsn", dsn]}
+
+    async def pg_execute(sql: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    return {
+        "store": lambda: PostgresStore(dsn),
+        "args": ["--audit-dsn", dsn],
+        "execute": pg_execute,
+    }
 
 
 def export_and_verify(source: dict[str, Any], public: Path, out: Path, *extra: str) -> str:
@@ -173,3 +195,39 @@ async def test_retention_reaches_the_chains_of_replicas_that_no_longer_run(
     assert purge_line["seq"] == 25
     numbers = [x["number"] for x in items if x["type"] == "checkpoint"]
     assert numbers and min(numbers) == purge_line["number"] + 1
+
+
+async def test_oldest_records_deleted_without_a_purge_note_fail_a_whole_export(
+    source: dict[str, Any], tmp_path: Path
+) -> None:
+    # A database writer, not retention, deletes the start of a chain up to a checkpoint: the
+    # export used to begin at the first record left, anchored by that checkpoint as a --since
+    # window is, and to verify though its header said it had no filters.
+    signer, public = keys(tmp_path)
+    log = fetch_log(source["store"](), tmp_path / "spool", "gw-h", signer, clock=lambda: NOW)
+    await log.open()
+    for i in range(30):
+        log.append(fetch(i, ts=NOW - 10 * DAY + i * 60))
+    await log.close()  # checkpoints #1 (start, seq 0), #2..#4 (seq 10, 20, 30), #5 (shutdown)
+    export_and_verify(source, public, tmp_path / "before.jsonl")
+
+    await source["execute"]("DELETE FROM fetch_records WHERE replica = 'gw-h' AND seq <= 20")
+    for step in ("records", "and-checkpoints"):
+        out = tmp_path / f"{step}.jsonl"
+        result = cli("audit", "export", *source["args"], "--output", out)
+        assert result.returncode == 0, result.stderr
+        assert read_lines(out)[0]["filters"] == {}
+        verified = cli("audit", "verify", out, "--public-key", public)
+        assert verified.returncode == 1, verified.stdout
+        first = verified.stdout.splitlines()[0]
+        assert first.startswith("FAILED: replica gw-h seq 21 "), first
+        assert "records before seq 21 are missing: seq 1..20" in first, first
+        # Then the checkpoints that sign only deleted records go too (the one at seq 20 stays).
+        await source["execute"]("DELETE FROM fetch_checkpoints WHERE replica = 'gw-h' AND seq < 20")
+
+    # A time window says what it cannot prove (that it holds every record of its time) and
+    # still starts right after the checkpoint below it.
+    out = export_and_verify(
+        source, public, tmp_path / "window.jsonl", "--since", iso(NOW - 10 * DAY + 25 * 60)
+    )
+    assert "replica gw-h: records 21..30" in out

@@ -205,6 +205,14 @@ def verify_file(
     return report
 
 
+def _is_window(header: dict[str, Any] | None) -> bool:
+    """Whether the export is a time window (--since): the only export whose chains may start
+    right after a checkpoint. The header is not signed: this holds against a database writer
+    (whose deletions an honest export then shows), not against one who edits the file."""
+    filters = (header or {}).get("filters")
+    return isinstance(filters, dict) and filters.get("since") is not None
+
+
 def _check_header_replicas(report: Report) -> None:
     """Every replica the export line lists has lines in the file. The header is not signed, so
     this catches a file cut short or pages lost on the way, not a forger (who would edit it)."""
@@ -477,7 +485,22 @@ def _finish_chain(chain: Chain, report: Report, *, allow_unsigned: bool = False)
         ]
         if purges:
             purge_anchor = purges[-1].checkpoint
+        elif below and _is_window(report.header):
+            window = True
         elif below:
+            # Only a time window (--since) starts after a checkpoint: a whole export starts at
+            # seq 1 or right after the purge note, so the records before this one were deleted
+            # (from the store, or from the file).
+            cut = max((p.checkpoint.seq for p in chain.purges), default=0)
+            report.problem(
+                chain.first_line,
+                f"records before seq {first} are missing: seq {cut + 1}..{first - 1} are "
+                "neither in this export without --since nor cut by a purge note (records "
+                "deleted at the start)",
+                replica=replica,
+                seq=first,
+                id=chain.first_id,
+            )
             window = True
         else:
             report.problem(

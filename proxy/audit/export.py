@@ -90,10 +90,11 @@ async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
     """Which records of each replica the export covers (decided before anything is streamed).
 
     Replicas in name order (code point order: the store's collation may sort otherwise, and
-    the API's cursors compare names). Without `until`, a span reaches the newest checkpoint or
-    witness note of its chain even where the store has no records that far (or none at all):
-    records deleted from the store then show in `verify` as a removed tail, not as a shorter
-    log that verifies."""
+    the API's cursors compare names). Without `since`, a span starts at seq 1 or right after
+    the purge note (retention), and without `until` it reaches the newest checkpoint or witness
+    note of its chain, even where the store has no records that far (or none at all): records
+    deleted from the store then show in `verify` as missing at the start or as a removed tail,
+    not as a shorter log that verifies."""
     spans = []
     for replica in sorted(await reader.replicas()):
         if query.replica is not None and replica != query.replica:
@@ -114,6 +115,15 @@ async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
             # prev_hash is then signed, and no record at the start can go missing unseen.
             below = await reader.checkpoint_below(replica, low)
             low = max(stored_first, below["seq"] + 1) if below else stored_first
+            anchored_by_purge = low == stored_first and low > 1
+        else:
+            # A whole chain starts at seq 1, or right after the purge note that cut its start,
+            # even where the store has no records that far: records deleted from its start show
+            # in `verify` as missing (beside the checkpoints still stored that signed them), not
+            # as a shorter log that verifies.
+            purge = await reader.last_purge(replica)
+            low = min(stored_first, purge["seq"] + 1 if purge is not None else 1)
+            anchored_by_purge = low > 1
         if query.until is not None:
             # End at the first checkpoint at or after the window, so the last record is signed
             # (or at a witness note, for the last records of a replica that stopped unsigned).
@@ -125,7 +135,7 @@ async def plan(reader: ChainReader, query: RecordQuery) -> list[ReplicaSpan]:
                 high = max(high, after["seq"])
         else:
             high = max(high, await _signed_to(reader, replica))
-        spans.append(ReplicaSpan(replica, low, high, low == stored_first and low > 1))
+        spans.append(ReplicaSpan(replica, low, high, anchored_by_purge))
     return spans
 
 

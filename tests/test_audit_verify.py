@@ -221,6 +221,28 @@ def test_forged_checkpoint_text(fetchlog: dict[str, Path]) -> None:
     assert_detected(result, "replica gw-a", "checkpoint #4", "signature does not verify")
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("time", "2030-01-01T00:00:00.000000Z"), ("kind", "periodic")]
+)
+def test_edited_readable_field_of_a_checkpoint_line(
+    fetchlog: dict[str, Path], name: str, value: str
+) -> None:
+    # The note alone is signed, but a reader takes the time and kind from the readable fields:
+    # they must say what the note says.
+    items = read_lines(fetchlog["export"])
+    i = next(
+        i
+        for i, x in enumerate(items)
+        if x["type"] == "checkpoint" and x["replica"] == "gw-a" and x["kind"] == "shutdown"
+    )
+    assert items[i][name] != value
+    items[i][name] = value
+    result = verify(tampered(fetchlog, f"checkpoint-{name}", items), fetchlog["public"])
+    assert_detected(
+        result, "replica gw-a", f"checkpoint #8: field {name} '{value}'", "the line was edited"
+    )
+
+
 def test_missing_checkpoint(fetchlog: dict[str, Path]) -> None:
     items = read_lines(fetchlog["export"])
     i = next(

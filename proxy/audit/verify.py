@@ -23,6 +23,7 @@ from typing import Any
 from proxy.audit.checkpoint import UNNUMBERED
 from proxy.audit.checkpoint import Checkpoint
 from proxy.audit.checkpoint import CheckpointError
+from proxy.audit.checkpoint import checkpoint_line
 from proxy.audit.checkpoint import note_hash
 from proxy.audit.checkpoint import open_note_by
 from proxy.audit.export import FORMAT
@@ -316,12 +317,13 @@ def _pass_signed(path: Path, verifiers: list[Verifier], report: Report) -> None:
             continue
         point = SignedPoint(line, checkpoint, note_hash(note), key)
         report.keys_used.add(key)
-        for name in ("replica", "seq", "number", "hash", "by"):
-            if name in item and item[name] != getattr(checkpoint, name):
+        # Every readable field the note carries (a reader takes `time` and `kind` from them).
+        for name, value in checkpoint_line(checkpoint, note).items():
+            if name not in ("type", "note") and name in item and item[name] != value:
                 report.problem(
                     line,
                     f"{point.name}: field {name} {item[name]!r} differs from its "
-                    f"signed note ({getattr(checkpoint, name)!r}): the line was edited",
+                    f"signed note ({value!r}): the line was edited",
                     replica=checkpoint.replica,
                     seq=checkpoint.seq,
                 )

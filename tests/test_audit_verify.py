@@ -368,6 +368,27 @@ def test_site_filter_redacts_other_records_and_still_verifies(fetchlog: dict[str
     )
 
 
+def test_a_record_redacted_in_an_export_without_content_filters(
+    fetchlog: dict[str, Path],
+) -> None:
+    # The chain still links, but an export without content filters redacts nothing: a record
+    # shown as its digest alone had its content taken out of the file.
+    items = read_lines(fetchlog["export"])
+    assert items[0]["filters"] == {} and items[0]["redacted"] is False
+    i = records(items)[24]
+    rec = {k: v for k, v in items[i].items() if k != "type"}
+    items[i] = {
+        "type": "redacted",
+        "replica": "gw-a",
+        "seq": 25,
+        "prev_hash": rec["prev_hash"],
+        "body_sha256": body_sha256(rec),
+        "hash": rec["hash"],
+    }
+    result = verify(tampered(fetchlog, "redacted-unfiltered", items), fetchlog["public"])
+    assert_detected(result, "replica gw-a", "seq 25", "replaced by its digest")
+
+
 def test_redacted_digest_matches_the_record(fetchlog: dict[str, Path]) -> None:
     full = {
         (x["replica"], x["seq"]): x for x in read_lines(fetchlog["export"]) if x["type"] == "record"

@@ -383,6 +383,14 @@ def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
         ):
             report.problem(line, "malformed redacted line", rec)
             return
+        if report.header is not None and report.header.get("redacted") is not True:
+            # Only content filters redact: here a record's content was taken out of the file.
+            report.problem(
+                line,
+                "a redacted line in an export without content filters (its export line says "
+                '"redacted": false): the record was replaced by its digest',
+                rec,
+            )
         chain.redacted += 1
     else:
         digest = body_sha256(rec)

@@ -7,20 +7,30 @@ its id unless a test starts it again.
 
 from __future__ import annotations
 
+import itertools
+import json
 import signal
 import sqlite3
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from proxy.audit.keys import Signer
+from proxy.audit.log import WITNESS_WITHIN
 from proxy.audit.log import FetchLog
+from proxy.audit.postgres_store import PostgresStore
 from proxy.audit.record import body_sha256
 from proxy.audit.record import chain_hash
+from proxy.audit.record import utc_timestamp
 from proxy.audit.sqlite_store import SQLiteStore
+from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
+from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.test_audit_log import stored
 from tests.test_audit_support import cli
 from tests.test_audit_support import fetch
@@ -28,20 +38,27 @@ from tests.test_audit_support import fetch_log
 from tests.test_audit_support import keys
 from tests.test_audit_support import start_writer
 
+# fetch_log's checkpoint_every_seconds: a witness signs after a checkpoint at most
+# WITNESS_WITHIN of them old.
+INTERVAL = 3600.0
+
 _LOST_REPLICA = """
-import asyncio, sys
+import asyncio, sys, time
 from pathlib import Path
 from proxy.audit.keys import load_private_key
 from proxy.audit.sqlite_store import SQLiteStore
 from tests.test_audit_support import fetch, fetch_log
 
+AGO = 0.0  # how long ago this replica ran, by its clock (the test's text replaces it)
+
 async def main():
     data, key = Path(sys.argv[1]), Path(sys.argv[2])
     log = fetch_log(SQLiteStore(data / "fetchlog.sqlite3"), data / "spool", "gw-lost",
-                    load_private_key(key), checkpoint_every_records=10)
+                    load_private_key(key), checkpoint_every_records=10,
+                    clock=lambda: time.time() - AGO)
     await log.open()
     for i in range(15):
-        log.append(fetch(i))  # signed at 10; 11..15 stored, not signed
+        log.append(fetch(i, ts=time.time() - AGO))  # signed at 10; 11..15 stored, not signed
     assert await log.flushed()
     print("ready", flush=True)
     await asyncio.sleep(3600)
@@ -50,9 +67,9 @@ asyncio.run(main())
 """
 
 
-async def lose_a_replica(data: Path, signer: Signer) -> subprocess.Popen[str]:
+async def lose_a_replica(data: Path, signer: Signer, ago: float = 0.0) -> subprocess.Popen[str]:
     """Start the replica that will be lost; returns it running, its 15 records stored."""
-    return await start_writer(_LOST_REPLICA, data, signer)
+    return await start_writer(_LOST_REPLICA.replace("AGO = 0.0", f"AGO = {ago!r}"), data, signer)
 
 
 def kill(proc: subprocess.Popen[str]) -> None:
@@ -202,6 +219,207 @@ async def test_rows_after_a_shutdown_checkpoint_are_not_witnessed(tmp_path: Path
     result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
     assert result.returncode == 1
     assert "replica gw-a seq 6" in result.stdout
+
+
+@pytest.mark.parametrize("intervals", [WITNESS_WITHIN - 1, WITNESS_WITHIN + 1])
+async def test_a_killed_replica_is_witnessed_only_while_its_last_checkpoint_is_recent(
+    tmp_path: Path, intervals: int
+) -> None:
+    # Killed `intervals` checkpoint intervals ago (its clock then): its last checkpoint is that
+    # old. Older than a run killed and looked at since can leave, the records after it are
+    # the database's word alone: reported, not signed.
+    signer, public = keys(tmp_path)
+    kill(await lose_a_replica(tmp_path, signer, ago=intervals * INTERVAL))
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-w", signer
+    )
+    await witness.open()
+    try:
+        with capture_logs() as logs:
+            done = await witness.witness_orphans()
+            assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+    refused = [e for e in logs if e["event"] == "witness_refused"]
+    if intervals <= WITNESS_WITHIN:
+        assert done == [{"replica": "gw-lost", "from_seq": 11, "through_seq": 15}]
+        assert not refused
+        result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
+        assert result.returncode == 0, result.stdout
+        return
+    assert done == []
+    [event] = refused  # once, not at every look
+    assert event["log_level"] == "error" and event["replica"] == "gw-lost"
+    assert event["through_seq"] == 15 and "was not signed within the last" in event["reason"]
+    result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "replica gw-lost seq 11" in result.stdout
+    assert "come after the last checkpoint" in result.stdout
+
+
+async def stop_cleanly(gone: FetchLog, ago: float) -> None:
+    """A run of `gone`'s replica `ago` seconds back (its clock): records 1..3, a periodic
+    checkpoint, records 4..6 and a clean stop, whose shutdown checkpoint signs 4..6."""
+    then = time.time() - ago
+    gone.clock = lambda: then
+    await gone.open()
+    for i in range(3):
+        gone.append(fetch(i, ts=then))
+    gone.checkpoint()
+    for i in range(3, 6):
+        gone.append(fetch(i, ts=then))
+    await gone.close()
+
+
+async def test_a_shutdown_checkpoint_deleted_long_after_the_stop_is_not_witnessed(
+    tmp_path: Path,
+) -> None:
+    # A database writer without the key deletes the shutdown checkpoint of a replica that
+    # stopped cleanly long ago, rewrites a record it alone signed and adds one, every hash
+    # recomputed: the chain's last checkpoint is a periodic one again, and the records after
+    # it link. They must not be signed as stored.
+    signer, public = keys(tmp_path)
+    path = tmp_path / "fetchlog.sqlite3"
+    gone = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-a", signer)
+    await stop_cleanly(gone, ago=(WITNESS_WITHIN + 1) * INTERVAL)
+    db = sqlite3.connect(path)
+    db.execute(
+        "DELETE FROM fetch_checkpoints WHERE replica = 'gw-a' AND number = "
+        "(SELECT max(number) FROM fetch_checkpoints WHERE replica = 'gw-a')"
+    )
+    db.commit()
+    db.close()
+    rewrite_from(path, "gw-a", 4, url="https://a.example/rewritten")
+    append_linked(path, "gw-a", url="https://a.example/never-fetched")
+    witness = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-w", signer)
+    await witness.open()
+    try:
+        assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+    result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "replica gw-a seq 4" in result.stdout
+    assert "come after the last checkpoint" in result.stdout
+
+
+async def test_on_postgresql_a_shutdown_checkpoint_deleted_long_after_the_stop_is_not_witnessed(
+    tmp_path: Path,
+    pg_dsn: str,  # noqa: F811
+) -> None:
+    # The same forgery on the fleet's shared store (where it was found).
+    signer, public = keys(tmp_path)
+    gone = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool", "gw-a", signer)
+    await stop_cleanly(gone, ago=(WITNESS_WITHIN + 1) * INTERVAL)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "DELETE FROM fetch_checkpoints WHERE replica = 'gw-a' AND number = "
+            "(SELECT max(number) FROM fetch_checkpoints WHERE replica = 'gw-a')"
+        )
+        rows = await conn.fetch(
+            "SELECT seq, body FROM fetch_records WHERE replica = 'gw-a' AND seq >= 3 ORDER BY seq"
+        )
+        recs = [json.loads(body) for _, body in rows]
+        recs[1]["url"] = "https://a.example/rewritten"  # record 4
+        recs.append({**recs[-1], "seq": 7, "id": "f" * 32, "url": "https://a.example/never"})
+        for prev, rec in itertools.pairwise(recs):
+            rec["prev_hash"] = prev["hash"]
+            rec["hash"] = chain_hash(rec["prev_hash"], body_sha256(rec))
+            await conn.execute(
+                "DELETE FROM fetch_records WHERE replica = 'gw-a' AND seq = $1", rec["seq"]
+            )
+            await conn.execute(
+                "INSERT INTO fetch_records (replica, seq, id, ts, kind, decision, reason, url, "
+                "hash, body) VALUES ('gw-a', $1, $2, $3::text::timestamptz, 'fetch', $4, $5, $6, "
+                "$7, $8)",
+                rec["seq"],
+                rec["id"],
+                rec["ts"],
+                rec["decision"],
+                rec["reason"],
+                rec["url"],
+                rec["hash"],
+                json.dumps(rec),
+            )
+    finally:
+        await conn.close()
+    witness = fetch_log(PostgresStore(pg_dsn), tmp_path / "spool", "gw-w", signer)
+    await witness.open()
+    try:
+        assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+    out = tmp_path / "x.jsonl"
+    exported = cli("audit", "export", "--audit-dsn", pg_dsn, "--output", out)
+    assert exported.returncode == 0, exported.stderr
+    result = cli("audit", "verify", out, "--public-key", public)
+    assert result.returncode == 1
+    assert "replica gw-a seq 4" in result.stdout
+    assert "come after the last checkpoint" in result.stdout
+
+
+async def test_a_witness_that_saw_a_shutdown_checkpoint_refuses_the_chain_once_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    # Within the window a witness cannot tell a deleted shutdown checkpoint from a kill by the
+    # store alone; one it saw at an earlier look it can.
+    signer, public = keys(tmp_path)
+    path = tmp_path / "fetchlog.sqlite3"
+    witness = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-w", signer)
+    await witness.open()
+    try:
+        gone = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-a", signer)
+        await stop_cleanly(gone, ago=0.0)
+        assert await witness.witness_orphans() == []  # signed through seq 6 by itself
+        db = sqlite3.connect(path)
+        db.execute("DELETE FROM fetch_checkpoints WHERE replica = 'gw-a' AND kind = 'shutdown'")
+        db.commit()
+        db.close()
+        rewrite_from(path, "gw-a", 5, url="https://a.example/rewritten")
+        with capture_logs() as logs:
+            assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+    [event] = [e for e in logs if e["event"] == "witness_refused"]
+    assert "seen earlier is gone" in event["reason"]
+    result = export_and_verify(tmp_path, public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "replica gw-a seq 4" in result.stdout
+
+
+async def test_a_witness_note_deleted_from_the_store_is_not_signed_again_differently(
+    tmp_path: Path, lost: Lost
+) -> None:
+    assert await lost.witness.witness_orphans()
+    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
+    db.execute("DELETE FROM fetch_witnesses WHERE replica = 'gw-lost'")
+    db.commit()
+    db.close()
+    rewrite_from(tmp_path / "fetchlog.sqlite3", "gw-lost", 13, url="https://a.example/other")
+    with capture_logs() as logs:
+        assert await lost.witness.witness_orphans() == []
+    [event] = [e for e in logs if e["event"] == "witness_refused"]
+    assert "witness note this replica signed for it is gone" in event["reason"]
+    await lost.witness.close()
+    result = export_and_verify(tmp_path, lost.public, tmp_path / "x.jsonl")
+    assert result.returncode == 1
+    assert "replica gw-lost seq 11" in result.stdout
+
+
+@pytest.mark.parametrize("days", [-365.0, 1.0])
+async def test_records_dated_far_from_their_checkpoint_are_not_witnessed(
+    tmp_path: Path, lost: Lost, days: float
+) -> None:
+    # Records after a checkpoint were written after it, before the kill: one dated a year
+    # before it, or tomorrow, was not (a request under way at the checkpoint is dated a little
+    # before it, by its start).
+    when = utc_timestamp(time.time() + days * 86400)
+    rewrite_from(tmp_path / "fetchlog.sqlite3", "gw-lost", 13, ts=when)
+    with capture_logs() as logs:
+        assert await lost.witness.witness_orphans() == []
+    [event] = [e for e in logs if e["event"] == "witness_refused"]
+    assert f"record 13 is dated {when!r}" in event["reason"]
 
 
 _RESTARTED_THEN_KILLED = """

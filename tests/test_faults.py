@@ -306,7 +306,7 @@ def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
     # its id: its last records stayed unsigned for good, and `verify` of the fleet's log failed.
     private, public = signing_keys(workdir)
     signing = {"signing_key_file": str(private)}
-    victim = Gateway(  # signs at 4 and 8 records: 9 and 10 are left unsigned
+    victim = Gateway(  # signs every 4 records, not by time
         workdir,
         policy_with(
             audit={**signing, "checkpoint_every_records": 4, "checkpoint_every_seconds": 3600}
@@ -314,28 +314,31 @@ def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
         name="victim",
         extra_args=["--audit-dsn", pg_dsn],
     )
-    witness = Gateway(
+    witness = Gateway(  # looks every 10 s; signs after a checkpoint at most 14 s old
         workdir,
-        policy_with(audit={**signing, "checkpoint_every_seconds": 1}),  # looks every 5 s
+        policy_with(audit={**signing, "checkpoint_every_seconds": 2}),
         name="witness",
         extra_args=["--audit-dsn", pg_dsn],
     )
     victim.start(60)
     witness.start(60)
     try:
-        urls = [site.url("site-a.test", f"/lost/{n}") for n in range(10)]
-        assert statuses_of(victim, urls) == {200: 10}
+        urls = [site.url("site-a.test", f"/lost/{n}") for n in range(14)]
+        assert statuses_of(victim, urls[:10]) == {200: 10}
 
         def stored() -> list[dict]:
             return [r for r in _records(pg_dsn) if r["replica"] == "victim"]
 
         assert wait_for(lambda: len(stored()) == 10, timeout=20)
-        time.sleep(6)  # a witness pass while the victim runs: its chain is not taken
+        time.sleep(11)  # a witness pass while the victim runs: its chain is not taken
         assert not witness.log_events("witnessed")
+        # Signed at 12 just before it dies (as a run signs every interval): 13 and 14 are not.
+        assert statuses_of(victim, urls[10:]) == {200: 4}
+        assert wait_for(lambda: len(stored()) == 14, timeout=20)
         victim.kill()  # SIGKILL: no shutdown checkpoint
         assert wait_for(lambda: witness.log_events("witnessed"), timeout=30)
         [event] = witness.log_events("witnessed")
-        assert (event["replica"], event["through_seq"]) == ("victim", 10)
+        assert (event["replica"], event["through_seq"]) == ("victim", 14)
     finally:
         witness.stop()
     out = tmp_path / "fleet.jsonl"
@@ -347,7 +350,7 @@ def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
         capture_output=True,
         text=True,
     )
-    assert "records 9..10 signed as stored by replica witness" in verified.stdout
+    assert "records 13..14 signed as stored by replica witness" in verified.stdout
 
 
 def _records(dsn: str) -> list[dict]:

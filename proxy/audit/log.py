@@ -75,6 +75,14 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 # The chains of replicas that no longer run are looked at every WITNESS_EVERY checkpoint
 # intervals for records their replica never signed (witness_orphans): a few index probes each.
 WITNESS_EVERY = 5
+# ... and signed only while their last checkpoint is at most WITNESS_WITHIN intervals old: a run
+# killed signed its last one at most an interval before it died, a witness looks within
+# WITNESS_EVERY after that, and one more covers the chain's release (PostgreSQL frees a lost
+# node's session within about a minute), the look's own time and clock skew. An older one is
+# a chain that stopped long ago, which signed all it wrote (a shutdown checkpoint) unless it
+# was killed with nobody to look in time: a database writer without the key would otherwise
+# have the records after its last periodic checkpoint signed, rewritten, at any time later.
+WITNESS_WITHIN = WITNESS_EVERY + 2
 # After a failed spool write (disk full), how often the spool is tried for room again.
 SPOOL_RETRY_SECONDS = 1.0
 # Past spool_max_bytes nothing more is forwarded, but refusals are still recorded one by one
@@ -194,6 +202,13 @@ class FetchLog:
         # (the records stay in the spool) and the log takes no more records (unready).
         self.chain_forked: ChainForked | None = None
         self.set_aside = 0  # items the store refused, left out of it (see _set_aside)
+        # What this replica's witness looks saw of other chains: the highest checkpoint number
+        # of each, and how far it witnessed each. A database writer who deletes a checkpoint (a
+        # shutdown one) or a witness note seen here, to have the chain witnessed (again, as it
+        # wants it), is refused. `_refused`: the head seq of each chain refused (logged once).
+        self._checkpoints_seen: dict[str, int] = {}
+        self._witnessed: dict[str, int] = {}
+        self._refused: dict[str, int] = {}
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -768,9 +783,12 @@ class FetchLog:
 
         What a witness signs is what the store held, so the rule is narrow: only a chain whose
         last checkpoint is a start or periodic one of its own (never signed: rows put in the
-        store by hand; a shutdown checkpoint: that replica signed all it wrote), and only once
-        after it: rows appended to a dead chain later stay unsigned. Every run signs a start
-        checkpoint when it opens the log, so a run killed at once is witnessed too.
+        store by hand; a shutdown checkpoint: that replica signed all it wrote) signed at most
+        WITNESS_WITHIN checkpoint intervals ago (older: it stopped long ago, and a missing
+        shutdown checkpoint may have been deleted), whose records after it are dated around it,
+        and only once after it: rows appended to a dead chain later stay unsigned. Every run
+        signs a start checkpoint when it opens the log, so a run killed at once is witnessed
+        too. A chain refused is logged (`witness_refused`); its records stay unsigned.
         """
         if self.signer is None:
             return []
@@ -795,6 +813,8 @@ class FetchLog:
                 # note, and signs no second one.
                 if not await self.flushed(timeout=30.0):
                     log.warning("witness_deferred", reason="store unavailable")
+                else:  # (a note still queued is not one the store lost)
+                    self._witnessed[replica] = item["through_seq"]
         return done
 
     async def _witness(self, replica: str) -> dict[str, Any] | None:
@@ -807,6 +827,13 @@ class FetchLog:
         if last is None:
             return None  # never signed: nothing says a gateway wrote it (rows put in by hand)
         checkpoint = parse_text(note_text(last["note"]))
+        seen = self._checkpoints_seen.get(replica, 0)
+        if checkpoint.number < seen:
+            # Numbers only grow (retention cuts from the first; a replica that comes back
+            # numbers on): the one an earlier look saw was deleted since.
+            self._refuse(replica, seq, f"its checkpoint #{seen} seen earlier is gone")
+            return None
+        self._checkpoints_seen[replica] = checkpoint.number
         if checkpoint.kind not in ("start", "periodic"):
             return None  # it stopped and signed all it wrote: rows after that are not its
         signed_seq, signed_hash, prev = checkpoint.seq, checkpoint.hash, note_hash(last["note"])
@@ -818,6 +845,22 @@ class FetchLog:
         if await self.store.witnesses(replica, signed_seq + 1, seq):
             # Witnessed once since its own last signature: records stored after that are not
             # its own (it would have signed them on coming back), and are left unsigned.
+            return None
+        if self._witnessed.get(replica, 0) > signed_seq:
+            self._refuse(replica, seq, "the witness note this replica signed for it is gone")
+            return None
+        # By the checkpoint's own signed time, which no database writer can change: a chain
+        # that ran recently, not one whose shutdown checkpoint may have been deleted since.
+        now, interval = self.clock(), self.checkpoint_every_seconds
+        window = WITNESS_WITHIN * interval
+        signed_at = _parse_ts(checkpoint.time)
+        if signed_at is None or not now - window <= signed_at <= now + interval:
+            self._refuse(
+                replica,
+                seq,
+                f"its last checkpoint (#{checkpoint.number}, {checkpoint.time}) was not signed "
+                f"within the last {window:g} s: that replica stopped long before this look",
+            )
             return None
         expected, link = signed_seq + 1, signed_hash
         async for rec in self.store.records(replica, signed_seq + 1, seq):
@@ -833,6 +876,17 @@ class FetchLog:
                     seq=rec.get("seq"),
                     expected_seq=expected,
                     reason="the stored records do not link to what that replica signed",
+                )
+                return None
+            # A record bears its request's start: one under way at the checkpoint is chained
+            # after it with an older time, so a window back, not the checkpoint's own time.
+            ts = _parse_ts(rec.get("ts"))
+            if ts is None or not signed_at - window <= ts <= now + interval:
+                self._refuse(
+                    replica,
+                    seq,
+                    f"record {rec.get('seq')} is dated {rec.get('ts')!r}, not around its "
+                    f"last checkpoint ({checkpoint.time})",
                 )
                 return None
             expected, link = expected + 1, rec["hash"]
@@ -861,6 +915,14 @@ class FetchLog:
             "witnessed", replica=replica, by=self.replica, records=seq - signed_seq, through_seq=seq
         )
         return {"replica": replica, "from_seq": signed_seq + 1, "through_seq": seq}
+
+    def _refuse(self, replica: str, seq: int, reason: str) -> None:
+        """Log why a chain's unsigned records are not witnessed: they stay unsigned, and verify
+        reports them. Once per chain head, not at every look."""
+        if self._refused.get(replica) == seq:
+            return
+        self._refused[replica] = seq
+        log.error("witness_refused", replica=replica, through_seq=seq, reason=reason)
 
     async def _witness_loop(self) -> None:
         while True:

@@ -21,10 +21,12 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from proxy.audit.checkpoint import Checkpoint
 from proxy.audit.keys import Signer
 from proxy.audit.log import WITNESS_WITHIN
 from proxy.audit.log import FetchLog
 from proxy.audit.postgres_store import PostgresStore
+from proxy.audit.record import GENESIS_HASH
 from proxy.audit.record import body_sha256
 from proxy.audit.record import chain_hash
 from proxy.audit.record import utc_timestamp
@@ -359,6 +361,54 @@ async def test_on_postgresql_a_shutdown_checkpoint_deleted_long_after_the_stop_i
     assert "come after the last checkpoint" in result.stdout
 
 
+@pytest.mark.parametrize("planted", ["signed with another key", "another chain's"])
+async def test_a_checkpoint_row_the_chain_never_signed_is_not_trusted(
+    tmp_path: Path, planted: str
+) -> None:
+    # The stored row of a checkpoint is the database's word: a periodic checkpoint of this
+    # chain signed a moment ago with a key of the writer's own, or the genuine, recent start
+    # checkpoint of the witness's own chain (seq 0, so every record of this one links to it),
+    # planted after the real ones of a chain that stopped long ago, its records dated anew to
+    # match. Neither may let its records be signed as stored.
+    signer, _ = keys(tmp_path)
+    path = tmp_path / "fetchlog.sqlite3"
+    gone = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-a", signer)
+    await stop_cleanly(gone, ago=(WITNESS_WITHIN + 1) * INTERVAL)
+    redate(path, "gw-a", utc_timestamp(time.time()))
+    rewrite_from(path, "gw-a", 4, url="https://a.example/rewritten")
+    witness = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-w", signer)
+    await witness.open()
+    try:
+        assert await witness.flushed()
+        db = sqlite3.connect(path)
+        if planted == "signed with another key":
+            other, _ = keys(tmp_path, "writer")
+            [(head,)] = db.execute(
+                "SELECT hash FROM fetch_records WHERE replica = 'gw-a' AND seq = 6"
+            )
+            note = Checkpoint("gw-a", 4, 6, head, utc_timestamp(time.time()), kind="periodic").sign(
+                other
+            )
+        else:
+            [(note,)] = db.execute(
+                "SELECT note FROM fetch_checkpoints WHERE replica = 'gw-w' AND kind = 'start'"
+            )
+        db.execute(
+            "INSERT INTO fetch_checkpoints (replica, number, seq, time, kind, note) "
+            "VALUES ('gw-a', 4, 0, '2026-01-01T00:00:00.000000Z', 'periodic', ?)",
+            (note,),
+        )
+        db.commit()
+        db.close()
+        append_linked(path, "gw-a", url="https://a.example/never-fetched")
+        with capture_logs() as logs:
+            assert await witness.witness_orphans() == []
+    finally:
+        await witness.close()
+    [event] = [e for e in logs if e["event"] == "witness_refused"]
+    assert "its last checkpoint is not one it signed" in event["reason"]
+
+
 async def test_a_witness_that_saw_a_shutdown_checkpoint_refuses_the_chain_once_it_is_gone(
     tmp_path: Path,
 ) -> None:
@@ -498,6 +548,25 @@ def rewrite_from(path: Path, replica: str, seq: int, **changes: str) -> None:
         db.execute(
             "UPDATE fetch_records SET body = ?, hash = ? WHERE replica = ? AND seq = ?",
             (json.dumps(rec), rec["hash"], replica, number),
+        )
+    db.commit()
+    db.close()
+
+
+def redate(path: Path, replica: str, ts: str) -> None:
+    """Date every record of a chain `ts` and recompute every hash from genesis, as a forger
+    with the database would."""
+    db = sqlite3.connect(path)
+    prev = GENESIS_HASH
+    rows = db.execute(
+        "SELECT seq, body FROM fetch_records WHERE replica = ? ORDER BY seq", (replica,)
+    ).fetchall()
+    for seq, body in rows:
+        rec = {**json.loads(body), "ts": ts, "prev_hash": prev}
+        rec["hash"] = prev = chain_hash(prev, body_sha256(rec))
+        db.execute(
+            "UPDATE fetch_records SET body = ?, hash = ?, ts = ? WHERE replica = ? AND seq = ?",
+            (json.dumps(rec), rec["hash"], ts, replica, seq),
         )
     db.commit()
     db.close()

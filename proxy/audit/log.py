@@ -826,7 +826,13 @@ class FetchLog:
         last = await self.store.last_checkpoint(replica)
         if last is None:
             return None  # never signed: nothing says a gateway wrote it (rows put in by hand)
-        checkpoint = parse_text(note_text(last["note"]))
+        try:
+            # Its kind, time and number as signed: a database writer can put any text in the
+            # row (a periodic checkpoint signed a moment ago), or another chain's note.
+            checkpoint = _own_note(last["note"], replica, self.signer)
+        except CheckpointError as e:
+            self._refuse(replica, seq, f"its last checkpoint is not one it signed ({e})")
+            return None
         seen = self._checkpoints_seen.get(replica, 0)
         if checkpoint.number < seen:
             # Numbers only grow (retention cuts from the first; a replica that comes back
@@ -839,7 +845,14 @@ class FetchLog:
         signed_seq, signed_hash, prev = checkpoint.seq, checkpoint.hash, note_hash(last["note"])
         purge = await self.store.last_purge(replica)
         if purge is not None and purge["seq"] > signed_seq:
-            signed_seq, signed_hash = purge["seq"], parse_text(note_text(purge["note"])).hash
+            try:
+                signed_seq, signed_hash = (
+                    purge["seq"],
+                    _own_note(purge["note"], replica, self.signer).hash,
+                )
+            except CheckpointError as e:
+                self._refuse(replica, seq, f"its purge note is not one signed for it ({e})")
+                return None
         if seq <= signed_seq:
             return None
         if await self.store.witnesses(replica, signed_seq + 1, seq):
@@ -1219,6 +1232,15 @@ class FetchLog:
                 return True
             await asyncio.sleep(0.02)
         return False
+
+
+def _own_note(note: str, replica: str, signer: Signer) -> Checkpoint:
+    """A stored note of `replica`'s chain, signed by `signer`'s key (a witness trusts no other),
+    as signed; CheckpointError if it is not."""
+    checkpoint = open_note(note, signer.verifier)
+    if checkpoint.replica != replica:
+        raise CheckpointError(f"the note is replica {checkpoint.replica!r}'s")
+    return checkpoint
 
 
 def _is_purge(item: dict[str, Any] | Spooled) -> bool:

@@ -197,6 +197,9 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
             op["description"] = "Roles: " + ", ".join(r.roles)
             op["responses"].setdefault("401", {"description": "missing or unknown token"})
             op["responses"].setdefault("403", {"description": "role not allowed"})
+            op["responses"].setdefault(
+                "429", {"description": "too many wrong tokens from this address (Retry-After)"}
+            )
         if r.parameters:
             op["parameters"] = list(r.parameters)
         if r.request_body is not None:

@@ -9,11 +9,14 @@ odd, gets a 5xx.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
+import requests.adapters
 import schemathesis
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -86,8 +89,28 @@ def _secured(case: schemathesis.Case) -> bool:
     return bool(case.operation.definition.raw.get("security"))
 
 
-def send(gw: Gateway, case: schemathesis.Case, authorization: str | None) -> requests.Response:
-    """The generated request as is, with exactly the credentials given (none: none)."""
+class _From(requests.adapters.HTTPAdapter):
+    """Connections from one loopback source address (127.0.0.0/8 is all loopback on Linux)."""
+
+    def __init__(self, source: str):
+        self._source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self._source, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+# Each wrong token from an address of its own: the admin API answers repeated wrong tokens
+# from one address later and later (tests/test_no_open_proxy.py), which is not this test's point.
+_GUESSERS = (f"127.1.{i // 250}.{i % 250 + 1}" for i in itertools.count())
+
+
+def send(
+    gw: Gateway, case: schemathesis.Case, authorization: str | None, *, source: str | None = None
+) -> requests.Response:
+    """The generated request as is, with exactly the credentials given (none: none), from
+    `source` if given."""
     kwargs = case.as_transport_kwargs(base_url=gw.admin)
     headers = {
         k: v for k, v in (kwargs.get("headers") or {}).items() if k.lower() != "authorization"
@@ -96,7 +119,11 @@ def send(gw: Gateway, case: schemathesis.Case, authorization: str | None) -> req
         headers["Authorization"] = authorization
     kwargs["headers"] = headers
     kwargs.pop("timeout", None)
-    return requests.request(**kwargs, timeout=15)
+    if source is None:
+        return requests.request(**kwargs, timeout=15)
+    with requests.Session() as session:
+        session.mount("http://", _From(source))
+        return session.request(**kwargs, timeout=15)
 
 
 def test_without_the_right_token_nothing_is_done(admin_gateway: Gateway) -> None:
@@ -104,7 +131,8 @@ def test_without_the_right_token_nothing_is_done(admin_gateway: Gateway) -> None
 
     def check(case: schemathesis.Case) -> None:
         for authorization in (None, "Bearer not-a-token"):
-            response = send(admin_gateway, case, authorization)
+            source = next(_GUESSERS) if authorization else None
+            response = send(admin_gateway, case, authorization, source=source)
             assert response.status_code < 500, (case.as_curl_command(), response.text)
             if _secured(case):
                 assert response.status_code == 401, (authorization, response.text)

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import idna
 
+# What IDNA 2003 maps to other letters (sharp s to ss, final sigma to sigma) or drops (ZWNJ, ZWJ),
+# and IDNA 2008 keeps: a name with one has no IDNA 2003 form that names the same domain.
+_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
+
 
 def ascii_host(host: str) -> str:
-    """The ASCII (A-label) form of a host name. UnicodeError if it is none under either IDNA."""
+    """The ASCII (A-label) form of a host name. UnicodeError if it is none under either IDNA,
+    or IDNA 2008 refuses it and its IDNA 2003 form would be another name (`faß\u200d.test`
+    is not `fass.test`)."""
     try:
         return idna.encode(host, uts46=True).decode("ascii")  # non-transitional (idna 3.x)
-    except idna.IDNAError:
+    except idna.IDNAError as e:
+        if not _DEVIATIONS.isdisjoint(host.lower()):
+            raise UnicodeError(f"{host!r} is no valid IDNA 2008 name ({e})") from e
         return host.encode("idna").decode("ascii")  # UnicodeError if not valid either
 
 

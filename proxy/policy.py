@@ -269,8 +269,8 @@ class Team(Secret):
 
 class AdminToken(Secret):
     role: Literal["admin", "auditor"]
-    # Who holds it, as records of what it did name them (`filed_by.token`); without a name,
-    # its place in the list (`admin_tokens[0]`). Never anything derived from the token.
+    # Who holds it, as records of what it did name them (`filed_by.token_fingerprint`);
+    # without a name, its place in the list (`admin_tokens[0]`). Never derived from the token.
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.@+-]+$")] | None = None
 
 

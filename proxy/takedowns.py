@@ -109,11 +109,13 @@ class Actor:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Actor:
-        # (state written before: `token_fingerprint`, a cut SHA-256 of the token)
-        return cls(d["role"], d.get("token") or d.get("token_fingerprint") or "unknown")
+        return cls(d["role"], d.get("token_fingerprint") or "unknown")
 
     def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "token": self.token}
+        # Under the key of old, which older replicas read (`Actor(**d)`): a new key would make
+        # them drop a takedown filed through a new one during a rolling upgrade. Its value is
+        # no hash any more (in state written before, it was a cut SHA-256 of the token).
+        return {"role": self.role, "token_fingerprint": self.token}
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,10 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 
+from proxy.audit.log import FetchLogClosed
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.unauthenticated import UnauthenticatedLimits
 from proxy.audit.unauthenticated import UnauthenticatedRefusals
@@ -65,7 +67,7 @@ def test_each_address_has_its_share_of_a_window_recorded_one_by_one() -> None:
 
 def test_an_event_names_a_bounded_number_of_addresses_and_the_window_goes_on() -> None:
     counts = UnauthenticatedRefusals(
-        UnauthenticatedLimits(per_window=1, window=60, event_clients=2, max_clients=4)
+        UnauthenticatedLimits(per_window=1, window=60, event_clients=2, max_clients=3)
     )
     for client in ("192.0.2.1", "192.0.2.2"):
         assert counts.admit(refusal(client), 0.0)
@@ -74,12 +76,28 @@ def test_an_event_names_a_bounded_number_of_addresses_and_the_window_goes_on() -
     counts.recorded_event(1.0)
     assert not counts.admit(refusal("192.0.2.1"), 2.0)  # still past its share of the window
     assert not counts.due(2.0)
-    # Memory stays bounded: past max_clients addresses followed, the window ends early.
-    for client in ("192.0.2.3", "192.0.2.4"):
-        assert counts.admit(refusal(client), 3.0)
-    assert counts.due(3.0)
-    counts.recorded_event(3.0)
-    assert counts.admit(refusal("192.0.2.1"), 4.0)
+    # Memory stays bounded (review): past max_clients addresses, and past event_clients pairs
+    # while the counts cannot be written (a full disk: no event, so on counting), the rest
+    # are counted together as _other, never recorded one by one.
+    assert counts.admit(refusal("192.0.2.3"), 3.0)
+    assert not counts.admit(refusal("192.0.2.4"), 3.0)
+    assert not counts.admit(refusal("192.0.2.1", "bad_request"), 3.0)
+    assert sorted(counts.counted.items()) == [
+        (("192.0.2.1", "auth_required"), 1),
+        (("_other", "auth_required"), 1),
+        (("_other", "bad_request"), 1),
+    ]
+    assert len(counts.recorded) == 3
+    counts.recorded_event(61.0)
+    assert counts.admit(refusal("192.0.2.4"), 62.0)  # a new window follows it
+
+
+def test_a_window_records_a_bounded_number_of_all_addresses() -> None:
+    # More /64s than anyone should have: each had its own share, all recorded one by one.
+    counts = UnauthenticatedRefusals(UnauthenticatedLimits(per_window=5, recorded_per_window=3))
+    admitted = [counts.admit(refusal(f"2001:db8:0:{i}::1"), 0.0) for i in range(5)]
+    assert admitted == [True, True, True, False, False]
+    assert counts.total == 2
 
 
 async def test_the_fetch_log_records_a_share_and_counts_the_rest_into_one_event(
@@ -115,6 +133,8 @@ async def test_the_fetch_log_records_a_share_and_counts_the_rest_into_one_event(
         assert await log.flushed()
     finally:
         await log.close(timeout=2)  # records what the window under way counted
+    with pytest.raises(FetchLogClosed):  # not counted into nothing (review)
+        log.append(refusal("192.0.2.7"))
     records = stored(tmp_path, "gw")
     events = [r for r in records if r["kind"] == "unauthenticated_refusals"]
     assert [json.loads(e["note"])["by_client_reason"] for e in events] == [

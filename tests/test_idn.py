@@ -41,6 +41,9 @@ def test_names_take_the_ascii_form_browsers_and_curl_send(name: str, ascii: str)
 def test_a_name_valid_under_neither_is_an_error() -> None:
     with pytest.raises(UnicodeError):
         ascii_host("a\u0300\ufffd..test")
+    # Refused by IDNA 2008, and IDNA 2003 would name fass.test (review): no form at all.
+    with pytest.raises(UnicodeError):
+        ascii_host("faß\u200d.test")
     assert not valid_a_label("xn--zz")
 
 

@@ -263,7 +263,8 @@ async def test_a_takedown_is_in_force_at_once_and_recorded_with_who_filed_it(
     assert filed["targets"] == ["https://photos.example.com/gallery/"]
     # Which of the policy's admin_tokens filed it; nothing derived from the token (a cut
     # SHA-256 of it let auditors test guesses offline: admin probe 4).
-    assert filed["filed_by"] == {"role": "admin", "token": "admin_tokens[0]"}
+    # (under the old key, which replicas of the previous release read)
+    assert filed["filed_by"] == {"role": "admin", "token_fingerprint": "admin_tokens[0]"}
     assert _decision(runtime, url) is Reason.TAKEDOWN
     assert _decision(runtime, "http://photos.example.com/gallery/cat.jpg") is Reason.TAKEDOWN
     assert _decision(runtime, "https://photos.example.com/other/cat.jpg") is Reason.OK

@@ -550,6 +550,8 @@ class FetchLog:
     def _admit_unauthenticated(self, rec: FetchRecord) -> bool:
         """Whether a refusal of no team's is recorded on its own, not counted (past its client
         address's share of the window: proxy/audit/unauthenticated.py)."""
+        if self.closed:  # (its counts were recorded as the log closed: this one would be lost)
+            raise FetchLogClosed(f"the fetch log is closed; record {rec.id} not written")
         now = self.clock()
         with contextlib.suppress(OSError):  # logged by _spool_failed; the counts wait
             self._record_unauthenticated(now)  # the window that ended

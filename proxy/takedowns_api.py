@@ -110,26 +110,30 @@ async def manifests(rt: Runtime, takedowns: list[Takedown]) -> dict[str, list[di
 def describe(
     registry: TakedownRegistry, td: Takedown, rows: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """A takedown with its confirmations and which teams still owe one: a team is done once
-    its confirmations account for as many deleted items as the manifest lists distinct URLs of
-    its (a confirmation of `deleted: 0` for fetched content does not close it)."""
+    """A takedown with its confirmations and which teams still owe one. A team owes one for
+    every fetch the manifest lists of its, and is done once a confirmation of its counts as
+    many deleted as the distinct URLs whose content it received (forwarded, with a body):
+    `deleted: 0` closes nothing where content went to it, and a retried confirmation does not
+    count twice (the largest of a team's confirmations counts: confirm the total so far)."""
     per_team = Counter(r["team"] for r in rows if r.get("team"))
-    urls: dict[str, set[str]] = {}
+    received: dict[str, set[str]] = {team: set() for team in per_team}
     for r in rows:
-        if r.get("team"):
-            urls.setdefault(r["team"], set()).add(r.get("url") or "")
+        if r.get("team") and r.get("decision") == "forwarded" and r.get("content_sha256"):
+            received[r["team"]].add(r.get("url") or "")
     confirmations = registry.state.confirmations_of(td.id)
     deleted = Counter[str]()
     for c in confirmations:
-        deleted[c.team] += c.deleted
+        deleted[c.team] = max(deleted[c.team], c.deleted)
     confirmed = sorted({c.team for c in confirmations})
-    outstanding = sorted(team for team in per_team if deleted[team] < len(urls[team]))
+    outstanding = sorted(
+        team for team in per_team if team not in confirmed or deleted[team] < len(received[team])
+    )
     return {
         **td.to_dict(),
         "manifest": {
             "records": len(rows),
             "teams": dict(sorted(per_team.items())),
-            "urls": {team: len(urls[team]) for team in sorted(urls)},
+            "urls": {team: len(received[team]) for team in sorted(received)},
             "href": f"/v1/takedowns/{td.id}/manifest",
         },
         "confirmations": [c.to_dict() for c in confirmations],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,11 +27,14 @@ from proxy.runtime import Runtime
 from proxy.runtime import Settings
 from proxy.takedowns import STATE_FILE
 from proxy.takedowns import Actor
+from proxy.takedowns import BlockState
+from proxy.takedowns import Confirmation
 from proxy.takedowns import InvalidRequest
 from proxy.takedowns import Takedown
 from proxy.takedowns import covers
 from proxy.takedowns import expand_schemes
 from proxy.takedowns import normalize_target
+from proxy.takedowns_api import describe
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import base_policy
@@ -428,3 +432,31 @@ async def test_a_policy_entry_cannot_be_deleted_through_the_api(tmp_path: Path):
             assert listed["entries"][0]["origin"] == "policy"
     finally:
         await rt.stop()
+
+
+def test_a_team_is_done_when_a_confirmation_counts_the_urls_whose_content_it_received() -> None:
+    # Review: confirmations added up (a retried one closed the team early), and withheld or
+    # refused rows counted, which left a truthful team unable to close without overstating.
+    td = _takedown(Scope.PREFIX, "https://photos.example.com/gallery/")
+    rows = [
+        _rec("https://photos.example.com/gallery/1.jpg", team="a", content_sha256="ab" * 32),
+        _rec("https://photos.example.com/gallery/1.jpg", team="a", content_sha256="cd" * 32),
+        _rec("https://photos.example.com/gallery/2.jpg", team="a", content_sha256="ef" * 32),
+        _rec("https://photos.example.com/gallery/3.jpg", team="b", decision="withheld"),
+    ]
+    state = BlockState()
+    registry = SimpleNamespace(state=state)
+
+    def confirm(n: int, team: str, deleted: int) -> dict[str, Any]:
+        c = Confirmation(f"c{n}", td.id, team, deleted, f"2026-06-0{n}T00:00:00Z", Actor("a", "x"))
+        state.confirmations[c.key] = c
+        return describe(registry, td, rows)  # type: ignore[arg-type]
+
+    shown = describe(registry, td, rows)  # type: ignore[arg-type]
+    assert shown["manifest"]["urls"] == {"a": 2, "b": 0}
+    assert shown["teams_outstanding"] == ["a", "b"]
+    assert confirm(1, "a", 1)["teams_outstanding"] == ["a", "b"]
+    assert confirm(2, "a", 1)["teams_outstanding"] == ["a", "b"]  # a retry, not 2
+    assert confirm(3, "b", 0)["teams_outstanding"] == ["a"]  # it received nothing
+    shown = confirm(4, "a", 2)
+    assert shown["teams_outstanding"] == [] and shown["status"] == "complete"

@@ -259,6 +259,30 @@ async def test_a_killed_replica_is_witnessed_only_while_its_last_checkpoint_is_r
     assert "come after the last checkpoint" in result.stdout
 
 
+async def test_with_a_short_interval_a_kill_a_replacement_finds_minutes_later_is_witnessed(
+    tmp_path: Path,
+) -> None:
+    # Review: with checkpoint_every_seconds 10 the window was 70 s, while Kubernetes replaces a
+    # pod lost with its node after about 5 minutes: its tail stayed unsigned for good. The
+    # window is never under 15 minutes.
+    signer, public = keys(tmp_path)
+    kill(await lose_a_replica(tmp_path, signer, ago=10 * 60))
+    witness = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"),
+        tmp_path / "spool",
+        "gw-w",
+        signer,
+        checkpoint_every_seconds=10,
+    )
+    await witness.open()
+    try:
+        done = await witness.witness_orphans()
+    finally:
+        await witness.close()
+    assert done == [{"replica": "gw-lost", "from_seq": 11, "through_seq": 15}]
+    assert export_and_verify(tmp_path, public, tmp_path / "x.jsonl").returncode == 0
+
+
 async def stop_cleanly(gone: FetchLog, ago: float) -> None:
     """A run of `gone`'s replica `ago` seconds back (its clock): records 1..3, a periodic
     checkpoint, records 4..6 and a clean stop, whose shutdown checkpoint signs 4..6."""

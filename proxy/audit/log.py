@@ -83,6 +83,14 @@ WITNESS_EVERY = 5
 # was killed with nobody to look in time: a database writer without the key would otherwise
 # have the records after its last periodic checkpoint signed, rewritten, at any time later.
 WITNESS_WITHIN = WITNESS_EVERY + 2
+# ... and never less than this: a replica lost with its node is replaced by Kubernetes after
+# about 5 minutes (a Deployment of one: no other replica to look), and its chain stays claimed
+# until PostgreSQL ends its session (about a minute); a short checkpoint interval must not put
+# such a kill out of reach (review). A new run looks first after one interval.
+WITNESS_WINDOW_MIN_SECONDS = 900.0
+# A record bears its request's start, which may precede its chain's last checkpoint by as long
+# as a request may last (network.transfer_timeout, delays): so far back it may be dated.
+WITNESS_RECORD_SLACK_SECONDS = 3600.0
 # After a failed spool write (disk full), how often the spool is tried for room again.
 SPOOL_RETRY_SECONDS = 1.0
 # Past spool_max_bytes nothing more is forwarded, but refusals are still recorded one by one
@@ -786,7 +794,8 @@ class FetchLog:
         What a witness signs is what the store held, so the rule is narrow: only a chain whose
         last checkpoint is a start or periodic one of its own (never signed: rows put in the
         store by hand; a shutdown checkpoint: that replica signed all it wrote) signed at most
-        WITNESS_WITHIN checkpoint intervals ago (older: it stopped long ago, and a missing
+        WITNESS_WITHIN checkpoint intervals (and at least WITNESS_WINDOW_MIN_SECONDS) ago
+        (older: it stopped long ago, and a missing
         shutdown checkpoint may have been deleted), whose records after it are dated around it,
         and only once after it: rows appended to a dead chain later stay unsigned. Every run
         signs a start checkpoint when it opens the log, so a run killed at once is witnessed
@@ -867,7 +876,7 @@ class FetchLog:
         # By the checkpoint's own signed time, which no database writer can change: a chain
         # that ran recently, not one whose shutdown checkpoint may have been deleted since.
         now, interval = self.clock(), self.checkpoint_every_seconds
-        window = WITNESS_WITHIN * interval
+        window = max(WITNESS_WITHIN * interval, WITNESS_WINDOW_MIN_SECONDS)
         signed_at = _parse_ts(checkpoint.time)
         if signed_at is None or not now - window <= signed_at <= now + interval:
             self._refuse(
@@ -896,7 +905,8 @@ class FetchLog:
             # A record bears its request's start: one under way at the checkpoint is chained
             # after it with an older time, so a window back, not the checkpoint's own time.
             ts = _parse_ts(rec.get("ts"))
-            if ts is None or not signed_at - window <= ts <= now + interval:
+            earliest = signed_at - window - WITNESS_RECORD_SLACK_SECONDS
+            if ts is None or not earliest <= ts <= now + interval:
                 self._refuse(
                     replica,
                     seq,
@@ -940,9 +950,11 @@ class FetchLog:
         log.error("witness_refused", replica=replica, through_seq=seq, reason=reason)
 
     async def _witness_loop(self) -> None:
+        wait = self.checkpoint_every_seconds  # the first look soon: a replacement's, say
         while True:
+            await asyncio.sleep(wait)
             # (read each round: a reload may change checkpoint_every_seconds)
-            await asyncio.sleep(WITNESS_EVERY * self.checkpoint_every_seconds)
+            wait = WITNESS_EVERY * self.checkpoint_every_seconds
             try:
                 await self.witness_orphans()
             except Exception as e:  # the next round tries again; the gateway goes on

@@ -7,6 +7,7 @@ its id unless a test starts it again.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import signal
@@ -22,6 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.audit.checkpoint import Checkpoint
+from proxy.audit.checkpoint import note_hash
 from proxy.audit.keys import Signer
 from proxy.audit.log import WITNESS_WITHIN
 from proxy.audit.log import FetchLog
@@ -157,6 +159,65 @@ async def test_witnessed_records_rewritten_afterwards_fail_verify(
     assert result.returncode == 1
     assert "the witness note of replica gw-w" in result.stdout
     assert "signed another hash" in result.stdout
+
+
+async def test_a_witness_note_whose_checkpoint_is_gone_fails_verify(
+    tmp_path: Path, lost: Lost
+) -> None:
+    # A witness note's prev is the checkpoint the witness read as the chain's last. Before the
+    # witness opened it with its own key, a database writer could plant a row past the real
+    # ones, have the tail witnessed after it and delete the row again. Deleting the real one
+    # after the witness signed leaves the same log: a note continuing from a checkpoint the
+    # export does not hold, which verify must see offline.
+    assert await lost.witness.witness_orphans()
+    await lost.witness.close()
+    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
+    [(number, note)] = db.execute(
+        "SELECT number, note FROM fetch_checkpoints WHERE replica = 'gw-lost' "
+        "ORDER BY number DESC LIMIT 1"
+    )
+    db.execute("DELETE FROM fetch_checkpoints WHERE replica = 'gw-lost' AND number = ?", (number,))
+    db.commit()
+    db.close()
+    result = export_and_verify(tmp_path, lost.public, tmp_path / "x.jsonl")
+    assert result.returncode == 1, result.stdout
+    assert (
+        f"FAILED: replica gw-lost seq 15: the witness note of replica gw-w continues from the "
+        f"signed note with SHA-256 {note_hash(note)}"
+    ) in result.stdout
+
+
+async def test_a_witness_note_verifies_in_a_window_and_after_its_checkpoint_is_purged(
+    tmp_path: Path, lost: Lost
+) -> None:
+    # Legitimate exports where the witness note's checkpoint is not the file's: a --since
+    # window starting among the witnessed records (it widens to that checkpoint), and retention
+    # having cut that checkpoint (the purge note names it as the last one deleted).
+    assert await lost.witness.witness_orphans()
+    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
+    ts = dict(db.execute("SELECT seq, ts FROM fetch_records WHERE replica = 'gw-lost'"))
+    db.close()
+    window = tmp_path / "window.jsonl"
+    exported = cli("audit", "export", "--data-dir", tmp_path, "--since", ts[12], "--output", window)
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in window.read_text().splitlines()]
+    first = [(x["type"], x["seq"]) for x in lines if x.get("replica") == "gw-lost"][:2]
+    assert first == [("checkpoint", 10), ("record", 11)]
+    result = cli("audit", "verify", window, "--public-key", lost.public)
+    assert result.returncode == 0, result.stdout
+
+    # Cut records 1..12 and checkpoints #1..#2 (the witness note's) of the lost chain.
+    at = (_epoch(ts[12]) + _epoch(ts[13])) / 2
+    [cut] = await lost.witness.purge_orphans(now=at + 86400, days=1)
+    assert (cut["replica"], cut["through_seq"], cut["through_number"]) == ("gw-lost", 12, 2)
+    await lost.witness.close()
+    result = export_and_verify(tmp_path, lost.public, tmp_path / "purged.jsonl")
+    assert result.returncode == 0, result.stdout
+    assert "replica gw-lost: records 13..15" in result.stdout
+
+
+def _epoch(rfc3339: str) -> float:
+    return dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 async def test_records_that_do_not_link_are_not_witnessed(tmp_path: Path, lost: Lost) -> None:

@@ -199,6 +199,7 @@ def verify_file(
     _pass_records(path, report)
     _check_header_replicas(report)
     for chain in report.chains.values():
+        _check_witness_anchors(chain, report)
         _finish_chain(chain, report, allow_unsigned=allow_unsigned)
     _check_keys(verifiers, report, rotation_grace)
     report.problems.sort()
@@ -457,6 +458,32 @@ def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
                 "record or one before it was altered, inserted or removed",
                 rec,
             )
+
+
+def _check_witness_anchors(chain: Chain, report: Report) -> None:
+    """Every witness note continues (its `prev`) from a checkpoint of its chain in the file, or
+    from the one the purge note says retention deleted. Its signature alone does not prove what
+    the witness read as the chain's last checkpoint: a database writer could plant a checkpoint
+    row, have the tail witnessed after it, and delete the row again (a witness older than the
+    one that opens that checkpoint with its key signed whatever the row said). Every export
+    holds the anchor, a --since window too: it starts at the newest checkpoint below its first
+    record (or the purge note), holds only witness notes at or after that record, and a note's
+    anchor is the chain's last checkpoint before the records it signs, so that checkpoint or a
+    later one."""
+    present = {p.note_hash for p in chain.checkpoints} | {p.checkpoint.prev for p in chain.purges}
+    for point in chain.witnesses:
+        w = point.checkpoint
+        if w.prev in present:
+            continue
+        report.problem(
+            point.line,
+            f"{point.name} continues from the signed note with SHA-256 {w.prev} (its prev), "
+            f"which is no checkpoint of replica {chain.replica} in the export nor the one its "
+            "purge note deleted: the checkpoint it was signed after was removed (or planted "
+            "and removed)",
+            replica=chain.replica,
+            seq=w.seq,
+        )
 
 
 def _finish_chain(chain: Chain, report: Report, *, allow_unsigned: bool = False) -> None:

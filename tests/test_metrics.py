@@ -617,7 +617,11 @@ def test_every_counter_series_an_alert_counts_up_from_is_exported_at_zero_from_t
         (name, tuple(sorted(re.findall(r'(\w+)="([^"]*)"', matchers))))
         for expr in expressions
         for name, matchers in re.findall(r"(?:increase|rate)\((crawlwarden_\w+)\{([^}]*)\}", expr)
-        if name.endswith("_total") and re.search(r'\w+="', matchers)
+        if name.endswith("_total")
+        and re.search(r'\w+="', matchers)
+        # (per site and team: no process can export those ahead. An alert on them is a share
+        # of a sustained rate, which the first request of a new series does not make or break.)
+        and name != "crawlwarden_requests_total"
     }
     assert ("crawlwarden_audit_records_total", (("outcome", "lost"),)) in wanted
     fresh = subprocess.run(

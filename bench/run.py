@@ -885,6 +885,8 @@ def run_load(
         buckets1: dict[float, float] = {}
         refused = 0.0
         forwarded = 0.0
+        refused_by: dict[str, int] = {}
+        interrupted = 0.0
         redis_ops: dict[str, float] = {}
         for m0, m1 in zip(metrics0, metrics1, strict=True):
             for b, v in m0["buckets"].items():
@@ -895,8 +897,14 @@ def run_load(
                 d = v - m0["decisions"].get(key, 0.0)
                 if refusal_cell and key.startswith("refused:tos_blocklist"):
                     forwarded += d  # the expected outcome of this cell
+                elif key == "refused:interrupted":
+                    # The load generator closing its connections at the cell's end, requests
+                    # in flight (up to one per connection): the scraper left, not a refusal.
+                    interrupted += d
                 elif key.startswith("refused") or key.startswith("withheld"):
                     refused += d
+                    if d:
+                        refused_by[key] = refused_by.get(key, 0) + int(d)
                 elif key.startswith("forwarded"):
                     forwarded += d
             for op, v in m1["redis_ops"].items():
@@ -908,6 +916,8 @@ def run_load(
         below = share_below(0.002, buckets0, buckets1)
         res["governance_share_under_2ms"] = None if below is None else round(below, 5)
         res["gateway_refused_or_withheld"] = int(refused)
+        res["gateway_refused_by_reason"] = refused_by
+        res["gateway_interrupted"] = int(interrupted)
         res["gateway_forwarded"] = int(forwarded)
         res["redis_round_trips"] = {k: int(v) for k, v in redis_ops.items() if v}
         if redis_ops:

@@ -9,7 +9,10 @@ Redis is down has seen no other.
 The heartbeat also watches a marker key the first replica sets: when it is gone, or another has
 been set since, Redis has lost its data (restarted without persistence, flushed, evicting), and
 the replica writes back the budgets it last saw (`BudgetEngine.restore_shared_state`), logs
-`redis_data_lost` and counts a Redis store error.
+`redis_data_lost` and counts a Redis store error. And each heartbeat raises a counter, which
+only grows: one that comes back no higher than this replica saw it last means Redis went back
+to an older state (loaded an older snapshot, failed over to a replica that lagged), which
+brings the marker back with it; the same is done then.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class ReplicaRegistry:
         # Set once by the first replica; another value (or none) means Redis lost its data.
         self._marker_key = f"{prefix}fleet"
         self._marker: bytes | None = None
+        # Raised by every replica's heartbeat: never lower than a replica saw it, but after a
+        # rollback to an older state of Redis.
+        self._beats_key = f"{prefix}fleet-beats"
+        self._beats: int | None = None
         self._task: asyncio.Task[None] | None = None
         self.fleet_size = max(1, fleet_size)
         self.count = self.fleet_size
@@ -91,14 +98,17 @@ class ReplicaRegistry:
                 pipe.zcard(self._key)
                 pipe.set(self._marker_key, uuid.uuid4().hex, nx=True)
                 pipe.get(self._marker_key)
-                _, _, count, _, marker = await pipe.execute()
+                pipe.incr(self._beats_key)
+                _, _, count, _, marker, beats = await pipe.execute()
         except (RedisError, OSError) as e:
             metrics.STORE_ERRORS.labels(store="redis").inc()
             log.warning("replica_heartbeat_failed", error=repr(e), replicas=self.count)
             return False
-        if self._marker is not None and marker != self._marker:
-            await self._data_lost()
-        self._marker = marker
+        lost = self._marker is not None and marker != self._marker
+        rolled_back = self._beats is not None and int(beats) <= self._beats
+        if lost or rolled_back:
+            await self._data_lost(rolled_back=rolled_back and not lost)
+        self._marker, self._beats = marker, int(beats)
         counted = max(self.fleet_size, int(count))
         if counted != self.count:
             log.info("replicas_changed", replicas=counted, seen=int(count), was=self.count)
@@ -106,9 +116,10 @@ class ReplicaRegistry:
         self._budgets.replicas = self.count
         return True
 
-    async def _data_lost(self) -> None:
-        """The fleet's marker is gone (another was set since): Redis lost its data. The budgets
-        this replica last saw are written back as a floor; the takedowns check their own."""
+    async def _data_lost(self, *, rolled_back: bool = False) -> None:
+        """The fleet's marker is gone (another was set since), or the heartbeat counter went
+        back: Redis lost its data, or went back to an older state of it. The budgets this
+        replica last saw are written back as a floor; the takedowns check their own."""
         metrics.STORE_ERRORS.labels(store="redis").inc()
         try:
             restored = await self._budgets.restore_shared_state()
@@ -118,8 +129,12 @@ class ReplicaRegistry:
         log.error(
             "redis_data_lost",
             restored_sites=restored,
-            detail="Redis lost its data (restarted without persistence, flushed, or evicting): "
-            "budgets were written back from what this replica last saw",
+            detail=(
+                "Redis went back to an older state (an older snapshot, a lagging replica)"
+                if rolled_back
+                else "Redis lost its data (restarted without persistence, flushed, or evicting)"
+            )
+            + ": budgets were written back from what this replica last saw",
         )
 
     async def _loop(self) -> None:

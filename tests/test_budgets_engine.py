@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from redis import asyncio as redis_asyncio
+from structlog.testing import capture_logs
 
 from proxy.budgets import Admission
 from proxy.budgets import BudgetEngine
@@ -32,6 +33,7 @@ from proxy.budgets.store import BudgetStore
 from proxy.decision import Reason
 from proxy.decision import render_refusal
 from proxy.policy import Defaults
+from proxy.replicas import ReplicaRegistry
 from proxy.sites import Site
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import key_prefix  # noqa: F401
@@ -579,6 +581,55 @@ async def test_a_quota_goes_on_from_what_a_replica_saw_before_any_heartbeat_noti
     finally:
         await client.aclose()
         await engine.close()
+
+
+async def test_a_redis_gone_back_to_an_older_snapshot_is_noticed_and_the_fleet_floor_holds(
+    own_redis: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+):
+    # Probe of this stop: the snapshot brings the fleet's marker back with it, so no heartbeat
+    # noticed, and a replica that had seen little of the site counted the quota again from the
+    # snapshot's count (100 requests on a quota of 60). The heartbeat counter only grows: one
+    # that comes back no higher than a replica last saw it means Redis went back in time.
+    site = make_site(requests_per_day=60)
+    client = redis_asyncio.Redis.from_url(own_redis.url)
+    engines = [
+        BudgetEngine(RedisBudgetStore(own_redis.url, key_prefix=key_prefix + "b:"), replicas=2)
+        for _ in range(2)
+    ]
+    registries = [
+        ReplicaRegistry(client, name, engine, key_prefix)
+        for name, engine in zip("ab", engines, strict=True)
+    ]
+    for engine in engines:
+        await engine.start()
+    try:
+        little, much = engines
+        assert await _admitted(little, site, 1) == [Reason.OK]
+        assert await _admitted(much, site, 19) == [Reason.OK] * 19
+        for registry in registries:
+            await registry.beat()
+        snapshot = {key: await client.dump(key) for key in await client.keys(key_prefix + "*")}
+        assert await _admitted(much, site, 40) == [Reason.OK] * 40  # the quota is spent
+        for registry in registries:
+            await registry.beat()
+        await client.flushall()  # ... and Redis comes back from the snapshot
+        for key, value in snapshot.items():
+            await client.restore(key, 0, value, replace=True)
+        with capture_logs() as logs:
+            for registry in registries:
+                await registry.beat()
+        assert [e["event"] for e in logs if e["event"] == "redis_data_lost"] == [
+            "redis_data_lost"
+        ] * 2
+        assert "older state" in logs[0]["detail"]
+        assert await _admitted(little, site, 10) == [Reason.QUOTA_REQUESTS] * 10
+    finally:
+        for registry in registries:
+            await registry.close()
+        for engine in engines:
+            await engine.close()
+        await client.aclose()
 
 
 @pytest.mark.timeout(60)

@@ -438,6 +438,14 @@ class RawSite:
     def serve(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def read_head(conn: socket.socket) -> bytes:
+        """A request's head (and what came with it), up to the blank line or the close."""
+        head = b""
+        while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+            head += data
+        return head
+
     def _accept(self) -> None:
         while True:
             try:

@@ -662,9 +662,7 @@ class CutOffSite(RawSite):
 
     def serve(self, conn: socket.socket) -> None:
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
-                head += data
+            head = self.read_head(conn)
             body = self.bodies.get(head.split(b" ", 2)[1].decode())
             if body is None:  # robots.txt, tdmrep.json: none
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
@@ -909,9 +907,7 @@ class TransferCodedSite(RawSite):
 
     def serve(self, conn: socket.socket) -> None:
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
-                head += data
+            head = self.read_head(conn)
             if not head.startswith(b"GET /page"):  # robots.txt, tdmrep.json: none
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 return

@@ -794,12 +794,12 @@ class FetchLog:
         What a witness signs is what the store held, so the rule is narrow: only a chain whose
         last checkpoint is a start or periodic one of its own (never signed: rows put in the
         store by hand; a shutdown checkpoint: that replica signed all it wrote) signed at most
-        WITNESS_WITHIN checkpoint intervals (and at least WITNESS_WINDOW_MIN_SECONDS) ago
-        (older: it stopped long ago, and a missing
-        shutdown checkpoint may have been deleted), whose records after it are dated around it,
-        and only once after it: rows appended to a dead chain later stay unsigned. Every run
-        signs a start checkpoint when it opens the log, so a run killed at once is witnessed
-        too. A chain refused is logged (`witness_refused`); its records stay unsigned.
+        WITNESS_WITHIN checkpoint intervals ago, and never less than WITNESS_WINDOW_MIN_SECONDS
+        (older: it stopped long ago, and a missing shutdown checkpoint may have been deleted),
+        whose records after it are dated around it, and only once after it: rows appended to a
+        dead chain later stay unsigned. Every run signs a start checkpoint when it opens the
+        log, so a run killed at once is witnessed too. A chain refused is logged
+        (`witness_refused`); its records stay unsigned.
         """
         if self.signer is None:
             return []

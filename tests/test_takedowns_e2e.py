@@ -653,13 +653,13 @@ def test_a_request_waiting_when_a_takedown_is_filed_is_refused_in_its_turn(
             }
         ],
     )
-    site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n", delay=3.0)
+    site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n", delay=4.0)
     with Gateway(workdir, policy) as gw:
         assert fetch(gw, site.url("held.test", "/first.jpg")).status == 200  # reads its robots
         answers: dict[str, Any] = {}
         waiting = [
             ("held", site.url("held.test", "/gallery/a.jpg")),  # held 4 s for its turn
-            ("robots", site.url("slow-robots.test", "/gallery/a.jpg")),  # robots.txt takes 3 s
+            ("robots", site.url("slow-robots.test", "/gallery/a.jpg")),  # robots.txt takes 4 s
         ]
         threads = [
             threading.Thread(target=lambda n=name, u=url: answers.__setitem__(n, fetch(gw, u)))
@@ -667,7 +667,7 @@ def test_a_request_waiting_when_a_takedown_is_filed_is_refused_in_its_turn(
         ]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        time.sleep(0.5)  # the takedowns come 3 s or more before either goes on
         for host in ("held.test", "slow-robots.test"):
             status, _ = gw.admin_request(
                 "POST",

@@ -221,13 +221,11 @@ def _epoch(rfc3339: str) -> float:
 
 
 async def test_records_that_do_not_link_are_not_witnessed(tmp_path: Path, lost: Lost) -> None:
-    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
-    db.execute(
+    store_sql(
+        tmp_path / "fetchlog.sqlite3",
         "UPDATE fetch_records SET body = replace(body, 'faces-v2', 'faces-v3') "
-        "WHERE replica = 'gw-lost' AND seq = 14"
+        "WHERE replica = 'gw-lost' AND seq = 14",
     )
-    db.commit()
-    db.close()
     assert await lost.witness.witness_orphans() == []
     await lost.witness.close()
     result = export_and_verify(tmp_path, lost.public, tmp_path / "x.jsonl")
@@ -238,10 +236,9 @@ async def test_records_that_do_not_link_are_not_witnessed(tmp_path: Path, lost: 
 async def test_rows_no_gateway_signed_are_not_witnessed(tmp_path: Path, lost: Lost) -> None:
     # Without a checkpoint of its own, nothing says a gateway wrote a chain (rows put in the
     # store by hand look the same): it is not signed.
-    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
-    db.execute("DELETE FROM fetch_checkpoints WHERE replica = 'gw-lost'")
-    db.commit()
-    db.close()
+    store_sql(
+        tmp_path / "fetchlog.sqlite3", "DELETE FROM fetch_checkpoints WHERE replica = 'gw-lost'"
+    )
     assert await lost.witness.witness_orphans() == []
 
 
@@ -369,13 +366,11 @@ async def test_a_shutdown_checkpoint_deleted_long_after_the_stop_is_not_witnesse
     path = tmp_path / "fetchlog.sqlite3"
     gone = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-a", signer)
     await stop_cleanly(gone, ago=(WITNESS_WITHIN + 1) * INTERVAL)
-    db = sqlite3.connect(path)
-    db.execute(
+    store_sql(
+        path,
         "DELETE FROM fetch_checkpoints WHERE replica = 'gw-a' AND number = "
-        "(SELECT max(number) FROM fetch_checkpoints WHERE replica = 'gw-a')"
+        "(SELECT max(number) FROM fetch_checkpoints WHERE replica = 'gw-a')",
     )
-    db.commit()
-    db.close()
     rewrite_from(path, "gw-a", 4, url="https://a.example/rewritten")
     append_linked(path, "gw-a", url="https://a.example/never-fetched")
     witness = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-w", signer)
@@ -507,10 +502,9 @@ async def test_a_witness_that_saw_a_shutdown_checkpoint_refuses_the_chain_once_i
         gone = fetch_log(SQLiteStore(path), tmp_path / "spool", "gw-a", signer)
         await stop_cleanly(gone, ago=0.0)
         assert await witness.witness_orphans() == []  # signed through seq 6 by itself
-        db = sqlite3.connect(path)
-        db.execute("DELETE FROM fetch_checkpoints WHERE replica = 'gw-a' AND kind = 'shutdown'")
-        db.commit()
-        db.close()
+        store_sql(
+            path, "DELETE FROM fetch_checkpoints WHERE replica = 'gw-a' AND kind = 'shutdown'"
+        )
         rewrite_from(path, "gw-a", 5, url="https://a.example/rewritten")
         with capture_logs() as logs:
             assert await witness.witness_orphans() == []
@@ -527,10 +521,9 @@ async def test_a_witness_note_deleted_from_the_store_is_not_signed_again_differe
     tmp_path: Path, lost: Lost
 ) -> None:
     assert await lost.witness.witness_orphans()
-    db = sqlite3.connect(tmp_path / "fetchlog.sqlite3")
-    db.execute("DELETE FROM fetch_witnesses WHERE replica = 'gw-lost'")
-    db.commit()
-    db.close()
+    store_sql(
+        tmp_path / "fetchlog.sqlite3", "DELETE FROM fetch_witnesses WHERE replica = 'gw-lost'"
+    )
     rewrite_from(tmp_path / "fetchlog.sqlite3", "gw-lost", 13, url="https://a.example/other")
     with capture_logs() as logs:
         assert await lost.witness.witness_orphans() == []
@@ -613,11 +606,17 @@ async def test_a_run_killed_before_its_first_periodic_checkpoint_is_witnessed(
     assert "records 4..7 signed as stored by replica gw-w" in result.stdout
 
 
+def store_sql(path: Path, statement: str, *params: object) -> None:
+    """One statement on the SQLite store, as someone with the database file would run it."""
+    db = sqlite3.connect(path)
+    db.execute(statement, params)
+    db.commit()
+    db.close()
+
+
 def rewrite_from(path: Path, replica: str, seq: int, **changes: str) -> None:
     """Change record `seq` and recompute every hash from it on, as a forger with the database
     would: the chain links again."""
-    import json
-
     db = sqlite3.connect(path)
     rows = db.execute(
         "SELECT seq, body FROM fetch_records WHERE replica = ? AND seq >= ? ORDER BY seq",
@@ -659,8 +658,6 @@ def redate(path: Path, replica: str, ts: str) -> None:
 
 def append_linked(path: Path, replica: str, **fields: str) -> None:
     """One more record at the end of a chain, linked as a forger with the database would."""
-    import json
-
     db = sqlite3.connect(path)
     seq, body = db.execute(
         "SELECT seq, body FROM fetch_records WHERE replica = ? ORDER BY seq DESC LIMIT 1",

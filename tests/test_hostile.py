@@ -656,14 +656,9 @@ def test_the_admin_port_gives_hostile_clients_4xx_answers_and_no_lasting_hold(wo
         trickling.close()
 
         def status(method: str, path: str, headers: bytes, body: bytes = b"") -> int:
-            with socket.create_connection(("127.0.0.1", gw.admin_port), timeout=10) as sock:
-                sock.sendall(
-                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
-                    + headers
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-                return int(sock.recv(100).split(b" ", 2)[1])
+            head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+            length = f"Content-Length: {len(body)}\r\n\r\n".encode()
+            return send_raw(gw.admin_port, head + headers + length, body).status
 
         assert status("GET", "/v1/takedowns", b"Authorization: Bearer \xff\r\n") == 401
         admin = f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n"

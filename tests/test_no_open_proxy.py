@@ -213,15 +213,22 @@ def test_http2_inside_a_tunnel_is_served_with_credentials(gateway: Gateway, test
 # -- wrong credentials are slowed down ---------------------------------------------------------
 
 
-def _timed(port: int, source: str, credentials: str | None, url: str) -> tuple[int | None, float]:
+def _timed_answer(port: int, source: str, request: str) -> tuple[int | None, float]:
+    """The status of `request` sent from `source`, and how long its answer took."""
     started = time.monotonic()
     with connect(port, source) as sock:
-        sock.sendall(
-            f"GET {url} HTTP/1.1\r\nHost: x\r\n{_header(credentials)}"
-            f"X-Crawl-Project: {PROJECT}\r\n\r\n".encode()
-        )
+        sock.sendall(request.encode())
         answer = read_answer(sock)
     return status_of(answer), time.monotonic() - started
+
+
+def _timed(port: int, source: str, credentials: str | None, url: str) -> tuple[int | None, float]:
+    return _timed_answer(
+        port,
+        source,
+        f"GET {url} HTTP/1.1\r\nHost: x\r\n{_header(credentials)}"
+        f"X-Crawl-Project: {PROJECT}\r\n\r\n",
+    )
 
 
 def test_repeated_wrong_credentials_from_one_address_are_slowed_down(
@@ -266,14 +273,12 @@ def test_repeated_wrong_credentials_from_one_address_are_slowed_down(
 
 
 def _admin_timed(gateway: Gateway, source: str, token: str) -> tuple[int | None, float]:
-    started = time.monotonic()
-    with connect(gateway.admin_port, source) as sock:
-        sock.sendall(
-            f"GET /v1/takedowns HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
-        answer = read_answer(sock)
-    return status_of(answer), time.monotonic() - started
+    return _timed_answer(
+        gateway.admin_port,
+        source,
+        f"GET /v1/takedowns HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: close\r\n\r\n",
+    )
 
 
 def test_repeated_wrong_admin_tokens_from_one_address_are_slowed_down(gateway: Gateway):

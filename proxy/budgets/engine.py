@@ -806,7 +806,8 @@ class BudgetEngine:
     async def restore_shared_state(self) -> int:
         """The shared store lost its data (Redis restarted without persistence, flushed): write
         back the usage this replica last saw of each site, as a floor (the largest of the
-        replicas' wins), so that a quota does not start over. What no replica saw since it last
+        replicas' views wins; what was counted since the loss stays on top of it, see
+        scripts.count_raise), so that a quota does not start over. What no replica saw since it last
         asked (at most the admissions of one heartbeat) is lost, and so is the rate's state
         (a burst may follow). A pause this replica holds goes back too, also one the site asked
         for after the replica last asked the store (its answer came here). Returns how many
@@ -828,6 +829,8 @@ class BudgetEngine:
                 utc_month(seen.now_us).id,
                 seen.month_requests,
                 pause_us(site, seen.paused_until_us),
+                seen.day_generation,
+                seen.month_generation,
             )
             for site, seen in self._last_seen.items()
         ]

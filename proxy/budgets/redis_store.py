@@ -5,8 +5,9 @@ site in one Redis Cluster slot:
 
     P{S}:rate     string  GCRA theoretical arrival time (us)
     P{S}:conc     zset    concurrency leases: member lease id, score expiry (us)
-    P{S}:day      hash    p = day id (days since epoch, UTC), n = requests, b = response bytes
-    P{S}:month    hash    p = month id (year * 12 + month - 1), n = requests
+    P{S}:day      hash    p = day id (days since epoch, UTC), n = requests, b = response bytes,
+                          g = generation, f/fb = the floor of n/b from an earlier generation
+    P{S}:month    hash    p = month id (year * 12 + month - 1), n = requests, g, f
     P{S}:pause    string  end of the site's pause (us)
     P{S}:backoff  hash    level = backoff doublings so far, expires = when the level resets (us)
 
@@ -21,6 +22,8 @@ into a fast fallback decision (`BudgetEngine`), not a stalled request.
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -89,13 +92,35 @@ def _now_arg(now_us: int | None) -> str:
 _NOT_SEEN = ("",)
 
 
-def _seen_args(seen: Snapshot) -> tuple[int, ...]:
+def _seen_args(seen: Snapshot) -> tuple[int | str, ...]:
     return (
         seen.now_us,
         seen.day_requests,
         seen.day_bytes,
         seen.month_requests,
         seen.paused_until_us,
+        seen.day_generation,
+        seen.month_generation,
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _snapshot(reply: Sequence[Any]) -> Snapshot:
+    """Seven integers and two generations, as the scripts return a site's state."""
+    now, tat, cn, dn, db, mn, paused_until, day_gen, month_gen = reply
+    return Snapshot(
+        int(now),
+        int(tat),
+        int(cn),
+        int(dn),
+        int(db),
+        int(mn),
+        int(paused_until),
+        _text(day_gen),
+        _text(month_gen),
     )
 
 
@@ -139,6 +164,12 @@ class RedisBudgetStore:
         except ValueError:
             self._fast = None
         self._keys: dict[str, SiteKeys] = {}
+        # Tokens naming a count generation a settlement or a carry-over starts (scripts.py).
+        self._nonce = secrets.token_hex(6)
+        self._seq = itertools.count(1)
+
+    def _token(self) -> str:
+        return f"{self._nonce}.{next(self._seq)}"
 
     def keys(self, site: str) -> SiteKeys:
         keys = self._keys.get(site)
@@ -307,8 +338,8 @@ class RedisBudgetStore:
                 *floor,
             ],
         )
-        code, wait, now, tat, cn, dn, db, mn, paused_until = (int(x) for x in r)
-        snap = Snapshot(now, tat, cn, dn, db, mn, paused_until)
+        code, wait = int(r[0]), int(r[1])
+        snap = _snapshot(r[2:])
         if code == 0:
             return StoreVerdict(True, None, False, 0, snap)
         return StoreVerdict(False, _CODES[code], code == 1, wait, snap)
@@ -320,7 +351,12 @@ class RedisBudgetStore:
             calls.append(
                 (
                     (k.conc, k.day),
-                    [item.lease_id or "", max(0, item.response_bytes), _now_arg(now_us)],
+                    [
+                        item.lease_id or "",
+                        max(0, item.response_bytes),
+                        _now_arg(now_us),
+                        self._token(),
+                    ],
                 )
             )
         if calls:
@@ -364,7 +400,7 @@ class RedisBudgetStore:
         r = await self._eval(
             scripts.USAGE, (k.rate, k.conc, k.day, k.month, k.pause), [_now_arg(now_us)]
         )
-        return Snapshot(*(int(x) for x in r))
+        return _snapshot(r)
 
     async def carry_over(
         self, items: Sequence[Carryover], *, now_us: int | None = None, at_least: bool = False
@@ -384,6 +420,9 @@ class RedisBudgetStore:
                         item.paused_for_us,
                         _now_arg(now_us),
                         "max" if at_least else "add",
+                        item.day_generation,
+                        item.month_generation,
+                        self._token(),
                     ],
                 )
             )

@@ -84,6 +84,54 @@ end
 local function expire_after(key, us)
   redis.call('PEXPIRE', key, str(math.floor(us / 1000) + 1000))
 end
+-- A day's or a month's count: its hash holds 'p' (the period id), 'n' (requests), for a day 'b'
+-- (response bytes), and the generation counting them: 'g' ('<period>:<token>', set when the
+-- count starts, and again when Redis is found to have gone back in time) with 'f' and 'fb', how
+-- much of n and b is a floor written back from an earlier generation (what a replica saw before
+-- Redis lost it). What was counted since is n - f: a replica's view of an earlier generation
+-- raises f, never what was counted since (another replica's outage counts, added on top).
+-- A 'g' of another period (left by an older script at midnight) is none.
+local function count_read(key, period)
+  local h = redis.call('HMGET', key, 'p', 'n', 'b', 'g', 'f', 'fb')
+  local c = {n = 0, b = 0, g = '', f = 0, fb = 0}
+  if h[1] and tonumber(h[1]) == period then
+    c.n, c.b = int(h[2]), int(h[3])
+    local mark = str(period) .. ':'
+    if h[4] and string.sub(h[4], 1, #mark) == mark then
+      c.g, c.f, c.fb = h[4], int(h[5]), int(h[6])
+    end
+  end
+  return c
+end
+local function count_write(key, c, period, token, ends, now, with_bytes)
+  if c.g == '' then c.g, c.f, c.fb = str(period) .. ':' .. token, 0, 0 end
+  if with_bytes then
+    redis.call('HSET', key, 'p', str(period), 'n', str(c.n), 'b', str(c.b), 'g', c.g,
+      'f', str(c.f), 'fb', str(c.fb))
+  else
+    redis.call('HSET', key, 'p', str(period), 'n', str(c.n), 'g', c.g, 'f', str(c.f))
+  end
+  expire_after(key, ends - now + 3600000000)
+end
+-- A replica's view of the same period (vn, vb, of generation vg): raise the count to it, where it
+-- shows the count lost. Returns whether the count changed.
+local function count_raise(c, vn, vb, vg, period, token)
+  if vg == '' or vg == c.g then
+    if vn <= c.n and vb <= c.b then return false end
+    c.n, c.b = math.max(c.n, vn), math.max(c.b, vb)
+    if vg ~= '' then
+      -- Below what was seen of this very generation: Redis went back to an older snapshot. What
+      -- was counted since is mixed into n; a new generation starts with all of it as its floor.
+      c.g, c.f, c.fb = str(period) .. ':' .. token, c.n, c.b
+    end
+    return true
+  end
+  if c.g == '' then c.g, c.f, c.fb = str(period) .. ':' .. token, 0, 0 end
+  if vn <= c.f and vb <= c.fb then return false end
+  if vn > c.f then c.n, c.f = c.n + vn - c.f, vn end
+  if vb > c.fb then c.b, c.fb = c.b + vb - c.fb, vb end
+  return true
+end
 """
 
 # KEYS: rate, conc, day, month, pause
@@ -91,12 +139,15 @@ end
 #       requests_per_day, requests_per_month, bytes_per_day (-1: unlimited),
 #       concurrency_wait_us (what to report when all slots are taken), now_us ('' for Redis's),
 #       and the site as this replica last saw it ('' for never): seen_at_us, day_n, day_bytes,
-#       month_n, paused_until. Counts only grow within their day and month, so a stored one
-#       below what a replica saw was lost (Redis restarted empty, flushed, or loaded an older
-#       snapshot): it is raised to that first, written back, and the decision taken on it. A
-#       heartbeat may notice the loss only seconds later (proxy/replicas.py); admissions in
-#       between would have started the quota over.
-# Returns {code, wait_us, now, tat, in_flight, day_n, day_bytes, month_n, paused_until}.
+#       month_n, paused_until, day_generation, month_generation. Counts only grow within their
+#       generation, so a view of another generation (Redis restarted empty, or flushed, since)
+#       raises the count's floor to it, and a view of the same generation above the stored
+#       count means Redis loaded an older snapshot (count_raise); either is written back and
+#       the decision taken on it. A heartbeat may notice the loss only seconds later
+#       (proxy/replicas.py); admissions in between would have started the quota over. The lease
+#       id names a generation this call starts.
+# Returns {code, wait_us, now, tat, in_flight, day_n, day_bytes, month_n, paused_until,
+#          day_generation, month_generation}.
 # code: 0 allowed, 1 paused, 2 requests_per_day, 3 requests_per_month, 4 bytes_per_day,
 # 5 rate, 6 concurrency. When several refuse, the one that frees up last is reported (ties: the
 # first in that order), so the Retry-After a scraper gets is the one that matters.
@@ -132,26 +183,20 @@ end
 if paused_until > now then fail(1, paused_until - now) end
 
 local day, day_end = utc_day(now)
-local d = redis.call('HMGET', day_key, 'p', 'n', 'b')
-local dn, db = 0, 0
-if d[1] and tonumber(d[1]) == day then dn, db = int(d[2]), int(d[3]) end
-if seen_at and utc_day(seen_at) == day and (int(ARGV[12]) > dn or int(ARGV[13]) > db) then
-  dn, db = math.max(dn, int(ARGV[12])), math.max(db, int(ARGV[13]))
-  redis.call('HSET', day_key, 'p', str(day), 'n', str(dn), 'b', str(db))
-  expire_after(day_key, day_end - now + 3600000000)
+local dc = count_read(day_key, day)
+if seen_at and utc_day(seen_at) == day
+    and count_raise(dc, int(ARGV[12]), int(ARGV[13]), ARGV[16] or '', day, lease) then
+  count_write(day_key, dc, day, lease, day_end, now, true)
 end
 local month, month_end = utc_month(now)
-local mo = redis.call('HMGET', month_key, 'p', 'n')
-local mn = 0
-if mo[1] and tonumber(mo[1]) == month then mn = int(mo[2]) end
-if seen_at and utc_month(seen_at) == month and int(ARGV[14]) > mn then
-  mn = int(ARGV[14])
-  redis.call('HSET', month_key, 'p', str(month), 'n', str(mn))
-  expire_after(month_key, month_end - now + 3600000000)
+local mc = count_read(month_key, month)
+if seen_at and utc_month(seen_at) == month
+    and count_raise(mc, int(ARGV[14]), 0, ARGV[17] or '', month, lease) then
+  count_write(month_key, mc, month, lease, month_end, now, false)
 end
-if day_limit >= 0 and dn >= day_limit then fail(2, day_end - now) end
-if month_limit >= 0 and mn >= month_limit then fail(3, month_end - now) end
-if bytes_limit >= 0 and db >= bytes_limit then fail(4, day_end - now) end
+if day_limit >= 0 and dc.n >= day_limit then fail(2, day_end - now) end
+if month_limit >= 0 and mc.n >= month_limit then fail(3, month_end - now) end
+if bytes_limit >= 0 and dc.b >= bytes_limit then fail(4, day_end - now) end
 
 -- GCRA, virtual scheduling: conforming when tat - now <= tau = (burst - 1) * interval.
 local tat = math.max(int(redis.call('GET', rate_key)), now)
@@ -171,7 +216,7 @@ if cn >= max_conc then
 end
 
 if code ~= 0 then
-  return {code, wait, now, tat, cn, dn, db, mn, paused_until}
+  return {code, wait, now, tat, cn, dc.n, dc.b, mc.n, paused_until, dc.g, mc.g}
 end
 
 local new_tat = tat + interval
@@ -179,15 +224,15 @@ redis.call('SET', rate_key, str(new_tat))
 expire_after(rate_key, new_tat - now)
 redis.call('ZADD', conc_key, str(now + lease_ttl), lease)
 expire_after(conc_key, lease_ttl)
-redis.call('HSET', day_key, 'p', str(day), 'n', str(dn + 1), 'b', str(db))
-expire_after(day_key, day_end - now + 3600000000)
-redis.call('HSET', month_key, 'p', str(month), 'n', str(mn + 1))
-expire_after(month_key, month_end - now + 3600000000)
-return {0, 0, now, new_tat, cn + 1, dn + 1, db, mn + 1, paused_until}
+dc.n, mc.n = dc.n + 1, mc.n + 1
+count_write(day_key, dc, day, lease, day_end, now, true)
+count_write(month_key, mc, month, lease, month_end, now, false)
+return {0, 0, now, new_tat, cn + 1, dc.n, dc.b, mc.n, paused_until, dc.g, mc.g}
 """,
 )
 
-# KEYS: conc, day.  ARGV: lease_id ('' for none), response_bytes, [now_us]
+# KEYS: conc, day.  ARGV: lease_id ('' for none), response_bytes, now_us ('' for Redis's),
+#                      token (names the generation of a day count this call starts)
 # Frees the lease and adds the bytes to today's count (the day the response ended, UTC).
 SETTLE = Script(
     "settle",
@@ -198,13 +243,9 @@ if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 local bytes = tonumber(ARGV[2])
 if bytes > 0 then
   local day, day_end = utc_day(now)
-  local p = redis.call('HGET', KEYS[2], 'p')
-  if p and tonumber(p) == day then
-    redis.call('HINCRBY', KEYS[2], 'b', str(bytes))
-  else
-    redis.call('HSET', KEYS[2], 'p', str(day), 'n', '0', 'b', str(bytes))
-  end
-  expire_after(KEYS[2], day_end - now + 3600000000)
+  local c = count_read(KEYS[2], day)
+  c.b = c.b + bytes
+  count_write(KEYS[2], c, day, ARGV[4], day_end, now, true)
 end
 return 1
 """,
@@ -261,7 +302,8 @@ return paused_until - now
 )
 
 # KEYS: rate, conc, day, month, pause.  ARGV: [now_us]
-# Returns {now, tat, in_flight, day_n, day_bytes, month_n, paused_until}; reads only.
+# Returns {now, tat, in_flight, day_n, day_bytes, month_n, paused_until, day_generation,
+# month_generation}; reads only.
 USAGE = Script(
     "usage",
     _PRELUDE
@@ -269,50 +311,49 @@ USAGE = Script(
 local now = clock(ARGV[1])
 local tat = math.max(int(redis.call('GET', KEYS[1])), now)
 local cn = redis.call('ZCOUNT', KEYS[2], '(' .. str(now), '+inf')
-local day = utc_day(now)
-local d = redis.call('HMGET', KEYS[3], 'p', 'n', 'b')
-local dn, db = 0, 0
-if d[1] and tonumber(d[1]) == day then dn, db = int(d[2]), int(d[3]) end
-local month = utc_month(now)
-local mo = redis.call('HMGET', KEYS[4], 'p', 'n')
-local mn = 0
-if mo[1] and tonumber(mo[1]) == month then mn = int(mo[2]) end
-return {now, tat, cn, dn, db, mn, int(redis.call('GET', KEYS[5]))}
+local dc = count_read(KEYS[3], utc_day(now))
+local mc = count_read(KEYS[4], utc_month(now))
+return {now, tat, cn, dc.n, dc.b, mc.n, int(redis.call('GET', KEYS[5])), dc.g, mc.g}
 """,
 )
 
 # KEYS: day, month, pause.
-# ARGV: day_id, day_n, day_bytes, month_id, month_n, paused_for_us, now_us ('' for Redis's), mode
+# ARGV: day_id, day_n, day_bytes, month_id, month_n, paused_for_us, now_us ('' for Redis's), mode,
+#       day_generation, month_generation, token (names a generation this call starts)
 # Usage counted elsewhere, for the periods that are still current: added to the stored counts
-# (mode 'add': counted while Redis was unreachable), or raising them to at least these (mode
-# 'max': what a replica last saw, written back after Redis lost it).
+# (mode 'add': counted while Redis was unreachable), or raising them where they show a loss
+# (mode 'max': what a replica last saw, of the generation given, written back after Redis lost
+# it; count_raise). A second replica's floor then never swallows the first one's outage counts.
 CARRY_OVER = Script(
     "carry_over",
     _PRELUDE
     + """
 local now = clock(ARGV[7])
 local at_least = ARGV[8] == 'max'
-local function merge(stored, given)
-  if at_least then return math.max(stored, given) end
-  return stored + given
-end
+local token = ARGV[11]
 local day, day_end = utc_day(now)
 local dn, db = tonumber(ARGV[2]), tonumber(ARGV[3])
 if tonumber(ARGV[1]) == day and (dn > 0 or db > 0) then
-  local d = redis.call('HMGET', KEYS[1], 'p', 'n', 'b')
-  local sn, sb = 0, 0
-  if d[1] and tonumber(d[1]) == day then sn, sb = int(d[2]), int(d[3]) end
-  redis.call('HSET', KEYS[1], 'p', str(day), 'n', str(merge(sn, dn)), 'b', str(merge(sb, db)))
-  expire_after(KEYS[1], day_end - now + 3600000000)
+  local c = count_read(KEYS[1], day)
+  local changed = true
+  if at_least then
+    changed = count_raise(c, dn, db, ARGV[9], day, token)
+  else
+    c.n, c.b = c.n + dn, c.b + db
+  end
+  if changed then count_write(KEYS[1], c, day, token, day_end, now, true) end
 end
 local month, month_end = utc_month(now)
 local mn = tonumber(ARGV[5])
 if tonumber(ARGV[4]) == month and mn > 0 then
-  local mo = redis.call('HMGET', KEYS[2], 'p', 'n')
-  local sm = 0
-  if mo[1] and tonumber(mo[1]) == month then sm = int(mo[2]) end
-  redis.call('HSET', KEYS[2], 'p', str(month), 'n', str(merge(sm, mn)))
-  expire_after(KEYS[2], month_end - now + 3600000000)
+  local c = count_read(KEYS[2], month)
+  local changed = true
+  if at_least then
+    changed = count_raise(c, mn, 0, ARGV[10], month, token)
+  else
+    c.n = c.n + mn
+  end
+  if changed then count_write(KEYS[2], c, month, token, month_end, now, false) end
 end
 local pf = tonumber(ARGV[6])
 if pf > 0 then

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Protocol
 
 from proxy.budgets.pause import PausePolicy
@@ -34,6 +35,11 @@ class Snapshot:
     day_bytes: int
     month_requests: int
     paused_until_us: int  # 0: never paused
+    # which generation of the shared store counted the day and the month ('' none: in-process,
+    # or a count an older replica's script started); scripts.count_raise. Bookkeeping of the
+    # store, not the site's state: two snapshots of the same state are equal.
+    day_generation: str = field(default="", compare=False)
+    month_generation: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +73,9 @@ class Carryover:
     month: int  # the utc_month id
     month_requests: int
     paused_for_us: int = 0  # a pause still running, to carry over too
+    # the generations the counts were seen in (Snapshot), for a floor written back (at_least)
+    day_generation: str = ""
+    month_generation: str = ""
 
 
 class BudgetStore(Protocol):

@@ -436,6 +436,16 @@ async def test_one_round_trip_per_admission(redis_server: RedisServer, key_prefi
 # -- counts Redis lost: floors written back and what was counted since --------------------------
 
 
+@pytest.fixture
+async def shared(redis_server: RedisServer, key_prefix: str) -> AsyncIterator[RedisBudgetStore]:  # noqa: F811
+    store = RedisBudgetStore(redis_server.url, key_prefix=key_prefix)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 def floor_of(spec: BudgetSpec, seen: Any) -> Carryover:
     """What a replica writes back after a loss: its last view, with the generation it saw."""
     return Carryover(
@@ -464,103 +474,75 @@ async def _views_of_two_replicas(store: RedisBudgetStore, spec: BudgetSpec) -> t
 
 
 async def test_a_floor_written_back_never_swallows_outage_counts_added_before_it(
-    redis_server: RedisServer,  # noqa: F811
-    key_prefix: str,  # noqa: F811
+    shared: RedisBudgetStore,
 ):
     # Politeness probe (F3): Redis came back empty after an outage in `fail_mode: local`. The
     # replica that had seen less wrote its floor (40) and added its outage's 10; the other then
     # wrote its floor (60) with max(), which swallowed the first one's 10: 70 counted for 80.
-    store = RedisBudgetStore(redis_server.url, key_prefix=key_prefix)
-    await store.start()
-    try:
-        spec = make_spec(requests_per_day=1000)
-        seen_a, seen_b = await _views_of_two_replicas(store, spec)
-        await _lose_counts(store, spec)
-        day, month = utc_day(NOON).id, utc_month(NOON).id
-        for seen in (seen_a, seen_b):  # each replica's recovery: its floor, then its outage
-            await store.carry_over([floor_of(spec, seen)], now_us=NOON + S, at_least=True)
-            await store.carry_over([Carryover(spec.key, day, 10, 0, month, 10)], now_us=NOON + S)
-        snap = await store.snapshot(spec.key, now_us=NOON + S)
-        assert (snap.day_requests, snap.month_requests) == (80, 80)
-        # Written back again (a second heartbeat, a second replica's view): nothing changes.
-        for seen in (seen_b, seen_a, snap):
-            await store.carry_over([floor_of(spec, seen)], now_us=NOON + S, at_least=True)
-        again = await store.snapshot(spec.key, now_us=NOON + S)
-        assert (again.day_requests, again.month_requests) == (80, 80)
-    finally:
-        await store.close()
+    spec = make_spec(requests_per_day=1000)
+    seen_a, seen_b = await _views_of_two_replicas(shared, spec)
+    await _lose_counts(shared, spec)
+    day, month = utc_day(NOON).id, utc_month(NOON).id
+    for seen in (seen_a, seen_b):  # each replica's recovery: its floor, then its outage
+        await shared.carry_over([floor_of(spec, seen)], now_us=NOON + S, at_least=True)
+        await shared.carry_over([Carryover(spec.key, day, 10, 0, month, 10)], now_us=NOON + S)
+    snap = await shared.snapshot(spec.key, now_us=NOON + S)
+    assert (snap.day_requests, snap.month_requests) == (80, 80)
+    # Written back again (a second heartbeat, a second replica's view): nothing changes.
+    for seen in (seen_b, seen_a, snap):
+        await shared.carry_over([floor_of(spec, seen)], now_us=NOON + S, at_least=True)
+    again = await shared.snapshot(spec.key, now_us=NOON + S)
+    assert (again.day_requests, again.month_requests) == (80, 80)
 
 
-async def test_admissions_after_a_loss_stay_counted_under_a_later_floor(
-    redis_server: RedisServer,  # noqa: F811
-    key_prefix: str,  # noqa: F811
-):
+async def test_admissions_after_a_loss_stay_counted_under_a_later_floor(shared: RedisBudgetStore):
     # The same through ADMIT's own floor: a's admissions after the loss were counted from a's
     # view (40); b's first admission raised the count to b's view (60) with max(): a's 5 gone.
-    store = RedisBudgetStore(redis_server.url, key_prefix=key_prefix)
-    await store.start()
-    try:
-        spec = make_spec(requests_per_day=1000)
-        seen_a, seen_b = await _views_of_two_replicas(store, spec)
-        await _lose_counts(store, spec)
-        for i in range(5):
-            verdict = await store.admit(spec, f"a{i}", now_us=NOON + S + i, seen=seen_a)
-            seen_a = verdict.snapshot
-        assert seen_a.day_requests == 45
-        verdict = await store.admit(spec, "b", now_us=NOON + 2 * S, seen=seen_b)
-        assert (verdict.snapshot.day_requests, verdict.snapshot.month_requests) == (66, 66)
-        # a, still holding a view of the generation since the loss, adds nothing more to it.
-        verdict = await store.admit(spec, "a5", now_us=NOON + 3 * S, seen=seen_a)
-        assert verdict.snapshot.day_requests == 67
-    finally:
-        await store.close()
+    spec = make_spec(requests_per_day=1000)
+    seen_a, seen_b = await _views_of_two_replicas(shared, spec)
+    await _lose_counts(shared, spec)
+    for i in range(5):
+        verdict = await shared.admit(spec, f"a{i}", now_us=NOON + S + i, seen=seen_a)
+        seen_a = verdict.snapshot
+    assert seen_a.day_requests == 45
+    verdict = await shared.admit(spec, "b", now_us=NOON + 2 * S, seen=seen_b)
+    assert (verdict.snapshot.day_requests, verdict.snapshot.month_requests) == (66, 66)
+    # a, still holding a view of the generation since the loss, adds nothing more to it.
+    verdict = await shared.admit(spec, "a5", now_us=NOON + 3 * S, seen=seen_a)
+    assert verdict.snapshot.day_requests == 67
 
 
 async def test_a_count_redis_took_back_to_an_older_snapshot_is_raised_once(
-    redis_server: RedisServer,  # noqa: F811
-    key_prefix: str,  # noqa: F811
+    shared: RedisBudgetStore,
 ):
     # Redis loaded an older snapshot: the same generation, below what a replica saw. Raised to
     # that view, and a lower view of the same old generation adds nothing on top.
-    store = RedisBudgetStore(redis_server.url, key_prefix=key_prefix)
-    await store.start()
-    try:
-        spec = make_spec(requests_per_day=1000)
-        seen_a, seen_b = await _views_of_two_replicas(store, spec)
-        k = store.keys(spec.key)
-        await store._redis.hset(k.day, mapping={"n": 30})  # the snapshot: 30 of the 60
-        verdict = await store.admit(spec, "b", now_us=NOON + S, seen=seen_b)
-        assert verdict.snapshot.day_requests == 61
-        assert verdict.snapshot.day_generation != seen_b.day_generation
-        verdict = await store.admit(spec, "a", now_us=NOON + S, seen=seen_a)
-        assert verdict.snapshot.day_requests == 62
-    finally:
-        await store.close()
+    spec = make_spec(requests_per_day=1000)
+    seen_a, seen_b = await _views_of_two_replicas(shared, spec)
+    k = shared.keys(spec.key)
+    await shared._redis.hset(k.day, mapping={"n": 30})  # the snapshot: 30 of the 60
+    verdict = await shared.admit(spec, "b", now_us=NOON + S, seen=seen_b)
+    assert verdict.snapshot.day_requests == 61
+    assert verdict.snapshot.day_generation != seen_b.day_generation
+    verdict = await shared.admit(spec, "a", now_us=NOON + S, seen=seen_a)
+    assert verdict.snapshot.day_requests == 62
 
 
-async def test_a_generation_left_from_another_day_is_no_floor(
-    redis_server: RedisServer,  # noqa: F811
-    key_prefix: str,  # noqa: F811
-):
+async def test_a_generation_left_from_another_day_is_no_floor(shared: RedisBudgetStore):
     # An older replica's script starts a day by setting p, n and b only: yesterday's generation
     # and floor stay in the hash. They must not count for today.
-    store = RedisBudgetStore(redis_server.url, key_prefix=key_prefix)
-    await store.start()
-    try:
-        spec = make_spec(requests_per_day=1000)
-        seen_a, _ = await _views_of_two_replicas(store, spec)
-        k = store.keys(spec.key)
-        day = utc_day(NOON).id
-        await store._redis.hset(
-            k.day, mapping={"p": day, "n": 3, "b": 0, "g": f"{day - 1}:old", "f": 50, "fb": 0}
-        )
-        assert (await store.snapshot(spec.key, now_us=NOON + S)).day_generation == ""
-        verdict = await store.admit(spec, "a", now_us=NOON + S, seen=seen_a)
-        # a's view (40, of a generation Redis no longer has) is a floor under the 3 counted
-        # since: 3 + 40 + this one. Yesterday's floor of 50 would have swallowed the view.
-        assert verdict.snapshot.day_requests == 44
-    finally:
-        await store.close()
+    spec = make_spec(requests_per_day=1000)
+    seen_a, _ = await _views_of_two_replicas(shared, spec)
+    k = shared.keys(spec.key)
+    day = utc_day(NOON).id
+    await shared._redis.hset(
+        k.day, mapping={"p": day, "n": 3, "b": 0, "g": f"{day - 1}:old", "f": 50, "fb": 0}
+    )
+    assert (await shared.snapshot(spec.key, now_us=NOON + S)).day_generation == ""
+    verdict = await shared.admit(spec, "a", now_us=NOON + S, seen=seen_a)
+    # a's view (40, of a generation Redis no longer has) is a floor under the 3 counted
+    # since: 3 + 40 + this one. Yesterday's floor of 50 would have swallowed the view.
+    assert verdict.snapshot.day_requests == 44
 
 
 # -- the in-process store's bound -------------------------------------------------------------

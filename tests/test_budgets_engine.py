@@ -874,6 +874,36 @@ async def test_a_quiet_sites_gauges_follow_its_state_not_its_last_admission(
         assert gauge("rate") == 0.0
 
 
+async def test_a_site_asked_now_and_then_shows_its_budgets_free_between_requests(
+    cluster: Cluster,
+):
+    # Observability probe: one request every 3 s to a site at `rate: 1/s` (burst 1) and one of
+    # `max_concurrency: 1` read 1.0 in every sample: the gauges showed the admission's own
+    # snapshot (its burst slot, its lease) until the next one, and CrawlwardenBudgetSaturated
+    # would fire for a crawl refused nothing. Each publication ages the state it last saw.
+    site = make_site(rate="10/s", burst=1, max_concurrency=1)
+    label = f"now-and-then-{site.key}"
+
+    def gauge(budget: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "crawlwarden_budget_used_ratio", {"site": label, "budget": budget}
+        )
+
+    async with cluster(1, site_label=lambda key: label) as (engine,):
+        for _ in range(2):
+            admitted = await engine.admit(site)
+            assert admitted.decision.allowed
+            engine.publish_gauges()
+            assert (gauge("rate"), gauge("concurrency")) == (1.0, 1.0)  # in use right now
+            engine.finish(admitted.lease)
+            engine.publish_gauges()  # no admission since: the ended request's slot is free
+            assert gauge("concurrency") == 0.0
+            await asyncio.sleep(0.15)  # the burst slot refills at 10/s
+            engine.publish_gauges()
+            assert gauge("rate") == 0.0
+            await engine.flush()
+
+
 async def test_embedded_store_full_refuses_a_new_site_and_keeps_the_others_counts():
     engine = BudgetEngine(MemoryBudgetStore(max_sites=3))
     await engine.start()

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -80,15 +81,30 @@ def _beyond(last: _Try, remaining: float) -> bool:
 
 
 GAUGE_INTERVAL = 1.0
-# A site's gauges come from the snapshot of its latest admission. A site that gets no traffic
-# would keep its last values (a spent quota stays at 1.0 after the UTC day renews; a rate at its
-# peak), so its state is read again from the store at this interval while it stays quiet.
+# A site's gauges come from the snapshot of its latest admission, aged to each publication: the
+# rate's burst drains with time, and this replica's requests that ended since give their slot
+# back (an admission's snapshot counts its own burst slot and lease: a site asked once every
+# 3 s at `rate: 1/s` showed its rate and concurrency at 1.0 for good, and
+# CrawlwardenBudgetSaturated fired for a crawl refused nothing). What other replicas did since
+# is not known here: a site that gets no traffic would keep its last values (a spent quota stays
+# at 1.0 after the UTC day renews), so its state is read again from the store at this interval
+# while it stays quiet.
 GAUGE_REFRESH = 15.0
 _MAX_REFRESHED = 200
 
 
 class _StoreFailed(Exception):
     """The shared store failed while gauges were read again (counted where it was seen)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """A site's state as an admission (or a read) saw it, to age at each publication."""
+
+    spec: BudgetSpec
+    snapshot: Snapshot
+    at: float  # time.monotonic() when seen
+    ended: int  # this replica's requests of the site that had ended by then (_ended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +226,11 @@ class BudgetEngine:
         # they go quiet (it kept its last value: a budget alert firing on an idle gateway).
         self._other_seen: dict[str, BudgetSpec] = {}
         self._other_published = 0.0
-        self._unpublished: dict[str, tuple[BudgetSpec, Snapshot]] = {}
+        self._unpublished: dict[str, _Seen] = {}
+        # Sites whose rate or concurrency was in use when last published: aged again at each
+        # publication until both are free. And how many requests of each site ended here.
+        self._in_use: dict[str, _Seen] = {}
+        self._ended: dict[str, int] = {}
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -274,6 +294,7 @@ class BudgetEngine:
         self._policy_version = version
         self._specs.clear()
         self._local_specs.clear()
+        self._in_use.clear()  # their specs may have changed: read again below
         if in_use is None:
             return
         observed: dict[str, tuple[BudgetSpec, float]] = {}
@@ -420,7 +441,7 @@ class BudgetEngine:
         local: bool,
     ) -> _Try:
         # The gauges are set once a second from the latest snapshot, not on every request.
-        self._unpublished[spec.key] = (spec, verdict.snapshot)
+        self._unpublished[spec.key] = self._seen(spec, verdict.snapshot)
         if verdict.allowed:
             lease = Lease(spec.key, lease_id, local, store)
             self._live[lease_id] = lease
@@ -608,6 +629,9 @@ class BudgetEngine:
         """
         if lease is None or self._live.pop(lease.id, None) is None:
             return
+        if len(self._ended) >= _MAX_TRACKED_SITES:
+            self._ended.clear()  # a gauge then shows a slot taken until the site's next snapshot
+        self._ended[lease.site] = self._ended.get(lease.site, 0) + 1
         store = lease.store or self._store
         self._pending.append((store, Settlement(lease.site, lease.id, max(0, response_bytes))))
         self._wake.set()
@@ -906,34 +930,67 @@ class BudgetEngine:
         self._other_published = time.monotonic()
 
     def publish_gauges(self) -> None:
-        """Set `crawlwarden_budget_used_ratio` from the latest state seen of each site. The
-        sites without a label of their own share `_other`: it shows, per budget, the most used
-        of those seen since the last publication (the last one seen would hide a spent quota
-        behind a quiet site)."""
+        """Set `crawlwarden_budget_used_ratio` from the latest state seen of each site, aged to
+        now (GAUGE_INTERVAL). The sites without a label of their own share `_other`: it shows,
+        per budget, the most used of those seen since the last publication or still in use (the
+        last one seen would hide a spent quota behind a quiet site)."""
         latest, self._unpublished = self._unpublished, {}
+        now = time.monotonic()
         other: list[float] | None = None
-        for spec, snap in latest.values():
-            if self._site_label(spec.key) != metrics.OTHER:
-                self._observe(spec, snap)
+        for key, seen in [*self._in_use.items(), *latest.items()]:
+            if key in latest and seen is not latest[key]:
+                continue  # seen again since: the newer state decides
+            ratios = self._aged_ratios(key, seen, now)
+            if key in latest and self._site_label(key) != metrics.OTHER:
+                self._note_observed(seen.spec)
+            if self._site_label(key) != metrics.OTHER:
+                self._set_gauges(self._site_label(key), ratios)
                 continue
-            ratios = _ratios(spec, snap)
             other = ratios if other is None else _most_used(other, ratios)
             if any(ratios):
-                self._other_seen.pop(spec.key, None)  # (last seen last)
+                self._other_seen.pop(key, None)  # (last seen last)
                 if len(self._other_seen) >= _MAX_REFRESHED:
                     del self._other_seen[next(iter(self._other_seen))]
-                self._other_seen[spec.key] = spec
+                self._other_seen[key] = seen.spec
         if other is not None:
             self._set_gauges(metrics.OTHER, other)
-            self._other_published = time.monotonic()
+            self._other_published = now
+
+    def _seen(self, spec: BudgetSpec, snap: Snapshot) -> _Seen:
+        return _Seen(spec, snap, time.monotonic(), self._ended.get(spec.key, 0))
+
+    def _aged_ratios(self, key: str, seen: _Seen, now: float) -> list[float]:
+        """The site's ratios now: its rate's burst drained for the time since it was seen, the
+        slots of this replica's requests that ended since given back. Followed at the next
+        publication while its rate or concurrency is in use."""
+        snap = seen.snapshot
+        ended = self._ended.get(key, 0) - seen.ended
+        aged = replace(
+            snap,
+            now_us=snap.now_us + int((now - seen.at) * 1e6),
+            in_flight=snap.in_flight - ended if 0 <= ended <= snap.in_flight else snap.in_flight,
+        )
+        ratios = _ratios(seen.spec, aged)
+        if ratios[0] or ratios[1]:
+            if key not in self._in_use and len(self._in_use) >= _MAX_TRACKED_SITES:
+                self._in_use.clear()
+            self._in_use[key] = seen
+        else:
+            self._in_use.pop(key, None)
+        return ratios
+
+    def _note_observed(self, spec: BudgetSpec) -> None:
+        if len(self._observed) >= _MAX_TRACKED_SITES:
+            self._observed.clear()
+        self._observed[spec.key] = (spec, time.monotonic())
 
     def _observe(self, spec: BudgetSpec, snap: Snapshot) -> None:
+        """A labelled site's state read from the store: its gauges now."""
         label = self._site_label(spec.key)
         if label != metrics.OTHER:  # `_other` sites share one gauge: no single state to refresh
-            if len(self._observed) >= _MAX_TRACKED_SITES:
-                self._observed.clear()
-            self._observed[spec.key] = (spec, time.monotonic())
-        self._set_gauges(label, _ratios(spec, snap))
+            self._note_observed(spec)
+        seen = self._seen(spec, snap)
+        self._set_gauges(label, self._aged_ratios(spec.key, seen, seen.at))
 
     def _set_gauges(self, label: str, ratios: list[float]) -> None:
         gauges = self._gauges.get(label)

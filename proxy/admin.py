@@ -222,7 +222,12 @@ def make_app(runtime: Runtime, extra_routes: list[Route] | None = None) -> web.A
     app[TOKEN_GUESSES] = AuthThrottle()
     routes = [*ROUTES, *(extra_routes or [])]
     for r in routes:
-        app.router.add_route(r.method, r.path, guarded(r))
+        if r.method == "GET":
+            # GET answers HEAD too (RFC 9110 9.1: uptime checkers and load balancers probe
+            # /healthz, /readyz and /metrics with it); aiohttp sends the headers without a body.
+            app.router.add_get(r.path, guarded(r), allow_head=True)
+        else:
+            app.router.add_route(r.method, r.path, guarded(r))
     document = openapi(routes)
 
     async def openapi_json(request: web.Request) -> web.Response:

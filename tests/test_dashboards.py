@@ -168,6 +168,37 @@ def test_the_panels_the_issue_asks_for_are_there():
         assert needle in ops, needle
 
 
+PER_SECOND_UNITS = {"reqps", "ops", "cps", "rps", "wps", "iops", "Bps", "bps", "binBps", "binbps"}
+_RATE_SUM = re.compile(r"^\s*sum(\s+by\s*\([^)]*\))?\s*\(\s*rate\(")
+
+
+def test_rate_series_have_a_per_second_unit_and_levels_do_not():
+    """A `sum(rate(...))` series is per second: a panel showing it as `short` reads 0.2 errors/s
+    as "0.2 errors"; a gauge beside it (a queue depth) must not be labelled per second."""
+    wrong = []
+    for name, board in dashboards().items():
+        for panel in panels(board):
+            if panel["type"] != "timeseries":
+                continue
+            config = panel.get("fieldConfig", {})
+            default = config.get("defaults", {}).get("unit")
+            by_ref = {
+                o["matcher"]["options"]: p["value"]
+                for o in config.get("overrides", [])
+                if o["matcher"]["id"] == "byFrameRefID"
+                for p in o["properties"]
+                if p["id"] == "unit"
+            }
+            for target in panel["targets"]:
+                unit = by_ref.get(target["refId"], default)
+                expr = target["expr"]
+                if _RATE_SUM.match(expr) and unit not in PER_SECOND_UNITS:
+                    wrong.append(f"{name} / {panel['title']} {target['refId']}: rate as {unit}")
+                if "rate(" not in expr and unit in PER_SECOND_UNITS:
+                    wrong.append(f"{name} / {panel['title']} {target['refId']}: level as {unit}")
+    assert not wrong, "\n".join(wrong)
+
+
 # -- a fleet, traffic, Prometheus -------------------------------------------------------------
 
 

@@ -17,14 +17,17 @@ import math
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.budget_fixtures import RedisServer
@@ -197,6 +200,74 @@ def test_rate_series_have_a_per_second_unit_and_levels_do_not():
                 if "rate(" not in expr and unit in PER_SECOND_UNITS:
                     wrong.append(f"{name} / {panel['title']} {target['refId']}: level as {unit}")
     assert not wrong, "\n".join(wrong)
+
+
+def panel_expr(board: str, title: str) -> str:
+    [expr] = [e for b, t, e in expressions() if b == board and t == title]
+    return substitute(expr)
+
+
+@pytest.mark.parametrize(
+    ("title", "series", "labels"),
+    [
+        (
+            "Bytes per site and team",
+            'crawlwarden_upstream_response_bytes_total{site="open.test", team="vision-data"}',
+            '{site="open.test", team="vision-data"}',
+        ),
+        (
+            "Refusals by site, team and reason",
+            'crawlwarden_requests_total{site="quota", team="vision-data", decision="refused",'
+            ' reason="quota_requests"}',
+            '{site="quota", team="vision-data", reason="quota_requests"}',
+        ),
+    ],
+)
+def test_range_totals_count_a_series_born_in_the_range_whole(
+    tmp_path: Path, title: str, series: str, labels: str
+):
+    """A series that appears between two scrapes already holds its first events (a new team's
+    first burst: 198216 bytes), then grows (579 more). Over a range that holds all of it, the
+    table must show everything (198795), not only what came after its first sample."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("groups: []\n")
+    tests = tmp_path / "test.yaml"
+    born = "_ _ _ _ 198216 198795 198795 198795 198795 198795 198795"
+    tests.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(rules)],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": [
+                            {"series": series, "values": born},
+                            # An older series of the same metric: only its growth in the range.
+                            {"series": series.replace('site="', 'site="old'), "values": "0+10x10"},
+                        ],
+                        "promql_expr_test": [
+                            {
+                                "expr": panel_expr("traffic-and-compliance.json", title),
+                                "eval_time": "10m",  # $__range is 10m: [0m, 10m]
+                                "exp_samples": [
+                                    {"labels": labels, "value": 198795},
+                                    {"labels": labels.replace('site="', 'site="old'), "value": 100},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    result = subprocess.run(
+        [prometheus_tool("promtool"), "test", "rules", str(tests)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # -- a fleet, traffic, Prometheus -------------------------------------------------------------

@@ -213,7 +213,14 @@ def canonical_target(target: str) -> str:
     (`/x/../private/a`, `/open/%2e%2e/private/a`), or one that spells a character as an escape
     (`/%70rivate/a`), is served by the site as the canonical path, and the gateway must decide
     on, record and forward what the site will serve. The query is left as it is.
+
+    A fragment (`#...`) is dropped: it is no part of a request target (RFC 9112 3.2, RFC 3986
+    3.5), clients never send one, and servers ignore it (nginx, Apache, http.server), so
+    `/photo.jpg#x` is /photo.jpg to the site, and must be to TDMRep locations and Content-Usage
+    rules anchored with `$` too.
     """
+    if "#" in target:
+        target = target.partition("#")[0]
     if "%" not in target and "/." not in target:  # the usual path: nothing to do
         return target
     path, sep, query = target.partition("?")

@@ -198,6 +198,12 @@ def test_body_framing(
         ("/a%2e%2E/b/%2e%2e/c", "/a../c"),
         ("/a?q=%7E&r=/../", "/a?q=%7E&r=/../"),
         ("/100%", "/100%"),  # not an escape
+        # A fragment is no part of a request target: servers drop it, and so does the gateway.
+        ("/photo.jpg#x", "/photo.jpg"),
+        ("/photo.jpg#", "/photo.jpg"),
+        ("/a?q=1#x", "/a?q=1"),
+        ("/open#/../private/a", "/open"),
+        ("/x/../private/%61.jpg#frag", "/private/a.jpg"),
     ],
 )
 def test_a_target_is_read_as_the_site_will(target: str, resolved: str) -> None:

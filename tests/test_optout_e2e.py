@@ -210,6 +210,54 @@ def test_no_spelling_of_a_disallowed_path_reaches_the_site(gateway: Gateway, sit
         assert records and all(r["decision"] == "forwarded" for r in records)
 
 
+def test_a_fragment_in_the_request_target_is_no_way_around_an_anchored_rule(
+    gateway: Gateway, site: Site
+):
+    # `/a.jpg#x` (a raw request target: clients never send a fragment) was checked as sent, so a
+    # TDMRep location or a Content-Usage rule ending in `$` did not match it, while the site,
+    # which drops the fragment, served /a.jpg: delivered, and recorded as /a.jpg forwarded
+    # (probe-optout). The fragment is dropped before anything is decided.
+    site.routes["/robots.txt"] = Reply(
+        body=b"User-agent: TestBot\nContent-Usage: /*.jpg$ train-ai=n\n"
+    )
+    site.routes["/.well-known/tdmrep.json"] = Reply(
+        body=json.dumps([{"location": "/reserved/*.png$", "tdm-reservation": 1}]).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    auth = "Basic " + base64.b64encode(f"{TEAM}:{TEAM_TOKEN}".encode()).decode()
+    authority = f"site-a.test:{site.port}"
+    for path, reason in [
+        ("/a.jpg", "content_usage"),
+        ("/a.jpg#x", "content_usage"),
+        ("/reserved/b.png#", "tdm_reserved"),
+        ("/open/../reserved/b.png#x", "tdm_reserved"),
+    ]:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n"
+                f"Proxy-Authorization: {auth}\r\nX-Crawl-Project: {PROJECT}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 451"), (path, answer[:200])
+        assert f"x-crawlwarden-reason: {reason}".encode() in answer.lower(), path
+    assert [s.path for s in site.seen if s.path.endswith((".jpg", ".png"))] == []
+    # What is forwarded has no fragment either.
+    result = fetch(gateway, site, "site-a.test", "/open/c.gif")
+    assert result.status == 200
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(
+            f"GET http://{authority}/open/d.gif#top HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Proxy-Authorization: {auth}\r\nX-Crawl-Project: {PROJECT}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        while sock.recv(65536):
+            pass
+    assert site.seen[-1].path == "/open/d.gif"
+
+
 def test_a_scrapers_robots_txt_is_answered_from_the_cache(gateway: Gateway, site: Site):
     serve_optout_files(site)
     first = fetch(gateway, site, "site-a.test", "/robots.txt")

@@ -10,7 +10,10 @@
 - Redirects are followed up to 5 hops, across origins (RFC 9309 2.3.1.2), each hop guarded:
   the SSRF guard, the gateway's own listeners, and `target_check` (the blocklist and takedowns,
   where the runtime wires them). A hop refused makes the file unreachable.
-- At most `limit` bytes of a body are read (RFC 9309 2.5: 500 KiB).
+- At most `limit` bytes of a body are read (RFC 9309 2.5: 500 KiB), its Content-Encoding undone
+  by the gateway's own decoder (`proxy.content_coding`), as for the responses it scans: `x-gzip`
+  (RFC 9110 8.4.1.3) and stacked codings (`gzip, gzip`) too, which aiohttp left as they came
+  (the compressed bytes then read as a file with no rule: everything allowed).
 - With `egress.upstream_proxies`, the files are fetched through that pool (one proxy per fetch,
   in turn), as scraper traffic leaves: the site sees the egress the fetch log names. The target
   is resolved and guarded here and the proxy is given the checked address (Host and TLS name
@@ -57,6 +60,8 @@ from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from proxy import metrics
+from proxy.content_coding import BodyDecoder
+from proxy.content_coding import decodable_only
 from proxy.policy import UpstreamProxy
 from proxy.sites import normalize_host
 from proxy.ssrf import AddressGuard
@@ -117,6 +122,9 @@ class FetchRefused(Exception):
 
 
 DAY = 24 * 3600.0
+# The most of a file's body read as sent (compressed), whatever it decodes to: a body that
+# decodes to little (gzip members of nothing) ends there, cut short.
+_MAX_SENT = 16 * 2**20
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -552,7 +560,11 @@ class OriginFileFetcher:
         if refused is not None:
             self._report(str(url), None, b"", refused.detail, via, None, began, refused=refused)
             return refused.detail
-        headers = {"User-Agent": self.user_agent, "Accept": "*/*"}
+        headers = {
+            "User-Agent": self.user_agent,
+            "Accept": "*/*",
+            "Accept-Encoding": decodable_only("gzip, deflate, br, zstd"),
+        }
         if self.contact:
             headers["From"] = self.contact
         target, session = url, self._client()
@@ -585,7 +597,7 @@ class OriginFileFetcher:
                 head = {k.lower(): v for k, v in resp.headers.items()}
                 # Every answer's body, an error page's too: the fetch record's size and hash
                 # are of what the site sent (only a 2xx body is parsed).
-                body, truncated = await self._read(resp)
+                body, truncated = await self._read(resp, head.get("content-encoding", ""))
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             message = self._timeout_message(e) if isinstance(e, TimeoutError) else _error_message(e)
             guarded = _guard_refusal(e)
@@ -616,17 +628,26 @@ class OriginFileFetcher:
         self._proxy_turn += 1
         return pool[self._proxy_turn % len(pool)]
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    async def _read(self, resp: aiohttp.ClientResponse, coding: str) -> tuple[bytes, bool]:
+        """The body decoded (its Content-Encoding undone), `limit` bytes of it at most, and
+        whether it went on past that. A body not valid in its coding is a ClientPayloadError,
+        as aiohttp's own decoding raised (the file is then unreachable)."""
+        decoder = BodyDecoder.of(coding, self._limit + 1)
         chunks: list[bytes] = []
-        size = 0
-        while size <= self._limit:
-            chunk = await resp.content.read(min(65536, self._limit + 1 - size))
-            if not chunk:
+        size = sent = 0
+        while size <= self._limit and sent < _MAX_SENT:
+            data = await resp.content.read(65536)
+            sent += len(data)
+            try:
+                for piece in decoder.pieces(data):
+                    chunks.append(piece)
+                    size += len(piece)
+            except ValueError as e:
+                raise aiohttp.ClientPayloadError(str(e)) from e
+            if not data:
                 break
-            chunks.append(chunk)
-            size += len(chunk)
         body = b"".join(chunks)
-        return body[: self._limit], len(body) > self._limit
+        return body[: self._limit], len(body) > self._limit or sent >= _MAX_SENT
 
     def _report(
         self,
@@ -673,7 +694,9 @@ class OriginFileFetcher:
             connector = aiohttp.TCPConnector(
                 resolver=self.resolver, use_dns_cache=False, ssl=self._ssl, limit=64
             )
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, auto_decompress=False
+            )
         return self._session
 
     def _proxied_client(self) -> aiohttp.ClientSession:
@@ -681,7 +704,9 @@ class OriginFileFetcher:
         private) is not the SSRF guard's business; the target was guarded in `_request`."""
         if self._proxied_session is None or self._proxied_session.closed:
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
-            self._proxied_session = aiohttp.ClientSession(connector=connector, trust_env=False)
+            self._proxied_session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, auto_decompress=False
+            )
         return self._proxied_session
 
     async def close(self) -> None:

@@ -380,7 +380,11 @@ class OptOutChecks:
         entry = self._tdm.get(origin)
         if entry is None or entry.file is not file:
             # Anything but a successful response means the origin does not use the protocol.
-            rules = tdmrep.parse_tdmrep(file.body) if file.outcome == "ok" else tdmrep.NO_RULES
+            rules = (
+                tdmrep.parse_tdmrep(file.body, truncated=file.truncated)
+                if file.outcome == "ok"
+                else tdmrep.NO_RULES
+            )
             entry = TdmEntry(file, rules)
             self._tdm.put(origin, entry)
         return entry
@@ -454,12 +458,24 @@ class OptOutChecks:
             entry = await self.tdm_entry(origin, ctx)
         except FetchRefused as e:
             return _must_read_first(origin, tdmrep.WELL_KNOWN_PATH, e.refusal)
-        declaration = entry.rules.lookup(ctx.path)
+        rules = entry.rules
+        declaration = rules.lookup(ctx.path)
         for reading in ctx.readings:
-            other = entry.rules.lookup(reading)
+            other = rules.lookup(reading)
             if other.reservation == 1 and declaration.reservation != 1:
                 declaration = other  # reserved under one reading of the path: reserved
-        return self._conclude(ctx, optout.tdm_signals(declaration, "tdmrep"))
+        signals = optout.tdm_signals(declaration, "tdmrep")
+        if rules.incomplete and all(rules.find(p) is None for p in (ctx.path, *ctx.readings)):
+            signals.append(
+                OptOutSignal(
+                    Kind.TDMREP,
+                    "tdmrep:incomplete",
+                    False,
+                    f"{origin}{tdmrep.WELL_KNOWN_PATH} was not read whole ({rules.incomplete}); "
+                    "no rule read matches this path",
+                )
+            )
+        return self._conclude(ctx, signals)
 
     def _conclude(self, ctx: RequestContext, signals: list[OptOutSignal]) -> Decision | None:
         for signal in signals:

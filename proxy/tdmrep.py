@@ -55,18 +55,26 @@ class TdmRule:
 
 @dataclass(frozen=True, slots=True)
 class TdmRules:
-    """A parsed tdmrep.json; `error` says why a file was ignored (not JSON, not an array)."""
+    """A parsed tdmrep.json; `error` says why a file was ignored (not JSON, not an array);
+    `incomplete`, why only its first rules were read (a file past PARSE_LIMIT, more than
+    MAX_RULES rules): a path none of those matches may be reserved by a rule not read."""
 
     rules: tuple[TdmRule, ...] = ()
     error: str | None = None
+    incomplete: str | None = None
 
     def lookup(self, path: str) -> TdmDeclaration:
         """The declaration for the path (and query) of a request: the first rule that matches."""
+        found = self.find(path)
+        return UNSET if found is None else found
+
+    def find(self, path: str) -> TdmDeclaration | None:
+        """The first matching rule's declaration; None: no rule read matches."""
         normalized = normalize_path(path if path.startswith("/") else "/" + path)
         for rule in self.rules:
             if rule.pattern.matches(normalized):
                 return rule.declaration
-        return UNSET
+        return None
 
 
 NO_RULES = TdmRules()
@@ -89,20 +97,31 @@ def parse_policy(value: Any) -> str | None:
     return None
 
 
-def parse_tdmrep(content: bytes | str) -> TdmRules:
+def parse_tdmrep(content: bytes | str, *, truncated: bool = False) -> TdmRules:
     """Parse /.well-known/tdmrep.json. Rules without a `location` are skipped; a rule whose
     reservation is not 0 or 1 still matches, with the reservation unset (spec: "other values are
-    protocol errors ... consider that tdm-reservation is unset")."""
+    protocol errors ... consider that tdm-reservation is unset").
+
+    A file cut off at PARSE_LIMIT (`truncated`: the fetch read no more of it) is not JSON, but
+    its rules up to the cut are: they are read (a publisher's long file reserved nothing when it
+    was ignored whole), and the rules say they are `incomplete`, as they do past MAX_RULES."""
     if isinstance(content, bytes):
         if len(content) > PARSE_LIMIT:
-            return TdmRules(error=f"larger than {PARSE_LIMIT} bytes")
+            content, truncated = content[:PARSE_LIMIT], True
         content = content.decode("utf-8", errors="replace")
+    content = content.removeprefix("\ufeff")
+    incomplete = f"it is larger than {PARSE_LIMIT} bytes, the most read" if truncated else None
     try:
-        data = json.loads(content.removeprefix("\ufeff"))
+        data = json.loads(content)
     except ValueError:
-        return TdmRules(error="not JSON")
+        leading = _leading_entries(content) if truncated else None
+        if leading is None:
+            return TdmRules(error="not JSON")
+        data = leading
     if not isinstance(data, list):
         return TdmRules(error="not a JSON array of rules")
+    if len(data) > MAX_RULES:
+        incomplete = incomplete or f"it has more than {MAX_RULES} rules, the most read"
     rules: list[TdmRule] = []
     for entry in data[:MAX_RULES]:
         if not isinstance(entry, dict):
@@ -116,7 +135,29 @@ def parse_tdmrep(content: bytes | str) -> TdmRules:
             parse_reservation(entry.get("tdm-reservation")), parse_policy(entry.get("tdm-policy"))
         )
         rules.append(TdmRule(PathPattern(location), declaration))
-    return TdmRules(tuple(rules))
+    return TdmRules(tuple(rules), incomplete=incomplete)
+
+
+def _leading_entries(text: str) -> list[Any] | None:
+    """The whole entries at the start of a JSON array cut off before its end; None: it does
+    not begin as one."""
+    decoder = json.JSONDecoder()
+    at = len(text) - len(text.lstrip())
+    if text[at : at + 1] != "[":
+        return None
+    entries: list[Any] = []
+    at += 1
+    while True:
+        at += len(text[at:]) - len(text[at:].lstrip())
+        try:
+            entry, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return entries
+        entries.append(entry)
+        at += len(text[at:]) - len(text[at:].lstrip())
+        if text[at : at + 1] != ",":
+            return entries
+        at += 1
 
 
 def from_headers(headers: list[tuple[str, str]]) -> TdmDeclaration:

@@ -86,7 +86,6 @@ def test_reservation_values(value: object, reservation: int | None) -> None:
     [
         ("not json", "not JSON"),
         ('{"location": "/", "tdm-reservation": 1}', "not a JSON array of rules"),
-        (b"[" + b" " * tdmrep.PARSE_LIMIT + b"]", f"larger than {tdmrep.PARSE_LIMIT} bytes"),
     ],
 )
 def test_unusable_files_are_ignored(content: str | bytes, error: str) -> None:
@@ -98,6 +97,57 @@ def test_rules_without_location_are_skipped() -> None:
     content = '[{"tdm-reservation": 1}, "junk", {"location": "images/", "tdm-reservation": 1}]'
     rules = tdmrep.parse_tdmrep(content)
     assert len(rules.rules) == 1 and rules.lookup("/images/a.png").reserved
+
+
+def test_a_file_past_the_read_limit_keeps_the_rules_before_the_cut() -> None:
+    # A tdmrep.json over 500 KiB was ignored whole, and one of more than 10 000 rules past its
+    # 10 000th, without a word on the record: a publisher's long file reserved nothing
+    # (probe-optout). The whole rules before the cut bind; the rest is `incomplete`.
+    rules = [{"location": "/reserved/*", "tdm-reservation": 1}] + [
+        {"location": f"/collections/c{i:05d}/*", "tdm-reservation": 1} for i in range(20_000)
+    ]
+    content = json.dumps(rules).encode()
+    assert len(content) > tdmrep.PARSE_LIMIT
+    parsed = tdmrep.parse_tdmrep(content)
+    assert parsed.error is None and parsed.incomplete is not None
+    assert parsed.lookup("/reserved/a.png").reserved
+    assert parsed.lookup("/collections/c00100/a.png").reserved
+    assert parsed.find("/collections/c19999/a.png") is None  # past the cut: not read
+    # What the fetch read (a body cut at the limit), told it was cut: the same.
+    cut = tdmrep.parse_tdmrep(content[: tdmrep.PARSE_LIMIT], truncated=True)
+
+    def read(r: tdmrep.TdmRules) -> list[tuple[str, tdmrep.TdmDeclaration]]:
+        return [(rule.pattern.text, rule.declaration) for rule in r.rules]
+
+    assert read(cut) == read(parsed) and cut.incomplete == parsed.incomplete
+    # Cut, and not even one whole rule: nothing read, incomplete.
+    empty = tdmrep.parse_tdmrep(b"[" + b" " * tdmrep.PARSE_LIMIT + b"]")
+    assert empty.rules == () and empty.error is None and empty.incomplete is not None
+    # Under the size limit but more than MAX_RULES rules.
+    many = [{"location": f"/c{i}/*", "tdm-reservation": 1} for i in range(tdmrep.MAX_RULES + 5)]
+    capped = tdmrep.parse_tdmrep(json.dumps(many, separators=(",", ":")))
+    assert len(capped.rules) == tdmrep.MAX_RULES and capped.incomplete is not None
+    assert tdmrep.parse_tdmrep(RULES).incomplete is None
+
+
+async def test_a_path_no_rule_read_matches_is_recorded_incomplete() -> None:
+    rules = [{"location": "/reserved/*", "tdm-reservation": 1}] + [
+        {"location": f"/collections/c{i:05d}/*", "tdm-reservation": 0} for i in range(20_000)
+    ]
+    async with origin_server({tdmrep.WELL_KNOWN_PATH: json.dumps(rules)}) as site:
+        checks = make_checks()
+        try:
+            decision, signals = await tdm_decision(checks, site.origin() + "/reserved/a.png")
+            assert decision is not None and decision.reason is Reason.TDM_RESERVED
+            assert signals == ["tdmrep:reserved"]
+            decision, signals = await tdm_decision(checks, site.origin() + "/c/a.png")
+            assert decision is None and signals == ["tdmrep:incomplete"]
+            decision, signals = await tdm_decision(
+                checks, site.origin() + "/collections/c00001/a.png"
+            )
+            assert decision is None and signals == ["tdmrep:not-reserved"]
+        finally:
+            await checks.close()
 
 
 @pytest.mark.parametrize(

@@ -68,13 +68,21 @@ def maybe_epub(prefix: bytes) -> bool:
     return prefix[:4] == _LOCAL[: len(prefix)]
 
 
-def is_epub(prefix: bytes) -> bool | None:
-    """Whether the body is an EPUB, from its first SNIFF_BYTES bytes; None: more are needed."""
+def is_epub(prefix: bytes, content_type: str | None = None) -> bool | None:
+    """Whether the body is an EPUB, from its first SNIFF_BYTES bytes; None: more are needed.
+
+    OCF wants `mimetype` first, stored, with no extra field; zip tools often deflate it, give
+    it an extra field or put it later, and e-readers open such books all the same. So a ZIP
+    whose first entry is named `mimetype`, or one served as application/epub+zip, is read as
+    an EPUB too: its package document's reservation binds as a conforming book's does."""
     if not maybe_epub(prefix):
         return False
     if len(prefix) < SNIFF_BYTES:
         return None
-    return prefix[_MIMETYPE_AT:SNIFF_BYTES] == _MIMETYPE
+    if prefix[_MIMETYPE_AT:SNIFF_BYTES] == _MIMETYPE:
+        return True
+    first_named_mimetype = prefix[26:28] == b"\x08\x00" and prefix[30:38] == b"mimetype"
+    return first_named_mimetype or optout.mime_type(content_type) == MEDIA_TYPE
 
 
 @dataclass(slots=True)

@@ -183,7 +183,7 @@ class BodyScan:
             # The bytes decide, not the Content-Type: octet-stream images are common.
             self._head += chunk
             if epub.maybe_epub(self._head[:4]):
-                found = epub.is_epub(self._head[: epub.SNIFF_BYTES])
+                found = epub.is_epub(self._head[: epub.SNIFF_BYTES], self._content_type)
                 if found is None:
                     return False
                 self.done = not found  # another kind of ZIP file: nothing read in it

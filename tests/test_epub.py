@@ -227,3 +227,58 @@ async def test_a_reserved_epub_is_withheld_whatever_its_content_type() -> None:
         assert gzipped  # (a body in a Content-Encoding is decoded before the scan: elsewhere)
     finally:
         await checks.close()
+
+
+def _book(*, mimetype_method: int, mimetype_first: bool) -> bytes:
+    """A book as zip tools write it: `mimetype` deflated, or not the first entry."""
+    sink = io.BytesIO()
+    container = (
+        b'<?xml version="1.0"?><container version="1.0" '
+        b'xmlns="urn:oasis:names:tc:opendocument:xmlns:container"><rootfiles>'
+        b'<rootfile full-path="OEBPS/content.opf"/></rootfiles></container>'
+    )
+    mimetype = zipfile.ZipInfo("mimetype")
+    mimetype.compress_type = mimetype_method
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as archive:
+        if mimetype_first:
+            archive.writestr(mimetype, b"application/epub+zip")
+        archive.writestr("META-INF/container.xml", container)
+        archive.writestr("OEBPS/content.opf", epub_reservation("1"))
+        if not mimetype_first:
+            archive.writestr(mimetype, b"application/epub+zip")
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("book", "content_types"),
+    [
+        # `mimetype` deflated: its name still says what the file is.
+        (
+            _book(mimetype_method=zipfile.ZIP_DEFLATED, mimetype_first=True),
+            ("application/epub+zip", "application/octet-stream", None),
+        ),
+        # `mimetype` last: the Content-Type says it.
+        (
+            _book(mimetype_method=zipfile.ZIP_STORED, mimetype_first=False),
+            ("application/epub+zip", "Application/EPUB+zip; charset=binary"),
+        ),
+    ],
+    ids=["mimetype-deflated", "mimetype-last"],
+)
+async def test_a_book_not_laid_out_as_ocf_wants_is_read_all_the_same(
+    book: bytes, content_types: tuple[str | None, ...]
+) -> None:
+    # Only a ZIP whose first 58 bytes were a stored `mimetype` entry was read as an EPUB: a
+    # book from `zip -r` (e-readers open it) with tdm:reservation 1 was delivered with nothing
+    # on its record (probe-optout).
+    policy = make_policy()
+    checks = make_checks(policy)
+    ctx = request_context(policy, "https://site-a.test/book")
+    try:
+        for ctype in content_types:
+            result = await checks.assess_response(ctx, 200, [], book, ctype)
+            assert result.decision is not None, ctype
+            assert result.decision.reason is Reason.TDM_RESERVED, ctype
+            assert result.signals == ("tdm-epub:reserved",), ctype
+    finally:
+        await checks.close()

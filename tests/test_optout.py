@@ -151,6 +151,37 @@ def test_the_head_ends_where_a_browser_ends_it(page: bytes, robots: set[str]) ->
     assert optout.scan_html_head(page, [TOKEN]).robots == robots
 
 
+META_NOAI = b'<meta name="robots" content="noai">'
+
+
+@pytest.mark.parametrize(
+    ("head", "robots"),
+    [
+        # Comments end where HTML 13.2.5 ends them: "<!-->" and "<!--->" are whole, empty
+        # comments, and "--!>" closes one; Python 3.12.1's parser ran each on to the next "-->",
+        # over the meta, and the page was delivered (probe-optout).
+        (b"<!-->" + META_NOAI + b"<!-- x -->", {"noai"}),
+        (b"<!--->" + META_NOAI + b"<!-- x -->", {"noai"}),
+        (b"<!-- x --!>" + META_NOAI + b"<!-- y -->", {"noai"}),
+        (b"<!-- x -- >" + META_NOAI + b"-->", set()),  # "-- >" ends nothing: still a comment
+        # A script ends at "</script" before white space, "/" or ">".
+        (b"<script>a()</script/>" + META_NOAI, {"noai"}),
+        (b"<script>a()</script foo>" + META_NOAI, {"noai"}),
+        (b"<script>a('</scripts>')" + META_NOAI + b"</script>", set()),  # not its end tag
+        (b"<style>a{}</STYLE >" + META_NOAI, {"noai"}),
+    ],
+)
+def test_comments_and_scripts_end_where_a_browser_ends_them(head: bytes, robots: set[str]) -> None:
+    page = b"<html><head>" + head + b"</head><body>text</body></html>"
+    assert optout.scan_html_head(page, [TOKEN]).robots == robots
+    for size in (1, 3, 7):  # however the body comes in
+        scanner = optout.HtmlHeadScanner([TOKEN])
+        for at in range(0, len(page), size):
+            if scanner.feed(page[at : at + size]):
+                break
+        assert scanner.result().robots == robots, size
+
+
 @pytest.mark.parametrize("head", TRICKY_HEADS)
 def test_tags_stepped_over_leave_the_answer_as_the_full_parse_gives_it(
     head: bytes, monkeypatch: pytest.MonkeyPatch

@@ -195,13 +195,15 @@ class BodyScan:
             fmt = imagemeta.sniff(self._head[:12])
             if fmt is None:
                 return False
-            if fmt is imagemeta.ImageFormat.OTHER and not self._content_type:
+            if fmt is imagemeta.ImageFormat.OTHER and not optout.mime_type(self._content_type):
                 # No Content-Type: a browser sniffs it, and a page may be read as one.
                 html = optout.sniffs_as_html(self._head)
                 if html is None:
                     return False
                 if html:
-                    self._html = optout.HtmlHeadScanner(self._tokens)
+                    self._html = optout.HtmlHeadScanner(
+                        self._tokens, content_type=self._content_type
+                    )
                     self.done = self._html.feed(self._head)
                     self._head = b""
                     return self.done

@@ -565,3 +565,37 @@ def test_parsed_origin_files_are_bounded_by_their_bodies_bytes() -> None:
         "https://o99.test:443", RobotsEntry(OriginFile("u", "ok", 200, b"", 0, 1e12), ALLOW_ALL)
     )
     assert entries.bytes == (len(entries) - 1) * len(body)  # a replaced entry's bytes given back
+
+
+@pytest.mark.parametrize(
+    ("content_type", "mime"),
+    [
+        ("Text/HTML; charset=utf-8", "text/html"),
+        ("text/plain, text/html", "text/html"),  # sent twice: the last one (WHATWG Fetch)
+        ('text/html; charset="a,b"', "text/html"),
+        ("text/html, nonsense", "text/html"),  # the last *valid* one
+        ("unknown/unknown", ""),  # says nothing: sniffed as no type is
+        ("application/unknown", ""),
+        ("*/*", ""),
+        ("html", ""),  # no MIME type
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_a_content_type_is_read_as_browsers_read_it(content_type: str | None, mime: str) -> None:
+    assert optout.mime_type(content_type) == mime
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain, text/html", "unknown/unknown", "html", "*/*"]
+)
+async def test_a_page_a_browser_reads_as_html_is_read_as_one(content_type: str | None) -> None:
+    # Only a body with no Content-Type at all was sniffed, and only one whose Content-Type was
+    # exactly text/html read as a page: a page sent with two Content-Types (text/html last), as
+    # unknown/unknown or as "html" was delivered with its robots noai unread (probe-optout).
+    page = b'<html><head><meta name="robots" content="noai"></head><body>x</body></html>'
+    result = await assess([], page, content_type)
+    assert result.decision is not None and result.decision.reason is Reason.NOAI_DIRECTIVE
+    assert result.signals == ("meta-robots:noai",)
+    text = await assess([], page, "text/html, text/plain")  # the last one: text, not read
+    assert text.decision is None

@@ -711,3 +711,13 @@ async def test_replicas_share_one_fetch_through_redis() -> None:
         await client.aclose()
         server.process.terminate()
         server.process.wait(timeout=10)
+
+
+def test_an_allowed_index_html_allows_its_directory_as_the_readme_says():
+    # protego follows Google's parser here, not RFC 9309: README "robots.txt rules are matched
+    # by protego". Pinned, so that a protego release that changes it changes the README too.
+    rules = parse_robots("User-agent: *\nDisallow: /x/\nAllow: /x/index.html\n", ["crawlwarden"])
+    assert rules.verdict("/x/index.html").allowed
+    assert rules.verdict("/x/").allowed
+    assert not rules.verdict("/x/other.html").allowed
+    assert not rules.verdict("/x/?q=1").allowed

@@ -91,6 +91,7 @@ GAUGE_INTERVAL = 1.0
 # while it stays quiet.
 GAUGE_REFRESH = 15.0
 _MAX_REFRESHED = 200
+_MAX_AGED = 1000  # sites aged at each publication: ~7 ms of the event loop a second at most
 
 
 class _StoreFailed(Exception):
@@ -972,8 +973,9 @@ class BudgetEngine:
         )
         ratios = _ratios(seen.spec, aged)
         if ratios[0] or ratios[1]:
-            if key not in self._in_use and len(self._in_use) >= _MAX_TRACKED_SITES:
-                self._in_use.clear()
+            if key not in self._in_use and len(self._in_use) >= _MAX_AGED:
+                # the longest followed goes (its gauge is read again once its site is quiet)
+                del self._in_use[next(iter(self._in_use))]
             self._in_use[key] = seen
         else:
             self._in_use.pop(key, None)

@@ -230,7 +230,7 @@ class BudgetEngine:
         self._unpublished: dict[str, _Seen] = {}
         # Sites whose rate or concurrency was in use when last published: aged again at each
         # publication until both are free. And how many requests of each site ended here.
-        self._in_use: dict[str, _Seen] = {}
+        self._aging: dict[str, _Seen] = {}
         self._ended: dict[str, int] = {}
         self._closed = False
 
@@ -295,7 +295,7 @@ class BudgetEngine:
         self._policy_version = version
         self._specs.clear()
         self._local_specs.clear()
-        self._in_use.clear()  # their specs may have changed: read again below
+        self._aging.clear()  # their specs may have changed: read again below
         if in_use is None:
             return
         observed: dict[str, tuple[BudgetSpec, float]] = {}
@@ -938,7 +938,7 @@ class BudgetEngine:
         latest, self._unpublished = self._unpublished, {}
         now = time.monotonic()
         other: list[float] | None = None
-        for key, seen in [*self._in_use.items(), *latest.items()]:
+        for key, seen in [*self._aging.items(), *latest.items()]:
             if key in latest and seen is not latest[key]:
                 continue  # seen again since: the newer state decides
             ratios = self._aged_ratios(key, seen, now)
@@ -973,12 +973,12 @@ class BudgetEngine:
         )
         ratios = _ratios(seen.spec, aged)
         if ratios[0] or ratios[1]:
-            if key not in self._in_use and len(self._in_use) >= _MAX_AGED:
+            if key not in self._aging and len(self._aging) >= _MAX_AGED:
                 # the longest followed goes (its gauge is read again once its site is quiet)
-                del self._in_use[next(iter(self._in_use))]
-            self._in_use[key] = seen
+                del self._aging[next(iter(self._aging))]
+            self._aging[key] = seen
         else:
-            self._in_use.pop(key, None)
+            self._aging.pop(key, None)
         return ratios
 
     def _note_observed(self, spec: BudgetSpec) -> None:

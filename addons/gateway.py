@@ -614,18 +614,17 @@ class Gateway:
                 if flow.killable:
                     flow.kill()  # nothing leaves for it
                 return self._record(flow, state)
-            if (
-                admission.decision.allowed
-                and self.rt.policy_version != state.compiled.version
-                and gov.authenticate(tunnel.credentials if tunnel else credentials) is None
-            ):
-                # A reload while it was held took its team's token away: not forwarded.
-                self.rt.budgets.finish(admission.lease)
-                return self._refuse(flow, state, _auth_required(), started, close=True)
         else:
             admission = await self.rt.admit(ctx)
         if not admission.decision.allowed:
             return self._refuse(flow, state, admission.decision, started)
+        if self.rt.policy_version != state.compiled.version and (
+            gov.authenticate(tunnel.credentials if tunnel else credentials) is None
+        ):
+            # A reload while it waited (held for its turn, or for the site's robots.txt) took
+            # its team's token away: not forwarded.
+            self.rt.budgets.finish(admission.lease)
+            return self._refuse(flow, state, _auth_required(), started, close=True)
         if gov.blocklist is not checked_against:
             # A takedown or blocklist change while it waited (for its turn, for the site's
             # robots.txt): "in force at once" covers requests already under way.

@@ -988,6 +988,35 @@ def test_a_request_held_across_a_reload_that_revoked_its_team_is_not_forwarded(
     assert site.paths().get("/held", 0) == 0
 
 
+def test_a_request_waiting_for_robots_across_a_reload_that_revoked_its_team_is_not_forwarded(
+    workdir: Path, site: Site
+):
+    # Waiting for its site's robots.txt (not held for a budget), it was forwarded once the file
+    # came, after a reload had taken its team's token away (found by an SRE's reload probe).
+    site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n", delay=3.0)
+    policy = policy_with(
+        sites=[{"id": "robots-slow", "match": ["site-r.test"], "respect": {"robots": True}}]
+    )
+    with Gateway(workdir, policy) as gw:
+        waiting_for_robots: list[CurlResult] = []
+        waiting = threading.Thread(
+            target=lambda: waiting_for_robots.append(
+                curl(site.url("site-r.test", "/x"), proxy=gw.proxy_url(), headers=PROJECT_HEADERS)
+            )
+        )
+        waiting.start()
+        time.sleep(1.0)
+        revoked = yaml.safe_load(gw.policy_file.read_text())
+        [team] = [t for t in revoked["teams"] if t["name"] == TEAM]
+        team["token_sha256"] = sha256_hex("a-new-token")
+        gw.policy_file.write_text(yaml.safe_dump(revoked))
+        status, _ = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+        assert status == 200
+        waiting.join(timeout=15)
+    assert waiting_for_robots and waiting_for_robots[0].status == 407
+    assert site.paths().get("/x", 0) == 0
+
+
 def test_http2_streams_cancelled_while_held_are_let_go_and_take_nothing(
     workdir: Path, tls_site: Site, test_ca: LocalCA
 ):

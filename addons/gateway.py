@@ -167,7 +167,8 @@ class FlowState:
     method: str
     url: str
     # The policy the request came under: what it is decided, sent and recorded by, though a
-    # reload come while it is under way.
+    # reload come while it is under way; except a refusal a reload brought in while it waited
+    # (a blocklist entry, a token revoked), recorded under the policy that refused it.
     compiled: CompiledPolicy
     site: str | None = None
     project: str | None = None
@@ -622,8 +623,9 @@ class Gateway:
             gov.authenticate(tunnel.credentials if tunnel else credentials) is None
         ):
             # A reload while it waited (held for its turn, or for the site's robots.txt) took
-            # its team's token away: not forwarded.
+            # its team's token away: not forwarded, and recorded under the policy that said so.
             self.rt.budgets.finish(admission.lease)
+            state.compiled = self.rt.compiled
             return self._refuse(flow, state, _auth_required(), started, close=True)
         if gov.blocklist is not checked_against:
             # A takedown or blocklist change while it waited (for its turn, for the site's
@@ -631,6 +633,9 @@ class Gateway:
             blocked = gov.check_blocked(ctx)
             if not blocked.allowed:
                 self.rt.budgets.finish(admission.lease)
+                # Refused by a rule of the policy in force now (a reload may have brought it):
+                # its record names that policy's version, not the one the request came under.
+                state.compiled = self.rt.compiled
                 return self._refuse(flow, state, blocked, started)
 
         state.decision = decision

@@ -1017,6 +1017,52 @@ def test_a_request_waiting_for_robots_across_a_reload_that_revoked_its_team_is_n
     assert site.paths().get("/x", 0) == 0
 
 
+def test_a_held_request_refused_by_a_reloaded_blocklist_names_the_new_policy(
+    workdir: Path, site: Site
+):
+    # Held for its budget when a reload added a blocklist entry for its site, it was refused by
+    # that entry, but its record named the policy it came under, which has no such entry (found
+    # by an SRE's reload probe): an auditor could not find the rule in the version recorded.
+    site.routes["/slow"] = Reply(delay=3.0)
+    policy = policy_with(
+        sites=[
+            {
+                "id": "held",
+                "match": ["slow.test"],
+                "max_concurrency": 1,
+                "on_exceed": "delay",
+                "max_delay": "20s",
+            }
+        ]
+    )
+    with Gateway(workdir, policy) as gw:
+
+        def get(path: str) -> CurlResult:
+            return curl(site.url("slow.test", path), proxy=gw.proxy_url(), headers=PROJECT_HEADERS)
+
+        answers: list[CurlResult] = []
+        first = threading.Thread(target=lambda: answers.append(get("/slow")))
+        first.start()
+        time.sleep(0.5)
+        waiting = threading.Thread(target=lambda: answers.append(get("/held")))
+        waiting.start()
+        time.sleep(0.5)
+        blocked = yaml.safe_load(gw.policy_file.read_text())
+        blocked["blocklist"] = [
+            {"id": "tos-slow", "match": ["slow.test"], "reason": "ToS", "source": "terms"}
+        ]
+        gw.policy_file.write_text(yaml.safe_dump(blocked))
+        status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+        assert status == 200
+        first.join(timeout=15)
+        waiting.join(timeout=15)
+        records = gw.fetch_records()
+    [held] = [r for r in records if r["url"].endswith("/held")]
+    assert (held["reason"], held["rule"]) == ("tos_blocklist", "tos-slow")
+    assert held["policy_version"] == body["policy_version"]
+    assert site.paths().get("/held", 0) == 0
+
+
 def test_http2_streams_cancelled_while_held_are_let_go_and_take_nothing(
     workdir: Path, tls_site: Site, test_ca: LocalCA
 ):

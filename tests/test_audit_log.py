@@ -117,6 +117,27 @@ async def test_idle_replica_still_checkpoints_every_t_seconds(tmp_path: Path) ->
     assert [c.number for c in checkpoints] == list(range(1, len(checkpoints) + 1))
 
 
+async def test_a_shorter_checkpoint_interval_applies_without_waiting_out_the_old_one(
+    tmp_path: Path,
+) -> None:
+    # A reload that lowered audit.checkpoint_every_seconds (an hour to 60 s, say) left the idle
+    # timer running on the old interval: no checkpoint until it ran out (an SRE's reload probe).
+    signer, _ = keys(tmp_path)
+    log = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-reload", signer
+    )  # checkpoint_every_seconds=3600
+    await log.open()
+    await asyncio.sleep(0.1)
+    log.checkpoint_every_seconds = 0.2  # what Runtime.reload sets
+    await asyncio.sleep(0.75)
+    assert await log.flushed()
+    checkpoints = [
+        parse_text(note_text(c["note"])) for c in await stored_checkpoints(tmp_path, "gw-reload")
+    ]
+    await log.close()
+    assert len(checkpoints) >= 3  # the start's, then one every 0.2 s
+
+
 _KILLED_WRITER = """
 import asyncio, sys
 from pathlib import Path

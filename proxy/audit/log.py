@@ -463,6 +463,20 @@ class FetchLog:
     # -- writing ---------------------------------------------------------------------------
 
     @property
+    def checkpoint_every_seconds(self) -> float:
+        return self._checkpoint_every_seconds
+
+    @checkpoint_every_seconds.setter
+    def checkpoint_every_seconds(self, value: float) -> None:
+        """A reload may shorten the interval: the idle timer, which was started with the old
+        one (an hour, say), starts again with the new one, so the next checkpoint comes within
+        it rather than when the old one runs out."""
+        shorter = value < getattr(self, "_checkpoint_every_seconds", value)
+        self._checkpoint_every_seconds = value
+        if shorter and (wake := getattr(self, "_checkpoint_wake", None)) is not None:
+            wake.set()
+
+    @property
     def spool_max_bytes(self) -> int:
         return self._spool_max_bytes
 

@@ -413,6 +413,28 @@ def cmd_policy_check(path: Path, *, check_files: bool = True) -> int:
     return EXIT_OK
 
 
+def address_problem(settings: Settings) -> str | None:
+    """What is wrong with the addresses `run` was given, as one line naming the flag (never the
+    URL itself: it may hold a password); None if nothing is. Checked before anything starts, so
+    a typo is a usage error, not a traceback or mitmproxy's own advice."""
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    if settings.redis_url:
+        try:
+            parse_url(settings.redis_url)
+        except ValueError as e:
+            return f"--redis-url (CRAWLWARDEN_REDIS_URL): {e} (e.g. redis://redis:6379/0)"
+    if settings.audit_dsn:
+        try:
+            _ = urlsplit(settings.audit_dsn).port  # raises for a port that is not a number
+        except ValueError as e:
+            example = "postgresql://user@db:5432/name"
+            return f"--audit-dsn (CRAWLWARDEN_AUDIT_DSN): {e} (e.g. {example})"
+    return None
+
+
 def data_dir_problem(settings: Settings) -> str | None:
     """Why the gateway could not write its data dir (the CA, the signing key it makes, the
     fetch-log spool, the SQLite fetch log), as one line saying what to do; None if it can.
@@ -479,6 +501,9 @@ def cmd_run(args: argparse.Namespace, reloads: StartReloads | None = None) -> in
         drain_seconds=args.drain_seconds,
         fleet_size=args.fleet_size,
     )
+    if (problem := address_problem(settings)) is not None:
+        print(f"crawlwarden: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if (problem := data_dir_problem(settings)) is not None:
         print(f"crawlwarden: {problem}", file=sys.stderr)
         return EXIT_FAILED  # as the other things a start cannot do without (store, ports)

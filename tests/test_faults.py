@@ -551,6 +551,34 @@ def test_a_proxy_port_in_use_is_one_line_naming_the_flag(workdir: Path):
 
 
 @pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--redis-url", "127.0.0.1:6379", "Redis URL must specify one of the following schemes"),
+        ("--redis-url", "http://127.0.0.1:6379/0", "Redis URL must specify one of the following"),
+        ("--redis-url", "redis://127.0.0.1:abc/0", "Port could not be cast to integer value"),
+        ("--audit-dsn", "postgresql://u:secret@127.0.0.1:abc/x", "Port could not be cast"),
+    ],
+)
+def test_a_malformed_store_url_is_a_usage_error_naming_the_flag(
+    workdir: Path, flag: str, value: str, says: str
+):
+    # A Redis URL without its scheme (`redis-master:6379`, a common slip in a Helm value) or a
+    # port that is not a number ended in a 30-line traceback (an SRE's start-up probe).
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    result = subprocess.run(
+        [*_run_command(policy, workdir / "data", None), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crawlwarden: {flag} (CRAWLWARDEN_"), last
+    assert says in last and "secret" not in last
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "says"),
     [
         ("CRAWLWARDEN_DRAIN_SECONDS", "abc", "'abc' is not a number of seconds (0 or more)"),

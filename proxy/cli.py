@@ -421,6 +421,13 @@ def address_problem(settings: Settings) -> str | None:
 
     from redis.connection import parse_url
 
+    same_port = settings.listen_port == settings.admin_port
+    hosts = {settings.listen_host, settings.admin_host}
+    if same_port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):  # noqa: S104 - compared
+        return (
+            f"--listen and --admin are both on port {settings.listen_port}: the proxy and the "
+            "admin API need an address each"
+        )
     if settings.redis_url:
         try:
             parse_url(settings.redis_url)

@@ -550,6 +550,25 @@ def test_a_proxy_port_in_use_is_one_line_naming_the_flag(workdir: Path):
     assert last.endswith("pick another --listen") and "in use" in last
 
 
+def test_the_same_port_for_proxy_and_admin_is_a_usage_error_naming_both_flags(workdir: Path):
+    # The admin API took the port, the gateway logged "started", then mitmproxy failed to bind
+    # and advised its own `--mode regular@PORT` (an SRE's start-up probe).
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    port = free_port()
+    result = subprocess.run(
+        _run_command(policy, workdir / "data", port, port),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert '"started"' not in result.stderr and "--mode" not in result.stderr
+    assert result.stderr.strip() == (
+        f"crawlwarden: --listen and --admin are both on port {port}: the proxy and the admin "
+        "API need an address each"
+    )
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "says"),
     [

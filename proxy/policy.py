@@ -146,6 +146,19 @@ DurationText = Annotated[str | int | float, BeforeValidator(_not_bool), AfterVal
 SizeText = Annotated[str | int, BeforeValidator(_not_bool), AfterValidator(_size)]
 TimeoutText = Annotated[str | int | float, AfterValidator(_timeout)]
 HeaderLimitText = Annotated[str | int, AfterValidator(_header_limit)]
+
+
+def _spool_limit(value: str | int) -> str | int:
+    if units.parse_size(value) == 0:
+        raise ValueError(
+            "0 would refuse every request (503 audit_unavailable: the spool is always past it); "
+            "it does not mean no limit. Give the disk the spool may take while the store is away, "
+            "e.g. '1GB'"
+        )
+    return value
+
+
+SpoolLimitText = Annotated[SizeText, AfterValidator(_spool_limit)]
 NetworkText = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_address_text)
 ]
@@ -422,7 +435,7 @@ class Audit(Model):
     checkpoint_every_seconds: Annotated[
         float, BeforeValidator(_not_bool_count), Field(gt=0, allow_inf_nan=False)
     ] = 60
-    spool_max_bytes: SizeText = "1GB"
+    spool_max_bytes: SpoolLimitText = "1GB"
 
 
 class Policy(Model):

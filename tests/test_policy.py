@@ -52,6 +52,10 @@ def test_the_base_policy_is_valid_and_versioned():
         (("teams",), [], "teams: List should have at least 1"),
         (("network", "allow_private"), ["not-a-cidr"], "network.allow_private.0:"),
         (("version",), 2, "version: Input should be 1"),
+        # 0 (read as "no limit" in many tools) refused every request once reloaded, with no
+        # warning (an SRE's reload probe).
+        (("audit", "spool_max_bytes"), 0, "audit.spool_max_bytes: 0 would refuse every request"),
+        (("audit", "spool_max_bytes"), "0MB", "audit.spool_max_bytes: 0 would refuse every"),
     ],
 )
 def test_field_errors_name_the_field(path: tuple, value: object, expected: str):

@@ -130,7 +130,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 async def policy_reload(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    version, errors = rt.reload()
+    version, errors = await rt.reload_in_thread()
     if version is None:
         return web.json_response(
             {

@@ -201,8 +201,13 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
         if not stopping:
             stopping.append(asyncio.create_task(drain(runtime, master, settings, gateway)))
 
+    reloads: set[asyncio.Task[object]] = set()
+
     def on_hup() -> None:
-        runtime.reload()
+        # Parsed in a worker thread: a large policy would otherwise stall every request.
+        task: asyncio.Task[object] = asyncio.create_task(runtime.reload_in_thread())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)

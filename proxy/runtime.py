@@ -179,6 +179,7 @@ class Runtime:
         self.draining = False
         self.stopping = False
         self.started_at = time.time()
+        self._reload_lock = asyncio.Lock()
         metrics.set_policy_version(compiled.version)
 
     def _site_label(self, key: str) -> str:
@@ -360,15 +361,36 @@ class Runtime:
     def reload(self) -> tuple[str | None, list[PolicyError]]:
         """Load the policy file again. On any error the policy in force stays, unchanged: an
         invalid file, a file it names that the next start could not read (the signing key), or
-        a change that only a restart applies (`restart_only_changes`)."""
+        a change that only a restart applies (`restart_only_changes`).
+
+        This reads and compiles the file on the calling thread: on the event loop, use
+        `reload_in_thread`, as SIGHUP and the admin API do."""
+        return self._apply(self._compile_file())
+
+    async def reload_in_thread(self) -> tuple[str | None, list[PolicyError]]:
+        """`reload`, with the file read, validated and compiled in a worker thread, then put in
+        force on the event loop. A policy of a few thousand site rules and blocklist entries
+        takes seconds to parse: on the event loop, every request of the replica waited for it.
+        Reloads are applied one at a time, in the order they were asked."""
+        async with self._reload_lock:
+            return self._apply(await asyncio.to_thread(self._compile_file))
+
+    def _compile_file(self) -> CompiledPolicy | list[PolicyError]:
+        """The policy file compiled, or its errors. Touches nothing of the runtime (a worker
+        thread runs it)."""
         try:
-            compiled = compile_policy(load_policy(self.settings.policy_file, check_files=True))
+            return compile_policy(load_policy(self.settings.policy_file, check_files=True))
         except InvalidPolicy as e:
-            return self._reload_refused(e.errors, restart_needed=False)
+            return e.errors
         except Exception as e:  # a file validation let through: refused and counted, not a 500
             log.exception("policy_compile_failed")
-            error = PolicyError("", f"the policy could not be applied ({type(e).__name__}: {e})")
-            return self._reload_refused([error], restart_needed=False)
+            return [PolicyError("", f"the policy could not be applied ({type(e).__name__}: {e})")]
+
+    def _apply(
+        self, compiled: CompiledPolicy | list[PolicyError]
+    ) -> tuple[str | None, list[PolicyError]]:
+        if isinstance(compiled, list):
+            return self._reload_refused(compiled, restart_needed=False)
         if changes := self.restart_only_changes(compiled):
             return self._reload_refused(changes, restart_needed=True)
         old = self.policy_version

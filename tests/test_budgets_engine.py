@@ -217,6 +217,39 @@ async def test_concurrency_never_above_max_and_delay_waits_for_a_slot(cluster: C
     assert peak == 2
 
 
+@pytest.mark.timeout(60)
+async def test_requests_held_across_a_reload_are_admitted_by_the_new_budgets(cluster: Cluster):
+    # A reload lowered max_concurrency 3 -> 1 while requests were held for a slot: they were
+    # admitted under the old limit, and the site kept 3 at a time for as long as they lasted
+    # (an SRE's reload probe: 6 for 8 s after lowering to 1).
+    import dataclasses
+
+    site = make_site(max_concurrency=3, on_exceed="delay", max_delay="5s")
+    lowered = dataclasses.replace(
+        site,
+        settings=site.settings.model_copy(update={"max_concurrency": 1}),
+        fallback=site.fallback.model_copy(update={"max_concurrency": 1}),
+    )
+    async with cluster(1) as (engine,):
+        engine.use_policy_version("v1", lambda key: site if key == site.key else None)
+        first = [await engine.admit(site) for _ in range(3)]
+        assert all(a.decision.allowed for a in first)
+        held = [asyncio.create_task(engine.admit(site)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in held)
+        engine.use_policy_version("v2", lambda key: lowered if key == site.key else None)
+        for a in first:
+            engine.finish(a.lease)
+        await asyncio.sleep(0.6)
+        admitted = [t for t in held if t.done() and t.result().decision.allowed]
+        assert len(admitted) == 1  # max_concurrency is 1 now, not 3
+        engine.finish(admitted[0].result().lease)
+        for next_one in asyncio.as_completed([t for t in held if t not in admitted]):
+            answer = await next_one  # one at a time, each when the one before is done
+            assert answer.decision.allowed, answer.decision
+            engine.finish(answer.lease)
+
+
 @pytest.mark.timeout(30)
 async def test_delay_mode_waits_for_a_slot_to_the_end_of_max_delay(cluster: Cluster):
     # When a concurrency slot frees is not known ahead: a held request looks for one until its

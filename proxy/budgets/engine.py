@@ -203,6 +203,9 @@ class BudgetEngine:
         self.before_handover: Callable[[], Awaitable[object]] | None = None
 
         self._policy_version: str | None = None
+        # The site a budget key names under the policy in force (use_policy_version): what a
+        # request held across a reload is admitted by.
+        self._in_use: Callable[[str], Site | None] | None = None
         self._specs: dict[str, tuple[object, BudgetSpec]] = {}
         self._local_specs: dict[str, BudgetSpec] = {}
         self._min_interval: dict[str, float] = {}
@@ -296,6 +299,7 @@ class BudgetEngine:
         self._specs.clear()
         self._local_specs.clear()
         self._aging.clear()  # their specs may have changed: read again below
+        self._in_use = in_use
         if in_use is None:
             return
         observed: dict[str, tuple[BudgetSpec, float]] = {}
@@ -499,8 +503,18 @@ class BudgetEngine:
 
     # -- delay mode --------------------------------------------------------------------------
 
+    def _current_spec(self, spec: BudgetSpec, version: str | None) -> tuple[BudgetSpec, str | None]:
+        """A held request's budgets under the policy in force now, and that policy's version: a
+        reload while it waited (a lower max_concurrency, rate or quota) applies to it as to a
+        request that comes after it. A key the new policy no longer uses keeps its budgets."""
+        if version == self._policy_version or self._in_use is None:
+            return spec, version
+        site = self._in_use(spec.key)
+        return (spec if site is None else self.spec(site)), self._policy_version
+
     async def _admit_delayed(self, spec: BudgetSpec) -> Admission:
         loop = asyncio.get_running_loop()
+        version = self._policy_version
         started = loop.time()
         deadline = started + spec.max_delay
         queue = self._queues.get(spec.key)
@@ -528,6 +542,7 @@ class BudgetEngine:
                     queue.waiting -= 1
             except TimeoutError:
                 # Our turn never came; one last look, then that answer stands.
+                spec, version = self._current_spec(spec, version)
                 return self._held(await self._attempt(spec), started)
             try:
                 if last is not None:  # (asked before taking the lock)
@@ -551,6 +566,7 @@ class BudgetEngine:
                         else:
                             await asyncio.sleep(max(0.001, last.wait))
                     queue.released.clear()  # a release from here on wakes us up
+                    spec, version = self._current_spec(spec, version)
                     last = await self._attempt(spec)
                     if last.admission.decision.allowed or not last.waitable:
                         return self._held(last, started)

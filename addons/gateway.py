@@ -1380,7 +1380,10 @@ class Gateway:
         labels = self.rt.site_labels
         site_label = labels.observe(rec.site) if rec.decision in _REACHED else labels.peek(rec.site)
         team_label = rec.team or "_none"
-        metrics.count_request(site_label, team_label, rec.decision, rec.reason)
+        if not state.refused_tunnel:
+            # A tunnel opened to nowhere is no request to the site: each request in it is
+            # counted on its own (as the report leaves the tunnel's record out).
+            metrics.count_request(site_label, team_label, rec.decision, rec.reason)
         if rec.response_bytes:
             metrics.count_response_bytes(site_label, team_label, rec.response_bytes)
         for signal in rec.signals:

@@ -872,6 +872,17 @@ def test_blocklisted_domain_is_refused_inside_its_tunnel_and_for_plain_http(
         ("CONNECT", "tos_blocklist", 200),
         ("GET", "tos_blocklist", 451),
     ]
+    # Three fetches, three refusals in the metrics: a tunnel to nowhere is no request to the
+    # site (the report leaves its record out too); each request in it is counted.
+    text = requests.get(gateway.admin + "/metrics", timeout=5).text
+    counted = sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "crawlwarden_requests_total"
+        and sample.labels["reason"] == "tos_blocklist"
+    )
+    assert counted == 3
 
 
 def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_callback(

@@ -35,6 +35,7 @@ from addons.http_guard import BODY_REFUSED
 from addons.http_guard import CLIENT_RESET
 from addons.http_guard import FORWARDED
 from addons.http_guard import HELD
+from addons.http_guard import PINNED
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
 from addons.http_guard import guard_http_layers
@@ -126,6 +127,8 @@ _NO_CONTENT = frozenset((101, 204, 304))
 # Records of requests that reached the site: they may take one of the bounded site labels.
 _REACHED = frozenset((str(Outcome.FORWARDED), str(Outcome.WITHHELD)))
 _ABSENT = inputs.RecordedValue(None, None)  # a CONNECT's project and account: no header
+# Names one client connection's https:// requests without CONNECT keep a checked address for.
+_MAX_TLS_PINS = 256
 _NO_UPSTREAM_LAYERS = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
 
 
@@ -287,6 +290,11 @@ class Gateway:
         # Requests come in and not yet forwarded or recorded (held for a budget, say), by id:
         # Runtime.deciding is how many (what a drain waits for).
         self._deciding: dict[str, tuple[http.HTTPFlow, FlowState]] = {}
+        # Per client, the checked address of each (name, port) its https:// requests sent
+        # without CONNECT go to: mitmproxy connects to the name, server_connect to this.
+        self._tls_pins: weakref.WeakKeyDictionary[connection.Client, dict[tuple[str, int], str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- connection layering ---------------------------------------------------------------
 
@@ -648,6 +656,8 @@ class Gateway:
         _name_the_checked_host(req, scheme, host, port)
         if tunnel is None:
             self._choose_upstream_proxy(flow, identity, state)
+            if scheme == "https" and flow.server_conn.via is None:
+                self._name_the_tls_target(flow, host, port)
         refusal: Decision | None = None
         if self.rt.stopping:
             # The drain is over: a request forwarded now might outlive the fetch log.
@@ -1133,6 +1143,12 @@ class Gateway:
         """
         if data.server.address is None:
             return
+        pins = self._tls_pins.get(data.client)
+        if pins is not None and (pinned := pins.get(data.server.address)) is not None:
+            # An https:// request sent without CONNECT: its TLS name (SNI, and what the site's
+            # certificate is checked against) stays the site's, its connection goes to the
+            # address checked for it.
+            data.server.address = (pinned, data.server.address[1])
         tunnel = self.tunnels.get(data.client)
         if tunnel is not None and tunnel.refusal is not None:
             # A tunnel to nowhere: whatever asks for a connection in it (an IP literal the
@@ -1148,6 +1164,25 @@ class Gateway:
             self.egress_ips[data.client] = str(data.server.sockname[0])
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _name_the_tls_target(self, flow: http.HTTPFlow, host: str, port: int) -> None:
+        """An https:// request sent without CONNECT (absolute-form, or a stream of HTTP/2 spoken
+        to the proxy itself): mitmproxy opens its TLS connection to the request's host, names
+        it in SNI and checks the site's certificate against it. With the pinned address as the
+        host it would send no SNI and check the certificate against the address: a site's own
+        certificate (naming its name) refused, any certificate naming the address taken for
+        the site's, and one connection shared by every name on that address. So the request
+        keeps the name, and server_connect connects to the address checked for it."""
+        pinned = flow.request.host
+        if pinned == host:
+            return  # named by its address (network.allow_ip_literals)
+        pins = self._tls_pins.setdefault(flow.client_conn, {})
+        pins.pop((host, port), None)
+        pins[(host, port)] = pinned
+        if len(pins) > _MAX_TLS_PINS:
+            del pins[next(iter(pins))]  # the oldest: the client has moved on from it
+        flow.metadata[PINNED] = (pinned, port)
+        flow.request.data.host = host
 
     def _decided(self, state: FlowState) -> None:
         """No longer being decided: forwarded (counted in flight from here), or recorded."""

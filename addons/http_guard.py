@@ -88,6 +88,9 @@ BODY_REFUSED = "crawlwarden.body_refused"
 CLIENT_RESET = "crawlwarden.client_reset"
 # Set by the gateway while a request is held for its budget: what to cancel on CLIENT_RESET.
 HELD = "crawlwarden.held"
+# Set by the gateway: the checked (address, port) an https:// request sent without CONNECT is
+# connected to, its host keeping the site's name (for the TLS name; see Gateway.server_connect).
+PINNED = "crawlwarden.pinned"
 
 # How long a refused request's body is read and discarded after the answer went out.
 LINGER_SECONDS = 2.0
@@ -530,6 +533,9 @@ def _too_large(limit: int) -> str:
 def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:
     """Addresses a flow's upstream TCP connection may have: the site's or its proxy's."""
     out = {(flow.request.host, flow.request.port)}
+    pinned = flow.metadata.get(PINNED)
+    if pinned is not None:
+        out.add(pinned)
     via = flow.server_conn.via
     if via is not None:
         out.add((via[1][0], via[1][1]))

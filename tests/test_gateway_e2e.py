@@ -25,6 +25,7 @@ import pytest
 import requests
 import yaml
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import ADMIN_TOKEN
@@ -296,6 +297,61 @@ def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_addres
     assert refused_h2["reason"] == "upstream_error" and refused_h2["status"] is None
     assert refused_h2["id"] == wrong_h2.headers["x-crawlwarden-request-id"]
     assert "certificate" in refused["note"].lower(), refused
+
+
+def _absolute_form_https(gateway: Gateway, authority: str, path: str) -> bytes:
+    """GET https://authority/path sent to the proxy as it is, without CONNECT."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+        raw.sendall(
+            f"GET https://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\nX-Crawl-Project: {PROJECT}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_an_https_request_sent_without_connect_is_checked_against_the_sites_name(
+    gateway: Gateway, test_ca: LocalCA, workdir: Path
+):
+    # Sent as absolute-form, or as a stream of HTTP/2 spoken to the proxy itself, an https://
+    # request was connected with the pinned address as its TLS name: no SNI, the site's
+    # certificate checked against 127.0.0.1. A certificate naming the site alone was refused;
+    # one naming another name and the address was taken for the site's.
+    cert, key = test_ca._leaf(["other.example"], with_loopback_ip=True)
+    (workdir / "other.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (workdir / "other.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    names: list[str | None] = []
+    with Site(tls=test_ca, names=("site-c.test",)) as named, Site(tls=test_ca) as other:
+        named._tls_context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+        other._tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        other._tls_context.load_cert_chain(workdir / "other.pem", workdir / "other.key")
+        right = _absolute_form_https(gateway, f"site-c.test:{named.port}", "/a")
+        wrong = _absolute_form_https(gateway, f"site-c.test:{other.port}", "/b")
+        context = ssl.create_default_context(cafile=str(gateway.ca_cert))
+        context.check_hostname = False
+        context.set_alpn_protocols(["h2"])
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port))) as tls:
+            client = H2Client(tls)
+            auth = ("proxy-authorization", basic(TEAM, TEAM_TOKEN))
+            project = ("x-crawl-project", PROJECT)
+            right_h2 = client.get(f"site-c.test:{named.port}", "/c", auth, project)
+            wrong_h2 = client.get(f"site-c.test:{other.port}", "/d", auth, project)
+    assert right.startswith(b"HTTP/1.1 200"), right[-300:]
+    assert right_h2.headers[":status"] == "200", right_h2.body
+    assert names == ["site-c.test", "site-c.test"]
+    assert wrong.startswith(b"HTTP/1.1 502"), wrong[:300]
+    assert b"hostname mismatch" in wrong
+    assert (wrong_h2.headers[":status"], wrong_h2.json()["reason"]) == ("502", "upstream_error")
+    assert [s.path for s in named.seen] == ["/a", "/c"] and other.seen == []
 
 
 class EchoWebSocket:

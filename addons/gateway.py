@@ -22,11 +22,14 @@ import structlog
 from mitmproxy import connection
 from mitmproxy import ctx
 from mitmproxy import http
+from mitmproxy import tls
 from mitmproxy.net import server_spec
 from mitmproxy.proxy import layer
 from mitmproxy.proxy import layers
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.layers import tls as proxy_tls
 from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.http import is_h3_alpn
 
 from addons.client_events import ERROR_ANSWER
 from addons.client_events import LATE_STREAM
@@ -310,6 +313,24 @@ class Gateway:
             watchdog = self.limits().watchdog
             if ctx.options.tcp_timeout != watchdog:
                 ctx.options.update(tcp_timeout=watchdog)
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        """HTTP/3 is QUIC's: over TCP (a tunnel, TLS to the proxy port) mitmproxy still agrees
+        on ALPN h3 with a client that offers it first (it counts h3 among the HTTP ALPNs
+        whatever the transport), and its HTTP/3 layer over TCP crashes on the first bytes: no
+        answer, no record, the connection held until mitmproxy's watchdog. Such a client is
+        given the next HTTP ALPN it offers, or none (it then speaks HTTP/1). Runs after
+        mitmproxy's TlsConfig, which made the connection."""
+        if data.ssl_conn is None or data.is_dtls:
+            return
+        app = data.ssl_conn.get_app_data()
+        if not isinstance(app, dict) or app.get("client_alpn") is not None:
+            return
+        offers = [o for o in data.conn.alpn_offers or () if o in proxy_tls.HTTP_ALPNS]
+        if not offers or not is_h3_alpn(offers[0]):
+            return
+        usable = (o for o in offers if not is_h3_alpn(o) and (o != b"h2" or app.get("http2")))
+        app["client_alpn"] = next(usable, b"")  # b"": no ALPN agreed
 
     def limits(self) -> Limits:
         """The policy's network limits, parsed once per policy version."""

@@ -528,6 +528,43 @@ def test_a_tunnel_refused_before_a_reload_is_decided_again_after_it(
     assert tls_site.count() == 0
 
 
+@pytest.mark.parametrize(
+    ("offered", "agreed"),
+    [(["h3", "http/1.1"], "http/1.1"), (["h3-29", "h2"], "h2"), (["h3"], None)],
+)
+def test_a_client_offering_http3_over_tcp_is_not_given_it(
+    gateway: Gateway, tls_site: Site, offered: list[str], agreed: str | None
+):
+    # mitmproxy agreed on ALPN h3 inside a TCP tunnel, and its HTTP/3 layer over TCP crashed on
+    # the first bytes: no answer, no record, the connection held until the watchdog.
+    authority = f"site-a.test:{tls_site.port}"
+    raw = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    raw.sendall(
+        f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n\r\n".encode()
+    )
+    assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(gateway.ca_cert))
+    context.set_alpn_protocols(offered)
+    with context.wrap_socket(raw, server_hostname="site-a.test") as tls:
+        assert tls.selected_alpn_protocol() == agreed
+        if agreed == "h2":
+            answer = H2Client(tls).get(authority, "/h", ("x-crawl-project", PROJECT))
+            assert answer.headers[":status"] == "200"
+        else:
+            tls.sendall(
+                f"GET /h HTTP/1.1\r\nHost: {authority}\r\nX-Crawl-Project: {PROJECT}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert tls_site.count("/h") == 1
+    assert [r["reason"] for r in gateway.fetch_records() if r["kind"] == "fetch"] == ["ok"]
+    gateway.assert_nothing_crashed()
+
+
 def test_a_request_for_another_host_inside_a_tunnel_is_misdirected(
     gateway: Gateway, tls_site: Site
 ):

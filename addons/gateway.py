@@ -27,6 +27,7 @@ from mitmproxy.net import server_spec
 from mitmproxy.proxy import layer
 from mitmproxy.proxy import layers
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers import tls as proxy_tls
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http import is_h3_alpn
@@ -324,7 +325,16 @@ class Gateway:
         if data.ssl_conn is None or data.is_dtls:
             return
         app = data.ssl_conn.get_app_data()
-        if not isinstance(app, dict) or app.get("client_alpn") is not None:
+        if not isinstance(app, dict):
+            return
+        if _tls_to_the_proxy_itself(data.context.layers):
+            # An HTTPS proxy URL (TLS to the proxy port): mitmproxy takes no CONNECT on an
+            # HTTP/2 stream (GOAWAY, no answer, no record), and means to keep such connections
+            # to HTTP/1.1, but its check misses our layer stack. A browser with an https://
+            # proxy offers h2 first and then could load no https:// page at all.
+            app["client_alpn"] = b"http/1.1"
+            return
+        if app.get("client_alpn") is not None:
             return
         offers = [o for o in data.conn.alpn_offers or () if o in proxy_tls.HTTP_ALPNS]
         if not offers or not is_h3_alpn(offers[0]):
@@ -1701,6 +1711,17 @@ def _host_only(authority: str | None) -> str | None:
     if authority.startswith("["):
         return authority[1 : authority.find("]")]
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _tls_to_the_proxy_itself(stack: list[layer.Layer]) -> bool:
+    """The TLS a client speaks to the proxy port (an https:// proxy URL), not the TLS of a site
+    inside a tunnel: the first layer under the proxy mode, and the only client TLS layer."""
+    return (
+        len(stack) >= 2
+        and isinstance(stack[0], modes.HttpProxy)
+        and isinstance(stack[1], layers.ClientTLSLayer)
+        and sum(isinstance(x, layers.ClientTLSLayer) for x in stack) == 1
+    )
 
 
 def _bracket(host: str) -> str:

@@ -73,6 +73,7 @@ from proxy.optout_checks import Assessment
 from proxy.optout_checks import BodyScan
 from proxy.originfiles import origin_of
 from proxy.runtime import Runtime
+from proxy.sites import is_ip_literal
 from proxy.ssrf import IPAddress
 
 log = structlog.get_logger("crawlwarden.decision")
@@ -314,6 +315,17 @@ class Gateway:
             watchdog = self.limits().watchdog
             if ctx.options.tcp_timeout != watchdog:
                 ctx.options.update(tcp_timeout=watchdog)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """A client that sends no SNI inside a tunnel: the certificate the gateway makes names
+        the tunnel's host. mitmproxy names the address the CONNECT was pinned to instead, and a
+        client that checks the certificate against the host it asked for fails its handshake."""
+        client = data.context.client
+        if client.sni is not None:
+            return
+        tunnel = self.tunnels.get(client)
+        if tunnel is not None and not is_ip_literal(tunnel.host):
+            client.sni = tunnel.host
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         """HTTP/3 is QUIC's: over TCP (a tunnel, TLS to the proxy port) mitmproxy still agrees

@@ -230,8 +230,9 @@ def test_a_buffered_body_of_several_mib_is_delivered_whole_and_hashed(gateway: G
 
 
 def _get_through_tunnel_without_sni(gateway: Gateway, host: str, port: int, path: str) -> bytes:
-    """GET https://host:port/path through a CONNECT tunnel, TLS to the gateway without SNI (and
-    without checking the gateway's certificate: only the gateway's side is under test)."""
+    """GET https://host:port/path through a CONNECT tunnel, TLS to the gateway without SNI. The
+    gateway's certificate must name the tunnel's host all the same (HTTPS probe: it named only
+    the pinned address, and a client checking the host it asked for failed its handshake)."""
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
         auth = base64.b64encode(f"{TEAM}:{TEAM_TOKEN}".encode()).decode()
         raw.sendall(
@@ -239,10 +240,11 @@ def _get_through_tunnel_without_sni(gateway: Gateway, host: str, port: int, path
             f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
         )
         assert raw.recv(4096).startswith(b"HTTP/1.1 200")
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname = False
-        client.verify_mode = ssl.CERT_NONE
+        client = ssl.create_default_context(cafile=str(gateway.ca_cert))
+        client.check_hostname = False  # (it would send SNI): the name is checked below
         with client.wrap_socket(raw, server_hostname=None) as tls:
+            names = (tls.getpeercert() or {}).get("subjectAltName", ())
+            assert ("DNS", host) in names, names
             tls.sendall(
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nX-Crawl-Project: {PROJECT}\r\n"
                 "Connection: close\r\n\r\n".encode()

@@ -1061,6 +1061,16 @@ def test_a_request_held_for_the_budget_is_let_go_when_its_client_goes_away(
     assert [(r["decision"], r["reason"]) for r in gone] == [("refused", "interrupted")] * 4
 
 
+def _revoke_the_teams_token(gw: Gateway) -> None:
+    """The team's token changed in the policy file, and the policy reloaded."""
+    revoked = yaml.safe_load(gw.policy_file.read_text())
+    [team] = [t for t in revoked["teams"] if t["name"] == TEAM]
+    team["token_sha256"] = sha256_hex("a-new-token")
+    gw.policy_file.write_text(yaml.safe_dump(revoked))
+    status, _ = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+    assert status == 200
+
+
 def test_a_request_held_across_a_reload_that_revoked_its_team_is_not_forwarded(
     workdir: Path, site: Site
 ):
@@ -1088,12 +1098,7 @@ def test_a_request_held_across_a_reload_that_revoked_its_team_is_not_forwarded(
         waiting = threading.Thread(target=lambda: held.append(get("/held")))
         waiting.start()
         time.sleep(0.5)
-        revoked = yaml.safe_load(gw.policy_file.read_text())
-        [team] = [t for t in revoked["teams"] if t["name"] == TEAM]
-        team["token_sha256"] = sha256_hex("a-new-token")
-        gw.policy_file.write_text(yaml.safe_dump(revoked))
-        status, _ = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
-        assert status == 200
+        _revoke_the_teams_token(gw)
         waiting.join(timeout=15)
     assert held and held[0].status == 407
     assert site.paths().get("/held", 0) == 0
@@ -1117,12 +1122,7 @@ def test_a_request_waiting_for_robots_across_a_reload_that_revoked_its_team_is_n
         )
         waiting.start()
         time.sleep(1.0)
-        revoked = yaml.safe_load(gw.policy_file.read_text())
-        [team] = [t for t in revoked["teams"] if t["name"] == TEAM]
-        team["token_sha256"] = sha256_hex("a-new-token")
-        gw.policy_file.write_text(yaml.safe_dump(revoked))
-        status, _ = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
-        assert status == 200
+        _revoke_the_teams_token(gw)
         waiting.join(timeout=15)
     assert waiting_for_robots and waiting_for_robots[0].status == 407
     assert site.paths().get("/x", 0) == 0

@@ -937,6 +937,38 @@ async def test_a_site_asked_now_and_then_shows_its_budgets_free_between_requests
             await engine.flush()
 
 
+async def test_another_replicas_request_does_not_hold_the_other_gauge_up(
+    redis_server: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Review: a snapshot counts other replicas' leases, which end unseen here; the aged state
+    # kept `_other` at 0.5 for good, and kept it from being read again from the store.
+    from proxy.budgets import engine as engine_module
+
+    site = make_site(max_concurrency=2)
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value(
+            "crawlwarden_budget_used_ratio", {"site": "_other", "budget": "concurrency"}
+        )
+
+    replicas = _replicas("redis", redis_server.url, key_prefix, 2, site_label=lambda k: "_other")
+    async with replicas as (here, there):
+        held = await there.admit(site)  # another replica's request, in flight
+        mine = await here.admit(site)
+        here.finish(mine.lease)
+        here.publish_gauges()
+        assert gauge() == 0.5
+        there.finish(held.lease)
+        await there.flush()
+        monkeypatch.setattr(engine_module, "GAUGE_REFRESH", 0.2)
+        await asyncio.sleep(0.3)
+        here.publish_gauges()  # the aged state is past GAUGE_REFRESH: no longer followed
+        await here._refresh_quiet_gauges()  # ... and `_other` is read again from the store
+        assert gauge() == 0.0
+
+
 async def test_embedded_store_full_refuses_a_new_site_and_keeps_the_others_counts():
     engine = BudgetEngine(MemoryBudgetStore(max_sites=3))
     await engine.start()

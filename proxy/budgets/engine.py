@@ -954,15 +954,17 @@ class BudgetEngine:
         latest, self._unpublished = self._unpublished, {}
         now = time.monotonic()
         other: list[float] | None = None
+        other_seen_now = False
         for key, seen in [*self._aging.items(), *latest.items()]:
             if key in latest and seen is not latest[key]:
                 continue  # seen again since: the newer state decides
             ratios = self._aged_ratios(key, seen, now)
-            if key in latest and self._site_label(key) != metrics.OTHER:
-                self._note_observed(seen.spec)
             if self._site_label(key) != metrics.OTHER:
+                if key in latest:
+                    self._note_observed(seen.spec)
                 self._set_gauges(self._site_label(key), ratios)
                 continue
+            other_seen_now = other_seen_now or key in latest
             other = ratios if other is None else _most_used(other, ratios)
             if any(ratios):
                 self._other_seen.pop(key, None)  # (last seen last)
@@ -971,7 +973,8 @@ class BudgetEngine:
                 self._other_seen[key] = seen.spec
         if other is not None:
             self._set_gauges(metrics.OTHER, other)
-            self._other_published = now
+            if other_seen_now:  # (aged states alone leave `_other` to be read again)
+                self._other_published = now
 
     def _seen(self, spec: BudgetSpec, snap: Snapshot) -> _Seen:
         return _Seen(spec, snap, time.monotonic(), self._ended.get(spec.key, 0))
@@ -988,7 +991,10 @@ class BudgetEngine:
             in_flight=snap.in_flight - ended if 0 <= ended <= snap.in_flight else snap.in_flight,
         )
         ratios = _ratios(seen.spec, aged)
-        if ratios[0] or ratios[1]:
+        # Other replicas' requests are in the store's count and end unseen here: past
+        # GAUGE_REFRESH the site is followed by reading it again instead (a lease of another
+        # replica would hold its concurrency gauge up for good).
+        if (ratios[0] or ratios[1]) and now - seen.at < GAUGE_REFRESH:
             if key not in self._aging and len(self._aging) >= _MAX_AGED:
                 # the longest followed goes (its gauge is read again once its site is quiet)
                 del self._aging[next(iter(self._aging))]

@@ -21,6 +21,7 @@ later place withholds, whatever another place says (guideline "no data without c
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,22 +143,32 @@ def _leading_entries(text: str) -> list[Any] | None:
     """The whole entries at the start of a JSON array cut off before its end; None: it does
     not begin as one."""
     decoder = json.JSONDecoder()
-    at = len(text) - len(text.lstrip())
+    at = _space_end(text, 0)
     if text[at : at + 1] != "[":
         return None
     entries: list[Any] = []
     at += 1
-    while True:
-        at += len(text[at:]) - len(text[at:].lstrip())
+    # One past the most read: parse_tdmrep then knows there were more. (Each step costs what
+    # its entry does: a copy of the rest per entry made a cut 500 KiB file take 0.7 s.)
+    while len(entries) <= MAX_RULES:
         try:
-            entry, at = decoder.raw_decode(text, at)
+            entry, at = decoder.raw_decode(text, _space_end(text, at))
         except ValueError:
             return entries
         entries.append(entry)
-        at += len(text[at:]) - len(text[at:].lstrip())
+        at = _space_end(text, at)
         if text[at : at + 1] != ",":
             return entries
         at += 1
+    return entries
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's white space (RFC 8259 2)
+
+
+def _space_end(text: str, at: int) -> int:
+    match = _SPACE.match(text, at)
+    return at if match is None else match.end()
 
 
 def from_headers(headers: list[tuple[str, str]]) -> TdmDeclaration:

@@ -265,3 +265,12 @@ async def test_no_usable_file_means_the_protocol_is_not_used(route: web.Response
             await checks.close()
         assert site.hits[tdmrep.WELL_KNOWN_PATH] == 1  # cached like robots.txt, errors too
     assert decision is None and signals == []
+
+
+def test_a_cut_file_is_read_no_further_than_one_rule_past_the_most_read():
+    # Review: a cut file of minimal entries was read whole, each step copying the rest of the
+    # text (0.7 s on the event loop for 500 KiB a site controls). One past MAX_RULES is enough
+    # to know the file has more.
+    text = "[" + '{"location": "/a"}, ' * (2 * tdmrep.MAX_RULES) + '{"loc'
+    entries = tdmrep._leading_entries(text)
+    assert entries is not None and len(entries) == tdmrep.MAX_RULES + 1

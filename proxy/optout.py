@@ -401,20 +401,20 @@ class _HeadParser(HTMLParser):
 # A MIME type's essence (RFC 9110 8.3.1: type "/" subtype, each a token).
 _ESSENCE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")
 # Types that say nothing of the content: a browser sniffs the body as for none (WHATWG MIME
-# Sniffing 7: "unknown/unknown", "application/unknown", "*/*").
-_UNKNOWN_TYPES = frozenset({"unknown/unknown", "application/unknown", "*/*"})
+# Sniffing 7: "unknown/unknown", "application/unknown"). "*/*" in a list is skipped (Fetch).
+_UNKNOWN_TYPES = frozenset({"unknown/unknown", "application/unknown"})
 
 
 def mime_type(content_type: str | None) -> str:
     """`text/html` of `Text/HTML; charset=utf-8`; "" for none, and for a value that is no MIME
     type (`html`) or says nothing (`unknown/unknown`). Of a list (a Content-Type sent twice,
-    its values joined), the last valid one, as WHATWG Fetch's "extract a MIME type" and so
-    browsers read it: `text/plain, text/html` is a page."""
+    its values joined), the last valid one other than `*/*`, as WHATWG Fetch's "extract a MIME
+    type" and so browsers read it: `text/plain, text/html` and `text/html, */*` are pages."""
     if not content_type:
         return ""
     for value in reversed(content_type.split(",")):
         essence = value.split(";", 1)[0].strip().lower()
-        if _ESSENCE.fullmatch(essence):
+        if essence != "*/*" and _ESSENCE.fullmatch(essence):
             return "" if essence in _UNKNOWN_TYPES else essence
     return ""
 

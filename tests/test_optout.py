@@ -577,6 +577,7 @@ def test_parsed_origin_files_are_bounded_by_their_bodies_bytes() -> None:
         ("unknown/unknown", ""),  # says nothing: sniffed as no type is
         ("application/unknown", ""),
         ("*/*", ""),
+        ("text/html, */*", "text/html"),  # */* is skipped, not read as no type (review)
         ("html", ""),  # no MIME type
         ("", ""),
         (None, ""),
@@ -587,7 +588,8 @@ def test_a_content_type_is_read_as_browsers_read_it(content_type: str | None, mi
 
 
 @pytest.mark.parametrize(
-    "content_type", [None, "text/plain, text/html", "unknown/unknown", "html", "*/*"]
+    "content_type",
+    [None, "text/plain, text/html", "unknown/unknown", "html", "*/*", "text/html, */*"],
 )
 async def test_a_page_a_browser_reads_as_html_is_read_as_one(content_type: str | None) -> None:
     # Only a body with no Content-Type at all was sniffed, and only one whose Content-Type was

@@ -528,11 +528,24 @@ async def test_a_count_redis_took_back_to_an_older_snapshot_is_raised_once(
     assert verdict.snapshot.day_requests == 62
 
 
+async def test_a_floor_an_older_script_wrote_back_is_not_counted_twice(shared: RedisBudgetStore):
+    # Review: in a rolling upgrade, Redis lost its data and an older replica wrote back its view
+    # (40) with no generation; a newer replica with the same view took the 40 there for counts
+    # since the loss and added its own on top: 80 for 40, the quota refused early.
+    spec = make_spec(requests_per_day=1000)
+    seen_a, _ = await _views_of_two_replicas(shared, spec)
+    k = shared.keys(spec.key)
+    await _lose_counts(shared, spec)
+    await shared._redis.hset(k.day, mapping={"p": utc_day(NOON).id, "n": 40, "b": 0})
+    verdict = await shared.admit(spec, "a", now_us=NOON + S, seen=seen_a)
+    assert verdict.snapshot.day_requests == 41
+
+
 async def test_a_generation_left_from_another_day_is_no_floor(shared: RedisBudgetStore):
     # An older replica's script starts a day by setting p, n and b only: yesterday's generation
     # and floor stay in the hash. They must not count for today.
     spec = make_spec(requests_per_day=1000)
-    seen_a, _ = await _views_of_two_replicas(shared, spec)
+    seen_a, seen_b = await _views_of_two_replicas(shared, spec)
     k = shared.keys(spec.key)
     day = utc_day(NOON).id
     await shared._redis.hset(
@@ -540,9 +553,13 @@ async def test_a_generation_left_from_another_day_is_no_floor(shared: RedisBudge
     )
     assert (await shared.snapshot(spec.key, now_us=NOON + S)).day_generation == ""
     verdict = await shared.admit(spec, "a", now_us=NOON + S, seen=seen_a)
-    # a's view (40, of a generation Redis no longer has) is a floor under the 3 counted
-    # since: 3 + 40 + this one. Yesterday's floor of 50 would have swallowed the view.
-    assert verdict.snapshot.day_requests == 44
+    # Today's 3 were counted without a generation (yesterday's is none): they may hold an
+    # older script's write-back of the same view, so the larger stands, 40, + this one
+    # (review: adding would count a view twice). Yesterday's floor of 50 counts for nothing.
+    assert verdict.snapshot.day_requests == 41
+    # From here on the count has a generation, its floor 40: b's view (60) raises the floor.
+    verdict = await shared.admit(spec, "b", now_us=NOON + S, seen=seen_b)
+    assert verdict.snapshot.day_requests == 62
 
 
 # -- the in-process store's bound -------------------------------------------------------------

@@ -126,7 +126,17 @@ local function count_raise(c, vn, vb, vg, period, token)
     end
     return true
   end
-  if c.g == '' then c.g, c.f, c.fb = str(period) .. ':' .. token, 0, 0 end
+  if c.g == '' then
+    c.g, c.f, c.fb = str(period) .. ':' .. token, 0, 0
+    if c.n > 0 or c.b > 0 then
+      -- Counted without a generation (an older replica's script, in a rolling upgrade): what is
+      -- there may be a floor that script wrote back already. The larger, all of it the floor:
+      -- possibly short of what was counted since, never a view counted twice.
+      c.n, c.b = math.max(c.n, vn), math.max(c.b, vb)
+      c.f, c.fb = c.n, c.b
+      return true
+    end
+  end
   if vn <= c.f and vb <= c.fb then return false end
   if vn > c.f then c.n, c.f = c.n + vn - c.f, vn end
   if vb > c.fb then c.b, c.fb = c.b + vb - c.fb, vb end

@@ -203,11 +203,18 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
 
     reloads: set[asyncio.Task[object]] = set()
 
+    def reload_done(task: asyncio.Task[object]) -> None:
+        reloads.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # A policy error is answered inside the reload; this is a bug there: logged, not
+            # left to "Task exception was never retrieved" at exit.
+            log.error("policy_reload_crashed", error=repr(error), exc_info=error)
+
     def on_hup() -> None:
         # Parsed in a worker thread: a large policy would otherwise stall every request.
         task: asyncio.Task[object] = asyncio.create_task(runtime.reload_in_thread())
         reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        task.add_done_callback(reload_done)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)

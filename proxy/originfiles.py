@@ -596,7 +596,7 @@ class OriginFileFetcher:
                 status = resp.status
                 head = {k.lower(): v for k, v in resp.headers.items()}
                 # Every answer's body, an error page's too: the fetch record's size and hash
-                # are of what the site sent (only a 2xx body is parsed).
+                # are of it as decoded, its Content-Encoding undone (only a 2xx body is parsed).
                 body, truncated = await self._read(resp, head.get("content-encoding", ""))
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             message = self._timeout_message(e) if isinstance(e, TimeoutError) else _error_message(e)

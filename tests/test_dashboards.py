@@ -245,6 +245,11 @@ def test_range_totals_count_a_series_born_in_the_range_whole(
                             {"series": series, "values": born},
                             # An older series of the same metric: only its growth in the range.
                             {"series": series.replace('site="', 'site="old'), "values": "0+10x10"},
+                            # One born and gone inside the range (a pod replaced): its increase.
+                            {
+                                "series": series.replace('site="', 'site="gone'),
+                                "values": "_ 5 15 25 35 _ _ _ _ _ _",
+                            },
                         ],
                         "promql_expr_test": [
                             {
@@ -253,6 +258,7 @@ def test_range_totals_count_a_series_born_in_the_range_whole(
                                 "exp_samples": [
                                     {"labels": labels, "value": 198795},
                                     {"labels": labels.replace('site="', 'site="old'), "value": 100},
+                                    {"labels": labels.replace('site="', 'site="gone'), "value": 40},
                                 ],
                             }
                         ],

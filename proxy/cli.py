@@ -421,9 +421,9 @@ def address_problem(settings: Settings) -> str | None:
 
     from redis.connection import parse_url
 
-    same_port = settings.listen_port == settings.admin_port
-    hosts = {settings.listen_host, settings.admin_host}
-    if same_port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):  # noqa: S104 - compared
+    if settings.listen_port == settings.admin_port and _binds_overlap(
+        settings.listen_host, settings.admin_host
+    ):
         return (
             f"--listen and --admin are both on port {settings.listen_port}: the proxy and the "
             "admin API need an address each"
@@ -435,11 +435,26 @@ def address_problem(settings: Settings) -> str | None:
             return f"--redis-url (CRAWLWARDEN_REDIS_URL): {e} (e.g. redis://redis:6379/0)"
     if settings.audit_dsn:
         try:
-            _ = urlsplit(settings.audit_dsn).port  # raises for a port that is not a number
+            netloc = urlsplit(settings.audit_dsn).netloc.rpartition("@")[2]
+            # Several hosts (`h1:5432,h2:5433`: failover, as asyncpg and libpq take them).
+            for host in netloc.split(","):
+                _ = urlsplit(f"//{host}").port  # raises for a port that is not a number
         except ValueError as e:
             example = "postgresql://user@db:5432/name"
             return f"--audit-dsn (CRAWLWARDEN_AUDIT_DSN): {e} (e.g. {example})"
     return None
+
+
+def _binds_overlap(a: str, b: str) -> bool:
+    """Whether listening on `a` and on `b` with one port collides: the same address, the IPv6
+    wildcard (dual-stack: IPv4 too), or the IPv4 wildcard beside another IPv4 address."""
+    a, b = a.strip("[]"), b.strip("[]")
+    if a == b or "::" in (a, b):
+        return True
+    if "0.0.0.0" in (a, b):  # noqa: S104 - compared, not bound
+        other = b if a == "0.0.0.0" else a  # noqa: S104
+        return ":" not in other
+    return False
 
 
 def data_dir_problem(settings: Settings) -> str | None:

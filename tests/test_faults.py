@@ -27,7 +27,9 @@ import requests
 import yaml
 
 from proxy.audit.log import FetchLog
+from proxy.cli import address_problem
 from proxy.cli import parse_args
+from proxy.runtime import Settings
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
@@ -595,6 +597,37 @@ def test_a_malformed_store_url_is_a_usage_error_naming_the_flag(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"crawlwarden: {flag} (CRAWLWARDEN_"), last
     assert says in last and "secret" not in last
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin", "clash"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("0.0.0.0", "127.0.0.1", True),  # the IPv4 wildcard holds every IPv4 address
+        ("::", "127.0.0.1", True),  # the IPv6 wildcard is dual-stack
+        ("0.0.0.0", "::1", False),  # (review: refused, though both bind)
+        ("127.0.0.1", "127.0.0.2", False),
+    ],
+)
+def test_proxy_and_admin_on_one_port_clash_only_where_their_addresses_do(
+    listen: str, admin: str, clash: bool
+):
+    settings = Settings(Path("p.yaml"), listen_host=listen, admin_host=admin, admin_port=8080)
+    assert (address_problem(settings) is not None) is clash
+
+
+@pytest.mark.parametrize(
+    ("dsn", "bad"),
+    [
+        ("postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write", False),
+        ("postgresql://u:p@db/name", False),
+        ("postgresql://u@h1:5432,h2:abc/db", True),
+    ],
+)
+def test_an_audit_dsn_with_several_hosts_is_taken(dsn: str, bad: bool):
+    # Review: `urlsplit(...).port` refused the failover form asyncpg and libpq take.
+    problem = address_problem(Settings(Path("p.yaml"), audit_dsn=dsn))
+    assert (problem is not None) is bad, problem
 
 
 @pytest.mark.parametrize(

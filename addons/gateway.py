@@ -32,6 +32,7 @@ from mitmproxy.proxy.layers import tls as proxy_tls
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http import is_h3_alpn
 
+from addons import named_connections
 from addons.client_events import ERROR_ANSWER
 from addons.client_events import LATE_STREAM
 from addons.http_guard import ANSWER_NOW
@@ -1190,7 +1191,8 @@ class Gateway:
         if pins is not None and (pinned := pins.get(data.server.address)) is not None:
             # An https:// request sent without CONNECT: its TLS name (SNI, and what the site's
             # certificate is checked against) stays the site's, its connection goes to the
-            # address checked for it.
+            # address checked for it, and is reused for the name (addons/named_connections.py).
+            named_connections.NAMED[data.server] = data.server.address
             data.server.address = (pinned, data.server.address[1])
         tunnel = self.tunnels.get(data.client)
         if tunnel is not None and tunnel.refusal is not None:

@@ -26,6 +26,7 @@ from mitmproxy.addons import tlsconfig
 from mitmproxy.master import Master
 
 from addons import interim
+from addons import named_connections
 from addons import stream_release
 from addons.gateway import Gateway
 from addons.http_guard import Limits
@@ -161,6 +162,13 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
             note="this mitmproxy's HttpStream/HttpLayer differ from what addons/stream_release.py "
             "expects: finished requests are left to the cyclic garbage collector (more CPU, "
             "longer pauses)",
+        )
+    if not named_connections.install():
+        log.warning(
+            "named_connections_not_installed",
+            note="this mitmproxy's GetHttpConnection differs from what "
+            "addons/named_connections.py expects: https:// requests sent without CONNECT open "
+            "a connection each",
         )
     master = Master(options.Options(), with_termlog=False)
     master.addons.add(*gateway_addons())

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -359,6 +360,33 @@ def test_an_https_request_sent_without_connect_is_checked_against_the_sites_name
         assert answer.startswith(b"HTTP/1.1 502"), answer[:300]
         assert b"hostname mismatch" in answer
     assert [s.path for s in named.seen] == ["/a", "/c"] and other.seen == []
+
+
+def test_https_requests_sent_without_connect_reuse_their_connection_to_the_site(
+    gateway: Gateway, test_ca: LocalCA
+):
+    # Review: connected to the checked address, such a connection no longer matched the next
+    # request to the site's name, and each request opened a new TCP and TLS connection (the
+    # old one left open until the site closed it).
+    with Site(tls=test_ca, names=("site-c.test",)) as named:
+        client = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        try:
+            for path in ("/one", "/two", "/three"):
+                client.request(
+                    "GET",
+                    f"https://site-c.test:{named.port}{path}",
+                    headers={
+                        "Proxy-Authorization": basic(TEAM, TEAM_TOKEN),
+                        "X-Crawl-Project": PROJECT,
+                    },
+                )
+                answer = client.getresponse()
+                answer.read()
+                assert answer.status == 200
+        finally:
+            client.close()
+        assert [s.path for s in named.seen] == ["/one", "/two", "/three"]
+        assert named.connections == 1
 
 
 class EchoWebSocket:

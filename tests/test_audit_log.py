@@ -117,6 +117,26 @@ async def test_idle_replica_still_checkpoints_every_t_seconds(tmp_path: Path) ->
     assert [c.number for c in checkpoints] == list(range(1, len(checkpoints) + 1))
 
 
+async def test_a_checkpoint_interval_shortened_below_the_time_since_the_last_signs_at_once(
+    tmp_path: Path,
+) -> None:
+    # Review: the shortened interval restarted the timer, so a replica quiet for 1.2 s whose
+    # interval went from an hour to 1 s signed a second later, not at once (from an hour to a
+    # minute, 59 minutes after they were due: a minute more unsigned than the policy says).
+    signer, _ = keys(tmp_path)
+    log = fetch_log(
+        SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-overdue", signer
+    )  # checkpoint_every_seconds=3600
+    await log.open()
+    started = log.checkpoint_number
+    await asyncio.sleep(1.2)
+    log.checkpoint_every_seconds = 1.0  # already overdue
+    await asyncio.sleep(0.2)
+    signed = log.checkpoint_number
+    await log.close()
+    assert signed == started + 1
+
+
 async def test_a_shorter_checkpoint_interval_applies_without_waiting_out_the_old_one(
     tmp_path: Path,
 ) -> None:

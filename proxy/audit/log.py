@@ -194,6 +194,7 @@ class FetchLog:
         self._wake = asyncio.Event()
         self._retry_counted = 0  # records at the head of the queue counted as retry already
         self._checkpoint_wake = asyncio.Event()
+        self._checkpointed_at = time.monotonic()  # the last checkpoint (or the start)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.closed = False
@@ -707,6 +708,7 @@ class FetchLog:
 
     def checkpoint(self, kind: str = "periodic") -> dict[str, Any] | None:
         """Sign the chain head now; the checkpoint is stored right after the records it covers."""
+        self._checkpointed_at = time.monotonic()
         if self.signer is None:
             return None
         checkpoint = Checkpoint(
@@ -731,12 +733,16 @@ class FetchLog:
     async def _checkpoint_loop(self) -> None:
         while True:
             self._checkpoint_wake.clear()
-            try:
-                await asyncio.wait_for(self._checkpoint_wake.wait(), self.checkpoint_every_seconds)
-            except TimeoutError:
+            left = self.checkpoint_every_seconds - (time.monotonic() - self._checkpointed_at)
+            if left <= 0:
                 # T seconds without a checkpoint, idle or not: sign the head (even unchanged,
-                # so a later export shows the log was alive and had not grown).
+                # so a later export shows the log was alive and had not grown). Also at once
+                # when a reload shortened T below the time since the last one.
                 self.checkpoint()
+                continue
+            with contextlib.suppress(TimeoutError):
+                # Woken by a checkpoint made elsewhere (records), or a reload that shortened T.
+                await asyncio.wait_for(self._checkpoint_wake.wait(), left)
 
     # -- retention -------------------------------------------------------------------------
 

@@ -218,6 +218,37 @@ async def test_concurrency_never_above_max_and_delay_waits_for_a_slot(cluster: C
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("change", [{"max_delay": "1s"}, {"on_exceed": "refuse"}])
+async def test_a_request_held_across_a_reload_waits_as_the_new_policy_says(
+    cluster: Cluster, change: dict[str, str]
+):
+    # Review: the new budgets applied to a held request, not the new wait: lowered from 10 s to
+    # 1 s (or made `refuse`), it still waited its 10 s for a slot that never came.
+    import dataclasses
+
+    site = make_site(max_concurrency=1, on_exceed="delay", max_delay="10s")
+    reloaded = dataclasses.replace(
+        site,
+        settings=site.settings.model_copy(update=change),
+        fallback=site.fallback.model_copy(update=change),
+    )
+    async with cluster(1) as (engine,):
+        engine.use_policy_version("v1", lambda key: site if key == site.key else None)
+        taken = await engine.admit(site)
+        assert taken.decision.allowed
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        held = asyncio.create_task(engine.admit(site))
+        await asyncio.sleep(0.2)
+        assert not held.done()
+        engine.use_policy_version("v2", lambda key: reloaded if key == site.key else None)
+        answer = await asyncio.wait_for(held, 5.0)  # (10 s under the old policy)
+        assert answer.decision.reason is Reason.CONCURRENCY
+        assert loop.time() - started < 5.0
+        engine.finish(taken.lease)
+
+
+@pytest.mark.timeout(60)
 async def test_requests_held_across_a_reload_are_admitted_by_the_new_budgets(cluster: Cluster):
     # A reload lowered max_concurrency 3 -> 1 while requests were held for a slot: they were
     # admitted under the old limit, and the site kept 3 at a time for as long as they lasted

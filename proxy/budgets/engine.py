@@ -505,8 +505,9 @@ class BudgetEngine:
 
     def _current_spec(self, spec: BudgetSpec, version: str | None) -> tuple[BudgetSpec, str | None]:
         """A held request's budgets under the policy in force now, and that policy's version: a
-        reload while it waited (a lower max_concurrency, rate or quota) applies to it as to a
-        request that comes after it. A key the new policy no longer uses keeps its budgets."""
+        reload while it waited (a lower max_concurrency, rate or quota, a shorter max_delay, or
+        on_exceed: refuse) applies to it as to a request that comes after it. A key the new
+        policy no longer uses keeps its budgets."""
         if version == self._policy_version or self._in_use is None:
             return spec, version
         site = self._in_use(spec.key)
@@ -567,8 +568,13 @@ class BudgetEngine:
                             await asyncio.sleep(max(0.001, last.wait))
                     queue.released.clear()  # a release from here on wakes us up
                     spec, version = self._current_spec(spec, version)
+                    deadline = started + spec.max_delay  # a reload may have changed it too
                     last = await self._attempt(spec)
-                    if last.admission.decision.allowed or not last.waitable:
+                    if (
+                        last.admission.decision.allowed
+                        or not last.waitable
+                        or spec.on_exceed != "delay"  # (a reload made it `refuse`)
+                    ):
                         return self._held(last, started)
                     queue.rate_turn = loop.time() + last.wait if last.budget is Budget.RATE else 0.0
             finally:

@@ -669,16 +669,18 @@ class Gateway:
                 return self._record(flow, state)
         else:
             admission = await self.rt.admit(ctx)
-        if not admission.decision.allowed:
-            return self._refuse(flow, state, admission.decision, started)
         if self.rt.policy_version != state.compiled.version and (
             gov.authenticate(tunnel.credentials if tunnel else credentials) is None
         ):
             # A reload while it waited (held for its turn, or for the site's robots.txt) took
-            # its team's token away: not forwarded, and recorded under the policy that said so.
-            self.rt.budgets.finish(admission.lease)
+            # its team's token away: not forwarded, and recorded under the policy that said so
+            # (a 407, also where its budget refused it in the end: the credentials come first).
+            if admission.decision.allowed:
+                self.rt.budgets.finish(admission.lease)
             state.compiled = self.rt.compiled
             return self._refuse(flow, state, _auth_required(), started, close=True)
+        if not admission.decision.allowed:
+            return self._refuse(flow, state, admission.decision, started)
         if gov.blocklist is not checked_against:
             # A takedown or blocklist change while it waited (for its turn, for the site's
             # robots.txt): "in force at once" covers requests already under way.

@@ -1132,6 +1132,43 @@ def test_a_request_held_across_a_reload_that_revoked_its_team_is_not_forwarded(
     assert site.paths().get("/held", 0) == 0
 
 
+def test_a_request_its_budget_refuses_after_a_reload_that_revoked_its_team_is_407(
+    workdir: Path, site: Site
+):
+    # Review: held for a slot that never came while a reload took its team's token away, it
+    # was answered 429 (its budget), as if the credentials still held: they come first.
+    site.routes["/slow"] = Reply(body=b"slow", delay=4.0)
+    policy = policy_with(
+        sites=[
+            {
+                "id": "one-at-a-time",
+                "match": ["slot.test"],
+                "max_concurrency": 1,
+                "on_exceed": "delay",
+                "max_delay": "2s",
+            }
+        ]
+    )
+    with Gateway(workdir, policy) as gw:
+
+        def get(path: str) -> CurlResult:
+            return curl(site.url("slot.test", path), proxy=gw.proxy_url(), headers=PROJECT_HEADERS)
+
+        answers: list[CurlResult] = []
+        slow = threading.Thread(target=lambda: answers.append(get("/slow")))
+        slow.start()
+        time.sleep(0.5)  # the one slot is taken for 4 s
+        held: list[CurlResult] = []
+        waiting = threading.Thread(target=lambda: held.append(get("/held")))
+        waiting.start()
+        time.sleep(0.5)
+        _revoke_the_teams_token(gw)
+        waiting.join(timeout=15)
+        slow.join(timeout=15)
+    assert held and held[0].status == 407
+    assert site.paths().get("/held", 0) == 0
+
+
 def test_a_request_waiting_for_robots_across_a_reload_that_revoked_its_team_is_not_forwarded(
     workdir: Path, site: Site
 ):

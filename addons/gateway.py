@@ -702,7 +702,7 @@ class Gateway:
         _name_the_checked_host(req, scheme, host, port)
         if tunnel is None:
             self._choose_upstream_proxy(flow, identity, state)
-            if scheme == "https" and flow.server_conn.via is None:
+            if scheme == "https":  # (through an upstream proxy too: it is asked for the address)
                 self._name_the_tls_target(flow, host, port)
         refusal: Decision | None = None
         if self.rt.stopping:
@@ -1180,6 +1180,20 @@ class Gateway:
         finally:
             held.discard(waiting)
             flow.metadata.pop(HELD, None)
+
+    def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
+        """The CONNECT an upstream proxy is sent for an https:// request sent without CONNECT
+        names the address checked for it: the request keeps the site's name (SNI and the
+        certificate check, `_name_the_tls_target`), and the upstream proxy resolves nothing."""
+        pins = self._tls_pins.get(flow.client_conn)
+        pinned = None if pins is None else pins.get((flow.request.host, flow.request.port))
+        if pinned is None:
+            return
+        authority = f"{_bracket(pinned)}:{flow.request.port}"
+        flow.request.host = pinned
+        flow.request.authority = authority
+        if "host" in flow.request.headers:
+            flow.request.headers["host"] = authority
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Last line of the SSRF guard: only checked, pinned addresses are ever connected to.

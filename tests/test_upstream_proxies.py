@@ -14,11 +14,14 @@ import requests
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
 from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
 from tests.support import VENV_BIN
 from tests.support import Gateway
 from tests.support import LocalCA
 from tests.support import Reply
 from tests.support import Site
+from tests.support import basic
 from tests.support import free_port
 from tests.support import policy_with
 from tests.support import wait_for
@@ -172,3 +175,42 @@ def test_the_gateways_own_fetches_leave_through_the_pool(
     proxied = "".join(p.flows() for p in pool.values())
     assert f"GET http://127.0.0.1:{site.port}/robots.txt" in proxied, proxied
     assert proxied.count(f"server connect 127.0.0.1:{tls_site.port}") >= 2, proxied
+
+
+def test_an_https_request_sent_without_connect_through_the_pool_is_checked_against_the_sites_name(
+    workdir: Path, pool: dict[str, UpstreamProxy], test_ca: LocalCA
+):
+    # HTTPS probe (not reproduced then, read in the code): an absolute-form https:// request
+    # through an upstream proxy named the pinned address as its TLS name, as one sent directly
+    # did: the site's own certificate (naming its name only) was refused.
+    policy = policy_with(
+        egress={
+            "provider": "test-transit",
+            "public_ips": ["203.0.113.7"],
+            "upstream_proxies": [
+                {"name": "pool-a", "url": f"http://127.0.0.1:{pool['pool-a'].port}"}
+            ],
+        }
+    )
+    names: list[str | None] = []
+    with Site(tls=test_ca, names=("site-c.test",)) as named:
+        named._tls_context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+                authority = f"site-c.test:{named.port}"
+                raw.sendall(
+                    f"GET https://{authority}/via HTTP/1.1\r\nHost: {authority}\r\n"
+                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
+                    f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n".encode()
+                )
+                answer = b""
+                while chunk := raw.recv(65536):
+                    answer += chunk
+            [record] = [r for r in gw.fetch_records() if r["url"].endswith("/via")]
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:400]
+    assert names == ["site-c.test"]
+    assert record["upstream_proxy"] == "pool-a"
+    # The upstream proxy was asked for the checked address (it resolves no name, and the
+    # gateway's SSRF pin holds through it).
+    log = pool["pool-a"].flows()
+    assert f"127.0.0.1:{named.port}" in log and "site-c.test" not in log, log

@@ -1227,13 +1227,14 @@ class Gateway:
     # -- helpers ---------------------------------------------------------------------------
 
     def _name_the_tls_target(self, flow: http.HTTPFlow, host: str, port: int) -> None:
-        """An https:// request sent without CONNECT (absolute-form, or a stream of HTTP/2 spoken
-        to the proxy itself): mitmproxy opens its TLS connection to the request's host, names
-        it in SNI and checks the site's certificate against it. With the pinned address as the
-        host it would send no SNI and check the certificate against the address: a site's own
+        """An https:// request sent without CONNECT (absolute-form, to an http:// or https://
+        proxy URL): mitmproxy opens its TLS connection to the request's host, names it in SNI
+        and checks the site's certificate against it. With the pinned address as the host it
+        would send no SNI and check the certificate against the address: a site's own
         certificate (naming its name) refused, any certificate naming the address taken for
         the site's, and one connection shared by every name on that address. So the request
-        keeps the name, and server_connect connects to the address checked for it."""
+        keeps the name, and server_connect connects to the address checked for it (through an
+        upstream proxy, http_connect_upstream asks the proxy for that address)."""
         pinned = flow.request.host
         if pinned == host:
             return  # named by its address (network.allow_ip_literals)

@@ -16,7 +16,9 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import h2.config
@@ -1132,40 +1134,46 @@ def test_a_request_held_across_a_reload_that_revoked_its_team_is_not_forwarded(
     assert site.paths().get("/held", 0) == 0
 
 
+def _one_slot(host: str, max_delay: str) -> dict[str, Any]:
+    """A policy whose site `host` takes one request at a time and holds the others."""
+    site = {"id": "one-at-a-time", "match": [host], "max_concurrency": 1, "on_exceed": "delay"}
+    return policy_with(sites=[{**site, "max_delay": max_delay}])
+
+
+def _hold_one_behind_a_slow_request(
+    gw: Gateway, site: Site, host: str
+) -> Callable[[], dict[str, CurlResult]]:
+    """`/slow` takes the site's one slot (for as long as its route delays), then `/held` waits
+    for it; returns once `/held` is held, and a call that waits for both answers, by path."""
+    answers: dict[str, CurlResult] = {}
+
+    def get(path: str) -> None:
+        answers[path] = curl(site.url(host, path), proxy=gw.proxy_url(), headers=PROJECT_HEADERS)
+
+    threads = [threading.Thread(target=get, args=(path,)) for path in ("/slow", "/held")]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.5)
+
+    def answered() -> dict[str, CurlResult]:
+        for thread in threads:
+            thread.join(timeout=15)
+        return answers
+
+    return answered
+
+
 def test_a_request_its_budget_refuses_after_a_reload_that_revoked_its_team_is_407(
     workdir: Path, site: Site
 ):
     # Review: held for a slot that never came while a reload took its team's token away, it
     # was answered 429 (its budget), as if the credentials still held: they come first.
     site.routes["/slow"] = Reply(body=b"slow", delay=4.0)
-    policy = policy_with(
-        sites=[
-            {
-                "id": "one-at-a-time",
-                "match": ["slot.test"],
-                "max_concurrency": 1,
-                "on_exceed": "delay",
-                "max_delay": "2s",
-            }
-        ]
-    )
-    with Gateway(workdir, policy) as gw:
-
-        def get(path: str) -> CurlResult:
-            return curl(site.url("slot.test", path), proxy=gw.proxy_url(), headers=PROJECT_HEADERS)
-
-        answers: list[CurlResult] = []
-        slow = threading.Thread(target=lambda: answers.append(get("/slow")))
-        slow.start()
-        time.sleep(0.5)  # the one slot is taken for 4 s
-        held: list[CurlResult] = []
-        waiting = threading.Thread(target=lambda: held.append(get("/held")))
-        waiting.start()
-        time.sleep(0.5)
+    with Gateway(workdir, _one_slot("slot.test", "2s")) as gw:
+        answered = _hold_one_behind_a_slow_request(gw, site, "slot.test")
         _revoke_the_teams_token(gw)
-        waiting.join(timeout=15)
-        slow.join(timeout=15)
-    assert held and held[0].status == 407
+        answers = answered()
+    assert answers["/held"].status == 407
     assert site.paths().get("/held", 0) == 0
 
 
@@ -1200,29 +1208,8 @@ def test_a_held_request_refused_by_a_reloaded_blocklist_names_the_new_policy(
     # that entry, but its record named the policy it came under, which has no such entry (found
     # by an SRE's reload probe): an auditor could not find the rule in the version recorded.
     site.routes["/slow"] = Reply(delay=3.0)
-    policy = policy_with(
-        sites=[
-            {
-                "id": "held",
-                "match": ["slow.test"],
-                "max_concurrency": 1,
-                "on_exceed": "delay",
-                "max_delay": "20s",
-            }
-        ]
-    )
-    with Gateway(workdir, policy) as gw:
-
-        def get(path: str) -> CurlResult:
-            return curl(site.url("slow.test", path), proxy=gw.proxy_url(), headers=PROJECT_HEADERS)
-
-        answers: list[CurlResult] = []
-        first = threading.Thread(target=lambda: answers.append(get("/slow")))
-        first.start()
-        time.sleep(0.5)
-        waiting = threading.Thread(target=lambda: answers.append(get("/held")))
-        waiting.start()
-        time.sleep(0.5)
+    with Gateway(workdir, _one_slot("slow.test", "20s")) as gw:
+        answered = _hold_one_behind_a_slow_request(gw, site, "slow.test")
         blocked = yaml.safe_load(gw.policy_file.read_text())
         blocked["blocklist"] = [
             {"id": "tos-slow", "match": ["slow.test"], "reason": "ToS", "source": "terms"}
@@ -1230,8 +1217,7 @@ def test_a_held_request_refused_by_a_reloaded_blocklist_names_the_new_policy(
         gw.policy_file.write_text(yaml.safe_dump(blocked))
         status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
         assert status == 200
-        first.join(timeout=15)
-        waiting.join(timeout=15)
+        answered()
         records = gw.fetch_records()
     [held] = [r for r in records if r["url"].endswith("/held")]
     assert (held["reason"], held["rule"]) == ("tos_blocklist", "tos-slow")

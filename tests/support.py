@@ -89,6 +89,16 @@ def sha256_hex(text: str) -> str:
 _HANDED_OUT: set[int] = set()
 
 
+def exchange(sock: socket.socket, request: str) -> bytes:
+    """Send one request that asks `Connection: close` over `sock`, and read the answer until the
+    peer closes."""
+    sock.sendall(request.encode())
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
 def free_port() -> int:
     """A loopback port free now, and never one this process handed out before: the kernel may
     give the same one twice in a row (a gateway's proxy and admin ports, and it would not start)."""

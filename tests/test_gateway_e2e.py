@@ -49,6 +49,7 @@ from tests.support import Site
 from tests.support import base_policy
 from tests.support import basic
 from tests.support import curl
+from tests.support import exchange
 from tests.support import policy_with
 from tests.support import sha256_hex
 from tests.support import tls_tunnel
@@ -248,14 +249,11 @@ def _get_through_tunnel_without_sni(gateway: Gateway, host: str, port: int, path
         with client.wrap_socket(raw, server_hostname=None) as tls:
             names = (tls.getpeercert() or {}).get("subjectAltName", ())
             assert ("DNS", host) in names, names
-            tls.sendall(
+            return exchange(
+                tls,
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nX-Crawl-Project: {PROJECT}\r\n"
-                "Connection: close\r\n\r\n".encode()
+                "Connection: close\r\n\r\n",
             )
-            answer = b""
-            while chunk := tls.recv(65536):
-                answer += chunk
-            return answer
 
 
 def test_the_sites_certificate_is_checked_against_its_name_not_the_pinned_address(
@@ -315,15 +313,12 @@ def _absolute_form_https(
         context.check_hostname = False
         raw = context.wrap_socket(raw)
     with raw:
-        raw.sendall(
+        return exchange(
+            raw,
             f"GET https://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n"
             f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\nX-Crawl-Project: {PROJECT}\r\n"
-            "Connection: close\r\n\r\n".encode()
+            "Connection: close\r\n\r\n",
         )
-        answer = b""
-        while chunk := raw.recv(65536):
-            answer += chunk
-        return answer
 
 
 def test_an_https_request_sent_without_connect_is_checked_against_the_sites_name(
@@ -589,13 +584,11 @@ def test_a_client_offering_http3_over_tcp_is_not_given_it(
             answer = H2Client(tls).get(authority, "/h", ("x-crawl-project", PROJECT))
             assert answer.headers[":status"] == "200"
         else:
-            tls.sendall(
+            reply = exchange(
+                tls,
                 f"GET /h HTTP/1.1\r\nHost: {authority}\r\nX-Crawl-Project: {PROJECT}\r\n"
-                "Connection: close\r\n\r\n".encode()
+                "Connection: close\r\n\r\n",
             )
-            reply = b""
-            while chunk := tls.recv(65536):
-                reply += chunk
             assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     assert tls_site.count("/h") == 1
     assert [r["reason"] for r in gateway.fetch_records() if r["kind"] == "fetch"] == ["ok"]
@@ -631,13 +624,11 @@ def test_an_absolute_form_target_inside_a_tunnel_is_the_host_it_names(
         f"https://site-c.test:{port}/photos/1.jpg",
     ):
         with tls_tunnel(gateway, f"site-c.test:{port}", alpn="http/1.1") as tls:
-            tls.sendall(
+            answer = exchange(
+                tls,
                 f"GET {target} HTTP/1.1\r\nHost: site-c.test:{port}\r\n"
-                f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n".encode()
+                f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n",
             )
-            answer = b""
-            while chunk := tls.recv(65536):
-                answer += chunk
             answers.append(answer)
     assert answers[0].startswith(b"HTTP/1.1 421"), answers[0][:300]
     assert b'"misdirected"' in answers[0] and b"PHOTO" not in answers[0]
@@ -655,10 +646,7 @@ def test_a_refused_host_with_control_characters_is_recorded_escaped(
     # in a terminal ran the escape sequences.
     forged = "site-c.test\x1b]0;pwned\x07\x1b[2J"
     with tls_tunnel(gateway, f"site-c.test:{tls_site.port}", alpn="http/1.1") as tls:
-        tls.sendall(f"GET /x HTTP/1.1\r\nHost: {forged}\r\nConnection: close\r\n\r\n".encode())
-        answer = b""
-        while chunk := tls.recv(65536):
-            answer += chunk
+        answer = exchange(tls, f"GET /x HTTP/1.1\r\nHost: {forged}\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     [refused] = [r for r in gateway.fetch_records() if r["reason"] == "bad_request"]
     assert refused["url"].isprintable() and "\\x1b]0;pwned\\x07" in refused["url"]

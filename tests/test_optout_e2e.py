@@ -56,6 +56,7 @@ from tests.support import Reply
 from tests.support import Seen
 from tests.support import Site
 from tests.support import curl
+from tests.support import exchange
 from tests.support import policy_with
 from tests.support import wait_for
 
@@ -233,14 +234,12 @@ def test_a_fragment_in_the_request_target_is_no_way_around_an_anchored_rule(
         ("/open/../reserved/b.png#x", "tdm_reserved"),
     ]:
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
-            sock.sendall(
+            answer = exchange(
+                sock,
                 f"GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n"
                 f"Proxy-Authorization: {auth}\r\nX-Crawl-Project: {PROJECT}\r\n"
-                "Connection: close\r\n\r\n".encode()
+                "Connection: close\r\n\r\n",
             )
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
         assert answer.startswith(b"HTTP/1.1 451"), (path, answer[:200])
         assert f"x-crawlwarden-reason: {reason}".encode() in answer.lower(), path
     assert [s.path for s in site.seen if s.path.endswith((".jpg", ".png"))] == []

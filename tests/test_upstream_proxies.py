@@ -22,6 +22,7 @@ from tests.support import LocalCA
 from tests.support import Reply
 from tests.support import Site
 from tests.support import basic
+from tests.support import exchange
 from tests.support import free_port
 from tests.support import policy_with
 from tests.support import wait_for
@@ -198,14 +199,12 @@ def test_an_https_request_sent_without_connect_through_the_pool_is_checked_again
         with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
             with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
                 authority = f"site-c.test:{named.port}"
-                raw.sendall(
+                answer = exchange(
+                    raw,
                     f"GET https://{authority}/via HTTP/1.1\r\nHost: {authority}\r\n"
                     f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
-                    f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n".encode()
+                    f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n",
                 )
-                answer = b""
-                while chunk := raw.recv(65536):
-                    answer += chunk
             [record] = [r for r in gw.fetch_records() if r["url"].endswith("/via")]
     assert answer.startswith(b"HTTP/1.1 200"), answer[:400]
     assert names == ["site-c.test"]

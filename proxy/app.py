@@ -247,7 +247,7 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
     # SIGHUPs from before the handler above: the file may have changed after it was read.
     if start_reloads is not None and (received := start_reloads()):
         log.info("policy_reload_requested_during_start", signals=received)
-        runtime.reload()
+        await runtime.reload_in_thread()
     try:
         await master.run()
     finally:

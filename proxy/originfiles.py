@@ -635,8 +635,13 @@ class OriginFileFetcher:
         decoder = BodyDecoder.of(coding, self._limit + 1)
         chunks: list[bytes] = []
         size = sent = 0
-        while size <= self._limit and sent < _MAX_SENT:
-            data = await resp.content.read(65536)
+        cut = False
+        while size <= self._limit:
+            if sent >= _MAX_SENT:
+                # Read to the cap: cut short only if the file goes on past it.
+                cut = bool(await resp.content.read(1))
+                break
+            data = await resp.content.read(min(65536, _MAX_SENT - sent))
             sent += len(data)
             try:
                 for piece in decoder.pieces(data):
@@ -647,7 +652,7 @@ class OriginFileFetcher:
             if not data:
                 break
         body = b"".join(chunks)
-        return body[: self._limit], len(body) > self._limit or sent >= _MAX_SENT
+        return body[: self._limit], len(body) > self._limit or cut
 
     def _report(
         self,

@@ -541,6 +541,24 @@ async def test_an_oversized_file_is_read_up_to_the_limit() -> None:
     assert entry.file.truncated and fetched == [PARSE_LIMIT]
 
 
+@pytest.mark.parametrize(("padding", "cut"), [(0, False), (1, True)])
+async def test_a_file_sent_exactly_to_the_16_mib_cap_is_whole(padding: int, cut: bool) -> None:
+    # At most 16 MiB of a file is read as sent, whatever it decodes to: a file that ends right
+    # there was marked cut short too (its rules are whole, its record said otherwise).
+    packed = gzip.compress(b"User-agent: *\nDisallow: /no\n")
+    body = packed + bytes(16 * 2**20 - len(packed) + padding)  # NULs between gzip members
+    route = web.Response(body=body, headers={"Content-Encoding": "gzip"})
+    async with origin_server({"/robots.txt": route}) as site:
+        checks = make_checks()
+        try:
+            decision, _ = await robots_decision(checks, site.origin() + "/no")
+            entry = await checks.robots_entry(site.origin())
+        finally:
+            await checks.close()
+    assert decision is not None and decision.reason is Reason.ROBOTS_DISALLOWED
+    assert entry.file.truncated is cut
+
+
 async def test_a_cold_origin_is_fetched_once_for_200_concurrent_requests() -> None:
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.2)

@@ -446,9 +446,33 @@ def address_problem(settings: Settings) -> str | None:
 
 
 def _binds_overlap(a: str, b: str) -> bool:
-    """Whether listening on `a` and on `b` with one port collides: the same address, the IPv6
-    wildcard (dual-stack: IPv4 too), or the IPv4 wildcard beside another IPv4 address."""
-    a, b = a.strip("[]"), b.strip("[]")
+    """Whether listening on `a` and on `b` with one port collides: an address in common, the IPv6
+    wildcard (dual-stack: IPv4 too), or the IPv4 wildcard beside another IPv4 address. A name
+    (`localhost`) stands for every address it resolves to, as both servers bind them all."""
+    return any(_addresses_overlap(x, y) for x in _bound_addresses(a) for y in _bound_addresses(b))
+
+
+def _bound_addresses(host: str) -> set[str]:
+    """The addresses a server asked to listen on `host` binds: an address as given, a name as
+    it resolves (the system's resolver, as the bind itself does), an empty host every one."""
+    import ipaddress
+    import socket
+
+    host = host.strip("[]")
+    if not host:
+        return {"0.0.0.0", "::"}  # noqa: S104 - compared, not bound
+    try:
+        return {str(ipaddress.ip_address(host))}
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return {host}  # the bind will fail and say why
+    return {str(info[4][0]).partition("%")[0] for info in found}
+
+
+def _addresses_overlap(a: str, b: str) -> bool:
     if a == b or "::" in (a, b):
         return True
     if "0.0.0.0" in (a, b):  # noqa: S104 - compared, not bound

@@ -607,6 +607,9 @@ def test_a_malformed_store_url_is_a_usage_error_naming_the_flag(
         ("::", "127.0.0.1", True),  # the IPv6 wildcard is dual-stack
         ("0.0.0.0", "::1", False),  # (review: refused, though both bind)
         ("127.0.0.1", "127.0.0.2", False),
+        ("localhost", "127.0.0.1", True),  # a name binds what it resolves to (review)
+        ("localhost", "127.0.0.2", False),
+        ("", "127.0.0.1", True),  # an empty host binds every address
     ],
 )
 def test_proxy_and_admin_on_one_port_clash_only_where_their_addresses_do(

@@ -670,15 +670,18 @@ class Gateway:
         else:
             admission = await self.rt.admit(ctx)
         if self.rt.policy_version != state.compiled.version and (
-            gov.authenticate(tunnel.credentials if tunnel else credentials) is None
+            (now := self._team_refusal_now(tunnel.credentials if tunnel else credentials, ctx))
+            is not None
         ):
             # A reload while it waited (held for its turn, or for the site's robots.txt) took
-            # its team's token away: not forwarded, and recorded under the policy that said so
-            # (a 407, also where its budget refused it in the end: the credentials come first).
+            # its team's token, its project or its egress away: not forwarded, and recorded
+            # under the policy that said so (also where its budget refused it in the end: who
+            # may send it comes first).
             if admission.decision.allowed:
                 self.rt.budgets.finish(admission.lease)
             state.compiled = self.rt.compiled
-            return self._refuse(flow, state, _auth_required(), started, close=True)
+            closing = now.reason is not Reason.UNKNOWN_PROJECT
+            return self._refuse(flow, state, now, started, close=closing)
         if not admission.decision.allowed:
             return self._refuse(flow, state, admission.decision, started)
         if gov.blocklist is not checked_against:
@@ -726,6 +729,24 @@ class Gateway:
         self.rt.in_flight += 1
         metrics.IN_FLIGHT.set(self.rt.in_flight)
         self._observe_governance(started, ctx)
+
+    def _team_refusal_now(self, credentials: str | None, ctx: RequestContext) -> Decision | None:
+        """Why the policy in force now refuses the team of a request decided under an earlier
+        one: its credentials, its project, or its egress (the upstream proxy its connection
+        goes through) changed. None if it still admits it."""
+        caller = self.rt.governor.authenticate(credentials)
+        if caller is None:
+            return _auth_required()
+        project = self.rt.governor.check_project(caller.identity, ctx)
+        if not project.allowed:
+            return project
+        if caller.identity.upstream_proxy != ctx.identity.upstream_proxy:
+            return refuse(
+                Reason.MISDIRECTED,
+                "the policy changed this team's egress while the request waited; send it again",
+                site=ctx.site.key,
+            )
+        return None
 
     def _framing_refusal(self, req: http.Request, site: str | None) -> Decision | None:
         """A head past the limit (one that arrived whole; partial ones are HttpGuard's), or a

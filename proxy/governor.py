@@ -267,7 +267,13 @@ class Governor:
 
     def check_request(self, ctx: RequestContext) -> Decision:
         """Refusals that need no network: project, blocklist and takedowns."""
-        if not ctx.identity.allows_project(ctx.project):
+        project = self.check_project(ctx.identity, ctx)
+        return project if not project.allowed else self.check_blocked(ctx)
+
+    def check_project(self, identity: Identity, ctx: RequestContext) -> Decision:
+        """Whether `identity` (the request's team, as this policy has it) may name its project:
+        also asked again for a request that waited across a reload."""
+        if not identity.allows_project(ctx.project):
             named = (
                 "named no project (X-Crawl-Project, or TEAM+PROJECT as the proxy user name)"
                 if ctx.project is None
@@ -275,12 +281,12 @@ class Governor:
             )
             return refuse(
                 Reason.UNKNOWN_PROJECT,
-                f"team {ctx.identity.team} {named}; its projects are "
-                + ", ".join(sorted(ctx.identity.projects)),
-                rule=f"teams.{ctx.identity.team}.projects",
+                f"team {identity.team} {named}; its projects are "
+                + ", ".join(sorted(identity.projects)),
+                rule=f"teams.{identity.team}.projects",
                 site=ctx.site.key,
             )
-        return self.check_blocked(ctx)
+        return ALLOW
 
     def check_blocked(self, ctx: RequestContext) -> Decision:
         """The blocklist and takedowns in force now (also again for a request that waited for

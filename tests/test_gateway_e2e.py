@@ -1189,6 +1189,32 @@ def test_a_request_waiting_for_robots_across_a_reload_that_revoked_its_team_is_n
     assert site.paths().get("/x", 0) == 0
 
 
+def test_a_request_held_across_a_reload_that_took_its_project_away_is_not_forwarded(
+    workdir: Path, site: Site
+):
+    # Held for its turn while a reload left its team's project out of the team's list, it was
+    # forwarded under the project the policy in force no longer grants (review: the credentials
+    # and the blocklist were checked again, the project not).
+    site.routes["/slow"] = Reply(body=b"slow", delay=3.0)
+    policy = _one_slot("slot.test", "20s")
+    [team] = [t for t in policy["teams"] if t["name"] == TEAM]
+    team["projects"] = [PROJECT]
+    with Gateway(workdir, policy) as gw:
+        answered = _hold_one_behind_a_slow_request(gw, site, "slot.test")
+        narrowed = yaml.safe_load(gw.policy_file.read_text())
+        [team] = [t for t in narrowed["teams"] if t["name"] == TEAM]
+        team["projects"] = ["another-project"]
+        gw.policy_file.write_text(yaml.safe_dump(narrowed))
+        status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+        assert status == 200
+        answers = answered()
+        records = gw.fetch_records()
+    assert answers["/slow"].status == 200 and answers["/held"].status == 403
+    assert site.paths().get("/held", 0) == 0
+    [held] = [r for r in records if r["url"].endswith("/held")]
+    assert (held["reason"], held["policy_version"]) == ("unknown_project", body["policy_version"])
+
+
 def test_a_held_request_refused_by_a_reloaded_blocklist_names_the_new_policy(
     workdir: Path, site: Site
 ):

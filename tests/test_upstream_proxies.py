@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
@@ -213,3 +215,59 @@ def test_an_https_request_sent_without_connect_through_the_pool_is_checked_again
     # gateway's SSRF pin holds through it).
     log = pool["pool-a"].flows()
     assert f"127.0.0.1:{named.port}" in log and "site-c.test" not in log, log
+
+
+def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwarded(
+    workdir: Path, site: Site, pool: dict[str, UpstreamProxy]
+):
+    # Held for the site's one slot while a reload pinned its team to another upstream proxy, it
+    # left through the one the policy in force no longer gives the team (review).
+    site.routes["/slow"] = Reply(body=b"slow", delay=3.0)
+    policy = policy_with(
+        egress={
+            "provider": "test-transit",
+            "public_ips": ["203.0.113.7"],
+            "upstream_proxies": [
+                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
+            ],
+        },
+        sites=[
+            {
+                "id": "one-at-a-time",
+                "match": ["slot.test"],
+                "max_concurrency": 1,
+                "on_exceed": "delay",
+                "max_delay": "20s",
+            }
+        ],
+    )
+    [team] = [t for t in policy["teams"] if t["name"] == TEAM]
+    team["upstream_proxy"] = "pool-a"
+    answers: dict[str, requests.Response] = {}
+
+    def get(path: str) -> None:
+        answers[path] = requests.get(
+            site.url("slot.test", path),
+            proxies={"http": gw.proxy_url()},
+            headers={"X-Crawl-Project": PROJECT},
+            timeout=20,
+        )
+
+    with Gateway(workdir, policy) as gw:
+        threads = [threading.Thread(target=get, args=(path,)) for path in ("/slow", "/held")]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.5)
+        moved = yaml.safe_load(gw.policy_file.read_text())
+        [team] = [t for t in moved["teams"] if t["name"] == TEAM]
+        team["upstream_proxy"] = "pool-b"
+        gw.policy_file.write_text(yaml.safe_dump(moved))
+        status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
+        assert status == 200
+        for thread in threads:
+            thread.join(timeout=20)
+        records = gw.fetch_records()
+    assert answers["/slow"].status_code == 200 and answers["/held"].status_code == 421
+    assert site.paths().get("/held", 0) == 0
+    [held] = [r for r in records if r["url"].endswith("/held")]
+    assert (held["reason"], held["policy_version"]) == ("misdirected", body["policy_version"])

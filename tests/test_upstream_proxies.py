@@ -83,18 +83,16 @@ def pool(workdir: Path) -> Iterator[dict[str, UpstreamProxy]]:
         p.stop()
 
 
+def _through(pool: dict[str, UpstreamProxy]) -> dict[str, object]:
+    """The policy's `egress` with every proxy of `pool` in its upstream_proxies."""
+    proxies = [{"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()]
+    return {"provider": "test-transit", "public_ips": ["203.0.113.7"], "upstream_proxies": proxies}
+
+
 def test_requests_leave_through_the_pool_and_a_team_can_be_pinned(
     workdir: Path, site: Site, pool: dict[str, UpstreamProxy]
 ):
-    policy = policy_with(
-        egress={
-            "provider": "test-transit",
-            "public_ips": ["203.0.113.7"],
-            "upstream_proxies": [
-                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
-            ],
-        }
-    )
+    policy = policy_with(egress=_through(pool))
     policy["teams"][1]["upstream_proxy"] = "pool-b"
     with Gateway(workdir, policy) as gw:
         # Four separate connections from the first team: spread over the pool.
@@ -137,13 +135,7 @@ def test_the_gateways_own_fetches_leave_through_the_pool(
     tls_site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n")
     policy = policy_with(
         defaults={"respect": {"robots": True}},
-        egress={
-            "provider": "test-transit",
-            "public_ips": ["203.0.113.7"],
-            "upstream_proxies": [
-                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
-            ],
-        },
+        egress=_through(pool),
     )
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
         refused = requests.get(
@@ -224,13 +216,7 @@ def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwa
     # left through the one the policy in force no longer gives the team (review).
     site.routes["/slow"] = Reply(body=b"slow", delay=3.0)
     policy = policy_with(
-        egress={
-            "provider": "test-transit",
-            "public_ips": ["203.0.113.7"],
-            "upstream_proxies": [
-                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
-            ],
-        },
+        egress=_through(pool),
         sites=[
             {
                 "id": "one-at-a-time",

@@ -97,6 +97,12 @@ class Settings:
         return self.data_dir / "spool" / self.replica
 
 
+# Origins whose robots.txt Crawl-delay a replica keeps for its sites' rates, as bounded as the
+# budget engine's other per-site tables (50 000 sites): past it all are forgotten, and set again
+# from each origin's parsed robots.txt before its next request is admitted.
+MAX_CRAWL_DELAY_ORIGINS = 50_000
+
+
 class FetchLogUnavailable(Exception):
     """The fetch log's store cannot be opened at start-up."""
 
@@ -171,7 +177,10 @@ class Runtime:
             network=policy.network,
         )
         self.governor.prefetch_checks = [self.optouts.robots, self.optouts.tdmrep]
+        # Site key -> origin -> robots.txt Crawl-delay, only origins that have one; at most
+        # MAX_CRAWL_DELAY_ORIGINS origins in all (a broad crawl meets millions of sites).
         self._crawl_delays: dict[str, dict[str, float]] = {}
+        self._crawl_delay_origins = 0
         self.in_flight = 0  # forwarded, not yet answered
         self.deciding = 0  # come in, neither forwarded nor recorded yet (refusals included)
         # SIGTERM: draining (no new connections; HTTP/1 answers close theirs), then stopping
@@ -250,15 +259,34 @@ class Runtime:
         """
         if ctx.respect.robots:
             origin = origin_of(ctx.scheme, ctx.host, ctx.port)
-            delay = self.optouts.crawl_delay(origin)
-            known = self._crawl_delays.setdefault(ctx.site.key, {})
-            if delay != known.get(origin) and (delay is not None or origin in known):
-                if delay:
+            delay = self.optouts.crawl_delay(origin) or None  # (0: none)
+            key = ctx.site.key
+            known = self._crawl_delays.get(key)
+            if delay != (known.get(origin) if known is not None else None):
+                if delay is not None:
+                    if known is None or origin not in known:
+                        if self._crawl_delay_origins >= MAX_CRAWL_DELAY_ORIGINS:
+                            self._forget_crawl_delays()
+                            known = None
+                        self._crawl_delay_origins += 1
+                    if known is None:
+                        known = self._crawl_delays[key] = {}
                     known[origin] = delay
-                else:
-                    known.pop(origin, None)
-                self.budgets.set_min_interval(ctx.site.key, max(known.values(), default=None))
+                elif known is not None:
+                    del known[origin]
+                    self._crawl_delay_origins -= 1
+                    if not known:
+                        del self._crawl_delays[key]
+                self.budgets.set_min_interval(key, max((known or {}).values(), default=None))
         return await self.budgets.admit(ctx.site)
+
+    def _forget_crawl_delays(self) -> None:
+        """Past MAX_CRAWL_DELAY_ORIGINS: forget every Crawl-delay kept. Each origin's is set
+        again from its parsed robots.txt (read before any request is admitted) at its next
+        request, before that request is admitted."""
+        self._crawl_delays.clear()
+        self._crawl_delay_origins = 0
+        self.budgets.forget_min_intervals()
 
     async def _admit_gateway_fetch(self, url: str) -> Callable[[int], None]:
         """The site's budgets for one of the gateway's own requests (robots.txt, tdmrep.json):

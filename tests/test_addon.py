@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
 from addons.gateway import Gateway
+from proxy import runtime as runtime_module
 from proxy.audit import spool as spool_module
 from proxy.governor import compile_policy
 from proxy.policy import parse_policy
@@ -428,3 +430,47 @@ async def test_begin_line_fails_answer_is_503_with_connection_close(make_gateway
         assert got[:2] == (503, "audit_unavailable"), got
         # As the governance path's: the scraper's next connection goes to a ready replica.
         assert got[2] == "close", got
+
+
+# -- bounded per-site state -------------------------------------------------------------------
+
+
+async def test_crawl_delays_kept_are_bounded_and_hold_again_once_forgotten(
+    make_gateway, monkeypatch
+):
+    """A broad crawl: each origin's robots.txt Crawl-delay is kept for its site's rate, in
+    tables as bounded as the other per-site ones (docs/kubernetes.md). Past the bound they are
+    forgotten, and an origin's delay is set again from its parsed robots.txt before its next
+    request is admitted: forgetting never lets a site be fetched faster than it asked."""
+    monkeypatch.setattr(runtime_module, "MAX_CRAWL_DELAY_ORIGINS", 3)
+    with Site() as site:
+        site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nCrawl-delay: 30\nAllow: /\n")
+        gw = await make_gateway(
+            ChangingDNS({}),
+            respect={"robots": True},
+            allow_private=["127.0.0.0/8"],
+            static_hosts={"*.test": "127.0.0.1"},
+        )
+        rt = gw.rt
+        hosts = [f"site-{i}.test" for i in range(5)]
+        with taddons.context(gw):
+            for host in hosts:
+                flow = request_flow(host, site.port)
+                await gw.requestheaders(flow)
+                assert flow.response is None, flow.response and flow.response.content
+            assert sum(map(len, rt._crawl_delays.values())) <= 3
+            assert len(rt.budgets._min_interval) <= 3
+            # site-0's delay was forgotten: its next request still waits its 30 s.
+            flow = request_flow(hosts[0], site.port)
+            await gw.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 429
+        assert flow.response.headers["X-Crawlwarden-Reason"] == "rate_limited"
+        assert json.loads(flow.response.content)["rule"] == "robots.crawl_delay"
+        # Sites without a Crawl-delay leave nothing behind.
+        site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n")
+        with taddons.context(gw):
+            for i in range(5, 10):
+                flow = request_flow(f"site-{i}.test", site.port)
+                await gw.requestheaders(flow)
+                assert flow.response is None
+        assert all(f"site-{i}.test" not in rt._crawl_delays for i in range(5, 10))

@@ -331,6 +331,13 @@ class BudgetEngine:
         self._specs.pop(site_key, None)
         self._local_specs.pop(site_key, None)
 
+    def forget_min_intervals(self) -> None:
+        """Forget every Crawl-delay set (the caller sets each again before its site's next
+        admission): what keeps their table bounded."""
+        self._min_interval.clear()
+        self._specs.clear()
+        self._local_specs.clear()
+
     def spec(self, site: Site) -> BudgetSpec:
         cached = self._specs.get(site.key)
         # Identity, not equality: a reloaded policy builds new settings objects, so a stale

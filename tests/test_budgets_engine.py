@@ -1055,3 +1055,27 @@ async def test_a_reload_puts_the_gauges_under_the_new_budgets_and_drops_a_rename
         assert gauge(renamed) is None
     finally:
         await engine.close()
+
+
+@pytest.mark.timeout(30)
+async def test_local_pauses_of_sites_not_seen_again_do_not_pile_up(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    """A broad crawl meets many sites that answer 429 once and are never asked again: their
+    local pause guards (a float each) go once over, not kept for the life of the process; a
+    pause still running is kept."""
+    from proxy.budgets import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_MAX_TRACKED_SITES", 5)
+    async with cluster(1) as (a,):
+        for _ in range(5):
+            a.site_answered(make_site(), 429, "1")
+        await a.flush()
+        await asyncio.sleep(1.1)  # those pauses are over; their sites are never asked again
+        live = [make_site() for _ in range(5)]
+        for site in live:
+            a.site_answered(site, 429, "5")
+        await a.flush()
+        assert len(a._local_pause) <= 5
+        for site in live:
+            assert (await a.admit(site)).decision.reason is Reason.SITE_PAUSED

@@ -759,6 +759,10 @@ class BudgetEngine:
             now = time.monotonic()
             # At least this long; the store may make it longer (backoff, an earlier pause).
             guard = seconds if seconds is not None else self._pause_policy.base
+            if site.key not in self._local_pause and len(self._local_pause) >= _MAX_TRACKED_SITES:
+                # Pauses over, of sites not asked again since (_local_pause_left drops the
+                # others'): a broad crawl meets many sites that throttle once.
+                self._local_pause = {k: e for k, e in self._local_pause.items() if e > now}
             self._local_pause[site.key] = max(self._local_pause.get(site.key, 0.0), now + guard)
             task = self._spawn(self._pause(site.key, seconds))
             self._pausing.add(task)

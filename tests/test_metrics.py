@@ -398,6 +398,35 @@ def test_site_label_stays_bounded_over_thousands_of_domains(
         gw.stop()
 
 
+def test_one_off_domains_of_a_broad_crawl_do_not_earn_slots_with_the_gateways_own_reads(
+    workdir: Path,
+) -> None:
+    """With robots.txt and TDMRep respected, the gateway reads both files before a domain's
+    first request: those reads are not the scrapers' traffic and earn no slot, or every
+    domain of a broad crawl earned one with its first request (3 = admit_after) and the
+    sites that carry the traffic, coming later, were `_other` for the life of the process."""
+    with Site() as site:
+        site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nAllow: /\n")
+        site.routes["/.well-known/tdmrep.json"] = Reply(status=404, body=b"")
+        policy = bounded_policy()
+        policy["defaults"]["respect"] = {**policy["defaults"]["respect"], "robots": True}
+        policy["defaults"]["respect"]["tdmrep"] = True
+        with Gateway(workdir, policy) as gw:
+            clients = Clients(gw, threads=4)
+            one_off = [(f"once{i:03d}.test", site.port, "/") for i in range(2 * TOP_N)]
+            clients.run(one_off)
+            clients.run([("busy.test", site.port, "/")] * 3)
+            assert set(clients.statuses["busy.test"]) == {200}
+            assert {s for v in clients.statuses.values() for s in v} == {200}
+            labels = set().union(*site_labels_by_family(gw_metrics(gw)).values())
+        assert "busy.test" in labels
+        assert len({d for d in labels if d.startswith("once")}) <= TOP_N // 2
+
+
+def gw_metrics(gw: Gateway) -> str:
+    return requests.get(gw.admin + "/metrics", timeout=10).text
+
+
 # -- the decision log line joins the fetch record -----------------------------------------------
 
 

@@ -133,6 +133,7 @@ class RobotsRules:
         self.crawl_delay = crawl_delay
         self.content_usage = content_usage
         self._access_lines = access
+        self.size = len(access) + len(content_usage)  # rules parsed (memory, matching time)
         lines = ["User-agent: *", *(f"{field}: {value}" for field, value in access)]
         self._protego = Protego.parse("\n".join(lines))
 

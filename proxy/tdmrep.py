@@ -64,6 +64,11 @@ class TdmRules:
     error: str | None = None
     incomplete: str | None = None
 
+    @property
+    def size(self) -> int:
+        """Rules parsed (memory, matching time)."""
+        return len(self.rules)
+
     def lookup(self, path: str) -> TdmDeclaration:
         """The declaration for the path (and query) of a request: the first rule that matches."""
         found = self.find(path)

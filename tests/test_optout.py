@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import json
+import tracemalloc
+from collections.abc import Callable
 from html.parser import HTMLParser
 
 import pytest
@@ -12,9 +15,11 @@ import pytest
 from addons.streaming import ResponseStream
 from proxy import imagemeta
 from proxy import optout
+from proxy import tdmrep
 from proxy.decision import Reason
 from proxy.optout import Kind
 from proxy.optout import OptOutSignal
+from proxy.optout_checks import BYTES_PER_RULE
 from proxy.optout_checks import BodyScan
 from proxy.optout_checks import OriginEntries
 from proxy.optout_checks import RobotsEntry
@@ -22,6 +27,7 @@ from proxy.originfiles import OriginFile
 from proxy.policy import LegalBasis
 from proxy.policy import Respect
 from proxy.robots import ALLOW_ALL
+from proxy.robots import parse_robots
 from tests.optout_fixtures import TOKEN
 from tests.optout_fixtures import c2pa_sign
 from tests.optout_fixtures import jpeg
@@ -565,6 +571,49 @@ def test_parsed_origin_files_are_bounded_by_their_bodies_bytes() -> None:
         "https://o99.test:443", RobotsEntry(OriginFile("u", "ok", 200, b"", 0, 1e12), ALLOW_ALL)
     )
     assert entries.bytes == (len(entries) - 1) * len(body)  # a replaced entry's bytes given back
+
+
+ROBOTS_SHAPES = {
+    "prefixes": "Disallow: /p{}/",
+    "wildcards": "Disallow: /p{}/x*",
+    "many stars": "Disallow: /a*b*c*d*e*f{}",
+    "anchored index pages": "Allow: /p{}/index.html$",
+    "content usage": "Content-Usage: /p{} train-ai=n",
+}
+
+
+@pytest.mark.parametrize("shape", list(ROBOTS_SHAPES))
+def test_a_parsed_rule_takes_no_more_memory_than_the_bound_counts(shape: str) -> None:
+    # The parsed files' bound counted their bodies only: a 500 KiB robots.txt of 25 000
+    # wildcard rules is 15.6 MiB parsed, and 64 MiB of bodies let in 2 GB (broad-crawl probe).
+    line = ROBOTS_SHAPES[shape]
+    body = ("User-agent: *\n" + "".join(line.format(i) + "\n" for i in range(5000))).encode()
+    taken, rules = _traced(lambda: parse_robots(body, [TOKEN]))
+    assert rules.size >= 5000 and taken <= BYTES_PER_RULE * rules.size, taken / rules.size
+    reserved = [{"location": f"/p{i}/*x*y", "tdm-reservation": 1} for i in range(5000)]
+    taken, tdm = _traced(lambda: tdmrep.parse_tdmrep(json.dumps(reserved)))
+    assert tdm.size == 5000 and taken <= BYTES_PER_RULE * tdm.size, taken / tdm.size
+
+
+def _traced[T](make: Callable[[], T]) -> tuple[int, T]:
+    """What `make()` returns, and the bytes it holds (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        made = make()
+        return tracemalloc.get_traced_memory()[0], made
+    finally:
+        tracemalloc.stop()
+
+
+def test_parsed_origin_files_are_bounded_by_their_rules_too() -> None:
+    body = ("User-agent: *\n" + "".join(f"Disallow: /p{i}/x*\n" for i in range(2000))).encode()
+    file = OriginFile("https://o.test:443/robots.txt", "ok", 200, body, 0.0, 1e12)
+    entry = RobotsEntry(file, parse_robots(body, [TOKEN]))
+    assert entry.weight == len(body) + BYTES_PER_RULE * 2000
+    entries = OriginEntries[RobotsEntry](max_entries=50_000, max_bytes=4 * entry.weight)
+    for i in range(10):
+        entries.put(f"https://o{i}.test:443", entry)
+    assert len(entries) == 4 and entries.bytes == 4 * entry.weight
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
 
+from proxy import optout_checks
 from proxy import tdmrep
 from proxy.decision import Reason
 from tests.optout_fixtures import make_checks
@@ -206,6 +210,38 @@ async def test_a_reservation_in_the_file_refuses_before_fetching() -> None:
             await checks.close()
         assert site.hits[tdmrep.WELL_KNOWN_PATH] == 1
         assert site.hits["/directory-b/html/a"] == 0
+
+
+@pytest.mark.parametrize(("rules", "off_loop"), [(100, False), (2000, True)])
+async def test_a_large_tdmrep_json_is_parsed_and_matched_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, rules: int, off_loop: bool
+) -> None:
+    # 10 000 rules took 0.12 s to parse and 5 ms a request to match, on the event loop (as a
+    # large robots.txt did, which held every team's requests: broad-crawl probe).
+    threads: dict[str, list[bool]] = {"parse": [], "match": []}
+
+    def watched(name: str, work: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            threads[name].append(threading.current_thread() is not threading.main_thread())
+            return work(*args)
+
+        return run
+
+    monkeypatch.setattr(
+        optout_checks, "_parse_tdmrep", watched("parse", optout_checks._parse_tdmrep)
+    )
+    matched = optout_checks._tdm_declaration
+    monkeypatch.setattr(optout_checks, "_tdm_declaration", watched("match", matched))
+    body = json.dumps([{"location": f"/p{i}/*", "tdm-reservation": 1} for i in range(rules)])
+    async with origin_server({tdmrep.WELL_KNOWN_PATH: body}) as site:
+        checks = make_checks()
+        try:
+            reserved, _ = await tdm_decision(checks, f"{site.origin()}/p{rules - 1}/a.jpg")
+            free, _ = await tdm_decision(checks, f"{site.origin()}/elsewhere")
+        finally:
+            await checks.close()
+    assert reserved is not None and reserved.reason is Reason.TDM_RESERVED and free is None
+    assert threads == {"parse": [off_loop], "match": [off_loop, off_loop]}
 
 
 async def test_a_licence_is_the_answer_to_a_reservation() -> None:

@@ -377,6 +377,26 @@ async def test_pause_with_retry_after_http_date(cluster: Cluster):
 
 
 @pytest.mark.timeout(30)
+async def test_pause_with_a_retry_after_too_long_to_read_holds_for_the_longest_pause(
+    cluster: Cluster,
+):
+    # RFC 9110 delay-seconds is 1*DIGIT: 5000 digits are a valid, if absurd, Retry-After. int()
+    # refuses more than 4300 digits, and the 429 used to pause nothing at all.
+    policy = PausePolicy(base=0.2, cap=0.4, max_pause=3.0)
+    long_site, odd_site = make_site(), make_site()
+    async with cluster(2, pause_policy=policy) as (a, b):
+        a.site_answered(long_site, 429, "9" * 5000)
+        a.site_answered(odd_site, 429, "\u00b2")  # a digit to str.isdigit, not to RFC 9110
+        await a.flush()
+        d = (await b.admit(long_site)).decision
+        assert d.reason is Reason.SITE_PAUSED
+        assert d.retry_after is not None and 2.5 < d.retry_after <= 3.0  # max_pause
+        d = (await b.admit(odd_site)).decision
+        assert d.reason is Reason.SITE_PAUSED  # unreadable: backoff
+        assert d.retry_after is not None and d.retry_after <= 0.2
+
+
+@pytest.mark.timeout(30)
 async def test_pause_backs_off_without_retry_after(cluster: Cluster):
     site = make_site()
     policy = PausePolicy(base=0.2, cap=0.4, reset_after=5.0)

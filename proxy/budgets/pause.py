@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import math
 import time
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class PausePolicy:
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header; None when absent or unreadable.
+    """Seconds to wait from a Retry-After header; None when absent or unreadable (the caller
+    then backs off), `math.inf` for delay-seconds too long to count.
 
     >>> parse_retry_after("120")
     120.0
@@ -49,8 +51,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     value = value.strip()
     if not value:
         return None
-    if value.isdigit():
-        return float(int(value))
+    if value.isascii() and value.isdigit():
+        # RFC 9110 delay-seconds: 1*DIGIT, ASCII digits only ("²" and "٣" are digits to
+        # str.isdigit, not to HTTP). More digits than a float holds exactly are longer than any
+        # pause (and int() refuses a string of more than 4300 digits): the caller clamps.
+        return float(int(value)) if len(value) <= 15 else math.inf
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):

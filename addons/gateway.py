@@ -58,6 +58,7 @@ from proxy.blocklist import authority
 from proxy.blocklist import normalize_url
 from proxy.budgets import Admission
 from proxy.budgets import Lease
+from proxy.budgets.pause import THROTTLE_STATUSES
 from proxy.content_coding import BodyDecoder
 from proxy.content_coding import decodable_only
 from proxy.content_coding import undecodable
@@ -198,6 +199,7 @@ class FlowState:
     # A CORS preflight's X-Crawl-* header names, kept from the site and allowed in its answer.
     cors_own_headers: tuple[str, ...] = ()
     settled: bool = False  # in-flight count and budget lease released
+    throttle_noted: bool = False  # a 429/503 head told the budgets (the site pauses from then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -838,6 +840,13 @@ class Gateway:
         # On every answer, also one streamed (its head goes out before the response hook):
         # the scraper links what it saved to its record.
         resp.headers["x-crawlwarden-request-id"] = state.id
+        if resp.status_code in THROTTLE_STATUSES:
+            # The status line is the site's answer: it pauses from now, not once its body is
+            # over (a busy site sends it slowly), nor never (the site or scraper broke it off).
+            state.throttle_noted = True
+            self.rt.budgets.site_answered(
+                state.ctx.site, resp.status_code, resp.headers.get("retry-after")
+            )
         length = resp.headers.get("content-length", "")
         if not length.isdigit():
             # Buffered whole by mitmproxy up to stream_large_bodies, then streamed: by this
@@ -1127,7 +1136,7 @@ class Gateway:
             self.rt.in_flight -= 1
             metrics.IN_FLIGHT.set(self.rt.in_flight)
             answer = state.answer
-            if answer is not None and state.ctx is not None:
+            if answer is not None and state.ctx is not None and not state.throttle_noted:
                 # A 429/503 from the site pauses it for every replica (its Retry-After honoured).
                 self.rt.budgets.site_answered(state.ctx.site, answer.status, answer.retry_after)
             received = answer.body_bytes if answer is not None else None

@@ -78,6 +78,20 @@ class Upstream(RawSite):
             elif self.mode == "stall_body":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc")
                 time.sleep(30)
+            elif self.mode == "throttle_cut":
+                conn.sendall(
+                    b"HTTP/1.1 503 Busy\r\nRetry-After: 30\r\nContent-Length: 1000\r\n\r\nab"
+                )
+                time.sleep(0.2)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            elif self.mode == "throttle_slow":
+                conn.sendall(
+                    b"HTTP/1.1 429 Slow Down\r\nRetry-After: 30\r\nContent-Length: 20\r\n\r\n"
+                )
+                for _ in range(20):
+                    conn.sendall(b"x")
+                    time.sleep(0.1)
             elif self.mode == "cut_body":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc")
                 time.sleep(0.2)
@@ -217,6 +231,46 @@ def test_a_misbehaving_site_times_out_is_recorded_and_the_gateway_serves_on(
         site.url("site-a.test"), proxies={"http": gateway.proxy_url()}, headers=HEADERS, timeout=10
     )
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["throttle_cut", "throttle_slow", "throttle_left"])
+def test_a_site_is_paused_from_the_head_of_its_429_or_503(gateway: Gateway, site: Site, mode: str):
+    """The status line is the site's answer: its pause holds from then on, also while its body
+    is still coming (a busy site is slow), when it breaks the body off, or when the scraper
+    gives up on it first."""
+    upstream = Upstream("throttle_slow" if mode == "throttle_left" else mode)
+    host = f"{mode.replace('_', '-')}.test"
+    url = f"http://{host}:{upstream.port}/{mode}"
+    proxies = {"http": gateway.proxy_url()}
+    try:
+        if mode == "throttle_left":
+            client = socket.create_connection(("127.0.0.1", gateway.port))
+            client.sendall(
+                f"GET {url} HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: "
+                f"{basic(TEAM, TEAM_TOKEN)}\r\nX-Crawl-Project: {PROJECT}\r\n\r\n".encode()
+            )
+            time.sleep(0.5)  # the head has come, the body is on its way
+            client.close()
+            time.sleep(0.3)
+        else:
+            answer: list[requests.Response] = []
+            first = threading.Thread(
+                target=lambda: answer.append(
+                    requests.get(url, proxies=proxies, headers=HEADERS, timeout=30)
+                )
+            )
+            first.start()
+            time.sleep(0.5)  # throttle_slow: the head has come, the body is on its way
+        r = requests.get(url, proxies=proxies, headers=HEADERS, timeout=30)
+        assert r.headers.get("X-Crawlwarden-Reason") == "site_paused", (r.status_code, r.text)
+        assert r.status_code == 429
+        assert 25 <= int(r.headers["Retry-After"]) <= 30
+        assert upstream.requests == 1
+        if mode != "throttle_left":
+            first.join()
+            assert answer[0].status_code in (429, 502)
+    finally:
+        upstream.close()
 
 
 def test_a_site_that_hangs_inside_a_tls_tunnel_times_out(gateway: Gateway, tls_site: Site):

@@ -397,6 +397,22 @@ async def test_pause_with_a_retry_after_too_long_to_read_holds_for_the_longest_p
 
 
 @pytest.mark.timeout(30)
+async def test_a_retry_after_sent_twice_is_honoured(cluster: Cluster):
+    # An application and a CDN in front of it both set Retry-After: the gateway reads the two
+    # fields as one, "120, 120", which used to be unreadable and paused the site by backoff (5 s).
+    site, other = make_site(), make_site()
+    async with cluster(2) as (a, b):
+        a.site_answered(site, 429, "120, 120")
+        a.site_answered(other, 503, "30,90")  # they disagree: the longer one
+        await a.flush()
+        d = (await b.admit(site)).decision
+        assert d.reason is Reason.SITE_PAUSED
+        assert d.retry_after is not None and 119 < d.retry_after <= 120
+        d = (await b.admit(other)).decision
+        assert d.retry_after is not None and 89 < d.retry_after <= 90
+
+
+@pytest.mark.timeout(30)
 async def test_pause_backs_off_without_retry_after(cluster: Cluster):
     site = make_site()
     policy = PausePolicy(base=0.2, cap=0.4, reset_after=5.0)

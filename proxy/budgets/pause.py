@@ -56,6 +56,12 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         # str.isdigit, not to HTTP). More digits than a float holds exactly are longer than any
         # pause (and int() refuses a string of more than 4300 digits): the caller clamps.
         return float(int(value)) if len(value) <= 15 else math.inf
+    if "," in value:
+        parts = [part.strip() for part in value.split(",")]
+        if all(part.isascii() and part.isdigit() for part in parts):
+            # The field sent more than once (an application and a CDN in front of it), read as
+            # one list: the longest of the waits asked for.
+            return max(parse_retry_after(part) or 0.0 for part in parts)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -79,7 +79,7 @@ class OriginFetch:
     """One request the gateway made for a per-origin file, as the fetch log records it."""
 
     url: str
-    status: int | None  # None: no answer (refused by the guard, network error)
+    status: int | None  # None: no answer head (refused by the guard, network error)
     body_bytes: int
     sha256: str | None  # of the body read; None without an answer
     error: str | None
@@ -573,6 +573,8 @@ class OriginFileFetcher:
         release = await self.gate(str(url)) if self.gate is not None else None
         began = (time.time(), time.monotonic())  # (after a wait for the budget, if any)
         body = b""
+        status: int | None = None
+        head: dict[str, str] = {}
         try:
             if proxy is not None:
                 # The proxy connects where it is told: tell it the address the guard admitted.
@@ -602,7 +604,20 @@ class OriginFileFetcher:
             message = self._timeout_message(e) if isinstance(e, TimeoutError) else _error_message(e)
             guarded = _guard_refusal(e)
             refusal = None if guarded is None else TargetRefusal(_PRIVATE_ADDRESS, guarded)
-            self._report(str(url), None, b"", message, via, egress_ip, began, refused=refusal)
+            # A head that came before the break is the site's answer all the same: its status
+            # (a 429/503 pauses the site) and Retry-After are on the record.
+            self._report(
+                str(url),
+                status,
+                b"",
+                message,
+                via,
+                egress_ip,
+                began,
+                refused=refusal,
+                content_type=head.get("content-type"),
+                retry_after=head.get("retry-after"),
+            )
             return message
         finally:
             if release is not None:
@@ -672,7 +687,8 @@ class OriginFileFetcher:
         """`began`: the request's start, wall clock and monotonic. `refused`: it was not made."""
         if self._on_fetch is None:
             return
-        digest = hashlib.sha256(body).hexdigest() if status is not None else None
+        # No hash of a body broken off (its bytes are not kept): the record has the error.
+        digest = hashlib.sha256(body).hexdigest() if status is not None and error is None else None
         duration = max(0.0, time.monotonic() - began[1])
         fetch = OriginFetch(
             url,

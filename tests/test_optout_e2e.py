@@ -463,6 +463,45 @@ def test_a_429_to_the_gateways_own_robots_read_pauses_the_site(gateway: Gateway,
     assert site.count("/x.jpg") == 0
 
 
+class BrokenOff503(RawSite):
+    """Answers robots.txt with a 503 head that asks for 30 s, then breaks the body off."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        head = self.read_head(conn)
+        if not head:
+            return
+        self.paths.append(head.split(b"\r\n")[0].split()[1].decode())
+        conn.sendall(b"HTTP/1.1 503 Busy\r\nRetry-After: 30\r\nContent-Length: 1000\r\n\r\nab")
+        time.sleep(0.2)
+        conn.close()
+
+
+def test_a_503_to_the_gateways_own_read_pauses_the_site_though_its_body_broke_off(
+    gateway: Gateway,
+):
+    # The status line is the site's answer: the read failing mid-body does not unsay it.
+    upstream = BrokenOff503()
+    try:
+        first = curl(
+            f"http://www.cut.test:{upstream.port}/a", proxy=gateway.proxy_url(), headers=HEADERS
+        )
+        assert first.json()["reason"] == "robots_disallowed"  # unreachable: disallowed
+        later = curl(
+            f"http://img.cut.test:{upstream.port}/b", proxy=gateway.proxy_url(), headers=HEADERS
+        )
+        assert (later.status, later.json()["reason"]) == (429, "site_paused")
+        assert 25 <= int(later.headers["retry-after"]) <= 30
+        assert upstream.paths == ["/robots.txt"]  # not even the other host's robots.txt
+    finally:
+        upstream.close()
+    [own] = [r for r in gateway.fetch_records(site="cut.test") if r["kind"] == "gateway_fetch"]
+    assert (own["status"], own["reason"], own["content_sha256"]) == (503, "upstream_error", None)
+
+
 PAGE_NOAI = b"""<!doctype html><html><head><meta name="robots" content="noai, noimageai">
 <title>x</title></head><body>secret words</body></html>"""
 PAGE_TDM = (

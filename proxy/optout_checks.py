@@ -476,7 +476,13 @@ class OptOutChecks:
                 )
             else:
                 signals += optout.usage_signals(aipref.combine(usages), "robots:content-usage")
-        return self._conclude(ctx, signals)
+        decision = self._conclude(ctx, signals)
+        if decision is not None and entry.file.outcome == "unreachable":
+            # Not the site's opt-out but a robots.txt it could not serve (RFC 9309 2.3.1.4):
+            # the scraper may ask again once the gateway reads it again, not drop the URL.
+            left = entry.file.expires_at - self._clock()
+            decision = dataclasses.replace(decision, retry_after=max(1.0, left))
+        return decision
 
     async def tdmrep(self, ctx: RequestContext) -> Decision | None:
         if not ctx.respect.tdmrep or _path_only(ctx.path) in _PROTOCOL_PATHS:

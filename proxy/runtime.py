@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,6 +38,8 @@ from proxy.budgets import BudgetEngine
 from proxy.budgets import BudgetStore
 from proxy.budgets import MemoryBudgetStore
 from proxy.budgets import RedisBudgetStore
+from proxy.budgets import saved
+from proxy.budgets.memory import wall_clock_us
 from proxy.decision import Outcome
 from proxy.decision import Reason
 from proxy.governor import CompiledPolicy
@@ -103,6 +106,10 @@ class Settings:
 MAX_CRAWL_DELAY_ORIGINS = 50_000
 
 
+def _save(path: Path, sites: Sequence[tuple[str, saved.SiteCounts]], now_us: int) -> None:
+    saved.write(path, saved.dump(sites, now_us))
+
+
 class FetchLogUnavailable(Exception):
     """The fetch log's store cannot be opened at start-up."""
 
@@ -147,6 +154,9 @@ class Runtime:
             budget_store = RedisBudgetStore(settings.redis_url, key_prefix=f"{REDIS_PREFIX}b:")
         else:
             budget_store = MemoryBudgetStore()
+        # Embedded mode: its counts kept in the data dir across restarts (proxy/budgets/saved.py).
+        self._counts = budget_store if isinstance(budget_store, MemoryBudgetStore) else None
+        self._counts_saving: asyncio.Task[None] | None = None
         self.budgets = BudgetEngine(
             budget_store,
             site_label=lambda key: self.site_labels.label(key),
@@ -228,8 +238,57 @@ class Runtime:
                 " does not start without it"
             ) from e
         await self.budgets.start()
+        if self._counts is not None:
+            await self._restore_counts(self._counts)
+            self._counts_saving = asyncio.create_task(self._save_counts_every(saved.SAVE_INTERVAL))
         await self.replicas.start()
         await self.takedowns.start()
+
+    @property
+    def saved_counts_path(self) -> Path:
+        return self.settings.data_dir / "budgets" / f"{self.replica}.json"
+
+    async def _restore_counts(self, store: MemoryBudgetStore) -> None:
+        path = self.saved_counts_path
+        data = saved.read(path)
+        if data is None:
+            return
+        try:
+            items = saved.parse(data, wall_clock_us())
+        except saved.SavedCountsError as e:
+            log.error(
+                "budget_counts_unreadable",
+                path=str(path),
+                error=str(e),
+                detail="every site's day and month start from zero in this run",
+            )
+            return
+        await store.carry_over(items, at_least=True)
+        log.info("budget_counts_restored", path=str(path), sites=len(items))
+
+    async def _save_counts_every(self, interval: float) -> None:
+        while True:
+            took = await self._save_counts(sleep_first=interval)
+            interval = max(saved.SAVE_INTERVAL, 10 * took)
+
+    async def _save_counts(self, *, sleep_first: float = 0.0) -> float:
+        """Save the counts (on a worker thread: a million sites take seconds); returns how
+        long that took."""
+        if sleep_first:
+            await asyncio.sleep(sleep_first)
+        assert self._counts is not None
+        started = time.monotonic()
+        sites, now = self._counts.sites(), wall_clock_us()
+        try:
+            await asyncio.to_thread(_save, self.saved_counts_path, sites, now)
+        except OSError as e:
+            log.warning(
+                "budget_counts_not_saved",
+                path=str(self.saved_counts_path),
+                error=str(e),
+                detail="a restart now would begin the sites' days and months at zero",
+            )
+        return time.monotonic() - started
 
     def fetch_log_location(self) -> str:
         """Where the fetch log is stored, for messages (never a password)."""
@@ -245,6 +304,10 @@ class Runtime:
         await self.replicas.close()
         await self.optouts.close()
         await self.budgets.close()  # settles bytes and releases leases still queued
+        if self._counts_saving is not None:
+            self._counts_saving.cancel()
+            await asyncio.gather(self._counts_saving, return_exceptions=True)
+            await self._save_counts()  # (settled by the close above)
         if self.redis is not None:
             await self.redis.aclose()
         await self.fetch_log.close()

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from proxy.budgets import MemoryBudgetStore
 from proxy.budgets import PausePolicy
 from proxy.budgets import RedisBudgetStore
+from proxy.budgets import saved
 from proxy.budgets import scripts
 from proxy.budgets.gcra import utc_day
 from proxy.budgets.gcra import utc_month
@@ -612,3 +613,30 @@ async def test_the_in_process_store_forgets_spent_sites_to_make_room():
     store.max_sites = 2
     with pytest.raises(Exception, match="full"):
         await store.admit(make_spec(), "x", now_us=last_month + S)
+
+
+async def test_saved_counts_come_back_with_the_pause_shortened_and_ended_periods_dropped() -> None:
+    # Embedded mode's counts across a restart (proxy/budgets/saved.py).
+    saved_at = int(dt.datetime(2026, 3, 31, 23, 0, tzinfo=dt.UTC).timestamp() * 1e6)
+    before = MemoryBudgetStore(clock=lambda: saved_at)
+    before_day, before_month = utc_day(saved_at).id, utc_month(saved_at).id
+    await before.carry_over(
+        [
+            Carryover("a.test", before_day, 4, 1000, before_month, 40, paused_for_us=7_200_000_000),
+            Carryover("b.test", before_day, 1, 10, before_month, 9),
+        ]
+    )
+    data = saved.dump(before.sites(), saved_at)
+    same_day = saved_at + 1_800_000_000  # half an hour later, the same day and month
+    after = MemoryBudgetStore(clock=lambda: same_day)
+    await after.carry_over(saved.parse(data, same_day), at_least=True)
+    a = await after.snapshot("a.test")
+    assert (a.day_requests, a.day_bytes, a.month_requests) == (4, 1000, 40)
+    assert a.paused_until_us == same_day + 5_400_000_000  # two hours asked, half an hour gone
+    next_month = saved_at + 7_200_000_000  # 01:00 on 1 April: a new day and a new month
+    later = MemoryBudgetStore(clock=lambda: next_month)
+    await later.carry_over(saved.parse(data, next_month), at_least=True)
+    b = await later.snapshot("b.test")
+    assert (b.day_requests, b.month_requests, b.paused_until_us) == (0, 0, 0)
+    with pytest.raises(saved.SavedCountsError, match="negative"):
+        saved.parse(data.replace(b'"b.test", ', b'"b.test", -'), same_day)

@@ -228,6 +228,44 @@ def test_budgets_survive_redis_losing_its_data(
     assert site.count() == 20
 
 
+def test_embedded_counts_and_pauses_survive_a_restart(workdir: Path, site: Site):
+    # Without Redis the counts lived in memory only: a restart (a new policy, an upgrade) gave
+    # every site its day and month again, and forgot the pause a site had asked for (found by
+    # a site owner's advocate's probe: `requests_per_day: 5` used up, then five more).
+    site.routes["/busy"] = Reply(status=429, headers={"Retry-After": "3600"})
+    policy = policy_with(
+        sites=[
+            {"id": "quota", "match": ["quota.test"], "requests_per_day": 5},
+            {"id": "busy", "match": ["busy.test"]},
+        ]
+    )
+
+    def ask(gw: Gateway, host: str, paths: list[str]) -> Counter[int]:
+        return statuses_of(gw, [site.url(host, p) for p in paths])
+
+    data = workdir / "kept-data"
+    with Gateway(workdir, policy, data_dir=data) as gw:
+        assert ask(gw, "quota.test", [f"/q/{k}" for k in range(3)]) == {200: 3}
+        assert ask(gw, "busy.test", ["/busy"]) == {429: 1}
+    assert (data / "budgets").is_dir()
+    with Gateway(workdir, policy, data_dir=data) as gw:
+        assert ask(gw, "quota.test", [f"/q/{k}" for k in range(3, 6)]) == {200: 2, 429: 1}
+        assert ask(gw, "busy.test", ["/busy"]) == {429: 1}
+        [restored] = gw.log_events("budget_counts_restored")
+    assert site.count("/busy") == 1 and restored["sites"] == 2
+    assert sorted(site.paths()) == ["/busy", *(f"/q/{k}" for k in range(5))]
+
+
+def test_damaged_saved_counts_are_said_and_the_gateway_starts(workdir: Path, site: Site):
+    data = workdir / "kept-data"
+    (data / "budgets").mkdir(parents=True)
+    (data / "budgets" / "gw.json").write_text('{"format": 1, "saved_at_us": 1, "sites": [[')
+    with Gateway(workdir, policy_with(), data_dir=data) as gw:
+        assert statuses_of(gw, [site.url("site-a.test", "/a")]) == {200: 1}
+        [unreadable] = gw.log_events("budget_counts_unreadable")
+    assert "JSONDecodeError" in unreadable["error"] and "zero" in unreadable["detail"]
+
+
 RECOVERY_EVENTS = ("redis_data_lost", "budget_store_recovered")
 
 

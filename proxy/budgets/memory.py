@@ -272,6 +272,11 @@ class MemoryBudgetStore:
             if item.paused_for_us > 0:
                 s.paused_until = max(s.paused_until, now + item.paused_for_us)
 
+    def sites(self) -> list[tuple[str, _SiteState]]:
+        """Every site's state as it is now, for embedded mode's saved counts
+        (proxy/budgets/saved.py), which reads it on a worker thread and changes nothing."""
+        return list(self._sites.items())
+
     # -- for the engine's hand-back to the shared store --------------------------------------
 
     def usage_since_start(self, *, now_us: int | None = None) -> list[Carryover]:

@@ -44,6 +44,7 @@ import unicodedata
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import replace
@@ -791,23 +792,36 @@ def covers(takedown: Takedown) -> Callable[[dict[str, Any]], bool]:
     the replica that forwarded it (or that replica could not reach the shared state): either
     way the team has the content and must delete it. A fetch refused, before or after, took
     nothing and is not listed."""
-    index = Blocklist(takedown.entries())
+    match = covering([takedown])
+    return lambda rec: bool(match(rec))
 
-    def match(rec: dict[str, Any]) -> bool:
+
+def covering(takedowns: Sequence[Takedown]) -> Callable[[dict[str, Any]], list[str]]:
+    """The ids of the takedowns (of `takedowns`) whose manifests list a fetch record (see
+    `covers`). The record's URL is read once for all of them: read once per takedown, listing
+    20 takedowns over 150 000 records took 26 s (a broad-crawl probe)."""
+    indexes = [(td.id, Blocklist(td.entries())) for td in takedowns]
+    # Most records are covered by none: one lookup in all the takedowns' entries tells.
+    anyone = Blocklist([entry for td in takedowns for entry in td.entries()])
+
+    def match(rec: dict[str, Any]) -> list[str]:
         if rec.get("kind", "fetch") != "fetch" or rec.get("decision") not in MANIFEST_DECISIONS:
-            return False
+            return []
         url = rec.get("url") or ""
         parts = urlsplit(url)
         if not parts.hostname:
-            return False
+            return []
         target = canonical_target((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
         try:
             origin = normalize_url(urlunsplit((parts.scheme, parts.netloc, "", "", "")))
             url = origin.removesuffix("/") + target
             host = normalize_host(parts.hostname)
-            return index.match_url(host, url, other_readings(target)) is not None
+            readings = other_readings(target)
+            if anyone.match_url(host, url, readings) is None:
+                return []
+            return [i for i, index in indexes if index.match_url(host, url, readings) is not None]
         except (ValueError, UnicodeError):
-            return False
+            return []
 
     return match
 

@@ -29,7 +29,7 @@ from proxy.takedowns import NotFound
 from proxy.takedowns import StateUnavailable
 from proxy.takedowns import Takedown
 from proxy.takedowns import TakedownRegistry
-from proxy.takedowns import covers
+from proxy.takedowns import covering
 from proxy.takedowns import manifest_row
 
 # Records of this replica still on their way to the store are waited for, this long at most,
@@ -94,12 +94,11 @@ async def manifests(rt: Runtime, takedowns: list[Takedown]) -> dict[str, list[di
     if not takedowns:
         return out
     await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
-    matchers = [(td.id, covers(td)) for td in takedowns]
+    match = covering(takedowns)
 
     def visit(rec: dict[str, Any]) -> None:
-        for takedown_id, match in matchers:
-            if match(rec):
-                out[takedown_id].append(manifest_row(rec))
+        for takedown_id in match(rec):
+            out[takedown_id].append(manifest_row(rec))
 
     # The whole log, not up to the filing: a replica the takedown had not reached yet forwarded
     # what it covers after it was filed (`covers`).

@@ -109,7 +109,9 @@ class SiteTally:
     gateway_fetches: int = 0
     gateway_bytes: int = 0
     bytes_received: int = 0
-    urls: set[str] = field(default_factory=set)
+    # The URLs' hashes, not the URLs: a month of a broad crawl is millions of them (~136 bytes
+    # each as text; two URLs share a 64-bit hash once in ~10^12 pairs, far below one in a log).
+    urls: set[int] = field(default_factory=set)
     daily: Counter[str] = field(default_factory=Counter)
     daily_bytes: Counter[str] = field(default_factory=Counter)
     minutes: Counter[str] = field(default_factory=Counter)
@@ -147,7 +149,7 @@ class SiteTally:
         if decision in REACHED:
             size = int(rec.get("response_bytes") or 0)
             self.bytes_received += size
-            self.urls.add(rec.get("url") or "")
+            self.urls.add(hash(rec.get("url") or ""))
             self.daily[ts[:10]] += 1
             self.daily_bytes[ts[:10]] += size
             self.minutes[ts[:16]] += 1

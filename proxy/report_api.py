@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from proxy.admin import RUNTIME
@@ -43,8 +45,11 @@ async def sites_report(request: web.Request) -> web.Response:
         )
     except (OSError, SchemaTooNew) as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
+    # On a worker thread: the report of a broad crawl (tens of thousands of sites) takes a
+    # second or more to render, which held every request the replica was deciding.
+    text = await asyncio.to_thread(RENDERERS[fmt], report)
     return web.Response(
-        text=RENDERERS[fmt](report),
+        text=text,
         content_type=MEDIA_TYPES[fmt],
         charset="utf-8",
         headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP},

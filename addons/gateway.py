@@ -164,6 +164,9 @@ class Tunnel:
     address: IPAddress | None = None
     static: IPAddress | None = None
     address_version: str = ""
+    # The pool's proxy its connection goes through (egress.upstream_proxies), chosen at its
+    # CONNECT: on the record of each request inside it.
+    upstream_proxy: str | None = None
 
 
 @dataclass(slots=True)
@@ -408,6 +411,13 @@ class Gateway:
             state.refused_tunnel = True
             self._observe_governance(started)
             return self._record(flow, state)
+        state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
+        self._decided(state)
+        # Pin the checked address: the tunnel connects there, and nowhere else.
+        flow.request.data.host = str(address)
+        if host != str(address):
+            flow.server_conn.sni = host
+        self._choose_upstream_proxy(flow, caller.identity, state)
         self.tunnels[flow.client_conn] = Tunnel(
             caller,
             host,
@@ -418,14 +428,8 @@ class Gateway:
             address=address,
             static=state.compiled.resolver.static_address(host),
             address_version=state.compiled.version,
+            upstream_proxy=state.upstream_proxy,
         )
-        state.recorded = True  # a tunnel is not a fetch: each request inside it is recorded
-        self._decided(state)
-        # Pin the checked address: the tunnel connects there, and nowhere else.
-        flow.request.data.host = str(address)
-        if host != str(address):
-            flow.server_conn.sni = host
-        self._choose_upstream_proxy(flow, caller.identity, state)
 
     def _refuse_connect(
         self, flow: http.HTTPFlow, state: FlowState, decision: Decision, started: float
@@ -705,7 +709,9 @@ class Gateway:
         if optout.body_signals_bind(ctx.basis, ctx.respect):
             _ask_for_a_readable_body(req)
         _name_the_checked_host(req, scheme, host, port)
-        if tunnel is None:
+        if tunnel is not None:
+            state.upstream_proxy = tunnel.upstream_proxy  # its connection's, chosen at CONNECT
+        else:
             self._choose_upstream_proxy(flow, identity, state)
             if scheme == "https":  # (through an upstream proxy too: it is asked for the address)
                 self._name_the_tls_target(flow, host, port)

@@ -257,3 +257,42 @@ def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwa
     assert site.paths().get("/held", 0) == 0
     [held] = [r for r in records if r["url"].endswith("/held")]
     assert (held["reason"], held["policy_version"]) == ("misdirected", body["policy_version"])
+
+
+def test_a_request_inside_a_tunnel_through_the_pool_records_its_proxy(
+    workdir: Path, tls_site: Site, test_ca: LocalCA, pool: dict[str, UpstreamProxy]
+):
+    # HTTPS probe: a tunnel through the pool carried its requests through the proxy chosen at
+    # CONNECT, but their records named no upstream proxy (only the tunnel's state had it): the
+    # fetch log did not say which egress an HTTPS fetch used.
+    policy = policy_with(
+        egress={
+            "provider": "test-transit",
+            "public_ips": ["203.0.113.7"],
+            "upstream_proxies": [
+                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
+            ],
+        }
+    )
+    policy["teams"][1]["upstream_proxy"] = "pool-b"
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        for user, token, path in ((TEAM, TEAM_TOKEN, "/first"), (OTHER_TEAM, OTHER_TOKEN, "/b")):
+            session = requests.Session()
+            session.proxies = {"https": gw.proxy_url(user, token)}
+            for i in range(2):  # two requests in one tunnel
+                r = session.get(
+                    tls_site.url("site-a.test", f"{path}/{i}"),
+                    headers={"X-Crawl-Project": PROJECT},
+                    verify=str(gw.ca_cert),
+                    timeout=10,
+                )
+                assert r.status_code == 200
+            session.close()
+        records = {r["url"].split(str(tls_site.port), 1)[1]: r for r in gw.fetch_records()}
+    assert records["/first/0"]["upstream_proxy"] == records["/first/1"]["upstream_proxy"]
+    assert records["/first/0"]["upstream_proxy"] in pool
+    assert records["/b/0"]["upstream_proxy"] == records["/b/1"]["upstream_proxy"] == "pool-b"
+    # ... and it is the proxy the tunnel went through.
+    chosen = pool[records["/first/0"]["upstream_proxy"]]
+    assert f"server connect 127.0.0.1:{tls_site.port}" in chosen.flows()
+    assert f"server connect 127.0.0.1:{tls_site.port}" in pool["pool-b"].flows()

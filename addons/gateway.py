@@ -1275,7 +1275,9 @@ class Gateway:
         if pinned == host:
             return  # named by its address (network.allow_ip_literals)
         pins = self._tls_pins.setdefault(flow.client_conn, {})
-        pins.pop((host, port), None)
+        if pins.pop((host, port), None) != pinned:
+            # A connection to the name's earlier address is not reused for it.
+            named_connections.forget_elsewhere((host, port), (pinned, port))
         pins[(host, port)] = pinned
         if len(pins) > _MAX_TLS_PINS:
             del pins[next(iter(pins))]  # the oldest: the client has moved on from it

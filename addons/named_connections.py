@@ -28,6 +28,15 @@ from addons.patches import install_once
 NAMED: weakref.WeakKeyDictionary[Server, Address] = weakref.WeakKeyDictionary()
 
 
+def forget_elsewhere(name: Address, address: Address) -> None:
+    """The connections opened for `name` to another address than `address` (the one now
+    checked for it: a reload moved the name, or its DNS answer changed) are no longer taken for
+    it: the policy in force connects the name to `address` only."""
+    stale = [s for s, n in NAMED.items() if n == name and s.address != address]
+    for server in stale:
+        NAMED.pop(server, None)
+
+
 def _looks_as_expected() -> bool:
     command = getattr(_http, "GetHttpConnection", None)
     matches = getattr(command, "connection_spec_matches", None)

@@ -321,9 +321,16 @@ class Site:
     as JSON (method, path, headers), so tests can see exactly what reached the site.
     """
 
-    def __init__(self, tls: LocalCA | None = None, *, names: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tls: LocalCA | None = None,
+        *,
+        names: tuple[str, ...] = (),
+        address: tuple[str, int] = ("127.0.0.1", 0),
+    ):
         """`names`: serve a certificate for these names only (no address) instead of the CA's
-        usual one for every test name and 127.0.0.1."""
+        usual one for every test name and 127.0.0.1. `address`: where to listen (another
+        loopback address, or another site's port there)."""
         self.tls = tls
         self.routes: dict[str, Reply | Callable[[Seen], Reply]] = {}
         self.seen: list[Seen] = []
@@ -408,7 +415,7 @@ class Site:
 
         if tls is not None:
             self._tls_context = tls.server_context_for(*names) if names else tls.server_context()
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(address, Handler)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

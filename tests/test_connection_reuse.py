@@ -1,0 +1,59 @@
+"""Connections to sites the gateway keeps and reuses, and the names and addresses they are for:
+an https:// request sent without CONNECT goes to the address checked for its name
+(addons/named_connections.py), a tunnel to the one checked at its CONNECT."""
+
+from __future__ import annotations
+
+import http.client
+from pathlib import Path
+
+import yaml
+
+from tests.support import ADMIN_TOKEN
+from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
+from tests.support import Gateway
+from tests.support import LocalCA
+from tests.support import Site
+from tests.support import basic
+from tests.support import policy_with
+
+AUTH = {"Proxy-Authorization": basic(TEAM, TEAM_TOKEN), "X-Crawl-Project": PROJECT}
+
+
+def _get(client: http.client.HTTPConnection, url: str) -> tuple[int, bytes]:
+    client.request("GET", url, headers=AUTH)
+    answer = client.getresponse()
+    return answer.status, answer.read()
+
+
+def test_a_reload_that_moves_a_name_is_not_ridden_past_on_its_old_connection(
+    workdir: Path, test_ca: LocalCA
+):
+    # HTTPS probe: the connection opened for site-a.test was reused for the next request to
+    # that name after a reload sent the name to 127.0.0.2 and took 127.0.0.1 out of
+    # network.allow_private: the request reached an address the policy in force neither
+    # resolved nor admitted (a tunnel is refused 421 in that case).
+    with Site(tls=test_ca) as old, Site(tls=test_ca, address=("127.0.0.2", old.port)) as new:
+        policy = policy_with(
+            network={"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+        )
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            client = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+            try:
+                assert _get(client, old.url("site-a.test", "/one"))[0] == 200
+                policy["network"] = {
+                    "allow_private": ["127.0.0.2/32"],
+                    "static_hosts": {"*.test": "127.0.0.2"},
+                }
+                gw.policy_file.write_text(yaml.safe_dump(policy))
+                status, _ = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
+                assert status == 200
+                assert _get(client, old.url("site-a.test", "/two"))[0] == 200
+                assert _get(client, old.url("site-a.test", "/three"))[0] == 200
+            finally:
+                client.close()
+    assert [s.path for s in old.seen] == ["/one"]
+    assert [s.path for s in new.seen] == ["/two", "/three"]
+    assert new.connections == 1  # and the new connection is reused in turn

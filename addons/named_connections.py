@@ -8,9 +8,10 @@ and that is now the checked address: every such request opened a new TCP and TLS
 the old one left idle until the site closed it (a connection per request, kept open).
 
 `NAMED` holds, per such connection, the (name, port) it was opened for; `install()` lets
-mitmproxy reuse it for a request to that name as it would for one to its address. Nothing else
-of the match changes (TLS, upstream proxy, transport), and a connection opened for one name is
-never taken for another name on the same address (the certificate was checked for the first).
+mitmproxy reuse it for a request to that name instead of one to its address. Nothing else of
+the match changes (TLS, upstream proxy, transport), and a connection opened for one name is
+never taken for another name on the same address, nor for a request to the address itself (an
+IP literal): the certificate was checked for the name.
 """
 
 from __future__ import annotations
@@ -53,14 +54,12 @@ def install() -> None:
     original = _http.GetHttpConnection.connection_spec_matches
 
     def connection_spec_matches(self: _http.GetHttpConnection, connection: Connection) -> bool:
-        if original(self, connection):
-            return True
-        if not isinstance(connection, Server):
-            return False
-        named = NAMED.get(connection)
+        if not isinstance(connection, Server) or (named := NAMED.get(connection)) is None:
+            return original(self, connection)
+        # Only for its name: not for a request to its address (an IP literal), whose
+        # certificate check it never had.
         return (
-            named is not None
-            and named == self.address
+            named == self.address
             and self.tls == connection.tls
             and self.via == connection.via
             and self.transport_protocol == connection.transport_protocol

@@ -57,3 +57,33 @@ def test_a_reload_that_moves_a_name_is_not_ridden_past_on_its_old_connection(
     assert [s.path for s in old.seen] == ["/one"]
     assert [s.path for s in new.seen] == ["/two", "/three"]
     assert new.connections == 1  # and the new connection is reused in turn
+
+
+def test_an_ip_literal_request_does_not_ride_a_connection_opened_for_a_name(
+    workdir: Path, test_ca: LocalCA
+):
+    # HTTPS probe: `GET https://127.0.0.1:P/` after `GET https://site-a.test:P/` on one client
+    # connection rode the TLS connection opened for site-a.test (same address, port, TLS):
+    # its certificate had been checked for the name, never for the address, and the site
+    # served it in site-a.test's TLS session. On a connection of its own the site's
+    # certificate (naming site-a.test only) fails the check against the address.
+    policy = policy_with(
+        network={
+            "allow_private": ["127.0.0.0/8"],
+            "allow_ip_literals": ["127.0.0.0/8"],
+            "static_hosts": {"*.test": "127.0.0.1"},
+        }
+    )
+    with Site(tls=test_ca, names=("site-a.test",)) as named:
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            client = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+            try:
+                assert _get(client, named.url("site-a.test", "/one"))[0] == 200
+                status, _ = _get(client, named.url("127.0.0.1", "/two"))
+            finally:
+                client.close()
+            [record] = [r for r in gw.fetch_records() if r["url"].endswith("/two")]
+    assert status == 502
+    assert [s.path for s in named.seen] == ["/one"]
+    assert (record["site"], record["decision"]) == ("127.0.0.1", "forwarded"), record
+    assert "IP address mismatch" in record["note"], record

@@ -415,8 +415,9 @@ class Gateway:
         self._decided(state)
         # Pin the checked address: the tunnel connects there, and nowhere else.
         flow.request.data.host = str(address)
-        if host != str(address):
-            flow.server_conn.sni = host
+        # The TLS name (SNI, and what the site's certificate is checked against) is the host
+        # decided on, not the scraper's SNI: an IP literal's is its address (no SNI).
+        flow.server_conn.sni = host
         self._choose_upstream_proxy(flow, caller.identity, state)
         self.tunnels[flow.client_conn] = Tunnel(
             caller,

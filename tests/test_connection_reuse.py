@@ -5,6 +5,8 @@ an https:// request sent without CONNECT goes to the address checked for its nam
 from __future__ import annotations
 
 import http.client
+import socket
+import ssl
 from pathlib import Path
 
 import yaml
@@ -87,3 +89,43 @@ def test_an_ip_literal_request_does_not_ride_a_connection_opened_for_a_name(
     assert [s.path for s in named.seen] == ["/one"]
     assert (record["site"], record["decision"]) == ("127.0.0.1", "forwarded"), record
     assert "IP address mismatch" in record["note"], record
+
+
+def test_a_tunnel_to_an_ip_literal_names_no_other_host_to_the_site(workdir: Path, test_ca: LocalCA):
+    # HTTPS probe: CONNECT 127.0.0.1:P (network.allow_ip_literals), then a ClientHello naming
+    # site-b.test, which the blocklist refuses: the request was decided, charged and recorded as
+    # 127.0.0.1's, and the gateway's TLS connection to the site named site-b.test (SNI) and
+    # checked the certificate against it. A front end that routes by SNI serves the refused site.
+    entry = {"id": "blk-b", "match": ["site-b.test"], "reason": "r", "source": "s"}
+    policy = policy_with(
+        blocklist=[entry],
+        network={
+            "allow_private": ["127.0.0.0/8"],
+            "allow_ip_literals": ["127.0.0.0/8"],
+            "static_hosts": {"*.test": "127.0.0.1"},
+        },
+    )
+    names: list[str | None] = []
+    with Site(tls=test_ca) as site, Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        site._tls_context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+        target = f"127.0.0.1:{site.port}"
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+            raw.sendall(
+                f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+                f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n\r\n".encode()
+            )
+            assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+            context = ssl.create_default_context(cafile=str(gw.ca_cert))
+            with context.wrap_socket(raw, server_hostname="site-b.test") as tls:
+                tls.sendall(
+                    f"GET /x HTTP/1.1\r\nHost: {target}\r\nX-Crawl-Project: {PROJECT}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                answer = b""
+                while chunk := tls.recv(65536):
+                    answer += chunk
+        [record] = [r for r in gw.fetch_records() if r["url"].endswith("/x")]
+    # No SNI (RFC 6066: none for an address), the certificate checked against 127.0.0.1.
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert names == [None]
+    assert (record["site"], record["decision"]) == ("127.0.0.1", "forwarded")

@@ -1657,7 +1657,8 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
     `Host: blocked.test` would fetch the blocked site under the allowed one's checks, budget and
     record. RFC 9112 3.2.2: a proxy replaces the Host header with the request target's host.
     Inside a tunnel (where a Host naming another host is refused 421) it gives an HTTP/1.0
-    request without one the tunnel's, not the server's default site. Fields that would name
+    request without one the tunnel's, not the server's default site, and an HTTP/2 or 3
+    request's :authority is the tunnel's too (its port). Fields that would name
     another host or path to the site's framework are dropped (`_TARGET_OVERRIDES`)."""
     named = authority(scheme, host, port)
     sent: list[bytes] = []
@@ -1672,6 +1673,9 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
             overrides.append(lowered.decode())
     for override in overrides:
         req.headers.pop(override, None)
+    if req.authority and req.authority != named and (req.is_http2 or req.is_http3):
+        # (`site-a.test:1` in a tunnel to site-a.test:443, say: not the port it goes to)
+        req.authority = named
     if sent == [named.encode()]:
         return
     if sent or not (req.is_http2 or req.is_http3):  # HTTP/2 and 3 name it in :authority

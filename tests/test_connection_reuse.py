@@ -16,10 +16,12 @@ from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
 from tests.support import Gateway
+from tests.support import H2Client
 from tests.support import LocalCA
 from tests.support import Site
 from tests.support import basic
 from tests.support import policy_with
+from tests.support import tls_tunnel
 
 AUTH = {"Proxy-Authorization": basic(TEAM, TEAM_TOKEN), "X-Crawl-Project": PROJECT}
 
@@ -129,3 +131,20 @@ def test_a_tunnel_to_an_ip_literal_names_no_other_host_to_the_site(workdir: Path
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert names == [None]
     assert (record["site"], record["decision"]) == ("127.0.0.1", "forwarded")
+
+
+def test_an_http2_request_in_a_tunnel_names_the_checked_authority_to_the_site(
+    workdir: Path, test_ca: LocalCA
+):
+    # HTTPS probe: in a tunnel to site-a.test:P, an HTTP/2 stream with :authority site-a.test:1
+    # was decided and recorded as https://site-a.test:P/..., and the site was sent
+    # site-a.test:1 (its :authority, or the Host of an HTTP/1 site); an HTTP/1 request's Host
+    # is replaced with the host the gateway checked.
+    with Site(tls=test_ca) as site:
+        with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, f"site-a.test:{site.port}", alpn="h2") as tls:
+                answer = H2Client(tls).get("site-a.test:1", "/h2", ("x-crawl-project", PROJECT))
+            [record] = [r for r in gw.fetch_records() if r["url"].endswith("/h2")]
+    assert answer.headers[":status"] == "200"
+    assert record["url"] == f"https://site-a.test:{site.port}/h2"
+    assert [(s.host, s.path) for s in site.seen] == [(f"site-a.test:{site.port}", "/h2")]

@@ -74,6 +74,7 @@ from proxy.optout_checks import ROBOTS_PATH
 from proxy.optout_checks import Assessment
 from proxy.optout_checks import BodyScan
 from proxy.originfiles import origin_of
+from proxy.policy import UpstreamProxy
 from proxy.runtime import Runtime
 from proxy.sites import is_ip_literal
 from proxy.ssrf import IPAddress
@@ -165,8 +166,10 @@ class Tunnel:
     static: IPAddress | None = None
     address_version: str = ""
     # The pool's proxy its connection goes through (egress.upstream_proxies), chosen at its
-    # CONNECT: on the record of each request inside it.
-    upstream_proxy: str | None = None
+    # CONNECT: on the record of each request inside it. After a reload that takes it out of
+    # the pool (or gives its name another URL, or brings in a pool), the next request inside is
+    # answered 421: the tunnel's connection was made the old way.
+    egress: UpstreamProxy | None = None
 
 
 @dataclass(slots=True)
@@ -418,7 +421,7 @@ class Gateway:
         # The TLS name (SNI, and what the site's certificate is checked against) is the host
         # decided on, not the scraper's SNI: an IP literal's is its address (no SNI).
         flow.server_conn.sni = host
-        self._choose_upstream_proxy(flow, caller.identity, state)
+        egress = self._choose_upstream_proxy(flow, caller.identity, state)
         self.tunnels[flow.client_conn] = Tunnel(
             caller,
             host,
@@ -429,7 +432,7 @@ class Gateway:
             address=address,
             static=state.compiled.resolver.static_address(host),
             address_version=state.compiled.version,
-            upstream_proxy=state.upstream_proxy,
+            egress=egress,
         )
 
     def _refuse_connect(
@@ -458,11 +461,23 @@ class Gateway:
         if tunnel.policy_version == version:
             return tunnel.caller
         caller = self.rt.governor.authenticate(tunnel.credentials)
-        if caller is not None and caller.identity.upstream_proxy == (
-            tunnel.caller.identity.upstream_proxy
+        if (
+            caller is not None
+            and caller.identity.upstream_proxy == tunnel.caller.identity.upstream_proxy
+            and self._egress_holds(tunnel)
         ):
             tunnel.caller, tunnel.policy_version = caller, version  # its projects may differ
         return caller
+
+    def _egress_holds(self, tunnel: Tunnel) -> bool:
+        """Whether the policy in force still sends the tunnel's traffic the way its connection
+        goes: through the same proxy of the pool (name and URL), or, with no pool, directly."""
+        if tunnel.refusal is not None:
+            return True  # it has no connection
+        pool = self.rt.compiled.loaded.policy.egress.upstream_proxies
+        if tunnel.egress is None:
+            return not pool
+        return any(p == tunnel.egress for p in pool)
 
     async def _authenticate(
         self, flow: http.HTTPFlow, state: FlowState, header: str | None
@@ -711,7 +726,8 @@ class Gateway:
             _ask_for_a_readable_body(req)
         _name_the_checked_host(req, scheme, host, port)
         if tunnel is not None:
-            state.upstream_proxy = tunnel.upstream_proxy  # its connection's, chosen at CONNECT
+            # its connection's, chosen at CONNECT
+            state.upstream_proxy = None if tunnel.egress is None else tunnel.egress.name
         else:
             self._choose_upstream_proxy(flow, identity, state)
             if scheme == "https":  # (through an upstream proxy too: it is asked for the address)
@@ -1342,10 +1358,10 @@ class Gateway:
 
     def _choose_upstream_proxy(
         self, flow: http.HTTPFlow, identity: Identity, state: FlowState
-    ) -> None:
+    ) -> UpstreamProxy | None:
         pool = state.compiled.loaded.policy.egress.upstream_proxies
         if not pool:
-            return
+            return None
         if identity.upstream_proxy is not None:
             chosen = next(p for p in pool if p.name == identity.upstream_proxy)
         else:
@@ -1354,6 +1370,7 @@ class Gateway:
             self._proxy_turn += 1
         flow.server_conn.via = server_spec.parse(chosen.url, "http")
         state.upstream_proxy = chosen.name
+        return chosen
 
     def _observe_governance(self, started: float, ctx: RequestContext | None = None) -> None:
         """The gateway's decision time: not what the request waited for the site's files or,

@@ -13,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from tests.support import ADMIN_TOKEN
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
 from tests.support import PROJECT
@@ -296,3 +297,55 @@ def test_a_request_inside_a_tunnel_through_the_pool_records_its_proxy(
     chosen = pool[records["/first/0"]["upstream_proxy"]]
     assert f"server connect 127.0.0.1:{tls_site.port}" in chosen.flows()
     assert f"server connect 127.0.0.1:{tls_site.port}" in pool["pool-b"].flows()
+
+
+@pytest.mark.parametrize("change", ["removed", "moved", "added", "kept"])
+def test_a_reload_that_changes_a_tunnels_egress_applies_to_it(
+    workdir: Path, tls_site: Site, test_ca: LocalCA, pool: dict[str, UpstreamProxy], change: str
+):
+    # HTTPS probe: a reload that took the proxy a tunnel went through out of the pool (or gave
+    # its name another URL, or brought in a pool for a tunnel that went direct) left the tunnel
+    # leaving the old way, under the new policy's version. As after a reload that changes a
+    # team's pinned proxy, the next request in it is answered 421, for a new tunnel.
+    first, second = pool["pool-a"], pool["pool-b"]
+    a = {"name": "pool-a", "url": f"http://127.0.0.1:{first.port}"}
+    b = {"name": "pool-b", "url": f"http://127.0.0.1:{second.port}"}
+    before = [] if change == "added" else [a]
+    after = {
+        "removed": [b],
+        "moved": [{"name": "pool-a", "url": b["url"]}],
+        "added": [b],
+        "kept": [b, a],  # its proxy still in the pool: the tunnel is kept
+    }[change]
+    egress = {"provider": "test-transit", "public_ips": ["203.0.113.7"]}
+    policy = policy_with(egress={**egress, "upstream_proxies": before})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        session = requests.Session()
+        session.proxies = {"https": gw.proxy_url(OTHER_TEAM, OTHER_TOKEN)}
+        url = tls_site.url("site-a.test", "/one")
+        assert session.get(url, verify=str(gw.ca_cert), timeout=10).status_code == 200
+        policy["egress"]["upstream_proxies"] = after
+        gw.policy_file.write_text(yaml.safe_dump(policy))
+        status, _ = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
+        assert status == 200
+        again = session.get(url, verify=str(gw.ca_cert), timeout=10)  # in the same tunnel
+        if change == "kept":
+            assert again.status_code == 200
+            assert tls_site.count("/one") == 2
+            return
+        assert (again.status_code, again.headers["X-Crawlwarden-Reason"]) == (421, "misdirected")
+        assert again.headers["Connection"] == "close"
+        # A new tunnel leaves through the pool in force.
+        fresh = requests.get(
+            tls_site.url("site-a.test", "/two"),
+            proxies={"https": gw.proxy_url(OTHER_TEAM, OTHER_TOKEN)},
+            verify=str(gw.ca_cert),
+            timeout=10,
+        )
+        assert fresh.status_code == 200
+        records = {
+            r["url"].rsplit("/", 1)[1]: r for r in gw.fetch_records() if r["kind"] == "fetch"
+        }
+    assert tls_site.count("/one") == 1 and tls_site.count("/two") == 1
+    assert records["two"]["upstream_proxy"] == after[0]["name"]
+    assert f"server connect 127.0.0.1:{tls_site.port}" in second.flows()

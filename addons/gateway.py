@@ -293,6 +293,10 @@ class Gateway:
             weakref.WeakKeyDictionary()
         )
         self._proxy_turn = 0
+        # The pool's proxy each client connection's requests leave through (a team not pinned).
+        self._pool_choices: weakref.WeakKeyDictionary[connection.Client, UpstreamProxy] = (
+            weakref.WeakKeyDictionary()
+        )
         self.throttle = throttle or AuthThrottle()
         # Delay-mode admissions under way, per client: given up when the client goes away.
         self._held: weakref.WeakKeyDictionary[connection.Client, set[asyncio.Future[Admission]]] = (
@@ -1362,12 +1366,18 @@ class Gateway:
         pool = state.compiled.loaded.policy.egress.upstream_proxies
         if not pool:
             return None
+        chosen: UpstreamProxy | None
         if identity.upstream_proxy is not None:
             chosen = next(p for p in pool if p.name == identity.upstream_proxy)
         else:
-            # Spread over the pool per client connection, so keep-alive connections stay reused.
-            chosen = pool[self._proxy_turn % len(pool)]
-            self._proxy_turn += 1
+            # Spread over the pool per client connection: its requests keep one proxy (one
+            # egress for the site to see, and keep-alive connections stay reused).
+            kept = self._pool_choices.get(flow.client_conn)
+            chosen = next((p for p in pool if p == kept), None)  # (one the pool still has)
+            if chosen is None:
+                chosen = pool[self._proxy_turn % len(pool)]
+                self._proxy_turn += 1
+                self._pool_choices[flow.client_conn] = chosen
         flow.server_conn.via = server_spec.parse(chosen.url, "http")
         state.upstream_proxy = chosen.name
         return chosen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
 import threading
@@ -349,3 +350,43 @@ def test_a_reload_that_changes_a_tunnels_egress_applies_to_it(
     assert tls_site.count("/one") == 1 and tls_site.count("/two") == 1
     assert records["two"]["upstream_proxy"] == after[0]["name"]
     assert f"server connect 127.0.0.1:{tls_site.port}" in second.flows()
+
+
+def test_the_requests_of_one_scraper_connection_keep_one_proxy_of_the_pool(
+    workdir: Path, site: Site, pool: dict[str, UpstreamProxy]
+):
+    # HTTPS probe: README says connections are spread over the pool; it was each request: one
+    # keep-alive connection's requests alternated between the proxies, so the site saw one
+    # scraper's requests come from rotating egresses, over a connection per proxy.
+    policy = policy_with(
+        egress={
+            "provider": "test-transit",
+            "public_ips": ["203.0.113.7"],
+            "upstream_proxies": [
+                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
+            ],
+        }
+    )
+    with Gateway(workdir, policy) as gw:
+        for connection in ("first", "second"):
+            client = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+            try:
+                for i in range(3):
+                    client.request(
+                        "GET",
+                        site.url("site-a.test", f"/{connection}/{i}"),
+                        headers={"Proxy-Authorization": basic(OTHER_TEAM, OTHER_TOKEN)},
+                    )
+                    answer = client.getresponse()
+                    answer.read()
+                    assert answer.status == 200
+            finally:
+                client.close()
+        records = gw.fetch_records()
+    used = {
+        connection: {r["upstream_proxy"] for r in records if f"/{connection}/" in r["url"]}
+        for connection in ("first", "second")
+    }
+    assert [len(proxies) for proxies in used.values()] == [1, 1], used
+    assert used["first"] != used["second"]  # two connections: spread over the pool
+    assert site.connections == 2

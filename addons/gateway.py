@@ -1296,12 +1296,17 @@ class Gateway:
         if pinned == host:
             return  # named by its address (network.allow_ip_literals)
         pins = self._tls_pins.setdefault(flow.client_conn, {})
-        if pins.pop((host, port), None) != pinned:
-            # A connection to the name's earlier address is not reused for it.
-            named_connections.forget_elsewhere((host, port), (pinned, port))
+        previous = pins.pop((host, port), None)
+        if previous is not None and previous != pinned:
+            # Moved (a reload, a new DNS answer): the connection to the name's earlier address
+            # is not reused for it. (A client's connections are its own: one new to the name
+            # has none to it.)
+            named_connections.forget((host, port), unless_at=(pinned, port))
         pins[(host, port)] = pinned
         if len(pins) > _MAX_TLS_PINS:
-            del pins[next(iter(pins))]  # the oldest: the client has moved on from it
+            oldest = next(iter(pins))  # the client has moved on from it
+            del pins[oldest]
+            named_connections.forget(oldest)  # reused only with its pin, checked again
         flow.metadata[PINNED] = (pinned, port)
         flow.request.data.host = host
 

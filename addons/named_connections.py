@@ -29,11 +29,11 @@ from addons.patches import install_once
 NAMED: weakref.WeakKeyDictionary[Server, Address] = weakref.WeakKeyDictionary()
 
 
-def forget_elsewhere(name: Address, address: Address) -> None:
-    """The connections opened for `name` to another address than `address` (the one now
-    checked for it: a reload moved the name, or its DNS answer changed) are no longer taken for
-    it: the policy in force connects the name to `address` only."""
-    stale = [s for s, n in NAMED.items() if n == name and s.address != address]
+def forget(name: Address, *, unless_at: Address | None = None) -> None:
+    """The connections opened for `name`, but those to `unless_at` (the address now checked for
+    it), are no longer taken for it: a reload moved the name, say, and the policy in force
+    connects it to `unless_at` only."""
+    stale = [s for s, n in NAMED.items() if n == name and s.address != unless_at]
     for server in stale:
         NAMED.pop(server, None)
 

@@ -358,6 +358,7 @@ class OptOutChecks:
         self.fetcher.contact = crawler.contact
         self._resolver.resolver = resolver
         self._resolver.guard = guard
+        self.fetcher.renew_connections()  # none kept under the old network rules
         self.fetcher.upstream_proxies = list(upstream_proxies)
         self._use_network(network)
 

@@ -412,6 +412,9 @@ class OriginFileFetcher:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._proxied_session: aiohttp.ClientSession | None = None
+        # A reload came: the direct session's kept connections are not reused (renew_connections).
+        self._renew = False
+        self._retiring: set[asyncio.Task[None]] = set()
         self._flights: dict[str, asyncio.Task[OriginFile]] = {}
 
     def use_timeouts(self, *, connect: float, read: float) -> None:
@@ -710,7 +713,23 @@ class OriginFileFetcher:
         except Exception:  # a broken recorder must not break the check
             log.exception("on_fetch callback failed", url=url)
 
+    def renew_connections(self) -> None:
+        """A reload: fetches from now on open new connections. aiohttp keeps a site's by its
+        host name; one kept across a reload that moved the host (`network.static_hosts`) or
+        took its address out of `network.allow_private` would still be read from."""
+        self._renew = True
+
     def _client(self) -> aiohttp.ClientSession:
+        if self._renew:
+            self._renew = False
+            if self._session is not None and not self._session.closed:
+                # Closed once the fetches under way on it are over (each within its total).
+                retiring = asyncio.get_running_loop().create_task(
+                    _close_after(self._session, self._total_timeout + 1.0)
+                )
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
+            self._session = None
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 resolver=self.resolver, use_dns_cache=False, ssl=self._ssl, limit=64
@@ -734,10 +753,20 @@ class OriginFileFetcher:
         for task in list(self._flights.values()):
             task.cancel()
         self._flights.clear()
+        for retiring in list(self._retiring):
+            retiring.cancel()  # (closes its session)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for session in (self._session, self._proxied_session):
             if session is not None:
                 await session.close()
         self._session = self._proxied_session = None
+
+
+async def _close_after(session: aiohttp.ClientSession, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await session.close()
 
 
 def _local_address(resp: aiohttp.ClientResponse) -> str | None:

@@ -9,6 +9,7 @@ import socket
 import ssl
 from pathlib import Path
 
+import requests
 import yaml
 
 from tests.support import ADMIN_TOKEN
@@ -148,3 +149,36 @@ def test_an_http2_request_in_a_tunnel_names_the_checked_authority_to_the_site(
     assert answer.headers[":status"] == "200"
     assert record["url"] == f"https://site-a.test:{site.port}/h2"
     assert [(s.host, s.path) for s in site.seen] == [(f"site-a.test:{site.port}", "/h2")]
+
+
+def test_the_gateways_own_fetches_follow_a_reload_that_moves_their_site(workdir: Path):
+    # HTTPS probe: robots.txt was read over a connection that aiohttp kept, by host name; after
+    # a reload that sent the name to 127.0.0.2 and took 127.0.0.1 out of
+    # network.allow_private, the next file (tdmrep.json, respected from then on) was read
+    # over that connection, from the address the policy in force no longer admits.
+    with Site() as old, Site(address=("127.0.0.2", old.port)) as new:
+        policy = policy_with(
+            defaults={"respect": {"robots": True, "tdmrep": False}},
+            network={"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}},
+        )
+        with Gateway(workdir, policy) as gw:
+            proxies = {"http": gw.proxy_url()}
+            headers = {"X-Crawl-Project": PROJECT}
+            first = requests.get(
+                old.url("site-a.test", "/one"), proxies=proxies, headers=headers, timeout=10
+            )
+            assert first.status_code == 200
+            policy["network"] = {
+                "allow_private": ["127.0.0.2/32"],
+                "static_hosts": {"*.test": "127.0.0.2"},
+            }
+            policy["defaults"]["respect"]["tdmrep"] = True
+            gw.policy_file.write_text(yaml.safe_dump(policy))
+            status, _ = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
+            assert status == 200
+            second = requests.get(
+                old.url("site-a.test", "/two"), proxies=proxies, headers=headers, timeout=10
+            )
+            assert second.status_code == 200
+    assert [s.path for s in old.seen] == ["/robots.txt", "/one"]
+    assert [s.path for s in new.seen] == ["/.well-known/tdmrep.json", "/two"]

@@ -413,10 +413,11 @@ class Runtime:
             reason = str(Reason.OK if error is None else Reason.UPSTREAM_ERROR)
         # In the request and byte counters as every request a site gets (team `_none`: no
         # team's), so that a site's panels show the load the gateway put on it.
-        # Under the site's label if it has one, but earning it none: these reads come before
-        # a domain's first request (robots.txt, tdmrep.json), so with them every domain of a
-        # broad crawl earned a slot with its first request.
-        site_label = self.site_labels.peek(site)
+        # Under the site's label (an open slot taken, as its first request would), but earning
+        # it none: these reads come before a domain's first request (robots.txt, tdmrep.json),
+        # so counted as requests every domain of a broad crawl earned a slot with its first.
+        labels = self.site_labels
+        site_label = labels.peek(site) if fetch.refused else labels.label(site)
         metrics.count_request(site_label, "_none", decision, reason)
         if fetch.body_bytes:
             metrics.count_response_bytes(site_label, "_none", fetch.body_bytes)

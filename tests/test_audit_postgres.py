@@ -166,6 +166,8 @@ class Relay:
             self.port = int(s.getsockname()[1])
         self.server: asyncio.Server | None = None
         self.pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.stalled = False
+        self.held: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
@@ -176,10 +178,24 @@ class Relay:
         for a, b in list(self.pairs):
             a.transport.abort()
             b.transport.abort()
+        for w in self.held:
+            w.transport.abort()
+        self.held = []
         await self.server.wait_closed()
         self.server = None
 
+    def stall(self) -> None:
+        """PostgreSQL's host gone without a word (a partition, a dead node): connections stay
+        open and nothing more passes either way, new ones are accepted and never answered."""
+        self.stalled = True
+        for a, b in self.pairs:
+            a.transport.pause_reading()
+            b.transport.pause_reading()
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stalled:
+            self.held.append(writer)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -244,6 +260,40 @@ async def test_store_down_spool_grows_fails_closed_and_recovery_ships_everything
     await relay.stop()
     out = export_and_verify(pg_dsn, public, tmp_path / "e.jsonl")
     assert f"replica gw-down: records 1..{written} ({written} in full)" in out
+
+
+@pytest.mark.timeout(60)  # the close used to hang for good
+async def test_close_is_bounded_when_postgresql_stops_answering(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    # A stop (SIGTERM) while PostgreSQL's host is gone without a reset: after its flush wait the
+    # fetch log must let go of connections that never answer, not wait out their command timeout
+    # (60 s) and a graceful pool close that never ends, or the kubelet's SIGKILL comes first
+    # (docs/kubernetes.md: "waits the whole 30 s, then exits and logs
+    # fetchlog_unshipped_at_exit").
+    signer, _ = keys(tmp_path)
+    url = urllib.parse.urlsplit(pg_dsn)
+    relay = Relay((url.hostname or "127.0.0.1", url.port or 5432))
+    await relay.start()
+    relayed = urllib.parse.urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{relay.port}"))
+    log = fetch_log(PostgresStore(relayed), tmp_path / "spool", "gw-stalled", signer)
+    await log.open()
+    for i in range(3):
+        log.append(fetch(i))
+    assert await log.flushed()
+    relay.stall()
+    for i in range(3, 6):
+        log.append(fetch(i))
+    await asyncio.sleep(0.5)  # a write is under way on a connection that will never answer
+    flush = 2.0
+    began = asyncio.get_running_loop().time()
+    with capture_logs() as logs:
+        await log.close(timeout=flush)
+    took = asyncio.get_running_loop().time() - began
+    await relay.stop()
+    assert took < flush + 10, f"close took {took:.1f} s after a {flush} s flush wait"
+    [unshipped] = [e for e in logs if e["event"] == "fetchlog_unshipped_at_exit"]
+    assert unshipped["records"] >= 3 and unshipped["kept_in"] == "spool"
 
 
 async def test_a_second_process_with_the_same_replica_id_is_refused(

@@ -93,6 +93,9 @@ WITNESS_WINDOW_MIN_SECONDS = 900.0
 WITNESS_RECORD_SLACK_SECONDS = 3600.0
 # After a failed spool write (disk full), how often the spool is tried for room again.
 SPOOL_RETRY_SECONDS = 1.0
+# At a stop, how long the cancelled ship and fsync tasks get to end before the store is closed
+# under them (and then again after it).
+_CANCEL_SECONDS = 1.0
 # Past spool_max_bytes nothing more is forwarded, but refusals are still recorded one by one
 # up to this share of it more; past that they are counted (RefusalsNotKept), so the spool's
 # size stays bounded whatever a flood of refused requests brings.
@@ -451,9 +454,14 @@ class FetchLog:
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # A write on a connection that never answers (PostgreSQL's host gone without a
+            # reset) would hold its cancellation for the store's command timeout: the store's
+            # bounded close cuts such connections, which ends it.
+            _, stuck = await asyncio.wait(self._tasks, timeout=_CANCEL_SECONDS)
+            if stuck:
+                await self.store.close()
+                await asyncio.wait(stuck, timeout=_CANCEL_SECONDS)
         self._tasks = []
         if self._queue:
             log.error("fetchlog_unshipped_at_exit", records=len(self._queue), kept_in="spool")

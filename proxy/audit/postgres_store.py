@@ -230,6 +230,8 @@ def _replica_key(replica: str) -> int:
 
 
 _CLAIM_TRIES, _CLAIM_PAUSE = 6, 0.5  # seconds
+# How long a stop lets the connections close gracefully before cutting them.
+_CLOSE_SECONDS = 3.0
 
 _CLAIM_KEEPALIVES = {
     "tcp_keepalives_idle": "30",
@@ -419,15 +421,31 @@ class PostgresStore:
                 if held:
                     await conn.fetchval("SELECT pg_advisory_unlock($1)", key)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = _CLOSE_SECONDS) -> None:
+        """Close the connections, giving them `timeout` in all to close gracefully, then cut
+        them: one that never answers (PostgreSQL's host gone without a reset) must not hold the
+        stop past the pod's grace period."""
         self._claimed = None
-        if self._claim is not None:
-            with contextlib.suppress(Exception):
-                await self._claim.close()
-            self._claim = None
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        claim, self._claim = self._claim, None
+        pool, self._pool = self._pool, None
+
+        async def close_claim(conn: asyncpg.Connection) -> None:
+            try:
+                await conn.close(timeout=timeout)
+            except Exception:
+                conn.terminate()
+
+        async def close_pool(pool: asyncpg.Pool) -> None:
+            try:
+                # A close cancelled by the timeout terminates the pool (asyncpg): all cut.
+                await asyncio.wait_for(pool.close(), timeout)
+            except TimeoutError:
+                pool.terminate()
+
+        await asyncio.gather(
+            *([close_claim(claim)] if claim is not None else []),
+            *([close_pool(pool)] if pool is not None else []),
+        )
 
     # -- writing (FetchStore) ----------------------------------------------------------------
 

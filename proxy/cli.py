@@ -357,6 +357,20 @@ class StartReloads:
         return self.count
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def stop_while_starting(signum: int, frame: object) -> None:
+    """SIGTERM while `run` starts, before the gateway's drain handler takes over (proxy/app.py
+    serve). In a pod the gateway is PID 1 (the image's ENTRYPOINT, the chart's command), and
+    the kernel gives PID 1 no default action for a signal it has no handler for: the SIGTERM of
+    a pod deleted while it starts (waiting up to a minute for PostgreSQL, say) was dropped, and
+    the pod went only at the kubelet's SIGKILL, a grace period later. Nothing has been forwarded
+    yet: the process ends now, as a process that is not PID 1 would."""
+    print("crawlwarden: stopped by SIGTERM while starting", file=sys.stderr, flush=True)
+    os._exit(EXIT_TERMINATED)
+
+
 def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.command == "run":
         reloads = StartReloads()
@@ -364,6 +378,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         args.debug_checks = args.debug_checks or _env_flag("debug_checks")
         if argv is None:  # the command itself, not a call from Python (tests)
             run_optimized(args.debug_checks)
+            signal.signal(signal.SIGTERM, stop_while_starting)
         reloads.install()
         return cmd_run(args, reloads)
     if args.command == "policy":

@@ -518,6 +518,51 @@ def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(wo
     assert "s3cret" not in result.stderr + result.stdout
 
 
+def test_a_sigterm_while_the_replica_starts_ends_it(workdir: Path):
+    # In a pod the gateway is PID 1, which the kernel gives no default action for SIGTERM: a
+    # pod deleted while it started (here: waiting for a PostgreSQL that accepts and never
+    # answers) ignored it until the kubelet's SIGKILL. It needs a handler of its own then,
+    # which a process that is not PID 1 shows by how it ends: exit 143 with a line, not killed.
+    private, _ = signing_keys(workdir)
+    policy = write_policy(
+        workdir / "policy.yaml", policy_with(audit={"signing_key_file": str(private)})
+    )
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        proc = subprocess.Popen(
+            [
+                CRAWLWARDEN,
+                "run",
+                "--policy",
+                str(policy),
+                "--data-dir",
+                str(workdir / "data"),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--admin",
+                f"127.0.0.1:{free_port()}",
+                "--audit-dsn",
+                f"postgresql://crawler@127.0.0.1:{port}/fetchlog",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            silent.settimeout(30)
+            silent.accept()[0].close()  # it is past the exec into python -O, waiting for PG
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr[-2000:])
+    assert stderr.strip().splitlines()[-1] == "crawlwarden: stopped by SIGTERM while starting"
+
+
 def _run_command(
     policy: Path, data_dir: Path, listen_port: int | None = None, admin_port: int | None = None
 ) -> list[str]:

@@ -462,12 +462,15 @@ class FetchLog:
             if stuck:
                 await self.store.close()
                 await asyncio.wait(stuck, timeout=_CANCEL_SECONDS)
+        else:
+            stuck = set()
         self._tasks = []
         if self._queue:
             log.error("fetchlog_unshipped_at_exit", records=len(self._queue), kept_in="spool")
         self.spool.close()
         self.closed = True
-        await self.store.close()
+        if not stuck:  # (else closed above, once: SQLite's store cannot close twice)
+            await self.store.close()
 
     # -- writing ---------------------------------------------------------------------------
 

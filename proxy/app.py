@@ -32,6 +32,7 @@ from addons.gateway import Gateway
 from addons.http_guard import Limits
 from proxy.admin import make_app
 from proxy.audit.api import ROUTES as AUDIT_ROUTES
+from proxy.budgets.store import StoreMisconfigured
 from proxy.policy_page import ROUTES as POLICY_PAGE_ROUTES
 from proxy.report_api import ROUTES as REPORT_ROUTES
 from proxy.runtime import FetchLogUnavailable
@@ -145,7 +146,7 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         await runtime.start()
-    except FetchLogUnavailable as e:
+    except (FetchLogUnavailable, StoreMisconfigured) as e:
         await runtime.stop()
         raise SystemExit(f"crawlwarden: {e}") from e
 

@@ -591,6 +591,39 @@ def _run_briefly(
     )
 
 
+@pytest.mark.parametrize(
+    ("credentials", "database", "says"),
+    [
+        ("crawler:not-the-password@", "0", "invalid username-password pair"),
+        ("", "99", "DB index is out of range"),
+    ],
+    ids=["wrong-password", "no-such-database"],
+)
+def test_a_redis_that_refuses_the_gateway_stops_it_at_start(
+    workdir: Path,
+    own_redis: RedisServer,  # noqa: F811
+    credentials: str,
+    database: str,
+    says: str,
+):
+    # A wrong password in the Redis URL (a bad Secret in a rollout): the replica started, said
+    # it was ready, and refused every request 503 store_unavailable (an SRE's probe). An
+    # outage is ridden out; a refusal is a setting to fix.
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    url = f"redis://{credentials}127.0.0.1:{own_redis.port}/{database}"
+    result = subprocess.run(
+        [*_run_command(policy, workdir / "data"), "--redis-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert '"started"' not in result.stderr and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crawlwarden: redis at 127.0.0.1:{own_redis.port} refused "), last
+    assert says in last and "--redis-url" in last and "not-the-password" not in last
+
+
 @pytest.mark.parametrize("signing_key", [False, True], ids=["key-made-in-data-dir", "key-given"])
 def test_a_data_dir_the_gateway_cannot_write_is_one_line_naming_it(
     workdir: Path, signing_key: bool

@@ -50,6 +50,7 @@ from proxy.budgets.store import BudgetStore
 from proxy.budgets.store import Carryover
 from proxy.budgets.store import Settlement
 from proxy.budgets.store import Snapshot
+from proxy.budgets.store import StoreMisconfigured
 from proxy.budgets.store import StoreVerdict
 from proxy.decision import Decision
 from proxy.decision import Reason
@@ -247,6 +248,8 @@ class BudgetEngine:
     async def start(self) -> None:
         try:
             await self._store.start()
+        except StoreMisconfigured:
+            raise  # not an outage to ride out: the replica does not start
         except Exception as e:
             self._store_failed(e)
         self._loops = [

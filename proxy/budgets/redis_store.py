@@ -32,9 +32,12 @@ from typing import NamedTuple
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import RedisError
+from redis.exceptions import ResponseError
 
 from proxy import metrics
 from proxy.budgets import scripts
@@ -49,6 +52,7 @@ from proxy.budgets.spec import BudgetSpec
 from proxy.budgets.store import Carryover
 from proxy.budgets.store import Settlement
 from proxy.budgets.store import Snapshot
+from proxy.budgets.store import StoreMisconfigured
 from proxy.budgets.store import StoreUnavailable
 from proxy.budgets.store import StoreVerdict
 
@@ -195,6 +199,12 @@ class RedisBudgetStore:
                         f"redis at {self._where()}: {script.name}: Redis computed the SHA-1 "
                         f"{sha}, not {script.sha}"
                     )
+        except (AuthenticationError, NoPermissionError) as e:
+            raise StoreMisconfigured(_misconfigured(self._where(), e)) from e
+        except ResponseError as e:
+            if "DB index" in str(e):
+                raise StoreMisconfigured(_misconfigured(self._where(), e)) from e
+            raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
         except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"redis at {self._where()}: {e}") from e
 
@@ -428,3 +438,10 @@ class RedisBudgetStore:
             )
         if calls:
             await self._pipeline(scripts.CARRY_OVER, calls)
+
+
+def _misconfigured(where: str, error: Exception) -> str:
+    return (
+        f"redis at {where} refused this gateway: {error}; check --redis-url "
+        "(CRAWLWARDEN_REDIS_URL): its password, user and database index"
+    )

@@ -24,6 +24,12 @@ class StoreUnavailable(Exception):
     """The store could not be reached or did not answer in time."""
 
 
+class StoreMisconfigured(Exception):
+    """The store answered and refused this gateway (a wrong password, a database index that does
+    not exist, an ACL without the commands it needs): not an outage to ride out, a setting to
+    fix. A replica started so would have refused every request while it reported ready."""
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A site's state as the store saw it at `now_us` (after consumption, when allowed)."""

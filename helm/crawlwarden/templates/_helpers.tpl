@@ -108,6 +108,10 @@ still queued before it exits (proxy/audit/log.py, FetchLog.close; not configurab
 store reachable that is well under a second; with PostgreSQL unreachable it is all of it, and
 what is still queued then stays in the spool. tests/test_helm_chart.py checks it against the code. */}}
 {{- define "crawlwarden.flushSeconds" -}}30{{- end -}}
+{{/* The rest of a stop after the flush wait, at most: held requests' answers (1 s), the budget
+store's close with Redis silent (2 s), the fetch log's store cut when PostgreSQL does not answer
+(up to 5 s), with room to spare. */}}
+{{- define "crawlwarden.stopRestSeconds" -}}10{{- end -}}
 
 {{/* The MITM CA -------------------------------------------------------------------------------- */}}
 
@@ -204,9 +208,10 @@ Values that would deploy a gateway that cannot start, or that breaks a promise o
 {{- end -}}
 {{- end -}}
 {{- $flush := int (include "crawlwarden.flushSeconds" .) -}}
-{{- $stop := add (int .Values.preStopSleepSeconds) $drain $flush -}}
-{{- if le (int .Values.terminationGracePeriodSeconds) $stop -}}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + drainSeconds (%d) + the fetch log's flush wait (%d) = %d, or the kubelet kills the gateway before the fetch log is flushed (with PostgreSQL unreachable the flush waits all of it)" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) $drain $flush $stop) -}}
+{{- $rest := int (include "crawlwarden.stopRestSeconds" .) -}}
+{{- $stop := add (int .Values.preStopSleepSeconds) $drain $flush $rest -}}
+{{- if lt (int .Values.terminationGracePeriodSeconds) $stop -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds (%d) + drainSeconds (%d) + the fetch log's flush wait (%d) + the rest of the stop (%d) = %d, or the kubelet kills the gateway before the fetch log is flushed (with PostgreSQL unreachable the flush waits all of it)" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) $drain $flush $rest $stop) -}}
 {{- end -}}
 {{- if and .Values.networkPolicy.enabled (not (or .Values.networkPolicy.scraperNamespaces.names .Values.networkPolicy.scraperNamespaces.matchLabels (and .Values.egressLockdown.enabled .Values.egressLockdown.namespaces))) -}}
 {{- fail "networkPolicy.enabled: name the scraper namespaces (networkPolicy.scraperNamespaces.names or .matchLabels), or no scraper can reach the gateway" -}}

@@ -748,7 +748,7 @@ def test_the_grace_period_check_counts_the_fetch_log_flush():
         (
             # Covers the sleep and the drain, not the flush after them.
             {"terminationGracePeriodSeconds": 36},
-            "+ drainSeconds (30) + the fetch log's flush wait (30) + the rest of the stop (10) = 75",
+            "flush wait (30) + the rest of the stop (10) = 75",
         ),
         (
             {"extraEnv": [{"name": "CRAWLWARDEN_DRAIN_SECONDS", "value": "90"}]},

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from proxy import aipref
 from proxy import epub
@@ -336,6 +337,8 @@ class OptOutChecks:
         self._clock = clock
         self._robots = OriginEntries[RobotsEntry]()
         self._tdm = OriginEntries[TdmEntry]()
+        # Large files being parsed on a worker thread, by (kind, origin): the file and its parse.
+        self._parsing: dict[tuple[str, str], tuple[OriginFile, asyncio.Future[Any]]] = {}
 
     @property
     def tokens(self) -> list[str]:
@@ -388,8 +391,8 @@ class OptOutChecks:
         entry = self._robots.get(origin)
         if entry is None or entry.file is not file:
             if file.outcome == "ok":
-                rules = await _off_loop_if(
-                    len(file.body) > PARSE_OFF_LOOP, parse_robots, file.body, self.tokens
+                rules = await self._parsed(
+                    "robots", origin, file, parse_robots, file.body, self.tokens
                 )
                 entry = self._robots.get(origin)  # (another request's, parsed meanwhile)
                 if entry is not None and entry.file is file:
@@ -402,6 +405,28 @@ class OptOutChecks:
             self._robots.put(origin, entry)
         return entry
 
+    async def _parsed(
+        self, kind: str, origin: str, file: OriginFile, parse: Callable[..., Any], *args: Any
+    ) -> Any:
+        """`parse(*args)`, the rules of `file`: a small file's on the event loop, a large one's
+        on a worker thread, once for all the requests that waited for the file (each of them
+        would otherwise parse it again meanwhile: 0.36 s of CPU each for a 500 KiB one)."""
+        if len(file.body) <= PARSE_OFF_LOOP:
+            return parse(*args)
+        key = (kind, origin)
+        running = self._parsing.get(key)
+        if running is None or running[0] is not file:
+            future = asyncio.ensure_future(asyncio.to_thread(parse, *args))
+            running = self._parsing[key] = (file, future)
+
+            def done(f: asyncio.Future[Any]) -> None:
+                if self._parsing.get(key, (None, None))[1] is f:
+                    del self._parsing[key]
+
+            future.add_done_callback(done)
+        # (shielded: a request that goes away does not cancel the parse the others wait for)
+        return await asyncio.shield(running[1])
+
     async def tdm_entry(self, origin: str, ctx: RequestContext | None = None) -> TdmEntry:
         entry = self._tdm.get(origin)
         if entry is not None and entry.file.expires_at > self._clock():
@@ -412,8 +437,8 @@ class OptOutChecks:
             # Anything but a successful response means the origin does not use the protocol.
             rules = tdmrep.NO_RULES
             if file.outcome == "ok":
-                rules = await _off_loop_if(
-                    len(file.body) > PARSE_OFF_LOOP, _parse_tdmrep, file.body, file.truncated
+                rules = await self._parsed(
+                    "tdmrep", origin, file, _parse_tdmrep, file.body, file.truncated
                 )
                 entry = self._tdm.get(origin)  # (another request's, parsed meanwhile)
                 if entry is not None and entry.file is file:

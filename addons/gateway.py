@@ -603,12 +603,16 @@ class Gateway:
             state.site = refused.site  # on the record, and in the site's report
             return self._refuse(flow, state, refused, started)
         if tunnel is not None and host != tunnel.host:
+            # On the record and in the report of the site it named (it was null: the attempt
+            # counted for no site).
+            state.site = gov.site_for(host).key
             return self._refuse(
                 flow,
                 state,
                 refuse(
                     Reason.MISDIRECTED,
                     f"this tunnel was opened for {tunnel.host}; open one for {host}",
+                    site=state.site,
                 ),
                 started,
             )

@@ -637,6 +637,7 @@ def test_an_absolute_form_target_inside_a_tunnel_is_the_host_it_names(
     records = gateway.fetch_records()
     refused = [r for r in records if r["decision"] == "refused"]
     assert [r["url"] for r in refused] == [f"https://blocked.test:{port}/photos/1.jpg"]
+    assert refused[0]["site"] == "blocked.test"  # the site it named (was null: probe)
 
 
 def test_a_refused_host_with_control_characters_is_recorded_escaped(

@@ -570,10 +570,12 @@ class OriginFileFetcher:
         }
         if self.contact:
             headers["From"] = self.contact
-        target, session = url, self._client()
+        target = url
         tls_name: str | None = None
         egress_ip: str | None = None
         release = await self.gate(str(url)) if self.gate is not None else None
+        # After the wait for the budget: a reload meanwhile retires the session (review).
+        session = self._client()
         began = (time.time(), time.monotonic())  # (after a wait for the budget, if any)
         body = b""
         status: int | None = None
@@ -600,6 +602,8 @@ class OriginFileFetcher:
                 egress_ip = _local_address(resp)
                 status = resp.status
                 head = {k.lower(): v for k, v in resp.headers.items()}
+                if "retry-after" in head:  # sent twice: the longest wait (parse_retry_after)
+                    head["retry-after"] = ", ".join(resp.headers.getall("Retry-After"))
                 # Every answer's body, an error page's too: the fetch record's size and hash
                 # are of it as decoded, its Content-Encoding undone (only a 2xx body is parsed).
                 body, truncated = await self._read(resp, head.get("content-encoding", ""))

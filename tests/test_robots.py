@@ -30,9 +30,11 @@ from tests.optout_fixtures import USER_AGENT
 from tests.optout_fixtures import make_checks
 from tests.optout_fixtures import make_policy
 from tests.optout_fixtures import origin_server
+from tests.optout_fixtures import private_guard
 from tests.optout_fixtures import request_context
 from tests.optout_fixtures import short_tmp
 from tests.optout_fixtures import start_redis
+from tests.optout_fixtures import static_resolver
 from tests.support import free_port
 
 if sys.version_info >= (3, 14):
@@ -618,6 +620,33 @@ async def test_a_large_robots_txt_is_parsed_once_for_every_request_that_waited_f
         assert site.hits["/robots.txt"] == 1
     assert parsed == [1]
     assert all(d is not None and d.reason is Reason.ROBOTS_DISALLOWED for d, _ in results)
+
+
+async def test_a_read_held_for_its_budget_across_a_reload_takes_a_session_after_it() -> None:
+    # The read took its session before the wait for the site's budget: a reload meanwhile
+    # retired that session (closed a second after the longest fetch), and the read raised
+    # "Session is closed", failing every request that waited for the file (review).
+    policy = make_policy()
+    held = asyncio.Event()
+
+    async def gate(url: str) -> Callable[[int], None]:
+        if url.endswith("/robots.txt") and not held.is_set():
+            held.set()
+            await asyncio.sleep(2.5)  # held for its budget (on_exceed: delay): > timeout + 1
+        return lambda received: None
+
+    async with origin_server({"/robots.txt": "User-agent: *\nDisallow: /private\n"}) as site:
+        checks = make_checks(policy, gate=gate, timeout=1.0)
+        try:
+            first = asyncio.ensure_future(robots_decision(checks, site.origin() + "/private/x"))
+            await held.wait()
+            network = policy.network
+            checks.use_policy(policy.crawler, static_resolver(), private_guard(), [], network)
+            await checks.fetcher.get(site.origin("site-b.test"), "/other")  # retires it
+            decision, _ = await first
+        finally:
+            await checks.close()
+    assert decision is not None and decision.reason is Reason.ROBOTS_DISALLOWED
 
 
 async def test_a_cold_origin_is_fetched_once_for_200_concurrent_requests() -> None:

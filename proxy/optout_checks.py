@@ -391,9 +391,14 @@ class OptOutChecks:
         entry = self._robots.get(origin)
         if entry is None or entry.file is not file:
             if file.outcome == "ok":
+                tokens = self.tokens
                 rules = await self._parsed(
-                    "robots", origin, file, parse_robots, file.body, self.tokens
+                    "robots " + " ".join(tokens), origin, file, parse_robots, file.body, tokens
                 )
+                if self.tokens != tokens:
+                    # A reload changed the crawler's tokens while it was parsed (on a worker
+                    # thread): those rules are another crawler's (review).
+                    return await self.robots_entry(origin, ctx)
                 entry = self._robots.get(origin)  # (another request's, parsed meanwhile)
                 if entry is not None and entry.file is file:
                     return entry

@@ -7,6 +7,7 @@ import gzip
 import re
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -647,6 +648,41 @@ async def test_a_read_held_for_its_budget_across_a_reload_takes_a_session_after_
         finally:
             await checks.close()
     assert decision is not None and decision.reason is Reason.ROBOTS_DISALLOWED
+
+
+async def test_a_reload_that_renames_the_crawler_mid_parse_is_not_undone_by_the_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Parsed on a worker thread under the old tokens while a reload changed them: the requests
+    # after the reload joined that parse, and its rules, another crawler's, were cached for a
+    # day (review).
+    def slow(*args: Any) -> Any:
+        time.sleep(0.5)
+        return parse_robots(*args)
+
+    monkeypatch.setattr(optout_checks, "parse_robots", slow)
+    pad = "".join(f"Disallow: /p{i}/\n" for i in range(3000))  # over 32 KiB: on a thread
+    body = f"User-agent: NewBot\nDisallow: /x\n\nUser-agent: *\n{pad}"
+    assert len(body) > optout_checks.PARSE_OFF_LOOP
+    old = make_policy()
+    renamed = make_policy()
+    renamed = renamed.model_copy(
+        update={"crawler": renamed.crawler.model_copy(update={"robots_tokens": ["NewBot"]})}
+    )
+    async with origin_server({"/robots.txt": body}) as site:
+        checks = make_checks(old)
+        try:
+            first = asyncio.ensure_future(robots_decision(checks, site.origin() + "/x"))
+            await asyncio.sleep(0.2)  # fetched, parsed on a worker thread
+            network = renamed.network
+            checks.use_policy(renamed.crawler, static_resolver(), private_guard(), [], network)
+            after, _ = await robots_decision(checks, site.origin() + "/x", renamed)
+            await first
+            later, _ = await robots_decision(checks, site.origin() + "/x", renamed)
+        finally:
+            await checks.close()
+    assert after is not None and after.reason is Reason.ROBOTS_DISALLOWED
+    assert later is not None and later.reason is Reason.ROBOTS_DISALLOWED
 
 
 async def test_a_cold_origin_is_fetched_once_for_200_concurrent_requests() -> None:

@@ -700,8 +700,7 @@ class Gateway:
         else:
             admission = await self.rt.admit(ctx)
         if self.rt.policy_version != state.compiled.version and (
-            (now := self._team_refusal_now(tunnel.credentials if tunnel else credentials, ctx))
-            is not None
+            (now := self._team_refusal_now(tunnel, credentials, ctx, state)) is not None
         ):
             # A reload while it waited (held for its turn, or for the site's robots.txt) took
             # its team's token, its project or its egress away: not forwarded, and recorded
@@ -763,17 +762,30 @@ class Gateway:
         metrics.IN_FLIGHT.set(self.rt.in_flight)
         self._observe_governance(started, ctx)
 
-    def _team_refusal_now(self, credentials: str | None, ctx: RequestContext) -> Decision | None:
+    def _team_refusal_now(
+        self,
+        tunnel: Tunnel | None,
+        credentials: str | None,
+        ctx: RequestContext,
+        state: FlowState,
+    ) -> Decision | None:
         """Why the policy in force now refuses the team of a request decided under an earlier
-        one: its credentials, its project, or its egress (the upstream proxy its connection
-        goes through) changed. None if it still admits it."""
-        caller = self.rt.governor.authenticate(credentials)
+        one (`state.compiled`): its credentials, its project, or its egress (the upstream proxy
+        its connection goes through: the team's pin, or the pool) changed. None if it still
+        admits it."""
+        caller = self.rt.governor.authenticate(tunnel.credentials if tunnel else credentials)
         if caller is None:
             return _auth_required()
         project = self.rt.governor.check_project(caller.identity, ctx)
         if not project.allowed:
             return project
-        if caller.identity.upstream_proxy != ctx.identity.upstream_proxy:
+        pool = self.rt.compiled.loaded.policy.egress.upstream_proxies
+        before = state.compiled.loaded.policy.egress.upstream_proxies
+        if (
+            caller.identity.upstream_proxy != ctx.identity.upstream_proxy
+            or (tunnel is not None and not self._egress_holds(tunnel))
+            or (tunnel is None and list(pool) != list(before))
+        ):
             return refuse(
                 Reason.MISDIRECTED,
                 "the policy changed this team's egress while the request waited; send it again",

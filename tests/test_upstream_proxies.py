@@ -211,11 +211,13 @@ def test_an_https_request_sent_without_connect_through_the_pool_is_checked_again
     assert f"127.0.0.1:{named.port}" in log and "site-c.test" not in log, log
 
 
+@pytest.mark.parametrize("change", ["team pinned elsewhere", "its proxy given another URL"])
 def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwarded(
-    workdir: Path, site: Site, pool: dict[str, UpstreamProxy]
+    workdir: Path, site: Site, pool: dict[str, UpstreamProxy], change: str
 ):
-    # Held for the site's one slot while a reload pinned its team to another upstream proxy, it
-    # left through the one the policy in force no longer gives the team (review).
+    # Held for the site's one slot while a reload pinned its team to another upstream proxy (or
+    # pointed its proxy's name at another URL), it left through the one the policy in force no
+    # longer gives the team (reviews).
     site.routes["/slow"] = Reply(body=b"slow", delay=3.0)
     policy = policy_with(
         egress=_through(pool),
@@ -247,8 +249,12 @@ def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwa
             thread.start()
             time.sleep(0.5)
         moved = yaml.safe_load(gw.policy_file.read_text())
-        [team] = [t for t in moved["teams"] if t["name"] == TEAM]
-        team["upstream_proxy"] = "pool-b"
+        if change == "team pinned elsewhere":
+            [team] = [t for t in moved["teams"] if t["name"] == TEAM]
+            team["upstream_proxy"] = "pool-b"
+        else:
+            [a, b] = moved["egress"]["upstream_proxies"]
+            a["url"] = b["url"]
         gw.policy_file.write_text(yaml.safe_dump(moved))
         status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
         assert status == 200
@@ -259,6 +265,7 @@ def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwa
     assert site.paths().get("/held", 0) == 0
     [held] = [r for r in records if r["url"].endswith("/held")]
     assert (held["reason"], held["policy_version"]) == ("misdirected", body["policy_version"])
+    assert "/held" not in pool["pool-a"].flows() + pool["pool-b"].flows()
 
 
 def test_a_request_inside_a_tunnel_through_the_pool_records_its_proxy(

@@ -157,6 +157,7 @@ class Runtime:
         # Embedded mode: its counts kept in the data dir across restarts (proxy/budgets/saved.py).
         self._counts = budget_store if isinstance(budget_store, MemoryBudgetStore) else None
         self._counts_saving: asyncio.Task[None] | None = None
+        self._saving_now: asyncio.Future[None] | None = None  # the save under way, if any
         self.budgets = BudgetEngine(
             budget_store,
             site_label=lambda key: self.site_labels.label(key),
@@ -277,10 +278,16 @@ class Runtime:
         if sleep_first:
             await asyncio.sleep(sleep_first)
         assert self._counts is not None
+        if self._saving_now is not None:
+            # One save at a time: the loop's, cancelled at a stop, goes on in its thread.
+            await asyncio.wait([self._saving_now])
         started = time.monotonic()
         sites, now = self._counts.sites(), wall_clock_us()
+        self._saving_now = asyncio.ensure_future(
+            asyncio.to_thread(_save, self.saved_counts_path, sites, now)
+        )
         try:
-            await asyncio.to_thread(_save, self.saved_counts_path, sites, now)
+            await asyncio.shield(self._saving_now)
         except OSError as e:
             log.warning(
                 "budget_counts_not_saved",

@@ -8,10 +8,13 @@ then runs random operation sequences on both and demands identical answers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -640,3 +643,25 @@ async def test_saved_counts_come_back_with_the_pause_shortened_and_ended_periods
     assert (b.day_requests, b.month_requests, b.paused_until_us) == (0, 0, 0)
     with pytest.raises(saved.SavedCountsError, match="negative"):
         saved.parse(data.replace(b'"b.test", ', b'"b.test", -'), same_day)
+
+
+def test_saved_counts_written_by_two_saves_at_once_stay_whole(tmp_path: Path) -> None:
+    # A stop's last save ran beside the periodic one still in its thread: both wrote one
+    # `.partial` file, and the next start read a mix of the two, or the last save failed (review).
+    path = tmp_path / "budgets" / "gw.json"
+    payloads = [json.dumps({"n": n, "pad": "x" * 200_000}).encode() for n in range(2)]
+    for _ in range(20):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(saved.write, path, p) for p in payloads]:
+                done.result()
+        assert path.read_bytes() in payloads
+    assert [p.name for p in path.parent.iterdir()] == ["gw.json"]
+
+
+def test_a_saved_pause_longer_than_any_pause_is_cut_to_the_longest() -> None:
+    now = 1_900_000_000_000_000
+    data = json.dumps(
+        {"format": 1, "saved_at_us": now, "sites": [["a.test", 1, 0, 0, 1, 0, 10**15]]}
+    ).encode()
+    [item] = saved.parse(data, now)
+    assert item.paused_for_us == PausePolicy().max_pause * 1_000_000

@@ -10,19 +10,23 @@ pause goes on for what was left of it. What a `kill -9` loses is at most the las
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from typing import Protocol
 
+from proxy.budgets.pause import PausePolicy
 from proxy.budgets.store import Carryover
 
 # Seconds between saves, at least; a save that takes long (a million sites: seconds, on a
 # worker thread) waits ten times as long as it took before the next.
 SAVE_INTERVAL = 10.0
 _FORMAT = 1
+MAX_PAUSE_US = int(PausePolicy().max_pause * 1_000_000)  # the longest pause a site gets
 
 
 class SavedCountsError(ValueError):
@@ -68,7 +72,7 @@ def parse(data: bytes, now_us: int) -> list[Carryover]:
             if min(counts) < 0:
                 raise SavedCountsError(f"a negative count for {site}")
             day, day_requests, day_bytes, month, month_requests = counts
-            pause = max(0, int(paused) - elapsed)
+            pause = min(MAX_PAUSE_US, max(0, int(paused) - elapsed))  # (a damaged file)
             out.append(Carryover(site, day, day_requests, day_bytes, month, month_requests, pause))
         return out
     except SavedCountsError:
@@ -80,12 +84,17 @@ def parse(data: bytes, now_us: int) -> list[Carryover]:
 def write(path: Path, data: bytes) -> None:
     """Replace the file at `path` whole (a crash mid-write leaves the previous one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(path)
+    fd, partial = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def read(path: Path) -> bytes | None:

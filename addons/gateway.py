@@ -1281,7 +1281,7 @@ class Gateway:
             # An https:// request sent without CONNECT: its TLS name (SNI, and what the site's
             # certificate is checked against) stays the site's, its connection goes to the
             # address checked for it, and is reused for the name (addons/named_connections.py).
-            named_connections.NAMED[data.server] = data.server.address
+            named_connections.remember(data.client, data.server, data.server.address)
             data.server.address = (pinned, data.server.address[1])
         tunnel = self.tunnels.get(data.client)
         if tunnel is not None and tunnel.refusal is not None:
@@ -1317,12 +1317,13 @@ class Gateway:
             # Moved (a reload, a new DNS answer): the connection to the name's earlier address
             # is not reused for it. (A client's connections are its own: one new to the name
             # has none to it.)
-            named_connections.forget((host, port), unless_at=(pinned, port))
+            named_connections.forget(flow.client_conn, (host, port), unless_at=(pinned, port))
         pins[(host, port)] = pinned
         if len(pins) > _MAX_TLS_PINS:
             oldest = next(iter(pins))  # the client has moved on from it
             del pins[oldest]
-            named_connections.forget(oldest)  # reused only with its pin, checked again
+            # reused only with its pin, checked again
+            named_connections.forget(flow.client_conn, oldest)
         flow.metadata[PINNED] = (pinned, port)
         flow.request.data.host = host
 

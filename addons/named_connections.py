@@ -20,6 +20,7 @@ import inspect
 import weakref
 
 from mitmproxy.connection import Address
+from mitmproxy.connection import Client
 from mitmproxy.connection import Connection
 from mitmproxy.connection import Server
 from mitmproxy.proxy.layers import http as _http
@@ -27,15 +28,33 @@ from mitmproxy.proxy.layers import http as _http
 from addons.patches import install_once
 
 NAMED: weakref.WeakKeyDictionary[Server, Address] = weakref.WeakKeyDictionary()
+# The same, by client connection and name: a client's server connections are its own, and
+# forgetting one client's must neither touch another's nor scan them all.
+_BY_CLIENT: weakref.WeakKeyDictionary[Client, dict[Address, weakref.WeakSet[Server]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def forget(name: Address, *, unless_at: Address | None = None) -> None:
-    """The connections opened for `name`, but those to `unless_at` (the address now checked for
-    it), are no longer taken for it: a reload moved the name, say, and the policy in force
-    connects it to `unless_at` only."""
-    stale = [s for s, n in NAMED.items() if n == name and s.address != unless_at]
-    for server in stale:
-        NAMED.pop(server, None)
+def remember(client: Client, server: Server, name: Address) -> None:
+    """`server`, a connection of `client`'s, was opened for `name`: it is reused for it."""
+    NAMED[server] = name
+    _BY_CLIENT.setdefault(client, {}).setdefault(name, weakref.WeakSet()).add(server)
+
+
+def forget(client: Client, name: Address, *, unless_at: Address | None = None) -> None:
+    """The connections `client` opened for `name`, but those to `unless_at` (the address now
+    checked for it), are no longer taken for it: a reload moved the name, say, and the policy
+    in force connects it to `unless_at` only."""
+    names = _BY_CLIENT.get(client)
+    servers = names.get(name) if names is not None else None
+    if names is None or servers is None:
+        return
+    for server in list(servers):
+        if server.address != unless_at:
+            NAMED.pop(server, None)
+            servers.discard(server)
+    if not servers:
+        del names[name]
 
 
 def _looks_as_expected() -> bool:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import requests
 import yaml
+from mitmproxy import connection
 
+from addons import named_connections
 from tests.support import ADMIN_TOKEN
 from tests.support import PROJECT
 from tests.support import TEAM
@@ -182,3 +184,23 @@ def test_the_gateways_own_fetches_follow_a_reload_that_moves_their_site(workdir:
             assert second.status_code == 200
     assert [s.path for s in old.seen] == ["/robots.txt", "/one"]
     assert [s.path for s in new.seen] == ["/.well-known/tdmrep.json", "/two"]
+
+
+def test_forgetting_a_clients_connections_for_a_name_leaves_other_clients_alone():
+    # forget() scanned every client's connections and dropped all of them for the name: the
+    # other clients' next requests opened new connections, their old ones left idle (review).
+    name = ("site-a.test", 443)
+    clients = [
+        connection.Client(
+            peername=("127.0.0.1", n), sockname=("127.0.0.1", 8080), timestamp_start=0
+        )
+        for n in (1, 2)
+    ]
+    servers = [connection.Server(address=("127.0.0.1", 443)) for _ in clients]
+    for client, server in zip(clients, servers, strict=True):
+        named_connections.remember(client, server, name)
+    named_connections.forget(clients[0], name, unless_at=("127.0.0.2", 443))  # moved, for it
+    assert servers[0] not in named_connections.NAMED
+    assert named_connections.NAMED.get(servers[1]) == name
+    named_connections.forget(clients[1], name, unless_at=("127.0.0.1", 443))  # not moved
+    assert named_connections.NAMED.get(servers[1]) == name

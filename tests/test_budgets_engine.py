@@ -1115,3 +1115,24 @@ async def test_local_pauses_of_sites_not_seen_again_do_not_pile_up(
         assert len(a._local_pause) <= 5
         for site in live:
             assert (await a.admit(site)).decision.reason is Reason.SITE_PAUSED
+
+
+@pytest.mark.timeout(30)
+async def test_local_pause_guards_stay_bounded_while_all_of_them_run(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    """More sites paused at once than the bound: the guards grew without end, and each new
+    one rebuilt them all (review). The half that ends last is kept; the store still refuses
+    the others."""
+    from proxy.budgets import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_MAX_TRACKED_SITES", 6)
+    async with cluster(1) as (a,):
+        sites = [make_site() for _ in range(20)]
+        for n, site in enumerate(sites):
+            a.site_answered(site, 429, str(60 + n))
+        await a.flush()
+        assert len(a._local_pause) <= 6
+        assert sites[-1].key in a._local_pause
+        for site in sites:
+            assert (await a.admit(site)).decision.reason is Reason.SITE_PAUSED

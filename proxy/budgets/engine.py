@@ -764,8 +764,12 @@ class BudgetEngine:
             guard = seconds if seconds is not None else self._pause_policy.base
             if site.key not in self._local_pause and len(self._local_pause) >= _MAX_TRACKED_SITES:
                 # Pauses over, of sites not asked again since (_local_pause_left drops the
-                # others'): a broad crawl meets many sites that throttle once.
-                self._local_pause = {k: e for k, e in self._local_pause.items() if e > now}
+                # others'): a broad crawl meets many sites that throttle once. While as many
+                # run, the half that ends last is kept: the store holds every pause, this is
+                # only the replica's own guard; and the next pass is half the bound away.
+                running = sorted((e, k) for k, e in self._local_pause.items() if e > now)
+                kept = running[-(_MAX_TRACKED_SITES // 2) :] if _MAX_TRACKED_SITES > 1 else []
+                self._local_pause = {k: e for e, k in kept}
             self._local_pause[site.key] = max(self._local_pause.get(site.key, 0.0), now + guard)
             task = self._spawn(self._pause(site.key, seconds))
             self._pausing.add(task)
@@ -803,6 +807,8 @@ class BudgetEngine:
 
     def _extend_local_pause(self, key: str, left: float) -> None:
         end = time.monotonic() + left
+        if key not in self._local_pause and len(self._local_pause) >= _MAX_TRACKED_SITES:
+            return  # let go past the bound (site_answered): the store holds the pause
         if end > self._local_pause.get(key, 0.0):
             self._local_pause[key] = end
 

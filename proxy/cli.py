@@ -367,7 +367,9 @@ def stop_while_starting(signum: int, frame: object) -> None:
     a pod deleted while it starts (waiting up to a minute for PostgreSQL, say) was dropped, and
     the pod went only at the kubelet's SIGKILL, a grace period later. Nothing has been forwarded
     yet: the process ends now, as a process that is not PID 1 would."""
-    print("crawlwarden: stopped by SIGTERM while starting", file=sys.stderr, flush=True)
+    # os.write, not print: a handler that interrupts a write to stderr may not write to it
+    # through the same buffer ("reentrant call").
+    os.write(2, b"crawlwarden: stopped by SIGTERM while starting\n")
     os._exit(EXIT_TERMINATED)
 
 

@@ -516,7 +516,9 @@ class OptOutChecks:
         return decision
 
     async def tdmrep(self, ctx: RequestContext) -> Decision | None:
-        if not ctx.respect.tdmrep or _path_only(ctx.path) in _PROTOCOL_PATHS:
+        if not optout.applies(Kind.TDMREP, ctx.basis, ctx.respect):
+            return None  # no reservation binds this site (a licence): do not even ask for it
+        if _path_only(ctx.path) in _PROTOCOL_PATHS:
             return None
         origin = origin_of(ctx.scheme, ctx.host, ctx.port)
         try:

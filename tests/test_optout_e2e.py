@@ -1089,6 +1089,32 @@ def test_a_licensed_site_is_collected_where_its_signals_do_not_apply(gateway: Ga
     assert site.count("/.well-known/tdmrep.json") == 0  # tdmrep does not apply: not even asked
 
 
+def test_a_licence_with_the_default_flags_does_not_read_tdmrep_json(workdir: Path, site: Site):
+    # A TDM reservation never binds under a licence, whatever `respect.tdmrep` says: the file
+    # is not asked for, nor charged to the site's budget (burst 2: robots.txt and the request).
+    site.routes["/.well-known/tdmrep.json"] = Reply(
+        body=json.dumps([{"location": "/*", "tdm-reservation": 1}]).encode()
+    )
+    policy = policy_with(
+        defaults={"respect": RESPECT_ALL},
+        sites=[
+            {
+                "id": "licensed",
+                "match": ["licensed.test"],
+                "legal_basis": {"kind": "licence", "ref": "LIC-8"},
+                "rate": "1/h",
+                "burst": 2,
+            }
+        ],
+    )
+    with Gateway(workdir, policy) as gw:
+        result = fetch(gw, site, "licensed.test", "/a.jpg")
+        assert result.status == 200, result.body
+        assert site.count("/.well-known/tdmrep.json") == 0
+        [rec] = [r for r in gw.fetch_records() if r["kind"] == "fetch"]
+        assert (rec["decision"], rec["legal_basis"]) == ("forwarded", "licence:LIC-8")
+
+
 def test_a_scrapy_spider_gets_neither_disallowed_nor_opted_out_content(
     gateway: Gateway, site: Site, workdir: Path
 ):

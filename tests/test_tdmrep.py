@@ -245,6 +245,8 @@ async def test_a_large_tdmrep_json_is_parsed_and_matched_off_the_event_loop(
 
 
 async def test_a_licence_is_the_answer_to_a_reservation() -> None:
+    # A reservation never binds a licensed site, whatever `respect.tdmrep` says: the file
+    # could not change the decision, so it is not asked for (nor charged to the site's budget).
     policy = make_policy(sites=LICENSED)
     async with origin_server({tdmrep.WELL_KNOWN_PATH: RULES}) as site:
         checks = make_checks(policy)
@@ -252,7 +254,8 @@ async def test_a_licence_is_the_answer_to_a_reservation() -> None:
             decision, signals = await tdm_decision(checks, site.origin() + "/directory-a/x", policy)
         finally:
             await checks.close()
-    assert decision is None and signals == ["tdmrep:reserved"]
+        assert site.hits[tdmrep.WELL_KNOWN_PATH] == 0
+    assert decision is None and signals == []
 
 
 async def test_an_expired_licence_falls_back_to_the_default_basis() -> None:

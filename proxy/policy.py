@@ -707,19 +707,22 @@ def policy_warnings(
     out: list[tuple[tuple[Any, ...], str]] = []
     where: list[tuple[tuple[Any, ...], Defaults | SiteRule]] = [(("defaults",), policy.defaults)]
     where += [(("sites", i), rule) for i, rule in enumerate(policy.sites)]
+    defaults_basis = policy.defaults.legal_basis
+    defaults_expired = defaults_basis.expires is not None and defaults_basis.expires < today
     for loc, terms in where:
         basis = terms.legal_basis
         if basis is not None and basis.expires is not None and basis.expires < today:
+            # As Site.terms_on falls back: to the defaults' basis unless it has expired too.
             fallback = (
-                "the statutory TDM exception, every signal respected"
-                if loc == ("defaults",)
-                else "the defaults' basis and signals"
+                "the statutory TDM exception, every signal respected, applies"
+                if loc == ("defaults",) or defaults_expired
+                else "the defaults' basis and signals apply"
             )
             out.append(
                 (
                     (*loc, "legal_basis", "expires"),
                     f"the {basis.kind} {basis.ref!r} expired on {basis.expires}: {fallback} "
-                    "apply instead",
+                    "instead",
                 )
             )
         for quota in ("requests_per_day", "requests_per_month", "bytes_per_day"):

@@ -298,6 +298,27 @@ def test_an_expired_licence_and_a_quota_of_zero_are_warned_about(tmp_path: Path)
     assert not parse_policy(dump(base_policy())).warnings
 
 
+def test_an_expired_site_licence_warns_of_the_basis_that_applies_instead():
+    # Under an expired `defaults` licence too, a site's expired licence falls back to the
+    # statutory TDM exception (README), not to "the defaults' basis", as the warning said.
+    data = base_policy()
+    data["defaults"]["legal_basis"] = {"kind": "licence", "ref": "LIC-0", "expires": "2020-01-01"}
+    data["sites"] = [
+        {
+            "id": "museum",
+            "match": ["museum.test"],
+            "legal_basis": {"kind": "licence", "ref": "LIC-1", "expires": "2020-06-01"},
+        }
+    ]
+    warned = {w.path: w.message for w in parse_policy(dump(data)).warnings}
+    message = warned["sites.0.legal_basis.expires"]
+    assert "statutory TDM exception" in message and "defaults' basis" not in message, message
+    # With a defaults basis in force, that one applies.
+    data["defaults"]["legal_basis"] = {"kind": "tdm_exception", "ref": "DSM Art. 4"}
+    warned = {w.path: w.message for w in parse_policy(dump(data)).warnings}
+    assert "the defaults' basis" in warned["sites.0.legal_basis.expires"]
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

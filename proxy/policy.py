@@ -316,10 +316,20 @@ class RespectOverride(Model):
         return data
 
 
+def _day(value: Any) -> Any:
+    """A licence's last day, as a date: not a number (pydantic takes it for a Unix timestamp),
+    nor a time (one with an offset was cut to its local day)."""
+    if value is None or (isinstance(value, dt.date) and not isinstance(value, dt.datetime)):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value.strip()):
+        return value.strip()
+    raise ValueError(f"{value!r} is not a date: write the last day it is in force, YYYY-MM-DD")
+
+
 class LegalBasis(Model):
     kind: Literal["licence", "tdm_exception", "research_exception", "consent", "public_domain"]
     ref: NonEmpty
-    expires: dt.date | None = None
+    expires: Annotated[dt.date | None, BeforeValidator(_day)] = None
 
     @model_validator(mode="after")
     def _licence_ref(self) -> LegalBasis:

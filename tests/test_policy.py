@@ -298,6 +298,27 @@ def test_an_expired_licence_and_a_quota_of_zero_are_warned_about(tmp_path: Path)
     assert not parse_policy(dump(base_policy())).warnings
 
 
+@pytest.mark.parametrize(
+    "expires",
+    [20270101, 1798761600, "2027-01-01T00:00:00+05:00", "2027-01-01T12:00:00Z", "20270101"],
+)
+def test_a_licence_expires_on_a_day_written_as_a_date(expires: object):
+    # An integer passed as a Unix timestamp (1798761600 is 2027-01-01) and a time with an
+    # offset was cut to its local day: a licence's last day is a date, YYYY-MM-DD.
+    policy = base_policy()
+    policy["sites"] = [
+        {
+            "id": "s",
+            "match": ["s.test"],
+            "legal_basis": {"kind": "licence", "ref": "L", "expires": expires},
+        }
+    ]
+    errors = errors_of(dump(policy))
+    assert any(
+        e.startswith("sites.0.legal_basis.expires:") and "YYYY-MM-DD" in e for e in errors
+    ), errors
+
+
 def test_an_expired_site_licence_warns_of_the_basis_that_applies_instead():
     # Under an expired `defaults` licence too, a site's expired licence falls back to the
     # statutory TDM exception (README), not to "the defaults' basis", as the warning said.

@@ -35,6 +35,9 @@ from proxy import units
 from proxy.idn import ascii_host
 
 _PSL = PublicSuffixList()
+# Suffixes the list names (`com`, `co.uk`, `github.io`), not a single label it does not know
+# (`intranet`, which is a site of its own).
+_PSL_LISTED = PublicSuffixList(accept_unknown=False)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -735,6 +738,8 @@ def policy_warnings(
                     "instead",
                 )
             )
+        if isinstance(terms, SiteRule):
+            out += [((*loc, "match", k), m) for k, m in _idle_patterns(terms, policy.network)]
         for quota in ("requests_per_day", "requests_per_month", "bytes_per_day"):
             value = getattr(terms, quota)
             if (
@@ -748,6 +753,32 @@ def policy_warnings(
                         "blocklist, which records why",
                     )
                 )
+    return out
+
+
+def _idle_patterns(rule: SiteRule, network: Network) -> list[tuple[int, str]]:
+    """A site rule's patterns that take no site: a public suffix by name (`co.uk`: the domains
+    under it are each their own site) and an address the gateway refuses to be named by."""
+    out = []
+    for k, pattern in enumerate(rule.match):
+        if _is_ipv4(pattern):
+            address = ipaddress.IPv4Address(pattern)
+            if not any(address in net for net in network.allow_ip_literals):
+                out.append(
+                    (
+                        k,
+                        f"requests naming {pattern} are refused (ip_literal) unless "
+                        "network.allow_ip_literals admits it: this pattern takes none",
+                    )
+                )
+        elif not pattern.startswith("*.") and _PSL_LISTED.is_public(pattern):
+            out.append(
+                (
+                    k,
+                    f"{pattern!r} is a public suffix: this takes that host only, not the domains "
+                    "under it (each is its own site); name them",
+                )
+            )
     return out
 
 

@@ -319,6 +319,25 @@ def test_a_licence_expires_on_a_day_written_as_a_date(expires: object):
     ), errors
 
 
+def test_a_site_pattern_that_takes_no_site_is_warned_about():
+    # `*.github.io` is refused (every domain under a public suffix one site); `github.io` and
+    # `co.uk` passed silently, and take no domain under them. An address outside
+    # network.allow_ip_literals is refused (ip_literal) before its rule applies.
+    policy = base_policy()
+    policy["sites"] = [
+        {"id": "pages", "match": ["github.io"]},
+        {"id": "uk", "match": ["shop.test", "co.uk", "com"]},
+        {"id": "box", "match": ["192.0.2.7"]},
+        {"id": "lab", "match": ["198.51.100.7", "intranet"]},
+    ]
+    policy["network"]["allow_ip_literals"] = ["198.51.100.0/24"]
+    warned = {w.path: w.message for w in parse_policy(dump(policy)).warnings}
+    idle = {"sites.0.match.0", "sites.1.match.1", "sites.1.match.2", "sites.2.match.0"}
+    assert set(warned) == idle, warned
+    assert "public suffix" in warned["sites.0.match.0"]
+    assert "allow_ip_literals" in warned["sites.2.match.0"]
+
+
 def test_an_expired_site_licence_warns_of_the_basis_that_applies_instead():
     # Under an expired `defaults` licence too, a site's expired licence falls back to the
     # statutory TDM exception (README), not to "the defaults' basis", as the warning said.

@@ -41,7 +41,8 @@ def _basis(b: LegalBasis) -> dict[str, Any]:
 
 
 def opt_outs(tokens: list[str], respect: Respect) -> list[dict[str, Any]]:
-    """Each machine-readable opt-out we read, whether it binds by default, and how to send it."""
+    """Each machine-readable opt-out we read, whether `respect` has it honoured, and how to send
+    it. (`policy_document` says whether it binds under the default basis in force.)"""
     token = tokens[0]
     return [
         {
@@ -168,7 +169,11 @@ def policy_document(rt: Runtime) -> dict[str, Any]:
             "provider": policy.egress.provider,
             "public_ips": [str(ip) for ip in policy.egress.public_ips],
         },
-        "opt_outs": opt_outs(list(crawler.robots_tokens), defaults.respect),
+        "opt_outs": [
+            # Whether it binds under the default basis in force (a licence: no reservation).
+            {**o, "honoured_by_default": default_terms["opt_outs_honoured"][o["respect_flag"]]}
+            for o in opt_outs(list(crawler.robots_tokens), defaults.respect)
+        ],
         "legal_bases": {"default": default_terms["legal_basis"], "sites": sites},
         "budgets": {
             "defaults": _budgets(defaults),

@@ -277,3 +277,24 @@ def test_a_real_gateways_policy_page_opens_in_chromium(workdir: Path, tmp_path: 
         dom = rendered_dom(url, tmp_path / "chromium-profile")
     for text in (USER_AGENT, CONTACT, "Opt-outs we honour", "Takedown requests", "PUBLIC KEY"):
         assert text in dom, text
+
+
+async def test_the_default_opt_outs_are_those_the_default_basis_is_bound_by(tmp_path: Path):
+    # A `defaults` licence: no TDM reservation binds it (legal_bases said so), while the
+    # opt-out table said TDMRep was honoured by default, from `respect.tdmrep` alone.
+    policy = page_policy()
+    policy["defaults"]["legal_basis"] = {"kind": "licence", "ref": "LIC-ALL"}
+    settings = Settings(
+        policy_file=write_policy(tmp_path / "policy.yaml", policy),
+        data_dir=tmp_path / "data",
+        replica_id="gw-page",
+    )
+    rt = Runtime.from_settings(settings)
+    await rt.start()
+    try:
+        async with TestClient(TestServer(make_app(rt, ADMIN_ROUTES))) as client:
+            doc = await (await client.get("/policy?format=json")).json()
+    finally:
+        await rt.stop()
+    honoured = {o["respect_flag"]: o["honoured_by_default"] for o in doc["opt_outs"]}
+    assert honoured["tdmrep"] is False and honoured["robots"] is True, honoured

@@ -107,6 +107,18 @@ class HostPatterns[T]:
         hit = self.covering(host, host)
         return None if hit is None else hit[0]
 
+    def wildcard(self, host: str) -> T | None:
+        """The value of the nearest `*.` pattern that gives `host` (name and every subdomain)."""
+        if not self._suffix:
+            return None
+        name = host
+        while True:
+            if (hit := self._suffix.get(name)) is not None:
+                return hit
+            _, dot, name = name.partition(".")
+            if not dot:
+                return None
+
     def covering(self, host: str, within: str) -> tuple[T, bool] | None:
         """The nearest pattern for `host`, with `name` patterns covering the hosts beneath
         them down from `within` (its registrable domain): at each level up, the host itself,
@@ -141,22 +153,23 @@ class SiteDirectory:
                 self._rules.add(pattern, rule)
         self._sites = {rule.id: self._site_for_rule(rule) for rule in policy.sites}
         # A host beneath one a rule names: that site's budget, not its terms (a licence or
-        # an exemption for one host is not one for the hosts beneath it).
+        # an exemption for one host is not one for the hosts beneath it): the terms of a `*.`
+        # pattern that gives the host, else the defaults'.
         self._beneath = {
-            key: Site(
-                key=key,
-                rule=site.rule,
-                settings=site.settings.model_copy(
-                    update={
-                        "legal_basis": self.defaults.legal_basis,
-                        "respect": self.defaults.respect,
-                    }
-                ),
-                fallback=self.defaults,
-            )
-            for key, site in self._sites.items()
+            key: self._beneath_site(site, self.defaults) for key, site in self._sites.items()
         }
+        self._beneath_given: dict[tuple[str, str], Site] = {}
         self._by_domain: dict[str, Site] = {}
+
+    def _beneath_site(self, site: Site, terms: Defaults) -> Site:
+        return Site(
+            key=site.key,
+            rule=site.rule,
+            settings=site.settings.model_copy(
+                update={"legal_basis": terms.legal_basis, "respect": terms.respect}
+            ),
+            fallback=self.defaults,
+        )
 
     def _site_for_rule(self, rule: SiteRule) -> Site:
         overrides = rule.overrides()
@@ -171,7 +184,17 @@ class SiteDirectory:
         # Rotating subdomains of a named site (`www.`, `x1.`) does not escape its budget.
         if (hit := self._rules.covering(host, domain)) is not None:
             rule, beneath = hit
-            return (self._beneath if beneath else self._sites)[rule.id]
+            if not beneath:
+                return self._sites[rule.id]
+            given = self._rules.wildcard(host)  # a broader `*.` rule that gives this host
+            if given is None:
+                return self._beneath[rule.id]
+            pair = (rule.id, given.id)
+            if (site := self._beneath_given.get(pair)) is None:
+                site = self._beneath_given[pair] = self._beneath_site(
+                    self._sites[rule.id], self._sites[given.id].settings
+                )
+            return site
         site = self._by_domain.get(domain)
         if site is None:
             if len(self._by_domain) > 50_000:

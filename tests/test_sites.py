@@ -120,6 +120,32 @@ def test_subdomains_beneath_a_named_host_share_its_budget_not_its_terms():
     assert other.key == "someone-elses.s3.amazonaws.com" and other.rule is None
 
 
+def test_a_host_beneath_a_named_one_keeps_the_terms_of_a_pattern_that_gives_it():
+    # `*.shop.test` respects noai and Content-Usage; `img.shop.test` has a budget of its own.
+    # x.img.shop.test shares img.shop.test's budget (the nearer name), but it is still given by
+    # `*.shop.test`: it got the defaults' signals (none respected), and its noai content was
+    # delivered. README: the defaults' terms are for a host beneath a named one "that no
+    # pattern gives".
+    strict = {"noai": True, "content_usage": True}
+    licence = {"kind": "licence", "ref": "LIC-SHOP"}
+    d = directory(
+        [
+            {"id": "shop", "match": ["*.shop.test"], "respect": strict, "legal_basis": licence},
+            {"id": "shop-img", "match": ["img.shop.test"], "rate": "2/s"},
+            {"id": "museum", "match": ["site-a.test"], "legal_basis": licence},
+        ]
+    )
+    day = dt.date(2026, 6, 1)
+    for host in ("x.img.shop.test", "a.b.img.shop.test"):
+        site = d.site_for(host)
+        assert site.key == "shop-img" and site.settings.rate == "2/s", host
+        basis, respect = site.terms_on(day)
+        assert (basis.ref, respect.noai, respect.content_usage) == ("LIC-SHOP", True, True), host
+    # No pattern gives www.site-a.test: the defaults' terms, as before.
+    basis, respect = d.site_for("www.site-a.test").terms_on(day)
+    assert basis.ref == "DSM Art. 4" and not respect.noai
+
+
 def test_an_expired_licence_falls_back_to_the_default_basis_and_signals():
     d = directory(
         [

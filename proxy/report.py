@@ -336,9 +336,9 @@ async def build_report(
     """The report as a JSON-ready dict; `since`/`until` in the records' `ts` form."""
     tally = Tally()
     await source.scan(RecordQuery(since=since, until=until), tally.visit)
-    directory = SiteDirectory(policy) if policy is not None else None
-    sites = [site_figures(key, t, directory) for key, t in tally.sites.items()]
-    sites.sort(key=lambda s: (-s["sent_to_site"], s["site"]))
+    # On a worker thread (the tally is complete): 20 000 sites' figures took half a second,
+    # which in the admin API held every request the replica was deciding.
+    sites = await asyncio.to_thread(_site_rows, tally, policy)
     totals = {
         name: sum(s[name] for s in sites)
         for name in (
@@ -378,6 +378,13 @@ async def build_report(
         "totals": totals,
         "checkpoints": await _checkpoints(source, tally.replicas),
     }
+
+
+def _site_rows(tally: Tally, policy: Policy | None) -> list[dict[str, Any]]:
+    directory = SiteDirectory(policy) if policy is not None else None
+    sites = [site_figures(key, t, directory) for key, t in tally.sites.items()]
+    sites.sort(key=lambda s: (-s["sent_to_site"], s["site"]))
+    return sites
 
 
 # -- rendering -----------------------------------------------------------------------------

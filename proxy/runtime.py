@@ -46,6 +46,7 @@ from proxy.governor import CompiledPolicy
 from proxy.governor import Governor
 from proxy.governor import RequestContext
 from proxy.governor import compile_policy
+from proxy.optout_checks import ROBOTS_PATH
 from proxy.optout_checks import OptOutChecks
 from proxy.originfiles import FetchRefused
 from proxy.originfiles import OriginFetch
@@ -328,27 +329,31 @@ class Runtime:
         any of the site's origins wins, as the slower rate is the polite one.
         """
         if ctx.respect.robots:
-            origin = origin_of(ctx.scheme, ctx.host, ctx.port)
-            delay = self.optouts.crawl_delay(origin) or None  # (0: none)
-            key = ctx.site.key
-            known = self._crawl_delays.get(key)
-            if delay != (known.get(origin) if known is not None else None):
-                if delay is not None:
-                    if known is None or origin not in known:
-                        if self._crawl_delay_origins >= MAX_CRAWL_DELAY_ORIGINS:
-                            self._forget_crawl_delays()
-                            known = None
-                        self._crawl_delay_origins += 1
-                    if known is None:
-                        known = self._crawl_delays[key] = {}
-                    known[origin] = delay
-                elif known is not None:
-                    del known[origin]
-                    self._crawl_delay_origins -= 1
-                    if not known:
-                        del self._crawl_delays[key]
-                self.budgets.set_min_interval(key, max((known or {}).values(), default=None))
+            self._use_crawl_delay(ctx.site.key, origin_of(ctx.scheme, ctx.host, ctx.port))
         return await self.budgets.admit(ctx.site)
+
+    def _use_crawl_delay(self, key: str, origin: str) -> None:
+        """The site's rate, slowed to the Crawl-delay of this origin's robots.txt if it has one
+        (the gateway has read it: it is read before any request to the origin is admitted)."""
+        delay = self.optouts.crawl_delay(origin) or None  # (0: none)
+        known = self._crawl_delays.get(key)
+        if delay == (known.get(origin) if known is not None else None):
+            return
+        if delay is not None:
+            if known is None or origin not in known:
+                if self._crawl_delay_origins >= MAX_CRAWL_DELAY_ORIGINS:
+                    self._forget_crawl_delays()
+                    known = None
+                self._crawl_delay_origins += 1
+            if known is None:
+                known = self._crawl_delays[key] = {}
+            known[origin] = delay
+        elif known is not None:
+            del known[origin]
+            self._crawl_delay_origins -= 1
+            if not known:
+                del self._crawl_delays[key]
+        self.budgets.set_min_interval(key, max((known or {}).values(), default=None))
 
     def _forget_crawl_delays(self) -> None:
         """Past MAX_CRAWL_DELAY_ORIGINS: forget every Crawl-delay kept. Each origin's is set
@@ -364,7 +369,14 @@ class Runtime:
         budget has no room (a site's every subdomain has its own robots.txt: without this, a
         scraper rotating through them had the gateway send two requests per name, whatever the
         site's rate)."""
-        site = self.governor.site_for(normalize_host(urlsplit(url).hostname or ""))
+        parts = urlsplit(url)
+        host = normalize_host(parts.hostname or "")
+        site = self.governor.site_for(host)
+        _, respect = site.terms_on(dt.datetime.now(dt.UTC).date())
+        if respect.robots and parts.path != ROBOTS_PATH:
+            # tdmrep.json, read once robots.txt is: the site's Crawl-delay holds for it too.
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            self._use_crawl_delay(site.key, origin_of(parts.scheme, host, port))
         admission = await self.budgets.admit(site)
         if not admission.decision.allowed:
             raise FetchRefused(admission.decision)

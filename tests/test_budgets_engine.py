@@ -562,6 +562,19 @@ async def test_crawl_delay_and_policy_reload(cluster: Cluster):
         assert (d.reason, d.rule) == (Reason.QUOTA_REQUESTS, "defaults.requests_per_day")
 
 
+async def test_a_crawl_delay_first_read_holds_from_the_request_before_it(cluster: Cluster):
+    # robots.txt was read (one request to the site) at the policy's rate, 1/s; its Crawl-delay
+    # of 3 s then went into the rate, but the rate's state was the 1/s one: the next request
+    # went 1 s after the read, and only those after it 3 s apart (site owner's advocate's probe).
+    site = make_site(rate="1/s", burst=1)
+    async with cluster(1) as (engine,):
+        assert (await engine.admit(site)).decision.allowed  # the robots.txt read
+        engine.set_min_interval(site.key, 3.0)
+        d = (await engine.admit(site)).decision
+        assert (d.reason, d.rule) == (Reason.RATE_LIMITED, "robots.crawl_delay")
+        assert d.retry_after is not None and d.retry_after > 2.5
+
+
 @pytest.mark.timeout(60)
 async def test_a_crawl_delay_holds_on_the_replica_that_knows_it_whatever_the_others_admit(
     cluster: Cluster,

@@ -42,6 +42,7 @@ from proxy.budgets.memory import wall_clock_us
 from proxy.budgets.pause import THROTTLE_STATUSES
 from proxy.budgets.pause import PausePolicy
 from proxy.budgets.pause import parse_retry_after
+from proxy.budgets.spec import CRAWL_DELAY_RULE
 from proxy.budgets.spec import Budget
 from proxy.budgets.spec import BudgetSpec
 from proxy.budgets.spec import spec_for
@@ -210,6 +211,9 @@ class BudgetEngine:
         self._specs: dict[str, tuple[object, BudgetSpec]] = {}
         self._local_specs: dict[str, BudgetSpec] = {}
         self._min_interval: dict[str, float] = {}
+        # When this replica last admitted a request to each site (monotonic): a Crawl-delay
+        # holds from there (_crawl_delay_left).
+        self._last_admitted: dict[str, float] = {}
         self._last_seen: dict[str, Snapshot] = {}
         self._local_pause: dict[str, float] = {}  # site -> monotonic end, set synchronously
 
@@ -325,7 +329,8 @@ class BudgetEngine:
     def set_min_interval(self, site_key: str, seconds: float | None) -> None:
         """robots.txt Crawl-delay for a site: the slower of it and the policy's rate applies.
 
-        None or 0 removes it.
+        None or 0 removes it. A delay first set is counted from this replica's last request to
+        the site (the robots.txt read, say).
         """
         if seconds and seconds > 0:
             self._min_interval[site_key] = float(seconds)
@@ -402,6 +407,40 @@ class BudgetEngine:
             )
 
     async def _attempt(self, spec: BudgetSpec) -> _Try:
+        spacing = self._crawl_delay_left(spec.key)
+        if spacing > 0:
+            return self._spaced(spec, spacing)
+        tried = await self._attempt_store(spec)
+        if tried.admission.decision.allowed:
+            if len(self._last_admitted) >= _MAX_TRACKED_SITES:
+                self._last_admitted.clear()
+            self._last_admitted[spec.key] = time.monotonic()
+        return tried
+
+    def _crawl_delay_left(self, key: str) -> float:
+        """How long until the site's Crawl-delay has passed since this replica last sent it a
+        request. The shared rate holds it from then on; but the rate's state when the delay
+        was first read (with the robots.txt read itself) was spaced by the policy's rate, so
+        the next request went that much sooner (a site owner's advocate's probe)."""
+        interval = self._min_interval.get(key)
+        last = self._last_admitted.get(key)
+        if interval is None or last is None:
+            return 0.0
+        return last + interval - time.monotonic()
+
+    def _spaced(self, spec: BudgetSpec, wait: float) -> _Try:
+        interval = self._min_interval.get(spec.key, 0.0)
+        decision = refuse(
+            Reason.RATE_LIMITED,
+            f"{spec.key}'s robots.txt asks for {interval:g}s between requests (Crawl-delay); "
+            f"the next is {wait:.1f}s away",
+            rule=CRAWL_DELAY_RULE,
+            retry_after=wait,
+            site=spec.key,
+        )
+        return _Try(Admission(decision), wait=wait, waitable=True)
+
+    async def _attempt_store(self, spec: BudgetSpec) -> _Try:
         paused = self._local_pause_left(spec.key)
         if paused > 0:
             return self._paused(spec, paused)

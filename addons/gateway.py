@@ -7,6 +7,7 @@ response; then it accounts for the fetch and writes its record.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import hashlib
 import time
@@ -398,6 +399,8 @@ class Gateway:
             return self._refuse_connect(flow, state, _bad_request(problem), started)
         site = gov.site_for(host)
         state.site = site.key
+        basis, _ = site.terms_on(dt.datetime.now(dt.UTC).date())
+        state.basis = f"{basis.kind}:{basis.ref}"  # on a refused tunnel's record too
         decision = gov.check_host(host)
         address = None
         if decision.allowed:

@@ -983,7 +983,8 @@ def test_blocklisted_domain_is_refused_inside_its_tunnel_and_for_plain_http(
     )
     assert (again.version, again.status, again.headers["connection"]) == ("HTTP/1.1", 451, "close")
     assert site.connections == 0 and tls_site.connections == 0
-    records = [(r["method"], r["reason"], r["status"]) for r in gateway.fetch_records()]
+    fetched = gateway.fetch_records()
+    records = [(r["method"], r["reason"], r["status"]) for r in fetched]
     assert records == [
         ("GET", "tos_blocklist", 451),
         ("CONNECT", "tos_blocklist", 200),
@@ -991,6 +992,8 @@ def test_blocklisted_domain_is_refused_inside_its_tunnel_and_for_plain_http(
         ("CONNECT", "tos_blocklist", 200),
         ("GET", "tos_blocklist", 451),
     ]
+    # Each under the site's legal basis, the refused CONNECT's too (it was null: legal probe).
+    assert len({r["legal_basis"] for r in fetched}) == 1 and fetched[0]["legal_basis"]
     # Three fetches, three refusals in the metrics: a tunnel to nowhere is no request to the
     # site (the report leaves its record out too); each request in it is counted.
     text = requests.get(gateway.admin + "/metrics", timeout=5).text

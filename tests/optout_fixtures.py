@@ -14,6 +14,7 @@ import ssl
 import struct
 import subprocess
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections import Counter
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import yaml
 from aiohttp import web
 from cryptography import x509
@@ -663,3 +665,20 @@ def request_context(
 def make_checks(policy: Policy | None = None, **kwargs: Any) -> OptOutChecks:
     policy = policy or make_policy()
     return OptOutChecks(policy.crawler, static_resolver(), private_guard(), **kwargs)
+
+
+def off_the_main_thread(
+    monkeypatch: pytest.MonkeyPatch, module: Any, **functions: str
+) -> dict[str, list[bool]]:
+    """Each of `module`'s `functions` (label=attribute name) wrapped to note, at each call,
+    whether it ran on a worker thread (True) or on the event loop's (False)."""
+    calls: dict[str, list[bool]] = {label: [] for label in functions}
+    for label, name in functions.items():
+        work = getattr(module, name)
+
+        def run(*args: Any, _label: str = label, _work: Any = work) -> Any:
+            calls[_label].append(threading.current_thread() is not threading.main_thread())
+            return _work(*args)
+
+        monkeypatch.setattr(module, name, run)
+    return calls

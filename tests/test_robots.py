@@ -6,7 +6,6 @@ import asyncio
 import gzip
 import re
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from tests.optout_fixtures import TOKEN
 from tests.optout_fixtures import USER_AGENT
 from tests.optout_fixtures import make_checks
 from tests.optout_fixtures import make_policy
+from tests.optout_fixtures import off_the_main_thread
 from tests.optout_fixtures import origin_server
 from tests.optout_fixtures import private_guard
 from tests.optout_fixtures import request_context
@@ -573,18 +573,9 @@ async def test_a_large_robots_txt_is_parsed_and_matched_off_the_event_loop(
     # A 500 KiB robots.txt of 25 000 rules took 0.36 s to parse and up to 80 ms a request to
     # match, on the event loop: eight such sites at once held it past the Redis timeout, and
     # the replica answered every team 503 store_unavailable (broad-crawl probe).
-    threads: dict[str, list[bool]] = {"parse": [], "match": []}
-
-    def watched(name: str, work: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            threads[name].append(threading.current_thread() is not threading.main_thread())
-            return work(*args)
-
-        return run
-
-    monkeypatch.setattr(optout_checks, "parse_robots", watched("parse", parse_robots))
-    verdict = optout_checks._robots_verdict
-    monkeypatch.setattr(optout_checks, "_robots_verdict", watched("match", verdict))
+    threads = off_the_main_thread(
+        monkeypatch, optout_checks, parse="parse_robots", match="_robots_verdict"
+    )
     body = "User-agent: *\n" + "".join(f"Disallow: /p{i}/x*\n" for i in range(rules))
     async with origin_server({"/robots.txt": body}) as site:
         checks = make_checks()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -15,6 +12,7 @@ from proxy import tdmrep
 from proxy.decision import Reason
 from tests.optout_fixtures import make_checks
 from tests.optout_fixtures import make_policy
+from tests.optout_fixtures import off_the_main_thread
 from tests.optout_fixtures import origin_server
 from tests.optout_fixtures import request_context
 
@@ -218,20 +216,9 @@ async def test_a_large_tdmrep_json_is_parsed_and_matched_off_the_event_loop(
 ) -> None:
     # 10 000 rules took 0.12 s to parse and 5 ms a request to match, on the event loop (as a
     # large robots.txt did, which held every team's requests: broad-crawl probe).
-    threads: dict[str, list[bool]] = {"parse": [], "match": []}
-
-    def watched(name: str, work: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            threads[name].append(threading.current_thread() is not threading.main_thread())
-            return work(*args)
-
-        return run
-
-    monkeypatch.setattr(
-        optout_checks, "_parse_tdmrep", watched("parse", optout_checks._parse_tdmrep)
+    threads = off_the_main_thread(
+        monkeypatch, optout_checks, parse="_parse_tdmrep", match="_tdm_declaration"
     )
-    matched = optout_checks._tdm_declaration
-    monkeypatch.setattr(optout_checks, "_tdm_declaration", watched("match", matched))
     body = json.dumps([{"location": f"/p{i}/*", "tdm-reservation": 1} for i in range(rules)])
     async with origin_server({tdmrep.WELL_KNOWN_PATH: body}) as site:
         checks = make_checks()

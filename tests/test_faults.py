@@ -533,16 +533,7 @@ def test_a_sigterm_while_the_replica_starts_ends_it(workdir: Path):
         port = silent.getsockname()[1]
         proc = subprocess.Popen(
             [
-                CRAWLWARDEN,
-                "run",
-                "--policy",
-                str(policy),
-                "--data-dir",
-                str(workdir / "data"),
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--admin",
-                f"127.0.0.1:{free_port()}",
+                *_run_command(policy, workdir / "data"),
                 "--audit-dsn",
                 f"postgresql://crawler@127.0.0.1:{port}/fetchlog",
             ],

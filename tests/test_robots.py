@@ -711,38 +711,20 @@ async def test_cached_for_a_day_errors_for_minutes() -> None:
             state["status"] = 503
             decision, signals = await robots_decision(checks, site.origin() + "/y")
             assert site.hits["/robots.txt"] == 2 and signals == ["robots:unreachable"]
-            now[0] += 301  # an error is retried after error_ttl
+            # It says when the file is read again: the README has scrapers drop a URL on a
+            # 451 without Retry-After, so a minute's overload lost a host's URLs (probe).
+            assert decision is not None and decision.retry_after == 300.0
+            now[0] += 200
+            decision, _ = await robots_decision(checks, site.origin() + "/y")
+            assert decision is not None and decision.retry_after == 100.0
+            now[0] += 101  # an error is retried after error_ttl
             state["status"] = 200
             decision, signals = await robots_decision(checks, site.origin() + "/y")
             assert site.hits["/robots.txt"] == 3 and decision is None
+            decision, _ = await robots_decision(checks, site.origin() + "/x")
+            assert decision is not None and decision.retry_after is None  # the site's own say
         finally:
             await checks.close()
-
-
-async def test_a_refusal_for_an_unreachable_robots_txt_says_when_it_is_read_again() -> None:
-    # 451 robots_disallowed for a robots.txt that answered 503, with no Retry-After: the
-    # README has scrapers drop a URL on 451, so a minute's overload lost a host's URLs
-    # (a site owner's advocate's probe).
-    now = [1_000_000.0]
-    state = {"status": 503}
-
-    def robots(request: web.Request) -> web.Response:
-        return web.Response(status=state["status"], text="User-agent: *\nDisallow: /x\n")
-
-    async with origin_server({"/robots.txt": robots}) as site:
-        checks = make_checks(clock=lambda: now[0], error_ttl=300)
-        try:
-            unreachable, _ = await robots_decision(checks, site.origin() + "/y")
-            now[0] += 200
-            later, _ = await robots_decision(checks, site.origin() + "/y")
-            now[0] += 101
-            state["status"] = 200
-            disallowed, _ = await robots_decision(checks, site.origin() + "/x")
-        finally:
-            await checks.close()
-    assert unreachable is not None and unreachable.reason is Reason.ROBOTS_DISALLOWED
-    assert (unreachable.retry_after, later and later.retry_after) == (300.0, 100.0)
-    assert disallowed is not None and disallowed.retry_after is None  # the site's own say
 
 
 async def test_a_scrapers_robots_request_is_answered_from_the_cache() -> None:

@@ -274,15 +274,7 @@ def test_a_request_inside_a_tunnel_through_the_pool_records_its_proxy(
     # HTTPS probe: a tunnel through the pool carried its requests through the proxy chosen at
     # CONNECT, but their records named no upstream proxy (only the tunnel's state had it): the
     # fetch log did not say which egress an HTTPS fetch used.
-    policy = policy_with(
-        egress={
-            "provider": "test-transit",
-            "public_ips": ["203.0.113.7"],
-            "upstream_proxies": [
-                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
-            ],
-        }
-    )
+    policy = policy_with(egress=_through(pool))
     policy["teams"][1]["upstream_proxy"] = "pool-b"
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
         for user, token, path in ((TEAM, TEAM_TOKEN, "/first"), (OTHER_TEAM, OTHER_TOKEN, "/b")):
@@ -365,15 +357,7 @@ def test_the_requests_of_one_scraper_connection_keep_one_proxy_of_the_pool(
     # HTTPS probe: README says connections are spread over the pool; it was each request: one
     # keep-alive connection's requests alternated between the proxies, so the site saw one
     # scraper's requests come from rotating egresses, over a connection per proxy.
-    policy = policy_with(
-        egress={
-            "provider": "test-transit",
-            "public_ips": ["203.0.113.7"],
-            "upstream_proxies": [
-                {"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()
-            ],
-        }
-    )
+    policy = policy_with(egress=_through(pool))
     with Gateway(workdir, policy) as gw:
         for connection in ("first", "second"):
             client = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)

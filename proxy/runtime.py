@@ -46,7 +46,6 @@ from proxy.governor import CompiledPolicy
 from proxy.governor import Governor
 from proxy.governor import RequestContext
 from proxy.governor import compile_policy
-from proxy.optout_checks import ROBOTS_PATH
 from proxy.optout_checks import OptOutChecks
 from proxy.originfiles import FetchRefused
 from proxy.originfiles import OriginFetch
@@ -369,14 +368,10 @@ class Runtime:
         budget has no room (a site's every subdomain has its own robots.txt: without this, a
         scraper rotating through them had the gateway send two requests per name, whatever the
         site's rate)."""
-        parts = urlsplit(url)
-        host = normalize_host(parts.hostname or "")
-        site = self.governor.site_for(host)
-        _, respect = site.terms_on(dt.datetime.now(dt.UTC).date())
-        if respect.robots and parts.path != ROBOTS_PATH:
-            # tdmrep.json, read once robots.txt is: the site's Crawl-delay holds for it too.
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            self._use_crawl_delay(site.key, origin_of(parts.scheme, host, port))
+        # (Not slowed to the Crawl-delay the robots.txt read has just brought: a redirect hop
+        # of tdmrep.json is gated too, and with the delay's burst of 1 no hop after the first
+        # was ever admitted: the origin's requests were refused for good, review.)
+        site = self.governor.site_for(normalize_host(urlsplit(url).hostname or ""))
         admission = await self.budgets.admit(site)
         if not admission.decision.allowed:
             raise FetchRefused(admission.decision)

@@ -6,6 +6,7 @@ is exercised here, at the hook level: the address checked is the address connect
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import json
@@ -474,3 +475,37 @@ async def test_crawl_delays_kept_are_bounded_and_hold_again_once_forgotten(
                 await gw.requestheaders(flow)
                 assert flow.response is None
         assert all(f"site-{i}.test" not in rt._crawl_delays for i in range(5, 10))
+
+
+async def test_a_redirecting_tdmrep_json_under_a_crawl_delay_is_read_and_the_request_goes(
+    make_gateway,
+):
+    """The gateway's tdmrep.json read was slowed to the Crawl-delay its robots.txt read had just
+    brought: the delay's burst of 1 refused the redirect's second hop, every time, and every
+    request to the origin was refused for good (review)."""
+    with Site() as site:
+        site.routes["/robots.txt"] = Reply(body=b"User-agent: *\nCrawl-delay: 1\nAllow: /\n")
+        site.routes["/.well-known/tdmrep.json"] = Reply(
+            status=301, headers={"Location": "/tdmrep-real.json"}, body=b""
+        )
+        site.routes["/tdmrep-real.json"] = Reply(
+            body=b"[]", headers={"Content-Type": "application/json"}
+        )
+        gw = await make_gateway(
+            ChangingDNS({}),
+            respect={"robots": True, "tdmrep": True},
+            allow_private=["127.0.0.0/8"],
+            static_hosts={"*.test": "127.0.0.1"},
+        )
+        with taddons.context(gw):
+            flow = request_flow("site-a.test", site.port)
+            await gw.requestheaders(flow)
+            # Read whole (both hops); the request itself waits the delay after the last read.
+            assert site.paths()["/tdmrep-real.json"] == 1
+            assert flow.response is not None
+            assert "must be read" not in json.loads(flow.response.content)["detail"]
+            await asyncio.sleep(1.1)
+            flow = request_flow("site-a.test", site.port)
+            await gw.requestheaders(flow)
+        assert flow.response is None, flow.response and flow.response.content
+        assert site.paths()["/.well-known/tdmrep.json"] == 1

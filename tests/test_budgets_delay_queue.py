@@ -62,3 +62,26 @@ async def test_earlier_request_is_not_refused_for_a_later_ones_sake(redis_server
     assert results["B"].decision.allowed, got
     assert results["C"].decision.allowed, got
     assert not results["D"].decision.allowed, got
+
+
+@pytest.mark.timeout(30)
+async def test_a_request_whose_turn_under_a_crawl_delay_is_past_max_delay_is_refused_at_once(
+    redis_server,  # noqa: F811
+    key_prefix,  # noqa: F811
+):
+    # A Crawl-delay's wait was no budget the queue knew: every request behind the next one
+    # was held a whole delay, then refused (review); under a plain rate they are refused at
+    # once, as the README says.
+    site = make_site(rate="100/s", burst=10, on_exceed="delay", max_delay="1500ms")
+    engine = BudgetEngine(RedisBudgetStore(redis_server.url, key_prefix=key_prefix))
+    await engine.start()
+    try:
+        engine.set_min_interval(site.key, 1.0)
+        assert (await engine.admit(site)).decision.allowed
+        results = await asyncio.gather(*(engine.admit(site) for _ in range(5)))
+    finally:
+        await engine.close()
+    admitted = [r for r in results if r.decision.allowed]
+    refused = [r for r in results if not r.decision.allowed]
+    assert len(admitted) == 1 and len(refused) == 4
+    assert all(r.waited < 0.5 for r in refused), [round(r.waited, 2) for r in refused]

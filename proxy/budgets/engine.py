@@ -438,7 +438,8 @@ class BudgetEngine:
             retry_after=wait,
             site=spec.key,
         )
-        return _Try(Admission(decision), wait=wait, waitable=True)
+        # (the rate's: a held request whose turn is past max_delay is refused at once)
+        return _Try(Admission(decision), wait=wait, waitable=True, budget=Budget.RATE)
 
     async def _attempt_store(self, spec: BudgetSpec) -> _Try:
         paused = self._local_pause_left(spec.key)

@@ -553,15 +553,10 @@ class OriginFileFetcher:
 
     async def _request(self, url: URL) -> tuple[int, dict[str, str], bytes, bool] | str:
         """One GET: (status, headers, body, truncated), or an error message."""
-        proxy = self._next_proxy()
-        via = proxy.name if proxy is not None else None
         began = (time.time(), time.monotonic())
-        literal = self.resolver.check_literal(url.host or "", url.port or 0)
-        refused = None if literal is None else TargetRefusal(_PRIVATE_ADDRESS, literal)
-        if refused is None and self.target_check is not None:
-            refused = self.target_check(str(url))
+        refused = self._refusal(url)
         if refused is not None:
-            self._report(str(url), None, b"", refused.detail, via, None, began, refused=refused)
+            self._report(str(url), None, b"", refused.detail, None, None, began, refused=refused)
             return refused.detail
         headers = {
             "User-Agent": self.user_agent,
@@ -574,7 +569,15 @@ class OriginFileFetcher:
         tls_name: str | None = None
         egress_ip: str | None = None
         release = await self.gate(str(url)) if self.gate is not None else None
-        # After the wait for the budget: a reload meanwhile retires the session (review).
+        # After the wait for the budget, under the policy in force then (a reload meanwhile
+        # retires the session, may change the pool; a takedown may come): reviews.
+        if self.gate is not None and (refused := self._refusal(url)) is not None:
+            if release is not None:
+                release(0)
+            self._report(str(url), None, b"", refused.detail, None, None, began, refused=refused)
+            return refused.detail
+        proxy = self._next_proxy()
+        via = proxy.name if proxy is not None else None
         session = self._client()
         began = (time.time(), time.monotonic())  # (after a wait for the budget, if any)
         body = b""
@@ -642,6 +645,14 @@ class OriginFileFetcher:
             retry_after=head.get("retry-after"),
         )
         return status, head, body, truncated
+
+    def _refusal(self, url: URL) -> TargetRefusal | None:
+        """Why the gateway may not ask for `url` (an address the guard refuses, a blocklisted
+        or taken-down URL), or None."""
+        literal = self.resolver.check_literal(url.host or "", url.port or 0)
+        if literal is not None:
+            return TargetRefusal(_PRIVATE_ADDRESS, literal)
+        return self.target_check(str(url)) if self.target_check is not None else None
 
     def _next_proxy(self) -> UpstreamProxy | None:
         pool = self.upstream_proxies

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from proxy import optout_checks
 from proxy.aipref import Preference
 from proxy.decision import Reason
+from proxy.originfiles import TargetRefusal
 from proxy.robots import PARSE_LIMIT
 from proxy.robots import PathPattern
 from proxy.robots import parse_robots
@@ -674,6 +675,31 @@ async def test_a_reload_that_renames_the_crawler_mid_parse_is_not_undone_by_the_
             await checks.close()
     assert after is not None and after.reason is Reason.ROBOTS_DISALLOWED
     assert later is not None and later.reason is Reason.ROBOTS_DISALLOWED
+
+
+async def test_a_read_held_for_its_budget_is_checked_again_after_the_wait() -> None:
+    # Its target was checked (blocklist, takedowns) before the wait for the site's budget
+    # only: a takedown filed meanwhile did not stop the gateway's own read (review).
+    taken_down: list[str] = []
+
+    def target_check(url: str) -> TargetRefusal | None:
+        return TargetRefusal("takedown", f"{url} is taken down") if taken_down else None
+
+    async def gate(url: str) -> Callable[[int], None]:
+        await asyncio.sleep(0.3)  # held for its budget (on_exceed: delay)
+        return lambda received: None
+
+    async with origin_server({"/robots.txt": "User-agent: *\nAllow: /\n"}) as site:
+        checks = make_checks(gate=gate, target_check=target_check)
+        try:
+            waiting = asyncio.ensure_future(robots_decision(checks, site.origin() + "/x"))
+            await asyncio.sleep(0.1)
+            taken_down.append("now")
+            _, signals = await waiting
+        finally:
+            await checks.close()
+        assert site.hits["/robots.txt"] == 0
+    assert signals == ["robots:unreachable"]
 
 
 async def test_a_cold_origin_is_fetched_once_for_200_concurrent_requests() -> None:

@@ -251,6 +251,7 @@ class Runtime:
 
     async def _restore_counts(self, store: MemoryBudgetStore) -> None:
         path = self.saved_counts_path
+        saved.remove_partials(path)  # of saves a kill -9 cut short
         data = saved.read(path)
         if data is None:
             return

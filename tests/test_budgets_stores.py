@@ -656,6 +656,9 @@ def test_saved_counts_written_by_two_saves_at_once_stay_whole(tmp_path: Path) ->
                 done.result()
         assert path.read_bytes() in payloads
     assert [p.name for p in path.parent.iterdir()] == ["gw.json"]
+    (path.parent / "gw.json.x1y2.partial").write_bytes(b"cut short by a kill -9")
+    saved.remove_partials(path)
+    assert [p.name for p in path.parent.iterdir()] == ["gw.json"]
 
 
 def test_a_saved_pause_longer_than_any_pause_is_cut_to_the_longest() -> None:

@@ -103,3 +103,10 @@ def read(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+def remove_partials(path: Path) -> None:
+    """The temp files of saves to `path` that never finished (the process was killed)."""
+    for partial in path.parent.glob(path.name + ".*.partial"):
+        with contextlib.suppress(OSError):
+            partial.unlink()

@@ -740,6 +740,7 @@ def policy_warnings(
             )
         if isinstance(terms, SiteRule):
             out += [((*loc, "match", k), m) for k, m in _idle_patterns(terms, policy.network)]
+            out += [((*loc, "match", k), m) for k, m in _under_a_wildcard(terms, policy.sites)]
         for quota in ("requests_per_day", "requests_per_month", "bytes_per_day"):
             value = getattr(terms, quota)
             if (
@@ -753,6 +754,38 @@ def policy_warnings(
                         "blocklist, which records why",
                     )
                 )
+    return out
+
+
+def _under_a_wildcard(rule: SiteRule, rules: list[SiteRule]) -> list[tuple[int, str]]:
+    """A host a rule names that another rule's `*.` pattern also gives, where the rule sets no
+    terms of its own: the hosts beneath it take the `*.` rule's legal basis and opt-outs, the
+    host itself the defaults' (a review found `noai` honoured beneath it and not on it)."""
+    if rule.legal_basis is not None or rule.respect.model_fields_set:
+        return []
+    out = []
+    for k, pattern in enumerate(rule.match):
+        if pattern.startswith("*."):
+            continue
+        for other in rules:
+            covering = [
+                p
+                for p in other.match
+                if other is not rule
+                and p.startswith("*.")
+                and (pattern == p[2:] or pattern.endswith(p[1:]))
+            ]
+            if covering:
+                out.append(
+                    (
+                        k,
+                        f"{pattern} is also under {covering[0]} (site {other.id}): the hosts "
+                        f"beneath {pattern} take that rule's legal basis and opt-outs, {pattern} "
+                        "itself the defaults' (this rule sets neither): set legal_basis and "
+                        "respect here to give it the same",
+                    )
+                )
+                break
     return out
 
 

@@ -338,6 +338,21 @@ def test_a_site_pattern_that_takes_no_site_is_warned_about():
     assert "allow_ip_literals" in warned["sites.2.match.0"]
 
 
+def test_a_named_host_under_another_rules_wildcard_is_warned_about_when_it_sets_no_terms():
+    # `*.shop.test` (a licence, every opt-out) and `img.shop.test` (a rate only): the hosts
+    # beneath img.shop.test took the `*.` rule's terms, img.shop.test itself the defaults'
+    # (review: `noai` withheld beneath it, delivered on it).
+    policy = base_policy()
+    policy["sites"] = [
+        {"id": "shop", "match": ["*.shop.test"], "respect": {"noai": True}},
+        {"id": "img", "match": ["img.shop.test", "other.test"], "rate": "1/s"},
+        {"id": "own", "match": ["cdn.shop.test"], "respect": {"noai": False}},
+    ]
+    warned = {w.path: w.message for w in parse_policy(dump(policy)).warnings}
+    assert set(warned) == {"sites.1.match.0"}, warned
+    assert "*.shop.test (site shop)" in warned["sites.1.match.0"]
+
+
 def test_an_expired_site_licence_warns_of_the_basis_that_applies_instead():
     # Under an expired `defaults` licence too, a site's expired licence falls back to the
     # statutory TDM exception (README), not to "the defaults' basis", as the warning said.

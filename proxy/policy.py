@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -129,11 +130,16 @@ def _block_pattern(value: str) -> str:
 RateText = Annotated[str, AfterValidator(_rate)]
 
 
-def _not_bool(value: Any) -> Any:
-    # YAML `true` would pass as the number 1 (a 1-byte quota, a 1-second delay): refuse it.
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a quantity: write e.g. '10s' or '500MB'")
-    return value
+def _not_bool(example: str) -> Callable[[Any], Any]:
+    """YAML `true` would pass as the number 1 (a 1-byte quota, a 1-second delay): refused,
+    with an example of what the field takes."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a quantity: write e.g. {example}")
+        return value
+
+    return check
 
 
 def _not_bool_count(value: Any) -> Any:
@@ -145,8 +151,10 @@ def _not_bool_count(value: Any) -> Any:
 
 Positive = Annotated[int, BeforeValidator(_not_bool_count), Field(ge=1)]
 Count = Annotated[int, BeforeValidator(_not_bool_count), Field(ge=0)]
-DurationText = Annotated[str | int | float, BeforeValidator(_not_bool), AfterValidator(_duration)]
-SizeText = Annotated[str | int, BeforeValidator(_not_bool), AfterValidator(_size)]
+DurationText = Annotated[
+    str | int | float, BeforeValidator(_not_bool("'10s'")), AfterValidator(_duration)
+]
+SizeText = Annotated[str | int, BeforeValidator(_not_bool("'500MB'")), AfterValidator(_size)]
 TimeoutText = Annotated[str | int | float, AfterValidator(_timeout)]
 HeaderLimitText = Annotated[str | int, AfterValidator(_header_limit)]
 

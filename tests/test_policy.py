@@ -165,6 +165,15 @@ def test_a_token_names_one_caller(where: str, other: str, monkeypatch: pytest.Mo
         ({"id": "all", "match": ["*.com"]}, "sites.0.match.0: '*.com' covers every domain"),
         ({"id": "num", "match": ["2130706433"]}, "sites.0.match.0: '2130706433' is neither"),
         ({"id": "n", "match": ["a.test"], "burst": True}, "sites.0.burst: True is not a number"),
+        # A size's example is a size (it offered '10s' for a byte quota: docs probe).
+        (
+            {"id": "b", "match": ["a.test"], "bytes_per_day": True},
+            "sites.0.bytes_per_day: True is not a quantity: write e.g. '500MB'",
+        ),
+        (
+            {"id": "d", "match": ["a.test"], "max_delay": True},
+            "sites.0.max_delay: True is not a quantity: write e.g. '10s'",
+        ),
         ({"id": "n", "match": ["a.test"], "rate": None}, "sites.0: rate: null is not a value"),
     ],
 )

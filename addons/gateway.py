@@ -282,6 +282,11 @@ def _fail_closed(
 ABANDON_AFTER = 2.0
 
 
+# How often a request held for its budget (on_exceed: delay) is checked against the policy in
+# force: a takedown, a blocklist entry or a reload that refuses it answers it within this.
+HELD_RECHECK_SECONDS = 1.0
+
+
 class Gateway:
     def __init__(self, runtime: Runtime, throttle: AuthThrottle | None = None):
         self.rt = runtime
@@ -685,7 +690,27 @@ class Gateway:
                 return self._serve_cached_robots(flow, state, cached, started)
         # Budgets last: what they count is exactly what is forwarded (DESIGN.md step 4).
         if ctx.site.settings.on_exceed == "delay":
-            admission = await self._admit_held(flow, ctx)
+
+            def refused_meanwhile() -> Decision | None:
+                """What the policy in force refuses this held request for now: its team after
+                a reload, a blocklist entry or takedown since it came (None: nothing)."""
+                if self.rt.policy_version != state.compiled.version and (
+                    (now := self._team_refusal_now(tunnel, credentials, ctx, state)) is not None
+                ):
+                    return now
+                if gov.blocklist is not checked_against:
+                    blocked = gov.check_blocked(ctx)
+                    if not blocked.allowed:
+                        return blocked
+                return None
+
+            admission = await self._admit_held(flow, ctx, refused_meanwhile)
+            if isinstance(admission, Decision):
+                # Refused while held, within a second of the takedown or reload that says so,
+                # not when its turn comes; recorded under the policy in force.
+                state.compiled = self.rt.compiled
+                closing = admission.reason in (Reason.AUTH_REQUIRED, Reason.MISDIRECTED)
+                return self._refuse(flow, state, admission, started, close=closing)
             if admission is not None:
                 ctx.waited += admission.waited
             if admission is None and self.rt.stopping:
@@ -1231,10 +1256,17 @@ class Gateway:
                 "the scraper went away while the request was under way",
             )
 
-    async def _admit_held(self, flow: http.HTTPFlow, ctx: RequestContext) -> Admission | None:
+    async def _admit_held(
+        self,
+        flow: http.HTTPFlow,
+        ctx: RequestContext,
+        refused_meanwhile: Callable[[], Decision | None],
+    ) -> Admission | Decision | None:
         """A delay-mode admission, given up (None, nothing consumed) if the client goes away
         while its request is held: a dead request must neither take the budget nor make live
-        ones wait behind it."""
+        ones wait behind it. Asked every HELD_RECHECK_SECONDS whether the policy now refuses
+        it (`refused_meanwhile`): then given up too, and that refusal returned (a takedown
+        answered a request held for a minute only when its turn came: a docs probe)."""
         if flow.metadata.get(CLIENT_RESET):
             return None  # cancelled (an HTTP/2 stream reset) before its turn came
         waiting = asyncio.ensure_future(self.rt.admit(ctx))
@@ -1242,8 +1274,22 @@ class Gateway:
         held.add(waiting)
         flow.metadata[HELD] = waiting  # HttpGuard cancels it when the scraper resets the stream
         try:
-            return await waiting
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=HELD_RECHECK_SECONDS)
+                if done:
+                    return waiting.result()  # (CancelledError if let go: below)
+                refusal = refused_meanwhile()
+                if refusal is not None:
+                    waiting.cancel()
+                    await asyncio.wait({waiting})
+                    if not waiting.cancelled() and waiting.exception() is None:
+                        late = waiting.result()  # its turn came as it was let go
+                        if late.decision.allowed:
+                            self.rt.budgets.finish(late.lease)
+                    return refusal
         except asyncio.CancelledError:
+            if not waiting.done():
+                waiting.cancel()  # this hook's own cancel: the admission goes with it
             if waiting.cancelled() and (
                 self.rt.stopping
                 or not flow.client_conn.connected

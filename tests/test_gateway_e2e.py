@@ -1243,6 +1243,42 @@ def test_a_held_request_refused_by_a_reloaded_blocklist_names_the_new_policy(
     assert site.paths().get("/held", 0) == 0
 
 
+def test_a_request_held_for_its_turn_is_refused_by_a_takedown_before_its_turn_comes(
+    workdir: Path, site: Site
+):
+    # A takedown filed while a request was held for its site's budget answered it only when
+    # its turn came, a minute later (a docs probe: README said within a second).
+    site.routes["/slow"] = Reply(body=b"slow", delay=8.0)
+    with Gateway(workdir, _one_slot("slow.test", "30s")) as gw:
+        answers: dict[str, CurlResult] = {}
+
+        def get(path: str) -> None:
+            answers[path] = curl(
+                site.url("slow.test", path), proxy=gw.proxy_url(), headers=PROJECT_HEADERS
+            )
+
+        slow = threading.Thread(target=get, args=("/slow",))
+        slow.start()
+        time.sleep(0.5)
+        held = threading.Thread(target=get, args=("/held",))
+        held.start()
+        time.sleep(0.5)
+        status, _ = gw.admin_request(
+            "POST",
+            "/v1/blocklist",
+            token="admin-secret-token",
+            body={"scope": "domain", "targets": ["slow.test"], "reason": "ToS", "source": "t"},
+        )
+        assert status in (200, 201), status
+        held.join(timeout=5)
+        answered_first = not held.is_alive() and slow.is_alive()
+        slow.join(timeout=15)
+        held.join(timeout=15)
+    assert answered_first, "the held request waited for its turn"
+    assert answers["/held"].status == 451 and answers["/slow"].status == 200
+    assert site.paths().get("/held", 0) == 0
+
+
 def test_http2_streams_cancelled_while_held_are_let_go_and_take_nothing(
     workdir: Path, tls_site: Site, test_ca: LocalCA
 ):

@@ -486,6 +486,12 @@ class RawSite:
 LAUNCHED: weakref.WeakSet[Gateway] = weakref.WeakSet()
 
 
+def our_team(policy: dict[str, Any]) -> dict[str, Any]:
+    """TEAM's entry in a policy's `teams` (to change it before a start or a reload)."""
+    [team] = [t for t in policy["teams"] if t["name"] == TEAM]
+    return team
+
+
 class Gateway:
     """`crawlwarden run` as a real process on free ports, with its stderr kept in a file."""
 
@@ -648,6 +654,16 @@ class Gateway:
             if event is None or entry.get("event") == event:
                 out.append(entry)
         return out
+
+    def reload_with(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """The policy file as `change` leaves it, reloaded through the admin API (which must
+        take it); the reload's answer (`policy_version`)."""
+        policy = yaml.safe_load(self.policy_file.read_text())
+        change(policy)
+        self.policy_file.write_text(yaml.safe_dump(policy))
+        status, body = self.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
+        assert status == 200, body
+        return body
 
     def admin_request(
         self,

@@ -8,13 +8,12 @@ import http.client
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import requests
-import yaml
 from mitmproxy import connection
 
 from addons import named_connections
-from tests.support import ADMIN_TOKEN
 from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
@@ -27,6 +26,10 @@ from tests.support import policy_with
 from tests.support import tls_tunnel
 
 AUTH = {"Proxy-Authorization": basic(TEAM, TEAM_TOKEN), "X-Crawl-Project": PROJECT}
+
+
+# A reload's network: every .test name moved to 127.0.0.2, the only private address admitted.
+MOVED_TO_127_0_0_2 = {"allow_private": ["127.0.0.2/32"], "static_hosts": {"*.test": "127.0.0.2"}}
 
 
 def _get(client: http.client.HTTPConnection, url: str) -> tuple[int, bytes]:
@@ -50,13 +53,7 @@ def test_a_reload_that_moves_a_name_is_not_ridden_past_on_its_old_connection(
             client = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
             try:
                 assert _get(client, old.url("site-a.test", "/one"))[0] == 200
-                policy["network"] = {
-                    "allow_private": ["127.0.0.2/32"],
-                    "static_hosts": {"*.test": "127.0.0.2"},
-                }
-                gw.policy_file.write_text(yaml.safe_dump(policy))
-                status, _ = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
-                assert status == 200
+                gw.reload_with(lambda p: p.update(network=MOVED_TO_127_0_0_2))
                 assert _get(client, old.url("site-a.test", "/two"))[0] == 200
                 assert _get(client, old.url("site-a.test", "/three"))[0] == 200
             finally:
@@ -170,14 +167,12 @@ def test_the_gateways_own_fetches_follow_a_reload_that_moves_their_site(workdir:
                 old.url("site-a.test", "/one"), proxies=proxies, headers=headers, timeout=10
             )
             assert first.status_code == 200
-            policy["network"] = {
-                "allow_private": ["127.0.0.2/32"],
-                "static_hosts": {"*.test": "127.0.0.2"},
-            }
-            policy["defaults"]["respect"]["tdmrep"] = True
-            gw.policy_file.write_text(yaml.safe_dump(policy))
-            status, _ = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
-            assert status == 200
+
+            def move(p: dict[str, Any]) -> None:
+                p["network"] = MOVED_TO_127_0_0_2
+                p["defaults"]["respect"]["tdmrep"] = True
+
+            gw.reload_with(move)
             second = requests.get(
                 old.url("site-a.test", "/two"), proxies=proxies, headers=headers, timeout=10
             )

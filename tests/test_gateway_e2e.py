@@ -50,6 +50,7 @@ from tests.support import base_policy
 from tests.support import basic
 from tests.support import curl
 from tests.support import exchange
+from tests.support import our_team
 from tests.support import policy_with
 from tests.support import sha256_hex
 from tests.support import tls_tunnel
@@ -478,12 +479,7 @@ def test_a_team_whose_token_a_reload_changed_is_cut_off_inside_its_open_tunnel(
     session.headers.update(PROJECT_HEADERS)
     url = tls_site.url("site-c.test", "/page/0")
     assert session.get(url, verify=str(gateway.ca_cert), timeout=10).status_code == 200
-    policy = yaml.safe_load(gateway.policy_file.read_text())
-    [team] = [t for t in policy["teams"] if t["name"] == TEAM]
-    team["token_sha256"] = sha256_hex("a-new-token")
-    gateway.policy_file.write_text(yaml.safe_dump(policy))
-    status, _ = gateway.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
-    assert status == 200
+    _revoke_the_teams_token(gateway)
     r = session.get(url, verify=str(gateway.ca_cert), timeout=10)  # in the same tunnel
     assert r.status_code == 407
     assert r.headers["X-Crawlwarden-Reason"] == "auth_required"
@@ -1085,12 +1081,7 @@ def test_a_request_held_for_the_budget_is_let_go_when_its_client_goes_away(
 
 def _revoke_the_teams_token(gw: Gateway) -> None:
     """The team's token changed in the policy file, and the policy reloaded."""
-    revoked = yaml.safe_load(gw.policy_file.read_text())
-    [team] = [t for t in revoked["teams"] if t["name"] == TEAM]
-    team["token_sha256"] = sha256_hex("a-new-token")
-    gw.policy_file.write_text(yaml.safe_dump(revoked))
-    status, _ = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
-    assert status == 200
+    gw.reload_with(lambda policy: our_team(policy).update(token_sha256=sha256_hex("a-new-token")))
 
 
 def test_a_request_held_across_a_reload_that_revoked_its_team_is_not_forwarded(
@@ -1201,16 +1192,10 @@ def test_a_request_held_across_a_reload_that_took_its_project_away_is_not_forwar
     # and the blocklist were checked again, the project not).
     site.routes["/slow"] = Reply(body=b"slow", delay=3.0)
     policy = _one_slot("slot.test", "20s")
-    [team] = [t for t in policy["teams"] if t["name"] == TEAM]
-    team["projects"] = [PROJECT]
+    our_team(policy)["projects"] = [PROJECT]
     with Gateway(workdir, policy) as gw:
         answered = _hold_one_behind_a_slow_request(gw, site, "slot.test")
-        narrowed = yaml.safe_load(gw.policy_file.read_text())
-        [team] = [t for t in narrowed["teams"] if t["name"] == TEAM]
-        team["projects"] = ["another-project"]
-        gw.policy_file.write_text(yaml.safe_dump(narrowed))
-        status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
-        assert status == 200
+        body = gw.reload_with(lambda p: our_team(p).update(projects=["another-project"]))
         answers = answered()
         records = gw.fetch_records()
     assert answers["/slow"].status == 200 and answers["/held"].status == 403
@@ -1228,13 +1213,8 @@ def test_a_held_request_refused_by_a_reloaded_blocklist_names_the_new_policy(
     site.routes["/slow"] = Reply(delay=3.0)
     with Gateway(workdir, _one_slot("slow.test", "20s")) as gw:
         answered = _hold_one_behind_a_slow_request(gw, site, "slow.test")
-        blocked = yaml.safe_load(gw.policy_file.read_text())
-        blocked["blocklist"] = [
-            {"id": "tos-slow", "match": ["slow.test"], "reason": "ToS", "source": "terms"}
-        ]
-        gw.policy_file.write_text(yaml.safe_dump(blocked))
-        status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
-        assert status == 200
+        entry = {"id": "tos-slow", "match": ["slow.test"], "reason": "ToS", "source": "terms"}
+        body = gw.reload_with(lambda policy: policy.update(blocklist=[entry]))
         answered()
         records = gw.fetch_records()
     [held] = [r for r in records if r["url"].endswith("/held")]

@@ -9,12 +9,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
-import yaml
 
-from tests.support import ADMIN_TOKEN
 from tests.support import OTHER_TEAM
 from tests.support import OTHER_TOKEN
 from tests.support import PROJECT
@@ -28,6 +27,7 @@ from tests.support import Site
 from tests.support import basic
 from tests.support import exchange
 from tests.support import free_port
+from tests.support import our_team
 from tests.support import policy_with
 from tests.support import wait_for
 
@@ -231,8 +231,7 @@ def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwa
             }
         ],
     )
-    [team] = [t for t in policy["teams"] if t["name"] == TEAM]
-    team["upstream_proxy"] = "pool-a"
+    our_team(policy)["upstream_proxy"] = "pool-a"
     answers: dict[str, requests.Response] = {}
 
     def get(path: str) -> None:
@@ -248,16 +247,15 @@ def test_a_request_held_across_a_reload_that_moved_its_teams_egress_is_not_forwa
         for thread in threads:
             thread.start()
             time.sleep(0.5)
-        moved = yaml.safe_load(gw.policy_file.read_text())
-        if change == "team pinned elsewhere":
-            [team] = [t for t in moved["teams"] if t["name"] == TEAM]
-            team["upstream_proxy"] = "pool-b"
-        else:
-            [a, b] = moved["egress"]["upstream_proxies"]
-            a["url"] = b["url"]
-        gw.policy_file.write_text(yaml.safe_dump(moved))
-        status, body = gw.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
-        assert status == 200
+
+        def move(moved: dict[str, Any]) -> None:
+            if change == "team pinned elsewhere":
+                our_team(moved)["upstream_proxy"] = "pool-b"
+            else:
+                [a, b] = moved["egress"]["upstream_proxies"]
+                a["url"] = b["url"]
+
+        body = gw.reload_with(move)
         for thread in threads:
             thread.join(timeout=20)
         records = gw.fetch_records()
@@ -324,10 +322,7 @@ def test_a_reload_that_changes_a_tunnels_egress_applies_to_it(
         session.proxies = {"https": gw.proxy_url(OTHER_TEAM, OTHER_TOKEN)}
         url = tls_site.url("site-a.test", "/one")
         assert session.get(url, verify=str(gw.ca_cert), timeout=10).status_code == 200
-        policy["egress"]["upstream_proxies"] = after
-        gw.policy_file.write_text(yaml.safe_dump(policy))
-        status, _ = gw.admin_request("POST", "/v1/policy/reload", token=ADMIN_TOKEN)
-        assert status == 200
+        gw.reload_with(lambda p: p["egress"].update(upstream_proxies=after))
         again = session.get(url, verify=str(gw.ca_cert), timeout=10)  # in the same tunnel
         if change == "kept":
             assert again.status_code == 200

@@ -1,6 +1,7 @@
 """robots.txt (RFC 9309) for the crawler's product tokens, with IETF aipref Content-Usage rules.
 
-Group selection is ours, path matching is protego's:
+Group selection is ours, path matching is protego's (its reading of the rules, held compact and
+matched by index: `robots_access.py`):
 
 - RFC 9309 2.2.1: a group applies when one of its user-agent lines names one of our product
   tokens (case-insensitive, the token being the value up to the first '/' or space); all such
@@ -25,10 +26,9 @@ from dataclasses import field
 from urllib.parse import quote
 from urllib.parse import urlsplit
 
-from protego import Protego
-
 from proxy import aipref
 from proxy.inputs import normalize_escapes
+from proxy.robots_access import AccessRules
 
 PARSE_LIMIT = 500 * 1024
 
@@ -132,17 +132,17 @@ class RobotsRules:
         self.group = group
         self.crawl_delay = crawl_delay
         self.content_usage = content_usage
-        self._access_lines = access
-        self.size = len(access) + len(content_usage)  # rules parsed (memory, matching time)
-        lines = ["User-agent: *", *(f"{field}: {value}" for field, value in access)]
-        self._protego = Protego.parse("\n".join(lines))
+        self._access = AccessRules(access)
+        self.size = len(access) + len(content_usage)  # rules parsed (memory)
+        # rules a request may be matched against one by one (time): the rest are found by index
+        self.one_by_one = self._access.widest + len(content_usage)
 
     def verdict(self, path: str) -> RobotsVerdict:
         """`path` is the path and query of the request as sent (an absolute URL works too)."""
         if not path.startswith("/"):
             parts = urlsplit(path)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        allowed = self._protego.can_fetch(path, "crawlwarden")
+        allowed = self._access.can_fetch(path)
         if not allowed:
             return RobotsVerdict(False, self.group)
         return RobotsVerdict(True, self.group, self._usage_for(normalize_path(path)))

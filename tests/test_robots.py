@@ -567,9 +567,23 @@ async def test_a_file_sent_exactly_to_the_16_mib_cap_is_whole(padding: int, cut:
     assert entry.file.truncated is cut
 
 
-@pytest.mark.parametrize(("rules", "off_loop"), [(100, False), (2000, True)])
+@pytest.mark.parametrize(
+    ("rule", "rules", "parse_off_loop", "match_off_loop"),
+    [
+        ("/p{i}/x*", 100, False, False),
+        # found by index (each rule under its own literal prefix): matched on the loop
+        ("/p{i}/x*", 2000, True, False),
+        # every rule under the prefix "/": tried one by one, on a worker thread
+        ("/*/p{i}/x", 2000, True, True),
+        ("/*/p{i}/x", 800, False, False),
+    ],
+)
 async def test_a_large_robots_txt_is_parsed_and_matched_off_the_event_loop(
-    monkeypatch: pytest.MonkeyPatch, rules: int, off_loop: bool
+    monkeypatch: pytest.MonkeyPatch,
+    rule: str,
+    rules: int,
+    parse_off_loop: bool,
+    match_off_loop: bool,
 ) -> None:
     # A 500 KiB robots.txt of 25 000 rules took 0.36 s to parse and up to 80 ms a request to
     # match, on the event loop: eight such sites at once held it past the Redis timeout, and
@@ -577,16 +591,20 @@ async def test_a_large_robots_txt_is_parsed_and_matched_off_the_event_loop(
     threads = off_the_main_thread(
         monkeypatch, optout_checks, parse="parse_robots", match="_robots_verdict"
     )
-    body = "User-agent: *\n" + "".join(f"Disallow: /p{i}/x*\n" for i in range(rules))
+    body = "User-agent: *\n" + "".join(f"Disallow: {rule.format(i=i)}\n" for i in range(rules))
     async with origin_server({"/robots.txt": body}) as site:
         checks = make_checks()
         try:
-            refused, _ = await robots_decision(checks, f"{site.origin()}/p{rules - 1}/xy")
+            refused, _ = await robots_decision(checks, f"{site.origin()}/a/p{rules - 1}/xy")
+            refused_too, _ = await robots_decision(checks, f"{site.origin()}/p{rules - 1}/xy")
             allowed, _ = await robots_decision(checks, f"{site.origin()}/elsewhere")
         finally:
             await checks.close()
-    assert refused is not None and refused.reason is Reason.ROBOTS_DISALLOWED and allowed is None
-    assert threads == {"parse": [off_loop], "match": [off_loop, off_loop]}
+    assert allowed is None
+    assert any(
+        d is not None and d.reason is Reason.ROBOTS_DISALLOWED for d in (refused, refused_too)
+    )
+    assert threads == {"parse": [parse_off_loop], "match": [match_off_loop] * 3}
 
 
 async def test_a_large_robots_txt_is_parsed_once_for_every_request_that_waited_for_it(

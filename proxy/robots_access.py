@@ -67,9 +67,10 @@ class AccessRules:
         }
         self._special_lengths = tuple(sorted({len(p) for p in self._special}, reverse=True))
         self.count = count
-        # the most rules one request may have to try one by one: those filed under one prefix
-        # ("Disallow: /*.gif$" and its like all fall under "/")
-        self.widest = max(map(len, self._special.values()), default=0)
+        # the most rules one request may have to try one by one: those filed under each of the
+        # prefixes of one path ("Disallow: /*.gif$" and its like all fall under "/", and a path
+        # under "/a/b/" meets the rules filed under "/a/" too)
+        self.widest = _widest_chain(self._special)
 
     def can_fetch(self, url: str) -> bool:
         """`url`: the path and query as sent, or an absolute URL (as protego's `can_fetch`)."""
@@ -117,6 +118,22 @@ def _patterns(value: str, allow: bool) -> list[str]:
         if allow and pattern.endswith("/index.html"):
             patterns.append(pattern.removesuffix("index.html") + "$")
     return patterns
+
+
+def _widest_chain(special: dict[str, tuple[_Special, ...]]) -> int:
+    """The most rules filed under prefixes that one path can start with: the largest sum over a
+    prefix and the prefixes of it. `special` is in sorted order, in which every prefix of a key
+    comes before it and the keys between the two all start with that prefix: the prefixes of
+    the current key are the stack left after dropping those that are not."""
+    widest = 0
+    chain: list[tuple[str, int]] = []  # (prefix, the rules under it and under its prefixes)
+    for prefix, rules in special.items():
+        while chain and not prefix.startswith(chain[-1][0]):
+            chain.pop()
+        tried = len(rules) + (chain[-1][1] if chain else 0)
+        chain.append((prefix, tried))
+        widest = max(widest, tried)
+    return widest
 
 
 def _matches(runs: tuple[str, ...], anchored: bool, path: str) -> bool:

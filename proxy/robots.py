@@ -139,10 +139,12 @@ class RobotsRules:
 
     def verdict(self, path: str) -> RobotsVerdict:
         """`path` is the path and query of the request as sent (an absolute URL works too)."""
+        # read once, as protego reads it: a URL taken apart here and again there lost an empty
+        # query ("http://h/x?") and the "//" of a path ("http://h//x")
+        allowed = self._access.can_fetch(path)
         if not path.startswith("/"):
             parts = urlsplit(path)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        allowed = self._access.can_fetch(path)
         if not allowed:
             return RobotsVerdict(False, self.group)
         return RobotsVerdict(True, self.group, self._usage_for(normalize_path(path)))
@@ -243,7 +245,7 @@ def _directive(line: str) -> tuple[str, str] | None:
     key = key.strip().lower()
     if colon and (key in _KNOWN or not value or value[:1].isspace()):
         return key, value.strip()
-    words = line.split(None, 2)
+    words = line.split()  # the value's words joined by one space, as protego reads it
     for n in (2, 1):
         candidate = " ".join(words[:n]).lower()
         if candidate in _KNOWN and len(words) >= n:

@@ -17,6 +17,7 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from protego import Protego
 
 from proxy import optout_checks
 from proxy.aipref import Preference
@@ -224,6 +225,29 @@ def test_lenient_lines_comments_bom_and_crlf() -> None:
     assert not rules.verdict("/nocolon").allowed
     assert not rules.verdict("/kept").allowed
     assert rules.verdict("/other").allowed
+
+
+@pytest.mark.parametrize(
+    ("robots", "path", "allowed"),
+    [
+        # a value in the `key value` form is its words joined by one space, as protego reads it
+        ("Disallow /a b  c", "/a b c", False),
+        ("Disallow /a b  c", "/a b  c", True),
+        ("Disallow /a b\tc", "/a b%09c", True),
+        ("Disallow /a b\tc", "/a b c", False),
+        # an absolute URL is read as protego reads it: once
+        ("Disallow: /x?", "http://h/x?", False),
+        ("Disallow: //x", "http://h//x", False),
+        ("Disallow: /a", "x:http://h/a", True),
+        ("Disallow: /http:", "x:http://h/a", False),
+    ],
+)
+def test_lines_and_urls_are_read_as_protego_reads_them(
+    robots: str, path: str, allowed: bool
+) -> None:
+    text = f"User-agent: *\n{robots}\n"
+    assert Protego.parse(text).can_fetch(path, TOKEN) is allowed
+    assert parse_robots(text.encode(), [TOKEN]).verdict(path).allowed is allowed
 
 
 def test_only_the_first_500_kib_are_parsed() -> None:

@@ -73,10 +73,12 @@ BYTES_PER_RULE = 1024
 # Files this large are parsed, and rule sets this large matched, on a worker thread: 24 000
 # rules took 0.36 s to parse and up to 80 ms a request to match, on the event loop, which held
 # every other request (and the Redis replies they waited for: the replica answered 503
-# store_unavailable) as long. Matching counts the rules a request may be tried against one by
-# one (robots.txt Allow/Disallow are mostly found by index: RobotsRules.one_by_one).
+# store_unavailable) as long. robots.txt: a match estimated to take longer than
+# MATCH_OFF_LOOP_NS goes to a worker thread (RobotsRules.work: the rules found by index cost
+# little, those tried one by one their number and their length times the path's).
 PARSE_OFF_LOOP = 32 * 1024
 MATCH_OFF_LOOP = 1_000
+MATCH_OFF_LOOP_NS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +492,7 @@ class OptOutChecks:
             )
         else:
             verdict, usages = await _off_loop_if(
-                entry.rules.one_by_one > MATCH_OFF_LOOP,
+                entry.rules.work(ctx.path, ctx.readings) > MATCH_OFF_LOOP_NS,
                 _robots_verdict,
                 entry.rules,
                 ctx.path,

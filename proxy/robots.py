@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterable
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from proxy.inputs import normalize_escapes
 from proxy.robots_access import AccessRules
 
 PARSE_LIMIT = 500 * 1024
+# A Content-Usage rule's objects besides its pattern's text (held twice: whole, and in runs);
+# measured 400-830 bytes
+_USAGE_RULE_BYTES = 1024
 
 # Misspellings that crawlers (and protego) have long accepted.
 _DISALLOW = {"disallow", "dissallow", "dissalow", "disalow", "diasllow", "disallaw"}
@@ -134,8 +138,12 @@ class RobotsRules:
         self.crawl_delay = crawl_delay
         self.content_usage = content_usage
         self._access = AccessRules(access)
-        self.size = len(access) + len(content_usage)  # rules parsed (memory)
+        self.size = len(access) + len(content_usage)  # rules parsed
         self._usage_chars = sum(rule.pattern.length for rule in content_usage)
+        # what the parsed rules take in memory, on the safe side (the parsed files' bound)
+        self.held_bytes = self._access.held_bytes + sum(
+            _USAGE_RULE_BYTES + 2 * sys.getsizeof(rule.pattern.text) for rule in content_usage
+        )
 
     def work(self, path: str, readings: Sequence[str]) -> int:
         """What the verdicts on `path` and its other readings may cost, in nanoseconds (an

@@ -105,7 +105,12 @@ class AccessRules:
             return True  # RFC 9309 2.2.2 (and protego)
         if not self.count:
             return True
-        path = _quote_path(url)
+        try:
+            path = _quote_path(url)
+        except ValueError:
+            # "//a]": protego reads what follows "//" as a host, and this one is not valid
+            # (urlsplit: "Invalid IPv6 URL"); read as the path a site merging slashes serves
+            path = _quote_path("/" + url.lstrip("/"))
         size = len(path)
         best, allowed = -1, True
         for length in self._plain_lengths:

@@ -159,3 +159,12 @@ def test_the_work_estimate_sends_long_matches_off_the_loop() -> None:
     assert work(typical, "/x", ("/y", "/z")) == 3 * work(typical, "/x")
     plain = [f"Disallow: /s/d{k}/" for k in range(25_000)]  # found by index
     assert work(plain, "/s/d777/x") < MATCH_OFF_LOOP_NS / 100
+
+
+def test_a_path_protego_cannot_read_is_matched_as_a_site_merging_slashes_serves_it() -> None:
+    """protego reads "//a]" as the host "a]" and raises (urlsplit: "Invalid IPv6 URL"): the
+    request was killed, not answered (probe-robots)."""
+    rules = AccessRules([("Disallow", "/a")])
+    assert not rules.can_fetch("//a]")
+    assert not AccessRules([("Disallow", "/%5B")]).can_fetch("//[::1")
+    assert AccessRules([("Disallow", "/private")]).can_fetch("//a]")

@@ -163,6 +163,23 @@ def test_tail_dropped_before_last_checkpoint(fetchlog: dict[str, Path]) -> None:
     assert_detected(result, "replica gw-a", "seq 56", "tail removed", "records 56..60")
 
 
+def test_file_cut_after_a_checkpoint_is_named_by_its_export_line(
+    fetchlog: dict[str, Path],
+) -> None:
+    """A file cut short right after one of its checkpoints (a partial download, API pages
+    lost) links and is signed as far as it goes; its export line says how far it should go."""
+    items = read_lines(fetchlog["export"])
+    # gw-b's lines after its checkpoint at seq 30 (records 31..60 and their checkpoints) gone.
+    cut = next(
+        i
+        for i, x in enumerate(items)
+        if x["type"] == "checkpoint" and x["replica"] == "gw-b" and x["seq"] == 30
+    )
+    items = items[: cut + 1]
+    result = verify(tampered(fetchlog, "cut-after-checkpoint", items), fetchlog["public"])
+    assert_detected(result, "replica gw-b", "seq 31", "records 31..60", "cut short")
+
+
 def test_inserted_forged_record(fetchlog: dict[str, Path]) -> None:
     items = read_lines(fetchlog["export"])
     i = records(items)[9]

@@ -97,6 +97,7 @@ class Chain:
     first_line: int = 0
     first_id: str | None = None
     last_seq: int = 0
+    last_line: int = 0
     last_hash: str = GENESIS_HASH
     last_id: str | None = None
     full: int = 0
@@ -231,6 +232,27 @@ def _check_header_replicas(report: Report) -> None:
                 f"{span.get('last')}) but the file has none of its lines: lines were removed "
                 "or pages lost",
                 replica=span["replica"],
+            )
+            continue
+        # A file cut right after one of its checkpoints links and is signed as far as it goes:
+        # only the export line says that it should have gone further. (Cut before a checkpoint
+        # still in the file, it is "tail removed", named with that checkpoint.)
+        chain = report.chains[span["replica"]]
+        last = span.get("last")
+        if (
+            chain.first_seq is not None
+            and chain.signed_up_to <= chain.last_seq
+            and isinstance(last, int)
+            and not isinstance(last, bool)
+            and chain.last_seq < last
+        ):
+            report.problem(
+                chain.last_line,
+                f"the export lists records {span.get('first')}..{last} of this replica but "
+                f"the file ends at seq {chain.last_seq}: records {chain.last_seq + 1}..{last} "
+                "are missing (the file was cut short or pages lost)",
+                replica=span["replica"],
+                seq=chain.last_seq + 1,
             )
 
 
@@ -448,6 +470,7 @@ def _check_record(line: int, item: dict[str, Any], report: Report) -> None:
             )
         return
     chain.last_seq, chain.last_hash, chain.last_id = seq, claimed, rec.get("id")
+    chain.last_line = line
     if chain.unsigned is None and seq > chain.signed_up_to:
         chain.unsigned = Problem(line, replica, seq, rec.get("id"))
     for point in chain.by_seq.get(seq, []):

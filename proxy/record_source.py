@@ -17,6 +17,15 @@ SQLITE_NAME = "fetchlog.sqlite3"
 type Visit = Callable[[dict[str, Any]], None]
 
 
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a fetch log from the command line can fail with for a reason the user can
+    act on (a bad argument, a missing file, a store it cannot reach, a database that does not
+    exist or refuses the role): said in one line, exit 2, not a traceback."""
+    import asyncpg
+
+    return (ValueError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 @dataclass(frozen=True)
 class RecordSource:
     data_dir: Path

@@ -81,6 +81,7 @@ from proxy.distinct import DistinctCount
 from proxy.inputs import csv_cell
 from proxy.policy import Policy
 from proxy.record_source import RecordSource
+from proxy.record_source import read_errors
 from proxy.sites import SiteDirectory
 
 FORMAT = "crawlwarden-insubstantiality-report/1"
@@ -755,12 +756,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     except SchemaTooNew as e:
         print(f"crawlwarden report: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
+    except read_errors() as e:
         print(f"crawlwarden report: {e}", file=sys.stderr)
         return 2
     text = RENDERERS[args.format](report)
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        try:
+            args.output.write_text(text, encoding="utf-8")
+        except OSError as e:
+            print(f"crawlwarden report: {e}", file=sys.stderr)
+            return 2
         print(f"wrote the report on {len(report['sites'])} sites to {args.output}", file=sys.stderr)
     else:
         out: TextIO = sys.stdout

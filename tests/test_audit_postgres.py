@@ -575,3 +575,15 @@ async def test_a_record_postgresql_cannot_hold_is_set_aside_and_the_rest_stored(
     records = [r async for r in aread_records(pg_dsn, RecordQuery(replica="gw-n"))]
     assert [r["seq"] for r in records] == [1, 3]
     assert log.set_aside == 1
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_a_database_that_does_not_exist_is_named_not_a_traceback(
+    pg_admin_dsn: str, command: str
+) -> None:
+    dsn = pg_fixtures.dsn_for(f"crawlwarden_absent_{uuid.uuid4().hex[:8]}")
+    args = ("audit", "export") if command == "export" else ("report",)
+    result = cli(*args, "--audit-dsn", dsn)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr

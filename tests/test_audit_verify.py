@@ -539,6 +539,35 @@ def test_export_of_a_missing_data_dir_says_what_to_do(tmp_path: Path) -> None:
     assert "pass the gateway's --data-dir or --audit-dsn" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("--since", "garbage"), ("--audit-dsn", "postgresql://postgres@127.0.0.1:1/none")],
+    ids=["invalid-since", "store-unreachable"],
+)
+def test_a_failed_export_leaves_the_file_at_its_output_as_it_was(
+    fetchlog: dict[str, Path], tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """An auditor keeps each export to compare the next one with: an export that fails before
+    it has written anything must not have emptied the file it was to replace."""
+    earlier = tmp_path / "export.jsonl"
+    earlier.write_text("the earlier export\n", encoding="utf-8")
+    source = () if "--audit-dsn" in args else ("--data-dir", fetchlog["data"])
+    result = cli("audit", "export", *source, *args, "--output", earlier)
+    assert result.returncode == 2, result.stderr
+    assert earlier.read_text(encoding="utf-8") == "the earlier export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.jsonl"]  # nothing left over
+
+
+def test_export_into_a_directory_that_does_not_exist_says_so(
+    fetchlog: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "no-such-dir" / "export.jsonl"
+    result = cli("audit", "export", "--data-dir", fetchlog["data"], "--output", out)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(out.parent) in result.stderr
+
+
 def test_export_reads_the_fetch_log_its_environment_names(
     fetchlog: dict[str, Path], tmp_path: Path
 ) -> None:

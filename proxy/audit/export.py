@@ -411,9 +411,26 @@ async def run_export(
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out: TextIO = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
+    from proxy.record_source import read_errors
+
+    # Written beside --output and renamed over it once whole: an export that fails (a store it
+    # cannot reach, an invalid --since) leaves the file there as it was, an auditor's earlier
+    # export perhaps, not emptied or cut short.
+    partial = (
+        args.output.with_name(f".{args.output.name}.{os.getpid()}.partial") if args.output else None
+    )
     try:
-        count = asyncio.run(run_export(args, out))
+        out: TextIO = (
+            partial.open("w", encoding="utf-8", newline="") if partial is not None else sys.stdout
+        )
+        try:
+            count = asyncio.run(run_export(args, out))
+        finally:
+            if partial is not None:
+                out.close()
+        if partial is not None:
+            os.replace(partial, args.output)
+            partial = None
     except BrokenPipeError:
         # The reader went away (`| head`): not an error of ours. Point stdout at /dev/null so
         # the interpreter's final flush does not complain either.
@@ -422,12 +439,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     except SchemaTooNew as e:
         print(f"crawlwarden audit export: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except read_errors() as e:
         print(f"crawlwarden audit export: {e}", file=sys.stderr)
         return 2
     finally:
-        if args.output:
-            out.close()
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     if args.output:
         print(f"wrote {count} to {args.output}", file=sys.stderr)
     return 0

@@ -72,6 +72,7 @@ from proxy.audit.checkpoint import checkpoint_line
 from proxy.audit.checkpoint import note_text
 from proxy.audit.checkpoint import parse_text
 from proxy.audit.query import RecordQuery
+from proxy.audit.query import check_window
 from proxy.audit.query import parse_time
 from proxy.audit.record import utc_timestamp
 from proxy.audit.schema import SchemaTooNew
@@ -742,6 +743,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
+        check_window(since, until)
         source = RecordSource(args.data_dir or Path(".crawlwarden"), args.audit_dsn)
         report = asyncio.run(
             build_report(

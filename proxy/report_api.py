@@ -10,6 +10,7 @@ from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
 from proxy.admin import query_param
+from proxy.audit.query import check_window
 from proxy.audit.query import parse_time
 from proxy.audit.schema import SchemaTooNew
 from proxy.record_source import RecordSource
@@ -31,6 +32,7 @@ async def sites_report(request: web.Request) -> web.Response:
     try:
         since = parse_time(q["since"]) if q.get("since") else None
         until = parse_time(q["until"]) if q.get("until") else None
+        check_window(since, until)
     except ValueError as e:
         return problem(400, str(e))
     await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)

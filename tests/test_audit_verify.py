@@ -638,6 +638,20 @@ def test_an_unknown_decision_filter_is_refused(fetchlog: dict[str, Path]) -> Non
     assert result.returncode == 2 and "invalid choice: 'bogus'" in result.stderr
 
 
+@pytest.mark.parametrize("command", [("audit", "export"), ("report",)], ids=["export", "report"])
+def test_a_window_that_ends_before_it_starts_is_refused(
+    fetchlog: dict[str, Path], command: tuple[str, ...]
+) -> None:
+    """--since and --until given the wrong way round select nothing: an export or a report of
+    no records would read as a period without fetches."""
+    result = cli(
+        *command, "--data-dir", fetchlog["data"], "--since", "2026-09-22", "--until", "2026-09-21"
+    )
+    assert result.returncode == 2, result.stdout[:200]
+    assert "--since" not in result.stdout
+    assert "is after until" in result.stderr
+
+
 def test_keys_generate_writes_a_0600_private_key(tmp_path: Path) -> None:
     result = cli(
         "keys", "generate", "--private", tmp_path / "k.pem", "--public", tmp_path / "k.pub"

@@ -28,6 +28,14 @@ def parse_time(text: str) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def check_window(since: str | None, until: str | None) -> None:
+    """A window that ends before it starts selects nothing, and an export or report of it would
+    read as a period without fetches: refused. (`since` and `until` as `parse_time` gives them,
+    so comparing the text compares the times.)"""
+    if since is not None and until is not None and since > until:
+        raise ValueError(f"since {since} is after until {until}: the window holds no time")
+
+
 # What a record's `decision` may be: an outcome of a request, or "event" (the gateway's own
 # records: a purge, a witness, a signing key change).
 DECISIONS = (*(str(o) for o in Outcome), "event")
@@ -48,6 +56,7 @@ class RecordQuery:
         if self.decision is not None and self.decision not in DECISIONS:
             # Else every record would be redacted, as if none had been made.
             raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
+        check_window(self.since, self.until)
 
     @property
     def content_filters(self) -> dict[str, str]:

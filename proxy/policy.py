@@ -70,6 +70,27 @@ def _address_text(value: Any) -> Any:
     return value
 
 
+def _network_text(value: Any) -> Any:
+    """A CIDR, checked here so that a wrong one is one error saying why ("has host bits
+    set"), not one per member of the IPv4 | IPv6 union."""
+    _address_text(value)
+    try:
+        ipaddress.ip_network(value)
+    except ValueError as e:
+        raise ValueError(f"{e}: write a network, e.g. '10.0.0.0/8' or 'fd00::/8'") from None
+    return value
+
+
+def _address_only_text(value: Any) -> Any:
+    """An address, checked here for the same reason as `_network_text`."""
+    _address_text(value)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as e:
+        raise ValueError(f"{e}: write an address, e.g. '192.0.2.7' or '2001:db8::7'") from None
+    return value
+
+
 def _timeout(value: str | int | float) -> str | int | float:
     seconds = units.parse_duration(value)
     if not math.isfinite(seconds) or seconds <= 0:
@@ -171,10 +192,10 @@ def _spool_limit(value: str | int) -> str | int:
 
 SpoolLimitText = Annotated[SizeText, AfterValidator(_spool_limit)]
 NetworkText = Annotated[
-    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_address_text)
+    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network_text)
 ]
 AddressText = Annotated[
-    ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_address_text)
+    ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_address_only_text)
 ]
 HostPattern = Annotated[str, AfterValidator(_host_pattern)]
 SitePattern = Annotated[str, AfterValidator(_host_pattern), AfterValidator(_site_pattern)]
@@ -238,7 +259,7 @@ class UpstreamProxy(Model):
 
 class Egress(Model):
     provider: NonEmpty
-    public_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    public_ips: list[AddressText] = []
     upstream_proxies: list[UpstreamProxy] = []
 
     @model_validator(mode="after")
@@ -824,14 +845,33 @@ def _idle_patterns(rule: SiteRule, network: Network) -> list[tuple[int, str]]:
 
 
 def _errors(exc: ValidationError, lines: dict[tuple[Any, ...], int]) -> list[PolicyError]:
-    errors = []
-    for err in exc.errors(include_url=False):
+    # A value that fits no member of a union gets an error per member, at one place: they are
+    # one mistake, so one line ("Input should be a valid string, integer or number").
+    # Only a union's errors (their raw place names the member) are merged; any other error is
+    # a line of its own.
+    by_place: dict[tuple[tuple[Any, ...], int | None], list[str]] = {}
+    for n, err in enumerate(exc.errors(include_url=False)):
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
-    return errors
+        messages = by_place.setdefault((loc, None if len(loc) < len(err["loc"]) else n), [])
+        if message not in messages:
+            messages.append(message)
+    return [
+        PolicyError(".".join(map(str, loc)), _one_message(messages), _line_of(loc, lines))
+        for (loc, _), messages in by_place.items()
+    ]
+
+
+def _one_message(messages: list[str]) -> str:
+    if len(messages) == 1:
+        return messages[0]
+    prefix = "Input should be a valid "
+    if all(m.startswith(prefix) for m in messages):
+        kinds = [m.removeprefix(prefix) for m in messages]
+        return prefix + ", ".join(kinds[:-1]) + " or " + kinds[-1]
+    return "; or ".join(messages)
 
 
 def _is_union_tag(part: Any) -> bool:

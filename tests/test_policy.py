@@ -409,3 +409,37 @@ def test_null_in_a_sites_respect_is_an_error_not_the_default():
     policy["sites"] = [{"id": "s", "match": ["s.test"], "respect": {"robots": None}}]
     errors = errors_of(dump(policy))
     assert any(e.startswith("sites.0.respect:") and "robots: null" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        # One mistake, one line (DESIGN: "one line per error"): a value that fits no member of
+        # a union was reported once per member ("not a valid IPv4 ...", "not a valid IPv6 ...").
+        (("network", "static_hosts"), {"demo.test": "localhost"}, "'localhost' does not appear"),
+        (("network", "allow_private"), ["10.0.0.1/8"], "10.0.0.1/8 has host bits set"),
+        (("network", "allow_private"), ["127.0.0.1/33"], "'127.0.0.1/33' does not appear"),
+        (("egress", "public_ips"), ["gw.example"], "'gw.example' does not appear"),
+        (("network", "connect_timeout"), [1], "Input should be a valid string"),
+    ],
+)
+def test_a_value_that_fits_no_member_of_a_union_is_one_error(
+    path: tuple, value: object, expected: str
+):
+    policy = base_policy()
+    target = policy
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+    errors = errors_of(dump(policy))
+    assert len(errors) == 1, errors
+    assert expected in errors[0], errors
+
+
+def test_public_ips_are_text_like_every_other_address():
+    # YAML hands `2130706433` over as an integer, which ipaddress takes as 127.0.0.1: the
+    # fetch records would have named that address as the egress one.
+    policy = base_policy()
+    policy.setdefault("egress", {})["public_ips"] = [2130706433]
+    [error] = errors_of(dump(policy))
+    assert error.startswith("egress.public_ips.0: write the address as text"), error

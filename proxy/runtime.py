@@ -7,6 +7,7 @@ settings from the command line. Knows nothing of mitmproxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -23,11 +25,13 @@ from redis.asyncio import Redis
 
 from proxy import inputs
 from proxy import metrics
+from proxy import takedowns_history
 from proxy.audit.keys import SigningKeyError
 from proxy.audit.keys import load_signer
 from proxy.audit.keys import read_private_key
 from proxy.audit.log import FetchLog
 from proxy.audit.log import FetchStore
+from proxy.audit.query import RecordQuery
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.audit.sqlite_store import SQLiteStore
@@ -57,9 +61,11 @@ from proxy.policy import InvalidPolicy
 from proxy.policy import LoadedPolicy
 from proxy.policy import PolicyError
 from proxy.policy import load_policy
+from proxy.record_source import RecordSource
 from proxy.replicas import ReplicaRegistry
 from proxy.sites import normalize_host
 from proxy.ssrf import OwnListeners
+from proxy.takedowns import BlockState
 from proxy.takedowns import TakedownRegistry
 from proxy.units import parse_size
 
@@ -173,6 +179,7 @@ class Runtime:
             prefix=REDIS_PREFIX,
             events=self.fetch_log.new_event,
             on_change=self.governor.set_extra_blocks,
+            history=self._takedown_history,
         )
         self.optouts = OptOutChecks(
             policy.crawler,
@@ -244,6 +251,19 @@ class Runtime:
             self._counts_saving = asyncio.create_task(self._save_counts_every(saved.SAVE_INTERVAL))
         await self.replicas.start()
         await self.takedowns.start()
+
+    async def _takedown_history(self) -> BlockState:
+        """The takedowns and API blocklist changes the fetch log records (its change events)."""
+        events: list[dict[str, Any]] = []
+
+        def visit(rec: dict[str, Any]) -> None:
+            if rec.get("kind") in takedowns_history.ITEM_OF_KIND:
+                events.append(rec)
+
+        source = RecordSource(self.settings.data_dir, self.settings.audit_dsn)
+        with contextlib.suppress(FileNotFoundError):  # no log yet: no history
+            await source.scan(RecordQuery(decision="event"), visit)
+        return takedowns_history.state_from_events(events)
 
     @property
     def saved_counts_path(self) -> Path:

@@ -42,6 +42,7 @@ import re
 import time
 import unicodedata
 import uuid
+from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
@@ -435,10 +436,15 @@ class TakedownRegistry:
         prefix: str,
         events: EventWriter,
         on_change: Callable[[list[BlockEntry]], None],
+        history: Callable[[], Awaitable[BlockState]] | None = None,
         resync_interval: float = 5.0,
         clock: Callable[[], float] = time.time,
     ):
         self.path = data_dir / STATE_FILE
+        # what the fetch log's change events say (takedowns_history.py): read when this replica
+        # finds neither its file nor the fleet's state, which a loss of both looks like
+        self.history = history
+        self.restored: asyncio.Task[None] | None = None
         self.redis = redis
         self.events = events
         self.on_change = on_change
@@ -458,7 +464,10 @@ class TakedownRegistry:
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Enforce the local copy at once, then (shared) Redis's state and its changes."""
+        """Enforce the local copy at once, then (shared) Redis's state and its changes; when
+        neither is there, what the fetch log says (in the background: a large log is not read
+        before the replica serves)."""
+        had_file = await asyncio.to_thread(self.path.exists)
         try:
             local = await asyncio.to_thread(load_state_file, self.path)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -466,9 +475,15 @@ class TakedownRegistry:
             local = BlockState()
         self._apply(local)
         if self.redis is None:
+            if not had_file:
+                self._restore_from_history()
             return
         try:
             await asyncio.wait_for(self.sync(), timeout=5.0)
+            # Set by the first replica of a fleet, and again after every read of the history:
+            # gone, Redis lost its data (a fleet that never filed a takedown has it too).
+            if not await self.redis.exists(self._k_version):
+                self._restore_from_history()
         except (RedisError, OSError, TimeoutError, ValueError) as e:
             metrics.STORE_ERRORS.labels(store="redis").inc()
             log.error(
@@ -477,9 +492,53 @@ class TakedownRegistry:
                 enforcing="the local copy",
                 takedowns=len(local.takedowns),
             )
+            if not had_file:
+                self._restore_from_history()
         self._task = asyncio.create_task(self._follow(), name="takedowns-follow")
 
+    def _restore_from_history(self) -> None:
+        if self.history is not None and self.restored is None:
+            self.restored = asyncio.create_task(self._restore(), name="takedowns-history")
+
+    async def _restore(self) -> None:
+        """Add what the fetch log records and this replica lacks; write it back to Redis."""
+        assert self.history is not None
+        from proxy.takedowns_history import restore
+
+        try:
+            found = await self.history()
+        except Exception as e:  # the log may be unreachable now: say so, keep what there is
+            log.error("takedowns_history_unreadable", error=repr(e))
+            return
+        async with self._lock:
+            restored = restore(self.state, found)
+            if restored:
+                log.error(
+                    "takedowns_restored_from_fetch_log",
+                    takedowns=restored.takedowns,
+                    confirmations=restored.confirmations,
+                    blocklist=restored.blocklist,
+                )
+                self._apply(restored.state)
+            try:  # (also when nothing was found: the next start need not read the log again)
+                await asyncio.to_thread(save_state_file, self.path, self.state)
+            except OSError as e:
+                log.error("takedowns_state_unwritable", path=str(self.path), error=repr(e))
+            if self.redis is None:
+                return
+            try:
+                if restored:
+                    await self.sync()  # writes back what Redis lacks (_write_back)
+                await self.redis.set(self._k_version, 0, nx=True)
+            except (RedisError, OSError, TimeoutError) as e:
+                # the next sync writes it back (this replica has it now)
+                log.warning("takedowns_write_back_deferred", error=repr(e))
+
     async def close(self) -> None:
+        if self.restored is not None and not self.restored.done():
+            self.restored.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.restored
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

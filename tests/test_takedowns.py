@@ -323,6 +323,94 @@ async def test_takedowns_survive_a_restart(tmp_path: Path):
         await again.stop()
 
 
+async def test_takedowns_lost_with_their_file_are_read_back_from_the_fetch_log(tmp_path: Path):
+    """The data dir's file gone (a new pod on an emptyDir, the fetch log elsewhere) and no shared
+    state: the takedowns, confirmations and blocklist changes were forgotten, and what a rights
+    holder had taken down was fetched again (auditor probe). The fetch log records every change."""
+    settings = _settings(tmp_path)
+    admin = Actor("admin", "admin_tokens[0]")
+    rt = Runtime.from_settings(settings)
+    await rt.start()
+    try:
+        # a new data dir: its empty log read, nothing found, and the file written
+        assert rt.takedowns.restored is not None
+        await rt.takedowns.restored
+        assert (settings.data_dir / STATE_FILE).exists()
+        td = await rt.takedowns.file_takedown(
+            {**TAKEDOWN, "scope": "domain", "targets": ["pictures.example"]}, admin
+        )
+        await rt.takedowns.confirm(td.id, {"team": "vision-data", "deleted": 3}, admin)
+        kept = {"reason": "terms", "source": "https://stock.example/terms", "scope": "domain"}
+        blocked = await rt.takedowns.add_block({**kept, "targets": ["stock.example"]}, admin)
+        gone = await rt.takedowns.add_block({**kept, "targets": ["free.example"]}, admin)
+        await rt.takedowns.remove_block(gone.id, admin)
+        assert await rt.fetch_log.flushed()
+        before = rt.takedowns.state.to_json()
+    finally:
+        await rt.stop()
+    (settings.data_dir / STATE_FILE).unlink()
+
+    again = Runtime.from_settings(settings)
+    await again.start()
+    try:
+        assert again.takedowns.restored is not None
+        await again.takedowns.restored
+        state = again.takedowns.state
+        assert {**state.to_json(), "version": 0} == {**before, "version": 0}
+        assert _decision(again, "https://img.pictures.example/a.jpg") is Reason.TAKEDOWN
+        assert _decision(again, "https://www.stock.example/a.jpg") is Reason.TOS_BLOCKLIST
+        assert _decision(again, "https://free.example/a.jpg") is Reason.OK  # removed stays so
+        assert not state.blocks[gone.id].active and state.blocks[blocked.id].active
+        assert (settings.data_dir / STATE_FILE).exists()  # kept for the next start
+    finally:
+        await again.stop()
+
+    third = Runtime.from_settings(settings)
+    await third.start()
+    try:
+        assert third.takedowns.restored is None  # its file is there: the log is not read
+        assert td.id in third.takedowns.state.takedowns
+    finally:
+        await third.stop()
+
+
+def test_the_history_keeps_a_removal_and_passes_over_what_does_not_read() -> None:
+    from proxy.takedowns_history import restore
+    from proxy.takedowns_history import state_from_events
+
+    admin = {"role": "admin", "token_fingerprint": "admin_tokens[0]"}
+    entry = {
+        "id": "bl-1",
+        "origin": "api",
+        "added": "2026-11-30T00:00:00.000000Z",
+        "scope": "domain",
+        "targets": ["stock.example"],
+        "reason": "terms",
+        "source": "https://stock.example/terms",
+        "added_by": admin,
+        "removed": None,
+        "removed_by": None,
+        "active": True,
+    }
+    removed = {**entry, "removed": "2026-11-30T01:00:00.000000Z", "removed_by": admin}
+
+    def event(kind: str, note: Any) -> dict[str, Any]:
+        text = note if isinstance(note, str) else json.dumps({"change": "x", "entry": note})
+        return {"id": kind, "kind": kind, "decision": "event", "note": text}
+
+    # the removal recorded by one replica, the addition by another after it in chain order
+    state = state_from_events(
+        [event("blocklist_remove", removed), event("blocklist_add", entry), event("takedown", "{")]
+    )
+    assert list(state.blocks) == ["bl-1"] and not state.blocks["bl-1"].active
+    assert not state.takedowns
+    # a copy that has the entry active takes the removal; one that has it removed keeps it
+    active = BlockState.from_json({"blocklist": {"bl-1": entry}})
+    assert restore(active, state).blocklist == ["bl-1"]
+    assert not restore(active, state).state.blocks["bl-1"].active
+    assert not restore(state, BlockState.from_json({"blocklist": {"bl-1": entry}}))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

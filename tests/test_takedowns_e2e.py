@@ -185,6 +185,43 @@ def test_a_takedown_filed_just_after_redis_lost_its_data_loses_no_other(
         assert lost and first["id"] in lost[0]["written_back"]["takedowns"]
 
 
+def test_takedowns_lost_from_redis_and_every_data_dir_come_back_from_the_fetch_log(
+    workdir: Path,
+    site: Site,
+    own_redis: RedisServer,  # noqa: F811
+    pg_dsn: str,  # noqa: F811
+):
+    # Redis flushed (or restarted without persistence) while the fleet was down, and the
+    # replicas started again on empty data dirs (the chart's default emptyDir): the takedown
+    # was gone, the URL fetched with 200, nothing logged (auditor probe). The fetch log in
+    # PostgreSQL records every change.
+    private = workdir / "audit.key"
+    cli("keys", "generate", "--private", private, "--public", workdir / "audit.pub")
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    shared = ["--redis-url", own_redis.url, "--audit-dsn", pg_dsn]
+    url = site.url("old.test", "/a.jpg")
+    with Gateway(workdir, policy, name="gw1", extra_args=shared) as gw1:
+        status, filed = gw1.admin_request(
+            "POST", "/v1/takedowns", ADMIN_TOKEN, takedown_body("domain", "old.test")
+        )
+        assert status == 201
+        assert fetch(gw1, url).status == 451
+    client = redis.Redis.from_url(own_redis.url)
+    client.flushall()
+    client.close()
+    with Gateway(workdir, policy, name="gw2", extra_args=shared) as gw2:  # (its own data dir)
+        refused, _ = poll_until(gw2, url, 451, time.monotonic(), limit=10.0)
+        assert refused.status == 451 and refused.json()["rule"] == filed["id"]
+        [restored] = gw2.log_events("takedowns_restored_from_fetch_log")
+        assert restored["takedowns"] == [filed["id"]]
+        status, listed = gw2.admin_request("GET", "/v1/takedowns", AUDITOR_TOKEN)
+        assert [t["id"] for t in listed["takedowns"]] == [filed["id"]]
+        # and back in Redis, for every replica that starts after it
+        with Gateway(workdir, policy, name="gw3", extra_args=shared) as gw3:
+            assert fetch(gw3, url).json()["rule"] == filed["id"]
+            assert not gw3.log_events("takedowns_restored_from_fetch_log")
+
+
 def test_blocklist_changes_propagate_and_a_replica_catches_up_after_missed_messages(
     workdir: Path,
     site: Site,

@@ -123,10 +123,11 @@ def describe(
     deleted = Counter[str]()
     for c in confirmations:
         deleted[c.team] = max(deleted[c.team], c.deleted)
-    confirmed = sorted({c.team for c in confirmations})
     outstanding = sorted(
-        team for team in per_team if team not in confirmed or deleted[team] < len(received[team])
+        team for team in per_team if team not in deleted or deleted[team] < len(received[team])
     )
+    # (a team confirmed in part is outstanding, and only that)
+    confirmed = sorted(deleted.keys() - set(outstanding))
     return {
         **td.to_dict(),
         "manifest": {

@@ -559,7 +559,13 @@ def test_a_team_is_done_when_a_confirmation_counts_the_urls_whose_content_it_rec
     assert shown["manifest"]["urls"] == {"a": 2, "b": 0}
     assert shown["teams_outstanding"] == ["a", "b"]
     assert confirm(1, "a", 1)["teams_outstanding"] == ["a", "b"]
-    assert confirm(2, "a", 1)["teams_outstanding"] == ["a", "b"]  # a retry, not 2
-    assert confirm(3, "b", 0)["teams_outstanding"] == ["a"]  # it received nothing
+    shown = confirm(2, "a", 1)
+    assert shown["teams_outstanding"] == ["a", "b"]  # a retry, not 2
+    # confirmed in part: outstanding, not listed as confirmed too (auditor probe)
+    assert shown["teams_confirmed"] == []
+    shown = confirm(3, "b", 0)
+    assert shown["teams_outstanding"] == ["a"]  # it received nothing
+    assert shown["teams_confirmed"] == ["b"]
     shown = confirm(4, "a", 2)
     assert shown["teams_outstanding"] == [] and shown["status"] == "complete"
+    assert shown["teams_confirmed"] == ["a", "b"]

@@ -613,8 +613,10 @@ def to_html(report: dict[str, Any]) -> str:
         f"Created {_e(report['created'])} from {_e(report['source'])}. "
         f"Budgets from policy version <code>{_e(report['policy']['version'] or 'none')}</code>."
         "</p>",
-        "<p>Every figure is computed from the signed fetch log; an export of the same period "
-        "(<code>crawlwarden audit export --since ... --until ...</code>) gives the same counts, "
+        "<p>Every figure is computed from the signed fetch log; the records of an export of "
+        "the same period (<code>crawlwarden audit export --since ... --until ...</code>) whose "
+        "<code>ts</code> is in the period give the same counts (the export adds, in full, the "
+        "records between each chain's period and the checkpoints around it, which prove it), "
         "and the checkpoints below tie them to the signed chain.</p>",
         f"<p>{totals['sites']} sites; {totals['sent_to_site']} requests reached a site "
         f"({totals['forwarded']} forwarded, {totals['withheld']} withheld), "

@@ -15,17 +15,20 @@ from an export of the same period. Definitions (one site = one value of the reco
   robots.txt and tdmrep.json reads) and the sum of their `response_bytes`.
 - `bytes_received`: the sum of `response_bytes` of the records that reached the site.
 - `distinct_urls`: distinct `url` values among the records that reached the site.
-- `active_days`: distinct UTC dates (`ts[:10]`) among the records that reached the site.
-- `daily`: per UTC date, the records that reached the site (the chart's bars).
-- `peak_minute`, `peak_requests_per_minute`: the UTC minute (`ts[:16]`) with most records that
-  reached the site, and that count (earliest minute on a tie).
+- "the site's traffic": the records that reached the site and the gateway's own reads of it
+  (kind `gateway_fetch`, forwarded or withheld), as the site saw them and as the budgets count
+  them.
+- `active_days`: distinct UTC dates (`ts[:10]`) of the site's traffic.
+- `daily`: per UTC date, the site's traffic (the chart's bars).
+- `peak_minute`, `peak_requests_per_minute`: the UTC minute (`ts[:16]`) with most of the site's
+  traffic, and that count (earliest minute on a tie).
 - `rate`, `rate_per_minute`: the site's rate budget in the policy given to the report (its
   `rate` as requests per minute); `peak_rate_share` = peak_requests_per_minute / rate_per_minute.
   The budget also admits a `burst`, so a share slightly above 1 is possible within policy.
 - `peak_day`, `peak_day_requests`, `requests_per_day`, `peak_day_request_share`: the UTC date
-  with most records that reached the site, that count, the site's daily request quota and the
-  ratio; `peak_bytes_day`, `peak_day_bytes`, `bytes_per_day`, `peak_day_bytes_share`: the same
-  for `response_bytes`. `highest_daily_quota_share` is the larger of the two shares.
+  with most of the site's traffic, that count, the site's daily request quota and the ratio;
+  `peak_bytes_day`, `peak_day_bytes`, `bytes_per_day`, `peak_day_bytes_share`: the same for
+  `response_bytes`. `highest_daily_quota_share` is the larger of the two shares.
 - `optouts_honoured`: records of kind `fetch` refused or withheld for an opt-out reason
   (robots_disallowed, tdm_reserved, noai_directive, content_usage, image_optout);
   `optouts_by_reason` counts them by reason, `optout_signals` counts the signal names they carry.
@@ -139,8 +142,11 @@ class SiteTally:
         if decision in REACHED and status in (429, 503):
             self.site_status[int(status)] += 1
         if kind == "gateway_fetch":
+            size = int(rec.get("response_bytes") or 0)
             self.gateway_fetches += 1
-            self.gateway_bytes += int(rec.get("response_bytes") or 0)
+            self.gateway_bytes += size
+            if decision in REACHED:  # the site's traffic, and the budgets', as a scraper's
+                self._reached(ts, size)
             return
         self.requests += 1
         self.decisions[str(decision)] += 1
@@ -154,11 +160,15 @@ class SiteTally:
             size = int(rec.get("response_bytes") or 0)
             self.bytes_received += size
             self.urls.add(hash(rec.get("url") or ""))
-            self.daily[ts[:10]] += 1
-            self.daily_bytes[ts[:10]] += size
-            self.minutes[ts[:16]] += 1
+            self._reached(ts, size)
             if rec.get("legal_basis"):
                 self.legal_bases[rec["legal_basis"]] += 1
+
+
+    def _reached(self, ts: str, size: int) -> None:
+        self.daily[ts[:10]] += 1
+        self.daily_bytes[ts[:10]] += size
+        self.minutes[ts[:16]] += 1
 
 
 @dataclass

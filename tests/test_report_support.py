@@ -106,11 +106,13 @@ def figures_from_export(records: list[dict[str, Any]], site: str) -> dict[str, A
         for r in fetches
         if r["decision"] in ("refused", "withheld") and r["reason"] in OPTOUT_REASONS
     ]
-    daily = Counter(r["ts"][:10] for r in reached)
+    # the site's traffic: what reached it, the gateway's own reads too (as the budgets count)
+    traffic = reached + [r for r in gateway if r["decision"] in ("forwarded", "withheld")]
+    daily = Counter(r["ts"][:10] for r in traffic)
     daily_bytes: Counter[str] = Counter()
-    for r in reached:
+    for r in traffic:
         daily_bytes[r["ts"][:10]] += r["response_bytes"]
-    peak_minute, peak_rpm = _peak(Counter(r["ts"][:16] for r in reached))
+    peak_minute, peak_rpm = _peak(Counter(r["ts"][:16] for r in traffic))
     peak_day, peak_day_requests = _peak(daily)
     peak_bytes_day, peak_day_bytes = _peak(daily_bytes)
     answered = [

@@ -164,7 +164,6 @@ class SiteTally:
             if rec.get("legal_basis"):
                 self.legal_bases[rec["legal_basis"]] += 1
 
-
     def _reached(self, ts: str, size: int) -> None:
         self.daily[ts[:10]] += 1
         self.daily_bytes[ts[:10]] += size

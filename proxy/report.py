@@ -503,6 +503,11 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _when(word: str, value: str | None) -> str:
+    """ " at 2026-11-30T04:08", or nothing for a site nothing reached ("0 at ;" it read)."""
+    return "" if value is None else f"{word} {_e(value)}"
+
+
 def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{share * 100:.2f} %"
 
@@ -670,19 +675,23 @@ def to_html(report: dict[str, Any]) -> str:
             ("active days", s["active_days"]),
             (
                 "peak requests per minute",
-                f"{s['peak_requests_per_minute']} at {_e(s['peak_minute'])}; rate budget "
-                f"{_e(s['rate'] or 'n/a')} (burst {_e(s['burst'])}) = "
-                f"{_e(s['rate_per_minute'])}/min; share {_pct(s['peak_rate_share'])}",
+                f"{s['peak_requests_per_minute']}{_when(' at', s['peak_minute'])}; "
+                + (
+                    f"rate budget {_e(s['rate'])} (burst {_e(s['burst'])}) = "
+                    f"{_e(s['rate_per_minute'])}/min; share {_pct(s['peak_rate_share'])}"
+                    if s["rate"] is not None
+                    else "no rate budget (no policy given)"
+                ),
             ),
             (
                 "busiest day (requests)",
-                f"{s['peak_day_requests']} on {_e(s['peak_day'])} of "
+                f"{s['peak_day_requests']}{_when(' on', s['peak_day'])} of "
                 f"{_e(s['requests_per_day'] if s['requests_per_day'] is not None else 'no quota')}"
                 f"; share {_pct(s['peak_day_request_share'])}",
             ),
             (
                 "busiest day (bytes)",
-                f"{s['peak_day_bytes']} on {_e(s['peak_bytes_day'])} of "
+                f"{s['peak_day_bytes']}{_when(' on', s['peak_bytes_day'])} of "
                 f"{_e(s['bytes_per_day'] if s['bytes_per_day'] is not None else 'no quota')}"
                 f"; share {_pct(s['peak_day_bytes_share'])}",
             ),

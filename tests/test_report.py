@@ -326,6 +326,31 @@ def test_the_chart_shows_every_day_of_the_period_against_the_quota():
     assert "quota" not in unlimited.split("</title>", 1)[1]
 
 
+def test_a_site_nothing_reached_reads_without_blanks():
+    # (a site with only refusals read "0 at ;" and "0 on  of 5000": auditor probe)
+    from proxy.report import SiteTally
+    from proxy.report import site_figures
+
+    quiet = SiteTally()
+    quiet.add({"kind": "fetch", "ts": "2026-11-30T04:00:00.000000Z", "decision": "refused"})
+    report = {
+        "created": "2026-11-30T05:00:00.000000Z",
+        "source": "sqlite:x",
+        "period": {"since": None, "until": None, "first_record": None, "last_record": None},
+        "policy": {"version": None},
+        "totals": dict.fromkeys(
+            ("sites", "sent_to_site", "forwarded", "withheld", "refused", "optouts_honoured"), 0
+        )
+        | {"site_429": 0, "site_503": 0, "refused_without_site": 0},
+        "sites": [site_figures("quiet.test", quiet, None)],
+        "checkpoints": [],
+    }
+    text = html.unescape(to_html(report))
+    assert "peak requests per minute</dt><dd>0; no rate budget (no policy given)</dd>" in text
+    assert "busiest day (requests)</dt><dd>0 of no quota" in text
+    assert " at ;" not in text and " on  of" not in text and "(burst )" not in text
+
+
 def test_html_and_csv_escape_what_the_log_holds():
     report = {
         "created": "2026-11-28T00:00:00.000000Z",

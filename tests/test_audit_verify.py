@@ -663,3 +663,21 @@ def test_keys_generate_writes_a_0600_private_key(tmp_path: Path) -> None:
     again = cli("keys", "generate", "--private", tmp_path / "k.pem", "--public", tmp_path / "x")
     assert again.returncode == 2 and "never overwritten" in again.stderr
     assert json.dumps  # keep json imported for the helpers above
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [
+        ("2026-11-28", "2026-11-28T00:00:00.000000Z"),
+        ("2026-11-28T13:00:00Z", "2026-11-28T13:00:00.000000Z"),
+        ("2026-11-28t13:00:00z", "2026-11-28T13:00:00.000000Z"),  # RFC 3339 5.6 allows it
+        ("2026-11-28T14:00:00+01:00", "2026-11-28T13:00:00.000000Z"),
+        ("2026-11-28T13:00", "2026-11-28T13:00:00.000000Z"),  # naive: UTC
+    ],
+)
+def test_export_and_report_times_read_as_rfc_3339_allows(given: str, read: str) -> None:
+    from proxy.audit.query import parse_time
+
+    assert parse_time(given) == read
+    with pytest.raises(ValueError, match="invalid time"):
+        parse_time("28/11/2026")

@@ -17,7 +17,8 @@ def parse_time(text: str) -> str:
         if len(value) == 10:
             parsed = dt.datetime.combine(dt.date.fromisoformat(value), dt.time(), dt.UTC)
         else:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            # (RFC 3339 5.6: "t" and "z" may be lower case)
+            parsed = dt.datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=dt.UTC)
         utc = parsed.astimezone(dt.UTC)

@@ -748,7 +748,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     if not report.chains and not report.problems:
-        print(f"crawlwarden audit verify: {path} holds no records", file=sys.stderr)
+        print(
+            f"crawlwarden audit verify: {path} holds no records (an export of a period with "
+            "none?): nothing to verify, nothing vouched for",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if report.problems:
         lines = [f"FAILED: {report.problems[0]}"]

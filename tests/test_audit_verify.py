@@ -371,6 +371,11 @@ def test_site_filter_redacts_other_records_and_still_verifies(fetchlog: dict[str
     assert ok.returncode == 0, ok.stdout
     assert f"({len(redacted)} redacted to digests by the export filters)" in ok.stdout
     assert "export filters: site=b.example" in ok.stdout
+    # Without its export line (unsigned, so it may be taken out), nothing says a filter did it
+    # (it said "by the export filters": auditor probe).
+    headless = verify(tampered(fetchlog, "no-export-line", items[1:]), fetchlog["public"])
+    assert headless.returncode == 0, headless.stdout
+    assert "redacted to digests; the file has no export line naming filters" in headless.stdout
 
     # A redacted line is as binding as a record: changing its digest breaks the chain.
     i = next(i for i, x in enumerate(items) if x["type"] == "redacted" and x["seq"] == 21)

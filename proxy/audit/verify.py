@@ -702,7 +702,14 @@ def summary(report: Report, path: Path, verifiers: Sequence[Verifier]) -> list[s
         out.append(f"{part}, {c.earliest or '-'} .. {c.latest or '-'}; {signed}")
     out.append(
         f"verified {len(report.chains)} replica(s), {total} records"
-        + (f" ({redacted} redacted to digests by the export filters)" if redacted else "")
+        + (
+            f" ({redacted} redacted to digests by the export filters)"
+            if redacted and report.header is not None
+            # (an export line taken out of the file: nothing says a filter did it)
+            else f" ({redacted} redacted to digests; the file has no export line naming filters)"
+            if redacted
+            else ""
+        )
         + (f", time span {earliest} .. {latest}" if earliest else "")
     )
     if redacted:

@@ -449,6 +449,12 @@ CSV_COLUMNS = [
     "checkpoint_hash",
     "checkpoint_time",
     "covers_period",
+    # the `totals` row's own
+    "sites",
+    "refused_without_site",
+    "since",
+    "until",
+    "policy_version",
 ]
 
 
@@ -457,7 +463,8 @@ def _joined(counts: dict[str, int]) -> str:
 
 
 def to_csv(report: dict[str, Any]) -> str:
-    """One `site` row per site (counters as `key=n;key=n`), then one `checkpoint` row per
+    """One `site` row per site (counters as `key=n;key=n`), a `totals` row (the period, the
+    policy version, the totals, the refusals of no site), then one `checkpoint` row per
     replica. Daily counts are in the JSON form only."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -477,6 +484,18 @@ def to_csv(report: dict[str, Any]) -> str:
         ):
             row[name] = _joined(site[name])
         write(row)
+    period = report["period"]
+    write(
+        {
+            **report["totals"],
+            "type": "totals",
+            "first_ts": period["first_record"],
+            "last_ts": period["last_record"],
+            "since": period["since"],
+            "until": period["until"],
+            "policy_version": report["policy"]["version"],
+        }
+    )
     for c in report["checkpoints"]:
         cp = c["checkpoint"] or {}
         write(

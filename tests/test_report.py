@@ -204,6 +204,12 @@ def test_report_figures_equal_counts_from_an_export(traffic):
     status, text = gw.admin_request("GET", "/v1/reports/sites?format=csv", AUDITOR_TOKEN)
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["site"] for r in rows if r["type"] == "site"] == [s["site"] for s in report["sites"]]
+    # the totals and the period too, as the JSON and HTML forms have them (auditor probe)
+    [totals] = [r for r in rows if r["type"] == "totals"]
+    for name, value in report["totals"].items():
+        assert totals[name] == str(value), name
+    assert totals["first_ts"] == report["period"]["first_record"]
+    assert totals["policy_version"] == report["policy"]["version"]
     assert any(r["type"] == "checkpoint" and r["replica"] == "gw" for r in rows)
     assert gw.admin_request("GET", "/v1/reports/sites", None)[0] == 401
     page = curl(
@@ -382,7 +388,8 @@ def test_html_and_csv_escape_what_the_log_holds():
     page = to_html(report)
     assert "&lt;gw&gt;" in page and "<gw>" not in page
     rows = list(csv.DictReader(io.StringIO(to_csv(report))))
-    assert rows == [
+    assert [r["type"] for r in rows] == ["totals", "checkpoint"]
+    assert rows[1] == (
         {**dict.fromkeys(rows[0], ""), "type": "checkpoint", "replica": "<gw>", "first_seq": "1"}
         | {"last_seq": "2", "covers_period": "False"}
-    ]
+    )

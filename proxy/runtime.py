@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import socket
@@ -110,6 +111,8 @@ class Settings:
 # budget engine's other per-site tables (50 000 sites): past it all are forgotten, and set again
 # from each origin's parsed robots.txt before its next request is admitted.
 MAX_CRAWL_DELAY_ORIGINS = 50_000
+# Sites whose last own read (robots.txt, tdmrep.json) is kept, to say so in a rate refusal
+MAX_OWN_READS_TRACKED = 50_000
 
 
 def _save(path: Path, sites: Sequence[tuple[str, saved.SiteCounts]], now_us: int) -> None:
@@ -164,6 +167,7 @@ class Runtime:
         self._counts = budget_store if isinstance(budget_store, MemoryBudgetStore) else None
         self._counts_saving: asyncio.Task[None] | None = None
         self._saving_now: asyncio.Future[None] | None = None  # the save under way, if any
+        self._own_reads: dict[str, float] = {}  # site key -> when its own read was admitted
         self.budgets = BudgetEngine(
             budget_store,
             site_label=lambda key: self.site_labels.label(key),
@@ -350,7 +354,23 @@ class Runtime:
         """
         if ctx.respect.robots:
             self._use_crawl_delay(ctx.site.key, origin_of(ctx.scheme, ctx.host, ctx.port))
-        return await self.budgets.admit(ctx.site)
+        admission = await self.budgets.admit(ctx.site)
+        decision = admission.decision
+        read_at = self._own_reads.get(ctx.site.key)
+        if decision.reason is Reason.RATE_LIMITED and read_at is not None:
+            # The site's first requests after its robots.txt and tdmrep.json reads: a scraper
+            # pacing at the policy's rate was refused with no word of what took the slot.
+            spec = self.budgets.spec(ctx.site)
+            ago = time.monotonic() - read_at
+            if ago < spec.interval_us * spec.burst / 1e6:
+                detail = (
+                    f"{decision.detail} (the gateway's own read of this site's robots.txt or "
+                    f"tdmrep.json, {ago:.1f}s ago, counts against the same rate)"
+                )
+                admission = dataclasses.replace(
+                    admission, decision=dataclasses.replace(decision, detail=detail)
+                )
+        return admission
 
     def _use_crawl_delay(self, key: str, origin: str) -> None:
         """The site's rate, slowed to the Crawl-delay of this origin's robots.txt if it has one
@@ -396,6 +416,9 @@ class Runtime:
         admission = await self.budgets.admit(site)
         if not admission.decision.allowed:
             raise FetchRefused(admission.decision)
+        if len(self._own_reads) >= MAX_OWN_READS_TRACKED:
+            self._own_reads.clear()
+        self._own_reads[site.key] = time.monotonic()
         lease = admission.lease
         return lambda received: self.budgets.finish(lease, response_bytes=received)
 

@@ -1167,3 +1167,32 @@ class S(scrapy.Spider):
     assert items["/plain.jpg"]["status"] == 200 and items["/open/z.jpg"]["status"] == 200
     paths = site.paths()
     assert paths["/private/x"] == 0 and paths["/reserved/y.jpg"] == 0
+
+
+def test_a_rate_refusal_after_the_gateways_own_read_says_the_read_took_the_slot(
+    workdir: Path, site: Site
+):
+    # A scraper pacing at the policy's rate on a new site was refused twice, the second time
+    # with "the next request fits in 0.998s" and no word of the gateway's tdmrep.json read
+    # that had just used the slot (onboarding probe).
+    serve_optout_files(site)
+    policy = policy_with(
+        defaults={"respect": RESPECT_ALL},
+        sites=[{"id": "paced", "match": ["paced.test"], "rate": "1/s", "burst": 1}],
+    )
+    details = []
+    with Gateway(workdir, policy) as gw:
+        for _ in range(6):
+            answer = fetch(gw, site, "paced.test", "/elsewhere")
+            if answer.status == 200:
+                break
+            assert answer.status == 429, answer.body
+            details.append(answer.json()["detail"])
+            time.sleep(1.05)
+    assert answer.status == 200, details
+    took_the_slot = [d for d in details if "must be read" not in d]
+    assert took_the_slot, details
+    assert all(
+        "the gateway's own read of this site's robots.txt or tdmrep.json" in d
+        for d in took_the_slot
+    ), details

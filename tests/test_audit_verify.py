@@ -360,8 +360,22 @@ def test_site_filter_redacts_other_records_and_still_verifies(fetchlog: dict[str
         "audit", "export", "--data-dir", fetchlog["data"], "--site", "b.example", "--output", out
     )
     assert result.returncode == 0, result.stderr
+    assert "no record matched" not in result.stderr
     items = read_lines(out)
     assert items[0]["filters"] == {"site": "b.example"} and items[0]["redacted"] is True
+    # A site no record has (a host where the key is a rule id, a typo) says so (legal probe).
+    nothing = cli(
+        "audit",
+        "export",
+        "--data-dir",
+        fetchlog["data"],
+        "--site",
+        "b.exmaple",
+        "--output",
+        fetchlog["base"] / "nothing.jsonl",
+    )
+    assert nothing.returncode == 0, nothing.stderr
+    assert "no record matched site=b.exmaple; all 120 are redacted" in nothing.stderr
     full = [x for x in items if x["type"] == "record"]
     redacted = [x for x in items if x["type"] == "redacted"]
     assert full and all(x["site"] == "b.example" for x in full)

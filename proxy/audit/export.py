@@ -447,4 +447,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             partial.unlink(missing_ok=True)
     if args.output:
         print(f"wrote {count} to {args.output}", file=sys.stderr)
+    filters = query_from_args(args).content_filters
+    if filters and count.redacted and not count.full:
+        # Every record redacted: a host given where the site is named by its policy rule id,
+        # or a typo, looks like an export of a log with nothing of it (legal probe).
+        named = ", ".join(f"{k}={v}" for k, v in filters.items())
+        print(
+            f"crawlwarden audit export: no record matched {named}; all {count.redacted} are "
+            "redacted. A record's site is the policy rule id that matched its host (its host "
+            "where none did): `crawlwarden report` lists the sites in the log",
+            file=sys.stderr,
+        )
     return 0

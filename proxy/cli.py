@@ -221,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--no-file-checks",
         action="store_true",
-        help="do not read the files the policy names (the signing key): for a policy checked "
-        "away from where the gateway runs, such as in its repository's CI",
+        help="do not read the files the policy names (the signing key) nor the environment "
+        "variables its token_env entries name (unset or equal, they are no error): for a "
+        "policy checked away from where the gateway runs, such as in its repository's CI",
     )
 
     audit = sub.add_parser("audit", help="fetch log export and verification")
@@ -416,7 +417,8 @@ def cmd_policy_check(path: Path, *, check_files: bool = True) -> int:
 
     try:
         # The files it names too (the signing key): a start with a key it cannot read exits 2.
-        loaded = load_policy(path, check_files=check_files)
+        # Without them (--no-file-checks), the token environment variables are not read either.
+        loaded = load_policy(path, check_files=check_files, read_env=check_files)
     except InvalidPolicy as e:
         for error in e.errors:
             print(f"{error}", file=sys.stderr)

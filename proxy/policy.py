@@ -29,6 +29,7 @@ from pydantic import BeforeValidator
 from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import ValidationError
+from pydantic import ValidationInfo
 from pydantic import field_validator
 from pydantic import model_validator
 
@@ -291,10 +292,13 @@ class Secret(Model):
         return v
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> Secret:
+    def _exactly_one(self, info: ValidationInfo) -> Secret:
         if (self.token_sha256 is None) == (self.token_env is None):
             raise ValueError("give exactly one of token_sha256 or token_env")
-        if self.token_env is not None and not os.environ.get(self.token_env):
+        # `policy check --no-file-checks` (a policy checked away from the gateway, where its
+        # secrets are not set) validates with read_env False: the variable is not looked at.
+        read_env = (info.context or {}).get("read_env", True)
+        if read_env and self.token_env is not None and not os.environ.get(self.token_env):
             raise ValueError(f"environment variable {self.token_env} is not set or empty")
         return self
 
@@ -494,7 +498,9 @@ class Policy(Model):
     audit: Audit = Audit()
 
 
-def cross_section_errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+def cross_section_errors(
+    data: dict[str, Any], *, read_env: bool = True
+) -> list[tuple[tuple[Any, ...], str]]:
     """What no single field shows, each at the path it is about: ids and names given twice,
     a token that would authenticate as two callers, a site pattern another rule already takes,
     a proxy nobody defines, a static host written twice. Reads the raw document, tolerating
@@ -530,7 +536,7 @@ def cross_section_errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], st
                 value = item.get(field)
                 if not isinstance(value, str):
                     continue
-                digest = _token_identity(field, value)
+                digest = _token_identity(field, value, read_env=read_env)
                 if digest is None:
                     continue
                 if digest in holders:
@@ -608,12 +614,13 @@ def cross_section_errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], st
     return errors
 
 
-def _token_identity(field: str, value: str) -> str | None:
+def _token_identity(field: str, value: str, *, read_env: bool = True) -> str | None:
     """What makes two token entries the same token: their SHA-256 (from the environment for
-    token_env, or the variable's name if it is not set: that is the field's own error)."""
+    token_env, or the variable's name if it is not set, that being the field's own error, or if
+    the environment is not to be read)."""
     if field == "token_sha256":
         return value.lower()
-    secret = os.environ.get(value)
+    secret = os.environ.get(value) if read_env else None
     if not secret:
         return f"env:{value}"
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -657,9 +664,12 @@ def canonical_version(policy: Policy) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def load_policy(path: str | Path, *, check_files: bool = False) -> LoadedPolicy:
+def load_policy(
+    path: str | Path, *, check_files: bool = False, read_env: bool = True
+) -> LoadedPolicy:
     """The policy in `path`, or InvalidPolicy with every error. `check_files` also reads the files
-    it names, as this machine sees them (see `file_errors`)."""
+    it names, as this machine sees them (see `file_errors`); `read_env` False leaves the token
+    environment variables (`token_env`) unread: unset or equal, they are no error."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -667,7 +677,7 @@ def load_policy(path: str | Path, *, check_files: bool = False) -> LoadedPolicy:
         raise InvalidPolicy(str(path), [PolicyError("", f"cannot read file: {e.strerror}")]) from e
     except UnicodeDecodeError as e:
         raise InvalidPolicy(str(path), [PolicyError("", "file is not UTF-8")]) from e
-    return parse_policy(text, source=str(path), check_files=check_files)
+    return parse_policy(text, source=str(path), check_files=check_files, read_env=read_env)
 
 
 def file_errors(policy: Policy) -> list[tuple[tuple[Any, ...], str]]:
@@ -699,7 +709,9 @@ def _compose_and_construct(text: str) -> tuple[yaml.Node | None, Any]:
         loader.dispose()
 
 
-def parse_policy(text: str, source: str = "<policy>", *, check_files: bool = False) -> LoadedPolicy:
+def parse_policy(
+    text: str, source: str = "<policy>", *, check_files: bool = False, read_env: bool = True
+) -> LoadedPolicy:
     try:
         node, data = _compose_and_construct(text)
     except yaml.YAMLError as e:
@@ -721,10 +733,10 @@ def parse_policy(text: str, source: str = "<policy>", *, check_files: bool = Fal
     lines, errors = _map_document(node)
     policy: Policy | None = None
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={"read_env": read_env})
     except ValidationError as e:
         errors += _errors(e, lines)
-    for loc, message in cross_section_errors(data):
+    for loc, message in cross_section_errors(data, read_env=read_env):
         errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
     if check_files and policy is not None:
         for loc, message in file_errors(policy):

@@ -92,6 +92,46 @@ def test_token_needs_exactly_one_source(monkeypatch: pytest.MonkeyPatch):
     parse_policy(dump(policy))
 
 
+def test_no_file_checks_leaves_token_environment_variables_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A policy checked in its repository's CI, where the secrets are not set: `token_env`
+    # names that are unset, or set to one dummy value, failed the check (a new-user probe).
+    policy = base_policy()
+    policy["teams"][0] = {"name": "a", "token_env": "CW_CI_TOKEN_A", "projects": []}
+    policy["teams"][1] = {"name": "b", "token_env": "CW_CI_TOKEN_B", "projects": []}
+    path = tmp_path / "policy.yaml"
+    path.write_text(dump(policy))
+
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CRAWLWARDEN, "policy", "check", *flags, str(path)], capture_output=True, text=True
+        )
+
+    monkeypatch.delenv("CW_CI_TOKEN_A", raising=False)
+    monkeypatch.delenv("CW_CI_TOKEN_B", raising=False)
+    assert "CW_CI_TOKEN_A is not set" in check().stderr
+    unset = check("--no-file-checks")
+    assert unset.returncode == 0, unset.stderr
+    assert parse_policy(dump(policy), read_env=False).policy.teams[0].token_env == "CW_CI_TOKEN_A"
+    monkeypatch.setenv("CW_CI_TOKEN_A", "dummy")
+    monkeypatch.setenv("CW_CI_TOKEN_B", "dummy")
+    assert "teams.1.token_env: the same token as teams.0" in check().stderr
+    dummies = check("--no-file-checks")
+    assert dummies.returncode == 0, dummies.stderr
+    # Every other check stays: one variable named twice is still one token, a name that is
+    # no variable name still an error.
+    policy["teams"][1]["token_env"] = "CW_CI_TOKEN_A"
+    policy["admin_tokens"][0] = {"role": "admin", "token_env": "not a name"}
+    path.write_text(dump(policy))
+    twice = check("--no-file-checks")
+    assert twice.returncode == 2
+    assert "teams.1.token_env: the same token as teams.0" in twice.stderr
+    assert "admin_tokens.0.token_env: must be an environment variable name" in twice.stderr
+    assert "--no-file-checks" in check("--help").stdout
+    assert "environment" in " ".join(check("--help").stdout.split())
+
+
 def test_duplicate_ids_and_dangling_proxy_pins_are_errors():
     policy = base_policy()
     policy["sites"] = [{"id": "a", "match": ["a.test"]}, {"id": "a", "match": ["b.test"]}]

@@ -1,7 +1,10 @@
 """A Scrapy spider that crawls through crawlwarden.
 
-    .venv/bin/scrapy runspider examples/scrapy_spider.py -a url=http://demo.test:8000/
+    .venv/bin/scrapy runspider examples/scrapy_spider.py -a url=http://demo.test:8000/ -o -:jsonl
         [-a "url=URL URL..."] [-a proxy=http://TEAM:TOKEN@HOST:PORT] [-a project=PROJECT]
+
+`-o -:jsonl` prints each item (URL, status, the gateway's reason if it answered itself, size) on
+stdout as a JSON line; Scrapy's log goes to stderr.
 
 Scrapy's HttpProxyMiddleware turns the credentials of the `proxy` meta key into a
 Proxy-Authorization header (also on CONNECT for https:// URLs). Scrapy does not verify TLS
@@ -25,8 +28,10 @@ PROXY = "http://vision-data:demo-token@127.0.0.1:8080"
 class GatewaySpider(scrapy.Spider):
     name = "through-crawlwarden"
     custom_settings = {
-        # The gateway enforces each site's budgets; let it tell us when to slow down.
-        "HTTPERROR_ALLOWED_CODES": [403, 407, 429, 451, 503],
+        # Every status the gateway answers itself (README, "What a scraper sees when the gateway
+        # refuses"), so that the callback sees its X-Crawlwarden-Reason: Scrapy drops other
+        # non-2xx answers as "Ignoring response". 429 and 503 also say when to slow down.
+        "HTTPERROR_ALLOWED_CODES": [400, 403, 407, 411, 413, 421, 429, 431, 451, 502, 503, 504],
         "RETRY_ENABLED": False,
         "ROBOTSTXT_OBEY": False,  # the gateway reads robots.txt for the whole fleet
         "LOG_LEVEL": "INFO",

@@ -50,6 +50,7 @@ from tests.support import base_policy
 from tests.support import basic
 from tests.support import curl
 from tests.support import exchange
+from tests.support import free_port
 from tests.support import our_team
 from tests.support import policy_with
 from tests.support import sha256_hex
@@ -1007,8 +1008,20 @@ def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_call
     gateway: Gateway, tls_site: Site, workdir: Path
 ):
     # Before, a refused CONNECT surfaced in Scrapy as a TunnelError, never reaching the spider.
-    urls = [tls_site.url("blocked.test", "/"), tls_site.url("site-a.test", "/fine")]
-    out = workdir / "items.json"
+    # The gateway's own 400 and 502 answers were dropped by Scrapy ("Ignoring response"), and
+    # the README's command printed no items at all (a new-user probe): run as the README says,
+    # the items are on stdout, one JSON line each.
+    readme = (ROOT / "README.md").read_text()
+    [command] = [line for line in readme.splitlines() if line.startswith(".venv/bin/scrapy ")]
+    feed = command.split("examples/scrapy_spider.py")[1].split()
+    feed = [arg for arg in feed if not arg.startswith("url=") and arg != "-a"]
+    assert feed == ["-o", "-:jsonl"], command
+    urls = [
+        tls_site.url("blocked.test", "/"),
+        tls_site.url("site-a.test", "/fine"),
+        f"http://site-a.test:{free_port()}/nobody-listens",  # upstream_error, 502
+        "http://2130706433/",  # a numeric IPv4 form the gateway will not resolve: 400
+    ]
     spider = subprocess.run(
         [
             str(VENV_BIN / "scrapy"),
@@ -1020,8 +1033,7 @@ def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_call
             f"proxy={gateway.proxy_url()}",
             "-a",
             f"project={PROJECT}",
-            "-O",
-            str(out),
+            *feed,
         ],
         capture_output=True,
         text=True,
@@ -1029,10 +1041,28 @@ def test_the_scrapy_example_gets_a_blocklisted_https_domains_refusal_in_its_call
         cwd=workdir,
     )
     assert spider.returncode == 0, spider.stderr[-2000:]
-    items = {i["url"]: i for i in json.loads(out.read_text())}
+    items = {i["url"]: i for i in map(json.loads, spider.stdout.splitlines())}
     assert (items[urls[0]]["status"], items[urls[0]]["refused"]) == (451, "tos_blocklist")
     assert (items[urls[1]]["status"], items[urls[1]]["refused"]) == (200, None)
+    assert (items[urls[2]]["status"], items[urls[2]]["refused"]) == (502, "upstream_error")
+    assert (items[urls[3]]["status"], items[urls[3]]["refused"]) == (400, "bad_request")
     assert tls_site.paths() == {"/fine": 1}
+
+
+def test_the_scrapy_example_lets_every_status_the_gateway_answers_itself_through():
+    import importlib.util
+
+    from proxy.decision import STATUS
+
+    spec = importlib.util.spec_from_file_location(
+        "scrapy_spider", ROOT / "examples" / "scrapy_spider.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    allowed = set(module.GatewaySpider.custom_settings["HTTPERROR_ALLOWED_CODES"])
+    answered = {status for status in STATUS.values() if status >= 400}
+    assert answered <= allowed, sorted(answered - allowed)
 
 
 def test_a_request_held_for_the_budget_is_let_go_when_its_client_goes_away(

@@ -1,6 +1,6 @@
 """Fetch a page through crawlwarden with Python requests.
 
-    python3 examples/requests_client.py http://demo.test:8000/
+    .venv/bin/python examples/requests_client.py http://demo.test:8000/
 
 Needs `make run` in another terminal (and, for the demo URL, `python3 -m http.server 8000
 --bind 127.0.0.1 --directory examples/site`).

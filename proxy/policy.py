@@ -730,12 +730,12 @@ def parse_policy(
         raise InvalidPolicy(source, [PolicyError("", "the policy must be a YAML mapping")])
     # Every error in one run: keys written twice (a limit written twice is a mistake to show,
     # not one to resolve silently), the fields', and those across sections; by line.
-    lines, errors = _map_document(node)
+    lines, booleans, errors = _map_document(node)
     policy: Policy | None = None
     try:
         policy = Policy.model_validate(data, context={"read_env": read_env})
     except ValidationError as e:
-        errors += _errors(e, lines)
+        errors += _errors(e, lines, booleans)
     for loc, message in cross_section_errors(data, read_env=read_env):
         errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
     if check_files and policy is not None:
@@ -856,24 +856,53 @@ def _idle_patterns(rule: SiteRule, network: Network) -> list[tuple[int, str]]:
     return out
 
 
-def _errors(exc: ValidationError, lines: dict[tuple[Any, ...], int]) -> list[PolicyError]:
+def _errors(
+    exc: ValidationError,
+    lines: dict[tuple[Any, ...], int],
+    booleans: dict[tuple[Any, ...], str] | None = None,
+) -> list[PolicyError]:
     # A value that fits no member of a union gets an error per member, at one place: they are
     # one mistake, so one line ("Input should be a valid string, integer or number").
     # Only a union's errors (their raw place names the member) are merged; any other error is
     # a line of its own.
     by_place: dict[tuple[tuple[Any, ...], int | None], list[str]] = {}
+    missing: set[tuple[Any, ...]] = set()
     for n, err in enumerate(exc.errors(include_url=False)):
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required, and missing"
+            missing.add(loc)
+        elif isinstance(err["input"], bool) and loc in (booleans or {}):
+            message = _as_written(message, err["input"], (booleans or {})[loc])
         messages = by_place.setdefault((loc, None if len(loc) < len(err["loc"]) else n), [])
         if message not in messages:
             messages.append(message)
     return [
-        PolicyError(".".join(map(str, loc)), _one_message(messages), _line_of(loc, lines))
+        PolicyError(
+            ".".join(map(str, loc)),
+            _one_message(messages),
+            # A missing key is at its parent's line (the document's first, for a section).
+            _line_of(loc, lines, root=loc in missing),
+        )
         for (loc, _), messages in by_place.items()
     ]
+
+
+def _as_written(message: str, value: bool, written: str) -> str:
+    """`message` about a YAML boolean, naming it as the policy wrote it: `burst: yes` is a
+    boolean to YAML 1.1 (so are no, on, off, y, n), and "True is not a number" named a value
+    nobody wrote."""
+    said = written if written.lower() in ("true", "false") else f"{written} (read as a boolean)"
+    if message.startswith(f"{value!r} "):
+        return said + message.removeprefix(repr(value))
+    if written.lower() in ("true", "false"):
+        return message
+    if "valid string" in message:  # quoted, it is the text
+        return f"{message} ({written} was read as a boolean: write '{written}' for the text)"
+    return f"{message} ({written} was read as a boolean)"
 
 
 def _one_message(messages: list[str]) -> str:
@@ -893,25 +922,33 @@ def _is_union_tag(part: Any) -> bool:
     )
 
 
-def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+def _line_of(
+    loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int], *, root: bool = False
+) -> int | None:
+    """The line of `loc`, or of the nearest place above it the document has; `root` lets that be
+    the document itself (its first line), for a key missing at the top."""
     while loc:
         if loc in lines:
             return lines[loc]
         loc = loc[:-1]
-    return None
+    return lines.get(()) if root else None
 
 
 def _map_document(
     node: yaml.Node | None,
-) -> tuple[dict[tuple[Any, ...], int], list[PolicyError]]:
-    """One walk of the YAML document: the 1-based line of each key path, and every key that
+) -> tuple[dict[tuple[Any, ...], int], dict[tuple[Any, ...], str], list[PolicyError]]:
+    """One walk of the YAML document: the 1-based line of each key path, the text of each value
+    YAML read as a boolean (`yes`, `on`...: errors name it as written), and every key that
     appears twice in its mapping (YAML would silently keep the last one)."""
     lines: dict[tuple[Any, ...], int] = {}
+    booleans: dict[tuple[Any, ...], str] = {}
     duplicates: list[PolicyError] = []
 
     def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
         lines[path] = n.start_mark.line + 1
-        if isinstance(n, yaml.MappingNode):
+        if isinstance(n, yaml.ScalarNode) and n.tag == "tag:yaml.org,2002:bool":
+            booleans[path] = n.value
+        elif isinstance(n, yaml.MappingNode):
             seen: set[Any] = set()
             for key, value in n.value:
                 child = (*path, key.value)
@@ -932,4 +969,4 @@ def _map_document(
 
     if node is not None:
         walk(node, ())
-    return lines, duplicates
+    return lines, booleans, duplicates

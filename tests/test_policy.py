@@ -13,8 +13,10 @@ from proxy.policy import InvalidPolicy
 from proxy.policy import parse_policy
 from tests.support import ADMIN_TOKEN
 from tests.support import CRAWLWARDEN
+from tests.support import OTHER_TOKEN
 from tests.support import TEAM_TOKEN
 from tests.support import base_policy
+from tests.support import sha256_hex
 
 
 def dump(policy: dict) -> str:
@@ -204,15 +206,15 @@ def test_a_token_names_one_caller(where: str, other: str, monkeypatch: pytest.Mo
         ({"id": "other.test", "match": ["mirror.test"]}, "sites.0.id: 'other.test' has a dot"),
         ({"id": "all", "match": ["*.com"]}, "sites.0.match.0: '*.com' covers every domain"),
         ({"id": "num", "match": ["2130706433"]}, "sites.0.match.0: '2130706433' is neither"),
-        ({"id": "n", "match": ["a.test"], "burst": True}, "sites.0.burst: True is not a number"),
+        ({"id": "n", "match": ["a.test"], "burst": True}, "sites.0.burst: true is not a number"),
         # A size's example is a size (it offered '10s' for a byte quota: docs probe).
         (
             {"id": "b", "match": ["a.test"], "bytes_per_day": True},
-            "sites.0.bytes_per_day: True is not a quantity: write e.g. '500MB'",
+            "sites.0.bytes_per_day: true is not a quantity: write e.g. '500MB'",
         ),
         (
             {"id": "d", "match": ["a.test"], "max_delay": True},
-            "sites.0.max_delay: True is not a quantity: write e.g. '10s'",
+            "sites.0.max_delay: true is not a quantity: write e.g. '10s'",
         ),
         ({"id": "n", "match": ["a.test"], "rate": None}, "sites.0: rate: null is not a value"),
     ],
@@ -236,9 +238,33 @@ def test_yaml_true_is_no_count():
     policy = base_policy()
     policy["retention"] = {"fetch_records_days": True}
     policy["defaults"]["requests_per_day"] = "yes"
-    errors = errors_of(dump(policy).replace("'yes'", "yes"))
-    assert any(e.startswith("retention.fetch_records_days: True is not a number") for e in errors)
-    assert any(e.startswith("defaults.requests_per_day: True is not a number") for e in errors)
+    policy["defaults"]["burst"] = "On"
+    policy["crawler"]["contact"] = "no"
+    text = dump(policy).replace("'yes'", "yes").replace("'On'", "On").replace("'no'", "no")
+    errors = errors_of(text)
+    # Said as written, not as Python's True (`burst: yes` read "True is not a number": probe).
+    assert any(e.startswith("retention.fetch_records_days: true is not a number") for e in errors)
+    said = "defaults.requests_per_day: yes (read as a boolean) is not a number: write e.g. 1000"
+    assert any(e.startswith(said) for e in errors), errors
+    said = "defaults.burst: On (read as a boolean) is not a number"
+    assert any(e.startswith(said) for e in errors), errors
+    # pydantic's own message, which does not name the value, gets it after.
+    said = "crawler.contact: Input should be a valid string (no was read as a boolean: write 'no'"
+    assert any(e.startswith(said) for e in errors), errors
+
+
+def test_a_missing_key_has_its_parents_line():
+    # `crawler: Field required` came with no line, where every other error has one (probe).
+    policy = base_policy()
+    del policy["crawler"]
+    del policy["teams"][1]["name"]
+    text = "# the policy\n" + dump(policy)
+    errors = errors_of(text)
+    first = text.splitlines().index(next(x for x in text.splitlines() if not x.startswith("#")))
+    assert f"crawler: required, and missing (line {first + 1})" in errors, errors
+    # A key missing in a list item: that item's line.
+    [item] = [n for n, x in enumerate(text.splitlines(), 1) if sha256_hex(OTHER_TOKEN) in x]
+    assert f"teams.1.name: required, and missing (line {item})" in errors, errors
 
 
 def test_static_hosts_written_twice_in_other_cases_are_an_error():

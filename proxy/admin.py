@@ -71,13 +71,54 @@ def authorize(request: web.Request, roles: tuple[str, ...]) -> web.Response | No
     return None
 
 
+def query_names(route: Route) -> tuple[str, ...]:
+    """The query parameters a route declares (its OpenAPI parameters `in: query`)."""
+    return tuple(p["name"] for p in route.parameters if p.get("in") == "query")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def check_query(request: web.Request, accepted: tuple[str, ...]) -> web.Response | None:
+    """None when every query parameter is one the endpoint takes, given once; else the 400.
+
+    A misspelt filter (`?tema=b` for `?team=b`) would otherwise be ignored and the answer be
+    everything, unfiltered: an auditor would draw conclusions from the wrong data.
+    """
+    query = request.query
+    unknown = list(dict.fromkeys(k for k in query if k not in accepted))
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no query parameters"
+        plural = "s" if len(unknown) > 1 else ""
+        return problem(
+            400,
+            f"unknown query parameter{plural} {_names(unknown)}: this endpoint takes {takes}",
+            unknown_parameters=unknown,
+            accepted_parameters=list(accepted),
+        )
+    repeated = [k for k in dict.fromkeys(query) if len(query.getall(k)) > 1]
+    if repeated:
+        return problem(
+            400,
+            f"query parameter given more than once: {_names(repeated)}; give each once",
+            repeated_parameters=repeated,
+            accepted_parameters=list(accepted),
+        )
+    return None
+
+
 def guarded(route: Route) -> Handler:
+    accepted = query_names(route)
+
     async def handler(request: web.Request) -> web.StreamResponse:
         denied = authorize(request, route.roles)
         if denied is not None:
             if denied.status == 401 and request.headers.get("Authorization"):
                 return await _wrong_token(request, denied)
             return denied
+        if (refused := check_query(request, accepted)) is not None:
+            return refused
         return await route.handler(request)
 
     return handler
@@ -202,6 +243,9 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
             )
         if r.parameters:
             op["parameters"] = list(r.parameters)
+        strict = "an unknown query parameter, or one given twice"
+        said = r.responses.get("400")
+        op["responses"]["400"] = {"description": f"{said}; or {strict}" if said else strict}
         if r.request_body is not None:
             op["requestBody"] = {
                 "required": True,
@@ -231,6 +275,8 @@ def make_app(runtime: Runtime, extra_routes: list[Route] | None = None) -> web.A
     document = openapi(routes)
 
     async def openapi_json(request: web.Request) -> web.Response:
+        if (refused := check_query(request, ())) is not None:
+            return refused
         return web.json_response(document)
 
     app.router.add_get("/openapi.json", openapi_json)

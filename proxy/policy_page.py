@@ -20,6 +20,7 @@ from proxy import units
 from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
+from proxy.admin import query_param
 from proxy.optout import Kind
 from proxy.policy import LegalBasis
 from proxy.policy import Policy
@@ -415,6 +416,13 @@ ROUTES: list[Route] = [
         (),
         "The crawler and its compliance policy: identity, opt-outs honoured, legal bases, "
         "budgets, takedowns, audit key (HTML, or JSON by Accept or ?format=json)",
-        {"200": "the policy page", "400": "an unknown format"},
+        {"200": "the policy page", "400": "an unknown format or query parameter"},
+        parameters=(
+            query_param(
+                "format",
+                "json or html (default: by the Accept header, else html)",
+                enum=["json", "html"],
+            ),
+        ),
     ),
 ]

@@ -1,0 +1,107 @@
+"""The admin API refuses what it does not understand: an unknown query parameter (a misspelt
+filter would return everything unfiltered), an unknown body field, an unknown path or method,
+each with the API's JSON problem body, never aiohttp's plain text."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestServer
+
+from proxy.admin import make_app
+from proxy.app import ADMIN_ROUTES
+from proxy.runtime import Runtime
+from proxy.runtime import Settings
+from tests.support import ADMIN_TOKEN
+from tests.support import AUDITOR_TOKEN
+from tests.support import base_policy
+from tests.support import write_policy
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
+TAKEDOWN = {
+    "rights_holder": "Example Pictures Ltd",
+    "contact": "legal@pictures.example",
+    "scope": "prefix",
+    "targets": ["https://photos.example.com/gallery/"],
+    "reason": "copyright",
+}
+BLOCK = {"scope": "domain", "targets": ["a.example"], "reason": "r", "source": "s"}
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    settings = Settings(
+        policy_file=write_policy(tmp_path / "policy.yaml", base_policy()),
+        data_dir=tmp_path / "data",
+        replica_id="gw-strict",
+    )
+    rt = Runtime.from_settings(settings)
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.stop()
+
+
+@pytest.fixture
+async def client(runtime: Runtime) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(make_app(runtime, ADMIN_ROUTES))) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "unknown", "accepted"),
+    [
+        ("/v1/fetches?tema=team-b", AUDITOR, "tema", "team"),
+        ("/v1/fetches?team=team-b&sience=2026-01-01", AUDITOR, "sience", "since"),
+        ("/v1/reports/sites?form=csv", AUDITOR, "form", "format"),
+        ("/v1/budgets?site=x.test&sight=y", AUDITOR, "sight", "site"),
+        ("/v1/takedowns/td-x/manifest?fromat=csv", AUDITOR, "fromat", "format"),
+        ("/v1/takedowns?status=outstanding", AUDITOR, "status", None),
+        ("/v1/blocklist?active=1", AUDITOR, "active", None),
+        ("/policy?fmt=json", {}, "fmt", "format"),
+        ("/healthz?x=1", {}, "x", None),
+        ("/openapi.json?v=2", {}, "v", None),
+    ],
+)
+async def test_an_unknown_query_parameter_is_refused_by_name(
+    client: TestClient, path: str, headers: dict[str, str], unknown: str, accepted: str | None
+) -> None:
+    resp = await client.get(path, headers=headers)
+    assert resp.status == 400
+    body = await resp.json()
+    assert unknown in body["error"]
+    assert body["unknown_parameters"] == [unknown]
+    if accepted is not None:
+        assert accepted in body["accepted_parameters"]
+        assert accepted in body["error"]
+    else:
+        assert body["accepted_parameters"] == []
+
+
+async def test_a_parameter_given_twice_is_refused(client: TestClient) -> None:
+    resp = await client.get("/v1/fetches?team=team-a&team=team-b", headers=AUDITOR)
+    assert resp.status == 400
+    assert "team" in (await resp.json())["error"]
+
+
+async def test_known_parameters_still_work(client: TestClient) -> None:
+    assert (await client.get("/v1/fetches?team=team-b&limit=5", headers=AUDITOR)).status == 200
+    assert (await client.get("/policy?format=json")).status == 200
+    assert (await client.get("/v1/reports/sites?format=csv", headers=AUDITOR)).status == 200
+
+
+async def test_the_token_is_checked_before_the_parameters(client: TestClient) -> None:
+    assert (await client.get("/v1/fetches?tema=team-b")).status == 401
+
+
+async def test_the_openapi_document_lists_the_query_parameters(client: TestClient) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    names = [p["name"] for p in document["paths"]["/policy"]["get"]["parameters"]]
+    assert names == ["format"]
+    fetches = document["paths"]["/v1/fetches"]["get"]["responses"]
+    assert "unknown query parameter" in fetches["400"]["description"]

@@ -260,8 +260,36 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
     }
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, a method the path does not take, a body too
+    large) as the API's JSON problem bodies, not `404: Not Found` in plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as e:
+        allowed = sorted(e.allowed_methods)
+        resp = problem(
+            405,
+            f"{e.method} is not allowed on {request.path}; it takes {', '.join(allowed)}",
+            allowed_methods=allowed,
+        )
+        resp.headers["Allow"] = ",".join(allowed)
+        return resp
+    except web.HTTPNotFound:
+        return problem(404, f"no endpoint {request.path}; /openapi.json lists them")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        text = e.text or e.reason
+        resp = problem(e.status, text.removeprefix(f"{e.status}: ") if text else e.reason)
+        for name, value in e.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                resp.headers[name] = value
+        return resp
+
+
 def make_app(runtime: Runtime, extra_routes: list[Route] | None = None) -> web.Application:
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(client_max_size=1 << 20, middlewares=[json_errors])
     app[RUNTIME] = runtime
     app[TOKEN_GUESSES] = AuthThrottle()
     routes = [*ROUTES, *(extra_routes or [])]

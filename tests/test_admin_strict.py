@@ -4,6 +4,7 @@ each with the API's JSON problem body, never aiohttp's plain text."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -105,3 +106,27 @@ async def test_the_openapi_document_lists_the_query_parameters(client: TestClien
     assert names == ["format"]
     fetches = document["paths"]["/v1/fetches"]["get"]["responses"]
     assert "unknown query parameter" in fetches["400"]["description"]
+
+
+async def test_an_unknown_path_is_a_json_404(client: TestClient) -> None:
+    resp = await client.get("/v1/fetchs", headers=AUDITOR)
+    assert resp.status == 404
+    assert resp.content_type == "application/json"
+    assert "/v1/fetchs" in (await resp.json())["error"]
+
+
+async def test_a_wrong_method_is_a_json_405_with_allow(client: TestClient) -> None:
+    resp = await client.put("/v1/takedowns", json={"reason": "r"}, headers=ADMIN)
+    assert resp.status == 405
+    assert resp.content_type == "application/json"
+    assert set(resp.headers["Allow"].split(",")) >= {"GET", "POST"}
+    body = await resp.json()
+    assert "PUT" in body["error"]
+    assert "POST" in body["allowed_methods"]
+
+
+async def test_a_body_too_large_is_a_json_413(client: TestClient) -> None:
+    big = io.BytesIO(b"{" + b" " * (2 << 20))
+    resp = await client.post("/v1/takedowns", data=big, headers=ADMIN)
+    assert resp.status == 413
+    assert resp.content_type == "application/json"

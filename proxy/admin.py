@@ -7,6 +7,7 @@ whose role (from the policy's admin_tokens) the endpoint admits. An auditor can 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +109,98 @@ def check_query(request: web.Request, accepted: tuple[str, ...]) -> web.Response
     return None
 
 
+class BadBody(ValueError):
+    """A request body that is no JSON object of text: answered 400 with the message."""
+
+
+_BODY = web.RequestKey("json_body", dict[str, Any])
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object (read once: later calls return the same dict)."""
+    if _BODY in request:
+        return request[_BODY]
+    try:
+        parsed = await request.json()
+        unicode = _is_unicode(parsed)
+    except ValueError as e:
+        raise BadBody("the body must be a JSON object") from e
+    except RecursionError as e:  # (arrays nested tens of thousands deep)
+        raise BadBody("the body is nested too deeply") from e
+    if not isinstance(parsed, dict):
+        raise BadBody("the body must be a JSON object")
+    if not unicode:
+        # JSON may escape a lone surrogate ("\udcff"): no text, and nothing a file, Redis or
+        # the fetch log can store (it failed with a 500 after the change had begun).
+        raise BadBody("the body has a string that is not valid Unicode")
+    request[_BODY] = parsed
+    return parsed
+
+
+def _is_unicode(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_unicode(k) and _is_unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_unicode(v) for v in value)
+    return True
+
+
+_LISTED = 20  # names of unknown fields an answer lists at most
+
+
+async def check_body(request: web.Request, route: Route) -> web.Response | None:
+    """None when the body has every field the route requires and no other; else the 400,
+    naming every missing field and every unknown one at once. A route that takes no body
+    refuses one (an empty body or `{}` is no body): `{"dry_run": true}` to the policy reload
+    would reload for real."""
+    schema = route.request_body
+    if schema is None:
+        raw = await request.read()
+        if not raw.strip():
+            return None
+        try:
+            sent: Any = json.loads(raw)
+        except (ValueError, RecursionError):
+            sent = None
+        if sent == {}:
+            return None
+        fields = [str(k) for k in sent][:_LISTED] if isinstance(sent, dict) else []
+        got = f"; it was sent {_names(fields)}" if fields else ""
+        return problem(
+            400,
+            f"{route.method} {route.path} takes no body{got}",
+            unknown_fields=fields,
+            accepted_fields=[],
+        )
+    try:
+        body = await json_body(request)
+    except BadBody as e:
+        return problem(400, str(e))
+    accepted = list(schema.get("properties", {}))
+    unknown = [k for k in body if k not in accepted][:_LISTED]
+    missing = [k for k in schema.get("required", ()) if k not in body]
+    if not unknown and not missing:
+        return None
+    said = []
+    if missing:
+        said.append(f"missing field{'s' if len(missing) > 1 else ''} {_names(missing)}")
+    if unknown:
+        said.append(f"unknown field{'s' if len(unknown) > 1 else ''} {_names(unknown)}")
+    return problem(
+        400,
+        f"{'; '.join(said)}: this endpoint takes {', '.join(accepted)}",
+        missing_fields=missing,
+        unknown_fields=unknown,
+        accepted_fields=accepted,
+    )
+
+
 def guarded(route: Route) -> Handler:
     accepted = query_names(route)
 
@@ -118,6 +211,8 @@ def guarded(route: Route) -> Handler:
                 return await _wrong_token(request, denied)
             return denied
         if (refused := check_query(request, accepted)) is not None:
+            return refused
+        if route.method != "GET" and (refused := await check_body(request, route)) is not None:
             return refused
         return await route.handler(request)
 
@@ -244,12 +339,16 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
         if r.parameters:
             op["parameters"] = list(r.parameters)
         strict = "an unknown query parameter, or one given twice"
+        if r.method != "GET":
+            strict += "; a body field missing or unknown (all named), or a body where none is taken"
         said = r.responses.get("400")
         op["responses"]["400"] = {"description": f"{said}; or {strict}" if said else strict}
         if r.request_body is not None:
+            # Closed: a field it does not list is refused (check_body).
+            schema = {**r.request_body, "additionalProperties": False}
             op["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": r.request_body}},
+                "content": {"application/json": {"schema": schema}},
             }
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {

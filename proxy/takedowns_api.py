@@ -14,7 +14,9 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin import RUNTIME
+from proxy.admin import BadBody
 from proxy.admin import Route
+from proxy.admin import json_body
 from proxy.admin import problem
 from proxy.audit.query import RecordQuery
 from proxy.audit.schema import SchemaTooNew
@@ -53,33 +55,9 @@ def _source(rt: Runtime) -> RecordSource:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
-        unicode = _is_unicode(body)
-    except ValueError as e:
-        raise InvalidRequest("the body must be a JSON object") from e
-    except RecursionError as e:  # (arrays nested tens of thousands deep)
-        raise InvalidRequest("the body is nested too deeply") from e
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    if not unicode:
-        # JSON may escape a lone surrogate ("\udcff"): no text, and nothing a file, Redis or
-        # the fetch log can store (it failed with a 500 after the change had begun).
-        raise InvalidRequest("the body has a string that is not valid Unicode")
-    return body
-
-
-def _is_unicode(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(_is_unicode(k) and _is_unicode(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_is_unicode(v) for v in value)
-    return True
+        return await json_body(request)
+    except BadBody as e:
+        raise InvalidRequest(str(e)) from e
 
 
 def _cannot_record(rt: Runtime) -> web.Response | None:

@@ -130,3 +130,66 @@ async def test_a_body_too_large_is_a_json_413(client: TestClient) -> None:
     resp = await client.post("/v1/takedowns", data=big, headers=ADMIN)
     assert resp.status == 413
     assert resp.content_type == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/takedowns", {**TAKEDOWN, "expires": "2027-01-01"}),
+        ("/v1/blocklist", {**BLOCK, "expires": "2027-01-01"}),
+    ],
+)
+async def test_an_unknown_body_field_is_refused_by_name(
+    runtime: Runtime, client: TestClient, path: str, body: dict[str, object]
+) -> None:
+    resp = await client.post(path, json=body, headers=ADMIN)
+    assert resp.status == 400
+    problem = await resp.json()
+    assert "expires" in problem["error"]
+    assert problem["unknown_fields"] == ["expires"]
+    assert problem["missing_fields"] == []
+    assert "reason" in problem["accepted_fields"]
+    assert runtime.takedowns.state.takedowns == {}
+    assert runtime.takedowns.state.blocks == {}
+
+
+async def test_a_confirmation_with_an_unknown_field_is_refused(client: TestClient) -> None:
+    filed = await (await client.post("/v1/takedowns", json=TAKEDOWN, headers=ADMIN)).json()
+    resp = await client.post(
+        f"/v1/takedowns/{filed['id']}/confirmations",
+        json={"team": "vision-data", "deleted": 3, "note": "all gone"},
+        headers=ADMIN,
+    )
+    assert resp.status == 400
+    assert (await resp.json())["unknown_fields"] == ["note"]
+
+
+async def test_every_missing_field_is_named_at_once(client: TestClient) -> None:
+    resp = await client.post("/v1/takedowns", json={"scope": "url", "x": 1}, headers=ADMIN)
+    assert resp.status == 400
+    problem = await resp.json()
+    assert problem["missing_fields"] == ["rights_holder", "contact", "targets", "reason"]
+    assert problem["unknown_fields"] == ["x"]
+    for name in problem["missing_fields"]:
+        assert name in problem["error"]
+
+
+async def test_a_body_where_none_is_taken_is_refused(client: TestClient) -> None:
+    resp = await client.post("/v1/policy/reload", json={"dry_run": True}, headers=ADMIN)
+    assert resp.status == 400
+    assert "dry_run" in (await resp.json())["error"]
+    resp = await client.delete("/v1/blocklist/bl-x", data=b"reason=mistake", headers=ADMIN)
+    assert resp.status == 400
+    assert (await client.post("/v1/policy/reload", headers=ADMIN)).status == 200
+    assert (await client.post("/v1/policy/reload", json={}, headers=ADMIN)).status == 200
+
+
+async def test_the_openapi_document_says_bodies_are_closed(client: TestClient) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    for path, method in (
+        ("/v1/takedowns", "post"),
+        ("/v1/blocklist", "post"),
+        ("/v1/takedowns/{id}/confirmations", "post"),
+    ):
+        body = document["paths"][path][method]["requestBody"]
+        assert body["content"]["application/json"]["schema"]["additionalProperties"] is False

@@ -60,6 +60,10 @@ def takedown_body(scope: str, *targets: str) -> dict[str, Any]:
     }
 
 
+def block_body(scope: str, *targets: str) -> dict[str, Any]:
+    return {"scope": scope, "targets": list(targets), "reason": "tos", "source": "their terms"}
+
+
 def poll_until(gw: Gateway, url: str, status: int, started: float, limit: float = 10.0):
     """curl `url` through `gw` until it answers `status`; returns (result, seconds since
     `started`)."""
@@ -372,7 +376,7 @@ def test_a_malformed_target_is_refused_with_a_400_naming_it_and_nothing_is_filed
         for target in MALFORMED_TARGETS:
             for path, body in (
                 ("/v1/takedowns", takedown_body("url", target)),
-                ("/v1/blocklist", {**takedown_body("prefix", target), "source": "their terms"}),
+                ("/v1/blocklist", block_body("prefix", target)),
             ):
                 status, answer = gw.admin_request("POST", path, ADMIN_TOKEN, body)
                 assert status == 400, (path, target, answer)

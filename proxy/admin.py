@@ -82,7 +82,8 @@ def _names(names: list[str]) -> str:
 
 
 def check_query(request: web.Request, accepted: tuple[str, ...]) -> web.Response | None:
-    """None when every query parameter is one the endpoint takes, given once; else the 400.
+    """None when every query parameter is one the endpoint takes, given once and not empty;
+    else the 400.
 
     A misspelt filter (`?tema=b` for `?team=b`) would otherwise be ignored and the answer be
     everything, unfiltered: an auditor would draw conclusions from the wrong data.
@@ -96,6 +97,15 @@ def check_query(request: web.Request, accepted: tuple[str, ...]) -> web.Response
             400,
             f"unknown query parameter{plural} {_names(unknown)}: this endpoint takes {takes}",
             unknown_parameters=unknown,
+            accepted_parameters=list(accepted),
+        )
+    empty = [k for k in dict.fromkeys(query) if not query[k].strip()]
+    if empty:
+        # `?team=$TEAM` with TEAM unset would be no filter at all: every team's records.
+        return problem(
+            400,
+            f"query parameter given empty: {_names(empty)}; give a value or leave it out",
+            empty_parameters=empty,
             accepted_parameters=list(accepted),
         )
     repeated = [k for k in dict.fromkeys(query) if len(query.getall(k)) > 1]
@@ -338,7 +348,7 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
             )
         if r.parameters:
             op["parameters"] = list(r.parameters)
-        strict = "an unknown query parameter, or one given twice"
+        strict = "an unknown query parameter, or one given empty or twice"
         if r.method != "GET":
             strict += "; a body field missing or unknown (all named), or a body where none is taken"
         said = r.responses.get("400")

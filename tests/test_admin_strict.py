@@ -193,3 +193,22 @@ async def test_the_openapi_document_says_bodies_are_closed(client: TestClient) -
     ):
         body = document["paths"][path][method]["requestBody"]
         assert body["content"]["application/json"]["schema"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/fetches?team=",
+        "/v1/fetches?since=&team=team-b",
+        "/v1/reports/sites?until=",
+        "/v1/budgets?site=",
+    ],
+)
+async def test_an_empty_parameter_is_refused_not_taken_as_no_filter(
+    client: TestClient, path: str
+) -> None:
+    # `?team=$TEAM` with TEAM unset returned every team's records, unfiltered.
+    resp = await client.get(path, headers=AUDITOR)
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["empty_parameters"] == [path.split("?")[1].split("=")[0]]

@@ -131,8 +131,10 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     if _BODY in request:
         return request[_BODY]
     try:
-        parsed = await request.json()
+        parsed = await request.json(loads=_loads)
         unicode = _is_unicode(parsed)
+    except _Repeated as e:
+        raise BadBody(f"field given more than once: {e.args[0]!r}; give each once") from e
     except ValueError as e:
         raise BadBody("the body must be a JSON object") from e
     except RecursionError as e:  # (arrays nested tens of thousands deep)
@@ -145,6 +147,23 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise BadBody("the body has a string that is not valid Unicode")
     request[_BODY] = parsed
     return parsed
+
+
+class _Repeated(Exception):
+    """A JSON object with a key twice: parsers differ on which one counts."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Repeated(key)
+        out[key] = value
+    return out
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique)
 
 
 def _is_unicode(value: Any) -> bool:

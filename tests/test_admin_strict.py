@@ -212,3 +212,15 @@ async def test_an_empty_parameter_is_refused_not_taken_as_no_filter(
     assert resp.status == 400
     body = await resp.json()
     assert body["empty_parameters"] == [path.split("?")[1].split("=")[0]]
+
+
+async def test_a_field_given_twice_is_refused(runtime: Runtime, client: TestClient) -> None:
+    # JSON parsers keep the last of two equal keys, others the first: which reason was filed?
+    body = (
+        b'{"rights_holder": "R", "contact": "c@r.example", "scope": "domain",'
+        b' "targets": ["a.example"], "reason": "copyright", "reason": "mistake"}'
+    )
+    resp = await client.post("/v1/takedowns", data=body, headers=ADMIN)
+    assert resp.status == 400
+    assert "reason" in (await resp.json())["error"]
+    assert runtime.takedowns.state.takedowns == {}

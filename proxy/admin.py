@@ -232,6 +232,10 @@ async def check_body(request: web.Request, route: Route) -> web.Response | None:
 
 def guarded(route: Route) -> Handler:
     accepted = query_names(route)
+    # A public endpoint that takes no parameter answers the same whatever the query: probes
+    # and scrapers of /healthz, /readyz and /metrics may add one (a cache-buster, Prometheus's
+    # `params:`), and a 400 there would read as the gateway down.
+    strict = bool(route.roles or accepted)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         denied = authorize(request, route.roles)
@@ -239,7 +243,7 @@ def guarded(route: Route) -> Handler:
             if denied.status == 401 and request.headers.get("Authorization"):
                 return await _wrong_token(request, denied)
             return denied
-        if (refused := check_query(request, accepted)) is not None:
+        if strict and (refused := check_query(request, accepted)) is not None:
             return refused
         if route.method != "GET" and (refused := await check_body(request, route)) is not None:
             return refused
@@ -431,9 +435,7 @@ def make_app(runtime: Runtime, extra_routes: list[Route] | None = None) -> web.A
     document = openapi(routes)
 
     async def openapi_json(request: web.Request) -> web.Response:
-        if (refused := check_query(request, ())) is not None:
-            return refused
-        return web.json_response(document)
+        return web.json_response(document)  # (public, no parameter: any query, as /healthz)
 
     app.router.add_get("/openapi.json", openapi_json)
     return app

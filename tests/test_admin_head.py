@@ -7,31 +7,17 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
-from aiohttp.test_utils import TestServer
 
-from proxy.admin import make_app
-from proxy.app import ADMIN_ROUTES
-from proxy.runtime import Runtime
-from proxy.runtime import Settings
+from tests.runtime_fixtures import admin_client
+from tests.runtime_fixtures import running
 from tests.support import AUDITOR_TOKEN
 from tests.support import base_policy
-from tests.support import write_policy
 
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
-    settings = Settings(
-        policy_file=write_policy(tmp_path / "policy.yaml", base_policy()),
-        data_dir=tmp_path / "data",
-        replica_id="gw-head",
-    )
-    rt = Runtime.from_settings(settings)
-    await rt.start()
-    try:
-        async with TestClient(TestServer(make_app(rt, ADMIN_ROUTES))) as c:
-            yield c
-    finally:
-        await rt.stop()
+    async with running(tmp_path, base_policy(), "gw-head") as rt, admin_client(rt) as c:
+        yield c
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz", "/policy", "/openapi.json"])

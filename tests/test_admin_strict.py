@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
-from aiohttp.test_utils import TestServer
 
-from proxy.admin import make_app
-from proxy.app import ADMIN_ROUTES
 from proxy.runtime import Runtime
-from proxy.runtime import Settings
+from tests.runtime_fixtures import admin_client
+from tests.runtime_fixtures import running
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import base_policy
-from tests.support import write_policy
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
@@ -35,22 +32,13 @@ BLOCK = {"scope": "domain", "targets": ["a.example"], "reason": "r", "source": "
 
 @pytest.fixture
 async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    settings = Settings(
-        policy_file=write_policy(tmp_path / "policy.yaml", base_policy()),
-        data_dir=tmp_path / "data",
-        replica_id="gw-strict",
-    )
-    rt = Runtime.from_settings(settings)
-    await rt.start()
-    try:
+    async with running(tmp_path, base_policy(), "gw-strict") as rt:
         yield rt
-    finally:
-        await rt.stop()
 
 
 @pytest.fixture
 async def client(runtime: Runtime) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(make_app(runtime, ADMIN_ROUTES))) as c:
+    async with admin_client(runtime) as c:
         yield c
 
 

@@ -17,6 +17,8 @@ from proxy.app import ADMIN_ROUTES
 from proxy.runtime import Runtime
 from proxy.runtime import Settings
 from proxy.takedowns import Actor
+from tests.runtime_fixtures import admin_client
+from tests.runtime_fixtures import running
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import OTHER_TEAM
@@ -92,22 +94,13 @@ def assert_no_secrets(text: str) -> None:
 
 @pytest.fixture
 async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    settings = Settings(
-        policy_file=write_policy(tmp_path / "policy.yaml", page_policy()),
-        data_dir=tmp_path / "data",
-        replica_id="gw-page",
-    )
-    rt = Runtime.from_settings(settings)
-    await rt.start()
-    try:
+    async with running(tmp_path, page_policy(), "gw-page") as rt:
         yield rt
-    finally:
-        await rt.stop()
 
 
 @pytest.fixture
 async def client(runtime: Runtime) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(make_app(runtime, ADMIN_ROUTES))) as c:
+    async with admin_client(runtime) as c:
         yield c
 
 

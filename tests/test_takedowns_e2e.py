@@ -64,6 +64,15 @@ def block_body(scope: str, *targets: str) -> dict[str, Any]:
     return {"scope": scope, "targets": list(targets), "reason": "tos", "source": "their terms"}
 
 
+def shared_fleet(workdir: Path, redis_server: RedisServer, dsn: str) -> tuple[dict, list[str]]:
+    """A policy with a signing key (a PostgreSQL log needs one) and the arguments that share
+    Redis and the log."""
+    private = workdir / "audit.key"
+    cli("keys", "generate", "--private", private, "--public", workdir / "audit.pub")
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    return policy, ["--redis-url", redis_server.url, "--audit-dsn", dsn]
+
+
 def poll_until(gw: Gateway, url: str, status: int, started: float, limit: float = 10.0):
     """curl `url` through `gw` until it answers `status`; returns (result, seconds since
     `started`)."""
@@ -199,10 +208,7 @@ def test_takedowns_lost_from_redis_and_every_data_dir_come_back_from_the_fetch_l
     # replicas started again on empty data dirs (the chart's default emptyDir): the takedown
     # was gone, the URL fetched with 200, nothing logged (auditor probe). The fetch log in
     # PostgreSQL records every change.
-    private = workdir / "audit.key"
-    cli("keys", "generate", "--private", private, "--public", workdir / "audit.pub")
-    policy = policy_with(audit={"signing_key_file": str(private)})
-    shared = ["--redis-url", own_redis.url, "--audit-dsn", pg_dsn]
+    policy, shared = shared_fleet(workdir, own_redis, pg_dsn)
     url = site.url("old.test", "/a.jpg")
     with Gateway(workdir, policy, name="gw1", extra_args=shared) as gw1:
         status, filed = gw1.admin_request(
@@ -308,10 +314,7 @@ def test_a_fetch_a_replica_forwarded_while_the_takedown_was_reaching_it_is_in_th
     # Filed, but not yet announced (no version change, no message): each replica still enforces
     # what it had, as a replica does for up to a second, or longer when it missed the message.
     # What it forwarded meanwhile reached the site: its team must be told to delete it.
-    private = workdir / "audit.key"
-    cli("keys", "generate", "--private", private, "--public", workdir / "audit.pub")
-    policy = policy_with(audit={"signing_key_file": str(private)})
-    shared = ["--redis-url", own_redis.url, "--audit-dsn", pg_dsn]
+    policy, shared = shared_fleet(workdir, own_redis, pg_dsn)
     url = site.url("site-a.test", "/gallery/cat.jpg")
     with (
         Gateway(workdir, policy, name="gw1", extra_args=shared) as gw1,

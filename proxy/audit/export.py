@@ -452,10 +452,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         # Every record redacted: a host given where the site is named by its policy rule id,
         # or a typo, looks like an export of a log with nothing of it (legal probe).
         named = ", ".join(f"{k}={v}" for k, v in filters.items())
+        how = (
+            " A record's site is the policy rule id that matched its host (its host where none"
+            " did): `crawlwarden report` lists the sites in the log."
+            if "site" in filters
+            else ""
+        )
         print(
             f"crawlwarden audit export: no record matched {named}; all {count.redacted} are "
-            "redacted. A record's site is the policy rule id that matched its host (its host "
-            "where none did): `crawlwarden report` lists the sites in the log",
+            f"redacted.{how}",
             file=sys.stderr,
         )
     return 0

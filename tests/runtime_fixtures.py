@@ -15,7 +15,13 @@ from proxy.admin import make_app
 from proxy.app import ADMIN_ROUTES
 from proxy.runtime import Runtime
 from proxy.runtime import Settings
+from tests.support import ADMIN_TOKEN
+from tests.support import AUDITOR_TOKEN
 from tests.support import write_policy
+
+# the admin API's two roles, as request headers
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
 
 
 @contextlib.asynccontextmanager

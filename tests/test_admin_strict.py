@@ -12,14 +12,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.runtime import Runtime
+from tests.runtime_fixtures import ADMIN
+from tests.runtime_fixtures import AUDITOR
 from tests.runtime_fixtures import admin_client
 from tests.runtime_fixtures import running
-from tests.support import ADMIN_TOKEN
-from tests.support import AUDITOR_TOKEN
 from tests.support import base_policy
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
 TAKEDOWN = {
     "rights_holder": "Example Pictures Ltd",
     "contact": "legal@pictures.example",

@@ -37,15 +37,16 @@ from proxy.takedowns import covers
 from proxy.takedowns import expand_schemes
 from proxy.takedowns import normalize_target
 from proxy.takedowns_api import describe
+from tests.runtime_fixtures import ADMIN
+from tests.runtime_fixtures import AUDITOR
+from tests.runtime_fixtures import admin_client
+from tests.runtime_fixtures import running
 from tests.support import ADMIN_TOKEN
-from tests.support import AUDITOR_TOKEN
 from tests.support import base_policy
 from tests.support import sha256_hex
 from tests.support import write_policy
 from tests.test_audit_support import fetch
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
 TAKEDOWN = {
     "rights_holder": "Example Pictures Ltd",
     "contact": "legal@pictures.example",
@@ -231,17 +232,13 @@ def _settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    rt = Runtime.from_settings(_settings(tmp_path))
-    await rt.start()
-    try:
+    async with running(tmp_path, base_policy(), "gw-td") as rt:  # (as _settings says)
         yield rt
-    finally:
-        await rt.stop()
 
 
 @pytest.fixture
 async def client(runtime: Runtime) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(make_app(runtime, ADMIN_ROUTES))) as c:
+    async with admin_client(runtime) as c:
         yield c
 
 

@@ -60,7 +60,7 @@ def _state(gw: Gateway) -> dict:
     # The report waits for the fetch log to be stored (a bare export does not: an event still
     # in the spool, one of the gateway's start say, was counted after and not before, and the
     # no-token test failed once under load: fix-admin helper).
-    status, _ = gw.admin_request("GET", "/v1/reports/sites?format=json", token=ADMIN_TOKEN)
+    status, _ = gw.admin_request("GET", "/v1/reports/sites?format=json", token=AUDITOR_TOKEN)
     assert status == 200
     events = [r for r in gw.export() if r.get("kind") not in (None, "fetch", "gateway_fetch")]
     return {"takedowns": takedowns, "blocklist": blocks, "events": len(events)}

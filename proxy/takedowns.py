@@ -473,6 +473,7 @@ class TakedownRegistry:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.error("takedowns_state_unreadable", path=str(self.path), error=repr(e))
             local = BlockState()
+            had_file = False  # (a file that does not read is lost as much as one not there)
         self._apply(local)
         if self.redis is None:
             if not had_file:

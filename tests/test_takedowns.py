@@ -370,6 +370,17 @@ async def test_takedowns_lost_with_their_file_are_read_back_from_the_fetch_log(t
     finally:
         await third.stop()
 
+    # a file that does not read is as lost as one that is not there
+    (settings.data_dir / STATE_FILE).write_text("{not json")
+    fourth = Runtime.from_settings(settings)
+    await fourth.start()
+    try:
+        assert fourth.takedowns.restored is not None
+        await fourth.takedowns.restored
+        assert _decision(fourth, "https://img.pictures.example/a.jpg") is Reason.TAKEDOWN
+    finally:
+        await fourth.stop()
+
 
 def test_the_history_keeps_a_removal_and_passes_over_what_does_not_read() -> None:
     from proxy.takedowns_history import restore

@@ -71,25 +71,19 @@ def _address_text(value: Any) -> Any:
     return value
 
 
-def _network_text(value: Any) -> Any:
-    """A CIDR, checked here so that a wrong one is one error saying why ("has host bits
-    set"), not one per member of the IPv4 | IPv6 union."""
-    _address_text(value)
-    try:
-        ipaddress.ip_network(value)
-    except ValueError as e:
-        raise ValueError(f"{e}: write a network, e.g. '10.0.0.0/8' or 'fd00::/8'") from None
-    return value
+def _ip_text(parse: Callable[[str], Any], example: str) -> Callable[[Any], Any]:
+    """A validator of an address or network given as text, checked here so that a wrong one is
+    one error saying why ("has host bits set"), not one per member of the IPv4 | IPv6 union."""
 
+    def check(value: Any) -> Any:
+        _address_text(value)
+        try:
+            parse(value)
+        except ValueError as e:
+            raise ValueError(f"{e}: write {example}") from None
+        return value
 
-def _address_only_text(value: Any) -> Any:
-    """An address, checked here for the same reason as `_network_text`."""
-    _address_text(value)
-    try:
-        ipaddress.ip_address(value)
-    except ValueError as e:
-        raise ValueError(f"{e}: write an address, e.g. '192.0.2.7' or '2001:db8::7'") from None
-    return value
+    return check
 
 
 def _timeout(value: str | int | float) -> str | int | float:
@@ -193,10 +187,14 @@ def _spool_limit(value: str | int) -> str | int:
 
 SpoolLimitText = Annotated[SizeText, AfterValidator(_spool_limit)]
 NetworkText = Annotated[
-    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network_text)
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    BeforeValidator(_ip_text(ipaddress.ip_network, "a network, e.g. '10.0.0.0/8' or 'fd00::/8'")),
 ]
 AddressText = Annotated[
-    ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_address_only_text)
+    ipaddress.IPv4Address | ipaddress.IPv6Address,
+    BeforeValidator(
+        _ip_text(ipaddress.ip_address, "an address, e.g. '192.0.2.7' or '2001:db8::7'")
+    ),
 ]
 HostPattern = Annotated[str, AfterValidator(_host_pattern)]
 SitePattern = Annotated[str, AfterValidator(_host_pattern), AfterValidator(_site_pattern)]
@@ -859,7 +857,7 @@ def _idle_patterns(rule: SiteRule, network: Network) -> list[tuple[int, str]]:
 def _errors(
     exc: ValidationError,
     lines: dict[tuple[Any, ...], int],
-    booleans: dict[tuple[Any, ...], str] | None = None,
+    booleans: dict[tuple[Any, ...], str],
 ) -> list[PolicyError]:
     # A value that fits no member of a union gets an error per member, at one place: they are
     # one mistake, so one line ("Input should be a valid string, integer or number").
@@ -875,8 +873,8 @@ def _errors(
         elif err["type"] == "missing":
             message = "required, and missing"
             missing.add(loc)
-        elif isinstance(err["input"], bool) and loc in (booleans or {}):
-            message = _as_written(message, err["input"], (booleans or {})[loc])
+        elif isinstance(err["input"], bool) and loc in booleans:
+            message = _as_written(message, err["input"], booleans[loc])
         messages = by_place.setdefault((loc, None if len(loc) < len(err["loc"]) else n), [])
         if message not in messages:
             messages.append(message)

@@ -46,10 +46,10 @@ class DistinctCount:
 
 
 def _unique(ordered: Iterable[int]) -> array[int]:
-    return array("q", _skip_repeats(iter(ordered)))
+    return array("q", _skip_repeats(ordered))
 
 
-def _skip_repeats(ordered: Iterator[int]) -> Iterator[int]:
+def _skip_repeats(ordered: Iterable[int]) -> Iterator[int]:
     last = None
     for value in ordered:
         if value != last:

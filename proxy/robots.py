@@ -138,7 +138,6 @@ class RobotsRules:
         self.crawl_delay = crawl_delay
         self.content_usage = content_usage
         self._access = AccessRules(access)
-        self.size = len(access) + len(content_usage)  # rules parsed
         self._usage_chars = sum(rule.pattern.length for rule in content_usage)
         # what the parsed rules take in memory, on the safe side (the parsed files' bound)
         self.held_bytes = self._access.held_bytes + sum(

@@ -1,7 +1,8 @@
 """The admin API (aiohttp, on --admin): health, metrics, policy reload and, for auditors, records.
 
 Public: /healthz, /readyz, /metrics, /openapi.json. Everything under /v1 needs a bearer token
-whose role (from the policy's admin_tokens) the endpoint admits. An auditor can read, never change.
+whose role (from the policy's admin_tokens) the endpoint admits, or, where a team may read (its
+own usage, the sites' budgets), the team's proxy credentials. An auditor can read, never change.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from proxy.runtime import Runtime
 type Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME = web.AppKey("runtime", Runtime)
+# A scraper team's role: what it may read of its own (GET /v1/usage) and the sites' budgets.
+TEAM = "team"
 # Wrong bearer tokens are answered later the more an address has sent (the proxy port's rule:
 # proxy/auth_throttle.py), so guessing one is not cheap either.
 TOKEN_GUESSES = web.AppKey("token_guesses", AuthThrottle)
@@ -57,15 +60,32 @@ def problem(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+# The team a request's proxy credentials named (role TEAM), for the endpoints a team may read.
+CALLER_TEAM = web.RequestKey("caller_team", str)
+
+
 def authorize(request: web.Request, roles: tuple[str, ...]) -> web.Response | None:
-    """None when the caller may proceed, else the 401/403 answer."""
+    """None when the caller may proceed, else the 401/403 answer.
+
+    Admins and auditors send a bearer token of the policy's admin_tokens; a team sends its
+    proxy credentials (`Basic team:token`, what `curl -u` sends), role TEAM.
+    """
     if not roles:
         return None
     rt = request.app[RUNTIME]
-    role = rt.compiled.admins.role_of(request.headers.get("Authorization"))
+    authorization = request.headers.get("Authorization")
+    role = rt.compiled.admins.role_of(authorization)
+    if role is None and (caller := rt.compiled.teams.authenticate(authorization)) is not None:
+        role = TEAM
+        request[CALLER_TEAM] = caller.identity.team
     if role is None:
-        resp = problem(401, "send Authorization: Bearer <token> of an admin or auditor")
+        resp = problem(
+            401,
+            "send Authorization: Bearer <token> of an admin or auditor, or a team's proxy "
+            "credentials as Basic <team>:<token> (curl -u) for what a team may read",
+        )
         resp.headers["WWW-Authenticate"] = 'Bearer realm="crawlwarden-admin"'
+        resp.headers.add("WWW-Authenticate", 'Basic realm="crawlwarden-admin"')
         return resp
     if role not in roles:
         return problem(403, f"the {role} role may not do this; it needs: {', '.join(roles)}")
@@ -344,7 +364,7 @@ ROUTES: list[Route] = [
         "GET",
         "/v1/budgets",
         budgets,
-        ("auditor", "admin"),
+        ("auditor", "admin", TEAM),
         "A site's budgets: limit, used and remaining for each",
         {"200": "usage per budget", "400": "no site named"},
         parameters=(
@@ -362,7 +382,10 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
             "responses": {code: {"description": text} for code, text in r.responses.items()},
         }
         if r.roles:
-            op["security"] = [{"bearer": []}]
+            schemes = ["bearer"] if any(role != TEAM for role in r.roles) else []
+            if TEAM in r.roles:
+                schemes.append("basic")
+            op["security"] = [{scheme: []} for scheme in schemes]
             op["description"] = "Roles: " + ", ".join(r.roles)
             op["responses"].setdefault("401", {"description": "missing or unknown token"})
             op["responses"].setdefault("403", {"description": "role not allowed"})
@@ -387,7 +410,13 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {"title": "crawlwarden admin API", "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                # a team's proxy credentials (team:token), where the role team may read
+                "basic": {"type": "http", "scheme": "basic"},
+            }
+        },
         "paths": paths,
     }
 

@@ -39,11 +39,18 @@ from proxy.runtime import FetchLogUnavailable
 from proxy.runtime import Runtime
 from proxy.runtime import Settings
 from proxy.takedowns_api import ROUTES as TAKEDOWN_ROUTES
+from proxy.usage_api import ROUTES as USAGE_ROUTES
 
 log = structlog.get_logger("crawlwarden")
 
 # The admin API's routes beyond proxy/admin.py's own.
-ADMIN_ROUTES = [*AUDIT_ROUTES, *TAKEDOWN_ROUTES, *REPORT_ROUTES, *POLICY_PAGE_ROUTES]
+ADMIN_ROUTES = [
+    *AUDIT_ROUTES,
+    *TAKEDOWN_ROUTES,
+    *REPORT_ROUTES,
+    *USAGE_ROUTES,
+    *POLICY_PAGE_ROUTES,
+]
 # How long an admin API connection may go without a whole request (idle, or a head sent a
 # line at a time) before it is closed.
 ADMIN_IDLE_SECONDS = 10.0

@@ -187,7 +187,7 @@ class Tally:
         if kind == UNAUTHENTICATED_REFUSALS:
             self.without_site += _counted(rec)
             return
-        if kind not in RECORD_KINDS or _tunnel_to_nowhere(rec):
+        if kind not in RECORD_KINDS or tunnel_to_nowhere(rec):
             return
         ts = rec["ts"]
         self.first_ts = ts if self.first_ts is None or ts < self.first_ts else self.first_ts
@@ -199,7 +199,7 @@ class Tally:
         self.sites[site].add(rec)
 
 
-def _tunnel_to_nowhere(rec: dict[str, Any]) -> bool:
+def tunnel_to_nowhere(rec: dict[str, Any]) -> bool:
     """A refused CONNECT the gateway answered 200: a tunnel opened to nowhere, each request in
     it refused and recorded on its own (an HTTPS fetch would count twice)."""
     return (

@@ -2,9 +2,9 @@
 against a real gateway process.
 
 Without a token (or with a wrong one) every operation that declares a role is refused with 401,
-an auditor's token never gets a write through, and afterwards nothing has changed: no takedown,
-no blocklist entry, no event in the fetch log. With the admin token no generated request, however
-odd, gets a 5xx.
+an auditor's token or a team's credentials never get a write through, and afterwards nothing has
+changed: no takedown, no blocklist entry, no event in the fetch log. With the admin token or a
+team's credentials no generated request, however odd, gets a 5xx.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from schemathesis import GenerationMode
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
 from tests.support import Gateway
 from tests.support import Site
+from tests.support import basic
 from tests.support import policy_with
 
 EXAMPLES = settings(
@@ -38,6 +41,8 @@ EXAMPLES = settings(
     derandomize=True,
 )
 WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+# a team's proxy credentials: what it may read of the admin API (its usage, the budgets)
+TEAM_CREDENTIALS = basic(TEAM, TEAM_TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +150,10 @@ def test_without_the_right_token_nothing_is_done(admin_gateway: Gateway) -> None
             else:
                 assert case.method.upper() not in WRITES
         if case.method.upper() in WRITES:
-            # An auditor reads; it never writes.
-            response = send(admin_gateway, case, f"Bearer {AUDITOR_TOKEN}")
-            assert response.status_code == 403, response.text
+            # An auditor reads, a team reads its own usage; neither ever writes.
+            for reader in (f"Bearer {AUDITOR_TOKEN}", TEAM_CREDENTIALS):
+                response = send(admin_gateway, case, reader)
+                assert response.status_code == 403, response.text
 
     for operation in operations(admin_gateway):
         run_generated(operation, check)
@@ -156,8 +162,9 @@ def test_without_the_right_token_nothing_is_done(admin_gateway: Gateway) -> None
 
 def test_no_request_makes_the_admin_api_fail(admin_gateway: Gateway) -> None:
     def check(case: schemathesis.Case) -> None:
-        response = send(admin_gateway, case, f"Bearer {ADMIN_TOKEN}")
-        assert response.status_code < 500, (case.as_curl_command(), response.text)
+        for authorization in (f"Bearer {ADMIN_TOKEN}", TEAM_CREDENTIALS):
+            response = send(admin_gateway, case, authorization)
+            assert response.status_code < 500, (case.as_curl_command(), response.text)
 
     for operation in operations(admin_gateway):
         run_generated(operation, check)

@@ -474,6 +474,9 @@ def test_ha_values(chart_with_dashboards: Path):
     ]
     assert by_label == {"namespaceSelector": {"matchLabels": {"crawl": "yes"}}}
     assert admin_rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    assert "monitoring" in json.dumps(admin_rule["from"]) and "scrapers" not in json.dumps(
+        admin_rule["from"]
+    )
 
     # In each locked-down namespace: egress only to the gateway pods' proxy port and to DNS.
     lockdowns = [
@@ -501,6 +504,22 @@ def test_ha_values(chart_with_dashboards: Path):
     for cm in published:
         assert cm["data"] == {"ca.crt": ca["tls.crt"]}
         assert "PRIVATE KEY" not in json.dumps(cm)
+
+
+def test_scraper_namespaces_may_reach_the_admin_port_to_read_their_usage():
+    values = {**HA, "networkPolicy": {**HA["networkPolicy"], "scrapersReadUsage": True}}
+    objects = render(values)
+    proxy_rule, admin_rule = one(objects, "NetworkPolicy", FULLNAME)["spec"]["ingress"]
+    ports = [{"port": 8080, "protocol": "TCP"}, {"port": 9090, "protocol": "TCP"}]
+    assert proxy_rule["ports"] == ports  # the scraper namespaces' peers, both ports
+    assert "scrapers" not in json.dumps(admin_rule["from"])
+    lockdowns = [
+        o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] != FULLNAME
+    ]
+    assert len(lockdowns) == 2
+    for lockdown in lockdowns:
+        to_gateway, _ = lockdown["spec"]["egress"]
+        assert to_gateway["ports"] == ports
 
 
 def test_the_service_monitor_scrapes_each_pod_once_with_a_statefulset_too():

@@ -1,0 +1,75 @@
+"""`GET /v1/usage`: a team's own usage (proxy/usage.py), to the team, from the admin API."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from aiohttp import web
+
+from proxy.admin import CALLER_TEAM
+from proxy.admin import RUNTIME
+from proxy.admin import TEAM
+from proxy.admin import Route
+from proxy.admin import problem
+from proxy.admin import query_param
+from proxy.audit.query import RecordQuery
+from proxy.audit.query import parse_time
+from proxy.audit.schema import SchemaTooNew
+from proxy.record_source import RecordSource
+from proxy.report_api import FLUSH_TIMEOUT
+from proxy.usage import TeamUsage
+
+
+def start_of_today() -> str:
+    """Midnight UTC today, in the records' `ts` form: the day the daily quotas count."""
+    return parse_time(dt.datetime.now(dt.UTC).date().isoformat())
+
+
+async def team_usage(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    q = request.query
+    try:
+        since = parse_time(q["since"]) if q.get("since") else start_of_today()
+        until = parse_time(q["until"]) if q.get("until") else None
+        query = RecordQuery(
+            since=since,
+            until=until,
+            team=request[CALLER_TEAM],
+            site=q.get("site"),
+            project=q.get("project"),
+        )
+    except ValueError as e:
+        return problem(400, str(e))
+    await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
+    usage = TeamUsage(request[CALLER_TEAM])
+    source = RecordSource(rt.settings.data_dir, rt.settings.audit_dsn)
+    try:
+        await source.scan(query, usage.visit)
+    except (OSError, SchemaTooNew) as e:
+        return problem(503, f"the fetch log store cannot be read: {e}")
+    body = usage.figures(since=since, until=until)
+    body["filters"] = {k: v for k, v in (("site", query.site), ("project", query.project)) if v}
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/v1/usage",
+        team_usage,
+        (TEAM,),
+        "The calling team's own requests, per site and project, from the fetch log (today, "
+        "UTC, unless since/until say otherwise); the sites' budgets: /v1/budgets?site=",
+        {
+            "200": "the team's usage (JSON)",
+            "400": "a bad time",
+            "503": "the fetch log store cannot be read",
+        },
+        parameters=(
+            query_param("since", "records from this time on (ISO 8601; default: today 00:00 UTC)"),
+            query_param("until", "records before this time (ISO 8601)"),
+            query_param("site", "only this site (a policy site id or a registrable domain)"),
+            query_param("project", "only this project"),
+        ),
+    ),
+]

@@ -558,6 +558,7 @@ class Gateway:
         credentials = req.headers.get("proxy-authorization")
         # Before _sanitize, which takes out what Connection names: never the framing.
         framing_named = inputs.connection_problem(req.headers.get("connection"))
+        broken_field = inputs.field_problem(req.headers.fields)
         self._sanitize(req)
         if req.method == "OPTIONS":
             state.cors_own_headers = _hide_own_headers(req)
@@ -603,7 +604,12 @@ class Gateway:
         account = inputs.agreed_value(account, "account", caller.account)
         state.project, state.account = project.value, account.value
         problem = (
-            checked.problem or bad_target or framing_named or project.problem or account.problem
+            checked.problem
+            or bad_target
+            or framing_named
+            or broken_field
+            or project.problem
+            or account.problem
         )
         if problem is not None:
             return self._refuse(flow, state, _bad_request(problem), started)
@@ -1407,7 +1413,7 @@ class Gateway:
             field
             for field in fields
             if not (
-                (name := field[0].lower()).startswith(_STRIPPED_PREFIXES)
+                (name := _field_name(field[0])).startswith(_STRIPPED_PREFIXES)
                 or name in _HOP_BY_HOP
                 or name in named
             )
@@ -1739,6 +1745,15 @@ def _field_names(value: str) -> list[str]:
     return [name for item in value.split(",") if (name := item.strip())]
 
 
+def _field_name(name: bytes) -> bytes:
+    """A field name as the gateway compares it: lower case, and `_` read as `-`. CGI and WSGI
+    (PEP 3333), PHP and the servers that feed them name a field HTTP_ + its name upper-cased
+    with `-` as `_`: `X_Forwarded_Host` is `X-Forwarded-Host` to the application (Django's
+    USE_X_FORWARDED_HOST reads it), and is dropped as that one is."""
+    lowered = name.lower()
+    return lowered.replace(b"_", b"-") if b"_" in lowered else lowered
+
+
 def _declared_length(req: http.Request) -> int:
     length = req.headers.get("content-length", "").strip()
     return int(length) if length.isdigit() else 0
@@ -1760,17 +1775,22 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
     another host or path to the site's framework are dropped (`_TARGET_OVERRIDES`)."""
     named = authority(scheme, host, port)
     sent: list[bytes] = []
-    overrides: list[str] = []
+    overridden = False
     for name, value in req.headers.fields:
         if len(name) not in _TARGET_NAME_LENGTHS:
             continue  # (lower-casing every field name costs more than this check)
-        lowered = name.lower()
+        lowered = _field_name(name)
         if lowered == b"host":
             sent.append(value)
         elif lowered in _TARGET_OVERRIDES:
-            overrides.append(lowered.decode())
-    for override in overrides:
-        req.headers.pop(override, None)
+            overridden = True
+    if overridden:  # (by the fields' own names: `X_Original_URL` is not Headers' x-original-url)
+        req.headers.fields = tuple(
+            field
+            for field in req.headers.fields
+            if len(field[0]) not in _TARGET_NAME_LENGTHS
+            or _field_name(field[0]) not in _TARGET_OVERRIDES
+        )
     if req.authority and req.authority != named and (req.is_http2 or req.is_http3):
         # (`site-a.test:1` in a tunnel to site-a.test:443, say: not the port it goes to)
         req.authority = named

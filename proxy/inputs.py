@@ -266,7 +266,9 @@ def other_readings(target: str) -> tuple[str, ...]:
     if "//" in path or _SEPARATOR_SPELLINGS.search(path) is not None:
         paths.append(_SLASH_RUN.sub("/", _SEPARATOR_SPELLINGS.sub("/", path)))
     if ";" in path:
-        paths += [_PATH_PARAMETERS.sub("", p) for p in paths]
+        # (and the "//" that dropping one can leave merged, as Tomcat then does: `/;/private/a`)
+        dropped = [_PATH_PARAMETERS.sub("", p) for p in paths]
+        paths += dropped + [_SLASH_RUN.sub("/", p) for p in dropped if "//" in p]
     queries = [query]
     if "%" in query and (decoded := normalize_escapes(query)) != query:
         queries.append(decoded)
@@ -314,6 +316,27 @@ def connection_problem(value: str | None) -> str | None:
         f"the Connection header names {', '.join(sorted(named))}: a request's framing and host "
         "are not hop-by-hop (RFC 9110 7.6.1)"
     )
+
+
+# CR, LF and NUL in a field (RFC 9110 5.5: "invalid and dangerous"; a recipient must reject the
+# message or replace them with SP). mitmproxy keeps a bare CR inside a value and an obs-fold's
+# line break (RFC 9112 5.2) as part of the value it continues, and sends both on as they came: a
+# site whose parser ends a line at a bare CR (Python's http.server) or reads a folded line as a
+# field of its own reads a `Host`, a `Content-Length` or an `X-Original-URL` the gateway never
+# saw: another site under this one's checks, or a second request inside the first.
+_FIELD_BREAKS = re.compile(rb"[\r\n\x00]")
+
+
+def field_problem(fields: tuple[tuple[bytes, bytes], ...]) -> str | None:
+    """Why a request's header fields are refused (400), if they are: a CR, LF or NUL in one."""
+    for name, value in fields:
+        if _FIELD_BREAKS.search(value) is not None or _FIELD_BREAKS.search(name) is not None:
+            shown = name.decode("latin-1")[:64]
+            return (
+                f"the header field {shown!r} holds a CR, LF or NUL (a bare CR, or a line folded "
+                "onto it: RFC 9110 5.5, RFC 9112 5.2); send each field on one line"
+            )
+    return None
 
 
 def unexpected_body(method: str) -> str | None:

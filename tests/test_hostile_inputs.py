@@ -11,6 +11,7 @@ from proxy.inputs import check_body_framing
 from proxy.inputs import check_host
 from proxy.inputs import check_recorded_value
 from proxy.inputs import csv_cell
+from proxy.inputs import field_problem
 from proxy.inputs import other_readings
 from proxy.inputs import recordable
 from proxy.inputs import target_problem
@@ -232,6 +233,10 @@ def test_a_target_is_read_as_the_site_will(target: str, resolved: str) -> None:
         ("/search?q=%2Fx%3D", ()),  # reserved ones stay escaped
         ("//s?q=%73", ("//s?q=s", "/s?q=%73", "/s?q=s")),
         ("//private;x/a.jpg", ("/private;x/a.jpg", "//private/a.jpg", "/private/a.jpg")),
+        # a parameter on an empty segment: dropped, the "//" it leaves merged (Tomcat does)
+        ("/;/private/a.jpg", ("//private/a.jpg", "/private/a.jpg")),
+        ("/;x/private/a.jpg", ("//private/a.jpg", "/private/a.jpg")),
+        ("/a/;/;/b", ("/a///b", "/a/b")),
     ],
 )
 def test_other_readings_of_a_path(target: str, readings: tuple[str, ...]) -> None:
@@ -269,3 +274,24 @@ def test_what_is_recorded_from_the_wire_has_no_control_character(raw: str, recor
 )
 def test_a_csv_cell_is_never_a_spreadsheet_formula(raw: str, cell: str) -> None:
     assert csv_cell(raw) == cell
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ((b"X-Foo", b"a\rHost: blocked.test"),),  # a bare CR: a line end to http.server
+        ((b"X-Foo", b"a\r\n Transfer-Encoding: chunked"),),  # an obs-fold, as mitmproxy keeps it
+        ((b"Accept", b"*/*"), (b"X-Foo", b"a\x00b")),
+        ((b"X-F\roo", b"a"),),
+    ],
+)
+def test_a_cr_lf_or_nul_in_a_field_is_refused(fields: tuple[tuple[bytes, bytes], ...]) -> None:
+    problem = field_problem(fields)
+    assert problem is not None and "CR, LF or NUL" in problem
+    assert problem.isprintable()  # the field's name shown escaped
+
+
+def test_fields_without_line_breaks_pass() -> None:
+    assert (
+        field_problem(((b"Accept", b"*/*"), (b"X-Tab", b"a\tb"), (b"X-Utf8", "é".encode()))) is None
+    )

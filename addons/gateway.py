@@ -1807,6 +1807,9 @@ def _name_the_checked_host(req: http.Request, scheme: str, host: str, port: int)
 _TARGET_OVERRIDES = frozenset(
     {
         b"x-original-url",
+        b"x-original-uri",  # (nginx's auth_request idiom)
+        b"x-envoy-original-path",
+        b"x-original-host",  # (what ASP.NET Core's forwarded-headers middleware keeps)
         b"x-rewrite-url",
         b"x-forwarded-host",
         b"x-forwarded-server",

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit.query import RecordQuery
+from proxy.audit.usage_query import UsageRows
+from proxy.audit.usage_query import postgres_usage
+from proxy.audit.usage_query import sqlite_usage
 
 SQLITE_NAME = "fetchlog.sqlite3"
 
@@ -63,6 +66,17 @@ class RecordSource:
                 visit(rec)
 
         await asyncio.to_thread(run)
+
+    async def team_usage(self, query: RecordQuery) -> UsageRows:
+        """A team's usage groups, counted by the store (proxy/audit/usage_query.py)."""
+        if self.audit_dsn:
+            return await postgres_usage(self.audit_dsn, query)
+        path = self.sqlite_path
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no fetch log at {path}; pass the gateway's --data-dir or --audit-dsn"
+            )
+        return await asyncio.to_thread(sqlite_usage, path, query)
 
     def chain_reader(self) -> Any:
         """A read-only store for checkpoints (open() it, close() it)."""

@@ -10,6 +10,10 @@ report are for auditors and admins, and a team pacing a crawl had nothing to rea
 - `bytes_received`: the sum of `response_bytes` of the records that reached the site.
 - `last_refusal`: the newest refused record's `ts`, `reason`, `rule`, `status` and `url`.
 
+The fetch-log store counts them (proxy/audit/usage_query.py: a busy team's day is millions of
+records, which a replica reading them one by one spent its CPU on); this module adds its groups
+up.
+
 Sites are keyed by the record's `site` (a policy site id or a registrable domain; `null` for a
 request refused before its site was known). A refused CONNECT answered 200 (a tunnel to
 nowhere, each request in it recorded on its own) is counted once, as its requests, as in the
@@ -23,16 +27,18 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from proxy.audit.usage_query import UsageGroup
+from proxy.audit.usage_query import UsageRows
 from proxy.report import REACHED
-from proxy.report import tunnel_to_nowhere
 
 FORMAT = "crawlwarden-team-usage/1"
 DECISIONS = ("forwarded", "withheld", "refused", "served")
+LAST_REFUSAL_FIELDS = ("ts", "reason", "rule", "status", "url")
 
 
 @dataclass
 class Counts:
-    """Running counts of one team's records in one group (a site, a project, or all)."""
+    """One team's records in one group (a site, a project, or all), added up."""
 
     requests: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
@@ -41,20 +47,20 @@ class Counts:
     bytes_received: int = 0
     last_refusal: dict[str, Any] | None = None
 
-    def add(self, rec: dict[str, Any]) -> None:
-        decision = str(rec.get("decision"))
-        self.requests += 1
-        self.decisions[decision] += 1
-        if decision in REACHED:
-            self.bytes_received += int(rec.get("response_bytes") or 0)
-        if decision == "withheld":
-            self.withheld_by_reason[str(rec.get("reason"))] += 1
-        if decision == "refused":
-            self.refused_by_reason[str(rec.get("reason"))] += 1
-            if self.last_refusal is None or rec["ts"] >= self.last_refusal["ts"]:
-                self.last_refusal = {
-                    name: rec.get(name) for name in ("ts", "reason", "rule", "status", "url")
-                }
+    def add(self, group: UsageGroup) -> None:
+        self.requests += group.requests
+        self.decisions[group.decision] += group.requests
+        if group.decision in REACHED:
+            self.bytes_received += group.bytes_received
+        if group.decision == "withheld":
+            self.withheld_by_reason[str(group.reason)] += group.requests
+        if group.decision == "refused":
+            self.refused_by_reason[str(group.reason)] += group.requests
+
+    def refused(self, rec: dict[str, Any]) -> None:
+        """A newest refusal of a part of this group: kept if it is the newest of the whole."""
+        if self.last_refusal is None or rec["ts"] > self.last_refusal["ts"]:
+            self.last_refusal = {name: rec.get(name) for name in LAST_REFUSAL_FIELDS}
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {"requests": self.requests}
@@ -67,47 +73,35 @@ class Counts:
         return out
 
 
-@dataclass
-class TeamUsage:
-    """One team's records tallied as they stream past (`visit`), then `figures()`."""
-
-    team: str
-    totals: Counts = field(default_factory=Counts)
-    sites: dict[str | None, Counts] = field(default_factory=dict)
-    projects: dict[str | None, Counts] = field(default_factory=dict)
-    first_ts: str | None = None
-    last_ts: str | None = None
-
-    def visit(self, rec: dict[str, Any]) -> None:
-        # (the query selects the team's records; checked again: another team's never counts)
-        if rec.get("team") != self.team or rec.get("kind", "fetch") != "fetch":
-            return
-        if tunnel_to_nowhere(rec):
-            return
-        ts = rec["ts"]
-        self.first_ts = ts if self.first_ts is None or ts < self.first_ts else self.first_ts
-        self.last_ts = ts if self.last_ts is None or ts > self.last_ts else self.last_ts
-        self.totals.add(rec)
-        for groups, key in ((self.sites, rec.get("site")), (self.projects, rec.get("project"))):
-            counts = groups.get(key)
-            if counts is None:
-                counts = groups[key] = Counts()
-            counts.add(rec)
-
-    def figures(self, *, since: str | None, until: str | None) -> dict[str, Any]:
-        return {
-            "usage": FORMAT,
-            "team": self.team,
-            "period": {
-                "since": since,
-                "until": until,
-                "first_record": self.first_ts,
-                "last_record": self.last_ts,
-            },
-            "totals": self.totals.figures(),
-            "sites": _rows("site", self.sites),
-            "projects": _rows("project", self.projects),
-        }
+def team_usage(
+    team: str, rows: UsageRows, *, since: str | None, until: str | None
+) -> dict[str, Any]:
+    """The answer of `GET /v1/usage`: the store's groups added up per site, per project and in
+    all, with each one's newest refusal."""
+    totals = Counts()
+    sites: dict[str | None, Counts] = {}
+    projects: dict[str | None, Counts] = {}
+    for group in rows.groups:
+        totals.add(group)
+        sites.setdefault(group.site, Counts()).add(group)
+        projects.setdefault(group.project, Counts()).add(group)
+    for rec in rows.last_refusals:
+        totals.refused(rec)
+        sites[rec.get("site")].refused(rec)
+        projects[rec.get("project")].refused(rec)
+    return {
+        "usage": FORMAT,
+        "team": team,
+        "period": {
+            "since": since,
+            "until": until,
+            "first_record": min((g.first_ts for g in rows.groups), default=None),
+            "last_record": max((g.last_ts for g in rows.groups), default=None),
+        },
+        "totals": totals.figures(),
+        "sites": _rows("site", sites),
+        "projects": _rows("project", projects),
+    }
 
 
 def _rows(name: str, groups: dict[str | None, Counts]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 
 from aiohttp import web
 
@@ -16,8 +17,9 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
 from proxy.audit.schema import SchemaTooNew
 from proxy.record_source import RecordSource
+from proxy.record_source import read_errors
 from proxy.report_api import FLUSH_TIMEOUT
-from proxy.usage import TeamUsage
+from proxy.usage import team_usage
 
 
 def start_of_today() -> str:
@@ -25,7 +27,7 @@ def start_of_today() -> str:
     return parse_time(dt.datetime.now(dt.UTC).date().isoformat())
 
 
-async def team_usage(request: web.Request) -> web.Response:
+async def usage_endpoint(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     q = request.query
     try:
@@ -41,13 +43,13 @@ async def team_usage(request: web.Request) -> web.Response:
     except ValueError as e:
         return problem(400, str(e))
     await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
-    usage = TeamUsage(request[CALLER_TEAM])
     source = RecordSource(rt.settings.data_dir, rt.settings.audit_dsn)
+    unreadable: tuple[type[BaseException], ...] = (SchemaTooNew, sqlite3.Error, *read_errors())
     try:
-        await source.scan(query, usage.visit)
-    except (OSError, SchemaTooNew) as e:
+        rows = await source.team_usage(query)
+    except unreadable as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
-    body = usage.figures(since=since, until=until)
+    body = team_usage(request[CALLER_TEAM], rows, since=since, until=until)
     body["filters"] = {k: v for k, v in (("site", query.site), ("project", query.project)) if v}
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 
@@ -56,7 +58,7 @@ ROUTES: list[Route] = [
     Route(
         "GET",
         "/v1/usage",
-        team_usage,
+        usage_endpoint,
         (TEAM,),
         "The calling team's own requests, per site and project, from the fetch log (today, "
         "UTC, unless since/until say otherwise); the sites' budgets: /v1/budgets?site=",

@@ -1454,6 +1454,9 @@ def test_a_host_header_cannot_name_another_site_than_the_one_checked(
     # Nor can a field that frameworks behind proxies read as the host or path instead:
     overrides = {
         "X-Original-URL": "/private/a.jpg",
+        "X-Original-URI": "/private/a.jpg",
+        "X-Envoy-Original-Path": "/private/a.jpg",
+        "X-Original-Host": "www.blocked.test",
         "X-Rewrite-URL": "/private/a.jpg",
         "X-Forwarded-Host": "www.blocked.test",
         "X-Forwarded-Server": "www.blocked.test",

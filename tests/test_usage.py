@@ -8,14 +8,25 @@ reach what only auditors and admins may read.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from proxy.usage import TeamUsage
+from proxy.audit.postgres_store import PostgresStore
+from proxy.audit.query import RecordQuery
+from proxy.audit.record import FetchRecord
+from proxy.audit.sqlite_store import SQLiteStore
+from proxy.audit.usage_query import UsageGroup
+from proxy.audit.usage_query import UsageRows
+from proxy.record_source import SQLITE_NAME
+from proxy.record_source import RecordSource
+from proxy.usage import team_usage
+from tests import pg_fixtures
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import OTHER_TEAM
@@ -27,8 +38,13 @@ from tests.support import Gateway
 from tests.support import Site
 from tests.support import curl
 from tests.support import policy_with
+from tests.test_audit_support import TEAMS
+from tests.test_audit_support import fetch
+from tests.test_audit_support import fetch_log
 
 HEADERS = {"X-Crawl-Project": PROJECT}
+pg_admin_dsn = pg_fixtures.pg_admin_dsn
+pg_dsn = pg_fixtures.pg_dsn
 
 
 def usage_policy() -> dict[str, Any]:
@@ -186,36 +202,111 @@ def test_what_a_teams_credentials_open_and_what_they_do_not(traffic) -> None:
     assert "Basic" in offered and "Bearer" in offered
 
 
-def record(ts: int, **fields: Any) -> dict[str, Any]:
-    base = {"kind": "fetch", "team": "a", "site": "s", "project": "p", "method": "GET"}
-    return {**base, "ts": f"2026-01-01T00:00:{ts:02d}Z", "status": 200, **fields}
+def logged_records() -> list[FetchRecord]:
+    """Records of every kind the usage counts or leaves out, over two days and two teams."""
+    day1, day2 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC), dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+    out = []
+    for i in range(60):
+        when = (day1 if i < 20 else day2).timestamp() + i
+        out.append(fetch(i, when, team=TEAMS[i % 2], project=("p1", "p2", None)[i % 3]))
+    at = day2.timestamp() + 100
+    team = TEAMS[0]
+    out += [
+        # a tunnel opened to nowhere: its request inside is recorded and counted on its own
+        fetch(
+            1,
+            at,
+            team=team,
+            method="CONNECT",
+            decision="refused",
+            reason="tos_blocklist",
+            status=200,
+            response_bytes=0,
+        ),
+        fetch(2, at + 1, team=team, decision="refused", reason="tos_blocklist", status=451),
+        fetch(3, at + 2, team=team, decision="withheld", reason="noai_directive", status=451),
+        fetch(4, at + 3, team=team, decision="served", reason="robots_cache", response_bytes=9),
+        fetch(
+            5,
+            at + 4,
+            team=team,
+            site=None,
+            decision="refused",
+            reason="bad_request",
+            status=400,
+            response_bytes=None,
+        ),
+        fetch(6, at + 5, team=team, kind="gateway_fetch", response_bytes=77),
+        fetch(
+            7,
+            at + 6,
+            team=team,
+            decision="refused",
+            reason="rate_limited",
+            status=429,
+            url="https://a.example/newest.jpg",
+        ),
+    ]
+    return out
 
 
-def test_usage_counts_only_the_named_teams_fetches() -> None:
-    usage = TeamUsage("a")
-    usage.visit(record(1, decision="forwarded", response_bytes=10))
-    usage.visit(record(2, team="b", decision="forwarded", response_bytes=99))
-    usage.visit(record(3, kind="gateway_fetch", decision="forwarded", response_bytes=7))
-    # a tunnel opened to nowhere: its request inside is recorded and counted on its own
-    usage.visit(record(4, decision="refused", method="CONNECT", reason="tos_blocklist"))
-    usage.visit(record(5, decision="withheld", reason="noai_directive", response_bytes=3))
-    usage.visit(record(6, decision="refused", reason="rate_limited", url="http://s/x", status=429))
-    figures = usage.figures(since=None, until=None)
-    totals = figures["totals"]
-    assert [totals[k] for k in ("requests", "forwarded", "withheld", "refused")] == [3, 1, 1, 1]
-    assert totals["bytes_received"] == 13 and totals["sent_to_site"] == 2
-    assert totals["withheld_by_reason"] == {"noai_directive": 1}
-    assert totals["last_refusal"]["url"] == "http://s/x"
-    assert figures["period"]["first_record"] == "2026-01-01T00:00:01Z"
+def usage_from_records(records: list[dict[str, Any]], team: str, since: str) -> dict[str, Any]:
+    """What the store's counting must give, counted here from the records themselves."""
+    picked = [r for r in records if r["ts"] >= since]
+    return expected_from_export(picked, team)
+
+
+async def check_the_store_counts_as_the_records_say(source: RecordSource) -> None:
+    records: list[dict[str, Any]] = []
+    await source.scan(RecordQuery(), records.append)
+    for team in TEAMS:
+        for since in ("2026-01-01T00:00:00.000000Z", "2026-01-02T00:00:00.000000Z"):
+            rows = await source.team_usage(RecordQuery(team=team, since=since))
+            answer = team_usage(team, rows, since=since, until=None)
+            expected = usage_from_records(records, team, since)
+            assert as_compared(answer["totals"]) == expected["totals"], (team, since)
+            sites = {s["site"]: as_compared(s) for s in answer["sites"]}
+            assert sites == expected["sites"], (team, since)
+            projects = {p["project"]: as_compared(p) for p in answer["projects"]}
+            assert projects == expected["projects"], (team, since)
+    mine = team_usage(
+        TEAMS[0], await source.team_usage(RecordQuery(team=TEAMS[0])), since=None, until=None
+    )
+    assert [s["site"] for s in mine["sites"]][-1] is None  # the fewest: one request
+    assert mine["totals"]["withheld_by_reason"] == {"noai_directive": 1}
+    assert mine["totals"]["served"] == 1
+    assert mine["totals"]["last_refusal"]["url"] == "https://a.example/newest.jpg"
+    assert mine["period"]["first_record"].startswith("2026-01-01T00:00:00")
+    assert mine["period"]["last_record"].startswith("2026-01-02T00:01:46")
+
+
+async def write(store: Any, tmp_path: Path) -> None:
+    log = fetch_log(store, tmp_path / "spool", "gw-u", None)
+    await log.open()
+    for rec in logged_records():
+        log.append(rec)
+    await log.close()
+
+
+async def test_sqlite_counts_a_teams_usage_as_its_records_say(tmp_path: Path) -> None:
+    await write(SQLiteStore(tmp_path / "data" / SQLITE_NAME), tmp_path)
+    await check_the_store_counts_as_the_records_say(RecordSource(tmp_path / "data"))
+
+
+async def test_postgresql_counts_a_teams_usage_as_its_records_say(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    await write(PostgresStore(pg_dsn), tmp_path)
+    await check_the_store_counts_as_the_records_say(RecordSource(tmp_path, pg_dsn))
 
 
 def test_the_busiest_first_and_on_a_tie_no_site_last() -> None:
-    usage = TeamUsage("a")
-    for site, n in (("quiet", 1), (None, 5), ("busy", 3), ("also-quiet", 1), ("", 1)):
-        for i in range(n):
-            usage.visit(record(i, site=site, decision="refused", reason="rate_limited"))
-    sites = [s["site"] for s in usage.figures(since=None, until=None)["sites"]]
-    assert sites == [None, "busy", "", "also-quiet", "quiet"]
+    groups = [
+        UsageGroup(site, "p", "refused", "rate_limited", n, 0, "t", "t")
+        for site, n in (("quiet", 1), (None, 5), ("busy", 3), ("also-quiet", 1), ("", 1))
+    ]
+    answer = team_usage("a", UsageRows(groups, []), since=None, until=None)
+    assert [s["site"] for s in answer["sites"]] == [None, "busy", "", "also-quiet", "quiet"]
 
 
 def test_the_usage_route_is_in_the_api_document() -> None:

@@ -1,0 +1,154 @@
+"""A team's usage (proxy/usage.py) counted by the fetch-log store itself, SQLite or PostgreSQL.
+
+A busy team's day is millions of records; read one by one through a replica (a JSON body each)
+it took that replica's CPU for as long, on its event loop for PostgreSQL, for an endpoint a team
+may well poll. The store groups them instead (the `team, ts` index picks the rows) and hands
+over one row per site, project, decision and reason, and each site and project's newest
+refusal. What is counted is proxy/usage.py's definition: records of kind `fetch`, except a
+refused CONNECT answered 200 (a tunnel opened to nowhere, its requests recorded on their own:
+proxy/report.py's `tunnel_to_nowhere`); bytes are the `response_bytes` of those that reached the
+site (forwarded or withheld).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from typing import NamedTuple
+
+from proxy.audit.query import RecordQuery
+from proxy.audit.query import to_datetime
+
+
+class UsageGroup(NamedTuple):
+    """The records of one site, project, decision and reason."""
+
+    site: str | None
+    project: str | None
+    decision: str
+    reason: str | None
+    requests: int
+    bytes_received: int
+    first_ts: str
+    last_ts: str
+
+
+@dataclass(frozen=True)
+class UsageRows:
+    groups: list[UsageGroup]
+    # The newest refused record of each site and project, whole.
+    last_refusals: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    placeholder: str
+    parsed: str  # the body, parsed once per row (as `j`)
+    text: Callable[[str], str]  # a field of `j` as text
+    number: Callable[[str], str]  # a field of `j` as a number
+    time_param: Callable[[str], Any]
+
+
+_SQLITE = _Dialect(
+    "?", "body", lambda n: f"json_extract(j, '$.{n}')", lambda n: f"json_extract(j, '$.{n}')", str
+)
+_POSTGRES = _Dialect(
+    "$", "body::jsonb", lambda n: f"(j ->> '{n}')", lambda n: f"(j ->> '{n}')::bigint", to_datetime
+)
+
+
+# (S608 below: the SQL texts hold no value; the values are parameters, sql_where's.)
+
+
+def _counted(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
+    """The team's counted records (kind `fetch`, no tunnel to nowhere) as a subquery `r`."""
+    where, params = query.sql_where(dialect.placeholder, dialect.time_param)
+    where = f"{where} AND kind = 'fetch'" if where else "WHERE kind = 'fetch'"
+    sql = (
+        "(SELECT site, project, decision, reason, ts, replica, seq, body, "  # noqa: S608
+        f"{dialect.number('response_bytes')} AS size FROM "
+        f"(SELECT *, {dialect.parsed} AS j FROM fetch_records {where}) AS q "
+        f"WHERE NOT (decision = 'refused' AND coalesce({dialect.text('method')}, '') = 'CONNECT' "
+        f"AND coalesce({dialect.number('status')}, 0) = 200)) AS r"
+    )
+    return sql, params
+
+
+def _groups_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
+    counted, params = _counted(query, dialect)
+    sql = (
+        "SELECT site, project, decision, reason, count(*), "  # noqa: S608
+        "coalesce(sum(CASE WHEN decision IN ('forwarded', 'withheld') THEN size END), 0), "
+        f"min(ts), max(ts) FROM {counted} GROUP BY site, project, decision, reason"
+    )
+    return sql, params
+
+
+def _last_refusals_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
+    counted, params = _counted(query, dialect)
+    if dialect is _POSTGRES:
+        sql = (
+            f"SELECT DISTINCT ON (site, project) body FROM {counted} "  # noqa: S608
+            "WHERE decision = 'refused' "
+            "ORDER BY site, project, ts DESC, replica DESC, seq DESC"
+        )
+    else:
+        # SQLite: with max(), the other columns are those of the row that has it.
+        sql = (
+            f"SELECT body, max(ts) FROM {counted} WHERE decision = 'refused' GROUP BY site, project"  # noqa: S608
+        )
+    return sql, params
+
+
+def _ts(value: Any) -> str:
+    """A `ts` as the records write it (PostgreSQL hands over a datetime)."""
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return str(value)
+
+
+def _group(row: Any) -> UsageGroup:
+    site, project, decision, reason, requests, size, first, last = tuple(row)
+    return UsageGroup(
+        site, project, decision, reason, int(requests), int(size), _ts(first), _ts(last)
+    )
+
+
+def sqlite_usage(path: Path, query: RecordQuery) -> UsageRows:
+    """From a SQLite fetch log (blocking: run it in a worker thread)."""
+    from proxy.audit.sqlite_store import connect
+    from proxy.audit.sqlite_store import read_schema
+
+    conn = connect(path, readonly=True)
+    try:
+        if not read_schema(conn).has("fetch_records"):
+            return UsageRows([], [])
+        sql, params = _groups_sql(query, _SQLITE)
+        groups = [_group(row) for row in conn.execute(sql, params)]
+        sql, params = _last_refusals_sql(query, _SQLITE)
+        last = [json.loads(body) for body, _ in conn.execute(sql, params)]
+        return UsageRows(groups, last)
+    finally:
+        conn.close()
+
+
+async def postgres_usage(dsn: str, query: RecordQuery) -> UsageRows:
+    import asyncpg
+
+    from proxy.audit.postgres_store import read_schema
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not (await read_schema(conn)).has("fetch_records"):
+            return UsageRows([], [])
+        sql, params = _groups_sql(query, _POSTGRES)
+        groups = [_group(row) for row in await conn.fetch(sql, *params)]
+        sql, params = _last_refusals_sql(query, _POSTGRES)
+        last = [json.loads(row["body"]) for row in await conn.fetch(sql, *params)]
+        return UsageRows(groups, last)
+    finally:
+        await conn.close()

@@ -634,8 +634,16 @@ class PolicyError:
     line: int | None = None
 
     def __str__(self) -> str:
+        """One line (`policy check` prints one per error): a key written with a line break or
+        another control character in it is shown escaped."""
         where = f" (line {self.line})" if self.line else ""
-        return f"{self.path or '(policy)'}: {self.message}{where}"
+        return f"{_one_line(self.path) or '(policy)'}: {_one_line(self.message)}{where}"
+
+
+def _one_line(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class InvalidPolicy(Exception):

@@ -509,3 +509,14 @@ def test_public_ips_are_text_like_every_other_address():
     policy.setdefault("egress", {})["public_ips"] = [2130706433]
     [error] = errors_of(dump(policy))
     assert error.startswith("egress.public_ips.0: write the address as text"), error
+
+
+def test_a_key_with_a_line_break_is_one_line_of_the_error_list() -> None:
+    # (found by tests/test_policy_fuzz.py: `policy check` prints one line per error)
+    policy = base_policy()
+    policy["crawler"]["surprise_\nx"] = 1
+    with pytest.raises(InvalidPolicy) as caught:
+        parse_policy(yaml.safe_dump(policy), source="p.yaml")
+    [error] = caught.value.errors
+    assert error.path == "crawler.surprise_\nx"  # as written, for the API's JSON
+    assert str(error).startswith("crawler.surprise_\\nx: unknown key") and "\n" not in str(error)

@@ -51,6 +51,7 @@ from addons.streaming import ResponseStream
 from proxy import inputs
 from proxy import metrics
 from proxy import optout
+from proxy import websocket
 from proxy.audit.log import FetchLogClosed
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
@@ -79,6 +80,7 @@ from proxy.policy import UpstreamProxy
 from proxy.runtime import Runtime
 from proxy.sites import is_ip_literal
 from proxy.ssrf import IPAddress
+from proxy.websocket import Conversation
 
 log = structlog.get_logger("crawlwarden.decision")
 
@@ -207,6 +209,7 @@ class FlowState:
     cors_own_headers: tuple[str, ...] = ()
     settled: bool = False  # in-flight count and budget lease released
     throttle_noted: bool = False  # a 429/503 head told the budgets (the site pauses from then)
+    conversation: Conversation | None = None  # a WebSocket's messages, once upgraded
 
 
 @dataclass(frozen=True, slots=True)
@@ -1025,6 +1028,57 @@ class Gateway:
         flow.response = refusal_response(
             assessment.decision, Outcome.WITHHELD, state.id, flow.request.method
         )
+
+    # -- WebSockets ------------------------------------------------------------------------
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(META)
+        if state is not None and state.forwarded:
+            state.conversation = Conversation(time.time())
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        ws = flow.websocket
+        if ws is None or not ws.messages:
+            return
+        state: FlowState | None = flow.metadata.get(META)
+        if state is not None and state.conversation is not None:
+            message = ws.messages[-1]
+            state.conversation.add(from_client=message.from_client, content=message.content)
+        # mitmproxy keeps every message in the flow for as long as the connection is open (a
+        # browser's live feed held the gateway's memory by every byte it ever sent): the newest
+        # is kept, for the hooks after this one; the conversation holds what the record needs.
+        del ws.messages[:-1]
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(META)
+        talk = state.conversation if state is not None else None
+        if state is None or talk is None:
+            return
+        state.conversation = None  # recorded once
+        if state.ctx is not None:
+            self.rt.budgets.charge(state.ctx.site.key, talk.from_site_bytes)
+        rec = self._build_record(flow, state)
+        rec.id = uuid.uuid4().hex
+        rec.ts = utc_timestamp(talk.started)
+        rec.kind = websocket.KIND
+        rec.status = 101
+        rec.egress_ip = str(flow.server_conn.sockname[0]) if flow.server_conn.sockname else None
+        rec.request_bytes = talk.from_client_bytes
+        rec.response_bytes = talk.from_site_bytes
+        rec.content_sha256 = talk.sha256
+        rec.note = talk.note(state.id)
+        rec.duration_ms = round(max(0.0, time.time() - talk.started) * 1000, 3)
+        try:
+            try:
+                self.rt.record(rec)
+            except OSError:  # no room in the spool: written first once it has
+                self.rt.fetch_log.keep_until_room(rec)
+        except FetchLogClosed:
+            log.warning("websocket_not_recorded", id=rec.id, upgrade=state.id, note=rec.note)
+            return
+        if rec.response_bytes and rec.site is not None:
+            label = self.rt.site_labels.observe(rec.site)
+            metrics.count_response_bytes(label, rec.team or "_none", rec.response_bytes)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)

@@ -13,7 +13,10 @@ from an export of the same period. Definitions (one site = one value of the reco
 - `sent_to_site`: forwarded + withheld, the scrapers' requests the site received.
 - `gateway_fetches`, `gateway_bytes`: records of kind `gateway_fetch` (the gateway's own
   robots.txt and tdmrep.json reads) and the sum of their `response_bytes`.
-- `bytes_received`: the sum of `response_bytes` of the records that reached the site.
+- `bytes_received`: the sum of `response_bytes` of the records that reached the site, and of
+  the site's WebSocket conversations (records of kind `websocket`: the messages the site sent
+  after an upgrade, counted in `bytes_per_day` as the budgets count them; in `daily` bytes
+  too, not in any request count).
 - `distinct_urls`: distinct `url` values among the records that reached the site.
 - "the site's traffic": the records that reached the site and the gateway's own reads of it
   (kind `gateway_fetch`, forwarded or withheld), as the site saw them and as the budgets count
@@ -87,6 +90,7 @@ from proxy.policy import Policy
 from proxy.record_source import RecordSource
 from proxy.record_source import read_errors
 from proxy.sites import SiteDirectory
+from proxy.websocket import KIND as WEBSOCKET
 
 FORMAT = "crawlwarden-insubstantiality-report/1"
 # The HTML needs no script and may run none: readable as it is, and nothing to inject into.
@@ -101,7 +105,7 @@ OPTOUT_REASONS = frozenset(
         str(Reason.IMAGE_OPTOUT),
     }
 )
-RECORD_KINDS = frozenset({"fetch", "gateway_fetch"})
+RECORD_KINDS = frozenset({"fetch", "gateway_fetch", WEBSOCKET})
 CHART_DAYS = 92
 
 
@@ -141,6 +145,11 @@ class SiteTally:
         status = rec.get("status")
         if decision in REACHED and status in (429, 503):
             self.site_status[int(status)] += 1
+        if kind == WEBSOCKET:  # bytes the site sent, no request
+            size = int(rec.get("response_bytes") or 0)
+            self.bytes_received += size
+            self.daily_bytes[ts[:10]] += size
+            return
         if kind == "gateway_fetch":
             size = int(rec.get("response_bytes") or 0)
             self.gateway_fetches += 1

@@ -2,12 +2,15 @@
 
 `GET /v1/usage` answers it to the team itself (its proxy credentials): budgets, records and the
 report are for auditors and admins, and a team pacing a crawl had nothing to read but its own
-429s. The figures are the report's (proxy/report.py), over the team's records of kind `fetch`:
+429s. The figures are the report's (proxy/report.py), over the team's records:
 
-- `requests`: the team's records, any decision; `forwarded`, `withheld`, `refused`, `served`:
-  those by decision; `sent_to_site`: forwarded + withheld (what reached the site).
+- `requests`: the team's records of kind `fetch`, any decision; `forwarded`, `withheld`,
+  `refused`, `served`: those by decision; `sent_to_site`: forwarded + withheld (what reached
+  the site).
 - `refused_by_reason`: refused records counted by `reason`; `withheld_by_reason` likewise.
-- `bytes_received`: the sum of `response_bytes` of the records that reached the site.
+- `bytes_received`: the sum of `response_bytes` of the records that reached the site, and of
+  the team's WebSocket conversations (records of kind `websocket`: what the site sent after an
+  upgrade; bytes, no request).
 - `last_refusal`: the newest refused record's `ts`, `reason`, `rule`, `status` and `url`.
 
 The fetch-log store counts them (proxy/audit/usage_query.py: a busy team's day is millions of
@@ -29,7 +32,6 @@ from typing import Any
 
 from proxy.audit.usage_query import UsageGroup
 from proxy.audit.usage_query import UsageRows
-from proxy.report import REACHED
 
 FORMAT = "crawlwarden-team-usage/1"
 DECISIONS = ("forwarded", "withheld", "refused", "served")
@@ -50,11 +52,10 @@ class Counts:
     def add(self, group: UsageGroup) -> None:
         self.requests += group.requests
         self.decisions[group.decision] += group.requests
-        if group.decision in REACHED:
-            self.bytes_received += group.bytes_received
-        if group.decision == "withheld":
+        self.bytes_received += group.bytes_received  # (the store counts only what reached us)
+        if group.requests and group.decision == "withheld":
             self.withheld_by_reason[str(group.reason)] += group.requests
-        if group.decision == "refused":
+        if group.requests and group.decision == "refused":
             self.refused_by_reason[str(group.reason)] += group.requests
 
     def refused(self, rec: dict[str, Any]) -> None:

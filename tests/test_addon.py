@@ -511,3 +511,15 @@ async def test_a_redirecting_tdmrep_json_under_a_crawl_delay_is_read_and_the_req
             await gw.requestheaders(flow)
         assert flow.response is None, flow.response and flow.response.content
         assert site.paths()["/.well-known/tdmrep.json"] == 1
+
+
+async def test_a_websocket_keeps_only_its_newest_message_in_memory(make_gateway):
+    # mitmproxy keeps every message of a WebSocket in its flow while it is open: a browser's
+    # live feed grew the gateway by every byte it sent.
+    gw = await make_gateway(ChangingDNS({}))
+    with taddons.context(gw):
+        flow = tflow.twebsocketflow()
+        assert len(flow.websocket.messages) > 1
+        newest = flow.websocket.messages[-1]
+        gw.websocket_message(flow)
+        assert flow.websocket.messages == [newest]

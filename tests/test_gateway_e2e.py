@@ -425,8 +425,14 @@ class EchoWebSocket:
         self.loop.close()
 
 
-def test_a_websocket_through_the_gateway_works_and_is_one_fetch_record(gateway: Gateway):
-    # Headless browsers open WebSockets: allowed for a team (SECURITY.md), one record each.
+def test_a_websocket_is_recorded_with_what_the_site_sent_and_charged_to_its_budget(
+    gateway: Gateway,
+):
+    # Headless browsers open WebSockets: allowed for a team (SECURITY.md). The upgrade is a
+    # fetch; the messages after it are content the team received: a record of their own when
+    # the connection ends, and the site's bytes_per_day.
+    texts = ["one", "two", *(f"long-{i}-" + "x" * 5000 for i in range(20))]
+
     async def talk(port: int) -> list[str]:
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(
@@ -435,20 +441,41 @@ def test_a_websocket_through_the_gateway_works_and_is_one_fetch_record(gateway: 
                 headers=PROJECT_HEADERS,
             ) as ws:
                 answers = []
-                for text in ("one", "two"):
+                for text in texts:
                     await ws.send_str(text)
                     answers.append((await asyncio.wait_for(ws.receive(), 10)).data)
                 return answers
 
+    _, before = gateway.admin_request("GET", "/v1/budgets?site=site-c.test", AUDITOR_TOKEN)
     with EchoWebSocket() as server:
-        assert asyncio.run(talk(server.port)) == ["echo: one", "echo: two"]
-    [rec] = gateway.fetch_records()
-    assert rec["url"] == f"http://site-c.test:{server.port}/ws"
-    assert (rec["decision"], rec["reason"], rec["status"]) == ("forwarded", "ok", 101)
-    assert rec["team"] == TEAM and rec["project"] == PROJECT
-    # No content ID for an answer with no content (the messages after it are not the fetch's);
-    # it was the empty body's hash.
-    assert rec["content_sha256"] is None
+        answers = asyncio.run(talk(server.port))
+    assert answers == [f"echo: {t}" for t in texts]
+    from_site = "".join(answers).encode()
+    # (written when the connection has ended, just after the client saw it close)
+    deadline = time.monotonic() + 10
+    while len(records := gateway.fetch_records()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    upgrade, talked = records
+    assert upgrade["url"] == talked["url"] == f"http://site-c.test:{server.port}/ws"
+    assert (upgrade["decision"], upgrade["reason"], upgrade["status"]) == ("forwarded", "ok", 101)
+    assert upgrade["team"] == TEAM and upgrade["project"] == PROJECT
+    # No content ID for an answer with no content; it was the empty body's hash.
+    assert upgrade["content_sha256"] is None
+    assert upgrade["kind"] == "fetch" and talked["kind"] == "websocket"
+    assert (talked["team"], talked["project"], talked["site"]) == (TEAM, PROJECT, "site-c.test")
+    assert talked["response_bytes"] == len(from_site)
+    assert talked["request_bytes"] == len("".join(texts).encode())
+    assert talked["content_sha256"] == hashlib.sha256(from_site).hexdigest()
+    assert upgrade["id"] in talked["note"] and "22 message(s) from the site" in talked["note"]
+
+    def bytes_used() -> int:
+        _, now = gateway.admin_request("GET", "/v1/budgets?site=site-c.test", AUDITOR_TOKEN)
+        return now["budgets"]["bytes_per_day"]["used"] - before["budgets"]["bytes_per_day"]["used"]
+
+    deadline = time.monotonic() + 10  # (settled in the budgets' next batch)
+    while (used := bytes_used()) < len(from_site) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert used == len(from_site)
 
 
 def test_identity_of_a_connect_holds_for_every_request_in_the_tunnel(

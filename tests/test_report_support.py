@@ -108,9 +108,11 @@ def figures_from_export(records: list[dict[str, Any]], site: str) -> dict[str, A
     ]
     # the site's traffic: what reached it, the gateway's own reads too (as the budgets count)
     traffic = reached + [r for r in gateway if r["decision"] in ("forwarded", "withheld")]
+    # WebSocket conversations: the site's messages' bytes, no request
+    websockets = [r for r in mine if r["kind"] == "websocket"]
     daily = Counter(r["ts"][:10] for r in traffic)
     daily_bytes: Counter[str] = Counter()
-    for r in traffic:
+    for r in traffic + websockets:
         daily_bytes[r["ts"][:10]] += r["response_bytes"]
     peak_minute, peak_rpm = _peak(Counter(r["ts"][:16] for r in traffic))
     peak_day, peak_day_requests = _peak(daily)
@@ -129,7 +131,7 @@ def figures_from_export(records: list[dict[str, Any]], site: str) -> dict[str, A
         "sent_to_site": len(reached),
         "gateway_fetches": len(gateway),
         "gateway_bytes": sum(r["response_bytes"] for r in gateway),
-        "bytes_received": sum(r["response_bytes"] for r in reached),
+        "bytes_received": sum(r["response_bytes"] for r in reached + websockets),
         "distinct_urls": len({r["url"] for r in reached}),
         "active_days": len(daily),
         "daily": dict(sorted(daily.items())),

@@ -69,6 +69,7 @@ def usage(gw: Gateway, query: str = "", auth: tuple[str, str] = (TEAM, TEAM_TOKE
 
 def expected_from_export(records: list[dict[str, Any]], team: str) -> dict[str, Any]:
     """The usage figures counted with the test's own code from an export."""
+    websockets = [r for r in records if r["team"] == team and r["kind"] == "websocket"]
     mine = [r for r in records if r["team"] == team and r["kind"] == "fetch"]
     # a refused CONNECT answered 200 opened a tunnel to nowhere: its request is counted
     mine = [
@@ -77,7 +78,7 @@ def expected_from_export(records: list[dict[str, Any]], team: str) -> dict[str, 
         if not (r["method"] == "CONNECT" and r["decision"] == "refused" and r["status"] == 200)
     ]
 
-    def counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def counts(rows: list[dict[str, Any]], talks: list[dict[str, Any]]) -> dict[str, Any]:
         decisions = Counter(r["decision"] for r in rows)
         reached = [r for r in rows if r["decision"] in ("forwarded", "withheld")]
         refused = [r for r in rows if r["decision"] == "refused"]
@@ -85,20 +86,20 @@ def expected_from_export(records: list[dict[str, Any]], team: str) -> dict[str, 
             "requests": len(rows),
             **{d: decisions[d] for d in ("forwarded", "withheld", "refused", "served")},
             "sent_to_site": len(reached),
-            "bytes_received": sum(r["response_bytes"] or 0 for r in reached),
+            # and a WebSocket's messages from the site: bytes, no request
+            "bytes_received": sum(r["response_bytes"] or 0 for r in reached + talks),
             "refused_by_reason": dict(Counter(r["reason"] for r in refused)),
             "last_refusal_url": max(refused, key=lambda r: r["ts"])["url"] if refused else None,
         }
 
-    return {
-        "totals": counts(mine),
-        "sites": {
-            s: counts([r for r in mine if r["site"] == s]) for s in {r["site"] for r in mine}
-        },
-        "projects": {
-            p: counts([r for r in mine if r["project"] == p]) for p in {r["project"] for r in mine}
-        },
-    }
+    def by(name: str) -> dict[str | None, dict[str, Any]]:
+        keys = {r[name] for r in mine + websockets}
+        return {
+            k: counts([r for r in mine if r[name] == k], [r for r in websockets if r[name] == k])
+            for k in keys
+        }
+
+    return {"totals": counts(mine, websockets), "sites": by("site"), "projects": by("project")}
 
 
 def as_compared(figures: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +212,7 @@ def logged_records() -> list[FetchRecord]:
         out.append(fetch(i, when, team=TEAMS[i % 2], project=("p1", "p2", None)[i % 3]))
     at = day2.timestamp() + 100
     team = TEAMS[0]
+    talked = {"decision": "forwarded", "reason": "ok"}  # (a WebSocket's record, as written)
     out += [
         # a tunnel opened to nowhere: its request inside is recorded and counted on its own
         fetch(
@@ -237,6 +239,18 @@ def logged_records() -> list[FetchRecord]:
             response_bytes=None,
         ),
         fetch(6, at + 5, team=team, kind="gateway_fetch", response_bytes=77),
+        # a WebSocket's messages from the site: bytes, no request (one on a site of its own)
+        fetch(8, at + 7, team=team, kind="websocket", status=101, response_bytes=500, **talked),
+        fetch(
+            9,
+            at + 8,
+            team=team,
+            kind="websocket",
+            status=101,
+            site="ws.example",
+            response_bytes=40,
+            **talked,
+        ),
         fetch(
             7,
             at + 6,
@@ -272,12 +286,17 @@ async def check_the_store_counts_as_the_records_say(source: RecordSource) -> Non
     mine = team_usage(
         TEAMS[0], await source.team_usage(RecordQuery(team=TEAMS[0])), since=None, until=None
     )
-    assert [s["site"] for s in mine["sites"]][-1] is None  # the fewest: one request
+    # the fewest requests last: one (no site known), none (only a WebSocket's bytes)
+    assert [(s["site"], s["requests"]) for s in mine["sites"]][-2:] == [
+        (None, 1),
+        ("ws.example", 0),
+    ]
+    assert mine["sites"][-1]["bytes_received"] == 40
     assert mine["totals"]["withheld_by_reason"] == {"noai_directive": 1}
     assert mine["totals"]["served"] == 1
     assert mine["totals"]["last_refusal"]["url"] == "https://a.example/newest.jpg"
     assert mine["period"]["first_record"].startswith("2026-01-01T00:00:00")
-    assert mine["period"]["last_record"].startswith("2026-01-02T00:01:46")
+    assert mine["period"]["last_record"].startswith("2026-01-02T00:01:48")  # the last WebSocket
 
 
 async def write(store: Any, tmp_path: Path) -> None:

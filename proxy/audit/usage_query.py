@@ -7,7 +7,8 @@ over one row per site, project, decision and reason, and each site and project's
 refusal. What is counted is proxy/usage.py's definition: records of kind `fetch`, except a
 refused CONNECT answered 200 (a tunnel opened to nowhere, its requests recorded on their own:
 proxy/report.py's `tunnel_to_nowhere`); bytes are the `response_bytes` of those that reached the
-site (forwarded or withheld).
+site (forwarded or withheld), and of its WebSocket conversations (kind `websocket`: bytes, no
+request).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import to_datetime
+from proxy.websocket import KIND as WEBSOCKET
 
 
 class UsageGroup(NamedTuple):
@@ -65,11 +67,13 @@ _POSTGRES = _Dialect(
 
 
 def _counted(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
-    """The team's counted records (kind `fetch`, no tunnel to nowhere) as a subquery `r`."""
+    """The team's counted records (kinds `fetch` and `websocket`, no tunnel to nowhere) as a
+    subquery `r`."""
     where, params = query.sql_where(dialect.placeholder, dialect.time_param)
-    where = f"{where} AND kind = 'fetch'" if where else "WHERE kind = 'fetch'"
+    kinds = f"kind IN ('fetch', '{WEBSOCKET}')"
+    where = f"{where} AND {kinds}" if where else f"WHERE {kinds}"
     sql = (
-        "(SELECT site, project, decision, reason, ts, replica, seq, body, "  # noqa: S608
+        "(SELECT site, project, decision, reason, ts, replica, seq, body, kind, "  # noqa: S608
         f"{dialect.number('response_bytes')} AS size FROM "
         f"(SELECT *, {dialect.parsed} AS j FROM fetch_records {where}) AS q "
         f"WHERE NOT (decision = 'refused' AND coalesce({dialect.text('method')}, '') = 'CONNECT' "
@@ -81,8 +85,10 @@ def _counted(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
 def _groups_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
     counted, params = _counted(query, dialect)
     sql = (
-        "SELECT site, project, decision, reason, count(*), "  # noqa: S608
-        "coalesce(sum(CASE WHEN decision IN ('forwarded', 'withheld') THEN size END), 0), "
+        "SELECT site, project, decision, reason, "  # noqa: S608
+        "coalesce(sum(CASE WHEN kind = 'fetch' THEN 1 END), 0), "
+        "coalesce(sum(CASE WHEN decision IN ('forwarded', 'withheld') "
+        f"OR kind = '{WEBSOCKET}' THEN size END), 0), "
         f"min(ts), max(ts) FROM {counted} GROUP BY site, project, decision, reason"
     )
     return sql, params
@@ -93,13 +99,14 @@ def _last_refusals_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list
     if dialect is _POSTGRES:
         sql = (
             f"SELECT DISTINCT ON (site, project) body FROM {counted} "  # noqa: S608
-            "WHERE decision = 'refused' "
+            "WHERE decision = 'refused' AND kind = 'fetch' "
             "ORDER BY site, project, ts DESC, replica DESC, seq DESC"
         )
     else:
         # SQLite: with max(), the other columns are those of the row that has it.
         sql = (
-            f"SELECT body, max(ts) FROM {counted} WHERE decision = 'refused' GROUP BY site, project"  # noqa: S608
+            f"SELECT body, max(ts) FROM {counted} "  # noqa: S608
+            "WHERE decision = 'refused' AND kind = 'fetch' GROUP BY site, project"
         )
     return sql, params
 

@@ -709,6 +709,14 @@ class BudgetEngine:
         self._pending.append((store, Settlement(lease.site, lease.id, max(0, response_bytes))))
         self._wake.set()
 
+    def charge(self, site_key: str, response_bytes: int) -> None:
+        """Count bytes the site sent after its request was finished (a WebSocket's messages)
+        against its `bytes_per_day`; in the next settlement batch, as `finish` does."""
+        if response_bytes <= 0:
+            return
+        self._pending.append((self._store, Settlement(site_key, None, response_bytes)))
+        self._wake.set()
+
     async def flush(self) -> None:
         """Settle everything `finish` queued so far and store the pauses asked for so far."""
         async with self._settle_lock:

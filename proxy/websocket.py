@@ -1,0 +1,48 @@
+"""A WebSocket's messages after its upgrade, tallied for its record and the site's budget.
+
+The upgrade (`101`) is a fetch with no content; what the site sends after it is content the
+team received all the same. Its record (kind `websocket`, written when the connection ends) says
+how many messages went each way and how many bytes, and its `content_sha256` is the SHA-256 of
+the site's message payloads as they came, in order, one after the other; the site's bytes count
+against its `bytes_per_day`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+KIND = "websocket"
+
+
+@dataclass(slots=True)
+class Conversation:
+    started: float
+    from_site: int = 0
+    from_site_bytes: int = 0
+    from_client: int = 0
+    from_client_bytes: int = 0
+    _digest: Any = field(default_factory=hashlib.sha256)
+
+    def add(self, *, from_client: bool, content: bytes) -> None:
+        if from_client:
+            self.from_client += 1
+            self.from_client_bytes += len(content)
+        else:
+            self.from_site += 1
+            self.from_site_bytes += len(content)
+            self._digest.update(content)
+
+    @property
+    def sha256(self) -> str | None:
+        """The site's messages' digest; None when it sent none (no content, as for a 204)."""
+        return self._digest.hexdigest() if self.from_site else None
+
+    def note(self, upgrade_id: str) -> str:
+        return (
+            f"WebSocket opened by request {upgrade_id}: {self.from_site} message(s) from the "
+            f"site, {self.from_client} from the client; content_sha256 covers the site's "
+            "message payloads in order"
+        )

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit.query import RecordQuery
+from proxy.audit.report_query import ReportRows
+from proxy.audit.report_query import postgres_report
+from proxy.audit.report_query import sqlite_report
 from proxy.audit.usage_query import UsageRows
 from proxy.audit.usage_query import postgres_usage
 from proxy.audit.usage_query import sqlite_usage
@@ -55,11 +58,7 @@ class RecordSource:
             return
         from proxy.audit.sqlite_store import read_records
 
-        path = self.sqlite_path
-        if not path.exists():
-            raise FileNotFoundError(
-                f"no fetch log at {path}; pass the gateway's --data-dir or --audit-dsn"
-            )
+        path = self._existing()
 
         def run() -> None:
             for rec in read_records(path, query):
@@ -71,12 +70,21 @@ class RecordSource:
         """A team's usage groups, counted by the store (proxy/audit/usage_query.py)."""
         if self.audit_dsn:
             return await postgres_usage(self.audit_dsn, query)
+        return await asyncio.to_thread(sqlite_usage, self._existing(), query)
+
+    async def report_rows(self, query: RecordQuery, optout_reasons: frozenset[str]) -> ReportRows:
+        """The report's groups, counted by the store (proxy/audit/report_query.py)."""
+        if self.audit_dsn:
+            return await postgres_report(self.audit_dsn, query, optout_reasons)
+        return await asyncio.to_thread(sqlite_report, self._existing(), query, optout_reasons)
+
+    def _existing(self) -> Path:
         path = self.sqlite_path
         if not path.exists():
             raise FileNotFoundError(
                 f"no fetch log at {path}; pass the gateway's --data-dir or --audit-dsn"
             )
-        return await asyncio.to_thread(sqlite_usage, path, query)
+        return path
 
     def chain_reader(self) -> Any:
         """A read-only store for checkpoints (open() it, close() it)."""

@@ -1,10 +1,12 @@
 """The insubstantiality report: per site and period, proof that collection stayed small.
 
 Guideline "Necessity/minimisation": collection from one source stays insubstantial and does not
-materially increase the site's traffic. The report reads the fetch log through the stores'
-`read_records` (the rows `crawlwarden audit export` writes), so every figure can be recomputed
-from an export of the same period. Definitions (one site = one value of the record's `site`;
-"reached the site" = a record of kind `fetch` whose decision is `forwarded` or `withheld`):
+materially increase the site's traffic. The fetch-log store counts the rows `crawlwarden audit
+export` writes (proxy/audit/report_query.py: SQL over the records' columns and JSON bodies, so
+a month of a fleet is not read record by record through a replica), so every figure can be
+recomputed from an export of the same period. Definitions (one site = one value of the
+record's `site`; "reached the site" = a record of kind `fetch` whose decision is `forwarded` or
+`withheld`):
 
 - `requests`: records of kind `fetch` of the site, any decision.
 - `forwarded`, `withheld`, `refused`, `served`: those records by decision (`served`: a
@@ -81,10 +83,9 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.query import check_window
 from proxy.audit.query import parse_time
 from proxy.audit.record import utc_timestamp
+from proxy.audit.report_query import ReportRows
 from proxy.audit.schema import SchemaTooNew
-from proxy.audit.unauthenticated import EVENT_KIND as UNAUTHENTICATED_REFUSALS
 from proxy.decision import Reason
-from proxy.distinct import DistinctCount
 from proxy.inputs import csv_cell
 from proxy.policy import Policy
 from proxy.record_source import RecordSource
@@ -105,13 +106,12 @@ OPTOUT_REASONS = frozenset(
         str(Reason.IMAGE_OPTOUT),
     }
 )
-RECORD_KINDS = frozenset({"fetch", "gateway_fetch", WEBSOCKET})
 CHART_DAYS = 92
 
 
 @dataclass
 class SiteTally:
-    """Running counts of one site while the records stream past."""
+    """One site's figures before they are shaped: the store's groups added up."""
 
     requests: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
@@ -119,13 +119,10 @@ class SiteTally:
     gateway_fetches: int = 0
     gateway_bytes: int = 0
     bytes_received: int = 0
-    # The URLs' hashes, not the URLs: a month of a broad crawl is millions of them (~136 bytes
-    # each as text; two URLs share a 64-bit hash once in ~10^12 pairs, far below one in a log),
-    # 8 bytes each (a set of them took ~69).
-    urls: DistinctCount = field(default_factory=DistinctCount)
+    distinct_urls: int = 0
     daily: Counter[str] = field(default_factory=Counter)
     daily_bytes: Counter[str] = field(default_factory=Counter)
-    minutes: Counter[str] = field(default_factory=Counter)
+    minutes: Counter[str] = field(default_factory=Counter)  # the busiest minute only
     optouts_by_reason: Counter[str] = field(default_factory=Counter)
     optout_signals: Counter[str] = field(default_factory=Counter)
     site_status: Counter[int] = field(default_factory=Counter)
@@ -134,49 +131,32 @@ class SiteTally:
     first_ts: str | None = None
     last_ts: str | None = None
 
-    def add(self, rec: dict[str, Any]) -> None:
-        kind = rec.get("kind", "fetch")
-        ts = rec["ts"]
-        decision = rec.get("decision")
-        self.first_ts = ts if self.first_ts is None or ts < self.first_ts else self.first_ts
-        self.last_ts = ts if self.last_ts is None or ts > self.last_ts else self.last_ts
-        if rec.get("policy_version"):
-            self.policy_versions[rec["policy_version"]] += 1
-        status = rec.get("status")
-        if decision in REACHED and status in (429, 503):
-            self.site_status[int(status)] += 1
+    def add(
+        self, kind: str, decision: str, reason: str | None, day: str, n: int, size: int
+    ) -> None:
+        """`n` records of one kind, decision and reason on one UTC day, `size` bytes."""
+        reached = decision in REACHED
         if kind == WEBSOCKET:  # bytes the site sent, no request
-            size = int(rec.get("response_bytes") or 0)
             self.bytes_received += size
-            self.daily_bytes[ts[:10]] += size
+            self.daily_bytes[day] += size
             return
         if kind == "gateway_fetch":
-            size = int(rec.get("response_bytes") or 0)
-            self.gateway_fetches += 1
+            self.gateway_fetches += n
             self.gateway_bytes += size
-            if decision in REACHED:  # the site's traffic, and the budgets', as a scraper's
-                self._reached(ts, size)
+            if reached:  # the site's traffic, and the budgets', as a scraper's
+                self.daily[day] += n
+                self.daily_bytes[day] += size
             return
-        self.requests += 1
-        self.decisions[str(decision)] += 1
-        reason = str(rec.get("reason"))
+        self.requests += n
+        self.decisions[decision] += n
         if decision == "refused":
-            self.refused_by_reason[reason] += 1
-        if decision in ("refused", "withheld") and reason in OPTOUT_REASONS:
-            self.optouts_by_reason[reason] += 1
-            self.optout_signals.update(rec.get("signals") or [])
-        if decision in REACHED:
-            size = int(rec.get("response_bytes") or 0)
+            self.refused_by_reason[str(reason)] += n
+        if decision in ("refused", "withheld") and str(reason) in OPTOUT_REASONS:
+            self.optouts_by_reason[str(reason)] += n
+        if reached:
             self.bytes_received += size
-            self.urls.add(hash(rec.get("url") or ""))
-            self._reached(ts, size)
-            if rec.get("legal_basis"):
-                self.legal_bases[rec["legal_basis"]] += 1
-
-    def _reached(self, ts: str, size: int) -> None:
-        self.daily[ts[:10]] += 1
-        self.daily_bytes[ts[:10]] += size
-        self.minutes[ts[:16]] += 1
+            self.daily[day] += n
+            self.daily_bytes[day] += size
 
 
 @dataclass
@@ -187,35 +167,33 @@ class Tally:
     first_ts: str | None = None
     last_ts: str | None = None
 
-    def visit(self, rec: dict[str, Any]) -> None:
-        replica, seq = rec.get("replica"), rec.get("seq")
-        if isinstance(replica, str) and isinstance(seq, int):
-            span = self.replicas.setdefault(replica, [seq, seq])
-            span[0], span[1] = min(span[0], seq), max(span[1], seq)
-        kind = rec.get("kind", "fetch")
-        if kind == UNAUTHENTICATED_REFUSALS:
-            self.without_site += _counted(rec)
-            return
-        if kind not in RECORD_KINDS or tunnel_to_nowhere(rec):
-            return
-        ts = rec["ts"]
-        self.first_ts = ts if self.first_ts is None or ts < self.first_ts else self.first_ts
-        self.last_ts = ts if self.last_ts is None or ts > self.last_ts else self.last_ts
-        site = rec.get("site")
-        if not site:
-            self.without_site += 1
-            return
-        self.sites[site].add(rec)
-
-
-def tunnel_to_nowhere(rec: dict[str, Any]) -> bool:
-    """A refused CONNECT the gateway answered 200: a tunnel opened to nowhere, each request in
-    it refused and recorded on its own (an HTTPS fetch would count twice)."""
-    return (
-        rec.get("method") == "CONNECT"
-        and rec.get("decision") == "refused"
-        and (rec.get("status") == 200)
-    )
+    @classmethod
+    def of(cls, rows: ReportRows) -> Tally:
+        tally = cls(
+            without_site=rows.without_site + sum(map(_counted, rows.unauthenticated)),
+            replicas={replica: [first, last] for replica, first, last in rows.replicas},
+            first_ts=rows.first_ts,
+            last_ts=rows.last_ts,
+        )
+        sites = tally.sites
+        for site, kind, decision, reason, day, n, size, first, last in rows.groups:
+            t = sites[site]
+            t.add(kind, decision, reason, day, n, size)
+            t.first_ts = first if t.first_ts is None or first < t.first_ts else t.first_ts
+            t.last_ts = last if t.last_ts is None or last > t.last_ts else t.last_ts
+        for site, minute, n in rows.peak_minutes:
+            sites[site].minutes[minute] = n
+        for site, n in rows.distinct_urls:
+            sites[site].distinct_urls = n
+        for site, signal, n in rows.signals:
+            sites[site].optout_signals[signal] += n
+        for site, status, n in rows.statuses:
+            sites[site].site_status[status] += n
+        for site, basis, n in rows.legal_bases:
+            sites[site].legal_bases[basis] += n
+        for site, version, n in rows.policy_versions:
+            sites[site].policy_versions[version] += n
+        return tally
 
 
 def _counted(event: dict[str, Any]) -> int:
@@ -286,7 +264,7 @@ def site_figures(key: str, t: SiteTally, directory: SiteDirectory | None) -> dic
         "gateway_fetches": t.gateway_fetches,
         "gateway_bytes": t.gateway_bytes,
         "bytes_received": t.bytes_received,
-        "distinct_urls": len(t.urls),
+        "distinct_urls": t.distinct_urls,
         "active_days": len(t.daily),
         "daily": dict(sorted(t.daily.items())),
         "peak_minute": peak_minute,
@@ -356,8 +334,8 @@ async def build_report(
     policy_source: str | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict; `since`/`until` in the records' `ts` form."""
-    tally = Tally()
-    await source.scan(RecordQuery(since=since, until=until), tally.visit)
+    rows = await source.report_rows(RecordQuery(since=since, until=until), OPTOUT_REASONS)
+    tally = Tally.of(rows)
     # On a worker thread (the tally is complete): 20 000 sites' figures took half a second,
     # which in the admin API held every request the replica was deciding.
     sites = await asyncio.to_thread(_site_rows, tally, policy)

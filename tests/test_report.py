@@ -338,7 +338,7 @@ def test_a_site_nothing_reached_reads_without_blanks():
     from proxy.report import site_figures
 
     quiet = SiteTally()
-    quiet.add({"kind": "fetch", "ts": "2026-11-30T04:00:00.000000Z", "decision": "refused"})
+    quiet.add("fetch", "refused", "rate_limited", "2026-11-30", 1, 0)
     report = {
         "created": "2026-11-30T05:00:00.000000Z",
         "source": "sqlite:x",

@@ -146,8 +146,13 @@ def figures_from_export(records: list[dict[str, Any]], site: str) -> dict[str, A
         "optout_signals": dict(sorted(Counter(s for r in optouts for s in r["signals"]).items())),
         "site_429": answered.count(429),
         "site_503": answered.count(503),
-        "legal_bases": dict(sorted(Counter(r["legal_basis"] for r in reached).items())),
-        "policy_versions": dict(sorted(Counter(r["policy_version"] for r in mine).items())),
+        # (a record without one has none to count)
+        "legal_bases": dict(
+            sorted(Counter(r["legal_basis"] for r in reached if r["legal_basis"]).items())
+        ),
+        "policy_versions": dict(
+            sorted(Counter(r["policy_version"] for r in mine if r["policy_version"]).items())
+        ),
         "first_ts": min(r["ts"] for r in mine),
         "last_ts": max(r["ts"] for r in mine),
     }

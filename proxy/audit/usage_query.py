@@ -6,23 +6,24 @@ may well poll. The store groups them instead (the `team, ts` index picks the row
 over one row per site, project, decision and reason, and each site and project's newest
 refusal. What is counted is proxy/usage.py's definition: records of kind `fetch`, except a
 refused CONNECT answered 200 (a tunnel opened to nowhere, its requests recorded on their own:
-proxy/report.py's `tunnel_to_nowhere`); bytes are the `response_bytes` of those that reached the
+proxy/audit/dialect.py's `counted`); bytes are the `response_bytes` of those that reached the
 site (forwarded or withheld), and of its WebSocket conversations (kind `websocket`: bytes, no
 request).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from typing import NamedTuple
 
+from proxy.audit.dialect import POSTGRES
+from proxy.audit.dialect import SQLITE
+from proxy.audit.dialect import Dialect
+from proxy.audit.dialect import ts_text
 from proxy.audit.query import RecordQuery
-from proxy.audit.query import to_datetime
 from proxy.websocket import KIND as WEBSOCKET
 
 
@@ -46,43 +47,15 @@ class UsageRows:
     last_refusals: list[dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class _Dialect:
-    placeholder: str
-    parsed: str  # the body, parsed once per row (as `j`)
-    text: Callable[[str], str]  # a field of `j` as text
-    number: Callable[[str], str]  # a field of `j` as a number
-    time_param: Callable[[str], Any]
-
-
-_SQLITE = _Dialect(
-    "?", "body", lambda n: f"json_extract(j, '$.{n}')", lambda n: f"json_extract(j, '$.{n}')", str
-)
-_POSTGRES = _Dialect(
-    "$", "body::jsonb", lambda n: f"(j ->> '{n}')", lambda n: f"(j ->> '{n}')::bigint", to_datetime
-)
-
-
 # (S608 below: the SQL texts hold no value; the values are parameters, sql_where's.)
 
 
-def _counted(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
-    """The team's counted records (kinds `fetch` and `websocket`, no tunnel to nowhere) as a
-    subquery `r`."""
-    where, params = query.sql_where(dialect.placeholder, dialect.time_param)
-    kinds = f"kind IN ('fetch', '{WEBSOCKET}')"
-    where = f"{where} AND {kinds}" if where else f"WHERE {kinds}"
-    sql = (
-        "(SELECT site, project, decision, reason, ts, replica, seq, body, kind, "  # noqa: S608
-        f"{dialect.number('response_bytes')} AS size FROM "
-        f"(SELECT *, {dialect.parsed} AS j FROM fetch_records {where}) AS q "
-        f"WHERE NOT (decision = 'refused' AND coalesce({dialect.text('method')}, '') = 'CONNECT' "
-        f"AND coalesce({dialect.number('status')}, 0) = 200)) AS r"
-    )
-    return sql, params
+def _counted(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
+    """The team's counted records: kinds `fetch` and `websocket`, no tunnel to nowhere."""
+    return dialect.counted(query, ("fetch", WEBSOCKET), {"size": dialect.number("response_bytes")})
 
 
-def _groups_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
+def _groups_sql(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
     counted, params = _counted(query, dialect)
     sql = (
         "SELECT site, project, decision, reason, "  # noqa: S608
@@ -94,9 +67,9 @@ def _groups_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def _last_refusals_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list[Any]]:
+def _last_refusals_sql(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
     counted, params = _counted(query, dialect)
-    if dialect is _POSTGRES:
+    if dialect is POSTGRES:
         sql = (
             f"SELECT DISTINCT ON (site, project) body FROM {counted} "  # noqa: S608
             "WHERE decision = 'refused' AND kind = 'fetch' "
@@ -111,17 +84,10 @@ def _last_refusals_sql(query: RecordQuery, dialect: _Dialect) -> tuple[str, list
     return sql, params
 
 
-def _ts(value: Any) -> str:
-    """A `ts` as the records write it (PostgreSQL hands over a datetime)."""
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return str(value)
-
-
 def _group(row: Any) -> UsageGroup:
     site, project, decision, reason, requests, size, first, last = tuple(row)
     return UsageGroup(
-        site, project, decision, reason, int(requests), int(size), _ts(first), _ts(last)
+        site, project, decision, reason, int(requests), int(size), ts_text(first), ts_text(last)
     )
 
 
@@ -134,10 +100,14 @@ def sqlite_usage(path: Path, query: RecordQuery) -> UsageRows:
     try:
         if not read_schema(conn).has("fetch_records"):
             return UsageRows([], [])
-        sql, params = _groups_sql(query, _SQLITE)
-        groups = [_group(row) for row in conn.execute(sql, params)]
-        sql, params = _last_refusals_sql(query, _SQLITE)
-        last = [json.loads(body) for body, _ in conn.execute(sql, params)]
+        conn.execute("BEGIN")  # one snapshot for both statements (WAL)
+        try:
+            sql, params = _groups_sql(query, SQLITE)
+            groups = [_group(row) for row in conn.execute(sql, params)]
+            sql, params = _last_refusals_sql(query, SQLITE)
+            last = [json.loads(body) for body, _ in conn.execute(sql, params)]
+        finally:
+            conn.rollback()
         return UsageRows(groups, last)
     finally:
         conn.close()
@@ -152,10 +122,12 @@ async def postgres_usage(dsn: str, query: RecordQuery) -> UsageRows:
     try:
         if not (await read_schema(conn)).has("fetch_records"):
             return UsageRows([], [])
-        sql, params = _groups_sql(query, _POSTGRES)
-        groups = [_group(row) for row in await conn.fetch(sql, *params)]
-        sql, params = _last_refusals_sql(query, _POSTGRES)
-        last = [json.loads(row["body"]) for row in await conn.fetch(sql, *params)]
+        # One snapshot for both statements: a record stored meanwhile is in both or in neither.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            sql, params = _groups_sql(query, POSTGRES)
+            groups = [_group(row) for row in await conn.fetch(sql, *params)]
+            sql, params = _last_refusals_sql(query, POSTGRES)
+            last = [json.loads(row["body"]) for row in await conn.fetch(sql, *params)]
         return UsageRows(groups, last)
     finally:
         await conn.close()

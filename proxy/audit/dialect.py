@@ -1,0 +1,88 @@
+"""What differs between the fetch-log stores' SQL when they count records themselves (the team
+usage, the report): how a field of the record's JSON body is read, how a time is cut to its
+day or minute, and how a time comes back. The rest of the SQL is the same for both.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.audit.query import RecordQuery
+from proxy.audit.query import to_datetime
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    placeholder: str
+    # The body as JSON (`j`). PostgreSQL's `json`, not `jsonb`: a field read from the text
+    # costs less than converting every body whole (a report of 100 000 records: 2.8 s, 4.1 s).
+    parsed: str
+    text: Callable[[str], str]  # a field of `j` as text
+    number: Callable[[str], str]  # a field of `j` as a number
+    day: str  # `ts` as its UTC date, YYYY-MM-DD (the records' ts[:10])
+    minute: str  # `ts` as its UTC minute, YYYY-MM-DDTHH:MM (the records' ts[:16])
+    time_param: Callable[[str], Any]
+    # FROM-clause items: each element of the array field `signals` of `j`, as `e.value`
+    signals: str
+
+    def counted(
+        self, query: RecordQuery, kinds: tuple[str, ...], fields: dict[str, str]
+    ) -> tuple[str, list[Any]]:
+        """The records of `kinds` the query selects as a subquery `r`: their columns, and
+        `fields` (name: an expression over the parsed body `j`); without a refused CONNECT
+        answered 200: a tunnel opened to nowhere, each request in it refused and recorded on its
+        own (an HTTPS fetch would count twice)."""
+        listed = ", ".join(f"'{kind}'" for kind in kinds)
+        where, params = self.where(query, f"kind IN ({listed})")
+        extra = "".join(f", {expression} AS {name}" for name, expression in fields.items())
+        sql = (
+            "(SELECT replica, seq, id, ts, kind, site, team, project, decision, reason, url, "  # noqa: S608
+            f"body, j{extra} FROM (SELECT *, {self.parsed} AS j FROM fetch_records {where}) AS q "
+            f"WHERE NOT (decision = 'refused' AND coalesce({self.text('method')}, '') = 'CONNECT' "
+            f"AND coalesce({self.number('status')}, 0) = 200)) AS r"
+        )
+        return sql, params
+
+    def where(self, query: RecordQuery, *more: str) -> tuple[str, list[Any]]:
+        """The query's WHERE clause (its values as parameters), with `more` conditions."""
+        where, params = query.sql_where(self.placeholder, self.time_param)
+        clauses = [where.removeprefix("WHERE ")] if where else []
+        clauses += more
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    placeholder="?",
+    parsed="body",
+    text=lambda n: f"json_extract(j, '$.{n}')",
+    number=lambda n: f"json_extract(j, '$.{n}')",
+    day="substr(ts, 1, 10)",
+    minute="substr(ts, 1, 16)",
+    time_param=str,
+    signals="json_each(CASE WHEN json_type(j, '$.signals') = 'array' "
+    "THEN json_extract(j, '$.signals') ELSE '[]' END) AS e",
+)
+POSTGRES = Dialect(
+    name="postgresql",
+    placeholder="$",
+    parsed="body::json",
+    text=lambda n: f"(j ->> '{n}')",
+    number=lambda n: f"(j ->> '{n}')::bigint",
+    day="to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    minute="to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI')",
+    time_param=to_datetime,
+    signals="json_array_elements_text(CASE WHEN json_typeof(j -> 'signals') = 'array' "
+    "THEN j -> 'signals' ELSE '[]'::json END) AS e(value)",
+)
+
+
+def ts_text(value: Any) -> str:
+    """A `ts` as the records write it (PostgreSQL hands over a datetime)."""
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return str(value)

@@ -1,0 +1,197 @@
+"""The insubstantiality report's figures (proxy/report.py) counted by the fetch-log store itself.
+
+A month of a fleet is tens of millions of records; read one by one through the replica that
+answered `GET /v1/reports/sites` (a JSON body each, on its event loop for PostgreSQL), the
+report took that replica's CPU from its scrapers for as long. The store groups them instead and
+hands over a row per site and group: kinds, decisions, reasons and bytes per UTC day; each
+site's busiest minute; its distinct URLs; the opt-out signals, site statuses, legal bases and
+policy versions counted. proxy/report.py adds them up into its figures (its docstring defines
+them); the records counted are those of kinds `fetch`, `gateway_fetch` and `websocket`, without
+a tunnel opened to nowhere (proxy/audit/dialect.py, `counted`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.audit.dialect import POSTGRES
+from proxy.audit.dialect import SQLITE
+from proxy.audit.dialect import Dialect
+from proxy.audit.dialect import ts_text
+from proxy.audit.query import RecordQuery
+from proxy.audit.unauthenticated import EVENT_KIND as UNAUTHENTICATED_REFUSALS
+from proxy.websocket import KIND as WEBSOCKET
+
+KINDS = ("fetch", "gateway_fetch", WEBSOCKET)
+_REACHED = "decision IN ('forwarded', 'withheld')"
+_HAS_SITE = "coalesce(site, '') <> ''"
+
+
+@dataclass
+class ReportRows:
+    # (site, kind, decision, reason, day, records, bytes, first ts, last ts)
+    groups: list[tuple[str, str, str, str | None, str, int, int, str, str]]
+    peak_minutes: list[tuple[str, str, int]]  # (site, minute, records)
+    distinct_urls: list[tuple[str, int]]
+    signals: list[tuple[str, str, int]]  # (site, signal, times)
+    statuses: list[tuple[str, int, int]]  # (site, status, records)
+    legal_bases: list[tuple[str, str, int]]
+    policy_versions: list[tuple[str, str, int]]
+    first_ts: str | None
+    last_ts: str | None
+    without_site: int  # counted records with no site
+    replicas: list[tuple[str, int, int]]  # (replica, first seq, last seq), every record
+    unauthenticated: list[dict[str, Any]]  # the unauthenticated_refusals events, whole
+
+
+# (S608 below: the SQL texts hold no value; the values are parameters, RecordQuery's.)
+
+
+def _statements(
+    query: RecordQuery, d: Dialect, optout_reasons: frozenset[str]
+) -> dict[str, tuple[str, list[Any]]]:
+    counted, params = d.counted(
+        query,
+        KINDS,
+        {
+            "size": f"coalesce({d.number('response_bytes')}, 0)",
+            "status": d.number("status"),
+            "legal_basis": d.text("legal_basis"),
+            "policy_version": d.text("policy_version"),
+        },
+    )
+    optouts = ", ".join(f"'{reason}'" for reason in sorted(optout_reasons))
+    by_minute = (
+        f"SELECT site, {d.minute} AS minute, count(*) AS n FROM {counted} "  # noqa: S608
+        f"WHERE {_HAS_SITE} AND kind IN ('fetch', 'gateway_fetch') AND {_REACHED} "
+        "GROUP BY site, minute"
+    )
+
+    def per_site(column: str, *conditions: str) -> str:
+        return (
+            f"SELECT site, {column}, count(*) FROM {counted} "  # noqa: S608
+            f"WHERE {' AND '.join((_HAS_SITE, *conditions))} GROUP BY site, {column}"
+        )
+
+    where, where_params = d.where(query)
+    events, event_params = d.where(query, f"kind = '{UNAUTHENTICATED_REFUSALS}'")
+    return {
+        "groups": (
+            f"SELECT site, kind, decision, reason, {d.day} AS day, count(*), "  # noqa: S608
+            f"sum(size), min(ts), max(ts) FROM {counted} WHERE {_HAS_SITE} "
+            "GROUP BY site, kind, decision, reason, day",
+            params,
+        ),
+        # each site's busiest minute of its traffic, the earliest on a tie
+        "peak_minutes": (
+            "SELECT site, minute, n FROM (SELECT site, minute, n, row_number() OVER "  # noqa: S608
+            f"(PARTITION BY site ORDER BY n DESC, minute) AS k FROM ({by_minute}) AS m) AS p "
+            "WHERE k = 1",
+            params,
+        ),
+        "distinct_urls": (
+            f"SELECT site, count(DISTINCT url) FROM {counted} "  # noqa: S608
+            f"WHERE {_HAS_SITE} AND kind = 'fetch' AND {_REACHED} GROUP BY site",
+            params,
+        ),
+        "signals": (
+            f"SELECT site, e.value, count(*) FROM {counted}, {d.signals} "  # noqa: S608
+            f"WHERE {_HAS_SITE} AND kind = 'fetch' AND decision IN ('refused', 'withheld') "
+            f"AND reason IN ({optouts}) GROUP BY site, e.value",
+            params,
+        ),
+        "statuses": (per_site("status", _REACHED, "status IN (429, 503)"), params),
+        "legal_bases": (
+            per_site("legal_basis", "kind = 'fetch'", _REACHED, "coalesce(legal_basis, '') <> ''"),
+            params,
+        ),
+        "policy_versions": (
+            per_site("policy_version", "coalesce(policy_version, '') <> ''"),
+            params,
+        ),
+        "span": (
+            "SELECT min(ts), max(ts), "  # noqa: S608
+            f"coalesce(sum(CASE WHEN {_HAS_SITE} THEN 0 ELSE 1 END), 0) FROM {counted}",
+            params,
+        ),
+        "replicas": (
+            f"SELECT replica, min(seq), max(seq) FROM fetch_records {where} "  # noqa: S608
+            "GROUP BY replica",
+            where_params,
+        ),
+        "unauthenticated": (
+            f"SELECT body FROM fetch_records {events} ORDER BY replica, seq",  # noqa: S608
+            event_params,
+        ),
+    }
+
+
+def _rows(results: dict[str, list[tuple[Any, ...]]]) -> ReportRows:
+    [(first, last, without_site)] = results["span"]
+    return ReportRows(
+        groups=[
+            (site, kind, decision, reason, day, int(n), int(size or 0), ts_text(a), ts_text(b))
+            for site, kind, decision, reason, day, n, size, a, b in results["groups"]
+        ],
+        peak_minutes=[(site, minute, int(n)) for site, minute, n in results["peak_minutes"]],
+        distinct_urls=[(site, int(n)) for site, n in results["distinct_urls"]],
+        signals=[(site, str(signal), int(n)) for site, signal, n in results["signals"]],
+        statuses=[(site, int(status), int(n)) for site, status, n in results["statuses"]],
+        legal_bases=[(site, basis, int(n)) for site, basis, n in results["legal_bases"]],
+        policy_versions=[(site, v, int(n)) for site, v, n in results["policy_versions"]],
+        first_ts=None if first is None else ts_text(first),
+        last_ts=None if last is None else ts_text(last),
+        without_site=int(without_site or 0),
+        replicas=[(r, int(a), int(b)) for r, a, b in results["replicas"]],
+        unauthenticated=[json.loads(body) for (body,) in results["unauthenticated"]],
+    )
+
+
+def _empty() -> ReportRows:
+    return ReportRows([], [], [], [], [], [], [], None, None, 0, [], [])
+
+
+def sqlite_report(path: Path, query: RecordQuery, optout_reasons: frozenset[str]) -> ReportRows:
+    """From a SQLite fetch log (blocking: run it in a worker thread)."""
+    from proxy.audit.sqlite_store import connect
+    from proxy.audit.sqlite_store import read_schema
+
+    conn = connect(path, readonly=True)
+    try:
+        if not read_schema(conn).has("fetch_records"):
+            return _empty()
+        conn.execute("BEGIN")  # one snapshot for every statement (WAL)
+        try:
+            results = {
+                name: [tuple(row) for row in conn.execute(sql, params)]
+                for name, (sql, params) in _statements(query, SQLITE, optout_reasons).items()
+            }
+        finally:
+            conn.rollback()
+        return _rows(results)
+    finally:
+        conn.close()
+
+
+async def postgres_report(
+    dsn: str, query: RecordQuery, optout_reasons: frozenset[str]
+) -> ReportRows:
+    import asyncpg
+
+    from proxy.audit.postgres_store import read_schema
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not (await read_schema(conn)).has("fetch_records"):
+            return _empty()
+        results: dict[str, list[tuple[Any, ...]]] = {}
+        # One snapshot for every statement: a record stored meanwhile is in all or in none.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            for name, (sql, params) in _statements(query, POSTGRES, optout_reasons).items():
+                results[name] = [tuple(row) for row in await conn.fetch(sql, *params)]
+        return _rows(results)
+    finally:
+        await conn.close()

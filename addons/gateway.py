@@ -34,6 +34,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http import is_h3_alpn
 
 from addons import named_connections
+from addons.buffered_bytes import RECEIVED
 from addons.client_events import ERROR_ANSWER
 from addons.client_events import LATE_STREAM
 from addons.http_guard import ANSWER_NOW
@@ -241,9 +242,11 @@ class SiteAnswer:
         return cls._of(resp, stream.received, stream.sha256)
 
     @classmethod
-    def head_only(cls, resp: http.Response) -> SiteAnswer:
-        """A response whose body mitmproxy was still buffering: its head, no size, no hash."""
-        return cls._of(resp, None, None)
+    def broken_off(cls, flow: http.HTTPFlow) -> SiteAnswer:
+        """A response whose body mitmproxy was still buffering when the fetch ended: its head,
+        and the bytes of its body that had come (addons/buffered_bytes.py); no hash."""
+        assert flow.response is not None
+        return cls._of(flow.response, flow.metadata.get(RECEIVED, 0), None)
 
     @classmethod
     def _of(cls, resp: http.Response, size: int | None, digest: str | None) -> SiteAnswer:
@@ -928,7 +931,9 @@ class Gateway:
                 state.ctx.site, resp.status_code, resp.headers.get("retry-after")
             )
         length = resp.headers.get("content-length", "")
-        if not length.isdigit():
+        if state.method == "HEAD" or resp.status_code in _NO_CONTENT:
+            pass  # no content whatever Content-Length says: held whole for the response hook
+        elif not length.isdigit():
             # Buffered whole by mitmproxy up to stream_large_bodies, then streamed: by this
             # gateway's stream from there on (addons/client_events.py).
             flow.metadata[LATE_STREAM] = functools.partial(self._stream, state, flow.request, resp)
@@ -1169,7 +1174,10 @@ class Gateway:
             elif kind is None:  # (the gateway's own kills are recorded before this hook)
                 state.decision = refuse(
                     Reason.INTERRUPTED,
-                    "the client hung up while the answer was being delivered",
+                    "the client hung up while the answer was being delivered"
+                    if state.stream is not None
+                    else "the client hung up while the gateway was receiving the answer "
+                    "(nothing of it was delivered)",
                     site=state.site,
                 )
             elif kind is not None:  # the site's failure, before its answer or mid-body
@@ -1185,6 +1193,10 @@ class Gateway:
                 )
             if state.stream is not None and flow.response is not None and state.answer is None:
                 self._cut_short(state, flow.response, state.stream)  # mid-body, either side
+            elif flow.response is not None and state.answer is None and not state.settled:
+                # Buffered, and broken off mid-body by either side: the site sent what came of
+                # it, charged to its bytes_per_day and on the record (not hashed: not whole).
+                state.answer = SiteAnswer.broken_off(flow)
         self._finish(flow, state)
 
     def release_held(self) -> int:
@@ -1235,8 +1247,8 @@ class Gateway:
             if resp is not None and state.answer is None:
                 if state.stream is not None:
                     self._cut_short(state, resp, state.stream)
-                else:  # buffered: what came of its body is mitmproxy's, not counted here
-                    state.answer = SiteAnswer.head_only(resp)
+                else:  # buffered: what came of its body, counted as it came
+                    state.answer = SiteAnswer.broken_off(flow)
             self._finish(flow, state)
             if flow.killable:
                 flow.kill()
@@ -1904,8 +1916,11 @@ def _ask_for_a_readable_body(req: http.Request) -> None:
 def _read_body(scan: BodyScan, resp: http.Response) -> None:
     """Scan a buffered body, decoded no further than the scan reads (a page's head, an image's
     metadata; HOLD_LIMIT at most: a small compressed body may decode to gigabytes). A body in a
-    coding the gateway does not know is read as sent, as a browser renders it; one that is not
-    valid in its coding is not read: its headers' signals count. The record says either."""
+    coding the gateway does not know is read as sent, as a browser renders it; so is one that is
+    not in the coding it names from its first bytes on (a JPEG labelled gzip: a client that keeps
+    the bytes as sent, curl without --compressed, has that image). One that stops being valid
+    after some of it decoded is read that far: its headers' signals count. The record says
+    either."""
     body = resp.raw_content or b""
     encoding = _body_codings(resp.headers)
     decoder = BodyDecoder.of(encoding, HOLD_LIMIT)
@@ -1914,7 +1929,11 @@ def _read_body(scan: BodyScan, resp: http.Response) -> None:
     try:
         scan.read(body, decoder)
     except ValueError as e:
-        scan.cannot_decode(str(e))
+        if scan.fed:
+            scan.cannot_decode(str(e))
+        else:
+            scan.read_as_sent(f"{e}; read as sent")
+            scan.read(body, BodyDecoder.of("", HOLD_LIMIT))
     scan.finish()
 
 

@@ -50,15 +50,20 @@ def _looks_as_expected() -> bool:
     )
 
 
+# The blank line that ends a head, as mitmproxy (h11) finds it: lines may end in a bare LF
+# (RFC 9112 2.2). Looking for CRLF CRLF only, a bare-LF 103 was taken for the final answer.
+_END_OF_HEAD = re.compile(rb"\n\r?\n")
+
+
 def skip_interim(data: bytes) -> tuple[bytes, list[bytes]]:
     """`data` without the complete interim heads it begins with; and their status lines."""
     skipped = []
     while _INTERIM.match(data):
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
+        end = _END_OF_HEAD.search(data)
+        if end is None:
             break  # not all here yet: mitmproxy waits for more, and so do we
-        skipped.append(data[: data.find(b"\r\n")])
-        data = data[end + 4 :]
+        skipped.append(data[: data.find(b"\n")].rstrip(b"\r"))
+        data = data[end.end() :]
     return data, skipped
 
 

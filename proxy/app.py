@@ -25,9 +25,11 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.addons import tlsconfig
 from mitmproxy.master import Master
 
+from addons import buffered_bytes
 from addons import interim
 from addons import named_connections
 from addons import stream_release
+from addons import trailers
 from addons.gateway import Gateway
 from addons.http_guard import Limits
 from proxy.admin import make_app
@@ -162,6 +164,19 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
             "interim_not_installed",
             note="this mitmproxy's HTTP/1 client differs from what addons/interim.py expects: "
             "a site's interim (1xx) answer before its final one ends the exchange",
+        )
+    if not buffered_bytes.install():
+        log.warning(
+            "buffered_bytes_not_installed",
+            note="this mitmproxy's HttpStream differs from what addons/buffered_bytes.py "
+            "expects: a buffered answer broken off before its end is recorded and charged as "
+            "0 bytes",
+        )
+    if not trailers.install():
+        log.warning(
+            "trailers_not_installed",
+            note="this mitmproxy's HTTP/1 layer differs from what addons/trailers.py expects: a "
+            "chunked answer with trailer fields may stop its exchange",
         )
     streams_released = stream_release.install()
     if not streams_released:

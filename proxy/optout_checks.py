@@ -184,9 +184,12 @@ class BodyScan:
         self._head = b""
         self.done = False
         self.undecodable: str | None = None  # why the body could not be read, if it could not
+        self.fed = False  # whether any of the body has been read
         self.partial: str | None = None  # why only a part of the body was there to read
 
     def feed(self, chunk: bytes) -> bool:
+        if chunk:
+            self.fed = True
         if self.done:
             return True
         if self._html is not None:

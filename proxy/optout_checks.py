@@ -635,7 +635,7 @@ class OptOutChecks:
                     Kind.NOAI,
                     "body:undecodable",
                     False,
-                    f"the body's opt-outs were not read: {scan.undecodable}",
+                    f"the body was not read in its Content-Encoding: {scan.undecodable}",
                 )
             )
         if scan.partial is not None:

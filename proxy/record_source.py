@@ -5,6 +5,7 @@ or PostgreSQL (an audit DSN)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,19 @@ type Visit = Callable[[dict[str, Any]], None]
 def read_errors() -> tuple[type[BaseException], ...]:
     """What reading a fetch log from the command line can fail with for a reason the user can
     act on (a bad argument, a missing file, a store it cannot reach, a database that does not
-    exist or refuses the role): said in one line, exit 2, not a traceback."""
+    exist or refuses the role, a SQLite file that is no database): said in one line, exit 2,
+    not a traceback; in the admin API a 503."""
     import asyncpg
 
-    return (ValueError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+    return (ValueError, OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def unreadable() -> tuple[type[BaseException], ...]:
+    """`read_errors`, and a fetch log of a newer schema than this gateway's: what the admin API
+    answers 503 "the fetch log store cannot be read" for."""
+    from proxy.audit.schema import SchemaTooNew
+
+    return (SchemaTooNew, *read_errors())
 
 
 @dataclass(frozen=True)

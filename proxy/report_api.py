@@ -12,8 +12,8 @@ from proxy.admin import problem
 from proxy.admin import query_param
 from proxy.audit.query import check_window
 from proxy.audit.query import parse_time
-from proxy.audit.schema import SchemaTooNew
 from proxy.record_source import RecordSource
+from proxy.record_source import unreadable
 from proxy.report import CSP
 from proxy.report import MEDIA_TYPES
 from proxy.report import RENDERERS
@@ -45,7 +45,7 @@ async def sites_report(request: web.Request) -> web.Response:
             policy_version=rt.policy_version,
             policy_source=str(rt.settings.policy_file),
         )
-    except (OSError, SchemaTooNew) as e:
+    except unreadable() as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     # On a worker thread: the report of a broad crawl (tens of thousands of sites) takes a
     # second or more to render, which held every request the replica was deciding.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 
 from aiohttp import web
 
@@ -15,9 +14,8 @@ from proxy.admin import problem
 from proxy.admin import query_param
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
-from proxy.audit.schema import SchemaTooNew
 from proxy.record_source import RecordSource
-from proxy.record_source import read_errors
+from proxy.record_source import unreadable
 from proxy.report_api import FLUSH_TIMEOUT
 from proxy.usage import team_usage
 
@@ -31,7 +29,10 @@ async def usage_endpoint(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     q = request.query
     try:
-        since = parse_time(q["since"]) if q.get("since") else start_of_today()
+        if q.get("since"):
+            since: str | None = parse_time(q["since"])
+        else:  # today, unless a window's end is named: then all before it
+            since = None if q.get("until") else start_of_today()
         until = parse_time(q["until"]) if q.get("until") else None
         query = RecordQuery(
             since=since,
@@ -44,10 +45,9 @@ async def usage_endpoint(request: web.Request) -> web.Response:
         return problem(400, str(e))
     await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
     source = RecordSource(rt.settings.data_dir, rt.settings.audit_dsn)
-    unreadable: tuple[type[BaseException], ...] = (SchemaTooNew, sqlite3.Error, *read_errors())
     try:
         rows = await source.team_usage(query)
-    except unreadable as e:
+    except unreadable() as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     body = team_usage(request[CALLER_TEAM], rows, since=since, until=until)
     body["filters"] = {k: v for k, v in (("site", query.site), ("project", query.project)) if v}
@@ -68,7 +68,11 @@ ROUTES: list[Route] = [
             "503": "the fetch log store cannot be read",
         },
         parameters=(
-            query_param("since", "records from this time on (ISO 8601; default: today 00:00 UTC)"),
+            query_param(
+                "since",
+                "records from this time on (ISO 8601; default: today 00:00 UTC, or the first "
+                "record if `until` is given)",
+            ),
             query_param("until", "records before this time (ISO 8601)"),
             query_param("site", "only this site (a policy site id or a registrable domain)"),
             query_param("project", "only this project"),

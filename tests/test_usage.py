@@ -161,6 +161,10 @@ def test_filters_and_the_window(traffic) -> None:
     first = min(r["ts"] for r in records)
     assert usage(gw)["period"]["since"].endswith("T00:00:00.000000Z")
     assert usage(gw, f"?since=2000-01-01&until={first}")["totals"]["requests"] == 0
+    # a window's end alone: everything before it (not today's start, after its end: a 400)
+    before = usage(gw, f"?until={first}")
+    assert before["period"]["since"] is None and before["totals"]["requests"] == 0
+    assert usage(gw, "?until=2999-01-01")["totals"] == usage(gw)["totals"]
     answer = requests.get(
         gw.admin + "/v1/usage?since=tomorrow", auth=(TEAM, TEAM_TOKEN), timeout=10
     )

@@ -886,6 +886,17 @@ def covering(takedowns: Sequence[Takedown]) -> Callable[[dict[str, Any]], list[s
     return match
 
 
+def hosts_of(takedowns: Sequence[Takedown]) -> tuple[str, ...]:
+    """The hosts the takedowns name: every URL their manifests list holds one of them (a
+    record's URL is normalized as their targets are; a domain's subdomains end with it)."""
+    hosts = {
+        target if td.scope is Scope.DOMAIN else urlsplit(target).hostname or ""
+        for td in takedowns
+        for target in td.targets
+    }
+    return tuple(sorted(h for h in hosts if h))
+
+
 def manifest_row(rec: dict[str, Any]) -> dict[str, Any]:
     return {name: rec.get(name) for name in MANIFEST_FIELDS}
 

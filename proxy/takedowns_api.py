@@ -32,6 +32,7 @@ from proxy.takedowns import StateUnavailable
 from proxy.takedowns import Takedown
 from proxy.takedowns import TakedownRegistry
 from proxy.takedowns import covering
+from proxy.takedowns import hosts_of
 from proxy.takedowns import manifest_row
 
 # Records of this replica still on their way to the store are waited for, this long at most,
@@ -79,8 +80,10 @@ async def manifests(rt: Runtime, takedowns: list[Takedown]) -> dict[str, list[di
             out[takedown_id].append(manifest_row(rec))
 
     # The whole log, not up to the filing: a replica the takedown had not reached yet forwarded
-    # what it covers after it was filed (`covers`).
-    await _source(rt).scan(RecordQuery(), visit)
+    # what it covers after it was filed (`covers`). Only the records whose URL holds one of the
+    # takedowns' hosts are read (the store cuts them by their url column; 150 000 records read
+    # whole took 4 s a listing).
+    await _source(rt).scan(RecordQuery(url_contains=hosts_of(takedowns)), visit)
     return out
 
 

@@ -52,6 +52,9 @@ class RecordQuery:
     decision: str | None = None
     replica: str | None = None
     after: tuple[str, int] | None = None  # cursor: (replica, seq) already seen
+    # Only records whose URL holds one of these strings (a takedown's hosts): a cut the store
+    # makes before any body is read, never a content filter of an export.
+    url_contains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.decision is not None and self.decision not in DECISIONS:
@@ -105,6 +108,13 @@ class RecordQuery:
             if value is not None:
                 params.append(value)
                 clauses.append(f"{column} {op} {p()}")
+        if self.url_contains:
+            likes = []
+            for part in self.url_contains:
+                # (`%` is no character of a host; `_` matches any one: a few more rows read)
+                params.append(f"%{part}%")
+                likes.append(f"url LIKE {p()}")
+            clauses.append("(" + " OR ".join(likes) + ")")
         if self.after is not None:
             marks = []
             for cursor_part in (self.after[0], self.after[0], self.after[1]):

@@ -8,6 +8,7 @@ own usage, the sites' budgets), the team's proxy credentials. An auditor can rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable
 from collections.abc import Callable
@@ -267,7 +268,11 @@ def guarded(route: Route) -> Handler:
             return refused
         if route.method != "GET" and (refused := await check_body(request, route)) is not None:
             return refused
-        return await route.handler(request)
+        try:
+            return await route.handler(request)
+        except ClientGone:
+            # (an answer no one reads: 499 as nginx logs it, for the access log and tests)
+            return web.Response(status=499, reason="Client Closed Request")
 
     return handler
 
@@ -287,6 +292,31 @@ async def _wrong_token(request: web.Request, denied: web.Response) -> web.Respon
     finally:
         guesses.answered(request.remote)
     return denied
+
+
+class ClientGone(Exception):
+    """The caller closed its connection before the answer was ready."""
+
+
+async def while_connected[T](request: web.Request, work: Awaitable[T]) -> T:
+    """`work`'s result; cancelled (its PostgreSQL query with it) once the caller has gone:
+    aiohttp lets a handler run on after its client closed, and a poll that gave up (curl
+    --max-time) left its query running to the end, each keeping a database backend busy."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=CLIENT_CHECK_SECONDS)
+        if done:
+            return task.result()
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone
+
+
+# How often a long answer's work checks that its caller is still there.
+CLIENT_CHECK_SECONDS = 0.25
 
 
 # -- handlers ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from proxy.admin import RUNTIME
 from proxy.admin import Route
 from proxy.admin import problem
 from proxy.admin import query_param
+from proxy.admin import while_connected
 from proxy.audit.query import check_window
 from proxy.audit.query import parse_time
 from proxy.record_source import RecordSource
@@ -37,13 +38,16 @@ async def sites_report(request: web.Request) -> web.Response:
         return problem(400, str(e))
     await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
     try:
-        report = await build_report(
-            RecordSource(rt.settings.data_dir, rt.settings.audit_dsn),
-            since=since,
-            until=until,
-            policy=rt.compiled.loaded.policy,
-            policy_version=rt.policy_version,
-            policy_source=str(rt.settings.policy_file),
+        report = await while_connected(
+            request,
+            build_report(
+                RecordSource(rt.settings.data_dir, rt.settings.audit_dsn),
+                since=since,
+                until=until,
+                policy=rt.compiled.loaded.policy,
+                policy_version=rt.policy_version,
+                policy_source=str(rt.settings.policy_file),
+            ),
         )
     except unreadable() as e:
         return problem(503, f"the fetch log store cannot be read: {e}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import weakref
 
 from aiohttp import web
 
@@ -12,12 +14,18 @@ from proxy.admin import TEAM
 from proxy.admin import Route
 from proxy.admin import problem
 from proxy.admin import query_param
+from proxy.admin import while_connected
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import parse_time
 from proxy.record_source import RecordSource
 from proxy.record_source import unreadable
 from proxy.report_api import FLUSH_TIMEOUT
 from proxy.usage import team_usage
+
+# The longest a team's usage is counted for before the answer is a 503 (and the query stops).
+USAGE_TIMEOUT = 60.0
+# The teams whose usage each admin app is counting now (one at a time per team).
+_COUNTING: weakref.WeakKeyDictionary[web.Application, set[str]] = weakref.WeakKeyDictionary()
 
 
 def start_of_today() -> str:
@@ -43,13 +51,36 @@ async def usage_endpoint(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         return problem(400, str(e))
-    await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
-    source = RecordSource(rt.settings.data_dir, rt.settings.audit_dsn)
+    team = request[CALLER_TEAM]
+    counting = _COUNTING.setdefault(request.app, set())
+    if team in counting:
+        # One count per team at a time on a replica: each is a scan of the team's records in
+        # the window; polls that pile up would keep as many database backends busy.
+        resp = problem(
+            429,
+            "this team's usage is being counted for an earlier request on this replica; "
+            "ask again once it has answered",
+        )
+        resp.headers["Retry-After"] = "5"
+        return resp
+    counting.add(team)
     try:
-        rows = await source.team_usage(query)
+        await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
+        source = RecordSource(rt.settings.data_dir, rt.settings.audit_dsn)
+        rows = await while_connected(
+            request, asyncio.wait_for(source.team_usage(query), USAGE_TIMEOUT)
+        )
+    except TimeoutError:
+        return problem(
+            503,
+            f"counting this window's records took over {USAGE_TIMEOUT:g} s; ask for a "
+            "shorter one (since, until)",
+        )
     except unreadable() as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
-    body = team_usage(request[CALLER_TEAM], rows, since=since, until=until)
+    finally:
+        counting.discard(team)
+    body = team_usage(team, rows, since=since, until=until)
     body["filters"] = {k: v for k, v in (("site", query.site), ("project", query.project)) if v}
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 
@@ -65,7 +96,8 @@ ROUTES: list[Route] = [
         {
             "200": "the team's usage (JSON)",
             "400": "a bad time",
-            "503": "the fetch log store cannot be read",
+            "429": "this team's usage is being counted for an earlier request (Retry-After)",
+            "503": "the fetch log store cannot be read, or the window took over 60 s to count",
         },
         parameters=(
             query_param(

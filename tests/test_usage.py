@@ -89,7 +89,9 @@ def expected_from_export(records: list[dict[str, Any]], team: str) -> dict[str, 
             # and a WebSocket's messages from the site: bytes, no request
             "bytes_received": sum(r["response_bytes"] or 0 for r in reached + talks),
             "refused_by_reason": dict(Counter(r["reason"] for r in refused)),
-            "last_refusal_url": max(refused, key=lambda r: r["ts"])["url"] if refused else None,
+            "last_refusal_url": max(refused, key=lambda r: (r["ts"], r["replica"], r["seq"]))["url"]
+            if refused
+            else None,
         }
 
     def by(name: str) -> dict[str | None, dict[str, Any]]:
@@ -257,6 +259,16 @@ def logged_records() -> list[FetchRecord]:
         ),
         fetch(
             7,
+            at + 6,
+            team=team,
+            decision="refused",
+            reason="rate_limited",
+            status=429,
+            url="https://a.example/tied.jpg",
+        ),
+        # the same ts: the later in chain order is the newest (on both stores alike)
+        fetch(
+            10,
             at + 6,
             team=team,
             decision="refused",

@@ -68,19 +68,14 @@ def _groups_sql(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
 
 
 def _last_refusals_sql(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
+    """Each site and project's newest refusal; on a tie in `ts`, the last in chain order (the
+    same on both stores)."""
     counted, params = _counted(query, dialect)
-    if dialect is POSTGRES:
-        sql = (
-            f"SELECT DISTINCT ON (site, project) body FROM {counted} "  # noqa: S608
-            "WHERE decision = 'refused' AND kind = 'fetch' "
-            "ORDER BY site, project, ts DESC, replica DESC, seq DESC"
-        )
-    else:
-        # SQLite: with max(), the other columns are those of the row that has it.
-        sql = (
-            f"SELECT body, max(ts) FROM {counted} "  # noqa: S608
-            "WHERE decision = 'refused' AND kind = 'fetch' GROUP BY site, project"
-        )
+    sql = (
+        "SELECT body FROM (SELECT body, row_number() OVER (PARTITION BY site, project "  # noqa: S608
+        f"ORDER BY ts DESC, replica DESC, seq DESC) AS k FROM {counted} "
+        "WHERE decision = 'refused' AND kind = 'fetch') AS n WHERE k = 1"
+    )
     return sql, params
 
 
@@ -105,7 +100,7 @@ def sqlite_usage(path: Path, query: RecordQuery) -> UsageRows:
             sql, params = _groups_sql(query, SQLITE)
             groups = [_group(row) for row in conn.execute(sql, params)]
             sql, params = _last_refusals_sql(query, SQLITE)
-            last = [json.loads(body) for body, _ in conn.execute(sql, params)]
+            last = [json.loads(body) for (body,) in conn.execute(sql, params)]
         finally:
             conn.rollback()
         return UsageRows(groups, last)

@@ -30,6 +30,7 @@ from addons import interim
 from addons import named_connections
 from addons import stream_release
 from addons import trailers
+from addons import websocket_limit
 from addons.gateway import Gateway
 from addons.http_guard import Limits
 from proxy.admin import make_app
@@ -171,6 +172,12 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
             note="this mitmproxy's HttpStream differs from what addons/buffered_bytes.py "
             "expects: a buffered answer broken off before its end is recorded and charged as "
             "0 bytes",
+        )
+    if not websocket_limit.install():
+        log.warning(
+            "websocket_limit_not_installed",
+            note="this mitmproxy's WebSocket layer differs from what addons/websocket_limit.py "
+            "expects: a WebSocket message is held however large it grows",
         )
     if not trailers.install():
         log.warning(

@@ -3,8 +3,9 @@
 The upgrade (`101`) is a fetch with no content; what the site sends after it is content the
 team received all the same. Its record (kind `websocket`, written when the connection ends) says
 how many messages went each way and how many bytes, and its `content_sha256` is the SHA-256 of
-the site's message payloads as they came, in order, one after the other; the site's bytes count
-against its `bytes_per_day`.
+the site's message payloads, in order, one after the other; the site's bytes count against its
+`bytes_per_day`. Payloads as delivered: mitmproxy (wsproto) has undone permessage-deflate before
+any hook sees a message.
 """
 
 from __future__ import annotations

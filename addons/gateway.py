@@ -1079,7 +1079,8 @@ class Gateway:
             except OSError:  # no room in the spool: written first once it has
                 self.rt.fetch_log.keep_until_room(rec)
         except FetchLogClosed:
-            log.warning("websocket_not_recorded", id=rec.id, upgrade=state.id, note=rec.note)
+            # (what the record would have said, for reconciling by hand)
+            log.warning("websocket_not_recorded", **rec.to_dict())
             return
         if rec.response_bytes and rec.site is not None:
             label = self.rt.site_labels.observe(rec.site)

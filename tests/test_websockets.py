@@ -410,6 +410,8 @@ def test_a_websocket_open_at_sigterm_is_recorded_or_said_to_be_lost(gateway: Gat
     assert talked or lost, (recs, gateway.logs()[-3000:])
     if talked:
         assert talked[0]["response_bytes"] == 3000
+    else:  # what the record would have said, to reconcile by hand
+        assert lost[0]["response_bytes"] == 3000 and lost[0]["site"] and lost[0]["team"]
 
 
 def test_a_websocket_that_ends_while_the_spool_is_full_is_recorded_once_it_has_room(

@@ -1071,7 +1071,13 @@ class Gateway:
         rec.request_bytes = talk.from_client_bytes
         rec.response_bytes = talk.from_site_bytes
         rec.content_sha256 = talk.sha256
-        rec.note = talk.note(state.id)
+        ws = flow.websocket
+        ended = (
+            websocket.closed(ws.close_code, ws.close_reason, ws.closed_by_client)
+            if ws is not None
+            else websocket.closed(None, None, None)
+        )
+        rec.note = talk.note(state.id, inputs.recordable(ended))
         rec.duration_ms = round(max(0.0, time.time() - talk.started) * 1000, 3)
         try:
             try:

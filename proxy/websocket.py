@@ -41,9 +41,20 @@ class Conversation:
         """The site's messages' digest; None when it sent none (no content, as for a 204)."""
         return self._digest.hexdigest() if self.from_site else None
 
-    def note(self, upgrade_id: str) -> str:
+    def note(self, upgrade_id: str, ended: str) -> str:
+        """The record's note; `ended`: how the conversation ended (`closed`)."""
         return (
             f"WebSocket opened by request {upgrade_id}: {self.from_site} message(s) from the "
-            f"site, {self.from_client} from the client; content_sha256 covers the site's "
-            "message payloads in order"
+            f"site, {self.from_client} from the client; {ended}; content_sha256 covers the "
+            "site's message payloads in order"
         )
+
+
+def closed(code: int | None, reason: str | None, by_client: bool | None) -> str:
+    """How a WebSocket ended, as its record's note says it."""
+    if code is None:
+        return "ended without a close frame (a connection closed or reset)"
+    # (neither side: the gateway closed both, addons/websocket_limit.py)
+    who = "the client" if by_client else "the site" if by_client is not None else "the gateway"
+    said = f' "{reason}"' if reason else ""
+    return f"closed by {who} with code {code}{said}"

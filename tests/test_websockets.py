@@ -166,6 +166,11 @@ def test_every_way_a_websocket_ends_has_its_record(gateway: Gateway, how: str):
         [rec] = ws_records(gateway)
     assert rec["response_bytes"] == 150, rec
     assert rec["content_sha256"] == hashlib.sha256(b"x" * 100 + b"y" * 50).hexdigest()
+    # how it ended, in the note
+    if how == "site_close_4001":
+        assert 'closed by the site with code 4001 "bye"' in rec["note"], rec["note"]
+    else:
+        assert "closed by" in rec["note"] or "without a close frame" in rec["note"], rec["note"]
 
 
 def test_a_site_that_never_answers_the_upgrade_has_no_websocket_record(gateway: Gateway):
@@ -245,6 +250,7 @@ def test_one_endless_message_is_closed_past_the_limit_not_held_without_bound(gat
     assert peak - before < 96 * 1024, (before, peak)
     [rec] = ws_records(gateway)
     assert rec["response_bytes"] == 0 and "0 message(s) from the site" in rec["note"]
+    assert 'closed by the gateway with code 1009 "message too big"' in rec["note"], rec["note"]
 
 
 def test_a_client_that_reads_slowly_does_not_make_the_gateway_hold_the_sites_stream(

@@ -48,6 +48,7 @@ class Counts:
     withheld_by_reason: Counter[str] = field(default_factory=Counter)
     bytes_received: int = 0
     last_refusal: dict[str, Any] | None = None
+    _last_at: tuple[str, str, int] | None = None  # its ts, replica and seq: the newest wins
 
     def add(self, group: UsageGroup) -> None:
         self.requests += group.requests
@@ -59,8 +60,11 @@ class Counts:
             self.refused_by_reason[str(group.reason)] += group.requests
 
     def refused(self, rec: dict[str, Any]) -> None:
-        """A newest refusal of a part of this group: kept if it is the newest of the whole."""
-        if self.last_refusal is None or rec["ts"] > self.last_refusal["ts"]:
+        """A newest refusal of a part of this group: kept if it is the newest of the whole (on
+        a tie in `ts`, the last in chain order, as the store picks within a part)."""
+        at = (rec["ts"], rec.get("replica") or "", int(rec.get("seq") or 0))
+        if self._last_at is None or at > self._last_at:
+            self._last_at = at
             self.last_refusal = {name: rec.get(name) for name in LAST_REFUSAL_FIELDS}
 
     def figures(self) -> dict[str, Any]:

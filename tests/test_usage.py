@@ -266,11 +266,13 @@ def logged_records() -> list[FetchRecord]:
             status=429,
             url="https://a.example/tied.jpg",
         ),
-        # the same ts: the later in chain order is the newest (on both stores alike)
+        # the same ts, another project: the later in chain order is the newest (on both stores
+        # alike, and across the groups the totals add up)
         fetch(
             10,
             at + 6,
             team=team,
+            project="p-tied",
             decision="refused",
             reason="rate_limited",
             status=429,

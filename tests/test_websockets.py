@@ -523,6 +523,7 @@ def test_wss_through_connect_and_tls_with_a_real_client_is_recorded(
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()  # (its self-pipe and the server's transports, else warned of at a later GC)
     assert got == texts
     recs = ws_records(gateway)
     assert len(recs) == 1, recs

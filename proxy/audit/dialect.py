@@ -1,6 +1,8 @@
 """What differs between the fetch-log stores' SQL when they count records themselves (the team
 usage, the report): how a field of the record's JSON body is read, how a time is cut to its
-day or minute, and how a time comes back. The rest of the SQL is the same for both.
+day or minute, and how a time comes back. The rest of the SQL is the same for both, and so is
+how it runs: every statement of one answer in one snapshot (`sqlite_results`,
+`postgres_results`).
 """
 
 from __future__ import annotations
@@ -8,15 +10,21 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import to_datetime
 
+# A store's statements, by name (SQL, parameters), and their rows, by the same names.
+type Statements = dict[str, tuple[str, list[Any]]]
+type Results = dict[str, list[tuple[Any, ...]]]
+# A record that reached the site (as proxy/report.py's REACHED).
+REACHED = "decision IN ('forwarded', 'withheld')"
+
 
 @dataclass(frozen=True)
 class Dialect:
-    name: str
     placeholder: str
     # The body as JSON (`j`). PostgreSQL's `json`, not `jsonb`: a field read from the text
     # costs less than converting every body whole (a report of 100 000 records: 2.8 s, 4.1 s).
@@ -56,7 +64,6 @@ class Dialect:
 
 
 SQLITE = Dialect(
-    name="sqlite",
     placeholder="?",
     parsed="body",
     text=lambda n: f"json_extract(j, '$.{n}')",
@@ -68,7 +75,6 @@ SQLITE = Dialect(
     "THEN json_extract(j, '$.signals') ELSE '[]' END) AS e",
 )
 POSTGRES = Dialect(
-    name="postgresql",
     placeholder="$",
     parsed="body::json",
     text=lambda n: f"(j ->> '{n}')",
@@ -86,3 +92,45 @@ def ts_text(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return str(value)
+
+
+def sqlite_results(path: Path, statements: Statements) -> Results | None:
+    """The statements' rows from a SQLite fetch log, in one snapshot (a read transaction, WAL);
+    None when it has no records table yet. Blocking: run it in a worker thread."""
+    from proxy.audit.sqlite_store import connect
+    from proxy.audit.sqlite_store import read_schema
+
+    conn = connect(path, readonly=True)
+    try:
+        if not read_schema(conn).has("fetch_records"):
+            return None
+        conn.execute("BEGIN")
+        try:
+            return {
+                name: [tuple(row) for row in conn.execute(sql, params)]
+                for name, (sql, params) in statements.items()
+            }
+        finally:
+            conn.rollback()
+    finally:
+        conn.close()
+
+
+async def postgres_results(dsn: str, statements: Statements) -> Results | None:
+    """The statements' rows from a PostgreSQL fetch log, in one snapshot (a record stored
+    meanwhile is in every statement's rows or in none); None when it has no records table."""
+    import asyncpg
+
+    from proxy.audit.postgres_store import read_schema
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not (await read_schema(conn)).has("fetch_records"):
+            return None
+        results: Results = {}
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            for name, (sql, params) in statements.items():
+                results[name] = [tuple(row) for row in await conn.fetch(sql, *params)]
+        return results
+    finally:
+        await conn.close()

@@ -18,15 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit.dialect import POSTGRES
+from proxy.audit.dialect import REACHED
 from proxy.audit.dialect import SQLITE
 from proxy.audit.dialect import Dialect
+from proxy.audit.dialect import Results
+from proxy.audit.dialect import Statements
+from proxy.audit.dialect import postgres_results
+from proxy.audit.dialect import sqlite_results
 from proxy.audit.dialect import ts_text
 from proxy.audit.query import RecordQuery
 from proxy.audit.unauthenticated import EVENT_KIND as UNAUTHENTICATED_REFUSALS
 from proxy.websocket import KIND as WEBSOCKET
 
 KINDS = ("fetch", "gateway_fetch", WEBSOCKET)
-_REACHED = "decision IN ('forwarded', 'withheld')"
 _HAS_SITE = "coalesce(site, '') <> ''"
 
 
@@ -50,9 +54,7 @@ class ReportRows:
 # (S608 below: the SQL texts hold no value; the values are parameters, RecordQuery's.)
 
 
-def _statements(
-    query: RecordQuery, d: Dialect, optout_reasons: frozenset[str]
-) -> dict[str, tuple[str, list[Any]]]:
+def _statements(query: RecordQuery, d: Dialect, optout_reasons: frozenset[str]) -> Statements:
     counted, params = d.counted(
         query,
         KINDS,
@@ -66,7 +68,7 @@ def _statements(
     optouts = ", ".join(f"'{reason}'" for reason in sorted(optout_reasons))
     by_minute = (
         f"SELECT site, {d.minute} AS minute, count(*) AS n FROM {counted} "  # noqa: S608
-        f"WHERE {_HAS_SITE} AND kind IN ('fetch', 'gateway_fetch') AND {_REACHED} "
+        f"WHERE {_HAS_SITE} AND kind IN ('fetch', 'gateway_fetch') AND {REACHED} "
         "GROUP BY site, minute"
     )
 
@@ -94,7 +96,7 @@ def _statements(
         ),
         "distinct_urls": (
             f"SELECT site, count(DISTINCT url) FROM {counted} "  # noqa: S608
-            f"WHERE {_HAS_SITE} AND kind = 'fetch' AND {_REACHED} GROUP BY site",
+            f"WHERE {_HAS_SITE} AND kind = 'fetch' AND {REACHED} GROUP BY site",
             params,
         ),
         "signals": (
@@ -103,9 +105,9 @@ def _statements(
             f"AND reason IN ({optouts}) GROUP BY site, e.value",
             params,
         ),
-        "statuses": (per_site("status", _REACHED, "status IN (429, 503)"), params),
+        "statuses": (per_site("status", REACHED, "status IN (429, 503)"), params),
         "legal_bases": (
-            per_site("legal_basis", "kind = 'fetch'", _REACHED, "coalesce(legal_basis, '') <> ''"),
+            per_site("legal_basis", "kind = 'fetch'", REACHED, "coalesce(legal_basis, '') <> ''"),
             params,
         ),
         "policy_versions": (
@@ -129,7 +131,7 @@ def _statements(
     }
 
 
-def _rows(results: dict[str, list[tuple[Any, ...]]]) -> ReportRows:
+def _rows(results: Results) -> ReportRows:
     [(first, last, without_site)] = results["span"]
     return ReportRows(
         groups=[
@@ -150,48 +152,18 @@ def _rows(results: dict[str, list[tuple[Any, ...]]]) -> ReportRows:
     )
 
 
-def _empty() -> ReportRows:
-    return ReportRows([], [], [], [], [], [], [], None, None, 0, [], [])
+def _report(results: Results | None) -> ReportRows:
+    if results is None:  # no records table yet
+        return ReportRows([], [], [], [], [], [], [], None, None, 0, [], [])
+    return _rows(results)
 
 
 def sqlite_report(path: Path, query: RecordQuery, optout_reasons: frozenset[str]) -> ReportRows:
     """From a SQLite fetch log (blocking: run it in a worker thread)."""
-    from proxy.audit.sqlite_store import connect
-    from proxy.audit.sqlite_store import read_schema
-
-    conn = connect(path, readonly=True)
-    try:
-        if not read_schema(conn).has("fetch_records"):
-            return _empty()
-        conn.execute("BEGIN")  # one snapshot for every statement (WAL)
-        try:
-            results = {
-                name: [tuple(row) for row in conn.execute(sql, params)]
-                for name, (sql, params) in _statements(query, SQLITE, optout_reasons).items()
-            }
-        finally:
-            conn.rollback()
-        return _rows(results)
-    finally:
-        conn.close()
+    return _report(sqlite_results(path, _statements(query, SQLITE, optout_reasons)))
 
 
 async def postgres_report(
     dsn: str, query: RecordQuery, optout_reasons: frozenset[str]
 ) -> ReportRows:
-    import asyncpg
-
-    from proxy.audit.postgres_store import read_schema
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        if not (await read_schema(conn)).has("fetch_records"):
-            return _empty()
-        results: dict[str, list[tuple[Any, ...]]] = {}
-        # One snapshot for every statement: a record stored meanwhile is in all or in none.
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            for name, (sql, params) in _statements(query, POSTGRES, optout_reasons).items():
-                results[name] = [tuple(row) for row in await conn.fetch(sql, *params)]
-        return _rows(results)
-    finally:
-        await conn.close()
+    return _report(await postgres_results(dsn, _statements(query, POSTGRES, optout_reasons)))

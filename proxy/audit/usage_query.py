@@ -20,8 +20,13 @@ from typing import Any
 from typing import NamedTuple
 
 from proxy.audit.dialect import POSTGRES
+from proxy.audit.dialect import REACHED
 from proxy.audit.dialect import SQLITE
 from proxy.audit.dialect import Dialect
+from proxy.audit.dialect import Results
+from proxy.audit.dialect import Statements
+from proxy.audit.dialect import postgres_results
+from proxy.audit.dialect import sqlite_results
 from proxy.audit.dialect import ts_text
 from proxy.audit.query import RecordQuery
 from proxy.websocket import KIND as WEBSOCKET
@@ -60,8 +65,7 @@ def _groups_sql(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
     sql = (
         "SELECT site, project, decision, reason, "  # noqa: S608
         "coalesce(sum(CASE WHEN kind = 'fetch' THEN 1 END), 0), "
-        "coalesce(sum(CASE WHEN decision IN ('forwarded', 'withheld') "
-        f"OR kind = '{WEBSOCKET}' THEN size END), 0), "
+        f"coalesce(sum(CASE WHEN {REACHED} OR kind = '{WEBSOCKET}' THEN size END), 0), "
         f"min(ts), max(ts) FROM {counted} GROUP BY site, project, decision, reason"
     )
     return sql, params
@@ -86,43 +90,23 @@ def _group(row: Any) -> UsageGroup:
     )
 
 
+def _statements(query: RecordQuery, dialect: Dialect) -> Statements:
+    return {"groups": _groups_sql(query, dialect), "last": _last_refusals_sql(query, dialect)}
+
+
+def _usage(results: Results | None) -> UsageRows:
+    if results is None:
+        return UsageRows([], [])
+    return UsageRows(
+        [_group(row) for row in results["groups"]],
+        [json.loads(body) for (body,) in results["last"]],
+    )
+
+
 def sqlite_usage(path: Path, query: RecordQuery) -> UsageRows:
     """From a SQLite fetch log (blocking: run it in a worker thread)."""
-    from proxy.audit.sqlite_store import connect
-    from proxy.audit.sqlite_store import read_schema
-
-    conn = connect(path, readonly=True)
-    try:
-        if not read_schema(conn).has("fetch_records"):
-            return UsageRows([], [])
-        conn.execute("BEGIN")  # one snapshot for both statements (WAL)
-        try:
-            sql, params = _groups_sql(query, SQLITE)
-            groups = [_group(row) for row in conn.execute(sql, params)]
-            sql, params = _last_refusals_sql(query, SQLITE)
-            last = [json.loads(body) for (body,) in conn.execute(sql, params)]
-        finally:
-            conn.rollback()
-        return UsageRows(groups, last)
-    finally:
-        conn.close()
+    return _usage(sqlite_results(path, _statements(query, SQLITE)))
 
 
 async def postgres_usage(dsn: str, query: RecordQuery) -> UsageRows:
-    import asyncpg
-
-    from proxy.audit.postgres_store import read_schema
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        if not (await read_schema(conn)).has("fetch_records"):
-            return UsageRows([], [])
-        # One snapshot for both statements: a record stored meanwhile is in both or in neither.
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            sql, params = _groups_sql(query, POSTGRES)
-            groups = [_group(row) for row in await conn.fetch(sql, *params)]
-            sql, params = _last_refusals_sql(query, POSTGRES)
-            last = [json.loads(row["body"]) for row in await conn.fetch(sql, *params)]
-        return UsageRows(groups, last)
-    finally:
-        await conn.close()
+    return _usage(await postgres_results(dsn, _statements(query, POSTGRES)))

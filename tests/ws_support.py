@@ -1,13 +1,14 @@
-"""Raw WebSocket parts for the WebSocket probe: a site scripted frame by frame, a raw client."""
+"""Raw WebSocket parts for tests/test_websockets.py: a site scripted frame by frame, a raw
+client."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import socket
 import struct
-import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
+from tests.support import RawSite
 from tests.support import basic
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -82,7 +84,7 @@ def deflate(payload: bytes) -> bytes:
     return out[:-4]
 
 
-class RawWsSite:
+class RawWsSite(RawSite):
     """A WebSocket site on 127.0.0.1 whose every connection runs `script(sock, head)` after a
     101 (or without one when `answer` is False)."""
 
@@ -100,24 +102,11 @@ class RawWsSite:
         self.answer = answer
         self.heads: list[bytes] = []
         self.errors: list[BaseException] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         try:
-            head = read_head(conn)
+            head = read_head(conn)  # (byte by byte: nothing after the head is taken)
             self.heads.append(head)
             if head.split(b" ", 2)[1] == b"/robots.txt" and self.robots is not None:
                 body = self.robots.encode()
@@ -147,21 +136,11 @@ class RawWsSite:
         except BaseException as e:
             self.errors.append(e)
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
     def url(self, host: str = "site-c.test", path: str = "/ws") -> str:
         return f"http://{host}:{self.port}{path}"
-
-    def close(self) -> None:
-        self.listener.close()
-        for c in self.conns:
-            try:
-                c.close()
-            except OSError:
-                pass
 
     def __enter__(self) -> RawWsSite:
         return self

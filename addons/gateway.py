@@ -1041,18 +1041,24 @@ class Gateway:
         if state is not None and state.forwarded:
             state.conversation = Conversation(time.time())
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
         ws = flow.websocket
         if ws is None or not ws.messages:
             return
-        state: FlowState | None = flow.metadata.get(META)
-        if state is not None and state.conversation is not None:
-            message = ws.messages[-1]
-            state.conversation.add(from_client=message.from_client, content=message.content)
+        message = ws.messages[-1]
         # mitmproxy keeps every message in the flow for as long as the connection is open (a
         # browser's live feed held the gateway's memory by every byte it ever sent): the newest
         # is kept, for the hooks after this one; the conversation holds what the record needs.
         del ws.messages[:-1]
+        state: FlowState | None = flow.metadata.get(META)
+        talk = state.conversation if state is not None else None
+        if talk is None:
+            return
+        content, from_client = message.content, message.from_client
+        if len(content) < HASH_OFF_LOOP:
+            talk.add(from_client=from_client, content=content)
+        else:  # hashed on a worker thread, as a large body is (_sha256); the layer waits for it
+            await asyncio.to_thread(talk.add, from_client=from_client, content=content)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)

@@ -521,5 +521,5 @@ async def test_a_websocket_keeps_only_its_newest_message_in_memory(make_gateway)
         flow = tflow.twebsocketflow()
         assert len(flow.websocket.messages) > 1
         newest = flow.websocket.messages[-1]
-        gw.websocket_message(flow)
+        await gw.websocket_message(flow)
         assert flow.websocket.messages == [newest]

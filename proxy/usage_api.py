@@ -22,7 +22,8 @@ from proxy.record_source import unreadable
 from proxy.report_api import FLUSH_TIMEOUT
 from proxy.usage import team_usage
 
-# The longest a team's usage is counted for before the answer is a 503 (and the query stops).
+# The longest a team's usage is counted for before the answer is a 503 (and a PostgreSQL query
+# stops; a SQLite one, on a worker thread, runs to its end).
 USAGE_TIMEOUT = 60.0
 # The teams whose usage each admin app is counting now (one at a time per team).
 _COUNTING: weakref.WeakKeyDictionary[web.Application, set[str]] = weakref.WeakKeyDictionary()
@@ -35,6 +36,7 @@ def start_of_today() -> str:
 
 async def usage_endpoint(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    team = request[CALLER_TEAM]
     q = request.query
     try:
         if q.get("since"):
@@ -45,13 +47,12 @@ async def usage_endpoint(request: web.Request) -> web.Response:
         query = RecordQuery(
             since=since,
             until=until,
-            team=request[CALLER_TEAM],
+            team=team,
             site=q.get("site"),
             project=q.get("project"),
         )
     except ValueError as e:
         return problem(400, str(e))
-    team = request[CALLER_TEAM]
     counting = _COUNTING.setdefault(request.app, set())
     if team in counting:
         # One count per team at a time on a replica: each is a scan of the team's records in

@@ -7,6 +7,11 @@ MAX_MESSAGE_BYTES (the 32 MiB a body of unknown length is buffered to) both side
 with 1009 ("message too big", RFC 6455 7.4.1) and the conversation ends: its record has what came
 before, and the log says why (`websocket_message_too_big`).
 
+With permessage-deflate the bound is on the message as inflated: wsproto inflated all it had of a
+frame at once (1 MB of zeros on the wire is 1 GiB), so the gateway's memory rose by hundreds of
+MiB for one frame before anything could look at it. A message is inflated no further than
+MAX_MESSAGE_BYTES (zlib's `max_length`); past it, both sides are closed as above.
+
 Installed once at start-up by the gateway (proxy/app.py), next to addons/interim.py; only where
 mitmproxy's WebSocket layer still gathers a message's fragments as this assumes.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import zlib
 from collections.abc import Generator
 from typing import Any
 
@@ -24,6 +30,9 @@ from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers import websocket
 from wsproto.connection import ConnectionState
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
+from wsproto.frame_protocol import ParseFailed
 
 from addons.patches import install_once
 
@@ -31,6 +40,10 @@ log = structlog.get_logger("crawlwarden.websocket")
 
 MAX_MESSAGE_BYTES = 32 * 2**20
 TOO_BIG = 1009  # RFC 6455 7.4.1: a message too big to process
+TOO_BIG_REASON = "message too big"
+# PerMessageDeflate attributes: what its current message inflated to, and that it went past
+_INFLATED = "_crawlwarden_inflated"
+_OVER = "_crawlwarden_over"
 
 
 def _looks_as_expected() -> bool:
@@ -40,10 +53,13 @@ def _looks_as_expected() -> bool:
     if relay is None or connection is None:
         return False
     source = inspect.getsource(relay)
+    inflate = inspect.getsource(PerMessageDeflate.frame_inbound_payload_data)
     return (
         "src_ws.frame_buf[-1] +=" in source
         and "WebsocketEndHook(self.flow)" in source
         and "self._handle_event = self.done" in source
+        and "self._decompressor.decompress(bytes(data))" in inflate
+        and "self._proto = FrameProtocol(" in inspect.getsource(wsproto.Connection.__init__)
     )
 
 
@@ -52,34 +68,101 @@ def held(layer: Any) -> int:
     return max(sum(map(len, ws.frame_buf)) for ws in (layer.server_ws, layer.client_ws))
 
 
+def _inflate(extension: PerMessageDeflate, proto: Any, data: bytes) -> bytes | CloseReason:
+    """wsproto's inflation of a frame's payload (as it comes), to MAX_MESSAGE_BYTES a message:
+    past it, wsproto is told the message is too big (it closes with 1009, as mitmproxy relays)."""
+    if not extension._inbound_compressed or not extension._inbound_is_compressible:
+        return data
+    assert extension._decompressor is not None
+    inflated = getattr(extension, _INFLATED, 0)
+    try:
+        # max_length is room + 1 (never 0, which zlib reads as "no limit"): one byte more says
+        # the message is over; the rest of the input is left in the decompressor, unread
+        out = extension._decompressor.decompress(data, MAX_MESSAGE_BYTES - inflated + 1)
+    except zlib.error:
+        return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+    inflated += len(out)
+    if inflated > MAX_MESSAGE_BYTES:
+        setattr(extension, _OVER, inflated)
+        raise ParseFailed(TOO_BIG_REASON, CloseReason.MESSAGE_TOO_BIG)
+    setattr(extension, _INFLATED, inflated)
+    return out
+
+
+def _inflated_past_the_limit(layer: Any) -> int | None:
+    """What a message a side sent inflated to before it was stopped (None: none was)."""
+    for ws in (layer.server_ws, layer.client_ws):
+        for extension in getattr(getattr(ws, "_proto", None), "extensions", ()):
+            over = getattr(extension, _OVER, None)
+            if over is not None:
+                return over
+    return None
+
+
+def _bound_inflation() -> None:
+    original_payload = PerMessageDeflate.frame_inbound_payload_data
+    original_complete = PerMessageDeflate.frame_inbound_complete
+
+    @functools.wraps(original_payload)
+    def frame_inbound_payload_data(self: Any, proto: Any, data: bytes) -> bytes | CloseReason:
+        return _inflate(self, proto, bytes(data))
+
+    @functools.wraps(original_complete)
+    def frame_inbound_complete(self: Any, proto: Any, fin: bool) -> bytes | CloseReason | None:
+        if fin:  # the message's last frame (the sync tail inflates to a few bytes at most)
+            setattr(self, _INFLATED, 0)
+        return original_complete(self, proto, fin)
+
+    PerMessageDeflate.frame_inbound_payload_data = frame_inbound_payload_data  # type: ignore[method-assign]
+    PerMessageDeflate.frame_inbound_complete = frame_inbound_complete  # type: ignore[method-assign]
+
+
 @install_once(_looks_as_expected)
 def install() -> None:
     """Bound what mitmproxy's WebSocket layer holds of a message (once per process)."""
+    _bound_inflation()
     layer_class = websocket.WebsocketLayer
     original = layer_class.relay_messages
 
     @functools.wraps(original)
     def relay_messages(self: Any, event: events.Event) -> Generator[Any, Any, None]:
-        yield from original(self, event)
+        relayed = original(self, event)
+        reply = None
+        while True:
+            try:
+                command = relayed.send(reply)
+            except StopIteration:
+                break
+            if isinstance(command, websocket.WebsocketEndHook):
+                inflated = _inflated_past_the_limit(self)
+                if inflated is not None and self.flow.websocket is not None:
+                    # wsproto's close reads as the sender's: it was the gateway's (both sides)
+                    self.flow.websocket.closed_by_client = None
+                    _too_big(self, inflated=inflated)
+            reply = yield command
         if self._handle_event == self.done or held(self) <= MAX_MESSAGE_BYTES:
             return
-        log.warning(
-            "websocket_message_too_big",
-            url=self.flow.request.pretty_url,
-            held=held(self),
-            limit=MAX_MESSAGE_BYTES,
-        )
+        _too_big(self, held=held(self))
         for ws in (self.server_ws, self.client_ws):
             ws.frame_buf = [b""]
             if ws.state in {ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING}:
-                close = wsproto.events.CloseConnection(TOO_BIG, "message too big")
+                close = wsproto.events.CloseConnection(TOO_BIG, TOO_BIG_REASON)
                 yield ws.send2(close)
             yield commands.CloseConnection(ws.conn)
         if self.flow.websocket is not None:
             self.flow.websocket.close_code = TOO_BIG
-            self.flow.websocket.close_reason = "message too big"
+            self.flow.websocket.close_reason = TOO_BIG_REASON
         yield websocket.WebsocketEndHook(self.flow)
         self.flow.live = False
         self._handle_event = self.done
 
     layer_class.relay_messages = relay_messages  # type: ignore[method-assign]
+
+
+def _too_big(layer: Any, **size: int) -> None:
+    log.warning(
+        "websocket_message_too_big",
+        url=layer.flow.request.pretty_url,
+        limit=MAX_MESSAGE_BYTES,
+        **size,
+    )

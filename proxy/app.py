@@ -28,6 +28,7 @@ from mitmproxy.master import Master
 from addons import buffered_bytes
 from addons import interim
 from addons import named_connections
+from addons import read_backpressure
 from addons import stream_release
 from addons import trailers
 from addons import websocket_limit
@@ -178,6 +179,13 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
             "websocket_limit_not_installed",
             note="this mitmproxy's WebSocket layer differs from what addons/websocket_limit.py "
             "expects: a WebSocket message is held however large it grows",
+        )
+    if not read_backpressure.install():
+        log.warning(
+            "read_backpressure_not_installed",
+            note="this mitmproxy's connection handler differs from what "
+            "addons/read_backpressure.py expects: what a fast sender sends while a hook runs "
+            "is held however much it is",
         )
     if not trailers.install():
         log.warning(

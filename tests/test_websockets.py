@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -195,11 +196,12 @@ def test_an_upgrade_refused_by_policy_reaches_no_site_and_has_no_websocket_recor
     assert [(r["kind"], r["decision"]) for r in recs] == [("fetch", "refused")], recs
 
 
-def _rss_kib(pid: int) -> int:
+def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident memory now (VmRSS) or at its highest so far (VmHWM), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 def test_one_endless_message_is_closed_past_the_limit_not_held_without_bound(gateway: Gateway):
@@ -251,6 +253,89 @@ def test_one_endless_message_is_closed_past_the_limit_not_held_without_bound(gat
     [rec] = ws_records(gateway)
     assert rec["response_bytes"] == 0 and "0 message(s) from the site" in rec["note"]
     assert 'closed by the gateway with code 1009 "message too big"' in rec["note"], rec["note"]
+
+
+def test_one_compressed_frame_is_not_inflated_past_the_limit(gateway: Gateway):
+    # permessage-deflate: ~1 MB on the wire that inflates to 1 GiB of zeros. wsproto inflated
+    # what it had of a frame at once, unbounded: the gateway's peak memory rose by hundreds of
+    # MiB for one frame (each of a few such sites could have it killed) before the 32 MiB check
+    # on what it holds. Inflated no further than the limit; both sides closed with 1009.
+    inflated = 1 << 30
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = bytes(1 << 24)
+    wire = b"".join(c.compress(zeros) for _ in range(inflated // len(zeros)))
+    wire += c.flush(zlib.Z_SYNC_FLUSH)
+    wire = wire[:-4]
+
+    def script(sock: socket.socket, head: bytes) -> None:
+        try:
+            sock.sendall(frame(BINARY, wire, rsv1=True))
+            time.sleep(5)
+        except OSError:
+            return
+
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    before = _rss_kib(pid, "VmHWM")
+    ext = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    with RawWsSite(script, extensions=ext) as site:
+        sock, head = raw_client(
+            gateway.port, site.url(), extensions="permessage-deflate", timeout=60
+        )
+        assert head.startswith(b"HTTP/1.1 101"), head
+        try:
+            _, op, _, payload = read_frame(sock)
+        finally:
+            sock.close()
+    assert op == CLOSE and payload[:2] == struct.pack("!H", 1009), (op, payload[:40])
+    assert payload[2:] == b"message too big", payload
+    peak = _rss_kib(pid, "VmHWM")
+    # what a 32 MiB message costs as it is held and copied, not what the frame inflates to
+    assert peak - before < 160 * 1024, (before, peak, len(wire))
+    [rec] = ws_records(gateway)
+    assert rec["response_bytes"] == 0, rec
+    assert 'closed by the gateway with code 1009 "message too big"' in rec["note"], rec["note"]
+    assert "websocket_message_too_big" in gateway.logs()
+
+
+def test_a_fast_site_is_read_no_faster_than_its_messages_are_relayed(gateway: Gateway):
+    # A site that sends 300 MiB of small messages at once, the scraper reading all of it. Each
+    # message goes through the gateway's hooks; while one runs, mitmproxy went on reading
+    # from the site and queued what came (it waits only for its own write buffers): the gateway
+    # held most of the 300 MiB until it had relayed it. It now stops reading from a connection
+    # while more than a few MiB it read waits for a hook, as TCP lets it.
+    count, size = 30_000, 10 * 1024
+    message = frame(BINARY, b"f" * size)
+    batch = message * 100
+
+    def script(sock: socket.socket, head: bytes) -> None:
+        sock.settimeout(60)
+        try:
+            for _ in range(count // 100):
+                sock.sendall(batch)
+            time.sleep(60)
+        except OSError:
+            return
+
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    before = _rss_kib(pid, "VmHWM")
+    got = 0
+    with RawWsSite(script) as site:
+        sock, head = raw_client(gateway.port, site.url(), timeout=60)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        try:
+            deadline = time.monotonic() + 90
+            while got < count and time.monotonic() < deadline:
+                _, op, _, payload = read_frame(sock)
+                assert op == BINARY and len(payload) == size, (op, len(payload))
+                got += 1
+        finally:
+            sock.close()
+    peak = _rss_kib(pid, "VmHWM")
+    print("VmHWM before, after (KiB):", before, peak, "messages relayed:", got)
+    assert got == count
+    assert peak - before < 64 * 1024, (before, peak)
 
 
 def test_a_client_that_reads_slowly_does_not_make_the_gateway_hold_the_sites_stream(

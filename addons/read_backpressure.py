@@ -1,0 +1,128 @@
+"""A connection is read no faster than the gateway takes in what it read.
+
+mitmproxy reads each connection in a loop, hands every read to its layers and then waits for its
+own write buffers only (`ConnectionHandler.drain_writers`). A layer waiting for a hook (an
+addon's `websocket_message`, `requestheaders`, ...) keeps each event that comes meanwhile in a
+queue of its own, and nothing bounds that queue: a site sending small WebSocket messages faster
+than the hooks relay them (each message is a hook) made the gateway hold all it sent, 300 MiB and
+more, until it had relayed it.
+
+After each read, the loop now also waits while the layers waiting for a hook hold more than
+MAX_QUEUED_BYTES of what was read (on every connection of the client's handler, the client's
+and the sites'): the socket's buffers fill and TCP slows the sender, as it does when the
+gateway cannot write. Every hook's end wakes the wait. What those queues hold stays within one
+read (64 KiB) of the bound. (Not what an HTTP/1 connection's parser buffers: requests a client
+pipelines behind one still under way wait in mitmproxy's HTTP/1 layer, unbounded.)
+
+Installed once at start-up by the gateway (proxy/app.py), next to addons/websocket_limit.py;
+only where mitmproxy's connection handler and layers still look as this assumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from typing import Any
+
+from mitmproxy.proxy import commands
+from mitmproxy.proxy import layer
+from mitmproxy.proxy import server
+
+from addons.patches import install_once
+
+MAX_QUEUED_BYTES = 4 * 2**20
+
+
+def _looks_as_expected() -> bool:
+    handler = getattr(server, "ConnectionHandler", None)
+    if handler is None or not hasattr(handler, "drain_writers"):
+        return False
+    loop = inspect.getsource(handler.handle_connection)
+    handle = inspect.getsource(layer.Layer.handle_event)
+    return (
+        "await self.drain_writers()" in loop
+        and "command.blocking = self" in handle
+        and "self._paused_event_queue.append(event)" in handle
+        and "await self.server_event(events.HookCompleted(hook))"
+        in inspect.getsource(handler.hook_task)
+    )
+
+
+class _Waiting:
+    """A handler's layers paused for a hook (while paused or with events queued), and what wakes
+    a read loop waiting for them."""
+
+    __slots__ = ("changed", "layers")
+
+    def __init__(self) -> None:
+        self.layers: dict[int, layer.Layer] = {}
+        self.changed: asyncio.Event | None = None  # (made by a loop that waits)
+
+    def queued(self) -> int:
+        """The bytes of the events the paused layers hold; layers done with drop out."""
+        total = 0
+        for key, paused in list(self.layers.items()):
+            queue = paused._paused_event_queue
+            if paused._paused is None and not queue:
+                del self.layers[key]
+                continue
+            for event in queue:
+                data = getattr(event, "data", None)
+                if isinstance(data, (bytes, bytearray)):
+                    total += len(data)
+        return total
+
+    async def change(self) -> None:
+        """Until a hook ends."""
+        if self.changed is None:
+            self.changed = asyncio.Event()
+        await self.changed.wait()
+
+    def wake(self) -> None:
+        if self.changed is not None:
+            self.changed.set()
+            self.changed = None
+
+
+def _waiting(handler: Any) -> _Waiting:
+    try:
+        return handler._crawlwarden_waiting
+    except AttributeError:
+        handler._crawlwarden_waiting = waiting = _Waiting()
+        return waiting
+
+
+@install_once(_looks_as_expected)
+def install() -> None:
+    """Make mitmproxy's read loops wait for the layers as for the writers (once per process)."""
+    handler_class = server.ConnectionHandler
+    original_hook_task = handler_class.hook_task
+    original_drain = handler_class.drain_writers
+
+    @functools.wraps(original_hook_task)
+    async def hook_task(self: Any, hook: commands.StartHook) -> None:
+        paused = hook.blocking
+        if not isinstance(paused, layer.Layer):
+            await original_hook_task(self, hook)
+            return
+        waiting = _waiting(self)
+        waiting.layers[id(paused)] = paused
+        try:
+            await original_hook_task(self, hook)
+        finally:
+            if paused._paused is None and not paused._paused_event_queue:
+                waiting.layers.pop(id(paused), None)  # (re-paused: its next hook holds it)
+            waiting.wake()
+
+    @functools.wraps(original_drain)
+    async def drain_writers(self: Any) -> None:
+        await original_drain(self)
+        waiting = getattr(self, "_crawlwarden_waiting", None)
+        if waiting is None or not waiting.layers:
+            return
+        while waiting.queued() > MAX_QUEUED_BYTES:
+            await waiting.change()
+
+    handler_class.hook_task = hook_task  # type: ignore[method-assign]
+    handler_class.drain_writers = drain_writers  # type: ignore[method-assign]

@@ -11,8 +11,8 @@ After each read, the loop now also waits while the layers waiting for a hook hol
 MAX_QUEUED_BYTES of what was read (on every connection of the client's handler, the client's
 and the sites'): the socket's buffers fill and TCP slows the sender, as it does when the
 gateway cannot write. Every hook's end wakes the wait. What those queues hold stays within one
-read (64 KiB) of the bound. (Not what an HTTP/1 connection's parser buffers: requests a client
-pipelines behind one still under way wait in mitmproxy's HTTP/1 layer, unbounded.)
+read (64 KiB) of the bound. (What an HTTP/1 client pipelines behind a request under way waits
+in mitmproxy's HTTP/1 parser, not in such a queue: addons/http_guard.py bounds it.)
 
 Installed once at start-up by the gateway (proxy/app.py), next to addons/websocket_limit.py;
 only where mitmproxy's connection handler and layers still look as this assumes.

@@ -1,8 +1,10 @@
 """The admin API (aiohttp, on --admin): health, metrics, policy reload and, for auditors, records.
 
-Public: /healthz, /readyz, /metrics, /openapi.json. Everything under /v1 needs a bearer token
-whose role (from the policy's admin_tokens) the endpoint admits, or, where a team may read (its
-own usage, the sites' budgets), the team's proxy credentials. An auditor can read, never change.
+Public: /healthz, /readyz, /openapi.json, and /metrics unless the policy has a token of role
+`metrics` (then it takes that, an auditor's or an admin's). Everything under /v1 needs a bearer
+token whose role (from the policy's admin_tokens) the endpoint admits, or, where a team may read
+(its own usage, the sites' budgets), the team's proxy credentials. An auditor can read, never
+change.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ type Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUNTIME = web.AppKey("runtime", Runtime)
 # A scraper team's role: what it may read of its own (GET /v1/usage) and the sites' budgets.
 TEAM = "team"
+# Who may read /metrics when the policy closes it (a token of role `metrics` in admin_tokens):
+# its series have every team's requests per site, which a team does not see of another's.
+METRICS_READERS = ("metrics", "auditor", "admin")
 # Wrong bearer tokens are answered later the more an address has sent (the proxy port's rule:
 # proxy/auth_throttle.py), so guessing one is not cheap either.
 TOKEN_GUESSES = web.AppKey("token_guesses", AuthThrottle)
@@ -80,11 +85,12 @@ def authorize(request: web.Request, roles: tuple[str, ...]) -> web.Response | No
         role = TEAM
         request[CALLER_TEAM] = caller.identity.team
     if role is None:
-        resp = problem(
-            401,
-            "send Authorization: Bearer <token> of an admin or auditor, or a team's proxy "
-            "credentials as Basic <team>:<token> (curl -u) for what a team may read",
-        )
+        ways = []
+        if bearers := ", ".join(r for r in roles if r != TEAM):
+            ways.append(f"Bearer <token> of the policy's admin_tokens (role {bearers})")
+        if TEAM in roles:
+            ways.append("a team's proxy credentials as Basic <team>:<token> (curl -u)")
+        resp = problem(401, f"send Authorization: {', or '.join(ways)}")
         resp.headers["WWW-Authenticate"] = 'Bearer realm="crawlwarden-admin"'
         resp.headers.add("WWW-Authenticate", 'Basic realm="crawlwarden-admin"')
         return resp
@@ -261,9 +267,7 @@ def guarded(route: Route) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         denied = authorize(request, route.roles)
         if denied is not None:
-            if denied.status == 401 and request.headers.get("Authorization"):
-                return await _wrong_token(request, denied)
-            return denied
+            return await refusal(request, denied)
         if strict and (refused := check_query(request, accepted)) is not None:
             return refused
         if route.method != "GET" and (refused := await check_body(request, route)) is not None:
@@ -275,6 +279,13 @@ def guarded(route: Route) -> Handler:
             return web.Response(status=499, reason="Client Closed Request")
 
     return handler
+
+
+async def refusal(request: web.Request, denied: web.Response) -> web.Response:
+    """`authorize`'s refusal as sent: a wrong token's throttled (`_wrong_token`)."""
+    if denied.status == 401 and request.headers.get("Authorization"):
+        return await _wrong_token(request, denied)
+    return denied
 
 
 async def _wrong_token(request: web.Request, denied: web.Response) -> web.Response:
@@ -341,6 +352,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    if request.app[RUNTIME].compiled.admins.metrics_need_a_token:
+        denied = authorize(request, METRICS_READERS)
+        if denied is not None:
+            return await refusal(request, denied)
     resp = web.Response(body=generate_latest())
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     resp.charset = "utf-8"
@@ -381,7 +396,15 @@ ROUTES: list[Route] = [
         "Readiness: not draining, fetch log accepting records",
         {"200": "ready", "503": "not ready"},
     ),
-    Route("GET", "/metrics", metrics_endpoint, (), "Prometheus metrics", {"200": "metrics"}),
+    Route(
+        "GET",
+        "/metrics",
+        metrics_endpoint,
+        (),
+        "Prometheus metrics; public unless the policy has a token of role metrics (then: "
+        "metrics, auditor or admin)",
+        {"200": "metrics", "401": "no token (only where one is needed)", "403": "role not allowed"},
+    ),
     Route(
         "POST",
         "/v1/policy/reload",

@@ -110,13 +110,15 @@ class TeamDirectory:
 
 
 class AdminDirectory:
-    """Bearer tokens of the admin API, each with a role (`admin` or `auditor`)."""
+    """Bearer tokens of the admin API, each with a role (`admin`, `auditor` or `metrics`)."""
 
     def __init__(self, policy: Policy):
         self._tokens = [
             (t.token_digest(), t.role, t.name or f"admin_tokens[{i}]")
             for i, t in enumerate(policy.admin_tokens)
         ]
+        # A token of role `metrics` closes /metrics to whoever has none (admin.metrics_endpoint)
+        self.metrics_need_a_token = any(t.role == "metrics" for t in policy.admin_tokens)
 
     def role_of(self, authorization: str | None) -> str | None:
         holder = self.holder_of(authorization)

@@ -315,7 +315,9 @@ class Team(Secret):
 
 
 class AdminToken(Secret):
-    role: Literal["admin", "auditor"]
+    # `metrics`: reads /metrics only; with one in the policy, /metrics needs a token (this,
+    # an auditor's or an admin's) and is no longer public
+    role: Literal["admin", "auditor", "metrics"]
     # Who holds it, as records of what it did name them (`filed_by.token_fingerprint`);
     # without a name, its place in the list (`admin_tokens[0]`). Never derived from the token.
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.@+-]+$")] | None = None

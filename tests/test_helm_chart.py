@@ -219,7 +219,34 @@ INTERNAL_REDIS: dict[str, Any] = {
     "networkPolicy": {"enabled": True, "scraperNamespaces": {"names": ["scrapers"]}},
 }
 
-VALUE_SETS = {"default": {}, "ha": HA, "existing": EXISTING, "internal-redis": INTERNAL_REDIS}
+# /metrics closed: the policy has a token of role metrics, which the ServiceMonitor sends.
+METRICS_CLOSED: dict[str, Any] = {
+    **HA,
+    "policy": yaml.safe_dump(
+        policy_with(
+            teams=[{"name": TEAM, "token_env": "VISION_DATA_TOKEN", "projects": [PROJECT]}],
+            admin_tokens=[
+                {"role": "admin", "token_env": "ADMIN_TOKEN"},
+                {"role": "metrics", "token_env": "METRICS_TOKEN", "name": "prometheus"},
+            ],
+            audit={"signing_key_file": KEY_PATH},
+        ),
+        sort_keys=False,
+    ),
+    "adminTokens": {"tokens": {"ADMIN_TOKEN": "admin-secret-token", "METRICS_TOKEN": "m-token"}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "tokenEnv": "METRICS_TOKEN"},
+        "prometheusRule": {"enabled": True},
+    },
+}
+
+VALUE_SETS = {
+    "default": {},
+    "ha": HA,
+    "existing": EXISTING,
+    "internal-redis": INTERNAL_REDIS,
+    "metrics-closed": METRICS_CLOSED,
+}
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +350,24 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                 "path": {"type": "string"},
                                 "interval": _DURATION,
                                 "scrapeTimeout": _DURATION,
+                                # SafeAuthorization: credentials is a SecretKeySelector
+                                "authorization": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "type": {"type": "string"},
+                                        "credentials": {
+                                            "type": "object",
+                                            "required": ["key"],
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "key": {"type": "string"},
+                                                "name": {"type": "string"},
+                                                "optional": {"type": "boolean"},
+                                            },
+                                        },
+                                    },
+                                },
                             },
                         },
                     },
@@ -532,6 +577,19 @@ def test_the_service_monitor_scrapes_each_pod_once_with_a_statefulset_too():
     assert len(services) == 2  # the gateway's and the governing headless one
     scraped = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
     assert [s["metadata"]["name"] for s in scraped] == [FULLNAME]
+
+
+def test_a_closed_metrics_endpoint_is_scraped_with_the_policys_metrics_token():
+    [endpoint] = one(render(METRICS_CLOSED), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": f"{FULLNAME}-admin-tokens", "key": "METRICS_TOKEN"},
+    }
+    existing = {**METRICS_CLOSED, "adminTokens": {"existingSecret": "crawl-admin-tokens"}}
+    [endpoint] = one(render(existing), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"]["name"] == "crawl-admin-tokens"
+    [endpoint] = one(render(HA), "ServiceMonitor")["spec"]["endpoints"]
+    assert "authorization" not in endpoint  # /metrics public: nothing to send
 
 
 def test_existing_secrets_and_config_maps_are_referenced_not_created():
@@ -794,6 +852,25 @@ def test_the_grace_period_check_counts_the_fetch_log_flush():
         (
             {"mitmCA": {"existingSecret": "ca", "publish": {"namespaces": ["s"]}}},
             "copy its certificate into the scraper namespaces yourself",
+        ),
+        (
+            {**METRICS_CLOSED, "metrics": {"serviceMonitor": {"enabled": True}}},
+            "so /metrics needs one: set metrics.serviceMonitor.tokenEnv",
+        ),
+        (
+            {
+                **METRICS_CLOSED,
+                "metrics": {"serviceMonitor": {"enabled": True, "tokenEnv": "OTHER_TOKEN"}},
+            },
+            "OTHER_TOKEN is not in adminTokens.tokens",
+        ),
+        (
+            {
+                **METRICS_CLOSED,
+                "adminTokens": {"existingSecret": "s"},
+                "metrics": {"serviceMonitor": {"enabled": True, "tokenEnv": "ADMIN_TOKEN"}},
+            },
+            "no admin_tokens entry of the policy has role metrics and token_env ADMIN_TOKEN",
         ),
         ({"dashboards": {"enabled": True}}, "run helm/sync-dashboards.sh"),
         ({"metrics": {"prometheusRule": {"enabled": True}}}, "run helm/sync-dashboards.sh"),

@@ -225,6 +225,10 @@ Values that would deploy a gateway that cannot start, or that breaks a promise o
 {{- if and .Values.mitmCA.publish.namespaces (not (include "crawlwarden.chartCA" .)) -}}
 {{- fail "mitmCA.publish: the chart knows the CA certificate only when it is inline or generated; with mitmCA.existingSecret, copy its certificate into the scraper namespaces yourself (docs/kubernetes.md)" -}}
 {{- end -}}
+{{- $tokenEnv := .Values.metrics.serviceMonitor.tokenEnv -}}
+{{- if and $tokenEnv (not .Values.adminTokens.existingSecret) (not (hasKey .Values.adminTokens.tokens $tokenEnv)) -}}
+{{- fail (printf "metrics.serviceMonitor.tokenEnv: %s is not in adminTokens.tokens (nor is there an adminTokens.existingSecret): the ServiceMonitor reads the token from the admin tokens' Secret" $tokenEnv) -}}
+{{- end -}}
 {{- if not .Values.existingPolicyConfigMap -}}
 {{- include "crawlwarden.validatePolicy" . -}}
 {{- end -}}
@@ -256,6 +260,18 @@ its audit.signing_key_file is the mounted key. The gateway validates the rest at
 {{- if $missing -}}
 {{- fail (printf "the policy reads tokens from %s, which nothing sets: give them in teamTokens.tokens / adminTokens.tokens or an existingSecret" (join ", " $missing)) -}}
 {{- end -}}
+{{- end -}}
+{{- $metricsTokens := list -}}
+{{- range (index $doc "admin_tokens" | default list) -}}
+{{- if and (kindIs "map" .) (eq (toString .role) "metrics") -}}
+{{- $metricsTokens = append $metricsTokens (.token_env | default "") -}}
+{{- end -}}
+{{- end -}}
+{{- if and $metricsTokens .Values.metrics.serviceMonitor.enabled (not .Values.metrics.serviceMonitor.tokenEnv) -}}
+{{- fail "the policy has a token of role metrics, so /metrics needs one: set metrics.serviceMonitor.tokenEnv to its token_env (in adminTokens), or Prometheus gets 401" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.tokenEnv (not (has .Values.metrics.serviceMonitor.tokenEnv $metricsTokens)) -}}
+{{- fail (printf "metrics.serviceMonitor.tokenEnv: no admin_tokens entry of the policy has role metrics and token_env %s" .Values.metrics.serviceMonitor.tokenEnv) -}}
 {{- end -}}
 {{- $keyFile := "" -}}
 {{- if kindIs "map" (index $doc "audit") -}}

@@ -34,6 +34,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http import is_h3_alpn
 
 from addons import named_connections
+from addons import websocket_limit
 from addons.buffered_bytes import RECEIVED
 from addons.client_events import ERROR_ANSWER
 from addons.client_events import LATE_STREAM
@@ -320,6 +321,9 @@ class Gateway:
         # Requests come in and not yet forwarded or recorded (held for a budget, say), by id:
         # Runtime.deciding is how many (what a drain waits for).
         self._deciding: dict[str, tuple[http.HTTPFlow, FlowState]] = {}
+        # WebSockets open (their conversation not yet recorded), by upgrade request id: what a
+        # stop ends first (end_conversations).
+        self._talking: dict[str, http.HTTPFlow] = {}
         # Per client, the checked address of each (name, port) its https:// requests sent
         # without CONNECT go to: mitmproxy connects to the name, server_connect to this.
         self._tls_pins: weakref.WeakKeyDictionary[connection.Client, dict[tuple[str, int], str]] = (
@@ -1040,6 +1044,7 @@ class Gateway:
         state: FlowState | None = flow.metadata.get(META)
         if state is not None and state.forwarded:
             state.conversation = Conversation(time.time())
+            self._talking[state.id] = flow
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
         ws = flow.websocket
@@ -1066,6 +1071,7 @@ class Gateway:
         if state is None or talk is None:
             return
         state.conversation = None  # recorded once
+        self._talking.pop(state.id, None)
         if state.ctx is not None:
             self.rt.budgets.charge(state.ctx.site.key, talk.from_site_bytes)
         rec = self._build_record(flow, state)
@@ -1219,6 +1225,25 @@ class Gateway:
         for waiting in held:
             waiting.cancel()
         return len(held)
+
+    async def end_conversations(self, timeout: float) -> int:
+        """The gateway stops: every WebSocket still open is closed from here (1001 "going
+        away" to both sides) and recorded before the fetch log closes, `timeout` seconds at
+        most. Returns how many were open; what is left open after it is logged as before
+        (`websocket_not_recorded`) when mitmproxy ends it."""
+        open_now = list(self._talking.values())
+        if not open_now:
+            return 0
+        server = ctx.master.addons.get("proxyserver")
+        for flow in open_now:
+            try:
+                server.inject_event(websocket_limit.going_away(flow))
+            except ValueError:  # its client connection has just gone: ending on its own
+                pass
+        deadline = time.monotonic() + timeout
+        while self._talking and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return len(open_now)
 
     def record_unfinished(self) -> int:
         """The drain ran out: every request still under way is stopped and recorded now, as

@@ -12,6 +12,10 @@ frame at once (1 MB of zeros on the wire is 1 GiB), so the gateway's memory rose
 MiB for one frame before anything could look at it. A message is inflated no further than
 MAX_MESSAGE_BYTES (zlib's `max_length`); past it, both sides are closed as above.
 
+When the gateway stops, it ends the conversations still open itself (`going_away`): both sides
+are closed with 1001 ("going away", RFC 6455 7.4.1: a server going down), so that each has its
+record before the fetch log closes; left to the stop, they ended with the process, unrecorded.
+
 Installed once at start-up by the gateway (proxy/app.py), next to addons/interim.py; only where
 mitmproxy's WebSocket layer still gathers a message's fragments as this assumes.
 """
@@ -29,9 +33,11 @@ import wsproto
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers import websocket
+from mitmproxy.websocket import WebSocketMessage
 from wsproto.connection import ConnectionState
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
+from wsproto.frame_protocol import Opcode
 from wsproto.frame_protocol import ParseFailed
 
 from addons.patches import install_once
@@ -41,6 +47,7 @@ log = structlog.get_logger("crawlwarden.websocket")
 MAX_MESSAGE_BYTES = 32 * 2**20
 TOO_BIG = 1009  # RFC 6455 7.4.1: a message too big to process
 TOO_BIG_REASON = "message too big"
+GOING_AWAY = 1001  # RFC 6455 7.4.1: an endpoint going away (a server going down)
 # PerMessageDeflate attributes: what its current message inflated to, and that it went past
 _INFLATED = "_crawlwarden_inflated"
 _OVER = "_crawlwarden_over"
@@ -126,6 +133,9 @@ def install() -> None:
 
     @functools.wraps(original)
     def relay_messages(self: Any, event: events.Event) -> Generator[Any, Any, None]:
+        if isinstance(event, GoingAway):
+            yield from _close_both(self, GOING_AWAY, "going away")
+            return
         relayed = original(self, event)
         reply = None
         while True:
@@ -143,20 +153,37 @@ def install() -> None:
         if self._handle_event == self.done or held(self) <= MAX_MESSAGE_BYTES:
             return
         _too_big(self, held=held(self))
-        for ws in (self.server_ws, self.client_ws):
-            ws.frame_buf = [b""]
-            if ws.state in {ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING}:
-                close = wsproto.events.CloseConnection(TOO_BIG, TOO_BIG_REASON)
-                yield ws.send2(close)
-            yield commands.CloseConnection(ws.conn)
-        if self.flow.websocket is not None:
-            self.flow.websocket.close_code = TOO_BIG
-            self.flow.websocket.close_reason = TOO_BIG_REASON
-        yield websocket.WebsocketEndHook(self.flow)
-        self.flow.live = False
-        self._handle_event = self.done
+        yield from _close_both(self, TOO_BIG, TOO_BIG_REASON)
 
     layer_class.relay_messages = relay_messages  # type: ignore[method-assign]
+
+
+class GoingAway(websocket.WebSocketMessageInjected):
+    """The gateway is stopping: the conversation is to end now (mitmproxy's HTTP layer takes
+    an injected event to the flow's WebSocket layer; its message is never sent)."""
+
+
+def going_away(flow: Any) -> GoingAway:
+    """The event that ends `flow`'s conversation, both sides closed with 1001, for the proxy
+    server's `inject_event`."""
+    return GoingAway(flow, WebSocketMessage(Opcode.TEXT, False, b""))
+
+
+def _close_both(layer: Any, code: int, reason: str) -> Generator[Any, Any, None]:
+    """End the conversation from the gateway: a close frame to each side still open, both
+    connections closed, the flow says so (closed by neither side), the end hook."""
+    for ws in (layer.server_ws, layer.client_ws):
+        ws.frame_buf = [b""]
+        if ws.state in {ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING}:
+            yield ws.send2(wsproto.events.CloseConnection(code, reason))
+        yield commands.CloseConnection(ws.conn)
+    if layer.flow.websocket is not None:
+        layer.flow.websocket.close_code = code
+        layer.flow.websocket.close_reason = reason
+        layer.flow.websocket.closed_by_client = None
+    yield websocket.WebsocketEndHook(layer.flow)
+    layer.flow.live = False
+    layer._handle_event = layer.done
 
 
 def _too_big(layer: Any, **size: int) -> None:

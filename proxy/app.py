@@ -304,6 +304,8 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
 
 
 _HELD_ANSWER_SECONDS = 1.0
+# How long a stop waits for the WebSockets it closes to be recorded.
+_CONVERSATIONS_END_SECONDS = 2.0
 
 
 async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: Gateway) -> None:
@@ -314,7 +316,8 @@ async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: G
     replica). Once nothing is in flight or being decided, or the drain time is up, nothing more
     is forwarded (503 `draining`), and what is still under way is waited for: the site never
     sees a request whose record the stop would lose, and refusals are recorded before the fetch
-    log closes. What is still in flight at the end is recorded as interrupted.
+    log closes. What is still in flight at the end is recorded as interrupted; WebSockets still
+    open are closed (1001 "going away") and recorded.
     """
     runtime.draining = True
     try:
@@ -334,6 +337,9 @@ async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: G
         else:
             # How long a drain takes, for terminationGracePeriodSeconds (docs/kubernetes.md).
             log.info("drained", seconds=round(time.monotonic() - began, 3))
+        # WebSockets still open are no request in flight: ended now (1001), each recorded.
+        if ended := await gateway.end_conversations(_CONVERSATIONS_END_SECONDS):
+            log.info("websockets_closed", count=ended, code=1001)
     finally:
         # Whatever went wrong in the drain, the stop that was asked for happens (a drain that
         # raised used to leave the gateway running, deaf to every later SIGTERM).

@@ -44,6 +44,8 @@ from addons.http_guard import CLIENT_RESET
 from addons.http_guard import FORWARDED
 from addons.http_guard import HELD
 from addons.http_guard import PINNED
+from addons.http_guard import STOP_DOWNLOAD
+from addons.http_guard import STOPPED
 from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
 from addons.http_guard import guard_http_layers
@@ -940,15 +942,16 @@ class Gateway:
         elif not length.isdigit():
             # Buffered whole by mitmproxy up to stream_large_bodies, then streamed: by this
             # gateway's stream from there on (addons/client_events.py).
-            flow.metadata[LATE_STREAM] = functools.partial(self._stream, state, flow.request, resp)
+            flow.metadata[LATE_STREAM] = functools.partial(self._stream, state, flow, resp)
         elif int(length) > BUFFER_LIMIT:
-            resp.stream = self._stream(state, flow.request, resp)
+            resp.stream = self._stream(state, flow, resp)
         # Else buffered whole and read in the response hook, where a 451 can still replace it.
         if state.cors_own_headers:
             _allow_own_headers(resp, state.cors_own_headers)
 
-    def _stream(self, state: FlowState, req: http.Request, resp: http.Response) -> ResponseStream:
-        """A large body streamed, hashed on the way, held back until its metadata is read."""
+    def _stream(self, state: FlowState, flow: http.HTTPFlow, resp: http.Response) -> ResponseStream:
+        """A large body streamed, hashed on the way, held back until its metadata is read; once
+        withheld, no more of it is downloaded (HttpGuard closes the site's connection)."""
         assert state.ctx is not None
         ctx = state.ctx
         headers = _header_list(resp.headers)
@@ -957,10 +960,17 @@ class Gateway:
         status = resp.status_code
 
         def assess(scan: BodyScan) -> Assessment:
-            return optouts.assess_response_sync(ctx, status, headers, b"", ctype, scan=scan)
+            assessment = optouts.assess_response_sync(ctx, status, headers, b"", ctype, scan=scan)
+            if assessment.decision is not None:
+                flow.metadata[STOP_DOWNLOAD] = (
+                    "the body was withheld after its first bytes; the gateway closed the "
+                    "connection to the site then and downloaded no more of it (response_bytes "
+                    "and content_sha256 are of what had come)"
+                )
+            return assessment
 
         scan = optouts.body_scan(ctype)
-        _note_a_part(scan, req, resp)
+        _note_a_part(scan, flow.request, resp)
         state.stream = ResponseStream(scan, _body_codings(resp.headers), assess)
         return state.stream
 
@@ -1140,8 +1150,11 @@ class Gateway:
                 # (a browser leaving a page) or closed its connection (gave up), which is no
                 # error of the site's.
                 kind = None
+            stopped = flow.metadata.get(STOPPED)
             timeout = flow.metadata.get(TIMEOUT)
-            if timeout is not None:
+            if stopped is not None:
+                kind = None  # the gateway's own doing: the body was withheld (HttpGuard)
+            elif timeout is not None:
                 # HttpGuard closed the connection at one of the policy's network timeouts.
                 kind = "timeout"
                 message = f"{timeout[1]} (network.{timeout[0]}_timeout)"
@@ -1152,7 +1165,9 @@ class Gateway:
                 kind = None
             if kind is not None:
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
-            if flow.request.timestamp_end is None and not flow.request.stream:
+            if stopped is not None:
+                state.decision = refuse(Reason.INTERRUPTED, stopped, site=state.site)
+            elif flow.request.timestamp_end is None and not flow.request.stream:
                 # Gone, cancelled (or closed as too slow) before its request was complete:
                 # mitmproxy sends a request on only once it has all of it (unless it streams
                 # it), so the site never saw this one. Refused: taken nothing but the admission.

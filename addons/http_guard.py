@@ -88,6 +88,12 @@ BODY_REFUSED = "crawlwarden.body_refused"
 CLIENT_RESET = "crawlwarden.client_reset"
 # Set by the gateway while a request is held for its budget: what to cancel on CLIENT_RESET.
 HELD = "crawlwarden.held"
+# Set by the gateway: a streamed body it withholds (an opt-out found in it), nothing more of it
+# to be delivered; here, on the site's next data, its connection is closed (unless HTTP/2
+# streams of other requests share it) and the flow tagged STOPPED, so the rest is not
+# downloaded for nothing. The error hook that follows records it withheld.
+STOP_DOWNLOAD = "crawlwarden.stop_download"
+STOPPED = "crawlwarden.stopped"
 # Set by the gateway: the checked (address, port) an https:// request sent without CONNECT is
 # connected to, its host keeping the site's name (for the TLS name; see Gateway.server_connect).
 PINNED = "crawlwarden.pinned"
@@ -256,6 +262,7 @@ class HttpGuard(layer.Layer):
                     yield from self._check_unsized_bodies()
             elif event.connection in self._upstreams:
                 self._upstreams[event.connection] = time.monotonic()  # type: ignore[index]
+                yield from self._stop_withheld(event.connection)  # type: ignore[arg-type]
         elif isinstance(event, events.OpenConnectionCompleted):
             server = event.command.connection
             if isinstance(server, connection.Server) and server in self._opening:
@@ -513,6 +520,22 @@ class HttpGuard(layer.Layer):
             return [flow.server_conn]
         targets = _targets(flow)
         return [s for s in self._upstreams if s.address in targets]
+
+    def _stop_withheld(self, server: connection.Server) -> layer.CommandGenerator[None]:
+        """A body the gateway withholds stops coming: its connection to the site is closed."""
+        for flow, _ in list(self._forwarded.values()):
+            if STOP_DOWNLOAD not in flow.metadata or STOPPED in flow.metadata:
+                continue
+            carriers = set(self._transports(flow))
+            if server not in carriers:
+                continue
+            if any(
+                other is not flow and carriers & set(self._transports(other))
+                for other, _ in self._forwarded.values()
+            ):
+                continue  # HTTP/2 to the site, another request on it: downloaded whole
+            flow.metadata[STOPPED] = flow.metadata[STOP_DOWNLOAD]
+            yield from self._close_upstream(flow)
 
     def _close_upstream(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
         self._forwarded.pop(flow.id, None)

@@ -700,8 +700,8 @@ def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bi
     gateway: Gateway, site: Site, tls_site: Site, chunked: bool, http2: bool
 ):
     # Streamed: the status line goes out before the body is read, so an opt-out found in it
-    # breaks the transfer instead of becoming a 451. Nothing of the image is delivered, and the
-    # record carries the hash of every byte the site sent, as for a body held whole.
+    # breaks the transfer instead of becoming a 451. Nothing of the image is delivered, and no
+    # more of it is downloaded: the record has the bytes that came and their hash.
     padding = bytes(range(256)) * (LARGE // 256)
     free = jpeg_with_xmp(xmp_packet("DMI-ALLOWED")) + padding
     opted_out = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED-AIMLTRAINING")) + padding
@@ -734,8 +734,16 @@ def test_bodies_too_large_to_hold_are_hashed_whole_and_opt_outs_in_them_still_bi
     assert records["free.jpg"]["response_bytes"] == len(free)
     withheld = records["opted-out.jpg"]
     assert (withheld["decision"], withheld["reason"]) == ("withheld", "image_optout")
-    assert withheld["content_sha256"] == hashlib.sha256(opted_out).hexdigest()
-    assert withheld["response_bytes"] == len(opted_out)
+    _stopped_early(withheld, opted_out)
+
+
+def _stopped_early(rec: dict[str, Any], body: bytes) -> None:
+    """A withheld record of a streamed body: what came of it before the gateway stopped (a
+    body of no declared length: after the 32 MiB mitmproxy buffers before it streams)."""
+    came = rec["response_bytes"]
+    assert 0 < came < len(body), (came, len(body))
+    assert rec["content_sha256"] == hashlib.sha256(body[:came]).hexdigest()
+    assert "downloaded no more of it" in rec["note"], rec["note"]
 
 
 class CutOffSite(RawSite):
@@ -757,8 +765,11 @@ class CutOffSite(RawSite):
             conn.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (kind, LARGE)
             )
-            conn.sendall(body)
-            conn.shutdown(socket.SHUT_WR)  # every byte sent goes out, then the end
+            try:
+                conn.sendall(body)
+                conn.shutdown(socket.SHUT_WR)  # every byte sent goes out, then the end
+            except OSError:
+                return  # the gateway stopped downloading (a body it withholds)
             time.sleep(0.5)
 
 
@@ -788,9 +799,12 @@ def test_a_body_the_site_breaks_off_is_recorded_with_what_came_and_what_it_carri
     for path, body in bodies.items():
         rec = records[path.lstrip("/")]
         assert answers[path].returncode != 0, path  # a broken transfer
+        assert rec["status"] == 200
+        if path == "/opted-out.jpg":  # withheld: no more downloaded once the opt-out was read
+            _stopped_early(rec, body)
+            continue
         assert rec["response_bytes"] == len(body), path
         assert rec["content_sha256"] == hashlib.sha256(body).hexdigest(), path
-        assert rec["status"] == 200
     assert answers["/clean.jpg"].body == bodies["/clean.jpg"]  # delivered as it came
     clean = records["clean.jpg"]
     assert (clean["decision"], clean["reason"]) == ("forwarded", "upstream_error")
@@ -825,8 +839,62 @@ def test_a_book_too_large_to_hold_is_cut_off_by_its_package_documents_reservatio
     assert records["free.epub"]["decision"] == "forwarded"
     withheld = records["reserved.epub"]
     assert (withheld["decision"], withheld["reason"]) == ("withheld", "tdm_reserved")
-    assert withheld["content_sha256"] == hashlib.sha256(reserved).hexdigest()
+    _stopped_early(withheld, reserved)
     assert withheld["signals"] == ["tdm-epub:reserved"]
+
+
+class CountingSite(RawSite):
+    """A site that sends one declared body of `size` bytes, 1 MiB at a time, and counts what
+    it got out before its connection was closed."""
+
+    def __init__(self, head: bytes, size: int):
+        self.head, self.size = head, size
+        self.sent: list[int] = []
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            request = self.read_head(conn)
+            if not request.split(b" ", 2)[1].startswith(b"/photo"):
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                % self.size
+            )
+            sent, chunk = 0, self.head + bytes(2**20 - len(self.head))
+            try:
+                while sent < self.size:
+                    conn.sendall(chunk)
+                    sent += len(chunk)
+                    chunk = bytes(2**20)
+            except OSError:
+                pass
+            self.sent.append(sent)
+
+
+def test_a_site_stops_being_downloaded_once_its_streamed_image_is_withheld(gateway: Gateway):
+    # A 256 MiB image whose opt-out is in its first bytes: the gateway withheld it (nothing
+    # delivered) and then downloaded all 256 MiB from the site to throw it away, charged to
+    # the site's bytes_per_day. It now closes the connection to the site once it withholds.
+    size = 256 * 2**20
+    site = CountingSite(jpeg_with_xmp(xmp_packet("DMI-PROHIBITED-AIMLTRAINING")), size)
+    try:
+        answer = curl(
+            f"http://site-c.test:{site.port}/photo.jpg", proxy=gateway.proxy_url(), headers=HEADERS
+        )
+        deadline = time.monotonic() + 20
+        while not site.sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        site.close()
+    assert answer.returncode != 0 and answer.body == b""
+    [sent] = site.sent
+    assert sent <= 32 * 2**20, f"the site got {sent / 2**20:.0f} MiB out"
+    [rec] = [r for r in gateway.fetch_records() if r["url"].endswith("/photo.jpg")]
+    assert (rec["decision"], rec["reason"]) == ("withheld", "image_optout")
+    assert rec["response_bytes"] <= sent
+    assert "downloaded no more of it" in rec["note"], rec["note"]
 
 
 def _peak_rss(gw: Gateway) -> int:

@@ -1,18 +1,22 @@
-"""A connection is read no faster than the gateway takes in what it read.
+"""A WebSocket connection is read no faster than the gateway relays what it read.
 
 mitmproxy reads each connection in a loop, hands every read to its layers and then waits for its
-own write buffers only (`ConnectionHandler.drain_writers`). A layer waiting for a hook (an
-addon's `websocket_message`, `requestheaders`, ...) keeps each event that comes meanwhile in a
-queue of its own, and nothing bounds that queue: a site sending small WebSocket messages faster
-than the hooks relay them (each message is a hook) made the gateway hold all it sent, 300 MiB and
-more, until it had relayed it.
+own write buffers only (`ConnectionHandler.drain_writers`). A layer waiting for a hook keeps each
+event that comes meanwhile in a queue of its own, and nothing bounds that queue: a site sending
+small WebSocket messages faster than the hooks relay them (each message is a
+`websocket_message` hook) made the gateway hold all it sent, 300 MiB and more, until it had
+relayed it.
 
-After each read, the loop now also waits while the layers waiting for a hook hold more than
-MAX_QUEUED_BYTES of what was read (on every connection of the client's handler, the client's
-and the sites'): the socket's buffers fill and TCP slows the sender, as it does when the
-gateway cannot write. Every hook's end wakes the wait. What those queues hold stays within one
-read (64 KiB) of the bound. (What an HTTP/1 client pipelines behind a request under way waits
-in mitmproxy's HTTP/1 parser, not in such a queue: addons/http_guard.py bounds it.)
+After each read, the loop now also waits while the WebSocket layers waiting for a hook hold more
+than MAX_QUEUED_BYTES of what was read (on every connection of the client's handler, the
+client's and the sites'): the socket's buffers fill and TCP slows the sender, as it does when
+the gateway cannot write. Every hook's end wakes the wait. What those queues hold stays within
+one read (64 KiB) of the bound.
+
+Only WebSocket layers: an HTTP stream waits for a hook too (a request held for its budget, with
+its body coming), but stopping the reads for it stalled the connection's other HTTP/2 streams
+and hid the client's leaving until the held request's turn; a request's body is bounded by
+`network.max_request_body_bytes` instead (addons/http_guard.py).
 
 Installed once at start-up by the gateway (proxy/app.py), next to addons/websocket_limit.py;
 only where mitmproxy's connection handler and layers still look as this assumes.
@@ -28,6 +32,7 @@ from typing import Any
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import layer
 from mitmproxy.proxy import server
+from mitmproxy.proxy.layers import websocket
 
 from addons.patches import install_once
 
@@ -103,7 +108,7 @@ def install() -> None:
     @functools.wraps(original_hook_task)
     async def hook_task(self: Any, hook: commands.StartHook) -> None:
         paused = hook.blocking
-        if not isinstance(paused, layer.Layer):
+        if not isinstance(paused, websocket.WebsocketLayer):
             await original_hook_task(self, hook)
             return
         waiting = _waiting(self)

@@ -1,0 +1,584 @@
+"""What the read backpressure (addons/read_backpressure.py) must leave alone, and what else
+bounds what a peer can make the gateway hold: a request held for its budget with its body coming
+stalls nothing else and is let go at once when its client leaves; a WebSocket flooded by its site
+still takes the client's messages and close; pipelined junk, a site talking on after its answer,
+a slow reader of a large body and a client's compressed frame stay bounded. Real gateway
+processes, raw clients and sites (the first version of the backpressure, which also counted HTTP
+streams, failed the first four)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+
+from tests.support import PROJECT
+from tests.support import TEAM
+from tests.support import TEAM_TOKEN
+from tests.support import Gateway
+from tests.support import LocalCA
+from tests.support import RawSite
+from tests.support import Reply
+from tests.support import Site
+from tests.support import basic
+from tests.support import policy_with
+from tests.support import tls_tunnel
+from tests.support import wait_for
+from tests.ws_support import BINARY
+from tests.ws_support import CLOSE
+from tests.ws_support import TEXT
+from tests.ws_support import RawWsSite
+from tests.ws_support import client_close
+from tests.ws_support import frame
+from tests.ws_support import raw_client
+from tests.ws_support import read_frame
+
+MiB = 2**20
+
+
+def _kib(pid: int, field: str = "VmHWM") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def _held_policy(
+    host: str = "site-c.test", rate: str = "6/min", max_body: str | None = None
+) -> dict[str, Any]:
+    """After one request, the next to `host` is held ~10 s for its budget (on_exceed: delay)."""
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    if max_body:
+        network["max_request_body_bytes"] = max_body
+    return policy_with(
+        network=network,
+        sites=[
+            {
+                "id": "held",
+                "match": [host],
+                "rate": rate,
+                "burst": 1,
+                "on_exceed": "delay",
+                "max_delay": "60s",
+            }
+        ],
+    )
+
+
+def _http1(gw: Gateway, site: Site, path: str, extra: str = "", body: bytes = b"") -> bytes:
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    with s:
+        s.sendall(
+            (
+                f"POST http://site-c.test:{site.port}{path} HTTP/1.1\r\n"
+                f"Host: site-c.test:{site.port}\r\nProxy-Authorization: {basic(TEAM, TEAM_TOKEN)}"
+                f"\r\nX-Crawl-Project: {PROJECT}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n{extra}\r\n"
+            ).encode()
+            + body
+        )
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+# -- nothing waits for a held request ------------------------------------------------------------
+
+
+def test_an_http2_download_does_not_wait_for_another_stream_held_with_its_upload(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # A browser (HTTP/2 to the gateway) downloads /big (admitted) while it posts eight forms
+    # of ~1 MB each (under the default 1 MiB body limit) that the site's budget holds
+    # (on_exceed: delay, 12/min: turns 5 s apart). mitmproxy acknowledges every DATA frame at
+    # once, so the held streams' bodies pile up in their paused layers; a backpressure that
+    # counted them stopped reading the whole connection past 4 MiB (the client's
+    # WINDOW_UPDATEs too): /big waited ~20 s for the uploads' turns.
+    authority = f"site-c.test:{tls_site.port}"
+    big = b"b" * (16 * MiB)
+    tls_site.routes["/big"] = Reply(body=big, delay=1.0)
+    project = ("x-crawl-project", PROJECT)
+    upload = 1_000_000
+    with Gateway(workdir, _held_policy(rate="12/min"), trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            tls.sendall(conn.data_to_send())
+            pseudo = [(":scheme", "https"), (":authority", authority)]
+            big_id = conn.get_next_available_stream_id()
+            conn.send_headers(
+                big_id, [(":method", "GET"), *pseudo, (":path", "/big"), project], end_stream=True
+            )
+            tls.sendall(conn.data_to_send())
+            time.sleep(0.3)  # /big takes the one token
+            # eight form posts of 1 000 000 bytes each (under the 1 MiB body limit), all held
+            ups = {}
+            for i in range(8):
+                up_id = conn.get_next_available_stream_id()
+                conn.send_headers(
+                    up_id,
+                    [
+                        (":method", "POST"),
+                        *pseudo,
+                        (":path", f"/upload/{i}"),
+                        project,
+                        ("content-length", str(upload)),
+                    ],
+                )
+                ups[up_id] = 0
+            tls.sendall(conn.data_to_send())
+            started = time.monotonic()
+            got, big_done, up_events = 0, None, []
+            tls.setblocking(False)
+            while big_done is None and time.monotonic() - started < 25:
+                for up_id, sent in ups.items():
+                    if sent >= upload or any(e.stream_id == up_id for e in up_events):
+                        continue
+                    window = min(
+                        conn.local_flow_control_window(up_id), conn.max_outbound_frame_size
+                    )
+                    if window > 0:
+                        n = min(window, upload - sent)
+                        conn.send_data(up_id, b"u" * n, end_stream=sent + n == upload)
+                        ups[up_id] = sent + n
+                data = conn.data_to_send()
+                while data and time.monotonic() - started < 25:
+                    try:
+                        k = tls.send(data)
+                        data = data[k:]
+                    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        select.select([], [tls], [], 0.05)
+                ready = tls.pending() or select.select([tls], [], [], 0.02)[0]
+                if not ready:
+                    continue
+                try:
+                    raw = tls.recv(65536)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+                if not raw:
+                    break
+                for event in conn.receive_data(raw):
+                    if isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                        if event.stream_id == big_id:
+                            got += len(event.data)
+                    elif getattr(event, "stream_id", None) in ups and not isinstance(
+                        event, h2.events.WindowUpdated
+                    ):
+                        up_events.append(event)
+                    if isinstance(event, h2.events.StreamEnded) and event.stream_id == big_id:
+                        big_done = time.monotonic() - started
+            tls.setblocking(True)
+    sent = sum(ups.values())
+    print("uploads sent", sent, "big got", got, "big done after", big_done, up_events[:3])
+    assert got == len(big), (got, sent)
+    # the site answers after 1 s, 16 MiB on loopback take well under a second more
+    assert big_done is not None and big_done < 5, (big_done, sent)
+
+
+def test_a_client_gone_while_its_upload_is_held_is_let_go_at_once(
+    workdir: Path, site: Site, test_ca: LocalCA
+):
+    # README: a request held for its budget is let go at once when its client goes away,
+    # having taken nothing (recorded refused `interrupted`), and never reaches the site. With an
+    # upload of 8 MiB (network.max_request_body_bytes: 16MiB) behind the held request, a
+    # backpressure that counted it stopped reading the client's connection past 4 MiB: the
+    # client's leaving was seen only when the request's turn came (~10 s).
+    policy = _held_policy(max_body="16MiB")
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        assert b" 200 " in _http1(gw, site, "/first").split(b"\r\n")[0]
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        body = b"u" * (8 * MiB)
+        s.sendall(
+            (
+                f"POST http://site-c.test:{site.port}/upload HTTP/1.1\r\n"
+                f"Host: site-c.test:{site.port}\r\nProxy-Authorization: {basic(TEAM, TEAM_TOKEN)}"
+                f"\r\nX-Crawl-Project: {PROJECT}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+        )
+        s.settimeout(3)
+        sent = 0
+        try:
+            while sent < len(body):
+                sent += s.send(body[sent : sent + 65536])
+        except TimeoutError:
+            pass  # the gateway stopped reading
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # the scraper gives up (a reset: nothing left to send)
+        gone = time.monotonic()
+        wait_for(
+            lambda: any(r["url"].endswith("/upload") for r in gw.fetch_records(timeout=1)),
+            timeout=15,
+        )
+        seen_after = time.monotonic() - gone
+        time.sleep(2)
+        records = [r for r in gw.fetch_records() if r["url"].endswith("/upload")]
+    print("sent before giving up", sent, "recorded after", seen_after)
+    print([(r["decision"], r["reason"], r.get("note")) for r in records])
+    assert site.count("/upload") == 0, "a request from a client that had gone reached the site"
+    assert [(r["decision"], r["reason"]) for r in records] == [("refused", "interrupted")]
+    # let go (and recorded) at once, not when its turn came ~10 s later
+    assert seen_after < 4, seen_after
+
+
+def test_a_websocket_flooded_by_its_site_still_takes_the_clients_messages_and_close(
+    workdir: Path, test_ca: LocalCA
+):
+    # The site sends 100 MiB of small messages at once; the client sends three messages of
+    # its own and closes while reading. The close must get through and the conversation be
+    # recorded, with the client's messages counted.
+    count, size = 10_000, 10 * 1024
+    got_client: list[bytes] = []
+
+    def script(sock: socket.socket, head: bytes) -> None:
+        sock.settimeout(60)
+        reader_done = threading.Event()
+
+        def read() -> None:
+            try:
+                while True:
+                    _, op, _, payload = read_frame(sock)
+                    if op == CLOSE:
+                        sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
+                        return
+                    got_client.append(payload)
+            except OSError:
+                return
+            finally:
+                reader_done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        batch = frame(BINARY, b"f" * size) * 100
+        try:
+            for _ in range(count // 100):
+                if reader_done.is_set():
+                    break
+                sock.sendall(batch)
+        except OSError:
+            return
+        reader_done.wait(30)
+
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+        pid = gw.proc.pid
+        with RawWsSite(script) as site:
+            sock, head = raw_client(gw.port, site.url(), timeout=30)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            n = 0
+            for i in range(3):
+                sock.sendall(frame(TEXT, f"client-{i}".encode(), mask=True))
+            # read a while, then close and read on to the close
+            closed_at = None
+            close_frame = None
+            start = time.monotonic()
+            while time.monotonic() - start < 40:
+                _, op, _, _payload = read_frame(sock)
+                n += 1
+                if n == 2000:
+                    client_close(sock)
+                    closed_at = time.monotonic()
+                if op == CLOSE:
+                    close_frame = time.monotonic()
+                    break
+            sock.close()
+            wait_for(
+                lambda: any(r.get("kind") == "websocket" for r in gw.fetch_records(timeout=1)),
+                timeout=10,
+            )
+            recs = [r for r in gw.fetch_records() if r.get("kind") == "websocket"]
+        print(
+            "frames read",
+            n,
+            "close answered after",
+            close_frame and closed_at and close_frame - closed_at,
+            "hwm",
+            _kib(pid),
+        )
+    assert close_frame is not None
+    assert got_client[:3] == [b"client-0", b"client-1", b"client-2"]
+    assert len(recs) == 1, recs
+    assert ", 3 from the client;" in recs[0]["note"], recs[0]["note"]
+
+
+# -- what a peer can make the gateway hold ---------------------------------------------------
+
+
+def test_pipelined_junk_behind_a_held_request_is_not_held_without_bound(
+    workdir: Path, site: Site, test_ca: LocalCA
+):
+    # A request held ~10 s for its budget, then 96 MiB of pipelined requests behind it on the
+    # same connection: they wait in mitmproxy's HTTP/1 parser, not in a paused layer's queue,
+    # and HttpGuard closes the connection past network.max_request_header_bytes.
+    with Gateway(workdir, _held_policy(), trusted_ca=test_ca.ca_cert) as gw:
+        pid = gw.proc.pid
+        assert b" 200 " in _http1(gw, site, "/first").split(b"\r\n")[0]
+        before = _kib(pid)
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        head = (
+            f"GET http://site-c.test:{site.port}/held HTTP/1.1\r\n"
+            f"Host: site-c.test:{site.port}\r\nProxy-Authorization: {basic(TEAM, TEAM_TOKEN)}"
+            f"\r\nX-Crawl-Project: {PROJECT}\r\n\r\n"
+        ).encode()
+        s.sendall(head)
+        time.sleep(0.3)
+        one = head.replace(b"/held", b"/p")
+        chunk = one * (MiB // len(one))
+        sent = 0
+        s.settimeout(5)
+        try:
+            while sent < 96 * MiB:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            print("reset by the gateway after", sent / MiB, "MiB")
+        time.sleep(1)
+        peak = _kib(pid)
+        s.close()
+        print([e.get("event") for e in gw.log_events()][-8:])
+    print("pipelined MiB sent", sent / MiB, "VmHWM before/after KiB", before, peak)
+    assert peak - before < 64 * 1024, (before, peak, sent)
+
+
+class _AfterResponse(RawSite):
+    """A site that answers, then sends `extra` bytes more on the connection."""
+
+    extra = 96 * MiB
+
+    def serve(self, conn: socket.socket) -> None:
+        try:
+            self.read_head(conn)
+            body = b"ok"
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\n" + body
+            )
+            junk = b"J" * MiB
+            conn.settimeout(10)
+            self.sent = 0
+            for _ in range(self.extra // MiB):
+                conn.sendall(junk)
+                self.sent += len(junk)
+            time.sleep(3)
+        except OSError:
+            return
+
+
+def test_a_site_that_sends_on_after_its_answer_is_not_held_without_bound(
+    workdir: Path, test_ca: LocalCA
+):
+    site = _AfterResponse()
+    site.sent = 0
+    try:
+        with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+            pid = gw.proc.pid
+            before = _kib(pid)
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+            s.sendall(
+                (
+                    f"GET http://site-c.test:{site.port}/x HTTP/1.1\r\n"
+                    f"Host: site-c.test:{site.port}\r\n"
+                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
+                    f"X-Crawl-Project: {PROJECT}\r\n\r\n"
+                ).encode()
+            )
+            answer = s.recv(65536)
+            time.sleep(6)
+            peak = _kib(pid)
+            s.close()
+    finally:
+        site.close()
+    print("answer", answer[:40], "site sent after", site.sent / MiB, "MiB; VmHWM", before, peak)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert peak - before < 64 * 1024, (before, peak, site.sent)
+
+
+def test_a_held_upload_whose_client_left_does_not_make_the_next_request_wait_its_turn(
+    workdir: Path, site: Site, test_ca: LocalCA
+):
+    # README/_admit_held: a dead request must neither take the budget nor make live ones wait
+    # behind it. A held 8 MiB upload (max_request_body_bytes: 16MiB) whose client resets: with
+    # its connection not read past 4 MiB, it was not seen gone and kept its turn, 10 s after
+    # /first, and the next scraper's request waited for the turn after (20 s).
+    policy = _held_policy(max_body="16MiB")
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        assert b" 200 " in _http1(gw, site, "/first").split(b"\r\n")[0]
+        first_at = time.monotonic()
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        body = b"u" * (8 * MiB)
+        s.sendall(
+            (
+                f"POST http://site-c.test:{site.port}/upload HTTP/1.1\r\n"
+                f"Host: site-c.test:{site.port}\r\nProxy-Authorization: {basic(TEAM, TEAM_TOKEN)}"
+                f"\r\nX-Crawl-Project: {PROJECT}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+        )
+        s.settimeout(3)
+        sent = 0
+        try:
+            while sent < len(body):
+                sent += s.send(body[sent : sent + 65536])
+        except TimeoutError:
+            pass
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        time.sleep(0.5)
+        answer = _http1(gw, site, "/live")
+        live_after = time.monotonic() - first_at
+    print("live answered", live_after, "s after /first:", answer.split(b"\r\n")[0])
+    assert b" 200 " in answer.split(b"\r\n")[0]
+    assert live_after < 14, live_after  # its own turn (10 s after /first), not the one after
+
+
+def test_http2_uploads_cancelled_while_held_are_let_go_and_never_sent(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # README: a stream the browser resets while it is held is let go at once, having taken
+    # nothing (recorded refused `interrupted`). Eight held form posts of ~1 MB each, then all
+    # reset: with the connection not read past 4 MiB queued, none was recorded within 6 s.
+    authority = f"site-c.test:{tls_site.port}"
+    project = ("x-crawl-project", PROJECT)
+    upload = 1_000_000
+    with Gateway(workdir, _held_policy(rate="12/min"), trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            pseudo = [(":scheme", "https"), (":authority", authority)]
+            first = conn.get_next_available_stream_id()
+            conn.send_headers(
+                first, [(":method", "GET"), *pseudo, (":path", "/first"), project], end_stream=True
+            )
+            tls.sendall(conn.data_to_send())
+            time.sleep(0.3)
+            ups = {}
+            for i in range(8):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(
+                    sid,
+                    [
+                        (":method", "POST"),
+                        *pseudo,
+                        (":path", f"/left/{i}"),
+                        project,
+                        ("content-length", str(upload)),
+                    ],
+                )
+                ups[sid] = 0
+            tls.sendall(conn.data_to_send())
+            tls.settimeout(0.05)
+            start = time.monotonic()
+            while sum(ups.values()) < 8 * upload and time.monotonic() - start < 4:
+                for sid, sent in ups.items():
+                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                    n = min(window, upload - sent)
+                    if n > 0:
+                        conn.send_data(sid, b"u" * n)
+                        ups[sid] = sent + n
+                tls.sendall(conn.data_to_send())
+                try:
+                    raw = tls.recv(65536)
+                    if raw:
+                        conn.receive_data(raw)
+                except (TimeoutError, ssl.SSLWantReadError):
+                    pass
+            for sid in ups:
+                conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            tls.settimeout(10)
+            tls.sendall(conn.data_to_send())
+            reset_at = time.monotonic()
+            ok = wait_for(
+                lambda: len([r for r in gw.fetch_records(timeout=1) if "/left/" in r["url"]]) == 8,
+                timeout=6,
+            )
+            took = time.monotonic() - reset_at
+            records = [r for r in gw.fetch_records() if "/left/" in r["url"]]
+    print("sent", sum(ups.values()), "all 8 recorded within 6 s:", ok, round(took, 1))
+    print(sorted((r["decision"], r["reason"]) for r in records))
+    assert ok, [(r["url"], r["decision"], r["reason"]) for r in records]
+
+
+def test_a_large_streamed_body_reaches_a_slow_reader_whole(workdir: Path, test_ca: LocalCA):
+    # 48 MiB (Content-Length) to a scraper reading ~12 MiB/s: whole, recorded, memory bounded.
+    size = 48 * MiB
+    with Site() as site:
+        site.routes["/big"] = Reply(body=b"L" * size)
+        with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+            pid = gw.proc.pid
+            before = _kib(pid)
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            s.sendall(
+                (
+                    f"GET http://site-c.test:{site.port}/big HTTP/1.1\r\n"
+                    f"Host: site-c.test:{site.port}\r\n"
+                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
+                    f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n"
+                ).encode()
+            )
+            got = 0
+            start = time.monotonic()
+            while time.monotonic() - start < 40:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+                time.sleep(0.005)
+            took = time.monotonic() - start
+            s.close()
+            peak = _kib(pid)
+            records = [r for r in gw.fetch_records() if r["url"].endswith("/big")]
+    print(
+        "got", got, "in", round(took, 1), "s; VmHWM", before, peak, [r["reason"] for r in records]
+    )
+    assert got > size
+    assert records and records[0]["response_bytes"] == size, records
+    assert peak - before < 96 * 1024, (before, peak)
+
+
+def test_a_clients_compressed_frame_is_not_inflated_past_the_limit(workdir: Path, test_ca: LocalCA):
+    # The client-to-site direction of test_one_compressed_frame_is_not_inflated_past_the_limit:
+    # ~1 MB on the wire from the scraper that inflates to 1 GiB of zeros.
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = bytes(1 << 24)
+    wire = b"".join(c.compress(zeros) for _ in range(64)) + c.flush(zlib.Z_SYNC_FLUSH)
+    wire = wire[:-4]
+    site_got: list[int] = []
+
+    def script(sock: socket.socket, head: bytes) -> None:
+        try:
+            _, op, _, _payload = read_frame(sock)
+            site_got.append(op)
+        except OSError:
+            return
+
+    ext = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+        pid = gw.proc.pid
+        before = _kib(pid)
+        with RawWsSite(script, extensions=ext) as site:
+            sock, head = raw_client(
+                gw.port, site.url(), extensions="permessage-deflate", timeout=30
+            )
+            assert head.startswith(b"HTTP/1.1 101"), head
+            sock.sendall(frame(BINARY, wire, rsv1=True, mask=True))
+            _, op, _, payload = read_frame(sock)
+            sock.close()
+            time.sleep(0.5)
+        peak = _kib(pid)
+    print("client got", op, payload[:20], "site got", site_got, "VmHWM", before, peak, len(wire))
+    assert op == CLOSE and payload[:2] == struct.pack("!H", 1009)
+    assert peak - before < 160 * 1024, (before, peak)

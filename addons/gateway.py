@@ -963,9 +963,9 @@ class Gateway:
             assessment = optouts.assess_response_sync(ctx, status, headers, b"", ctype, scan=scan)
             if assessment.decision is not None:
                 flow.metadata[STOP_DOWNLOAD] = (
-                    "the body was withheld after its first bytes; the gateway closed the "
-                    "connection to the site then and downloaded no more of it (response_bytes "
-                    "and content_sha256 are of what had come)"
+                    "the body was withheld once the opt-out in it was read; the gateway then "
+                    "closed its connection to the site and downloaded no more of it "
+                    "(response_bytes and content_sha256 are of what had come)"
                 )
             return assessment
 

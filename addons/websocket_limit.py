@@ -75,7 +75,7 @@ def held(layer: Any) -> int:
     return max(sum(map(len, ws.frame_buf)) for ws in (layer.server_ws, layer.client_ws))
 
 
-def _inflate(extension: PerMessageDeflate, proto: Any, data: bytes) -> bytes | CloseReason:
+def _inflate(extension: PerMessageDeflate, data: bytes) -> bytes | CloseReason:
     """wsproto's inflation of a frame's payload (as it comes), to MAX_MESSAGE_BYTES a message:
     past it, wsproto is told the message is too big (it closes with 1009, as mitmproxy relays)."""
     if not extension._inbound_compressed or not extension._inbound_is_compressible:
@@ -112,7 +112,7 @@ def _bound_inflation() -> None:
 
     @functools.wraps(original_payload)
     def frame_inbound_payload_data(self: Any, proto: Any, data: bytes) -> bytes | CloseReason:
-        return _inflate(self, proto, bytes(data))
+        return _inflate(self, bytes(data))
 
     @functools.wraps(original_complete)
     def frame_inbound_complete(self: Any, proto: Any, fin: bool) -> bytes | CloseReason | None:

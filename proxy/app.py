@@ -305,7 +305,7 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
 
 _HELD_ANSWER_SECONDS = 1.0
 # How long a stop waits for the WebSockets it closes to be recorded.
-_CONVERSATIONS_END_SECONDS = 2.0
+_CONVERSATIONS_END_SECONDS = 1.0  # (in the chart's stopRestSeconds)
 
 
 async def drain(runtime: Runtime, master: Master, settings: Settings, gateway: Gateway) -> None:

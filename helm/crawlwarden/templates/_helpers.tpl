@@ -108,9 +108,9 @@ still queued before it exits (proxy/audit/log.py, FetchLog.close; not configurab
 store reachable that is well under a second; with PostgreSQL unreachable it is all of it, and
 what is still queued then stays in the spool. tests/test_helm_chart.py checks it against the code. */}}
 {{- define "crawlwarden.flushSeconds" -}}30{{- end -}}
-{{/* The rest of a stop after the flush wait, at most: held requests' answers (1 s), the budget
-store's close with Redis silent (2 s), the fetch log's store cut when PostgreSQL does not answer
-(up to 5 s), with room to spare. */}}
+{{/* The rest of a stop after the flush wait, at most: held requests' answers (1 s), the
+WebSockets closed and recorded (1 s), the budget store's close with Redis silent (2 s), the fetch
+log's store cut when PostgreSQL does not answer (up to 5 s), with room to spare. */}}
 {{- define "crawlwarden.stopRestSeconds" -}}10{{- end -}}
 
 {{/* The MITM CA -------------------------------------------------------------------------------- */}}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+from collections.abc import Coroutine
 from typing import Any
 
 from mitmproxy.proxy import commands
@@ -105,12 +106,16 @@ def install() -> None:
     original_hook_task = handler_class.hook_task
     original_drain = handler_class.drain_writers
 
+    # Plain functions that hand mitmproxy the original coroutine where nothing is to be done (an
+    # HTTP hook, no WebSocket waiting): no extra coroutine on every request's hooks and reads.
     @functools.wraps(original_hook_task)
-    async def hook_task(self: Any, hook: commands.StartHook) -> None:
+    def hook_task(self: Any, hook: commands.StartHook) -> Coroutine[Any, Any, None]:
         paused = hook.blocking
         if not isinstance(paused, websocket.WebsocketLayer):
-            await original_hook_task(self, hook)
-            return
+            return original_hook_task(self, hook)
+        return _websocket_hook(self, hook, paused)
+
+    async def _websocket_hook(self: Any, hook: commands.StartHook, paused: layer.Layer) -> None:
         waiting = _waiting(self)
         waiting.layers[id(paused)] = paused
         try:
@@ -121,11 +126,14 @@ def install() -> None:
             waiting.wake()
 
     @functools.wraps(original_drain)
-    async def drain_writers(self: Any) -> None:
-        await original_drain(self)
+    def drain_writers(self: Any) -> Coroutine[Any, Any, None]:
         waiting = getattr(self, "_crawlwarden_waiting", None)
         if waiting is None or not waiting.layers:
-            return
+            return original_drain(self)
+        return _drain_and_wait(self, waiting)
+
+    async def _drain_and_wait(self: Any, waiting: _Waiting) -> None:
+        await original_drain(self)
         while waiting.queued() > MAX_QUEUED_BYTES:
             await waiting.change()
 

@@ -291,7 +291,7 @@ def test_one_compressed_frame_is_not_inflated_past_the_limit(gateway: Gateway):
     assert payload[2:] == b"message too big", payload
     peak = _rss_kib(pid, "VmHWM")
     # what a 32 MiB message costs as it is held and copied, not what the frame inflates to
-    assert peak - before < 160 * 1024, (before, peak, len(wire))
+    assert peak - before < 128 * 1024, (before, peak, len(wire))  # +64 MiB; +195 before
     [rec] = ws_records(gateway)
     assert rec["response_bytes"] == 0, rec
     assert 'closed by the gateway with code 1009 "message too big"' in rec["note"], rec["note"]

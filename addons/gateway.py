@@ -1082,16 +1082,19 @@ class Gateway:
             return
         state.conversation = None  # recorded once
         self._talking.pop(state.id, None)
+        unfinished = flow.metadata.get(websocket_limit.UNFINISHED)
+        if unfinished is not None:
+            talk.unfinished_site_bytes, talk.unfinished_client_bytes = unfinished
         if state.ctx is not None:
-            self.rt.budgets.charge(state.ctx.site.key, talk.from_site_bytes)
+            self.rt.budgets.charge(state.ctx.site.key, talk.site_bytes)
         rec = self._build_record(flow, state)
         rec.id = uuid.uuid4().hex
         rec.ts = utc_timestamp(talk.started)
         rec.kind = websocket.KIND
         rec.status = 101
         rec.egress_ip = str(flow.server_conn.sockname[0]) if flow.server_conn.sockname else None
-        rec.request_bytes = talk.from_client_bytes
-        rec.response_bytes = talk.from_site_bytes
+        rec.request_bytes = talk.client_bytes
+        rec.response_bytes = talk.site_bytes
         rec.content_sha256 = talk.sha256
         ws = flow.websocket
         ended = (

@@ -48,6 +48,9 @@ MAX_MESSAGE_BYTES = 32 * 2**20
 TOO_BIG = 1009  # RFC 6455 7.4.1: a message too big to process
 TOO_BIG_REASON = "message too big"
 GOING_AWAY = 1001  # RFC 6455 7.4.1: an endpoint going away (a server going down)
+# flow.metadata key: the bytes of a message each side had not finished when the conversation
+# ended, (site, client): held by mitmproxy, never delivered (set as the end hook is issued).
+UNFINISHED = "crawlwarden.websocket_unfinished"
 # PerMessageDeflate attributes: what its current message inflated to, and that it went past
 _INFLATED = "_crawlwarden_inflated"
 _OVER = "_crawlwarden_over"
@@ -150,6 +153,7 @@ def install() -> None:
             except StopIteration:
                 break
             if isinstance(command, websocket.WebsocketEndHook):
+                _note_unfinished(self)
                 inflated = _inflated_past_the_limit(self)
                 if inflated is not None and self.flow.websocket is not None:
                     # wsproto's close reads as the sender's: it was the gateway's (both sides)
@@ -178,6 +182,7 @@ def going_away(flow: Any) -> GoingAway:
 def _close_both(layer: Any, code: int, reason: str) -> Generator[Any, Any, None]:
     """End the conversation from the gateway: a close frame to each side still open, both
     connections closed, the flow says so (closed by neither side), the end hook."""
+    _note_unfinished(layer)
     for ws in (layer.server_ws, layer.client_ws):
         ws.frame_buf = [b""]
         if ws.state in {ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING}:
@@ -190,6 +195,13 @@ def _close_both(layer: Any, code: int, reason: str) -> Generator[Any, Any, None]
     yield websocket.WebsocketEndHook(layer.flow)
     layer.flow.live = False
     layer._handle_event = layer.done
+
+
+def _note_unfinished(layer: Any) -> None:
+    """What each side had sent of a message it had not finished, as the conversation ends."""
+    site, client = (sum(map(len, ws.frame_buf)) for ws in (layer.server_ws, layer.client_ws))
+    if site or client:
+        layer.flow.metadata[UNFINISHED] = (site, client)
 
 
 def _too_big(layer: Any, **size: int) -> None:

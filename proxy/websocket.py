@@ -25,6 +25,10 @@ class Conversation:
     from_site_bytes: int = 0
     from_client: int = 0
     from_client_bytes: int = 0
+    # Bytes of a message a side had not finished when the conversation ended (never delivered,
+    # not in the hash; counted: the site sent them, and its budget pays for them).
+    unfinished_site_bytes: int = 0
+    unfinished_client_bytes: int = 0
     _digest: Any = field(default_factory=hashlib.sha256)
 
     def add(self, *, from_client: bool, content: bytes) -> None:
@@ -37,16 +41,34 @@ class Conversation:
             self._digest.update(content)
 
     @property
+    def site_bytes(self) -> int:
+        """What the site sent: its messages and what came of one it had not finished."""
+        return self.from_site_bytes + self.unfinished_site_bytes
+
+    @property
+    def client_bytes(self) -> int:
+        return self.from_client_bytes + self.unfinished_client_bytes
+
+    @property
     def sha256(self) -> str | None:
         """The site's messages' digest; None when it sent none (no content, as for a 204)."""
         return self._digest.hexdigest() if self.from_site else None
 
     def note(self, upgrade_id: str, ended: str) -> str:
         """The record's note; `ended`: how the conversation ended (`closed`)."""
+        unfinished = "".join(
+            f"; {n} byte(s) of a message {who} had not finished, not delivered (counted, not "
+            "in content_sha256)"
+            for n, who in (
+                (self.unfinished_site_bytes, "the site"),
+                (self.unfinished_client_bytes, "the client"),
+            )
+            if n
+        )
         return (
             f"WebSocket opened by request {upgrade_id}: {self.from_site} message(s) from the "
             f"site, {self.from_client} from the client; {ended}; content_sha256 covers the "
-            "site's message payloads in order"
+            f"site's message payloads in order{unfinished}"
         )
 
 

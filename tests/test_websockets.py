@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from addons.websocket_limit import MAX_MESSAGE_BYTES
 from tests.budget_fixtures import own_redis  # noqa: F401
 from tests.support import AUDITOR_TOKEN
 from tests.support import Gateway
@@ -166,8 +167,11 @@ def test_every_way_a_websocket_ends_has_its_record(gateway: Gateway, how: str):
             wait_close(sock)
             sock.close()
         [rec] = ws_records(gateway)
-    assert rec["response_bytes"] == 150, rec
+    unfinished = len(b"partial") if how == "site_rst" else 0  # came, counted, not delivered
+    assert rec["response_bytes"] == 150 + unfinished, rec
     assert rec["content_sha256"] == hashlib.sha256(b"x" * 100 + b"y" * 50).hexdigest()
+    if unfinished:
+        assert "7 byte(s) of a message the site had not finished" in rec["note"], rec["note"]
     # how it ended, in the note
     if how == "site_close_4001":
         assert 'closed by the site with code 4001 "bye"' in rec["note"], rec["note"]
@@ -252,7 +256,10 @@ def test_one_endless_message_is_closed_past_the_limit_not_held_without_bound(gat
     # a bound of the order of the gateway's other limits (32 MiB for a buffered body)
     assert peak - before < 96 * 1024, (before, peak)
     [rec] = ws_records(gateway)
-    assert rec["response_bytes"] == 0 and "0 message(s) from the site" in rec["note"]
+    # the fragments it held until then came from the site: counted, never delivered
+    assert rec["response_bytes"] > MAX_MESSAGE_BYTES, rec
+    assert "0 message(s) from the site" in rec["note"], rec["note"]
+    assert f"{rec['response_bytes']} byte(s) of a message the site had not finished" in rec["note"]
     assert 'closed by the gateway with code 1009 "message too big"' in rec["note"], rec["note"]
 
 
@@ -569,6 +576,44 @@ def test_a_websocket_open_at_sigterm_is_closed_going_away_and_recorded(gateway: 
     assert gateway.log_events("websocket_not_recorded") == []
     [closed] = gateway.log_events("websockets_closed")
     assert closed["count"] == 1
+
+
+def test_a_message_the_site_had_not_finished_at_sigterm_is_counted(gateway: Gateway):
+    # 1000 bytes of a message, then 8 MiB of fragments of one the site had not finished when
+    # the gateway stopped: the record and the budget had the 1000 bytes only (found by a
+    # probe); the 8 MiB came from the site all the same.
+    import signal
+
+    part = b"p" * (4 * 2**20)
+    sent = threading.Event()
+
+    def script(sock: socket.socket, head: bytes) -> None:
+        try:
+            sock.sendall(frame(TEXT, b"w" * 1000))
+            sock.sendall(frame(BINARY, part, fin=False))
+            sock.sendall(frame(CONT, part, fin=False))
+            sent.set()
+            _echo_close(sock)
+        except OSError:
+            return
+
+    with RawWsSite(script) as site:
+        sock, head = raw_client(gateway.port, site.url(), timeout=30)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        read_frame(sock)
+        assert sent.wait(10)
+        time.sleep(1)  # (the last bytes read by the gateway)
+        gateway.signal(signal.SIGTERM)
+        _, op, _, payload = read_frame(sock)
+        assert gateway.proc is not None
+        gateway.proc.wait(40)
+        sock.close()
+    assert op == CLOSE and payload[:2] == struct.pack("!H", 1001), (op, payload[:40])
+    [rec] = [r for r in gateway.export() if r.get("kind") == "websocket"]
+    assert rec["response_bytes"] == 1000 + 2 * len(part), rec
+    assert rec["content_sha256"] == hashlib.sha256(b"w" * 1000).hexdigest()
+    said = f"{2 * len(part)} byte(s) of a message the site had not finished, not delivered"
+    assert said in rec["note"], rec["note"]
 
 
 def test_a_websocket_that_ends_while_the_spool_is_full_is_recorded_once_it_has_room(

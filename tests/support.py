@@ -690,10 +690,14 @@ class Gateway:
             return status, raw.decode(errors="replace")
 
     def metric(self, name: str, **labels: str) -> float:
-        """A sample of the gateway's /metrics (0 if it has none with those labels)."""
+        """A sample of the gateway's /metrics (0 if it has none with those labels). As an
+        auditor: /metrics is public, unless the policy has a metrics token (then it needs one)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as answer:
+        asked = urllib.request.Request(
+            self.admin + "/metrics", headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}
+        )
+        with urllib.request.urlopen(asked, timeout=5) as answer:
             text = answer.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

@@ -514,10 +514,14 @@ class HttpGuard(layer.Layer):
         flow.metadata.setdefault(TIMEOUT, (kind, detail))
 
     def _transports(self, flow: http.HTTPFlow) -> list[connection.Server]:
-        """The TCP connections carrying a flow: its server connection, or the connections to
-        its upstream proxy (the flow's own connection is then a tunnel inside one of those)."""
+        """The TCP connections carrying a flow: its server connection, or, through an upstream
+        proxy, the connection its tunnel goes through (mitmproxy's tunnel layer for the flow's
+        connection knows it); else every connection to the proxy (any may carry it)."""
         if flow.server_conn in self._upstreams:
             return [flow.server_conn]
+        tunnel = getattr(self.child.connections.get(flow.server_conn), "tunnel_connection", None)
+        if tunnel is not None and tunnel in self._upstreams:
+            return [tunnel]
         targets = _targets(flow)
         return [s for s in self._upstreams if s.address in targets]
 

@@ -899,8 +899,38 @@ class H2Client:
         self.sock.sendall(self.conn.data_to_send())
         return stream
 
+    def get_together(
+        self,
+        authority: str,
+        paths: list[tuple[str, float]],
+        *headers: tuple[str, str],
+        within: float = 60,
+    ) -> list[H2Answer]:
+        """GETs on streams of their own, each (path, seconds) sent that long after the one
+        before, all open at once: their answers as they are after `within` seconds at most
+        (`end` empty: not ended then)."""
+        deadline = time.monotonic() + within
+        answers: dict[int, H2Answer] = {}
+        for path, after in paths:
+            time.sleep(after)
+            answers[self._start("GET", authority, path, headers, "https", end_stream=True)] = (
+                H2Answer({})
+            )
+        while not all(a.end for a in answers.values()) and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                self._receive_all(answers, timeout=None)
+            except TimeoutError:
+                break
+        return list(answers.values())
+
     def _receive(self, stream: int, answer: H2Answer, *, timeout: float | None) -> None:
         """Read what is there (waiting for it unless `timeout` is 0) into `answer`."""
+        self._receive_all({stream: answer}, timeout=timeout)
+
+    def _receive_all(self, answers: dict[int, H2Answer], *, timeout: float | None) -> None:
+        """Read what is there (waiting for it unless `timeout` is 0) into the answers of the
+        streams `answers` names."""
         if timeout == 0:
             ready, _, _ = select.select([self.sock], [], [], 0)
             pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
@@ -908,10 +938,13 @@ class H2Client:
                 return
         data = self.sock.recv(65536)
         if not data:
-            answer.end = "closed"
+            for answer in answers.values():
+                answer.end = answer.end or "closed"
             return
         for event in self.conn.receive_data(data):
-            if getattr(event, "stream_id", None) != stream:
+            stream = getattr(event, "stream_id", None)
+            answer = answers.get(stream)  # type: ignore[arg-type]
+            if answer is None:
                 continue
             if isinstance(event, h2.events.ResponseReceived):
                 answer.headers.update({k.decode(): v.decode() for k, v in event.headers})

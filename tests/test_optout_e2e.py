@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,6 +51,7 @@ from tests.support import TEAM_TOKEN
 from tests.support import VENV_BIN
 from tests.support import CurlResult
 from tests.support import Gateway
+from tests.support import H2Client
 from tests.support import LocalCA
 from tests.support import RawSite
 from tests.support import Reply
@@ -58,6 +60,7 @@ from tests.support import Site
 from tests.support import curl
 from tests.support import exchange
 from tests.support import policy_with
+from tests.support import tls_tunnel
 from tests.support import wait_for
 
 if sys.version_info >= (3, 14):
@@ -845,16 +848,24 @@ def test_a_book_too_large_to_hold_is_cut_off_by_its_package_documents_reservatio
 
 class CountingSite(RawSite):
     """A site that sends one declared body of `size` bytes, 1 MiB at a time, and counts what
-    it got out before its connection was closed."""
+    it got out before its connection was closed; over TLS with `tls`. `/slow` takes 8 s."""
 
-    def __init__(self, head: bytes, size: int):
-        self.head, self.size = head, size
+    def __init__(self, head: bytes, size: int, tls: ssl.SSLContext | None = None):
+        self.head, self.size, self.tls = head, size, tls
         self.sent: list[int] = []
         super().__init__()
 
     def serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                return
         with conn:
             request = self.read_head(conn)
+            if request.split(b" ", 2)[1].startswith(b"/slow"):
+                _slowly(conn, b"s" * 8)
+                return
             if not request.split(b" ", 2)[1].startswith(b"/photo"):
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 return
@@ -871,6 +882,17 @@ class CountingSite(RawSite):
             except OSError:
                 pass
             self.sent.append(sent)
+
+
+def _slowly(conn: socket.socket, body: bytes) -> None:
+    """A 200 whose body comes a byte a second."""
+    try:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(len(body)):
+            conn.sendall(body[i : i + 1])
+            time.sleep(1)
+    except OSError:
+        pass
 
 
 def test_a_site_stops_being_downloaded_once_its_streamed_image_is_withheld(gateway: Gateway):
@@ -1264,3 +1286,41 @@ def test_a_rate_refusal_after_the_gateways_own_read_says_the_read_took_the_slot(
         "the gateway's own read of this site's robots.txt or tdmrep.json" in d
         for d in took_the_slot
     ), details
+
+
+def test_through_an_upstream_proxy_a_withheld_image_stops_while_another_request_is_open(
+    workdir: Path, test_ca: LocalCA
+):
+    # A browser on HTTP/2 in a CONNECT tunnel, its requests leaving through an upstream proxy,
+    # each in a TCP connection of its own: a slow page under way, then a 256 MiB opted-out
+    # image. HttpGuard matched the connections carrying a proxied request by the proxy's
+    # address: the page's read as the image's too, so the image was downloaded whole (a
+    # probe). mitmproxy's tunnel layer of the request's connection names its own.
+    from tests.test_upstream_proxies import UpstreamProxy
+    from tests.test_upstream_proxies import _through
+
+    proxy = UpstreamProxy(workdir, "pool-a")
+    site = CountingSite(
+        jpeg_with_xmp(xmp_packet("DMI-PROHIBITED-AIMLTRAINING")),
+        256 * 2**20,
+        tls=test_ca.server_context_for("site-c.test"),
+    )
+    authority = f"site-c.test:{site.port}"
+    try:
+        policy = policy_with(defaults={"respect": RESPECT_ALL}, egress=_through({"pool-a": proxy}))
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, authority, alpn="h2", timeout=60) as tls:
+                page, photo = H2Client(tls).get_together(
+                    authority, [("/slow", 0), ("/photo.jpg", 1.0)], ("x-crawl-project", PROJECT)
+                )
+            assert wait_for(lambda: bool(site.sent), timeout=20)
+            [rec] = [r for r in gw.fetch_records() if r["url"].endswith("/photo.jpg")]
+    finally:
+        site.close()
+        proxy.stop()
+    assert (page.end, page.body) == ("ended", b"s" * 8)  # the other request, untouched
+    assert photo.end in ("reset", "closed") and photo.body == b"", (photo.end, len(photo.body))
+    [sent] = site.sent
+    assert sent <= 32 * 2**20, f"the site got {sent / 2**20:.0f} MiB out"
+    assert (rec["decision"], rec["reason"]) == ("withheld", "image_optout")
+    assert "downloaded no more of it" in rec["note"], rec["note"]

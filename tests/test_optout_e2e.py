@@ -848,7 +848,8 @@ def test_a_book_too_large_to_hold_is_cut_off_by_its_package_documents_reservatio
 
 class CountingSite(RawSite):
     """A site that sends one declared body of `size` bytes, 1 MiB at a time, and counts what
-    it got out before its connection was closed; over TLS with `tls`. `/slow` takes 8 s."""
+    it got out before its connection was closed; over TLS with `tls`. `/slow` takes 8 s,
+    `/silent` never answers."""
 
     def __init__(self, head: bytes, size: int, tls: ssl.SSLContext | None = None):
         self.head, self.size, self.tls = head, size, tls
@@ -865,6 +866,9 @@ class CountingSite(RawSite):
             request = self.read_head(conn)
             if request.split(b" ", 2)[1].startswith(b"/slow"):
                 _slowly(conn, b"s" * 8)
+                return
+            if request.split(b" ", 2)[1].startswith(b"/silent"):
+                time.sleep(10)  # no answer
                 return
             if not request.split(b" ", 2)[1].startswith(b"/photo"):
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
@@ -1324,3 +1328,41 @@ def test_through_an_upstream_proxy_a_withheld_image_stops_while_another_request_
     assert sent <= 32 * 2**20, f"the site got {sent / 2**20:.0f} MiB out"
     assert (rec["decision"], rec["reason"]) == ("withheld", "image_optout")
     assert "downloaded no more of it" in rec["note"], rec["note"]
+
+
+def test_through_an_upstream_proxy_a_silent_request_times_out_while_another_is_receiving(
+    workdir: Path, test_ca: LocalCA
+):
+    # The same browser: a page that answers a byte a second, and a request its site never
+    # answers, to be closed at network.response_timeout (3 s). HttpGuard took every
+    # connection of the client to the proxy for the silent request's: the page's bytes kept
+    # it from timing out until the page ended (8 s), and its close would have cut the page.
+    from tests.test_upstream_proxies import UpstreamProxy
+    from tests.test_upstream_proxies import _through
+
+    proxy = UpstreamProxy(workdir, "pool-a")
+    site = CountingSite(b"", 0, tls=test_ca.server_context_for("site-c.test"))
+    authority = f"site-c.test:{site.port}"
+    try:
+        policy = policy_with(
+            egress=_through({"pool-a": proxy}),
+            network={
+                "allow_private": ["127.0.0.0/8"],
+                "static_hosts": {"*.test": "127.0.0.1"},
+                "response_timeout": "3s",
+            },
+        )
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, authority, alpn="h2", timeout=60) as tls:
+                page, silent = H2Client(tls).get_together(
+                    authority, [("/slow", 0), ("/silent", 0.5)], ("x-crawl-project", PROJECT)
+                )
+            records = {r["url"].rsplit("/", 1)[1]: r for r in gw.fetch_records()}
+    finally:
+        site.close()
+        proxy.stop()
+    assert silent.headers.get(":status") == "504", silent.headers
+    assert records["silent"]["reason"] == "upstream_timeout"
+    assert records["silent"]["duration_ms"] < 6000, records["silent"]["duration_ms"]
+    assert (page.end, page.body) == ("ended", b"s" * 8)
+    assert (records["slow"]["decision"], records["slow"]["reason"]) == ("forwarded", "ok")

@@ -93,6 +93,62 @@ def _http1(gw: Gateway, site: Site, path: str, extra: str = "", body: bytes = b"
         return out
 
 
+def _upload_then_give_up(gw: Gateway, site: Site) -> int:
+    """POST /upload of 8 MiB (held for its turn), as much of it as the gateway takes within
+    3 s, then a reset (the scraper gives up): how much was sent."""
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    body = b"u" * (8 * MiB)
+    s.sendall(
+        (
+            f"POST http://site-c.test:{site.port}/upload HTTP/1.1\r\n"
+            f"Host: site-c.test:{site.port}\r\nProxy-Authorization: {basic(TEAM, TEAM_TOKEN)}"
+            f"\r\nX-Crawl-Project: {PROJECT}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+    )
+    s.settimeout(3)
+    sent = 0
+    try:
+        while sent < len(body):
+            sent += s.send(body[sent : sent + 65536])
+    except TimeoutError:
+        pass  # the gateway stopped reading
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # a reset: nothing left to send
+    return sent
+
+
+def _a_get_then_held_posts(
+    conn: h2.connection.H2Connection,
+    tls: ssl.SSLSocket,
+    authority: str,
+    get: str,
+    posts: str,
+    size: int,
+) -> tuple[int, dict[int, int]]:
+    """On a new HTTP/2 connection: a GET of `get` (it takes the site's one token), then eight
+    POSTs `posts`0..7 declaring `size` bytes each (held for their turns), their bodies still to
+    send: the GET's stream, and each POST's stream -> bytes of it sent (0)."""
+    conn.initiate_connection()
+    project = ("x-crawl-project", PROJECT)
+    pseudo = [(":scheme", "https"), (":authority", authority)]
+    first = conn.get_next_available_stream_id()
+    conn.send_headers(
+        first, [(":method", "GET"), *pseudo, (":path", get), project], end_stream=True
+    )
+    tls.sendall(conn.data_to_send())
+    time.sleep(0.3)
+    ups = {}
+    for i in range(8):
+        sid = conn.get_next_available_stream_id()
+        length = ("content-length", str(size))
+        conn.send_headers(
+            sid, [(":method", "POST"), *pseudo, (":path", f"{posts}{i}"), project, length]
+        )
+        ups[sid] = 0
+    tls.sendall(conn.data_to_send())
+    return first, ups
+
+
 # -- nothing waits for a held request ------------------------------------------------------------
 
 
@@ -108,36 +164,11 @@ def test_an_http2_download_does_not_wait_for_another_stream_held_with_its_upload
     authority = f"site-c.test:{tls_site.port}"
     big = b"b" * (16 * MiB)
     tls_site.routes["/big"] = Reply(body=big, delay=1.0)
-    project = ("x-crawl-project", PROJECT)
     upload = 1_000_000
     with Gateway(workdir, _held_policy(rate="12/min"), trusted_ca=test_ca.ca_cert) as gw:
         with tls_tunnel(gw, authority, alpn="h2") as tls:
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-            conn.initiate_connection()
-            tls.sendall(conn.data_to_send())
-            pseudo = [(":scheme", "https"), (":authority", authority)]
-            big_id = conn.get_next_available_stream_id()
-            conn.send_headers(
-                big_id, [(":method", "GET"), *pseudo, (":path", "/big"), project], end_stream=True
-            )
-            tls.sendall(conn.data_to_send())
-            time.sleep(0.3)  # /big takes the one token
-            # eight form posts of 1 000 000 bytes each (under the 1 MiB body limit), all held
-            ups = {}
-            for i in range(8):
-                up_id = conn.get_next_available_stream_id()
-                conn.send_headers(
-                    up_id,
-                    [
-                        (":method", "POST"),
-                        *pseudo,
-                        (":path", f"/upload/{i}"),
-                        project,
-                        ("content-length", str(upload)),
-                    ],
-                )
-                ups[up_id] = 0
-            tls.sendall(conn.data_to_send())
+            big_id, ups = _a_get_then_held_posts(conn, tls, authority, "/big", "/upload/", upload)
             started = time.monotonic()
             got, big_done, up_events = 0, None, []
             tls.setblocking(False)
@@ -200,24 +231,7 @@ def test_a_client_gone_while_its_upload_is_held_is_let_go_at_once(
     policy = _held_policy(max_body="16MiB")
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
         assert b" 200 " in _http1(gw, site, "/first").split(b"\r\n")[0]
-        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-        body = b"u" * (8 * MiB)
-        s.sendall(
-            (
-                f"POST http://site-c.test:{site.port}/upload HTTP/1.1\r\n"
-                f"Host: site-c.test:{site.port}\r\nProxy-Authorization: {basic(TEAM, TEAM_TOKEN)}"
-                f"\r\nX-Crawl-Project: {PROJECT}\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-        )
-        s.settimeout(3)
-        sent = 0
-        try:
-            while sent < len(body):
-                sent += s.send(body[sent : sent + 65536])
-        except TimeoutError:
-            pass  # the gateway stopped reading
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        s.close()  # the scraper gives up (a reset: nothing left to send)
+        sent = _upload_then_give_up(gw, site)
         gone = time.monotonic()
         wait_for(
             lambda: any(r["url"].endswith("/upload") for r in gw.fetch_records(timeout=1)),
@@ -416,24 +430,7 @@ def test_a_held_upload_whose_client_left_does_not_make_the_next_request_wait_its
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
         assert b" 200 " in _http1(gw, site, "/first").split(b"\r\n")[0]
         first_at = time.monotonic()
-        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-        body = b"u" * (8 * MiB)
-        s.sendall(
-            (
-                f"POST http://site-c.test:{site.port}/upload HTTP/1.1\r\n"
-                f"Host: site-c.test:{site.port}\r\nProxy-Authorization: {basic(TEAM, TEAM_TOKEN)}"
-                f"\r\nX-Crawl-Project: {PROJECT}\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-        )
-        s.settimeout(3)
-        sent = 0
-        try:
-            while sent < len(body):
-                sent += s.send(body[sent : sent + 65536])
-        except TimeoutError:
-            pass
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        s.close()
+        _upload_then_give_up(gw, site)
         time.sleep(0.5)
         answer = _http1(gw, site, "/live")
         live_after = time.monotonic() - first_at
@@ -449,34 +446,11 @@ def test_http2_uploads_cancelled_while_held_are_let_go_and_never_sent(
     # nothing (recorded refused `interrupted`). Eight held form posts of ~1 MB each, then all
     # reset: with the connection not read past 4 MiB queued, none was recorded within 6 s.
     authority = f"site-c.test:{tls_site.port}"
-    project = ("x-crawl-project", PROJECT)
     upload = 1_000_000
     with Gateway(workdir, _held_policy(rate="12/min"), trusted_ca=test_ca.ca_cert) as gw:
         with tls_tunnel(gw, authority, alpn="h2") as tls:
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-            conn.initiate_connection()
-            pseudo = [(":scheme", "https"), (":authority", authority)]
-            first = conn.get_next_available_stream_id()
-            conn.send_headers(
-                first, [(":method", "GET"), *pseudo, (":path", "/first"), project], end_stream=True
-            )
-            tls.sendall(conn.data_to_send())
-            time.sleep(0.3)
-            ups = {}
-            for i in range(8):
-                sid = conn.get_next_available_stream_id()
-                conn.send_headers(
-                    sid,
-                    [
-                        (":method", "POST"),
-                        *pseudo,
-                        (":path", f"/left/{i}"),
-                        project,
-                        ("content-length", str(upload)),
-                    ],
-                )
-                ups[sid] = 0
-            tls.sendall(conn.data_to_send())
+            _, ups = _a_get_then_held_posts(conn, tls, authority, "/first", "/left/", upload)
             tls.settimeout(0.05)
             start = time.monotonic()
             while sum(ups.values()) < 8 * upload and time.monotonic() - start < 4:

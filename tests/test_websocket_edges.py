@@ -31,6 +31,7 @@ from tests.ws_support import RawWsSite
 from tests.ws_support import frame
 from tests.ws_support import raw_client
 from tests.ws_support import read_frame
+from tests.ws_support import tunnel_client
 
 
 @pytest.fixture
@@ -43,22 +44,33 @@ def records(gw: Gateway) -> list[dict[str, Any]]:
     return [r for r in gw.export() if r.get("type", "record") == "record"]
 
 
+def _stop(gw: Gateway) -> float:
+    """SIGTERM, and how long the gateway took to exit."""
+    began = time.monotonic()
+    gw.signal(signal.SIGTERM)
+    assert gw.proc is not None
+    gw.proc.wait(40)
+    return time.monotonic() - began
+
+
+def _one_message_then_wait_close(sock: socket.socket, head: bytes) -> None:
+    """A site's script: one message of 1000 bytes, then read until the close."""
+    sock.sendall(frame(TEXT, b"w" * 1000))
+    sock.settimeout(30)
+    try:
+        while True:
+            _, op, _, _ = read_frame(sock)
+            if op == CLOSE:
+                return
+    except OSError:
+        return
+
+
 def test_many_websockets_open_at_sigterm_are_all_closed_and_recorded(gateway: Gateway):
     n = 40
 
-    def script(sock: socket.socket, head: bytes) -> None:
-        sock.sendall(frame(TEXT, b"w" * 1000))
-        sock.settimeout(30)
-        try:
-            while True:
-                _, op, _, _ = read_frame(sock)
-                if op == CLOSE:
-                    return
-        except OSError:
-            return
-
     socks = []
-    with RawWsSite(script) as site:
+    with RawWsSite(_one_message_then_wait_close) as site:
         for _ in range(n):
             sock, head = raw_client(gateway.port, site.url(), timeout=30)
             assert head.startswith(b"HTTP/1.1 101"), head
@@ -96,55 +108,16 @@ def test_many_websockets_open_at_sigterm_are_all_closed_and_recorded(gateway: Ga
 def test_a_websocket_inside_a_connect_tunnel_at_sigterm_is_closed_and_recorded(
     gateway: Gateway, test_ca: LocalCA
 ):
-
-    ctx = test_ca.server_context_for("site-c.test")
-
-    def script(sock: socket.socket, head: bytes) -> None:
-        sock.sendall(frame(TEXT, b"w" * 1000))
-        sock.settimeout(30)
-        try:
-            while True:
-                _, op, _, _ = read_frame(sock)
-                if op == CLOSE:
-                    return
-        except OSError:
-            return
-
-    class TlsWsSite(RawWsSite):
-        def serve(self, conn: socket.socket) -> None:
-            try:
-                tls = ctx.wrap_socket(conn, server_side=True)
-            except OSError as e:
-                self.errors.append(e)
-                return
-            super().serve(tls)
-
-    import base64
-    import os
-
-    from tests.support import PROJECT
-    from tests.support import tls_tunnel
-
-    with TlsWsSite(script) as site:
-        tls = tls_tunnel(gateway, f"site-c.test:{site.port}", alpn="http/1.1")
-        key = base64.b64encode(os.urandom(16)).decode()
-        tls.sendall(
-            (
-                f"GET /ws HTTP/1.1\r\nHost: site-c.test:{site.port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                f"X-Crawl-Project: {PROJECT}\r\n\r\n"
-            ).encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += tls.recv(1)
+    tls = test_ca.server_context_for("site-c.test")
+    with RawWsSite(_one_message_then_wait_close, tls=tls) as site:
+        sock, head = tunnel_client(gateway, f"site-c.test:{site.port}")
         assert head.startswith(b"HTTP/1.1 101"), head
-        read_frame(tls)
+        read_frame(sock)
         gateway.signal(signal.SIGTERM)
-        _, op, _, payload = read_frame(tls)
+        _, op, _, payload = read_frame(sock)
         assert gateway.proc is not None
         gateway.proc.wait(40)
-        tls.close()
+        sock.close()
     assert op == CLOSE and payload[:2] == struct.pack("!H", 1001), (op, payload[:40])
     [talked] = [r for r in records(gateway) if r.get("kind") == "websocket"]
     assert talked["response_bytes"] == 1000
@@ -162,11 +135,7 @@ def test_a_websocket_already_closing_at_sigterm_is_recorded_once(gateway: Gatewa
         read_frame(sock)
         sock.sendall(frame(CLOSE, struct.pack("!H", 1000), mask=True))
         time.sleep(0.5)
-        began = time.monotonic()
-        gateway.signal(signal.SIGTERM)
-        assert gateway.proc is not None
-        gateway.proc.wait(40)
-        took = time.monotonic() - began
+        took = _stop(gateway)
         sock.close()
     talked = [r for r in records(gateway) if r.get("kind") == "websocket"]
     print("took", took, talked and talked[0].get("note"))
@@ -345,95 +314,36 @@ def test_fragmented_compressed_over_the_limit_is_closed_1009(gateway: Gateway):
     assert got[1].startswith(b"CLOSE" + struct.pack("!H", 1009)), got[1][:40]
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss-in-connect"])
+@pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss-in-connect"])
 def test_a_websocket_through_an_upstream_proxy_at_sigterm_is_closed_and_recorded(
-    workdir: Path, test_ca: LocalCA, tls: bool
+    workdir: Path, test_ca: LocalCA, wss: bool
 ):
-    import base64
-    import os
-
-    from tests.support import PROJECT
-    from tests.support import tls_tunnel
     from tests.test_upstream_proxies import UpstreamProxy
     from tests.test_upstream_proxies import _through
 
-    ctx = test_ca.server_context_for("site-c.test")
-
-    def script(sock: socket.socket, head: bytes) -> None:
-        sock.sendall(frame(TEXT, b"w" * 1000))
-        sock.settimeout(30)
-        try:
-            while True:
-                _, op, _, _ = read_frame(sock)
-                if op == CLOSE:
-                    return
-        except OSError:
-            return
-
-    class Site(RawWsSite):
-        def serve(self, conn: socket.socket) -> None:
-            if tls:
-                try:
-                    conn = ctx.wrap_socket(conn, server_side=True)
-                except OSError as e:
-                    self.errors.append(e)
-                    return
-            super().serve(conn)
-
-    pool = {"pool-a": UpstreamProxy(workdir, "pool-a")}
+    tls = test_ca.server_context_for("site-c.test") if wss else None
+    proxy = UpstreamProxy(workdir, "pool-a")
     try:
-        policy = policy_with(egress=_through(pool))
-        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw, Site(script) as site:
-            if tls:
-                sock = tls_tunnel(gw, f"site-c.test:{site.port}", alpn="http/1.1")
-                key = base64.b64encode(os.urandom(16)).decode()
-                sock.sendall(
-                    (
-                        f"GET /ws HTTP/1.1\r\nHost: site-c.test:{site.port}\r\n"
-                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                        f"X-Crawl-Project: {PROJECT}\r\n\r\n"
-                    ).encode()
-                )
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += sock.recv(1)
+        policy = policy_with(egress=_through({"pool-a": proxy}))
+        with (
+            Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw,
+            RawWsSite(_one_message_then_wait_close, tls=tls) as site,
+        ):
+            if wss:
+                sock, head = tunnel_client(gw, f"site-c.test:{site.port}")
             else:
                 sock, head = raw_client(gw.port, site.url(), timeout=30)
             assert head.startswith(b"HTTP/1.1 101"), head
             read_frame(sock)
-            began = time.monotonic()
             gw.signal(signal.SIGTERM)
-            try:
-                _, op, _, payload = read_frame(sock)
-            except OSError as e:
-                op, payload = -1, str(e).encode()
+            _, op, _, payload = read_frame(sock)
             assert gw.proc is not None
             gw.proc.wait(40)
-            took = time.monotonic() - began
             sock.close()
             talked = [r for r in records(gw) if r.get("kind") == "websocket"]
             lost = gw.log_events("websocket_not_recorded")
-            crashes = [
-                e
-                for e in gw.log_events()
-                if "crash" in str(e.get("event", "")) or "Addon error" in str(e.get("event", ""))
-            ]
     finally:
-        for p in pool.values():
-            p.stop()
-    print(
-        "took",
-        round(took, 2),
-        "op",
-        op,
-        payload[:30],
-        "recorded",
-        len(talked),
-        "lost",
-        len(lost),
-        crashes[:1],
-    )
+        proxy.stop()
     assert op == CLOSE and payload[:2] == struct.pack("!H", 1001), (op, payload[:60])
     assert len(talked) == 1 and not lost
 
@@ -451,11 +361,7 @@ def test_site_closing_client_silent_at_sigterm(gateway: Gateway):
         _, op, _, _payload = read_frame(sock)
         assert op == CLOSE
         time.sleep(0.5)
-        began = time.monotonic()
-        gateway.signal(signal.SIGTERM)
-        assert gateway.proc is not None
-        gateway.proc.wait(40)
-        took = time.monotonic() - began
+        took = _stop(gateway)
         sock.close()
     talked = [r for r in records(gateway) if r.get("kind") == "websocket"]
     print("took", took, [t.get("note") for t in talked], gateway.log_events("websockets_closed"))
@@ -493,18 +399,7 @@ class SlowUpgradeSite(RawWsSite):
 
 
 def test_an_upgrade_answered_during_the_drain_is_closed_and_recorded(gateway: Gateway):
-    def script(sock: socket.socket, head: bytes) -> None:
-        sock.sendall(frame(TEXT, b"w" * 1000))
-        sock.settimeout(30)
-        try:
-            while True:
-                _, op, _, _ = read_frame(sock)
-                if op == CLOSE:
-                    return
-        except OSError:
-            return
-
-    with SlowUpgradeSite(script) as site:
+    with SlowUpgradeSite(_one_message_then_wait_close) as site:
         sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
         import base64
         import os

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import struct
 import zlib
 from collections.abc import Callable
@@ -16,8 +17,10 @@ from typing import Any
 from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
+from tests.support import Gateway
 from tests.support import RawSite
 from tests.support import basic
+from tests.support import tls_tunnel
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 1, 2, 0, 8, 9, 10
@@ -95,8 +98,10 @@ class RawWsSite(RawSite):
         extensions: str | None = None,
         answer: bool = True,
         robots: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.script = script
+        self.tls = tls  # wss: the site's TLS
         self.robots = robots
         self.extensions = extensions
         self.answer = answer
@@ -106,6 +111,8 @@ class RawWsSite(RawSite):
 
     def serve(self, conn: socket.socket) -> None:
         try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
             head = read_head(conn)  # (byte by byte: nothing after the head is taken)
             self.heads.append(head)
             if head.split(b" ", 2)[1] == b"/robots.txt" and self.robots is not None:
@@ -169,6 +176,21 @@ def raw_client(
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             f"Proxy-Authorization: {basic(team, token)}\r\nX-Crawl-Project: {PROJECT}\r\n"
             f"{ext}\r\n"
+        ).encode()
+    )
+    return sock, read_head(sock)
+
+
+def tunnel_client(gw: Gateway, authority: str) -> tuple[ssl.SSLSocket, bytes]:
+    """An upgrade to wss://`authority` inside a CONNECT tunnel through the gateway (TLS to the
+    gateway's certificate for the site): the socket and the answer's head."""
+    sock = tls_tunnel(gw, authority, alpn="http/1.1")
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"X-Crawl-Project: {PROJECT}\r\n\r\n"
         ).encode()
     )
     return sock, read_head(sock)

@@ -863,14 +863,14 @@ class CountingSite(RawSite):
             except OSError:
                 return
         with conn:
-            request = self.read_head(conn)
-            if request.split(b" ", 2)[1].startswith(b"/slow"):
+            path = self.read_head(conn).split(b" ", 2)[1]
+            if path.startswith(b"/slow"):
                 _slowly(conn, b"s" * 8)
                 return
-            if request.split(b" ", 2)[1].startswith(b"/silent"):
+            if path.startswith(b"/silent"):
                 time.sleep(10)  # no answer
                 return
-            if not request.split(b" ", 2)[1].startswith(b"/photo"):
+            if not path.startswith(b"/photo"):
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 return
             conn.sendall(

@@ -28,6 +28,7 @@ from tests.ws_support import PING
 from tests.ws_support import PONG
 from tests.ws_support import TEXT
 from tests.ws_support import RawWsSite
+from tests.ws_support import answer_close
 from tests.ws_support import client_close
 from tests.ws_support import deflate
 from tests.ws_support import frame
@@ -72,11 +73,7 @@ def test_text_binary_and_fragmented_messages_are_counted_and_hashed(gateway: Gat
         sock.sendall(frame(PING, b"are you there"))
         sock.sendall(frame(CONT, b"frag-three"))
         # the client's message, then its close
-        while True:
-            _, op, _, _ = read_frame(sock)
-            if op == CLOSE:
-                sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
-                return
+        answer_close(sock)
 
     with RawWsSite(script) as site:
         sock, head = raw_client(gateway.port, site.url())
@@ -113,11 +110,7 @@ def test_compressed_messages_are_counted_as_they_are_delivered(gateway: Gateway)
 
     def script(sock: socket.socket, head: bytes) -> None:
         sock.sendall(frame(TEXT, wire, rsv1=True))
-        while True:
-            _, op, _, _ = read_frame(sock)
-            if op == CLOSE:
-                sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
-                return
+        answer_close(sock)
 
     ext = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
     with RawWsSite(script, extensions=ext) as site:
@@ -323,7 +316,7 @@ def test_a_ping_between_a_compressed_messages_fragments_leaves_the_message_whole
             sock.sendall(frame(PING, b"x"))
             for i, piece in enumerate(pieces[1:], 2):
                 sock.sendall(frame(CONT, piece, fin=i == len(pieces)))
-            _echo_close(sock)
+            answer_close(sock)
         except OSError:
             return
 
@@ -351,15 +344,6 @@ def test_a_ping_between_a_compressed_messages_fragments_leaves_the_message_whole
     [rec] = ws_records(gateway)
     assert rec["content_sha256"] == hashlib.sha256(payload).hexdigest()
     assert rec["response_bytes"] == len(payload)
-
-
-def _echo_close(sock: socket.socket) -> None:
-    """Answer the client's close (and read nothing else)."""
-    while True:
-        _, op, _, _ = read_frame(sock)
-        if op == CLOSE:
-            sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
-            return
 
 
 def test_a_fast_site_is_read_no_faster_than_its_messages_are_relayed(gateway: Gateway):
@@ -444,11 +428,7 @@ def _echo_then_close_script(site_bytes: list[bytes]):
     def script(sock: socket.socket, head: bytes) -> None:
         for p in site_bytes:
             sock.sendall(frame(BINARY, p))
-        while True:
-            _, op, _, _ = read_frame(sock)
-            if op == CLOSE:
-                sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
-                return
+        answer_close(sock)
 
     return script
 
@@ -593,7 +573,7 @@ def test_a_message_the_site_had_not_finished_at_sigterm_is_counted(gateway: Gate
             sock.sendall(frame(BINARY, part, fin=False))
             sock.sendall(frame(CONT, part, fin=False))
             sent.set()
-            _echo_close(sock)
+            answer_close(sock)
         except OSError:
             return
 
@@ -748,11 +728,7 @@ def test_a_quiet_websocket_outlives_the_exchange_timeouts(workdir: Path, test_ca
         sock.sendall(frame(TEXT, b"first"))
         time.sleep(5)
         sock.sendall(frame(TEXT, b"after-quiet"))
-        while True:
-            _, op, _, _ = read_frame(sock)
-            if op == CLOSE:
-                sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
-                return
+        answer_close(sock)
 
     with Gateway(workdir, policy, name="quiet", trusted_ca=test_ca.ca_cert) as gw:
         with RawWsSite(script) as site:

@@ -196,6 +196,15 @@ def tunnel_client(gw: Gateway, authority: str) -> tuple[ssl.SSLSocket, bytes]:
     return sock, read_head(sock)
 
 
+def answer_close(sock: socket.socket) -> None:
+    """A site's script's end: read until the client's close, and answer it."""
+    while True:
+        _, op, _, _ = read_frame(sock)
+        if op == CLOSE:
+            sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
+            return
+
+
 def client_close(sock: socket.socket, code: int = 1000) -> None:
     sock.sendall(frame(CLOSE, struct.pack("!H", code), mask=True))
 

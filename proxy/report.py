@@ -79,6 +79,7 @@ from proxy.audit.checkpoint import CheckpointError
 from proxy.audit.checkpoint import checkpoint_line
 from proxy.audit.checkpoint import note_text
 from proxy.audit.checkpoint import parse_text
+from proxy.audit.dialect import REACHED_DECISIONS
 from proxy.audit.query import RecordQuery
 from proxy.audit.query import check_window
 from proxy.audit.query import parse_time
@@ -96,7 +97,6 @@ from proxy.websocket import KIND as WEBSOCKET
 FORMAT = "crawlwarden-insubstantiality-report/1"
 # The HTML needs no script and may run none: readable as it is, and nothing to inject into.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-REACHED = frozenset({"forwarded", "withheld"})
 OPTOUT_REASONS = frozenset(
     {
         str(Reason.ROBOTS_DISALLOWED),
@@ -135,7 +135,7 @@ class SiteTally:
         self, kind: str, decision: str, reason: str | None, day: str, n: int, size: int
     ) -> None:
         """`n` records of one kind, decision and reason on one UTC day, `size` bytes."""
-        reached = decision in REACHED
+        reached = decision in REACHED_DECISIONS
         if kind == WEBSOCKET:  # bytes the site sent, no request
             self.bytes_received += size
             self.daily_bytes[day] += size

@@ -19,8 +19,9 @@ from proxy.audit.query import to_datetime
 # A store's statements, by name (SQL, parameters), and their rows, by the same names.
 type Statements = dict[str, tuple[str, list[Any]]]
 type Results = dict[str, list[tuple[Any, ...]]]
-# A record that reached the site (as proxy/report.py's REACHED).
-REACHED = "decision IN ('forwarded', 'withheld')"
+# The decisions of a record that reached the site, and the SQL condition that says so.
+REACHED_DECISIONS = frozenset({"forwarded", "withheld"})
+REACHED = f"decision IN ({', '.join(repr(d) for d in sorted(REACHED_DECISIONS))})"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import structlog
 from aiohttp import web
@@ -161,53 +162,8 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
         await runtime.stop()
         raise SystemExit(f"crawlwarden: {e}") from e
 
-    if not interim.install():
-        log.warning(
-            "interim_not_installed",
-            note="this mitmproxy's HTTP/1 client differs from what addons/interim.py expects: "
-            "a site's interim (1xx) answer before its final one ends the exchange",
-        )
-    if not buffered_bytes.install():
-        log.warning(
-            "buffered_bytes_not_installed",
-            note="this mitmproxy's HttpStream differs from what addons/buffered_bytes.py "
-            "expects: a buffered answer broken off before its end is recorded and charged as "
-            "0 bytes",
-        )
-    if not websocket_limit.install():
-        log.warning(
-            "websocket_limit_not_installed",
-            note="this mitmproxy's WebSocket layer differs from what addons/websocket_limit.py "
-            "expects: a WebSocket message is held however large it grows",
-        )
-    if not read_backpressure.install():
-        log.warning(
-            "read_backpressure_not_installed",
-            note="this mitmproxy's connection handler differs from what "
-            "addons/read_backpressure.py expects: what a fast sender sends while a hook runs "
-            "is held however much it is",
-        )
-    if not trailers.install():
-        log.warning(
-            "trailers_not_installed",
-            note="this mitmproxy's HTTP/1 layer differs from what addons/trailers.py expects: a "
-            "chunked answer with trailer fields may stop its exchange",
-        )
-    streams_released = stream_release.install()
-    if not streams_released:
-        log.warning(
-            "stream_release_not_installed",
-            note="this mitmproxy's HttpStream/HttpLayer differ from what addons/stream_release.py "
-            "expects: finished requests are left to the cyclic garbage collector (more CPU, "
-            "longer pauses)",
-        )
-    if not named_connections.install():
-        log.warning(
-            "named_connections_not_installed",
-            note="this mitmproxy's GetHttpConnection differs from what "
-            "addons/named_connections.py expects: https:// requests sent without CONNECT open "
-            "a connection each",
-        )
+    installed = {module: _install(module, *said) for module, said in _PATCHES.items()}
+    streams_released = installed[stream_release]
     master = Master(options.Options(), with_termlog=False)
     master.addons.add(*gateway_addons())
     limits = Limits.of(runtime.compiled.loaded.policy.network)
@@ -301,6 +257,50 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
         await runtime.stop()
     log.info("stopped", replica=runtime.replica, records=runtime.fetch_log.seq)
     return 0
+
+
+# The gateway's changes to mitmproxy's (and wsproto's) classes, each installed at start-up where
+# they still look as its module assumes: what differs, and what goes without it.
+_PATCHES: dict[ModuleType, tuple[str, str]] = {
+    interim: (
+        "HTTP/1 client",
+        "a site's interim (1xx) answer before its final one ends the exchange",
+    ),
+    buffered_bytes: (
+        "HttpStream",
+        "a buffered answer broken off before its end is recorded and charged as 0 bytes",
+    ),
+    websocket_limit: (
+        "WebSocket layer",
+        "a WebSocket message is held however large it grows, and open WebSockets are not "
+        "closed and recorded at a stop",
+    ),
+    read_backpressure: (
+        "connection handler",
+        "what a fast WebSocket sender sends while a hook runs is held however much it is",
+    ),
+    trailers: ("HTTP/1 layer", "a chunked answer with trailer fields may stop its exchange"),
+    stream_release: (
+        "HttpStream/HttpLayer",
+        "finished requests are left to the cyclic garbage collector (more CPU, longer pauses)",
+    ),
+    named_connections: (
+        "GetHttpConnection",
+        "https:// requests sent without CONNECT open a connection each",
+    ),
+}
+
+
+def _install(module: ModuleType, part: str, without: str) -> bool:
+    """`module.install()`, said in the log when this mitmproxy does not look as it assumes."""
+    done = bool(module.install())
+    if not done:
+        name = module.__name__.rsplit(".", 1)[-1]
+        log.warning(
+            f"{name}_not_installed",
+            note=f"this mitmproxy's {part} differs from what addons/{name}.py expects: {without}",
+        )
+    return done
 
 
 _HELD_ANSWER_SECONDS = 1.0

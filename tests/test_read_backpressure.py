@@ -555,4 +555,4 @@ def test_a_clients_compressed_frame_is_not_inflated_past_the_limit(workdir: Path
         peak = _kib(pid)
     print("client got", op, payload[:20], "site got", site_got, "VmHWM", before, peak, len(wire))
     assert op == CLOSE and payload[:2] == struct.pack("!H", 1009)
-    assert peak - before < 160 * 1024, (before, peak)
+    assert peak - before < 128 * 1024, (before, peak)  # +64 MiB; +193 unbounded

@@ -1,22 +1,31 @@
-"""A WebSocket connection is read no faster than the gateway relays what it read.
+"""A connection is read no faster than the gateway relays what it read.
 
 mitmproxy reads each connection in a loop, hands every read to its layers and then waits for its
-own write buffers only (`ConnectionHandler.drain_writers`). A layer waiting for a hook keeps each
-event that comes meanwhile in a queue of its own, and nothing bounds that queue: a site sending
-small WebSocket messages faster than the hooks relay them (each message is a
-`websocket_message` hook) made the gateway hold all it sent, 300 MiB and more, until it had
-relayed it.
+own write buffers only (`ConnectionHandler.drain_writers`). Two other places kept what was read
+without bound:
 
-After each read, the loop now also waits while the WebSocket layers waiting for a hook hold more
-than MAX_QUEUED_BYTES of what was read (on every connection of the client's handler, the
-client's and the sites'): the socket's buffers fill and TCP slows the sender, as it does when
-the gateway cannot write. Every hook's end wakes the wait. What those queues hold stays within
-one read (64 KiB) of the bound.
+- A layer waiting for a hook keeps each event that comes meanwhile in a queue of its own: a site
+  sending small WebSocket messages faster than the hooks relay them (each message is a
+  `websocket_message` hook) made the gateway hold all it sent, 300 MiB and more. After each read,
+  the loop now also waits while the WebSocket layers waiting for a hook hold more than
+  MAX_QUEUED_BYTES of what was read (on every connection of the client's handler, the client's
+  and the sites'). Every hook's end wakes the wait.
+- HTTP/2 to the scraper: what a stream may not send yet (its scraper gives it no window: a
+  browser pausing a video, a scraper that stopped reading) waits in the stream's send buffer,
+  and the site's connection was read on: a 96 MiB download held whole. A site's connection is
+  now not read while the scraper's HTTP/2 send buffers hold more than MAX_QUEUED_BYTES and some
+  of it is for a stream this connection answers; each read of the scraper's connection (its
+  WINDOW_UPDATE, a stream's reset) wakes the wait. The scraper's connection is always read, and
+  a site's connection serving only streams the scraper reads goes on. An HTTP/2 connection to
+  the site that also carries a stream the scraper reads waits with the paused one.
 
-Only WebSocket layers: an HTTP stream waits for a hook too (a request held for its budget, with
-its body coming), but stopping the reads for it stalled the connection's other HTTP/2 streams
-and hid the client's leaving until the held request's turn; a request's body is bounded by
-`network.max_request_body_bytes` instead (addons/http_guard.py).
+Either way the socket's buffers fill and TCP slows the sender, as when the gateway cannot write;
+what is held stays within one read (64 KiB) per connection of the bound.
+
+Not HTTP streams waiting for a hook: a request held for its budget, with its body coming,
+stopping the reads stalled the connection's other HTTP/2 streams and hid the client's leaving
+until the held request's turn; a request's body is bounded by `network.max_request_body_bytes`
+instead (addons/http_guard.py).
 
 Installed once at start-up by the gateway (proxy/app.py), next to addons/websocket_limit.py;
 only where mitmproxy's connection handler and layers still look as this assumes.
@@ -30,14 +39,21 @@ import inspect
 from collections.abc import Coroutine
 from typing import Any
 
+from mitmproxy import connection
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import layer
 from mitmproxy.proxy import server
+from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import websocket
+from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.proxy.layers.http import _http_h2
 
 from addons.patches import install_once
 
 MAX_QUEUED_BYTES = 4 * 2**20
+# How long a site's connection waits for the scraper's HTTP/2 buffers before it looks again
+# (a stream the gateway itself ends frees its buffer with no read of the scraper's to say so).
+_RECHECK_SECONDS = 1.0
 
 
 def _looks_as_expected() -> bool:
@@ -52,6 +68,12 @@ def _looks_as_expected() -> bool:
         and "self._paused_event_queue.append(event)" in handle
         and "await self.server_event(events.HookCompleted(hook))"
         in inspect.getsource(handler.hook_task)
+        and "self.stream_buffers = " in inspect.getsource(_http_h2.BufferedH2Connection)
+        and "self.h2_conn = BufferedH2Connection(" in inspect.getsource(_http2.Http2Connection)
+        and "self.streams = {}" in inspect.getsource(http_layers.HttpLayer.__init__)
+        and "self.connections = {}" in inspect.getsource(http_layers.HttpLayer.__init__)
+        and "self.context.server = self.flow.server_conn = connection"
+        in inspect.getsource(http_layers.HttpStream)
     )
 
 
@@ -91,6 +113,50 @@ class _Waiting:
             self.changed = None
 
 
+def _http_layers(client: connection.Client) -> list[http_layers.HttpLayer]:
+    """The HTTP layers of a scraper's connection (one, and one per CONNECT tunnel in it)."""
+    return client.__dict__.setdefault("_crawlwarden_http", [])
+
+
+def _h2_holds(client: connection.Client) -> bool:
+    """Whether an HTTP/2 connection of the scraper's holds anything it may not send yet."""
+    for http in client.__dict__.get("_crawlwarden_http", ()):
+        h2 = http.connections.get(http.context.client)
+        if isinstance(h2, _http2.Http2Server) and h2.h2_conn.stream_buffers:
+            return True
+    return False
+
+
+def _h2_ahead(client: connection.Client, site: connection.Connection) -> bool:
+    """Whether the scraper's HTTP/2 send buffers hold more than MAX_QUEUED_BYTES, some of it
+    for a stream whose answer comes on the connection `site` (the site's, or, through an
+    upstream proxy, the one its tunnel goes through)."""
+    total = mine = 0
+    for http in client.__dict__.get("_crawlwarden_http", ()):
+        h2 = http.connections.get(http.context.client)
+        if not isinstance(h2, _http2.Http2Server):
+            continue
+        for stream_id, chunks in h2.h2_conn.stream_buffers.items():
+            held = sum(len(chunk.data) for chunk in chunks)
+            total += held
+            stream = http.streams.get(stream_id)
+            if held and stream is not None:
+                server = stream.context.server
+                tunnel = getattr(http.connections.get(server), "tunnel_connection", None)
+                if site is server or site is tunnel:
+                    mine += held
+    return mine > 0 and total > MAX_QUEUED_BYTES
+
+
+def _reading(handler: Any) -> connection.Connection | None:
+    """The connection whose read loop is running now."""
+    task = asyncio.current_task()
+    for conn, io in handler.transports.items():
+        if io.handler is task:
+            return conn
+    return None
+
+
 def _waiting(handler: Any) -> _Waiting:
     try:
         return handler._crawlwarden_waiting
@@ -105,6 +171,7 @@ def install() -> None:
     handler_class = server.ConnectionHandler
     original_hook_task = handler_class.hook_task
     original_drain = handler_class.drain_writers
+    original_init = http_layers.HttpLayer.__init__
 
     # Plain functions that hand mitmproxy the original coroutine where nothing is to be done (an
     # HTTP hook, no WebSocket waiting): no extra coroutine on every request's hooks and reads.
@@ -125,17 +192,37 @@ def install() -> None:
                 waiting.layers.pop(id(paused), None)  # (re-paused: its next hook holds it)
             waiting.wake()
 
+    @functools.wraps(original_init)
+    def http_layer_init(self: http_layers.HttpLayer, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        _http_layers(self.context.client).append(self)
+
     @functools.wraps(original_drain)
     def drain_writers(self: Any) -> Coroutine[Any, Any, None]:
         waiting = getattr(self, "_crawlwarden_waiting", None)
-        if waiting is None or not waiting.layers:
+        if (waiting is None or not (waiting.layers or waiting.changed)) and not _h2_holds(
+            self.client
+        ):
             return original_drain(self)
-        return _drain_and_wait(self, waiting)
+        return _drain_and_wait(self, _waiting(self))
 
     async def _drain_and_wait(self: Any, waiting: _Waiting) -> None:
         await original_drain(self)
-        while waiting.queued() > MAX_QUEUED_BYTES:
-            await waiting.change()
+        site = _reading(self)
+        if site is self.client:
+            waiting.wake()  # (its read may have given streams window, or reset them)
+            site = None
+        while True:
+            if waiting.queued() > MAX_QUEUED_BYTES:
+                await waiting.change()
+            elif site is not None and _h2_ahead(self.client, site):
+                try:
+                    await asyncio.wait_for(waiting.change(), _RECHECK_SECONDS)
+                except TimeoutError:
+                    pass
+            else:
+                return
 
+    http_layers.HttpLayer.__init__ = http_layer_init  # type: ignore[method-assign]
     handler_class.hook_task = hook_task  # type: ignore[method-assign]
     handler_class.drain_writers = drain_writers  # type: ignore[method-assign]

@@ -277,7 +277,8 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
     ),
     read_backpressure: (
         "connection handler",
-        "what a fast WebSocket sender sends while a hook runs is held however much it is",
+        "what a fast WebSocket sender sends while a hook runs, and what an HTTP/2 scraper does "
+        "not read yet, is held however much it is",
     ),
     trailers: ("HTTP/1 layer", "a chunked answer with trailer fields may stop its exchange"),
     stream_release: (

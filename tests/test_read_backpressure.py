@@ -2,9 +2,10 @@
 bounds what a peer can make the gateway hold: a request held for its budget with its body coming
 stalls nothing else and is let go at once when its client leaves; a WebSocket flooded by its site
 still takes the client's messages and close; pipelined junk, a site talking on after its answer,
-a slow reader of a large body and a client's compressed frame stay bounded. Real gateway
-processes, raw clients and sites (the first version of the backpressure, which also counted HTTP
-streams, failed the first four)."""
+a slow reader of a large body and a client's compressed frame stay bounded; an HTTP/2 scraper
+that stops reading one download is not held for (directly and through an upstream proxy), and
+cancels it. Real gateway processes, raw clients and sites (the first version of the
+backpressure, which also counted HTTP streams, failed the first four)."""
 
 from __future__ import annotations
 
@@ -556,3 +557,151 @@ def test_a_clients_compressed_frame_is_not_inflated_past_the_limit(workdir: Path
     print("client got", op, payload[:20], "site got", site_got, "VmHWM", before, peak, len(wire))
     assert op == CLOSE and payload[:2] == struct.pack("!H", 1009)
     assert peak - before < 128 * 1024, (before, peak)  # +64 MiB; +193 unbounded
+
+
+# -- an HTTP/2 scraper that stops reading one download ------------------------------------------
+
+
+class _H2Reader:
+    """An HTTP/2 scraper in a CONNECT tunnel that reads some streams and not others: the
+    connection's window given back for all it gets, a stream's own only if not `paused`."""
+
+    def __init__(self, tls: ssl.SSLSocket, authority: str):
+        self.tls = tls
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.head = [(":scheme", "https"), (":authority", authority)]
+        self.head.append(("x-crawl-project", PROJECT))
+        self.got: dict[int, int] = {}
+        self.paused: set[int] = set()
+        self.ended: set[int] = set()
+
+    def get(self, path: str, *, paused: bool = False) -> int:
+        stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream, [(":method", "GET"), (":path", path), *self.head], True)
+        self.tls.sendall(self.conn.data_to_send())
+        self.got[stream] = 0
+        if paused:
+            self.paused.add(stream)
+        return stream
+
+    def resume(self, stream: int) -> None:
+        """Read the stream again: its window back, and given from now on."""
+        self.paused.discard(stream)
+        self.conn.increment_flow_control_window(self.got[stream], stream)
+        self.tls.sendall(self.conn.data_to_send())
+
+    def reset(self, stream: int) -> None:
+        self.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+        self.tls.sendall(self.conn.data_to_send())
+
+    def read(self, seconds: float, *, until_ended: set[int] | None = None) -> None:
+        """Read what comes for `seconds`, or until the streams `until_ended` have ended."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if until_ended is not None and until_ended <= self.ended:
+                return
+            self.tls.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                raw = self.tls.recv(65536)
+            except TimeoutError:
+                return
+            if not raw:
+                return
+            for event in self.conn.receive_data(raw):
+                if isinstance(event, h2.events.DataReceived):
+                    sid, length = event.stream_id, event.flow_controlled_length
+                    self.got[sid] = self.got.get(sid, 0) + len(event.data)
+                    if length and sid in self.paused:
+                        self.conn.increment_flow_control_window(length)
+                    elif length:
+                        self.conn.acknowledge_received_data(length, sid)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    self.ended.add(event.stream_id)
+            self.tls.sendall(self.conn.data_to_send())
+
+
+def _pause_a_video(
+    workdir: Path, tls_site: Site, test_ca: LocalCA, policy: dict[str, Any]
+) -> tuple[_H2Reader, int, int, list[dict[str, Any]]]:
+    """A scraper (HTTP/2 to the gateway) pauses a 96 MiB download for 5 s, loads a page
+    meanwhile, then reads the download to its end: the reader, the download's stream, how much
+    the gateway's memory grew while it was paused (KiB), and the download's records."""
+    size = 96 * MiB
+    tls_site.routes["/video"] = Reply(body=b"v" * size, headers={"Content-Type": "video/mp4"})
+    tls_site.routes["/page"] = Reply(body=b"p" * 300_000)
+    authority = f"site-a.test:{tls_site.port}"
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        pid = gw.proc.pid
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            first = scraper.get("/page")  # (what any stream needs is in memory before)
+            scraper.read(5, until_ended={first})
+            before = _kib(pid, "VmRSS")
+            video = scraper.get("/video", paused=True)
+            scraper.read(5)  # its first window, no more
+            page = scraper.get("/page")
+            scraper.read(5, until_ended={page})
+            held = _kib(pid, "VmRSS") - before
+            assert scraper.got[page] == 300_000, scraper.got
+            scraper.resume(video)
+            scraper.read(40, until_ended={video})
+        records = [r for r in gw.fetch_records() if r["url"].endswith("/video")]
+    print("paused stream got", scraper.got, "gateway RSS +KiB while paused", held)
+    assert scraper.got[video] == size, scraper.got
+    return scraper, video, held, records
+
+
+def test_an_http2_download_its_scraper_stops_reading_is_not_held_by_the_gateway(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # A browser pauses a video: it gives the stream no more window and goes on with other
+    # requests on the same connection. mitmproxy read on from the site into the stream's send
+    # buffer (the gateway's memory grew by 110 MiB of the 96 MiB video). The site's connection is
+    # now read no further than 4 MiB ahead of the scraper; the page is served meanwhile, and
+    # the video comes whole when read again.
+    _, _, held, records = _pause_a_video(workdir, tls_site, test_ca, policy_with())
+    assert records and records[0]["response_bytes"] == 96 * MiB, records
+    assert held < 24 * 1024, held
+
+
+def test_the_paused_download_through_an_upstream_proxy_is_not_held_either(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    from tests.test_upstream_proxies import UpstreamProxy
+
+    proxy = UpstreamProxy(workdir, "pool-a")
+    try:
+        egress = {"upstream_proxies": [{"name": "pool-a", "url": f"http://127.0.0.1:{proxy.port}"}]}
+        policy = policy_with(egress={"provider": "test-transit", **egress})
+        _, _, held, records = _pause_a_video(workdir, tls_site, test_ca, policy)
+    finally:
+        proxy.stop()
+    assert records and records[0]["upstream_proxy"] == "pool-a", records
+    assert records[0]["response_bytes"] == 96 * MiB, records
+    assert held < 24 * 1024, held
+
+
+def test_a_paused_download_its_scraper_cancels_is_let_go_and_recorded(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # Paused, then cancelled (RST_STREAM): the site's connection is closed, the fetch recorded
+    # with what came, and the scraper's connection serves on.
+    tls_site.routes["/video"] = Reply(body=b"v" * (96 * MiB), headers={"Content-Type": "video/mp4"})
+    authority = f"site-a.test:{tls_site.port}"
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            video = scraper.get("/video", paused=True)
+            scraper.read(3)
+            scraper.reset(video)
+            assert wait_for(
+                lambda: any(r["url"].endswith("/video") for r in gw.fetch_records()), timeout=5
+            ), gw.log_text()[-3000:]
+            again = scraper.get("/page")
+            scraper.read(10, until_ended={again})
+            assert again in scraper.ended and scraper.got[again] > 0, scraper.got
+        records = [r for r in gw.fetch_records() if r["url"].endswith("/video")]
+    r = records[0]
+    print({k: r[k] for k in ("decision", "reason", "response_bytes", "note")})
+    assert r["reason"] == "interrupted" and r["response_bytes"] < 16 * MiB, r

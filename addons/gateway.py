@@ -44,6 +44,7 @@ from addons.http_guard import CLIENT_RESET
 from addons.http_guard import FORWARDED
 from addons.http_guard import HELD
 from addons.http_guard import PINNED
+from addons.http_guard import SCRAPER_STALLED
 from addons.http_guard import STOP_DOWNLOAD
 from addons.http_guard import STOPPED
 from addons.http_guard import TIMEOUT
@@ -1153,10 +1154,12 @@ class Gateway:
                 # (a browser leaving a page) or closed its connection (gave up), which is no
                 # error of the site's.
                 kind = None
-            stopped = flow.metadata.get(STOPPED)
+            stopped = flow.metadata.get(STOPPED) or flow.metadata.get(SCRAPER_STALLED)
             timeout = flow.metadata.get(TIMEOUT)
             if stopped is not None:
-                kind = None  # the gateway's own doing: the body was withheld (HttpGuard)
+                # The gateway's own doing (HttpGuard): the body was withheld, or the scraper
+                # took none of it for the response timeout.
+                kind = None
             elif timeout is not None:
                 # HttpGuard closed the connection at one of the policy's network timeouts.
                 kind = "timeout"

@@ -25,7 +25,10 @@ model, so it can bound all of that without reaching into sockets:
 - `connect_timeout`, `response_timeout` (the longest a site may stay silent mid-exchange) and
   `transfer_timeout` (request complete to response complete): the upstream connection is closed
   and the flow tagged with `TIMEOUT`, so the gateway records and answers `upstream_timeout` (a
-  client that already has the response head gets a cut-off body).
+  client that already has the response head gets a cut-off body). A site's connection the
+  gateway does not read because the scraper takes none of what came (addons/
+  read_backpressure.py) is not silent: that long without the scraper taking anything closes it
+  as the scraper's doing (`SCRAPER_STALLED`, recorded `interrupted`).
 
 It also has `addons/client_events.py` watch what the HTTP layer tells the client connection's
 handler (the gateway's answer instead of mitmproxy's error page, and more).
@@ -63,6 +66,7 @@ from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
 from addons import client_events
+from addons import read_backpressure
 from proxy import inputs
 from proxy import units
 from proxy.decision import Decision
@@ -94,6 +98,10 @@ HELD = "crawlwarden.held"
 # downloaded for nothing. The error hook that follows records it withheld.
 STOP_DOWNLOAD = "crawlwarden.stop_download"
 STOPPED = "crawlwarden.stopped"
+# Set here: why the connection to the site was closed when the scraper took none of the answer
+# for `response_timeout` (the gateway had stopped reading the site for it, addons/
+# read_backpressure.py); the gateway records it `interrupted`, the scraper's doing.
+SCRAPER_STALLED = "crawlwarden.scraper_stalled"
 # Set by the gateway: the checked (address, port) an https:// request sent without CONNECT is
 # connected to, its host keeping the site's name (for the TLS name; see Gateway.server_connect).
 PINNED = "crawlwarden.pinned"
@@ -490,7 +498,28 @@ class HttpGuard(layer.Layer):
         if entry is None or (flow.response is not None and flow.response.timestamp_end):
             return
         limit = self.limits().response
-        heard = max([entry[1], *(self._upstreams.get(s, 0.0) for s in self._transports(flow))])
+        carriers = self._transports(flow)
+        held = [t for s in carriers if (t := read_backpressure.held_for_scraper(s)) is not None]
+        if held:
+            # Not read because the scraper takes none of what came: its silence, not the site's.
+            since = min(held)
+            if now - since + 0.001 < limit:
+                self._deadlines[("silence", flow.id)] = (since + limit, flow)
+                return
+            flow.metadata.setdefault(
+                SCRAPER_STALLED,
+                f"the client took none of the answer for {limit:g}s (network.response_timeout); "
+                "the gateway closed its connection to the site",
+            )
+            yield from self._close_upstream(flow)
+            return
+        heard = max(
+            [
+                entry[1],
+                *(self._upstreams.get(s, 0.0) for s in carriers),
+                *(read_backpressure.last_held_for_scraper(s) for s in carriers),
+            ]
+        )
         if now - heard + 0.001 < limit:
             self._deadlines[("silence", flow.id)] = (heard + limit, flow)
             return

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -148,6 +149,44 @@ def _h2_ahead(client: connection.Client, site: connection.Connection) -> bool:
     return mine > 0 and total > MAX_QUEUED_BYTES
 
 
+def _scraper_full(handler: Any) -> bool:
+    """Whether the scraper's connection has more waiting to be written than its transport
+    takes before a drain waits (mitmproxy's drain after a read then waits for the scraper)."""
+    io = handler.transports.get(handler.client)
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    if transport is None:
+        return False
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+
+# On a site's connection: since when (monotonic) its reads wait for the scraper to take what
+# came (while they do), and when they last stopped waiting.
+_HELD_SINCE = "_crawlwarden_held_since"
+_HELD_UNTIL = "_crawlwarden_held_until"
+
+
+def _hold(site: connection.Connection) -> None:
+    site.__dict__[_HELD_SINCE] = time.monotonic()
+
+
+def _release(site: connection.Connection) -> None:
+    site.__dict__.pop(_HELD_SINCE, None)
+    site.__dict__[_HELD_UNTIL] = time.monotonic()
+
+
+def held_for_scraper(site: connection.Connection) -> float | None:
+    """Since when (monotonic) the gateway has not read the site's connection because its
+    scraper has not taken what came on it (an HTTP/1 scraper not reading, an HTTP/2 stream
+    given no window); None if it is read."""
+    return site.__dict__.get(_HELD_SINCE)
+
+
+def last_held_for_scraper(site: connection.Connection) -> float:
+    """When (monotonic) the gateway last went back to reading the site's connection after
+    waiting for its scraper (0.0: never waited)."""
+    return site.__dict__.get(_HELD_UNTIL, 0.0)
+
+
 def _reading(handler: Any) -> connection.Connection | None:
     """The connection whose read loop is running now."""
     task = asyncio.current_task()
@@ -200,28 +239,43 @@ def install() -> None:
     @functools.wraps(original_drain)
     def drain_writers(self: Any) -> Coroutine[Any, Any, None]:
         waiting = getattr(self, "_crawlwarden_waiting", None)
-        if (waiting is None or not (waiting.layers or waiting.changed)) and not _h2_holds(
-            self.client
+        if (
+            (waiting is None or not (waiting.layers or waiting.changed))
+            and not _h2_holds(self.client)
+            and not _scraper_full(self)
         ):
             return original_drain(self)
         return _drain_and_wait(self, _waiting(self))
 
     async def _drain_and_wait(self: Any, waiting: _Waiting) -> None:
-        await original_drain(self)
         site = _reading(self)
         if site is self.client:
-            waiting.wake()  # (its read may have given streams window, or reset them)
             site = None
-        while True:
-            if waiting.queued() > MAX_QUEUED_BYTES:
-                await waiting.change()
-            elif site is not None and _h2_ahead(self.client, site):
-                try:
-                    await asyncio.wait_for(waiting.change(), _RECHECK_SECONDS)
-                except TimeoutError:
-                    pass
-            else:
-                return
+        # The site's connection while its read waits for the scraper (the drain does if the
+        # scraper's connection is full).
+        held = site if site is not None and _scraper_full(self) else None
+        if held is not None:
+            _hold(held)
+        try:
+            await original_drain(self)
+            if site is None:
+                waiting.wake()  # (the scraper's read may have given streams window, or reset them)
+            while True:
+                if waiting.queued() > MAX_QUEUED_BYTES:
+                    await waiting.change()
+                elif site is not None and _h2_ahead(self.client, site):
+                    if held is None:
+                        held = site
+                        _hold(held)
+                    try:
+                        await asyncio.wait_for(waiting.change(), _RECHECK_SECONDS)
+                    except TimeoutError:
+                        pass
+                else:
+                    return
+        finally:
+            if held is not None:
+                _release(held)
 
     http_layers.HttpLayer.__init__ = http_layer_init  # type: ignore[method-assign]
     handler_class.hook_task = hook_task  # type: ignore[method-assign]

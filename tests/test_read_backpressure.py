@@ -705,3 +705,60 @@ def test_a_paused_download_its_scraper_cancels_is_let_go_and_recorded(
     r = records[0]
     print({k: r[k] for k in ("decision", "reason", "response_bytes", "note")})
     assert r["reason"] == "interrupted" and r["response_bytes"] < 16 * MiB, r
+
+
+def _stalling_policy() -> dict[str, Any]:
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    return policy_with(network={**network, "response_timeout": "3s"})
+
+
+def _records_of(gw: Gateway, path: str) -> list[dict[str, Any]]:
+    return [r for r in gw.fetch_records(timeout=0.5) if r["url"].endswith(path)]
+
+
+def _stalled(record: dict[str, Any]) -> None:
+    """The record of a download its scraper stopped taking for the 3 s response timeout: the
+    scraper's doing, not the site's silence, and not downloaded on."""
+    print({k: record[k] for k in ("decision", "reason", "response_bytes", "note")})
+    assert record["decision"] == "forwarded" and record["reason"] == "interrupted", record
+    assert record["note"].startswith("the client took none of the answer for 3s"), record
+    assert 0 < record["response_bytes"] < 32 * MiB, record
+
+
+def test_an_http2_stream_paused_past_the_response_timeout_is_the_scrapers_doing(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # The gateway stopped reading the site for the scraper: that is not the site's silence
+    # (it was recorded `upstream_timeout`, "the site sent no more of the response body").
+    tls_site.routes["/video"] = Reply(body=b"v" * (96 * MiB), headers={"Content-Type": "video/mp4"})
+    authority = f"site-a.test:{tls_site.port}"
+    with Gateway(workdir, _stalling_policy(), trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            video = scraper.get("/video", paused=True)
+            scraper.read(8, until_ended={video})
+            assert video in scraper.ended, scraper.got  # (reset by the gateway)
+            page = scraper.get("/page")
+            scraper.read(10, until_ended={page})
+            assert scraper.got[page] > 0 and page in scraper.ended, scraper.got
+        _stalled(_records_of(gw, "/video")[0])
+
+
+def test_an_http1_scraper_that_stops_reading_is_closed_as_the_scrapers_doing(
+    workdir: Path, site: Site, test_ca: LocalCA
+):
+    site.routes["/big"] = Reply(body=b"L" * (96 * MiB))
+    with Gateway(workdir, _stalling_policy(), trusted_ca=test_ca.ca_cert) as gw:
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        with s:
+            s.sendall(
+                (
+                    f"GET http://site-c.test:{site.port}/big HTTP/1.1\r\n"
+                    f"Host: site-c.test:{site.port}\r\n"
+                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
+                    f"X-Crawl-Project: {PROJECT}\r\n\r\n"
+                ).encode()
+            )
+            assert wait_for(lambda: _records_of(gw, "/big"), timeout=10)
+        _stalled(_records_of(gw, "/big")[0])

@@ -98,8 +98,8 @@ HELD = "crawlwarden.held"
 # downloaded for nothing. The error hook that follows records it withheld.
 STOP_DOWNLOAD = "crawlwarden.stop_download"
 STOPPED = "crawlwarden.stopped"
-# Set here: why the connection to the site was closed when the scraper took none of the answer
-# for `response_timeout` (the gateway had stopped reading the site for it, addons/
+# Set here: why the connection to the site was closed when the scraper made no room for more of
+# the answer for `response_timeout` (the gateway had stopped reading the site for it, addons/
 # read_backpressure.py); the gateway records it `interrupted`, the scraper's doing.
 SCRAPER_STALLED = "crawlwarden.scraper_stalled"
 # Set by the gateway: the checked (address, port) an https:// request sent without CONNECT is
@@ -508,8 +508,8 @@ class HttpGuard(layer.Layer):
                 return
             flow.metadata.setdefault(
                 SCRAPER_STALLED,
-                f"the client took none of the answer for {limit:g}s (network.response_timeout); "
-                "the gateway closed its connection to the site",
+                f"the client made no room for more of the answer for {limit:g}s "
+                "(network.response_timeout); the gateway closed its connection to the site",
             )
             yield from self._close_upstream(flow)
             return

@@ -128,10 +128,10 @@ def _h2_holds(client: connection.Client) -> bool:
     return False
 
 
-def _h2_ahead(client: connection.Client, site: connection.Connection) -> bool:
-    """Whether the scraper's HTTP/2 send buffers hold more than MAX_QUEUED_BYTES, some of it
-    for a stream whose answer comes on the connection `site` (the site's, or, through an
-    upstream proxy, the one its tunnel goes through)."""
+def _h2_ahead(client: connection.Client, site: connection.Connection) -> int:
+    """What the scraper's HTTP/2 send buffers hold for streams whose answers come on the
+    connection `site` (the site's, or, through an upstream proxy, the one its tunnel goes
+    through), if they hold more than MAX_QUEUED_BYTES in all; else 0."""
     total = mine = 0
     for http in client.__dict__.get("_crawlwarden_http", ()):
         h2 = http.connections.get(http.context.client)
@@ -146,7 +146,7 @@ def _h2_ahead(client: connection.Client, site: connection.Connection) -> bool:
                 tunnel = getattr(http.connections.get(server), "tunnel_connection", None)
                 if site is server or site is tunnel:
                     mine += held
-    return mine > 0 and total > MAX_QUEUED_BYTES
+    return mine if total > MAX_QUEUED_BYTES else 0
 
 
 def _scraper_full(handler: Any) -> bool:
@@ -260,13 +260,15 @@ def install() -> None:
             await original_drain(self)
             if site is None:
                 waiting.wake()  # (the scraper's read may have given streams window, or reset them)
+            ahead = 0
             while True:
                 if waiting.queued() > MAX_QUEUED_BYTES:
                     await waiting.change()
-                elif site is not None and _h2_ahead(self.client, site):
-                    if held is None:
+                elif site is not None and (buffered := _h2_ahead(self.client, site)):
+                    if held is None or buffered < ahead:  # (it took some: held from now on)
                         held = site
                         _hold(held)
+                    ahead = buffered
                     try:
                         await asyncio.wait_for(waiting.change(), _RECHECK_SECONDS)
                     except TimeoutError:

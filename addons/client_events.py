@@ -11,6 +11,11 @@ those events are decided by mitmproxy alone, and no addon hook sees them:
   `request_too_large`, with the reason and request id): over HTTP/1 the connection is then
   closed, as after mitmproxy's page; over HTTP/2 only that stream ends (and is reset with
   NO_ERROR if the client is still sending its request).
+- a request head whose body length it cannot take (two different `Content-Length`s, a negative
+  one, a list): mitmproxy's HTTP/1 reader answers its HTML page at once and closes, then hands
+  the head on, so the gateway's hooks record it (`bad_request`) and leave their answer. The
+  page and the close are left out here; the stream's error then gets the gateway's answer,
+  as above.
 - the `ResponseHeaders` of a body of unknown length that mitmproxy began to stream itself, having
   buffered `stream_large_bodies` of it (it sets `response.stream = True`): the gateway's stream
   (a callable the gateway left in `LATE_STREAM`) takes over before the first byte passes, so the
@@ -35,6 +40,8 @@ from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers import HttpLayer
+from mitmproxy.proxy.layers.http import ReceiveHttp
+from mitmproxy.proxy.layers.http import RequestHeaders
 from mitmproxy.proxy.layers.http import ResponseData
 from mitmproxy.proxy.layers.http import ResponseEndOfMessage
 from mitmproxy.proxy.layers.http import ResponseHeaders
@@ -65,6 +72,12 @@ def _handle_event(
 ) -> layer.CommandGenerator[None]:
     conn, stack = handler(), http_layer()
     assert conn is not None  # it is the one called
+    if (
+        isinstance(conn, Http1Server)
+        and isinstance(event, events.DataReceived)
+        and conn.state == conn.read_headers
+    ):
+        return _without_its_error_page(conn, type(conn).handle_event(conn, event))
     if isinstance(event, ResponseProtocolError | ResponseHeaders) and stack is not None:
         stream = stack.streams.get(event.stream_id)
         metadata = stream.flow.metadata if stream is not None else {}
@@ -79,6 +92,28 @@ def _handle_event(
             if late is not None:
                 event.response.stream = late()
     return type(conn).handle_event(conn, event)
+
+
+def _without_its_error_page(
+    conn: Http1Server, commands_: Iterable[commands.Command]
+) -> layer.CommandGenerator[None]:
+    """The HTTP/1 reader's commands for a read, less the error page and close it sends for a
+    request head it then hands on to the stream (which answers it with the gateway's answer).
+    (Reading a head issues no command that waits for an answer.)"""
+    issued = list(commands_)
+    if (
+        len(issued) >= 3
+        and conn.state == conn.done
+        and isinstance(issued[0], commands.SendData)
+        and issued[0].connection is conn.conn
+        and issued[0].data.startswith(b"HTTP/1.1 400 ")
+        and isinstance(issued[1], commands.CloseConnection)
+        and issued[1].connection is conn.conn
+        and isinstance(issued[2], ReceiveHttp)
+        and isinstance(issued[2].event, RequestHeaders)
+    ):
+        issued = issued[2:]
+    yield from issued
 
 
 def _head_not_sent(conn: Handler, stream_id: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from aiohttp import web
 
@@ -22,6 +23,12 @@ from proxy.report import build_report
 
 # This replica's records still on their way to the store are waited for, this long at most.
 FLUSH_TIMEOUT = 10.0
+# The longest a report is made for before the answer is a 503 (and a PostgreSQL query stops; a
+# SQLite one, on a worker thread, runs to its end). Longer windows: `crawlwarden report`.
+REPORT_TIMEOUT = 60.0
+# The admin apps making a report now (one at a time per replica: each is a scan of the window's
+# records, and reloads of the report page would keep as many database backends busy).
+_REPORTING: weakref.WeakSet[web.Application] = weakref.WeakSet()
 
 
 async def sites_report(request: web.Request) -> web.Response:
@@ -36,21 +43,36 @@ async def sites_report(request: web.Request) -> web.Response:
         check_window(since, until)
     except ValueError as e:
         return problem(400, str(e))
-    await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
+    if request.app in _REPORTING:
+        resp = problem(
+            429,
+            "a report is being made for an earlier request on this replica; ask again once it "
+            "has answered",
+        )
+        resp.headers["Retry-After"] = "5"
+        return resp
+    _REPORTING.add(request.app)
     try:
-        report = await while_connected(
-            request,
-            build_report(
-                RecordSource(rt.settings.data_dir, rt.settings.audit_dsn),
-                since=since,
-                until=until,
-                policy=rt.compiled.loaded.policy,
-                policy_version=rt.policy_version,
-                policy_source=str(rt.settings.policy_file),
-            ),
+        await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
+        making = build_report(
+            RecordSource(rt.settings.data_dir, rt.settings.audit_dsn),
+            since=since,
+            until=until,
+            policy=rt.compiled.loaded.policy,
+            policy_version=rt.policy_version,
+            policy_source=str(rt.settings.policy_file),
+        )
+        report = await while_connected(request, asyncio.wait_for(making, REPORT_TIMEOUT))
+    except TimeoutError:
+        return problem(
+            503,
+            f"making the report of this window took over {REPORT_TIMEOUT:g} s; ask for a "
+            "shorter one (since, until), or make it with `crawlwarden report`",
         )
     except unreadable() as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
+    finally:
+        _REPORTING.discard(request.app)
     # On a worker thread: the report of a broad crawl (tens of thousands of sites) takes a
     # second or more to render, which held every request the replica was deciding.
     text = await asyncio.to_thread(RENDERERS[fmt], report)
@@ -72,7 +94,8 @@ ROUTES: list[Route] = [
         {
             "200": "the report (JSON, CSV or HTML)",
             "400": "a bad time or format",
-            "503": "the fetch log store cannot be read",
+            "429": "a report is being made on this replica for an earlier request",
+            "503": "the fetch log store cannot be read, or the report took over 60 s to make",
         },
         parameters=(
             query_param("since", "records from this time on (ISO 8601, UTC if no zone)"),

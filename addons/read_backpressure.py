@@ -34,8 +34,11 @@ only where mitmproxy's connection handler and layers still look as this assumes.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import inspect
+import struct
+import termios
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -149,14 +152,34 @@ def _h2_ahead(client: connection.Client, site: connection.Connection) -> int:
     return mine if total > MAX_QUEUED_BYTES else 0
 
 
+def _scraper_transport(handler: Any) -> asyncio.WriteTransport | None:
+    io = handler.transports.get(handler.client)
+    return getattr(getattr(io, "writer", None), "transport", None)
+
+
 def _scraper_full(handler: Any) -> bool:
     """Whether the scraper's connection has more waiting to be written than its transport
     takes before a drain waits (mitmproxy's drain after a read then waits for the scraper)."""
-    io = handler.transports.get(handler.client)
-    transport = getattr(getattr(io, "writer", None), "transport", None)
+    transport = _scraper_transport(handler)
     if transport is None:
         return False
     return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+
+def _unsent(transport: asyncio.WriteTransport) -> int:
+    """What the scraper has not taken yet of what was written to it: the transport's buffer
+    and, on Linux, the socket's send queue (which a slow reader empties long before the
+    transport writes again)."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            pass
+        else:
+            unsent += struct.unpack("i", queued)[0]
+    return unsent
 
 
 # On a site's connection: since when (monotonic) its reads wait for the scraper to take what
@@ -254,10 +277,12 @@ def install() -> None:
         # The site's connection while its read waits for the scraper (the drain does if the
         # scraper's connection is full).
         held = site if site is not None and _scraper_full(self) else None
-        if held is not None:
-            _hold(held)
         try:
-            await original_drain(self)
+            if held is not None:
+                _hold(held)
+                await _drain_for(self, held)
+            else:
+                await original_drain(self)
             if site is None:
                 waiting.wake()  # (the scraper's read may have given streams window, or reset them)
             ahead = 0
@@ -278,6 +303,25 @@ def install() -> None:
         finally:
             if held is not None:
                 _release(held)
+
+    async def _drain_for(self: Any, site: connection.Connection) -> None:
+        """The drain, while the site's connection waits for the scraper: held afresh each
+        time the scraper has taken some of what waits for it (a slow reader is no stalled
+        one)."""
+        transport = _scraper_transport(self)
+        unsent = _unsent(transport) if transport is not None else 0
+        drain = asyncio.ensure_future(original_drain(self))
+        try:
+            while not (await asyncio.wait((drain,), timeout=_RECHECK_SECONDS))[0]:
+                if transport is not None:
+                    now = _unsent(transport)
+                    if now < unsent:
+                        _hold(site)
+                    unsent = now
+        finally:
+            if not drain.done():
+                drain.cancel()
+        drain.result()
 
     http_layers.HttpLayer.__init__ = http_layer_init  # type: ignore[method-assign]
     handler_class.hook_task = hook_task  # type: ignore[method-assign]

@@ -798,3 +798,36 @@ def test_http2_streams_read_slowly_are_not_cut_as_stalled(
         records = {path: _records_of(gw, path)[0] for path in ("/trickle", "/slow")}
     assert scraper.got == {trickle: size, slow: size}, scraper.got
     assert {r["reason"] for r in records.values()} == {"ok"}, records
+
+
+def test_an_http1_scraper_reading_slowly_is_not_cut_as_stalled(
+    workdir: Path, site: Site, test_ca: LocalCA
+):
+    # 8000 bytes every 0.1 s: the gateway's buffers for the scraper (the socket's send queue
+    # of some MiB on loopback) stay full, so the site's connection waits all along, but the
+    # scraper takes some of them all the time. It was cut at the 3 s response timeout (as the
+    # site's silence, then as the scraper's stall). (Much slower, the gateway would not see it:
+    # TCP opens a window of 64 KiB again only once it has half of it.)
+    site.routes["/big"] = Reply(body=b"L" * (40 * MiB))
+    with Gateway(workdir, _stalling_policy(), trusted_ca=test_ca.ca_cert) as gw:
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        with s:
+            s.sendall(
+                (
+                    f"GET http://site-c.test:{site.port}/big HTTP/1.1\r\n"
+                    f"Host: site-c.test:{site.port}\r\n"
+                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
+                    f"X-Crawl-Project: {PROJECT}\r\n\r\n"
+                ).encode()
+            )
+            got, started = 0, time.monotonic()
+            while time.monotonic() - started < 8:
+                chunk = s.recv(8000)
+                assert chunk, f"closed after {time.monotonic() - started:.1f} s, {got} bytes"
+                got += len(chunk)
+                time.sleep(0.1)
+        records = _records_of(gw, "/big")
+    print(got, records and {k: records[0][k] for k in ("reason", "response_bytes", "note")})
+    assert records and records[0]["reason"] == "interrupted", records
+    assert records[0]["note"] == "the client hung up while the answer was being delivered"

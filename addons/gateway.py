@@ -1173,6 +1173,10 @@ class Gateway:
                 metrics.UPSTREAM_ERRORS.labels(kind=kind).inc()
             if stopped is not None:
                 state.decision = refuse(Reason.INTERRUPTED, stopped, site=state.site)
+                if flow.response is None:  # (one that shared its connection to the site)
+                    flow.metadata[ERROR_ANSWER] = refusal_response(
+                        state.decision, Outcome.FORWARDED, state.id, flow.request.method
+                    )
             elif flow.request.timestamp_end is None and not flow.request.stream:
                 # Gone, cancelled (or closed as too slow) before its request was complete:
                 # mitmproxy sends a request on only once it has all of it (unless it streams

@@ -511,6 +511,14 @@ class HttpGuard(layer.Layer):
                 f"the client made no room for more of the answer for {limit:g}s "
                 "(network.response_timeout); the gateway closed its connection to the site",
             )
+            for other, _ in list(self._forwarded.values()):  # (HTTP/2 to the site)
+                if other is not flow and set(self._transports(other)) & set(carriers):
+                    other.metadata.setdefault(
+                        SCRAPER_STALLED,
+                        "the gateway closed its connection to the site, which this request "
+                        "shared with another of the client's whose answer the client made no "
+                        f"room for in {limit:g}s (network.response_timeout)",
+                    )
             yield from self._close_upstream(flow)
             return
         heard = max(

@@ -214,3 +214,50 @@ def test_a_stream_the_scraper_cancels_is_its_doing_not_the_sites(gateway: Gatewa
         time.sleep(0.1)
     assert [(r["decision"], r["reason"]) for r in records] == [("forwarded", "interrupted")]
     assert gateway.metric("crawlwarden_upstream_errors_total") == 0
+
+
+def test_a_request_sharing_a_site_connection_with_a_stalled_one_is_not_the_sites_failure(
+    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA
+):
+    # A scraper pauses a video and asks for a page; both go on one HTTP/2 connection to the
+    # site, which waits for the video (addons/read_backpressure.py). At the response timeout
+    # (3 s) the gateway closes that connection: the page was recorded as the site's failure
+    # (upstream_error "peer closed connection") and the scraper got a 502 upstream_error.
+    from tests.test_read_backpressure import _H2Reader
+
+    (tmp_path / "www" / "video.bin").write_bytes(b"v" * (96 * 2**20))
+    (tmp_path / "www" / "small.txt").write_bytes(b"s" * 200_000)
+    authority = f"site-a.test:{h2_site.port}"
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(network={**network, "response_timeout": "3s"})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            first = scraper.get("/small.txt")  # (the connection to the site is made)
+            scraper.read(5, until_ended={first})
+            video = scraper.get("/video.bin", paused=True)
+            scraper.read(1)
+            page = scraper.get("/small.txt")
+            scraper.read(10, until_ended={page, video})
+            again = scraper.get("/small.txt")
+            scraper.read(10, until_ended={again})
+        records = [
+            (r["url"].rsplit("/", 1)[1], r["reason"], r["note"])
+            for r in gw.fetch_records()
+            if r["url"].endswith((".txt", ".bin"))
+        ]
+        assert gw.metric("crawlwarden_upstream_errors_total") == 0
+    print(records)
+    stalled = "the client made no room for more of the answer for 3s"
+    shared = "which this request shared with another of the client's"
+    assert sorted((name, reason, bool(note)) for name, reason, note in records) == [
+        ("small.txt", "interrupted", True),
+        ("small.txt", "ok", False),
+        ("small.txt", "ok", False),
+        ("video.bin", "interrupted", True),
+    ], records
+    notes = {name: note for name, _, note in records if note}
+    assert notes["video.bin"].startswith(stalled) and shared in notes["small.txt"], notes
+    assert scraper.heads[page][":status"] == "502", scraper.heads[page]
+    assert scraper.heads[page]["x-crawlwarden-reason"] == "interrupted", scraper.heads[page]
+    assert scraper.got[again] == 200_000 and first in scraper.ended and video in scraper.ended

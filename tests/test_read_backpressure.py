@@ -575,6 +575,7 @@ class _H2Reader:
         self.got: dict[int, int] = {}
         self.paused: set[int] = set()
         self.ended: set[int] = set()
+        self.heads: dict[int, dict[str, str]] = {}
 
     def get(self, path: str, *, paused: bool = False) -> int:
         stream = self.conn.get_next_available_stream_id()
@@ -618,6 +619,9 @@ class _H2Reader:
                         self.conn.acknowledge_received_data(length, sid)
                 elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
                     self.ended.add(event.stream_id)
+                elif isinstance(event, h2.events.ResponseReceived):
+                    fields = {k.decode(): v.decode() for k, v in event.headers}
+                    self.heads[event.stream_id] = fields
             self.tls.sendall(self.conn.data_to_send())
 
 

@@ -67,6 +67,7 @@ from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
 from addons import client_events
 from addons import read_backpressure
+from addons import stream_release
 from proxy import inputs
 from proxy import units
 from proxy.decision import Decision
@@ -282,6 +283,7 @@ class HttpGuard(layer.Layer):
                 self._upstreams.pop(event.connection, None)
                 self._opening.discard(event.connection)
                 self._deadlines.pop(("connect", event.connection), None)
+                stream_release.closed(self.child, event.connection)
         elif isinstance(event, events.HookCompleted):
             yield from self._hook_completed(event.command)
 

@@ -8,7 +8,7 @@ per request); they wait for the collector, which the allocations trigger ~35 tim
 800 requests/s, and whose older-generation passes stop the event loop for 1-6 ms with every
 request in flight waiting (bench/README.md).
 
-Two changes to mitmproxy's classes, made once at start-up by the gateway (proxy/app.py):
+Changes to mitmproxy's classes, made once at start-up by the gateway (proxy/app.py):
 
 - `HttpStream.client_state`/`server_state` keep the state's function and bind it on each read,
   so the stream holds no method of itself. Reads and comparisons behave as before (a bound
@@ -18,7 +18,14 @@ Two changes to mitmproxy's classes, made once at start-up by the gateway (proxy/
   routes an event to a dropped stream (mitmproxy ignores late data for it); `stack_pos` copes
   with a layer missing from the list and the stream's `mode` has been read and cached by then.
 
-Both are checked against the running mitmproxy on install: if its classes no longer look like
+- An HTTP/1 connection to a site that is done (closed after its exchange: mitmproxy sends each
+  request of an HTTP/2 scraper on a connection of its own) lets go of its request and response,
+  and the closed connection leaves `HttpLayer.connections` (`closed`, called by
+  addons/http_guard.py, which sees the layer told of the close), where mitmproxy kept it and
+  its layers for as long as the scraper's connection lasted: a browser's HTTP/2 connection
+  held every answer it had been given, bodies too (+155 MiB for each ten 15 MiB images).
+
+All are checked against the running mitmproxy on install: if its classes no longer look like
 this, nothing is changed and the collector frees the streams as before (slower, still correct).
 tests/test_gateway_e2e.py watches the gateway's `python_gc_objects_collected_total` per request.
 Breaking the cycle belongs in mitmproxy; this is the gateway's copy until it does.
@@ -30,9 +37,12 @@ import asyncio
 import functools
 import inspect
 import types
+import weakref
 from typing import Any
 
+from mitmproxy import connection
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http1
 
 from addons.patches import install_once
 
@@ -58,11 +68,18 @@ class _StateSlot:
 
 
 class _Streams(dict[int, Any]):
-    """HttpLayer.streams: a stream popped (finished) leaves its context's layers next turn."""
+    """HttpLayer.streams: a stream popped (finished) leaves its context's layers next turn, and
+    its connection to the site the layer's connections, if closed (`forget_closed`)."""
+
+    def __init__(self, streams: dict[int, Any], http: http_layers.HttpLayer):
+        super().__init__(streams)
+        self.http = weakref.ref(http)
 
     def pop(self, stream_id: int, *default: Any) -> Any:
         stream = super().pop(stream_id, *default)
         if isinstance(stream, http_layers.HttpStream):
+            if (http := self.http()) is not None:
+                forget_closed(http, stream.context.server)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no event loop (mitmproxy's layer tests): the collector's job
@@ -77,6 +94,38 @@ def _leave_context(stream: http_layers.HttpStream) -> None:
         layers.pop()
 
 
+_installed = False  # (forget_closed reads what install() checked)
+
+
+# On a connection to a site: its ConnectionClosed has reached the HTTP layer (mitmproxy marks a
+# connection closed when it closes it, and tells the layers later; until then it looks it up).
+_CLOSE_SEEN = "_crawlwarden_close_seen"
+
+
+def closed(http: http_layers.HttpLayer, server: connection.Server) -> None:
+    """The HTTP layer has been told that a connection to a site closed (called by
+    addons/http_guard.py, which sees every event of the layer, after the layer has)."""
+    server.__dict__[_CLOSE_SEEN] = True
+    forget_closed(http, server)
+
+
+def forget_closed(http: http_layers.HttpLayer, server: connection.Connection) -> None:
+    """A closed connection to a site leaves the HTTP layer's connections once the layer has been
+    told it closed and no stream of the layer still names it (a stream may still send to it;
+    mitmproxy looks it up then), unless it is the layer's own (a tunnel's). Called when it
+    closes, and when a stream ends."""
+    if (
+        not _installed
+        or not server.__dict__.get(_CLOSE_SEEN)
+        or server.state is not connection.ConnectionState.CLOSED
+        or server is http.context.server
+        or server in http.waiting_for_establishment
+        or any(stream.context.server is server for stream in http.streams.values())
+    ):
+        return
+    http.connections.pop(server, None)
+
+
 def _looks_as_expected() -> bool:
     """mitmproxy's classes are as this module assumes (checked, not trusted, on an upgrade)."""
     try:
@@ -89,6 +138,10 @@ def _looks_as_expected() -> bool:
         "self.client_state = self.state_uninitialized" in stream_init
         and "self.server_state = self.state_uninitialized" in stream_init
         and "self.streams = {}" in layer_init
+        and "self.connections = {}" in layer_init
+        and "self.waiting_for_establishment" in layer_init
+        and "yield commands.CloseConnection(self.conn)\n                self.state = self.done"
+        in inspect.getsource(_http1.Http1Connection.mark_done)
         and (ours_or_nothing is None or isinstance(ours_or_nothing, _StateSlot))
     )
 
@@ -103,6 +156,19 @@ def install() -> None:
     @functools.wraps(original_init)
     def __init__(self: http_layers.HttpLayer, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        self.streams = _Streams(self.streams)
+        self.streams = _Streams(self.streams, self)
 
     http_layers.HttpLayer.__init__ = __init__  # type: ignore[method-assign]
+    original_mark_done = _http1.Http1Connection.mark_done
+
+    @functools.wraps(original_mark_done)
+    def mark_done(
+        self: _http1.Http1Connection, *, request: bool = False, response: bool = False
+    ) -> Any:
+        yield from original_mark_done(self, request=request, response=response)
+        if isinstance(self, _http1.Http1Client) and self.state == self.done:
+            self.request = self.response = None  # (nothing reads them once it is done)
+
+    _http1.Http1Connection.mark_done = mark_done  # type: ignore[method-assign]
+    global _installed
+    _installed = True

@@ -22,6 +22,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 
 from tests.support import PROJECT
 from tests.support import TEAM
@@ -835,3 +836,53 @@ def test_an_http1_scraper_reading_slowly_is_not_cut_as_stalled(
     print(got, records and {k: records[0][k] for k in ("reason", "response_bytes", "note")})
     assert records and records[0]["reason"] == "interrupted", records
     assert records[0]["note"] == "the client hung up while the answer was being delivered"
+
+
+def test_an_http2_scrapers_connection_does_not_keep_the_answers_it_was_given(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # mitmproxy sends each request of an HTTP/2 scraper on a connection to the site of its own,
+    # closes it after the answer, and kept it, its layers and its last request and answer (the
+    # body too) for as long as the scraper's connection lasted (addons/stream_release.py): the
+    # gateway grew by ~155 MiB for each ten 15 MiB images a browser was given.
+    tls_site.routes["/still"] = Reply(body=b"s" * (15 * MiB), headers={"Content-Type": "image/png"})
+    authority = f"site-a.test:{tls_site.port}"
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+        pid = gw.proc.pid
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            scraper.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**30})
+            scraper.conn.increment_flow_control_window(2**30)
+            tls.sendall(scraper.conn.data_to_send())
+            rss = []
+            for _ in range(6):
+                images = [scraper.get("/still") for _ in range(10)]
+                scraper.read(30, until_ended=set(images))
+                assert {scraper.got[i] for i in images} == {15 * MiB}, scraper.got
+                rss.append(_kib(pid, "VmRSS"))
+    print("RSS after each ten", rss)
+    assert rss[-1] - rss[1] < 128 * 1024, rss  # (was +620 MiB)
+
+
+def test_an_http2_scrapers_connection_does_not_keep_its_closed_site_connections(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # The same for small answers: each closed connection to the site, with its TLS and HTTP
+    # layers, stayed in the scraper's connection's HTTP layer (~70 KB a request).
+    tls_site.routes["/s"] = Reply(body=b"s" * 1000, headers={"Content-Type": "image/png"})
+    authority = f"site-a.test:{tls_site.port}"
+    busy = {"rate": "1000/s", "burst": 1000, "max_concurrency": 100}
+    policy = policy_with(defaults={**busy, "requests_per_day": 10**6, "requests_per_month": 10**7})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        pid = gw.proc.pid
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            rss = []
+            for _ in range(4):
+                for _ in range(10):
+                    images = [scraper.get("/s") for _ in range(20)]
+                    scraper.read(30, until_ended=set(images))
+                    assert {scraper.got[i] for i in images} == {1000}, scraper.got
+                rss.append(_kib(pid, "VmRSS"))
+    print("RSS after each 200 requests", rss)
+    assert rss[-1] - rss[0] < 8 * 1024, rss  # (was +42 MiB for these 600)

@@ -187,6 +187,10 @@ class HttpGuard(layer.Layer):
         self._opening: set[connection.Server] = set()
         self._upstreams: dict[connection.Server, float] = {}  # transport -> last data received
         self._unsized: dict[int, http.HTTPFlow] = {}  # stream id -> flow, its body of no length
+        # HTTP/2 stream id -> bytes of its finished answer the scraper had not taken at the
+        # last look (the answer waits in mitmproxy's send buffer for the stream's window).
+        self._unread: dict[int, int] = {}
+        self._answering: dict[str, int] = {}  # flow id -> its HTTP/2 stream, in its response hook
         self._idle_round = 0
         self._tunnel = False  # a CONNECT was accepted: the tunnel's own guard takes over
         self._draining = False  # answered now; the rest of the request is discarded
@@ -262,6 +266,12 @@ class HttpGuard(layer.Layer):
             self._in_flight[command.flow.id] = command.flow
         elif isinstance(command, HttpRequestHook):
             self._check_complete_body(command.flow)
+        elif isinstance(command, HttpResponseHook) and isinstance(
+            self.child.connections.get(self.client), Http2Server
+        ):
+            for stream_id, stream in self.child.streams.items():  # (gone when the hook ends)
+                if stream.flow is command.flow:
+                    self._answering[command.flow.id] = stream_id
 
     def _observe_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
@@ -316,12 +326,14 @@ class HttpGuard(layer.Layer):
                 self._done(hook.flow)
         elif isinstance(hook, HttpResponseHook):
             if hook.flow.websocket is None:
+                self._watch_unread(hook.flow)
                 self._done(hook.flow)
         elif isinstance(hook, HttpErrorHook | WebsocketEndHook):
             self._done(hook.flow)
 
     def _done(self, flow: http.HTTPFlow) -> None:
         self._forwarded.pop(flow.id, None)
+        self._answering.pop(flow.id, None)
         if self._unsized:
             self._unsized = {k: f for k, f in self._unsized.items() if f is not flow}
         for kind in ("body", "silence", "transfer"):
@@ -466,6 +478,46 @@ class HttpGuard(layer.Layer):
     def _expire_idle(self, round_: int, now: float) -> layer.CommandGenerator[None]:
         if round_ == self._idle_round and not self._in_flight and not self._tunnel:
             yield commands.CloseConnection(self.client)
+
+    def _watch_unread(self, flow: http.HTTPFlow) -> None:
+        """An answer mitmproxy has handed to the scraper's HTTP/2 stream whole (one the gateway
+        held until its end: up to 16 MiB) but could not send all of: looked at again after
+        `response_timeout`."""
+        stream_id = self._answering.pop(flow.id, None)
+        server = self.child.connections.get(self.client)
+        if stream_id is None or not isinstance(server, Http2Server):
+            return
+        if left := _unsent(server, stream_id):
+            self._unread[stream_id] = left
+            self._add(self.limits().response, "unread", stream_id, stream_id)
+
+    def _expire_unread(self, stream_id: int, now: float) -> layer.CommandGenerator[None]:
+        """The scraper took none of the rest of an answer for `response_timeout`: the stream is
+        reset (CANCEL), so the gateway does not hold it for as long as the connection lasts.
+        One that took some is looked at again later."""
+        last = self._unread.pop(stream_id, None)
+        server = self.child.connections.get(self.client)
+        if last is None or not isinstance(server, Http2Server):
+            return
+        left = _unsent(server, stream_id)
+        if not left:
+            return
+        limit = self.limits().response
+        if left < last:
+            self._unread[stream_id] = left
+            self._add(limit, "unread", stream_id, stream_id)
+            return
+        log.warning(
+            "unread_answer_dropped",
+            client_ip=_peer(self.client),
+            stream=stream_id,
+            bytes=left,
+            detail=f"the client made no room for more of an answer for {limit:g}s "
+            "(network.response_timeout); its HTTP/2 stream was reset",
+        )
+        yield from server.handle_event(
+            ResponseProtocolError(stream_id, "answer not read", ErrorCode.CANCEL)
+        )
 
     def _expire_tunnel(self, _: None, now: float) -> layer.CommandGenerator[None]:
         if self.client not in _guarded_tunnels:  # no request inside the tunnel yet
@@ -618,6 +670,11 @@ def _reset_by_peer(server: Http2Server, stream_id: int) -> bool:
 def _is_tunnel(child: HttpLayer) -> bool:
     """An HTTP layer inside a CONNECT tunnel (its stack holds the outer HTTP layer's stream)."""
     return any(isinstance(lay, HttpLayer) for lay in child.context.layers if lay is not child)
+
+
+def _unsent(server: Http2Server, stream_id: int) -> int:
+    """Bytes of a stream's answer waiting in mitmproxy's send buffer for the stream's window."""
+    return sum(len(chunk.data) for chunk in server.h2_conn.stream_buffers.get(stream_id, ()))
 
 
 def _peer(client: connection.Client) -> str | None:

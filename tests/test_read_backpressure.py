@@ -838,6 +838,44 @@ def test_an_http1_scraper_reading_slowly_is_not_cut_as_stalled(
     assert records[0]["note"] == "the client hung up while the answer was being delivered"
 
 
+def test_whole_answers_an_http2_scraper_leaves_unread_are_let_go(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # Answers of up to 16 MiB are held whole until their end, then handed to the stream at
+    # once: ten of 15 MiB the scraper did not read stayed in the gateway's memory (+314 MiB,
+    # for as long as the connection lasted; ten more, as much again). Unread for the response
+    # timeout (3 s), each stream is reset and its answer dropped (the memory is the gateway's
+    # again: the next ten take it), recorded in the log; the one read slowly is not.
+    tls_site.routes["/still"] = Reply(body=b"s" * (15 * MiB), headers={"Content-Type": "image/png"})
+    tls_site.routes["/page"] = Reply(body=b"p" * 1000)
+    authority = f"site-a.test:{tls_site.port}"
+    with Gateway(workdir, _stalling_policy(), trusted_ca=test_ca.ca_cert) as gw:
+        pid = gw.proc.pid
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            page = scraper.get("/page")
+            scraper.read(5, until_ended={page})
+            rss = []
+            for _ in range(3):
+                unread = [scraper.get("/still", paused=True) for _ in range(10)]
+                scraper.read(15, until_ended=set(unread))
+                rss.append(_kib(pid, "VmRSS"))
+                assert set(unread) <= scraper.ended, (unread, scraper.ended)
+            slow = scraper.get("/still", paused=True)
+            for _ in range(16):  # 8 s
+                scraper.conn.increment_flow_control_window(65536, slow)
+                tls.sendall(scraper.conn.data_to_send())
+                scraper.read(0.5)
+            assert slow not in scraper.ended
+            scraper.resume(slow)
+            scraper.read(20, until_ended={slow})
+        dropped = gw.log_events("unread_answer_dropped")
+    print("RSS after each ten", rss, "dropped", len(dropped), scraper.got[slow])
+    assert scraper.got[slow] == 15 * MiB
+    assert len(dropped) == 30 and {e["bytes"] for e in dropped} == {15 * MiB - 65_535}, dropped
+    assert rss[2] - rss[0] < 96 * 1024, rss  # (+300 MiB a round, held)
+
+
 def test_an_http2_scrapers_connection_does_not_keep_the_answers_it_was_given(
     workdir: Path, tls_site: Site, test_ca: LocalCA
 ):

@@ -36,6 +36,7 @@ from proxy.audit.query import RecordQuery
 from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.audit.sqlite_store import SQLiteStore
+from proxy.audit.store import KeyGoneBack
 from proxy.audit.store import ReplicaInUse
 from proxy.blocklist import normalize_url
 from proxy.budgets import Admission
@@ -240,7 +241,7 @@ class Runtime:
     async def start(self) -> None:
         try:
             await self.fetch_log.open()
-        except ReplicaInUse as e:
+        except (ReplicaInUse, KeyGoneBack) as e:
             raise FetchLogUnavailable(str(e)) from e
         except Exception as e:  # whatever the store's driver raises: say where, and why it matters
             reason = str(e) or type(e).__name__

@@ -32,6 +32,7 @@ from proxy.audit.spool import SpoolReadError
 from proxy.audit.sqlite_store import SQLiteStore
 from proxy.audit.sqlite_store import read_records
 from proxy.audit.store import ChainForked
+from proxy.audit.store import KeyGoneBack
 from proxy.audit.store import ReplicaInUse
 from tests.support import unwritable
 from tests.test_audit_support import REPO
@@ -775,6 +776,40 @@ async def test_a_changed_signing_key_is_recorded_and_both_keys_verify_the_log(
         "audit", "verify", only_old, "--public-key", old_public, "--public-key", new_public
     )
     assert result.returncode == 1 and "signs nothing in the file" in result.stdout
+
+
+async def test_a_key_gone_back_to_is_refused_and_the_log_stays_verifiable(
+    tmp_path: Path,
+) -> None:
+    # Old key, new key, old key again (a policy's signing_key_file added, then taken out, an
+    # embedded gateway back on the key in its data dir; a key rotation rolled back): the
+    # gateway went on under the old key, and no `audit verify` of its log could pass again.
+    old, old_public = keys(tmp_path, "old")
+    new, new_public = keys(tmp_path, "new")
+
+    def open_with(signer: Signer) -> FetchLog:
+        return fetch_log(
+            SQLiteStore(tmp_path / "fetchlog.sqlite3"), tmp_path / "spool", "gw-r", signer
+        )
+
+    for signer, first in ((old, 0), (new, 3)):
+        log = open_with(signer)
+        await log.open()
+        for i in range(first, first + 3):
+            log.append(fetch(i))
+        await log.close()
+    back = open_with(old)
+    with pytest.raises(KeyGoneBack, match=r"signed checkpoint #1 of replica gw-r's fetch log"):
+        await back.open()
+    assert back.closed
+    again = open_with(new)  # the key that signed last: it goes on
+    await again.open()
+    again.append(fetch(6))
+    await again.close()
+    out = tmp_path / "e.jsonl"
+    assert cli("audit", "export", "--data-dir", tmp_path, "--output", out).returncode == 0
+    both = cli("audit", "verify", out, "--public-key", old_public, "--public-key", new_public)
+    assert both.returncode == 0, both.stdout
 
 
 async def test_an_old_key_signing_after_the_rotation_fails_verify(tmp_path: Path) -> None:

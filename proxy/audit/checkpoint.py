@@ -183,6 +183,20 @@ def open_note(note: str, verifier: Verifier | Sequence[Verifier]) -> Checkpoint:
     return open_note_by(note, [verifier] if isinstance(verifier, Verifier) else verifier)[0]
 
 
+def names_key(note: str, verifier: Verifier) -> bool:
+    """Whether a signed note has a signature line of `verifier`'s key (its name and key ID),
+    read without verifying it (to find the notes a key signed among many)."""
+    prefix = f"{_DASH} {verifier.name} "
+    for line in note[note.rfind("\n\n") + 2 :].splitlines():
+        if line.startswith(prefix):
+            try:
+                if base64.b64decode(line[len(prefix) :], validate=True)[:4] == verifier.key_id:
+                    return True
+            except (binascii.Error, ValueError):
+                continue
+    return False
+
+
 def open_note_by(note: str, verifiers: Sequence[Verifier]) -> tuple[Checkpoint, int]:
     """`open_note` with several keys: the checkpoint, and the index of the key that signed it."""
     cut = note.rfind("\n\n")

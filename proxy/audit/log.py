@@ -41,6 +41,7 @@ from proxy import metrics
 from proxy.audit.checkpoint import Checkpoint
 from proxy.audit.checkpoint import CheckpointError
 from proxy.audit.checkpoint import checkpoint_line
+from proxy.audit.checkpoint import names_key
 from proxy.audit.checkpoint import note_hash
 from proxy.audit.checkpoint import note_text
 from proxy.audit.checkpoint import open_note
@@ -60,6 +61,7 @@ from proxy.audit.spool import SpoolReadError
 from proxy.audit.spool import hold_spool
 from proxy.audit.store import ChainForked
 from proxy.audit.store import FetchStore
+from proxy.audit.store import KeyGoneBack
 from proxy.audit.store import refuses_item
 from proxy.audit.unauthenticated import EVENT_KIND as UNAUTHENTICATED_REFUSALS
 from proxy.audit.unauthenticated import UnauthenticatedRefusals
@@ -251,6 +253,11 @@ class FetchLog:
             self.seq, self.head = stored
             self.shipped_seq = stored[0]
         key_changed = await self._resume_checkpoints()
+        if key_changed is not None and (gone_back := await self._signed_before()) is not None:
+            self._closing = self.closed = True
+            self.spool.close()
+            await self.store.close()
+            raise KeyGoneBack(gone_back)
         if self.purged_seq > self.seq:
             # Every stored record of this chain was purged (retention, by another replica while
             # this one did not run): it goes on after the purge note, never from genesis again,
@@ -393,6 +400,33 @@ class FetchLog:
         if held:
             log.warning("spool_begin_already_stored", replica=self.replica, id=began["id"])
         return held
+
+    async def _signed_before(self, window: int = 1_000_000) -> str | None:
+        """With the key changed: where the key now in use signed an earlier checkpoint of this
+        chain (a key gone back to), said as the reason not to start; None if it never did.
+        The chain's checkpoints are read a window of seqs at a time; each signature's key ID
+        is compared before anything is verified."""
+        assert self.signer is not None
+        verifier = self.signer.verifier
+        first = 0
+        while first <= self.checkpoint_seq:
+            for point in await self.store.checkpoints(self.replica, first, first + window - 1):
+                if not names_key(point["note"], verifier):
+                    continue
+                try:
+                    open_note(point["note"], verifier)
+                except CheckpointError:
+                    continue
+                return (
+                    f"the signing key now in use (key ID {verifier.key_id.hex()}) signed "
+                    f"checkpoint #{point['number']} of replica {self.replica}'s fetch log, and "
+                    f"another key signed checkpoint #{self.checkpoint_number} since: a log that "
+                    "goes back to an earlier key fails `audit verify` (an old key signing after "
+                    "the new one is what a forger with a leaked key would do). Give the gateway "
+                    "the key that signed last, or a new one (crawlwarden keys generate)"
+                )
+            first += window
+        return None
 
     def _key_change(self, note: str, number: int) -> str | None:
         """A note the current key did not sign: the key was changed (an embedded gateway given

@@ -77,6 +77,12 @@ class ReplicaInUse(Exception):
     """Another running gateway writes the same replica's chain (the same replica id)."""
 
 
+class KeyGoneBack(Exception):
+    """The gateway's signing key signed the replica's chain before another key took over: going
+    on under it would leave a log `audit verify` rejects (an old key signing after the new one
+    is what a forger with a leaked old key would do)."""
+
+
 class ChainForked(Exception):
     """The store holds rows of this replica's chain that this gateway did not write: another
     gateway ran under the same replica id (while this one had lost its claim, or on another
@@ -151,6 +157,10 @@ class FetchStore(Protocol):
 
     async def last_purge(self, replica: str) -> dict[str, Any] | None:
         """The replica's newest purge note: {"seq", "number", "note"}."""
+        ...
+
+    async def checkpoints(self, replica: str, first: int, last: int) -> list[dict[str, Any]]:
+        """Checkpoints whose seq is in first..last, by number: {"number", "seq", "note"}."""
         ...
 
     async def holds(self, replica: str, record_id: str, ts: str) -> bool:

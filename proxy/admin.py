@@ -257,12 +257,17 @@ async def check_body(request: web.Request, route: Route) -> web.Response | None:
     )
 
 
+def takes_only_its_query(route: Route) -> bool:
+    """Whether the route refuses a query parameter it does not take (check_query). A public
+    endpoint that takes no parameter answers the same whatever the query: probes and scrapers
+    of /healthz, /readyz and /metrics may add one (a cache-buster, Prometheus's `params:`), and
+    a 400 there would read as the gateway down."""
+    return bool(route.roles or query_names(route))
+
+
 def guarded(route: Route) -> Handler:
     accepted = query_names(route)
-    # A public endpoint that takes no parameter answers the same whatever the query: probes
-    # and scrapers of /healthz, /readyz and /metrics may add one (a cache-buster, Prometheus's
-    # `params:`), and a 400 there would read as the gateway down.
-    strict = bool(route.roles or accepted)
+    strict = takes_only_its_query(route)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         denied = authorize(request, route.roles)
@@ -447,11 +452,17 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
             )
         if r.parameters:
             op["parameters"] = list(r.parameters)
-        strict = "an unknown query parameter, or one given empty or twice"
+        strict = []
+        if takes_only_its_query(r):
+            strict.append("an unknown query parameter, or one given empty or twice")
         if r.method != "GET":
-            strict += "; a body field missing or unknown (all named), or a body where none is taken"
+            strict.append(
+                "a body field missing or unknown (all named), or a body where none is taken"
+            )
         said = r.responses.get("400")
-        op["responses"]["400"] = {"description": f"{said}; or {strict}" if said else strict}
+        if strict:
+            refused = "; ".join(strict)
+            op["responses"]["400"] = {"description": f"{said}; or {refused}" if said else refused}
         if r.request_body is not None:
             # Closed: a field it does not list is refused (check_body).
             schema = {**r.request_body, "additionalProperties": False}

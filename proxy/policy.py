@@ -688,16 +688,18 @@ def load_policy(
     return parse_policy(text, source=str(path), check_files=check_files, read_env=read_env)
 
 
-def file_errors(policy: Policy) -> list[tuple[tuple[Any, ...], str]]:
+def file_errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     """What is wrong with the files the policy names, here and now: the signing key a gateway
     reads at start. `policy check` and a reload report it, since the same policy makes the next
-    start exit 2 (in Kubernetes, the next pod restart crash-loops). Relative paths are taken from
-    the working directory, as the gateway takes them."""
+    start exit 2 (in Kubernetes, the next pod restart crash-loops). Read from the document as
+    written, so that it is reported with the policy's other errors. Relative paths are taken
+    from the working directory, as the gateway takes them."""
     from proxy.audit.keys import SigningKeyError
     from proxy.audit.keys import read_private_key
 
-    key_file = policy.audit.signing_key_file
-    if not key_file:
+    audit = data.get("audit")
+    key_file = audit.get("signing_key_file") if isinstance(audit, dict) else None
+    if not key_file or not isinstance(key_file, str):  # (one that is no text: a field error)
         return []
     try:
         read_private_key(Path(key_file))
@@ -746,8 +748,8 @@ def parse_policy(
         errors += _errors(e, lines, booleans)
     for loc, message in cross_section_errors(data, read_env=read_env):
         errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
-    if check_files and policy is not None:
-        for loc, message in file_errors(policy):
+    if check_files:
+        for loc, message in file_errors(data):
             errors.append(PolicyError(".".join(map(str, loc)), message, _line_of(loc, lines)))
     if errors or policy is None:
         errors.sort(key=lambda e: (e.line is None, e.line or 0))

@@ -351,6 +351,19 @@ def test_check_files_reads_the_signing_key_the_next_start_would_read(tmp_path: P
         assert str(bad) in error.message and says in error.message
 
 
+def test_check_files_reports_the_signing_key_with_the_other_errors(tmp_path: Path):
+    # A missing key file was reported only once every other error had been fixed: each fix
+    # of a policy check then showed one more.
+    data = {**base_policy(), "audit": {"signing_key_file": str(tmp_path / "nowhere.key")}}
+    data["defaults"]["rate"] = "fast"
+    with pytest.raises(InvalidPolicy) as e:
+        parse_policy(dump(data), check_files=True)
+    assert {error.path for error in e.value.errors} == {
+        "defaults.rate",
+        "audit.signing_key_file",
+    }, e.value.errors
+
+
 def test_an_expired_licence_and_a_quota_of_zero_are_warned_about(tmp_path: Path):
     # Valid, and not what was meant: the check said nothing (the licence had silently fallen
     # back; a quota of 0 refuses every request).

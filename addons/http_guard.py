@@ -594,8 +594,18 @@ class HttpGuard(layer.Layer):
             return
         if flow.response is not None and flow.response.timestamp_end:
             return
-        detail = f"the exchange with the site took longer than {self.limits().transfer:g}s"
-        self._give_up(flow, "transfer", detail)
+        limit = self.limits().transfer
+        if any(read_backpressure.held_for_scraper(s) is not None for s in self._transports(flow)):
+            # The site waits to be read for the scraper: it is the scraper that is slow.
+            flow.metadata.setdefault(
+                SCRAPER_STALLED,
+                f"the client took longer than {limit:g}s to take the answer "
+                "(network.transfer_timeout); the gateway closed its connection to the site",
+            )
+        else:
+            self._give_up(
+                flow, "transfer", f"the exchange with the site took longer than {limit:g}s"
+            )
         yield from self._close_upstream(flow)
 
     @staticmethod

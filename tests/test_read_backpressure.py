@@ -95,6 +95,23 @@ def _http1(gw: Gateway, site: Site, path: str, extra: str = "", body: bytes = b"
         return out
 
 
+def _slow_get(gw: Gateway, site: Site, path: str, *, close: bool = False) -> socket.socket:
+    """A GET of site-c.test's `path` through the gateway on a socket with a small receive
+    buffer (an HTTP/1 scraper that reads as slowly as the test does)."""
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    last = "Connection: close\r\n" if close else ""
+    s.sendall(
+        (
+            f"GET http://site-c.test:{site.port}{path} HTTP/1.1\r\n"
+            f"Host: site-c.test:{site.port}\r\n"
+            f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
+            f"X-Crawl-Project: {PROJECT}\r\n{last}\r\n"
+        ).encode()
+    )
+    return s
+
+
 def _upload_then_give_up(gw: Gateway, site: Site) -> int:
     """POST /upload of 8 MiB (held for its turn), as much of it as the gateway takes within
     3 s, then a reset (the scraper gives up): how much was sent."""
@@ -493,16 +510,7 @@ def test_a_large_streamed_body_reaches_a_slow_reader_whole(workdir: Path, test_c
         with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
             pid = gw.proc.pid
             before = _kib(pid)
-            s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            s.sendall(
-                (
-                    f"GET http://site-c.test:{site.port}/big HTTP/1.1\r\n"
-                    f"Host: site-c.test:{site.port}\r\n"
-                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
-                    f"X-Crawl-Project: {PROJECT}\r\nConnection: close\r\n\r\n"
-                ).encode()
-            )
+            s = _slow_get(gw, site, "/big", close=True)
             got = 0
             start = time.monotonic()
             while time.monotonic() - start < 40:
@@ -756,17 +764,7 @@ def test_an_http1_scraper_that_stops_reading_is_closed_as_the_scrapers_doing(
 ):
     site.routes["/big"] = Reply(body=b"L" * (96 * MiB))
     with Gateway(workdir, _stalling_policy(), trusted_ca=test_ca.ca_cert) as gw:
-        s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        with s:
-            s.sendall(
-                (
-                    f"GET http://site-c.test:{site.port}/big HTTP/1.1\r\n"
-                    f"Host: site-c.test:{site.port}\r\n"
-                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
-                    f"X-Crawl-Project: {PROJECT}\r\n\r\n"
-                ).encode()
-            )
+        with _slow_get(gw, site, "/big"):
             assert wait_for(lambda: _records_of(gw, "/big"), timeout=10)
         _stalled(_records_of(gw, "/big")[0])
 
@@ -815,17 +813,7 @@ def test_an_http1_scraper_reading_slowly_is_not_cut_as_stalled(
     # TCP opens a window of 64 KiB again only once it has half of it.)
     site.routes["/big"] = Reply(body=b"L" * (40 * MiB))
     with Gateway(workdir, _stalling_policy(), trusted_ca=test_ca.ca_cert) as gw:
-        s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        with s:
-            s.sendall(
-                (
-                    f"GET http://site-c.test:{site.port}/big HTTP/1.1\r\n"
-                    f"Host: site-c.test:{site.port}\r\n"
-                    f"Proxy-Authorization: {basic(TEAM, TEAM_TOKEN)}\r\n"
-                    f"X-Crawl-Project: {PROJECT}\r\n\r\n"
-                ).encode()
-            )
+        with _slow_get(gw, site, "/big") as s:
             got, started = 0, time.monotonic()
             while time.monotonic() - started < 8:
                 chunk = s.recv(8000)
@@ -836,6 +824,26 @@ def test_an_http1_scraper_reading_slowly_is_not_cut_as_stalled(
     print(got, records and {k: records[0][k] for k in ("reason", "response_bytes", "note")})
     assert records and records[0]["reason"] == "interrupted", records
     assert records[0]["note"] == "the client hung up while the answer was being delivered"
+
+
+def test_an_http1_scraper_too_slow_for_the_transfer_timeout_is_the_scrapers_doing(
+    workdir: Path, site: Site, test_ca: LocalCA
+):
+    # The same reader against a 3 s transfer_timeout: the exchange is ended then, but the site
+    # had been waiting for the scraper (it was recorded upstream_timeout, "the exchange with
+    # the site took longer").
+    site.routes["/big"] = Reply(body=b"L" * (40 * MiB))
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(network={**network, "transfer_timeout": "3s"})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with _slow_get(gw, site, "/big") as s:
+            started = time.monotonic()
+            while time.monotonic() - started < 30 and s.recv(8000):
+                time.sleep(0.1)
+        records = _records_of(gw, "/big")
+    print(records and {k: records[0][k] for k in ("reason", "response_bytes", "note")})
+    assert records and records[0]["reason"] == "interrupted", records
+    assert records[0]["note"].startswith("the client took longer than 3s to take the answer")
 
 
 def test_whole_answers_an_http2_scraper_leaves_unread_are_let_go(

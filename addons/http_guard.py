@@ -213,6 +213,12 @@ class HttpGuard(layer.Layer):
                 return  # a refused request's body, or bytes after a refused head: dropped
         if self._tunnel:
             yield from self.child.handle_event(event)
+            if isinstance(event, events.ConnectionClosed) and isinstance(
+                event.connection, connection.Server
+            ):
+                # mitmproxy's layer of the CONNECT also keeps every connection opened inside the
+                # tunnel (each OpenConnection passes through it): forgotten once closed too.
+                stream_release.closed(self.child, event.connection)
             return
         if isinstance(event, events.Start):
             self._idle()

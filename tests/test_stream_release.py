@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 from mitmproxy import options
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.test import tflow
@@ -70,6 +71,30 @@ async def test_a_finished_stream_is_freed_by_its_last_reference():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_a_closed_site_connection_is_forgotten_once_told_and_unnamed():
+    # mitmproxy kept every closed connection to a site (and its layers) in the HTTP layer, the
+    # tunnel's and the CONNECT's both, for the life of the scraper's connection.
+    stream_release.install()
+    layer = http_layers.HttpLayer(_context(), http_layers.HTTPMode.regular)
+    server = tflow.tserver_conn()
+    server.state = ConnectionState.CLOSED
+    stream = http_layers.HttpStream(layer.context.fork(), 1)
+    stream.context.server = server
+    layer.streams[1] = stream
+    layer.connections[server] = object()
+    stream_release.forget_closed(layer, server)  # not told it closed yet: looked up then
+    assert server in layer.connections
+    stream_release.closed(layer, server)  # told, but a stream still names it
+    assert server in layer.connections
+    layer.streams.pop(1)  # that stream ends
+    assert server not in layer.connections
+    own = layer.context.server  # the layer's own (a tunnel's) stays
+    own.state = ConnectionState.CLOSED
+    layer.connections[own] = object()
+    stream_release.closed(layer, own)
+    assert own in layer.connections
 
 
 def test_without_an_event_loop_a_finished_stream_is_left_to_the_collector():

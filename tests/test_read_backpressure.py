@@ -9,12 +9,14 @@ backpressure, which also counted HTTP streams, failed the first four)."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -634,35 +636,49 @@ class _H2Reader:
             self.tls.sendall(self.conn.data_to_send())
 
 
-def _pause_a_video(
+@contextlib.contextmanager
+def _a_paused_video(
     workdir: Path, tls_site: Site, test_ca: LocalCA, policy: dict[str, Any]
-) -> tuple[_H2Reader, int, int, list[dict[str, Any]]]:
-    """A scraper (HTTP/2 to the gateway) pauses a 96 MiB download for 5 s, loads a page
-    meanwhile, then reads the download to its end: the reader, the download's stream, how much
-    the gateway's memory grew while it was paused (KiB), and the download's records."""
-    size = 96 * MiB
-    tls_site.routes["/video"] = Reply(body=b"v" * size, headers={"Content-Type": "video/mp4"})
+) -> Iterator[tuple[Gateway, _H2Reader, int]]:
+    """A gateway, and a scraper speaking HTTP/2 to it that has loaded a page of 300 000 bytes
+    (/page, what any stream needs is in memory since), then asked for a 96 MiB video (/video)
+    and gives its stream no window after the first (a browser pausing it): the gateway, the
+    scraper and the video's stream."""
+    tls_site.routes["/video"] = Reply(body=b"v" * (96 * MiB), headers={"Content-Type": "video/mp4"})
     tls_site.routes["/page"] = Reply(body=b"p" * 300_000)
     authority = f"site-a.test:{tls_site.port}"
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        pid = gw.proc.pid
         with tls_tunnel(gw, authority, alpn="h2") as tls:
             scraper = _H2Reader(tls, authority)
-            first = scraper.get("/page")  # (what any stream needs is in memory before)
+            first = scraper.get("/page")
             scraper.read(5, until_ended={first})
-            before = _kib(pid, "VmRSS")
-            video = scraper.get("/video", paused=True)
-            scraper.read(5)  # its first window, no more
-            page = scraper.get("/page")
-            scraper.read(5, until_ended={page})
-            held = _kib(pid, "VmRSS") - before
-            assert scraper.got[page] == 300_000, scraper.got
-            scraper.resume(video)
-            scraper.read(40, until_ended={video})
-        records = [r for r in gw.fetch_records() if r["url"].endswith("/video")]
+            yield gw, scraper, scraper.get("/video", paused=True)
+
+
+def _serves_on(scraper: _H2Reader) -> None:
+    """The scraper's connection still serves a page."""
+    page = scraper.get("/page")
+    scraper.read(10, until_ended={page})
+    assert page in scraper.ended and scraper.got[page] == 300_000, scraper.got
+
+
+def _pause_a_video(
+    workdir: Path, tls_site: Site, test_ca: LocalCA, policy: dict[str, Any]
+) -> tuple[int, list[dict[str, Any]]]:
+    """A scraper (HTTP/2 to the gateway) pauses a 96 MiB download for 5 s, loads a page
+    meanwhile, then reads the download to its end: how much the gateway's memory grew while
+    the download was paused (KiB), and the download's records."""
+    with _a_paused_video(workdir, tls_site, test_ca, policy) as (gw, scraper, video):
+        before = _kib(gw.proc.pid, "VmRSS")
+        scraper.read(5)  # its first window, no more
+        _serves_on(scraper)
+        held = _kib(gw.proc.pid, "VmRSS") - before
+        scraper.resume(video)
+        scraper.read(40, until_ended={video})
+        records = _records_of(gw, "/video")
     print("paused stream got", scraper.got, "gateway RSS +KiB while paused", held)
-    assert scraper.got[video] == size, scraper.got
-    return scraper, video, held, records
+    assert scraper.got[video] == 96 * MiB, scraper.got
+    return held, records
 
 
 def test_an_http2_download_its_scraper_stops_reading_is_not_held_by_the_gateway(
@@ -673,7 +689,7 @@ def test_an_http2_download_its_scraper_stops_reading_is_not_held_by_the_gateway(
     # buffer (the gateway's memory grew by 110 MiB of the 96 MiB video). The site's connection is
     # now read no further than 4 MiB ahead of the scraper; the page is served meanwhile, and
     # the video comes whole when read again.
-    _, _, held, records = _pause_a_video(workdir, tls_site, test_ca, policy_with())
+    held, records = _pause_a_video(workdir, tls_site, test_ca, policy_with())
     assert records and records[0]["response_bytes"] == 96 * MiB, records
     assert held < 24 * 1024, held
 
@@ -687,7 +703,7 @@ def test_the_paused_download_through_an_upstream_proxy_is_not_held_either(
     try:
         egress = {"upstream_proxies": [{"name": "pool-a", "url": f"http://127.0.0.1:{proxy.port}"}]}
         policy = policy_with(egress={"provider": "test-transit", **egress})
-        _, _, held, records = _pause_a_video(workdir, tls_site, test_ca, policy)
+        held, records = _pause_a_video(workdir, tls_site, test_ca, policy)
     finally:
         proxy.stop()
     assert records and records[0]["upstream_proxy"] == "pool-a", records
@@ -700,24 +716,14 @@ def test_a_paused_download_its_scraper_cancels_is_let_go_and_recorded(
 ):
     # Paused, then cancelled (RST_STREAM): the site's connection is closed, the fetch recorded
     # with what came, and the scraper's connection serves on.
-    tls_site.routes["/video"] = Reply(body=b"v" * (96 * MiB), headers={"Content-Type": "video/mp4"})
-    authority = f"site-a.test:{tls_site.port}"
-    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
-            video = scraper.get("/video", paused=True)
-            scraper.read(3)
-            scraper.reset(video)
-            assert wait_for(
-                lambda: any(r["url"].endswith("/video") for r in gw.fetch_records()), timeout=5
-            ), gw.log_text()[-3000:]
-            again = scraper.get("/page")
-            scraper.read(10, until_ended={again})
-            assert again in scraper.ended and scraper.got[again] > 0, scraper.got
-        records = [r for r in gw.fetch_records() if r["url"].endswith("/video")]
-    r = records[0]
-    print({k: r[k] for k in ("decision", "reason", "response_bytes", "note")})
-    assert r["reason"] == "interrupted" and r["response_bytes"] < 16 * MiB, r
+    with _a_paused_video(workdir, tls_site, test_ca, policy_with()) as (gw, scraper, video):
+        scraper.read(3)
+        scraper.reset(video)
+        assert wait_for(lambda: _records_of(gw, "/video"), timeout=5), gw.logs()[-3000:]
+        _serves_on(scraper)
+        [record] = _records_of(gw, "/video")
+    print({k: record[k] for k in ("decision", "reason", "response_bytes", "note")})
+    assert record["reason"] == "interrupted" and record["response_bytes"] < 16 * MiB, record
 
 
 def _stalling_policy() -> dict[str, Any]:
@@ -745,17 +751,10 @@ def test_an_http2_stream_paused_past_the_response_timeout_is_the_scrapers_doing(
 ):
     # The gateway stopped reading the site for the scraper: that is not the site's silence
     # (it was recorded `upstream_timeout`, "the site sent no more of the response body").
-    tls_site.routes["/video"] = Reply(body=b"v" * (96 * MiB), headers={"Content-Type": "video/mp4"})
-    authority = f"site-a.test:{tls_site.port}"
-    with Gateway(workdir, _stalling_policy(), trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
-            video = scraper.get("/video", paused=True)
-            scraper.read(8, until_ended={video})
-            assert video in scraper.ended, scraper.got  # (reset by the gateway)
-            page = scraper.get("/page")
-            scraper.read(10, until_ended={page})
-            assert scraper.got[page] > 0 and page in scraper.ended, scraper.got
+    with _a_paused_video(workdir, tls_site, test_ca, _stalling_policy()) as (gw, scraper, video):
+        scraper.read(8, until_ended={video})
+        assert video in scraper.ended, scraper.got  # (reset by the gateway)
+        _serves_on(scraper)
         _stalled(_records_of(gw, "/video")[0])
 
 

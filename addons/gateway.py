@@ -1158,7 +1158,7 @@ class Gateway:
             timeout = flow.metadata.get(TIMEOUT)
             if stopped is not None:
                 # The gateway's own doing (HttpGuard): the body was withheld, or the scraper
-                # made no room for more of it for the response timeout.
+                # stalled it (made no room at the response or transfer timeout).
                 kind = None
             elif timeout is not None:
                 # HttpGuard closed the connection at one of the policy's network timeouts.

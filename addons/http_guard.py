@@ -26,9 +26,12 @@ model, so it can bound all of that without reaching into sockets:
   `transfer_timeout` (request complete to response complete): the upstream connection is closed
   and the flow tagged with `TIMEOUT`, so the gateway records and answers `upstream_timeout` (a
   client that already has the response head gets a cut-off body). A site's connection the
-  gateway does not read because the scraper takes none of what came (addons/
-  read_backpressure.py) is not silent: that long without the scraper taking anything closes it
-  as the scraper's doing (`SCRAPER_STALLED`, recorded `interrupted`).
+  gateway does not read because the scraper has not taken what came (addons/
+  read_backpressure.py) is not silent: a scraper that makes no room for that long, or is still
+  being waited for at the transfer timeout, has the connection closed as its own doing
+  (`SCRAPER_STALLED`, recorded `interrupted`), with the requests sharing it (HTTP/2 to the site).
+- an answer held whole (up to 16 MiB) that an HTTP/2 scraper takes nothing more of for
+  `response_timeout` is dropped, its stream reset (`_expire_unread`).
 
 It also has `addons/client_events.py` watch what the HTTP layer tells the client connection's
 handler (the gateway's answer instead of mitmproxy's error page, and more).
@@ -561,25 +564,13 @@ class HttpGuard(layer.Layer):
         carriers = self._transports(flow)
         held = [t for s in carriers if (t := read_backpressure.held_for_scraper(s)) is not None]
         if held:
-            # Not read because the scraper takes none of what came: its silence, not the site's.
+            # Not read because the scraper has not taken what came: its silence, not the site's.
             since = min(held)
             if now - since + 0.001 < limit:
                 self._deadlines[("silence", flow.id)] = (since + limit, flow)
                 return
-            flow.metadata.setdefault(
-                SCRAPER_STALLED,
-                f"the client made no room for more of the answer for {limit:g}s "
-                "(network.response_timeout); the gateway closed its connection to the site",
-            )
-            for other, _ in list(self._forwarded.values()):  # (HTTP/2 to the site)
-                if other is not flow and set(self._transports(other)) & set(carriers):
-                    other.metadata.setdefault(
-                        SCRAPER_STALLED,
-                        "the gateway closed its connection to the site, which this request "
-                        "shared with another of the client's whose answer the client made no "
-                        f"room for in {limit:g}s (network.response_timeout)",
-                    )
-            yield from self._close_upstream(flow)
+            why = f"made no room for more of the answer for {limit:g}s (network.response_timeout)"
+            yield from self._end_stalled(flow, carriers, why)
             return
         heard = max(
             [
@@ -601,17 +592,31 @@ class HttpGuard(layer.Layer):
         if flow.response is not None and flow.response.timestamp_end:
             return
         limit = self.limits().transfer
-        if any(read_backpressure.held_for_scraper(s) is not None for s in self._transports(flow)):
+        carriers = self._transports(flow)
+        if any(read_backpressure.held_for_scraper(s) is not None for s in carriers):
             # The site waits to be read for the scraper: it is the scraper that is slow.
-            flow.metadata.setdefault(
-                SCRAPER_STALLED,
-                f"the client took longer than {limit:g}s to take the answer "
-                "(network.transfer_timeout); the gateway closed its connection to the site",
-            )
-        else:
-            self._give_up(
-                flow, "transfer", f"the exchange with the site took longer than {limit:g}s"
-            )
+            why = f"took longer than {limit:g}s to take the answer (network.transfer_timeout)"
+            yield from self._end_stalled(flow, carriers, why)
+            return
+        detail = f"the exchange with the site took longer than {limit:g}s"
+        self._give_up(flow, "transfer", detail)
+        yield from self._close_upstream(flow)
+
+    def _end_stalled(
+        self, flow: http.HTTPFlow, carriers: list[connection.Server], why: str
+    ) -> layer.CommandGenerator[None]:
+        """Close the connection to the site a scraper stalled (`why` it did): tagged as its
+        doing on the flow and on those that shared the connection (HTTP/2 to the site)."""
+        flow.metadata.setdefault(
+            SCRAPER_STALLED, f"the client {why}; the gateway closed its connection to the site"
+        )
+        for other, _ in list(self._forwarded.values()):
+            if other is not flow and set(self._transports(other)) & set(carriers):
+                other.metadata.setdefault(
+                    SCRAPER_STALLED,
+                    "the gateway closed its connection to the site, which this request shared "
+                    f"with another of the client's: the client {why}",
+                )
         yield from self._close_upstream(flow)
 
     @staticmethod

@@ -28,6 +28,7 @@ from tests.ws_support import PING
 from tests.ws_support import PONG
 from tests.ws_support import TEXT
 from tests.ws_support import RawWsSite
+from tests.ws_support import closed_at_sigterm
 from tests.ws_support import frame
 from tests.ws_support import raw_client
 from tests.ws_support import read_frame
@@ -113,11 +114,7 @@ def test_a_websocket_inside_a_connect_tunnel_at_sigterm_is_closed_and_recorded(
         sock, head = tunnel_client(gateway, f"site-c.test:{site.port}")
         assert head.startswith(b"HTTP/1.1 101"), head
         read_frame(sock)
-        gateway.signal(signal.SIGTERM)
-        _, op, _, payload = read_frame(sock)
-        assert gateway.proc is not None
-        gateway.proc.wait(40)
-        sock.close()
+        op, payload = closed_at_sigterm(gateway, sock)
     assert op == CLOSE and payload[:2] == struct.pack("!H", 1001), (op, payload[:40])
     [talked] = [r for r in records(gateway) if r.get("kind") == "websocket"]
     assert talked["response_bytes"] == 1000
@@ -335,11 +332,7 @@ def test_a_websocket_through_an_upstream_proxy_at_sigterm_is_closed_and_recorded
                 sock, head = raw_client(gw.port, site.url(), timeout=30)
             assert head.startswith(b"HTTP/1.1 101"), head
             read_frame(sock)
-            gw.signal(signal.SIGTERM)
-            _, op, _, payload = read_frame(sock)
-            assert gw.proc is not None
-            gw.proc.wait(40)
-            sock.close()
+            op, payload = closed_at_sigterm(gw, sock)
             talked = [r for r in records(gw) if r.get("kind") == "websocket"]
             lost = gw.log_events("websocket_not_recorded")
     finally:

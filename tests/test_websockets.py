@@ -30,6 +30,7 @@ from tests.ws_support import TEXT
 from tests.ws_support import RawWsSite
 from tests.ws_support import answer_close
 from tests.ws_support import client_close
+from tests.ws_support import closed_at_sigterm
 from tests.ws_support import deflate
 from tests.ws_support import frame
 from tests.ws_support import raw_client
@@ -523,7 +524,6 @@ def test_a_websocket_open_at_sigterm_is_closed_going_away_and_recorded(gateway: 
     # A stop (a rollout's SIGTERM) ended open conversations with the process, after the fetch
     # log had closed: no record, only a log line. The gateway now closes them itself, 1001
     # "going away" to both sides, and records each before the fetch log closes.
-    import signal
 
     site_got: list[bytes] = []
 
@@ -542,11 +542,7 @@ def test_a_websocket_open_at_sigterm_is_closed_going_away_and_recorded(gateway: 
         assert head.startswith(b"HTTP/1.1 101"), head
         for _ in range(3):
             read_frame(sock)
-        gateway.signal(signal.SIGTERM)
-        _, op, _, payload = read_frame(sock)  # the gateway's close
-        assert gateway.proc is not None
-        gateway.proc.wait(40)
-        sock.close()
+        op, payload = closed_at_sigterm(gateway, sock)
     assert op == CLOSE and payload == struct.pack("!H", 1001) + b"going away", (op, payload)
     assert site_got == [bytes([CLOSE]) + struct.pack("!H", 1001) + b"going away"], site_got
     recs = [r for r in gateway.export() if r.get("type", "record") == "record"]
@@ -562,7 +558,6 @@ def test_a_message_the_site_had_not_finished_at_sigterm_is_counted(gateway: Gate
     # 1000 bytes of a message, then 8 MiB of fragments of one the site had not finished when
     # the gateway stopped: the record and the budget had the 1000 bytes only (found by a
     # probe); the 8 MiB came from the site all the same.
-    import signal
 
     part = b"p" * (4 * 2**20)
     sent = threading.Event()
@@ -583,11 +578,7 @@ def test_a_message_the_site_had_not_finished_at_sigterm_is_counted(gateway: Gate
         read_frame(sock)
         assert sent.wait(10)
         time.sleep(1)  # (the last bytes read by the gateway)
-        gateway.signal(signal.SIGTERM)
-        _, op, _, payload = read_frame(sock)
-        assert gateway.proc is not None
-        gateway.proc.wait(40)
-        sock.close()
+        op, payload = closed_at_sigterm(gateway, sock)
     assert op == CLOSE and payload[:2] == struct.pack("!H", 1001), (op, payload[:40])
     [rec] = [r for r in gateway.export() if r.get("kind") == "websocket"]
     assert rec["response_bytes"] == 1000 + 2 * len(part), rec

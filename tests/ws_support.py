@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -218,3 +219,14 @@ def wait_close(sock: socket.socket) -> None:
                 return
     except (ConnectionError, OSError):
         return
+
+
+def closed_at_sigterm(gw: Gateway, sock: socket.socket) -> tuple[int, bytes]:
+    """Stop the gateway (SIGTERM) with a WebSocket open on `sock`: the opcode and payload of
+    the frame it sends the client then (its close), once it has exited; the socket closed."""
+    gw.signal(signal.SIGTERM)
+    _, op, _, payload = read_frame(sock)
+    assert gw.proc is not None
+    gw.proc.wait(40)
+    sock.close()
+    return op, payload

@@ -22,7 +22,6 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
-from publicsuffixlist import PublicSuffixList
 from pydantic import AfterValidator
 from pydantic import BaseModel
 from pydantic import BeforeValidator
@@ -35,11 +34,7 @@ from pydantic import model_validator
 
 from proxy import units
 from proxy.idn import ascii_host
-
-_PSL = PublicSuffixList()
-# Suffixes the list names (`com`, `co.uk`, `github.io`), not a single label it does not know
-# (`intranet`, which is a site of its own).
-_PSL_LISTED = PublicSuffixList(accept_unknown=False)
+from proxy.suffixes import public_suffixes
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -125,7 +120,7 @@ def _is_ipv4(value: str) -> bool:
 
 def _site_pattern(value: str) -> str:
     """A site rule's pattern: a host pattern that does not span a public suffix."""
-    if value.startswith("*.") and _PSL.is_public(value[2:]):
+    if value.startswith("*.") and public_suffixes().is_public(value[2:]):
         raise ValueError(
             f"{value!r} covers every domain under the public suffix {value[2:]!r}: they would "
             "all be one site, one budget; name the domains"
@@ -855,7 +850,11 @@ def _idle_patterns(rule: SiteRule, network: Network) -> list[tuple[int, str]]:
                         "network.allow_ip_literals admits it: this pattern takes none",
                     )
                 )
-        elif not pattern.startswith("*.") and _PSL_LISTED.is_public(pattern):
+        # Suffixes the list names (`com`, `co.uk`, `github.io`), not a single label it does not
+        # know (`intranet`, which is a site of its own).
+        elif not pattern.startswith("*.") and public_suffixes().is_public(
+            pattern, accept_unknown=False
+        ):
             out.append(
                 (
                     k,

@@ -14,8 +14,6 @@ import ipaddress
 from dataclasses import dataclass
 from functools import lru_cache
 
-from publicsuffixlist import PublicSuffixList
-
 from proxy.idn import ascii_host
 from proxy.policy import STATUTORY_BASIS
 from proxy.policy import Defaults
@@ -23,8 +21,7 @@ from proxy.policy import LegalBasis
 from proxy.policy import Policy
 from proxy.policy import Respect
 from proxy.policy import SiteRule
-
-_PSL = PublicSuffixList()
+from proxy.suffixes import public_suffixes
 
 
 def normalize_host(host: str) -> str:
@@ -52,7 +49,7 @@ def registrable_domain(host: str) -> str:
     """eTLD+1 of a normalized host; IP literals and bare public suffixes are their own site."""
     if is_ip_literal(host):
         return host
-    return _PSL.privatesuffix(host) or host
+    return public_suffixes().privatesuffix(host) or host
 
 
 @dataclass(frozen=True, slots=True)

@@ -529,7 +529,10 @@ class Gateway:
             *(["--upstream-trusted-ca", str(trusted_ca)] if trusted_ca else []),
             *(extra_args or []),
         ]
-        self.env = {**os.environ, **(env or {})}
+        # Started under -O as `crawlwarden run` restarts itself (proxy/cli.py), which spares each
+        # start a second interpreter (test_the_gateway_restarts_itself_under_python_optimize
+        # leaves it unset: that start is the command as users run it).
+        self.env = {"PYTHONOPTIMIZE": "1", **os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

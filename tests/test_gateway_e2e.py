@@ -1960,15 +1960,16 @@ def test_the_gateway_shortens_the_gil_switch_interval(gateway: Gateway):
     assert started and started[0]["gil_switch_interval_us"] == 100
 
 
-def test_the_gateway_restarts_itself_under_python_optimize(gateway: Gateway):
+def test_the_gateway_restarts_itself_under_python_optimize(workdir: Path):
     # mitmproxy's `if __debug__:` checks (a type check of every field of every HTTP message)
     # cost 11-13 % of the CPU per request (bench/README.md); -O compiles them out. The same
     # process carries on (exec): the pid a supervisor started is the gateway's.
-    started = [json.loads(line) for line in gateway.logs().splitlines() if '"started"' in line]
+    with Gateway(workdir, base_policy(), env={"PYTHONOPTIMIZE": ""}) as gw:
+        assert gw.proc is not None
+        argv = Path(f"/proc/{gw.proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:5] == [b"-O", CRAWLWARDEN.encode(), b"run", b"--policy"], argv
+        started = gw.log_events("started")
     assert len(started) == 1 and started[0]["python_optimize"] == 1
-    assert gateway.proc is not None
-    argv = Path(f"/proc/{gateway.proc.pid}/cmdline").read_bytes().split(b"\0")
-    assert argv[1] == b"-O" and argv[3:5] == [b"run", b"--policy"], argv
 
 
 def _handles_sighup(pid: int) -> bool:

@@ -17,12 +17,16 @@ import asyncio
 import signal
 from pathlib import Path
 
-from mitmproxy import options
-from mitmproxy.master import Master
+from addons import mitmproxy_package
 
-from proxy.app import gateway_addons
-from proxy.app import mitmproxy_options
-from proxy.runtime import Settings
+mitmproxy_package.without_default_addons()  # as `crawlwarden run` does (proxy/cli.py)
+
+from mitmproxy import options  # noqa: E402
+from mitmproxy.master import Master  # noqa: E402
+
+from proxy.app import gateway_addons  # noqa: E402
+from proxy.app import mitmproxy_options  # noqa: E402
+from proxy.runtime import Settings  # noqa: E402
 
 
 async def serve(args: argparse.Namespace) -> None:

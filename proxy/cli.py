@@ -574,6 +574,9 @@ def cmd_run(args: argparse.Namespace, reloads: StartReloads | None = None) -> in
         return EXIT_FAILED  # as the other things a start cannot do without (store, ports)
     try:
         # mitmproxy is imported here only: `policy check` and `audit` stay light.
+        from addons import mitmproxy_package
+
+        mitmproxy_package.without_default_addons()
         from proxy.app import serve
 
         return asyncio.run(serve(settings, reloads.pending if reloads else None))

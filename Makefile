@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 POLICY ?= examples/policy.yaml
 # Three workers, each taking whole test files (module fixtures stay in one process; every test
 # isolates its own state). Many tests wait on a gateway, a site or a timeout, so on two cores a
-# third worker still gains: 1 143 s for the whole CI run against 1 511 s with two, on a host
+# third worker still gains: 1 126 s for the whole CI run against 1 511 s with two, on a host
 # where one Python process runs at a third of the speed it did before (PYTEST_ARGS= for one).
 PYTEST_ARGS ?= -n 3 --dist loadfile
 

@@ -30,6 +30,7 @@ from addons import buffered_bytes
 from addons import interim
 from addons import named_connections
 from addons import read_backpressure
+from addons import read_loop_end
 from addons import stream_release
 from addons import trailers
 from addons import websocket_limit
@@ -279,6 +280,12 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
         "connection handler",
         "what a fast WebSocket sender sends while a hook runs, and what an HTTP/2 scraper does "
         "not read yet, is held however much it is",
+    ),
+    read_loop_end: (
+        "connection handler",
+        "a connection the gateway closes while a hook waits may never be told closed: its "
+        "request hangs until the scraper leaves, its socket left open (a withheld image goes "
+        "on downloading)",
     ),
     trailers: ("HTTP/1 layer", "a chunked answer with trailer fields may stop its exchange"),
     stream_release: (

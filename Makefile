@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 POLICY ?= examples/policy.yaml
-# Two workers, each taking whole test files (module fixtures stay in one process; every test
-# isolates its own state): the suite runs in about half the time (PYTEST_ARGS= for one process).
-# A third worker would gain on two cores (1 126-1 143 s against 1 511 s for the CI run on a slow
-# host) but the load it adds makes test_through_an_upstream_proxy_a_withheld_image_stops_...
-# fail in two runs of four: a race in the gateway, not yet found (stop 33's closing note).
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Three workers, each taking whole test files (module fixtures stay in one process; every test
+# isolates its own state). Many tests wait on a gateway, a site or a timeout, so on two cores a
+# third worker still gains: 1 126-1 143 s for the whole CI run against 1 375-1 511 s with two, on
+# a host where one Python process runs at a third of the speed it did before (PYTEST_ARGS= for
+# one process). The load it adds once made a race in mitmproxy's read loop show
+# (addons/read_loop_end.py).
+PYTEST_ARGS ?= -n 3 --dist loadfile
 
 .PHONY: run test lint bench bench-deps soak services clean
 

@@ -25,6 +25,13 @@ Changes to mitmproxy's classes, made once at start-up by the gateway (proxy/app.
   its layers for as long as the scraper's connection lasted: a browser's HTTP/2 connection
   held every answer it had been given, bodies too (+155 MiB for each ten 15 MiB images).
 
+- The scraper's HTTP/2 connection forgets a stream once it is closed. mitmproxy's
+  `Http2Server.streams` (stream id -> state) drops a stream when the scraper resets it or ends
+  its request after the answer was sent, never when the answer ends it (the usual order): one
+  entry per request for as long as the connection lasts. Each new stream now first drops the
+  oldest entries whose h2 stream is closed (amortised one look per request; a stream still
+  open there keeps the later ones until it closes).
+
 All are checked against the running mitmproxy on install: if its classes no longer look like
 this, nothing is changed and the collector frees the streams as before (slower, still correct).
 tests/test_gateway_e2e.py watches the gateway's `python_gc_objects_collected_total` per request.
@@ -40,9 +47,12 @@ import types
 import weakref
 from typing import Any
 
+import h2.connection
+import h2.stream
 from mitmproxy import connection
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import _http2
 
 from addons.patches import install_once
 
@@ -126,11 +136,41 @@ def forget_closed(http: http_layers.HttpLayer, server: connection.Connection) ->
     http.connections.pop(server, None)
 
 
+class _H2Streams(dict[int, Any]):
+    """Http2Server.streams: a new stream first drops the oldest entries already closed."""
+
+    def __init__(self, h2_conn: Any):
+        super().__init__()
+        self.h2_conn = h2_conn  # (the layer's own: no reference back to the layer)
+
+    def __setitem__(self, stream_id: int, state: Any) -> None:
+        if stream_id not in self:
+            while self:
+                oldest = next(iter(self))
+                if not _h2_closed(self.h2_conn, oldest):
+                    break
+                del self[oldest]
+        super().__setitem__(stream_id, state)
+
+
+def _h2_closed(h2_conn: Any, stream_id: int) -> bool:
+    """mitmproxy's `Http2Connection.is_closed`, from the h2 connection alone."""
+    stream = h2_conn.streams.get(stream_id)
+    return (
+        stream is None
+        or stream.state_machine.state is h2.stream.StreamState.CLOSED
+        or h2_conn.state_machine.state is h2.connection.ConnectionState.CLOSED
+    )
+
+
 def _looks_as_expected() -> bool:
     """mitmproxy's classes are as this module assumes (checked, not trusted, on an upgrade)."""
     try:
         stream_init = inspect.getsource(http_layers.HttpStream.__init__)
         layer_init = inspect.getsource(inspect.unwrap(http_layers.HttpLayer.__init__))
+        h2_init = inspect.getsource(_http2.Http2Connection.__init__)
+        h2_closed = inspect.getsource(_http2.Http2Connection.is_closed)
+        h2_server = inspect.getsource(_http2.Http2Server)
     except (OSError, TypeError):  # installed without its sources: cannot tell, change nothing
         return False
     ours_or_nothing = vars(http_layers.HttpStream).get("client_state")  # no class attribute
@@ -143,12 +183,18 @@ def _looks_as_expected() -> bool:
         and "yield commands.CloseConnection(self.conn)\n                self.state = self.done"
         in inspect.getsource(_http1.Http1Connection.mark_done)
         and (ours_or_nothing is None or isinstance(ours_or_nothing, _StateSlot))
+        and "self.h2_conn = BufferedH2Connection(self.h2_conf)\n        self.streams = {}"
+        in h2_init
+        and "stream.state_machine.state is not h2.stream.StreamState.CLOSED" in h2_closed
+        and "h2.connection.ConnectionState.CLOSED" in h2_closed
+        and "self.streams[event.stream_id] = StreamState.HEADERS_RECEIVED" in h2_server
+        and "def __init__(self, context: Context):" in h2_server
     )
 
 
 @install_once(_looks_as_expected)
 def install() -> None:
-    """Apply both changes (once per process); False if this mitmproxy does not look as expected."""
+    """Apply the changes (once per process); False if this mitmproxy does not look as expected."""
     http_layers.HttpStream.client_state = _StateSlot("client_state")
     http_layers.HttpStream.server_state = _StateSlot("server_state")
     original_init = http_layers.HttpLayer.__init__
@@ -170,5 +216,13 @@ def install() -> None:
             self.request = self.response = None  # (nothing reads them once it is done)
 
     _http1.Http1Connection.mark_done = mark_done  # type: ignore[method-assign]
+    original_h2_init = _http2.Http2Server.__init__
+
+    @functools.wraps(original_h2_init)
+    def h2_server_init(self: _http2.Http2Server, *args: Any, **kwargs: Any) -> None:
+        original_h2_init(self, *args, **kwargs)
+        self.streams = _H2Streams(self.h2_conn)
+
+    _http2.Http2Server.__init__ = h2_server_init  # type: ignore[method-assign]
     global _installed
     _installed = True

@@ -290,7 +290,8 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
     trailers: ("HTTP/1 layer", "a chunked answer with trailer fields may stop its exchange"),
     stream_release: (
         "HttpStream/HttpLayer",
-        "finished requests are left to the cyclic garbage collector (more CPU, longer pauses)",
+        "finished requests are left to the cyclic garbage collector (more CPU, longer pauses), "
+        "and a scraper's HTTP/2 connection keeps an entry for every request it was answered",
     ),
     named_connections: (
         "GetHttpConnection",

@@ -11,12 +11,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Iterable
 
+import h2.config
+import h2.connection
 import pytest
+from mitmproxy import http
 from mitmproxy import options
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import commands
+from mitmproxy.proxy import events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import ResponseHeaders
+from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.test import tflow
 
 from addons import stream_release
@@ -112,3 +121,69 @@ def test_a_mitmproxy_without_its_sources_is_left_as_it_is(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(stream_release.inspect, "getsource", no_source)
     assert stream_release._looks_as_expected() is False
+
+
+class _Scraper:
+    """An HTTP/2 client (h2) talking to mitmproxy's `Http2Server` layer directly."""
+
+    def __init__(self) -> None:
+        client = tflow.tclient_conn()
+        client.alpn = b"h2"
+        opts = options.Options()
+        Proxyserver().load(opts)  # (the HTTP/2 options)
+        self.context = Context(client, opts)
+        self.server = _http2.Http2Server(self.context)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self._feed(self.server.handle_event(events.Start()))
+        self._send()
+
+    def _feed(self, out: Iterable[commands.Command]) -> None:
+        for command in out:
+            if isinstance(command, commands.SendData):
+                self.h2.receive_data(command.data)
+
+    def _send(self) -> None:
+        self._feed(
+            self.server.handle_event(
+                events.DataReceived(self.context.client, self.h2.data_to_send())
+            )
+        )
+
+    def ask(self) -> int:
+        stream_id = self.h2.get_next_available_stream_id()
+        headers = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "site-a.test"),
+            (":path", "/"),
+        ]
+        self.h2.send_headers(stream_id, headers, end_stream=True)
+        self._send()
+        return stream_id
+
+    def answer(self, stream_id: int) -> None:
+        response = http.Response.make(200, b"", {"content-length": "0"})
+        self._feed(self.server.handle_event(ResponseHeaders(stream_id, response, end_stream=True)))
+        self._send()  # (the scraper's acknowledgements)
+
+
+def test_a_scrapers_http2_connection_forgets_the_streams_it_has_answered():
+    # mitmproxy's Http2Server kept an entry per request answered for as long as the scraper's
+    # connection lasted (a browser's or a crawler's connection lasts for hours).
+    stream_release.install()
+    scraper = _Scraper()
+    for _ in range(50):
+        scraper.answer(scraper.ask())
+    assert len(scraper.server.streams) == 1  # the last, until the next stream
+    # A stream still open keeps its place, and those after it until it closes.
+    slow = scraper.ask()
+    later = [scraper.ask() for _ in range(3)]
+    for stream_id in later:
+        scraper.answer(stream_id)
+    newest = scraper.ask()
+    assert list(scraper.server.streams) == [slow, *later, newest]
+    scraper.answer(slow)
+    assert list(scraper.server.streams) == [slow, *later, newest]
+    scraper.answer(scraper.ask())
+    assert list(scraper.server.streams) == [newest, newest + 2]

@@ -9,7 +9,7 @@ POLICY ?= examples/policy.yaml
 # third worker still gains: 1 126-1 143 s for the whole CI run against 1 375-1 511 s with two, on
 # a host where one Python process runs at a third of the speed it did before (PYTEST_ARGS= for
 # one process). The load it adds once made a race in mitmproxy's read loop show
-# (addons/read_loop_end.py).
+# (addons/connection_tasks.py).
 PYTEST_ARGS ?= -n 3 --dist loadfile
 
 .PHONY: run test lint bench bench-deps soak services clean

@@ -549,9 +549,18 @@ class HttpGuard(layer.Layer):
     ) -> layer.CommandGenerator[None]:
         if server not in self._opening:
             return
+        limit = self.limits().connect
+        if server.timestamp_start is None:
+            # Not connecting yet: waiting for one of mitmproxy's connections per site (five for
+            # each scraper connection) to be free. Its time counts from when it connects.
+            self._add(limit, "connect", server, server)
+            return
+        if (left := server.timestamp_start + limit - time.time()) > 0.001:
+            self._add(left, "connect", server, server)
+            return
         for flow, _ in list(self._forwarded.values()):
             if flow.response is None and server.address in _targets(flow):
-                detail = f"no connection to the site within {self.limits().connect:g}s"
+                detail = f"no connection to the site within {limit:g}s"
                 self._give_up(flow, "connect", detail)
         self._opening.discard(server)
         yield commands.CloseConnection(server)

@@ -27,10 +27,10 @@ from mitmproxy.addons import tlsconfig
 from mitmproxy.master import Master
 
 from addons import buffered_bytes
+from addons import connection_tasks
 from addons import interim
 from addons import named_connections
 from addons import read_backpressure
-from addons import read_loop_end
 from addons import stream_release
 from addons import trailers
 from addons import websocket_limit
@@ -281,11 +281,11 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
         "what a fast WebSocket sender sends while a hook runs, and what an HTTP/2 scraper does "
         "not read yet, is held however much it is",
     ),
-    read_loop_end: (
+    connection_tasks: (
         "connection handler",
-        "a connection the gateway closes while a hook waits may never be told closed: its "
-        "request hangs until the scraper leaves, its socket left open (a withheld image goes "
-        "on downloading)",
+        "a connection the gateway closes while a hook waits, or while it waits for a free "
+        "connection to its site, may never be told so: its request hangs until the scraper "
+        "leaves, unanswered and unrecorded (a withheld image goes on downloading)",
     ),
     trailers: ("HTTP/1 layer", "a chunked answer with trailer fields may stop its exchange"),
     stream_release: (

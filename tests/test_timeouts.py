@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -484,3 +485,38 @@ def test_a_reload_changes_the_timeouts_of_the_next_requests(gateway: Gateway):
         gateway.policy_file.write_text(original)
         status, _ = gateway.admin_request("POST", "/v1/policy/reload", token="admin-secret-token")
         assert status == 200
+
+
+def test_over_http2_requests_waiting_for_a_connection_to_the_site_are_not_timed_out(
+    workdir: Path, test_ca: LocalCA
+):
+    # A browser asks for seven slow pages of one site at once. mitmproxy opens at most five
+    # connections to a site for one scraper connection: the other two wait for one to be free.
+    # The connect timeout (1 s here) counted that wait: the two were closed while waiting, and,
+    # mitmproxy never telling its layers so (addons/connection_tasks.py), never answered.
+    from tests.test_optout_e2e import CountingSite
+
+    site = CountingSite(b"", 0, tls=test_ca.server_context_for("site-c.test"))
+    authority = f"site-c.test:{site.port}"
+    try:
+        policy = policy_with(
+            network={
+                "allow_private": ["127.0.0.0/8"],
+                "static_hosts": {"*.test": "127.0.0.1"},
+                "connect_timeout": "1s",
+            },
+        )
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, authority, alpn="h2", timeout=60) as tls:
+                pages = H2Client(tls).get_together(
+                    authority, [(f"/slow{i}", 0) for i in range(7)], ("x-crawl-project", PROJECT)
+                )
+            records = gw.fetch_records()
+    finally:
+        site.close()
+    assert [(p.end, p.headers.get(":status"), p.body) for p in pages] == [
+        ("ended", "200", b"s" * 8)
+    ] * 7
+    assert sorted((r["reason"], r["status"]) for r in records) == [("ok", 200)] * 7
+    waited = sorted(r["duration_ms"] for r in records)[-2:]
+    assert all(ms > 12_000 for ms in waited), waited  # (the last two after a first one ended)

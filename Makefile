@@ -6,10 +6,9 @@ STAMP  := $(VENV)/.installed
 POLICY ?= examples/policy.yaml
 # Three workers, each taking whole test files (module fixtures stay in one process; every test
 # isolates its own state). Many tests wait on a gateway, a site or a timeout, so on two cores a
-# third worker still gains: 1 126-1 143 s for the whole CI run against 1 375-1 511 s with two, on
-# a host where one Python process runs at a third of the speed it did before (PYTEST_ARGS= for
-# one process). The load it adds once made a race in mitmproxy's read loop show
-# (addons/connection_tasks.py).
+# third worker still gains: 1 126-1 143 s for the whole CI run against 1 375-1 511 s with two on
+# stop 33's slow host, 850-876 s with three on stop 34's (PYTEST_ARGS= for one process). The
+# load it adds once made a race in mitmproxy's read loop show (addons/connection_tasks.py).
 PYTEST_ARGS ?= -n 3 --dist loadfile
 
 .PHONY: run test lint bench bench-deps soak services clean

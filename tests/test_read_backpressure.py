@@ -930,7 +930,7 @@ def test_an_http2_scrapers_connection_does_not_keep_its_closed_site_connections(
                     assert {scraper.got[i] for i in images} == {1000}, scraper.got
                 rss.append(_kib(pid, "VmRSS"))
     print("RSS after each 200 requests", rss)
-    # Was +42 MiB for these 600. What is left is the allocator's and OpenSSL's, and it comes in
-    # two sizes: +2.6-4.4 MiB, or +7.3-8.6 MiB in one run of four to two of five on a slow host,
-    # without any of stop 34's changes too (8 MiB failed one CI run).
+    # Was +42 MiB for these 600. What is left is outside Python's objects and comes in two
+    # sizes on a slow host: +2.6-4.4 MiB in most runs, +7.3-8.5 MiB in some (one of four before
+    # stop 34's changes, four of ten after): an 8 MiB bound failed a CI run.
     assert rss[-1] - rss[0] < 16 * 1024, rss

@@ -30,6 +30,11 @@ model, so it can bound all of that without reaching into sockets:
   read_backpressure.py) is not silent: a scraper that makes no room for that long, or is still
   being waited for at the transfer timeout, has the connection closed as its own doing
   (`SCRAPER_STALLED`, recorded `interrupted`), with the requests sharing it (HTTP/2 to the site).
+  A request waiting for one of mitmproxy's connections to the site (it opens five at most for
+  one scraper connection: an HTTP/2 scraper's sixth request at once to a site waits) has not
+  been sent: none of the three counts that wait. The connect timeout counts from the connect,
+  the silence from then on, the transfer from the connect's start; a connect that times out
+  ends only the requests that waited for it.
 - an answer held whole (up to 16 MiB) that an HTTP/2 scraper takes nothing more of for
   `response_timeout` is dropped, its stream reset (`_expire_unread`).
 
@@ -558,10 +563,9 @@ class HttpGuard(layer.Layer):
         if (left := server.timestamp_start + limit - time.time()) > 0.001:
             self._add(left, "connect", server, server)
             return
-        for flow, _ in list(self._forwarded.values()):
-            if flow.response is None and server.address in _targets(flow):
-                detail = f"no connection to the site within {limit:g}s"
-                self._give_up(flow, "connect", detail)
+        for flow in self._waiting_on(server):
+            if flow.id in self._forwarded and flow.response is None:
+                self._give_up(flow, "connect", f"no connection to the site within {limit:g}s")
         self._opening.discard(server)
         yield commands.CloseConnection(server)
 
@@ -570,6 +574,11 @@ class HttpGuard(layer.Layer):
         if entry is None or (flow.response is not None and flow.response.timestamp_end):
             return
         limit = self.limits().response
+        if self._awaited(flow) is not None:
+            # Not sent yet: its connection is waiting for one of mitmproxy's (the connect
+            # timeout bounds the connect itself). The site's silence counts from then on.
+            self._add(limit, "silence", flow.id, flow)
+            return
         carriers = self._transports(flow)
         held = [t for s in carriers if (t := read_backpressure.held_for_scraper(s)) is not None]
         if held:
@@ -601,6 +610,9 @@ class HttpGuard(layer.Layer):
         if flow.response is not None and flow.response.timestamp_end:
             return
         limit = self.limits().transfer
+        if (late := self._connect_began_late(flow, limit)) is not None:
+            self._add(late, "transfer", flow.id, flow)
+            return
         carriers = self._transports(flow)
         if any(read_backpressure.held_for_scraper(s) is not None for s in carriers):
             # The site waits to be read for the scraper: it is the scraper that is slow.
@@ -627,6 +639,41 @@ class HttpGuard(layer.Layer):
                     f"with another of the client's: the client {why}",
                 )
         yield from self._close_upstream(flow)
+
+    def _connect_began_late(self, flow: http.HTTPFlow, limit: float) -> float | None:
+        """Seconds left of a flow's `transfer_timeout` counted from when the connect its
+        request waited for began (None: counted from the request, as armed, it is over). A
+        request waits uncounted while its connection waits for one of mitmproxy's."""
+        awaited = self._awaited(flow)
+        server = awaited if awaited is not None else self._carrier(flow.server_conn)
+        if server.timestamp_start is None:
+            return limit if awaited is not None else None
+        left = server.timestamp_start + limit - time.time()
+        return left if left > 0.001 else None
+
+    def _awaited(self, flow: http.HTTPFlow) -> connection.Connection | None:
+        """The TCP connection a flow's request waits for, if mitmproxy's HTTP layer has not
+        given it one yet: to the site, or to the upstream proxy its tunnel goes through."""
+        for server, asks in self.child.waiting_for_establishment.items():
+            if any(_asker(self.child, ask) is flow for ask in asks):
+                return self._carrier(server)
+        return None
+
+    def _waiting_on(self, carrier: connection.Server) -> list[http.HTTPFlow]:
+        """The flows whose requests wait for this TCP connection to be established."""
+        return [
+            flow
+            for server, asks in self.child.waiting_for_establishment.items()
+            if self._carrier(server) is carrier
+            for ask in asks
+            if (flow := _asker(self.child, ask)) is not None
+        ]
+
+    def _carrier(self, server: connection.Connection) -> connection.Connection:
+        """The TCP connection mitmproxy opens for a connection its HTTP layer asked for: the
+        same, or the upstream proxy's that its tunnel goes through."""
+        tunnel = getattr(self.child.connections.get(server), "tunnel_connection", None)
+        return tunnel if isinstance(tunnel, connection.Connection) else server
 
     @staticmethod
     def _give_up(flow: http.HTTPFlow, kind: str, detail: str) -> None:
@@ -688,6 +735,12 @@ def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:
     if via is not None:
         out.add((via[1][0], via[1][1]))
     return out
+
+
+def _asker(child: HttpLayer, ask: commands.Command) -> http.HTTPFlow | None:
+    """The flow of the stream that asked mitmproxy's HTTP layer for a connection."""
+    flow = getattr(child.command_sources.get(ask), "flow", None)
+    return flow if isinstance(flow, http.HTTPFlow) else None
 
 
 def _reset_by_peer(server: Http2Server, stream_id: int) -> bool:

@@ -494,6 +494,8 @@ def test_over_http2_requests_waiting_for_a_connection_to_the_site_are_not_timed_
     # connections to a site for one scraper connection: the other two wait for one to be free.
     # The connect timeout (1 s here) counted that wait: the two were closed while waiting, and,
     # mitmproxy never telling its layers so (addons/connection_tasks.py), never answered.
+    # The transfer timeout (12 s) counted it too: each page takes 8 s, the last two 16 s in
+    # all, and were ended as the site's doing (504) when their own exchange had taken 4 s.
     from tests.test_optout_e2e import CountingSite
 
     site = CountingSite(b"", 0, tls=test_ca.server_context_for("site-c.test"))
@@ -504,6 +506,7 @@ def test_over_http2_requests_waiting_for_a_connection_to_the_site_are_not_timed_
                 "allow_private": ["127.0.0.0/8"],
                 "static_hosts": {"*.test": "127.0.0.1"},
                 "connect_timeout": "1s",
+                "transfer_timeout": "12s",
             },
         )
         with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
@@ -520,3 +523,46 @@ def test_over_http2_requests_waiting_for_a_connection_to_the_site_are_not_timed_
     assert sorted((r["reason"], r["status"]) for r in records) == [("ok", 200)] * 7
     waited = sorted(r["duration_ms"] for r in records)[-2:]
     assert all(ms > 12_000 for ms in waited), waited  # (the last two after a first one ended)
+
+
+def test_over_http2_a_request_waiting_for_a_connection_is_not_timed_out_for_the_sites_silence(
+    workdir: Path, test_ca: LocalCA
+):
+    # Five requests to a site that never answers take mitmproxy's five connections to it for
+    # this scraper connection; two more wait. At the response timeout the five are ended
+    # (504, the site was silent). The two waiting had their silence counted from their request,
+    # and so were ended with them as if the site had been silent to them, their connections
+    # closed before they were sent (2 runs of 3 here; the third, one came a moment late): now
+    # they are sent once the five's connections are gone, and answered.
+    from tests.test_optout_e2e import CountingSite
+
+    site = CountingSite(b"", 0, tls=test_ca.server_context_for("site-c.test"))
+    authority = f"site-c.test:{site.port}"
+    try:
+        policy = policy_with(
+            network={
+                "allow_private": ["127.0.0.0/8"],
+                "static_hosts": {"*.test": "127.0.0.1"},
+                "response_timeout": "2s",
+            },
+        )
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, authority, alpn="h2", timeout=60) as tls:
+                # All at once: the two last are asked for in the same moment as the five.
+                asked = [*((f"/silent{i}", 0) for i in range(5)), ("/photo1", 0), ("/photo2", 0)]
+                pages = H2Client(tls).get_together(
+                    authority, asked, ("x-crawl-project", PROJECT), within=20
+                )
+            records = gw.fetch_records()
+    finally:
+        site.close()
+    assert [(p.end, p.headers.get(":status")) for p in pages] == [("ended", "504")] * 5 + [
+        ("ended", "200")
+    ] * 2
+    assert [p.headers.get("x-crawlwarden-reason") for p in pages[:5]] == ["upstream_timeout"] * 5
+    by_path = {r["url"].rsplit("/", 1)[1]: (r["reason"], r["status"]) for r in records}
+    assert by_path == {
+        **{f"silent{i}": ("upstream_timeout", None) for i in range(5)},  # no answer came
+        "photo1": ("ok", 200),
+        "photo2": ("ok", 200),
+    }

@@ -574,9 +574,10 @@ class HttpGuard(layer.Layer):
         if entry is None or (flow.response is not None and flow.response.timestamp_end):
             return
         limit = self.limits().response
-        if self._awaited(flow) is not None:
-            # Not sent yet: its connection is waiting for one of mitmproxy's (the connect
-            # timeout bounds the connect itself). The site's silence counts from then on.
+        awaited = self._awaited(flow)
+        if awaited is not None and awaited.timestamp_start is None:
+            # Not sent yet, nor connecting: its connection waits for one of mitmproxy's. The
+            # site's silence counts from the connect on (which the connect timeout bounds).
             self._add(limit, "silence", flow.id, flow)
             return
         carriers = self._transports(flow)
@@ -595,6 +596,7 @@ class HttpGuard(layer.Layer):
                 entry[1],
                 *(self._upstreams.get(s, 0.0) for s in carriers),
                 *(read_backpressure.last_held_for_scraper(s) for s in carriers),
+                _began(awaited),
             ]
         )
         if now - heard + 0.001 < limit:
@@ -648,7 +650,7 @@ class HttpGuard(layer.Layer):
         server = awaited if awaited is not None else self._carrier(flow.server_conn)
         if server.timestamp_start is None:
             return limit if awaited is not None else None
-        left = server.timestamp_start + limit - time.time()
+        left = _began(server) + limit - time.monotonic()
         return left if left > 0.001 else None
 
     def _awaited(self, flow: http.HTTPFlow) -> connection.Connection | None:
@@ -735,6 +737,13 @@ def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:
     if via is not None:
         out.add((via[1][0], via[1][1]))
     return out
+
+
+def _began(server: connection.Connection | None) -> float:
+    """When a connection's connect began, on the monotonic clock (0: it has not)."""
+    if server is None or server.timestamp_start is None:
+        return 0.0
+    return time.monotonic() - (time.time() - server.timestamp_start)
 
 
 def _asker(child: HttpLayer, ask: commands.Command) -> http.HTTPFlow | None:

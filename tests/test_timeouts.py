@@ -298,6 +298,31 @@ def test_a_site_that_hangs_inside_a_tls_tunnel_times_out(gateway: Gateway, tls_s
     assert len(records) == tls_site.count()
 
 
+def test_a_site_that_never_finishes_its_tls_handshake_is_silent(gateway: Gateway):
+    # The site takes the connection and the gateway's ClientHello, then says nothing. The
+    # request waits for its connection to be established (the handshake), yet it is the site
+    # that is silent: ended at the response timeout, not left to the transfer timeout.
+    upstream = Upstream("hang")
+    try:
+        started = time.monotonic()
+        r = requests.get(
+            f"https://tls-hang.test:{upstream.port}/",
+            proxies={"https": gateway.proxy_url()},
+            headers=HEADERS,
+            verify=str(gateway.ca_cert),
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        upstream.close()
+    assert r.status_code == 504 and r.headers["X-Crawlwarden-Reason"] == "upstream_timeout"
+    assert r.json()["rule"] == "network.response_timeout", r.json()
+    assert RESPONSE_TIMEOUT - 0.1 <= elapsed <= RESPONSE_TIMEOUT + SLACK, elapsed
+    assert upstream.requests == 1  # (its ClientHello)
+    [record] = gateway.fetch_records(site="tls-hang.test")
+    assert (record["reason"], record["rule"]) == ("upstream_timeout", "network.response_timeout")
+
+
 def test_over_http2_a_stream_that_times_out_gets_the_gateways_answer_and_the_rest_go_on(
     gateway: Gateway, tls_site: Site
 ):

@@ -29,7 +29,9 @@ model, so it can bound all of that without reaching into sockets:
   gateway does not read because the scraper has not taken what came (addons/
   read_backpressure.py) is not silent: a scraper that makes no room for that long, or is still
   being waited for at the transfer timeout, has the connection closed as its own doing
-  (`SCRAPER_STALLED`, recorded `interrupted`), with the requests sharing it (HTTP/2 to the site).
+  (`SCRAPER_STALLED`, recorded `interrupted`), with the requests sharing it (HTTP/2 to the site);
+  on an HTTP/2 connection to the site that other requests share, only the streams the scraper
+  gives no window are reset, to the site and to the scraper, and the connection goes on.
   A request waiting for one of mitmproxy's connections to the site (it opens five at most for
   one scraper connection: an HTTP/2 scraper's sixth request at once to a site waits) has not
   been sent: none of the three counts that wait. The connect timeout counts from the connect,
@@ -68,6 +70,7 @@ from mitmproxy.proxy.layers.http import HttpErrorHook
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.proxy.layers.http import HttpResponseHook
+from mitmproxy.proxy.layers.http import RequestProtocolError
 from mitmproxy.proxy.layers.http import ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
@@ -589,7 +592,7 @@ class HttpGuard(layer.Layer):
                 self._deadlines[("silence", flow.id)] = (since + limit, flow)
                 return
             why = f"made no room for more of the answer for {limit:g}s (network.response_timeout)"
-            yield from self._end_stalled(flow, carriers, why)
+            yield from self._end_stalled(flow, carriers, why, "silence")
             return
         heard = max(
             [
@@ -619,28 +622,85 @@ class HttpGuard(layer.Layer):
         if any(read_backpressure.held_for_scraper(s) is not None for s in carriers):
             # The site waits to be read for the scraper: it is the scraper that is slow.
             why = f"took longer than {limit:g}s to take the answer (network.transfer_timeout)"
-            yield from self._end_stalled(flow, carriers, why)
+            yield from self._end_stalled(flow, carriers, why, "transfer")
             return
         detail = f"the exchange with the site took longer than {limit:g}s"
         self._give_up(flow, "transfer", detail)
         yield from self._close_upstream(flow)
 
     def _end_stalled(
-        self, flow: http.HTTPFlow, carriers: list[connection.Server], why: str
+        self, flow: http.HTTPFlow, carriers: list[connection.Server], why: str, kind: str
     ) -> layer.CommandGenerator[None]:
-        """Close the connection to the site a scraper stalled (`why` it did): tagged as its
-        doing on the flow and on those that shared the connection (HTTP/2 to the site)."""
+        """End what a scraper stalled (`why` it did) at the deadline `kind` of `flow`.
+
+        An HTTP/2 connection to the site that other requests share goes on: the streams the
+        scraper gives no window (their answers wait in its send buffers) are reset, to the site
+        and to the scraper, and the others are read again; `flow`, if not one of them, is looked
+        at again after `response_timeout`. Else the connection to the site is closed, tagged as
+        the scraper's doing on the flow and on those that shared it."""
+        sharing = [
+            other
+            for other, _ in self._forwarded.values()
+            if other is not flow and set(self._transports(other)) & set(carriers)
+        ]
+        stalled = self._stalled_streams(carriers) if sharing else []
+        if stalled:
+            for stream_id, stalled_flow in stalled:
+                yield from self._reset_stalled(stream_id, stalled_flow, why)
+            for carrier in carriers:
+                read_backpressure.let_go(self.client, carrier)
+            if flow.id in self._forwarded:
+                self._add(self.limits().response, kind, flow.id, flow)
+            return
         flow.metadata.setdefault(
             SCRAPER_STALLED, f"the client {why}; the gateway closed its connection to the site"
         )
-        for other, _ in list(self._forwarded.values()):
-            if other is not flow and set(self._transports(other)) & set(carriers):
-                other.metadata.setdefault(
-                    SCRAPER_STALLED,
-                    "the gateway closed its connection to the site, which this request shared "
-                    f"with another of the client's: the client {why}",
-                )
+        for other in sharing:
+            other.metadata.setdefault(
+                SCRAPER_STALLED,
+                "the gateway closed its connection to the site, which this request shared "
+                f"with another of the client's: the client {why}",
+            )
         yield from self._close_upstream(flow)
+
+    def _stalled_streams(
+        self, carriers: list[connection.Server]
+    ) -> list[tuple[int, http.HTTPFlow]]:
+        """The scraper's HTTP/2 streams answered on these connections whose answers wait in
+        its send buffers: those it gives no window."""
+        scraper = self.child.connections.get(self.client)
+        if not isinstance(scraper, Http2Server):
+            return []
+        out = []
+        for stream_id, chunks in list(scraper.h2_conn.stream_buffers.items()):
+            stream = self.child.streams.get(stream_id)
+            if not chunks or stream is None or stream.flow.id not in self._forwarded:
+                continue
+            if set(self._transports(stream.flow)) & set(carriers):
+                out.append((stream_id, stream.flow))
+        return out
+
+    def _reset_stalled(
+        self, stream_id: int, flow: http.HTTPFlow, why: str
+    ) -> layer.CommandGenerator[None]:
+        """Reset one stream the scraper stalled: to the site as if the scraper had cancelled it
+        (mitmproxy's stream then resets its stream to the site and ends the flow), and to the
+        scraper (what waited for it is dropped)."""
+        note = f"the client {why}; the gateway reset its stream"
+        flow.metadata.setdefault(SCRAPER_STALLED, note)
+        self._forwarded.pop(flow.id, None)
+        for kind in ("silence", "transfer"):
+            self._deadlines.pop((kind, flow.id), None)
+        stream = self.child.streams.get(stream_id)
+        if stream is not None:
+            yield from self.child.event_to_child(
+                stream, RequestProtocolError(stream_id, note, ErrorCode.CANCEL)
+            )
+        scraper = self.child.connections.get(self.client)
+        if isinstance(scraper, Http2Server):
+            yield from scraper.handle_event(
+                ResponseProtocolError(stream_id, note, ErrorCode.CANCEL)
+            )
 
     def _connect_began_late(self, flow: http.HTTPFlow, limit: float) -> float | None:
         """Seconds left of a flow's `transfer_timeout` counted from when the connect its

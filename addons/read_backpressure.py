@@ -17,7 +17,8 @@ without bound:
   of it is for a stream this connection answers; each read of the scraper's connection (its
   WINDOW_UPDATE, a stream's reset) wakes the wait. The scraper's connection is always read, and
   a site's connection serving only streams the scraper reads goes on. An HTTP/2 connection to
-  the site that also carries a stream the scraper reads waits with the paused one.
+  the site that also carries a stream the scraper reads waits with the paused one, until
+  HttpGuard resets the paused stream at `response_timeout` (addons/http_guard.py, `let_go`).
 
 Either way the socket's buffers fill and TCP slows the sender, as when the gateway cannot write;
 what is held stays within one read (64 KiB) per connection of the bound.
@@ -210,6 +211,16 @@ def last_held_for_scraper(site: connection.Connection) -> float:
     return site.__dict__.get(_HELD_UNTIL, 0.0)
 
 
+def let_go(client: connection.Client, site: connection.Connection) -> None:
+    """The gateway ended what the site's connection waited for (HttpGuard reset the streams
+    the scraper gave no window): it is read again now, not at the next look."""
+    if site.__dict__.get(_HELD_SINCE) is not None:
+        _release(site)
+    waiting = client.__dict__.get(_WAITING)
+    if waiting is not None:
+        waiting.wake()
+
+
 def _reading(handler: Any) -> connection.Connection | None:
     """The connection whose read loop is running now."""
     task = asyncio.current_task()
@@ -219,11 +230,15 @@ def _reading(handler: Any) -> connection.Connection | None:
     return None
 
 
+_WAITING = "_crawlwarden_waiting"  # on the scraper's connection too, for let_go
+
+
 def _waiting(handler: Any) -> _Waiting:
     try:
         return handler._crawlwarden_waiting
     except AttributeError:
         handler._crawlwarden_waiting = waiting = _Waiting()
+        handler.client.__dict__[_WAITING] = waiting
         return waiting
 
 

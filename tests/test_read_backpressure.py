@@ -586,6 +586,7 @@ class _H2Reader:
         self.got: dict[int, int] = {}
         self.paused: set[int] = set()
         self.ended: set[int] = set()
+        self.resets: set[int] = set()  # (ended by the gateway's RST_STREAM)
         self.heads: dict[int, dict[str, str]] = {}
 
     def get(self, path: str, *, paused: bool = False) -> int:
@@ -630,6 +631,8 @@ class _H2Reader:
                         self.conn.acknowledge_received_data(length, sid)
                 elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
                     self.ended.add(event.stream_id)
+                    if isinstance(event, h2.events.StreamReset):
+                        self.resets.add(event.stream_id)
                 elif isinstance(event, h2.events.ResponseReceived):
                     fields = {k.decode(): v.decode() for k, v in event.headers}
                     self.heads[event.stream_id] = fields

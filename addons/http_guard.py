@@ -25,14 +25,17 @@ model, so it can bound all of that without reaching into sockets:
 - `connect_timeout`, `response_timeout` (the longest a site may stay silent mid-exchange) and
   `transfer_timeout` (request complete to response complete): the upstream connection is closed
   and the flow tagged with `TIMEOUT`, so the gateway records and answers `upstream_timeout` (a
-  client that already has the response head gets a cut-off body). A site's connection the
-  gateway does not read because the scraper has not taken what came (addons/
-  read_backpressure.py) is not silent: a scraper that makes no room for that long, or is still
-  being waited for at the transfer timeout, has the connection closed as its own doing
-  (`SCRAPER_STALLED`, recorded `interrupted`), with the requests sharing it (HTTP/2 to the site);
-  on an HTTP/2 connection to the site that other requests share, only the streams the scraper
-  gives no window are reset, to the site and to the scraper, and the connection goes on.
-  A request waiting for one of mitmproxy's connections to the site (it opens five at most for
+  client that already has the response head gets a cut-off body). On an HTTP/2 connection to
+  the site that other requests share, only the flow's stream is reset (`_end_at_site`). The
+  silence is the connection's: a stream the site leaves silent while it sends others is ended
+  at the transfer timeout.
+- A site's connection the gateway does not read because the scraper has not taken what came
+  (addons/read_backpressure.py) is not silent: a scraper that makes no room for that long, or
+  is still being waited for at the transfer timeout, has the connection closed as its own doing
+  (`SCRAPER_STALLED`, recorded `interrupted`), with the requests sharing it; on an HTTP/2
+  connection to the site that other requests share, only the streams the scraper gives no
+  window are reset, to the site and to the scraper, and the connection goes on.
+- A request waiting for one of mitmproxy's connections to the site (it opens five at most for
   one scraper connection: an HTTP/2 scraper's sixth request at once to a site waits) has not
   been sent: none of the three counts that wait. The connect timeout counts from the connect,
   the silence from then on, the transfer from the connect's start; a connect that times out
@@ -73,6 +76,7 @@ from mitmproxy.proxy.layers.http import HttpResponseHook
 from mitmproxy.proxy.layers.http import RequestProtocolError
 from mitmproxy.proxy.layers.http import ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http2 import Http2Client
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
@@ -607,7 +611,7 @@ class HttpGuard(layer.Layer):
             return
         waited = "response headers" if flow.response is None else "more of the response body"
         self._give_up(flow, "response", f"the site sent no {waited} for {limit:g}s")
-        yield from self._close_upstream(flow)
+        yield from self._end_at_site(flow)
 
     def _expire_transfer(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
         if flow.id not in self._forwarded:
@@ -626,7 +630,7 @@ class HttpGuard(layer.Layer):
             return
         detail = f"the exchange with the site took longer than {limit:g}s"
         self._give_up(flow, "transfer", detail)
-        yield from self._close_upstream(flow)
+        yield from self._end_at_site(flow)
 
     def _end_stalled(
         self, flow: http.HTTPFlow, carriers: list[connection.Server], why: str, kind: str
@@ -662,6 +666,35 @@ class HttpGuard(layer.Layer):
                 f"with another of the client's: the client {why}",
             )
         yield from self._close_upstream(flow)
+
+    def _end_at_site(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
+        """End a flow the site failed at a deadline (tagged `TIMEOUT`). On an HTTP/2 connection
+        to the site that other requests share, only its stream: reset to the site, and ended in
+        mitmproxy's stream as if the site had reset it (the gateway's error hook records it and
+        answers the scraper, or its stream is reset if the answer had begun). Else the
+        connection to the site is closed."""
+        carriers = self._transports(flow)
+        stream_id = next((i for i, s in self.child.streams.items() if s.flow is flow), None)
+        site = self.child.connections.get(flow.server_conn)
+        sent = _h2_client(site)
+        shared = any(
+            other is not flow and set(self._transports(other)) & set(carriers)
+            for other, _ in self._forwarded.values()
+        )
+        if not shared or site is None or sent is None or stream_id not in sent.our_stream_id:
+            yield from self._close_upstream(flow)
+            return
+        self._forwarded.pop(flow.id, None)
+        for kind in ("silence", "transfer"):
+            self._deadlines.pop((kind, flow.id), None)
+        why = flow.metadata[TIMEOUT][1]
+        yield from self.child.event_to_child(
+            site, RequestProtocolError(stream_id, why, ErrorCode.CANCEL)
+        )
+        if (stream := self.child.streams.get(stream_id)) is not None:
+            yield from self.child.event_to_child(
+                stream, ResponseProtocolError(stream_id, why, ErrorCode.GENERIC_SERVER_ERROR)
+            )
 
     def _stalled_streams(
         self, carriers: list[connection.Server]
@@ -797,6 +830,13 @@ def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:
     if via is not None:
         out.add((via[1][0], via[1][1]))
     return out
+
+
+def _h2_client(top: layer.Layer | None) -> Http2Client | None:
+    """The HTTP/2 layer of a connection to a site (under its TLS layer), if it speaks HTTP/2."""
+    while top is not None and not isinstance(top, Http2Client):
+        top = getattr(top, "child_layer", None)
+    return top
 
 
 def _began(server: connection.Connection | None) -> float:

@@ -103,6 +103,7 @@ http {{
         ssl_certificate {test_ca.server_cert};
         ssl_certificate_key {test_ca.server_key};
         root {root};
+        location /trickle/ {{ limit_rate 2k; }}
     }}
 }}
 """
@@ -270,3 +271,44 @@ def test_a_request_sharing_a_site_connection_with_a_stalled_one_goes_on_when_it_
     assert scraper.got[again] == 200_000 and first in scraper.ended
     # One HTTP/2 connection to the site carried all four: the gateway did not close it.
     assert h2_site.connections("/small.txt", "/video.bin") == 1
+
+
+def test_a_stream_that_times_out_is_reset_alone_on_a_site_connection_others_share(
+    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA
+):
+    # Two downloads from one site on one HTTP/2 connection to it: a long one that the site
+    # sends at 2 KB/s, and a short one asked for later. At the long one's transfer timeout
+    # (4 s) the gateway closed the connection: the short one, nearly done, was cut off with it
+    # and recorded as the site's failure. Now only the long one's stream is reset.
+    from tests.test_read_backpressure import _H2Reader
+
+    (tmp_path / "www" / "trickle").mkdir()
+    (tmp_path / "www" / "trickle" / "long.bin").write_bytes(b"l" * 40_000)
+    (tmp_path / "www" / "trickle" / "short.bin").write_bytes(b"s" * 4_000)
+    authority = f"site-a.test:{h2_site.port}"
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(network={**network, "transfer_timeout": "4s"})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            long = scraper.get("/trickle/long.bin")
+            scraper.read(2.5)
+            short = scraper.get("/trickle/short.bin")
+            scraper.read(15, until_ended={long, short})
+        records = {
+            r["url"].rsplit("/", 1)[1]: (r["reason"], r["rule"])
+            for r in gw.fetch_records()
+            if "/trickle/" in r["url"]
+        }
+        errors = gw.metric("crawlwarden_upstream_errors_total", kind="timeout")
+    assert records == {
+        "long.bin": ("upstream_timeout", "network.transfer_timeout"),
+        "short.bin": ("ok", None),
+    }, records
+    assert errors == 1
+    # (held whole until it ends, as every answer under 16 MiB: the scraper gets the gateway's)
+    assert scraper.heads[long][":status"] == "504", scraper.heads[long]
+    assert scraper.heads[long]["x-crawlwarden-reason"] == "upstream_timeout"
+    assert scraper.heads[short][":status"] == "200" and scraper.got[short] == 4_000
+    assert {long, short} <= scraper.ended and not scraper.resets
+    assert h2_site.connections("/trickle/long.bin", "/trickle/short.bin") == 1

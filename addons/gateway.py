@@ -952,7 +952,8 @@ class Gateway:
 
     def _stream(self, state: FlowState, flow: http.HTTPFlow, resp: http.Response) -> ResponseStream:
         """A large body streamed, hashed on the way, held back until its metadata is read; once
-        withheld, no more of it is downloaded (HttpGuard closes the site's connection)."""
+        withheld, no more of it is downloaded (HttpGuard closes the site's connection, or resets
+        its stream)."""
         assert state.ctx is not None
         ctx = state.ctx
         headers = _header_list(resp.headers)
@@ -965,7 +966,7 @@ class Gateway:
             if assessment.decision is not None:
                 flow.metadata[STOP_DOWNLOAD] = (
                     "the body was withheld once the opt-out in it was read; the gateway then "
-                    "closed its connection to the site and downloaded no more of it "
+                    "stopped the site's transfer and downloaded no more of it "
                     "(response_bytes and content_sha256 are of what had come)"
                 )
             return assessment

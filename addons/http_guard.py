@@ -109,8 +109,8 @@ CLIENT_RESET = "crawlwarden.client_reset"
 # Set by the gateway while a request is held for its budget: what to cancel on CLIENT_RESET.
 HELD = "crawlwarden.held"
 # Set by the gateway: a streamed body it withholds (an opt-out found in it), nothing more of it
-# to be delivered; here, on the site's next data, its connection is closed (unless HTTP/2
-# streams of other requests share it) and the flow tagged STOPPED, so the rest is not
+# to be delivered; here, on the site's next data, its connection is closed (its stream reset,
+# if HTTP/2 streams of other requests share it) and the flow tagged STOPPED, so the rest is not
 # downloaded for nothing. The error hook that follows records it withheld.
 STOP_DOWNLOAD = "crawlwarden.stop_download"
 STOPPED = "crawlwarden.stopped"
@@ -642,11 +642,7 @@ class HttpGuard(layer.Layer):
         and to the scraper, and the others are read again; `flow`, if not one of them, is looked
         at again after `response_timeout`. Else the connection to the site is closed, tagged as
         the scraper's doing on the flow and on those that shared it."""
-        sharing = [
-            other
-            for other, _ in self._forwarded.values()
-            if other is not flow and set(self._transports(other)) & set(carriers)
-        ]
+        sharing = self._sharers(flow, carriers)
         stalled = self._stalled_streams(carriers) if sharing else []
         if stalled:
             for stream_id, stalled_flow in stalled:
@@ -673,20 +669,14 @@ class HttpGuard(layer.Layer):
         mitmproxy's stream as if the site had reset it (the gateway's error hook records it and
         answers the scraper, or its stream is reset if the answer had begun). Else the
         connection to the site is closed."""
-        carriers = self._transports(flow)
-        stream_id = next((i for i, s in self.child.streams.items() if s.flow is flow), None)
+        stream_id = self._stream_of(flow)
         site = self.child.connections.get(flow.server_conn)
         sent = _h2_client(site)
-        shared = any(
-            other is not flow and set(self._transports(other)) & set(carriers)
-            for other, _ in self._forwarded.values()
-        )
+        shared = self._sharers(flow, self._transports(flow))
         if not shared or site is None or sent is None or stream_id not in sent.our_stream_id:
             yield from self._close_upstream(flow)
             return
-        self._forwarded.pop(flow.id, None)
-        for kind in ("silence", "transfer"):
-            self._deadlines.pop((kind, flow.id), None)
+        self._forget(flow)
         why = flow.metadata[TIMEOUT][1]
         yield from self.child.event_to_child(
             site, RequestProtocolError(stream_id, why, ErrorCode.CANCEL)
@@ -716,14 +706,19 @@ class HttpGuard(layer.Layer):
     def _reset_stalled(
         self, stream_id: int, flow: http.HTTPFlow, why: str
     ) -> layer.CommandGenerator[None]:
-        """Reset one stream the scraper stalled: to the site as if the scraper had cancelled it
-        (mitmproxy's stream then resets its stream to the site and ends the flow), and to the
-        scraper (what waited for it is dropped)."""
+        """Reset one stream the scraper stalled, tagged as its doing."""
         note = f"the client {why}; the gateway reset its stream"
         flow.metadata.setdefault(SCRAPER_STALLED, note)
-        self._forwarded.pop(flow.id, None)
-        for kind in ("silence", "transfer"):
-            self._deadlines.pop((kind, flow.id), None)
+        yield from self._reset_stream(stream_id, flow, note)
+
+    def _reset_stream(
+        self, stream_id: int, flow: http.HTTPFlow, note: str
+    ) -> layer.CommandGenerator[None]:
+        """End one stream the gateway stops, the site's connection going on: reset to the site
+        as if the scraper had cancelled it (mitmproxy's stream then resets its stream to the
+        site and ends the flow, in the error hook, which records it by the flow's tags), and
+        to the scraper (what waited for it is dropped)."""
+        self._forget(flow)
         stream = self.child.streams.get(stream_id)
         if stream is not None:
             yield from self.child.event_to_child(
@@ -789,25 +784,44 @@ class HttpGuard(layer.Layer):
         return [s for s in self._upstreams if s.address in targets]
 
     def _stop_withheld(self, server: connection.Server) -> layer.CommandGenerator[None]:
-        """A body the gateway withholds stops coming: its connection to the site is closed."""
+        """A body the gateway withholds stops coming: its connection to the site is closed, or,
+        HTTP/2 to the site with other requests on it, its stream reset."""
         for flow, _ in list(self._forwarded.values()):
             if STOP_DOWNLOAD not in flow.metadata or STOPPED in flow.metadata:
                 continue
-            carriers = set(self._transports(flow))
+            carriers = self._transports(flow)
             if server not in carriers:
                 continue
-            if any(
-                other is not flow and carriers & set(self._transports(other))
-                for other, _ in self._forwarded.values()
-            ):
-                continue  # HTTP/2 to the site, another request on it: downloaded whole
-            flow.metadata[STOPPED] = flow.metadata[STOP_DOWNLOAD]
-            yield from self._close_upstream(flow)
+            if not self._sharers(flow, carriers):
+                flow.metadata[STOPPED] = flow.metadata[STOP_DOWNLOAD]
+                yield from self._close_upstream(flow)
+            elif (stream_id := self._stream_of(flow)) is not None:
+                flow.metadata[STOPPED] = flow.metadata[STOP_DOWNLOAD]
+                yield from self._reset_stream(stream_id, flow, flow.metadata[STOPPED])
 
-    def _close_upstream(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
+    def _stream_of(self, flow: http.HTTPFlow) -> int | None:
+        """The id of the flow's stream in the HTTP layer (the scraper's HTTP/2 stream)."""
+        return next((i for i, s in self.child.streams.items() if s.flow is flow), None)
+
+    def _sharers(
+        self, flow: http.HTTPFlow, carriers: list[connection.Server]
+    ) -> list[http.HTTPFlow]:
+        """The client's other requests under way on these connections (HTTP/2 to the site)."""
+        shared = set(carriers)
+        return [
+            other
+            for other, _ in self._forwarded.values()
+            if other is not flow and shared & set(self._transports(other))
+        ]
+
+    def _forget(self, flow: http.HTTPFlow) -> None:
+        """No deadline of the site's for a flow whose end is on its way."""
         self._forwarded.pop(flow.id, None)
         for kind in ("silence", "transfer"):
             self._deadlines.pop((kind, flow.id), None)
+
+    def _close_upstream(self, flow: http.HTTPFlow) -> layer.CommandGenerator[None]:
+        self._forget(flow)
         for server in self._transports(flow):
             self._opening.discard(server)
             yield commands.CloseConnection(server)

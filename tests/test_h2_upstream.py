@@ -312,3 +312,41 @@ def test_a_stream_that_times_out_is_reset_alone_on_a_site_connection_others_shar
     assert scraper.heads[short][":status"] == "200" and scraper.got[short] == 4_000
     assert {long, short} <= scraper.ended and not scraper.resets
     assert h2_site.connections("/trickle/long.bin", "/trickle/short.bin") == 1
+
+
+def test_a_withheld_stream_is_reset_alone_on_a_site_connection_others_share(
+    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA
+):
+    # A 20 MiB image, streamed, whose opt-out is in its first bytes, while a slow download
+    # shares the HTTP/2 connection to the site. The gateway stops a withheld download by
+    # closing its connection to the site, which it would not do with another request on it:
+    # the site sent all 20 MiB for nothing, charged to its bytes_per_day. Now the image's
+    # stream alone is reset, and the other download goes on.
+    from tests.test_read_backpressure import _H2Reader
+
+    (tmp_path / "www" / "trickle").mkdir()
+    (tmp_path / "www" / "trickle" / "short.bin").write_bytes(b"s" * 6_000)
+    authority = f"site-a.test:{h2_site.port}"
+    respect = {"robots": True, "tdmrep": True, "noai": True, "image_metadata": True}
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(defaults={"respect": respect}, network=network)
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            short = scraper.get("/trickle/short.bin")
+            scraper.read(0.5)
+            image = scraper.get("/img/large-opted-out.jpg")
+            scraper.read(15, until_ended={short, image})
+        records = {
+            r["url"].rsplit("/", 1)[1]: r
+            for r in gw.fetch_records()
+            if r["url"].endswith(("short.bin", ".jpg"))
+        }
+    rec = records["large-opted-out.jpg"]
+    assert (rec["decision"], rec["reason"]) == ("withheld", "image_optout"), rec
+    assert "downloaded no more of it" in rec["note"], rec["note"]
+    assert 0 < rec["response_bytes"] < len(LARGE_OPTED_OUT) // 2, rec["response_bytes"]
+    assert image in scraper.resets and scraper.got[image] == 0
+    assert records["short.bin"]["reason"] == "ok"
+    assert scraper.heads[short][":status"] == "200" and scraper.got[short] == 6_000
+    assert h2_site.connections("/trickle/short.bin", "/img/large-opted-out.jpg") == 1

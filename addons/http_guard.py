@@ -26,9 +26,9 @@ model, so it can bound all of that without reaching into sockets:
   `transfer_timeout` (request complete to response complete): the upstream connection is closed
   and the flow tagged with `TIMEOUT`, so the gateway records and answers `upstream_timeout` (a
   client that already has the response head gets a cut-off body). On an HTTP/2 connection to
-  the site that other requests share, only the flow's stream is reset (`_end_at_site`). The
-  silence is the connection's: a stream the site leaves silent while it sends others is ended
-  at the transfer timeout.
+  the site that other requests share, only the flow's stream is reset (`_end_at_site`), and the
+  silence is the stream's: counted from the last piece of its own answer (addons/
+  buffered_bytes.py notes when each came), not from the connection's last data.
 - A site's connection the gateway does not read because the scraper has not taken what came
   (addons/read_backpressure.py) is not silent: a scraper that makes no room for that long, or
   is still being waited for at the transfer timeout, has the connection closed as its own doing
@@ -80,6 +80,7 @@ from mitmproxy.proxy.layers.http._http2 import Http2Client
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 
+from addons import buffered_bytes
 from addons import client_events
 from addons import read_backpressure
 from addons import stream_release
@@ -601,7 +602,7 @@ class HttpGuard(layer.Layer):
         heard = max(
             [
                 entry[1],
-                *(self._upstreams.get(s, 0.0) for s in carriers),
+                *self._site_heard(flow, carriers),
                 *(read_backpressure.last_held_for_scraper(s) for s in carriers),
                 _began(awaited),
             ]
@@ -612,6 +613,15 @@ class HttpGuard(layer.Layer):
         waited = "response headers" if flow.response is None else "more of the response body"
         self._give_up(flow, "response", f"the site sent no {waited} for {limit:g}s")
         yield from self._end_at_site(flow)
+
+    def _site_heard(self, flow: http.HTTPFlow, carriers: list[connection.Server]) -> list[float]:
+        """When the site was last heard from for a flow: on a connection of its own, the
+        connection's last data; on an HTTP/2 connection to the site that other requests
+        share, the flow's own answer's (its head, the last piece of its body)."""
+        if buffered_bytes.installed and self._sharers(flow, carriers):
+            head = flow.response.timestamp_start if flow.response is not None else None
+            return [flow.metadata.get(buffered_bytes.HEARD, 0.0), _monotonic(head)]
+        return [self._upstreams.get(s, 0.0) for s in carriers]
 
     def _expire_transfer(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
         if flow.id not in self._forwarded:
@@ -855,9 +865,12 @@ def _h2_client(top: layer.Layer | None) -> Http2Client | None:
 
 def _began(server: connection.Connection | None) -> float:
     """When a connection's connect began, on the monotonic clock (0: it has not)."""
-    if server is None or server.timestamp_start is None:
-        return 0.0
-    return time.monotonic() - (time.time() - server.timestamp_start)
+    return _monotonic(server.timestamp_start if server is not None else None)
+
+
+def _monotonic(wall: float | None) -> float:
+    """One of mitmproxy's wall-clock times on the monotonic clock (0.0 for none)."""
+    return 0.0 if wall is None else time.monotonic() - (time.time() - wall)
 
 
 def _asker(child: HttpLayer, ask: commands.Command) -> http.HTTPFlow | None:

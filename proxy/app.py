@@ -269,7 +269,8 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
     ),
     buffered_bytes: (
         "HttpStream",
-        "a buffered answer broken off before its end is recorded and charged as 0 bytes",
+        "a buffered answer broken off before its end is recorded and charged as 0 bytes, and "
+        "on an HTTP/2 connection to a site that requests share, silence is the connection's",
     ),
     websocket_limit: (
         "WebSocket layer",

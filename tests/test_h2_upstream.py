@@ -81,6 +81,11 @@ def h2_site(tmp_path: Path, test_ca: LocalCA) -> Iterator[H2Site]:
         b'<!doctype html><html><head><meta name="robots" content="noai"></head><body></body></html>'
     )
     port = free_port()
+    # Behind /hang/: a backend that takes nginx's request and never answers (the kernel accepts
+    # the connection for a listener that never calls accept).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
     log = tmp_path / "access.log"
     conf = tmp_path / "nginx.conf"
     conf.write_text(
@@ -104,6 +109,7 @@ http {{
         ssl_certificate_key {test_ca.server_key};
         root {root};
         location /trickle/ {{ limit_rate 2k; }}
+        location /hang/ {{ proxy_pass http://127.0.0.1:{silent.getsockname()[1]}; }}
     }}
 }}
 """
@@ -126,6 +132,7 @@ http {{
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        silent.close()
 
 
 @pytest.fixture
@@ -350,3 +357,42 @@ def test_a_withheld_stream_is_reset_alone_on_a_site_connection_others_share(
     assert records["short.bin"]["reason"] == "ok"
     assert scraper.heads[short][":status"] == "200" and scraper.got[short] == 6_000
     assert h2_site.connections("/trickle/short.bin", "/img/large-opted-out.jpg") == 1
+
+
+def test_a_stream_the_site_leaves_silent_times_out_while_it_sends_others(
+    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA
+):
+    # The site sends one download at 2 KB/s and leaves another request unanswered, both on
+    # one HTTP/2 connection to it. The silence was the connection's: the unanswered request
+    # waited for the transfer timeout (30 s here). Now it is the stream's: 504 at the response
+    # timeout (2 s), that stream reset alone, and the download goes on.
+    from tests.test_read_backpressure import _H2Reader
+
+    (tmp_path / "www" / "trickle").mkdir()
+    (tmp_path / "www" / "trickle" / "long.bin").write_bytes(b"l" * 16_000)
+    authority = f"site-a.test:{h2_site.port}"
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(network={**network, "response_timeout": "2s", "transfer_timeout": "30s"})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            long = scraper.get("/trickle/long.bin")
+            scraper.read(0.5)
+            started = time.monotonic()
+            silent = scraper.get("/hang/nothing")
+            scraper.read(8, until_ended={silent})
+            waited = time.monotonic() - started
+            scraper.read(15, until_ended={long})
+        records = {
+            r["url"].rsplit("/", 1)[1]: (r["reason"], r["rule"])
+            for r in gw.fetch_records()
+            if "/trickle/" in r["url"] or "/hang/" in r["url"]
+        }
+    assert silent in scraper.ended and 1.9 <= waited <= 5, waited
+    assert scraper.heads[silent][":status"] == "504", scraper.heads.get(silent)
+    assert records == {
+        "nothing": ("upstream_timeout", "network.response_timeout"),
+        "long.bin": ("ok", None),
+    }, records
+    assert scraper.heads[long][":status"] == "200" and scraper.got[long] == 16_000
+    assert h2_site.connections("/trickle/long.bin", "/hang/nothing") == 1

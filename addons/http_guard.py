@@ -36,10 +36,11 @@ model, so it can bound all of that without reaching into sockets:
   connection to the site that other requests share, only the streams the scraper gives no
   window are reset, to the site and to the scraper, and the connection goes on.
 - A request waiting for one of mitmproxy's connections to the site (it opens five at most for
-  one scraper connection: an HTTP/2 scraper's sixth request at once to a site waits) has not
-  been sent: none of the three counts that wait. The connect timeout counts from the connect,
-  the silence from then on, the transfer from the connect's start; a connect that times out
-  ends only the requests that waited for it.
+  one scraper connection: an HTTP/2 scraper's sixth request at once to a site waits), or for a
+  stream of its HTTP/2 connection to the site (the site's limit on streams at once reached),
+  has not been sent: none of the three counts that wait. The connect timeout counts from the
+  connect, the silence and the transfer from the connect's start or from when the request left
+  mitmproxy's stream queue; a connect that times out ends only the requests that waited for it.
 - an answer held whole (up to 16 MiB) that an HTTP/2 scraper takes nothing more of for
   `response_timeout` is dropped, its stream reset (`_expire_unread`).
 
@@ -114,6 +115,9 @@ HELD = "crawlwarden.held"
 # if HTTP/2 streams of other requests share it) and the flow tagged STOPPED, so the rest is not
 # downloaded for nothing. The error hook that follows records it withheld.
 STOP_DOWNLOAD = "crawlwarden.stop_download"
+# Set here: when (monotonic) a request that waited for a stream of an HTTP/2 connection to the
+# site (its limit on streams at once reached) was sent; its deadlines count from then.
+_SENT = "crawlwarden.sent_from_queue"
 STOPPED = "crawlwarden.stopped"
 # Set here: why the connection to the site was closed when the scraper made no room for more of
 # the answer for `response_timeout` (the gateway had stopped reading the site for it, addons/
@@ -207,6 +211,9 @@ class HttpGuard(layer.Layer):
         # last look (the answer waits in mitmproxy's send buffer for the stream's window).
         self._unread: dict[int, int] = {}
         self._answering: dict[str, int] = {}  # flow id -> its HTTP/2 stream, in its response hook
+        # flow id -> (flow, its stream id, the site's HTTP/2 layer) for a request seen waiting in
+        # that layer's queue for a stream (the site's limit on streams at once reached).
+        self._queued: dict[str, tuple[http.HTTPFlow, int, Http2Client]] = {}
         self._idle_round = 0
         self._tunnel = False  # a CONNECT was accepted: the tunnel's own guard takes over
         self._draining = False  # answered now; the rest of the request is discarded
@@ -294,6 +301,8 @@ class HttpGuard(layer.Layer):
             for stream_id, stream in self.child.streams.items():  # (gone when the hook ends)
                 if stream.flow is command.flow:
                     self._answering[command.flow.id] = stream_id
+        elif self._queued and isinstance(command, commands.SendData):
+            self._note_sent()
 
     def _observe_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
@@ -355,6 +364,7 @@ class HttpGuard(layer.Layer):
 
     def _done(self, flow: http.HTTPFlow) -> None:
         self._forwarded.pop(flow.id, None)
+        self._queued.pop(flow.id, None)
         self._answering.pop(flow.id, None)
         if self._unsized:
             self._unsized = {k: f for k, f in self._unsized.items() if f is not flow}
@@ -486,6 +496,8 @@ class HttpGuard(layer.Layer):
 
     def _expire(self) -> layer.CommandGenerator[None]:
         now = time.monotonic()
+        if self._queued:
+            self._note_sent()  # (also those sent by a command of this guard's own)
         due = sorted(
             ((when, kind, key) for (kind, key), (when, _) in self._deadlines.items()),
             key=lambda item: item[0],
@@ -588,6 +600,8 @@ class HttpGuard(layer.Layer):
             # site's silence counts from the connect on (which the connect timeout bounds).
             self._add(limit, "silence", flow.id, flow)
             return
+        if self._held_back(flow, limit, "silence"):
+            return
         carriers = self._transports(flow)
         held = [t for s in carriers if (t := read_backpressure.held_for_scraper(s)) is not None]
         if held:
@@ -620,7 +634,8 @@ class HttpGuard(layer.Layer):
         share, the flow's own answer's (its head, the last piece of its body)."""
         if buffered_bytes.installed and self._sharers(flow, carriers):
             head = flow.response.timestamp_start if flow.response is not None else None
-            return [flow.metadata.get(buffered_bytes.HEARD, 0.0), _monotonic(head)]
+            own = [flow.metadata.get(buffered_bytes.HEARD, 0.0), _monotonic(head)]
+            return [*own, flow.metadata.get(_SENT, 0.0)]
         return [self._upstreams.get(s, 0.0) for s in carriers]
 
     def _expire_transfer(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
@@ -629,7 +644,9 @@ class HttpGuard(layer.Layer):
         if flow.response is not None and flow.response.timestamp_end:
             return
         limit = self.limits().transfer
-        if (late := self._connect_began_late(flow, limit)) is not None:
+        if self._held_back(flow, limit, "transfer"):
+            return
+        if (late := self._sent_late(flow, limit)) is not None:
             self._add(late, "transfer", flow.id, flow)
             return
         carriers = self._transports(flow)
@@ -740,16 +757,36 @@ class HttpGuard(layer.Layer):
                 ResponseProtocolError(stream_id, note, ErrorCode.CANCEL)
             )
 
-    def _connect_began_late(self, flow: http.HTTPFlow, limit: float) -> float | None:
+    def _sent_late(self, flow: http.HTTPFlow, limit: float) -> float | None:
         """Seconds left of a flow's `transfer_timeout` counted from when the connect its
-        request waited for began (None: counted from the request, as armed, it is over). A
+        request waited for began, or from when it left the queue for a stream of an HTTP/2
+        connection to the site (None: counted from the request, as armed, it is over). A
         request waits uncounted while its connection waits for one of mitmproxy's."""
         awaited = self._awaited(flow)
         server = awaited if awaited is not None else self._carrier(flow.server_conn)
         if server.timestamp_start is None:
             return limit if awaited is not None else None
-        left = _began(server) + limit - time.monotonic()
+        left = max(_began(server), flow.metadata.get(_SENT, 0.0)) + limit - time.monotonic()
         return left if left > 0.001 else None
+
+    def _held_back(self, flow: http.HTTPFlow, limit: float, kind: str) -> bool:
+        """Whether a flow's request waits in mitmproxy's queue for a stream of the HTTP/2
+        connection to the site (the site takes that many at once): not sent yet, so its
+        deadline `kind` is looked at again after `limit`, and counts from when it is sent."""
+        sent = _h2_client(self.child.connections.get(flow.server_conn))
+        stream_id = self._stream_of(flow)
+        if sent is None or stream_id is None or stream_id not in sent.stream_queue:
+            return False
+        self._queued[flow.id] = (flow, stream_id, sent)
+        self._add(limit, kind, flow.id, flow)
+        return True
+
+    def _note_sent(self) -> None:
+        """The queued requests that have left mitmproxy's stream queue were sent now."""
+        for flow_id, (flow, stream_id, sent) in list(self._queued.items()):
+            if stream_id not in sent.stream_queue:
+                del self._queued[flow_id]
+                flow.metadata[_SENT] = time.monotonic()
 
     def _awaited(self, flow: http.HTTPFlow) -> connection.Connection | None:
         """The TCP connection a flow's request waits for, if mitmproxy's HTTP layer has not
@@ -827,6 +864,7 @@ class HttpGuard(layer.Layer):
     def _forget(self, flow: http.HTTPFlow) -> None:
         """No deadline of the site's for a flow whose end is on its way."""
         self._forwarded.pop(flow.id, None)
+        self._queued.pop(flow.id, None)
         for kind in ("silence", "transfer"):
             self._deadlines.pop((kind, flow.id), None)
 

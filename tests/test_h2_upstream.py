@@ -49,6 +49,7 @@ def _nginx() -> str:
 class H2Site:
     port: int
     access_log: Path
+    few_port: int  # the same site, two streams at once on a connection
 
     def url(self, host: str, path: str) -> str:
         return f"https://{host}:{self.port}{path}"
@@ -80,7 +81,7 @@ def h2_site(tmp_path: Path, test_ca: LocalCA) -> Iterator[H2Site]:
     (root / "page.html").write_bytes(
         b'<!doctype html><html><head><meta name="robots" content="noai"></head><body></body></html>'
     )
-    port = free_port()
+    port, few_port = free_port(), free_port()
     # Behind /hang/: a backend that takes nginx's request and never answers (the kernel accepts
     # the connection for a listener that never calls accept).
     silent = socket.socket()
@@ -111,6 +112,15 @@ http {{
         location /trickle/ {{ limit_rate 2k; }}
         location /hang/ {{ proxy_pass http://127.0.0.1:{silent.getsockname()[1]}; }}
     }}
+    server {{
+        # A site that takes two streams at once on a connection.
+        listen 127.0.0.1:{few_port} ssl http2;
+        http2_max_concurrent_streams 2;
+        ssl_certificate {test_ca.server_cert};
+        ssl_certificate_key {test_ca.server_key};
+        root {root};
+        location /trickle/ {{ limit_rate 2k; }}
+    }}
 }}
 """
     )
@@ -128,7 +138,7 @@ http {{
                 assert proc.poll() is None, (tmp_path / "nginx.out").read_text()
                 assert time.monotonic() < deadline, "nginx did not start"
                 time.sleep(0.05)
-        yield H2Site(port, log)
+        yield H2Site(port, log, few_port)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -396,3 +406,36 @@ def test_a_stream_the_site_leaves_silent_times_out_while_it_sends_others(
     }, records
     assert scraper.heads[long][":status"] == "200" and scraper.got[long] == 16_000
     assert h2_site.connections("/trickle/long.bin", "/hang/nothing") == 1
+
+
+def test_a_request_waiting_for_a_stream_of_the_sites_connection_is_not_timed_out(
+    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA
+):
+    # The site takes two streams at once on a connection; a scraper asks for three downloads
+    # of 3 s each (2 KB/s). mitmproxy holds the third in its queue until a stream is free, 3 s
+    # later. That wait was counted: as the stream's silence (2 s here: ended, never sent), or
+    # in its transfer time (5 s: 3 s waiting and 3 s of its own). Now neither counts the wait.
+    from tests.test_read_backpressure import _H2Reader
+
+    (tmp_path / "www" / "trickle").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "www" / "trickle" / f"{name}.bin").write_bytes(b"x" * 6_000)
+    authority = f"site-a.test:{h2_site.few_port}"
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(network={**network, "response_timeout": "2s", "transfer_timeout": "5s"})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            a = scraper.get("/trickle/a.bin")
+            scraper.read(0.5)  # (the site's SETTINGS, its two streams at once, have come)
+            b = scraper.get("/trickle/b.bin")
+            c = scraper.get("/trickle/c.bin")
+            scraper.read(20, until_ended={a, b, c})
+        records = {
+            r["url"].rsplit("/", 1)[1]: r["reason"]
+            for r in gw.fetch_records()
+            if "/trickle/" in r["url"]
+        }
+    assert records == {"a.bin": "ok", "b.bin": "ok", "c.bin": "ok"}, records
+    assert [scraper.heads[s][":status"] for s in (a, b, c)] == ["200"] * 3, scraper.heads
+    assert [scraper.got[s] for s in (a, b, c)] == [6_000] * 3

@@ -28,7 +28,8 @@ model, so it can bound all of that without reaching into sockets:
   client that already has the response head gets a cut-off body). On an HTTP/2 connection to
   the site that other requests share, only the flow's stream is reset (`_end_at_site`), and the
   silence is the stream's: counted from the last piece of its own answer (addons/
-  buffered_bytes.py notes when each came), not from the connection's last data.
+  buffered_bytes.py notes when each came), or from when its request was all sent, not from the
+  connection's last data.
 - A site's connection the gateway does not read because the scraper has not taken what came
   (addons/read_backpressure.py) is not silent: a scraper that makes no room for that long, or
   is still being waited for at the transfer timeout, has the connection closed as its own doing
@@ -61,6 +62,7 @@ from typing import NamedTuple
 
 import structlog
 from h2.stream import StreamClosedBy
+from h2.stream import StreamState
 from mitmproxy import connection
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -613,6 +615,12 @@ class HttpGuard(layer.Layer):
             why = f"made no room for more of the answer for {limit:g}s (network.response_timeout)"
             yield from self._end_stalled(flow, carriers, why, "silence")
             return
+        if self._uploading(flow, carriers):
+            # Its request still going out on a connection others share: silence counts from
+            # when it is all sent (looked at every second till then).
+            flow.metadata[_SENT] = now
+            self._add(min(limit, 1.0), "silence", flow.id, flow)
+            return
         heard = max(
             [
                 entry[1],
@@ -637,6 +645,16 @@ class HttpGuard(layer.Layer):
             own = [flow.metadata.get(buffered_bytes.HEARD, 0.0), _monotonic(head)]
             return [*own, flow.metadata.get(_SENT, 0.0)]
         return [self._upstreams.get(s, 0.0) for s in carriers]
+
+    def _uploading(self, flow: http.HTTPFlow, carriers: list[connection.Server]) -> bool:
+        """Whether the flow's request is still being sent, on an HTTP/2 connection to the site
+        that other requests share (where its silence is its own, `_site_heard`)."""
+        sent = _h2_client(self.child.connections.get(flow.server_conn))
+        ours = None if sent is None else sent.our_stream_id.get(self._stream_of(flow) or 0)
+        if sent is None or ours is None or not self._sharers(flow, carriers):
+            return False
+        stream = sent.h2_conn.streams.get(ours)
+        return stream is not None and stream.state_machine.state is StreamState.OPEN
 
     def _expire_transfer(self, flow: http.HTTPFlow, now: float) -> layer.CommandGenerator[None]:
         if flow.id not in self._forwarded:

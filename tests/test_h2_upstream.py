@@ -4,7 +4,8 @@ Most sites a crawl meets answer in HTTP/2. mitmproxy then speaks HTTP/2 to the s
 client that offers it): headers arrive lower-case, bodies without a Content-Length, and a
 withheld stream is reset rather than a connection closed. The tests' own loopback sites speak
 HTTP/1.1 only; this one is Debian's nginx (`.ci/nginx` installs it; without it these tests
-skip, except under CI=true, where they fail).
+skip, except under CI=true, where they fail). One test has an HTTP/2 site of its own (the h2
+library), for what nginx does not do: take an upload slowly.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.config
+import h2.connection
 import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 
 from tests.optout_fixtures import jpeg_with_xmp
@@ -28,6 +35,7 @@ from tests.support import Gateway
 from tests.support import H2Answer
 from tests.support import H2Client
 from tests.support import LocalCA
+from tests.support import RawSite
 from tests.support import curl
 from tests.support import free_port
 from tests.support import installed
@@ -439,3 +447,107 @@ def test_a_request_waiting_for_a_stream_of_the_sites_connection_is_not_timed_out
     assert records == {"a.bin": "ok", "b.bin": "ok", "c.bin": "ok"}, records
     assert [scraper.heads[s][":status"] for s in (a, b, c)] == ["200"] * 3, scraper.heads
     assert [scraper.got[s] for s in (a, b, c)] == [6_000] * 3
+
+
+class _SlowReadingH2Site(RawSite):
+    """An HTTP/2 site of the test's own (nginx takes a whole upload at once): `/long` sends
+    20 000 bytes, 1 000 every 0.3 s; an upload's body it takes at about 160 KB/s (its
+    stream's window given back 32 KiB every 0.2 s), then answers 200 "read"."""
+
+    def __init__(self, tls: ssl.SSLContext):
+        tls.set_alpn_protocols(["h2"])
+        self.tls = tls
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        try:
+            conn = self.tls.wrap_socket(conn, server_side=True)
+        except OSError:
+            return
+        config = h2.config.H2Configuration(client_side=False)
+        h2c = h2.connection.H2Connection(config)
+        h2c.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16384}
+        )
+        h2c.initiate_connection()
+        long: dict[int, int] = {}  # stream -> bytes sent of /long
+        unacked: dict[int, int] = {}  # upload stream -> bytes not yet given back
+        deadline = time.monotonic() + 30
+        last_tick = 0.0
+        with conn:
+            conn.settimeout(0.05)
+            while time.monotonic() < deadline:
+                try:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    events = h2c.receive_data(data)
+                except TimeoutError:
+                    events = []
+                except (OSError, h2.exceptions.ProtocolError):
+                    return
+                for event in events:
+                    if isinstance(event, h2.events.RequestReceived):
+                        path = dict(event.headers).get(b":path", b"")
+                        if path == b"/long":
+                            h2c.send_headers(
+                                event.stream_id, [(":status", "200"), ("content-length", "20000")]
+                            )
+                            long[event.stream_id] = 0
+                    elif isinstance(event, h2.events.DataReceived):
+                        unacked[event.stream_id] = (
+                            unacked.get(event.stream_id, 0) + event.flow_controlled_length
+                        )
+                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id in unacked:
+                        h2c.send_headers(
+                            event.stream_id, [(":status", "200"), ("content-length", "4")]
+                        )
+                        h2c.send_data(event.stream_id, b"read", end_stream=True)
+                now = time.monotonic()
+                if now - last_tick >= 0.2:
+                    last_tick = now
+                    for stream, left in list(unacked.items()):
+                        if left:
+                            given = min(left, 32768)
+                            h2c.acknowledge_received_data(given, stream)
+                            unacked[stream] = left - given
+                    for stream, sent in list(long.items()):
+                        if sent < 20_000 and h2c.local_flow_control_window(stream) >= 1000:
+                            h2c.send_data(stream, b"l" * 1000, end_stream=sent + 1000 == 20_000)
+                            long[stream] = sent + 1000
+                try:
+                    conn.sendall(h2c.data_to_send())
+                except OSError:
+                    return
+
+
+def test_a_request_still_being_sent_to_the_site_is_not_its_silence(workdir: Path, test_ca: LocalCA):
+    # An upload of 600 KB that the site takes at about 160 KB/s (4 s), on an HTTP/2 connection
+    # to it that a slow download shares. A request's silence there is its own: it must not
+    # count while the request is still going out (2 s here), only from when it is all sent.
+    site = _SlowReadingH2Site(test_ca.server_context_for("site-c.test"))
+    authority = f"site-c.test:{site.port}"
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(network={**network, "response_timeout": "2s"})
+    try:
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, authority, alpn="h2", timeout=30) as tls:
+                client = H2Client(tls)
+                project = ("x-crawl-project", PROJECT)
+                client._start("GET", authority, "/long", (project,), "https", end_stream=True)
+                time.sleep(0.5)
+                started = time.monotonic()
+                answer, sent = client.post_without_length(
+                    authority, "/upload", b"u" * 600_000, project
+                )
+                took = time.monotonic() - started
+            records = {r["url"].rsplit("/", 1)[1]: r["reason"] for r in gw.fetch_records()}
+    finally:
+        site.close()
+    assert sent == 600_000
+    assert (answer.end, answer.headers.get(":status"), answer.body) == ("ended", "200", b"read"), (
+        answer.body,
+        took,
+    )
+    assert took > 3, took  # (the site did take it slowly)
+    assert records["upload"] == "ok", records

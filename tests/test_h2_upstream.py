@@ -10,6 +10,7 @@ library), for what nginx does not do: take an upload slowly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -41,8 +42,11 @@ from tests.support import free_port
 from tests.support import installed
 from tests.support import policy_with
 from tests.support import tls_tunnel
+from tests.test_read_backpressure import _H2Reader
 
 HEADERS = {"X-Crawl-Project": PROJECT}
+# A policy's network for the sites here: *.test is 127.0.0.1, which the gateway may reach.
+LOOPBACK = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
 OPTED_OUT = jpeg_with_xmp(xmp_packet("DMI-PROHIBITED"))
 PLAIN = jpeg_with_xmp(xmp_packet(None))
 LARGE = bytes(range(256)) * (20 * 2**20 // 256)  # over the 16 MiB buffer: streamed
@@ -51,6 +55,13 @@ LARGE_OPTED_OUT = OPTED_OUT + b"\x00" * (20 * 2**20)  # streamed, its metadata a
 
 def _nginx() -> str:
     return installed("nginx", ".ci/nginx installs Debian's nginx-light", "/usr/sbin/nginx")
+
+
+@contextlib.contextmanager
+def _scraper(gw: Gateway, authority: str) -> Iterator[_H2Reader]:
+    """An HTTP/2 scraper (tests.test_read_backpressure's) in a CONNECT tunnel to `authority`."""
+    with tls_tunnel(gw, authority, alpn="h2") as tls:
+        yield _H2Reader(tls, authority)
 
 
 @dataclass
@@ -258,16 +269,12 @@ def test_a_request_sharing_a_site_connection_with_a_stalled_one_goes_on_when_it_
     # (3 s) the gateway closed that connection: the page was ended with the video (502
     # interrupted). Now only the video's stream is reset, to the site and to the scraper, and
     # the page comes whole on the same connection.
-    from tests.test_read_backpressure import _H2Reader
-
     (tmp_path / "www" / "video.bin").write_bytes(b"v" * (96 * 2**20))
     (tmp_path / "www" / "small.txt").write_bytes(b"s" * 200_000)
     authority = f"site-a.test:{h2_site.port}"
-    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
-    policy = policy_with(network={**network, "response_timeout": "3s"})
+    policy = policy_with(network={**LOOPBACK, "response_timeout": "3s"})
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _scraper(gw, authority) as scraper:
             first = scraper.get("/small.txt")  # (the connection to the site is made)
             scraper.read(5, until_ended={first})
             video = scraper.get("/video.bin", paused=True)
@@ -305,17 +312,13 @@ def test_a_stream_that_times_out_is_reset_alone_on_a_site_connection_others_shar
     # sends at 2 KB/s, and a short one asked for later. At the long one's transfer timeout
     # (4 s) the gateway closed the connection: the short one, nearly done, was cut off with it
     # and recorded as the site's failure. Now only the long one's stream is reset.
-    from tests.test_read_backpressure import _H2Reader
-
     (tmp_path / "www" / "trickle").mkdir()
     (tmp_path / "www" / "trickle" / "long.bin").write_bytes(b"l" * 40_000)
     (tmp_path / "www" / "trickle" / "short.bin").write_bytes(b"s" * 4_000)
     authority = f"site-a.test:{h2_site.port}"
-    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
-    policy = policy_with(network={**network, "transfer_timeout": "4s"})
+    policy = policy_with(network={**LOOPBACK, "transfer_timeout": "4s"})
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _scraper(gw, authority) as scraper:
             long = scraper.get("/trickle/long.bin")
             scraper.read(2.5)
             short = scraper.get("/trickle/short.bin")
@@ -347,17 +350,13 @@ def test_a_withheld_stream_is_reset_alone_on_a_site_connection_others_share(
     # closing its connection to the site, which it would not do with another request on it:
     # the site sent all 20 MiB for nothing, charged to its bytes_per_day. Now the image's
     # stream alone is reset, and the other download goes on.
-    from tests.test_read_backpressure import _H2Reader
-
     (tmp_path / "www" / "trickle").mkdir()
     (tmp_path / "www" / "trickle" / "short.bin").write_bytes(b"s" * 6_000)
     authority = f"site-a.test:{h2_site.port}"
     respect = {"robots": True, "tdmrep": True, "noai": True, "image_metadata": True}
-    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
-    policy = policy_with(defaults={"respect": respect}, network=network)
+    policy = policy_with(defaults={"respect": respect}, network=LOOPBACK)
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _scraper(gw, authority) as scraper:
             short = scraper.get("/trickle/short.bin")
             scraper.read(0.5)
             image = scraper.get("/img/large-opted-out.jpg")
@@ -384,16 +383,12 @@ def test_a_stream_the_site_leaves_silent_times_out_while_it_sends_others(
     # one HTTP/2 connection to it. The silence was the connection's: the unanswered request
     # waited for the transfer timeout (30 s here). Now it is the stream's: 504 at the response
     # timeout (2 s), that stream reset alone, and the download goes on.
-    from tests.test_read_backpressure import _H2Reader
-
     (tmp_path / "www" / "trickle").mkdir()
     (tmp_path / "www" / "trickle" / "long.bin").write_bytes(b"l" * 16_000)
     authority = f"site-a.test:{h2_site.port}"
-    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
-    policy = policy_with(network={**network, "response_timeout": "2s", "transfer_timeout": "30s"})
+    policy = policy_with(network={**LOOPBACK, "response_timeout": "2s", "transfer_timeout": "30s"})
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _scraper(gw, authority) as scraper:
             long = scraper.get("/trickle/long.bin")
             scraper.read(0.5)
             started = time.monotonic()
@@ -423,17 +418,13 @@ def test_a_request_waiting_for_a_stream_of_the_sites_connection_is_not_timed_out
     # of 3 s each (2 KB/s). mitmproxy holds the third in its queue until a stream is free, 3 s
     # later. That wait was counted: as the stream's silence (2 s here: ended, never sent), or
     # in its transfer time (5 s: 3 s waiting and 3 s of its own). Now neither counts the wait.
-    from tests.test_read_backpressure import _H2Reader
-
     (tmp_path / "www" / "trickle").mkdir()
     for name in ("a", "b", "c"):
         (tmp_path / "www" / "trickle" / f"{name}.bin").write_bytes(b"x" * 6_000)
     authority = f"site-a.test:{h2_site.few_port}"
-    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
-    policy = policy_with(network={**network, "response_timeout": "2s", "transfer_timeout": "5s"})
+    policy = policy_with(network={**LOOPBACK, "response_timeout": "2s", "transfer_timeout": "5s"})
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _scraper(gw, authority) as scraper:
             a = scraper.get("/trickle/a.bin")
             scraper.read(0.5)  # (the site's SETTINGS, its two streams at once, have come)
             b = scraper.get("/trickle/b.bin")
@@ -527,8 +518,7 @@ def test_a_request_still_being_sent_to_the_site_is_not_its_silence(workdir: Path
     # count while the request is still going out (2 s here), only from when it is all sent.
     site = _SlowReadingH2Site(test_ca.server_context_for("site-c.test"))
     authority = f"site-c.test:{site.port}"
-    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
-    policy = policy_with(network={**network, "response_timeout": "2s"})
+    policy = policy_with(network={**LOOPBACK, "response_timeout": "2s"})
     try:
         with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
             with tls_tunnel(gw, authority, alpn="h2", timeout=30) as tls:

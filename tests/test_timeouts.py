@@ -28,6 +28,7 @@ from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
 from tests.support import Gateway
+from tests.support import H2Answer
 from tests.support import H2Client
 from tests.support import LocalCA
 from tests.support import RawSite
@@ -512,6 +513,29 @@ def test_a_reload_changes_the_timeouts_of_the_next_requests(gateway: Gateway):
         assert status == 200
 
 
+def _seven_at_once(
+    workdir: Path, test_ca: LocalCA, paths: list[str], **network: str
+) -> tuple[list[H2Answer], list[dict]]:
+    """A browser's HTTP/2 connection asking a TLS site (tests.test_optout_e2e's CountingSite)
+    for seven paths at once, through a gateway with these network timeouts: the answers, the
+    records."""
+    from tests.test_optout_e2e import CountingSite
+
+    site = CountingSite(b"", 0, tls=test_ca.server_context_for("site-c.test"))
+    authority = f"site-c.test:{site.port}"
+    loopback = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    try:
+        policy = policy_with(network={**loopback, **network})
+        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+            with tls_tunnel(gw, authority, alpn="h2", timeout=60) as tls:
+                pages = H2Client(tls).get_together(
+                    authority, [(path, 0) for path in paths], ("x-crawl-project", PROJECT)
+                )
+            return pages, gw.fetch_records()
+    finally:
+        site.close()
+
+
 def test_over_http2_requests_waiting_for_a_connection_to_the_site_are_not_timed_out(
     workdir: Path, test_ca: LocalCA
 ):
@@ -521,27 +545,13 @@ def test_over_http2_requests_waiting_for_a_connection_to_the_site_are_not_timed_
     # mitmproxy never telling its layers so (addons/connection_tasks.py), never answered.
     # The transfer timeout (12 s) counted it too: each page takes 8 s, the last two 16 s in
     # all, and were ended as the site's doing (504) when their own exchange had taken 4 s.
-    from tests.test_optout_e2e import CountingSite
-
-    site = CountingSite(b"", 0, tls=test_ca.server_context_for("site-c.test"))
-    authority = f"site-c.test:{site.port}"
-    try:
-        policy = policy_with(
-            network={
-                "allow_private": ["127.0.0.0/8"],
-                "static_hosts": {"*.test": "127.0.0.1"},
-                "connect_timeout": "1s",
-                "transfer_timeout": "12s",
-            },
-        )
-        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-            with tls_tunnel(gw, authority, alpn="h2", timeout=60) as tls:
-                pages = H2Client(tls).get_together(
-                    authority, [(f"/slow{i}", 0) for i in range(7)], ("x-crawl-project", PROJECT)
-                )
-            records = gw.fetch_records()
-    finally:
-        site.close()
+    pages, records = _seven_at_once(
+        workdir,
+        test_ca,
+        [f"/slow{i}" for i in range(7)],
+        connect_timeout="1s",
+        transfer_timeout="12s",
+    )
     assert [(p.end, p.headers.get(":status"), p.body) for p in pages] == [
         ("ended", "200", b"s" * 8)
     ] * 7
@@ -558,29 +568,10 @@ def test_over_http2_a_request_waiting_for_a_connection_is_not_timed_out_for_the_
     # (504, the site was silent). The two waiting had their silence counted from their request,
     # and so were ended with them as if the site had been silent to them, their connections
     # closed before they were sent (2 runs of 3 here; the third, one came a moment late): now
-    # they are sent once the five's connections are gone, and answered.
-    from tests.test_optout_e2e import CountingSite
-
-    site = CountingSite(b"", 0, tls=test_ca.server_context_for("site-c.test"))
-    authority = f"site-c.test:{site.port}"
-    try:
-        policy = policy_with(
-            network={
-                "allow_private": ["127.0.0.0/8"],
-                "static_hosts": {"*.test": "127.0.0.1"},
-                "response_timeout": "2s",
-            },
-        )
-        with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-            with tls_tunnel(gw, authority, alpn="h2", timeout=60) as tls:
-                # All at once: the two last are asked for in the same moment as the five.
-                asked = [*((f"/silent{i}", 0) for i in range(5)), ("/photo1", 0), ("/photo2", 0)]
-                pages = H2Client(tls).get_together(
-                    authority, asked, ("x-crawl-project", PROJECT), within=20
-                )
-            records = gw.fetch_records()
-    finally:
-        site.close()
+    # they are sent once the five's connections are gone, and answered. All seven are asked
+    # for in the same moment.
+    paths = [*(f"/silent{i}" for i in range(5)), "/photo1", "/photo2"]
+    pages, records = _seven_at_once(workdir, test_ca, paths, response_timeout="2s")
     assert [(p.end, p.headers.get(":status")) for p in pages] == [("ended", "504")] * 5 + [
         ("ended", "200")
     ] * 2

@@ -117,14 +117,16 @@ HELD = "crawlwarden.held"
 # if HTTP/2 streams of other requests share it) and the flow tagged STOPPED, so the rest is not
 # downloaded for nothing. The error hook that follows records it withheld.
 STOP_DOWNLOAD = "crawlwarden.stop_download"
-# Set here: when (monotonic) a request that waited for a stream of an HTTP/2 connection to the
-# site (its limit on streams at once reached) was sent; its deadlines count from then.
-_SENT = "crawlwarden.sent_from_queue"
 STOPPED = "crawlwarden.stopped"
 # Set here: why the connection to the site was closed when the scraper made no room for more of
 # the answer for `response_timeout` (the gateway had stopped reading the site for it, addons/
 # read_backpressure.py); the gateway records it `interrupted`, the scraper's doing.
 SCRAPER_STALLED = "crawlwarden.scraper_stalled"
+# Set here, on an HTTP/2 connection to the site (monotonic): when a request that waited for a
+# stream (the site's limit on streams at once reached) was sent, its deadlines counting from
+# then; when a request was last seen still being sent, its silence counting from then.
+_SENT = "crawlwarden.sent_from_queue"
+_SENDING = "crawlwarden.still_sending"
 # Set by the gateway: the checked (address, port) an https:// request sent without CONNECT is
 # connected to, its host keeping the site's name (for the TLS name; see Gateway.server_connect).
 PINNED = "crawlwarden.pinned"
@@ -617,8 +619,9 @@ class HttpGuard(layer.Layer):
             return
         if self._uploading(flow, carriers):
             # Its request still going out on a connection others share: silence counts from
-            # when it is all sent (looked at every second till then).
-            flow.metadata[_SENT] = now
+            # when it is all sent (looked at every second till then; the transfer timeout
+            # still counts from the request).
+            flow.metadata[_SENDING] = now
             self._add(min(limit, 1.0), "silence", flow.id, flow)
             return
         heard = max(
@@ -643,7 +646,7 @@ class HttpGuard(layer.Layer):
         if buffered_bytes.installed and self._sharers(flow, carriers):
             head = flow.response.timestamp_start if flow.response is not None else None
             own = [flow.metadata.get(buffered_bytes.HEARD, 0.0), _monotonic(head)]
-            return [*own, flow.metadata.get(_SENT, 0.0)]
+            return [*own, flow.metadata.get(_SENT, 0.0), flow.metadata.get(_SENDING, 0.0)]
         return [self._upstreams.get(s, 0.0) for s in carriers]
 
     def _uploading(self, flow: http.HTTPFlow, carriers: list[connection.Server]) -> bool:

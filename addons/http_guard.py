@@ -584,7 +584,7 @@ class HttpGuard(layer.Layer):
             # each scraper connection) to be free. Its time counts from when it connects.
             self._add(limit, "connect", server, server)
             return
-        if (left := server.timestamp_start + limit - time.time()) > 0.001:
+        if (left := _began(server) + limit - time.monotonic()) > 0.001:
             self._add(left, "connect", server, server)
             return
         for flow in self._waiting_on(server):
@@ -652,7 +652,7 @@ class HttpGuard(layer.Layer):
     def _uploading(self, flow: http.HTTPFlow, carriers: list[connection.Server]) -> bool:
         """Whether the flow's request is still being sent, on an HTTP/2 connection to the site
         that other requests share (where its silence is its own, `_site_heard`)."""
-        sent = _h2_client(self.child.connections.get(flow.server_conn))
+        sent = self._h2_to_site(flow)
         ours = None if sent is None else sent.our_stream_id.get(self._stream_of(flow) or 0)
         if sent is None or ours is None or not self._sharers(flow, carriers):
             return False
@@ -794,7 +794,7 @@ class HttpGuard(layer.Layer):
         """Whether a flow's request waits in mitmproxy's queue for a stream of the HTTP/2
         connection to the site (the site takes that many at once): not sent yet, so its
         deadline `kind` is looked at again after `limit`, and counts from when it is sent."""
-        sent = _h2_client(self.child.connections.get(flow.server_conn))
+        sent = self._h2_to_site(flow)
         stream_id = self._stream_of(flow)
         if sent is None or stream_id is None or stream_id not in sent.stream_queue:
             return False
@@ -866,6 +866,10 @@ class HttpGuard(layer.Layer):
             elif (stream_id := self._stream_of(flow)) is not None:
                 flow.metadata[STOPPED] = flow.metadata[STOP_DOWNLOAD]
                 yield from self._reset_stream(stream_id, flow, flow.metadata[STOPPED])
+
+    def _h2_to_site(self, flow: http.HTTPFlow) -> Http2Client | None:
+        """mitmproxy's HTTP/2 layer of the flow's connection to the site, if it speaks HTTP/2."""
+        return _h2_client(self.child.connections.get(flow.server_conn))
 
     def _stream_of(self, flow: http.HTTPFlow) -> int | None:
         """The id of the flow's stream in the HTTP layer (the scraper's HTTP/2 stream)."""

@@ -65,6 +65,7 @@ class _Lock:
             _psql(
                 self.dsn,
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database() "  # (other tests' run in theirs at once)
                 f"AND query LIKE '%{like}%'",  # (a constant of the test's)
             )
         )
@@ -74,7 +75,7 @@ class _Lock:
         _psql(
             self.dsn,
             f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE application_name = '{_LOCKER}'",
+            f"WHERE application_name = '{_LOCKER}' AND datname = current_database()",
         )
         self.proc.kill()
         self.proc.wait(10)

@@ -51,7 +51,9 @@ def usage_queries_running(dsn: str) -> int:
         try:
             return int(
                 await conn.fetchval(
+                    # (this test's database only: other tests' run in theirs at once)
                     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND datname = current_database() "
                     "AND query LIKE 'SELECT site, project, decision, reason%' "
                     "AND backend_type = 'client backend'"
                 )

@@ -5,7 +5,9 @@ or PostgreSQL (an audit DSN)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,26 @@ def unreadable() -> tuple[type[BaseException], ...]:
     return (SchemaTooNew, *read_errors())
 
 
+async def in_worker[T](work: Callable[[threading.Event], T]) -> T:
+    """`work(stop)` in a worker thread. If the caller is cancelled meanwhile (its client has
+    gone, its time bound has passed), `stop` is set and the thread awaited before the
+    cancellation goes on: a SQLite read no one waits for any more ends (`work` looks at `stop`)
+    instead of running to its end on one of the few threads the gateway's own work shares
+    (opt-out checks, content hashes), and what the caller lets go once it is cancelled (a
+    team's one count at a time) is let go only once the read has stopped, as a PostgreSQL
+    query is cancelled before its connection closes."""
+    stop = threading.Event()
+    worker = asyncio.ensure_future(asyncio.to_thread(work, stop))
+    try:
+        return await asyncio.shield(worker)
+    except asyncio.CancelledError:
+        stop.set()
+        # (what it ends with, "interrupted" or its rows, no one asked for any more)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(worker)
+        raise
+
+
 @dataclass(frozen=True)
 class RecordSource:
     data_dir: Path
@@ -70,23 +92,27 @@ class RecordSource:
 
         path = self._existing()
 
-        def run() -> None:
+        def run(stop: threading.Event) -> None:
             for rec in read_records(path, query):
+                if stop.is_set():
+                    return
                 visit(rec)
 
-        await asyncio.to_thread(run)
+        await in_worker(run)
 
     async def team_usage(self, query: RecordQuery) -> UsageRows:
         """A team's usage groups, counted by the store (proxy/audit/usage_query.py)."""
         if self.audit_dsn:
             return await postgres_usage(self.audit_dsn, query)
-        return await asyncio.to_thread(sqlite_usage, self._existing(), query)
+        path = self._existing()
+        return await in_worker(lambda stop: sqlite_usage(path, query, stop))
 
     async def report_rows(self, query: RecordQuery, optout_reasons: frozenset[str]) -> ReportRows:
         """The report's groups, counted by the store (proxy/audit/report_query.py)."""
         if self.audit_dsn:
             return await postgres_report(self.audit_dsn, query, optout_reasons)
-        return await asyncio.to_thread(sqlite_report, self._existing(), query, optout_reasons)
+        path = self._existing()
+        return await in_worker(lambda stop: sqlite_report(path, query, optout_reasons, stop))
 
     def _existing(self) -> Path:
         path = self.sqlite_path

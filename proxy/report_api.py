@@ -23,8 +23,8 @@ from proxy.report import build_report
 
 # This replica's records still on their way to the store are waited for, this long at most.
 FLUSH_TIMEOUT = 10.0
-# The longest a report is made for before the answer is a 503 (and a PostgreSQL query stops; a
-# SQLite one, on a worker thread, runs to its end). Longer windows: `crawlwarden report`.
+# The longest a report is made for before the answer is a 503 (and its query stops, in PostgreSQL
+# or SQLite: record_source.in_worker). Longer windows: `crawlwarden report`.
 REPORT_TIMEOUT = 60.0
 # The admin apps making a report now (one at a time per replica: each is a scan of the window's
 # records, and reloads of the report page would keep as many database backends busy).

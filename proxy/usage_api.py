@@ -22,8 +22,8 @@ from proxy.record_source import unreadable
 from proxy.report_api import FLUSH_TIMEOUT
 from proxy.usage import team_usage
 
-# The longest a team's usage is counted for before the answer is a 503 (and a PostgreSQL query
-# stops; a SQLite one, on a worker thread, runs to its end).
+# The longest a team's usage is counted for before the answer is a 503 (and its query stops, in
+# PostgreSQL or SQLite: record_source.in_worker).
 USAGE_TIMEOUT = 60.0
 # The teams whose usage each admin app is counting now (one at a time per team).
 _COUNTING: weakref.WeakKeyDictionary[web.Application, set[str]] = weakref.WeakKeyDictionary()

@@ -13,6 +13,7 @@ a tunnel opened to nowhere (proxy/audit/dialect.py, `counted`).
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,14 @@ def _report(results: Results | None) -> ReportRows:
     return _rows(results)
 
 
-def sqlite_report(path: Path, query: RecordQuery, optout_reasons: frozenset[str]) -> ReportRows:
-    """From a SQLite fetch log (blocking: run it in a worker thread)."""
-    return _report(sqlite_results(path, _statements(query, SQLITE, optout_reasons)))
+def sqlite_report(
+    path: Path,
+    query: RecordQuery,
+    optout_reasons: frozenset[str],
+    stop: threading.Event | None = None,
+) -> ReportRows:
+    """From a SQLite fetch log (blocking: run it in a worker thread; `stop`: sqlite_results)."""
+    return _report(sqlite_results(path, _statements(query, SQLITE, optout_reasons), stop))
 
 
 async def postgres_report(

@@ -14,6 +14,7 @@ request).
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,9 @@ def _usage(results: Results | None) -> UsageRows:
     )
 
 
-def sqlite_usage(path: Path, query: RecordQuery) -> UsageRows:
-    """From a SQLite fetch log (blocking: run it in a worker thread)."""
-    return _usage(sqlite_results(path, _statements(query, SQLITE)))
+def sqlite_usage(path: Path, query: RecordQuery, stop: threading.Event | None = None) -> UsageRows:
+    """From a SQLite fetch log (blocking: run it in a worker thread; `stop`: sqlite_results)."""
+    return _usage(sqlite_results(path, _statements(query, SQLITE), stop))
 
 
 async def postgres_usage(dsn: str, query: RecordQuery) -> UsageRows:

@@ -43,6 +43,7 @@ from tests.support import installed
 from tests.support import policy_with
 from tests.support import tls_tunnel
 from tests.test_read_backpressure import _H2Reader
+from tests.test_upstream_proxies import UpstreamProxy
 
 HEADERS = {"X-Crawl-Project": PROJECT}
 # A policy's network for the sites here: *.test is 127.0.0.1, which the gateway may reach.
@@ -62,6 +63,16 @@ def _scraper(gw: Gateway, authority: str) -> Iterator[_H2Reader]:
     """An HTTP/2 scraper (tests.test_read_backpressure's) in a CONNECT tunnel to `authority`."""
     with tls_tunnel(gw, authority, alpn="h2") as tls:
         yield _H2Reader(tls, authority)
+
+
+@contextlib.contextmanager
+def _egress_proxy(workdir: Path, name: str) -> Iterator[UpstreamProxy]:
+    """A real upstream proxy (mitmdump passing TLS through) for egress.upstream_proxies."""
+    proxy = UpstreamProxy(workdir, name)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 @dataclass
@@ -305,33 +316,45 @@ def test_a_request_sharing_a_site_connection_with_a_stalled_one_goes_on_when_it_
     assert h2_site.connections("/small.txt", "/video.bin") == 1
 
 
+@pytest.mark.parametrize("via", [None, "egress-proxy"])
 def test_a_stream_that_times_out_is_reset_alone_on_a_site_connection_others_share(
-    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA
+    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA, via: str | None
 ):
     # Two downloads from one site on one HTTP/2 connection to it: a long one that the site
     # sends at 2 KB/s, and a short one asked for later. At the long one's transfer timeout
     # (4 s) the gateway closed the connection: the short one, nearly done, was cut off with it
-    # and recorded as the site's failure. Now only the long one's stream is reset.
+    # and recorded as the site's failure. Now only the long one's stream is reset, also when
+    # the connection goes through an upstream proxy's tunnel (egress.upstream_proxies: the
+    # site's HTTP/2 layer is then under the tunnel's layers).
     (tmp_path / "www" / "trickle").mkdir()
     (tmp_path / "www" / "trickle" / "long.bin").write_bytes(b"l" * 40_000)
     (tmp_path / "www" / "trickle" / "short.bin").write_bytes(b"s" * 4_000)
     authority = f"site-a.test:{h2_site.port}"
     policy = policy_with(network={**LOOPBACK, "transfer_timeout": "4s"})
-    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+    with contextlib.ExitStack() as stack:
+        if via is not None:
+            egress = stack.enter_context(_egress_proxy(workdir, via))
+            policy["egress"] = {
+                **policy["egress"],
+                "upstream_proxies": [{"name": via, "url": egress.url}],
+            }
+        gw = stack.enter_context(Gateway(workdir, policy, trusted_ca=test_ca.ca_cert))
         with _scraper(gw, authority) as scraper:
             long = scraper.get("/trickle/long.bin")
             scraper.read(2.5)
             short = scraper.get("/trickle/short.bin")
             scraper.read(15, until_ended={long, short})
         records = {
-            r["url"].rsplit("/", 1)[1]: (r["reason"], r["rule"])
+            r["url"].rsplit("/", 1)[1]: (r["reason"], r["rule"], r.get("upstream_proxy"))
             for r in gw.fetch_records()
             if "/trickle/" in r["url"]
         }
         errors = gw.metric("crawlwarden_upstream_errors_total", kind="timeout")
+        if via is not None:
+            assert f"server connect 127.0.0.1:{h2_site.port}" in egress.flows()
     assert records == {
-        "long.bin": ("upstream_timeout", "network.transfer_timeout"),
-        "short.bin": ("ok", None),
+        "long.bin": ("upstream_timeout", "network.transfer_timeout", via),
+        "short.bin": ("ok", None, via),
     }, records
     assert errors == 1
     # (held whole until it ends, as every answer under 16 MiB: the scraper gets the gateway's)

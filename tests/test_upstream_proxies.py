@@ -68,6 +68,10 @@ class UpstreamProxy:
 
         assert wait_for(listening, timeout=20), self.log.read_text()
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def flows(self) -> str:
         time.sleep(0.2)
         return self.log.read_text(errors="replace")
@@ -87,7 +91,7 @@ def pool(workdir: Path) -> Iterator[dict[str, UpstreamProxy]]:
 
 def _through(pool: dict[str, UpstreamProxy]) -> dict[str, object]:
     """The policy's `egress` with every proxy of `pool` in its upstream_proxies."""
-    proxies = [{"name": name, "url": f"http://127.0.0.1:{p.port}"} for name, p in pool.items()]
+    proxies = [{"name": name, "url": p.url} for name, p in pool.items()]
     return {"provider": "test-transit", "public_ips": ["203.0.113.7"], "upstream_proxies": proxies}
 
 

@@ -57,8 +57,15 @@ class UsageRows:
 
 
 def _counted(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
-    """The team's counted records: kinds `fetch` and `websocket`, no tunnel to nowhere."""
-    return dialect.counted(query, ("fetch", WEBSOCKET), {"size": dialect.number("response_bytes")})
+    """The team's counted records, as a subquery `r`: kinds `fetch` and `websocket`, no tunnel
+    to nowhere."""
+    sql, params = dialect.counted(
+        query,
+        ("fetch", WEBSOCKET),
+        "replica, seq, ts, kind, site, project, decision, reason, body",
+        {"response_bytes": "number"},
+    )
+    return f"({sql}) AS r", params
 
 
 def _groups_sql(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
@@ -66,7 +73,7 @@ def _groups_sql(query: RecordQuery, dialect: Dialect) -> tuple[str, list[Any]]:
     sql = (
         "SELECT site, project, decision, reason, "  # noqa: S608
         "coalesce(sum(CASE WHEN kind = 'fetch' THEN 1 END), 0), "
-        f"coalesce(sum(CASE WHEN {REACHED} OR kind = '{WEBSOCKET}' THEN size END), 0), "
+        f"coalesce(sum(CASE WHEN {REACHED} OR kind = '{WEBSOCKET}' THEN response_bytes END), 0), "
         f"min(ts), max(ts) FROM {counted} GROUP BY site, project, decision, reason"
     )
     return sql, params

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import weakref
 
 from aiohttp import web
 
@@ -26,9 +25,6 @@ FLUSH_TIMEOUT = 10.0
 # The longest a report is made for before the answer is a 503 (and its query stops, in PostgreSQL
 # or SQLite: record_source.in_worker). Longer windows: `crawlwarden report`.
 REPORT_TIMEOUT = 60.0
-# The admin apps making a report now (one at a time per replica: each is a scan of the window's
-# records, and reloads of the report page would keep as many database backends busy).
-_REPORTING: weakref.WeakSet[web.Application] = weakref.WeakSet()
 
 
 async def sites_report(request: web.Request) -> web.Response:
@@ -43,15 +39,16 @@ async def sites_report(request: web.Request) -> web.Response:
         check_window(since, until)
     except ValueError as e:
         return problem(400, str(e))
-    if request.app in _REPORTING:
+    reporting = await rt.counting.take("report")
+    if reporting is None:
+        # One report at a time in the fleet: each is a scan of the window's records, and
+        # reloads of the report page would keep as many database backends busy.
         resp = problem(
             429,
-            "a report is being made for an earlier request on this replica; ask again once it "
-            "has answered",
+            "a report is being made for an earlier request; ask again once it has answered",
         )
         resp.headers["Retry-After"] = "5"
         return resp
-    _REPORTING.add(request.app)
     try:
         await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
         making = build_report(
@@ -72,7 +69,7 @@ async def sites_report(request: web.Request) -> web.Response:
     except unreadable() as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     finally:
-        _REPORTING.discard(request.app)
+        await rt.counting.let_go("report", reporting)
     # On a worker thread: the report of a broad crawl (tens of thousands of sites) takes a
     # second or more to render, which held every request the replica was deciding.
     text = await asyncio.to_thread(RENDERERS[fmt], report)
@@ -94,7 +91,7 @@ ROUTES: list[Route] = [
         {
             "200": "the report (JSON, CSV or HTML)",
             "400": "a bad time or format",
-            "429": "a report is being made on this replica for an earlier request",
+            "429": "a report is being made for an earlier request (Retry-After)",
             "503": "the fetch log store cannot be read, or the report took over 60 s to make",
         },
         parameters=(

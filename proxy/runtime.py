@@ -46,6 +46,7 @@ from proxy.budgets import MemoryBudgetStore
 from proxy.budgets import RedisBudgetStore
 from proxy.budgets import saved
 from proxy.budgets.memory import wall_clock_us
+from proxy.counting import Counting
 from proxy.decision import Outcome
 from proxy.decision import Reason
 from proxy.governor import CompiledPolicy
@@ -177,6 +178,8 @@ class Runtime:
         self.replicas = ReplicaRegistry(
             self.redis, self.replica, self.budgets, REDIS_PREFIX, fleet_size=settings.fleet_size
         )
+        # The usage counts and reports under way (one per team, one report; fleet-wide).
+        self.counting = Counting(self.redis, f"{REDIS_PREFIX}counting:")
         # Takedowns and API blocklist entries, shared through Redis (proxy/takedowns.py).
         self.takedowns = TakedownRegistry(
             settings.data_dir,

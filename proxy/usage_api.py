@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import weakref
 
 from aiohttp import web
 
@@ -25,8 +24,6 @@ from proxy.usage import team_usage
 # The longest a team's usage is counted for before the answer is a 503 (and its query stops, in
 # PostgreSQL or SQLite: record_source.in_worker).
 USAGE_TIMEOUT = 60.0
-# The teams whose usage each admin app is counting now (one at a time per team).
-_COUNTING: weakref.WeakKeyDictionary[web.Application, set[str]] = weakref.WeakKeyDictionary()
 
 
 def start_of_today() -> str:
@@ -53,18 +50,17 @@ async def usage_endpoint(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         return problem(400, str(e))
-    counting = _COUNTING.setdefault(request.app, set())
-    if team in counting:
-        # One count per team at a time on a replica: each is a scan of the team's records in
+    counting = await rt.counting.take(f"usage:{team}")
+    if counting is None:
+        # One count per team at a time in the fleet: each is a scan of the team's records in
         # the window; polls that pile up would keep as many database backends busy.
         resp = problem(
             429,
-            "this team's usage is being counted for an earlier request on this replica; "
-            "ask again once it has answered",
+            "this team's usage is being counted for an earlier request; ask again once it has "
+            "answered",
         )
         resp.headers["Retry-After"] = "5"
         return resp
-    counting.add(team)
     try:
         await rt.fetch_log.flushed(timeout=FLUSH_TIMEOUT)
         source = RecordSource(rt.settings.data_dir, rt.settings.audit_dsn)
@@ -80,7 +76,7 @@ async def usage_endpoint(request: web.Request) -> web.Response:
     except unreadable() as e:
         return problem(503, f"the fetch log store cannot be read: {e}")
     finally:
-        counting.discard(team)
+        await rt.counting.let_go(f"usage:{team}", counting)
     body = team_usage(team, rows, since=since, until=until)
     body["filters"] = {k: v for k, v in (("site", query.site), ("project", query.project)) if v}
     return web.json_response(body, headers={"Cache-Control": "no-store"})

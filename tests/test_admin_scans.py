@@ -1,7 +1,8 @@
 """The admin API's scans of the fetch log, one at a time: while a report (an auditor's) or a
-team's usage is being counted on a replica, the next such request is a 429 with `Retry-After`,
-and the first still answers. A real gateway on a real PostgreSQL fetch log; the scans are kept
-waiting by a lock on the records table, taken and let go by `psql`."""
+team's usage is being counted (on a replica; in shared mode anywhere in the fleet), the next
+such request is a 429 with `Retry-After`, and the first still answers. A real gateway on a real
+PostgreSQL fetch log; the scans are kept waiting by a lock on the records table, taken and let
+go by `psql`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import requests
 
+from tests.budget_fixtures import RedisServer
+from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.support import AUDITOR_TOKEN
@@ -139,3 +142,72 @@ def test_reports_and_usage_counts_are_made_one_at_a_time(
         assert counted["answer"].status_code == 200, counted["answer"].text
         assert other_counted["answer"].status_code == 200, other_counted["answer"].text
         assert report().status_code == 200  # (the first one is done: the next one is taken)
+
+
+def test_a_team_counts_one_window_at_a_time_across_the_fleet(
+    workdir: Path,
+    pg_dsn: str,  # noqa: F811
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    # A team polling through the fleet's Service reaches every replica: one count at a time
+    # per replica still let it keep a PostgreSQL connection busy on each. In shared mode the
+    # replicas now agree through Redis: the team's next count, on another replica, is a 429
+    # too, as is a second report; another team's count goes on.
+    private, _ = signing_keys(workdir)
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    shared = ["--audit-dsn", pg_dsn, "--redis-url", own_redis.url]
+    with (
+        Gateway(workdir, policy, name="gw-a", extra_args=shared) as a,
+        Gateway(workdir, policy, name="gw-b", extra_args=shared) as b,
+    ):
+        auditor = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
+
+        def usage(gw: Gateway, team: str, token: str) -> requests.Response:
+            return requests.get(gw.admin + "/v1/usage", auth=(team, token), timeout=60)
+
+        def report(gw: Gateway) -> requests.Response:
+            return requests.get(gw.admin + "/v1/reports/sites", headers=auditor, timeout=60)
+
+        lock = _Lock(pg_dsn)
+        try:
+            counting, counted = _in_thread(lambda: usage(a, TEAM, TEAM_TOKEN))
+            assert wait_for(lambda: lock.waiting("GROUP BY site, project") == 1, timeout=20)
+            elsewhere = usage(b, TEAM, TEAM_TOKEN)
+            assert elsewhere.status_code == 429, elsewhere.text
+            assert elsewhere.headers["Retry-After"] == "5"
+            assert "being counted for an earlier request" in elsewhere.json()["error"]
+            other, other_counted = _in_thread(lambda: usage(b, OTHER_TEAM, OTHER_TOKEN))
+            assert wait_for(lambda: lock.waiting("GROUP BY site, project") == 2, timeout=20)
+
+            first, made = _in_thread(lambda: report(b))
+            assert wait_for(lambda: lock.waiting("WITH r AS MATERIALIZED") == 1, timeout=20)
+            second = report(a)
+            assert second.status_code == 429 and "a report is being made" in second.text
+        finally:
+            lock.let_go()
+        for thread in (counting, other, first):
+            thread.join(60)
+        assert counted["answer"].status_code == 200, counted["answer"].text
+        assert other_counted["answer"].status_code == 200, other_counted["answer"].text
+        assert made["answer"].status_code == 200, made["answer"].text
+        # let go once answered: the team counts again, on the other replica
+        assert usage(b, TEAM, TEAM_TOKEN).status_code == 200
+        assert report(a).status_code == 200
+
+
+def test_without_redis_a_replica_counts_one_at_a_time_alone_and_says_so(
+    workdir: Path,
+    pg_dsn: str,  # noqa: F811
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    # Redis down: a team's usage stays readable (counted one at a time on this replica only),
+    # and the log says the fleet-wide rule is off.
+    private, _ = signing_keys(workdir)
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    shared = ["--audit-dsn", pg_dsn, "--redis-url", own_redis.url]
+    with Gateway(workdir, policy, extra_args=shared) as gw:
+        own_redis.kill()
+        answer = requests.get(gw.admin + "/v1/usage", auth=(TEAM, TEAM_TOKEN), timeout=60)
+        assert answer.status_code == 200, answer.text
+        [said] = gw.log_events("counting_unshared")
+        assert said["count"] == f"usage:{TEAM}" and "ConnectionError" in said["error"], said

@@ -4,7 +4,7 @@ A team's usage over a long window is a scan of all its records in the window. A 
 up (curl --max-time, a scraper's short timeout) left its query running to the end, and nothing
 bounded how many ran at once: four abandoned requests kept eleven PostgreSQL backends busy
 (fleet-scale probe), so one team's credentials could fill the server's connections that the
-fleet's fetch-log writes need. Now a team counts one window at a time on a replica (429 for the
+fleet's fetch-log writes need. Now a team counts one window at a time (429 for the
 next meanwhile) and a request whose client has gone stops its query.
 """
 

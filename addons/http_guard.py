@@ -878,12 +878,16 @@ class HttpGuard(layer.Layer):
     def _sharers(
         self, flow: http.HTTPFlow, carriers: list[connection.Server]
     ) -> list[http.HTTPFlow]:
-        """The client's other requests under way on these connections (HTTP/2 to the site)."""
+        """The client's other requests under way on these connections (HTTP/2 to the site).
+        One still waiting for a connection is on none (`_transports` would take it to be on
+        any to its site)."""
         shared = set(carriers)
         return [
             other
             for other, _ in self._forwarded.values()
-            if other is not flow and shared & set(self._transports(other))
+            if other is not flow
+            and self._awaited(other) is None
+            and shared & set(self._transports(other))
         ]
 
     def _forget(self, flow: http.HTTPFlow) -> None:

@@ -849,7 +849,8 @@ def test_a_book_too_large_to_hold_is_cut_off_by_its_package_documents_reservatio
 class CountingSite(RawSite):
     """A site that sends one declared body of `size` bytes, 1 MiB at a time, and counts what
     it got out before its connection was closed; over TLS with `tls`. `/slow` takes 8 s,
-    `/silent` never answers."""
+    `/brief` 3 s (both a byte a second), `/late` answers after 1.5 s of silence, `/silent`
+    never answers."""
 
     def __init__(self, head: bytes, size: int, tls: ssl.SSLContext | None = None):
         self.head, self.size, self.tls = head, size, tls
@@ -866,6 +867,13 @@ class CountingSite(RawSite):
             path = self.read_head(conn).split(b" ", 2)[1]
             if path.startswith(b"/slow"):
                 _slowly(conn, b"s" * 8)
+                return
+            if path.startswith(b"/brief"):
+                _slowly(conn, b"b" * 4, close=True)
+                return
+            if path.startswith(b"/late"):
+                time.sleep(1.5)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
                 return
             if path.startswith(b"/silent"):
                 time.sleep(10)  # no answer
@@ -888,13 +896,16 @@ class CountingSite(RawSite):
             self.sent.append(sent)
 
 
-def _slowly(conn: socket.socket, body: bytes) -> None:
-    """A 200 whose body comes a byte a second."""
+def _slowly(conn: socket.socket, body: bytes, close: bool = False) -> None:
+    """A 200 whose body comes a byte a second (`close`: the connection closed after the last,
+    which the head says)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body)
     try:
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        conn.sendall(head + (b"Connection: close\r\n" if close else b"") + b"\r\n")
         for i in range(len(body)):
             conn.sendall(body[i : i + 1])
-            time.sleep(1)
+            if not close or i < len(body) - 1:
+                time.sleep(1)
     except OSError:
         pass
 

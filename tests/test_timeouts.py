@@ -560,6 +560,28 @@ def test_over_http2_requests_waiting_for_a_connection_to_the_site_are_not_timed_
     assert all(ms > 12_000 for ms in waited), waited  # (the last two after a first one ended)
 
 
+def test_over_http2_a_request_sent_while_another_still_waits_is_silent_from_its_own_connect(
+    workdir: Path, test_ca: LocalCA
+):
+    # Five pages that send a byte a second take mitmproxy's five connections to the site: one
+    # for 3 s, four for 8 s. Two more requests wait: the first is sent when the short page's
+    # connection is gone (~3 s), the second only at ~8 s; each answer comes 1.5 s after it is
+    # sent. While the second still waited, the gateway took it to share the first's connection
+    # (a request not on a connection yet could be on any to the site) and so counted the
+    # first's silence as its own stream's, from its request: 504 at 4 s, "the site sent no
+    # response headers for 2s", after 1 s of the site's silence (CI, once in four runs of the
+    # test below). A request waiting for a connection shares none.
+    paths = ["/brief0", *(f"/slow{i}" for i in range(1, 5)), "/late1", "/late2"]
+    pages, records = _seven_at_once(workdir, test_ca, paths, response_timeout="2s")
+    assert [(p.end, p.headers.get(":status"), p.body) for p in pages] == [
+        ("ended", "200", b"bbbb"),
+        *[("ended", "200", b"s" * 8)] * 4,
+        *[("ended", "200", b"late")] * 2,
+    ]
+    by_path = {r["url"].rsplit("/", 1)[1]: (r["reason"], r["status"]) for r in records}
+    assert by_path == {name.lstrip("/"): ("ok", 200) for name in paths}
+
+
 def test_over_http2_a_request_waiting_for_a_connection_is_not_timed_out_for_the_sites_silence(
     workdir: Path, test_ca: LocalCA
 ):

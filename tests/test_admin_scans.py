@@ -144,6 +144,13 @@ def test_reports_and_usage_counts_are_made_one_at_a_time(
         assert report().status_code == 200  # (the first one is done: the next one is taken)
 
 
+def _shared_mode(workdir: Path, dsn: str, redis: RedisServer) -> tuple[dict[str, Any], list[str]]:
+    """A policy with a signing key of its own, and a gateway's arguments for shared mode."""
+    private, _ = signing_keys(workdir)
+    policy = policy_with(audit={"signing_key_file": str(private)})
+    return policy, ["--audit-dsn", dsn, "--redis-url", redis.url]
+
+
 def test_a_team_counts_one_window_at_a_time_across_the_fleet(
     workdir: Path,
     pg_dsn: str,  # noqa: F811
@@ -153,9 +160,7 @@ def test_a_team_counts_one_window_at_a_time_across_the_fleet(
     # per replica still let it keep a PostgreSQL connection busy on each. In shared mode the
     # replicas now agree through Redis: the team's next count, on another replica, is a 429
     # too, as is a second report; another team's count goes on.
-    private, _ = signing_keys(workdir)
-    policy = policy_with(audit={"signing_key_file": str(private)})
-    shared = ["--audit-dsn", pg_dsn, "--redis-url", own_redis.url]
+    policy, shared = _shared_mode(workdir, pg_dsn, own_redis)
     with (
         Gateway(workdir, policy, name="gw-a", extra_args=shared) as a,
         Gateway(workdir, policy, name="gw-b", extra_args=shared) as b,
@@ -202,9 +207,7 @@ def test_without_redis_a_replica_counts_one_at_a_time_alone_and_says_so(
 ) -> None:
     # Redis down: a team's usage stays readable (counted one at a time on this replica only),
     # and the log says the fleet-wide rule is off.
-    private, _ = signing_keys(workdir)
-    policy = policy_with(audit={"signing_key_file": str(private)})
-    shared = ["--audit-dsn", pg_dsn, "--redis-url", own_redis.url]
+    policy, shared = _shared_mode(workdir, pg_dsn, own_redis)
     with Gateway(workdir, policy, extra_args=shared) as gw:
         own_redis.kill()
         answer = requests.get(gw.admin + "/v1/usage", auth=(TEAM, TEAM_TOKEN), timeout=60)

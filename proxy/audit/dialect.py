@@ -49,11 +49,11 @@ def _pg_field(name: str, kind: FieldKind) -> str:
 
 
 def _sqlite_fields(fields: dict[str, FieldKind]) -> tuple[str, dict[str, str]]:
-    return "", {name: _sqlite_field(name, "json") for name in fields}
+    return "", {name: _sqlite_field(name, kind) for name, kind in fields.items()}
 
 
 def _sqlite_field(name: str, kind: FieldKind) -> str:
-    return f"json_extract(body, '$.{name}')"
+    return f"json_extract(body, '$.{name}')"  # (its value as it is: a number, text, JSON text)
 
 
 @dataclass(frozen=True)

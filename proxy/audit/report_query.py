@@ -57,7 +57,7 @@ class ReportRows:
 def _statements(query: RecordQuery, d: Dialect, optout_reasons: frozenset[str]) -> Statements:
     """One statement counts every figure from the window's counted records, read once (`r`,
     materialised: each figure used to be its own statement, each reading and parsing every
-    record again, 5x the time), each figure a JSON array of its rows; two more read the
+    record again, in 2.5-3x the time), each figure a JSON array of its rows; two more read the
     replicas' chains and the unauthenticated_refusals events."""
     optouts = ", ".join(f"'{reason}'" for reason in sorted(optout_reasons))
     counted, params = d.counted(

@@ -65,6 +65,9 @@ class Counting:
                 note="Redis did not answer: one count at a time on this replica only",
             )
             return token
+        except BaseException:  # (cancelled while asking: nothing taken here either)
+            self._here.discard(name)
+            raise
         if not taken:
             self._here.discard(name)
             return None

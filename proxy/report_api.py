@@ -22,8 +22,8 @@ from proxy.report import build_report
 
 # This replica's records still on their way to the store are waited for, this long at most.
 FLUSH_TIMEOUT = 10.0
-# The longest a report is made for before the answer is a 503 (and its query stops, in PostgreSQL
-# or SQLite: record_source.in_worker). Longer windows: `crawlwarden report`.
+# The longest a report is made for before the answer is a 503 (and its query stops: PostgreSQL's
+# is cancelled, SQLite's told to stop by record_source.in_worker). Longer: `crawlwarden report`.
 REPORT_TIMEOUT = 60.0
 
 

@@ -21,8 +21,8 @@ from proxy.record_source import unreadable
 from proxy.report_api import FLUSH_TIMEOUT
 from proxy.usage import team_usage
 
-# The longest a team's usage is counted for before the answer is a 503 (and its query stops, in
-# PostgreSQL or SQLite: record_source.in_worker).
+# The longest a team's usage is counted for before the answer is a 503 (and its query stops:
+# PostgreSQL's is cancelled, SQLite's told to stop by record_source.in_worker).
 USAGE_TIMEOUT = 60.0
 
 

@@ -34,8 +34,9 @@ model, so it can bound all of that without reaching into sockets:
   (addons/read_backpressure.py) is not silent: a scraper that makes no room for that long, or
   is still being waited for at the transfer timeout, has the connection closed as its own doing
   (`SCRAPER_STALLED`, recorded `interrupted`), with the requests sharing it; on an HTTP/2
-  connection to the site that other requests share, only the streams the scraper gives no
-  window are reset, to the site and to the scraper, and the connection goes on.
+  connection to the site (and from an HTTP/2 scraper), only the streams the scraper gives no
+  window are reset, to the site and to the scraper, and the connection goes on. So is a stream
+  whose window to the site the gateway holds back for its scraper (addons/stream_window.py).
 - A request waiting for one of mitmproxy's connections to the site (it opens five at most for
   one scraper connection: an HTTP/2 scraper's sixth request at once to a site waits), or for a
   stream of its HTTP/2 connection to the site (the site's limit on streams at once reached),
@@ -87,6 +88,7 @@ from addons import buffered_bytes
 from addons import client_events
 from addons import read_backpressure
 from addons import stream_release
+from addons import stream_window
 from proxy import inputs
 from proxy import units
 from proxy.decision import Decision
@@ -127,6 +129,9 @@ SCRAPER_STALLED = "crawlwarden.scraper_stalled"
 # then; when a request was last seen still being sent, its silence counting from then.
 _SENT = "crawlwarden.sent_from_queue"
 _SENDING = "crawlwarden.still_sending"
+# Set here (monotonic): when the window of a flow's stream to the site, held back while its
+# scraper took nothing (addons/stream_window.py), last went back to the site.
+_GIVEN_BACK = "crawlwarden.window_given_back"
 # Set by the gateway: the checked (address, port) an https:// request sent without CONNECT is
 # connected to, its host keeping the site's name (for the TLS name; see Gateway.server_connect).
 PINNED = "crawlwarden.pinned"
@@ -312,6 +317,8 @@ class HttpGuard(layer.Layer):
         if isinstance(event, events.DataReceived):
             if event.connection is self.client:
                 yield from self._check_head()
+                if stream_window.installed:
+                    yield from self._give_back()
                 if self._unsized:
                     yield from self._check_unsized_bodies()
             elif event.connection in self._upstreams:
@@ -331,6 +338,18 @@ class HttpGuard(layer.Layer):
                 stream_release.closed(self.child, event.connection)
         elif isinstance(event, events.HookCompleted):
             yield from self._hook_completed(event.command)
+
+    def _give_back(self) -> layer.CommandGenerator[None]:
+        """The windows of the site's streams whose scrapers have made room go back to the site
+        (addons/stream_window.py); their silence counts from now."""
+        for stream_id in (yield from stream_window.give_back(self.child)):
+            if (stream := self.child.streams.get(stream_id)) is not None:
+                stream.flow.metadata[_GIVEN_BACK] = time.monotonic()
+
+    def _stream_held(self, flow: http.HTTPFlow) -> float | None:
+        """Since when the window of the flow's stream to the site has been held back for its
+        scraper (addons/stream_window.py), if it is."""
+        return stream_window.held_since(self._h2_to_site(flow), self._stream_of(flow))
 
     def _hook_completed(self, hook: commands.StartHook) -> layer.CommandGenerator[None]:
         limits = self.limits()
@@ -608,8 +627,11 @@ class HttpGuard(layer.Layer):
             return
         carriers = self._transports(flow)
         held = [t for s in carriers if (t := read_backpressure.held_for_scraper(s)) is not None]
+        if (stream_held := self._stream_held(flow)) is not None:
+            held.append(stream_held)
         if held:
-            # Not read because the scraper has not taken what came: its silence, not the site's.
+            # Not read, or its stream given no window, because the scraper has not taken
+            # what came: its silence, not the site's.
             since = min(held)
             if now - since + 0.001 < limit:
                 self._deadlines[("silence", flow.id)] = (since + limit, flow)
@@ -629,6 +651,7 @@ class HttpGuard(layer.Layer):
                 entry[1],
                 *self._site_heard(flow, carriers),
                 *(read_backpressure.last_held_for_scraper(s) for s in carriers),
+                flow.metadata.get(_GIVEN_BACK, 0.0),
                 _began(awaited),
             ]
         )
@@ -671,7 +694,9 @@ class HttpGuard(layer.Layer):
             self._add(late, "transfer", flow.id, flow)
             return
         carriers = self._transports(flow)
-        if any(read_backpressure.held_for_scraper(s) is not None for s in carriers):
+        if self._stream_held(flow) is not None or any(
+            read_backpressure.held_for_scraper(s) is not None for s in carriers
+        ):
             # The site waits to be read for the scraper: it is the scraper that is slow.
             why = f"took longer than {limit:g}s to take the answer (network.transfer_timeout)"
             yield from self._end_stalled(flow, carriers, why, "transfer")
@@ -685,13 +710,15 @@ class HttpGuard(layer.Layer):
     ) -> layer.CommandGenerator[None]:
         """End what a scraper stalled (`why` it did) at the deadline `kind` of `flow`.
 
-        An HTTP/2 connection to the site that other requests share goes on: the streams the
-        scraper gives no window (their answers wait in its send buffers) are reset, to the site
-        and to the scraper, and the others are read again; `flow`, if not one of them, is looked
-        at again after `response_timeout`. Else the connection to the site is closed, tagged as
-        the scraper's doing on the flow and on those that shared it."""
+        An HTTP/2 connection to the site goes on, for the requests that share it or come
+        later: the streams the scraper gives no window (their answers wait in its send buffers)
+        are reset, to the site and to the scraper, and the others are read again; `flow`, if
+        not one of them, is looked at again after `response_timeout`. Else the connection to
+        the site is closed, tagged as the scraper's doing on the flow and on those that shared
+        it."""
         sharing = self._sharers(flow, carriers)
-        stalled = self._stalled_streams(carriers) if sharing else []
+        h2 = bool(sharing) or self._h2_to_site(flow) is not None
+        stalled = self._stalled_streams(carriers) if h2 else []
         if stalled:
             for stream_id, stalled_flow in stalled:
                 yield from self._reset_stalled(stream_id, stalled_flow, why)
@@ -719,7 +746,7 @@ class HttpGuard(layer.Layer):
         connection to the site is closed."""
         stream_id = self._stream_of(flow)
         site = self.child.connections.get(flow.server_conn)
-        sent = _h2_client(site)
+        sent = stream_window.h2_under(site)
         shared = self._sharers(flow, self._transports(flow))
         if not shared or site is None or sent is None or stream_id not in sent.our_stream_id:
             yield from self._close_upstream(flow)
@@ -869,7 +896,7 @@ class HttpGuard(layer.Layer):
 
     def _h2_to_site(self, flow: http.HTTPFlow) -> Http2Client | None:
         """mitmproxy's HTTP/2 layer of the flow's connection to the site, if it speaks HTTP/2."""
-        return _h2_client(self.child.connections.get(flow.server_conn))
+        return stream_window.h2_under(self.child.connections.get(flow.server_conn))
 
     def _stream_of(self, flow: http.HTTPFlow) -> int | None:
         """The id of the flow's stream in the HTTP layer (the scraper's HTTP/2 stream)."""
@@ -921,13 +948,6 @@ def _targets(flow: http.HTTPFlow) -> set[tuple[str, int]]:
     if via is not None:
         out.add((via[1][0], via[1][1]))
     return out
-
-
-def _h2_client(top: layer.Layer | None) -> Http2Client | None:
-    """The HTTP/2 layer of a connection to a site (under its TLS layer), if it speaks HTTP/2."""
-    while top is not None and not isinstance(top, Http2Client):
-        top = getattr(top, "child_layer", None)
-    return top
 
 
 def _began(server: connection.Connection | None) -> float:

@@ -16,9 +16,11 @@ without bound:
   now not read while the scraper's HTTP/2 send buffers hold more than MAX_QUEUED_BYTES and some
   of it is for a stream this connection answers; each read of the scraper's connection (its
   WINDOW_UPDATE, a stream's reset) wakes the wait. The scraper's connection is always read, and
-  a site's connection serving only streams the scraper reads goes on. An HTTP/2 connection to
-  the site that also carries a stream the scraper reads waits with the paused one, until
-  HttpGuard resets the paused stream at `response_timeout` (addons/http_guard.py, `let_go`).
+  a site's connection serving only streams the scraper reads goes on. On an HTTP/2 connection
+  to the site, addons/stream_window.py holds a paused stream back alone (its site gets no more
+  window), so this wait comes only when several paused streams hold more than the bound; the
+  connection's other streams then wait with them until HttpGuard resets the paused ones at
+  `response_timeout` (addons/http_guard.py, `let_go`).
 
 Either way the socket's buffers fill and TCP slows the sender, as when the gateway cannot write;
 what is held stays within one read (64 KiB) per connection of the bound.
@@ -118,7 +120,7 @@ class _Waiting:
             self.changed = None
 
 
-def _http_layers(client: connection.Client) -> list[http_layers.HttpLayer]:
+def scraper_http_layers(client: connection.Client) -> list[http_layers.HttpLayer]:
     """The HTTP layers of a scraper's connection (one, and one per CONNECT tunnel in it)."""
     return client.__dict__.setdefault("_crawlwarden_http", [])
 
@@ -272,7 +274,7 @@ def install() -> None:
     @functools.wraps(original_init)
     def http_layer_init(self: http_layers.HttpLayer, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        _http_layers(self.context.client).append(self)
+        scraper_http_layers(self.context.client).append(self)
 
     @functools.wraps(original_drain)
     def drain_writers(self: Any) -> Coroutine[Any, Any, None]:

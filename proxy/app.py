@@ -32,6 +32,7 @@ from addons import interim
 from addons import named_connections
 from addons import read_backpressure
 from addons import stream_release
+from addons import stream_window
 from addons import trailers
 from addons import websocket_limit
 from addons.gateway import Gateway
@@ -281,6 +282,12 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
         "connection handler",
         "what a fast WebSocket sender sends while a hook runs, and what an HTTP/2 scraper does "
         "not read yet, is held however much it is",
+    ),
+    stream_window: (
+        "HTTP/2 client layer",
+        "an HTTP/2 site sends each answer as fast as it can, whatever the scraper takes: a "
+        "stream an HTTP/2 scraper pauses holds back the others on its site's connection, "
+        "until it is reset at network.response_timeout",
     ),
     connection_tasks: (
         "connection handler",

@@ -604,6 +604,11 @@ class _H2Reader:
         self.conn.increment_flow_control_window(self.got[stream], stream)
         self.tls.sendall(self.conn.data_to_send())
 
+    def give(self, stream: int, size: int) -> None:
+        """Make room for `size` more bytes of a paused stream (a slow reader)."""
+        self.conn.increment_flow_control_window(size, stream)
+        self.tls.sendall(self.conn.data_to_send())
+
     def reset(self, stream: int) -> None:
         self.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
         self.tls.sendall(self.conn.data_to_send())

@@ -18,7 +18,8 @@ counts a held stream's wait as the scraper's, as it does a site's connection not
 most a window of it (the connection's is 2 GiB).
 
 Only where the scraper speaks HTTP/2 to the gateway: an HTTP/1 scraper's request has its site
-connection to itself, which read_backpressure holds when the scraper does not read.
+connection to itself, which read_backpressure holds when the scraper does not read, and its
+streams keep mitmproxy's windows (no cap on a stream's speed to a distant site).
 
 Installed once at start-up by the gateway (proxy/app.py), next to addons/read_backpressure.py;
 only where mitmproxy's HTTP/2 layers still look as this assumes.
@@ -209,6 +210,8 @@ def install() -> None:
     @functools.wraps(original_init)
     def __init__(self: _http2.Http2Client, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
+        if self.context.client.alpn != b"h2":
+            return  # (an HTTP/1 scraper: read_backpressure holds its site connection)
         settings = self.h2_conn.local_settings
         settings.initial_window_size = SITE_STREAM_WINDOW
         settings.acknowledge()  # (in force at once, as mitmproxy does with its own)

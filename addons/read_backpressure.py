@@ -18,9 +18,10 @@ without bound:
   WINDOW_UPDATE, a stream's reset) wakes the wait. The scraper's connection is always read, and
   a site's connection serving only streams the scraper reads goes on. On an HTTP/2 connection
   to the site, addons/stream_window.py holds a paused stream back alone (its site gets no more
-  window), so this wait comes only when several paused streams hold more than the bound; the
-  connection's other streams then wait with them until HttpGuard resets the paused ones at
-  `response_timeout` (addons/http_guard.py, `let_go`).
+  window), and such streams have a bound of their own, MAX_HELD_AT_SITE (a page's several
+  paused videos stay under it); past either bound the connection's other streams wait with
+  them until HttpGuard resets the paused ones at `response_timeout` (addons/http_guard.py,
+  `let_go`).
 
 Either way the socket's buffers fill and TCP slows the sender, as when the gateway cannot write;
 what is held stays within one read (64 KiB) per connection of the bound.
@@ -55,9 +56,14 @@ from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http import _http_h2
 
+from addons import stream_window
 from addons.patches import install_once
 
 MAX_QUEUED_BYTES = 4 * 2**20
+# What the streams whose sites addons/stream_window.py holds back (each stops at most a window
+# ahead: ~1.5 MiB) may hold in all on a scraper's HTTP/2 connection before its site connections
+# wait too: a page's several paused videos, not a hundred.
+MAX_HELD_AT_SITE = 16 * 2**20
 # How long a site's connection waits for the scraper's HTTP/2 buffers before it looks again
 # (a stream the gateway itself ends frees its buffer with no read of the scraper's to say so).
 _RECHECK_SECONDS = 1.0
@@ -120,7 +126,7 @@ class _Waiting:
             self.changed = None
 
 
-def scraper_http_layers(client: connection.Client) -> list[http_layers.HttpLayer]:
+def _http_layers(client: connection.Client) -> list[http_layers.HttpLayer]:
     """The HTTP layers of a scraper's connection (one, and one per CONNECT tunnel in it)."""
     return client.__dict__.setdefault("_crawlwarden_http", [])
 
@@ -137,22 +143,27 @@ def _h2_holds(client: connection.Client) -> bool:
 def _h2_ahead(client: connection.Client, site: connection.Connection) -> int:
     """What the scraper's HTTP/2 send buffers hold for streams whose answers come on the
     connection `site` (the site's, or, through an upstream proxy, the one its tunnel goes
-    through), if they hold more than MAX_QUEUED_BYTES in all; else 0."""
-    total = mine = 0
+    through), if they hold more than MAX_QUEUED_BYTES in all, or more than MAX_HELD_AT_SITE
+    for the streams whose sites addons/stream_window.py holds back; else 0."""
+    total = at_site = mine = 0
+    stopped = stream_window.held_streams(client)
     for http in client.__dict__.get("_crawlwarden_http", ()):
         h2 = http.connections.get(http.context.client)
         if not isinstance(h2, _http2.Http2Server):
             continue
         for stream_id, chunks in h2.h2_conn.stream_buffers.items():
             held = sum(len(chunk.data) for chunk in chunks)
-            total += held
+            if stream_id in stopped:
+                at_site += held
+            else:
+                total += held
             stream = http.streams.get(stream_id)
             if held and stream is not None:
                 server = stream.context.server
                 tunnel = getattr(http.connections.get(server), "tunnel_connection", None)
                 if site is server or site is tunnel:
                     mine += held
-    return mine if total > MAX_QUEUED_BYTES else 0
+    return mine if total > MAX_QUEUED_BYTES or at_site > MAX_HELD_AT_SITE else 0
 
 
 def _scraper_transport(handler: Any) -> asyncio.WriteTransport | None:
@@ -274,7 +285,7 @@ def install() -> None:
     @functools.wraps(original_init)
     def http_layer_init(self: http_layers.HttpLayer, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        scraper_http_layers(self.context.client).append(self)
+        _http_layers(self.context.client).append(self)
 
     @functools.wraps(original_drain)
     def drain_writers(self: Any) -> Coroutine[Any, Any, None]:

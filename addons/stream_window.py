@@ -39,7 +39,6 @@ from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 
-from addons import read_backpressure
 from addons.patches import install_once
 
 # The window of each stream to a site (the HTTP/2 setting the gateway sends): what a site may
@@ -90,19 +89,17 @@ def h2_under(top: layer.Layer | None) -> _http2.Http2Client | None:
 
 
 def _scraper(site: _http2.Http2Client) -> _http2.Http2Server | None:
-    """The scraper's HTTP/2 layer whose streams this site's connection answers (None: it speaks
-    HTTP/1, or the HTTP layer has not taken the connection yet). The HTTP layer of a CONNECT
-    keeps the connections made in its tunnel too, each under the CONNECT's stream: the one
-    whose layers lead to `site` is the tunnel's."""
+    """The scraper's HTTP/2 layer whose streams this site's connection answers: that of the
+    HTTP layer nearest above it (in a CONNECT tunnel, the tunnel's); None if it speaks HTTP/1."""
     found = site.__dict__.get("_crawlwarden_scraper")
-    if found is not None:
-        return found if isinstance(found, _http2.Http2Server) else None
-    for http in read_backpressure.scraper_http_layers(site.context.client):
-        if h2_under(http.connections.get(site.conn)) is site:
-            found = http.connections.get(http.context.client)
-            site.__dict__["_crawlwarden_scraper"] = found if found is not None else False
-            return found if isinstance(found, _http2.Http2Server) else None
-    return None
+    if found is None:
+        http = next(
+            (x for x in reversed(site.context.layers) if isinstance(x, http_layers.HttpLayer)),
+            None,
+        )
+        scraper = http.connections.get(http.context.client) if http is not None else None
+        found = site.__dict__["_crawlwarden_scraper"] = scraper or False
+    return found if isinstance(found, _http2.Http2Server) else None
 
 
 def _holds(site: _http2.Http2Client) -> dict[int, _Held]:
@@ -181,6 +178,12 @@ def give_back(http: http_layers.HttpLayer) -> layer.CommandGenerator[list[int]]:
         if sent:
             yield from http.event_to_child(top, GiveBack())
     return given
+
+
+def held_streams(client: Any) -> set[int]:
+    """The scraper's HTTP/2 streams whose windows to their sites are held back now."""
+    sites = client.__dict__.get("_crawlwarden_held_sites")
+    return {their for site in sites for their in _holds(site)} if sites else set()
 
 
 def held_since(site: _http2.Http2Client | None, their: int | None) -> float | None:

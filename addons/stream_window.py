@@ -88,18 +88,22 @@ def h2_under(top: layer.Layer | None) -> _http2.Http2Client | None:
     return top
 
 
-def _scraper(site: _http2.Http2Client) -> _http2.Http2Server | None:
-    """The scraper's HTTP/2 layer whose streams this site's connection answers: that of the
-    HTTP layer nearest above it (in a CONNECT tunnel, the tunnel's); None if it speaks HTTP/1."""
-    found = site.__dict__.get("_crawlwarden_scraper")
+def _owner(site: _http2.Http2Client) -> http_layers.HttpLayer | None:
+    """The HTTP layer that made this site connection: the one nearest above its layers (in a
+    CONNECT tunnel, the tunnel's, not the CONNECT's, which also keeps the connection)."""
+    found = site.__dict__.get("_crawlwarden_owner")
     if found is None:
-        http = next(
-            (x for x in reversed(site.context.layers) if isinstance(x, http_layers.HttpLayer)),
-            None,
-        )
-        scraper = http.connections.get(http.context.client) if http is not None else None
-        found = site.__dict__["_crawlwarden_scraper"] = scraper or False
-    return found if isinstance(found, _http2.Http2Server) else None
+        layers = reversed(site.context.layers)
+        found = next((x for x in layers if isinstance(x, http_layers.HttpLayer)), None)
+        site.__dict__["_crawlwarden_owner"] = found
+    return found
+
+
+def _scraper(site: _http2.Http2Client) -> _http2.Http2Server | None:
+    """The scraper's HTTP/2 layer whose streams this site's connection answers."""
+    http = _owner(site)
+    scraper = http.connections.get(http.context.client) if http is not None else None
+    return scraper if isinstance(scraper, _http2.Http2Server) else None
 
 
 def _holds(site: _http2.Http2Client) -> dict[int, _Held]:
@@ -152,12 +156,12 @@ def give_back(http: http_layers.HttpLayer) -> layer.CommandGenerator[list[int]]:
     given: list[int] = []
     now = time.monotonic()
     for site in list(sites):
+        if _owner(site) is not http:
+            continue  # (another HTTP layer's)
         top = http.connections.get(site.conn)
         if top is None:
             del sites[site]  # its connection is gone: nothing to hand back
             continue
-        if h2_under(top) is not site:
-            continue  # (another HTTP layer's: the CONNECT's, around the tunnel's)
         holds = _holds(site)
         scraper = _scraper(site)
         sent = False

@@ -15,6 +15,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -657,6 +658,94 @@ def test_a_proxy_port_in_use_is_one_line_naming_the_flag(workdir: Path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"crawlwarden: cannot listen on proxy address 127.0.0.1:{port}: "), last
     assert last.endswith("pick another --listen") and "in use" in last
+
+
+# `crawlwarden run` with a change made first (PATCH, Python), to stage a start's races.
+_STAGED_START = """
+import asyncio, sys
+import proxy.app as app
+from mitmproxy.addons import proxyserver
+{patch}
+from proxy import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _staged_start(patch: str, args: list[str]) -> subprocess.Popen[str]:
+    script = _STAGED_START.format(patch=patch)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONOPTIMIZE": "1"},  # (else `run` restarts itself under -O)
+    )
+
+
+def test_a_proxy_port_taken_while_the_gateway_starts_ends_the_start_before_started(
+    workdir: Path,
+):
+    # Another process took the proxy port after the gateway's check and before mitmproxy
+    # bound it (two gateways starting at once on a node). The gateway had logged "started"
+    # and answered /readyz 200 from its admin API until mitmproxy's error ended it, so a
+    # readiness probe, or a test, took another process's port for its proxy.
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        patch = (  # (the check passes once: the port taken right after it)
+            "check = app.listen_problem\n"
+            "checked = []\n"
+            "async def once(host, port):\n"
+            "    checked.append(port)\n"
+            "    return None if len(checked) == 1 else await check(host, port)\n"
+            "app.listen_problem = once"
+        )
+        proc = _staged_start(patch, _run_command(policy, workdir / "data", port))
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert '"started"' not in err + out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"crawlwarden: cannot listen on proxy address 127.0.0.1:{port}: "), last
+    assert last.endswith("pick another --listen") and "in use" in last
+
+
+def test_the_gateway_is_ready_only_once_its_proxy_listens(workdir: Path):
+    # mitmproxy binds the proxy port when the gateway's main loop runs, after the admin API
+    # is up: /readyz said 200 while the proxy port still refused connections (here for the 2 s
+    # a slow bind takes; in a real start for a moment), and Kubernetes sent traffic to it.
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    port, admin = free_port(), free_port()
+    patch = (
+        "bind = proxyserver.Proxyserver.setup_servers\n"
+        "async def slowly(self):\n"
+        "    await asyncio.sleep(2.0)\n"
+        "    return await bind(self)\n"
+        "proxyserver.Proxyserver.setup_servers = slowly"
+    )
+    proc = _staged_start(patch, _run_command(policy, workdir / "data", port, admin))
+    seen: list[tuple[int, bool]] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(ready for ready, _ in seen):
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                answer = requests.get(f"http://127.0.0.1:{admin}/readyz", timeout=1)
+            except requests.ConnectionError:
+                time.sleep(0.05)
+                continue
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                listening = True
+            except OSError:
+                listening = False
+            seen.append((answer.status_code == 200, listening))
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert seen and seen[-1] == (True, True), seen
+    assert all(listening for ready, listening in seen if ready), seen
 
 
 def test_the_same_port_for_proxy_and_admin_is_a_usage_error_naming_both_flags(workdir: Path):

@@ -28,6 +28,7 @@ from mitmproxy.master import Master
 
 from addons import buffered_bytes
 from addons import connection_tasks
+from addons import h2_frames
 from addons import interim
 from addons import named_connections
 from addons import read_backpressure
@@ -299,6 +300,10 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
         "an HTTP/2 site sends each answer as fast as it can, whatever the scraper takes: a "
         "stream an HTTP/2 scraper pauses holds back the others on its site's connection, "
         "until it is reset at network.response_timeout",
+    ),
+    h2_frames: (
+        "hyperframe frame text",
+        "every HTTP/2 frame received is hex-encoded whole for a trace line no one reads",
     ),
     connection_tasks: (
         "connection handler",

@@ -60,9 +60,9 @@ from addons import stream_window
 from addons.patches import install_once
 
 MAX_QUEUED_BYTES = 4 * 2**20
-# What the streams whose sites addons/stream_window.py holds back (each stops at most a window
-# ahead: ~1.5 MiB) may hold in all on a scraper's HTTP/2 connection before its site connections
-# wait too: a page's several paused videos, not a hundred.
+# What the streams from HTTP/2 sites that addons/stream_window.py gives windows as the scraper
+# makes room (each stops at most a window ahead: ~1.5 MiB) may hold in all on a scraper's HTTP/2
+# connection before its site connections wait too: a page's several paused videos, not a hundred.
 MAX_HELD_AT_SITE = 16 * 2**20
 # How long a site's connection waits for the scraper's HTTP/2 buffers before it looks again
 # (a stream the gateway itself ends frees its buffer with no read of the scraper's to say so).
@@ -143,27 +143,31 @@ def _h2_holds(client: connection.Client) -> bool:
 def _h2_ahead(client: connection.Client, site: connection.Connection) -> int:
     """What the scraper's HTTP/2 send buffers hold for streams whose answers come on the
     connection `site` (the site's, or, through an upstream proxy, the one its tunnel goes
-    through), if they hold more than MAX_QUEUED_BYTES in all, or more than MAX_HELD_AT_SITE
-    for the streams whose sites addons/stream_window.py holds back; else 0."""
-    total = at_site = mine = 0
-    stopped = stream_window.held_streams(client)
+    through), if they hold more than MAX_HELD_AT_SITE in all for streams from HTTP/2 sites
+    that addons/stream_window.py gives windows as the scraper makes room (each stops a window
+    ahead), or more than MAX_QUEUED_BYTES for the others; else 0."""
+    others = windowed = mine = 0
     for http in client.__dict__.get("_crawlwarden_http", ()):
         h2 = http.connections.get(http.context.client)
         if not isinstance(h2, _http2.Http2Server):
             continue
         for stream_id, chunks in h2.h2_conn.stream_buffers.items():
             held = sum(len(chunk.data) for chunk in chunks)
-            if stream_id in stopped:
-                at_site += held
-            else:
-                total += held
+            if not held:
+                continue
             stream = http.streams.get(stream_id)
-            if held and stream is not None:
-                server = stream.context.server
-                tunnel = getattr(http.connections.get(server), "tunnel_connection", None)
-                if site is server or site is tunnel:
-                    mine += held
-    return mine if total > MAX_QUEUED_BYTES or at_site > MAX_HELD_AT_SITE else 0
+            if stream is None:  # (a finished answer, held whole before it went on)
+                others += held
+                continue
+            server = stream.context.server
+            top = http.connections.get(server)
+            if stream_window.windowed(stream_window.h2_under(top)):
+                windowed += held
+            else:
+                others += held
+            if site is server or site is getattr(top, "tunnel_connection", None):
+                mine += held
+    return mine if others > MAX_QUEUED_BYTES or windowed > MAX_HELD_AT_SITE else 0
 
 
 def _scraper_transport(handler: Any) -> asyncio.WriteTransport | None:

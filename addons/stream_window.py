@@ -184,10 +184,11 @@ def give_back(http: http_layers.HttpLayer) -> layer.CommandGenerator[list[int]]:
     return given
 
 
-def held_streams(client: Any) -> set[int]:
-    """The scraper's HTTP/2 streams whose windows to their sites are held back now."""
-    sites = client.__dict__.get("_crawlwarden_held_sites")
-    return {their for site in sites for their in _holds(site)} if sites else set()
+def windowed(site: _http2.Http2Client | None) -> bool:
+    """Whether this HTTP/2 connection to a site gives each stream the window its scraper makes
+    room for (its scraper speaks HTTP/2): a stream's answer then waits in the gateway at most
+    ROOM_BYTES and a window."""
+    return site is not None and "_crawlwarden_scraper_paced" in site.__dict__
 
 
 def held_since(site: _http2.Http2Client | None, their: int | None) -> float | None:
@@ -219,6 +220,7 @@ def install() -> None:
         original_init(self, *args, **kwargs)
         if self.context.client.alpn != b"h2":
             return  # (an HTTP/1 scraper: read_backpressure holds its site connection)
+        self.__dict__["_crawlwarden_scraper_paced"] = True
         settings = self.h2_conn.local_settings
         settings.initial_window_size = SITE_STREAM_WINDOW
         settings.acknowledge()  # (in force at once, as mitmproxy does with its own)

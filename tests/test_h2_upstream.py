@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -79,6 +80,18 @@ def _egress_proxy(workdir: Path, name: str) -> Iterator[UpstreamProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+def _through(
+    stack: contextlib.ExitStack, workdir: Path, via: str | None, policy: dict[str, Any]
+) -> UpstreamProxy | None:
+    """The gateway's traffic through a real upstream proxy named `via`, if any (started on
+    `stack`, named in the policy's egress.upstream_proxies)."""
+    if via is None:
+        return None
+    egress = stack.enter_context(_egress_proxy(workdir, via))
+    policy["egress"] = {**policy["egress"], "upstream_proxies": [{"name": via, "url": egress.url}]}
+    return egress
 
 
 @dataclass
@@ -346,12 +359,7 @@ def test_a_stream_the_scraper_pauses_holds_back_no_other_on_the_sites_connection
     authority = f"site-a.test:{h2_site.port}"
     policy = policy_with(network={**LOOPBACK, "response_timeout": "20s"})
     with contextlib.ExitStack() as stack:
-        if via is not None:
-            egress = stack.enter_context(_egress_proxy(workdir, via))
-            policy["egress"] = {
-                **policy["egress"],
-                "upstream_proxies": [{"name": via, "url": egress.url}],
-            }
+        _through(stack, workdir, via, policy)
         gw = stack.enter_context(Gateway(workdir, policy, trusted_ca=test_ca.ca_cert))
         scraper = stack.enter_context(_scraper(gw, authority))
         first = scraper.get("/small.txt")  # (the connection to the site is made)
@@ -380,6 +388,19 @@ def test_a_stream_the_scraper_pauses_holds_back_no_other_on_the_sites_connection
     assert h2_site.connections("/small.txt", *(f"/video{n}.bin" for n in range(videos))) == 1
 
 
+@contextlib.contextmanager
+def _a_video_site(
+    workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA, response_timeout: str
+) -> Iterator[tuple[Gateway, _H2Reader]]:
+    """A gateway (`network.response_timeout`) and an HTTP/2 scraper in a tunnel to the site,
+    which serves a video the gateway streams at /video.bin."""
+    (tmp_path / "www" / "video.bin").write_bytes(b"v" * VIDEO)
+    policy = policy_with(network={**LOOPBACK, "response_timeout": response_timeout})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with _scraper(gw, f"site-a.test:{h2_site.port}") as scraper:
+            yield gw, scraper
+
+
 def test_many_paused_streams_hold_no_more_than_the_gateways_bound(
     workdir: Path, tmp_path: Path, h2_site: H2Site, test_ca: LocalCA
 ):
@@ -388,22 +409,18 @@ def test_many_paused_streams_hold_no_more_than_the_gateways_bound(
     # such answers (addons/read_backpressure.py, MAX_HELD_AT_SITE) the site's connection is not
     # read: the gateway does not hold 40 x 1.5 MiB. The scraper then gives up on them, and the
     # connection still serves a page.
-    (tmp_path / "www" / "video.bin").write_bytes(b"v" * VIDEO)
-    authority = f"site-a.test:{h2_site.port}"
-    policy = policy_with(network={**LOOPBACK, "response_timeout": "30s"})
-    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+    with _a_video_site(workdir, tmp_path, h2_site, test_ca, "30s") as (gw, scraper):
         assert gw.proc is not None
-        with _scraper(gw, authority) as scraper:
-            first = scraper.get("/img/plain.jpg")
-            scraper.read(5, until_ended={first})
-            before = _kib(gw.proc.pid, "VmRSS")
-            videos = [scraper.get("/video.bin", paused=True) for _ in range(40)]
-            scraper.read(4)
-            held = _kib(gw.proc.pid, "VmRSS") - before
-            for video in videos:
-                scraper.reset(video)
-            page = scraper.get("/img/plain.jpg")
-            scraper.read(10, until_ended={page})
+        first = scraper.get("/img/plain.jpg")
+        scraper.read(5, until_ended={first})
+        before = _kib(gw.proc.pid, "VmRSS")
+        videos = [scraper.get("/video.bin", paused=True) for _ in range(40)]
+        scraper.read(4)
+        held = _kib(gw.proc.pid, "VmRSS") - before
+        for video in videos:
+            scraper.reset(video)
+        page = scraper.get("/img/plain.jpg")
+        scraper.read(10, until_ended={page})
     print("the gateway's RSS grew by", held, "KiB with 40 paused downloads")
     assert held < 40 * 1024, held
     assert page in scraper.ended and scraper.got[page] == len(PLAIN), scraper.got
@@ -416,20 +433,16 @@ def test_a_stream_its_scraper_reads_slowly_is_held_back_not_ended(
     # the site: its stream's window is held back at the site most of the time, but it makes
     # room now and then, so it is no stalled reader and is not ended at the response timeout
     # (2 s); once it reads at speed, the download comes whole.
-    (tmp_path / "www" / "video.bin").write_bytes(b"v" * VIDEO)
-    authority = f"site-a.test:{h2_site.port}"
-    policy = policy_with(network={**LOOPBACK, "response_timeout": "2s"})
-    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with _scraper(gw, authority) as scraper:
-            video = scraper.get("/video.bin", paused=True)
-            scraper.read(1)
-            for _ in range(12):
-                scraper.give(video, 64 * 2**10)
-                scraper.read(0.5)
-                assert video not in scraper.ended, f"ended after {scraper.got[video]} bytes"
-            slowly = scraper.got[video]
-            scraper.resume(video)
-            scraper.read(30, until_ended={video})
+    with _a_video_site(workdir, tmp_path, h2_site, test_ca, "2s") as (gw, scraper):
+        video = scraper.get("/video.bin", paused=True)
+        scraper.read(1)
+        for _ in range(12):
+            scraper.give(video, 64 * 2**10)
+            scraper.read(0.5)
+            assert video not in scraper.ended, f"ended after {scraper.got[video]} bytes"
+        slowly = scraper.got[video]
+        scraper.resume(video)
+        scraper.read(30, until_ended={video})
         records = [
             (r["reason"], r["response_bytes"])
             for r in gw.fetch_records()
@@ -456,12 +469,7 @@ def test_a_stream_that_times_out_is_reset_alone_on_a_site_connection_others_shar
     authority = f"site-a.test:{h2_site.port}"
     policy = policy_with(network={**LOOPBACK, "transfer_timeout": "4s"})
     with contextlib.ExitStack() as stack:
-        if via is not None:
-            egress = stack.enter_context(_egress_proxy(workdir, via))
-            policy["egress"] = {
-                **policy["egress"],
-                "upstream_proxies": [{"name": via, "url": egress.url}],
-            }
+        egress = _through(stack, workdir, via, policy)
         gw = stack.enter_context(Gateway(workdir, policy, trusted_ca=test_ca.ca_cert))
         with _scraper(gw, authority) as scraper:
             long = scraper.get("/trickle/long.bin")
@@ -474,7 +482,7 @@ def test_a_stream_that_times_out_is_reset_alone_on_a_site_connection_others_shar
             if "/trickle/" in r["url"]
         }
         errors = gw.metric("crawlwarden_upstream_errors_total", kind="timeout")
-        if via is not None:
+        if egress is not None:
             assert f"server connect 127.0.0.1:{h2_site.port}" in egress.flows()
     assert records == {
         "long.bin": ("upstream_timeout", "network.transfer_timeout", via),

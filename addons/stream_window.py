@@ -17,6 +17,10 @@ counts a held stream's wait as the scraper's, as it does a site's connection not
 `held_since`. The connection's own window goes back with the stream's; a held stream keeps at
 most a window of it (the connection's is 2 GiB).
 
+It matters for answers the gateway streams (over addons/gateway.py's BUFFER_LIMIT): one it holds
+whole is read from the site to its end before any of it goes to the scraper, so nothing of it
+waits in a send buffer while its site stream is open.
+
 Only where the scraper speaks HTTP/2 to the gateway: an HTTP/1 scraper's request has its site
 connection to itself, which read_backpressure holds when the scraper does not read, and its
 streams keep mitmproxy's windows (no cap on a stream's speed to a distant site).

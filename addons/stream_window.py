@@ -62,7 +62,7 @@ class _Held:
     ours: int  # the stream's id on the site's connection
     size: int  # flow-controlled bytes not handed back
     since: float  # (monotonic) held since, or since the scraper last took some of it
-    waiting: int  # what the scraper's stream had waiting at the last look
+    waiting: int  # what the scraper's stream had waiting at the last look (or the last data)
 
 
 class GiveBack(events.Event):
@@ -146,6 +146,7 @@ def _acknowledge(site: _http2.Http2Client, original: Any, size: int, ours: int) 
         _held_sites(site.context.client)[site] = None
     else:
         held.size += size
+        held.waiting = waiting  # (what the scraper takes is measured from here)
 
 
 def give_back(http: http_layers.HttpLayer) -> layer.CommandGenerator[list[int]]:

@@ -710,11 +710,10 @@ def test_a_proxy_port_taken_while_the_gateway_starts_ends_the_start_before_start
     assert last.endswith("pick another --listen") and "in use" in last
 
 
-def test_the_gateway_is_ready_only_once_its_proxy_listens(workdir: Path):
-    # mitmproxy binds the proxy port when the gateway's main loop runs, after the admin API
-    # is up: /readyz said 200 while the proxy port still refused connections (here for the 2 s
-    # a slow bind takes; in a real start for a moment), and Kubernetes sent traffic to it.
-    policy = write_policy(workdir / "policy.yaml", policy_with())
+def _readiness_during_a_slow_bind(policy: Path, data_dir: Path) -> list[tuple[bool, bool]] | None:
+    """A gateway whose proxy port is bound 2 s late: (ready, proxy listening) at each answer of
+    /readyz until it says ready. None: another process took one of its ports meanwhile (the
+    gateway then stops with its one-line error), so the caller tries again with others."""
     port, admin = free_port(), free_port()
     patch = (
         "bind = proxyserver.Proxyserver.setup_servers\n"
@@ -723,12 +722,15 @@ def test_the_gateway_is_ready_only_once_its_proxy_listens(workdir: Path):
         "    return await bind(self)\n"
         "proxyserver.Proxyserver.setup_servers = slowly"
     )
-    proc = _staged_start(patch, _run_command(policy, workdir / "data", port, admin))
-    seen: list[tuple[int, bool]] = []
+    proc = _staged_start(patch, _run_command(policy, data_dir, port, admin))
+    seen: list[tuple[bool, bool]] = []
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(ready for ready, _ in seen):
-            assert proc.poll() is None, proc.communicate()[1]
+            if proc.poll() is not None:
+                last = (proc.stderr.read() if proc.stderr else "").strip().splitlines()[-1:]
+                assert last and "already in use" in last[0], last
+                return None
             try:
                 answer = requests.get(f"http://127.0.0.1:{admin}/readyz", timeout=1)
             except requests.ConnectionError:
@@ -742,8 +744,21 @@ def test_the_gateway_is_ready_only_once_its_proxy_listens(workdir: Path):
             seen.append((answer.status_code == 200, listening))
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+    return seen
+
+
+def test_the_gateway_is_ready_only_once_its_proxy_listens(workdir: Path):
+    # mitmproxy binds the proxy port when the gateway's main loop runs, after the admin API
+    # is up: /readyz said 200 while the proxy port still refused connections (here for the 2 s
+    # a slow bind takes; in a real start for a moment), and Kubernetes sent traffic to it.
+    policy = write_policy(workdir / "policy.yaml", policy_with())
+    for attempt in range(3):
+        seen = _readiness_during_a_slow_bind(policy, workdir / f"data-{attempt}")
+        if seen is not None:
+            break
     assert seen and seen[-1] == (True, True), seen
     assert all(listening for ready, listening in seen if ready), seen
 

@@ -544,7 +544,7 @@ class HttpGuard(layer.Layer):
         server = self.child.connections.get(self.client)
         if stream_id is None or not isinstance(server, Http2Server):
             return
-        if left := _unsent(server, stream_id):
+        if left := stream_window.buffered(server, stream_id):
             self._unread[stream_id] = left
             self._add(self.limits().response, "unread", stream_id, stream_id)
 
@@ -556,7 +556,7 @@ class HttpGuard(layer.Layer):
         server = self.child.connections.get(self.client)
         if last is None or not isinstance(server, Http2Server):
             return
-        left = _unsent(server, stream_id)
+        left = stream_window.buffered(server, stream_id)
         if not left:
             return
         limit = self.limits().response
@@ -976,11 +976,6 @@ def _reset_by_peer(server: Http2Server, stream_id: int) -> bool:
 def _is_tunnel(child: HttpLayer) -> bool:
     """An HTTP layer inside a CONNECT tunnel (its stack holds the outer HTTP layer's stream)."""
     return any(isinstance(lay, HttpLayer) for lay in child.context.layers if lay is not child)
-
-
-def _unsent(server: Http2Server, stream_id: int) -> int:
-    """Bytes of a stream's answer waiting in mitmproxy's send buffer for the stream's window."""
-    return sum(len(chunk.data) for chunk in server.h2_conn.stream_buffers.get(stream_id, ()))
 
 
 def _peer(client: connection.Client) -> str | None:

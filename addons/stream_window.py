@@ -114,8 +114,9 @@ def _holds(site: _http2.Http2Client) -> dict[int, _Held]:
     return site.__dict__.setdefault("_crawlwarden_held", {})
 
 
-def _waiting(scraper: _http2.Http2Server, stream_id: int) -> int:
-    """What the scraper's stream has waiting in the gateway's send buffer (no window for it)."""
+def buffered(scraper: _http2.Http2Server, stream_id: int) -> int:
+    """What the scraper's stream has waiting in the gateway's send buffer (mitmproxy's, for the
+    stream's window)."""
     return sum(len(chunk.data) for chunk in scraper.h2_conn.stream_buffers.get(stream_id, ()))
 
 
@@ -132,7 +133,7 @@ def _acknowledge(site: _http2.Http2Client, original: Any, size: int, ours: int) 
     if scraper is None or their is None or not size:
         original(size, ours)
         return
-    waiting = _waiting(scraper, their)
+    waiting = buffered(scraper, their)
     holds = _holds(site)
     held = holds.get(their)
     if waiting < ROOM_BYTES:
@@ -171,7 +172,7 @@ def give_back(http: http_layers.HttpLayer) -> layer.CommandGenerator[list[int]]:
         scraper = _scraper(site)
         sent = False
         for their, held in list(holds.items()):
-            waiting = _waiting(scraper, their) if scraper is not None else 0
+            waiting = buffered(scraper, their) if scraper is not None else 0
             if waiting >= ROOM_BYTES:
                 if waiting < held.waiting:
                     held.since = now  # it took some: a slow reader is no stalled one

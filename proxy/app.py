@@ -302,7 +302,7 @@ _PATCHES: dict[ModuleType, tuple[str, str]] = {
         "until it is reset at network.response_timeout",
     ),
     h2_frames: (
-        "hyperframe frame text",
+        "HTTP/2 frame library (hyperframe)",
         "every HTTP/2 frame received is hex-encoded whole for a trace line no one reads",
     ),
     connection_tasks: (

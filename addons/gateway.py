@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 
 import structlog
 from mitmproxy import connection
@@ -34,6 +35,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http import is_h3_alpn
 
 from addons import named_connections
+from addons import read_backpressure
 from addons import websocket_limit
 from addons.buffered_bytes import RECEIVED
 from addons.client_events import ERROR_ANSWER
@@ -51,6 +53,7 @@ from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
 from addons.http_guard import guard_http_layers
 from addons.http_guard import refusal_response
+from addons.read_backpressure import MAX_UNREAD_ANSWERS
 from addons.streaming import HOLD_LIMIT
 from addons.streaming import ResponseStream
 from proxy import inputs
@@ -88,6 +91,8 @@ from proxy.ssrf import IPAddress
 from proxy.websocket import Conversation
 
 log = structlog.get_logger("crawlwarden.decision")
+# On a scraper's connection while its requests wait for it to read its answers (logged once).
+_UNREAD_NOTED = "_crawlwarden_unread_noted"
 
 META = "crawlwarden"
 # Bodies up to this size are buffered whole, so an opt-out in them can still become a 451; larger
@@ -708,7 +713,12 @@ class Gateway:
                 # The gateway has just read this file for the whole fleet: no second fetch.
                 return self._serve_cached_robots(flow, state, cached, started)
         # Budgets last: what they count is exactly what is forwarded (DESIGN.md step 4).
-        if ctx.site.settings.on_exceed == "delay":
+        # Held for its turn in delay mode, and in either mode while its HTTP/2 connection has
+        # answers unread past the bound (addons/read_backpressure.py).
+        if (
+            ctx.site.settings.on_exceed == "delay"
+            or read_backpressure.unread_answers(flow.client_conn) > MAX_UNREAD_ANSWERS
+        ):
 
             def refused_meanwhile() -> Decision | None:
                 """What the policy in force refuses this held request for now: its team after
@@ -738,7 +748,7 @@ class Gateway:
                 state.decision = refuse(
                     Reason.INTERRUPTED,
                     "the client went away or cancelled the request while it was held for the "
-                    "site's budget",
+                    "site's budget or for the client to read the answers it was given",
                     site=ctx.site.key,
                 )
                 if flow.killable:
@@ -1405,7 +1415,7 @@ class Gateway:
         answered a request held for a minute only when its turn came: a docs probe)."""
         if flow.metadata.get(CLIENT_RESET):
             return None  # cancelled (an HTTP/2 stream reset) before its turn came
-        waiting = asyncio.ensure_future(self.rt.admit(ctx))
+        waiting = asyncio.ensure_future(self._admit_with_room(flow.client_conn, ctx))
         held = self._held.setdefault(flow.client_conn, set())
         held.add(waiting)
         flow.metadata[HELD] = waiting  # HttpGuard cancels it when the scraper resets the stream
@@ -1438,6 +1448,35 @@ class Gateway:
         finally:
             held.discard(waiting)
             flow.metadata.pop(HELD, None)
+
+    async def _admit_with_room(self, client: connection.Client, ctx: RequestContext) -> Admission:
+        """The site's admission, once the scraper's HTTP/2 connection is down to
+        MAX_UNREAD_ANSWERS of answers it has not read; if answers that came while the request
+        was held for its turn took it past that again, it waits once more, its budgets taken
+        (given back if it is let go meanwhile). The waits count as its `waited`."""
+        unread = read_backpressure.unread_answers(client)
+        if unread > MAX_UNREAD_ANSWERS and not client.__dict__.get(_UNREAD_NOTED):
+            client.__dict__[_UNREAD_NOTED] = True  # (once until the client reads)
+            log.info(
+                "requests_held_for_unread_answers",
+                client_ip=client.peername[0] if client.peername else None,
+                site=ctx.site.key,
+                unread_bytes=unread,
+                detail="the client's HTTP/2 connection has not read the answers it was given; "
+                "its next requests wait until it does",
+            )
+        for_room = await read_backpressure.room_for_answers(client)
+        admission = await self.rt.admit(ctx)
+        if admission.decision.allowed:
+            try:
+                for_room += await read_backpressure.room_for_answers(client)
+            except BaseException:
+                self.rt.budgets.finish(admission.lease)
+                raise
+        if not for_room:
+            return admission
+        client.__dict__.pop(_UNREAD_NOTED, None)
+        return replace(admission, waited=admission.waited + for_room)
 
     def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
         """The CONNECT an upstream proxy is sent for an https:// request sent without CONNECT

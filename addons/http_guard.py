@@ -575,6 +575,7 @@ class HttpGuard(layer.Layer):
         yield from server.handle_event(
             ResponseProtocolError(stream_id, "answer not read", ErrorCode.CANCEL)
         )
+        read_backpressure.room_made(self.client)
 
     def _expire_tunnel(self, _: None, now: float) -> layer.CommandGenerator[None]:
         if self.client not in _guarded_tunnels:  # no request inside the tunnel yet

@@ -23,6 +23,16 @@ without bound:
   them until HttpGuard resets the paused ones at `response_timeout` (addons/http_guard.py,
   `let_go`).
 
+- HTTP/2 to the scraper, answers the gateway held whole (up to 16 MiB, so an opt-out in one can
+  still refuse it) and handed to a stream at once: their sites are done with them, so no read
+  waits, and a scraper that asked for one after another and read none made the gateway hold
+  them all (60 of 4 MiB: +272 MiB). A scraper connection's next requests now wait, before they
+  reach the site, while its HTTP/2 streams hold more than MAX_UNREAD_ANSWERS of such answers
+  (`unread_answers`, `room_for_answers`, used by addons/gateway.py); each read of the scraper's
+  connection wakes the wait, and HttpGuard's reset of an answer left unread for
+  `response_timeout` makes room too (`room_made`). Requests sent together before any answer
+  came are forwarded together (bounded by the site's concurrency and HTTP/2's 100 streams).
+
 Either way the socket's buffers fill and TCP slows the sender, as when the gateway cannot write;
 what is held stays within one read (64 KiB) per connection of the bound.
 
@@ -64,6 +74,10 @@ MAX_QUEUED_BYTES = 4 * 2**20
 # makes room (each stops at most a window ahead: ~1.5 MiB) may hold in all on a scraper's HTTP/2
 # connection before its site connections wait too: a page's several paused videos, not a hundred.
 MAX_HELD_AT_SITE = 16 * 2**20
+# What answers held whole (addons/gateway.py, BUFFER_LIMIT) and handed to a scraper's HTTP/2
+# streams may wait unread there before the connection's next requests wait for room: two of the
+# largest, or a page's few paused short videos.
+MAX_UNREAD_ANSWERS = 32 * 2**20
 # How long a site's connection waits for the scraper's HTTP/2 buffers before it looks again
 # (a stream the gateway itself ends frees its buffer with no read of the scraper's to say so).
 _RECHECK_SECONDS = 1.0
@@ -247,16 +261,53 @@ def _reading(handler: Any) -> connection.Connection | None:
     return None
 
 
-_WAITING = "_crawlwarden_waiting"  # on the scraper's connection too, for let_go
+_WAITING = "_crawlwarden_waiting"  # on the scraper's connection (its handler's reads)
 
 
-def _waiting(handler: Any) -> _Waiting:
+def _waiting(client: connection.Client) -> _Waiting:
     try:
-        return handler._crawlwarden_waiting
-    except AttributeError:
-        handler._crawlwarden_waiting = waiting = _Waiting()
-        handler.client.__dict__[_WAITING] = waiting
+        return client.__dict__[_WAITING]
+    except KeyError:
+        client.__dict__[_WAITING] = waiting = _Waiting()
         return waiting
+
+
+def unread_answers(client: connection.Client) -> int:
+    """What the scraper's HTTP/2 streams hold of answers their sites are done with (held whole
+    by the gateway, then handed over at once) that the scraper has not taken yet."""
+    unread = 0
+    for http in client.__dict__.get("_crawlwarden_http", ()):
+        h2 = http.connections.get(http.context.client)
+        if not isinstance(h2, _http2.Http2Server):
+            continue
+        for stream_id, chunks in h2.h2_conn.stream_buffers.items():
+            if stream_id not in http.streams:
+                unread += sum(len(chunk.data) for chunk in chunks)
+    return unread
+
+
+async def room_for_answers(client: connection.Client) -> float:
+    """Until the scraper's unread answers are down to MAX_UNREAD_ANSWERS (at once if they
+    are): how long it waited (seconds). Woken by each read of the scraper's connection and by
+    `room_made`, looked at again every _RECHECK_SECONDS."""
+    if unread_answers(client) <= MAX_UNREAD_ANSWERS:
+        return 0.0
+    started = time.monotonic()
+    waiting = _waiting(client)
+    while client.connected and unread_answers(client) > MAX_UNREAD_ANSWERS:
+        try:
+            await asyncio.wait_for(waiting.change(), _RECHECK_SECONDS)
+        except TimeoutError:
+            pass
+    return time.monotonic() - started
+
+
+def room_made(client: connection.Client) -> None:
+    """The gateway dropped an answer of the scraper's (HttpGuard reset its stream): requests
+    waiting in `room_for_answers` look again now."""
+    waiting = client.__dict__.get(_WAITING)
+    if waiting is not None:
+        waiting.wake()
 
 
 @install_once(_looks_as_expected)
@@ -277,7 +328,7 @@ def install() -> None:
         return _websocket_hook(self, hook, paused)
 
     async def _websocket_hook(self: Any, hook: commands.StartHook, paused: layer.Layer) -> None:
-        waiting = _waiting(self)
+        waiting = _waiting(self.client)
         waiting.layers[id(paused)] = paused
         try:
             await original_hook_task(self, hook)
@@ -293,14 +344,14 @@ def install() -> None:
 
     @functools.wraps(original_drain)
     def drain_writers(self: Any) -> Coroutine[Any, Any, None]:
-        waiting = getattr(self, "_crawlwarden_waiting", None)
+        waiting = self.client.__dict__.get(_WAITING)
         if (
             (waiting is None or not (waiting.layers or waiting.changed))
             and not _h2_holds(self.client)
             and not _scraper_full(self)
         ):
             return original_drain(self)
-        return _drain_and_wait(self, _waiting(self))
+        return _drain_and_wait(self, _waiting(self.client))
 
     async def _drain_and_wait(self: Any, waiting: _Waiting) -> None:
         site = _reading(self)

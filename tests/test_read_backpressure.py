@@ -26,6 +26,7 @@ import h2.errors
 import h2.events
 import h2.settings
 
+from addons.read_backpressure import MAX_UNREAD_ANSWERS
 from tests.support import PROJECT
 from tests.support import TEAM
 from tests.support import TEAM_TOKEN
@@ -889,6 +890,135 @@ def test_whole_answers_an_http2_scraper_leaves_unread_are_let_go(
     assert scraper.got[slow] == 15 * MiB
     assert len(dropped) == 30 and {e["bytes"] for e in dropped} == {15 * MiB - 65_535}, dropped
     assert rss[2] - rss[0] < 96 * 1024, rss  # (+300 MiB a round, held)
+
+
+PHOTO = 4 * MiB  # held whole before it goes on (up to BUFFER_LIMIT)
+# How many such answers, each read for its first window only, a connection takes before its
+# next requests wait: the last one forwarded is the first to find more than the bound unread.
+ANSWERED_UNREAD = MAX_UNREAD_ANSWERS // (PHOTO - 65_535) + 1
+
+
+def _photos_one_after_another(scraper: _H2Reader, count: int) -> list[int]:
+    """The scraper asks for `count` photos, each once the one before has begun to come (or
+    has not within 2 s), and reads none past its first window: their streams."""
+    streams = []
+    for _ in range(count):
+        streams.append(scraper.get("/photo", paused=True))
+        deadline = time.monotonic() + 2
+        while not scraper.got[streams[-1]] and time.monotonic() < deadline:
+            scraper.read(0.2)
+    return streams
+
+
+def _photos_whole(gw: Gateway, scraper: _H2Reader, streams: list[int]) -> list[Any]:
+    """The scraper reads all of them: the records of the photos."""
+    for stream in streams:
+        scraper.paused.discard(stream)
+        scraper.give(stream, PHOTO)
+    scraper.read(60, until_ended=set(streams))
+    assert {scraper.got[s] for s in streams} == {PHOTO}, scraper.got
+    assert not set(streams) & scraper.resets, scraper.resets
+    return [(r["reason"], r["response_bytes"]) for r in _records_of(gw, "/photo")]
+
+
+def test_an_http2_scraper_reading_none_of_its_answers_has_no_more_fetched_for_it(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # Answers of up to 16 MiB are held whole, then handed to the scraper's stream at once (the
+    # site is done with them). A scraper that asked for one photo after another and read none
+    # made the gateway fetch and hold them all (60 of 4 MiB: +272 MiB). Past 32 MiB unread on
+    # its connection its next requests wait before they reach the site; once it reads, they
+    # go on, and every photo comes whole.
+    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
+    authority = f"site-a.test:{tls_site.port}"
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            streams = _photos_one_after_another(scraper, ANSWERED_UNREAD + 4)
+            scraper.read(2)
+            answered = [s for s in streams if scraper.got[s]]
+            fetched = sum(seen.path == "/photo" for seen in tls_site.seen)
+            records = _photos_whole(gw, scraper, streams)
+        held = gw.log_events("requests_held_for_unread_answers")
+    print("answered", len(answered), "fetched", fetched, "held", held)
+    assert answered == streams[:ANSWERED_UNREAD] and fetched == ANSWERED_UNREAD
+    assert records == [("ok", PHOTO)] * len(streams), records
+    assert len(held) == 1 and held[0]["unread_bytes"] > MAX_UNREAD_ANSWERS, held
+
+
+def test_requests_held_for_their_turn_wait_for_the_scraper_to_read_too(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # The same in delay mode, the requests sent together: the site takes one at a time, so
+    # each is let through once the one before has come whole, and all passed the bound while
+    # nothing was unread. One whose turn comes while the connection holds more than the bound
+    # unread waits (its slot taken) until the scraper reads.
+    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
+    authority = f"site-a.test:{tls_site.port}"
+    policy = policy_with(defaults={"on_exceed": "delay", "max_concurrency": 1, "max_delay": "60s"})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            streams = [scraper.get("/photo", paused=True) for _ in range(ANSWERED_UNREAD + 6)]
+            scraper.read(6)
+            fetched = sum(seen.path == "/photo" for seen in tls_site.seen)
+            records = _photos_whole(gw, scraper, streams)
+    print("fetched while unread", fetched)
+    # (one more if the next turn came before the last answer was handed to its stream)
+    assert ANSWERED_UNREAD <= fetched <= ANSWERED_UNREAD + 1, fetched
+    assert records == [("ok", PHOTO)] * len(streams), records
+
+
+def test_requests_held_for_unread_answers_go_on_once_the_gateway_drops_them(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # A scraper that never reads: its unread answers are dropped at the response timeout (5 s),
+    # and the requests waiting behind them go on then, not never.
+    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
+    authority = f"site-a.test:{tls_site.port}"
+    network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
+    policy = policy_with(network={**network, "response_timeout": "5s"})
+    with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            streams = _photos_one_after_another(scraper, ANSWERED_UNREAD)
+            waiting = [scraper.get("/photo", paused=True) for _ in range(2)]
+            scraper.read(1)
+            before = {s: scraper.got[s] for s in waiting}
+            scraper.read(15)
+            fetched = sum(seen.path == "/photo" for seen in tls_site.seen)
+        dropped = gw.log_events("unread_answer_dropped")
+    print("before", before, "got", scraper.got, "dropped", len(dropped))
+    assert all(scraper.got[s] == 65_535 for s in streams), scraper.got
+    assert before == dict.fromkeys(waiting, 0), before
+    assert all(scraper.got[s] == 65_535 for s in waiting), scraper.got
+    assert fetched == len(streams) + 2 and len(dropped) >= ANSWERED_UNREAD, (fetched, dropped)
+
+
+def test_requests_held_for_unread_answers_that_their_scraper_gives_up_are_never_sent(
+    workdir: Path, tls_site: Site, test_ca: LocalCA
+):
+    # Held for the scraper to read (reject mode, where nothing else holds a request): one the
+    # scraper cancels (RST_STREAM), and one still held when it closes its connection, are
+    # recorded `interrupted` at once and never reach the site.
+    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
+    authority = f"site-a.test:{tls_site.port}"
+    with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
+        with tls_tunnel(gw, authority, alpn="h2") as tls:
+            scraper = _H2Reader(tls, authority)
+            _photos_one_after_another(scraper, ANSWERED_UNREAD)
+            cancelled, _still_held = (scraper.get("/photo", paused=True) for _ in range(2))
+            scraper.read(1)
+            scraper.reset(cancelled)
+            scraper.read(1)
+            while_open = [r["reason"] for r in _records_of(gw, "/photo")]
+        wait_for(lambda: len(_records_of(gw, "/photo")) == ANSWERED_UNREAD + 2, timeout=10)
+        records = [(r["decision"], r["reason"]) for r in _records_of(gw, "/photo")]
+        fetched = sum(seen.path == "/photo" for seen in tls_site.seen)
+    print(records)
+    assert while_open == ["ok"] * ANSWERED_UNREAD + ["interrupted"], while_open
+    assert records[-2:] == [("refused", "interrupted")] * 2, records
+    assert fetched == ANSWERED_UNREAD, fetched
 
 
 def test_an_http2_scrapers_connection_does_not_keep_the_answers_it_was_given(

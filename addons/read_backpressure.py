@@ -30,8 +30,9 @@ without bound:
   reach the site, while its HTTP/2 streams hold more than MAX_UNREAD_ANSWERS of such answers
   (`unread_answers`, `room_for_answers`, used by addons/gateway.py); each read of the scraper's
   connection wakes the wait, and HttpGuard's reset of an answer left unread for
-  `response_timeout` makes room too (`room_made`). Requests sent together before any answer
-  came are forwarded together (bounded by the site's concurrency and HTTP/2's 100 streams).
+  `response_timeout` makes room too (`room_made`). Requests it sent together, before any
+  answer came, have gone to their sites: the site connections bringing answers the gateway
+  holds whole for it are not read meanwhile either.
 
 Either way the socket's buffers fill and TCP slows the sender, as when the gateway cannot write;
 what is held stays within one read (64 KiB) per connection of the bound.
@@ -101,6 +102,10 @@ def _looks_as_expected() -> bool:
         and "self.connections = {}" in inspect.getsource(http_layers.HttpLayer.__init__)
         and "self.context.server = self.flow.server_conn = connection"
         in inspect.getsource(http_layers.HttpStream)
+        and "self.server_state = self.state_consume_response_body"
+        in inspect.getsource(http_layers.HttpStream.state_wait_for_response_headers)
+        and "self.server_state = self.state_wait_for_response_headers"
+        in inspect.getsource(http_layers.HttpStream.state_wait_for_request_headers)
     )
 
 
@@ -159,8 +164,10 @@ def _h2_ahead(client: connection.Client, site: connection.Connection) -> int:
     connection `site` (the site's, or, through an upstream proxy, the one its tunnel goes
     through), if they hold more than MAX_HELD_AT_SITE in all for streams from HTTP/2 sites
     that addons/stream_window.py gives windows as the scraper makes room (each stops a window
-    ahead), or more than MAX_QUEUED_BYTES for the others; else 0."""
-    others = windowed = mine = 0
+    ahead), or more than MAX_QUEUED_BYTES for the others; or, while they hold more than
+    MAX_UNREAD_ANSWERS of answers their sites are done with, what they hold of those if an
+    answer the gateway holds whole is coming on `site`; else 0."""
+    others = windowed = mine = unread = 0
     for http in client.__dict__.get("_crawlwarden_http", ()):
         h2 = http.connections.get(http.context.client)
         if not isinstance(h2, _http2.Http2Server):
@@ -172,6 +179,7 @@ def _h2_ahead(client: connection.Client, site: connection.Connection) -> int:
             stream = http.streams.get(stream_id)
             if stream is None:  # (a finished answer, held whole before it went on)
                 others += held
+                unread += held
                 continue
             server = stream.context.server
             top = http.connections.get(server)
@@ -179,9 +187,39 @@ def _h2_ahead(client: connection.Client, site: connection.Connection) -> int:
                 windowed += held
             else:
                 others += held
-            if site is server or site is getattr(top, "tunnel_connection", None):
+            if _comes_on(http, server, site):
                 mine += held
-    return mine if others > MAX_QUEUED_BYTES or windowed > MAX_HELD_AT_SITE else 0
+    if mine and (others > MAX_QUEUED_BYTES or windowed > MAX_HELD_AT_SITE):
+        return mine
+    if unread > MAX_UNREAD_ANSWERS and _whole_answer_on(client, site):
+        return unread
+    return 0
+
+
+def _comes_on(
+    http: http_layers.HttpLayer, server: connection.Server, site: connection.Connection
+) -> bool:
+    """Whether what comes from `server` comes on `site` (itself, or the connection to the
+    upstream proxy its tunnel goes through)."""
+    top = http.connections.get(server)
+    return site is server or site is getattr(top, "tunnel_connection", None)
+
+
+def _whole_answer_on(client: connection.Client, site: connection.Connection) -> bool:
+    """Whether an answer for one of the scraper's HTTP/2 streams that the gateway holds whole
+    until its end is coming on `site`: its stream is in one of the states from its request's
+    way to the site until such an answer is all read (the head awaited, the body read in full;
+    looked up now, as other addons wrap them at start-up)."""
+    stream_class = http_layers.HttpStream
+    whole = (stream_class.state_wait_for_response_headers, stream_class.state_consume_response_body)
+    for http in client.__dict__.get("_crawlwarden_http", ()):
+        if not isinstance(http.connections.get(http.context.client), _http2.Http2Server):
+            continue
+        for stream in http.streams.values():
+            state = getattr(stream.server_state, "__func__", None)
+            if state in whole and _comes_on(http, stream.context.server, site):
+                return True
+    return False
 
 
 def _scraper_transport(handler: Any) -> asyncio.WriteTransport | None:

@@ -76,9 +76,10 @@ MAX_QUEUED_BYTES = 4 * 2**20
 # connection before its site connections wait too: a page's several paused videos, not a hundred.
 MAX_HELD_AT_SITE = 16 * 2**20
 # What answers held whole (addons/gateway.py, BUFFER_LIMIT) and handed to a scraper's HTTP/2
-# streams may wait unread there before the connection's next requests wait for room: two of the
-# largest, or a page's few paused short videos.
-MAX_UNREAD_ANSWERS = 32 * 2**20
+# streams may wait unread there before the connection's next requests wait for room: four of the
+# largest, or what a browser leaves of a page's several paused short videos (it reads the first
+# 6 MiB or so of each).
+MAX_UNREAD_ANSWERS = 64 * 2**20
 # How long a site's connection waits for the scraper's HTTP/2 buffers before it looks again
 # (a stream the gateway itself ends frees its buffer with no read of the scraper's to say so).
 _RECHECK_SECONDS = 1.0

@@ -267,8 +267,12 @@ class PostgresStore:
         return self.schema.has(table)
 
     async def open(self) -> None:
+        # No floor of connections kept open: asyncpg restores one in the background, and
+        # during an outage it logged a warning with a traceback every few seconds, beside the
+        # fetch log's own fetchlog_store_error. The connections it has stay open while used
+        # (asyncpg closes them after 5 idle minutes); the first write after that connects.
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self.pool_size, command_timeout=60
+            self.dsn, min_size=0, max_size=self.pool_size, command_timeout=60
         )
         if not self.migrate_schema:
             try:

@@ -53,7 +53,6 @@ from addons.http_guard import TIMEOUT
 from addons.http_guard import Limits
 from addons.http_guard import guard_http_layers
 from addons.http_guard import refusal_response
-from addons.read_backpressure import MAX_UNREAD_ANSWERS
 from addons.streaming import HOLD_LIMIT
 from addons.streaming import ResponseStream
 from proxy import inputs
@@ -717,7 +716,8 @@ class Gateway:
         # answers unread past the bound (addons/read_backpressure.py).
         if (
             ctx.site.settings.on_exceed == "delay"
-            or read_backpressure.unread_answers(flow.client_conn) > MAX_UNREAD_ANSWERS
+            or read_backpressure.unread_answers(flow.client_conn)
+            > read_backpressure.MAX_UNREAD_ANSWERS
         ):
 
             def refused_meanwhile() -> Decision | None:
@@ -1455,7 +1455,7 @@ class Gateway:
         was held for its turn took it past that again, it waits once more, its budgets taken
         (given back if it is let go meanwhile). The waits count as its `waited`."""
         unread = read_backpressure.unread_answers(client)
-        if unread > MAX_UNREAD_ANSWERS and not client.__dict__.get(_UNREAD_NOTED):
+        if unread > read_backpressure.MAX_UNREAD_ANSWERS and not client.__dict__.get(_UNREAD_NOTED):
             client.__dict__[_UNREAD_NOTED] = True  # (once until the client reads)
             log.info(
                 "requests_held_for_unread_answers",

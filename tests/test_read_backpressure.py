@@ -904,6 +904,15 @@ PHOTO = 4 * MiB  # held whole before it goes on (up to BUFFER_LIMIT)
 ANSWERED_UNREAD = MAX_UNREAD_ANSWERS // (PHOTO - 65_535) + 1
 
 
+@contextlib.contextmanager
+def _photo_scraper(gw: Gateway, tls_site: Site) -> Iterator[_H2Reader]:
+    """An HTTP/2 scraper in a CONNECT tunnel to the site, which serves PHOTO at /photo."""
+    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
+    authority = f"site-a.test:{tls_site.port}"
+    with tls_tunnel(gw, authority, alpn="h2") as tls:
+        yield _H2Reader(tls, authority)
+
+
 def _photos_one_after_another(scraper: _H2Reader, count: int) -> list[int]:
     """The scraper asks for `count` photos, each once the one before has begun to come (or
     has not within 2 s), and reads none past its first window: their streams."""
@@ -935,11 +944,8 @@ def test_an_http2_scraper_reading_none_of_its_answers_has_no_more_fetched_for_it
     # made the gateway fetch and hold them all (60 of 4 MiB: +272 MiB). Past 64 MiB unread on
     # its connection its next requests wait before they reach the site; once it reads, they
     # go on, and every photo comes whole.
-    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
-    authority = f"site-a.test:{tls_site.port}"
     with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _photo_scraper(gw, tls_site) as scraper:
             streams = _photos_one_after_another(scraper, ANSWERED_UNREAD + 4)
             scraper.read(2)
             answered = [s for s in streams if scraper.got[s]]
@@ -961,12 +967,9 @@ def test_answers_to_requests_an_http2_scraper_sent_together_stop_at_the_site_whi
     # bringing the others are not read (at most the four under way with the last one let
     # through may end meanwhile: 17 answered, +90 MiB); the scraper then reads, and every
     # photo comes whole.
-    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
-    authority = f"site-a.test:{tls_site.port}"
     with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
         assert gw.proc is not None
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _photo_scraper(gw, tls_site) as scraper:
             first = scraper.get("/img")
             scraper.read(5, until_ended={first})
             before = _kib(gw.proc.pid, "VmRSS")
@@ -987,12 +990,9 @@ def test_requests_held_for_their_turn_wait_for_the_scraper_to_read_too(
     # each is let through once the one before has come whole, and all passed the bound while
     # nothing was unread. One whose turn comes while the connection holds more than the bound
     # unread waits (its slot taken) until the scraper reads.
-    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
-    authority = f"site-a.test:{tls_site.port}"
     policy = policy_with(defaults={"on_exceed": "delay", "max_concurrency": 1, "max_delay": "60s"})
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _photo_scraper(gw, tls_site) as scraper:
             streams = [scraper.get("/photo", paused=True) for _ in range(ANSWERED_UNREAD + 6)]
             scraper.read(6)
             fetched = sum(seen.path == "/photo" for seen in tls_site.seen)
@@ -1008,13 +1008,10 @@ def test_requests_held_for_unread_answers_go_on_once_the_gateway_drops_them(
 ):
     # A scraper that never reads: its unread answers are dropped at the response timeout (5 s),
     # and the requests waiting behind them go on then, not never.
-    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
-    authority = f"site-a.test:{tls_site.port}"
     network = {"allow_private": ["127.0.0.0/8"], "static_hosts": {"*.test": "127.0.0.1"}}
     policy = policy_with(network={**network, "response_timeout": "5s"})
     with Gateway(workdir, policy, trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _photo_scraper(gw, tls_site) as scraper:
             streams = _photos_one_after_another(scraper, ANSWERED_UNREAD)
             waiting = [scraper.get("/photo", paused=True) for _ in range(2)]
             scraper.read(1)
@@ -1035,11 +1032,8 @@ def test_requests_held_for_unread_answers_that_their_scraper_gives_up_are_never_
     # Held for the scraper to read (reject mode, where nothing else holds a request): one the
     # scraper cancels (RST_STREAM), and one still held when it closes its connection, are
     # recorded `interrupted` at once and never reach the site.
-    tls_site.routes["/photo"] = Reply(body=b"p" * PHOTO, headers={"Content-Type": "image/jpeg"})
-    authority = f"site-a.test:{tls_site.port}"
     with Gateway(workdir, policy_with(), trusted_ca=test_ca.ca_cert) as gw:
-        with tls_tunnel(gw, authority, alpn="h2") as tls:
-            scraper = _H2Reader(tls, authority)
+        with _photo_scraper(gw, tls_site) as scraper:
             _photos_one_after_another(scraper, ANSWERED_UNREAD)
             cancelled, _still_held = (scraper.get("/photo", paused=True) for _ in range(2))
             scraper.read(1)

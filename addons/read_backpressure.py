@@ -55,6 +55,7 @@ import inspect
 import struct
 import termios
 import time
+import weakref
 from collections.abc import Coroutine
 from typing import Any
 
@@ -69,6 +70,7 @@ from mitmproxy.proxy.layers.http import _http_h2
 
 from addons import stream_window
 from addons.patches import install_once
+from proxy import metrics
 
 MAX_QUEUED_BYTES = 4 * 2**20
 # What the streams from HTTP/2 sites that addons/stream_window.py gives windows as the scraper
@@ -311,6 +313,10 @@ def _waiting(client: connection.Client) -> _Waiting:
         return waiting
 
 
+# The scrapers' connections that have asked for something over HTTP/2 (for the gauge).
+_H2_SCRAPERS: weakref.WeakSet[connection.Client] = weakref.WeakSet()
+
+
 def unread_answers(client: connection.Client) -> int:
     """What the scraper's HTTP/2 streams hold of answers their sites are done with (held whole
     by the gateway, then handed over at once) that the scraper has not taken yet."""
@@ -319,6 +325,7 @@ def unread_answers(client: connection.Client) -> int:
         h2 = http.connections.get(http.context.client)
         if not isinstance(h2, _http2.Http2Server):
             continue
+        _H2_SCRAPERS.add(client)
         for stream_id, chunks in h2.h2_conn.stream_buffers.items():
             if stream_id not in http.streams:
                 unread += sum(len(chunk.data) for chunk in chunks)
@@ -339,6 +346,11 @@ async def room_for_answers(client: connection.Client) -> float:
         except TimeoutError:
             pass
     return time.monotonic() - started
+
+
+def unread_everywhere() -> float:
+    """`unread_answers` of every open scraper connection of the gateway's."""
+    return float(sum(unread_answers(c) for c in list(_H2_SCRAPERS) if c.connected))
 
 
 def room_made(client: connection.Client) -> None:
@@ -445,6 +457,7 @@ def install() -> None:
                 drain.cancel()
         drain.result()
 
+    metrics.UNREAD_ANSWER_BYTES.set_function(unread_everywhere)
     http_layers.HttpLayer.__init__ = http_layer_init  # type: ignore[method-assign]
     handler_class.hook_task = hook_task  # type: ignore[method-assign]
     handler_class.drain_writers = drain_writers  # type: ignore[method-assign]

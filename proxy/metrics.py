@@ -109,6 +109,11 @@ POLICY_LAST_RELOAD_SUCCESS = Gauge(
     " refused: the policy file is not what runs, and a restart with it may fail",
 )
 IN_FLIGHT = Gauge("crawlwarden_requests_in_flight", "Requests forwarded and not yet answered")
+UNREAD_ANSWER_BYTES = Gauge(
+    "crawlwarden_unread_answer_bytes",
+    "Bytes of answers the gateway held whole and handed to HTTP/2 clients that have not read"
+    " them yet (past 64 MiB on a connection, its next requests wait)",
+)
 UPSTREAM_ERRORS = Counter(
     "crawlwarden_upstream_errors_total",
     "Forwarded requests the site failed: no response, or a body cut short; by kind (connect,"

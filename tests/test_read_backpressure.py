@@ -950,9 +950,12 @@ def test_an_http2_scraper_reading_none_of_its_answers_has_no_more_fetched_for_it
             scraper.read(2)
             answered = [s for s in streams if scraper.got[s]]
             fetched = sum(seen.path == "/photo" for seen in tls_site.seen)
+            unread = gw.metric("crawlwarden_unread_answer_bytes")
             records = _photos_whole(gw, scraper, streams)
+            unread_after = gw.metric("crawlwarden_unread_answer_bytes")
         held = gw.log_events("requests_held_for_unread_answers")
-    print("answered", len(answered), "fetched", fetched, "held", held)
+    print("answered", len(answered), "fetched", fetched, "held", held, unread, unread_after)
+    assert unread == ANSWERED_UNREAD * (PHOTO - 65_535) and unread_after == 0, unread
     assert answered == streams[:ANSWERED_UNREAD] and fetched == ANSWERED_UNREAD
     assert records == [("ok", PHOTO)] * len(streams), records
     assert len(held) == 1 and held[0]["unread_bytes"] > MAX_UNREAD_ANSWERS, held

@@ -1415,7 +1415,7 @@ class Gateway:
         answered a request held for a minute only when its turn came: a docs probe)."""
         if flow.metadata.get(CLIENT_RESET):
             return None  # cancelled (an HTTP/2 stream reset) before its turn came
-        waiting = asyncio.ensure_future(self._admit_with_room(flow.client_conn, ctx))
+        waiting = asyncio.ensure_future(self._admit_with_room(flow, ctx))
         held = self._held.setdefault(flow.client_conn, set())
         held.add(waiting)
         flow.metadata[HELD] = waiting  # HttpGuard cancels it when the scraper resets the stream
@@ -1449,17 +1449,18 @@ class Gateway:
             held.discard(waiting)
             flow.metadata.pop(HELD, None)
 
-    async def _admit_with_room(self, client: connection.Client, ctx: RequestContext) -> Admission:
+    async def _admit_with_room(self, flow: http.HTTPFlow, ctx: RequestContext) -> Admission:
         """The site's admission, once the scraper's HTTP/2 connection is down to
         MAX_UNREAD_ANSWERS of answers it has not read; if answers that came while the request
         was held for its turn took it past that again, it waits once more, its budgets taken
         (given back if it is let go meanwhile). The waits count as its `waited`."""
+        client = flow.client_conn
         unread = read_backpressure.unread_answers(client)
         if unread > read_backpressure.MAX_UNREAD_ANSWERS and not client.__dict__.get(_UNREAD_NOTED):
             client.__dict__[_UNREAD_NOTED] = True  # (once until the client reads)
             log.info(
                 "requests_held_for_unread_answers",
-                client_ip=client.peername[0] if client.peername else None,
+                client_ip=flow.metadata[META].client_ip,
                 site=ctx.site.key,
                 unread_bytes=unread,
                 detail="the client's HTTP/2 connection has not read the answers it was given; "

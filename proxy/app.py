@@ -174,22 +174,18 @@ async def serve(settings: Settings, start_reloads: Callable[[], int] | None = No
     gateway = Gateway(runtime)
     master.addons.add(gateway)
 
-    if (problem := await listen_problem(settings.listen_host, settings.listen_port)) is not None:
+    # The proxy listens before the admin API does, so /readyz never says ready while it does
+    # not (master.run below keeps the listener it finds). A port taken since the check (another
+    # process starting) ends the start here too, before "started" is logged.
+    problem = await listen_problem(settings.listen_host, settings.listen_port)
+    if problem is None and not await master.addons.get("proxyserver").setup_servers():
+        problem = await listen_problem(settings.listen_host, settings.listen_port)
+        problem = problem or "it was taken while the gateway started"
+    if problem is not None:
         await runtime.stop()
         raise SystemExit(
             f"crawlwarden: cannot listen on proxy address "
             f"{settings.listen_host}:{settings.listen_port}: {problem}; pick another --listen"
-        )
-    # The proxy listens before the admin API does, so /readyz never says ready while it does
-    # not (master.run below keeps the listener it finds). A port taken since the check above
-    # (another process starting) ends the start here, before "started" is logged.
-    if not await master.addons.get("proxyserver").setup_servers():
-        problem = await listen_problem(settings.listen_host, settings.listen_port)
-        await runtime.stop()
-        raise SystemExit(
-            f"crawlwarden: cannot listen on proxy address "
-            f"{settings.listen_host}:{settings.listen_port}: "
-            f"{problem or 'it was taken while the gateway started'}; pick another --listen"
         )
     admin = web.AppRunner(
         make_app(runtime, extra_routes=ADMIN_ROUTES),

@@ -92,6 +92,14 @@ AUDIT_RECORDS = Counter(
     ["outcome"],
 )
 AUDIT_SPOOL_BYTES = Gauge("crawlwarden_audit_spool_bytes", "Size of the local fetch-log spool")
+BUDGET_ADMITTED_AHEAD = Counter(
+    "crawlwarden_budget_admitted_ahead_total",
+    "Requests admitted ahead of Redis's answer (the site's budgets far from their limits on this"
+    " replica's last view), by what Redis said then: confirmed; overshot (other replicas took"
+    " what was left meanwhile; counted all the same); unconfirmed (Redis did not answer; counted"
+    " when it is back)",
+    ["outcome"],
+)
 STORE_ERRORS = Counter(
     "crawlwarden_store_errors_total", "Errors talking to a backing store", ["store"]
 )
@@ -167,6 +175,8 @@ for _kind in UPSTREAM_ERROR_KINDS:
     UPSTREAM_ERRORS.labels(kind=_kind)
 for _store in ("redis", "originfiles", "audit"):
     STORE_ERRORS.labels(store=_store)
+for _outcome in ("confirmed", "overshot", "unconfirmed"):
+    BUDGET_ADMITTED_AHEAD.labels(outcome=_outcome)
 for _outcome in (
     "stored",
     "retry",

@@ -379,6 +379,10 @@ class Defaults(Model):
     on_exceed: Literal["reject", "delay"] = "reject"
     max_delay: DurationText = "10s"
     fail_mode: Literal["closed", "local"] = "closed"
+    # Shared mode: a request may go before Redis has answered when this replica's view of the
+    # site, a moment old, shows its budgets far from their limits (README, "Budgets"); false:
+    # every request waits for Redis's answer.
+    admit_ahead: bool = True
     respect: Respect = Respect()
     legal_basis: LegalBasis = LegalBasis(kind="tdm_exception", ref="DSM Art. 4")
 
@@ -410,6 +414,7 @@ class SiteRule(Model):
     on_exceed: Literal["reject", "delay"] | None = None
     max_delay: DurationText | None = None
     fail_mode: Literal["closed", "local"] | None = None
+    admit_ahead: bool | None = None
     respect: RespectOverride = RespectOverride()
     legal_basis: LegalBasis | None = None
 

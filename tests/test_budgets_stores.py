@@ -106,6 +106,26 @@ async def test_concurrency_refusal_consumes_no_rate_or_quota(store: BudgetStore)
     assert (snap.tat_us, snap.day_requests, snap.in_flight) == (NOON + S, 1, 1)
 
 
+async def test_a_charged_request_consumes_everything_and_names_what_it_went_past(
+    store: BudgetStore,
+):
+    # A request admitted ahead of the store's word had gone: counted whatever the answer.
+    spec = make_spec(interval_us=S, burst=1, max_concurrency=1, requests_per_day=1)
+    assert (await store.admit(spec, "a", now_us=NOON)).allowed
+    charged = await store.admit(spec, "b", now_us=NOON, charge=True)
+    assert (charged.allowed, charged.charged) == (False, True)
+    assert charged.budget is Budget.REQUESTS_PER_DAY  # of the three, the one freeing up last
+    assert charged.snapshot == await store.snapshot(spec.key, now_us=NOON)
+    # Its rate slot is the next one, its lease held, both counts raised.
+    assert charged.snapshot.tat_us == NOON + 2 * S
+    snap = charged.snapshot
+    assert (snap.in_flight, snap.day_requests, snap.month_requests) == (2, 2, 2)
+    # A charged request the budgets allow is an ordinary admission.
+    other = make_spec()
+    fine = await store.admit(other, "c", now_us=NOON, charge=True)
+    assert (fine.allowed, fine.charged, fine.snapshot.day_requests) == (True, False, 1)
+
+
 async def test_refusal_names_the_budget_that_frees_up_last(store: BudgetStore):
     evening = at("2026-06-15T23:00:00+00:00")
     spec = make_spec(interval_us=10 * S, burst=1, requests_per_day=1)

@@ -2,6 +2,8 @@
 
 What it adds to a store:
 - specs parsed once per site and policy version, with robots.txt Crawl-delay applied;
+- shared mode: a request decided ahead of the store's answer where this replica's view of the
+  site, a moment old, shows every budget far from its limit (`_room_ahead`), counted behind it;
 - `on_exceed: delay`: wait (FIFO per site on this replica) until the store says a request fits,
   sleeping exactly as long as the store reports, never polling faster, up to `max_delay`;
 - store failure: count it, answer from `fail_mode` (closed: 503 `store_unavailable`; local: a
@@ -71,6 +73,16 @@ _MAX_TRACKED_SITES = 50_000  # per-site tables (specs, last views, gauges): ~2 K
 _MAX_ORPHANS = 100_000  # leases of unanswered admissions kept to give back
 _SLOT_POLL_FIRST = 0.05  # delay mode: first look for a slot freed by another replica
 _SLOT_POLL_MAX = 0.2
+# Admission ahead of the shared store's word (_room_ahead): how old this replica's last view of
+# the site may be. A busy site's view is renewed by every answer (a round trip, milliseconds); a
+# site asked less often than this waits for the store.
+AHEAD_VIEW_AGE = 0.25
+# How many of a site's requests this replica admits ahead before the store has counted them:
+# what another replica's pause, or its last slots taken, lets through here at most (a pause is
+# heard at once, published by Redis: follow_pauses; the rest with the next answer). And all
+# the replicas' requests admitted ahead together take at most 1/AHEAD_SHARE of any limit.
+AHEAD_MAX = 8
+AHEAD_SHARE = 32
 
 
 def _beyond(last: _Try, remaining: float) -> bool:
@@ -133,6 +145,16 @@ class _Try:
     wait: float = 0.0  # seconds until the refusing budget frees up
     waitable: bool = False  # worth waiting for in delay mode
     budget: Budget | None = None
+
+
+@dataclass(slots=True)
+class _Unconfirmed:
+    """A request admitted ahead that the shared store has not counted yet (_admit_ahead)."""
+
+    spec: BudgetSpec
+    settlement: Settlement | None = None  # queued by `finish` meanwhile: sent once it is counted
+    # where it was counted instead, the store having stopped answering (_count_unconfirmed_here)
+    store: BudgetStore | None = None
 
 
 @dataclass(slots=True)
@@ -215,6 +237,13 @@ class BudgetEngine:
         # holds from there (_crawl_delay_left).
         self._last_admitted: dict[str, float] = {}
         self._last_seen: dict[str, Snapshot] = {}
+        self._seen_at: dict[str, float] = {}  # site -> monotonic time of its _last_seen
+        # Admitted ahead of the store's word (_admit_ahead), until the store has counted them:
+        # how many per site, and each by its lease id (what `finish` queued meanwhile is sent
+        # once the store has the lease it frees), and the tasks counting them.
+        self._ahead: dict[str, int] = {}
+        self._unconfirmed: dict[str, _Unconfirmed] = {}
+        self._confirming: set[asyncio.Task[None]] = set()
         self._local_pause: dict[str, float] = {}  # site -> monotonic end, set synchronously
 
         self._nonce = secrets.token_hex(6)
@@ -261,6 +290,9 @@ class BudgetEngine:
             asyncio.create_task(self._renew_loop(), name="budgets-renew"),
             asyncio.create_task(self._gauge_loop(), name="budgets-gauges"),
         ]
+        if self._store.shared:
+            follow = self._store.follow_pauses(self._extend_local_pause)
+            self._loops.append(asyncio.create_task(follow, name="budgets-pauses"))
 
     async def close(self) -> None:
         """Settle what is queued (best effort, bounded), stop the background work, close.
@@ -448,6 +480,8 @@ class BudgetEngine:
         lease_id = f"{self._nonce}-{next(self._seq)}"
         if self._down:
             return await self._attempt_fallback(spec, lease_id)
+        if self._store.shared and self._room_ahead(spec):
+            return self._admit_ahead(spec, lease_id)
         try:
             seen = self._last_seen.get(spec.key) if self._store.shared else None
             verdict = await self._store.admit(spec, lease_id, seen=seen)
@@ -463,10 +497,118 @@ class BudgetEngine:
             self._store_failed(e)
             return await self._attempt_fallback(spec, lease_id)
         if self._store.shared:
-            if len(self._last_seen) >= _MAX_TRACKED_SITES:
-                self._last_seen.clear()
-            self._last_seen[spec.key] = verdict.snapshot
+            self._saw(spec.key, verdict.snapshot)
         return self._judge(spec, verdict, self._store, lease_id, local=False)
+
+    def _saw(self, key: str, snapshot: Snapshot) -> None:
+        if len(self._last_seen) >= _MAX_TRACKED_SITES:
+            self._last_seen.clear()
+            self._seen_at.clear()
+        self._last_seen[key] = snapshot
+        self._seen_at[key] = time.monotonic()
+
+    # -- ahead of the shared store's word ----------------------------------------------------
+    # On a busy event loop the store's answer waits for the loop's turn (milliseconds), not for
+    # Redis. Where this replica's view of a site, at most AHEAD_VIEW_AGE old, shows every
+    # budget at most half used and large, a request goes at once and the same script counts it
+    # behind it, whatever it says (still one round trip; the counts stay exact). Large: all the
+    # replicas together admit ahead at most 1/AHEAD_SHARE of it (this replica 1/replicas of
+    # that, and at most AHEAD_MAX). So a budget is passed only when other replicas spend the
+    # other half of it within that moment, and by at most 1/AHEAD_SHARE of it: the rate's next
+    # slots then come that much later, a quota is spent that much sooner. A polite budget (a
+    # burst, a concurrency, a quota under AHEAD_SHARE x replicas) is never decided ahead.
+
+    def _room_ahead(self, spec: BudgetSpec) -> bool:
+        if not spec.admit_ahead:
+            return False
+        seen = self._last_seen.get(spec.key)
+        if seen is None or time.monotonic() - self._seen_at.get(spec.key, 0.0) > AHEAD_VIEW_AGE:
+            return False
+        ahead = self._ahead.get(spec.key, 0)
+        if ahead >= AHEAD_MAX or seen.paused_until_us > seen.now_us:
+            return False
+        share = (ahead + 1) * AHEAD_SHARE * self.replicas  # this one included
+        return (
+            _far(spec.burst, burst_in_use(seen.tat_us, seen.now_us, spec.interval_us), share)
+            and _far(spec.max_concurrency, seen.in_flight, share)
+            and _far(spec.requests_per_day, seen.day_requests, share)
+            and _far(spec.requests_per_month, seen.month_requests, share)
+            # bytes are counted after the answers, which no count ahead knows: half left
+            and (spec.bytes_per_day is None or 2 * seen.day_bytes <= spec.bytes_per_day)
+        )
+
+    def _admit_ahead(self, spec: BudgetSpec, lease_id: str) -> _Try:
+        seen = self._last_seen[spec.key]
+        self._ahead[spec.key] = self._ahead.get(spec.key, 0) + 1
+        self._unconfirmed[lease_id] = _Unconfirmed(spec)
+        task = self._spawn(self._confirm(spec, lease_id, seen))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
+        lease = Lease(spec.key, lease_id, False, self._store)
+        self._live[lease_id] = lease
+        return _Try(Admission(Decision(allowed=True, site=spec.key), lease))
+
+    async def _confirm(self, spec: BudgetSpec, lease_id: str, seen: Snapshot) -> None:
+        """The store counts a request admitted ahead (whatever it would have said)."""
+        outcome = "confirmed"
+        try:
+            try:
+                verdict = await self._store.admit(spec, lease_id, seen=seen, charge=True)
+            except Exception as e:
+                outcome = "unconfirmed"
+                # A call that timed out may have run: its lease is given back on recovery.
+                self._orphans.append(Settlement(spec.key, lease_id, 0))
+                del self._orphans[:-_MAX_ORPHANS]
+                self._store_failed(e)  # (counts it here, with the others unconfirmed)
+                return
+            counted = self._unconfirmed.get(lease_id)
+            if counted is not None and counted.store is not None:
+                # Counted here already (the store stopped answering meanwhile): its lease in
+                # the store is given back on recovery, with the leases of calls that timed out.
+                self._orphans.append(Settlement(spec.key, lease_id, 0))
+            self._saw(spec.key, verdict.snapshot)
+            self._unpublished[spec.key] = self._seen(spec, verdict.snapshot)
+            if not verdict.allowed:
+                outcome = "overshot"
+                past = "paused" if verdict.budget is None else str(verdict.budget)
+                log.warning(
+                    "budget_overshot_ahead",
+                    site=spec.key,
+                    budget=past,
+                    detail=f"admitted ahead of Redis's answer, on this replica's view of "
+                    f"{spec.key} a moment old; other replicas "
+                    + ("paused it" if verdict.budget is None else f"spent its {past}")
+                    + " meanwhile; counted all the same",
+                )
+        finally:
+            left = self._ahead.get(spec.key, 1) - 1
+            if left > 0:
+                self._ahead[spec.key] = left
+            else:
+                self._ahead.pop(spec.key, None)
+            unconfirmed = self._unconfirmed.pop(lease_id, None)
+            if unconfirmed is not None and unconfirmed.settlement is not None:
+                self._pending.append((unconfirmed.store or self._store, unconfirmed.settlement))
+                self._wake.set()
+            metrics.BUDGET_ADMITTED_AHEAD.labels(outcome=outcome).inc()
+
+    def _count_unconfirmed_here(self) -> None:
+        """The shared store stopped answering: the requests admitted ahead that it has not
+        counted are counted by this replica's fallback at once, with those it admits from now
+        on (in its share of the budgets, handed over on recovery), their leases there. One the
+        store counted all the same (a late answer) is then counted twice: over, never under."""
+        for lease_id, unconfirmed in self._unconfirmed.items():
+            if unconfirmed.store is not None or self._fallback is None:
+                continue
+            spec = unconfirmed.spec
+            try:
+                self._fallback.admit_now(self._local_spec(spec), lease_id, charge=True)
+            except BudgetStoreFull as e:
+                log.warning("budget_store_full", site=spec.key, error=str(e))
+                continue
+            unconfirmed.store = self._fallback
+            if lease_id in self._live:
+                self._live[lease_id] = Lease(spec.key, lease_id, True, self._fallback)
 
     async def _attempt_fallback(self, spec: BudgetSpec, lease_id: str) -> _Try:
         if self._fallback is None or spec.fail_mode == "closed":
@@ -700,13 +842,20 @@ class BudgetEngine:
         so that is at most `max_concurrency` responses of the site (each of any size): the one
         that crossed the limit and the others in flight with it.
         """
-        if lease is None or self._live.pop(lease.id, None) is None:
+        if lease is None or (live := self._live.pop(lease.id, None)) is None:
             return
+        lease = live  # (one admitted ahead is the fallback's if the store did not count it)
         if len(self._ended) >= _MAX_TRACKED_SITES:
             self._ended.clear()  # a gauge then shows a slot taken until the site's next snapshot
         self._ended[lease.site] = self._ended.get(lease.site, 0) + 1
         store = lease.store or self._store
-        self._pending.append((store, Settlement(lease.site, lease.id, max(0, response_bytes))))
+        settlement = Settlement(lease.site, lease.id, max(0, response_bytes))
+        if (unconfirmed := self._unconfirmed.get(lease.id)) is not None:
+            # Admitted ahead, not yet counted: freed once it is (_confirm), not before (a
+            # release first, then the lease's count, would hold its slot until it lapses).
+            unconfirmed.settlement = settlement
+            return
+        self._pending.append((store, settlement))
         self._wake.set()
 
     def charge(self, site_key: str, response_bytes: int) -> None:
@@ -718,7 +867,10 @@ class BudgetEngine:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Settle everything `finish` queued so far and store the pauses asked for so far."""
+        """Settle everything `finish` queued so far (once the store has counted the requests
+        admitted ahead) and store the pauses asked for so far."""
+        if self._confirming:
+            await asyncio.gather(*self._confirming, return_exceptions=True)
         async with self._settle_lock:
             await self._settle_pending()
         if self._pausing:
@@ -871,6 +1023,7 @@ class BudgetEngine:
         if self._down:
             return
         self._down = True
+        self._count_unconfirmed_here()
         self._probe_delay = 0.1
         log.warning("budget_store_unavailable", store=self._store.name, error=self._last_error)
         self._spawn(self._probe())
@@ -1136,6 +1289,11 @@ class BudgetEngine:
         if source == "local":
             out["share"] = f"1/{self.replicas}"
         return out
+
+
+def _far(limit: int | None, used: int, share: int) -> bool:
+    """No limit, or one at most half used and at least `share` (_room_ahead)."""
+    return limit is None or (limit >= share and 2 * used <= limit)
 
 
 def _describe(spec: BudgetSpec, snap: Snapshot | None) -> dict[str, dict[str, Any]]:

@@ -166,7 +166,14 @@ class MemoryBudgetStore:
         *,
         now_us: int | None = None,
         seen: Snapshot | None = None,  # nothing here is lost (store.py)
+        charge: bool = False,
     ) -> StoreVerdict:
+        return self.admit_now(spec, lease_id, now_us=now_us, charge=charge)
+
+    def admit_now(
+        self, spec: BudgetSpec, lease_id: str, *, now_us: int | None = None, charge: bool = False
+    ) -> StoreVerdict:
+        """`admit`, without a suspension: what the engine counts in the same step."""
         now = self._clock() if now_us is None else now_us
         s = self._state(spec.key, now, admitting=True)
         s.roll(now)
@@ -193,13 +200,17 @@ class MemoryBudgetStore:
         if len(s.leases) >= spec.max_concurrency:
             oldest = min(s.leases.values(), default=now + to_us(self.lease_ttl))
             fail(Budget.CONCURRENCY, min(oldest - now, CONCURRENCY_WAIT_US))
-        if refusal is not None:
+        if refusal is not None and not charge:
             budget, wait = refusal
             return StoreVerdict(False, budget, budget is None, wait, s.snapshot(now, expired=True))
-        s.tat = rate.tat
+        s.tat = max(s.tat, now) + spec.interval_us  # (rate.tat when it conforms)
         s.leases[lease_id] = now + to_us(self.lease_ttl)
         s.day_requests += 1
         s.month_requests += 1
+        if refusal is not None:
+            budget, wait = refusal
+            snap = s.snapshot(now, expired=True)
+            return StoreVerdict(False, budget, budget is None, wait, snap, charged=True)
         return StoreVerdict(True, None, False, 0, s.snapshot(now, expired=True))
 
     async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:
@@ -223,6 +234,9 @@ class MemoryBudgetStore:
             s = self._sites.get(site)
             if s is not None and lease_id in s.leases and s.leases[lease_id] > now:
                 s.leases[lease_id] = expiry
+
+    async def follow_pauses(self, on_pause: Callable[[str, float], None]) -> None:
+        return  # one process: the engine holds its pauses itself
 
     async def pause(
         self,

@@ -10,6 +10,7 @@ site in one Redis Cluster slot:
     P{S}:month    hash    p = month id (year * 12 + month - 1), n = requests, g, f
     P{S}:pause    string  end of the site's pause (us)
     P{S}:backoff  hash    level = backoff doublings so far, expires = when the level resets (us)
+    Ppauses       channel '<microseconds left> <site>' as each pause is stored (follow_pauses)
 
 Every request costs one EVALSHA (`scripts.ADMIT`). Settlements are batched, off the request's
 critical path, and written with the admissions of the same event-loop turn (resp.py). Scripts
@@ -22,14 +23,18 @@ into a fast fallback decision (`BudgetEngine`), not a stalled request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError
@@ -64,6 +69,7 @@ _CODES: dict[int, Budget | None] = {
     5: Budget.RATE,
     6: Budget.CONCURRENCY,
 }
+log = structlog.get_logger("crawlwarden.budgets")
 _BATCH = 256
 _MAX_CACHED_KEYS = 100_000
 
@@ -94,6 +100,7 @@ def _now_arg(now_us: int | None) -> str:
 
 # ADMIT's last arguments: the site as this replica last saw it (scripts.ADMIT), or never.
 _NOT_SEEN = ("",)
+_NEVER_SEEN = ("", 0, 0, 0, 0, "", "")  # the same, in the seven places of a view
 
 
 def _seen_args(seen: Snapshot) -> tuple[int | str, ...]:
@@ -145,6 +152,7 @@ class RedisBudgetStore:
         self.url = url
         self.key_prefix = key_prefix
         self.lease_ttl = lease_ttl
+        self.pause_channel = f"{key_prefix}pauses"  # (follow_pauses)
         # Few connections: Redis runs one script at a time anyway, and a burst of requests then
         # queues for a pooled connection instead of opening dozens at once (on a busy event
         # loop, that is what makes connects time out).
@@ -328,9 +336,13 @@ class RedisBudgetStore:
         *,
         now_us: int | None = None,
         seen: Snapshot | None = None,
+        charge: bool = False,
     ) -> StoreVerdict:
         k = self.keys(spec.key)
         floor = _NOT_SEEN if seen is None else _seen_args(seen)
+        if charge:
+            # (the flag follows the seven arguments of a view: a 'never' would move it)
+            floor = (*(_seen_args(seen) if seen is not None else _NEVER_SEEN), "1")
         r = await self._eval_fast(
             scripts.ADMIT,
             (k.rate, k.conc, k.day, k.month, k.pause),
@@ -352,7 +364,7 @@ class RedisBudgetStore:
         snap = _snapshot(r[2:])
         if code == 0:
             return StoreVerdict(True, None, False, 0, snap)
-        return StoreVerdict(False, _CODES[code], code == 1, wait, snap)
+        return StoreVerdict(False, _CODES[code], code == 1, wait, snap, charged=charge)
 
     async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:
         calls = []
@@ -401,9 +413,43 @@ class RedisBudgetStore:
                 to_us(policy.cap),
                 to_us(policy.reset_after),
                 _now_arg(now_us),
+                self.pause_channel,
+                site,
             ],
         )
         return int(left) / 1e6
+
+    async def follow_pauses(self, on_pause: Callable[[str, float], None]) -> None:
+        """Hear every replica's pauses as they are stored: `on_pause(site, seconds left)`. Runs
+        until cancelled; a lost subscription is made again (a pause published meanwhile is
+        missed here, and held from this replica's next admission of the site, as without)."""
+        backoff = 0.5
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.pause_channel)
+                backoff = 0.5
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is None:
+                        continue
+                    left, _, site = _text(message["data"]).partition(" ")
+                    try:
+                        seconds = int(left) / 1e6
+                    except ValueError:
+                        log.warning("budget_pause_message_unreadable", data=str(message["data"]))
+                        continue
+                    on_pause(site, seconds)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # whatever happens (Redis, a bug), keep following
+                metrics.STORE_ERRORS.labels(store=self.name).inc()
+                log.warning("budget_pause_follow_failed", error=repr(e), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await pubsub.aclose()
 
     async def snapshot(self, site: str, *, now_us: int | None = None) -> Snapshot:
         k = self.keys(site)

@@ -156,6 +156,9 @@ end
 #       the decision taken on it. A heartbeat may notice the loss only seconds later
 #       (proxy/replicas.py); admissions in between would have started the quota over. The lease
 #       id names a generation this call starts.
+#       After the seven, '1' to charge the request whatever the answer: it has been sent
+#       already, admitted ahead on this replica's last view of the site (engine._admit_ahead);
+#       the code then says which budget it went past, and the site's state counts it.
 # Returns {code, wait_us, now, tat, in_flight, day_n, day_bytes, month_n, paused_until,
 #          day_generation, month_generation}.
 # code: 0 allowed, 1 paused, 2 requests_per_day, 3 requests_per_month, 4 bytes_per_day,
@@ -225,7 +228,7 @@ if cn >= max_conc then
   fail(6, math.min(frees - now, conc_wait))
 end
 
-if code ~= 0 then
+if code ~= 0 and ARGV[18] ~= '1' then
   return {code, wait, now, tat, cn, dc.n, dc.b, mc.n, paused_until, dc.g, mc.g}
 end
 
@@ -237,7 +240,8 @@ expire_after(conc_key, lease_ttl)
 dc.n, mc.n = dc.n + 1, mc.n + 1
 count_write(day_key, dc, day, lease, day_end, now, true)
 count_write(month_key, mc, month, lease, month_end, now, false)
-return {0, 0, now, new_tat, cn + 1, dc.n, dc.b, mc.n, paused_until, dc.g, mc.g}
+if wait < 0 then wait = 0 end
+return {code, wait, now, new_tat, cn + 1, dc.n, dc.b, mc.n, paused_until, dc.g, mc.g}
 """,
 )
 
@@ -282,7 +286,9 @@ return n
 """,
 )
 
-# KEYS: pause, backoff.  ARGV: pause_us (-1: back off), base_us, cap_us, reset_us, [now_us]
+# KEYS: pause, backoff.  ARGV: pause_us (-1: back off), base_us, cap_us, reset_us, now_us ('' for
+#       Redis's), and optionally a channel and the site: '<microseconds left> <site>' is published
+#       there, so that every replica holds the pause at once (engine._room_ahead).
 # Returns the microseconds the site stays paused. A pause only ever grows. Backing off doubles
 # from `base` up to `cap` for each throttling answer after the previous pause ended (answers to
 # requests sent before it do not escalate), and starts over `reset` after a pause ends quietly.
@@ -307,6 +313,10 @@ end
 paused_until = math.max(paused_until, now + want)
 redis.call('SET', KEYS[1], str(paused_until))
 expire_after(KEYS[1], paused_until - now)
+if ARGV[6] and ARGV[6] ~= '' then
+  -- pcall: a user whose ACL does not let it publish there still stores the pause
+  redis.pcall('PUBLISH', ARGV[6], str(paused_until - now) .. ' ' .. ARGV[7])
+end
 return paused_until - now
 """,
 )

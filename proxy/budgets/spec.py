@@ -54,6 +54,7 @@ class BudgetSpec:
     on_exceed: Literal["reject", "delay"] = "reject"
     max_delay: float = 10.0
     fail_mode: Literal["closed", "local"] = "closed"
+    admit_ahead: bool = True  # (engine._room_ahead)
     # policy rule id per policy field, e.g. {"rate": "sites.archive.rate", ...}
     rules: tuple[tuple[str, str], ...] = ()
 
@@ -138,6 +139,7 @@ def spec_for(site: Site) -> BudgetSpec:
         on_exceed=s.on_exceed,
         max_delay=units.parse_duration(s.max_delay),
         fail_mode=s.fail_mode,
+        admit_ahead=s.admit_ahead,
         rules=rules,
     )
 

@@ -10,6 +10,7 @@ its own clock (Redis: `TIME`, the one clock of all replicas).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
@@ -57,6 +58,9 @@ class StoreVerdict:
     paused: bool
     wait_us: int  # until the refusing budget frees up (concurrency: an estimate, see gcra.py)
     snapshot: Snapshot
+    # Refused, and consumed all the same (`admit(charge=True)`): the request had gone already,
+    # and the budgets it went past count it.
+    charged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +106,13 @@ class BudgetStore(Protocol):
         *,
         now_us: int | None = None,
         seen: Snapshot | None = None,
+        charge: bool = False,
     ) -> StoreVerdict:
         """Check every budget of the site; consume all of them (and take a lease) or none.
         `seen`: the site as this replica last saw it in a shared store, which raises counts the
-        store has lost (scripts.ADMIT); an in-process store loses none."""
+        store has lost (scripts.ADMIT); an in-process store loses none. `charge`: consume them
+        whatever the answer (a request admitted ahead of the store's word has gone already);
+        the verdict still says which budget it went past."""
         ...
 
     async def settle(self, batch: Sequence[Settlement], *, now_us: int | None = None) -> None:
@@ -125,6 +132,11 @@ class BudgetStore(Protocol):
         now_us: int | None = None,
     ) -> float:
         """Pause the site for `seconds`, or by backoff when None; returns the pause left (s)."""
+        ...
+
+    async def follow_pauses(self, on_pause: Callable[[str, float], None]) -> None:
+        """Until cancelled, call `on_pause(site, seconds left)` for each pause another replica
+        stores (and this one); an in-process store returns at once: it has no others."""
         ...
 
     async def snapshot(self, site: str, *, now_us: int | None = None) -> Snapshot: ...

@@ -381,3 +381,45 @@ def test_a_shared_gateway_sends_requests_ahead_of_redis_only_where_the_budgets_a
         client.close()
     assert days == {"polite": b"10", "bulk": b"20"}
     assert site.count() == 30
+
+
+@pytest.mark.timeout(30)
+async def test_a_redis_user_that_may_not_hear_pauses_still_stores_them_and_is_told_once(
+    own_redis: RedisServer,  # noqa: F811
+    key_prefix: str,  # noqa: F811
+):
+    # An ACL'd Redis user allowed the keys and scripts but not the pauses' channel: the PAUSE
+    # script's publish must not fail the pause, and following it must not retry for ever (each
+    # retry a Redis error, CrawlwardenRedisErrors firing for a setting).
+    admin = redis_asyncio.Redis.from_url(own_redis.url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "crawler", "on", ">secret", "~*", "&elsewhere:*", "+@all"
+        )
+    finally:
+        await admin.aclose()
+    url = f"redis://crawler:secret@127.0.0.1:{own_redis.port}/0"
+    site = make_site()
+    errors = sample("crawlwarden_store_errors_total", store="redis")
+    with capture_logs() as logs:
+        here, there = await engines(url, key_prefix, 2)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5.0
+            while loop.time() < deadline:
+                if len([e for e in logs if e["event"] == "budget_pause_follow_refused"]) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            here.site_answered(site, 429, "5")
+            await here.flush()
+            # Stored all the same: the other replica's next answer holds it.
+            assert (await there.admit(site)).decision.reason is Reason.SITE_PAUSED
+            await asyncio.sleep(1.0)  # (time for retries, were there any)
+        finally:
+            for engine in (here, there):
+                await engine.close()
+    refused = [e for e in logs if e["event"] == "budget_pause_follow_refused"]
+    assert len(refused) == 2  # once per replica
+    assert refused[0]["channel"] == f"{key_prefix}pauses"
+    assert not [e for e in logs if e["event"] == "budget_pause_follow_failed"]
+    assert sample("crawlwarden_store_errors_total", store="redis") == errors

@@ -442,6 +442,19 @@ class RedisBudgetStore:
                     on_pause(site, seconds)
             except asyncio.CancelledError:
                 raise
+            except NoPermissionError as e:
+                # A setting, not an outage: asking again every few seconds would only keep
+                # the Redis errors alert firing. Said once; pauses then reach this replica
+                # with its next answer for their site.
+                log.error(
+                    "budget_pause_follow_refused",
+                    channel=self.pause_channel,
+                    error=str(e),
+                    detail="the Redis user may not subscribe to this channel (ACL): another "
+                    "replica's pause holds here from this replica's next answer for the site; "
+                    "allow the channel (docs/kubernetes.md)",
+                )
+                return
             except Exception as e:  # whatever happens (Redis, a bug), keep following
                 metrics.STORE_ERRORS.labels(store=self.name).inc()
                 log.warning("budget_pause_follow_failed", error=repr(e), retry_in=backoff)

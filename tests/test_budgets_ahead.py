@@ -8,7 +8,9 @@ held as the README says.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from collections.abc import Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +64,19 @@ async def waited(call: Coroutine[Any, Any, Admission]) -> Admission:
     return await task
 
 
-async def engines(url: str, prefix: str, n: int, **kw: Any) -> list[BudgetEngine]:
-    started = []
-    for _ in range(n):
-        engine = BudgetEngine(RedisBudgetStore(url, key_prefix=prefix), replicas=n, **kw)
-        await engine.start()
-        started.append(engine)
-    return started
+@asynccontextmanager
+async def engines(url: str, prefix: str, n: int, **kw: Any) -> AsyncIterator[list[BudgetEngine]]:
+    """n replicas sharing the Redis at `url`, each knowing they are n (proxy/replicas.py)."""
+    started: list[BudgetEngine] = []
+    try:
+        for _ in range(n):
+            engine = BudgetEngine(RedisBudgetStore(url, key_prefix=prefix), replicas=n, **kw)
+            await engine.start()
+            started.append(engine)
+        yield started
+    finally:
+        for engine in started:
+            await engine.close()
 
 
 async def in_redis(url: str, prefix: str, site: str) -> tuple[int, int]:
@@ -89,9 +97,8 @@ async def test_a_site_far_from_its_limits_is_admitted_without_waiting_for_redis(
     key_prefix: str,  # noqa: F811
 ):
     site = make_site(requests_per_day=10_000)
-    (engine,) = await engines(redis_server.url, key_prefix, 1)
-    confirmed = sample(AHEAD, outcome="confirmed")
-    try:
+    async with engines(redis_server.url, key_prefix, 1) as (engine,):
+        confirmed = sample(AHEAD, outcome="confirmed")
         # No view of the site yet: the first waits for Redis.
         first = await waited(engine.admit(site))
         assert first.decision.allowed
@@ -113,8 +120,6 @@ async def test_a_site_far_from_its_limits_is_admitted_without_waiting_for_redis(
         assert sample(AHEAD, outcome="confirmed") - confirmed == engine_module.AHEAD_MAX
         usage = await engine.usage(site)
         assert usage["budgets"]["requests_per_day"]["used"] == 2 + engine_module.AHEAD_MAX
-    finally:
-        await engine.close()
 
 
 @pytest.mark.timeout(30)
@@ -136,12 +141,9 @@ async def test_a_polite_budget_always_waits_for_redis(
     budget: dict[str, Any],
 ):
     site = make_site(**budget)
-    (engine,) = await engines(redis_server.url, key_prefix, 1)
-    try:
+    async with engines(redis_server.url, key_prefix, 1) as (engine,):
         assert (await engine.admit(site)).decision.allowed
         await waited(engine.admit(site))
-    finally:
-        await engine.close()
 
 
 @pytest.mark.timeout(30)
@@ -150,8 +152,7 @@ async def test_a_budget_half_used_waits_for_redis(
     key_prefix: str,  # noqa: F811
 ):
     site = make_site(requests_per_day=100)
-    (engine,) = await engines(redis_server.url, key_prefix, 1)
-    try:
+    async with engines(redis_server.url, key_prefix, 1) as (engine,):
         for _ in range(50):
             admission = await engine.admit(site)
             assert admission.decision.allowed
@@ -162,8 +163,6 @@ async def test_a_budget_half_used_waits_for_redis(
         assert at_once(engine.admit(site)) is not None
         await engine.flush()
         await waited(engine.admit(site))
-    finally:
-        await engine.close()
 
 
 @pytest.mark.timeout(30)
@@ -173,15 +172,11 @@ async def test_two_replicas_share_the_room_ahead(
 ):
     # 64 = AHEAD_SHARE x 2 replicas: room for one ahead on each; as one replica alone, two.
     site = make_site(max_concurrency=64)
-    a, b = await engines(redis_server.url, key_prefix, 2)
-    try:
+    async with engines(redis_server.url, key_prefix, 2) as (a, b):
         for engine in (a, b):
             assert (await engine.admit(site)).decision.allowed
             assert at_once(engine.admit(site)) is not None
             await waited(engine.admit(site))
-    finally:
-        for engine in (a, b):
-            await engine.close()
 
 
 class SlowCount:
@@ -235,9 +230,8 @@ async def test_a_budget_another_replica_spent_meanwhile_is_overshot_counted_and_
 ):
     monkeypatch.setattr(engine_module, "AHEAD_VIEW_AGE", 30.0)  # (however slow this host is)
     site = make_site(requests_per_day=200)
-    here, there = await engines(redis_server.url, key_prefix, 2)
-    overshot = sample(AHEAD, outcome="overshot")
-    try:
+    async with engines(redis_server.url, key_prefix, 2) as (here, there):
+        overshot = sample(AHEAD, outcome="overshot")
         assert (await here.admit(site)).decision.allowed  # its view: 1 of 200 used
         spent = 0
         for _ in range(300):
@@ -258,9 +252,6 @@ async def test_a_budget_another_replica_spent_meanwhile_is_overshot_counted_and_
         # And its view is Redis's again: the next waits, and is refused.
         refused = (await here.admit(site)).decision
         assert refused.reason is Reason.QUOTA_REQUESTS
-    finally:
-        for engine in (here, there):
-            await engine.close()
 
 
 @pytest.mark.timeout(30)
@@ -271,8 +262,7 @@ async def test_a_pause_another_replica_stores_is_held_at_once(
 ):
     monkeypatch.setattr(engine_module, "AHEAD_VIEW_AGE", 30.0)
     site = make_site()
-    here, there = await engines(redis_server.url, key_prefix, 2)
-    try:
+    async with engines(redis_server.url, key_prefix, 2) as (here, there):
         assert (await there.admit(site)).decision.allowed  # its view: not paused
         client = redis_asyncio.Redis.from_url(redis_server.url)
         loop = asyncio.get_running_loop()
@@ -294,9 +284,6 @@ async def test_a_pause_another_replica_stores_is_held_at_once(
         decided = at_once(there.admit(site))
         assert decided is not None and decided.decision.reason is Reason.SITE_PAUSED
         assert decided.decision.retry_after is not None and 4.0 < decided.decision.retry_after
-    finally:
-        for engine in (here, there):
-            await engine.close()
 
 
 @pytest.mark.timeout(60)
@@ -307,9 +294,8 @@ async def test_redis_gone_before_it_counted_a_request_admitted_ahead(
 ):
     monkeypatch.setattr(engine_module, "AHEAD_VIEW_AGE", 30.0)
     site = make_site(requests_per_day=1000, fail_mode="closed")
-    (engine,) = await engines(own_redis.url, key_prefix, 1, probe_max_interval=0.2)
-    unconfirmed = sample(AHEAD, outcome="unconfirmed")
-    try:
+    async with engines(own_redis.url, key_prefix, 1, probe_max_interval=0.2) as (engine,):
+        unconfirmed = sample(AHEAD, outcome="unconfirmed")
         first = await engine.admit(site)
         engine.finish(first.lease)
         await engine.flush()
@@ -334,8 +320,6 @@ async def test_redis_gone_before_it_counted_a_request_admitted_ahead(
                     break
             await asyncio.sleep(0.05)
         assert used == 1
-    finally:
-        await engine.close()
 
 
 # -- through the gateway ---------------------------------------------------------------------
@@ -402,8 +386,7 @@ async def test_a_redis_user_that_may_not_hear_pauses_still_stores_them_and_is_to
     site = make_site()
     errors = sample("crawlwarden_store_errors_total", store="redis")
     with capture_logs() as logs:
-        here, there = await engines(url, key_prefix, 2)
-        try:
+        async with engines(url, key_prefix, 2) as (here, there):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 5.0
             while loop.time() < deadline:
@@ -415,9 +398,6 @@ async def test_a_redis_user_that_may_not_hear_pauses_still_stores_them_and_is_to
             # Stored all the same: the other replica's next answer holds it.
             assert (await there.admit(site)).decision.reason is Reason.SITE_PAUSED
             await asyncio.sleep(1.0)  # (time for retries, were there any)
-        finally:
-            for engine in (here, there):
-                await engine.close()
     refused = [e for e in logs if e["event"] == "budget_pause_follow_refused"]
     assert len(refused) == 2  # once per replica
     assert refused[0]["channel"] == f"{key_prefix}pauses"

@@ -97,7 +97,7 @@ BUDGET_ADMITTED_AHEAD = Counter(
     "Requests admitted ahead of Redis's answer (the site's budgets far from their limits on this"
     " replica's last view), by what Redis said then: confirmed; overshot (other replicas took"
     " what was left meanwhile; counted all the same); unconfirmed (Redis did not answer; counted"
-    " when it is back)",
+    " in the replica's local share, handed over when it is back)",
     ["outcome"],
 )
 STORE_ERRORS = Counter(

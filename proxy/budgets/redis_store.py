@@ -99,8 +99,7 @@ def _now_arg(now_us: int | None) -> str:
 
 
 # ADMIT's last arguments: the site as this replica last saw it (scripts.ADMIT), or never.
-_NOT_SEEN = ("",)
-_NEVER_SEEN = ("", 0, 0, 0, 0, "", "")  # the same, in the seven places of a view
+_NOT_SEEN = ("", 0, 0, 0, 0, "", "")
 
 
 def _seen_args(seen: Snapshot) -> tuple[int | str, ...]:
@@ -340,9 +339,6 @@ class RedisBudgetStore:
     ) -> StoreVerdict:
         k = self.keys(spec.key)
         floor = _NOT_SEEN if seen is None else _seen_args(seen)
-        if charge:
-            # (the flag follows the seven arguments of a view: a 'never' would move it)
-            floor = (*(_seen_args(seen) if seen is not None else _NEVER_SEEN), "1")
         r = await self._eval_fast(
             scripts.ADMIT,
             (k.rate, k.conc, k.day, k.month, k.pause),
@@ -358,6 +354,7 @@ class RedisBudgetStore:
                 CONCURRENCY_WAIT_US,
                 _now_arg(now_us),
                 *floor,
+                "1" if charge else "",
             ],
         )
         code, wait = int(r[0]), int(r[1])

@@ -148,15 +148,15 @@ end
 # ARGV: interval_us, burst, max_concurrency, lease_id, lease_ttl_us,
 #       requests_per_day, requests_per_month, bytes_per_day (-1: unlimited),
 #       concurrency_wait_us (what to report when all slots are taken), now_us ('' for Redis's),
-#       and the site as this replica last saw it ('' for never): seen_at_us, day_n, day_bytes,
-#       month_n, paused_until, day_generation, month_generation. Counts only grow within their
-#       generation, so a view of another generation (Redis restarted empty, or flushed, since)
-#       raises the count's floor to it, and a view of the same generation above the stored
-#       count means Redis loaded an older snapshot (count_raise); either is written back and
-#       the decision taken on it. A heartbeat may notice the loss only seconds later
-#       (proxy/replicas.py); admissions in between would have started the quota over. The lease
-#       id names a generation this call starts.
-#       After the seven, '1' to charge the request whatever the answer: it has been sent
+#       and the site as this replica last saw it (seen_at_us '' for never): seen_at_us, day_n,
+#       day_bytes, month_n, paused_until, day_generation, month_generation. Counts only grow within
+#       their generation, so a view of another generation (Redis restarted empty, or flushed, since)
+#       raises the count's floor to it, and a view of the same generation above the stored count
+#       means Redis loaded an older snapshot (count_raise); either is written back and the decision
+#       taken on it. A heartbeat may notice the loss only seconds later (proxy/replicas.py);
+#       admissions in between would have started the quota over. The lease id names a generation
+#       this call starts.
+#       After the seven, '1' to charge the request whatever the answer ('' not): it has been sent
 #       already, admitted ahead on this replica's last view of the site (engine._admit_ahead);
 #       the code then says which budget it went past, and the site's state counts it.
 # Returns {code, wait_us, now, tat, in_flight, day_n, day_bytes, month_n, paused_until,

@@ -99,12 +99,13 @@ def _looks_as_expected() -> bool:
         and "self._paused_event_queue.append(event)" in handle
         and "await self.server_event(events.HookCompleted(hook))"
         in inspect.getsource(handler.hook_task)
-        and "self.stream_buffers = " in inspect.getsource(_http_h2.BufferedH2Connection)
-        and "self.h2_conn = BufferedH2Connection(" in inspect.getsource(_http2.Http2Connection)
+        and "self.stream_buffers = " in inspect.getsource(_http_h2.BufferedH2Connection.__init__)
+        and "self.h2_conn = BufferedH2Connection("
+        in inspect.getsource(_http2.Http2Connection.__init__)
         and "self.streams = {}" in inspect.getsource(http_layers.HttpLayer.__init__)
         and "self.connections = {}" in inspect.getsource(http_layers.HttpLayer.__init__)
         and "self.context.server = self.flow.server_conn = connection"
-        in inspect.getsource(http_layers.HttpStream)
+        in inspect.getsource(http_layers.HttpStream.make_server_connection)
         and "self.server_state = self.state_consume_response_body"
         in inspect.getsource(http_layers.HttpStream.state_wait_for_response_headers)
         and "self.server_state = self.state_wait_for_response_headers"

@@ -170,7 +170,8 @@ def _looks_as_expected() -> bool:
         layer_init = inspect.getsource(inspect.unwrap(http_layers.HttpLayer.__init__))
         h2_init = inspect.getsource(_http2.Http2Connection.__init__)
         h2_closed = inspect.getsource(_http2.Http2Connection.is_closed)
-        h2_server = inspect.getsource(_http2.Http2Server)
+        h2_server_init = inspect.getsource(_http2.Http2Server.__init__)
+        h2_server_events = inspect.getsource(_http2.Http2Server.handle_h2_event)
     except (OSError, TypeError):  # installed without its sources: cannot tell, change nothing
         return False
     ours_or_nothing = vars(http_layers.HttpStream).get("client_state")  # no class attribute
@@ -187,8 +188,8 @@ def _looks_as_expected() -> bool:
         in h2_init
         and "stream.state_machine.state is not h2.stream.StreamState.CLOSED" in h2_closed
         and "h2.connection.ConnectionState.CLOSED" in h2_closed
-        and "self.streams[event.stream_id] = StreamState.HEADERS_RECEIVED" in h2_server
-        and "def __init__(self, context: Context):" in h2_server
+        and "self.streams[event.stream_id] = StreamState.HEADERS_RECEIVED" in h2_server_events
+        and "def __init__(self, context: Context):" in h2_server_init
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,3 +37,15 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     for gw in [g for g in LAUNCHED if g.workdir == tmp_path]:
         if gw.proc is not None and gw.proc.poll() is None:
             gw.kill()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # A failed test shows the logs of the gateways it started (Gateway.log_digest): a flake in
+    # CI is otherwise gone with the run's temporary directory.
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and tmp_path is not None:
+        for gw in [g for g in LAUNCHED if g.workdir == tmp_path]:
+            report.sections.append((f"gateway {gw.name!r} log ({gw.log_file})", gw.log_digest()))
+    return report

@@ -647,6 +647,29 @@ class Gateway:
     def logs(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
+    def log_digest(self, lines: int = 40, width: int = 400) -> str:
+        """What a failed test shows of this gateway's log (tests/conftest.py): its last `lines`
+        lines, and before them up to as many of its warnings, errors and lines that are not
+        JSON (a traceback), each cut at `width` characters. A CI run's temporary directories
+        are gone with its machine: this is what is left to tell a flake by."""
+        every = self.logs().splitlines()
+        tail = every[-lines:]
+        notable = []
+        for line in every[: len(every) - len(tail)]:
+            try:
+                level = json.loads(line).get("level")
+            except (ValueError, AttributeError):
+                level = "unparsed"
+            if level in ("warning", "error", "critical", "unparsed"):
+                notable.append(line)
+        parts = []
+        if notable:
+            parts += [f"-- {len(notable)} warnings, errors and other lines before the last:"]
+            parts += notable[-lines:]
+        parts += [f"-- the last {len(tail)} of {len(every)} lines:", *tail]
+        parts = [line if len(line) <= width else line[:width] + " [...]" for line in parts]
+        return "\n".join(parts)
+
     def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
         out = []
         for line in self.logs().splitlines():

@@ -44,6 +44,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.forked_gateways import ForkedProcess
+from tests.forked_gateways import fork_gateway
+from tests.forked_gateways import forks
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CRAWLWARDEN = str(VENV_BIN / "crawlwarden")
@@ -531,9 +535,10 @@ class Gateway:
         ]
         # Started under -O as `crawlwarden run` restarts itself (proxy/cli.py), which spares each
         # start a second interpreter (test_the_gateway_restarts_itself_under_python_optimize
-        # leaves it unset: that start is the command as users run it).
+        # leaves it unset: that start is the command as users run it, and an exec, where the others
+        # are forked from a process that has imported the gateway: tests/forked_gateways.py).
         self.env = {"PYTHONOPTIMIZE": "1", **os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
 
     @property
     def proxy(self) -> str:
@@ -555,9 +560,12 @@ class Gateway:
 
     def launch(self) -> Gateway:
         """Start the process without waiting (start several, then wait_ready each)."""
-        log = self.log_file.open("ab")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.env)
-        log.close()
+        if forks(self.args, self.env):
+            self.proc = fork_gateway(self.args, self.env, self.log_file)
+        else:
+            log = self.log_file.open("ab")
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.env)
+            log.close()
         LAUNCHED.add(self)
         return self
 

@@ -1,0 +1,116 @@
+"""tests/forked_gateways.py: gateways forked from a process that has imported the gateway are the
+gateway as `crawlwarden run` starts it, seen from outside (exit codes, signals, environment,
+working directory, output), and a start the forker cannot stand for is an exec."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.forked_gateways import ForkedProcess
+from tests.forked_gateways import current_umask
+from tests.forked_gateways import fork_gateway
+from tests.forked_gateways import forks
+from tests.support import CRAWLWARDEN
+from tests.support import Gateway
+from tests.support import base_policy
+
+
+def _exec(args: list[str], log: Path, env: dict[str, str]) -> int:
+    with log.open("ab") as out:
+        return subprocess.run(args, stdout=out, stderr=out, env=env, timeout=60).returncode
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--no-such-flag"],  # argparse: 2
+        ["run", "--policy", "/nonexistent/policy.yaml"],  # the gateway's own refusal
+    ],
+)
+def test_a_start_that_fails_exits_and_says_as_the_command_does(tmp_path: Path, args: list[str]):
+    env = {**os.environ, "PYTHONOPTIMIZE": "1"}
+    forked = fork_gateway([CRAWLWARDEN, *args], env, tmp_path / "forked.log")
+    code = forked.wait(60)
+    assert code == _exec([CRAWLWARDEN, *args], tmp_path / "exec.log", env) != 0
+    said = (tmp_path / "forked.log").read_text()
+    assert said and said == (tmp_path / "exec.log").read_text()
+
+
+def test_a_child_that_exits_at_once_is_not_lost(tmp_path: Path):
+    # Many in a row, each reaped and its exit status written for its own handle. (The forker
+    # holds SIGCHLD from each fork until it has noted the child's exit file; a child exits far
+    # too late for this test to catch that window open.)
+    env = {**os.environ, "PYTHONOPTIMIZE": "1"}
+    started = [
+        fork_gateway([CRAWLWARDEN, "--help"], env, tmp_path / f"v{i}.log") for i in range(20)
+    ]
+    assert [p.wait(60) for p in started] == [0] * 20
+    assert (tmp_path / "v0.log").read_text().strip()
+
+
+def test_a_forked_gateway_runs_with_the_tests_environment_and_directory(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(workdir)
+    # (/proc/PID/environ shows the forker's: the child sets its environment as it starts)
+    loud = Gateway(workdir, base_policy(), name="loud", env={"CRAWLWARDEN_LOG_LEVEL": "loud"})
+    assert isinstance(loud.launch().proc, ForkedProcess)
+    assert loud.proc.wait(60) == 2
+    assert "crawlwarden: CRAWLWARDEN_LOG_LEVEL: 'loud' is not one of" in loud.logs()
+    with Gateway(workdir, base_policy(), env={"CRAWLWARDEN_LOG_LEVEL": "WARNING"}) as gw:
+        assert isinstance(gw.proc, ForkedProcess)
+        assert Path(f"/proc/{gw.proc.pid}/cwd").resolve() == workdir.resolve()
+        assert os.readlink(f"/proc/{gw.proc.pid}/fd/0") == os.devnull
+        assert Path(os.readlink(f"/proc/{gw.proc.pid}/fd/2")) == gw.log_file
+    assert gw.proc.returncode == 0
+    assert gw.logs() and '"level": "info"' not in gw.logs()
+
+
+def test_a_killed_gateway_reports_the_signal_as_popen_does(workdir: Path):
+    gw = Gateway(workdir, base_policy()).start()
+    assert isinstance(gw.proc, ForkedProcess)
+    gw.kill()
+    assert gw.proc.returncode == -signal.SIGKILL
+
+
+def test_what_asks_something_of_the_interpreter_is_executed():
+    run = [CRAWLWARDEN, "run"]
+    base = {**os.environ, "PYTHONOPTIMIZE": "1"}
+    assert forks(run, base)
+    assert not forks(run, {**base, "PYTHONOPTIMIZE": ""})  # the restart under -O, as users start it
+    assert not forks(run, {**base, "PYTHONVERBOSE": "1"})  # what a start imports
+    assert not forks(run, {k: v for k, v in base.items() if k != "PYTHONOPTIMIZE"})
+    assert not forks(["sh", "-c", 'umask 000; exec "$0" "$@"', *run], base)
+
+
+def test_a_forked_gateway_has_the_tests_umask(workdir: Path):
+    # (the forker started first, under another umask)
+    env = {**os.environ, "PYTHONOPTIMIZE": "1"}
+    assert fork_gateway([CRAWLWARDEN, "--help"], env, workdir / "help.log").wait(60) == 0
+    before = current_umask()
+    wanted = 0o027 if before != 0o027 else 0o077
+    os.umask(wanted)
+    try:
+        gw = Gateway(workdir, base_policy()).launch()
+    finally:
+        os.umask(before)
+    try:
+        assert isinstance(gw.proc, ForkedProcess)
+        status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+        assert f"Umask:\t{wanted:04o}" in status
+    finally:
+        gw.wait_ready()
+        gw.stop()
+
+
+def test_crawlwarden_test_exec_makes_every_start_an_exec(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("CRAWLWARDEN_TEST_EXEC", "1")
+    with Gateway(workdir, base_policy()) as gw:
+        assert isinstance(gw.proc, subprocess.Popen)

@@ -101,6 +101,7 @@ def test_a_forked_gateway_has_the_tests_umask(workdir: Path):
         os.umask(before)
     try:
         assert isinstance(gw.proc, ForkedProcess)
+        gw.wait_ready()  # (the child sets its umask as it starts)
         status = Path(f"/proc/{gw.proc.pid}/status").read_text()
         assert f"Umask:\t{wanted:04o}" in status
     finally:

@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -101,6 +102,9 @@ sys.exit(proxy.cli.main(sys.argv[1:]))
 _LOCK = threading.Lock()
 _FORKER: subprocess.Popen[str] | None = None
 _FORKER_ENV = {**os.environ, "PYTHONOPTIMIZE": "1"}
+# The forker's stderr: one file per test worker, outside any test's directory (pytest prunes
+# those), kept after the run if the last forker failed.
+FORKER_LOG = Path(tempfile.gettempdir()) / f"crawlwarden-test-forker-{os.getpid()}.log"
 
 
 def forks(args: list[str], env: dict[str, str]) -> bool:
@@ -115,31 +119,35 @@ def forks(args: list[str], env: dict[str, str]) -> bool:
     return all(env.get(n) == _FORKER_ENV.get(n) for n in names)
 
 
-def _forker(workdir: Path) -> subprocess.Popen[str]:
+def _forker() -> subprocess.Popen[str]:
     global _FORKER
     if _FORKER is None or _FORKER.poll() is not None:
-        log = (workdir / "forker.log").open("ab")
-        _FORKER = subprocess.Popen(
-            [sys.executable, "-O", "-c", _PROGRAM],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=_FORKER_ENV,
-            text=True,
-        )
-        log.close()
+        with FORKER_LOG.open("ab") as log:
+            _FORKER = subprocess.Popen(
+                [sys.executable, "-O", "-c", _PROGRAM],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=_FORKER_ENV,
+                text=True,
+            )
     return _FORKER
 
 
 @atexit.register
 def _stop_forker() -> None:
-    if _FORKER is not None and _FORKER.poll() is None:
+    if _FORKER is None:
+        return
+    if _FORKER.poll() is None:
         assert _FORKER.stdin is not None
         _FORKER.stdin.close()
         try:
             _FORKER.wait(10)
         except subprocess.TimeoutExpired:
             _FORKER.kill()
+    if _FORKER.returncode == 0:
+        # (kept when the last forker failed; an earlier one's end was in the error it gave)
+        FORKER_LOG.unlink()
 
 
 class ForkedProcess:
@@ -198,13 +206,34 @@ def fork_gateway(args: list[str], env: dict[str, str], log_file: Path) -> Forked
         "log": str(log_file),
         "cwd": os.getcwd(),
         "umask": current_umask(),
+        "exit_file": str(exit_file),
     }
+    return ForkedProcess(args, ask_forker(ask), exit_file)
+
+
+def ask_forker(ask: dict[str, object]) -> int:
+    """Hand the forker one start; the child's pid. A forker that dies on the way is an error that
+    shows the end of its log (a new one is started for the next start)."""
     with _LOCK:
-        forker = _forker(log_file.parent)
+        forker = _forker()
         assert forker.stdin is not None and forker.stdout is not None
-        forker.stdin.write(json.dumps({**ask, "exit_file": str(exit_file)}) + "\n")
-        forker.stdin.flush()
-        answer = forker.stdout.readline()
-    if not answer:
-        raise RuntimeError(f"the gateway forker exited {forker.wait()}: see its forker.log")
-    return ForkedProcess(args, json.loads(answer)["pid"], exit_file)
+        try:
+            forker.stdin.write(json.dumps(ask) + "\n")
+            forker.stdin.flush()
+            answer = forker.stdout.readline()
+        except BrokenPipeError:  # (it had died since it was found alive)
+            answer = ""
+        if answer:
+            return int(json.loads(answer)["pid"])
+        try:
+            code: int | str = forker.wait(10)
+        except subprocess.TimeoutExpired:
+            forker.kill()
+            code = "nothing (it had stopped answering, and was killed)"
+        for pipe in (forker.stdin, forker.stdout):
+            try:
+                pipe.close()
+            except BrokenPipeError:  # (what was left unwritten)
+                pass
+        said = FORKER_LOG.read_text(errors="replace")[-4000:]
+    raise RuntimeError(f"the gateway forker exited {code}; the end of {FORKER_LOG}:\n{said}")

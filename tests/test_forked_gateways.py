@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.forked_gateways import FORKER_LOG
 from tests.forked_gateways import ForkedProcess
+from tests.forked_gateways import ask_forker
 from tests.forked_gateways import current_umask
 from tests.forked_gateways import fork_gateway
 from tests.forked_gateways import forks
@@ -115,3 +117,16 @@ def test_crawlwarden_test_exec_makes_every_start_an_exec(
     monkeypatch.setenv("CRAWLWARDEN_TEST_EXEC", "1")
     with Gateway(workdir, base_policy()) as gw:
         assert isinstance(gw.proc, subprocess.Popen)
+
+
+def test_a_forker_that_dies_says_why_and_the_next_start_has_a_new_one(tmp_path: Path):
+    env = {**os.environ, "PYTHONOPTIMIZE": "1"}
+    # An ask the forker cannot read (no exit file) ends it with a traceback, which the error
+    # shows, with where the whole log is (outside any test's directory).
+    with pytest.raises(RuntimeError) as failed:
+        ask_forker({"argv": [CRAWLWARDEN, "--help"], "env": env})
+    said = str(failed.value)
+    assert "the gateway forker exited 1" in said
+    assert "KeyError: 'exit_file'" in said
+    assert str(FORKER_LOG) in said and FORKER_LOG.parent != tmp_path.parent
+    assert fork_gateway([CRAWLWARDEN, "--help"], env, tmp_path / "after.log").wait(60) == 0

@@ -1,21 +1,25 @@
-"""Gateway processes forked from one that has already imported the gateway (tests only).
+"""`crawlwarden` processes forked from one that has already imported the gateway (tests only).
 
-A third of the suite's CPU went to starting gateways (~320 starts), and ~1.5 s of each start's
-~2.2 s of CPU is importing: mitmproxy, aiohttp, pydantic, redis, the gateway's own modules. Each
-test worker keeps one process (the "forker") that has imported all of that under `python -O`,
-as `crawlwarden run` does, and forks it for each gateway a test starts. The child is then the
-gateway as a user runs it from there on: `proxy.cli.main` with the same arguments, environment,
-working directory, umask and stdout/stderr file, under the same interpreter flags. What it skips
-is only the interpreter's start and the imports, whose code is the same. (/proc/PID/cmdline and
+A third of the suite's CPU went to starting gateways (~320 starts), and most of each start's
+CPU is importing (1.5 s of ~2.2 s on one host, ~3 s on another): mitmproxy, aiohttp, pydantic,
+redis, the gateway's own modules; the suite's ~130 other commands (`audit export`, `policy
+check`, `report`, ...) paid the same. Each test worker keeps up to two processes (the
+"forkers") that have imported all of that: one under `python -O`, as `crawlwarden run` runs, for
+gateways, and one as the tests' interpreter runs, for the other commands, which users run
+without -O. A forker forks for each command a test starts. The child is then the command as a
+user runs it from there on: `proxy.cli.main` with the same arguments, environment, working
+directory, umask and output files, under the same interpreter flags. What it skips is only the
+interpreter's start and the imports, whose code is the same. (/proc/PID/cmdline and
 /proc/PID/environ show the forker's: the child sets its own as it starts.)
 
-tests/support.py's Gateway starts through the forker when the command is `crawlwarden` itself
-(not a shell that sets something up and execs it) and its environment asks nothing of the
-interpreter that the forker's does not (a PYTHON* variable of its own: the tests of the restart
-under -O, of what is imported), and execs it otherwise.
-CRAWLWARDEN_TEST_EXEC=1 makes every start an exec (to rule the forker out of a failure).
+tests/support.py's Gateway starts through a forker, and `run_command` runs a command through
+one, when the command is `crawlwarden` itself (not a shell that sets something up and execs it)
+and its environment asks nothing of the interpreter that a forker's does not (a PYTHON*
+variable of its own: the tests of the restart under -O, of what is imported); they exec it
+otherwise. CRAWLWARDEN_TEST_EXEC=1 makes every start an exec (to rule the forkers out of a
+failure).
 
-The forker is the children's parent: it reaps them and writes each exit status to a file that
+A forker is its children's parent: it reaps them and writes each exit status to a file that
 ForkedProcess, the Popen-like handle the tests use, reads.
 """
 
@@ -30,7 +34,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # The forker's program. Its loop runs in the forker; `child` returns in each forked child only,
 # which then runs the gateway's command-line entry point at the top level, so that its exit
@@ -84,69 +90,88 @@ def child():
 
 ask = child()
 null = os.open(os.devnull, os.O_RDONLY)
-log = os.open(ask["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 os.dup2(null, 0)
-os.dup2(log, 1)
-os.dup2(log, 2)
 os.close(null)
-os.close(log)
+for fd, path in ((1, ask["stdout"]), (2, ask["stderr"])):
+    out = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(out, fd)
+    os.close(out)
 os.chdir(ask["cwd"])
 os.umask(ask["umask"])
 os.environ.clear()
 os.environ.update(ask["env"])
 sys.argv = ask["argv"]
-del ask, child, reap, exit_files
-sys.exit(proxy.cli.main(sys.argv[1:]))
+del ask, child, reap, exit_files, fd, path, out
+# As the console script calls it: main() reads sys.argv and, for `run`, does what only the
+# command itself does (the -O check, the SIGTERM handler while it starts)
+sys.exit(proxy.cli.main())
 """
 
 _LOCK = threading.Lock()
-_FORKER: subprocess.Popen[str] | None = None
-_FORKER_ENV = {**os.environ, "PYTHONOPTIMIZE": "1"}
-# The forker's stderr: one file per test worker, outside any test's directory (pytest prunes
-# those), kept after the run if the last forker failed.
+# Two forkers per worker: under -O for `crawlwarden run` (it restarts itself under -O), and as
+# the tests' own interpreter for the other commands (`audit export`, `policy check`, ...), which
+# users run without it.
+_FORKER_ENVS = {
+    "optimized": {**os.environ, "PYTHONOPTIMIZE": "1"},
+    "plain": {k: v for k, v in os.environ.items() if k != "PYTHONOPTIMIZE"},
+}
+_FORKERS: dict[str, subprocess.Popen[str]] = {}
+# The forkers' stderr: one file per test worker, outside any test's directory (pytest prunes
+# those), kept after the run if a forker failed.
 FORKER_LOG = Path(tempfile.gettempdir()) / f"crawlwarden-test-forker-{os.getpid()}.log"
 
 
-def forks(args: list[str], env: dict[str, str]) -> bool:
-    """Whether this command, with this environment, starts through the forker: `crawlwarden`
-    itself (not a shell that sets something up and execs it), asking nothing of the interpreter
-    that the forker's does not have."""
+def _flavour(args: list[str], env: dict[str, str]) -> str | None:
+    """The forker this command starts from, or None for an exec: `crawlwarden` itself (not a
+    shell that sets something up and execs it), asking nothing of the interpreter that the
+    forker's does not have. `run` without -O restarts itself under -O: an exec either way."""
     if os.environ.get("CRAWLWARDEN_TEST_EXEC", "") not in ("", "0"):
-        return False
+        return None
     if Path(args[0]).name != "crawlwarden":
-        return False
-    names = {n for n in (*env, *_FORKER_ENV) if n.startswith("PYTHON")}
-    return all(env.get(n) == _FORKER_ENV.get(n) for n in names)
+        return None
+    for flavour, forker_env in _FORKER_ENVS.items():
+        names = {n for n in (*env, *forker_env) if n.startswith("PYTHON")}
+        if all(env.get(n) == forker_env.get(n) for n in names):
+            if flavour == "plain" and args[1:2] == ["run"]:
+                return None
+            return flavour
+    return None
 
 
-def _forker() -> subprocess.Popen[str]:
-    global _FORKER
-    if _FORKER is None or _FORKER.poll() is not None:
+def forks(args: list[str], env: dict[str, str]) -> bool:
+    """Whether this command, with this environment, starts through a forker."""
+    return _flavour(args, env) is not None
+
+
+def _forker(flavour: str) -> subprocess.Popen[str]:
+    forker = _FORKERS.get(flavour)
+    if forker is None or forker.poll() is not None:
+        flags = ["-O"] if flavour == "optimized" else []
         with FORKER_LOG.open("ab") as log:
-            _FORKER = subprocess.Popen(
-                [sys.executable, "-O", "-c", _PROGRAM],
+            forker = _FORKERS[flavour] = subprocess.Popen(
+                [sys.executable, *flags, "-c", _PROGRAM],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                env=_FORKER_ENV,
+                env=_FORKER_ENVS[flavour],
                 text=True,
             )
-    return _FORKER
+    return forker
 
 
 @atexit.register
-def _stop_forker() -> None:
-    if _FORKER is None:
-        return
-    if _FORKER.poll() is None:
-        assert _FORKER.stdin is not None
-        _FORKER.stdin.close()
-        try:
-            _FORKER.wait(10)
-        except subprocess.TimeoutExpired:
-            _FORKER.kill()
-    if _FORKER.returncode == 0:
-        # (kept when the last forker failed; an earlier one's end was in the error it gave)
+def _stop_forkers() -> None:
+    for forker in _FORKERS.values():
+        if forker.poll() is None:
+            assert forker.stdin is not None
+            forker.stdin.close()
+            try:
+                forker.wait(10)
+            except subprocess.TimeoutExpired:
+                forker.kill()
+                forker.wait(10)
+    if _FORKERS and all(f.returncode == 0 for f in _FORKERS.values()):
+        # (kept when the last forker of a kind failed; an earlier one's end was in its error)
         FORKER_LOG.unlink()
 
 
@@ -198,24 +223,86 @@ def current_umask() -> int:
 
 
 def fork_gateway(args: list[str], env: dict[str, str], log_file: Path) -> ForkedProcess:
-    """Start `args` (`crawlwarden run ...`) as a child of the forker, its output to `log_file`."""
-    exit_file = log_file.with_name(f"{log_file.name}.exit-{time.monotonic_ns()}")
+    """Start `args` (`crawlwarden run ...`) as a child of a forker, its output to `log_file`."""
+    flavour = _flavour(args, env)
+    if flavour is None:
+        raise ValueError(f"{args[:2]} with this environment is not forked (forks())")
+    return _fork(flavour, args, env, log_file, log_file, log_file.parent)
+
+
+def _fork(
+    flavour: str,
+    args: list[str],
+    env: dict[str, str],
+    stdout: Path,
+    stderr: Path,
+    exits: Path,
+    cwd: Path | None = None,
+) -> ForkedProcess:
+    exit_file = exits / f"{stdout.name}.exit-{time.monotonic_ns()}"
     ask = {
         "argv": args,
         "env": env,
-        "log": str(log_file),
-        "cwd": os.getcwd(),
+        "stdout": str(stdout),
+        "stderr": str(stderr),
+        "cwd": str(cwd or os.getcwd()),
         "umask": current_umask(),
         "exit_file": str(exit_file),
     }
-    return ForkedProcess(args, ask_forker(ask), exit_file)
+    return ForkedProcess(args, ask_forker(ask, flavour), exit_file)
 
 
-def ask_forker(ask: dict[str, object]) -> int:
-    """Hand the forker one start; the child's pid. A forker that dies on the way is an error that
+def run_command(
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    text: bool = False,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    cwd: Path | str | None = None,
+) -> subprocess.CompletedProcess[Any]:
+    """`subprocess.run(args, capture_output=True, ...)` for a `crawlwarden` command, forked where
+    forks() says it can be (stdin /dev/null, as pytest gives an exec'd one), exec'd otherwise."""
+    environ = dict(os.environ) if env is None else env
+    argv = [os.fspath(a) for a in args]
+    flavour = _flavour(argv, environ)
+    if flavour is None:
+        return subprocess.run(
+            args,
+            capture_output=True,
+            text=text,
+            check=check,
+            env=env,
+            timeout=timeout,
+            cwd=cwd,
+        )
+    with tempfile.TemporaryDirectory(prefix="crawlwarden-command-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = _fork(flavour, argv, environ, out, err, Path(tmp), Path(cwd) if cwd else None)
+        try:
+            code: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            code = None
+
+        def said(path: Path) -> Any:
+            data = path.read_bytes() if path.exists() else b""
+            return data.decode() if text else data
+
+        stdout, stderr = said(out), said(err)
+    if code is None:
+        raise subprocess.TimeoutExpired(args, timeout or 0, stdout, stderr)
+    if check and code:
+        raise subprocess.CalledProcessError(code, args, stdout, stderr)
+    return subprocess.CompletedProcess(args, code, stdout, stderr)
+
+
+def ask_forker(ask: dict[str, object], flavour: str = "optimized") -> int:
+    """Hand a forker one start; the child's pid. A forker that dies on the way is an error that
     shows the end of its log (a new one is started for the next start)."""
     with _LOCK:
-        forker = _forker()
+        forker = _forker(flavour)
         assert forker.stdin is not None and forker.stdout is not None
         try:
             forker.stdin.write(json.dumps(ask) + "\n")

@@ -47,6 +47,7 @@ from cryptography.x509.oid import NameOID
 from tests.forked_gateways import ForkedProcess
 from tests.forked_gateways import fork_gateway
 from tests.forked_gateways import forks
+from tests.forked_gateways import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -740,9 +741,8 @@ class Gateway:
         return 0.0
 
     def export(self, *args: str) -> list[dict[str, Any]]:
-        out = subprocess.run(
+        out = run_command(
             [CRAWLWARDEN, "audit", "export", "--data-dir", str(self.data_dir), *args],
-            capture_output=True,
             check=True,
         ).stdout.decode()
         return [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -23,6 +23,7 @@ from proxy.audit.record import FetchRecord
 from proxy.audit.record import utc_timestamp
 from proxy.audit.store import ChainForked
 from proxy.audit.store import FetchStore
+from tests.forked_gateways import run_command
 
 CRAWLWARDEN = str(Path(sys.executable).parent / "crawlwarden")
 SITES = ("a.example", "b.example", "c.example")
@@ -86,9 +87,8 @@ def cli(
             environ[name] = value
         else:
             environ.pop(name, None)
-    return subprocess.run(
+    return run_command(
         [CRAWLWARDEN, *map(str, args)],
-        capture_output=True,
         text=True,
         timeout=timeout,
         env=environ,

@@ -33,6 +33,7 @@ from proxy.cli import parse_args
 from proxy.runtime import Settings
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - fixture
+from tests.forked_gateways import run_command
 from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.pg_server import TempPostgres
@@ -386,18 +387,15 @@ def test_a_replica_lost_before_it_signed_has_its_records_signed_by_a_witness(
     records = export_and_verify(pg_dsn, public, out)  # exit 0, no --allow-unsigned
     assert {r["url"] for r in records if r["replica"] == "victim"} == set(urls)
     assert [r for r in records if r["replica"] == "witness" and r["kind"] == "witness"]
-    verified = subprocess.run(
+    verified = run_command(
         [CRAWLWARDEN, "audit", "verify", str(out), "--public-key", str(public)],
-        capture_output=True,
         text=True,
     )
     assert "records 13..14 signed as stored by replica witness" in verified.stdout
 
 
 def _records(dsn: str) -> list[dict]:
-    out = subprocess.run(
-        [CRAWLWARDEN, "audit", "export", "--audit-dsn", dsn], capture_output=True, text=True
-    )
+    out = run_command([CRAWLWARDEN, "audit", "export", "--audit-dsn", dsn], text=True)
     return [r for r in map(json.loads, out.stdout.splitlines()) if r.get("type") == "record"]
 
 
@@ -489,7 +487,7 @@ def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(wo
         workdir / "policy.yaml", policy_with(audit={"signing_key_file": str(private)})
     )
     closed = free_port()  # nothing listens there
-    result = subprocess.run(
+    result = run_command(
         [
             CRAWLWARDEN,
             "run",
@@ -504,7 +502,6 @@ def test_a_replica_whose_postgresql_is_unreachable_at_start_says_so_and_exits(wo
             "--audit-dsn",
             f"postgresql://crawler:s3cret@127.0.0.1:{closed}/fetchlog",
         ],
-        capture_output=True,
         text=True,
         timeout=60,
     )
@@ -861,9 +858,8 @@ def test_a_bad_value_in_the_environment_is_a_usage_error_naming_it(
 ):
     policy = write_policy(workdir / "policy.yaml", policy_with())
     env = {**os.environ, variable: value}
-    result = subprocess.run(
+    result = run_command(
         [CRAWLWARDEN, "run", "--policy", str(policy), "--data-dir", str(workdir / "data")],
-        capture_output=True,
         text=True,
         timeout=60,
         env=env,
@@ -871,9 +867,7 @@ def test_a_bad_value_in_the_environment_is_a_usage_error_naming_it(
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"crawlwarden: {variable}: {says}"
     # Only `run` reads it: `policy check` (kubectl exec into that pod) and --help still work.
-    check = subprocess.run(
-        [CRAWLWARDEN, "policy", "check", str(policy)], capture_output=True, text=True, env=env
-    )
+    check = run_command([CRAWLWARDEN, "policy", "check", str(policy)], text=True, env=env)
     assert check.returncode == 0, check.stderr
 
 
@@ -1027,7 +1021,7 @@ def test_a_second_gateway_with_the_same_replica_id_and_data_dir_refuses_to_start
     workdir: Path, site: Site
 ):
     with Gateway(workdir, policy_with(), name="gw-twin") as first:
-        twin = subprocess.run(
+        twin = run_command(
             [
                 CRAWLWARDEN,
                 "run",
@@ -1042,7 +1036,6 @@ def test_a_second_gateway_with_the_same_replica_id_and_data_dir_refuses_to_start
                 "--replica-id",
                 "gw-twin",
             ],
-            capture_output=True,
             text=True,
             timeout=60,
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ import requests
 
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import redis_server  # noqa: F401 - fixture
+from tests.forked_gateways import run_command
 from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - fixture
 from tests.pg_fixtures import pg_dsn  # noqa: F401 - fixture
 from tests.support import CRAWLWARDEN
@@ -108,10 +108,9 @@ def drive(
 
 def signing_keys(directory: Path) -> tuple[Path, Path]:
     private, public = directory / "audit.key", directory / "audit.pub"
-    subprocess.run(
+    run_command(
         [CRAWLWARDEN, "keys", "generate", "--private", str(private), "--public", str(public)],
         check=True,
-        capture_output=True,
     )
     return private, public
 
@@ -121,14 +120,12 @@ def export_and_verify(dsn: str, public: Path, out: Path) -> list[dict]:
     here), and verify it."""
     deadline = time.monotonic() + 20
     while True:
-        subprocess.run(
+        run_command(
             [CRAWLWARDEN, "audit", "export", "--audit-dsn", dsn, "--output", str(out)],
             check=True,
-            capture_output=True,
         )
-        verify = subprocess.run(
+        verify = run_command(
             [CRAWLWARDEN, "audit", "verify", str(out), "--public-key", str(public)],
-            capture_output=True,
             text=True,
         )
         unsigned = "come after the last checkpoint" in verify.stdout.split("\n", 1)[0]

@@ -17,9 +17,11 @@ from tests.forked_gateways import ask_forker
 from tests.forked_gateways import current_umask
 from tests.forked_gateways import fork_gateway
 from tests.forked_gateways import forks
+from tests.forked_gateways import run_command
 from tests.support import CRAWLWARDEN
 from tests.support import Gateway
 from tests.support import base_policy
+from tests.support import free_port
 
 
 def _exec(args: list[str], log: Path, env: dict[str, str]) -> int:
@@ -130,3 +132,56 @@ def test_a_forker_that_dies_says_why_and_the_next_start_has_a_new_one(tmp_path: 
     assert "KeyError: 'exit_file'" in said
     assert str(FORKER_LOG) in said and FORKER_LOG.parent != tmp_path.parent
     assert fork_gateway([CRAWLWARDEN, "--help"], env, tmp_path / "after.log").wait(60) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["policy", "check", "examples/policy.yaml"],  # stdout, 0
+        ["policy", "check", "/nonexistent/policy.yaml"],  # stderr, the gateway's refusal
+        ["audit", "verify"],  # argparse: 2
+    ],
+)
+def test_a_command_run_forked_says_and_exits_as_the_executed_one(args: list[str]):
+    forked = run_command([CRAWLWARDEN, *args], text=True)
+    executed = subprocess.run([CRAWLWARDEN, *args], capture_output=True, text=True)
+    assert forks([CRAWLWARDEN, *args], dict(os.environ))
+    assert (forked.returncode, forked.stdout, forked.stderr) == (
+        executed.returncode,
+        executed.stdout,
+        executed.stderr,
+    )
+    assert forked.stdout or forked.stderr
+    if forked.returncode:
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            run_command([CRAWLWARDEN, *args], check=True)
+        assert failed.value.returncode == executed.returncode
+        assert failed.value.stderr == executed.stderr.encode()
+
+
+def test_commands_other_than_run_are_forked_without_o_as_users_run_them():
+    # (`run` restarts itself under -O; `policy check`, `audit ...` run as the interpreter is)
+    env = dict(os.environ)
+    env.pop("PYTHONOPTIMIZE", None)
+    assert forks([CRAWLWARDEN, "audit", "export"], env)
+    assert not forks([CRAWLWARDEN, "run"], env)  # it would exec itself under -O
+    assert forks([CRAWLWARDEN, "run"], {**env, "PYTHONOPTIMIZE": "1"})
+    listen = ["--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"]
+    flags = run_command(
+        [CRAWLWARDEN, "run", "--debug-checks", "--policy", "examples/policy.yaml", *listen],
+        env={**env, "PYTHONOPTIMIZE": "1"},
+        text=True,
+        timeout=60,
+    )
+    assert "this Python runs with -O" in flags.stderr  # the -O forker's child: -O
+
+
+def test_a_forked_command_past_its_timeout_is_killed(tmp_path: Path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(Path("examples/policy.yaml").read_text())
+    args = [CRAWLWARDEN, "run", "--policy", str(policy), "--data-dir", str(tmp_path / "d")]
+    args += ["--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"]
+    env = {**os.environ, "PYTHONOPTIMIZE": "1"}
+    assert forks(args, env)
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_command(args, env=env, timeout=3)

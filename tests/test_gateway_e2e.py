@@ -31,6 +31,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.forked_gateways import run_command
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
@@ -675,9 +676,8 @@ def test_a_refused_host_with_control_characters_is_recorded_escaped(
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     [refused] = [r for r in gateway.fetch_records() if r["reason"] == "bad_request"]
     assert refused["url"].isprintable() and "\\x1b]0;pwned\\x07" in refused["url"]
-    csv_export = subprocess.run(
+    csv_export = run_command(
         [CRAWLWARDEN, "audit", "export", "--data-dir", str(gateway.data_dir), "--format", "csv"],
-        capture_output=True,
         timeout=60,
         check=True,
     ).stdout
@@ -1639,9 +1639,7 @@ def test_a_site_named_by_its_address_is_refused_unless_allowed(
 
 
 def _policy_version(path: Path) -> str:
-    out = subprocess.run(
-        [CRAWLWARDEN, "policy", "check", str(path)], capture_output=True, text=True, check=True
-    )
+    out = run_command([CRAWLWARDEN, "policy", "check", str(path)], text=True, check=True)
     return out.stdout.strip().rsplit(" ", 1)[1]
 
 
@@ -1664,18 +1662,15 @@ defaults:
 def test_invalid_policy_fails_check_and_run_with_field_level_errors(workdir: Path):
     path = workdir / "broken.yaml"
     path.write_text(BROKEN_POLICY)
-    check = subprocess.run(
-        [CRAWLWARDEN, "policy", "check", str(path)], capture_output=True, text=True
-    )
+    check = run_command([CRAWLWARDEN, "policy", "check", str(path)], text=True)
     assert check.returncode == 2
     lines = check.stderr.splitlines()
     assert any(line.startswith("crawler.contact: ") and "(line 5)" in line for line in lines)
     assert any(line.startswith("teams.0.token_sha256: ") and "(line 9)" in line for line in lines)
     assert any(line.startswith("defaults.rate: ") and "'fast'" in line for line in lines)
     assert any(line.startswith("defaults.burts: unknown key (line 12)") for line in lines)
-    run = subprocess.run(
+    run = run_command(
         [CRAWLWARDEN, "run", "--policy", str(path), "--data-dir", str(workdir / "d")],
-        capture_output=True,
         text=True,
         timeout=60,
     )
@@ -1792,7 +1787,7 @@ def test_a_reload_that_changes_the_signing_key_is_refused_until_a_restart(workdi
     keys.mkdir()
     old_private, old_public = signing_keys(keys)
     new_private, new_public = keys / "new.key", keys / "new.pub"
-    subprocess.run(
+    run_command(
         [
             CRAWLWARDEN,
             "keys",
@@ -1803,7 +1798,6 @@ def test_a_reload_that_changes_the_signing_key_is_refused_until_a_restart(workdi
             str(new_public),
         ],
         check=True,
-        capture_output=True,
     )
     gw = Gateway(workdir, policy_with(audit={"signing_key_file": str(old_private)}), name="rekey")
     with gw:
@@ -1861,9 +1855,8 @@ def test_a_signing_key_file_the_next_start_could_not_read_fails_check_and_reload
             (not_a_key, f"{not_a_key} is not an unencrypted PEM private key"),
         ]:
             write_policy(gw.policy_file, policy_with(audit={"signing_key_file": str(bad)}))
-            check = subprocess.run(
+            check = run_command(
                 [CRAWLWARDEN, "policy", "check", str(gw.policy_file)],
-                capture_output=True,
                 text=True,
             )
             assert check.returncode == 2, check.stdout
@@ -1871,9 +1864,8 @@ def test_a_signing_key_file_the_next_start_could_not_read_fails_check_and_reload
             assert first.startswith(f"audit.signing_key_file: {says}"), first
             assert re.search(r"\(line \d+\)$", first), first
             # Checked away from the gateway (a policy repository's CI): files left out.
-            away = subprocess.run(
+            away = run_command(
                 [CRAWLWARDEN, "policy", "check", "--no-file-checks", str(gw.policy_file)],
-                capture_output=True,
                 text=True,
             )
             assert away.returncode == 0, away.stderr
@@ -1882,9 +1874,8 @@ def test_a_signing_key_file_the_next_start_could_not_read_fails_check_and_reload
             assert body["errors"][0]["path"] == "audit.signing_key_file"
             assert says in body["errors"][0]["message"]
     # What the check and the reload spare: a start with that policy exits 2.
-    run = subprocess.run(
+    run = run_command(
         [CRAWLWARDEN, "run", "--policy", str(gw.policy_file), "--data-dir", str(workdir / "d")],
-        capture_output=True,
         text=True,
         timeout=60,
     )
@@ -2045,10 +2036,9 @@ def test_debug_checks_that_cannot_be_had_are_a_usage_error(
     workdir: Path, env: dict[str, str], args: list[str], message: str
 ):
     policy = write_policy(workdir / "policy.yaml", base_policy())
-    result = subprocess.run(
+    result = run_command(
         [CRAWLWARDEN, "run", "--policy", str(policy), "--data-dir", str(workdir / "d"), *args],
         env={**os.environ, **env},
-        capture_output=True,
         text=True,
         timeout=30,
     )
@@ -2057,10 +2047,9 @@ def test_debug_checks_that_cannot_be_had_are_a_usage_error(
 
 def test_a_bad_debug_checks_value_concerns_run_only(workdir: Path):
     policy = write_policy(workdir / "policy.yaml", base_policy())
-    result = subprocess.run(
+    result = run_command(
         [CRAWLWARDEN, "policy", "check", str(policy)],
         env={**os.environ, "CRAWLWARDEN_DEBUG_CHECKS": "maybe"},
-        capture_output=True,
         text=True,
         timeout=30,
     )
@@ -2189,9 +2178,8 @@ def test_what_outlasts_the_drain_is_recorded_as_interrupted(workdir: Path, site:
     gw.assert_nothing_crashed()
     exported = workdir / "export.jsonl"
     gw.export("--output", str(exported))
-    result = subprocess.run(
+    result = run_command(
         [CRAWLWARDEN, "audit", "verify", str(exported), "--public-key", str(public)],
-        capture_output=True,
         text=True,
         timeout=60,
     )
@@ -2319,9 +2307,8 @@ def test_a_download_its_scraper_abandons_is_recorded_interrupted_with_what_came(
 
 
 def test_policy_check_accepts_the_example_policy():
-    out = subprocess.run(
+    out = run_command(
         [CRAWLWARDEN, "policy", "check", "examples/policy.yaml"],
-        capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.forked_gateways import run_command
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
@@ -419,14 +419,13 @@ def test_hostile_requests_get_a_clean_answer_and_a_valid_fetch_log(
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(40) == 0
     export = workdir / "hostile-export.jsonl"
-    subprocess.run(
+    run_command(
         [CRAWLWARDEN, "audit", "export", "--data-dir", str(gw.data_dir), "--output", str(export)],
         check=True,
-        capture_output=True,
     )
     lines = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
     assert sum(1 for line in lines if line.get("type") == "record") >= len(records)
-    verify = subprocess.run(
+    verify = run_command(
         [
             CRAWLWARDEN,
             "audit",
@@ -435,7 +434,6 @@ def test_hostile_requests_get_a_clean_answer_and_a_valid_fetch_log(
             "--public-key",
             str(gw.data_dir / "audit-signing.pub"),
         ],
-        capture_output=True,
         text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr

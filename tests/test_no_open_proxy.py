@@ -13,7 +13,6 @@ import os
 import socket
 import ssl
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.forked_gateways import run_command
 from tests.support import ADMIN_TOKEN
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
@@ -386,9 +386,8 @@ def test_tokens_never_appear_in_logs_records_or_metrics(
             metrics = requests.get(gw.admin + "/metrics", timeout=5).text
         finally:
             gw.stop()
-        export = subprocess.run(
+        export = run_command(
             [CRAWLWARDEN, "audit", "export", "--data-dir", str(gw.data_dir)],
-            capture_output=True,
             text=True,
             check=True,
         ).stdout
@@ -425,7 +424,7 @@ def test_private_keys_are_written_0600_whatever_the_umask(workdir: Path):
     # A key pair from the CLI, likewise.
     key, pub = workdir / "k" / "audit.key", workdir / "k" / "audit.pub"
     key.parent.mkdir()
-    subprocess.run(
+    run_command(
         [
             "sh",
             "-c",
@@ -439,7 +438,6 @@ def test_private_keys_are_written_0600_whatever_the_umask(workdir: Path):
             str(pub),
         ],
         check=True,
-        capture_output=True,
         env={**os.environ},
     )
     assert stat.S_IMODE(key.stat().st_mode) == 0o600

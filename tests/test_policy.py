@@ -11,6 +11,7 @@ import yaml
 
 from proxy.policy import InvalidPolicy
 from proxy.policy import parse_policy
+from tests.forked_gateways import run_command
 from tests.support import ADMIN_TOKEN
 from tests.support import CRAWLWARDEN
 from tests.support import OTHER_TOKEN
@@ -106,9 +107,7 @@ def test_no_file_checks_leaves_token_environment_variables_unread(
     path.write_text(dump(policy))
 
     def check(*flags: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CRAWLWARDEN, "policy", "check", *flags, str(path)], capture_output=True, text=True
-        )
+        return run_command([CRAWLWARDEN, "policy", "check", *flags, str(path)], text=True)
 
     monkeypatch.delenv("CW_CI_TOKEN_A", raising=False)
     monkeypatch.delenv("CW_CI_TOKEN_B", raising=False)
@@ -378,9 +377,7 @@ def test_an_expired_licence_and_a_quota_of_zero_are_warned_about(tmp_path: Path)
     path = tmp_path / "policy.yaml"
     path.write_text(dump(data))
 
-    check = subprocess.run(
-        [CRAWLWARDEN, "policy", "check", str(path)], capture_output=True, text=True
-    )
+    check = run_command([CRAWLWARDEN, "policy", "check", str(path)], text=True)
     assert check.returncode == 0, check.stderr
     assert check.stderr.count("warning: ") == 2
     assert not parse_policy(dump(base_policy())).warnings

@@ -12,7 +12,6 @@ import csv
 import html
 import io
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 from proxy.report import chart_svg
 from proxy.report import to_csv
 from proxy.report import to_html
+from tests.forked_gateways import run_command
 from tests.support import AUDITOR_TOKEN
 from tests.support import CRAWLWARDEN
 from tests.support import PROJECT
@@ -230,20 +230,17 @@ def test_cli_report_is_tied_to_the_signed_log_and_opens_in_chromium(
     source = ["--data-dir", str(gw.data_dir), "--policy", str(gw.policy_file)]
 
     def report(*args: str) -> str:
-        return subprocess.run(
-            [CRAWLWARDEN, "report", *source, *args], capture_output=True, text=True, check=True
-        ).stdout
+        return run_command([CRAWLWARDEN, "report", *source, *args], text=True, check=True).stdout
 
     data = json.loads(report("--format", "json"))
     check_against_export(data, records)
 
     export_file = tmp_path / "export.jsonl"
-    subprocess.run(
+    run_command(
         [CRAWLWARDEN, "audit", "export", "--data-dir", str(gw.data_dir), "--output", export_file],
         check=True,
-        capture_output=True,
     )
-    verified = subprocess.run(
+    verified = run_command(
         [
             CRAWLWARDEN,
             "audit",
@@ -252,7 +249,6 @@ def test_cli_report_is_tied_to_the_signed_log_and_opens_in_chromium(
             "--public-key",
             gw.data_dir / "audit-signing.pub",
         ],
-        capture_output=True,
         text=True,
     )
     assert verified.returncode == 0, verified.stdout
@@ -264,10 +260,9 @@ def test_cli_report_is_tied_to_the_signed_log_and_opens_in_chromium(
     assert tie["last_seq"] == max(r["seq"] for r in lines if r["type"] == "record")
 
     html_file = tmp_path / "report.html"
-    subprocess.run(
+    run_command(
         [CRAWLWARDEN, "report", *source, "--format", "html", "--output", html_file],
         check=True,
-        capture_output=True,
     )
     page = html_file.read_text()
     assert "<script" not in page.lower()
@@ -284,9 +279,8 @@ def test_cli_report_is_tied_to_the_signed_log_and_opens_in_chromium(
     assert {r["site"] for r in rows if r["type"] == "site"} == {s["site"] for s in data["sites"]}
 
     # Without a policy the counts stay; the limits are left out, not guessed.
-    bare = subprocess.run(
+    bare = run_command(
         [CRAWLWARDEN, "report", "--data-dir", str(gw.data_dir), "--format", "json"],
-        capture_output=True,
         text=True,
         check=True,
         env={"PATH": "/usr/bin:/bin"},
@@ -296,9 +290,8 @@ def test_cli_report_is_tied_to_the_signed_log_and_opens_in_chromium(
     assert all(
         s["rate"] is None and s["highest_daily_quota_share"] is None for s in bare_data["sites"]
     )
-    missing = subprocess.run(
+    missing = run_command(
         [CRAWLWARDEN, "report", "--data-dir", str(tmp_path / "nowhere")],
-        capture_output=True,
         text=True,
     )
     assert missing.returncode == 2 and "--data-dir" in missing.stderr

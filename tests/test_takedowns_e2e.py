@@ -21,6 +21,7 @@ import redis
 from proxy.audit.record import utc_timestamp
 from tests.budget_fixtures import RedisServer
 from tests.budget_fixtures import own_redis  # noqa: F401 - a pytest fixture
+from tests.forked_gateways import run_command
 from tests.pg_fixtures import pg_admin_dsn  # noqa: F401 - a pytest fixture
 from tests.pg_fixtures import pg_dsn  # noqa: F401 - a pytest fixture
 from tests.support import ADMIN_TOKEN
@@ -87,9 +88,8 @@ def poll_until(gw: Gateway, url: str, status: int, started: float, limit: float 
 def cli(
     *args: str | Path, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return run_command(
         [CRAWLWARDEN, *map(str, args)],
-        capture_output=True,
         text=True,
         check=check,
         timeout=120,

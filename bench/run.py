@@ -540,9 +540,10 @@ http {{
 
     # proxies ------------------------------------------------------------------------------
 
-    def start_bare(self, *, optimized: bool = False) -> Proc:
-        """mitmdump as installed; `optimized`: under python -O, as `crawlwarden run` runs."""
-        name = "bare-O" if optimized else "bare"
+    def start_bare(self, *, optimized: bool = False, name: str | None = None) -> Proc:
+        """mitmdump as installed; `optimized`: under python -O, as `crawlwarden run` runs.
+        `name` tells a second one apart (its own confdir and log)."""
+        name = name or ("bare-O" if optimized else "bare")
         port = free_port()
         confdir = self.work / f"{name}-conf"
         settings = Settings(
@@ -1131,7 +1132,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_replicas(bench: Bench, args: argparse.Namespace, policy_file: Path) -> dict[str, Any]:
-    """One shared-mode gateway vs two sharing Redis and PostgreSQL, same load split over both."""
+    """One shared-mode gateway vs two sharing Redis and PostgreSQL, same load split over both;
+    and in the same minutes one bare mitmdump (under -O) vs two: what this host gives a second
+    mitmproxy process doing nothing, the ceiling of the gateways' speedup here."""
     if bench.redis_port is None:
         bench.start_redis()
     dsn = (
@@ -1143,31 +1146,35 @@ def run_replicas(bench: Bench, args: argparse.Namespace, policy_file: Path) -> d
     b = bench.start_gateway("replica-b", redis=True, pg_dsn=dsn, policy_file=policy_file)
     bundle = bench.work / "replicas-ca.pem"
     bundle.write_bytes(a.cafile.read_bytes() + b.cafile.read_bytes())  # type: ignore[union-attr]
+    bare_a = bench.start_bare(optimized=True, name="bare-O-a")
+    bare_b = bench.start_bare(optimized=True, name="bare-O-b")
+    bare_bundle = bench.work / "bare-replicas-ca.pem"
+    bare_bundle.write_bytes(bare_a.cafile.read_bytes() + bare_b.cafile.read_bytes())  # type: ignore[union-attr]
     out: list[dict[str, Any]] = []
     cells = [Cell("http", "1k", 64), Cell("https", "1k", 64)]
     if args.quick:
         cells = cells[:1]
+
+    def one_vs_two(pair: tuple[Proc, Proc], cell: Cell, cafile: Path) -> dict[str, Any]:
+        one = run_load(
+            bench, [pair[0]], cell, warmup=args.warmup, duration=args.duration, cafile=cafile
+        )
+        two = run_load(
+            bench, list(pair), cell, warmup=args.warmup, duration=args.duration, cafile=cafile
+        )
+        return {"one": one, "two": two, "speedup": ratio(two["rps"], one["rps"])}
+
     for rep in range(args.repeat):
         for cell in cells:
-            one = run_load(
-                bench, [a], cell, warmup=args.warmup, duration=args.duration, cafile=bundle
-            )
-            two = run_load(
-                bench, [a, b], cell, warmup=args.warmup, duration=args.duration, cafile=bundle
-            )
+            gateways = one_vs_two((a, b), cell, bundle)
+            bare = one_vs_two((bare_a, bare_b), cell, bare_bundle)
             log(
-                f"replicas {cell.name}: one {one['rps']} req/s, two {two['rps']} req/s "
-                f"({ratio(two['rps'], one['rps'])}x), non-200 {one['non_200'] + two['non_200']}"
+                f"replicas {cell.name}: one {gateways['one']['rps']} req/s, two "
+                f"{gateways['two']['rps']} req/s ({gateways['speedup']}x); bare-O one "
+                f"{bare['one']['rps']}, two {bare['two']['rps']} ({bare['speedup']}x); non-200 "
+                f"{sum(r[k]['non_200'] for r in (gateways, bare) for k in ('one', 'two'))}"
             )
-            out.append(
-                {
-                    "repeat": rep + 1,
-                    "cell": cell.name,
-                    "one": one,
-                    "two": two,
-                    "speedup": ratio(two["rps"], one["rps"]),
-                }
-            )
+            out.append({"repeat": rep + 1, "cell": cell.name, **gateways, "bare_o": bare})
     return {"runs": out}
 
 
@@ -1254,10 +1261,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     reps = result.get("replicas")
     if reps:
-        lines += ["| replicas cell | one req/s | two req/s | speedup |", "|---|---:|---:|---:|"]
+        lines += [
+            "| replicas cell | one req/s | two req/s | speedup | bare-O one req/s | bare-O two "
+            "req/s | bare-O speedup |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in reps["runs"]:
+            bare = r.get("bare_o") or {"one": {"rps": ""}, "two": {"rps": ""}, "speedup": ""}
             lines.append(
-                f"| {r['cell']} | {r['one']['rps']} | {r['two']['rps']} | {r['speedup']} |"
+                f"| {r['cell']} | {r['one']['rps']} | {r['two']['rps']} | {r['speedup']} | "
+                f"{bare['one']['rps']} | {bare['two']['rps']} | {bare['speedup']} |"
             )
         lines.append("")
     soak = result.get("soak")
@@ -1404,9 +1417,13 @@ def _failures(result: dict[str, Any]) -> list[str]:
                     f"{e['refused_or_withheld']} refused/withheld"
                 )
     for r in result.get("replicas", {}).get("runs", []):
-        for k in ("one", "two"):
-            if r[k]["non_200"] or r[k]["error_count"]:
-                bad.append(f"replicas {r['cell']} {k}: {r[k]['non_200']} non-200")
+        for label, pair in (("", r), (" bare-O", r.get("bare_o", {}))):
+            for k in ("one", "two"):
+                if k in pair and (pair[k]["non_200"] or pair[k]["error_count"]):
+                    bad.append(
+                        f"replicas{label} {r['cell']} {k}: {pair[k]['non_200']} non-200, "
+                        f"{pair[k]['error_count']} errors"
+                    )
     soak = result.get("soak")
     if soak and (soak["non_200"] or soak["error_count"]):
         bad.append(f"soak: {soak['non_200']} non-200, {soak['error_count']} errors")

@@ -63,9 +63,12 @@ def reap(signum, frame):
             return
         path = exit_files.pop(pid, None)
         if path is not None:
-            with open(path + ".tmp", "w") as f:
-                f.write(str(os.waitstatus_to_exitcode(status)))
-            os.replace(path + ".tmp", path)
+            try:
+                with open(path + ".tmp", "w") as f:
+                    f.write(str(os.waitstatus_to_exitcode(status)))
+                os.replace(path + ".tmp", path)
+            except OSError as e:  # its directory gone with its test: no one waits for it
+                print(f"forker: exit of {pid} not written: {e}", file=sys.stderr, flush=True)
 
 
 def child():
@@ -172,7 +175,7 @@ def _stop_forkers() -> None:
                 forker.wait(10)
     if _FORKERS and all(f.returncode == 0 for f in _FORKERS.values()):
         # (kept when the last forker of a kind failed; an earlier one's end was in its error)
-        FORKER_LOG.unlink()
+        FORKER_LOG.unlink(missing_ok=True)
 
 
 class ForkedProcess:

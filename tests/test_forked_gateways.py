@@ -5,8 +5,10 @@ working directory, output), and a start the forker cannot stand for is an exec."
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,19 @@ def test_a_forked_command_past_its_timeout_is_killed(tmp_path: Path):
     assert forks(args, env)
     with pytest.raises(subprocess.TimeoutExpired):
         run_command(args, env=env, timeout=3)
+
+
+def test_a_child_whose_directory_is_gone_does_not_take_its_forker_with_it(tmp_path: Path):
+    # (a test's tmp dir, with the exit file's place, removed while its gateway still ran)
+    env = {**os.environ, "PYTHONOPTIMIZE": "1"}
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    listen = ["--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"]
+    run = [CRAWLWARDEN, "run", "--policy", "examples/policy.yaml", *listen]
+    lost = fork_gateway([*run, "--data-dir", str(tmp_path / "data")], env, gone / "gw.log")
+    shutil.rmtree(gone)
+    lost.kill()
+    time.sleep(1)  # (reaped meanwhile, its exit file unwritable)
+    assert lost.poll() is None
+    assert fork_gateway([CRAWLWARDEN, "--help"], env, tmp_path / "next.log").wait(60) == 0
+    assert f"exit of {lost.pid} not written" in FORKER_LOG.read_text()

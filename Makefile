@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), "crawlwarden needs Python 3.12+, found " + sys.version'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# --no-compile: the ~1 GB of packages are not all imported; what is gets compiled as it is
+	# (~25 s of a CI run).
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 # `crawlwarden run` restarts itself under python -O (proxy/cli.py): its bytecode too, so that a

@@ -8,11 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests import forked_gateways
 from tests.forked_gateways import FORKER_LOG
 from tests.forked_gateways import ForkedProcess
 from tests.forked_gateways import ask_forker
@@ -168,6 +170,10 @@ def test_commands_other_than_run_are_forked_without_o_as_users_run_them():
     assert forks([CRAWLWARDEN, "audit", "export"], env)
     assert not forks([CRAWLWARDEN, "run"], env)  # it would exec itself under -O
     assert forks([CRAWLWARDEN, "run"], {**env, "PYTHONOPTIMIZE": "1"})
+    checked = run_command([CRAWLWARDEN, "policy", "check", "examples/policy.yaml"], env=env)
+    assert checked.returncode == 0
+    plain = forked_gateways._FORKERS["plain"]  # (the process that forked it)
+    assert plain.poll() is None and plain.args[:2] == [sys.executable, "-c"]
     listen = ["--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"]
     flags = run_command(
         [CRAWLWARDEN, "run", "--debug-checks", "--policy", "examples/policy.yaml", *listen],
